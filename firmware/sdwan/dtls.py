@@ -1,0 +1,635 @@
+"""Sans-I/O DTLS 1.2 sessions between sites, over pyOpenSSL memory BIOs.
+
+Owns the handshake policy of the tunnel: DTLS 1.2 only, ECDHE-ECDSA with AES-256-GCM, mutual
+certificate authentication against the account CA alone, the peer's site id taken from its
+certificate's ``sdwan:site:<id>`` URI and checked inside the handshake, a stateless cookie
+exchange on the server side, and the RFC 5705 export of the data-plane keys.
+
+There are no sockets here: the caller feeds received datagrams in and sends the datagrams it gets
+back, and drives retransmission with ``timeout()``/``on_timeout()``. This keeps the module usable
+from socketd's event loop (control packets come up from the fast path's queue) and testable
+in-process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Container
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from OpenSSL import SSL, crypto
+
+from sdwan.pki import site_id_from_certificate
+
+DTLS_HEADER_LEN = 13
+CONTENT_CHANGE_CIPHER_SPEC = 20
+CONTENT_ALERT = 21
+CONTENT_HANDSHAKE = 22
+CONTENT_APPLICATION_DATA = 23
+HANDSHAKE_CLIENT_HELLO = 1
+# ClientHellos may carry version 1.0 in the record layer for compatibility (RFC 6347 4.1).
+_DTLS_RECORD_VERSIONS = {b"\xfe\xff", b"\xfe\xfd"}
+_DTLS1_2_VERSION = 0xFEFD
+# Not exported by pyOpenSSL; the value has been stable since OpenSSL 1.1.0h.
+_SSL_OP_NO_RENEGOTIATION = 0x40000000
+
+CIPHER_SUITES = "ECDHE-ECDSA-AES256-GCM-SHA384"
+EXPORTER_LABEL = b"EXPORTER-sdwan-dataplane"
+EXPORTER_LENGTH = 64
+KEY_LENGTH = 32
+DEFAULT_MTU = 1200
+MIN_MTU = 256
+HANDSHAKE_TIMEOUT_S = 10.0
+COOKIE_ROTATE_S = 300.0
+_READ_CHUNK = 65536
+
+# X509_V_ERR_* codes that all mean the chain does not lead to the account CA.
+_NOT_OUR_CA = {2, 7, 18, 19, 20, 21, 30, 31, 32}
+_X509_REASONS = {
+    9: "peer certificate is not yet valid (check the clocks)",
+    10: "peer certificate has expired",
+    24: "peer certificate chain uses a certificate that is not a CA",
+    25: "peer certificate chain is too long (the account CA signs sites directly)",
+    26: "peer certificate is not allowed for this use (extended key usage)",
+}
+_ALERT_RE = re.compile(r"\balert (.+)$")
+_ERROR_REASONS = {
+    "no shared cipher": f"no cipher suite in common with the peer (need {CIPHER_SUITES})",
+    "no suitable signature algorithm": "no signature algorithm in common with the peer",
+    "peer did not return a certificate": "peer did not present a certificate",
+    "unsupported protocol": "peer does not speak DTLS 1.2",
+    "wrong version number": "peer does not speak DTLS 1.2",
+    "read timeout expired": "handshake timed out",
+}
+
+
+class DtlsConfigError(ValueError):
+    """The certificate, key or CA files cannot be used; the message names the file."""
+
+
+def record_epoch(datagram: bytes) -> int | None:
+    """Epoch of the first DTLS record in ``datagram``, or None if it is no DTLS record."""
+    if len(datagram) < DTLS_HEADER_LEN or datagram[1:3] not in _DTLS_RECORD_VERSIONS:
+        return None
+    if not CONTENT_CHANGE_CIPHER_SPEC <= datagram[0] <= CONTENT_APPLICATION_DATA:
+        return None
+    return int.from_bytes(datagram[3:5], "big")
+
+
+def is_client_hello(datagram: bytes) -> bool:
+    """True if ``datagram`` starts with an epoch-0 handshake record carrying a ClientHello."""
+    return (
+        len(datagram) > DTLS_HEADER_LEN
+        and datagram[0] == CONTENT_HANDSHAKE
+        and record_epoch(datagram) == 0
+        and datagram[DTLS_HEADER_LEN] == HANDSHAKE_CLIENT_HELLO
+    )
+
+
+def split_records(data: bytes) -> list[bytes]:
+    """Split a byte string of back-to-back DTLS records; a truncated tail is dropped."""
+    records: list[bytes] = []
+    pos = 0
+    while pos + DTLS_HEADER_LEN <= len(data):
+        end = pos + DTLS_HEADER_LEN + int.from_bytes(data[pos + 11 : pos + 13], "big")
+        if end > len(data):
+            break
+        records.append(bytes(data[pos:end]))
+        pos = end
+    return records
+
+
+def pack_datagrams(records: list[bytes], mtu: int) -> list[bytes]:
+    """Pack whole records into as few datagrams of at most ``mtu`` bytes as order allows."""
+    datagrams: list[bytes] = []
+    current = bytearray()
+    for record in records:
+        if current and len(current) + len(record) > mtu:
+            datagrams.append(bytes(current))
+            current = bytearray()
+        current += record
+    if current:
+        datagrams.append(bytes(current))
+    return datagrams
+
+
+def _alert_reason(openssl_reason: str) -> str | None:
+    # OpenSSL versions spell it "sslv3 alert x", "tlsv1 alert x" or "tls alert x".
+    match = _ALERT_RE.search(openssl_reason)
+    if match is None:
+        return None
+    alert = match.group(1)
+    if alert == "internal error":
+        # OpenSSL sends internal_error when a verify callback refuses a certificate that is
+        # otherwise valid, which is how a site rejects a wrong site id.
+        return "peer sent alert: internal error (what a site sends when it refuses our site id)"
+    return f"peer sent alert: {alert}"
+
+
+def _ssl_error_reasons(error: SSL.Error) -> list[str]:
+    reasons: list[str] = []
+    if error.args and isinstance(error.args[0], list):
+        for entry in error.args[0]:
+            if isinstance(entry, tuple) and entry:
+                reasons.append(str(entry[-1]))
+    if not reasons:
+        reasons.append(str(error) or type(error).__name__)
+    return reasons
+
+
+def _x509_reason(errno: int) -> str:
+    if errno in _NOT_OUR_CA:
+        return "peer certificate not signed by the account CA"
+    return _X509_REASONS.get(errno, f"peer certificate rejected (X509 verify error {errno})")
+
+
+def _load_pem(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DtlsConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+@dataclass
+class AcceptResult:
+    """What ``DtlsContext.accept`` made of one datagram.
+
+    ``session`` is set only for a ClientHello with a valid cookie; ``replies`` are datagrams to
+    send back to the source (a HelloVerifyRequest, or the server's first flight).
+    """
+
+    session: DtlsSession | None
+    replies: list[bytes]
+    reason: str | None = None
+
+
+@dataclass
+class _CookieSecrets:
+    current: bytes
+    previous: bytes | None
+    rotated_at: float
+
+
+class DtlsContext:
+    """This site's identity and trust anchor, and the factory for client and server sessions."""
+
+    def __init__(
+        self,
+        ca_path: str | os.PathLike[str],
+        cert_path: str | os.PathLike[str],
+        key_path: str | os.PathLike[str],
+        my_site_id: int,
+        *,
+        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+        cookie_rotate_s: float = COOKIE_ROTATE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.my_site_id = my_site_id
+        self.handshake_timeout_s = handshake_timeout_s
+        self.cookie_rotate_s = cookie_rotate_s
+        self._clock = clock
+        # Why ClientHellos went nowhere; socketd exposes these as counters.
+        self.stats: Counter[str] = Counter()
+
+        self.ca_path, self.cert_path, self.key_path = Path(ca_path), Path(cert_path), Path(key_path)
+        self.ca_cert, self.cert, self.key = self._load_identity()
+        self._client_ctx = self._make_context(server=False)
+        self._server_ctx = self._make_context(server=True)
+        self._cookies = _CookieSecrets(os.urandom(32), None, clock())
+
+    def _load_identity(
+        self,
+    ) -> tuple[x509.Certificate, x509.Certificate, ec.EllipticCurvePrivateKey]:
+        try:
+            ca_cert = x509.load_pem_x509_certificate(_load_pem(self.ca_path, "CA certificate"))
+        except ValueError as e:
+            raise DtlsConfigError(
+                f"CA certificate {self.ca_path} is not a PEM certificate: {e}"
+            ) from None
+        try:
+            cert = x509.load_pem_x509_certificate(_load_pem(self.cert_path, "certificate"))
+        except ValueError as e:
+            raise DtlsConfigError(
+                f"certificate {self.cert_path} is not a PEM certificate: {e}"
+            ) from None
+        try:
+            key = serialization.load_pem_private_key(
+                _load_pem(self.key_path, "private key"), password=None
+            )
+        except (ValueError, TypeError) as e:
+            raise DtlsConfigError(
+                f"private key {self.key_path} is not an unencrypted PEM key: {e}"
+            ) from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(
+            key.curve, ec.SECP256R1
+        ):
+            raise DtlsConfigError(f"private key {self.key_path} is not an EC P-256 key")
+        if key.public_key() != cert.public_key():
+            raise DtlsConfigError(
+                f"private key {self.key_path} does not match certificate {self.cert_path}"
+            )
+        try:
+            cert_site = site_id_from_certificate(cert)
+        except ValueError as e:
+            raise DtlsConfigError(f"certificate {self.cert_path}: {e}") from None
+        if cert_site != self.my_site_id:
+            raise DtlsConfigError(
+                f"certificate {self.cert_path} is for site {cert_site}, "
+                f"but this is site {self.my_site_id}"
+            )
+        try:
+            cert.verify_directly_issued_by(ca_cert)
+        except (ValueError, TypeError) as e:
+            raise DtlsConfigError(
+                f"certificate {self.cert_path} is not issued by the CA in {self.ca_path}: {e}"
+            ) from None
+        return ca_cert, cert, key
+
+    def _make_context(self, *, server: bool) -> SSL.Context:
+        ctx = SSL.Context(SSL.DTLS_METHOD)
+        ctx.set_min_proto_version(_DTLS1_2_VERSION)
+        ctx.set_max_proto_version(_DTLS1_2_VERSION)
+        # Every handshake is a full one with both certificates checked: no tickets, no resumption,
+        # and rekeying is a fresh handshake rather than a renegotiation.
+        ctx.set_options(
+            SSL.OP_NO_QUERY_MTU
+            | SSL.OP_NO_TICKET
+            | SSL.OP_NO_COMPRESSION
+            | SSL.OP_CIPHER_SERVER_PREFERENCE
+            | _SSL_OP_NO_RENEGOTIATION
+        )
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+        ctx.set_cipher_list(CIPHER_SUITES.encode())
+        ctx.use_certificate(self.cert)
+        ctx.use_privatekey(self.key)
+        ctx.check_privatekey()
+        # Only the account CA: never the system trust store.
+        ctx.get_cert_store().add_cert(crypto.X509.from_cryptography(self.ca_cert))  # type: ignore[union-attr]
+        ctx.set_verify_depth(1)
+        mode = SSL.VERIFY_PEER | (SSL.VERIFY_FAIL_IF_NO_PEER_CERT if server else 0)
+        ctx.set_verify(mode, _verify_callback)
+        if server:
+            ctx.set_options(SSL.OP_COOKIE_EXCHANGE)  # type: ignore[arg-type]
+            ctx.set_cookie_generate_callback(self._cookie_generate)
+            ctx.set_cookie_verify_callback(self._cookie_verify)
+        return ctx
+
+    # -- cookies ---------------------------------------------------------------------------
+
+    def rotate_cookie_secret(self) -> None:
+        """Start a new cookie secret; cookies made with the one before stay valid until the next."""
+        self._cookies = _CookieSecrets(os.urandom(32), self._cookies.current, self._clock())
+
+    def _maybe_rotate(self) -> None:
+        if self._clock() - self._cookies.rotated_at >= self.cookie_rotate_s:
+            self.rotate_cookie_secret()
+
+    def make_cookie(self, source: str, secret: bytes | None = None) -> bytes:
+        """The cookie a ClientHello from ``source`` ("ip:port") has to echo."""
+        key = self._cookies.current if secret is None else secret
+        return hmac.new(key, source.encode(), hashlib.sha256).digest()
+
+    def _cookie_valid(self, source: str, cookie: bytes) -> bool:
+        secrets = [self._cookies.current]
+        if self._cookies.previous is not None:
+            secrets.append(self._cookies.previous)
+        return any(hmac.compare_digest(cookie, self.make_cookie(source, s)) for s in secrets)
+
+    def _cookie_generate(self, conn: SSL.Connection) -> bytes:
+        return self.make_cookie(_session_of(conn).source or "")
+
+    def _cookie_verify(self, conn: SSL.Connection, cookie: bytes) -> bool:
+        ok = self._cookie_valid(_session_of(conn).source or "", cookie)
+        if not ok:
+            self.stats["bad cookie"] += 1
+        return ok
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def client(self, expected_site_id: int, mtu: int = DEFAULT_MTU) -> DtlsSession:
+        """A session that initiates the handshake to site ``expected_site_id``; call start()."""
+        if expected_site_id == self.my_site_id:
+            raise ValueError(f"cannot open a session to our own site id {expected_site_id}")
+        conn = SSL.Connection(self._client_ctx, None)
+        conn.set_connect_state()
+        return DtlsSession(
+            self, conn, is_client=True, mtu=mtu, expected_site_id=expected_site_id
+        )
+
+    def accept(
+        self,
+        datagram: bytes,
+        source: str,
+        *,
+        mtu: int = DEFAULT_MTU,
+        allowed_site_ids: Container[int] | None = None,
+    ) -> AcceptResult:
+        """Handle one datagram that belongs to no session yet.
+
+        A ClientHello without a valid cookie for ``source`` gets a HelloVerifyRequest and leaves
+        nothing behind, so a spoofed flood costs one HMAC per packet. ``allowed_site_ids``, when
+        given, makes the handshake itself refuse a certificate naming any other site.
+        """
+        if not is_client_hello(datagram):
+            return self._refuse("not a ClientHello")
+        self._maybe_rotate()
+        try:
+            conn = SSL.Connection(self._server_ctx, None)
+            conn.set_accept_state()
+            session = DtlsSession(
+                self, conn, is_client=False, mtu=mtu, source=source,
+                allowed_site_ids=allowed_site_ids,
+            )
+            conn.bio_write(datagram)
+            try:
+                conn.DTLSv1_listen()
+            except SSL.WantReadError:
+                replies = session._flush()
+                if not replies:
+                    return self._refuse("malformed ClientHello: dropped by the cookie listener")
+                self.stats["cookie sent"] += 1
+                return AcceptResult(None, replies, "cookie sent")
+            # The listener consumed the ClientHello into the connection; answering it is the
+            # first handshake step of the new session.
+            session._begin()
+            replies = session._advance()
+        except SSL.Error as e:
+            return self._refuse(f"malformed ClientHello: {_ssl_error_reasons(e)[0]}")
+        except Exception as e:  # hostile input must never take socketd down
+            return self._refuse(f"ClientHello rejected: {type(e).__name__}: {e}")
+        if session.failed is not None:
+            self.stats["handshake failed"] += 1
+            return AcceptResult(None, replies, session.failed)
+        self.stats["session created"] += 1
+        return AcceptResult(session, replies)
+
+    def _refuse(self, reason: str) -> AcceptResult:
+        self.stats[reason.split(":")[0]] += 1
+        return AcceptResult(None, [], reason)
+
+
+def _session_of(conn: SSL.Connection) -> DtlsSession:
+    session = conn.get_app_data()
+    if not isinstance(session, DtlsSession):
+        raise RuntimeError("DTLS connection without its session")
+    return session
+
+
+def _verify_callback(
+    conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
+) -> bool:
+    try:
+        return _session_of(conn)._verify(cert, errno, depth, bool(ok))
+    except Exception as e:  # an exception here would be re-raised mid-handshake
+        with contextlib.suppress(RuntimeError):
+            _session_of(conn)._set_verify_failure(f"certificate check failed: {e}")
+        return False
+
+
+@dataclass
+class _Timing:
+    deadline: float | None = None
+
+
+# eq=False: sessions are keys in socketd's tables and compare by identity.
+@dataclass(eq=False, repr=False)
+class DtlsSession:
+    """One DTLS association with one peer, as initiator (client) or responder (server)."""
+
+    context: DtlsContext
+    conn: SSL.Connection
+    is_client: bool
+    mtu: int = DEFAULT_MTU
+    expected_site_id: int | None = None
+    source: str | None = None
+    allowed_site_ids: Container[int] | None = None
+    established: bool = False
+    failed: str | None = None
+    closed: bool = False
+    peer_site_id: int | None = None
+    _verify_failure: str | None = None
+    _started: bool = False
+    _close_sent: bool = False
+    _messages: list[bytes] = field(default_factory=list)
+    _timing: _Timing = field(default_factory=_Timing)
+
+    def __post_init__(self) -> None:
+        if not MIN_MTU <= self.mtu <= 65507:
+            raise ValueError(f"DTLS MTU must be in {MIN_MTU}..65507, got {self.mtu}")
+        self.conn.set_app_data(self)
+        self.conn.set_ciphertext_mtu(self.mtu)
+
+    def __repr__(self) -> str:
+        role = "client" if self.is_client else "server"
+        state = (
+            f"failed={self.failed!r}" if self.failed
+            else "closed" if self.closed
+            else "established" if self.established
+            else "handshaking"
+        )
+        return f"<DtlsSession {role} peer={self.peer_site_id} {state}>"
+
+    # -- handshake -------------------------------------------------------------------------
+
+    def start(self) -> list[bytes]:
+        """The client's first flight (a ClientHello without cookie)."""
+        if not self.is_client:
+            raise RuntimeError("start() is for client sessions; servers come from accept()")
+        if self._started:
+            return []
+        self._begin()
+        return self._advance()
+
+    def _begin(self) -> None:
+        self._started = True
+        self._timing.deadline = self.context._clock() + self.context.handshake_timeout_s
+
+    def receive(self, datagram: bytes) -> list[bytes]:
+        """Feed one received datagram; returns datagrams to send back. Never raises on input."""
+        if self.failed is not None or not self._started or not datagram:
+            return []
+        try:
+            self.conn.bio_write(datagram)
+        except SSL.Error:
+            return []
+        return self._advance()
+
+    def timeout(self) -> float | None:
+        """Seconds until on_timeout() should be called, or None if nothing is pending."""
+        if self.failed is not None or self.closed or not self._started:
+            return None
+        try:
+            retransmit = self.conn.DTLSv1_get_timeout()
+        except SSL.Error:
+            retransmit = None
+        if self.established or self._timing.deadline is None:
+            return retransmit
+        remaining = max(0.0, self._timing.deadline - self.context._clock())
+        return remaining if retransmit is None else min(retransmit, remaining)
+
+    def on_timeout(self) -> list[bytes]:
+        """Retransmit the last flight if its timer ran out; fail past the handshake deadline."""
+        if self.failed is not None or self.closed or not self._started:
+            return []
+        if (
+            not self.established
+            and self._timing.deadline is not None
+            and self.context._clock() >= self._timing.deadline
+        ):
+            self.failed = "handshake timed out"
+            return []
+        try:
+            self.conn.DTLSv1_handle_timeout()
+        except SSL.Error as e:
+            self._fail(e)
+        return self._flush()
+
+    def _advance(self) -> list[bytes]:
+        if not self.established:
+            try:
+                self.conn.do_handshake()
+            except SSL.WantReadError:
+                return self._flush()
+            except SSL.Error as e:
+                self._fail(e)
+                return self._flush()
+            if not self._handshake_done():
+                return self._flush()
+        self._read_application_data()
+        return self._flush()
+
+    def _handshake_done(self) -> bool:
+        # The verify callback sets peer_site_id only for an acceptable certificate; without it
+        # the session must not be usable even if OpenSSL thought the handshake was fine.
+        if self.peer_site_id is None:
+            self.failed = self._verify_failure or "peer presented no usable certificate"
+            return False
+        self.established = True
+        self._timing.deadline = None
+        return True
+
+    def _read_application_data(self) -> None:
+        while not self.closed and self.failed is None:
+            try:
+                data = self.conn.recv(_READ_CHUNK)
+            except SSL.WantReadError:
+                return
+            except SSL.ZeroReturnError:
+                self.closed = True
+                return
+            except SSL.Error as e:
+                self._fail(e)
+                return
+            if data:
+                self._messages.append(data)
+
+    def _fail(self, error: SSL.Error) -> None:
+        if self.failed is not None:
+            return
+        reasons = _ssl_error_reasons(error)
+        for reason in reasons:
+            alert = _alert_reason(reason)
+            if alert is not None:
+                self.failed = alert
+                return
+        if self._verify_failure is not None:
+            self.failed = self._verify_failure
+            return
+        for reason in reasons:
+            for needle, text in _ERROR_REASONS.items():
+                if needle in reason:
+                    self.failed = text
+                    return
+        self.failed = f"DTLS error: {reasons[0]}"
+
+    def _set_verify_failure(self, reason: str) -> None:
+        if self._verify_failure is None:
+            self._verify_failure = reason
+
+    def _verify(self, cert: crypto.X509, errno: int, depth: int, ok: bool) -> bool:
+        if not ok:
+            self._set_verify_failure(_x509_reason(errno))
+            return False
+        if depth != 0:
+            return True
+        try:
+            site_id = site_id_from_certificate(cert.to_cryptography())
+        except ValueError as e:
+            self._set_verify_failure(f"peer certificate refused: {e}")
+            return False
+        reason = self._site_refusal(site_id)
+        if reason is not None:
+            self._set_verify_failure(reason)
+            return False
+        self.peer_site_id = site_id
+        return True
+
+    def _site_refusal(self, site_id: int) -> str | None:
+        if self.expected_site_id is not None and site_id != self.expected_site_id:
+            return f"peer presented site {site_id}, expected site {self.expected_site_id}"
+        if site_id == self.context.my_site_id:
+            return f"peer presented our own site id {site_id}"
+        if self.allowed_site_ids is not None and site_id not in self.allowed_site_ids:
+            return f"peer presented site {site_id}, which is not a configured peer"
+        return None
+
+    # -- after the handshake ---------------------------------------------------------------
+
+    def export_keys(self) -> tuple[bytes, bytes]:
+        """(tx_key, rx_key) for the fast path, from the RFC 5705 exporter of this session."""
+        if not self.established or self.failed is not None:
+            raise RuntimeError("keys are only available from an established session")
+        material = self.conn.export_keying_material(EXPORTER_LABEL, EXPORTER_LENGTH)
+        first, second = material[:KEY_LENGTH], material[KEY_LENGTH:]
+        return (first, second) if self.is_client else (second, first)
+
+    def send(self, app_data: bytes) -> list[bytes]:
+        """Encrypt ``app_data`` as one record; returns the datagram(s) to send."""
+        if not self.established or self.failed is not None or self._close_sent:
+            raise RuntimeError("send() needs an established, open session")
+        limit = self.conn.get_cleartext_mtu()
+        if len(app_data) > limit:
+            raise ValueError(f"{len(app_data)} bytes do not fit one record (at most {limit})")
+        try:
+            self.conn.send(app_data)
+        except SSL.Error as e:
+            self._fail(e)
+        return self._flush()
+
+    def take_messages(self) -> list[bytes]:
+        """Application data received since the last call, in order."""
+        messages, self._messages = self._messages, []
+        return messages
+
+    def close(self) -> list[bytes]:
+        """Send close_notify (once); returns the datagram(s) carrying it."""
+        if not self.established or self._close_sent or self.failed is not None:
+            return []
+        self._close_sent = True
+        try:
+            self.conn.shutdown()
+        except SSL.Error:
+            return []
+        return self._flush()
+
+    def _flush(self) -> list[bytes]:
+        pending = bytearray()
+        while True:
+            try:
+                chunk = self.conn.bio_read(_READ_CHUNK)
+            except SSL.WantReadError:
+                break
+            if not chunk:
+                break
+            pending += chunk
+        return pack_datagrams(split_records(bytes(pending)), self.mtu)

@@ -1,0 +1,435 @@
+"""Typed wrapper over the C fast path (sdwan._fastpath, native/include/fastpath.h).
+
+Owns the translation between Python values (ipaddress objects, (host, port) tuples, bytes,
+dataclasses) and the C structs, and turns -errno returns into FastPathError. No cffi object
+ever leaves this module. The C calls release the GIL, and the fast path runs its own threads.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import ClassVar
+
+from sdwan._fastpath import ffi, lib
+
+Addr = tuple[str, int]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+KEY_LEN: int = lib.FP_KEY_LEN
+HEADER_LEN: int = lib.FP_HEADER_LEN
+TAG_LEN: int = lib.FP_TAG_LEN
+OVERHEAD: int = lib.FP_OVERHEAD
+TYPE_DATA: int = lib.FP_TYPE_DATA
+MAX_INNER: int = lib.FP_MAX_INNER
+CTRL_MAX: int = lib.FP_CTRL_MAX
+REPLAY_WINDOW: int = lib.FP_REPLAY_WINDOW
+
+# Index order of fp_counters.drops (enum fp_drop_reason).
+DROP_NAMES: tuple[str, ...] = (
+    "malformed",
+    "unknown_index",
+    "bad_tag",
+    "replay",
+    "key_expired",
+    "no_route",
+    "no_key",
+    "no_endpoint",
+    "queue_full",
+    "send_error",
+)
+assert len(DROP_NAMES) == lib.FP_DROP__COUNT
+
+
+class Verdict(IntEnum):
+    DROP = lib.FP_V_DROP
+    SEND = lib.FP_V_SEND
+    TUN = lib.FP_V_TUN
+    CONTROL = lib.FP_V_CONTROL
+    KEEPALIVE = lib.FP_V_KEEPALIVE
+
+
+class FastPathError(OSError):
+    """A fast path call failed; errno is the C call's errno, the message names the call."""
+
+    def __init__(self, err: int, call: str) -> None:
+        super().__init__(err, f"{call}: {os.strerror(err)}")
+        self.call = call
+
+
+def _check(rc: int, call: str) -> int:
+    if rc < 0:
+        raise FastPathError(-rc, call)
+    return rc
+
+
+@dataclass
+class FastPathConfig:
+    """Mirror of struct fp_config; the defaults are fp_config_default()'s."""
+
+    rekey_after_packets: int = 1 << 60
+    reject_after_packets: int = (1 << 64) - (1 << 13) - 1
+    rekey_after_seconds: int = 600
+    reject_after_seconds: int = 900
+    ctrl_queue_len: int = 1024
+    batch: int = 32
+    relay: bool = False
+
+    @classmethod
+    def default(cls) -> FastPathConfig:
+        """The C library's own defaults (the source of truth)."""
+        c = ffi.new("struct fp_config *")
+        lib.fp_config_default(c)
+        return cls(
+            rekey_after_packets=c.rekey_after_packets,
+            reject_after_packets=c.reject_after_packets,
+            rekey_after_seconds=c.rekey_after_seconds,
+            reject_after_seconds=c.reject_after_seconds,
+            ctrl_queue_len=c.ctrl_queue_len,
+            batch=c.batch,
+            relay=bool(c.relay),
+        )
+
+
+@dataclass
+class Counters:
+    rx_packets: int
+    rx_bytes: int
+    tx_packets: int
+    tx_bytes: int
+    drops: dict[str, int]
+    last_rx_ns: int
+    last_tx_ns: int
+
+
+@dataclass
+class KeyInfo:
+    has_tx: bool
+    tx_local_index: int
+    tx_remote_index: int
+    tx_counter: int
+    tx_age_s: int
+    slots_used: int
+
+
+@dataclass
+class Result:
+    """Outcome of process_outbound/process_inbound. data is the wire packet (SEND) or the
+    plaintext IP packet (TUN), empty otherwise."""
+
+    verdict: Verdict
+    drop_reason: str | None
+    peer_id: int
+    link_id: int
+    to: Addr | None
+    data: bytes
+
+
+@dataclass
+class CtrlEvent:
+    """An entry of the control queue: a control datagram (PACKET) or a key event."""
+
+    PACKET: ClassVar[int] = lib.FP_EV_PACKET
+    REKEY: ClassVar[int] = lib.FP_EV_REKEY
+    KEY_EXPIRED: ClassVar[int] = lib.FP_EV_KEY_EXPIRED
+
+    event: int
+    link_id: int
+    peer_id: int
+    addr: Addr | None
+    data: bytes = field(default=b"")
+
+
+def _fill_addr(c: object, addr: Addr) -> None:
+    host, port = addr
+    ip = ipaddress.ip_address(host)
+    if not 0 <= int(port) <= 65535:
+        raise ValueError(f"port out of range: {port}")
+    c.family = ip.version  # type: ignore[attr-defined]
+    c.port = int(port)  # type: ignore[attr-defined]
+    ffi.memmove(c.addr, ip.packed, len(ip.packed))  # type: ignore[attr-defined]
+
+
+def _new_addr(addr: Addr) -> object:
+    c = ffi.new("struct fp_addr *")
+    _fill_addr(c, addr)
+    return c
+
+
+def _read_addr(c: object) -> Addr | None:
+    fam = c.family  # type: ignore[attr-defined]
+    if fam == 4:
+        return (str(ipaddress.IPv4Address(bytes(ffi.buffer(c.addr, 4)))), c.port)  # type: ignore[attr-defined]
+    if fam == 6:
+        return (str(ipaddress.IPv6Address(bytes(ffi.buffer(c.addr, 16)))), c.port)  # type: ignore[attr-defined]
+    return None
+
+
+def _counters(c: object) -> Counters:
+    return Counters(
+        rx_packets=c.rx_packets,  # type: ignore[attr-defined]
+        rx_bytes=c.rx_bytes,  # type: ignore[attr-defined]
+        tx_packets=c.tx_packets,  # type: ignore[attr-defined]
+        tx_bytes=c.tx_bytes,  # type: ignore[attr-defined]
+        drops={name: c.drops[i] for i, name in enumerate(DROP_NAMES)},  # type: ignore[attr-defined]
+        last_rx_ns=c.last_rx_ns,  # type: ignore[attr-defined]
+        last_tx_ns=c.last_tx_ns,  # type: ignore[attr-defined]
+    )
+
+
+def _key(k: bytes, what: str) -> bytes:
+    if len(k) != KEY_LEN:
+        raise ValueError(f"{what} must be {KEY_LEN} bytes, got {len(k)}")
+    return bytes(k)
+
+
+class FastPath:
+    """One fast path instance: TUN, links, peers, keys, routes, threads, control queue."""
+
+    def __init__(self, config: FastPathConfig | None = None) -> None:
+        cfg = config if config is not None else FastPathConfig.default()
+        c = ffi.new("struct fp_config *")
+        c.rekey_after_packets = cfg.rekey_after_packets
+        c.reject_after_packets = cfg.reject_after_packets
+        c.rekey_after_seconds = cfg.rekey_after_seconds
+        c.reject_after_seconds = cfg.reject_after_seconds
+        c.ctrl_queue_len = cfg.ctrl_queue_len
+        c.batch = cfg.batch
+        c.relay = 1 if cfg.relay else 0
+        out = ffi.new("fp_t **")
+        _check(lib.fp_new(c, out), "fp_new")
+        self._fp = out[0]
+        self.config = cfg
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def _h(self) -> object:
+        if self._fp is None:
+            raise FastPathError(_errno.EBADF, "fast path is closed")
+        return self._fp
+
+    def close(self) -> None:
+        """Stop the threads and release everything (fds, keys); idempotent."""
+        if self._fp is not None:
+            fp, self._fp = self._fp, None
+            lib.fp_free(fp)
+
+    def __enter__(self) -> FastPath:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Last resort only; owners call close() (threads must not outlive the owner).
+        if getattr(self, "_fp", None) is not None:
+            self.close()
+
+    def start(self) -> None:
+        _check(lib.fp_start(self._h), "fp_start")
+
+    def stop(self) -> None:
+        _check(lib.fp_stop(self._h), "fp_stop")
+
+    # ------------------------------------------------------------------ devices
+
+    def tun_open(self, name: str) -> None:
+        _check(lib.fp_tun_open(self._h, name.encode()), f"fp_tun_open({name})")
+
+    def tun_attach(self, fd: int) -> None:
+        _check(lib.fp_tun_attach(self._h, fd), "fp_tun_attach")
+
+    def link_add(self, link_id: int, fd: int) -> None:
+        _check(lib.fp_link_add(self._h, link_id, fd), f"fp_link_add({link_id})")
+
+    def link_del(self, link_id: int) -> None:
+        _check(lib.fp_link_del(self._h, link_id), f"fp_link_del({link_id})")
+
+    # ------------------------------------------------------------------ peers and routes
+
+    def peer_add(self, peer_id: int) -> None:
+        _check(lib.fp_peer_add(self._h, peer_id), f"fp_peer_add({peer_id})")
+
+    def peer_del(self, peer_id: int) -> None:
+        _check(lib.fp_peer_del(self._h, peer_id), f"fp_peer_del({peer_id})")
+
+    def set_endpoint(self, peer_id: int, link_id: int, addr: Addr) -> None:
+        _check(
+            lib.fp_peer_set_endpoint(self._h, peer_id, link_id, _new_addr(addr)),
+            f"fp_peer_set_endpoint({peer_id})",
+        )
+
+    def endpoint(self, peer_id: int) -> tuple[int, Addr] | None:
+        """(link_id, (host, port)) the peer is sent to, or None while it has none."""
+        link = ffi.new("uint32_t *")
+        ep = ffi.new("struct fp_addr *")
+        rc = lib.fp_peer_get_endpoint(self._h, peer_id, link, ep)
+        if rc == -_errno.ENOTCONN:
+            return None
+        _check(rc, f"fp_peer_get_endpoint({peer_id})")
+        addr = _read_addr(ep)
+        return None if addr is None else (link[0], addr)
+
+    def route_set(self, network: Network | str, peer_id: int) -> None:
+        net = ipaddress.ip_network(network)
+        p = _new_addr((str(net.network_address), 0))
+        _check(lib.fp_route_set(self._h, p, net.prefixlen, peer_id), f"fp_route_set({net})")
+
+    def route_del(self, network: Network | str) -> None:
+        net = ipaddress.ip_network(network)
+        p = _new_addr((str(net.network_address), 0))
+        _check(lib.fp_route_del(self._h, p, net.prefixlen), f"fp_route_del({net})")
+
+    # ------------------------------------------------------------------ keys
+
+    def key_install(self, peer_id: int, local_index: int, tx_key: bytes, rx_key: bytes) -> None:
+        _check(
+            lib.fp_key_install(
+                self._h, peer_id, local_index, _key(tx_key, "tx_key"), _key(rx_key, "rx_key")
+            ),
+            f"fp_key_install({peer_id}, {local_index})",
+        )
+
+    def key_activate(self, peer_id: int, local_index: int, remote_index: int) -> None:
+        _check(
+            lib.fp_key_activate(self._h, peer_id, local_index, remote_index),
+            f"fp_key_activate({peer_id}, {local_index})",
+        )
+
+    def key_clear(self, peer_id: int) -> None:
+        _check(lib.fp_key_clear(self._h, peer_id), f"fp_key_clear({peer_id})")
+
+    def key_info(self, peer_id: int) -> KeyInfo:
+        c = ffi.new("struct fp_key_info *")
+        _check(lib.fp_key_info(self._h, peer_id, c), f"fp_key_info({peer_id})")
+        return KeyInfo(
+            has_tx=bool(c.has_tx),
+            tx_local_index=c.tx_local_index,
+            tx_remote_index=c.tx_remote_index,
+            tx_counter=c.tx_counter,
+            tx_age_s=c.tx_age_s,
+            slots_used=c.slots_used,
+        )
+
+    def send_keepalive(self, peer_id: int) -> None:
+        _check(lib.fp_send_keepalive(self._h, peer_id), f"fp_send_keepalive({peer_id})")
+
+    # ------------------------------------------------------------------ control path
+
+    @property
+    def ctrl_fd(self) -> int:
+        """Readable while the control queue is not empty; wait on it, never read it."""
+        return int(lib.fp_ctrl_fd(self._h))
+
+    def ctrl_recv(self) -> CtrlEvent | None:
+        m = ffi.new("struct fp_ctrl_msg *")
+        rc = lib.fp_ctrl_recv(self._h, m)
+        if rc == -_errno.EAGAIN:
+            return None
+        _check(rc, "fp_ctrl_recv")
+        return CtrlEvent(
+            event=m.event,
+            link_id=m.link_id,
+            peer_id=m.peer_id,
+            # `from` is a Python keyword, hence getattr.
+            addr=_read_addr(getattr(m, "from")),
+            data=bytes(ffi.buffer(m.data, m.len)),
+        )
+
+    def ctrl_send(self, link_id: int, addr: Addr, data: bytes) -> None:
+        _check(
+            lib.fp_ctrl_send(self._h, link_id, _new_addr(addr), data, len(data)),
+            f"fp_ctrl_send({link_id}, {addr[0]}:{addr[1]})",
+        )
+
+    # ------------------------------------------------------------------ counters
+
+    def peer_counters(self, peer_id: int) -> Counters:
+        c = ffi.new("struct fp_counters *")
+        _check(lib.fp_peer_counters(self._h, peer_id, c), f"fp_peer_counters({peer_id})")
+        return _counters(c)
+
+    def link_counters(self, link_id: int) -> Counters:
+        c = ffi.new("struct fp_counters *")
+        _check(lib.fp_link_counters(self._h, link_id, c), f"fp_link_counters({link_id})")
+        return _counters(c)
+
+    def global_counters(self) -> Counters:
+        """TUN side: rx = packets read from the TUN, tx = written to it, and drops that
+        belong to no peer or link (no_route, malformed IP from the TUN)."""
+        c = ffi.new("struct fp_counters *")
+        lib.fp_global_counters(self._h, c)
+        return _counters(c)
+
+    # ------------------------------------------------------------------ one packet
+
+    def _result(self, res: object, out: object) -> Result:
+        verdict = Verdict(res.verdict)  # type: ignore[attr-defined]
+        data = b""
+        if verdict in (Verdict.SEND, Verdict.TUN):
+            data = bytes(ffi.buffer(out, res.out_len))  # type: ignore[attr-defined]
+        return Result(
+            verdict=verdict,
+            drop_reason=DROP_NAMES[res.drop_reason] if verdict == Verdict.DROP else None,  # type: ignore[attr-defined]
+            peer_id=res.peer_id,  # type: ignore[attr-defined]
+            link_id=res.link_id,  # type: ignore[attr-defined]
+            to=_read_addr(res.to) if verdict == Verdict.SEND else None,  # type: ignore[attr-defined]
+            data=data,
+        )
+
+    def process_outbound(self, ip_packet: bytes) -> Result:
+        """What the TUN thread would do with this IP packet read from the TUN."""
+        cap = len(ip_packet) + OVERHEAD
+        out = ffi.new("uint8_t[]", cap)
+        res = ffi.new("struct fp_result *")
+        _check(
+            lib.fp_process_outbound(self._h, ip_packet, len(ip_packet), out, cap, res),
+            "fp_process_outbound",
+        )
+        return self._result(res, out)
+
+    def process_inbound(self, link_id: int, source: Addr | None, packet: bytes) -> Result:
+        """What a link thread would do with this datagram from source on link_id."""
+        cap = len(packet) + OVERHEAD
+        out = ffi.new("uint8_t[]", cap)
+        res = ffi.new("struct fp_result *")
+        src = _new_addr(source) if source is not None else ffi.NULL
+        _check(
+            lib.fp_process_inbound(self._h, link_id, src, packet, len(packet), out, cap, res),
+            "fp_process_inbound",
+        )
+        return self._result(res, out)
+
+    # ------------------------------------------------------------------ test hooks
+
+    def test_set_tx_counter(self, peer_id: int, counter: int) -> None:
+        """Tests only: next counter of the peer's transmit key."""
+        _check(lib.fp_test_set_tx_counter(self._h, peer_id, counter), "fp_test_set_tx_counter")
+
+
+def aead_test(
+    encrypt: bool, key: bytes, iv: bytes, aad: bytes, data: bytes, tag: bytes = b""
+) -> tuple[bytes, bytes] | None:
+    """Tests only: the fast path's AES-256-GCM on any 12-byte IV and AAD.
+
+    encrypt: returns (ciphertext, tag). decrypt: returns (plaintext, tag) or None when the
+    tag does not verify."""
+    if len(iv) != 12:
+        raise ValueError("iv must be 12 bytes")
+    out = ffi.new("uint8_t[]", max(len(data), 1))
+    t = ffi.new("uint8_t[]", TAG_LEN)
+    if not encrypt:
+        if len(tag) != TAG_LEN:
+            raise ValueError("tag must be 16 bytes")
+        ffi.memmove(t, tag, TAG_LEN)
+    rc = lib.fp_test_aead(
+        1 if encrypt else 0, _key(key, "key"), iv, aad, len(aad), data, len(data), out, t
+    )
+    if rc == -_errno.EBADMSG and not encrypt:
+        return None
+    _check(rc, "fp_test_aead")
+    return bytes(ffi.buffer(out, len(data))), bytes(ffi.buffer(t, TAG_LEN))

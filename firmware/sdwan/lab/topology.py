@@ -1,0 +1,878 @@
+"""The lab: a small Internet of network namespaces, built and always torn down by `Lab`.
+
+Lab owns the namespaces it creates (names carry a random tag and the owner's pid, e.g.
+``swa3f-4242-inet``, so parallel or leftover labs never collide), the daemons it spawns
+(socketd, iperf3 servers, ...), their logs, and the files under its workdir. Leaving the
+``with Lab(...)`` block - normally, by exception or by Ctrl-C - stops every daemon (TERM,
+then KILL) and deletes every namespace. `cleanup_stale()` removes namespaces left by a run
+that was killed outright (its owner pid is gone).
+
+Addressing (docs/lab.md has the picture):
+
+* ``inet``: bridge ``br0`` with 198.51.100.1/24 and 203.0.113.1/24, routing between them.
+  Router n's public address is 198.51.100.(10+n); 203.0.113.10 is kept for the PoP.
+* router n <-> site n: 100.64.n.0/24, router .1 (``site<n>``), site .2 (``wan1``).
+* site n LAN: 10.n.0.0/24, site .1 (``lan0``), LAN host .2 (``eth0``).
+* NAT on routers with nftables: ``masquerade`` (port preserving), ``random`` (masquerade
+  fully-random), ``shift`` (UDP toward non-PoP addresses leaves with a port offset),
+  ``none`` (no router: the site's WAN sits on the inet bridge with the public address).
+  A router given ``upstream=m`` sits behind router m (double NAT / CGNAT on 100.65.n.0/24).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdwan.lab import netns
+from sdwan.lab.netns import Daemon, NetnsError
+
+LAB_PREFIX = "sw"
+_NS_RE = re.compile(rf"^{LAB_PREFIX}([0-9a-f]{{3}})-(\d+)-([A-Za-z0-9_.-]+)$")
+
+INET_BRIDGE = "br0"
+PUBLIC_NET = ipaddress.ip_network("198.51.100.0/24")
+POP_NET = ipaddress.ip_network("203.0.113.0/24")
+POP_IP = "203.0.113.10"
+SOCKETD_PORT = 4800
+NAT_MODES = ("masquerade", "random", "shift", "none")
+
+# Where `python -m sdwan.*` finds the package when the distribution is not installed.
+_FIRMWARE_DIR = Path(__file__).resolve().parents[2]
+
+
+def public_ip(n: int) -> str:
+    return str(PUBLIC_NET.network_address + 10 + n)
+
+
+def _check_n(n: int) -> None:
+    if not 1 <= n <= 200:
+        raise ValueError(f"lab index must be 1..200, got {n}")
+
+
+@dataclass
+class PublicHost:
+    """A namespace with one address on the inet bridge (the PoP later)."""
+
+    role: str
+    ns: str
+    ip: str
+    dev: str = "eth0"
+
+
+@dataclass
+class Router:
+    """A site's NAT router. ns is None for nat='none' (the site is on the bridge itself)."""
+
+    n: int
+    nat: str
+    ns: str | None
+    public_ip: str
+    wan_dev: str = "up0"
+    upstream: Router | None = None
+    shift_offset: int = 3
+    shift_ports: tuple[int, ...] = (SOCKETD_PORT,)
+    extra_rules: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Site:
+    """A socketd namespace with its WAN and LAN, and the LAN host behind it."""
+
+    n: int
+    ns: str
+    lan_ns: str
+    router: Router
+    wan_dev: str
+    wan_ip: str
+    wan_gw: str
+    lan_dev: str
+    lan_subnet: str
+    lan_ip: str
+    lan_host_ip: str
+    public_ip: str
+    dir: Path
+    link_name: str = "wan1"
+    port: int = SOCKETD_PORT
+    socketd: Daemon | None = None
+    config: Path | None = None
+
+    @property
+    def site_id(self) -> int:
+        return self.n
+
+    @property
+    def control_socket(self) -> Path:
+        return self.dir / "control.sock"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.dir / "data"
+
+    @property
+    def endpoint(self) -> str:
+        """Where other sites reach this socketd with a port-preserving (or no) NAT."""
+        return f"{self.public_ip}:{self.port}"
+
+
+@dataclass
+class PeerSpec:
+    """A static peer for write_site_config when it is not simply another lab Site."""
+
+    site_id: int
+    endpoint: str
+    subnets: list[str]
+    link: str | None = None
+
+
+@dataclass
+class Pki:
+    dir: Path
+    ca_cert: Path
+    account: str
+
+
+@dataclass
+class IperfResult:
+    """The numbers of one iperf3 run (receiver side), plus the raw JSON."""
+
+    mbps: float | None
+    udp_pps: float | None
+    lost_percent: float | None
+    seconds: float | None
+    raw: dict[str, Any]
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], udp_len: int | None) -> IperfResult:
+        end = data.get("end", {})
+        recv = end.get("sum_received") or end.get("sum") or {}
+        bps = recv.get("bits_per_second")
+        secs = recv.get("seconds")
+        pps = None
+        if udp_len and "sum_received" in end and recv.get("bytes") is not None and secs:
+            pps = recv["bytes"] / udp_len / secs
+        elif udp_len and secs and end.get("sum", {}).get("packets") is not None:
+            # Older iperf3: only the sender's sum, with the receiver's loss folded in.
+            s = end["sum"]
+            pps = (s["packets"] - s.get("lost_packets", 0)) / secs
+        lost = recv.get("lost_percent")
+        if lost is None:
+            lost = end.get("sum", {}).get("lost_percent")
+        return cls(
+            mbps=bps / 1e6 if bps is not None else None,
+            udp_pps=pps,
+            lost_percent=lost,
+            seconds=secs,
+            raw=data,
+        )
+
+
+def _ns_owner_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cleanup_stale(include_live: bool = False) -> list[str]:
+    """Delete lab namespaces whose owning process is gone; return their names.
+
+    Namespaces of labs still running (in this or another process) are left alone unless
+    include_live is set, so parallel test runs do not break each other.
+    """
+    removed = []
+    for name in netns.ns_list():
+        m = _NS_RE.match(name)
+        if not m:
+            continue
+        owner = int(m.group(2))
+        if not include_live and (owner == os.getpid() or _ns_owner_alive(owner)):
+            continue
+        netns.ns_del(name)
+        removed.append(name)
+    return removed
+
+
+def lab_namespaces() -> list[str]:
+    """Every namespace on this machine that carries the lab prefix."""
+    return [n for n in netns.ns_list() if _NS_RE.match(n)]
+
+
+def _toml(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, str | Path):
+        return json.dumps(str(v))
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _toml_table(name: str, values: dict[str, object], array: bool = False) -> str:
+    head = f"[[{name}]]" if array else f"[{name}]"
+    return "\n".join([head, *(f"{k} = {_toml(v)}" for k, v in values.items())]) + "\n"
+
+
+class Lab:
+    """Builds TESTING.md's topology in namespaces; a context manager that always cleans up.
+
+    lab = Lab(workdir); lab.add_inet(); lab.add_router(1); site = lab.add_site(1); ...
+    Use it from the main thread (daemons are tied to it with PR_SET_PDEATHSIG).
+    """
+
+    def __init__(self, workdir: Path | str | None = None, log: Callable[[str], None] | None = None):
+        self.tag = secrets.token_hex(2)[:3]
+        self.pid = os.getpid()
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="sdwan-lab-")).resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._log = log
+        self.namespaces: list[str] = []
+        self.daemons: list[Daemon] = []
+        self.inet: str | None = None
+        self.routers: dict[int, Router] = {}
+        self.sites: dict[int, Site] = {}
+        self.public_hosts: dict[str, PublicHost] = {}
+        self.pki: Pki | None = None
+        self._closed = False
+        self._cgn_links = 0
+        atexit.register(self.cleanup)
+
+    # ------------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+    def log(self, msg: str) -> None:
+        if self._log:
+            self._log(msg)
+
+    def cleanup(self) -> None:
+        """Stop every daemon, delete every namespace, remove an owned workdir. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.cleanup)
+        # A second Ctrl-C must not leave half a lab behind.
+        blocked = threading.current_thread() is threading.main_thread()
+        if blocked:
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            for d in reversed(self.daemons):
+                with contextlib.suppress(Exception):
+                    netns.stop(d)
+            for ns in reversed(self.namespaces):
+                with contextlib.suppress(Exception):
+                    netns.ns_del(ns)
+            self.namespaces.clear()
+            if self._own_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+        finally:
+            if blocked:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    # ------------------------------------------------------------- namespaces
+
+    def ns_name(self, role: str) -> str:
+        return f"{LAB_PREFIX}{self.tag}-{self.pid}-{role}"
+
+    def new_ns(self, role: str, forward: bool = False) -> str:
+        """Create (and track) a namespace for role; forward turns on IP forwarding."""
+        if self._closed:
+            raise RuntimeError("lab already cleaned up")
+        name = self.ns_name(role)
+        netns.ns_add(name)
+        self.namespaces.append(name)
+        netns.rp_filter_off(name)
+        if forward:
+            netns.ip_forward(name, True)
+        return name
+
+    def add_inet(self) -> str:
+        """The Internet: a bridge routing between the public ranges."""
+        if self.inet:
+            return self.inet
+        ns = self.new_ns("inet", forward=True)
+        netns.bridge(ns, INET_BRIDGE)
+        netns.addr_add(ns, INET_BRIDGE, f"{PUBLIC_NET.network_address + 1}/24")
+        netns.addr_add(ns, INET_BRIDGE, f"{POP_NET.network_address + 1}/24")
+        # The Internet routes no private space: LAN-to-LAN traffic that is not in the
+        # tunnel must die here instead of silently bypassing it.
+        netns.nft(ns, _INET_RULESET)
+        self.inet = ns
+        return ns
+
+    def _plug_inet(self, ns: str, dev: str, bridge_port: str, cidr: str) -> None:
+        inet = self.add_inet()
+        netns.veth(inet, bridge_port, ns, dev)
+        netns.enslave(inet, bridge_port, INET_BRIDGE)
+        netns.addr_add(ns, dev, cidr)
+        net = ipaddress.ip_interface(cidr).network
+        netns.route_add(ns, "default", via=str(net.network_address + 1))
+
+    def add_public_host(self, role: str, ip: str = POP_IP) -> PublicHost:
+        """A host with a public address on the inet bridge (the PoP's place)."""
+        ns = self.new_ns(role)
+        self._plug_inet(ns, "eth0", f"h{len(self.public_hosts)}{role}"[:15], f"{ip}/24")
+        host = PublicHost(role, ns, ip)
+        self.public_hosts[role] = host
+        return host
+
+    # ------------------------------------------------------------- routers
+
+    def add_router(
+        self,
+        n: int,
+        nat: str = "masquerade",
+        upstream: int | None = None,
+        shift_offset: int = 3,
+        shift_ports: Sequence[int] = (SOCKETD_PORT,),
+    ) -> Router:
+        """Router n with public address 198.51.100.(10+n), or behind router `upstream`."""
+        _check_n(n)
+        if nat not in NAT_MODES:
+            raise ValueError(f"nat must be one of {', '.join(NAT_MODES)}, got {nat!r}")
+        if n in self.routers:
+            raise ValueError(f"router {n} already exists")
+        if nat == "none":
+            if upstream is not None:
+                raise ValueError("nat='none' puts the site on the Internet: no upstream")
+            r = Router(n, nat, None, public_ip(n))
+            self.routers[n] = r
+            return r
+        ns = self.new_ns(f"rtr{n}", forward=True)
+        if upstream is None:
+            pub = public_ip(n)
+            self._plug_inet(ns, "up0", f"r{n}", f"{pub}/24")
+            up = None
+        else:
+            up = self.routers[upstream]
+            if up.ns is None:
+                raise ValueError(f"router {upstream} has nat='none' and cannot be upstream")
+            # CGNAT: this router's WAN is a private address on the upstream router.
+            netns.veth(up.ns, f"cgn{n}", ns, "up0")
+            netns.addr_add(up.ns, f"cgn{n}", f"100.65.{n}.1/24")
+            netns.addr_add(ns, "up0", f"100.65.{n}.2/24")
+            netns.route_add(ns, "default", via=f"100.65.{n}.1")
+            pub = up.public_ip
+        r = Router(
+            n, nat, ns, pub, upstream=up, shift_offset=shift_offset, shift_ports=tuple(shift_ports)
+        )
+        netns.nft(ns, self.nat_ruleset(r))
+        self.routers[n] = r
+        return r
+
+    def nat_ruleset(self, r: Router) -> str:
+        """The nft ruleset of router r: NAT on its WAN, unsolicited inbound dropped silently."""
+        wan = r.wan_dev
+        pre: list[str] = []
+        if r.nat == "masquerade":
+            nat = f'oifname "{wan}" masquerade'
+        elif r.nat == "random":
+            nat = f'oifname "{wan}" masquerade fully-random'
+        elif r.nat == "shift":
+            # Predictable symmetric NAT: the PoP sees the source port, peers see port+offset.
+            for p in r.shift_ports:
+                pre.append(
+                    f'oifname "{wan}" ip daddr != {POP_NET} udp sport {p} '
+                    f"snat ip to {self._wan_addr(r)}:{p + r.shift_offset}"
+                )
+            nat = f'oifname "{wan}" masquerade'
+        else:
+            raise ValueError(f"no NAT ruleset for {r.nat!r}")
+        post = "\n        ".join([*pre, nat])
+        extra = "\n        ".join(r.extra_rules)
+        # Dropping (not rejecting) unsolicited packets is what home routers do, and it keeps
+        # ICMP errors from reaching a peer that is punching toward us.
+        return f"""
+table ip lab_nat {{
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        {post}
+    }}
+}}
+table inet lab_filter {{
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        iifname "{wan}" ct state established,related accept
+        iifname "{wan}" meta l4proto {{ icmp, ipv6-icmp }} accept
+        iifname "{wan}" drop
+    }}
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+        {extra}
+        iifname "{wan}" ct state established,related accept
+        iifname "{wan}" drop
+    }}
+}}
+"""
+
+    def _wan_addr(self, r: Router) -> str:
+        return r.public_ip if r.upstream is None else f"100.65.{r.n}.2"
+
+    def router_nft(self, n: int, ruleset: str) -> None:
+        """Load more nft rules into router n (failure injection, later NAT types)."""
+        r = self.routers[n]
+        if r.ns is None:
+            raise ValueError(f"router {n} has no namespace (nat='none')")
+        netns.nft(r.ns, ruleset)
+
+    # ------------------------------------------------------------- sites
+
+    def add_site(self, n: int, router: int | None = None, lan_subnet: str | None = None) -> Site:
+        """Site n (socketd's namespace) behind router `router` (default n), plus its LAN host."""
+        _check_n(n)
+        if n in self.sites:
+            raise ValueError(f"site {n} already exists")
+        rn = n if router is None else router
+        if rn not in self.routers:
+            self.add_router(rn)
+        r = self.routers[rn]
+        lan = ipaddress.ip_network(lan_subnet or f"10.{n}.0.0/24")
+        if not isinstance(lan, ipaddress.IPv4Network) or lan.num_addresses < 4:
+            raise ValueError(f"lan_subnet must be an IPv4 network of /30 or larger, got {lan}")
+        ns = self.new_ns(f"site{n}", forward=True)
+        wan_dev = "wan1"
+        if r.ns is None:
+            wan_ip = r.public_ip
+            self._plug_inet(ns, wan_dev, f"s{n}", f"{wan_ip}/24")
+            wan_gw = str(PUBLIC_NET.network_address + 1)
+        else:
+            wan_ip, wan_gw = f"100.64.{n}.2", f"100.64.{n}.1"
+            netns.veth(r.ns, f"site{n}", ns, wan_dev)
+            netns.addr_add(r.ns, f"site{n}", f"{wan_gw}/24")
+            netns.addr_add(ns, wan_dev, f"{wan_ip}/24")
+            netns.route_add(ns, "default", via=wan_gw)
+        if r.ns is None:
+            # No router to carry the LAN out: the site NATs its own LAN toward the Internet.
+            netns.nft(ns, _breakout_ruleset(wan_dev, str(lan)))
+        else:
+            # The router NATs the LAN host's Internet traffic like the site's own.
+            netns.route_add(r.ns, str(lan), via=wan_ip)
+        lan_ns = self.new_ns(f"lan{n}")
+        lan_ip, host_ip = str(lan.network_address + 1), str(lan.network_address + 2)
+        netns.veth(ns, "lan0", lan_ns, "eth0")
+        netns.addr_add(ns, "lan0", f"{lan_ip}/{lan.prefixlen}")
+        netns.addr_add(lan_ns, "eth0", f"{host_ip}/{lan.prefixlen}")
+        netns.route_add(lan_ns, "default", via=lan_ip)
+        d = self.workdir / f"site{n}"
+        d.mkdir(parents=True, exist_ok=True)
+        site = Site(
+            n=n,
+            ns=ns,
+            lan_ns=lan_ns,
+            router=r,
+            wan_dev=wan_dev,
+            wan_ip=wan_ip,
+            wan_gw=wan_gw,
+            lan_dev="lan0",
+            lan_subnet=str(lan),
+            lan_ip=lan_ip,
+            lan_host_ip=host_ip,
+            public_ip=r.public_ip,
+            dir=d,
+        )
+        self.sites[n] = site
+        return site
+
+    # ------------------------------------------------------------- processes
+
+    def env(self) -> dict[str, str]:
+        """Environment for lab commands: the firmware package importable as `sdwan`."""
+        env = dict(os.environ)
+        pp = env.get("PYTHONPATH")
+        env["PYTHONPATH"] = str(_FIRMWARE_DIR) + (os.pathsep + pp if pp else "")
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def exec(
+        self,
+        ns: str | None,
+        argv: Sequence[str],
+        timeout: float = netns.DEFAULT_TIMEOUT,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        return netns.run(ns, argv, timeout=timeout, check=check)
+
+    def spawn(
+        self,
+        ns: str | None,
+        argv: Sequence[str],
+        name: str,
+        env: dict[str, str] | None = None,
+        max_lifetime_s: int = netns.DAEMON_MAX_S,
+    ) -> Daemon:
+        """Start a daemon tracked by the lab (stopped at cleanup), logging to workdir/logs/."""
+        if self._closed:
+            raise RuntimeError("lab already cleaned up")
+        logs = self.workdir / "logs"
+        logs.mkdir(exist_ok=True)
+        d = netns.popen(
+            ns, argv, logs / f"{name}.log", name=name, env=env, max_lifetime_s=max_lifetime_s
+        )
+        self.daemons.append(d)
+        return d
+
+    def kill(self, d: Daemon, grace_s: float = 3.0) -> int | None:
+        rc = netns.stop(d, grace_s)
+        if d in self.daemons:
+            self.daemons.remove(d)
+        return rc
+
+    # ------------------------------------------------------------- traffic
+
+    def ping(self, from_ns: str, ip: str, count: int = 1, wait_s: float = 1.0) -> bool:
+        cp = netns.run(
+            from_ns,
+            ["ping", "-n", "-q", "-c", str(count), "-W", f"{wait_s:g}", ip],
+            timeout=count * wait_s + 10,
+            check=False,
+        )
+        return cp.returncode == 0
+
+    def ping_rtt_ms(
+        self, from_ns: str, ip: str, count: int = 20, interval: float = 0.05
+    ) -> float | None:
+        """Average RTT in ms of `count` pings, or None if none came back."""
+        cp = netns.run(
+            from_ns,
+            ["ping", "-n", "-q", "-c", str(count), "-i", f"{interval:g}", "-W", "1", ip],
+            timeout=count * (interval + 1) + 10,
+            check=False,
+        )
+        m = re.search(r"= [\d.]+/([\d.]+)/", cp.stdout)
+        return float(m.group(1)) if m else None
+
+    def wait_ping(
+        self, from_ns: str, ip: str, timeout: float, progress: Callable[[float], None] | None = None
+    ) -> bool:
+        """Ping once a second until it answers or timeout; progress(elapsed) between tries."""
+        t0 = time.monotonic()
+        while True:
+            if self.ping(from_ns, ip, count=1, wait_s=1):
+                return True
+            elapsed = time.monotonic() - t0
+            if elapsed >= timeout:
+                return False
+            if progress:
+                progress(elapsed)
+            time.sleep(0.2)
+
+    def iperf3(
+        self,
+        client_ns: str,
+        server_ns: str,
+        server_ip: str,
+        duration: float = 5,
+        parallel: int = 1,
+        udp: bool = False,
+        length: int | None = None,
+        bandwidth: str | None = None,
+        port: int = 5201,
+        extra: Sequence[str] = (),
+    ) -> IperfResult:
+        """One iperf3 run client_ns -> server_ip (served in server_ns); receiver-side numbers."""
+        name = f"iperf3-s-{port}-{len(self.daemons)}"
+        srv = self.spawn(
+            server_ns,
+            ["iperf3", "-s", "-1", "-B", server_ip, "-p", str(port)],
+            name,
+            max_lifetime_s=int(duration) + 60,
+        )
+        try:
+            listening = netns.wait_until(
+                lambda: (
+                    f":{port} "
+                    in netns.run(server_ns, ["ss", "-Hltn", f"sport = :{port}"], check=False).stdout
+                    + " "
+                ),
+                timeout=5,
+                interval=0.05,
+            )
+            if not listening:
+                raise NetnsError(
+                    ["iperf3", "-s"], server_ns, f"server did not listen: {srv.log_tail()}"
+                )
+            argv = ["iperf3", "-c", server_ip, "-p", str(port), "-t", f"{duration:g}", "-J"]
+            if parallel > 1:
+                argv += ["-P", str(parallel)]
+            if udp:
+                argv += ["-u", "-b", bandwidth or "1G"]
+            elif bandwidth:
+                argv += ["-b", bandwidth]
+            if length:
+                argv += ["-l", str(length)]
+            argv += list(extra)
+            cp = netns.run(client_ns, argv, timeout=duration + 30, check=False)
+            try:
+                data = json.loads(cp.stdout)
+            except json.JSONDecodeError as e:
+                raise NetnsError(
+                    argv, client_ns, f"no JSON from iperf3: {cp.stderr.strip()}"
+                ) from e
+            if "error" in data:
+                raise NetnsError(argv, client_ns, f"iperf3: {data['error']}")
+            return IperfResult.parse(data, length if udp else None)
+        finally:
+            self.kill(srv, grace_s=2)
+
+    # ------------------------------------------------------------- socketd
+
+    def setup_pki(self, account: str = "lab") -> Pki:
+        """The lab's account CA under workdir/pki/ca (created on first use)."""
+        if self.pki is None:
+            self.pki = self.new_ca("ca", account)
+        return self.pki
+
+    def new_ca(self, name: str, account: str = "lab") -> Pki:
+        """Another CA under workdir/pki/<name> (sdwan.pki.create_ca), e.g. a foreign account."""
+        from sdwan import pki as sdwan_pki
+
+        d = self.workdir / "pki" / name
+        ret = sdwan_pki.create_ca(d, account)
+        return Pki(d, _find_ca_cert(ret, d), account)
+
+    def issue(self, site: Site | int, pki: Pki | None = None) -> tuple[Path, Path]:
+        """Certificate and key for site from pki (default the lab CA): (cert, key) paths."""
+        from sdwan import pki as sdwan_pki
+
+        sid = site if isinstance(site, int) else site.site_id
+        pki = pki or self.setup_pki()
+        out = self.workdir / "pki" / f"{pki.dir.name}-site{sid}"
+        ret = sdwan_pki.issue_site(pki.dir, sid, out)
+        if hasattr(ret, "cert") and hasattr(ret, "key"):
+            return Path(ret.cert), Path(ret.key)
+        cert, key = ret
+        return Path(cert), Path(key)
+
+    def write_site_config(
+        self,
+        site: Site,
+        peers: Sequence[Site | PeerSpec] = (),
+        pki: Pki | None = None,
+        cert: Path | None = None,
+        key: Path | None = None,
+        tunnel: dict[str, object] | None = None,
+        lan_subnets: Sequence[str] | None = None,
+        name: str | None = None,
+        extra_toml: str = "",
+    ) -> Path:
+        """Write socketd's TOML for site (own control socket and data dir) and return its path."""
+        pki = pki or self.setup_pki()
+        if cert is None or key is None:
+            cert, key = self.issue(site, pki)
+        parts = [
+            _toml_table("site", {"id": site.site_id, "name": name or f"site-{site.site_id}"}),
+            _toml_table(
+                "paths", {"data_dir": site.data_dir, "control_socket": site.control_socket}
+            ),
+            _toml_table("pki", {"ca": pki.ca_cert, "cert": cert, "key": key}),
+            _toml_table(
+                "lan",
+                {
+                    "subnets": list(lan_subnets or [site.lan_subnet]),
+                    # A site without a LAN device (the benchmark's) leaves it out.
+                    **({"interface": site.lan_dev} if site.lan_dev else {}),
+                },
+            ),
+            _toml_table("tunnel", {"interface": "sdwan0", **(tunnel or {})}),
+            _toml_table(
+                "links",
+                {
+                    "name": site.link_name,
+                    "interface": site.wan_dev,
+                    "port": site.port,
+                    "precedence": 1,
+                    "mtu": 1500,
+                },
+                array=True,
+            ),
+        ]
+        for p in peers:
+            spec = p if isinstance(p, PeerSpec) else PeerSpec(p.site_id, p.endpoint, [p.lan_subnet])
+            vals: dict[str, object] = {
+                "site_id": spec.site_id,
+                "endpoint": spec.endpoint,
+                "subnets": spec.subnets,
+            }
+            if spec.link:
+                vals["link"] = spec.link
+            parts.append(_toml_table("peers", vals, array=True))
+        if extra_toml:
+            parts.append(extra_toml)
+        site.data_dir.mkdir(parents=True, exist_ok=True)
+        path = site.dir / "socketd.toml"
+        path.write_text("\n".join(parts))
+        site.config = path
+        return path
+
+    def start_socketd(
+        self, site: Site, config: Path | None = None, wait_socket_s: float = 15.0
+    ) -> Daemon:
+        """Spawn `python -m sdwan.socketd --config X` in the site namespace.
+
+        Waits (bounded) for the control socket to appear; raises with the log tail if the
+        daemon exits or never opens it.
+        """
+        config = config or site.config
+        if config is None:
+            raise ValueError(f"site {site.n}: write_site_config first")
+        with contextlib.suppress(FileNotFoundError):
+            site.control_socket.unlink()
+        d = self.spawn(
+            site.ns,
+            [sys.executable, "-m", "sdwan.socketd", "--config", str(config)],
+            f"socketd-site{site.n}",
+            env=self.env(),
+        )
+        site.socketd = d
+        ok = netns.wait_until(
+            lambda: site.control_socket.exists() or not d.alive(), timeout=wait_socket_s
+        )
+        if not d.alive():
+            raise NetnsError(
+                d.argv, site.ns, f"socketd exited with {d.proc.returncode}: {d.log_tail()}"
+            )
+        if not ok:
+            raise NetnsError(
+                d.argv, site.ns, f"no control socket after {wait_socket_s:g} s: {d.log_tail()}"
+            )
+        return d
+
+    def stop_socketd(self, site: Site, sig: int = signal.SIGTERM) -> None:
+        """Stop site's socketd; sig=SIGKILL emulates a crash."""
+        d = site.socketd
+        if d is None:
+            return
+        if sig == signal.SIGKILL:
+            pid = d.main_pid(timeout=0.5)
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self.kill(d)
+        site.socketd = None
+
+    def socketctl(self, site: Site, *args: str, json_out: bool = True, timeout: float = 10) -> Any:
+        """Run socketctl against site's control socket; parsed JSON (or text if not json_out)."""
+        argv = [
+            sys.executable,
+            "-m",
+            "sdwan.socketctl",
+            "--socket",
+            str(site.control_socket),
+            *args,
+        ]
+        if json_out:
+            argv.append("--json")
+        full = ["ip", "netns", "exec", site.ns, *argv]
+        try:
+            cp = subprocess.run(
+                full,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=self.env(),
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise NetnsError(argv, site.ns, f"timed out after {timeout:g} s") from e
+        if not json_out:
+            if cp.returncode != 0:
+                raise NetnsError(
+                    argv,
+                    site.ns,
+                    f"exit status {cp.returncode}: {(cp.stderr or cp.stdout).strip()}",
+                )
+            return cp.stdout
+        try:
+            return json.loads(cp.stdout)
+        except json.JSONDecodeError as e:
+            raise NetnsError(
+                argv,
+                site.ns,
+                f"exit status {cp.returncode}, not JSON: {(cp.stderr or cp.stdout).strip()[-500:]}",
+            ) from e
+
+    # ------------------------------------------------------------- helpers
+
+    def describe(self) -> Iterator[str]:
+        """Human lines describing the topology (for logs and the demo)."""
+        if self.inet:
+            yield f"inet {self.inet}: {INET_BRIDGE} {PUBLIC_NET} + {POP_NET}"
+        for r in self.routers.values():
+            where = r.ns or "(no router: site on the bridge)"
+            up = f", behind router {r.upstream.n}" if r.upstream else ""
+            yield f"router {r.n} {where}: nat={r.nat}, public {r.public_ip}{up}"
+        for s in self.sites.values():
+            yield (
+                f"site {s.n} {s.ns}: wan {s.wan_dev} {s.wan_ip} (public {s.public_ip}), "
+                f"lan {s.lan_subnet}; host {s.lan_ns} {s.lan_host_ip}"
+            )
+        for h in self.public_hosts.values():
+            yield f"public host {h.role} {h.ns}: {h.ip}"
+
+
+_INET_RULESET = """
+table inet lab_inet {
+    chain forward {
+        type filter hook forward priority filter; policy accept;
+        ip daddr { 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10 } drop
+        ip saddr { 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10 } drop
+    }
+}
+"""
+
+
+def _breakout_ruleset(wan_dev: str, lan: str) -> str:
+    return f"""
+table ip lab_breakout {{
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "{wan_dev}" ip saddr {lan} masquerade
+    }}
+}}
+"""
+
+
+def _find_ca_cert(ret: object, ca_dir: Path) -> Path:
+    """The CA certificate path from create_ca's return value, or a conventional name."""
+    cands: list[object] = list(ret) if isinstance(ret, tuple | list) else [ret]
+    if hasattr(ret, "cert"):
+        cands.insert(0, ret.cert)
+    for c in cands:
+        if isinstance(c, str | Path) and Path(c).is_file() and Path(c).suffix in (".pem", ".crt"):
+            return Path(c)
+    for nm in ("ca.pem", "ca.crt", "ca-cert.pem"):
+        if (ca_dir / nm).is_file():
+            return ca_dir / nm
+    raise FileNotFoundError(f"create_ca({ca_dir}) left no CA certificate (ca.pem) there")
+
+
+def median(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None

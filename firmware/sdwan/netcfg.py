@@ -1,0 +1,118 @@
+"""Kernel network configuration of a site: tunnel device MTU and state, routes
+to the peers' subnets through it, and TCP MSS clamping.
+
+It runs as a short-lived worker (`python -m sdwan.netcfg`, a JSON plan on
+stdin) rather than inside socketd: pyroute2 costs about 24 MB of resident memory
+once imported, and the supervisor has to stay small for the whole life of the
+box. The worker applies the plan idempotently (routes are replaced, the nft
+table is recreated), so it can run again after any change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+
+# Outer IPv4 header + UDP header + the data packet's own header and tag
+# (docs/dataplane.md): the tunnel device must be this much smaller than the link.
+IPV4_UDP_OVERHEAD = 20 + 8
+TUNNEL_OVERHEAD = 32
+NFT_TABLE = "sdwan_mss"
+
+
+class NetcfgError(Exception):
+    """The kernel refused part of the plan; the message says which part."""
+
+
+@dataclass
+class Plan:
+    tun: str
+    mtu: int
+    routes: list[str] = field(default_factory=list)
+    mss_clamp: bool = True
+
+
+def tunnel_mtu(link_mtus: list[int]) -> int:
+    """The largest inner packet that fits every link without fragmentation."""
+    return min(link_mtus) - IPV4_UDP_OVERHEAD - TUNNEL_OVERHEAD
+
+
+def mss_ruleset(tun: str) -> str:
+    """An nft table that clamps the MSS of TCP SYNs leaving through the tunnel
+    to what the tunnel's MTU allows, so large segments are never black-holed."""
+    return (
+        f"table inet {NFT_TABLE} {{\n"
+        "  chain forward {\n"
+        "    type filter hook forward priority mangle; policy accept;\n"
+        f'    oifname "{tun}" tcp flags syn tcp option maxseg size set rt mtu\n'
+        "  }\n"
+        "  chain output {\n"
+        "    type route hook output priority mangle; policy accept;\n"
+        f'    oifname "{tun}" tcp flags syn tcp option maxseg size set rt mtu\n'
+        "  }\n"
+        "}\n"
+    )
+
+
+def _nft(script: str) -> None:
+    proc = subprocess.run(["nft", "-f", "-"], input=script, text=True,
+                          capture_output=True, timeout=10)
+    if proc.returncode != 0:
+        raise NetcfgError(f"nft refused the MSS clamp rules: {proc.stderr.strip()}")
+
+
+def _apply_mss(plan: Plan) -> None:
+    # Delete-then-add keeps the table exactly as planned; a missing table is fine.
+    subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE],
+                   capture_output=True, timeout=10)
+    if plan.mss_clamp:
+        _nft(mss_ruleset(plan.tun))
+
+
+async def _apply_links(plan: Plan) -> None:
+    from pyroute2 import AsyncIPRoute  # only the worker pays for pyroute2
+
+    async with AsyncIPRoute() as ipr:
+        found = await ipr.link_lookup(ifname=plan.tun)
+        if not found:
+            raise NetcfgError(f"tunnel device {plan.tun} does not exist")
+        index = found[0]
+        try:
+            await ipr.link("set", index=index, mtu=plan.mtu, state="up")
+        except Exception as e:
+            raise NetcfgError(f"cannot set {plan.tun} mtu {plan.mtu} up: {e}") from e
+        for dst in plan.routes:
+            try:
+                await ipr.route("replace", dst=dst, oif=index)
+            except Exception as e:
+                raise NetcfgError(f"cannot route {dst} via {plan.tun}: {e}") from e
+
+
+def apply(plan: Plan) -> None:
+    asyncio.run(_apply_links(plan))
+    _apply_mss(plan)
+
+
+def apply_in_worker(plan: Plan, timeout: float = 30.0) -> None:
+    """Apply `plan` in a child process (see the module docstring for why)."""
+    proc = subprocess.run([sys.executable, "-m", "sdwan.netcfg"], input=json.dumps(asdict(plan)),
+                          text=True, capture_output=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise NetcfgError(proc.stderr.strip() or f"netcfg worker exited {proc.returncode}")
+
+
+def main() -> int:
+    try:
+        plan = Plan(**json.load(sys.stdin))
+        apply(plan)
+    except (NetcfgError, TypeError, ValueError) as e:
+        print(f"netcfg: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

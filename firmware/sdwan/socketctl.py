@@ -1,0 +1,260 @@
+"""socketctl: the operator's command line over socketd's control socket.
+
+`socketctl [--socket PATH] status|peers [--json]`. With --json the result object is printed as
+socketd sent it (the field names are a stable interface, see docs/socketctl.md); without it, a
+table for people. Exit status: 0 success, 1 socketd answered an error, 2 usage error,
+3 socketd could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TextIO
+
+from .config import DEFAULT_CONTROL_SOCKET
+from .control import CommandFailed, ControlError, ControlUnreachable, request
+
+EXIT_OK = 0
+EXIT_COMMAND_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+_DASH = "-"
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _num(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return _DASH
+    # Plain digits: the table stays easy to cut, awk and grep.
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def _bytes(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return _DASH
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return _DASH  # unreachable; keeps type checkers content
+
+
+def _duration(seconds: Any) -> str:
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        return _DASH
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h{minutes:02d}m"
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s"
+
+
+def _ago(seconds: Any) -> str:
+    text = _duration(seconds)
+    return text if text == _DASH else f"{text} ago"
+
+
+def _text(value: Any) -> str:
+    if value is None or value == "":
+        return _DASH
+    if isinstance(value, list):
+        return ",".join(_text(v) for v in value) or _DASH
+    return str(value)
+
+
+def _drops(drops: Any) -> str:
+    """Non-zero drop counters as `reason=n`, the only ones an operator needs to see."""
+    if not isinstance(drops, Mapping):
+        return _DASH
+    items = [f"{k}={_num(v)}" for k, v in sorted(drops.items()) if v]
+    return " ".join(items) if items else "none"
+
+
+def _drop_total(drops: Any) -> str:
+    if not isinstance(drops, Mapping):
+        return _DASH
+    return _num(sum(v for v in drops.values() if isinstance(v, int) and not isinstance(v, bool)))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    for row in (headers, *rows):
+        out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        out.write("\n")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def format_status(result: Mapping[str, Any], out: TextIO) -> None:
+    site = f"{_text(result.get('site_id'))} ({_text(result.get('name'))})"
+    fields = [
+        ("site", site),
+        ("version", _text(result.get("version"))),
+        ("uptime", _duration(result.get("uptime_s"))),
+        ("tunnel", _text(result.get("tunnel_interface"))),
+        ("peers", f"{_num(result.get('peers_up'))} up of {_num(result.get('peers_total'))}"),
+        ("drops", _drops(result.get("drops"))),
+    ]
+    if isinstance(result.get("control"), Mapping):
+        fields.append(("control", _drops(result["control"])))
+    for name, value in fields:
+        out.write(f"{name:<9}{value}\n")
+
+    links = result.get("links") or []
+    out.write("\n")
+    if not links:
+        out.write("no links\n")
+    else:
+        rows = [
+            [
+                _text(link.get("name")),
+                _text(link.get("interface")),
+                _num(link.get("port")),
+                _num(link.get("precedence")),
+                _num(link.get("mtu")),
+                _num(link.get("rx_packets")),
+                _num(link.get("tx_packets")),
+                _bytes(link.get("rx_bytes")),
+                _bytes(link.get("tx_bytes")),
+                _drops(link.get("drops")),
+            ]
+            for link in links
+            if isinstance(link, Mapping)
+        ]
+        headers = ["LINK", "INTERFACE", "PORT", "PREC", "MTU", "RX PKTS", "TX PKTS"]
+        _table([*headers, "RX BYTES", "TX BYTES", "DROPS"], rows, out)
+
+    rejections = result.get("rejections") or []
+    if rejections:
+        out.write("\nrecent handshake rejections:\n")
+        for item in rejections[-5:]:
+            if not isinstance(item, Mapping):
+                continue
+            at = item.get("at")
+            when = (
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+                if isinstance(at, int | float)
+                else _DASH
+            )
+            src = item.get("from")
+            if isinstance(src, list) and len(src) == 2:
+                host, port = src
+                src = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+            out.write(f"  {when}  {_text(src)}  {_text(item.get('reason'))}\n")
+
+
+def format_peers(result: Mapping[str, Any], out: TextIO) -> None:
+    peers = result.get("peers") or []
+    if not peers:
+        out.write("no peers configured\n")
+        return
+    rows = []
+    for peer in peers:
+        if not isinstance(peer, Mapping):
+            continue
+        state = _text(peer.get("state"))
+        # An up tunnel may still carry the reason of its last transition; it is noise then.
+        reason = str(peer.get("reason") or "") if state != "up" else ""
+        rows.append(
+            [
+                _text(peer.get("site_id")),
+                state,
+                _text(peer.get("endpoint")),
+                _text(peer.get("link")),
+                _text(peer.get("role")),
+                _ago(peer.get("last_handshake_s")),
+                _ago(peer.get("last_rx_s")),
+                _num(peer.get("rx_packets")),
+                _num(peer.get("tx_packets")),
+                _drop_total(peer.get("drops")),
+                reason,
+            ]
+        )
+    headers = ["SITE", "STATE", "ENDPOINT", "LINK", "ROLE", "HANDSHAKE", "LAST RX"]
+    _table([*headers, "RX PKTS", "TX PKTS", "DROPS", "REASON"], rows, out)
+
+
+FORMATTERS: dict[str, Callable[[Mapping[str, Any], TextIO], None]] = {
+    "status": format_status,
+    "peers": format_peers,
+}
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="socketctl", description="Query a running socketd over its control socket."
+    )
+    parser.add_argument(
+        "--socket",
+        default=str(DEFAULT_CONTROL_SOCKET),
+        metavar="PATH",
+        help=f"control socket of socketd (default {DEFAULT_CONTROL_SOCKET})",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=5.0, metavar="S", help="seconds to wait (default 5)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    helps = {
+        "status": "site, uptime, links and their counters",
+        "peers": "tunnels to the other sites: state, endpoint, traffic",
+    }
+    for name in FORMATTERS:
+        sub = commands.add_parser(name, help=helps[name], description=helps[name])
+        # Accepted after the command as well; SUPPRESS keeps an earlier --json from being reset.
+        sub.add_argument(
+            "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON"
+        )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = request(args.socket, args.command, timeout=args.timeout)
+    except ControlUnreachable as exc:
+        print(f"socketctl: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except CommandFailed as exc:
+        print(f"socketctl: {args.command}: {exc}", file=sys.stderr)
+        return EXIT_COMMAND_FAILED
+    except ControlError as exc:
+        print(f"socketctl: {exc}", file=sys.stderr)
+        return EXIT_COMMAND_FAILED
+    try:
+        if args.json:
+            json.dump(result, sys.stdout, indent=2, sort_keys=False)
+            sys.stdout.write("\n")
+        else:
+            FORMATTERS[args.command](result, sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `socketctl peers | head` is normal use, not an error worth a traceback; pointing
+        # stdout at /dev/null stops the interpreter's final flush from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

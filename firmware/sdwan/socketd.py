@@ -1,0 +1,362 @@
+"""socketd, the appliance supervisor: wires the parts together and owns nothing
+else. Config (config.py) -> fast path (fastpath.py) with the TUN device and one
+socket per link (links.py) -> kernel routes and MSS clamp (netcfg.py) -> one
+PeerTunnel per peer (tunnel.py) fed by the DTLS sessions (dtls.py) that this
+module demultiplexes from the fast path's control queue -> status over the
+control socket (control.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+from . import __version__
+from .config import ConfigError, SiteConfig, load_config
+from .control import ControlServer
+from .dtls import DtlsContext, DtlsSession, is_client_hello
+from .fastpath import CtrlEvent, FastPath, FastPathConfig
+from .links import LinkError, open_link_socket
+from .netcfg import NetcfgError, Plan, apply_in_worker, tunnel_mtu
+from .tunnel import KICK_TYPE, Addr, PeerTunnel, Timers, decode_kick
+
+log = logging.getLogger("sdwan.socketd")
+
+TICK_S = 0.05
+HANDSHAKE_DEADLINE_S = 10.0
+MAX_HANDSHAKING = 256      # server sessions in progress; each needed a valid cookie
+REJECTIONS_KEPT = 20
+
+
+class StartupError(Exception):
+    """socketd cannot start; the message says what to fix."""
+
+
+@dataclass
+class _Session:
+    session: DtlsSession
+    link_id: int
+    addr: Addr
+    created: float
+    expected_peer: int | None = None   # client sessions know whom they called
+    reported: bool = False             # established/failed already handed on
+
+
+@dataclass
+class _Stats:
+    dtls_no_session: int = 0
+    dtls_rejected: int = 0
+    kicks_bad: int = 0
+    control_unknown: int = 0
+    rejections: collections.deque = field(
+        default_factory=lambda: collections.deque(maxlen=REJECTIONS_KEPT))
+
+
+class Supervisor:
+    def __init__(self, cfg: SiteConfig) -> None:
+        self.cfg = cfg
+        self.started = time.monotonic()
+        self.stats = _Stats()
+        self.sessions: dict[tuple[int, Addr], _Session] = {}
+        self.tunnels: dict[int, PeerTunnel] = {}
+        self.link_ids = {link.name: i + 1 for i, link in enumerate(cfg.links)}
+        self.fp: FastPath | None = None
+        self.dtls: DtlsContext | None = None
+        self.control: ControlServer | None = None
+        self._stop = asyncio.Event()
+
+    # ---------------------------------------------------------------- setup
+
+    def _open(self) -> None:
+        cfg = self.cfg
+        try:
+            self.dtls = DtlsContext(cfg.pki.ca, cfg.pki.cert, cfg.pki.key, cfg.site.id)
+        except (OSError, ValueError) as e:
+            raise StartupError(str(e)) from e
+        fp_cfg = FastPathConfig.default()
+        # Python rekeys on time; the fast path's own limits are the backstop.
+        fp_cfg.rekey_after_seconds = int(cfg.tunnel.rekey_s) + 30
+        fp_cfg.reject_after_seconds = int(cfg.tunnel.rekey_s) * 2 + 60
+        self.fp = fp = FastPath(fp_cfg)
+        try:
+            fp.tun_open(cfg.tunnel.interface)
+        except OSError as e:
+            raise StartupError(f"cannot open tunnel device {cfg.tunnel.interface}: {e}") from e
+        for link in cfg.links:
+            link_id = self.link_ids[link.name]
+            try:
+                ls = open_link_socket(link_id, link)
+            except LinkError as e:
+                raise StartupError(str(e)) from e
+            with ls.sock:
+                fp.link_add(link_id, ls.sock.fileno())
+        timers = Timers(keepalive_s=cfg.tunnel.keepalive_s, rekey_s=cfg.tunnel.rekey_s,
+                        dead_after_s=3 * cfg.tunnel.keepalive_s)
+        routes: list[str] = []
+        for peer in cfg.peers:
+            link_name = peer.link
+            link_id = self.link_ids[link_name]
+            fp.peer_add(peer.site_id)
+            fp.set_endpoint(peer.site_id, link_id, peer.endpoint)
+            for net in peer.subnets:
+                fp.route_set(net, peer.site_id)
+                routes.append(str(net))
+            self.tunnels[peer.site_id] = PeerTunnel(
+                my_site_id=cfg.site.id, peer_site_id=peer.site_id, link_id=link_id,
+                link_name=link_name, endpoint=peer.endpoint, fp=fp, port=self, timers=timers)
+        plan = Plan(tun=cfg.tunnel.interface, mtu=tunnel_mtu([ln.mtu for ln in cfg.links]),
+                    routes=routes, mss_clamp=cfg.tunnel.mss_clamp)
+        try:
+            apply_in_worker(plan)
+        except NetcfgError as e:
+            raise StartupError(f"network configuration failed: {e}") from e
+        fp.start()
+
+    # ---------------------------------------------------------------- Port for tunnels
+
+    def send(self, link_id: int, addr: Addr, data: bytes) -> None:
+        assert self.fp is not None
+        try:
+            self.fp.ctrl_send(link_id, addr, data)
+        except OSError as e:
+            log.debug("send to %s:%d failed: %s", addr[0], addr[1], e)
+
+    def client_session(self, link_id: int, addr: Addr, expected_site_id: int) -> DtlsSession:
+        assert self.dtls is not None
+        session = self.dtls.client(expected_site_id)
+        self.sessions[(link_id, addr)] = _Session(session, link_id, addr, time.monotonic(),
+                                                  expected_peer=expected_site_id)
+        return session
+
+    # ---------------------------------------------------------------- control packets
+
+    def _on_ctrl_readable(self) -> None:
+        assert self.fp is not None
+        while (ev := self.fp.ctrl_recv()) is not None:
+            try:
+                self._on_ctrl_event(ev)
+            except Exception:
+                log.exception("control event from %s dropped", ev.addr)
+
+    def _on_ctrl_event(self, ev: CtrlEvent) -> None:
+        if ev.event == CtrlEvent.REKEY or ev.event == CtrlEvent.KEY_EXPIRED:
+            tunnel = self.tunnels.get(ev.peer_id)
+            if tunnel is not None:
+                tunnel.on_rekey_needed()
+            return
+        data, addr, link_id = ev.data, ev.addr, ev.link_id
+        if not data:
+            self.stats.control_unknown += 1
+        elif data[0] == KICK_TYPE:
+            self._on_kick(link_id, addr, data)
+        elif 20 <= data[0] <= 63:
+            self._on_dtls(link_id, addr, data)
+        else:
+            self.stats.control_unknown += 1
+
+    def _on_kick(self, link_id: int, addr: Addr, data: bytes) -> None:
+        kick = decode_kick(data)
+        tunnel = self.tunnels.get(kick[0]) if kick else None
+        if kick is None or tunnel is None or kick[1] != self.cfg.site.id:
+            self.stats.kicks_bad += 1
+            return
+        tunnel.on_kick(link_id, addr)
+
+    def _on_dtls(self, link_id: int, addr: Addr, data: bytes) -> None:
+        assert self.dtls is not None
+        key = (link_id, addr)
+        entry = self.sessions.get(key)
+        if is_client_hello(data) and not (entry and not entry.session.is_client
+                                          and not entry.session.established):
+            # A new handshake from this address (first, rekey, or after the
+            # peer restarted): stateless cookie check first.
+            handshaking = sum(1 for s in self.sessions.values() if not s.session.established)
+            if handshaking >= MAX_HANDSHAKING:
+                self.stats.dtls_rejected += 1
+                return
+            result = self.dtls.accept(data, f"{addr[0]}:{addr[1]}")
+            for reply in result.replies:
+                self.send(link_id, addr, reply)
+            if result.session is not None:
+                self.sessions[key] = _Session(result.session, link_id, addr, time.monotonic())
+                self._after_input(self.sessions[key])
+            return
+        if entry is None:
+            self.stats.dtls_no_session += 1
+            return
+        for reply in entry.session.receive(data):
+            self.send(link_id, addr, reply)
+        self._after_input(entry)
+
+    def _after_input(self, entry: _Session) -> None:
+        """Hand a session's news (established, failed, messages) to its tunnel."""
+        session = entry.session
+        if not entry.reported and session.failed:
+            entry.reported = True
+            self._reject(entry, session.failed)
+            return
+        if not entry.reported and session.established:
+            entry.reported = True
+            peer = session.peer_site_id
+            tunnel = self.tunnels.get(peer) if peer is not None else None
+            if tunnel is None:
+                self._reject(entry, f"site {peer} is not a configured peer")
+                for d in session.close():
+                    self.send(entry.link_id, entry.addr, d)
+                return
+            tunnel.on_established(session, entry.link_id, entry.addr)
+        if entry.reported and session.established:
+            tunnel = self.tunnels.get(session.peer_site_id or -1)
+            for msg in session.take_messages():
+                if tunnel is not None:
+                    tunnel.on_message(session, msg)
+
+    def _reject(self, entry: _Session, reason: str) -> None:
+        addr = f"{entry.addr[0]}:{entry.addr[1]}"
+        self.stats.dtls_rejected += 1
+        self.stats.rejections.append({"at": time.time(), "from": addr, "reason": reason})
+        log.warning("handshake with %s failed: %s", addr, reason)
+        self.sessions.pop((entry.link_id, entry.addr), None)
+        # Tell the tunnel this concerns: the one we called, else the one whose
+        # endpoint it came from (a responder learns why its peer was refused).
+        tunnel = self.tunnels.get(entry.expected_peer) if entry.expected_peer else None
+        if tunnel is None:
+            tunnel = next((t for t in self.tunnels.values()
+                           if entry.addr in (t.endpoint, t.configured_endpoint)), None)
+        if tunnel is not None:
+            tunnel.on_failed(entry.session, reason if entry.expected_peer
+                             else f"handshake from {addr} refused: {reason}")
+
+    # ---------------------------------------------------------------- periodic work
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for key, entry in list(self.sessions.items()):
+            session = entry.session
+            if session.established:
+                continue
+            if now - entry.created > HANDSHAKE_DEADLINE_S and not session.failed:
+                entry.reported = True
+                self._reject(entry, "handshake timed out")
+                continue
+            due = session.timeout()
+            if due is not None and due <= 0:
+                for d in session.on_timeout():
+                    self.send(entry.link_id, entry.addr, d)
+                self._after_input(entry)
+            if key in self.sessions and entry.reported and not session.established:
+                self.sessions.pop(key, None)
+        for tunnel in self.tunnels.values():
+            try:
+                tunnel.tick()
+            except Exception:
+                log.exception("tunnel %d tick failed", tunnel.peer_id)
+
+    async def _ticker(self) -> None:
+        while not self._stop.is_set():
+            self._tick()
+            await asyncio.sleep(TICK_S)
+
+    # ---------------------------------------------------------------- control socket
+
+    async def _status(self, _req: dict) -> dict:
+        assert self.fp is not None
+        links = []
+        for link in self.cfg.links:
+            c = self.fp.link_counters(self.link_ids[link.name])
+            links.append({
+                "name": link.name, "interface": link.interface, "port": link.port,
+                "precedence": link.precedence, "mtu": link.mtu,
+                "rx_packets": c.rx_packets, "tx_packets": c.tx_packets,
+                "rx_bytes": c.rx_bytes, "tx_bytes": c.tx_bytes, "drops": c.drops,
+            })
+        g = self.fp.global_counters()
+        return {
+            "site_id": self.cfg.site.id,
+            "name": self.cfg.site.name,
+            "version": __version__,
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "tunnel_interface": self.cfg.tunnel.interface,
+            "peers_up": sum(1 for t in self.tunnels.values() if t.state == "up"),
+            "peers_total": len(self.tunnels),
+            "links": links,
+            "drops": g.drops,
+            "control": {
+                "dtls_no_session": self.stats.dtls_no_session,
+                "dtls_rejected": self.stats.dtls_rejected,
+                "kicks_bad": self.stats.kicks_bad,
+                "unknown": self.stats.control_unknown,
+            },
+            "rejections": list(self.stats.rejections),
+        }
+
+    async def _peers(self, _req: dict) -> dict:
+        peers = []
+        for peer in self.cfg.peers:
+            st = self.tunnels[peer.site_id].status()
+            st["subnets"] = [str(n) for n in peer.subnets]
+            peers.append(st)
+        return {"peers": peers}
+
+    # ---------------------------------------------------------------- run
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._open()
+        assert self.fp is not None
+        loop.add_reader(self.fp.ctrl_fd, self._on_ctrl_readable)
+        self.control = ControlServer(self.cfg.paths.control_socket,
+                                     {"status": self._status, "peers": self._peers})
+        await self.control.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        log.info("socketd %s up: site %d, %d link(s), %d peer(s)", __version__,
+                 self.cfg.site.id, len(self.cfg.links), len(self.tunnels))
+        ticker = asyncio.create_task(self._ticker())
+        try:
+            await self._stop.wait()
+        finally:
+            ticker.cancel()
+            log.info("socketd stopping")
+            await self.control.close()
+            loop.remove_reader(self.fp.ctrl_fd)
+            self.close()
+
+    def close(self) -> None:
+        if self.fp is not None:
+            self.fp.close()
+            self.fp = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="socketd", description="SD-WAN appliance supervisor")
+    parser.add_argument("--config", required=True, help="bootstrap configuration (TOML)")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        for line in str(e).splitlines():
+            print(f"socketd: {line}", file=sys.stderr)
+        return 2
+    supervisor = Supervisor(cfg)
+    try:
+        asyncio.run(supervisor.run())
+    except StartupError as e:
+        supervisor.close()
+        print(f"socketd: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

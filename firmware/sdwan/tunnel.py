@@ -1,0 +1,300 @@
+"""One peer tunnel: its DTLS handshakes, the hand-over of the exported keys to
+the fast path, rekeying, keepalives, kicks, and the up/down state with the
+reason a person needs when it is down.
+
+Roles: the site with the higher id initiates (is the DTLS client). The other
+side, while it has no working tunnel, sends small *kick* datagrams to the
+initiator: they open its own NAT mapping toward the initiator and tell an
+initiator that still holds old keys (because the responder restarted) to
+handshake again. Kicks are not authenticated; the worst a forged one can do is
+trigger one handshake per `kick_response_min_s`, which must then authenticate.
+
+Key hand-over (after every handshake, initial or rekey): each side installs the
+new keys in the fast path's spare slot under a fresh local index (it receives
+with them at once), sends {"t": "key", "idx": N} over the DTLS session, and
+repeats it until the peer answers {"t": "key-ack", "idx": N}. On receiving
+"key", a side activates the slot for transmit with N as the peer's index. The
+old key keeps receiving until the next install, so no packet is lost.
+
+The tunnel does no I/O itself: the supervisor feeds it datagrams, DTLS sessions
+and a clock (`tick`), and gives it a `Port` to send through.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from .config import format_endpoint
+from .dtls import DtlsSession
+from .fastpath import FastPath, FastPathError
+
+log = logging.getLogger("sdwan.tunnel")
+
+Addr = tuple[str, int]
+
+KICK_TYPE = 0xD2
+_KICK = struct.Struct("!B3xII")  # type, reserved, from site, to site
+
+
+def encode_kick(from_site: int, to_site: int) -> bytes:
+    return _KICK.pack(KICK_TYPE, from_site, to_site)
+
+
+def decode_kick(data: bytes) -> tuple[int, int] | None:
+    """(from_site, to_site) of a well-formed kick, else None."""
+    if len(data) != _KICK.size or data[0] != KICK_TYPE or any(data[1:4]):
+        return None
+    _, src, dst = _KICK.unpack(data)
+    return src, dst
+
+
+class State(StrEnum):
+    CONNECTING = "connecting"
+    UP = "up"
+    DOWN = "down"
+
+
+@dataclass(frozen=True)
+class Timers:
+    keepalive_s: float = 15.0
+    rekey_s: float = 600.0
+    dead_after_s: float = 45.0
+    retry_min_s: float = 1.0
+    retry_max_s: float = 8.0
+    kick_interval_s: float = 1.0
+    kick_response_min_s: float = 2.0
+    key_resend_s: float = 0.5
+    key_resend_max: int = 20
+
+
+class Port(Protocol):
+    """What a tunnel needs from the supervisor."""
+
+    def send(self, link_id: int, addr: Addr, data: bytes) -> None: ...
+
+    def client_session(self, link_id: int, addr: Addr, expected_site_id: int) -> DtlsSession:
+        """A new DTLS client session, registered so that replies from addr reach it."""
+        ...
+
+
+def _allocate_index(fp: FastPath, peer_id: int, tx: bytes, rx: bytes) -> int:
+    for _ in range(16):
+        idx = secrets.randbits(32) or 1
+        try:
+            fp.key_install(peer_id, idx, tx, rx)
+            return idx
+        except FastPathError as e:
+            if e.errno != 17:  # EEXIST: that index is taken, draw another
+                raise
+    raise RuntimeError("no free key index after 16 draws")
+
+
+class PeerTunnel:
+    def __init__(self, *, my_site_id: int, peer_site_id: int, link_id: int, link_name: str,
+                 endpoint: Addr, fp: FastPath, port: Port, timers: Timers,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_event: Callable[[str, str], None] | None = None) -> None:
+        self.my_site_id = my_site_id
+        self.peer_id = peer_site_id
+        self.link_id = link_id
+        self.link_name = link_name
+        self.configured_endpoint = endpoint
+        self.endpoint = endpoint
+        self.fp = fp
+        self.port = port
+        self.timers = timers
+        self.clock = clock
+        self.on_event = on_event or (lambda kind, text: None)
+        self.initiator = my_site_id > peer_site_id
+        self.state = State.CONNECTING
+        self.reason: str | None = "waiting for the first handshake"
+        self.handshakes = 0
+        self.last_handshake_at: float | None = None
+        self.session: DtlsSession | None = None       # the session keys were last taken from
+        self._handshaking: DtlsSession | None = None  # our client session in progress
+        self._handshake_started = 0.0
+        self._next_attempt = 0.0
+        self._retry = timers.retry_min_s
+        self._next_kick = 0.0
+        self._last_kick_handshake = -1e9
+        self._pending_idx: int | None = None   # our index the peer has not acknowledged
+        self._current_idx: int | None = None   # our acknowledged index
+        self._pending_sends = 0
+        self._next_key_send = 0.0
+        self._activated_remote: int | None = None
+        self._up_since_rx_ns = 0
+
+    # ---------------------------------------------------------------- inputs
+
+    def tick(self) -> None:
+        now = self.clock()
+        if self._pending_idx is not None and now >= self._next_key_send:
+            self._send_key()
+        if self.state is State.UP:
+            self._check_alive(now)
+        if self.state is not State.UP:
+            if self.initiator:
+                if self._handshaking is None and now >= self._next_attempt:
+                    self._start_handshake(self.endpoint)
+            elif now >= self._next_kick:
+                self._next_kick = now + self.timers.kick_interval_s
+                self.port.send(self.link_id, self.endpoint,
+                               encode_kick(self.my_site_id, self.peer_id))
+        elif (self.initiator and self._handshaking is None and self.last_handshake_at is not None
+              and now - self.last_handshake_at >= self.timers.rekey_s):
+            log.info("peer %d: periodic rekey", self.peer_id)
+            self._start_handshake(self.endpoint)
+
+    def on_kick(self, link_id: int, addr: Addr) -> None:
+        """The peer asks for a handshake (it has no working keys)."""
+        if not self.initiator:
+            return
+        now = self.clock()
+        if self._handshaking is not None or now - self._last_kick_handshake < \
+                self.timers.kick_response_min_s:
+            return
+        self._last_kick_handshake = now
+        # Not authenticated yet: aim the handshake there, but leave the data
+        # path's endpoint alone until the handshake proves who is there.
+        self.link_id = link_id
+        self._start_handshake(addr)
+
+    def on_rekey_needed(self) -> None:
+        if self.initiator and self._handshaking is None:
+            log.info("peer %d: fast path asks for a rekey", self.peer_id)
+            self._start_handshake(self.endpoint)
+
+    def on_established(self, session: DtlsSession, link_id: int, addr: Addr) -> None:
+        if session is self._handshaking:
+            self._handshaking = None
+        self.session = session
+        self.link_id = link_id
+        self.endpoint = addr
+        tx, rx = session.export_keys()
+        self._pending_idx = _allocate_index(self.fp, self.peer_id, tx, rx)
+        self._pending_sends = 0
+        self._activated_remote = None
+        self.fp.set_endpoint(self.peer_id, link_id, addr)
+        self.handshakes += 1
+        self.last_handshake_at = self.clock()
+        self._retry = self.timers.retry_min_s
+        self._send_key()
+
+    def on_failed(self, session: DtlsSession | None, reason: str) -> None:
+        if session is not None and session is self._handshaking:
+            self._handshaking = None
+        now = self.clock()
+        self._next_attempt = now + self._retry
+        self._retry = min(self._retry * 2, self.timers.retry_max_s)
+        if self.state is State.UP:
+            # The old keys still work; say why the rekey failed and retry.
+            self.reason = f"rekey failed: {reason}"
+        else:
+            self._set_state(State.DOWN, f"handshake failed: {reason}")
+
+    def on_message(self, session: DtlsSession, data: bytes) -> None:
+        try:
+            msg = json.loads(data)
+            kind, idx = msg["t"], int(msg["idx"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("peer %d: malformed control message dropped", self.peer_id)
+            return
+        if session is not self.session:
+            return  # from a session we have already replaced
+        if kind == "key":
+            if self._activated_remote != idx and self._pending_or_current_local() is not None:
+                self.fp.key_activate(self.peer_id, self._pending_or_current_local(), idx)
+                self._activated_remote = idx
+                self._up_since_rx_ns = time.monotonic_ns()
+                self._set_state(State.UP, None)
+            self._send_control(session, {"t": "key-ack", "idx": idx})
+        elif kind == "key-ack" and idx == self._pending_idx:
+            self._current_idx = self._pending_idx
+            self._pending_idx = None
+
+    # ---------------------------------------------------------------- status
+
+    def status(self) -> dict:
+        counters = self.fp.peer_counters(self.peer_id)
+        now_ns = time.monotonic_ns()
+        now = self.clock()
+        return {
+            "site_id": self.peer_id,
+            "state": str(self.state),
+            "reason": self.reason,
+            "endpoint": format_endpoint(self.endpoint),
+            "link": self.link_name,
+            "role": "initiator" if self.initiator else "responder",
+            "handshakes": self.handshakes,
+            "last_handshake_s": None if self.last_handshake_at is None
+            else round(now - self.last_handshake_at, 1),
+            "last_rx_s": None if not counters.last_rx_ns
+            else round((now_ns - counters.last_rx_ns) / 1e9, 1),
+            "rx_packets": counters.rx_packets,
+            "tx_packets": counters.tx_packets,
+            "rx_bytes": counters.rx_bytes,
+            "tx_bytes": counters.tx_bytes,
+            "drops": counters.drops,
+        }
+
+    # ---------------------------------------------------------------- internals
+
+    def _pending_or_current_local(self) -> int | None:
+        return self._pending_idx if self._pending_idx is not None else self._current_idx
+
+    def _start_handshake(self, addr: Addr) -> None:
+        now = self.clock()
+        self._handshake_started = now
+        self._handshaking = self.port.client_session(self.link_id, addr, self.peer_id)
+        for datagram in self._handshaking.start():
+            self.port.send(self.link_id, addr, datagram)
+        if self.state is not State.UP:
+            self._set_state(State.CONNECTING, f"handshaking with {addr[0]}:{addr[1]}")
+
+    def _send_key(self) -> None:
+        if self.session is None or self._pending_idx is None:
+            return
+        if self._pending_sends >= self.timers.key_resend_max:
+            self._pending_idx = None
+            self.on_failed(None, "peer never acknowledged the new keys")
+            return
+        self._pending_sends += 1
+        self._next_key_send = self.clock() + self.timers.key_resend_s
+        self._send_control(self.session, {"t": "key", "idx": self._pending_idx})
+
+    def _send_control(self, session: DtlsSession, msg: dict) -> None:
+        for datagram in session.send(json.dumps(msg).encode()):
+            self.port.send(self.link_id, self.endpoint, datagram)
+
+    def _check_alive(self, now: float) -> None:
+        counters = self.fp.peer_counters(self.peer_id)
+        now_ns = time.monotonic_ns()
+        last_rx = max(counters.last_rx_ns, self._up_since_rx_ns)
+        silent = (now_ns - last_rx) / 1e9
+        if silent > self.timers.dead_after_s:
+            self._set_state(State.DOWN, f"no packets from the peer for {silent:.0f} s")
+            self._next_attempt = now
+            return
+        if counters.last_tx_ns == 0 or (now_ns - counters.last_tx_ns) / 1e9 >= \
+                self.timers.keepalive_s:
+            try:
+                self.fp.send_keepalive(self.peer_id)
+            except FastPathError as e:
+                log.warning("peer %d: keepalive not sent: %s", self.peer_id, e)
+
+    def _set_state(self, state: State, reason: str | None) -> None:
+        changed = state is not self.state
+        self.state = state
+        self.reason = reason
+        if changed:
+            text = f"tunnel to site {self.peer_id} {state}" + (f": {reason}" if reason else "")
+            log.info("%s", text)
+            self.on_event(f"tunnel-{state}", text)

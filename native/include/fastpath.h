@@ -1,0 +1,188 @@
+/*
+ * fastpath.h - the one boundary between the supervisor (Python, through cffi)
+ * and the C fast path.
+ *
+ * The fast path owns the TUN device and one UDP socket per WAN link, and in
+ * threads of its own (no GIL) moves packets between them:
+ *
+ *   TUN -> prefix table -> peer -> AES-256-GCM seal -> UDP (peer's link/endpoint)
+ *   UDP -> demux (data vs control) -> index -> open -> replay check -> TUN
+ *                                                  \-> (relay) seal to another peer
+ *
+ * Everything that is not a data packet (DTLS records, STUN, probes) is queued
+ * for Python, which waits on fp_ctrl_fd() and sends its own control packets
+ * through fp_ctrl_send() so that they share the data socket's NAT mapping.
+ *
+ * Rules of this header (it is also the cffi cdef): plain structs and enums,
+ * integer #defines only, no inline code. Functions return 0 (or a length) on
+ * success and -errno on failure. Everything allocated by fp_new is released by
+ * fp_free. The wire format is documented in docs/dataplane.md.
+ */
+#ifndef SDWAN_FASTPATH_H
+#define SDWAN_FASTPATH_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define FP_KEY_LEN 32
+#define FP_HEADER_LEN 16
+#define FP_TAG_LEN 16
+#define FP_OVERHEAD 32
+#define FP_TYPE_DATA 208
+#define FP_MAX_INNER 9216
+#define FP_CTRL_MAX 4096
+#define FP_REPLAY_WINDOW 4096
+
+/* Why a packet was dropped; index into fp_counters.drops. */
+enum fp_drop_reason {
+    FP_DROP_MALFORMED = 0,     /* too short, too long, bad type or header */
+    FP_DROP_UNKNOWN_INDEX = 1, /* receiver index names no key: unknown peer */
+    FP_DROP_BAD_TAG = 2,       /* authentication failed */
+    FP_DROP_REPLAY = 3,        /* counter seen before, or left of the window */
+    FP_DROP_KEY_EXPIRED = 4,   /* key too old or too used: refused */
+    FP_DROP_NO_ROUTE = 5,      /* no prefix matches the destination */
+    FP_DROP_NO_KEY = 6,        /* peer has no transmit key yet */
+    FP_DROP_NO_ENDPOINT = 7,   /* peer has no link/endpoint yet */
+    FP_DROP_QUEUE_FULL = 8,    /* control queue full */
+    FP_DROP_SEND_ERROR = 9,    /* sendmsg/write failed */
+    FP_DROP__COUNT = 10
+};
+
+/* What fp_process_* decided about one packet. */
+enum fp_verdict {
+    FP_V_DROP = 0,      /* dropped; the reason was counted */
+    FP_V_SEND = 1,      /* out holds a wire packet for res.link_id / res.to */
+    FP_V_TUN = 2,       /* out holds a plaintext IP packet for the TUN */
+    FP_V_CONTROL = 3,   /* not a data packet: queued for Python */
+    FP_V_KEEPALIVE = 4  /* authenticated empty packet: counted, nothing to deliver */
+};
+
+/* Events on the control queue. */
+enum fp_event {
+    FP_EV_PACKET = 1,      /* a control datagram arrived on link_id from `from` */
+    FP_EV_REKEY = 2,       /* peer_id's transmit key passed the rekey limits */
+    FP_EV_KEY_EXPIRED = 3  /* peer_id's transmit key passed the reject limits */
+};
+
+struct fp_config {
+    uint64_t rekey_after_packets;  /* ask for a rekey (FP_EV_REKEY) */
+    uint64_t reject_after_packets; /* refuse the key from then on */
+    uint32_t rekey_after_seconds;
+    uint32_t reject_after_seconds;
+    uint32_t ctrl_queue_len;       /* control messages kept for Python */
+    uint32_t batch;                /* recvmmsg/sendmmsg batch size */
+    int relay;                     /* forward peer->peer packets (the PoP) */
+};
+
+/* An IPv4 or IPv6 address and UDP port. family is 4 or 6; port in host order;
+ * IPv4 addresses use the first 4 bytes of addr. */
+struct fp_addr {
+    uint8_t family;
+    uint16_t port;
+    uint8_t addr[16];
+};
+
+struct fp_counters {
+    uint64_t rx_packets;
+    uint64_t rx_bytes;
+    uint64_t tx_packets;
+    uint64_t tx_bytes;
+    uint64_t drops[10];       /* by enum fp_drop_reason */
+    uint64_t last_rx_ns;      /* CLOCK_MONOTONIC of last authenticated rx, 0 = never */
+    uint64_t last_tx_ns;
+};
+
+struct fp_key_info {
+    int has_tx;               /* a transmit key is active */
+    uint32_t tx_local_index;  /* our index of the transmit key */
+    uint32_t tx_remote_index; /* the index the peer gave us for it */
+    uint64_t tx_counter;      /* next counter to be used */
+    uint32_t tx_age_s;
+    int slots_used;           /* 0, 1 or 2 keys held */
+};
+
+/* The result of processing one packet synchronously. */
+struct fp_result {
+    int verdict;              /* enum fp_verdict */
+    int drop_reason;          /* enum fp_drop_reason when verdict is FP_V_DROP */
+    uint32_t peer_id;         /* peer it came from (inbound) or goes to (outbound) */
+    uint32_t link_id;         /* link to send on (FP_V_SEND) */
+    struct fp_addr to;        /* endpoint to send to (FP_V_SEND) */
+    uint32_t out_len;
+};
+
+struct fp_ctrl_msg {
+    uint32_t event;           /* enum fp_event */
+    uint32_t link_id;
+    uint32_t peer_id;
+    struct fp_addr from;
+    uint32_t len;
+    uint8_t data[4096];
+};
+
+typedef struct fp fp_t;
+
+void fp_config_default(struct fp_config *cfg);
+int fp_new(const struct fp_config *cfg, fp_t **out);
+void fp_free(fp_t *fp);
+
+/* Devices. The fast path keeps its own duplicate of every fd it is given. */
+int fp_tun_open(fp_t *fp, const char *name);  /* create/attach TUN `name` (IFF_TUN|IFF_NO_PI) */
+int fp_tun_attach(fp_t *fp, int fd);          /* any packet fd (tests use a socketpair) */
+int fp_link_add(fp_t *fp, uint32_t link_id, int udp_fd);
+int fp_link_del(fp_t *fp, uint32_t link_id);
+
+/* Peers and the prefix table (longest prefix match, IPv4 and IPv6). */
+int fp_peer_add(fp_t *fp, uint32_t peer_id);
+int fp_peer_del(fp_t *fp, uint32_t peer_id);  /* also drops its routes and keys */
+int fp_peer_set_endpoint(fp_t *fp, uint32_t peer_id, uint32_t link_id, const struct fp_addr *ep);
+int fp_peer_get_endpoint(fp_t *fp, uint32_t peer_id, uint32_t *link_id, struct fp_addr *ep);
+int fp_route_set(fp_t *fp, const struct fp_addr *prefix, uint8_t plen, uint32_t peer_id);
+int fp_route_del(fp_t *fp, const struct fp_addr *prefix, uint8_t plen);
+
+/* Keys: two slots per peer. install puts a key in the slot not used for
+ * transmit (evicting what was there) and accepts packets for local_index at
+ * once; activate makes it the transmit key, sending with remote_index in the
+ * header. The previous key keeps receiving until the next install, so a
+ * rekey loses nothing. */
+int fp_key_install(fp_t *fp, uint32_t peer_id, uint32_t local_index,
+                   const uint8_t *tx_key, const uint8_t *rx_key);
+int fp_key_activate(fp_t *fp, uint32_t peer_id, uint32_t local_index, uint32_t remote_index);
+int fp_key_clear(fp_t *fp, uint32_t peer_id);
+int fp_key_info(fp_t *fp, uint32_t peer_id, struct fp_key_info *out);
+int fp_send_keepalive(fp_t *fp, uint32_t peer_id);
+
+/* Threads. */
+int fp_start(fp_t *fp);
+int fp_stop(fp_t *fp);
+
+/* Control path. */
+int fp_ctrl_fd(fp_t *fp);                                /* readable while the queue is not empty */
+int fp_ctrl_recv(fp_t *fp, struct fp_ctrl_msg *out);     /* 0, or -EAGAIN */
+int fp_ctrl_send(fp_t *fp, uint32_t link_id, const struct fp_addr *to,
+                 const uint8_t *buf, size_t len);
+
+/* Counters. */
+int fp_peer_counters(fp_t *fp, uint32_t peer_id, struct fp_counters *out);
+int fp_link_counters(fp_t *fp, uint32_t link_id, struct fp_counters *out);
+void fp_global_counters(fp_t *fp, struct fp_counters *out);
+
+/* One packet, synchronously: the threads run exactly this code. Used by the
+ * tests and the fuzz target. Returns 0 or -errno; the outcome is in res. */
+int fp_process_outbound(fp_t *fp, const uint8_t *ip, size_t len,
+                        uint8_t *out, size_t cap, struct fp_result *res);
+int fp_process_inbound(fp_t *fp, uint32_t link_id, const struct fp_addr *from,
+                       const uint8_t *pkt, size_t len,
+                       uint8_t *out, size_t cap, struct fp_result *res);
+
+/* Test hooks, for tests/native and the fuzz target only; the supervisor never
+ * calls them. fp_test_aead runs the fast path's own AES-256-GCM code on an
+ * arbitrary 12-byte IV and AAD (known-answer vectors); it returns 0, or
+ * -EBADMSG when decryption fails authentication. fp_test_set_tx_counter sets
+ * the next counter of the peer's transmit key (limits near 2^64). */
+int fp_test_aead(int encrypt, const uint8_t *key, const uint8_t *iv,
+                 const uint8_t *aad, size_t aad_len, const uint8_t *in, size_t len,
+                 uint8_t *out, uint8_t *tag);
+int fp_test_set_tx_counter(fp_t *fp, uint32_t peer_id, uint64_t counter);
+
+#endif

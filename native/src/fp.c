@@ -1,0 +1,85 @@
+/*
+ * fp.c - lifecycle of a fast path instance: defaults, creation, teardown.
+ */
+#include "fp_internal.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+void fp_config_default(struct fp_config *cfg)
+{
+    memset(cfg, 0, sizeof(*cfg));
+    /* WireGuard's limits: rekey long before the nonce space is at risk. */
+    cfg->rekey_after_packets = UINT64_C(1) << 60;
+    cfg->reject_after_packets = FP_REJECT_PACKETS_MAX;
+    cfg->rekey_after_seconds = 600;
+    cfg->reject_after_seconds = 900;
+    cfg->ctrl_queue_len = 1024;
+    cfg->batch = 32;
+    cfg->relay = 0;
+}
+
+int fp_new(const struct fp_config *cfg, fp_t **out)
+{
+    struct fp_config c;
+    if (!out)
+        return -EINVAL;
+    *out = NULL;
+    if (cfg)
+        c = *cfg;
+    else
+        fp_config_default(&c);
+    if (c.batch < 1 || c.batch > FP_BATCH_MAX || c.ctrl_queue_len < 1 ||
+        c.ctrl_queue_len > 65536 || c.reject_after_packets > FP_REJECT_PACKETS_MAX)
+        return -EINVAL;
+    c.relay = c.relay ? 1 : 0;
+
+    struct fp *fp = calloc(1, sizeof(*fp));
+    if (!fp)
+        return -ENOMEM;
+    fp->cfg = c;
+    atomic_init(&fp->tun_fd, -1);
+    fp->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (fp->stop_fd < 0) {
+        int e = errno;
+        free(fp);
+        return -e;
+    }
+    int rc = fp_ctrlq_init(&fp->cq, c.ctrl_queue_len);
+    if (rc == 0 && (rc = fp_tables_init(fp)) < 0)
+        fp_ctrlq_free(&fp->cq);
+    if (rc < 0) {
+        close(fp->stop_fd);
+        free(fp);
+        return rc;
+    }
+    pthread_mutex_init(&fp->api_lock, NULL);
+    pthread_rwlockattr_t ra;
+    pthread_rwlockattr_init(&ra);
+    pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&fp->lock, &ra);
+    pthread_rwlockattr_destroy(&ra);
+    *out = fp;
+    return 0;
+}
+
+void fp_free(fp_t *fp)
+{
+    if (!fp)
+        return;
+    fp_stop(fp);
+    int tun = atomic_load(&fp->tun_fd);
+    if (tun >= 0)
+        close(tun);
+    for (int i = 0; i < fp->nlinks; i++)
+        fp_link_destroy(fp->links[i]);
+    fp_tables_free(fp);
+    fp_ctrlq_free(&fp->cq);
+    close(fp->stop_fd);
+    pthread_rwlock_destroy(&fp->lock);
+    pthread_mutex_destroy(&fp->api_lock);
+    free(fp);
+}

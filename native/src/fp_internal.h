@@ -1,0 +1,225 @@
+/*
+ * fp_internal.h - private state of the fast path, shared by its .c files.
+ *
+ * Locking, from outermost to innermost:
+ *   api_lock   serialises the control-plane calls that start/stop threads
+ *              (start, stop, tun_*, link_*), so a thread is never spawned
+ *              or joined twice.
+ *   lock       rwlock over every table (peers, key index, routes, links).
+ *              Packet processing holds it shared for a whole batch; table
+ *              changes from Python hold it exclusive. It prefers writers so
+ *              a busy data path cannot starve a route change.
+ *   key->tx_lock / key->rx_lock   one EVP context per key and direction is
+ *              not safe for concurrent use; rx_lock also covers the replay
+ *              window so "check, open, update" is atomic.
+ *   peer->ep_lock  the endpoint, written by roaming from any link thread.
+ *   cq.lock    the control queue.
+ */
+#ifndef FP_INTERNAL_H
+#define FP_INTERNAL_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#include <openssl/evp.h>
+
+#include "fastpath.h"
+
+#define FP_MAX_LINKS 32
+/* Ring of twice the window so that bits of a block being recycled are never
+ * inside the window (RFC 6479 keeps one spare block; we keep a spare half). */
+#define FP_REPLAY_BLOCKS (2 * FP_REPLAY_WINDOW / 64)
+#define FP_INDEX_BUCKETS 4096
+#define FP_PEER_BUCKETS 1024
+#define FP_BATCH_MAX 1024
+/* WireGuard's REJECT_AFTER_MESSAGES: far enough from 2^64 that counters taken
+ * past the limit by concurrent senders can never wrap. */
+#define FP_REJECT_PACKETS_MAX (UINT64_MAX - (UINT64_C(1) << 13))
+/* Room for the largest packet we accept, and one byte more to see oversize. */
+#define FP_BUF_LEN (FP_HEADER_LEN + FP_MAX_INNER + FP_TAG_LEN + 64)
+
+struct fp_ctr {
+    _Atomic uint64_t rx_packets;
+    _Atomic uint64_t rx_bytes;
+    _Atomic uint64_t tx_packets;
+    _Atomic uint64_t tx_bytes;
+    _Atomic uint64_t drops[FP_DROP__COUNT];
+    _Atomic uint64_t last_rx_ns;
+    _Atomic uint64_t last_tx_ns;
+};
+
+struct fp_replay {
+    uint64_t last;                      /* highest counter accepted */
+    uint64_t bitmap[FP_REPLAY_BLOCKS];
+};
+
+struct fp_peer;
+
+struct fp_key {
+    struct fp_key *index_next;          /* chain in fp->index */
+    struct fp_peer *peer;
+    uint32_t local_index;
+    uint32_t remote_index;
+    uint64_t created_ns;
+    _Atomic uint64_t tx_counter;
+    atomic_int rekey_sent;
+    atomic_int expired_sent;
+    pthread_mutex_t tx_lock;
+    pthread_mutex_t rx_lock;
+    EVP_CIPHER_CTX *tx_ctx;
+    EVP_CIPHER_CTX *rx_ctx;
+    struct fp_replay replay;            /* under rx_lock */
+};
+
+struct fp_peer {
+    struct fp_peer *next;               /* chain in fp->peers */
+    uint32_t id;
+    struct fp_key *slot[2];
+    int tx_slot;                        /* -1: no transmit key */
+    pthread_mutex_t ep_lock;
+    bool has_ep;
+    uint32_t ep_link;
+    struct fp_addr ep;                  /* unused address bytes are zero */
+    struct fp_ctr ctr;
+};
+
+struct fp_route {
+    struct fp_route *next;
+    uint8_t plen;
+    uint8_t addr[16];                   /* masked; IPv4 in the first 4 bytes */
+    struct fp_peer *peer;
+};
+
+struct fp_rtable {
+    int alen;                           /* 4 or 16 */
+    struct fp_route **buckets;
+    uint32_t nbuckets;                  /* power of two */
+    uint32_t count;
+    uint32_t plen_count[129];
+    uint8_t plens[129];                 /* lengths present, longest first */
+    int nplens;
+};
+
+struct fp_link {
+    struct fp *fp;
+    uint32_t id;
+    int fd;
+    int family;                         /* AF_INET or AF_INET6 of the socket */
+    int wake_fd;                        /* eventfd: link_del stops its thread */
+    pthread_t thread;
+    bool thread_running;
+    struct fp_ctr ctr;
+};
+
+struct fp_ctrlq {
+    pthread_mutex_t lock;
+    struct fp_ctrl_msg *ring;
+    uint32_t cap;
+    uint32_t head;
+    uint32_t count;
+    int efd;
+};
+
+struct fp {
+    struct fp_config cfg;
+    pthread_mutex_t api_lock;
+    pthread_rwlock_t lock;
+    struct fp_peer *peers[FP_PEER_BUCKETS];
+    struct fp_key *index[FP_INDEX_BUCKETS];
+    struct fp_rtable rt4;
+    struct fp_rtable rt6;
+    struct fp_link *links[FP_MAX_LINKS];
+    int nlinks;
+    _Atomic int tun_fd;                 /* -1 until tun_open/tun_attach */
+    pthread_t tun_thread;
+    bool tun_thread_running;
+    int stop_fd;                        /* eventfd: fp_stop wakes every thread */
+    bool running;
+    struct fp_ctrlq cq;
+    struct fp_ctr gctr;
+};
+
+static inline uint64_t fp_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static inline void fp_ctr_add(_Atomic uint64_t *c, uint64_t v)
+{
+    atomic_fetch_add_explicit(c, v, memory_order_relaxed);
+}
+
+static inline void fp_ctr_set(_Atomic uint64_t *c, uint64_t v)
+{
+    atomic_store_explicit(c, v, memory_order_relaxed);
+}
+
+void fp_ctr_snapshot(const struct fp_ctr *c, struct fp_counters *out);
+
+/* aead.c */
+EVP_CIPHER_CTX *fp_aead_new(const uint8_t *key, int encrypt);
+int fp_aead_seal(EVP_CIPHER_CTX *ctx, const uint8_t *iv, const uint8_t *aad, size_t aad_len,
+                 const uint8_t *in, size_t len, uint8_t *out, uint8_t *tag);
+int fp_aead_open(EVP_CIPHER_CTX *ctx, const uint8_t *iv, const uint8_t *aad, size_t aad_len,
+                 const uint8_t *in, size_t len, const uint8_t *tag, uint8_t *out);
+struct fp_key *fp_key_new(const uint8_t *tx_key, const uint8_t *rx_key, uint64_t now);
+void fp_key_free(struct fp_key *k);
+
+/* replay.c */
+void fp_replay_init(struct fp_replay *r);
+bool fp_replay_check(const struct fp_replay *r, uint64_t counter);
+bool fp_replay_update(struct fp_replay *r, uint64_t counter);
+
+/* packet.c */
+void fp_hdr_write(uint8_t *h, uint32_t index, uint64_t counter);
+int fp_hdr_parse(const uint8_t *p, size_t len, uint32_t *index, uint64_t *counter);
+void fp_nonce(uint8_t iv[12], uint64_t counter);
+int fp_ip_dst(const uint8_t *ip, size_t len, uint8_t addr[16]);
+bool fp_addr_valid(const struct fp_addr *a);
+void fp_addr_normalize(struct fp_addr *a);
+bool fp_addr_equal(const struct fp_addr *a, const struct fp_addr *b);
+int fp_addr_to_sockaddr(const struct fp_addr *a, int sock_family,
+                        struct sockaddr_storage *ss, socklen_t *len);
+void fp_addr_from_sockaddr(const struct sockaddr_storage *ss, struct fp_addr *a);
+
+/* table.c (callers hold fp->lock) */
+int fp_tables_init(struct fp *fp);
+void fp_tables_free(struct fp *fp);
+struct fp_peer *fp_peer_find(struct fp *fp, uint32_t id);
+struct fp_key *fp_index_find(struct fp *fp, uint32_t index);
+struct fp_peer *fp_route_lookup(struct fp *fp, int family, const uint8_t *addr);
+struct fp_link *fp_link_find(struct fp *fp, uint32_t id);
+
+/* ctrlq.c */
+int fp_ctrlq_init(struct fp_ctrlq *q, uint32_t cap);
+void fp_ctrlq_free(struct fp_ctrlq *q);
+int fp_ctrlq_push(struct fp_ctrlq *q, uint32_t event, uint32_t link_id, uint32_t peer_id,
+                  const struct fp_addr *from, const uint8_t *data, size_t len);
+
+/* process.c (callers hold fp->lock shared) */
+int fp_outbound_locked(struct fp *fp, const uint8_t *ip, size_t len, uint8_t *out, size_t cap,
+                       struct fp_result *res, uint64_t now);
+int fp_inbound_locked(struct fp *fp, struct fp_link *link, uint32_t link_id,
+                      const struct fp_addr *from, const uint8_t *pkt, size_t len, uint8_t *out,
+                      size_t cap, struct fp_result *res, uint64_t now);
+int fp_seal_for_peer(struct fp *fp, struct fp_peer *peer, const uint8_t *in, size_t len,
+                     uint8_t *out, size_t cap, struct fp_result *res, uint64_t now);
+
+/* io.c */
+int fp_io_start_link(struct fp *fp, struct fp_link *l);
+int fp_io_start_tun(struct fp *fp);
+void fp_io_stop_all(struct fp *fp);
+void fp_link_destroy(struct fp_link *l);
+
+#endif

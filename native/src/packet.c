@@ -1,0 +1,149 @@
+/*
+ * packet.c - the wire codec (data packet header, nonce) and address helpers.
+ *
+ *   0      1..3      4..7             8..15            16..      last 16
+ *   type   reserved  receiver index   counter (BE)     ciphertext  GCM tag
+ *   0xD0   zero      (BE)
+ *
+ * AAD is the 16-byte header; nonce is 4 zero bytes || counter (BE).
+ */
+#include "fp_internal.h"
+
+#include <netinet/in.h>
+#include <string.h>
+
+static inline void put_be32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24);
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
+}
+
+static inline void put_be64(uint8_t *p, uint64_t v)
+{
+    put_be32(p, (uint32_t)(v >> 32));
+    put_be32(p + 4, (uint32_t)v);
+}
+
+static inline uint32_t get_be32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+void fp_hdr_write(uint8_t *h, uint32_t index, uint64_t counter)
+{
+    h[0] = FP_TYPE_DATA;
+    h[1] = h[2] = h[3] = 0;
+    put_be32(h + 4, index);
+    put_be64(h + 8, counter);
+}
+
+int fp_hdr_parse(const uint8_t *p, size_t len, uint32_t *index, uint64_t *counter)
+{
+    if (len < FP_OVERHEAD || len > (size_t)FP_MAX_INNER + FP_OVERHEAD)
+        return -1;
+    if (p[0] != FP_TYPE_DATA || p[1] || p[2] || p[3])
+        return -1;
+    *index = get_be32(p + 4);
+    *counter = (uint64_t)get_be32(p + 8) << 32 | get_be32(p + 12);
+    return 0;
+}
+
+void fp_nonce(uint8_t iv[12], uint64_t counter)
+{
+    memset(iv, 0, 4);
+    put_be64(iv + 4, counter);
+}
+
+/* Destination of an IP packet into addr (16 bytes, IPv4 zero-padded);
+ * returns 4 or 6, or -1 if this is not a plausible IP packet. */
+int fp_ip_dst(const uint8_t *ip, size_t len, uint8_t addr[16])
+{
+    if (len < 1)
+        return -1;
+    switch (ip[0] >> 4) {
+    case 4:
+        if (len < 20 || (ip[0] & 0x0f) < 5)
+            return -1;
+        memcpy(addr, ip + 16, 4);
+        memset(addr + 4, 0, 12);
+        return 4;
+    case 6:
+        if (len < 40)
+            return -1;
+        memcpy(addr, ip + 24, 16);
+        return 6;
+    default:
+        return -1;
+    }
+}
+
+bool fp_addr_valid(const struct fp_addr *a)
+{
+    return a && (a->family == 4 || a->family == 6);
+}
+
+void fp_addr_normalize(struct fp_addr *a)
+{
+    if (a->family == 4)
+        memset(a->addr + 4, 0, 12);
+}
+
+bool fp_addr_equal(const struct fp_addr *a, const struct fp_addr *b)
+{
+    return a->family == b->family && a->port == b->port &&
+           memcmp(a->addr, b->addr, a->family == 4 ? 4 : 16) == 0;
+}
+
+int fp_addr_to_sockaddr(const struct fp_addr *a, int sock_family,
+                        struct sockaddr_storage *ss, socklen_t *len)
+{
+    memset(ss, 0, sizeof(*ss));
+    if (a->family == 4 && sock_family == AF_INET) {
+        struct sockaddr_in *s = (struct sockaddr_in *)ss;
+        s->sin_family = AF_INET;
+        s->sin_port = htons(a->port);
+        memcpy(&s->sin_addr, a->addr, 4);
+        *len = sizeof(*s);
+        return 0;
+    }
+    if (sock_family == AF_INET6 && (a->family == 4 || a->family == 6)) {
+        struct sockaddr_in6 *s = (struct sockaddr_in6 *)ss;
+        s->sin6_family = AF_INET6;
+        s->sin6_port = htons(a->port);
+        if (a->family == 4) {
+            /* A dual-stack socket reaches IPv4 through mapped addresses. */
+            s->sin6_addr.s6_addr[10] = 0xff;
+            s->sin6_addr.s6_addr[11] = 0xff;
+            memcpy(&s->sin6_addr.s6_addr[12], a->addr, 4);
+        } else {
+            memcpy(&s->sin6_addr, a->addr, 16);
+        }
+        *len = sizeof(*s);
+        return 0;
+    }
+    return -1;
+}
+
+void fp_addr_from_sockaddr(const struct sockaddr_storage *ss, struct fp_addr *a)
+{
+    static const uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    memset(a, 0, sizeof(*a));
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *s = (const struct sockaddr_in *)ss;
+        a->family = 4;
+        a->port = ntohs(s->sin_port);
+        memcpy(a->addr, &s->sin_addr, 4);
+    } else if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *s = (const struct sockaddr_in6 *)ss;
+        a->port = ntohs(s->sin6_port);
+        if (memcmp(&s->sin6_addr, mapped, 12) == 0) {
+            a->family = 4;
+            memcpy(a->addr, &s->sin6_addr.s6_addr[12], 4);
+        } else {
+            a->family = 6;
+            memcpy(a->addr, &s->sin6_addr, 16);
+        }
+    }
+}

@@ -1,0 +1,222 @@
+/*
+ * process.c - what happens to one packet, in either direction. The threads
+ * and the synchronous fp_process_* calls run exactly this code; the *_locked
+ * variants expect fp->lock held shared so a thread can take it once per batch.
+ */
+#include "fp_internal.h"
+
+#include <errno.h>
+#include <string.h>
+
+static int drop(struct fp_result *res, int reason, struct fp_ctr *a, struct fp_ctr *b)
+{
+    res->verdict = FP_V_DROP;
+    res->drop_reason = reason;
+    if (a)
+        fp_ctr_add(&a->drops[reason], 1);
+    if (b)
+        fp_ctr_add(&b->drops[reason], 1);
+    return 0;
+}
+
+static void event_once(struct fp *fp, atomic_int *flag, uint32_t event, uint32_t peer_id)
+{
+    if (atomic_load_explicit(flag, memory_order_relaxed))
+        return;
+    if (atomic_exchange(flag, 1) == 0 &&
+        fp_ctrlq_push(&fp->cq, event, 0, peer_id, NULL, NULL, 0) < 0)
+        atomic_store(flag, 0); /* queue full: try again on a later packet */
+}
+
+static inline uint64_t secs_ns(uint32_t s)
+{
+    return (uint64_t)s * 1000000000u;
+}
+
+/* Seal `in` (len bytes; may be exactly out + FP_HEADER_LEN) for peer into
+ * out, choosing its transmit key, counter and endpoint. */
+int fp_seal_for_peer(struct fp *fp, struct fp_peer *peer, const uint8_t *in, size_t len,
+                     uint8_t *out, size_t cap, struct fp_result *res, uint64_t now)
+{
+    const struct fp_config *cfg = &fp->cfg;
+    res->peer_id = peer->id;
+    if (cap < len + FP_OVERHEAD)
+        return -ENOSPC;
+    if (peer->tx_slot < 0)
+        return drop(res, FP_DROP_NO_KEY, &peer->ctr, NULL);
+    struct fp_key *k = peer->slot[peer->tx_slot];
+
+    pthread_mutex_lock(&peer->ep_lock);
+    bool has_ep = peer->has_ep;
+    res->link_id = peer->ep_link;
+    res->to = peer->ep;
+    pthread_mutex_unlock(&peer->ep_lock);
+    if (!has_ep)
+        return drop(res, FP_DROP_NO_ENDPOINT, &peer->ctr, NULL);
+
+    uint64_t age = now > k->created_ns ? now - k->created_ns : 0;
+    /* Load first so that an expired key does not keep advancing its counter. */
+    uint64_t ctr = atomic_load_explicit(&k->tx_counter, memory_order_relaxed);
+    bool expired = age >= secs_ns(cfg->reject_after_seconds) || ctr >= cfg->reject_after_packets;
+    if (!expired) {
+        ctr = atomic_fetch_add_explicit(&k->tx_counter, 1, memory_order_relaxed);
+        expired = ctr >= cfg->reject_after_packets;
+    }
+    if (expired) {
+        event_once(fp, &k->expired_sent, FP_EV_KEY_EXPIRED, peer->id);
+        return drop(res, FP_DROP_KEY_EXPIRED, &peer->ctr, NULL);
+    }
+    if (ctr >= cfg->rekey_after_packets || age >= secs_ns(cfg->rekey_after_seconds))
+        event_once(fp, &k->rekey_sent, FP_EV_REKEY, peer->id);
+
+    uint8_t iv[12];
+    fp_hdr_write(out, k->remote_index, ctr);
+    fp_nonce(iv, ctr);
+    pthread_mutex_lock(&k->tx_lock);
+    int rc = fp_aead_seal(k->tx_ctx, iv, out, FP_HEADER_LEN, in, len, out + FP_HEADER_LEN,
+                          out + FP_HEADER_LEN + len);
+    pthread_mutex_unlock(&k->tx_lock);
+    if (rc < 0)
+        return -EIO;
+    fp_ctr_add(&peer->ctr.tx_packets, 1);
+    fp_ctr_add(&peer->ctr.tx_bytes, len);
+    fp_ctr_set(&peer->ctr.last_tx_ns, now);
+    res->verdict = FP_V_SEND;
+    res->out_len = (uint32_t)(len + FP_OVERHEAD);
+    return 0;
+}
+
+int fp_outbound_locked(struct fp *fp, const uint8_t *ip, size_t len, uint8_t *out, size_t cap,
+                       struct fp_result *res, uint64_t now)
+{
+    uint8_t dst[16];
+    memset(res, 0, sizeof(*res));
+    fp_ctr_add(&fp->gctr.rx_packets, 1);
+    fp_ctr_add(&fp->gctr.rx_bytes, len);
+    int family = len <= FP_MAX_INNER ? fp_ip_dst(ip, len, dst) : -1;
+    if (family < 0)
+        return drop(res, FP_DROP_MALFORMED, &fp->gctr, NULL);
+    struct fp_peer *peer = fp_route_lookup(fp, family, dst);
+    if (!peer)
+        return drop(res, FP_DROP_NO_ROUTE, &fp->gctr, NULL);
+    return fp_seal_for_peer(fp, peer, ip, len, out, cap, res, now);
+}
+
+int fp_inbound_locked(struct fp *fp, struct fp_link *link, uint32_t link_id,
+                      const struct fp_addr *from, const uint8_t *pkt, size_t len, uint8_t *out,
+                      size_t cap, struct fp_result *res, uint64_t now)
+{
+    const struct fp_config *cfg = &fp->cfg;
+    /* Drops before a peer is known are counted on the link (or globally
+     * when there is no such link, as in synchronous use). */
+    struct fp_ctr *lc = link ? &link->ctr : &fp->gctr;
+    memset(res, 0, sizeof(*res));
+    res->link_id = link_id;
+    if (link) {
+        fp_ctr_add(&link->ctr.rx_packets, 1);
+        fp_ctr_add(&link->ctr.rx_bytes, len);
+    }
+    if (len == 0)
+        return drop(res, FP_DROP_MALFORMED, lc, NULL);
+    if (pkt[0] != FP_TYPE_DATA) {
+        if (len > FP_CTRL_MAX)
+            return drop(res, FP_DROP_MALFORMED, lc, NULL);
+        if (fp_ctrlq_push(&fp->cq, FP_EV_PACKET, link_id, 0, from, pkt, len) < 0)
+            return drop(res, FP_DROP_QUEUE_FULL, lc, NULL);
+        res->verdict = FP_V_CONTROL;
+        return 0;
+    }
+    uint32_t index;
+    uint64_t ctr;
+    if (fp_hdr_parse(pkt, len, &index, &ctr) < 0)
+        return drop(res, FP_DROP_MALFORMED, lc, NULL);
+    struct fp_key *k = fp_index_find(fp, index);
+    if (!k)
+        return drop(res, FP_DROP_UNKNOWN_INDEX, lc, NULL);
+    struct fp_peer *peer = k->peer;
+    res->peer_id = peer->id;
+    size_t plen = len - FP_OVERHEAD;
+    if (cap < plen + (cfg->relay ? FP_OVERHEAD : 0))
+        return -ENOSPC;
+    /* A key installed after `now` was read (by another thread) has age 0. */
+    uint64_t age = now > k->created_ns ? now - k->created_ns : 0;
+    if (age >= secs_ns(cfg->reject_after_seconds) || ctr >= cfg->reject_after_packets)
+        return drop(res, FP_DROP_KEY_EXPIRED, lc, &peer->ctr);
+
+    uint8_t iv[12];
+    fp_nonce(iv, ctr);
+    pthread_mutex_lock(&k->rx_lock);
+    if (!fp_replay_check(&k->replay, ctr)) {
+        pthread_mutex_unlock(&k->rx_lock);
+        return drop(res, FP_DROP_REPLAY, lc, &peer->ctr);
+    }
+    if (fp_aead_open(k->rx_ctx, iv, pkt, FP_HEADER_LEN, pkt + FP_HEADER_LEN, plen,
+                     pkt + FP_HEADER_LEN + plen, out) < 0) {
+        pthread_mutex_unlock(&k->rx_lock);
+        return drop(res, FP_DROP_BAD_TAG, lc, &peer->ctr);
+    }
+    bool fresh = fp_replay_update(&k->replay, ctr);
+    pthread_mutex_unlock(&k->rx_lock);
+    if (!fresh)
+        return drop(res, FP_DROP_REPLAY, lc, &peer->ctr);
+
+    fp_ctr_add(&peer->ctr.rx_packets, 1);
+    fp_ctr_add(&peer->ctr.rx_bytes, plen);
+    fp_ctr_set(&peer->ctr.last_rx_ns, now);
+    /* Roaming: an authenticated packet proves where the peer is now. */
+    if (from) {
+        pthread_mutex_lock(&peer->ep_lock);
+        if (!peer->has_ep || peer->ep_link != link_id || !fp_addr_equal(&peer->ep, from)) {
+            peer->ep = *from;
+            fp_addr_normalize(&peer->ep);
+            peer->ep_link = link_id;
+            peer->has_ep = true;
+        }
+        pthread_mutex_unlock(&peer->ep_lock);
+    }
+    if (plen == 0) {
+        res->verdict = FP_V_KEEPALIVE;
+        return 0;
+    }
+    uint8_t dst[16];
+    int family = fp_ip_dst(out, plen, dst);
+    if (family < 0)
+        return drop(res, FP_DROP_MALFORMED, &peer->ctr, NULL);
+    if (cfg->relay) {
+        struct fp_peer *to = fp_route_lookup(fp, family, dst);
+        if (to == peer)
+            return drop(res, FP_DROP_NO_ROUTE, &peer->ctr, NULL);
+        if (to) {
+            /* Rare path (the PoP): make room for the header in place. */
+            memmove(out + FP_HEADER_LEN, out, plen);
+            return fp_seal_for_peer(fp, to, out + FP_HEADER_LEN, plen, out, cap, res, now);
+        }
+    }
+    res->verdict = FP_V_TUN;
+    res->out_len = (uint32_t)plen;
+    return 0;
+}
+
+int fp_process_outbound(fp_t *fp, const uint8_t *ip, size_t len,
+                        uint8_t *out, size_t cap, struct fp_result *res)
+{
+    if (!res || (!ip && len) || !out)
+        return -EINVAL;
+    pthread_rwlock_rdlock(&fp->lock);
+    int rc = fp_outbound_locked(fp, ip, len, out, cap, res, fp_now_ns());
+    pthread_rwlock_unlock(&fp->lock);
+    return rc;
+}
+
+int fp_process_inbound(fp_t *fp, uint32_t link_id, const struct fp_addr *from,
+                       const uint8_t *pkt, size_t len,
+                       uint8_t *out, size_t cap, struct fp_result *res)
+{
+    if (!res || (!pkt && len) || !out || (from && !fp_addr_valid(from)))
+        return -EINVAL;
+    pthread_rwlock_rdlock(&fp->lock);
+    int rc = fp_inbound_locked(fp, fp_link_find(fp, link_id), link_id, from, pkt, len, out, cap,
+                               res, fp_now_ns());
+    pthread_rwlock_unlock(&fp->lock);
+    return rc;
+}

@@ -1,0 +1,526 @@
+/*
+ * table.c - peers, key slots and the global key index, the prefix table and
+ * the link list, plus the public calls that change them.
+ *
+ * Lookups run per packet with fp->lock held shared; changes take it
+ * exclusively. The key index maps a receiver index straight to its key (the
+ * index names the key, not the peer), so demux is one hash probe. The prefix
+ * table is a hash table keyed by (prefix length, masked prefix) per address
+ * family, probed once per prefix length present, longest first: the cost of
+ * a lookup grows with the number of distinct lengths, not of prefixes.
+ */
+#include "fp_internal.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define RT_INITIAL_BUCKETS 256
+
+static inline uint32_t hash32(uint32_t x)
+{
+    return (uint32_t)(((uint64_t)x * UINT64_C(0x9E3779B97F4A7C15)) >> 32);
+}
+
+/* ------------------------------------------------------------------ lookups */
+
+struct fp_peer *fp_peer_find(struct fp *fp, uint32_t id)
+{
+    struct fp_peer *p = fp->peers[hash32(id) % FP_PEER_BUCKETS];
+    while (p && p->id != id)
+        p = p->next;
+    return p;
+}
+
+struct fp_key *fp_index_find(struct fp *fp, uint32_t index)
+{
+    struct fp_key *k = fp->index[hash32(index) % FP_INDEX_BUCKETS];
+    while (k && k->local_index != index)
+        k = k->index_next;
+    return k;
+}
+
+struct fp_link *fp_link_find(struct fp *fp, uint32_t id)
+{
+    for (int i = 0; i < fp->nlinks; i++)
+        if (fp->links[i]->id == id)
+            return fp->links[i];
+    return NULL;
+}
+
+static void index_insert(struct fp *fp, struct fp_key *k)
+{
+    struct fp_key **b = &fp->index[hash32(k->local_index) % FP_INDEX_BUCKETS];
+    k->index_next = *b;
+    *b = k;
+}
+
+static void index_remove(struct fp *fp, struct fp_key *k)
+{
+    struct fp_key **pp = &fp->index[hash32(k->local_index) % FP_INDEX_BUCKETS];
+    while (*pp && *pp != k)
+        pp = &(*pp)->index_next;
+    if (*pp)
+        *pp = k->index_next;
+}
+
+/* ------------------------------------------------------------------ routes */
+
+static void mask_prefix(uint8_t out[16], const uint8_t *addr, int alen, int plen)
+{
+    memset(out, 0, 16);
+    int full = plen / 8;
+    memcpy(out, addr, (size_t)full);
+    if (plen % 8 && full < alen)
+        out[full] = (uint8_t)(addr[full] & (0xff << (8 - plen % 8)));
+}
+
+static inline uint32_t rt_hash(const uint8_t a[16], uint8_t plen)
+{
+    uint64_t x, y;
+    memcpy(&x, a, 8);
+    memcpy(&y, a + 8, 8);
+    uint64_t h = (x ^ (y * UINT64_C(0x9E3779B97F4A7C15)) ^ plen) * UINT64_C(0xC2B2AE3D27D4EB4F);
+    return (uint32_t)(h >> 32);
+}
+
+static struct fp_rtable *rt_for(struct fp *fp, int family)
+{
+    return family == 4 ? &fp->rt4 : family == 6 ? &fp->rt6 : NULL;
+}
+
+static int rt_init(struct fp_rtable *t, int alen)
+{
+    memset(t, 0, sizeof(*t));
+    t->alen = alen;
+    t->nbuckets = RT_INITIAL_BUCKETS;
+    t->buckets = calloc(t->nbuckets, sizeof(*t->buckets));
+    return t->buckets ? 0 : -ENOMEM;
+}
+
+static void rt_free(struct fp_rtable *t)
+{
+    for (uint32_t i = 0; t->buckets && i < t->nbuckets; i++) {
+        struct fp_route *r = t->buckets[i];
+        while (r) {
+            struct fp_route *n = r->next;
+            free(r);
+            r = n;
+        }
+    }
+    free(t->buckets);
+    t->buckets = NULL;
+}
+
+static void rt_rebuild_plens(struct fp_rtable *t)
+{
+    t->nplens = 0;
+    for (int l = t->alen * 8; l >= 0; l--)
+        if (t->plen_count[l])
+            t->plens[t->nplens++] = (uint8_t)l;
+}
+
+static void rt_grow(struct fp_rtable *t)
+{
+    uint32_t n = t->nbuckets * 2;
+    struct fp_route **b = calloc(n, sizeof(*b));
+    if (!b)
+        return; /* longer chains, still correct */
+    for (uint32_t i = 0; i < t->nbuckets; i++) {
+        struct fp_route *r = t->buckets[i];
+        while (r) {
+            struct fp_route *next = r->next;
+            struct fp_route **head = &b[rt_hash(r->addr, r->plen) & (n - 1)];
+            r->next = *head;
+            *head = r;
+            r = next;
+        }
+    }
+    free(t->buckets);
+    t->buckets = b;
+    t->nbuckets = n;
+}
+
+static struct fp_route **rt_find(struct fp_rtable *t, const uint8_t m[16], uint8_t plen)
+{
+    struct fp_route **pp = &t->buckets[rt_hash(m, plen) & (t->nbuckets - 1)];
+    while (*pp && ((*pp)->plen != plen || memcmp((*pp)->addr, m, 16) != 0))
+        pp = &(*pp)->next;
+    return pp;
+}
+
+struct fp_peer *fp_route_lookup(struct fp *fp, int family, const uint8_t *addr)
+{
+    struct fp_rtable *t = rt_for(fp, family);
+    uint8_t m[16];
+    for (int i = 0; i < t->nplens; i++) {
+        uint8_t plen = t->plens[i];
+        mask_prefix(m, addr, t->alen, plen);
+        struct fp_route *r = t->buckets[rt_hash(m, plen) & (t->nbuckets - 1)];
+        for (; r; r = r->next)
+            if (r->plen == plen && memcmp(r->addr, m, 16) == 0)
+                return r->peer;
+    }
+    return NULL;
+}
+
+static void rt_remove_peer(struct fp_rtable *t, struct fp_peer *p)
+{
+    for (uint32_t i = 0; i < t->nbuckets; i++) {
+        struct fp_route **pp = &t->buckets[i];
+        while (*pp) {
+            struct fp_route *r = *pp;
+            if (r->peer == p) {
+                *pp = r->next;
+                t->plen_count[r->plen]--;
+                t->count--;
+                free(r);
+            } else {
+                pp = &r->next;
+            }
+        }
+    }
+    rt_rebuild_plens(t);
+}
+
+int fp_route_set(fp_t *fp, const struct fp_addr *prefix, uint8_t plen, uint32_t peer_id)
+{
+    if (!fp_addr_valid(prefix))
+        return -EINVAL;
+    int alen = prefix->family == 4 ? 4 : 16;
+    if (plen > alen * 8)
+        return -EINVAL;
+    uint8_t m[16];
+    mask_prefix(m, prefix->addr, alen, plen);
+    /* Host bits set is a caller mistake, not something to silently fix. */
+    if (memcmp(m, prefix->addr, (size_t)alen) != 0)
+        return -EINVAL;
+    struct fp_route *fresh = calloc(1, sizeof(*fresh));
+    if (!fresh)
+        return -ENOMEM;
+    pthread_rwlock_wrlock(&fp->lock);
+    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    if (!p) {
+        pthread_rwlock_unlock(&fp->lock);
+        free(fresh);
+        return -ENOENT;
+    }
+    struct fp_rtable *t = rt_for(fp, prefix->family);
+    struct fp_route **pp = rt_find(t, m, plen);
+    if (*pp) {
+        (*pp)->peer = p;
+        free(fresh);
+    } else {
+        fresh->plen = plen;
+        memcpy(fresh->addr, m, 16);
+        fresh->peer = p;
+        *pp = fresh;
+        t->count++;
+        if (t->plen_count[plen]++ == 0)
+            rt_rebuild_plens(t);
+        if (t->count > t->nbuckets)
+            rt_grow(t);
+    }
+    pthread_rwlock_unlock(&fp->lock);
+    return 0;
+}
+
+int fp_route_del(fp_t *fp, const struct fp_addr *prefix, uint8_t plen)
+{
+    if (!fp_addr_valid(prefix))
+        return -EINVAL;
+    int alen = prefix->family == 4 ? 4 : 16;
+    if (plen > alen * 8)
+        return -EINVAL;
+    uint8_t m[16];
+    mask_prefix(m, prefix->addr, alen, plen);
+    pthread_rwlock_wrlock(&fp->lock);
+    struct fp_rtable *t = rt_for(fp, prefix->family);
+    struct fp_route **pp = rt_find(t, m, plen);
+    struct fp_route *r = *pp;
+    if (r) {
+        *pp = r->next;
+        t->count--;
+        if (--t->plen_count[plen] == 0)
+            rt_rebuild_plens(t);
+    }
+    pthread_rwlock_unlock(&fp->lock);
+    free(r);
+    return r ? 0 : -ENOENT;
+}
+
+/* ------------------------------------------------------------------ peers */
+
+int fp_tables_init(struct fp *fp)
+{
+    if (rt_init(&fp->rt4, 4) || rt_init(&fp->rt6, 16)) {
+        rt_free(&fp->rt4);
+        rt_free(&fp->rt6);
+        return -ENOMEM;
+    }
+    return 0;
+}
+
+static void peer_free(struct fp *fp, struct fp_peer *p)
+{
+    for (int s = 0; s < 2; s++) {
+        if (p->slot[s]) {
+            index_remove(fp, p->slot[s]);
+            fp_key_free(p->slot[s]);
+        }
+    }
+    pthread_mutex_destroy(&p->ep_lock);
+    free(p);
+}
+
+void fp_tables_free(struct fp *fp)
+{
+    rt_free(&fp->rt4);
+    rt_free(&fp->rt6);
+    for (int i = 0; i < FP_PEER_BUCKETS; i++) {
+        struct fp_peer *p = fp->peers[i];
+        while (p) {
+            struct fp_peer *n = p->next;
+            peer_free(fp, p);
+            p = n;
+        }
+        fp->peers[i] = NULL;
+    }
+}
+
+int fp_peer_add(fp_t *fp, uint32_t peer_id)
+{
+    struct fp_peer *p = calloc(1, sizeof(*p));
+    if (!p)
+        return -ENOMEM;
+    p->id = peer_id;
+    p->tx_slot = -1;
+    pthread_mutex_init(&p->ep_lock, NULL);
+    pthread_rwlock_wrlock(&fp->lock);
+    if (fp_peer_find(fp, peer_id)) {
+        pthread_rwlock_unlock(&fp->lock);
+        pthread_mutex_destroy(&p->ep_lock);
+        free(p);
+        return -EEXIST;
+    }
+    struct fp_peer **b = &fp->peers[hash32(peer_id) % FP_PEER_BUCKETS];
+    p->next = *b;
+    *b = p;
+    pthread_rwlock_unlock(&fp->lock);
+    return 0;
+}
+
+int fp_peer_del(fp_t *fp, uint32_t peer_id)
+{
+    pthread_rwlock_wrlock(&fp->lock);
+    struct fp_peer **pp = &fp->peers[hash32(peer_id) % FP_PEER_BUCKETS];
+    while (*pp && (*pp)->id != peer_id)
+        pp = &(*pp)->next;
+    struct fp_peer *p = *pp;
+    if (!p) {
+        pthread_rwlock_unlock(&fp->lock);
+        return -ENOENT;
+    }
+    *pp = p->next;
+    rt_remove_peer(&fp->rt4, p);
+    rt_remove_peer(&fp->rt6, p);
+    peer_free(fp, p);
+    pthread_rwlock_unlock(&fp->lock);
+    return 0;
+}
+
+int fp_peer_set_endpoint(fp_t *fp, uint32_t peer_id, uint32_t link_id, const struct fp_addr *ep)
+{
+    if (!fp_addr_valid(ep))
+        return -EINVAL;
+    pthread_rwlock_rdlock(&fp->lock);
+    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    if (p) {
+        pthread_mutex_lock(&p->ep_lock);
+        p->ep = *ep;
+        fp_addr_normalize(&p->ep);
+        p->ep_link = link_id;
+        p->has_ep = true;
+        pthread_mutex_unlock(&p->ep_lock);
+    }
+    pthread_rwlock_unlock(&fp->lock);
+    return p ? 0 : -ENOENT;
+}
+
+int fp_peer_get_endpoint(fp_t *fp, uint32_t peer_id, uint32_t *link_id, struct fp_addr *ep)
+{
+    int rc = -ENOENT;
+    pthread_rwlock_rdlock(&fp->lock);
+    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    if (p) {
+        pthread_mutex_lock(&p->ep_lock);
+        if (p->has_ep) {
+            if (link_id)
+                *link_id = p->ep_link;
+            if (ep)
+                *ep = p->ep;
+            rc = 0;
+        } else {
+            rc = -ENOTCONN;
+        }
+        pthread_mutex_unlock(&p->ep_lock);
+    }
+    pthread_rwlock_unlock(&fp->lock);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ keys */
+
+int fp_key_install(fp_t *fp, uint32_t peer_id, uint32_t local_index,
+                   const uint8_t *tx_key, const uint8_t *rx_key)
+{
+    if (!tx_key || !rx_key)
+        return -EINVAL;
+    /* Key schedule outside the exclusive lock: the data path keeps going. */
+    struct fp_key *k = fp_key_new(tx_key, rx_key, fp_now_ns());
+    if (!k)
+        return -ENOMEM;
+    k->local_index = local_index;
+    pthread_rwlock_wrlock(&fp->lock);
+    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    int rc = 0;
+    if (!p) {
+        rc = -ENOENT;
+    } else if (fp_index_find(fp, local_index)) {
+        rc = -EEXIST;
+    } else {
+        int s;
+        if (p->tx_slot >= 0)
+            s = 1 - p->tx_slot;
+        else if (!p->slot[0])
+            s = 0;
+        else if (!p->slot[1])
+            s = 1;
+        else /* two keys, none active: replace the older */
+            s = p->slot[0]->created_ns <= p->slot[1]->created_ns ? 0 : 1;
+        struct fp_key *old = p->slot[s];
+        if (old) {
+            index_remove(fp, old);
+            fp_key_free(old);
+        }
+        k->peer = p;
+        p->slot[s] = k;
+        index_insert(fp, k);
+        k = NULL;
+    }
+    pthread_rwlock_unlock(&fp->lock);
+    fp_key_free(k);
+    return rc;
+}
+
+int fp_key_activate(fp_t *fp, uint32_t peer_id, uint32_t local_index, uint32_t remote_index)
+{
+    int rc = -ENOENT;
+    pthread_rwlock_wrlock(&fp->lock);
+    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    for (int s = 0; p && s < 2; s++) {
+        if (p->slot[s] && p->slot[s]->local_index == local_index) {
+            p->slot[s]->remote_index = remote_index;
+            p->tx_slot = s;
+            rc = 0;
+        }
+    }
+    pthread_rwlock_unlock(&fp->lock);
+    return rc;
+}
+
+int fp_key_clear(fp_t *fp, uint32_t peer_id)
+{
+    pthread_rwlock_wrlock(&fp->lock);
+    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    for (int s = 0; p && s < 2; s++) {
+        if (p->slot[s]) {
+            index_remove(fp, p->slot[s]);
+            fp_key_free(p->slot[s]);
+            p->slot[s] = NULL;
+        }
+    }
+    if (p)
+        p->tx_slot = -1;
+    pthread_rwlock_unlock(&fp->lock);
+    return p ? 0 : -ENOENT;
+}
+
+int fp_key_info(fp_t *fp, uint32_t peer_id, struct fp_key_info *out)
+{
+    if (!out)
+        return -EINVAL;
+    memset(out, 0, sizeof(*out));
+    pthread_rwlock_rdlock(&fp->lock);
+    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    if (p) {
+        out->slots_used = (p->slot[0] != NULL) + (p->slot[1] != NULL);
+        if (p->tx_slot >= 0) {
+            struct fp_key *k = p->slot[p->tx_slot];
+            out->has_tx = 1;
+            out->tx_local_index = k->local_index;
+            out->tx_remote_index = k->remote_index;
+            out->tx_counter = atomic_load_explicit(&k->tx_counter, memory_order_relaxed);
+            out->tx_age_s = (uint32_t)((fp_now_ns() - k->created_ns) / 1000000000u);
+        }
+    }
+    pthread_rwlock_unlock(&fp->lock);
+    return p ? 0 : -ENOENT;
+}
+
+int fp_test_set_tx_counter(fp_t *fp, uint32_t peer_id, uint64_t counter)
+{
+    int rc = -ENOENT;
+    pthread_rwlock_wrlock(&fp->lock);
+    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    if (p && p->tx_slot >= 0) {
+        atomic_store(&p->slot[p->tx_slot]->tx_counter, counter);
+        rc = 0;
+    }
+    pthread_rwlock_unlock(&fp->lock);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ counters */
+
+void fp_ctr_snapshot(const struct fp_ctr *c, struct fp_counters *out)
+{
+    out->rx_packets = atomic_load_explicit(&c->rx_packets, memory_order_relaxed);
+    out->rx_bytes = atomic_load_explicit(&c->rx_bytes, memory_order_relaxed);
+    out->tx_packets = atomic_load_explicit(&c->tx_packets, memory_order_relaxed);
+    out->tx_bytes = atomic_load_explicit(&c->tx_bytes, memory_order_relaxed);
+    for (int i = 0; i < FP_DROP__COUNT; i++)
+        out->drops[i] = atomic_load_explicit(&c->drops[i], memory_order_relaxed);
+    out->last_rx_ns = atomic_load_explicit(&c->last_rx_ns, memory_order_relaxed);
+    out->last_tx_ns = atomic_load_explicit(&c->last_tx_ns, memory_order_relaxed);
+}
+
+int fp_peer_counters(fp_t *fp, uint32_t peer_id, struct fp_counters *out)
+{
+    if (!out)
+        return -EINVAL;
+    pthread_rwlock_rdlock(&fp->lock);
+    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    if (p)
+        fp_ctr_snapshot(&p->ctr, out);
+    pthread_rwlock_unlock(&fp->lock);
+    return p ? 0 : -ENOENT;
+}
+
+int fp_link_counters(fp_t *fp, uint32_t link_id, struct fp_counters *out)
+{
+    if (!out)
+        return -EINVAL;
+    pthread_rwlock_rdlock(&fp->lock);
+    struct fp_link *l = fp_link_find(fp, link_id);
+    if (l)
+        fp_ctr_snapshot(&l->ctr, out);
+    pthread_rwlock_unlock(&fp->lock);
+    return l ? 0 : -ENOENT;
+}
+
+void fp_global_counters(fp_t *fp, struct fp_counters *out)
+{
+    fp_ctr_snapshot(&fp->gctr, out);
+}

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Prepares a fresh Debian 12 machine for the firmware: the system packages the
+# build, the lab and the tests use, then a virtual environment in .venv with the
+# firmware installed (which compiles the C fast path through cffi).
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  build-essential libssl-dev openssl       # the fast path and its build
+  clang libclang-rt-14-dev                 # libFuzzer and sanitizers
+  iproute2 nftables conntrack iputils-ping # the lab: namespaces, NAT, routers
+  iperf3 tcpdump procps
+)
+
+if [ "$(id -u)" != 0 ]; then
+  echo "setup: run as root (the lab needs network namespaces; packages need apt-get)" >&2
+  exit 1
+fi
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.installed
+if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml setup.py native firmware -newer "$stamp" \
+      \( -name '*.c' -o -name '*.h' -o -name '*.py' -o -name '*.toml' \) -print -quit)" ]; then
+  echo "setup: installing the firmware into .venv (builds the C fast path)"
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[test]'
+  touch "$stamp"
+fi
+echo "setup: ready"
