@@ -396,11 +396,6 @@ def _verify_callback(
         return False
 
 
-@dataclass
-class _Timing:
-    deadline: float | None = None
-
-
 # eq=False: sessions are keys in socketd's tables and compare by identity.
 @dataclass(eq=False, repr=False)
 class DtlsSession:
@@ -413,15 +408,15 @@ class DtlsSession:
     expected_site_id: int | None = None
     source: str | None = None
     allowed_site_ids: Container[int] | None = None
-    established: bool = False
-    failed: str | None = None
-    closed: bool = False
-    peer_site_id: int | None = None
-    _verify_failure: str | None = None
-    _started: bool = False
-    _close_sent: bool = False
-    _messages: list[bytes] = field(default_factory=list)
-    _timing: _Timing = field(default_factory=_Timing)
+    established: bool = field(default=False, init=False)
+    failed: str | None = field(default=None, init=False)
+    closed: bool = field(default=False, init=False)
+    peer_site_id: int | None = field(default=None, init=False)
+    _verify_failure: str | None = field(default=None, init=False)
+    _started: bool = field(default=False, init=False)
+    _close_sent: bool = field(default=False, init=False)
+    _deadline: float | None = field(default=None, init=False)
+    _messages: list[bytes] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         if not MIN_MTU <= self.mtu <= 65507:
@@ -452,7 +447,7 @@ class DtlsSession:
 
     def _begin(self) -> None:
         self._started = True
-        self._timing.deadline = self.context._clock() + self.context.handshake_timeout_s
+        self._deadline = self.context._clock() + self.context.handshake_timeout_s
 
     def receive(self, datagram: bytes) -> list[bytes]:
         """Feed one received datagram; returns datagrams to send back. Never raises on input."""
@@ -472,9 +467,9 @@ class DtlsSession:
             retransmit = self.conn.DTLSv1_get_timeout()
         except SSL.Error:
             retransmit = None
-        if self.established or self._timing.deadline is None:
+        if self.established or self._deadline is None:
             return retransmit
-        remaining = max(0.0, self._timing.deadline - self.context._clock())
+        remaining = max(0.0, self._deadline - self.context._clock())
         return remaining if retransmit is None else min(retransmit, remaining)
 
     def on_timeout(self) -> list[bytes]:
@@ -483,8 +478,8 @@ class DtlsSession:
             return []
         if (
             not self.established
-            and self._timing.deadline is not None
-            and self.context._clock() >= self._timing.deadline
+            and self._deadline is not None
+            and self.context._clock() >= self._deadline
         ):
             self.failed = "handshake timed out"
             return []
@@ -515,7 +510,7 @@ class DtlsSession:
             self.failed = self._verify_failure or "peer presented no usable certificate"
             return False
         self.established = True
-        self._timing.deadline = None
+        self._deadline = None
         return True
 
     def _read_application_data(self) -> None:

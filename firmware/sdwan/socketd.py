@@ -180,7 +180,8 @@ class Supervisor:
             if handshaking >= MAX_HANDSHAKING:
                 self.stats.dtls_rejected += 1
                 return
-            result = self.dtls.accept(data, f"{addr[0]}:{addr[1]}")
+            result = self.dtls.accept(data, f"{addr[0]}:{addr[1]}",
+                                      allowed_site_ids=self.tunnels.keys())
             for reply in result.replies:
                 self.send(link_id, addr, reply)
             if result.session is not None:
