@@ -123,6 +123,15 @@ def pack_datagrams(records: list[bytes], mtu: int) -> list[bytes]:
     return datagrams
 
 
+# What an alert most likely means between two sites of this firmware.
+_ALERT_MEANING = {
+    "unknown ca": "the peer does not trust our certificate: different account CA",
+    "bad certificate": "the peer refused our certificate",
+    "certificate expired": "the peer says our certificate has expired",
+    "handshake failure": "no common DTLS parameters",
+}
+
+
 def _alert_reason(openssl_reason: str) -> str | None:
     # OpenSSL versions spell it "sslv3 alert x", "tlsv1 alert x" or "tls alert x".
     match = _ALERT_RE.search(openssl_reason)
@@ -133,7 +142,8 @@ def _alert_reason(openssl_reason: str) -> str | None:
         # OpenSSL sends internal_error when a verify callback refuses a certificate that is
         # otherwise valid, which is how a site rejects a wrong site id.
         return "peer sent alert: internal error (what a site sends when it refuses our site id)"
-    return f"peer sent alert: {alert}"
+    meaning = _ALERT_MEANING.get(alert)
+    return f"peer sent alert: {alert}" + (f" ({meaning})" if meaning else "")
 
 
 def _ssl_error_reasons(error: SSL.Error) -> list[str]:

@@ -14,7 +14,17 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import ClassVar
 
-from sdwan._fastpath import ffi, lib
+if os.environ.get("SDWAN_FASTPATH_MODULE"):
+    # A separately built module, e.g. the AddressSanitizer build the tests also run against.
+    import importlib.util as _ilu
+
+    _spec = _ilu.spec_from_file_location("sdwan._fastpath", os.environ["SDWAN_FASTPATH_MODULE"])
+    assert _spec is not None and _spec.loader is not None
+    _mod = _ilu.module_from_spec(_spec)
+    _spec.loader.exec_module(_mod)
+    ffi, lib = _mod.ffi, _mod.lib
+else:
+    from sdwan._fastpath import ffi, lib
 
 Addr = tuple[str, int]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

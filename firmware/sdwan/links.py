@@ -41,8 +41,10 @@ def open_link_socket(link_id: int, link: Link) -> LinkSocket:
             raise LinkError(
                 f"link {link.name}: cannot bind to device {link.interface!r}: {e.strerror}"
             ) from e
-        for opt, fallback in ((_SO_RCVBUFFORCE, socket.SO_RCVBUF),
-                              (_SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+        for opt, fallback in (
+            (_SO_RCVBUFFORCE, socket.SO_RCVBUF),
+            (_SO_SNDBUFFORCE, socket.SO_SNDBUF),
+        ):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
             except OSError:
@@ -50,7 +52,9 @@ def open_link_socket(link_id: int, link: Link) -> LinkSocket:
         try:
             sock.bind(("0.0.0.0", link.port))
         except OSError as e:
-            raise LinkError(f"link {link.name}: cannot bind UDP port {link.port}: {e.strerror}") from e
+            raise LinkError(
+                f"link {link.name}: cannot bind UDP port {link.port}: {e.strerror}"
+            ) from e
         sock.setblocking(False)
     except BaseException:
         sock.close()

@@ -58,16 +58,16 @@ def mss_ruleset(tun: str) -> str:
 
 
 def _nft(script: str) -> None:
-    proc = subprocess.run(["nft", "-f", "-"], input=script, text=True,
-                          capture_output=True, timeout=10)
+    proc = subprocess.run(
+        ["nft", "-f", "-"], input=script, text=True, capture_output=True, timeout=10
+    )
     if proc.returncode != 0:
         raise NetcfgError(f"nft refused the MSS clamp rules: {proc.stderr.strip()}")
 
 
 def _apply_mss(plan: Plan) -> None:
     # Delete-then-add keeps the table exactly as planned; a missing table is fine.
-    subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE],
-                   capture_output=True, timeout=10)
+    subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], capture_output=True, timeout=10)
     if plan.mss_clamp:
         _nft(mss_ruleset(plan.tun))
 
@@ -98,8 +98,13 @@ def apply(plan: Plan) -> None:
 
 def apply_in_worker(plan: Plan, timeout: float = 30.0) -> None:
     """Apply `plan` in a child process (see the module docstring for why)."""
-    proc = subprocess.run([sys.executable, "-m", "sdwan.netcfg"], input=json.dumps(asdict(plan)),
-                          text=True, capture_output=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sdwan.netcfg"],
+        input=json.dumps(asdict(plan)),
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         raise NetcfgError(proc.stderr.strip() or f"netcfg worker exited {proc.returncode}")
 

@@ -30,7 +30,7 @@ log = logging.getLogger("sdwan.socketd")
 
 TICK_S = 0.05
 HANDSHAKE_DEADLINE_S = 10.0
-MAX_HANDSHAKING = 256      # server sessions in progress; each needed a valid cookie
+MAX_HANDSHAKING = 256  # server sessions in progress; each needed a valid cookie
 REJECTIONS_KEPT = 20
 
 
@@ -44,8 +44,8 @@ class _Session:
     link_id: int
     addr: Addr
     created: float
-    expected_peer: int | None = None   # client sessions know whom they called
-    reported: bool = False             # established/failed already handed on
+    expected_peer: int | None = None  # client sessions know whom they called
+    reported: bool = False  # established/failed already handed on
 
 
 @dataclass
@@ -55,7 +55,8 @@ class _Stats:
     kicks_bad: int = 0
     control_unknown: int = 0
     rejections: collections.deque = field(
-        default_factory=lambda: collections.deque(maxlen=REJECTIONS_KEPT))
+        default_factory=lambda: collections.deque(maxlen=REJECTIONS_KEPT)
+    )
 
 
 class Supervisor:
@@ -96,8 +97,11 @@ class Supervisor:
                 raise StartupError(str(e)) from e
             with ls.sock:
                 fp.link_add(link_id, ls.sock.fileno())
-        timers = Timers(keepalive_s=cfg.tunnel.keepalive_s, rekey_s=cfg.tunnel.rekey_s,
-                        dead_after_s=3 * cfg.tunnel.keepalive_s)
+        timers = Timers(
+            keepalive_s=cfg.tunnel.keepalive_s,
+            rekey_s=cfg.tunnel.rekey_s,
+            dead_after_s=3 * cfg.tunnel.keepalive_s,
+        )
         routes: list[str] = []
         for peer in cfg.peers:
             link_name = peer.link
@@ -108,10 +112,21 @@ class Supervisor:
                 fp.route_set(net, peer.site_id)
                 routes.append(str(net))
             self.tunnels[peer.site_id] = PeerTunnel(
-                my_site_id=cfg.site.id, peer_site_id=peer.site_id, link_id=link_id,
-                link_name=link_name, endpoint=peer.endpoint, fp=fp, port=self, timers=timers)
-        plan = Plan(tun=cfg.tunnel.interface, mtu=tunnel_mtu([ln.mtu for ln in cfg.links]),
-                    routes=routes, mss_clamp=cfg.tunnel.mss_clamp)
+                my_site_id=cfg.site.id,
+                peer_site_id=peer.site_id,
+                link_id=link_id,
+                link_name=link_name,
+                endpoint=peer.endpoint,
+                fp=fp,
+                port=self,
+                timers=timers,
+            )
+        plan = Plan(
+            tun=cfg.tunnel.interface,
+            mtu=tunnel_mtu([ln.mtu for ln in cfg.links]),
+            routes=routes,
+            mss_clamp=cfg.tunnel.mss_clamp,
+        )
         try:
             apply_in_worker(plan)
         except NetcfgError as e:
@@ -130,8 +145,9 @@ class Supervisor:
     def client_session(self, link_id: int, addr: Addr, expected_site_id: int) -> DtlsSession:
         assert self.dtls is not None
         session = self.dtls.client(expected_site_id)
-        self.sessions[(link_id, addr)] = _Session(session, link_id, addr, time.monotonic(),
-                                                  expected_peer=expected_site_id)
+        self.sessions[(link_id, addr)] = _Session(
+            session, link_id, addr, time.monotonic(), expected_peer=expected_site_id
+        )
         return session
 
     # ---------------------------------------------------------------- control packets
@@ -172,16 +188,18 @@ class Supervisor:
         assert self.dtls is not None
         key = (link_id, addr)
         entry = self.sessions.get(key)
-        if is_client_hello(data) and not (entry and not entry.session.is_client
-                                          and not entry.session.established):
+        if is_client_hello(data) and not (
+            entry and not entry.session.is_client and not entry.session.established
+        ):
             # A new handshake from this address (first, rekey, or after the
             # peer restarted): stateless cookie check first.
             handshaking = sum(1 for s in self.sessions.values() if not s.session.established)
             if handshaking >= MAX_HANDSHAKING:
                 self.stats.dtls_rejected += 1
                 return
-            result = self.dtls.accept(data, f"{addr[0]}:{addr[1]}",
-                                      allowed_site_ids=self.tunnels.keys())
+            result = self.dtls.accept(
+                data, f"{addr[0]}:{addr[1]}", allowed_site_ids=self.tunnels.keys()
+            )
             for reply in result.replies:
                 self.send(link_id, addr, reply)
             if result.session is not None:
@@ -228,11 +246,19 @@ class Supervisor:
         # endpoint it came from (a responder learns why its peer was refused).
         tunnel = self.tunnels.get(entry.expected_peer) if entry.expected_peer else None
         if tunnel is None:
-            tunnel = next((t for t in self.tunnels.values()
-                           if entry.addr in (t.endpoint, t.configured_endpoint)), None)
+            tunnel = next(
+                (
+                    t
+                    for t in self.tunnels.values()
+                    if entry.addr in (t.endpoint, t.configured_endpoint)
+                ),
+                None,
+            )
         if tunnel is not None:
-            tunnel.on_failed(entry.session, reason if entry.expected_peer
-                             else f"handshake from {addr} refused: {reason}")
+            tunnel.on_failed(
+                entry.session,
+                reason if entry.expected_peer else f"handshake from {addr} refused: {reason}",
+            )
 
     # ---------------------------------------------------------------- periodic work
 
@@ -271,12 +297,20 @@ class Supervisor:
         links = []
         for link in self.cfg.links:
             c = self.fp.link_counters(self.link_ids[link.name])
-            links.append({
-                "name": link.name, "interface": link.interface, "port": link.port,
-                "precedence": link.precedence, "mtu": link.mtu,
-                "rx_packets": c.rx_packets, "tx_packets": c.tx_packets,
-                "rx_bytes": c.rx_bytes, "tx_bytes": c.tx_bytes, "drops": c.drops,
-            })
+            links.append(
+                {
+                    "name": link.name,
+                    "interface": link.interface,
+                    "port": link.port,
+                    "precedence": link.precedence,
+                    "mtu": link.mtu,
+                    "rx_packets": c.rx_packets,
+                    "tx_packets": c.tx_packets,
+                    "rx_bytes": c.rx_bytes,
+                    "tx_bytes": c.tx_bytes,
+                    "drops": c.drops,
+                }
+            )
         g = self.fp.global_counters()
         return {
             "site_id": self.cfg.site.id,
@@ -312,13 +346,19 @@ class Supervisor:
         self._open()
         assert self.fp is not None
         loop.add_reader(self.fp.ctrl_fd, self._on_ctrl_readable)
-        self.control = ControlServer(self.cfg.paths.control_socket,
-                                     {"status": self._status, "peers": self._peers})
+        self.control = ControlServer(
+            self.cfg.paths.control_socket, {"status": self._status, "peers": self._peers}
+        )
         await self.control.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        log.info("socketd %s up: site %d, %d link(s), %d peer(s)", __version__,
-                 self.cfg.site.id, len(self.cfg.links), len(self.tunnels))
+        log.info(
+            "socketd %s up: site %d, %d link(s), %d peer(s)",
+            __version__,
+            self.cfg.site.id,
+            len(self.cfg.links),
+            len(self.tunnels),
+        )
         ticker = asyncio.create_task(self._ticker())
         try:
             await self._stop.wait()
@@ -338,11 +378,15 @@ class Supervisor:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="socketd", description="SD-WAN appliance supervisor")
     parser.add_argument("--config", required=True, help="bootstrap configuration (TOML)")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     try:
         cfg = load_config(args.config)
     except ConfigError as e:

@@ -70,7 +70,7 @@ class Timers:
     retry_min_s: float = 1.0
     retry_max_s: float = 8.0
     kick_interval_s: float = 1.0
-    kick_response_min_s: float = 2.0
+    kick_response_min_s: float = 3.0
     key_resend_s: float = 0.5
     key_resend_max: int = 20
 
@@ -98,10 +98,20 @@ def _allocate_index(fp: FastPath, peer_id: int, tx: bytes, rx: bytes) -> int:
 
 
 class PeerTunnel:
-    def __init__(self, *, my_site_id: int, peer_site_id: int, link_id: int, link_name: str,
-                 endpoint: Addr, fp: FastPath, port: Port, timers: Timers,
-                 clock: Callable[[], float] = time.monotonic,
-                 on_event: Callable[[str, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        my_site_id: int,
+        peer_site_id: int,
+        link_id: int,
+        link_name: str,
+        endpoint: Addr,
+        fp: FastPath,
+        port: Port,
+        timers: Timers,
+        clock: Callable[[], float] = time.monotonic,
+        on_event: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.my_site_id = my_site_id
         self.peer_id = peer_site_id
         self.link_id = link_id
@@ -118,15 +128,15 @@ class PeerTunnel:
         self.reason: str | None = "waiting for the first handshake"
         self.handshakes = 0
         self.last_handshake_at: float | None = None
-        self.session: DtlsSession | None = None       # the session keys were last taken from
+        self.session: DtlsSession | None = None  # the session keys were last taken from
         self._handshaking: DtlsSession | None = None  # our client session in progress
         self._handshake_started = 0.0
         self._next_attempt = 0.0
         self._retry = timers.retry_min_s
         self._next_kick = 0.0
         self._last_kick_handshake = -1e9
-        self._pending_idx: int | None = None   # our index the peer has not acknowledged
-        self._current_idx: int | None = None   # our acknowledged index
+        self._pending_idx: int | None = None  # our index the peer has not acknowledged
+        self._current_idx: int | None = None  # our acknowledged index
         self._pending_sends = 0
         self._next_key_send = 0.0
         self._activated_remote: int | None = None
@@ -146,10 +156,15 @@ class PeerTunnel:
                     self._start_handshake(self.endpoint)
             elif now >= self._next_kick:
                 self._next_kick = now + self.timers.kick_interval_s
-                self.port.send(self.link_id, self.endpoint,
-                               encode_kick(self.my_site_id, self.peer_id))
-        elif (self.initiator and self._handshaking is None and self.last_handshake_at is not None
-              and now - self.last_handshake_at >= self.timers.rekey_s):
+                self.port.send(
+                    self.link_id, self.endpoint, encode_kick(self.my_site_id, self.peer_id)
+                )
+        elif (
+            self.initiator
+            and self._handshaking is None
+            and self.last_handshake_at is not None
+            and now - self.last_handshake_at >= self.timers.rekey_s
+        ):
             log.info("peer %d: periodic rekey", self.peer_id)
             self._start_handshake(self.endpoint)
 
@@ -158,8 +173,17 @@ class PeerTunnel:
         if not self.initiator:
             return
         now = self.clock()
-        if self._handshaking is not None or now - self._last_kick_handshake < \
-                self.timers.kick_response_min_s:
+        if (
+            self._handshaking is not None
+            or now - self._last_kick_handshake < self.timers.kick_response_min_s
+        ):
+            return
+        # Kicks sent just before our last handshake completed are still in
+        # flight; a peer that really lost its keys keeps kicking past this.
+        if (
+            self.last_handshake_at is not None
+            and now - self.last_handshake_at < self.timers.kick_response_min_s
+        ):
             return
         self._last_kick_handshake = now
         # Not authenticated yet: aim the handshake there, but leave the data
@@ -234,9 +258,11 @@ class PeerTunnel:
             "link": self.link_name,
             "role": "initiator" if self.initiator else "responder",
             "handshakes": self.handshakes,
-            "last_handshake_s": None if self.last_handshake_at is None
+            "last_handshake_s": None
+            if self.last_handshake_at is None
             else round(now - self.last_handshake_at, 1),
-            "last_rx_s": None if not counters.last_rx_ns
+            "last_rx_s": None
+            if not counters.last_rx_ns
             else round((now_ns - counters.last_rx_ns) / 1e9, 1),
             "rx_packets": counters.rx_packets,
             "tx_packets": counters.tx_packets,
@@ -283,8 +309,10 @@ class PeerTunnel:
             self._set_state(State.DOWN, f"no packets from the peer for {silent:.0f} s")
             self._next_attempt = now
             return
-        if counters.last_tx_ns == 0 or (now_ns - counters.last_tx_ns) / 1e9 >= \
-                self.timers.keepalive_s:
+        if (
+            counters.last_tx_ns == 0
+            or (now_ns - counters.last_tx_ns) / 1e9 >= self.timers.keepalive_s
+        ):
             try:
                 self.fp.send_keepalive(self.peer_id)
             except FastPathError as e:

@@ -203,3 +203,14 @@ def test_cleanup_stale_removes_only_dead_labs(lab: Lab, tmp_path: Path) -> None:
     # Our own (live) lab is untouched.
     assert lab.inet in lab_namespaces()
     assert lab.ping(lab.inet, "198.51.100.1")
+
+
+def test_demo_runs_end_to_end(lab: Lab, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The README's first command: two sites, a tunnel, traffic through it, status printed.
+    from sdwan.lab.demo import DemoOptions, run_demo
+
+    rc = run_demo(DemoOptions(tunnel_timeout_s=45, iperf_seconds=1, workdir=tmp_path / "demo"))
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "DEMO OK" in out
+    assert "socketctl peers" in out

@@ -70,8 +70,9 @@ def test_lan_hosts_talk_through_the_tunnel(lab: Lab) -> None:
 
     tcp = lab.iperf3(s1.lan_ns, s2.lan_ns, s2.lan_host_ip, duration=2)
     assert tcp.mbps and tcp.mbps > 10, tcp.raw.get("error")
-    udp = lab.iperf3(s2.lan_ns, s1.lan_ns, s1.lan_host_ip, duration=2, udp=True,
-                     length=1200, bandwidth="20M")
+    udp = lab.iperf3(
+        s2.lan_ns, s1.lan_ns, s1.lan_host_ip, duration=2, udp=True, length=1200, bandwidth="20M"
+    )
     assert udp.udp_pps and udp.udp_pps > 100
     assert (udp.lost_percent or 0) < 20
 
@@ -80,6 +81,7 @@ def test_lan_hosts_talk_through_the_tunnel(lab: Lab) -> None:
     assert st1["subnets"] == [s2.lan_subnet]
     st2 = peer_status(lab, s2, 1)
     assert st2["role"] == "initiator" and st2["drops"]["bad_tag"] == 0
+    assert st2["handshakes"] == 1, "the tunnel re-handshook without a reason"
     status = lab.socketctl(s1, "status")
     assert status["site_id"] == 1 and status["peers_up"] == 1
     text = lab.socketctl(s1, "peers", json_out=False)
@@ -93,8 +95,11 @@ def test_large_packets_are_not_black_holed(lab: Lab) -> None:
     wait_state(lab, s2, 1, "up", UP_TIMEOUT_S)
     # Full-size pings don't fit through the tunnel: the site answers with
     # "fragmentation needed" instead of dropping them silently.
-    cp = lab.exec(s1.lan_ns, ["ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1472",
-                              s2.lan_host_ip], check=False)
+    cp = lab.exec(
+        s1.lan_ns,
+        ["ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1472", s2.lan_host_ip],
+        check=False,
+    )
     assert cp.returncode != 0
     assert "mtu" in (cp.stdout + cp.stderr).lower()
     assert lab.ping(s1.lan_ns, s2.lan_host_ip)
@@ -112,9 +117,9 @@ def test_certificate_from_another_ca_gets_no_tunnel(lab: Lab) -> None:
     lab.start_socketd(s2)
     # Site 2 initiates; site 1 refuses its certificate, and both say why.
     st1 = wait_reason(lab, s1, 2, "refused", UP_TIMEOUT_S)
-    assert "certificate" in st1["reason"] or "CA" in st1["reason"], st1
+    assert "account CA" in st1["reason"], st1
     st2 = wait_reason(lab, s2, 1, "handshake failed", UP_TIMEOUT_S)
-    assert st2["state"] != "up"
+    assert "account CA" in st2["reason"], st2
     assert not lab.ping(s1.lan_ns, s2.lan_host_ip)
     rejections = lab.socketctl(s1, "status")["rejections"]
     assert rejections and s2.public_ip in rejections[-1]["from"]
@@ -125,8 +130,9 @@ def test_wrong_site_id_gets_no_tunnel(lab: Lab) -> None:
     s1, s2 = build(lab)
     impostor = lab.issue(3)
     lab.write_site_config(s1, peers=[s2], tunnel={"keepalive_s": 2})
-    s2_as_3 = lab.write_site_config(s2, peers=[s1], tunnel={"keepalive_s": 2},
-                                    cert=impostor[0], key=impostor[1], name="site-3")
+    s2_as_3 = lab.write_site_config(
+        s2, peers=[s1], tunnel={"keepalive_s": 2}, cert=impostor[0], key=impostor[1], name="site-3"
+    )
     text = s2_as_3.read_text().replace("id = 2", "id = 3", 1)
     s2_as_3.write_text(text)
     lab.start_socketd(s1)
@@ -157,12 +163,12 @@ def _udp_payloads_from_pcap(path: Path) -> list[bytes]:
     out, off = [], 24
     while off + 16 <= len(data):
         incl = struct.unpack_from("<I", data, off + 8)[0]
-        frame = data[off + 16: off + 16 + incl]
+        frame = data[off + 16 : off + 16 + incl]
         off += 16 + incl
         if len(frame) < 14 + 20 + 8 or frame[12:14] != b"\x08\x00" or frame[14 + 9] != 17:
             continue
         ihl = (frame[14] & 0x0F) * 4
-        out.append(frame[14 + ihl + 8:])
+        out.append(frame[14 + ihl + 8 :])
     return out
 
 
@@ -181,8 +187,22 @@ def test_forged_and_replayed_packets_are_dropped_and_counted(lab: Lab) -> None:
 
     # Capture real data packets arriving at site 2 while its peer sends traffic.
     pcap = lab.workdir / "capture.pcap"
-    dump = lab.spawn(s2.ns, ["tcpdump", "-U", "-n", "-i", s2.wan_dev, "-c", "20", "-w", str(pcap),
-                             f"udp dst port {s2.port} and udp[8] = 0xd0"], "tcpdump")
+    dump = lab.spawn(
+        s2.ns,
+        [
+            "tcpdump",
+            "-U",
+            "-n",
+            "-i",
+            s2.wan_dev,
+            "-c",
+            "20",
+            "-w",
+            str(pcap),
+            f"dst host {s2.wan_ip} and udp dst port {s2.port} and udp[8] = 0xd0",
+        ],
+        "tcpdump",
+    )
     time.sleep(1.0)
     lab.ping(s1.lan_ns, s2.lan_host_ip, count=20, wait_s=1)
     deadline = time.monotonic() + 10
@@ -195,15 +215,19 @@ def test_forged_and_replayed_packets_are_dropped_and_counted(lab: Lab) -> None:
     before = peer_status(lab, s2, 1)["drops"]
     link_before = lab.socketctl(s2, "status")["links"][0]["drops"]
     replayed = captured[:5]
+    # A fresh counter, so the packet gets past the replay check to the tag check.
     tampered = bytearray(captured[0])
-    tampered[20] ^= 0xFF
+    counter = struct.unpack_from("!Q", tampered, 8)[0]
+    struct.pack_into("!Q", tampered, 8, counter + 1_000_000)
     unknown = bytearray(captured[0])
     unknown[4:8] = b"\x01\x02\x03\x04"
     truncated = captured[0][:20]
     packets = [*replayed, bytes(tampered), bytes(unknown), truncated]
     # Injected from the router's namespace: neither site, straight at site 2's socket.
-    lab.exec(s2.router.ns, [sys.executable, "-c", INJECT, s2.wan_ip, str(s2.port),
-                            *(p.hex() for p in packets)])
+    lab.exec(
+        s2.router.ns,
+        [sys.executable, "-c", INJECT, s2.wan_ip, str(s2.port), *(p.hex() for p in packets)],
+    )
     time.sleep(0.5)
 
     after = peer_status(lab, s2, 1)["drops"]

@@ -11,7 +11,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from sdwan.fastpath import FastPath, FastPathConfig
+from sdwan.fastpath import FastPath, FastPathConfig, Result
 
 LINK = 1
 A_ADDR = ("192.0.2.1", 4800)
@@ -24,8 +24,9 @@ def ip_packet(src: str, dst: str, payload: bytes = b"x" * 64) -> bytes:
     """A minimal IPv4 or IPv6 (UDP-looking) packet; the fast path reads only addresses."""
     s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
     if s.version == 4:
-        hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, 17, 0,
-                          s.packed, d.packed)
+        hdr = struct.pack(
+            "!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, 17, 0, s.packed, d.packed
+        )
     else:
         hdr = struct.pack("!IHBB16s16s", 6 << 28, len(payload), 17, 64, s.packed, d.packed)
     return hdr + payload
@@ -41,8 +42,16 @@ class Keys:
         return cls(os.urandom(32), os.urandom(32))
 
 
-def link_keys(a: FastPath, b: FastPath, a_peer: int, b_peer: int, a_idx: int, b_idx: int,
-              keys: Keys | None = None, activate: bool = True) -> Keys:
+def link_keys(
+    a: FastPath,
+    b: FastPath,
+    a_peer: int,
+    b_peer: int,
+    a_idx: int,
+    b_idx: int,
+    keys: Keys | None = None,
+    activate: bool = True,
+) -> Keys:
     """Install one key pair on both sides (A's peer b_peer is B and vice versa)."""
     k = keys or Keys.random()
     a.key_install(b_peer, a_idx, k.a_tx, k.b_tx)
@@ -66,12 +75,13 @@ class Pair:
         assert r.verdict.name == "SEND", r
         return inner, r.data
 
-    def deliver_b(self, wire: bytes, source: tuple[str, int] = A_ADDR):  # noqa: ANN201
+    def deliver_b(self, wire: bytes, source: tuple[str, int] = A_ADDR) -> Result:
         return self.b.process_inbound(LINK, source, wire)
 
 
-def make_pair(cfg: FastPathConfig | None = None) -> Pair:
-    a, b = FastPath(cfg), FastPath(cfg)
+def make_pair(cfg: FastPathConfig | None = None, cfg_b: FastPathConfig | None = None) -> Pair:
+    """A and B wired to each other with one active key; cfg_b defaults to cfg."""
+    a, b = FastPath(cfg), FastPath(cfg_b or cfg)
     a.peer_add(2)
     b.peer_add(1)
     a.route_set(B_NET, 2)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import struct
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from fphelpers import Pair, ip_packet
+
 from sdwan.fastpath import HEADER_LEN, TAG_LEN, TYPE_DATA, aead_test
 
 h = bytes.fromhex
@@ -25,11 +25,23 @@ IV15 = h("cafebabefacedbaddecaf888")
 # (key, iv, aad, plaintext, ciphertext, tag)
 VECTORS = [
     (bytes(32), bytes(12), b"", b"", b"", h("530f8afbc74536b9a963b4f1c4cb738b")),
-    (bytes(32), bytes(12), b"", bytes(16), h("cea7403d4d606b6e074ec5d3baf39d18"),
-     h("d0d1c8a799996bf0265b98b5d48ab919")),
+    (
+        bytes(32),
+        bytes(12),
+        b"",
+        bytes(16),
+        h("cea7403d4d606b6e074ec5d3baf39d18"),
+        h("d0d1c8a799996bf0265b98b5d48ab919"),
+    ),
     (K15, IV15, b"", P15, C15, h("b094dac5d93471bdec1a502270e3cc6c")),
-    (K15, IV15, h("feedfacedeadbeeffeedfacedeadbeefabaddad2"), P15[:60], C15[:60],
-     h("76fc6ece0f4e1768cddf8853bb2d551b")),
+    (
+        K15,
+        IV15,
+        h("feedfacedeadbeeffeedfacedeadbeefabaddad2"),
+        P15[:60],
+        C15[:60],
+        h("76fc6ece0f4e1768cddf8853bb2d551b"),
+    ),
 ]
 
 
@@ -66,8 +78,7 @@ def test_packet_layout_matches_independent_gcm(pair: Pair) -> None:
 def test_packet_from_independent_gcm_is_accepted(pair: Pair) -> None:
     inner = ip_packet("10.1.0.5", "10.2.0.7", b"made elsewhere")
     header = struct.pack("!B3xIQ", TYPE_DATA, 0x2001, 77)
-    wire = header + AESGCM(pair.keys.a_tx).encrypt(bytes(4) + struct.pack("!Q", 77), inner,
-                                                    header)
+    wire = header + AESGCM(pair.keys.a_tx).encrypt(bytes(4) + struct.pack("!Q", 77), inner, header)
     r = pair.deliver_b(wire)
     assert r.verdict.name == "TUN"
     assert r.data == inner

@@ -52,6 +52,7 @@ PUBLIC_NET = ipaddress.ip_network("198.51.100.0/24")
 POP_NET = ipaddress.ip_network("203.0.113.0/24")
 POP_IP = "203.0.113.10"
 SOCKETD_PORT = 4800
+_SUN_PATH_MAX = 100
 NAT_MODES = ("masquerade", "random", "shift", "none")
 
 # Where `python -m sdwan.*` finds the package when the distribution is not installed.
@@ -113,6 +114,7 @@ class Site:
     port: int = SOCKETD_PORT
     socketd: Daemon | None = None
     config: Path | None = None
+    sock: Path | None = None
 
     @property
     def site_id(self) -> int:
@@ -120,7 +122,7 @@ class Site:
 
     @property
     def control_socket(self) -> Path:
-        return self.dir / "control.sock"
+        return self.sock or self.dir / "control.sock"
 
     @property
     def data_dir(self) -> Path:
@@ -257,7 +259,7 @@ class Lab:
         self.public_hosts: dict[str, PublicHost] = {}
         self.pki: Pki | None = None
         self._closed = False
-        self._cgn_links = 0
+        self._sockdir: Path | None = None
         atexit.register(self.cleanup)
 
     # ------------------------------------------------------------- lifecycle
@@ -292,6 +294,8 @@ class Lab:
             self.namespaces.clear()
             if self._own_workdir:
                 shutil.rmtree(self.workdir, ignore_errors=True)
+            if self._sockdir is not None:
+                shutil.rmtree(self._sockdir, ignore_errors=True)
         finally:
             if blocked:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
@@ -497,8 +501,16 @@ table inet lab_filter {{
             public_ip=r.public_ip,
             dir=d,
         )
+        if len(str(site.control_socket)) > _SUN_PATH_MAX:
+            site.sock = self.short_dir() / f"site{n}.sock"
         self.sites[n] = site
         return site
+
+    def short_dir(self) -> Path:
+        # Unix socket paths are limited to 107 bytes; deep pytest tmp paths exceed that.
+        if self._sockdir is None:
+            self._sockdir = Path(tempfile.mkdtemp(prefix="swl-"))
+        return self._sockdir
 
     # ------------------------------------------------------------- processes
 
