@@ -91,7 +91,20 @@ async def _apply_links(plan: Plan) -> None:
                 raise NetcfgError(f"cannot route {dst} via {plan.tun}: {e}") from e
 
 
+def _ipv6_on_tunnel(plan: Plan) -> None:
+    # Without IPv6 subnets the kernel would still send router solicitations and
+    # MLD reports into the tunnel, which the fast path can only drop as no_route.
+    wanted = any(":" in r for r in plan.routes)
+    path = f"/proc/sys/net/ipv6/conf/{plan.tun}/disable_ipv6"
+    try:
+        with open(path, "w") as f:
+            f.write("0" if wanted else "1")
+    except FileNotFoundError:
+        pass  # a kernel without IPv6
+
+
 def apply(plan: Plan) -> None:
+    _ipv6_on_tunnel(plan)
     asyncio.run(_apply_links(plan))
     _apply_mss(plan)
 
