@@ -14,7 +14,7 @@ demo: setup
 test: setup lint test-py test-asan fuzz
 
 lint:
-	$(VENV)/bin/ruff check firmware tests bench/dataplane native/build_fastpath.py
+	$(VENV)/bin/ruff check .
 
 test-py:
 	$(PY) -m pytest -q -ra

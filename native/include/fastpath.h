@@ -152,6 +152,21 @@ int fp_key_clear(fp_t *fp, uint32_t peer_id);
 int fp_key_info(fp_t *fp, uint32_t peer_id, struct fp_key_info *out);
 int fp_send_keepalive(fp_t *fp, uint32_t peer_id);
 
+/* What the TUN device does for us (fp_tun_features). fp_tun_open asks for
+ * IFF_VNET_HDR and checksum/TSO (and, where the kernel has it, USO) offload, so
+ * the TUN thread reads superpackets of up to 64 KiB and cuts them itself, and
+ * the link threads write coalesced TCP superpackets; a fd given to
+ * fp_tun_attach carries plain packets (features 0). */
+/* VNET: a virtio_net_hdr in front of every packet; TSO: TCP superpackets
+ * (TUN_F_TSO4/6); USO: UDP superpackets (TUN_F_USO4/6). FP_VNET_HDR_LEN is the
+ * size of struct virtio_net_hdr. fp_tun_features: FP_TUN_F_* of the current
+ * TUN, 0 without one. */
+#define FP_TUN_F_VNET 1
+#define FP_TUN_F_TSO 2
+#define FP_TUN_F_USO 4
+#define FP_VNET_HDR_LEN 10
+int fp_tun_features(fp_t *fp);
+
 /* Threads. */
 int fp_start(fp_t *fp);
 int fp_stop(fp_t *fp);
@@ -184,5 +199,19 @@ int fp_test_aead(int encrypt, const uint8_t *key, const uint8_t *iv,
                  const uint8_t *aad, size_t aad_len, const uint8_t *in, size_t len,
                  uint8_t *out, uint8_t *tag);
 int fp_test_set_tx_counter(fp_t *fp, uint32_t peer_id, uint64_t counter);
+
+/* The offload code as pure functions. fp_test_gso_segment cuts one packet as
+ * read from a TUN with a FP_VNET_HDR_LEN-byte virtio_net_hdr `vnet` into
+ * segments written back to back into out (lengths in seg_lens); returns their
+ * number or -errno (malformed, too many segments, no room). A header without
+ * GSO gives the packet itself with its checksum completed.
+ * fp_test_gro_coalesce groups the n packets laid back to back in pkts (lengths
+ * in lens) as the link threads would before writing them to the TUN; writes
+ * each result to out as a virtio_net_hdr followed by the packet (lengths,
+ * header included, in out_lens) and returns their number or -errno. */
+int fp_test_gso_segment(const uint8_t *vnet, const uint8_t *pkt, size_t len, uint8_t *out,
+                        size_t cap, uint32_t *seg_lens, uint32_t max_segs);
+int fp_test_gro_coalesce(const uint8_t *pkts, const uint32_t *lens, uint32_t n, uint8_t *out,
+                         size_t cap, uint32_t *out_lens, uint32_t max_out);
 
 #endif

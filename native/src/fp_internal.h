@@ -117,6 +117,8 @@ struct fp_link {
     int wake_fd;                        /* eventfd: link_del stops its thread */
     pthread_t thread;
     bool thread_running;
+    bool gro;                           /* UDP_GRO is on: datagrams arrive coalesced */
+    atomic_bool no_gso;                 /* UDP_SEGMENT failed once: send one by one */
     struct fp_ctr ctr;
 };
 
@@ -140,6 +142,7 @@ struct fp {
     struct fp_link *links[FP_MAX_LINKS];
     int nlinks;
     _Atomic int tun_fd;                 /* -1 until tun_open/tun_attach */
+    int tun_features;                   /* FP_TUN_F_*: set with tun_fd */
     pthread_t tun_thread;
     bool tun_thread_running;
     int stop_fd;                        /* eventfd: fp_stop wakes every thread */
@@ -215,6 +218,52 @@ int fp_inbound_locked(struct fp *fp, struct fp_link *link, uint32_t link_id,
                       size_t cap, struct fp_result *res, uint64_t now);
 int fp_seal_for_peer(struct fp *fp, struct fp_peer *peer, const uint8_t *in, size_t len,
                      uint8_t *out, size_t cap, struct fp_result *res, uint64_t now);
+
+/* offload.c: struct virtio_net_hdr as the TUN reads and writes it with
+ * IFF_VNET_HDR (legacy layout, host byte order). */
+#define FP_VNET_LEN 10
+#define FP_VNET_F_NEEDS_CSUM 1
+#define FP_VNET_GSO_NONE 0
+#define FP_VNET_GSO_TCPV4 1
+#define FP_VNET_GSO_TCPV6 4
+#define FP_VNET_GSO_UDP_L4 5
+#define FP_VNET_GSO_ECN 0x80
+/* Largest superpacket the TUN hands over (IPv6: 40 + 64 KiB payload). */
+#define FP_SUPER_MAX (65535 + 40)
+/* Most segments one superpacket may be cut into (and one UDP GSO send carries). */
+#define FP_GSO_SEGS_MAX 64
+/* Packets considered together for coalescing. */
+#define FP_GRO_BATCH 256
+
+struct fp_vnet {
+    uint8_t flags;
+    uint8_t gso_type;
+    uint16_t hdr_len;
+    uint16_t gso_size;
+    uint16_t csum_start;
+    uint16_t csum_offset;
+};
+
+/* One plaintext packet bound for the TUN, as fp_gro_build sees it. */
+struct fp_gro_pkt {
+    uint8_t *p;
+    uint32_t len;
+    uint32_t next;          /* next packet of the same superpacket, or UINT32_MAX */
+    uint16_t hlen;          /* IP + TCP header length, for appended packets */
+    bool head;              /* written out: alone, or as the head of a superpacket */
+    struct fp_vnet vnet;    /* the header to write it with (valid when head) */
+};
+
+void fp_vnet_parse(const uint8_t *b, struct fp_vnet *v);
+void fp_vnet_write(uint8_t *b, const struct fp_vnet *v);
+int fp_csum_complete(const struct fp_vnet *v, uint8_t *pkt, size_t len);
+/* Cut a GSO superpacket into segments at out + i * stride + headroom; returns
+ * their number and lengths, or -errno for anything malformed. */
+int fp_gso_split(const struct fp_vnet *v, const uint8_t *pkt, size_t len, uint8_t *out,
+                 size_t cap, size_t headroom, size_t tailroom, uint32_t *lens, uint32_t max_segs,
+                 size_t *stride_out);
+/* Group pk[0..n) into superpackets; rewrites the headers of heads. */
+void fp_gro_build(struct fp_gro_pkt *pk, uint32_t n);
 
 /* io.c */
 int fp_io_start_link(struct fp *fp, struct fp_link *l);

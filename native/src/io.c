@@ -15,31 +15,66 @@
 #include <fcntl.h>
 #include <linux/if_tun.h>
 #include <net/if.h>
+#include <netinet/in.h>
+#include <netinet/udp.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 /* ------------------------------------------------------------------ send batches */
 
+/* One UDP GSO send stays under the largest UDP payload, and under the
+ * kernel's segment limit. */
+#define GSO_BYTES_MAX 65000
+/* Per-thread scratch: sealed packets (TUN thread) or plaintexts (link
+ * threads) of one batch; a batch is sent out before the arena runs low. */
+#define ARENA_LEN (512u << 10)
+#define ARENA_LOW (160u << 10)
+#define TXQ_CAP 512
+#define GRO_RX_MSGS 16
+
+union cmsg_u16 {
+    char buf[CMSG_SPACE(sizeof(uint16_t))];
+    struct cmsghdr align;
+};
+
+/* Datagrams to send, in order. Consecutive packets for the same link and
+ * endpoint that lie back to back in memory and have the same size (the last
+ * may be shorter) share one entry, sent with UDP_SEGMENT. */
 struct txq {
     unsigned n;
+    unsigned cap;
     struct mmsghdr *m;
     struct iovec *iov;
     struct sockaddr_storage *sa;
+    struct fp_addr *to;
     struct fp_link **link;
+    uint16_t *seg;                      /* size of each datagram but the last */
+    uint16_t *nseg;                     /* datagrams in the entry */
+    bool *closed;                       /* a shorter one came: no more may follow */
+    union cmsg_u16 *cm;
 };
 
 static int txq_init(struct txq *q, unsigned cap)
 {
     q->n = 0;
+    q->cap = cap;
     q->m = calloc(cap, sizeof(*q->m));
     q->iov = calloc(cap, sizeof(*q->iov));
     q->sa = calloc(cap, sizeof(*q->sa));
+    q->to = calloc(cap, sizeof(*q->to));
     q->link = calloc(cap, sizeof(*q->link));
-    return q->m && q->iov && q->sa && q->link ? 0 : -ENOMEM;
+    q->seg = calloc(cap, sizeof(*q->seg));
+    q->nseg = calloc(cap, sizeof(*q->nseg));
+    q->closed = calloc(cap, sizeof(*q->closed));
+    q->cm = calloc(cap, sizeof(*q->cm));
+    return q->m && q->iov && q->sa && q->to && q->link && q->seg && q->nseg && q->closed && q->cm
+               ? 0
+               : -ENOMEM;
 }
 
 static void txq_free(struct txq *q)
@@ -47,8 +82,20 @@ static void txq_free(struct txq *q)
     free(q->m);
     free(q->iov);
     free(q->sa);
+    free(q->to);
     free(q->link);
+    free(q->seg);
+    free(q->nseg);
+    free(q->closed);
+    free(q->cm);
 }
+
+static bool txq_full(const struct txq *q)
+{
+    return q->n == q->cap;
+}
+
+static void txq_flush(struct fp *fp, struct txq *q);
 
 static void txq_add(struct fp *fp, struct txq *q, const struct fp_result *res, uint8_t *buf)
 {
@@ -58,6 +105,22 @@ static void txq_add(struct fp *fp, struct txq *q, const struct fp_result *res, u
         fp_ctr_add(&fp->gctr.drops[FP_DROP_SEND_ERROR], 1);
         return;
     }
+    if (q->n) {
+        unsigned t = q->n - 1;
+        struct iovec *v = &q->iov[t];
+        if (q->link[t] == l && !q->closed[t] && (uint8_t *)v->iov_base + v->iov_len == buf &&
+            res->out_len <= q->seg[t] && q->nseg[t] < FP_GSO_SEGS_MAX &&
+            v->iov_len + res->out_len <= GSO_BYTES_MAX &&
+            !atomic_load_explicit(&l->no_gso, memory_order_relaxed) &&
+            fp_addr_equal(&q->to[t], &res->to)) {
+            v->iov_len += res->out_len;
+            q->nseg[t]++;
+            q->closed[t] = res->out_len < q->seg[t];
+            return;
+        }
+    }
+    if (txq_full(q))
+        txq_flush(fp, q);
     if (fp_addr_to_sockaddr(&res->to, l->family, &q->sa[q->n], &sl) < 0) {
         fp_ctr_add(&l->ctr.drops[FP_DROP_SEND_ERROR], 1);
         return;
@@ -65,6 +128,10 @@ static void txq_add(struct fp *fp, struct txq *q, const struct fp_result *res, u
     unsigned i = q->n++;
     q->iov[i].iov_base = buf;
     q->iov[i].iov_len = res->out_len;
+    q->to[i] = res->to;
+    q->seg[i] = (uint16_t)(res->out_len > 0xffff ? 0xffff : res->out_len);
+    q->nseg[i] = 1;
+    q->closed[i] = false;
     memset(&q->m[i], 0, sizeof(q->m[i]));
     q->m[i].msg_hdr.msg_name = &q->sa[i];
     q->m[i].msg_hdr.msg_namelen = sl;
@@ -82,17 +149,54 @@ static bool wait_writable(struct fp *fp, int fd)
     return r > 0 && (p[0].revents & POLLOUT) && !(p[1].revents & POLLIN);
 }
 
-static void send_run(struct fp *fp, struct fp_link *l, struct mmsghdr *m, unsigned n)
+/* An entry the kernel refused to segment: its datagrams one by one. */
+static void send_split(struct fp_link *l, struct txq *q, unsigned i)
 {
+    uint8_t *b = q->iov[i].iov_base;
+    size_t left = q->iov[i].iov_len;
+    while (left) {
+        size_t len = left < q->seg[i] ? left : q->seg[i];
+        if (sendto(l->fd, b, len, MSG_DONTWAIT, (struct sockaddr *)&q->sa[i],
+                   q->m[i].msg_hdr.msg_namelen) < 0) {
+            fp_ctr_add(&l->ctr.drops[FP_DROP_SEND_ERROR], 1);
+        } else {
+            fp_ctr_add(&l->ctr.tx_packets, 1);
+            fp_ctr_add(&l->ctr.tx_bytes, len);
+        }
+        b += len;
+        left -= len;
+    }
+}
+
+static void send_run(struct fp *fp, struct fp_link *l, struct txq *q, unsigned from, unsigned n)
+{
+    struct mmsghdr *m = q->m + from;
     unsigned done = 0;
     int waits = 0;
+    for (unsigned i = from; i < from + n; i++) {
+        struct msghdr *h = &q->m[i].msg_hdr;
+        if (q->nseg[i] > 1) {
+            struct cmsghdr *c = &q->cm[i].align;
+            c->cmsg_level = SOL_UDP;
+            c->cmsg_type = UDP_SEGMENT;
+            c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+            memcpy(CMSG_DATA(c), &q->seg[i], sizeof(uint16_t));
+            h->msg_control = q->cm[i].buf;
+            h->msg_controllen = sizeof(q->cm[i].buf);
+        } else {
+            h->msg_control = NULL;
+            h->msg_controllen = 0;
+        }
+    }
     while (done < n) {
         int r = sendmmsg(l->fd, m + done, n - done, MSG_DONTWAIT);
         if (r > 0) {
-            uint64_t bytes = 0;
-            for (unsigned i = done; i < done + (unsigned)r; i++)
+            uint64_t bytes = 0, pkts = 0;
+            for (unsigned i = done; i < done + (unsigned)r; i++) {
                 bytes += m[i].msg_len;
-            fp_ctr_add(&l->ctr.tx_packets, (uint64_t)r);
+                pkts += q->nseg[from + i];
+            }
+            fp_ctr_add(&l->ctr.tx_packets, pkts);
             fp_ctr_add(&l->ctr.tx_bytes, bytes);
             done += (unsigned)r;
             continue;
@@ -102,12 +206,22 @@ static void send_run(struct fp *fp, struct fp_link *l, struct mmsghdr *m, unsign
         if (r < 0 && (errno == EAGAIN || errno == ENOBUFS)) {
             if (waits++ < 100 && wait_writable(fp, l->fd))
                 continue;
-            fp_ctr_add(&l->ctr.drops[FP_DROP_SEND_ERROR], n - done);
+            for (unsigned i = done; i < n; i++)
+                fp_ctr_add(&l->ctr.drops[FP_DROP_SEND_ERROR], q->nseg[from + i]);
             return;
         }
-        /* A per-destination error (unreachable, EPERM from a firewall):
-         * drop that one datagram, keep the rest. */
-        fp_ctr_add(&l->ctr.drops[FP_DROP_SEND_ERROR], 1);
+        unsigned i = from + done;
+        if (q->nseg[i] > 1 && (errno == EIO || errno == EINVAL || errno == EMSGSIZE)) {
+            /* EIO: the device cannot checksum, so the kernel cannot segment;
+             * EINVAL/EMSGSIZE: this entry is larger than the path allows. */
+            if (errno == EIO)
+                atomic_store_explicit(&l->no_gso, true, memory_order_relaxed);
+            send_split(l, q, i);
+        } else {
+            /* A per-destination error (unreachable, EPERM from a firewall):
+             * drop that one entry, keep the rest. */
+            fp_ctr_add(&l->ctr.drops[FP_DROP_SEND_ERROR], q->nseg[i]);
+        }
         done++;
     }
 }
@@ -119,21 +233,67 @@ static void txq_flush(struct fp *fp, struct txq *q)
         unsigned j = i + 1;
         while (j < q->n && q->link[j] == q->link[i])
             j++;
-        send_run(fp, q->link[i], q->m + i, j - i);
+        send_run(fp, q->link[i], q, i, j - i);
         i = j;
     }
     q->n = 0;
 }
 
-static void tun_deliver(struct fp *fp, const uint8_t *buf, size_t len)
+/* ------------------------------------------------------------------ TUN writes */
+
+struct tunq {
+    uint32_t n;
+    struct fp_gro_pkt *pk;
+    struct iovec iov[FP_GSO_SEGS_MAX + 2];
+};
+
+static void tun_count(struct fp *fp, bool ok, uint64_t pkts, uint64_t bytes)
 {
-    int fd = atomic_load_explicit(&fp->tun_fd, memory_order_acquire);
-    if (fd < 0 || write(fd, buf, len) != (ssize_t)len) {
-        fp_ctr_add(&fp->gctr.drops[FP_DROP_SEND_ERROR], 1);
+    if (!ok) {
+        fp_ctr_add(&fp->gctr.drops[FP_DROP_SEND_ERROR], pkts);
         return;
     }
-    fp_ctr_add(&fp->gctr.tx_packets, 1);
-    fp_ctr_add(&fp->gctr.tx_bytes, len);
+    fp_ctr_add(&fp->gctr.tx_packets, pkts);
+    fp_ctr_add(&fp->gctr.tx_bytes, bytes);
+}
+
+/* Write the queued plaintexts to the TUN: with a vnet header, consecutive
+ * segments of one TCP flow go as one superpacket per writev. */
+static void tunq_flush(struct fp *fp, struct tunq *t)
+{
+    int fd = atomic_load_explicit(&fp->tun_fd, memory_order_acquire);
+    bool vnet = fp->tun_features & FP_TUN_F_VNET;
+    if (t->n == 0)
+        return;
+    if (!vnet) {
+        for (uint32_t i = 0; i < t->n; i++)
+            tun_count(fp, fd >= 0 && write(fd, t->pk[i].p, t->pk[i].len) == (ssize_t)t->pk[i].len,
+                      1, t->pk[i].len);
+        t->n = 0;
+        return;
+    }
+    fp_gro_build(t->pk, t->n);
+    for (uint32_t i = 0; i < t->n; i++) {
+        struct fp_gro_pkt *h = &t->pk[i];
+        if (!h->head)
+            continue;
+        uint8_t vh[FP_VNET_LEN];
+        fp_vnet_write(vh, &h->vnet);
+        int c = 0;
+        uint64_t pkts = 1, bytes = h->len;
+        size_t total = FP_VNET_LEN + h->len;
+        t->iov[c++] = (struct iovec){vh, FP_VNET_LEN};
+        t->iov[c++] = (struct iovec){h->p, h->len};
+        for (uint32_t j = h->next; j != UINT32_MAX; j = t->pk[j].next) {
+            struct fp_gro_pkt *s = &t->pk[j];
+            t->iov[c++] = (struct iovec){s->p + s->hlen, s->len - s->hlen};
+            total += s->len - s->hlen;
+            pkts++;
+            bytes += s->len;
+        }
+        tun_count(fp, fd >= 0 && writev(fd, t->iov, c) == (ssize_t)total, pkts, bytes);
+    }
+    t->n = 0;
 }
 
 /* ------------------------------------------------------------------ threads */
@@ -142,18 +302,24 @@ static void *link_thread(void *arg)
 {
     struct fp_link *l = arg;
     struct fp *fp = l->fp;
-    unsigned n = fp->cfg.batch;
-    uint8_t *rx = malloc((size_t)n * FP_BUF_LEN);
-    uint8_t *out = malloc((size_t)n * FP_BUF_LEN);
+    /* With GRO a datagram may hold up to 64 KiB of coalesced ones. */
+    unsigned n = l->gro ? (fp->cfg.batch < GRO_RX_MSGS ? fp->cfg.batch : GRO_RX_MSGS)
+                        : fp->cfg.batch;
+    size_t rxlen = l->gro ? 65536 : FP_BUF_LEN;
+    const size_t cml = CMSG_SPACE(sizeof(int));
+    uint8_t *rx = malloc((size_t)n * rxlen);
+    uint8_t *arena = malloc(ARENA_LEN);
+    uint8_t *cm = calloc(n, cml);
     struct mmsghdr *m = calloc(n, sizeof(*m));
     struct iovec *iov = calloc(n, sizeof(*iov));
     struct sockaddr_storage *src = calloc(n, sizeof(*src));
+    struct tunq t = {0, calloc(FP_GRO_BATCH, sizeof(struct fp_gro_pkt)), {{0}}};
     struct txq q;
-    if (txq_init(&q, n) < 0 || !rx || !out || !m || !iov || !src)
+    if (txq_init(&q, TXQ_CAP) < 0 || !rx || !arena || !cm || !m || !iov || !src || !t.pk)
         goto done;
     for (unsigned i = 0; i < n; i++) {
-        iov[i].iov_base = rx + (size_t)i * FP_BUF_LEN;
-        iov[i].iov_len = FP_BUF_LEN;
+        iov[i].iov_base = rx + (size_t)i * rxlen;
+        iov[i].iov_len = rxlen;
         m[i].msg_hdr.msg_iov = &iov[i];
         m[i].msg_hdr.msg_iovlen = 1;
         m[i].msg_hdr.msg_name = &src[i];
@@ -171,43 +337,85 @@ static void *link_thread(void *arg)
         for (unsigned i = 0; i < n; i++) {
             m[i].msg_hdr.msg_namelen = sizeof(src[i]);
             m[i].msg_hdr.msg_flags = 0;
+            m[i].msg_hdr.msg_control = cm + (size_t)i * cml;
+            m[i].msg_hdr.msg_controllen = cml;
         }
         int r = recvmmsg(l->fd, m, n, MSG_DONTWAIT, NULL);
         if (r <= 0)
             continue;
         uint64_t now = fp_now_ns();
+        size_t used = 0;
         pthread_rwlock_rdlock(&fp->lock);
         for (int i = 0; i < r; i++) {
-            uint8_t *pkt = rx + (size_t)i * FP_BUF_LEN;
-            uint8_t *o = out + (size_t)i * FP_BUF_LEN;
+            uint8_t *pkt = iov[i].iov_base;
+            size_t len = m[i].msg_len;
             struct fp_addr from;
-            struct fp_result res;
             fp_addr_from_sockaddr(&src[i], &from);
             if (m[i].msg_hdr.msg_flags & MSG_TRUNC) {
                 fp_ctr_add(&l->ctr.rx_packets, 1);
-                fp_ctr_add(&l->ctr.rx_bytes, m[i].msg_len);
+                fp_ctr_add(&l->ctr.rx_bytes, len);
                 fp_ctr_add(&l->ctr.drops[FP_DROP_MALFORMED], 1);
                 continue;
             }
-            if (fp_inbound_locked(fp, l, l->id, from.family ? &from : NULL, pkt, m[i].msg_len, o,
-                                  FP_BUF_LEN, &res, now) < 0)
-                continue;
-            if (res.verdict == FP_V_TUN)
-                tun_deliver(fp, o, res.out_len);
-            else if (res.verdict == FP_V_SEND)
-                txq_add(fp, &q, &res, o);
+            size_t seg = len;
+            for (struct cmsghdr *c = CMSG_FIRSTHDR(&m[i].msg_hdr); c;
+                 c = CMSG_NXTHDR(&m[i].msg_hdr, c)) {
+                if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO) {
+                    int g;
+                    memcpy(&g, CMSG_DATA(c), sizeof(g));
+                    if (g > 0)
+                        seg = (size_t)g;
+                }
+            }
+            for (size_t off = 0; off < len || (off == 0 && len == 0); off += seg) {
+                size_t sl = len - off < seg ? len - off : seg;
+                if (ARENA_LEN - used < FP_BUF_LEN + 64 || t.n == FP_GRO_BATCH) {
+                    tunq_flush(fp, &t);
+                    txq_flush(fp, &q);
+                    used = 0;
+                }
+                uint8_t *o = arena + used;
+                struct fp_result res;
+                if (fp_inbound_locked(fp, l, l->id, from.family ? &from : NULL, pkt + off, sl, o,
+                                      ARENA_LEN - used, &res, now) == 0) {
+                    if (res.verdict == FP_V_TUN) {
+                        t.pk[t.n].p = o;
+                        t.pk[t.n++].len = res.out_len;
+                        used += res.out_len;
+                    } else if (res.verdict == FP_V_SEND) {
+                        txq_add(fp, &q, &res, o);
+                        used += res.out_len;
+                    }
+                }
+                if (len == 0)
+                    break;
+            }
         }
+        tunq_flush(fp, &t);
         txq_flush(fp, &q);
         pthread_rwlock_unlock(&fp->lock);
     }
 done:
     txq_free(&q);
+    free(t.pk);
     free(rx);
-    free(out);
+    free(arena);
+    free(cm);
     free(m);
     free(iov);
     free(src);
     return NULL;
+}
+
+/* Seal one plaintext packet into the arena and queue it. */
+static void seal_queue(struct fp *fp, struct txq *q, const uint8_t *ip, size_t len, uint8_t *o,
+                       size_t cap, size_t *used, uint64_t now)
+{
+    struct fp_result res;
+    if (fp_outbound_locked(fp, ip, len, o, cap, &res, now) == 0 && res.verdict == FP_V_SEND) {
+        txq_add(fp, q, &res, o);
+        *used += res.out_len;
+    }
 }
 
 static void *tun_thread(void *arg)
@@ -215,10 +423,14 @@ static void *tun_thread(void *arg)
     struct fp *fp = arg;
     unsigned n = fp->cfg.batch;
     int fd = atomic_load(&fp->tun_fd);
-    uint8_t *buf = malloc((size_t)n * FP_BUF_LEN);
-    size_t *lens = calloc(n, sizeof(*lens));
+    bool vnet = fp->tun_features & FP_TUN_F_VNET;
+    /* The packet lands FP_HEADER_LEN into rbuf, its vnet header just before. */
+    uint8_t *rbuf = malloc(FP_HEADER_LEN + FP_SUPER_MAX + 64);
+    uint8_t *arena = malloc(ARENA_LEN);
+    uint8_t *ip = rbuf + FP_HEADER_LEN;
+    uint32_t lens[FP_GSO_SEGS_MAX];
     struct txq q;
-    if (txq_init(&q, n) < 0 || !buf || !lens)
+    if (txq_init(&q, TXQ_CAP) < 0 || !rbuf || !arena)
         goto done;
     for (;;) {
         struct pollfd p[2] = {{fd, POLLIN, 0}, {fp->stop_fd, POLLIN, 0}};
@@ -230,14 +442,79 @@ static void *tun_thread(void *arg)
         if (p[1].revents)
             break;
         unsigned cnt = 0;
+        size_t used = 0;
+        bool locked = false;
         while (cnt < n) {
+            ssize_t r;
             /* One byte more than the largest packet, so oversize shows. */
-            ssize_t r = read(fd, buf + (size_t)cnt * FP_BUF_LEN + FP_HEADER_LEN, FP_MAX_INNER + 1);
+            if (vnet)
+                r = read(fd, ip - FP_VNET_LEN, FP_VNET_LEN + FP_SUPER_MAX + 1);
+            else
+                r = read(fd, ip, FP_MAX_INNER + 1);
             if (r < 0 && errno == EINTR)
                 continue;
             if (r <= 0)
                 break;
-            lens[cnt++] = (size_t)r;
+            cnt++;
+            if (!locked) {
+                pthread_rwlock_rdlock(&fp->lock);
+                locked = true;
+            }
+            uint64_t now = fp_now_ns();
+            if (ARENA_LEN - used < ARENA_LOW) {
+                txq_flush(fp, &q);
+                used = 0;
+            }
+            if (!vnet) {
+                seal_queue(fp, &q, ip, (size_t)r, arena + used, ARENA_LEN - used, &used, now);
+                continue;
+            }
+            struct fp_vnet v;
+            size_t len = (size_t)r - FP_VNET_LEN;
+            if ((size_t)r < FP_VNET_LEN) {
+                fp_ctr_add(&fp->gctr.rx_packets, 1);
+                fp_ctr_add(&fp->gctr.drops[FP_DROP_MALFORMED], 1);
+                continue;
+            }
+            fp_vnet_parse(ip - FP_VNET_LEN, &v);
+            if ((v.gso_type & ~FP_VNET_GSO_ECN) == FP_VNET_GSO_NONE) {
+                if (fp_csum_complete(&v, ip, len) < 0) {
+                    fp_ctr_add(&fp->gctr.rx_packets, 1);
+                    fp_ctr_add(&fp->gctr.drops[FP_DROP_MALFORMED], 1);
+                    continue;
+                }
+                seal_queue(fp, &q, ip, len, arena + used, ARENA_LEN - used, &used, now);
+                continue;
+            }
+            size_t stride;
+            int ns = fp_gso_split(&v, ip, len, arena + used, ARENA_LEN - used, FP_HEADER_LEN,
+                                  FP_TAG_LEN, lens, FP_GSO_SEGS_MAX, &stride);
+            if (ns == -ENOSPC && used) {
+                txq_flush(fp, &q);
+                used = 0;
+                ns = fp_gso_split(&v, ip, len, arena, ARENA_LEN, FP_HEADER_LEN, FP_TAG_LEN, lens,
+                                  FP_GSO_SEGS_MAX, &stride);
+            }
+            if (ns < 0) {
+                fp_ctr_add(&fp->gctr.rx_packets, 1);
+                fp_ctr_add(&fp->gctr.drops[FP_DROP_MALFORMED], 1);
+                continue;
+            }
+            /* Sealed in place: segment i is at base + i * stride, header first,
+             * so full segments end exactly where the next begins. */
+            uint8_t *base = arena + used;
+            for (int i = 0; i < ns; i++) {
+                uint8_t *s = base + (size_t)i * stride;
+                struct fp_result res;
+                if (fp_outbound_locked(fp, s + FP_HEADER_LEN, lens[i], s, stride, &res, now) == 0 &&
+                    res.verdict == FP_V_SEND)
+                    txq_add(fp, &q, &res, s);
+            }
+            used += (size_t)(ns - 1) * stride + lens[ns - 1] + FP_OVERHEAD;
+        }
+        if (locked) {
+            txq_flush(fp, &q);
+            pthread_rwlock_unlock(&fp->lock);
         }
         if (cnt == 0) {
             /* The device went away (or the socketpair's other end closed). */
@@ -245,22 +522,11 @@ static void *tun_thread(void *arg)
                 break;
             continue;
         }
-        uint64_t now = fp_now_ns();
-        pthread_rwlock_rdlock(&fp->lock);
-        for (unsigned i = 0; i < cnt; i++) {
-            uint8_t *b = buf + (size_t)i * FP_BUF_LEN;
-            struct fp_result res;
-            if (fp_outbound_locked(fp, b + FP_HEADER_LEN, lens[i], b, FP_BUF_LEN, &res, now) == 0 &&
-                res.verdict == FP_V_SEND)
-                txq_add(fp, &q, &res, b);
-        }
-        txq_flush(fp, &q);
-        pthread_rwlock_unlock(&fp->lock);
     }
 done:
     txq_free(&q);
-    free(buf);
-    free(lens);
+    free(rbuf);
+    free(arena);
     return NULL;
 }
 
@@ -346,13 +612,20 @@ int fp_stop(fp_t *fp)
     return 0;
 }
 
-static int tun_set(struct fp *fp, int fd)
+/* Not in every libc's copy of linux/if_tun.h yet (Linux 6.2). */
+#ifndef TUN_F_USO4
+#define TUN_F_USO4 0x20
+#define TUN_F_USO6 0x40
+#endif
+
+static int tun_set(struct fp *fp, int fd, int features)
 {
     int rc = 0;
     pthread_mutex_lock(&fp->api_lock);
     if (atomic_load(&fp->tun_fd) >= 0) {
         rc = -EEXIST;
     } else {
+        fp->tun_features = features;
         atomic_store_explicit(&fp->tun_fd, fd, memory_order_release);
         if (fp->running && (rc = fp_io_start_tun(fp)) < 0)
             atomic_store(&fp->tun_fd, -1);
@@ -372,14 +645,41 @@ int fp_tun_open(fp_t *fp, const char *name)
         return -errno;
     struct ifreq ifr;
     memset(&ifr, 0, sizeof(ifr));
-    ifr.ifr_flags = IFF_TUN | IFF_NO_PI;
+    ifr.ifr_flags = IFF_TUN | IFF_NO_PI | IFF_VNET_HDR;
     memcpy(ifr.ifr_name, name, strlen(name));
-    if (ioctl(fd, TUNSETIFF, &ifr) < 0) {
-        int e = errno;
+    int features = 0;
+    int hs = FP_VNET_LEN;
+    if (ioctl(fd, TUNSETIFF, &ifr) == 0 && ioctl(fd, TUNSETVNETHDRSZ, &hs) == 0) {
+        features = FP_TUN_F_VNET;
+        /* Ask for the most the kernel gives; without any of it the vnet
+         * header stays (all zero) and packets come one by one. */
+        if (ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_USO4 |
+                                         TUN_F_USO6) == 0)
+            features |= FP_TUN_F_TSO | FP_TUN_F_USO;
+        else if (ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6) == 0)
+            features |= FP_TUN_F_TSO;
+    } else {
+        /* A kernel (or an existing device) without vnet headers: plain packets. */
         close(fd);
-        return -e;
+        fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC);
+        if (fd < 0)
+            return -errno;
+        ifr.ifr_flags = IFF_TUN | IFF_NO_PI;
+        if (ioctl(fd, TUNSETIFF, &ifr) < 0) {
+            int e = errno;
+            close(fd);
+            return -e;
+        }
     }
-    return tun_set(fp, fd);
+    return tun_set(fp, fd, features);
+}
+
+int fp_tun_features(fp_t *fp)
+{
+    pthread_mutex_lock(&fp->api_lock);
+    int f = atomic_load(&fp->tun_fd) >= 0 ? fp->tun_features : 0;
+    pthread_mutex_unlock(&fp->api_lock);
+    return f;
 }
 
 int fp_tun_attach(fp_t *fp, int fd)
@@ -395,7 +695,7 @@ int fp_tun_attach(fp_t *fp, int fd)
         close(mine);
         return -e;
     }
-    return tun_set(fp, mine);
+    return tun_set(fp, mine, 0);
 }
 
 int fp_link_add(fp_t *fp, uint32_t link_id, int udp_fd)
@@ -417,6 +717,7 @@ int fp_link_add(fp_t *fp, uint32_t link_id, int udp_fd)
     l->fp = fp;
     l->id = link_id;
     l->family = ss.ss_family;
+    atomic_init(&l->no_gso, false);
     l->fd = fcntl(udp_fd, F_DUPFD_CLOEXEC, 0);
     l->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (l->fd < 0 || l->wake_fd < 0) {
@@ -428,6 +729,10 @@ int fp_link_add(fp_t *fp, uint32_t link_id, int udp_fd)
         free(l);
         return -e;
     }
+    /* Coalesced receive: the kernel hands over runs of datagrams of one size
+     * from one sender as one, and the link thread splits them. */
+    int one = 1;
+    l->gro = setsockopt(l->fd, SOL_UDP, UDP_GRO, &one, sizeof(one)) == 0;
     int rc = 0;
     pthread_mutex_lock(&fp->api_lock);
     pthread_rwlock_wrlock(&fp->lock);

@@ -239,3 +239,29 @@ def test_forged_and_replayed_packets_are_dropped_and_counted(lab: Lab) -> None:
     # The tunnel itself is unharmed.
     assert lab.ping(s1.lan_ns, s2.lan_host_ip, count=2)
     assert peer_status(lab, s2, 1)["state"] == "up"
+
+
+def test_periodic_rekey_loses_nothing(lab: Lab) -> None:
+    s1, s2 = build(lab)
+    start_pair(lab, s1, s2, rekey_s=10)
+    wait_state(lab, s2, 1, "up", UP_TIMEOUT_S)
+    # 25 s of pings every 50 ms span at least two rekeys.
+    cp = lab.exec(
+        s1.lan_ns,
+        ["ping", "-n", "-q", "-c", "500", "-i", "0.05", "-W", "1", s2.lan_host_ip],
+        timeout=60,
+        check=False,
+    )
+    assert " 0% packet loss" in cp.stdout, cp.stdout
+    assert peer_status(lab, s2, 1)["handshakes"] >= 3
+    assert peer_status(lab, s1, 2)["state"] == "up"
+
+
+def test_dead_peer_is_reported_down_with_the_reason(lab: Lab) -> None:
+    s1, s2 = build(lab)
+    start_pair(lab, s1, s2)
+    wait_state(lab, s1, 2, "up", UP_TIMEOUT_S)
+    lab.stop_socketd(s2, sig=signal.SIGKILL)
+    # keepalive_s = 2: silence for 3 keepalives is declared dead.
+    st = wait_reason(lab, s1, 2, "no packets from the peer", 15)
+    assert st["state"] == "down"
