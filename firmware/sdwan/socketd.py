@@ -32,6 +32,7 @@ TICK_S = 0.05
 HANDSHAKE_DEADLINE_S = 10.0
 MAX_HANDSHAKING = 256  # server sessions in progress; each needed a valid cookie
 REJECTIONS_KEPT = 20
+STALE_SESSION_S = 60.0     # an established session no tunnel uses any more
 
 
 class StartupError(Exception):
@@ -264,9 +265,13 @@ class Supervisor:
 
     def _tick(self) -> None:
         now = time.monotonic()
+        current = {id(t.session) for t in self.tunnels.values()}
         for key, entry in list(self.sessions.items()):
             session = entry.session
             if session.established:
+                # Replaced by a rekey or left behind by a roaming peer.
+                if id(session) not in current and now - entry.created > STALE_SESSION_S:
+                    del self.sessions[key]
                 continue
             if now - entry.created > HANDSHAKE_DEADLINE_S and not session.failed:
                 entry.reported = True
