@@ -31,8 +31,10 @@ log = logging.getLogger("sdwan.socketd")
 TICK_S = 0.05
 HANDSHAKE_DEADLINE_S = 10.0
 MAX_HANDSHAKING = 256  # server sessions in progress; each needed a valid cookie
+MAX_HANDSHAKING_PER_IP = 4  # so that one host cannot fill the table by itself
+MAX_EVENTS_PER_WAKEUP = 256  # a control flood must not starve timers and socketctl
 REJECTIONS_KEPT = 20
-STALE_SESSION_S = 60.0     # an established session no tunnel uses any more
+STALE_SESSION_S = 60.0  # an established session no tunnel uses any more
 
 
 class StartupError(Exception):
@@ -47,6 +49,10 @@ class _Session:
     created: float
     expected_peer: int | None = None  # client sessions know whom they called
     reported: bool = False  # established/failed already handed on
+
+    @property
+    def is_server_handshake(self) -> bool:
+        return not self.session.is_client and not self.session.established
 
 
 @dataclass
@@ -146,16 +152,53 @@ class Supervisor:
     def client_session(self, link_id: int, addr: Addr, expected_site_id: int) -> DtlsSession:
         assert self.dtls is not None
         session = self.dtls.client(expected_site_id)
-        self.sessions[(link_id, addr)] = _Session(
-            session, link_id, addr, time.monotonic(), expected_peer=expected_site_id
+        self._register(
+            _Session(session, link_id, addr, time.monotonic(), expected_peer=expected_site_id)
         )
         return session
+
+    def _register(self, entry: _Session) -> None:
+        """Put entry in the table; a handshake it displaces is failed, not orphaned."""
+        old = self.sessions.get((entry.link_id, entry.addr))
+        if old is not None and not old.reported and not old.session.established:
+            old.reported = True
+            self._reject(old, "superseded by another handshake with the same address")
+        self.sessions[(entry.link_id, entry.addr)] = entry
+
+    def _known_source(self, addr: Addr) -> bool:
+        return any(addr in (t.endpoint, t.configured_endpoint) for t in self.tunnels.values())
+
+    def _admit(self, addr: Addr) -> bool:
+        """Room for one more server handshake from addr (its cookie was valid)?
+
+        A cookie only proves the sender receives at its address, so one host
+        could otherwise hold every slot from many ports. Configured peers are
+        always admitted, evicting the oldest handshake of an unknown source."""
+        pending = [e for e in self.sessions.values() if e.is_server_handshake]
+        known = self._known_source(addr)
+        if not known and sum(1 for e in pending if e.addr[0] == addr[0]) >= MAX_HANDSHAKING_PER_IP:
+            return False
+        if len(pending) < MAX_HANDSHAKING:
+            return True
+        victims = [e for e in pending if not self._known_source(e.addr)]
+        if not known or not victims:
+            return False
+        victim = min(victims, key=lambda e: e.created)
+        victim.reported = True
+        self.sessions.pop((victim.link_id, victim.addr), None)
+        self.stats.dtls_rejected += 1
+        return True
 
     # ---------------------------------------------------------------- control packets
 
     def _on_ctrl_readable(self) -> None:
         assert self.fp is not None
-        while (ev := self.fp.ctrl_recv()) is not None:
+        # The reader is level-triggered: whatever is left calls us again at once,
+        # after the loop has run its timers.
+        for _ in range(MAX_EVENTS_PER_WAKEUP):
+            ev = self.fp.ctrl_recv()
+            if ev is None:
+                return
             try:
                 self._on_ctrl_event(ev)
             except Exception:
@@ -194,17 +237,16 @@ class Supervisor:
         ):
             # A new handshake from this address (first, rekey, or after the
             # peer restarted): stateless cookie check first.
-            handshaking = sum(1 for s in self.sessions.values() if not s.session.established)
-            if handshaking >= MAX_HANDSHAKING:
-                self.stats.dtls_rejected += 1
-                return
             result = self.dtls.accept(
                 data, f"{addr[0]}:{addr[1]}", allowed_site_ids=self.tunnels.keys()
             )
             for reply in result.replies:
                 self.send(link_id, addr, reply)
             if result.session is not None:
-                self.sessions[key] = _Session(result.session, link_id, addr, time.monotonic())
+                if not self._admit(addr):
+                    self.stats.dtls_rejected += 1
+                    return
+                self._register(_Session(result.session, link_id, addr, time.monotonic()))
                 self._after_input(self.sessions[key])
             return
         if entry is None:
@@ -240,8 +282,11 @@ class Supervisor:
     def _reject(self, entry: _Session, reason: str) -> None:
         addr = f"{entry.addr[0]}:{entry.addr[1]}"
         self.stats.dtls_rejected += 1
-        self.stats.rejections.append({"at": time.time(), "from": addr, "reason": reason})
-        log.warning("handshake with %s failed: %s", addr, reason)
+        # Strangers that never finish their handshake are counted, not listed:
+        # they would push the refusals that matter out of the short list.
+        if entry.expected_peer or self._known_source(entry.addr) or reason != "handshake timed out":
+            self.stats.rejections.append({"at": time.time(), "from": addr, "reason": reason})
+            log.warning("handshake with %s failed: %s", addr, reason)
         self.sessions.pop((entry.link_id, entry.addr), None)
         # Tell the tunnel this concerns: the one we called, else the one whose
         # endpoint it came from (a responder learns why its peer was refused).

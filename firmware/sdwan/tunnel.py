@@ -130,13 +130,13 @@ class PeerTunnel:
         self.last_handshake_at: float | None = None
         self.session: DtlsSession | None = None  # the session keys were last taken from
         self._handshaking: DtlsSession | None = None  # our client session in progress
-        self._handshake_started = 0.0
+        self._kick_handshaking: DtlsSession | None = None  # one toward a kick's source
         self._next_attempt = 0.0
         self._retry = timers.retry_min_s
         self._next_kick = 0.0
         self._last_kick_handshake = -1e9
         self._pending_idx: int | None = None  # our index the peer has not acknowledged
-        self._current_idx: int | None = None  # our acknowledged index
+        self._session_idx: int | None = None  # our index of self.session's keys
         self._pending_sends = 0
         self._next_key_send = 0.0
         self._activated_remote: int | None = None
@@ -153,7 +153,7 @@ class PeerTunnel:
         if self.state is not State.UP:
             if self.initiator:
                 if self._handshaking is None and now >= self._next_attempt:
-                    self._start_handshake(self.endpoint)
+                    self._handshaking = self._start_handshake(self._authenticated_endpoint())
             elif now >= self._next_kick:
                 self._next_kick = now + self.timers.kick_interval_s
                 self.port.send(
@@ -162,11 +162,12 @@ class PeerTunnel:
         elif (
             self.initiator
             and self._handshaking is None
+            and now >= self._next_attempt
             and self.last_handshake_at is not None
             and now - self.last_handshake_at >= self.timers.rekey_s
         ):
             log.info("peer %d: periodic rekey", self.peer_id)
-            self._start_handshake(self.endpoint)
+            self._handshaking = self._start_handshake(self._authenticated_endpoint())
 
     def on_kick(self, link_id: int, addr: Addr) -> None:
         """The peer asks for a handshake (it has no working keys)."""
@@ -174,7 +175,7 @@ class PeerTunnel:
             return
         now = self.clock()
         if (
-            self._handshaking is not None
+            self._kick_handshaking is not None
             or now - self._last_kick_handshake < self.timers.kick_response_min_s
         ):
             return
@@ -186,24 +187,29 @@ class PeerTunnel:
         ):
             return
         self._last_kick_handshake = now
-        # Not authenticated yet: aim the handshake there, but leave the data
-        # path's endpoint alone until the handshake proves who is there.
-        self.link_id = link_id
-        self._start_handshake(addr)
+        # The kick is not authenticated: its handshake has a slot of its own so
+        # that it can never hold up the regular retry or rekey, and neither the
+        # tunnel's link nor the data path's endpoint moves until it succeeds.
+        self._kick_handshaking = self._start_handshake(addr, link_id)
 
     def on_rekey_needed(self) -> None:
         if self.initiator and self._handshaking is None:
             log.info("peer %d: fast path asks for a rekey", self.peer_id)
-            self._start_handshake(self.endpoint)
+            self._handshaking = self._start_handshake(self._authenticated_endpoint())
 
     def on_established(self, session: DtlsSession, link_id: int, addr: Addr) -> None:
         if session is self._handshaking:
             self._handshaking = None
+        if session is self._kick_handshaking:
+            self._kick_handshaking = None
+        tx, rx = session.export_keys()
+        idx = _allocate_index(self.fp, self.peer_id, tx, rx)
+        # Only now, with the keys installed, does this session replace the old.
         self.session = session
+        self._session_idx = idx
         self.link_id = link_id
         self.endpoint = addr
-        tx, rx = session.export_keys()
-        self._pending_idx = _allocate_index(self.fp, self.peer_id, tx, rx)
+        self._pending_idx = idx
         self._pending_sends = 0
         self._activated_remote = None
         self.fp.set_endpoint(self.peer_id, link_id, addr)
@@ -213,6 +219,9 @@ class PeerTunnel:
         self._send_key()
 
     def on_failed(self, session: DtlsSession | None, reason: str) -> None:
+        if session is not None and session is self._kick_handshaking:
+            self._kick_handshaking = None
+            return  # an unauthenticated kick led nowhere: no backoff, no state change
         if session is not None and session is self._handshaking:
             self._handshaking = None
         now = self.clock()
@@ -234,14 +243,14 @@ class PeerTunnel:
         if session is not self.session:
             return  # from a session we have already replaced
         if kind == "key":
-            if self._activated_remote != idx and self._pending_or_current_local() is not None:
-                self.fp.key_activate(self.peer_id, self._pending_or_current_local(), idx)
+            # Activate the key of the session this message came over, nothing else.
+            if self._activated_remote != idx and self._session_idx is not None:
+                self.fp.key_activate(self.peer_id, self._session_idx, idx)
                 self._activated_remote = idx
                 self._up_since_rx_ns = time.monotonic_ns()
                 self._set_state(State.UP, None)
             self._send_control(session, {"t": "key-ack", "idx": idx})
         elif kind == "key-ack" and idx == self._pending_idx:
-            self._current_idx = self._pending_idx
             self._pending_idx = None
 
     # ---------------------------------------------------------------- status
@@ -273,17 +282,22 @@ class PeerTunnel:
 
     # ---------------------------------------------------------------- internals
 
-    def _pending_or_current_local(self) -> int | None:
-        return self._pending_idx if self._pending_idx is not None else self._current_idx
+    def _authenticated_endpoint(self) -> Addr:
+        """Where the fast path last heard the peer: it follows authenticated
+        roaming (NAT rebinding), which Python would not see otherwise."""
+        ep = self.fp.endpoint(self.peer_id)
+        if ep is not None:
+            self.link_id, self.endpoint = ep
+        return self.endpoint
 
-    def _start_handshake(self, addr: Addr) -> None:
-        now = self.clock()
-        self._handshake_started = now
-        self._handshaking = self.port.client_session(self.link_id, addr, self.peer_id)
-        for datagram in self._handshaking.start():
-            self.port.send(self.link_id, addr, datagram)
+    def _start_handshake(self, addr: Addr, link_id: int | None = None) -> DtlsSession:
+        link_id = self.link_id if link_id is None else link_id
+        session = self.port.client_session(link_id, addr, self.peer_id)
+        for datagram in session.start():
+            self.port.send(link_id, addr, datagram)
         if self.state is not State.UP:
-            self._set_state(State.CONNECTING, f"handshaking with {addr[0]}:{addr[1]}")
+            self._set_state(State.CONNECTING, f"handshaking with {format_endpoint(addr)}")
+        return session
 
     def _send_key(self) -> None:
         if self.session is None or self._pending_idx is None:
