@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import __version__
@@ -67,9 +68,10 @@ class _Stats:
 
 
 class Supervisor:
-    def __init__(self, cfg: SiteConfig) -> None:
+    def __init__(self, cfg: SiteConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
-        self.started = time.monotonic()
+        self.clock = clock  # the tests' simulations drive their own
+        self.started = clock()
         self.stats = _Stats()
         self.sessions: dict[tuple[int, Addr], _Session] = {}
         self.tunnels: dict[int, PeerTunnel] = {}
@@ -127,6 +129,7 @@ class Supervisor:
                 fp=fp,
                 port=self,
                 timers=timers,
+                clock=self.clock,
             )
         plan = Plan(
             tun=cfg.tunnel.interface,
@@ -153,7 +156,7 @@ class Supervisor:
         assert self.dtls is not None
         session = self.dtls.client(expected_site_id)
         self._register(
-            _Session(session, link_id, addr, time.monotonic(), expected_peer=expected_site_id)
+            _Session(session, link_id, addr, self.clock(), expected_peer=expected_site_id)
         )
         return session
 
@@ -246,7 +249,7 @@ class Supervisor:
                 if not self._admit(addr):
                     self.stats.dtls_rejected += 1
                     return
-                self._register(_Session(result.session, link_id, addr, time.monotonic()))
+                self._register(_Session(result.session, link_id, addr, self.clock()))
                 self._after_input(self.sessions[key])
             return
         if entry is None:
@@ -309,7 +312,7 @@ class Supervisor:
     # ---------------------------------------------------------------- periodic work
 
     def _tick(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         current = {id(t.session) for t in self.tunnels.values()}
         for key, entry in list(self.sessions.items()):
             session = entry.session
@@ -366,7 +369,7 @@ class Supervisor:
             "site_id": self.cfg.site.id,
             "name": self.cfg.site.name,
             "version": __version__,
-            "uptime_s": round(time.monotonic() - self.started, 1),
+            "uptime_s": round(self.clock() - self.started, 1),
             "tunnel_interface": self.cfg.tunnel.interface,
             "peers_up": sum(1 for t in self.tunnels.values() if t.state == "up"),
             "peers_total": len(self.tunnels),

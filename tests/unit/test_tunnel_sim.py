@@ -1,0 +1,218 @@
+"""The tunnel state machine under attack, in simulated time.
+
+Several real Supervisors, with real DTLS contexts and real fast paths (driven
+synchronously, no threads or devices), exchange their control datagrams over a
+small simulated network and share a virtual clock, so minutes of rekeys,
+retries and forged packets run in a second. The lab tests cover the same code
+over real sockets and NATs; these cover the timing corners no lab test can
+afford to wait for.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from sdwan import pki
+from sdwan.dtls import DtlsContext
+from sdwan.fastpath import CtrlEvent, FastPath, FastPathConfig
+from sdwan.socketd import Supervisor
+from sdwan.tunnel import PeerTunnel, State, Timers, encode_kick
+
+Addr = tuple[str, int]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Net:
+    """Delivers datagrams between simulated sites, in order, after each step."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.sites: dict[Addr, SimSite] = {}
+        self.queue: list[tuple[Addr, Addr, bytes]] = []
+        self.log: list[tuple[float, Addr, Addr, bytes]] = []
+        self.tap: Callable[[Addr, Addr, bytes], None] | None = None
+
+    def deliver(self, src: Addr, dst: Addr, data: bytes) -> None:
+        self.log.append((self.clock.t, src, dst, data))
+        self.queue.append((src, dst, data))
+        if self.tap is not None:
+            self.tap(src, dst, data)
+
+    def pump(self) -> None:
+        while self.queue:
+            src, dst, data = self.queue.pop(0)
+            site = self.sites.get(dst)
+            if site is not None:
+                site._on_ctrl_event(CtrlEvent(CtrlEvent.PACKET, 1, 0, src, data))
+
+    def client_hellos(self, src: Addr, dst: Addr, since: float) -> int:
+        return sum(
+            1
+            for t, s, d, data in self.log
+            if s == src and d == dst and t >= since and _is_client_hello(data)
+        )
+
+    def run(self, seconds: float, each: Callable[[], None] | None = None) -> None:
+        end = self.clock.t + seconds
+        while self.clock.t < end:
+            self.clock.t += 0.05
+            for site in list(self.sites.values()):
+                site._tick()
+                self.pump()
+            if each is not None:
+                each()
+            self.pump()
+
+
+def _is_client_hello(data: bytes) -> bool:
+    return len(data) > 13 and data[0] == 22 and data[13] == 1
+
+
+class SimSite(Supervisor):
+    """A Supervisor whose datagrams travel over the simulated network."""
+
+    def __init__(
+        self,
+        net: Net,
+        certs: Callable[[int], tuple[Path, Path, Path]],
+        site_id: int,
+        addr: Addr,
+        peers: dict[int, Addr],
+        timers: Timers,
+    ) -> None:
+        cfg = types.SimpleNamespace(site=types.SimpleNamespace(id=site_id), peers=[], links=[])
+        super().__init__(cfg, clock=net.clock)  # type: ignore[arg-type]
+        self.net, self.addr = net, addr
+        self.dtls = DtlsContext(*certs(site_id), site_id, clock=net.clock)
+        self.fp = FastPath(FastPathConfig.default())
+        for peer_id, peer_addr in peers.items():
+            self.fp.peer_add(peer_id)
+            self.fp.set_endpoint(peer_id, 1, peer_addr)
+            self.tunnels[peer_id] = PeerTunnel(
+                my_site_id=site_id,
+                peer_site_id=peer_id,
+                link_id=1,
+                link_name="wan1",
+                endpoint=peer_addr,
+                fp=self.fp,
+                port=self,
+                timers=timers,
+                clock=net.clock,
+            )
+        net.sites[addr] = self
+
+    def send(self, link_id: int, addr: Addr, data: bytes) -> None:
+        self.net.deliver(self.addr, addr, data)
+
+
+A_ADDR, B_ADDR, C_ADDR = ("198.51.100.3", 4800), ("198.51.100.2", 4800), ("198.51.100.1", 4800)
+EVIL = ("203.0.113.66", 5555)
+# Silence is never "dead" here: the fast path's receive times are real time.
+TIMERS = Timers(rekey_s=60, dead_after_s=1e9)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], tuple[Path, Path, Path]]:
+    root = tmp_path_factory.mktemp("pki")
+    pki.create_ca(root / "ca", "acme")
+
+    def site(n: int) -> tuple[Path, Path, Path]:
+        cert = root / "sites" / f"site-{n}.pem"
+        if not cert.exists():
+            pki.issue_site(root / "ca", n, root / "sites")
+        return root / "ca" / "ca.pem", cert, root / "sites" / f"site-{n}.key"
+
+    return site
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> None:
+    logging.disable(logging.WARNING)
+    yield
+    logging.disable(logging.NOTSET)
+
+
+def pair(certs: Callable[[int], tuple[Path, Path, Path]]) -> tuple[Net, SimSite, SimSite]:
+    net = Net(Clock())
+    a = SimSite(net, certs, 2, A_ADDR, {1: B_ADDR}, TIMERS)  # initiator: the higher id
+    b = SimSite(net, certs, 1, B_ADDR, {2: A_ADDR}, TIMERS)
+    net.run(5)
+    assert a.tunnels[1].state is State.UP and b.tunnels[2].state is State.UP
+    return net, a, b
+
+
+def test_periodic_rekeys_keep_both_sides_up(certs) -> None:
+    net, a, b = pair(certs)
+    net.run(3 * TIMERS.rekey_s + 5)
+    assert a.tunnels[1].handshakes == 4
+    assert a.tunnels[1].state is State.UP and b.tunnels[2].state is State.UP
+    assert a.fp.key_info(1).has_tx and b.fp.key_info(2).has_tx
+
+
+def test_forged_kicks_never_hold_up_the_rekey(certs) -> None:
+    """An attacker kicks from its own address once a second, claiming to be the peer."""
+    net, a, b = pair(certs)
+    t0 = net.clock.t
+    nxt = [t0]
+
+    def attacker() -> None:
+        if net.clock.t >= nxt[0]:
+            nxt[0] = net.clock.t + 1.0
+            net.deliver(EVIL, A_ADDR, encode_kick(1, 2))
+
+    net.run(3 * TIMERS.rekey_s + 5, each=attacker)
+    tunnel = a.tunnels[1]
+    assert tunnel.handshakes >= 4, tunnel.reason
+    assert net.client_hellos(A_ADDR, B_ADDR, t0) >= 3
+    assert tunnel.endpoint == B_ADDR and tunnel.state is State.UP
+
+
+def test_a_failing_rekey_backs_off(certs) -> None:
+    """A forged alert answers every ClientHello: the rekey fails, and is retried
+    with backoff instead of on every tick."""
+    net, a, b = pair(certs)
+    seq = [1 << 30]
+
+    def forge_alert(src: Addr, dst: Addr, data: bytes) -> None:
+        if src == A_ADDR and _is_client_hello(data):
+            seq[0] += 1
+            alert = bytes([21, 0xFE, 0xFD, 0, 0]) + seq[0].to_bytes(6, "big")
+            net.queue.append((B_ADDR, A_ADDR, alert + struct.pack("!H", 2) + bytes([2, 40])))
+
+    net.tap = forge_alert
+    net.run(TIMERS.rekey_s)
+    t1 = net.clock.t
+    net.run(20)
+    assert net.client_hellos(A_ADDR, B_ADDR, t1) <= 6
+    tunnel = a.tunnels[1]
+    assert tunnel.state is State.UP and (tunnel.reason or "").startswith("rekey failed")
+
+
+def test_a_displaced_handshake_is_retried_not_orphaned(certs) -> None:
+    """A kick spoofed from site 1's address, claiming to be site 2, makes site 3
+    open a second handshake toward that address; the one it displaces must
+    still fail and be retried, so site 1 comes up when it returns."""
+    net = Net(Clock())
+    a = SimSite(net, certs, 3, A_ADDR, {2: B_ADDR, 1: C_ADDR}, TIMERS)
+    SimSite(net, certs, 2, B_ADDR, {3: A_ADDR}, TIMERS)
+    net.run(5)  # site 1 is not there yet
+    assert a.tunnels[2].state is State.UP and a.tunnels[1].state is not State.UP
+    net.deliver(C_ADDR, A_ADDR, encode_kick(2, 3))
+    net.pump()
+    c = SimSite(net, certs, 1, C_ADDR, {3: A_ADDR}, TIMERS)
+    net.run(30)
+    assert a.tunnels[1].state is State.UP, a.tunnels[1].reason
+    assert c.tunnels[3].state is State.UP
