@@ -11,6 +11,7 @@ APT_PACKAGES=(
   clang libclang-rt-14-dev                 # libFuzzer and sanitizers
   iproute2 nftables conntrack iputils-ping # the lab: namespaces, NAT, routers
   iperf3 tcpdump procps
+  coturn stun-client                       # STUN interoperability tests
 )
 
 if [ "$(id -u)" != 0 ]; then
