@@ -1,9 +1,13 @@
-"""Sans-I/O DTLS 1.2 sessions between sites, over pyOpenSSL memory BIOs.
+"""Sans-I/O DTLS 1.2 sessions between sites and PoPs, over pyOpenSSL memory BIOs.
 
 Owns the handshake policy of the tunnel: DTLS 1.2 only, ECDHE-ECDSA with AES-256-GCM, mutual
-certificate authentication against the account CA alone, the peer's site id taken from its
-certificate's ``sdwan:site:<id>`` URI and checked inside the handshake, a stateless cookie
-exchange on the server side, and the RFC 5705 export of the data-plane keys.
+certificate authentication against the account CA alone, the peer's identity taken from its
+certificate's ``sdwan:site:<id>`` or ``sdwan:pop:<id>`` URI and checked inside the handshake, a
+stateless cookie exchange on the server side, and the RFC 5705 export of the data-plane keys.
+
+Identities are ("site", N) or ("pop", N); a plain int anywhere an identity is taken means a site,
+which is what every site-to-site caller passes. A server (``accept``) only ever accepts sites:
+PoPs are DTLS servers, never clients.
 
 There are no sockets here: the caller feeds received datagrams in and sends the datagrams it gets
 back, and drives retransmission with ``timeout()``/``on_timeout()``. This keeps the module usable
@@ -29,7 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL, crypto
 
-from sdwan.pki import site_id_from_certificate
+from sdwan.pki import Identity, identity_from_certificate
 
 DTLS_HEADER_LEN = 13
 CONTENT_CHANGE_CIPHER_SPEC = 20
@@ -75,6 +79,25 @@ _ERROR_REASONS = {
 
 class DtlsConfigError(ValueError):
     """The certificate, key or CA files cannot be used; the message names the file."""
+
+
+def as_identity(who: int | Identity) -> Identity:
+    """("site", N) for a bare int, the identity itself for ("site"|"pop", N); else ValueError."""
+    if isinstance(who, int) and not isinstance(who, bool):
+        return ("site", who)
+    if (
+        isinstance(who, tuple)
+        and len(who) == 2
+        and who[0] in ("site", "pop")
+        and isinstance(who[1], int)
+        and not isinstance(who[1], bool)
+    ):
+        return (who[0], who[1])
+    raise ValueError(f"expected a site id or ('site'|'pop', id), got {who!r}")
+
+
+def format_identity(who: Identity) -> str:
+    return f"{who[0]} {who[1]}"
 
 
 def record_epoch(datagram: bytes) -> int | None:
@@ -191,20 +214,25 @@ class _CookieSecrets:
 
 
 class DtlsContext:
-    """This site's identity and trust anchor, and the factory for client and server sessions."""
+    """Our identity (a site or a PoP) and trust anchor; the factory for client and server sessions.
+
+    ``identity`` is a site id (int) or ("pop", N); the certificate must name exactly that.
+    ``my_site_id`` is the site id, or None for a PoP.
+    """
 
     def __init__(
         self,
         ca_path: str | os.PathLike[str],
         cert_path: str | os.PathLike[str],
         key_path: str | os.PathLike[str],
-        my_site_id: int,
+        identity: int | Identity,
         *,
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
         cookie_rotate_s: float = COOKIE_ROTATE_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.my_site_id = my_site_id
+        self.identity: Identity = as_identity(identity)
+        self.my_site_id: int | None = self.identity[1] if self.identity[0] == "site" else None
         self.handshake_timeout_s = handshake_timeout_s
         self.cookie_rotate_s = cookie_rotate_s
         self._clock = clock
@@ -249,13 +277,13 @@ class DtlsContext:
                 f"private key {self.key_path} does not match certificate {self.cert_path}"
             )
         try:
-            cert_site = site_id_from_certificate(cert)
+            cert_identity = identity_from_certificate(cert)
         except ValueError as e:
             raise DtlsConfigError(f"certificate {self.cert_path}: {e}") from None
-        if cert_site != self.my_site_id:
+        if cert_identity != self.identity:
             raise DtlsConfigError(
-                f"certificate {self.cert_path} is for site {cert_site}, "
-                f"but this is site {self.my_site_id}"
+                f"certificate {self.cert_path} is for {format_identity(cert_identity)}, "
+                f"but this is {format_identity(self.identity)}"
             )
         try:
             cert.verify_directly_issued_by(ca_cert)
@@ -326,14 +354,21 @@ class DtlsContext:
 
     # -- sessions --------------------------------------------------------------------------
 
-    def client(self, expected_site_id: int, mtu: int = DEFAULT_MTU) -> DtlsSession:
-        """A session that initiates the handshake to site ``expected_site_id``; call start()."""
-        if expected_site_id == self.my_site_id:
-            raise ValueError(f"cannot open a session to our own site id {expected_site_id}")
+    def client(self, expected: int | Identity, mtu: int = DEFAULT_MTU) -> DtlsSession:
+        """A session that initiates the handshake to ``expected`` (a site id or ("pop", N));
+        call start(). The handshake fails unless the peer's certificate names exactly it."""
+        want = as_identity(expected)
+        if want == self.identity:
+            raise ValueError(f"cannot open a session to our own {want[0]} id {want[1]}")
         conn = SSL.Connection(self._client_ctx, None)
         conn.set_connect_state()
         return DtlsSession(
-            self, conn, is_client=True, mtu=mtu, expected_site_id=expected_site_id
+            self,
+            conn,
+            is_client=True,
+            mtu=mtu,
+            expected_site_id=want[1] if want[0] == "site" else None,
+            expected_identity=want,
         )
 
     def accept(
@@ -418,9 +453,12 @@ class DtlsSession:
     expected_site_id: int | None = None
     source: str | None = None
     allowed_site_ids: Container[int] | None = None
+    expected_identity: Identity | None = None
     established: bool = field(default=False, init=False)
     failed: str | None = field(default=None, init=False)
     closed: bool = field(default=False, init=False)
+    # The peer's verified identity; peer_site_id is its id when the peer is a site.
+    peer_identity: Identity | None = field(default=None, init=False)
     peer_site_id: int | None = field(default=None, init=False)
     _verify_failure: str | None = field(default=None, init=False)
     _started: bool = field(default=False, init=False)
@@ -429,6 +467,8 @@ class DtlsSession:
     _messages: list[bytes] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
+        if self.expected_identity is None and self.expected_site_id is not None:
+            self.expected_identity = ("site", self.expected_site_id)
         if not MIN_MTU <= self.mtu <= 65507:
             raise ValueError(f"DTLS MTU must be in {MIN_MTU}..65507, got {self.mtu}")
         self.conn.set_app_data(self)
@@ -442,7 +482,8 @@ class DtlsSession:
             else "established" if self.established
             else "handshaking"
         )
-        return f"<DtlsSession {role} peer={self.peer_site_id} {state}>"
+        peer = format_identity(self.peer_identity) if self.peer_identity else None
+        return f"<DtlsSession {role} peer={peer} {state}>"
 
     # -- handshake -------------------------------------------------------------------------
 
@@ -514,9 +555,9 @@ class DtlsSession:
         return self._flush()
 
     def _handshake_done(self) -> bool:
-        # The verify callback sets peer_site_id only for an acceptable certificate; without it
+        # The verify callback sets peer_identity only for an acceptable certificate; without it
         # the session must not be usable even if OpenSSL thought the handshake was fine.
-        if self.peer_site_id is None:
+        if self.peer_identity is None:
             self.failed = self._verify_failure or "peer presented no usable certificate"
             return False
         self.established = True
@@ -568,24 +609,31 @@ class DtlsSession:
         if depth != 0:
             return True
         try:
-            site_id = site_id_from_certificate(cert.to_cryptography())
+            identity = identity_from_certificate(cert.to_cryptography())
         except ValueError as e:
             self._set_verify_failure(f"peer certificate refused: {e}")
             return False
-        reason = self._site_refusal(site_id)
+        reason = self._refusal(identity)
         if reason is not None:
             self._set_verify_failure(reason)
             return False
-        self.peer_site_id = site_id
+        self.peer_identity = identity
+        self.peer_site_id = identity[1] if identity[0] == "site" else None
         return True
 
-    def _site_refusal(self, site_id: int) -> str | None:
-        if self.expected_site_id is not None and site_id != self.expected_site_id:
-            return f"peer presented site {site_id}, expected site {self.expected_site_id}"
-        if site_id == self.context.my_site_id:
-            return f"peer presented our own site id {site_id}"
-        if self.allowed_site_ids is not None and site_id not in self.allowed_site_ids:
-            return f"peer presented site {site_id}, which is not a configured peer"
+    def _refusal(self, identity: Identity) -> str | None:
+        kind, num = identity
+        want = self.expected_identity
+        if want is not None and identity != want:
+            return f"peer presented {format_identity(identity)}, expected {format_identity(want)}"
+        if identity == self.context.identity:
+            return f"peer presented our own {kind} id {num}"
+        if not self.is_client and kind != "site":
+            # Only sites are DTLS clients; a PoP certificate has no business calling us.
+            return f"peer presented {format_identity(identity)}, but only sites may connect"
+        allowed = self.allowed_site_ids
+        if allowed is not None and (kind != "site" or num not in allowed):
+            return f"peer presented site {num}, which is not a configured peer"
         return None
 
     # -- after the handshake ---------------------------------------------------------------

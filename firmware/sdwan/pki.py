@@ -6,10 +6,12 @@ Owns the certificate profile every other part of the firmware relies on:
   sign site certificates, never another CA;
 * a site certificate: EC P-256, subject CN ``site-<id>``, a subjectAltName URI ``sdwan:site:<id>``
   (the authoritative site id; the CN is only for humans), ``ca=False``, EKU clientAuth+serverAuth
-  because every site is both DTLS client and server.
+  because every site is both DTLS client and server;
+* a PoP certificate: the same profile with CN ``pop-<id>`` and the URI ``sdwan:pop:<id>``.
+  A certificate names exactly one identity: a site or a PoP, never both.
 
-Also the ``socket-pki`` command line (``init-ca`` and ``issue``). Private keys are written 0600
-and existing files are never overwritten silently.
+Also the ``socket-pki`` command line (``init-ca``, ``issue`` and ``issue-pop``). Private keys are
+written 0600 and existing files are never overwritten silently.
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 SITE_URI_PREFIX = "sdwan:site:"
+POP_URI_PREFIX = "sdwan:pop:"
 SITE_ID_MIN = 1
 SITE_ID_MAX = 65535
+POP_ID_MIN = 1
+POP_ID_MAX = 255
 CA_CERT_NAME = "ca.pem"
 CA_KEY_NAME = "ca.key"
 DEFAULT_ACCOUNT = "sdwan"
@@ -39,6 +44,10 @@ DEFAULT_SITE_DAYS = 825
 # Backdating absorbs clock skew between appliances that have just booted and synced NTP.
 _BACKDATE = datetime.timedelta(minutes=5)
 _SITE_URI_RE = re.compile(r"sdwan:site:([0-9]+)")
+_POP_URI_RE = re.compile(r"sdwan:pop:([0-9]+)")
+
+# What a certificate names: ("site", N) or ("pop", N).
+Identity = tuple[str, int]
 
 
 class PkiError(Exception):
@@ -58,6 +67,13 @@ class SiteFiles:
     key: Path
 
 
+@dataclass(frozen=True)
+class PopFiles:
+    pop_id: int
+    cert: Path
+    key: Path
+
+
 def check_site_id(site_id: int) -> int:
     """Return ``site_id`` if it is a valid site id, else raise PkiError."""
     if isinstance(site_id, bool) or not isinstance(site_id, int):
@@ -65,6 +81,56 @@ def check_site_id(site_id: int) -> int:
     if not SITE_ID_MIN <= site_id <= SITE_ID_MAX:
         raise PkiError(f"site id must be in {SITE_ID_MIN}..{SITE_ID_MAX}, got {site_id}")
     return site_id
+
+
+def check_pop_id(pop_id: int) -> int:
+    """Return ``pop_id`` if it is a valid PoP id, else raise PkiError."""
+    if isinstance(pop_id, bool) or not isinstance(pop_id, int):
+        raise PkiError(f"PoP id must be an integer, got {pop_id!r}")
+    if not POP_ID_MIN <= pop_id <= POP_ID_MAX:
+        raise PkiError(f"PoP id must be in {POP_ID_MIN}..{POP_ID_MAX}, got {pop_id}")
+    return pop_id
+
+
+def _sdwan_uris(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise ValueError("certificate has no subjectAltName, so it names no identity") from None
+    return [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+            if u.lower().startswith("sdwan:")]
+
+
+def identity_from_certificate(cert: x509.Certificate) -> Identity:
+    """("site", N) or ("pop", N) from the single ``sdwan:site:``/``sdwan:pop:`` SAN URI.
+
+    A certificate naming several identities (two sites, or a site and a PoP) is refused: a
+    site key must never be able to pose as a PoP, nor the other way round.
+    """
+    uris = _sdwan_uris(cert)
+    sites = [u for u in uris if u.lower().startswith(SITE_URI_PREFIX)]
+    pops = [u for u in uris if u.lower().startswith(POP_URI_PREFIX)]
+    if sites and pops:
+        raise ValueError(f"certificate names both a site and a PoP: {', '.join(sites + pops)}")
+    if sites:
+        return ("site", site_id_from_certificate(cert))
+    if not pops:
+        raise ValueError(
+            f"certificate has no '{SITE_URI_PREFIX}<id>' or '{POP_URI_PREFIX}<id>' URI"
+            " in its subjectAltName"
+        )
+    if len(pops) > 1:
+        raise ValueError(f"certificate names several PoP ids: {', '.join(pops)}")
+    match = _POP_URI_RE.fullmatch(pops[0])
+    if (
+        match is None
+        or len(match.group(1)) > 3
+        or match.group(1) != str(int(match.group(1)))
+        or not POP_ID_MIN <= int(match.group(1)) <= POP_ID_MAX
+    ):
+        expected = f"'{POP_URI_PREFIX}<{POP_ID_MIN}..{POP_ID_MAX}>'"
+        raise ValueError(f"malformed PoP URI {pops[0]!r}: expected {expected}")
+    return ("pop", int(match.group(1)))
 
 
 def site_id_from_certificate(cert: x509.Certificate) -> int:
@@ -212,12 +278,37 @@ def build_site_certificate(
 ) -> x509.Certificate:
     """Sign a site certificate for ``public_key`` (the profile described in the module doc)."""
     check_site_id(site_id)
+    return _build_leaf(ca_cert, ca_key, f"site-{site_id}", f"{SITE_URI_PREFIX}{site_id}",
+                       public_key, days)
+
+
+def build_pop_certificate(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    pop_id: int,
+    public_key: ec.EllipticCurvePublicKey,
+    days: int = DEFAULT_SITE_DAYS,
+) -> x509.Certificate:
+    """Sign a PoP certificate: the site profile with CN ``pop-<id>``, URI ``sdwan:pop:<id>``."""
+    check_pop_id(pop_id)
+    return _build_leaf(ca_cert, ca_key, f"pop-{pop_id}", f"{POP_URI_PREFIX}{pop_id}",
+                       public_key, days)
+
+
+def _build_leaf(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    common_name: str,
+    uri: str,
+    public_key: ec.EllipticCurvePublicKey,
+    days: int,
+) -> x509.Certificate:
     _check_days(days)
     now = datetime.datetime.now(datetime.UTC)
     not_after = min(now + datetime.timedelta(days=days), ca_cert.not_valid_after_utc)
     return (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"site-{site_id}")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_cert.subject)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
@@ -239,9 +330,7 @@ def build_site_certificate(
             critical=False,
         )
         .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(f"{SITE_URI_PREFIX}{site_id}")]
-            ),
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]),
             critical=False,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
@@ -285,6 +374,50 @@ def issue_site(
     return SiteFiles(site_id=site_id, cert=cert_path, key=key_path)
 
 
+def issue_pop(
+    ca_dir: str | os.PathLike[str],
+    pop_id: int,
+    out_dir: str | os.PathLike[str] | None = None,
+    days: int = DEFAULT_SITE_DAYS,
+    force: bool = False,
+) -> PopFiles:
+    """Issue ``pop-<id>.pem`` and ``pop-<id>.key`` into ``out_dir`` (default: the CA dir)."""
+    check_pop_id(pop_id)
+    _check_days(days)
+    ca_cert, ca_key = load_ca(ca_dir)
+    directory = Path(out_dir) if out_dir is not None else Path(ca_dir)
+    if directory.exists() and not directory.is_dir():
+        raise PkiError(f"{directory} exists and is not a directory")
+    cert_path = directory / f"pop-{pop_id}.pem"
+    key_path = directory / f"pop-{pop_id}.key"
+    existing = [p for p in (cert_path, key_path) if p.exists()]
+    if existing and not force:
+        raise PkiError(
+            f"refusing to overwrite {', '.join(map(str, existing))} (use --force to reissue)"
+        )
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = build_pop_certificate(ca_cert, ca_key, pop_id, key.public_key(), days)
+    for p in existing:
+        p.unlink()
+    _write_private(key_path, _key_pem(key))
+    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return PopFiles(pop_id=pop_id, cert=cert_path, key=key_path)
+
+
+def _pop_id_arg(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"PoP id must be an integer, got {text!r}") from None
+    if not POP_ID_MIN <= value <= POP_ID_MAX:
+        raise argparse.ArgumentTypeError(
+            f"PoP id must be in {POP_ID_MIN}..{POP_ID_MAX}, got {value}"
+        )
+    return value
+
+
 def _site_id_arg(text: str) -> int:
     try:
         value = int(text, 10)
@@ -310,7 +443,7 @@ def _days_arg(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="socket-pki",
-        description="Create the account CA and issue site certificates.",
+        description="Create the account CA and issue site and PoP certificates.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     init = sub.add_parser("init-ca", help="create DIR/ca.pem and DIR/ca.key")
@@ -323,6 +456,12 @@ def _parser() -> argparse.ArgumentParser:
     issue.add_argument("--out", metavar="OUTDIR", default=None, help="default: DIR")
     issue.add_argument("--days", type=_days_arg, default=DEFAULT_SITE_DAYS)
     issue.add_argument("--force", action="store_true", help="replace an existing certificate")
+    pop = sub.add_parser("issue-pop", help="issue OUTDIR/pop-N.pem and pop-N.key")
+    pop.add_argument("dir", metavar="DIR", help="the CA directory")
+    pop.add_argument("--pop-id", type=_pop_id_arg, required=True)
+    pop.add_argument("--out", metavar="OUTDIR", default=None, help="default: DIR")
+    pop.add_argument("--days", type=_days_arg, default=DEFAULT_SITE_DAYS)
+    pop.add_argument("--force", action="store_true", help="replace an existing certificate")
     return parser
 
 
@@ -332,6 +471,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "init-ca":
             ca = create_ca(args.dir, account=args.account, days=args.days)
             print(f"created account CA {ca.cert} (key {ca.key}, mode 0600)")
+        elif args.command == "issue-pop":
+            pop = issue_pop(args.dir, args.pop_id, args.out, days=args.days, force=args.force)
+            print(f"issued PoP {pop.pop_id}: {pop.cert} (key {pop.key}, mode 0600)")
         else:
             site = issue_site(args.dir, args.site_id, args.out, days=args.days, force=args.force)
             print(f"issued site {site.site_id}: {site.cert} (key {site.key}, mode 0600)")

@@ -79,6 +79,41 @@ class PublicHost:
 
 
 @dataclass
+class Pop:
+    """A PoP (popd) on a public host: PoP n at 203.0.113.(9+n), its files under workdir/popN."""
+
+    n: int
+    host: PublicHost
+    dir: Path
+    port: int = SOCKETD_PORT
+    stun_port: int = 3478
+    popd: Daemon | None = None
+    config: Path | None = None
+    account: Path | None = None
+    sock: Path | None = None
+
+    @property
+    def ns(self) -> str:
+        return self.host.ns
+
+    @property
+    def ip(self) -> str:
+        return self.host.ip
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.ip}:{self.port}"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.sock or self.dir / "control.sock"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.dir / "data"
+
+
+@dataclass
 class Router:
     """A site's NAT router. ns is None for nat='none' (the site is on the bridge itself)."""
 
@@ -257,6 +292,7 @@ class Lab:
         self.routers: dict[int, Router] = {}
         self.sites: dict[int, Site] = {}
         self.public_hosts: dict[str, PublicHost] = {}
+        self.pops: dict[int, Pop] = {}
         self.pki: Pki | None = None
         self._closed = False
         self._sockdir: Path | None = None
@@ -827,6 +863,159 @@ table inet lab_filter {{
             raise NetnsError(
                 argv,
                 site.ns,
+                f"exit status {cp.returncode}, not JSON: {(cp.stderr or cp.stdout).strip()[-500:]}",
+            ) from e
+
+    # ------------------------------------------------------------- popd
+
+    def add_pop(self, n: int = 1, ip: str | None = None) -> Pop:
+        """PoP n on a public host of its own (203.0.113.10 for PoP 1, .11 for PoP 2, ...)."""
+        _check_n(n)
+        if n in self.pops:
+            raise ValueError(f"PoP {n} already exists")
+        addr = ip or str(POP_NET.network_address + 9 + n)
+        host = self.add_public_host(f"pop{n}", addr)
+        d = self.workdir / f"pop{n}"
+        d.mkdir(parents=True, exist_ok=True)
+        pop = Pop(n=n, host=host, dir=d)
+        if len(str(pop.control_socket)) > _SUN_PATH_MAX:
+            pop.sock = self.short_dir() / f"pop{n}.sock"
+        self.pops[n] = pop
+        return pop
+
+    def write_pop_config(
+        self,
+        pop: Pop,
+        sites: Sequence[Site | dict[str, object]] = (),
+        pki: Pki | None = None,
+        account_name: str = "lab",
+        cloud: dict[str, object] | None = None,
+        account_toml: str | None = None,
+    ) -> Path:
+        """Write popd's TOML and its account file for `sites` (lab Sites, or dicts with the
+        account fields id, name, subnets, offcloud, recovery); returns the config path."""
+        from sdwan import pki as sdwan_pki
+
+        pki = pki or self.setup_pki()
+        out = self.workdir / "pki" / f"{pki.dir.name}-pop{pop.n}"
+        cert, key = out / f"pop-{pop.n}.pem", out / f"pop-{pop.n}.key"
+        if not cert.exists():
+            sdwan_pki.issue_pop(pki.dir, pop.n, out)
+        if account_toml is None:
+            parts = [_toml_table("account", {"name": account_name})]
+            for s in sites:
+                vals: dict[str, object] = (
+                    {"id": s.site_id, "name": f"site-{s.site_id}", "subnets": [s.lan_subnet]}
+                    if isinstance(s, Site)
+                    else dict(s)
+                )
+                parts.append(_toml_table("sites", vals, array=True))
+            account_toml = "\n".join(parts)
+        pop.account = pop.dir / "account.toml"
+        pop.account.write_text(account_toml)
+        pop.data_dir.mkdir(parents=True, exist_ok=True)
+        parts = [
+            _toml_table(
+                "pop",
+                {
+                    "id": pop.n,
+                    "name": f"pop-{pop.n}",
+                    "listen": "0.0.0.0",
+                    "port": pop.port,
+                    "stun_port": pop.stun_port,
+                    "account": pop.account,
+                },
+            ),
+            _toml_table(
+                "paths", {"data_dir": pop.data_dir, "control_socket": pop.control_socket}
+            ),
+            _toml_table("pki", {"ca": pki.ca_cert, "cert": cert, "key": key}),
+        ]
+        if cloud:
+            parts.append(_toml_table("cloud", cloud))
+        path = pop.dir / "pop.toml"
+        path.write_text("\n".join(parts))
+        pop.config = path
+        return path
+
+    def start_popd(
+        self, pop: Pop, config: Path | None = None, wait_socket_s: float = 15.0
+    ) -> Daemon:
+        """Spawn `python -m sdwan.popd --config X` in the PoP's namespace; waits (bounded) for
+        its control socket and raises with the log tail if it exits or never opens it."""
+        config = config or pop.config
+        if config is None:
+            raise ValueError(f"PoP {pop.n}: write_pop_config first")
+        with contextlib.suppress(FileNotFoundError):
+            pop.control_socket.unlink()
+        d = self.spawn(
+            pop.ns,
+            [sys.executable, "-m", "sdwan.popd", "--config", str(config)],
+            f"popd-pop{pop.n}",
+            env=self.env(),
+        )
+        pop.popd = d
+        ok = netns.wait_until(
+            lambda: pop.control_socket.exists() or not d.alive(), timeout=wait_socket_s
+        )
+        if not d.alive():
+            raise NetnsError(
+                d.argv, pop.ns, f"popd exited with {d.proc.returncode}: {d.log_tail()}"
+            )
+        if not ok:
+            raise NetnsError(
+                d.argv, pop.ns, f"no control socket after {wait_socket_s:g} s: {d.log_tail()}"
+            )
+        return d
+
+    def stop_popd(self, pop: Pop, sig: int = signal.SIGTERM) -> None:
+        """Stop the PoP's popd; sig=SIGKILL emulates a crash."""
+        d = pop.popd
+        if d is None:
+            return
+        if sig == signal.SIGKILL:
+            pid = d.main_pid(timeout=0.5)
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self.kill(d)
+        pop.popd = None
+
+    def popctl(self, pop: Pop, *args: str, json_out: bool = True, timeout: float = 10) -> Any:
+        """Run popctl against the PoP's control socket; parsed JSON (or text if not json_out)."""
+        argv = [
+            sys.executable,
+            "-m",
+            "sdwan.popctl",
+            "--socket",
+            str(pop.control_socket),
+            *args,
+        ]
+        if json_out:
+            argv.append("--json")
+        try:
+            cp = subprocess.run(
+                ["ip", "netns", "exec", pop.ns, *argv],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=self.env(),
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise NetnsError(argv, pop.ns, f"timed out after {timeout:g} s") from e
+        if not json_out:
+            if cp.returncode != 0:
+                raise NetnsError(
+                    argv, pop.ns, f"exit status {cp.returncode}: {(cp.stderr or cp.stdout).strip()}"
+                )
+            return cp.stdout
+        try:
+            return json.loads(cp.stdout)
+        except json.JSONDecodeError as e:
+            raise NetnsError(
+                argv,
+                pop.ns,
                 f"exit status {cp.returncode}, not JSON: {(cp.stderr or cp.stdout).strip()[-500:]}",
             ) from e
 

@@ -1,0 +1,1059 @@
+"""popd, the reference PoP: wires the parts together, as socketd.py does for a site.
+
+PoP config and account (account.py) -> one UDP socket on the listen port handed to a fast path
+with relay on (fastpath.py; no TUN: the PoP only relays) -> DTLS sessions from sites
+(dtls.py, cookies, only sites of the account) demultiplexed here from the fast path's control
+queue -> per (site, link) a `SiteSession`: key hand-over as the responder (the same `key` /
+`key-ack` messages as tunnel.md), `register` -> `welcome`, keepalives, liveness -> the relay
+routes (each site's subnets to its best live session) and the peer directory pushed on every
+change -> events uploaded by sites and the PoP's own, in SQLite (store.py) -> a STUN server
+(stun.py) on its own port -> status over a control socket (control.py, `popctl`).
+
+The protocol is docs/cloud.md; how popd applies it (ids, timers, limits) is docs/popd.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import secrets
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import __version__
+from .account import Account, ConfigError, PopConfig, load_account, load_pop_config
+from .config import format_endpoint
+from .control import ControlServer
+from .dtls import DtlsContext, DtlsSession, is_client_hello
+from .fastpath import CTRL_MAX, CtrlEvent, FastPath, FastPathConfig, FastPathError
+from .store import Store, StoreError
+from .stun import StunServer, is_stun
+
+log = logging.getLogger("sdwan.popd")
+
+Addr = tuple[str, int]
+
+LINK_ID = 1  # the PoP has one UDP socket, so one fast-path link
+TICK_S = 0.05
+DB_NAME = "popd.db"
+DTLS_MTU = 1400  # what the PoP's records may fill: a directory has to fit one record
+HANDSHAKE_DEADLINE_S = 10.0
+REGISTER_DEADLINE_S = 10.0  # an established session that never registers is dropped
+MAX_HANDSHAKING = 512
+MAX_HANDSHAKING_PER_IP = 16  # several sites may share one NAT address
+MAX_EVENTS_PER_WAKEUP = 256
+MAX_MESSAGE = 8192
+MAX_LINKS = 16
+MAX_UPLOADED_EVENTS = 200
+REJECTIONS_KEPT = 20
+KEY_RESEND_S = 0.5
+KEY_RESEND_MAX = 20
+# Fast-path peer ids: S << 8 | L for a registered session (below 2^24); a session that has
+# not registered yet lives under an id from this range, which S << 8 | L never reaches.
+TEMP_PEER_BASE = 0x40000000
+LOG_BURST = 5
+LOG_WINDOW_S = 10.0
+
+
+class StartupError(Exception):
+    """popd cannot start; the message says what to fix."""
+
+
+def _ep(addr: Addr) -> str:
+    return format_endpoint(addr)
+
+
+class _RateLog:
+    """At most LOG_BURST lines per key and LOG_WINDOW_S; what was held back is counted."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._windows: dict[str, list[float]] = {}
+
+    def warning(self, key: str, msg: str, *args: object) -> None:
+        now = self._clock()
+        win = self._windows.get(key)
+        if win is None or now - win[0] >= LOG_WINDOW_S:
+            if win is not None and win[2] > 0:
+                log.warning("%s: %d more like this were not logged", key, int(win[2]))
+            win = self._windows[key] = [now, 0, 0]
+            if len(self._windows) > 1024:
+                # Keys carry no source addresses, so this only guards against a bug.
+                self._windows = {key: win}
+        if win[1] < LOG_BURST:
+            win[1] += 1
+            log.warning(msg, *args)
+        else:
+            win[2] += 1
+
+
+@dataclass
+class _Handshake:
+    session: DtlsSession
+    addr: Addr
+    created: float
+
+
+@dataclass(eq=False)
+class SiteSession:
+    """One DTLS session of one site over one of its links, and its fast-path peer."""
+
+    site_id: int
+    addr: Addr
+    dtls: DtlsSession
+    peer_id: int
+    created: float
+    keys: tuple[bytes, bytes]
+    local_idx: int
+    last_auth_ns: int
+    pending_idx: int | None = None
+    key_sends: int = 0
+    next_key_send: float = 0.0
+    remote_idx: int | None = None
+    activated: tuple[int, int] | None = None  # (local, remote) indices active for transmit
+    registered: bool = False
+    link_index: int | None = None
+    link: dict[str, Any] = field(default_factory=dict)
+    links: list[dict[str, Any]] = field(default_factory=list)
+    version: str = ""
+    registered_at: float | None = None
+
+    @property
+    def precedence(self) -> int:
+        return int(self.link.get("precedence", 3))
+
+    @property
+    def link_name(self) -> str:
+        return str(self.link.get("name", ""))
+
+
+@dataclass
+class _Stats:
+    garbage: int = 0
+    oversized: int = 0
+    dtls_no_session: int = 0
+    dtls_rejected: int = 0
+    handshakes_refused_admission: int = 0
+    unknown_site: int = 0
+    messages_malformed: int = 0
+    messages_unknown: int = 0
+    registrations_refused: int = 0
+    sessions_opened: int = 0
+    sessions_closed: int = 0
+    events_stored: int = 0
+    events_duplicate: int = 0
+    events_malformed: int = 0
+    rejections: collections.deque = field(
+        default_factory=lambda: collections.deque(maxlen=REJECTIONS_KEPT)
+    )
+
+
+class RegisterError(ValueError):
+    """A register message that cannot be accepted; the message is the `error` reason."""
+
+
+def _check_link(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise RegisterError(f"{what}: expected an object")
+    name, prec, local = value.get("name"), value.get("precedence"), value.get("local", "")
+    if not isinstance(name, str) or not 1 <= len(name) <= 15:
+        raise RegisterError(f"{what}.name: expected a string of 1..15 characters")
+    if isinstance(prec, bool) or not isinstance(prec, int) or not 1 <= prec <= 3:
+        raise RegisterError(f"{what}.precedence: expected an integer 1..3")
+    if not isinstance(local, str) or len(local) > 64:
+        raise RegisterError(f"{what}.local: expected an \"ip:port\" string")
+    link_id = value.get("id")
+    if link_id is not None and (
+        isinstance(link_id, bool) or not isinstance(link_id, int) or not 1 <= link_id <= 255
+    ):
+        raise RegisterError(f"{what}.id: expected an integer 1..255")
+    return {"name": name, "precedence": prec, "local": local, "id": link_id}
+
+
+class Pop:
+    def __init__(self, cfg: PopConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.started = clock()
+        self.stats = _Stats()
+        self.ratelog = _RateLog(clock)
+        self.account: Account | None = None
+        self.account_loaded_at: float | None = None
+        self.account_error: str | None = None
+        self.handshakes: dict[Addr, _Handshake] = {}
+        self.by_addr: dict[Addr, SiteSession] = {}
+        self.by_peer: dict[int, SiteSession] = {}
+        self.routes: dict[str, int] = {}
+        self.rev = int(time.time() * 1000)  # grows across restarts too
+        self._directory: list[dict[str, Any]] | None = None
+        self._next_temp = 0
+        self.fp: FastPath | None = None
+        self.dtls: DtlsContext | None = None
+        self.store: Store | None = None
+        self.control: ControlServer | None = None
+        self.stun = StunServer(clock=clock)
+        self.stun_main = StunServer(clock=clock)  # Binding requests on the main port
+        self._stun_transport: asyncio.DatagramTransport | None = None
+        self._stop = asyncio.Event()
+
+    # ---------------------------------------------------------------- setup
+
+    def open(self) -> None:
+        cfg = self.cfg
+        try:
+            self.store = Store(cfg.paths.data_dir / DB_NAME)
+        except (StoreError, OSError) as e:
+            raise StartupError(f"cannot open the store: {e}") from e
+        self._load_account_at_start()
+        try:
+            self.dtls = DtlsContext(cfg.pki.ca, cfg.pki.cert, cfg.pki.key, ("pop", cfg.id))
+        except (OSError, ValueError) as e:
+            raise StartupError(str(e)) from e
+        fp_cfg = FastPathConfig.default()
+        fp_cfg.relay = True
+        self.fp = fp = FastPath(fp_cfg)
+        family = socket.AF_INET6 if ":" in cfg.listen else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((cfg.listen, cfg.port))
+            fp.link_add(LINK_ID, sock.fileno())
+        except OSError as e:
+            raise StartupError(f"cannot listen on {cfg.listen} port {cfg.port}: {e}") from e
+        finally:
+            sock.close()  # the fast path keeps its own duplicate
+        fp.start()
+
+    def _load_account_at_start(self) -> None:
+        assert self.store is not None
+        try:
+            account = load_account(self.cfg.account)
+        except ConfigError as e:
+            doc = self.store.get_doc("account")
+            if doc is None:
+                raise StartupError(
+                    "the account file has errors and no earlier account is stored:\n" + str(e)
+                ) from e
+            for line in str(e).splitlines():
+                log.error("%s", line)
+            self.account = Account.from_doc(doc.value)
+            self.account_error = str(e)
+            self._event("popd.account.refused", f"account file refused, kept the stored one: {e}")
+            log.warning("account file refused; running with the last good account from the store")
+        else:
+            self.account = account
+            self.store.put_doc("account", account.to_doc())
+            self._event(
+                "popd.account.loaded",
+                f"account {account.name}: {len(account.sites)} site(s),"
+                f" {len(account.rules)} rule(s)",
+            )
+        self.account_loaded_at = time.time()
+
+    def close(self) -> None:
+        if self.fp is not None:
+            self.fp.close()
+            self.fp = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def _event(self, kind: str, text: str, site_id: int | None = None, **data: Any) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.add_event(kind, text, site_id, data or None)
+        except (StoreError, ValueError) as e:
+            log.error("event %s not stored: %s", kind, e)
+
+    # ---------------------------------------------------------------- sending
+
+    def send(self, addr: Addr, data: bytes) -> None:
+        assert self.fp is not None
+        try:
+            self.fp.ctrl_send(LINK_ID, addr, data)
+        except (OSError, ValueError) as e:
+            log.debug("send to %s failed: %s", _ep(addr), e)
+
+    def _send_msg(self, s: SiteSession, msg: dict[str, Any]) -> bool:
+        data = json.dumps(msg, separators=(",", ":")).encode()
+        try:
+            datagrams = s.dtls.send(data)
+        except (RuntimeError, ValueError) as e:
+            log.error("site %d: %s message not sent: %s", s.site_id, msg.get("t"), e)
+            return False
+        for d in datagrams:
+            self.send(s.addr, d)
+        return True
+
+    # ---------------------------------------------------------------- control packets
+
+    def _on_ctrl_readable(self) -> None:
+        assert self.fp is not None
+        for _ in range(MAX_EVENTS_PER_WAKEUP):
+            ev = self.fp.ctrl_recv()
+            if ev is None:
+                return
+            try:
+                self._on_ctrl_event(ev)
+            except Exception:
+                log.exception("control event from %s dropped", ev.addr)
+
+    def _on_ctrl_event(self, ev: CtrlEvent) -> None:
+        if ev.event in (CtrlEvent.REKEY, CtrlEvent.KEY_EXPIRED):
+            # The socket (the DTLS client) rekeys; the PoP cannot start a handshake.
+            s = self.by_peer.get(ev.peer_id)
+            if s is not None and ev.event == CtrlEvent.KEY_EXPIRED:
+                self.ratelog.warning(
+                    "key-expired", "site %d: transmit key expired, waiting for its rekey", s.site_id
+                )
+            return
+        data, addr = ev.data, ev.addr
+        if addr is None:
+            self.stats.garbage += 1
+            return
+        if len(data) >= CTRL_MAX:
+            self.stats.oversized += 1
+            self.ratelog.warning("oversized", "oversized datagram from %s dropped", _ep(addr))
+            return
+        if data and 20 <= data[0] <= 63:
+            self._on_dtls(addr, data)
+        elif is_stun(data):
+            reply = self.stun_main.handle(data, addr)
+            if reply is not None:
+                self.send(addr, reply)
+        else:
+            self.stats.garbage += 1
+            self.ratelog.warning(
+                "garbage", "garbage datagram (%d bytes) from %s dropped", len(data), _ep(addr)
+            )
+
+    def _allowed_sites(self) -> frozenset[int]:
+        return self.account.site_ids if self.account is not None else frozenset()
+
+    def _on_dtls(self, addr: Addr, data: bytes) -> None:
+        assert self.dtls is not None
+        hs = self.handshakes.get(addr)
+        if is_client_hello(data) and hs is None:
+            result = self.dtls.accept(
+                data, _ep(addr), mtu=DTLS_MTU, allowed_site_ids=self._allowed_sites()
+            )
+            for reply in result.replies:
+                self.send(addr, reply)
+            if result.session is None:
+                if result.reason not in (None, "cookie sent"):
+                    self._reject(addr, result.reason or "refused", None)
+                return
+            if not self._admit(addr):
+                self.stats.handshakes_refused_admission += 1
+                return
+            hs = self.handshakes[addr] = _Handshake(result.session, addr, self.clock())
+            self._after_handshake_input(hs)
+            return
+        if hs is not None:
+            for reply in hs.session.receive(data):
+                self.send(addr, reply)
+            self._after_handshake_input(hs)
+            return
+        s = self.by_addr.get(addr)
+        if s is None:
+            self.stats.dtls_no_session += 1
+            return
+        for reply in s.dtls.receive(data):
+            self.send(addr, reply)
+        self._after_session_input(s)
+
+    def _admit(self, addr: Addr) -> bool:
+        if len(self.handshakes) >= MAX_HANDSHAKING:
+            return False
+        same_ip = sum(1 for a in self.handshakes if a[0] == addr[0])
+        return same_ip < MAX_HANDSHAKING_PER_IP
+
+    def _after_handshake_input(self, hs: _Handshake) -> None:
+        session = hs.session
+        if session.failed is not None:
+            self.handshakes.pop(hs.addr, None)
+            self._reject(hs.addr, session.failed, session)
+        elif session.established:
+            self.handshakes.pop(hs.addr, None)
+            self._on_established(session, hs.addr)
+
+    def _reject(self, addr: Addr, reason: str, session: DtlsSession | None) -> None:
+        self.stats.dtls_rejected += 1
+        if "not a configured peer" in reason:
+            self.stats.unknown_site += 1
+        if reason.startswith(("not a ClientHello", "malformed ClientHello")):
+            self.stats.garbage += 1
+        self.stats.rejections.append({"at": time.time(), "from": _ep(addr), "reason": reason})
+        self.ratelog.warning("handshake", "handshake from %s refused: %s", _ep(addr), reason)
+
+    # ---------------------------------------------------------------- sessions
+
+    def _new_temp_id(self) -> int:
+        while True:
+            self._next_temp = (self._next_temp + 1) % 0x3FFFFFFF
+            pid = TEMP_PEER_BASE + self._next_temp
+            if pid not in self.by_peer:
+                return pid
+
+    def _install(self, peer_id: int, keys: tuple[bytes, bytes], idx: int | None = None) -> int:
+        assert self.fp is not None
+        for _ in range(16):
+            cand = idx if idx is not None else (secrets.randbits(32) or 1)
+            try:
+                self.fp.key_install(peer_id, cand, keys[0], keys[1])
+                return cand
+            except FastPathError as e:
+                if e.errno != 17:  # EEXIST: that index is taken
+                    raise
+                idx = None
+        raise RuntimeError("no free key index after 16 draws")
+
+    def _on_established(self, session: DtlsSession, addr: Addr) -> None:
+        assert self.fp is not None
+        site_id = session.peer_site_id
+        if site_id is None or self.account is None or self.account.site(site_id) is None:
+            self._reject(addr, f"site {site_id} is not in the account", session)
+            for d in session.close():
+                self.send(addr, d)
+            return
+        keys = session.export_keys()
+        old = self.by_addr.get(addr)
+        if old is not None and old.site_id == site_id and old.registered:
+            # A rekey: the new keys go to the spare slot of the same peer; the old ones keep
+            # receiving until the site switches.
+            old.dtls = session
+            old.keys = keys
+            old.local_idx = self._install(old.peer_id, keys)
+            old.remote_idx = None
+            old.last_auth_ns = time.monotonic_ns()
+            self._start_key_handover(old)
+            log.info("site %d link %s: rekeyed", site_id, old.link_name)
+            return
+        if old is not None:
+            self._drop(old, "replaced by a new session from the same address")
+        peer_id = self._new_temp_id()
+        self.fp.peer_add(peer_id)
+        self.fp.set_endpoint(peer_id, LINK_ID, addr)
+        idx = self._install(peer_id, keys)
+        s = SiteSession(
+            site_id=site_id,
+            addr=addr,
+            dtls=session,
+            peer_id=peer_id,
+            created=self.clock(),
+            keys=keys,
+            local_idx=idx,
+            last_auth_ns=time.monotonic_ns(),
+        )
+        self.by_addr[addr] = s
+        self.by_peer[peer_id] = s
+        self.stats.sessions_opened += 1
+        log.info("site %d: DTLS session from %s established", site_id, _ep(addr))
+        self._start_key_handover(s)
+        self._after_session_input(s)
+
+    def _start_key_handover(self, s: SiteSession) -> None:
+        s.pending_idx = s.local_idx
+        s.key_sends = 0
+        self._send_key(s)
+
+    def _send_key(self, s: SiteSession) -> None:
+        if s.pending_idx is None:
+            return
+        if s.key_sends >= KEY_RESEND_MAX:
+            self._drop(s, "the site never acknowledged the keys")
+            return
+        s.key_sends += 1
+        s.next_key_send = self.clock() + KEY_RESEND_S
+        self._send_msg(s, {"t": "key", "idx": s.pending_idx})
+
+    def _activate(self, s: SiteSession, recompute: bool = True) -> None:
+        """Transmit with the current keys once the site's index is known and the session has
+        its final fast-path peer (so no nonce is ever used under two peers with one key)."""
+        assert self.fp is not None
+        if not s.registered or s.remote_idx is None:
+            return
+        if s.activated == (s.local_idx, s.remote_idx):
+            return
+        self.fp.key_activate(s.peer_id, s.local_idx, s.remote_idx)
+        first = s.activated is None
+        s.activated = (s.local_idx, s.remote_idx)
+        if first and recompute:
+            self._recompute()
+
+    def _after_session_input(self, s: SiteSession) -> None:
+        if s.dtls.failed is not None:
+            self._drop(s, f"DTLS error: {s.dtls.failed}")
+            return
+        for raw in s.dtls.take_messages():
+            s.last_auth_ns = time.monotonic_ns()
+            if self.by_addr.get(s.addr) is not s:
+                return
+            try:
+                self._on_message(s, raw)
+            except Exception:
+                log.exception("site %d: message dropped", s.site_id)
+                self.stats.messages_malformed += 1
+        if s.dtls.closed and self.by_addr.get(s.addr) is s:
+            self._drop(s, "the site closed the session")
+
+    def _on_message(self, s: SiteSession, raw: bytes) -> None:
+        if len(raw) > MAX_MESSAGE:
+            self.stats.oversized += 1
+            self.ratelog.warning("msg-oversized", "site %d: oversized message dropped", s.site_id)
+            return
+        try:
+            msg = json.loads(raw)
+        except (UnicodeDecodeError, ValueError):
+            msg = None
+        if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
+            self.stats.messages_malformed += 1
+            self.ratelog.warning("msg-malformed", "site %d: malformed message dropped", s.site_id)
+            return
+        kind = msg["t"]
+        if kind == "key":
+            idx = msg.get("idx")
+            if isinstance(idx, bool) or not isinstance(idx, int) or not 0 < idx < 2**32:
+                self.stats.messages_malformed += 1
+                return
+            s.remote_idx = idx
+            self._activate(s)
+            self._send_msg(s, {"t": "key-ack", "idx": idx})
+        elif kind == "key-ack":
+            if msg.get("idx") == s.pending_idx:
+                s.pending_idx = None
+        elif kind == "register":
+            self._on_register(s, msg)
+        elif kind == "ping":
+            self._send_msg(s, {"t": "pong", "id": msg.get("id")})
+        elif kind == "events":
+            if s.registered:
+                self._on_events(s, msg)
+            else:
+                self.stats.messages_malformed += 1
+        else:
+            self.stats.messages_unknown += 1
+
+    # ---------------------------------------------------------------- register
+
+    def _on_register(self, s: SiteSession, msg: dict[str, Any]) -> None:
+        assert self.fp is not None and self.account is not None
+        try:
+            site_id = msg.get("site_id")
+            if site_id != s.site_id:
+                raise RegisterError(
+                    f"site_id {site_id!r} is not the site of the certificate ({s.site_id})"
+                )
+            if self.account.site(s.site_id) is None:
+                raise RegisterError(f"site {s.site_id} is not in the account")
+            version = msg.get("version", "")
+            if not isinstance(version, str) or len(version) > 64:
+                raise RegisterError("version: expected a string of at most 64 characters")
+            link = _check_link(msg.get("link"), "link")
+            raw_links = msg.get("links")
+            if not isinstance(raw_links, list) or not 1 <= len(raw_links) <= MAX_LINKS:
+                raise RegisterError(f"links: expected an array of 1..{MAX_LINKS} links")
+            links = [_check_link(x, f"links[{i}]") for i, x in enumerate(raw_links)]
+            names = [x["name"] for x in links]
+            if len(set(names)) != len(names):
+                raise RegisterError("links: duplicate link names")
+            if link["name"] not in names:
+                raise RegisterError(f"link {link['name']!r} is not among links")
+            # L: the socket's own link number when it sends one, else its place in links.
+            link_index = link["id"] or names.index(link["name"]) + 1
+            ids = [x["id"] or i + 1 for i, x in enumerate(links)]
+            if len(set(ids)) != len(ids) or link_index != ids[names.index(link["name"])]:
+                raise RegisterError("links: link ids must be unique and agree with link")
+            final = s.site_id << 8 | link_index
+            if s.registered and s.peer_id != final:
+                raise RegisterError("the link of a session cannot change; open a new session")
+        except RegisterError as e:
+            self.stats.registrations_refused += 1
+            self.ratelog.warning(
+                "register", "site %d from %s: registration refused: %s", s.site_id, _ep(s.addr), e
+            )
+            self._send_msg(s, {"t": "error", "reason": str(e)})
+            for d in s.dtls.close():
+                self.send(s.addr, d)
+            self._drop(s, f"registration refused: {e}")
+            return
+        if s.peer_id != final:
+            self._rehome(s, final)
+        first = not s.registered
+        s.registered = True
+        s.registered_at = self.clock()
+        s.link, s.links, s.link_index, s.version = link, links, link_index, version
+        self._activate(s, recompute=False)
+        if first:
+            text = f"site {s.site_id} registered over {link['name']} from {_ep(s.addr)}"
+            log.info("%s", text)
+            self._event("popd.session.up", text, s.site_id, link=link["name"], public=_ep(s.addr))
+        self._recompute(force_push_to=s)
+
+    def _rehome(self, s: SiteSession, final: int) -> None:
+        """Move an unregistered session from its temporary peer to S << 8 | L, keeping its key
+        index so the site notices nothing. Transmit was never activated under the temporary
+        peer, so the fresh transmit counter reuses no nonce."""
+        assert self.fp is not None
+        other = self.by_peer.get(final)
+        if other is not None and other is not s:
+            self._drop(other, "replaced by a new session over the same link")
+        self.by_peer.pop(s.peer_id, None)
+        self.fp.peer_del(s.peer_id)
+        self.fp.peer_add(final)
+        self.fp.set_endpoint(final, LINK_ID, s.addr)
+        idx = self._install(final, s.keys, s.local_idx)
+        s.peer_id = final
+        self.by_peer[final] = s
+        if idx != s.local_idx:
+            s.local_idx = idx
+            self._start_key_handover(s)
+
+    def _drop(self, s: SiteSession, reason: str) -> None:
+        if self.by_addr.get(s.addr) is s:
+            del self.by_addr[s.addr]
+        if self.by_peer.get(s.peer_id) is s:
+            del self.by_peer[s.peer_id]
+            self.routes = {n: p for n, p in self.routes.items() if p != s.peer_id}
+            if self.fp is not None:
+                with contextlib.suppress(FastPathError):
+                    self.fp.peer_del(s.peer_id)
+        self.stats.sessions_closed += 1
+        if s.registered:
+            text = f"site {s.site_id} link {s.link_name} down: {reason}"
+            log.info("%s", text)
+            self._event("popd.session.down", text, s.site_id, link=s.link_name, reason=reason)
+            self._recompute()
+        else:
+            log.info("site %d session from %s closed: %s", s.site_id, _ep(s.addr), reason)
+
+    # ---------------------------------------------------------------- routes and directory
+
+    def _live_sessions(self, site_id: int) -> list[SiteSession]:
+        return sorted(
+            (s for s in self.by_peer.values() if s.site_id == site_id and s.registered),
+            key=lambda s: (s.precedence, s.link_index or 0),
+        )
+
+    def _recompute(self, force_push_to: SiteSession | None = None) -> None:
+        """Relay routes and the directory after any session or account change."""
+        assert self.fp is not None and self.account is not None
+        want: dict[str, int] = {}
+        for site in self.account.sites:
+            best = next((s for s in self._live_sessions(site.id) if s.activated), None)
+            if best is not None:
+                for net in site.subnets:
+                    want[str(net)] = best.peer_id
+        for net in [n for n in self.routes if n not in want]:
+            with contextlib.suppress(FastPathError):
+                self.fp.route_del(net)
+            del self.routes[net]
+        for net, peer in want.items():
+            if self.routes.get(net) != peer:
+                self.fp.route_set(net, peer)
+                self.routes[net] = peer
+        full = self._full_directory()
+        if full != self._directory:
+            self._directory = full
+            self.rev += 1
+            for s in list(self.by_peer.values()):
+                if s.registered and s is not force_push_to:
+                    self._send_msg(s, {"t": "directory", "rev": self.rev,
+                                       "directory": self._directory_for(s.site_id)})
+        if force_push_to is not None and force_push_to.registered:
+            self._welcome(force_push_to)
+
+    def _full_directory(self) -> list[dict[str, Any]]:
+        assert self.account is not None
+        out = []
+        for site in self.account.sites:
+            links = [
+                {"name": s.link_name, "precedence": s.precedence, "public": _ep(s.addr)}
+                for s in self._live_sessions(site.id)
+            ]
+            out.append({
+                "site_id": site.id,
+                **site.settings(),
+                "links": links,
+                "online": bool(links),
+            })
+        return out
+
+    def _directory_for(self, site_id: int) -> list[dict[str, Any]]:
+        return [e for e in self._directory or [] if e["site_id"] != site_id]
+
+    def _welcome(self, s: SiteSession) -> None:
+        assert self.account is not None
+        site = self.account.site(s.site_id)
+        if site is None:
+            return
+        self._send_msg(s, {
+            "t": "welcome",
+            "rev": self.rev,
+            "pop_id": self.cfg.id,
+            "config": site.settings(),
+            "directory": self._directory_for(s.site_id),
+        })
+
+    # ---------------------------------------------------------------- events
+
+    def _on_events(self, s: SiteSession, msg: dict[str, Any]) -> None:
+        assert self.store is not None
+        events = msg.get("events")
+        if not isinstance(events, list) or len(events) > MAX_UPLOADED_EVENTS:
+            self.stats.messages_malformed += 1
+            return
+        doc_name = f"site.{s.site_id}.events"
+        doc = self.store.get_doc(doc_name)
+        mark = int(doc.value.get("up_to", 0)) if doc else 0
+        instance = msg.get("instance")
+        if isinstance(instance, str) and doc is not None and doc.value.get("instance") != instance:
+            mark = 0  # the site's store was reset: its sequence numbers start again
+        up_to = 0
+        for ev in sorted(
+            (e for e in events if isinstance(e, dict)),
+            key=lambda e: e.get("seq") if isinstance(e.get("seq"), int) else 0,
+        ):
+            seq = ev.get("seq")
+            if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+                self.stats.events_malformed += 1
+                continue
+            up_to = max(up_to, seq)
+            if seq <= mark:
+                self.stats.events_duplicate += 1
+                continue
+            kind, text, at, data = ev.get("kind"), ev.get("text"), ev.get("at"), ev.get("data")
+            if not isinstance(kind, str) or not isinstance(text, str):
+                self.stats.events_malformed += 1
+                continue
+            if not isinstance(at, int | float) or isinstance(at, bool):
+                at = None
+            try:
+                self.store.add_event(
+                    kind, text, s.site_id,
+                    {"site_seq": seq, "at": at, "data": data if isinstance(data, dict) else None},
+                )
+            except (ValueError, StoreError):
+                self.stats.events_malformed += 1
+                continue
+            self.stats.events_stored += 1
+            mark = seq
+        if up_to:
+            new_doc: dict[str, Any] = {"up_to": max(mark, up_to)}
+            if isinstance(instance, str):
+                new_doc["instance"] = instance
+            self.store.put_doc(doc_name, new_doc)
+            self._send_msg(s, {"t": "events-ack", "up_to": up_to})
+
+    # ---------------------------------------------------------------- periodic work
+
+    def _tick(self) -> None:
+        assert self.fp is not None
+        now = self.clock()
+        for addr, hs in list(self.handshakes.items()):
+            if now - hs.created > HANDSHAKE_DEADLINE_S:
+                del self.handshakes[addr]
+                self._reject(addr, "handshake timed out", hs.session)
+                continue
+            due = hs.session.timeout()
+            if due is not None and due <= 0:
+                for d in hs.session.on_timeout():
+                    self.send(addr, d)
+                self._after_handshake_input(hs)
+        now_ns = time.monotonic_ns()
+        dead_ns = self.cfg.cloud.dead_after_ms * 1_000_000
+        keepalive_ns = self.cfg.cloud.keepalive_ms * 1_000_000
+        for s in list(self.by_addr.values()):
+            if self.by_addr.get(s.addr) is not s:
+                continue
+            if s.pending_idx is not None and now >= s.next_key_send:
+                self._send_key(s)
+                if self.by_addr.get(s.addr) is not s:
+                    continue
+            if not s.registered and now - s.created > REGISTER_DEADLINE_S:
+                self._drop(s, "no registration")
+                continue
+            try:
+                c = self.fp.peer_counters(s.peer_id)
+            except FastPathError:
+                continue
+            last = max(c.last_rx_ns, s.last_auth_ns)
+            if now_ns - last > dead_ns:
+                self._drop(s, f"no packets for {(now_ns - last) / 1e6:.0f} ms")
+                continue
+            if s.activated and (c.last_tx_ns == 0 or now_ns - c.last_tx_ns >= keepalive_ns):
+                try:
+                    self.fp.send_keepalive(s.peer_id)
+                except FastPathError as e:
+                    self.ratelog.warning("keepalive", "site %d: keepalive not sent: %s",
+                                         s.site_id, e)
+
+    async def _ticker(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._tick()
+            except Exception:
+                log.exception("tick failed")
+            await asyncio.sleep(TICK_S)
+
+    # ---------------------------------------------------------------- account reload
+
+    def reload(self) -> dict[str, Any]:
+        """Load the account file again; a bad one is refused and the current one stays."""
+        assert self.store is not None
+        try:
+            new = load_account(self.cfg.account)
+        except ConfigError as e:
+            self.account_error = str(e)
+            for line in str(e).splitlines():
+                log.error("%s", line)
+            log.warning("account file refused; the previous account stays in force")
+            self._event("popd.account.refused", f"account file refused, previous kept: {e}")
+            return {"ok": False, "error": str(e)}
+        old = self.account
+        self.account = new
+        self.account_error = None
+        self.account_loaded_at = time.time()
+        self.store.put_doc("account", new.to_doc())
+        changed: list[int] = []
+        for s in list(self.by_peer.values()) + list(self.by_addr.values()):
+            site = new.site(s.site_id)
+            if site is None and (self.by_addr.get(s.addr) is s or self.by_peer.get(s.peer_id) is s):
+                if s.registered:
+                    self._send_msg(s, {"t": "error", "reason": "site removed from the account"})
+                for d in s.dtls.close():
+                    self.send(s.addr, d)
+                self._drop(s, "site removed from the account")
+        for site in new.sites:
+            before = old.site(site.id) if old is not None else None
+            if before is None or before.settings() != site.settings():
+                changed.append(site.id)
+                for s in self._live_sessions(site.id):
+                    self._send_msg(s, {"t": "config", "rev": self.rev + 1,
+                                       "config": site.settings()})
+        removed = sorted((old.site_ids if old else frozenset()) - new.site_ids)
+        text = (
+            f"account {new.name} reloaded: {len(new.sites)} site(s), {len(new.rules)} rule(s);"
+            f" changed {changed or 'none'}, removed {removed or 'none'}"
+        )
+        log.info("%s", text)
+        self._event("popd.account.loaded", text, changed=changed, removed=removed)
+        self._recompute()
+        return {"ok": True, "changed": changed, "removed": removed, "rev": self.rev}
+
+    # ---------------------------------------------------------------- control socket
+
+    async def _status(self, _req: dict[str, Any]) -> dict[str, Any]:
+        assert self.fp is not None and self.account is not None
+        c = self.fp.link_counters(LINK_ID)
+        st = self.stats
+        online = {s.site_id for s in self.by_peer.values() if s.registered}
+        return {
+            "pop_id": self.cfg.id,
+            "name": self.cfg.name,
+            "version": __version__,
+            "uptime_s": round(self.clock() - self.started, 1),
+            "listen": _ep((self.cfg.listen, self.cfg.port)),
+            "stun": _ep((self.cfg.listen, self.cfg.stun_port)),
+            "account": {
+                "name": self.account.name,
+                "file": str(self.cfg.account),
+                "sites": len(self.account.sites),
+                "rules": [r.to_dict() for r in self.account.rules],
+                "loaded_at": self.account_loaded_at,
+                "error": self.account_error,
+            },
+            "rev": self.rev,
+            "sites_online": len(online),
+            "sessions": sum(1 for s in self.by_peer.values() if s.registered),
+            "handshaking": len(self.handshakes),
+            "link": {
+                "rx_packets": c.rx_packets,
+                "tx_packets": c.tx_packets,
+                "rx_bytes": c.rx_bytes,
+                "tx_bytes": c.tx_bytes,
+                "drops": c.drops,
+            },
+            "drops": self.fp.global_counters().drops,
+            "control": {
+                "garbage": st.garbage,
+                "oversized": st.oversized,
+                "dtls_no_session": st.dtls_no_session,
+                "dtls_rejected": st.dtls_rejected,
+                "handshakes_refused_admission": st.handshakes_refused_admission,
+                "unknown_site": st.unknown_site,
+                "messages_malformed": st.messages_malformed,
+                "messages_unknown": st.messages_unknown,
+                "registrations_refused": st.registrations_refused,
+                "sessions_opened": st.sessions_opened,
+                "sessions_closed": st.sessions_closed,
+                "events_stored": st.events_stored,
+                "events_duplicate": st.events_duplicate,
+                "events_malformed": st.events_malformed,
+                "dtls": dict(self.dtls.stats) if self.dtls else {},
+            },
+            "stun_server": _stun_stats(self.stun),
+            "stun_main_port": _stun_stats(self.stun_main),
+            "rejections": list(st.rejections),
+        }
+
+    async def _sites(self, _req: dict[str, Any]) -> dict[str, Any]:
+        assert self.fp is not None and self.account is not None
+        now_ns = time.monotonic_ns()
+        out = []
+        for site in self.account.sites:
+            sessions = []
+            for s in self._live_sessions(site.id):
+                try:
+                    c = self.fp.peer_counters(s.peer_id)
+                except FastPathError:
+                    continue
+                sessions.append({
+                    "link": s.link_name,
+                    "link_index": s.link_index,
+                    "precedence": s.precedence,
+                    "peer_id": s.peer_id,
+                    "public": _ep(s.addr),
+                    "local": s.link.get("local"),
+                    "version": s.version,
+                    "up": s.activated is not None,
+                    "routed": any(p == s.peer_id for p in self.routes.values()),
+                    "last_rx_s": round((now_ns - max(c.last_rx_ns, s.last_auth_ns)) / 1e9, 2),
+                    "rx_packets": c.rx_packets,
+                    "tx_packets": c.tx_packets,
+                    "rx_bytes": c.rx_bytes,
+                    "tx_bytes": c.tx_bytes,
+                    "drops": c.drops,
+                })
+            out.append({"site_id": site.id, **site.settings(), "online": bool(sessions),
+                        "sessions": sessions})
+        return {"sites": out, "rev": self.rev}
+
+    async def _events(self, req: dict[str, Any]) -> dict[str, Any]:
+        assert self.store is not None
+        site = req.get("site")
+        limit = req.get("limit", 100)
+        if site is not None and (isinstance(site, bool) or not isinstance(site, int)):
+            raise ValueError("site must be an integer")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10000:
+            raise ValueError("limit must be an integer 1..10000")
+        if site is None:
+            events = self.store.events(limit=limit)
+        else:
+            # The store has no per-site index; the PoP keeps at most max_events rows.
+            events = [
+                e for e in self.store.events(limit=self.store.max_events) if e.site_id == site
+            ][:limit]
+        return {"events": [_event_dict(e) for e in events]}
+
+    async def _reload(self, _req: dict[str, Any]) -> dict[str, Any]:
+        # A refused file is an answer, not a failure of the command: {"loaded": false, "error"}.
+        result = self.reload()
+        result["loaded"] = result.pop("ok")
+        return result
+
+    # ---------------------------------------------------------------- run
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.open()
+        assert self.fp is not None
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: self.stun, local_addr=(self.cfg.listen, self.cfg.stun_port)
+            )
+        except OSError as e:
+            raise StartupError(
+                f"cannot listen for STUN on {self.cfg.listen} port {self.cfg.stun_port}: {e}"
+            ) from e
+        self._stun_transport = transport  # type: ignore[assignment]
+        loop.add_reader(self.fp.ctrl_fd, self._on_ctrl_readable)
+        self.control = ControlServer(
+            self.cfg.paths.control_socket,
+            {"status": self._status, "sites": self._sites, "events": self._events,
+             "reload": self._reload},
+        )
+        await self.control.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        assert self.account is not None
+        self._recompute()
+        log.info(
+            "popd %s up: PoP %d on %s, STUN on port %d, account %s with %d site(s)",
+            __version__, self.cfg.id, _ep((self.cfg.listen, self.cfg.port)),
+            self.cfg.stun_port, self.account.name, len(self.account.sites),
+        )
+        ticker = asyncio.create_task(self._ticker())
+        try:
+            await self._stop.wait()
+        finally:
+            ticker.cancel()
+            log.info("popd stopping")
+            for s in list(self.by_addr.values()):
+                for d in s.dtls.close():
+                    self.send(s.addr, d)
+            await self.control.close()
+            loop.remove_reader(self.fp.ctrl_fd)
+            transport.close()
+            self.close()
+
+
+def _stun_stats(server: StunServer) -> dict[str, Any]:
+    st = server.stats
+    return {
+        "received": st.received,
+        "requests": st.requests,
+        "answers": st.answers,
+        "errors_sent": st.errors_sent,
+        "dropped": dict(st.dropped),
+    }
+
+
+def _event_dict(e: Any) -> dict[str, Any]:
+    d = e.to_dict()
+    d["source"] = "pop" if e.kind.startswith("popd.") else "site"
+    return d
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="popd", description="SD-WAN reference PoP")
+    parser.add_argument("--config", required=True, help="PoP configuration (TOML)")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        cfg = load_pop_config(args.config)
+    except ConfigError as e:
+        for line in str(e).splitlines():
+            print(f"popd: {line}", file=sys.stderr)
+        return 2
+    pop = Pop(cfg)
+    try:
+        asyncio.run(pop.run())
+    except StartupError as e:
+        pop.close()
+        for line in str(e).splitlines():
+            print(f"popd: {line}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

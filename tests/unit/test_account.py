@@ -1,0 +1,186 @@
+"""The PoP's account file and popd's config: valid files load; each wrong field is located."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdwan.account import (
+    DEFAULT_DEAD_AFTER_MS,
+    DEFAULT_KEEPALIVE_MS,
+    Account,
+    ConfigError,
+    load_account,
+    load_pop_config,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+ACCOUNT = """\
+[account]
+name = "acme"
+
+[[sites]]
+id = 1
+name = "branch-1"
+subnets = ["10.1.0.0/24"]
+offcloud = true
+recovery = true
+
+[[sites]]
+id = 2
+subnets = ["10.2.0.0/24", "fd00:2::/64"]
+
+[[rules]]
+name = "hq-only"
+from = ["branch-1"]
+action = "allow"
+"""
+
+POP = """\
+[pop]
+id = 1
+account = "account.toml"
+
+[pki]
+ca = "ca.pem"
+cert = "pop-1.pem"
+key = "pop-1.key"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "account.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def errors_of(path: Path, loader=load_account) -> list[str]:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError) as exc:
+        loader(path)
+    return str(exc.value).splitlines()
+
+
+def test_valid_account_loads_with_defaults(tmp_path: Path) -> None:
+    acc = load_account(write(tmp_path, ACCOUNT))
+    assert acc.name == "acme"
+    assert [s.id for s in acc.sites] == [1, 2]
+    one, two = acc.sites
+    assert one.offcloud and one.recovery and one.name == "branch-1"
+    assert two.name == "site-2" and not two.offcloud and not two.recovery
+    assert two.subnets == (ipaddress.ip_network("10.2.0.0/24"), ipaddress.ip_network("fd00:2::/64"))
+    assert acc.rules[0].to_dict() == {"name": "hq-only", "from": ["branch-1"], "action": "allow"}
+    assert acc.site_ids == {1, 2} and acc.site(3) is None
+    # What SQLite keeps gives the same account back.
+    assert Account.from_doc(acc.to_doc()) == acc
+
+
+def test_example_files_load() -> None:
+    acc = load_account(REPO / "examples" / "account.toml")
+    assert len(acc.sites) == 3 and acc.rules
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ('name = "acme"', "name = 5", 'account.name: expected a name of 1..64 characters'),
+        ('name = "acme"', 'name = "a b"', "account.name: expected a name of 1..64"),
+        ("id = 1\n", "id = 0\n", "sites[0].id: expected an integer 1..65535, got 0 (line 5)"),
+        ("id = 1\n", 'id = "1"\n', 'sites[0].id: expected an integer 1..65535, got "1"'),
+        ("id = 2\n", "id = 1\n", "sites[1].id: duplicate site id 1 (also sites[0])"),
+        ('name = "branch-1"', "name = 7", "sites[0].name: expected a printable string"),
+        ('subnets = ["10.1.0.0/24"]', 'subnets = ["10.1.0.1/24"]',
+         'sites[0].subnets[0]: expected a network with the host bits zero, got "10.1.0.1/24"'),
+        ('subnets = ["10.1.0.0/24"]', "subnets = []",
+         "sites[0].subnets: expected an array of at least 1 network"),
+        ('subnets = ["10.1.0.0/24"]', 'subnets = ["10.2.0.0/16"]',
+         "sites[1].subnets[0]: subnet 10.2.0.0/24 overlaps 10.2.0.0/16 of sites[0]"),
+        ("offcloud = true", 'offcloud = "yes"', 'sites[0].offcloud: expected true or false'),
+        ("recovery = true", "recovery = 1", "sites[0].recovery: expected true or false, got 1"),
+        ("recovery = true", "recovery = true\ncolour = 1",
+         "sites[0].colour: unknown key (expected one of: id, name, offcloud, recovery, subnets)"),
+        ('name = "hq-only"', "name = 3", "rules[0].name: expected a name of 1..64 characters"),
+        ('action = "allow"', "when = 1979-05-27", "rules[0]: expected strings, numbers"),
+        ("[account]", "[acount]", 'acount: unknown key (did you mean "account"?'),
+    ],
+)
+def test_each_wrong_field_is_located(tmp_path: Path, old: str, new: str, expected: str) -> None:
+    assert old in ACCOUNT
+    path = write(tmp_path, ACCOUNT.replace(old, new, 1))
+    lines = errors_of(path)
+    assert any(line.startswith(f"{path}: ") and expected in line for line in lines), lines
+
+
+def test_missing_parts(tmp_path: Path) -> None:
+    lines = errors_of(write(tmp_path, "[account]\n"))
+    assert any("account.name: missing required field" in x for x in lines), lines
+    assert any("sites: missing required [[sites]]" in x for x in lines), lines
+    lines = errors_of(write(tmp_path, '[account]\nname = "a"\n[[sites]]\nname = "x"\n'))
+    assert any("sites[0].id: missing required field (expected an integer" in x for x in lines)
+    assert any("sites[0].subnets: missing required field" in x for x in lines)
+
+
+def test_unreadable_and_invalid_toml(tmp_path: Path) -> None:
+    assert "file not found" in errors_of(tmp_path / "nope.toml")[0]
+    lines = errors_of(write(tmp_path, "[account\nname = 1\n"))
+    assert "line 1, column" in lines[0] and "invalid TOML" in lines[0]
+
+
+def test_pop_config_defaults_and_paths(tmp_path: Path) -> None:
+    write(tmp_path, ACCOUNT)
+    for name in ("ca.pem", "pop-1.pem", "pop-1.key"):
+        (tmp_path / name).write_text("x")
+    cfg = load_pop_config(write(tmp_path, POP, "pop.toml"))
+    assert (cfg.id, cfg.name, cfg.listen, cfg.port, cfg.stun_port) == (
+        1, "pop-1", "0.0.0.0", 4800, 3478
+    )
+    assert cfg.account == tmp_path / "account.toml"
+    assert cfg.pki.cert == tmp_path / "pop-1.pem"
+    assert (cfg.cloud.keepalive_ms, cfg.cloud.dead_after_ms) == (
+        DEFAULT_KEEPALIVE_MS, DEFAULT_DEAD_AFTER_MS
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra_or_change", "expected"),
+    [
+        (("id = 1", "id = 0"), "pop.id: expected an integer 1..255, got 0"),
+        (("id = 1", 'id = 1\nlisten = "nowhere"'), 'pop.listen: expected an IP address'),
+        (("id = 1", "id = 1\nport = 70000"), "pop.port: expected an integer 1..65535"),
+        (("id = 1", "id = 1\nstun_port = 4800"), "pop.stun_port: expected a port other than"),
+        (('account = "account.toml"', 'account = "gone.toml"'), "pop.account: file not found"),
+        (('cert = "pop-1.pem"', 'cert = "pop-9.pem"'), "pki.cert: file not found"),
+        (("", "[cloud]\nkeepalive_ms = 5"), "cloud.keepalive_ms: expected an integer 20..60000"),
+        (("", "[cloud]\nkeepalive_ms = 200\ndead_after_ms = 300"),
+         "cloud.dead_after_ms: expected at least twice keepalive_ms (400), got 300"),
+        (("", "[paths]\ncontrol_socket = \"" + "x" * 120 + "\""),
+         "paths.control_socket: expected a path of at most 107 bytes"),
+    ],
+)
+def test_pop_config_wrong_fields(
+    tmp_path: Path, extra_or_change: tuple[str, str], expected: str
+) -> None:
+    write(tmp_path, ACCOUNT)
+    for name in ("ca.pem", "pop-1.pem", "pop-1.key"):
+        (tmp_path / name).write_text("x")
+    old, new = extra_or_change
+    text = POP.replace(old, new, 1) if old else POP + "\n" + new + "\n"
+    path = write(tmp_path, text, "pop.toml")
+    lines = errors_of(path, load_pop_config)
+    assert any(line.startswith(f"{path}: ") and expected in line for line in lines), lines
+
+
+def test_popd_exits_2_with_located_errors(tmp_path: Path) -> None:
+    path = write(tmp_path, "[pop]\nid = 300\n", "pop.toml")
+    cp = subprocess.run(
+        [sys.executable, "-m", "sdwan.popd", "--config", str(path)],
+        capture_output=True, text=True, timeout=30,
+        env={"PYTHONPATH": str(REPO / "firmware"), "PATH": "/usr/bin:/bin"},
+    )
+    assert cp.returncode == 2
+    assert f"popd: {path}: pop.id: expected an integer 1..255, got 300" in cp.stderr
+    assert f"popd: {path}: pki: missing required table [pki]" in cp.stderr
