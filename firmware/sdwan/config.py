@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "Cloud",
     "ConfigError",
     "ConfigIssue",
     "DEFAULT_CONFIG_PATH",
@@ -31,6 +32,7 @@ __all__ = [
     "Paths",
     "Peer",
     "Pki",
+    "Pop",
     "Site",
     "SiteConfig",
     "Tunnel",
@@ -111,6 +113,23 @@ class Peer:
 
 
 @dataclass(frozen=True)
+class Pop:
+    """A PoP of the account; the first [[pops]] entry is the primary."""
+
+    id: int
+    endpoint: tuple[str, int]
+    stun: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class Cloud:
+    keepalive_ms: int = 200
+    dead_after_ms: int = 600
+    return_hold_s: int = 30
+    ping_s: int = 1
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     site: Site
     paths: Paths
@@ -120,6 +139,8 @@ class SiteConfig:
     links: tuple[Link, ...]
     peers: tuple[Peer, ...]
     source: Path
+    pops: tuple[Pop, ...] = ()
+    cloud: Cloud = Cloud()
 
     def link(self, name: str) -> Link:
         for link in self.links:
@@ -591,6 +612,72 @@ def _check_peers(
     return peers if ok else None
 
 
+MAX_POP_ID = 65535
+
+
+def _check_pops(c: _Checker, doc: Mapping[str, Any]) -> list[Pop] | None:
+    raw = doc.get("pops", [])
+    if not isinstance(raw, list):
+        c.error(("pops",), f"expected an array of tables [[pops]], got {_show(raw)}")
+        return None
+    pops: list[Pop] = []
+    ok = True
+    seen_ids: dict[int, int] = {}
+    seen_eps: dict[tuple[str, int], int] = {}
+    for i, entry in enumerate(raw):
+        loc: tuple[str | int, ...] = ("pops", i)
+        if not isinstance(entry, dict):
+            c.error(loc, f"expected a table, got {_show(entry)}")
+            ok = False
+            continue
+        c.known_keys(entry, loc, ("id", "endpoint", "stun"))
+        pop_id = c.value(entry, (*loc, "id"), _int_range(1, MAX_POP_ID))
+        if pop_id is not _MISSING:
+            if pop_id in seen_ids:
+                c.error(
+                    (*loc, "id"), f"duplicate PoP id {pop_id} (also pops[{seen_ids[pop_id]}])"
+                )
+                pop_id = _MISSING
+            else:
+                seen_ids[pop_id] = i
+        endpoint = c.value(entry, (*loc, "endpoint"), _endpoint)
+        if endpoint is not _MISSING:
+            if endpoint in seen_eps:
+                c.error(
+                    (*loc, "endpoint"),
+                    f"duplicate PoP endpoint {_show(format_endpoint(endpoint))}"
+                    f" (also pops[{seen_eps[endpoint]}])",
+                )
+                endpoint = _MISSING
+            else:
+                seen_eps[endpoint] = i
+        stun = c.value(entry, (*loc, "stun"), _endpoint, default=None)
+        if _MISSING in (pop_id, endpoint, stun):
+            ok = False
+            continue
+        pops.append(Pop(id=pop_id, endpoint=endpoint, stun=stun))
+    return pops if ok else None
+
+
+def _check_cloud(c: _Checker, doc: Mapping[str, Any]) -> Cloud | None:
+    table = c.table(doc, ("cloud",), required=False)
+    if table is None:
+        return None
+    c.known_keys(table, ("cloud",), ("keepalive_ms", "dead_after_ms", "return_hold_s", "ping_s"))
+    keepalive = c.value(table, ("cloud", "keepalive_ms"), _int_range(50, 5000), default=200)
+    dead_default = 3 * keepalive if keepalive is not _MISSING else 600
+    # At least two keepalive intervals: one lost keepalive must never kill a session.
+    dead_lo = 2 * keepalive if keepalive is not _MISSING else 100
+    dead = c.value(
+        table, ("cloud", "dead_after_ms"), _int_range(dead_lo, 60000), default=dead_default
+    )
+    hold = c.value(table, ("cloud", "return_hold_s"), _int_range(0, 3600), default=30)
+    ping = c.value(table, ("cloud", "ping_s"), _int_range(1, 60), default=1)
+    if _MISSING in (keepalive, dead, hold, ping):
+        return None
+    return Cloud(keepalive_ms=keepalive, dead_after_ms=dead, return_hold_s=hold, ping_s=ping)
+
+
 def _check_overlaps(c: _Checker, doc: Mapping[str, Any]) -> None:
     """Every destination prefix must lead to exactly one place: the LAN or one peer."""
     owned: list[tuple[IPNetwork, tuple[str | int, ...]]] = []
@@ -629,7 +716,9 @@ def _check_overlaps(c: _Checker, doc: Mapping[str, Any]) -> None:
 
 def _validate(doc: dict[str, Any], source: Path, c: _Checker) -> SiteConfig | None:
     base = source.parent
-    c.known_keys(doc, (), ("site", "paths", "pki", "lan", "tunnel", "links", "peers"))
+    c.known_keys(
+        doc, (), ("site", "paths", "pki", "lan", "tunnel", "links", "peers", "pops", "cloud")
+    )
 
     site_t = c.table(doc, ("site",), required=True)
     site_id: Any = _MISSING
@@ -720,11 +809,14 @@ def _validate(doc: dict[str, Any], source: Path, c: _Checker) -> SiteConfig | No
                     f"expected a WAN device, got the tunnel interface {_show(link.interface)}",
                 )
     peers = _check_peers(c, doc, site_id, links)
+    pops = _check_pops(c, doc)
+    cloud = _check_cloud(c, doc)
     _check_overlaps(c, doc)
 
     if c.issues:
         return None
     assert site and paths and pki and lan and tunnel and links is not None and peers is not None
+    assert pops is not None and cloud is not None
     return SiteConfig(
         site=site,
         paths=paths,
@@ -734,6 +826,8 @@ def _validate(doc: dict[str, Any], source: Path, c: _Checker) -> SiteConfig | No
         links=tuple(links),
         peers=tuple(peers),
         source=source,
+        pops=tuple(pops),
+        cloud=cloud,
     )
 
 

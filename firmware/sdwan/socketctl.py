@@ -1,8 +1,8 @@
 """socketctl: the operator's command line over socketd's control socket.
 
-`socketctl [--socket PATH] status|peers [--json]`. With --json the result object is printed as
-socketd sent it (the field names are a stable interface, see docs/socketctl.md); without it, a
-table for people. Exit status: 0 success, 1 socketd answered an error, 2 usage error,
+`socketctl [--socket PATH] status|peers|pop|events [--json]`. With --json the result object is
+printed as socketd sent it (the field names are a stable interface, see docs/socketctl.md);
+without it, a table for people. Exit status: 0 success, 1 socketd answered an error, 2 usage error,
 3 socketd could not be reached.
 """
 
@@ -115,6 +115,16 @@ def format_status(result: Mapping[str, Any], out: TextIO) -> None:
     ]
     if isinstance(result.get("control"), Mapping):
         fields.append(("control", _drops(result["control"])))
+    cloud = result.get("cloud")
+    if isinstance(cloud, Mapping):
+        text = _text(cloud.get("state"))
+        if cloud.get("active_pop") is not None:
+            text += f", PoP {_text(cloud.get('active_pop'))}"
+            if cloud.get("on_secondary"):
+                text += " (secondary)"
+        if cloud.get("stale"):
+            text += ", stale configuration (no PoP has answered since the start)"
+        fields.append(("cloud", text))
     for name, value in fields:
         out.write(f"{name:<9}{value}\n")
 
@@ -170,6 +180,25 @@ def format_peers(result: Mapping[str, Any], out: TextIO) -> None:
     for peer in peers:
         if not isinstance(peer, Mapping):
             continue
+        if peer.get("transport") == "cloud":
+            state = _text(peer.get("state"))
+            rows.append(
+                [
+                    _text(peer.get("site_id")),
+                    state,
+                    _text(peer.get("endpoint")),
+                    _text(peer.get("link")),
+                    "cloud",
+                    _DASH,
+                    _DASH,
+                    _DASH,
+                    _DASH,
+                    _DASH,
+                    _DASH,
+                    str(peer.get("reason") or "") if state != "up" else "",
+                ]
+            )
+            continue
         state = _text(peer.get("state"))
         # An up tunnel may still carry the reason of its last transition; it is noise then.
         reason = str(peer.get("reason") or "") if state != "up" else ""
@@ -179,6 +208,7 @@ def format_peers(result: Mapping[str, Any], out: TextIO) -> None:
                 state,
                 _text(peer.get("endpoint")),
                 _text(peer.get("link")),
+                _text(peer.get("transport") or "direct"),
                 _text(peer.get("role")),
                 _ago(peer.get("last_handshake_s")),
                 _ago(peer.get("last_rx_s")),
@@ -188,13 +218,67 @@ def format_peers(result: Mapping[str, Any], out: TextIO) -> None:
                 reason,
             ]
         )
-    headers = ["SITE", "STATE", "ENDPOINT", "LINK", "ROLE", "HANDSHAKE", "LAST RX"]
+    headers = ["SITE", "STATE", "ENDPOINT", "LINK", "VIA", "ROLE", "HANDSHAKE", "LAST RX"]
     _table([*headers, "RX PKTS", "TX PKTS", "DROPS", "REASON"], rows, out)
+
+
+def format_pop(result: Mapping[str, Any], out: TextIO) -> None:
+    state = _text(result.get("state"))
+    if state == "off":
+        out.write("no PoPs configured\n")
+        return
+    active = _text(result.get("active_pop"))
+    role = "secondary" if result.get("on_secondary") else "primary"
+    out.write(f"cloud    {state}, active PoP {active} ({role})\n")
+    if result.get("stale"):
+        out.write("config   stale: the stored copy, no PoP has answered since the start\n")
+    out.write(
+        f"config   rev {_text(result.get('config_rev'))}, directory rev "
+        f"{_text(result.get('directory_rev'))}, {_num(result.get('sites'))} other sites\n\n"
+    )
+    rows = []
+    for s in result.get("sessions") or []:
+        if not isinstance(s, Mapping):
+            continue
+        rtt = s.get("rtt_ms")
+        rows.append(
+            [
+                _text(s.get("pop_id")),
+                _text(s.get("role")) + ("*" if s.get("active") else ""),
+                _text(s.get("endpoint")),
+                _text(s.get("link")),
+                _text(s.get("state")),
+                f"{rtt:g} ms" if isinstance(rtt, int | float) else _DASH,
+                _ago(s.get("last_seen_s")),
+                str(s.get("reason") or "") if s.get("state") != "connected" else "",
+            ]
+        )
+    headers = ["POP", "ROLE", "ENDPOINT", "LINK", "STATE", "RTT", "LAST SEEN", "REASON"]
+    _table(headers, rows, out)
+
+
+def format_events(result: Mapping[str, Any], out: TextIO) -> None:
+    events = result.get("events") or []
+    if not events:
+        out.write("no events\n")
+        return
+    for ev in events:
+        if not isinstance(ev, Mapping):
+            continue
+        ts = ev.get("ts")
+        when = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+            if isinstance(ts, int | float)
+            else _DASH
+        )
+        out.write(f"{when}  {_text(ev.get('kind')):<16}  {_text(ev.get('text'))}\n")
 
 
 FORMATTERS: dict[str, Callable[[Mapping[str, Any], TextIO], None]] = {
     "status": format_status,
     "peers": format_peers,
+    "pop": format_pop,
+    "events": format_events,
 }
 
 
@@ -218,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     helps = {
         "status": "site, uptime, links and their counters",
-        "peers": "tunnels to the other sites: state, endpoint, traffic",
+        "peers": "the other sites: direct tunnels (state, endpoint, traffic) and cloud sites",
+        "pop": "sessions to the PoPs per link: state, RTT, last seen, reason when down",
+        "events": "stored events, newest first",
     }
     for name in FORMATTERS:
         sub = commands.add_parser(name, help=helps[name], description=helps[name])
@@ -226,13 +312,21 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON"
         )
+        if name == "events":
+            sub.add_argument("--limit", type=int, default=50, help="at most N events (50)")
+            sub.add_argument("--kind", default=None, help="only events of this kind")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = request(args.socket, args.command, timeout=args.timeout)
+        extra: dict[str, Any] = {}
+        if args.command == "events":
+            extra["limit"] = args.limit
+            if args.kind is not None:
+                extra["kind"] = args.kind
+        result = request(args.socket, args.command, timeout=args.timeout, **extra)
     except ControlUnreachable as exc:
         print(f"socketctl: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE

@@ -2,8 +2,9 @@
 else. Config (config.py) -> fast path (fastpath.py) with the TUN device and one
 socket per link (links.py) -> kernel routes and MSS clamp (netcfg.py) -> one
 PeerTunnel per peer (tunnel.py) fed by the DTLS sessions (dtls.py) that this
-module demultiplexes from the fast path's control queue -> status over the
-control socket (control.py).
+module demultiplexes from the fast path's control queue -> the PoP sessions and
+cloud routes (cloud.py) -> events and cloud documents in the store (store.py) ->
+status over the control socket (control.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import logging
 import signal
 import sys
@@ -19,12 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import __version__
+from .cloud import Cloud, CloudTimers
 from .config import ConfigError, SiteConfig, load_config
 from .control import ControlServer
 from .dtls import DtlsContext, DtlsSession, is_client_hello
 from .fastpath import CtrlEvent, FastPath, FastPathConfig
 from .links import LinkError, open_link_socket
 from .netcfg import NetcfgError, Plan, apply_in_worker, tunnel_mtu
+from .store import Store, StoreError
 from .tunnel import KICK_TYPE, Addr, PeerTunnel, Timers, decode_kick
 
 log = logging.getLogger("sdwan.socketd")
@@ -48,7 +52,7 @@ class _Session:
     link_id: int
     addr: Addr
     created: float
-    expected_peer: int | None = None  # client sessions know whom they called
+    expected_peer: int | tuple[str, int] | None = None  # client sessions know whom they called
     reported: bool = False  # established/failed already handed on
 
     @property
@@ -79,6 +83,11 @@ class Supervisor:
         self.fp: FastPath | None = None
         self.dtls: DtlsContext | None = None
         self.control: ControlServer | None = None
+        self.store: Store | None = None
+        self.cloud: Cloud | None = None
+        self._net_plan: Plan | None = None
+        self._net_task: asyncio.Task[None] | None = None
+        self._net_dirty = False
         self._stop = asyncio.Event()
 
     # ---------------------------------------------------------------- setup
@@ -130,7 +139,14 @@ class Supervisor:
                 port=self,
                 timers=timers,
                 clock=self.clock,
+                on_event=self._tunnel_event(peer.site_id),
             )
+        try:
+            self.store = Store(cfg.paths.data_dir)
+        except (StoreError, OSError) as e:
+            # Tunnels work without a store; only history and the cloud copy are lost.
+            log.error("store unusable, running without one: %s", e)
+        self.cloud = self._make_cloud(fp)
         plan = Plan(
             tun=cfg.tunnel.interface,
             mtu=tunnel_mtu([ln.mtu for ln in cfg.links]),
@@ -141,7 +157,63 @@ class Supervisor:
             apply_in_worker(plan)
         except NetcfgError as e:
             raise StartupError(f"network configuration failed: {e}") from e
+        self._net_plan = plan
         fp.start()
+
+    def _make_cloud(self, fp: FastPath) -> Cloud:
+        cfg = self.cfg
+        protected = [*cfg.lan.subnets, *(n for p in cfg.peers for n in p.subnets)]
+        return Cloud(
+            site_id=cfg.site.id,
+            version=__version__,
+            links=[(self.link_ids[ln.name], ln) for ln in cfg.links],
+            pops=cfg.pops,
+            timers=CloudTimers(
+                keepalive_s=cfg.cloud.keepalive_ms / 1000,
+                dead_after_s=cfg.cloud.dead_after_ms / 1000,
+                return_hold_s=float(cfg.cloud.return_hold_s),
+                ping_s=float(cfg.cloud.ping_s),
+                rekey_s=float(cfg.tunnel.rekey_s),
+            ),
+            fp=fp,
+            port=self,
+            store=self.store,
+            clock=self.clock,
+            protected=protected,
+            on_subnets=self._on_cloud_subnets,
+        )
+
+    def _tunnel_event(self, site_id: int) -> Callable[[str, str], None]:
+        def record(kind: str, text: str) -> None:
+            if self.store is None:
+                return
+            try:
+                self.store.add_event(kind.replace("-", "."), text, site_id=site_id)
+            except (StoreError, ValueError) as e:
+                log.warning("event not stored: %s", e)
+
+        return record
+
+    def _on_cloud_subnets(self, subnets: list[str]) -> None:
+        """Kernel routes for the directory's subnets, applied off the loop."""
+        if self._net_plan is None:
+            return
+        static = [str(n) for p in self.cfg.peers for n in p.subnets]
+        self._net_plan.routes = sorted(set(static) | set(subnets))
+        self._net_dirty = True
+        if self._net_task is None or self._net_task.done():
+            self._net_task = asyncio.get_running_loop().create_task(self._apply_net())
+
+    async def _apply_net(self) -> None:
+        # The worker replaces routes idempotently; routes of sites that left stay on
+        # the tunnel device, where the fast path drops their packets as no_route.
+        while self._net_dirty and self._net_plan is not None:
+            self._net_dirty = False
+            plan = Plan(**{**self._net_plan.__dict__, "routes": list(self._net_plan.routes)})
+            try:
+                await asyncio.to_thread(apply_in_worker, plan)
+            except NetcfgError as e:
+                log.error("cloud routes not installed: %s", e)
 
     # ---------------------------------------------------------------- Port for tunnels
 
@@ -152,13 +224,21 @@ class Supervisor:
         except OSError as e:
             log.debug("send to %s:%d failed: %s", addr[0], addr[1], e)
 
-    def client_session(self, link_id: int, addr: Addr, expected_site_id: int) -> DtlsSession:
+    def client_session(
+        self, link_id: int, addr: Addr, expected_site_id: int | tuple[str, int]
+    ) -> DtlsSession:
         assert self.dtls is not None
         session = self.dtls.client(expected_site_id)
         self._register(
             _Session(session, link_id, addr, self.clock(), expected_peer=expected_site_id)
         )
         return session
+
+    def forget_session(self, session: DtlsSession) -> None:
+        """Drop a client handshake its owner gave up on, without reporting it as refused."""
+        for key, entry in list(self.sessions.items()):
+            if entry.session is session:
+                del self.sessions[key]
 
     def _register(self, entry: _Session) -> None:
         """Put entry in the table; a handshake it displaces is failed, not orphaned."""
@@ -210,6 +290,8 @@ class Supervisor:
     def _on_ctrl_event(self, ev: CtrlEvent) -> None:
         if ev.event == CtrlEvent.REKEY or ev.event == CtrlEvent.KEY_EXPIRED:
             tunnel = self.tunnels.get(ev.peer_id)
+            if tunnel is None and self.cloud is not None:
+                tunnel = self.cloud.tunnel_for_peer(ev.peer_id)
             if tunnel is not None:
                 tunnel.on_rekey_needed()
             return
@@ -269,7 +351,7 @@ class Supervisor:
         if not entry.reported and session.established:
             entry.reported = True
             peer = session.peer_site_id
-            tunnel = self.tunnels.get(peer) if peer is not None else None
+            tunnel = self._tunnel_of(session)
             if tunnel is None:
                 self._reject(entry, f"site {peer} is not a configured peer")
                 for d in session.close():
@@ -277,10 +359,19 @@ class Supervisor:
                 return
             tunnel.on_established(session, entry.link_id, entry.addr)
         if entry.reported and session.established:
-            tunnel = self.tunnels.get(session.peer_site_id or -1)
+            tunnel = self._tunnel_of(session)
             for msg in session.take_messages():
                 if tunnel is not None:
                     tunnel.on_message(session, msg)
+
+    def _tunnel_of(self, session: DtlsSession) -> PeerTunnel | None:
+        """The tunnel a session belongs to: a PoP session we opened, else the site's tunnel."""
+        if self.cloud is not None:
+            tunnel = self.cloud.tunnel_for_session(session)
+            if tunnel is not None:
+                return tunnel
+        peer = session.peer_site_id
+        return self.tunnels.get(peer) if isinstance(peer, int) else None
 
     def _reject(self, entry: _Session, reason: str) -> None:
         addr = f"{entry.addr[0]}:{entry.addr[1]}"
@@ -293,8 +384,14 @@ class Supervisor:
         self.sessions.pop((entry.link_id, entry.addr), None)
         # Tell the tunnel this concerns: the one we called, else the one whose
         # endpoint it came from (a responder learns why its peer was refused).
-        tunnel = self.tunnels.get(entry.expected_peer) if entry.expected_peer else None
-        if tunnel is None:
+        tunnel = (
+            self.tunnels.get(entry.expected_peer)
+            if isinstance(entry.expected_peer, int)
+            else None
+        )
+        if tunnel is None and self.cloud is not None:
+            tunnel = self.cloud.tunnel_for_session(entry.session)
+        if tunnel is None and not isinstance(entry.expected_peer, tuple):
             tunnel = next(
                 (
                     t
@@ -314,6 +411,8 @@ class Supervisor:
     def _tick(self) -> None:
         now = self.clock()
         current = {id(t.session) for t in self.tunnels.values()}
+        if self.cloud is not None:
+            current |= self.cloud.current_sessions()
         for key, entry in list(self.sessions.items()):
             session = entry.session
             if session.established:
@@ -337,6 +436,11 @@ class Supervisor:
                 tunnel.tick()
             except Exception:
                 log.exception("tunnel %d tick failed", tunnel.peer_id)
+        if self.cloud is not None:
+            try:
+                self.cloud.tick()
+            except Exception:
+                log.exception("cloud tick failed")
 
     async def _ticker(self) -> None:
         while not self._stop.is_set():
@@ -382,6 +486,7 @@ class Supervisor:
                 "unknown": self.stats.control_unknown,
             },
             "rejections": list(self.stats.rejections),
+            "cloud": self.cloud.summary() if self.cloud is not None else {"state": "off"},
         }
 
     async def _peers(self, _req: dict) -> dict:
@@ -389,8 +494,32 @@ class Supervisor:
         for peer in self.cfg.peers:
             st = self.tunnels[peer.site_id].status()
             st["subnets"] = [str(n) for n in peer.subnets]
+            st["transport"] = "direct"
             peers.append(st)
+        if self.cloud is not None:
+            peers.extend(self.cloud.directory_peers(exclude=self.tunnels))
         return {"peers": peers}
+
+    async def _pop(self, _req: dict) -> dict:
+        if self.cloud is None:
+            return {"state": "off", "sessions": []}
+        return self.cloud.pop_status()
+
+    async def _events(self, req: dict) -> dict:
+        limit = req.get("limit", 50)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10000:
+            raise ValueError("limit must be an integer 1..10000")
+        kind = req.get("kind")
+        if kind is not None and not isinstance(kind, str):
+            raise ValueError("kind must be a string")
+        if self.store is None:
+            raise ValueError("no event store (see the log for why)")
+        events = self.store.events(limit=limit, kind=kind)
+        return {
+            "events": [e.to_dict() for e in events],
+            "last_seq": self.store.last_seq(),
+            "uploaded_seq": self.store.uploaded_seq(),
+        }
 
     # ---------------------------------------------------------------- run
 
@@ -400,7 +529,13 @@ class Supervisor:
         assert self.fp is not None
         loop.add_reader(self.fp.ctrl_fd, self._on_ctrl_readable)
         self.control = ControlServer(
-            self.cfg.paths.control_socket, {"status": self._status, "peers": self._peers}
+            self.cfg.paths.control_socket,
+            {
+                "status": self._status,
+                "peers": self._peers,
+                "pop": self._pop,
+                "events": self._events,
+            },
         )
         await self.control.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -423,9 +558,16 @@ class Supervisor:
             self.close()
 
     def close(self) -> None:
+        if self.cloud is not None:
+            with contextlib.suppress(Exception):
+                self.cloud.close()
+            self.cloud = None
         if self.fp is not None:
             self.fp.close()
             self.fp = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,11 @@ old key keeps receiving until the next install, so no packet is lost.
 
 The tunnel does no I/O itself: the supervisor feeds it datagrams, DTLS sessions
 and a clock (`tick`), and gives it a `Port` to send through.
+
+The same machine carries a socket's sessions to a PoP (cloud.py): always the
+initiator, no kicks, a PoP identity expected in the handshake, and liveness
+judged by its owner; control messages other than the key hand-over go to the
+owner's `on_app_message`.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 from .config import format_endpoint
 from .dtls import DtlsSession
@@ -80,7 +85,9 @@ class Port(Protocol):
 
     def send(self, link_id: int, addr: Addr, data: bytes) -> None: ...
 
-    def client_session(self, link_id: int, addr: Addr, expected_site_id: int) -> DtlsSession:
+    def client_session(
+        self, link_id: int, addr: Addr, expected_site_id: int | tuple[str, int]
+    ) -> DtlsSession:
         """A new DTLS client session, registered so that replies from addr reach it."""
         ...
 
@@ -111,9 +118,22 @@ class PeerTunnel:
         timers: Timers,
         clock: Callable[[], float] = time.monotonic,
         on_event: Callable[[str, str], None] | None = None,
+        fp_peer_id: int | None = None,
+        expected: int | tuple[str, int] | None = None,
+        initiator: bool | None = None,
+        kicks: bool = True,
+        check_liveness: bool = True,
+        on_app_message: Callable[[DtlsSession, dict[str, Any]], None] | None = None,
+        on_keys_active: Callable[[DtlsSession], None] | None = None,
     ) -> None:
         self.my_site_id = my_site_id
-        self.peer_id = peer_site_id
+        # The fast path's id of this tunnel; a site's id unless the owner picks another.
+        self.peer_id = peer_site_id if fp_peer_id is None else fp_peer_id
+        self.expected: int | tuple[str, int] = peer_site_id if expected is None else expected
+        self.kicks = kicks
+        self.check_liveness = check_liveness
+        self.on_app_message = on_app_message
+        self.on_keys_active = on_keys_active
         self.link_id = link_id
         self.link_name = link_name
         self.configured_endpoint = endpoint
@@ -123,7 +143,7 @@ class PeerTunnel:
         self.timers = timers
         self.clock = clock
         self.on_event = on_event or (lambda kind, text: None)
-        self.initiator = my_site_id > peer_site_id
+        self.initiator = my_site_id > peer_site_id if initiator is None else initiator
         self.state = State.CONNECTING
         self.reason: str | None = "waiting for the first handshake"
         self.handshakes = 0
@@ -148,13 +168,13 @@ class PeerTunnel:
         now = self.clock()
         if self._pending_idx is not None and now >= self._next_key_send:
             self._send_key()
-        if self.state is State.UP:
+        if self.state is State.UP and self.check_liveness:
             self._check_alive(now)
         if self.state is not State.UP:
             if self.initiator:
                 if self._handshaking is None and now >= self._next_attempt:
                     self._handshaking = self._start_handshake(self._authenticated_endpoint())
-            elif now >= self._next_kick:
+            elif self.kicks and now >= self._next_kick:
                 self._next_kick = now + self.timers.kick_interval_s
                 self.port.send(
                     self.link_id, self.endpoint, encode_kick(self.my_site_id, self.peer_id)
@@ -234,6 +254,16 @@ class PeerTunnel:
             self._set_state(State.DOWN, f"handshake failed: {reason}")
 
     def on_message(self, session: DtlsSession, data: bytes) -> None:
+        if self.on_app_message is not None:
+            try:
+                msg = json.loads(data)
+            except ValueError:
+                msg = None
+            if not isinstance(msg, dict) or msg.get("t") not in ("key", "key-ack"):
+                if session is self.session:
+                    # The owner parses, validates and counts everything else.
+                    self.on_app_message(session, msg if isinstance(msg, dict) else {})
+                return
         try:
             msg = json.loads(data)
             kind, idx = msg["t"], int(msg["idx"])
@@ -249,9 +279,31 @@ class PeerTunnel:
                 self._activated_remote = idx
                 self._up_since_rx_ns = time.monotonic_ns()
                 self._set_state(State.UP, None)
+                self._send_control(session, {"t": "key-ack", "idx": idx})
+                if self.on_keys_active is not None:
+                    self.on_keys_active(session)
+                return
             self._send_control(session, {"t": "key-ack", "idx": idx})
         elif kind == "key-ack" and idx == self._pending_idx:
             self._pending_idx = None
+
+    @property
+    def handshaking(self) -> DtlsSession | None:
+        """Our client handshake in progress, if any."""
+        return self._handshaking
+
+    def send_message(self, msg: dict[str, Any]) -> bool:
+        """Send one control message over the current session; False when there is none."""
+        session = self.session
+        if session is None or not session.established or session.failed or session.closed:
+            return False
+        self._send_control(session, msg)
+        return True
+
+    def declare_down(self, reason: str, retry_after_s: float = 0.0) -> None:
+        """The owner judged the tunnel dead: handshake again after retry_after_s (initiator)."""
+        self._set_state(State.DOWN, reason)
+        self._next_attempt = self.clock() + retry_after_s
 
     # ---------------------------------------------------------------- status
 
@@ -292,7 +344,7 @@ class PeerTunnel:
 
     def _start_handshake(self, addr: Addr, link_id: int | None = None) -> DtlsSession:
         link_id = self.link_id if link_id is None else link_id
-        session = self.port.client_session(link_id, addr, self.peer_id)
+        session = self.port.client_session(link_id, addr, self.expected)
         for datagram in session.start():
             self.port.send(link_id, addr, datagram)
         if self.state is not State.UP:

@@ -1,0 +1,799 @@
+"""The cloud side of a socket: its DTLS sessions to the PoPs and what they bring.
+
+Owns, per docs/cloud.md: one session to a PoP over every eligible link (always the DTLS
+client, keys handed over exactly as for a site-to-site tunnel, by `PeerTunnel`), the
+registration and the `welcome` / `config` / `directory` messages, keepalives and dead
+detection on the supervisor's clock, ping/pong round-trip times, the choice of the primary or
+a secondary PoP (with the hold time before returning), the cloud routes (every other site's
+subnets to the PoP session on the best live link), the persistence of the configuration and
+directory in the store (and starting from them, marked stale, when no PoP answers), and the
+upload of the socket's events.
+
+Like tunnel.py it does no I/O of its own: the supervisor calls `tick()` and hands it DTLS
+sessions and messages; datagrams leave through the supervisor's `Port`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import json
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from .config import IPNetwork, Link, Pop, format_endpoint
+from .dtls import DtlsSession
+from .fastpath import FastPath, FastPathError
+from .store import Store, StoreError
+from .tunnel import Addr, PeerTunnel, Port, State, Timers
+
+log = logging.getLogger("sdwan.cloud")
+
+POP_PEER_FLAG = 0x80000000
+DOC_CONFIG = "cloud.config"
+DOC_DIRECTORY = "cloud.directory"
+# A PoP that refuses our registration is asked again this much later, not in a loop.
+REFUSED_RETRY_S = 30.0
+# The first handshakes after a start get this long before the secondary is tried.
+BOOT_GRACE_S = 3.0
+# DTLS doubles its retransmission timer up to the handshake deadline; a PoP that comes
+# back must not wait for that, so an unanswered handshake is started afresh this often.
+HANDSHAKE_RESTART_S = 1.5
+EVENT_ACK_TIMEOUT_S = 5.0
+EVENTS_PER_UPLOAD = 50
+# What fits one DTLS record at the default DTLS MTU, with room to spare.
+MAX_MESSAGE = 1000
+PINGS_KEPT = 8
+
+
+def pop_peer_id(pop_id: int, link_id: int) -> int:
+    """The fast-path peer id of the session to PoP pop_id over link link_id."""
+    return POP_PEER_FLAG | (pop_id << 8) | link_id
+
+
+class LinkState(StrEnum):
+    CONNECTED = "connected"
+    CONNECTING = "connecting"
+    DOWN = "down"
+
+
+@dataclass(frozen=True)
+class CloudTimers:
+    keepalive_s: float = 0.2
+    dead_after_s: float = 0.6
+    return_hold_s: float = 30.0
+    ping_s: float = 1.0
+    rekey_s: float = 600.0
+
+
+@dataclass
+class CloudStats:
+    malformed: int = 0
+    unknown: int = 0
+    refused: int = 0
+    bad_directory_entries: int = 0
+
+
+@dataclass
+class _Ping:
+    next_at: float = 0.0
+    next_id: int = 1
+    sent: dict[int, float] = field(default_factory=dict)
+
+
+def _iface_ipv4(ifname: str) -> str | None:
+    """The IPv4 address of a device, for the `local` field of registration."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(
+                s.fileno(), 0x8915, struct.pack("256s", ifname.encode()[:15])  # SIOCGIFADDR
+            )
+        except OSError:
+            return None
+    return socket.inet_ntoa(packed[20:24])
+
+
+class PopSession:
+    """The session to one PoP over one link."""
+
+    def __init__(self, cloud: Cloud, pop: Pop, pop_index: int, link_id: int, link: Link) -> None:
+        self.cloud = cloud
+        self.pop = pop
+        self.pop_index = pop_index
+        self.link_id = link_id
+        self.link = link
+        self.peer_id = pop_peer_id(pop.id, link_id)
+        self.welcomed = False
+        self.reason: str | None = "waiting for the first handshake"
+        self.rtt_ms: float | None = None
+        self.last_rx_at: float | None = None
+        self.last_tx_at = 0.0
+        self._rx_mark = 0
+        self._tx_mark = 0
+        self._ping = _Ping()
+        self._was_connected = False
+        self._hs: tuple[DtlsSession, float] | None = None
+        cloud.fp.peer_add(self.peer_id)
+        cloud.fp.set_endpoint(self.peer_id, link_id, pop.endpoint)
+        self.tunnel = PeerTunnel(
+            my_site_id=cloud.site_id,
+            peer_site_id=pop.id,
+            link_id=link_id,
+            link_name=link.name,
+            endpoint=pop.endpoint,
+            fp=cloud.fp,
+            port=_SessionPort(self),
+            timers=cloud.tunnel_timers,
+            clock=cloud.clock,
+            on_event=self._on_tunnel_event,
+            fp_peer_id=self.peer_id,
+            expected=("pop", pop.id),
+            initiator=True,
+            kicks=False,
+            check_liveness=False,
+            on_app_message=self._on_message,
+            on_keys_active=self._on_keys_active,
+        )
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def connected(self) -> bool:
+        return self.tunnel.state is State.UP and self.welcomed
+
+    @property
+    def state(self) -> LinkState:
+        if self.connected:
+            return LinkState.CONNECTED
+        if self.tunnel.state is State.DOWN:
+            return LinkState.DOWN
+        return LinkState.CONNECTING
+
+    def close(self) -> None:
+        session = self.tunnel.session
+        if session is not None and session.established:
+            for d in session.close():
+                self.cloud.port.send(self.link_id, self.tunnel.endpoint, d)
+        with contextlib.suppress(FastPathError):
+            self.cloud.fp.peer_del(self.peer_id)
+        if self._was_connected:
+            self.cloud.event(
+                "pop.disconnected",
+                f"PoP {self.pop.id} session over {self.link.name} closed",
+                {"pop_id": self.pop.id, "link": self.link.name, "reason": "closed"},
+            )
+
+    # ---------------------------------------------------------------- inputs
+
+    def tick(self, now: float) -> None:
+        self.tunnel.tick()
+        self._restart_stuck_handshake(now)
+        if self.tunnel.state is not State.UP:
+            return
+        c = self.cloud.fp.peer_counters(self.peer_id)
+        if c.last_rx_ns != self._rx_mark:
+            self._rx_mark = c.last_rx_ns
+            self.last_rx_at = now
+        if c.last_tx_ns != self._tx_mark:
+            self._tx_mark = c.last_tx_ns
+            self.last_tx_at = now
+        timers = self.cloud.timers
+        silent = now - (self.last_rx_at if self.last_rx_at is not None else now)
+        if silent > timers.dead_after_s:
+            self._lost(f"no packets from the PoP for {silent * 1000:.0f} ms")
+            return
+        if now - self.last_tx_at >= timers.keepalive_s:
+            try:
+                self.cloud.fp.send_keepalive(self.peer_id)
+            except FastPathError as e:
+                log.debug("PoP %d over %s: keepalive not sent: %s", self.pop.id, self.link.name, e)
+            self.last_tx_at = now
+        if self.welcomed and now >= self._ping.next_at:
+            self._ping.next_at = now + timers.ping_s
+            pid = self._ping.next_id
+            self._ping.next_id += 1
+            self._ping.sent[pid] = now
+            while len(self._ping.sent) > PINGS_KEPT:
+                del self._ping.sent[min(self._ping.sent)]
+            self.tunnel.send_message({"t": "ping", "id": pid})
+
+    def _restart_stuck_handshake(self, now: float) -> None:
+        hs = self.tunnel.handshaking
+        if hs is None:
+            self._hs = None
+            return
+        if self._hs is None or self._hs[0] is not hs:
+            self._hs = (hs, now)
+            return
+        if now - self._hs[1] >= HANDSHAKE_RESTART_S and not hs.established:
+            self._hs = None
+            self.cloud.by_session.pop(hs, None)
+            forget = getattr(self.cloud.port, "forget_session", None)
+            if forget is not None:
+                forget(hs)
+            self.tunnel.on_failed(hs, "no answer from the PoP")
+
+    def _lost(self, reason: str, retry_after_s: float = 0.0) -> None:
+        self.welcomed = False
+        self.tunnel.declare_down(reason, retry_after_s)
+        self.reason = reason
+        self.cloud.session_lost(self, reason)
+        self._was_connected = False
+
+    def _on_tunnel_event(self, kind: str, text: str) -> None:
+        if kind != "tunnel-up":
+            self.reason = self.tunnel.reason
+
+    def _on_keys_active(self, session: DtlsSession) -> None:
+        now = self.cloud.clock()
+        self.last_rx_at = now
+        self._rx_mark = self.cloud.fp.peer_counters(self.peer_id).last_rx_ns
+        self.reason = "registering"
+        self.tunnel.send_message(self.cloud.register_message(self.link_id, self.link))
+
+    def _on_message(self, session: DtlsSession, msg: dict[str, Any]) -> None:
+        cloud = self.cloud
+        now = cloud.clock()
+        # A DTLS record is authenticated as much as a data packet is.
+        self.last_rx_at = now
+        kind = msg.get("t")
+        try:
+            if kind == "welcome":
+                cloud.on_welcome(self, msg)
+                if not self.welcomed:
+                    self.welcomed = True
+                    self.reason = None
+                    self._was_connected = True
+                    self._ping.next_at = now
+                    cloud.session_connected(self)
+            elif kind == "config":
+                cloud.on_config(self, msg)
+            elif kind == "directory":
+                cloud.on_directory(self, msg)
+            elif kind == "pong":
+                sent = self._ping.sent.pop(int(msg["id"]), None)
+                if sent is not None:
+                    self.rtt_ms = round((now - sent) * 1000, 1)
+            elif kind == "events-ack":
+                cloud.on_events_ack(int(msg["up_to"]))
+            elif kind == "error":
+                reason = str(msg.get("reason") or "no reason given")[:200]
+                cloud.stats.refused += 1
+                self._lost(f"PoP refused the registration: {reason}", REFUSED_RETRY_S)
+            elif isinstance(kind, str):
+                cloud.stats.unknown += 1  # a newer PoP: ignored, as the contract says
+            else:
+                raise ValueError("no message kind")
+        except (ValueError, KeyError, TypeError) as e:
+            cloud.stats.malformed += 1
+            log.warning(
+                "PoP %d over %s: malformed %r message dropped: %s",
+                self.pop.id, self.link.name, kind, e,
+            )
+
+    # ---------------------------------------------------------------- status
+
+    def status(self, now: float) -> dict[str, Any]:
+        return {
+            "pop_id": self.pop.id,
+            "endpoint": format_endpoint(self.pop.endpoint),
+            "link": self.link.name,
+            "state": str(self.state),
+            "rtt_ms": self.rtt_ms if self.connected else None,
+            "last_seen_s": None if self.last_rx_at is None else round(now - self.last_rx_at, 1),
+            "reason": None if self.connected else (self.reason or self.tunnel.reason),
+            "handshakes": self.tunnel.handshakes,
+        }
+
+
+class _SessionPort:
+    """The supervisor's Port, remembering which PoP session each DTLS session belongs to."""
+
+    def __init__(self, owner: PopSession) -> None:
+        self.owner = owner
+
+    def send(self, link_id: int, addr: Addr, data: bytes) -> None:
+        self.owner.cloud.port.send(link_id, addr, data)
+
+    def client_session(
+        self, link_id: int, addr: Addr, expected_site_id: int | tuple[str, int]
+    ) -> DtlsSession:
+        session = self.owner.cloud.port.client_session(link_id, addr, expected_site_id)
+        self.owner.cloud.by_session[session] = self.owner
+        return session
+
+
+def _parse_networks(value: Any) -> list[IPNetwork]:
+    if not isinstance(value, list):
+        raise ValueError("subnets is not a list")
+    return [ipaddress.ip_network(v, strict=True) for v in value if isinstance(v, str)]
+
+
+class Cloud:
+    """All PoP sessions of one socket, the cloud routes and the cloud documents."""
+
+    def __init__(
+        self,
+        *,
+        site_id: int,
+        version: str,
+        links: Sequence[tuple[int, Link]],
+        pops: Sequence[Pop],
+        timers: CloudTimers,
+        fp: FastPath,
+        port: Port,
+        store: Store | None,
+        clock: Callable[[], float] = time.monotonic,
+        protected: Iterable[IPNetwork] = (),
+        on_subnets: Callable[[list[str]], None] | None = None,
+    ) -> None:
+        self.site_id = site_id
+        self.version = version
+        self.links = list(links)
+        self.pops = list(pops)
+        self.timers = timers
+        self.tunnel_timers = Timers(
+            keepalive_s=timers.keepalive_s,
+            rekey_s=timers.rekey_s,
+            dead_after_s=timers.dead_after_s,
+            retry_min_s=0.5,
+            retry_max_s=2.0,
+        )
+        self.fp = fp
+        self.port = port
+        self.store = store
+        self.clock = clock
+        self.protected = list(protected)
+        self.on_subnets = on_subnets
+        self.stats = CloudStats()
+        self.sessions: dict[int, PopSession] = {}
+        self.by_session: dict[DtlsSession, PopSession] = {}
+        self.active = 0  # index into pops of the PoP the routes point at
+        self.started = clock()
+        self._primary_down_since: float | None = self.started
+        self._primary_stable_since: float | None = None
+        self._active_live_seen = False
+        self._switched_at = self.started
+        self.config: dict[str, Any] | None = None
+        self.config_rev: int | None = None
+        self.directory: list[dict[str, Any]] = []
+        self.directory_rev: int | None = None
+        self.stale = False
+        self.routes: dict[IPNetwork, int] = {}
+        self._subnets: list[str] = []
+        self._upload: tuple[int, float] | None = None  # (last seq sent, when)
+        self._load_stored()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.pops)
+
+    # ---------------------------------------------------------------- events and store
+
+    def event(self, kind: str, text: str, data: dict[str, Any] | None = None) -> None:
+        log.info("%s", text)
+        if self.store is None:
+            return
+        try:
+            self.store.add_event(kind, text, data=data)
+        except (StoreError, ValueError) as e:
+            log.warning("event %s not stored: %s", kind, e)
+
+    def _load_stored(self) -> None:
+        if self.store is None or not self.enabled:
+            return
+        try:
+            cfg = self.store.get_doc(DOC_CONFIG)
+            dirdoc = self.store.get_doc(DOC_DIRECTORY)
+        except StoreError as e:
+            log.warning("stored cloud configuration unreadable: %s", e)
+            return
+        if cfg is not None and isinstance(cfg.value.get("config"), dict):
+            self.config = cfg.value["config"]
+            self.config_rev = cfg.value.get("rev")
+            self.stale = True
+        if dirdoc is not None and isinstance(dirdoc.value.get("directory"), list):
+            self.directory = self._valid_directory(dirdoc.value["directory"])
+            self.directory_rev = dirdoc.value.get("rev")
+            self.stale = True
+        if self.stale:
+            log.info(
+                "starting from the stored cloud configuration (rev %s, %d sites)",
+                self.config_rev, len(self.directory),
+            )
+
+    def _put(self, name: str, value: dict[str, Any]) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.put_doc(name, value)
+        except (StoreError, ValueError) as e:
+            log.warning("cloud document %s not stored: %s", name, e)
+
+    # ---------------------------------------------------------------- messages
+
+    def register_message(self, link_id: int, link: Link) -> dict[str, Any]:
+        return {
+            "t": "register",
+            "site_id": self.site_id,
+            "version": self.version,
+            "link": self._link_info(link_id, link),
+            "links": [self._link_info(i, ln) for i, ln in self.links],
+        }
+
+    @staticmethod
+    def _link_info(link_id: int, link: Link) -> dict[str, Any]:
+        ip = _iface_ipv4(link.interface) or "0.0.0.0"
+        return {
+            "name": link.name,
+            "precedence": link.precedence,
+            "local": f"{ip}:{link.port}",
+            "id": link_id,
+        }
+
+    def on_welcome(self, ps: PopSession, msg: dict[str, Any]) -> None:
+        config, directory = msg["config"], msg["directory"]
+        if not isinstance(config, dict) or not isinstance(directory, list):
+            raise ValueError("welcome without a config object and a directory list")
+        self._set_config(msg.get("rev"), config, ps.pop.id)
+        self._set_directory(msg.get("rev"), directory)
+        self.stale = False
+
+    def on_config(self, ps: PopSession, msg: dict[str, Any]) -> None:
+        if not isinstance(msg["config"], dict):
+            raise ValueError("config is not an object")
+        self._set_config(msg.get("rev"), msg["config"], ps.pop.id)
+
+    def on_directory(self, ps: PopSession, msg: dict[str, Any]) -> None:
+        if not isinstance(msg["directory"], list):
+            raise ValueError("directory is not a list")
+        self._set_directory(msg.get("rev"), msg["directory"])
+
+    def _set_config(self, rev: Any, config: dict[str, Any], pop_id: int) -> None:
+        changed = config != self.config
+        self.config, self.config_rev = config, rev
+        self._put(DOC_CONFIG, {"rev": rev, "pop_id": pop_id, "config": config})
+        if changed:
+            self.event(
+                "config.updated",
+                f"configuration updated from PoP {pop_id} (rev {rev})",
+                {"rev": rev, "pop_id": pop_id},
+            )
+
+    def _valid_directory(self, entries: list[Any]) -> list[dict[str, Any]]:
+        good = []
+        for entry in entries:
+            try:
+                if not isinstance(entry, dict):
+                    raise ValueError("not an object")
+                sid = entry["site_id"]
+                if not isinstance(sid, int) or isinstance(sid, bool) or not 1 <= sid <= 65535:
+                    raise ValueError(f"bad site_id {sid!r}")
+                _parse_networks(entry.get("subnets"))
+            except (ValueError, KeyError, TypeError) as e:
+                self.stats.bad_directory_entries += 1
+                log.warning("directory entry dropped: %s", e)
+                continue
+            if entry["site_id"] != self.site_id:
+                good.append(entry)
+        return good
+
+    def _set_directory(self, rev: Any, directory: list[Any]) -> None:
+        entries = self._valid_directory(directory)
+        if entries != self.directory:
+            log.info("directory rev %s: %d other sites", rev, len(entries))
+        self.directory, self.directory_rev = entries, rev
+        self._put(DOC_DIRECTORY, {"rev": rev, "directory": entries})
+        self._update_routes()
+
+    def on_events_ack(self, up_to: int) -> None:
+        if self.store is not None:
+            try:
+                self.store.mark_uploaded(up_to)
+            except (StoreError, ValueError) as e:
+                log.warning("events-ack %d not recorded: %s", up_to, e)
+        self._upload = None
+
+    # ---------------------------------------------------------------- session news
+
+    def session_connected(self, ps: PopSession) -> None:
+        self.event(
+            "pop.connected",
+            f"PoP {ps.pop.id} connected over {ps.link.name}",
+            {"pop_id": ps.pop.id, "link": ps.link.name},
+        )
+        self._update_routes()
+
+    def session_lost(self, ps: PopSession, reason: str) -> None:
+        if ps._was_connected:
+            self.event(
+                "pop.disconnected",
+                f"PoP {ps.pop.id} lost over {ps.link.name}: {reason}",
+                {"pop_id": ps.pop.id, "link": ps.link.name, "reason": reason},
+            )
+        if ps.pop_index == 0:
+            self._primary_stable_since = None
+        self._update_routes()
+
+    def tunnel_for_session(self, session: DtlsSession) -> PeerTunnel | None:
+        ps = self.by_session.get(session)
+        if ps is None or self.sessions.get(ps.peer_id) is not ps:
+            return None
+        return ps.tunnel
+
+    def tunnel_for_peer(self, peer_id: int) -> PeerTunnel | None:
+        ps = self.sessions.get(peer_id)
+        return ps.tunnel if ps is not None else None
+
+    def current_sessions(self) -> set[int]:
+        return {id(ps.tunnel.session) for ps in self.sessions.values() if ps.tunnel.session}
+
+    # ---------------------------------------------------------------- periodic work
+
+    def _live(self, pop_index: int) -> list[PopSession]:
+        return [
+            ps for ps in self.sessions.values() if ps.pop_index == pop_index and ps.connected
+        ]
+
+    def _wanted(self) -> set[tuple[int, int]]:
+        """(pop index, link id) of every session that should exist."""
+        wanted: set[tuple[int, int]] = set()
+        pops = {0, self.active}
+        for index in pops:
+            main = [i for i, ln in self.links if ln.precedence <= 2]
+            live_main = any(
+                ps.connected for ps in self.sessions.values()
+                if ps.pop_index == index and ps.link.precedence <= 2
+            )
+            for i, ln in self.links:
+                if ln.precedence <= 2 or not live_main or not main:
+                    wanted.add((index, i))
+        return wanted
+
+    def tick(self) -> None:
+        if not self.enabled:
+            return
+        now = self.clock()
+        self._choose_pop(now)
+        wanted = self._wanted()
+        links = dict(self.links)
+        for peer_id, ps in list(self.sessions.items()):
+            if (ps.pop_index, ps.link_id) not in wanted:
+                del self.sessions[peer_id]
+                ps.close()
+        for index, link_id in sorted(wanted):
+            pid = pop_peer_id(self.pops[index].id, link_id)
+            if pid not in self.sessions:
+                self.sessions[pid] = PopSession(self, self.pops[index], index, link_id,
+                                                links[link_id])
+        for ps in list(self.sessions.values()):
+            try:
+                ps.tick(now)
+            except Exception:
+                log.exception("PoP session %x tick failed", ps.peer_id)
+        for session, ps in list(self.by_session.items()):
+            if self.sessions.get(ps.peer_id) is not ps or (
+                session is not ps.tunnel.session and (session.established or session.failed)
+            ):
+                del self.by_session[session]
+        self._update_routes()
+        self._upload_events(now)
+
+    def _choose_pop(self, now: float) -> None:
+        primary_live = bool(self._live(0))
+        if primary_live:
+            self._primary_down_since = None
+            if self._primary_stable_since is None:
+                self._primary_stable_since = now
+        elif self._primary_down_since is None:
+            self._primary_down_since = now
+        if self.active == 0:
+            if primary_live or len(self.pops) < 2:
+                return
+            assert self._primary_down_since is not None
+            grace = BOOT_GRACE_S if self._primary_down_since == self.started else 0.0
+            if now - self._primary_down_since >= grace:
+                self._switch(1, "every session to the primary PoP is down")
+            return
+        active_live = bool(self._live(self.active))
+        if primary_live and (
+            not active_live
+            or now - (self._primary_stable_since or now) >= self.timers.return_hold_s
+        ):
+            self._switch(0, "the primary PoP is back")
+            return
+        if active_live:
+            self._active_live_seen = True
+        elif self._active_live_seen or now - self._switched_at >= BOOT_GRACE_S:
+            nxt = self.active + 1 if self.active + 1 < len(self.pops) else 1
+            if nxt != self.active:
+                self._switch(nxt, f"PoP {self.pops[self.active].id} is down too")
+            else:
+                self._switched_at = now
+
+    def _switch(self, index: int, why: str) -> None:
+        old, new = self.pops[self.active], self.pops[index]
+        self.active = index
+        self._switched_at = self.clock()
+        self._active_live_seen = False
+        role = "primary" if index == 0 else "secondary"
+        self.event(
+            "pop.switched",
+            f"switched from PoP {old.id} to the {role} PoP {new.id}: {why}",
+            {"from": old.id, "to": new.id, "reason": why},
+        )
+
+    def _route_target(self) -> int | None:
+        def best(cands: list[PopSession]) -> PopSession | None:
+            return min(cands, key=lambda ps: (ps.link.precedence, ps.link_id), default=None)
+
+        chosen = best(self._live(self.active)) or best(self._live(0))
+        if chosen is None:
+            # Nothing live: point at where traffic will flow first (and the stored
+            # directory still shows where every site is).
+            chosen = best([ps for ps in self.sessions.values() if ps.pop_index == self.active])
+        return chosen.peer_id if chosen is not None else None
+
+    def _update_routes(self) -> None:
+        if not self.enabled:
+            return
+        target = self._route_target()
+        wanted: dict[IPNetwork, int] = {}
+        if target is not None:
+            for entry in self.directory:
+                for net in _parse_networks(entry.get("subnets")):
+                    if any(net.overlaps(p) for p in self.protected if p.version == net.version):
+                        continue  # a static peer or our own LAN: never through the cloud
+                    wanted[net] = target
+        for net in list(self.routes):
+            if net not in wanted:
+                with contextlib.suppress(FastPathError):
+                    self.fp.route_del(net)
+                del self.routes[net]
+        for net, peer in wanted.items():
+            if self.routes.get(net) != peer:
+                try:
+                    self.fp.route_set(net, peer)
+                    self.routes[net] = peer
+                except FastPathError as e:
+                    log.warning("cloud route %s not set: %s", net, e)
+        subnets = sorted(str(n) for n in self.routes)
+        if subnets != self._subnets:
+            self._subnets = subnets
+            if self.on_subnets is not None:
+                self.on_subnets(subnets)
+
+    def _upload_events(self, now: float) -> None:
+        if self.store is None:
+            return
+        if self._upload is not None and now - self._upload[1] < EVENT_ACK_TIMEOUT_S:
+            return
+        live = self._live(self.active) or self._live(0)
+        if not live:
+            return
+        try:
+            batch = self.store.pending_upload(EVENTS_PER_UPLOAD)
+        except StoreError as e:
+            log.warning("events not read for upload: %s", e)
+            return
+        if not batch:
+            return
+        items: list[dict[str, Any]] = []
+        size = len('{"t": "events", "events": []}')
+        for ev in batch:
+            item = {"seq": ev.seq, "at": ev.ts, "kind": ev.kind, "text": ev.text, "data": ev.data}
+            encoded = len(json.dumps(item)) + 2
+            if encoded > MAX_MESSAGE - 40:
+                item = {**item, "text": ev.text[:200], "data": {"truncated": True}}
+                encoded = len(json.dumps(item)) + 2
+            if items and size + encoded > MAX_MESSAGE:
+                break
+            items.append(item)
+            size += encoded
+        ps = min(live, key=lambda p: (p.link.precedence, p.link_id))
+        if ps.tunnel.send_message({"t": "events", "events": items}):
+            self._upload = (items[-1]["seq"], now)
+
+    # ---------------------------------------------------------------- status
+
+    @property
+    def state(self) -> str:
+        if not self.enabled:
+            return "off"
+        if self._live(self.active) or self._live(0):
+            return "up"
+        if any(ps.state is LinkState.CONNECTING for ps in self.sessions.values()):
+            return "connecting"
+        return "down"
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "active_pop": self.pops[self.active].id if self.enabled else None,
+            "primary_pop": self.pops[0].id if self.enabled else None,
+            "on_secondary": self.active != 0,
+            "stale": self.stale,
+            "config_rev": self.config_rev,
+            "directory_rev": self.directory_rev,
+            "sites": len(self.directory),
+            "sessions_up": sum(1 for ps in self.sessions.values() if ps.connected),
+            "messages": {
+                "malformed": self.stats.malformed,
+                "unknown": self.stats.unknown,
+                "refused": self.stats.refused,
+                "bad_directory_entries": self.stats.bad_directory_entries,
+            },
+        }
+
+    def pop_status(self) -> dict[str, Any]:
+        now = self.clock()
+        rows = []
+        for index, pop in enumerate(self.pops):
+            if index not in (0, self.active):
+                continue
+            for link_id, link in self.links:
+                ps = self.sessions.get(pop_peer_id(pop.id, link_id))
+                if ps is not None:
+                    row = ps.status(now)
+                else:
+                    row = {
+                        "pop_id": pop.id,
+                        "endpoint": format_endpoint(pop.endpoint),
+                        "link": link.name,
+                        "state": str(LinkState.DOWN),
+                        "rtt_ms": None,
+                        "last_seen_s": None,
+                        "reason": "standby: precedence 3 is used only when no other link"
+                        " reaches the PoP",
+                        "handshakes": 0,
+                    }
+                row["role"] = "primary" if index == 0 else "secondary"
+                row["active"] = index == self.active
+                rows.append(row)
+        return {**self.summary(), "sessions": rows}
+
+    def directory_peers(self, exclude: Iterable[int]) -> list[dict[str, Any]]:
+        """The directory's sites as `peers` entries (transport "cloud")."""
+        skip = set(exclude)
+        target = self._route_target()
+        link = next(
+            (ps.link.name for ps in self.sessions.values() if ps.peer_id == target), None
+        )
+        up = self.state == "up"
+        out = []
+        for entry in self.directory:
+            if entry["site_id"] in skip:
+                continue
+            online = bool(entry.get("online", True))
+            out.append(
+                {
+                    "site_id": entry["site_id"],
+                    "name": entry.get("name"),
+                    "transport": "cloud",
+                    "state": "up" if up and online else "down",
+                    "reason": None if up and online
+                    else ("site is offline" if up else f"cloud is {self.state}"),
+                    "endpoint": format_endpoint(self.pops[self.active].endpoint),
+                    "link": link,
+                    "subnets": [str(n) for n in _parse_networks(entry.get("subnets"))],
+                    "online": online,
+                    "stale": self.stale,
+                    "role": None,
+                    "handshakes": None,
+                    "last_handshake_s": None,
+                    "last_rx_s": None,
+                }
+            )
+        return out
+
+    def close(self) -> None:
+        for ps in list(self.sessions.values()):
+            ps.close()
+        self.sessions.clear()

@@ -1,0 +1,522 @@
+"""The socket's cloud side in simulated time, against a minimal in-test PoP.
+
+Real Supervisors, real DTLS contexts and real fast paths (no threads, no TUN): every
+datagram really travels over UDP on 127.0.0.1 and is run through the receiver's fast path
+synchronously (`process_inbound`), while a virtual clock drives the timers, so keepalives,
+dead detection, failover and the return hold time run in well under a second each.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import secrets
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from sdwan import pki
+from sdwan.cloud import DOC_CONFIG, DOC_DIRECTORY, pop_peer_id
+from sdwan.config import Cloud as CloudCfg
+from sdwan.config import Lan, Link, Paths, Peer, Pki, Pop, Site, SiteConfig, Tunnel
+from sdwan.dtls import DtlsContext, DtlsSession, is_client_hello
+from sdwan.fastpath import CtrlEvent, FastPath, FastPathConfig, Verdict
+from sdwan.socketd import Supervisor
+from sdwan.store import Store
+
+Addr = tuple[str, int]
+STEP = 0.05
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def udp() -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    s.setblocking(False)
+    return s
+
+
+class Node:
+    """Anything with link sockets whose fast path the net pumps by hand."""
+
+    fp: FastPath
+    socks: dict[int, socket.socket]
+    alive: bool = True
+
+    def on_ctrl(self, ev: CtrlEvent) -> None:
+        raise NotImplementedError
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+
+class Net:
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.nodes: list[Node] = []
+        # (receiver address, sender address) pairs whose datagrams are lost
+        self.blocked: set[tuple[Addr, Addr]] = set()
+
+    def pump(self) -> None:
+        for _ in range(50):
+            moved = False
+            for node in list(self.nodes):
+                for link_id, sock in node.socks.items():
+                    while True:
+                        try:
+                            data, src = sock.recvfrom(65536)
+                        except BlockingIOError:
+                            break
+                        moved = True
+                        if not node.alive or (sock.getsockname(), src) in self.blocked:
+                            continue
+                        node.fp.process_inbound(link_id, src, data)
+                while node.alive and (ev := node.fp.ctrl_recv()) is not None:
+                    moved = True
+                    node.on_ctrl(ev)
+            if not moved:
+                return
+
+    def run(self, seconds: float) -> None:
+        end = self.clock.t + seconds
+        while self.clock.t < end - 1e-9:
+            self.clock.t += STEP
+            for node in list(self.nodes):
+                if node.alive:
+                    node.tick()
+                self.pump()
+
+
+# --------------------------------------------------------------------------- the PoP
+
+
+@dataclass
+class _PopPeer:
+    peer_id: int
+    session: DtlsSession | None = None
+    local_idx: int | None = None
+    keyed: bool = False
+    site: int | None = None
+
+
+@dataclass
+class MiniPop(Node):
+    """Just enough PoP: cookies, key hand-over as responder, register/welcome, ping/pong,
+    events/events-ack, keepalives. Not popd; popd has tests of its own."""
+
+    net: Net
+    pop_id: int
+    files: tuple[Path, Path, Path]
+    sites: dict[int, list[str]]
+    port: int = 0
+    peers: dict[Addr, _PopPeer] = field(default_factory=dict)
+    registers: list[dict] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
+    pings: int = 0
+    refuse: set[int] = field(default_factory=set)
+    rev: int = 1
+    next_peer: int = 1
+
+    def __post_init__(self) -> None:
+        self.dtls = DtlsContext(*self.files, ("pop", self.pop_id), clock=self.net.clock)
+        self.fp = FastPath(FastPathConfig.default())
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.setblocking(False)
+        self.socks = {1: s}
+        self.fp.link_add(1, s.fileno())
+        self.addr: Addr = s.getsockname()
+        self.alive = True
+        self.net.nodes.append(self)
+
+    def stop(self) -> None:
+        self.alive = False
+        self.net.pump()
+        self.net.nodes.remove(self)
+        self.socks[1].close()
+        self.fp.close()
+
+    def send(self, addr: Addr, data: bytes) -> None:
+        self.fp.ctrl_send(1, addr, data)
+
+    def directory(self, for_site: int) -> list[dict]:
+        return [
+            {"site_id": sid, "name": f"site-{sid}", "subnets": nets, "links": [],
+             "offcloud": True, "recovery": True, "online": True}
+            for sid, nets in self.sites.items() if sid != for_site
+        ]
+
+    def push_directory(self) -> None:
+        self.rev += 1
+        for p in self.peers.values():
+            if p.keyed and p.site is not None:
+                d = self.directory(p.site)
+                self.msg(p, {"t": "directory", "rev": self.rev, "directory": d})
+
+    def msg(self, p: _PopPeer, obj: dict) -> None:
+        assert p.session is not None
+        for d in p.session.send(json.dumps(obj).encode()):
+            addr = next(a for a, q in self.peers.items() if q is p)
+            self.send(addr, d)
+
+    def on_ctrl(self, ev: CtrlEvent) -> None:
+        addr, data = ev.addr, ev.data
+        assert addr is not None
+        p = self.peers.get(addr)
+        if is_client_hello(data) and (p is None or p.session is None or p.session.established):
+            res = self.dtls.accept(data, f"{addr[0]}:{addr[1]}", allowed_site_ids=self.sites)
+            for r in res.replies:
+                self.send(addr, r)
+            if res.session is None:
+                return
+            if p is None:
+                p = self.peers[addr] = _PopPeer(peer_id=self.next_peer)
+                self.next_peer += 1
+                self.fp.peer_add(p.peer_id)
+            p.session = res.session
+            p.keyed = False
+        elif p is not None and p.session is not None:
+            for r in p.session.receive(data):
+                self.send(addr, r)
+        else:
+            return
+        self._after(addr, p)
+
+    def _after(self, addr: Addr, p: _PopPeer) -> None:
+        s = p.session
+        assert s is not None
+        if not s.established:
+            return
+        if p.local_idx is None or not getattr(s, "_mini_keyed", False):
+            s._mini_keyed = True  # type: ignore[attr-defined]
+            tx, rx = s.export_keys()
+            p.local_idx = secrets.randbits(31) + 1
+            self.fp.key_install(p.peer_id, p.local_idx, tx, rx)
+            self.fp.set_endpoint(p.peer_id, 1, addr)
+            self.msg(p, {"t": "key", "idx": p.local_idx})
+        for raw in s.take_messages():
+            m = json.loads(raw)
+            if m["t"] == "key":
+                self.fp.key_activate(p.peer_id, p.local_idx, m["idx"])
+                p.keyed = True
+                self.msg(p, {"t": "key-ack", "idx": m["idx"]})
+            elif m["t"] == "register":
+                self.registers.append(m)
+                if m["site_id"] not in self.sites or m["site_id"] in self.refuse:
+                    self.msg(p, {"t": "error", "reason": "unknown site"})
+                    continue
+                p.site = m["site_id"]
+                self.msg(p, {"t": "welcome", "rev": self.rev, "pop_id": self.pop_id,
+                             "config": {"name": f"site-{p.site}", "subnets":
+                                        self.sites[p.site], "offcloud": True, "recovery": True},
+                             "directory": self.directory(p.site)})
+            elif m["t"] == "ping":
+                self.pings += 1
+                self.msg(p, {"t": "pong", "id": m["id"]})
+            elif m["t"] == "events":
+                self.events.extend(m["events"])
+                self.msg(p, {"t": "events-ack", "up_to": m["events"][-1]["seq"]})
+
+    def tick(self) -> None:
+        for addr, p in self.peers.items():
+            s = p.session
+            if s is not None and not s.established:
+                due = s.timeout()
+                if due is not None and due <= 0:
+                    for d in s.on_timeout():
+                        self.send(addr, d)
+            if p.keyed:
+                self.fp.send_keepalive(p.peer_id)
+
+
+# --------------------------------------------------------------------------- the socket
+
+
+class SimSocket(Supervisor, Node):
+    """socketd with its links on 127.0.0.1 and no TUN or kernel routes."""
+
+    def __init__(self, net: Net, cfg: SiteConfig) -> None:
+        super().__init__(cfg, clock=net.clock)
+        self.net = net
+        self.dtls = DtlsContext(cfg.pki.ca, cfg.pki.cert, cfg.pki.key, cfg.site.id,
+                                clock=net.clock)
+        self.fp = FastPath(FastPathConfig.default())
+        self.socks = {}
+        for link in cfg.links:
+            s = udp()
+            self.socks[self.link_ids[link.name]] = s
+            self.fp.link_add(self.link_ids[link.name], s.fileno())
+        self.store = Store(cfg.paths.data_dir)
+        self.cloud = self._make_cloud(self.fp)
+        self.alive = True
+        net.nodes.append(self)
+
+    def addr(self, link: str) -> Addr:
+        return self.socks[self.link_ids[link]].getsockname()
+
+    def on_ctrl(self, ev: CtrlEvent) -> None:
+        self._on_ctrl_event(ev)
+
+    def tick(self) -> None:
+        self._tick()
+
+    def shutdown(self) -> None:
+        self.net.nodes.remove(self)
+        self.close()
+        for s in self.socks.values():
+            s.close()
+
+    def routed_peer(self, dst: str) -> int:
+        """The fast-path peer an IPv4 packet to dst leaves through (0 when dropped unrouted)."""
+        pkt = bytes([0x45, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0]) + ipaddress.IPv4Address(
+            "10.1.0.1"
+        ).packed + ipaddress.IPv4Address(dst).packed
+        assert self.fp is not None
+        res = self.fp.process_outbound(pkt)
+        return res.peer_id if res.verdict in (Verdict.SEND, Verdict.DROP) else 0
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pki")
+    pki.create_ca(root / "ca", "acme")
+    return root
+
+
+def site_files(ca: Path, n: int) -> tuple[Path, Path, Path]:
+    cert = ca / "out" / f"site-{n}.pem"
+    if not cert.exists():
+        pki.issue_site(ca / "ca", n, ca / "out")
+    return ca / "ca" / "ca.pem", cert, ca / "out" / f"site-{n}.key"
+
+
+def pop_files(ca: Path, n: int) -> tuple[Path, Path, Path]:
+    cert = ca / "out" / f"pop-{n}.pem"
+    if not cert.exists():
+        pki.issue_pop(ca / "ca", n, ca / "out")
+    return ca / "ca" / "ca.pem", cert, ca / "out" / f"pop-{n}.key"
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> None:
+    logging.disable(logging.WARNING)
+    yield
+    logging.disable(logging.NOTSET)
+
+
+SITES = {1: ["10.1.0.0/24"], 2: ["10.2.0.0/24"], 3: ["10.3.0.0/24", "10.33.0.0/16"]}
+
+
+def site_config(
+    ca: Path, data: Path, pops: list[MiniPop], *, links: int = 2, peers: tuple[Peer, ...] = (),
+    hold_s: int = 5, site_id: int = 1,
+) -> SiteConfig:
+    files = site_files(ca, site_id)
+    return SiteConfig(
+        site=Site(site_id, f"site-{site_id}"),
+        paths=Paths(data_dir=data, control_socket=data / "ctl.sock"),
+        pki=Pki(*files),
+        lan=Lan(subnets=(ipaddress.ip_network(f"10.{site_id}.0.0/24"),)),
+        tunnel=Tunnel(),
+        links=tuple(
+            Link(name=f"wan{i + 1}", interface="lo", port=4800 + i, precedence=1 + i)
+            for i in range(links)
+        ),
+        peers=peers,
+        source=data / "socketd.toml",
+        pops=tuple(Pop(id=p.pop_id, endpoint=p.addr) for p in pops),
+        cloud=CloudCfg(return_hold_s=hold_s),
+    )
+
+
+def kinds(sock: SimSocket) -> list[str]:
+    assert sock.store is not None
+    return [e.kind for e in sock.store.events(limit=1000)]
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_registers_over_every_link_and_routes_the_directory(ca: Path, tmp_path: Path) -> None:
+    net = Net()
+    pop = MiniPop(net, 1, pop_files(ca, 1), SITES)
+    s = SimSocket(net, site_config(ca, tmp_path, [pop]))
+    net.run(2)
+    assert s.cloud is not None
+    st = s.cloud.pop_status()
+    assert [r["state"] for r in st["sessions"]] == ["connected", "connected"], st
+    assert st["state"] == "up" and not st["stale"]
+    assert all(r["rtt_ms"] is not None and r["rtt_ms"] < 100 for r in st["sessions"])
+    regs = {r["link"]["name"]: r for r in pop.registers}
+    assert set(regs) == {"wan1", "wan2"}
+    assert regs["wan2"]["site_id"] == 1 and regs["wan2"]["link"]["precedence"] == 2
+    assert [ln["name"] for ln in regs["wan1"]["links"]] == ["wan1", "wan2"]
+    # Every other site's subnets leave through the PoP session on the best link.
+    best = pop_peer_id(1, 1)
+    assert s.routed_peer("10.2.0.9") == best
+    assert s.routed_peer("10.33.4.4") == best
+    peers = {p["site_id"]: p for p in net.nodes[1].cloud.directory_peers(())}  # type: ignore[attr-defined]
+    assert peers[2]["transport"] == "cloud" and peers[3]["subnets"] == SITES[3]
+    assert 1 not in peers
+    assert s.store is not None
+    assert s.store.get_doc(DOC_DIRECTORY) is not None and s.store.get_doc(DOC_CONFIG) is not None
+    assert kinds(s).count("pop.connected") == 2 and "config.updated" in kinds(s)
+    assert pop.pings >= 2
+    # The events reached the PoP and were acknowledged.
+    net.run(1)
+    assert {e["kind"] for e in pop.events} >= {"pop.connected", "config.updated"}
+    assert s.store.uploaded_seq() == s.store.last_seq()
+
+
+def test_directory_push_changes_routes_and_static_peers_stay_direct(
+    ca: Path, tmp_path: Path
+) -> None:
+    net = Net()
+    pop = MiniPop(net, 1, pop_files(ca, 1), dict(SITES))
+    static = Peer(site_id=2, endpoint=("127.0.0.1", 9), subnets=(
+        ipaddress.ip_network("10.2.0.0/24"),), link="wan1")
+    s = SimSocket(net, site_config(ca, tmp_path, [pop], peers=(static,)))
+    s.fp.peer_add(2)  # type: ignore[union-attr]
+    s.fp.route_set("10.2.0.0/24", 2)  # type: ignore[union-attr]
+    net.run(2)
+    assert s.routed_peer("10.2.0.1") == 2
+    assert s.routed_peer("10.3.0.1") == pop_peer_id(1, 1)
+    pop.sites[4] = ["10.4.0.0/24"]
+    pop.push_directory()
+    net.run(0.2)
+    assert s.routed_peer("10.4.0.1") == pop_peer_id(1, 1)
+    ids = [p["site_id"] for p in s.cloud.directory_peers(exclude=[2])]  # type: ignore[union-attr]
+    assert ids == [3, 4]
+
+
+def test_a_dead_pop_is_detected_on_the_virtual_clock(ca: Path, tmp_path: Path) -> None:
+    net = Net()
+    pop = MiniPop(net, 1, pop_files(ca, 1), SITES)
+    s = SimSocket(net, site_config(ca, tmp_path, [pop]))
+    net.run(2)
+    assert s.cloud is not None and s.cloud.state == "up"
+    pop.alive = False
+    net.run(0.5)
+    assert s.cloud.state == "up"  # 500 ms of silence is not death yet
+    net.run(0.25)
+    st = s.cloud.pop_status()
+    assert st["state"] != "up", st
+    assert all(r["state"] != "connected" for r in st["sessions"])
+    assert kinds(s).count("pop.disconnected") == 2
+    down = [e for e in s.store.events(kind="pop.disconnected")]  # type: ignore[union-attr]
+    assert "no packets from the PoP" in down[0].text
+
+
+def test_a_restarted_pop_gets_registrations_again(ca: Path, tmp_path: Path) -> None:
+    net = Net()
+    pop = MiniPop(net, 1, pop_files(ca, 1), SITES)
+    s = SimSocket(net, site_config(ca, tmp_path, [pop], links=1))
+    net.run(2)
+    port = pop.addr[1]
+    pop.stop()
+    net.run(2)
+    assert s.cloud is not None and s.cloud.state != "up"
+    pop2 = MiniPop(net, 1, pop_files(ca, 1), SITES, port=port)
+    net.run(4)
+    assert s.cloud.state == "up", s.cloud.pop_status()
+    assert len(pop2.registers) == 1
+
+
+def test_secondary_only_when_every_primary_session_is_dead_and_back_after_hold(
+    ca: Path, tmp_path: Path
+) -> None:
+    net = Net()
+    primary = MiniPop(net, 1, pop_files(ca, 1), SITES)
+    secondary = MiniPop(net, 2, pop_files(ca, 2), SITES)
+    s = SimSocket(net, site_config(ca, tmp_path, [primary, secondary], hold_s=5))
+    net.run(2)
+    assert s.cloud is not None and s.cloud.active == 0
+    assert not secondary.registers  # no sessions to the secondary while the primary is fine
+    # wan1 loses the primary: wan2 still reaches it, so no switch; routes move to wan2.
+    net.blocked |= {(primary.addr, s.addr("wan1")), (s.addr("wan1"), primary.addr)}
+    net.run(1.5)
+    assert s.cloud.active == 0
+    assert s.routed_peer("10.2.0.1") == pop_peer_id(1, 2)
+    # Now the primary is gone entirely.
+    primary.alive = False
+    net.run(1.5)
+    assert s.cloud.active == 1, s.cloud.pop_status()
+    assert s.routed_peer("10.2.0.1") == pop_peer_id(2, 1)
+    assert "pop.switched" in kinds(s)
+    # The primary returns: sockets stay on the secondary for the hold time.
+    primary.alive = True
+    net.blocked.clear()
+    net.run(3)
+    assert s.cloud.active == 1
+    assert any(r["state"] == "connected" and r["role"] == "primary"
+               for r in s.cloud.pop_status()["sessions"])
+    net.run(4)
+    assert s.cloud.active == 0
+    assert s.routed_peer("10.2.0.1") == pop_peer_id(1, 1)
+    assert not any(ps.pop.id == 2 for ps in s.cloud.sessions.values())
+    assert kinds(s).count("pop.switched") == 2
+
+
+def test_restart_without_a_pop_uses_the_stored_copy(ca: Path, tmp_path: Path) -> None:
+    net = Net()
+    pop = MiniPop(net, 1, pop_files(ca, 1), SITES)
+    cfg = site_config(ca, tmp_path, [pop])
+    s = SimSocket(net, cfg)
+    net.run(2)
+    s.shutdown()
+    pop.alive = False
+    s2 = SimSocket(net, cfg)
+    net.run(1)
+    assert s2.cloud is not None
+    summary = s2.cloud.summary()
+    assert summary["stale"] and summary["sites"] == 2 and summary["state"] != "up"
+    assert {p["site_id"] for p in s2.cloud.directory_peers(())} == {2, 3}
+    assert s2.routed_peer("10.3.0.7") == pop_peer_id(1, 1)
+    pop.alive = True
+    net.run(3)
+    assert not s2.cloud.summary()["stale"]
+
+
+def test_refused_registration_and_garbage_messages(ca: Path, tmp_path: Path) -> None:
+    net = Net()
+    pop = MiniPop(net, 1, pop_files(ca, 1), {2: ["10.2.0.0/24"], 9: ["10.9.0.0/24"]})
+    pop.refuse.add(9)
+    s = SimSocket(net, site_config(ca, tmp_path, [pop], links=1, site_id=9))
+    net.run(1)
+    st = s.cloud.pop_status()  # type: ignore[union-attr]
+    row = st["sessions"][0]
+    assert row["state"] == "down" and "refused the registration: unknown site" in row["reason"]
+    assert st["messages"]["refused"] >= 1
+    pop.refuse.clear()
+    net.run(31)
+    assert s.cloud.state == "up"  # type: ignore[union-attr]
+    p = next(iter(pop.peers.values()))
+    pop.msg(p, {"t": "config"})
+    pop.msg(p, {"t": "directory", "rev": 9, "directory": [{"site_id": "x"}, {"site_id": 2,
+                                                          "subnets": ["10.2.0.0/24"]}]})
+    pop.msg(p, {"t": "from-the-future"})
+    net.run(0.2)
+    m = s.cloud.summary()["messages"]  # type: ignore[union-attr]
+    assert m["malformed"] == 1 and m["unknown"] == 1 and m["bad_directory_entries"] == 1
+    assert s.cloud.state == "up"  # type: ignore[union-attr]
+
+
+def test_no_pops_means_no_cloud(ca: Path, tmp_path: Path) -> None:
+    net = Net()
+    s = SimSocket(net, site_config(ca, tmp_path, []))
+    net.run(0.5)
+    assert s.cloud is not None and s.cloud.state == "off" and not s.cloud.sessions
