@@ -37,6 +37,12 @@ TYPE_DATA: int = lib.FP_TYPE_DATA
 MAX_INNER: int = lib.FP_MAX_INNER
 CTRL_MAX: int = lib.FP_CTRL_MAX
 REPLAY_WINDOW: int = lib.FP_REPLAY_WINDOW
+VNET_HDR_LEN: int = lib.FP_VNET_HDR_LEN
+
+# fp_tun_features bits: what the TUN device offloads to the fast path.
+TUN_F_VNET: int = lib.FP_TUN_F_VNET
+TUN_F_TSO: int = lib.FP_TUN_F_TSO
+TUN_F_USO: int = lib.FP_TUN_F_USO
 
 # Index order of fp_counters.drops (enum fp_drop_reason).
 DROP_NAMES: tuple[str, ...] = (
@@ -253,6 +259,11 @@ class FastPath:
     def tun_attach(self, fd: int) -> None:
         _check(lib.fp_tun_attach(self._h, fd), "fp_tun_attach")
 
+    @property
+    def tun_features(self) -> int:
+        """TUN_F_* bits of the current TUN (0 without one, or for an attached plain fd)."""
+        return int(lib.fp_tun_features(self._h))
+
     def link_add(self, link_id: int, fd: int) -> None:
         _check(lib.fp_link_add(self._h, link_id, fd), f"fp_link_add({link_id})")
 
@@ -443,3 +454,49 @@ def aead_test(
         return None
     _check(rc, "fp_test_aead")
     return bytes(ffi.buffer(out, len(data))), bytes(ffi.buffer(t, TAG_LEN))
+
+
+def gso_segment(vnet_hdr: bytes, packet: bytes, max_segs: int = 256) -> list[bytes]:
+    """Tests only: the segments the TUN thread cuts a packet read with this virtio_net_hdr
+    into (the packet itself, checksum completed, when the header asks for no GSO)."""
+    if len(vnet_hdr) != VNET_HDR_LEN:
+        raise ValueError(f"vnet_hdr must be {VNET_HDR_LEN} bytes")
+    # Every segment repeats the headers (at most the whole packet) and needs a stride slot.
+    cap = (len(packet) + 64) * 2 + max_segs * (len(packet) + 64)
+    cap = min(cap, 64 << 20)
+    out = ffi.new("uint8_t[]", cap)
+    lens = ffi.new("uint32_t[]", max_segs)
+    n = _check(
+        lib.fp_test_gso_segment(vnet_hdr, packet, len(packet), out, cap, lens, max_segs),
+        "fp_test_gso_segment",
+    )
+    segs: list[bytes] = []
+    off = 0
+    for i in range(n):
+        segs.append(bytes(ffi.buffer(out + off, lens[i])))
+        off += lens[i]
+    return segs
+
+
+def gro_coalesce(packets: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """Tests only: how the link threads group plaintext packets for the TUN; a list of
+    (virtio_net_hdr, packet) as each would be written."""
+    data = b"".join(packets)
+    n = len(packets)
+    lens = ffi.new("uint32_t[]", max(n, 1))
+    for i, p in enumerate(packets):
+        lens[i] = len(p)
+    cap = len(data) + n * VNET_HDR_LEN + 1
+    out = ffi.new("uint8_t[]", cap)
+    out_lens = ffi.new("uint32_t[]", max(n, 1))
+    k = _check(
+        lib.fp_test_gro_coalesce(data, lens, n, out, cap, out_lens, max(n, 1)),
+        "fp_test_gro_coalesce",
+    )
+    res: list[tuple[bytes, bytes]] = []
+    off = 0
+    for i in range(k):
+        chunk = bytes(ffi.buffer(out + off, out_lens[i]))
+        res.append((chunk[:VNET_HDR_LEN], chunk[VNET_HDR_LEN:]))
+        off += out_lens[i]
+    return res

@@ -1,20 +1,26 @@
 #!/bin/sh
-# Build the libFuzzer target over fp_process_inbound with Debian's clang
-# (ASan + UBSan) and run it for a bounded time: native/fuzz/run.sh [SECONDS]
-# (default 60). Exits non-zero if the fuzzer finds a crash; the reproducer is
-# left in native/out/fuzz/.
+# Build the libFuzzer targets with Debian's clang (ASan + UBSan) and run them
+# for a bounded time: native/fuzz/run.sh [SECONDS] (default 60, in total: two
+# thirds for fuzz_inbound over fp_process_inbound, one third for fuzz_offload
+# over the GSO segmenter and the TCP coalescer). Exits non-zero if a fuzzer
+# finds a crash; the reproducer is left in native/out/fuzz/.
 set -eu
 secs=${1:-60}
 here=$(cd "$(dirname "$0")" && pwd)
 native=$(dirname "$here")
 out="$native/out/fuzz"
-mkdir -p "$out/corpus" "$out/seeds"
+mkdir -p "$out/corpus" "$out/seeds" "$out/corpus-offload" "$out/seeds-offload"
 
 clang -std=c11 -g -O1 -fno-omit-frame-pointer \
     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
     -Wall -Wextra -Werror \
     -I"$native/include" -I"$native/src" \
     "$native"/src/*.c "$here/fuzz_inbound.c" -lcrypto -lpthread -o "$out/fuzz_inbound"
+clang -std=c11 -g -O1 -fno-omit-frame-pointer \
+    -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+    -Wall -Wextra -Werror \
+    -I"$native/include" -I"$native/src" \
+    "$native"/src/*.c "$here/fuzz_offload.c" -lcrypto -lpthread -o "$out/fuzz_offload"
 
 # Seeds: mode byte, then either a raw datagram (0) or [len][counter:2][plaintext] chunks (1).
 python3 - "$out/seeds" <<'PY'
@@ -40,5 +46,52 @@ for name, data in seeds.items():
     (d / name).write_bytes(data)
 PY
 
+# Offload seeds: virtio_net_hdr + TSO/USO superpackets, and runs of TCP segments.
+python3 - "$out/seeds-offload" <<'PY'
+import struct, sys, pathlib
+d = pathlib.Path(sys.argv[1])
+def fold(s):
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+def csum(b, s=0):
+    b += b"\0" * (len(b) % 2)
+    return fold(s + sum(struct.unpack(f"!{len(b)//2}H", b)))
+S4, D4 = bytes([10, 1, 0, 5]), bytes([10, 2, 0, 7])
+S6, D6 = b"\xfd" + bytes(14) + b"\x05", b"\xfd" + bytes(14) + b"\x07"
+def ip4(proto, l4, ident=1):
+    h = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), ident, 0x4000, 64, proto, 0, S4, D4)
+    return h[:10] + struct.pack("!H", 0xFFFF - csum(h)) + h[12:] + l4
+def ip6(proto, l4):
+    return struct.pack("!IHBB16s16s", 6 << 28, len(l4), proto, 64, S6, D6) + l4
+def ps(v6, proto, n):
+    return csum(S6 + D6 + struct.pack("!IxxxB", n, proto)) if v6 else csum(S4 + D4 + struct.pack("!HH", proto, n))
+def tcp(seq, flags, data):
+    return struct.pack("!HHIIBBHHH", 1, 2, seq, 9, 5 << 4, flags, 500, 0, 0) + data
+def partial(pkt, iphl, proto, off, v6):
+    p = bytearray(pkt); p[iphl + off:iphl + off + 2] = struct.pack("!H", ps(v6, proto, len(pkt) - iphl)); return bytes(p)
+def full(pkt, iphl, proto, off, v6):
+    p = bytearray(pkt); c = 0xFFFF - csum(bytes(p[iphl:]), ps(v6, proto, len(pkt) - iphl))
+    p[iphl + off:iphl + off + 2] = struct.pack("!H", c); return bytes(p)
+def vnet(flags, typ, hl, gso, cs, co):
+    return struct.pack("=BBHHHH", flags, typ, hl, gso, cs, co)
+data = bytes(range(256)) * 12
+seeds = {
+    "tso4": vnet(1, 1, 40, 500, 20, 16) + partial(ip4(6, tcp(7, 0x18, data[:1700])), 20, 6, 16, False),
+    "tso6": vnet(1, 4, 60, 400, 40, 16) + partial(ip6(6, tcp(7, 0x19, data[:1300])), 40, 6, 16, True),
+    "uso4": vnet(1, 5, 28, 64, 20, 6) + partial(ip4(17, struct.pack("!HHHH", 1, 2, 8 + 300, 0) + data[:300]), 20, 17, 6, False),
+    "csum": vnet(1, 0, 0, 0, 20, 16) + partial(ip4(6, tcp(1, 0x10, data[:100])), 20, 6, 16, False),
+}
+# A run of full-checksum segments; the header bytes double as chunk lengths ((b*8)+20).
+segs = [full(ip4(6, tcp(100 + 60 * i, 0x10, data[:60]), ident=1 + i), 20, 6, 16, False) for i in range(4)]
+seeds["run"] = bytes([(len(s) - 20) // 8 for s in segs]) + bytes(6) + b"".join(segs)
+for name, b in seeds.items():
+    (d / name).write_bytes(b)
+PY
+
 cd "$out"
-./fuzz_inbound -max_total_time="$secs" -max_len=9400 -print_final_stats=1 corpus seeds
+in_secs=$(( secs * 2 / 3 > 0 ? secs * 2 / 3 : 1 ))
+off_secs=$(( secs - in_secs > 0 ? secs - in_secs : 1 ))
+./fuzz_inbound -max_total_time="$in_secs" -max_len=9400 -print_final_stats=1 corpus seeds
+./fuzz_offload -max_total_time="$off_secs" -max_len=70000 -print_final_stats=1 \
+    corpus-offload seeds-offload

@@ -230,8 +230,11 @@ int fp_seal_for_peer(struct fp *fp, struct fp_peer *peer, const uint8_t *in, siz
 #define FP_VNET_GSO_ECN 0x80
 /* Largest superpacket the TUN hands over (IPv6: 40 + 64 KiB payload). */
 #define FP_SUPER_MAX (65535 + 40)
-/* Most segments one superpacket may be cut into (and one UDP GSO send carries). */
+/* Most datagrams one UDP GSO send carries (and packets one coalesced write). */
 #define FP_GSO_SEGS_MAX 64
+/* Most segments one superpacket may be cut into: 64 KiB at TCP's smallest
+ * MSS (tcp_min_snd_mss, 48) is about 1400. */
+#define FP_GSO_SPLIT_MAX 2048
 /* Packets considered together for coalescing. */
 #define FP_GRO_BATCH 256
 
@@ -262,8 +265,9 @@ int fp_csum_complete(const struct fp_vnet *v, uint8_t *pkt, size_t len);
 int fp_gso_split(const struct fp_vnet *v, const uint8_t *pkt, size_t len, uint8_t *out,
                  size_t cap, size_t headroom, size_t tailroom, uint32_t *lens, uint32_t max_segs,
                  size_t *stride_out);
-/* Group pk[0..n) into superpackets; rewrites the headers of heads. */
-void fp_gro_build(struct fp_gro_pkt *pk, uint32_t n);
+/* Group pk[0..n) into TCP (if tcp) and UDP (if udp) superpackets; rewrites
+ * the headers of heads. */
+void fp_gro_build(struct fp_gro_pkt *pk, uint32_t n, bool tcp, bool udp);
 
 /* io.c */
 int fp_io_start_link(struct fp *fp, struct fp_link *l);

@@ -1,11 +1,16 @@
 /*
  * io.c - the devices and the threads that move packets between them.
  *
- * One thread drains the TUN (up to `batch` packets per wakeup), seals them in
- * place (TUN packets are read after FP_HEADER_LEN bytes of headroom) and sends
- * each run of packets for the same link with one sendmmsg. One thread per
- * link does recvmmsg(batch) -> fp_inbound_locked -> write to the TUN, or
+ * One thread drains the TUN (up to `batch` reads per wakeup). With a vnet
+ * header (fp_tun_open) a read may be a TSO/USO superpacket, which is cut into
+ * segments (offload.c) laid out so that each is sealed in place and the sealed
+ * datagrams lie back to back; runs of equal-sized datagrams for one endpoint
+ * leave as one UDP GSO send (UDP_SEGMENT), and every run of sends for one link
+ * goes in one sendmmsg. One thread per link does recvmmsg (UDP_GRO: a buffer
+ * may hold many datagrams), splits, fp_inbound_locked, and writes to the TUN,
+ * TCP/UDP runs of one flow coalesced into one superpacket per writev, or
  * sendmmsg for relayed packets. fp->lock is taken shared once per batch.
+ * Nothing waits for a batch to fill: a batch is what is already there.
  * Threads sleep in poll() on their fd plus an eventfd, so stop and link_del
  * wake them at once.
  */
@@ -18,6 +23,7 @@
 #include <netinet/in.h>
 #include <netinet/udp.h>
 #include <poll.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -32,8 +38,8 @@
 #define GSO_BYTES_MAX 65000
 /* Per-thread scratch: sealed packets (TUN thread) or plaintexts (link
  * threads) of one batch; a batch is sent out before the arena runs low. */
-#define ARENA_LEN (512u << 10)
-#define ARENA_LOW (160u << 10)
+#define ARENA_LEN (256u << 10)
+#define ARENA_LOW (96u << 10)
 #define TXQ_CAP 512
 #define GRO_RX_MSGS 16
 
@@ -272,7 +278,8 @@ static void tunq_flush(struct fp *fp, struct tunq *t)
         t->n = 0;
         return;
     }
-    fp_gro_build(t->pk, t->n);
+    /* Only what the device said it handles, though a write is not bound by it. */
+    fp_gro_build(t->pk, t->n, fp->tun_features & FP_TUN_F_TSO, fp->tun_features & FP_TUN_F_USO);
     for (uint32_t i = 0; i < t->n; i++) {
         struct fp_gro_pkt *h = &t->pk[i];
         if (!h->head)
@@ -302,6 +309,9 @@ static void *link_thread(void *arg)
 {
     struct fp_link *l = arg;
     struct fp *fp = l->fp;
+    char name[16];
+    snprintf(name, sizeof(name), "fp-link%u", l->id % 100000u);
+    pthread_setname_np(pthread_self(), name);
     /* With GRO a datagram may hold up to 64 KiB of coalesced ones. */
     unsigned n = l->gro ? (fp->cfg.batch < GRO_RX_MSGS ? fp->cfg.batch : GRO_RX_MSGS)
                         : fp->cfg.batch;
@@ -423,14 +433,15 @@ static void *tun_thread(void *arg)
     struct fp *fp = arg;
     unsigned n = fp->cfg.batch;
     int fd = atomic_load(&fp->tun_fd);
+    pthread_setname_np(pthread_self(), "fp-tun");
     bool vnet = fp->tun_features & FP_TUN_F_VNET;
     /* The packet lands FP_HEADER_LEN into rbuf, its vnet header just before. */
     uint8_t *rbuf = malloc(FP_HEADER_LEN + FP_SUPER_MAX + 64);
     uint8_t *arena = malloc(ARENA_LEN);
     uint8_t *ip = rbuf + FP_HEADER_LEN;
-    uint32_t lens[FP_GSO_SEGS_MAX];
+    uint32_t *lens = calloc(FP_GSO_SPLIT_MAX, sizeof(*lens));
     struct txq q;
-    if (txq_init(&q, TXQ_CAP) < 0 || !rbuf || !arena)
+    if (txq_init(&q, TXQ_CAP) < 0 || !rbuf || !arena || !lens)
         goto done;
     for (;;) {
         struct pollfd p[2] = {{fd, POLLIN, 0}, {fp->stop_fd, POLLIN, 0}};
@@ -488,12 +499,12 @@ static void *tun_thread(void *arg)
             }
             size_t stride;
             int ns = fp_gso_split(&v, ip, len, arena + used, ARENA_LEN - used, FP_HEADER_LEN,
-                                  FP_TAG_LEN, lens, FP_GSO_SEGS_MAX, &stride);
+                                  FP_TAG_LEN, lens, FP_GSO_SPLIT_MAX, &stride);
             if (ns == -ENOSPC && used) {
                 txq_flush(fp, &q);
                 used = 0;
                 ns = fp_gso_split(&v, ip, len, arena, ARENA_LEN, FP_HEADER_LEN, FP_TAG_LEN, lens,
-                                  FP_GSO_SEGS_MAX, &stride);
+                                  FP_GSO_SPLIT_MAX, &stride);
             }
             if (ns < 0) {
                 fp_ctr_add(&fp->gctr.rx_packets, 1);
@@ -527,6 +538,7 @@ done:
     txq_free(&q);
     free(rbuf);
     free(arena);
+    free(lens);
     return NULL;
 }
 
@@ -649,7 +661,10 @@ int fp_tun_open(fp_t *fp, const char *name)
     memcpy(ifr.ifr_name, name, strlen(name));
     int features = 0;
     int hs = FP_VNET_LEN;
-    if (ioctl(fd, TUNSETIFF, &ifr) == 0 && ioctl(fd, TUNSETVNETHDRSZ, &hs) == 0) {
+    struct ifreq got;
+    memset(&got, 0, sizeof(got));
+    if (ioctl(fd, TUNSETIFF, &ifr) == 0 && ioctl(fd, TUNGETIFF, &got) == 0 &&
+        (got.ifr_flags & IFF_VNET_HDR) && ioctl(fd, TUNSETVNETHDRSZ, &hs) == 0) {
         features = FP_TUN_F_VNET;
         /* Ask for the most the kernel gives; without any of it the vnet
          * header stays (all zero) and packets come one by one. */

@@ -10,8 +10,9 @@
  *
  * In the other direction fp_gro_build groups decrypted packets bound for the
  * TUN: consecutive in-order TCP segments of one flow become one superpacket
- * (GSO_TCPV4/6, NEEDS_CSUM) written with one writev, as the kernel's own GRO
- * would have built it; everything else is written alone.
+ * (GSO_TCPV4/6, NEEDS_CSUM), and so do same-sized UDP datagrams of one flow
+ * when the TUN takes USO (GSO_UDP_L4), each written with one writev, as the
+ * kernel's own GRO would have built it; everything else is written alone.
  *
  * Both are pure functions over buffers (no fast path state), exposed to the
  * tests through fp_test_gso_segment / fp_test_gro_coalesce and fuzzed.
@@ -29,13 +30,27 @@
 
 static uint64_t sum_bytes(uint64_t s, const uint8_t *p, size_t len)
 {
+    /* 64-bit words with the carries counted separately: a ones' complement sum
+     * over wider words folds to the same 16-bit sum (RFC 1071). */
+    uint64_t a = 0, c = 0;
+    while (len >= 32) {
+        uint64_t v[4];
+        memcpy(v, p, 32);
+        c += __builtin_add_overflow(a, v[0], &a);
+        c += __builtin_add_overflow(a, v[1], &a);
+        c += __builtin_add_overflow(a, v[2], &a);
+        c += __builtin_add_overflow(a, v[3], &a);
+        p += 32;
+        len -= 32;
+    }
     while (len >= 8) {
         uint64_t v;
         memcpy(&v, p, 8);
-        s += (v & 0xffffffffu) + (v >> 32);
+        c += __builtin_add_overflow(a, v, &a);
         p += 8;
         len -= 8;
     }
+    s += (a & 0xffffffffu) + (a >> 32) + c;
     while (len >= 2) {
         uint16_t v;
         memcpy(&v, p, 2);
@@ -245,57 +260,78 @@ int fp_gso_split(const struct fp_vnet *v, const uint8_t *pkt, size_t len, uint8_
 
 /* ------------------------------------------------------------------ coalescing */
 
-struct tcp_info {
+struct l4_info {
     int version;
-    size_t iphl;       /* IP header length; TCP header starts here */
-    size_t hlen;       /* IP + TCP headers */
+    uint8_t proto;     /* 6 or 17 */
+    size_t iphl;       /* IP header length; the L4 header starts here */
+    size_t hlen;       /* IP + L4 headers */
     size_t payload;
-    uint32_t seq;
-    uint8_t flags;
+    uint32_t seq;      /* TCP */
+    uint8_t flags;     /* TCP */
 };
 
-/* A TCP packet that can take part in coalescing: plain IPv4 without
- * fragmentation or IPv6 without extension headers, consistent lengths and a
- * valid checksum. The checksum is checked because a coalesced packet is
- * handed over as NEEDS_CSUM, and the kernel would then never notice a segment
- * corrupted before it was sealed. */
-static bool tcp_parse(const uint8_t *p, size_t len, struct tcp_info *t, bool check)
+/* A TCP or UDP packet that may take part in coalescing: IPv4 without
+ * fragmentation or IPv6 without extension headers, consistent lengths. */
+static bool l4_parse(const uint8_t *p, size_t len, struct l4_info *t)
 {
-    if (len < 40)
+    if (len < 28)
         return false;
     t->version = p[0] >> 4;
     if (t->version == 4) {
         t->iphl = (size_t)(p[0] & 0x0f) * 4;
-        if (t->iphl < 20 || p[9] != 6 || get16(p + 2) != len || (get16(p + 6) & 0x3fff))
+        t->proto = p[9];
+        if (t->iphl < 20 || get16(p + 2) != len || (get16(p + 6) & 0x3fff))
             return false;
     } else if (t->version == 6) {
         t->iphl = 40;
-        if (len < 60 || p[6] != 6 || get16(p + 4) + 40u != len)
+        t->proto = p[6];
+        if (len < 48 || get16(p + 4) + 40u != len)
             return false;
     } else {
         return false;
     }
-    if (t->iphl + 20 > len)
+    if (t->proto == 17) {
+        if (t->iphl + 8 > len || get16(p + t->iphl + 4) != len - t->iphl)
+            return false;
+        t->hlen = t->iphl + 8;
+        t->seq = 0;
+        t->flags = 0;
+    } else if (t->proto == 6) {
+        if (t->iphl + 20 > len)
+            return false;
+        size_t thl = (size_t)(p[t->iphl + 12] >> 4) * 4;
+        if (thl < 20 || t->iphl + thl > len)
+            return false;
+        t->hlen = t->iphl + thl;
+        t->seq = get32(p + t->iphl + 4);
+        t->flags = p[t->iphl + 13];
+    } else {
         return false;
-    size_t thl = (size_t)(p[t->iphl + 12] >> 4) * 4;
-    if (thl < 20 || t->iphl + thl > len)
-        return false;
-    t->hlen = t->iphl + thl;
+    }
     t->payload = len - t->hlen;
-    t->seq = get32(p + t->iphl + 4);
-    t->flags = p[t->iphl + 13];
-    if (!check)
-        return true;
+    return true;
+}
+
+/* Checksums are checked because a coalesced packet is handed over as
+ * NEEDS_CSUM, and the kernel would then never notice a packet corrupted before
+ * it was sealed; a damaged IPv4 header would even be repaired by rewriting it. */
+static bool sums_valid(const uint8_t *p, size_t len, const struct l4_info *t)
+{
+    if (t->version == 4 && fold(sum_bytes(0, p, t->iphl)) != 0xffff)
+        return false;
+    /* UDP over IPv4 may go without a checksum; coalescing would invent one. */
+    if (t->proto == 17 && p[t->iphl + 6] == 0 && p[t->iphl + 7] == 0)
+        return false;
     uint64_t s = t->version == 4 ? sum_bytes(0, p + 12, 8) : sum_bytes(0, p + 8, 32);
-    s += htons(6);
+    s += htons(t->proto);
     s += htons((uint16_t)(len - t->iphl));
     return fold(sum_bytes(s, p + t->iphl, len - t->iphl)) == 0xffff;
 }
 
-static bool same_flow(const uint8_t *a, const struct tcp_info *ta, const uint8_t *b,
-                      const struct tcp_info *tb)
+static bool same_flow(const uint8_t *a, const struct l4_info *ta, const uint8_t *b,
+                      const struct l4_info *tb)
 {
-    if (ta->version != tb->version)
+    if (ta->version != tb->version || ta->proto != tb->proto)
         return false;
     bool addrs = ta->version == 4 ? memcmp(a + 12, b + 12, 8) == 0 : memcmp(a + 8, b + 8, 32) == 0;
     return addrs && memcmp(a + ta->iphl, b + tb->iphl, 4) == 0;
@@ -304,28 +340,30 @@ static bool same_flow(const uint8_t *a, const struct tcp_info *ta, const uint8_t
 struct gro_open {
     uint32_t head;
     uint32_t tail;
-    struct tcp_info t;   /* of the head */
+    struct l4_info t;    /* of the head */
     uint32_t next_seq;
     size_t total;        /* payload bytes so far */
     uint32_t count;
 };
 
 #define GRO_OPEN_MAX 8
-#define GRO_SEGS_MAX 64
 
 static bool can_append(const uint8_t *h, const struct gro_open *g, const uint8_t *p,
-                       const struct tcp_info *t)
+                       const struct l4_info *t)
 {
-    const struct tcp_info *ht = &g->t;
-    if (t->seq != g->next_seq || t->hlen != ht->hlen || t->iphl != ht->iphl)
+    const struct l4_info *ht = &g->t;
+    if (t->hlen != ht->hlen || t->iphl != ht->iphl)
         return false;
-    if (t->payload > ht->payload || g->count >= GRO_SEGS_MAX)
+    if (t->payload > ht->payload || g->count >= FP_GSO_SEGS_MAX)
         return false;
-    if (ht->hlen + g->total + t->payload > 65535 - (ht->version == 4 ? 0 : 40) ||
-        (ht->version == 6 && ht->hlen - 40 + g->total + t->payload > 65535))
+    /* The superpacket's IP length fields must hold it. */
+    if (ht->hlen + g->total + t->payload > 65535)
         return false;
     if (ht->version == 4) {
-        /* TOS, DF and TTL; options must be identical too. */
+        /* TOS, DF and TTL; options must be identical too. IDs must count up,
+         * as cutting the superpacket again (forwarding) would make them. */
+        if ((uint16_t)(get16(h + 4) + g->count) != get16(p + 4))
+            return false;
         if (h[1] != p[1] || (h[6] & 0x40) != (p[6] & 0x40) || h[8] != p[8] ||
             memcmp(h + 20, p + 20, ht->iphl - 20) != 0)
             return false;
@@ -333,9 +371,12 @@ static bool can_append(const uint8_t *h, const struct gro_open *g, const uint8_t
         if (memcmp(h, p, 4) != 0 || h[7] != p[7])
             return false;
     }
+    if (ht->proto == 17)
+        return true;
     const uint8_t *ha = h + ht->iphl, *pa = p + t->iphl;
     /* Ack, header length, window, urgent pointer and options must match. */
-    return memcmp(ha + 8, pa + 8, 5) == 0 && memcmp(ha + 14, pa + 14, 2) == 0 &&
+    return t->seq == g->next_seq && memcmp(ha + 8, pa + 8, 5) == 0 &&
+           memcmp(ha + 14, pa + 14, 2) == 0 &&
            memcmp(ha + 18, pa + 18, ht->hlen - ht->iphl - 18) == 0;
 }
 
@@ -346,7 +387,8 @@ static void gro_finish(struct fp_gro_pkt *pk, struct gro_open *g)
     if (g->count < 2)
         return;
     uint8_t *h = hp->p;
-    const struct tcp_info *t = &g->t;
+    const struct l4_info *t = &g->t;
+    bool tcp = t->proto == 6;
     uint32_t l4 = (uint32_t)(t->hlen - t->iphl + g->total);
     if (t->version == 4) {
         put16(h + 2, (uint16_t)(t->hlen + g->total));
@@ -354,38 +396,47 @@ static void gro_finish(struct fp_gro_pkt *pk, struct gro_open *g)
     } else {
         put16(h + 4, (uint16_t)(t->hlen - 40 + g->total));
     }
-    if (pk[g->tail].p[t->iphl + 13] & 0x08)
+    if (tcp && (pk[g->tail].p[t->iphl + 13] & 0x08))
         h[t->iphl + 13] |= 0x08;
+    if (!tcp)
+        put16(h + t->iphl + 4, (uint16_t)l4);
     /* NEEDS_CSUM: the field holds the (uncomplemented) pseudo-header sum. */
     uint64_t s = t->version == 4 ? sum_bytes(0, h + 12, 8) : sum_bytes(0, h + 8, 32);
-    s += htons(6);
+    s += htons(t->proto);
     s += htons((uint16_t)l4);
     uint16_t c = fold(s);
-    memcpy(h + t->iphl + 16, &c, 2);
+    memcpy(h + t->iphl + (tcp ? 16 : 6), &c, 2);
     hp->vnet.flags = FP_VNET_F_NEEDS_CSUM;
-    hp->vnet.gso_type = t->version == 4 ? FP_VNET_GSO_TCPV4 : FP_VNET_GSO_TCPV6;
+    hp->vnet.gso_type = !tcp ? FP_VNET_GSO_UDP_L4
+                             : t->version == 4 ? FP_VNET_GSO_TCPV4 : FP_VNET_GSO_TCPV6;
     hp->vnet.hdr_len = (uint16_t)t->hlen;
     hp->vnet.gso_size = (uint16_t)t->payload;
     hp->vnet.csum_start = (uint16_t)t->iphl;
-    hp->vnet.csum_offset = 16;
+    hp->vnet.csum_offset = tcp ? 16 : 6;
 }
 
-void fp_gro_build(struct fp_gro_pkt *pk, uint32_t n)
+void fp_gro_build(struct fp_gro_pkt *pk, uint32_t n, bool tcp, bool udp)
 {
     struct gro_open open[GRO_OPEN_MAX];
     int nopen = 0;
     for (uint32_t i = 0; i < n; i++) {
         struct fp_gro_pkt *c = &pk[i];
-        struct tcp_info t;
+        struct l4_info t;
         c->next = UINT32_MAX;
         c->head = true;
         c->hlen = 0;
         memset(&c->vnet, 0, sizeof(c->vnet));
-        if (!tcp_parse(c->p, c->len, &t, false))
+        if (!l4_parse(c->p, c->len, &t)) {
+            /* Perhaps a fragment of some open flow: let nothing overtake it. */
+            while (nopen)
+                gro_finish(pk, &open[--nopen]);
             continue;
-        /* Only data segments with ACK (and PSH, which ends a superpacket). */
-        bool eligible = t.payload > 0 && (t.flags == 0x10 || t.flags == 0x18) &&
-                        tcp_parse(c->p, c->len, &t, true);
+        }
+        /* TCP: only data segments with ACK (and PSH, which ends a superpacket). */
+        bool eligible = t.payload > 0 &&
+                        (t.proto == 6 ? tcp && (t.flags == 0x10 || t.flags == 0x18) : udp) &&
+                        sums_valid(c->p, c->len, &t);
+        bool ends = t.proto == 6 && (t.flags & 0x08);
         int j;
         for (j = 0; j < nopen; j++)
             if (same_flow(pk[open[j].head].p, &open[j].t, c->p, &t))
@@ -400,7 +451,7 @@ void fp_gro_build(struct fp_gro_pkt *pk, uint32_t n)
                 g->count++;
                 g->total += t.payload;
                 g->next_seq = t.seq + (uint32_t)t.payload;
-                if (t.payload < g->t.payload || (t.flags & 0x08)) {
+                if (t.payload < g->t.payload || ends) {
                     gro_finish(pk, g);
                     open[j] = open[--nopen];
                 }
@@ -410,7 +461,7 @@ void fp_gro_build(struct fp_gro_pkt *pk, uint32_t n)
             gro_finish(pk, g);
             open[j] = open[--nopen];
         }
-        if (!eligible || (t.flags & 0x08))
+        if (!eligible || ends)
             continue;
         if (nopen == GRO_OPEN_MAX) {
             gro_finish(pk, &open[0]);
@@ -490,7 +541,7 @@ int fp_test_gro_coalesce(const uint8_t *pkts, const uint32_t *lens, uint32_t n, 
     for (uint32_t base = 0; base < n; base += FP_GRO_BATCH) {
         uint32_t m = n - base < FP_GRO_BATCH ? n - base : FP_GRO_BATCH;
         struct fp_gro_pkt *q = pk + base;
-        fp_gro_build(q, m);
+        fp_gro_build(q, m, true, true);
         for (uint32_t i = 0; i < m; i++) {
             if (!q[i].head)
                 continue;
