@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 IPV4_UDP_OVERHEAD = 20 + 8
 TUNNEL_OVERHEAD = 32
 NFT_TABLE = "sdwan_mss"
+TUN_QUEUE_LEN = 1000
 
 
 class NetcfgError(Exception):
@@ -81,7 +82,9 @@ async def _apply_links(plan: Plan) -> None:
             raise NetcfgError(f"tunnel device {plan.tun} does not exist")
         index = found[0]
         try:
-            await ipr.link("set", index=index, mtu=plan.mtu, state="up")
+            # A longer queue than the TUN default of 500 absorbs bursts of small
+            # packets while the fast path's thread is descheduled.
+            await ipr.link("set", index=index, mtu=plan.mtu, txqlen=TUN_QUEUE_LEN, state="up")
         except Exception as e:
             raise NetcfgError(f"cannot set {plan.tun} mtu {plan.mtu} up: {e}") from e
         for dst in plan.routes:
