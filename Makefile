@@ -11,7 +11,7 @@ setup:
 demo: setup
 	$(VENV)/bin/socket-lab demo
 
-test: setup lint test-py test-asan fuzz
+test: setup lint fuzz test-asan test-py
 
 lint:
 	$(VENV)/bin/ruff check .

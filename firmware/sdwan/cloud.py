@@ -6,8 +6,10 @@ registration and the `welcome` / `config` / `directory` messages, keepalives and
 detection on the supervisor's clock, ping/pong round-trip times, the choice of the primary or
 a secondary PoP (with the hold time before returning), the cloud routes (every other site's
 subnets to the PoP session on the best live link), the persistence of the configuration and
-directory in the store (and starting from them, marked stale, when no PoP answers), and the
-upload of the socket's events.
+directory in the store (and starting from them, marked stale, when no PoP answers), the
+upload of the socket's events, and the public endpoint of every link's socket, learned with
+STUN Binding transactions (stun.py) sent from that very socket to the active PoP's STUN port
+and refreshed periodically (docs/stun.md).
 
 Like tunnel.py it does no I/O of its own: the supervisor calls `tick()` and hands it DTLS
 sessions and messages; datagrams leave through the supervisor's `Port`.
@@ -32,6 +34,8 @@ from .config import IPNetwork, Link, Pop, format_endpoint
 from .dtls import DtlsSession
 from .fastpath import FastPath, FastPathError
 from .store import Store, StoreError
+from .stun import DEFAULT_PORT as STUN_DEFAULT_PORT
+from .stun import Endpoint, StunTransaction
 from .tunnel import Addr, PeerTunnel, Port, State, Timers
 
 log = logging.getLogger("sdwan.cloud")
@@ -51,6 +55,13 @@ EVENTS_PER_UPLOAD = 50
 # What fits one DTLS record at the default DTLS MTU, with room to spare.
 MAX_MESSAGE = 1000
 PINGS_KEPT = 8
+# A NAT forgets an idle UDP mapping after 30 s at the earliest, but the PoP sessions keep the
+# link socket's mappings busy; a minute catches a router restart or a new public address soon
+# enough while costing a handful of datagrams per link per minute.
+STUN_REFRESH_S = 60.0
+# After a transaction that got no answer (39.5 s of RFC 8489 retransmissions) or an error
+# response, the next one starts this much later.
+STUN_RETRY_S = 5.0
 
 
 def pop_peer_id(pop_id: int, link_id: int) -> int:
@@ -79,6 +90,31 @@ class CloudStats:
     unknown: int = 0
     refused: int = 0
     bad_directory_entries: int = 0
+
+
+@dataclass
+class LinkStun:
+    """What STUN taught us about one link's socket, and the transaction under way."""
+
+    link_id: int
+    server: Addr | None = None
+    tx: StunTransaction | None = None
+    public: Endpoint | None = None
+    learned_at: float | None = None
+    error: str | None = None
+    next_at: float = 0.0
+    transactions: int = 0
+    failures: int = 0
+
+    def status(self, now: float) -> dict[str, Any]:
+        return {
+            "server": format_endpoint(self.server) if self.server is not None else None,
+            "learned_s": None if self.learned_at is None else round(now - self.learned_at, 1),
+            "pending": self.tx is not None,
+            "error": self.error,
+            "transactions": self.transactions,
+            "failures": self.failures,
+        }
 
 
 @dataclass
@@ -120,6 +156,7 @@ class PopSession:
         self._ping = _Ping()
         self._was_connected = False
         self._hs: tuple[DtlsSession, float] | None = None
+        self.registered_public: tuple[str | None, ...] | None = None  # as last sent
         cloud.fp.peer_add(self.peer_id)
         cloud.fp.set_endpoint(self.peer_id, link_id, pop.endpoint)
         self.tunnel = PeerTunnel(
@@ -236,6 +273,10 @@ class PopSession:
         self.last_rx_at = now
         self._rx_mark = self.cloud.fp.peer_counters(self.peer_id).last_rx_ns
         self.reason = "registering"
+        self.register()
+
+    def register(self) -> None:
+        self.registered_public = self.cloud.publics()
         self.tunnel.send_message(self.cloud.register_message(self.link_id, self.link))
 
     def _on_message(self, session: DtlsSession, msg: dict[str, Any]) -> None:
@@ -369,6 +410,7 @@ class Cloud:
         self.routes: dict[IPNetwork, int] = {}
         self._subnets: list[str] = []
         self._upload: tuple[int, float] | None = None  # (last seq sent, when)
+        self.stun: dict[int, LinkStun] = {i: LinkStun(i) for i, _ in self.links}
         self._load_stored()
 
     @property
@@ -428,14 +470,14 @@ class Cloud:
             "links": [self._link_info(i, ln) for i, ln in self.links],
         }
 
-    @staticmethod
-    def _link_info(link_id: int, link: Link) -> dict[str, Any]:
+    def _link_info(self, link_id: int, link: Link) -> dict[str, Any]:
         ip = _iface_ipv4(link.interface) or "0.0.0.0"
         return {
             "name": link.name,
             "precedence": link.precedence,
             "local": f"{ip}:{link.port}",
             "id": link_id,
+            "public_stun": self.public_str(link_id),
         }
 
     def on_welcome(self, ps: PopSession, msg: dict[str, Any]) -> None:
@@ -585,6 +627,7 @@ class Cloud:
                 del self.by_session[session]
         self._update_routes()
         self._upload_events(now)
+        self._tick_stun(now)
 
     def _choose_pop(self, now: float) -> None:
         primary_live = bool(self._live(0))
@@ -701,6 +744,97 @@ class Cloud:
         if ps.tunnel.send_message({"t": "events", "events": items}):
             self._upload = (items[-1]["seq"], now)
 
+    # ---------------------------------------------------------------- STUN
+
+    def stun_server(self) -> Addr:
+        """The STUN server links are mapped against: the active PoP's `stun`, else its
+        address with the standard port."""
+        pop = self.pops[self.active]
+        return pop.stun if pop.stun is not None else (pop.endpoint[0], STUN_DEFAULT_PORT)
+
+    def publics(self) -> tuple[str | None, ...]:
+        return tuple(self.public_str(i) for i, _ in self.links)
+
+    def public_str(self, link_id: int) -> str | None:
+        st = self.stun.get(link_id)
+        return str(st.public) if st is not None and st.public is not None else None
+
+    def _tick_stun(self, now: float) -> None:
+        server = self.stun_server()
+        for st in self.stun.values():
+            if st.server != server:
+                # A new PoP: the mapping toward it is what the mesh will be told about (with
+                # a randomising NAT it differs per destination), so ask it at once.
+                st.server, st.tx, st.next_at = server, None, now
+            if st.tx is None:
+                if now >= st.next_at:
+                    st.tx = StunTransaction(server, clock=self.clock)
+                    st.transactions += 1
+                    self.port.send(st.link_id, server, st.tx.start(now))
+                continue
+            due = st.tx.next_timeout(now)
+            if due is None or due > 0:
+                continue
+            again = st.tx.on_timeout(now)
+            if again is not None:
+                self.port.send(st.link_id, server, again)
+            elif st.tx.error is not None:
+                self._stun_failed(st, now)
+        # Once per tick, however many links changed (each register carries them all), and
+        # also for a session that was still registering when an endpoint changed.
+        self._reregister()
+
+    def on_stun(self, link_id: int, addr: Addr, data: bytes) -> bool:
+        """A STUN datagram that arrived on link_id; True if it answered our transaction."""
+        st = self.stun.get(link_id)
+        if st is None or st.tx is None:
+            return False
+        now = self.clock()
+        ep = st.tx.handle(data, addr)
+        if ep is None:
+            if st.tx.error is None:
+                return False
+            self._stun_failed(st, now)
+            return True
+        st.tx, st.error = None, None
+        st.learned_at = now
+        st.next_at = now + STUN_REFRESH_S
+        if ep != st.public:
+            link = dict(self.links)[link_id]
+            log.info(
+                "link %s: public endpoint %s (STUN via %s, was %s)",
+                link.name, ep, format_endpoint(addr), st.public or "unknown",
+            )
+            st.public = ep
+        return True
+
+    def _stun_failed(self, st: LinkStun, now: float) -> None:
+        assert st.tx is not None
+        reason = st.tx.error or "failed"
+        link = dict(self.links)[st.link_id]
+        # A link that stays cut off fails every 45 s: only the first failure in a row warns.
+        log.log(
+            logging.WARNING if st.error is None else logging.DEBUG,
+            "link %s: STUN via %s failed: %s",
+            link.name, format_endpoint(st.server) if st.server else "?", reason,
+        )
+        st.tx, st.error = None, reason
+        st.failures += 1
+        st.next_at = now + STUN_RETRY_S
+        if st.public is not None:
+            # Without an answer the old mapping may be gone (router restart, new address);
+            # an unknown endpoint is better than a wrong one.
+            st.public = None
+            st.learned_at = None
+
+    def _reregister(self) -> None:
+        """Send `register` again on every registered PoP session that has not told the PoP the
+        links' current public endpoints."""
+        current = self.publics()
+        for ps in self.sessions.values():
+            if ps.welcomed and ps.registered_public != current:
+                ps.register()
+
     # ---------------------------------------------------------------- status
 
     @property
@@ -756,6 +890,10 @@ class Cloud:
                     }
                 row["role"] = "primary" if index == 0 else "secondary"
                 row["active"] = index == self.active
+                row["public"] = self.public_str(link_id)
+                st = self.stun.get(link_id)
+                if st is not None:
+                    row["stun"] = st.status(now)
                 rows.append(row)
         return {**self.summary(), "sessions": rows}
 

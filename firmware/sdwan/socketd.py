@@ -2,8 +2,8 @@
 else. Config (config.py) -> fast path (fastpath.py) with the TUN device and one
 socket per link (links.py) -> kernel routes and MSS clamp (netcfg.py) -> one
 PeerTunnel per peer (tunnel.py) fed by the DTLS sessions (dtls.py) that this
-module demultiplexes from the fast path's control queue -> the PoP sessions and
-cloud routes (cloud.py) -> events and cloud documents in the store (store.py) ->
+module demultiplexes from the fast path's control queue -> the PoP sessions,
+cloud routes and STUN answers (cloud.py) -> events and cloud documents in the store (store.py) ->
 status over the control socket (control.py).
 """
 
@@ -29,6 +29,7 @@ from .fastpath import CtrlEvent, FastPath, FastPathConfig
 from .links import LinkError, open_link_socket
 from .netcfg import NetcfgError, Plan, apply_in_worker, tunnel_mtu
 from .store import Store, StoreError
+from .stun import is_stun
 from .tunnel import KICK_TYPE, Addr, PeerTunnel, Timers, decode_kick
 
 log = logging.getLogger("sdwan.socketd")
@@ -66,6 +67,7 @@ class _Stats:
     dtls_rejected: int = 0
     kicks_bad: int = 0
     control_unknown: int = 0
+    stun_unmatched: int = 0
     rejections: collections.deque = field(
         default_factory=lambda: collections.deque(maxlen=REJECTIONS_KEPT)
     )
@@ -302,8 +304,16 @@ class Supervisor:
             self._on_kick(link_id, addr, data)
         elif 20 <= data[0] <= 63:
             self._on_dtls(link_id, addr, data)
+        elif is_stun(data):
+            self._on_stun(link_id, addr, data)
         else:
             self.stats.control_unknown += 1
+
+    def _on_stun(self, link_id: int, addr: Addr | None, data: bytes) -> None:
+        # Answers to the cloud's Binding requests; anything else (requests from strangers,
+        # late retransmitted answers) is counted and dropped: a link socket reflects nothing.
+        if addr is None or self.cloud is None or not self.cloud.on_stun(link_id, addr, data):
+            self.stats.stun_unmatched += 1
 
     def _on_kick(self, link_id: int, addr: Addr, data: bytes) -> None:
         kick = decode_kick(data)
@@ -484,6 +494,7 @@ class Supervisor:
                 "dtls_rejected": self.stats.dtls_rejected,
                 "kicks_bad": self.stats.kicks_bad,
                 "unknown": self.stats.control_unknown,
+                "stun_unmatched": self.stats.stun_unmatched,
             },
             "rejections": list(self.stats.rejections),
             "cloud": self.cloud.summary() if self.cloud is not None else {"state": "off"},
