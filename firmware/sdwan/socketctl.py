@@ -248,12 +248,13 @@ def format_pop(result: Mapping[str, Any], out: TextIO) -> None:
                 _text(s.get("endpoint")),
                 _text(s.get("link")),
                 _text(s.get("state")),
+                _text(s.get("public")),
                 f"{rtt:g} ms" if isinstance(rtt, int | float) else _DASH,
                 _ago(s.get("last_seen_s")),
                 str(s.get("reason") or "") if s.get("state") != "connected" else "",
             ]
         )
-    headers = ["POP", "ROLE", "ENDPOINT", "LINK", "STATE", "RTT", "LAST SEEN", "REASON"]
+    headers = ["POP", "ROLE", "ENDPOINT", "LINK", "STATE", "PUBLIC", "RTT", "LAST SEEN", "REASON"]
     _table(headers, rows, out)
 
 
