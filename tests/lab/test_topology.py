@@ -206,11 +206,18 @@ def test_cleanup_stale_removes_only_dead_labs(lab: Lab, tmp_path: Path) -> None:
 
 
 def test_demo_runs_end_to_end(lab: Lab, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # The README's first command: two sites, a tunnel, traffic through it, status printed.
-    from sdwan.lab.demo import DemoOptions, run_demo
+    # The README's first command: two sites and a PoP, traffic through the PoP, the direct
+    # tunnel, a cloud outage that every site notices, the PoP's return, the events.
+    from sdwan.lab.demo import STEPS, DemoOptions, run_demo
 
     rc = run_demo(DemoOptions(tunnel_timeout_s=45, iperf_seconds=1, workdir=tmp_path / "demo"))
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "DEMO OK" in out
-    assert "socketctl peers" in out
+    assert out.count("    ok (") == len(STEPS), out
+    assert "via the PoP" in out
+    assert "direct tunnel to site 2 up" in out
+    for n in (1, 2):
+        assert f"site {n}: cloud " in out and f"site {n}: re-registered" in out
+    assert "socketctl peers" in out and "socketctl pop" in out
+    assert "pop.disconnected" in out and "pop.connected" in out

@@ -1,9 +1,16 @@
-"""`socket-lab demo`: two sites behind NAT routers, a tunnel between them, real traffic.
+"""`socket-lab demo`: two sites behind NAT routers and a PoP; traffic through the PoP, the
+direct tunnel, a cloud outage and the PoP's return.
+
+Owns the demo's steps and the topology they share with `bench/cloud` (`build_pop_lab`):
+two sites behind masquerading routers, each registered with one PoP (`popd`) that relays
+their traffic, plus a static `[[peers]]` tunnel between the two sites for a second,
+"direct-only" prefix per site, so both transports run side by side on the same daemons.
 
 The demo is a list of steps run in order on a shared `DemoContext`, each printing what it
-does; later issues insert steps (the PoP, a cloud outage) without reshaping the rest. The
-exit status is 0 only if traffic flowed through the tunnel (ping and iperf3 from lan1 to
-lan2); the lab is torn down whatever happens, including Ctrl-C and SIGTERM.
+does and raising `DemoFailed` when its check fails; later issues insert steps (moving
+traffic onto the mesh during an outage) without reshaping the rest. The exit status is 0
+only if every step's check passed; the lab is torn down whatever happens, including Ctrl-C
+and SIGTERM.
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from sdwan import control
+from sdwan.lab import netns
 from sdwan.lab.netns import NetnsError
-from sdwan.lab.topology import Lab, Site
+from sdwan.lab.topology import Lab, PeerSpec, Pop, Site
 
 
 class DemoFailed(Exception):
@@ -30,7 +39,7 @@ class DemoFailed(Exception):
 @dataclass
 class DemoOptions:
     tunnel_timeout_s: float = 60.0
-    iperf_seconds: float = 5.0
+    iperf_seconds: float = 3.0
     workdir: Path | None = None
     nat: str = "masquerade"
 
@@ -40,6 +49,7 @@ class DemoContext:
     lab: Lab
     opts: DemoOptions
     sites: list[Site] = field(default_factory=list)
+    pop: Pop | None = None
     traffic_ok: bool = False
     results: dict[str, Any] = field(default_factory=dict)
 
@@ -48,129 +58,352 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _unwrap(reply: Any) -> Any:
-    # socketctl --json prints the result; accept the whole {"ok", "result"} envelope too.
-    if isinstance(reply, dict) and "ok" in reply:
-        if not reply["ok"]:
-            raise DemoFailed(f"socketd answered an error: {reply.get('error')}")
-        return reply.get("result")
-    return reply
+# ------------------------------------------------------------------ the PoP topology
 
 
-def peer_states(lab: Lab, site: Site) -> str:
-    """One line: the state of each of site's peers, from `socketctl peers --json`."""
+def direct_subnet(site: Site) -> str:
+    """Site n's direct-only prefix, 10.(100+n).0.0/24: routed over the static tunnel only.
+
+    The PoP's account knows only 10.n.0.0/24, and socketd never routes a static peer's
+    prefix through the cloud, so the two prefixes pin the two transports apart."""
+    return f"10.{100 + site.n}.0.0/24"
+
+
+def direct_host_ip(site: Site) -> str:
+    return f"10.{100 + site.n}.0.2"
+
+
+def pops_toml(*pops: Pop) -> str:
+    return "\n".join(f'[[pops]]\nid = {p.n}\nendpoint = "{p.endpoint}"\n' for p in pops)
+
+
+def build_pop_lab(
+    lab: Lab, nat: str = "masquerade", static_peers: bool = True
+) -> tuple[Pop, list[Site]]:
+    """Two sites behind `nat` routers and PoP 1, all configured (nothing started).
+
+    With static_peers, each site also lists the other as a `[[peers]]` entry for its
+    direct-only prefix, which both the site and its LAN host carry as a second address."""
+    lab.add_inet()
+    sites: list[Site] = []
+    for n in (1, 2):
+        lab.add_router(n, nat=nat)
+        sites.append(lab.add_site(n))
+    pop = lab.add_pop(1)
+    if static_peers:
+        for s in sites:
+            prefix = direct_subnet(s).rsplit(".", 2)[0]
+            netns.addr_add(s.ns, s.lan_dev, f"{prefix}.0.1/24")
+            netns.addr_add(s.lan_ns, "eth0", f"{direct_host_ip(s)}/24")
+    lab.write_pop_config(pop, sites=sites)
+    for s in sites:
+        other = sites[1] if s is sites[0] else sites[0]
+        peers = [PeerSpec(other.n, other.endpoint, [direct_subnet(other)])] if static_peers else []
+        lan = [s.lan_subnet, direct_subnet(s)] if static_peers else [s.lan_subnet]
+        lab.write_site_config(s, peers=peers, lan_subnets=lan, extra_toml=pops_toml(pop))
+    return pop, sites
+
+
+def ctl(site: Site, cmd: str, timeout: float = 2.0, **args: Any) -> dict[str, Any]:
+    """One control request straight to site's socket (no socketctl process: fast to poll)."""
+    return control.request(site.control_socket, cmd, timeout=timeout, **args)
+
+
+def cloud_state(site: Site) -> str:
     try:
-        result = _unwrap(lab.socketctl(site, "peers", timeout=5))
-    except (NetnsError, DemoFailed) as e:
-        return f"peers unavailable ({str(e).splitlines()[0][-120:]})"
-    peers = result.get("peers", []) if isinstance(result, dict) else result
-    if not isinstance(peers, list) or not peers:
-        return "no peers"
-    parts = []
-    for p in peers:
-        if not isinstance(p, dict):
-            continue
-        reason = f" ({p['reason']})" if p.get("reason") else ""
-        parts.append(f"peer {p.get('site_id', '?')} {p.get('state', '?')}{reason}")
-    return ", ".join(parts)
+        return str(ctl(site, "status")["cloud"]["state"])
+    except (control.ControlError, OSError, KeyError, TypeError):
+        return "unreachable"
+
+
+def peer_of(site: Site, site_id: int, transport: str) -> dict[str, Any] | None:
+    try:
+        peers = ctl(site, "peers").get("peers", [])
+    except (control.ControlError, OSError):
+        return None
+    return next(
+        (p for p in peers if p.get("site_id") == site_id and p.get("transport") == transport),
+        None,
+    )
+
+
+def events_since(site: Site, after_seq: int, kind: str | None = None) -> list[dict[str, Any]]:
+    args: dict[str, Any] = {"limit": 200}
+    if kind:
+        args["kind"] = kind
+    evs = ctl(site, "events", **args).get("events", [])
+    return [e for e in evs if int(e.get("seq", 0)) > after_seq]
+
+
+def last_seq(site: Site) -> int:
+    return int(ctl(site, "events", limit=1).get("last_seq") or 0)
+
+
+def kill_popd(lab: Lab, pop: Pop) -> float:
+    """SIGKILL popd (a crash, not a shutdown); returns the wall-clock time of the kill."""
+    d = pop.popd
+    if d is None:
+        raise DemoFailed("popd is not running")
+    pid = d.main_pid(timeout=1.0)
+    if pid is None:
+        raise DemoFailed(f"popd has no process to kill: {d.log_tail(500)}")
+    t_kill = time.time()
+    os.kill(pid, signal.SIGKILL)
+    lab.kill(d, grace_s=2)
+    pop.popd = None
+    return t_kill
+
+
+def wait_all(
+    sites: Sequence[Site], pred: Callable[[Site], bool], timeout: float, interval: float = 0.01
+) -> dict[int, float]:
+    """Poll pred for every site until each has held once; wall-clock time each first held."""
+    seen: dict[int, float] = {}
+    deadline = time.monotonic() + timeout
+    while len(seen) < len(sites) and time.monotonic() < deadline:
+        for s in sites:
+            if s.n not in seen and pred(s):
+                seen[s.n] = time.time()
+        time.sleep(interval)
+    return seen
 
 
 # ------------------------------------------------------------------ steps
 
 
-def step_topology(ctx: DemoContext) -> None:
-    lab = ctx.lab
-    lab.add_inet()
-    for n in (1, 2):
-        lab.add_router(n, nat=ctx.opts.nat)
-        ctx.sites.append(lab.add_site(n))
-    for line in lab.describe():
-        say(f"    {line}")
-
-
-def step_pki(ctx: DemoContext) -> None:
-    pki = ctx.lab.setup_pki("demo")
-    say(f"    account CA {pki.ca_cert}")
+def _sites(ctx: DemoContext) -> tuple[Site, Site]:
     s1, s2 = ctx.sites
-    for site, peer in ((s1, s2), (s2, s1)):
-        cfg = ctx.lab.write_site_config(site, peers=[peer], pki=pki)
-        say(f"    site {site.n}: config {cfg}, peer {peer.n} at {peer.endpoint}")
+    return s1, s2
 
 
-def step_socketd(ctx: DemoContext) -> None:
+def _pop(ctx: DemoContext) -> Pop:
+    if ctx.pop is None:
+        raise DemoFailed("no PoP in this lab")
+    return ctx.pop
+
+
+def step_topology(ctx: DemoContext) -> None:
+    pop, sites = build_pop_lab(ctx.lab, nat=ctx.opts.nat)
+    ctx.pop, ctx.sites = pop, sites
+    for line in ctx.lab.describe():
+        say(f"    {line}")
+    for s in sites:
+        say(f"    site {s.n}: direct-only prefix {direct_subnet(s)} (LAN host {direct_host_ip(s)})")
+    say(f"    PoP {pop.n} (popd) at {pop.endpoint}, STUN {pop.ip}:{pop.stun_port}")
+
+
+def step_configs(ctx: DemoContext) -> None:
+    pop = _pop(ctx)
+    say(f"    account CA {ctx.lab.setup_pki().ca_cert}")
+    say(f"    PoP config {pop.config}, account {pop.account} (sites 1 and 2)")
+    s1, s2 = _sites(ctx)
+    for site, other in ((s1, s2), (s2, s1)):
+        say(
+            f"    site {site.n}: config {site.config}: PoP {pop.endpoint}; static peer "
+            f"{other.n} at {other.endpoint} for {direct_subnet(other)}"
+        )
+
+
+def step_start(ctx: DemoContext) -> None:
+    pop = _pop(ctx)
+    d = ctx.lab.start_popd(pop)
+    say(f"    popd pid {d.main_pid()} up, log {d.log_path}")
     for site in ctx.sites:
         d = ctx.lab.start_socketd(site)
         say(f"    site {site.n}: socketd pid {d.main_pid()} up, log {d.log_path}")
 
 
-def step_wait_tunnel(ctx: DemoContext) -> None:
-    s1, s2 = ctx.sites
-    lab = ctx.lab
-    last = [0.0]
+def _check_alive(ctx: DemoContext) -> None:
+    for site in ctx.sites:
+        if site.socketd and not site.socketd.alive():
+            raise DemoFailed(f"socketd of site {site.n} exited:\n{site.socketd.log_tail()}")
+    if ctx.pop and ctx.pop.popd and not ctx.pop.popd.alive():
+        raise DemoFailed(f"popd exited:\n{ctx.pop.popd.log_tail()}")
 
-    def progress(elapsed: float) -> None:
-        for site in ctx.sites:
-            if site.socketd and not site.socketd.alive():
-                raise DemoFailed(f"socketd of site {site.n} exited:\n{site.socketd.log_tail()}")
-        if elapsed - last[0] >= 3:
-            last[0] = elapsed
-            states = "; ".join(f"site {s.n}: {peer_states(lab, s)}" for s in ctx.sites)
-            say(f"    ... {elapsed:4.0f} s  {states}")
 
+def step_register(ctx: DemoContext) -> None:
+    s1, s2 = _sites(ctx)
     t0 = time.monotonic()
-    if not lab.wait_ping(s1.lan_ns, s2.lan_host_ip, ctx.opts.tunnel_timeout_s, progress):
-        states = "; ".join(f"site {s.n}: {peer_states(lab, s)}" for s in ctx.sites)
-        raise DemoFailed(f"no path lan1 -> lan2 within {ctx.opts.tunnel_timeout_s:g} s ({states})")
-    say(f"    tunnel up after {time.monotonic() - t0:.1f} s")
+    deadline = t0 + ctx.opts.tunnel_timeout_s
+
+    def registered(site: Site, other: Site) -> bool:
+        # `peers` lists a site with a static tunnel once, as "direct", so the directory's
+        # size in `status` is what says the PoP told us about the other site.
+        try:
+            cloud = ctl(site, "status")["cloud"]
+        except (control.ControlError, OSError, KeyError):
+            return False
+        return cloud.get("state") == "up" and int(cloud.get("sites") or 0) >= 1
+
+    done: set[int] = set()
+    while len(done) < 2:
+        _check_alive(ctx)
+        for site, other in ((s1, s2), (s2, s1)):
+            if site.n not in done and registered(site, other):
+                done.add(site.n)
+                say(
+                    f"    site {site.n}: registered with PoP {_pop(ctx).n} after "
+                    f"{time.monotonic() - t0:.1f} s; directory lists site {other.n}"
+                )
+        if time.monotonic() > deadline:
+            states = ", ".join(f"site {s.n} cloud {cloud_state(s)}" for s in ctx.sites)
+            raise DemoFailed(
+                f"sites not registered within {ctx.opts.tunnel_timeout_s:g} s ({states})"
+            )
+        time.sleep(0.1)
+    pops = ctx.lab.popctl(_pop(ctx), "sites", json_out=False)
+    say("    --- popctl sites")
+    for line in pops.rstrip("\n").splitlines():
+        say(f"    {line}")
 
 
-def step_ping(ctx: DemoContext) -> None:
-    s1, s2 = ctx.sites
-    rtt = ctx.lab.ping_rtt_ms(s1.lan_ns, s2.lan_host_ip, count=10, interval=0.1)
+def step_relay_traffic(ctx: DemoContext) -> None:
+    s1, s2 = _sites(ctx)
+    lab = ctx.lab
+    if not lab.wait_ping(s1.lan_ns, s2.lan_host_ip, timeout=10):
+        raise DemoFailed(f"ping {s1.lan_host_ip} -> {s2.lan_host_ip} through the PoP: no answer")
+    rtt = lab.ping_rtt_ms(s1.lan_ns, s2.lan_host_ip, count=10, interval=0.05)
     if rtt is None:
         raise DemoFailed(f"ping {s1.lan_host_ip} -> {s2.lan_host_ip} got no answer")
-    ctx.results["rtt_ms"] = rtt
-    say(f"    ping lan1 {s1.lan_host_ip} -> lan2 {s2.lan_host_ip}: avg {rtt:.3f} ms")
-
-
-def step_iperf(ctx: DemoContext) -> None:
-    s1, s2 = ctx.sites
-    r = ctx.lab.iperf3(s1.lan_ns, s2.lan_ns, s2.lan_host_ip, duration=ctx.opts.iperf_seconds)
+    r = lab.iperf3(s1.lan_ns, s2.lan_ns, s2.lan_host_ip, duration=ctx.opts.iperf_seconds)
     if not r.mbps:
-        raise DemoFailed("iperf3 moved no data")
-    ctx.results["tcp_mbps"] = r.mbps
+        raise DemoFailed("iperf3 through the PoP moved no data")
+    ctx.results.update(relay_rtt_ms=rtt, relay_tcp_mbps=r.mbps)
     ctx.traffic_ok = True
-    say(f"    iperf3 TCP lan1 -> lan2, {ctx.opts.iperf_seconds:g} s: {r.mbps:.0f} Mbit/s")
+    say(f"    ping lan1 {s1.lan_host_ip} -> lan2 {s2.lan_host_ip} via the PoP: avg {rtt:.3f} ms")
+    say(f"    iperf3 TCP via the PoP, {ctx.opts.iperf_seconds:g} s: {r.mbps:.0f} Mbit/s")
 
 
-def step_status(ctx: DemoContext) -> None:
+def step_direct(ctx: DemoContext) -> None:
+    s1, s2 = _sites(ctx)
+    t0 = time.monotonic()
+    for site, other in ((s1, s2), (s2, s1)):
+        while True:
+            p = peer_of(site, other.n, "direct")
+            if p is not None and p.get("state") == "up":
+                break
+            if time.monotonic() - t0 > ctx.opts.tunnel_timeout_s:
+                raise DemoFailed(f"site {site.n}: direct tunnel to site {other.n} not up ({p})")
+            _check_alive(ctx)
+            time.sleep(0.1)
+        say(f"    site {site.n}: direct tunnel to site {other.n} up ({p.get('endpoint')})")
+    src, dst = direct_host_ip(s1), direct_host_ip(s2)
+    cp = netns.run(
+        s1.lan_ns,
+        ["ping", "-n", "-q", "-c", "10", "-i", "0.05", "-W", "1", "-I", src, dst],
+        timeout=30,
+        check=False,
+    )
+    if cp.returncode != 0:
+        raise DemoFailed(f"ping {src} -> {dst} over the direct tunnel: no answer")
+    ctx.results["direct_ping"] = cp.stdout.strip().splitlines()[-1]
+    say(f"    ping {src} -> {dst} over the direct tunnel: {ctx.results['direct_ping']}")
+
+
+def _show(ctx: DemoContext, cmds: Sequence[str]) -> None:
     for site in ctx.sites:
-        for cmd in ("status", "peers"):
+        for cmd in cmds:
             say(f"    --- site {site.n}: socketctl {cmd}")
             try:
-                out = ctx.lab.socketctl(site, cmd, json_out=False)
+                out = ctx.lab.socketctl(site, *cmd.split(), json_out=False)
             except NetnsError as e:
                 out = f"(failed: {e})\n"
             for line in out.rstrip("\n").splitlines():
                 say(f"    {line}")
 
 
+def step_status(ctx: DemoContext) -> None:
+    _show(ctx, ("status", "pop", "peers"))
+
+
+def step_outage(ctx: DemoContext) -> None:
+    pop = _pop(ctx)
+    ctx.results["seq_before_outage"] = {s.n: last_seq(s) for s in ctx.sites}
+    t_kill = kill_popd(ctx.lab, pop)
+    say("    popd killed (SIGKILL)")
+    seen = wait_all(ctx.sites, lambda s: cloud_state(s) != "up", timeout=5)
+    missing = [s.n for s in ctx.sites if s.n not in seen]
+    if missing:
+        raise DemoFailed(f"site(s) {missing} still report the cloud up 5 s after the PoP died")
+    for s in ctx.sites:
+        evs = events_since(s, ctx.results["seq_before_outage"][s.n], "pop.disconnected")
+        # The event's own timestamp is when socketd decided; the poll adds its own delay.
+        took = min(e["ts"] for e in evs) - t_kill if evs else seen[s.n] - t_kill
+        how = "event timestamp" if evs else "status poll"
+        say(f"    site {s.n}: cloud {cloud_state(s)} after {took:.3f} s ({how})")
+    _show(ctx, ("status", "pop"))
+    s1, s2 = _sites(ctx)
+    if ctx.lab.ping(s1.lan_ns, s2.lan_host_ip, count=2, wait_s=1):
+        raise DemoFailed("traffic to lan2 still flows with the PoP dead: not via the PoP?")
+    say(
+        f"    lan1 -> lan2 ({s2.lan_host_ip}): no answer. In this release inter-site traffic "
+        "waits for the cloud (moving it onto the mesh during an outage is a later issue)."
+    )
+    src, dst = direct_host_ip(s1), direct_host_ip(s2)
+    cp = netns.run(
+        s1.lan_ns,
+        ["ping", "-n", "-q", "-c", "3", "-i", "0.2", "-W", "1", "-I", src, dst],
+        timeout=15,
+        check=False,
+    )
+    if cp.returncode != 0:
+        raise DemoFailed("the static direct tunnel stopped carrying traffic during the outage")
+    say(f"    {src} -> {dst} over the static direct tunnel: still answers")
+
+
+def step_pop_returns(ctx: DemoContext) -> None:
+    pop = _pop(ctx)
+    s1, s2 = _sites(ctx)
+    t0 = time.time()
+    ctx.lab.start_popd(pop)
+    say(f"    popd restarted (control socket after {time.time() - t0:.2f} s)")
+    seen = wait_all(ctx.sites, lambda s: cloud_state(s) == "up", timeout=30, interval=0.05)
+    missing = [s.n for s in ctx.sites if s.n not in seen]
+    if missing:
+        raise DemoFailed(f"site(s) {missing} did not re-register within 30 s")
+    for s in ctx.sites:
+        say(f"    site {s.n}: re-registered {seen[s.n] - t0:.2f} s after the restart")
+    if not ctx.lab.wait_ping(s1.lan_ns, s2.lan_host_ip, timeout=10):
+        raise DemoFailed("no traffic lan1 -> lan2 through the PoP after its return")
+    say(f"    lan1 -> lan2 through the PoP again {time.time() - t0:.2f} s after the restart")
+    r = ctx.lab.iperf3(
+        s1.lan_ns, s2.lan_ns, s2.lan_host_ip, duration=min(ctx.opts.iperf_seconds, 2)
+    )
+    if not r.mbps:
+        raise DemoFailed("iperf3 through the returned PoP moved no data")
+    say(f"    iperf3 TCP via the PoP: {r.mbps:.0f} Mbit/s")
+
+
+def step_events(ctx: DemoContext) -> None:
+    before = ctx.results.get("seq_before_outage", {})
+    for s in ctx.sites:
+        kinds = [e["kind"] for e in events_since(s, before.get(s.n, 0))]
+        for want in ("pop.disconnected", "pop.connected"):
+            if want not in kinds:
+                raise DemoFailed(f"site {s.n}: no {want} event after the outage ({kinds})")
+    _show(ctx, ("events --limit 8",))
+
+
 Step = tuple[str, Callable[[DemoContext], None]]
 
 STEPS: list[Step] = [
-    ("build the topology (2 sites behind NAT routers)", step_topology),
-    ("create the account CA, site certificates and configs", step_pki),
-    ("start socketd in both sites", step_socketd),
-    ("wait for the tunnel", step_wait_tunnel),
-    ("ping through the tunnel", step_ping),
-    ("iperf3 through the tunnel", step_iperf),
-    ("socketctl status and peers", step_status),
+    ("build the topology (2 sites behind NAT routers, a PoP)", step_topology),
+    ("the account CA, certificates and configs", step_configs),
+    ("start popd and socketd in both sites", step_start),
+    ("wait for both sites to register with the PoP", step_register),
+    ("ping and iperf3 lan1 -> lan2 through the PoP", step_relay_traffic),
+    ("the direct tunnel between the sites (static peers)", step_direct),
+    ("socketctl status, pop and peers", step_status),
+    ("cloud outage: kill popd", step_outage),
+    ("the PoP comes back", step_pop_returns),
+    ("socketctl events: the outage and the recovery", step_events),
 ]
 
 
 def run_demo(opts: DemoOptions, steps: Sequence[Step] = STEPS) -> int:
-    """Run the steps in a fresh lab; 0 if traffic flowed, 1 otherwise."""
+    """Run the steps in a fresh lab; 0 if every step's check passed, 1 otherwise."""
     failed: str | None = None
+    t_start = time.monotonic()
     with Lab(opts.workdir) as lab:
         ctx = DemoContext(lab, opts)
         say(f"lab {lab.tag} in {lab.workdir}")
@@ -179,24 +412,28 @@ def run_demo(opts: DemoOptions, steps: Sequence[Step] = STEPS) -> int:
             t0 = time.monotonic()
             try:
                 fn(ctx)
-            except (DemoFailed, NetnsError, OSError, ImportError) as e:
+            except (DemoFailed, NetnsError, control.ControlError, OSError, ImportError) as e:
                 # The daemon log tails below already hold the details of the error.
                 first = str(e).splitlines()[0] if str(e) else type(e).__name__
                 failed = f"step {i} ({title}) failed: {first}"
                 say(f"    FAILED: {first}")
-                for site in ctx.sites:
-                    if site.socketd:
-                        say(f"    --- socketd site {site.n} log (tail):")
-                        say(site.socketd.log_tail(1500))
+                daemons = [(f"socketd site {s.n}", s.socketd) for s in ctx.sites]
+                if ctx.pop is not None:
+                    daemons.append((f"popd {ctx.pop.n}", ctx.pop.popd))
+                for name, d in daemons:
+                    if d is not None:
+                        say(f"    --- {name} log (tail):")
+                        say(d.log_tail(1500))
                 break
             say(f"    ok ({time.monotonic() - t0:.1f} s)")
         say("cleaning up")
     if failed or not ctx.traffic_ok:
-        say(f"DEMO FAILED: {failed or 'no traffic through the tunnel'}")
+        say(f"DEMO FAILED: {failed or 'no traffic through the PoP'}")
         return 1
     say(
-        f"DEMO OK: lan1 -> lan2 through the tunnel, ping {ctx.results['rtt_ms']:.3f} ms, "
-        f"TCP {ctx.results['tcp_mbps']:.0f} Mbit/s"
+        f"DEMO OK in {time.monotonic() - t_start:.0f} s: lan1 -> lan2 through the PoP "
+        f"(ping {ctx.results['relay_rtt_ms']:.3f} ms, TCP {ctx.results['relay_tcp_mbps']:.0f} "
+        "Mbit/s), direct tunnel up, cloud outage noticed and recovered"
     )
     return 0
 
@@ -208,20 +445,22 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="socket-lab", description="The namespace lab.")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="two sites, a tunnel, ping and iperf3 through it")
+    d = sub.add_parser(
+        "demo", help="two sites and a PoP: traffic through the PoP, a cloud outage, recovery"
+    )
     d.add_argument(
         "--tunnel-timeout",
         type=float,
         default=60.0,
         metavar="S",
-        help="how long to wait for the tunnel (default 60)",
+        help="how long to wait for registration and the tunnel (default 60)",
     )
     d.add_argument(
         "--iperf-seconds",
         type=float,
-        default=5.0,
+        default=3.0,
         metavar="S",
-        help="length of the iperf3 run (default 5)",
+        help="length of the iperf3 run (default 3)",
     )
     d.add_argument(
         "--nat",
