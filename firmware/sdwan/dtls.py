@@ -119,6 +119,20 @@ def is_client_hello(datagram: bytes) -> bool:
     )
 
 
+def client_hello_random(datagram: bytes) -> bytes | None:
+    """The 32-byte random of a ClientHello datagram (first fragment), else None.
+
+    DTLS 1.2 keeps the random across retransmissions and the cookie round trip,
+    so a hello with another random from the same address is a new handshake
+    (the peer restarted), not a repeat of the one in progress."""
+    start = DTLS_HEADER_LEN + 12 + 2  # record header, handshake header, client_version
+    if not is_client_hello(datagram) or len(datagram) < start + 32:
+        return None
+    if datagram[DTLS_HEADER_LEN + 6 : DTLS_HEADER_LEN + 9] != b"\x00\x00\x00":
+        return None  # a later fragment: the random is in the first one
+    return bytes(datagram[start : start + 32])
+
+
 def split_records(data: bytes) -> list[bytes]:
     """Split a byte string of back-to-back DTLS records; a truncated tail is dropped."""
     records: list[bytes] = []
@@ -392,7 +406,11 @@ class DtlsContext:
             conn = SSL.Connection(self._server_ctx, None)
             conn.set_accept_state()
             session = DtlsSession(
-                self, conn, is_client=False, mtu=mtu, source=source,
+                self,
+                conn,
+                is_client=False,
+                mtu=mtu,
+                source=source,
                 allowed_site_ids=allowed_site_ids,
             )
             conn.bio_write(datagram)
@@ -477,9 +495,12 @@ class DtlsSession:
     def __repr__(self) -> str:
         role = "client" if self.is_client else "server"
         state = (
-            f"failed={self.failed!r}" if self.failed
-            else "closed" if self.closed
-            else "established" if self.established
+            f"failed={self.failed!r}"
+            if self.failed
+            else "closed"
+            if self.closed
+            else "established"
+            if self.established
             else "handshaking"
         )
         peer = format_identity(self.peer_identity) if self.peer_identity else None

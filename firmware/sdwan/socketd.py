@@ -24,7 +24,7 @@ from . import __version__
 from .cloud import Cloud, CloudTimers
 from .config import ConfigError, SiteConfig, load_config
 from .control import ControlServer
-from .dtls import DtlsContext, DtlsSession, is_client_hello
+from .dtls import DtlsContext, DtlsSession, client_hello_random, is_client_hello
 from .fastpath import CtrlEvent, FastPath, FastPathConfig
 from .links import LinkError, open_link_socket
 from .netcfg import NetcfgError, Plan, apply_in_worker, tunnel_mtu
@@ -55,6 +55,7 @@ class _Session:
     created: float
     expected_peer: int | tuple[str, int] | None = None  # client sessions know whom they called
     reported: bool = False  # established/failed already handed on
+    hello_random: bytes | None = None  # of the ClientHello a server session answers
 
     @property
     def is_server_handshake(self) -> bool:
@@ -327,11 +328,12 @@ class Supervisor:
         assert self.dtls is not None
         key = (link_id, addr)
         entry = self.sessions.get(key)
-        if is_client_hello(data) and not (
-            entry and not entry.session.is_client and not entry.session.established
-        ):
+        hello = client_hello_random(data) if is_client_hello(data) else None
+        repeat = entry is not None and entry.is_server_handshake and hello == entry.hello_random
+        if is_client_hello(data) and not repeat:
             # A new handshake from this address (first, rekey, or after the
-            # peer restarted): stateless cookie check first.
+            # peer restarted; a stale one in progress is superseded):
+            # stateless cookie check first.
             result = self.dtls.accept(
                 data, f"{addr[0]}:{addr[1]}", allowed_site_ids=self.tunnels.keys()
             )
@@ -341,7 +343,9 @@ class Supervisor:
                 if not self._admit(addr):
                     self.stats.dtls_rejected += 1
                     return
-                self._register(_Session(result.session, link_id, addr, self.clock()))
+                self._register(
+                    _Session(result.session, link_id, addr, self.clock(), hello_random=hello)
+                )
                 self._after_input(self.sessions[key])
             return
         if entry is None:
@@ -395,9 +399,7 @@ class Supervisor:
         # Tell the tunnel this concerns: the one we called, else the one whose
         # endpoint it came from (a responder learns why its peer was refused).
         tunnel = (
-            self.tunnels.get(entry.expected_peer)
-            if isinstance(entry.expected_peer, int)
-            else None
+            self.tunnels.get(entry.expected_peer) if isinstance(entry.expected_peer, int) else None
         )
         if tunnel is None and self.cloud is not None:
             tunnel = self.cloud.tunnel_for_session(entry.session)

@@ -27,6 +27,7 @@ from sdwan.dtls import (
     DtlsConfigError,
     DtlsContext,
     DtlsSession,
+    client_hello_random,
     is_client_hello,
     pack_datagrams,
     record_epoch,
@@ -659,3 +660,20 @@ def test_interop_with_openssl_s_client(certs: Pki) -> None:
     assert closed, text
     assert "Verify return code: 0 (ok)" in text, text
     assert CIPHER_SUITES in text, text
+
+
+def test_client_hello_random_tells_a_new_handshake_from_a_repeat(certs: Pki) -> None:
+    """The random survives the cookie round trip; a restarted peer's hello carries
+    another one, which is how a responder tells a new handshake from a repeat."""
+    client = certs.context(2).client(1)
+    hello1 = client.start()[0]
+    verify = certs.context(1).accept(hello1, SOURCE)
+    assert verify.session is None and verify.replies
+    hello2 = client.receive(verify.replies[0])[0]
+    assert is_client_hello(hello2) and hello2 != hello1  # now with the cookie
+    assert client_hello_random(hello2) == client_hello_random(hello1)
+    assert len(client_hello_random(hello1) or b"") == 32
+    restarted = certs.context(2).client(1).start()[0]
+    assert client_hello_random(restarted) != client_hello_random(hello1)
+    assert client_hello_random(b"\x16" + bytes(40)) is None
+    assert client_hello_random(b"garbage") is None
