@@ -10,6 +10,8 @@ change -> events uploaded by sites and the PoP's own, in SQLite (store.py) -> a 
 (stun.py) on its own port -> status over a control socket (control.py, `popctl`).
 
 The protocol is docs/cloud.md; how popd applies it (ids, timers, limits) is docs/popd.md.
+Control messages are framed by messages.py: the welcome and directory of an account with
+hundreds of sites go out in fragments, and what sites send is reassembled per session.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import secrets
 import signal
@@ -35,6 +36,7 @@ from .config import format_endpoint
 from .control import ControlServer
 from .dtls import DtlsContext, DtlsSession, is_client_hello
 from .fastpath import CTRL_MAX, CtrlEvent, FastPath, FastPathConfig, FastPathError
+from .messages import FragStats, Reassembler, encode, record_limit
 from .store import Store, StoreError
 from .stun import StunServer, is_stun
 
@@ -45,13 +47,17 @@ Addr = tuple[str, int]
 LINK_ID = 1  # the PoP has one UDP socket, so one fast-path link
 TICK_S = 0.05
 DB_NAME = "popd.db"
-DTLS_MTU = 1400  # what the PoP's records may fill: a directory has to fit one record
+DTLS_MTU = 1400  # what the PoP's records may fill; larger messages go in fragments
 HANDSHAKE_DEADLINE_S = 10.0
 REGISTER_DEADLINE_S = 10.0  # an established session that never registers is dropped
 MAX_HANDSHAKING = 512
 MAX_HANDSHAKING_PER_IP = 16  # several sites may share one NAT address
 MAX_EVENTS_PER_WAKEUP = 256
-MAX_MESSAGE = 8192
+# A site's largest message is an events upload (MAX_UPLOADED_EVENTS events); reassembly of
+# anything larger is abandoned before it is buffered.
+MAX_MESSAGE = 256 * 1024
+MAX_PARTIALS = 2  # messages a site may have partly sent at once
+FRAG_TIMEOUT_S = 5.0
 MAX_LINKS = 16
 MAX_UPLOADED_EVENTS = 200
 REJECTIONS_KEPT = 20
@@ -126,6 +132,7 @@ class SiteSession:
     links: list[dict[str, Any]] = field(default_factory=list)
     version: str = ""
     registered_at: float | None = None
+    reassembler: Reassembler | None = None  # of the current `dtls`; made on first use
 
     @property
     def precedence(self) -> int:
@@ -152,6 +159,7 @@ class _Stats:
     events_stored: int = 0
     events_duplicate: int = 0
     events_malformed: int = 0
+    fragments: FragStats = field(default_factory=FragStats)
     rejections: collections.deque = field(
         default_factory=lambda: collections.deque(maxlen=REJECTIONS_KEPT)
     )
@@ -285,15 +293,23 @@ class Pop:
             log.debug("send to %s failed: %s", _ep(addr), e)
 
     def _send_msg(self, s: SiteSession, msg: dict[str, Any]) -> bool:
-        data = json.dumps(msg, separators=(",", ":")).encode()
         try:
-            datagrams = s.dtls.send(data)
+            records = encode(msg, record_limit(s.dtls, DTLS_MTU))
+            datagrams = [d for r in records for d in s.dtls.send(r)]
         except (RuntimeError, ValueError) as e:
             log.error("site %d: %s message not sent: %s", s.site_id, msg.get("t"), e)
             return False
         for d in datagrams:
             self.send(s.addr, d)
         return True
+
+    def _reassembler(self, s: SiteSession) -> Reassembler:
+        if s.reassembler is None:
+            s.reassembler = Reassembler(
+                max_message=MAX_MESSAGE, max_partials=MAX_PARTIALS, timeout_s=FRAG_TIMEOUT_S,
+                clock=self.clock, stats=self.stats.fragments,
+            )
+        return s.reassembler
 
     # ---------------------------------------------------------------- control packets
 
@@ -432,6 +448,7 @@ class Pop:
             # A rekey: the new keys go to the spare slot of the same peer; the old ones keep
             # receiving until the site switches.
             old.dtls = session
+            old.reassembler = None  # fragments never span two sessions
             old.keys = keys
             old.local_idx = self._install(old.peer_id, keys)
             old.remote_idx = None
@@ -500,23 +517,30 @@ class Pop:
             if self.by_addr.get(s.addr) is not s:
                 return
             try:
-                self._on_message(s, raw)
+                self._on_record(s, raw)
             except Exception:
                 log.exception("site %d: message dropped", s.site_id)
                 self.stats.messages_malformed += 1
         if s.dtls.closed and self.by_addr.get(s.addr) is s:
             self._drop(s, "the site closed the session")
 
-    def _on_message(self, s: SiteSession, raw: bytes) -> None:
-        if len(raw) > MAX_MESSAGE:
+    def _on_record(self, s: SiteSession, raw: bytes) -> None:
+        reassembler = self._reassembler(s)
+        oversized = self.stats.fragments.oversized
+        msg = reassembler.feed(raw)
+        if msg is not None:
+            self._on_message(s, msg)
+        elif self.stats.fragments.oversized != oversized:
             self.stats.oversized += 1
-            self.ratelog.warning("msg-oversized", "site %d: oversized message dropped", s.site_id)
-            return
-        try:
-            msg = json.loads(raw)
-        except (UnicodeDecodeError, ValueError):
-            msg = None
-        if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
+            self.ratelog.warning("msg-oversized", "site %d: oversized message dropped: %s",
+                                 s.site_id, reassembler.dropped)
+        elif reassembler.dropped is not None:
+            self.stats.messages_malformed += 1
+            self.ratelog.warning("msg-malformed", "site %d: malformed message dropped: %s",
+                                 s.site_id, reassembler.dropped)
+
+    def _on_message(self, s: SiteSession, msg: dict[str, Any]) -> None:
+        if not isinstance(msg.get("t"), str):
             self.stats.messages_malformed += 1
             self.ratelog.warning("msg-malformed", "site %d: malformed message dropped", s.site_id)
             return
@@ -900,6 +924,13 @@ class Pop:
                 "events_stored": st.events_stored,
                 "events_duplicate": st.events_duplicate,
                 "events_malformed": st.events_malformed,
+                # Malformed and oversized records are in the two counters above already.
+                "messages_received": st.fragments.messages,
+                "messages_reassembled": st.fragments.reassembled,
+                "fragments_received": st.fragments.fragments,
+                "fragments_duplicate": st.fragments.duplicates,
+                "fragments_evicted": st.fragments.evicted,
+                "fragments_expired": st.fragments.expired,
                 "dtls": dict(self.dtls.stats) if self.dtls else {},
             },
             "stun_server": _stun_stats(self.stun),

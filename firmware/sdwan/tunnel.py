@@ -23,11 +23,13 @@ The same machine carries a socket's sessions to a PoP (cloud.py): always the
 initiator, no kicks, a PoP identity expected in the handshake, and liveness
 judged by its owner; control messages other than the key hand-over go to the
 owner's `on_app_message`.
+
+Control messages of any size go through messages.py: one record when they fit, fragments when
+they do not (a PoP's directory), reassembled here per session before anything else looks at them.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import struct
@@ -40,6 +42,7 @@ from typing import Any, Protocol
 from .config import format_endpoint
 from .dtls import DtlsSession
 from .fastpath import FastPath, FastPathError
+from .messages import FragStats, Reassembler, encode, record_limit
 
 log = logging.getLogger("sdwan.tunnel")
 
@@ -161,6 +164,9 @@ class PeerTunnel:
         self._next_key_send = 0.0
         self._activated_remote: int | None = None
         self._up_since_rx_ns = 0
+        # Only self.session's messages count, so one reassembler, renewed with the session.
+        self.frag_stats = FragStats()
+        self._reassembler = self._new_reassembler()
 
     # ---------------------------------------------------------------- inputs
 
@@ -168,6 +174,7 @@ class PeerTunnel:
         now = self.clock()
         if self._pending_idx is not None and now >= self._next_key_send:
             self._send_key()
+        self._reassembler.expire()
         if self.state is State.UP and self.check_liveness:
             self._check_alive(now)
         if self.state is not State.UP:
@@ -225,6 +232,8 @@ class PeerTunnel:
         tx, rx = session.export_keys()
         idx = _allocate_index(self.fp, self.peer_id, tx, rx)
         # Only now, with the keys installed, does this session replace the old.
+        if session is not self.session:
+            self._reassembler = self._new_reassembler()
         self.session = session
         self._session_idx = idx
         self.link_id = link_id
@@ -254,24 +263,30 @@ class PeerTunnel:
             self._set_state(State.DOWN, f"handshake failed: {reason}")
 
     def on_message(self, session: DtlsSession, data: bytes) -> None:
-        if self.on_app_message is not None:
-            try:
-                msg = json.loads(data)
-            except ValueError:
-                msg = None
-            if not isinstance(msg, dict) or msg.get("t") not in ("key", "key-ack"):
-                if session is self.session:
-                    # The owner parses, validates and counts everything else.
-                    self.on_app_message(session, msg if isinstance(msg, dict) else {})
-                return
+        """One application-data record of a session."""
+        if session is not self.session:
+            return  # from a session we have already replaced
+        msg = self._reassembler.feed(data)
+        if msg is None:
+            reason = self._reassembler.dropped
+            if reason is None:
+                return  # a fragment, kept until its message is complete
+            if self.on_app_message is not None:
+                # The owner counts malformed messages; an empty one is malformed to it.
+                self.on_app_message(session, {})
+            else:
+                log.warning("peer %d: control record dropped: %s", self.peer_id, reason)
+            return
+        if msg.get("t") not in ("key", "key-ack"):
+            if self.on_app_message is not None:
+                # The owner parses, validates and counts everything else.
+                self.on_app_message(session, msg)
+            return
         try:
-            msg = json.loads(data)
             kind, idx = msg["t"], int(msg["idx"])
         except (ValueError, KeyError, TypeError):
             log.warning("peer %d: malformed control message dropped", self.peer_id)
             return
-        if session is not self.session:
-            return  # from a session we have already replaced
         if kind == "key":
             # Activate the key of the session this message came over, nothing else.
             if self._activated_remote != idx and self._session_idx is not None:
@@ -363,8 +378,12 @@ class PeerTunnel:
         self._send_control(self.session, {"t": "key", "idx": self._pending_idx})
 
     def _send_control(self, session: DtlsSession, msg: dict) -> None:
-        for datagram in session.send(json.dumps(msg).encode()):
-            self.port.send(self.link_id, self.endpoint, datagram)
+        for record in encode(msg, record_limit(session)):
+            for datagram in session.send(record):
+                self.port.send(self.link_id, self.endpoint, datagram)
+
+    def _new_reassembler(self) -> Reassembler:
+        return Reassembler(clock=self.clock, stats=self.frag_stats)
 
     def _check_alive(self, now: float) -> None:
         counters = self.fp.peer_counters(self.peer_id)
