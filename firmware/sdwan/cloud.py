@@ -53,7 +53,12 @@ HANDSHAKE_RESTART_S = 1.5
 EVENT_ACK_TIMEOUT_S = 5.0
 EVENTS_PER_UPLOAD = 50
 # What fits one DTLS record at the default DTLS MTU, with room to spare.
-MAX_MESSAGE = 1000
+# Uploads are fragmented across DTLS records (messages.py); keeping a batch
+# this small keeps a burst of datagrams well inside the receivers' buffers.
+MAX_MESSAGE = 16 * 1024
+# A welcome lost in transit (DTLS does not retransmit application data) is
+# asked for again by repeating register until one arrives.
+REGISTER_RESEND_S = 1.0
 PINGS_KEPT = 8
 # A NAT forgets an idle UDP mapping after 30 s at the earliest, but the PoP sessions keep the
 # link socket's mappings busy; a minute catches a router restart or a new public address soon
@@ -129,7 +134,9 @@ def _iface_ipv4(ifname: str) -> str | None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:
             packed = fcntl.ioctl(
-                s.fileno(), 0x8915, struct.pack("256s", ifname.encode()[:15])  # SIOCGIFADDR
+                s.fileno(),
+                0x8915,
+                struct.pack("256s", ifname.encode()[:15]),  # SIOCGIFADDR
             )
         except OSError:
             return None
@@ -157,6 +164,7 @@ class PopSession:
         self._was_connected = False
         self._hs: tuple[DtlsSession, float] | None = None
         self.registered_public: tuple[str | None, ...] | None = None  # as last sent
+        self._next_register = 0.0
         cloud.fp.peer_add(self.peer_id)
         cloud.fp.set_endpoint(self.peer_id, link_id, pop.endpoint)
         self.tunnel = PeerTunnel(
@@ -214,6 +222,8 @@ class PopSession:
         self._restart_stuck_handshake(now)
         if self.tunnel.state is not State.UP:
             return
+        if not self.welcomed and self.registered_public is not None and now >= self._next_register:
+            self.register()
         c = self.cloud.fp.peer_counters(self.peer_id)
         if c.last_rx_ns != self._rx_mark:
             self._rx_mark = c.last_rx_ns
@@ -276,6 +286,7 @@ class PopSession:
         self.register()
 
     def register(self) -> None:
+        self._next_register = self.cloud.clock() + REGISTER_RESEND_S
         self.registered_public = self.cloud.publics()
         self.tunnel.send_message(self.cloud.register_message(self.link_id, self.link))
 
@@ -316,7 +327,10 @@ class PopSession:
             cloud.stats.malformed += 1
             log.warning(
                 "PoP %d over %s: malformed %r message dropped: %s",
-                self.pop.id, self.link.name, kind, e,
+                self.pop.id,
+                self.link.name,
+                kind,
+                e,
             )
 
     # ---------------------------------------------------------------- status
@@ -448,7 +462,8 @@ class Cloud:
         if self.stale:
             log.info(
                 "starting from the stored cloud configuration (rev %s, %d sites)",
-                self.config_rev, len(self.directory),
+                self.config_rev,
+                len(self.directory),
             )
 
     def _put(self, name: str, value: dict[str, Any]) -> None:
@@ -580,9 +595,7 @@ class Cloud:
     # ---------------------------------------------------------------- periodic work
 
     def _live(self, pop_index: int) -> list[PopSession]:
-        return [
-            ps for ps in self.sessions.values() if ps.pop_index == pop_index and ps.connected
-        ]
+        return [ps for ps in self.sessions.values() if ps.pop_index == pop_index and ps.connected]
 
     def _wanted(self) -> set[tuple[int, int]]:
         """(pop index, link id) of every session that should exist."""
@@ -591,7 +604,8 @@ class Cloud:
         for index in pops:
             main = [i for i, ln in self.links if ln.precedence <= 2]
             live_main = any(
-                ps.connected for ps in self.sessions.values()
+                ps.connected
+                for ps in self.sessions.values()
                 if ps.pop_index == index and ps.link.precedence <= 2
             )
             for i, ln in self.links:
@@ -613,8 +627,9 @@ class Cloud:
         for index, link_id in sorted(wanted):
             pid = pop_peer_id(self.pops[index].id, link_id)
             if pid not in self.sessions:
-                self.sessions[pid] = PopSession(self, self.pops[index], index, link_id,
-                                                links[link_id])
+                self.sessions[pid] = PopSession(
+                    self, self.pops[index], index, link_id, links[link_id]
+                )
         for ps in list(self.sessions.values()):
             try:
                 ps.tick(now)
@@ -803,7 +818,10 @@ class Cloud:
             link = dict(self.links)[link_id]
             log.info(
                 "link %s: public endpoint %s (STUN via %s, was %s)",
-                link.name, ep, format_endpoint(addr), st.public or "unknown",
+                link.name,
+                ep,
+                format_endpoint(addr),
+                st.public or "unknown",
             )
             st.public = ep
         return True
@@ -816,7 +834,9 @@ class Cloud:
         log.log(
             logging.WARNING if st.error is None else logging.DEBUG,
             "link %s: STUN via %s failed: %s",
-            link.name, format_endpoint(st.server) if st.server else "?", reason,
+            link.name,
+            format_endpoint(st.server) if st.server else "?",
+            reason,
         )
         st.tx, st.error = None, reason
         st.failures += 1
@@ -901,9 +921,7 @@ class Cloud:
         """The directory's sites as `peers` entries (transport "cloud")."""
         skip = set(exclude)
         target = self._route_target()
-        link = next(
-            (ps.link.name for ps in self.sessions.values() if ps.peer_id == target), None
-        )
+        link = next((ps.link.name for ps in self.sessions.values() if ps.peer_id == target), None)
         up = self.state == "up"
         out = []
         for entry in self.directory:
@@ -916,7 +934,8 @@ class Cloud:
                     "name": entry.get("name"),
                     "transport": "cloud",
                     "state": "up" if up and online else "down",
-                    "reason": None if up and online
+                    "reason": None
+                    if up and online
                     else ("site is offline" if up else f"cloud is {self.state}"),
                     "endpoint": format_endpoint(self.pops[self.active].endpoint),
                     "link": link,

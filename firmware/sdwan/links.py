@@ -20,6 +20,18 @@ _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 _SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 
 
+def size_buffers(sock: socket.socket) -> None:
+    """Give a tunnel socket buffers big enough for bursts (see _SOCKET_BUFFER)."""
+    for opt, fallback in (
+        (_SO_RCVBUFFORCE, socket.SO_RCVBUF),
+        (_SO_SNDBUFFORCE, socket.SO_SNDBUF),
+    ):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, fallback, _SOCKET_BUFFER)
+
+
 class LinkError(Exception):
     """A link's socket could not be opened; the message says which link and why."""
 
@@ -41,14 +53,7 @@ def open_link_socket(link_id: int, link: Link) -> LinkSocket:
             raise LinkError(
                 f"link {link.name}: cannot bind to device {link.interface!r}: {e.strerror}"
             ) from e
-        for opt, fallback in (
-            (_SO_RCVBUFFORCE, socket.SO_RCVBUF),
-            (_SO_SNDBUFFORCE, socket.SO_SNDBUF),
-        ):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, fallback, _SOCKET_BUFFER)
+        size_buffers(sock)
         try:
             sock.bind(("0.0.0.0", link.port))
         except OSError as e:

@@ -34,8 +34,9 @@ from . import __version__
 from .account import Account, ConfigError, PopConfig, load_account, load_pop_config
 from .config import format_endpoint
 from .control import ControlServer
-from .dtls import DtlsContext, DtlsSession, is_client_hello
+from .dtls import DtlsContext, DtlsSession, client_hello_random, is_client_hello
 from .fastpath import CTRL_MAX, CtrlEvent, FastPath, FastPathConfig, FastPathError
+from .links import size_buffers
 from .messages import FragStats, Reassembler, encode, record_limit
 from .store import Store, StoreError
 from .stun import StunServer, is_stun
@@ -107,6 +108,7 @@ class _Handshake:
     session: DtlsSession
     addr: Addr
     created: float
+    hello_random: bytes | None = None  # of the ClientHello it answers
 
 
 @dataclass(eq=False)
@@ -178,13 +180,22 @@ def _check_link(value: Any, what: str) -> dict[str, Any]:
     if isinstance(prec, bool) or not isinstance(prec, int) or not 1 <= prec <= 3:
         raise RegisterError(f"{what}.precedence: expected an integer 1..3")
     if not isinstance(local, str) or len(local) > 64:
-        raise RegisterError(f"{what}.local: expected an \"ip:port\" string")
+        raise RegisterError(f'{what}.local: expected an "ip:port" string')
     link_id = value.get("id")
     if link_id is not None and (
         isinstance(link_id, bool) or not isinstance(link_id, int) or not 1 <= link_id <= 255
     ):
         raise RegisterError(f"{what}.id: expected an integer 1..255")
-    return {"name": name, "precedence": prec, "local": local, "id": link_id}
+    public_stun = value.get("public_stun")
+    if public_stun is not None and (not isinstance(public_stun, str) or len(public_stun) > 64):
+        raise RegisterError(f'{what}.public_stun: expected an "ip:port" string or null')
+    return {
+        "name": name,
+        "precedence": prec,
+        "local": local,
+        "id": link_id,
+        "public_stun": public_stun,
+    }
 
 
 class Pop:
@@ -233,6 +244,9 @@ class Pop:
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Bursts from hundreds of sites (a reload's directory pushes, event
+            # uploads in fragments) must not overflow the default buffer.
+            size_buffers(sock)
             sock.bind((cfg.listen, cfg.port))
             fp.link_add(LINK_ID, sock.fileno())
         except OSError as e:
@@ -306,8 +320,11 @@ class Pop:
     def _reassembler(self, s: SiteSession) -> Reassembler:
         if s.reassembler is None:
             s.reassembler = Reassembler(
-                max_message=MAX_MESSAGE, max_partials=MAX_PARTIALS, timeout_s=FRAG_TIMEOUT_S,
-                clock=self.clock, stats=self.stats.fragments,
+                max_message=MAX_MESSAGE,
+                max_partials=MAX_PARTIALS,
+                timeout_s=FRAG_TIMEOUT_S,
+                clock=self.clock,
+                stats=self.stats.fragments,
             )
         return s.reassembler
 
@@ -359,6 +376,12 @@ class Pop:
     def _on_dtls(self, addr: Addr, data: bytes) -> None:
         assert self.dtls is not None
         hs = self.handshakes.get(addr)
+        hello = client_hello_random(data) if is_client_hello(data) else None
+        if hs is not None and hello is not None and hello != hs.hello_random:
+            # A new random: the site restarted mid-handshake. The stale
+            # handshake would ignore it until it timed out.
+            self.handshakes.pop(addr, None)
+            hs = None
         if is_client_hello(data) and hs is None:
             result = self.dtls.accept(
                 data, _ep(addr), mtu=DTLS_MTU, allowed_site_ids=self._allowed_sites()
@@ -372,7 +395,9 @@ class Pop:
             if not self._admit(addr):
                 self.stats.handshakes_refused_admission += 1
                 return
-            hs = self.handshakes[addr] = _Handshake(result.session, addr, self.clock())
+            hs = self.handshakes[addr] = _Handshake(
+                result.session, addr, self.clock(), hello_random=hello
+            )
             self._after_handshake_input(hs)
             return
         if hs is not None:
@@ -532,12 +557,20 @@ class Pop:
             self._on_message(s, msg)
         elif self.stats.fragments.oversized != oversized:
             self.stats.oversized += 1
-            self.ratelog.warning("msg-oversized", "site %d: oversized message dropped: %s",
-                                 s.site_id, reassembler.dropped)
+            self.ratelog.warning(
+                "msg-oversized",
+                "site %d: oversized message dropped: %s",
+                s.site_id,
+                reassembler.dropped,
+            )
         elif reassembler.dropped is not None:
             self.stats.messages_malformed += 1
-            self.ratelog.warning("msg-malformed", "site %d: malformed message dropped: %s",
-                                 s.site_id, reassembler.dropped)
+            self.ratelog.warning(
+                "msg-malformed",
+                "site %d: malformed message dropped: %s",
+                s.site_id,
+                reassembler.dropped,
+            )
 
     def _on_message(self, s: SiteSession, msg: dict[str, Any]) -> None:
         if not isinstance(msg.get("t"), str):
@@ -692,8 +725,14 @@ class Pop:
             self.rev += 1
             for s in list(self.by_peer.values()):
                 if s.registered and s is not force_push_to:
-                    self._send_msg(s, {"t": "directory", "rev": self.rev,
-                                       "directory": self._directory_for(s.site_id)})
+                    self._send_msg(
+                        s,
+                        {
+                            "t": "directory",
+                            "rev": self.rev,
+                            "directory": self._directory_for(s.site_id),
+                        },
+                    )
         if force_push_to is not None and force_push_to.registered:
             self._welcome(force_push_to)
 
@@ -705,12 +744,14 @@ class Pop:
                 {"name": s.link_name, "precedence": s.precedence, "public": _ep(s.addr)}
                 for s in self._live_sessions(site.id)
             ]
-            out.append({
-                "site_id": site.id,
-                **site.settings(),
-                "links": links,
-                "online": bool(links),
-            })
+            out.append(
+                {
+                    "site_id": site.id,
+                    **site.settings(),
+                    "links": links,
+                    "online": bool(links),
+                }
+            )
         return out
 
     def _directory_for(self, site_id: int) -> list[dict[str, Any]]:
@@ -721,13 +762,16 @@ class Pop:
         site = self.account.site(s.site_id)
         if site is None:
             return
-        self._send_msg(s, {
-            "t": "welcome",
-            "rev": self.rev,
-            "pop_id": self.cfg.id,
-            "config": site.settings(),
-            "directory": self._directory_for(s.site_id),
-        })
+        self._send_msg(
+            s,
+            {
+                "t": "welcome",
+                "rev": self.rev,
+                "pop_id": self.cfg.id,
+                "config": site.settings(),
+                "directory": self._directory_for(s.site_id),
+            },
+        )
 
     # ---------------------------------------------------------------- events
 
@@ -764,7 +808,9 @@ class Pop:
                 at = None
             try:
                 self.store.add_event(
-                    kind, text, s.site_id,
+                    kind,
+                    text,
+                    s.site_id,
                     {"site_seq": seq, "at": at, "data": data if isinstance(data, dict) else None},
                 )
             except (ValueError, StoreError):
@@ -819,8 +865,9 @@ class Pop:
                 try:
                     self.fp.send_keepalive(s.peer_id)
                 except FastPathError as e:
-                    self.ratelog.warning("keepalive", "site %d: keepalive not sent: %s",
-                                         s.site_id, e)
+                    self.ratelog.warning(
+                        "keepalive", "site %d: keepalive not sent: %s", s.site_id, e
+                    )
 
     async def _ticker(self) -> None:
         while not self._stop.is_set():
@@ -863,8 +910,9 @@ class Pop:
             if before is None or before.settings() != site.settings():
                 changed.append(site.id)
                 for s in self._live_sessions(site.id):
-                    self._send_msg(s, {"t": "config", "rev": self.rev + 1,
-                                       "config": site.settings()})
+                    self._send_msg(
+                        s, {"t": "config", "rev": self.rev + 1, "config": site.settings()}
+                    )
         removed = sorted((old.site_ids if old else frozenset()) - new.site_ids)
         text = (
             f"account {new.name} reloaded: {len(new.sites)} site(s), {len(new.rules)} rule(s);"
@@ -949,25 +997,33 @@ class Pop:
                     c = self.fp.peer_counters(s.peer_id)
                 except FastPathError:
                     continue
-                sessions.append({
-                    "link": s.link_name,
-                    "link_index": s.link_index,
-                    "precedence": s.precedence,
-                    "peer_id": s.peer_id,
-                    "public": _ep(s.addr),
-                    "local": s.link.get("local"),
-                    "version": s.version,
-                    "up": s.activated is not None,
-                    "routed": any(p == s.peer_id for p in self.routes.values()),
-                    "last_rx_s": round((now_ns - max(c.last_rx_ns, s.last_auth_ns)) / 1e9, 2),
-                    "rx_packets": c.rx_packets,
-                    "tx_packets": c.tx_packets,
-                    "rx_bytes": c.rx_bytes,
-                    "tx_bytes": c.tx_bytes,
-                    "drops": c.drops,
-                })
-            out.append({"site_id": site.id, **site.settings(), "online": bool(sessions),
-                        "sessions": sessions})
+                sessions.append(
+                    {
+                        "link": s.link_name,
+                        "link_index": s.link_index,
+                        "precedence": s.precedence,
+                        "peer_id": s.peer_id,
+                        "public": _ep(s.addr),
+                        "local": s.link.get("local"),
+                        "version": s.version,
+                        "up": s.activated is not None,
+                        "routed": any(p == s.peer_id for p in self.routes.values()),
+                        "last_rx_s": round((now_ns - max(c.last_rx_ns, s.last_auth_ns)) / 1e9, 2),
+                        "rx_packets": c.rx_packets,
+                        "tx_packets": c.tx_packets,
+                        "rx_bytes": c.rx_bytes,
+                        "tx_bytes": c.tx_bytes,
+                        "drops": c.drops,
+                    }
+                )
+            out.append(
+                {
+                    "site_id": site.id,
+                    **site.settings(),
+                    "online": bool(sessions),
+                    "sessions": sessions,
+                }
+            )
         return {"sites": out, "rev": self.rev}
 
     async def _events(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -1011,8 +1067,12 @@ class Pop:
         loop.add_reader(self.fp.ctrl_fd, self._on_ctrl_readable)
         self.control = ControlServer(
             self.cfg.paths.control_socket,
-            {"status": self._status, "sites": self._sites, "events": self._events,
-             "reload": self._reload},
+            {
+                "status": self._status,
+                "sites": self._sites,
+                "events": self._events,
+                "reload": self._reload,
+            },
         )
         await self.control.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -1022,8 +1082,12 @@ class Pop:
         self._recompute()
         log.info(
             "popd %s up: PoP %d on %s, STUN on port %d, account %s with %d site(s)",
-            __version__, self.cfg.id, _ep((self.cfg.listen, self.cfg.port)),
-            self.cfg.stun_port, self.account.name, len(self.account.sites),
+            __version__,
+            self.cfg.id,
+            _ep((self.cfg.listen, self.cfg.port)),
+            self.cfg.stun_port,
+            self.account.name,
+            len(self.account.sites),
         )
         ticker = asyncio.create_task(self._ticker())
         try:
