@@ -1034,13 +1034,7 @@ class Pop:
             raise ValueError("site must be an integer")
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10000:
             raise ValueError("limit must be an integer 1..10000")
-        if site is None:
-            events = self.store.events(limit=limit)
-        else:
-            # The store has no per-site index; the PoP keeps at most max_events rows.
-            events = [
-                e for e in self.store.events(limit=self.store.max_events) if e.site_id == site
-            ][:limit]
+        events = self.store.events(limit=limit, site_id=site)
         return {"events": [_event_dict(e) for e in events]}
 
     async def _reload(self, _req: dict[str, Any]) -> dict[str, Any]:

@@ -576,11 +576,19 @@ class Store:
     _EVENT_COLS = "seq, ts, kind, site_id, text, data"
 
     def events(
-        self, limit: int = 100, since_seq: int | None = None, kind: str | None = None
+        self,
+        limit: int = 100,
+        since_seq: int | None = None,
+        kind: str | None = None,
+        site_id: int | None = None,
     ) -> list[Event]:
-        """Newest first: at most `limit` events with seq > `since_seq`, of `kind` if given."""
+        """Newest first: at most `limit` events with seq > `since_seq`, of `kind` and
+        about `site_id` if given."""
         _check_int("limit", limit, 0, 1_000_000)
         where, params = [], []
+        if site_id is not None:
+            where.append("site_id = ?")
+            params.append(site_id)
         if since_seq is not None:
             where.append("seq > ?")
             params.append(since_seq)

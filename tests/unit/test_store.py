@@ -634,3 +634,14 @@ def test_sigkill_at_random_moments_leaves_a_sound_prefix(tmp_path: Path) -> None
                 assert gen % 3 == 0 and last - 3 <= gen <= last, where
             acked_total = last
     assert acked_total > 0, f"no event was ever written (seed {seed})"
+
+
+def test_events_about_one_site(db: Path) -> None:
+    with Store(db) as st:
+        st.add_event("pop.connected", "site 1 up", site_id=1)
+        st.add_event("pop.connected", "site 2 up", site_id=2)
+        st.add_event("pop.disconnected", "site 1 down", site_id=1)
+        st.add_event("config.updated", "no site")
+        assert [e.text for e in st.events(site_id=1)] == ["site 1 down", "site 1 up"]
+        assert [e.text for e in st.events(site_id=2, kind="pop.connected")] == ["site 2 up"]
+        assert st.events(site_id=3) == []
