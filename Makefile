@@ -28,6 +28,7 @@ fuzz:
 
 bench: setup
 	$(PY) bench/dataplane --json bench-dataplane.json
+	$(PY) bench/cloud --json bench-cloud.json
 
 clean:
 	rm -rf build native/out .pytest_cache

@@ -14,7 +14,6 @@ import ipaddress
 import json
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +21,8 @@ from typing import Any
 
 from .config import (
     _MISSING,
-    _TOML_POS_RE,
     MAX_UNIX_SOCKET_PATH,
     ConfigError,
-    ConfigIssue,
     IPNetwork,
     _boolean,
     _Checker,
@@ -37,6 +34,7 @@ from .config import (
     _resolve,
     _show,
     _site_name,
+    read_toml,
 )
 
 __all__ = [
@@ -175,37 +173,6 @@ class PopConfig:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _read_toml(path: str | os.PathLike[str]) -> tuple[Path, str, dict[str, Any]]:
-    source = Path(os.path.abspath(os.fspath(path)))
-
-    def fail(message: str) -> ConfigError:
-        return ConfigError(source, [ConfigIssue("", message)])
-
-    try:
-        text = source.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise fail("file not found") from None
-    except IsADirectoryError:
-        raise fail("expected a TOML file, got a directory") from None
-    except PermissionError:
-        raise fail("permission denied") from None
-    except UnicodeDecodeError as exc:
-        raise fail(f"expected UTF-8 text, got an invalid byte at offset {exc.start}") from None
-    except OSError as exc:
-        raise fail(f"cannot read: {exc.strerror}") from None
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        msg = str(exc)
-        pos = _TOML_POS_RE.match(msg)
-        if pos:
-            raise fail(
-                f"line {pos.group(2)}, column {pos.group(3)}: invalid TOML: {pos.group(1)}"
-            ) from None
-        raise fail(f"invalid TOML: {msg}") from None
-    return source, text, doc
 
 
 _account_name = _matching(_ACCOUNT_NAME_RE, "a name of 1..64 characters [A-Za-z0-9_.-]")
@@ -377,7 +344,7 @@ def _check_rules(c: _Checker, doc: Mapping[str, Any]) -> list[Rule] | None:
 
 def load_account(path: str | os.PathLike[str]) -> Account:
     """Read and validate an account file; raise ConfigError listing every problem."""
-    source, text, doc = _read_toml(path)
+    source, text, doc = read_toml(path, what="file")
     c = _Checker(source, _LineIndex(text))
     c.known_keys(doc, (), ("account", "sites", "rules"))
     name: Any = _MISSING
@@ -399,7 +366,7 @@ def load_account(path: str | os.PathLike[str]) -> Account:
 
 def load_pop_config(path: str | os.PathLike[str]) -> PopConfig:
     """Read and validate popd's bootstrap config; raise ConfigError listing every problem."""
-    source, text, doc = _read_toml(path)
+    source, text, doc = read_toml(path, what="file")
     base = source.parent
     c = _Checker(source, _LineIndex(text))
     c.known_keys(doc, (), ("pop", "paths", "pki", "cloud"))
@@ -407,9 +374,7 @@ def load_pop_config(path: str | os.PathLike[str]) -> PopConfig:
     pop: dict[str, Any] = {}
     pop_t = c.table(doc, ("pop",), required=True)
     if pop_t is not None:
-        c.known_keys(
-            pop_t, ("pop",), ("id", "name", "listen", "port", "stun_port", "account")
-        )
+        c.known_keys(pop_t, ("pop",), ("id", "name", "listen", "port", "stun_port", "account"))
         pop = {
             "id": c.value(pop_t, ("pop", "id"), _int_range(1, 255)),
             "name": c.value(pop_t, ("pop", "name"), _site_name, default=None),

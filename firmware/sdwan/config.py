@@ -634,9 +634,7 @@ def _check_pops(c: _Checker, doc: Mapping[str, Any]) -> list[Pop] | None:
         pop_id = c.value(entry, (*loc, "id"), _int_range(1, MAX_POP_ID))
         if pop_id is not _MISSING:
             if pop_id in seen_ids:
-                c.error(
-                    (*loc, "id"), f"duplicate PoP id {pop_id} (also pops[{seen_ids[pop_id]}])"
-                )
+                c.error((*loc, "id"), f"duplicate PoP id {pop_id} (also pops[{seen_ids[pop_id]}])")
                 pop_id = _MISSING
             else:
                 seen_ids[pop_id] = i
@@ -835,8 +833,11 @@ _TOML_POS_RE = re.compile(r"^(.*?)\s*\(at line (\d+), column (\d+)\)$")
 _TOML_EOF_RE = re.compile(r"^(.*?)\s*\(at end of document\)$")
 
 
-def load_config(path: str | os.PathLike[str]) -> SiteConfig:
-    """Read and validate a bootstrap config; raise ConfigError listing every problem."""
+def read_toml(
+    path: str | os.PathLike[str], what: str = "config file"
+) -> tuple[Path, str, dict[str, Any]]:
+    """Read a TOML file: (absolute path, text, document), or ConfigError saying where
+    and why it cannot be read or parsed. `what` names the file in the messages."""
     source = Path(os.path.abspath(os.fspath(path)))
 
     def fail(message: str) -> ConfigError:
@@ -845,11 +846,11 @@ def load_config(path: str | os.PathLike[str]) -> SiteConfig:
     try:
         text = source.read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise fail("config file not found") from None
+        raise fail(f"{what} not found") from None
     except IsADirectoryError:
         raise fail("expected a TOML file, got a directory") from None
     except PermissionError:
-        raise fail("permission denied reading the config") from None
+        raise fail(f"permission denied reading the {what}") from None
     except UnicodeDecodeError as exc:
         raise fail(f"expected UTF-8 text, got an invalid byte at offset {exc.start}") from None
     except OSError as exc:
@@ -861,13 +862,18 @@ def load_config(path: str | os.PathLike[str]) -> SiteConfig:
         msg = str(exc)
         pos = _TOML_POS_RE.match(msg)
         if pos:
-            what, line, col = pos.group(1), pos.group(2), pos.group(3)
-            issue = f"line {line}, column {col}: invalid TOML: {what}"
+            what_, line, col = pos.group(1), pos.group(2), pos.group(3)
+            issue = f"line {line}, column {col}: invalid TOML: {what_}"
         else:
             eof = _TOML_EOF_RE.match(msg)
             issue = f"end of file: invalid TOML: {eof.group(1) if eof else msg}"
         raise fail(issue) from None
+    return source, text, doc
 
+
+def load_config(path: str | os.PathLike[str]) -> SiteConfig:
+    """Read and validate a bootstrap config; raise ConfigError listing every problem."""
+    source, text, doc = read_toml(path)
     checker = _Checker(source, _LineIndex(text))
     config = _validate(doc, source, checker)
     if config is None:

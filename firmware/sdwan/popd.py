@@ -16,7 +16,6 @@ hundreds of sites go out in fragments, and what sites send is reassembled per se
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import contextlib
@@ -34,6 +33,7 @@ from . import __version__
 from .account import Account, ConfigError, PopConfig, load_account, load_pop_config
 from .config import format_endpoint
 from .control import ControlServer
+from .daemon import StartupError, run_service
 from .dtls import DtlsContext, DtlsSession, client_hello_random, is_client_hello
 from .fastpath import CTRL_MAX, CtrlEvent, FastPath, FastPathConfig, FastPathError
 from .links import size_buffers
@@ -69,10 +69,6 @@ KEY_RESEND_MAX = 20
 TEMP_PEER_BASE = 0x40000000
 LOG_BURST = 5
 LOG_WINDOW_S = 10.0
-
-
-class StartupError(Exception):
-    """popd cannot start; the message says what to fix."""
 
 
 def _ep(addr: Addr) -> str:
@@ -1116,32 +1112,7 @@ def _event_dict(e: Any) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="popd", description="SD-WAN reference PoP")
-    parser.add_argument("--config", required=True, help="PoP configuration (TOML)")
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    try:
-        cfg = load_pop_config(args.config)
-    except ConfigError as e:
-        for line in str(e).splitlines():
-            print(f"popd: {line}", file=sys.stderr)
-        return 2
-    pop = Pop(cfg)
-    try:
-        asyncio.run(pop.run())
-    except StartupError as e:
-        pop.close()
-        for line in str(e).splitlines():
-            print(f"popd: {line}", file=sys.stderr)
-        return 1
-    return 0
+    return run_service("popd", "SD-WAN reference PoP", load_pop_config, Pop, argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ status over the control socket (control.py).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import contextlib
@@ -22,8 +21,9 @@ from dataclasses import dataclass, field
 
 from . import __version__
 from .cloud import Cloud, CloudTimers
-from .config import ConfigError, SiteConfig, load_config
+from .config import SiteConfig, load_config
 from .control import ControlServer
+from .daemon import StartupError, run_service
 from .dtls import DtlsContext, DtlsSession, client_hello_random, is_client_hello
 from .fastpath import CtrlEvent, FastPath, FastPathConfig
 from .links import LinkError, open_link_socket
@@ -41,10 +41,6 @@ MAX_HANDSHAKING_PER_IP = 4  # so that one host cannot fill the table by itself
 MAX_EVENTS_PER_WAKEUP = 256  # a control flood must not starve timers and socketctl
 REJECTIONS_KEPT = 20
 STALE_SESSION_S = 60.0  # an established session no tunnel uses any more
-
-
-class StartupError(Exception):
-    """socketd cannot start; the message says what to fix."""
 
 
 @dataclass
@@ -584,31 +580,7 @@ class Supervisor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="socketd", description="SD-WAN appliance supervisor")
-    parser.add_argument("--config", required=True, help="bootstrap configuration (TOML)")
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        for line in str(e).splitlines():
-            print(f"socketd: {line}", file=sys.stderr)
-        return 2
-    supervisor = Supervisor(cfg)
-    try:
-        asyncio.run(supervisor.run())
-    except StartupError as e:
-        supervisor.close()
-        print(f"socketd: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_service("socketd", "SD-WAN appliance supervisor", load_config, Supervisor, argv)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ __all__ = [
 DB_NAME = "socketd.db"
 DEFAULT_MAX_EVENTS = 10_000
 DEFAULT_KEEP_CORRUPT = 3
+CACHE_KIB = 256
 BUSY_TIMEOUT_S = 5.0
 # Bounds the WAL file left on disk after a checkpoint; /data on the appliance is small.
 JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024
@@ -404,6 +405,9 @@ class Store:
         conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
         # Catches a damaged page when it is read instead of acting on garbage.
         conn.execute("PRAGMA cell_size_check = ON")
+        # The default 2 MB page cache is most of a small box's budget for a
+        # database of a few hundred kilobytes read now and then.
+        conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
 
     def _migrate(self, conn: sqlite3.Connection, version: int) -> None:
         for target in range(version + 1, LATEST_VERSION + 1):
