@@ -9,7 +9,6 @@ expected and, where it can be found, the line. The schema is documented in docs/
 from __future__ import annotations
 
 import contextlib
-import difflib
 import ipaddress
 import os
 import re
@@ -339,6 +338,8 @@ class _Checker:
         for key in table:
             if key in allowed:
                 continue
+            import difflib  # only when a key is wrong: the supervisor stays small
+
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f'did you mean "{close[0]}"? ' if close else ""
             self.error((*loc, key), f"unknown key ({hint}expected one of: {', '.join(allowed)})")
