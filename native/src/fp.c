@@ -57,6 +57,7 @@ int fp_new(const struct fp_config *cfg, fp_t **out)
         return rc;
     }
     pthread_mutex_init(&fp->api_lock, NULL);
+    pthread_mutex_init(&fp->tun_rd_lock, NULL);
     pthread_rwlockattr_t ra;
     pthread_rwlockattr_init(&ra);
     pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
@@ -81,5 +82,6 @@ void fp_free(fp_t *fp)
     close(fp->stop_fd);
     pthread_rwlock_destroy(&fp->lock);
     pthread_mutex_destroy(&fp->api_lock);
+    pthread_mutex_destroy(&fp->tun_rd_lock);
     free(fp);
 }

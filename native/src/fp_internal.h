@@ -5,6 +5,12 @@
  *   api_lock   serialises the control-plane calls that start/stop threads
  *              (start, stop, tun_*, link_*), so a thread is never spawned
  *              or joined twice.
+ *   tun_rd_lock  the right to read the TUN, with the reader's buffers
+ *              (tun_rx): held by the TUN thread for a drain, or taken with
+ *              trylock by a link thread that just wrote to the TUN, so
+ *              whatever the kernel answered during that write leaves at once
+ *              instead of after waking the TUN thread. One reader at a time
+ *              keeps a flow's packets in order.
  *   lock       rwlock over every table (peers, key index, routes, links).
  *              Packet processing holds it shared for a whole batch; table
  *              changes from Python hold it exclusive. It prefers writers so
@@ -122,6 +128,8 @@ struct fp_link {
     struct fp_ctr ctr;
 };
 
+struct fp_tun_rx;                       /* io.c: the TUN reader's buffers */
+
 struct fp_ctrlq {
     pthread_mutex_t lock;
     struct fp_ctrl_msg *ring;
@@ -145,6 +153,8 @@ struct fp {
     int tun_features;                   /* FP_TUN_F_*: set with tun_fd */
     pthread_t tun_thread;
     bool tun_thread_running;
+    pthread_mutex_t tun_rd_lock;
+    struct fp_tun_rx *tun_rx;           /* under tun_rd_lock; NULL without a TUN thread */
     int stop_fd;                        /* eventfd: fp_stop wakes every thread */
     bool running;
     struct fp_ctrlq cq;

@@ -9,8 +9,11 @@
  * goes in one sendmmsg. One thread per link does recvmmsg (UDP_GRO: a buffer
  * may hold many datagrams), splits, fp_inbound_locked, and writes to the TUN,
  * TCP/UDP runs of one flow coalesced into one superpacket per writev, or
- * sendmmsg for relayed packets. fp->lock is taken shared once per batch.
- * Nothing waits for a batch to fill: a batch is what is already there.
+ * sendmmsg for relayed packets; after writing to the TUN a link thread also
+ * sends what the kernel answered during that write (tun_drain_try), so a
+ * reply does not wait for the TUN thread to wake. fp->lock is taken shared
+ * once per batch. Nothing waits for a batch to fill: a batch is what is
+ * already there.
  * Threads sleep in poll() on their fd plus an eventfd, so stop and link_del
  * wake them at once.
  */
@@ -41,7 +44,9 @@
 #define ARENA_LEN (256u << 10)
 #define ARENA_LOW (96u << 10)
 #define TXQ_CAP 512
-#define GRO_RX_MSGS 16
+/* Receive buffers of 64 KiB with UDP_GRO: four fill the arena once, and
+ * every page of them counts in the RSS after the first bulk transfer. */
+#define GRO_RX_MSGS 4
 
 union cmsg_u16 {
     char buf[CMSG_SPACE(sizeof(uint16_t))];
@@ -305,6 +310,8 @@ static void tunq_flush(struct fp *fp, struct tunq *t)
 
 /* ------------------------------------------------------------------ threads */
 
+static void tun_drain_try(struct fp *fp, unsigned max);
+
 static void *link_thread(void *arg)
 {
     struct fp_link *l = arg;
@@ -355,6 +362,7 @@ static void *link_thread(void *arg)
             continue;
         uint64_t now = fp_now_ns();
         size_t used = 0;
+        bool tun_wrote = false;
         pthread_rwlock_rdlock(&fp->lock);
         for (int i = 0; i < r; i++) {
             uint8_t *pkt = iov[i].iov_base;
@@ -380,6 +388,7 @@ static void *link_thread(void *arg)
             for (size_t off = 0; off < len || (off == 0 && len == 0); off += seg) {
                 size_t sl = len - off < seg ? len - off : seg;
                 if (ARENA_LEN - used < FP_BUF_LEN + 64 || t.n == FP_GRO_BATCH) {
+                    tun_wrote |= t.n > 0;
                     tunq_flush(fp, &t);
                     txq_flush(fp, &q);
                     used = 0;
@@ -401,9 +410,12 @@ static void *link_thread(void *arg)
                     break;
             }
         }
+        bool wrote = t.n > 0 || tun_wrote;
         tunq_flush(fp, &t);
         txq_flush(fp, &q);
         pthread_rwlock_unlock(&fp->lock);
+        if (wrote)
+            tun_drain_try(fp, fp->cfg.batch);
     }
 done:
     txq_free(&q);
@@ -428,21 +440,167 @@ static void seal_queue(struct fp *fp, struct txq *q, const uint8_t *ip, size_t l
     }
 }
 
+/* The TUN reader's buffers; whoever holds fp->tun_rd_lock uses them. */
+struct fp_tun_rx {
+    uint8_t *rbuf;
+    uint8_t *arena;
+    uint32_t *lens;
+    struct txq q;
+    bool lone;                          /* the last drain that read anything read one packet */
+};
+
+static void tun_rx_free(struct fp_tun_rx *x)
+{
+    if (!x)
+        return;
+    txq_free(&x->q);
+    free(x->rbuf);
+    free(x->arena);
+    free(x->lens);
+    free(x);
+}
+
+static struct fp_tun_rx *tun_rx_new(void)
+{
+    struct fp_tun_rx *x = calloc(1, sizeof(*x));
+    if (!x)
+        return NULL;
+    /* The packet lands FP_HEADER_LEN into rbuf, its vnet header just before. */
+    x->rbuf = malloc(FP_HEADER_LEN + FP_SUPER_MAX + 64);
+    x->arena = malloc(ARENA_LEN);
+    x->lens = calloc(FP_GSO_SPLIT_MAX, sizeof(*x->lens));
+    x->lone = true;
+    if (txq_init(&x->q, TXQ_CAP) < 0 || !x->rbuf || !x->arena || !x->lens) {
+        tun_rx_free(x);
+        return NULL;
+    }
+    return x;
+}
+
+/* Read up to max packets (or superpackets) from the TUN, seal them and send
+ * them; the caller holds fp->tun_rd_lock and not fp->lock. Returns how many
+ * reads returned something. When the previous drain found a lone packet
+ * (light traffic: a ping, a request), the first packet leaves before the next
+ * read, so it does not wait for that read to find the queue empty; under
+ * load drains find many packets and keep batching them. */
+static unsigned tun_drain(struct fp *fp, struct fp_tun_rx *x, unsigned max)
+{
+    int fd = atomic_load_explicit(&fp->tun_fd, memory_order_acquire);
+    bool vnet = fp->tun_features & FP_TUN_F_VNET;
+    uint8_t *ip = x->rbuf + FP_HEADER_LEN;
+    uint8_t *arena = x->arena;
+    uint32_t *lens = x->lens;
+    struct txq *q = &x->q;
+    unsigned cnt = 0;
+    size_t used = 0;
+    bool locked = false;
+    while (cnt < max) {
+        ssize_t r;
+        if (cnt == 1 && x->lone && q->n) {
+            txq_flush(fp, q);
+            used = 0;
+        }
+        /* One byte more than the largest packet, so oversize shows. */
+        if (vnet)
+            r = read(fd, ip - FP_VNET_LEN, FP_VNET_LEN + FP_SUPER_MAX + 1);
+        else
+            r = read(fd, ip, FP_MAX_INNER + 1);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            break;
+        cnt++;
+        if (!locked) {
+            pthread_rwlock_rdlock(&fp->lock);
+            locked = true;
+        }
+        uint64_t now = fp_now_ns();
+        if (ARENA_LEN - used < ARENA_LOW) {
+            txq_flush(fp, q);
+            used = 0;
+        }
+        if (!vnet) {
+            seal_queue(fp, q, ip, (size_t)r, arena + used, ARENA_LEN - used, &used, now);
+            continue;
+        }
+        struct fp_vnet v;
+        size_t len = (size_t)r - FP_VNET_LEN;
+        if ((size_t)r < FP_VNET_LEN) {
+            fp_ctr_add(&fp->gctr.rx_packets, 1);
+            fp_ctr_add(&fp->gctr.drops[FP_DROP_MALFORMED], 1);
+            continue;
+        }
+        fp_vnet_parse(ip - FP_VNET_LEN, &v);
+        if ((v.gso_type & ~FP_VNET_GSO_ECN) == FP_VNET_GSO_NONE) {
+            if (fp_csum_complete(&v, ip, len) < 0) {
+                fp_ctr_add(&fp->gctr.rx_packets, 1);
+                fp_ctr_add(&fp->gctr.drops[FP_DROP_MALFORMED], 1);
+                continue;
+            }
+            seal_queue(fp, q, ip, len, arena + used, ARENA_LEN - used, &used, now);
+            continue;
+        }
+        size_t stride;
+        int ns = fp_gso_split(&v, ip, len, arena + used, ARENA_LEN - used, FP_HEADER_LEN,
+                              FP_TAG_LEN, lens, FP_GSO_SPLIT_MAX, &stride);
+        if (ns == -ENOSPC && used) {
+            txq_flush(fp, q);
+            used = 0;
+            ns = fp_gso_split(&v, ip, len, arena, ARENA_LEN, FP_HEADER_LEN, FP_TAG_LEN, lens,
+                              FP_GSO_SPLIT_MAX, &stride);
+        }
+        if (ns < 0) {
+            fp_ctr_add(&fp->gctr.rx_packets, 1);
+            fp_ctr_add(&fp->gctr.drops[FP_DROP_MALFORMED], 1);
+            continue;
+        }
+        /* Sealed in place: segment i is at base + i * stride, header first,
+         * so full segments end exactly where the next begins. */
+        uint8_t *base = arena + used;
+        for (int i = 0; i < ns; i++) {
+            uint8_t *s = base + (size_t)i * stride;
+            struct fp_result res;
+            if (fp_outbound_locked(fp, s + FP_HEADER_LEN, lens[i], s, stride, &res, now) == 0 &&
+                res.verdict == FP_V_SEND)
+                txq_add(fp, q, &res, s);
+        }
+        used += (size_t)(ns - 1) * stride + lens[ns - 1] + FP_OVERHEAD;
+    }
+    if (locked) {
+        txq_flush(fp, q);
+        pthread_rwlock_unlock(&fp->lock);
+    }
+    if (cnt)
+        x->lone = cnt == 1;
+    return cnt;
+}
+
+/* A link thread that just wrote to the TUN: the kernel handles such a write
+ * in the writer's context, so an answer (an echo reply, a TCP ACK, a UDP
+ * response from a local service) is usually queued on the TUN already. Send
+ * it now rather than after a wake-up of the TUN thread, unless that thread is
+ * reading anyway. Caller holds no lock. */
+static void tun_drain_try(struct fp *fp, unsigned max)
+{
+    if (pthread_mutex_trylock(&fp->tun_rd_lock) != 0)
+        return;
+    if (fp->tun_rx)
+        tun_drain(fp, fp->tun_rx, max);
+    pthread_mutex_unlock(&fp->tun_rd_lock);
+}
+
 static void *tun_thread(void *arg)
 {
     struct fp *fp = arg;
     unsigned n = fp->cfg.batch;
     int fd = atomic_load(&fp->tun_fd);
     pthread_setname_np(pthread_self(), "fp-tun");
-    bool vnet = fp->tun_features & FP_TUN_F_VNET;
-    /* The packet lands FP_HEADER_LEN into rbuf, its vnet header just before. */
-    uint8_t *rbuf = malloc(FP_HEADER_LEN + FP_SUPER_MAX + 64);
-    uint8_t *arena = malloc(ARENA_LEN);
-    uint8_t *ip = rbuf + FP_HEADER_LEN;
-    uint32_t *lens = calloc(FP_GSO_SPLIT_MAX, sizeof(*lens));
-    struct txq q;
-    if (txq_init(&q, TXQ_CAP) < 0 || !rbuf || !arena || !lens)
-        goto done;
+    struct fp_tun_rx *x = tun_rx_new();
+    if (!x)
+        return NULL;
+    pthread_mutex_lock(&fp->tun_rd_lock);
+    fp->tun_rx = x;
+    pthread_mutex_unlock(&fp->tun_rd_lock);
     for (;;) {
         struct pollfd p[2] = {{fd, POLLIN, 0}, {fp->stop_fd, POLLIN, 0}};
         if (poll(p, 2, -1) < 0) {
@@ -452,93 +610,19 @@ static void *tun_thread(void *arg)
         }
         if (p[1].revents)
             break;
-        unsigned cnt = 0;
-        size_t used = 0;
-        bool locked = false;
-        while (cnt < n) {
-            ssize_t r;
-            /* One byte more than the largest packet, so oversize shows. */
-            if (vnet)
-                r = read(fd, ip - FP_VNET_LEN, FP_VNET_LEN + FP_SUPER_MAX + 1);
-            else
-                r = read(fd, ip, FP_MAX_INNER + 1);
-            if (r < 0 && errno == EINTR)
-                continue;
-            if (r <= 0)
-                break;
-            cnt++;
-            if (!locked) {
-                pthread_rwlock_rdlock(&fp->lock);
-                locked = true;
-            }
-            uint64_t now = fp_now_ns();
-            if (ARENA_LEN - used < ARENA_LOW) {
-                txq_flush(fp, &q);
-                used = 0;
-            }
-            if (!vnet) {
-                seal_queue(fp, &q, ip, (size_t)r, arena + used, ARENA_LEN - used, &used, now);
-                continue;
-            }
-            struct fp_vnet v;
-            size_t len = (size_t)r - FP_VNET_LEN;
-            if ((size_t)r < FP_VNET_LEN) {
-                fp_ctr_add(&fp->gctr.rx_packets, 1);
-                fp_ctr_add(&fp->gctr.drops[FP_DROP_MALFORMED], 1);
-                continue;
-            }
-            fp_vnet_parse(ip - FP_VNET_LEN, &v);
-            if ((v.gso_type & ~FP_VNET_GSO_ECN) == FP_VNET_GSO_NONE) {
-                if (fp_csum_complete(&v, ip, len) < 0) {
-                    fp_ctr_add(&fp->gctr.rx_packets, 1);
-                    fp_ctr_add(&fp->gctr.drops[FP_DROP_MALFORMED], 1);
-                    continue;
-                }
-                seal_queue(fp, &q, ip, len, arena + used, ARENA_LEN - used, &used, now);
-                continue;
-            }
-            size_t stride;
-            int ns = fp_gso_split(&v, ip, len, arena + used, ARENA_LEN - used, FP_HEADER_LEN,
-                                  FP_TAG_LEN, lens, FP_GSO_SPLIT_MAX, &stride);
-            if (ns == -ENOSPC && used) {
-                txq_flush(fp, &q);
-                used = 0;
-                ns = fp_gso_split(&v, ip, len, arena, ARENA_LEN, FP_HEADER_LEN, FP_TAG_LEN, lens,
-                                  FP_GSO_SPLIT_MAX, &stride);
-            }
-            if (ns < 0) {
-                fp_ctr_add(&fp->gctr.rx_packets, 1);
-                fp_ctr_add(&fp->gctr.drops[FP_DROP_MALFORMED], 1);
-                continue;
-            }
-            /* Sealed in place: segment i is at base + i * stride, header first,
-             * so full segments end exactly where the next begins. */
-            uint8_t *base = arena + used;
-            for (int i = 0; i < ns; i++) {
-                uint8_t *s = base + (size_t)i * stride;
-                struct fp_result res;
-                if (fp_outbound_locked(fp, s + FP_HEADER_LEN, lens[i], s, stride, &res, now) == 0 &&
-                    res.verdict == FP_V_SEND)
-                    txq_add(fp, &q, &res, s);
-            }
-            used += (size_t)(ns - 1) * stride + lens[ns - 1] + FP_OVERHEAD;
-        }
-        if (locked) {
-            txq_flush(fp, &q);
-            pthread_rwlock_unlock(&fp->lock);
-        }
-        if (cnt == 0) {
-            /* The device went away (or the socketpair's other end closed). */
-            if (p[0].revents & (POLLHUP | POLLERR | POLLNVAL))
-                break;
-            continue;
-        }
+        pthread_mutex_lock(&fp->tun_rd_lock);
+        unsigned cnt = tun_drain(fp, x, n);
+        pthread_mutex_unlock(&fp->tun_rd_lock);
+        /* The device went away (or the socketpair's other end closed). A
+         * link thread may have taken the packets that woke us: then POLLIN
+         * alone was set, and we just poll again. */
+        if (cnt == 0 && (p[0].revents & (POLLHUP | POLLERR | POLLNVAL)))
+            break;
     }
-done:
-    txq_free(&q);
-    free(rbuf);
-    free(arena);
-    free(lens);
+    pthread_mutex_lock(&fp->tun_rd_lock);
+    fp->tun_rx = NULL;
+    pthread_mutex_unlock(&fp->tun_rd_lock);
+    tun_rx_free(x);
     return NULL;
 }
 
