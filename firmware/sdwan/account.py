@@ -25,6 +25,7 @@ from .config import (
     ConfigError,
     IPNetwork,
     _boolean,
+    _check_networks,
     _Checker,
     _int_range,
     _LineIndex,
@@ -193,27 +194,6 @@ def _host_address(value: Any) -> str:
     return str(addr)
 
 
-def _check_subnets(
-    c: _Checker, table: Mapping[str, Any], loc: tuple[str | int, ...]
-) -> tuple[IPNetwork, ...] | None:
-    raw = table.get("subnets", _MISSING)
-    if raw is _MISSING:
-        c.error(loc, "missing required field (expected an array of at least 1 network)")
-        return None
-    if not isinstance(raw, list) or not raw:
-        c.error(loc, f"expected an array of at least 1 network, got {_show(raw)}")
-        return None
-    nets: list[IPNetwork] = []
-    ok = True
-    for i, item in enumerate(raw):
-        try:
-            nets.append(_network(item))
-        except ValueError as exc:
-            c.error((*loc, i), str(exc))
-            ok = False
-    return tuple(nets) if ok else None
-
-
 # --------------------------------------------------------------------------- account
 
 
@@ -255,7 +235,7 @@ def _check_sites(c: _Checker, doc: Mapping[str, Any]) -> list[AccountSite] | Non
                 name = _MISSING
             else:
                 seen_names[name] = i
-        subnets = _check_subnets(c, entry, (*loc, "subnets"))
+        subnets = _check_networks(c, entry, (*loc, "subnets"))
         offcloud = c.value(entry, (*loc, "offcloud"), _boolean, default=False)
         recovery = c.value(entry, (*loc, "recovery"), _boolean, default=False)
         if _MISSING in (site_id, name, offcloud, recovery) or subnets is None:

@@ -21,7 +21,7 @@ import datetime
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,8 +97,11 @@ def _sdwan_uris(cert: x509.Certificate) -> list[str]:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise ValueError("certificate has no subjectAltName, so it names no identity") from None
-    return [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
-            if u.lower().startswith("sdwan:")]
+    return [
+        u
+        for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+        if u.lower().startswith("sdwan:")
+    ]
 
 
 def identity_from_certificate(cert: x509.Certificate) -> Identity:
@@ -143,12 +146,13 @@ def site_id_from_certificate(cert: x509.Certificate) -> int:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise ValueError("certificate has no subjectAltName, so it names no site id") from None
-    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
-            if u.lower().startswith(SITE_URI_PREFIX)]
+    uris = [
+        u
+        for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+        if u.lower().startswith(SITE_URI_PREFIX)
+    ]
     if not uris:
-        raise ValueError(
-            f"certificate has no '{SITE_URI_PREFIX}<id>' URI in its subjectAltName"
-        )
+        raise ValueError(f"certificate has no '{SITE_URI_PREFIX}<id>' URI in its subjectAltName")
     if len(uris) > 1:
         raise ValueError(f"certificate names several site ids: {', '.join(uris)}")
     match = _SITE_URI_RE.fullmatch(uris[0])
@@ -203,16 +207,16 @@ def create_ca(
     cert_path, key_path = directory / CA_CERT_NAME, directory / CA_KEY_NAME
     existing = [str(p) for p in (cert_path, key_path) if p.exists()]
     if existing:
-        raise PkiError(
-            f"refusing to overwrite an existing CA: {', '.join(existing)} already exist"
-        )
+        raise PkiError(f"refusing to overwrite an existing CA: {', '.join(existing)} already exist")
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, account),
-        x509.NameAttribute(NameOID.COMMON_NAME, f"{account} account CA"),
-    ])
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, account),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"{account} account CA"),
+        ]
+    )
     now = datetime.datetime.now(datetime.UTC)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
@@ -227,9 +231,15 @@ def create_ca(
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -278,8 +288,9 @@ def build_site_certificate(
 ) -> x509.Certificate:
     """Sign a site certificate for ``public_key`` (the profile described in the module doc)."""
     check_site_id(site_id)
-    return _build_leaf(ca_cert, ca_key, f"site-{site_id}", f"{SITE_URI_PREFIX}{site_id}",
-                       public_key, days)
+    return _build_leaf(
+        ca_cert, ca_key, f"site-{site_id}", f"{SITE_URI_PREFIX}{site_id}", public_key, days
+    )
 
 
 def build_pop_certificate(
@@ -291,8 +302,9 @@ def build_pop_certificate(
 ) -> x509.Certificate:
     """Sign a PoP certificate: the site profile with CN ``pop-<id>``, URI ``sdwan:pop:<id>``."""
     check_pop_id(pop_id)
-    return _build_leaf(ca_cert, ca_key, f"pop-{pop_id}", f"{POP_URI_PREFIX}{pop_id}",
-                       public_key, days)
+    return _build_leaf(
+        ca_cert, ca_key, f"pop-{pop_id}", f"{POP_URI_PREFIX}{pop_id}", public_key, days
+    )
 
 
 def _build_leaf(
@@ -317,9 +329,15 @@ def _build_leaf(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -342,6 +360,38 @@ def _build_leaf(
     )
 
 
+def _issue(
+    ca_dir: str | os.PathLike[str],
+    name: str,
+    build: Callable[
+        [x509.Certificate, ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey], x509.Certificate
+    ],
+    out_dir: str | os.PathLike[str] | None,
+    force: bool,
+) -> tuple[Path, Path]:
+    """Write ``<name>.pem`` and ``<name>.key`` into ``out_dir`` (default: the CA dir)."""
+    ca_cert, ca_key = load_ca(ca_dir)
+    directory = Path(out_dir) if out_dir is not None else Path(ca_dir)
+    if directory.exists() and not directory.is_dir():
+        raise PkiError(f"{directory} exists and is not a directory")
+    cert_path = directory / f"{name}.pem"
+    key_path = directory / f"{name}.key"
+    existing = [p for p in (cert_path, key_path) if p.exists()]
+    if existing and not force:
+        raise PkiError(
+            f"refusing to overwrite {', '.join(map(str, existing))} (use --force to reissue)"
+        )
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = build(ca_cert, ca_key, key.public_key())
+    for p in existing:
+        p.unlink()
+    _write_private(key_path, _key_pem(key))
+    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
+
+
 def issue_site(
     ca_dir: str | os.PathLike[str],
     site_id: int,
@@ -352,26 +402,14 @@ def issue_site(
     """Issue ``site-<id>.pem`` and ``site-<id>.key`` into ``out_dir`` (default: the CA dir)."""
     check_site_id(site_id)
     _check_days(days)
-    ca_cert, ca_key = load_ca(ca_dir)
-    directory = Path(out_dir) if out_dir is not None else Path(ca_dir)
-    if directory.exists() and not directory.is_dir():
-        raise PkiError(f"{directory} exists and is not a directory")
-    cert_path = directory / f"site-{site_id}.pem"
-    key_path = directory / f"site-{site_id}.key"
-    existing = [p for p in (cert_path, key_path) if p.exists()]
-    if existing and not force:
-        raise PkiError(
-            f"refusing to overwrite {', '.join(map(str, existing))} (use --force to reissue)"
-        )
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = build_site_certificate(ca_cert, ca_key, site_id, key.public_key(), days)
-    for p in existing:
-        p.unlink()
-    _write_private(key_path, _key_pem(key))
-    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-    return SiteFiles(site_id=site_id, cert=cert_path, key=key_path)
+    cert, key = _issue(
+        ca_dir,
+        f"site-{site_id}",
+        lambda ca_cert, ca_key, pub: build_site_certificate(ca_cert, ca_key, site_id, pub, days),
+        out_dir,
+        force,
+    )
+    return SiteFiles(site_id=site_id, cert=cert, key=key)
 
 
 def issue_pop(
@@ -384,26 +422,14 @@ def issue_pop(
     """Issue ``pop-<id>.pem`` and ``pop-<id>.key`` into ``out_dir`` (default: the CA dir)."""
     check_pop_id(pop_id)
     _check_days(days)
-    ca_cert, ca_key = load_ca(ca_dir)
-    directory = Path(out_dir) if out_dir is not None else Path(ca_dir)
-    if directory.exists() and not directory.is_dir():
-        raise PkiError(f"{directory} exists and is not a directory")
-    cert_path = directory / f"pop-{pop_id}.pem"
-    key_path = directory / f"pop-{pop_id}.key"
-    existing = [p for p in (cert_path, key_path) if p.exists()]
-    if existing and not force:
-        raise PkiError(
-            f"refusing to overwrite {', '.join(map(str, existing))} (use --force to reissue)"
-        )
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = build_pop_certificate(ca_cert, ca_key, pop_id, key.public_key(), days)
-    for p in existing:
-        p.unlink()
-    _write_private(key_path, _key_pem(key))
-    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-    return PopFiles(pop_id=pop_id, cert=cert_path, key=key_path)
+    cert, key = _issue(
+        ca_dir,
+        f"pop-{pop_id}",
+        lambda ca_cert, ca_key, pub: build_pop_certificate(ca_cert, ca_key, pop_id, pub, days),
+        out_dir,
+        force,
+    )
+    return PopFiles(pop_id=pop_id, cert=cert, key=key)
 
 
 def _pop_id_arg(text: str) -> int:

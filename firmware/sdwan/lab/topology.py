@@ -790,31 +790,42 @@ table inet lab_filter {{
         config = config or site.config
         if config is None:
             raise ValueError(f"site {site.n}: write_site_config first")
-        with contextlib.suppress(FileNotFoundError):
-            site.control_socket.unlink()
-        d = self.spawn(
-            site.ns,
-            [sys.executable, "-m", "sdwan.socketd", "--config", str(config)],
-            f"socketd-site{site.n}",
-            env=self.env(),
+        site.socketd = self._start_service(
+            site.ns, "socketd", config, f"socketd-site{site.n}", site.control_socket, wait_socket_s
         )
-        site.socketd = d
-        ok = netns.wait_until(
-            lambda: site.control_socket.exists() or not d.alive(), timeout=wait_socket_s
-        )
-        if not d.alive():
-            raise NetnsError(
-                d.argv, site.ns, f"socketd exited with {d.proc.returncode}: {d.log_tail()}"
-            )
-        if not ok:
-            raise NetnsError(
-                d.argv, site.ns, f"no control socket after {wait_socket_s:g} s: {d.log_tail()}"
-            )
-        return d
+        return site.socketd
 
     def stop_socketd(self, site: Site, sig: int = signal.SIGTERM) -> None:
         """Stop site's socketd; sig=SIGKILL emulates a crash."""
-        d = site.socketd
+        self._stop_service(site.socketd, sig)
+        site.socketd = None
+
+    def socketctl(self, site: Site, *args: str, json_out: bool = True, timeout: float = 10) -> Any:
+        """Run socketctl against site's control socket; parsed JSON (or text if not json_out)."""
+        return self._ctl(site.ns, "socketctl", site.control_socket, args, json_out, timeout)
+
+    # ------------------------------------------------------------- services
+
+    def _start_service(
+        self, ns: str, prog: str, config: Path, name: str, control: Path, wait_s: float
+    ) -> Daemon:
+        """`python -m sdwan.<prog> --config X` in ns, up once its control socket exists."""
+        with contextlib.suppress(FileNotFoundError):
+            control.unlink()
+        d = self.spawn(
+            ns,
+            [sys.executable, "-m", f"sdwan.{prog}", "--config", str(config)],
+            name,
+            env=self.env(),
+        )
+        ok = netns.wait_until(lambda: control.exists() or not d.alive(), timeout=wait_s)
+        if not d.alive():
+            raise NetnsError(d.argv, ns, f"{prog} exited with {d.proc.returncode}: {d.log_tail()}")
+        if not ok:
+            raise NetnsError(d.argv, ns, f"no control socket after {wait_s:g} s: {d.log_tail()}")
+        return d
+
+    def _stop_service(self, d: Daemon | None, sig: int) -> None:
         if d is None:
             return
         if sig == signal.SIGKILL:
@@ -823,24 +834,23 @@ table inet lab_filter {{
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         self.kill(d)
-        site.socketd = None
 
-    def socketctl(self, site: Site, *args: str, json_out: bool = True, timeout: float = 10) -> Any:
-        """Run socketctl against site's control socket; parsed JSON (or text if not json_out)."""
-        argv = [
-            sys.executable,
-            "-m",
-            "sdwan.socketctl",
-            "--socket",
-            str(site.control_socket),
-            *args,
-        ]
+    def _ctl(
+        self,
+        ns: str,
+        prog: str,
+        control: Path,
+        args: Sequence[str],
+        json_out: bool,
+        timeout: float,
+    ) -> Any:
+        """Run `python -m sdwan.<prog> --socket S ARGS [--json]` in ns."""
+        argv = [sys.executable, "-m", f"sdwan.{prog}", "--socket", str(control), *args]
         if json_out:
             argv.append("--json")
-        full = ["ip", "netns", "exec", site.ns, *argv]
         try:
             cp = subprocess.run(
-                full,
+                ["ip", "netns", "exec", ns, *argv],
                 capture_output=True,
                 text=True,
                 timeout=timeout,
@@ -848,13 +858,11 @@ table inet lab_filter {{
                 stdin=subprocess.DEVNULL,
             )
         except subprocess.TimeoutExpired as e:
-            raise NetnsError(argv, site.ns, f"timed out after {timeout:g} s") from e
+            raise NetnsError(argv, ns, f"timed out after {timeout:g} s") from e
         if not json_out:
             if cp.returncode != 0:
                 raise NetnsError(
-                    argv,
-                    site.ns,
-                    f"exit status {cp.returncode}: {(cp.stderr or cp.stdout).strip()}",
+                    argv, ns, f"exit status {cp.returncode}: {(cp.stderr or cp.stdout).strip()}"
                 )
             return cp.stdout
         try:
@@ -862,7 +870,7 @@ table inet lab_filter {{
         except json.JSONDecodeError as e:
             raise NetnsError(
                 argv,
-                site.ns,
+                ns,
                 f"exit status {cp.returncode}, not JSON: {(cp.stderr or cp.stdout).strip()[-500:]}",
             ) from e
 
@@ -926,9 +934,7 @@ table inet lab_filter {{
                     "account": pop.account,
                 },
             ),
-            _toml_table(
-                "paths", {"data_dir": pop.data_dir, "control_socket": pop.control_socket}
-            ),
+            _toml_table("paths", {"data_dir": pop.data_dir, "control_socket": pop.control_socket}),
             _toml_table("pki", {"ca": pki.ca_cert, "cert": cert, "key": key}),
         ]
         if cloud:
@@ -946,78 +952,19 @@ table inet lab_filter {{
         config = config or pop.config
         if config is None:
             raise ValueError(f"PoP {pop.n}: write_pop_config first")
-        with contextlib.suppress(FileNotFoundError):
-            pop.control_socket.unlink()
-        d = self.spawn(
-            pop.ns,
-            [sys.executable, "-m", "sdwan.popd", "--config", str(config)],
-            f"popd-pop{pop.n}",
-            env=self.env(),
+        pop.popd = self._start_service(
+            pop.ns, "popd", config, f"popd-pop{pop.n}", pop.control_socket, wait_socket_s
         )
-        pop.popd = d
-        ok = netns.wait_until(
-            lambda: pop.control_socket.exists() or not d.alive(), timeout=wait_socket_s
-        )
-        if not d.alive():
-            raise NetnsError(
-                d.argv, pop.ns, f"popd exited with {d.proc.returncode}: {d.log_tail()}"
-            )
-        if not ok:
-            raise NetnsError(
-                d.argv, pop.ns, f"no control socket after {wait_socket_s:g} s: {d.log_tail()}"
-            )
-        return d
+        return pop.popd
 
     def stop_popd(self, pop: Pop, sig: int = signal.SIGTERM) -> None:
         """Stop the PoP's popd; sig=SIGKILL emulates a crash."""
-        d = pop.popd
-        if d is None:
-            return
-        if sig == signal.SIGKILL:
-            pid = d.main_pid(timeout=0.5)
-            if pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        self.kill(d)
+        self._stop_service(pop.popd, sig)
         pop.popd = None
 
     def popctl(self, pop: Pop, *args: str, json_out: bool = True, timeout: float = 10) -> Any:
         """Run popctl against the PoP's control socket; parsed JSON (or text if not json_out)."""
-        argv = [
-            sys.executable,
-            "-m",
-            "sdwan.popctl",
-            "--socket",
-            str(pop.control_socket),
-            *args,
-        ]
-        if json_out:
-            argv.append("--json")
-        try:
-            cp = subprocess.run(
-                ["ip", "netns", "exec", pop.ns, *argv],
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                env=self.env(),
-                stdin=subprocess.DEVNULL,
-            )
-        except subprocess.TimeoutExpired as e:
-            raise NetnsError(argv, pop.ns, f"timed out after {timeout:g} s") from e
-        if not json_out:
-            if cp.returncode != 0:
-                raise NetnsError(
-                    argv, pop.ns, f"exit status {cp.returncode}: {(cp.stderr or cp.stdout).strip()}"
-                )
-            return cp.stdout
-        try:
-            return json.loads(cp.stdout)
-        except json.JSONDecodeError as e:
-            raise NetnsError(
-                argv,
-                pop.ns,
-                f"exit status {cp.returncode}, not JSON: {(cp.stderr or cp.stdout).strip()[-500:]}",
-            ) from e
+        return self._ctl(pop.ns, "popctl", pop.control_socket, args, json_out, timeout)
 
     # ------------------------------------------------------------- helpers
 
