@@ -49,7 +49,8 @@ REFUSED_RETRY_S = 30.0
 BOOT_GRACE_S = 3.0
 # DTLS doubles its retransmission timer up to the handshake deadline; a PoP that comes
 # back must not wait for that, so an unanswered handshake is started afresh this often.
-HANDSHAKE_RESTART_S = 1.5
+HANDSHAKE_RESTART_S = 1.5  # first patience; doubles per restart up to the cap
+HANDSHAKE_RESTART_MAX_S = 8.0  # a slow or lossy link must still get a handshake through
 EVENT_ACK_TIMEOUT_S = 5.0
 EVENTS_PER_UPLOAD = 50
 # What fits one DTLS record at the default DTLS MTU, with room to spare.
@@ -163,6 +164,7 @@ class PopSession:
         self._ping = _Ping()
         self._was_connected = False
         self._hs: tuple[DtlsSession, float] | None = None
+        self._hs_patience = HANDSHAKE_RESTART_S
         self.registered_public: tuple[str | None, ...] | None = None  # as last sent
         self._next_register = 0.0
         cloud.fp.peer_add(self.peer_id)
@@ -259,8 +261,9 @@ class PopSession:
         if self._hs is None or self._hs[0] is not hs:
             self._hs = (hs, now)
             return
-        if now - self._hs[1] >= HANDSHAKE_RESTART_S and not hs.established:
+        if now - self._hs[1] >= self._hs_patience and not hs.established:
             self._hs = None
+            self._hs_patience = min(self._hs_patience * 2, HANDSHAKE_RESTART_MAX_S)
             self.cloud.by_session.pop(hs, None)
             forget = getattr(self.cloud.port, "forget_session", None)
             if forget is not None:
@@ -280,6 +283,7 @@ class PopSession:
 
     def _on_keys_active(self, session: DtlsSession) -> None:
         now = self.cloud.clock()
+        self._hs_patience = HANDSHAKE_RESTART_S
         self.last_rx_at = now
         self._rx_mark = self.cloud.fp.peer_counters(self.peer_id).last_rx_ns
         self.reason = "registering"
@@ -756,7 +760,10 @@ class Cloud:
             items.append(item)
             size += encoded
         ps = min(live, key=lambda p: (p.link.precedence, p.link_id))
-        if ps.tunnel.send_message({"t": "events", "events": items}):
+        # The store's instance id tells the PoP when this site's sequence restarted
+        # (a new or reset database), so it does not drop the events as duplicates.
+        msg = {"t": "events", "events": items, "instance": self.store.instance_id}
+        if ps.tunnel.send_message(msg):
             self._upload = (items[-1]["seq"], now)
 
     # ---------------------------------------------------------------- STUN

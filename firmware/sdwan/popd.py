@@ -373,12 +373,12 @@ class Pop:
         assert self.dtls is not None
         hs = self.handshakes.get(addr)
         hello = client_hello_random(data) if is_client_hello(data) else None
-        if hs is not None and hello is not None and hello != hs.hello_random:
-            # A new random: the site restarted mid-handshake. The stale
-            # handshake would ignore it until it timed out.
-            self.handshakes.pop(addr, None)
-            hs = None
-        if is_client_hello(data) and hs is None:
+        # A new random: the site restarted mid-handshake, and the stale
+        # handshake would ignore it until it timed out. It is replaced only
+        # once the new hello has passed the cookie check, so a forged hello
+        # cannot abort a handshake in progress.
+        restarted = hs is not None and hello is not None and hello != hs.hello_random
+        if is_client_hello(data) and (hs is None or restarted):
             result = self.dtls.accept(
                 data, _ep(addr), mtu=DTLS_MTU, allowed_site_ids=self._allowed_sites()
             )
@@ -388,6 +388,8 @@ class Pop:
                 if result.reason not in (None, "cookie sent"):
                     self._reject(addr, result.reason or "refused", None)
                 return
+            if restarted:
+                self.handshakes.pop(addr, None)
             if not self._admit(addr):
                 self.stats.handshakes_refused_admission += 1
                 return
@@ -797,7 +799,8 @@ class Pop:
                 self.stats.events_duplicate += 1
                 continue
             kind, text, at, data = ev.get("kind"), ev.get("text"), ev.get("at"), ev.get("data")
-            if not isinstance(kind, str) or not isinstance(text, str):
+            # popd.* kinds are the PoP's own: a site must not be able to forge them.
+            if not isinstance(kind, str) or not isinstance(text, str) or kind.startswith("popd."):
                 self.stats.events_malformed += 1
                 continue
             if not isinstance(at, int | float) or isinstance(at, bool):

@@ -462,6 +462,28 @@ def test_events_upload_is_stored_deduplicated_and_acked(
     assert st["events_stored"] == 3 and st["events_duplicate"] == 2
 
 
+def test_a_site_cannot_forge_the_pops_own_events_and_a_new_instance_restarts_seq(
+    pop: PopEnv, clients: list[Client]
+) -> None:
+    a = new_client(pop, clients, 1)
+    a.connect()
+    a.register()
+    forged = {"seq": 1, "at": 1700000000.0, "kind": "popd.session.down", "text": "fake"}
+    real = {"seq": 2, "at": 1700000001.0, "kind": "tunnel.up", "text": "to 2"}
+    a.send({"t": "events", "events": [forged, real], "instance": "db-1"})
+    assert a.wait_for("events-ack")["up_to"] == 2
+    # The site's database was reset: its sequence starts again under a new instance.
+    again = {"seq": 1, "at": 1700000002.0, "kind": "config.updated", "text": "rev 1"}
+    a.send({"t": "events", "events": [again], "instance": "db-2"})
+    assert a.wait_for("events-ack")["up_to"] == 1
+    rc, out = pop.popctl("events", "--site", "1")
+    assert rc == 0
+    kinds = [e["kind"] for e in out["events"]]
+    assert "popd.session.down" not in [e["kind"] for e in out["events"] if e["text"] == "fake"]
+    assert kinds[:2] == ["config.updated", "tunnel.up"]
+    assert pop.status()["control"]["events_malformed"] >= 1
+
+
 def test_reload_pushes_config_and_directory_and_bad_file_keeps_old(
     pop: PopEnv, clients: list[Client]
 ) -> None:
