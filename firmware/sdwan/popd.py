@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ipaddress
 import logging
 import secrets
 import signal
@@ -52,7 +53,7 @@ DTLS_MTU = 1400  # what the PoP's records may fill; larger messages go in fragme
 HANDSHAKE_DEADLINE_S = 10.0
 REGISTER_DEADLINE_S = 10.0  # an established session that never registers is dropped
 MAX_HANDSHAKING = 512
-MAX_HANDSHAKING_PER_IP = 16  # several sites may share one NAT address
+MAX_HANDSHAKING_PER_IP = 16  # per IPv4 address or IPv6 /64; several sites may share one NAT
 MAX_EVENTS_PER_WAKEUP = 256
 # A site's largest message is an events upload (MAX_UPLOADED_EVENTS events); reassembly of
 # anything larger is abandoned before it is buffered.
@@ -148,6 +149,7 @@ class _Stats:
     dtls_no_session: int = 0
     dtls_rejected: int = 0
     handshakes_refused_admission: int = 0
+    handshakes_evicted: int = 0
     unknown_site: int = 0
     messages_malformed: int = 0
     messages_unknown: int = 0
@@ -165,6 +167,18 @@ class _Stats:
 
 class RegisterError(ValueError):
     """A register message that cannot be accepted; the message is the `error` reason."""
+
+
+def _source_block(ip: str) -> str:
+    """What counts as one source for admission: an IPv4 address or an IPv6 /64
+    (a single host gets a whole /64 to pick addresses from)."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if addr.version == 6:
+        return str(ipaddress.ip_network(f"{addr}/64", strict=False))
+    return ip
 
 
 def _check_link(value: Any, what: str) -> dict[str, Any]:
@@ -412,10 +426,28 @@ class Pop:
         self._after_session_input(s)
 
     def _admit(self, addr: Addr) -> bool:
-        if len(self.handshakes) >= MAX_HANDSHAKING:
+        """Room for one more handshake from addr (its cookie was valid)?
+
+        A cookie only proves the sender receives at its address, so a table
+        that simply refused newcomers when full could be held by a few hosts
+        re-sending hellos. Instead, when full, the oldest handshake from an
+        address with no session of a site is dropped to make room; a host (an
+        IPv6 /64 counts as one) may hold only a few slots at a time."""
+        block = _source_block(addr[0])
+        if sum(1 for a in self.handshakes if _source_block(a[0]) == block) >= (
+            MAX_HANDSHAKING_PER_IP
+        ):
             return False
-        same_ip = sum(1 for a in self.handshakes if a[0] == addr[0])
-        return same_ip < MAX_HANDSHAKING_PER_IP
+        if len(self.handshakes) < MAX_HANDSHAKING:
+            return True
+        known = {a[0] for a in self.by_addr}
+        strangers = [hs for a, hs in self.handshakes.items() if a[0] not in known]
+        if not strangers:
+            return False
+        victim = min(strangers, key=lambda hs: hs.created)
+        del self.handshakes[victim.addr]
+        self.stats.handshakes_evicted += 1
+        return True
 
     def _after_handshake_input(self, hs: _Handshake) -> None:
         session = hs.session
