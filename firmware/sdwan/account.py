@@ -26,6 +26,7 @@ from .config import (
     IPNetwork,
     _boolean,
     _check_networks,
+    _check_pki_files,
     _Checker,
     _int_range,
     _LineIndex,
@@ -401,24 +402,8 @@ def load_pop_config(path: str | os.PathLike[str]) -> PopConfig:
         if isinstance(data_dir, str) and isinstance(sock, str):
             paths = PopPaths(_resolve(base, data_dir), _resolve(base, sock))
 
-    pki: PopPki | None = None
-    pki_t = c.table(doc, ("pki",), required=True)
-    if pki_t is not None:
-        c.known_keys(pki_t, ("pki",), ("ca", "cert", "key"))
-        files: dict[str, Path] = {}
-        for key in ("ca", "cert", "key"):
-            text_path = c.value(pki_t, ("pki", key), _path_string)
-            if text_path is _MISSING:
-                continue
-            p = _resolve(base, text_path)
-            if not p.is_file():
-                c.error(("pki", key), f"file not found: {p}")
-            elif not os.access(p, os.R_OK):
-                c.error(("pki", key), f"file not readable: {p}")
-            else:
-                files[key] = p
-        if len(files) == 3:
-            pki = PopPki(**files)
+    files = _check_pki_files(c, doc, base)
+    pki = PopPki(**files) if files is not None else None
 
     cloud: CloudTimers | None = None
     cloud_t = c.table(doc, ("cloud",), required=False)

@@ -497,6 +497,30 @@ def _check_networks(
     return tuple(nets) if ok else None
 
 
+def _check_pki_files(c: _Checker, doc: Mapping[str, Any], base: Path) -> dict[str, Path] | None:
+    """The required [pki] table (ca, cert, key): readable files, or None after errors.
+    Shared by the site's and the PoP's configuration."""
+    pki_t = c.table(doc, ("pki",), required=True)
+    if pki_t is None:
+        return None
+    c.known_keys(pki_t, ("pki",), ("ca", "cert", "key"))
+    files: dict[str, Path] = {}
+    for key in ("ca", "cert", "key"):
+        text = c.value(pki_t, ("pki", key), _path_string)
+        if text is _MISSING:
+            continue
+        path = _resolve(base, text)
+        if not path.exists():
+            c.error(("pki", key), f"file not found: {path}")
+        elif not path.is_file():
+            c.error(("pki", key), f"expected a PEM file, got a directory or device: {path}")
+        elif not os.access(path, os.R_OK):
+            c.error(("pki", key), f"file not readable: {path}")
+        else:
+            files[key] = path
+    return files if len(files) == 3 else None
+
+
 def _resolve(base: Path, text: str) -> Path:
     path = Path(text)
     return Path(os.path.normpath(path if path.is_absolute() else base / path))
@@ -754,26 +778,8 @@ def _validate(doc: dict[str, Any], source: Path, c: _Checker) -> SiteConfig | No
         if data_dir is not _MISSING and sock is not _MISSING:
             paths = Paths(data_dir=_resolve(base, data_dir), control_socket=_resolve(base, sock))
 
-    pki: Pki | None = None
-    pki_t = c.table(doc, ("pki",), required=True)
-    if pki_t is not None:
-        c.known_keys(pki_t, ("pki",), ("ca", "cert", "key"))
-        files: dict[str, Path] = {}
-        for key in ("ca", "cert", "key"):
-            text = c.value(pki_t, ("pki", key), _path_string)
-            if text is _MISSING:
-                continue
-            path = _resolve(base, text)
-            if not path.exists():
-                c.error(("pki", key), f"file not found: {path}")
-            elif not path.is_file():
-                c.error(("pki", key), f"expected a PEM file, got a directory or device: {path}")
-            elif not os.access(path, os.R_OK):
-                c.error(("pki", key), f"file not readable: {path}")
-            else:
-                files[key] = path
-        if len(files) == 3:
-            pki = Pki(**files)
+    files = _check_pki_files(c, doc, base)
+    pki = Pki(**files) if files is not None else None
 
     lan: Lan | None = None
     lan_t = c.table(doc, ("lan",), required=True)

@@ -7,25 +7,10 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable
-from typing import Any
 
-import pytest
+from labwait import wait_for
 
 from sdwan.lab.topology import Lab, Pop, Site
-
-TIMEOUT_S = 30
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = TIMEOUT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.1)
-    pytest.fail(f"{what}: not within {timeout} s (last: {last!r})")
 
 
 def pops_toml(*pops: Pop) -> str:

@@ -11,30 +11,16 @@ from __future__ import annotations
 
 import re
 import shutil
-import time
-from collections.abc import Callable
-from typing import Any
 
 import pytest
+from labwait import wait_for
 
 from sdwan.lab import netns
 from sdwan.lab.netns import Daemon
 from sdwan.lab.topology import Lab, Pop, Site
 
-TIMEOUT_S = 30
 COTURN_PORT = 3479
 DAEMON_MAX_S = 120
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = TIMEOUT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.1)
-    pytest.fail(f"{what}: not within {timeout} s (last: {last!r})")
 
 
 def build(lab: Lab, nat: str) -> tuple[Pop, Site]:
@@ -86,9 +72,18 @@ def nat_mapping(lab: Lab, site: Site, dst: str, dport: int) -> str:
     out = netns.run(
         site.router.ns,
         [
-            "conntrack", "-L", "-p", "udp",
-            "--orig-src", site.wan_ip, "--orig-port-src", str(site.port),
-            "--orig-dst", dst, "--orig-port-dst", str(dport),
+            "conntrack",
+            "-L",
+            "-p",
+            "udp",
+            "--orig-src",
+            site.wan_ip,
+            "--orig-port-src",
+            str(site.port),
+            "--orig-dst",
+            dst,
+            "--orig-port-dst",
+            str(dport),
         ],
         check=False,
     ).stdout
@@ -105,11 +100,24 @@ def start_coturn(lab: Lab, pop: Pop) -> Daemon:
     d = lab.workdir / "coturn"
     d.mkdir(exist_ok=True)
     argv = [
-        "turnserver", "-n", "--stun-only", "--no-tls", "--no-dtls", "--no-cli",
-        "--listening-ip", pop.ip, "--listening-port", str(COTURN_PORT),
+        "turnserver",
+        "-n",
+        "--stun-only",
+        "--no-tls",
+        "--no-dtls",
+        "--no-cli",
+        "--listening-ip",
+        pop.ip,
+        "--listening-port",
+        str(COTURN_PORT),
         # Binding needs no credentials; these keep coturn's state inside the lab.
-        "--db", str(d / "turndb"), "--pidfile", str(d / "turnserver.pid"),
-        "--log-file", "stdout", "--simple-log",
+        "--db",
+        str(d / "turndb"),
+        "--pidfile",
+        str(d / "turnserver.pid"),
+        "--log-file",
+        "stdout",
+        "--simple-log",
     ]
     daemon = lab.spawn(pop.ns, argv, "coturn", max_lifetime_s=DAEMON_MAX_S)
 
@@ -164,4 +172,3 @@ def test_port_randomising_nat_learns_the_mapping_toward_the_stun_port(lab: Lab) 
     assert public.rsplit(":", 1)[0] == session_src.rsplit(":", 1)[0] == site.public_ip
     status = lab.socketctl(site, "status")
     assert status["control"]["stun_unmatched"] == 0
-
