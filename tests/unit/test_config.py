@@ -189,8 +189,14 @@ def test_no_peers_is_valid(tmp_path: Path) -> None:
 
 
 def test_shipped_example_is_valid(tmp_path: Path) -> None:
-    example = REPO / "examples" / "site1.toml"
-    cfg = load_config(write_site(tmp_path, example.read_text(), name="site1.toml"))
+    """As the README runs it: certificates issued into pki/ beside the example."""
+    from sdwan import pki
+
+    example = tmp_path / "site1.toml"
+    example.write_text((REPO / "examples" / "site1.toml").read_text())
+    pki.create_ca(tmp_path / "pki", "example")
+    pki.issue_site(tmp_path / "pki", 1, tmp_path / "pki")
+    cfg = load_config(example)
     assert cfg.site.id == 1
     assert [link.name for link in cfg.links] == ["wan1", "lte"]
     assert [peer.site_id for peer in cfg.peers] == [2, 3]
