@@ -85,7 +85,7 @@ device_arg=${positional[1]}
 if [ "$(id -u)" -ne 0 ]; then
   refuse "must run as root: it writes a raw block device"
 fi
-for tool in lsblk findmnt blockdev dd sha256sum numfmt flock; do
+for tool in lsblk findmnt blockdev blkid dd sha256sum numfmt flock; do
   command -v "$tool" >/dev/null || refuse "required tool '$tool' is not installed"
 done
 
@@ -139,10 +139,6 @@ case $dev_type in
   *) refuse "$device_arg is a '$dev_type' device (device-mapper, RAID, ...), not a whole disk" ;;
 esac
 
-dev_size=$(blockdev --getsize64 "$device")
-[ "$dev_size" -gt 0 ] || refuse "$device_arg has size 0 (no medium inserted, or an unattached loop device)"
-[ "$(blockdev --getro "$device")" = 0 ] || refuse "$device_arg is read-only (write-protect switch?)"
-sector=$(blockdev --getss "$device")
 
 # The disks (or loop devices) under a block device, through partitions,
 # device-mapper and RAID: lsblk --inverse walks from the device to its disks.
@@ -196,7 +192,9 @@ check_not_in_use() {
   while read -r swapdev _; do
     [ -b "$swapdev" ] || continue
     while read -r disk; do
-      if [ "$(readlink -f "$disk")" = "$device" ]; then used+=("$swapdev is active swap"); fi
+      if [ "$(readlink -f "$disk")" = "$device" ] && [[ " ${used[*]} " != *" $swapdev is active swap"* ]]; then
+        used+=("$swapdev is active swap")
+      fi
     done < <(disks_under "$swapdev")
   done < <(tail -n +2 /proc/swaps)
   if [ ${#used[@]} -gt 0 ]; then
@@ -206,6 +204,14 @@ check_not_in_use() {
 
 check_not_root
 check_not_in_use
+
+# Only now is the device opened: everything above reads sysfs and mountinfo.
+if ! dev_size=$(blockdev --getsize64 "$device") || ! ro=$(blockdev --getro "$device") ||
+  ! sector=$(blockdev --getss "$device"); then
+  refuse "cannot open $device_arg (see the error above)"
+fi
+[ "$dev_size" -gt 0 ] || refuse "$device_arg has size 0 (no medium inserted, or an unattached loop device)"
+[ "$ro" = 0 ] || refuse "$device_arg is read-only (write-protect switch, or a read-only loop device)"
 
 # --- the image -----------------------------------------------------------------
 
@@ -296,13 +302,14 @@ else
   serial=$(lsblk -dno SERIAL "$device" || true)
   say "target $device_arg: model ${model:-?}, size $(human "$dev_size") ($dev_size bytes), serial ${serial:-?}"
 fi
-pair='NAME="(.*)" FSTYPE="(.*)" LABEL="(.*)"'
-while read -r line; do
-  [[ $line =~ $pair ]] || continue
-  name=${BASH_REMATCH[1]} fstype=${BASH_REMATCH[2]} label=${BASH_REMATCH[3]}
+# blkid probes the disk itself: lsblk's FSTYPE needs a udev database, which
+# an appliance build host or a container may lack.
+while read -r name; do
+  fstype=$(blkid -p -s TYPE -o value -- "$name" 2>/dev/null || true)
+  label=$(blkid -p -s LABEL -o value -- "$name" 2>/dev/null || true)
   [ "$name" = "$device" ] && [ -z "$fstype" ] && continue
-  say "  it holds $name: ${fstype:-no filesystem}${label:+, label \"$label\"}"
-done < <(lsblk -nPpo NAME,FSTYPE,LABEL -- "$device")
+  say "  it holds $name: ${fstype:-no known filesystem}${label:+, label \"$label\"}"
+done < <(lsblk -nrpo NAME -- "$device")
 description="image $image: $image_size bytes ($(human "$image_size"))"
 [ ${#decompress[@]} -eq 0 ] || description+=", ${decompress[0]}-compressed"
 if [ -n "$bmap" ]; then
