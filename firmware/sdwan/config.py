@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .wanaddr import MODES as _ADDRESSING_MODES
+from .wanaddr import Addressing
+
 __all__ = [
     "Cloud",
     "ConfigError",
@@ -97,6 +100,8 @@ class Link:
     port: int
     precedence: int = 1
     mtu: int = 1500
+    # How the device gets its address (wanaddr.py); a setting stored from the console wins.
+    addressing: Addressing = Addressing()
 
 
 @dataclass(frozen=True)
@@ -526,6 +531,46 @@ def _resolve(base: Path, text: str) -> Path:
     return Path(os.path.normpath(path if path.is_absolute() else base / path))
 
 
+def _check_addressing(
+    c: _Checker, entry: Mapping[str, Any], loc: tuple[str | int, ...]
+) -> Addressing | object:
+    """A link's optional `addressing`: "none", "dhcp" or {mode = "static", address, gateway}."""
+    raw = entry.get("addressing", _MISSING)
+    if raw is _MISSING:
+        return Addressing()
+    if isinstance(raw, dict):
+        c.known_keys(raw, loc, ("mode", "address", "gateway"))
+        mode = raw.get("mode", _MISSING)
+        if mode is _MISSING:
+            c.error((*loc, "mode"), 'missing required field (expected "none", "static" or "dhcp")')
+            return _MISSING
+        if mode not in _ADDRESSING_MODES:
+            c.error((*loc, "mode"), f'expected "none", "static" or "dhcp", got {_show(mode)}')
+            return _MISSING
+        if mode == "static":
+            for key in ("address", "gateway"):
+                if key not in raw:
+                    c.error((*loc, key), 'missing required field (mode "static" needs it)')
+            if "address" not in raw or "gateway" not in raw:
+                return _MISSING
+            try:
+                return Addressing.static(raw["address"], raw["gateway"])
+            except ValueError as exc:
+                about_gw = str(exc).startswith(("gateway", "expected a gateway"))
+                c.error((*loc, "gateway" if about_gw else "address"), str(exc))
+                return _MISSING
+        for key in ("address", "gateway"):
+            if key in raw:
+                c.error((*loc, key), f'only for mode "static", not {_show(mode)}')
+                return _MISSING
+        return Addressing(mode)
+    try:
+        return Addressing.from_value(raw)
+    except ValueError as exc:
+        c.error(loc, str(exc))
+        return _MISSING
+
+
 def _check_links(c: _Checker, doc: Mapping[str, Any]) -> list[Link] | None:
     raw = doc.get("links", _MISSING)
     if raw is _MISSING:
@@ -544,13 +589,16 @@ def _check_links(c: _Checker, doc: Mapping[str, Any]) -> list[Link] | None:
             c.error(loc, f"expected a table, got {_show(entry)}")
             ok = False
             continue
-        c.known_keys(entry, loc, ("name", "interface", "port", "precedence", "mtu"))
+        c.known_keys(
+            entry, loc, ("name", "interface", "port", "precedence", "mtu", "addressing")
+        )
         values = {
             "name": c.value(entry, (*loc, "name"), _link_name),
             "interface": c.value(entry, (*loc, "interface"), _ifname),
             "port": c.value(entry, (*loc, "port"), _int_range(1, 65535)),
             "precedence": c.value(entry, (*loc, "precedence"), _int_range(1, 3), default=1),
             "mtu": c.value(entry, (*loc, "mtu"), _int_range(576, 9000), default=1500),
+            "addressing": _check_addressing(c, entry, (*loc, "addressing")),
         }
         if any(v is _MISSING for v in values.values()):
             ok = False

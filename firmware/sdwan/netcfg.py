@@ -1,5 +1,6 @@
 """Kernel network configuration of a site: tunnel device MTU and state, routes
-to the peers' subnets through it, and TCP MSS clamping.
+to the peers' subnets through it, TCP MSS clamping, and the addresses and
+default route of a WAN device (an `AddrPlan`, decided by wanaddr.py).
 
 It runs as a short-lived worker (`python -m sdwan.netcfg`, a JSON plan on
 stdin) rather than inside socketd: pyroute2 costs about 24 MB of resident memory
@@ -11,6 +12,7 @@ table is recreated), so it can run again after any change.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -34,6 +36,22 @@ class Plan:
     mtu: int
     routes: list[str] = field(default_factory=list)
     mss_clamp: bool = True
+
+
+@dataclass
+class AddrPlan:
+    """The addresses of one family on a WAN device and its default route through it.
+
+    Global addresses of that family not in `addresses` are removed (an empty list
+    clears the device, as a DHCP deconfig does); every default route of the family
+    through the device is replaced by one via `gateway` with `metric`, so each link
+    keeps its own default route next to the other links'."""
+
+    interface: str
+    family: int  # 4 or 6
+    addresses: list[str] = field(default_factory=list)  # "ADDR/PREFIX"
+    gateway: str | None = None
+    metric: int = 0
 
 
 def tunnel_mtu(link_mtus: list[int]) -> int:
@@ -106,6 +124,85 @@ def _ipv6_on_tunnel(plan: Plan) -> None:
         pass  # a kernel without IPv6
 
 
+async def _apply_addressing(plan: AddrPlan) -> None:
+    import ipaddress
+    import socket
+
+    from pyroute2 import AsyncIPRoute
+
+    family = socket.AF_INET if plan.family == 4 else socket.AF_INET6
+    wanted = {ipaddress.ip_interface(a) for a in plan.addresses}
+    async with AsyncIPRoute() as ipr:
+        found = await ipr.link_lookup(ifname=plan.interface)
+        if not found:
+            raise NetcfgError(f"device {plan.interface} does not exist")
+        index = found[0]
+        try:
+            await ipr.link("set", index=index, state="up")
+        except Exception as e:
+            raise NetcfgError(f"cannot set {plan.interface} up: {e}") from e
+        present = set()
+        async for a in await ipr.addr("dump", index=index, family=family):
+            if a["scope"] != 0:  # link-local addresses belong to the kernel
+                continue
+            present.add(ipaddress.ip_interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"))
+        for old in present - wanted:
+            try:
+                await ipr.addr(
+                    "del", index=index, address=str(old.ip), prefixlen=old.network.prefixlen
+                )
+            except Exception as e:
+                raise NetcfgError(f"cannot remove {old} from {plan.interface}: {e}") from e
+        for new in wanted - present:
+            try:
+                await ipr.addr(
+                    "add", index=index, address=str(new.ip), prefixlen=new.network.prefixlen
+                )
+            except Exception as e:
+                raise NetcfgError(f"cannot add {new} to {plan.interface}: {e}") from e
+        # Removing an address may already have taken its routes with it.
+        defaults = [
+            r
+            async for r in await ipr.route("dump", family=family, oif=index)
+            if r["dst_len"] == 0 and r["table"] == 254
+        ]
+        for r in defaults:
+            with contextlib.suppress(Exception):
+                await ipr.route(
+                    "del",
+                    dst="default",
+                    family=family,
+                    oif=index,
+                    priority=r.get("RTA_PRIORITY") or 0,
+                    gateway=r.get("RTA_GATEWAY"),
+                )
+        if plan.gateway:
+            try:
+                await ipr.route(
+                    "replace",
+                    dst="default",
+                    family=family,
+                    gateway=plan.gateway,
+                    oif=index,
+                    priority=plan.metric,
+                )
+            except Exception as e:
+                raise NetcfgError(
+                    f"cannot route default via {plan.gateway} dev {plan.interface}: {e}"
+                ) from e
+
+
+def apply_addressing(plan: AddrPlan) -> None:
+    if plan.family not in (4, 6):
+        raise NetcfgError(f"address family must be 4 or 6, got {plan.family}")
+    asyncio.run(_apply_addressing(plan))
+
+
+def apply_addressing_in_worker(plan: AddrPlan, timeout: float = 30.0) -> None:
+    """Apply a WAN device's addressing in a child process, like `apply_in_worker`."""
+    _run_worker({"addressing": asdict(plan)}, timeout)
+
+
 def apply(plan: Plan) -> None:
     _ipv6_on_tunnel(plan)
     asyncio.run(_apply_links(plan))
@@ -114,21 +211,31 @@ def apply(plan: Plan) -> None:
 
 def apply_in_worker(plan: Plan, timeout: float = 30.0) -> None:
     """Apply `plan` in a child process (see the module docstring for why)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "sdwan.netcfg"],
-        input=json.dumps(asdict(plan)),
-        text=True,
-        capture_output=True,
-        timeout=timeout,
-    )
+    _run_worker(asdict(plan), timeout)
+
+
+def _run_worker(doc: dict, timeout: float) -> None:
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "sdwan.netcfg"],
+            input=json.dumps(doc),
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise NetcfgError(f"netcfg worker did not finish within {timeout:g} s") from None
     if proc.returncode != 0:
         raise NetcfgError(proc.stderr.strip() or f"netcfg worker exited {proc.returncode}")
 
 
 def main() -> int:
     try:
-        plan = Plan(**json.load(sys.stdin))
-        apply(plan)
+        doc = json.load(sys.stdin)
+        if isinstance(doc, dict) and "addressing" in doc:
+            apply_addressing(AddrPlan(**doc["addressing"]))
+        else:
+            apply(Plan(**doc))
     except (NetcfgError, TypeError, ValueError) as e:
         print(f"netcfg: {e}", file=sys.stderr)
         return 1

@@ -1,9 +1,10 @@
 """socketctl: the operator's command line over socketd's control socket.
 
-`socketctl [--socket PATH] status|peers|pop|events [--json]`. With --json the result object is
-printed as socketd sent it (the field names are a stable interface, see docs/socketctl.md);
-without it, a table for people. Exit status: 0 success, 1 socketd answered an error, 2 usage error,
-3 socketd could not be reached.
+`socketctl [--socket PATH] status|peers|pop|events|links [--json]`, and
+`socketctl set-link LINK static ADDR/PREFIX GATEWAY | set-link LINK dhcp`. With --json the
+result object is printed as socketd sent it (the field names are a stable interface, see
+docs/socketctl.md); without it, a table for people. Exit status: 0 success, 1 socketd answered
+an error, 2 usage error, 3 socketd could not be reached.
 """
 
 from __future__ import annotations
@@ -275,11 +276,54 @@ def format_events(result: Mapping[str, Any], out: TextIO) -> None:
         out.write(f"{when}  {_text(ev.get('kind')):<16}  {_text(ev.get('text'))}\n")
 
 
+def _link_detail(link: Mapping[str, Any]) -> str:
+    if link.get("error"):
+        return f"error: {link['error']}"
+    dhcp = link.get("dhcp")
+    if isinstance(dhcp, Mapping):
+        text = f"dhcp {_text(dhcp.get('state'))}"
+        if dhcp.get("server"):
+            text += f" from {dhcp['server']}"
+        if dhcp.get("lease_s") is not None:
+            text += f", lease {_duration(dhcp.get('lease_s'))}"
+        return text
+    return ""
+
+
+def format_links(result: Mapping[str, Any], out: TextIO) -> None:
+    links = result.get("links") or []
+    if not links:
+        out.write("no links\n")
+        return
+    rows = [
+        [
+            _text(link.get("name")),
+            _text(link.get("interface")),
+            _text(link.get("state")),
+            _text(link.get("addressing")),
+            _text(link.get("address")),
+            _text(link.get("gateway")),
+            _num(link.get("precedence")),
+            _link_detail(link),
+        ]
+        for link in links
+        if isinstance(link, Mapping)
+    ]
+    headers = ["LINK", "INTERFACE", "STATE", "ADDRESSING", "ADDRESS", "GATEWAY", "PREC", "DETAIL"]
+    _table(headers, rows, out)
+
+
+def format_set_link(result: Mapping[str, Any], out: TextIO) -> None:
+    """set-link answers with the link's new `links` entry."""
+    format_links({"links": [result]}, out)
+
+
 FORMATTERS: dict[str, Callable[[Mapping[str, Any], TextIO], None]] = {
     "status": format_status,
     "peers": format_peers,
     "pop": format_pop,
     "events": format_events,
+    "links": format_links,
 }
 
 
@@ -306,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
         "peers": "the other sites: direct tunnels (state, endpoint, traffic) and cloud sites",
         "pop": "sessions to the PoPs per link: state, RTT, last seen, reason when down",
         "events": "stored events, newest first",
+        "links": "WAN links: device state, addressing (none, static, dhcp), address, gateway",
     }
     for name in FORMATTERS:
         sub = commands.add_parser(name, help=helps[name], description=helps[name])
@@ -316,18 +361,44 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "events":
             sub.add_argument("--limit", type=int, default=50, help="at most N events (50)")
             sub.add_argument("--kind", default=None, help="only events of this kind")
+    set_help = "set a link's addressing (saved in the data directory, applied at once)"
+    sub = commands.add_parser(
+        "set-link",
+        help=set_help,
+        description=set_help,
+        usage="socketctl set-link LINK static ADDR/PREFIX GATEWAY | set-link LINK dhcp",
+    )
+    sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    sub.add_argument("link", help="link name, e.g. wan1")
+    sub.add_argument("mode", choices=("static", "dhcp"))
+    sub.add_argument("values", nargs="*", metavar="ADDR/PREFIX GATEWAY")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    timeout = args.timeout
     try:
         extra: dict[str, Any] = {}
         if args.command == "events":
             extra["limit"] = args.limit
             if args.kind is not None:
                 extra["kind"] = args.kind
-        result = request(args.socket, args.command, timeout=args.timeout, **extra)
+        if args.command == "set-link":
+            wanted = 2 if args.mode == "static" else 0
+            if len(args.values) != wanted:
+                parser.error(
+                    "set-link LINK static needs ADDR/PREFIX and GATEWAY"
+                    if wanted
+                    else "set-link LINK dhcp takes nothing more"
+                )
+            extra = {"link": args.link, "mode": args.mode, "origin": "socketctl"}
+            if wanted:
+                extra["address"], extra["gateway"] = args.values
+            # Applying runs a configuration worker (and stops a DHCP client) first.
+            timeout = max(timeout, 40.0)
+        result = request(args.socket, args.command, timeout=timeout, **extra)
     except ControlUnreachable as exc:
         print(f"socketctl: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
@@ -342,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dump(result, sys.stdout, indent=2, sort_keys=False)
             sys.stdout.write("\n")
         else:
-            FORMATTERS[args.command](result, sys.stdout)
+            FORMATTERS.get(args.command, format_set_link)(result, sys.stdout)
         sys.stdout.flush()
     except BrokenPipeError:
         # `socketctl peers | head` is normal use, not an error worth a traceback; pointing

@@ -31,6 +31,7 @@ from .netcfg import NetcfgError, Plan, apply_in_worker, tunnel_mtu
 from .store import Store, StoreError
 from .stun import is_stun
 from .tunnel import KICK_TYPE, Addr, PeerTunnel, Timers, decode_kick
+from .wanaddr import WanAddressing
 
 log = logging.getLogger("sdwan.socketd")
 
@@ -88,6 +89,7 @@ class Supervisor:
         self._net_task: asyncio.Task[None] | None = None
         self._net_dirty = False
         self._stop = asyncio.Event()
+        self.wan: WanAddressing | None = None
 
     # ---------------------------------------------------------------- setup
 
@@ -530,6 +532,29 @@ class Supervisor:
             "uploaded_seq": self.store.uploaded_seq(),
         }
 
+    # ---------------------------------------------------------------- WAN addressing
+
+    def _wan_handlers(self) -> dict:
+        """`links`, `set-link` and `dhcp-lease` (wanaddr.py owns them)."""
+        self.wan = WanAddressing(
+            self.cfg.links, self.store, self.cfg.paths.control_socket, self._record_event
+        )
+        return self.wan.handlers()
+
+    def _start_wan(self) -> None:
+        # Stored settings are applied in the background once the control socket is up, so
+        # the console can look at (and fix) a link whose setting fails.
+        assert self.wan is not None
+        self.wan.start()
+
+    def _record_event(self, kind: str, text: str, data: dict) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.add_event(kind, text, data=data)
+        except (StoreError, ValueError) as e:
+            log.warning("event not stored: %s", e)
+
     # ---------------------------------------------------------------- run
 
     async def run(self) -> None:
@@ -544,9 +569,11 @@ class Supervisor:
                 "peers": self._peers,
                 "pop": self._pop,
                 "events": self._events,
+                **self._wan_handlers(),
             },
         )
         await self.control.start()
+        self._start_wan()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         log.info(
@@ -563,6 +590,8 @@ class Supervisor:
             ticker.cancel()
             log.info("socketd stopping")
             await self.control.close()
+            if self.wan is not None:
+                await self.wan.close()
             loop.remove_reader(self.fp.ctrl_fd)
             self.close()
 

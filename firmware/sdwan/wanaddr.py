@@ -1,0 +1,736 @@
+"""WAN addressing: how each link's device gets its address (left alone, static, or DHCP).
+
+Owns the `addressing` of every [[links]] entry: validating a setting (`parse_static`,
+`Addressing.from_value`), persisting what the console or socketctl set (a document per link,
+`wan.<link>`, in socketd's store, which wins over the config file's `addressing`), applying it
+live (static: the netcfg worker replaces the device's addresses and the link's default route;
+DHCP: a supervised `udhcpc -f` whose script hands each lease back to socketd over the control
+socket, applied through the same worker), and reporting it (`links`). The control commands
+`links`, `set-link` and `dhcp-lease` are served by `WanAddressing.handlers()`.
+
+`python -m sdwan.wanaddr lease EVENT` is the udhcpc script's side (docs/console.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import fcntl
+import ipaddress
+import logging
+import os
+import shlex
+import shutil
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .netcfg import AddrPlan, NetcfgError, apply_addressing_in_worker
+
+if TYPE_CHECKING:
+    from .config import Link
+    from .store import Store
+
+__all__ = [
+    "MODES",
+    "Addressing",
+    "WanAddressing",
+    "doc_name",
+    "observe",
+    "parse_static",
+    "route_metric",
+]
+
+log = logging.getLogger("sdwan.wanaddr")
+
+MODES = ("none", "static", "dhcp")
+DOC_PREFIX = "wan."
+# Each link's default route gets its own metric so the links' routes sit side by side.
+METRIC_BASE = 100
+UDHCPC_RESTART_S = 5.0
+UDHCPC_STOP_S = 3.0
+WORKER_TIMEOUT_S = 30.0
+LEASE_REQUEST_TIMEOUT_S = 40.0  # the script waits while socketd applies the lease
+SCRIPT_NAME = "udhcpc-script"
+ENV_SOCKET = "SDWAN_CONTROL_SOCKET"
+ENV_LINK = "SDWAN_LINK"
+ENV_GENERATION = "SDWAN_DHCP_GENERATION"
+_LEASE_EVENTS = ("deconfig", "bound", "renew", "leasefail", "nak")
+
+_SIOCGIFADDR = 0x8915
+_SIOCGIFNETMASK = 0x891B
+_PR_SET_PDEATHSIG = 1
+
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
+def doc_name(link: str) -> str:
+    return DOC_PREFIX + link
+
+
+def route_metric(index: int) -> int:
+    """Metric of the default route of the link at `index` (config order, from 0)."""
+    return METRIC_BASE + index
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if not isinstance(value, str) else f'"{value}"'
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_static(address: Any, gateway: Any) -> tuple[IPInterface, ipaddress._BaseAddress]:
+    """A static address "ADDR/PREFIX" and its gateway, checked together; ValueError says why."""
+    expected = "expected an address with its prefix length such as 100.64.1.2/24"
+    if not isinstance(address, str) or "/" not in address:
+        raise ValueError(f"{expected}, got {_show(address)}")
+    try:
+        iface = ipaddress.ip_interface(address.strip())
+    except ValueError:
+        raise ValueError(f"{expected}, got {_show(address)}") from None
+    ip, net = iface.ip, iface.network
+    if ip.is_unspecified or ip.is_multicast or ip.is_loopback or ip.is_link_local:
+        raise ValueError(
+            f"{ip} cannot be a WAN address (unspecified, multicast, loopback or link-local)"
+        )
+    if ip.version == 4 and ip.is_reserved:
+        raise ValueError(f"{ip} is in the reserved range 240.0.0.0/4")
+    # /31 and /32 have no network or broadcast address to avoid.
+    ends = (net.network_address, net.broadcast_address) if ip.version == 4 else ()
+    if net.prefixlen <= 30 and ip in ends:
+        which = "network" if ip == net.network_address else "broadcast"
+        raise ValueError(f"{iface} is the {which} address of {net}, not a host address")
+    if not isinstance(gateway, str) or not gateway.strip():
+        raise ValueError(f"expected a gateway address such as 100.64.1.1, got {_show(gateway)}")
+    try:
+        gw = ipaddress.ip_address(gateway.strip())
+    except ValueError:
+        raise ValueError(
+            f"expected a gateway address such as 100.64.1.1, got {_show(gateway)}"
+        ) from None
+    if gw.version != ip.version:
+        raise ValueError(
+            f"gateway {gw} is IPv{gw.version} but the address {iface} is IPv{ip.version}"
+        )
+    if gw not in net:
+        raise ValueError(f"gateway {gw} is not inside {net} (the address's network)")
+    if gw == ip:
+        raise ValueError(f"gateway {gw} is the address itself")
+    if net.prefixlen <= 30 and gw in ends:
+        raise ValueError(f"gateway {gw} is the network or broadcast address of {net}")
+    return iface, gw
+
+
+@dataclass(frozen=True)
+class Addressing:
+    """How a link's device gets its address. `none` leaves it to the system."""
+
+    mode: str = "none"
+    address: str | None = None  # "ADDR/PREFIX", static only
+    gateway: str | None = None  # static only
+
+    @classmethod
+    def static(cls, address: Any, gateway: Any) -> Addressing:
+        iface, gw = parse_static(address, gateway)
+        return cls("static", str(iface), str(gw))
+
+    @classmethod
+    def from_value(cls, value: Any) -> Addressing:
+        """From the config's `addressing` or a stored document: "none", "dhcp", or a table
+        {mode = "static", address, gateway} (or {mode = "dhcp"}); ValueError says why not."""
+        if isinstance(value, str):
+            if value in ("none", "dhcp"):
+                return cls(value)
+            if value == "static":
+                raise ValueError(
+                    '"static" needs an address and a gateway: write'
+                    ' { mode = "static", address = "ADDR/PREFIX", gateway = "GW" }'
+                )
+            raise ValueError(f'expected "none", "dhcp" or a static table, got {_show(value)}')
+        if not isinstance(value, Mapping):
+            raise ValueError(f'expected "none", "dhcp" or a static table, got {_show(value)}')
+        unknown = sorted(set(value) - {"mode", "address", "gateway"})
+        if unknown:
+            raise ValueError(f"unknown key {unknown[0]!r} (expected mode, address, gateway)")
+        mode = value.get("mode")
+        if mode not in MODES:
+            raise ValueError(f'mode: expected "none", "static" or "dhcp", got {_show(mode)}')
+        if mode == "static":
+            return cls.static(value.get("address"), value.get("gateway"))
+        extra = [k for k in ("address", "gateway") if k in value]
+        if extra:
+            raise ValueError(f'{extra[0]} is only for mode "static", not {_show(mode)}')
+        return cls(mode)
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.mode == "static":
+            return {"mode": "static", "address": self.address, "gateway": self.gateway}
+        return {"mode": self.mode}
+
+    def describe(self) -> str:
+        if self.mode == "static":
+            return f"static {self.address} via {self.gateway}"
+        return self.mode
+
+
+# --------------------------------------------------------------------------- observation
+
+
+def _ioctl_addr(sock: socket.socket, request: int, ifname: str) -> str | None:
+    req = struct.pack("16s16x", ifname.encode()[:15])
+    try:
+        res = fcntl.ioctl(sock.fileno(), request, req)
+    except OSError as e:
+        if e.errno in (errno.EADDRNOTAVAIL, errno.ENODEV, errno.ENXIO):
+            return None
+        raise
+    return socket.inet_ntoa(res[20:24])
+
+
+def _ipv4(ifname: str) -> str | None:
+    """The primary IPv4 address of ifname as ADDR/PREFIX (ioctl: socketd stays free of
+    pyroute2, see netcfg.py)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        addr = _ioctl_addr(s, _SIOCGIFADDR, ifname)
+        mask = _ioctl_addr(s, _SIOCGIFNETMASK, ifname) if addr else None
+    if addr is None:
+        return None
+    prefix = ipaddress.IPv4Network(f"0.0.0.0/{mask}").prefixlen if mask else 32
+    return f"{addr}/{prefix}"
+
+
+def _ipv6(ifname: str) -> list[str]:
+    out = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/if_inet6").read_text().splitlines():
+            f = line.split()
+            if len(f) >= 6 and f[5] == ifname and f[3] == "00":  # scope global
+                out.append(f"{ipaddress.IPv6Address(int(f[0], 16))}/{int(f[2], 16)}")
+    return out
+
+
+def _gateway(ifname: str) -> str | None:
+    best: tuple[int, str] | None = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/net/route").read_text().splitlines()[1:]:
+            f = line.split()
+            if len(f) >= 8 and f[0] == ifname and f[1] == "00000000" and f[7] == "00000000":
+                gw = socket.inet_ntoa(struct.pack("<I", int(f[2], 16)))
+                if gw != "0.0.0.0" and (best is None or int(f[6]) < best[0]):
+                    best = (int(f[6]), gw)
+    if best is None:
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path("/proc/net/ipv6_route").read_text().splitlines():
+                f = line.split()
+                if len(f) >= 10 and f[9] == ifname and f[0] == "0" * 32 and f[1] == "00":
+                    gw6 = ipaddress.IPv6Address(int(f[4], 16))
+                    if not gw6.is_unspecified and (best is None or int(f[5], 16) < best[0]):
+                        best = (int(f[5], 16), str(gw6))
+    return best[1] if best else None
+
+
+def _operstate(ifname: str) -> str:
+    try:
+        return Path(f"/sys/class/net/{ifname}/operstate").read_text().strip() or "unknown"
+    except FileNotFoundError:
+        return "absent"
+    except OSError:
+        return "unknown"
+
+
+def observe(ifname: str) -> dict[str, Any]:
+    """What the kernel has on ifname now: state, addresses, default gateway."""
+    try:
+        v4 = _ipv4(ifname)
+    except OSError:
+        v4 = None
+    addresses = ([v4] if v4 else []) + _ipv6(ifname)
+    return {
+        "state": _operstate(ifname),
+        "addresses": addresses,
+        "address": addresses[0] if addresses else None,
+        "gateway": _gateway(ifname),
+    }
+
+
+# --------------------------------------------------------------------------- udhcpc
+
+
+def udhcpc_command() -> list[str] | None:
+    """udhcpc on PATH (the image's busybox applet), else `busybox udhcpc`, else None."""
+    found = shutil.which("udhcpc")
+    if found:
+        return [found]
+    bb = shutil.which("busybox")
+    return [bb, "udhcpc"] if bb else None
+
+
+def write_script(directory: Path) -> Path:
+    """The script udhcpc runs on each lease event: it hands the event to socketd."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / SCRIPT_NAME
+    body = (
+        "#!/bin/sh\n"
+        "# Written by socketd: hands udhcpc's lease events to socketd (sdwan.wanaddr).\n"
+        f'exec {shlex.quote(sys.executable)} -m sdwan.wanaddr lease "$1"\n'
+    )
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
+    with os.fdopen(fd, "w") as f:
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o700)
+    os.replace(tmp, path)
+    return path
+
+
+def _pdeathsig() -> None:
+    # A udhcpc outliving a killed socketd would keep rewriting the device's address.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def prefix_of(subnet: Any, mask: Any) -> int:
+    """Prefix length from udhcpc's `mask` (bits) or `subnet` (dotted)."""
+    if isinstance(mask, str) and mask.isdigit() and 0 <= int(mask) <= 32:
+        return int(mask)
+    if isinstance(subnet, str) and subnet:
+        try:
+            return ipaddress.IPv4Network(f"0.0.0.0/{subnet}").prefixlen
+        except ValueError:
+            pass
+    raise ValueError(f"lease without a valid subnet mask (subnet={subnet!r}, mask={mask!r})")
+
+
+@dataclass
+class _Dhcp:
+    generation: int
+    proc: asyncio.subprocess.Process | None = None
+    task: asyncio.Task[None] | None = None
+    state: str = "starting"  # requesting, bound, stopped, failed
+    lease: dict[str, Any] | None = None
+    bound_at: float | None = None
+    restarts: int = 0
+    stopping: bool = False
+
+
+@dataclass
+class _LinkState:
+    link: Link
+    index: int
+    addressing: Addressing
+    source: str  # stored, config, default
+    error: str | None = None
+    applied_at: float | None = None
+    dhcp: _Dhcp | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class WanAddressing:
+    """The addressing of every link of one socketd (see the module docstring)."""
+
+    def __init__(
+        self,
+        links: Sequence[Link],
+        store: Store | None,
+        control_socket: Path,
+        record: Callable[[str, str, dict[str, Any]], None],
+        clock: Callable[[], float] = time.monotonic,
+        apply_worker: Callable[[AddrPlan], None] = apply_addressing_in_worker,
+    ) -> None:
+        self.store = store
+        self.control_socket = Path(control_socket)
+        self.record = record
+        self.clock = clock
+        self.apply_worker = apply_worker
+        self.links: dict[str, _LinkState] = {}
+        self._generation = 0
+        self._script: Path | None = None
+        self._start_task: asyncio.Task[None] | None = None
+        for i, link in enumerate(links):
+            addressing, source = self._initial(link)
+            self.links[link.name] = _LinkState(link, i, addressing, source)
+
+    def _initial(self, link: Link) -> tuple[Addressing, str]:
+        if self.store is not None:
+            try:
+                doc = self.store.get_doc(doc_name(link.name))
+            except Exception as e:  # a store error must not stop the links
+                log.error("link %s: stored addressing unreadable: %s", link.name, e)
+                doc = None
+            if doc is not None:
+                try:
+                    return Addressing.from_value(doc.value), "stored"
+                except ValueError as e:
+                    log.error("link %s: stored addressing ignored: %s", link.name, e)
+        configured = getattr(link, "addressing", None)
+        if isinstance(configured, Addressing) and configured.mode != "none":
+            return configured, "config"
+        return Addressing(), "default"
+
+    def handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        return {"links": self._links, "set-link": self._set_link, "dhcp-lease": self._on_lease}
+
+    def start(self) -> None:
+        """Apply every link's addressing (stored, else configured) in the background."""
+        self._start_task = asyncio.get_running_loop().create_task(self.apply_all())
+
+    async def apply_all(self) -> None:
+        """Failures are reported in `links` and the log, never fatal: the box must stay
+        reachable on its console."""
+        for st in self.links.values():
+            if st.addressing.mode == "none":
+                continue
+            try:
+                async with st.lock:
+                    await self._apply(st)
+                log.info(
+                    "link %s: %s applied (%s)", st.link.name, st.addressing.describe(), st.source
+                )
+            except (NetcfgError, OSError) as e:
+                st.error = str(e)
+                log.error("link %s: %s not applied: %s", st.link.name, st.addressing.describe(), e)
+
+    async def close(self) -> None:
+        if self._start_task is not None and not self._start_task.done():
+            self._start_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._start_task
+        for st in self.links.values():
+            await self._stop_dhcp(st)
+
+    # ---------------------------------------------------------------- applying
+
+    async def _apply(self, st: _LinkState) -> None:
+        a = st.addressing
+        if a.mode != "dhcp":
+            await self._stop_dhcp(st)
+        if a.mode == "static":
+            assert a.address is not None and a.gateway is not None
+            iface = ipaddress.ip_interface(a.address)
+            plan = AddrPlan(
+                interface=st.link.interface,
+                family=iface.version,
+                addresses=[a.address],
+                gateway=a.gateway,
+                metric=route_metric(st.index),
+            )
+            await asyncio.to_thread(self.apply_worker, plan)
+        elif a.mode == "dhcp":
+            await self._stop_dhcp(st)
+            await self._start_dhcp(st)
+        st.error = None
+        st.applied_at = self.clock()
+
+    async def _start_dhcp(self, st: _LinkState) -> None:
+        argv = udhcpc_command()
+        if argv is None:
+            raise NetcfgError("no DHCP client: neither udhcpc nor busybox is installed")
+        if self._script is None:
+            self._script = write_script(self.control_socket.parent)
+        self._generation += 1
+        d = _Dhcp(self._generation)
+        st.dhcp = d
+        argv = [
+            *argv,
+            "-f",
+            "-i",
+            st.link.interface,
+            "-s",
+            str(self._script),
+            "-t",
+            "4",
+            "-T",
+            "2",
+            "-A",
+            "5",
+        ]
+        env = {
+            **os.environ,
+            ENV_SOCKET: str(self.control_socket),
+            ENV_LINK: st.link.name,
+            ENV_GENERATION: str(d.generation),
+        }
+        await self._spawn(st, d, argv, env)
+        d.task = asyncio.get_running_loop().create_task(self._supervise(st, d, argv, env))
+
+    async def _spawn(self, st: _LinkState, d: _Dhcp, argv: list[str], env: dict[str, str]) -> None:
+        try:
+            d.proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                preexec_fn=_pdeathsig,
+            )
+        except OSError as e:
+            d.state = "failed"
+            raise NetcfgError(f"cannot start {argv[0]}: {e.strerror or e}") from e
+        d.state = "requesting"
+        log.info(
+            "link %s: udhcpc started on %s (pid %d)", st.link.name, st.link.interface, d.proc.pid
+        )
+
+    async def _supervise(
+        self, st: _LinkState, d: _Dhcp, argv: list[str], env: dict[str, str]
+    ) -> None:
+        """Log udhcpc's output and restart it if it dies while DHCP is still wanted."""
+        while not d.stopping:
+            proc = d.proc
+            if proc is not None and proc.stdout is not None:
+                async for raw in proc.stdout:
+                    log.info("udhcpc %s: %s", st.link.name, raw.decode(errors="replace").rstrip())
+                rc = await proc.wait()
+                if d.stopping:
+                    return
+                log.warning(
+                    "link %s: udhcpc exited with %s; restarting in %g s",
+                    st.link.name,
+                    rc,
+                    UDHCPC_RESTART_S,
+                )
+                st.error = f"udhcpc exited with status {rc}"
+            await asyncio.sleep(UDHCPC_RESTART_S)
+            if d.stopping:
+                return
+            d.restarts += 1
+            try:
+                await self._spawn(st, d, argv, env)
+            except NetcfgError as e:
+                st.error = str(e)
+                log.error("link %s: %s", st.link.name, e)
+
+    async def _stop_dhcp(self, st: _LinkState) -> None:
+        d, st.dhcp = st.dhcp, None
+        if d is None:
+            return
+        d.stopping = True
+        d.state = "stopped"
+        proc = d.proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), UDHCPC_STOP_S)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if d.task is not None:
+            d.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await d.task
+
+    # ---------------------------------------------------------------- control commands
+
+    def _link_state(self, name: Any) -> _LinkState:
+        if not isinstance(name, str) or not name:
+            raise ValueError("link: expected a link name")
+        st = self.links.get(name)
+        if st is None:
+            known = ", ".join(self.links) or "none"
+            raise ValueError(f"no link {name!r} (links: {known})")
+        return st
+
+    def status_of(self, st: _LinkState) -> dict[str, Any]:
+        seen = observe(st.link.interface)
+        a = st.addressing
+        entry: dict[str, Any] = {
+            "name": st.link.name,
+            "interface": st.link.interface,
+            "port": st.link.port,
+            "precedence": st.link.precedence,
+            "state": seen["state"],
+            "addressing": a.mode,
+            "source": st.source,
+            "address": seen["address"],
+            "addresses": seen["addresses"],
+            "gateway": seen["gateway"],
+            "static": (
+                {"address": a.address, "gateway": a.gateway} if a.mode == "static" else None
+            ),
+            "dhcp": None,
+            "error": st.error,
+        }
+        d = st.dhcp
+        if a.mode == "dhcp" and d is not None:
+            lease = d.lease or {}
+            entry["dhcp"] = {
+                "state": d.state,
+                "address": lease.get("address"),
+                "gateway": lease.get("gateway"),
+                "server": lease.get("server"),
+                "lease_s": lease.get("lease_s"),
+                "bound_s": (
+                    round(self.clock() - d.bound_at, 1) if d.bound_at is not None else None
+                ),
+                "restarts": d.restarts,
+            }
+        return entry
+
+    async def _links(self, _req: dict[str, Any]) -> dict[str, Any]:
+        return {"links": [self.status_of(st) for st in self.links.values()]}
+
+    async def _set_link(self, req: dict[str, Any]) -> dict[str, Any]:
+        st = self._link_state(req.get("link"))
+        mode = req.get("mode")
+        if mode == "static":
+            new = Addressing.static(req.get("address"), req.get("gateway"))
+        elif mode == "dhcp":
+            extra = [k for k in ("address", "gateway") if req.get(k) is not None]
+            if extra:
+                raise ValueError(f"{extra[0]} is only for mode static")
+            new = Addressing("dhcp")
+        else:
+            raise ValueError(f"mode: expected static or dhcp, got {mode!r}")
+        if self.store is None:
+            raise ValueError("no store: the setting could not be saved (see the log for why)")
+        origin = req.get("origin")
+        origin = origin if isinstance(origin, str) and origin.isprintable() else "control socket"
+        async with st.lock:
+            old, old_source = st.addressing, st.source
+            st.addressing, st.source = new, "stored"
+            try:
+                await self._apply(st)
+            except (NetcfgError, OSError) as e:
+                st.addressing, st.source = old, old_source
+                st.error = f"{new.describe()} not applied: {e}"
+                raise ValueError(f"link {st.link.name}: {new.describe()} not applied: {e}") from e
+            try:
+                self.store.put_doc(doc_name(st.link.name), new.to_dict())
+            except Exception as e:
+                st.error = f"applied but not saved: {e}"
+                raise ValueError(
+                    f"link {st.link.name}: {new.describe()} applied but not saved: {e}"
+                ) from e
+        self.record(
+            "link.addressing",
+            f"link {st.link.name} ({st.link.interface}): {new.describe()}, set by {origin}",
+            {"link": st.link.name, **new.to_dict(), "origin": origin},
+        )
+        return self.status_of(st)
+
+    async def _on_lease(self, req: dict[str, Any]) -> dict[str, Any]:
+        st = self._link_state(req.get("link"))
+        event = req.get("event")
+        if event not in _LEASE_EVENTS:
+            raise ValueError(f"event: expected one of {', '.join(_LEASE_EVENTS)}, got {event!r}")
+        d = st.dhcp
+        if st.addressing.mode != "dhcp" or d is None or req.get("generation") != d.generation:
+            # A late event of a udhcpc that was replaced or stopped: never let it act.
+            return {"ignored": True}
+        async with st.lock:
+            if st.dhcp is not d or d.stopping:
+                return {"ignored": True}
+            if event == "deconfig":
+                plan = AddrPlan(st.link.interface, 4, [], None, route_metric(st.index))
+                await asyncio.to_thread(self.apply_worker, plan)
+                if d.state == "bound":
+                    self.record(
+                        "link.dhcp",
+                        f"link {st.link.name}: DHCP lease lost",
+                        {"link": st.link.name, "event": event},
+                    )
+                d.state, d.lease, d.bound_at = "requesting", None, None
+                return {"applied": True}
+            if event in ("leasefail", "nak"):
+                if d.state != "requesting":
+                    d.state = "requesting"
+                st.error = (
+                    "no DHCP lease yet (no answer from a server)"
+                    if event == "leasefail"
+                    else "the DHCP server refused the lease (NAK)"
+                )
+                return {"applied": False}
+            ip = ipaddress.IPv4Address(str(req.get("ip")))
+            prefix = prefix_of(req.get("subnet"), req.get("mask"))
+            iface = ipaddress.IPv4Interface(f"{ip}/{prefix}")
+            gateway = None
+            for r in str(req.get("router") or "").split():
+                with contextlib.suppress(ValueError):
+                    if ipaddress.IPv4Address(r) in iface.network:
+                        gateway = r
+                        break
+            plan = AddrPlan(st.link.interface, 4, [str(iface)], gateway, route_metric(st.index))
+            try:
+                await asyncio.to_thread(self.apply_worker, plan)
+            except NetcfgError as e:
+                st.error = f"DHCP lease {iface} not applied: {e}"
+                raise
+            changed = d.lease is None or d.lease.get("address") != str(iface)
+            lease_s = req.get("lease")
+            d.lease = {
+                "address": str(iface),
+                "gateway": gateway,
+                "server": req.get("serverid") or None,
+                "lease_s": int(lease_s) if str(lease_s or "").isdigit() else None,
+            }
+            d.state = "bound"
+            if changed or d.bound_at is None:
+                d.bound_at = self.clock()
+            st.error = None
+            if changed:
+                via = f" via {gateway}" if gateway else " (no gateway offered)"
+                self.record(
+                    "link.dhcp",
+                    f"link {st.link.name} ({st.link.interface}): DHCP lease {iface}{via}",
+                    {"link": st.link.name, "event": event, **d.lease},
+                )
+            return {"applied": True}
+
+
+# --------------------------------------------------------------------------- udhcpc script
+
+
+def lease_main(argv: Iterable[str]) -> int:
+    """The udhcpc script: `python -m sdwan.wanaddr lease EVENT` with udhcpc's environment."""
+    from .control import ControlError, request
+
+    args = list(argv)
+    if len(args) != 2 or args[0] != "lease":
+        print("usage: python -m sdwan.wanaddr lease EVENT (run by udhcpc)", file=sys.stderr)
+        return 2
+    event = args[1]
+    env = os.environ
+    sock, link, gen = env.get(ENV_SOCKET), env.get(ENV_LINK), env.get(ENV_GENERATION)
+    if not sock or not link or not (gen or "").isdigit():
+        print(
+            f"wanaddr: {ENV_SOCKET}, {ENV_LINK} and {ENV_GENERATION} must be set by socketd",
+            file=sys.stderr,
+        )
+        return 2
+    if event not in _LEASE_EVENTS:
+        return 0  # udhcpc has other events (e.g. "renew" variants on newer versions); not ours
+    fields = {k: env.get(k) for k in ("ip", "subnet", "mask", "router", "serverid", "lease")}
+    try:
+        result = request(
+            sock,
+            "dhcp-lease",
+            timeout=LEASE_REQUEST_TIMEOUT_S,
+            link=link,
+            generation=int(str(gen)),
+            event=event,
+            **fields,
+        )
+    except ControlError as e:
+        print(f"wanaddr: {event} for link {link}: {e}", file=sys.stderr)
+        return 1
+    if result.get("ignored"):
+        print(f"wanaddr: {event} for link {link} ignored (DHCP no longer wanted)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(lease_main(sys.argv[1:]))
