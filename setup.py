@@ -2,4 +2,9 @@
 
 from setuptools import setup
 
-setup(cffi_modules=["native/build_fastpath.py:ffibuilder"])
+setup(
+    cffi_modules=[
+        "native/build_fastpath.py:ffibuilder",
+        "native/build_tls.py:ffibuilder",
+    ]
+)

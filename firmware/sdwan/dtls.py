@@ -1,4 +1,4 @@
-"""Sans-I/O DTLS 1.2 sessions between sites and PoPs, over pyOpenSSL memory BIOs.
+"""Sans-I/O DTLS 1.2 sessions between sites and PoPs, over OpenSSL memory BIOs (tls.py).
 
 Owns the handshake policy of the tunnel: DTLS 1.2 only, ECDHE-ECDSA with AES-256-GCM, mutual
 certificate authentication against the account CA alone, the peer's identity taken from its
@@ -28,12 +28,8 @@ from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from OpenSSL import SSL, crypto
-
-from sdwan.pki import Identity, identity_from_certificate
+from sdwan import tls
+from sdwan.identity import Identity, identity_from_uris
 
 DTLS_HEADER_LEN = 13
 CONTENT_CHANGE_CIPHER_SPEC = 20
@@ -43,9 +39,6 @@ CONTENT_APPLICATION_DATA = 23
 HANDSHAKE_CLIENT_HELLO = 1
 # ClientHellos may carry version 1.0 in the record layer for compatibility (RFC 6347 4.1).
 _DTLS_RECORD_VERSIONS = {b"\xfe\xff", b"\xfe\xfd"}
-_DTLS1_2_VERSION = 0xFEFD
-# Not exported by pyOpenSSL; the value has been stable since OpenSSL 1.1.0h.
-_SSL_OP_NO_RENEGOTIATION = 0x40000000
 
 CIPHER_SUITES = "ECDHE-ECDSA-AES256-GCM-SHA384"
 EXPORTER_LABEL = b"EXPORTER-sdwan-dataplane"
@@ -183,15 +176,8 @@ def _alert_reason(openssl_reason: str) -> str | None:
     return f"peer sent alert: {alert}" + (f" ({meaning})" if meaning else "")
 
 
-def _ssl_error_reasons(error: SSL.Error) -> list[str]:
-    reasons: list[str] = []
-    if error.args and isinstance(error.args[0], list):
-        for entry in error.args[0]:
-            if isinstance(entry, tuple) and entry:
-                reasons.append(str(entry[-1]))
-    if not reasons:
-        reasons.append(str(error) or type(error).__name__)
-    return reasons
+def _ssl_error_reasons(error: tls.TlsError) -> list[str]:
+    return error.reasons or [type(error).__name__]
 
 
 def _x509_reason(errno: int) -> str:
@@ -259,39 +245,31 @@ class DtlsContext:
         self._server_ctx = self._make_context(server=True)
         self._cookies = _CookieSecrets(os.urandom(32), None, clock())
 
-    def _load_identity(
-        self,
-    ) -> tuple[x509.Certificate, x509.Certificate, ec.EllipticCurvePrivateKey]:
+    def _load_identity(self) -> tuple[tls.Certificate, tls.Certificate, tls.PrivateKey]:
         try:
-            ca_cert = x509.load_pem_x509_certificate(_load_pem(self.ca_path, "CA certificate"))
+            ca_cert = tls.Certificate.from_pem(_load_pem(self.ca_path, "CA certificate"))
         except ValueError as e:
             raise DtlsConfigError(
                 f"CA certificate {self.ca_path} is not a PEM certificate: {e}"
             ) from None
         try:
-            cert = x509.load_pem_x509_certificate(_load_pem(self.cert_path, "certificate"))
+            cert = tls.Certificate.from_pem(_load_pem(self.cert_path, "certificate"))
         except ValueError as e:
             raise DtlsConfigError(
                 f"certificate {self.cert_path} is not a PEM certificate: {e}"
             ) from None
         try:
-            key = serialization.load_pem_private_key(
-                _load_pem(self.key_path, "private key"), password=None
-            )
-        except (ValueError, TypeError) as e:
-            raise DtlsConfigError(
-                f"private key {self.key_path} is not an unencrypted PEM key: {e}"
-            ) from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(
-            key.curve, ec.SECP256R1
-        ):
+            key = tls.PrivateKey.from_pem(_load_pem(self.key_path, "private key"))
+        except ValueError as e:
+            raise DtlsConfigError(f"private key {self.key_path} is {e}") from None
+        if not key.is_p256():
             raise DtlsConfigError(f"private key {self.key_path} is not an EC P-256 key")
-        if key.public_key() != cert.public_key():
+        if not key.matches(cert):
             raise DtlsConfigError(
                 f"private key {self.key_path} does not match certificate {self.cert_path}"
             )
         try:
-            cert_identity = identity_from_certificate(cert)
+            cert_identity = identity_from_uris(cert.san_uris())
         except ValueError as e:
             raise DtlsConfigError(f"certificate {self.cert_path}: {e}") from None
         if cert_identity != self.identity:
@@ -299,41 +277,34 @@ class DtlsContext:
                 f"certificate {self.cert_path} is for {format_identity(cert_identity)}, "
                 f"but this is {format_identity(self.identity)}"
             )
-        try:
-            cert.verify_directly_issued_by(ca_cert)
-        except (ValueError, TypeError) as e:
+        if not cert.is_issued_by(ca_cert):
             raise DtlsConfigError(
-                f"certificate {self.cert_path} is not issued by the CA in {self.ca_path}: {e}"
-            ) from None
+                f"certificate {self.cert_path} is not issued by the CA in {self.ca_path}"
+            )
         return ca_cert, cert, key
 
-    def _make_context(self, *, server: bool) -> SSL.Context:
-        ctx = SSL.Context(SSL.DTLS_METHOD)
-        ctx.set_min_proto_version(_DTLS1_2_VERSION)
-        ctx.set_max_proto_version(_DTLS1_2_VERSION)
+    def _make_context(self, *, server: bool) -> tls.Context:
+        ctx = tls.Context()
+        ctx.set_version(tls.DTLS1_2_VERSION)
         # Every handshake is a full one with both certificates checked: no tickets, no resumption,
         # and rekeying is a fresh handshake rather than a renegotiation.
         ctx.set_options(
-            SSL.OP_NO_QUERY_MTU
-            | SSL.OP_NO_TICKET
-            | SSL.OP_NO_COMPRESSION
-            | SSL.OP_CIPHER_SERVER_PREFERENCE
-            | _SSL_OP_NO_RENEGOTIATION
+            tls.OP_NO_QUERY_MTU
+            | tls.OP_NO_TICKET
+            | tls.OP_NO_COMPRESSION
+            | tls.OP_CIPHER_SERVER_PREFERENCE
+            | tls.OP_NO_RENEGOTIATION
         )
-        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-        ctx.set_cipher_list(CIPHER_SUITES.encode())
-        ctx.use_certificate(self.cert)
-        ctx.use_privatekey(self.key)
-        ctx.check_privatekey()
+        ctx.disable_session_cache()
+        ctx.set_cipher_list(CIPHER_SUITES)
+        ctx.use_identity(self.cert, self.key)
         # Only the account CA: never the system trust store.
-        ctx.get_cert_store().add_cert(crypto.X509.from_cryptography(self.ca_cert))  # type: ignore[union-attr]
-        ctx.set_verify_depth(1)
-        mode = SSL.VERIFY_PEER | (SSL.VERIFY_FAIL_IF_NO_PEER_CERT if server else 0)
-        ctx.set_verify(mode, _verify_callback)
+        ctx.trust(self.ca_cert)
+        mode = tls.VERIFY_PEER | (tls.VERIFY_FAIL_IF_NO_PEER_CERT if server else 0)
+        ctx.set_verify(mode, 1, _verify_callback)
         if server:
-            ctx.set_options(SSL.OP_COOKIE_EXCHANGE)  # type: ignore[arg-type]
-            ctx.set_cookie_generate_callback(self._cookie_generate)
-            ctx.set_cookie_verify_callback(self._cookie_verify)
+            ctx.set_options(tls.OP_COOKIE_EXCHANGE)
+            ctx.set_cookie_callbacks(self._cookie_generate, self._cookie_verify)
         return ctx
 
     # -- cookies ---------------------------------------------------------------------------
@@ -357,10 +328,10 @@ class DtlsContext:
             secrets.append(self._cookies.previous)
         return any(hmac.compare_digest(cookie, self.make_cookie(source, s)) for s in secrets)
 
-    def _cookie_generate(self, conn: SSL.Connection) -> bytes:
+    def _cookie_generate(self, conn: tls.Connection) -> bytes:
         return self.make_cookie(_session_of(conn).source or "")
 
-    def _cookie_verify(self, conn: SSL.Connection, cookie: bytes) -> bool:
+    def _cookie_verify(self, conn: tls.Connection, cookie: bytes) -> bool:
         ok = self._cookie_valid(_session_of(conn).source or "", cookie)
         if not ok:
             self.stats["bad cookie"] += 1
@@ -374,7 +345,7 @@ class DtlsContext:
         want = as_identity(expected)
         if want == self.identity:
             raise ValueError(f"cannot open a session to our own {want[0]} id {want[1]}")
-        conn = SSL.Connection(self._client_ctx, None)
+        conn = tls.Connection(self._client_ctx)
         conn.set_connect_state()
         return DtlsSession(
             self,
@@ -403,7 +374,7 @@ class DtlsContext:
             return self._refuse("not a ClientHello")
         self._maybe_rotate()
         try:
-            conn = SSL.Connection(self._server_ctx, None)
+            conn = tls.Connection(self._server_ctx)
             conn.set_accept_state()
             session = DtlsSession(
                 self,
@@ -415,8 +386,10 @@ class DtlsContext:
             )
             conn.bio_write(datagram)
             try:
-                conn.DTLSv1_listen()
-            except SSL.WantReadError:
+                accepted = conn.listen()
+            except tls.WantRead:
+                accepted = False
+            if not accepted:
                 replies = session._flush()
                 if not replies:
                     return self._refuse("malformed ClientHello: dropped by the cookie listener")
@@ -426,7 +399,7 @@ class DtlsContext:
             # first handshake step of the new session.
             session._begin()
             replies = session._advance()
-        except SSL.Error as e:
+        except tls.TlsError as e:
             return self._refuse(f"malformed ClientHello: {_ssl_error_reasons(e)[0]}")
         except Exception as e:  # hostile input must never take socketd down
             return self._refuse(f"ClientHello rejected: {type(e).__name__}: {e}")
@@ -441,18 +414,18 @@ class DtlsContext:
         return AcceptResult(None, [], reason)
 
 
-def _session_of(conn: SSL.Connection) -> DtlsSession:
-    session = conn.get_app_data()
+def _session_of(conn: tls.Connection) -> DtlsSession:
+    session = conn.app_data
     if not isinstance(session, DtlsSession):
         raise RuntimeError("DTLS connection without its session")
     return session
 
 
 def _verify_callback(
-    conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
+    conn: tls.Connection, cert: tls.Certificate, errno: int, depth: int, ok: bool
 ) -> bool:
     try:
-        return _session_of(conn)._verify(cert, errno, depth, bool(ok))
+        return _session_of(conn)._verify(cert, errno, depth, ok)
     except Exception as e:  # an exception here would be re-raised mid-handshake
         with contextlib.suppress(RuntimeError):
             _session_of(conn)._set_verify_failure(f"certificate check failed: {e}")
@@ -465,7 +438,7 @@ class DtlsSession:
     """One DTLS association with one peer, as initiator (client) or responder (server)."""
 
     context: DtlsContext
-    conn: SSL.Connection
+    conn: tls.Connection
     is_client: bool
     mtu: int = DEFAULT_MTU
     expected_site_id: int | None = None
@@ -489,7 +462,7 @@ class DtlsSession:
             self.expected_identity = ("site", self.expected_site_id)
         if not MIN_MTU <= self.mtu <= 65507:
             raise ValueError(f"DTLS MTU must be in {MIN_MTU}..65507, got {self.mtu}")
-        self.conn.set_app_data(self)
+        self.conn.app_data = self
         self.conn.set_ciphertext_mtu(self.mtu)
 
     def __repr__(self) -> str:
@@ -527,7 +500,7 @@ class DtlsSession:
             return []
         try:
             self.conn.bio_write(datagram)
-        except SSL.Error:
+        except tls.TlsError:
             return []
         return self._advance()
 
@@ -536,8 +509,8 @@ class DtlsSession:
         if self.failed is not None or self.closed or not self._started:
             return None
         try:
-            retransmit = self.conn.DTLSv1_get_timeout()
-        except SSL.Error:
+            retransmit = self.conn.get_timeout()
+        except tls.TlsError:
             retransmit = None
         if self.established or self._deadline is None:
             return retransmit
@@ -556,8 +529,8 @@ class DtlsSession:
             self.failed = "handshake timed out"
             return []
         try:
-            self.conn.DTLSv1_handle_timeout()
-        except SSL.Error as e:
+            self.conn.handle_timeout()
+        except tls.TlsError as e:
             self._fail(e)
         return self._flush()
 
@@ -565,9 +538,9 @@ class DtlsSession:
         if not self.established:
             try:
                 self.conn.do_handshake()
-            except SSL.WantReadError:
+            except tls.WantRead:
                 return self._flush()
-            except SSL.Error as e:
+            except tls.TlsError as e:
                 self._fail(e)
                 return self._flush()
             if not self._handshake_done():
@@ -589,18 +562,18 @@ class DtlsSession:
         while not self.closed and self.failed is None:
             try:
                 data = self.conn.recv(_READ_CHUNK)
-            except SSL.WantReadError:
+            except tls.WantRead:
                 return
-            except SSL.ZeroReturnError:
+            except tls.ZeroReturn:
                 self.closed = True
                 return
-            except SSL.Error as e:
+            except tls.TlsError as e:
                 self._fail(e)
                 return
             if data:
                 self._messages.append(data)
 
-    def _fail(self, error: SSL.Error) -> None:
+    def _fail(self, error: tls.TlsError) -> None:
         if self.failed is not None:
             return
         reasons = _ssl_error_reasons(error)
@@ -623,14 +596,14 @@ class DtlsSession:
         if self._verify_failure is None:
             self._verify_failure = reason
 
-    def _verify(self, cert: crypto.X509, errno: int, depth: int, ok: bool) -> bool:
+    def _verify(self, cert: tls.Certificate, errno: int, depth: int, ok: bool) -> bool:
         if not ok:
             self._set_verify_failure(_x509_reason(errno))
             return False
         if depth != 0:
             return True
         try:
-            identity = identity_from_certificate(cert.to_cryptography())
+            identity = identity_from_uris(cert.san_uris())
         except ValueError as e:
             self._set_verify_failure(f"peer certificate refused: {e}")
             return False
@@ -676,7 +649,7 @@ class DtlsSession:
             raise ValueError(f"{len(app_data)} bytes do not fit one record (at most {limit})")
         try:
             self.conn.send(app_data)
-        except SSL.Error as e:
+        except tls.TlsError as e:
             self._fail(e)
         return self._flush()
 
@@ -692,7 +665,7 @@ class DtlsSession:
         self._close_sent = True
         try:
             self.conn.shutdown()
-        except SSL.Error:
+        except tls.TlsError:
             return []
         return self._flush()
 
@@ -701,7 +674,7 @@ class DtlsSession:
         while True:
             try:
                 chunk = self.conn.bio_read(_READ_CHUNK)
-            except SSL.WantReadError:
+            except tls.WantRead:
                 break
             if not chunk:
                 break

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,12 +29,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-SITE_URI_PREFIX = "sdwan:site:"
-POP_URI_PREFIX = "sdwan:pop:"
-SITE_ID_MIN = 1
-SITE_ID_MAX = 65535
-POP_ID_MIN = 1
-POP_ID_MAX = 255
+from sdwan.identity import (
+    POP_ID_MAX,
+    POP_ID_MIN,
+    POP_URI_PREFIX,
+    SITE_ID_MAX,
+    SITE_ID_MIN,
+    SITE_URI_PREFIX,
+    Identity,
+    identity_from_uris,
+    site_id_from_uris,
+)
+
 CA_CERT_NAME = "ca.pem"
 CA_KEY_NAME = "ca.key"
 DEFAULT_ACCOUNT = "sdwan"
@@ -43,11 +48,6 @@ DEFAULT_CA_DAYS = 3650
 DEFAULT_SITE_DAYS = 825
 # Backdating absorbs clock skew between appliances that have just booted and synced NTP.
 _BACKDATE = datetime.timedelta(minutes=5)
-_SITE_URI_RE = re.compile(r"sdwan:site:([0-9]+)")
-_POP_URI_RE = re.compile(r"sdwan:pop:([0-9]+)")
-
-# What a certificate names: ("site", N) or ("pop", N).
-Identity = tuple[str, int]
 
 
 class PkiError(Exception):
@@ -92,48 +92,17 @@ def check_pop_id(pop_id: int) -> int:
     return pop_id
 
 
-def _sdwan_uris(cert: x509.Certificate) -> list[str]:
+def _san_uris(cert: x509.Certificate) -> list[str] | None:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        raise ValueError("certificate has no subjectAltName, so it names no identity") from None
-    return [
-        u
-        for u in san.get_values_for_type(x509.UniformResourceIdentifier)
-        if u.lower().startswith("sdwan:")
-    ]
+        return None
+    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
 
 
 def identity_from_certificate(cert: x509.Certificate) -> Identity:
-    """("site", N) or ("pop", N) from the single ``sdwan:site:``/``sdwan:pop:`` SAN URI.
-
-    A certificate naming several identities (two sites, or a site and a PoP) is refused: a
-    site key must never be able to pose as a PoP, nor the other way round.
-    """
-    uris = _sdwan_uris(cert)
-    sites = [u for u in uris if u.lower().startswith(SITE_URI_PREFIX)]
-    pops = [u for u in uris if u.lower().startswith(POP_URI_PREFIX)]
-    if sites and pops:
-        raise ValueError(f"certificate names both a site and a PoP: {', '.join(sites + pops)}")
-    if sites:
-        return ("site", site_id_from_certificate(cert))
-    if not pops:
-        raise ValueError(
-            f"certificate has no '{SITE_URI_PREFIX}<id>' or '{POP_URI_PREFIX}<id>' URI"
-            " in its subjectAltName"
-        )
-    if len(pops) > 1:
-        raise ValueError(f"certificate names several PoP ids: {', '.join(pops)}")
-    match = _POP_URI_RE.fullmatch(pops[0])
-    if (
-        match is None
-        or len(match.group(1)) > 3
-        or match.group(1) != str(int(match.group(1)))
-        or not POP_ID_MIN <= int(match.group(1)) <= POP_ID_MAX
-    ):
-        expected = f"'{POP_URI_PREFIX}<{POP_ID_MIN}..{POP_ID_MAX}>'"
-        raise ValueError(f"malformed PoP URI {pops[0]!r}: expected {expected}")
-    return ("pop", int(match.group(1)))
+    """("site", N) or ("pop", N): see identity.identity_from_uris."""
+    return identity_from_uris(_san_uris(cert))
 
 
 def site_id_from_certificate(cert: x509.Certificate) -> int:
@@ -142,26 +111,7 @@ def site_id_from_certificate(cert: x509.Certificate) -> int:
     Raises ValueError with a human-readable reason when the URI is missing, duplicated or
     malformed; the CN is deliberately ignored since only the SAN is authoritative.
     """
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        raise ValueError("certificate has no subjectAltName, so it names no site id") from None
-    uris = [
-        u
-        for u in san.get_values_for_type(x509.UniformResourceIdentifier)
-        if u.lower().startswith(SITE_URI_PREFIX)
-    ]
-    if not uris:
-        raise ValueError(f"certificate has no '{SITE_URI_PREFIX}<id>' URI in its subjectAltName")
-    if len(uris) > 1:
-        raise ValueError(f"certificate names several site ids: {', '.join(uris)}")
-    match = _SITE_URI_RE.fullmatch(uris[0])
-    if match is None or len(match.group(1)) > 5:
-        raise ValueError(f"malformed site URI {uris[0]!r}: expected '{SITE_URI_PREFIX}<1..65535>'")
-    site_id = int(match.group(1))
-    if not SITE_ID_MIN <= site_id <= SITE_ID_MAX or match.group(1) != str(site_id):
-        raise ValueError(f"malformed site URI {uris[0]!r}: expected '{SITE_URI_PREFIX}<1..65535>'")
-    return site_id
+    return site_id_from_uris(_san_uris(cert))
 
 
 def _write_private(path: Path, data: bytes) -> None:
