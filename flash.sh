@@ -49,7 +49,7 @@ usage_error() {
   printf 'Try "flash.sh --help".\n' >&2
   exit "$EXIT_REFUSED"
 }
-human() { numfmt --to=iec-i --suffix=B --format='%.1f' "$1"; }
+human() { numfmt --to=iec-i --suffix=B --round=nearest --format='%.1f' "$1"; }
 
 # --- arguments ---------------------------------------------------------------
 
