@@ -22,6 +22,7 @@ from .wanaddr import MODES as _ADDRESSING_MODES
 from .wanaddr import Addressing
 
 __all__ = [
+    "Appliance",
     "Cloud",
     "ConfigError",
     "ConfigIssue",
@@ -133,6 +134,22 @@ class Cloud:
     ping_s: int = 1
 
 
+DEFAULT_LED_MAP = Path("/etc/sdwan/leds.toml")
+
+
+@dataclass(frozen=True)
+class Appliance:
+    """[appliance]: the hardware watchdog, the LED map and the crash-loop limits
+    (docs/watchdog.md, docs/leds.md). No watchdog unless configured: a lab host killing socketd
+    must not reset itself. The LED map defaults to DEFAULT_LED_MAP where that file exists."""
+
+    watchdog: Path | None = None
+    watchdog_timeout_s: int = 15
+    leds: Path | None = None
+    crash_loop_starts: int = 5
+    crash_loop_window_s: int = 120
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     site: Site
@@ -145,6 +162,7 @@ class SiteConfig:
     source: Path
     pops: tuple[Pop, ...] = ()
     cloud: Cloud = Cloud()
+    appliance: Appliance = Appliance()
 
     def link(self, name: str) -> Link:
         for link in self.links:
@@ -749,6 +767,44 @@ def _check_cloud(c: _Checker, doc: Mapping[str, Any]) -> Cloud | None:
     return Cloud(keepalive_ms=keepalive, dead_after_ms=dead, return_hold_s=hold, ping_s=ping)
 
 
+def _check_appliance(c: _Checker, doc: Mapping[str, Any], base: Path) -> Appliance | None:
+    table = c.table(doc, ("appliance",), required=False)
+    if table is None:
+        return None
+    loc: tuple[str, ...] = ("appliance",)
+    c.known_keys(
+        table,
+        loc,
+        ("watchdog", "watchdog_timeout_s", "leds", "crash_loop_starts", "crash_loop_window_s"),
+    )
+    paths: dict[str, Path | None] = {}
+    for key, what in (("watchdog", "a watchdog device"), ("leds", "an LED map")):
+        raw = table.get(key, _MISSING)
+        if raw is _MISSING:
+            paths[key] = DEFAULT_LED_MAP if key == "leds" and DEFAULT_LED_MAP.is_file() else None
+        elif raw is False:
+            paths[key] = None
+        elif isinstance(raw, str) and raw and "\0" not in raw:
+            path = _resolve(base, raw)
+            if key == "leds" and not path.is_file():
+                c.error((*loc, key), f"LED map not found: {path}")
+            paths[key] = path
+        else:
+            c.error((*loc, key), f"expected the path of {what} or false, got {_show(raw)}")
+    timeout = c.value(table, (*loc, "watchdog_timeout_s"), _int_range(2, 600), default=15)
+    starts = c.value(table, (*loc, "crash_loop_starts"), _int_range(2, 100), default=5)
+    window = c.value(table, (*loc, "crash_loop_window_s"), _int_range(10, 86400), default=120)
+    if len(paths) < 2 or _MISSING in (timeout, starts, window):
+        return None
+    return Appliance(
+        watchdog=paths["watchdog"],
+        watchdog_timeout_s=timeout,
+        leds=paths["leds"],
+        crash_loop_starts=starts,
+        crash_loop_window_s=window,
+    )
+
+
 def _check_overlaps(c: _Checker, doc: Mapping[str, Any]) -> None:
     """Every destination prefix must lead to exactly one place: the LAN or one peer."""
     owned: list[tuple[IPNetwork, tuple[str | int, ...]]] = []
@@ -788,7 +844,9 @@ def _check_overlaps(c: _Checker, doc: Mapping[str, Any]) -> None:
 def _validate(doc: dict[str, Any], source: Path, c: _Checker) -> SiteConfig | None:
     base = source.parent
     c.known_keys(
-        doc, (), ("site", "paths", "pki", "lan", "tunnel", "links", "peers", "pops", "cloud")
+        doc,
+        (),
+        ("site", "paths", "pki", "lan", "tunnel", "links", "peers", "pops", "cloud", "appliance"),
     )
 
     site_t = c.table(doc, ("site",), required=True)
@@ -864,12 +922,13 @@ def _validate(doc: dict[str, Any], source: Path, c: _Checker) -> SiteConfig | No
     peers = _check_peers(c, doc, site_id, links)
     pops = _check_pops(c, doc)
     cloud = _check_cloud(c, doc)
+    appliance = _check_appliance(c, doc, base)
     _check_overlaps(c, doc)
 
     if c.issues:
         return None
     assert site and paths and pki and lan and tunnel and links is not None and peers is not None
-    assert pops is not None and cloud is not None
+    assert pops is not None and cloud is not None and appliance is not None
     return SiteConfig(
         site=site,
         paths=paths,
@@ -881,6 +940,7 @@ def _validate(doc: dict[str, Any], source: Path, c: _Checker) -> SiteConfig | No
         source=source,
         pops=tuple(pops),
         cloud=cloud,
+        appliance=appliance,
     )
 
 

@@ -651,3 +651,55 @@ def test_socketd_rejects_bad_config_with_status_2(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2, proc.stderr
     assert f'socketd: {path}: links[1].port: expected an integer 1..65535, got "abc"' in proc.stderr
+
+
+# --------------------------------------------------------------------------- [appliance]
+
+
+def test_appliance_defaults_without_the_table(tmp_path: Path) -> None:
+    cfg = load_config(write_site(tmp_path))
+    # No watchdog unless asked for: a lab host that kills socketd must not reset itself.
+    assert cfg.appliance.watchdog is None
+    assert cfg.appliance.watchdog_timeout_s == 15
+    assert (cfg.appliance.crash_loop_starts, cfg.appliance.crash_loop_window_s) == (5, 120)
+
+
+def test_appliance_table_loads(tmp_path: Path) -> None:
+    (tmp_path / "leds.toml").write_text('[led.status]\nbackend = "sysfs"\nname = "x"\n')
+    text = BASE + (
+        '\n[appliance]\nwatchdog = "/dev/watchdog"\nwatchdog_timeout_s = 30\n'
+        'leds = "leds.toml"\ncrash_loop_starts = 3\ncrash_loop_window_s = 60\n'
+    )
+    cfg = load_config(write_site(tmp_path, text))
+    assert cfg.appliance.watchdog == Path("/dev/watchdog")
+    assert cfg.appliance.watchdog_timeout_s == 30
+    assert cfg.appliance.leds == tmp_path / "leds.toml"
+    assert (cfg.appliance.crash_loop_starts, cfg.appliance.crash_loop_window_s) == (3, 60)
+
+
+def test_appliance_false_turns_things_off(tmp_path: Path) -> None:
+    text = BASE + "\n[appliance]\nwatchdog = false\nleds = false\n"
+    cfg = load_config(write_site(tmp_path, text))
+    assert cfg.appliance.watchdog is None and cfg.appliance.leds is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "expected"),
+    [
+        ("watchdog = true", "appliance.watchdog", "expected the path of a watchdog device or"),
+        ("watchdog = 3", "appliance.watchdog", "got 3"),
+        ("watchdog_timeout_s = 1", "appliance.watchdog_timeout_s", "expected an integer 2..600"),
+        ('leds = "nowhere.toml"', "appliance.leds", "LED map not found: {dir}/nowhere.toml"),
+        ("crash_loop_starts = 1", "appliance.crash_loop_starts", "expected an integer 2..100"),
+        ("crash_loop_window = 5", "appliance.crash_loop_window", 'did you mean "crash_loop_'),
+    ],
+)
+def test_appliance_errors_are_located(
+    tmp_path: Path, extra: str, field: str, expected: str
+) -> None:
+    text = BASE + f"\n[appliance]\n{extra}\n"
+    path, message = errors_of(tmp_path, text)
+    line_no = text.splitlines().index(extra) + 1
+    assert message.startswith(f"{path}: {field}: "), message
+    assert expected.format(dir=tmp_path) in message
+    assert message.endswith(f"(line {line_no})"), message
