@@ -15,6 +15,7 @@ test: setup lint fuzz test-asan test-py
 
 lint:
 	$(VENV)/bin/ruff check .
+	shellcheck flash.sh
 
 test-py:
 	$(PY) -m pytest -q -ra

@@ -12,6 +12,8 @@ APT_PACKAGES=(
   iproute2 nftables conntrack iputils-ping # the lab: namespaces, NAT, routers
   iperf3 tcpdump procps
   coturn stun-client                       # STUN interoperability tests
+  shellcheck bmap-tools fdisk e2fsprogs    # flash.sh, its lint and its loop-device tests
+  xz-utils zstd python3-fusepy
 )
 
 if [ "$(id -u)" != 0 ]; then
