@@ -1,0 +1,439 @@
+"""The hardware watchdog and socketd's start history: how the box notices a hung or a crashing
+supervisor, and what it records about it.
+
+* `Watchdog` opens /dev/watchdog, sets its timeout, reads why the last reset happened and pets
+  the device from a task on socketd's asyncio loop every timeout/3, so a hung loop (or a
+  stopped process) stops the pets and the hardware resets the box. A clean stop writes the
+  magic 'V' first, which disarms drivers that allow it.
+* `record_start` runs once per socketd start: it reads the run file in the data directory,
+  left by the previous socketd, to say how that one ended (stopped, failed to start, or gone
+  without a word: a crash, a kill, a reset), records a `socketd.start` event, and detects a
+  crash loop: `starts` starts within `window_s` seconds of one boot, which init's respawning
+  turns a crashing socketd into. `StartRecord.error_until` then keeps the LEDs in the error
+  pattern. Design and events are described in docs/watchdog.md.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .store import Store, StoreError
+
+__all__ = [
+    "RUN_FILE",
+    "StartRecord",
+    "Watchdog",
+    "boot_id",
+    "boot_time",
+    "end_run",
+    "record_start",
+]
+
+log = logging.getLogger("sdwan.watchdog")
+
+# <linux/watchdog.h>: _IOR('W', n, int) and friends.
+_IOC_WRITE, _IOC_READ = 1, 2
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (ord("W") << 8) | nr
+
+
+WDIOC_GETSUPPORT = _ioc(_IOC_READ, 0, 40)  # struct watchdog_info
+WDIOC_GETBOOTSTATUS = _ioc(_IOC_READ, 2, 4)
+WDIOC_SETTIMEOUT = _ioc(_IOC_READ | _IOC_WRITE, 6, 4)
+WDIOC_GETTIMEOUT = _ioc(_IOC_READ, 7, 4)
+
+WDIOF_OVERHEAT = 0x0001
+WDIOF_FANFAULT = 0x0002
+WDIOF_EXTERN1 = 0x0004
+WDIOF_EXTERN2 = 0x0008
+WDIOF_POWERUNDER = 0x0010
+WDIOF_CARDRESET = 0x0020
+WDIOF_POWEROVER = 0x0040
+
+_BOOT_REASONS = (
+    (WDIOF_CARDRESET, "the watchdog reset the box"),
+    (WDIOF_OVERHEAT, "overheat"),
+    (WDIOF_FANFAULT, "fan fault"),
+    (WDIOF_POWERUNDER, "power under"),
+    (WDIOF_POWEROVER, "power over"),
+    (WDIOF_EXTERN1, "external relay 1"),
+    (WDIOF_EXTERN2, "external relay 2"),
+)
+
+PET = b"."  # any byte pets; 'V' would arm the magic close
+MAGIC_CLOSE = b"V"
+
+EVENT_WATCHDOG_RESET = "watchdog.reset"
+EVENT_START = "socketd.start"
+EVENT_UNCLEAN = "socketd.unclean_end"
+EVENT_CRASH_LOOP = "socketd.crash_loop"
+
+
+def boot_id() -> str:
+    """This boot's random id from the kernel ("" where there is none)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def boot_time() -> float:
+    """Seconds since boot, suspend included: unlike the wall clock, NTP never moves it."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def _describe_boot_status(flags: int) -> list[str]:
+    return [text for bit, text in _BOOT_REASONS if flags & bit]
+
+
+class Watchdog:
+    """One watchdog device. Absent or unusable: one log line, and every call does nothing."""
+
+    def __init__(self, path: str | os.PathLike[str], timeout_s: int = 15) -> None:
+        if not 1 <= timeout_s <= 3600:
+            raise ValueError(f"watchdog timeout must be 1..3600 s, got {timeout_s}")
+        self.path = Path(path)
+        self.requested_timeout_s = timeout_s
+        self.timeout_s = timeout_s
+        self.fd: int | None = None
+        self.identity: str | None = None
+        self.boot_status: int | None = None
+        self.pets = 0
+        self.pet_failures = 0
+        self.last_pet: float | None = None
+        self.problem: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.fd is not None
+
+    @property
+    def reset_by_watchdog(self) -> bool:
+        return self.boot_status is not None and bool(self.boot_status & WDIOF_CARDRESET)
+
+    @property
+    def pet_interval_s(self) -> float:
+        return self.timeout_s / 3
+
+    def open(self) -> bool:
+        """Open and arm the device (the kernel starts it at open); False if it cannot be used."""
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                self.problem = f"no watchdog device at {self.path}"
+                log.warning("%s: running without a hardware watchdog", self.problem)
+            elif e.errno == errno.EBUSY:
+                self.problem = f"{self.path} is held by another process"
+                log.error("%s: running without petting it", self.problem)
+            else:
+                self.problem = f"cannot open {self.path}: {e.strerror}"
+                log.error("%s: running without a hardware watchdog", self.problem)
+            return False
+        self.identity = self._identity()
+        self.boot_status = self._ioctl_int(WDIOC_GETBOOTSTATUS, 0)
+        got = self._ioctl_int(WDIOC_SETTIMEOUT, self.requested_timeout_s)
+        if got is None:
+            got = self._ioctl_int(WDIOC_GETTIMEOUT, 0)
+        if got is not None and got > 0:
+            # The driver rounds to what the hardware can count; pet for what it took.
+            self.timeout_s = got
+        log.info(
+            "watchdog %s%s armed: timeout %d s, petting every %.1f s",
+            self.path,
+            f" ({self.identity})" if self.identity else "",
+            self.timeout_s,
+            self.pet_interval_s,
+        )
+        self.pet()
+        return True
+
+    def _ioctl_int(self, request: int, value: int) -> int | None:
+        assert self.fd is not None
+        buf = array.array("i", [value])
+        try:
+            fcntl.ioctl(self.fd, request, buf, True)
+        except OSError as e:
+            # ENOTTY: not a watchdog driver (a file in tests); EOPNOTSUPP/EINVAL: no such feature.
+            log.debug("watchdog ioctl %#x: %s", request, e.strerror)
+            return None
+        return int(buf[0])
+
+    def _identity(self) -> str | None:
+        assert self.fd is not None
+        buf = bytearray(40)
+        try:
+            fcntl.ioctl(self.fd, WDIOC_GETSUPPORT, buf, True)
+        except OSError:
+            return None
+        return bytes(buf[8:40]).split(b"\0", 1)[0].decode("ascii", "replace") or None
+
+    def pet(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, PET)
+        except OSError as e:
+            self.pet_failures += 1
+            if self.pet_failures == 1 or self.pet_failures % 100 == 0:
+                log.error("petting %s failed (%d times): %s", self.path, self.pet_failures,
+                          e.strerror)
+            return
+        self.pets += 1
+        self.last_pet = time.monotonic()
+
+    async def run(self, alive: Callable[[], bool] | None = None) -> None:
+        """Pet every timeout/3 from the caller's loop. `alive` can hold back the pets (the
+        supervisor's own heartbeat stopped): the hardware then resets the box."""
+        if self.fd is None:
+            return
+        while True:
+            await asyncio.sleep(self.pet_interval_s)
+            if alive is None or alive():
+                self.pet()
+            else:
+                log.error("supervisor not healthy: no longer petting the watchdog")
+
+    def close(self, *, disarm: bool = True) -> None:
+        """Release the device. `disarm` writes the magic 'V' first (a clean stop); without it
+        the timer runs on and resets the box unless the next socketd opens it in time."""
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        try:
+            if disarm:
+                os.write(fd, MAGIC_CLOSE)
+        except OSError as e:
+            log.warning("watchdog magic close failed: %s", e.strerror)
+        finally:
+            os.close(fd)
+        if disarm:
+            log.info("watchdog %s disarmed", self.path)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "device": str(self.path),
+            "active": self.active,
+            "identity": self.identity,
+            "timeout_s": self.timeout_s if self.active else None,
+            "pets": self.pets,
+            "pet_failures": self.pet_failures,
+            "last_pet_s": None
+            if self.last_pet is None
+            else round(time.monotonic() - self.last_pet, 1),
+            "boot_status": _describe_boot_status(self.boot_status or 0),
+            "problem": self.problem,
+        }
+
+
+# --------------------------------------------------------------------------- start history
+
+
+RUN_FILE = "socketd.run"
+
+
+@dataclass(frozen=True)
+class StartRecord:
+    """What `record_start` found: how the previous run ended and whether starts loop."""
+
+    previous: str  # "first start", "stopped", "start failed: ...", "crashed", "unclean boot"
+    starts_in_window: int
+    crash_loop: bool
+    error_until: float | None  # boot time until which the LEDs show the error pattern
+    message: str | None = None  # the crash-loop text, when there is one
+
+    def in_error(self, now: float) -> bool:
+        return self.error_until is not None and now < self.error_until
+
+
+def _write_atomic(path: Path, data: dict[str, Any]) -> None:
+    """write, fsync, rename, fsync the directory: a power cut leaves the old or the new file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, json.dumps(data, separators=(",", ":")).encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _read_run_file(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        # Cannot happen with the atomic write short of a damaged disk; treat it as unclean.
+        return {"state": "running", "unreadable": str(e)}
+    return data if isinstance(data, dict) else {"state": "running"}
+
+
+def _previous_end(prev: dict[str, Any] | None, this_boot: str) -> tuple[str, str | None]:
+    """(short word for the start event, text of an unclean-end event or None)."""
+    if prev is None:
+        return "first start", None
+    if prev.get("state") == "ended":
+        how = str(prev.get("how") or "stopped")
+        return how, None
+    pid = prev.get("pid")
+    who = f"socketd (pid {pid})" if pid else "socketd"
+    if prev.get("boot_id") and prev.get("boot_id") != this_boot:
+        return "unclean boot", (
+            f"the previous boot ended while {who} was running (power cut, reset or watchdog)"
+        )
+    return "crashed", f"{who} ended without stopping cleanly (crash, kill or out of memory)"
+
+
+def _fmt_window(seconds: float) -> str:
+    return f"{seconds / 60:g} min" if seconds >= 60 and seconds % 60 == 0 else f"{seconds:g} s"
+
+
+def record_start(
+    store: Store | None,
+    data_dir: Path,
+    *,
+    starts: int = 5,
+    window_s: float = 120.0,
+    watchdog_reset: bool = False,
+    now: float | None = None,
+    this_boot: str | None = None,
+    pid: int | None = None,
+    version: str = "",
+) -> StartRecord:
+    """Note this start: run file, events, crash-loop check. `now` (boot time), `this_boot` and
+    `pid` are injectable for tests. Never raises for a broken store: it is logged."""
+    now = boot_time() if now is None else now
+    this_boot = boot_id() if this_boot is None else this_boot
+    pid = os.getpid() if pid is None else pid
+    run_file = data_dir / RUN_FILE
+    prev = _read_run_file(run_file)
+    previous, unclean = _previous_end(prev, this_boot)
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _write_atomic(
+            run_file,
+            {"state": "running", "pid": pid, "boot_id": this_boot, "boot_s": now,
+             "at": time.time(), "version": version},
+        )
+    except OSError as e:
+        log.error("cannot write %s: %s (unclean ends will not be told apart)", run_file, e)
+
+    def event(kind: str, text: str, data: dict[str, Any]) -> None:
+        if store is None:
+            return
+        try:
+            store.add_event(kind, text, data=data)
+        except (StoreError, ValueError) as e:
+            log.error("event %s not stored: %s", kind, e)
+
+    if watchdog_reset and not _seen_this_boot(store, EVENT_WATCHDOG_RESET, this_boot):
+        was = ""
+        if prev and prev.get("state") == "running" and prev.get("pid"):
+            was = f" (socketd pid {prev['pid']} was running)"
+        event(
+            EVENT_WATCHDOG_RESET,
+            f"rebooted by the watchdog: the supervisor stopped petting it{was}",
+            {"boot_id": this_boot},
+        )
+        log.error("this boot follows a watchdog reset")
+    elif unclean:
+        log.warning("previous run: %s", unclean)
+        event(EVENT_UNCLEAN, unclean, {"previous": previous, "boot_id": this_boot})
+
+    history = _recent_starts(store, this_boot, now, window_s, limit=max(0, starts - 1) + 16)
+    in_window = [h for h in history if now - float(h.get("boot_s", -1e18)) <= window_s]
+    count = len(in_window) + 1
+    crash_loop = count >= starts
+    was_looping = bool(history and history[0].get("crash_loop"))
+    message = None
+    if crash_loop:
+        ends = [str(h.get("previous", "?")) for h in in_window[: starts - 1]]
+        ends = [previous, *ends][: starts - 1]
+        summary: dict[str, int] = {}
+        for e in ends:
+            summary[e] = summary.get(e, 0) + 1
+        how = ", ".join(f"{n} {word}" for word, n in summary.items())
+        message = (
+            f"socketd started {count} times in {_fmt_window(window_s)}"
+            f" (the runs before ended: {how}); LEDs show the error pattern"
+        )
+        log.error("crash loop: %s", message)
+        if not was_looping:
+            event(EVENT_CRASH_LOOP, message, {"starts": count, "window_s": window_s,
+                                              "ends": ends, "boot_id": this_boot})
+    event(
+        EVENT_START,
+        f"socketd{' ' + version if version else ''} started (previous run: {previous})",
+        {"boot_id": this_boot, "boot_s": now, "pid": pid, "previous": previous,
+         "crash_loop": crash_loop},
+    )
+    return StartRecord(
+        previous=previous,
+        starts_in_window=count,
+        crash_loop=crash_loop,
+        # Held for one window: a supervisor that stays up that long is out of the loop.
+        error_until=now + window_s if crash_loop else None,
+        message=message,
+    )
+
+
+def _recent_starts(
+    store: Store | None, this_boot: str, now: float, window_s: float, limit: int
+) -> list[dict[str, Any]]:
+    """Data of this boot's earlier start events, newest first."""
+    if store is None:
+        return []
+    try:
+        events = store.events(limit=limit, kind=EVENT_START)
+    except StoreError as e:
+        log.error("start history unreadable: %s", e)
+        return []
+    out = []
+    for ev in events:
+        data = ev.data or {}
+        if data.get("boot_id") != this_boot:
+            break  # older boots: boot times are not comparable
+        out.append(data)
+    return out
+
+
+def _seen_this_boot(store: Store | None, kind: str, this_boot: str) -> bool:
+    if store is None:
+        return False
+    with contextlib.suppress(StoreError):
+        for ev in store.events(limit=1, kind=kind):
+            return (ev.data or {}).get("boot_id") == this_boot
+    return False
+
+
+def end_run(data_dir: Path, how: str = "stopped") -> None:
+    """Tell the next start that this run ended under control (`how`: "stopped" or
+    "start failed: <why>")."""
+    run_file = data_dir / RUN_FILE
+    try:
+        prev = _read_run_file(run_file) or {}
+        _write_atomic(
+            run_file, {**prev, "state": "ended", "how": how[:300], "ended_at": time.time()}
+        )
+    except OSError as e:
+        log.error("cannot write %s: %s", run_file, e)

@@ -1,0 +1,284 @@
+"""Watchdog and start history: pets and the magic close land on a real FIFO and file, a
+missing device is one clear line, a blocked loop stops the pets, and crash loops are found in a
+real SQLite store, with an injected clock and with real processes killed by SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sdwan.store import Store
+from sdwan.watchdog import (
+    EVENT_CRASH_LOOP,
+    EVENT_START,
+    EVENT_UNCLEAN,
+    EVENT_WATCHDOG_RESET,
+    RUN_FILE,
+    WDIOC_GETBOOTSTATUS,
+    WDIOC_GETSUPPORT,
+    WDIOC_GETTIMEOUT,
+    WDIOC_SETTIMEOUT,
+    Watchdog,
+    end_run,
+    record_start,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_ioctl_numbers_match_linux_watchdog_h() -> None:
+    # From <linux/watchdog.h> on x86_64 and arm64 (asm-generic ioctl encoding).
+    assert WDIOC_GETSUPPORT == 0x80285700
+    assert WDIOC_GETBOOTSTATUS == 0x80045702
+    assert WDIOC_SETTIMEOUT == 0xC0045706
+    assert WDIOC_GETTIMEOUT == 0x80045707
+
+
+@pytest.fixture
+def fifo(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    """A FIFO standing in for the device, and the test's reading end of it."""
+    path = tmp_path / "watchdog"
+    os.mkfifo(path)
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        yield path, reader
+    finally:
+        os.close(reader)
+
+
+def drain(fd: int) -> bytes:
+    out = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 4096):
+            out += chunk
+    return out
+
+
+def test_pets_and_magic_close_reach_the_device(fifo: tuple[Path, int]) -> None:
+    path, reader = fifo
+    wd = Watchdog(path, timeout_s=15)
+    assert wd.open()
+    # Not a watchdog driver: the ioctls are refused, and that is not fatal.
+    assert wd.boot_status is None and not wd.reset_by_watchdog
+    assert wd.timeout_s == 15 and wd.pet_interval_s == 5
+    wd.pet()
+    wd.pet()
+    assert drain(reader) == b"..."  # one pet at open, two more
+    wd.close()
+    assert drain(reader) == b"V"
+    assert not wd.active
+    wd.pet()  # closed: nothing happens
+    assert drain(reader) == b""
+    st = wd.status()
+    assert st["pets"] == 3 and st["pet_failures"] == 0 and st["active"] is False
+
+
+def test_crash_close_leaves_the_watchdog_armed(tmp_path: Path) -> None:
+    path = tmp_path / "watchdog"
+    path.write_bytes(b"")
+    wd = Watchdog(path)
+    assert wd.open()
+    wd.close(disarm=False)
+    assert path.read_bytes() == b"."  # no 'V': the timer runs on
+
+
+def test_absent_device_is_one_clear_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "sdwan.watchdog")
+    wd = Watchdog(tmp_path / "nowatchdog")
+    assert not wd.open()
+    wd.pet()
+    wd.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [f"no watchdog device at {tmp_path}/nowatchdog: running without a"
+                     " hardware watchdog"]
+    assert wd.status()["problem"] == f"no watchdog device at {tmp_path}/nowatchdog"
+
+
+def test_bad_timeout_is_refused() -> None:
+    with pytest.raises(ValueError, match="1..3600"):
+        Watchdog("/dev/null", timeout_s=0)
+
+
+def test_pets_come_from_the_loop_and_stop_when_it_hangs(fifo: tuple[Path, int]) -> None:
+    path, reader = fifo
+
+    async def scenario() -> tuple[int, int, int]:
+        wd = Watchdog(path, timeout_s=1)  # pets every 1/3 s
+        assert wd.open()
+        task = asyncio.create_task(wd.run())
+        await asyncio.sleep(1.2)
+        running = len(drain(reader))
+        time.sleep(1.2)  # the loop hangs: nobody pets
+        hung = len(drain(reader))
+        await asyncio.sleep(0.8)  # the loop runs again and so do the pets
+        after = len(drain(reader))
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        wd.close()
+        return running, hung, after
+
+    running, hung, after = asyncio.run(scenario())
+    assert running >= 3  # the pet at open and at least two from the task
+    assert hung <= 1  # at most one that was due as the hang began
+    assert after >= 2
+
+
+def test_unhealthy_supervisor_stops_petting(fifo: tuple[Path, int]) -> None:
+    path, reader = fifo
+
+    async def scenario() -> int:
+        wd = Watchdog(path, timeout_s=1)
+        assert wd.open()
+        drain(reader)
+        task = asyncio.create_task(wd.run(alive=lambda: False))
+        await asyncio.sleep(1.0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        wd.close(disarm=False)
+        return len(drain(reader))
+
+    assert asyncio.run(scenario()) == 0
+
+
+# --------------------------------------------------------------------------- start history
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    with Store(tmp_path / "data") as s:
+        yield s
+
+
+def kinds(store: Store) -> list[str]:
+    return [e.kind for e in reversed(store.events(limit=1000))]
+
+
+def start(store: Store, data: Path, now: float, boot: str = "boot-a", **kw: object):
+    return record_start(store, data, now=now, this_boot=boot, pid=int(now) + 100,
+                        version="1.0", **kw)  # type: ignore[arg-type]
+
+
+def test_first_start_then_clean_stop(store: Store, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    rec = start(store, data, 10.0)
+    assert rec.previous == "first start" and not rec.crash_loop and rec.error_until is None
+    end_run(data)
+    rec = start(store, data, 20.0)
+    assert rec.previous == "stopped"
+    assert kinds(store) == [EVENT_START, EVENT_START]
+    assert store.events(limit=1)[0].text == "socketd 1.0 started (previous run: stopped)"
+
+
+def test_crash_is_told_apart_from_a_failed_start(store: Store, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    start(store, data, 10.0)
+    rec = start(store, data, 20.0)  # no end_run: the first one crashed
+    assert rec.previous == "crashed"
+    unclean = store.events(limit=1, kind=EVENT_UNCLEAN)[0]
+    assert unclean.text == (
+        "socketd (pid 110) ended without stopping cleanly (crash, kill or out of memory)"
+    )
+    end_run(data, "start failed: cannot open tunnel device sdwan0")
+    rec = start(store, data, 30.0)
+    assert rec.previous == "start failed: cannot open tunnel device sdwan0"
+    assert len(store.events(kind=EVENT_UNCLEAN)) == 1
+
+
+def test_crash_loop_is_found_once_and_ends(store: Store, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for t in (0.0, 10.0, 20.0, 30.0):
+        assert not start(store, data, t).crash_loop
+    rec = start(store, data, 40.0)
+    assert rec.crash_loop and rec.starts_in_window == 5
+    assert rec.in_error(41.0) and rec.in_error(159.0) and not rec.in_error(160.0)
+    (loop,) = store.events(kind=EVENT_CRASH_LOOP)
+    assert loop.text == (
+        "socketd started 5 times in 2 min (the runs before ended: 4 crashed);"
+        " LEDs show the error pattern"
+    )
+    assert loop.data is not None and loop.data["starts"] == 5
+    # Still looping: no second event for the same loop.
+    assert start(store, data, 50.0).crash_loop
+    assert len(store.events(kind=EVENT_CRASH_LOOP)) == 1
+    # Starts spread out further than the window are no loop.
+    end_run(data)
+    assert not start(store, data, 400.0).crash_loop
+
+
+def test_loop_counts_only_this_boot(store: Store, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for t in (0.0, 1.0, 2.0, 3.0):
+        start(store, data, t, boot="boot-a")
+    # A new boot: boot times restart near zero but the old starts are not this boot's.
+    rec = start(store, data, 4.0, boot="boot-b")
+    assert not rec.crash_loop and rec.starts_in_window == 1
+    assert rec.previous == "unclean boot"
+    text = store.events(limit=1, kind=EVENT_UNCLEAN)[0].text
+    assert text == ("the previous boot ended while socketd (pid 103) was running"
+                    " (power cut, reset or watchdog)")
+
+
+def test_watchdog_reset_is_recorded_once_per_boot(store: Store, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    start(store, data, 5.0, boot="boot-a")
+    rec = start(store, data, 3.0, boot="boot-b", watchdog_reset=True)
+    assert rec.previous == "unclean boot"
+    (ev,) = store.events(kind=EVENT_WATCHDOG_RESET)
+    assert ev.text == (
+        "rebooted by the watchdog: the supervisor stopped petting it (socketd pid 105 was running)"
+    )
+    # The boot status says so for the whole boot; a socketd restart does not repeat it.
+    start(store, data, 9.0, boot="boot-b", watchdog_reset=True)
+    assert len(store.events(kind=EVENT_WATCHDOG_RESET)) == 1
+
+
+def test_without_a_store_the_run_file_still_works(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    rec = record_start(None, data, now=1.0, this_boot="b", pid=7)
+    assert rec.previous == "first start"
+    assert (data / RUN_FILE).is_file()
+    assert record_start(None, data, now=2.0, this_boot="b", pid=8).previous == "crashed"
+
+
+CRASHER = """
+import os, signal, sys
+from pathlib import Path
+from sdwan.store import Store
+from sdwan.watchdog import record_start
+data = Path(sys.argv[1])
+with Store(data) as store:
+    rec = record_start(store, data, starts=4, window_s=60)
+print("loop" if rec.crash_loop else "ok", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_real_processes_killed_in_a_row_make_a_crash_loop(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    results = []
+    for _ in range(5):
+        proc = subprocess.run(
+            [sys.executable, "-c", CRASHER, str(data)], capture_output=True, text=True, timeout=30
+        )
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        results.append(proc.stdout.strip())
+    assert results == ["ok", "ok", "ok", "loop", "loop"]
+    with Store(data) as store:
+        (loop,) = store.events(kind=EVENT_CRASH_LOOP)
+        assert loop.text.startswith("socketd started 4 times in 1 min (the runs before ended:"
+                                    " 3 crashed)")
+        assert len(store.events(kind=EVENT_UNCLEAN)) == 4
