@@ -12,6 +12,7 @@ APT_PACKAGES=(
   iproute2 nftables conntrack iputils-ping # the lab: namespaces, NAT, routers
   iperf3 tcpdump procps
   coturn stun-client                       # STUN interoperability tests
+  busybox traceroute                       # console: udhcpc/udhcpd for DHCP WANs, traceroute
   shellcheck bmap-tools fdisk e2fsprogs    # flash.sh, its lint and its loop-device tests
   xz-utils zstd python3-fusepy
 )

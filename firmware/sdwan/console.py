@@ -466,7 +466,9 @@ class Terminal:
             nonlocal matches
             if state == 0:
                 try:
-                    matches = complete(rl.get_line_buffer()[: rl.get_endidx()])
+                    # Python's readline appends nothing to a completed word; the space
+                    # here lets the next word follow at once, as in a shell.
+                    matches = [m + " " for m in complete(rl.get_line_buffer()[: rl.get_endidx()])]
                 except Exception:  # completion must never break the line being typed
                     matches = []
             return matches[state] if state < len(matches) else None
