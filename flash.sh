@@ -91,11 +91,42 @@ done
 
 # Everything that later phases need to clean up or report.
 phase="checks"
+child=""
 tmpdir=$(mktemp -d)
+
+# Runs "$@" in the background in a process group of its own and waits for it:
+# a signal then reaches the trap at once (a foreground pipeline would delay it
+# to its end) and the trap stops the whole pipeline, not only its first process.
+run_job() {
+  local rc=0
+  set -m
+  "$@" &
+  child=$!
+  set +m
+  wait "$child" || rc=$?
+  child=""
+  return "$rc"
+}
+
 # shellcheck disable=SC2317  # both run from the traps below
 on_exit() { rm -rf "$tmpdir"; }
 # shellcheck disable=SC2317
 on_signal() {
+  if [ -n "$child" ]; then
+    kill -TERM -- "-$child" 2>/dev/null || true
+    wait "$child" 2>/dev/null || true
+    # dd dies only when its write in flight returns; the device is not left
+    # with a writer unless the disk hangs (then it says so).
+    local waited=0
+    while kill -0 -- "-$child" 2>/dev/null; do
+      if [ "$waited" -ge 300 ]; then
+        say "a writer to $device_arg (process group $child) is still stuck in I/O"
+        break
+      fi
+      sleep 0.1
+      waited=$((waited + 1))
+    done
+  fi
   case $phase in
     write)
       say "interrupted while writing: $device_arg holds a partial image"
@@ -220,6 +251,15 @@ fi
 [ -r "$image" ] || refuse "image $image is not readable"
 [ -s "$image" ] || refuse "image $image is empty"
 
+if [ "$dev_type" = loop ]; then
+  # Writing a loop device's own backing file into it would read what it writes.
+  read -r back_ino back_dev < <(losetup -nO BACK-INO,BACK-MAJ:MIN "$device" 2>/dev/null || true)
+  img_dev=$(stat -L -c '%Hd:%Ld' -- "$image")
+  if [ "${back_ino:-}" = "$(stat -L -c %i -- "$image")" ] && [ "${back_dev:-}" = "$img_dev" ]; then
+    refuse "image $image is the backing file of $device_arg itself"
+  fi
+fi
+
 # decompress=(...) reads the image to stdout; empty for a raw image.
 decompress=()
 image_base=$image
@@ -269,20 +309,23 @@ else
   # length for the size check, its digest for the verification, and a broken
   # or truncated compressed file found while the device is still intact.
   say "reading $image to measure it and compute its sha256"
-  mkfifo "$tmpdir/tap"
-  sha256sum <"$tmpdir/tap" >"$tmpdir/sum" &
-  hasher=$!
   if [ ${#decompress[@]} -gt 0 ]; then
     reader=("${decompress[@]}" "$image")
   else
     reader=(cat -- "$image")
   fi
-  if ! "${reader[@]}" | dd bs="$BS" iflag=fullblock status=progress |
-    tee "$tmpdir/tap" | wc -c >"$tmpdir/size"; then
-    wait "$hasher" || true
-    refuse "cannot read $image (see the error above)"
-  fi
-  wait "$hasher"
+  # shellcheck disable=SC2317  # run through run_job
+  measure_image() {
+    local rc=0 hasher
+    mkfifo "$tmpdir/tap"
+    sha256sum <"$tmpdir/tap" >"$tmpdir/sum" &
+    hasher=$!
+    "${reader[@]}" | dd bs="$BS" iflag=fullblock status=progress |
+      tee "$tmpdir/tap" | wc -c >"$tmpdir/size" || rc=$?
+    wait "$hasher" || rc=1
+    return "$rc"
+  }
+  run_job measure_image || refuse "cannot read $image (see the error above)"
   image_size=$(tr -d ' \n' <"$tmpdir/size")
   image_sum=$(cut -d ' ' -f 1 "$tmpdir/sum")
   [ "$image_size" -gt 0 ] || refuse "image $image is empty once decompressed"
@@ -348,24 +391,25 @@ check_not_in_use
 
 phase="write"
 started=$(date +%s)
+# shellcheck disable=SC2317  # run through run_job
+write_image() {
+  if [ -n "$bmap" ]; then
+    bmaptool copy --bmap "$bmap" "$image" "$device" </dev/null
+  elif [ ${#decompress[@]} -gt 0 ]; then
+    "${decompress[@]}" "$image" |
+      dd of="$device" bs="$BS" iflag=fullblock oflag=direct,sync conv=fsync status=progress
+  else
+    dd if="$image" of="$device" bs="$BS" oflag=direct,sync conv=fsync status=progress
+  fi
+}
 if [ -n "$bmap" ]; then
   say "writing the mapped blocks of $image to $device_arg with bmaptool"
-  if ! bmaptool copy --bmap "$bmap" "$image" "$device" </dev/null; then
-    say "write failed: bmaptool copy did not finish; $device_arg holds a partial image"
-    exit "$EXIT_WRITE"
-  fi
 else
   say "writing $image to $device_arg ($(human "$image_size")) with synchronous direct writes"
-  if [ ${#decompress[@]} -gt 0 ]; then
-    if ! "${decompress[@]}" "$image" |
-      dd of="$device" bs="$BS" iflag=fullblock oflag=direct,sync conv=fsync status=progress; then
-      say "write failed; $device_arg holds a partial image"
-      exit "$EXIT_WRITE"
-    fi
-  elif ! dd if="$image" of="$device" bs="$BS" oflag=direct,sync conv=fsync status=progress; then
-    say "write failed; $device_arg holds a partial image"
-    exit "$EXIT_WRITE"
-  fi
+fi
+if ! run_job write_image; then
+  say "write failed (see the error above); $device_arg holds a partial image"
+  exit "$EXIT_WRITE"
 fi
 say "flushing $device_arg and dropping its cached blocks"
 if ! blockdev --flushbufs "$device"; then
@@ -378,8 +422,9 @@ say "written in $(($(date +%s) - started)) s"
 
 phase="verify"
 # Reads LENGTH bytes at OFFSET of the device, bypassing the page cache, and
-# prints their digest. O_DIRECT reads must be whole sectors, so the read is
-# rounded up and the surplus dropped before hashing.
+# writes their digest to $tmpdir/got. O_DIRECT reads must be whole sectors, so
+# the read is rounded up and the surplus dropped before hashing.
+# shellcheck disable=SC2317  # run through run_job
 read_back_sum() {
   local offset=$1 length=$2 tool=$3 progress=$4 rounded
   rounded=$(((length + sector - 1) / sector * sector))
@@ -388,7 +433,7 @@ read_back_sum() {
     {
       head -c "$length"
       cat >/dev/null
-    } | "$tool" | cut -d ' ' -f 1
+    } | "$tool" | cut -d ' ' -f 1 >"$tmpdir/got"
 }
 
 verify_failed() {
@@ -407,9 +452,10 @@ if [ -n "$bmap" ]; then
     offset=$((first * bmap_bs))
     end=$(((last + 1) * bmap_bs))
     [ "$end" -le "$image_size" ] || end=$image_size
-    if ! got=$(read_back_sum "$offset" $((end - offset)) "${bmap_sum}sum" none); then
+    if ! run_job read_back_sum "$offset" $((end - offset)) "${bmap_sum}sum" none; then
       verify_failed "reading back range $index (bytes $offset-$((end - 1))) failed (see the error above)"
     fi
+    got=$(cat "$tmpdir/got")
     if [ "${got,,}" != "${want,,}" ]; then
       verify_failed "range $index of $ranges (bytes $offset-$((end - 1))) reads back with $bmap_sum $got, the image has $want"
     fi
@@ -422,9 +468,10 @@ if [ -n "$bmap" ]; then
   say "verified: every mapped range of $device_arg matches the block map"
 else
   say "verifying: reading back $(human "$image_size") from $device_arg and comparing sha256"
-  if ! got=$(read_back_sum 0 "$image_size" sha256sum progress); then
+  if ! run_job read_back_sum 0 "$image_size" sha256sum progress; then
     verify_failed "reading back $device_arg failed (see the error above)"
   fi
+  got=$(cat "$tmpdir/got")
   if [ "$got" != "$image_sum" ]; then
     verify_failed "the first $image_size bytes of $device_arg have sha256 $got, the image has $image_sum"
   fi

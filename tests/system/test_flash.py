@@ -341,6 +341,12 @@ def test_refuses_an_image_larger_than_the_device(tmp_path: Path,
     assert loop.content() == before
 
 
+def test_refuses_the_loop_devices_own_backing_file(make_loop: Callable[..., Loop]) -> None:
+    loop = make_loop()
+    result = flash("--yes", str(loop.backing), loop.device)
+    assert_refused(result, f"image {loop.backing} is the backing file of {loop.device} itself")
+
+
 def test_refuses_a_missing_empty_or_broken_image(tmp_path: Path,
                                                  make_loop: Callable[..., Loop]) -> None:
     loop = make_loop()
@@ -413,14 +419,15 @@ def test_refuses_the_disk_of_the_running_root(tmp_path: Path) -> None:
 # --- corrupted read-back and failing writes, from a FUSE-backed loop device -----------
 
 # A filesystem with one file, "disk", stored in STORE: writes land unchanged (or fail
-# with EIO), reads of byte CORRUPT_AT come back inverted. direct_io makes every read
-# reach the server, so the page cache cannot hide the corruption.
+# with EIO, or take WRITE_DELAY seconds each), reads of byte CORRUPT_AT come back
+# inverted. direct_io makes every read reach the server, so the page cache cannot hide
+# the corruption.
 FUSE_SERVER = r"""
-import errno, os, stat, sys
+import errno, os, stat, sys, time
 from fusepy import FUSE, FuseOSError, Operations
 
 mountpoint, store = sys.argv[1], sys.argv[2]
-corrupt_at, fail_writes = int(sys.argv[3]), sys.argv[4] == "1"
+corrupt_at, fail_writes, write_delay = int(sys.argv[3]), sys.argv[4] == "1", float(sys.argv[5])
 
 class Disk(Operations):
     def __init__(self):
@@ -449,6 +456,7 @@ class Disk(Operations):
     def write(self, path, data, offset, fh):
         if fail_writes:
             raise FuseOSError(errno.EIO)
+        time.sleep(write_delay)
         return os.pwrite(self.fd, data, offset)
 
     def truncate(self, path, length, fh=None):
@@ -483,7 +491,7 @@ def faulty_disk(tmp_path: Path,
                     pytrace=False)
     servers: list[tuple[subprocess.Popen[bytes], Path]] = []
 
-    def start(*, corrupt_at: int = -1, fail_writes: bool = False,
+    def start(*, corrupt_at: int = -1, fail_writes: bool = False, write_delay: float = 0.0,
               size: int = 16 * MiB) -> FaultyDisk:
         n = len(servers)
         store, mnt = tmp_path / f"store{n}", tmp_path / f"fuse{n}"
@@ -491,7 +499,7 @@ def faulty_disk(tmp_path: Path,
         mnt.mkdir()
         server = subprocess.Popen(
             [SYSTEM_PYTHON, "-c", FUSE_SERVER, str(mnt), str(store), str(corrupt_at),
-             "1" if fail_writes else "0"],
+             "1" if fail_writes else "0", str(write_delay)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         servers.append((server, mnt))
         deadline = time.monotonic() + 15
@@ -556,3 +564,43 @@ def test_a_failing_write_is_reported(tmp_path: Path,
     assert result.returncode == EXIT_WRITE, result.stderr
     assert "write failed" in result.stderr
     assert "holds a partial image" in result.stderr
+
+
+def test_an_interrupted_write_stops_the_writer_and_says_so(
+        tmp_path: Path, faulty_disk: Callable[..., FaultyDisk]) -> None:
+    # 0.1 s per 128 KiB write: about 3 s per 4 MiB block, long enough to interrupt.
+    disk = faulty_disk(write_delay=0.1)
+    path, _ = image(tmp_path, 12 * MiB)
+    proc = subprocess.Popen([str(FLASH), "--yes", str(path), disk.loop.device],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith("flash: writing"):
+                break
+        else:
+            raise AssertionError("flash.sh never started writing: " + "".join(seen))
+        time.sleep(0.5)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=30) == EXIT_WRITE, rest
+        # The trap waits for the block in flight (at most a few seconds), not the whole image.
+        assert time.monotonic() - started < 8
+        assert f"interrupted while writing: {disk.loop.device} holds a partial image" in rest
+        writers = [p for p in Path("/proc").glob("[0-9]*/cmdline")
+                   if f"of={disk.loop.device}".encode() in _read(p)]
+        assert writers == [], "a writer outlived flash.sh"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""  # the process exited while the list was read
