@@ -203,11 +203,16 @@ def sparse_image(tmp_path: Path) -> tuple[Path, dict[int, bytes], int]:
     return path, chunks, size
 
 
-def test_writes_with_bmaptool_when_a_bmap_exists(tmp_path: Path,
-                                                 make_loop: Callable[..., Loop]) -> None:
+@pytest.mark.parametrize("compressed", [False, True], ids=["raw", "xz"])
+def test_writes_with_bmaptool_when_a_bmap_exists(tmp_path: Path, make_loop: Callable[..., Loop],
+                                                 compressed: bool) -> None:
     loop = make_loop()
     old = loop.content()
     path, chunks, size = sparse_image(tmp_path)
+    if compressed:
+        # The bmap keeps the uncompressed name: fw.img.bmap next to fw.img.xz.
+        run(["xz", "-q", "-T1", str(path)])
+        path = path.with_name(path.name + ".xz")
     result = flash("--yes", str(path), loop.device)
     assert result.returncode == EXIT_OK, result.stderr
     assert "with bmaptool" in result.stderr
