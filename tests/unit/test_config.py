@@ -703,3 +703,64 @@ def test_appliance_errors_are_located(
     assert message.startswith(f"{path}: {field}: "), message
     assert expected.format(dir=tmp_path) in message
     assert message.endswith(f"(line {line_no})"), message
+
+
+# --------------------------------------------------------------------------- [[links]] addressing
+
+
+def test_link_addressing_forms(tmp_path: Path) -> None:
+    from sdwan.wanaddr import Addressing
+
+    text = sub('port = 4800\n', 'port = 4800\naddressing = "dhcp"\n')(BASE)
+    text = sub(
+        "mtu = 1400",
+        'mtu = 1400\naddressing = { mode = "static", address = "100.64.2.2/24",'
+        ' gateway = "100.64.2.1" }',
+    )(text)
+    cfg = load_config(write_site(tmp_path, text))
+    assert cfg.link("wan1").addressing == Addressing("dhcp")
+    assert cfg.link("wan2").addressing == Addressing("static", "100.64.2.2/24", "100.64.2.1")
+    plain = load_config(write_site(tmp_path, BASE))
+    assert plain.link("wan1").addressing == Addressing()  # left to the system
+
+
+@pytest.mark.parametrize(
+    ("value", "field", "expected"),
+    [
+        ('"ppp"', "links[0].addressing", 'expected "none", "dhcp" or a static table, got "ppp"'),
+        ('"static"', "links[0].addressing", '"static" needs an address and a gateway'),
+        ("1", "links[0].addressing", 'expected "none", "dhcp" or a static table'),
+        ('{ address = "1.2.3.4/24" }', "links[0].addressing.mode", "missing required field"),
+        ('{ mode = "pppoe" }', "links[0].addressing.mode", 'got "pppoe"'),
+        ('{ mode = "static", gateway = "1.2.3.1" }', "links[0].addressing.address", "missing"),
+        (
+            '{ mode = "static", address = "1.2.3.4", gateway = "1.2.3.1" }',
+            "links[0].addressing.address",
+            "expected an address with its prefix length",
+        ),
+        (
+            '{ mode = "static", address = "1.2.3.4/24", gateway = "1.2.4.1" }',
+            "links[0].addressing.gateway",
+            "gateway 1.2.4.1 is not inside 1.2.3.0/24",
+        ),
+        (
+            '{ mode = "dhcp", gateway = "1.2.4.1" }',
+            "links[0].addressing.gateway",
+            'only for mode "static", not "dhcp"',
+        ),
+        (
+            '{ mode = "dhcp", gatway = "1.2.4.1" }',
+            "links[0].addressing.gatway",
+            'unknown key (did you mean "gateway"?',
+        ),
+    ],
+)
+def test_link_addressing_errors_are_located(
+    tmp_path: Path, value: str, field: str, expected: str
+) -> None:
+    text = sub("port = 4800\n", f"port = 4800\naddressing = {value}\n")(BASE)
+    path, message = errors_of(tmp_path, text)
+    (line,) = message.splitlines()
+    assert line.startswith(f"{path}: {field}: "), line
+    assert expected in line, line
+    assert line.endswith(f"(line {text.splitlines().index(f'addressing = {value}') + 1})"), line
