@@ -136,7 +136,10 @@ def make_builder(absolute: bool = False) -> FFI:
     ffi.cdef(CDEF)
     ffi.set_source(
         MODULE,
-        '#include <openssl/ssl.h>\n#include <openssl/err.h>\n#include <openssl/x509v3.h>\n#include "glue.h"\n',
+        "#include <openssl/ssl.h>\n"
+        "#include <openssl/err.h>\n"
+        "#include <openssl/x509v3.h>\n"
+        '#include "glue.h"\n',
         sources=[_rel(HERE / "tls" / "glue.c")],
         include_dirs=[_rel(HERE / "tls")],
         libraries=["ssl", "crypto"],

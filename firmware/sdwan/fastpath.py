@@ -56,6 +56,7 @@ DROP_NAMES: tuple[str, ...] = (
     "no_endpoint",
     "queue_full",
     "send_error",
+    "spoofed",
 )
 assert len(DROP_NAMES) == lib.FP_DROP__COUNT
 
@@ -93,6 +94,7 @@ class FastPathConfig:
     ctrl_queue_len: int = 1024
     batch: int = 32
     relay: bool = False
+    check_source: bool = False
 
     @classmethod
     def default(cls) -> FastPathConfig:
@@ -107,6 +109,7 @@ class FastPathConfig:
             ctrl_queue_len=c.ctrl_queue_len,
             batch=c.batch,
             relay=bool(c.relay),
+            check_source=bool(c.check_source),
         )
 
 
@@ -215,6 +218,7 @@ class FastPath:
         c.ctrl_queue_len = cfg.ctrl_queue_len
         c.batch = cfg.batch
         c.relay = 1 if cfg.relay else 0
+        c.check_source = 1 if cfg.check_source else 0
         out = ffi.new("fp_t **")
         _check(lib.fp_new(c, out), "fp_new")
         self._fp = out[0]

@@ -249,6 +249,8 @@ class Pop:
             raise StartupError(str(e)) from e
         fp_cfg = FastPathConfig.default()
         fp_cfg.relay = True
+        # A site may only send through the relay from its own prefixes (dataplane.md).
+        fp_cfg.check_source = True
         self.fp = fp = FastPath(fp_cfg)
         family = socket.AF_INET6 if ":" in cfg.listen else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)

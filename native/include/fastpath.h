@@ -45,7 +45,8 @@ enum fp_drop_reason {
     FP_DROP_NO_ENDPOINT = 7,   /* peer has no link/endpoint yet */
     FP_DROP_QUEUE_FULL = 8,    /* control queue full */
     FP_DROP_SEND_ERROR = 9,    /* sendmsg/write failed */
-    FP_DROP__COUNT = 10
+    FP_DROP_SPOOFED = 10,      /* inner source does not route back to the sending peer */
+    FP_DROP__COUNT = 11
 };
 
 /* What fp_process_* decided about one packet. */
@@ -72,6 +73,8 @@ struct fp_config {
     uint32_t ctrl_queue_len;       /* control messages kept for Python */
     uint32_t batch;                /* recvmmsg/sendmmsg batch size */
     int relay;                     /* forward peer->peer packets (the PoP) */
+    int check_source;              /* drop decrypted packets whose source address
+                                      does not route back to the peer that sent them */
 };
 
 /* An IPv4 or IPv6 address and UDP port. family is 4 or 6; port in host order;
@@ -87,7 +90,7 @@ struct fp_counters {
     uint64_t rx_bytes;
     uint64_t tx_packets;
     uint64_t tx_bytes;
-    uint64_t drops[10];       /* by enum fp_drop_reason */
+    uint64_t drops[11];       /* by enum fp_drop_reason */
     uint64_t last_rx_ns;      /* CLOCK_MONOTONIC of last authenticated rx, 0 = never */
     uint64_t last_tx_ns;
 };

@@ -20,6 +20,7 @@ void fp_config_default(struct fp_config *cfg)
     cfg->ctrl_queue_len = 1024;
     cfg->batch = 32;
     cfg->relay = 0;
+    cfg->check_source = 0;
 }
 
 int fp_new(const struct fp_config *cfg, fp_t **out)

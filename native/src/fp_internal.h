@@ -199,6 +199,7 @@ void fp_hdr_write(uint8_t *h, uint32_t index, uint64_t counter);
 int fp_hdr_parse(const uint8_t *p, size_t len, uint32_t *index, uint64_t *counter);
 void fp_nonce(uint8_t iv[12], uint64_t counter);
 int fp_ip_dst(const uint8_t *ip, size_t len, uint8_t addr[16]);
+int fp_ip_src(const uint8_t *ip, size_t len, uint8_t addr[16]);
 bool fp_addr_valid(const struct fp_addr *a);
 void fp_addr_normalize(struct fp_addr *a);
 bool fp_addr_equal(const struct fp_addr *a, const struct fp_addr *b);

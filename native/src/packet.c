@@ -58,7 +58,8 @@ void fp_nonce(uint8_t iv[12], uint64_t counter)
 
 /* Destination of an IP packet into addr (16 bytes, IPv4 zero-padded);
  * returns 4 or 6, or -1 if this is not a plausible IP packet. */
-int fp_ip_dst(const uint8_t *ip, size_t len, uint8_t addr[16])
+/* The source (dst = false) or destination address of an IP packet. */
+static int ip_addr(const uint8_t *ip, size_t len, uint8_t addr[16], bool dst)
 {
     if (len < 1)
         return -1;
@@ -66,17 +67,27 @@ int fp_ip_dst(const uint8_t *ip, size_t len, uint8_t addr[16])
     case 4:
         if (len < 20 || (ip[0] & 0x0f) < 5)
             return -1;
-        memcpy(addr, ip + 16, 4);
+        memcpy(addr, ip + (dst ? 16 : 12), 4);
         memset(addr + 4, 0, 12);
         return 4;
     case 6:
         if (len < 40)
             return -1;
-        memcpy(addr, ip + 24, 16);
+        memcpy(addr, ip + (dst ? 24 : 8), 16);
         return 6;
     default:
         return -1;
     }
+}
+
+int fp_ip_dst(const uint8_t *ip, size_t len, uint8_t addr[16])
+{
+    return ip_addr(ip, len, addr, true);
+}
+
+int fp_ip_src(const uint8_t *ip, size_t len, uint8_t addr[16])
+{
+    return ip_addr(ip, len, addr, false);
 }
 
 bool fp_addr_valid(const struct fp_addr *a)

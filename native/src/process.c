@@ -182,6 +182,14 @@ int fp_inbound_locked(struct fp *fp, struct fp_link *link, uint32_t link_id,
     int family = fp_ip_dst(out, plen, dst);
     if (family < 0)
         return drop(res, FP_DROP_MALFORMED, &peer->ctr, NULL);
+    if (cfg->check_source) {
+        /* Like a reverse-path filter: a peer may only speak for its own
+         * prefixes, so one site cannot pose as another through the relay. */
+        uint8_t src[16];
+        int sfam = fp_ip_src(out, plen, src);
+        if (sfam != family || fp_route_lookup(fp, sfam, src) != peer)
+            return drop(res, FP_DROP_SPOOFED, &peer->ctr, NULL);
+    }
     if (cfg->relay) {
         struct fp_peer *to = fp_route_lookup(fp, family, dst);
         if (to == peer)
