@@ -52,6 +52,7 @@ from .config import (
 
 __all__ = [
     "BLINK_MS",
+    "BOOT_GRACE_S",
     "DEFAULT_PATTERNS",
     "BoxState",
     "LedBackend",
@@ -66,7 +67,9 @@ __all__ = [
     "SysfsBackend",
     "choose_pattern",
     "interface_fault",
+    "link_states",
     "load_led_map",
+    "open_leds",
 ]
 
 log = logging.getLogger("sdwan.leds")
@@ -161,6 +164,15 @@ def choose_pattern(state: BoxState) -> Pattern:
     if state.cloud == "off":
         return Pattern.RUNNING
     return Pattern.CLOUD_DOWN
+
+
+# How long "booting" waits for the first cloud connection before showing the cloud as down.
+BOOT_GRACE_S = 30.0
+
+
+def link_states(links: Iterable[tuple[str, str]]) -> dict[str, bool]:
+    """WAN link name -> up, for (link name, interface) pairs."""
+    return {name: interface_fault(ifname) is None for name, ifname in links}
 
 
 _SIOCGIFFLAGS = 0x8913
@@ -856,6 +868,8 @@ class _Worker:
     generation: int = 0  # of `want`
     done: int = 0  # the generation last applied successfully
     thread: threading.Thread | None = None
+    retry_at: float = 0.0  # monotonic time before which a failed backend is left alone
+    retry_in: float = RETRY_FIRST_S
 
 
 class LedController:
@@ -924,6 +938,8 @@ class LedController:
                     continue
                 worker.want = (pattern, states)
                 worker.generation += 1
+                # Something new to show is worth one try at once, backoff or not.
+                worker.retry_at = 0.0
             self._cond.notify_all()
 
     def settle(self, timeout: float) -> bool:
@@ -939,8 +955,6 @@ class LedController:
         return True
 
     def _run(self, w: _Worker) -> None:
-        retry_in = RETRY_FIRST_S
-        next_try = 0.0  # monotonic time before which a failed backend is left alone
         next_check = None if w.backend.check_every_s is None else time.monotonic()
         while True:
             with self._cond:
@@ -948,7 +962,7 @@ class LedController:
                     if self._closed:
                         return
                     now = time.monotonic()
-                    pending = w.want is not None and w.done != w.generation and now >= next_try
+                    pending = w.want is not None and w.done != w.generation and now >= w.retry_at
                     checking = (
                         next_check is not None
                         and now >= next_check
@@ -958,7 +972,7 @@ class LedController:
                         break
                     waits = [t for t in (next_check,) if t is not None and w.done > 0]
                     if w.want is not None and w.done != w.generation:
-                        waits.append(next_try)
+                        waits.append(w.retry_at)
                     self._cond.wait(max(0.01, min(waits) - now) if waits else None)
                 want, generation = w.want, w.generation
             assert want is not None
@@ -978,13 +992,13 @@ class LedController:
                     w.counters.failures += 1
                     if w.counters.ok is not False or w.counters.last_error != str(e):
                         log.warning("LEDs (%s): %s; retrying in %.0f s", w.backend.kind, e,
-                                    retry_in)
+                                    w.retry_in)
                     w.counters.ok = False
                     w.counters.last_error = str(e)
                     if w.done == generation:
                         w.done = generation - 1  # apply again once it works
-                next_try = time.monotonic() + retry_in
-                retry_in = min(RETRY_MAX_S, retry_in * 2)
+                    w.retry_at = time.monotonic() + w.retry_in
+                    w.retry_in = min(RETRY_MAX_S, w.retry_in * 2)
                 continue
             with self._cond:
                 if w.counters.ok is False:
@@ -993,8 +1007,8 @@ class LedController:
                 w.counters.applied += 1
                 w.done = generation
                 self._cond.notify_all()
-            retry_in = RETRY_FIRST_S
-            next_try = 0.0
+                w.retry_in = RETRY_FIRST_S
+                w.retry_at = 0.0
             if w.backend.check_every_s is not None:
                 next_check = time.monotonic() + w.backend.check_every_s
 

@@ -26,12 +26,22 @@ from .control import ControlServer
 from .daemon import StartupError, run_service
 from .dtls import DtlsContext, DtlsSession, client_hello_random, is_client_hello
 from .fastpath import CtrlEvent, FastPath, FastPathConfig
+from .leds import (
+    BOOT_GRACE_S,
+    BoxState,
+    LedController,
+    Pattern,
+    choose_pattern,
+    link_states,
+    open_leds,
+)
 from .links import LinkError, open_link_socket
 from .netcfg import NetcfgError, Plan, apply_in_worker, tunnel_mtu
 from .store import Store, StoreError
 from .stun import is_stun
 from .tunnel import KICK_TYPE, Addr, PeerTunnel, Timers, decode_kick
 from .wanaddr import WanAddressing
+from .watchdog import Guard
 
 log = logging.getLogger("sdwan.socketd")
 
@@ -42,6 +52,7 @@ MAX_HANDSHAKING_PER_IP = 4  # so that one host cannot fill the table by itself
 MAX_EVENTS_PER_WAKEUP = 256  # a control flood must not starve timers and socketctl
 REJECTIONS_KEPT = 20
 STALE_SESSION_S = 60.0  # an established session no tunnel uses any more
+LED_PERIOD_S = 0.5  # how often the LEDs follow the box's state
 
 
 @dataclass
@@ -90,6 +101,8 @@ class Supervisor:
         self._net_dirty = False
         self._stop = asyncio.Event()
         self.wan: WanAddressing | None = None
+        self.leds: LedController | None = None
+        self.guard: Guard | None = None  # made by run(): the simulations have no appliance
 
     # ---------------------------------------------------------------- setup
 
@@ -498,6 +511,7 @@ class Supervisor:
             },
             "rejections": list(self.stats.rejections),
             "cloud": self.cloud.summary() if self.cloud is not None else {"state": "off"},
+            "appliance": self._appliance_status(),
         }
 
     async def _peers(self, _req: dict) -> dict:
@@ -555,11 +569,55 @@ class Supervisor:
         except (StoreError, ValueError) as e:
             log.warning("event not stored: %s", e)
 
+    # ---------------------------------------------------------------- LEDs and watchdog
+
+    def _start_appliance(self) -> None:
+        """Before anything else, so that a socketd that fails to start is counted (leds.py,
+        watchdog.py)."""
+        self.leds = open_leds(self.cfg.appliance.leds)
+        self.guard = Guard(self.cfg.appliance, self.cfg.paths.data_dir, __version__)
+        self.guard.start()
+        if self.leds is not None:
+            self.leds.show(Pattern.ERROR if self.guard.in_error() else Pattern.BOOTING)
+
+    async def _appliance(self, ticker: asyncio.Task[None]) -> None:
+        assert self.guard is not None
+        # A supervisor whose ticker died is not healthy: the pets stop, the box resets.
+        pets = asyncio.create_task(self.guard.run(alive=lambda: not ticker.done()))
+        try:
+            while True:
+                if self.leds is not None:
+                    self._show_leds(self.leds)
+                await asyncio.sleep(LED_PERIOD_S)
+        finally:
+            pets.cancel()
+
+    def _show_leds(self, leds: LedController) -> None:
+        links = link_states((ln.name, ln.interface) for ln in self.cfg.links)
+        cloud = self.cloud.state if self.cloud is not None else "off"
+        state = BoxState(
+            cloud=cloud,
+            links_down=tuple(name for name, up in links.items() if not up),
+            error=self.guard is not None and self.guard.in_error(),
+            booting=cloud == "connecting" and self.clock() - self.started < BOOT_GRACE_S,
+        )
+        leds.show(choose_pattern(state), links)
+
+    def _appliance_status(self) -> dict:
+        guard = self.guard.status() if self.guard is not None else {}
+        return {**guard, "leds": self.leds.status() if self.leds is not None else None}
+
     # ---------------------------------------------------------------- run
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        self._open()
+        self._start_appliance()
+        try:
+            self._open()
+        except StartupError as e:
+            assert self.guard is not None
+            self.guard.end(f"start failed: {e}")
+            raise
         assert self.fp is not None
         loop.add_reader(self.fp.ctrl_fd, self._on_ctrl_readable)
         self.control = ControlServer(
@@ -584,10 +642,14 @@ class Supervisor:
             len(self.tunnels),
         )
         ticker = asyncio.create_task(self._ticker())
+        appliance = asyncio.create_task(self._appliance(ticker))
         try:
             await self._stop.wait()
         finally:
+            appliance.cancel()
             ticker.cancel()
+            if self._stop.is_set() and self.guard is not None:
+                self.guard.end("stopped")
             log.info("socketd stopping")
             await self.control.close()
             if self.wan is not None:
@@ -596,6 +658,16 @@ class Supervisor:
             self.close()
 
     def close(self) -> None:
+        # The watchdog first: a slow LED below must not outlast init's grace period with
+        # the watchdog still armed.
+        if self.guard is not None:
+            self.guard.close()
+        if self.leds is not None:
+            if self.guard is not None and self.guard.ended == "stopped":
+                self.leds.show(Pattern.OFF)
+                self.leds.settle(0.5)
+            self.leds.close(timeout=1.0)
+            self.leds = None
         if self.cloud is not None:
             with contextlib.suppress(Exception):
                 self.cloud.close()

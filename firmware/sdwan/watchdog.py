@@ -29,10 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import Appliance
 from .store import Store, StoreError
 
 __all__ = [
     "RUN_FILE",
+    "Guard",
     "StartRecord",
     "Watchdog",
     "boot_id",
@@ -437,3 +439,71 @@ def end_run(data_dir: Path, how: str = "stopped") -> None:
         )
     except OSError as e:
         log.error("cannot write %s: %s", run_file, e)
+
+
+class Guard:
+    """What socketd runs of this module: the watchdog and the start history for one run.
+
+    `start()` first (it opens the store on its own for a moment, so a socketd that fails to
+    start is counted too), `run()` as a task on the loop, `end(how)` on a controlled end,
+    `close()` last: it disarms the watchdog only after `end`, so that a crash leaves it
+    armed for the next socketd or, failing that, for a reset."""
+
+    def __init__(self, appliance: Appliance, data_dir: Path, version: str = "") -> None:
+        self.appliance = appliance
+        self.data_dir = data_dir
+        self.version = version
+        self.watchdog = (
+            Watchdog(appliance.watchdog, appliance.watchdog_timeout_s)
+            if appliance.watchdog is not None
+            else None
+        )
+        self.record: StartRecord | None = None
+        self.ended: str | None = None
+
+    def start(self) -> StartRecord:
+        if self.watchdog is not None:
+            self.watchdog.open()
+        store: Store | None = None
+        try:
+            store = Store(self.data_dir)
+        except (StoreError, OSError) as e:
+            log.error("start history without a store: %s", e)
+        try:
+            self.record = record_start(
+                store,
+                self.data_dir,
+                starts=self.appliance.crash_loop_starts,
+                window_s=self.appliance.crash_loop_window_s,
+                watchdog_reset=self.watchdog is not None and self.watchdog.reset_by_watchdog,
+                version=self.version,
+            )
+        finally:
+            if store is not None:
+                store.close()
+        return self.record
+
+    def in_error(self) -> bool:
+        return self.record is not None and self.record.in_error(boot_time())
+
+    async def run(self, alive: Callable[[], bool] | None = None) -> None:
+        if self.watchdog is not None:
+            await self.watchdog.run(alive)
+
+    def end(self, how: str = "stopped") -> None:
+        if self.ended is None:
+            self.ended = how
+            end_run(self.data_dir, how)
+
+    def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.close(disarm=self.ended is not None)
+
+    def status(self) -> dict[str, Any]:
+        rec = self.record
+        return {
+            "watchdog": self.watchdog.status() if self.watchdog is not None else None,
+            "previous_run": rec.previous if rec is not None else None,
+            "starts_in_window": rec.starts_in_window if rec is not None else None,
+            "crash_loop": self.in_error(),
+        }
