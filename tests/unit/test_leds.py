@@ -102,6 +102,12 @@ def test_pattern_override_in_the_map(tmp_path: Path) -> None:
         "status": LedState.ON, "cloud": LedState.OFF, "wan1": LedState.SLOW
     }
     assert m.states(Pattern.CLOUD_DOWN)["status"] is LedState.ON
+    # "*" stands for every LED the table does not name.
+    text = SYSFS_MAP + '\n[patterns.error]\nstatus = "on"\n"*" = "slow"\n'
+    m = load_led_map(write_map(tmp_path, text))
+    assert m.states(Pattern.ERROR) == {
+        "status": LedState.ON, "cloud": LedState.SLOW, "wan1": LedState.SLOW
+    }
 
 
 def test_every_backend_in_one_map(tmp_path: Path) -> None:
