@@ -24,6 +24,7 @@ import re
 import secrets
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -64,6 +65,7 @@ MAX_LOGIN_TRIES = 5  # then the console exits and getty starts a fresh one
 FAIL_DELAY_S = 1.0  # doubled after each failure, up to FAIL_DELAY_MAX_S
 FAIL_DELAY_MAX_S = 8.0
 MAX_PASSWORD_TRIES = 3
+IDLE_LOGOUT_S = 900  # a console left logged in on site is an open door
 
 
 class CredentialError(Exception):
@@ -433,12 +435,22 @@ def completions(line: str, links: Sequence[str] = ()) -> list[str]:
 # --------------------------------------------------------------------------- terminal
 
 
-class Terminal:
-    """Prompts and line input: readline editing on a terminal, plain lines otherwise."""
+class IdleTimeout(Exception):
+    """Nothing was typed at a prompt for the idle time."""
 
-    def __init__(self, stdin: TextIO, stdout: TextIO) -> None:
+
+def _on_alarm(_signum: int, _frame: object) -> None:
+    raise IdleTimeout
+
+
+class Terminal:
+    """Prompts and line input: readline editing on a terminal, plain lines otherwise.
+    Every read raises IdleTimeout after `idle_s` seconds without a line (0: never)."""
+
+    def __init__(self, stdin: TextIO, stdout: TextIO, idle_s: float = 0) -> None:
         self.stdin = stdin
         self.out = stdout
+        self.idle_s = idle_s
         try:
             self.fd: int | None = stdin.fileno()
         except (OSError, ValueError):
@@ -477,14 +489,33 @@ class Terminal:
         rl.set_completer(completer)
         rl.parse_and_bind("tab: complete")
 
+    @contextlib.contextmanager
+    def _idle_timer(self) -> Any:
+        if self.idle_s <= 0:
+            yield
+            return
+        # SIGALRM interrupts the blocking read (readline's too); the handler raises.
+        old = signal.signal(signal.SIGALRM, _on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, self.idle_s)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+
     def read_command(self, prompt: str) -> str:
         """A command line; EOFError on Ctrl-D, KeyboardInterrupt on Ctrl-C."""
         if self._readline is not None:
-            return input(prompt)
+            with self._idle_timer():
+                return input(prompt)
         return self.read_line(prompt)
 
     def read_line(self, prompt: str, echo: bool = True) -> str:
         """A line without editing or history (logins, passwords, confirmations)."""
+        with self._idle_timer():
+            return self._read_line(prompt, echo)
+
+    def _read_line(self, prompt: str, echo: bool) -> str:
         if not self.tty:
             self.write(prompt)
             line = self.stdin.readline()
@@ -537,6 +568,7 @@ class Options:
     data_dir: Path
     reboot_command: list[str]
     user: str | None = None
+    idle_logout_s: float = IDLE_LOGOUT_S
 
 
 class Console:
@@ -840,6 +872,13 @@ class Console:
     # ---------------------------------------------------------------- the session
 
     def run(self) -> int:
+        try:
+            return self._run()
+        except IdleTimeout:
+            self.say(f"\nidle for {self.opts.idle_logout_s:g} s: logged out")
+            return 0
+
+    def _run(self) -> int:
         if not self.login():
             return 0
         self.term.setup_completion(lambda line: completions(line, self.link_names()))
@@ -868,6 +907,8 @@ class Console:
                     return 0
             except KeyboardInterrupt:
                 self.say("\ninterrupted")
+            except IdleTimeout:
+                raise
             except Exception as e:  # the console must outlive any bug of one command
                 self.say(f"error: {cmd.name} failed: {type(e).__name__}: {e}")
 
@@ -895,6 +936,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CMD",
         help="command that reboots the box (default: reboot)",
     )
+    parser.add_argument(
+        "--idle-logout",
+        type=float,
+        default=IDLE_LOGOUT_S,
+        metavar="S",
+        help=f"log out after S seconds without input, 0 never (default {IDLE_LOGOUT_S})",
+    )
     # getty runs its login program as `login -- [USER]`.
     parser.add_argument("user", nargs="?", help=argparse.SUPPRESS)
     return parser
@@ -910,8 +958,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not reboot:
         print("socket-console: --reboot-command is empty", file=sys.stderr)
         return 2
-    opts = Options(Path(args.socket), Path(args.data), reboot, args.user or None)
-    console = Console(Terminal(sys.stdin, sys.stdout), opts)
+    if args.idle_logout < 0:
+        print("socket-console: --idle-logout must be 0 (never) or more seconds", file=sys.stderr)
+        return 2
+    opts = Options(Path(args.socket), Path(args.data), reboot, args.user or None, args.idle_logout)
+    console = Console(Terminal(sys.stdin, sys.stdout, args.idle_logout), opts)
     try:
         return console.run()
     except KeyboardInterrupt:

@@ -8,7 +8,8 @@ DHCP: a supervised `udhcpc -f` whose script hands each lease back to socketd ove
 socket, applied through the same worker), and reporting it (`links`). The control commands
 `links`, `set-link` and `dhcp-lease` are served by `WanAddressing.handlers()`.
 
-`python -m sdwan.wanaddr lease EVENT` is the udhcpc script's side (docs/console.md).
+`socketd-udhcpc-script EVENT` (or `python -m sdwan.wanaddr lease EVENT`) is the udhcpc
+script's side (docs/console.md).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ UDHCPC_STOP_S = 3.0
 WORKER_TIMEOUT_S = 30.0
 LEASE_REQUEST_TIMEOUT_S = 40.0  # the script waits while socketd applies the lease
 SCRIPT_NAME = "udhcpc-script"
+ENTRY_POINT = "socketd-udhcpc-script"
 ENV_SOCKET = "SDWAN_CONTROL_SOCKET"
 ENV_LINK = "SDWAN_LINK"
 ENV_GENERATION = "SDWAN_DHCP_GENERATION"
@@ -275,6 +277,21 @@ def udhcpc_command() -> list[str] | None:
     return [bb, "udhcpc"] if bb else None
 
 
+def script_path(runtime_dir: Path) -> Path:
+    """What udhcpc runs on each lease event: the installed `socketd-udhcpc-script`, else a
+    script written into runtime_dir (unless that is mounted noexec, where it could not run)."""
+    for candidate in (Path(sys.executable).parent / ENTRY_POINT, shutil.which(ENTRY_POINT)):
+        if candidate and os.access(candidate, os.X_OK):
+            return Path(candidate)
+    runtime_dir.mkdir(parents=True, exist_ok=True)
+    if os.statvfs(runtime_dir).f_flag & os.ST_NOEXEC:
+        raise NetcfgError(
+            f"{ENTRY_POINT} is not installed and {runtime_dir} is mounted noexec:"
+            " udhcpc would have no script to run"
+        )
+    return write_script(runtime_dir)
+
+
 def write_script(directory: Path) -> Path:
     """The script udhcpc runs on each lease event: it hands the event to socketd."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -438,7 +455,10 @@ class WanAddressing:
         if argv is None:
             raise NetcfgError("no DHCP client: neither udhcpc nor busybox is installed")
         if self._script is None:
-            self._script = write_script(self.control_socket.parent)
+            try:
+                self._script = script_path(self.control_socket.parent)
+            except OSError as e:
+                raise NetcfgError(f"cannot write the udhcpc script: {e}") from e
         self._generation += 1
         d = _Dhcp(self._generation)
         st.dhcp = d
@@ -730,6 +750,11 @@ def lease_main(argv: Iterable[str]) -> int:
     if result.get("ignored"):
         print(f"wanaddr: {event} for link {link} ignored (DHCP no longer wanted)", file=sys.stderr)
     return 0
+
+
+def script_main() -> int:
+    """`socketd-udhcpc-script EVENT`, the installed form of the script."""
+    return lease_main(["lease", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -132,9 +132,11 @@ class ConsolePty:
 
 
 @contextlib.contextmanager
-def console(ns: str | None, sock: Path, data: Path, reboot: str = "false") -> Iterator[ConsolePty]:
+def console(
+    ns: str | None, sock: Path, data: Path, reboot: str = "false", idle_s: float = 120
+) -> Iterator[ConsolePty]:
     argv = [sys.executable, "-m", "sdwan.console", "--socket", str(sock), "--data", str(data)]
-    argv += ["--reboot-command", reboot]
+    argv += ["--reboot-command", reboot, "--idle-logout", str(idle_s)]
     if ns is not None:
         argv = ["ip", "netns", "exec", ns, *argv]
     env = dict(os.environ)
@@ -250,6 +252,7 @@ def test_static_address_from_the_console_is_applied_and_survives_a_restart(lab: 
 
         # Ctrl-C abandons the line being typed; nothing runs.
         c.send("set link wan1 dhcp")
+        c.expect("set link wan1 dhcp")  # typed ahead, the tty would flush it on Ctrl-C
         c.send("\x03")
         c.expect("> ")
         out = c.command("show links")
@@ -335,6 +338,10 @@ def test_dhcp_from_the_console_takes_a_lease_from_the_router(lab: Lab) -> None:
             "default route via the DHCP router",
             lambda: "via 100.64.1.1 dev wan1" in default_route(site),
         )
+        wait_for(
+            "socketd reports the lease",
+            lambda: lab.socketctl(site, "links")["links"][0]["dhcp"]["state"] == "bound",
+        )
         out = c.command("show links")
         assert re.search(
             rf"wan1\s+wan1\s+up\s+dhcp\s+{re.escape(got[0])}\s+100\.64\.1\.1\s+1\s+"
@@ -393,8 +400,12 @@ def test_without_socketd_the_console_still_works_and_factory_reset_wipes(tmp_pat
     assert marker.read_text() == "called\n"
     assert data.is_dir() and list(data.iterdir()) == []
 
-    # After the reset the default credential is back, and must be changed again.
-    with console(None, gone, data, reboot) as c:
+    # After the reset the default credential is back, and must be changed again. A console
+    # left alone at the prompt logs itself out.
+    with console(None, gone, data, reboot, idle_s=2) as c:
         first_login(c)
-        c.line("exit")
+        c.send("show sta")  # a half-typed line does not count as activity
+        t0 = time.monotonic()
+        c.expect("idle for 2 s: logged out", timeout=10)
         assert c.wait_exit() == 0
+        assert 1.5 <= time.monotonic() - t0 < 8

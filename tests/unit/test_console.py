@@ -522,3 +522,84 @@ def test_getty_style_arguments_are_accepted(tmp_path: Path) -> None:
         env=env,
     )
     assert bad.returncode == 2 and "--reboot-command" in bad.stderr
+
+
+def test_an_idle_console_logs_itself_out(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(FIRMWARE)}
+    argv = [sys.executable, "-m", "sdwan.console", "--socket", str(tmp_path / "none.sock")]
+    argv += ["--data", str(tmp_path / "data"), "--idle-logout", "1"]
+    with subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    ) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("admin\nadmin\nnew-password-1\nnew-password-1\n")
+        proc.stdin.flush()  # and then nothing more, with the pipe left open
+        try:
+            rc = proc.wait(timeout=30)
+        finally:
+            proc.kill()
+        out = proc.stdout.read()
+    assert rc == 0
+    assert "Password changed." in out and out.rstrip().endswith("idle for 1 s: logged out")
+    bad = subprocess.run(argv[:-1] + ["-5"], capture_output=True, text=True, timeout=30, env=env)
+    assert bad.returncode == 2 and "--idle-logout must be 0 (never) or more" in bad.stderr
+
+
+def test_show_links_table() -> None:
+    import io
+
+    from sdwan.socketctl import format_links
+
+    out = io.StringIO()
+    format_links(
+        {
+            "links": [
+                {
+                    "name": "wan1",
+                    "interface": "eth0",
+                    "state": "up",
+                    "addressing": "dhcp",
+                    "address": "100.64.1.104/24",
+                    "gateway": "100.64.1.1",
+                    "precedence": 1,
+                    "dhcp": {"state": "bound", "server": "100.64.1.1", "lease_s": 600},
+                    "error": None,
+                },
+                {
+                    "name": "wan2",
+                    "interface": "eth1",
+                    "state": "absent",
+                    "addressing": "static",
+                    "address": None,
+                    "gateway": None,
+                    "precedence": 2,
+                    "dhcp": None,
+                    "error": "device eth1 does not exist",
+                },
+            ]
+        },
+        out,
+    )
+    lines = out.getvalue().splitlines()
+    assert lines[0].split() == [
+        "LINK",
+        "INTERFACE",
+        "STATE",
+        "ADDRESSING",
+        "ADDRESS",
+        "GATEWAY",
+        "PREC",
+        "DETAIL",
+    ]
+    assert lines[1].split()[:7] == [
+        "wan1",
+        "eth0",
+        "up",
+        "dhcp",
+        "100.64.1.104/24",
+        "100.64.1.1",
+        "1",
+    ]
+    assert lines[1].endswith("dhcp bound from 100.64.1.1, lease 10m00s")
+    assert lines[2].split()[:7] == ["wan2", "eth1", "absent", "static", "-", "-", "2"]
+    assert lines[2].endswith("error: device eth1 does not exist")
