@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from .config import DEFAULT_CONTROL_SOCKET, DEFAULT_DATA_DIR
+from .config import DEFAULT_CONFIG_PATH, DEFAULT_CONTROL_SOCKET, DEFAULT_DATA_DIR, ConfigError
 from .control import CommandFailed, ControlError, ControlUnreachable, request
 from .socketctl import FORMATTERS, format_set_link
 from .wanaddr import parse_static
@@ -919,16 +919,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="The field engineer's shell on the serial console (login, then commands).",
     )
     parser.add_argument(
-        "--socket",
-        default=str(DEFAULT_CONTROL_SOCKET),
+        "--config",
+        default=str(DEFAULT_CONFIG_PATH),
         metavar="PATH",
-        help=f"socketd's control socket (default {DEFAULT_CONTROL_SOCKET})",
+        help="socketd's config, where the defaults of --socket and --data are read from"
+        f" ([paths]; default {DEFAULT_CONFIG_PATH})",
+    )
+    parser.add_argument(
+        "--socket",
+        default=None,
+        metavar="PATH",
+        help=f"socketd's control socket (default paths.control_socket, {DEFAULT_CONTROL_SOCKET})",
     )
     parser.add_argument(
         "--data",
-        default=str(DEFAULT_DATA_DIR),
+        default=None,
         metavar="DIR",
-        help=f"data directory: credential file, socketd's store (default {DEFAULT_DATA_DIR})",
+        help="data directory: credential file, socketd's store (default paths.data_dir,"
+        f" {DEFAULT_DATA_DIR})",
     )
     parser.add_argument(
         "--reboot-command",
@@ -948,8 +956,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def config_paths(path: str) -> tuple[Path, Path]:
+    """(control socket, data directory) from socketd's config [paths], else the defaults.
+
+    getty starts the console without arguments, so it finds socketd the way socketd does.
+    Only [paths] is read: the console must start even when the rest of the file is wrong."""
+    from .config import read_toml
+
+    sock, data = DEFAULT_CONTROL_SOCKET, DEFAULT_DATA_DIR
+    try:
+        source, _text, doc = read_toml(path)
+    except ConfigError:
+        return sock, data
+    paths = doc.get("paths")
+    if isinstance(paths, dict):
+        for key, value in paths.items():
+            if isinstance(value, str) and value and "\0" not in value:
+                resolved = Path(os.path.normpath(source.parent / value))
+                if key == "control_socket":
+                    sock = resolved
+                elif key == "data_dir":
+                    data = resolved
+    return sock, data
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    sock, data = config_paths(args.config)
     try:
         reboot = shlex.split(args.reboot_command)
     except ValueError as e:
@@ -961,7 +994,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.idle_logout < 0:
         print("socket-console: --idle-logout must be 0 (never) or more seconds", file=sys.stderr)
         return 2
-    opts = Options(Path(args.socket), Path(args.data), reboot, args.user or None, args.idle_logout)
+    opts = Options(
+        Path(args.socket) if args.socket else sock,
+        Path(args.data) if args.data else data,
+        reboot,
+        args.user or None,
+        args.idle_logout,
+    )
     console = Console(Terminal(sys.stdin, sys.stdout, args.idle_logout), opts)
     try:
         return console.run()

@@ -603,3 +603,34 @@ def test_show_links_table() -> None:
     assert lines[1].endswith("dhcp bound from 100.64.1.1, lease 10m00s")
     assert lines[2].split()[:7] == ["wan2", "eth1", "absent", "static", "-", "-", "2"]
     assert lines[2].endswith("error: device eth1 does not exist")
+
+
+def test_paths_come_from_socketds_config(tmp_path: Path) -> None:
+    from sdwan.config import DEFAULT_CONTROL_SOCKET, DEFAULT_DATA_DIR
+    from sdwan.console import config_paths
+
+    cfg = tmp_path / "socketd.toml"
+    cfg.write_text(
+        '[paths]\ndata_dir = "data"\ncontrol_socket = "/run/x/control.sock"\n[site]\nid = "bad"\n'
+    )
+    assert config_paths(str(cfg)) == (Path("/run/x/control.sock"), tmp_path / "data")
+    assert config_paths(str(tmp_path / "missing.toml")) == (
+        DEFAULT_CONTROL_SOCKET,
+        DEFAULT_DATA_DIR,
+    )
+    (tmp_path / "broken.toml").write_text("[paths\n")
+    assert config_paths(str(tmp_path / "broken.toml")) == (DEFAULT_CONTROL_SOCKET, DEFAULT_DATA_DIR)
+
+    # Started the way getty starts it (no --socket, no --data), it uses those paths.
+    cfg.write_text(f'[paths]\ndata_dir = "data"\ncontrol_socket = "{tmp_path}/ctl.sock"\n')
+    env = {**os.environ, "PYTHONPATH": str(FIRMWARE)}
+    cp = subprocess.run(
+        [sys.executable, "-m", "sdwan.console", "--config", str(cfg)],
+        input="admin\nadmin\nnew-password-1\nnew-password-1\nshow pop\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    assert f"socketd is not running: cannot connect to {tmp_path}/ctl.sock" in cp.stdout
+    assert (tmp_path / "data" / "console-credentials.json").exists()
