@@ -19,6 +19,7 @@ import os
 import pty
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,6 +179,14 @@ def wan_addresses(site: Site) -> list[str]:
 
 def default_route(site: Site) -> str:
     return netns.run(site.ns, ["ip", "-4", "route", "show", "default"]).stdout.strip()
+
+
+@pytest.fixture(autouse=True)
+def _console_tools() -> None:
+    # Not a skip: a CI machine without them is a broken setup (scripts/setup.sh installs them).
+    missing = [t for t in ("busybox", "traceroute", "ping") if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"console test tools not installed: {', '.join(missing)}", pytrace=False)
 
 
 def start_site(lab: Lab) -> Site:
