@@ -95,6 +95,7 @@ class FastPathConfig:
     batch: int = 32
     relay: bool = False
     check_source: bool = False
+    warm_ms: int = 5
 
     @classmethod
     def default(cls) -> FastPathConfig:
@@ -110,6 +111,7 @@ class FastPathConfig:
             batch=c.batch,
             relay=bool(c.relay),
             check_source=bool(c.check_source),
+            warm_ms=c.warm_ms,
         )
 
 
@@ -219,6 +221,7 @@ class FastPath:
         c.batch = cfg.batch
         c.relay = 1 if cfg.relay else 0
         c.check_source = 1 if cfg.check_source else 0
+        c.warm_ms = cfg.warm_ms
         out = ffi.new("fp_t **")
         _check(lib.fp_new(c, out), "fp_new")
         self._fp = out[0]

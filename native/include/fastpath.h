@@ -75,6 +75,8 @@ struct fp_config {
     int relay;                     /* forward peer->peer packets (the PoP) */
     int check_source;              /* drop decrypted packets whose source address
                                       does not route back to the peer that sent them */
+    uint32_t warm_ms;              /* an idle thread runs a dummy seal+open this often
+                                      (0 = never): see docs/dataplane.md, "Latency" */
 };
 
 /* An IPv4 or IPv6 address and UDP port. family is 4 or 6; port in host order;

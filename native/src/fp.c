@@ -21,6 +21,7 @@ void fp_config_default(struct fp_config *cfg)
     cfg->batch = 32;
     cfg->relay = 0;
     cfg->check_source = 0;
+    cfg->warm_ms = 5;
 }
 
 int fp_new(const struct fp_config *cfg, fp_t **out)
@@ -34,7 +35,8 @@ int fp_new(const struct fp_config *cfg, fp_t **out)
     else
         fp_config_default(&c);
     if (c.batch < 1 || c.batch > FP_BATCH_MAX || c.ctrl_queue_len < 1 ||
-        c.ctrl_queue_len > 65536 || c.reject_after_packets > FP_REJECT_PACKETS_MAX)
+        c.ctrl_queue_len > 65536 || c.reject_after_packets > FP_REJECT_PACKETS_MAX ||
+        c.warm_ms > 60000)
         return -EINVAL;
     c.relay = c.relay ? 1 : 0;
 

@@ -198,6 +198,16 @@ bool fp_replay_update(struct fp_replay *r, uint64_t counter);
 void fp_hdr_write(uint8_t *h, uint32_t index, uint64_t counter);
 int fp_hdr_parse(const uint8_t *p, size_t len, uint32_t *index, uint64_t *counter);
 void fp_nonce(uint8_t iv[12], uint64_t counter);
+/* A throw-away AES-256-GCM key pair that an idle thread runs through a seal and
+ * an open, so the code and page-table entries of the AEAD path stay in this
+ * core's caches (aead.c). Its key is random and never leaves the thread. */
+struct fp_warm;
+struct fp_warm *fp_warm_new(void);
+void fp_warm_run(struct fp_warm *w);
+void fp_warm_free(struct fp_warm *w);
+/* The poll timeout for an idle thread: warm_ms, or -1 (forever) if it is 0. */
+int fp_warm_timeout(const struct fp *fp);
+
 int fp_ip_dst(const uint8_t *ip, size_t len, uint8_t addr[16]);
 int fp_ip_src(const uint8_t *ip, size_t len, uint8_t addr[16]);
 bool fp_addr_valid(const struct fp_addr *a);

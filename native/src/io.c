@@ -332,6 +332,8 @@ static void *link_thread(void *arg)
     struct sockaddr_storage *src = calloc(n, sizeof(*src));
     struct tunq t = {0, calloc(FP_GRO_BATCH, sizeof(struct fp_gro_pkt)), {{0}}};
     struct txq q;
+    /* Without it (out of memory) the thread works, just colder. */
+    struct fp_warm *warm = fp->cfg.warm_ms ? fp_warm_new() : NULL;
     if (txq_init(&q, TXQ_CAP) < 0 || !rx || !arena || !cm || !m || !iov || !src || !t.pk)
         goto done;
     for (unsigned i = 0; i < n; i++) {
@@ -344,10 +346,15 @@ static void *link_thread(void *arg)
     for (;;) {
         struct pollfd p[3] = {{l->fd, POLLIN, 0}, {l->wake_fd, POLLIN, 0},
                               {fp->stop_fd, POLLIN, 0}};
-        if (poll(p, 3, -1) < 0) {
+        int ready = poll(p, 3, warm ? fp_warm_timeout(fp) : -1);
+        if (ready < 0) {
             if (errno == EINTR)
                 continue;
             break;
+        }
+        if (ready == 0) {
+            fp_warm_run(warm);
+            continue;
         }
         if (p[1].revents || p[2].revents)
             break;
@@ -418,6 +425,7 @@ static void *link_thread(void *arg)
             tun_drain_try(fp, fp->cfg.batch);
     }
 done:
+    fp_warm_free(warm);
     txq_free(&q);
     free(t.pk);
     free(rx);
@@ -598,15 +606,21 @@ static void *tun_thread(void *arg)
     struct fp_tun_rx *x = tun_rx_new();
     if (!x)
         return NULL;
+    struct fp_warm *warm = fp->cfg.warm_ms ? fp_warm_new() : NULL;
     pthread_mutex_lock(&fp->tun_rd_lock);
     fp->tun_rx = x;
     pthread_mutex_unlock(&fp->tun_rd_lock);
     for (;;) {
         struct pollfd p[2] = {{fd, POLLIN, 0}, {fp->stop_fd, POLLIN, 0}};
-        if (poll(p, 2, -1) < 0) {
+        int ready = poll(p, 2, warm ? fp_warm_timeout(fp) : -1);
+        if (ready < 0) {
             if (errno == EINTR)
                 continue;
             break;
+        }
+        if (ready == 0) {
+            fp_warm_run(warm);
+            continue;
         }
         if (p[1].revents)
             break;
@@ -623,6 +637,7 @@ static void *tun_thread(void *arg)
     fp->tun_rx = NULL;
     pthread_mutex_unlock(&fp->tun_rd_lock);
     tun_rx_free(x);
+    fp_warm_free(warm);
     return NULL;
 }
 

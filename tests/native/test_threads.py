@@ -238,3 +238,23 @@ def test_tun_open_creates_and_frees_the_device() -> None:
     finally:
         fp.close()
     assert not os.path.exists(f"/sys/class/net/{name}")
+
+
+def _idle_cpu_s(warm_ms: int, seconds: float) -> float:
+    site = _site(FastPathConfig(warm_ms=warm_ms))
+    try:
+        site.fp.start()
+        c0 = time.process_time()
+        time.sleep(seconds)
+        return time.process_time() - c0
+    finally:
+        site.fp.stop()
+        site.fp.close()
+        site.tun.close()
+
+
+def test_idle_threads_warm_the_aead_only_when_asked() -> None:
+    # warm_ms=1: two threads run a dummy seal+open about 1000 times a second each.
+    assert _idle_cpu_s(1, 1.0) > 2 * _idle_cpu_s(0, 1.0) + 0.002
+    with pytest.raises(Exception, match="fp_new"):
+        FastPath(FastPathConfig(warm_ms=60001))
