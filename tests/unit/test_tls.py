@@ -92,7 +92,8 @@ def test_empty_connection_has_nothing_to_send_and_is_freed() -> None:
     with pytest.raises(tls.WantRead):
         conn.bio_read(100)
     assert conn.get_timeout() is None
-    before = len(tls._connections)
+    key = tls._key(conn._ptr)
+    assert tls._connections.get(key) is conn
     del conn
     gc.collect()
-    assert len(tls._connections) == before - 1
+    assert key not in tls._connections
