@@ -459,7 +459,8 @@ class LedBackend:
         raise NotImplementedError
 
     def check(self) -> bool:
-        """Is the hardware still as last applied? False asks for the pattern again."""
+        """Is the hardware still as last applied? False asks for the pattern again (the
+        backend forgets first whatever it assumed about the hardware)."""
         return True
 
     def forget(self) -> None:
@@ -685,6 +686,7 @@ class Pca9552Backend(LedBackend):
         for reg, value in self._expected.items():
             if self._read(reg, f"LS{reg - self.LS0}") != value:
                 log.warning("PCA9552 at %s lost its LED state (reset?)", self._where())
+                self._rates_set = False
                 return False
         return True
 
@@ -811,8 +813,10 @@ class PanelBackend(LedBackend):
         log.info("front panel on %s: %s", self.port, line)
 
     def apply(self, pattern: Pattern, states: Mapping[Any, LedState]) -> None:
-        self._restarted = False
         self._command(f"PATTERN {pattern.value}")
+        # A HELLO before the answer to PATTERN (the greeting of a port just opened) came
+        # before anything of this pattern; only a later one means the panel lost some of it.
+        self._restarted = False
         for led, state in states.items():
             if state in BLINK_MS:
                 on_ms, off_ms = BLINK_MS[state]
@@ -984,7 +988,6 @@ class LedController:
                     next_check = time.monotonic() + (w.backend.check_every_s or 0)
                     if w.backend.check():
                         continue
-                    w.backend.forget()
                     w.backend.apply(*want)
             except Exception as e:  # a driver bug must not kill the thread either
                 w.backend.forget()
