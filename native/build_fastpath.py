@@ -79,14 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     os.chdir(ROOT)
-    tmp = ROOT / "native" / "out" / ("build-asan" if args.sanitize else "build")
-    built = Path(make_builder(args.sanitize, absolute=True).compile(tmpdir=str(tmp), verbose=False))
-    dest = args.inplace.resolve() / "sdwan"
+    out = "build-asan" if args.sanitize else "build"
+    print(build_into(make_builder(args.sanitize, absolute=True), out, args.inplace))
+    return 0
+
+
+def build_into(ffi: FFI, work: str, inplace: Path) -> Path:
+    """Compile ``ffi`` in native/out/``work`` and copy the module to ``inplace``/sdwan/."""
+    built = Path(ffi.compile(tmpdir=str(ROOT / "native" / "out" / work), verbose=False))
+    dest = inplace.resolve() / "sdwan"
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / built.name
     shutil.copy2(built, target)
-    print(target)
-    return 0
+    return target
 
 
 if __name__ == "__main__":

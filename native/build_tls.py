@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -162,15 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     os.chdir(ROOT)
-    tmp = ROOT / "native" / "out" / "build-tls"
-    built = Path(make_builder(absolute=True).compile(tmpdir=str(tmp), verbose=False))
-    dest = args.inplace.resolve() / "sdwan"
-    dest.mkdir(parents=True, exist_ok=True)
-    target = dest / built.name
-    shutil.copy2(built, target)
-    print(target)
-    return 0
+    # Only here, not at import: setuptools loads this file without native/ on sys.path.
+    from build_fastpath import build_into
 
+    print(build_into(make_builder(absolute=True), "build-tls", args.inplace))
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())
