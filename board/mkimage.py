@@ -1,0 +1,963 @@
+#!/usr/bin/env python3
+"""Builds the bootable disk image of one board (board/<name>/) from Debian packages.
+
+Owns the whole assembly: fetching .debs (apt-get download, cached in build/cache/debs/)
+and wheels (pip download, build/cache/wheels/), the read-only root filesystem (squashfs),
+the cffi modules setup.py declares (cross-compiled for aarch64), the initramfs, the unified
+kernel image (systemd-stub with kernel, initramfs and command line), the EFI system
+partition (mtools, no mounting) and the GPT disk (sfdisk on a plain file). Every input is
+pinned or cached and every timestamp is SOURCE_DATE_EPOCH, so the same inputs give the
+same image; the sha256 is written next to it. Layout and reasons: docs/image.md.
+
+    python board/mkimage.py qemu-x86_64 [--out build/images] [--check-repro]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import gzip
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+import time
+import tomllib
+import uuid
+import zipfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BOARDS = ROOT / "board"
+COMMON = BOARDS / "common"
+CACHE = ROOT / "build" / "cache"
+WORK = ROOT / "build" / "work"
+MiB = 1024 * 1024
+SECTOR = 512
+PY = "python3.11"
+
+# Fixed identities: derived from the board name, so they never change between builds.
+ID_NAMESPACE = uuid.UUID("5b1c3f0e-8f7a-4d0c-9a52-0d6f2b8e4a11")
+GPT_TYPES = {
+    "esp": "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
+    "data": "0FC63DAF-8483-4772-8E79-3D69D8477DE4",
+    # "root" follows the Discoverable Partitions Specification, per architecture.
+    "root-x86_64": "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",
+    "root-aarch64": "B921B045-1DF0-41C3-AF44-4C6F280D3FAE",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    name: str  # uname -m
+    deb: str  # Debian architecture
+    triplet: str
+    efi_loader: str  # removable-media path on the ESP
+    stub: str  # systemd-stub file in systemd-boot-efi
+    cc: str
+    wheel_platforms: tuple[str, ...]
+
+
+ARCHES = {
+    "x86_64": Arch("x86_64", "amd64", "x86_64-linux-gnu", "BOOTX64.EFI", "linuxx64.efi.stub",
+                   "gcc", ("manylinux_2_36_x86_64", "manylinux_2_34_x86_64",
+                           "manylinux_2_28_x86_64", "manylinux2014_x86_64")),
+    "aarch64": Arch("aarch64", "arm64", "aarch64-linux-gnu", "BOOTAA64.EFI", "linuxaa64.efi.stub",
+                    "aarch64-linux-gnu-gcc", ("manylinux_2_36_aarch64", "manylinux_2_34_aarch64",
+                                              "manylinux_2_28_aarch64", "manylinux2014_aarch64")),
+}
+# What the native modules are compiled against (headers and link libraries of the target).
+NATIVE_BUILD_DEBS = ["libssl-dev", "libssl3", "libpython3.11-dev"]
+# socketd's console scripts that do not belong on an appliance (the lab, the PoP, the CA).
+NOT_ON_APPLIANCE = {"socket-lab", "popd", "popctl", "socket-pki"}
+NOT_ON_APPLIANCE_MODULES = {"lab"}
+
+
+class BuildError(Exception):
+    """The image cannot be built; the message says what is wrong and what to do."""
+
+
+# ---------------------------------------------------------------- small helpers
+
+_t0 = time.monotonic()
+
+
+def step(msg: str) -> None:
+    print(f"mkimage [{time.monotonic() - _t0:6.1f}s] {msg}", flush=True)
+
+
+def run(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
+        input: bytes | None = None) -> bytes:
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, input=input, capture_output=True,
+                              timeout=1800)
+    except FileNotFoundError as e:
+        raise BuildError(f"{cmd[0]} is not installed (run `make setup`)") from e
+    if proc.returncode != 0:
+        err = (proc.stderr or proc.stdout).decode(errors="replace").strip()
+        raise BuildError(f"`{' '.join(cmd[:6])}` failed ({proc.returncode}): {err[-2000:]}")
+    return proc.stdout
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(MiB), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fixed_uuid(board: str, what: str) -> str:
+    return str(uuid.uuid5(ID_NAMESPACE, f"{board}/{what}")).upper()
+
+
+def align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def rmtree(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def walk(root: Path) -> Iterator[Path]:
+    """Every path below root, sorted, directories before their contents."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        base = Path(dirpath)
+        for name in sorted(dirnames + filenames):
+            yield base / name
+
+
+# ---------------------------------------------------------------- board description
+
+
+@dataclasses.dataclass
+class Partition:
+    name: str
+    type: str
+    size_mib: int
+
+
+@dataclasses.dataclass
+class Board:
+    name: str
+    dir: Path
+    arch: Arch
+    console: str
+    baud: int
+    cmdline: str
+    partitions: list[Partition]
+    modules_boot: list[str]
+    modules_runtime: list[str]
+    qemu_provisioning: bool
+    raw: dict
+
+    @classmethod
+    def load(cls, name: str) -> Board:
+        d = BOARDS / name
+        path = d / "board.toml"
+        if name == "common" or not path.is_file():
+            known = sorted(p.parent.name for p in BOARDS.glob("*/board.toml"))
+            raise BuildError(f"unknown board {name!r}: expected one of {', '.join(known)}")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise BuildError(f"{path}: {e}") from e
+
+        def need(table: str, key: str) -> object:
+            try:
+                return raw[table][key]
+            except (KeyError, TypeError):
+                raise BuildError(f"{path}: [{table}] {key} is required") from None
+
+        arch_name = need("board", "arch")
+        if arch_name not in ARCHES:
+            raise BuildError(f"{path}: [board] arch must be one of {sorted(ARCHES)}, "
+                             f"got {arch_name!r}")
+        parts = []
+        for i, p in enumerate(raw.get("partition", [])):
+            if p.get("type") not in ("esp", "root", "data") or not isinstance(
+                    p.get("size_mib"), int) or p["size_mib"] < 1:
+                raise BuildError(f"{path}: partition #{i + 1} needs type esp|root|data and "
+                                 f"size_mib >= 1, got {p!r}")
+            parts.append(Partition(str(p.get("name", p["type"])), p["type"], p["size_mib"]))
+        if sorted(p.type for p in parts) != ["data", "esp", "root"]:
+            raise BuildError(f"{path}: needs exactly one esp, one root and one data partition")
+        common = tomllib.loads((COMMON / "modules.toml").read_text())
+        mods = raw.get("modules", {})
+        return cls(
+            name=name, dir=d, arch=ARCHES[str(arch_name)],
+            console=str(need("serial", "console")["device"]),  # type: ignore[index]
+            baud=int(raw["serial"]["console"].get("baud", 115200)),
+            cmdline=str(need("boot", "cmdline")),
+            partitions=parts,
+            modules_boot=list(common["boot"]) + list(mods.get("boot", [])),
+            modules_runtime=list(common["runtime"]) + list(mods.get("runtime", [])),
+            qemu_provisioning=bool(raw["board"].get("qemu_provisioning", False)),
+            raw=raw,
+        )
+
+
+# ---------------------------------------------------------------- Debian packages
+
+
+def apt_env() -> dict[str, str]:
+    return {**os.environ, "LC_ALL": "C"}
+
+
+def deb_infos(pkgs: list[str], arch: str) -> dict[str, dict[str, str]]:
+    """apt's candidate stanza of each package (one apt-cache call for all of them)."""
+    proc = subprocess.run(["apt-cache", "show", "--no-all-versions",
+                           *[f"{p}:{arch}" for p in pkgs]],
+                          capture_output=True, env=apt_env(), timeout=300)
+    infos: dict[str, dict[str, str]] = {}
+    for stanza in proc.stdout.decode().split("\n\n"):
+        info: dict[str, str] = {}
+        for line in stanza.splitlines():
+            if ": " in line and not line.startswith(" "):
+                k, v = line.split(": ", 1)
+                info.setdefault(k, v)
+        if "Package" in info:
+            infos.setdefault(info["Package"], info)
+    missing = [p for p in pkgs if p not in infos]
+    if missing:
+        hint = " (for arm64: `make setup` adds the architecture)" if arch != "amd64" else ""
+        raise BuildError(f"apt knows no {', '.join(f'{p}:{arch}' for p in missing)}; "
+                         f"run apt-get update{hint}")
+    return infos
+
+
+def deb_info(pkg: str, arch: str) -> dict[str, str]:
+    return deb_infos([pkg], arch)[pkg]
+
+
+def fetch_debs(pkgs: list[str], arch: str) -> dict[str, tuple[Path, str]]:
+    """The cached .deb of apt's candidate version of each package: downloaded once (in one
+    apt-get call), checked against the sha256 of apt's index."""
+    infos = deb_infos(pkgs, arch)
+    d = CACHE / "debs" / arch
+    d.mkdir(parents=True, exist_ok=True)
+    result: dict[str, tuple[Path, str]] = {}
+    todo = []
+    for pkg in pkgs:
+        info = infos[pkg]
+        dest = d / Path(info["Filename"]).name
+        result[pkg] = (dest, info["Version"])
+        if not dest.exists() or sha256_file(dest) != info["SHA256"]:
+            with contextlib.suppress(FileNotFoundError):
+                dest.unlink()
+            todo.append(pkg)
+    if todo:
+        step(f"download {len(todo)} package(s) for {arch}: {' '.join(todo)}")
+        run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root",
+             *[f"{p}:{arch}={infos[p]['Version']}" for p in todo]], cwd=d, env=apt_env())
+        for pkg in todo:
+            dest = result[pkg][0]
+            if not dest.exists():
+                # apt-get names the file after the version with ':' escaped as '%3a'
+                got = list(d.glob(f"{pkg}_*_{infos[pkg]['Architecture']}.deb"))
+                match = [g for g in got if sha256_file(g) == infos[pkg]["SHA256"]]
+                if not match:
+                    raise BuildError(f"apt-get download {pkg}:{arch} left no matching .deb")
+                match[0].rename(dest)
+            if sha256_file(dest) != infos[pkg]["SHA256"]:
+                raise BuildError(f"{dest}: sha256 does not match apt's index")
+    return result
+
+
+def fetch_deb(pkg: str, arch: str) -> tuple[Path, str]:
+    return fetch_debs([pkg], arch)[pkg]
+
+
+def extract_deb(deb: Path, into: Path) -> None:
+    into.mkdir(parents=True, exist_ok=True)
+    run(["dpkg-deb", "-x", str(deb), str(into)])
+
+
+def merge_usr(root: Path) -> None:
+    """Debian bookworm packages still ship /bin, /sbin, /lib*: move them under /usr."""
+    for top in ("bin", "sbin", "lib", "lib64"):
+        src = root / top
+        if src.is_symlink() or not src.exists():
+            continue
+        dst = root / "usr" / top
+        for path in sorted(src.rglob("*"), key=lambda p: len(p.parts), reverse=False):
+            rel = path.relative_to(src)
+            target = dst / rel
+            if path.is_dir() and not path.is_symlink():
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                rmtree(target)
+                os.rename(path, target)
+        shutil.rmtree(src)
+        os.symlink(f"usr/{top}", src)
+
+
+# ---------------------------------------------------------------- Python parts
+
+
+def cffi_modules() -> list[tuple[Path, str]]:
+    """The cffi builders declared in setup.py (`cffi_modules=["file.py:var", ...]`)."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "cffi_modules":
+            specs = ast.literal_eval(node.value)
+            return [(ROOT / s.split(":")[0], s.split(":")[1]) for s in specs]
+    raise BuildError("setup.py declares no cffi_modules")
+
+
+def build_native(board: Board, sysroot: Path, out: Path, work: Path) -> list[str]:
+    """Compiles every cffi module for the board's architecture into out/sdwan/."""
+    a = board.arch
+    built = []
+    old_cwd = os.getcwd()
+    os.chdir(ROOT)  # the builders resolve their source paths from the project folder
+    try:
+        for path, var in cffi_modules():
+            spec = importlib.util.spec_from_file_location(f"_mkimage_{path.stem}", path)
+            if spec is None or spec.loader is None:
+                raise BuildError(f"cannot load the cffi builder {path}")
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            ffi = getattr(mod, var)
+            module_name, _src, _ext, kwds = ffi._assigned_source
+            short = module_name.split(".")[-1]
+            csrc = work / f"{short}.c"
+            ffi.emit_c_code(str(csrc))
+            pkg_dir = out / Path(*module_name.split(".")[:-1])
+            pkg_dir.mkdir(parents=True, exist_ok=True)
+            macros = list(kwds.get("define_macros", []))
+            if kwds.get("py_limited_api") is False:  # as cffi's setuptools integration does
+                macros.append(("_CFFI_NO_LIMITED_API", None))
+                target = pkg_dir / f"{short}.cpython-311-{a.triplet}.so"
+            else:
+                target = pkg_dir / f"{short}.abi3.so"
+            inc = [sysroot / "usr/include", sysroot / "usr/include" / a.triplet,
+                   sysroot / "usr/include" / PY]
+            cmd = [a.cc, "-shared", "-fPIC", "-O2", "-DNDEBUG", f"-ffile-prefix-map={ROOT}=.",
+                   f"-ffile-prefix-map={work}=.", "-Wl,--build-id=sha1",
+                   *[f"-I{p}" for p in kwds.get("include_dirs", [])],
+                   *[f"-I{p}" for p in inc],
+                   *[f"-D{k}" if v is None else f"-D{k}={v}"
+                     for k, v in macros],
+                   *kwds.get("extra_compile_args", []),
+                   str(csrc), *kwds.get("sources", []),
+                   f"-L{sysroot / 'usr/lib' / a.triplet}",
+                   *[f"-l{lib}" for lib in kwds.get("libraries", [])],
+                   *kwds.get("extra_link_args", []),
+                   "-o", str(target)]
+            step(f"compile {module_name} for {a.name} ({len(kwds.get('sources', []))} C files)")
+            run(cmd, cwd=ROOT)
+            built.append(module_name)
+    finally:
+        os.chdir(old_cwd)
+    return built
+
+
+def runtime_requirements() -> list[str]:
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return list(data["project"].get("dependencies", []))
+
+
+def fetch_wheels(arch: Arch) -> list[Path]:
+    d = CACHE / "wheels" / arch.name
+    d.mkdir(parents=True, exist_ok=True)
+    reqs = runtime_requirements()
+    step(f"wheels for {arch.name}: {', '.join(reqs)}")
+    common = ["--disable-pip-version-check", "--only-binary=:all:", "--python-version", "3.11",
+              "--implementation", "cp", "--abi", "cp311", "--abi", "abi3", "--abi", "none",
+              "-c", str(COMMON / "constraints.txt"),
+              *[x for p in arch.wheel_platforms for x in ("--platform", p)]]
+    # pip download keeps whatever it fetched before; the resolver's report says which wheels
+    # this build uses.
+    run([sys.executable, "-m", "pip", "download", "-q", "--dest", str(d), *common, *reqs])
+    run([sys.executable, "-m", "pip", "install", "-q", "--dry-run", "--ignore-installed",
+         "--no-index", "--find-links", str(d), "--target", str(WORK / "pip-target"),
+         "--report", str(d / "report.json"), *common, *reqs])
+    report = json.loads((d / "report.json").read_text())
+    wheels = []
+    pins = {re.split(r"[=<>]", line)[0].strip().lower().replace("_", "-")
+            for line in (COMMON / "constraints.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+    for item in report["install"]:
+        name = Path(item["download_info"]["url"]).name
+        meta_name = item["metadata"]["name"].lower().replace("_", "-")
+        if meta_name not in pins:
+            print(f"mkimage: warning: {meta_name} {item['metadata']['version']} is not pinned in "
+                  "board/common/constraints.txt; builds may differ when it is released again")
+        wheels.append(d / name)
+    return sorted(wheels)
+
+
+def install_wheel(whl: Path, site: Path) -> None:
+    with zipfile.ZipFile(whl) as z:
+        for info in z.infolist():
+            if info.is_dir():
+                continue
+            parts = Path(info.filename).parts
+            if parts[0].endswith(".data"):
+                if len(parts) > 2 and parts[1] in ("purelib", "platlib"):
+                    rel = Path(*parts[2:])
+                else:
+                    continue  # scripts, headers: not needed on the appliance
+            else:
+                rel = Path(*parts)
+            dest = site / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(z.read(info))
+            mode = (info.external_attr >> 16) & 0o777
+            dest.chmod(0o755 if mode & 0o111 else 0o644)
+
+
+def install_firmware(site: Path, bindir: Path) -> list[str]:
+    src = ROOT / "firmware" / "sdwan"
+    dest = site / "sdwan"
+    for p in sorted(src.rglob("*.py")):
+        rel = p.relative_to(src)
+        if rel.parts[0] in NOT_ON_APPLIANCE_MODULES or "__pycache__" in rel.parts:
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(p, dest / rel)
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    names = []
+    for name, target in sorted(scripts.items()):
+        if name in NOT_ON_APPLIANCE:
+            continue
+        module, func = target.split(":")
+        (bindir / name).write_text(
+            f"#!/usr/bin/python3\nimport sys\nfrom {module} import {func}\n"
+            f"sys.exit({func}())\n")
+        (bindir / name).chmod(0o755)
+        names.append(name)
+    return names
+
+
+def compile_pyc(root: Path) -> None:
+    """Byte-code for the read-only root (python could not write it at run time).
+    unchecked-hash pycs carry no source mtime; PYTHONHASHSEED=0 fixes set ordering."""
+    if sys.version_info[:2] != (3, 11):
+        raise BuildError("run mkimage with Python 3.11 (the image's python3.11 reads its pycs)")
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    for d in ("usr/lib/python3.11", "usr/lib/python3/dist-packages"):
+        run([sys.executable, "-m", "compileall", "-q", "-j", "0", "-f",
+             "--invalidation-mode", "unchecked-hash", "-s", str(root), "-p", "/",
+             str(root / d)], env=env)
+
+
+# ---------------------------------------------------------------- kernel modules
+
+
+def mod_name(path: str) -> str:
+    base = Path(path).name
+    base = re.sub(r"\.ko(\.xz|\.zst|\.gz)?$", "", base)
+    return base.replace("-", "_")
+
+
+def module_closure(kroot: Path, kver: str, wanted: Iterable[str]) -> list[str]:
+    """Module paths (relative to lib/modules/<kver>) in load order, dependencies first."""
+    moddir = kroot / "lib/modules" / kver
+    deps: dict[str, list[str]] = {}
+    byname: dict[str, str] = {}
+    for line in (moddir / "modules.dep").read_text().splitlines():
+        mod, _, rest = line.partition(":")
+        deps[mod] = rest.split()
+        byname[mod_name(mod)] = mod
+    builtin = {mod_name(x) for x in (moddir / "modules.builtin").read_text().split()}
+    order: list[str] = []
+
+    def visit(mod: str) -> None:
+        if mod in order:
+            return
+        for dep in reversed(deps[mod]):  # modules.dep lists the last to load first
+            visit(dep)
+        order.append(mod)
+
+    for want in wanted:
+        n = want.replace("-", "_")
+        if n in builtin:
+            continue
+        if n not in byname:
+            raise BuildError(f"kernel {kver} has no module {want!r} (board/*/modules lists)")
+        visit(byname[n])
+    return order
+
+
+def install_module(src: Path, dest: Path) -> str:
+    data = src.read_bytes()
+    name = src.name
+    if name.endswith(".xz"):
+        import lzma
+        data, name = lzma.decompress(data), name[:-3]
+    elif name.endswith(".gz"):
+        data, name = gzip.decompress(data), name[:-3]
+    elif name.endswith(".zst"):
+        data, name = run(["zstd", "-dcq", str(src)]), name[:-4]
+    dest = dest.with_name(name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(data)
+    return name
+
+
+def check_kernel_config(config: Path) -> None:
+    have = {}
+    for line in config.read_text().splitlines():
+        if line.startswith("CONFIG_") and "=" in line:
+            k, v = line.split("=", 1)
+            have[k] = v
+    missing = []
+    for line in (COMMON / "kernel.fragment").read_text().splitlines():
+        if not line.startswith("CONFIG_"):
+            continue
+        k, v = line.split("=", 1)
+        got = have.get(k)
+        if got is None or (v == "y" and got != "y") or (v == "m" and got not in ("m", "y")):
+            missing.append(f"{k}={v} (kernel has {got or 'not set'})")
+    if missing:
+        raise BuildError(f"{config.name} lacks what board/common/kernel.fragment needs: "
+                         + ", ".join(missing))
+
+
+# ---------------------------------------------------------------- archives and images
+
+
+def write_cpio(root: Path, out: Path, epoch: int) -> None:
+    """newc cpio of root: sorted, owner root, fixed times and inode numbers; /dev/console
+    is added as a device node (the kernel opens it before /init runs)."""
+    buf = io.BytesIO()
+    ino = 1
+
+    def entry(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+        nonlocal ino
+        namez = name.encode() + b"\0"
+        hdr = b"070701" + b"".join(f"{v:08X}".encode() for v in (
+            ino, mode, 0, 0, 1, epoch, len(data), 0, 0, rdev[0], rdev[1], len(namez), 0))
+        buf.write(hdr + namez)
+        buf.write(b"\0" * (-(110 + len(namez)) % 4))
+        buf.write(data)
+        buf.write(b"\0" * (-len(data) % 4))
+        ino += 1
+
+    names = {str(p.relative_to(root)): p for p in walk(root)}
+    names.setdefault("dev", root / "dev")
+    for name in sorted(names):
+        p = names[name]
+        st = p.lstat() if p.exists() or p.is_symlink() else None
+        if st is None or stat.S_ISDIR(st.st_mode):
+            entry(name, stat.S_IFDIR | 0o755)
+        elif stat.S_ISLNK(st.st_mode):
+            entry(name, stat.S_IFLNK | 0o777, os.readlink(p).encode())
+        else:
+            entry(name, stat.S_IFREG | (0o755 if st.st_mode & 0o111 else 0o644), p.read_bytes())
+    entry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1))
+    entry("TRAILER!!!", 0)
+    with out.open("wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0, compresslevel=9,
+                                            filename="") as gz:
+        gz.write(buf.getvalue())
+
+
+def pe_add_sections(stub: bytes, sections: list[tuple[str, bytes]]) -> bytes:
+    """Appends data sections to a PE32+ image (what ukify/objcopy do for systemd-stub)."""
+    img = bytearray(stub)
+    pe = struct.unpack_from("<I", img, 0x3C)[0]
+    if img[pe:pe + 4] != b"PE\0\0":
+        raise BuildError("systemd-stub is not a PE image")
+    coff = pe + 4
+    nsec, = struct.unpack_from("<H", img, coff + 2)
+    opt_size, = struct.unpack_from("<H", img, coff + 16)
+    opt = coff + 20
+    if struct.unpack_from("<H", img, opt)[0] != 0x20B:
+        raise BuildError("systemd-stub is not PE32+")
+    sect_align, file_align = struct.unpack_from("<II", img, opt + 32)
+    size_headers, = struct.unpack_from("<I", img, opt + 60)
+    table = opt + opt_size
+    secs = [struct.unpack_from("<8sIIIIIIHHI", img, table + 40 * i) for i in range(nsec)]
+    end_table = table + 40 * (nsec + len(sections))
+    first_raw = min(s[4] for s in secs if s[4])
+    if end_table > min(size_headers, first_raw):
+        raise BuildError("systemd-stub has no room in its headers for more sections")
+    raw_end = align(max(s[4] + s[3] for s in secs), file_align)
+    va_end = align(max(s[2] + s[1] for s in secs), sect_align)
+    del img[raw_end:]
+    img.extend(b"\0" * (raw_end - len(img)))
+    for i, (name, data) in enumerate(sections):
+        raw_size = align(len(data), file_align)
+        hdr = struct.pack("<8sIIIIIIHHI", name.encode().ljust(8, b"\0"), len(data), va_end,
+                          raw_size, raw_end, 0, 0, 0, 0, 0x40000040)  # initialised, read
+        struct.pack_into("<40s", img, table + 40 * (nsec + i), hdr)
+        img.extend(data + b"\0" * (raw_size - len(data)))
+        raw_end += raw_size
+        va_end = align(va_end + len(data), sect_align)
+    struct.pack_into("<H", img, coff + 2, nsec + len(sections))
+    struct.pack_into("<I", img, opt + 56, va_end)  # SizeOfImage
+    struct.pack_into("<I", img, opt + 64, 0)  # CheckSum: not checked by UEFI
+    return bytes(img)
+
+
+def make_esp(path: Path, size_mib: int, files: dict[str, Path], volid: str, epoch: int) -> None:
+    with path.open("wb") as f:
+        f.truncate(size_mib * MiB)
+    run(["mkfs.fat", "--invariant", "-i", volid, "-n", "ESP", str(path)])
+    env = {**os.environ, "SOURCE_DATE_EPOCH": str(epoch), "MTOOLS_SKIP_CHECK": "1"}
+    dirs = sorted({str(Path(dst).parent) for dst in files})
+    for d in dirs:
+        parts = Path(d).parts
+        for i in range(1, len(parts) + 1):
+            sub = "/".join(parts[:i])
+            with contextlib.suppress(BuildError):
+                run(["mmd", "-i", str(path), f"::{sub}"], env=env)
+    for dst, src in sorted(files.items()):
+        os.utime(src, (epoch, epoch))
+        run(["mcopy", "-m", "-i", str(path), str(src), f"::{dst}"], env=env)
+
+
+def make_disk(path: Path, board: Board, contents: dict[str, Path]) -> list[dict]:
+    """GPT disk: 1 MiB for the primary table, the partitions in order, then the backup."""
+    lines = ["label: gpt", f"label-id: {fixed_uuid(board.name, 'disk')}", "unit: sectors",
+             "first-lba: 2048", ""]
+    start = 2048
+    layout = []
+    for p in board.partitions:
+        size = p.size_mib * MiB // SECTOR
+        ptype = GPT_TYPES["root-" + board.arch.name] if p.type == "root" else GPT_TYPES[p.type]
+        puuid = fixed_uuid(board.name, f"part-{p.name}")
+        lines.append(f'start={start}, size={size}, type={ptype}, uuid={puuid}, name="{p.name}"')
+        layout.append({"name": p.name, "type": p.type, "start": start * SECTOR,
+                       "size": size * SECTOR, "partuuid": puuid})
+        start += size
+    total = (start + 2048) * SECTOR
+    with path.open("wb") as f:
+        f.truncate(total)
+    run(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", "--wipe", "never", str(path)],
+        input="\n".join(lines).encode() + b"\n")
+    with path.open("r+b") as f:
+        for part in layout:
+            src = contents.get(part["name"])
+            if src is None:
+                continue
+            size = src.stat().st_size
+            if size > part["size"]:
+                raise BuildError(
+                    f"{part['name']} needs {size / MiB:.1f} MiB but the partition is "
+                    f"{part['size'] / MiB:.0f} MiB: raise size_mib in {board.dir}/board.toml")
+            part["used"] = size
+            f.seek(part["start"])
+            with src.open("rb") as s:
+                shutil.copyfileobj(s, f, MiB)
+    return layout
+
+
+# ---------------------------------------------------------------- the root filesystem
+
+
+def check_libraries(root: Path, arch: Arch) -> None:
+    """Every DT_NEEDED of every ELF file in the root must be in the root."""
+    present = {p.name for p in root.rglob("*.so*")}
+    present |= {p.name for p in root.rglob("ld-linux*")}
+    missing: dict[str, set[str]] = {}
+    for p in root.rglob("*"):
+        if p.is_symlink() or not p.is_file():
+            continue
+        with p.open("rb") as f:
+            if f.read(4) != b"\x7fELF":
+                continue
+        out = run(["readelf", "-d", "-W", str(p)]).decode(errors="replace")
+        for so in re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out):
+            if so not in present:
+                missing.setdefault(so, set()).add(str(p.relative_to(root)))
+    if missing:
+        raise BuildError("shared libraries missing from the root filesystem (add their Debian "
+                         "package to board/common/packages.toml): " + "; ".join(
+                             f"{so} (needed by {', '.join(sorted(u)[:3])})"
+                             for so, u in sorted(missing.items())))
+
+
+def busybox_applets(host_busybox: Path) -> list[str]:
+    out = run([str(host_busybox), "--list-full"]).decode()
+    return [line.strip() for line in out.splitlines() if line.strip() and "/" in line]
+
+
+def assemble_rootfs(board: Board, work: Path, kver: str, kstage: Path,
+                    epoch: int, manifest: dict) -> Path:
+    a = board.arch
+    pkgs = tomllib.loads((COMMON / "packages.toml").read_text())
+    root = work / "rootfs"
+    rmtree(root)
+    root.mkdir(parents=True)
+    versions = manifest.setdefault("debs", {})
+    debs = fetch_debs(pkgs["rootfs"] + NATIVE_BUILD_DEBS + ["systemd-boot-efi"], a.deb)
+    for pkg in pkgs["rootfs"]:
+        deb, ver = debs[pkg]
+        versions[pkg] = ver
+        extract_deb(deb, root)
+    merge_usr(root)
+    keep = {}
+    for rel in pkgs["keep_bin"]:
+        for cand in (root / rel, root / "usr" / rel):
+            if cand.exists() or cand.is_symlink():
+                keep["usr/" + rel.removeprefix("usr/")] = cand
+                break
+        else:
+            raise BuildError(f"packages.toml keep_bin: {rel} is in none of the packages")
+    saved = work / "keep"
+    rmtree(saved)
+    for rel, src in keep.items():
+        (saved / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.rename(src, saved / rel)
+    for pattern in pkgs["drop"]:
+        for p in sorted(root.glob(pattern), reverse=True):
+            rmtree(p)
+    for rel in keep:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.rename(saved / rel, root / rel)
+    for empty in ("usr/share", "etc"):
+        for dirpath, _dirs, _files in sorted(os.walk(root / empty), reverse=True):
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)
+
+    # busybox: one binary, a symlink per applet where no real tool is installed
+    bb_host = work / "busybox-host"
+    rmtree(bb_host)
+    deb, _ = fetch_deb("busybox-static", "amd64")
+    extract_deb(deb, bb_host)
+    bindir = root / "usr/bin"
+    bindir.mkdir(parents=True, exist_ok=True)
+    if not (bindir / "busybox").exists():
+        raise BuildError("busybox-static did not provide /bin/busybox")
+    for applet in busybox_applets(bb_host / "bin/busybox"):
+        if applet == "linuxrc":
+            continue
+        top = applet.split("/")[0]
+        rel = Path("usr") / applet if top in ("bin", "sbin") else Path(applet)
+        dest = root / rel
+        if dest.exists() or dest.is_symlink():
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.symlink_to(os.path.relpath(bindir / "busybox", dest.parent))
+    (bindir / "python3").symlink_to(PY)
+
+    # Python: the firmware, its native modules and its wheels
+    site = root / "usr/lib/python3/dist-packages"
+    site.mkdir(parents=True, exist_ok=True)
+    manifest["scripts"] = install_firmware(site, bindir)
+    sysroot = work / "sysroot"
+    rmtree(sysroot)
+    for pkg in NATIVE_BUILD_DEBS:
+        deb, ver = fetch_deb(pkg, a.deb)
+        extract_deb(deb, sysroot)
+    (work / "native").mkdir(exist_ok=True)
+    manifest["native"] = build_native(board, sysroot, site, work / "native")
+    wheels = fetch_wheels(a)
+    for whl in wheels:
+        install_wheel(whl, site)
+    manifest["wheels"] = {w.name: sha256_file(w) for w in wheels}
+    compile_pyc(root)
+
+    # kernel modules
+    runtime = module_closure(kstage, kver, board.modules_boot + board.modules_runtime)
+    names = []
+    for rel in runtime:
+        names.append(str(Path(rel).parent / install_module(
+            kstage / "lib/modules" / kver / rel, root / "usr/lib/modules" / kver / rel)))
+    for f in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
+        shutil.copyfile(kstage / "lib/modules" / kver / f, root / "usr/lib/modules" / kver / f)
+    run(["depmod", "-b", str(root), kver])
+    (root / "usr/lib/modules" / kver / "modules.runtime").write_text("\n".join(names) + "\n")
+    manifest["modules"] = len(names)
+
+    # the overlay: init scripts, users, board files
+    overlay = COMMON / "rootfs"
+    for src in walk(overlay):
+        rel = src.relative_to(overlay)
+        dest = root / rel
+        if src.is_dir():
+            dest.mkdir(parents=True, exist_ok=True)
+        elif rel.name == "inittab.in":
+            dest.with_name("inittab").write_text(
+                src.read_text().replace("@CONSOLE@", board.console)
+                .replace("@BAUD@", str(board.baud)))
+        else:
+            shutil.copyfile(src, dest)
+            dest.chmod(0o755 if os.access(src, os.X_OK) else 0o644)
+    (root / "etc/shadow").chmod(0o600)
+    etc_sdwan = root / "etc/sdwan"
+    etc_sdwan.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(board.dir / "board.toml", etc_sdwan / "board.toml")
+    shutil.copyfile(board.dir / "leds.toml", etc_sdwan / "leds.toml")
+    if board.qemu_provisioning:
+        (etc_sdwan / "qemu-provisioning").write_text("fw_cfg opt/sdwan/data/* seeds /data\n")
+    (root / "etc/hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost\n")
+    (root / "etc/resolv.conf").symlink_to("/run/resolv.conf")
+    (root / "etc/mtab").symlink_to("/proc/self/mounts")
+    # socketd's tools look for /etc/socketd.toml; on the appliance it lives in /data.
+    (root / "etc/socketd.toml").symlink_to("/data/socketd.toml")
+    (root / "etc/os-release").write_text(
+        'NAME="Socket SD-WAN appliance"\nID=socket\n'
+        f'VERSION_ID={manifest["version"]}\nBUILD_ID={manifest["commit"]}\n'
+        f'VARIANT_ID={board.name}\n')
+    for d in ("dev", "proc", "sys", "run", "tmp", "data", "root", "var/lib"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for link, target in (("var/lib/socketd", "/data/socketd"), ("var/log", "/run/log"),
+                         ("var/run", "/run"), ("var/tmp", "/tmp")):
+        (root / link).symlink_to(target)
+    check_libraries(root, a)
+    return root
+
+
+# ---------------------------------------------------------------- the whole build
+
+
+def git_describe() -> tuple[str, str]:
+    commit = run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"]).decode().strip()
+    epoch = run(["git", "-C", str(ROOT), "log", "-1", "--format=%ct"]).decode().strip()
+    return commit, epoch
+
+
+def build(board_name: str, out_dir: Path) -> Path:
+    board = Board.load(board_name)
+    a = board.arch
+    commit, git_epoch = git_describe()
+    epoch = int(os.environ.get("SOURCE_DATE_EPOCH", git_epoch))
+    os.environ["SOURCE_DATE_EPOCH"] = str(epoch)
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    manifest: dict = {"board": board.name, "arch": a.name, "version": version,
+                      "commit": commit, "source_date_epoch": epoch}
+    work = WORK / board.name
+    work.mkdir(parents=True, exist_ok=True)
+    step(f"board {board.name} ({a.name}), SOURCE_DATE_EPOCH={epoch}")
+
+    # kernel
+    pkgs = tomllib.loads((COMMON / "packages.toml").read_text())
+    meta = pkgs["kernel"].format(debarch=a.deb)
+    dep = deb_info(meta, a.deb)["Depends"]
+    kpkg = re.match(r"(linux-image-[^\s,(]+)", dep)
+    if not kpkg:
+        raise BuildError(f"cannot tell the kernel package from {meta}: Depends {dep}")
+    kdeb, kver_deb = fetch_deb(kpkg.group(1), a.deb)
+    manifest.setdefault("debs", {})[kpkg.group(1)] = kver_deb
+    kstage = work / "kernel"
+    rmtree(kstage)
+    extract_deb(kdeb, kstage)
+    merge_usr(kstage)
+    kver = kpkg.group(1).removeprefix("linux-image-")
+    kroot = kstage / "usr"  # lib/modules/<kver>
+    check_kernel_config(kstage / "boot" / f"config-{kver}")
+    step(f"kernel {kver}: depmod")
+    run(["depmod", "-b", str(kroot), kver])
+    manifest["kernel"] = kver
+
+    root = assemble_rootfs(board, work, kver, kroot, epoch, manifest)
+    step("squashfs")
+    sqfs = work / "root.squashfs"
+    rmtree(sqfs)
+    run(["mksquashfs", str(root), str(sqfs), "-noappend", "-quiet", "-no-progress",
+         "-comp", "zstd", "-b", "256K", "-all-root", "-no-xattrs", "-reproducible",
+         "-mkfs-time", str(epoch), "-all-time", str(epoch)],
+        env={k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"})
+
+    # initramfs: busybox, the boot modules, /init
+    step("initramfs")
+    ird = work / "initramfs"
+    rmtree(ird)
+    for d in ("bin", "dev", "proc", "sys", "newroot", "etc"):
+        (ird / d).mkdir(parents=True)
+    shutil.copyfile(root / "usr/bin/busybox", ird / "bin/busybox")
+    (ird / "bin/busybox").chmod(0o755)
+    (ird / "bin/sh").symlink_to("busybox")
+    shutil.copyfile(COMMON / "initramfs/init", ird / "init")
+    (ird / "init").chmod(0o755)
+    boot_mods = []
+    for rel in module_closure(kroot, kver, board.modules_boot):
+        name = install_module(kroot / "lib/modules" / kver / rel, ird / "lib/modules" / rel)
+        boot_mods.append(str(Path(rel).parent / name))
+    (ird / "etc/modules.boot").write_text("\n".join(boot_mods) + "\n")
+    initrd = work / "initrd.cpio.gz"
+    write_cpio(ird, initrd, epoch)
+
+    # unified kernel image
+    step("unified kernel image")
+    sdboot = work / "systemd-boot"
+    rmtree(sdboot)
+    deb, ver = fetch_deb("systemd-boot-efi", a.deb)
+    manifest["debs"]["systemd-boot-efi"] = ver
+    extract_deb(deb, sdboot)
+    stub = (sdboot / "usr/lib/systemd/boot/efi" / a.stub).read_bytes()
+    kernel = (kstage / "boot" / f"vmlinuz-{kver}").read_bytes()
+    if kernel[:2] == b"\x1f\x8b":  # arm64 ships a gzipped Image; the stub loads it as PE
+        kernel = gzip.decompress(kernel)
+    osrel = (root / "etc/os-release").read_bytes()
+    cmdline = board.cmdline.encode() + b"\0"
+    uki = work / a.efi_loader
+    uki.write_bytes(pe_add_sections(stub, [(".osrel", osrel), (".cmdline", cmdline),
+                                           (".linux", kernel), (".initrd", initrd.read_bytes())]))
+
+    step("EFI system partition")
+    esp_part = next(p for p in board.partitions if p.type == "esp")
+    esp = work / "esp.vfat"
+    volid = fixed_uuid(board.name, "esp")[:8]
+    need = uki.stat().st_size + MiB
+    if need > esp_part.size_mib * MiB:
+        raise BuildError(f"the kernel image needs {need / MiB:.1f} MiB but the ESP is "
+                         f"{esp_part.size_mib} MiB: raise its size_mib in {board.dir}/board.toml")
+    make_esp(esp, esp_part.size_mib, {f"EFI/BOOT/{a.efi_loader}": uki}, volid, epoch)
+
+    step("GPT disk")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    img = out_dir / f"{board.name}.img"
+    tmp = img.with_suffix(".img.tmp")
+    root_part = next(p for p in board.partitions if p.type == "root")
+    layout = make_disk(tmp, board, {esp_part.name: esp, root_part.name: sqfs})
+    os.replace(tmp, img)
+    digest = sha256_file(img)
+    (out_dir / f"{board.name}.img.sha256").write_text(f"{digest}  {img.name}\n")
+    manifest.update({
+        "image": img.name, "sha256": digest, "image_bytes": img.stat().st_size,
+        "uki_bytes": uki.stat().st_size, "initrd_bytes": initrd.stat().st_size,
+        "squashfs_bytes": sqfs.stat().st_size, "partitions": layout,
+        "cmdline": board.cmdline,
+    })
+    (out_dir / f"{board.name}.manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    step(f"{img} {img.stat().st_size / MiB:.0f} MiB (root {sqfs.stat().st_size / MiB:.1f} MiB, "
+         f"kernel image {uki.stat().st_size / MiB:.1f} MiB) sha256 {digest[:16]}…")
+    return img
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="build the disk image of one board")
+    ap.add_argument("board", help="a folder of board/ with a board.toml, e.g. qemu-x86_64")
+    ap.add_argument("--out", type=Path, default=ROOT / "build" / "images",
+                    help="where the image, its .sha256 and manifest go (default build/images)")
+    ap.add_argument("--check-repro", action="store_true",
+                    help="build twice and fail unless both images have the same sha256")
+    args = ap.parse_args(argv)
+    try:
+        img = build(args.board, args.out)
+        if args.check_repro:
+            first = sha256_file(img)
+            again = build(args.board, WORK / "repro")
+            second = sha256_file(again)
+            if first != second:
+                raise BuildError(f"not reproducible: {img} {first} but a second build gave "
+                                 f"{second} ({again})")
+            step(f"reproducible: two builds agree on {first}")
+    except BuildError as e:
+        print(f"mkimage: {args.board}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""One appliance VM in QEMU, as the system tests and bench/boot drive it.
+
+Owns starting QEMU the way the board boots on hardware (UEFI firmware with a private copy
+of its variable store, the board's disk image behind a per-VM copy-on-write overlay), the
+serial console on a Unix socket that a test reads and types into, the QMP socket, bounded
+waits whose failures quote the last console output, and always killing QEMU and removing
+the VM's files. Board facts (QEMU binary, machine, firmware, extra devices) come from
+board/<name>/board.toml, the same file the image builder reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+REPO = Path(__file__).resolve().parents[3]
+BOARDS = REPO / "board"
+IMAGES = REPO / "build" / "images"
+CONSOLE_TAIL = 3000  # characters of console output quoted in a failure
+
+
+class VMError(Exception):
+    """QEMU could not start, or the guest did not do what was awaited in time."""
+
+
+def image_path(board: str) -> Path:
+    return IMAGES / f"{board}.img"
+
+
+def board_config(board: str) -> dict:
+    path = BOARDS / board / "board.toml"
+    if not path.is_file():
+        raise VMError(f"no board {board!r} ({path} is missing)")
+    return tomllib.loads(path.read_text())
+
+
+def default_accel() -> str:
+    """TCG unless SDWAN_VM_ACCEL says otherwise: KVM is not usable everywhere /dev/kvm exists
+    (nested virtualisation may fail inside the UEFI firmware), and bench/boot wants TCG."""
+    return os.environ.get("SDWAN_VM_ACCEL", "tcg")
+
+
+@dataclass
+class VMOptions:
+    memory_mib: int = 256
+    cpus: int = 1
+    accel: str = field(default_factory=default_accel)
+    # -fw_cfg files: name (under opt/sdwan/data/ the guest copies them into /data) -> file
+    fw_cfg: dict[str, Path] = field(default_factory=dict)
+    # network: QEMU -nic/-netdev arguments; by default one user-mode NIC that reaches nothing
+    net_args: list[str] = field(
+        default_factory=lambda: ["-nic", "user,model=virtio-net-pci,restrict=on"])
+    panel: bool = False  # a Unix socket for the front-panel serial port (x86 boards)
+    extra_args: list[str] = field(default_factory=list)
+
+
+class VM:
+    """A booted (or booting) appliance. Use as a context manager; stop() is idempotent."""
+
+    def __init__(self, board: str, image: Path | None = None,
+                 options: VMOptions | None = None, workdir: Path | None = None) -> None:
+        self.board = board
+        self.cfg = board_config(board)
+        self.image = image or image_path(board)
+        if not self.image.is_file():
+            raise VMError(f"no image at {self.image}: run `make image BOARD={board}`")
+        self.opts = options or VMOptions()
+        self._own_dir = workdir is None
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix=f"vm-{board}-"))
+        self.console_sock = self.dir / "console.sock"
+        self.qmp_sock = self.dir / "qmp.sock"
+        self.panel_sock = self.dir / "panel.sock"
+        self.console_log = self.dir / "console.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._con: socket.socket | None = None
+        self._buf = bytearray()
+        self._cursor = 0
+        self._cond = threading.Condition()
+        self._reader: threading.Thread | None = None
+        self._closed = False
+        self.started_at = 0.0  # monotonic time the guest was powered on
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def command(self) -> list[str]:
+        q = self.cfg["qemu"]
+        code = Path(q["firmware_code"])
+        vars_src = Path(q["firmware_vars"])
+        for f in (code, vars_src):
+            if not f.is_file():
+                raise VMError(f"UEFI firmware {f} is missing (run `make setup`)")
+        vars_copy = self.dir / "efivars.fd"
+        shutil.copyfile(vars_src, vars_copy)
+        overlay = self.dir / "disk.qcow2"
+        self._check(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
+                     "-b", str(self.image.resolve()), str(overlay)])
+        cmd = [
+            q["binary"], "-name", f"sdwan-{self.board}", "-nodefaults", "-no-user-config",
+            "-display", "none", "-machine", q["machine"], "-cpu", q.get("cpu", "max"),
+            "-accel", self.opts.accel, "-m", str(self.opts.memory_mib),
+            "-smp", str(self.opts.cpus),
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
+            "-drive", f"if=none,id=disk0,format=qcow2,file={overlay}",
+            "-device", "virtio-blk-pci,drive=disk0,bootindex=0",
+            # wait=on: the guest starts only once the console is connected, so no output
+            # is lost and power-on time is known.
+            "-chardev", f"socket,id=con0,path={self.console_sock},server=on,wait=on,"
+                        f"logfile={self.console_log}",
+            "-serial", "chardev:con0",
+            "-qmp", f"unix:{self.qmp_sock},server=on,wait=off",
+            "-device", "virtio-rng-pci",
+            *q.get("extra", []), *self.opts.net_args,
+        ]
+        if self.opts.panel:
+            cmd += ["-chardev", f"socket,id=panel0,path={self.panel_sock},server=on,wait=off",
+                    "-serial", "chardev:panel0"]
+        for name, path in sorted(self.opts.fw_cfg.items()):
+            cmd += ["-fw_cfg", f"name=opt/sdwan/data/{name},file={path}"]
+        return cmd + self.opts.extra_args
+
+    def start(self, timeout: float = 30.0) -> VM:
+        cmd = self.command()
+        binary = shutil.which(cmd[0])
+        if binary is None:
+            raise VMError(f"{cmd[0]} is not installed (run `make setup`)")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                out = self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
+                raise VMError(f"QEMU exited with {self.proc.returncode}: {out.strip()[-2000:]}")
+            if self.console_sock.exists():
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    s.connect(str(self.console_sock))
+                    break
+                except OSError:
+                    s.close()
+            if time.monotonic() > deadline:
+                self.stop()
+                raise VMError(f"QEMU did not open its console socket within {timeout:.0f} s")
+            time.sleep(0.02)
+        self.started_at = time.monotonic()
+        self._con = s
+        self._reader = threading.Thread(target=self._read_console, daemon=True)
+        self._reader.start()
+        return self
+
+    def _read_console(self) -> None:
+        assert self._con is not None
+        while True:
+            try:
+                data = self._con.recv(65536)
+            except OSError:
+                data = b""
+            with self._cond:
+                if not data:
+                    self._closed = True
+                    self._cond.notify_all()
+                    return
+                self._buf += data
+                self._cond.notify_all()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Power off (QMP quit, then SIGKILL) and remove the VM's files."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(OSError, VMError):
+                self.qmp("quit", timeout=3.0)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+        if self._con is not None:
+            with contextlib.suppress(OSError):
+                self._con.close()
+            self._con = None
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+            self._reader = None
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> VM:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ QMP
+
+    def qmp(self, command: str, timeout: float = 10.0, **arguments: object) -> object:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.qmp_sock))
+            f = s.makefile("rwb")
+            json.loads(f.readline())  # greeting
+            for cmd in ({"execute": "qmp_capabilities"},
+                        {"execute": command, **({"arguments": arguments} if arguments else {})}):
+                f.write(json.dumps(cmd).encode() + b"\n")
+                f.flush()
+                while True:
+                    line = f.readline()
+                    if not line:
+                        if command == "quit":
+                            return None
+                        raise VMError(f"QMP closed during {command}")
+                    reply = json.loads(line)
+                    if "return" in reply:
+                        break
+                    if "error" in reply:
+                        raise VMError(f"QMP {command}: {reply['error'].get('desc')}")
+            return reply["return"]
+
+    # ------------------------------------------------------------------ console
+
+    def output(self) -> str:
+        with self._cond:
+            return self._buf.decode(errors="replace")
+
+    def tail(self, n: int = CONSOLE_TAIL) -> str:
+        text = self.output()[-n:]
+        return re.sub(r"\x1b\[[0-9;=?]*[A-Za-z]", "", text)
+
+    def uptime(self) -> float:
+        """Seconds since power-on (the moment QEMU started the guest)."""
+        return time.monotonic() - self.started_at
+
+    def expect(self, pattern: str | re.Pattern[str], timeout: float,
+               what: str | None = None) -> re.Match[str]:
+        """Waits for pattern in the console output after the last match; returns the match."""
+        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                text = self._buf[self._cursor:].decode(errors="replace")
+                m = rx.search(text)
+                if m:
+                    self._cursor += len(text[: m.end()].encode())
+                    return m
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    why = "the console closed (QEMU exited)" if self._closed else \
+                        f"not seen within {timeout:.0f} s"
+                    raise VMError(f"{self.board}: {what or rx.pattern!r} {why}; "
+                                  f"last console output:\n{self.tail()}")
+                self._cond.wait(min(left, 0.5))
+
+    def send(self, text: str) -> None:
+        if self._con is None:
+            raise VMError("the VM is not running")
+        self._con.sendall(text.encode())
+
+    def sendline(self, text: str = "") -> None:
+        self.send(text + "\r")
+
+    def shell(self, command: str, timeout: float = 30.0) -> tuple[int, str]:
+        """Runs a command in a logged-in shell (`sh`) on the console: (exit status, output)."""
+        tag = f"rc{time.monotonic_ns() % 10**9}"
+        self.sendline(f"{command}; echo {tag}=$?=")
+        self.expect(re.escape(f"{tag}=$?="), 10.0, f"the echo of `{command}`")
+        m = self.expect(re.compile(rf"(?s)(.*?){tag}=(\d+)="), timeout, f"`{command}`")
+        out = m.group(1).replace("\r", "").removeprefix("\n")
+        return int(m.group(2)), out
+
+    @staticmethod
+    def _check(cmd: list[str]) -> None:
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        except FileNotFoundError as e:
+            raise VMError(f"{cmd[0]} is not installed (run `make setup`)") from e
+        if proc.returncode != 0:
+            raise VMError(f"{' '.join(cmd[:3])} failed: {proc.stderr.strip()}")
