@@ -2,8 +2,11 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 FUZZ_SECONDS ?= 60
+BOARD ?= qemu-x86_64
+# The images `make test` builds for the system tests (tests/system).
+IMAGE_BOARDS := qemu-x86_64 qemu-aarch64
 
-.PHONY: setup demo test lint test-py test-asan fuzz bench clean
+.PHONY: image images image-repro setup demo test lint test-py test-asan fuzz bench clean
 
 setup:
 	scripts/setup.sh
@@ -11,7 +14,7 @@ setup:
 demo: setup
 	$(VENV)/bin/socket-lab demo
 
-test: setup lint fuzz test-asan test-py
+test: setup lint fuzz test-asan images test-py
 
 lint:
 	$(VENV)/bin/ruff check .
@@ -30,6 +33,17 @@ fuzz:
 bench: setup
 	$(PY) bench/dataplane --json bench-dataplane.json
 	$(PY) bench/cloud --json bench-cloud.json
+
+# The appliance disk image of one board: build/images/$(BOARD).img (docs/image.md).
+image: setup
+	$(PY) board/mkimage.py $(BOARD)
+
+images: setup
+	set -e; for b in $(IMAGE_BOARDS); do $(PY) board/mkimage.py $$b; done
+
+# Builds $(BOARD) twice and fails unless both images have the same sha256.
+image-repro: setup
+	$(PY) board/mkimage.py $(BOARD) --check-repro
 
 clean:
 	rm -rf build native/out .pytest_cache

@@ -685,6 +685,21 @@ def check_libraries(root: Path, arch: Arch) -> None:
                              for so, u in sorted(missing.items())))
 
 
+def check_led_map(path: Path) -> None:
+    """The board's LED map, read the way socketd will (sdwan.leds owns the format)."""
+    sys.path.insert(0, str(ROOT / "firmware"))
+    try:
+        from sdwan.leds import load_led_map
+    except ImportError:
+        return
+    finally:
+        sys.path.pop(0)
+    try:
+        load_led_map(path)
+    except Exception as e:  # noqa: BLE001 - any complaint of the reader stops the build
+        raise BuildError(f"LED map: {e}") from e
+
+
 def busybox_applets(host_busybox: Path) -> list[str]:
     out = run([str(host_busybox), "--list-full"]).decode()
     return [line.strip() for line in out.splitlines() if line.strip() and "/" in line]
@@ -796,6 +811,7 @@ def assemble_rootfs(board: Board, work: Path, kver: str, kstage: Path,
     etc_sdwan = root / "etc/sdwan"
     etc_sdwan.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(board.dir / "board.toml", etc_sdwan / "board.toml")
+    check_led_map(board.dir / "leds.toml")
     shutil.copyfile(board.dir / "leds.toml", etc_sdwan / "leds.toml")
     if board.qemu_provisioning:
         (etc_sdwan / "qemu-provisioning").write_text("fw_cfg opt/sdwan/data/* seeds /data\n")

@@ -15,6 +15,9 @@ APT_PACKAGES=(
   busybox traceroute                       # console: udhcpc/udhcpd for DHCP WANs, traceroute
   shellcheck bmap-tools fdisk e2fsprogs    # flash.sh, its lint and its loop-device tests
   xz-utils zstd python3-fusepy
+  qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64  # the appliance image:
+  squashfs-tools mtools dosfstools kmod binutils                     # board/mkimage.py and
+  gcc-aarch64-linux-gnu libc6-dev-arm64-cross                        # the system tests
 )
 
 if [ "$(id -u)" != 0 ]; then
@@ -31,6 +34,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q >/dev/null
   apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The aarch64 image is assembled from Debian's arm64 packages (apt-get download pkg:arm64).
+if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+  echo "setup: adding the arm64 package architecture (for the aarch64 image)"
+  dpkg --add-architecture arm64
+  apt-get update -q >/dev/null
 fi
 
 PYTHON=${PYTHON:-python3}
