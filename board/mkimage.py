@@ -162,6 +162,7 @@ class Board:
     partitions: list[Partition]
     modules_boot: list[str]
     modules_runtime: list[str]
+    modules_on_demand: list[str]
     qemu_provisioning: bool
     raw: dict
 
@@ -206,6 +207,7 @@ class Board:
             partitions=parts,
             modules_boot=list(common["boot"]) + list(mods.get("boot", [])),
             modules_runtime=list(common["runtime"]) + list(mods.get("runtime", [])),
+            modules_on_demand=list(common.get("on_demand", [])),
             qemu_provisioning=bool(raw["board"].get("qemu_provisioning", False)),
             raw=raw,
         )
@@ -685,6 +687,24 @@ def check_libraries(root: Path, arch: Arch) -> None:
                              for so, u in sorted(missing.items())))
 
 
+def check_imports(root: Path, arch: Arch, modules: list[str]) -> None:
+    """Imports socketd's modules with the image's own python3.11 and libraries (possible
+    when the image's architecture is the build machine's): a stdlib module trimmed away
+    that a dependency imports fails the build, not the boot."""
+    if os.uname().machine != arch.name:
+        step(f"import check skipped (a {arch.name} image on {os.uname().machine})")
+        return
+    ld = next((root / "usr/lib" / arch.triplet).glob("ld-linux*.so*"))
+    env = {"PYTHONHOME": str(root / "usr"), "PYTHONNOUSERSITE": "1", "LC_ALL": "C",
+           "PYTHONPATH": str(root / "usr/lib/python3/dist-packages")}
+    code = "import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)\n"
+    try:
+        run([str(ld), "--library-path", str(root / "usr/lib" / arch.triplet),
+             str(root / "usr/bin" / PY), "-B", "-c", code, *modules], env=env)
+    except BuildError as e:
+        raise BuildError(f"the image's python cannot import socketd's modules: {e}") from e
+
+
 def check_led_map(path: Path) -> None:
     """The board's LED map, read the way socketd will (sdwan.leds owns the format)."""
     sys.path.insert(0, str(ROOT / "firmware"))
@@ -783,10 +803,13 @@ def assemble_rootfs(board: Board, work: Path, kver: str, kstage: Path,
 
     # kernel modules
     runtime = module_closure(kstage, kver, board.modules_boot + board.modules_runtime)
+    on_demand = module_closure(kstage, kver, board.modules_on_demand)
     names = []
-    for rel in runtime:
-        names.append(str(Path(rel).parent / install_module(
-            kstage / "lib/modules" / kver / rel, root / "usr/lib/modules" / kver / rel)))
+    for rel in runtime + [m for m in on_demand if m not in runtime]:
+        name = str(Path(rel).parent / install_module(
+            kstage / "lib/modules" / kver / rel, root / "usr/lib/modules" / kver / rel))
+        if rel in runtime:
+            names.append(name)
     for f in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
         shutil.copyfile(kstage / "lib/modules" / kver / f, root / "usr/lib/modules" / kver / f)
     run(["depmod", "-b", str(root), kver])
@@ -830,6 +853,10 @@ def assemble_rootfs(board: Board, work: Path, kver: str, kstage: Path,
                          ("var/run", "/run"), ("var/tmp", "/tmp")):
         (root / link).symlink_to(target)
     check_libraries(root, a)
+    entry_modules = sorted({t.split(":")[0] for n, t in tomllib.loads(
+        (ROOT / "pyproject.toml").read_text())["project"]["scripts"].items()
+        if n not in NOT_ON_APPLIANCE})
+    check_imports(root, a, entry_modules + manifest["native"])
     return root
 
 

@@ -102,11 +102,15 @@ class VM:
         for f in (code, vars_src):
             if not f.is_file():
                 raise VMError(f"UEFI firmware {f} is missing (run `make setup`)")
+        # The variable store and the disk overlay outlive a power-off: start() again is the
+        # same box powered on again.
         vars_copy = self.dir / "efivars.fd"
-        shutil.copyfile(vars_src, vars_copy)
+        if not vars_copy.exists():
+            shutil.copyfile(vars_src, vars_copy)
         overlay = self.dir / "disk.qcow2"
-        self._check(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
-                     "-b", str(self.image.resolve()), str(overlay)])
+        if not overlay.exists():
+            self._check(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
+                         "-b", str(self.image.resolve()), str(overlay)])
         cmd = [
             q["binary"], "-name", f"sdwan-{self.board}", "-nodefaults", "-no-user-config",
             "-display", "none", "-machine", q["machine"], "-cpu", q.get("cpu", "max"),
@@ -133,6 +137,14 @@ class VM:
         return cmd + self.opts.extra_args
 
     def start(self, timeout: float = 30.0) -> VM:
+        """Powers the VM on; the console is connected before the guest runs."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise VMError("the VM is already running")
+        self.console_sock.unlink(missing_ok=True)
+        with self._cond:
+            self._buf.clear()
+            self._cursor = 0
+            self._closed = False
         cmd = self.command()
         binary = shutil.which(cmd[0])
         if binary is None:
@@ -177,7 +189,15 @@ class VM:
                 self._cond.notify_all()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Power off (QMP quit, then SIGKILL) and remove the VM's files."""
+        """Power off and remove the VM's files."""
+        try:
+            self.poweroff(timeout)
+        finally:
+            if self._own_dir:
+                shutil.rmtree(self.dir, ignore_errors=True)
+
+    def poweroff(self, timeout: float = 10.0) -> None:
+        """Pulls the plug (QMP quit, SIGKILL if QEMU lingers); the disk stays for start()."""
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(OSError, VMError):
                 self.qmp("quit", timeout=3.0)
@@ -196,8 +216,7 @@ class VM:
         if self._reader is not None:
             self._reader.join(timeout=5)
             self._reader = None
-        if self._own_dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        self.proc = None
 
     def __enter__(self) -> VM:
         return self.start()
@@ -262,6 +281,30 @@ class VM:
                     why = "the console closed (QEMU exited)" if self._closed else \
                         f"not seen within {timeout:.0f} s"
                     raise VMError(f"{self.board}: {what or rx.pattern!r} {why}; "
+                                  f"last console output:\n{self.tail()}")
+                self._cond.wait(min(left, 0.5))
+
+    def expect_all(self, patterns: list[str], timeout: float,
+                   what: str | None = None) -> list[re.Match[str]]:
+        """Waits until every pattern has appeared after the last match, in any order (boot
+        messages and prompts of different processes interleave); the next search starts
+        after the last of them."""
+        rxs = [re.compile(p) for p in patterns]
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                text = self._buf[self._cursor:].decode(errors="replace")
+                found = [rx.search(text) for rx in rxs]
+                if all(found):
+                    end = max(m.end() for m in found if m)
+                    self._cursor += len(text[:end].encode())
+                    return [m for m in found if m]
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    missing = [rx.pattern for rx, m in zip(rxs, found, strict=True) if not m]
+                    why = "the console closed (QEMU exited)" if self._closed else \
+                        f"not seen within {timeout:.0f} s"
+                    raise VMError(f"{self.board}: {what or missing!r} {why}; "
                                   f"last console output:\n{self.tail()}")
                 self._cond.wait(min(left, 0.5))
 

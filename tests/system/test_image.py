@@ -1,0 +1,101 @@
+"""The appliance image booted in QEMU the way the hardware boots it (UEFI, GPT, squashfs
+root, /data), seen from the serial console as a field engineer sees it."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from sdwan.lab.vm import VM
+
+pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
+
+# Generous bounds for software emulation (TCG) on a busy 2-core machine; bench/boot has the
+# real figures.
+BOOT_S = 240.0
+SOCKETD_S = 240.0
+NEW_PASSWORD = "field-pass-42"
+
+
+def login(vm: VM, password: str, first: bool = False) -> None:
+    """Logs in on socket-console as admin, once its "login: " prompt has been seen; on the
+    first login the default password must be replaced."""
+    vm.sendline("admin")
+    vm.expect("Password: ", 30)
+    vm.sendline(password)
+    if first:
+        vm.expect("New password: ", 60, "the forced password change")
+        vm.sendline(NEW_PASSWORD)
+        vm.expect("Retype new password: ", 30)
+        vm.sendline(NEW_PASSWORD)
+        vm.expect("Password changed.", 60)
+    vm.expect(r"\S+> ", 60, "the console's command prompt")
+
+
+def command(vm: VM, line: str, timeout: float = 60.0) -> str:
+    """Runs one console command; returns what it printed up to the next prompt."""
+    vm.sendline(line)
+    vm.expect(re.escape(line), 10, f"the echo of {line!r}")
+    m = vm.expect(re.compile(r"(?s)(.*?)\n(\S+)> "), timeout, f"the prompt after {line!r}")
+    return m.group(1).replace("\r", "")
+
+
+def test_x86_64_first_boot_config_persistence_and_reboot(
+    appliance_image: Callable[[str], Path], vms: Callable[..., VM],
+    site_files: Callable[..., dict[str, Path]],
+) -> None:
+    vm = vms("qemu-x86_64", appliance_image("qemu-x86_64"), panel=True)
+
+    # First power-on: a blank /data is formatted; without a configuration socketd waits and
+    # says so, and the console still works.
+    vm.start()
+    vm.expect("formatting /data", BOOT_S, "the first-boot format of /data")
+    vm.expect(r"boot: ready: socket, /data on /dev/vda3", BOOT_S)
+    vm.expect_all(["no configuration at /data/socketd.toml: socketd is not running",
+                   "login: "], 60)
+    login(vm, "admin", first=True)
+    out = command(vm, "show status")
+    assert "socketd is not running" in out, out
+    out = command(vm, "show events")
+    assert "no configuration" in out or "socketd is not running" in out, out
+
+    # Pull the plug, then power on with a configuration offered through fw_cfg: /data and
+    # the new console password survive, socketd starts and the hostname is the site's.
+    vm.poweroff()
+    vm.opts.fw_cfg = site_files(site_id=7)
+    vm.start()
+    boot = vm.expect(r"boot: ready: (\S+), /data on (\S+)", BOOT_S).groups()
+    assert boot == ("site-7,", "/dev/vda3") or boot[0].startswith("site-7"), boot
+    assert "formatting /data" not in vm.output(), "a formatted /data was formatted again"
+    vm.expect_all([r"socketd running \(pid \d+", "login: "], SOCKETD_S,
+                  "socketd's control socket and the login prompt")
+    login(vm, NEW_PASSWORD)
+    out = command(vm, "show status")
+    assert re.search(r"site\s+7 \(branch-7\)", out), out
+    assert "wan1" in out and "eth0" in out, out
+    assert "sdwan0" in out, out
+
+    # A reboot from the console goes through init's shutdown and UEFI again.
+    vm.sendline("reboot")
+    vm.expect("Type yes to confirm: ", 30)
+    vm.sendline("yes")
+    vm.expect("shutdown: /data unmounted", 120, "the orderly shutdown")
+    vm.expect("EFI stub", 120, "the firmware starting the kernel again")
+    vm.expect(r"boot: ready: site-7", BOOT_S)
+    vm.expect_all([r"socketd running \(pid \d+", "login: "], SOCKETD_S)
+    login(vm, NEW_PASSWORD)
+    out = command(vm, "show status")
+    assert re.search(r"site\s+7 \(branch-7\)", out), out
+
+
+def test_aarch64_boots_to_the_console_login(
+    appliance_image: Callable[[str], Path], vms: Callable[..., VM],
+) -> None:
+    vm = vms("qemu-aarch64", appliance_image("qemu-aarch64"))
+    vm.start()
+    vm.expect("initramfs: root is /dev/vda2", BOOT_S, "the initramfs finding the root")
+    vm.expect(r"boot: ready: socket, /data on /dev/vda3", BOOT_S)
+    vm.expect("login: ", BOOT_S, "the console's login prompt")
