@@ -1,0 +1,109 @@
+"""Two appliance images booted as two sites, a PoP (popd) in a namespace, wired with tap
+devices: both register with the PoP, their LAN hosts ping each other through the tunnel,
+the console shows the PoP session and the peer, and the front-panel controller on site 1's
+second serial port gets the LED patterns for booting and cloud up (docs/leds.md)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sites import (
+    BOOT_S,
+    POP_ENDPOINT,
+    SOCKETD_S,
+    NetnsVM,
+    PanelPlayer,
+    SiteSpec,
+    command,
+    hook_args,
+    lan_hook,
+    login,
+    poll_command,
+    site_fw_cfg,
+    vm_options,
+    wire_site,
+)
+
+from sdwan.lab.topology import Lab, cleanup_stale
+from sdwan.lab.vm import VM
+
+pytestmark = [pytest.mark.system, pytest.mark.timeout(1500)]
+
+CLOUD_UP_S = 240.0
+PING_S = 120.0
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    cleanup_stale()
+    with Lab(tmp_path / "lab") as the_lab:
+        yield the_lab
+
+
+def test_two_sites_and_a_pop(appliance_image: Callable[[str], Path], lab: Lab,
+                             tmp_path: Path) -> None:
+    board = "qemu-x86_64"
+    image = appliance_image(board)
+    pop = lab.add_pop(1)
+    lab.write_pop_config(pop, sites=[
+        {"id": n, "name": f"branch-{n}", "subnets": [f"10.{n}.0.0/24"]} for n in (1, 2)])
+    lab.start_popd(pop)
+
+    vms: list[VM] = []
+    panel: PanelPlayer | None = None
+    try:
+        sites = []
+        for n in (1, 2):
+            site, net_args = wire_site(lab, n)
+            spec = SiteSpec(n, wan_address=f"{site.wan_ip}/24", wan_gateway="198.51.100.1",
+                            lan_interface="eth1", pop_endpoint=POP_ENDPOINT)
+            opts = vm_options(fw_cfg=site_fw_cfg(lab, spec, tmp_path), net_args=net_args,
+                              panel=(n == 1),
+                              extra_args=hook_args(tmp_path, f"lan{n}", lan_hook(site)))
+            vm = NetnsVM(site.vm_ns, board, image, opts)
+            vms.append(vm)
+            sites.append(site)
+        # One VM after the other is powered on; both boot at once (two TCG guests on a
+        # busy machine: the bounds are generous).
+        for vm in vms:
+            vm.start()
+        panel = PanelPlayer(vms[0].panel_sock).start()
+        for vm, site in zip(vms, sites, strict=True):
+            vm.expect(rf"boot: ready: site-{site.n}, /data on /dev/vda3", BOOT_S)
+            vm.expect_all([r"socketd running \(pid \d+", "login: ",
+                           rf"test-hook: +inet {site.lan_gw}/24"], SOCKETD_S,
+                          "socketd, the login prompt and the LAN port's address")
+
+        # The panel shows booting while socketd starts, cloud_up once registered.
+        panel.wait_pattern("booting", 60)
+        panel.wait_pattern("cloud_up", CLOUD_UP_S)
+        pats = panel.patterns()
+        assert pats.index("booting") < pats.index("cloud_up"), pats
+
+        # LAN to LAN through the tunnel: the inet namespace drops private space, so an
+        # answer proves the packets travelled encapsulated.
+        assert lab.wait_ping(sites[0].lan_ns, sites[1].lan_host_ip, timeout=PING_S), \
+            (f"lan1 -> lan2 ({sites[1].lan_host_ip}) never answered; popctl sites: "
+             f"{lab.popctl(pop, 'sites')}\nsite 1 console:\n{vms[0].tail()}")
+        assert lab.wait_ping(sites[1].lan_ns, sites[0].lan_host_ip, timeout=30)
+
+        # What the field engineer sees on site 1's console.
+        vm = vms[0]
+        login(vm, "admin", first=True)
+        out = poll_command(vm, "show pop", re.compile(r"(?m)^cloud\s+up\b"), 60,
+                           "site 1's PoP session")
+        assert re.search(r"(?m)^1\s.*203\.0\.113\.10:4800\s.*connected", out), out
+        poll_command(vm, "show peers", re.compile(r"(?m)^2\s+up\b"), 60,
+                     "site 2 up in site 1's peers")
+        out = command(vm, "show status")
+        assert re.search(r"site\s+1 \(branch-1\)", out), out
+        out = command(vm, "show events 50")
+        assert "pop.connected" in out, out
+    finally:
+        if panel is not None:
+            panel.close()
+        for vm in vms:
+            vm.stop()
