@@ -1,0 +1,93 @@
+"""The hardware watchdog in QEMU (i6300esb, `-action watchdog=reset`): socketd stopped with
+SIGSTOP inside the VM stops petting it, the VM resets by itself within the timeout, and the
+next boot records why (`watchdog.reset`, docs/watchdog.md)."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sites import (
+    BOOT_S,
+    SOCKETD_S,
+    SiteSpec,
+    command,
+    hook_args,
+    login,
+    site_fw_cfg,
+    vm_options,
+)
+
+from sdwan.lab.topology import Lab
+from sdwan.lab.vm import VM
+
+pytestmark = [pytest.mark.system, pytest.mark.timeout(1200)]
+
+WATCHDOG_TIMEOUT_S = 15  # socketd's default watchdog_timeout_s
+# From SIGSTOP to the firmware starting again: one timeout, plus the i6300esb's second
+# stage and TCG slowness; generous, it only has to catch a watchdog that never bites.
+RESET_BOUND_S = 120.0
+
+# Run once by init (test hook): waits for socketd's control socket, lets it pet the
+# watchdog a few times, then stops it. A marker in /data keeps the reboot from doing it
+# again (the fw_cfg item is still there after a reset).
+STOP_SOCKETD = r"""
+[ -e /data/watchdog-test-done ] && { echo "already done on an earlier boot"; exit 0; }
+i=0
+while [ ! -S /run/socketd/control.sock ] && [ $i -lt 600 ]; do sleep 1; i=$((i + 1)); done
+sleep 8
+pid=""
+for p in /proc/[0-9]*; do
+    case "$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)" in
+        *"socketd --config"*) pid=${p#/proc/} ;;
+    esac
+done
+[ -n "$pid" ] || { echo "socketd not found"; exit 1; }
+: > /data/watchdog-test-done
+sync
+kill -STOP "$pid"
+echo "socketd (pid $pid) stopped with SIGSTOP at $(cut -d' ' -f1 /proc/uptime) s"
+"""
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    with Lab(tmp_path / "lab") as the_lab:  # the CA and certificates only
+        yield the_lab
+
+
+def test_sigstopped_socketd_is_reset_by_the_watchdog_and_the_reason_recorded(
+    appliance_image: Callable[[str], Path], lab: Lab, tmp_path: Path,
+) -> None:
+    board = "qemu-x86_64"
+    spec = SiteSpec(6, watchdog=True)
+    vm = VM(board, appliance_image(board),
+            vm_options(fw_cfg=site_fw_cfg(lab, spec, tmp_path),
+                       extra_args=hook_args(tmp_path, "stop-socketd", STOP_SOCKETD)))
+    try:
+        vm.start()
+        vm.expect(r"boot: ready: site-6, /data on /dev/vda3", BOOT_S)
+        vm.expect(r"socketd running \(pid \d+", SOCKETD_S)
+        m = vm.expect(r"test-hook: socketd \(pid (\d+)\) stopped with SIGSTOP", 120,
+                      "the test hook stopping socketd")
+        stopped_at = time.monotonic()
+        # Nothing but the watchdog restarts the box: no shutdown, straight to the firmware.
+        reset = vm.expect(r"EFI stub|shutdown: ", RESET_BOUND_S, "the watchdog's reset")
+        took = time.monotonic() - stopped_at
+        assert reset.group(0) == "EFI stub", \
+            f"the box went through an orderly shutdown, not a watchdog reset:\n{vm.tail()}"
+        assert took >= WATCHDOG_TIMEOUT_S * 0.5, \
+            f"reset {took:.0f} s after SIGSTOP: sooner than the watchdog timeout"
+        vm.expect(r"boot: ready: site-6, /data on /dev/vda3", BOOT_S)
+        vm.expect_all([r"socketd running \(pid \d+", "login: ",
+                       "test-hook: already done on an earlier boot"], SOCKETD_S)
+        login(vm, "admin", first=True)
+        out = command(vm, "show events 50")
+        assert re.search(r"watchdog\.reset\s+rebooted by the watchdog", out), \
+            f"no watchdog.reset event after the reset (socketd {m.group(1)} was stopped):\n{out}"
+        assert f"socketd pid {m.group(1)} was running" in out, out
+    finally:
+        vm.stop()
