@@ -256,16 +256,34 @@ class PanelPlayer:
                 with contextlib.suppress(OSError):
                     self._sock.sendall(b"OK\n")
 
+    def hello(self, firmware: str | None = None) -> None:
+        """Says HELLO again, as a panel that restarted (and forgot its LEDs) does."""
+        assert self._sock is not None
+        self._sock.sendall(f"HELLO {self.model} {firmware or self.firmware}\n".encode())
+
+    def shown(self) -> list[tuple[str, dict[int, str]]]:
+        """Every pattern received, in order, with the LED states that followed it."""
+        out: list[tuple[str, dict[int, str]]] = []
+        with self._cond:
+            for _, line in self.lines:
+                words = line.split()
+                if words[0] == "PATTERN" and len(words) == 2:
+                    out.append((words[1], {}))
+                elif words[0] == "LED" and len(words) >= 3 and out:
+                    out[-1][1][int(words[1])] = " ".join(words[2:])
+        return out
+
     def patterns(self) -> list[str]:
         with self._cond:
             return [line.split(None, 1)[1] for _, line in self.lines
                     if line.startswith("PATTERN ")]
 
-    def wait_pattern(self, name: str, timeout: float) -> None:
+    def wait_pattern(self, name: str, timeout: float, leds: int = 0) -> None:
+        """Waits for PATTERN name followed by the lines of `leds` LEDs (the whole pattern
+        drawn)."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while name not in [line.split(None, 1)[1] for _, line in self.lines
-                               if line.startswith("PATTERN ")]:
+            while not any(p == name and len(states) >= leds for p, states in self.shown()):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise AssertionError(

@@ -79,9 +79,13 @@ def test_two_sites_and_a_pop(appliance_image: Callable[[str], Path], lab: Lab,
 
         # The panel shows booting while socketd starts, cloud_up once registered.
         panel.wait_pattern("booting", 60)
-        panel.wait_pattern("cloud_up", CLOUD_UP_S)
-        pats = panel.patterns()
-        assert pats.index("booting") < pats.index("cloud_up"), pats
+        panel.wait_pattern("cloud_up", CLOUD_UP_S, leds=4)
+        shown = panel.shown()
+        names = [name for name, _ in shown]
+        assert names.index("booting") < names.index("cloud_up"), names
+        up = next(leds for name, leds in shown if name == "cloud_up")
+        # board/qemu-x86_64/leds.toml: status 0, cloud 1, wan1 2
+        assert (up.get(0), up.get(1), up.get(2)) == ("on", "on", "on"), shown
 
         # LAN to LAN through the tunnel: the inet namespace drops private space, so an
         # answer proves the packets travelled encapsulated.
