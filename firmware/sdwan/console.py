@@ -649,9 +649,9 @@ class Console:
         while True:
             try:
                 if user is None:
-                    user = self.term.read_line("login: ").strip()
-                    if not user:
-                        continue
+                    user = self.term.read_line("login: ").strip() or None
+                    if user is None:
+                        continue  # an empty line asks for the login again, as getty does
                 password = self.term.read_line("Password: ", echo=False)
             except EOFError:
                 return False

@@ -634,3 +634,13 @@ def test_paths_come_from_socketds_config(tmp_path: Path) -> None:
     )
     assert f"socketd is not running: cannot connect to {tmp_path}/ctl.sock" in cp.stdout
     assert (tmp_path / "data" / "console-credentials.json").exists()
+
+
+def test_an_empty_login_line_asks_for_the_login_again(tmp_path: Path) -> None:
+    store = CredentialStore(tmp_path / "data")
+    store.save(Credentials.make("admin", "the-right-one"))
+    cp = run_console(tmp_path, "\n  \nadmin\nthe-right-one\nexit\n")
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.count("login: ") == 3
+    assert cp.stdout.count("Password: ") == 1
+    assert "Login incorrect" not in cp.stdout and store.load().failed == 0
