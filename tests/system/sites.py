@@ -184,11 +184,9 @@ def wire_site(lab: Lab, n: int) -> tuple[LabSite, list[str]]:
 
 
 def lan_hook(site: LabSite) -> str:
-    """The guest's LAN port: the site's LAN gateway address, and forwarding on (socketd
-    leaves the LAN device and forwarding to the system; the image does not set them yet)."""
+    """The guest's LAN port: the site's LAN gateway address (neither socketd nor the image
+    addresses the LAN device yet; the image's rcS turns forwarding on)."""
     return (f"ip link set eth1 up\nip addr add {site.lan_gw}/24 dev eth1\n"
-            "echo 1 > /proc/sys/net/ipv4/ip_forward\n"
-            "echo 0 > /proc/sys/net/ipv4/conf/all/rp_filter\n"
             "ip -4 addr show dev eth1 | grep inet\n")
 
 
