@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from sites import NEW_PASSWORD, command, login
 
 from sdwan.lab.vm import VM
 
@@ -17,30 +18,6 @@ pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
 # real figures.
 BOOT_S = 240.0
 SOCKETD_S = 240.0
-NEW_PASSWORD = "field-pass-42"
-
-
-def login(vm: VM, password: str, first: bool = False) -> None:
-    """Logs in on socket-console as admin, once its "login: " prompt has been seen; on the
-    first login the default password must be replaced."""
-    vm.sendline("admin")
-    vm.expect("Password: ", 30)
-    vm.sendline(password)
-    if first:
-        vm.expect("New password: ", 60, "the forced password change")
-        vm.sendline(NEW_PASSWORD)
-        vm.expect("Retype new password: ", 30)
-        vm.sendline(NEW_PASSWORD)
-        vm.expect("Password changed.", 60)
-    vm.expect(r"\S+> ", 60, "the console's command prompt")
-
-
-def command(vm: VM, line: str, timeout: float = 60.0) -> str:
-    """Runs one console command; returns what it printed up to the next prompt."""
-    vm.sendline(line)
-    vm.expect(re.escape(line), 10, f"the echo of {line!r}")
-    m = vm.expect(re.compile(r"(?s)(.*?)\n(\S+)> "), timeout, f"the prompt after {line!r}")
-    return m.group(1).replace("\r", "")
 
 
 def test_x86_64_first_boot_config_persistence_and_reboot(
