@@ -103,6 +103,7 @@ class Supervisor:
         self.wan: WanAddressing | None = None
         self.leds: LedController | None = None
         self.guard: Guard | None = None  # made by run(): the simulations have no appliance
+        self._cloud_was_up = False  # the LEDs show booting until the cloud is first up
 
     # ---------------------------------------------------------------- setup
 
@@ -595,11 +596,15 @@ class Supervisor:
     def _show_leds(self, leds: LedController) -> None:
         links = link_states((ln.name, ln.interface) for ln in self.cfg.links)
         cloud = self.cloud.state if self.cloud is not None else "off"
+        self._cloud_was_up |= cloud == "up"
+        # Until the cloud is first reached (or the grace runs out) the box is booting, however
+        # its sessions and links come and go meanwhile: no link_fault/cloud_down flicker.
+        first_connect = cloud != "off" and not self._cloud_was_up
         state = BoxState(
             cloud=cloud,
             links_down=tuple(name for name, up in links.items() if not up),
             error=self.guard is not None and self.guard.in_error(),
-            booting=cloud == "connecting" and self.clock() - self.started < BOOT_GRACE_S,
+            booting=first_connect and self.clock() - self.started < BOOT_GRACE_S,
         )
         leds.show(choose_pattern(state), links)
 

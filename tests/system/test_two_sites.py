@@ -83,6 +83,9 @@ def test_two_sites_and_a_pop(appliance_image: Callable[[str], Path], lab: Lab,
         shown = panel.shown()
         names = [name for name, _ in shown]
         assert names.index("booting") < names.index("cloud_up"), names
+        # Nothing else in between: links and sessions coming up must not flash a fault.
+        first_up = names.index("cloud_up")
+        assert set(names[names.index("booting") : first_up]) == {"booting"}, names
         up = next(leds for name, leds in shown if name == "cloud_up")
         # board/qemu-x86_64/leds.toml: status 0, cloud 1, wan1 2
         assert (up.get(0), up.get(1), up.get(2)) == ("on", "on", "on"), shown
