@@ -224,8 +224,10 @@ def fail_delay(failures: int) -> float:
 
 # --------------------------------------------------------------------------- command language
 
-SHOW_TOPICS = ("status", "links", "pop", "peers", "events")
+SHOW_TOPICS = ("status", "links", "pop", "peers", "events", "log")
 EVENTS_DEFAULT = 20
+# The appliance logs to busybox syslogd's ring in RAM (rcS: syslogd -C); logread prints it.
+LOG_COMMAND = ("logread",)
 PING_COUNT_DEFAULT = 4
 PING_COUNT_MAX = 100
 CONFIRM_RESET = ("factory-reset", "yes")
@@ -243,9 +245,9 @@ class Help:
 
 COMMANDS: dict[str, Help] = {
     "show": Help(
-        "show status|links|pop|peers|events [N]",
+        "show status|links|pop|peers|events [N]|log [N]",
         "what socketd is doing: the site and its links' counters, WAN addressing, the PoP"
-        " sessions, the other sites, the latest N events (20)",
+        " sessions, the other sites, the latest N events (20), the last N lines of the log (20)",
     ),
     "ping": Help(
         "ping [-c N] [via LINK] HOST",
@@ -360,9 +362,9 @@ def parse(line: str) -> Command | None:
         topic = rest[0]
         if topic not in SHOW_TOPICS:
             raise UsageError(f"cannot show {topic!r}: one of {', '.join(SHOW_TOPICS)}", usage)
-        if topic == "events":
+        if topic in ("events", "log"):
             if len(rest) > 2:
-                raise UsageError("show events takes at most a count", usage)
+                raise UsageError(f"show {topic} takes at most a count", usage)
             limit = _int_arg(rest[1], "the count", 1, 10000, usage) if len(rest) == 2 else None
             return Command("show", {"topic": topic, "limit": limit or EVENTS_DEFAULT})
         if len(rest) > 1:
@@ -745,11 +747,31 @@ class Console:
         self.say("Tab completes commands and link names; Ctrl-C cancels a line; Ctrl-D logs out.")
 
     def cmd_show(self, topic: str, limit: int | None = None) -> None:
+        if topic == "log":
+            self._show_log(limit or EVENTS_DEFAULT)
+            return
         args: dict[str, Any] = {"limit": limit} if topic == "events" else {}
         result = self.ask(topic, **args)
         if result is not None:
             FORMATTERS[topic](result, self.term.out)
             self.term.out.flush()
+
+    def _show_log(self, lines: int) -> None:
+        """The tail of the RAM log ring: socketd's and the system's messages since boot."""
+        try:
+            cp = subprocess.run(
+                LOG_COMMAND, capture_output=True, text=True, errors="replace", timeout=10
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            why = getattr(e, "strerror", None) or e
+            self.say(f"no log ring on this system ({LOG_COMMAND[0]}: {why})")
+            return
+        if cp.returncode != 0:
+            why = (cp.stderr.strip().splitlines() or [f"exit status {cp.returncode}"])[-1]
+            self.say(f"no log ring on this system ({LOG_COMMAND[0]}: {why})")
+            return
+        for line in cp.stdout.splitlines()[-lines:]:
+            self.say(line)
 
     def _device_of(self, link: str | None) -> tuple[bool, str | None]:
         if link is None:

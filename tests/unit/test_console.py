@@ -46,6 +46,8 @@ FIRMWARE = Path(__file__).resolve().parents[2] / "firmware"
         ("  show   links  ", Command("show", {"topic": "links"})),
         ("show events", Command("show", {"topic": "events", "limit": 20})),
         ("show events 5", Command("show", {"topic": "events", "limit": 5})),
+        ("show log", Command("show", {"topic": "log", "limit": 20})),
+        ("show log 100", Command("show", {"topic": "log", "limit": 100})),
         ("ping 8.8.8.8", Command("ping", {"link": None, "host": "8.8.8.8", "count": 4})),
         (
             "ping -c 2 via wan1 example.net",
@@ -97,6 +99,7 @@ def test_empty_lines_are_nothing(line: str) -> None:
         ("show events x", "the count must be a number 1..10000, got 'x'", "show status"),
         ("show events 0", "the count must be a number 1..10000, got '0'", "show status"),
         ("show events 5 6", "show events takes at most a count", "show status"),
+        ("show log 1 2", "show log takes at most a count", "show status"),
         ("ping", "ping needs a host", "ping [-c N]"),
         ("ping -c", "-c needs a count", "ping [-c N]"),
         ("ping -c 101 h", "the count must be a number 1..100, got '101'", "ping [-c N]"),
@@ -168,7 +171,7 @@ LINKS = ["wan1", "wan2", "lte"]
         ("", sorted(console.COMMANDS)),
         ("s", ["set", "show"]),
         ("sh", ["show"]),
-        ("show ", ["events", "links", "peers", "pop", "status"]),
+        ("show ", ["events", "links", "log", "peers", "pop", "status"]),
         ("show p", ["peers", "pop"]),
         ("show status ", []),
         ("help ", sorted(console.COMMANDS)),
@@ -644,3 +647,11 @@ def test_an_empty_login_line_asks_for_the_login_again(tmp_path: Path) -> None:
     assert cp.stdout.count("login: ") == 3
     assert cp.stdout.count("Password: ") == 1
     assert "Login incorrect" not in cp.stdout and store.load().failed == 0
+
+
+def test_show_log_without_a_log_ring_says_so(tmp_path: Path) -> None:
+    # This host runs no busybox syslogd: logread is missing or finds no ring, and says so.
+    cp = run_console(tmp_path, "admin\nadmin\nnew-password-1\nnew-password-1\nshow log 5\nexit\n")
+    assert cp.returncode == 0, cp.stderr
+    assert "no log ring on this system (logread: " in cp.stdout
+    assert "Traceback" not in cp.stdout + cp.stderr
