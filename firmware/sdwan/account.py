@@ -24,6 +24,8 @@ from .config import (
     MAX_UNIX_SOCKET_PATH,
     ConfigError,
     IPNetwork,
+    Paths,
+    Pki,
     _boolean,
     _check_networks,
     _check_pki_files,
@@ -142,20 +144,9 @@ class Account:
 
 
 @dataclass(frozen=True)
-class PopPaths:
-    data_dir: Path = DEFAULT_POP_DATA_DIR
-    control_socket: Path = DEFAULT_POP_CONTROL_SOCKET
+class PopTimers:
+    """The cloud timers popd pushes to every site (milliseconds, as in the config)."""
 
-
-@dataclass(frozen=True)
-class PopPki:
-    ca: Path
-    cert: Path
-    key: Path
-
-
-@dataclass(frozen=True)
-class CloudTimers:
     keepalive_ms: int = DEFAULT_KEEPALIVE_MS
     dead_after_ms: int = DEFAULT_DEAD_AFTER_MS
 
@@ -168,9 +159,9 @@ class PopConfig:
     port: int
     stun_port: int
     account: Path
-    paths: PopPaths
-    pki: PopPki
-    cloud: CloudTimers
+    paths: Paths
+    pki: Pki
+    cloud: PopTimers
     source: Path
 
 
@@ -377,7 +368,7 @@ def load_pop_config(path: str | os.PathLike[str]) -> PopConfig:
             else:
                 pop["account"] = account_path
 
-    paths: PopPaths | None = None
+    paths: Paths | None = None
     paths_t = c.table(doc, ("paths",), required=False)
     if paths_t is not None:
         c.known_keys(paths_t, ("paths",), ("data_dir", "control_socket"))
@@ -400,12 +391,12 @@ def load_pop_config(path: str | os.PathLike[str]) -> PopConfig:
                 )
                 sock = _MISSING
         if isinstance(data_dir, str) and isinstance(sock, str):
-            paths = PopPaths(_resolve(base, data_dir), _resolve(base, sock))
+            paths = Paths(_resolve(base, data_dir), _resolve(base, sock))
 
     files = _check_pki_files(c, doc, base)
-    pki = PopPki(**files) if files is not None else None
+    pki = Pki(**files) if files is not None else None
 
-    cloud: CloudTimers | None = None
+    cloud: PopTimers | None = None
     cloud_t = c.table(doc, ("cloud",), required=False)
     if cloud_t is not None:
         c.known_keys(cloud_t, ("cloud",), ("keepalive_ms", "dead_after_ms"))
@@ -425,7 +416,7 @@ def load_pop_config(path: str | os.PathLike[str]) -> PopConfig:
             )
             dead = _MISSING
         if isinstance(ka, int) and isinstance(dead, int):
-            cloud = CloudTimers(ka, dead)
+            cloud = PopTimers(ka, dead)
 
     if c.issues:
         raise ConfigError(source, c.issues)
