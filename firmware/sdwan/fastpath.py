@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import errno as _errno
 import ipaddress
+import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import ClassVar
@@ -367,6 +369,21 @@ class FastPath:
             addr=_read_addr(getattr(m, "from")),
             data=bytes(ffi.buffer(m.data, m.len)),
         )
+
+    def ctrl_drain(self, handle: Callable[[CtrlEvent], None], limit: int) -> None:
+        """Hand at most ``limit`` queued control events to ``handle``. A handler that raises
+        loses that event only (logged): hostile packets must not stop a service. The fd is
+        level-triggered, so what is left calls the reader again after the loop's timers."""
+        for _ in range(limit):
+            ev = self.ctrl_recv()
+            if ev is None:
+                return
+            try:
+                handle(ev)
+            except Exception:
+                logging.getLogger("sdwan.fastpath").exception(
+                    "control event from %s dropped", ev.addr
+                )
 
     def ctrl_send(self, link_id: int, addr: Addr, data: bytes) -> None:
         _check(

@@ -344,14 +344,7 @@ class Pop:
 
     def _on_ctrl_readable(self) -> None:
         assert self.fp is not None
-        for _ in range(MAX_EVENTS_PER_WAKEUP):
-            ev = self.fp.ctrl_recv()
-            if ev is None:
-                return
-            try:
-                self._on_ctrl_event(ev)
-            except Exception:
-                log.exception("control event from %s dropped", ev.addr)
+        self.fp.ctrl_drain(self._on_ctrl_event, MAX_EVENTS_PER_WAKEUP)
 
     def _on_ctrl_event(self, ev: CtrlEvent) -> None:
         if ev.event in (CtrlEvent.REKEY, CtrlEvent.KEY_EXPIRED):

@@ -291,16 +291,7 @@ class Supervisor:
 
     def _on_ctrl_readable(self) -> None:
         assert self.fp is not None
-        # The reader is level-triggered: whatever is left calls us again at once,
-        # after the loop has run its timers.
-        for _ in range(MAX_EVENTS_PER_WAKEUP):
-            ev = self.fp.ctrl_recv()
-            if ev is None:
-                return
-            try:
-                self._on_ctrl_event(ev)
-            except Exception:
-                log.exception("control event from %s dropped", ev.addr)
+        self.fp.ctrl_drain(self._on_ctrl_event, MAX_EVENTS_PER_WAKEUP)
 
     def _on_ctrl_event(self, ev: CtrlEvent) -> None:
         if ev.event == CtrlEvent.REKEY or ev.event == CtrlEvent.KEY_EXPIRED:
