@@ -9,7 +9,6 @@ port (which may differ from the session's: that is what such NATs do).
 
 from __future__ import annotations
 
-import re
 import shutil
 
 import pytest
@@ -67,30 +66,9 @@ def popd_source(lab: Lab, pop: Pop, site: Site) -> str | None:
 
 
 def nat_mapping(lab: Lab, site: Site, dst: str, dport: int) -> str:
-    """The public ip:port router 1 gave the flow site.wan_ip:site.port -> dst:dport."""
-    assert site.router.ns is not None
-    out = netns.run(
-        site.router.ns,
-        [
-            "conntrack",
-            "-L",
-            "-p",
-            "udp",
-            "--orig-src",
-            site.wan_ip,
-            "--orig-port-src",
-            str(site.port),
-            "--orig-dst",
-            dst,
-            "--orig-port-dst",
-            str(dport),
-        ],
-        check=False,
-    ).stdout
-    # Reply direction: src=dst dst=PUBLIC sport=dport dport=MAPPED.
-    m = re.search(rf"src={re.escape(dst)} dst=(\S+) sport={dport} dport=(\d+)", out)
-    assert m, f"no conntrack entry for {site.wan_ip}:{site.port} -> {dst}:{dport}: {out!r}"
-    return f"{m.group(1)}:{m.group(2)}"
+    """"ip:port" of router 1's mapping for site.wan_ip:site.port -> dst:dport."""
+    ip, port = lab.nat_mapping(site, site.port, dst, dport)
+    return f"{ip}:{port}"
 
 
 def start_coturn(lab: Lab, pop: Pop) -> Daemon:

@@ -115,31 +115,6 @@ def _our_query(lab: Lab, site: Site, port: int, local_port: int) -> tuple[str, i
     return out["ip"], out["port"]
 
 
-def _nat_mapping(lab: Lab, site: Site, sport: int, dport: int) -> tuple[str, int]:
-    """The public (address, port) router 1 gave the flow site:sport -> PoP:dport."""
-    assert site.router.ns is not None
-    out = netns.run(
-        site.router.ns,
-        [
-            "conntrack",
-            "-L",
-            "-p",
-            "udp",
-            "--orig-src",
-            site.wan_ip,
-            "--orig-port-src",
-            str(sport),
-            "--orig-port-dst",
-            str(dport),
-        ],
-        check=False,
-    ).stdout
-    # Reply direction: src=PoP dst=PUBLIC sport=dport dport=MAPPED.
-    m = re.search(rf"src={re.escape(POP_IP)} dst=(\S+) sport={dport} dport=(\d+)", out)
-    assert m, f"no conntrack entry for {site.wan_ip}:{sport} -> {POP_IP}:{dport}: {out!r}"
-    return m.group(1), int(m.group(2))
-
-
 def _stats(lab: Lab, d: Daemon) -> dict[str, Any]:
     lab.kill(d)
     m = re.search(r"stun: stats (\{.*\})", d.log_tail(8000))
@@ -154,7 +129,7 @@ def test_reflexive_endpoint_is_the_nat_mapping(lab: Lab, nat: str) -> None:
     coturn = _start_coturn(lab, pop_ns)
 
     mapped = _our_query(lab, site, OUR_PORT, 4800)
-    nat_map = _nat_mapping(lab, site, 4800, OUR_PORT)
+    nat_map = lab.nat_mapping(site, 4800, POP_IP, OUR_PORT)
     assert mapped == nat_map
     assert mapped[0] == site.public_ip
     if nat == "masquerade":
@@ -163,7 +138,7 @@ def test_reflexive_endpoint_is_the_nat_mapping(lab: Lab, nat: str) -> None:
     # The same local port asked of coturn: its answer is the NAT mapping of that flow too,
     # and behind a port-preserving NAT the very endpoint our reflector reported.
     from_coturn = _our_query(lab, site, COTURN_PORT, 4800)
-    assert from_coturn == _nat_mapping(lab, site, 4800, COTURN_PORT)
+    assert from_coturn == lab.nat_mapping(site, 4800, POP_IP, COTURN_PORT)
     assert from_coturn[0] == site.public_ip
     if nat == "masquerade":
         assert from_coturn == mapped
@@ -187,7 +162,7 @@ def test_standard_stun_client_against_our_server(lab: Lab) -> None:
     out = cp.stdout + cp.stderr
     m = re.search(r"MappedAddress = (\S+):(\d+)", out)
     assert m, f"`stun` got no mapped address:\n{out[-2000:]}"
-    assert (m.group(1), int(m.group(2))) == _nat_mapping(lab, site, 4900, OUR_PORT)
+    assert (m.group(1), int(m.group(2))) == lab.nat_mapping(site, 4900, POP_IP, OUR_PORT)
     assert m.group(1) == site.public_ip
     stats = _stats(lab, ours)
     assert stats["classic_requests"] >= 1 and stats["answers"] >= 1

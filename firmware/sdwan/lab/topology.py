@@ -800,6 +800,21 @@ table inet lab_filter {{
         self._stop_service(site.socketd, sig)
         site.socketd = None
 
+    def nat_mapping(self, site: Site, sport: int, dst: str, dport: int) -> tuple[str, int]:
+        """The public (address, port) the site's router gave the UDP flow
+        site.wan_ip:sport -> dst:dport, read from its conntrack table."""
+        assert site.router.ns is not None
+        argv = ["conntrack", "-L", "-p", "udp", "--orig-src", site.wan_ip]
+        argv += ["--orig-port-src", str(sport), "--orig-dst", dst, "--orig-port-dst", str(dport)]
+        out = netns.run(site.router.ns, argv, check=False).stdout
+        # Reply direction: src=dst dst=PUBLIC sport=dport dport=MAPPED.
+        m = re.search(rf"src={re.escape(dst)} dst=(\S+) sport={dport} dport=(\d+)", out)
+        if m is None:
+            raise AssertionError(
+                f"no conntrack entry for {site.wan_ip}:{sport} -> {dst}:{dport}: {out!r}"
+            )
+        return m.group(1), int(m.group(2))
+
     def socketctl(self, site: Site, *args: str, json_out: bool = True, timeout: float = 10) -> Any:
         """Run socketctl against site's control socket; parsed JSON (or text if not json_out)."""
         return self._ctl(site.ns, "socketctl", site.control_socket, args, json_out, timeout)
