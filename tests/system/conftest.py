@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from sdwan.lab.topology import Lab, cleanup_stale
 from sdwan.lab.vm import VM, VMOptions, board_config, image_path
 from sdwan.pki import main as pki_main
 
@@ -112,3 +113,12 @@ def site_files(tmp_path: Path) -> Callable[..., dict[str, Path]]:
         return files
 
     return make
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    """A lab: its CA and certificates for the VMs' configs, and namespaces for those tests
+    that wire VMs to a PoP (left over ones from a killed run are removed first)."""
+    cleanup_stale()
+    with Lab(tmp_path / "lab") as the_lab:
+        yield the_lab

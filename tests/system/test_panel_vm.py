@@ -7,7 +7,7 @@ test_two_sites.py, which plays the same panel on its site 1."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,12 +31,6 @@ STATUS, CLOUD, WAN1 = 0, 1, 2
 PANEL_LEDS = 4  # status, cloud, wan1, wan2
 # socketd leaves `booting` at most 30 s after its start (docs/leds.md); TCG margin on top
 CLOUD_DOWN_S = 120.0
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    with Lab(tmp_path / "lab") as the_lab:  # the CA and certificates only
-        yield the_lab
 
 
 def test_panel_gets_booting_then_cloud_down_and_a_restarted_panel_is_redrawn(

@@ -5,7 +5,7 @@ default credential and the config's own addressing come back."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,13 +28,6 @@ pytestmark = [pytest.mark.system, pytest.mark.timeout(1200)]
 
 STATIC = "192.0.2.10/24"
 GATEWAY = "192.0.2.1"
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    # Only for its CA and certificates: this test builds no namespaces.
-    with Lab(tmp_path / "lab") as the_lab:
-        yield the_lab
 
 
 def booted(vm: VM, site_id: int) -> None:

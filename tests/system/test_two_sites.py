@@ -6,7 +6,7 @@ second serial port gets the LED patterns for booting and cloud up (docs/leds.md)
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,20 +27,13 @@ from sites import (
     wire_site,
 )
 
-from sdwan.lab.topology import Lab, cleanup_stale
+from sdwan.lab.topology import Lab
 from sdwan.lab.vm import VM
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(1500)]
 
 CLOUD_UP_S = 240.0
 PING_S = 120.0
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    cleanup_stale()
-    with Lab(tmp_path / "lab") as the_lab:
-        yield the_lab
 
 
 def test_two_sites_and_a_pop(appliance_image: Callable[[str], Path], lab: Lab,

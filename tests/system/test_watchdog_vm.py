@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,12 +51,6 @@ sync
 kill -STOP "$pid"
 echo "socketd (pid $pid) stopped with SIGSTOP at $(cut -d' ' -f1 /proc/uptime) s"
 """
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    with Lab(tmp_path / "lab") as the_lab:  # the CA and certificates only
-        yield the_lab
 
 
 def test_sigstopped_socketd_is_reset_by_the_watchdog_and_the_reason_recorded(
