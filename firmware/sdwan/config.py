@@ -92,6 +92,9 @@ class Tunnel:
     keepalive_s: int = 15
     rekey_s: int = 600
     mss_clamp: bool = True
+    # How long the fast path polls for the answer to a lone packet before it sleeps
+    # (docs/dataplane.md, "Latency"); 0 turns it off.
+    answer_wait_us: int = 200
 
 
 @dataclass(frozen=True)
@@ -899,7 +902,11 @@ def _validate(doc: dict[str, Any], source: Path, c: _Checker) -> SiteConfig | No
     tunnel: Tunnel | None = None
     tunnel_t = c.table(doc, ("tunnel",), required=False)
     if tunnel_t is not None:
-        c.known_keys(tunnel_t, ("tunnel",), ("interface", "keepalive_s", "rekey_s", "mss_clamp"))
+        c.known_keys(
+            tunnel_t,
+            ("tunnel",),
+            ("interface", "keepalive_s", "rekey_s", "mss_clamp", "answer_wait_us"),
+        )
         t_values = {
             "interface": c.value(tunnel_t, ("tunnel", "interface"), _tun_name, default="sdwan0"),
             "keepalive_s": c.value(
@@ -907,6 +914,9 @@ def _validate(doc: dict[str, Any], source: Path, c: _Checker) -> SiteConfig | No
             ),
             "rekey_s": c.value(tunnel_t, ("tunnel", "rekey_s"), _int_range(10, 86400), default=600),
             "mss_clamp": c.value(tunnel_t, ("tunnel", "mss_clamp"), _boolean, default=True),
+            "answer_wait_us": c.value(
+                tunnel_t, ("tunnel", "answer_wait_us"), _int_range(0, 10000), default=200
+            ),
         }
         if not any(v is _MISSING for v in t_values.values()):
             tunnel = Tunnel(**t_values)

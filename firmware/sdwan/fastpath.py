@@ -98,6 +98,7 @@ class FastPathConfig:
     relay: bool = False
     check_source: bool = False
     warm_ms: int = 5
+    spin_us: int = 200
 
     @classmethod
     def default(cls) -> FastPathConfig:
@@ -114,7 +115,17 @@ class FastPathConfig:
             relay=bool(c.relay),
             check_source=bool(c.check_source),
             warm_ms=c.warm_ms,
+            spin_us=c.spin_us,
         )
+
+
+@dataclass
+class SpinStats:
+    """What the TUN thread's waits for answers did (FastPathConfig.spin_us)."""
+
+    spins: int
+    hits: int
+    spin_ns: int
 
 
 @dataclass
@@ -224,6 +235,7 @@ class FastPath:
         c.relay = 1 if cfg.relay else 0
         c.check_source = 1 if cfg.check_source else 0
         c.warm_ms = cfg.warm_ms
+        c.spin_us = cfg.spin_us
         out = ffi.new("fp_t **")
         _check(lib.fp_new(c, out), "fp_new")
         self._fp = out[0]
@@ -409,6 +421,11 @@ class FastPath:
         c = ffi.new("struct fp_counters *")
         lib.fp_global_counters(self._h, c)
         return _counters(c)
+
+    def spin_stats(self) -> SpinStats:
+        c = ffi.new("struct fp_spin_stats *")
+        lib.fp_spin_stats(self._h, c)
+        return SpinStats(spins=c.spins, hits=c.hits, spin_ns=c.spin_ns)
 
     # ------------------------------------------------------------------ one packet
 

@@ -117,6 +117,7 @@ class Supervisor:
         # Python rekeys on time; the fast path's own limits are the backstop.
         fp_cfg.rekey_after_seconds = int(cfg.tunnel.rekey_s) + 30
         fp_cfg.reject_after_seconds = int(cfg.tunnel.rekey_s) * 2 + 60
+        fp_cfg.spin_us = cfg.tunnel.answer_wait_us
         self.fp = fp = FastPath(fp_cfg)
         try:
             fp.tun_open(cfg.tunnel.interface)
@@ -484,6 +485,7 @@ class Supervisor:
                 }
             )
         g = self.fp.global_counters()
+        spin = self.fp.spin_stats()
         return {
             "site_id": self.cfg.site.id,
             "name": self.cfg.site.name,
@@ -494,6 +496,12 @@ class Supervisor:
             "peers_total": len(self.tunnels),
             "links": links,
             "drops": g.drops,
+            # The TUN thread's waits for answers (docs/dataplane.md, "Latency").
+            "answer_waits": {
+                "waits": spin.spins,
+                "answered": spin.hits,
+                "cpu_ms": round(spin.spin_ns / 1e6, 1),
+            },
             "control": {
                 "dtls_no_session": self.stats.dtls_no_session,
                 "dtls_rejected": self.stats.dtls_rejected,

@@ -77,6 +77,9 @@ struct fp_config {
                                       does not route back to the peer that sent them */
     uint32_t warm_ms;              /* an idle thread runs a dummy seal+open this often
                                       (0 = never): see docs/dataplane.md, "Latency" */
+    uint32_t spin_us;              /* after sending a lone packet that ended an idle
+                                      spell, the TUN thread polls that link this long
+                                      for the answer before it sleeps (0 = never) */
 };
 
 /* An IPv4 or IPv6 address and UDP port. family is 4 or 6; port in host order;
@@ -95,6 +98,13 @@ struct fp_counters {
     uint64_t drops[11];       /* by enum fp_drop_reason */
     uint64_t last_rx_ns;      /* CLOCK_MONOTONIC of last authenticated rx, 0 = never */
     uint64_t last_tx_ns;
+};
+
+/* What the TUN thread's waits for answers (fp_config.spin_us) did. */
+struct fp_spin_stats {
+    uint64_t spins;           /* waits begun */
+    uint64_t hits;            /* ... that saw the answer arrive */
+    uint64_t spin_ns;         /* time spent in them */
 };
 
 struct fp_key_info {
@@ -186,6 +196,7 @@ int fp_ctrl_send(fp_t *fp, uint32_t link_id, const struct fp_addr *to,
 int fp_peer_counters(fp_t *fp, uint32_t peer_id, struct fp_counters *out);
 int fp_link_counters(fp_t *fp, uint32_t link_id, struct fp_counters *out);
 void fp_global_counters(fp_t *fp, struct fp_counters *out);
+void fp_spin_stats(fp_t *fp, struct fp_spin_stats *out);
 
 /* One packet, synchronously: the threads run exactly this code. Used by the
  * tests and the fuzz target. Returns 0 or -errno; the outcome is in res. */

@@ -15,6 +15,9 @@
  *              Packet processing holds it shared for a whole batch; table
  *              changes from Python hold it exclusive. It prefers writers so
  *              a busy data path cannot starve a route change.
+ *   l->rx_lock the right to receive on a link, with its buffers: held by
+ *              the link's thread, or taken with trylock by the TUN thread
+ *              that waits for the answer to a packet it just sent (tun_spin).
  *   key->tx_lock / key->rx_lock   one EVP context per key and direction is
  *              not safe for concurrent use; rx_lock also covers the replay
  *              window so "check, open, update" is atomic.
@@ -125,10 +128,13 @@ struct fp_link {
     bool thread_running;
     bool gro;                           /* UDP_GRO is on: datagrams arrive coalesced */
     atomic_bool no_gso;                 /* UDP_SEGMENT failed once: send one by one */
+    pthread_mutex_t rx_lock;            /* the right to receive on fd, with rx */
+    struct fp_link_rx *rx;              /* io.c: the receive buffers */
     struct fp_ctr ctr;
 };
 
 struct fp_tun_rx;                       /* io.c: the TUN reader's buffers */
+struct fp_link_rx;
 
 struct fp_ctrlq {
     pthread_mutex_t lock;
@@ -159,6 +165,9 @@ struct fp {
     bool running;
     struct fp_ctrlq cq;
     struct fp_ctr gctr;
+    _Atomic uint64_t spins;             /* fp_spin_stats */
+    _Atomic uint64_t spin_hits;
+    _Atomic uint64_t spin_ns;
 };
 
 static inline uint64_t fp_now_ns(void)
@@ -295,5 +304,7 @@ int fp_io_start_link(struct fp *fp, struct fp_link *l);
 int fp_io_start_tun(struct fp *fp);
 void fp_io_stop_all(struct fp *fp);
 void fp_link_destroy(struct fp_link *l);
+struct fp_link_rx *fp_link_rx_new(const struct fp *fp, bool gro);
+void fp_link_rx_free(struct fp_link_rx *x);
 
 #endif

@@ -26,6 +26,7 @@
 #include <netinet/in.h>
 #include <netinet/udp.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -308,6 +309,141 @@ static void tunq_flush(struct fp *fp, struct tunq *t)
     t->n = 0;
 }
 
+/* ------------------------------------------------------------------ link receives */
+
+/* A link's receive buffers; whoever holds l->rx_lock uses them: its own
+ * thread, or the TUN thread waiting for an answer (tun_spin). */
+struct fp_link_rx {
+    unsigned n;                         /* datagrams per recvmmsg */
+    uint8_t *rx;
+    uint8_t *arena;
+    uint8_t *cm;
+    struct mmsghdr *m;
+    struct iovec *iov;
+    struct sockaddr_storage *src;
+    struct tunq t;
+    struct txq q;
+};
+
+void fp_link_rx_free(struct fp_link_rx *x)
+{
+    if (!x)
+        return;
+    txq_free(&x->q);
+    free(x->t.pk);
+    free(x->rx);
+    free(x->arena);
+    free(x->cm);
+    free(x->m);
+    free(x->iov);
+    free(x->src);
+    free(x);
+}
+
+struct fp_link_rx *fp_link_rx_new(const struct fp *fp, bool gro)
+{
+    struct fp_link_rx *x = calloc(1, sizeof(*x));
+    if (!x)
+        return NULL;
+    /* With GRO a datagram may hold up to 64 KiB of coalesced ones. */
+    unsigned n = gro ? (fp->cfg.batch < GRO_RX_MSGS ? fp->cfg.batch : GRO_RX_MSGS)
+                     : fp->cfg.batch;
+    size_t rxlen = gro ? 65536 : FP_BUF_LEN;
+    x->n = n;
+    x->rx = malloc((size_t)n * rxlen);
+    x->arena = malloc(ARENA_LEN);
+    x->cm = calloc(n, CMSG_SPACE(sizeof(int)));
+    x->m = calloc(n, sizeof(*x->m));
+    x->iov = calloc(n, sizeof(*x->iov));
+    x->src = calloc(n, sizeof(*x->src));
+    x->t.pk = calloc(FP_GRO_BATCH, sizeof(struct fp_gro_pkt));
+    if (txq_init(&x->q, TXQ_CAP) < 0 || !x->rx || !x->arena || !x->cm || !x->m || !x->iov ||
+        !x->src || !x->t.pk) {
+        fp_link_rx_free(x);
+        return NULL;
+    }
+    for (unsigned i = 0; i < n; i++) {
+        x->iov[i].iov_base = x->rx + (size_t)i * rxlen;
+        x->iov[i].iov_len = rxlen;
+        x->m[i].msg_hdr.msg_iov = &x->iov[i];
+        x->m[i].msg_hdr.msg_iovlen = 1;
+        x->m[i].msg_hdr.msg_name = &x->src[i];
+    }
+    return x;
+}
+
+/* One recvmmsg on the link and everything it brought: opened, written to the
+ * TUN or relayed. Caller holds fp->lock shared and l->rx_lock. Returns the
+ * datagrams read (0: none waiting); *wrote says whether the TUN was written. */
+static int link_rx_locked(struct fp *fp, struct fp_link *l, bool *wrote)
+{
+    struct fp_link_rx *x = l->rx;
+    const size_t cml = CMSG_SPACE(sizeof(int));
+    for (unsigned i = 0; i < x->n; i++) {
+        x->m[i].msg_hdr.msg_namelen = sizeof(x->src[i]);
+        x->m[i].msg_hdr.msg_flags = 0;
+        x->m[i].msg_hdr.msg_control = x->cm + (size_t)i * cml;
+        x->m[i].msg_hdr.msg_controllen = cml;
+    }
+    int r = recvmmsg(l->fd, x->m, x->n, MSG_DONTWAIT, NULL);
+    *wrote = false;
+    if (r <= 0)
+        return 0;
+    uint64_t now = fp_now_ns();
+    size_t used = 0;
+    struct tunq *t = &x->t;
+    for (int i = 0; i < r; i++) {
+        struct msghdr *h = &x->m[i].msg_hdr;
+        uint8_t *pkt = x->iov[i].iov_base;
+        size_t len = x->m[i].msg_len;
+        struct fp_addr from;
+        fp_addr_from_sockaddr(&x->src[i], &from);
+        if (h->msg_flags & MSG_TRUNC) {
+            fp_ctr_add(&l->ctr.rx_packets, 1);
+            fp_ctr_add(&l->ctr.rx_bytes, len);
+            fp_ctr_add(&l->ctr.drops[FP_DROP_MALFORMED], 1);
+            continue;
+        }
+        size_t seg = len;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(h); c; c = CMSG_NXTHDR(h, c)) {
+            if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO) {
+                int g;
+                memcpy(&g, CMSG_DATA(c), sizeof(g));
+                if (g > 0)
+                    seg = (size_t)g;
+            }
+        }
+        for (size_t off = 0; off < len || (off == 0 && len == 0); off += seg) {
+            size_t sl = len - off < seg ? len - off : seg;
+            if (ARENA_LEN - used < FP_BUF_LEN + 64 || t->n == FP_GRO_BATCH) {
+                *wrote |= t->n > 0;
+                tunq_flush(fp, t);
+                txq_flush(fp, &x->q);
+                used = 0;
+            }
+            uint8_t *o = x->arena + used;
+            struct fp_result res;
+            if (fp_inbound_locked(fp, l, l->id, from.family ? &from : NULL, pkt + off, sl, o,
+                                  ARENA_LEN - used, &res, now) == 0) {
+                if (res.verdict == FP_V_TUN) {
+                    t->pk[t->n].p = o;
+                    t->pk[t->n++].len = res.out_len;
+                    used += res.out_len;
+                } else if (res.verdict == FP_V_SEND) {
+                    txq_add(fp, &x->q, &res, o);
+                    used += res.out_len;
+                }
+            }
+            if (len == 0)
+                break;
+        }
+    }
+    *wrote |= t->n > 0;
+    tunq_flush(fp, t);
+    txq_flush(fp, &x->q);
+    return r;
+}
+
 /* ------------------------------------------------------------------ threads */
 
 static void tun_drain_try(struct fp *fp, unsigned max);
@@ -319,30 +455,8 @@ static void *link_thread(void *arg)
     char name[16];
     snprintf(name, sizeof(name), "fp-link%u", l->id % 100000u);
     pthread_setname_np(pthread_self(), name);
-    /* With GRO a datagram may hold up to 64 KiB of coalesced ones. */
-    unsigned n = l->gro ? (fp->cfg.batch < GRO_RX_MSGS ? fp->cfg.batch : GRO_RX_MSGS)
-                        : fp->cfg.batch;
-    size_t rxlen = l->gro ? 65536 : FP_BUF_LEN;
-    const size_t cml = CMSG_SPACE(sizeof(int));
-    uint8_t *rx = malloc((size_t)n * rxlen);
-    uint8_t *arena = malloc(ARENA_LEN);
-    uint8_t *cm = calloc(n, cml);
-    struct mmsghdr *m = calloc(n, sizeof(*m));
-    struct iovec *iov = calloc(n, sizeof(*iov));
-    struct sockaddr_storage *src = calloc(n, sizeof(*src));
-    struct tunq t = {0, calloc(FP_GRO_BATCH, sizeof(struct fp_gro_pkt)), {{0}}};
-    struct txq q;
     /* Without it (out of memory) the thread works, just colder. */
     struct fp_warm *warm = fp->cfg.warm_ms ? fp_warm_new() : NULL;
-    if (txq_init(&q, TXQ_CAP) < 0 || !rx || !arena || !cm || !m || !iov || !src || !t.pk)
-        goto done;
-    for (unsigned i = 0; i < n; i++) {
-        iov[i].iov_base = rx + (size_t)i * rxlen;
-        iov[i].iov_len = rxlen;
-        m[i].msg_hdr.msg_iov = &iov[i];
-        m[i].msg_hdr.msg_iovlen = 1;
-        m[i].msg_hdr.msg_name = &src[i];
-    }
     for (;;) {
         struct pollfd p[3] = {{l->fd, POLLIN, 0}, {l->wake_fd, POLLIN, 0},
                               {fp->stop_fd, POLLIN, 0}};
@@ -358,94 +472,17 @@ static void *link_thread(void *arg)
         }
         if (p[1].revents || p[2].revents)
             break;
-        for (unsigned i = 0; i < n; i++) {
-            m[i].msg_hdr.msg_namelen = sizeof(src[i]);
-            m[i].msg_hdr.msg_flags = 0;
-            m[i].msg_hdr.msg_control = cm + (size_t)i * cml;
-            m[i].msg_hdr.msg_controllen = cml;
-        }
-        int r = recvmmsg(l->fd, m, n, MSG_DONTWAIT, NULL);
-        if (r <= 0)
-            continue;
-        uint64_t now = fp_now_ns();
-        size_t used = 0;
-        bool tun_wrote = false;
+        bool wrote = false;
         pthread_rwlock_rdlock(&fp->lock);
-        for (int i = 0; i < r; i++) {
-            uint8_t *pkt = iov[i].iov_base;
-            size_t len = m[i].msg_len;
-            struct fp_addr from;
-            fp_addr_from_sockaddr(&src[i], &from);
-            if (m[i].msg_hdr.msg_flags & MSG_TRUNC) {
-                fp_ctr_add(&l->ctr.rx_packets, 1);
-                fp_ctr_add(&l->ctr.rx_bytes, len);
-                fp_ctr_add(&l->ctr.drops[FP_DROP_MALFORMED], 1);
-                continue;
-            }
-            size_t seg = len;
-            for (struct cmsghdr *c = CMSG_FIRSTHDR(&m[i].msg_hdr); c;
-                 c = CMSG_NXTHDR(&m[i].msg_hdr, c)) {
-                if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO) {
-                    int g;
-                    memcpy(&g, CMSG_DATA(c), sizeof(g));
-                    if (g > 0)
-                        seg = (size_t)g;
-                }
-            }
-            for (size_t off = 0; off < len || (off == 0 && len == 0); off += seg) {
-                size_t sl = len - off < seg ? len - off : seg;
-                if (ARENA_LEN - used < FP_BUF_LEN + 64 || t.n == FP_GRO_BATCH) {
-                    tun_wrote |= t.n > 0;
-                    tunq_flush(fp, &t);
-                    txq_flush(fp, &q);
-                    used = 0;
-                }
-                uint8_t *o = arena + used;
-                struct fp_result res;
-                if (fp_inbound_locked(fp, l, l->id, from.family ? &from : NULL, pkt + off, sl, o,
-                                      ARENA_LEN - used, &res, now) == 0) {
-                    if (res.verdict == FP_V_TUN) {
-                        t.pk[t.n].p = o;
-                        t.pk[t.n++].len = res.out_len;
-                        used += res.out_len;
-                    } else if (res.verdict == FP_V_SEND) {
-                        txq_add(fp, &q, &res, o);
-                        used += res.out_len;
-                    }
-                }
-                if (len == 0)
-                    break;
-            }
-        }
-        bool wrote = t.n > 0 || tun_wrote;
-        tunq_flush(fp, &t);
-        txq_flush(fp, &q);
+        pthread_mutex_lock(&l->rx_lock);
+        link_rx_locked(fp, l, &wrote);
+        pthread_mutex_unlock(&l->rx_lock);
         pthread_rwlock_unlock(&fp->lock);
         if (wrote)
             tun_drain_try(fp, fp->cfg.batch);
     }
-done:
     fp_warm_free(warm);
-    txq_free(&q);
-    free(t.pk);
-    free(rx);
-    free(arena);
-    free(cm);
-    free(m);
-    free(iov);
-    free(src);
     return NULL;
-}
-
-/* Seal one plaintext packet into the arena and queue it. */
-static void seal_queue(struct fp *fp, struct txq *q, const uint8_t *ip, size_t len, uint8_t *o,
-                       size_t cap, size_t *used, uint64_t now)
-{
-    struct fp_result res;
-    if (fp_outbound_locked(fp, ip, len, o, cap, &res, now) == 0 && res.verdict == FP_V_SEND) {
-        txq_add(fp, q, &res, o);
-        *used += res.out_len;
-    }
 }
 
 /* The TUN reader's buffers; whoever holds fp->tun_rd_lock uses them. */
@@ -455,7 +492,20 @@ struct fp_tun_rx {
     uint32_t *lens;
     struct txq q;
     bool lone;                          /* the last drain that read anything read one packet */
+    uint32_t sent_link;                 /* the link the last packet sealed leaves on */
 };
+
+/* Seal one plaintext packet into the arena and queue it. */
+static void seal_queue(struct fp *fp, struct fp_tun_rx *x, const uint8_t *ip, size_t len,
+                       uint8_t *o, size_t cap, size_t *used, uint64_t now)
+{
+    struct fp_result res;
+    if (fp_outbound_locked(fp, ip, len, o, cap, &res, now) == 0 && res.verdict == FP_V_SEND) {
+        txq_add(fp, &x->q, &res, o);
+        x->sent_link = res.link_id;
+        *used += res.out_len;
+    }
+}
 
 static void tun_rx_free(struct fp_tun_rx *x)
 {
@@ -528,7 +578,7 @@ static unsigned tun_drain(struct fp *fp, struct fp_tun_rx *x, unsigned max)
             used = 0;
         }
         if (!vnet) {
-            seal_queue(fp, q, ip, (size_t)r, arena + used, ARENA_LEN - used, &used, now);
+            seal_queue(fp, x, ip, (size_t)r, arena + used, ARENA_LEN - used, &used, now);
             continue;
         }
         struct fp_vnet v;
@@ -545,7 +595,7 @@ static unsigned tun_drain(struct fp *fp, struct fp_tun_rx *x, unsigned max)
                 fp_ctr_add(&fp->gctr.drops[FP_DROP_MALFORMED], 1);
                 continue;
             }
-            seal_queue(fp, q, ip, len, arena + used, ARENA_LEN - used, &used, now);
+            seal_queue(fp, x, ip, len, arena + used, ARENA_LEN - used, &used, now);
             continue;
         }
         size_t stride;
@@ -597,6 +647,92 @@ static void tun_drain_try(struct fp *fp, unsigned max)
     pthread_mutex_unlock(&fp->tun_rd_lock);
 }
 
+/* When the TUN thread waits for an answer (fp_config.spin_us).
+ * Why: on a virtual machine, waking a sleeping thread costs tens of
+ * microseconds (the idle vCPU halted; the wake-up is an interrupt through the
+ * hypervisor). A request-response exchange (a ping, a DNS query, a TCP
+ * handshake, the ACK of a small write) pays that three times per round trip:
+ * the TUN thread for the request, the far side's link thread, and our link
+ * thread for the answer. The TUN thread is awake anyway after sending; if it
+ * polls the link it sent on for a little while, the answer is opened and
+ * written to the TUN without the third wake-up. It only does so after a lone
+ * packet that ended an idle spell (bulk traffic never spins), and it backs off
+ * when the answers stop coming (one-way flows). */
+#define SPIN_IDLE_NS 1000000u           /* the quiet time that makes a packet "lone" */
+#define SPIN_MISSES_MAX 4               /* consecutive waits in vain before backing off */
+#define SPIN_BACKOFF 32                 /* then one chance in this many */
+
+struct spin_state {
+    uint64_t last_drain_ns;
+    unsigned misses;
+    unsigned skipped;
+};
+
+static bool spin_wanted(struct spin_state *st, unsigned cnt, uint64_t woke_ns)
+{
+    bool quiet_before = woke_ns - st->last_drain_ns >= SPIN_IDLE_NS;
+    if (cnt == 0)
+        return false;
+    st->last_drain_ns = fp_now_ns();
+    if (cnt != 1 || !quiet_before)
+        return false;
+    if (st->misses < SPIN_MISSES_MAX)
+        return true;
+    return ++st->skipped % SPIN_BACKOFF == 0;
+}
+
+/* Poll link `link_id` (and the TUN, and stop) without sleeping for up to
+ * spin_us; take whatever arrives on the link as its thread would. Returns
+ * true if something arrived. Caller holds no lock. */
+static bool tun_spin(struct fp *fp, uint32_t link_id, int tun_fd)
+{
+    uint64_t t0 = fp_now_ns();
+    uint64_t end = t0 + (uint64_t)fp->cfg.spin_us * 1000u;
+    bool hit = false;
+    int lfd = -1;
+    pthread_rwlock_rdlock(&fp->lock);
+    struct fp_link *l = fp_link_find(fp, link_id);
+    if (l)
+        lfd = l->fd;
+    pthread_rwlock_unlock(&fp->lock);
+    if (lfd < 0)
+        return false;
+    fp_ctr_add(&fp->spins, 1);
+    for (;;) {
+        /* Only a hint: the fd is used below only if the link is still there. */
+        struct pollfd p[3] = {{lfd, POLLIN, 0}, {tun_fd, POLLIN, 0}, {fp->stop_fd, POLLIN, 0}};
+        int r = poll(p, 3, 0);
+        if (r < 0 && errno != EINTR)
+            break;
+        if (r > 0 && (p[0].revents & POLLIN)) {
+            bool wrote = false;
+            pthread_rwlock_rdlock(&fp->lock);
+            l = fp_link_find(fp, link_id);
+            /* Busy: the link's own thread is taking it. */
+            if (l && pthread_mutex_trylock(&l->rx_lock) == 0) {
+                link_rx_locked(fp, l, &wrote);
+                pthread_mutex_unlock(&l->rx_lock);
+            }
+            pthread_rwlock_unlock(&fp->lock);
+            if (wrote)
+                tun_drain_try(fp, fp->cfg.batch);
+            hit = l != NULL;
+            break;
+        }
+        /* New work, or stop: go back and do it. */
+        if (r > 0 && (p[1].revents || p[2].revents))
+            break;
+        if (fp_now_ns() >= end)
+            break;
+        /* Whatever else is runnable here (the far end of a lab, say) goes first. */
+        sched_yield();
+    }
+    fp_ctr_add(&fp->spin_ns, fp_now_ns() - t0);
+    if (hit)
+        fp_ctr_add(&fp->spin_hits, 1);
+    return hit;
+}
+
 static void *tun_thread(void *arg)
 {
     struct fp *fp = arg;
@@ -607,6 +743,7 @@ static void *tun_thread(void *arg)
     if (!x)
         return NULL;
     struct fp_warm *warm = fp->cfg.warm_ms ? fp_warm_new() : NULL;
+    struct spin_state spin = {0, 0, 0};
     pthread_mutex_lock(&fp->tun_rd_lock);
     fp->tun_rx = x;
     pthread_mutex_unlock(&fp->tun_rd_lock);
@@ -624,14 +761,22 @@ static void *tun_thread(void *arg)
         }
         if (p[1].revents)
             break;
+        uint64_t woke = fp_now_ns();
         pthread_mutex_lock(&fp->tun_rd_lock);
         unsigned cnt = tun_drain(fp, x, n);
+        uint32_t sent_link = x->sent_link;
         pthread_mutex_unlock(&fp->tun_rd_lock);
         /* The device went away (or the socketpair's other end closed). A
          * link thread may have taken the packets that woke us: then POLLIN
          * alone was set, and we just poll again. */
         if (cnt == 0 && (p[0].revents & (POLLHUP | POLLERR | POLLNVAL)))
             break;
+        if (fp->cfg.spin_us && spin_wanted(&spin, cnt, woke)) {
+            if (tun_spin(fp, sent_link, fd))
+                spin.misses = 0;
+            else
+                spin.misses++;
+        }
     }
     pthread_mutex_lock(&fp->tun_rd_lock);
     fp->tun_rx = NULL;
@@ -685,6 +830,8 @@ void fp_link_destroy(struct fp_link *l)
 {
     close(l->fd);
     close(l->wake_fd);
+    fp_link_rx_free(l->rx);
+    pthread_mutex_destroy(&l->rx_lock);
     free(l);
 }
 
@@ -832,6 +979,7 @@ int fp_link_add(fp_t *fp, uint32_t link_id, int udp_fd)
     l->id = link_id;
     l->family = ss.ss_family;
     atomic_init(&l->no_gso, false);
+    pthread_mutex_init(&l->rx_lock, NULL);
     l->fd = fcntl(udp_fd, F_DUPFD_CLOEXEC, 0);
     l->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (l->fd < 0 || l->wake_fd < 0) {
@@ -840,6 +988,7 @@ int fp_link_add(fp_t *fp, uint32_t link_id, int udp_fd)
             close(l->fd);
         if (l->wake_fd >= 0)
             close(l->wake_fd);
+        pthread_mutex_destroy(&l->rx_lock);
         free(l);
         return -e;
     }
@@ -847,6 +996,11 @@ int fp_link_add(fp_t *fp, uint32_t link_id, int udp_fd)
      * from one sender as one, and the link thread splits them. */
     int one = 1;
     l->gro = setsockopt(l->fd, SOL_UDP, UDP_GRO, &one, sizeof(one)) == 0;
+    l->rx = fp_link_rx_new(fp, l->gro);
+    if (!l->rx) {
+        fp_link_destroy(l);
+        return -ENOMEM;
+    }
     int rc = 0;
     pthread_mutex_lock(&fp->api_lock);
     pthread_rwlock_wrlock(&fp->lock);

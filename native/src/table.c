@@ -524,3 +524,10 @@ void fp_global_counters(fp_t *fp, struct fp_counters *out)
 {
     fp_ctr_snapshot(&fp->gctr, out);
 }
+
+void fp_spin_stats(fp_t *fp, struct fp_spin_stats *out)
+{
+    out->spins = atomic_load_explicit(&fp->spins, memory_order_relaxed);
+    out->hits = atomic_load_explicit(&fp->spin_hits, memory_order_relaxed);
+    out->spin_ns = atomic_load_explicit(&fp->spin_ns, memory_order_relaxed);
+}

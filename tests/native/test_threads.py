@@ -41,7 +41,11 @@ def _site(cfg: FastPathConfig | None = None) -> Site:
 
 @pytest.fixture
 def sites() -> Iterator[tuple[Site, Site]]:
-    a, b = _site(), _site()
+    yield from _pair()
+
+
+def _pair(cfg_a: FastPathConfig | None = None) -> Iterator[tuple[Site, Site]]:
+    a, b = _site(cfg_a), _site()
     a.fp.peer_add(2)
     b.fp.peer_add(1)
     a.fp.route_set("10.2.0.0/24", 2)
@@ -258,3 +262,84 @@ def test_idle_threads_warm_the_aead_only_when_asked() -> None:
     assert _idle_cpu_s(1, 1.0) > 2 * _idle_cpu_s(0, 1.0) + 0.002
     with pytest.raises(Exception, match="fp_new"):
         FastPath(FastPathConfig(warm_ms=60001))
+
+
+# ----------------------------------------------------------------- waiting for answers
+
+
+@pytest.fixture
+def waiting_sites(request: pytest.FixtureRequest) -> Iterator[tuple[Site, Site]]:
+    """Site a's TUN thread waits request.param microseconds for answers."""
+    yield from _pair(FastPathConfig(spin_us=request.param))
+
+
+def _exchange(a: Site, b: Site, n: int) -> None:
+    """n request/answer pairs after an idle spell each, answered by the test at b."""
+    for i in range(n):
+        time.sleep(0.005)
+        req = ip_packet("10.1.0.5", "10.2.0.7", b"req%d" % i)
+        a.tun.send(req)
+        assert _recv(b.tun) == req
+        ans = ip_packet("10.2.0.7", "10.1.0.5", b"ans%d" % i)
+        b.tun.send(ans)
+        assert _recv(a.tun) == ans
+
+
+@pytest.mark.parametrize("waiting_sites", [10000], indirect=True)
+def test_tun_thread_takes_the_answer_it_waits_for(waiting_sites: tuple[Site, Site]) -> None:
+    a, b = waiting_sites
+    a.fp.start()
+    b.fp.start()
+    _exchange(a, b, 10)
+    st = a.fp.spin_stats()
+    # Each lone request starts a wait; the test answers within the 10 ms, and the
+    # polling TUN thread nearly always sees the answer before the sleeping link thread.
+    assert st.spins == 10
+    assert st.hits >= 5
+    assert 0 < st.spin_ns < 10 * 10_000_000
+    assert a.fp.peer_counters(2).rx_packets == 10
+    assert not any(a.fp.link_counters(1).drops.values())
+
+
+@pytest.mark.parametrize("waiting_sites", [0], indirect=True)
+def test_no_waits_when_turned_off(waiting_sites: tuple[Site, Site]) -> None:
+    a, b = waiting_sites
+    a.fp.start()
+    b.fp.start()
+    _exchange(a, b, 3)
+    assert a.fp.spin_stats().spins == 0
+
+
+@pytest.mark.parametrize("waiting_sites", [2000], indirect=True)
+def test_waits_back_off_when_answers_stop_coming(waiting_sites: tuple[Site, Site]) -> None:
+    a, b = waiting_sites
+    a.fp.start()
+    b.fp.start()
+    for i in range(20):  # one-way: nobody answers
+        time.sleep(0.004)
+        req = ip_packet("10.1.0.5", "10.2.0.7", b"oneway%d" % i)
+        a.tun.send(req)
+        assert _recv(b.tun) == req
+    st = a.fp.spin_stats()
+    assert st.hits == 0
+    assert 1 <= st.spins <= 5  # four in vain, then one chance in 32
+
+
+@pytest.mark.parametrize("waiting_sites", [10000], indirect=True)
+def test_a_wait_gives_way_to_new_packets(waiting_sites: tuple[Site, Site]) -> None:
+    a, b = waiting_sites
+    a.fp.start()
+    b.fp.start()
+    time.sleep(0.005)
+    a.tun.send(ip_packet("10.1.0.5", "10.2.0.7", b"first"))
+    _recv(b.tun)
+    # The TUN thread now waits up to 10 ms for an answer that never comes; a packet
+    # from the LAN must not wait for that to end.
+    t0 = time.monotonic()
+    second = ip_packet("10.1.0.5", "10.2.0.7", b"second")
+    a.tun.send(second)
+    assert _recv(b.tun) == second
+    assert time.monotonic() - t0 < 0.005
+    assert a.fp.spin_stats().spins >= 1
+    with pytest.raises(Exception, match="fp_new"):
+        FastPath(FastPathConfig(spin_us=10001))
