@@ -67,6 +67,9 @@ def test_lan_hosts_talk_through_the_tunnel(lab: Lab) -> None:
     wait_state(lab, s2, 1, "up", UP_TIMEOUT_S)
     assert lab.ping(s1.lan_ns, s2.lan_host_ip, count=3)
     assert lab.ping(s2.lan_ns, s1.lan_host_ip, count=3)
+    # Every echo request left alone after an idle second: site 1's TUN thread waited for
+    # its answer ([tunnel] answer_wait_us, on by default).
+    assert lab.socketctl(s1, "status")["answer_waits"]["waits"] >= 3
 
     tcp = lab.iperf3(s1.lan_ns, s2.lan_ns, s2.lan_host_ip, duration=2)
     assert tcp.mbps and tcp.mbps > 10, tcp.raw.get("error")
