@@ -292,9 +292,10 @@ def test_tun_thread_takes_the_answer_it_waits_for(waiting_sites: tuple[Site, Sit
     b.fp.start()
     _exchange(a, b, 10)
     st = a.fp.spin_stats()
-    # Each lone request starts a wait; the test answers within the 10 ms, and the
-    # polling TUN thread nearly always sees the answer before the sleeping link thread.
-    assert st.spins == 10
+    # Each lone request starts a wait (unless four in a row were in vain: a very slow
+    # machine); the test answers within the 10 ms, and the polling TUN thread nearly
+    # always sees the answer before the sleeping link thread.
+    assert 5 <= st.spins <= 10
     assert st.hits >= 5
     assert 0 < st.spin_ns < 10 * 10_000_000
     assert a.fp.peer_counters(2).rx_packets == 10
