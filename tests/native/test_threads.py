@@ -344,3 +344,25 @@ def test_a_wait_gives_way_to_new_packets(waiting_sites: tuple[Site, Site]) -> No
     assert a.fp.spin_stats().spins >= 1
     with pytest.raises(Exception, match="fp_new"):
         FastPath(FastPathConfig(spin_us=10001))
+
+
+@pytest.mark.parametrize("waiting_sites", [10000], indirect=True)
+def test_link_removed_during_a_wait(waiting_sites: tuple[Site, Site]) -> None:
+    a, b = waiting_sites
+    a.fp.start()
+    b.fp.start()
+    time.sleep(0.005)
+    a.tun.send(ip_packet("10.1.0.5", "10.2.0.7", b"unanswered"))
+    _recv(b.tun)
+    # The TUN thread is polling the link's fd; removing the link closes that fd.
+    t0 = time.monotonic()
+    a.fp.link_del(1)
+    assert time.monotonic() - t0 < 1.0
+    time.sleep(0.02)  # the wait ends at its deadline, without touching the freed link
+    assert a.fp.spin_stats().spins == 1
+    # The TUN thread goes on: the next packet is sealed and, with no link left, counted.
+    a.tun.send(ip_packet("10.1.0.5", "10.2.0.7", b"no link now"))
+    deadline = time.monotonic() + TIMEOUT
+    while a.fp.global_counters().drops["send_error"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert a.fp.global_counters().drops["send_error"] == 1
