@@ -683,17 +683,21 @@ static bool spin_wanted(struct spin_state *st, unsigned cnt, uint64_t woke_ns)
 
 /* Poll link `link_id` (and the TUN, and stop) without sleeping for up to
  * spin_us; take whatever arrives on the link as its thread would. Returns
- * true if something arrived. Caller holds no lock. */
+ * true if something arrived (taken here or by the link's thread). Caller holds
+ * no lock. */
 static bool tun_spin(struct fp *fp, uint32_t link_id, int tun_fd)
 {
     uint64_t t0 = fp_now_ns();
     uint64_t end = t0 + (uint64_t)fp->cfg.spin_us * 1000u;
     bool hit = false;
     int lfd = -1;
+    uint64_t rx0 = 0;
     pthread_rwlock_rdlock(&fp->lock);
     struct fp_link *l = fp_link_find(fp, link_id);
-    if (l)
+    if (l) {
         lfd = l->fd;
+        rx0 = atomic_load_explicit(&l->ctr.rx_packets, memory_order_relaxed);
+    }
     pthread_rwlock_unlock(&fp->lock);
     if (lfd < 0)
         return false;
@@ -723,6 +727,14 @@ static bool tun_spin(struct fp *fp, uint32_t link_id, int tun_fd)
         if (r > 0 && (p[1].revents || p[2].revents))
             break;
         if (fp_now_ns() >= end)
+            break;
+        /* The link's own thread (woken by the kernel on another core) may have
+         * taken the answer between two polls: then there is nothing to wait for. */
+        pthread_rwlock_rdlock(&fp->lock);
+        l = fp_link_find(fp, link_id);
+        hit = l && atomic_load_explicit(&l->ctr.rx_packets, memory_order_relaxed) != rx0;
+        pthread_rwlock_unlock(&fp->lock);
+        if (hit || !l)
             break;
         /* Whatever else is runnable here (the far end of a lab, say) goes first. */
         sched_yield();

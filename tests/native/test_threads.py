@@ -285,6 +285,14 @@ def _exchange(a: Site, b: Site, n: int) -> None:
         assert _recv(a.tun) == ans
 
 
+def _wait_for_a_wait(site: Site) -> None:
+    """Until site's TUN thread has begun its first wait for an answer."""
+    deadline = time.monotonic() + TIMEOUT
+    while site.fp.spin_stats().spins == 0:
+        assert time.monotonic() < deadline, "the TUN thread never waited"
+        time.sleep(0.0002)
+
+
 @pytest.mark.parametrize("waiting_sites", [10000], indirect=True)
 def test_tun_thread_takes_the_answer_it_waits_for(waiting_sites: tuple[Site, Site]) -> None:
     a, b = waiting_sites
@@ -292,11 +300,11 @@ def test_tun_thread_takes_the_answer_it_waits_for(waiting_sites: tuple[Site, Sit
     b.fp.start()
     _exchange(a, b, 10)
     st = a.fp.spin_stats()
-    # Each lone request starts a wait (unless four in a row were in vain: a very slow
-    # machine); the test answers within the 10 ms, and the polling TUN thread nearly
-    # always sees the answer before the sleeping link thread.
-    assert 5 <= st.spins <= 10
-    assert st.hits >= 5
+    # Each lone request starts a wait (unless four in a row were in vain: a machine so
+    # loaded that the test's answers took over 10 ms); the answer ends the wait, whether
+    # the TUN thread took it or the link's own thread was quicker.
+    assert 3 <= st.spins <= 10
+    assert st.hits >= 3
     assert 0 < st.spin_ns < 10 * 10_000_000
     assert a.fp.peer_counters(2).rx_packets == 10
     assert not any(a.fp.link_counters(1).drops.values())
@@ -334,6 +342,7 @@ def test_a_wait_gives_way_to_new_packets(waiting_sites: tuple[Site, Site]) -> No
     time.sleep(0.005)
     a.tun.send(ip_packet("10.1.0.5", "10.2.0.7", b"first"))
     _recv(b.tun)
+    _wait_for_a_wait(a)
     # The TUN thread now waits up to 10 ms for an answer that never comes; a packet
     # from the LAN must not wait for that to end.
     t0 = time.monotonic()
@@ -341,7 +350,7 @@ def test_a_wait_gives_way_to_new_packets(waiting_sites: tuple[Site, Site]) -> No
     a.tun.send(second)
     assert _recv(b.tun) == second
     assert time.monotonic() - t0 < 0.005
-    assert a.fp.spin_stats().spins >= 1
+    assert a.fp.spin_stats().hits == 0
     with pytest.raises(Exception, match="fp_new"):
         FastPath(FastPathConfig(spin_us=10001))
 
@@ -354,6 +363,7 @@ def test_link_removed_during_a_wait(waiting_sites: tuple[Site, Site]) -> None:
     time.sleep(0.005)
     a.tun.send(ip_packet("10.1.0.5", "10.2.0.7", b"unanswered"))
     _recv(b.tun)
+    _wait_for_a_wait(a)
     # The TUN thread is polling the link's fd; removing the link closes that fd.
     t0 = time.monotonic()
     a.fp.link_del(1)
