@@ -492,8 +492,18 @@ struct fp_tun_rx {
     uint32_t *lens;
     struct txq q;
     bool lone;                          /* the last drain that read anything read one packet */
-    uint32_t sent_link;                 /* the link the last packet sealed leaves on */
+    uint64_t last_read_ns;              /* when a drain last read anything */
+    bool sent;                          /* this drain sealed a packet to send; then: */
+    uint32_t sent_link;                 /* the link the last one leaves on */
+    uint32_t sent_peer;                 /* and the peer it is for */
 };
+
+static void note_sent(struct fp_tun_rx *x, const struct fp_result *res)
+{
+    x->sent = true;
+    x->sent_link = res->link_id;
+    x->sent_peer = res->peer_id;
+}
 
 /* Seal one plaintext packet into the arena and queue it. */
 static void seal_queue(struct fp *fp, struct fp_tun_rx *x, const uint8_t *ip, size_t len,
@@ -502,7 +512,7 @@ static void seal_queue(struct fp *fp, struct fp_tun_rx *x, const uint8_t *ip, si
     struct fp_result res;
     if (fp_outbound_locked(fp, ip, len, o, cap, &res, now) == 0 && res.verdict == FP_V_SEND) {
         txq_add(fp, &x->q, &res, o);
-        x->sent_link = res.link_id;
+        note_sent(x, &res);
         *used += res.out_len;
     }
 }
@@ -552,6 +562,7 @@ static unsigned tun_drain(struct fp *fp, struct fp_tun_rx *x, unsigned max)
     unsigned cnt = 0;
     size_t used = 0;
     bool locked = false;
+    x->sent = false;
     while (cnt < max) {
         ssize_t r;
         if (cnt == 1 && x->lone && q->n) {
@@ -619,8 +630,10 @@ static unsigned tun_drain(struct fp *fp, struct fp_tun_rx *x, unsigned max)
             uint8_t *s = base + (size_t)i * stride;
             struct fp_result res;
             if (fp_outbound_locked(fp, s + FP_HEADER_LEN, lens[i], s, stride, &res, now) == 0 &&
-                res.verdict == FP_V_SEND)
+                res.verdict == FP_V_SEND) {
                 txq_add(fp, q, &res, s);
+                note_sent(x, &res);
+            }
         }
         used += (size_t)(ns - 1) * stride + lens[ns - 1] + FP_OVERHEAD;
     }
@@ -628,8 +641,10 @@ static unsigned tun_drain(struct fp *fp, struct fp_tun_rx *x, unsigned max)
         txq_flush(fp, q);
         pthread_rwlock_unlock(&fp->lock);
     }
-    if (cnt)
+    if (cnt) {
         x->lone = cnt == 1;
+        x->last_read_ns = fp_now_ns();
+    }
     return cnt;
 }
 
@@ -663,29 +678,23 @@ static void tun_drain_try(struct fp *fp, unsigned max)
 #define SPIN_BACKOFF 32                 /* then one chance in this many */
 
 struct spin_state {
-    uint64_t last_drain_ns;
     unsigned misses;
     unsigned skipped;
 };
 
-static bool spin_wanted(struct spin_state *st, unsigned cnt, uint64_t woke_ns)
+/* Whether to wait after a lone packet, given how the previous waits went. */
+static bool spin_chance(struct spin_state *st)
 {
-    bool quiet_before = woke_ns - st->last_drain_ns >= SPIN_IDLE_NS;
-    if (cnt == 0)
-        return false;
-    st->last_drain_ns = fp_now_ns();
-    if (cnt != 1 || !quiet_before)
-        return false;
     if (st->misses < SPIN_MISSES_MAX)
         return true;
     return ++st->skipped % SPIN_BACKOFF == 0;
 }
 
 /* Poll link `link_id` (and the TUN, and stop) without sleeping for up to
- * spin_us; take whatever arrives on the link as its thread would. Returns
- * true if something arrived (taken here or by the link's thread). Caller holds
- * no lock. */
-static bool tun_spin(struct fp *fp, uint32_t link_id, int tun_fd)
+ * spin_us, taking whatever arrives on the link as its thread would, until
+ * `peer_id` has sent something (taken here or by the link's own thread, woken
+ * by the kernel on another core). Returns true if it did. Caller holds no lock. */
+static bool tun_spin(struct fp *fp, uint32_t link_id, uint32_t peer_id, int tun_fd)
 {
     uint64_t t0 = fp_now_ns();
     uint64_t end = t0 + (uint64_t)fp->cfg.spin_us * 1000u;
@@ -694,9 +703,10 @@ static bool tun_spin(struct fp *fp, uint32_t link_id, int tun_fd)
     uint64_t rx0 = 0;
     pthread_rwlock_rdlock(&fp->lock);
     struct fp_link *l = fp_link_find(fp, link_id);
-    if (l) {
+    struct fp_peer *peer = fp_peer_find(fp, peer_id);
+    if (l && peer) {
         lfd = l->fd;
-        rx0 = atomic_load_explicit(&l->ctr.rx_packets, memory_order_relaxed);
+        rx0 = atomic_load_explicit(&peer->ctr.rx_packets, memory_order_relaxed);
     }
     pthread_rwlock_unlock(&fp->lock);
     if (lfd < 0)
@@ -708,33 +718,25 @@ static bool tun_spin(struct fp *fp, uint32_t link_id, int tun_fd)
         int r = poll(p, 3, 0);
         if (r < 0 && errno != EINTR)
             break;
-        if (r > 0 && (p[0].revents & POLLIN)) {
-            bool wrote = false;
-            pthread_rwlock_rdlock(&fp->lock);
-            l = fp_link_find(fp, link_id);
-            /* Busy: the link's own thread is taking it. */
-            if (l && pthread_mutex_trylock(&l->rx_lock) == 0) {
-                link_rx_locked(fp, l, &wrote);
-                pthread_mutex_unlock(&l->rx_lock);
-            }
-            pthread_rwlock_unlock(&fp->lock);
-            if (wrote)
-                tun_drain_try(fp, fp->cfg.batch);
-            hit = l != NULL;
-            break;
+        bool wrote = false;
+        pthread_rwlock_rdlock(&fp->lock);
+        l = fp_link_find(fp, link_id);
+        /* Busy: the link's own thread is taking it. */
+        if (l && r > 0 && (p[0].revents & POLLIN) && pthread_mutex_trylock(&l->rx_lock) == 0) {
+            link_rx_locked(fp, l, &wrote);
+            pthread_mutex_unlock(&l->rx_lock);
         }
+        peer = fp_peer_find(fp, peer_id);
+        hit = peer && atomic_load_explicit(&peer->ctr.rx_packets, memory_order_relaxed) != rx0;
+        pthread_rwlock_unlock(&fp->lock);
+        if (wrote)
+            tun_drain_try(fp, fp->cfg.batch);
+        if (hit || !l || !peer)
+            break;
         /* New work, or stop: go back and do it. */
         if (r > 0 && (p[1].revents || p[2].revents))
             break;
         if (fp_now_ns() >= end)
-            break;
-        /* The link's own thread (woken by the kernel on another core) may have
-         * taken the answer between two polls: then there is nothing to wait for. */
-        pthread_rwlock_rdlock(&fp->lock);
-        l = fp_link_find(fp, link_id);
-        hit = l && atomic_load_explicit(&l->ctr.rx_packets, memory_order_relaxed) != rx0;
-        pthread_rwlock_unlock(&fp->lock);
-        if (hit || !l)
             break;
         /* Whatever else is runnable here (the far end of a lab, say) goes first. */
         sched_yield();
@@ -755,7 +757,7 @@ static void *tun_thread(void *arg)
     if (!x)
         return NULL;
     struct fp_warm *warm = fp->cfg.warm_ms ? fp_warm_new() : NULL;
-    struct spin_state spin = {0, 0, 0};
+    struct spin_state spin = {0, 0};
     pthread_mutex_lock(&fp->tun_rd_lock);
     fp->tun_rx = x;
     pthread_mutex_unlock(&fp->tun_rd_lock);
@@ -773,18 +775,20 @@ static void *tun_thread(void *arg)
         }
         if (p[1].revents)
             break;
-        uint64_t woke = fp_now_ns();
         pthread_mutex_lock(&fp->tun_rd_lock);
+        /* Quiet since any drain: a link thread's (tun_drain_try) counts too. */
+        bool quiet = fp_now_ns() - x->last_read_ns >= SPIN_IDLE_NS;
         unsigned cnt = tun_drain(fp, x, n);
-        uint32_t sent_link = x->sent_link;
+        bool lone_sent = cnt == 1 && x->sent && quiet;
+        uint32_t sent_link = x->sent_link, sent_peer = x->sent_peer;
         pthread_mutex_unlock(&fp->tun_rd_lock);
         /* The device went away (or the socketpair's other end closed). A
          * link thread may have taken the packets that woke us: then POLLIN
          * alone was set, and we just poll again. */
         if (cnt == 0 && (p[0].revents & (POLLHUP | POLLERR | POLLNVAL)))
             break;
-        if (fp->cfg.spin_us && spin_wanted(&spin, cnt, woke)) {
-            if (tun_spin(fp, sent_link, fd))
+        if (fp->cfg.spin_us && lone_sent && spin_chance(&spin)) {
+            if (tun_spin(fp, sent_link, sent_peer, fd))
                 spin.misses = 0;
             else
                 spin.misses++;

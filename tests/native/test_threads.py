@@ -376,3 +376,18 @@ def test_link_removed_during_a_wait(waiting_sites: tuple[Site, Site]) -> None:
     while a.fp.global_counters().drops["send_error"] == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert a.fp.global_counters().drops["send_error"] == 1
+
+
+@pytest.mark.parametrize("waiting_sites", [10000], indirect=True)
+def test_no_wait_for_a_packet_that_was_not_sent(waiting_sites: tuple[Site, Site]) -> None:
+    a, b = waiting_sites
+    a.fp.start()
+    b.fp.start()
+    for _ in range(3):
+        time.sleep(0.005)
+        a.tun.send(ip_packet("10.1.0.5", "10.9.0.1", b"no route"))
+    deadline = time.monotonic() + TIMEOUT
+    while a.fp.global_counters().drops["no_route"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert a.fp.global_counters().drops["no_route"] == 3
+    assert a.fp.spin_stats().spins == 0
