@@ -11,7 +11,10 @@
  * TCP/UDP runs of one flow coalesced into one superpacket per writev, or
  * sendmmsg for relayed packets; after writing to the TUN a link thread also
  * sends what the kernel answered during that write (tun_drain_try), so a
- * reply does not wait for the TUN thread to wake. fp->lock is taken shared
+ * reply does not wait for the TUN thread to wake; and after sending a lone
+ * packet the TUN thread polls that link briefly for the answer (tun_spin,
+ * fp_config.spin_us, "answer wait" in socketd), receiving it with the link's
+ * own buffers (struct fp_link_rx). fp->lock is taken shared
  * once per batch. Nothing waits for a batch to fill: a batch is what is
  * already there.
  * Threads sleep in poll() on their fd plus an eventfd, so stop and link_del

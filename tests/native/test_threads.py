@@ -285,10 +285,17 @@ def _exchange(a: Site, b: Site, n: int) -> None:
         assert _recv(a.tun) == ans
 
 
-def _wait_for_a_wait(site: Site) -> None:
-    """Until site's TUN thread has begun its first wait for an answer."""
+def _start_a_wait(a: Site, b: Site) -> None:
+    """Start both sites, send one request from a after an idle spell, and return once
+    a's TUN thread has begun to wait for an answer that never comes."""
+    a.fp.start()
+    b.fp.start()
+    time.sleep(0.005)
+    req = ip_packet("10.1.0.5", "10.2.0.7", b"unanswered")
+    a.tun.send(req)
+    assert _recv(b.tun) == req
     deadline = time.monotonic() + TIMEOUT
-    while site.fp.spin_stats().spins == 0:
+    while a.fp.spin_stats().spins == 0:
         assert time.monotonic() < deadline, "the TUN thread never waited"
         time.sleep(0.0002)
 
@@ -337,12 +344,7 @@ def test_waits_back_off_when_answers_stop_coming(waiting_sites: tuple[Site, Site
 @pytest.mark.parametrize("waiting_sites", [10000], indirect=True)
 def test_a_wait_gives_way_to_new_packets(waiting_sites: tuple[Site, Site]) -> None:
     a, b = waiting_sites
-    a.fp.start()
-    b.fp.start()
-    time.sleep(0.005)
-    a.tun.send(ip_packet("10.1.0.5", "10.2.0.7", b"first"))
-    _recv(b.tun)
-    _wait_for_a_wait(a)
+    _start_a_wait(a, b)
     # The TUN thread now waits up to 10 ms for an answer that never comes; a packet
     # from the LAN must not wait for that to end.
     t0 = time.monotonic()
@@ -351,6 +353,9 @@ def test_a_wait_gives_way_to_new_packets(waiting_sites: tuple[Site, Site]) -> No
     assert _recv(b.tun) == second
     assert time.monotonic() - t0 < 0.005
     assert a.fp.spin_stats().hits == 0
+
+
+def test_a_wait_longer_than_10_ms_is_refused() -> None:
     with pytest.raises(Exception, match="fp_new"):
         FastPath(FastPathConfig(spin_us=10001))
 
@@ -358,17 +363,12 @@ def test_a_wait_gives_way_to_new_packets(waiting_sites: tuple[Site, Site]) -> No
 @pytest.mark.parametrize("waiting_sites", [10000], indirect=True)
 def test_link_removed_during_a_wait(waiting_sites: tuple[Site, Site]) -> None:
     a, b = waiting_sites
-    a.fp.start()
-    b.fp.start()
-    time.sleep(0.005)
-    a.tun.send(ip_packet("10.1.0.5", "10.2.0.7", b"unanswered"))
-    _recv(b.tun)
-    _wait_for_a_wait(a)
-    # The TUN thread is polling the link's fd; removing the link closes that fd.
+    _start_a_wait(a, b)
+    # The TUN thread is polling the link's fd; removing the link closes that fd, and the
+    # wait ends as soon as it finds the link gone, without touching the freed link.
     t0 = time.monotonic()
     a.fp.link_del(1)
     assert time.monotonic() - t0 < 1.0
-    time.sleep(0.02)  # the wait ends at its deadline, without touching the freed link
     assert a.fp.spin_stats().spins == 1
     # The TUN thread goes on: the next packet is sealed and, with no link left, counted.
     a.tun.send(ip_packet("10.1.0.5", "10.2.0.7", b"no link now"))

@@ -338,6 +338,12 @@ CASES = [
         id="tunnel-rekey-range",
     ),
     pytest.param(
+        add("\n[tunnel]\nanswer_wait_us = 20000\n"),
+        "tunnel.answer_wait_us",
+        "expected an integer 0..10000, got 20000",
+        id="tunnel-answer-wait-range",
+    ),
+    pytest.param(
         add('\n[tunnel]\nmss_clamp = "yes"\n'),
         "tunnel.mss_clamp",
         'expected true or false, got "yes"',
