@@ -1,4 +1,4 @@
-"""cffi build of the C fast path (API mode, out-of-line) as the module `sdwan._fastpath`.
+"""cffi build of the C fast path (API mode, out-of-line) as the module `sdwan.bindings._fastpath`.
 
 Owns how native/src/*.c are compiled and linked against the system libcrypto, and the
 cdef derived from native/include/fastpath.h. setup.py picks up `ffibuilder` through
@@ -6,7 +6,7 @@ cdef derived from native/include/fastpath.h. setup.py picks up `ffibuilder` thro
 
     python native/build_fastpath.py [--sanitize] [--inplace DIR]
 
-DIR (default: firmware/) is the folder on sys.path; the module lands in DIR/sdwan/.
+DIR (default: firmware/) is the folder on sys.path; the module lands in DIR/sdwan/bindings/.
 --sanitize builds with AddressSanitizer and UBSan; run Python with libasan preloaded.
 """
 
@@ -24,7 +24,7 @@ from cffi import FFI
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 HEADER = HERE / "include" / "fastpath.h"
-MODULE = "sdwan._fastpath"
+MODULE = "sdwan.bindings._fastpath"
 
 WARNINGS = ["-std=c11", "-Wall", "-Wextra", "-Werror"]
 # -fno-sanitize-recover turns any UBSan finding into a crash, i.e. a failing test.
@@ -68,14 +68,14 @@ ffibuilder = make_builder()
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="build sdwan._fastpath into a folder")
+    ap = argparse.ArgumentParser(description="build sdwan.bindings._fastpath into a folder")
     ap.add_argument("--sanitize", action="store_true", help="ASan + UBSan build")
     ap.add_argument(
         "--inplace",
         metavar="DIR",
         type=Path,
         default=ROOT / "firmware",
-        help="folder on sys.path that gets sdwan/_fastpath*.so (default: firmware/)",
+        help="folder on sys.path that gets sdwan/bindings/_fastpath*.so (default: firmware/)",
     )
     args = ap.parse_args(argv)
     os.chdir(ROOT)
@@ -85,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_into(ffi: FFI, work: str, inplace: Path) -> Path:
-    """Compile ``ffi`` in native/out/``work`` and copy the module to ``inplace``/sdwan/."""
+    """Compile ``ffi`` in native/out/``work`` and copy the module into its package under
+    ``inplace`` (sdwan/bindings/)."""
     built = Path(ffi.compile(tmpdir=str(ROOT / "native" / "out" / work), verbose=False))
-    dest = inplace.resolve() / "sdwan"
+    dest = inplace.resolve() / Path(*MODULE.split(".")[:-1])
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / built.name
     shutil.copy2(built, target)

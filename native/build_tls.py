@@ -1,11 +1,13 @@
-"""cffi build of `sdwan._tls`: the system libssl's DTLS, for socketd's and popd's handshakes.
+"""cffi build of `sdwan.bindings._tls`: the system libssl's DTLS, for socketd's and popd's
+handshakes.
 
 Owns which parts of OpenSSL's API the supervisor uses and how they are declared. The fast path
 already links the system libcrypto, and Python's own ssl module (which asyncio imports) already
 maps the system libssl, so binding these costs socketd almost no memory; pyOpenSSL would have
-loaded a second, bundled OpenSSL of about 11 MB resident. sdwan/tls.py is the typed wrapper.
+loaded a second, bundled OpenSSL of about 11 MB resident. sdwan/bindings/tls.py is the typed
+wrapper.
 
-    python native/build_tls.py [--inplace DIR]     # development build into DIR/sdwan/
+    python native/build_tls.py [--inplace DIR]     # development build into DIR/sdwan/bindings/
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-MODULE = "sdwan._tls"
+MODULE = "sdwan.bindings._tls"
 GLUE = HERE / "tls" / "glue.h"
 WARNINGS = ["-std=c11", "-Wall", "-Wextra", "-Werror"]
 
@@ -151,13 +153,13 @@ ffibuilder = make_builder()
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="build sdwan._tls into a folder")
+    ap = argparse.ArgumentParser(description="build sdwan.bindings._tls into a folder")
     ap.add_argument(
         "--inplace",
         metavar="DIR",
         type=Path,
         default=ROOT / "firmware",
-        help="folder on sys.path that gets sdwan/_tls*.so (default: firmware/)",
+        help="folder on sys.path that gets sdwan/bindings/_tls*.so (default: firmware/)",
     )
     args = ap.parse_args(argv)
     os.chdir(ROOT)

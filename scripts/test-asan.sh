@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 "$PY" native/build_fastpath.py --sanitize --inplace native/out/asan
-mod=$(ls native/out/asan/sdwan/_fastpath*.so | head -n 1)
+mod=$(ls native/out/asan/sdwan/bindings/_fastpath*.so | head -n 1)
 LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
 ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 SDWAN_FASTPATH_MODULE="$mod" \

@@ -1,4 +1,4 @@
-/* The few things the DTLS binding (sdwan._tls) needs that OpenSSL offers only as
+/* The few things the DTLS binding (sdwan.bindings._tls) needs that OpenSSL offers only as
  * macros over unions or as callbacks, in plain functions cffi can declare.
  * Everything else is OpenSSL's own API, declared in native/build_tls.py. */
 #ifndef SDWAN_TLS_GLUE_H

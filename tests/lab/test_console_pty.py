@@ -136,7 +136,8 @@ class ConsolePty:
 def console(
     ns: str | None, sock: Path, data: Path, reboot: str = "false", idle_s: float = 120
 ) -> Iterator[ConsolePty]:
-    argv = [sys.executable, "-m", "sdwan.console", "--socket", str(sock), "--data", str(data)]
+    argv = [sys.executable, "-m", "sdwan.appliance.console", "--socket", str(sock),
+            "--data", str(data)]
     argv += ["--reboot-command", reboot, "--idle-logout", str(idle_s)]
     if ns is not None:
         argv = ["ip", "netns", "exec", ns, *argv]
@@ -368,7 +369,7 @@ def test_dhcp_from_the_console_takes_a_lease_from_the_router(lab: Lab) -> None:
 def test_without_socketd_the_console_still_works_and_factory_reset_wipes(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("the console's factory reset test runs with the lab tests, as root")
-    from sdwan.store import Store
+    from sdwan.common.store import Store
 
     data = tmp_path / "data"
     data.mkdir()

@@ -2,7 +2,7 @@
 public endpoint, and it is the one the router's conntrack table holds for the flow.
 
 Topology: site 1 behind router 1 (nftables masquerade, port preserving or fully random),
-and a public host at the PoP's address running `python -m sdwan.stun serve` and coturn.
+and a public host at the PoP's address running `python -m sdwan.common.stun serve` and coturn.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _wait_udp_listen(ns: str, port: int, d: Daemon) -> None:
 def _start_ours(lab: Lab, ns: str) -> Daemon:
     d = lab.spawn(
         ns,
-        [sys.executable, "-m", "sdwan.stun", "serve", "--listen", f"{POP_IP}:{OUR_PORT}"],
+        [sys.executable, "-m", "sdwan.common.stun", "serve", "--listen", f"{POP_IP}:{OUR_PORT}"],
         "stun-serve",
         env=lab.env(),
         max_lifetime_s=DAEMON_MAX_S,
@@ -90,7 +90,7 @@ def _start_coturn(lab: Lab, ns: str) -> Daemon:
 
 
 def _our_query(lab: Lab, site: Site, port: int, local_port: int) -> tuple[str, int]:
-    """`python -m sdwan.stun query` from site's WAN address:local_port to the PoP:port."""
+    """`python -m sdwan.common.stun query` from site's WAN address:local_port to the PoP:port."""
     argv = [
         "ip",
         "netns",
@@ -98,7 +98,7 @@ def _our_query(lab: Lab, site: Site, port: int, local_port: int) -> tuple[str, i
         site.ns,
         sys.executable,
         "-m",
-        "sdwan.stun",
+        "sdwan.common.stun",
         "query",
         f"{POP_IP}:{port}",
         "--bind",

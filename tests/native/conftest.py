@@ -1,6 +1,7 @@
 """Fixtures of the native tests (helpers live in fphelpers.py).
 
-The tests import sdwan.fastpath (and so the built module sdwan._fastpath) directly: a
+The tests import sdwan.bindings.fastpath (and so the built module
+sdwan.bindings._fastpath) directly: a
 missing build is an import error, i.e. a failure, never a skip.
 """
 

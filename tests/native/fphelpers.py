@@ -1,6 +1,7 @@
 """Helpers of the native tests: fast path instances wired as peers, IP packets.
 
-The tests import sdwan.fastpath (and so the built module sdwan._fastpath) directly: a
+The tests import sdwan.bindings.fastpath (and so the built module
+sdwan.bindings._fastpath) directly: a
 missing build is an import error, i.e. a failure, never a skip.
 """
 
@@ -11,7 +12,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from sdwan.fastpath import FastPath, FastPathConfig, Result
+from sdwan.bindings.fastpath import FastPath, FastPathConfig, Result
 
 LINK = 1
 A_ADDR = ("192.0.2.1", 4800)

@@ -7,7 +7,7 @@ import struct
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from fphelpers import Pair, ip_packet
 
-from sdwan.fastpath import HEADER_LEN, TAG_LEN, TYPE_DATA, aead_test
+from sdwan.bindings.fastpath import HEADER_LEN, TAG_LEN, TYPE_DATA, aead_test
 
 h = bytes.fromhex
 K15 = h("feffe9928665731c6d6a8f9467308308feffe9928665731c6d6a8f9467308308")

@@ -8,7 +8,7 @@ import struct
 import pytest
 from fphelpers import A_ADDR, B_ADDR, LINK, Pair, ip_packet
 
-from sdwan.fastpath import MAX_INNER, OVERHEAD, REPLAY_WINDOW, FastPathError, Verdict
+from sdwan.bindings.fastpath import MAX_INNER, OVERHEAD, REPLAY_WINDOW, FastPathError, Verdict
 
 
 def test_round_trip_ipv4_and_counters(pair: Pair) -> None:
@@ -156,7 +156,7 @@ def test_roaming_updates_endpoint_only_when_authenticated(pair: Pair) -> None:
 
 
 def test_errors_raise_with_errno() -> None:
-    from sdwan.fastpath import FastPath
+    from sdwan.bindings.fastpath import FastPath
 
     with FastPath() as fp:
         with pytest.raises(FastPathError) as e:

@@ -7,7 +7,7 @@ import random
 import pytest
 from fphelpers import Keys, Pair, ip_packet, link_keys, make_pair
 
-from sdwan.fastpath import FastPath, FastPathConfig, FastPathError, Verdict
+from sdwan.bindings.fastpath import FastPath, FastPathConfig, FastPathError, Verdict
 
 
 def _send(pair: Pair, n: int, tag: int) -> list[tuple[bytes, bytes]]:

@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from sdwan.fastpath import FastPath, FastPathError, gro_coalesce, gso_segment
+from sdwan.bindings.fastpath import FastPath, FastPathError, gro_coalesce, gso_segment
 
 NEEDS_CSUM = 1
 GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4 = 0, 1, 4, 5

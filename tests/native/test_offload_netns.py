@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from sdwan.fastpath import TUN_F_TSO, TUN_F_VNET
+from sdwan.bindings.fastpath import TUN_F_TSO, TUN_F_VNET
 
 HERE = Path(__file__).resolve().parent
 FIRMWARE = HERE.parents[1] / "firmware"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fphelpers import ip_packet, link_keys
 
-from sdwan.fastpath import FastPath, FastPathConfig, Verdict
+from sdwan.bindings.fastpath import FastPath, FastPathConfig, Verdict
 
 A_EP = ("198.51.100.1", 4800)
 B_EP = ("198.51.100.2", 4800)

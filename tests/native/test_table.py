@@ -8,7 +8,7 @@ import random
 
 from fphelpers import ip_packet
 
-from sdwan.fastpath import FastPath, Verdict
+from sdwan.bindings.fastpath import FastPath, Verdict
 
 
 def _peer_of(fp: FastPath, dst: str) -> int | None:

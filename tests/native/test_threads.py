@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 from fphelpers import ip_packet, link_keys
 
-from sdwan.fastpath import CtrlEvent, FastPath, FastPathConfig
+from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig
 
 TIMEOUT = 5.0
 

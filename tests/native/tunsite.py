@@ -14,7 +14,7 @@ import socket
 import sys
 from dataclasses import asdict
 
-from sdwan.fastpath import FastPath
+from sdwan.bindings.fastpath import FastPath
 
 PORT = 4800
 

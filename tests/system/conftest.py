@@ -21,7 +21,7 @@ import pytest
 
 from sdwan.lab.topology import Lab, cleanup_stale
 from sdwan.lab.vm import VM, VMOptions, board_config, image_path
-from sdwan.pki import main as pki_main
+from sdwan.pop.pki import main as pki_main
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_TIMEOUT_S = 900

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sdwan.account import (
+from sdwan.pop.account import (
     DEFAULT_DEAD_AFTER_MS,
     DEFAULT_KEEPALIVE_MS,
     Account,
@@ -177,7 +177,7 @@ def test_pop_config_wrong_fields(
 def test_popd_exits_2_with_located_errors(tmp_path: Path) -> None:
     path = write(tmp_path, "[pop]\nid = 300\n", "pop.toml")
     cp = subprocess.run(
-        [sys.executable, "-m", "sdwan.popd", "--config", str(path)],
+        [sys.executable, "-m", "sdwan.pop.popd", "--config", str(path)],
         capture_output=True, text=True, timeout=30,
         env={"PYTHONPATH": str(REPO / "firmware"), "PATH": "/usr/bin:/bin"},
     )

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sdwan.config import Cloud, ConfigError, Pop, load_config
-from sdwan.socketctl import format_events, format_peers, format_pop, format_status
+from sdwan.site.config import Cloud, ConfigError, Pop, load_config
+from sdwan.site.socketctl import format_events, format_peers, format_pop, format_status
 
 BASE = """\
 [site]

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from sdwan import pki
-from sdwan.cloud import DOC_CONFIG, DOC_DIRECTORY, pop_peer_id
-from sdwan.config import Cloud as CloudCfg
-from sdwan.config import Lan, Link, Paths, Peer, Pki, Pop, Site, SiteConfig, Tunnel
-from sdwan.dtls import DtlsContext, DtlsSession, is_client_hello
-from sdwan.fastpath import CtrlEvent, FastPath, FastPathConfig, Verdict
-from sdwan.socketd import Supervisor
-from sdwan.store import Store
+from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig, Verdict
+from sdwan.common.dtls import DtlsContext, DtlsSession, is_client_hello
+from sdwan.common.store import Store
+from sdwan.pop import pki
+from sdwan.site.cloud import DOC_CONFIG, DOC_DIRECTORY, pop_peer_id
+from sdwan.site.config import Cloud as CloudCfg
+from sdwan.site.config import Lan, Link, Paths, Peer, Pki, Pop, Site, SiteConfig, Tunnel
+from sdwan.site.socketd import Supervisor
 
 Addr = tuple[str, int]
 STEP = 0.05

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sdwan.config import (
+from sdwan.site.config import (
     DEFAULT_CONTROL_SOCKET,
     DEFAULT_DATA_DIR,
     ConfigError,
@@ -190,7 +190,7 @@ def test_no_peers_is_valid(tmp_path: Path) -> None:
 
 def test_shipped_example_is_valid(tmp_path: Path) -> None:
     """As the README runs it: certificates issued into pki/ beside the example."""
-    from sdwan import pki
+    from sdwan.pop import pki
 
     example = tmp_path / "site1.toml"
     example.write_text((REPO / "examples" / "site1.toml").read_text())
@@ -648,7 +648,7 @@ def test_socketd_rejects_bad_config_with_status_2(tmp_path: Path) -> None:
         p for p in (str(REPO / "firmware"), env.get("PYTHONPATH")) if p
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "sdwan.socketd", "--config", str(path)],
+        [sys.executable, "-m", "sdwan.site.socketd", "--config", str(path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -715,7 +715,7 @@ def test_appliance_errors_are_located(
 
 
 def test_link_addressing_forms(tmp_path: Path) -> None:
-    from sdwan.wanaddr import Addressing
+    from sdwan.appliance.wanaddr import Addressing
 
     text = sub('port = 4800\n', 'port = 4800\naddressing = "dhcp"\n')(BASE)
     text = sub(

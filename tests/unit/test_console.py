@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from sdwan import console
-from sdwan.config import Link
-from sdwan.console import (
+from sdwan.appliance import console
+from sdwan.appliance.console import (
     Command,
     CredentialError,
     Credentials,
@@ -30,8 +29,9 @@ from sdwan.console import (
     fail_delay,
     parse,
 )
-from sdwan.store import Store
-from sdwan.wanaddr import Addressing, WanAddressing, parse_static, prefix_of
+from sdwan.appliance.wanaddr import Addressing, WanAddressing, parse_static, prefix_of
+from sdwan.common.store import Store
+from sdwan.site.config import Link
 
 FIRMWARE = Path(__file__).resolve().parents[2] / "firmware"
 
@@ -455,7 +455,8 @@ def run_console(
     tmp_path: Path, typed: str, timeout: float = 30
 ) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(FIRMWARE)}
-    argv = [sys.executable, "-m", "sdwan.console", "--socket", str(tmp_path / "none.sock")]
+    argv = [sys.executable, "-m", "sdwan.appliance.console",
+            "--socket", str(tmp_path / "none.sock")]
     argv += ["--data", str(tmp_path / "data"), "--reboot-command", "false"]
     return subprocess.run(
         argv, input=typed, capture_output=True, text=True, timeout=timeout, env=env
@@ -513,12 +514,13 @@ def test_a_damaged_credential_file_refuses_every_login(tmp_path: Path) -> None:
 
 def test_getty_style_arguments_are_accepted(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(FIRMWARE)}
-    argv = [sys.executable, "-m", "sdwan.console", "--data", str(tmp_path / "d"), "--", "admin"]
+    argv = [sys.executable, "-m", "sdwan.appliance.console",
+            "--data", str(tmp_path / "d"), "--", "admin"]
     cp = subprocess.run(argv, input="admin\n", capture_output=True, text=True, timeout=30, env=env)
     # The user came from the command line: straight to the password.
     assert cp.stdout.startswith("Password: ")
     bad = subprocess.run(
-        [sys.executable, "-m", "sdwan.console", "--reboot-command", "'unclosed"],
+        [sys.executable, "-m", "sdwan.appliance.console", "--reboot-command", "'unclosed"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -529,7 +531,8 @@ def test_getty_style_arguments_are_accepted(tmp_path: Path) -> None:
 
 def test_an_idle_console_logs_itself_out(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(FIRMWARE)}
-    argv = [sys.executable, "-m", "sdwan.console", "--socket", str(tmp_path / "none.sock")]
+    argv = [sys.executable, "-m", "sdwan.appliance.console",
+            "--socket", str(tmp_path / "none.sock")]
     argv += ["--data", str(tmp_path / "data"), "--idle-logout", "1"]
     with subprocess.Popen(
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
@@ -551,7 +554,7 @@ def test_an_idle_console_logs_itself_out(tmp_path: Path) -> None:
 def test_show_links_table() -> None:
     import io
 
-    from sdwan.socketctl import format_links
+    from sdwan.site.socketctl import format_links
 
     out = io.StringIO()
     format_links(
@@ -609,8 +612,8 @@ def test_show_links_table() -> None:
 
 
 def test_paths_come_from_socketds_config(tmp_path: Path) -> None:
-    from sdwan.config import DEFAULT_CONTROL_SOCKET, DEFAULT_DATA_DIR
-    from sdwan.console import config_paths
+    from sdwan.appliance.console import config_paths
+    from sdwan.site.config import DEFAULT_CONTROL_SOCKET, DEFAULT_DATA_DIR
 
     cfg = tmp_path / "socketd.toml"
     cfg.write_text(
@@ -628,7 +631,7 @@ def test_paths_come_from_socketds_config(tmp_path: Path) -> None:
     cfg.write_text(f'[paths]\ndata_dir = "data"\ncontrol_socket = "{tmp_path}/ctl.sock"\n')
     env = {**os.environ, "PYTHONPATH": str(FIRMWARE)}
     cp = subprocess.run(
-        [sys.executable, "-m", "sdwan.console", "--config", str(cfg)],
+        [sys.executable, "-m", "sdwan.appliance.console", "--config", str(cfg)],
         input="admin\nadmin\nnew-password-1\nnew-password-1\nshow pop\n",
         capture_output=True,
         text=True,

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from sdwan.control import (
+from sdwan.common.control import (
     MAX_LINE,
     CommandFailed,
     ControlError,
@@ -201,7 +201,7 @@ def socketctl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[st
         p for p in (str(REPO / "firmware"), env.get("PYTHONPATH")) if p
     )
     return subprocess.run(
-        [sys.executable, "-m", "sdwan.socketctl", *args],
+        [sys.executable, "-m", "sdwan.site.socketctl", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

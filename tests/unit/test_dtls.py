@@ -20,8 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
-from sdwan import pki
-from sdwan.dtls import (
+from sdwan.common.dtls import (
     CIPHER_SUITES,
     AcceptResult,
     DtlsConfigError,
@@ -33,6 +32,7 @@ from sdwan.dtls import (
     record_epoch,
     split_records,
 )
+from sdwan.pop import pki
 
 SOURCE = "192.0.2.10:4800"
 HANDSHAKE_HELLO_VERIFY_REQUEST = 3

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from sdwan import pki
-from sdwan.dtls import DtlsConfigError, DtlsContext, DtlsSession, as_identity
+from sdwan.common.dtls import DtlsConfigError, DtlsContext, DtlsSession, as_identity
+from sdwan.pop import pki
 
 SOURCE = "192.0.2.10:4800"
 

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sdwan.config import ConfigError
-from sdwan.leds import (
+from sdwan.appliance.leds import (
     BoxState,
     LedController,
     LedError,
@@ -30,6 +29,7 @@ from sdwan.leds import (
     load_led_map,
     open_leds,
 )
+from sdwan.site.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

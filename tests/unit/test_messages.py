@@ -1,4 +1,5 @@
-"""Control-message framing (sdwan.messages): encode and reassembly on their own, then over real
+"""Control-message framing (sdwan.common.messages): encode and reassembly on their own, then
+over real
 DTLS sessions, through PeerTunnel (the simulated sites of test_tunnel_sim), and from a real popd
 serving an account of 300 sites, whose welcome and directory no longer fit one record.
 """
@@ -17,9 +18,8 @@ import pytest
 from test_popd import Client, PopEnv, clients, pop  # noqa: F401
 from test_tunnel_sim import certs, pair  # noqa: F401
 
-from sdwan import pki
-from sdwan.dtls import DtlsContext, DtlsSession
-from sdwan.messages import (
+from sdwan.common.dtls import DtlsContext, DtlsSession
+from sdwan.common.messages import (
     MIN_LIMIT,
     FragStats,
     Reassembler,
@@ -27,7 +27,8 @@ from sdwan.messages import (
     encode,
     record_limit,
 )
-from sdwan.tunnel import State
+from sdwan.pop import pki
+from sdwan.site.tunnel import State
 
 
 class Clock:

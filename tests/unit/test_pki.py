@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from sdwan import pki
+from sdwan.pop import pki
 
 
 def _mode(path: Path) -> int:
@@ -145,7 +145,7 @@ def test_site_id_ignores_the_common_name() -> None:
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "sdwan.pki", *args],
+        [sys.executable, "-m", "sdwan.pop.pki", *args],
         capture_output=True,
         text=True,
         timeout=60,

@@ -1,4 +1,5 @@
-"""popd on 127.0.0.1, driven by a minimal site client built from sdwan.dtls and sdwan.fastpath.
+"""popd on 127.0.0.1, driven by a minimal site client built from sdwan.common.dtls and
+sdwan.bindings.fastpath.
 
 popd runs as a real process (it binds no device); the client is a real DTLS client and a real
 fast path, so the key hand-over, registration, pushes, relay and bad input go over real UDP.
@@ -26,9 +27,9 @@ from typing import Any
 
 import pytest
 
-from sdwan import pki
-from sdwan.dtls import DtlsContext
-from sdwan.fastpath import FastPath, FastPathError
+from sdwan.bindings.fastpath import FastPath, FastPathError
+from sdwan.common.dtls import DtlsContext
+from sdwan.pop import pki
 
 FIRMWARE = Path(__file__).resolve().parents[2] / "firmware"
 POP_PEER = 0x80000000 | 1 << 8 | 1  # the PoP session of PoP 1 over link 1 (docs/cloud.md)
@@ -94,7 +95,7 @@ class PopEnv:
 
     def popctl(self, *args: str, json_out: bool = True) -> tuple[int, Any]:
         cp = subprocess.run(
-            [sys.executable, "-m", "sdwan.popctl", "--socket", str(self.sock), *args,
+            [sys.executable, "-m", "sdwan.pop.popctl", "--socket", str(self.sock), *args,
              *(["--json"] if json_out else [])],
             capture_output=True, text=True, timeout=20, env=_env(),
         )
@@ -125,7 +126,8 @@ def start_popd(env: PopEnv) -> None:
     env.log = env.root / "popd.log"
     logf = env.log.open("a")
     env.proc = subprocess.Popen(
-        [sys.executable, "-m", "sdwan.popd", "--config", str(env.config), "--log-level", "debug"],
+        [sys.executable, "-m", "sdwan.pop.popd", "--config", str(env.config),
+         "--log-level", "debug"],
         stdout=logf, stderr=subprocess.STDOUT, env=_env(), text=True,
     )
     deadline = time.monotonic() + 15
@@ -567,7 +569,7 @@ def test_garbage_on_both_ports_is_dropped_and_counted(pop: PopEnv) -> None:
             s.sendto(payload, pop.addr)
             s.sendto(payload, ("127.0.0.1", pop.stun_port))
         # A well-formed STUN request still gets an answer from both ports.
-        from sdwan.stun import StunTransaction
+        from sdwan.common.stun import StunTransaction
 
         for port in (pop.stun_port, pop.port):
             tx = StunTransaction(("127.0.0.1", port))
@@ -633,7 +635,7 @@ def test_restart_with_a_bad_account_file_uses_the_stored_account(pop: PopEnv) ->
     for f in (pop.root / "data").iterdir():
         f.unlink()
     cp = subprocess.run(
-        [sys.executable, "-m", "sdwan.popd", "--config", str(pop.config)],
+        [sys.executable, "-m", "sdwan.pop.popd", "--config", str(pop.config)],
         capture_output=True, text=True, timeout=30, env=_env(),
     )
     assert cp.returncode == 1
@@ -646,7 +648,7 @@ def test_restart_with_a_bad_account_file_uses_the_stored_account(pop: PopEnv) ->
 def test_a_full_handshake_table_makes_room_instead_of_shutting_sites_out() -> None:
     """Strangers re-sending hellos from many ports (or one IPv6 /64) cannot hold
     every slot: a host gets a few, and a full table evicts its oldest stranger."""
-    from sdwan import popd as popd_mod
+    from sdwan.pop import popd as popd_mod
 
     pop = popd_mod.Pop.__new__(popd_mod.Pop)
     pop.handshakes, pop.by_addr, pop.stats = {}, {}, popd_mod._Stats()

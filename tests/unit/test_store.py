@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from sdwan import store as store_mod
-from sdwan.store import (
+from sdwan.common import store as store_mod
+from sdwan.common.store import (
     DB_NAME,
     EVENT_STORE_RESET,
     LATEST_VERSION,
@@ -562,7 +562,7 @@ def test_two_corruptions_in_the_same_second_get_distinct_names(db: Path, clock: 
 WRITER = textwrap.dedent(
     """
     import hashlib, sys
-    from sdwan.store import Store
+    from sdwan.common.store import Store
 
     def blob(n):
         return hashlib.sha256(str(n).encode()).hexdigest() * 12

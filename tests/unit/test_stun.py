@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from sdwan import stun
-from sdwan.stun import (
+from sdwan.common import stun
+from sdwan.common.stun import (
     BINDING_ERROR,
     BINDING_INDICATION,
     BINDING_REQUEST,
@@ -662,7 +662,7 @@ def test_cli_serve_and_query(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "sdwan.stun",
+            "sdwan.common.stun",
             "serve",
             "--listen",
             "127.0.0.1:0",
@@ -683,7 +683,7 @@ def test_cli_serve_and_query(tmp_path: Path) -> None:
             [
                 sys.executable,
                 "-m",
-                "sdwan.stun",
+                "sdwan.common.stun",
                 "query",
                 f"127.0.0.1:{port}",
                 "--json",
@@ -703,7 +703,7 @@ def test_cli_serve_and_query(tmp_path: Path) -> None:
         stats = json.loads(rest.split("stun: stats ", 1)[1])
         assert stats["answers"] == 1 and srv.returncode == 0
         bad = subprocess.run(
-            [sys.executable, "-m", "sdwan.stun", "query", "127.0.0.1:99999"],
+            [sys.executable, "-m", "sdwan.common.stun", "query", "127.0.0.1:99999"],
             capture_output=True,
             text=True,
             timeout=20,

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from sdwan import tls
+from sdwan.bindings import tls
 
 
 def _cert(key: ec.EllipticCurvePrivateKey, sans: list[x509.GeneralName] | None) -> bytes:

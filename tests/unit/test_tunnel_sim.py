@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from sdwan import pki
-from sdwan.dtls import DtlsContext
-from sdwan.fastpath import CtrlEvent, FastPath, FastPathConfig
-from sdwan.socketd import Supervisor
-from sdwan.tunnel import PeerTunnel, State, Timers, encode_kick
+from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig
+from sdwan.common.dtls import DtlsContext
+from sdwan.pop import pki
+from sdwan.site.socketd import Supervisor
+from sdwan.site.tunnel import PeerTunnel, State, Timers, encode_kick
 
 Addr = tuple[str, int]
 

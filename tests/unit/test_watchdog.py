@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from sdwan.store import Store
-from sdwan.watchdog import (
+from sdwan.appliance.watchdog import (
     EVENT_CRASH_LOOP,
     EVENT_START,
     EVENT_UNCLEAN,
@@ -32,6 +31,7 @@ from sdwan.watchdog import (
     end_run,
     record_start,
 )
+from sdwan.common.store import Store
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -95,7 +95,7 @@ def test_crash_close_leaves_the_watchdog_armed(tmp_path: Path) -> None:
 def test_absent_device_is_one_clear_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, "sdwan.watchdog")
+    caplog.set_level(logging.INFO, "sdwan.appliance.watchdog")
     wd = Watchdog(tmp_path / "nowatchdog")
     assert not wd.open()
     wd.pet()
@@ -257,8 +257,8 @@ def test_without_a_store_the_run_file_still_works(tmp_path: Path) -> None:
 CRASHER = """
 import os, signal, sys
 from pathlib import Path
-from sdwan.store import Store
-from sdwan.watchdog import record_start
+from sdwan.common.store import Store
+from sdwan.appliance.watchdog import record_start
 data = Path(sys.argv[1])
 with Store(data) as store:
     rec = record_start(store, data, starts=4, window_s=60)

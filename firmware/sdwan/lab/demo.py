@@ -26,7 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from sdwan import control
+from sdwan.common import control
 from sdwan.lab import netns
 from sdwan.lab.netns import NetnsError
 from sdwan.lab.topology import Lab, PeerSpec, Pop, Site

@@ -698,8 +698,8 @@ table inet lab_filter {{
         return self.pki
 
     def new_ca(self, name: str, account: str = "lab") -> Pki:
-        """Another CA under workdir/pki/<name> (sdwan.pki.create_ca), e.g. a foreign account."""
-        from sdwan import pki as sdwan_pki
+        """Another CA under workdir/pki/<name> (sdwan.pop.pki.create_ca), e.g. a foreign account."""
+        from sdwan.pop import pki as sdwan_pki
 
         d = self.workdir / "pki" / name
         ret = sdwan_pki.create_ca(d, account)
@@ -707,7 +707,7 @@ table inet lab_filter {{
 
     def issue(self, site: Site | int, pki: Pki | None = None) -> tuple[Path, Path]:
         """Certificate and key for site from pki (default the lab CA): (cert, key) paths."""
-        from sdwan import pki as sdwan_pki
+        from sdwan.pop import pki as sdwan_pki
 
         sid = site if isinstance(site, int) else site.site_id
         pki = pki or self.setup_pki()
@@ -782,7 +782,7 @@ table inet lab_filter {{
     def start_socketd(
         self, site: Site, config: Path | None = None, wait_socket_s: float = 15.0
     ) -> Daemon:
-        """Spawn `python -m sdwan.socketd --config X` in the site namespace.
+        """Spawn `python -m sdwan.site.socketd --config X` in the site namespace.
 
         Waits (bounded) for the control socket to appear; raises with the log tail if the
         daemon exits or never opens it.
@@ -917,7 +917,7 @@ table inet lab_filter {{
     ) -> Path:
         """Write popd's TOML and its account file for `sites` (lab Sites, or dicts with the
         account fields id, name, subnets, offcloud, recovery); returns the config path."""
-        from sdwan import pki as sdwan_pki
+        from sdwan.pop import pki as sdwan_pki
 
         pki = pki or self.setup_pki()
         out = self.workdir / "pki" / f"{pki.dir.name}-pop{pop.n}"
@@ -962,7 +962,7 @@ table inet lab_filter {{
     def start_popd(
         self, pop: Pop, config: Path | None = None, wait_socket_s: float = 15.0
     ) -> Daemon:
-        """Spawn `python -m sdwan.popd --config X` in the PoP's namespace; waits (bounded) for
+        """Spawn `python -m sdwan.pop.popd --config X` in the PoP's namespace; waits (bounded) for
         its control socket and raises with the log tail if it exits or never opens it."""
         config = config or pop.config
         if config is None:

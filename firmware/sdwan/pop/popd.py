@@ -30,19 +30,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import __version__
-from .account import Account, ConfigError, PopConfig, load_account, load_pop_config
-from .config import format_endpoint
-from .control import ControlServer
-from .daemon import StartupError, run_service
-from .dtls import DtlsContext, DtlsSession, client_hello_random, is_client_hello
-from .fastpath import CTRL_MAX, CtrlEvent, FastPath, FastPathConfig, FastPathError
-from .links import size_buffers
-from .messages import FragStats, Reassembler, encode, record_limit
-from .store import Store, StoreError
-from .stun import StunServer, is_stun
+from sdwan import __version__
+from sdwan.bindings.fastpath import CTRL_MAX, CtrlEvent, FastPath, FastPathConfig, FastPathError
+from sdwan.common.control import ControlServer
+from sdwan.common.daemon import StartupError, run_service
+from sdwan.common.dtls import DtlsContext, DtlsSession, client_hello_random, is_client_hello
+from sdwan.common.messages import FragStats, Reassembler, encode, record_limit
+from sdwan.common.store import Store, StoreError
+from sdwan.common.stun import StunServer, is_stun
+from sdwan.pop.account import Account, ConfigError, PopConfig, load_account, load_pop_config
+from sdwan.site.config import format_endpoint
+from sdwan.site.links import size_buffers
 
-log = logging.getLogger("sdwan.popd")
+log = logging.getLogger("sdwan.pop.popd")
 
 Addr = tuple[str, int]
 

@@ -15,8 +15,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from .account import DEFAULT_POP_CONTROL_SOCKET
-from .control import CommandFailed, ControlError, ControlUnreachable, request
+from sdwan.common.control import CommandFailed, ControlError, ControlUnreachable, request
+from sdwan.pop.account import DEFAULT_POP_CONTROL_SOCKET
 
 EXIT_OK = 0
 EXIT_COMMAND_FAILED = 1

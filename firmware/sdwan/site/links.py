@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
-from .config import Link
+from sdwan.site.config import Link
 
 # Large buffers absorb bursts while the fast path's thread is descheduled; the
 # kernel caps them at net.core.[rw]mem_max unless we are privileged (we are).

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Appliance
-from .store import Store, StoreError
+from sdwan.common.store import Store, StoreError
+from sdwan.site.config import Appliance
 
 __all__ = [
     "RUN_FILE",
@@ -43,7 +43,7 @@ __all__ = [
     "record_start",
 ]
 
-log = logging.getLogger("sdwan.watchdog")
+log = logging.getLogger("sdwan.appliance.watchdog")
 
 # <linux/watchdog.h>: _IOR('W', n, int) and friends.
 _IOC_WRITE, _IOC_READ = 1, 2

@@ -1,4 +1,4 @@
-"""Typed wrapper over the C fast path (sdwan._fastpath, native/include/fastpath.h).
+"""Typed wrapper over the C fast path (sdwan.bindings._fastpath, native/include/fastpath.h).
 
 Owns the translation between Python values (ipaddress objects, (host, port) tuples, bytes,
 dataclasses) and the C structs, and turns -errno returns into FastPathError. No cffi object
@@ -20,13 +20,15 @@ if os.environ.get("SDWAN_FASTPATH_MODULE"):
     # A separately built module, e.g. the AddressSanitizer build the tests also run against.
     import importlib.util as _ilu
 
-    _spec = _ilu.spec_from_file_location("sdwan._fastpath", os.environ["SDWAN_FASTPATH_MODULE"])
+    _spec = _ilu.spec_from_file_location(
+        "sdwan.bindings._fastpath", os.environ["SDWAN_FASTPATH_MODULE"]
+    )
     assert _spec is not None and _spec.loader is not None
     _mod = _ilu.module_from_spec(_spec)
     _spec.loader.exec_module(_mod)
     ffi, lib = _mod.ffi, _mod.lib
 else:
-    from sdwan._fastpath import ffi, lib
+    from sdwan.bindings._fastpath import ffi, lib
 
 Addr = tuple[str, int]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -393,7 +395,7 @@ class FastPath:
             try:
                 handle(ev)
             except Exception:
-                logging.getLogger("sdwan.fastpath").exception(
+                logging.getLogger("sdwan.bindings.fastpath").exception(
                     "control event from %s dropped", ev.addr
                 )
 

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from sdwan.identity import (
+from sdwan.common.identity import (
     POP_ID_MAX,
     POP_ID_MIN,
     POP_URI_PREFIX,

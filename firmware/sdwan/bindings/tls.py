@@ -1,4 +1,4 @@
-"""Thin typed wrapper over ``sdwan._tls``: the system libssl's DTLS through cffi.
+"""Thin typed wrapper over ``sdwan.bindings._tls``: the system libssl's DTLS through cffi.
 
 Owns object lifetimes (every OpenSSL pointer is freed by the garbage collector through
 ``ffi.gc``), the translation of OpenSSL's return codes and error queue into exceptions, and the
@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from sdwan._tls import ffi, lib
+from sdwan.bindings._tls import ffi, lib
 
 ERROR_WANT_READ = lib.SSL_ERROR_WANT_READ
 DTLS1_2_VERSION = lib.DTLS1_2_VERSION

@@ -39,12 +39,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
-from .config import format_endpoint
-from .dtls import DtlsSession
-from .fastpath import FastPath, FastPathError
-from .messages import FragStats, Reassembler, encode, record_limit
+from sdwan.bindings.fastpath import FastPath, FastPathError
+from sdwan.common.dtls import DtlsSession
+from sdwan.common.messages import FragStats, Reassembler, encode, record_limit
+from sdwan.site.config import format_endpoint
 
-log = logging.getLogger("sdwan.tunnel")
+log = logging.getLogger("sdwan.site.tunnel")
 
 Addr = tuple[str, int]
 

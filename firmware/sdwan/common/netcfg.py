@@ -2,7 +2,7 @@
 to the peers' subnets through it, TCP MSS clamping, and the addresses and
 default route of a WAN device (an `AddrPlan`, decided by wanaddr.py).
 
-It runs as a short-lived worker (`python -m sdwan.netcfg`, a JSON plan on
+It runs as a short-lived worker (`python -m sdwan.common.netcfg`, a JSON plan on
 stdin) rather than inside socketd: pyroute2 costs about 24 MB of resident memory
 once imported, and the supervisor has to stay small for the whole life of the
 box. The worker applies the plan idempotently (routes are replaced, the nft
@@ -217,7 +217,7 @@ def apply_in_worker(plan: Plan, timeout: float = 30.0) -> None:
 def _run_worker(doc: dict, timeout: float) -> None:
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "sdwan.netcfg"],
+            [sys.executable, "-m", "sdwan.common.netcfg"],
             input=json.dumps(doc),
             text=True,
             capture_output=True,

@@ -9,7 +9,7 @@ This module owns three things:
   malformed input raises `StunError` (a ValueError) carrying a short reason code.
 * `StunServer`, an asyncio datagram protocol answering Binding requests with the source it
   saw, rate-limited per source address so it cannot be used as an amplifier;
-  ``python -m sdwan.stun serve --listen 0.0.0.0:3478`` runs it on its own.
+  ``python -m sdwan.common.stun serve --listen 0.0.0.0:3478`` runs it on its own.
 * `StunTransaction`, sans-I/O client logic (request bytes, response matching, the RFC 8489
   retransmission schedule) because the socket that must be mapped is a WAN link's socket
   owned by the C fast path; `query` drives it over a plain Python UDP socket.
@@ -901,7 +901,9 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sdwan.stun", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m sdwan.common.stun", description=__doc__.split("\n")[0]
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="run the STUN reflector")
     s.add_argument("--listen", default=f"0.0.0.0:{DEFAULT_PORT}", help="ADDR:PORT or [ADDR6]:PORT")

@@ -34,10 +34,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from .config import DEFAULT_CONFIG_PATH, DEFAULT_CONTROL_SOCKET, DEFAULT_DATA_DIR, ConfigError
-from .control import CommandFailed, ControlError, ControlUnreachable, request
-from .socketctl import FORMATTERS, format_set_link
-from .wanaddr import parse_static
+from sdwan.appliance.wanaddr import parse_static
+from sdwan.common.control import CommandFailed, ControlError, ControlUnreachable, request
+from sdwan.site.config import (
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_CONTROL_SOCKET,
+    DEFAULT_DATA_DIR,
+    ConfigError,
+)
+from sdwan.site.socketctl import FORMATTERS, format_set_link
 
 __all__ = [
     "COMMANDS",
@@ -604,7 +609,7 @@ class Console:
 
     def record(self, kind: str, text: str, data: dict[str, Any]) -> None:
         """An event in socketd's store, if there is one (the console works without it)."""
-        from .store import DB_NAME, Store
+        from sdwan.common.store import DB_NAME, Store
 
         if not (self.opts.data_dir / DB_NAME).exists():
             return
@@ -983,7 +988,7 @@ def config_paths(path: str) -> tuple[Path, Path]:
 
     getty starts the console without arguments, so it finds socketd the way socketd does.
     Only [paths] is read: the console must start even when the rest of the file is wrong."""
-    from .config import read_toml
+    from sdwan.site.config import read_toml
 
     sock, data = DEFAULT_CONTROL_SOCKET, DEFAULT_DATA_DIR
     try:

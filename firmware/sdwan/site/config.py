@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .wanaddr import MODES as _ADDRESSING_MODES
-from .wanaddr import Addressing
+from sdwan.appliance.wanaddr import MODES as _ADDRESSING_MODES
+from sdwan.appliance.wanaddr import Addressing
 
 __all__ = [
     "Appliance",

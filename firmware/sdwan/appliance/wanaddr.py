@@ -8,7 +8,7 @@ DHCP: a supervised `udhcpc -f` whose script hands each lease back to socketd ove
 socket, applied through the same worker), and reporting it (`links`). The control commands
 `links`, `set-link` and `dhcp-lease` are served by `WanAddressing.handlers()`.
 
-`socketd-udhcpc-script EVENT` (or `python -m sdwan.wanaddr lease EVENT`) is the udhcpc
+`socketd-udhcpc-script EVENT` (or `python -m sdwan.appliance.wanaddr lease EVENT`) is the udhcpc
 script's side (docs/console.md).
 """
 
@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .netcfg import AddrPlan, NetcfgError, apply_addressing_in_worker
+from sdwan.common.netcfg import AddrPlan, NetcfgError, apply_addressing_in_worker
 
 if TYPE_CHECKING:
-    from .config import Link
-    from .store import Store
+    from sdwan.common.store import Store
+    from sdwan.site.config import Link
 
 __all__ = [
     "MODES",
@@ -50,7 +50,7 @@ __all__ = [
     "route_metric",
 ]
 
-log = logging.getLogger("sdwan.wanaddr")
+log = logging.getLogger("sdwan.appliance.wanaddr")
 
 MODES = ("none", "static", "dhcp")
 DOC_PREFIX = "wan."
@@ -298,8 +298,8 @@ def write_script(directory: Path) -> Path:
     path = directory / SCRIPT_NAME
     body = (
         "#!/bin/sh\n"
-        "# Written by socketd: hands udhcpc's lease events to socketd (sdwan.wanaddr).\n"
-        f'exec {shlex.quote(sys.executable)} -m sdwan.wanaddr lease "$1"\n'
+        "# Written by socketd: hands udhcpc's lease events to socketd (sdwan.appliance.wanaddr).\n"
+        f'exec {shlex.quote(sys.executable)} -m sdwan.appliance.wanaddr lease "$1"\n'
     )
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
@@ -715,12 +715,16 @@ class WanAddressing:
 
 
 def lease_main(argv: Iterable[str]) -> int:
-    """The udhcpc script: `python -m sdwan.wanaddr lease EVENT` with udhcpc's environment."""
-    from .control import ControlError, request
+    """The udhcpc script: `python -m sdwan.appliance.wanaddr lease EVENT`, with udhcpc's
+    environment."""
+    from sdwan.common.control import ControlError, request
 
     args = list(argv)
     if len(args) != 2 or args[0] != "lease":
-        print("usage: python -m sdwan.wanaddr lease EVENT (run by udhcpc)", file=sys.stderr)
+        print(
+            "usage: python -m sdwan.appliance.wanaddr lease EVENT (run by udhcpc)",
+            file=sys.stderr,
+        )
         return 2
     event = args[1]
     env = os.environ

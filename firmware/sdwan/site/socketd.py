@@ -19,14 +19,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import __version__
-from .cloud import Cloud, CloudTimers
-from .config import SiteConfig, load_config
-from .control import ControlServer
-from .daemon import StartupError, run_service
-from .dtls import DtlsContext, DtlsSession, client_hello_random, is_client_hello
-from .fastpath import CtrlEvent, FastPath, FastPathConfig
-from .leds import (
+from sdwan import __version__
+from sdwan.appliance.leds import (
     BOOT_GRACE_S,
     BoxState,
     LedController,
@@ -35,15 +29,21 @@ from .leds import (
     link_states,
     open_leds,
 )
-from .links import LinkError, open_link_socket
-from .netcfg import NetcfgError, Plan, apply_in_worker, tunnel_mtu
-from .store import Store, StoreError
-from .stun import is_stun
-from .tunnel import KICK_TYPE, Addr, PeerTunnel, Timers, decode_kick
-from .wanaddr import WanAddressing
-from .watchdog import Guard
+from sdwan.appliance.wanaddr import WanAddressing
+from sdwan.appliance.watchdog import Guard
+from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig
+from sdwan.common.control import ControlServer
+from sdwan.common.daemon import StartupError, run_service
+from sdwan.common.dtls import DtlsContext, DtlsSession, client_hello_random, is_client_hello
+from sdwan.common.netcfg import NetcfgError, Plan, apply_in_worker, tunnel_mtu
+from sdwan.common.store import Store, StoreError
+from sdwan.common.stun import is_stun
+from sdwan.site.cloud import Cloud, CloudTimers
+from sdwan.site.config import SiteConfig, load_config
+from sdwan.site.links import LinkError, open_link_socket
+from sdwan.site.tunnel import KICK_TYPE, Addr, PeerTunnel, Timers, decode_kick
 
-log = logging.getLogger("sdwan.socketd")
+log = logging.getLogger("sdwan.site.socketd")
 
 TICK_S = 0.05
 HANDSHAKE_DEADLINE_S = 10.0

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import (
+from sdwan.site.config import (
     _MISSING,
     MAX_UNIX_SOCKET_PATH,
     ConfigError,

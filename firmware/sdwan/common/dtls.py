@@ -28,8 +28,8 @@ from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdwan import tls
-from sdwan.identity import Identity, identity_from_uris
+from sdwan.bindings import tls
+from sdwan.common.identity import Identity, identity_from_uris
 
 DTLS_HEADER_LEN = 13
 CONTENT_CHANGE_CIPHER_SPEC = 20

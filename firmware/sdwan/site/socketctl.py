@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
-from .config import DEFAULT_CONTROL_SOCKET
-from .control import CommandFailed, ControlError, ControlUnreachable, request
+from sdwan.common.control import CommandFailed, ControlError, ControlUnreachable, request
+from sdwan.site.config import DEFAULT_CONTROL_SOCKET
 
 EXIT_OK = 0
 EXIT_COMMAND_FAILED = 1

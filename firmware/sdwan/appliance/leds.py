@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .config import (
+from sdwan.site.config import (
     _MISSING,
     ConfigError,
     ConfigIssue,
@@ -72,7 +72,7 @@ __all__ = [
     "open_leds",
 ]
 
-log = logging.getLogger("sdwan.leds")
+log = logging.getLogger("sdwan.appliance.leds")
 
 
 class Pattern(enum.StrEnum):

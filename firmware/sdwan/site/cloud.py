@@ -30,15 +30,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from .config import IPNetwork, Link, Pop, format_endpoint
-from .dtls import DtlsSession
-from .fastpath import FastPath, FastPathError
-from .store import Store, StoreError
-from .stun import DEFAULT_PORT as STUN_DEFAULT_PORT
-from .stun import Endpoint, StunTransaction
-from .tunnel import Addr, PeerTunnel, Port, State, Timers
+from sdwan.bindings.fastpath import FastPath, FastPathError
+from sdwan.common.dtls import DtlsSession
+from sdwan.common.store import Store, StoreError
+from sdwan.common.stun import DEFAULT_PORT as STUN_DEFAULT_PORT
+from sdwan.common.stun import Endpoint, StunTransaction
+from sdwan.site.config import IPNetwork, Link, Pop, format_endpoint
+from sdwan.site.tunnel import Addr, PeerTunnel, Port, State, Timers
 
-log = logging.getLogger("sdwan.cloud")
+log = logging.getLogger("sdwan.site.cloud")
 
 POP_PEER_FLAG = 0x80000000
 DOC_CONFIG = "cloud.config"
