@@ -706,10 +706,10 @@ def check_imports(root: Path, arch: Arch, modules: list[str]) -> None:
 
 
 def check_led_map(path: Path) -> None:
-    """The board's LED map, read the way socketd will (sdwan.appliance.leds owns the format)."""
+    """The board's LED map, read the way socketd will (sdwan.appliance.ledmap owns the format)."""
     sys.path.insert(0, str(ROOT / "firmware"))
     try:
-        from sdwan.appliance.leds import load_led_map
+        from sdwan.appliance.ledmap import load_led_map
     except ImportError:
         return
     finally:

@@ -9,14 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sdwan.pop.account import (
-    DEFAULT_DEAD_AFTER_MS,
-    DEFAULT_KEEPALIVE_MS,
-    Account,
-    ConfigError,
-    load_account,
-    load_pop_config,
-)
+from sdwan.pop.account import Account, ConfigError, load_account
+from sdwan.pop.config import DEFAULT_DEAD_AFTER_MS, DEFAULT_KEEPALIVE_MS, load_pop_config
 
 REPO = Path(__file__).resolve().parents[2]
 

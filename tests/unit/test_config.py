@@ -11,15 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from sdwan.common.tomlcheck import format_endpoint, parse_endpoint
 from sdwan.site.config import (
     DEFAULT_CONTROL_SOCKET,
     DEFAULT_DATA_DIR,
     ConfigError,
     Link,
     Tunnel,
-    format_endpoint,
     load_config,
-    parse_endpoint,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -715,7 +714,7 @@ def test_appliance_errors_are_located(
 
 
 def test_link_addressing_forms(tmp_path: Path) -> None:
-    from sdwan.appliance.wanaddr import Addressing
+    from sdwan.common.addressing import Addressing
 
     text = sub('port = 4800\n', 'port = 4800\naddressing = "dhcp"\n')(BASE)
     text = sub(

@@ -29,7 +29,8 @@ from sdwan.appliance.console import (
     fail_delay,
     parse,
 )
-from sdwan.appliance.wanaddr import Addressing, WanAddressing, parse_static, prefix_of
+from sdwan.appliance.wanaddr import WanAddressing, prefix_of
+from sdwan.common.addressing import Addressing, parse_static
 from sdwan.common.store import Store
 from sdwan.site.config import Link
 

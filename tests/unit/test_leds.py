@@ -29,7 +29,7 @@ from sdwan.appliance.leds import (
     load_led_map,
     open_leds,
 )
-from sdwan.site.config import ConfigError
+from sdwan.common.tomlcheck import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

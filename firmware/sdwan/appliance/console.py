@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from sdwan.appliance.wanaddr import parse_static
+from sdwan.common.addressing import parse_static
 from sdwan.common.control import CommandFailed, ControlError, ControlUnreachable, request
 from sdwan.site.config import (
     DEFAULT_CONFIG_PATH,
@@ -988,7 +988,7 @@ def config_paths(path: str) -> tuple[Path, Path]:
 
     getty starts the console without arguments, so it finds socketd the way socketd does.
     Only [paths] is read: the console must start even when the rest of the file is wrong."""
-    from sdwan.site.config import read_toml
+    from sdwan.common.tomlcheck import read_toml
 
     sock, data = DEFAULT_CONTROL_SOCKET, DEFAULT_DATA_DIR
     try:

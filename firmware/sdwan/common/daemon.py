@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
-from sdwan.site.config import ConfigError
+from sdwan.common.tomlcheck import ConfigError
 
 C = TypeVar("C")
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdwan.site.config import format_endpoint, parse_endpoint
+from sdwan.common.tomlcheck import format_endpoint, parse_endpoint
 
 __all__ = [
     "DB_NAME",

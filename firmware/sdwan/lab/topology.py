@@ -45,6 +45,13 @@ from sdwan.lab import netns
 from sdwan.lab.netns import Daemon, NetnsError
 
 LAB_PREFIX = "sw"
+# The module each lab service or CLI runs as (`python -m`).
+_MODULES = {
+    "socketd": "sdwan.site.socketd",
+    "socketctl": "sdwan.site.socketctl",
+    "popd": "sdwan.pop.popd",
+    "popctl": "sdwan.pop.popctl",
+}
 _NS_RE = re.compile(rf"^{LAB_PREFIX}([0-9a-f]{{3}})-(\d+)-([A-Za-z0-9_.-]+)$")
 
 INET_BRIDGE = "br0"
@@ -824,12 +831,12 @@ table inet lab_filter {{
     def _start_service(
         self, ns: str, prog: str, config: Path, name: str, control: Path, wait_s: float
     ) -> Daemon:
-        """`python -m sdwan.<prog> --config X` in ns, up once its control socket exists."""
+        """`python -m <prog's module> --config X` in ns, up once its control socket exists."""
         with contextlib.suppress(FileNotFoundError):
             control.unlink()
         d = self.spawn(
             ns,
-            [sys.executable, "-m", f"sdwan.{prog}", "--config", str(config)],
+            [sys.executable, "-m", _MODULES[prog], "--config", str(config)],
             name,
             env=self.env(),
         )
@@ -859,8 +866,8 @@ table inet lab_filter {{
         json_out: bool,
         timeout: float,
     ) -> Any:
-        """Run `python -m sdwan.<prog> --socket S ARGS [--json]` in ns."""
-        argv = [sys.executable, "-m", f"sdwan.{prog}", "--socket", str(control), *args]
+        """Run `python -m <prog's module> --socket S ARGS [--json]` in ns."""
+        argv = [sys.executable, "-m", _MODULES[prog], "--socket", str(control), *args]
         if json_out:
             argv.append("--json")
         try:

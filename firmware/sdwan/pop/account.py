@@ -1,9 +1,9 @@
-"""The PoP's two TOML files: the account (sites, their subnets and settings, rules) and popd's
-own bootstrap config, as frozen dataclasses with located errors like config.py's.
+"""The account file of the PoP: the sites, their subnets and settings, and the rules, as frozen
+dataclasses, checked with the config engine (common/tomlcheck.py).
 
-`load_account(path)` returns an `Account`; `load_pop_config(path)` a `PopConfig`. Both raise
-`ConfigError` listing every problem found in one pass, each naming the file, the field path
-(`sites[1].subnets[0]`, indices from 0), what was expected and, where found, the line.
+`load_account(path)` returns an `Account`, or raises `ConfigError` listing every problem found
+in one pass, each naming the file, the field path (`sites[1].subnets[0]`, indices from 0), what
+was expected and, where found, the line.
 `Account.to_doc()`/`Account.from_doc()` are the form kept in SQLite (document "account") so that a
 PoP whose account file went bad keeps the last good one across restarts. Schemas: docs/popd.md.
 """
@@ -16,48 +16,32 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from sdwan.site.config import (
-    _MISSING,
-    MAX_UNIX_SOCKET_PATH,
+from sdwan.common.tomlcheck import (
+    MISSING,
+    Checker,
     ConfigError,
     IPNetwork,
-    Paths,
-    Pki,
-    _boolean,
-    _check_networks,
-    _check_pki_files,
-    _Checker,
-    _int_range,
-    _LineIndex,
-    _matching,
-    _network,
-    _path_string,
-    _resolve,
-    _show,
-    _site_name,
+    LineIndex,
+    boolean,
+    check_networks,
+    int_range,
+    matching,
+    network,
     read_toml,
+    show,
+    site_name,
 )
 
 __all__ = [
     "Account",
     "AccountSite",
     "ConfigError",
-    "PopConfig",
     "Rule",
     "load_account",
-    "load_pop_config",
 ]
 
-DEFAULT_POP_DATA_DIR = Path("/var/lib/popd")
-DEFAULT_POP_CONTROL_SOCKET = Path("/run/popd/control.sock")
-DEFAULT_LISTEN = "0.0.0.0"
-DEFAULT_PORT = 4800
-DEFAULT_STUN_PORT = 3478
-DEFAULT_KEEPALIVE_MS = 200
-DEFAULT_DEAD_AFTER_MS = 600
 # The fast-path peer id of a session is site << 8 | link; ids must stay below 2^23.
 MAX_SITE_ID = 65535
 MAX_RULE_BYTES = 4096
@@ -143,59 +127,23 @@ class Account:
         )
 
 
-@dataclass(frozen=True)
-class PopTimers:
-    """The cloud timers popd pushes to every site (milliseconds, as in the config)."""
-
-    keepalive_ms: int = DEFAULT_KEEPALIVE_MS
-    dead_after_ms: int = DEFAULT_DEAD_AFTER_MS
-
-
-@dataclass(frozen=True)
-class PopConfig:
-    id: int
-    name: str
-    listen: str
-    port: int
-    stun_port: int
-    account: Path
-    paths: Paths
-    pki: Pki
-    cloud: PopTimers
-    source: Path
-
-
 # --------------------------------------------------------------------------- helpers
 
 
-_account_name = _matching(_ACCOUNT_NAME_RE, "a name of 1..64 characters [A-Za-z0-9_.-]")
-_rule_name = _matching(_RULE_NAME_RE, "a name of 1..64 characters [A-Za-z0-9_.-]")
-
-
-def _host_address(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f'expected an IP address such as "0.0.0.0", got {_show(value)}')
-    try:
-        addr = ipaddress.ip_address(value)
-    except ValueError:
-        raise ValueError(
-            f'expected an IP address such as "0.0.0.0" or "::", got {_show(value)}'
-        ) from None
-    if addr.is_multicast:
-        raise ValueError(f"expected a unicast or wildcard address, got {_show(value)}")
-    return str(addr)
+_account_name = matching(_ACCOUNT_NAME_RE, "a name of 1..64 characters [A-Za-z0-9_.-]")
+_rule_name = matching(_RULE_NAME_RE, "a name of 1..64 characters [A-Za-z0-9_.-]")
 
 
 # --------------------------------------------------------------------------- account
 
 
-def _check_sites(c: _Checker, doc: Mapping[str, Any]) -> list[AccountSite] | None:
-    raw = doc.get("sites", _MISSING)
-    if raw is _MISSING:
+def _check_sites(c: Checker, doc: Mapping[str, Any]) -> list[AccountSite] | None:
+    raw = doc.get("sites", MISSING)
+    if raw is MISSING:
         c.error(("sites",), "missing required [[sites]] (expected at least 1 entry)")
         return None
     if not isinstance(raw, list) or not raw:
-        c.error(("sites",), f"expected an array of tables [[sites]], got {_show(raw)}")
+        c.error(("sites",), f"expected an array of tables [[sites]], got {show(raw)}")
         return None
     sites: list[AccountSite] = []
     ok = True
@@ -204,33 +152,33 @@ def _check_sites(c: _Checker, doc: Mapping[str, Any]) -> list[AccountSite] | Non
     for i, entry in enumerate(raw):
         loc: tuple[str | int, ...] = ("sites", i)
         if not isinstance(entry, dict):
-            c.error(loc, f"expected a table, got {_show(entry)}")
+            c.error(loc, f"expected a table, got {show(entry)}")
             ok = False
             continue
         c.known_keys(entry, loc, ("id", "name", "subnets", "offcloud", "recovery"))
-        site_id = c.value(entry, (*loc, "id"), _int_range(1, MAX_SITE_ID))
-        if site_id is not _MISSING:
+        site_id = c.value(entry, (*loc, "id"), int_range(1, MAX_SITE_ID))
+        if site_id is not MISSING:
             if site_id in seen_ids:
                 c.error(
                     (*loc, "id"), f"duplicate site id {site_id} (also sites[{seen_ids[site_id]}])"
                 )
-                site_id = _MISSING
+                site_id = MISSING
             else:
                 seen_ids[site_id] = i
-        name = c.value(entry, (*loc, "name"), _site_name, default=None)
+        name = c.value(entry, (*loc, "name"), site_name, default=None)
         if isinstance(name, str):
             if name in seen_names:
                 c.error(
                     (*loc, "name"),
-                    f"duplicate site name {_show(name)} (also sites[{seen_names[name]}])",
+                    f"duplicate site name {show(name)} (also sites[{seen_names[name]}])",
                 )
-                name = _MISSING
+                name = MISSING
             else:
                 seen_names[name] = i
-        subnets = _check_networks(c, entry, (*loc, "subnets"))
-        offcloud = c.value(entry, (*loc, "offcloud"), _boolean, default=False)
-        recovery = c.value(entry, (*loc, "recovery"), _boolean, default=False)
-        if _MISSING in (site_id, name, offcloud, recovery) or subnets is None:
+        subnets = check_networks(c, entry, (*loc, "subnets"))
+        offcloud = c.value(entry, (*loc, "offcloud"), boolean, default=False)
+        recovery = c.value(entry, (*loc, "recovery"), boolean, default=False)
+        if MISSING in (site_id, name, offcloud, recovery) or subnets is None:
             ok = False
             continue
         sites.append(
@@ -245,7 +193,7 @@ def _check_sites(c: _Checker, doc: Mapping[str, Any]) -> list[AccountSite] | Non
     return sites if ok else None
 
 
-def _check_site_overlaps(c: _Checker, doc: Mapping[str, Any]) -> None:
+def _check_site_overlaps(c: Checker, doc: Mapping[str, Any]) -> None:
     """A destination prefix must lead to one site: the PoP routes by it."""
     owned: list[tuple[IPNetwork, tuple[str | int, ...]]] = []
     raw = doc.get("sites")
@@ -257,7 +205,7 @@ def _check_site_overlaps(c: _Checker, doc: Mapping[str, Any]) -> None:
             continue
         for j, item in enumerate(subnets):
             try:
-                owned.append((_network(item), ("sites", i, "subnets", j)))
+                owned.append((network(item), ("sites", i, "subnets", j)))
             except ValueError:
                 continue
     owned.sort(key=lambda it: (it[0].version, it[0].network_address, it[0].prefixlen))
@@ -272,10 +220,10 @@ def _check_site_overlaps(c: _Checker, doc: Mapping[str, Any]) -> None:
             widest = (net, loc)
 
 
-def _check_rules(c: _Checker, doc: Mapping[str, Any]) -> list[Rule] | None:
+def _check_rules(c: Checker, doc: Mapping[str, Any]) -> list[Rule] | None:
     raw = doc.get("rules", [])
     if not isinstance(raw, list):
-        c.error(("rules",), f"expected an array of tables [[rules]], got {_show(raw)}")
+        c.error(("rules",), f"expected an array of tables [[rules]], got {show(raw)}")
         return None
     rules: list[Rule] = []
     ok = True
@@ -283,16 +231,16 @@ def _check_rules(c: _Checker, doc: Mapping[str, Any]) -> list[Rule] | None:
     for i, entry in enumerate(raw):
         loc: tuple[str | int, ...] = ("rules", i)
         if not isinstance(entry, dict):
-            c.error(loc, f"expected a table, got {_show(entry)}")
+            c.error(loc, f"expected a table, got {show(entry)}")
             ok = False
             continue
         name = c.value(entry, (*loc, "name"), _rule_name)
         if isinstance(name, str):
             if name in seen:
                 c.error(
-                    (*loc, "name"), f"duplicate rule name {_show(name)} (also rules[{seen[name]}])"
+                    (*loc, "name"), f"duplicate rule name {show(name)} (also rules[{seen[name]}])"
                 )
-                name = _MISSING
+                name = MISSING
             else:
                 seen[name] = i
         body = {k: v for k, v in entry.items() if k != "name"}
@@ -307,7 +255,7 @@ def _check_rules(c: _Checker, doc: Mapping[str, Any]) -> list[Rule] | None:
             c.error(loc, f"expected a rule of at most {MAX_RULE_BYTES} bytes as JSON, got {size}")
             ok = False
             continue
-        if name is _MISSING:
+        if name is MISSING:
             ok = False
             continue
         rules.append(Rule(name=name, body=body))
@@ -317,9 +265,9 @@ def _check_rules(c: _Checker, doc: Mapping[str, Any]) -> list[Rule] | None:
 def load_account(path: str | os.PathLike[str]) -> Account:
     """Read and validate an account file; raise ConfigError listing every problem."""
     source, text, doc = read_toml(path, what="file")
-    c = _Checker(source, _LineIndex(text))
+    c = Checker(source, LineIndex(text))
     c.known_keys(doc, (), ("account", "sites", "rules"))
-    name: Any = _MISSING
+    name: Any = MISSING
     account_t = c.table(doc, ("account",), required=True)
     if account_t is not None:
         c.known_keys(account_t, ("account",), ("name",))
@@ -331,106 +279,3 @@ def load_account(path: str | os.PathLike[str]) -> Account:
         raise ConfigError(source, c.issues)
     assert sites is not None and rules is not None and isinstance(name, str)
     return Account(name=name, sites=tuple(sites), rules=tuple(rules), source=str(source))
-
-
-# --------------------------------------------------------------------------- popd config
-
-
-def load_pop_config(path: str | os.PathLike[str]) -> PopConfig:
-    """Read and validate popd's bootstrap config; raise ConfigError listing every problem."""
-    source, text, doc = read_toml(path, what="file")
-    base = source.parent
-    c = _Checker(source, _LineIndex(text))
-    c.known_keys(doc, (), ("pop", "paths", "pki", "cloud"))
-
-    pop: dict[str, Any] = {}
-    pop_t = c.table(doc, ("pop",), required=True)
-    if pop_t is not None:
-        c.known_keys(pop_t, ("pop",), ("id", "name", "listen", "port", "stun_port", "account"))
-        pop = {
-            "id": c.value(pop_t, ("pop", "id"), _int_range(1, 255)),
-            "name": c.value(pop_t, ("pop", "name"), _site_name, default=None),
-            "listen": c.value(pop_t, ("pop", "listen"), _host_address, default=DEFAULT_LISTEN),
-            "port": c.value(pop_t, ("pop", "port"), _int_range(1, 65535), default=DEFAULT_PORT),
-            "stun_port": c.value(
-                pop_t, ("pop", "stun_port"), _int_range(1, 65535), default=DEFAULT_STUN_PORT
-            ),
-            "account": c.value(pop_t, ("pop", "account"), _path_string),
-        }
-        if isinstance(pop["port"], int) and pop["port"] == pop["stun_port"]:
-            c.error(("pop", "stun_port"), f"expected a port other than pop.port ({pop['port']})")
-            pop["stun_port"] = _MISSING
-        if isinstance(pop["account"], str):
-            account_path = _resolve(base, pop["account"])
-            if not account_path.is_file():
-                c.error(("pop", "account"), f"file not found: {account_path}")
-                pop["account"] = _MISSING
-            else:
-                pop["account"] = account_path
-
-    paths: Paths | None = None
-    paths_t = c.table(doc, ("paths",), required=False)
-    if paths_t is not None:
-        c.known_keys(paths_t, ("paths",), ("data_dir", "control_socket"))
-        data_dir = c.value(
-            paths_t, ("paths", "data_dir"), _path_string, default=str(DEFAULT_POP_DATA_DIR)
-        )
-        sock = c.value(
-            paths_t,
-            ("paths", "control_socket"),
-            _path_string,
-            default=str(DEFAULT_POP_CONTROL_SOCKET),
-        )
-        if isinstance(sock, str):
-            sock_path = _resolve(base, sock)
-            if len(os.fsencode(sock_path)) > MAX_UNIX_SOCKET_PATH:
-                c.error(
-                    ("paths", "control_socket"),
-                    f"expected a path of at most {MAX_UNIX_SOCKET_PATH} bytes (Unix socket limit),"
-                    f" got {sock_path}",
-                )
-                sock = _MISSING
-        if isinstance(data_dir, str) and isinstance(sock, str):
-            paths = Paths(_resolve(base, data_dir), _resolve(base, sock))
-
-    files = _check_pki_files(c, doc, base)
-    pki = Pki(**files) if files is not None else None
-
-    cloud: PopTimers | None = None
-    cloud_t = c.table(doc, ("cloud",), required=False)
-    if cloud_t is not None:
-        c.known_keys(cloud_t, ("cloud",), ("keepalive_ms", "dead_after_ms"))
-        ka = c.value(
-            cloud_t, ("cloud", "keepalive_ms"), _int_range(20, 60000), default=DEFAULT_KEEPALIVE_MS
-        )
-        dead = c.value(
-            cloud_t,
-            ("cloud", "dead_after_ms"),
-            _int_range(60, 600000),
-            default=DEFAULT_DEAD_AFTER_MS,
-        )
-        if isinstance(ka, int) and isinstance(dead, int) and dead < 2 * ka:
-            c.error(
-                ("cloud", "dead_after_ms"),
-                f"expected at least twice keepalive_ms ({2 * ka}), got {dead}",
-            )
-            dead = _MISSING
-        if isinstance(ka, int) and isinstance(dead, int):
-            cloud = PopTimers(ka, dead)
-
-    if c.issues:
-        raise ConfigError(source, c.issues)
-    assert paths is not None and pki is not None and cloud is not None
-    assert not any(v is _MISSING for v in pop.values())
-    return PopConfig(
-        id=pop["id"],
-        name=pop["name"] or f"pop-{pop['id']}",
-        listen=pop["listen"],
-        port=pop["port"],
-        stun_port=pop["stun_port"],
-        account=pop["account"],
-        paths=paths,
-        pki=pki,
-        cloud=cloud,
-        source=source,
-    )

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from sdwan.common.control import CommandFailed, ControlError, ControlUnreachable, request
-from sdwan.pop.account import DEFAULT_POP_CONTROL_SOCKET
+from sdwan.pop.config import DEFAULT_POP_CONTROL_SOCKET
 
 EXIT_OK = 0
 EXIT_COMMAND_FAILED = 1

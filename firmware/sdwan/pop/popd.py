@@ -38,8 +38,9 @@ from sdwan.common.dtls import DtlsContext, DtlsSession, client_hello_random, is_
 from sdwan.common.messages import FragStats, Reassembler, encode, record_limit
 from sdwan.common.store import Store, StoreError
 from sdwan.common.stun import StunServer, is_stun
-from sdwan.pop.account import Account, ConfigError, PopConfig, load_account, load_pop_config
-from sdwan.site.config import format_endpoint
+from sdwan.common.tomlcheck import format_endpoint
+from sdwan.pop.account import Account, ConfigError, load_account
+from sdwan.pop.config import PopConfig, load_pop_config
 from sdwan.site.links import size_buffers
 
 log = logging.getLogger("sdwan.pop.popd")

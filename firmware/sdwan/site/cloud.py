@@ -35,7 +35,8 @@ from sdwan.common.dtls import DtlsSession
 from sdwan.common.store import Store, StoreError
 from sdwan.common.stun import DEFAULT_PORT as STUN_DEFAULT_PORT
 from sdwan.common.stun import Endpoint, StunTransaction
-from sdwan.site.config import IPNetwork, Link, Pop, format_endpoint
+from sdwan.common.tomlcheck import IPNetwork, format_endpoint
+from sdwan.site.config import Link, Pop
 from sdwan.site.tunnel import Addr, PeerTunnel, Port, State, Timers
 
 log = logging.getLogger("sdwan.site.cloud")

@@ -42,7 +42,7 @@ from typing import Any, Protocol
 from sdwan.bindings.fastpath import FastPath, FastPathError
 from sdwan.common.dtls import DtlsSession
 from sdwan.common.messages import FragStats, Reassembler, encode, record_limit
-from sdwan.site.config import format_endpoint
+from sdwan.common.tomlcheck import format_endpoint
 
 log = logging.getLogger("sdwan.site.tunnel")
 

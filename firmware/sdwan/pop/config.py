@@ -1,0 +1,178 @@
+"""popd's own bootstrap configuration (`popd --config PATH`): its id, addresses, ports, the
+account file, paths, PKI and the cloud timers it pushes to the sites, checked with the config
+engine (common/tomlcheck.py). `load_pop_config(path)` returns a `PopConfig` or raises
+`ConfigError` listing every problem with its field and line. Schema: docs/popd.md.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdwan.common.tomlcheck import (
+    MAX_UNIX_SOCKET_PATH,
+    MISSING,
+    Checker,
+    ConfigError,
+    LineIndex,
+    check_pki_files,
+    int_range,
+    path_string,
+    read_toml,
+    resolve_path,
+    show,
+    site_name,
+)
+from sdwan.site.config import Paths, Pki
+
+__all__ = ["ConfigError", "PopConfig", "PopTimers", "load_pop_config"]
+
+DEFAULT_POP_DATA_DIR = Path("/var/lib/popd")
+DEFAULT_POP_CONTROL_SOCKET = Path("/run/popd/control.sock")
+DEFAULT_LISTEN = "0.0.0.0"
+DEFAULT_PORT = 4800
+DEFAULT_STUN_PORT = 3478
+DEFAULT_KEEPALIVE_MS = 200
+DEFAULT_DEAD_AFTER_MS = 600
+
+
+@dataclass(frozen=True)
+class PopTimers:
+    """The cloud timers popd pushes to every site (milliseconds, as in the config)."""
+
+    keepalive_ms: int = DEFAULT_KEEPALIVE_MS
+    dead_after_ms: int = DEFAULT_DEAD_AFTER_MS
+
+
+@dataclass(frozen=True)
+class PopConfig:
+    id: int
+    name: str
+    listen: str
+    port: int
+    stun_port: int
+    account: Path
+    paths: Paths
+    pki: Pki
+    cloud: PopTimers
+    source: Path
+
+
+def _host_address(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f'expected an IP address such as "0.0.0.0", got {show(value)}')
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(
+            f'expected an IP address such as "0.0.0.0" or "::", got {show(value)}'
+        ) from None
+    if addr.is_multicast:
+        raise ValueError(f"expected a unicast or wildcard address, got {show(value)}")
+    return str(addr)
+
+
+# --------------------------------------------------------------------------- popd config
+
+
+def load_pop_config(path: str | os.PathLike[str]) -> PopConfig:
+    """Read and validate popd's bootstrap config; raise ConfigError listing every problem."""
+    source, text, doc = read_toml(path, what="file")
+    base = source.parent
+    c = Checker(source, LineIndex(text))
+    c.known_keys(doc, (), ("pop", "paths", "pki", "cloud"))
+
+    pop: dict[str, Any] = {}
+    pop_t = c.table(doc, ("pop",), required=True)
+    if pop_t is not None:
+        c.known_keys(pop_t, ("pop",), ("id", "name", "listen", "port", "stun_port", "account"))
+        pop = {
+            "id": c.value(pop_t, ("pop", "id"), int_range(1, 255)),
+            "name": c.value(pop_t, ("pop", "name"), site_name, default=None),
+            "listen": c.value(pop_t, ("pop", "listen"), _host_address, default=DEFAULT_LISTEN),
+            "port": c.value(pop_t, ("pop", "port"), int_range(1, 65535), default=DEFAULT_PORT),
+            "stun_port": c.value(
+                pop_t, ("pop", "stun_port"), int_range(1, 65535), default=DEFAULT_STUN_PORT
+            ),
+            "account": c.value(pop_t, ("pop", "account"), path_string),
+        }
+        if isinstance(pop["port"], int) and pop["port"] == pop["stun_port"]:
+            c.error(("pop", "stun_port"), f"expected a port other than pop.port ({pop['port']})")
+            pop["stun_port"] = MISSING
+        if isinstance(pop["account"], str):
+            account_path = resolve_path(base, pop["account"])
+            if not account_path.is_file():
+                c.error(("pop", "account"), f"file not found: {account_path}")
+                pop["account"] = MISSING
+            else:
+                pop["account"] = account_path
+
+    paths: Paths | None = None
+    paths_t = c.table(doc, ("paths",), required=False)
+    if paths_t is not None:
+        c.known_keys(paths_t, ("paths",), ("data_dir", "control_socket"))
+        data_dir = c.value(
+            paths_t, ("paths", "data_dir"), path_string, default=str(DEFAULT_POP_DATA_DIR)
+        )
+        sock = c.value(
+            paths_t,
+            ("paths", "control_socket"),
+            path_string,
+            default=str(DEFAULT_POP_CONTROL_SOCKET),
+        )
+        if isinstance(sock, str):
+            sock_path = resolve_path(base, sock)
+            if len(os.fsencode(sock_path)) > MAX_UNIX_SOCKET_PATH:
+                c.error(
+                    ("paths", "control_socket"),
+                    f"expected a path of at most {MAX_UNIX_SOCKET_PATH} bytes (Unix socket limit),"
+                    f" got {sock_path}",
+                )
+                sock = MISSING
+        if isinstance(data_dir, str) and isinstance(sock, str):
+            paths = Paths(resolve_path(base, data_dir), resolve_path(base, sock))
+
+    files = check_pki_files(c, doc, base)
+    pki = Pki(**files) if files is not None else None
+
+    cloud: PopTimers | None = None
+    cloud_t = c.table(doc, ("cloud",), required=False)
+    if cloud_t is not None:
+        c.known_keys(cloud_t, ("cloud",), ("keepalive_ms", "dead_after_ms"))
+        ka = c.value(
+            cloud_t, ("cloud", "keepalive_ms"), int_range(20, 60000), default=DEFAULT_KEEPALIVE_MS
+        )
+        dead = c.value(
+            cloud_t,
+            ("cloud", "dead_after_ms"),
+            int_range(60, 600000),
+            default=DEFAULT_DEAD_AFTER_MS,
+        )
+        if isinstance(ka, int) and isinstance(dead, int) and dead < 2 * ka:
+            c.error(
+                ("cloud", "dead_after_ms"),
+                f"expected at least twice keepalive_ms ({2 * ka}), got {dead}",
+            )
+            dead = MISSING
+        if isinstance(ka, int) and isinstance(dead, int):
+            cloud = PopTimers(ka, dead)
+
+    if c.issues:
+        raise ConfigError(source, c.issues)
+    assert paths is not None and pki is not None and cloud is not None
+    assert not any(v is MISSING for v in pop.values())
+    return PopConfig(
+        id=pop["id"],
+        name=pop["name"] or f"pop-{pop['id']}",
+        listen=pop["listen"],
+        port=pop["port"],
+        stun_port=pop["stun_port"],
+        account=pop["account"],
+        paths=paths,
+        pki=pki,
+        cloud=cloud,
+        source=source,
+    )
