@@ -30,6 +30,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tarfile
 import time
 import tomllib
 import uuid
@@ -375,10 +376,48 @@ def runtime_requirements() -> list[str]:
     return list(data["project"].get("dependencies", []))
 
 
+def requirement_name(req: str) -> str:
+    return re.split(r"[=<>!~;\[ ]", req, maxsplit=1)[0].strip().lower().replace("_", "-")
+
+
+# Runtime dependencies PyPI has no wheel of for every board (python-pytun: x86_64 only): built
+# from their sdist, at the version pinned in constraints.txt, with the board's compiler, like
+# the firmware's own native modules. Name -> (extension module, its C sources in the sdist).
+SDIST_MODULES = {"python-pytun": ("pytun", ["pytun.c"])}
+
+
+def build_sdist_modules(arch: Arch, sysroot: Path, site: Path, work: Path) -> dict[str, str]:
+    """Compile SDIST_MODULES into site; returns {sdist file name: sha256}."""
+    d = CACHE / "sdists"
+    d.mkdir(parents=True, exist_ok=True)
+    built = {}
+    for name, (module, sources) in sorted(SDIST_MODULES.items()):
+        run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
+             "--no-binary=:all:", "--no-deps", "--dest", str(d),
+             "-c", str(COMMON / "constraints.txt"), name])
+        pin = next(line.split("==", 1)[1].strip()
+                   for line in (COMMON / "constraints.txt").read_text().splitlines()
+                   if requirement_name(line) == name and "==" in line)
+        sdist = d / f"{name}-{pin}.tar.gz"
+        src = work / f"{name}-{pin}"
+        rmtree(src)
+        with tarfile.open(sdist) as tf:
+            tf.extractall(work, filter="data")
+        target = site / f"{module}.cpython-311-{arch.triplet}.so"
+        inc = [sysroot / "usr/include", sysroot / "usr/include" / arch.triplet,
+               sysroot / "usr/include" / PY]
+        step(f"compile {module} ({name} {pin}) for {arch.name}")
+        run([arch.cc, "-shared", "-fPIC", "-O2", "-DNDEBUG", f"-ffile-prefix-map={src}=.",
+             "-Wl,--build-id=sha1", *[f"-I{p}" for p in inc],
+             *[str(src / s) for s in sources], "-o", str(target)], cwd=src)
+        built[sdist.name] = sha256_file(sdist)
+    return built
+
+
 def fetch_wheels(arch: Arch) -> list[Path]:
     d = CACHE / "wheels" / arch.name
     d.mkdir(parents=True, exist_ok=True)
-    reqs = runtime_requirements()
+    reqs = [r for r in runtime_requirements() if requirement_name(r) not in SDIST_MODULES]
     step(f"wheels for {arch.name}: {', '.join(reqs)}")
     common = ["--disable-pip-version-check", "--only-binary=:all:", "--python-version", "3.11",
               "--implementation", "cp", "--abi", "cp311", "--abi", "abi3", "--abi", "none",
@@ -799,6 +838,7 @@ def assemble_rootfs(board: Board, work: Path, kver: str, kstage: Path,
     for whl in wheels:
         install_wheel(whl, site)
     manifest["wheels"] = {w.name: sha256_file(w) for w in wheels}
+    manifest["sdists"] = build_sdist_modules(a, sysroot, site, work / "native")
     compile_pyc(root)
 
     # kernel modules

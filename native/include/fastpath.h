@@ -143,7 +143,8 @@ void fp_free(fp_t *fp);
 
 /* Devices. The fast path keeps its own duplicate of every fd it is given. */
 int fp_tun_open(fp_t *fp, const char *name);  /* create/attach TUN `name` (IFF_TUN|IFF_NO_PI) */
-int fp_tun_attach(fp_t *fp, int fd);          /* any packet fd (tests use a socketpair) */
+int fp_tun_attach(fp_t *fp, int fd);          /* a TUN fd made by the caller, or any packet
+                                                 fd (tests use a socketpair) */
 int fp_link_add(fp_t *fp, uint32_t link_id, int udp_fd);
 int fp_link_del(fp_t *fp, uint32_t link_id);
 
@@ -170,8 +171,9 @@ int fp_send_keepalive(fp_t *fp, uint32_t peer_id);
 /* What the TUN device does for us (fp_tun_features). fp_tun_open asks for
  * IFF_VNET_HDR and checksum/TSO (and, where the kernel has it, USO) offload, so
  * the TUN thread reads superpackets of up to 64 KiB and cuts them itself, and
- * the link threads write coalesced TCP superpackets; a fd given to
- * fp_tun_attach carries plain packets (features 0). */
+ * the link threads write coalesced TCP superpackets. fp_tun_attach does the same
+ * for a TUN fd created with IFF_VNET_HDR (socketd makes its device with
+ * python-pytun); any other fd carries plain packets (features 0). */
 /* VNET: a virtio_net_hdr in front of every packet; TSO: TCP superpackets
  * (TUN_F_TSO4/6); USO: UDP superpackets (TUN_F_USO4/6). FP_VNET_HDR_LEN is the
  * size of struct virtio_net_hdr. fp_tun_features: FP_TUN_F_* of the current

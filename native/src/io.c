@@ -913,6 +913,31 @@ static int tun_set(struct fp *fp, int fd, int features)
     return rc;
 }
 
+/* The offloads of a TUN fd created with IFF_VNET_HDR, by us or by the
+ * supervisor (python-pytun): the header size we parse, and the most
+ * checksum/TSO/USO offload the kernel grants. 0 for a fd without vnet headers
+ * (a plain TUN device, a socketpair in tests); -errno if the device has vnet
+ * headers we cannot size, since its packets would then be misread. */
+static int tun_offloads(int fd)
+{
+    struct ifreq got;
+    memset(&got, 0, sizeof(got));
+    if (ioctl(fd, TUNGETIFF, &got) < 0 || !(got.ifr_flags & IFF_VNET_HDR))
+        return 0;
+    int hs = FP_VNET_LEN;
+    if (ioctl(fd, TUNSETVNETHDRSZ, &hs) < 0)
+        return -errno;
+    int features = FP_TUN_F_VNET;
+    /* Ask for the most the kernel gives; without any of it the vnet header
+     * stays (all zero) and packets come one by one. */
+    if (ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_USO4 | TUN_F_USO6) ==
+        0)
+        features |= FP_TUN_F_TSO | FP_TUN_F_USO;
+    else if (ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6) == 0)
+        features |= FP_TUN_F_TSO;
+    return features;
+}
+
 int fp_tun_open(fp_t *fp, const char *name)
 {
     if (!name || !*name || strlen(name) >= IFNAMSIZ)
@@ -925,22 +950,10 @@ int fp_tun_open(fp_t *fp, const char *name)
     ifr.ifr_flags = IFF_TUN | IFF_NO_PI | IFF_VNET_HDR;
     memcpy(ifr.ifr_name, name, strlen(name));
     int features = 0;
-    int hs = FP_VNET_LEN;
-    struct ifreq got;
-    memset(&got, 0, sizeof(got));
-    if (ioctl(fd, TUNSETIFF, &ifr) == 0 && ioctl(fd, TUNGETIFF, &got) == 0 &&
-        (got.ifr_flags & IFF_VNET_HDR) && ioctl(fd, TUNSETVNETHDRSZ, &hs) == 0) {
-        features = FP_TUN_F_VNET;
-        /* Ask for the most the kernel gives; without any of it the vnet
-         * header stays (all zero) and packets come one by one. */
-        if (ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_USO4 |
-                                         TUN_F_USO6) == 0)
-            features |= FP_TUN_F_TSO | FP_TUN_F_USO;
-        else if (ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6) == 0)
-            features |= FP_TUN_F_TSO;
-    } else {
+    if (ioctl(fd, TUNSETIFF, &ifr) < 0 || (features = tun_offloads(fd)) <= 0) {
         /* A kernel (or an existing device) without vnet headers: plain packets. */
         close(fd);
+        features = 0;
         fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC);
         if (fd < 0)
             return -errno;
@@ -975,7 +988,12 @@ int fp_tun_attach(fp_t *fp, int fd)
         close(mine);
         return -e;
     }
-    return tun_set(fp, mine, 0);
+    int features = tun_offloads(mine);
+    if (features < 0) {
+        close(mine);
+        return features;
+    }
+    return tun_set(fp, mine, features);
 }
 
 int fp_link_add(fp_t *fp, uint32_t link_id, int udp_fd)

@@ -41,6 +41,7 @@ from sdwan.common.stun import is_stun
 from sdwan.site.cloud import Cloud, CloudTimers
 from sdwan.site.config import SiteConfig, load_config
 from sdwan.site.links import LinkError, open_link_socket
+from sdwan.site.tundev import TunError, attach_tun
 from sdwan.site.tunnel import KICK_TYPE, Addr, PeerTunnel, Timers, decode_kick
 
 log = logging.getLogger("sdwan.site.socketd")
@@ -120,9 +121,9 @@ class Supervisor:
         fp_cfg.spin_us = cfg.tunnel.answer_wait_us
         self.fp = fp = FastPath(fp_cfg)
         try:
-            fp.tun_open(cfg.tunnel.interface)
-        except OSError as e:
-            raise StartupError(f"cannot open tunnel device {cfg.tunnel.interface}: {e}") from e
+            attach_tun(fp, cfg.tunnel.interface)
+        except TunError as e:
+            raise StartupError(str(e)) from e
         for link in cfg.links:
             link_id = self.link_ids[link.name]
             try:
