@@ -3,6 +3,7 @@ path's own lookup, as the TUN thread would route a packet."""
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import struct
 import time
@@ -12,6 +13,7 @@ import pytest
 
 from sdwan.bindings.fastpath import FastPath, Network, Verdict
 from sdwan.site.paths import Candidate, Paths, Policy, Transport
+from sdwan.site.socketctl import format_routes
 
 POP = 0x80000101  # a PoP session's fast-path id (cloud.pop_peer_id(1, 1))
 POP2 = 0x80000102
@@ -289,3 +291,17 @@ def test_a_thousand_prefixes_switch_in_one_batch(fp: FastPath) -> None:
     assert len(tun) == kernel_updates
     print(f"\n1000-prefix switch: cloud_lost {lost_s * 1e3:.1f} ms, normal {back_s * 1e3:.1f} ms")
     assert lost_s < 2.0 and back_s < 2.0  # generous: catches a per-route re-choice, not speed
+
+
+def test_socketctl_routes_shows_each_prefix_and_why(fp: FastPath) -> None:
+    paths = Paths(fp, local=["10.1.0.0/24"])
+    paths.submit("static", [Candidate(ipaddress.ip_network("10.2.0.0/24"), 2, Transport.DIRECT)])
+    paths.submit("cloud", cloud("10.2.0.0/24", "10.3.0.0/24"))
+    out = io.StringIO()
+    format_routes(paths.status(), out)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "policy   normal"
+    assert lines[2].split() == ["PREFIX", "PEER", "VIA", "FROM", "WHY"]
+    assert lines[3].split()[:4] == ["10.2.0.0/24", "2", "direct", "static"]
+    assert lines[4].split()[:4] == ["10.3.0.0/24", "0x80000101", "cloud", "cloud"]
+    assert lines[-1] == "  10.2.0.0/24 via cloud (cloud): overlaps 10.2.0.0/24 of a direct peer"

@@ -542,6 +542,10 @@ class Supervisor:
             return {"state": "off", "sessions": []}
         return self.cloud.pop_status()
 
+    async def _routes(self, _req: dict) -> dict:
+        assert self.paths is not None
+        return self.paths.status()
+
     async def _events(self, req: dict) -> dict:
         limit = req.get("limit", 50)
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10000:
@@ -642,6 +646,7 @@ class Supervisor:
                 "status": self._status,
                 "peers": self._peers,
                 "pop": self._pop,
+                "routes": self._routes,
                 "events": self._events,
                 **self._wan_handlers(),
             },
