@@ -155,12 +155,16 @@ class Paths:
 
     def _choose(self) -> tuple[dict[Network, Choice], list[Unused]]:
         rank = {t: i for i, t in enumerate(RANKS[self.policy])}
-        direct = {
-            c.prefix
-            for cands in self._sets.values()
-            for c in cands
-            if c.transport is Transport.DIRECT
-        }
+        # Sorted, so that the reason given for an unused candidate does not vary between runs.
+        direct = sorted(
+            {
+                c.prefix
+                for cands in self._sets.values()
+                for c in cands
+                if c.transport is Transport.DIRECT
+            },
+            key=_order,
+        )
         by_prefix: dict[Network, list[tuple[str, Candidate]]] = {}
         for producer, cands in self._sets.items():
             for c in cands:
@@ -170,9 +174,7 @@ class Paths:
         for prefix, entries in by_prefix.items():
             usable: list[tuple[str, Candidate]] = []
             local = _overlapping(prefix, self.local)
-            # Direct peers' prefixes only protect others when they are not local themselves
-            # (the config check refuses such overlaps; this keeps the rule simple if not).
-            static = None if local else _overlapping(prefix, direct)
+            static = None if local is not None else _overlapping(prefix, direct)
             for producer, c in entries:
                 if local is not None:
                     unused.append(Unused(c, producer, f"overlaps the local prefix {local}"))
@@ -187,8 +189,11 @@ class Paths:
             why = self._why(usable)
             if self.override is not None:
                 wanted = self.override(prefix, [c for _, c in usable], self.policy)
-                if wanted is not None and wanted != pick:
-                    producer, pick = next(e for e in usable if e[1] == wanted)
+                match = next((e for e in usable if e[1] == wanted), None)
+                if wanted is not None and match is None:
+                    log.error("route override for %s chose an unusable candidate", prefix)
+                elif match is not None and match[1] != pick:
+                    producer, pick = match
                     why = "per-rule override"
             chosen[prefix] = Choice(pick, producer, why)
             for p, c in usable:
