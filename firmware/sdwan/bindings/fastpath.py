@@ -11,7 +11,7 @@ import errno as _errno
 import ipaddress
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import ClassVar
@@ -327,6 +327,15 @@ class FastPath:
         net = ipaddress.ip_network(network)
         p = _new_addr((str(net.network_address), 0))
         _check(lib.fp_route_del(self._h, p, net.prefixlen), f"fp_route_del({net})")
+
+    def route_batch(
+        self, set_: Sequence[tuple[Network | str, int]], delete: Sequence[Network | str]
+    ) -> None:
+        # Stand-in until the C fp_route_batch (one lock, all-or-nothing) replaces this loop.
+        for network, peer_id in set_:
+            self.route_set(network, peer_id)
+        for network in delete:
+            self.route_del(network)
 
     # ------------------------------------------------------------------ keys
 

@@ -4,8 +4,9 @@ Owns, per docs/cloud.md: one session to a PoP over every eligible link (always t
 client, keys handed over exactly as for a site-to-site tunnel, by `PeerTunnel`), the
 registration and the `welcome` / `config` / `directory` messages, keepalives and dead
 detection on the supervisor's clock, ping/pong round-trip times, the choice of the primary or
-a secondary PoP (with the hold time before returning), the cloud routes (every other site's
-subnets to the PoP session on the best live link), the persistence of the configuration and
+a secondary PoP (with the hold time before returning), the cloud's route candidates (every
+other site's subnets to the PoP session on the best live link, submitted to paths.py, which
+decides and installs the routes), the persistence of the configuration and
 directory in the store (and starting from them, marked stale, when no PoP answers), the
 upload of the socket's events, and the public endpoint of every link's socket, learned with
 STUN Binding transactions (stun.py) sent from that very socket to the active PoP's STUN port
@@ -37,6 +38,7 @@ from sdwan.common.stun import DEFAULT_PORT as STUN_DEFAULT_PORT
 from sdwan.common.stun import Endpoint, StunTransaction
 from sdwan.common.tomlcheck import IPNetwork, format_endpoint
 from sdwan.site.config import Link, Pop
+from sdwan.site.paths import Candidate, Paths, Transport
 from sdwan.site.tunnel import Addr, PeerTunnel, Port, State, Timers
 
 log = logging.getLogger("sdwan.site.cloud")
@@ -62,6 +64,7 @@ MAX_MESSAGE = 16 * 1024
 # asked for again by repeating register until one arrives.
 REGISTER_RESEND_S = 1.0
 PINGS_KEPT = 8
+PATHS_PRODUCER = "cloud"  # the name this module's candidates go by in paths.py
 # A NAT forgets an idle UDP mapping after 30 s at the earliest, but the PoP sessions keep the
 # link socket's mappings busy; a minute catches a router restart or a new public address soon
 # enough while costing a handful of datagrams per link per minute.
@@ -211,6 +214,7 @@ class PopSession:
                 self.cloud.port.send(self.link_id, self.tunnel.endpoint, d)
         with contextlib.suppress(FastPathError):
             self.cloud.fp.peer_del(self.peer_id)
+        self.cloud.paths.forget_peer(self.peer_id)  # peer_del took its routes with it
         if self._was_connected:
             self.cloud.event(
                 "pop.disconnected",
@@ -377,7 +381,7 @@ def _parse_networks(value: Any) -> list[IPNetwork]:
 
 
 class Cloud:
-    """All PoP sessions of one socket, the cloud routes and the cloud documents."""
+    """All PoP sessions of one socket, the cloud's route candidates and the cloud documents."""
 
     def __init__(
         self,
@@ -388,11 +392,10 @@ class Cloud:
         pops: Sequence[Pop],
         timers: CloudTimers,
         fp: FastPath,
+        paths: Paths,
         port: Port,
         store: Store | None,
         clock: Callable[[], float] = time.monotonic,
-        protected: Iterable[IPNetwork] = (),
-        on_subnets: Callable[[list[str]], None] | None = None,
     ) -> None:
         self.site_id = site_id
         self.version = version
@@ -407,11 +410,10 @@ class Cloud:
             retry_max_s=2.0,
         )
         self.fp = fp
+        self.paths = paths
         self.port = port
         self.store = store
         self.clock = clock
-        self.protected = list(protected)
-        self.on_subnets = on_subnets
         self.stats = CloudStats()
         self.sessions: dict[int, PopSession] = {}
         self.by_session: dict[DtlsSession, PopSession] = {}
@@ -426,8 +428,8 @@ class Cloud:
         self.directory: list[dict[str, Any]] = []
         self.directory_rev: int | None = None
         self.stale = False
-        self.routes: dict[IPNetwork, int] = {}
-        self._subnets: list[str] = []
+        # What was last submitted to paths: the route target and the directory it came from.
+        self._submitted: tuple[int | None, list[dict[str, Any]]] | None = None
         self._upload: tuple[int, float] | None = None  # (last seq sent, when)
         self.stun: dict[int, LinkStun] = {i: LinkStun(i) for i, _ in self.links}
         self._load_stored()
@@ -708,30 +710,18 @@ class Cloud:
         if not self.enabled:
             return
         target = self._route_target()
-        wanted: dict[IPNetwork, int] = {}
+        # The directory list is replaced, never changed in place, whenever a new one arrives.
+        last = self._submitted
+        if last is not None and last[0] == target and last[1] is self.directory:
+            return
+        candidates: list[Candidate] = []
         if target is not None:
             for entry in self.directory:
                 for net in _parse_networks(entry.get("subnets")):
-                    if any(net.overlaps(p) for p in self.protected if p.version == net.version):
-                        continue  # a static peer or our own LAN: never through the cloud
-                    wanted[net] = target
-        for net in list(self.routes):
-            if net not in wanted:
-                with contextlib.suppress(FastPathError):
-                    self.fp.route_del(net)
-                del self.routes[net]
-        for net, peer in wanted.items():
-            if self.routes.get(net) != peer:
-                try:
-                    self.fp.route_set(net, peer)
-                    self.routes[net] = peer
-                except FastPathError as e:
-                    log.warning("cloud route %s not set: %s", net, e)
-        subnets = sorted(str(n) for n in self.routes)
-        if subnets != self._subnets:
-            self._subnets = subnets
-            if self.on_subnets is not None:
-                self.on_subnets(subnets)
+                    candidates.append(Candidate(net, target, Transport.CLOUD))
+        self._submitted = (target, self.directory)
+        # paths.py keeps them off our LAN and off static peers' subnets.
+        self.paths.submit(PATHS_PRODUCER, candidates)
 
     def _upload_events(self, now: float) -> None:
         if self.store is None:

@@ -1,6 +1,6 @@
 """socketctl: the operator's command line over socketd's control socket.
 
-`socketctl [--socket PATH] status|peers|pop|events|links [--json]`, and
+`socketctl [--socket PATH] status|peers|pop|routes|events|links [--json]`, and
 `socketctl set-link LINK static ADDR/PREFIX GATEWAY | set-link LINK dhcp`. With --json the
 result object is printed as socketd sent it (the field names are a stable interface, see
 docs/socketctl.md); without it, a table for people. Exit status: 0 success, 1 socketd answered
@@ -313,6 +313,36 @@ def format_links(result: Mapping[str, Any], out: TextIO) -> None:
     _table(headers, rows, out)
 
 
+def format_routes(result: Mapping[str, Any], out: TextIO) -> None:
+    out.write(f"policy   {_text(result.get('policy'))}\n\n")
+    rows = []
+    for r in result.get("routes") or []:
+        if not isinstance(r, Mapping):
+            continue
+        peer = r.get("peer_id")
+        rows.append(
+            [
+                _text(r.get("prefix")),
+                f"{peer:#x}" if isinstance(peer, int) and peer >= 1 << 31 else _text(peer),
+                _text(r.get("transport")),
+                _text(r.get("producer")),
+                ("" if r.get("installed") else "NOT INSTALLED: ") + _text(r.get("why")),
+            ]
+        )
+    if rows:
+        _table(["PREFIX", "PEER", "VIA", "FROM", "WHY"], rows, out)
+    else:
+        out.write("no routes\n")
+    unused = [u for u in result.get("unused") or [] if isinstance(u, Mapping)]
+    if unused:
+        out.write("\nnot used:\n")
+        for u in unused:
+            out.write(
+                f"  {_text(u.get('prefix'))} via {_text(u.get('transport'))}"
+                f" ({_text(u.get('producer'))}): {_text(u.get('reason'))}\n"
+            )
+
+
 def format_set_link(result: Mapping[str, Any], out: TextIO) -> None:
     """set-link answers with the link's new `links` entry."""
     format_links({"links": [result]}, out)
@@ -322,6 +352,7 @@ FORMATTERS: dict[str, Callable[[Mapping[str, Any], TextIO], None]] = {
     "status": format_status,
     "peers": format_peers,
     "pop": format_pop,
+    "routes": format_routes,
     "events": format_events,
     "links": format_links,
 }
@@ -349,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         "status": "site, uptime, links and their counters",
         "peers": "the other sites: direct tunnels (state, endpoint, traffic) and cloud sites",
         "pop": "sessions to the PoPs per link: state, RTT, last seen, reason when down",
+        "routes": "which peer and transport carries each prefix, and why",
         "events": "stored events, newest first",
         "links": "WAN links: device state, addressing (none, static, dhcp), address, gateway",
     }

@@ -3,7 +3,8 @@ else. Config (config.py) -> fast path (fastpath.py) with the TUN device and one
 socket per link (links.py) -> kernel routes and MSS clamp (netcfg.py) -> one
 PeerTunnel per peer (tunnel.py) fed by the DTLS sessions (dtls.py) that this
 module demultiplexes from the fast path's control queue -> the PoP sessions,
-cloud routes and STUN answers (cloud.py) -> events and cloud documents in the store (store.py) ->
+cloud route candidates and STUN answers (cloud.py) -> the routes of every prefix, static and
+cloud (paths.py) -> events and cloud documents in the store (store.py) ->
 status over the control socket (control.py).
 """
 
@@ -41,6 +42,7 @@ from sdwan.common.stun import is_stun
 from sdwan.site.cloud import Cloud, CloudTimers
 from sdwan.site.config import SiteConfig, load_config
 from sdwan.site.links import LinkError, open_link_socket
+from sdwan.site.paths import Candidate, Paths, Transport
 from sdwan.site.tundev import TunError, attach_tun
 from sdwan.site.tunnel import KICK_TYPE, Addr, PeerTunnel, Timers, decode_kick
 
@@ -97,6 +99,7 @@ class Supervisor:
         self.control: ControlServer | None = None
         self.store: Store | None = None
         self.cloud: Cloud | None = None
+        self.paths: Paths | None = None
         self._net_plan: Plan | None = None
         self._net_task: asyncio.Task[None] | None = None
         self._net_dirty = False
@@ -137,15 +140,11 @@ class Supervisor:
             rekey_s=cfg.tunnel.rekey_s,
             dead_after_s=3 * cfg.tunnel.keepalive_s,
         )
-        routes: list[str] = []
         for peer in cfg.peers:
             link_name = peer.link
             link_id = self.link_ids[link_name]
             fp.peer_add(peer.site_id)
             fp.set_endpoint(peer.site_id, link_id, peer.endpoint)
-            for net in peer.subnets:
-                fp.route_set(net, peer.site_id)
-                routes.append(str(net))
             self.tunnels[peer.site_id] = PeerTunnel(
                 my_site_id=cfg.site.id,
                 peer_site_id=peer.site_id,
@@ -164,10 +163,11 @@ class Supervisor:
             # Tunnels work without a store; only history and the cloud copy are lost.
             log.error("store unusable, running without one: %s", e)
         self.cloud = self._make_cloud(fp)
+        assert self.paths is not None
         plan = Plan(
             tun=cfg.tunnel.interface,
             mtu=tunnel_mtu([ln.mtu for ln in cfg.links]),
-            routes=routes,
+            routes=self.paths.tun_routes,
             mss_clamp=cfg.tunnel.mss_clamp,
         )
         try:
@@ -177,9 +177,20 @@ class Supervisor:
         self._net_plan = plan
         fp.start()
 
+    def _make_paths(self, fp: FastPath) -> Paths:
+        """The route owner, with the static peers submitted (they are in the fast path)."""
+        cfg = self.cfg
+        paths = Paths(fp, local=cfg.lan.subnets, on_tun_routes=self._on_tun_routes)
+        paths.submit(
+            "static",
+            [Candidate(n, p.site_id, Transport.DIRECT) for p in cfg.peers for n in p.subnets],
+        )
+        return paths
+
     def _make_cloud(self, fp: FastPath) -> Cloud:
         cfg = self.cfg
-        protected = [*cfg.lan.subnets, *(n for p in cfg.peers for n in p.subnets)]
+        if self.paths is None:
+            self.paths = self._make_paths(fp)
         return Cloud(
             site_id=cfg.site.id,
             version=__version__,
@@ -193,11 +204,10 @@ class Supervisor:
                 rekey_s=float(cfg.tunnel.rekey_s),
             ),
             fp=fp,
+            paths=self.paths,
             port=self,
             store=self.store,
             clock=self.clock,
-            protected=protected,
-            on_subnets=self._on_cloud_subnets,
         )
 
     def _tunnel_event(self, site_id: int) -> Callable[[str, str], None]:
@@ -211,12 +221,12 @@ class Supervisor:
 
         return record
 
-    def _on_cloud_subnets(self, subnets: list[str]) -> None:
-        """Kernel routes for the directory's subnets, applied off the loop."""
+    def _on_tun_routes(self, prefixes: list[str]) -> None:
+        """Kernel routes into the TUN device for every routed prefix (paths.py), applied off
+        the loop."""
         if self._net_plan is None:
-            return
-        static = [str(n) for p in self.cfg.peers for n in p.subnets]
-        self._net_plan.routes = sorted(set(static) | set(subnets))
+            return  # _open applies the first plan itself
+        self._net_plan.routes = prefixes
         self._net_dirty = True
         if self._net_task is None or self._net_task.done():
             self._net_task = asyncio.get_running_loop().create_task(self._apply_net())
@@ -230,7 +240,7 @@ class Supervisor:
             try:
                 await asyncio.to_thread(apply_in_worker, plan)
             except NetcfgError as e:
-                log.error("cloud routes not installed: %s", e)
+                log.error("kernel routes not installed: %s", e)
 
     # ---------------------------------------------------------------- Port for tunnels
 
@@ -458,6 +468,8 @@ class Supervisor:
                 self.cloud.tick()
             except Exception:
                 log.exception("cloud tick failed")
+        if self.paths is not None:
+            self.paths.apply()  # retries a route the fast path refused; cheap when none
 
     async def _ticker(self) -> None:
         while not self._stop.is_set():
@@ -530,6 +542,10 @@ class Supervisor:
         if self.cloud is None:
             return {"state": "off", "sessions": []}
         return self.cloud.pop_status()
+
+    async def _routes(self, _req: dict) -> dict:
+        assert self.paths is not None
+        return self.paths.status()
 
     async def _events(self, req: dict) -> dict:
         limit = req.get("limit", 50)
@@ -631,6 +647,7 @@ class Supervisor:
                 "status": self._status,
                 "peers": self._peers,
                 "pop": self._pop,
+                "routes": self._routes,
                 "events": self._events,
                 **self._wan_handlers(),
             },

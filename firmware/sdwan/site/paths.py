@@ -1,0 +1,316 @@
+"""Which peer and which transport carries each prefix: the one owner of the socket's routes.
+
+Owns, per docs/paths.md: the candidates every producer submits (static peers, the cloud
+directory; later the mesh, Alt-WAN and off-cloud rules), the local prefixes that never go
+into a tunnel, the policy that picks one candidate per prefix, the fast path's prefix table
+(changed nowhere else, only by differences, in one batch call) and the set of prefixes the
+kernel must route into the TUN device, handed to the supervisor whenever it changes (the
+supervisor applies it off the loop).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from sdwan.bindings.fastpath import FastPath, FastPathError, Network
+
+log = logging.getLogger("sdwan.site.paths")
+
+
+class Transport(StrEnum):
+    DIRECT = "direct"  # a statically configured peer
+    CLOUD = "cloud"  # through the PoP session the cloud picked
+    MESH = "mesh"  # a punched site-to-site tunnel
+    ALT_WAN = "alt-wan"  # a private (MPLS-like) link
+
+
+class Policy(StrEnum):
+    NORMAL = "normal"
+    CLOUD_LOST = "cloud_lost"
+
+
+# Transports in the order a policy prefers them. Under NORMAL the cloud carries what no
+# static peer does (the spec's default); with the cloud lost, Alt-WAN first, then the mesh
+# (WAN recovery), and the cloud's candidates only if nothing else reaches a prefix.
+RANKS: dict[Policy, tuple[Transport, ...]] = {
+    Policy.NORMAL: (Transport.DIRECT, Transport.CLOUD, Transport.ALT_WAN, Transport.MESH),
+    Policy.CLOUD_LOST: (Transport.DIRECT, Transport.ALT_WAN, Transport.MESH, Transport.CLOUD),
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to reach a prefix. A lower preference wins among candidates of one transport."""
+
+    prefix: Network
+    peer_id: int  # fast-path peer id
+    transport: Transport
+    preference: int = 0
+
+    def __post_init__(self) -> None:
+        # Strict: a prefix with host bits set is the producer's mistake, as for the fast path.
+        object.__setattr__(self, "prefix", ipaddress.ip_network(self.prefix))
+        object.__setattr__(self, "transport", Transport(self.transport))
+
+
+@dataclass(frozen=True)
+class Choice:
+    candidate: Candidate
+    producer: str
+    why: str
+
+
+@dataclass(frozen=True)
+class Unused:
+    candidate: Candidate
+    producer: str
+    reason: str
+
+
+# Per-rule overrides (off-cloud transport rules) plug in here: given a prefix, its usable
+# candidates in the policy's order and the policy, return the one to use, or None to keep the
+# policy's pick. Local and direct prefixes are protected before the hook sees anything.
+Override = Callable[[Network, Sequence[Candidate], Policy], Candidate | None]
+
+
+def _overlapping(net: Network, among: Iterable[Network]) -> Network | None:
+    return next((p for p in among if p.version == net.version and net.overlaps(p)), None)
+
+
+@dataclass
+class _Failure:
+    op: str
+    error: str
+
+
+class Paths:
+    """The candidates, the policy and what the fast path has installed."""
+
+    def __init__(
+        self,
+        fp: FastPath,
+        local: Iterable[Network | str] = (),
+        on_tun_routes: Callable[[list[str]], None] | None = None,
+        policy: Policy = Policy.NORMAL,
+    ) -> None:
+        self.fp = fp
+        self.local = tuple(ipaddress.ip_network(p) for p in local)
+        self.on_tun_routes = on_tun_routes
+        self.policy = Policy(policy)
+        self.override: Override | None = None
+        self.batches = 0  # batch calls made, for status
+        self._sets: dict[str, tuple[Candidate, ...]] = {}  # by producer, in submission order
+        self._installed: dict[Network, int] = {}  # what the fast path has, as far as we know
+        self._chosen: dict[Network, Choice] = {}
+        self._unused: list[Unused] = []
+        self._tun: tuple[str, ...] = ()
+        self._failures: dict[Network, _Failure] = {}
+        self._dirty = False
+
+    # ---------------------------------------------------------------- inputs
+
+    def submit(self, producer: str, candidates: Iterable[Candidate]) -> None:
+        """Replace producer's whole set of candidates (an empty one withdraws it) and apply."""
+        new = tuple(dict.fromkeys(candidates))
+        if self._sets.get(producer, ()) != new:
+            if new:
+                self._sets[producer] = new
+            else:
+                self._sets.pop(producer, None)
+            self._dirty = True
+        self.apply()
+
+    def withdraw(self, producer: str) -> None:
+        self.submit(producer, ())
+
+    def set_policy(self, policy: Policy) -> None:
+        policy = Policy(policy)
+        if policy is not self.policy:
+            log.info("route policy %s -> %s", self.policy, policy)
+            self.policy = policy
+            self._dirty = True
+        self.apply()
+
+    def set_override(self, override: Override | None) -> None:
+        self.override = override
+        self._dirty = True
+        self.apply()
+
+    def forget_peer(self, peer_id: int) -> None:
+        """The fast path dropped peer_id and with it its routes (fp_peer_del): what it still
+        has is no longer what we installed, so whatever is chosen for it is set again."""
+        gone = [p for p, pid in self._installed.items() if pid == peer_id]
+        for p in gone:
+            del self._installed[p]
+        if gone:
+            self._dirty = True
+
+    # ---------------------------------------------------------------- the choice
+
+    def _choose(self) -> tuple[dict[Network, Choice], list[Unused]]:
+        rank = {t: i for i, t in enumerate(RANKS[self.policy])}
+        # Sorted, so that the reason given for an unused candidate does not vary between runs.
+        direct = sorted(
+            {
+                c.prefix
+                for cands in self._sets.values()
+                for c in cands
+                if c.transport is Transport.DIRECT
+            },
+            key=_order,
+        )
+        by_prefix: dict[Network, list[tuple[str, Candidate]]] = {}
+        for producer, cands in self._sets.items():
+            for c in cands:
+                by_prefix.setdefault(c.prefix, []).append((producer, c))
+        chosen: dict[Network, Choice] = {}
+        unused: list[Unused] = []
+        for prefix, entries in by_prefix.items():
+            usable: list[tuple[str, Candidate]] = []
+            local = _overlapping(prefix, self.local)
+            static = None if local is not None else _overlapping(prefix, direct)
+            for producer, c in entries:
+                if local is not None:
+                    unused.append(Unused(c, producer, f"overlaps the local prefix {local}"))
+                elif c.transport is not Transport.DIRECT and static is not None:
+                    unused.append(Unused(c, producer, f"overlaps {static} of a direct peer"))
+                else:
+                    usable.append((producer, c))
+            if not usable:
+                continue
+            usable.sort(key=lambda e: (rank[e[1].transport], e[1].preference, e[0], e[1].peer_id))
+            producer, pick = usable[0]
+            why = self._why(usable)
+            if self.override is not None:
+                wanted = self.override(prefix, [c for _, c in usable], self.policy)
+                match = next((e for e in usable if e[1] == wanted), None)
+                if wanted is not None and match is None:
+                    log.error("route override for %s chose an unusable candidate", prefix)
+                elif match is not None and match[1] != pick:
+                    producer, pick = match
+                    why = "per-rule override"
+            chosen[prefix] = Choice(pick, producer, why)
+            for p, c in usable:
+                if c is not pick:
+                    unused.append(Unused(c, p, f"{pick.transport} via {producer} chosen"))
+        return chosen, unused
+
+    def _why(self, usable: list[tuple[str, Candidate]]) -> str:
+        if len(usable) == 1:
+            return "only usable candidate"
+        best, second = usable[0][1], usable[1][1]
+        if best.transport is not second.transport:
+            return f"{best.transport} ranks before {second.transport} under policy {self.policy}"
+        if best.preference != second.preference:
+            return f"preference {best.preference} beats {second.preference}"
+        return "equal candidates: first producer, lowest peer id"
+
+    # ---------------------------------------------------------------- the fast path
+
+    def apply(self) -> None:
+        """Choose, then change only what differs in the fast path, in one batch call."""
+        if not self._dirty:
+            return
+        self._dirty = False
+        self._chosen, self._unused = self._choose()
+        want = {p: ch.candidate.peer_id for p, ch in self._chosen.items()}
+        sets = [(p, pid) for p, pid in want.items() if self._installed.get(p) != pid]
+        dels = [p for p in self._installed if p not in want]
+        if sets or dels:
+            self._push(sets, dels)
+        tun = tuple(sorted(str(p) for p in want))
+        if tun != self._tun:
+            self._tun = tun
+            if self.on_tun_routes is not None:
+                self.on_tun_routes(list(tun))
+
+    def _push(self, sets: list[tuple[Network, int]], dels: list[Network]) -> None:
+        self.batches += 1
+        try:
+            self.fp.route_batch(sets, dels)
+        except FastPathError as e:
+            # One bad route (a peer that is gone) must not hold back all the others: find it
+            # one route at a time, and try it again at the next apply.
+            log.debug("route batch (%d set, %d del) failed: %s", len(sets), len(dels), e)
+            self._push_each(sets, dels)
+            return
+        for p, pid in sets:
+            self._installed[p] = pid
+            self._failures.pop(p, None)
+        for p in dels:
+            del self._installed[p]
+            self._failures.pop(p, None)
+
+    def _push_each(self, sets: list[tuple[Network, int]], dels: list[Network]) -> None:
+        for p, pid in sets:
+            self.batches += 1
+            try:
+                self.fp.route_batch([(p, pid)], [])
+            except FastPathError as e:
+                self._failed(p, f"set to peer {pid:#x}", e)
+            else:
+                self._installed[p] = pid
+                self._failures.pop(p, None)
+        for p in dels:
+            self.batches += 1
+            try:
+                self.fp.route_batch([], [p])
+            except FastPathError as e:
+                if e.errno != errno.ENOENT:  # already gone is what we wanted
+                    self._failed(p, "delete", e)
+                    continue
+            del self._installed[p]
+            self._failures.pop(p, None)
+
+    def _failed(self, prefix: Network, op: str, e: FastPathError) -> None:
+        self._dirty = True
+        failure = _Failure(op, str(e))
+        if self._failures.get(prefix) != failure:  # once, not at every retry
+            log.warning("route %s (%s) not applied: %s", prefix, op, e)
+        self._failures[prefix] = failure
+
+    # ---------------------------------------------------------------- read-back
+
+    @property
+    def tun_routes(self) -> list[str]:
+        """The prefixes the kernel must route into the TUN device."""
+        return list(self._tun)
+
+    def chosen(self) -> dict[Network, Choice]:
+        return dict(self._chosen)
+
+    def status(self) -> dict[str, Any]:
+        def row(c: Candidate, producer: str) -> dict[str, Any]:
+            return {
+                "prefix": str(c.prefix),
+                "peer_id": c.peer_id,
+                "transport": str(c.transport),
+                "producer": producer,
+            }
+
+        return {
+            "policy": str(self.policy),
+            "routes": [
+                {
+                    **row(ch.candidate, ch.producer),
+                    "why": ch.why,
+                    "installed": self._installed.get(p) == ch.candidate.peer_id,
+                }
+                for p, ch in sorted(self._chosen.items(), key=lambda i: _order(i[0]))
+            ],
+            "unused": [
+                {**row(u.candidate, u.producer), "reason": u.reason}
+                for u in sorted(self._unused, key=lambda u: _order(u.candidate.prefix))
+            ],
+            "batches": self.batches,
+        }
+
+
+def _order(net: Network) -> tuple[int, int, int]:
+    return (net.version, int(net.network_address), net.prefixlen)
