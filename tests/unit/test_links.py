@@ -216,6 +216,18 @@ def test_stun_learns_refreshes_and_forgets_the_public_endpoint(rig: Rig, tmp_pat
                 (wl.name, None, Endpoint("127.0.0.1", wl.port)) for wl in links
             )
             assert srv.stats.answers == 2
+            # NAT data recorded over a link carries its port and, by default, its endpoint.
+            links.store = store = Store(tmp_path)
+            try:
+                entry = links[1].put_nat(7, "192.0.2.9:4800")
+                assert entry is not None and entry == store.nat(7, "wan1")
+                assert (entry.local_port, entry.local_public) == (
+                    links[1].port,
+                    f"127.0.0.1:{links[1].port}",
+                )
+            finally:
+                links.store = None
+                store.close()
 
             # A late duplicate of an answer matches nothing any more.
             answer = srv.handle(rig.sent[0][2], ("127.0.0.1", links[1].port))
