@@ -25,10 +25,10 @@ from sdwan.appliance.leds import (
     Pca9552Backend,
     SysfsBackend,
     choose_pattern,
-    interface_fault,
     load_led_map,
     open_leds,
 )
+from sdwan.common.netdev import interface_fault
 from sdwan.common.tomlcheck import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

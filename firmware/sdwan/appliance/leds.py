@@ -19,15 +19,11 @@ register use and the panel protocol are documented in docs/leds.md.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import logging
 import os
-import socket
-import struct
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,6 +39,9 @@ from sdwan.appliance.ledmap import (
     load_led_map,
 )
 from sdwan.common.tomlcheck import ConfigError
+
+# The WAN links' state is the link manager's (links.py), which socketd hands to `show`;
+# re-exported for the callers that learnt it here.
 
 __all__ = [
     "BLINK_MS",
@@ -60,8 +59,6 @@ __all__ = [
     "Pca9552Backend",
     "SysfsBackend",
     "choose_pattern",
-    "interface_fault",
-    "link_states",
     "load_led_map",
     "open_leds",
 ]
@@ -109,34 +106,6 @@ def choose_pattern(state: BoxState) -> Pattern:
 
 # How long "booting" waits for the first cloud connection before showing the cloud as down.
 BOOT_GRACE_S = 30.0
-
-
-def link_states(links: Iterable[tuple[str, str]]) -> dict[str, bool]:
-    """WAN link name -> up, for (link name, interface) pairs."""
-    return {name: interface_fault(ifname) is None for name, ifname in links}
-
-
-_SIOCGIFFLAGS = 0x8913
-_IFF_UP = 0x1
-_IFF_RUNNING = 0x40
-
-
-def interface_fault(name: str) -> str | None:
-    """Why interface `name` (in this network namespace) cannot carry traffic, or None if it can."""
-    request = struct.pack("16sH22x", os.fsencode(name)[:15], 0)
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            reply = fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, request)
-    except OSError as e:
-        if e.errno == errno.ENODEV:
-            return "no such interface"
-        return f"cannot read its flags: {e.strerror}"
-    flags = struct.unpack_from("H", reply, 16)[0]
-    if not flags & _IFF_UP:
-        return "administratively down"
-    if not flags & _IFF_RUNNING:
-        return "no carrier"
-    return None
 
 
 # --------------------------------------------------------------------------- backends

@@ -8,9 +8,9 @@ a secondary PoP (with the hold time before returning), the cloud's route candida
 other site's subnets to the PoP session on the best live link, submitted to paths.py, which
 decides and installs the routes), the persistence of the configuration and
 directory in the store (and starting from them, marked stale, when no PoP answers), the
-upload of the socket's events, and the public endpoint of every link's socket, learned with
-STUN Binding transactions (stun.py) sent from that very socket to the active PoP's STUN port
-and refreshed periodically (docs/stun.md).
+upload of the socket's events, and which STUN server the links are mapped against (the
+active PoP's; the links themselves, their precedence and their public endpoints are the link
+manager's, links.py).
 
 Like tunnel.py it does no I/O of its own: the supervisor calls `tick()` and hands it DTLS
 sessions and messages; datagrams leave through the supervisor's `Port`.
@@ -19,12 +19,9 @@ sessions and messages; datagrams leave through the supervisor's `Port`.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import ipaddress
 import json
 import logging
-import socket
-import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,9 +32,9 @@ from sdwan.bindings.fastpath import FastPath, FastPathError
 from sdwan.common.dtls import DtlsSession
 from sdwan.common.store import Store, StoreError
 from sdwan.common.stun import DEFAULT_PORT as STUN_DEFAULT_PORT
-from sdwan.common.stun import Endpoint, StunTransaction
 from sdwan.common.tomlcheck import IPNetwork, format_endpoint
 from sdwan.site.config import Link, Pop
+from sdwan.site.links import LinkManager
 from sdwan.site.paths import Candidate, Paths, Transport
 from sdwan.site.tunnel import Addr, PeerTunnel, Port, State, Timers
 
@@ -65,13 +62,6 @@ MAX_MESSAGE = 16 * 1024
 REGISTER_RESEND_S = 1.0
 PINGS_KEPT = 8
 PATHS_PRODUCER = "cloud"  # the name this module's candidates go by in paths.py
-# A NAT forgets an idle UDP mapping after 30 s at the earliest, but the PoP sessions keep the
-# link socket's mappings busy; a minute catches a router restart or a new public address soon
-# enough while costing a handful of datagrams per link per minute.
-STUN_REFRESH_S = 60.0
-# After a transaction that got no answer (39.5 s of RFC 8489 retransmissions) or an error
-# response, the next one starts this much later.
-STUN_RETRY_S = 5.0
 
 
 def pop_peer_id(pop_id: int, link_id: int) -> int:
@@ -103,49 +93,10 @@ class CloudStats:
 
 
 @dataclass
-class LinkStun:
-    """What STUN taught us about one link's socket, and the transaction under way."""
-
-    link_id: int
-    server: Addr | None = None
-    tx: StunTransaction | None = None
-    public: Endpoint | None = None
-    learned_at: float | None = None
-    error: str | None = None
-    next_at: float = 0.0
-    transactions: int = 0
-    failures: int = 0
-
-    def status(self, now: float) -> dict[str, Any]:
-        return {
-            "server": format_endpoint(self.server) if self.server is not None else None,
-            "learned_s": None if self.learned_at is None else round(now - self.learned_at, 1),
-            "pending": self.tx is not None,
-            "error": self.error,
-            "transactions": self.transactions,
-            "failures": self.failures,
-        }
-
-
-@dataclass
 class _Ping:
     next_at: float = 0.0
     next_id: int = 1
     sent: dict[int, float] = field(default_factory=dict)
-
-
-def _iface_ipv4(ifname: str) -> str | None:
-    """The IPv4 address of a device, for the `local` field of registration."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            packed = fcntl.ioctl(
-                s.fileno(),
-                0x8915,
-                struct.pack("256s", ifname.encode()[:15]),  # SIOCGIFADDR
-            )
-        except OSError:
-            return None
-    return socket.inet_ntoa(packed[20:24])
 
 
 class PopSession:
@@ -296,7 +247,7 @@ class PopSession:
 
     def register(self) -> None:
         self._next_register = self.cloud.clock() + REGISTER_RESEND_S
-        self.registered_public = self.cloud.publics()
+        self.registered_public = self.cloud.links.publics()
         self.tunnel.send_message(self.cloud.register_message(self.link_id, self.link))
 
     def _on_message(self, session: DtlsSession, msg: dict[str, Any]) -> None:
@@ -388,7 +339,7 @@ class Cloud:
         *,
         site_id: int,
         version: str,
-        links: Sequence[tuple[int, Link]],
+        links: LinkManager,
         pops: Sequence[Pop],
         timers: CloudTimers,
         fp: FastPath,
@@ -399,7 +350,7 @@ class Cloud:
     ) -> None:
         self.site_id = site_id
         self.version = version
-        self.links = list(links)
+        self.links = links
         self.pops = list(pops)
         self.timers = timers
         self.tunnel_timers = Timers(
@@ -431,7 +382,6 @@ class Cloud:
         # What was last submitted to paths: the route target and the directory it came from.
         self._submitted: tuple[int | None, list[dict[str, Any]]] | None = None
         self._upload: tuple[int, float] | None = None  # (last seq sent, when)
-        self.stun: dict[int, LinkStun] = {i: LinkStun(i) for i, _ in self.links}
         self._load_stored()
 
     @property
@@ -488,18 +438,19 @@ class Cloud:
             "t": "register",
             "site_id": self.site_id,
             "version": self.version,
-            "link": self._link_info(link_id, link),
-            "links": [self._link_info(i, ln) for i, ln in self.links],
+            "link": self._link_info(link_id),
+            "links": [self._link_info(wl.id) for wl in self.links],
         }
 
-    def _link_info(self, link_id: int, link: Link) -> dict[str, Any]:
-        ip = _iface_ipv4(link.interface) or "0.0.0.0"
+    def _link_info(self, link_id: int) -> dict[str, Any]:
+        wl = self.links[link_id]
+        ip = wl.local_ipv4() or "0.0.0.0"
         return {
-            "name": link.name,
-            "precedence": link.precedence,
-            "local": f"{ip}:{link.port}",
+            "name": wl.name,
+            "precedence": wl.precedence,
+            "local": f"{ip}:{wl.link.port}",
             "id": link_id,
-            "public_stun": self.public_str(link_id),
+            "public_stun": wl.public_str(),
         }
 
     def on_welcome(self, ps: PopSession, msg: dict[str, Any]) -> None:
@@ -609,15 +560,8 @@ class Cloud:
         wanted: set[tuple[int, int]] = set()
         pops = {0, self.active}
         for index in pops:
-            main = [i for i, ln in self.links if ln.precedence <= 2]
-            live_main = any(
-                ps.connected
-                for ps in self.sessions.values()
-                if ps.pop_index == index and ps.link.precedence <= 2
-            )
-            for i, ln in self.links:
-                if ln.precedence <= 2 or not live_main or not main:
-                    wanted.add((index, i))
+            live = [ps.link_id for ps in self._live(index)]
+            wanted.update((index, i) for i in self.links.eligible_for_cloud(live))
         return wanted
 
     def tick(self) -> None:
@@ -626,7 +570,6 @@ class Cloud:
         now = self.clock()
         self._choose_pop(now)
         wanted = self._wanted()
-        links = dict(self.links)
         for peer_id, ps in list(self.sessions.items()):
             if (ps.pop_index, ps.link_id) not in wanted:
                 del self.sessions[peer_id]
@@ -635,7 +578,7 @@ class Cloud:
             pid = pop_peer_id(self.pops[index].id, link_id)
             if pid not in self.sessions:
                 self.sessions[pid] = PopSession(
-                    self, self.pops[index], index, link_id, links[link_id]
+                    self, self.pops[index], index, link_id, self.links[link_id].link
                 )
         for ps in list(self.sessions.values()):
             try:
@@ -649,7 +592,10 @@ class Cloud:
                 del self.by_session[session]
         self._update_routes()
         self._upload_events(now)
-        self._tick_stun(now)
+        self.links.use_stun_server(self.stun_server())
+        # Once per tick, however many links changed (each register carries them all), and
+        # also for a session that was still registering when an endpoint changed.
+        self._reregister()
 
     def _choose_pop(self, now: float) -> None:
         primary_live = bool(self._live(0))
@@ -697,7 +643,7 @@ class Cloud:
 
     def _route_target(self) -> int | None:
         def best(cands: list[PopSession]) -> PopSession | None:
-            return min(cands, key=lambda ps: (ps.link.precedence, ps.link_id), default=None)
+            return min(cands, key=lambda ps: self.links.rank(ps.link_id), default=None)
 
         chosen = best(self._live(self.active)) or best(self._live(0))
         if chosen is None:
@@ -750,7 +696,7 @@ class Cloud:
                 break
             items.append(item)
             size += encoded
-        ps = min(live, key=lambda p: (p.link.precedence, p.link_id))
+        ps = min(live, key=lambda p: self.links.rank(p.link_id))
         # The store's instance id tells the PoP when this site's sequence restarted
         # (a new or reset database), so it does not drop the events as duplicates.
         msg = {"t": "events", "events": items, "instance": self.store.instance_id}
@@ -765,90 +711,10 @@ class Cloud:
         pop = self.pops[self.active]
         return pop.stun if pop.stun is not None else (pop.endpoint[0], STUN_DEFAULT_PORT)
 
-    def publics(self) -> tuple[str | None, ...]:
-        return tuple(self.public_str(i) for i, _ in self.links)
-
-    def public_str(self, link_id: int) -> str | None:
-        st = self.stun.get(link_id)
-        return str(st.public) if st is not None and st.public is not None else None
-
-    def _tick_stun(self, now: float) -> None:
-        server = self.stun_server()
-        for st in self.stun.values():
-            if st.server != server:
-                # A new PoP: the mapping toward it is what the mesh will be told about (with
-                # a randomising NAT it differs per destination), so ask it at once.
-                st.server, st.tx, st.next_at = server, None, now
-            if st.tx is None:
-                if now >= st.next_at:
-                    st.tx = StunTransaction(server, clock=self.clock)
-                    st.transactions += 1
-                    self.port.send(st.link_id, server, st.tx.start(now))
-                continue
-            due = st.tx.next_timeout(now)
-            if due is None or due > 0:
-                continue
-            again = st.tx.on_timeout(now)
-            if again is not None:
-                self.port.send(st.link_id, server, again)
-            elif st.tx.error is not None:
-                self._stun_failed(st, now)
-        # Once per tick, however many links changed (each register carries them all), and
-        # also for a session that was still registering when an endpoint changed.
-        self._reregister()
-
-    def on_stun(self, link_id: int, addr: Addr, data: bytes) -> bool:
-        """A STUN datagram that arrived on link_id; True if it answered our transaction."""
-        st = self.stun.get(link_id)
-        if st is None or st.tx is None:
-            return False
-        now = self.clock()
-        ep = st.tx.handle(data, addr)
-        if ep is None:
-            if st.tx.error is None:
-                return False
-            self._stun_failed(st, now)
-            return True
-        st.tx, st.error = None, None
-        st.learned_at = now
-        st.next_at = now + STUN_REFRESH_S
-        if ep != st.public:
-            link = dict(self.links)[link_id]
-            log.info(
-                "link %s: public endpoint %s (STUN via %s, was %s)",
-                link.name,
-                ep,
-                format_endpoint(addr),
-                st.public or "unknown",
-            )
-            st.public = ep
-        return True
-
-    def _stun_failed(self, st: LinkStun, now: float) -> None:
-        assert st.tx is not None
-        reason = st.tx.error or "failed"
-        link = dict(self.links)[st.link_id]
-        # A link that stays cut off fails every 45 s: only the first failure in a row warns.
-        log.log(
-            logging.WARNING if st.error is None else logging.DEBUG,
-            "link %s: STUN via %s failed: %s",
-            link.name,
-            format_endpoint(st.server) if st.server else "?",
-            reason,
-        )
-        st.tx, st.error = None, reason
-        st.failures += 1
-        st.next_at = now + STUN_RETRY_S
-        if st.public is not None:
-            # Without an answer the old mapping may be gone (router restart, new address);
-            # an unknown endpoint is better than a wrong one.
-            st.public = None
-            st.learned_at = None
-
     def _reregister(self) -> None:
         """Send `register` again on every registered PoP session that has not told the PoP the
         links' current public endpoints."""
-        current = self.publics()
+        current = self.links.publics()
         for ps in self.sessions.values():
             if ps.welcomed and ps.registered_public != current:
                 ps.register()
@@ -890,15 +756,15 @@ class Cloud:
         for index, pop in enumerate(self.pops):
             if index not in (0, self.active):
                 continue
-            for link_id, link in self.links:
-                ps = self.sessions.get(pop_peer_id(pop.id, link_id))
+            for wl in self.links:
+                ps = self.sessions.get(pop_peer_id(pop.id, wl.id))
                 if ps is not None:
                     row = ps.status(now)
                 else:
                     row = {
                         "pop_id": pop.id,
                         "endpoint": format_endpoint(pop.endpoint),
-                        "link": link.name,
+                        "link": wl.name,
                         "state": str(LinkState.DOWN),
                         "rtt_ms": None,
                         "last_seen_s": None,
@@ -908,10 +774,8 @@ class Cloud:
                     }
                 row["role"] = "primary" if index == 0 else "secondary"
                 row["active"] = index == self.active
-                row["public"] = self.public_str(link_id)
-                st = self.stun.get(link_id)
-                if st is not None:
-                    row["stun"] = st.status(now)
+                row["public"] = wl.public_str()
+                row["stun"] = wl.stun.status(now)
                 rows.append(row)
         return {**self.summary(), "sessions": rows}
 

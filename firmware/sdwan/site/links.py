@@ -1,23 +1,63 @@
-"""WAN links: the UDP socket of each link, bound to the link's device.
+"""The WAN links of a site: one `WanLink` per configured link, all held by the `LinkManager`.
 
-One socket per link carries everything of that link (tunnel data, DTLS, and later
-STUN and probes), so the NAT mapping a peer or the PoP sees is the same for all
-of it. The socket is created here and handed to the fast path, which keeps its
-own duplicate of the descriptor; link health comes with a later issue.
+A link here is everything the site knows about one `[[links]]` entry, in one place, so that the
+cloud, the LEDs and later the mesh and link health read links from here and not from each
+other (docs/links.md):
+
+* its id (the fast path's link number: config order plus one) and its configuration;
+* its UDP socket, bound to the link's device and handed to the fast path. One socket carries
+  everything of that link (tunnel data, DTLS, STUN, later probes), so the NAT mapping a peer
+  or the PoP sees is the same for all of it;
+* its state: whether its device can carry traffic, and why not (read from the kernel);
+* its local IPv4 address (read from the kernel; wanaddr.py may change it at any time);
+* its public endpoint, learned with STUN Binding transactions sent from that very socket to
+  the STUN server the cloud names (the active PoP's), refreshed periodically (docs/stun.md),
+  with a callback whenever it changes;
+* the precedence policy (which links carry PoP sessions, which link is preferred);
+* its NAT data in the store (the punched path to each peer over this link).
+
+Besides opening the sockets and asking the kernel about devices it does no I/O of its own: the
+supervisor calls `tick()` and hands it the STUN datagrams of each link; requests leave through
+the supervisor's `send` (the fast path's control send on the link's socket).
 """
 
 from __future__ import annotations
 
+import logging
 import socket
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from sdwan.bindings.fastpath import FastPath
+from sdwan.common.netdev import iface_ipv4, interface_fault
+from sdwan.common.store import NatEntry, Store
+from sdwan.common.stun import Endpoint, StunTransaction
+from sdwan.common.tomlcheck import format_endpoint
 from sdwan.site.config import Link
+
+log = logging.getLogger("sdwan.site.links")
+
+Addr = tuple[str, int]
 
 # Large buffers absorb bursts while the fast path's thread is descheduled; the
 # kernel caps them at net.core.[rw]mem_max unless we are privileged (we are).
 _SOCKET_BUFFER = 4 * 1024 * 1024
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 _SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+
+# Precedence 1 and 2 are main links: they always carry PoP sessions. A precedence 3 link is a
+# standby, used only while no main link reaches the PoP (docs/cloud.md).
+MAIN_PRECEDENCE_MAX = 2
+
+# A NAT forgets an idle UDP mapping after 30 s at the earliest, but the PoP sessions keep the
+# link socket's mappings busy; a minute catches a router restart or a new public address soon
+# enough while costing a handful of datagrams per link per minute.
+STUN_REFRESH_S = 60.0
+# After a transaction that got no answer (39.5 s of RFC 8489 retransmissions) or an error
+# response, the next one starts this much later.
+STUN_RETRY_S = 5.0
 
 
 def size_buffers(sock: socket.socket) -> None:
@@ -65,3 +105,321 @@ def open_link_socket(link_id: int, link: Link) -> LinkSocket:
         sock.close()
         raise
     return LinkSocket(link_id, link, sock)
+
+
+# --------------------------------------------------------------------------- one link
+
+
+@dataclass
+class LinkStun:
+    """What STUN taught us about one link's socket, and the transaction under way."""
+
+    link_id: int
+    server: Addr | None = None
+    tx: StunTransaction | None = None
+    public: Endpoint | None = None
+    learned_at: float | None = None
+    error: str | None = None
+    next_at: float = 0.0
+    transactions: int = 0
+    failures: int = 0
+
+    def status(self, now: float) -> dict[str, Any]:
+        return {
+            "server": format_endpoint(self.server) if self.server is not None else None,
+            "learned_s": None if self.learned_at is None else round(now - self.learned_at, 1),
+            "pending": self.tx is not None,
+            "error": self.error,
+            "transactions": self.transactions,
+            "failures": self.failures,
+        }
+
+
+class WanLink:
+    """One WAN link of the site (see the module docstring for what it holds)."""
+
+    def __init__(self, link_id: int, link: Link, manager: LinkManager) -> None:
+        self.id = link_id
+        self.link = link
+        self.stun = LinkStun(link_id)
+        # Where the socket is bound once opened: the configured port, or the one the kernel
+        # chose for port 0.
+        self.bound: Addr | None = None
+        self._manager = manager
+
+    def __repr__(self) -> str:
+        return f"WanLink({self.id}, {self.name!r}, {self.interface!r})"
+
+    @property
+    def name(self) -> str:
+        return self.link.name
+
+    @property
+    def interface(self) -> str:
+        return self.link.interface
+
+    @property
+    def precedence(self) -> int:
+        return self.link.precedence
+
+    @property
+    def main(self) -> bool:
+        """A main link (precedence 1 or 2), as opposed to a standby (3)."""
+        return self.link.precedence <= MAIN_PRECEDENCE_MAX
+
+    @property
+    def port(self) -> int:
+        return self.bound[1] if self.bound is not None else self.link.port
+
+    # ---------------------------------------------------------------- state
+
+    def fault(self) -> str | None:
+        """Why the link's device cannot carry traffic now, or None if it can."""
+        return interface_fault(self.link.interface)
+
+    def is_up(self) -> bool:
+        return self.fault() is None
+
+    def local_ipv4(self) -> str | None:
+        """The device's IPv4 address now (static, DHCP or none: it may change at any time)."""
+        return iface_ipv4(self.link.interface)
+
+    # ---------------------------------------------------------------- public endpoint
+
+    @property
+    def public(self) -> Endpoint | None:
+        """The endpoint STUN last reported for this link's socket; None while unknown."""
+        return self.stun.public
+
+    def public_str(self) -> str | None:
+        return str(self.stun.public) if self.stun.public is not None else None
+
+    # ---------------------------------------------------------------- NAT data
+
+    def nat(self, peer_id: int) -> NatEntry | None:
+        """The punched path to `peer_id` over this link, as stored (None without a store)."""
+        store = self._manager.store
+        return store.nat(peer_id, self.name) if store is not None else None
+
+    def nat_all(self) -> list[NatEntry]:
+        """Every stored punched path over this link."""
+        store = self._manager.store
+        if store is None:
+            return []
+        return [e for e in store.nat_all() if e.link == self.name]
+
+    def put_nat(
+        self,
+        peer_id: int,
+        peer_public: str | Addr,
+        local_public: str | Addr | None = None,
+        at: float | None = None,
+    ) -> NatEntry | None:
+        """Record the punched path to `peer_id` over this link; `local_public` defaults to the
+        link's public endpoint. None without a store (NAT data only speeds up reconnecting)."""
+        store = self._manager.store
+        if store is None:
+            return None
+        mine: str | Addr | None = local_public
+        if mine is None and self.stun.public is not None:
+            mine = (self.stun.public.ip, self.stun.public.port)
+        if mine is None:
+            raise ValueError(f"link {self.name}: no public endpoint known to record")
+        return store.put_nat(peer_id, self.name, self.port, mine, peer_public, at=at)
+
+    def forget_nat(self, peer_id: int) -> int:
+        store = self._manager.store
+        return store.forget_nat(peer_id, self.name) if store is not None else 0
+
+
+# --------------------------------------------------------------------------- all links
+
+PublicChange = Callable[[WanLink, Endpoint | None], None]
+
+
+class LinkManager:
+    """The WAN links of a site, by id (1..N in config order)."""
+
+    def __init__(
+        self,
+        links: Sequence[Link],
+        *,
+        send: Callable[[int, Addr, bytes], None],
+        clock: Callable[[], float] = time.monotonic,
+        store: Store | None = None,
+    ) -> None:
+        self._links: dict[int, WanLink] = {
+            i + 1: WanLink(i + 1, link, self) for i, link in enumerate(links)
+        }
+        self.send = send
+        self.clock = clock
+        self.store = store
+        self.stun_server: Addr | None = None
+        self._on_public: list[PublicChange] = []
+
+    def __iter__(self) -> Iterator[WanLink]:
+        return iter(self._links.values())
+
+    def __len__(self) -> int:
+        return len(self._links)
+
+    def __getitem__(self, link_id: int) -> WanLink:
+        return self._links[link_id]
+
+    def get(self, link_id: int) -> WanLink | None:
+        return self._links.get(link_id)
+
+    def by_name(self, name: str) -> WanLink:
+        for wl in self._links.values():
+            if wl.name == name:
+                return wl
+        raise KeyError(name)
+
+    @property
+    def ids(self) -> dict[str, int]:
+        """Link name -> link id."""
+        return {wl.name: wl.id for wl in self._links.values()}
+
+    def open(self, fp: FastPath) -> None:
+        """Open every link's socket and hand it to the fast path (which keeps its own
+        duplicate of the descriptor). Raises LinkError naming the link that failed."""
+        for wl in self._links.values():
+            ls = open_link_socket(wl.id, wl.link)
+            with ls.sock:
+                fp.link_add(wl.id, ls.sock.fileno())
+                wl.bound = ls.sock.getsockname()[:2]
+
+    # ---------------------------------------------------------------- state
+
+    def states(self) -> dict[str, bool]:
+        """Link name -> its device can carry traffic now."""
+        return {wl.name: wl.is_up() for wl in self._links.values()}
+
+    def faults(self) -> dict[str, str | None]:
+        """Link name -> why its device cannot carry traffic now (None: it can)."""
+        return {wl.name: wl.fault() for wl in self._links.values()}
+
+    # ---------------------------------------------------------------- precedence policy
+
+    def eligible_for_cloud(self, live: Iterable[int]) -> list[int]:
+        """Ids of the links that should carry a session to a PoP, given the ids of the links
+        whose session to that PoP is live: every main link always; a standby link only while
+        no main link is live, or when the site has no main link at all."""
+        live_ids = set(live)
+        mains = [wl.id for wl in self._links.values() if wl.main]
+        live_main = any(i in live_ids for i in mains)
+        return [wl.id for wl in self._links.values() if wl.main or not live_main or not mains]
+
+    def rank(self, link_id: int) -> tuple[int, int]:
+        """Sort key of links by preference: lowest precedence first, then config order."""
+        return (self._links[link_id].precedence, link_id)
+
+    # ---------------------------------------------------------------- STUN
+
+    def on_public_change(self, callback: PublicChange) -> None:
+        """Call `callback(link, old)` whenever a link's public endpoint is learned, changes
+        or is forgotten (link.public is the new value)."""
+        self._on_public.append(callback)
+
+    def publics(self) -> tuple[str | None, ...]:
+        """Every link's public endpoint as text (None: unknown), in link order."""
+        return tuple(wl.public_str() for wl in self._links.values())
+
+    def public_str(self, link_id: int) -> str | None:
+        wl = self._links.get(link_id)
+        return wl.public_str() if wl is not None else None
+
+    def use_stun_server(self, server: Addr | None) -> None:
+        """Map every link against `server` from now on (None: stop). A new server is asked at
+        once: the mapping toward it is what the mesh will be told about (with a randomising
+        NAT it differs per destination)."""
+        if server == self.stun_server:
+            return
+        self.stun_server = server
+        now = self.clock()
+        for wl in self._links.values():
+            st = wl.stun
+            st.server, st.tx, st.next_at = server, None, now
+        self.tick()
+
+    def tick(self) -> None:
+        """Start due transactions and retransmit or fail the ones under way."""
+        server = self.stun_server
+        if server is None:
+            return
+        now = self.clock()
+        for wl in self._links.values():
+            st = wl.stun
+            if st.tx is None:
+                if now >= st.next_at:
+                    st.tx = StunTransaction(server, clock=self.clock)
+                    st.transactions += 1
+                    self.send(wl.id, server, st.tx.start(now))
+                continue
+            due = st.tx.next_timeout(now)
+            if due is None or due > 0:
+                continue
+            again = st.tx.on_timeout(now)
+            if again is not None:
+                self.send(wl.id, server, again)
+            elif st.tx.error is not None:
+                self._stun_failed(wl, now)
+
+    def on_stun(self, link_id: int, addr: Addr, data: bytes) -> bool:
+        """A STUN datagram that arrived on link_id; True if it answered our transaction."""
+        wl = self._links.get(link_id)
+        if wl is None or wl.stun.tx is None:
+            return False
+        st = wl.stun
+        now = self.clock()
+        ep = st.tx.handle(data, addr)
+        if ep is None:
+            if st.tx.error is None:
+                return False
+            self._stun_failed(wl, now)
+            return True
+        st.tx, st.error = None, None
+        st.learned_at = now
+        st.next_at = now + STUN_REFRESH_S
+        if ep != st.public:
+            old = st.public
+            log.info(
+                "link %s: public endpoint %s (STUN via %s, was %s)",
+                wl.name,
+                ep,
+                format_endpoint(addr),
+                old or "unknown",
+            )
+            st.public = ep
+            self._public_changed(wl, old)
+        return True
+
+    def _stun_failed(self, wl: WanLink, now: float) -> None:
+        st = wl.stun
+        assert st.tx is not None
+        reason = st.tx.error or "failed"
+        # A link that stays cut off fails every 45 s: only the first failure in a row warns.
+        log.log(
+            logging.WARNING if st.error is None else logging.DEBUG,
+            "link %s: STUN via %s failed: %s",
+            wl.name,
+            format_endpoint(st.server) if st.server else "?",
+            reason,
+        )
+        st.tx, st.error = None, reason
+        st.failures += 1
+        st.next_at = now + STUN_RETRY_S
+        if st.public is not None:
+            # Without an answer the old mapping may be gone (router restart, new address);
+            # an unknown endpoint is better than a wrong one.
+            old = st.public
+            st.public = None
+            st.learned_at = None
+            self._public_changed(wl, old)
+
+    def _public_changed(self, wl: WanLink, old: Endpoint | None) -> None:
+        for callback in self._on_public:
+            try:
+                callback(wl, old)
+            except Exception:  # a listener's bug must not stop STUN on the other links
+                log.exception("link %s: public endpoint listener failed", wl.name)

@@ -1,10 +1,10 @@
 """socketd, the appliance supervisor: wires the parts together and owns nothing
-else. Config (config.py) -> fast path (fastpath.py) with the TUN device and one
-socket per link (links.py) -> kernel routes and MSS clamp (netcfg.py) -> one
+else. Config (config.py) -> fast path (fastpath.py) with the TUN device and the
+WAN links (links.py: sockets, state, STUN) -> kernel routes and MSS clamp (netcfg.py) -> one
 PeerTunnel per peer (tunnel.py) fed by the DTLS sessions (dtls.py) that this
-module demultiplexes from the fast path's control queue -> the PoP sessions,
-cloud route candidates and STUN answers (cloud.py) -> the routes of every prefix, static and
-cloud (paths.py) -> events and cloud documents in the store (store.py) ->
+module demultiplexes from the fast path's control queue -> the PoP sessions and
+cloud route candidates (cloud.py) -> the routes of every prefix, static and cloud (paths.py)
+-> events and cloud documents in the store (store.py) ->
 status over the control socket (control.py).
 """
 
@@ -27,7 +27,6 @@ from sdwan.appliance.leds import (
     LedController,
     Pattern,
     choose_pattern,
-    link_states,
     open_leds,
 )
 from sdwan.appliance.wanaddr import WanAddressing
@@ -41,7 +40,7 @@ from sdwan.common.store import Store, StoreError
 from sdwan.common.stun import is_stun
 from sdwan.site.cloud import Cloud, CloudTimers
 from sdwan.site.config import SiteConfig, load_config
-from sdwan.site.links import LinkError, open_link_socket
+from sdwan.site.links import LinkError, LinkManager
 from sdwan.site.paths import Candidate, Paths, Transport
 from sdwan.site.tundev import TunError, attach_tun
 from sdwan.site.tunnel import KICK_TYPE, Addr, PeerTunnel, Timers, decode_kick
@@ -93,7 +92,8 @@ class Supervisor:
         self.stats = _Stats()
         self.sessions: dict[tuple[int, Addr], _Session] = {}
         self.tunnels: dict[int, PeerTunnel] = {}
-        self.link_ids = {link.name: i + 1 for i, link in enumerate(cfg.links)}
+        self.links = LinkManager(cfg.links, send=self.send, clock=clock)
+        self.link_ids = self.links.ids
         self.fp: FastPath | None = None
         self.dtls: DtlsContext | None = None
         self.control: ControlServer | None = None
@@ -127,14 +127,10 @@ class Supervisor:
             attach_tun(fp, cfg.tunnel.interface)
         except TunError as e:
             raise StartupError(str(e)) from e
-        for link in cfg.links:
-            link_id = self.link_ids[link.name]
-            try:
-                ls = open_link_socket(link_id, link)
-            except LinkError as e:
-                raise StartupError(str(e)) from e
-            with ls.sock:
-                fp.link_add(link_id, ls.sock.fileno())
+        try:
+            self.links.open(fp)
+        except LinkError as e:
+            raise StartupError(str(e)) from e
         timers = Timers(
             keepalive_s=cfg.tunnel.keepalive_s,
             rekey_s=cfg.tunnel.rekey_s,
@@ -162,6 +158,7 @@ class Supervisor:
         except (StoreError, OSError) as e:
             # Tunnels work without a store; only history and the cloud copy are lost.
             log.error("store unusable, running without one: %s", e)
+        self.links.store = self.store
         self.cloud = self._make_cloud(fp)
         assert self.paths is not None
         plan = Plan(
@@ -194,7 +191,7 @@ class Supervisor:
         return Cloud(
             site_id=cfg.site.id,
             version=__version__,
-            links=[(self.link_ids[ln.name], ln) for ln in cfg.links],
+            links=self.links,
             pops=cfg.pops,
             timers=CloudTimers(
                 keepalive_s=cfg.cloud.keepalive_ms / 1000,
@@ -326,9 +323,9 @@ class Supervisor:
             self.stats.control_unknown += 1
 
     def _on_stun(self, link_id: int, addr: Addr | None, data: bytes) -> None:
-        # Answers to the cloud's Binding requests; anything else (requests from strangers,
+        # Answers to the links' Binding requests; anything else (requests from strangers,
         # late retransmitted answers) is counted and dropped: a link socket reflects nothing.
-        if addr is None or self.cloud is None or not self.cloud.on_stun(link_id, addr, data):
+        if addr is None or not self.links.on_stun(link_id, addr, data):
             self.stats.stun_unmatched += 1
 
     def _on_kick(self, link_id: int, addr: Addr, data: bytes) -> None:
@@ -463,6 +460,10 @@ class Supervisor:
                 tunnel.tick()
             except Exception:
                 log.exception("tunnel %d tick failed", tunnel.peer_id)
+        try:
+            self.links.tick()
+        except Exception:
+            log.exception("links tick failed")
         if self.cloud is not None:
             try:
                 self.cloud.tick()
@@ -610,7 +611,7 @@ class Supervisor:
             pets.cancel()
 
     def _show_leds(self, leds: LedController) -> None:
-        links = link_states((ln.name, ln.interface) for ln in self.cfg.links)
+        links = self.links.states()
         cloud = self.cloud.state if self.cloud is not None else "off"
         self._cloud_was_up |= cloud == "up"
         # Until the cloud is first reached (or the grace runs out) the box is booting, however
@@ -698,6 +699,7 @@ class Supervisor:
             self.fp.close()
             self.fp = None
         if self.store is not None:
+            self.links.store = None
             self.store.close()
             self.store = None
 
