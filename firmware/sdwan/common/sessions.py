@@ -188,6 +188,7 @@ class _Entry:
     hello_random: bytes | None = None  # of the ClientHello a server session answers
     reported: bool = False  # established or failed already handed on
     closed_reported: bool = False
+    source: str = ""  # policy.source_of(addr), kept: parsing it per admission is not free
 
     @property
     def key(self) -> Key:
@@ -368,7 +369,7 @@ class SessionLayer:
         known = self._known(link_id, addr)
         if not (known and p.known_skip_per_source):
             source = p.source_of(addr[0])
-            if sum(1 for e in pending if p.source_of(e.addr[0]) == source) >= p.max_per_source:
+            if sum(1 for e in pending if e.source == source) >= p.max_per_source:
                 return False
         if len(pending) < p.max_handshaking:
             return True
@@ -387,6 +388,7 @@ class SessionLayer:
 
     def _register(self, entry: _Entry) -> None:
         """Put entry in the table; a handshake it displaces is failed, not orphaned."""
+        entry.source = self.policy.source_of(entry.addr[0])
         old = self._table.get(entry.key)
         if old is not None and not old.reported and not old.session.established:
             old.reported = True
