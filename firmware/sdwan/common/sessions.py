@@ -211,6 +211,8 @@ class _AllowedIds:
 
 
 class SessionLayer:
+    """One daemon's DTLS sessions, from the control queue to the owners' tunnels."""
+
     def __init__(
         self,
         *,
@@ -279,7 +281,7 @@ class SessionLayer:
         if addr is None or not data:
             self.stats.unknown += 1
         elif len(data) >= CTRL_MAX:
-            # The fast path cut it to its buffer: whatever it was, it is not whole.
+            # At the fast path's limit for control datagrams: none of ours is that large.
             self.stats.oversized += 1
             self._ratelog.warning(
                 "oversized", "oversized datagram from %s dropped", format_addr(addr)
