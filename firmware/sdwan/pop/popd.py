@@ -2,9 +2,10 @@
 
 PoP config and account (account.py) -> one UDP socket on the listen port handed to a fast path
 with relay on (fastpath.py; no TUN: the PoP only relays) -> DTLS sessions from sites
-(dtls.py, cookies, only sites of the account) demultiplexed here from the fast path's control
-queue -> per (site, link) a `SiteSession`: key hand-over as the responder (the same `key` /
-`key-ack` messages as tunnel.md), `register` -> `welcome`, keepalives, liveness -> the relay
+(dtls.py, cookies, only sites of the account) demultiplexed from the fast path's control queue
+by the session layer (sessions.py, shared with socketd; the Pop is its one owner) -> per (site,
+link) a `SiteSession`: key hand-over as the responder (handover.py, the same `key` / `key-ack`
+messages as tunnel.md), `register` -> `welcome`, keepalives, liveness -> the relay
 routes (each site's subnets to its best live session) and the peer directory pushed on every
 change -> events uploaded by sites and the PoP's own, in SQLite (store.py) -> a STUN server
 (stun.py) on its own port -> status over a control socket (control.py, `popctl`).
@@ -19,9 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ipaddress
 import logging
-import secrets
 import signal
 import socket
 import sys
@@ -31,13 +30,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdwan import __version__
-from sdwan.bindings.fastpath import CTRL_MAX, CtrlEvent, FastPath, FastPathConfig, FastPathError
+from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig, FastPathError
 from sdwan.common.control import ControlServer
 from sdwan.common.daemon import StartupError, run_service
-from sdwan.common.dtls import DtlsContext, DtlsSession, client_hello_random, is_client_hello
+from sdwan.common.dtls import DtlsContext, DtlsSession
+from sdwan.common.handover import KeyHandover, key_index
 from sdwan.common.messages import FragStats, Reassembler, encode, record_limit
+from sdwan.common.ratelog import RateLog
+from sdwan.common.sessions import Policy, SessionLayer, SessionOwner, source_block
 from sdwan.common.store import Store, StoreError
-from sdwan.common.stun import StunServer, is_stun
+from sdwan.common.stun import StunServer
 from sdwan.common.tomlcheck import format_endpoint
 from sdwan.pop.account import Account, ConfigError, load_account
 from sdwan.pop.config import PopConfig, load_pop_config
@@ -51,10 +53,7 @@ LINK_ID = 1  # the PoP has one UDP socket, so one fast-path link
 TICK_S = 0.05
 DB_NAME = "popd.db"
 DTLS_MTU = 1400  # what the PoP's records may fill; larger messages go in fragments
-HANDSHAKE_DEADLINE_S = 10.0
 REGISTER_DEADLINE_S = 10.0  # an established session that never registers is dropped
-MAX_HANDSHAKING = 512
-MAX_HANDSHAKING_PER_IP = 16  # per IPv4 address or IPv6 /64; several sites may share one NAT
 MAX_EVENTS_PER_WAKEUP = 256
 # A site's largest message is an events upload (MAX_UPLOADED_EVENTS events); reassembly of
 # anything larger is abandoned before it is buffered.
@@ -63,50 +62,27 @@ MAX_PARTIALS = 2  # messages a site may have partly sent at once
 FRAG_TIMEOUT_S = 5.0
 MAX_LINKS = 16
 MAX_UPLOADED_EVENTS = 200
-REJECTIONS_KEPT = 20
 KEY_RESEND_S = 0.5
 KEY_RESEND_MAX = 20
 # Fast-path peer ids: S << 8 | L for a registered session (below 2^24); a session that has
 # not registered yet lives under an id from this range, which S << 8 | L never reaches.
 TEMP_PEER_BASE = 0x40000000
-LOG_BURST = 5
-LOG_WINDOW_S = 10.0
+# Every site is a stranger until it authenticates, and several may share one NAT: a source
+# (an IPv4 address or IPv6 /64) gets a few slots, any newcomer may evict the oldest handshake
+# from an address without a session, and every refusal is listed.
+POP_POLICY = Policy(
+    max_handshaking=512,
+    max_per_source=16,
+    source_of=source_block,
+    known_skip_per_source=False,
+    strangers_evict=True,
+    list_strangers=True,
+    mtu=DTLS_MTU,
+)
 
 
 def _ep(addr: Addr) -> str:
     return format_endpoint(addr)
-
-
-class _RateLog:
-    """At most LOG_BURST lines per key and LOG_WINDOW_S; what was held back is counted."""
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self._windows: dict[str, list[float]] = {}
-
-    def warning(self, key: str, msg: str, *args: object) -> None:
-        now = self._clock()
-        win = self._windows.get(key)
-        if win is None or now - win[0] >= LOG_WINDOW_S:
-            if win is not None and win[2] > 0:
-                log.warning("%s: %d more like this were not logged", key, int(win[2]))
-            win = self._windows[key] = [now, 0, 0]
-            if len(self._windows) > 1024:
-                # Keys carry no source addresses, so this only guards against a bug.
-                self._windows = {key: win}
-        if win[1] < LOG_BURST:
-            win[1] += 1
-            log.warning(msg, *args)
-        else:
-            win[2] += 1
-
-
-@dataclass
-class _Handshake:
-    session: DtlsSession
-    addr: Addr
-    created: float
-    hello_random: bytes | None = None  # of the ClientHello it answers
 
 
 @dataclass(eq=False)
@@ -118,14 +94,8 @@ class SiteSession:
     dtls: DtlsSession
     peer_id: int
     created: float
-    keys: tuple[bytes, bytes]
-    local_idx: int
     last_auth_ns: int
-    pending_idx: int | None = None
-    key_sends: int = 0
-    next_key_send: float = 0.0
-    remote_idx: int | None = None
-    activated: tuple[int, int] | None = None  # (local, remote) indices active for transmit
+    handover: KeyHandover = field(init=False, repr=False)  # made right after the session
     registered: bool = False
     link_index: int | None = None
     link: dict[str, Any] = field(default_factory=dict)
@@ -133,6 +103,11 @@ class SiteSession:
     version: str = ""
     registered_at: float | None = None
     reassembler: Reassembler | None = None  # of the current `dtls`; made on first use
+
+    @property
+    def activated(self) -> tuple[int, int] | None:
+        """(local, remote) indices active for transmit."""
+        return self.handover.activated
 
     @property
     def precedence(self) -> int:
@@ -145,13 +120,8 @@ class SiteSession:
 
 @dataclass
 class _Stats:
-    garbage: int = 0
-    oversized: int = 0
-    dtls_no_session: int = 0
-    dtls_rejected: int = 0
-    handshakes_refused_admission: int = 0
-    handshakes_evicted: int = 0
-    unknown_site: int = 0
+    # What arrives outside a session (garbage, refused handshakes...) is the session layer's.
+    oversized: int = 0  # messages past MAX_MESSAGE
     messages_malformed: int = 0
     messages_unknown: int = 0
     registrations_refused: int = 0
@@ -161,25 +131,10 @@ class _Stats:
     events_duplicate: int = 0
     events_malformed: int = 0
     fragments: FragStats = field(default_factory=FragStats)
-    rejections: collections.deque = field(
-        default_factory=lambda: collections.deque(maxlen=REJECTIONS_KEPT)
-    )
 
 
 class RegisterError(ValueError):
     """A register message that cannot be accepted; the message is the `error` reason."""
-
-
-def _source_block(ip: str) -> str:
-    """What counts as one source for admission: an IPv4 address or an IPv6 /64
-    (a single host gets a whole /64 to pick addresses from)."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip
-    if addr.version == 6:
-        return str(ipaddress.ip_network(f"{addr}/64", strict=False))
-    return ip
 
 
 def _check_link(value: Any, what: str) -> dict[str, Any]:
@@ -209,19 +164,30 @@ def _check_link(value: Any, what: str) -> dict[str, Any]:
     }
 
 
-class Pop:
+class Pop(SessionOwner):
+    """The PoP, and the one owner of its session layer: every established session is a site's
+    (`tunnel_for` answers with the Pop itself, which takes the sessions as their tunnel)."""
+
     def __init__(self, cfg: PopConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.clock = clock
         self.started = clock()
         self.stats = _Stats()
-        self.ratelog = _RateLog(clock)
+        self.ratelog = RateLog(log, clock)
         self.account: Account | None = None
         self.account_loaded_at: float | None = None
         self.account_error: str | None = None
-        self.handshakes: dict[Addr, _Handshake] = {}
+        self.sessions = SessionLayer(
+            send=lambda _link, addr, data: self.send(addr, data),
+            clock=clock,
+            policy=POP_POLICY,
+            on_stun=self._on_stun,
+        )
+        self.sessions.add_owner(self)
         self.by_addr: dict[Addr, SiteSession] = {}
         self.by_peer: dict[int, SiteSession] = {}
+        self.by_dtls: dict[DtlsSession, SiteSession] = {}
+        self._session_ips: collections.Counter[str] = collections.Counter()  # of by_addr
         self.routes: dict[str, int] = {}
         self.rev = int(time.time() * 1000)  # grows across restarts too
         self._directory: list[dict[str, Any]] | None = None
@@ -246,6 +212,7 @@ class Pop:
         self._load_account_at_start()
         try:
             self.dtls = DtlsContext(cfg.pki.ca, cfg.pki.cert, cfg.pki.key, ("pop", cfg.id))
+            self.sessions.dtls = self.dtls
         except (OSError, ValueError) as e:
             raise StartupError(str(e)) from e
         fp_cfg = FastPathConfig.default()
@@ -348,120 +315,62 @@ class Pop:
         self.fp.ctrl_drain(self._on_ctrl_event, MAX_EVENTS_PER_WAKEUP)
 
     def _on_ctrl_event(self, ev: CtrlEvent) -> None:
-        if ev.event in (CtrlEvent.REKEY, CtrlEvent.KEY_EXPIRED):
-            # The socket (the DTLS client) rekeys; the PoP cannot start a handshake.
-            s = self.by_peer.get(ev.peer_id)
-            if s is not None and ev.event == CtrlEvent.KEY_EXPIRED:
-                self.ratelog.warning(
-                    "key-expired", "site %d: transmit key expired, waiting for its rekey", s.site_id
-                )
-            return
-        data, addr = ev.data, ev.addr
-        if addr is None:
-            self.stats.garbage += 1
-            return
-        if len(data) >= CTRL_MAX:
-            self.stats.oversized += 1
-            self.ratelog.warning("oversized", "oversized datagram from %s dropped", _ep(addr))
-            return
-        if data and 20 <= data[0] <= 63:
-            self._on_dtls(addr, data)
-        elif is_stun(data):
-            reply = self.stun_main.handle(data, addr)
-            if reply is not None:
-                self.send(addr, reply)
-        else:
-            self.stats.garbage += 1
-            self.ratelog.warning(
-                "garbage", "garbage datagram (%d bytes) from %s dropped", len(data), _ep(addr)
-            )
+        self.sessions.on_ctrl_event(ev)
 
-    def _allowed_sites(self) -> frozenset[int]:
-        return self.account.site_ids if self.account is not None else frozenset()
-
-    def _on_dtls(self, addr: Addr, data: bytes) -> None:
-        assert self.dtls is not None
-        hs = self.handshakes.get(addr)
-        hello = client_hello_random(data) if is_client_hello(data) else None
-        # A new random: the site restarted mid-handshake, and the stale
-        # handshake would ignore it until it timed out. It is replaced only
-        # once the new hello has passed the cookie check, so a forged hello
-        # cannot abort a handshake in progress.
-        restarted = hs is not None and hello is not None and hello != hs.hello_random
-        if is_client_hello(data) and (hs is None or restarted):
-            result = self.dtls.accept(
-                data, _ep(addr), mtu=DTLS_MTU, allowed_site_ids=self._allowed_sites()
-            )
-            for reply in result.replies:
-                self.send(addr, reply)
-            if result.session is None:
-                if result.reason not in (None, "cookie sent"):
-                    self._reject(addr, result.reason or "refused", None)
-                return
-            if restarted:
-                self.handshakes.pop(addr, None)
-            if not self._admit(addr):
-                self.stats.handshakes_refused_admission += 1
-                return
-            hs = self.handshakes[addr] = _Handshake(
-                result.session, addr, self.clock(), hello_random=hello
-            )
-            self._after_handshake_input(hs)
-            return
-        if hs is not None:
-            for reply in hs.session.receive(data):
-                self.send(addr, reply)
-            self._after_handshake_input(hs)
-            return
-        s = self.by_addr.get(addr)
-        if s is None:
-            self.stats.dtls_no_session += 1
-            return
-        for reply in s.dtls.receive(data):
+    def _on_stun(self, _link_id: int, addr: Addr, data: bytes) -> bool:
+        reply = self.stun_main.handle(data, addr)  # it counts what it drops
+        if reply is not None:
             self.send(addr, reply)
-        self._after_session_input(s)
-
-    def _admit(self, addr: Addr) -> bool:
-        """Room for one more handshake from addr (its cookie was valid)?
-
-        A cookie only proves the sender receives at its address, so a table
-        that simply refused newcomers when full could be held by a few hosts
-        re-sending hellos. Instead, when full, the oldest handshake from an
-        address with no session of a site is dropped to make room; a host (an
-        IPv6 /64 counts as one) may hold only a few slots at a time."""
-        block = _source_block(addr[0])
-        if sum(1 for a in self.handshakes if _source_block(a[0]) == block) >= (
-            MAX_HANDSHAKING_PER_IP
-        ):
-            return False
-        if len(self.handshakes) < MAX_HANDSHAKING:
-            return True
-        known = {a[0] for a in self.by_addr}
-        strangers = [hs for a, hs in self.handshakes.items() if a[0] not in known]
-        if not strangers:
-            return False
-        victim = min(strangers, key=lambda hs: hs.created)
-        del self.handshakes[victim.addr]
-        self.stats.handshakes_evicted += 1
         return True
 
-    def _after_handshake_input(self, hs: _Handshake) -> None:
-        session = hs.session
-        if session.failed is not None:
-            self.handshakes.pop(hs.addr, None)
-            self._reject(hs.addr, session.failed, session)
-        elif session.established:
-            self.handshakes.pop(hs.addr, None)
-            self._on_established(session, hs.addr)
+    # ---------------------------------------------------------------- session owner
 
-    def _reject(self, addr: Addr, reason: str, session: DtlsSession | None) -> None:
-        self.stats.dtls_rejected += 1
-        if "not a configured peer" in reason:
-            self.stats.unknown_site += 1
-        if reason.startswith(("not a ClientHello", "malformed ClientHello")):
-            self.stats.garbage += 1
-        self.stats.rejections.append({"at": time.time(), "from": _ep(addr), "reason": reason})
-        self.ratelog.warning("handshake", "handshake from %s refused: %s", _ep(addr), reason)
+    def allowed_ids(self) -> frozenset[int]:
+        return self.account.site_ids if self.account is not None else frozenset()
+
+    def is_known_source(self, link_id: int, addr: Addr) -> bool:
+        # A host where a site already lives: its new handshakes come before strangers'.
+        return addr[0] in self._session_ips
+
+    def tunnel_for(self, session: DtlsSession) -> Pop | None:
+        if session in self.by_dtls:
+            return self
+        site_id = session.peer_site_id
+        if session.established and site_id is not None and self.account is not None:
+            return self if self.account.site(site_id) is not None else None
+        return None
+
+    def sessions_in_use(self) -> list[DtlsSession]:
+        return [s.dtls for s in self.by_addr.values()]
+
+    def on_key_event(self, peer_id: int, expired: bool) -> bool:
+        # The socket (the DTLS client) rekeys; the PoP cannot start a handshake.
+        s = self.by_peer.get(peer_id)
+        if s is not None and expired:
+            self.ratelog.warning(
+                "key-expired", "site %d: transmit key expired, waiting for its rekey", s.site_id
+            )
+        return True
+
+    def on_failed(self, session: DtlsSession | None, reason: str) -> None:
+        """Nothing to do: a refused handshake is the session layer's to count and list."""
+
+    def on_closed(self, session: DtlsSession, reason: str) -> None:
+        s = self.by_dtls.get(session)
+        if s is not None and self.by_addr.get(s.addr) is s:
+            failed = session.failed
+            self._drop(s, f"DTLS error: {failed}" if failed else "the site closed the session")
+
+    def on_message(self, session: DtlsSession, data: bytes) -> None:
+        s = self.by_dtls.get(session)
+        if s is None or self.by_addr.get(s.addr) is not s:
+            return
+        s.last_auth_ns = time.monotonic_ns()
+        try:
+            self._on_record(s, data)
+        except Exception:
+            log.exception("site %d: message dropped", s.site_id)
+            self.stats.messages_malformed += 1
 
     # ---------------------------------------------------------------- sessions
 
@@ -472,39 +381,23 @@ class Pop:
             if pid not in self.by_peer:
                 return pid
 
-    def _install(self, peer_id: int, keys: tuple[bytes, bytes], idx: int | None = None) -> int:
-        assert self.fp is not None
-        for _ in range(16):
-            cand = idx if idx is not None else (secrets.randbits(32) or 1)
-            try:
-                self.fp.key_install(peer_id, cand, keys[0], keys[1])
-                return cand
-            except FastPathError as e:
-                if e.errno != 17:  # EEXIST: that index is taken
-                    raise
-                idx = None
-        raise RuntimeError("no free key index after 16 draws")
-
-    def _on_established(self, session: DtlsSession, addr: Addr) -> None:
+    def on_established(self, session: DtlsSession, link_id: int, addr: Addr) -> None:
+        """A site's session (tunnel_for checked the site is in the account)."""
         assert self.fp is not None
         site_id = session.peer_site_id
-        if site_id is None or self.account is None or self.account.site(site_id) is None:
-            self._reject(addr, f"site {site_id} is not in the account", session)
-            for d in session.close():
-                self.send(addr, d)
-            return
-        keys = session.export_keys()
+        assert site_id is not None
         old = self.by_addr.get(addr)
         if old is not None and old.site_id == site_id and old.registered:
             # A rekey: the new keys go to the spare slot of the same peer; the old ones keep
             # receiving until the site switches.
+            if self.by_dtls.get(old.dtls) is old:
+                del self.by_dtls[old.dtls]
             old.dtls = session
+            self.by_dtls[session] = old
             old.reassembler = None  # fragments never span two sessions
-            old.keys = keys
-            old.local_idx = self._install(old.peer_id, keys)
-            old.remote_idx = None
+            old.handover.install(session)
             old.last_auth_ns = time.monotonic_ns()
-            self._start_key_handover(old)
+            old.handover.announce()
             log.info("site %d link %s: rekeyed", site_id, old.link_name)
             return
         if old is not None:
@@ -512,68 +405,40 @@ class Pop:
         peer_id = self._new_temp_id()
         self.fp.peer_add(peer_id)
         self.fp.set_endpoint(peer_id, LINK_ID, addr)
-        idx = self._install(peer_id, keys)
         s = SiteSession(
             site_id=site_id,
             addr=addr,
             dtls=session,
             peer_id=peer_id,
             created=self.clock(),
-            keys=keys,
-            local_idx=idx,
             last_auth_ns=time.monotonic_ns(),
         )
+        s.handover = KeyHandover(
+            self.fp,
+            peer_id,
+            send=lambda msg: self._send_msg(s, msg),
+            on_unacknowledged=lambda: self._drop(s, "the site never acknowledged the keys"),
+            clock=self.clock,
+            resend_s=KEY_RESEND_S,
+            resend_max=KEY_RESEND_MAX,
+        )
+        s.handover.install(session)
         self.by_addr[addr] = s
+        self._session_ips[addr[0]] += 1
         self.by_peer[peer_id] = s
+        self.by_dtls[session] = s
         self.stats.sessions_opened += 1
         log.info("site %d: DTLS session from %s established", site_id, _ep(addr))
-        self._start_key_handover(s)
-        self._after_session_input(s)
-
-    def _start_key_handover(self, s: SiteSession) -> None:
-        s.pending_idx = s.local_idx
-        s.key_sends = 0
-        self._send_key(s)
-
-    def _send_key(self, s: SiteSession) -> None:
-        if s.pending_idx is None:
-            return
-        if s.key_sends >= KEY_RESEND_MAX:
-            self._drop(s, "the site never acknowledged the keys")
-            return
-        s.key_sends += 1
-        s.next_key_send = self.clock() + KEY_RESEND_S
-        self._send_msg(s, {"t": "key", "idx": s.pending_idx})
+        s.handover.announce()
 
     def _activate(self, s: SiteSession, recompute: bool = True) -> None:
         """Transmit with the current keys once the site's index is known and the session has
         its final fast-path peer (so no nonce is ever used under two peers with one key)."""
-        assert self.fp is not None
-        if not s.registered or s.remote_idx is None:
+        if not s.registered:
             return
-        if s.activated == (s.local_idx, s.remote_idx):
-            return
-        self.fp.key_activate(s.peer_id, s.local_idx, s.remote_idx)
         first = s.activated is None
-        s.activated = (s.local_idx, s.remote_idx)
-        if first and recompute:
+        if s.handover.activate() and first and recompute:
             self._recompute()
-
-    def _after_session_input(self, s: SiteSession) -> None:
-        if s.dtls.failed is not None:
-            self._drop(s, f"DTLS error: {s.dtls.failed}")
-            return
-        for raw in s.dtls.take_messages():
-            s.last_auth_ns = time.monotonic_ns()
-            if self.by_addr.get(s.addr) is not s:
-                return
-            try:
-                self._on_record(s, raw)
-            except Exception:
-                log.exception("site %d: message dropped", s.site_id)
-                self.stats.messages_malformed += 1
-        if s.dtls.closed and self.by_addr.get(s.addr) is s:
-            self._drop(s, "the site closed the session")
 
     def _on_record(self, s: SiteSession, raw: bytes) -> None:
         reassembler = self._reassembler(s)
@@ -605,16 +470,15 @@ class Pop:
             return
         kind = msg["t"]
         if kind == "key":
-            idx = msg.get("idx")
-            if isinstance(idx, bool) or not isinstance(idx, int) or not 0 < idx < 2**32:
+            idx = key_index(msg)
+            if idx is None:
                 self.stats.messages_malformed += 1
                 return
-            s.remote_idx = idx
+            s.handover.on_key(idx)
             self._activate(s)
-            self._send_msg(s, {"t": "key-ack", "idx": idx})
+            s.handover.acknowledge(idx)
         elif kind == "key-ack":
-            if msg.get("idx") == s.pending_idx:
-                s.pending_idx = None
+            s.handover.on_key_ack(msg.get("idx"))
         elif kind == "register":
             self._on_register(s, msg)
         elif kind == "ping":
@@ -695,16 +559,20 @@ class Pop:
         self.fp.peer_del(s.peer_id)
         self.fp.peer_add(final)
         self.fp.set_endpoint(final, LINK_ID, s.addr)
-        idx = self._install(final, s.keys, s.local_idx)
         s.peer_id = final
         self.by_peer[final] = s
-        if idx != s.local_idx:
-            s.local_idx = idx
-            self._start_key_handover(s)
+        s.handover.move(final)  # announced again if its index was taken there
 
     def _drop(self, s: SiteSession, reason: str) -> None:
         if self.by_addr.get(s.addr) is s:
             del self.by_addr[s.addr]
+            self._session_ips[s.addr[0]] -= 1
+            if not self._session_ips[s.addr[0]]:
+                del self._session_ips[s.addr[0]]
+        if self.by_dtls.get(s.dtls) is s:
+            del self.by_dtls[s.dtls]
+        # Its records from now on are for no session (counted), not for a stale one.
+        self.sessions.forget_session(s.dtls)
         if self.by_peer.get(s.peer_id) is s:
             del self.by_peer[s.peer_id]
             self.routes = {n: p for n, p in self.routes.items() if p != s.peer_id}
@@ -857,26 +725,16 @@ class Pop:
     def _tick(self) -> None:
         assert self.fp is not None
         now = self.clock()
-        for addr, hs in list(self.handshakes.items()):
-            if now - hs.created > HANDSHAKE_DEADLINE_S:
-                del self.handshakes[addr]
-                self._reject(addr, "handshake timed out", hs.session)
-                continue
-            due = hs.session.timeout()
-            if due is not None and due <= 0:
-                for d in hs.session.on_timeout():
-                    self.send(addr, d)
-                self._after_handshake_input(hs)
+        self.sessions.tick()
         now_ns = time.monotonic_ns()
         dead_ns = self.cfg.cloud.dead_after_ms * 1_000_000
         keepalive_ns = self.cfg.cloud.keepalive_ms * 1_000_000
         for s in list(self.by_addr.values()):
             if self.by_addr.get(s.addr) is not s:
                 continue
-            if s.pending_idx is not None and now >= s.next_key_send:
-                self._send_key(s)
-                if self.by_addr.get(s.addr) is not s:
-                    continue
+            s.handover.tick()
+            if self.by_addr.get(s.addr) is not s:
+                continue
             if not s.registered and now - s.created > REGISTER_DEADLINE_S:
                 self._drop(s, "no registration")
                 continue
@@ -956,6 +814,7 @@ class Pop:
         assert self.fp is not None and self.account is not None
         c = self.fp.link_counters(LINK_ID)
         st = self.stats
+        ls = self.sessions.stats
         online = {s.site_id for s in self.by_peer.values() if s.registered}
         return {
             "pop_id": self.cfg.id,
@@ -975,7 +834,7 @@ class Pop:
             "rev": self.rev,
             "sites_online": len(online),
             "sessions": sum(1 for s in self.by_peer.values() if s.registered),
-            "handshaking": len(self.handshakes),
+            "handshaking": self.sessions.handshaking,
             "link": {
                 "rx_packets": c.rx_packets,
                 "tx_packets": c.tx_packets,
@@ -985,12 +844,13 @@ class Pop:
             },
             "drops": self.fp.global_counters().drops,
             "control": {
-                "garbage": st.garbage,
-                "oversized": st.oversized,
-                "dtls_no_session": st.dtls_no_session,
-                "dtls_rejected": st.dtls_rejected,
-                "handshakes_refused_admission": st.handshakes_refused_admission,
-                "unknown_site": st.unknown_site,
+                # Kicks are for sites; a malformed ClientHello is garbage too.
+                "garbage": ls.unknown + ls.kicks_bad + ls.malformed_hellos,
+                "oversized": ls.oversized + st.oversized,
+                "dtls_no_session": ls.dtls_no_session,
+                "dtls_rejected": ls.rejected,
+                "handshakes_refused_admission": ls.refused_admission,
+                "unknown_site": ls.unknown_peer,
                 "messages_malformed": st.messages_malformed,
                 "messages_unknown": st.messages_unknown,
                 "registrations_refused": st.registrations_refused,
@@ -1010,7 +870,7 @@ class Pop:
             },
             "stun_server": _stun_stats(self.stun),
             "stun_main_port": _stun_stats(self.stun_main),
-            "rejections": list(st.rejections),
+            "rejections": list(ls.rejections),
         }
 
     async def _sites(self, _req: dict[str, Any]) -> dict[str, Any]:

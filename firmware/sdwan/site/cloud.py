@@ -12,8 +12,9 @@ upload of the socket's events, and which STUN server the links are mapped agains
 active PoP's; the links themselves, their precedence and their public endpoints are the link
 manager's, links.py).
 
-Like tunnel.py it does no I/O of its own: the supervisor calls `tick()` and hands it DTLS
-sessions and messages; datagrams leave through the supervisor's `Port`.
+Like tunnel.py it does no I/O of its own: the supervisor calls `tick()`, and the session
+layer (sessions.py), with which the cloud is registered as an owner, hands its PoP sessions'
+records and failures to their tunnels; datagrams leave through the supervisor's `Port`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 
 from sdwan.bindings.fastpath import FastPath, FastPathError
 from sdwan.common.dtls import DtlsSession
+from sdwan.common.sessions import SessionOwner
 from sdwan.common.store import Store, StoreError
 from sdwan.common.stun import DEFAULT_PORT as STUN_DEFAULT_PORT
 from sdwan.common.tomlcheck import IPNetwork, format_endpoint
@@ -220,10 +222,7 @@ class PopSession:
         if now - self._hs[1] >= self._hs_patience and not hs.established:
             self._hs = None
             self._hs_patience = min(self._hs_patience * 2, HANDSHAKE_RESTART_MAX_S)
-            self.cloud.by_session.pop(hs, None)
-            forget = getattr(self.cloud.port, "forget_session", None)
-            if forget is not None:
-                forget(hs)
+            self.tunnel.port.forget_session(hs)
             self.tunnel.on_failed(hs, "no answer from the PoP")
 
     def _lost(self, reason: str, retry_after_s: float = 0.0) -> None:
@@ -324,6 +323,10 @@ class _SessionPort:
         self.owner.cloud.by_session[session] = self.owner
         return session
 
+    def forget_session(self, session: DtlsSession) -> None:
+        self.owner.cloud.by_session.pop(session, None)
+        self.owner.cloud.port.forget_session(session)
+
 
 def _parse_networks(value: Any) -> list[IPNetwork]:
     if not isinstance(value, list):
@@ -331,8 +334,9 @@ def _parse_networks(value: Any) -> list[IPNetwork]:
     return [ipaddress.ip_network(v, strict=True) for v in value if isinstance(v, str)]
 
 
-class Cloud:
-    """All PoP sessions of one socket, the cloud's route candidates and the cloud documents."""
+class Cloud(SessionOwner):
+    """All PoP sessions of one socket, the cloud's route candidates and the cloud documents; an
+    owner of the session layer for the client sessions it opens (it accepts none as a server)."""
 
     def __init__(
         self,
@@ -537,18 +541,23 @@ class Cloud:
             self._primary_stable_since = None
         self._update_routes()
 
-    def tunnel_for_session(self, session: DtlsSession) -> PeerTunnel | None:
+    # ---------------------------------------------------------------- session owner
+
+    def tunnel_for(self, session: DtlsSession) -> PeerTunnel | None:
         ps = self.by_session.get(session)
         if ps is None or self.sessions.get(ps.peer_id) is not ps:
             return None
         return ps.tunnel
 
-    def tunnel_for_peer(self, peer_id: int) -> PeerTunnel | None:
-        ps = self.sessions.get(peer_id)
-        return ps.tunnel if ps is not None else None
+    def sessions_in_use(self) -> list[DtlsSession]:
+        return [ps.tunnel.session for ps in self.sessions.values() if ps.tunnel.session]
 
-    def current_sessions(self) -> set[int]:
-        return {id(ps.tunnel.session) for ps in self.sessions.values() if ps.tunnel.session}
+    def on_key_event(self, peer_id: int, expired: bool) -> bool:
+        ps = self.sessions.get(peer_id)
+        if ps is None:
+            return False
+        ps.tunnel.on_rekey_needed()
+        return True
 
     # ---------------------------------------------------------------- periodic work
 

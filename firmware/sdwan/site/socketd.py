@@ -1,24 +1,21 @@
 """socketd, the appliance supervisor: wires the parts together and owns nothing
-else. Config (config.py) -> fast path (fastpath.py) with the TUN device and the
-WAN links (links.py: sockets, state, STUN) -> kernel routes and MSS clamp (netcfg.py) -> one
-PeerTunnel per peer (tunnel.py) fed by the DTLS sessions (dtls.py) that this
-module demultiplexes from the fast path's control queue -> the PoP sessions and
-cloud route candidates (cloud.py) -> the routes of every prefix, static and cloud (paths.py)
--> events and cloud documents in the store (store.py) ->
-status over the control socket (control.py).
+else. Config (config.py) -> fast path (fastpath.py) with the TUN device (tundev.py) and
+the WAN links (links.py: sockets, state, STUN) -> kernel routes and MSS clamp (netcfg.py)
+-> the session layer (sessions.py) draining the fast path's control queue, with two owners
+of sessions registered: one PeerTunnel per configured peer (tunnel.py) and the PoP sessions
+(cloud.py) -> the routes of every prefix, static and cloud (paths.py) -> events and cloud
+documents in the store (store.py) -> status over the control socket (control.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from sdwan import __version__
 from sdwan.appliance.leds import (
@@ -34,54 +31,31 @@ from sdwan.appliance.watchdog import Guard
 from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig
 from sdwan.common.control import ControlServer
 from sdwan.common.daemon import StartupError, run_service
-from sdwan.common.dtls import DtlsContext, DtlsSession, client_hello_random, is_client_hello
+from sdwan.common.dtls import DtlsContext, DtlsSession
 from sdwan.common.netcfg import NetcfgError, Plan, apply_in_worker, tunnel_mtu
+from sdwan.common.sessions import Policy, SessionLayer
 from sdwan.common.store import Store, StoreError
-from sdwan.common.stun import is_stun
 from sdwan.site.cloud import Cloud, CloudTimers
 from sdwan.site.config import SiteConfig, load_config
 from sdwan.site.links import LinkError, LinkManager
 from sdwan.site.paths import Candidate, Paths, Transport
 from sdwan.site.tundev import TunError, attach_tun
-from sdwan.site.tunnel import KICK_TYPE, Addr, PeerTunnel, Timers, decode_kick
+from sdwan.site.tunnel import Addr, PeerTunnel, StaticTunnels, Timers
 
 log = logging.getLogger("sdwan.site.socketd")
 
 TICK_S = 0.05
-HANDSHAKE_DEADLINE_S = 10.0
-MAX_HANDSHAKING = 256  # server sessions in progress; each needed a valid cookie
-MAX_HANDSHAKING_PER_IP = 4  # so that one host cannot fill the table by itself
 MAX_EVENTS_PER_WAKEUP = 256  # a control flood must not starve timers and socketctl
-REJECTIONS_KEPT = 20
-STALE_SESSION_S = 60.0  # an established session no tunnel uses any more
 LED_PERIOD_S = 0.5  # how often the LEDs follow the box's state
-
-
-@dataclass
-class _Session:
-    session: DtlsSession
-    link_id: int
-    addr: Addr
-    created: float
-    expected_peer: int | tuple[str, int] | None = None  # client sessions know whom they called
-    reported: bool = False  # established/failed already handed on
-    hello_random: bytes | None = None  # of the ClientHello a server session answers
-
-    @property
-    def is_server_handshake(self) -> bool:
-        return not self.session.is_client and not self.session.established
-
-
-@dataclass
-class _Stats:
-    dtls_no_session: int = 0
-    dtls_rejected: int = 0
-    kicks_bad: int = 0
-    control_unknown: int = 0
-    stun_unmatched: int = 0
-    rejections: collections.deque = field(
-        default_factory=lambda: collections.deque(maxlen=REJECTIONS_KEPT)
-    )
+# Every legitimate peer of a socket is at a configured endpoint: those skip the per-IP limit
+# and may evict a stranger's handshake; a stranger's that times out is counted, not listed.
+SITE_POLICY = Policy(
+    max_handshaking=256,  # server sessions in progress; each needed a valid cookie
+    max_per_source=4,  # so that one host cannot fill the table by itself
+    known_skip_per_source=True,
+    strangers_evict=False,
+    list_strangers=False,
+)
 
 
 class Supervisor:
@@ -89,13 +63,18 @@ class Supervisor:
         self.cfg = cfg
         self.clock = clock  # the tests' simulations drive their own
         self.started = clock()
-        self.stats = _Stats()
-        self.sessions: dict[tuple[int, Addr], _Session] = {}
+        self.sessions = SessionLayer(
+            send=self.send,
+            clock=clock,
+            policy=SITE_POLICY,
+            my_site_id=cfg.site.id,
+            on_stun=self._on_stun,
+        )
         self.tunnels: dict[int, PeerTunnel] = {}
+        self.sessions.add_owner(StaticTunnels(self.tunnels))
         self.links = LinkManager(cfg.links, send=self.send, clock=clock)
         self.link_ids = self.links.ids
         self.fp: FastPath | None = None
-        self.dtls: DtlsContext | None = None
         self.control: ControlServer | None = None
         self.store: Store | None = None
         self.cloud: Cloud | None = None
@@ -108,6 +87,14 @@ class Supervisor:
         self.leds: LedController | None = None
         self.guard: Guard | None = None  # made by run(): the simulations have no appliance
         self._cloud_was_up = False  # the LEDs show booting until the cloud is first up
+
+    @property
+    def dtls(self) -> DtlsContext | None:
+        return self.sessions.dtls
+
+    @dtls.setter
+    def dtls(self, context: DtlsContext | None) -> None:
+        self.sessions.dtls = context
 
     # ---------------------------------------------------------------- setup
 
@@ -188,7 +175,7 @@ class Supervisor:
         cfg = self.cfg
         if self.paths is None:
             self.paths = self._make_paths(fp)
-        return Cloud(
+        cloud = Cloud(
             site_id=cfg.site.id,
             version=__version__,
             links=self.links,
@@ -206,6 +193,8 @@ class Supervisor:
             store=self.store,
             clock=self.clock,
         )
+        self.sessions.add_owner(cloud)
+        return cloud
 
     def _tunnel_event(self, site_id: int) -> Callable[[str, str], None]:
         def record(kind: str, text: str) -> None:
@@ -251,50 +240,10 @@ class Supervisor:
     def client_session(
         self, link_id: int, addr: Addr, expected_site_id: int | tuple[str, int]
     ) -> DtlsSession:
-        assert self.dtls is not None
-        session = self.dtls.client(expected_site_id)
-        self._register(
-            _Session(session, link_id, addr, self.clock(), expected_peer=expected_site_id)
-        )
-        return session
+        return self.sessions.client_session(link_id, addr, expected_site_id)
 
     def forget_session(self, session: DtlsSession) -> None:
-        """Drop a client handshake its owner gave up on, without reporting it as refused."""
-        for key, entry in list(self.sessions.items()):
-            if entry.session is session:
-                del self.sessions[key]
-
-    def _register(self, entry: _Session) -> None:
-        """Put entry in the table; a handshake it displaces is failed, not orphaned."""
-        old = self.sessions.get((entry.link_id, entry.addr))
-        if old is not None and not old.reported and not old.session.established:
-            old.reported = True
-            self._reject(old, "superseded by another handshake with the same address")
-        self.sessions[(entry.link_id, entry.addr)] = entry
-
-    def _known_source(self, addr: Addr) -> bool:
-        return any(addr in (t.endpoint, t.configured_endpoint) for t in self.tunnels.values())
-
-    def _admit(self, addr: Addr) -> bool:
-        """Room for one more server handshake from addr (its cookie was valid)?
-
-        A cookie only proves the sender receives at its address, so one host
-        could otherwise hold every slot from many ports. Configured peers are
-        always admitted, evicting the oldest handshake of an unknown source."""
-        pending = [e for e in self.sessions.values() if e.is_server_handshake]
-        known = self._known_source(addr)
-        if not known and sum(1 for e in pending if e.addr[0] == addr[0]) >= MAX_HANDSHAKING_PER_IP:
-            return False
-        if len(pending) < MAX_HANDSHAKING:
-            return True
-        victims = [e for e in pending if not self._known_source(e.addr)]
-        if not known or not victims:
-            return False
-        victim = min(victims, key=lambda e: e.created)
-        victim.reported = True
-        self.sessions.pop((victim.link_id, victim.addr), None)
-        self.stats.dtls_rejected += 1
-        return True
+        self.sessions.forget_session(session)
 
     # ---------------------------------------------------------------- control packets
 
@@ -303,158 +252,17 @@ class Supervisor:
         self.fp.ctrl_drain(self._on_ctrl_event, MAX_EVENTS_PER_WAKEUP)
 
     def _on_ctrl_event(self, ev: CtrlEvent) -> None:
-        if ev.event == CtrlEvent.REKEY or ev.event == CtrlEvent.KEY_EXPIRED:
-            tunnel = self.tunnels.get(ev.peer_id)
-            if tunnel is None and self.cloud is not None:
-                tunnel = self.cloud.tunnel_for_peer(ev.peer_id)
-            if tunnel is not None:
-                tunnel.on_rekey_needed()
-            return
-        data, addr, link_id = ev.data, ev.addr, ev.link_id
-        if not data:
-            self.stats.control_unknown += 1
-        elif data[0] == KICK_TYPE:
-            self._on_kick(link_id, addr, data)
-        elif 20 <= data[0] <= 63:
-            self._on_dtls(link_id, addr, data)
-        elif is_stun(data):
-            self._on_stun(link_id, addr, data)
-        else:
-            self.stats.control_unknown += 1
+        self.sessions.on_ctrl_event(ev)
 
-    def _on_stun(self, link_id: int, addr: Addr | None, data: bytes) -> None:
+    def _on_stun(self, link_id: int, addr: Addr, data: bytes) -> bool:
         # Answers to the links' Binding requests; anything else (requests from strangers,
         # late retransmitted answers) is counted and dropped: a link socket reflects nothing.
-        if addr is None or not self.links.on_stun(link_id, addr, data):
-            self.stats.stun_unmatched += 1
-
-    def _on_kick(self, link_id: int, addr: Addr, data: bytes) -> None:
-        kick = decode_kick(data)
-        tunnel = self.tunnels.get(kick[0]) if kick else None
-        if kick is None or tunnel is None or kick[1] != self.cfg.site.id:
-            self.stats.kicks_bad += 1
-            return
-        tunnel.on_kick(link_id, addr)
-
-    def _on_dtls(self, link_id: int, addr: Addr, data: bytes) -> None:
-        assert self.dtls is not None
-        key = (link_id, addr)
-        entry = self.sessions.get(key)
-        hello = client_hello_random(data) if is_client_hello(data) else None
-        repeat = entry is not None and entry.is_server_handshake and hello == entry.hello_random
-        if is_client_hello(data) and not repeat:
-            # A new handshake from this address (first, rekey, or after the
-            # peer restarted; a stale one in progress is superseded):
-            # stateless cookie check first.
-            result = self.dtls.accept(
-                data, f"{addr[0]}:{addr[1]}", allowed_site_ids=self.tunnels.keys()
-            )
-            for reply in result.replies:
-                self.send(link_id, addr, reply)
-            if result.session is not None:
-                if not self._admit(addr):
-                    self.stats.dtls_rejected += 1
-                    return
-                self._register(
-                    _Session(result.session, link_id, addr, self.clock(), hello_random=hello)
-                )
-                self._after_input(self.sessions[key])
-            return
-        if entry is None:
-            self.stats.dtls_no_session += 1
-            return
-        for reply in entry.session.receive(data):
-            self.send(link_id, addr, reply)
-        self._after_input(entry)
-
-    def _after_input(self, entry: _Session) -> None:
-        """Hand a session's news (established, failed, messages) to its tunnel."""
-        session = entry.session
-        if not entry.reported and session.failed:
-            entry.reported = True
-            self._reject(entry, session.failed)
-            return
-        if not entry.reported and session.established:
-            entry.reported = True
-            peer = session.peer_site_id
-            tunnel = self._tunnel_of(session)
-            if tunnel is None:
-                self._reject(entry, f"site {peer} is not a configured peer")
-                for d in session.close():
-                    self.send(entry.link_id, entry.addr, d)
-                return
-            tunnel.on_established(session, entry.link_id, entry.addr)
-        if entry.reported and session.established:
-            tunnel = self._tunnel_of(session)
-            for msg in session.take_messages():
-                if tunnel is not None:
-                    tunnel.on_message(session, msg)
-
-    def _tunnel_of(self, session: DtlsSession) -> PeerTunnel | None:
-        """The tunnel a session belongs to: a PoP session we opened, else the site's tunnel."""
-        if self.cloud is not None:
-            tunnel = self.cloud.tunnel_for_session(session)
-            if tunnel is not None:
-                return tunnel
-        peer = session.peer_site_id
-        return self.tunnels.get(peer) if isinstance(peer, int) else None
-
-    def _reject(self, entry: _Session, reason: str) -> None:
-        addr = f"{entry.addr[0]}:{entry.addr[1]}"
-        self.stats.dtls_rejected += 1
-        # Strangers that never finish their handshake are counted, not listed:
-        # they would push the refusals that matter out of the short list.
-        if entry.expected_peer or self._known_source(entry.addr) or reason != "handshake timed out":
-            self.stats.rejections.append({"at": time.time(), "from": addr, "reason": reason})
-            log.warning("handshake with %s failed: %s", addr, reason)
-        self.sessions.pop((entry.link_id, entry.addr), None)
-        # Tell the tunnel this concerns: the one we called, else the one whose
-        # endpoint it came from (a responder learns why its peer was refused).
-        tunnel = (
-            self.tunnels.get(entry.expected_peer) if isinstance(entry.expected_peer, int) else None
-        )
-        if tunnel is None and self.cloud is not None:
-            tunnel = self.cloud.tunnel_for_session(entry.session)
-        if tunnel is None and not isinstance(entry.expected_peer, tuple):
-            tunnel = next(
-                (
-                    t
-                    for t in self.tunnels.values()
-                    if entry.addr in (t.endpoint, t.configured_endpoint)
-                ),
-                None,
-            )
-        if tunnel is not None:
-            tunnel.on_failed(
-                entry.session,
-                reason if entry.expected_peer else f"handshake from {addr} refused: {reason}",
-            )
+        return self.links.on_stun(link_id, addr, data)
 
     # ---------------------------------------------------------------- periodic work
 
     def _tick(self) -> None:
-        now = self.clock()
-        current = {id(t.session) for t in self.tunnels.values()}
-        if self.cloud is not None:
-            current |= self.cloud.current_sessions()
-        for key, entry in list(self.sessions.items()):
-            session = entry.session
-            if session.established:
-                # Replaced by a rekey or left behind by a roaming peer.
-                if id(session) not in current and now - entry.created > STALE_SESSION_S:
-                    del self.sessions[key]
-                continue
-            if now - entry.created > HANDSHAKE_DEADLINE_S and not session.failed:
-                entry.reported = True
-                self._reject(entry, "handshake timed out")
-                continue
-            due = session.timeout()
-            if due is not None and due <= 0:
-                for d in session.on_timeout():
-                    self.send(entry.link_id, entry.addr, d)
-                self._after_input(entry)
-            if key in self.sessions and entry.reported and not session.established:
-                self.sessions.pop(key, None)
+        self.sessions.tick()
         for tunnel in self.tunnels.values():
             try:
                 tunnel.tick()
@@ -500,6 +308,7 @@ class Supervisor:
             )
         g = self.fp.global_counters()
         spin = self.fp.spin_stats()
+        st = self.sessions.stats
         return {
             "site_id": self.cfg.site.id,
             "name": self.cfg.site.name,
@@ -517,13 +326,14 @@ class Supervisor:
                 "cpu_ms": round(spin.spin_ns / 1e6, 1),
             },
             "control": {
-                "dtls_no_session": self.stats.dtls_no_session,
-                "dtls_rejected": self.stats.dtls_rejected,
-                "kicks_bad": self.stats.kicks_bad,
-                "unknown": self.stats.control_unknown,
-                "stun_unmatched": self.stats.stun_unmatched,
+                "dtls_no_session": st.dtls_no_session,
+                # Refused by admission or evicted when full counts as rejected here.
+                "dtls_rejected": st.rejected + st.refused_admission + st.evicted,
+                "kicks_bad": st.kicks_bad,
+                "unknown": st.unknown + st.oversized,
+                "stun_unmatched": st.stun_unmatched,
             },
-            "rejections": list(self.stats.rejections),
+            "rejections": list(st.rejections),
             "cloud": self.cloud.summary() if self.cloud is not None else {"state": "off"},
             "appliance": self._appliance_status(),
         }
@@ -692,6 +502,7 @@ class Supervisor:
             self.leds.close(timeout=1.0)
             self.leds = None
         if self.cloud is not None:
+            self.sessions.remove_owner(self.cloud)
             with contextlib.suppress(Exception):
                 self.cloud.close()
             self.cloud = None

@@ -14,10 +14,12 @@ new keys in the fast path's spare slot under a fresh local index (it receives
 with them at once), sends {"t": "key", "idx": N} over the DTLS session, and
 repeats it until the peer answers {"t": "key-ack", "idx": N}. On receiving
 "key", a side activates the slot for transmit with N as the peer's index. The
-old key keeps receiving until the next install, so no packet is lost.
+old key keeps receiving until the next install, so no packet is lost. The
+mechanics are handover.py's, shared with popd; when to activate is the tunnel's.
 
-The tunnel does no I/O itself: the supervisor feeds it datagrams, DTLS sessions
-and a clock (`tick`), and gives it a `Port` to send through.
+The tunnel does no I/O itself: the session layer (sessions.py) hands it its DTLS
+sessions, their records and failures, and kicks; the supervisor gives it a clock
+(`tick`) and a `Port` to send through.
 
 The same machine carries a socket's sessions to a PoP (cloud.py): always the
 initiator, no kicks, a PoP identity expected in the handshake, and liveness
@@ -31,37 +33,22 @@ they do not (a PoP's directory), reassembled here per session before anything el
 from __future__ import annotations
 
 import logging
-import secrets
-import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
 from sdwan.bindings.fastpath import FastPath, FastPathError
 from sdwan.common.dtls import DtlsSession
+from sdwan.common.handover import KeyHandover, key_index
 from sdwan.common.messages import FragStats, Reassembler, encode, record_limit
+from sdwan.common.sessions import SessionOwner, encode_kick
 from sdwan.common.tomlcheck import format_endpoint
 
 log = logging.getLogger("sdwan.site.tunnel")
 
 Addr = tuple[str, int]
-
-KICK_TYPE = 0xD2
-_KICK = struct.Struct("!B3xII")  # type, reserved, from site, to site
-
-
-def encode_kick(from_site: int, to_site: int) -> bytes:
-    return _KICK.pack(KICK_TYPE, from_site, to_site)
-
-
-def decode_kick(data: bytes) -> tuple[int, int] | None:
-    """(from_site, to_site) of a well-formed kick, else None."""
-    if len(data) != _KICK.size or data[0] != KICK_TYPE or any(data[1:4]):
-        return None
-    _, src, dst = _KICK.unpack(data)
-    return src, dst
 
 
 class State(StrEnum):
@@ -94,17 +81,9 @@ class Port(Protocol):
         """A new DTLS client session, registered so that replies from addr reach it."""
         ...
 
-
-def _allocate_index(fp: FastPath, peer_id: int, tx: bytes, rx: bytes) -> int:
-    for _ in range(16):
-        idx = secrets.randbits(32) or 1
-        try:
-            fp.key_install(peer_id, idx, tx, rx)
-            return idx
-        except FastPathError as e:
-            if e.errno != 17:  # EEXIST: that index is taken, draw another
-                raise
-    raise RuntimeError("no free key index after 16 draws")
+    def forget_session(self, session: DtlsSession) -> None:
+        """Drop a client handshake its tunnel gave up on, without reporting it as refused."""
+        ...
 
 
 class PeerTunnel:
@@ -158,11 +137,15 @@ class PeerTunnel:
         self._retry = timers.retry_min_s
         self._next_kick = 0.0
         self._last_kick_handshake = -1e9
-        self._pending_idx: int | None = None  # our index the peer has not acknowledged
-        self._session_idx: int | None = None  # our index of self.session's keys
-        self._pending_sends = 0
-        self._next_key_send = 0.0
-        self._activated_remote: int | None = None
+        self._keys = KeyHandover(
+            fp,
+            self.peer_id,
+            send=self._send_current,
+            on_unacknowledged=lambda: self.on_failed(None, "peer never acknowledged the new keys"),
+            clock=clock,
+            resend_s=timers.key_resend_s,
+            resend_max=timers.key_resend_max,
+        )
         self._up_since_rx_ns = 0
         # Only self.session's messages count, so one reassembler, renewed with the session.
         self.frag_stats = FragStats()
@@ -172,8 +155,7 @@ class PeerTunnel:
 
     def tick(self) -> None:
         now = self.clock()
-        if self._pending_idx is not None and now >= self._next_key_send:
-            self._send_key()
+        self._keys.tick()
         self._reassembler.expire()
         if self.state is State.UP and self.check_liveness:
             self._check_alive(now)
@@ -229,23 +211,18 @@ class PeerTunnel:
             self._handshaking = None
         if session is self._kick_handshaking:
             self._kick_handshaking = None
-        tx, rx = session.export_keys()
-        idx = _allocate_index(self.fp, self.peer_id, tx, rx)
+        self._keys.install(session)
         # Only now, with the keys installed, does this session replace the old.
         if session is not self.session:
             self._reassembler = self._new_reassembler()
         self.session = session
-        self._session_idx = idx
         self.link_id = link_id
         self.endpoint = addr
-        self._pending_idx = idx
-        self._pending_sends = 0
-        self._activated_remote = None
         self.fp.set_endpoint(self.peer_id, link_id, addr)
         self.handshakes += 1
         self.last_handshake_at = self.clock()
         self._retry = self.timers.retry_min_s
-        self._send_key()
+        self._keys.announce()
 
     def on_failed(self, session: DtlsSession | None, reason: str) -> None:
         if session is not None and session is self._kick_handshaking:
@@ -261,6 +238,11 @@ class PeerTunnel:
             self.reason = f"rekey failed: {reason}"
         else:
             self._set_state(State.DOWN, f"handshake failed: {reason}")
+
+    def on_closed(self, session: DtlsSession, reason: str) -> None:
+        """The peer closed (or broke) a session: its keys stay in the fast path and keep
+        working as long as the peer answers; liveness, not this, judges the tunnel."""
+        log.debug("peer %d: DTLS session ended: %s", self.peer_id, reason)
 
     def on_message(self, session: DtlsSession, data: bytes) -> None:
         """One application-data record of a session."""
@@ -282,25 +264,23 @@ class PeerTunnel:
                 # The owner parses, validates and counts everything else.
                 self.on_app_message(session, msg)
             return
-        try:
-            kind, idx = msg["t"], int(msg["idx"])
-        except (ValueError, KeyError, TypeError):
+        idx = key_index(msg)
+        if idx is None:
             log.warning("peer %d: malformed control message dropped", self.peer_id)
             return
-        if kind == "key":
-            # Activate the key of the session this message came over, nothing else.
-            if self._activated_remote != idx and self._session_idx is not None:
-                self.fp.key_activate(self.peer_id, self._session_idx, idx)
-                self._activated_remote = idx
-                self._up_since_rx_ns = time.monotonic_ns()
-                self._set_state(State.UP, None)
-                self._send_control(session, {"t": "key-ack", "idx": idx})
-                if self.on_keys_active is not None:
-                    self.on_keys_active(session)
-                return
-            self._send_control(session, {"t": "key-ack", "idx": idx})
-        elif kind == "key-ack" and idx == self._pending_idx:
-            self._pending_idx = None
+        if msg["t"] == "key-ack":
+            self._keys.on_key_ack(idx)
+            return
+        # Activate the key of the session this message came over, nothing else.
+        self._keys.on_key(idx)
+        if self._keys.activate():
+            self._up_since_rx_ns = time.monotonic_ns()
+            self._set_state(State.UP, None)
+            self._keys.acknowledge(idx)
+            if self.on_keys_active is not None:
+                self.on_keys_active(session)
+            return
+        self._keys.acknowledge(idx)
 
     @property
     def handshaking(self) -> DtlsSession | None:
@@ -366,16 +346,9 @@ class PeerTunnel:
             self._set_state(State.CONNECTING, f"handshaking with {format_endpoint(addr)}")
         return session
 
-    def _send_key(self) -> None:
-        if self.session is None or self._pending_idx is None:
-            return
-        if self._pending_sends >= self.timers.key_resend_max:
-            self._pending_idx = None
-            self.on_failed(None, "peer never acknowledged the new keys")
-            return
-        self._pending_sends += 1
-        self._next_key_send = self.clock() + self.timers.key_resend_s
-        self._send_control(self.session, {"t": "key", "idx": self._pending_idx})
+    def _send_current(self, msg: dict[str, Any]) -> None:
+        if self.session is not None:
+            self._send_control(self.session, msg)
 
     def _send_control(self, session: DtlsSession, msg: dict) -> None:
         for record in encode(msg, record_limit(session)):
@@ -411,3 +384,48 @@ class PeerTunnel:
             text = f"tunnel to site {self.peer_id} {state}" + (f": {reason}" if reason else "")
             log.info("%s", text)
             self.on_event(f"tunnel-{state}", text)
+
+
+class StaticTunnels(SessionOwner):
+    """The configured peers' tunnels, by site id, as an owner of the session layer: those
+    sites may handshake with us, their endpoints come first, and kicks and the fast path's
+    rekey requests are theirs by site id."""
+
+    def __init__(self, tunnels: dict[int, PeerTunnel]) -> None:
+        self.tunnels = tunnels
+
+    def allowed_ids(self) -> Container[int]:
+        return self.tunnels.keys()
+
+    def is_known_source(self, link_id: int, addr: Addr) -> bool:
+        return self.tunnel_at(link_id, addr) is not None
+
+    def tunnel_for(self, session: DtlsSession) -> PeerTunnel | None:
+        # The site it authenticated once established, before that the one we called.
+        who = session.peer_identity if session.established else session.expected_identity
+        if who is None or who[0] != "site":
+            return None
+        return self.tunnels.get(who[1])
+
+    def tunnel_at(self, link_id: int, addr: Addr) -> PeerTunnel | None:
+        return next(
+            (t for t in self.tunnels.values() if addr in (t.endpoint, t.configured_endpoint)),
+            None,
+        )
+
+    def sessions_in_use(self) -> list[DtlsSession]:
+        return [t.session for t in self.tunnels.values() if t.session is not None]
+
+    def on_kick(self, link_id: int, addr: Addr, from_site: int) -> bool:
+        tunnel = self.tunnels.get(from_site)
+        if tunnel is None:
+            return False
+        tunnel.on_kick(link_id, addr)
+        return True
+
+    def on_key_event(self, peer_id: int, expired: bool) -> bool:
+        tunnel = self.tunnels.get(peer_id)
+        if tunnel is None:
+            return False
+        tunnel.on_rekey_needed()
+        return True

@@ -1,0 +1,522 @@
+"""The session layer shared by socketd and popd: everything between the fast path's control
+queue and the tunnels that DTLS sessions belong to.
+
+Owns: the demultiplexing of control datagrams by their first byte (DTLS records 20..63,
+kicks, STUN, anything else dropped and counted), the stateless cookie check of every new
+ClientHello, the admission of server handshakes (a bounded table, a few slots per source,
+known sources first), the table of sessions keyed by (link, address) with their deadlines,
+retransmissions and the cleanup of established sessions nobody uses any more, and the short
+list of refused handshakes with their reasons.
+
+It does not know what a session is for. That belongs to *owners* (socketd's static tunnels,
+its cloud; popd's site sessions; the mesh later), registered with `add_owner` and asked in
+the order they registered: which peers may open a handshake to us, which addresses are known
+(admission priority), whose tunnel a session is, and which sessions they still use. The
+tunnel an owner names gets the session once established, its records, and its failure; the
+fast path's REKEY / KEY_EXPIRED events and kicks go to the owner that takes them.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import logging
+import struct
+import time
+from collections.abc import Callable, Container, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from sdwan.bindings.fastpath import CTRL_MAX, CtrlEvent
+from sdwan.common.dtls import (
+    DEFAULT_MTU,
+    DtlsContext,
+    DtlsSession,
+    client_hello_random,
+    format_identity,
+    is_client_hello,
+)
+from sdwan.common.identity import Identity
+from sdwan.common.ratelog import RateLog
+from sdwan.common.stun import is_stun
+
+log = logging.getLogger("sdwan.common.sessions")
+
+Addr = tuple[str, int]
+Key = tuple[int, Addr]
+
+TIMED_OUT = "handshake timed out"
+SUPERSEDED = "superseded by another handshake with the same address"
+REJECTIONS_KEPT = 20
+
+KICK_TYPE = 0xD2
+_KICK = struct.Struct("!B3xII")  # type, reserved, from site, to site
+
+
+def encode_kick(from_site: int, to_site: int) -> bytes:
+    return _KICK.pack(KICK_TYPE, from_site, to_site)
+
+
+def decode_kick(data: bytes) -> tuple[int, int] | None:
+    """(from_site, to_site) of a well-formed kick, else None."""
+    if len(data) != _KICK.size or data[0] != KICK_TYPE or any(data[1:4]):
+        return None
+    _, src, dst = _KICK.unpack(data)
+    return src, dst
+
+
+def ip_source(ip: str) -> str:
+    """One source per IP address."""
+    return ip
+
+
+def source_block(ip: str) -> str:
+    """One source per IPv4 address or IPv6 /64 (a single host gets a whole /64 to pick
+    addresses from)."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if addr.version == 6:
+        return str(ipaddress.ip_network(f"{addr}/64", strict=False))
+    return ip
+
+
+def format_addr(addr: Addr) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Tunnel(Protocol):
+    """What an owner hands a session to (tunnel.PeerTunnel is one)."""
+
+    def on_established(self, session: DtlsSession, link_id: int, addr: Addr) -> None: ...
+
+    def on_message(self, session: DtlsSession, data: bytes) -> None:
+        """One application-data record of an established session."""
+        ...
+
+    def on_failed(self, session: DtlsSession | None, reason: str) -> None:
+        """A handshake of this tunnel (or, for a responder, from its peer's address) failed."""
+        ...
+
+    def on_closed(self, session: DtlsSession, reason: str) -> None:
+        """An established session was closed by the peer or broke; once per session."""
+        ...
+
+
+class SessionOwner(Protocol):
+    """What the session layer asks of whoever sessions are for.
+
+    The defaults are those of an owner that only opens client sessions (a socket's cloud);
+    an owner subclasses this to inherit them."""
+
+    def tunnel_for(self, session: DtlsSession) -> Tunnel | None:
+        """The tunnel a session belongs to: one that opened it, else the one for the peer it
+        authenticated (an established server session); None when it is not this owner's."""
+        ...
+
+    def sessions_in_use(self) -> Iterable[DtlsSession]:
+        """Established sessions still in use; the others are dropped after a while."""
+        ...
+
+    def allowed_ids(self) -> Container[int]:
+        """Site ids whose certificates may open a handshake to us (we are the server)."""
+        return ()
+
+    def is_known_source(self, link_id: int, addr: Addr) -> bool:
+        """Whether handshakes from addr come first when the table is full."""
+        return False
+
+    def tunnel_at(self, link_id: int, addr: Addr) -> Tunnel | None:
+        """The tunnel whose peer lives at addr: told why a handshake from there was refused."""
+        return None
+
+    def on_kick(self, link_id: int, addr: Addr, from_site: int) -> bool:
+        """A kick from from_site; False when this owner has no tunnel for it."""
+        return False
+
+    def on_key_event(self, peer_id: int, expired: bool) -> bool:
+        """The fast path wants new keys for peer_id (expired: it stopped transmitting);
+        False when the peer is not this owner's."""
+        return False
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a daemon's table is bounded and what it reports.
+
+    socketd (every legitimate peer is a configured endpoint) lets known sources past the
+    per-source limit and evicts only for them; popd (every site is a stranger until it
+    authenticates, several sites may share a NAT) limits everyone per source, lets any
+    newcomer evict the oldest stranger, and lists every refusal."""
+
+    max_handshaking: int = 256
+    max_per_source: int = 4
+    source_of: Callable[[str], str] = ip_source
+    known_skip_per_source: bool = True
+    strangers_evict: bool = False
+    list_strangers: bool = False
+    mtu: int = DEFAULT_MTU  # of server sessions
+    handshake_deadline_s: float = 10.0
+    stale_after_s: float = 60.0  # an established session no owner uses any more
+
+
+@dataclass
+class Stats:
+    dtls_no_session: int = 0
+    rejected: int = 0  # handshakes refused or failed (and, listing strangers, bad hellos)
+    refused_admission: int = 0
+    evicted: int = 0
+    unknown_peer: int = 0  # of the rejections: a certificate of a site nobody accepts
+    malformed_hellos: int = 0
+    kicks_bad: int = 0
+    stun_unmatched: int = 0
+    unknown: int = 0  # no address, empty, or of no known kind
+    oversized: int = 0
+    rejections: collections.deque = field(
+        default_factory=lambda: collections.deque(maxlen=REJECTIONS_KEPT)
+    )
+
+
+@dataclass(eq=False)
+class _Entry:
+    session: DtlsSession
+    link_id: int
+    addr: Addr
+    created: float
+    hello_random: bytes | None = None  # of the ClientHello a server session answers
+    reported: bool = False  # established or failed already handed on
+    closed_reported: bool = False
+    source: str = ""  # policy.source_of(addr), kept: parsing it per admission is not free
+
+    @property
+    def key(self) -> Key:
+        return (self.link_id, self.addr)
+
+    @property
+    def is_server_handshake(self) -> bool:
+        return not self.session.is_client and not self.session.established
+
+
+class _AllowedIds:
+    """The owners' allowed ids, asked when a certificate arrives (a reload in between
+    counts)."""
+
+    def __init__(self, owners: list[SessionOwner]) -> None:
+        self._owners = owners
+
+    def __contains__(self, site_id: object) -> bool:
+        return any(site_id in o.allowed_ids() for o in self._owners)
+
+
+class SessionLayer:
+    """One daemon's DTLS sessions, from the control queue to the owners' tunnels."""
+
+    def __init__(
+        self,
+        *,
+        send: Callable[[int, Addr, bytes], None],
+        clock: Callable[[], float] = time.monotonic,
+        policy: Policy | None = None,
+        my_site_id: int | None = None,
+        on_stun: Callable[[int, Addr, bytes], bool] | None = None,
+        dtls: DtlsContext | None = None,
+    ) -> None:
+        self.send = send
+        self.clock = clock
+        self.policy = policy or Policy()
+        self.my_site_id = my_site_id  # None: no kick is for us
+        self.on_stun = on_stun
+        self.dtls = dtls  # may come later: daemons open their keys after construction
+        self.stats = Stats()
+        self.owners: list[SessionOwner] = []
+        self._allowed = _AllowedIds(self.owners)
+        self._table: dict[Key, _Entry] = {}
+        self._keys: dict[DtlsSession, Key] = {}
+        self._ratelog = RateLog(log, clock)
+
+    # ---------------------------------------------------------------- owners
+
+    def add_owner(self, owner: SessionOwner) -> None:
+        self.owners.append(owner)
+
+    def remove_owner(self, owner: SessionOwner) -> None:
+        if owner in self.owners:
+            self.owners.remove(owner)
+
+    # ---------------------------------------------------------------- sessions
+
+    def client_session(self, link_id: int, addr: Addr, expected: int | Identity) -> DtlsSession:
+        """A new DTLS client session, registered so that replies from addr reach it."""
+        assert self.dtls is not None
+        session = self.dtls.client(expected)
+        self._register(_Entry(session, link_id, addr, self.clock()))
+        return session
+
+    def forget_session(self, session: DtlsSession) -> None:
+        """Drop a session its owner gave up on or closed, without reporting it as refused."""
+        key = self._keys.pop(session, None)
+        entry = self._table.get(key) if key is not None else None
+        if entry is not None and entry.session is session:
+            del self._table[entry.key]
+
+    @property
+    def handshaking(self) -> int:
+        return sum(1 for e in self._table.values() if not e.session.established)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    # ---------------------------------------------------------------- control events
+
+    def on_ctrl_event(self, ev: CtrlEvent) -> None:
+        if ev.event == CtrlEvent.REKEY or ev.event == CtrlEvent.KEY_EXPIRED:
+            expired = ev.event == CtrlEvent.KEY_EXPIRED
+            for owner in self.owners:
+                if owner.on_key_event(ev.peer_id, expired):
+                    return
+            return
+        data, addr, link_id = ev.data, ev.addr, ev.link_id
+        if addr is None or not data:
+            self.stats.unknown += 1
+        elif len(data) >= CTRL_MAX:
+            # At the fast path's limit for control datagrams: none of ours is that large.
+            self.stats.oversized += 1
+            self._ratelog.warning(
+                "oversized", "oversized datagram from %s dropped", format_addr(addr)
+            )
+        elif data[0] == KICK_TYPE:
+            self._on_kick(link_id, addr, data)
+        elif 20 <= data[0] <= 63:
+            self._on_dtls(link_id, addr, data)
+        elif is_stun(data):
+            # Answers to our Binding requests, or requests where a STUN server listens.
+            if self.on_stun is None or not self.on_stun(link_id, addr, data):
+                self.stats.stun_unmatched += 1
+        else:
+            self.stats.unknown += 1
+            self._ratelog.warning(
+                "garbage",
+                "garbage datagram (%d bytes) from %s dropped",
+                len(data),
+                format_addr(addr),
+            )
+
+    def _on_kick(self, link_id: int, addr: Addr, data: bytes) -> None:
+        kick = decode_kick(data)
+        if kick is not None and self.my_site_id is not None and kick[1] == self.my_site_id:
+            for owner in self.owners:
+                if owner.on_kick(link_id, addr, kick[0]):
+                    return
+        self.stats.kicks_bad += 1
+
+    def _on_dtls(self, link_id: int, addr: Addr, data: bytes) -> None:
+        entry = self._table.get((link_id, addr))
+        if is_client_hello(data):
+            hello = client_hello_random(data)
+            # A retransmitted hello (or a later fragment of one) belongs to the handshake it
+            # started. Another random is a new handshake from this address (first, rekey, or
+            # the peer restarted): it replaces the one in progress only once it has passed
+            # the cookie check, so a forged hello cannot abort a handshake.
+            ongoing = (
+                entry is not None
+                and entry.is_server_handshake
+                and (hello is None or hello == entry.hello_random)
+            )
+            if not ongoing:
+                self._on_new_hello(link_id, addr, data, hello)
+                return
+        if entry is None:
+            self.stats.dtls_no_session += 1
+            return
+        for reply in entry.session.receive(data):
+            self.send(link_id, addr, reply)
+        self._after_input(entry)
+
+    def _on_new_hello(self, link_id: int, addr: Addr, data: bytes, hello: bytes | None) -> None:
+        assert self.dtls is not None
+        result = self.dtls.accept(
+            data, format_addr(addr), mtu=self.policy.mtu, allowed_site_ids=self._allowed
+        )
+        for reply in result.replies:
+            self.send(link_id, addr, reply)
+        if result.session is None:
+            if result.reason not in (None, "cookie sent"):
+                self._refused_hello(addr, result.reason or "refused")
+            return
+        if not self._admit(link_id, addr):
+            self.stats.refused_admission += 1
+            return
+        entry = _Entry(result.session, link_id, addr, self.clock(), hello_random=hello)
+        self._register(entry)
+        self._after_input(entry)
+
+    # ---------------------------------------------------------------- admission
+
+    def _known(self, link_id: int, addr: Addr) -> bool:
+        return any(o.is_known_source(link_id, addr) for o in self.owners)
+
+    def _admit(self, link_id: int, addr: Addr) -> bool:
+        """Room for one more server handshake from addr (its cookie was valid)?
+
+        A cookie only proves the sender receives at its address, so one host could otherwise
+        hold every slot from many ports; and a table that simply refused newcomers when full
+        could be held by a few hosts re-sending hellos. So a source gets a few slots, and a
+        full table evicts its oldest handshake from a stranger (policy says for whom)."""
+        p = self.policy
+        pending = [
+            e for e in self._table.values() if e.is_server_handshake and e.key != (link_id, addr)
+        ]
+        known = self._known(link_id, addr)
+        if not (known and p.known_skip_per_source):
+            source = p.source_of(addr[0])
+            if sum(1 for e in pending if e.source == source) >= p.max_per_source:
+                return False
+        if len(pending) < p.max_handshaking:
+            return True
+        if not known and not p.strangers_evict:
+            return False
+        victims = [e for e in pending if not self._known(e.link_id, e.addr)]
+        if not victims:
+            return False
+        victim = min(victims, key=lambda e: e.created)
+        victim.reported = True  # a stranger's: no tunnel to tell
+        self._drop(victim)
+        self.stats.evicted += 1
+        return True
+
+    # ---------------------------------------------------------------- the table
+
+    def _register(self, entry: _Entry) -> None:
+        """Put entry in the table; a handshake it displaces is failed, not orphaned."""
+        entry.source = self.policy.source_of(entry.addr[0])
+        old = self._table.get(entry.key)
+        if old is not None and not old.reported and not old.session.established:
+            old.reported = True
+            self._reject(old, SUPERSEDED)
+        elif old is not None:
+            self._keys.pop(old.session, None)
+        self._table[entry.key] = entry
+        self._keys[entry.session] = entry.key
+
+    def _drop(self, entry: _Entry) -> None:
+        if self._table.get(entry.key) is entry:
+            del self._table[entry.key]
+        if self._keys.get(entry.session) == entry.key:
+            del self._keys[entry.session]
+
+    def _tunnel_for(self, session: DtlsSession) -> Tunnel | None:
+        for owner in self.owners:
+            tunnel = owner.tunnel_for(session)
+            if tunnel is not None:
+                return tunnel
+        return None
+
+    def _after_input(self, entry: _Entry) -> None:
+        """Hand a session's news (established, failed, messages, closed) to its tunnel."""
+        session = entry.session
+        if not entry.reported and session.failed:
+            entry.reported = True
+            self._reject(entry, session.failed)
+            return
+        if not entry.reported and session.established:
+            entry.reported = True
+            tunnel = self._tunnel_for(session)
+            if tunnel is None:
+                who = session.peer_identity
+                name = format_identity(who) if who is not None else "an unnamed peer"
+                self._reject(entry, f"{name} is not a configured peer")
+                for d in session.close():
+                    self.send(entry.link_id, entry.addr, d)
+                return
+            tunnel.on_established(session, entry.link_id, entry.addr)
+        if not (entry.reported and session.established):
+            return
+        tunnel = self._tunnel_for(session)
+        if session.failed is None:
+            for msg in session.take_messages():
+                if tunnel is not None:
+                    tunnel.on_message(session, msg)
+        if (session.failed or session.closed) and not entry.closed_reported:
+            entry.closed_reported = True
+            if tunnel is not None:
+                tunnel.on_closed(session, session.failed or "closed by the peer")
+
+    # ---------------------------------------------------------------- refusals
+
+    def _refused_hello(self, addr: Addr, reason: str) -> None:
+        """A ClientHello the cookie listener or the first handshake step refused."""
+        if reason.startswith(("not a ClientHello", "malformed ClientHello")):
+            self.stats.malformed_hellos += 1
+        if self.policy.list_strangers:
+            self._note(addr, reason, client=False, listed=True)
+
+    def _note(self, addr: Addr, reason: str, *, client: bool, listed: bool) -> None:
+        self.stats.rejected += 1
+        if "not a configured peer" in reason:
+            self.stats.unknown_peer += 1
+        if not listed:
+            return
+        ep = format_addr(addr)
+        self.stats.rejections.append({"at": time.time(), "from": ep, "reason": reason})
+        if client:
+            self._ratelog.warning("handshake", "handshake with %s failed: %s", ep, reason)
+        else:
+            self._ratelog.warning("handshake", "handshake from %s refused: %s", ep, reason)
+
+    def _reject(self, entry: _Entry, reason: str) -> None:
+        session = entry.session
+        client = session.is_client
+        # Strangers that never finish their handshake are counted, not listed (unless the
+        # policy lists strangers): they would push the refusals that matter out of the list.
+        listed = (
+            self.policy.list_strangers
+            or client
+            or reason != TIMED_OUT
+            or self._known(entry.link_id, entry.addr)
+        )
+        self._note(entry.addr, reason, client=client, listed=listed)
+        self._drop(entry)
+        # Tell the tunnel this concerns: the one that called, else the one whose endpoint it
+        # came from (a responder learns why its peer was refused).
+        tunnel = self._tunnel_for(session)
+        if tunnel is None and not client:
+            for owner in self.owners:
+                tunnel = owner.tunnel_at(entry.link_id, entry.addr)
+                if tunnel is not None:
+                    break
+        if tunnel is not None:
+            tunnel.on_failed(
+                session,
+                reason if client else f"handshake from {format_addr(entry.addr)} refused: {reason}",
+            )
+
+    # ---------------------------------------------------------------- periodic work
+
+    def tick(self) -> None:
+        now = self.clock()
+        in_use: set[DtlsSession] | None = None
+        for key, entry in list(self._table.items()):
+            if self._table.get(key) is not entry:
+                continue  # gone with an earlier entry's news
+            session = entry.session
+            if session.established:
+                # Replaced by a rekey or left behind by a roaming peer.
+                if now - entry.created > self.policy.stale_after_s:
+                    if in_use is None:
+                        in_use = {s for o in self.owners for s in o.sessions_in_use()}
+                    if session not in in_use:
+                        self._drop(entry)
+                continue
+            if now - entry.created > self.policy.handshake_deadline_s and not session.failed:
+                entry.reported = True
+                self._reject(entry, TIMED_OUT)
+                continue
+            due = session.timeout()
+            if due is not None and due <= 0:
+                for d in session.on_timeout():
+                    self.send(entry.link_id, entry.addr, d)
+                self._after_input(entry)
+            if entry.reported and not session.established:
+                self._drop(entry)
