@@ -604,10 +604,15 @@ table inet lab_filter {{
 
     # ------------------------------------------------------------- traffic
 
-    def ping(self, from_ns: str, ip: str, count: int = 1, wait_s: float = 1.0) -> bool:
+    def ping(
+        self, from_ns: str, ip: str, count: int = 1, wait_s: float = 1.0, source: str | None = None
+    ) -> bool:
+        """True when ip answers; source picks the sending address (`ping -I`) on a host with
+        several, since which tunnel carries the answer may depend on it."""
+        via = ["-I", source] if source else []
         cp = netns.run(
             from_ns,
-            ["ping", "-n", "-q", "-c", str(count), "-W", f"{wait_s:g}", ip],
+            ["ping", "-n", "-q", "-c", str(count), "-W", f"{wait_s:g}", *via, ip],
             timeout=count * wait_s + 10,
             check=False,
         )
@@ -627,12 +632,17 @@ table inet lab_filter {{
         return float(m.group(1)) if m else None
 
     def wait_ping(
-        self, from_ns: str, ip: str, timeout: float, progress: Callable[[float], None] | None = None
+        self,
+        from_ns: str,
+        ip: str,
+        timeout: float,
+        progress: Callable[[float], None] | None = None,
+        source: str | None = None,
     ) -> bool:
         """Ping once a second until it answers or timeout; progress(elapsed) between tries."""
         t0 = time.monotonic()
         while True:
-            if self.ping(from_ns, ip, count=1, wait_s=1):
+            if self.ping(from_ns, ip, count=1, wait_s=1, source=source):
                 return True
             elapsed = time.monotonic() - t0
             if elapsed >= timeout:
