@@ -6,7 +6,8 @@ BOARD ?= qemu-x86_64
 # The images `make test` builds for the system tests (tests/system).
 IMAGE_BOARDS := qemu-x86_64 qemu-aarch64
 
-.PHONY: image images image-repro setup demo test lint test-py test-asan fuzz bench clean
+.PHONY: image images image-repro setup demo test lint test-py test-asan fuzz bench bench-setup \
+	bench-smoke clean
 
 setup:
 	scripts/setup.sh
@@ -30,9 +31,18 @@ test-asan:
 fuzz:
 	native/fuzz/run.sh $(FUZZ_SECONDS)
 
-bench: setup
+# The peer tunnels bench/dataplane compares against (Debian packages); `make test` does not
+# install them, its smoke runs measure what is present.
+bench-setup:
+	scripts/bench-setup.sh
+
+bench: setup bench-setup
 	$(PY) bench/dataplane --json bench-dataplane.json
 	$(PY) bench/cloud --json bench-cloud.json
+
+# Only the benches' smoke runs (test-py runs them too): each bench once, shortest mode.
+bench-smoke: setup
+	$(PY) -m pytest -q -ra tests/lab/test_bench.py tests/system/test_bench_boot.py
 
 # The appliance disk image of one board: build/images/$(BOARD).img (docs/image.md).
 image: setup

@@ -66,6 +66,16 @@ NAT_MODES = ("masquerade", "random", "shift", "none")
 _FIRMWARE_DIR = Path(__file__).resolve().parents[2]
 
 
+# The lab runs the daemons and CLIs as modules of the venv's interpreter, not through the
+# console scripts, so a lab works from a checkout whose scripts are not on PATH.
+_MODULES = {
+    "socketd": "sdwan.site.socketd",
+    "socketctl": "sdwan.site.socketctl",
+    "popd": "sdwan.pop.popd",
+    "popctl": "sdwan.pop.popctl",
+}
+
+
 def public_ip(n: int) -> str:
     return str(PUBLIC_NET.network_address + 10 + n)
 
@@ -601,10 +611,15 @@ table inet lab_filter {{
 
     # ------------------------------------------------------------- traffic
 
-    def ping(self, from_ns: str, ip: str, count: int = 1, wait_s: float = 1.0) -> bool:
+    def ping(
+        self, from_ns: str, ip: str, count: int = 1, wait_s: float = 1.0, source: str | None = None
+    ) -> bool:
+        """True when ip answers; source picks the sending address (`ping -I`) on a host with
+        several, since which tunnel carries the answer may depend on it."""
+        via = ["-I", source] if source else []
         cp = netns.run(
             from_ns,
-            ["ping", "-n", "-q", "-c", str(count), "-W", f"{wait_s:g}", ip],
+            ["ping", "-n", "-q", "-c", str(count), "-W", f"{wait_s:g}", *via, ip],
             timeout=count * wait_s + 10,
             check=False,
         )
@@ -624,12 +639,17 @@ table inet lab_filter {{
         return float(m.group(1)) if m else None
 
     def wait_ping(
-        self, from_ns: str, ip: str, timeout: float, progress: Callable[[float], None] | None = None
+        self,
+        from_ns: str,
+        ip: str,
+        timeout: float,
+        progress: Callable[[float], None] | None = None,
+        source: str | None = None,
     ) -> bool:
         """Ping once a second until it answers or timeout; progress(elapsed) between tries."""
         t0 = time.monotonic()
         while True:
-            if self.ping(from_ns, ip, count=1, wait_s=1):
+            if self.ping(from_ns, ip, count=1, wait_s=1, source=source):
                 return True
             elapsed = time.monotonic() - t0
             if elapsed >= timeout:

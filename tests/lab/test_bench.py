@@ -1,0 +1,115 @@
+"""Smoke runs of bench/dataplane and bench/cloud inside `make test`: each bench runs to its
+end in its shortest mode and writes its JSON with every key and sane values, so a bench
+whose mechanism breaks fails here instead of on the day someone needs its figures.
+
+Never an assertion on a performance figure (bench/README.md, "Smoke runs"): only that
+each figure was measured, is positive and lies within the bench's own time bounds. The
+peer tunnels are measured when installed (scripts/bench-setup.sh, run by `make bench`,
+installs them; `make test` does not) and must then work; otherwise the bench must say
+"not installed".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+# The programs bench/dataplane needs per peer tunnel (its `have(...)` calls).
+PEER_PROGRAMS = {
+    "wireguard-go": ("wireguard-go", "wg"),
+    "openvpn": ("openvpn", "openssl"),
+    "nebula": ("nebula", "nebula-cert"),
+    "fastd": ("fastd",),
+}
+FIGURES = ("tcp1_mbps", "tcp4_mbps", "udp64_pps", "rtt_ms")
+
+
+def run_bench(name: str, args: list[str], json_path: Path, timeout: float) -> Any:
+    if os.geteuid() != 0:
+        pytest.skip("the benches need root (network namespaces)")
+    cp = subprocess.run(
+        [sys.executable, str(REPO / "bench" / name), *args, "--json", str(json_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert cp.returncode == 0, (
+        f"bench/{name} exited with {cp.returncode}\n{cp.stdout[-3000:]}\n{cp.stderr[-3000:]}"
+    )
+    return json.loads(json_path.read_text())
+
+
+def positive(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < math.inf
+
+
+@pytest.mark.timeout(420)
+def test_dataplane_smoke(tmp_path: Path) -> None:
+    res = run_bench("dataplane", ["--runs", "1", "--duration", "1"], tmp_path / "dp.json", 400)
+    assert set(res) == {"raw", "socket", *PEER_PROGRAMS}
+
+    raw = res["raw"]
+    for key in FIGURES:
+        assert positive(raw[key]), (key, raw)
+    assert raw["added_rtt_ms"] == 0
+    assert all(positive(raw["openssl_aes256gcm_gbps"][n]) for n in ("1024", "8192")), raw
+    assert raw["cpus"] == os.cpu_count() and raw["kernel"] and raw["date"]
+
+    sock = res["socket"]
+    assert sock.get("note") is None, sock["note"]
+    for key in FIGURES:
+        assert positive(sock[key]), (key, sock)
+        assert len(sock["runs"][key]) == 1, sock["runs"]
+    assert sock["cipher"].startswith("AES-256-GCM")
+    assert isinstance(sock["added_rtt_ms"], int | float)
+    assert 0 <= sock["udp64_loss_percent"] <= 100
+    assert positive(sock["rss_kb_after_tcp1"]) and positive(sock["rss_kb_end"]), sock
+    waits = sock["answer_waits_during_pings"]
+    assert set(waits) == {"waits", "answered", "cpu_ms"}
+    assert 0 <= waits["answered"] <= waits["waits"], waits
+    assert set(sock["ratios"]) == set(PEER_PROGRAMS)
+
+    for peer, programs in PEER_PROGRAMS.items():
+        r = res[peer]
+        if all(shutil.which(p) for p in programs):
+            # Installed: the comparison must really run, the ratio must exist.
+            assert r.get("note") is None, f"{peer}: {r['note']}"
+            for key in FIGURES:
+                assert positive(r[key]), (peer, key, r)
+            assert all(v is not None for v in sock["ratios"][peer].values()), sock["ratios"]
+        else:
+            assert r["note"].startswith("not installed"), (peer, r)
+            assert r["tcp1_mbps"] is None and all(v is None for v in sock["ratios"][peer].values())
+
+
+@pytest.mark.timeout(240)
+def test_cloud_smoke(tmp_path: Path) -> None:
+    # One outage and one TCP run per path: every figure, each measured once.
+    args = ["--repeats", "1", "--tcp-runs", "1", "--duration", "1", "--settle", "0.5",
+            "--max-seconds", "180"]
+    res = run_bench("cloud", args, tmp_path / "cloud.json", 220)
+
+    for key in ("pop_dead_detect_s", "pop_dead_detect_poll_s", "pop_return_traffic_s"):
+        assert positive(res[key]["median"]) and positive(res[key]["p95"]), (key, res[key])
+    for key in ("relay_tcp1_mbps", "direct_tcp1_mbps", "relay_over_direct"):
+        assert positive(res[key]), (key, res[key])
+    assert len(res["relay_tcp1_runs"]) == len(res["direct_tcp1_runs"]) == 1
+    assert res["repeats"] == 1 and res["cloud_timers"]
+    (detect,) = res["detect_runs"]
+    # Detection is read from socketd's own events; the poll is only the cross-check.
+    assert detect["source"] == "events", detect
+    assert set(detect["event_s"]) == set(detect["poll_s"]) == {"1", "2"}, detect
+    assert all(positive(v) for v in (*detect["event_s"].values(), *detect["poll_s"].values()))
+    (ret,) = res["return_runs"]
+    assert positive(ret["s"]) and positive(ret["popd_ready_s"]), ret
+    assert set(ret["registered_by_s"]) == {"1", "2"}, ret
