@@ -45,13 +45,6 @@ from sdwan.lab import netns
 from sdwan.lab.netns import Daemon, NetnsError
 
 LAB_PREFIX = "sw"
-# The module each lab service or CLI runs as (`python -m`).
-_MODULES = {
-    "socketd": "sdwan.site.socketd",
-    "socketctl": "sdwan.site.socketctl",
-    "popd": "sdwan.pop.popd",
-    "popctl": "sdwan.pop.popctl",
-}
 _NS_RE = re.compile(rf"^{LAB_PREFIX}([0-9a-f]{{3}})-(\d+)-([A-Za-z0-9_.-]+)$")
 
 INET_BRIDGE = "br0"
