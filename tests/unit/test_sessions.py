@@ -446,6 +446,53 @@ def test_a_new_hello_supersedes_the_handshake_in_progress_and_says_so(certs) -> 
     assert session.established and not first.established
 
 
+@pytest.mark.parametrize("policy", [SITE_POLICY, POP_POLICY], ids=["site", "pop"])
+@pytest.mark.parametrize("how", ["failed rekey", "replayed hello"])
+def test_a_handshake_that_fails_gives_the_established_session_its_address_back(
+    certs, policy: Policy, how: str
+) -> None:
+    """A new handshake from a peer's address (a rekey whose flights are lost, or a late or
+    replayed copy of its hello with a valid cookie) takes over the address while it runs;
+    when it fails, the established session's records must reach it again, not be dropped
+    as dtls_no_session until the next successful rekey."""
+    hub = Hub(certs, policy)
+    peer = ("198.51.100.2", 4800)
+    owner = Owner({2}, known={peer})
+    hub.layer.add_owner(owner)
+    first = hub.hello(peer, 2)
+    hub.finish(peer)
+    assert first.established
+    if how == "failed rekey":
+        hub.hello(peer, 2)
+    else:
+        hub.packet(peer, hub.last_hello[peer])
+    assert hub.layer.handshaking == 1
+    hub.to.pop(peer, None)  # nothing of the new handshake arrives
+    hub.clock.t += policy.handshake_deadline_s + 0.1
+    hub.layer.tick()
+    assert hub.layer.handshaking == 0
+    before = hub.layer.stats.dtls_no_session
+    for d in first.send(b'{"t":"ping","id":1}'):
+        hub.packet(peer, d)
+    assert hub.layer.stats.dtls_no_session == before
+    assert owner.tunnel(2).messages[-1] == b'{"t":"ping","id":1}'
+
+
+def test_on_a_pop_a_restarted_handshake_is_dropped_quietly(certs) -> None:
+    """Sites restart unanswered handshakes every few seconds: on a PoP that is not a refusal
+    to list (it would push the real ones out of the short list)."""
+    hub = Hub(certs, POP_POLICY)
+    peer = ("198.51.100.2", 4800)
+    hub.layer.add_owner(Owner({2}))
+    hub.hello(peer, 2)
+    hub.to.pop(peer, None)
+    hub.hello(peer, 2)
+    assert hub.layer.handshaking == 1
+    assert not hub.layer.stats.rejections and hub.layer.stats.rejected == 0
+    hub.finish(peer)
+    assert hub.clients[peer].established
+
+
 def test_a_handshake_past_its_deadline_is_refused_and_listed_only_when_it_matters(certs) -> None:
     hub = Hub(certs, SITE_POLICY)
     peer, stranger = ("198.51.100.2", 4800), ("203.0.113.66", 5555)

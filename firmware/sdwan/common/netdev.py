@@ -1,6 +1,7 @@
 """What the kernel says of a network device, in this network namespace: whether it can carry
-traffic (and why not), and its IPv4 address. Read with ioctls, so nothing here needs netlink
-or a worker. Used by the link manager (site/links.py) for each WAN link's state and address.
+traffic (and why not), and its IPv4 address, read with ioctls so that nothing here needs
+netlink or a worker; and the buffers of a tunnel's UDP socket. Used by the link manager
+(site/links.py) and popd.
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ import os
 import socket
 import struct
 
-__all__ = ["iface_ipv4", "interface_fault"]
+__all__ = ["iface_ipv4", "interface_fault", "size_buffers"]
+
+# Large buffers absorb bursts while the fast path's thread is descheduled; the
+# kernel caps them at net.core.[rw]mem_max unless we are privileged (we are).
+_SOCKET_BUFFER = 4 * 1024 * 1024
+_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+_SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 
 _SIOCGIFADDR = 0x8915
 _SIOCGIFFLAGS = 0x8913
@@ -46,3 +53,15 @@ def iface_ipv4(ifname: str) -> str | None:
         except OSError:
             return None
     return socket.inet_ntoa(packed[20:24])
+
+
+def size_buffers(sock: socket.socket) -> None:
+    """Give a tunnel socket buffers big enough for bursts (see _SOCKET_BUFFER)."""
+    for opt, fallback in (
+        (_SO_RCVBUFFORCE, socket.SO_RCVBUF),
+        (_SO_SNDBUFFORCE, socket.SO_SNDBUF),
+    ):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, fallback, _SOCKET_BUFFER)

@@ -157,6 +157,10 @@ class Policy:
     known_skip_per_source: bool = True
     strangers_evict: bool = False
     list_strangers: bool = False
+    # A handshake replaced by a newer one from the same address is a refusal to report (the
+    # site's tunnel learns why) or, where peers restart unanswered handshakes on their own
+    # (popd), a quiet drop that must not push real refusals out of the list.
+    report_superseded: bool = True
     mtu: int = DEFAULT_MTU  # of server sessions
     handshake_deadline_s: float = 10.0
     stale_after_s: float = 60.0  # an established session no owner uses any more
@@ -234,6 +238,10 @@ class SessionLayer:
         self._allowed = _AllowedIds(self.owners)
         self._table: dict[Key, _Entry] = {}
         self._keys: dict[DtlsSession, Key] = {}
+        # An established session whose address a handshake in progress took over (a rekey, or
+        # a stray or replayed hello with a valid cookie): it gets the address back when that
+        # handshake fails, so one bad handshake cannot cut it off until the next rekey.
+        self._displaced: dict[Key, _Entry] = {}
         self._ratelog = RateLog(log, clock)
 
     # ---------------------------------------------------------------- owners
@@ -257,9 +265,14 @@ class SessionLayer:
     def forget_session(self, session: DtlsSession) -> None:
         """Drop a session its owner gave up on or closed, without reporting it as refused."""
         key = self._keys.pop(session, None)
-        entry = self._table.get(key) if key is not None else None
+        if key is None:
+            return
+        displaced = self._displaced.get(key)
+        if displaced is not None and displaced.session is session:
+            del self._displaced[key]
+        entry = self._table.get(key)
         if entry is not None and entry.session is session:
-            del self._table[entry.key]
+            self._drop(entry)
 
     @property
     def handshaking(self) -> int:
@@ -394,7 +407,16 @@ class SessionLayer:
         old = self._table.get(entry.key)
         if old is not None and not old.reported and not old.session.established:
             old.reported = True
-            self._reject(old, SUPERSEDED)
+            # The session the old handshake displaced stays displaced by the new one.
+            displaced = self._displaced.pop(entry.key, None)
+            if self.policy.report_superseded:
+                self._reject(old, SUPERSEDED)
+            else:
+                self._drop(old)
+            if displaced is not None:
+                self._displaced[entry.key] = displaced
+        elif old is not None and old.session.established and not old.session.closed:
+            self._displaced[entry.key] = old
         elif old is not None:
             self._keys.pop(old.session, None)
         self._table[entry.key] = entry
@@ -403,6 +425,11 @@ class SessionLayer:
     def _drop(self, entry: _Entry) -> None:
         if self._table.get(entry.key) is entry:
             del self._table[entry.key]
+            displaced = self._displaced.pop(entry.key, None)
+            if displaced is not None and not entry.session.established:
+                self._table[entry.key] = displaced  # the handshake failed: records go back
+            elif displaced is not None:
+                self._keys.pop(displaced.session, None)
         if self._keys.get(entry.session) == entry.key:
             del self._keys[entry.session]
 
@@ -430,6 +457,9 @@ class SessionLayer:
                 for d in session.close():
                     self.send(entry.link_id, entry.addr, d)
                 return
+            displaced = self._displaced.pop(entry.key, None)
+            if displaced is not None:  # replaced for good by the session that displaced it
+                self._keys.pop(displaced.session, None)
             tunnel.on_established(session, entry.link_id, entry.addr)
         if not (entry.reported and session.established):
             return

@@ -36,6 +36,7 @@ from sdwan.common.daemon import StartupError, run_service
 from sdwan.common.dtls import DtlsContext, DtlsSession
 from sdwan.common.handover import KeyHandover, key_index
 from sdwan.common.messages import FragStats, Reassembler, encode, record_limit
+from sdwan.common.netdev import size_buffers
 from sdwan.common.ratelog import RateLog
 from sdwan.common.sessions import Policy, SessionLayer, SessionOwner, source_block
 from sdwan.common.store import Store, StoreError
@@ -43,7 +44,6 @@ from sdwan.common.stun import StunServer
 from sdwan.common.tomlcheck import format_endpoint
 from sdwan.pop.account import Account, ConfigError, load_account
 from sdwan.pop.config import PopConfig, load_pop_config
-from sdwan.site.links import size_buffers
 
 log = logging.getLogger("sdwan.pop.popd")
 
@@ -77,6 +77,7 @@ POP_POLICY = Policy(
     known_skip_per_source=False,
     strangers_evict=True,
     list_strangers=True,
+    report_superseded=False,
     mtu=DTLS_MTU,
 )
 

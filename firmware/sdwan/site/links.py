@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdwan.bindings.fastpath import FastPath
-from sdwan.common.netdev import iface_ipv4, interface_fault
+from sdwan.common.netdev import iface_ipv4, interface_fault, size_buffers
 from sdwan.common.store import NatEntry, Store
 from sdwan.common.stun import Endpoint, StunTransaction
 from sdwan.common.tomlcheck import format_endpoint
@@ -40,12 +40,6 @@ from sdwan.site.config import Link
 log = logging.getLogger("sdwan.site.links")
 
 Addr = tuple[str, int]
-
-# Large buffers absorb bursts while the fast path's thread is descheduled; the
-# kernel caps them at net.core.[rw]mem_max unless we are privileged (we are).
-_SOCKET_BUFFER = 4 * 1024 * 1024
-_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
-_SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 
 # Precedence 1 and 2 are main links: they always carry PoP sessions. A precedence 3 link is a
 # standby, used only while no main link reaches the PoP (docs/cloud.md).
@@ -58,18 +52,6 @@ STUN_REFRESH_S = 60.0
 # After a transaction that got no answer (39.5 s of RFC 8489 retransmissions) or an error
 # response, the next one starts this much later.
 STUN_RETRY_S = 5.0
-
-
-def size_buffers(sock: socket.socket) -> None:
-    """Give a tunnel socket buffers big enough for bursts (see _SOCKET_BUFFER)."""
-    for opt, fallback in (
-        (_SO_RCVBUFFORCE, socket.SO_RCVBUF),
-        (_SO_SNDBUFFORCE, socket.SO_SNDBUF),
-    ):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, fallback, _SOCKET_BUFFER)
 
 
 class LinkError(Exception):
