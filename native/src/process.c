@@ -63,7 +63,7 @@ int fp_seal_for_peer(struct fp *fp, struct fp_peer *peer, const uint8_t *in, siz
     /* Counted on the endpoint here, under the lock every packet takes anyway,
      * and taken back in the rare case that the packet is refused below. */
     pthread_mutex_lock(&peer->ep_lock);
-    int slot = fp_peer_choose(peer, in, len);
+    int slot = peer->ncand && len ? fp_peer_choose(peer, in, len) : peer->primary;
     if (slot >= 0) {
         struct fp_peer_ep *e = &peer->ep[slot];
         res->link_id = e->link_id;

@@ -220,6 +220,14 @@ def _new_addr(addr: Addr) -> object:
     return c
 
 
+def _fill_net(op: object, net: Network) -> None:
+    """A struct fp_route_op's prefix and length, straight from the packed address."""
+    packed = net.network_address.packed
+    op.prefix.family = net.version  # type: ignore[attr-defined]
+    op.prefix.addr[0 : len(packed)] = packed  # type: ignore[attr-defined]
+    op.plen = net.prefixlen  # type: ignore[attr-defined]
+
+
 def _read_addr(c: object) -> Addr | None:
     fam = c.family  # type: ignore[attr-defined]
     if fam == 4:
@@ -412,12 +420,10 @@ class FastPath:
             return
         ops = ffi.new("struct fp_route_op[]", n)
         for i, net in enumerate(nets):
-            _fill_addr(ops[i].prefix, (str(net.network_address), 0))
-            ops[i].plen = net.prefixlen
+            _fill_net(ops[i], net)
             ops[i].verb = lib.FP_ROUTE_DEL
         for j, (net, peer) in enumerate(sets, len(nets)):
-            _fill_addr(ops[j].prefix, (str(net.network_address), 0))
-            ops[j].plen = net.prefixlen
+            _fill_net(ops[j], net)
             ops[j].verb = lib.FP_ROUTE_SET
             ops[j].peer_id = peer
         bad = ffi.new("size_t *")
