@@ -57,7 +57,7 @@ def make_builder(sanitize: bool = False, absolute: bool = False) -> FFI:
         '#include "fastpath.h"\n',
         sources=[_rel(p) for p in sorted((HERE / "src").glob("*.c"))],
         include_dirs=[_rel(HERE / "include"), _rel(HERE / "src")],
-        libraries=["crypto", "pthread"],
+        libraries=["crypto", "pthread", "m"],
         extra_compile_args=[*WARNINGS, *opt],
         extra_link_args=SANITIZE if sanitize else [],
     )

@@ -9,7 +9,11 @@
  *      [len:1][counter:2][plaintext:len], sealed here with the peer's key so
  *      it passes the tag and reaches the replay window, the inner IP parser,
  *      routing and relay.
- * Both modes exercise the endpoint update and counters.
+ * Both modes exercise the endpoint update and counters. Peers have endpoints
+ * on several links (peer 2 with a weighted policy, so relayed packets take the
+ * per-flow choice); bits 1-2 of the first byte pick the link the input
+ * arrives on: one where peer 1 has an endpoint (roaming within it), or one
+ * where it has none (delivered, moves nothing).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -48,8 +52,14 @@ static fp_t *make_receiver(void)
     CHECK(fp_key_install(fp, 2, 30, K_P2, K_P2));
     CHECK(fp_key_activate(fp, 2, 30, 40));
     struct fp_addr e1 = v4(192, 0, 2, 1, 4800), e2 = v4(192, 0, 2, 2, 4800);
+    struct fp_addr e1b = v4(198, 51, 100, 1, 4800), e2b = v4(198, 51, 100, 2, 4800);
     CHECK(fp_peer_set_endpoint(fp, 1, 1, &e1));
+    CHECK(fp_peer_set_endpoint(fp, 1, 2, &e1b));
     CHECK(fp_peer_set_endpoint(fp, 2, 1, &e2));
+    CHECK(fp_peer_set_endpoint(fp, 2, 2, &e2b));
+    CHECK(fp_peer_set_endpoint(fp, 2, 3, &e2b));
+    struct fp_link_weight w[3] = {{1, 2}, {2, 1}, {3, 1}};
+    CHECK(fp_peer_set_policy(fp, 2, w, 3));
     struct fp_addr n1 = v4(10, 1, 0, 0, 0), n2 = v4(10, 2, 0, 0, 0), n3 = v4(10, 2, 128, 0, 0);
     CHECK(fp_route_set(fp, &n1, 16, 1));
     CHECK(fp_route_set(fp, &n2, 16, 2));
@@ -62,15 +72,18 @@ static fp_t *make_receiver(void)
     return fp;
 }
 
-static void deliver(fp_t *fp, const uint8_t *pkt, size_t len)
+static void deliver(fp_t *fp, uint32_t link, const uint8_t *pkt, size_t len)
 {
     static uint8_t out[FP_MAX_INNER + 2 * FP_OVERHEAD];
     struct fp_result res;
     struct fp_ctrl_msg msg;
     struct fp_addr from = v4(198, 51, 100, (uint8_t)len, 4800);
-    int rc = fp_process_inbound(fp, 1, &from, pkt, len, out, sizeof(out), &res);
+    int rc = fp_process_inbound(fp, link, &from, pkt, len, out, sizeof(out), &res);
     if (rc == 0 && (res.verdict == FP_V_SEND || res.verdict == FP_V_TUN) &&
         res.out_len > sizeof(out))
+        abort();
+    /* Relayed to peer 2: over one of its links, never link 0. */
+    if (rc == 0 && res.verdict == FP_V_SEND && (res.link_id < 1 || res.link_id > 3))
         abort();
     while (fp_ctrl_recv(fp, &msg) == 0)
         ;
@@ -82,8 +95,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (size < 1)
         return 0;
     fp_t *fp = make_receiver();
+    uint32_t link = 1 + (uint32_t)(data[0] >> 1) % 3;
     if ((data[0] & 1) == 0) {
-        deliver(fp, data + 1, size - 1);
+        deliver(fp, link, data + 1, size - 1);
     } else {
         size_t i = 1;
         while (i + 3 <= size) {
@@ -101,7 +115,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             pkt[15] = iv[11] = (uint8_t)ctr;
             CHECK(fp_test_aead(1, K_IN, iv, pkt, FP_HEADER_LEN, data + i, len,
                                pkt + FP_HEADER_LEN, pkt + FP_HEADER_LEN + len));
-            deliver(fp, pkt, len + FP_OVERHEAD);
+            deliver(fp, link, pkt, len + FP_OVERHEAD);
             i += len;
         }
     }

@@ -1,26 +1,33 @@
 #!/bin/sh
 # Build the libFuzzer targets with Debian's clang (ASan + UBSan) and run them
-# for a bounded time: native/fuzz/run.sh [SECONDS] (default 60, in total: two
-# thirds for fuzz_inbound over fp_process_inbound, one third for fuzz_offload
-# over the GSO segmenter and the TCP coalescer). Exits non-zero if a fuzzer
-# finds a crash; the reproducer is left in native/out/fuzz/.
+# for a bounded time: native/fuzz/run.sh [SECONDS] (default 60, in total: half
+# for fuzz_inbound over fp_process_inbound, a quarter for fuzz_offload over the
+# GSO segmenter and the TCP coalescer, a quarter for fuzz_links over endpoints,
+# link policies and fp_route_batch). Exits non-zero if a fuzzer finds a crash;
+# the reproducer is left in native/out/fuzz/.
 set -eu
 secs=${1:-60}
 here=$(cd "$(dirname "$0")" && pwd)
 native=$(dirname "$here")
 out="$native/out/fuzz"
-mkdir -p "$out/corpus" "$out/seeds" "$out/corpus-offload" "$out/seeds-offload"
+mkdir -p "$out/corpus" "$out/seeds" "$out/corpus-offload" "$out/seeds-offload" \
+    "$out/corpus-links" "$out/seeds-links"
 
 clang -std=c11 -g -O1 -fno-omit-frame-pointer \
     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
     -Wall -Wextra -Werror \
     -I"$native/include" -I"$native/src" \
-    "$native"/src/*.c "$here/fuzz_inbound.c" -lcrypto -lpthread -o "$out/fuzz_inbound"
+    "$native"/src/*.c "$here/fuzz_inbound.c" -lcrypto -lpthread -lm -o "$out/fuzz_inbound"
 clang -std=c11 -g -O1 -fno-omit-frame-pointer \
     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
     -Wall -Wextra -Werror \
     -I"$native/include" -I"$native/src" \
-    "$native"/src/*.c "$here/fuzz_offload.c" -lcrypto -lpthread -o "$out/fuzz_offload"
+    "$native"/src/*.c "$here/fuzz_offload.c" -lcrypto -lpthread -lm -o "$out/fuzz_offload"
+clang -std=c11 -g -O1 -fno-omit-frame-pointer \
+    -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+    -Wall -Wextra -Werror \
+    -I"$native/include" -I"$native/src" \
+    "$native"/src/*.c "$here/fuzz_links.c" -lcrypto -lpthread -lm -o "$out/fuzz_links"
 
 # Seeds: mode byte, then either a raw datagram (0) or [len][counter:2][plaintext] chunks (1).
 python3 - "$out/seeds" <<'PY'
@@ -89,9 +96,44 @@ for name, b in seeds.items():
     (d / name).write_bytes(b)
 PY
 
+# Links seeds: command sequences (fuzz_links.c): endpoints on three links, a
+# weighted policy, routes by batch, then packets out and in.
+python3 - "$out/seeds-links" <<'PY'
+import struct, sys, pathlib
+d = pathlib.Path(sys.argv[1])
+def ep(peer, link, a, port):
+    return bytes([0x80 * (peer - 1) | link << 3 | 0, 0]) + struct.pack("!H", port) + bytes(a)
+def policy(peer, pairs):
+    return bytes([0x80 * (peer - 1) | 2, len(pairs)]) + b"".join(bytes(p) for p in pairs)
+def route(verb, plen, peer, a):
+    return bytes([verb, plen, peer, 0]) + struct.pack("!H", 0) + bytes(a)
+def batch(ops):
+    return bytes([3, len(ops)]) + b"".join(ops)
+def out(b):
+    return bytes([4]) + bytes(b)
+def inb(link, src, b):
+    return bytes([6, link, 0]) + struct.pack("!H", 5000) + bytes(src) + bytes(b)
+pkt = [20, 0, 0, 17, 1, 0, 5, 2, 0, 7, 4, 1]
+setup = (ep(2, 1, [192, 0, 2, 2], 4800) + ep(2, 2, [198, 51, 100, 2], 4800)
+         + ep(2, 3, [203, 0, 113, 2], 4800) + ep(1, 1, [192, 0, 2, 1], 4800)
+         + policy(2, [(1, 2), (2, 1), (3, 1)])
+         + batch([route(0, 16, 2, [10, 2, 0, 0]), route(0, 16, 1, [10, 1, 0, 0])]))
+seeds = {
+    "multi": setup + out(pkt) + out(pkt[:10] + [9, 9]) + inb(1, [203, 0, 113, 9], pkt),
+    "unlisted": setup + inb(3, [203, 0, 113, 9], pkt) + out(pkt),
+    "badbatch": setup + batch([route(1, 16, 2, [10, 2, 0, 0]), route(0, 40, 2, [10, 3, 0, 0])]) + out(pkt),
+    "dellink": setup + bytes([0x80 | 1 << 3 | 1]) + out(pkt) + policy(2, [(1, 0)]),
+}
+for name, data in seeds.items():
+    (d / name).write_bytes(data)
+PY
+
 cd "$out"
-in_secs=$(( secs * 2 / 3 > 0 ? secs * 2 / 3 : 1 ))
-off_secs=$(( secs - in_secs > 0 ? secs - in_secs : 1 ))
+in_secs=$(( secs / 2 > 0 ? secs / 2 : 1 ))
+off_secs=$(( secs / 4 > 0 ? secs / 4 : 1 ))
+links_secs=$(( secs - in_secs - off_secs > 0 ? secs - in_secs - off_secs : 1 ))
 ./fuzz_inbound -max_total_time="$in_secs" -max_len=9400 -print_final_stats=1 corpus seeds
 ./fuzz_offload -max_total_time="$off_secs" -max_len=70000 -print_final_stats=1 \
     corpus-offload seeds-offload
+./fuzz_links -max_total_time="$links_secs" -max_len=4096 -print_final_stats=1 \
+    corpus-links seeds-links

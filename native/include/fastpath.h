@@ -5,7 +5,7 @@
  * The fast path owns the TUN device and one UDP socket per WAN link, and in
  * threads of its own (no GIL) moves packets between them:
  *
- *   TUN -> prefix table -> peer -> AES-256-GCM seal -> UDP (peer's link/endpoint)
+ *   TUN -> prefix table -> peer -> link policy -> AES-256-GCM seal -> UDP (link, endpoint)
  *   UDP -> demux (data vs control) -> index -> open -> replay check -> TUN
  *                                                  \-> (relay) seal to another peer
  *
@@ -151,10 +151,78 @@ int fp_link_del(fp_t *fp, uint32_t link_id);
 /* Peers and the prefix table (longest prefix match, IPv4 and IPv6). */
 int fp_peer_add(fp_t *fp, uint32_t peer_id);
 int fp_peer_del(fp_t *fp, uint32_t peer_id);  /* also drops its routes and keys */
-int fp_peer_set_endpoint(fp_t *fp, uint32_t peer_id, uint32_t link_id, const struct fp_addr *ep);
-int fp_peer_get_endpoint(fp_t *fp, uint32_t peer_id, uint32_t *link_id, struct fp_addr *ep);
 int fp_route_set(fp_t *fp, const struct fp_addr *prefix, uint8_t plen, uint32_t peer_id);
 int fp_route_del(fp_t *fp, const struct fp_addr *prefix, uint8_t plen);
+
+/* Many route changes under one acquisition of the table lock, all or nothing:
+ * every op is checked first (verb, address, prefix length, host bits of a
+ * set, the peer of a set exists) and the first bad one rejects the whole batch with
+ * -EINVAL (-ENOENT: unknown peer; -ENOMEM) and its index in *bad (if bad is
+ * not NULL); nothing changes then. Ops apply in order; deleting a prefix that
+ * is not in the table is no error (a batch states what the table should hold). */
+enum fp_route_verb {
+    FP_ROUTE_SET = 0,         /* route the prefix to peer_id (replacing its peer) */
+    FP_ROUTE_DEL = 1          /* delete the prefix (peer_id ignored) */
+};
+
+struct fp_route_op {
+    uint32_t verb;            /* enum fp_route_verb; anything else is invalid */
+    struct fp_addr prefix;    /* port ignored */
+    uint8_t plen;
+    uint32_t peer_id;
+};
+int fp_route_batch(fp_t *fp, const struct fp_route_op *ops, size_t n, size_t *bad);
+
+/* Multi-link peers (docs/dataplane.md, "Multi-link peers"). A peer has at most
+ * one endpoint per link and at most FP_PEER_ENDPOINTS of them; which one a
+ * packet goes to is decided per packet from the peer's policy:
+ *   - default (no policy set, or set with n == 0): the endpoint set most
+ *     recently by fp_peer_set_endpoint that is still there;
+ *   - one link (n == 1): that link's endpoint;
+ *   - weighted (n >= 2): per flow (inner addresses, protocol, TCP/UDP ports),
+ *     by weighted rendezvous hashing over the listed links that have an
+ *     endpoint, so a flow stays on its link while that set is unchanged.
+ * When none of the policy's links has an endpoint, the default choice is used.
+ * fp_peer_set_endpoint adds or replaces the endpoint of (peer, link);
+ * fp_peer_get_endpoint gives the primary: where a packet without a flow (a
+ * keepalive) goes, the heaviest policy link with an endpoint (first listed on
+ * a tie), else the default choice; -ENOTCONN without endpoints.
+ * fp_peer_del_endpoint: -ENOTCONN if (peer, link) had none. fp_link_del drops
+ * the link's endpoints from every peer. An authenticated packet from a new
+ * source moves the endpoint of the link it came in on; one on a link where
+ * the peer has no endpoint is delivered but changes nothing (counted in
+ * fp_peer_links.rx_unlisted). set_policy: weights > 0, distinct links,
+ * n <= FP_PEER_ENDPOINTS, else -EINVAL; the links need not exist yet. */
+#define FP_PEER_ENDPOINTS 8
+
+struct fp_link_weight {
+    uint32_t link_id;
+    uint32_t weight;
+};
+
+struct fp_endpoint {
+    uint32_t link_id;
+    struct fp_addr addr;
+    int primary;              /* what fp_peer_get_endpoint returns */
+    uint64_t rx_packets;      /* authenticated packets from the peer on this link (inner bytes) */
+    uint64_t rx_bytes;
+    uint64_t tx_packets;      /* packets sealed for this endpoint (inner bytes) */
+    uint64_t tx_bytes;
+};
+
+struct fp_peer_links {
+    uint32_t n_endpoints;
+    struct fp_endpoint ep[8];         /* FP_PEER_ENDPOINTS */
+    uint32_t n_policy;                /* 0: the default policy */
+    struct fp_link_weight policy[8];
+    uint64_t rx_unlisted;             /* authenticated packets on links without an endpoint */
+};
+
+int fp_peer_set_endpoint(fp_t *fp, uint32_t peer_id, uint32_t link_id, const struct fp_addr *ep);
+int fp_peer_del_endpoint(fp_t *fp, uint32_t peer_id, uint32_t link_id);
+int fp_peer_get_endpoint(fp_t *fp, uint32_t peer_id, uint32_t *link_id, struct fp_addr *ep);
+int fp_peer_endpoints(fp_t *fp, uint32_t peer_id, struct fp_peer_links *out);
+int fp_peer_set_policy(fp_t *fp, uint32_t peer_id, const struct fp_link_weight *w, size_t n);
 
 /* Keys: two slots per peer. install puts a key in the slot not used for
  * transmit (evicting what was there) and accepts packets for local_index at

@@ -21,7 +21,8 @@
  *   key->tx_lock / key->rx_lock   one EVP context per key and direction is
  *              not safe for concurrent use; rx_lock also covers the replay
  *              window so "check, open, update" is atomic.
- *   peer->ep_lock  the endpoint, written by roaming from any link thread.
+ *   peer->ep_lock  the endpoints and link policy, written by roaming from any
+ *              link thread and by Python under the shared lock.
  *   cq.lock    the control queue.
  */
 #ifndef FP_INTERNAL_H
@@ -89,15 +90,41 @@ struct fp_key {
     struct fp_replay replay;            /* under rx_lock */
 };
 
+/* One endpoint of a peer (one per link). Slots never move, so a slot index
+ * taken under ep_lock stays meaningful; the counters are plain, under ep_lock,
+ * which every packet takes anyway. */
+struct fp_peer_ep {
+    bool used;
+    uint32_t link_id;
+    uint64_t seq;                       /* when fp_peer_set_endpoint last set it */
+    struct fp_addr addr;                /* unused address bytes are zero */
+    uint64_t rx_packets, rx_bytes, tx_packets, tx_bytes;
+};
+
+/* A link the weighted policy may pick, derived from policy and endpoints. */
+struct fp_cand {
+    int slot;
+    uint64_t salt;                      /* hash of the link id, mixed into the flow hash */
+    double inv_weight;
+};
+
 struct fp_peer {
     struct fp_peer *next;               /* chain in fp->peers */
     uint32_t id;
     struct fp_key *slot[2];
     int tx_slot;                        /* -1: no transmit key */
-    pthread_mutex_t ep_lock;
-    bool has_ep;
-    uint32_t ep_link;
-    struct fp_addr ep;                  /* unused address bytes are zero */
+    pthread_mutex_t ep_lock;            /* everything from here to ctr */
+    struct fp_peer_ep ep[FP_PEER_ENDPOINTS];
+    uint64_t ep_seq;
+    uint32_t npol;                      /* 0: default policy */
+    struct fp_link_weight pol[FP_PEER_ENDPOINTS];
+    uint64_t rx_unlisted;
+    /* Derived by fp_peer_choice_update whenever endpoints or policy change, so
+     * a packet only indexes (or, per flow, hashes over ncand links). */
+    int primary;                        /* slot of the primary endpoint, -1: none */
+    int ncand;                          /* 0, or >= 2: choose per flow among cand */
+    bool equal_weights;
+    struct fp_cand cand[FP_PEER_ENDPOINTS];
     struct fp_ctr ctr;
 };
 
@@ -233,6 +260,19 @@ struct fp_peer *fp_peer_find(struct fp *fp, uint32_t id);
 struct fp_key *fp_index_find(struct fp *fp, uint32_t index);
 struct fp_peer *fp_route_lookup(struct fp *fp, int family, const uint8_t *addr);
 struct fp_link *fp_link_find(struct fp *fp, uint32_t id);
+
+/* table.c: multi-link peers (callers hold p->ep_lock, and fp->lock) */
+void fp_peer_choice_update(struct fp_peer *p);
+/* The endpoint slot a packet (inner IP packet `ip`, len 0: no flow) goes to,
+ * -1 for none. */
+int fp_peer_choose(const struct fp_peer *p, const uint8_t *ip, size_t len);
+int fp_peer_ep_slot(const struct fp_peer *p, uint32_t link_id);
+/* fp_link_del: drops the link's endpoints everywhere (fp->lock exclusive). */
+void fp_peers_drop_link(struct fp *fp, uint32_t link_id);
+/* packet.c: the flow of an inner IP packet (addresses, protocol, TCP/UDP ports
+ * unless a fragment), for the per-flow choice of link. */
+uint64_t fp_flow_hash(const uint8_t *ip, size_t len);
+uint64_t fp_mix64(uint64_t x);
 
 /* ctrlq.c */
 int fp_ctrlq_init(struct fp_ctrlq *q, uint32_t cap);

@@ -1071,6 +1071,9 @@ int fp_link_del(fp_t *fp, uint32_t link_id)
             break;
         }
     }
+    /* Its flows move to the peers' other links with the next packet. */
+    if (l)
+        fp_peers_drop_link(fp, link_id);
     pthread_rwlock_unlock(&fp->lock);
     /* Out of the table, so no other thread can reach it; now stop its own. */
     if (l && l->thread_running) {

@@ -158,3 +158,59 @@ void fp_addr_from_sockaddr(const struct sockaddr_storage *ss, struct fp_addr *a)
         }
     }
 }
+
+/* ------------------------------------------------------------------ flows */
+
+/* Murmur3's 64-bit finaliser: every input bit reaches every output bit. */
+uint64_t fp_mix64(uint64_t x)
+{
+    x ^= x >> 33;
+    x *= UINT64_C(0xff51afd7ed558ccd);
+    x ^= x >> 33;
+    x *= UINT64_C(0xc4ceb9fe1a85ec53);
+    x ^= x >> 33;
+    return x;
+}
+
+static inline uint64_t load64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+static inline uint32_t load32(const uint8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* Ports only where they exist in every packet of the flow: TCP and UDP, not
+ * in fragments (a later fragment has none, and all fragments of a datagram
+ * must take one link or they arrive out of order). IPv6 extension headers are
+ * not walked: such packets hash by addresses and next header, which keeps a
+ * flow together just the same. Not symmetric: each side picks its own link. */
+uint64_t fp_flow_hash(const uint8_t *ip, size_t len)
+{
+    uint64_t h = 0, ports = 0;
+    uint8_t proto;
+    if (len >= 20 && ip[0] >> 4 == 4) {
+        size_t ihl = (size_t)(ip[0] & 0x0f) * 4;
+        proto = ip[9];
+        bool frag = ((ip[6] & 0x3f) | ip[7]) != 0;
+        if (!frag && (proto == 6 || proto == 17) && ihl >= 20 && len >= ihl + 4)
+            ports = load32(ip + ihl);
+        h = fp_mix64(load64(ip + 12));
+    } else if (len >= 40 && ip[0] >> 4 == 6) {
+        proto = ip[6];
+        if ((proto == 6 || proto == 17) && len >= 44)
+            ports = load32(ip + 40);
+        h = fp_mix64(load64(ip + 8) ^ fp_mix64(load64(ip + 16) ^ UINT64_C(0x9E3779B97F4A7C15)));
+        h = fp_mix64(h ^ load64(ip + 24));
+        h = fp_mix64(h ^ load64(ip + 32));
+    } else {
+        return 0;
+    }
+    return fp_mix64(h ^ ((uint64_t)proto << 32 | ports));
+}

@@ -33,8 +33,22 @@ static inline uint64_t secs_ns(uint32_t s)
     return (uint64_t)s * 1000000000u;
 }
 
+/* A packet counted on endpoint slot (of link_id) was not sent after all. The
+ * slot may have been given to another link meanwhile: then it is left alone. */
+static void uncount(struct fp_peer *peer, int slot, uint32_t link_id, size_t len)
+{
+    pthread_mutex_lock(&peer->ep_lock);
+    struct fp_peer_ep *e = &peer->ep[slot];
+    if (e->used && e->link_id == link_id && e->tx_packets && e->tx_bytes >= len) {
+        e->tx_packets--;
+        e->tx_bytes -= len;
+    }
+    pthread_mutex_unlock(&peer->ep_lock);
+}
+
 /* Seal `in` (len bytes; may be exactly out + FP_HEADER_LEN) for peer into
- * out, choosing its transmit key, counter and endpoint. */
+ * out, choosing its transmit key, counter and endpoint (by the peer's link
+ * policy, per flow of the inner packet `in`). */
 int fp_seal_for_peer(struct fp *fp, struct fp_peer *peer, const uint8_t *in, size_t len,
                      uint8_t *out, size_t cap, struct fp_result *res, uint64_t now)
 {
@@ -46,12 +60,19 @@ int fp_seal_for_peer(struct fp *fp, struct fp_peer *peer, const uint8_t *in, siz
         return drop(res, FP_DROP_NO_KEY, &peer->ctr, NULL);
     struct fp_key *k = peer->slot[peer->tx_slot];
 
+    /* Counted on the endpoint here, under the lock every packet takes anyway,
+     * and taken back in the rare case that the packet is refused below. */
     pthread_mutex_lock(&peer->ep_lock);
-    bool has_ep = peer->has_ep;
-    res->link_id = peer->ep_link;
-    res->to = peer->ep;
+    int slot = peer->ncand && len ? fp_peer_choose(peer, in, len) : peer->primary;
+    if (slot >= 0) {
+        struct fp_peer_ep *e = &peer->ep[slot];
+        res->link_id = e->link_id;
+        res->to = e->addr;
+        e->tx_packets++;
+        e->tx_bytes += len;
+    }
     pthread_mutex_unlock(&peer->ep_lock);
-    if (!has_ep)
+    if (slot < 0)
         return drop(res, FP_DROP_NO_ENDPOINT, &peer->ctr, NULL);
 
     uint64_t age = now > k->created_ns ? now - k->created_ns : 0;
@@ -63,6 +84,7 @@ int fp_seal_for_peer(struct fp *fp, struct fp_peer *peer, const uint8_t *in, siz
         expired = ctr >= cfg->reject_after_packets;
     }
     if (expired) {
+        uncount(peer, slot, res->link_id, len);
         event_once(fp, &k->expired_sent, FP_EV_KEY_EXPIRED, peer->id);
         return drop(res, FP_DROP_KEY_EXPIRED, &peer->ctr, NULL);
     }
@@ -76,8 +98,10 @@ int fp_seal_for_peer(struct fp *fp, struct fp_peer *peer, const uint8_t *in, siz
     int rc = fp_aead_seal(k->tx_ctx, iv, out, FP_HEADER_LEN, in, len, out + FP_HEADER_LEN,
                           out + FP_HEADER_LEN + len);
     pthread_mutex_unlock(&k->tx_lock);
-    if (rc < 0)
+    if (rc < 0) {
+        uncount(peer, slot, res->link_id, len);
         return -EIO;
+    }
     fp_ctr_add(&peer->ctr.tx_packets, 1);
     fp_ctr_add(&peer->ctr.tx_bytes, len);
     fp_ctr_set(&peer->ctr.last_tx_ns, now);
@@ -163,17 +187,24 @@ int fp_inbound_locked(struct fp *fp, struct fp_link *link, uint32_t link_id,
     fp_ctr_add(&peer->ctr.rx_packets, 1);
     fp_ctr_add(&peer->ctr.rx_bytes, plen);
     fp_ctr_set(&peer->ctr.last_rx_ns, now);
-    /* Roaming: an authenticated packet proves where the peer is now. */
-    if (from) {
-        pthread_mutex_lock(&peer->ep_lock);
-        if (!peer->has_ep || peer->ep_link != link_id || !fp_addr_equal(&peer->ep, from)) {
-            peer->ep = *from;
-            fp_addr_normalize(&peer->ep);
-            peer->ep_link = link_id;
-            peer->has_ep = true;
+    /* Roaming: an authenticated packet proves where the peer is now on this
+     * link (a NAT rebinding). Which links the peer is reached over is
+     * Python's choice, so a packet never adds a link or moves the peer to
+     * another: on a link without an endpoint it is only counted. */
+    pthread_mutex_lock(&peer->ep_lock);
+    int slot = fp_peer_ep_slot(peer, link_id);
+    if (slot >= 0) {
+        struct fp_peer_ep *e = &peer->ep[slot];
+        if (from && !fp_addr_equal(&e->addr, from)) {
+            e->addr = *from;
+            fp_addr_normalize(&e->addr);
         }
-        pthread_mutex_unlock(&peer->ep_lock);
+        e->rx_packets++;
+        e->rx_bytes += plen;
+    } else {
+        peer->rx_unlisted++;
     }
+    pthread_mutex_unlock(&peer->ep_lock);
     if (plen == 0) {
         res->verdict = FP_V_KEEPALIVE;
         return 0;

@@ -12,6 +12,7 @@
 #include "fp_internal.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -184,59 +185,50 @@ static void rt_remove_peer(struct fp_rtable *t, struct fp_peer *p)
     rt_rebuild_plens(t);
 }
 
-int fp_route_set(fp_t *fp, const struct fp_addr *prefix, uint8_t plen, uint32_t peer_id)
+/* Checks a prefix as fp_route_set/del take it; masked into m. A set must
+ * not have host bits (a caller mistake, not something to silently fix); a
+ * delete masks them. */
+static int rt_check(const struct fp_addr *prefix, uint8_t plen, bool set, uint8_t m[16])
 {
     if (!fp_addr_valid(prefix))
         return -EINVAL;
     int alen = prefix->family == 4 ? 4 : 16;
     if (plen > alen * 8)
         return -EINVAL;
-    uint8_t m[16];
     mask_prefix(m, prefix->addr, alen, plen);
-    /* Host bits set is a caller mistake, not something to silently fix. */
-    if (memcmp(m, prefix->addr, (size_t)alen) != 0)
+    if (set && memcmp(m, prefix->addr, (size_t)alen) != 0)
         return -EINVAL;
-    struct fp_route *fresh = calloc(1, sizeof(*fresh));
-    if (!fresh)
-        return -ENOMEM;
-    pthread_rwlock_wrlock(&fp->lock);
-    struct fp_peer *p = fp_peer_find(fp, peer_id);
-    if (!p) {
-        pthread_rwlock_unlock(&fp->lock);
-        free(fresh);
-        return -ENOENT;
-    }
-    struct fp_rtable *t = rt_for(fp, prefix->family);
+    return 0;
+}
+
+/* Caller holds fp->lock exclusive; fresh is a zeroed node, used or freed. */
+static void rt_set_locked(struct fp *fp, int family, const uint8_t m[16], uint8_t plen,
+                          struct fp_peer *p, struct fp_route *fresh)
+{
+    struct fp_rtable *t = rt_for(fp, family);
     struct fp_route **pp = rt_find(t, m, plen);
     if (*pp) {
         (*pp)->peer = p;
         free(fresh);
-    } else {
-        fresh->plen = plen;
-        memcpy(fresh->addr, m, 16);
-        fresh->peer = p;
-        *pp = fresh;
-        t->count++;
-        if (t->plen_count[plen]++ == 0)
-            rt_rebuild_plens(t);
-        if (t->count > t->nbuckets)
-            rt_grow(t);
+        return;
     }
-    pthread_rwlock_unlock(&fp->lock);
-    return 0;
+    fresh->plen = plen;
+    memcpy(fresh->addr, m, 16);
+    fresh->peer = p;
+    *pp = fresh;
+    t->count++;
+    if (t->plen_count[plen]++ == 0)
+        rt_rebuild_plens(t);
+    if (t->count > t->nbuckets)
+        rt_grow(t);
 }
 
-int fp_route_del(fp_t *fp, const struct fp_addr *prefix, uint8_t plen)
+/* Caller holds fp->lock exclusive; returns the unlinked node for the caller
+ * to free after unlocking, or NULL. */
+static struct fp_route *rt_del_locked(struct fp *fp, int family, const uint8_t m[16],
+                                      uint8_t plen)
 {
-    if (!fp_addr_valid(prefix))
-        return -EINVAL;
-    int alen = prefix->family == 4 ? 4 : 16;
-    if (plen > alen * 8)
-        return -EINVAL;
-    uint8_t m[16];
-    mask_prefix(m, prefix->addr, alen, plen);
-    pthread_rwlock_wrlock(&fp->lock);
-    struct fp_rtable *t = rt_for(fp, prefix->family);
+    struct fp_rtable *t = rt_for(fp, family);
     struct fp_route **pp = rt_find(t, m, plen);
     struct fp_route *r = *pp;
     if (r) {
@@ -245,9 +237,109 @@ int fp_route_del(fp_t *fp, const struct fp_addr *prefix, uint8_t plen)
         if (--t->plen_count[plen] == 0)
             rt_rebuild_plens(t);
     }
+    return r;
+}
+
+int fp_route_set(fp_t *fp, const struct fp_addr *prefix, uint8_t plen, uint32_t peer_id)
+{
+    uint8_t m[16];
+    int rc = rt_check(prefix, plen, true, m);
+    if (rc < 0)
+        return rc;
+    struct fp_route *fresh = calloc(1, sizeof(*fresh));
+    if (!fresh)
+        return -ENOMEM;
+    pthread_rwlock_wrlock(&fp->lock);
+    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    if (p)
+        rt_set_locked(fp, prefix->family, m, plen, p, fresh);
+    pthread_rwlock_unlock(&fp->lock);
+    if (!p) {
+        free(fresh);
+        return -ENOENT;
+    }
+    return 0;
+}
+
+int fp_route_del(fp_t *fp, const struct fp_addr *prefix, uint8_t plen)
+{
+    uint8_t m[16];
+    int rc = rt_check(prefix, plen, false, m);
+    if (rc < 0)
+        return rc;
+    pthread_rwlock_wrlock(&fp->lock);
+    struct fp_route *r = rt_del_locked(fp, prefix->family, m, plen);
     pthread_rwlock_unlock(&fp->lock);
     free(r);
     return r ? 0 : -ENOENT;
+}
+
+/* Everything that can fail is done before the table changes: the checks, and
+ * a node for every set (allocated outside the lock, so the data path waits
+ * only for the table changes themselves). */
+int fp_route_batch(fp_t *fp, const struct fp_route_op *ops, size_t n, size_t *bad)
+{
+    if (n == 0)
+        return 0;
+    if (!ops || n > SIZE_MAX / sizeof(void *))
+        return -EINVAL;
+    int rc = 0;
+    size_t i;
+    uint8_t m[16];
+    for (i = 0; i < n; i++) {
+        if (ops[i].verb != FP_ROUTE_SET && ops[i].verb != FP_ROUTE_DEL)
+            rc = -EINVAL;
+        else
+            rc = rt_check(&ops[i].prefix, ops[i].plen, ops[i].verb == FP_ROUTE_SET, m);
+        if (rc < 0)
+            goto fail;
+    }
+    struct fp_route **fresh = calloc(n, sizeof(*fresh));
+    if (!fresh) {
+        rc = -ENOMEM;
+        i = 0;
+        goto fail;
+    }
+    for (i = 0; i < n; i++) {
+        if (ops[i].verb == FP_ROUTE_SET && !(fresh[i] = calloc(1, sizeof(**fresh)))) {
+            rc = -ENOMEM;
+            goto free_nodes;
+        }
+    }
+    pthread_rwlock_wrlock(&fp->lock);
+    for (i = 0; i < n; i++) {
+        if (ops[i].verb == FP_ROUTE_SET && !fp_peer_find(fp, ops[i].peer_id)) {
+            pthread_rwlock_unlock(&fp->lock);
+            rc = -ENOENT;
+            goto free_nodes;
+        }
+    }
+    for (i = 0; i < n; i++) {
+        const struct fp_route_op *o = &ops[i];
+        rt_check(&o->prefix, o->plen, false, m);
+        if (o->verb == FP_ROUTE_DEL) {
+            /* Unlinked nodes are kept in fresh[i] and freed after unlocking. */
+            fresh[i] = rt_del_locked(fp, o->prefix.family, m, o->plen);
+        } else {
+            rt_set_locked(fp, o->prefix.family, m, o->plen, fp_peer_find(fp, o->peer_id),
+                          fresh[i]);
+            fresh[i] = NULL;
+        }
+    }
+    pthread_rwlock_unlock(&fp->lock);
+    for (size_t j = 0; j < n; j++)
+        free(fresh[j]);
+    free(fresh);
+    return 0;
+
+free_nodes:
+    for (size_t j = 0; j < n; j++)
+        free(fresh[j]);
+    free(fresh);
+fail:
+    if (bad)
+        *bad = i;
+    return rc;
 }
 
 /* ------------------------------------------------------------------ peers */
@@ -296,6 +388,7 @@ int fp_peer_add(fp_t *fp, uint32_t peer_id)
         return -ENOMEM;
     p->id = peer_id;
     p->tx_slot = -1;
+    p->primary = -1;
     pthread_mutex_init(&p->ep_lock, NULL);
     pthread_rwlock_wrlock(&fp->lock);
     if (fp_peer_find(fp, peer_id)) {
@@ -330,22 +423,154 @@ int fp_peer_del(fp_t *fp, uint32_t peer_id)
     return 0;
 }
 
+/* ------------------------------------------------------------------ links of a peer */
+
+int fp_peer_ep_slot(const struct fp_peer *p, uint32_t link_id)
+{
+    for (int s = 0; s < FP_PEER_ENDPOINTS; s++)
+        if (p->ep[s].used && p->ep[s].link_id == link_id)
+            return s;
+    return -1;
+}
+
+void fp_peer_choice_update(struct fp_peer *p)
+{
+    int dflt = -1;
+    for (int s = 0; s < FP_PEER_ENDPOINTS; s++)
+        if (p->ep[s].used && (dflt < 0 || p->ep[s].seq > p->ep[dflt].seq))
+            dflt = s;
+    int primary = -1, n = 0;
+    uint32_t best = 0, w0 = 0;
+    bool equal = true;
+    for (uint32_t i = 0; i < p->npol; i++) {
+        int s = fp_peer_ep_slot(p, p->pol[i].link_id);
+        if (s < 0)
+            continue;
+        uint32_t w = p->pol[i].weight;
+        if (w > best) {
+            best = w;
+            primary = s;
+        }
+        if (n == 0)
+            w0 = w;
+        equal &= w == w0;
+        p->cand[n].slot = s;
+        p->cand[n].salt = fp_mix64(p->pol[i].link_id ^ UINT64_C(0xA0761D6478BD642F));
+        p->cand[n].inv_weight = 1.0 / (double)w;
+        n++;
+    }
+    /* A policy none of whose links has an endpoint: better some link than
+     * none. Python removes an endpoint to keep traffic off a link. */
+    p->primary = primary >= 0 ? primary : dflt;
+    p->ncand = n >= 2 ? n : 0;
+    p->equal_weights = equal;
+}
+
+/* Weighted rendezvous hashing: each link scores -ln(u) / weight with u
+ * uniform in (0, 1) from hash(flow, link), and the lowest score wins. That is
+ * the first arrival among exponential clocks of rate `weight`, so link i wins
+ * weight_i / sum of weights of the flows; and a flow's scores do not depend
+ * on the other links, so adding or removing one link moves only the flows
+ * that go to it or came from it. */
+int fp_peer_choose(const struct fp_peer *p, const uint8_t *ip, size_t len)
+{
+    if (p->ncand == 0 || len == 0)
+        return p->primary;
+    uint64_t flow = fp_flow_hash(ip, len);
+    int best = -1;
+    if (p->equal_weights) {
+        uint64_t top = 0;
+        for (int i = 0; i < p->ncand; i++) {
+            uint64_t h = fp_mix64(flow ^ p->cand[i].salt);
+            if (best < 0 || h > top) {
+                top = h;
+                best = p->cand[i].slot;
+            }
+        }
+        return best;
+    }
+    double low = 0;
+    for (int i = 0; i < p->ncand; i++) {
+        uint64_t h = fp_mix64(flow ^ p->cand[i].salt);
+        double u = ((double)(h >> 11) + 0.5) * 0x1p-53;
+        double score = -log(u) * p->cand[i].inv_weight;
+        if (best < 0 || score < low) {
+            low = score;
+            best = p->cand[i].slot;
+        }
+    }
+    return best;
+}
+
+void fp_peers_drop_link(struct fp *fp, uint32_t link_id)
+{
+    for (int i = 0; i < FP_PEER_BUCKETS; i++) {
+        for (struct fp_peer *p = fp->peers[i]; p; p = p->next) {
+            pthread_mutex_lock(&p->ep_lock);
+            int s = fp_peer_ep_slot(p, link_id);
+            if (s >= 0) {
+                memset(&p->ep[s], 0, sizeof(p->ep[s]));
+                fp_peer_choice_update(p);
+            }
+            pthread_mutex_unlock(&p->ep_lock);
+        }
+    }
+}
+
 int fp_peer_set_endpoint(fp_t *fp, uint32_t peer_id, uint32_t link_id, const struct fp_addr *ep)
 {
     if (!fp_addr_valid(ep))
         return -EINVAL;
+    int rc = 0;
+    pthread_rwlock_rdlock(&fp->lock);
+    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    if (!p) {
+        rc = -ENOENT;
+        goto out;
+    }
+    pthread_mutex_lock(&p->ep_lock);
+    int s = fp_peer_ep_slot(p, link_id);
+    for (int i = 0; s < 0 && i < FP_PEER_ENDPOINTS; i++) {
+        if (!p->ep[i].used) {
+            s = i;
+            memset(&p->ep[s], 0, sizeof(p->ep[s]));
+            p->ep[s].used = true;
+            p->ep[s].link_id = link_id;
+        }
+    }
+    if (s < 0) {
+        rc = -ENOSPC;
+    } else {
+        p->ep[s].addr = *ep;
+        fp_addr_normalize(&p->ep[s].addr);
+        p->ep[s].seq = ++p->ep_seq;
+        fp_peer_choice_update(p);
+    }
+    pthread_mutex_unlock(&p->ep_lock);
+out:
+    pthread_rwlock_unlock(&fp->lock);
+    return rc;
+}
+
+int fp_peer_del_endpoint(fp_t *fp, uint32_t peer_id, uint32_t link_id)
+{
+    int rc = -ENOENT;
     pthread_rwlock_rdlock(&fp->lock);
     struct fp_peer *p = fp_peer_find(fp, peer_id);
     if (p) {
         pthread_mutex_lock(&p->ep_lock);
-        p->ep = *ep;
-        fp_addr_normalize(&p->ep);
-        p->ep_link = link_id;
-        p->has_ep = true;
+        int s = fp_peer_ep_slot(p, link_id);
+        if (s >= 0) {
+            memset(&p->ep[s], 0, sizeof(p->ep[s]));
+            fp_peer_choice_update(p);
+            rc = 0;
+        } else {
+            rc = -ENOTCONN;
+        }
         pthread_mutex_unlock(&p->ep_lock);
     }
     pthread_rwlock_unlock(&fp->lock);
-    return p ? 0 : -ENOENT;
+    return rc;
 }
 
 int fp_peer_get_endpoint(fp_t *fp, uint32_t peer_id, uint32_t *link_id, struct fp_addr *ep)
@@ -355,11 +580,11 @@ int fp_peer_get_endpoint(fp_t *fp, uint32_t peer_id, uint32_t *link_id, struct f
     struct fp_peer *p = fp_peer_find(fp, peer_id);
     if (p) {
         pthread_mutex_lock(&p->ep_lock);
-        if (p->has_ep) {
+        if (p->primary >= 0) {
             if (link_id)
-                *link_id = p->ep_link;
+                *link_id = p->ep[p->primary].link_id;
             if (ep)
-                *ep = p->ep;
+                *ep = p->ep[p->primary].addr;
             rc = 0;
         } else {
             rc = -ENOTCONN;
@@ -368,6 +593,63 @@ int fp_peer_get_endpoint(fp_t *fp, uint32_t peer_id, uint32_t *link_id, struct f
     }
     pthread_rwlock_unlock(&fp->lock);
     return rc;
+}
+
+int fp_peer_endpoints(fp_t *fp, uint32_t peer_id, struct fp_peer_links *out)
+{
+    if (!out)
+        return -EINVAL;
+    memset(out, 0, sizeof(*out));
+    pthread_rwlock_rdlock(&fp->lock);
+    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    if (p) {
+        pthread_mutex_lock(&p->ep_lock);
+        for (int s = 0; s < FP_PEER_ENDPOINTS; s++) {
+            const struct fp_peer_ep *e = &p->ep[s];
+            if (!e->used)
+                continue;
+            struct fp_endpoint *o = &out->ep[out->n_endpoints++];
+            o->link_id = e->link_id;
+            o->addr = e->addr;
+            o->primary = s == p->primary;
+            o->rx_packets = e->rx_packets;
+            o->rx_bytes = e->rx_bytes;
+            o->tx_packets = e->tx_packets;
+            o->tx_bytes = e->tx_bytes;
+        }
+        out->n_policy = p->npol;
+        memcpy(out->policy, p->pol, sizeof(out->policy));
+        out->rx_unlisted = p->rx_unlisted;
+        pthread_mutex_unlock(&p->ep_lock);
+    }
+    pthread_rwlock_unlock(&fp->lock);
+    return p ? 0 : -ENOENT;
+}
+
+int fp_peer_set_policy(fp_t *fp, uint32_t peer_id, const struct fp_link_weight *w, size_t n)
+{
+    if (n > FP_PEER_ENDPOINTS || (n && !w))
+        return -EINVAL;
+    for (size_t i = 0; i < n; i++) {
+        if (w[i].weight == 0)
+            return -EINVAL;
+        for (size_t j = 0; j < i; j++)
+            if (w[j].link_id == w[i].link_id)
+                return -EINVAL;
+    }
+    pthread_rwlock_rdlock(&fp->lock);
+    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    if (p) {
+        pthread_mutex_lock(&p->ep_lock);
+        memset(p->pol, 0, sizeof(p->pol));
+        if (n)
+            memcpy(p->pol, w, n * sizeof(*w));
+        p->npol = (uint32_t)n;
+        fp_peer_choice_update(p);
+        pthread_mutex_unlock(&p->ep_lock);
+    }
+    pthread_rwlock_unlock(&fp->lock);
+    return p ? 0 : -ENOENT;
 }
 
 /* ------------------------------------------------------------------ keys */

@@ -146,13 +146,18 @@ def test_roaming_updates_endpoint_only_when_authenticated(pair: Pair) -> None:
     assert pair.b.endpoint(1) == (LINK, A_ADDR)
     _inner, wire = pair.a_to_b()
     forged = _flip(wire, len(wire) - 1)
-    pair.b.process_inbound(2, ("203.0.113.50", 1), forged)
+    pair.b.process_inbound(LINK, ("203.0.113.50", 1), forged)
     assert pair.b.endpoint(1) == (LINK, A_ADDR)
-    pair.b.process_inbound(2, ("203.0.113.50", 61000), wire)
-    assert pair.b.endpoint(1) == (2, ("203.0.113.50", 61000))
+    pair.b.process_inbound(LINK, ("203.0.113.50", 61000), wire)
+    assert pair.b.endpoint(1) == (LINK, ("203.0.113.50", 61000))
     # A replay of an old packet from elsewhere must not move it either.
     pair.b.process_inbound(LINK, ("203.0.113.66", 9), wire)
-    assert pair.b.endpoint(1) == (2, ("203.0.113.50", 61000))
+    assert pair.b.endpoint(1) == (LINK, ("203.0.113.50", 61000))
+    # Nor does an authenticated packet on another link: roaming stays within a link
+    # (tests/native/test_multilink.py).
+    _inner, wire = pair.a_to_b()
+    assert pair.b.process_inbound(2, ("203.0.113.70", 9), wire).verdict == Verdict.TUN
+    assert pair.b.endpoint(1) == (LINK, ("203.0.113.50", 61000))
 
 
 def test_errors_raise_with_errno() -> None:

@@ -168,12 +168,19 @@ def test_links_and_tun_added_after_start_and_link_del(sites: tuple[Site, Site]) 
     a.tun.send(p)
     assert _recv(b.tun) == p
     assert b.fp.link_counters(2).rx_packets == 1
-    assert b.fp.endpoint(1) == (2, a.addr)  # replies follow the link it came in on
+    # B has no endpoint for A on link 2: the packet is delivered and moves nothing.
+    assert b.fp.endpoint(1) == (1, a.addr)
+    assert b.fp.endpoint_info(1).rx_unlisted == 1
+    b.fp.set_endpoint(1, 2, a.addr)
+    a.tun.send(p)
+    assert _recv(b.tun) == p
+    assert b.fp.endpoint(1) == (2, a.addr)  # the endpoint set last
     t0 = time.monotonic()
     b.fp.link_del(2)
     assert time.monotonic() - t0 < 1.0
     a.tun.send(p)
     assert select.select([b.tun], [], [], 0.3)[0] == []
+    assert b.fp.endpoints(1) == [(1, a.addr)]  # link 2's endpoint went with the link
     # TUN attached after start.
     with FastPath() as c:
         c.start()
@@ -370,12 +377,13 @@ def test_link_removed_during_a_wait(waiting_sites: tuple[Site, Site]) -> None:
     a.fp.link_del(1)
     assert time.monotonic() - t0 < 1.0
     assert a.fp.spin_stats().spins == 1
-    # The TUN thread goes on: the next packet is sealed and, with no link left, counted.
+    # The TUN thread goes on: the next packet is read and, with the peer's only endpoint
+    # gone with its link, counted.
     a.tun.send(ip_packet("10.1.0.5", "10.2.0.7", b"no link now"))
     deadline = time.monotonic() + TIMEOUT
-    while a.fp.global_counters().drops["send_error"] == 0 and time.monotonic() < deadline:
+    while a.fp.peer_counters(2).drops["no_endpoint"] == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert a.fp.global_counters().drops["send_error"] == 1
+    assert a.fp.peer_counters(2).drops["no_endpoint"] == 1
 
 
 @pytest.mark.parametrize("waiting_sites", [10000], indirect=True)

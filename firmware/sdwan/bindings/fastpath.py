@@ -42,6 +42,7 @@ MAX_INNER: int = lib.FP_MAX_INNER
 CTRL_MAX: int = lib.FP_CTRL_MAX
 REPLAY_WINDOW: int = lib.FP_REPLAY_WINDOW
 VNET_HDR_LEN: int = lib.FP_VNET_HDR_LEN
+PEER_ENDPOINTS: int = lib.FP_PEER_ENDPOINTS
 
 # fp_tun_features bits: what the TUN device offloads to the fast path.
 TUN_F_VNET: int = lib.FP_TUN_F_VNET
@@ -142,6 +143,30 @@ class Counters:
 
 
 @dataclass
+class EndpointInfo:
+    """One endpoint of a peer (fp_peer_endpoints): its link, address, whether it is the
+    primary (what endpoint() returns) and what went over it (inner bytes)."""
+
+    link_id: int
+    addr: Addr
+    primary: bool
+    rx_packets: int
+    rx_bytes: int
+    tx_packets: int
+    tx_bytes: int
+
+
+@dataclass
+class PeerLinks:
+    """A peer's endpoints, its link policy ([] = the default) and the authenticated packets
+    that came on links where it has no endpoint (delivered, but they move nothing)."""
+
+    endpoints: list[EndpointInfo]
+    policy: list[tuple[int, int]]
+    rx_unlisted: int
+
+
+@dataclass
 class KeyInfo:
     has_tx: bool
     tx_local_index: int
@@ -193,6 +218,14 @@ def _new_addr(addr: Addr) -> object:
     c = ffi.new("struct fp_addr *")
     _fill_addr(c, addr)
     return c
+
+
+def _fill_net(op: object, net: Network) -> None:
+    """A struct fp_route_op's prefix and length, straight from the packed address."""
+    packed = net.network_address.packed
+    op.prefix.family = net.version  # type: ignore[attr-defined]
+    op.prefix.addr[0 : len(packed)] = packed  # type: ignore[attr-defined]
+    op.plen = net.prefixlen  # type: ignore[attr-defined]
 
 
 def _read_addr(c: object) -> Addr | None:
@@ -318,6 +351,52 @@ class FastPath:
         addr = _read_addr(ep)
         return None if addr is None else (link[0], addr)
 
+    def endpoint_del(self, peer_id: int, link_id: int) -> None:
+        """Forget the peer's endpoint on link_id (ENOTCONN if it had none there)."""
+        _check(
+            lib.fp_peer_del_endpoint(self._h, peer_id, link_id),
+            f"fp_peer_del_endpoint({peer_id}, {link_id})",
+        )
+
+    def endpoint_info(self, peer_id: int) -> PeerLinks:
+        c = ffi.new("struct fp_peer_links *")
+        _check(lib.fp_peer_endpoints(self._h, peer_id, c), f"fp_peer_endpoints({peer_id})")
+        eps = []
+        for i in range(c.n_endpoints):
+            e = c.ep[i]
+            addr = _read_addr(e.addr)
+            assert addr is not None
+            eps.append(
+                EndpointInfo(
+                    link_id=e.link_id,
+                    addr=addr,
+                    primary=bool(e.primary),
+                    rx_packets=e.rx_packets,
+                    rx_bytes=e.rx_bytes,
+                    tx_packets=e.tx_packets,
+                    tx_bytes=e.tx_bytes,
+                )
+            )
+        policy = [(c.policy[i].link_id, c.policy[i].weight) for i in range(c.n_policy)]
+        return PeerLinks(endpoints=eps, policy=policy, rx_unlisted=c.rx_unlisted)
+
+    def endpoints(self, peer_id: int) -> list[tuple[int, Addr]]:
+        """Every (link_id, (host, port)) the peer can be sent to, one per link."""
+        return [(e.link_id, e.addr) for e in self.endpoint_info(peer_id).endpoints]
+
+    def set_policy(self, peer_id: int, weights: Sequence[tuple[int, int]]) -> None:
+        """Which of the peer's links carry its traffic: [] the default (the endpoint set
+        last), [(link, w)] that link, several: per flow, weighted (docs/dataplane.md)."""
+        n = len(weights)
+        w = ffi.new("struct fp_link_weight[]", max(n, 1))
+        for i, (link_id, weight) in enumerate(weights):
+            w[i].link_id = link_id
+            w[i].weight = weight
+        _check(
+            lib.fp_peer_set_policy(self._h, peer_id, w if n else ffi.NULL, n),
+            f"fp_peer_set_policy({peer_id})",
+        )
+
     def route_set(self, network: Network | str, peer_id: int) -> None:
         net = ipaddress.ip_network(network)
         p = _new_addr((str(net.network_address), 0))
@@ -329,13 +408,30 @@ class FastPath:
         _check(lib.fp_route_del(self._h, p, net.prefixlen), f"fp_route_del({net})")
 
     def route_batch(
-        self, set_: Sequence[tuple[Network | str, int]], delete: Sequence[Network | str]
+        self, set_: Sequence[tuple[Network | str, int]], delete: Sequence[Network | str] = ()
     ) -> None:
-        # Stand-in until the C fp_route_batch (one lock, all-or-nothing) replaces this loop.
-        for network, peer_id in set_:
-            self.route_set(network, peer_id)
-        for network in delete:
-            self.route_del(network)
+        """Delete then set many prefixes under one table lock, all or nothing: a bad one
+        (host bits: ValueError before anything is sent; unknown peer: FastPathError naming
+        it) leaves the table as it was. Deleting an absent prefix is no error."""
+        nets = [ipaddress.ip_network(n) for n in delete]
+        sets = [(ipaddress.ip_network(n), peer) for n, peer in set_]
+        n = len(nets) + len(sets)
+        if n == 0:
+            return
+        ops = ffi.new("struct fp_route_op[]", n)
+        for i, net in enumerate(nets):
+            _fill_net(ops[i], net)
+            ops[i].verb = lib.FP_ROUTE_DEL
+        for j, (net, peer) in enumerate(sets, len(nets)):
+            _fill_net(ops[j], net)
+            ops[j].verb = lib.FP_ROUTE_SET
+            ops[j].peer_id = peer
+        bad = ffi.new("size_t *")
+        rc = lib.fp_route_batch(self._h, ops, n, bad)
+        if rc < 0:
+            i = bad[0]
+            what = f"delete {nets[i]}" if i < len(nets) else "{} -> {}".format(*sets[i - len(nets)])
+            raise FastPathError(-rc, f"fp_route_batch(op {i}: {what})")
 
     # ------------------------------------------------------------------ keys
 
