@@ -313,7 +313,7 @@ def _show(ctx: DemoContext, cmds: Sequence[str]) -> None:
 
 
 def step_status(ctx: DemoContext) -> None:
-    _show(ctx, ("status", "pop", "peers"))
+    _show(ctx, ("status", "pop", "peers", "routes"))
 
 
 def step_outage(ctx: DemoContext) -> None:
@@ -393,7 +393,7 @@ STEPS: list[Step] = [
     ("wait for both sites to register with the PoP", step_register),
     ("ping and iperf3 lan1 -> lan2 through the PoP", step_relay_traffic),
     ("the direct tunnel between the sites (static peers)", step_direct),
-    ("socketctl status, pop and peers", step_status),
+    ("socketctl status, pop, peers and routes (who carries each prefix, and why)", step_status),
     ("cloud outage: kill popd", step_outage),
     ("the PoP comes back", step_pop_returns),
     ("socketctl events: the outage and the recovery", step_events),
