@@ -25,7 +25,7 @@ import struct
 import time
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from sdwan.bindings.fastpath import CTRL_MAX, CtrlEvent
 from sdwan.common.dtls import (
@@ -140,6 +140,11 @@ class SessionOwner(Protocol):
         """The fast path wants new keys for peer_id (expired: it stopped transmitting);
         False when the peer is not this owner's."""
         return False
+
+    def peers(self, listed: Container[int]) -> list[dict[str, Any]]:
+        """This owner's peers as `socketctl peers` entries, leaving out the site ids an owner
+        registered before it has listed already (its transport is preferred)."""
+        return []
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import ipaddress
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -787,6 +787,9 @@ class Cloud(SessionOwner):
                 row["stun"] = wl.stun.status(now)
                 rows.append(row)
         return {**self.summary(), "sessions": rows}
+
+    def peers(self, listed: Container[int]) -> list[dict[str, Any]]:
+        return self.directory_peers(exclude=listed)
 
     def directory_peers(self, exclude: Iterable[int]) -> list[dict[str, Any]]:
         """The directory's sites as `peers` entries (transport "cloud")."""

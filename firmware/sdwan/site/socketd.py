@@ -71,7 +71,11 @@ class Supervisor:
             on_stun=self._on_stun,
         )
         self.tunnels: dict[int, PeerTunnel] = {}
-        self.sessions.add_owner(StaticTunnels(self.tunnels))
+        self.sessions.add_owner(
+            StaticTunnels(
+                self.tunnels, {p.site_id: [str(n) for n in p.subnets] for p in cfg.peers}
+            )
+        )
         self.links = LinkManager(cfg.links, send=self.send, clock=clock)
         self.link_ids = self.links.ids
         self.fp: FastPath | None = None
@@ -339,14 +343,10 @@ class Supervisor:
         }
 
     async def _peers(self, _req: dict) -> dict:
-        peers = []
-        for peer in self.cfg.peers:
-            st = self.tunnels[peer.site_id].status()
-            st["subnets"] = [str(n) for n in peer.subnets]
-            st["transport"] = "direct"
-            peers.append(st)
-        if self.cloud is not None:
-            peers.extend(self.cloud.directory_peers(exclude=self.tunnels))
+        # Each owner of sessions lists its peers, in the order they were registered.
+        peers: list[dict] = []
+        for owner in self.sessions.owners:
+            peers.extend(owner.peers({p["site_id"] for p in peers}))
         return {"peers": peers}
 
     async def _pop(self, _req: dict) -> dict:

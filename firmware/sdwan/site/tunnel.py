@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
@@ -391,8 +391,11 @@ class StaticTunnels(SessionOwner):
     sites may handshake with us, their endpoints come first, and kicks and the fast path's
     rekey requests are theirs by site id."""
 
-    def __init__(self, tunnels: dict[int, PeerTunnel]) -> None:
+    def __init__(
+        self, tunnels: dict[int, PeerTunnel], subnets: Mapping[int, list[str]] | None = None
+    ) -> None:
         self.tunnels = tunnels
+        self.subnets = subnets or {}  # per site id, for the status
 
     def allowed_ids(self) -> Container[int]:
         return self.tunnels.keys()
@@ -429,3 +432,14 @@ class StaticTunnels(SessionOwner):
             return False
         tunnel.on_rekey_needed()
         return True
+
+    def peers(self, listed: Container[int]) -> list[dict[str, Any]]:
+        out = []
+        for site_id, tunnel in self.tunnels.items():
+            if site_id in listed:
+                continue
+            st = tunnel.status()
+            st["subnets"] = list(self.subnets.get(site_id, []))
+            st["transport"] = "direct"
+            out.append(st)
+        return out
