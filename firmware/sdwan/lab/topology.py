@@ -59,6 +59,16 @@ NAT_MODES = ("masquerade", "random", "shift", "none")
 _FIRMWARE_DIR = Path(__file__).resolve().parents[2]
 
 
+# The lab runs the daemons and CLIs as modules of the venv's interpreter, not through the
+# console scripts, so a lab works from a checkout whose scripts are not on PATH.
+_MODULES = {
+    "socketd": "sdwan.site.socketd",
+    "socketctl": "sdwan.site.socketctl",
+    "popd": "sdwan.pop.popd",
+    "popctl": "sdwan.pop.popctl",
+}
+
+
 def public_ip(n: int) -> str:
     return str(PUBLIC_NET.network_address + 10 + n)
 
@@ -824,12 +834,12 @@ table inet lab_filter {{
     def _start_service(
         self, ns: str, prog: str, config: Path, name: str, control: Path, wait_s: float
     ) -> Daemon:
-        """`python -m sdwan.<prog> --config X` in ns, up once its control socket exists."""
+        """`python -m <prog's module> --config X` in ns, up once its control socket exists."""
         with contextlib.suppress(FileNotFoundError):
             control.unlink()
         d = self.spawn(
             ns,
-            [sys.executable, "-m", f"sdwan.{prog}", "--config", str(config)],
+            [sys.executable, "-m", _MODULES[prog], "--config", str(config)],
             name,
             env=self.env(),
         )
@@ -859,8 +869,8 @@ table inet lab_filter {{
         json_out: bool,
         timeout: float,
     ) -> Any:
-        """Run `python -m sdwan.<prog> --socket S ARGS [--json]` in ns."""
-        argv = [sys.executable, "-m", f"sdwan.{prog}", "--socket", str(control), *args]
+        """Run `python -m <prog's module> --socket S ARGS [--json]` in ns."""
+        argv = [sys.executable, "-m", _MODULES[prog], "--socket", str(control), *args]
         if json_out:
             argv.append("--json")
         try:
