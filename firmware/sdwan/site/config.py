@@ -148,6 +148,7 @@ class Appliance:
 
     watchdog: Path | None = None
     watchdog_timeout_s: int = 15
+    watchdog_startup_s: int = 300
     leds: Path | None = None
     crash_loop_starts: int = 5
     crash_loop_window_s: int = 120
@@ -778,7 +779,14 @@ def _check_appliance(c: _Checker, doc: Mapping[str, Any], base: Path) -> Applian
     c.known_keys(
         table,
         loc,
-        ("watchdog", "watchdog_timeout_s", "leds", "crash_loop_starts", "crash_loop_window_s"),
+        (
+            "watchdog",
+            "watchdog_timeout_s",
+            "watchdog_startup_s",
+            "leds",
+            "crash_loop_starts",
+            "crash_loop_window_s",
+        ),
     )
     paths: dict[str, Path | None] = {}
     for key, what in (("watchdog", "a watchdog device"), ("leds", "an LED map")):
@@ -795,13 +803,26 @@ def _check_appliance(c: _Checker, doc: Mapping[str, Any], base: Path) -> Applian
         else:
             c.error((*loc, key), f"expected the path of {what} or false, got {_show(raw)}")
     timeout = c.value(table, (*loc, "watchdog_timeout_s"), _int_range(2, 600), default=15)
+    # Long enough for a socketd starting on a slow or loaded CPU (docs/watchdog.md); a
+    # start-up that hangs is still reset after it.
+    startup_default = max(300, timeout) if timeout is not _MISSING else 300
+    startup = c.value(
+        table, (*loc, "watchdog_startup_s"), _int_range(10, 3600), default=startup_default
+    )
+    if _MISSING not in (timeout, startup) and startup < timeout:
+        c.error(
+            (*loc, "watchdog_startup_s"),
+            f"must not be shorter than watchdog_timeout_s ({timeout}), got {startup}",
+        )
+        startup = _MISSING
     starts = c.value(table, (*loc, "crash_loop_starts"), _int_range(2, 100), default=5)
     window = c.value(table, (*loc, "crash_loop_window_s"), _int_range(10, 86400), default=120)
-    if len(paths) < 2 or _MISSING in (timeout, starts, window):
+    if len(paths) < 2 or _MISSING in (timeout, startup, starts, window):
         return None
     return Appliance(
         watchdog=paths["watchdog"],
         watchdog_timeout_s=timeout,
+        watchdog_startup_s=startup,
         leds=paths["leds"],
         crash_loop_starts=starts,
         crash_loop_window_s=window,
