@@ -136,7 +136,7 @@ class VM:
             cmd += ["-fw_cfg", f"name=opt/sdwan/data/{name},file={path}"]
         return cmd + self.opts.extra_args
 
-    def start(self, timeout: float = 30.0) -> VM:
+    def start(self, timeout: float = 60.0) -> VM:
         """Powers the VM on; the console is connected before the guest runs."""
         if self.proc is not None and self.proc.poll() is None:
             raise VMError("the VM is already running")
@@ -320,7 +320,7 @@ class VM:
         """Runs a command in a logged-in shell (`sh`) on the console: (exit status, output)."""
         tag = f"rc{time.monotonic_ns() % 10**9}"
         self.sendline(f"{command}; echo {tag}=$?=")
-        self.expect(re.escape(f"{tag}=$?="), 10.0, f"the echo of `{command}`")
+        self.expect(re.escape(f"{tag}=$?="), 60.0, f"the echo of `{command}`")
         m = self.expect(re.compile(rf"(?s)(.*?){tag}=(\d+)="), timeout, f"`{command}`")
         out = m.group(1).replace("\r", "").removeprefix("\n")
         return int(m.group(2)), out
