@@ -63,7 +63,9 @@ def command(vm: VM, line: str, timeout: float = CONSOLE_S) -> str:
     """Runs one console command; returns what it printed up to the next prompt."""
     vm.sendline(line)
     vm.expect(re.escape(line), ECHO_S, f"the echo of {line!r}")
-    m = vm.expect(re.compile(r"(?s)(.*?)\n(\S+)> "), timeout, f"the prompt after {line!r}")
+    # \A: the output starts at the cursor; unanchored, the lazy group made every search
+    # quadratic in the output's length (seconds for `show log 200` on a slow host).
+    m = vm.expect(re.compile(r"(?s)\A(.*?)\n(\S+)> "), timeout, f"the prompt after {line!r}")
     return m.group(1).replace("\r", "")
 
 
