@@ -60,7 +60,7 @@ def test_x86_64_first_boot_config_persistence_and_reboot(
     assert "sdwan0" in out, out
     # The log ring in RAM holds socketd's log and the kernel's, as the console shows them.
     out = command(vm, "show log 200")
-    assert re.search(r"socketd: .*sdwan\.socketd", out), out
+    assert re.search(r"socketd: .*sdwan\.site\.socketd", out), out
     assert "kernel:" in out, out
 
     # A reboot from the console goes through init's shutdown and UEFI again.
