@@ -27,9 +27,16 @@ from sdwan.lab import netns
 from sdwan.lab.topology import INET_BRIDGE, POP_IP, Lab, public_ip
 from sdwan.lab.vm import VM, VMError, VMOptions
 
-# Generous bounds for software emulation (TCG) on a busy 2-core machine.
-BOOT_S = 300.0
-SOCKETD_S = 300.0
+# Bounds for software emulation (TCG), sized for a host three times slower than a busy
+# 2-core machine (two TCG guests on two loaded cores: socketd took over 30 s to start there).
+# Only a failure waits one out: every wait ends as soon as its condition is met.
+BOOT_S = 300.0  # power-on or a reset to `boot: ready`
+SOCKETD_S = 300.0  # `boot: ready` to socketd's control socket and the login prompt
+SHUTDOWN_S = 240.0  # `reboot` confirmed to /data unmounted
+FIRMWARE_S = 180.0  # /data unmounted, or a reset, to the firmware starting the kernel
+CONSOLE_S = 90.0  # one step on the console: a prompt, a command's output
+ECHO_S = 60.0  # the console echoing a line typed into it
+SETTLE_S = 240.0  # a state socketd reaches over time, polled (an address applied, a peer up)
 NEW_PASSWORD = "field-pass-42"
 TEST_HOOK = "opt/sdwan/test-hook"
 
@@ -41,22 +48,24 @@ def login(vm: VM, password: str, first: bool = False, new_password: str = NEW_PA
     """Logs in as admin once "login: " has been seen; on a first login (the default
     credential) the password must be replaced by new_password."""
     vm.sendline("admin")
-    vm.expect("Password: ", 30)
+    vm.expect("Password: ", CONSOLE_S)
     vm.sendline(password)
     if first:
-        vm.expect("New password: ", 90, "the forced password change")
+        vm.expect("New password: ", CONSOLE_S, "the forced password change")
         vm.sendline(new_password)
-        vm.expect("Retype new password: ", 30)
+        vm.expect("Retype new password: ", CONSOLE_S)
         vm.sendline(new_password)
-        vm.expect("Password changed.", 90)
-    vm.expect(r"\S+> ", 90, "the console's command prompt")
+        vm.expect("Password changed.", CONSOLE_S)
+    vm.expect(r"\S+> ", CONSOLE_S, "the console's command prompt")
 
 
-def command(vm: VM, line: str, timeout: float = 90.0) -> str:
+def command(vm: VM, line: str, timeout: float = CONSOLE_S) -> str:
     """Runs one console command; returns what it printed up to the next prompt."""
     vm.sendline(line)
-    vm.expect(re.escape(line), 15, f"the echo of {line!r}")
-    m = vm.expect(re.compile(r"(?s)(.*?)\n(\S+)> "), timeout, f"the prompt after {line!r}")
+    vm.expect(re.escape(line), ECHO_S, f"the echo of {line!r}")
+    # \A: the output starts at the cursor; unanchored, the lazy group made every search
+    # quadratic in the output's length (seconds for `show log 200` on a slow host).
+    m = vm.expect(re.compile(r"(?s)\A(.*?)\n(\S+)> "), timeout, f"the prompt after {line!r}")
     return m.group(1).replace("\r", "")
 
 

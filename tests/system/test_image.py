@@ -8,16 +8,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sites import NEW_PASSWORD, command, login
+from sites import (
+    BOOT_S,
+    CONSOLE_S,
+    FIRMWARE_S,
+    NEW_PASSWORD,
+    SHUTDOWN_S,
+    SOCKETD_S,
+    command,
+    login,
+)
 
 from sdwan.lab.vm import VM
 
-pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
-
-# Generous bounds for software emulation (TCG) on a busy 2-core machine; bench/boot has the
-# real figures.
-BOOT_S = 240.0
-SOCKETD_S = 240.0
+pytestmark = [pytest.mark.system, pytest.mark.timeout(1200)]
 
 
 def test_x86_64_first_boot_config_persistence_and_reboot(
@@ -32,7 +36,7 @@ def test_x86_64_first_boot_config_persistence_and_reboot(
     vm.expect("formatting /data", BOOT_S, "the first-boot format of /data")
     vm.expect(r"boot: ready: socket, /data on /dev/vda3", BOOT_S)
     vm.expect_all(["no configuration at /data/socketd.toml: socketd is not running",
-                   "login: "], 60)
+                   "login: "], SOCKETD_S)
     login(vm, "admin", first=True)
     out = command(vm, "show status")
     assert "socketd is not running" in out, out
@@ -56,15 +60,15 @@ def test_x86_64_first_boot_config_persistence_and_reboot(
     assert "sdwan0" in out, out
     # The log ring in RAM holds socketd's log and the kernel's, as the console shows them.
     out = command(vm, "show log 200")
-    assert re.search(r"socketd: .*sdwan\.socketd", out), out
+    assert re.search(r"socketd: .*sdwan\.site\.socketd", out), out
     assert "kernel:" in out, out
 
     # A reboot from the console goes through init's shutdown and UEFI again.
     vm.sendline("reboot")
-    vm.expect("Type yes to confirm: ", 30)
+    vm.expect("Type yes to confirm: ", CONSOLE_S)
     vm.sendline("yes")
-    vm.expect("shutdown: /data unmounted", 120, "the orderly shutdown")
-    vm.expect("EFI stub", 120, "the firmware starting the kernel again")
+    vm.expect("shutdown: /data unmounted", SHUTDOWN_S, "the orderly shutdown")
+    vm.expect("EFI stub", FIRMWARE_S, "the firmware starting the kernel again")
     vm.expect(r"boot: ready: site-7", BOOT_S)
     vm.expect_all([r"socketd running \(pid \d+", "login: "], SOCKETD_S)
     login(vm, NEW_PASSWORD)

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from sites import (
     BOOT_S,
+    CONSOLE_S,
     POP_ENDPOINT,
+    SETTLE_S,
     SOCKETD_S,
     PanelPlayer,
     SiteSpec,
@@ -30,7 +32,7 @@ pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
 STATUS, CLOUD, WAN1 = 0, 1, 2
 PANEL_LEDS = 4  # status, cloud, wan1, wan2
 # socketd leaves `booting` at most 30 s after its start (docs/leds.md); TCG margin on top
-CLOUD_DOWN_S = 120.0
+CLOUD_DOWN_S = SETTLE_S
 
 
 def test_panel_gets_booting_then_cloud_down_and_a_restarted_panel_is_redrawn(
@@ -49,7 +51,7 @@ def test_panel_gets_booting_then_cloud_down_and_a_restarted_panel_is_redrawn(
         panel = PanelPlayer(vm.panel_sock).start()
         vm.expect(r"boot: ready: site-4, /data on /dev/vda3", BOOT_S)
         vm.expect(r"socketd running \(pid \d+", SOCKETD_S)
-        panel.wait_pattern("booting", 60, leds=PANEL_LEDS)
+        panel.wait_pattern("booting", CONSOLE_S, leds=PANEL_LEDS)
         panel.wait_pattern("cloud_down", CLOUD_DOWN_S, leds=PANEL_LEDS)
         shown = panel.shown()
         names = [name for name, _ in shown]
@@ -65,7 +67,7 @@ def test_panel_gets_booting_then_cloud_down_and_a_restarted_panel_is_redrawn(
         # A panel that restarts says HELLO again and gets the current pattern again.
         before = names.count("cloud_down")
         panel.hello("1.1")
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + CONSOLE_S
         while [n for n, leds in panel.shown()
                if len(leds) == PANEL_LEDS].count("cloud_down") <= before:
             assert time.monotonic() < deadline, \

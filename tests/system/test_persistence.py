@@ -11,7 +11,11 @@ from pathlib import Path
 import pytest
 from sites import (
     BOOT_S,
+    CONSOLE_S,
+    FIRMWARE_S,
     NEW_PASSWORD,
+    SETTLE_S,
+    SHUTDOWN_S,
     SOCKETD_S,
     SiteSpec,
     command,
@@ -54,13 +58,13 @@ def test_setting_password_and_events_survive_reboot_and_factory_reset_wipes_them
         out = poll_command(vm, "show links",
                            re.compile(rf"(?m)^wan1\s+eth0\s+\S+\s+static\s+{re.escape(STATIC)}"
                                       rf"\s+{re.escape(GATEWAY)}\b"),
-                           30, "the static address before the reboot")
+                           SETTLE_S, "the static address before the reboot")
 
         vm.sendline("reboot")
-        vm.expect("Type yes to confirm: ", 30)
+        vm.expect("Type yes to confirm: ", CONSOLE_S)
         vm.sendline("yes")
-        vm.expect("shutdown: /data unmounted", 120, "the orderly shutdown")
-        vm.expect("EFI stub", 120, "the firmware starting the kernel again")
+        vm.expect("shutdown: /data unmounted", SHUTDOWN_S, "the orderly shutdown")
+        vm.expect("EFI stub", FIRMWARE_S, "the firmware starting the kernel again")
         booted(vm, 5)
         # The changed password is the one in force: it was persisted.
         login(vm, NEW_PASSWORD)
@@ -68,15 +72,15 @@ def test_setting_password_and_events_survive_reboot_and_factory_reset_wipes_them
         poll_command(vm, "show links",
                      re.compile(rf"(?m)^wan1\s+eth0\s+\S+\s+static\s+{re.escape(STATIC)}"
                                 rf"\s+{re.escape(GATEWAY)}\b"),
-                     60, "the static address after the reboot")
+                     SETTLE_S, "the static address after the reboot")
         out = command(vm, "show events 200")
         for kind in ("console.password_changed", "link.addressing", "console.reboot"):
             assert kind in out, f"{kind} missing from the events after the reboot:\n{out}"
 
         vm.sendline("factory-reset")
-        vm.expect(r"Type factory-reset \(or yes\) to confirm: ", 30)
+        vm.expect(r"Type factory-reset \(or yes\) to confirm: ", CONSOLE_S)
         vm.sendline("factory-reset")
-        vm.expect("EFI stub", 180, "the reboot after the factory reset")
+        vm.expect("EFI stub", SHUTDOWN_S + FIRMWARE_S, "the reboot after the factory reset")
         booted(vm, 5)
         # Only the default credential works again, with its forced change.
         login(vm, "admin", first=True, new_password="another-pass-7")

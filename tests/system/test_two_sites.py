@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from sites import (
     BOOT_S,
+    CONSOLE_S,
     POP_ENDPOINT,
+    SETTLE_S,
     SOCKETD_S,
     NetnsVM,
     PanelPlayer,
@@ -27,13 +29,15 @@ from sites import (
     wire_site,
 )
 
+from sdwan.appliance.leds import BOOT_GRACE_S
 from sdwan.lab.topology import Lab
 from sdwan.lab.vm import VM
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(1500)]
 
-CLOUD_UP_S = 240.0
-PING_S = 120.0
+GRACE_MARGIN_S = 5.0  # from socketd's start to its first pattern on the panel
+CLOUD_UP_S = 360.0  # both sites registered: DTLS handshakes on two emulated CPUs
+PING_S = SETTLE_S
 
 
 def test_two_sites_and_a_pop(appliance_image: Callable[[str], Path], lab: Lab,
@@ -71,14 +75,23 @@ def test_two_sites_and_a_pop(appliance_image: Callable[[str], Path], lab: Lab,
                           "socketd, the login prompt and the LAN port's address")
 
         # The panel shows booting while socketd starts, cloud_up once registered.
-        panel.wait_pattern("booting", 60)
+        panel.wait_pattern("booting", CONSOLE_S)
         panel.wait_pattern("cloud_up", CLOUD_UP_S, leds=4)
         shown = panel.shown()
         names = [name for name, _ in shown]
         assert names.index("booting") < names.index("cloud_up"), names
-        # Nothing else in between: links and sessions coming up must not flash a fault.
-        first_up = names.index("cloud_up")
-        assert set(names[names.index("booting") : first_up]) == {"booting"}, names
+        # Nothing else during socketd's booting grace: links and sessions coming up must not
+        # flash a fault. After it, a slow host may still be reaching the PoP and cloud_down is
+        # the truth (docs/leds.md). The grace starts as socketd starts, a moment before it
+        # draws its first pattern (under a second here, also on a loaded host): only patterns
+        # surely inside it are judged.
+        timed = [(t, line.split()[1]) for t, line in panel.lines if line.startswith("PATTERN ")]
+        booted_at = next(t for t, name in timed if name == "booting")
+        up_at = next(t for t, name in timed if name == "cloud_up")
+        grace_end = booted_at + BOOT_GRACE_S - GRACE_MARGIN_S
+        early = [name for t, name in timed if t < min(up_at, grace_end)]
+        assert set(early) == {"booting"}, \
+            (names, [(round(t - booted_at, 1), name) for t, name in timed])
         up = next(leds for name, leds in shown if name == "cloud_up")
         # board/qemu-x86_64/leds.toml: status 0, cloud 1, wan1 2
         assert (up.get(0), up.get(1), up.get(2)) == ("on", "on", "on"), shown
@@ -88,15 +101,15 @@ def test_two_sites_and_a_pop(appliance_image: Callable[[str], Path], lab: Lab,
         assert lab.wait_ping(sites[0].lan_ns, sites[1].lan_host_ip, timeout=PING_S), \
             (f"lan1 -> lan2 ({sites[1].lan_host_ip}) never answered; popctl sites: "
              f"{lab.popctl(pop, 'sites')}\nsite 1 console:\n{vms[0].tail()}")
-        assert lab.wait_ping(sites[1].lan_ns, sites[0].lan_host_ip, timeout=30)
+        assert lab.wait_ping(sites[1].lan_ns, sites[0].lan_host_ip, timeout=CONSOLE_S)
 
         # What the field engineer sees on site 1's console.
         vm = vms[0]
         login(vm, "admin", first=True)
-        out = poll_command(vm, "show pop", re.compile(r"(?m)^cloud\s+up\b"), 60,
+        out = poll_command(vm, "show pop", re.compile(r"(?m)^cloud\s+up\b"), SETTLE_S,
                            "site 1's PoP session")
         assert re.search(r"(?m)^1\s.*203\.0\.113\.10:4800\s.*connected", out), out
-        poll_command(vm, "show peers", re.compile(r"(?m)^2\s+up\b"), 60,
+        poll_command(vm, "show peers", re.compile(r"(?m)^2\s+up\b"), SETTLE_S,
                      "site 2 up in site 1's peers")
         out = command(vm, "show status")
         assert re.search(r"site\s+1 \(branch-1\)", out), out

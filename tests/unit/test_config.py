@@ -666,7 +666,17 @@ def test_appliance_defaults_without_the_table(tmp_path: Path) -> None:
     # No watchdog unless asked for: a lab host that kills socketd must not reset itself.
     assert cfg.appliance.watchdog is None
     assert cfg.appliance.watchdog_timeout_s == 15
+    assert cfg.appliance.watchdog_startup_s == 300
     assert (cfg.appliance.crash_loop_starts, cfg.appliance.crash_loop_window_s) == (5, 120)
+
+
+def test_appliance_start_up_timeout(tmp_path: Path) -> None:
+    text = BASE + "\n[appliance]\nwatchdog_timeout_s = 20\nwatchdog_startup_s = 90\n"
+    cfg = load_config(write_site(tmp_path, text))
+    assert (cfg.appliance.watchdog_timeout_s, cfg.appliance.watchdog_startup_s) == (20, 90)
+    # Unset, it is never shorter than a long running timeout.
+    cfg = load_config(write_site(tmp_path, BASE + "\n[appliance]\nwatchdog_timeout_s = 500\n"))
+    assert cfg.appliance.watchdog_startup_s == 500
 
 
 def test_appliance_table_loads(tmp_path: Path) -> None:
@@ -694,6 +704,9 @@ def test_appliance_false_turns_things_off(tmp_path: Path) -> None:
         ("watchdog = true", "appliance.watchdog", "expected the path of a watchdog device or"),
         ("watchdog = 3", "appliance.watchdog", "got 3"),
         ("watchdog_timeout_s = 1", "appliance.watchdog_timeout_s", "expected an integer 2..600"),
+        ("watchdog_startup_s = 5", "appliance.watchdog_startup_s", "expected an integer 10..3600"),
+        ("watchdog_startup_s = 12", "appliance.watchdog_startup_s",
+         "must not be shorter than watchdog_timeout_s (15), got 12"),
         ('leds = "nowhere.toml"', "appliance.leds", "LED map not found: {dir}/nowhere.toml"),
         ("crash_loop_starts = 1", "appliance.crash_loop_starts", "expected an integer 2..100"),
         ("crash_loop_window = 5", "appliance.crash_loop_window", 'did you mean "crash_loop_'),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -109,6 +110,160 @@ def test_absent_device_is_one_clear_line(
 def test_bad_timeout_is_refused() -> None:
     with pytest.raises(ValueError, match="1..3600"):
         Watchdog("/dev/null", timeout_s=0)
+    with pytest.raises(ValueError, match="start-up timeout must be 1..3600"):
+        Watchdog("/dev/null", timeout_s=15, startup_timeout_s=4000)
+    with pytest.raises(ValueError, match=r"start-up timeout \(10 s\) is shorter"):
+        Watchdog("/dev/null", timeout_s=15, startup_timeout_s=10)
+
+
+def test_start_up_timeout_until_the_loop_runs_then_the_running_one(
+    fifo: tuple[Path, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    path, reader = fifo
+    caplog.set_level(logging.INFO, "sdwan.appliance.watchdog")
+
+    async def scenario() -> tuple[int, float, int, float, int]:
+        wd = Watchdog(path, timeout_s=3, startup_timeout_s=300)
+        assert wd.open()
+        armed = (wd.timeout_s, wd.pet_interval_s, wd.status()["timeout_s"])
+        assert armed == (300, 100.0, 300) and wd.starting
+        # A slow start-up: nobody pets, and the long timeout is what allows it.
+        time.sleep(0.5)
+        assert drain(reader) == b"."  # the pet at open only
+        task = asyncio.create_task(wd.run())
+        await asyncio.sleep(2.3)  # the switch pets once, then every second
+        running = (wd.timeout_s, wd.pet_interval_s, len(drain(reader)))
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        wd.close()
+        return (*running, int(wd.starting), float(wd.status()["pets"]))
+
+    timeout, interval, pets, starting, total = asyncio.run(scenario())
+    assert (timeout, interval, starting) == (3, 1.0, 0)
+    assert pets >= 3 and total >= 4
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == (f"watchdog {path} armed for the start-up: timeout 300 s, 3 s once"
+                        " socketd runs")
+    assert lines[1].startswith(f"watchdog {path} armed: timeout 3 s, petting every 1.0 s (")
+
+
+def test_without_a_longer_start_up_it_is_armed_as_before(fifo: tuple[Path, int]) -> None:
+    path, reader = fifo
+    wd = Watchdog(path, timeout_s=15)
+    assert wd.open()
+    assert not wd.starting and wd.timeout_s == 15
+    wd.end_startup()  # nothing to switch
+    assert wd.timeout_s == 15 and drain(reader) == b"."
+    wd.close()
+
+
+class DriverModel(Watchdog):
+    """The int ioctls answered the way the kernel's watchdog core (drivers/watchdog/
+    watchdog_dev.c) answers them for a driver with these limits: WDIOC_SETTIMEOUT outside
+    min..max is EINVAL and changes nothing, a driver may round what it takes, GETTIMEOUT says
+    what is in force, and without WDIOF_SETTIMEOUT the core says EOPNOTSUPP. No watchdog
+    driver can be loaded on this machine; the real i6300esb and softdog are the system
+    tests'. The device itself is a real file (the pets land in it)."""
+
+    def __init__(self, path: Path, *, min_s: int = 1, max_s: int = 65535, default_s: int = 30,
+                 step_s: int = 1, settable: bool = True, **kw: int) -> None:
+        super().__init__(path, **kw)
+        self.limits = (min_s, max_s, step_s, settable)
+        self.in_force = default_s
+        self.set_calls: list[int] = []
+
+    def _ioctl_int(self, request: int, value: int) -> int:
+        min_s, max_s, step_s, settable = self.limits
+        if request == WDIOC_SETTIMEOUT:
+            self.set_calls.append(value)
+            if not settable:
+                raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+            if not min_s <= value <= max_s:
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+            self.in_force = -(-value // step_s) * step_s
+            return self.in_force
+        if request == WDIOC_GETTIMEOUT:
+            return self.in_force
+        if request == WDIOC_GETBOOTSTATUS:
+            return 0
+        raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY))
+
+
+def test_a_driver_that_takes_the_start_up_timeout(tmp_path: Path) -> None:
+    (tmp_path / "wd").write_bytes(b"")
+    # i6300esb: 1..2046 s
+    wd = DriverModel(tmp_path / "wd", max_s=2046, timeout_s=15, startup_timeout_s=300)
+    assert wd.open() and wd.timeout_s == 300 and wd.in_force == 300
+    wd.end_startup()
+    assert wd.timeout_s == 15 and wd.in_force == 15 and wd.set_calls == [300, 15]
+    assert (tmp_path / "wd").read_bytes() == b".."  # at open, at the switch
+    wd.close()
+
+
+def test_a_driver_that_caps_the_timeout_gets_its_longest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "sdwan.appliance.watchdog")
+    (tmp_path / "wd").write_bytes(b"")
+    wd = DriverModel(tmp_path / "wd", max_s=127, timeout_s=15, startup_timeout_s=300)
+    assert wd.open()
+    assert wd.timeout_s == 127 and wd.in_force == 127
+    assert len(wd.set_calls) < 12  # a binary search, not a walk
+    assert (f"watchdog {tmp_path}/wd refuses a timeout of 300 s: using 127 s, the longest it"
+            " takes") in caplog.messages
+    wd.end_startup()
+    assert wd.timeout_s == 15 and wd.in_force == 15
+    wd.close()
+
+
+def test_a_rounding_driver_is_petted_for_what_it_took(tmp_path: Path) -> None:
+    (tmp_path / "wd").write_bytes(b"")
+    # Counts in 4 s steps up to 60 s: 300 is refused, 15 becomes 16.
+    wd = DriverModel(tmp_path / "wd", max_s=60, step_s=4, timeout_s=15, startup_timeout_s=300)
+    assert wd.open() and wd.timeout_s == 60
+    wd.end_startup()
+    assert wd.timeout_s == 16 and wd.pet_interval_s == pytest.approx(16 / 3)
+    wd.close()
+
+
+def test_a_driver_with_a_floor_gets_its_shortest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "sdwan.appliance.watchdog")
+    (tmp_path / "wd").write_bytes(b"")
+    wd = DriverModel(tmp_path / "wd", min_s=20, default_s=60, timeout_s=15, startup_timeout_s=300)
+    assert wd.open() and wd.timeout_s == 300
+    wd.end_startup()
+    assert wd.timeout_s == 20 and wd.in_force == 20
+    assert (f"watchdog {tmp_path}/wd refuses a timeout of 15 s: using 20 s, the shortest it"
+            " takes") in caplog.messages
+    wd.close()
+
+
+def test_a_driver_with_a_fixed_timeout_is_petted_for_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "sdwan.appliance.watchdog")
+    (tmp_path / "wd").write_bytes(b"")
+    wd = DriverModel(tmp_path / "wd", settable=False, default_s=40, timeout_s=15,
+                     startup_timeout_s=300)
+    assert wd.open() and wd.timeout_s == 40
+    assert (f"watchdog {tmp_path}/wd keeps its timeout of 40 s (asked for 300 s)"
+            in caplog.messages)
+    wd.end_startup()
+    assert wd.timeout_s == 40 and wd.pet_interval_s == pytest.approx(40 / 3)
+    wd.close()
+
+
+def test_a_crash_leaves_the_start_up_timeout_for_the_next_socketd(tmp_path: Path) -> None:
+    (tmp_path / "wd").write_bytes(b"")
+    wd = DriverModel(tmp_path / "wd", max_s=2046, timeout_s=15, startup_timeout_s=300)
+    assert wd.open()
+    wd.end_startup()
+    wd.close(disarm=False, grace=True)
+    assert wd.in_force == 300 and wd.set_calls == [300, 15, 300]
+    assert (tmp_path / "wd").read_bytes() == b"..."  # petted, never 'V'
 
 
 def test_pets_come_from_the_loop_and_stop_when_it_hangs(fifo: tuple[Path, int]) -> None:

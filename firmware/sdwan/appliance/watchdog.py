@@ -1,10 +1,12 @@
 """The hardware watchdog and socketd's start history: how the box notices a hung or a crashing
 supervisor, and what it records about it.
 
-* `Watchdog` opens /dev/watchdog, sets its timeout, reads why the last reset happened and pets
-  the device from a task on socketd's asyncio loop every timeout/3, so a hung loop (or a
-  stopped process) stops the pets and the hardware resets the box. A clean stop writes the
-  magic 'V' first, which disarms drivers that allow it.
+* `Watchdog` opens /dev/watchdog armed with a long start-up timeout, reads why the last reset
+  happened, and once the supervisor's loop runs switches to the short running timeout and pets
+  the device from a task on that loop every timeout/3, so a hung loop (or a stopped process)
+  stops the pets and the hardware resets the box. A start-up that never ends is caught by the
+  start-up timeout. A driver that cannot count that far gets the longest timeout it takes. A
+  clean stop writes the magic 'V' first, which disarms drivers that allow it.
 * `record_start` runs once per socketd start: it reads the run file in the data directory,
   left by the previous socketd, to say how that one ended (stopped, failed to start, or gone
   without a word: a crash, a kill, a reset), records a `socketd.start` event, and detects a
@@ -103,20 +105,39 @@ def _describe_boot_status(flags: int) -> list[str]:
 
 
 class Watchdog:
-    """One watchdog device. Absent or unusable: one log line, and every call does nothing."""
+    """One watchdog device. Absent or unusable: one log line, and every call does nothing.
 
-    def __init__(self, path: str | os.PathLike[str], timeout_s: int = 15) -> None:
-        if not 1 <= timeout_s <= 3600:
-            raise ValueError(f"watchdog timeout must be 1..3600 s, got {timeout_s}")
+    Armed at `open()` with `startup_timeout_s`: a supervisor that is still starting (slow
+    storage, a loaded or emulated CPU) is not reset, one that hangs while starting still is.
+    `end_startup()` (called by `run()`) switches to `timeout_s`, the running timeout."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        timeout_s: int = 15,
+        startup_timeout_s: int | None = None,
+    ) -> None:
+        startup = timeout_s if startup_timeout_s is None else startup_timeout_s
+        for what, value in (("timeout", timeout_s), ("start-up timeout", startup)):
+            if not 1 <= value <= 3600:
+                raise ValueError(f"watchdog {what} must be 1..3600 s, got {value}")
+        if startup < timeout_s:
+            raise ValueError(
+                f"watchdog start-up timeout ({startup} s) is shorter than its timeout"
+                f" ({timeout_s} s)"
+            )
         self.path = Path(path)
         self.requested_timeout_s = timeout_s
-        self.timeout_s = timeout_s
+        self.requested_startup_s = startup
+        self.timeout_s = startup  # the one in force: the start-up timeout until end_startup()
+        self.starting = True
         self.fd: int | None = None
         self.identity: str | None = None
         self.boot_status: int | None = None
         self.pets = 0
         self.pet_failures = 0
         self.last_pet: float | None = None
+        self.opened_at: float | None = None
         self.problem: str | None = None
 
     @property
@@ -132,7 +153,8 @@ class Watchdog:
         return self.timeout_s / 3
 
     def open(self) -> bool:
-        """Open and arm the device (the kernel starts it at open); False if it cannot be used."""
+        """Open and arm the device (the kernel starts it at open) with the start-up timeout;
+        False if it cannot be used."""
         try:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -146,33 +168,112 @@ class Watchdog:
                 self.problem = f"cannot open {self.path}: {e.strerror}"
                 log.error("%s: running without a hardware watchdog", self.problem)
             return False
+        self.opened_at = time.monotonic()
         self.identity = self._identity()
-        self.boot_status = self._ioctl_int(WDIOC_GETBOOTSTATUS, 0)
-        got = self._ioctl_int(WDIOC_SETTIMEOUT, self.requested_timeout_s)
-        if got is None:
-            got = self._ioctl_int(WDIOC_GETTIMEOUT, 0)
-        if got is not None and got > 0:
-            # The driver rounds to what the hardware can count; pet for what it took.
-            self.timeout_s = got
+        self.boot_status = self._ioctl_value(WDIOC_GETBOOTSTATUS, 0)
+        self._set_timeout(self.requested_startup_s)
+        if self.starting and self.requested_startup_s > self.requested_timeout_s:
+            log.info(
+                "watchdog %s%s armed for the start-up: timeout %d s, %d s once socketd runs",
+                self.path,
+                f" ({self.identity})" if self.identity else "",
+                self.timeout_s,
+                self.requested_timeout_s,
+            )
+        else:
+            self.starting = False
+            self._log_running()
+        self.pet()
+        return True
+
+    def end_startup(self) -> None:
+        """The supervisor is up and its loop runs: from now on the running timeout."""
+        if not self.starting:
+            return
+        self.starting = False
+        if self.fd is None:
+            self.timeout_s = self.requested_timeout_s
+            return
+        self._set_timeout(self.requested_timeout_s)
+        self._log_running()
+        self.pet()
+
+    def _log_running(self) -> None:
+        took = "" if self.opened_at is None else \
+            f" ({time.monotonic() - self.opened_at:.1f} s after it was opened)"
         log.info(
-            "watchdog %s%s armed: timeout %d s, petting every %.1f s",
+            "watchdog %s%s armed: timeout %d s, petting every %.1f s%s",
             self.path,
             f" ({self.identity})" if self.identity else "",
             self.timeout_s,
             self.pet_interval_s,
+            took,
         )
-        self.pet()
-        return True
 
-    def _ioctl_int(self, request: int, value: int) -> int | None:
+    def _set_timeout(self, want: int) -> None:
+        """Ask the driver for `want` seconds and pet for what it took. The watchdog core refuses
+        a value outside the driver's min..max with EINVAL (it says nothing about the limits):
+        the closest accepted value is then searched between `want` and the timeout in force,
+        which the driver took, and logged."""
+        got, err = self._try_timeout(want)
+        if err == errno.EINVAL:
+            now = self._ioctl_value(WDIOC_GETTIMEOUT, 0)
+            if now is not None and now > 0 and now != want:
+                got = self._closest_timeout(want, now)
+                if got is not None:
+                    log.warning(
+                        "watchdog %s refuses a timeout of %d s: using %d s, the %s it takes",
+                        self.path, want, got, "longest" if got < want else "shortest",
+                    )
+        if got is None:
+            got = self._ioctl_value(WDIOC_GETTIMEOUT, 0)
+            if got is not None and got > 0 and err not in (None, errno.ENOTTY):
+                log.warning("watchdog %s keeps its timeout of %d s (asked for %d s)",
+                            self.path, got, want)
+        # Not a driver (ENOTTY: a file or FIFO in tests) takes what it is asked; a driver may
+        # round to what its hardware can count: pet for what it took.
+        self.timeout_s = got if got is not None and got > 0 else want
+
+    def _closest_timeout(self, want: int, accepted: int) -> int | None:
+        """Binary search between `accepted` (taken) and `want` (refused) for the accepted value
+        nearest `want`, then set it. Every try that is taken also pets the device."""
+        good, bad = accepted, want
+        while abs(bad - good) > 1:
+            mid = (good + bad) // 2
+            _, err = self._try_timeout(mid)
+            if err is None:
+                good = mid
+            elif err == errno.EINVAL:
+                bad = mid
+            else:
+                return None
+        got, _ = self._try_timeout(good)
+        return got
+
+    def _try_timeout(self, seconds: int) -> tuple[int | None, int | None]:
+        """(timeout the driver took, None) or (None, errno)."""
+        try:
+            return self._ioctl_int(WDIOC_SETTIMEOUT, seconds), None
+        except OSError as e:
+            return None, e.errno
+
+    def _ioctl_value(self, request: int, value: int) -> int | None:
+        try:
+            return self._ioctl_int(request, value)
+        except OSError:
+            return None
+
+    def _ioctl_int(self, request: int, value: int) -> int:
+        """One int ioctl on the device (the driver's answer); OSError as the kernel says."""
         assert self.fd is not None
         buf = array.array("i", [value])
         try:
             fcntl.ioctl(self.fd, request, buf, True)
         except OSError as e:
-            # ENOTTY: not a watchdog driver (a file in tests); EOPNOTSUPP/EINVAL: no such feature.
-            log.debug("watchdog ioctl %#x: %s", request, e.strerror)
-            return None
+            # ENOTTY: not a watchdog driver (a file in tests); EOPNOTSUPP/EINVAL: no such feature
+            # or a value out of the driver's range.
+            log.debug("watchdog ioctl %#x(%d): %s", request, value, e.strerror)
+            raise
         return int(buf[0])
 
     def _identity(self) -> str | None:
@@ -199,8 +300,10 @@ class Watchdog:
         self.last_pet = time.monotonic()
 
     async def run(self, alive: Callable[[], bool] | None = None) -> None:
-        """Pet every timeout/3 from the caller's loop. `alive` can hold back the pets (the
-        supervisor's own heartbeat stopped): the hardware then resets the box."""
+        """End the start-up, then pet every timeout/3 from the caller's loop. `alive` can hold
+        back the pets (the supervisor's own heartbeat stopped): the hardware then resets the
+        box."""
+        self.end_startup()
         if self.fd is None:
             return
         while True:
@@ -210,9 +313,14 @@ class Watchdog:
             else:
                 log.error("supervisor not healthy: no longer petting the watchdog")
 
-    def close(self, *, disarm: bool = True) -> None:
+    def close(self, *, disarm: bool = True, grace: bool = False) -> None:
         """Release the device. `disarm` writes the magic 'V' first (a clean stop); without it
-        the timer runs on and resets the box unless the next socketd opens it in time."""
+        the timer runs on and resets the box unless the next socketd opens it in time. `grace`
+        (a crash socketd saw) leaves the start-up timeout armed, since that next socketd has to
+        start before it can pet."""
+        if self.fd is not None and grace and not disarm:
+            self._set_timeout(self.requested_startup_s)
+            self.pet()
         fd, self.fd = self.fd, None
         if fd is None:
             return
@@ -444,17 +552,20 @@ def end_run(data_dir: Path, how: str = "stopped") -> None:
 class Guard:
     """What socketd runs of this module: the watchdog and the start history for one run.
 
-    `start()` first (it opens the store on its own for a moment, so a socketd that fails to
-    start is counted too), `run()` as a task on the loop, `end(how)` on a controlled end,
-    `close()` last: it disarms the watchdog only after `end`, so that a crash leaves it
-    armed for the next socketd or, failing that, for a reset."""
+    `start()` first (it arms the watchdog with the start-up timeout and opens the store on its
+    own for a moment, so a socketd that fails to start is counted too), `run()` as a task on
+    the loop once the supervisor is up (the running timeout from then on), `end(how)` on a
+    controlled end, `close()` last: it disarms the watchdog only after `end`, so that a crash
+    leaves it armed for the next socketd (with the start-up timeout, so that it can start) or,
+    failing that, for a reset."""
 
     def __init__(self, appliance: Appliance, data_dir: Path, version: str = "") -> None:
         self.appliance = appliance
         self.data_dir = data_dir
         self.version = version
         self.watchdog = (
-            Watchdog(appliance.watchdog, appliance.watchdog_timeout_s)
+            Watchdog(appliance.watchdog, appliance.watchdog_timeout_s,
+                     appliance.watchdog_startup_s)
             if appliance.watchdog is not None
             else None
         )
@@ -487,6 +598,7 @@ class Guard:
         return self.record is not None and self.record.in_error(boot_time())
 
     async def run(self, alive: Callable[[], bool] | None = None) -> None:
+        """The start-up is over: the running timeout, and pets from the caller's loop."""
         if self.watchdog is not None:
             await self.watchdog.run(alive)
 
@@ -497,7 +609,8 @@ class Guard:
 
     def close(self) -> None:
         if self.watchdog is not None:
-            self.watchdog.close(disarm=self.ended is not None)
+            crashed = self.ended is None
+            self.watchdog.close(disarm=not crashed, grace=crashed)
 
     def status(self) -> dict[str, Any]:
         rec = self.record

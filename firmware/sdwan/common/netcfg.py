@@ -24,6 +24,11 @@ IPV4_UDP_OVERHEAD = 20 + 8
 TUNNEL_OVERHEAD = 32
 NFT_TABLE = "sdwan_mss"
 TUN_QUEUE_LEN = 1000
+# The worker's Python start and pyroute2 import take seconds on the box and were seen over
+# 30 s under emulation on a loaded host; a bound that assumed a fast CPU made socketd's
+# start fail in a loop there. A hung worker is still given up on, well within socketd's
+# start-up watchdog timeout (docs/watchdog.md).
+WORKER_TIMEOUT_S = 120.0
 
 
 class NetcfgError(Exception):
@@ -198,7 +203,7 @@ def apply_addressing(plan: AddrPlan) -> None:
     asyncio.run(_apply_addressing(plan))
 
 
-def apply_addressing_in_worker(plan: AddrPlan, timeout: float = 30.0) -> None:
+def apply_addressing_in_worker(plan: AddrPlan, timeout: float = WORKER_TIMEOUT_S) -> None:
     """Apply a WAN device's addressing in a child process, like `apply_in_worker`."""
     _run_worker({"addressing": asdict(plan)}, timeout)
 
@@ -209,7 +214,7 @@ def apply(plan: Plan) -> None:
     _apply_mss(plan)
 
 
-def apply_in_worker(plan: Plan, timeout: float = 30.0) -> None:
+def apply_in_worker(plan: Plan, timeout: float = WORKER_TIMEOUT_S) -> None:
     """Apply `plan` in a child process (see the module docstring for why)."""
     _run_worker(asdict(plan), timeout)
 

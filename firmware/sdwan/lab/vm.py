@@ -136,7 +136,7 @@ class VM:
             cmd += ["-fw_cfg", f"name=opt/sdwan/data/{name},file={path}"]
         return cmd + self.opts.extra_args
 
-    def start(self, timeout: float = 30.0) -> VM:
+    def start(self, timeout: float = 60.0) -> VM:
         """Powers the VM on; the console is connected before the guest runs."""
         if self.proc is not None and self.proc.poll() is None:
             raise VMError("the VM is already running")
@@ -264,25 +264,41 @@ class VM:
         """Seconds since power-on (the moment QEMU started the guest)."""
         return time.monotonic() - self.started_at
 
+    def _unread(self) -> tuple[str, bool, int]:
+        """(console text after the cursor, console closed, bytes received so far)."""
+        with self._cond:
+            return self._buf[self._cursor:].decode(errors="replace"), self._closed, len(self._buf)
+
+    def _consume(self, text: str, end: int) -> None:
+        with self._cond:
+            self._cursor += len(text[:end].encode())
+
+    def _wait_more(self, seen: int, left: float) -> None:
+        with self._cond:
+            if len(self._buf) == seen and not self._closed:
+                self._cond.wait(min(left, 0.5))
+
+    # Patterns are searched outside the lock: the reader thread must never wait for a regex,
+    # or QEMU's socket fills and the guest's console stalls in the middle of a long output.
+
     def expect(self, pattern: str | re.Pattern[str], timeout: float,
                what: str | None = None) -> re.Match[str]:
         """Waits for pattern in the console output after the last match; returns the match."""
         rx = re.compile(pattern) if isinstance(pattern, str) else pattern
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                text = self._buf[self._cursor:].decode(errors="replace")
-                m = rx.search(text)
-                if m:
-                    self._cursor += len(text[: m.end()].encode())
-                    return m
-                left = deadline - time.monotonic()
-                if left <= 0 or self._closed:
-                    why = "the console closed (QEMU exited)" if self._closed else \
-                        f"not seen within {timeout:.0f} s"
-                    raise VMError(f"{self.board}: {what or rx.pattern!r} {why}; "
-                                  f"last console output:\n{self.tail()}")
-                self._cond.wait(min(left, 0.5))
+        while True:
+            text, closed, seen = self._unread()
+            m = rx.search(text)
+            if m:
+                self._consume(text, m.end())
+                return m
+            left = deadline - time.monotonic()
+            if left <= 0 or closed:
+                why = "the console closed (QEMU exited)" if closed else \
+                    f"not seen within {timeout:.0f} s"
+                raise VMError(f"{self.board}: {what or rx.pattern!r} {why}; "
+                              f"last console output:\n{self.tail()}")
+            self._wait_more(seen, left)
 
     def expect_all(self, patterns: list[str], timeout: float,
                    what: str | None = None) -> list[re.Match[str]]:
@@ -291,22 +307,20 @@ class VM:
         after the last of them."""
         rxs = [re.compile(p) for p in patterns]
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                text = self._buf[self._cursor:].decode(errors="replace")
-                found = [rx.search(text) for rx in rxs]
-                if all(found):
-                    end = max(m.end() for m in found if m)
-                    self._cursor += len(text[:end].encode())
-                    return [m for m in found if m]
-                left = deadline - time.monotonic()
-                if left <= 0 or self._closed:
-                    missing = [rx.pattern for rx, m in zip(rxs, found, strict=True) if not m]
-                    why = "the console closed (QEMU exited)" if self._closed else \
-                        f"not seen within {timeout:.0f} s"
-                    raise VMError(f"{self.board}: {what or missing!r} {why}; "
-                                  f"last console output:\n{self.tail()}")
-                self._cond.wait(min(left, 0.5))
+        while True:
+            text, closed, seen = self._unread()
+            found = [rx.search(text) for rx in rxs]
+            if all(found):
+                self._consume(text, max(m.end() for m in found if m))
+                return [m for m in found if m]
+            left = deadline - time.monotonic()
+            if left <= 0 or closed:
+                missing = [rx.pattern for rx, m in zip(rxs, found, strict=True) if not m]
+                why = "the console closed (QEMU exited)" if closed else \
+                    f"not seen within {timeout:.0f} s"
+                raise VMError(f"{self.board}: {what or missing!r} {why}; "
+                              f"last console output:\n{self.tail()}")
+            self._wait_more(seen, left)
 
     def send(self, text: str) -> None:
         if self._con is None:
@@ -320,8 +334,10 @@ class VM:
         """Runs a command in a logged-in shell (`sh`) on the console: (exit status, output)."""
         tag = f"rc{time.monotonic_ns() % 10**9}"
         self.sendline(f"{command}; echo {tag}=$?=")
-        self.expect(re.escape(f"{tag}=$?="), 10.0, f"the echo of `{command}`")
-        m = self.expect(re.compile(rf"(?s)(.*?){tag}=(\d+)="), timeout, f"`{command}`")
+        self.expect(re.escape(f"{tag}=$?="), 60.0, f"the echo of `{command}`")
+        # \A: one start position; unanchored, the lazy group made each search quadratic in
+        # the output's length.
+        m = self.expect(re.compile(rf"(?s)\A(.*?){tag}=(\d+)="), timeout, f"`{command}`")
         out = m.group(1).replace("\r", "").removeprefix("\n")
         return int(m.group(2)), out
 

@@ -163,6 +163,7 @@ class Appliance:
 
     watchdog: Path | None = None
     watchdog_timeout_s: int = 15
+    watchdog_startup_s: int = 300
     leds: Path | None = None
     crash_loop_starts: int = 5
     crash_loop_window_s: int = 120
@@ -427,7 +428,14 @@ def _check_appliance(c: Checker, doc: Mapping[str, Any], base: Path) -> Applianc
     c.known_keys(
         table,
         loc,
-        ("watchdog", "watchdog_timeout_s", "leds", "crash_loop_starts", "crash_loop_window_s"),
+        (
+            "watchdog",
+            "watchdog_timeout_s",
+            "watchdog_startup_s",
+            "leds",
+            "crash_loop_starts",
+            "crash_loop_window_s",
+        ),
     )
     paths: dict[str, Path | None] = {}
     for key, what in (("watchdog", "a watchdog device"), ("leds", "an LED map")):
@@ -444,13 +452,26 @@ def _check_appliance(c: Checker, doc: Mapping[str, Any], base: Path) -> Applianc
         else:
             c.error((*loc, key), f"expected the path of {what} or false, got {show(raw)}")
     timeout = c.value(table, (*loc, "watchdog_timeout_s"), int_range(2, 600), default=15)
+    # Long enough for a socketd starting on a slow or loaded CPU (docs/watchdog.md); a
+    # start-up that hangs is still reset after it.
+    startup_default = max(300, timeout) if timeout is not MISSING else 300
+    startup = c.value(
+        table, (*loc, "watchdog_startup_s"), int_range(10, 3600), default=startup_default
+    )
+    if MISSING not in (timeout, startup) and startup < timeout:
+        c.error(
+            (*loc, "watchdog_startup_s"),
+            f"must not be shorter than watchdog_timeout_s ({timeout}), got {startup}",
+        )
+        startup = MISSING
     starts = c.value(table, (*loc, "crash_loop_starts"), int_range(2, 100), default=5)
     window = c.value(table, (*loc, "crash_loop_window_s"), int_range(10, 86400), default=120)
-    if len(paths) < 2 or MISSING in (timeout, starts, window):
+    if len(paths) < 2 or MISSING in (timeout, startup, starts, window):
         return None
     return Appliance(
         watchdog=paths["watchdog"],
         watchdog_timeout_s=timeout,
+        watchdog_startup_s=startup,
         leds=paths["leds"],
         crash_loop_starts=starts,
         crash_loop_window_s=window,

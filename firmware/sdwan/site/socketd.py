@@ -87,6 +87,7 @@ class Supervisor:
         self._net_task: asyncio.Task[None] | None = None
         self._net_dirty = False
         self._stop = asyncio.Event()
+        self._ticked = asyncio.Event()  # the loop has run a tick: the start-up is over
         self.wan: WanAddressing | None = None
         self.leds: LedController | None = None
         self.guard: Guard | None = None  # made by run(): the simulations have no appliance
@@ -287,6 +288,7 @@ class Supervisor:
     async def _ticker(self) -> None:
         while not self._stop.is_set():
             self._tick()
+            self._ticked.set()
             await asyncio.sleep(TICK_S)
 
     # ---------------------------------------------------------------- control socket
@@ -410,6 +412,13 @@ class Supervisor:
 
     async def _appliance(self, ticker: asyncio.Task[None]) -> None:
         assert self.guard is not None
+        # The watchdog keeps its start-up timeout until the loop has ticked once (or the
+        # ticker died: then the running timeout, unpetted, resets the box soon).
+        ticked = asyncio.create_task(self._ticked.wait())
+        try:
+            await asyncio.wait({ticked, ticker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ticked.cancel()
         # A supervisor whose ticker died is not healthy: the pets stop, the box resets.
         pets = asyncio.create_task(self.guard.run(alive=lambda: not ticker.done()))
         try:
