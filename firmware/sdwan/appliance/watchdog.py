@@ -182,7 +182,7 @@ class Watchdog:
             )
         else:
             self.starting = False
-            self._log_running()
+            self._log_running(switched=False)
         self.pet()
         return True
 
@@ -195,11 +195,11 @@ class Watchdog:
             self.timeout_s = self.requested_timeout_s
             return
         self._set_timeout(self.requested_timeout_s)
-        self._log_running()
+        self._log_running(switched=True)
         self.pet()
 
-    def _log_running(self) -> None:
-        took = "" if self.opened_at is None else \
+    def _log_running(self, *, switched: bool) -> None:
+        took = "" if not switched or self.opened_at is None else \
             f" ({time.monotonic() - self.opened_at:.1f} s after it was opened)"
         log.info(
             "watchdog %s%s armed: timeout %d s, petting every %.1f s%s",
