@@ -18,15 +18,8 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "bench-setup: installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q >/dev/null
-  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# shellcheck source=scripts/apt-ensure.sh
+. "$(dirname "$0")/apt-ensure.sh"
+apt_ensure bench-setup "${APT_PACKAGES[@]}"
 
 echo "bench-setup: ready"

@@ -25,16 +25,9 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "setup: installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q >/dev/null
-  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# shellcheck source=scripts/apt-ensure.sh
+. scripts/apt-ensure.sh
+apt_ensure setup "${APT_PACKAGES[@]}"
 
 # The aarch64 image is assembled from Debian's arm64 packages (apt-get download pkg:arm64).
 if ! dpkg --print-foreign-architectures | grep -qx arm64; then
