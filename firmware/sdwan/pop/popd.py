@@ -62,8 +62,6 @@ MAX_PARTIALS = 2  # messages a site may have partly sent at once
 FRAG_TIMEOUT_S = 5.0
 MAX_LINKS = 16
 MAX_UPLOADED_EVENTS = 200
-KEY_RESEND_S = 0.5
-KEY_RESEND_MAX = 20
 # Fast-path peer ids: S << 8 | L for a registered session (below 2^24); a session that has
 # not registered yet lives under an id from this range, which S << 8 | L never reaches.
 TEMP_PEER_BASE = 0x40000000
@@ -420,8 +418,6 @@ class Pop(SessionOwner):
             send=lambda msg: self._send_msg(s, msg),
             on_unacknowledged=lambda: self._drop(s, "the site never acknowledged the keys"),
             clock=self.clock,
-            resend_s=KEY_RESEND_S,
-            resend_max=KEY_RESEND_MAX,
         )
         s.handover.install(session)
         self.by_addr[addr] = s
