@@ -403,7 +403,8 @@ CASES = [
     pytest.param(
         sub("precedence = 2", "precedence = 2\nprio = 1"),
         "links[1].prio",
-        "unknown key (expected one of: addressing, interface, mtu, name, port, precedence)",
+        "unknown key (expected one of: addressing, interface, mtu, name, offcloud, port,"
+        " precedence, public)",
         id="link-unknown-key",
     ),
     pytest.param(

@@ -359,7 +359,7 @@ def make_v1(path: Path) -> None:
 def test_v1_file_is_upgraded_keeping_its_data(db: Path) -> None:
     make_v1(db)
     with Store(db) as s:
-        assert s.schema_version == LATEST_VERSION == 2
+        assert s.schema_version == LATEST_VERSION == 3
         assert s.recovered is None
         assert s.instance_id == "v1instance"
         assert s.get_doc("config") == Doc("config", {"rev": 1}, 1600000001.0)
@@ -367,11 +367,12 @@ def test_v1_file_is_upgraded_keeping_its_data(db: Path) -> None:
         assert s.events()[0].data == {"link": "wan1"}
         assert [e.seq for e in s.pending_upload()] == [2]
         assert s.add_event("t", "new").seq == 3
-        s.put_nat(2, "wan1", 4800, "1.2.3.4:5", "5.6.7.8:9")
-        assert len(s.nat_all()) == 1
+        s.put_nat(2, "wan1", 4800, "1.2.3.4:5", "5.6.7.8:9", how="local")
+        assert [e.how for e in s.nat_all()] == ["local"]
     conn = sqlite3.connect(db)
-    assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY 1")] == [1, 2]
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    versions = [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY 1")]
+    assert versions == [1, 2, 3]
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
     conn.close()
 
 
@@ -399,14 +400,14 @@ def test_failing_migration_rolls_back_and_keeps_the_file(
     with Store(db) as s:
         s.add_event("t", "keep me")
     broken = ("CREATE TABLE x (a)", "INSERT INTO nope VALUES (1)")
-    monkeypatch.setitem(store_mod.MIGRATIONS, 3, broken)
-    monkeypatch.setattr(store_mod, "LATEST_VERSION", 3)
+    monkeypatch.setitem(store_mod.MIGRATIONS, 4, broken)
+    monkeypatch.setattr(store_mod, "LATEST_VERSION", 4)
     with pytest.raises(StoreError, match="nope"):
         Store(db)
     assert corrupt_copies(db.parent) == []
     monkeypatch.undo()
     with Store(db) as s:
-        assert s.schema_version == 2
+        assert s.schema_version == 3
         assert [e.text for e in s.events()] == ["keep me"]
         assert "x" not in {r[0] for r in s._read("SELECT name FROM sqlite_master")}
 

@@ -2,7 +2,8 @@
 queue and the tunnels that DTLS sessions belong to.
 
 Owns: the demultiplexing of control datagrams by their first byte (DTLS records 20..63,
-kicks, STUN, anything else dropped and counted), the stateless cookie check of every new
+kicks, STUN, kinds with a registered handler such as the mesh's probes, anything else dropped
+and counted), the stateless cookie check of every new
 ClientHello, the admission of server handshakes (a bounded table, a few slots per source,
 known sources first), the table of sessions keyed by (link, address) with their deadlines,
 retransmissions and the cleanup of established sessions nobody uses any more, and the short
@@ -248,11 +249,23 @@ class SessionLayer:
         # handshake fails, so one bad handshake cannot cut it off until the next rekey.
         self._displaced: dict[Key, _Entry] = {}
         self._ratelog = RateLog(log, clock)
+        self._handlers: dict[int, Callable[[int, Addr, bytes], None]] = {}
 
     # ---------------------------------------------------------------- owners
 
-    def add_owner(self, owner: SessionOwner) -> None:
-        self.owners.append(owner)
+    def add_handler(self, type_byte: int, handler: Callable[[int, Addr, bytes], None]) -> None:
+        """Datagrams whose first byte is type_byte go to handler(link_id, addr, data): a new
+        kind of control datagram plugs in here. The kinds the layer sorts itself are taken."""
+        if type_byte == KICK_TYPE or 0 <= type_byte <= 63 or type_byte in self._handlers:
+            raise ValueError(f"datagram type {type_byte:#x} is taken")
+        self._handlers[type_byte] = handler
+
+    def add_owner(self, owner: SessionOwner, before: SessionOwner | None = None) -> None:
+        """Register an owner, last or just before another (owners are asked in order)."""
+        if before is not None and before in self.owners:
+            self.owners.insert(self.owners.index(before), owner)
+        else:
+            self.owners.append(owner)
 
     def remove_owner(self, owner: SessionOwner) -> None:
         if owner in self.owners:
@@ -306,6 +319,9 @@ class SessionLayer:
             )
         elif data[0] == KICK_TYPE:
             self._on_kick(link_id, addr, data)
+        elif data[0] in self._handlers:
+            # A datagram kind of its own (the mesh's probes): its handler counts what it drops.
+            self._handlers[data[0]](link_id, addr, data)
         elif 20 <= data[0] <= 63:
             self._on_dtls(link_id, addr, data)
         elif is_stun(data):

@@ -103,6 +103,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (peer_id, link)
         ) WITHOUT ROWID""",
     ),
+    # How each path was found (docs/mesh.md): window, birthday, local, static.
+    3: ("ALTER TABLE nat ADD COLUMN how TEXT NOT NULL DEFAULT 'window'",),
 }
 LATEST_VERSION = max(MIGRATIONS)
 
@@ -174,6 +176,7 @@ class NatEntry:
     local_public: str
     peer_public: str
     at: float
+    how: str = "window"
 
     @property
     def local_public_endpoint(self) -> tuple[str, int]:
@@ -648,12 +651,15 @@ class Store:
         local_public: str | tuple[str, int],
         peer_public: str | tuple[str, int],
         at: float | None = None,
+        how: str = "window",
     ) -> NatEntry:
         """Record (replacing) the punched path to `peer_id` over `link`; `at` defaults to now."""
         _check_int("peer_id", peer_id, 1, 65535)
         if not isinstance(link, str) or not _LINK_NAME_RE.fullmatch(link):
             raise ValueError(f"link must be 1..15 of [a-z0-9_-], got {link!r}")
         _check_int("local_port", local_port, 1, 65535)
+        if not isinstance(how, str) or not _LINK_NAME_RE.fullmatch(how):
+            raise ValueError(f"how must be 1..15 of [a-z0-9_-], got {how!r}")
         entry = NatEntry(
             peer_id,
             link,
@@ -661,18 +667,19 @@ class Store:
             _normalise_endpoint("local_public", local_public),
             _normalise_endpoint("peer_public", peer_public),
             self._clock() if at is None else _check_time("at", at),
+            how,
         )
         with self._write() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO nat"
-                " (peer_id, link, local_port, local_public, peer_public, at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                " (peer_id, link, local_port, local_public, peer_public, at, how)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (entry.peer_id, entry.link, entry.local_port, entry.local_public,
-                 entry.peer_public, entry.at),
+                 entry.peer_public, entry.at, entry.how),
             )
         return entry
 
-    _NAT_COLS = "peer_id, link, local_port, local_public, peer_public, at"
+    _NAT_COLS = "peer_id, link, local_port, local_public, peer_public, at, how"
 
     def nat(self, peer_id: int, link: str) -> NatEntry | None:
         rows = self._read(

@@ -374,7 +374,10 @@ def endpoint_value(value: Any) -> tuple[str, int]:
 def check_networks(
     c: Checker, table: Mapping[str, Any], loc: tuple[str | int, ...]
 ) -> tuple[IPNetwork, ...] | None:
-    raw = table.get("subnets", MISSING)
+    """The array of networks at loc (its last part names the field, e.g. "subnets")."""
+    key = loc[-1]
+    assert isinstance(key, str)
+    raw = table.get(key, MISSING)
     if raw is MISSING:
         c.error(loc, "missing required field (expected an array of at least 1 network)")
         return None

@@ -41,8 +41,9 @@ from sdwan.common.ratelog import RateLog
 from sdwan.common.sessions import Policy, SessionLayer, SessionOwner, source_block
 from sdwan.common.store import Store, StoreError
 from sdwan.common.stun import StunServer
-from sdwan.common.tomlcheck import format_endpoint
+from sdwan.common.tomlcheck import format_endpoint, parse_endpoint
 from sdwan.pop.account import Account, ConfigError, load_account
+from sdwan.pop.broker import Broker, MeshLink
 from sdwan.pop.config import PopConfig, load_pop_config
 
 log = logging.getLogger("sdwan.pop.popd")
@@ -101,6 +102,7 @@ class SiteSession:
     links: list[dict[str, Any]] = field(default_factory=list)
     version: str = ""
     registered_at: float | None = None
+    first_registered_at: float | None = None  # the punch broker's epoch of this session
     reassembler: Reassembler | None = None  # of the current `dtls`; made on first use
 
     @property
@@ -154,13 +156,36 @@ def _check_link(value: Any, what: str) -> dict[str, Any]:
     public_stun = value.get("public_stun")
     if public_stun is not None and (not isinstance(public_stun, str) or len(public_stun) > 64):
         raise RegisterError(f'{what}.public_stun: expected an "ip:port" string or null')
+    # Off-cloud per link (docs/mesh.md); a site that says nothing meshes over links 1 and 2.
+    offcloud = value.get("offcloud", prec < 3)
+    if not isinstance(offcloud, bool):
+        raise RegisterError(f"{what}.offcloud: expected true or false")
+    static = value.get("static")
+    if static is not None and (not isinstance(static, str) or _endpoint_or_none(static) is None):
+        raise RegisterError(f'{what}.static: expected an "ip:port" string or null')
+    nat = value.get("nat")
+    if nat is not None and (not isinstance(nat, str) or len(nat) > 32):
+        raise RegisterError(f"{what}.nat: expected a string of at most 32 characters or null")
     return {
         "name": name,
         "precedence": prec,
         "local": local,
         "id": link_id,
         "public_stun": public_stun,
+        "offcloud": offcloud,
+        "static": static,
+        "nat": nat,
     }
+
+
+def _endpoint_or_none(text: Any) -> Addr | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        host, port = parse_endpoint(text)
+    except ValueError:
+        return None
+    return None if host in ("0.0.0.0", "::") or port == 0 else (host, port)
 
 
 class Pop(SessionOwner):
@@ -197,6 +222,7 @@ class Pop(SessionOwner):
         self.control: ControlServer | None = None
         self.stun = StunServer(clock=clock)
         self.stun_main = StunServer(clock=clock)  # Binding requests on the main port
+        self.broker = Broker(self._send_to_link, clock=clock)
         self._stun_transport: asyncio.DatagramTransport | None = None
         self._stop = asyncio.Event()
 
@@ -480,6 +506,14 @@ class Pop(SessionOwner):
             self._on_register(s, msg)
         elif kind == "ping":
             self._send_msg(s, {"t": "pong", "id": msg.get("id")})
+        elif kind == "punch-request":
+            if not s.registered or s.link_index is None:
+                self.stats.messages_malformed += 1
+                return
+            why = self.broker.on_request(s.site_id, s.link_index, msg)
+            if why is not None:
+                self.ratelog.warning("punch-request", "site %d: punch request refused: %s",
+                                     s.site_id, why)
         elif kind == "events":
             if s.registered:
                 self._on_events(s, msg)
@@ -536,6 +570,8 @@ class Pop(SessionOwner):
         first = not s.registered
         s.registered = True
         s.registered_at = self.clock()
+        if first:
+            s.first_registered_at = s.registered_at
         s.link, s.links, s.link_index, s.version = link, links, link_index, version
         self._activate(s, recompute=False)
         if first:
@@ -626,6 +662,36 @@ class Pop(SessionOwner):
                     )
         if force_push_to is not None and force_push_to.registered:
             self._welcome(force_push_to)
+        # After the welcome: a site learns its peers' subnets before it is told to punch.
+        self.broker.update(self._mesh_links(), self._offcloud_sites())
+
+    def _mesh_links(self) -> list[MeshLink]:
+        out = []
+        for s in self.by_peer.values():
+            if not s.registered or s.link_index is None or not s.activated:
+                continue
+            out.append(
+                MeshLink(
+                    site_id=s.site_id,
+                    link_id=s.link_index,
+                    precedence=s.precedence,
+                    public=s.addr,
+                    epoch=s.first_registered_at or 0.0,
+                    offcloud=bool(s.link.get("offcloud", s.precedence < 3)),
+                    local=_endpoint_or_none(s.link.get("local")),
+                    static=_endpoint_or_none(s.link.get("static")),
+                    nat=s.link.get("nat"),
+                )
+            )
+        return out
+
+    def _offcloud_sites(self) -> set[int]:
+        assert self.account is not None
+        return {site.id for site in self.account.sites if site.offcloud}
+
+    def _send_to_link(self, site_id: int, link_id: int, msg: dict[str, Any]) -> bool:
+        s = self.by_peer.get(site_id << 8 | link_id)
+        return s is not None and s.registered and self._send_msg(s, msg)
 
     def _full_directory(self) -> list[dict[str, Any]]:
         assert self.account is not None
@@ -723,6 +789,7 @@ class Pop(SessionOwner):
         assert self.fp is not None
         now = self.clock()
         self.sessions.tick()
+        self.broker.tick()
         now_ns = time.monotonic_ns()
         dead_ns = self.cfg.cloud.dead_after_ms * 1_000_000
         keepalive_ns = self.cfg.cloud.keepalive_ms * 1_000_000
@@ -867,6 +934,7 @@ class Pop(SessionOwner):
             },
             "stun_server": _stun_stats(self.stun),
             "stun_main_port": _stun_stats(self.stun_main),
+            "mesh": self.broker.status(),
             "rejections": list(ls.rejections),
         }
 

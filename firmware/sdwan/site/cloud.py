@@ -278,6 +278,8 @@ class PopSession:
                 reason = str(msg.get("reason") or "no reason given")[:200]
                 cloud.stats.refused += 1
                 self._lost(f"PoP refused the registration: {reason}", REFUSED_RETRY_S)
+            elif isinstance(kind, str) and kind in cloud.handlers:
+                cloud.handlers[kind](self, msg)
             elif isinstance(kind, str):
                 cloud.stats.unknown += 1  # a newer PoP: ignored, as the contract says
             else:
@@ -386,7 +388,29 @@ class Cloud(SessionOwner):
         # What was last submitted to paths: the route target and the directory it came from.
         self._submitted: tuple[int | None, list[dict[str, Any]]] | None = None
         self._upload: tuple[int, float] | None = None  # (last seq sent, when)
+        # Messages of other parts (the mesh's `punch`), by kind: a handler raises ValueError,
+        # KeyError or TypeError for a malformed one, counted here.
+        self.handlers: dict[str, Callable[[PopSession, dict[str, Any]], None]] = {}
+        self._directory_watchers: list[Callable[[], None]] = []
         self._load_stored()
+
+    def handle(self, kind: str, handler: Callable[[PopSession, dict[str, Any]], None]) -> None:
+        """PoP messages of this kind go to handler (the PoP session, the message)."""
+        self.handlers[kind] = handler
+
+    def watch_directory(self, callback: Callable[[], None]) -> None:
+        """callback() after every directory change (self.directory holds the new one)."""
+        self._directory_watchers.append(callback)
+
+    def send_to_pop(self, link_id: int, msg: dict[str, Any]) -> bool:
+        """Send msg over the active PoP's session on link_id (else any PoP's there that is
+        connected); False when there is none."""
+        live = [ps for ps in self.sessions.values() if ps.link_id == link_id and ps.connected]
+        live.sort(key=lambda ps: ps.pop_index != self.active)
+        return any(ps.tunnel.send_message(msg) for ps in live[:1])
+
+    def is_active(self, ps: PopSession) -> bool:
+        return ps.pop_index == self.active
 
     @property
     def enabled(self) -> bool:
@@ -455,6 +479,9 @@ class Cloud(SessionOwner):
             "local": f"{ip}:{wl.link.port}",
             "id": link_id,
             "public_stun": wl.public_str(),
+            "offcloud": wl.link.offcloud,
+            "static": format_endpoint(wl.link.public) if wl.link.public else None,
+            "nat": wl.nat_class,
         }
 
     def on_welcome(self, ps: PopSession, msg: dict[str, Any]) -> None:
@@ -506,11 +533,15 @@ class Cloud(SessionOwner):
 
     def _set_directory(self, rev: Any, directory: list[Any]) -> None:
         entries = self._valid_directory(directory)
-        if entries != self.directory:
+        changed = entries != self.directory
+        if changed:
             log.info("directory rev %s: %d other sites", rev, len(entries))
         self.directory, self.directory_rev = entries, rev
         self._put(DOC_DIRECTORY, {"rev": rev, "directory": entries})
         self._update_routes()
+        if changed:
+            for watcher in self._directory_watchers:
+                watcher()
 
     def on_events_ack(self, up_to: int) -> None:
         if self.store is not None:

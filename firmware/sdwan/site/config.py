@@ -55,6 +55,7 @@ __all__ = [
     "IPNetwork",
     "Lan",
     "Link",
+    "Mesh",
     "Paths",
     "Peer",
     "Pki",
@@ -121,6 +122,10 @@ class Link:
     mtu: int = 1500
     # How the device gets its address (wanaddr.py); a setting stored from the console wins.
     addressing: Addressing = Addressing()
+    # Whether this link carries off-cloud (mesh) tunnels; never on a last-resort link.
+    offcloud: bool = True
+    # A hub's static public IP and port (a port forward on its router), offered to peers.
+    public: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +147,19 @@ class Pop:
     id: int
     endpoint: tuple[str, int]
     stun: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """[mesh]: the off-cloud tunnels to the account's other sites (docs/mesh.md)."""
+
+    enabled: bool = True
+    keepalive_s: int = 15
+    probe_window: int = 32  # ports probed around the peer's public port
+    punch_timeout_s: int = 10  # a punch that found nothing by then has failed
+    # Prefixes sent over the mesh whenever a direct tunnel to their site is up (until the
+    # off-cloud rules do this).
+    pin: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -182,6 +200,7 @@ class SiteConfig:
     pops: tuple[Pop, ...] = ()
     cloud: Cloud = Cloud()
     appliance: Appliance = Appliance()
+    mesh: Mesh = Mesh()
 
     def link(self, name: str) -> Link:
         for link in self.links:
@@ -261,15 +280,28 @@ def _check_links(c: Checker, doc: Mapping[str, Any]) -> list[Link] | None:
             ok = False
             continue
         c.known_keys(
-            entry, loc, ("name", "interface", "port", "precedence", "mtu", "addressing")
+            entry,
+            loc,
+            ("name", "interface", "port", "precedence", "mtu", "addressing", "offcloud", "public"),
         )
+        precedence = c.value(entry, (*loc, "precedence"), int_range(1, 3), default=1)
+        last_resort = precedence == 3
+        offcloud = c.value(entry, (*loc, "offcloud"), boolean, default=not last_resort)
+        if offcloud is True and last_resort and "offcloud" in entry:
+            c.error(
+                (*loc, "offcloud"),
+                "a last-resort link (precedence 3) never carries off-cloud tunnels",
+            )
+            offcloud = MISSING
         values = {
             "name": c.value(entry, (*loc, "name"), _link_name),
             "interface": c.value(entry, (*loc, "interface"), ifname),
             "port": c.value(entry, (*loc, "port"), int_range(1, 65535)),
-            "precedence": c.value(entry, (*loc, "precedence"), int_range(1, 3), default=1),
+            "precedence": precedence,
             "mtu": c.value(entry, (*loc, "mtu"), int_range(576, 9000), default=1500),
             "addressing": _check_addressing(c, entry, (*loc, "addressing")),
+            "offcloud": offcloud,
+            "public": c.value(entry, (*loc, "public"), endpoint_value, default=None),
         }
         if any(v is MISSING for v in values.values()):
             ok = False
@@ -420,6 +452,30 @@ def _check_cloud(c: Checker, doc: Mapping[str, Any]) -> Cloud | None:
     return Cloud(keepalive_ms=keepalive, dead_after_ms=dead, return_hold_s=hold, ping_s=ping)
 
 
+def _check_mesh(c: Checker, doc: Mapping[str, Any]) -> Mesh | None:
+    table = c.table(doc, ("mesh",), required=False)
+    if table is None:
+        return None
+    loc = ("mesh",)
+    c.known_keys(table, loc, ("enabled", "keepalive_s", "probe_window", "punch_timeout_s", "pin"))
+    enabled = c.value(table, (*loc, "enabled"), boolean, default=True)
+    keepalive = c.value(table, (*loc, "keepalive_s"), int_range(1, 300), default=15)
+    window = c.value(table, (*loc, "probe_window"), int_range(1, 256), default=32)
+    timeout = c.value(table, (*loc, "punch_timeout_s"), int_range(2, 120), default=10)
+    pin: tuple[IPNetwork, ...] | None = ()
+    if "pin" in table:
+        pin = check_networks(c, table, (*loc, "pin"))
+    if MISSING in (enabled, keepalive, window, timeout) or pin is None:
+        return None
+    return Mesh(
+        enabled=enabled,
+        keepalive_s=keepalive,
+        probe_window=window,
+        punch_timeout_s=timeout,
+        pin=tuple(pin),
+    )
+
+
 def _check_appliance(c: Checker, doc: Mapping[str, Any], base: Path) -> Appliance | None:
     table = c.table(doc, ("appliance",), required=False)
     if table is None:
@@ -519,7 +575,10 @@ def _validate(doc: dict[str, Any], source: Path, c: Checker) -> SiteConfig | Non
     c.known_keys(
         doc,
         (),
-        ("site", "paths", "pki", "lan", "tunnel", "links", "peers", "pops", "cloud", "appliance"),
+        (
+            "site", "paths", "pki", "lan", "tunnel", "links", "peers", "pops", "cloud",
+            "appliance", "mesh",
+        ),
     )
 
     site_t = c.table(doc, ("site",), required=True)
@@ -605,12 +664,13 @@ def _validate(doc: dict[str, Any], source: Path, c: Checker) -> SiteConfig | Non
     pops = _check_pops(c, doc)
     cloud = _check_cloud(c, doc)
     appliance = _check_appliance(c, doc, base)
+    mesh = _check_mesh(c, doc)
     _check_overlaps(c, doc)
 
     if c.issues:
         return None
     assert site and paths and pki and lan and tunnel and links is not None and peers is not None
-    assert pops is not None and cloud is not None and appliance is not None
+    assert pops is not None and cloud is not None and appliance is not None and mesh is not None
     return SiteConfig(
         site=site,
         paths=paths,
@@ -623,6 +683,7 @@ def _validate(doc: dict[str, Any], source: Path, c: Checker) -> SiteConfig | Non
         pops=tuple(pops),
         cloud=cloud,
         appliance=appliance,
+        mesh=mesh,
     )
 
 

@@ -176,6 +176,18 @@ class WanLink:
     def public_str(self) -> str | None:
         return str(self.stun.public) if self.stun.public is not None else None
 
+    @property
+    def nat_class(self) -> str | None:
+        """What STUN tells of this link's NAT (docs/mesh.md, "NAT classes"): "none" (the
+        socket's own address is public), "port-preserving" (the public port is the socket's),
+        "port-changing" (it is not: a shifting or randomising NAT); None while unknown."""
+        pub = self.stun.public
+        if pub is None:
+            return None
+        if pub.ip == self.local_ipv4():
+            return "none"
+        return "port-preserving" if pub.port == self.port else "port-changing"
+
     # ---------------------------------------------------------------- NAT data
 
     def nat(self, peer_id: int) -> NatEntry | None:
@@ -196,6 +208,7 @@ class WanLink:
         peer_public: str | Addr,
         local_public: str | Addr | None = None,
         at: float | None = None,
+        how: str = "window",
     ) -> NatEntry | None:
         """Record the punched path to `peer_id` over this link; `local_public` defaults to the
         link's public endpoint. None without a store (NAT data only speeds up reconnecting)."""
@@ -207,7 +220,7 @@ class WanLink:
             mine = (self.stun.public.ip, self.stun.public.port)
         if mine is None:
             raise ValueError(f"link {self.name}: no public endpoint known to record")
-        return store.put_nat(peer_id, self.name, self.port, mine, peer_public, at=at)
+        return store.put_nat(peer_id, self.name, self.port, mine, peer_public, at=at, how=how)
 
     def forget_nat(self, peer_id: int) -> int:
         store = self._manager.store

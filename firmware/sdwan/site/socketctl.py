@@ -1,6 +1,6 @@
 """socketctl: the operator's command line over socketd's control socket.
 
-`socketctl [--socket PATH] status|peers|pop|routes|events|links [--json]`, and
+`socketctl [--socket PATH] status|peers|pop|routes|mesh|events|links [--json]`, and
 `socketctl set-link LINK static ADDR/PREFIX GATEWAY | set-link LINK dhcp`. With --json the
 result object is printed as socketd sent it (the field names are a stable interface, see
 docs/socketctl.md); without it, a table for people. Exit status: 0 success, 1 socketd answered
@@ -343,6 +343,40 @@ def format_routes(result: Mapping[str, Any], out: TextIO) -> None:
             )
 
 
+def format_mesh(result: Mapping[str, Any], out: TextIO) -> None:
+    if not result.get("enabled"):
+        out.write("mesh off ([mesh] enabled = false)\n")
+        return
+    out.write(
+        f"peers    {_num(result.get('peers'))} ({_num(result.get('peers_up'))} direct)\n\n"
+    )
+    rows = []
+    for p in result.get("paths") or []:
+        if not isinstance(p, Mapping):
+            continue
+        state = _text(p.get("state"))
+        rtt = p.get("rtt_ms")
+        rows.append(
+            [
+                _text(p.get("site_id")),
+                _text(p.get("name")),
+                _text(p.get("link")),
+                state,
+                _text(p.get("endpoint")),
+                _text(p.get("how")),
+                f"{_text(p.get('nat'))}/{_text(p.get('peer_nat'))}",
+                f"{rtt} ms" if isinstance(rtt, (int, float)) else _DASH,
+                _ago(p.get("last_rx_s")),
+                "" if state == "direct" else str(p.get("reason") or ""),
+            ]
+        )
+    if rows:
+        headers = ["SITE", "NAME", "LINK", "STATE", "ENDPOINT", "HOW", "NAT (OURS/PEER)", "RTT"]
+        _table([*headers, "LAST RX", "REASON"], rows, out)
+    else:
+        out.write("no mesh peers yet (the PoP brokers them)\n")
+
+
 def format_set_link(result: Mapping[str, Any], out: TextIO) -> None:
     """set-link answers with the link's new `links` entry."""
     format_links({"links": [result]}, out)
@@ -353,6 +387,7 @@ FORMATTERS: dict[str, Callable[[Mapping[str, Any], TextIO], None]] = {
     "peers": format_peers,
     "pop": format_pop,
     "routes": format_routes,
+    "mesh": format_mesh,
     "events": format_events,
     "links": format_links,
 }
@@ -381,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
         "peers": "the other sites: direct tunnels (state, endpoint, traffic) and cloud sites",
         "pop": "sessions to the PoPs per link: state, RTT, last seen, reason when down",
         "routes": "which peer and transport carries each prefix, and why",
+        "mesh": "direct tunnels to the other sites: per peer and link, how found, why not",
         "events": "stored events, newest first",
         "links": "WAN links: device state, addressing (none, static, dhcp), address, gateway",
     }

@@ -1,9 +1,10 @@
 """socketd, the appliance supervisor: wires the parts together and owns nothing
 else. Config (config.py) -> fast path (fastpath.py) with the TUN device (tundev.py) and
 the WAN links (links.py: sockets, state, STUN) -> kernel routes and MSS clamp (netcfg.py)
--> the session layer (sessions.py) draining the fast path's control queue, with two owners
-of sessions registered: one PeerTunnel per configured peer (tunnel.py) and the PoP sessions
-(cloud.py) -> the routes of every prefix, static and cloud (paths.py) -> events and cloud
+-> the session layer (sessions.py) draining the fast path's control queue, with three owners
+of sessions registered: one PeerTunnel per configured peer (tunnel.py), the off-cloud mesh
+(mesh.py, also the handler of probe datagrams and of the PoP's punches) and the PoP sessions
+(cloud.py) -> the routes of every prefix, static, mesh and cloud (paths.py) -> events and cloud
 documents in the store (store.py) -> status over the control socket (control.py).
 """
 
@@ -33,11 +34,13 @@ from sdwan.common.control import ControlServer
 from sdwan.common.daemon import StartupError, run_service
 from sdwan.common.dtls import DtlsContext, DtlsSession
 from sdwan.common.netcfg import NetcfgError, Plan, apply_in_worker, tunnel_mtu
+from sdwan.common.probe import PROBE_TYPE
 from sdwan.common.sessions import Policy, SessionLayer
 from sdwan.common.store import Store, StoreError
 from sdwan.site.cloud import Cloud, CloudTimers
 from sdwan.site.config import SiteConfig, load_config
 from sdwan.site.links import LinkError, LinkManager
+from sdwan.site.mesh import Mesh, pin_override
 from sdwan.site.paths import Candidate, Paths, Transport
 from sdwan.site.tundev import TunError, attach_tun
 from sdwan.site.tunnel import Addr, PeerTunnel, StaticTunnels, Timers
@@ -82,6 +85,7 @@ class Supervisor:
         self.control: ControlServer | None = None
         self.store: Store | None = None
         self.cloud: Cloud | None = None
+        self.mesh: Mesh | None = None
         self.paths: Paths | None = None
         self._net_plan: Plan | None = None
         self._net_task: asyncio.Task[None] | None = None
@@ -152,6 +156,7 @@ class Supervisor:
             log.error("store unusable, running without one: %s", e)
         self.links.store = self.store
         self.cloud = self._make_cloud(fp)
+        self.mesh = self._make_mesh(fp, self.cloud)
         assert self.paths is not None
         plan = Plan(
             tun=cfg.tunnel.interface,
@@ -200,6 +205,42 @@ class Supervisor:
         )
         self.sessions.add_owner(cloud)
         return cloud
+
+    def _make_mesh(self, fp: FastPath, cloud: Cloud) -> Mesh:
+        cfg = self.cfg
+        assert self.paths is not None
+        keepalive = float(cfg.mesh.keepalive_s)
+        mesh = Mesh(
+            site_id=cfg.site.id,
+            cfg=cfg.mesh,
+            links=self.links,
+            fp=fp,
+            port=self,
+            paths=self.paths,
+            # Idle, a dead path is noticed within two keepalive intervals (docs/mesh.md).
+            timers=Timers(
+                keepalive_s=keepalive, rekey_s=cfg.tunnel.rekey_s, dead_after_s=2 * keepalive
+            ),
+            directory=lambda: cloud.directory,
+            ask_pop=cloud.send_to_pop,
+            static_ids=self.tunnels.keys(),
+            on_event=self._record_event,
+            clock=self.clock,
+        )
+        # Before the cloud: `socketctl peers` lists a site's mesh tunnel while it is up.
+        self.sessions.add_owner(mesh, before=cloud)
+        self.sessions.add_handler(PROBE_TYPE, mesh.on_probe)
+
+        def on_punch(ps: object, msg: dict) -> None:
+            # Punches of the PoP the routes follow; another PoP's would restart every punch.
+            if cloud.is_active(ps):  # type: ignore[arg-type]
+                mesh.on_punch(msg)
+
+        cloud.handle("punch", on_punch)
+        cloud.watch_directory(mesh.on_directory)
+        self.paths.set_override(pin_override(cfg.mesh.pin))
+        mesh.load_cache()
+        return mesh
 
     def _tunnel_event(self, site_id: int) -> Callable[[str, str], None]:
         def record(kind: str, text: str) -> None:
@@ -282,6 +323,11 @@ class Supervisor:
                 self.cloud.tick()
             except Exception:
                 log.exception("cloud tick failed")
+        if self.mesh is not None:
+            try:
+                self.mesh.tick()
+            except Exception:
+                log.exception("mesh tick failed")
         if self.paths is not None:
             self.paths.apply()  # retries a route the fast path refused; cheap when none
 
@@ -341,6 +387,7 @@ class Supervisor:
             },
             "rejections": list(st.rejections),
             "cloud": self.cloud.summary() if self.cloud is not None else {"state": "off"},
+            "mesh": self.mesh.summary() if self.mesh is not None else {"enabled": False},
             "appliance": self._appliance_status(),
         }
 
@@ -355,6 +402,11 @@ class Supervisor:
         if self.cloud is None:
             return {"state": "off", "sessions": []}
         return self.cloud.pop_status()
+
+    async def _mesh(self, _req: dict) -> dict:
+        if self.mesh is None:
+            return {"enabled": False, "paths": []}
+        return {**self.mesh.summary(), "paths": self.mesh.peers_status()}
 
     async def _routes(self, _req: dict) -> dict:
         assert self.paths is not None
@@ -468,6 +520,7 @@ class Supervisor:
                 "peers": self._peers,
                 "pop": self._pop,
                 "routes": self._routes,
+                "mesh": self._mesh,
                 "events": self._events,
                 **self._wan_handlers(),
             },
@@ -510,6 +563,11 @@ class Supervisor:
                 self.leds.settle(0.5)
             self.leds.close(timeout=1.0)
             self.leds = None
+        if self.mesh is not None:
+            self.sessions.remove_owner(self.mesh)
+            with contextlib.suppress(Exception):
+                self.mesh.close()
+            self.mesh = None
         if self.cloud is not None:
             self.sessions.remove_owner(self.cloud)
             with contextlib.suppress(Exception):

@@ -295,6 +295,18 @@ class PeerTunnel:
         self._send_control(session, msg)
         return True
 
+    def retarget(self, link_id: int, link_name: str, addr: Addr) -> None:
+        """The peer is at addr on link_id from now on (the mesh punched a new path): the next
+        handshake (or kick) goes there at once; one in progress elsewhere is abandoned."""
+        self.link_id, self.link_name = link_id, link_name
+        self.configured_endpoint = self.endpoint = addr
+        self.fp.set_endpoint(self.peer_id, link_id, addr)
+        if self._handshaking is not None:
+            self.port.forget_session(self._handshaking)
+            self._handshaking = None
+        self._next_attempt = self._next_kick = self.clock()
+        self._retry = self.timers.retry_min_s
+
     def declare_down(self, reason: str, retry_after_s: float = 0.0) -> None:
         """The owner judged the tunnel dead: handshake again after retry_after_s (initiator)."""
         self._set_state(State.DOWN, reason)

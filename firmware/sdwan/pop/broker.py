@@ -1,0 +1,222 @@
+"""The PoP's punch broker: which pairs of site links should hold a direct tunnel, and the
+`punch` messages that start each one (docs/mesh.md, "Punching").
+
+Owns: the pairing of the account's off-cloud sites (every pair of sites with off-cloud on;
+each site's enabled links in precedence order, matched first with first, second with
+second), the candidates each side is told about (the public endpoint the PoP sees the
+link's session come from, the link's own address when both sites share a public IP, an
+operator's static endpoint), and per path a generation and a fresh 32-byte secret that
+authenticate its probes. A path is punched again when its candidates change (a NAT rebound,
+a site re-registered) or a site asks (its cached or punched endpoint stopped answering), at
+most once per `min_repunch_s`.
+
+It sends through a callable given by popd and holds no sessions itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdwan.common.probe import SECRET_LEN
+from sdwan.common.tomlcheck import format_endpoint
+
+log = logging.getLogger("sdwan.pop.broker")
+
+Addr = tuple[str, int]
+DEFAULT_WINDOW = 32
+MIN_REPUNCH_S = 2.0
+
+
+@dataclass(frozen=True)
+class MeshLink:
+    """One registered link of a site, as the broker needs it."""
+
+    site_id: int
+    link_id: int
+    precedence: int
+    public: Addr  # where the PoP sees this link's session come from
+    epoch: float  # when the session registered: a new session is punched again
+    offcloud: bool = True
+    local: Addr | None = None
+    static: Addr | None = None
+    nat: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        # Precedence 3 (last resort) never carries off-cloud traffic (SPEC 3.1).
+        return self.offcloud and self.precedence < 3
+
+
+PathKey = tuple[int, int, int, int]  # (higher site, its link, lower site, its link)
+
+
+@dataclass
+class _Path:
+    gen: int
+    secret: bytes
+    signature: tuple[Any, ...]
+    sent_at: float
+    punches: int = 1
+    pending: bool = False  # a request came in within min_repunch_s: punch when allowed
+    requests: int = 0
+
+
+@dataclass
+class BrokerStats:
+    punches: int = 0  # punch generations started
+    messages: int = 0  # punch messages sent
+    requests: int = 0
+    requests_bad: int = 0  # for no known path of the asking site
+    requests_deferred: int = 0
+    by_path: dict[str, int] = field(default_factory=dict)
+
+
+def _candidates(me: MeshLink, other: MeshLink) -> list[dict[str, str]]:
+    """What other is told to probe to reach me."""
+    out = [{"how": "reflexive", "addr": format_endpoint(me.public)}]
+    if me.local is not None and me.public[0] == other.public[0]:
+        # Behind one public IP the NAT rarely hairpins; the link addresses may reach each other.
+        out.append({"how": "local", "addr": format_endpoint(me.local)})
+    if me.static is not None:
+        out.append({"how": "static", "addr": format_endpoint(me.static)})
+    return out
+
+
+class Broker:
+    def __init__(
+        self,
+        send: Callable[[int, int, dict[str, Any]], bool],
+        clock: Callable[[], float] = time.monotonic,
+        window: int = DEFAULT_WINDOW,
+        min_repunch_s: float = MIN_REPUNCH_S,
+    ) -> None:
+        self.send = send  # (site id, link id, message) over that link's session
+        self.clock = clock
+        self.window = window
+        self.min_repunch_s = min_repunch_s
+        self.stats = BrokerStats()
+        self.paths: dict[PathKey, _Path] = {}
+        self._links: dict[PathKey, tuple[MeshLink, MeshLink]] = {}
+        # Generations are never reused within a run; a random start keeps a restarted PoP's
+        # from meeting the ones sites still hold (their secrets differ anyway).
+        self._gen = secrets.randbelow(1 << 30) + 1
+
+    # ---------------------------------------------------------------- inputs
+
+    def update(self, links: Iterable[MeshLink], offcloud_sites: Iterable[int]) -> None:
+        """The registered links of every site now; punch what is new or changed."""
+        sites = set(offcloud_sites)
+        by_site: dict[int, list[MeshLink]] = {}
+        for ln in links:
+            if ln.site_id in sites and ln.enabled:
+                by_site.setdefault(ln.site_id, []).append(ln)
+        for ls in by_site.values():
+            ls.sort(key=lambda x: (x.precedence, x.link_id))
+        want: dict[PathKey, tuple[MeshLink, MeshLink]] = {}
+        ids = sorted(by_site, reverse=True)
+        for i, a in enumerate(ids):
+            for b in ids[i + 1 :]:
+                for la, lb in zip(by_site[a], by_site[b], strict=False):
+                    want[(a, la.link_id, b, lb.link_id)] = (la, lb)
+        for key in [k for k in self.paths if k not in want]:
+            del self.paths[key]
+        self._links = want
+        now = self.clock()
+        for key, (la, lb) in want.items():
+            sig = (_candidates(la, lb), _candidates(lb, la), la.epoch, lb.epoch, la.nat, lb.nat)
+            path = self.paths.get(key)
+            if path is None or path.signature != sig:
+                self._punch(key, sig, now)
+
+    def on_request(self, site_id: int, link_id: int, msg: dict[str, Any]) -> str | None:
+        """A site asks for its path to msg["peer"] over link_id to be punched again; returns
+        why the request was refused, or None."""
+        peer = msg.get("peer")
+        key = self._key(site_id, link_id, peer)
+        if key is None:
+            self.stats.requests_bad += 1
+            return f"no path between site {site_id} link {link_id} and site {peer!r}"
+        self.stats.requests += 1
+        path = self.paths[key]
+        path.requests += 1
+        now = self.clock()
+        if now - path.sent_at < self.min_repunch_s:
+            path.pending = True
+            self.stats.requests_deferred += 1
+            return None
+        self._punch(key, path.signature, now)
+        return None
+
+    def tick(self) -> None:
+        now = self.clock()
+        for key, path in list(self.paths.items()):
+            if path.pending and now - path.sent_at >= self.min_repunch_s:
+                self._punch(key, path.signature, now)
+
+    # ---------------------------------------------------------------- status
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "punches": self.stats.punches,
+            "messages": self.stats.messages,
+            "requests": self.stats.requests,
+            "requests_bad": self.stats.requests_bad,
+            "paths": [
+                {
+                    "sites": [a, b],
+                    "links": [la, lb],
+                    "gen": p.gen,
+                    "punches": p.punches,
+                    "requests": p.requests,
+                    "last_punch_s": round(now - p.sent_at, 1),
+                }
+                for (a, la, b, lb), p in sorted(self.paths.items())
+            ],
+        }
+
+    # ---------------------------------------------------------------- internals
+
+    def _key(self, site_id: int, link_id: int, peer: Any) -> PathKey | None:
+        if isinstance(peer, bool) or not isinstance(peer, int):
+            return None
+        for key in self.paths:
+            a, la, b, lb = key
+            if (a, la, b) == (site_id, link_id, peer) or (b, lb, a) == (site_id, link_id, peer):
+                return key
+        return None
+
+    def _punch(self, key: PathKey, sig: tuple[Any, ...], now: float) -> None:
+        la, lb = self._links[key]
+        self._gen = self._gen % 0xFFFFFFFF + 1
+        old = self.paths.get(key)
+        path = _Path(self._gen, secrets.token_bytes(SECRET_LEN), sig, now)
+        if old is not None:
+            path.punches, path.requests = old.punches + 1, old.requests
+        self.paths[key] = path
+        self.stats.punches += 1
+        log.info(
+            "punch gen %d: site %d link %d <-> site %d link %d",
+            path.gen, la.site_id, la.link_id, lb.site_id, lb.link_id,
+        )
+        # The higher site id initiates (SPEC 3.3); key[0] is always the higher one.
+        for me, other, initiator in ((la, lb, True), (lb, la, False)):
+            msg = {
+                "t": "punch",
+                "peer": other.site_id,
+                "link": me.link_id,
+                "peer_link": other.link_id,
+                "gen": path.gen,
+                "secret": path.secret.hex(),
+                "initiator": initiator,
+                "window": self.window,
+                "candidates": _candidates(other, me),
+                "peer_nat": other.nat,
+            }
+            if self.send(me.site_id, me.link_id, msg):
+                self.stats.messages += 1

@@ -1,0 +1,630 @@
+"""The off-cloud mesh: a direct, authenticated tunnel to every other off-cloud site of the
+account, punched through NATs with the PoP's help and remembered across restarts
+(docs/mesh.md).
+
+Owns, per remote site: one fast-path peer (its site id) with one endpoint per link that found
+a path, one `PeerTunnel` for its DTLS handshakes, keys and liveness (tunnel.py: the higher
+site id initiates), and per local link a `MeshPath`: the punch the PoP sent (generation,
+secret, the peer's candidates), the probes in flight, the endpoint found and how (cache,
+window, local, static), the NAT data written to the store when the tunnel comes up, and the
+reason when the path is not direct. It is the session layer's owner of those sites' sessions,
+the handler of probe datagrams, and the `mesh` producer of candidates for paths.py (a
+prefix pinned to the mesh goes there while its site's tunnel is up: `pin_override`).
+
+A path's life: a `punch` from the PoP (or, at start, a NAT data entry) -> probes to the
+peer's candidates (`probe_window` ports around its public port, its local and static
+addresses), answering the peer's probes meanwhile -> the first answered probe fixes the
+endpoint -> DTLS handshake there -> keys in the fast path -> direct. A path that stops
+answering (the tunnel's liveness), a cached endpoint that does not answer within
+CACHE_PATIENCE_S, and a punch that found nothing ask the PoP to punch again, with backoff.
+Like tunnel.py it does no I/O itself; socketd calls `tick()` and gives it a Port.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import time
+from collections.abc import Callable, Container, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from sdwan.bindings.fastpath import FastPath, FastPathError
+from sdwan.common import probe
+from sdwan.common.dtls import DtlsSession
+from sdwan.common.sessions import SessionOwner
+from sdwan.common.store import StoreError
+from sdwan.common.tomlcheck import IPNetwork, format_endpoint, parse_endpoint
+from sdwan.site.config import Mesh as MeshConfig
+from sdwan.site.links import LinkManager, WanLink
+from sdwan.site.paths import Candidate, Network, Override, Paths, Policy, Transport
+from sdwan.site.tunnel import Addr, PeerTunnel, Port, State, Timers
+
+log = logging.getLogger("sdwan.site.mesh")
+
+PATHS_PRODUCER = "mesh"
+# Probe rounds, seconds after the punch: dense at first (both NATs open within a round trip),
+# then sparser until punch_timeout_s.
+ROUNDS_AT = (0.0, 0.2, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.5, 8.0, 10.0, 13.0, 16.0, 20.0)
+CACHE_PATIENCE_S = 3.0  # a cached endpoint that has not answered by then is punched again
+REPUNCH_MIN_S = 2.0  # between two requests for the same path
+REPUNCH_MAX_S = 60.0
+SEEN_KEPT = 256  # request nonces remembered per path, against replays
+
+
+class PathState(StrEnum):
+    PUNCHING = "punching"  # probing the peer's candidates
+    CONNECTING = "connecting"  # an endpoint is known (found or cached): handshaking
+    DIRECT = "direct"  # the tunnel is up over this path
+    WAITING = "cloud only"  # nothing found yet: waiting for a punch from the PoP
+
+
+@dataclass
+class MeshStats:
+    punches: int = 0
+    punches_malformed: int = 0
+    punches_ignored: int = 0  # for a link or site that takes no mesh tunnel
+    punch_requests: int = 0
+    probes_sent: int = 0
+    probes_answered: int = 0  # requests we answered
+    probes_malformed: int = 0
+    probes_foreign: int = 0  # for another site, from a site or of a punch we do not know
+    probes_bad_tag: int = 0
+    probes_replayed: int = 0
+    probes_unmatched: int = 0  # responses to no request of ours
+
+
+@dataclass
+class MeshPath:
+    """One local link's path to one peer."""
+
+    link_id: int
+    link_name: str
+    state: PathState = PathState.WAITING
+    reason: str | None = "waiting for the PoP to broker a punch"
+    peer_link: int | None = None
+    gen: int | None = None
+    secret: bytes | None = None
+    candidates: list[tuple[str, Addr]] = field(default_factory=list)
+    window: int = 32
+    peer_nat: str | None = None
+    endpoint: Addr | None = None
+    how: str | None = None
+    punched_at: float | None = None
+    rounds: int = 0
+    nonces: dict[bytes, tuple[float, Addr, str]] = field(default_factory=dict)
+    seen: dict[bytes, None] = field(default_factory=dict)
+    rtt_ms: float | None = None
+    since: float = 0.0  # of the current state
+    cache_until: float | None = None
+    next_request: float = 0.0
+    request_backoff: float = REPUNCH_MIN_S
+    punches: int = 0
+
+    def set(self, state: PathState, reason: str | None, now: float) -> None:
+        if state is not self.state:
+            self.since = now
+        self.state, self.reason = state, reason
+
+
+@dataclass
+class MeshPeer:
+    site_id: int
+    paths: dict[int, MeshPath] = field(default_factory=dict)  # by local link id
+    tunnel: PeerTunnel | None = None
+    up: bool = False  # what the last Off-Cloud Transport event said
+
+
+def window_ports(port: int, window: int) -> list[int]:
+    """window ports around port, nearest first (port, +1, -1, +2, ...), inside 1..65535."""
+    out: list[int] = []
+    step = 0
+    while len(out) < window and step <= 65535:
+        for p in (port + step, port - step) if step else (port,):
+            if 1 <= p <= 65535 and len(out) < window:
+                out.append(p)
+        step += 1
+    return out
+
+
+def pin_override(pins: Sequence[IPNetwork]) -> Override | None:
+    """Paths' override that sends a prefix inside a pinned network over the mesh whenever a
+    mesh candidate for it is usable; None without pins."""
+    if not pins:
+        return None
+    nets = tuple(ipaddress.ip_network(p) for p in pins)
+
+    def override(prefix: Network, usable: Sequence[Candidate], _policy: Policy) -> Candidate | None:
+        if not any(prefix.version == n.version and prefix.subnet_of(n) for n in nets):  # type: ignore[arg-type]
+            return None
+        return next((c for c in usable if c.transport is Transport.MESH), None)
+
+    return override
+
+
+class Mesh(SessionOwner):
+    def __init__(
+        self,
+        *,
+        site_id: int,
+        cfg: MeshConfig,
+        links: LinkManager,
+        fp: FastPath,
+        port: Port,
+        paths: Paths,
+        timers: Timers,
+        directory: Callable[[], list[dict[str, Any]]],
+        ask_pop: Callable[[int, dict[str, Any]], bool],
+        static_ids: Container[int] = (),
+        on_event: Callable[[str, str, dict[str, Any]], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.site_id = site_id
+        self.cfg = cfg
+        self.links = links
+        self.fp = fp
+        self.port = port
+        self.paths = paths
+        self.timers = timers
+        self.directory = directory
+        self.ask_pop = ask_pop
+        self.static_ids = static_ids
+        self.on_event = on_event or (lambda kind, text, data: None)
+        self.clock = clock
+        self.stats = MeshStats()
+        self.remotes: dict[int, MeshPeer] = {}
+        self._dirty = True  # candidates to submit again
+
+    @property
+    def enabled(self) -> bool:
+        return self.cfg.enabled
+
+    def usable_link(self, link_id: Any) -> WanLink | None:
+        """The link if it carries mesh tunnels."""
+        if isinstance(link_id, bool) or not isinstance(link_id, int):
+            return None
+        wl = self.links.get(link_id)
+        if wl is None or not wl.link.offcloud or wl.precedence >= 3:
+            return None
+        return wl
+
+    # ---------------------------------------------------------------- start from NAT data
+
+    def load_cache(self) -> int:
+        """Reconnect from the stored NAT data at once, without the PoP; returns how many
+        paths were loaded."""
+        if not self.enabled:
+            return 0
+        now = self.clock()
+        loaded = 0
+        for wl in self.links:
+            if self.usable_link(wl.id) is None:
+                continue
+            try:
+                entries = wl.nat_all()
+            except (StoreError, OSError) as e:
+                log.warning("NAT data of %s unreadable: %s", wl.name, e)
+                continue
+            for entry in entries:
+                if entry.peer_id == self.site_id or entry.peer_id in self.static_ids:
+                    continue
+                try:
+                    addr = parse_endpoint(entry.peer_public)
+                except ValueError:
+                    continue
+                peer = self._peer(entry.peer_id)
+                path = self._path(peer, wl)
+                path.endpoint, path.how = addr, "cache"
+                path.cache_until = now + CACHE_PATIENCE_S
+                path.set(PathState.CONNECTING, f"reconnecting from NAT data to {entry.peer_public}",
+                         now)
+                self._use_endpoint(peer, path)
+                loaded += 1
+        if loaded:
+            log.info("mesh: %d path(s) from NAT data", loaded)
+        return loaded
+
+    # ---------------------------------------------------------------- punches from the PoP
+
+    def on_punch(self, msg: dict[str, Any]) -> None:
+        """A `punch` from the PoP; raises ValueError (or KeyError, TypeError) when malformed."""
+        peer_id, link_id, gen = msg["peer"], msg["link"], msg["gen"]
+        for name, v, hi in (("peer", peer_id, 65535), ("link", link_id, 255),
+                            ("gen", gen, 0xFFFFFFFF)):
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+                raise ValueError(f"{name}: expected an integer 1..{hi}, got {v!r}")
+        secret = bytes.fromhex(msg["secret"])
+        if len(secret) != probe.SECRET_LEN:
+            raise ValueError(f"secret: expected {probe.SECRET_LEN} bytes")
+        window = msg.get("window", self.cfg.probe_window)
+        if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= 256:
+            raise ValueError(f"window: expected an integer 1..256, got {window!r}")
+        raw = msg["candidates"]
+        if not isinstance(raw, list) or not 1 <= len(raw) <= 8:
+            raise ValueError("candidates: expected a list of 1..8")
+        candidates = []
+        for c in raw:
+            how, addr = c["how"], parse_endpoint(c["addr"])
+            if how not in ("reflexive", "local", "static"):
+                raise ValueError(f"candidate kind {how!r}")
+            candidates.append((how, addr))
+        peer_nat = msg.get("peer_nat")
+        self.stats.punches += 1
+        wl = self.usable_link(link_id)
+        if (
+            not self.enabled
+            or wl is None
+            or peer_id == self.site_id
+            or peer_id in self.static_ids
+            or not isinstance(msg.get("initiator"), bool)
+            or msg["initiator"] != (self.site_id > peer_id)
+        ):
+            self.stats.punches_ignored += 1
+            log.info("mesh: punch for site %s over link %s ignored", peer_id, link_id)
+            return
+        now = self.clock()
+        peer = self._peer(peer_id)
+        path = self._path(peer, wl)
+        path.peer_link = msg.get("peer_link") if isinstance(msg.get("peer_link"), int) else None
+        path.gen, path.secret, path.window = gen, secret, min(window, self.cfg.probe_window)
+        path.candidates = candidates
+        path.peer_nat = peer_nat if isinstance(peer_nat, str) else None
+        path.nonces.clear()
+        path.seen.clear()
+        path.punches += 1
+        path.request_backoff = REPUNCH_MIN_S
+        if path.state is PathState.DIRECT:
+            # A working tunnel stays; the new secret only lets us answer the peer's probes
+            # (it may have restarted and lost its path).
+            return
+        path.punched_at, path.rounds, path.cache_until = now, 0, None
+        path.set(PathState.PUNCHING, f"probing {len(candidates)} candidate(s) of site {peer_id}",
+                 now)
+
+    # ---------------------------------------------------------------- probes
+
+    def on_probe(self, link_id: int, addr: Addr, data: bytes) -> None:
+        p = probe.peek(data)
+        if p is None:
+            self.stats.probes_malformed += 1
+            return
+        peer = self.remotes.get(p.from_site)
+        path = peer.paths.get(link_id) if peer is not None else None
+        if p.to_site != self.site_id or path is None or path.gen != p.gen or not path.secret:
+            self.stats.probes_foreign += 1
+            return
+        if not probe.verify(data, path.secret):
+            self.stats.probes_bad_tag += 1
+            return
+        assert peer is not None
+        if p.kind is probe.Kind.REQUEST:
+            if p.nonce in path.seen:
+                self.stats.probes_replayed += 1
+                return
+            path.seen[p.nonce] = None
+            while len(path.seen) > SEEN_KEPT:
+                del path.seen[next(iter(path.seen))]
+            reply = probe.Probe(probe.Kind.RESPONSE, self.site_id, peer.site_id, p.gen,
+                                os.urandom(8), p.nonce)
+            self.port.send(link_id, addr, probe.encode(reply, path.secret))
+            self.stats.probes_answered += 1
+            if path.state is PathState.PUNCHING and not any(
+                t == addr for _, t, _ in path.nonces.values()
+            ):
+                # Punch back at once toward where the peer's probe came from.
+                self._send_request(peer, path, addr, "window")
+            return
+        sent = path.nonces.pop(p.echo, None)
+        if sent is None:
+            self.stats.probes_unmatched += 1
+            return
+        if path.state is not PathState.PUNCHING:
+            return  # a later answer of the same punch: the first one won
+        now = self.clock()
+        path.rtt_ms = round((now - sent[0]) * 1000, 1)
+        # Where it came from is what the peer's NAT uses toward us: the endpoint.
+        how = sent[2] if sent[1] == addr and sent[2] in ("local", "static") else "window"
+        path.endpoint, path.how = addr, how
+        path.set(PathState.CONNECTING, f"found {format_endpoint(addr)} ({how}); handshaking", now)
+        log.info("mesh: site %d over %s: path found at %s (%s, %.1f ms)", peer.site_id,
+                 path.link_name, format_endpoint(addr), how, path.rtt_ms)
+        self._use_endpoint(peer, path)
+
+    def _send_request(self, peer: MeshPeer, path: MeshPath, addr: Addr, how: str) -> None:
+        assert path.secret is not None and path.gen is not None
+        nonce = os.urandom(8)
+        path.nonces[nonce] = (self.clock(), addr, how)
+        req = probe.Probe(probe.Kind.REQUEST, self.site_id, peer.site_id, path.gen, nonce)
+        self.port.send(path.link_id, addr, probe.encode(req, path.secret))
+        self.stats.probes_sent += 1
+
+    def _probe_round(self, peer: MeshPeer, path: MeshPath) -> None:
+        # Nonces of earlier rounds stay valid (a slow answer still counts) up to a bound.
+        if len(path.nonces) > 4 * (path.window + 8):
+            for k in list(path.nonces)[: len(path.nonces) // 2]:
+                del path.nonces[k]
+        for how, (ip, port) in path.candidates:
+            if how == "reflexive":
+                for p in window_ports(port, path.window):
+                    self._send_request(peer, path, (ip, p), "window")
+            else:
+                self._send_request(peer, path, (ip, port), how)
+
+    # ---------------------------------------------------------------- tunnels
+
+    def _peer(self, site_id: int) -> MeshPeer:
+        peer = self.remotes.get(site_id)
+        if peer is None:
+            peer = self.remotes[site_id] = MeshPeer(site_id)
+        return peer
+
+    def _path(self, peer: MeshPeer, wl: WanLink) -> MeshPath:
+        path = peer.paths.get(wl.id)
+        if path is None:
+            path = peer.paths[wl.id] = MeshPath(wl.id, wl.name, since=self.clock())
+        return path
+
+    def _use_endpoint(self, peer: MeshPeer, path: MeshPath) -> None:
+        """Handshake (or kick, as responder) toward the path's endpoint."""
+        assert path.endpoint is not None
+        if peer.tunnel is None:
+            try:
+                self.fp.peer_add(peer.site_id)
+            except FastPathError as e:
+                log.error("mesh: fast-path peer %d not added: %s", peer.site_id, e)
+                return
+            self.fp.set_endpoint(peer.site_id, path.link_id, path.endpoint)
+            peer.tunnel = PeerTunnel(
+                my_site_id=self.site_id,
+                peer_site_id=peer.site_id,
+                link_id=path.link_id,
+                link_name=path.link_name,
+                endpoint=path.endpoint,
+                fp=self.fp,
+                port=self.port,
+                timers=self.timers,
+                clock=self.clock,
+                on_event=lambda kind, text, p=peer: self._on_tunnel_event(p, kind),
+            )
+        elif peer.tunnel.state is State.UP:
+            # Another link's path to a peer already up: one more endpoint, same keys.
+            self.fp.set_endpoint(peer.site_id, path.link_id, path.endpoint)
+            self._path_direct(peer, path)
+        else:
+            peer.tunnel.retarget(path.link_id, path.link_name, path.endpoint)
+
+    def _on_tunnel_event(self, peer: MeshPeer, kind: str) -> None:
+        tunnel = peer.tunnel
+        assert tunnel is not None
+        now = self.clock()
+        if kind == "tunnel-up":
+            for path in peer.paths.values():
+                if path.endpoint is not None and path.state is not PathState.PUNCHING and (
+                    path.link_id == tunnel.link_id or path.state is PathState.CONNECTING
+                ):
+                    self._path_direct(peer, path)
+            self._dirty = True
+        elif kind == "tunnel-down":
+            for path in peer.paths.values():
+                if path.state in (PathState.DIRECT, PathState.CONNECTING):
+                    path.set(PathState.WAITING, f"no answer from {tunnel.reason or 'the peer'}"
+                             "; asking the PoP to punch again", now)
+                    path.next_request = now
+            self._dirty = True
+        self._report(peer)
+
+    def _path_direct(self, peer: MeshPeer, path: MeshPath) -> None:
+        assert path.endpoint is not None
+        now = self.clock()
+        if peer.tunnel is not None and peer.tunnel.endpoint != path.endpoint and (
+            peer.tunnel.link_id == path.link_id
+        ):
+            # The handshake completed elsewhere on this link (the peer's NAT moved it).
+            path.endpoint = peer.tunnel.endpoint
+        path.set(PathState.DIRECT, None, now)
+        path.cache_until = None
+        path.request_backoff = REPUNCH_MIN_S
+        wl = self.links.get(path.link_id)
+        if wl is not None:
+            try:
+                wl.put_nat(peer.site_id, path.endpoint, local_public=wl.public_str() or
+                           "0.0.0.0:" + str(wl.port), how=path.how or "window")
+            except (StoreError, ValueError, OSError) as e:
+                log.warning("mesh: NAT data for site %d not stored: %s", peer.site_id, e)
+
+    def _report(self, peer: MeshPeer) -> None:
+        up = peer.tunnel is not None and peer.tunnel.state is State.UP
+        if up == peer.up:
+            return
+        peer.up = up
+        direct = [p for p in peer.paths.values() if p.state is PathState.DIRECT]
+        if up:
+            where = ", ".join(
+                f"{p.link_name} {format_endpoint(p.endpoint)} ({p.how})"
+                for p in direct if p.endpoint
+            )
+            text = f"Off-Cloud Transport Connect: site {peer.site_id} over {where}"
+            self.on_event("offcloud.transport.connect", text,
+                          {"peer": peer.site_id, "links": [p.link_name for p in direct]})
+        else:
+            reason = peer.tunnel.reason if peer.tunnel is not None else None
+            text = f"Off-Cloud Transport Disconnect: site {peer.site_id}: {reason}"
+            self.on_event("offcloud.transport.disconnect", text,
+                          {"peer": peer.site_id, "reason": reason})
+
+    # ---------------------------------------------------------------- periodic work
+
+    def tick(self) -> None:
+        if not self.remotes and not self._dirty:
+            return
+        now = self.clock()
+        for peer in list(self.remotes.values()):
+            for path in peer.paths.values():
+                self._tick_path(peer, path, now)
+            if peer.tunnel is not None:
+                try:
+                    peer.tunnel.tick()
+                except Exception:
+                    log.exception("mesh tunnel %d tick failed", peer.site_id)
+        if self._dirty:
+            self._dirty = False
+            self.paths.submit(PATHS_PRODUCER, self._candidates())
+
+    def _tick_path(self, peer: MeshPeer, path: MeshPath, now: float) -> None:
+        if path.state is PathState.PUNCHING:
+            assert path.punched_at is not None
+            elapsed = now - path.punched_at
+            if elapsed >= self.cfg.punch_timeout_s:
+                path.set(PathState.WAITING, f"probes unanswered for {self.cfg.punch_timeout_s} s"
+                         "; asking the PoP to punch again", now)
+                path.next_request = now + path.request_backoff
+                return
+            while path.rounds < len(ROUNDS_AT) and elapsed >= ROUNDS_AT[path.rounds]:
+                path.rounds += 1
+                if path.rounds == 1 or elapsed - ROUNDS_AT[path.rounds - 1] < 0.5:
+                    self._probe_round(peer, path)
+        elif path.state is PathState.CONNECTING:
+            if path.cache_until is not None and now >= path.cache_until:
+                # The cached endpoint does not answer: the NAT forgot it; punch again.
+                path.cache_until = None
+                path.set(PathState.WAITING, f"cached endpoint {format_endpoint(path.endpoint)}"
+                         " did not answer; asking the PoP to punch again", now)
+                path.next_request = now
+            elif path.punched_at is not None and now - path.punched_at > 2 * (
+                self.cfg.punch_timeout_s
+            ):
+                path.set(PathState.WAITING, "handshake over the punched path failed: "
+                         f"{peer.tunnel.reason if peer.tunnel else 'no tunnel'}", now)
+                path.next_request = now + path.request_backoff
+        if path.state is PathState.WAITING and now >= path.next_request and (
+            path.gen is not None or path.how == "cache" or path.endpoint is not None
+        ):
+            self._request_punch(peer, path, now)
+
+    def _request_punch(self, peer: MeshPeer, path: MeshPath, now: float) -> None:
+        path.next_request = now + path.request_backoff
+        path.request_backoff = min(path.request_backoff * 2, REPUNCH_MAX_S)
+        if self.ask_pop(path.link_id, {"t": "punch-request", "peer": peer.site_id}):
+            self.stats.punch_requests += 1
+
+    def _candidates(self) -> list[Candidate]:
+        out = []
+        subnets = {e["site_id"]: e.get("subnets", []) for e in self.directory()}
+        for peer in self.remotes.values():
+            if peer.tunnel is None or peer.tunnel.state is not State.UP:
+                continue
+            for net in subnets.get(peer.site_id, []):
+                try:
+                    out.append(Candidate(ipaddress.ip_network(net), peer.site_id, Transport.MESH))
+                except ValueError:
+                    continue  # cloud.py counted the bad entry
+        return out
+
+    def on_directory(self) -> None:
+        self._dirty = True
+
+    # ---------------------------------------------------------------- session owner
+
+    def allowed_ids(self) -> Container[int]:
+        return self.remotes.keys() if self.enabled else ()
+
+    def is_known_source(self, link_id: int, addr: Addr) -> bool:
+        return self.tunnel_at(link_id, addr) is not None
+
+    def tunnel_for(self, session: DtlsSession) -> PeerTunnel | None:
+        who = session.peer_identity if session.established else session.expected_identity
+        if who is None or who[0] != "site":
+            return None
+        peer = self.remotes.get(who[1])
+        return peer.tunnel if peer is not None else None
+
+    def tunnel_at(self, link_id: int, addr: Addr) -> PeerTunnel | None:
+        for peer in self.remotes.values():
+            path = peer.paths.get(link_id)
+            if peer.tunnel is not None and path is not None and path.endpoint == addr:
+                return peer.tunnel
+        return None
+
+    def sessions_in_use(self) -> list[DtlsSession]:
+        return [p.tunnel.session for p in self.remotes.values() if p.tunnel and p.tunnel.session]
+
+    def on_kick(self, link_id: int, addr: Addr, from_site: int) -> bool:
+        peer = self.remotes.get(from_site)
+        if peer is None or peer.tunnel is None:
+            return False
+        peer.tunnel.on_kick(link_id, addr)
+        return True
+
+    def on_key_event(self, peer_id: int, expired: bool) -> bool:
+        peer = self.remotes.get(peer_id)
+        if peer is None or peer.tunnel is None:
+            return False
+        peer.tunnel.on_rekey_needed()
+        return True
+
+    def peers_status(self) -> list[dict[str, Any]]:
+        """`socketctl mesh`: per peer and link."""
+        now = self.clock()
+        names = {e["site_id"]: e.get("name") for e in self.directory()}
+        out = []
+        for site_id in sorted(self.remotes):
+            peer = self.remotes[site_id]
+            tunnel = peer.tunnel
+            counters = self.fp.peer_counters(site_id) if tunnel is not None else None
+            last_rx = None
+            if counters is not None and counters.last_rx_ns:
+                last_rx = round((time.monotonic_ns() - counters.last_rx_ns) / 1e9, 1)
+            for link_id in sorted(peer.paths):
+                path = peer.paths[link_id]
+                wl = self.links.get(link_id)
+                out.append({
+                    "site_id": site_id,
+                    "name": names.get(site_id),
+                    "link": path.link_name,
+                    "peer_link": path.peer_link,
+                    "state": str(path.state),
+                    "reason": path.reason,
+                    "endpoint": format_endpoint(path.endpoint) if path.endpoint else None,
+                    "how": path.how,
+                    "nat": wl.nat_class if wl is not None else None,
+                    "peer_nat": path.peer_nat,
+                    "rtt_ms": path.rtt_ms,
+                    "last_rx_s": last_rx,
+                    "role": "initiator" if self.site_id > site_id else "responder",
+                    "tunnel": str(tunnel.state) if tunnel is not None else None,
+                    "punches": path.punches,
+                    "since_s": round(now - path.since, 1),
+                })
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        st = self.stats
+        paths = [p for peer in self.remotes.values() for p in peer.paths.values()]
+        return {
+            "enabled": self.enabled,
+            "peers": len(self.remotes),
+            "peers_up": sum(1 for p in self.remotes.values() if p.up),
+            "paths_direct": sum(1 for p in paths if p.state is PathState.DIRECT),
+            "stats": dict(st.__dict__),
+        }
+
+    def peers(self, listed: Container[int]) -> list[dict[str, Any]]:
+        out = []
+        # Only tunnels that are up: otherwise the cloud's entry for the site says more.
+        for site_id, peer in self.remotes.items():
+            if site_id in listed or peer.tunnel is None or peer.tunnel.state is not State.UP:
+                continue
+            st = peer.tunnel.status()
+            st["transport"] = "mesh"
+            out.append(st)
+        return out
+
+    def close(self) -> None:
+        for peer in self.remotes.values():
+            session = peer.tunnel.session if peer.tunnel is not None else None
+            if session is not None and session.established and peer.tunnel is not None:
+                for d in session.close():
+                    self.port.send(peer.tunnel.link_id, peer.tunnel.endpoint, d)
+
