@@ -122,7 +122,8 @@ class PopSession:
         self._was_connected = False
         self._hs: tuple[DtlsSession, float] | None = None
         self._hs_patience = HANDSHAKE_RESTART_S
-        self.registered_public: tuple[str | None, ...] | None = None  # as last sent
+        # The links' public endpoints and NAT classes as last sent (links.advertised()).
+        self.registered_public: tuple[tuple[str | None, str | None], ...] | None = None
         self._next_register = 0.0
         cloud.fp.peer_add(self.peer_id)
         cloud.fp.set_endpoint(self.peer_id, link_id, pop.endpoint)
@@ -246,7 +247,7 @@ class PopSession:
 
     def register(self) -> None:
         self._next_register = self.cloud.clock() + REGISTER_RESEND_S
-        self.registered_public = self.cloud.links.publics()
+        self.registered_public = self.cloud.links.advertised()
         self.tunnel.send_message(self.cloud.register_message(self.link_id, self.link))
 
     def _on_message(self, session: DtlsSession, msg: dict[str, Any]) -> None:
@@ -632,7 +633,7 @@ class Cloud(SessionOwner):
                 del self.by_session[session]
         self._update_routes()
         self._upload_events(now)
-        self.links.use_stun_server(self.stun_server())
+        self.links.use_stun_server(self.stun_server(), self.pops[self.active].endpoint)
         # Once per tick, however many links changed (each register carries them all), and
         # also for a session that was still registering when an endpoint changed.
         self._reregister()
@@ -753,8 +754,8 @@ class Cloud(SessionOwner):
 
     def _reregister(self) -> None:
         """Send `register` again on every registered PoP session that has not told the PoP the
-        links' current public endpoints."""
-        current = self.links.publics()
+        links' current public endpoints and NAT classes."""
+        current = self.links.advertised()
         for ps in self.sessions.values():
             if ps.welcomed and ps.registered_public != current:
                 ps.register()

@@ -12,7 +12,8 @@ other (docs/links.md):
 * its local IPv4 address (read from the kernel; wanaddr.py may change it at any time);
 * its public endpoint, learned with STUN Binding transactions sent from that very socket to
   the STUN server the cloud names (the active PoP's), refreshed periodically (docs/stun.md),
-  with a callback whenever it changes;
+  with a callback whenever it changes; and its mapping toward a second destination (the
+  PoP's main port), which tells a NAT that draws a new port per destination (its class);
 * the precedence policy (which links carry PoP sessions, which link is preferred);
 * its NAT data in the store (the punched path to each peer over this link).
 
@@ -65,8 +66,10 @@ class LinkSocket:
     sock: socket.socket
 
 
-def open_link_socket(link_id: int, link: Link) -> LinkSocket:
-    """Open the UDP socket of `link`, bound to its device and port."""
+def open_link_socket(link_id: int, link: Link, port: int | None = None) -> LinkSocket:
+    """Open the UDP socket of `link`, bound to its device and port (or to `port`: the mesh's
+    extra sockets of a birthday punch, on the same device)."""
+    port = link.port if port is None else port
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         try:
@@ -77,11 +80,9 @@ def open_link_socket(link_id: int, link: Link) -> LinkSocket:
             ) from e
         size_buffers(sock)
         try:
-            sock.bind(("0.0.0.0", link.port))
+            sock.bind(("0.0.0.0", port))
         except OSError as e:
-            raise LinkError(
-                f"link {link.name}: cannot bind UDP port {link.port}: {e.strerror}"
-            ) from e
+            raise LinkError(f"link {link.name}: cannot bind UDP port {port}: {e.strerror}") from e
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -124,6 +125,9 @@ class WanLink:
         self.id = link_id
         self.link = link
         self.stun = LinkStun(link_id)
+        # The same socket's mapping toward a second destination: a NAT that maps every
+        # destination anew (endpoint-dependent mapping) shows a different port there.
+        self.stun_check = LinkStun(link_id)
         # Where the socket is bound once opened: the configured port, or the one the kernel
         # chose for port 0.
         self.bound: Addr | None = None
@@ -179,13 +183,18 @@ class WanLink:
     @property
     def nat_class(self) -> str | None:
         """What STUN tells of this link's NAT (docs/mesh.md, "NAT classes"): "none" (the
-        socket's own address is public), "port-preserving" (the public port is the socket's),
-        "port-changing" (it is not: a shifting or randomising NAT); None while unknown."""
+        socket's own address is public), "port-randomising" (its mapping toward a second
+        destination differs: the NAT draws a new port per destination), "port-preserving"
+        (the public port is the socket's), "port-changing" (it is not, but the same toward
+        every destination checked); None while unknown."""
         pub = self.stun.public
         if pub is None:
             return None
         if pub.ip == self.local_ipv4():
             return "none"
+        other = self.stun_check.public
+        if other is not None and other != pub:
+            return "port-randomising"
         return "port-preserving" if pub.port == self.port else "port-changing"
 
     # ---------------------------------------------------------------- NAT data
@@ -209,9 +218,11 @@ class WanLink:
         local_public: str | Addr | None = None,
         at: float | None = None,
         how: str = "window",
+        local_port: int | None = None,
     ) -> NatEntry | None:
         """Record the punched path to `peer_id` over this link; `local_public` defaults to the
-        link's public endpoint. None without a store (NAT data only speeds up reconnecting)."""
+        link's public endpoint, `local_port` to the link's port (a birthday path runs on a
+        socket of its own). None without a store (NAT data only speeds up reconnecting)."""
         store = self._manager.store
         if store is None:
             return None
@@ -220,7 +231,9 @@ class WanLink:
             mine = (self.stun.public.ip, self.stun.public.port)
         if mine is None:
             raise ValueError(f"link {self.name}: no public endpoint known to record")
-        return store.put_nat(peer_id, self.name, self.port, mine, peer_public, at=at, how=how)
+        return store.put_nat(
+            peer_id, self.name, local_port or self.port, mine, peer_public, at=at, how=how
+        )
 
     def forget_nat(self, peer_id: int) -> int:
         store = self._manager.store
@@ -250,6 +263,7 @@ class LinkManager:
         self.clock = clock
         self.store = store
         self.stun_server: Addr | None = None
+        self.stun_check: Addr | None = None  # the second destination (see use_stun_server)
         self._on_public: list[PublicChange] = []
 
     def __iter__(self) -> Iterator[WanLink]:
@@ -320,82 +334,106 @@ class LinkManager:
         """Every link's public endpoint as text (None: unknown), in link order."""
         return tuple(wl.public_str() for wl in self._links.values())
 
+    def advertised(self) -> tuple[tuple[str | None, str | None], ...]:
+        """What a `register` tells the PoP of every link that STUN teaches: its public
+        endpoint and NAT class, in link order (a change of either is registered again)."""
+        return tuple((wl.public_str(), wl.nat_class) for wl in self._links.values())
+
     def public_str(self, link_id: int) -> str | None:
         wl = self._links.get(link_id)
         return wl.public_str() if wl is not None else None
 
-    def use_stun_server(self, server: Addr | None) -> None:
-        """Map every link against `server` from now on (None: stop). A new server is asked at
-        once: the mapping toward it is what the mesh will be told about (with a randomising
-        NAT it differs per destination)."""
-        if server == self.stun_server:
+    def use_stun_server(self, server: Addr | None, check: Addr | None = None) -> None:
+        """Map every link against `server` from now on (None: stop), and against `check` too
+        (the active PoP's main endpoint, which answers STUN as well): a NAT that draws a new
+        port per destination shows two different mappings, which is how the mesh knows it
+        needs the birthday approach. A new server is asked at once: the mapping toward it is
+        what the mesh will be told about (with a randomising NAT it differs per destination)."""
+        if check == server:
+            check = None
+        if server == self.stun_server and check == self.stun_check:
             return
-        self.stun_server = server
         now = self.clock()
-        for wl in self._links.values():
-            st = wl.stun
-            st.server, st.tx, st.next_at = server, None, now
+        if server != self.stun_server:
+            self.stun_server = server
+            for wl in self._links.values():
+                st = wl.stun
+                st.server, st.tx, st.next_at = server, None, now
+        if check != self.stun_check:
+            self.stun_check = check
+            for wl in self._links.values():
+                st = wl.stun_check
+                st.server, st.tx, st.next_at, st.public = check, None, now, None
         self.tick()
 
     def tick(self) -> None:
         """Start due transactions and retransmit or fail the ones under way."""
-        server = self.stun_server
-        if server is None:
-            return
         now = self.clock()
         for wl in self._links.values():
-            st = wl.stun
-            if st.tx is None:
-                if now >= st.next_at:
-                    st.tx = StunTransaction(server, clock=self.clock)
-                    st.transactions += 1
-                    self.send(wl.id, server, st.tx.start(now))
-                continue
-            due = st.tx.next_timeout(now)
-            if due is None or due > 0:
-                continue
-            again = st.tx.on_timeout(now)
-            if again is not None:
-                self.send(wl.id, server, again)
-            elif st.tx.error is not None:
-                self._stun_failed(wl, now)
+            if self.stun_server is not None:
+                self._tick_stun(wl, wl.stun, self.stun_server, now)
+            if self.stun_check is not None:
+                self._tick_stun(wl, wl.stun_check, self.stun_check, now)
+
+    def _tick_stun(self, wl: WanLink, st: LinkStun, server: Addr, now: float) -> None:
+        if st.tx is None:
+            if now >= st.next_at:
+                st.tx = StunTransaction(server, clock=self.clock)
+                st.transactions += 1
+                self.send(wl.id, server, st.tx.start(now))
+            return
+        due = st.tx.next_timeout(now)
+        if due is None or due > 0:
+            return
+        again = st.tx.on_timeout(now)
+        if again is not None:
+            self.send(wl.id, server, again)
+        elif st.tx.error is not None:
+            self._stun_failed(wl, st, now)
 
     def on_stun(self, link_id: int, addr: Addr, data: bytes) -> bool:
-        """A STUN datagram that arrived on link_id; True if it answered our transaction."""
+        """A STUN datagram that arrived on link_id; True if it answered one of our
+        transactions."""
         wl = self._links.get(link_id)
-        if wl is None or wl.stun.tx is None:
+        if wl is None:
             return False
-        st = wl.stun
         now = self.clock()
-        ep = st.tx.handle(data, addr)
-        if ep is None:
-            if st.tx.error is None:
-                return False
-            self._stun_failed(wl, now)
+        for st in (wl.stun, wl.stun_check):
+            if st.tx is None:
+                continue
+            ep = st.tx.handle(data, addr)
+            if ep is None:
+                if st.tx.error is None:
+                    continue
+                self._stun_failed(wl, st, now)
+                return True
+            st.tx, st.error = None, None
+            st.learned_at = now
+            st.next_at = now + STUN_REFRESH_S
+            if ep != st.public:
+                old = st.public
+                st.public = ep
+                if st is wl.stun:
+                    log.info(
+                        "link %s: public endpoint %s (STUN via %s, was %s)",
+                        wl.name,
+                        ep,
+                        format_endpoint(addr),
+                        old or "unknown",
+                    )
+                    self._public_changed(wl, old)
+                else:
+                    log.info("link %s: mapping toward %s is %s (NAT class %s)", wl.name,
+                             format_endpoint(addr), ep, wl.nat_class)
             return True
-        st.tx, st.error = None, None
-        st.learned_at = now
-        st.next_at = now + STUN_REFRESH_S
-        if ep != st.public:
-            old = st.public
-            log.info(
-                "link %s: public endpoint %s (STUN via %s, was %s)",
-                wl.name,
-                ep,
-                format_endpoint(addr),
-                old or "unknown",
-            )
-            st.public = ep
-            self._public_changed(wl, old)
-        return True
+        return False
 
-    def _stun_failed(self, wl: WanLink, now: float) -> None:
-        st = wl.stun
+    def _stun_failed(self, wl: WanLink, st: LinkStun, now: float) -> None:
         assert st.tx is not None
         reason = st.tx.error or "failed"
         # A link that stays cut off fails every 45 s: only the first failure in a row warns.
         log.log(
-            logging.WARNING if st.error is None else logging.DEBUG,
+            logging.WARNING if st.error is None and st is wl.stun else logging.DEBUG,
             "link %s: STUN via %s failed: %s",
             wl.name,
             format_endpoint(st.server) if st.server else "?",
@@ -410,7 +448,8 @@ class LinkManager:
             old = st.public
             st.public = None
             st.learned_at = None
-            self._public_changed(wl, old)
+            if st is wl.stun:
+                self._public_changed(wl, old)
 
     def _public_changed(self, wl: WanLink, old: Endpoint | None) -> None:
         for callback in self._on_public:
