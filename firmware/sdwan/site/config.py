@@ -31,6 +31,7 @@ from sdwan.common.tomlcheck import (
     check_networks,
     check_pki_files,
     endpoint_value,
+    expects,
     fmt_loc,
     format_endpoint,
     ifname,
@@ -157,6 +158,13 @@ class Mesh:
     keepalive_s: int = 15
     probe_window: int = 32  # ports probed around the peer's public port
     punch_timeout_s: int = 10  # a punch that found nothing by then has failed
+    # The birthday approach for a pair where one side's NAT randomises its ports
+    # (docs/mesh.md, "Birthday punching"): that side opens birthday_sockets extra UDP sockets
+    # on local ports drawn from birthday_ports, the other sends birthday_probes probes to
+    # random ports of its public address.
+    birthday_ports: tuple[int, int] = (40000, 40999)
+    birthday_sockets: int = 256
+    birthday_probes: int = 1024
     # Prefixes sent over the mesh whenever a direct tunnel to their site is up (until the
     # off-cloud rules do this).
     pin: tuple[IPNetwork, ...] = ()
@@ -452,20 +460,63 @@ def _check_cloud(c: Checker, doc: Mapping[str, Any]) -> Cloud | None:
     return Cloud(keepalive_ms=keepalive, dead_after_ms=dead, return_hold_s=hold, ping_s=ping)
 
 
-def _check_mesh(c: Checker, doc: Mapping[str, Any]) -> Mesh | None:
+_PORT_RANGE_RE = re.compile(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*")
+BIRTHDAY_PORT_MIN = 1024  # below are the well-known ports; NATs rarely draw from there either
+
+
+@expects(f'a port range "LO-HI" within {BIRTHDAY_PORT_MIN}..65535')
+def port_range(value: Any) -> tuple[int, int]:
+    m = _PORT_RANGE_RE.fullmatch(value) if isinstance(value, str) else None
+    lo, hi = (int(m[1]), int(m[2])) if m else (0, 0)
+    if m is None or not BIRTHDAY_PORT_MIN <= lo <= hi <= 65535:
+        raise ValueError(
+            f'expected a port range "LO-HI" within {BIRTHDAY_PORT_MIN}..65535, got {show(value)}'
+        )
+    return lo, hi
+
+
+def _check_mesh(c: Checker, doc: Mapping[str, Any], links: list[Link] | None) -> Mesh | None:
     table = c.table(doc, ("mesh",), required=False)
     if table is None:
         return None
     loc = ("mesh",)
-    c.known_keys(table, loc, ("enabled", "keepalive_s", "probe_window", "punch_timeout_s", "pin"))
+    c.known_keys(
+        table,
+        loc,
+        ("enabled", "keepalive_s", "probe_window", "punch_timeout_s", "pin", "birthday_ports",
+         "birthday_sockets", "birthday_probes"),
+    )
     enabled = c.value(table, (*loc, "enabled"), boolean, default=True)
     keepalive = c.value(table, (*loc, "keepalive_s"), int_range(1, 300), default=15)
     window = c.value(table, (*loc, "probe_window"), int_range(1, 256), default=32)
     timeout = c.value(table, (*loc, "punch_timeout_s"), int_range(2, 120), default=10)
+    ports = c.value(table, (*loc, "birthday_ports"), port_range, default=Mesh.birthday_ports)
+    # Every socket is a file descriptor of socketd's, and two punches may run at once.
+    sockets = c.value(table, (*loc, "birthday_sockets"), int_range(1, 512), default=256)
+    probes = c.value(table, (*loc, "birthday_probes"), int_range(1, 4096), default=1024)
+    if ports is not MISSING and "birthday_ports" in table:
+        # (The default range simply skips a link's port: its bind fails.)
+        lo, hi = ports
+        for i, link in enumerate(links or ()):
+            if lo <= link.port <= hi:
+                c.error(
+                    (*loc, "birthday_ports"),
+                    f"expected a range without the links' ports, got {lo}-{hi}, which holds"
+                    f" links[{i}].port {link.port}",
+                )
+                ports = MISSING
+                break
+    if ports is not MISSING and sockets is not MISSING and sockets > ports[1] - ports[0] + 1:
+        c.error(
+            (*loc, "birthday_sockets"),
+            f"expected at most the {ports[1] - ports[0] + 1} ports of birthday_ports"
+            f" {ports[0]}-{ports[1]}, got {sockets}",
+        )
+        sockets = MISSING
     pin: tuple[IPNetwork, ...] | None = ()
     if "pin" in table:
         pin = check_networks(c, table, (*loc, "pin"))
-    if MISSING in (enabled, keepalive, window, timeout) or pin is None:
+    if MISSING in (enabled, keepalive, window, timeout, ports, sockets, probes) or pin is None:
         return None
     return Mesh(
         enabled=enabled,
@@ -473,6 +524,9 @@ def _check_mesh(c: Checker, doc: Mapping[str, Any]) -> Mesh | None:
         probe_window=window,
         punch_timeout_s=timeout,
         pin=tuple(pin),
+        birthday_ports=ports,
+        birthday_sockets=sockets,
+        birthday_probes=probes,
     )
 
 
@@ -664,7 +718,7 @@ def _validate(doc: dict[str, Any], source: Path, c: Checker) -> SiteConfig | Non
     pops = _check_pops(c, doc)
     cloud = _check_cloud(c, doc)
     appliance = _check_appliance(c, doc, base)
-    mesh = _check_mesh(c, doc)
+    mesh = _check_mesh(c, doc, links)
     _check_overlaps(c, doc)
 
     if c.issues:
