@@ -10,6 +10,13 @@ authenticate its probes. A path is punched again when its candidates change (a N
 a site re-registered) or a site asks (its cached or punched endpoint stopped answering), at
 most once per `min_repunch_s`.
 
+How a punch is made (its `mode`): a new or changed path is punched with the port `window`
+around the public ports. A site asks again when that found nothing; when exactly one side's
+NAT randomises its ports (the class it registered, "port-randomising"), the next punches use
+the `birthday` approach instead, telling that side it is the `hard` one (it opens many
+sockets) and the other the `easy` one (it probes random ports of the hard side's address).
+When both sides randomise, no punch can work; the sites say so in their status and wait.
+
 It sends through a callable given by popd and holds no sessions itself.
 """
 
@@ -30,6 +37,11 @@ log = logging.getLogger("sdwan.pop.broker")
 Addr = tuple[str, int]
 DEFAULT_WINDOW = 32
 MIN_REPUNCH_S = 2.0
+# A request names the generation it gave up on; one naming an older generation than the one
+# punched this recently crossed that punch (both sides ask when a punch fails) and is dropped,
+# so that the second side's request does not restart the punch the first one's started.
+STALE_REQUEST_S = 10.0
+RANDOMISING = "port-randomising"  # the NAT class that draws a new port per destination
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,8 @@ class _Path:
     punches: int = 1
     pending: bool = False  # a request came in within min_repunch_s: punch when allowed
     requests: int = 0
+    mode: str = "window"
+    hard: int | None = None  # in a birthday punch, the site id of the randomising side
 
 
 @dataclass
@@ -73,6 +87,8 @@ class BrokerStats:
     requests: int = 0
     requests_bad: int = 0  # for no known path of the asking site
     requests_deferred: int = 0
+    requests_stale: int = 0  # naming a generation an answered request already replaced
+    birthday: int = 0  # punches in birthday mode
     by_path: dict[str, int] = field(default_factory=dict)
 
 
@@ -145,18 +161,27 @@ class Broker:
         path = self.paths[key]
         path.requests += 1
         now = self.clock()
+        gen = msg.get("gen")
+        if (
+            isinstance(gen, int)
+            and not isinstance(gen, bool)
+            and gen != path.gen
+            and now - path.sent_at < STALE_REQUEST_S
+        ):
+            self.stats.requests_stale += 1
+            return None
         if now - path.sent_at < self.min_repunch_s:
             path.pending = True
             self.stats.requests_deferred += 1
             return None
-        self._punch(key, path.signature, now)
+        self._punch(key, path.signature, now, asked=True)
         return None
 
     def tick(self) -> None:
         now = self.clock()
         for key, path in list(self.paths.items()):
             if path.pending and now - path.sent_at >= self.min_repunch_s:
-                self._punch(key, path.signature, now)
+                self._punch(key, path.signature, now, asked=True)
 
     # ---------------------------------------------------------------- status
 
@@ -167,11 +192,14 @@ class Broker:
             "messages": self.stats.messages,
             "requests": self.stats.requests,
             "requests_bad": self.stats.requests_bad,
+            "requests_stale": self.stats.requests_stale,
+            "birthday": self.stats.birthday,
             "paths": [
                 {
                     "sites": [a, b],
                     "links": [la, lb],
                     "gen": p.gen,
+                    "mode": p.mode,
                     "punches": p.punches,
                     "requests": p.requests,
                     "last_punch_s": round(now - p.sent_at, 1),
@@ -191,18 +219,24 @@ class Broker:
                 return key
         return None
 
-    def _punch(self, key: PathKey, sig: tuple[Any, ...], now: float) -> None:
+    def _punch(self, key: PathKey, sig: tuple[Any, ...], now: float, asked: bool = False) -> None:
+        """Punch the path anew; asked: a site asked, so the last punch found nothing."""
         la, lb = self._links[key]
         self._gen = self._gen % 0xFFFFFFFF + 1
         old = self.paths.get(key)
         path = _Path(self._gen, secrets.token_bytes(SECRET_LEN), sig, now)
         if old is not None:
             path.punches, path.requests = old.punches + 1, old.requests
+        randomising = [ln.site_id for ln in (la, lb) if ln.nat == RANDOMISING]
+        if asked and len(randomising) == 1:
+            # The window cannot find a port the NAT draws at random: open many and guess.
+            path.mode, path.hard = "birthday", randomising[0]
+            self.stats.birthday += 1
         self.paths[key] = path
         self.stats.punches += 1
         log.info(
-            "punch gen %d: site %d link %d <-> site %d link %d",
-            path.gen, la.site_id, la.link_id, lb.site_id, lb.link_id,
+            "punch gen %d (%s): site %d link %d <-> site %d link %d",
+            path.gen, path.mode, la.site_id, la.link_id, lb.site_id, lb.link_id,
         )
         # The higher site id initiates (SPEC 3.3); key[0] is always the higher one.
         for me, other, initiator in ((la, lb, True), (lb, la, False)):
@@ -217,6 +251,9 @@ class Broker:
                 "window": self.window,
                 "candidates": _candidates(other, me),
                 "peer_nat": other.nat,
+                "mode": path.mode,
             }
+            if path.hard is not None:
+                msg["role"] = "hard" if me.site_id == path.hard else "easy"
             if self.send(me.site_id, me.link_id, msg):
                 self.stats.messages += 1
