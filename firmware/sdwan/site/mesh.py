@@ -17,14 +17,27 @@ addresses), answering the peer's probes meanwhile -> the first answered probe fi
 endpoint -> DTLS handshake there -> keys in the fast path -> direct. A path that stops
 answering (the tunnel's liveness), a cached endpoint that does not answer within
 CACHE_PATIENCE_S, and a punch that found nothing ask the PoP to punch again, with backoff.
-Like tunnel.py it does no I/O itself; socketd calls `tick()` and gives it a Port.
+
+When one side's NAT randomises its ports the PoP's next punch is a `birthday` one
+(birthday.py has the numbers): the randomising (hard) side opens `birthday_sockets` extra
+sockets and probes the peer from each, the other (easy) side probes `birthday_probes` random
+ports of the hard side's address. The extra socket a probe got through becomes a fast-path link
+of its own (an id from EXTRA_LINK_BASE up: `MeshPath.fp_link`), the tunnel runs over it, and
+the others are closed. When both sides randomise, nothing can be punched: the path stays on the
+cloud and says why.
+
+Like tunnel.py it does no I/O itself; socketd calls `tick()` and gives it a Port, and the
+extra sockets' I/O (birthday.LinkSockets).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
+import random
+import socket
 import time
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +50,7 @@ from sdwan.common.dtls import DtlsSession
 from sdwan.common.sessions import SessionOwner
 from sdwan.common.store import StoreError
 from sdwan.common.tomlcheck import IPNetwork, format_endpoint, parse_endpoint
+from sdwan.site.birthday import NAT_PORTS, LinkSockets, random_ports
 from sdwan.site.config import Mesh as MeshConfig
 from sdwan.site.links import LinkManager, WanLink
 from sdwan.site.paths import Candidate, Network, Override, Paths, Policy, Transport
@@ -52,6 +66,25 @@ CACHE_PATIENCE_S = 3.0  # a cached endpoint that has not answered by then is pun
 REPUNCH_MIN_S = 2.0  # between two requests for the same path
 REPUNCH_MAX_S = 60.0
 SEEN_KEPT = 256  # request nonces remembered per path, against replays
+RANDOMISING = "port-randomising"  # the NAT class (links.py) the birthday approach is for
+BOTH_RANDOMISE = (
+    "both sides randomise their NAT ports: no direct path can be punched; traffic stays on"
+    " the cloud path"
+)
+# The easy side of a birthday punch: it waits a little for the hard side's sockets to have
+# opened their mappings, then probes at this pace: 1024 probes take 2 s, about 300 kbit/s of
+# 76-byte datagrams, which neither floods a small uplink nor fills a NAT's table in a burst.
+BIRTHDAY_START_S = 0.3
+BIRTHDAY_PPS = 500
+# The hard side probes the easy side from every socket at these times (s after the punch): one
+# probe opens the mapping; the second covers a lost one and the NAT's idle timer.
+BIRTHDAY_ROUNDS_AT = (0.0, 1.0)
+# Fast-path link ids of birthday sockets (configured links are 1..4). The fast path holds 32
+# sockets in all, so at most MAX_EXTRA_LINKS birthday paths can be up at once; and a punch under
+# way holds birthday_sockets descriptors, so at most MAX_SPRAYS run at once.
+EXTRA_LINK_BASE = 64
+MAX_EXTRA_LINKS = 24
+MAX_SPRAYS = 2
 
 
 class PathState(StrEnum):
@@ -74,6 +107,9 @@ class MeshStats:
     probes_bad_tag: int = 0
     probes_replayed: int = 0
     probes_unmatched: int = 0  # responses to no request of ours
+    birthday_punches: int = 0  # birthday punches started, either side
+    birthday_sockets: int = 0  # extra sockets opened for them (hard side)
+    birthday_found: int = 0  # birthday punches that found a path
 
 
 @dataclass
@@ -94,7 +130,8 @@ class MeshPath:
     how: str | None = None
     punched_at: float | None = None
     rounds: int = 0
-    nonces: dict[bytes, tuple[float, Addr, str]] = field(default_factory=dict)
+    # Requests in flight: nonce -> (sent at, to, how, fast-path link; None: an extra socket).
+    nonces: dict[bytes, tuple[float, Addr, str, int | None]] = field(default_factory=dict)
     seen: dict[bytes, None] = field(default_factory=dict)
     rtt_ms: float | None = None
     since: float = 0.0  # of the current state
@@ -102,6 +139,19 @@ class MeshPath:
     next_request: float = 0.0
     request_backoff: float = REPUNCH_MIN_S
     punches: int = 0
+    mode: str = "window"  # of the punch: "window" or "birthday"
+    role: str | None = None  # in a birthday punch: "hard" (our NAT randomises) or "easy"
+    # The fast-path link the path's probes and tunnel use: the link's own socket, or the
+    # socket a birthday punch found (`extra`, bound to `extra_port`).
+    fp_link: int = 0
+    extra: int | None = None
+    extra_port: int | None = None
+    spray: list[socket.socket | None] = field(default_factory=list)  # hard side: the sockets
+    targets: list[int] = field(default_factory=list)  # easy side: the ports to probe
+    sprayed: int = 0  # easy side: probes sent to targets so far
+
+    def __post_init__(self) -> None:
+        self.fp_link = self.fp_link or self.link_id
 
     def set(self, state: PathState, reason: str | None, now: float) -> None:
         if state is not self.state:
@@ -160,6 +210,8 @@ class Mesh(SessionOwner):
         static_ids: Container[int] = (),
         on_event: Callable[[str, str, dict[str, Any]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sockets: LinkSockets | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.site_id = site_id
         self.cfg = cfg
@@ -173,6 +225,8 @@ class Mesh(SessionOwner):
         self.static_ids = static_ids
         self.on_event = on_event or (lambda kind, text, data: None)
         self.clock = clock
+        self.sockets = sockets  # None: no birthday punch as the hard side
+        self.rng = rng or random.Random()
         self.stats = MeshStats()
         self.remotes: dict[int, MeshPeer] = {}
         self._dirty = True  # candidates to submit again
@@ -216,6 +270,9 @@ class Mesh(SessionOwner):
                     continue
                 peer = self._peer(entry.peer_id)
                 path = self._path(peer, wl)
+                if entry.local_port != wl.port:
+                    # A birthday path: its NAT mapping belongs to that socket's port.
+                    self._reopen(path, wl, entry.local_port)
                 path.endpoint, path.how = addr, "cache"
                 path.cache_until = now + CACHE_PATIENCE_S
                 path.set(PathState.CONNECTING, f"reconnecting from NAT data to {entry.peer_public}",
@@ -251,6 +308,12 @@ class Mesh(SessionOwner):
                 raise ValueError(f"candidate kind {how!r}")
             candidates.append((how, addr))
         peer_nat = msg.get("peer_nat")
+        mode = msg.get("mode", "window")
+        if mode not in ("window", "birthday"):
+            raise ValueError(f"mode {mode!r}")
+        role = msg.get("role") if mode == "birthday" else None
+        if mode == "birthday" and role not in ("hard", "easy"):
+            raise ValueError(f"role {role!r} of a birthday punch")
         self.stats.punches += 1
         wl = self.usable_link(link_id)
         if (
@@ -279,7 +342,13 @@ class Mesh(SessionOwner):
             # A working tunnel stays; the new secret only lets us answer the peer's probes
             # (it may have restarted and lost its path).
             return
+        self._stop_birthday(path)
+        self._release_extra(path)  # of an earlier punch: this one finds its own
+        path.mode, path.role = mode, role
         path.punched_at, path.rounds, path.cache_until = now, 0, None
+        if mode == "birthday":
+            self._start_birthday(peer, path, wl, now)
+            return
         path.set(PathState.PUNCHING, f"probing {len(candidates)} candidate(s) of site {peer_id}",
                  now)
 
@@ -291,7 +360,7 @@ class Mesh(SessionOwner):
             self.stats.probes_malformed += 1
             return
         peer = self.remotes.get(p.from_site)
-        path = peer.paths.get(link_id) if peer is not None else None
+        path = self._path_on(peer, link_id) if peer is not None else None
         if p.to_site != self.site_id or path is None or path.gen != p.gen or not path.secret:
             self.stats.probes_foreign += 1
             return
@@ -311,10 +380,10 @@ class Mesh(SessionOwner):
             self.port.send(link_id, addr, probe.encode(reply, path.secret))
             self.stats.probes_answered += 1
             if path.state is PathState.PUNCHING and not any(
-                t == addr for _, t, _ in path.nonces.values()
+                t == addr and on == link_id for _, t, _, on in path.nonces.values()
             ):
                 # Punch back at once toward where the peer's probe came from.
-                self._send_request(peer, path, addr, "window")
+                self._send_request(peer, path, addr, path.mode, link_id)
             return
         sent = path.nonces.pop(p.echo, None)
         if sent is None:
@@ -325,19 +394,44 @@ class Mesh(SessionOwner):
         now = self.clock()
         path.rtt_ms = round((now - sent[0]) * 1000, 1)
         # Where it came from is what the peer's NAT uses toward us: the endpoint.
-        how = sent[2] if sent[1] == addr and sent[2] in ("local", "static") else "window"
+        if path.mode == "birthday":
+            how = "birthday"
+            self.stats.birthday_found += 1
+        else:
+            how = sent[2] if sent[1] == addr and sent[2] in ("local", "static") else "window"
+        self._stop_birthday(path)
+        if link_id != path.fp_link:
+            # Found on the link's own socket after all: a birthday socket is not needed.
+            self._release_extra(path)
+            path.fp_link = link_id
         path.endpoint, path.how = addr, how
         path.set(PathState.CONNECTING, f"found {format_endpoint(addr)} ({how}); handshaking", now)
         log.info("mesh: site %d over %s: path found at %s (%s, %.1f ms)", peer.site_id,
                  path.link_name, format_endpoint(addr), how, path.rtt_ms)
         self._use_endpoint(peer, path)
 
-    def _send_request(self, peer: MeshPeer, path: MeshPath, addr: Addr, how: str) -> None:
+    def _send_request(
+        self,
+        peer: MeshPeer,
+        path: MeshPath,
+        addr: Addr,
+        how: str,
+        link_id: int | None = None,
+        sock: socket.socket | None = None,
+    ) -> None:
+        """A probe request to addr from the fast-path link link_id (default: the path's),
+        or from an extra socket."""
         assert path.secret is not None and path.gen is not None
         nonce = os.urandom(8)
-        path.nonces[nonce] = (self.clock(), addr, how)
+        on = None if sock is not None else (path.fp_link if link_id is None else link_id)
+        path.nonces[nonce] = (self.clock(), addr, how, on)
         req = probe.Probe(probe.Kind.REQUEST, self.site_id, peer.site_id, path.gen, nonce)
-        self.port.send(path.link_id, addr, probe.encode(req, path.secret))
+        data = probe.encode(req, path.secret)
+        if on is None:
+            assert sock is not None and self.sockets is not None
+            self.sockets.send(sock, addr, data)
+        else:
+            self.port.send(on, addr, data)
         self.stats.probes_sent += 1
 
     def _probe_round(self, peer: MeshPeer, path: MeshPath) -> None:
@@ -352,6 +446,184 @@ class Mesh(SessionOwner):
             else:
                 self._send_request(peer, path, (ip, port), how)
 
+    # ---------------------------------------------------------------- birthday punches
+
+    def _start_birthday(self, peer: MeshPeer, path: MeshPath, wl: WanLink, now: float) -> None:
+        reflexive = [a for how, a in path.candidates if how == "reflexive"]
+        if not reflexive:
+            path.set(PathState.WAITING, "birthday punch without the peer's public endpoint", now)
+            path.next_request = now + path.request_backoff
+            return
+        self.stats.birthday_punches += 1
+        if path.role == "easy":
+            lo, hi = NAT_PORTS
+            path.targets = random_ports(self.cfg.birthday_probes, lo, hi, self.rng)
+            path.sprayed = 0
+            path.set(PathState.PUNCHING, f"birthday punch: probing {len(path.targets)} random"
+                     f" ports of site {peer.site_id}'s address {reflexive[0][0]}", now)
+            return
+        why = self._no_room_for_birthday()
+        socks: list[socket.socket] = []
+        if why is None:
+            assert self.sockets is not None
+            lo, hi = self.cfg.birthday_ports
+            ports = random_ports(hi - lo + 1, lo, hi, self.rng)
+            socks, why = self.sockets.open_many(wl.link, ports, self.cfg.birthday_sockets)
+            if why is not None:
+                log.warning("mesh: birthday punch to site %d: %d of %d sockets opened: %s",
+                            peer.site_id, len(socks), self.cfg.birthday_sockets, why)
+        if not socks:
+            path.set(PathState.WAITING, f"birthday punch impossible now: {why}; asking the PoP"
+                     " again later", now)
+            path.next_request = now + path.request_backoff
+            return
+        self.stats.birthday_sockets += len(socks)
+        path.spray = list(socks)
+        assert self.sockets is not None and path.gen is not None
+        for i, sock in enumerate(socks):
+            self.sockets.watch(
+                sock,
+                lambda addr, data, i=i, s=peer.site_id, ln=path.link_id, g=path.gen: (
+                    self._on_spray(s, ln, g, i, addr, data)
+                ),
+            )
+        lo, hi = self.cfg.birthday_ports
+        path.set(PathState.PUNCHING, f"birthday punch: {len(socks)} sockets (ports {lo}-{hi})"
+                 f" probing site {peer.site_id} at {format_endpoint(reflexive[0])}", now)
+
+    def _birthday_round(self, peer: MeshPeer, path: MeshPath, elapsed: float) -> None:
+        reflexive = [a for how, a in path.candidates if how == "reflexive"]
+        if path.role == "hard":
+            while path.rounds < len(BIRTHDAY_ROUNDS_AT) and elapsed >= (
+                BIRTHDAY_ROUNDS_AT[path.rounds]
+            ):
+                path.rounds += 1
+                for sock in path.spray:
+                    for addr in reflexive:
+                        if sock is not None:
+                            self._send_request(peer, path, addr, "birthday", sock=sock)
+            return
+        if elapsed < BIRTHDAY_START_S or not reflexive:
+            return
+        due = min(len(path.targets), int((elapsed - BIRTHDAY_START_S) * BIRTHDAY_PPS) + 1)
+        ip = reflexive[0][0]
+        while path.sprayed < due:
+            self._send_request(peer, path, (ip, path.targets[path.sprayed]), "birthday")
+            path.sprayed += 1
+
+    def _on_spray(
+        self, peer_id: int, link_id: int, gen: int, index: int, addr: Addr, data: bytes
+    ) -> None:
+        """A datagram on extra socket `index` of a birthday punch (the hard side)."""
+        peer = self.remotes.get(peer_id)
+        path = peer.paths.get(link_id) if peer is not None else None
+        if peer is None or path is None or path.gen != gen or index >= len(path.spray):
+            return
+        if path.spray[index] is None or not path.secret:
+            return
+        p = probe.peek(data)
+        if p is None:
+            self.stats.probes_malformed += 1
+            return
+        if p.from_site != peer_id or p.to_site != self.site_id or p.gen != gen:
+            self.stats.probes_foreign += 1
+            return
+        if not probe.verify(data, path.secret):
+            self.stats.probes_bad_tag += 1
+            return
+        if p.kind is probe.Kind.REQUEST and p.nonce in path.seen:
+            self.stats.probes_replayed += 1
+            return
+        if p.kind is probe.Kind.RESPONSE and p.echo not in path.nonces:
+            self.stats.probes_unmatched += 1
+            return
+        # An authentic probe came in through both NATs on this socket: it is the path. From
+        # now on the fast path reads it, and the probe is handled as if it had come there.
+        fp_link = self._adopt(peer, path, index)
+        if fp_link is not None:
+            self.on_probe(fp_link, addr, data)
+
+    def _adopt(self, peer: MeshPeer, path: MeshPath, index: int) -> int | None:
+        """Make extra socket `index` a fast-path link of the path and close the others; the
+        link id, or None when the fast path refused it."""
+        sock = path.spray[index]
+        fp_link = self._free_extra_id()
+        if sock is None or fp_link is None or self.sockets is None:
+            return None
+        self.sockets.release(sock)
+        port = sock.getsockname()[1]
+        try:
+            with sock:  # the fast path keeps its own duplicate of the descriptor
+                self.fp.link_add(fp_link, sock.fileno())
+        except FastPathError as e:
+            log.error("mesh: birthday socket for site %d not added: %s", peer.site_id, e)
+            path.spray[index] = None
+            return None
+        path.spray[index] = None
+        self._stop_birthday(path)
+        path.extra, path.extra_port, path.fp_link = fp_link, port, fp_link
+        log.info("mesh: site %d over %s: birthday socket on port %d got through (link %d)",
+                 peer.site_id, path.link_name, port, fp_link)
+        return fp_link
+
+    def _stop_birthday(self, path: MeshPath) -> None:
+        """Close the extra sockets of a punch under way (the one found was adopted)."""
+        for sock in path.spray:
+            if sock is not None and self.sockets is not None:
+                self.sockets.close(sock)
+        path.spray = []
+        path.targets = []
+
+    def _release_extra(self, path: MeshPath) -> None:
+        """Give back the birthday socket a path ran on: the path uses its link's own again."""
+        if path.extra is not None:
+            try:
+                self.fp.link_del(path.extra)
+            except FastPathError as e:
+                log.warning("mesh: birthday link %d not removed: %s", path.extra, e)
+        path.extra = path.extra_port = None
+        path.fp_link = path.link_id
+
+    def _reopen(self, path: MeshPath, wl: WanLink, port: int) -> bool:
+        """Open a cached birthday path's socket again on its port, as the path's link."""
+        fp_link = self._free_extra_id()
+        if self.sockets is None or fp_link is None:
+            return False
+        try:
+            sock = self.sockets.open(wl.link, port)
+        except OSError as e:
+            log.warning("mesh: cached birthday socket not reopened: %s", e)
+            return False
+        try:
+            with sock:
+                self.fp.link_add(fp_link, sock.fileno())
+        except FastPathError as e:
+            log.warning("mesh: cached birthday socket on port %d not added: %s", port, e)
+            return False
+        path.extra, path.extra_port, path.fp_link = fp_link, port, fp_link
+        return True
+
+    def _all_paths(self) -> list[MeshPath]:
+        return [p for peer in self.remotes.values() for p in peer.paths.values()]
+
+    def _free_extra_id(self) -> int | None:
+        used = {p.extra for p in self._all_paths()}
+        return next(
+            (i for i in range(EXTRA_LINK_BASE, EXTRA_LINK_BASE + MAX_EXTRA_LINKS) if i not in used),
+            None,
+        )
+
+    def _no_room_for_birthday(self) -> str | None:
+        """Why the hard side of a birthday punch cannot start now, or None."""
+        if self.sockets is None:
+            return "no extra sockets here"
+        paths = self._all_paths()
+        if sum(1 for p in paths if p.spray) >= MAX_SPRAYS:
+            return f"{MAX_SPRAYS} birthday punches are under way"
+        if sum(1 for p in paths if p.extra is not None) >= MAX_EXTRA_LINKS:
+            return f"{MAX_EXTRA_LINKS} birthday paths hold every socket the fast path has room for"
+        return None
+
     # ---------------------------------------------------------------- tunnels
 
     def _peer(self, site_id: int) -> MeshPeer:
@@ -359,6 +631,14 @@ class Mesh(SessionOwner):
         if peer is None:
             peer = self.remotes[site_id] = MeshPeer(site_id)
         return peer
+
+    def _path_on(self, peer: MeshPeer, link_id: int) -> MeshPath | None:
+        """The path a datagram on fast-path link link_id belongs to: the link's, or the one
+        whose birthday socket that link is."""
+        path = peer.paths.get(link_id)
+        if path is not None:
+            return path
+        return next((p for p in peer.paths.values() if p.fp_link == link_id), None)
 
     def _path(self, peer: MeshPeer, wl: WanLink) -> MeshPath:
         path = peer.paths.get(wl.id)
@@ -375,11 +655,11 @@ class Mesh(SessionOwner):
             except FastPathError as e:
                 log.error("mesh: fast-path peer %d not added: %s", peer.site_id, e)
                 return
-            self.fp.set_endpoint(peer.site_id, path.link_id, path.endpoint)
+            self.fp.set_endpoint(peer.site_id, path.fp_link, path.endpoint)
             peer.tunnel = PeerTunnel(
                 my_site_id=self.site_id,
                 peer_site_id=peer.site_id,
-                link_id=path.link_id,
+                link_id=path.fp_link,
                 link_name=path.link_name,
                 endpoint=path.endpoint,
                 fp=self.fp,
@@ -390,10 +670,10 @@ class Mesh(SessionOwner):
             )
         elif peer.tunnel.state is State.UP:
             # Another link's path to a peer already up: one more endpoint, same keys.
-            self.fp.set_endpoint(peer.site_id, path.link_id, path.endpoint)
+            self.fp.set_endpoint(peer.site_id, path.fp_link, path.endpoint)
             self._path_direct(peer, path)
         else:
-            peer.tunnel.retarget(path.link_id, path.link_name, path.endpoint)
+            peer.tunnel.retarget(path.fp_link, path.link_name, path.endpoint)
 
     def _on_tunnel_event(self, peer: MeshPeer, kind: str) -> None:
         tunnel = peer.tunnel
@@ -402,7 +682,7 @@ class Mesh(SessionOwner):
         if kind == "tunnel-up":
             for path in peer.paths.values():
                 if path.endpoint is not None and path.state is not PathState.PUNCHING and (
-                    path.link_id == tunnel.link_id or path.state is PathState.CONNECTING
+                    path.fp_link == tunnel.link_id or path.state is PathState.CONNECTING
                 ):
                     self._path_direct(peer, path)
             self._dirty = True
@@ -419,7 +699,7 @@ class Mesh(SessionOwner):
         assert path.endpoint is not None
         now = self.clock()
         if peer.tunnel is not None and peer.tunnel.endpoint != path.endpoint and (
-            peer.tunnel.link_id == path.link_id
+            peer.tunnel.link_id == path.fp_link
         ):
             # The handshake completed elsewhere on this link (the peer's NAT moved it).
             path.endpoint = peer.tunnel.endpoint
@@ -430,7 +710,8 @@ class Mesh(SessionOwner):
         if wl is not None:
             try:
                 wl.put_nat(peer.site_id, path.endpoint, local_public=wl.public_str() or
-                           "0.0.0.0:" + str(wl.port), how=path.how or "window")
+                           "0.0.0.0:" + str(wl.port), how=path.how or "window",
+                           local_port=path.extra_port)
             except (StoreError, ValueError, OSError) as e:
                 log.warning("mesh: NAT data for site %d not stored: %s", peer.site_id, e)
 
@@ -477,9 +758,10 @@ class Mesh(SessionOwner):
             assert path.punched_at is not None
             elapsed = now - path.punched_at
             if elapsed >= self.cfg.punch_timeout_s:
-                path.set(PathState.WAITING, f"probes unanswered for {self.cfg.punch_timeout_s} s"
-                         "; asking the PoP to punch again", now)
-                path.next_request = now + path.request_backoff
+                self._punch_failed(path, now)
+                return
+            if path.mode == "birthday":
+                self._birthday_round(peer, path, elapsed)
                 return
             while path.rounds < len(ROUNDS_AT) and elapsed >= ROUNDS_AT[path.rounds]:
                 path.rounds += 1
@@ -503,10 +785,33 @@ class Mesh(SessionOwner):
         ):
             self._request_punch(peer, path, now)
 
+    def _punch_failed(self, path: MeshPath, now: float) -> None:
+        self._stop_birthday(path)
+        wl = self.links.get(path.link_id)
+        if path.mode == "window" and path.peer_nat == RANDOMISING and (
+            wl is not None and wl.nat_class == RANDOMISING
+        ):
+            # Neither side can know a port of the other's: nothing to ask the PoP for. It
+            # punches again by itself when either side's NAT (or endpoint) changes.
+            path.set(PathState.WAITING, BOTH_RANDOMISE, now)
+            path.next_request = math.inf
+            return
+        what = "birthday probes found no open port" if path.mode == "birthday" else (
+            "probes unanswered"
+        )
+        path.set(PathState.WAITING, f"{what} for {self.cfg.punch_timeout_s} s; asking the PoP"
+                 " to punch again", now)
+        path.next_request = now + path.request_backoff
+
     def _request_punch(self, peer: MeshPeer, path: MeshPath, now: float) -> None:
         path.next_request = now + path.request_backoff
         path.request_backoff = min(path.request_backoff * 2, REPUNCH_MAX_S)
-        if self.ask_pop(path.link_id, {"t": "punch-request", "peer": peer.site_id}):
+        msg: dict[str, Any] = {"t": "punch-request", "peer": peer.site_id}
+        if path.gen is not None:
+            # The generation given up on: the PoP drops the second side's request of a pair
+            # that both gave up on it, rather than restart the punch the first one's started.
+            msg["gen"] = path.gen
+        if self.ask_pop(path.link_id, msg):
             self.stats.punch_requests += 1
 
     def _candidates(self) -> list[Candidate]:
@@ -542,7 +847,7 @@ class Mesh(SessionOwner):
 
     def tunnel_at(self, link_id: int, addr: Addr) -> PeerTunnel | None:
         for peer in self.remotes.values():
-            path = peer.paths.get(link_id)
+            path = self._path_on(peer, link_id)
             if peer.tunnel is not None and path is not None and path.endpoint == addr:
                 return peer.tunnel
         return None
@@ -589,6 +894,7 @@ class Mesh(SessionOwner):
                     "endpoint": format_endpoint(path.endpoint) if path.endpoint else None,
                     "how": path.how,
                     "nat": wl.nat_class if wl is not None else None,
+                    "local_port": path.extra_port or (wl.port if wl is not None else None),
                     "peer_nat": path.peer_nat,
                     "rtt_ms": path.rtt_ms,
                     "last_rx_s": last_rx,
@@ -622,6 +928,8 @@ class Mesh(SessionOwner):
         return out
 
     def close(self) -> None:
+        for path in self._all_paths():
+            self._stop_birthday(path)
         for peer in self.remotes.values():
             session = peer.tunnel.session if peer.tunnel is not None else None
             if session is not None and session.established and peer.tunnel is not None:

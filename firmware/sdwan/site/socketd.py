@@ -37,6 +37,7 @@ from sdwan.common.netcfg import NetcfgError, Plan, apply_in_worker, tunnel_mtu
 from sdwan.common.probe import PROBE_TYPE
 from sdwan.common.sessions import Policy, SessionLayer
 from sdwan.common.store import Store, StoreError
+from sdwan.site.birthday import LinkSockets
 from sdwan.site.cloud import Cloud, CloudTimers
 from sdwan.site.config import SiteConfig, load_config
 from sdwan.site.links import LinkError, LinkManager
@@ -226,6 +227,7 @@ class Supervisor:
             static_ids=self.tunnels.keys(),
             on_event=self._record_event,
             clock=self.clock,
+            sockets=LinkSockets(),
         )
         # Before the cloud: `socketctl peers` lists a site's mesh tunnel while it is up.
         self.sessions.add_owner(mesh, before=cloud)
