@@ -4,6 +4,8 @@ how it was found in `socketctl mesh`, and come back from their NAT data after a 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from labwait import wait_for
 
@@ -16,6 +18,7 @@ def build(
     same_router: bool = False,
     offcloud: tuple[bool, bool] = (True, True),
     mesh_toml: str = "",
+    links: tuple[dict | None, dict | None] = (None, None),
 ) -> tuple[Pop, list[Site]]:
     lab.add_inet()
     sites = []
@@ -35,10 +38,11 @@ def build(
         ],
     )
     lab.start_popd(pop)
-    for s in sites:
+    for s, link in zip(sites, links, strict=True):
         others = [o.lan_subnet for o in sites if o is not s]
         lab.write_site_config(
             s,
+            link=link,
             extra_toml=f'[[pops]]\nid = 1\nendpoint = "{pop.host.ip}:4800"\n\n'
             f"[mesh]\npin = {others!r}\n{mesh_toml}".replace("'", '"'),
         )
@@ -119,5 +123,58 @@ def test_site_with_offcloud_disabled_gets_no_mesh_tunnel(lab: Lab) -> None:
     wait_for("cloud up", lambda: lab.socketctl(s1, "status")["cloud"]["state"] == "up")
     wait_for("cloud up", lambda: lab.socketctl(s2, "status")["cloud"]["state"] == "up")
     # The cloud carries the traffic; nobody was told to punch.
+    assert lab.wait_ping(s1.lan_ns, s2.lan_host_ip, timeout=10)
+    assert mesh(lab, s1) == [] and mesh(lab, s2) == []
+
+
+def test_router_restarts_with_new_mappings_and_the_pair_punches_again(lab: Lab) -> None:
+    _, (s1, s2) = build(lab)
+    wait_for("site 1 direct to 2", lambda: direct(lab, s1, 2))
+    wait_for("site 2 direct to 1", lambda: direct(lab, s2, 1))
+    for s in (s1, s2):
+        lab.stop_socketd(s)
+    # Both routers come back with new port mappings: neither cached endpoint answers.
+    lab.renat_router(1, 5)
+    lab.renat_router(2, 7)
+    for s in (s1, s2):
+        lab.start_socketd(s)
+    found = wait_for("site 1 direct again", lambda: direct(lab, s1, 2), timeout=30)
+    assert found["how"] == "window" and found["endpoint"].endswith(":4807"), found
+    assert_mesh_carries_traffic(lab, s1, s2)
+
+
+def test_forged_probes_change_nothing_and_are_counted(lab: Lab) -> None:
+    pop, (s1, s2) = build(lab, ("none", "masquerade"))
+    before = wait_for("site 1 direct to 2", lambda: direct(lab, s1, 2))
+    gen = lab.popctl(pop, "status")["mesh"]["paths"][0]["gen"]
+    # From a stranger on the Internet, to site 1's public socket: a probe of the right pair and
+    # generation with a made-up tag, one for another site, and one for no known punch.
+    stranger = lab.add_public_host("stranger", ip="203.0.113.66")
+    def forge(to: int, g: int) -> bytes:
+        ids = (2).to_bytes(4) + to.to_bytes(4) + g.to_bytes(4)
+        return bytes([0xD3, 1, 0, 0]) + ids + b"n" * 8 + bytes(8) + b"t" * 16
+
+    forged = [forge(1, gen), forge(9, gen), forge(1, gen ^ 1), b"\xd3 garbage"]
+    script = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        f"for d in {forged!r}:\n"
+        f"    s.sendto(d, ({s1.wan_ip!r}, 4800))\n"
+    )
+    lab.exec(stranger.ns, [sys.executable, "-c", script])
+    wait_for(
+        "forged probes counted",
+        lambda: (st := lab.socketctl(s1, "mesh")["stats"])["probes_bad_tag"] >= 1
+        and st["probes_foreign"] >= 2 and st["probes_malformed"] >= 1 and st,
+    )
+    after = direct(lab, s1, 2)
+    assert after and after["endpoint"] == before["endpoint"]
+    assert_mesh_carries_traffic(lab, s1, s2)
+
+
+def test_last_resort_link_gets_no_mesh_tunnel(lab: Lab) -> None:
+    _, (s1, s2) = build(lab, links=({"precedence": 3}, None))
+    wait_for("cloud up", lambda: lab.socketctl(s1, "status")["cloud"]["state"] == "up")
+    wait_for("cloud up", lambda: lab.socketctl(s2, "status")["cloud"]["state"] == "up")
     assert lab.wait_ping(s1.lan_ns, s2.lan_host_ip, timeout=10)
     assert mesh(lab, s1) == [] and mesh(lab, s2) == []

@@ -217,6 +217,8 @@ def test_demo_runs_end_to_end(lab: Lab, tmp_path: Path, capsys: pytest.CaptureFi
     assert out.count("    ok (") == len(STEPS), out
     assert "via the PoP" in out
     assert "direct tunnel to site 2 up" in out
+    assert "site 3: mesh tunnel to site 1 punched" in out and "socketctl mesh" in out
+    assert "over the mesh tunnel: still answers" in out
     for n in (1, 2):
         assert f"site {n}: cloud " in out and f"site {n}: re-registered" in out
     assert "socketctl peers" in out and "socketctl pop" in out

@@ -100,3 +100,19 @@ def test_a_changed_endpoint_or_a_request_punches_again_rate_limited() -> None:
     assert b.on_request(1, 9, {"peer": 2}) is not None
     assert b.on_request(1, 1, {"peer": True}) is not None
     assert b.stats.requests_bad == 3
+
+
+def test_sites_registering_one_by_one_punch_only_their_own_pairs() -> None:
+    # Each registration looks at the new site's pairs only, never at every pair again.
+    b, sent, _ = make()
+    links: list[MeshLink] = []
+    for site in range(1, 301):
+        links.append(link(site, pub=f"198.51.{site // 250}.{site % 250}"))
+        before = len(sent)
+        b.update(links, offcloud_sites=range(1, 301))
+        assert len(sent) - before == 2 * (site - 1)
+    assert len(b.paths) == 300 * 299 // 2
+    sent.clear()
+    links[150] = link(151, pub="203.0.113.200")  # one site's NAT rebinds
+    b.update(links, offcloud_sites=range(1, 301))
+    assert len(sent) == 2 * 299 and all(151 in (s, m["peer"]) for s, _, m in sent)

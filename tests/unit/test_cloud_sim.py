@@ -403,6 +403,33 @@ def test_directory_push_changes_routes_and_static_peers_stay_direct(
     assert ids == [3, 4]
 
 
+def test_directory_deltas_apply_on_their_base_and_a_gap_waits_for_the_whole(
+    ca: Path, tmp_path: Path
+) -> None:
+    net = Net()
+    pop = MiniPop(net, 1, pop_files(ca, 1), dict(SITES))
+    s = SimSocket(net, site_config(ca, tmp_path, [pop], links=1))
+    net.run(2)
+    cloud = s.cloud
+    assert cloud is not None
+    base = cloud.directory_rev
+    p = next(iter(pop.peers.values()))
+    entry = {"site_id": 4, "name": "site-4", "subnets": ["10.4.0.0/24"], "links": [],
+             "offcloud": True, "recovery": True, "online": True}
+    pop.msg(p, {"t": "directory-delta", "base": base, "rev": base + 1, "changed": [entry],
+                "removed": [3]})
+    net.run(0.2)
+    assert [e["site_id"] for e in cloud.directory] == [2, 4] and cloud.directory_rev == base + 1
+    assert s.routed_peer("10.4.0.1") == pop_peer_id(1, 1)
+    assert not s.routed_peer("10.3.0.1")  # no route: no peer
+    # A delta on another base (one was lost) is not applied: the directory stays whole.
+    pop.msg(p, {"t": "directory-delta", "base": base + 5, "rev": base + 6, "changed": [],
+                "removed": [2]})
+    net.run(0.2)
+    assert [e["site_id"] for e in cloud.directory] == [2, 4]
+    assert cloud.summary()["messages"]["directory_gaps"] == 1
+
+
 def test_a_dead_pop_is_detected_on_the_virtual_clock(ca: Path, tmp_path: Path) -> None:
     net = Net()
     pop = MiniPop(net, 1, pop_files(ca, 1), SITES)

@@ -346,7 +346,8 @@ def test_register_welcome_ping_and_directory(pop: PopEnv, clients: list[Client])
     a.send({"t": "ping", "id": 42})
     assert a.wait_for("pong")["id"] == 42
 
-    # Site 2 appears: site 1 gets a directory push with 2's public endpoint as the PoP sees it.
+    # Site 2 appears: site 1 gets only that difference, with 2's public endpoint as the PoP
+    # sees it, on top of the directory it was welcomed with.
     b = new_client(pop, clients, 2)
     b.connect()
     wb = b.register()
@@ -354,10 +355,18 @@ def test_register_welcome_ping_and_directory(pop: PopEnv, clients: list[Client])
     assert wb["directory"][0]["links"] == [
         {"name": "wan1", "precedence": 1, "public": f"127.0.0.1:{a.local[1]}"}
     ]
-    push = a.wait_for("directory")
-    assert push["rev"] > welcome["rev"]
-    assert push["directory"][0]["online"] is True
-    assert push["directory"][0]["links"][0]["public"] == f"127.0.0.1:{b.local[1]}"
+    push = a.wait_for("directory-delta")
+    assert push["base"] == welcome["rev"] and push["rev"] > welcome["rev"]
+    assert push["removed"] == [] and [e["site_id"] for e in push["changed"]] == [2]
+    assert push["changed"][0]["online"] is True
+    assert push["changed"][0]["links"][0]["public"] == f"127.0.0.1:{b.local[1]}"
+    # A site whose ping shows another directory (a lost push) gets the whole one again.
+    a.send({"t": "ping", "id": 43, "rev": welcome["rev"]})
+    whole = a.wait_for("directory")
+    assert whole["rev"] == push["rev"] and whole["directory"][0]["online"] is True
+    a.send({"t": "ping", "id": 44, "rev": whole["rev"]})
+    assert a.wait_for("pong", id=44)
+    assert not [m for m in a.inbox if m["t"] == "directory"]
 
     rc, sites = pop.popctl("sites")
     assert rc == 0
@@ -369,8 +378,8 @@ def test_register_welcome_ping_and_directory(pop: PopEnv, clients: list[Client])
     # Site 2 goes silent: after dead_after_ms the PoP drops it and tells site 1.
     b.close()
     clients.remove(b)
-    gone = a.wait_for("directory", timeout=5)
-    assert gone["directory"][0]["online"] is False
+    gone = a.wait_for("directory-delta", timeout=5)
+    assert gone["changed"][0]["online"] is False
     rc, events = pop.popctl("events", "--site", "2")
     kinds = [e["kind"] for e in events["events"]]
     assert kinds[:2] == ["popd.session.down", "popd.session.up"]  # newest first
@@ -382,7 +391,7 @@ def test_relay_between_two_sites(pop: PopEnv, clients: list[Client]) -> None:
     for c in (a, b):
         c.connect()
         c.register()
-    a.pump(lambda: bool([m for m in a.inbox if m["t"] == "directory"]))
+    a.pump(lambda: bool([m for m in a.inbox if m["t"] == "directory-delta"]))
     assert a.tun is not None and b.tun is not None
     pkt = ip_packet("10.1.0.2", "10.2.0.2", b"through the pop")
     a.tun.send(pkt)
@@ -500,8 +509,8 @@ def test_reload_pushes_config_and_directory_and_bad_file_keeps_old(
     assert out["changed"] == [1, 2]
     cfg = a.wait_for("config")
     assert cfg["config"]["subnets"] == ["10.1.0.0/24", "10.11.0.0/24"]
-    d = a.wait_for("directory")
-    assert d["rev"] > first["rev"] and d["directory"][0]["name"] == "branch-two"
+    d = a.wait_for("directory-delta")
+    assert d["rev"] > first["rev"] and d["changed"][0]["name"] == "branch-two"
 
     # An account file with an error is refused with a located message; the old one stays.
     pop.account.write_text(ACCOUNT.replace("id = 2", 'id = "two"'))

@@ -229,7 +229,7 @@ def fail_delay(failures: int) -> float:
 
 # --------------------------------------------------------------------------- command language
 
-SHOW_TOPICS = ("status", "links", "pop", "peers", "events", "log")
+SHOW_TOPICS = ("status", "links", "pop", "peers", "mesh", "events", "log")
 EVENTS_DEFAULT = 20
 # The appliance logs to busybox syslogd's ring in RAM (rcS: syslogd -C); logread prints it.
 LOG_COMMAND = ("logread",)
@@ -250,9 +250,10 @@ class Help:
 
 COMMANDS: dict[str, Help] = {
     "show": Help(
-        "show status|links|pop|peers|events [N]|log [N]",
+        "show status|links|pop|peers|mesh|events [N]|log [N]",
         "what socketd is doing: the site and its links' counters, WAN addressing, the PoP"
-        " sessions, the other sites, the latest N events (20), the last N lines of the log (20)",
+        " sessions, the other sites (and their mesh paths), the mesh paths alone, the latest"
+        " N events (20), the last N lines of the log (20)",
     ),
     "ping": Help(
         "ping [-c N] [via LINK] HOST",
@@ -760,6 +761,13 @@ class Console:
         if result is not None:
             FORMATTERS[topic](result, self.term.out)
             self.term.out.flush()
+        if topic == "peers" and result is not None:
+            # A field engineer asking for the peers wants the mesh paths with them.
+            mesh = self.ask("mesh")
+            if mesh is not None and mesh.get("enabled"):
+                self.term.out.write("\nmesh paths:\n")
+                FORMATTERS["mesh"](mesh, self.term.out)
+                self.term.out.flush()
 
     def _show_log(self, lines: int) -> None:
         """The tail of the RAM log ring: socketd's and the system's messages since boot."""

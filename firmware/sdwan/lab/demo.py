@@ -1,10 +1,12 @@
-"""`socket-lab demo`: two sites behind NAT routers and a PoP; traffic through the PoP, the
-direct tunnel, a cloud outage and the PoP's return.
+"""`socket-lab demo`: sites behind NAT routers and a PoP; traffic through the PoP, the direct
+tunnel, the off-cloud mesh punched through the NATs, a cloud outage and the PoP's return.
 
 Owns the demo's steps and the topology they share with `bench/cloud` (`build_pop_lab`):
 two sites behind masquerading routers, each registered with one PoP (`popd`) that relays
 their traffic, plus a static `[[peers]]` tunnel between the two sites for a second,
 "direct-only" prefix per site, so both transports run side by side on the same daemons.
+The demo adds a third site behind a port-shifting NAT that reaches the other two over mesh
+tunnels the PoP helps punch (their LAN prefixes are pinned to the mesh on both ends).
 
 The demo is a list of steps run in order on a shared `DemoContext`, each printing what it
 does and raising `DemoFailed` when its check fails; later issues insert steps (moving
@@ -78,29 +80,48 @@ def pops_toml(*pops: Pop) -> str:
 
 
 def build_pop_lab(
-    lab: Lab, nat: str = "masquerade", static_peers: bool = True
+    lab: Lab, nat: str = "masquerade", static_peers: bool = True, mesh_site: bool = False
 ) -> tuple[Pop, list[Site]]:
     """Two sites behind `nat` routers and PoP 1, all configured (nothing started).
 
     With static_peers, each site also lists the other as a `[[peers]]` entry for its
-    direct-only prefix, which both the site and its LAN host carry as a second address."""
+    direct-only prefix, which both the site and its LAN host carry as a second address.
+    With mesh_site, a third site behind a port-shifting NAT meshes with both: every site
+    pins the LAN prefixes it reaches over the mesh (docs/mesh.md)."""
     lab.add_inet()
     sites: list[Site] = []
     for n in (1, 2):
         lab.add_router(n, nat=nat)
         sites.append(lab.add_site(n))
+    if mesh_site:
+        lab.add_router(3, nat="shift")
+        sites.append(lab.add_site(3))
     pop = lab.add_pop(1)
     if static_peers:
         for s in sites:
             prefix = direct_subnet(s).rsplit(".", 2)[0]
             netns.addr_add(s.ns, s.lan_dev, f"{prefix}.0.1/24")
             netns.addr_add(s.lan_ns, "eth0", f"{direct_host_ip(s)}/24")
-    lab.write_pop_config(pop, sites=sites)
+    lab.write_pop_config(
+        pop,
+        sites=[
+            {"id": s.n, "name": f"site-{s.n}", "subnets": [s.lan_subnet], "offcloud": mesh_site}
+            for s in sites
+        ],
+    )
+    s1, s2 = sites[:2]
     for s in sites:
-        other = sites[1] if s is sites[0] else sites[0]
+        extra = pops_toml(pop)
+        if s.n == 3:
+            extra += f'\n[mesh]\npin = ["{s1.lan_subnet}", "{s2.lan_subnet}"]\n'
+            lab.write_site_config(s, extra_toml=extra)
+            continue
+        if mesh_site:
+            extra += f'\n[mesh]\npin = ["{sites[2].lan_subnet}"]\n'
+        other = s2 if s is s1 else s1
         peers = [PeerSpec(other.n, other.endpoint, [direct_subnet(other)])] if static_peers else []
         lan = [s.lan_subnet, direct_subnet(s)] if static_peers else [s.lan_subnet]
-        lab.write_site_config(s, peers=peers, lan_subnets=lan, extra_toml=pops_toml(pop))
+        lab.write_site_config(s, peers=peers, lan_subnets=lan, extra_toml=extra)
     return pop, sites
 
 
@@ -172,8 +193,13 @@ def wait_all(
 
 
 def _sites(ctx: DemoContext) -> tuple[Site, Site]:
-    s1, s2 = ctx.sites
+    """The two sites with the static tunnel between them."""
+    s1, s2 = ctx.sites[:2]
     return s1, s2
+
+
+def _mesh_site(ctx: DemoContext) -> Site | None:
+    return ctx.sites[2] if len(ctx.sites) > 2 else None
 
 
 def _pop(ctx: DemoContext) -> Pop:
@@ -183,25 +209,29 @@ def _pop(ctx: DemoContext) -> Pop:
 
 
 def step_topology(ctx: DemoContext) -> None:
-    pop, sites = build_pop_lab(ctx.lab, nat=ctx.opts.nat)
+    pop, sites = build_pop_lab(ctx.lab, nat=ctx.opts.nat, mesh_site=True)
     ctx.pop, ctx.sites = pop, sites
     for line in ctx.lab.describe():
         say(f"    {line}")
-    for s in sites:
+    for s in sites[:2]:
         say(f"    site {s.n}: direct-only prefix {direct_subnet(s)} (LAN host {direct_host_ip(s)})")
+    say("    site 3: reaches sites 1 and 2 over the mesh (their LAN prefixes pinned to it)")
     say(f"    PoP {pop.n} (popd) at {pop.endpoint}, STUN {pop.ip}:{pop.stun_port}")
 
 
 def step_configs(ctx: DemoContext) -> None:
     pop = _pop(ctx)
     say(f"    account CA {ctx.lab.setup_pki().ca_cert}")
-    say(f"    PoP config {pop.config}, account {pop.account} (sites 1 and 2)")
+    say(f"    PoP config {pop.config}, account {pop.account} (sites 1-3, off-cloud on)")
     s1, s2 = _sites(ctx)
     for site, other in ((s1, s2), (s2, s1)):
         say(
             f"    site {site.n}: config {site.config}: PoP {pop.endpoint}; static peer "
             f"{other.n} at {other.endpoint} for {direct_subnet(other)}"
         )
+    s3 = _mesh_site(ctx)
+    if s3 is not None:
+        say(f"    site 3: config {s3.config}: PoP {pop.endpoint}; [mesh] pin = lan1, lan2")
 
 
 def step_start(ctx: DemoContext) -> None:
@@ -233,17 +263,19 @@ def step_register(ctx: DemoContext) -> None:
             cloud = ctl(site, "status")["cloud"]
         except (control.ControlError, OSError, KeyError):
             return False
-        return cloud.get("state") == "up" and int(cloud.get("sites") or 0) >= 1
+        want = len(ctx.sites) - 1
+        return cloud.get("state") == "up" and int(cloud.get("sites") or 0) >= want
 
     done: set[int] = set()
-    while len(done) < 2:
+    while len(done) < len(ctx.sites):
         _check_alive(ctx)
-        for site, other in ((s1, s2), (s2, s1)):
-            if site.n not in done and registered(site, other):
+        for site in ctx.sites:
+            others = ", ".join(str(o.n) for o in ctx.sites if o is not site)
+            if site.n not in done and registered(site, s2 if site is s1 else s1):
                 done.add(site.n)
                 say(
                     f"    site {site.n}: registered with PoP {_pop(ctx).n} after "
-                    f"{time.monotonic() - t0:.1f} s; directory lists site {other.n}"
+                    f"{time.monotonic() - t0:.1f} s; directory lists sites {others}"
                 )
         if time.monotonic() > deadline:
             states = ", ".join(f"site {s.n} cloud {cloud_state(s)}" for s in ctx.sites)
@@ -300,8 +332,39 @@ def step_direct(ctx: DemoContext) -> None:
     say(f"    ping {src} -> {dst} over the direct tunnel: {ctx.results['direct_ping']}")
 
 
-def _show(ctx: DemoContext, cmds: Sequence[str]) -> None:
-    for site in ctx.sites:
+def step_mesh(ctx: DemoContext) -> None:
+    s3 = _mesh_site(ctx)
+    if s3 is None:
+        raise DemoFailed("no mesh site in this lab")
+    t0 = time.monotonic()
+    for other in _sites(ctx):
+        while True:
+            try:
+                paths = ctl(s3, "mesh").get("paths", [])
+            except (control.ControlError, OSError):
+                paths = []
+            p = next((x for x in paths if x.get("site_id") == other.n), None)
+            if p is not None and p.get("state") == "direct":
+                break
+            if time.monotonic() - t0 > ctx.opts.tunnel_timeout_s:
+                raise DemoFailed(f"site 3: no mesh tunnel to site {other.n} ({p})")
+            _check_alive(ctx)
+            time.sleep(0.1)
+        say(
+            f"    site 3: mesh tunnel to site {other.n} punched through both NATs: endpoint "
+            f"{p.get('endpoint')}, found by {p.get('how')} "
+            f"({time.monotonic() - t0:.1f} s after the start of this step)"
+        )
+        if not ctx.lab.wait_ping(s3.lan_ns, other.lan_host_ip, timeout=10):
+            raise DemoFailed(f"ping lan3 -> lan{other.n} over the mesh: no answer")
+        rtt = ctx.lab.ping_rtt_ms(s3.lan_ns, other.lan_host_ip, count=10, interval=0.05)
+        say(f"    ping lan3 {s3.lan_host_ip} -> lan{other.n} {other.lan_host_ip} over the mesh: "
+            f"avg {rtt:.3f} ms" if rtt is not None else "    (no RTT)")
+    _show(ctx, ("mesh",), sites=[s3])
+
+
+def _show(ctx: DemoContext, cmds: Sequence[str], sites: Sequence[Site] | None = None) -> None:
+    for site in ctx.sites if sites is None else sites:
         for cmd in cmds:
             say(f"    --- site {site.n}: socketctl {cmd}")
             try:
@@ -349,6 +412,11 @@ def step_outage(ctx: DemoContext) -> None:
     if cp.returncode != 0:
         raise DemoFailed("the static direct tunnel stopped carrying traffic during the outage")
     say(f"    {src} -> {dst} over the static direct tunnel: still answers")
+    s3 = _mesh_site(ctx)
+    if s3 is not None:
+        if not ctx.lab.ping(s3.lan_ns, s1.lan_host_ip, count=3, wait_s=1):
+            raise DemoFailed("the mesh tunnel lan3 -> lan1 stopped during the outage")
+        say(f"    lan3 -> lan1 ({s1.lan_host_ip}) over the mesh tunnel: still answers, no PoP")
 
 
 def step_pop_returns(ctx: DemoContext) -> None:
@@ -387,12 +455,13 @@ def step_events(ctx: DemoContext) -> None:
 Step = tuple[str, Callable[[DemoContext], None]]
 
 STEPS: list[Step] = [
-    ("build the topology (2 sites behind NAT routers, a PoP)", step_topology),
+    ("build the topology (3 sites behind NAT routers, a PoP)", step_topology),
     ("the account CA, certificates and configs", step_configs),
-    ("start popd and socketd in both sites", step_start),
-    ("wait for both sites to register with the PoP", step_register),
+    ("start popd and socketd in every site", step_start),
+    ("wait for every site to register with the PoP", step_register),
     ("ping and iperf3 lan1 -> lan2 through the PoP", step_relay_traffic),
     ("the direct tunnel between the sites (static peers)", step_direct),
+    ("the mesh: site 3's tunnels punched through the NATs with the PoP's help", step_mesh),
     ("socketctl status, pop, peers and routes (who carries each prefix, and why)", step_status),
     ("cloud outage: kill popd", step_outage),
     ("the PoP comes back", step_pop_returns),
@@ -433,7 +502,7 @@ def run_demo(opts: DemoOptions, steps: Sequence[Step] = STEPS) -> int:
     say(
         f"DEMO OK in {time.monotonic() - t_start:.0f} s: lan1 -> lan2 through the PoP "
         f"(ping {ctx.results['relay_rtt_ms']:.3f} ms, TCP {ctx.results['relay_tcp_mbps']:.0f} "
-        "Mbit/s), direct tunnel up, cloud outage noticed and recovered"
+        "Mbit/s), direct tunnel up, mesh tunnels punched, cloud outage noticed and recovered"
     )
     return 0
 

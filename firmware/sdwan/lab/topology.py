@@ -485,6 +485,29 @@ table inet lab_filter {{
     def _wan_addr(self, r: Router) -> str:
         return r.public_ip if r.upstream is None else f"100.65.{r.n}.2"
 
+    def renat_router(self, n: int, offset: int) -> None:
+        """Emulate router n restarting with its NAT table lost and new mappings: from now on
+        UDP from the sites' port leaves with that port + offset toward every destination (the
+        PoP too), and the connection tracking table is flushed."""
+        r = self.routers[n]
+        if r.ns is None:
+            raise ValueError(f"router {n} has no namespace (nat='none')")
+        wan, pub = r.wan_dev, self._wan_addr(r)
+        netns.nft(
+            r.ns,
+            f"""
+delete table ip lab_nat
+table ip lab_nat {{
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "{wan}" udp sport {SOCKETD_PORT} snat ip to {pub}:{SOCKETD_PORT + offset}
+        oifname "{wan}" masquerade
+    }}
+}}
+""",
+        )
+        netns.run(r.ns, ["conntrack", "-F"], check=False)
+
     def router_nft(self, n: int, ruleset: str) -> None:
         """Load more nft rules into router n (failure injection, later NAT types)."""
         r = self.routers[n]
@@ -749,6 +772,7 @@ table inet lab_filter {{
         lan_subnets: Sequence[str] | None = None,
         name: str | None = None,
         extra_toml: str = "",
+        link: dict[str, object] | None = None,
     ) -> Path:
         """Write socketd's TOML for site (own control socket and data dir) and return its path."""
         pki = pki or self.setup_pki()
@@ -777,6 +801,7 @@ table inet lab_filter {{
                     "port": site.port,
                     "precedence": 1,
                     "mtu": 1500,
+                    **(link or {}),
                 },
                 array=True,
             ),

@@ -118,6 +118,8 @@ class Broker:
         self.stats = BrokerStats()
         self.paths: dict[PathKey, _Path] = {}
         self._links: dict[PathKey, tuple[MeshLink, MeshLink]] = {}
+        self._by_site: dict[int, list[MeshLink]] = {}  # as of the last update
+        self._site_paths: dict[int, set[PathKey]] = {}  # the paths each site is in
         # Generations are never reused within a run; a random start keeps a restarted PoP's
         # from meeting the ones sites still hold (their secrets differ anyway).
         self._gen = secrets.randbelow(1 << 30) + 1
@@ -125,7 +127,9 @@ class Broker:
     # ---------------------------------------------------------------- inputs
 
     def update(self, links: Iterable[MeshLink], offcloud_sites: Iterable[int]) -> None:
-        """The registered links of every site now; punch what is new or changed."""
+        """The registered links of every site now; punch what is new or changed. Only the
+        pairs of sites whose links changed are looked at: with a thousand sites, one site's
+        registration costs one pass over the others, not over every pair."""
         sites = set(offcloud_sites)
         by_site: dict[int, list[MeshLink]] = {}
         for ln in links:
@@ -133,21 +137,43 @@ class Broker:
                 by_site.setdefault(ln.site_id, []).append(ln)
         for ls in by_site.values():
             ls.sort(key=lambda x: (x.precedence, x.link_id))
-        want: dict[PathKey, tuple[MeshLink, MeshLink]] = {}
-        ids = sorted(by_site, reverse=True)
-        for i, a in enumerate(ids):
-            for b in ids[i + 1 :]:
-                for la, lb in zip(by_site[a], by_site[b], strict=False):
-                    want[(a, la.link_id, b, lb.link_id)] = (la, lb)
-        for key in [k for k in self.paths if k not in want]:
-            del self.paths[key]
-        self._links = want
+        changed = {
+            sid for sid in by_site.keys() | self._by_site.keys()
+            if by_site.get(sid) != self._by_site.get(sid)
+        }
+        if not changed:
+            return
+        self._by_site = by_site
+        old: dict[PathKey, _Path] = {}
+        for sid in changed:
+            for key in self._site_paths.pop(sid, set()):
+                path = self.paths.pop(key, None)
+                if path is not None:
+                    old[key] = path
+                self._links.pop(key, None)
+                other = key[2] if key[0] == sid else key[0]
+                self._site_paths.get(other, set()).discard(key)
         now = self.clock()
-        for key, (la, lb) in want.items():
-            sig = (_candidates(la, lb), _candidates(lb, la), la.epoch, lb.epoch, la.nat, lb.nat)
-            path = self.paths.get(key)
-            if path is None or path.signature != sig:
-                self._punch(key, sig, now)
+        done: set[tuple[int, int]] = set()
+        for sid in changed:
+            for other in by_site if sid in by_site else ():
+                if other == sid or (min(sid, other), max(sid, other)) in done:
+                    continue
+                done.add((min(sid, other), max(sid, other)))
+                a, b = max(sid, other), min(sid, other)
+                for la, lb in zip(by_site[a], by_site[b], strict=False):
+                    key = (a, la.link_id, b, lb.link_id)
+                    self._links[key] = (la, lb)
+                    self._site_paths.setdefault(a, set()).add(key)
+                    self._site_paths.setdefault(b, set()).add(key)
+                    # The links themselves: their endpoints, epochs and classes make the
+                    # candidates, so equal links mean an equal punch.
+                    sig = (la, lb)
+                    prev = old.get(key)
+                    if prev is not None and prev.signature == sig:
+                        self.paths[key] = prev
+                    else:
+                        self._punch(key, sig, now, prev)
 
     def on_request(self, site_id: int, link_id: int, msg: dict[str, Any]) -> str | None:
         """A site asks for its path to msg["peer"] over link_id to be punched again; returns
@@ -174,14 +200,14 @@ class Broker:
             path.pending = True
             self.stats.requests_deferred += 1
             return None
-        self._punch(key, path.signature, now, asked=True)
+        self._punch(key, path.signature, now, path, asked=True)
         return None
 
     def tick(self) -> None:
         now = self.clock()
         for key, path in list(self.paths.items()):
             if path.pending and now - path.sent_at >= self.min_repunch_s:
-                self._punch(key, path.signature, now, asked=True)
+                self._punch(key, path.signature, now, path, asked=True)
 
     # ---------------------------------------------------------------- status
 
@@ -213,17 +239,19 @@ class Broker:
     def _key(self, site_id: int, link_id: int, peer: Any) -> PathKey | None:
         if isinstance(peer, bool) or not isinstance(peer, int):
             return None
-        for key in self.paths:
+        for key in self._site_paths.get(site_id, ()):
             a, la, b, lb = key
             if (a, la, b) == (site_id, link_id, peer) or (b, lb, a) == (site_id, link_id, peer):
                 return key
         return None
 
-    def _punch(self, key: PathKey, sig: tuple[Any, ...], now: float, asked: bool = False) -> None:
+    def _punch(
+        self, key: PathKey, sig: tuple[Any, ...], now: float, old: _Path | None,
+        asked: bool = False,
+    ) -> None:
         """Punch the path anew; asked: a site asked, so the last punch found nothing."""
         la, lb = self._links[key]
         self._gen = self._gen % 0xFFFFFFFF + 1
-        old = self.paths.get(key)
         path = _Path(self._gen, secrets.token_bytes(SECRET_LEN), sig, now)
         if old is not None:
             path.punches, path.requests = old.punches + 1, old.requests

@@ -103,6 +103,7 @@ class SiteSession:
     version: str = ""
     registered_at: float | None = None
     first_registered_at: float | None = None  # the punch broker's epoch of this session
+    dir_rev: int | None = None  # the directory rev this session was last sent (full or delta)
     reassembler: Reassembler | None = None  # of the current `dtls`; made on first use
 
     @property
@@ -506,6 +507,10 @@ class Pop(SessionOwner):
             self._on_register(s, msg)
         elif kind == "ping":
             self._send_msg(s, {"t": "pong", "id": msg.get("id")})
+            # A site whose directory is not the one we last sent it (a push lost in transit,
+            # a delta it could not apply) gets the whole directory again.
+            if s.registered and "rev" in msg and msg["rev"] != s.dir_rev:
+                self._send_directory(s)
         elif kind == "punch-request":
             if not s.registered or s.link_index is None:
                 self.stats.messages_malformed += 1
@@ -648,18 +653,32 @@ class Pop(SessionOwner):
                 self.routes[net] = peer
         full = self._full_directory()
         if full != self._directory:
+            old = {e["site_id"]: e for e in self._directory or []}
+            new = {e["site_id"]: e for e in full}
+            changed = [e for sid, e in new.items() if old.get(sid) != e]
+            removed = [sid for sid in old if sid not in new]
             self._directory = full
             self.rev += 1
+            # Only the differences (docs/cloud.md): with a thousand sites, one site's change
+            # must not send every site the whole directory.
             for s in list(self.by_peer.values()):
-                if s.registered and s is not force_push_to:
-                    self._send_msg(
-                        s,
-                        {
-                            "t": "directory",
-                            "rev": self.rev,
-                            "directory": self._directory_for(s.site_id),
-                        },
-                    )
+                if not s.registered or s is force_push_to:
+                    continue
+                mine = [e for e in changed if e["site_id"] != s.site_id]
+                gone = [sid for sid in removed if sid != s.site_id]
+                if not mine and not gone:
+                    continue  # nothing it sees changed: its view at s.dir_rev is current
+                self._send_msg(
+                    s,
+                    {
+                        "t": "directory-delta",
+                        "base": s.dir_rev,
+                        "rev": self.rev,
+                        "changed": mine,
+                        "removed": gone,
+                    },
+                )
+                s.dir_rev = self.rev
         if force_push_to is not None and force_push_to.registered:
             self._welcome(force_push_to)
         # After the welcome: a site learns its peers' subnets before it is told to punch.
@@ -714,6 +733,12 @@ class Pop(SessionOwner):
     def _directory_for(self, site_id: int) -> list[dict[str, Any]]:
         return [e for e in self._directory or [] if e["site_id"] != site_id]
 
+    def _send_directory(self, s: SiteSession) -> None:
+        if self._send_msg(
+            s, {"t": "directory", "rev": self.rev, "directory": self._directory_for(s.site_id)}
+        ):
+            s.dir_rev = self.rev
+
     def _welcome(self, s: SiteSession) -> None:
         assert self.account is not None
         site = self.account.site(s.site_id)
@@ -729,6 +754,7 @@ class Pop(SessionOwner):
                 "directory": self._directory_for(s.site_id),
             },
         )
+        s.dir_rev = self.rev
 
     # ---------------------------------------------------------------- events
 

@@ -92,6 +92,7 @@ class CloudStats:
     unknown: int = 0
     refused: int = 0
     bad_directory_entries: int = 0
+    directory_gaps: int = 0  # deltas on another base than ours (the next ping repairs it)
 
 
 @dataclass
@@ -210,7 +211,11 @@ class PopSession:
             self._ping.sent[pid] = now
             while len(self._ping.sent) > PINGS_KEPT:
                 del self._ping.sent[min(self._ping.sent)]
-            self.tunnel.send_message({"t": "ping", "id": pid})
+            ping: dict[str, Any] = {"t": "ping", "id": pid}
+            if self.cloud.is_active(self):
+                # The PoP sends the whole directory again when ours is not the one it sent.
+                ping["rev"] = self.cloud.directory_rev
+            self.tunnel.send_message(ping)
 
     def _restart_stuck_handshake(self, now: float) -> None:
         hs = self.tunnel.handshaking
@@ -269,6 +274,8 @@ class PopSession:
                 cloud.on_config(self, msg)
             elif kind == "directory":
                 cloud.on_directory(self, msg)
+            elif kind == "directory-delta":
+                cloud.on_directory_delta(self, msg)
             elif kind == "pong":
                 sent = self._ping.sent.pop(int(msg["id"]), None)
                 if sent is not None:
@@ -490,7 +497,8 @@ class Cloud(SessionOwner):
         if not isinstance(config, dict) or not isinstance(directory, list):
             raise ValueError("welcome without a config object and a directory list")
         self._set_config(msg.get("rev"), config, ps.pop.id)
-        self._set_directory(msg.get("rev"), directory)
+        if self.is_active(ps) or self.directory_rev is None:
+            self._set_directory(msg.get("rev"), directory)
         self.stale = False
 
     def on_config(self, ps: PopSession, msg: dict[str, Any]) -> None:
@@ -501,7 +509,24 @@ class Cloud(SessionOwner):
     def on_directory(self, ps: PopSession, msg: dict[str, Any]) -> None:
         if not isinstance(msg["directory"], list):
             raise ValueError("directory is not a list")
-        self._set_directory(msg.get("rev"), msg["directory"])
+        # The directory of the PoP the routes follow; revs of two PoPs are not comparable.
+        if self.is_active(ps) or self.directory_rev is None:
+            self._set_directory(msg.get("rev"), msg["directory"])
+
+    def on_directory_delta(self, ps: PopSession, msg: dict[str, Any]) -> None:
+        changed, removed, rev = msg["changed"], msg["removed"], msg["rev"]
+        if not isinstance(changed, list) or not isinstance(removed, list):
+            raise ValueError("directory-delta without changed and removed lists")
+        if not self.is_active(ps) or rev == self.directory_rev:
+            return  # another PoP's, or the same delta over a second link
+        if msg["base"] != self.directory_rev:
+            self.stats.directory_gaps += 1
+            return
+        gone = set(removed)
+        entries = {e["site_id"]: e for e in self.directory if e["site_id"] not in gone}
+        for entry in self._valid_directory(changed):
+            entries[entry["site_id"]] = entry
+        self._set_directory(rev, [entries[k] for k in sorted(entries)])
 
     def _set_config(self, rev: Any, config: dict[str, Any], pop_id: int) -> None:
         changed = config != self.config
@@ -533,7 +558,7 @@ class Cloud(SessionOwner):
         return good
 
     def _set_directory(self, rev: Any, directory: list[Any]) -> None:
-        entries = self._valid_directory(directory)
+        entries = sorted(self._valid_directory(directory), key=lambda e: e["site_id"])
         changed = entries != self.directory
         if changed:
             log.info("directory rev %s: %d other sites", rev, len(entries))
@@ -788,6 +813,7 @@ class Cloud(SessionOwner):
                 "unknown": self.stats.unknown,
                 "refused": self.stats.refused,
                 "bad_directory_entries": self.stats.bad_directory_entries,
+                "directory_gaps": self.stats.directory_gaps,
             },
         }
 

@@ -104,6 +104,7 @@ class Paths:
         self.on_tun_routes = on_tun_routes
         self.policy = Policy(policy)
         self.override: Override | None = None
+        self._override_why = "per-rule override"
         self.batches = 0  # batch calls made, for status
         self._sets: dict[str, tuple[Candidate, ...]] = {}  # by producer, in submission order
         self._installed: dict[Network, int] = {}  # what the fast path has, as far as we know
@@ -137,8 +138,10 @@ class Paths:
             self._dirty = True
         self.apply()
 
-    def set_override(self, override: Override | None) -> None:
+    def set_override(self, override: Override | None, why: str = "per-rule override") -> None:
+        """Install the override hook; why is what `routes` says of a prefix it decided."""
         self.override = override
+        self._override_why = why
         self._dirty = True
         self.apply()
 
@@ -194,7 +197,7 @@ class Paths:
                     log.error("route override for %s chose an unusable candidate", prefix)
                 elif match is not None and match[1] != pick:
                     producer, pick = match
-                    why = "per-rule override"
+                    why = self._override_why
             chosen[prefix] = Choice(pick, producer, why)
             for p, c in usable:
                 if c is not pick:

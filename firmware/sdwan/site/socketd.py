@@ -240,7 +240,7 @@ class Supervisor:
 
         cloud.handle("punch", on_punch)
         cloud.watch_directory(mesh.on_directory)
-        self.paths.set_override(pin_override(cfg.mesh.pin))
+        self.paths.set_override(pin_override(cfg.mesh.pin), why="pinned to the mesh ([mesh] pin)")
         mesh.load_cache()
         return mesh
 
