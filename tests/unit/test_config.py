@@ -783,3 +783,61 @@ def test_link_addressing_errors_are_located(
     assert line.startswith(f"{path}: {field}: "), line
     assert expected in line, line
     assert line.endswith(f"(line {text.splitlines().index(f'addressing = {value}') + 1})"), line
+
+
+# --------------------------------------------------------------------------- [mesh] birthday
+
+
+def test_mesh_birthday_defaults_and_values(tmp_path: Path) -> None:
+    cfg = load_config(write_site(tmp_path))
+    assert (cfg.mesh.birthday_ports, cfg.mesh.birthday_sockets, cfg.mesh.birthday_probes) == (
+        (40000, 40999), 256, 1024
+    )
+    text = BASE + (
+        '\n[mesh]\nbirthday_ports = "50000 - 50127"\nbirthday_sockets = 128\n'
+        "birthday_probes = 2048\n"
+    )
+    cfg = load_config(write_site(tmp_path, text))
+    assert (cfg.mesh.birthday_ports, cfg.mesh.birthday_sockets, cfg.mesh.birthday_probes) == (
+        (50000, 50127), 128, 2048
+    )
+    # A link on a port of the default range is fine: that port is simply skipped.
+    cfg = load_config(write_site(tmp_path, BASE.replace("port = 4801", "port = 40001")))
+    assert cfg.mesh.birthday_ports == (40000, 40999)
+
+
+RANGE = 'expected a port range "LO-HI" within 1024..65535'
+
+
+@pytest.mark.parametrize(
+    ("mesh", "field", "expected"),
+    [
+        ('birthday_ports = 40000', "mesh.birthday_ports", f"{RANGE}, got 40000"),
+        ('birthday_ports = "40000"', "mesh.birthday_ports", f'{RANGE}, got "40000"'),
+        ('birthday_ports = "41000-40000"', "mesh.birthday_ports", RANGE),
+        ('birthday_ports = "80-1080"', "mesh.birthday_ports", RANGE),
+        ('birthday_ports = "40000-70000"', "mesh.birthday_ports", RANGE),
+        (
+            'birthday_ports = "4000-5000"',
+            "mesh.birthday_ports",
+            "expected a range without the links' ports, got 4000-5000, which holds"
+            " links[0].port 4800",
+        ),
+        (
+            'birthday_ports = "40000-40099"',
+            "mesh.birthday_sockets",
+            "expected at most the 100 ports of birthday_ports 40000-40099, got 256",
+        ),
+        ("birthday_sockets = 0", "mesh.birthday_sockets", "expected an integer 1..512, got 0"),
+        ("birthday_probes = 5000", "mesh.birthday_probes", "expected an integer 1..4096"),
+        ("birthday_socket = 9", "mesh.birthday_socket", 'did you mean "birthday_sockets"?'),
+    ],
+)
+def test_mesh_birthday_errors_are_located(
+    tmp_path: Path, mesh: str, field: str, expected: str
+) -> None:
+    path, message = errors_of(tmp_path, BASE + f"\n[mesh]\n{mesh}\n")
+    lines = message.splitlines()
+    assert len(lines) == 1, message
+    assert lines[0].startswith(f"{path}: {field}: ") and expected in lines[0], lines[0]
+    assert "(line " in lines[0]

@@ -333,6 +333,44 @@ def test_stun_from_strangers_is_not_taken(rig: Rig) -> None:
     _run(scenario)
 
 
+def test_a_second_mapping_tells_a_port_randomising_nat(rig: Rig) -> None:
+    links = rig.links
+
+    async def scenario() -> None:
+        transport, srv = await stun.start_server(("127.0.0.1", 0))
+        server = transport.get_extra_info("sockname")[:2]
+        check = ("127.0.0.1", 9)  # stands for the PoP's main port; the test answers for it
+        try:
+            links.use_stun_server(server, check)
+            # Both asked at once, from every link's socket.
+            assert sorted((i, a) for i, a, _ in rig.sent) == [
+                (1, check), (1, server), (2, check), (2, server)
+            ]
+            wl = links[1]
+            to_server = next(d for i, a, d in rig.sent if (i, a) == (1, server))
+            to_check = next(d for i, a, d in rig.sent if (i, a) == (1, check))
+            # Toward the STUN server the NAT keeps the port; the second answer decides.
+            assert links.on_stun(1, server, srv.handle(to_server, ("198.51.100.7", wl.port)))
+            assert wl.nat_class == "port-preserving" and wl.stun_check.tx is not None
+            before = links.advertised()
+            # Another port toward the other destination: a new mapping per destination.
+            assert links.on_stun(1, check, srv.handle(to_check, ("198.51.100.7", 52011)))
+            assert wl.stun_check.public == Endpoint("198.51.100.7", 52011)
+            assert wl.nat_class == "port-randomising"
+            assert links.advertised() != before
+            assert links.advertised()[0] == (f"198.51.100.7:{wl.port}", "port-randomising")
+            # The same server twice is one transaction, not two.
+            rig.sent.clear()
+            links.use_stun_server(None)
+            links.use_stun_server(server, server)
+            assert [a for _, a, _ in rig.sent] == [server, server]
+            assert links.stun_check is None and wl.stun_check.public is None
+        finally:
+            transport.close()
+
+    _run(scenario)
+
+
 # --------------------------------------------------------------------------- NAT data
 
 
