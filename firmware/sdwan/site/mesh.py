@@ -480,6 +480,7 @@ class Mesh(SessionOwner):
         self.stats.birthday_sockets += len(socks)
         path.spray = list(socks)
         assert self.sockets is not None and path.gen is not None
+        # Read on the event loop until one wins, not by the fast path (birthday.py says why).
         for i, sock in enumerate(socks):
             self.sockets.watch(
                 sock,
