@@ -66,6 +66,10 @@ CACHE_PATIENCE_S = 3.0  # a cached endpoint that has not answered by then is pun
 REPUNCH_MIN_S = 2.0  # between two requests for the same path
 REPUNCH_MAX_S = 60.0
 SEEN_KEPT = 256  # request nonces remembered per path, against replays
+# Probes sent per supervisor tick (50 ms) over all paths: 999 peers punched at once must not
+# burst 32k datagrams into one socket; about 20k a second still starts every punch in 2 s.
+PROBES_PER_TICK = 1024
+UP_TICK_S = 1.0  # how often an up tunnel's clock runs
 RANDOMISING = "port-randomising"  # the NAT class (links.py) the birthday approach is for
 BOTH_RANDOMISE = (
     "both sides randomise their NAT ports: no direct path can be punched; traffic stays on"
@@ -165,6 +169,7 @@ class MeshPeer:
     paths: dict[int, MeshPath] = field(default_factory=dict)  # by local link id
     tunnel: PeerTunnel | None = None
     up: bool = False  # what the last Off-Cloud Transport event said
+    next_tick: float = 0.0  # of its tunnel, while up
 
 
 def window_ports(port: int, window: int) -> list[int]:
@@ -177,6 +182,14 @@ def window_ports(port: int, window: int) -> list[int]:
                 out.append(p)
         step += 1
     return out
+
+
+def _how_for(path: MeshPath, addr: Addr) -> str:
+    """How a path to addr was found: the kind of the candidate it is, else the port window."""
+    for how, cand in path.candidates:
+        if cand == addr and how in ("local", "static"):
+            return how
+    return "window"
 
 
 def pin_override(pins: Sequence[IPNetwork]) -> Override | None:
@@ -230,6 +243,7 @@ class Mesh(SessionOwner):
         self.stats = MeshStats()
         self.remotes: dict[int, MeshPeer] = {}
         self._dirty = True  # candidates to submit again
+        self._budget = PROBES_PER_TICK
 
     @property
     def enabled(self) -> bool:
@@ -383,7 +397,8 @@ class Mesh(SessionOwner):
                 t == addr and on == link_id for _, t, _, on in path.nonces.values()
             ):
                 # Punch back at once toward where the peer's probe came from.
-                self._send_request(peer, path, addr, path.mode, link_id)
+                how = "birthday" if path.mode == "birthday" else _how_for(path, addr)
+                self._send_request(peer, path, addr, how, link_id)
             return
         sent = path.nonces.pop(p.echo, None)
         if sent is None:
@@ -398,7 +413,7 @@ class Mesh(SessionOwner):
             how = "birthday"
             self.stats.birthday_found += 1
         else:
-            how = sent[2] if sent[1] == addr and sent[2] in ("local", "static") else "window"
+            how = sent[2] if sent[1] == addr else _how_for(path, addr)
         self._stop_birthday(path)
         if link_id != path.fp_link:
             # Found on the link's own socket after all: a birthday socket is not needed.
@@ -433,6 +448,10 @@ class Mesh(SessionOwner):
         else:
             self.port.send(on, addr, data)
         self.stats.probes_sent += 1
+
+    @staticmethod
+    def _round_size(path: MeshPath) -> int:
+        return sum(path.window if how == "reflexive" else 1 for how, _ in path.candidates)
 
     def _probe_round(self, peer: MeshPeer, path: MeshPath) -> None:
         # Nonces of earlier rounds stay valid (a slow answer still counts) up to a bound.
@@ -495,6 +514,7 @@ class Mesh(SessionOwner):
     def _birthday_round(self, peer: MeshPeer, path: MeshPath, elapsed: float) -> None:
         reflexive = [a for how, a in path.candidates if how == "reflexive"]
         if path.role == "hard":
+            # From the extra sockets, not the link's: outside the tick's probe budget.
             while path.rounds < len(BIRTHDAY_ROUNDS_AT) and elapsed >= (
                 BIRTHDAY_ROUNDS_AT[path.rounds]
             ):
@@ -507,6 +527,9 @@ class Mesh(SessionOwner):
         if elapsed < BIRTHDAY_START_S or not reflexive:
             return
         due = min(len(path.targets), int((elapsed - BIRTHDAY_START_S) * BIRTHDAY_PPS) + 1)
+        # Through the link's own socket: within the tick's probe budget, like window rounds.
+        due = min(due, path.sprayed + max(self._budget, 0))
+        self._budget -= due - path.sprayed
         ip = reflexive[0][0]
         while path.sprayed < due:
             self._send_request(peer, path, (ip, path.targets[path.sprayed]), "birthday")
@@ -742,14 +765,23 @@ class Mesh(SessionOwner):
         if not self.remotes and not self._dirty:
             return
         now = self.clock()
+        self._budget = PROBES_PER_TICK
         for peer in list(self.remotes.values()):
             for path in peer.paths.values():
-                self._tick_path(peer, path, now)
-            if peer.tunnel is not None:
-                try:
-                    peer.tunnel.tick()
-                except Exception:
-                    log.exception("mesh tunnel %d tick failed", peer.site_id)
+                if path.state is not PathState.DIRECT:
+                    self._tick_path(peer, path, now)
+            tunnel = peer.tunnel
+            # A tunnel that is up needs its clock only for keepalives, liveness and rekeys,
+            # all on a scale of seconds: with hundreds of peers, once a second each, spread
+            # over the ticks, keeps the idle mesh's cost low (docs/mesh.md, "Scale").
+            if tunnel is None or (tunnel.state is State.UP and now < peer.next_tick):
+                continue
+            if tunnel.state is State.UP:
+                peer.next_tick = now + UP_TICK_S
+            try:
+                tunnel.tick()
+            except Exception:
+                log.exception("mesh tunnel %d tick failed", peer.site_id)
         if self._dirty:
             self._dirty = False
             self.paths.submit(PATHS_PRODUCER, self._candidates())
@@ -764,10 +796,17 @@ class Mesh(SessionOwner):
             if path.mode == "birthday":
                 self._birthday_round(peer, path, elapsed)
                 return
-            while path.rounds < len(ROUNDS_AT) and elapsed >= ROUNDS_AT[path.rounds]:
+            if path.rounds >= len(ROUNDS_AT) or elapsed < ROUNDS_AT[path.rounds]:
+                return
+            need = self._round_size(path)
+            if need > self._budget and self._budget < PROBES_PER_TICK:
+                return  # paced: this round goes out on a later tick
+            self._budget -= need
+            if path.rounds == 0:
+                path.punched_at = now  # a punch delayed by pacing gets its whole time
+            while path.rounds < len(ROUNDS_AT) and now - path.punched_at >= ROUNDS_AT[path.rounds]:
                 path.rounds += 1
-                if path.rounds == 1 or elapsed - ROUNDS_AT[path.rounds - 1] < 0.5:
-                    self._probe_round(peer, path)
+            self._probe_round(peer, path)
         elif path.state is PathState.CONNECTING:
             if path.cache_until is not None and now >= path.cache_until:
                 # The cached endpoint does not answer: the NAT forgot it; punch again.
