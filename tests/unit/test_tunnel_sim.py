@@ -216,3 +216,27 @@ def test_a_displaced_handshake_is_retried_not_orphaned(certs) -> None:
     net.run(30)
     assert a.tunnels[1].state is State.UP, a.tunnels[1].reason
     assert c.tunnels[3].state is State.UP
+
+
+@pytest.mark.parametrize("kick_first", [True, False], ids=["kick-first", "handshake-first"])
+def test_a_kick_crossing_the_first_handshake_does_not_supersede_it(certs, kick_first) -> None:
+    """Both ends found a new path at once (a punch): the responder's kick reaches the initiator
+    just before or just after it starts its own handshake to the same address. One handshake
+    goes there, not two that supersede each other and take the tunnel down."""
+    net = Net(Clock())
+    a = SimSite(net, certs, 2, A_ADDR, {1: B_ADDR}, TIMERS)
+    b = SimSite(net, certs, 1, B_ADDR, {2: A_ADDR}, TIMERS)
+    events: list[str] = []
+    a.tunnels[1].on_event = lambda kind, text: events.append(kind)
+    if kick_first:
+        net.deliver(B_ADDR, A_ADDR, encode_kick(1, 2))
+        net.pump()
+    else:
+        a._tick()
+        net.deliver(B_ADDR, A_ADDR, encode_kick(1, 2))
+        net.queue.reverse()  # the kick arrives before the hello gets anywhere
+        net.pump()
+    net.run(3)
+    assert a.tunnels[1].state is State.UP and b.tunnels[2].state is State.UP
+    assert "tunnel-down" not in events, a.tunnels[1].reason
+    assert a.tunnels[1].handshakes == 1

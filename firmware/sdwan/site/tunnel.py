@@ -132,7 +132,9 @@ class PeerTunnel:
         self.last_handshake_at: float | None = None
         self.session: DtlsSession | None = None  # the session keys were last taken from
         self._handshaking: DtlsSession | None = None  # our client session in progress
+        self._handshake_to: tuple[int, Addr] | None = None  # its (link, address)
         self._kick_handshaking: DtlsSession | None = None  # one toward a kick's source
+        self._kick_to: tuple[int, Addr] | None = None
         self._next_attempt = 0.0
         self._retry = timers.retry_min_s
         self._next_kick = 0.0
@@ -162,7 +164,7 @@ class PeerTunnel:
         if self.state is not State.UP:
             if self.initiator:
                 if self._handshaking is None and now >= self._next_attempt:
-                    self._handshaking = self._start_handshake(self._authenticated_endpoint())
+                    self._regular_handshake()
             elif self.kicks and now >= self._next_kick:
                 self._next_kick = now + self.timers.kick_interval_s
                 self.port.send(
@@ -176,7 +178,7 @@ class PeerTunnel:
             and now - self.last_handshake_at >= self.timers.rekey_s
         ):
             log.info("peer %d: periodic rekey", self.peer_id)
-            self._handshaking = self._start_handshake(self._authenticated_endpoint())
+            self._regular_handshake()
 
     def on_kick(self, link_id: int, addr: Addr) -> None:
         """The peer asks for a handshake (it has no working keys)."""
@@ -195,16 +197,21 @@ class PeerTunnel:
             and now - self.last_handshake_at < self.timers.kick_response_min_s
         ):
             return
+        if self._handshaking is not None and self._handshake_to == (link_id, addr):
+            # Already handshaking right there (both ends found a new path at once): a
+            # second client session to that address would only supersede the first.
+            return
         self._last_kick_handshake = now
         # The kick is not authenticated: its handshake has a slot of its own so
         # that it can never hold up the regular retry or rekey, and neither the
         # tunnel's link nor the data path's endpoint moves until it succeeds.
         self._kick_handshaking = self._start_handshake(addr, link_id)
+        self._kick_to = (link_id, addr)
 
     def on_rekey_needed(self) -> None:
         if self.initiator and self._handshaking is None:
             log.info("peer %d: fast path asks for a rekey", self.peer_id)
-            self._handshaking = self._start_handshake(self._authenticated_endpoint())
+            self._regular_handshake()
 
     def on_established(self, session: DtlsSession, link_id: int, addr: Addr) -> None:
         if session is self._handshaking:
@@ -348,6 +355,18 @@ class PeerTunnel:
         if ep is not None:
             self.link_id, self.endpoint = ep
         return self.endpoint
+
+    def _regular_handshake(self) -> None:
+        """Start the retry or rekey handshake toward the endpoint. A kick's handshake under
+        way to that very address becomes it: a second client session there would supersede
+        it (the session layer keeps one per address), failing both."""
+        addr = self._authenticated_endpoint()
+        target = (self.link_id, addr)
+        if self._kick_handshaking is not None and self._kick_to == target:
+            self._handshaking, self._kick_handshaking = self._kick_handshaking, None
+        else:
+            self._handshaking = self._start_handshake(addr)
+        self._handshake_to = target
 
     def _start_handshake(self, addr: Addr, link_id: int | None = None) -> DtlsSession:
         link_id = self.link_id if link_id is None else link_id
