@@ -236,6 +236,18 @@ int fp_key_clear(fp_t *fp, uint32_t peer_id);
 int fp_key_info(fp_t *fp, uint32_t peer_id, struct fp_key_info *out);
 int fp_send_keepalive(fp_t *fp, uint32_t peer_id);
 
+/* Liveness under traffic (docs/dataplane.md). A peer is owed an answer once we
+ * received a data packet from it and have sent it nothing since; it is silent
+ * once we sealed a data packet for it and nothing authenticated came back
+ * since. fp_liveness_scan, called periodically: sends a keepalive to every
+ * peer owed an answer for ack_after_ns (so a live peer answers one-way traffic
+ * within that), and writes the ids of up to cap peers silent for
+ * silent_after_ns into ids (a silent peer is reported by every scan until it
+ * answers, or fp_key_activate gives it new keys). Returns how many ids it
+ * wrote, or -errno. */
+int fp_liveness_scan(fp_t *fp, uint64_t ack_after_ns, uint64_t silent_after_ns, uint32_t *ids,
+                     size_t cap);
+
 /* What the TUN device does for us (fp_tun_features). fp_tun_open asks for
  * IFF_VNET_HDR and checksum/TSO (and, where the kernel has it, USO) offload, so
  * the TUN thread reads superpackets of up to 64 KiB and cuts them itself, and

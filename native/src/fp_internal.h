@@ -126,6 +126,12 @@ struct fp_peer {
     bool equal_weights;
     struct fp_cand cand[FP_PEER_ENDPOINTS];
     struct fp_ctr ctr;
+    /* Liveness under traffic (fp_liveness_scan): when the first data packet
+     * sealed since the peer's last authenticated packet was sealed, and when
+     * the first data packet received since we last sent to the peer arrived;
+     * 0: none. Written on the packet paths only when they change. */
+    _Atomic uint64_t unanswered_ns;
+    _Atomic uint64_t owed_ns;
 };
 
 struct fp_route {

@@ -1119,45 +1119,70 @@ int fp_ctrl_send(fp_t *fp, uint32_t link_id, const struct fp_addr *to,
     return rc;
 }
 
-int fp_send_keepalive(fp_t *fp, uint32_t peer_id)
+/* An authenticated empty packet to p's primary endpoint; under fp->lock (read). */
+static int keepalive_locked(fp_t *fp, struct fp_peer *p)
 {
     uint8_t pkt[FP_OVERHEAD];
     struct fp_result res;
     struct sockaddr_storage ss;
     socklen_t sl;
-    int rc;
     memset(&res, 0, sizeof(res));
-    pthread_rwlock_rdlock(&fp->lock);
-    struct fp_peer *p = fp_peer_find(fp, peer_id);
-    if (!p) {
-        rc = -ENOENT;
-        goto out;
-    }
-    rc = fp_seal_for_peer(fp, p, pkt + FP_HEADER_LEN, 0, pkt, sizeof(pkt), &res, fp_now_ns());
+    int rc = fp_seal_for_peer(fp, p, pkt + FP_HEADER_LEN, 0, pkt, sizeof(pkt), &res, fp_now_ns());
     if (rc < 0)
-        goto out;
+        return rc;
     if (res.verdict == FP_V_DROP) {
         static const int err[FP_DROP__COUNT] = {
             [FP_DROP_NO_KEY] = -ENOKEY, [FP_DROP_NO_ENDPOINT] = -ENOTCONN,
             [FP_DROP_KEY_EXPIRED] = -EKEYEXPIRED};
-        rc = err[res.drop_reason] ? err[res.drop_reason] : -EIO;
-        goto out;
+        return err[res.drop_reason] ? err[res.drop_reason] : -EIO;
     }
     struct fp_link *l = fp_link_find(fp, res.link_id);
     if (!l) {
-        rc = -ENODEV;
         fp_ctr_add(&fp->gctr.drops[FP_DROP_SEND_ERROR], 1);
-    } else if (fp_addr_to_sockaddr(&res.to, l->family, &ss, &sl) < 0) {
-        rc = -EAFNOSUPPORT;
+        return -ENODEV;
+    }
+    if (fp_addr_to_sockaddr(&res.to, l->family, &ss, &sl) < 0) {
         fp_ctr_add(&l->ctr.drops[FP_DROP_SEND_ERROR], 1);
-    } else if (sendto(l->fd, pkt, res.out_len, MSG_DONTWAIT, (struct sockaddr *)&ss, sl) < 0) {
+        return -EAFNOSUPPORT;
+    }
+    if (sendto(l->fd, pkt, res.out_len, MSG_DONTWAIT, (struct sockaddr *)&ss, sl) < 0) {
         rc = -errno;
         fp_ctr_add(&l->ctr.drops[FP_DROP_SEND_ERROR], 1);
-    } else {
-        fp_ctr_add(&l->ctr.tx_packets, 1);
-        fp_ctr_add(&l->ctr.tx_bytes, res.out_len);
+        return rc;
     }
-out:
+    fp_ctr_add(&l->ctr.tx_packets, 1);
+    fp_ctr_add(&l->ctr.tx_bytes, res.out_len);
+    return 0;
+}
+
+int fp_send_keepalive(fp_t *fp, uint32_t peer_id)
+{
+    pthread_rwlock_rdlock(&fp->lock);
+    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    int rc = p ? keepalive_locked(fp, p) : -ENOENT;
     pthread_rwlock_unlock(&fp->lock);
     return rc;
+}
+
+int fp_liveness_scan(fp_t *fp, uint64_t ack_after_ns, uint64_t silent_after_ns, uint32_t *ids,
+                     size_t cap)
+{
+    if (cap && !ids)
+        return -EINVAL;
+    size_t n = 0;
+    uint64_t now = fp_now_ns();
+    pthread_rwlock_rdlock(&fp->lock);
+    for (int i = 0; i < FP_PEER_BUCKETS; i++) {
+        for (struct fp_peer *p = fp->peers[i]; p; p = p->next) {
+            uint64_t owed = atomic_load_explicit(&p->owed_ns, memory_order_relaxed);
+            /* A peer without keys or endpoint cannot be answered; it stays owed. */
+            if (owed && now - owed >= ack_after_ns && p->tx_slot >= 0)
+                (void)keepalive_locked(fp, p);
+            uint64_t since = atomic_load_explicit(&p->unanswered_ns, memory_order_relaxed);
+            if (since && now > since && now - since >= silent_after_ns && n < cap)
+                ids[n++] = p->id;
+        }
+    }
+    pthread_rwlock_unlock(&fp->lock);
+    return (int)n;
 }

@@ -46,6 +46,32 @@ static void uncount(struct fp_peer *peer, int slot, uint32_t link_id, size_t len
     pthread_mutex_unlock(&peer->ep_lock);
 }
 
+/* Liveness under traffic: anything sent pays what the peer was owed; the
+ * first data packet since the peer last answered starts its clock. Loads
+ * first, so a busy flow does not write the shared line on every packet. */
+static void note_sent(struct fp_peer *peer, size_t len, uint64_t now)
+{
+    if (atomic_load_explicit(&peer->owed_ns, memory_order_relaxed))
+        atomic_store_explicit(&peer->owed_ns, 0, memory_order_relaxed);
+    if (len && !atomic_load_explicit(&peer->unanswered_ns, memory_order_relaxed)) {
+        uint64_t none = 0;
+        atomic_compare_exchange_strong_explicit(&peer->unanswered_ns, &none, now,
+                                                memory_order_relaxed, memory_order_relaxed);
+    }
+}
+
+/* Anything authenticated answers; a data packet is owed an answer. */
+static void note_received(struct fp_peer *peer, size_t plen, uint64_t now)
+{
+    if (atomic_load_explicit(&peer->unanswered_ns, memory_order_relaxed))
+        atomic_store_explicit(&peer->unanswered_ns, 0, memory_order_relaxed);
+    if (plen && !atomic_load_explicit(&peer->owed_ns, memory_order_relaxed)) {
+        uint64_t none = 0;
+        atomic_compare_exchange_strong_explicit(&peer->owed_ns, &none, now,
+                                                memory_order_relaxed, memory_order_relaxed);
+    }
+}
+
 /* Seal `in` (len bytes; may be exactly out + FP_HEADER_LEN) for peer into
  * out, choosing its transmit key, counter and endpoint (by the peer's link
  * policy, per flow of the inner packet `in`). */
@@ -105,6 +131,7 @@ int fp_seal_for_peer(struct fp *fp, struct fp_peer *peer, const uint8_t *in, siz
     fp_ctr_add(&peer->ctr.tx_packets, 1);
     fp_ctr_add(&peer->ctr.tx_bytes, len);
     fp_ctr_set(&peer->ctr.last_tx_ns, now);
+    note_sent(peer, len, now);
     res->verdict = FP_V_SEND;
     res->out_len = (uint32_t)(len + FP_OVERHEAD);
     return 0;
@@ -187,6 +214,7 @@ int fp_inbound_locked(struct fp *fp, struct fp_link *link, uint32_t link_id,
     fp_ctr_add(&peer->ctr.rx_packets, 1);
     fp_ctr_add(&peer->ctr.rx_bytes, plen);
     fp_ctr_set(&peer->ctr.last_rx_ns, now);
+    note_received(peer, plen, now);
     /* Roaming: an authenticated packet proves where the peer is now on this
      * link (a NAT rebinding). Which links the peer is reached over is
      * Python's choice, so a packet never adds a link or moves the peer to

@@ -705,6 +705,8 @@ int fp_key_activate(fp_t *fp, uint32_t peer_id, uint32_t local_index, uint32_t r
         if (p->slot[s] && p->slot[s]->local_index == local_index) {
             p->slot[s]->remote_index = remote_index;
             p->tx_slot = s;
+            /* New keys, a new path perhaps: silence before them says nothing now. */
+            atomic_store_explicit(&p->unanswered_ns, 0, memory_order_relaxed);
             rc = 0;
         }
     }

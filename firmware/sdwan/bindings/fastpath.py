@@ -467,6 +467,19 @@ class FastPath:
     def send_keepalive(self, peer_id: int) -> None:
         _check(lib.fp_send_keepalive(self._h, peer_id), f"fp_send_keepalive({peer_id})")
 
+    def liveness_scan(
+        self, ack_after_s: float, silent_after_s: float, cap: int = 1024
+    ) -> list[int]:
+        """Keepalives to the peers owed an answer for ack_after_s; the ids of the peers that
+        have not answered our data for silent_after_s (fp_liveness_scan)."""
+        ids = ffi.new("uint32_t[]", cap)
+        n = _check(
+            lib.fp_liveness_scan(self._h, int(ack_after_s * 1e9), int(silent_after_s * 1e9), ids,
+                                 cap),
+            "fp_liveness_scan",
+        )
+        return list(ids[0:n])
+
     # ------------------------------------------------------------------ control path
 
     @property

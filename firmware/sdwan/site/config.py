@@ -157,6 +157,8 @@ class Mesh:
     keepalive_s: int = 15
     probe_window: int = 32  # ports probed around the peer's public port
     punch_timeout_s: int = 10  # a punch that found nothing by then has failed
+    # A tunnel carrying traffic that the peer has not answered for this long is down.
+    silent_after_ms: int = 700
     # Prefixes sent over the mesh whenever a direct tunnel to their site is up (until the
     # off-cloud rules do this).
     pin: tuple[IPNetwork, ...] = ()
@@ -457,21 +459,27 @@ def _check_mesh(c: Checker, doc: Mapping[str, Any]) -> Mesh | None:
     if table is None:
         return None
     loc = ("mesh",)
-    c.known_keys(table, loc, ("enabled", "keepalive_s", "probe_window", "punch_timeout_s", "pin"))
+    c.known_keys(
+        table,
+        loc,
+        ("enabled", "keepalive_s", "probe_window", "punch_timeout_s", "silent_after_ms", "pin"),
+    )
     enabled = c.value(table, (*loc, "enabled"), boolean, default=True)
     keepalive = c.value(table, (*loc, "keepalive_s"), int_range(1, 300), default=15)
     window = c.value(table, (*loc, "probe_window"), int_range(1, 256), default=32)
     timeout = c.value(table, (*loc, "punch_timeout_s"), int_range(2, 120), default=10)
+    silent = c.value(table, (*loc, "silent_after_ms"), int_range(200, 60000), default=700)
     pin: tuple[IPNetwork, ...] | None = ()
     if "pin" in table:
         pin = check_networks(c, table, (*loc, "pin"))
-    if MISSING in (enabled, keepalive, window, timeout) or pin is None:
+    if MISSING in (enabled, keepalive, window, timeout, silent) or pin is None:
         return None
     return Mesh(
         enabled=enabled,
         keepalive_s=keepalive,
         probe_window=window,
         punch_timeout_s=timeout,
+        silent_after_ms=silent,
         pin=tuple(pin),
     )
 

@@ -427,7 +427,7 @@ class Mesh(SessionOwner):
         elif kind == "tunnel-down":
             for path in peer.paths.values():
                 if path.state in (PathState.DIRECT, PathState.CONNECTING):
-                    path.set(PathState.WAITING, f"no answer from {tunnel.reason or 'the peer'}"
+                    path.set(PathState.WAITING, f"{tunnel.reason or 'the peer stopped answering'}"
                              "; asking the PoP to punch again", now)
                     path.next_request = now
             self._dirty = True
@@ -558,6 +558,17 @@ class Mesh(SessionOwner):
 
     def on_directory(self) -> None:
         self._dirty = True
+
+    def on_silent(self, peer_ids: Sequence[int]) -> None:
+        """The fast path saw these peers stop answering our traffic: their paths are dead
+        (the traffic falls back to the cloud, the PoP is asked to punch again)."""
+        for pid in peer_ids:
+            peer = self.remotes.get(pid)
+            if peer is None or peer.tunnel is None or peer.tunnel.state is not State.UP:
+                continue
+            ms = self.cfg.silent_after_ms
+            log.info("mesh: site %d stopped answering traffic (%d ms)", pid, ms)
+            peer.tunnel.declare_down(f"no answer to traffic for {ms} ms")
 
     # ---------------------------------------------------------------- session owner
 

@@ -29,7 +29,7 @@ from sdwan.appliance.leds import (
 )
 from sdwan.appliance.wanaddr import WanAddressing
 from sdwan.appliance.watchdog import Guard
-from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig
+from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig, FastPathError
 from sdwan.common.control import ControlServer
 from sdwan.common.daemon import StartupError, run_service
 from sdwan.common.dtls import DtlsContext, DtlsSession
@@ -50,6 +50,9 @@ log = logging.getLogger("sdwan.site.socketd")
 TICK_S = 0.05
 MAX_EVENTS_PER_WAKEUP = 256  # a control flood must not starve timers and socketctl
 LED_PERIOD_S = 0.5  # how often the LEDs follow the box's state
+# A peer's data unanswered by us for this long gets a keepalive: the peer's liveness under
+# traffic (docs/mesh.md) counts on an answer well within its silent_after_ms.
+ACK_AFTER_S = 0.1
 # Every legitimate peer of a socket is at a configured endpoint: those skip the per-IP limit
 # and may evict a stranger's handshake; a stranger's that times out is counted, not listed.
 SITE_POLICY = Policy(
@@ -328,8 +331,21 @@ class Supervisor:
                 self.mesh.tick()
             except Exception:
                 log.exception("mesh tick failed")
+        if self.fp is not None:
+            self._liveness(self.fp)
         if self.paths is not None:
             self.paths.apply()  # retries a route the fast path refused; cheap when none
+
+    def _liveness(self, fp: FastPath) -> None:
+        """Liveness under traffic (docs/mesh.md): the fast path answers one-way traffic with
+        keepalives, and names the peers that have stopped answering ours."""
+        try:
+            silent = fp.liveness_scan(ACK_AFTER_S, self.cfg.mesh.silent_after_ms / 1000)
+        except FastPathError as e:
+            log.warning("liveness scan failed: %s", e)
+            return
+        if silent and self.mesh is not None:
+            self.mesh.on_silent(silent)
 
     async def _ticker(self) -> None:
         while not self._stop.is_set():
