@@ -227,6 +227,7 @@ class Supervisor:
             directory=lambda: cloud.directory,
             ask_pop=cloud.send_to_pop,
             static_ids=self.tunnels.keys(),
+            account_offcloud=lambda: (cloud.config or {}).get("offcloud"),
             on_event=self._record_event,
             clock=self.clock,
         )
@@ -235,9 +236,7 @@ class Supervisor:
         self.sessions.add_handler(PROBE_TYPE, mesh.on_probe)
 
         def on_punch(ps: object, msg: dict) -> None:
-            # Punches of the PoP the routes follow; another PoP's would restart every punch.
-            if cloud.is_active(ps):  # type: ignore[arg-type]
-                mesh.on_punch(msg)
+            mesh.on_punch(msg, from_active_pop=cloud.is_active(ps))  # type: ignore[arg-type]
 
         cloud.handle("punch", on_punch)
         cloud.watch_directory(mesh.on_directory)
