@@ -191,3 +191,16 @@ def test_a_site_that_leaves_the_mesh_loses_its_tunnel_and_nat_data(mesh: Mesh, n
     assert mesh.remotes == {} and mesh.links[1].nat_all() == []
     with pytest.raises(Exception, match="No such file|ENOENT|not found|No such"):
         mesh.fp.peer_counters(2)
+
+
+def test_a_static_or_local_candidate_that_answers_says_so(mesh: Mesh, net: Net) -> None:
+    hub = ("203.0.113.9", 5000)
+    mesh.on_punch(punch(candidates=[{"how": "reflexive", "addr": "198.51.100.12:4800"},
+                                    {"how": "static", "addr": "203.0.113.9:5000"}]))
+    mesh.tick()
+    sent = next(probe.peek(d) for _, a, d in net.sent if a == hub)
+    assert sent is not None
+    mesh.on_probe(1, hub, probe.encode(Probe(Kind.RESPONSE, 2, 1, 7, b"r" * 8, sent.nonce),
+                                       SECRET))
+    path = mesh.remotes[2].paths[1]
+    assert (path.endpoint, path.how) == (hub, "static")
