@@ -272,6 +272,17 @@ static void tun_count(struct fp *fp, bool ok, uint64_t pkts, uint64_t bytes)
     fp_ctr_add(&fp->gctr.tx_bytes, bytes);
 }
 
+/* One packet the fast path made itself (an ICMP error) into the TUN. */
+static void tun_write_one(struct fp *fp, const uint8_t *pkt, size_t len)
+{
+    int fd = atomic_load_explicit(&fp->tun_fd, memory_order_acquire);
+    uint8_t vh[FP_VNET_LEN] = {0};
+    struct iovec iov[2] = {{vh, FP_VNET_LEN}, {(void *)pkt, len}};
+    bool vnet = fp->tun_features & FP_TUN_F_VNET;
+    ssize_t want = (ssize_t)(len + (vnet ? FP_VNET_LEN : 0));
+    tun_count(fp, fd >= 0 && writev(fd, vnet ? iov : iov + 1, vnet ? 2 : 1) == want, 1, len);
+}
+
 /* Write the queued plaintexts to the TUN: with a vnet header, consecutive
  * segments of one TCP flow go as one superpacket per writev. */
 static void tunq_flush(struct fp *fp, struct tunq *t)
@@ -508,15 +519,20 @@ static void note_sent(struct fp_tun_rx *x, const struct fp_result *res)
     x->sent_peer = res->peer_id;
 }
 
-/* Seal one plaintext packet into the arena and queue it. */
+/* Seal one plaintext packet into the arena and queue it; one too big for its
+ * peer's path is answered with the ICMP error it is due, into the TUN. */
 static void seal_queue(struct fp *fp, struct fp_tun_rx *x, const uint8_t *ip, size_t len,
                        uint8_t *o, size_t cap, size_t *used, uint64_t now)
 {
     struct fp_result res;
-    if (fp_outbound_locked(fp, ip, len, o, cap, &res, now) == 0 && res.verdict == FP_V_SEND) {
+    if (fp_outbound_locked(fp, ip, len, o, cap, &res, now) != 0)
+        return;
+    if (res.verdict == FP_V_SEND) {
         txq_add(fp, &x->q, &res, o);
         note_sent(x, &res);
         *used += res.out_len;
+    } else if (res.verdict == FP_V_TUN) {
+        tun_write_one(fp, o, res.out_len);
     }
 }
 
@@ -629,13 +645,19 @@ static unsigned tun_drain(struct fp *fp, struct fp_tun_rx *x, unsigned max)
         /* Sealed in place: segment i is at base + i * stride, header first,
          * so full segments end exactly where the next begins. */
         uint8_t *base = arena + used;
+        bool answered = false;
         for (int i = 0; i < ns; i++) {
             uint8_t *s = base + (size_t)i * stride;
             struct fp_result res;
-            if (fp_outbound_locked(fp, s + FP_HEADER_LEN, lens[i], s, stride, &res, now) == 0 &&
-                res.verdict == FP_V_SEND) {
+            if (fp_outbound_locked(fp, s + FP_HEADER_LEN, lens[i], s, stride, &res, now) != 0)
+                continue;
+            if (res.verdict == FP_V_SEND) {
                 txq_add(fp, q, &res, s);
                 note_sent(x, &res);
+            } else if (res.verdict == FP_V_TUN && !answered) {
+                /* Segments too big for the path: one error for the superpacket. */
+                tun_write_one(fp, s, res.out_len);
+                answered = true;
             }
         }
         used += (size_t)(ns - 1) * stride + lens[ns - 1] + FP_OVERHEAD;
@@ -1029,6 +1051,15 @@ int fp_link_add(fp_t *fp, uint32_t link_id, int udp_fd)
         free(l);
         return -e;
     }
+    /* DF on everything we send, whatever the kernel learned from ICMP: the
+     * path MTU is found by our own probes (docs/dataplane.md, "Path MTU"), and
+     * a probe fragmented locally would prove nothing. Best effort. */
+    int probe = IP_PMTUDISC_PROBE;
+    (void)setsockopt(l->fd, IPPROTO_IP, IP_MTU_DISCOVER, &probe, sizeof(probe));
+    if (l->family == AF_INET6) {
+        int probe6 = IPV6_PMTUDISC_PROBE;
+        (void)setsockopt(l->fd, IPPROTO_IPV6, IPV6_MTU_DISCOVER, &probe6, sizeof(probe6));
+    }
     /* Coalesced receive: the kernel hands over runs of datagrams of one size
      * from one sender as one, and the link thread splits them. */
     int one = 1;
@@ -1159,5 +1190,78 @@ int fp_send_keepalive(fp_t *fp, uint32_t peer_id)
     }
 out:
     pthread_rwlock_unlock(&fp->lock);
+    return rc;
+}
+
+int fp_peer_probe(fp_t *fp, uint32_t peer_id, uint32_t link_id, uint32_t size, uint32_t probe_id)
+{
+    if (size < FP_PMTU_MIN || size > 65535)
+        return -EINVAL;
+    uint8_t *pkt = malloc(FP_BUF_LEN);
+    if (!pkt)
+        return -ENOMEM;
+    struct fp_result res;
+    struct sockaddr_storage ss;
+    socklen_t sl;
+    struct fp_addr to;
+    int rc;
+    memset(&res, 0, sizeof(res));
+    pthread_rwlock_rdlock(&fp->lock);
+    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    struct fp_link *l = fp_link_find(fp, link_id);
+    if (!p) {
+        rc = -ENOENT;
+        goto out;
+    }
+    pthread_mutex_lock(&p->ep_lock);
+    int slot = fp_peer_ep_slot(p, link_id);
+    if (slot >= 0)
+        to = p->ep[slot].addr;
+    pthread_mutex_unlock(&p->ep_lock);
+    if (slot < 0) {
+        rc = -ENOTCONN;
+        goto out;
+    }
+    if (!l) {
+        rc = -ENODEV;
+        goto out;
+    }
+    /* `size` is the IP packet on the wire: outer IP and UDP headers, ours. */
+    size_t outer = (to.family == 4 ? 20u : 40u) + 8u + FP_OVERHEAD;
+    if (size < outer + FP_PROBE_HDR_LEN || size - outer > FP_MAX_INNER) {
+        rc = -EINVAL;
+        goto out;
+    }
+    size_t plen = size - outer;
+    uint8_t *plain = pkt + FP_HEADER_LEN;
+    memset(plain, 0, plen);
+    plain[0] = FP_PROBE;
+    plain[4] = (uint8_t)(probe_id >> 24);
+    plain[5] = (uint8_t)(probe_id >> 16);
+    plain[6] = (uint8_t)(probe_id >> 8);
+    plain[7] = (uint8_t)probe_id;
+    rc = fp_seal_to(fp, p, link_id, &to, plain, plen, pkt, FP_BUF_LEN, &res, fp_now_ns());
+    if (rc < 0)
+        goto out;
+    if (res.verdict == FP_V_DROP) {
+        rc = res.drop_reason == FP_DROP_NO_KEY ? -ENOKEY
+             : res.drop_reason == FP_DROP_KEY_EXPIRED ? -EKEYEXPIRED : -EIO;
+        goto out;
+    }
+    if (fp_addr_to_sockaddr(&to, l->family, &ss, &sl) < 0) {
+        rc = -EAFNOSUPPORT;
+    } else if (sendto(l->fd, pkt, res.out_len, MSG_DONTWAIT, (struct sockaddr *)&ss, sl) < 0) {
+        /* EMSGSIZE: larger than our own interface allows; not a send error. */
+        rc = -errno;
+        if (rc != -EMSGSIZE)
+            fp_ctr_add(&l->ctr.drops[FP_DROP_SEND_ERROR], 1);
+    } else {
+        rc = 0;
+        fp_ctr_add(&l->ctr.tx_packets, 1);
+        fp_ctr_add(&l->ctr.tx_bytes, res.out_len);
+    }
+out:
+    pthread_rwlock_unlock(&fp->lock);
+    free(pkt);
     return rc;
 }
