@@ -57,7 +57,10 @@ enum fp_verdict {
     FP_V_SEND = 1,      /* out holds a wire packet for res.link_id / res.to */
     FP_V_TUN = 2,       /* out holds a plaintext IP packet for the TUN */
     FP_V_CONTROL = 3,   /* not a data packet: queued for Python */
-    FP_V_KEEPALIVE = 4  /* authenticated empty packet: counted, nothing to deliver */
+    FP_V_KEEPALIVE = 4, /* authenticated empty packet: counted, nothing to deliver */
+    FP_V_FRAGMENT = 5   /* IPv4 without DF too big for res.peer_id's path: out holds the
+                           packet (out_len bytes), to be cut into fragments that fit and
+                           sealed for that peer (the threads do; fp_test_ip4_fragment) */
 };
 
 /* Events on the control queue. */
@@ -239,7 +242,8 @@ int fp_peer_set_policy(fp_t *fp, uint32_t peer_id, const struct fp_link_weight *
  * FP_OVERHEAD. An inner packet larger than it is dropped as FP_DROP_TOO_BIG:
  * IPv4 with DF set and IPv6 are answered, into the TUN (or, at a relay, to the
  * sending peer), with ICMP "fragmentation needed" / ICMPv6 "packet too big"
- * carrying the inner MTU; IPv4 without DF is dropped (counted the same). TCP
+ * carrying the inner MTU; IPv4 without DF is cut into fragments that fit (as a
+ * router would; FP_V_FRAGMENT from fp_process_*). TCP
  * SYNs to and from the peer get their MSS option lowered to fit it.
  * fp_peer_probe seals a probe of exactly `size` bytes on the wire (outer IP
  * header included; padding inside the AEAD) to the peer's endpoint on link_id
@@ -318,11 +322,16 @@ int fp_test_set_tx_counter(fp_t *fp, uint32_t peer_id, uint64_t counter);
  * ICMPv6 packet too big, addressed to its source) into out and returns its
  * length, or 0 when none is due (IPv4 without DF, an ICMP error, a later
  * fragment, a source that is no single host), -EINVAL for no IP packet.
+ * fp_test_ip4_fragment cuts an IPv4 packet without DF into fragments of at most
+ * mtu bytes, written back to back into out (lengths in lens); returns their
+ * number, or -EINVAL (DF set, malformed, mtu too small), -ENOSPC.
  * fp_test_mss_clamp lowers the MSS option of a TCP SYN to what inner_mtu
  * allows, fixing the checksum; returns 1 if it changed the packet, else 0. */
 int fp_test_icmp_too_big(const uint8_t *ip, size_t len, uint32_t inner_mtu, uint8_t *out,
                          size_t cap);
 int fp_test_mss_clamp(uint8_t *ip, size_t len, uint32_t inner_mtu);
+int fp_test_ip4_fragment(const uint8_t *ip, size_t len, uint32_t mtu, uint8_t *out, size_t cap,
+                         uint32_t *lens, uint32_t max);
 
 /* The offload code as pure functions. fp_test_gso_segment cuts one packet as
  * read from a TUN with a FP_VNET_HDR_LEN-byte virtio_net_hdr `vnet` into

@@ -290,6 +290,14 @@ uint64_t fp_mix64(uint64_t x);
  * overlapping ip): its length, 0 when none is due, -1 if ip is no IP packet. */
 int fp_icmp_too_big(const uint8_t *ip, size_t len, uint32_t mtu, uint8_t *out, size_t cap);
 bool fp_ip_df(const uint8_t *ip, size_t len);
+/* Cut an IPv4 packet without DF into fragments of at most mtu bytes, fragment
+ * i at out + i * stride + headroom (RFC 791: options with the copy flag
+ * repeated); returns their number and lengths, or -errno. */
+int fp_ip4_fragment(const uint8_t *ip, size_t len, uint32_t mtu, uint8_t *out, size_t cap,
+                    size_t headroom, size_t tailroom, uint32_t *lens, uint32_t max,
+                    size_t *stride_out);
+/* Most fragments one packet is cut into (FP_MAX_INNER at the smallest MTU). */
+#define FP_FRAGS_MAX 24
 /* A TCP segment with SYN (IPv4 first fragment, IPv6 without extension headers). */
 bool fp_tcp_syn(const uint8_t *ip, size_t len);
 /* Lower the MSS option of a TCP SYN to fit inner_mtu; true if it changed. */

@@ -323,6 +323,49 @@ static void tunq_flush(struct fp *fp, struct tunq *t)
     t->n = 0;
 }
 
+/* ------------------------------------------------------------------ fragments */
+
+/* Arena room a packet of len bytes needs to be cut and sealed (FP_V_FRAGMENT). */
+static size_t frag_room(size_t len)
+{
+    return 3 * len + 4096;
+}
+
+/* A packet without DF too big for its peer's path (FP_V_FRAGMENT): cut into
+ * fragments that fit, each sealed for the peer where it lies at `at` (room
+ * bytes, not overlapping pkt) and queued. Returns the arena bytes used; the
+ * last link and peer sent to in *sent (if not NULL). Caller holds fp->lock
+ * shared. */
+static size_t frag_queue(struct fp *fp, struct txq *q, uint32_t peer_id, const uint8_t *pkt,
+                         size_t len, uint8_t *at, size_t room, uint64_t now,
+                         struct fp_result *sent)
+{
+    struct fp_peer *peer = fp_peer_find(fp, peer_id);
+    uint32_t lens[FP_FRAGS_MAX];
+    size_t stride = 0;
+    uint32_t mtu = peer ? atomic_load_explicit(&peer->inner_mtu, memory_order_relaxed) : 0;
+    int n = mtu ? fp_ip4_fragment(pkt, len, mtu, at, room, FP_HEADER_LEN, FP_TAG_LEN, lens,
+                                  FP_FRAGS_MAX, &stride)
+                : -EINVAL;
+    if (n <= 0) {
+        if (peer)
+            fp_ctr_add(&peer->ctr.drops[FP_DROP_TOO_BIG], 1);
+        return 0;
+    }
+    for (int i = 0; i < n; i++) {
+        uint8_t *s = at + (size_t)i * stride;
+        struct fp_result res;
+        memset(&res, 0, sizeof(res));
+        if (fp_seal_for_peer(fp, peer, s + FP_HEADER_LEN, lens[i], s, stride, &res, now) == 0 &&
+            res.verdict == FP_V_SEND) {
+            txq_add(fp, q, &res, s);
+            if (sent)
+                *sent = res;
+        }
+    }
+    return (size_t)n * stride;
+}
+
 /* ------------------------------------------------------------------ link receives */
 
 /* A link's receive buffers; whoever holds l->rx_lock uses them: its own
@@ -446,6 +489,19 @@ static int link_rx_locked(struct fp *fp, struct fp_link *l, bool *wrote)
                 } else if (res.verdict == FP_V_SEND) {
                     txq_add(fp, &x->q, &res, o);
                     used += res.out_len;
+                } else if (res.verdict == FP_V_FRAGMENT) {
+                    /* Relayed without DF, too big for the next hop (rare). */
+                    if (ARENA_LEN - used < frag_room(res.out_len)) {
+                        *wrote |= t->n > 0;
+                        tunq_flush(fp, t);
+                        txq_flush(fp, &x->q);
+                        memmove(x->arena, o, res.out_len);
+                        o = x->arena;
+                        used = 0;
+                    }
+                    used += res.out_len;
+                    used += frag_queue(fp, &x->q, res.peer_id, o, res.out_len, x->arena + used,
+                                       ARENA_LEN - used, now, NULL);
                 }
             }
             if (len == 0)
@@ -533,6 +589,15 @@ static void seal_queue(struct fp *fp, struct fp_tun_rx *x, const uint8_t *ip, si
         *used += res.out_len;
     } else if (res.verdict == FP_V_TUN) {
         tun_write_one(fp, o, res.out_len);
+    } else if (res.verdict == FP_V_FRAGMENT && cap >= res.out_len + frag_room(res.out_len)) {
+        /* The packet now lies at o; its fragments follow it. */
+        struct fp_result last;
+        memset(&last, 0, sizeof(last));
+        size_t n = frag_queue(fp, &x->q, res.peer_id, o, res.out_len, o + res.out_len,
+                              cap - res.out_len, now, &last);
+        if (last.verdict == FP_V_SEND)
+            note_sent(x, &last);
+        *used += res.out_len + n;
     }
 }
 
@@ -658,6 +723,11 @@ static unsigned tun_drain(struct fp *fp, struct fp_tun_rx *x, unsigned max)
                 /* Segments too big for the path: one error for the superpacket. */
                 tun_write_one(fp, s, res.out_len);
                 answered = true;
+            } else if (res.verdict == FP_V_FRAGMENT) {
+                /* A superpacket without DF from this box itself: no room to cut it here. */
+                struct fp_peer *p = fp_peer_find(fp, res.peer_id);
+                if (p)
+                    fp_ctr_add(&p->ctr.drops[FP_DROP_TOO_BIG], 1);
             }
         }
         used += (size_t)(ns - 1) * stride + lens[ns - 1] + FP_OVERHEAD;

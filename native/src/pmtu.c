@@ -245,3 +245,102 @@ int fp_test_mss_clamp(uint8_t *ip, size_t len, uint32_t inner_mtu)
         return -EINVAL;
     return fp_mss_clamp(ip, len, inner_mtu) ? 1 : 0;
 }
+
+/* The options of an IPv4 header that every fragment repeats (the copy flag,
+ * RFC 791), padded to 4 bytes, into opts; returns their length. */
+static size_t copied_options(const uint8_t *ip, size_t ihl, uint8_t *opts)
+{
+    size_t n = 0;
+    for (size_t i = 20; i < ihl;) {
+        uint8_t type = ip[i];
+        if (type == 0)
+            break;
+        if (type == 1) {
+            i++;
+            continue;
+        }
+        if (i + 1 >= ihl || ip[i + 1] < 2 || i + ip[i + 1] > ihl)
+            break;
+        size_t olen = ip[i + 1];
+        if (type & 0x80) {
+            memcpy(opts + n, ip + i, olen);
+            n += olen;
+        }
+        i += olen;
+    }
+    while (n % 4)
+        opts[n++] = 0;
+    return n;
+}
+
+int fp_ip4_fragment(const uint8_t *ip, size_t len, uint32_t mtu, uint8_t *out, size_t cap,
+                    size_t headroom, size_t tailroom, uint32_t *lens, uint32_t max,
+                    size_t *stride_out)
+{
+    if (len < 20 || ip[0] >> 4 != 4)
+        return -EINVAL;
+    size_t ihl = (size_t)(ip[0] & 0x0f) * 4;
+    size_t total = get16(ip + 2);
+    if (ihl < 20 || ihl > len || total < ihl || total > len)
+        return -EINVAL;
+    if (ip[6] & 0x40)
+        return -EINVAL;                 /* DF: not ours to cut */
+    uint8_t opts[40];
+    size_t later_ihl = 20 + copied_options(ip, ihl, opts);
+    if (mtu < later_ihl + 8 || mtu < ihl + 8)
+        return -EINVAL;
+    size_t first = (mtu - ihl) & ~(size_t)7, rest = (mtu - later_ihl) & ~(size_t)7;
+    size_t payload = total - ihl;
+    size_t n = payload <= first ? 1 : 1 + (payload - first + rest - 1) / rest;
+    size_t stride = headroom + mtu + tailroom;
+    if (n > max || n * stride > cap)
+        return -ENOSPC;
+    uint16_t frag = get16(ip + 6);
+    size_t base_off = (size_t)(frag & 0x1fff) * 8;
+    bool last_mf = frag & 0x2000;
+    const uint8_t *data = ip + ihl;
+    size_t done = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint8_t *f = out + i * stride + headroom;
+        size_t hl = i == 0 ? ihl : later_ihl;
+        size_t chunk = i == 0 ? first : rest;
+        if (chunk > payload - done)
+            chunk = payload - done;
+        if (i == 0) {
+            memcpy(f, ip, ihl);
+        } else {
+            memcpy(f, ip, 20);
+            memcpy(f + 20, opts, later_ihl - 20);
+            f[0] = (uint8_t)(0x40 | later_ihl / 4);
+        }
+        memcpy(f + hl, data + done, chunk);
+        bool mf = i + 1 < n || last_mf;
+        size_t off = (base_off + done) / 8;
+        put16(f + 2, (uint16_t)(hl + chunk));
+        put16(f + 6, (uint16_t)((mf ? 0x2000 : 0) | (off & 0x1fff)));
+        f[10] = f[11] = 0;
+        put16(f + 10, (uint16_t)~fold(sum16(0, f, hl)));
+        lens[i] = (uint32_t)(hl + chunk);
+        done += chunk;
+    }
+    *stride_out = stride;
+    return (int)n;
+}
+
+int fp_test_ip4_fragment(const uint8_t *ip, size_t len, uint32_t mtu, uint8_t *out, size_t cap,
+                         uint32_t *lens, uint32_t max)
+{
+    size_t stride;
+    if ((!ip && len) || !out || !lens)
+        return -EINVAL;
+    int n = fp_ip4_fragment(ip, len, mtu, out, cap, 0, 0, lens, max, &stride);
+    if (n <= 0)
+        return n;
+    /* Back to back, as the other test hooks return packets. */
+    size_t at = 0;
+    for (int i = 0; i < n; i++) {
+        memmove(out + at, out + (size_t)i * stride, lens[i]);
+        at += lens[i];
+    }
+    return n;
+}

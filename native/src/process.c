@@ -149,12 +149,30 @@ static size_t too_big_icmp(const uint8_t *ip, size_t len, uint32_t mtu, uint8_t 
     return n > 0 ? (size_t)n : 0;
 }
 
-/* An inner packet from the TUN too big for peer: counted on the peer; the
- * ICMP error it is due is the verdict (FP_V_TUN, in out), or it is dropped. */
+/* IPv4 without DF, too big: the caller cuts it (verdict FP_V_FRAGMENT, the
+ * packet in out). */
+static int fragment(struct fp_peer *peer, const uint8_t *ip, size_t len, uint8_t *out,
+                    size_t cap, struct fp_result *res)
+{
+    if (cap < len)
+        return -ENOSPC;
+    if (out != ip)
+        memmove(out, ip, len);
+    res->peer_id = peer->id;
+    res->verdict = FP_V_FRAGMENT;
+    res->out_len = (uint32_t)len;
+    return 0;
+}
+
+/* An inner packet from the TUN too big for peer: cut into fragments when it
+ * may be; else counted on the peer, and the ICMP error it is due is the
+ * verdict (FP_V_TUN, in out), or it is dropped. */
 static int too_big_out(struct fp_peer *peer, const uint8_t *ip, size_t len, uint32_t mtu,
                        uint8_t *out, size_t cap, struct fp_result *res)
 {
     uint8_t icmp[1280];
+    if (len >= 20 && ip[0] >> 4 == 4 && !fp_ip_df(ip, len))
+        return fragment(peer, ip, len, out, cap, res);
     res->peer_id = peer->id;
     size_t n = too_big_icmp(ip, len, mtu, icmp, cap);
     if (n == 0)
@@ -173,6 +191,8 @@ static int too_big_relay(struct fp *fp, struct fp_peer *from, struct fp_peer *to
                          struct fp_result *res, uint64_t now)
 {
     uint8_t icmp[1280];
+    if (plen >= 20 && out[0] >> 4 == 4 && !fp_ip_df(out, plen))
+        return fragment(to, out, plen, out, cap, res);
     size_t n = too_big_icmp(out, plen, mtu, icmp, cap - FP_OVERHEAD);
     if (n == 0) {
         res->peer_id = to->id;

@@ -74,6 +74,7 @@ class Verdict(IntEnum):
     TUN = lib.FP_V_TUN
     CONTROL = lib.FP_V_CONTROL
     KEEPALIVE = lib.FP_V_KEEPALIVE
+    FRAGMENT = lib.FP_V_FRAGMENT
 
 
 class FastPathError(OSError):
@@ -190,8 +191,9 @@ class KeyInfo:
 
 @dataclass
 class Result:
-    """Outcome of process_outbound/process_inbound. data is the wire packet (SEND) or the
-    plaintext IP packet (TUN), empty otherwise."""
+    """Outcome of process_outbound/process_inbound. data is the wire packet (SEND), the
+    plaintext IP packet (TUN), or the packet to cut into fragments for peer_id (FRAGMENT),
+    empty otherwise."""
 
     verdict: Verdict
     drop_reason: str | None
@@ -573,7 +575,7 @@ class FastPath:
     def _result(self, res: object, out: object) -> Result:
         verdict = Verdict(res.verdict)  # type: ignore[attr-defined]
         data = b""
-        if verdict in (Verdict.SEND, Verdict.TUN):
+        if verdict in (Verdict.SEND, Verdict.TUN, Verdict.FRAGMENT):
             data = bytes(ffi.buffer(out, res.out_len))  # type: ignore[attr-defined]
         return Result(
             verdict=verdict,
@@ -655,6 +657,23 @@ def mss_clamp(packet: bytes, inner_mtu: int) -> bytes | None:
     buf = ffi.new("uint8_t[]", bytes(packet) or b"\0")
     rc = _check(lib.fp_test_mss_clamp(buf, len(packet), inner_mtu), "fp_test_mss_clamp")
     return bytes(ffi.buffer(buf, len(packet))) if rc else None
+
+
+def ip4_fragment(packet: bytes, mtu: int, max_frags: int = 64) -> list[bytes]:
+    """Tests only: the fragments of at most mtu bytes the fast path cuts an IPv4 packet
+    without DF into."""
+    cap = max_frags * (mtu + 64) + len(packet)
+    out = ffi.new("uint8_t[]", cap)
+    lens = ffi.new("uint32_t[]", max_frags)
+    n = _check(
+        lib.fp_test_ip4_fragment(packet, len(packet), mtu, out, cap, lens, max_frags),
+        "fp_test_ip4_fragment",
+    )
+    frags, off = [], 0
+    for i in range(n):
+        frags.append(bytes(ffi.buffer(out + off, lens[i])))
+        off += lens[i]
+    return frags
 
 
 def gso_segment(vnet_hdr: bytes, packet: bytes, max_segs: int = 256) -> list[bytes]:

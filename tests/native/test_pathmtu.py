@@ -19,6 +19,7 @@ from sdwan.bindings.fastpath import (
     FastPathError,
     Verdict,
     icmp_too_big,
+    ip4_fragment,
     mss_clamp,
     probe_ack,
 )
@@ -144,12 +145,70 @@ def test_ipv4_with_df_too_big_gets_frag_needed_into_the_tun(pair: Pair) -> None:
     assert a.peer_counters(2).tx_packets == 1  # only the packet that fit
 
 
-def test_ipv4_without_df_too_big_is_dropped_and_counted(pair: Pair) -> None:
+def test_ipv4_without_df_too_big_is_left_to_fragment(pair: Pair) -> None:
     a = pair.a
     a.set_mtu(2, PMTU)
-    r = a.process_outbound(ip4("10.1.0.5", "10.2.0.7", 17, udp(1400), df=False))
-    assert (r.verdict, r.drop_reason) == (Verdict.DROP, "too_big")
-    assert a.peer_counters(2).drops["too_big"] == 1
+    pkt = ip4("10.1.0.5", "10.2.0.7", 17, udp(1400), df=False)
+    r = a.process_outbound(pkt)
+    assert (r.verdict, r.peer_id, r.data) == (Verdict.FRAGMENT, 2, pkt)
+    assert a.peer_counters(2).drops["too_big"] == 0
+
+
+def reassemble(frags: list[bytes]) -> tuple[bytes, bytes]:
+    """(first header, payload) of fragments, checking offsets, MF and checksums."""
+    payload = b""
+    for i, f in enumerate(frags):
+        ihl = (f[0] & 15) * 4
+        assert csum(f[:ihl]) == 0xFFFF
+        assert struct.unpack_from("!H", f, 2)[0] == len(f)
+        flags = struct.unpack_from("!H", f, 6)[0]
+        assert (flags & 0x1FFF) * 8 == len(payload)
+        assert bool(flags & 0x2000) == (i + 1 < len(frags))
+        assert not flags & 0x4000
+        payload += f[ihl:]
+    return frags[0][: (frags[0][0] & 15) * 4], payload
+
+
+@pytest.mark.parametrize("mtu", [576, INNER, 1400])
+def test_fragments_fit_and_reassemble(mtu: int) -> None:
+    pkt = ip4("10.1.0.5", "10.2.0.7", 17, udp(3000), df=False)
+    frags = ip4_fragment(pkt, mtu)
+    assert len(frags) > 1 and all(len(f) <= mtu for f in frags)
+    assert all((len(f) - 20) % 8 == 0 for f in frags[:-1])
+    first, payload = reassemble(frags)
+    assert payload == pkt[20:] and first[12:20] == pkt[12:20]
+
+
+def test_fragments_repeat_only_copied_options() -> None:
+    # Router alert (copied, 0x94) and a timestamp-like option (not copied, 0x44).
+    opts = bytes([0x94, 4, 0, 0, 0x44, 4, 5, 0])
+    l4 = udp(2000)
+    h = struct.pack("!BBHHHBBH4s4s", 0x47, 0, 28 + len(l4), 9, 0, 64, 17, 0,
+                    bytes([10, 1, 0, 5]), bytes([10, 2, 0, 7])) + opts
+    h = h[:10] + struct.pack("!H", 0xFFFF - csum(h)) + h[12:]
+    frags = ip4_fragment(h + l4, 1000)
+    assert frags[0][20:28] == opts
+    assert all((f[0] & 15) * 4 == 24 and f[20:24] == opts[:4] for f in frags[1:])
+    assert reassemble(frags)[1] == l4
+
+
+def test_a_fragment_is_cut_again_keeping_its_offset_and_mf() -> None:
+    pkt = bytearray(ip4("10.1.0.5", "10.2.0.7", 17, udp(2000), df=False))
+    struct.pack_into("!H", pkt, 6, 0x2000 | 100)  # MF, offset 800
+    pkt[10:12] = b"\0\0"
+    pkt[10:12] = struct.pack("!H", 0xFFFF - csum(bytes(pkt[:20])))
+    frags = ip4_fragment(bytes(pkt), 1000)
+    offs = [struct.unpack_from("!H", f, 6)[0] for f in frags]
+    assert offs[0] & 0x1FFF == 100 and all(o & 0x2000 for o in offs)
+
+
+def test_no_fragments_of_df_or_garbage() -> None:
+    for bad, mtu in ((ip4("10.1.0.5", "10.2.0.7", 17, udp(2000)), 1000),
+                     (ip4("10.1.0.5", "10.2.0.7", 17, udp(2000), df=False), 20),
+                     (b"\x45" + bytes(10), 1000)):
+        with pytest.raises(FastPathError) as e:
+            ip4_fragment(bad, mtu)
+        assert e.value.errno == errno.EINVAL
 
 
 def test_no_error_about_errors_fragments_or_non_hosts() -> None:
@@ -316,6 +375,11 @@ def test_relay_answers_too_big_to_the_sender_and_clamps() -> None:
         w = pop.process_inbound(1, b_ep, b.process_outbound(syn).data)
         got = a.process_inbound(1, pop_ep, w.data)
         assert mss_of(got.data) == INNER - 40 and tcp_csum_ok(got.data)
+
+        # Without DF it is cut for the smaller path instead.
+        nodf = ip4("10.2.0.7", "10.1.0.5", 17, udp(1400 - 28), df=False)
+        w = pop.process_inbound(1, b_ep, b.process_outbound(nodf).data)
+        assert (w.verdict, w.peer_id, w.data) == (Verdict.FRAGMENT, 1, nodf)
 
         # One that fits is relayed as before.
         fits = ip4("10.2.0.7", "10.1.0.5", 17, udp(INNER - 28))
