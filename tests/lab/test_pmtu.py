@@ -2,7 +2,8 @@
 link that drops "fragmentation needed"): each tunnel and PoP session finds its path MTU by
 probing and shows it, a LAN packet too big for it gets "fragmentation needed" with the
 peer's figure instead of vanishing, and ping with DF and TCP between the LAN hosts work,
-over a static tunnel and through the PoP (docs/dataplane.md, "Path MTU")."""
+over a static tunnel, through the PoP and over a mesh tunnel (docs/dataplane.md, "Path
+MTU")."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def assert_tcp_completes(lab: Lab, a: Site, b: Site) -> None:
         assert tcp.mbps and tcp.mbps > 5, (client.n, server.n, tcp.raw.get("error"))
 
 
-def static_peer(lab: Lab, site: Site, peer_id: int) -> dict:
+def peer_entry(lab: Lab, site: Site, peer_id: int) -> dict:
     peers = lab.socketctl(site, "peers")["peers"]
     return next(p for p in peers if p["site_id"] == peer_id)
 
@@ -70,12 +71,12 @@ def test_static_tunnel_finds_1280_and_nothing_is_black_holed(lab: Lab) -> None:
         wait_for(
             f"site {me.n}: path MTU to site {other.n} found",
             lambda m=me, o=other: (
-                static_peer(lab, m, o.n)["state"] == "up"
-                and static_peer(lab, m, o.n)["pmtu"]["state"] == "done"
-                and static_peer(lab, m, o.n)["mtu"]
+                peer_entry(lab, m, o.n)["state"] == "up"
+                and peer_entry(lab, m, o.n)["pmtu"]["state"] == "done"
+                and peer_entry(lab, m, o.n)["mtu"]
             ),
         )
-        st = static_peer(lab, me, other.n)
+        st = peer_entry(lab, me, other.n)
         assert st["mtu"] == PATH_MTU and st["pmtu"]["inner_mtu"] == INNER_MTU, st["pmtu"]
     print(f"static: both sides found {PATH_MTU} {time.monotonic() - t0:.1f} s after start")
     text = lab.socketctl(s1, "peers", json_out=False)
@@ -84,7 +85,7 @@ def test_static_tunnel_finds_1280_and_nothing_is_black_holed(lab: Lab) -> None:
     assert_too_big_is_answered(lab, s1, s2)
     assert_too_big_is_answered(lab, s2, s1)
     assert_tcp_completes(lab, s1, s2)
-    drops = static_peer(lab, s1, 2)["drops"]
+    drops = peer_entry(lab, s1, 2)["drops"]
     assert drops["too_big"] >= 1
 
 
@@ -129,3 +130,51 @@ def test_pop_sessions_find_their_own_mtu_and_the_relay_answers(lab: Lab) -> None
     assert_too_big_is_answered(lab, s1, s2)
     assert_too_big_is_answered(lab, s2, s1)
     assert_tcp_completes(lab, s1, s2)
+
+
+def test_mesh_tunnel_finds_1280_and_nothing_is_black_holed(lab: Lab) -> None:
+    lab.add_inet()
+    sites = []
+    for n in (1, 2):
+        lab.add_router(n)
+        sites.append(lab.add_site(n))
+    s1, s2 = sites
+    lab.narrow_uplink(1, PATH_MTU)
+    pop = lab.add_pop(1)
+    lab.write_pop_config(
+        pop,
+        sites=[{"id": s.site_id, "name": f"site-{s.site_id}", "subnets": [s.lan_subnet],
+                "offcloud": True} for s in sites],
+    )
+    lab.start_popd(pop)
+    for s in sites:
+        other = s2 if s is s1 else s1
+        lab.write_site_config(
+            s,
+            extra_toml=f'[[pops]]\nid = 1\nendpoint = "{pop.ip}:4800"\n\n'
+            f'[mesh]\npin = ["{other.lan_subnet}"]\n',
+        )
+        lab.start_socketd(s)
+
+    def mesh_mtu(s: Site, peer: int) -> int | None:
+        paths = lab.socketctl(s, "mesh")["paths"]
+        return next((p["mtu"] for p in paths if p["site_id"] == peer and p["state"] == "direct"
+                     and p["tunnel"] == "up"), None)
+
+    def over_mesh(s: Site, prefix: str) -> bool:
+        routes = lab.socketctl(s, "routes")["routes"]
+        return any(r["prefix"] == prefix and r["transport"] == "mesh" for r in routes)
+
+    for a, b in ((s1, s2), (s2, s1)):
+        wait_for(f"site {a.n}: mesh path MTU to {b.n}", lambda a=a, b=b: (
+            mesh_mtu(a, b.n) == PATH_MTU
+            and peer_entry(lab, a, b.n)["pmtu"]["state"] == "done"))
+        wait_for(f"site {a.n}: routed over the mesh", lambda a=a, b=b: over_mesh(a, b.lan_subnet))
+    text = lab.socketctl(s1, "mesh", json_out=False)
+    assert re.search(rf"\bdirect\b.*\s{PATH_MTU}\s", text), text
+
+    assert_too_big_is_answered(lab, s1, s2)
+    assert_too_big_is_answered(lab, s2, s1)
+    assert_tcp_completes(lab, s1, s2)
+    # Over the mesh tunnel, not the PoP.
+    assert peer_entry(lab, s1, 2)["transport"] == "mesh"

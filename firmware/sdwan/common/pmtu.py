@@ -56,6 +56,7 @@ ROUNDS_SILENT = 3  # rounds without any answer before the floor counts as failed
 ROUND_FIRST_S = 1.0  # before a round-trip time is known
 ROUND_MIN_S = 0.2
 ROUND_MAX_S = 3.0
+IDLE_POLL_S = 1.0  # with no search under way, endpoints are looked at this often
 UDP_HDR = 8
 FP_OVERHEAD = 32
 
@@ -119,6 +120,7 @@ class PathMtu:
         self.paths: dict[int, PathProbe] = {}
         self.applied: int | None = None  # what the fast path holds (None: 0, no limit)
         self._next_id = int.from_bytes(os.urandom(4), "big")
+        self._next_poll = 0.0
         self.probes_sent = 0
         self.acks = 0
 
@@ -126,8 +128,11 @@ class PathMtu:
 
     def tick(self) -> None:
         """Follow the peer's endpoints (a new or changed one starts a search), run the
-        searches, and give the fast path the smallest figure."""
+        searches, and give the fast path the smallest figure. Cheap while idle: popd calls
+        it for every session on every tick."""
         now = self.clock()
+        if now < self._next_poll:
+            return
         try:
             endpoints = self.fp.endpoint_info(self.peer_id).endpoints
         except FastPathError:
@@ -150,6 +155,11 @@ class PathMtu:
         for path in self.paths.values():
             self._tick_path(path, now)
         self._apply()
+        if all(p.state is not PmtuState.SEARCHING for p in self.paths.values()):
+            due = min((p.next_search for p in self.paths.values()), default=now + IDLE_POLL_S)
+            self._next_poll = min(now + IDLE_POLL_S, due)
+        else:
+            self._next_poll = 0.0
 
     def on_ack(self, link_id: int, probe_id: int, received: int) -> bool:
         """An ack of one of our probes (the fast path authenticated it); False if unknown."""
@@ -172,12 +182,6 @@ class PathMtu:
                 self._end_round(path, now)
                 self._apply()
         return True
-
-    def restart(self, reason: str = "restart") -> None:
-        """Search every path again now (from the figure each has)."""
-        now = self.clock()
-        for path in self.paths.values():
-            self._start(path, path.mtu or BASE_PMTU, now, reason)
 
     # ---------------------------------------------------------------- status
 
