@@ -239,12 +239,12 @@ int fp_peer_set_policy(fp_t *fp, uint32_t peer_id, const struct fp_link_weight *
  * for none known (only the TUN MTU limits packets, as before); otherwise
  * FP_PMTU_MIN..65535, else -EINVAL. The inner MTU is that minus the outer IP
  * header (20, or 40 when one of the peer's endpoints is IPv6), UDP (8) and
- * FP_OVERHEAD. An inner packet larger than it is dropped as FP_DROP_TOO_BIG:
- * IPv4 with DF set and IPv6 are answered, into the TUN (or, at a relay, to the
- * sending peer), with ICMP "fragmentation needed" / ICMPv6 "packet too big"
- * carrying the inner MTU; IPv4 without DF is cut into fragments that fit (as a
- * router would; FP_V_FRAGMENT from fp_process_*). TCP
- * SYNs to and from the peer get their MSS option lowered to fit it.
+ * FP_OVERHEAD. An inner packet larger than it: IPv4 without DF is cut into
+ * fragments that fit, as a router would (FP_V_FRAGMENT from fp_process_*);
+ * IPv4 with DF and IPv6 are dropped as FP_DROP_TOO_BIG and answered, into the
+ * TUN (at a relay: to the sending peer), with ICMP "fragmentation needed" /
+ * ICMPv6 "packet too big" carrying the inner MTU. TCP SYNs to and from the
+ * peer get their MSS option lowered to fit it.
  * fp_peer_probe seals a probe of exactly `size` bytes on the wire (outer IP
  * header included; padding inside the AEAD) to the peer's endpoint on link_id
  * and sends it with DF; the peer's fast path answers an authenticated probe

@@ -589,7 +589,11 @@ static void seal_queue(struct fp *fp, struct fp_tun_rx *x, const uint8_t *ip, si
         *used += res.out_len;
     } else if (res.verdict == FP_V_TUN) {
         tun_write_one(fp, o, res.out_len);
-    } else if (res.verdict == FP_V_FRAGMENT && cap >= res.out_len + frag_room(res.out_len)) {
+    } else if (res.verdict == FP_V_FRAGMENT && cap < res.out_len + frag_room(res.out_len)) {
+        struct fp_peer *p = fp_peer_find(fp, res.peer_id);
+        if (p)
+            fp_ctr_add(&p->ctr.drops[FP_DROP_TOO_BIG], 1);
+    } else if (res.verdict == FP_V_FRAGMENT) {
         /* The packet now lies at o; its fragments follow it. */
         struct fp_result last;
         memset(&last, 0, sizeof(last));
