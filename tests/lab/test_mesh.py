@@ -68,6 +68,8 @@ def routed_over_mesh(lab: Lab, site: Site, prefix: str) -> bool:
 
 def assert_mesh_carries_traffic(lab: Lab, a: Site, b: Site) -> None:
     wait_for("mesh route", lambda: routed_over_mesh(lab, a, b.lan_subnet))
+    # The path MTU found by probing: the lab's paths carry 1500.
+    wait_for("path MTU", lambda: (direct(lab, a, b.n) or {}).get("mtu") == 1500)
     assert lab.wait_ping(a.lan_ns, b.lan_host_ip, timeout=10)
     assert lab.wait_ping(b.lan_ns, a.lan_host_ip, timeout=10)
     tcp = lab.iperf3(a.lan_ns, b.lan_ns, b.lan_host_ip, duration=1)

@@ -410,6 +410,7 @@ class Mesh(SessionOwner):
                 timers=self.timers,
                 clock=self.clock,
                 on_event=lambda kind, text, p=peer: self._on_tunnel_event(p, kind),
+                link_mtu=self.links.mtu,
             )
         elif peer.tunnel.state is State.UP:
             # Another link's path to a peer already up: one more endpoint, same keys.
@@ -660,6 +661,12 @@ class Mesh(SessionOwner):
         peer.tunnel.on_rekey_needed()
         return True
 
+    def on_probe_ack(self, peer_id: int, link_id: int, probe_id: int, received: int) -> bool:
+        peer = self.remotes.get(peer_id)
+        if peer is None or peer.tunnel is None:
+            return False
+        return peer.tunnel.pmtu.on_ack(link_id, probe_id, received)
+
     def peers_status(self) -> list[dict[str, Any]]:
         """`socketctl mesh`: per peer and link."""
         now = self.clock()
@@ -690,6 +697,8 @@ class Mesh(SessionOwner):
                     "last_rx_s": last_rx,
                     "role": "initiator" if self.site_id > site_id else "responder",
                     "tunnel": str(tunnel.state) if tunnel is not None else None,
+                    # This path's MTU as probed (docs/mesh.md, "Path MTU").
+                    "mtu": tunnel.pmtu.path_mtu(link_id) if tunnel is not None else None,
                     "punches": path.punches,
                     "since_s": round(now - path.since, 1),
                 })

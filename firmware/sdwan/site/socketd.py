@@ -151,6 +151,7 @@ class Supervisor:
                 timers=timers,
                 clock=self.clock,
                 on_event=self._tunnel_event(peer.site_id),
+                link_mtu=self.links.mtu,
             )
         try:
             self.store = Store(cfg.paths.data_dir)
@@ -399,6 +400,7 @@ class Supervisor:
                 "kicks_bad": st.kicks_bad,
                 "unknown": st.unknown + st.oversized,
                 "stun_unmatched": st.stun_unmatched,
+                "probe_acks_unmatched": st.probe_acks_unmatched,
             },
             "rejections": list(st.rejections),
             "cloud": self.cloud.summary() if self.cloud is not None else {"state": "off"},
