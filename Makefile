@@ -1,7 +1,10 @@
 # Entry points; the README's two commands are `make demo` and `make test`.
 VENV := .venv
 PY := $(VENV)/bin/python
-FUZZ_SECONDS ?= 60
+# Per fuzz target in `make test` (a smoke that every target still runs; fuzz longer by hand).
+FUZZ_SECONDS ?= 20
+# pytest workers: the long QEMU tests run beside the rest (tests/conftest.py orders them).
+TEST_WORKERS ?= 2
 BOARD ?= qemu-x86_64
 # The images `make test` builds for the system tests (tests/system).
 IMAGE_BOARDS := qemu-x86_64 qemu-aarch64
@@ -15,14 +18,18 @@ setup:
 demo: setup
 	$(VENV)/bin/socket-lab demo
 
-test: setup lint fuzz test-asan images test-py
+# The fuzzers, the sanitizer build and the images do not depend on each other: on two CPUs
+# they overlap; each one's output is kept together.
+test: setup lint
+	$(MAKE) --no-print-directory -j2 --output-sync=target fuzz test-asan images
+	$(MAKE) --no-print-directory test-py
 
 lint:
 	$(VENV)/bin/ruff check .
 	shellcheck flash.sh
 
 test-py:
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup
 
 # The native tests again, against a build with AddressSanitizer and UBSan.
 test-asan:

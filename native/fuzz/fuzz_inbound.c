@@ -9,7 +9,8 @@
  *      [len:1][counter:2][plaintext:len], sealed here with the peer's key so
  *      it passes the tag and reaches the replay window, the inner IP parser,
  *      routing and relay.
- * Both modes exercise the endpoint update and counters. Peers have endpoints
+ * Both modes exercise the endpoint update and counters; with path MTUs set,
+ * authenticated plaintexts also reach the MSS clamp and the probe/ack parser. Peers have endpoints
  * on several links (peer 2 with a weighted policy, so relayed packets take the
  * per-flow choice); bits 1-2 of the first byte pick the link the input
  * arrives on: one where peer 1 has an endpoint (roaming within it), or one
@@ -69,6 +70,9 @@ static fp_t *make_receiver(void)
     n6.family = 6;
     n6.addr[0] = 0xfd;
     CHECK(fp_route_set(fp, &n6, 8, 2));
+    /* Path MTUs: the clamp of relayed and delivered SYNs, probes and their acks. */
+    CHECK(fp_peer_set_mtu(fp, 1, 1280));
+    CHECK(fp_peer_set_mtu(fp, 2, 576));
     return fp;
 }
 
@@ -79,7 +83,8 @@ static void deliver(fp_t *fp, uint32_t link, const uint8_t *pkt, size_t len)
     struct fp_ctrl_msg msg;
     struct fp_addr from = v4(198, 51, 100, (uint8_t)len, 4800);
     int rc = fp_process_inbound(fp, link, &from, pkt, len, out, sizeof(out), &res);
-    if (rc == 0 && (res.verdict == FP_V_SEND || res.verdict == FP_V_TUN) &&
+    if (rc == 0 &&
+        (res.verdict == FP_V_SEND || res.verdict == FP_V_TUN || res.verdict == FP_V_FRAGMENT) &&
         res.out_len > sizeof(out))
         abort();
     /* Relayed to peer 2: over one of its links, never link 0. */

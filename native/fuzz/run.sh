@@ -1,9 +1,10 @@
 #!/bin/sh
 # Build the libFuzzer targets with Debian's clang (ASan + UBSan) and run them
 # for a bounded time: native/fuzz/run.sh [SECONDS] (default 60, in total: half
-# for fuzz_inbound over fp_process_inbound, a quarter for fuzz_offload over the
-# GSO segmenter and the TCP coalescer, a quarter for fuzz_links over endpoints,
-# link policies and fp_route_batch). Exits non-zero if a fuzzer finds a crash;
+# for fuzz_inbound over fp_process_inbound, a sixth each for fuzz_offload over
+# the GSO segmenter and the TCP coalescer, fuzz_links over endpoints, link
+# policies and fp_route_batch, and fuzz_pmtu over the ICMP too-big answers, the
+# MSS clamp and the IPv4 fragmenter). Exits non-zero if a fuzzer finds a crash;
 # the reproducer is left in native/out/fuzz/.
 set -eu
 secs=${1:-60}
@@ -11,7 +12,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 native=$(dirname "$here")
 out="$native/out/fuzz"
 mkdir -p "$out/corpus" "$out/seeds" "$out/corpus-offload" "$out/seeds-offload" \
-    "$out/corpus-links" "$out/seeds-links"
+    "$out/corpus-links" "$out/seeds-links" "$out/corpus-pmtu" "$out/seeds-pmtu"
 
 clang -std=c11 -g -O1 -fno-omit-frame-pointer \
     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
@@ -28,6 +29,11 @@ clang -std=c11 -g -O1 -fno-omit-frame-pointer \
     -Wall -Wextra -Werror \
     -I"$native/include" -I"$native/src" \
     "$native"/src/*.c "$here/fuzz_links.c" -lcrypto -lpthread -lm -o "$out/fuzz_links"
+clang -std=c11 -g -O1 -fno-omit-frame-pointer \
+    -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+    -Wall -Wextra -Werror \
+    -I"$native/include" -I"$native/src" \
+    "$native"/src/*.c "$here/fuzz_pmtu.c" -lcrypto -lpthread -lm -o "$out/fuzz_pmtu"
 
 # Seeds: mode byte, then either a raw datagram (0) or [len][counter:2][plaintext] chunks (1).
 python3 - "$out/seeds" <<'PY'
@@ -48,6 +54,9 @@ seeds = {
     "auth_seq": b"\x01" + b"".join(bytes([len(p), 0, c]) + p
                                    for c, p in ((5, ip4), (3, ip6), (5, ip4), (4, b""), (1, ip4_p1))),
     "auth_keepalive": b"\x01" + bytes([0, 0, 9]),
+    # An MTU probe (answered) and a probe's ack (queued), both authenticated.
+    "auth_probe": b"\x01" + bytes([40, 0, 11, 0x10, 0, 0, 0, 0, 0, 0, 7]) + bytes(32),
+    "auth_probe_ack": b"\x01" + bytes([12, 0, 12, 0x11, 0, 0, 0, 0, 0, 0, 7, 0, 0, 5, 0x3C]),
 }
 for name, data in seeds.items():
     (d / name).write_bytes(data)
@@ -128,12 +137,50 @@ for name, data in seeds.items():
     (d / name).write_bytes(data)
 PY
 
+# Path MTU seeds: [mtu:2] + a packet: a TCP SYN with MSS 1460, a UDP packet with
+# DF and one without (with options), an ICMP echo, an IPv6 UDP packet.
+python3 - "$out/seeds-pmtu" <<'PY'
+import struct, sys, pathlib
+d = pathlib.Path(sys.argv[1])
+S4, D4 = bytes([10, 1, 0, 5]), bytes([10, 2, 0, 7])
+def fold(s):
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+def csum(b, s=0):
+    b += b"\0" * (len(b) % 2)
+    return fold(s + sum(struct.unpack(f"!{len(b)//2}H", b)))
+def ip4(proto, l4, flags=0x4000, opts=b""):
+    hl = 20 + len(opts)
+    h = struct.pack("!BBHHHBBH4s4s", 0x40 | hl // 4, 0, hl + len(l4), 1, flags, 64, proto, 0, S4, D4) + opts
+    return h[:10] + struct.pack("!H", 0xFFFF - csum(h)) + h[12:] + l4
+def tcp_syn(mss):
+    seg = bytearray(struct.pack("!HHIIBBHHH", 1, 80, 1, 0, 6 << 4, 2, 500, 0, 0) + struct.pack("!BBH", 2, 4, mss))
+    c = 0xFFFF - csum(bytes(seg), csum(S4 + D4 + struct.pack("!BBH", 0, 6, len(seg))))
+    seg[16:18] = struct.pack("!H", c)
+    return bytes(seg)
+udp = struct.pack("!HHHH", 1, 2, 8 + 1400, 0) + bytes(1400)
+ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(udp), 17, 64, b"\xfd" + bytes(15), b"\xfd" + bytes(14) + b"\x07") + udp
+seeds = {
+    "syn": struct.pack("!H", 1280 - 576) + ip4(6, tcp_syn(1460)),
+    "df": struct.pack("!H", 1280 - 576) + ip4(17, udp),
+    "nodf": struct.pack("!H", 1000 - 576) + ip4(17, udp, 0, bytes([0x94, 4, 0, 0])),
+    "echo": struct.pack("!H", 0) + ip4(1, bytes([8, 0, 0, 0, 0, 0, 0, 0]) + bytes(1000)),
+    "ip6": struct.pack("!H", 1300 - 576) + ip6,
+}
+for name, b in seeds.items():
+    (d / name).write_bytes(b)
+PY
+
 cd "$out"
 in_secs=$(( secs / 2 > 0 ? secs / 2 : 1 ))
-off_secs=$(( secs / 4 > 0 ? secs / 4 : 1 ))
-links_secs=$(( secs - in_secs - off_secs > 0 ? secs - in_secs - off_secs : 1 ))
+off_secs=$(( secs / 6 > 0 ? secs / 6 : 1 ))
+links_secs=$(( secs / 6 > 0 ? secs / 6 : 1 ))
+pmtu_secs=$(( secs - in_secs - off_secs - links_secs > 0 ? secs - in_secs - off_secs - links_secs : 1 ))
 ./fuzz_inbound -max_total_time="$in_secs" -max_len=9400 -print_final_stats=1 corpus seeds
 ./fuzz_offload -max_total_time="$off_secs" -max_len=70000 -print_final_stats=1 \
     corpus-offload seeds-offload
 ./fuzz_links -max_total_time="$links_secs" -max_len=4096 -print_final_stats=1 \
     corpus-links seeds-links
+./fuzz_pmtu -max_total_time="$pmtu_secs" -max_len=9300 -print_final_stats=1 \
+    corpus-pmtu seeds-pmtu

@@ -46,7 +46,9 @@ enum fp_drop_reason {
     FP_DROP_QUEUE_FULL = 8,    /* control queue full */
     FP_DROP_SEND_ERROR = 9,    /* sendmsg/write failed */
     FP_DROP_SPOOFED = 10,      /* inner source does not route back to the sending peer */
-    FP_DROP__COUNT = 11
+    FP_DROP_TOO_BIG = 11,      /* larger than the peer's path allows (answered with ICMP
+                                  "fragmentation needed" / "packet too big" when due) */
+    FP_DROP__COUNT = 12
 };
 
 /* What fp_process_* decided about one packet. */
@@ -55,14 +57,20 @@ enum fp_verdict {
     FP_V_SEND = 1,      /* out holds a wire packet for res.link_id / res.to */
     FP_V_TUN = 2,       /* out holds a plaintext IP packet for the TUN */
     FP_V_CONTROL = 3,   /* not a data packet: queued for Python */
-    FP_V_KEEPALIVE = 4  /* authenticated empty packet: counted, nothing to deliver */
+    FP_V_KEEPALIVE = 4, /* authenticated empty packet: counted, nothing to deliver */
+    FP_V_FRAGMENT = 5   /* IPv4 without DF too big for res.peer_id's path: out holds the
+                           packet (out_len bytes), to be cut into fragments that fit and
+                           sealed for that peer (the threads do; fp_test_ip4_fragment) */
 };
 
 /* Events on the control queue. */
 enum fp_event {
     FP_EV_PACKET = 1,      /* a control datagram arrived on link_id from `from` */
     FP_EV_REKEY = 2,       /* peer_id's transmit key passed the rekey limits */
-    FP_EV_KEY_EXPIRED = 3  /* peer_id's transmit key passed the reject limits */
+    FP_EV_KEY_EXPIRED = 3, /* peer_id's transmit key passed the reject limits */
+    FP_EV_PROBE_ACK = 4    /* peer_id answered a path MTU probe (fp_peer_probe) on link_id
+                              from `from`: data holds the probe id and the length of the
+                              datagram the peer received, 4 bytes each, big-endian */
 };
 
 struct fp_config {
@@ -95,7 +103,7 @@ struct fp_counters {
     uint64_t rx_bytes;
     uint64_t tx_packets;
     uint64_t tx_bytes;
-    uint64_t drops[11];       /* by enum fp_drop_reason */
+    uint64_t drops[12];       /* by enum fp_drop_reason (FP_DROP__COUNT) */
     uint64_t last_rx_ns;      /* CLOCK_MONOTONIC of last authenticated rx, 0 = never */
     uint64_t last_tx_ns;
 };
@@ -216,6 +224,8 @@ struct fp_peer_links {
     uint32_t n_policy;                /* 0: the default policy */
     struct fp_link_weight policy[8];
     uint64_t rx_unlisted;             /* authenticated packets on links without an endpoint */
+    uint32_t mtu;                     /* path MTU set by fp_peer_set_mtu, 0: none */
+    uint32_t inner_mtu;               /* the largest inner packet it allows, 0: no limit */
 };
 
 int fp_peer_set_endpoint(fp_t *fp, uint32_t peer_id, uint32_t link_id, const struct fp_addr *ep);
@@ -223,6 +233,27 @@ int fp_peer_del_endpoint(fp_t *fp, uint32_t peer_id, uint32_t link_id);
 int fp_peer_get_endpoint(fp_t *fp, uint32_t peer_id, uint32_t *link_id, struct fp_addr *ep);
 int fp_peer_endpoints(fp_t *fp, uint32_t peer_id, struct fp_peer_links *out);
 int fp_peer_set_policy(fp_t *fp, uint32_t peer_id, const struct fp_link_weight *w, size_t n);
+
+/* Path MTU (docs/dataplane.md, "Path MTU"). fp_peer_set_mtu sets the largest IP
+ * packet the path to the peer carries (what the supervisor's probing found), or 0
+ * for none known (only the TUN MTU limits packets, as before); otherwise
+ * FP_PMTU_MIN..65535, else -EINVAL. The inner MTU is that minus the outer IP
+ * header (20, or 40 when one of the peer's endpoints is IPv6), UDP (8) and
+ * FP_OVERHEAD. An inner packet larger than it: IPv4 without DF is cut into
+ * fragments that fit, as a router would (FP_V_FRAGMENT from fp_process_*);
+ * IPv4 with DF and IPv6 are dropped as FP_DROP_TOO_BIG and answered, into the
+ * TUN (at a relay: to the sending peer), with ICMP "fragmentation needed" /
+ * ICMPv6 "packet too big" carrying the inner MTU. TCP SYNs to and from the
+ * peer get their MSS option lowered to fit it.
+ * fp_peer_probe seals a probe of exactly `size` bytes on the wire (outer IP
+ * header included; padding inside the AEAD) to the peer's endpoint on link_id
+ * and sends it with DF; the peer's fast path answers an authenticated probe
+ * with a small ack, queued here as FP_EV_PROBE_ACK. -ENOTCONN: no endpoint on
+ * that link; -ENOKEY: no transmit key; -EINVAL: size below FP_PMTU_MIN or
+ * above what a data packet may carry; -EMSGSIZE and other errors from sendto. */
+#define FP_PMTU_MIN 576
+int fp_peer_set_mtu(fp_t *fp, uint32_t peer_id, uint32_t mtu);
+int fp_peer_probe(fp_t *fp, uint32_t peer_id, uint32_t link_id, uint32_t size, uint32_t probe_id);
 
 /* Keys: two slots per peer. install puts a key in the slot not used for
  * transmit (evicting what was there) and accepts packets for local_index at
@@ -235,6 +266,18 @@ int fp_key_activate(fp_t *fp, uint32_t peer_id, uint32_t local_index, uint32_t r
 int fp_key_clear(fp_t *fp, uint32_t peer_id);
 int fp_key_info(fp_t *fp, uint32_t peer_id, struct fp_key_info *out);
 int fp_send_keepalive(fp_t *fp, uint32_t peer_id);
+
+/* Liveness under traffic (docs/dataplane.md). A peer is owed an answer once we
+ * received a data packet from it and have sent it nothing since; it is silent
+ * once we sealed a data packet for it and nothing authenticated came back
+ * since. fp_liveness_scan, called periodically: sends a keepalive to every
+ * peer owed an answer for ack_after_ns (so a live peer answers one-way traffic
+ * within that), and writes the ids of up to cap peers silent for
+ * silent_after_ns into ids (a silent peer is reported by every scan until it
+ * answers, or fp_key_activate gives it new keys). Returns how many ids it
+ * wrote, or -errno. */
+int fp_liveness_scan(fp_t *fp, uint64_t ack_after_ns, uint64_t silent_after_ns, uint32_t *ids,
+                     size_t cap);
 
 /* What the TUN device does for us (fp_tun_features). fp_tun_open asks for
  * IFF_VNET_HDR and checksum/TSO (and, where the kernel has it, USO) offload, so
@@ -285,6 +328,22 @@ int fp_test_aead(int encrypt, const uint8_t *key, const uint8_t *iv,
                  const uint8_t *aad, size_t aad_len, const uint8_t *in, size_t len,
                  uint8_t *out, uint8_t *tag);
 int fp_test_set_tx_counter(fp_t *fp, uint32_t peer_id, uint64_t counter);
+
+/* The path MTU code as pure functions. fp_test_icmp_too_big writes the ICMP
+ * error an inner packet too big for inner_mtu gets (fragmentation needed, or
+ * ICMPv6 packet too big, addressed to its source) into out and returns its
+ * length, or 0 when none is due (IPv4 without DF, an ICMP error, a later
+ * fragment, a source that is no single host), -EINVAL for no IP packet.
+ * fp_test_ip4_fragment cuts an IPv4 packet without DF into fragments of at most
+ * mtu bytes, written back to back into out (lengths in lens); returns their
+ * number, or -EINVAL (DF set, malformed, mtu too small), -ENOSPC.
+ * fp_test_mss_clamp lowers the MSS option of a TCP SYN to what inner_mtu
+ * allows, fixing the checksum; returns 1 if it changed the packet, else 0. */
+int fp_test_icmp_too_big(const uint8_t *ip, size_t len, uint32_t inner_mtu, uint8_t *out,
+                         size_t cap);
+int fp_test_mss_clamp(uint8_t *ip, size_t len, uint32_t inner_mtu);
+int fp_test_ip4_fragment(const uint8_t *ip, size_t len, uint32_t mtu, uint8_t *out, size_t cap,
+                         uint32_t *lens, uint32_t max);
 
 /* The offload code as pure functions. fp_test_gso_segment cuts one packet as
  * read from a TUN with a FP_VNET_HDR_LEN-byte virtio_net_hdr `vnet` into

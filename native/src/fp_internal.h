@@ -125,7 +125,17 @@ struct fp_peer {
     int ncand;                          /* 0, or >= 2: choose per flow among cand */
     bool equal_weights;
     struct fp_cand cand[FP_PEER_ENDPOINTS];
+    uint32_t mtu;                       /* fp_peer_set_mtu, 0: none */
+    /* Derived from mtu and the endpoints' families; read by every packet
+     * without ep_lock. 0: no limit but the TUN's. */
+    _Atomic uint32_t inner_mtu;
     struct fp_ctr ctr;
+    /* Liveness under traffic (fp_liveness_scan): when the first data packet
+     * sealed since the peer's last authenticated packet was sealed, and when
+     * the first data packet received since we last sent to the peer arrived;
+     * 0: none. Written on the packet paths only when they change. */
+    _Atomic uint64_t unanswered_ns;
+    _Atomic uint64_t owed_ns;
 };
 
 struct fp_route {
@@ -274,6 +284,31 @@ void fp_peers_drop_link(struct fp *fp, uint32_t link_id);
 uint64_t fp_flow_hash(const uint8_t *ip, size_t len);
 uint64_t fp_mix64(uint64_t x);
 
+/* pmtu.c: path MTU. A probe's plaintext starts with FP_PROBE (an IP version
+ * nibble of 1), then 3 zero bytes, the probe id (BE32) and padding; its ack is
+ * FP_PROBE_ACK, 3 zero bytes, the id and the length of the probe datagram as
+ * received (BE32): FP_PROBE_ACK_LEN bytes. */
+#define FP_PROBE 0x10
+#define FP_PROBE_ACK 0x11
+#define FP_PROBE_HDR_LEN 8
+#define FP_PROBE_ACK_LEN 12
+/* The ICMP error for a packet too big for `mtu` (the inner MTU) into out (not
+ * overlapping ip): its length, 0 when none is due, -1 if ip is no IP packet. */
+int fp_icmp_too_big(const uint8_t *ip, size_t len, uint32_t mtu, uint8_t *out, size_t cap);
+bool fp_ip_df(const uint8_t *ip, size_t len);
+/* Cut an IPv4 packet without DF into fragments of at most mtu bytes, fragment
+ * i at out + i * stride + headroom (RFC 791: options with the copy flag
+ * repeated); returns their number and lengths, or -errno. */
+int fp_ip4_fragment(const uint8_t *ip, size_t len, uint32_t mtu, uint8_t *out, size_t cap,
+                    size_t headroom, size_t tailroom, uint32_t *lens, uint32_t max,
+                    size_t *stride_out);
+/* Most fragments one packet is cut into (FP_MAX_INNER at the smallest MTU). */
+#define FP_FRAGS_MAX 24
+/* A TCP segment with SYN (IPv4 first fragment, IPv6 without extension headers). */
+bool fp_tcp_syn(const uint8_t *ip, size_t len);
+/* Lower the MSS option of a TCP SYN to fit inner_mtu; true if it changed. */
+bool fp_mss_clamp(uint8_t *ip, size_t len, uint32_t inner_mtu);
+
 /* ctrlq.c */
 int fp_ctrlq_init(struct fp_ctrlq *q, uint32_t cap);
 void fp_ctrlq_free(struct fp_ctrlq *q);
@@ -288,6 +323,11 @@ int fp_inbound_locked(struct fp *fp, struct fp_link *link, uint32_t link_id,
                       size_t cap, struct fp_result *res, uint64_t now);
 int fp_seal_for_peer(struct fp *fp, struct fp_peer *peer, const uint8_t *in, size_t len,
                      uint8_t *out, size_t cap, struct fp_result *res, uint64_t now);
+/* Seal for peer to a given link and address (a probe, a probe's ack), not by
+ * its policy; counts on the peer, not on an endpoint. */
+int fp_seal_to(struct fp *fp, struct fp_peer *peer, uint32_t link_id, const struct fp_addr *to,
+               const uint8_t *in, size_t len, uint8_t *out, size_t cap, struct fp_result *res,
+               uint64_t now);
 
 /* offload.c: struct virtio_net_hdr as the TUN reads and writes it with
  * IFF_VNET_HDR (legacy layout, host byte order). */

@@ -272,6 +272,17 @@ static void tun_count(struct fp *fp, bool ok, uint64_t pkts, uint64_t bytes)
     fp_ctr_add(&fp->gctr.tx_bytes, bytes);
 }
 
+/* One packet the fast path made itself (an ICMP error) into the TUN. */
+static void tun_write_one(struct fp *fp, const uint8_t *pkt, size_t len)
+{
+    int fd = atomic_load_explicit(&fp->tun_fd, memory_order_acquire);
+    uint8_t vh[FP_VNET_LEN] = {0};
+    struct iovec iov[2] = {{vh, FP_VNET_LEN}, {(void *)pkt, len}};
+    bool vnet = fp->tun_features & FP_TUN_F_VNET;
+    ssize_t want = (ssize_t)(len + (vnet ? FP_VNET_LEN : 0));
+    tun_count(fp, fd >= 0 && writev(fd, vnet ? iov : iov + 1, vnet ? 2 : 1) == want, 1, len);
+}
+
 /* Write the queued plaintexts to the TUN: with a vnet header, consecutive
  * segments of one TCP flow go as one superpacket per writev. */
 static void tunq_flush(struct fp *fp, struct tunq *t)
@@ -310,6 +321,49 @@ static void tunq_flush(struct fp *fp, struct tunq *t)
         tun_count(fp, fd >= 0 && writev(fd, t->iov, c) == (ssize_t)total, pkts, bytes);
     }
     t->n = 0;
+}
+
+/* ------------------------------------------------------------------ fragments */
+
+/* Arena room a packet of len bytes needs to be cut and sealed (FP_V_FRAGMENT). */
+static size_t frag_room(size_t len)
+{
+    return 3 * len + 4096;
+}
+
+/* A packet without DF too big for its peer's path (FP_V_FRAGMENT): cut into
+ * fragments that fit, each sealed for the peer where it lies at `at` (room
+ * bytes, not overlapping pkt) and queued. Returns the arena bytes used; the
+ * last link and peer sent to in *sent (if not NULL). Caller holds fp->lock
+ * shared. */
+static size_t frag_queue(struct fp *fp, struct txq *q, uint32_t peer_id, const uint8_t *pkt,
+                         size_t len, uint8_t *at, size_t room, uint64_t now,
+                         struct fp_result *sent)
+{
+    struct fp_peer *peer = fp_peer_find(fp, peer_id);
+    uint32_t lens[FP_FRAGS_MAX];
+    size_t stride = 0;
+    uint32_t mtu = peer ? atomic_load_explicit(&peer->inner_mtu, memory_order_relaxed) : 0;
+    int n = mtu ? fp_ip4_fragment(pkt, len, mtu, at, room, FP_HEADER_LEN, FP_TAG_LEN, lens,
+                                  FP_FRAGS_MAX, &stride)
+                : -EINVAL;
+    if (n <= 0) {
+        if (peer)
+            fp_ctr_add(&peer->ctr.drops[FP_DROP_TOO_BIG], 1);
+        return 0;
+    }
+    for (int i = 0; i < n; i++) {
+        uint8_t *s = at + (size_t)i * stride;
+        struct fp_result res;
+        memset(&res, 0, sizeof(res));
+        if (fp_seal_for_peer(fp, peer, s + FP_HEADER_LEN, lens[i], s, stride, &res, now) == 0 &&
+            res.verdict == FP_V_SEND) {
+            txq_add(fp, q, &res, s);
+            if (sent)
+                *sent = res;
+        }
+    }
+    return (size_t)n * stride;
 }
 
 /* ------------------------------------------------------------------ link receives */
@@ -435,6 +489,19 @@ static int link_rx_locked(struct fp *fp, struct fp_link *l, bool *wrote)
                 } else if (res.verdict == FP_V_SEND) {
                     txq_add(fp, &x->q, &res, o);
                     used += res.out_len;
+                } else if (res.verdict == FP_V_FRAGMENT) {
+                    /* Relayed without DF, too big for the next hop (rare). */
+                    if (ARENA_LEN - used < frag_room(res.out_len)) {
+                        *wrote |= t->n > 0;
+                        tunq_flush(fp, t);
+                        txq_flush(fp, &x->q);
+                        memmove(x->arena, o, res.out_len);
+                        o = x->arena;
+                        used = 0;
+                    }
+                    used += res.out_len;
+                    used += frag_queue(fp, &x->q, res.peer_id, o, res.out_len, x->arena + used,
+                                       ARENA_LEN - used, now, NULL);
                 }
             }
             if (len == 0)
@@ -508,15 +575,33 @@ static void note_sent(struct fp_tun_rx *x, const struct fp_result *res)
     x->sent_peer = res->peer_id;
 }
 
-/* Seal one plaintext packet into the arena and queue it. */
+/* Seal one plaintext packet into the arena and queue it; one too big for its
+ * peer's path is answered with the ICMP error it is due, into the TUN. */
 static void seal_queue(struct fp *fp, struct fp_tun_rx *x, const uint8_t *ip, size_t len,
                        uint8_t *o, size_t cap, size_t *used, uint64_t now)
 {
     struct fp_result res;
-    if (fp_outbound_locked(fp, ip, len, o, cap, &res, now) == 0 && res.verdict == FP_V_SEND) {
+    if (fp_outbound_locked(fp, ip, len, o, cap, &res, now) != 0)
+        return;
+    if (res.verdict == FP_V_SEND) {
         txq_add(fp, &x->q, &res, o);
         note_sent(x, &res);
         *used += res.out_len;
+    } else if (res.verdict == FP_V_TUN) {
+        tun_write_one(fp, o, res.out_len);
+    } else if (res.verdict == FP_V_FRAGMENT && cap < res.out_len + frag_room(res.out_len)) {
+        struct fp_peer *p = fp_peer_find(fp, res.peer_id);
+        if (p)
+            fp_ctr_add(&p->ctr.drops[FP_DROP_TOO_BIG], 1);
+    } else if (res.verdict == FP_V_FRAGMENT) {
+        /* The packet now lies at o; its fragments follow it. */
+        struct fp_result last;
+        memset(&last, 0, sizeof(last));
+        size_t n = frag_queue(fp, &x->q, res.peer_id, o, res.out_len, o + res.out_len,
+                              cap - res.out_len, now, &last);
+        if (last.verdict == FP_V_SEND)
+            note_sent(x, &last);
+        *used += res.out_len + n;
     }
 }
 
@@ -629,13 +714,24 @@ static unsigned tun_drain(struct fp *fp, struct fp_tun_rx *x, unsigned max)
         /* Sealed in place: segment i is at base + i * stride, header first,
          * so full segments end exactly where the next begins. */
         uint8_t *base = arena + used;
+        bool answered = false;
         for (int i = 0; i < ns; i++) {
             uint8_t *s = base + (size_t)i * stride;
             struct fp_result res;
-            if (fp_outbound_locked(fp, s + FP_HEADER_LEN, lens[i], s, stride, &res, now) == 0 &&
-                res.verdict == FP_V_SEND) {
+            if (fp_outbound_locked(fp, s + FP_HEADER_LEN, lens[i], s, stride, &res, now) != 0)
+                continue;
+            if (res.verdict == FP_V_SEND) {
                 txq_add(fp, q, &res, s);
                 note_sent(x, &res);
+            } else if (res.verdict == FP_V_TUN && !answered) {
+                /* Segments too big for the path: one error for the superpacket. */
+                tun_write_one(fp, s, res.out_len);
+                answered = true;
+            } else if (res.verdict == FP_V_FRAGMENT) {
+                /* A superpacket without DF from this box itself: no room to cut it here. */
+                struct fp_peer *p = fp_peer_find(fp, res.peer_id);
+                if (p)
+                    fp_ctr_add(&p->ctr.drops[FP_DROP_TOO_BIG], 1);
             }
         }
         used += (size_t)(ns - 1) * stride + lens[ns - 1] + FP_OVERHEAD;
@@ -1029,6 +1125,15 @@ int fp_link_add(fp_t *fp, uint32_t link_id, int udp_fd)
         free(l);
         return -e;
     }
+    /* DF on everything we send, whatever the kernel learned from ICMP: the
+     * path MTU is found by our own probes (docs/dataplane.md, "Path MTU"), and
+     * a probe fragmented locally would prove nothing. Best effort. */
+    int probe = IP_PMTUDISC_PROBE;
+    (void)setsockopt(l->fd, IPPROTO_IP, IP_MTU_DISCOVER, &probe, sizeof(probe));
+    if (l->family == AF_INET6) {
+        int probe6 = IPV6_PMTUDISC_PROBE;
+        (void)setsockopt(l->fd, IPPROTO_IPV6, IPV6_MTU_DISCOVER, &probe6, sizeof(probe6));
+    }
     /* Coalesced receive: the kernel hands over runs of datagrams of one size
      * from one sender as one, and the link thread splits them. */
     int one = 1;
@@ -1119,45 +1224,143 @@ int fp_ctrl_send(fp_t *fp, uint32_t link_id, const struct fp_addr *to,
     return rc;
 }
 
-int fp_send_keepalive(fp_t *fp, uint32_t peer_id)
+/* An authenticated empty packet to p's primary endpoint; under fp->lock (read). */
+static int keepalive_locked(fp_t *fp, struct fp_peer *p)
 {
     uint8_t pkt[FP_OVERHEAD];
     struct fp_result res;
     struct sockaddr_storage ss;
     socklen_t sl;
-    int rc;
     memset(&res, 0, sizeof(res));
-    pthread_rwlock_rdlock(&fp->lock);
-    struct fp_peer *p = fp_peer_find(fp, peer_id);
-    if (!p) {
-        rc = -ENOENT;
-        goto out;
-    }
-    rc = fp_seal_for_peer(fp, p, pkt + FP_HEADER_LEN, 0, pkt, sizeof(pkt), &res, fp_now_ns());
+    int rc = fp_seal_for_peer(fp, p, pkt + FP_HEADER_LEN, 0, pkt, sizeof(pkt), &res, fp_now_ns());
     if (rc < 0)
-        goto out;
+        return rc;
     if (res.verdict == FP_V_DROP) {
         static const int err[FP_DROP__COUNT] = {
             [FP_DROP_NO_KEY] = -ENOKEY, [FP_DROP_NO_ENDPOINT] = -ENOTCONN,
             [FP_DROP_KEY_EXPIRED] = -EKEYEXPIRED};
-        rc = err[res.drop_reason] ? err[res.drop_reason] : -EIO;
-        goto out;
+        return err[res.drop_reason] ? err[res.drop_reason] : -EIO;
     }
     struct fp_link *l = fp_link_find(fp, res.link_id);
     if (!l) {
-        rc = -ENODEV;
         fp_ctr_add(&fp->gctr.drops[FP_DROP_SEND_ERROR], 1);
-    } else if (fp_addr_to_sockaddr(&res.to, l->family, &ss, &sl) < 0) {
-        rc = -EAFNOSUPPORT;
+        return -ENODEV;
+    }
+    if (fp_addr_to_sockaddr(&res.to, l->family, &ss, &sl) < 0) {
         fp_ctr_add(&l->ctr.drops[FP_DROP_SEND_ERROR], 1);
-    } else if (sendto(l->fd, pkt, res.out_len, MSG_DONTWAIT, (struct sockaddr *)&ss, sl) < 0) {
+        return -EAFNOSUPPORT;
+    }
+    if (sendto(l->fd, pkt, res.out_len, MSG_DONTWAIT, (struct sockaddr *)&ss, sl) < 0) {
         rc = -errno;
         fp_ctr_add(&l->ctr.drops[FP_DROP_SEND_ERROR], 1);
+        return rc;
+    }
+    fp_ctr_add(&l->ctr.tx_packets, 1);
+    fp_ctr_add(&l->ctr.tx_bytes, res.out_len);
+    return 0;
+}
+
+int fp_send_keepalive(fp_t *fp, uint32_t peer_id)
+{
+    pthread_rwlock_rdlock(&fp->lock);
+    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    int rc = p ? keepalive_locked(fp, p) : -ENOENT;
+    pthread_rwlock_unlock(&fp->lock);
+    return rc;
+}
+
+int fp_liveness_scan(fp_t *fp, uint64_t ack_after_ns, uint64_t silent_after_ns, uint32_t *ids,
+                     size_t cap)
+{
+    if (cap && !ids)
+        return -EINVAL;
+    size_t n = 0;
+    uint64_t now = fp_now_ns();
+    pthread_rwlock_rdlock(&fp->lock);
+    for (int i = 0; i < FP_PEER_BUCKETS; i++) {
+        for (struct fp_peer *p = fp->peers[i]; p; p = p->next) {
+            uint64_t owed = atomic_load_explicit(&p->owed_ns, memory_order_relaxed);
+            /* A peer without keys or endpoint cannot be answered; it stays owed. */
+            if (owed && now - owed >= ack_after_ns && p->tx_slot >= 0)
+                (void)keepalive_locked(fp, p);
+            uint64_t since = atomic_load_explicit(&p->unanswered_ns, memory_order_relaxed);
+            if (since && now > since && now - since >= silent_after_ns && n < cap)
+                ids[n++] = p->id;
+        }
+    }
+    pthread_rwlock_unlock(&fp->lock);
+    return (int)n;
+}
+
+int fp_peer_probe(fp_t *fp, uint32_t peer_id, uint32_t link_id, uint32_t size, uint32_t probe_id)
+{
+    if (size < FP_PMTU_MIN || size > 65535)
+        return -EINVAL;
+    uint8_t *pkt = malloc(FP_BUF_LEN);
+    if (!pkt)
+        return -ENOMEM;
+    struct fp_result res;
+    struct sockaddr_storage ss;
+    socklen_t sl;
+    struct fp_addr to;
+    int rc;
+    memset(&res, 0, sizeof(res));
+    pthread_rwlock_rdlock(&fp->lock);
+    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    struct fp_link *l = fp_link_find(fp, link_id);
+    if (!p) {
+        rc = -ENOENT;
+        goto out;
+    }
+    pthread_mutex_lock(&p->ep_lock);
+    int slot = fp_peer_ep_slot(p, link_id);
+    if (slot >= 0)
+        to = p->ep[slot].addr;
+    pthread_mutex_unlock(&p->ep_lock);
+    if (slot < 0) {
+        rc = -ENOTCONN;
+        goto out;
+    }
+    if (!l) {
+        rc = -ENODEV;
+        goto out;
+    }
+    /* `size` is the IP packet on the wire: outer IP and UDP headers, ours. */
+    size_t outer = (to.family == 4 ? 20u : 40u) + 8u + FP_OVERHEAD;
+    if (size < outer + FP_PROBE_HDR_LEN || size - outer > FP_MAX_INNER) {
+        rc = -EINVAL;
+        goto out;
+    }
+    size_t plen = size - outer;
+    uint8_t *plain = pkt + FP_HEADER_LEN;
+    memset(plain, 0, plen);
+    plain[0] = FP_PROBE;
+    plain[4] = (uint8_t)(probe_id >> 24);
+    plain[5] = (uint8_t)(probe_id >> 16);
+    plain[6] = (uint8_t)(probe_id >> 8);
+    plain[7] = (uint8_t)probe_id;
+    rc = fp_seal_to(fp, p, link_id, &to, plain, plen, pkt, FP_BUF_LEN, &res, fp_now_ns());
+    if (rc < 0)
+        goto out;
+    if (res.verdict == FP_V_DROP) {
+        rc = res.drop_reason == FP_DROP_NO_KEY ? -ENOKEY
+             : res.drop_reason == FP_DROP_KEY_EXPIRED ? -EKEYEXPIRED : -EIO;
+        goto out;
+    }
+    if (fp_addr_to_sockaddr(&to, l->family, &ss, &sl) < 0) {
+        rc = -EAFNOSUPPORT;
+    } else if (sendto(l->fd, pkt, res.out_len, MSG_DONTWAIT, (struct sockaddr *)&ss, sl) < 0) {
+        /* EMSGSIZE: larger than our own interface allows; not a send error. */
+        rc = -errno;
+        if (rc != -EMSGSIZE)
+            fp_ctr_add(&l->ctr.drops[FP_DROP_SEND_ERROR], 1);
     } else {
+        rc = 0;
         fp_ctr_add(&l->ctr.tx_packets, 1);
         fp_ctr_add(&l->ctr.tx_bytes, res.out_len);
     }
 out:
     pthread_rwlock_unlock(&fp->lock);
+    free(pkt);
     return rc;
 }

@@ -46,19 +46,95 @@ static void uncount(struct fp_peer *peer, int slot, uint32_t link_id, size_t len
     pthread_mutex_unlock(&peer->ep_lock);
 }
 
+/* An IP packet, as opposed to a keepalive (empty) or a path-MTU probe or ack:
+ * only those expect an answer under liveness (a probe may be lost on
+ * purpose: that is what it is for). */
+static inline bool is_data(const uint8_t *in, size_t len)
+{
+    return len && in[0] >> 4 != FP_PROBE >> 4;
+}
+
+/* Liveness under traffic: anything sent pays what the peer was owed; the
+ * first data packet since the peer last answered starts its clock. Loads
+ * first, so a busy flow does not write the shared line on every packet. */
+static void note_sent(struct fp_peer *peer, size_t len, uint64_t now)
+{
+    if (atomic_load_explicit(&peer->owed_ns, memory_order_relaxed))
+        atomic_store_explicit(&peer->owed_ns, 0, memory_order_relaxed);
+    if (len && !atomic_load_explicit(&peer->unanswered_ns, memory_order_relaxed)) {
+        uint64_t none = 0;
+        atomic_compare_exchange_strong_explicit(&peer->unanswered_ns, &none, now,
+                                                memory_order_relaxed, memory_order_relaxed);
+    }
+}
+
+/* Anything authenticated answers; a data packet is owed an answer. */
+static void note_received(struct fp_peer *peer, size_t plen, uint64_t now)
+{
+    if (atomic_load_explicit(&peer->unanswered_ns, memory_order_relaxed))
+        atomic_store_explicit(&peer->unanswered_ns, 0, memory_order_relaxed);
+    if (plen && !atomic_load_explicit(&peer->owed_ns, memory_order_relaxed)) {
+        uint64_t none = 0;
+        atomic_compare_exchange_strong_explicit(&peer->owed_ns, &none, now,
+                                                memory_order_relaxed, memory_order_relaxed);
+    }
+}
+
+/* The key, counter and AEAD part of sealing, for an endpoint already in res
+ * (link_id, to); slot is the endpoint slot the packet was counted on, or -1. */
+static int seal_with_key(struct fp *fp, struct fp_peer *peer, int slot, const uint8_t *in,
+                         size_t len, uint8_t *out, struct fp_result *res, uint64_t now)
+{
+    const struct fp_config *cfg = &fp->cfg;
+    struct fp_key *k = peer->slot[peer->tx_slot];
+    uint64_t age = now > k->created_ns ? now - k->created_ns : 0;
+    /* Load first so that an expired key does not keep advancing its counter. */
+    uint64_t ctr = atomic_load_explicit(&k->tx_counter, memory_order_relaxed);
+    bool expired = age >= secs_ns(cfg->reject_after_seconds) || ctr >= cfg->reject_after_packets;
+    if (!expired) {
+        ctr = atomic_fetch_add_explicit(&k->tx_counter, 1, memory_order_relaxed);
+        expired = ctr >= cfg->reject_after_packets;
+    }
+    if (expired) {
+        if (slot >= 0)
+            uncount(peer, slot, res->link_id, len);
+        event_once(fp, &k->expired_sent, FP_EV_KEY_EXPIRED, peer->id);
+        return drop(res, FP_DROP_KEY_EXPIRED, &peer->ctr, NULL);
+    }
+    if (ctr >= cfg->rekey_after_packets || age >= secs_ns(cfg->rekey_after_seconds))
+        event_once(fp, &k->rekey_sent, FP_EV_REKEY, peer->id);
+
+    uint8_t iv[12];
+    fp_hdr_write(out, k->remote_index, ctr);
+    fp_nonce(iv, ctr);
+    pthread_mutex_lock(&k->tx_lock);
+    int rc = fp_aead_seal(k->tx_ctx, iv, out, FP_HEADER_LEN, in, len, out + FP_HEADER_LEN,
+                          out + FP_HEADER_LEN + len);
+    pthread_mutex_unlock(&k->tx_lock);
+    if (rc < 0) {
+        if (slot >= 0)
+            uncount(peer, slot, res->link_id, len);
+        return -EIO;
+    }
+    fp_ctr_add(&peer->ctr.tx_packets, 1);
+    fp_ctr_add(&peer->ctr.tx_bytes, len);
+    fp_ctr_set(&peer->ctr.last_tx_ns, now);
+    res->verdict = FP_V_SEND;
+    res->out_len = (uint32_t)(len + FP_OVERHEAD);
+    return 0;
+}
+
 /* Seal `in` (len bytes; may be exactly out + FP_HEADER_LEN) for peer into
  * out, choosing its transmit key, counter and endpoint (by the peer's link
  * policy, per flow of the inner packet `in`). */
 int fp_seal_for_peer(struct fp *fp, struct fp_peer *peer, const uint8_t *in, size_t len,
                      uint8_t *out, size_t cap, struct fp_result *res, uint64_t now)
 {
-    const struct fp_config *cfg = &fp->cfg;
     res->peer_id = peer->id;
     if (cap < len + FP_OVERHEAD)
         return -ENOSPC;
     if (peer->tx_slot < 0)
         return drop(res, FP_DROP_NO_KEY, &peer->ctr, NULL);
-    struct fp_key *k = peer->slot[peer->tx_slot];
 
     /* Counted on the endpoint here, under the lock every packet takes anyway,
      * and taken back in the rare case that the packet is refused below. */
@@ -74,40 +150,127 @@ int fp_seal_for_peer(struct fp *fp, struct fp_peer *peer, const uint8_t *in, siz
     pthread_mutex_unlock(&peer->ep_lock);
     if (slot < 0)
         return drop(res, FP_DROP_NO_ENDPOINT, &peer->ctr, NULL);
+    int rc = seal_with_key(fp, peer, slot, in, len, out, res, now);
+    if (rc == 0 && res->verdict == FP_V_SEND)
+        note_sent(peer, is_data(in, len) ? len : 0, now);
+    return rc;
+}
 
-    uint64_t age = now > k->created_ns ? now - k->created_ns : 0;
-    /* Load first so that an expired key does not keep advancing its counter. */
-    uint64_t ctr = atomic_load_explicit(&k->tx_counter, memory_order_relaxed);
-    bool expired = age >= secs_ns(cfg->reject_after_seconds) || ctr >= cfg->reject_after_packets;
-    if (!expired) {
-        ctr = atomic_fetch_add_explicit(&k->tx_counter, 1, memory_order_relaxed);
-        expired = ctr >= cfg->reject_after_packets;
-    }
-    if (expired) {
-        uncount(peer, slot, res->link_id, len);
-        event_once(fp, &k->expired_sent, FP_EV_KEY_EXPIRED, peer->id);
-        return drop(res, FP_DROP_KEY_EXPIRED, &peer->ctr, NULL);
-    }
-    if (ctr >= cfg->rekey_after_packets || age >= secs_ns(cfg->rekey_after_seconds))
-        event_once(fp, &k->rekey_sent, FP_EV_REKEY, peer->id);
+int fp_seal_to(struct fp *fp, struct fp_peer *peer, uint32_t link_id, const struct fp_addr *to,
+               const uint8_t *in, size_t len, uint8_t *out, size_t cap, struct fp_result *res,
+               uint64_t now)
+{
+    res->peer_id = peer->id;
+    if (cap < len + FP_OVERHEAD)
+        return -ENOSPC;
+    if (peer->tx_slot < 0)
+        return drop(res, FP_DROP_NO_KEY, &peer->ctr, NULL);
+    res->link_id = link_id;
+    res->to = *to;
+    return seal_with_key(fp, peer, -1, in, len, out, res, now);
+}
 
-    uint8_t iv[12];
-    fp_hdr_write(out, k->remote_index, ctr);
-    fp_nonce(iv, ctr);
-    pthread_mutex_lock(&k->tx_lock);
-    int rc = fp_aead_seal(k->tx_ctx, iv, out, FP_HEADER_LEN, in, len, out + FP_HEADER_LEN,
-                          out + FP_HEADER_LEN + len);
-    pthread_mutex_unlock(&k->tx_lock);
-    if (rc < 0) {
-        uncount(peer, slot, res->link_id, len);
-        return -EIO;
-    }
-    fp_ctr_add(&peer->ctr.tx_packets, 1);
-    fp_ctr_add(&peer->ctr.tx_bytes, len);
-    fp_ctr_set(&peer->ctr.last_tx_ns, now);
-    res->verdict = FP_V_SEND;
-    res->out_len = (uint32_t)(len + FP_OVERHEAD);
+/* ------------------------------------------------------------------ path MTU */
+
+static inline uint32_t inner_mtu(const struct fp_peer *p)
+{
+    return atomic_load_explicit(&p->inner_mtu, memory_order_relaxed);
+}
+
+/* The ICMP error for a packet too big for `mtu`, built apart from the packet
+ * (which may lie where the error goes); returns its length or 0. */
+static size_t too_big_icmp(const uint8_t *ip, size_t len, uint32_t mtu, uint8_t icmp[1280],
+                           size_t cap)
+{
+    int n = fp_icmp_too_big(ip, len, mtu, icmp, cap < 1280 ? cap : 1280);
+    return n > 0 ? (size_t)n : 0;
+}
+
+/* IPv4 without DF, too big: the caller cuts it (verdict FP_V_FRAGMENT, the
+ * packet in out). */
+static int fragment(struct fp_peer *peer, const uint8_t *ip, size_t len, uint8_t *out,
+                    size_t cap, struct fp_result *res)
+{
+    if (cap < len)
+        return -ENOSPC;
+    if (out != ip)
+        memmove(out, ip, len);
+    res->peer_id = peer->id;
+    res->verdict = FP_V_FRAGMENT;
+    res->out_len = (uint32_t)len;
     return 0;
+}
+
+/* An inner packet from the TUN too big for peer: cut into fragments when it
+ * may be; else counted on the peer, and the ICMP error it is due is the
+ * verdict (FP_V_TUN, in out), or it is dropped. */
+static int too_big_out(struct fp_peer *peer, const uint8_t *ip, size_t len, uint32_t mtu,
+                       uint8_t *out, size_t cap, struct fp_result *res)
+{
+    uint8_t icmp[1280];
+    if (len >= 20 && ip[0] >> 4 == 4 && !fp_ip_df(ip, len))
+        return fragment(peer, ip, len, out, cap, res);
+    res->peer_id = peer->id;
+    size_t n = too_big_icmp(ip, len, mtu, icmp, cap);
+    if (n == 0)
+        return drop(res, FP_DROP_TOO_BIG, &peer->ctr, NULL);
+    fp_ctr_add(&peer->ctr.drops[FP_DROP_TOO_BIG], 1);
+    memcpy(out, icmp, n);
+    res->verdict = FP_V_TUN;
+    res->out_len = (uint32_t)n;
+    return 0;
+}
+
+/* A relayed packet (plaintext in out) too big for `to`: counted on `to`; the
+ * ICMP error goes back to the peer that sent it, sealed. */
+static int too_big_relay(struct fp *fp, struct fp_peer *from, struct fp_peer *to,
+                         uint8_t *out, size_t plen, uint32_t mtu, size_t cap,
+                         struct fp_result *res, uint64_t now)
+{
+    uint8_t icmp[1280];
+    if (plen >= 20 && out[0] >> 4 == 4 && !fp_ip_df(out, plen))
+        return fragment(to, out, plen, out, cap, res);
+    size_t n = too_big_icmp(out, plen, mtu, icmp, cap - FP_OVERHEAD);
+    if (n == 0) {
+        res->peer_id = to->id;
+        return drop(res, FP_DROP_TOO_BIG, &to->ctr, NULL);
+    }
+    fp_ctr_add(&to->ctr.drops[FP_DROP_TOO_BIG], 1);
+    return fp_seal_for_peer(fp, from, icmp, n, out, cap, res, now);
+}
+
+static uint32_t min_mtu(uint32_t a, uint32_t b)
+{
+    return a == 0 ? b : (b == 0 || a < b ? a : b);
+}
+
+/* A probe or a probe's ack (plaintext in out), authenticated from peer. A
+ * probe is answered on the link and to the address it came from, so the ack
+ * takes the path that was probed; an ack goes to Python. */
+static int probe_in(struct fp *fp, struct fp_peer *peer, uint32_t link_id,
+                    const struct fp_addr *from, uint8_t *out, size_t plen, size_t wire_len,
+                    size_t cap, struct fp_result *res, uint64_t now)
+{
+    if (plen < FP_PROBE_HDR_LEN || out[1] || out[2] || out[3])
+        return drop(res, FP_DROP_MALFORMED, &peer->ctr, NULL);
+    if (out[0] == FP_PROBE) {
+        uint8_t ack[FP_PROBE_ACK_LEN] = {FP_PROBE_ACK, 0, 0, 0};
+        memcpy(ack + 4, out + 4, 4);
+        ack[8] = (uint8_t)(wire_len >> 24);
+        ack[9] = (uint8_t)(wire_len >> 16);
+        ack[10] = (uint8_t)(wire_len >> 8);
+        ack[11] = (uint8_t)wire_len;
+        if (from)
+            return fp_seal_to(fp, peer, link_id, from, ack, sizeof(ack), out, cap, res, now);
+        return fp_seal_for_peer(fp, peer, ack, sizeof(ack), out, cap, res, now);
+    }
+    if (out[0] == FP_PROBE_ACK && plen == FP_PROBE_ACK_LEN) {
+        if (fp_ctrlq_push(&fp->cq, FP_EV_PROBE_ACK, link_id, peer->id, from, out + 4, 8) < 0)
+            return drop(res, FP_DROP_QUEUE_FULL, &peer->ctr, NULL);
+        res->verdict = FP_V_CONTROL;
+        return 0;
+    }
+    return drop(res, FP_DROP_MALFORMED, &peer->ctr, NULL);
 }
 
 int fp_outbound_locked(struct fp *fp, const uint8_t *ip, size_t len, uint8_t *out, size_t cap,
@@ -123,6 +286,16 @@ int fp_outbound_locked(struct fp *fp, const uint8_t *ip, size_t len, uint8_t *ou
     struct fp_peer *peer = fp_route_lookup(fp, family, dst);
     if (!peer)
         return drop(res, FP_DROP_NO_ROUTE, &fp->gctr, NULL);
+    uint32_t mtu = inner_mtu(peer);
+    if (mtu && len > mtu)
+        return too_big_out(peer, ip, len, mtu, out, cap, res);
+    if (mtu && fp_tcp_syn(ip, len) && cap >= len + FP_OVERHEAD) {
+        /* Rare (a SYN): clamped on a copy where it is sealed in place. */
+        uint8_t *copy = out + FP_HEADER_LEN;
+        memmove(copy, ip, len);
+        fp_mss_clamp(copy, len, mtu);
+        return fp_seal_for_peer(fp, peer, copy, len, out, cap, res, now);
+    }
     return fp_seal_for_peer(fp, peer, ip, len, out, cap, res, now);
 }
 
@@ -187,6 +360,7 @@ int fp_inbound_locked(struct fp *fp, struct fp_link *link, uint32_t link_id,
     fp_ctr_add(&peer->ctr.rx_packets, 1);
     fp_ctr_add(&peer->ctr.rx_bytes, plen);
     fp_ctr_set(&peer->ctr.last_rx_ns, now);
+    note_received(peer, is_data(out, plen) ? plen : 0, now);
     /* Roaming: an authenticated packet proves where the peer is now on this
      * link (a NAT rebinding). Which links the peer is reached over is
      * Python's choice, so a packet never adds a link or moves the peer to
@@ -209,6 +383,8 @@ int fp_inbound_locked(struct fp *fp, struct fp_link *link, uint32_t link_id,
         res->verdict = FP_V_KEEPALIVE;
         return 0;
     }
+    if (out[0] >> 4 == FP_PROBE >> 4)
+        return probe_in(fp, peer, link_id, from, out, plen, len, cap, res, now);
     uint8_t dst[16];
     int family = fp_ip_dst(out, plen, dst);
     if (family < 0)
@@ -226,11 +402,21 @@ int fp_inbound_locked(struct fp *fp, struct fp_link *link, uint32_t link_id,
         if (to == peer)
             return drop(res, FP_DROP_NO_ROUTE, &peer->ctr, NULL);
         if (to) {
+            uint32_t mtu = inner_mtu(to);
+            if (mtu && plen > mtu)
+                return too_big_relay(fp, peer, to, out, plen, mtu, cap, res, now);
             /* Rare path (the PoP): make room for the header in place. */
             memmove(out + FP_HEADER_LEN, out, plen);
+            mtu = min_mtu(mtu, inner_mtu(peer));
+            if (mtu)
+                fp_mss_clamp(out + FP_HEADER_LEN, plen, mtu);
             return fp_seal_for_peer(fp, to, out + FP_HEADER_LEN, plen, out, cap, res, now);
         }
     }
+    /* What our LAN host sends back must fit the path to this peer too. */
+    uint32_t mtu = inner_mtu(peer);
+    if (mtu)
+        fp_mss_clamp(out, plen, mtu);
     res->verdict = FP_V_TUN;
     res->out_len = (uint32_t)plen;
     return 0;

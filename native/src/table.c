@@ -464,6 +464,13 @@ void fp_peer_choice_update(struct fp_peer *p)
     p->primary = primary >= 0 ? primary : dflt;
     p->ncand = n >= 2 ? n : 0;
     p->equal_weights = equal;
+    /* The inner MTU allows for the larger outer header if any endpoint needs it. */
+    uint32_t ip_hdr = 20;
+    for (int s = 0; s < FP_PEER_ENDPOINTS; s++)
+        if (p->ep[s].used && p->ep[s].addr.family == 6)
+            ip_hdr = 40;
+    uint32_t inner = p->mtu ? p->mtu - ip_hdr - 8 - FP_OVERHEAD : 0;
+    atomic_store_explicit(&p->inner_mtu, inner, memory_order_relaxed);
 }
 
 /* Weighted rendezvous hashing: each link scores -ln(u) / weight with u
@@ -620,6 +627,8 @@ int fp_peer_endpoints(fp_t *fp, uint32_t peer_id, struct fp_peer_links *out)
         out->n_policy = p->npol;
         memcpy(out->policy, p->pol, sizeof(out->policy));
         out->rx_unlisted = p->rx_unlisted;
+        out->mtu = p->mtu;
+        out->inner_mtu = atomic_load_explicit(&p->inner_mtu, memory_order_relaxed);
         pthread_mutex_unlock(&p->ep_lock);
     }
     pthread_rwlock_unlock(&fp->lock);
@@ -645,6 +654,22 @@ int fp_peer_set_policy(fp_t *fp, uint32_t peer_id, const struct fp_link_weight *
         if (n)
             memcpy(p->pol, w, n * sizeof(*w));
         p->npol = (uint32_t)n;
+        fp_peer_choice_update(p);
+        pthread_mutex_unlock(&p->ep_lock);
+    }
+    pthread_rwlock_unlock(&fp->lock);
+    return p ? 0 : -ENOENT;
+}
+
+int fp_peer_set_mtu(fp_t *fp, uint32_t peer_id, uint32_t mtu)
+{
+    if (mtu != 0 && (mtu < FP_PMTU_MIN || mtu > 65535))
+        return -EINVAL;
+    pthread_rwlock_rdlock(&fp->lock);
+    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    if (p) {
+        pthread_mutex_lock(&p->ep_lock);
+        p->mtu = mtu;
         fp_peer_choice_update(p);
         pthread_mutex_unlock(&p->ep_lock);
     }
@@ -705,6 +730,8 @@ int fp_key_activate(fp_t *fp, uint32_t peer_id, uint32_t local_index, uint32_t r
         if (p->slot[s] && p->slot[s]->local_index == local_index) {
             p->slot[s]->remote_index = remote_index;
             p->tx_slot = s;
+            /* New keys, a new path perhaps: silence before them says nothing now. */
+            atomic_store_explicit(&p->unanswered_ns, 0, memory_order_relaxed);
             rc = 0;
         }
     }

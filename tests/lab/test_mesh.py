@@ -82,6 +82,8 @@ def routed_over_mesh(lab: Lab, site: Site, prefix: str) -> bool:
 
 def assert_mesh_carries_traffic(lab: Lab, a: Site, b: Site) -> None:
     wait_for("mesh route", lambda: routed_over_mesh(lab, a, b.lan_subnet))
+    # The path MTU found by probing: the lab's paths carry 1500.
+    wait_for("path MTU", lambda: (direct(lab, a, b.n) or {}).get("mtu") == 1500)
     assert lab.wait_ping(a.lan_ns, b.lan_host_ip, timeout=10)
     assert lab.wait_ping(b.lan_ns, a.lan_host_ip, timeout=10)
     tcp = lab.iperf3(a.lan_ns, b.lan_ns, b.lan_host_ip, duration=1)
@@ -368,3 +370,32 @@ def test_last_resort_link_gets_no_mesh_tunnel(lab: Lab) -> None:
     wait_for("cloud up", lambda: lab.socketctl(s2, "status")["cloud"]["state"] == "up")
     assert lab.wait_ping(s1.lan_ns, s2.lan_host_ip, timeout=10)
     assert mesh(lab, s1) == [] and mesh(lab, s2) == []
+
+
+def test_a_path_that_dies_under_traffic_is_noticed_and_traffic_takes_the_cloud(lab: Lab) -> None:
+    _, (s1, s2) = build(lab)
+    wait_for("site 1 direct to 2", lambda: direct(lab, s1, 2))
+    wait_for("site 2 direct to 1", lambda: direct(lab, s2, 1))
+    wait_for("mesh route", lambda: routed_over_mesh(lab, s1, s2.lan_subnet))
+    # Traffic over the mesh, then the direct path between the routers is cut (the PoP is not).
+    pinger = lab.spawn(s1.lan_ns, ["ping", "-n", "-i", "0.05", s2.lan_host_ip], name="pinger")
+    time.sleep(1)
+    cut = time.time()
+    for n, other in ((1, s2.public_ip), (2, s1.public_ip)):
+        lab.router_nft(
+            n,
+            f"table inet cut {{\n chain f {{\n type filter hook forward priority -10\n"
+            f" ip saddr {other} drop\n ip daddr {other} drop\n }}\n}}\n",
+        )
+    down = wait_for(
+        "site 1 notices", lambda: (lab.socketctl(s1, "events", "--kind",
+                                                 "offcloud.transport.disconnect")["events"]),
+        timeout=10,
+    )
+    took = down[0]["ts"] - cut
+    assert took < 3, took  # the mechanism: about silent_after_ms (0.7 s) under traffic
+    assert "no answer to traffic" in down[0]["text"]
+    wait_for("route back to the cloud",
+             lambda: not routed_over_mesh(lab, s1, s2.lan_subnet), timeout=5)
+    assert lab.wait_ping(s1.lan_ns, s2.lan_host_ip, timeout=5)  # through the PoP
+    lab.kill(pinger)

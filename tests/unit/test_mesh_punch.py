@@ -29,6 +29,7 @@ class Net:
     def __init__(self) -> None:
         self.sent: list[tuple[int, tuple[str, int], bytes]] = []
         self.t = 1000.0
+        self.directory = list(DIRECTORY)
 
     def clock(self) -> float:
         return self.t
@@ -48,6 +49,9 @@ def net() -> Net:
     return Net()
 
 
+DIRECTORY = [{"site_id": 2, "subnets": ["10.2.0.0/24"], "offcloud": True}]
+
+
 @pytest.fixture
 def mesh(net: Net, tmp_path: Path) -> Mesh:
     fp = FastPath()
@@ -65,7 +69,7 @@ def mesh(net: Net, tmp_path: Path) -> Mesh:
         port=net,
         paths=Paths(fp),
         timers=Timers(),
-        directory=lambda: [{"site_id": 2, "subnets": ["10.2.0.0/24"]}],
+        directory=lambda: net.directory,
         ask_pop=lambda link, msg: True,
         clock=net.clock,
     )
@@ -170,3 +174,34 @@ def test_a_punch_that_finds_nothing_asks_the_pop_again(mesh: Mesh, net: Net) -> 
     assert path.state is PathState.WAITING and "unanswered" in (path.reason or "")
     # Naming the generation given up on: the PoP drops a request that crossed a newer punch.
     assert asked and asked[0] == {"t": "punch-request", "peer": 2, "gen": 7}
+
+
+def test_a_site_that_leaves_the_mesh_loses_its_tunnel_and_nat_data(mesh: Mesh, net: Net) -> None:
+    mesh.on_punch(punch())
+    mesh.tick()
+    target, sent = next(
+        (a, probe.peek(d)) for _, a, d in net.sent if d[0] == probe.PROBE_TYPE
+    )
+    assert sent is not None
+    mesh.on_probe(1, target, probe.encode(Probe(Kind.RESPONSE, 2, 1, 7, b"r" * 8, sent.nonce),
+                                          SECRET))
+    assert mesh.remotes[2].tunnel is not None
+    mesh.links[1].put_nat(2, target, local_public="198.51.100.11:4800")
+    net.directory = [{"site_id": 2, "subnets": ["10.2.0.0/24"], "offcloud": False}]
+    mesh.on_directory()
+    assert mesh.remotes == {} and mesh.links[1].nat_all() == []
+    with pytest.raises(Exception, match="No such file|ENOENT|not found|No such"):
+        mesh.fp.peer_counters(2)
+
+
+def test_a_static_or_local_candidate_that_answers_says_so(mesh: Mesh, net: Net) -> None:
+    hub = ("203.0.113.9", 5000)
+    mesh.on_punch(punch(candidates=[{"how": "reflexive", "addr": "198.51.100.12:4800"},
+                                    {"how": "static", "addr": "203.0.113.9:5000"}]))
+    mesh.tick()
+    sent = next(probe.peek(d) for _, a, d in net.sent if a == hub)
+    assert sent is not None
+    mesh.on_probe(1, hub, probe.encode(Probe(Kind.RESPONSE, 2, 1, 7, b"r" * 8, sent.nonce),
+                                       SECRET))
+    path = mesh.remotes[2].paths[1]
+    assert (path.endpoint, path.how) == (hub, "static")

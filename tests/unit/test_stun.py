@@ -313,7 +313,7 @@ def test_classic_messages_only_when_allowed() -> None:
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        (stun.binding_request().encode(), True),
+        (stun.binding_request(bytes(range(12))).encode(), True),
         (b"\x00\x01\x00\x00\x21\x12\xa4\x42" + bytes(12), True),
         (b"\x16\xfe\xfd" + bytes(40), False),  # DTLS record
         (b"\xd0" + bytes(40), False),  # data packet

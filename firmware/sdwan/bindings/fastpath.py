@@ -43,6 +43,7 @@ CTRL_MAX: int = lib.FP_CTRL_MAX
 REPLAY_WINDOW: int = lib.FP_REPLAY_WINDOW
 VNET_HDR_LEN: int = lib.FP_VNET_HDR_LEN
 PEER_ENDPOINTS: int = lib.FP_PEER_ENDPOINTS
+PMTU_MIN: int = lib.FP_PMTU_MIN
 
 # fp_tun_features bits: what the TUN device offloads to the fast path.
 TUN_F_VNET: int = lib.FP_TUN_F_VNET
@@ -62,6 +63,7 @@ DROP_NAMES: tuple[str, ...] = (
     "queue_full",
     "send_error",
     "spoofed",
+    "too_big",
 )
 assert len(DROP_NAMES) == lib.FP_DROP__COUNT
 
@@ -72,6 +74,7 @@ class Verdict(IntEnum):
     TUN = lib.FP_V_TUN
     CONTROL = lib.FP_V_CONTROL
     KEEPALIVE = lib.FP_V_KEEPALIVE
+    FRAGMENT = lib.FP_V_FRAGMENT
 
 
 class FastPathError(OSError):
@@ -158,12 +161,22 @@ class EndpointInfo:
 
 @dataclass
 class PeerLinks:
-    """A peer's endpoints, its link policy ([] = the default) and the authenticated packets
-    that came on links where it has no endpoint (delivered, but they move nothing)."""
+    """A peer's endpoints, its link policy ([] = the default), the authenticated packets
+    that came on links where it has no endpoint (delivered, but they move nothing), and its
+    path MTU as set (0: none) with the largest inner packet that allows (0: no limit)."""
 
     endpoints: list[EndpointInfo]
     policy: list[tuple[int, int]]
     rx_unlisted: int
+    mtu: int = 0
+    inner_mtu: int = 0
+
+
+def probe_ack(data: bytes) -> tuple[int, int] | None:
+    """(probe id, length of the datagram the peer received) of a PROBE_ACK event's data."""
+    if len(data) != 8:
+        return None
+    return int.from_bytes(data[:4], "big"), int.from_bytes(data[4:], "big")
 
 
 @dataclass
@@ -178,8 +191,9 @@ class KeyInfo:
 
 @dataclass
 class Result:
-    """Outcome of process_outbound/process_inbound. data is the wire packet (SEND) or the
-    plaintext IP packet (TUN), empty otherwise."""
+    """Outcome of process_outbound/process_inbound. data is the wire packet (SEND), the
+    plaintext IP packet (TUN), or the packet to cut into fragments for peer_id (FRAGMENT),
+    empty otherwise."""
 
     verdict: Verdict
     drop_reason: str | None
@@ -196,6 +210,7 @@ class CtrlEvent:
     PACKET: ClassVar[int] = lib.FP_EV_PACKET
     REKEY: ClassVar[int] = lib.FP_EV_REKEY
     KEY_EXPIRED: ClassVar[int] = lib.FP_EV_KEY_EXPIRED
+    PROBE_ACK: ClassVar[int] = lib.FP_EV_PROBE_ACK
 
     event: int
     link_id: int
@@ -378,7 +393,13 @@ class FastPath:
                 )
             )
         policy = [(c.policy[i].link_id, c.policy[i].weight) for i in range(c.n_policy)]
-        return PeerLinks(endpoints=eps, policy=policy, rx_unlisted=c.rx_unlisted)
+        return PeerLinks(
+            endpoints=eps,
+            policy=policy,
+            rx_unlisted=c.rx_unlisted,
+            mtu=c.mtu,
+            inner_mtu=c.inner_mtu,
+        )
 
     def endpoints(self, peer_id: int) -> list[tuple[int, Addr]]:
         """Every (link_id, (host, port)) the peer can be sent to, one per link."""
@@ -395,6 +416,21 @@ class FastPath:
         _check(
             lib.fp_peer_set_policy(self._h, peer_id, w if n else ffi.NULL, n),
             f"fp_peer_set_policy({peer_id})",
+        )
+
+    def set_mtu(self, peer_id: int, mtu: int) -> None:
+        """The path MTU to the peer (largest IP packet on the wire), 0 for none known: larger
+        inner packets get ICMP "fragmentation needed" / "packet too big" and SYNs a lower MSS
+        (docs/dataplane.md, "Path MTU")."""
+        _check(lib.fp_peer_set_mtu(self._h, peer_id, mtu), f"fp_peer_set_mtu({peer_id}, {mtu})")
+
+    def probe(self, peer_id: int, link_id: int, size: int, probe_id: int) -> None:
+        """Send a padded, authenticated probe of `size` bytes on the wire (IP header included)
+        to the peer's endpoint on link_id; its answer is a PROBE_ACK control event. EMSGSIZE:
+        larger than the local interface takes."""
+        _check(
+            lib.fp_peer_probe(self._h, peer_id, link_id, size, probe_id & 0xFFFFFFFF),
+            f"fp_peer_probe({peer_id}, {link_id}, {size})",
         )
 
     def route_set(self, network: Network | str, peer_id: int) -> None:
@@ -466,6 +502,19 @@ class FastPath:
 
     def send_keepalive(self, peer_id: int) -> None:
         _check(lib.fp_send_keepalive(self._h, peer_id), f"fp_send_keepalive({peer_id})")
+
+    def liveness_scan(
+        self, ack_after_s: float, silent_after_s: float, cap: int = 1024
+    ) -> list[int]:
+        """Keepalives to the peers owed an answer for ack_after_s; the ids of the peers that
+        have not answered our data for silent_after_s (fp_liveness_scan)."""
+        ids = ffi.new("uint32_t[]", cap)
+        n = _check(
+            lib.fp_liveness_scan(self._h, int(ack_after_s * 1e9), int(silent_after_s * 1e9), ids,
+                                 cap),
+            "fp_liveness_scan",
+        )
+        return list(ids[0:n])
 
     # ------------------------------------------------------------------ control path
 
@@ -539,7 +588,7 @@ class FastPath:
     def _result(self, res: object, out: object) -> Result:
         verdict = Verdict(res.verdict)  # type: ignore[attr-defined]
         data = b""
-        if verdict in (Verdict.SEND, Verdict.TUN):
+        if verdict in (Verdict.SEND, Verdict.TUN, Verdict.FRAGMENT):
             data = bytes(ffi.buffer(out, res.out_len))  # type: ignore[attr-defined]
         return Result(
             verdict=verdict,
@@ -602,6 +651,42 @@ def aead_test(
         return None
     _check(rc, "fp_test_aead")
     return bytes(ffi.buffer(out, len(data))), bytes(ffi.buffer(t, TAG_LEN))
+
+
+def icmp_too_big(packet: bytes, inner_mtu: int) -> bytes | None:
+    """Tests only: the ICMP error the fast path answers a packet too big for inner_mtu with,
+    or None when none is due (IPv4 without DF, an ICMP error, a later fragment...)."""
+    out = ffi.new("uint8_t[]", 1280)
+    n = _check(
+        lib.fp_test_icmp_too_big(packet, len(packet), inner_mtu, out, 1280),
+        "fp_test_icmp_too_big",
+    )
+    return bytes(ffi.buffer(out, n)) if n else None
+
+
+def mss_clamp(packet: bytes, inner_mtu: int) -> bytes | None:
+    """Tests only: the packet with a TCP SYN's MSS lowered to fit inner_mtu, or None when
+    the fast path leaves it as it is."""
+    buf = ffi.new("uint8_t[]", bytes(packet) or b"\0")
+    rc = _check(lib.fp_test_mss_clamp(buf, len(packet), inner_mtu), "fp_test_mss_clamp")
+    return bytes(ffi.buffer(buf, len(packet))) if rc else None
+
+
+def ip4_fragment(packet: bytes, mtu: int, max_frags: int = 64) -> list[bytes]:
+    """Tests only: the fragments of at most mtu bytes the fast path cuts an IPv4 packet
+    without DF into."""
+    cap = max_frags * (mtu + 64) + len(packet)
+    out = ffi.new("uint8_t[]", cap)
+    lens = ffi.new("uint32_t[]", max_frags)
+    n = _check(
+        lib.fp_test_ip4_fragment(packet, len(packet), mtu, out, cap, lens, max_frags),
+        "fp_test_ip4_fragment",
+    )
+    frags, off = [], 0
+    for i in range(n):
+        frags.append(bytes(ffi.buffer(out + off, lens[i])))
+        off += lens[i]
+    return frags
 
 
 def gso_segment(vnet_hdr: bytes, packet: bytes, max_segs: int = 256) -> list[bytes]:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sdwan.bindings.fastpath import CTRL_MAX, CtrlEvent
+from sdwan.bindings.fastpath import CTRL_MAX, CtrlEvent, probe_ack
 from sdwan.common.dtls import (
     DEFAULT_MTU,
     DtlsContext,
@@ -142,6 +142,11 @@ class SessionOwner(Protocol):
         False when the peer is not this owner's."""
         return False
 
+    def on_probe_ack(self, peer_id: int, link_id: int, probe_id: int, received: int) -> bool:
+        """Peer peer_id acked MTU probe probe_id on link_id (received: the datagram's length
+        there); False when the peer is not this owner's (docs/dataplane.md, "Path MTU")."""
+        return False
+
     def peers(self, listed: Container[int]) -> list[dict[str, Any]]:
         """This owner's peers as `socketctl peers` entries, leaving out the site ids an owner
         registered before it has listed already (its transport is preferred)."""
@@ -182,6 +187,7 @@ class Stats:
     malformed_hellos: int = 0
     kicks_bad: int = 0
     stun_unmatched: int = 0
+    probe_acks_unmatched: int = 0  # MTU probe acks of a peer no owner probes
     unknown: int = 0  # no address, empty, or of no known kind
     oversized: int = 0
     rejections: collections.deque = field(
@@ -307,6 +313,14 @@ class SessionLayer:
             for owner in self.owners:
                 if owner.on_key_event(ev.peer_id, expired):
                     return
+            return
+        if ev.event == CtrlEvent.PROBE_ACK:
+            ack = probe_ack(ev.data)
+            if ack is not None:
+                for owner in self.owners:
+                    if owner.on_probe_ack(ev.peer_id, ev.link_id, *ack):
+                        return
+            self.stats.probe_acks_unmatched += 1
             return
         data, addr, link_id = ev.data, ev.addr, ev.link_id
         if addr is None or not data:

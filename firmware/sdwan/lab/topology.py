@@ -482,6 +482,23 @@ table inet lab_filter {{
 }}
 """
 
+    def narrow_uplink(self, n: int, mtu: int = 1280, drop_icmp: bool = True) -> None:
+        """Router n forwards at most `mtu` bytes per packet between the Internet and its sites
+        (a PPPoE or tunnelled uplink), both ways; call it after add_site. With drop_icmp the
+        "fragmentation needed" / "packet too big" errors that would tell a sender are dropped
+        in the router, so a larger packet just vanishes (docs/lab.md, "Path MTU")."""
+        r = self.routers[n]
+        if r.ns is None:
+            raise ValueError(f"router {n} has no namespace (nat='none')")
+        # A veth takes up to 4 bytes more than its MTU on receive (room for a VLAN tag), so
+        # the limit is enforced where the router forwards: out of its WAN device, and out of
+        # its devices toward the sites behind it.
+        devs = [r.wan_dev] + [f"site{s.n}" for s in self.sites.values() if s.router is r]
+        for dev in devs:
+            netns.run(r.ns, ["ip", "link", "set", dev, "mtu", str(mtu)])
+        if drop_icmp:
+            netns.nft(r.ns, _NO_PTB_RULESET)
+
     def _wan_addr(self, r: Router) -> str:
         return r.public_ip if r.upstream is None else f"100.65.{r.n}.2"
 
@@ -1051,6 +1068,24 @@ table inet lab_inet {
         type filter hook forward priority filter; policy accept;
         ip daddr { 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10 } drop
         ip saddr { 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10 } drop
+    }
+}
+"""
+
+
+# An ICMP black hole for path MTU discovery: the router neither sends nor forwards the errors
+# that would tell a sender its packet was too big.
+_NO_PTB_RULESET = """
+table inet lab_no_ptb {
+    chain output {
+        type filter hook output priority filter; policy accept;
+        icmp type destination-unreachable icmp code frag-needed drop
+        icmpv6 type packet-too-big drop
+    }
+    chain forward {
+        type filter hook forward priority filter; policy accept;
+        icmp type destination-unreachable icmp code frag-needed drop
+        icmpv6 type packet-too-big drop
     }
 }
 """

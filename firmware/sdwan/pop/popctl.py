@@ -67,7 +67,8 @@ def _print_sites(r: dict[str, Any], out: TextIO) -> None:
     print(f"{'SITE':>5}  {'NAME':<16} {'ONLINE':<6} {'SUBNETS':<24} LINKS", file=out)
     for s in r.get("sites", []):
         links = ", ".join(
-            f"{x['link']}(p{x['precedence']}) {x['public']}{' *' if x.get('routed') else ''}"
+            f"{x['link']}(p{x['precedence']}) {x['public']}"
+            f"{' mtu ' + str(x['mtu']) if x.get('mtu') else ''}{' *' if x.get('routed') else ''}"
             for x in s.get("sessions", [])
         ) or "-"
         print(f"{s['site_id']:>5}  {s['name']:<16} {'yes' if s['online'] else 'no':<6}"

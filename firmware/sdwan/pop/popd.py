@@ -37,6 +37,7 @@ from sdwan.common.dtls import DtlsContext, DtlsSession
 from sdwan.common.handover import KeyHandover, key_index
 from sdwan.common.messages import FragStats, Reassembler, encode, record_limit
 from sdwan.common.netdev import size_buffers
+from sdwan.common.pmtu import PathMtu
 from sdwan.common.ratelog import RateLog
 from sdwan.common.sessions import Policy, SessionLayer, SessionOwner, source_block
 from sdwan.common.store import Store, StoreError
@@ -53,7 +54,11 @@ Addr = tuple[str, int]
 LINK_ID = 1  # the PoP has one UDP socket, so one fast-path link
 TICK_S = 0.05
 DB_NAME = "popd.db"
-DTLS_MTU = 1400  # what the PoP's records may fill; larger messages go in fragments
+# What the PoP's records may fill; larger messages go in fragments. Below what a 1280-byte path
+# carries (IPv6's minimum MTU, a PPPoE or tunnelled uplink): no ICMP is needed to get through.
+DTLS_MTU = 1200
+# The largest path MTU probed toward a site (docs/dataplane.md, "Path MTU").
+PMTU_MAX = 1500
 REGISTER_DEADLINE_S = 10.0  # an established session that never registers is dropped
 MAX_EVENTS_PER_WAKEUP = 256
 # A site's largest message is an events upload (MAX_UPLOADED_EVENTS events); reassembly of
@@ -105,6 +110,7 @@ class SiteSession:
     first_registered_at: float | None = None  # the punch broker's epoch of this session
     dir_rev: int | None = None  # the directory rev this session was last sent (full or delta)
     reassembler: Reassembler | None = None  # of the current `dtls`; made on first use
+    pmtu: PathMtu | None = None  # probing the path to the site, once transmitting
 
     @property
     def activated(self) -> tuple[int, int] | None:
@@ -368,6 +374,10 @@ class Pop(SessionOwner):
 
     def sessions_in_use(self) -> list[DtlsSession]:
         return [s.dtls for s in self.by_addr.values()]
+
+    def on_probe_ack(self, peer_id: int, link_id: int, probe_id: int, received: int) -> bool:
+        s = self.by_peer.get(peer_id)
+        return s is not None and s.pmtu is not None and s.pmtu.on_ack(link_id, probe_id, received)
 
     def on_key_event(self, peer_id: int, expired: bool) -> bool:
         # The socket (the DTLS client) rekeys; the PoP cannot start a handshake.
@@ -836,6 +846,12 @@ class Pop(SessionOwner):
             if now_ns - last > dead_ns:
                 self._drop(s, f"no packets for {(now_ns - last) / 1e6:.0f} ms")
                 continue
+            if s.activated:
+                # The relay answers packets too big for this site's path with ICMP.
+                if s.pmtu is None or s.pmtu.peer_id != s.peer_id:
+                    s.pmtu = PathMtu(self.fp, s.peer_id, lambda _l: PMTU_MAX, self.clock,
+                                     name=f"site {s.site_id} session {s.peer_id:#x}")
+                s.pmtu.tick()
             if s.activated and (c.last_tx_ns == 0 or now_ns - c.last_tx_ns >= keepalive_ns):
                 try:
                     self.fp.send_keepalive(s.peer_id)
@@ -992,6 +1008,7 @@ class Pop(SessionOwner):
                         "rx_bytes": c.rx_bytes,
                         "tx_bytes": c.tx_bytes,
                         "drops": c.drops,
+                        "mtu": s.pmtu.mtu if s.pmtu is not None else None,
                     }
                 )
             out.append(

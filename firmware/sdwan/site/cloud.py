@@ -146,6 +146,7 @@ class PopSession:
             check_liveness=False,
             on_app_message=self._on_message,
             on_keys_active=self._on_keys_active,
+            link_mtu=cloud.links.mtu,
         )
 
     # ---------------------------------------------------------------- state
@@ -314,6 +315,7 @@ class PopSession:
             "last_seen_s": None if self.last_rx_at is None else round(now - self.last_rx_at, 1),
             "reason": None if self.connected else (self.reason or self.tunnel.reason),
             "handshakes": self.tunnel.handshakes,
+            "mtu": self.tunnel.pmtu.mtu if self.connected else None,
         }
 
 
@@ -616,6 +618,10 @@ class Cloud(SessionOwner):
         ps.tunnel.on_rekey_needed()
         return True
 
+    def on_probe_ack(self, peer_id: int, link_id: int, probe_id: int, received: int) -> bool:
+        ps = self.sessions.get(peer_id)
+        return ps is not None and ps.tunnel.pmtu.on_ack(link_id, probe_id, received)
+
     # ---------------------------------------------------------------- periodic work
 
     def _live(self, pop_index: int) -> list[PopSession]:
@@ -853,7 +859,8 @@ class Cloud(SessionOwner):
         """The directory's sites as `peers` entries (transport "cloud")."""
         skip = set(exclude)
         target = self._route_target()
-        link = next((ps.link.name for ps in self.sessions.values() if ps.peer_id == target), None)
+        via = next((ps for ps in self.sessions.values() if ps.peer_id == target), None)
+        link = via.link.name if via is not None else None
         up = self.state == "up"
         out = []
         for entry in self.directory:
@@ -878,6 +885,8 @@ class Cloud(SessionOwner):
                     "handshakes": None,
                     "last_handshake_s": None,
                     "last_rx_s": None,
+                    # The path MTU of the PoP session the traffic takes (its first hop).
+                    "mtu": via.tunnel.pmtu.mtu if via is not None and via.connected else None,
                 }
             )
         return out

@@ -165,6 +165,8 @@ class Mesh:
     birthday_ports: tuple[int, int] = (40000, 40999)
     birthday_sockets: int = 256
     birthday_probes: int = 1024
+    # A tunnel carrying traffic that the peer has not answered for this long is down.
+    silent_after_ms: int = 700
     # Prefixes sent over the mesh whenever a direct tunnel to their site is up (until the
     # off-cloud rules do this).
     pin: tuple[IPNetwork, ...] = ()
@@ -483,8 +485,8 @@ def _check_mesh(c: Checker, doc: Mapping[str, Any], links: list[Link] | None) ->
     c.known_keys(
         table,
         loc,
-        ("enabled", "keepalive_s", "probe_window", "punch_timeout_s", "pin", "birthday_ports",
-         "birthday_sockets", "birthday_probes"),
+        ("enabled", "keepalive_s", "probe_window", "punch_timeout_s", "silent_after_ms", "pin",
+         "birthday_ports", "birthday_sockets", "birthday_probes"),
     )
     enabled = c.value(table, (*loc, "enabled"), boolean, default=True)
     keepalive = c.value(table, (*loc, "keepalive_s"), int_range(1, 300), default=15)
@@ -494,6 +496,7 @@ def _check_mesh(c: Checker, doc: Mapping[str, Any], links: list[Link] | None) ->
     # Every socket is a file descriptor of socketd's, and two punches may run at once.
     sockets = c.value(table, (*loc, "birthday_sockets"), int_range(1, 512), default=256)
     probes = c.value(table, (*loc, "birthday_probes"), int_range(1, 4096), default=1024)
+    silent = c.value(table, (*loc, "silent_after_ms"), int_range(200, 60000), default=700)
     if ports is not MISSING and "birthday_ports" in table:
         # (The default range simply skips a link's port: its bind fails.)
         lo, hi = ports
@@ -516,13 +519,16 @@ def _check_mesh(c: Checker, doc: Mapping[str, Any], links: list[Link] | None) ->
     pin: tuple[IPNetwork, ...] | None = ()
     if "pin" in table:
         pin = check_networks(c, table, (*loc, "pin"))
-    if MISSING in (enabled, keepalive, window, timeout, ports, sockets, probes) or pin is None:
+    if MISSING in (enabled, keepalive, window, timeout, silent, ports, sockets, probes) or (
+        pin is None
+    ):
         return None
     return Mesh(
         enabled=enabled,
         keepalive_s=keepalive,
         probe_window=window,
         punch_timeout_s=timeout,
+        silent_after_ms=silent,
         pin=tuple(pin),
         birthday_ports=ports,
         birthday_sockets=sockets,

@@ -278,6 +278,12 @@ class LinkManager:
     def get(self, link_id: int) -> WanLink | None:
         return self._links.get(link_id)
 
+    def mtu(self, link_id: int) -> int:
+        """The link's configured MTU: the largest path MTU probed over it (1500 for an
+        unknown link)."""
+        wl = self.get(link_id)
+        return wl.link.mtu if wl is not None else 1500
+
     def by_name(self, name: str) -> WanLink:
         for wl in self._links.values():
             if wl.name == name:

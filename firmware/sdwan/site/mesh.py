@@ -221,6 +221,7 @@ class Mesh(SessionOwner):
         directory: Callable[[], list[dict[str, Any]]],
         ask_pop: Callable[[int, dict[str, Any]], bool],
         static_ids: Container[int] = (),
+        account_offcloud: Callable[[], bool | None] = lambda: None,
         on_event: Callable[[str, str, dict[str, Any]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sockets: LinkSockets | None = None,
@@ -236,6 +237,7 @@ class Mesh(SessionOwner):
         self.directory = directory
         self.ask_pop = ask_pop
         self.static_ids = static_ids
+        self.account_offcloud = account_offcloud  # this site's flag in the account, if known
         self.on_event = on_event or (lambda kind, text, data: None)
         self.clock = clock
         self.sockets = sockets  # None: no birthday punch as the hard side
@@ -247,7 +249,8 @@ class Mesh(SessionOwner):
 
     @property
     def enabled(self) -> bool:
-        return self.cfg.enabled
+        """[mesh] enabled, and the account does not say off-cloud is off for this site."""
+        return self.cfg.enabled and self.account_offcloud() is not False
 
     def usable_link(self, link_id: Any) -> WanLink | None:
         """The link if it carries mesh tunnels."""
@@ -299,8 +302,9 @@ class Mesh(SessionOwner):
 
     # ---------------------------------------------------------------- punches from the PoP
 
-    def on_punch(self, msg: dict[str, Any]) -> None:
-        """A `punch` from the PoP; raises ValueError (or KeyError, TypeError) when malformed."""
+    def on_punch(self, msg: dict[str, Any], from_active_pop: bool = True) -> None:
+        """A `punch` from the PoP; raises ValueError (or KeyError, TypeError) when malformed.
+        Only the active PoP's count: another PoP's would restart every punch."""
         peer_id, link_id, gen = msg["peer"], msg["link"], msg["gen"]
         for name, v, hi in (("peer", peer_id, 65535), ("link", link_id, 255),
                             ("gen", gen, 0xFFFFFFFF)):
@@ -331,7 +335,8 @@ class Mesh(SessionOwner):
         self.stats.punches += 1
         wl = self.usable_link(link_id)
         if (
-            not self.enabled
+            not from_active_pop
+            or not self.enabled
             or wl is None
             or peer_id == self.site_id
             or peer_id in self.static_ids
@@ -691,6 +696,7 @@ class Mesh(SessionOwner):
                 timers=self.timers,
                 clock=self.clock,
                 on_event=lambda kind, text, p=peer: self._on_tunnel_event(p, kind),
+                link_mtu=self.links.mtu,
             )
         elif peer.tunnel.state is State.UP:
             # Another link's path to a peer already up: one more endpoint, same keys.
@@ -713,7 +719,7 @@ class Mesh(SessionOwner):
         elif kind == "tunnel-down":
             for path in peer.paths.values():
                 if path.state in (PathState.DIRECT, PathState.CONNECTING):
-                    path.set(PathState.WAITING, f"no answer from {tunnel.reason or 'the peer'}"
+                    path.set(PathState.WAITING, f"{tunnel.reason or 'the peer stopped answering'}"
                              "; asking the PoP to punch again", now)
                     path.next_request = now
             self._dirty = True
@@ -764,6 +770,9 @@ class Mesh(SessionOwner):
     def tick(self) -> None:
         if not self.remotes and not self._dirty:
             return
+        if not self.enabled:
+            for site_id in list(self.remotes):
+                self.remove(site_id, "off-cloud is off for this site")
         now = self.clock()
         self._budget = PROBES_PER_TICK
         for peer in list(self.remotes.values()):
@@ -868,7 +877,61 @@ class Mesh(SessionOwner):
         return out
 
     def on_directory(self) -> None:
+        """The PoP's directory changed: a site that left the account or turned off-cloud off
+        loses its mesh tunnel, and every site's subnets are submitted again."""
         self._dirty = True
+        entries = self.directory()
+        if not entries:
+            return  # none known yet (or none left): nothing to judge the peers by
+        meshing = {e["site_id"] for e in entries if e.get("offcloud")}
+        for site_id in [s for s in self.remotes if s not in meshing]:
+            self.remove(site_id, "no longer an off-cloud site of the account")
+
+    def remove(self, site_id: int, reason: str) -> None:
+        """Tear down everything of one peer: its DTLS session, fast-path peer (and with it
+        its keys, endpoints and routes) and NAT data."""
+        peer = self.remotes.pop(site_id, None)
+        if peer is None:
+            return
+        log.info("mesh: site %d removed: %s", site_id, reason)
+        tunnel = peer.tunnel
+        if tunnel is not None:
+            session = tunnel.session
+            if session is not None and session.established:
+                for d in session.close():
+                    self.port.send(tunnel.link_id, tunnel.endpoint, d)
+            if tunnel.handshaking is not None:
+                self.port.forget_session(tunnel.handshaking)
+            try:
+                self.fp.peer_del(site_id)
+            except FastPathError as e:
+                log.warning("mesh: fast-path peer %d not removed: %s", site_id, e)
+            self.paths.forget_peer(site_id)
+        for path in peer.paths.values():
+            wl = self.links.get(path.link_id)
+            if wl is not None:
+                try:
+                    wl.forget_nat(site_id)
+                except (StoreError, OSError) as e:
+                    log.warning("mesh: NAT data of site %d not forgotten: %s", site_id, e)
+        if peer.up:
+            peer.up = False
+            self.on_event("offcloud.transport.disconnect",
+                          f"Off-Cloud Transport Disconnect: site {site_id}: {reason}",
+                          {"peer": site_id, "reason": reason})
+        # At once: no candidate may name the fast-path peer that is gone.
+        self.paths.submit(PATHS_PRODUCER, self._candidates())
+
+    def on_silent(self, peer_ids: Sequence[int]) -> None:
+        """The fast path saw these peers stop answering our traffic: their paths are dead
+        (the traffic falls back to the cloud, the PoP is asked to punch again)."""
+        for pid in peer_ids:
+            peer = self.remotes.get(pid)
+            if peer is None or peer.tunnel is None or peer.tunnel.state is not State.UP:
+                continue
+            ms = self.cfg.silent_after_ms
+            log.info("mesh: site %d stopped answering traffic (%d ms)", pid, ms)
+            peer.tunnel.declare_down(f"no answer to traffic for {ms} ms")
 
     # ---------------------------------------------------------------- session owner
 
@@ -909,6 +972,12 @@ class Mesh(SessionOwner):
         peer.tunnel.on_rekey_needed()
         return True
 
+    def on_probe_ack(self, peer_id: int, link_id: int, probe_id: int, received: int) -> bool:
+        peer = self.remotes.get(peer_id)
+        if peer is None or peer.tunnel is None:
+            return False
+        return peer.tunnel.pmtu.on_ack(link_id, probe_id, received)
+
     def peers_status(self) -> list[dict[str, Any]]:
         """`socketctl mesh`: per peer and link."""
         now = self.clock()
@@ -940,6 +1009,8 @@ class Mesh(SessionOwner):
                     "last_rx_s": last_rx,
                     "role": "initiator" if self.site_id > site_id else "responder",
                     "tunnel": str(tunnel.state) if tunnel is not None else None,
+                    # This path's MTU as probed (docs/mesh.md, "Path MTU").
+                    "mtu": tunnel.pmtu.path_mtu(link_id) if tunnel is not None else None,
                     "punches": path.punches,
                     "since_s": round(now - path.since, 1),
                 })

@@ -190,6 +190,7 @@ def format_peers(result: Mapping[str, Any], out: TextIO) -> None:
                     _text(peer.get("endpoint")),
                     _text(peer.get("link")),
                     "cloud",
+                    _num(peer.get("mtu")),
                     _DASH,
                     _DASH,
                     _DASH,
@@ -210,6 +211,7 @@ def format_peers(result: Mapping[str, Any], out: TextIO) -> None:
                 _text(peer.get("endpoint")),
                 _text(peer.get("link")),
                 _text(peer.get("transport") or "direct"),
+                _num(peer.get("mtu")),
                 _text(peer.get("role")),
                 _ago(peer.get("last_handshake_s")),
                 _ago(peer.get("last_rx_s")),
@@ -219,7 +221,7 @@ def format_peers(result: Mapping[str, Any], out: TextIO) -> None:
                 reason,
             ]
         )
-    headers = ["SITE", "STATE", "ENDPOINT", "LINK", "VIA", "ROLE", "HANDSHAKE", "LAST RX"]
+    headers = ["SITE", "STATE", "ENDPOINT", "LINK", "VIA", "MTU", "ROLE", "HANDSHAKE", "LAST RX"]
     _table([*headers, "RX PKTS", "TX PKTS", "DROPS", "REASON"], rows, out)
 
 
@@ -251,12 +253,13 @@ def format_pop(result: Mapping[str, Any], out: TextIO) -> None:
                 _text(s.get("state")),
                 _text(s.get("public")),
                 f"{rtt:g} ms" if isinstance(rtt, int | float) else _DASH,
+                _num(s.get("mtu")),
                 _ago(s.get("last_seen_s")),
                 str(s.get("reason") or "") if s.get("state") != "connected" else "",
             ]
         )
-    headers = ["POP", "ROLE", "ENDPOINT", "LINK", "STATE", "PUBLIC", "RTT", "LAST SEEN", "REASON"]
-    _table(headers, rows, out)
+    headers = ["POP", "ROLE", "ENDPOINT", "LINK", "STATE", "PUBLIC", "RTT", "MTU", "LAST SEEN"]
+    _table([*headers, "REASON"], rows, out)
 
 
 def format_events(result: Mapping[str, Any], out: TextIO) -> None:
@@ -366,13 +369,14 @@ def format_mesh(result: Mapping[str, Any], out: TextIO) -> None:
                 _text(p.get("how")),
                 f"{_text(p.get('nat'))}/{_text(p.get('peer_nat'))}",
                 f"{rtt} ms" if isinstance(rtt, (int, float)) else _DASH,
+                _num(p.get("mtu")),
                 _ago(p.get("last_rx_s")),
                 "" if state == "direct" else str(p.get("reason") or ""),
             ]
         )
     if rows:
         headers = ["SITE", "NAME", "LINK", "STATE", "ENDPOINT", "HOW", "NAT (OURS/PEER)", "RTT"]
-        _table([*headers, "LAST RX", "REASON"], rows, out)
+        _table([*headers, "MTU", "LAST RX", "REASON"], rows, out)
     else:
         out.write("no mesh peers yet (the PoP brokers them)\n")
 

@@ -29,7 +29,7 @@ from sdwan.appliance.leds import (
 )
 from sdwan.appliance.wanaddr import WanAddressing
 from sdwan.appliance.watchdog import Guard
-from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig
+from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig, FastPathError
 from sdwan.common.control import ControlServer
 from sdwan.common.daemon import StartupError, run_service
 from sdwan.common.dtls import DtlsContext, DtlsSession
@@ -51,6 +51,9 @@ log = logging.getLogger("sdwan.site.socketd")
 TICK_S = 0.05
 MAX_EVENTS_PER_WAKEUP = 256  # a control flood must not starve timers and socketctl
 LED_PERIOD_S = 0.5  # how often the LEDs follow the box's state
+# A peer's data unanswered by us for this long gets a keepalive: the peer's liveness under
+# traffic (docs/mesh.md) counts on an answer well within its silent_after_ms.
+ACK_AFTER_S = 0.1
 # Every legitimate peer of a socket is at a configured endpoint: those skip the per-IP limit
 # and may evict a stranger's handshake; a stranger's that times out is counted, not listed.
 SITE_POLICY = Policy(
@@ -149,6 +152,7 @@ class Supervisor:
                 timers=timers,
                 clock=self.clock,
                 on_event=self._tunnel_event(peer.site_id),
+                link_mtu=self.links.mtu,
             )
         try:
             self.store = Store(cfg.paths.data_dir)
@@ -225,6 +229,7 @@ class Supervisor:
             directory=lambda: cloud.directory,
             ask_pop=cloud.send_to_pop,
             static_ids=self.tunnels.keys(),
+            account_offcloud=lambda: (cloud.config or {}).get("offcloud"),
             on_event=self._record_event,
             clock=self.clock,
             sockets=LinkSockets(),
@@ -234,9 +239,7 @@ class Supervisor:
         self.sessions.add_handler(PROBE_TYPE, mesh.on_probe)
 
         def on_punch(ps: object, msg: dict) -> None:
-            # Punches of the PoP the routes follow; another PoP's would restart every punch.
-            if cloud.is_active(ps):  # type: ignore[arg-type]
-                mesh.on_punch(msg)
+            mesh.on_punch(msg, from_active_pop=cloud.is_active(ps))  # type: ignore[arg-type]
 
         cloud.handle("punch", on_punch)
         cloud.watch_directory(mesh.on_directory)
@@ -330,8 +333,21 @@ class Supervisor:
                 self.mesh.tick()
             except Exception:
                 log.exception("mesh tick failed")
+        if self.fp is not None:
+            self._liveness(self.fp)
         if self.paths is not None:
             self.paths.apply()  # retries a route the fast path refused; cheap when none
+
+    def _liveness(self, fp: FastPath) -> None:
+        """Liveness under traffic (docs/mesh.md): the fast path answers one-way traffic with
+        keepalives, and names the peers that have stopped answering ours."""
+        try:
+            silent = fp.liveness_scan(ACK_AFTER_S, self.cfg.mesh.silent_after_ms / 1000)
+        except FastPathError as e:
+            log.warning("liveness scan failed: %s", e)
+            return
+        if silent and self.mesh is not None:
+            self.mesh.on_silent(silent)
 
     async def _ticker(self) -> None:
         while not self._stop.is_set():
@@ -386,6 +402,7 @@ class Supervisor:
                 "kicks_bad": st.kicks_bad,
                 "unknown": st.unknown + st.oversized,
                 "stun_unmatched": st.stun_unmatched,
+                "probe_acks_unmatched": st.probe_acks_unmatched,
             },
             "rejections": list(st.rejections),
             "cloud": self.cloud.summary() if self.cloud is not None else {"state": "off"},

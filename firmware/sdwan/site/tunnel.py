@@ -43,6 +43,7 @@ from sdwan.bindings.fastpath import FastPath, FastPathError
 from sdwan.common.dtls import DtlsSession
 from sdwan.common.handover import KeyHandover, key_index
 from sdwan.common.messages import FragStats, Reassembler, encode, record_limit
+from sdwan.common.pmtu import PathMtu
 from sdwan.common.sessions import SessionOwner, encode_kick
 from sdwan.common.tomlcheck import format_endpoint
 
@@ -107,6 +108,7 @@ class PeerTunnel:
         check_liveness: bool = True,
         on_app_message: Callable[[DtlsSession, dict[str, Any]], None] | None = None,
         on_keys_active: Callable[[DtlsSession], None] | None = None,
+        link_mtu: Callable[[int], int] | None = None,
     ) -> None:
         self.my_site_id = my_site_id
         # The fast path's id of this tunnel; a site's id unless the owner picks another.
@@ -149,6 +151,8 @@ class PeerTunnel:
             resend_max=timers.key_resend_max,
         )
         self._up_since_rx_ns = 0
+        # The path MTU of each link the peer is reached over, found by probing while up.
+        self.pmtu = PathMtu(fp, self.peer_id, link_mtu, clock, name=f"tunnel {self.peer_id}")
         # Only self.session's messages count, so one reassembler, renewed with the session.
         self.frag_stats = FragStats()
         self._reassembler = self._new_reassembler()
@@ -161,6 +165,8 @@ class PeerTunnel:
         self._reassembler.expire()
         if self.state is State.UP and self.check_liveness:
             self._check_alive(now)
+        if self.state is State.UP:
+            self.pmtu.tick()
         if self.state is not State.UP:
             if self.initiator:
                 if self._handshaking is None and now >= self._next_attempt:
@@ -344,6 +350,9 @@ class PeerTunnel:
             "rx_bytes": counters.rx_bytes,
             "tx_bytes": counters.tx_bytes,
             "drops": counters.drops,
+            # The path MTU found by probing (None: not yet, or no limit known).
+            "mtu": self.pmtu.mtu,
+            "pmtu": self.pmtu.status(),
         }
 
     # ---------------------------------------------------------------- internals
@@ -463,6 +472,10 @@ class StaticTunnels(SessionOwner):
             return False
         tunnel.on_rekey_needed()
         return True
+
+    def on_probe_ack(self, peer_id: int, link_id: int, probe_id: int, received: int) -> bool:
+        tunnel = self.tunnels.get(peer_id)
+        return tunnel is not None and tunnel.pmtu.on_ack(link_id, probe_id, received)
 
     def peers(self, listed: Container[int]) -> list[dict[str, Any]]:
         out = []

@@ -1,0 +1,86 @@
+"""Liveness under traffic (fp_liveness_scan): a peer that does not answer our data is
+reported silent, anything authenticated from it clears that, and a peer owed an answer to
+its data gets a keepalive, once."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+from fphelpers import B_ADDR, LINK, Pair, ip_packet
+
+from sdwan.bindings.fastpath import Verdict
+
+
+def b_to_a(pair: Pair) -> bytes:
+    r = pair.b.process_outbound(ip_packet("10.2.0.7", "10.1.0.5"))
+    assert r.verdict == Verdict.SEND
+    return r.data
+
+
+def test_unanswered_data_makes_a_peer_silent_until_it_answers(pair: Pair) -> None:
+    assert pair.a.liveness_scan(10, 0) == []  # nothing sent yet
+    pair.a_to_b()
+    time.sleep(0.02)
+    assert pair.a.liveness_scan(10, 0.01) == [2]
+    assert pair.a.liveness_scan(10, 0.01) == [2]  # reported until it answers
+    assert pair.a.liveness_scan(10, 5) == []  # not silent that long
+    assert pair.a.process_inbound(LINK, B_ADDR, b_to_a(pair)).verdict == Verdict.TUN
+    assert pair.a.liveness_scan(10, 0) == []
+    # A forged packet answers nothing.
+    pair.a_to_b()
+    time.sleep(0.02)
+    bad = bytearray(b_to_a(pair))
+    bad[-1] ^= 1
+    assert pair.a.process_inbound(LINK, B_ADDR, bytes(bad)).verdict == Verdict.DROP
+    assert pair.a.liveness_scan(10, 0.01) == [2]
+
+
+def test_the_scan_writes_at_most_cap_ids(pair: Pair) -> None:
+    pair.a_to_b()
+    assert pair.a.liveness_scan(10, 0, cap=0) == []
+
+
+@pytest.fixture
+def rx() -> Iterator[socket.socket]:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    s.settimeout(2)
+    yield s
+    s.close()
+
+
+def test_a_peer_owed_an_answer_gets_one_keepalive(pair: Pair, rx: socket.socket) -> None:
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.bind(("127.0.0.1", 0))
+    pair.b.link_add(LINK, tx.fileno())
+    tx.close()  # the fast path keeps its own duplicate
+    pair.b.set_endpoint(1, LINK, rx.getsockname())
+    assert pair.b.liveness_scan(0, 10) == []
+    rx.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        rx.recv(100)  # nothing owed, nothing sent
+    rx.settimeout(2)
+    _, wire = pair.a_to_b()
+    # From where B sends to A (an authenticated packet moves the endpoint: roaming).
+    assert pair.deliver_b(wire, source=rx.getsockname()).verdict == Verdict.TUN
+    assert pair.b.liveness_scan(5, 10) == []  # owed, but not for 5 s yet
+    pair.b.liveness_scan(0, 10)
+    keepalive = rx.recv(100)
+    assert len(keepalive) == 32 and keepalive[0] == 208
+    r = pair.a.process_inbound(LINK, B_ADDR, keepalive)
+    assert r.verdict == Verdict.KEEPALIVE
+    assert pair.a.liveness_scan(10, 0) == []  # the keepalive answered A's data
+    pair.b.liveness_scan(0, 10)  # paid: no second keepalive
+    rx.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        rx.recv(100)
+
+
+def test_new_keys_restart_the_clock(pair: Pair) -> None:
+    pair.a_to_b()
+    assert pair.a.liveness_scan(10, 0) == [2]
+    pair.a.key_activate(2, 0x1001, 0x2001)  # make_pair's indices
+    assert pair.a.liveness_scan(10, 0) == []
