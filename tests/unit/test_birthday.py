@@ -320,6 +320,19 @@ def test_the_hard_side_opens_sockets_and_the_tunnel_runs_on_the_one_a_probe_came
         mesh.fp.link_add(EXTRA_LINK_BASE, again.fileno())  # the fast path let go of the id
 
 
+def test_a_peer_removed_gives_back_its_birthday_sockets(
+    mesh: Mesh, net: Net, socks: FakeSockets
+) -> None:
+    mesh.on_punch(punch(mode="birthday", role="hard"))
+    ports = sorted(socks.readers)
+    socks.readers[ports[0]](EASY_EP, from_peer(Kind.REQUEST, b"e" * 8))
+    assert mesh.remotes[2].paths[1].extra == EXTRA_LINK_BASE
+    mesh.remove(2, "no longer an off-cloud site of the account")
+    assert socks.readers == {} and sorted(socks.closed) == ports[1:]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
+        mesh.fp.link_add(EXTRA_LINK_BASE, again.fileno())  # the fast path let go of it
+
+
 def test_a_response_on_a_socket_also_wins_it(mesh: Mesh, net: Net, socks: FakeSockets) -> None:
     # An easy side without NAT answers the hard side's own requests straight away.
     mesh.on_punch(punch(mode="birthday", role="hard"))

@@ -632,6 +632,14 @@ class Mesh(SessionOwner):
         path.extra, path.extra_port, path.fp_link = fp_link, port, fp_link
         return True
 
+    def _link_mtu(self, fp_link: int) -> int:
+        """A fast-path link's MTU, the ceiling of its path MTU: a birthday socket's is that of
+        the configured link it was opened on."""
+        for path in self._all_paths():
+            if path.extra == fp_link:
+                return self.links.mtu(path.link_id)
+        return self.links.mtu(fp_link)
+
     def _all_paths(self) -> list[MeshPath]:
         return [p for peer in self.remotes.values() for p in peer.paths.values()]
 
@@ -696,7 +704,7 @@ class Mesh(SessionOwner):
                 timers=self.timers,
                 clock=self.clock,
                 on_event=lambda kind, text, p=peer: self._on_tunnel_event(p, kind),
-                link_mtu=self.links.mtu,
+                link_mtu=self._link_mtu,
             )
         elif peer.tunnel.state is State.UP:
             # Another link's path to a peer already up: one more endpoint, same keys.
@@ -908,6 +916,9 @@ class Mesh(SessionOwner):
                 log.warning("mesh: fast-path peer %d not removed: %s", site_id, e)
             self.paths.forget_peer(site_id)
         for path in peer.paths.values():
+            # Its birthday sockets too, after the session's goodbye went out over them.
+            self._stop_birthday(path)
+            self._release_extra(path)
             wl = self.links.get(path.link_id)
             if wl is not None:
                 try:
@@ -1010,7 +1021,7 @@ class Mesh(SessionOwner):
                     "role": "initiator" if self.site_id > site_id else "responder",
                     "tunnel": str(tunnel.state) if tunnel is not None else None,
                     # This path's MTU as probed (docs/mesh.md, "Path MTU").
-                    "mtu": tunnel.pmtu.path_mtu(link_id) if tunnel is not None else None,
+                    "mtu": tunnel.pmtu.path_mtu(path.fp_link) if tunnel is not None else None,
                     "punches": path.punches,
                     "since_s": round(now - path.since, 1),
                 })
