@@ -21,6 +21,7 @@ import pytest
 from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig
 from sdwan.common.dtls import DtlsContext
 from sdwan.pop import pki
+from sdwan.site.config import Mesh as MeshConfig
 from sdwan.site.socketd import Supervisor
 from sdwan.site.tunnel import PeerTunnel, State, Timers, encode_kick
 
@@ -93,7 +94,9 @@ class SimSite(Supervisor):
         peers: dict[int, Addr],
         timers: Timers,
     ) -> None:
-        cfg = types.SimpleNamespace(site=types.SimpleNamespace(id=site_id), peers=[], links=[])
+        cfg = types.SimpleNamespace(
+            site=types.SimpleNamespace(id=site_id), peers=[], links=[], mesh=MeshConfig()
+        )
         super().__init__(cfg, clock=net.clock)  # type: ignore[arg-type]
         self.net, self.addr = net, addr
         self.dtls = DtlsContext(*certs(site_id), site_id, clock=net.clock)
