@@ -104,6 +104,7 @@ class Broker:
         self._links: dict[PathKey, tuple[MeshLink, MeshLink]] = {}
         self._by_site: dict[int, list[MeshLink]] = {}  # as of the last update
         self._site_paths: dict[int, set[PathKey]] = {}  # the paths each site is in
+        self._pending: set[PathKey] = set()  # deferred punches (see tick)
         # Generations are never reused within a run; a random start keeps a restarted PoP's
         # from meeting the ones sites still hold (their secrets differ anyway).
         self._gen = secrets.randbelow(1 << 30) + 1
@@ -156,6 +157,12 @@ class Broker:
                     prev = old.get(key)
                     if prev is not None and prev.signature == sig:
                         self.paths[key] = prev
+                    elif prev is not None and now - prev.sent_at < self.min_repunch_s:
+                        # A site re-registering in a loop must not make every pair punch
+                        # again each time: once per min_repunch_s, the latest candidates.
+                        prev.signature = sig
+                        self.paths[key] = prev
+                        self._defer(key, prev)
                     else:
                         self._punch(key, sig, now, prev)
 
@@ -172,17 +179,29 @@ class Broker:
         path.requests += 1
         now = self.clock()
         if now - path.sent_at < self.min_repunch_s:
-            path.pending = True
+            self._defer(key, path)
             self.stats.requests_deferred += 1
             return None
         self._punch(key, path.signature, now, path)
         return None
 
     def tick(self) -> None:
+        """Punch the deferred paths whose time has come (only those are looked at: the
+        supervisor calls this every 50 ms, with half a million paths in a big account)."""
+        if not self._pending:
+            return
         now = self.clock()
-        for key, path in list(self.paths.items()):
-            if path.pending and now - path.sent_at >= self.min_repunch_s:
+        for key in list(self._pending):
+            path = self.paths.get(key)
+            if path is None or key not in self._links:
+                self._pending.discard(key)
+            elif now - path.sent_at >= self.min_repunch_s:
+                self._pending.discard(key)
                 self._punch(key, path.signature, now, path)
+
+    def _defer(self, key: PathKey, path: _Path) -> None:
+        path.pending = True
+        self._pending.add(key)
 
     # ---------------------------------------------------------------- status
 
@@ -224,8 +243,9 @@ class Broker:
         if old is not None:
             path.punches, path.requests = old.punches + 1, old.requests
         self.paths[key] = path
+        self._pending.discard(key)
         self.stats.punches += 1
-        log.info(
+        log.debug(
             "punch gen %d: site %d link %d <-> site %d link %d",
             path.gen, la.site_id, la.link_id, lb.site_id, lb.link_id,
         )

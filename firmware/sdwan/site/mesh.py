@@ -22,6 +22,7 @@ Like tunnel.py it does no I/O itself; socketd calls `tick()` and gives it a Port
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -50,8 +51,14 @@ PATHS_PRODUCER = "mesh"
 ROUNDS_AT = (0.0, 0.2, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.5, 8.0, 10.0, 13.0, 16.0, 20.0)
 CACHE_PATIENCE_S = 3.0  # a cached endpoint that has not answered by then is punched again
 REPUNCH_MIN_S = 2.0  # between two requests for the same path
-REPUNCH_MAX_S = 60.0
-SEEN_KEPT = 256  # request nonces remembered per path, against replays
+REPUNCH_MAX_S = 300.0  # a pair that cannot be punched is asked for again this rarely
+# Request nonces remembered per path while its punch is open, against replays: more than one
+# punch's worth of a peer's requests (window and candidates times the rounds).
+SEEN_KEPT = 1024
+PUNCHBACKS_MAX = 64  # requests sent back toward probe sources, per punch
+NAT_DATA_MAX_AGE_S = 7 * 86400  # older NAT data is not worth trying at start
+MISSING_CHECK_S = 15.0  # how often sites of the directory without a path are looked for
+MISSING_ASK_MAX = 32  # punch requests for them per check
 # Probes sent per supervisor tick (50 ms) over all paths: 999 peers punched at once must not
 # burst 32k datagrams into one socket; about 20k a second still starts every punch in 2 s.
 PROBES_PER_TICK = 1024
@@ -99,7 +106,10 @@ class MeshPath:
     punched_at: float | None = None
     rounds: int = 0
     nonces: dict[bytes, tuple[float, Addr, str]] = field(default_factory=dict)
+    targets: set[Addr] = field(default_factory=set)  # where this punch's requests went
+    punchbacks: int = 0
     seen: dict[bytes, None] = field(default_factory=dict)
+    punch_at: float | None = None  # when the punch arrived: its probes count until it closes
     rtt_ms: float | None = None
     since: float = 0.0  # of the current state
     cache_until: float | None = None
@@ -172,6 +182,7 @@ class Mesh(SessionOwner):
         ask_pop: Callable[[int, dict[str, Any]], bool],
         static_ids: Container[int] = (),
         account_offcloud: Callable[[], bool | None] = lambda: None,
+        directory_known: Callable[[], bool] = lambda: False,
         on_event: Callable[[str, str, dict[str, Any]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -186,12 +197,17 @@ class Mesh(SessionOwner):
         self.ask_pop = ask_pop
         self.static_ids = static_ids
         self.account_offcloud = account_offcloud  # this site's flag in the account, if known
+        self.directory_known = directory_known  # an empty directory() is a real one
         self.on_event = on_event or (lambda kind, text, data: None)
         self.clock = clock
         self.stats = MeshStats()
         self.remotes: dict[int, MeshPeer] = {}
         self._dirty = True  # candidates to submit again
         self._budget = PROBES_PER_TICK
+        self._rr = 0
+        # Directory sites without a path, asked for (next time, backoff); see _ask_for_missing.
+        self._missing: dict[int, tuple[float, float]] = {}
+        self._next_missing_check = clock() + MISSING_CHECK_S
 
     @property
     def enabled(self) -> bool:
@@ -216,6 +232,9 @@ class Mesh(SessionOwner):
             return 0
         now = self.clock()
         loaded = 0
+        # Only sites the last directory we had still lists as off-cloud (a removed or revoked
+        # site gets no tunnel back from old NAT data), and only recent entries.
+        meshing = self._meshing_sites()
         for wl in self.links:
             if self.usable_link(wl.id) is None:
                 continue
@@ -226,6 +245,11 @@ class Mesh(SessionOwner):
                 continue
             for entry in entries:
                 if entry.peer_id == self.site_id or entry.peer_id in self.static_ids:
+                    continue
+                stale = time.time() - entry.at > NAT_DATA_MAX_AGE_S
+                if stale or (meshing is not None and entry.peer_id not in meshing):
+                    with contextlib.suppress(StoreError, OSError):
+                        wl.forget_nat(entry.peer_id)
                     continue
                 try:
                     addr = parse_endpoint(entry.peer_public)
@@ -291,16 +315,34 @@ class Mesh(SessionOwner):
         path.candidates = candidates
         path.peer_nat = peer_nat if isinstance(peer_nat, str) else None
         path.nonces.clear()
+        path.targets.clear()
         path.seen.clear()
+        path.punchbacks = 0
         path.punches += 1
-        path.request_backoff = REPUNCH_MIN_S
+        path.punch_at = now
+        # The backoff of our requests is not reset here: a pair that cannot be punched must
+        # not be punched again every few seconds forever. Going direct resets it.
         if path.state is PathState.DIRECT:
             # A working tunnel stays; the new secret only lets us answer the peer's probes
             # (it may have restarted and lost its path).
             return
-        path.punched_at, path.rounds, path.cache_until = now, 0, None
+        # punched_at is set when the first round goes out (pacing may delay it).
+        path.punched_at, path.rounds, path.cache_until = None, 0, None
         path.set(PathState.PUNCHING, f"probing {len(candidates)} candidate(s) of site {peer_id}",
                  now)
+
+    def _punch_open(self, path: MeshPath) -> bool:
+        """Whether the path's punch still takes probes: from its arrival until twice the
+        punch timeout after its first round (the peer's rounds run as long as ours)."""
+        if path.punch_at is None:
+            return False
+        start = path.punched_at if path.punched_at is not None else path.punch_at
+        open_ = self.clock() - start <= 2 * self.cfg.punch_timeout_s + ROUNDS_AT[-1] / 4
+        if not open_ and (path.seen or path.nonces):
+            path.seen.clear()
+            path.nonces.clear()
+            path.targets.clear()
+        return open_
 
     # ---------------------------------------------------------------- probes
 
@@ -312,6 +354,11 @@ class Mesh(SessionOwner):
         peer = self.remotes.get(p.from_site)
         path = peer.paths.get(link_id) if peer is not None else None
         if p.to_site != self.site_id or path is None or path.gen != p.gen or not path.secret:
+            self.stats.probes_foreign += 1
+            return
+        if not self._punch_open(path):
+            # A punch is answered while it runs, not forever: its probes replayed later must
+            # neither draw answers nor steer anything.
             self.stats.probes_foreign += 1
             return
         if not probe.verify(data, path.secret):
@@ -329,10 +376,13 @@ class Mesh(SessionOwner):
                                 os.urandom(8), p.nonce)
             self.port.send(link_id, addr, probe.encode(reply, path.secret))
             self.stats.probes_answered += 1
-            if path.state is PathState.PUNCHING and not any(
-                t == addr for _, t, _ in path.nonces.values()
+            if (
+                path.state is PathState.PUNCHING
+                and addr not in path.targets
+                and path.punchbacks < PUNCHBACKS_MAX
             ):
                 # Punch back at once toward where the peer's probe came from.
+                path.punchbacks += 1
                 self._send_request(peer, path, addr, _how_for(path, addr))
             return
         sent = path.nonces.pop(p.echo, None)
@@ -355,6 +405,7 @@ class Mesh(SessionOwner):
         assert path.secret is not None and path.gen is not None
         nonce = os.urandom(8)
         path.nonces[nonce] = (self.clock(), addr, how)
+        path.targets.add(addr)
         req = probe.Probe(probe.Kind.REQUEST, self.site_id, peer.site_id, path.gen, nonce)
         self.port.send(path.link_id, addr, probe.encode(req, path.secret))
         self.stats.probes_sent += 1
@@ -450,6 +501,8 @@ class Mesh(SessionOwner):
         path.set(PathState.DIRECT, None, now)
         path.cache_until = None
         path.request_backoff = REPUNCH_MIN_S
+        self._missing.pop(peer.site_id, None)
+        self._steer(peer)
         wl = self.links.get(path.link_id)
         if wl is not None:
             try:
@@ -457,6 +510,19 @@ class Mesh(SessionOwner):
                            "0.0.0.0:" + str(wl.port), how=path.how or "window")
             except (StoreError, ValueError, OSError) as e:
                 log.warning("mesh: NAT data for site %d not stored: %s", peer.site_id, e)
+
+    def _steer(self, peer: MeshPeer) -> None:
+        """Traffic to the peer on its best direct link (lowest precedence): a last-punched
+        backup link must not carry it just because its endpoint was set last. Link health
+        will steer with weights here."""
+        direct = [p.link_id for p in peer.paths.values() if p.state is PathState.DIRECT]
+        if not direct:
+            return
+        best = min(direct, key=self.links.rank)
+        try:
+            self.fp.set_policy(peer.site_id, [(best, 1)])
+        except FastPathError as e:
+            log.warning("mesh: link policy of site %d not set: %s", peer.site_id, e)
 
     def _report(self, peer: MeshPeer) -> None:
         up = peer.tunnel is not None and peer.tunnel.state is State.UP
@@ -488,7 +554,10 @@ class Mesh(SessionOwner):
                 self.remove(site_id, "off-cloud is off for this site")
         now = self.clock()
         self._budget = PROBES_PER_TICK
-        for peer in list(self.remotes.values()):
+        peers = list(self.remotes.values())
+        # A different first peer every tick, so that pacing starves no punch.
+        self._rr = (self._rr + 1) % max(len(peers), 1)
+        for peer in peers[self._rr:] + peers[: self._rr]:
             for path in peer.paths.values():
                 if path.state is not PathState.DIRECT:
                     self._tick_path(peer, path, now)
@@ -504,14 +573,17 @@ class Mesh(SessionOwner):
                 tunnel.tick()
             except Exception:
                 log.exception("mesh tunnel %d tick failed", peer.site_id)
+        if now >= self._next_missing_check:
+            self._next_missing_check = now + MISSING_CHECK_S
+            self._ask_for_missing(now)
         if self._dirty:
             self._dirty = False
             self.paths.submit(PATHS_PRODUCER, self._candidates())
 
     def _tick_path(self, peer: MeshPeer, path: MeshPath, now: float) -> None:
         if path.state is PathState.PUNCHING:
-            assert path.punched_at is not None
-            elapsed = now - path.punched_at
+            # The clock of a punch starts with its first round, however long pacing held it.
+            elapsed = now - path.punched_at if path.punched_at is not None else 0.0
             if elapsed >= self.cfg.punch_timeout_s:
                 path.set(PathState.WAITING, f"probes unanswered for {self.cfg.punch_timeout_s} s"
                          "; asking the PoP to punch again", now)
@@ -546,6 +618,36 @@ class Mesh(SessionOwner):
         ):
             self._request_punch(peer, path, now)
 
+    def _ask_for_missing(self, now: float) -> None:
+        """A punch lost in transit (a DTLS record, never retransmitted) must not leave a pair
+        without a tunnel: an off-cloud site of the directory that we hold no path to, or only
+        waiting ones, is asked for over our best link, with the backoff of a path."""
+        meshing = self._meshing_sites()
+        if not meshing or not self.enabled:
+            return
+        links = sorted((wl for wl in self.links if self.usable_link(wl.id)), key=lambda w: (
+            w.precedence, w.id))
+        if not links:
+            return
+        asked = 0
+        for site_id in sorted(meshing):
+            if site_id == self.site_id or site_id in self.static_ids or asked >= MISSING_ASK_MAX:
+                continue
+            peer = self.remotes.get(site_id)
+            if peer is not None and any(p.state is not PathState.WAITING or p.gen is not None
+                                        for p in peer.paths.values()):
+                continue  # punched or being punched: its paths ask for themselves
+            retry = self._missing.get(site_id)
+            if retry is not None and now < retry[0]:
+                continue
+            backoff = retry[1] if retry is not None else MISSING_CHECK_S
+            self._missing[site_id] = (now + backoff, min(backoff * 2, REPUNCH_MAX_S))
+            for wl in links:
+                if self.ask_pop(wl.id, {"t": "punch-request", "peer": site_id}):
+                    self.stats.punch_requests += 1
+                    asked += 1
+                    break
+
     def _request_punch(self, peer: MeshPeer, path: MeshPath, now: float) -> None:
         path.next_request = now + path.request_backoff
         path.request_backoff = min(path.request_backoff * 2, REPUNCH_MAX_S)
@@ -565,14 +667,20 @@ class Mesh(SessionOwner):
                     continue  # cloud.py counted the bad entry
         return out
 
+    def _meshing_sites(self) -> set[int] | None:
+        """The off-cloud sites of the directory; None while no directory is known."""
+        entries = self.directory()
+        if not entries and not self.directory_known():
+            return None
+        return {e["site_id"] for e in entries if e.get("offcloud")}
+
     def on_directory(self) -> None:
         """The PoP's directory changed: a site that left the account or turned off-cloud off
         loses its mesh tunnel, and every site's subnets are submitted again."""
         self._dirty = True
-        entries = self.directory()
-        if not entries:
-            return  # none known yet (or none left): nothing to judge the peers by
-        meshing = {e["site_id"] for e in entries if e.get("offcloud")}
+        meshing = self._meshing_sites()
+        if meshing is None:
+            return
         for site_id in [s for s in self.remotes if s not in meshing]:
             self.remove(site_id, "no longer an off-cloud site of the account")
 
@@ -580,6 +688,7 @@ class Mesh(SessionOwner):
         """Tear down everything of one peer: its DTLS session, fast-path peer (and with it
         its keys, endpoints and routes) and NAT data."""
         peer = self.remotes.pop(site_id, None)
+        self._missing.pop(site_id, None)
         if peer is None:
             return
         log.info("mesh: site %d removed: %s", site_id, reason)
@@ -650,6 +759,12 @@ class Mesh(SessionOwner):
     def on_kick(self, link_id: int, addr: Addr, from_site: int) -> bool:
         peer = self.remotes.get(from_site)
         if peer is None or peer.tunnel is None:
+            return False
+        # A kick is not authenticated: only one from where the peer is known to be may start a
+        # handshake, so a spoofed kick cannot aim our handshakes at a third party. A peer whose
+        # NAT moved gets its path back through the PoP instead.
+        path = peer.paths.get(link_id)
+        if path is None or path.endpoint != addr:
             return False
         peer.tunnel.on_kick(link_id, addr)
         return True
