@@ -57,6 +57,9 @@ REPUNCH_MAX_S = 300.0  # a pair that cannot be punched is asked for again this r
 SEEN_KEPT = 1024
 PUNCHBACKS_MAX = 64  # requests sent back toward probe sources, per punch
 NAT_DATA_MAX_AGE_S = 7 * 86400  # older NAT data is not worth trying at start
+HOLD_MIN_S = 5.0  # off the mesh after a path went silent under traffic...
+HOLD_MAX_S = 120.0  # ...doubling up to this while it keeps happening
+HOLD_MEMORY_S = 300.0  # a silence longer ago than this starts again at HOLD_MIN_S
 MISSING_CHECK_S = 15.0  # how often sites of the directory without a path are looked for
 MISSING_ASK_MAX = 32  # punch requests for them per check
 # Probes sent per supervisor tick (50 ms) over all paths: 999 peers punched at once must not
@@ -130,6 +133,12 @@ class MeshPeer:
     tunnel: PeerTunnel | None = None
     up: bool = False  # what the last Off-Cloud Transport event said
     next_tick: float = 0.0  # of its tunnel, while up
+    # After its path went silent under traffic, the peer carries no traffic until hold_until
+    # even if its tunnel comes straight back: a lossy path must not flip traffic between the
+    # cloud and the mesh every second. hold_s doubles while silences keep coming.
+    hold_until: float = 0.0
+    hold_s: float = 0.0
+    last_silence: float = -1e9
 
 
 def window_ports(port: int, window: int) -> list[int]:
@@ -561,6 +570,9 @@ class Mesh(SessionOwner):
             for path in peer.paths.values():
                 if path.state is not PathState.DIRECT:
                     self._tick_path(peer, path, now)
+            if peer.hold_until and now >= peer.hold_until:
+                peer.hold_until = 0.0
+                self._dirty = True  # its prefixes may take the mesh again
             tunnel = peer.tunnel
             # A tunnel that is up needs its clock only for keepalives, liveness and rekeys,
             # all on a scale of seconds: with hundreds of peers, once a second each, spread
@@ -657,8 +669,9 @@ class Mesh(SessionOwner):
     def _candidates(self) -> list[Candidate]:
         out = []
         subnets = {e["site_id"]: e.get("subnets", []) for e in self.directory()}
+        now = self.clock()
         for peer in self.remotes.values():
-            if peer.tunnel is None or peer.tunnel.state is not State.UP:
+            if peer.tunnel is None or peer.tunnel.state is not State.UP or now < peer.hold_until:
                 continue
             for net in subnets.get(peer.site_id, []):
                 try:
@@ -728,7 +741,12 @@ class Mesh(SessionOwner):
             if peer is None or peer.tunnel is None or peer.tunnel.state is not State.UP:
                 continue
             ms = self.cfg.silent_after_ms
-            log.info("mesh: site %d stopped answering traffic (%d ms)", pid, ms)
+            now = self.clock()
+            recent = now - peer.last_silence < HOLD_MEMORY_S
+            peer.hold_s = min(peer.hold_s * 2, HOLD_MAX_S) if recent else HOLD_MIN_S
+            peer.hold_until, peer.last_silence = now + peer.hold_s, now
+            log.info("mesh: site %d stopped answering traffic (%d ms); held off the mesh %.0f s",
+                     pid, ms, peer.hold_s)
             peer.tunnel.declare_down(f"no answer to traffic for {ms} ms")
 
     # ---------------------------------------------------------------- session owner
