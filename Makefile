@@ -1,8 +1,9 @@
 # Entry points; the README's two commands are `make demo` and `make test`.
 VENV := .venv
 PY := $(VENV)/bin/python
-# Per fuzz target in `make test` (a smoke that every target still runs; fuzz longer by hand).
-FUZZ_SECONDS ?= 20
+# Fuzzing in `make test`, in total over the targets (native/fuzz/run.sh shares it out): a
+# smoke that every target still runs; fuzz longer by hand.
+FUZZ_SECONDS ?= 60
 # pytest workers: the long QEMU tests run beside the rest (tests/conftest.py orders them).
 TEST_WORKERS ?= 2
 BOARD ?= qemu-x86_64

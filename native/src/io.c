@@ -1280,8 +1280,10 @@ int fp_liveness_scan(fp_t *fp, uint64_t ack_after_ns, uint64_t silent_after_ns, 
     for (int i = 0; i < FP_PEER_BUCKETS; i++) {
         for (struct fp_peer *p = fp->peers[i]; p; p = p->next) {
             uint64_t owed = atomic_load_explicit(&p->owed_ns, memory_order_relaxed);
-            /* A peer without keys or endpoint cannot be answered; it stays owed. */
-            if (owed && now - owed >= ack_after_ns && p->tx_slot >= 0)
+            /* A peer without keys or endpoint cannot be answered; it stays owed. (owed may
+             * be later than `now`, set by a link thread since: not due yet.) */
+            if (owed && owed <= now && now - owed >= ack_after_ns && p->tx_slot >= 0 &&
+                p->primary >= 0)
                 (void)keepalive_locked(fp, p);
             uint64_t since = atomic_load_explicit(&p->unanswered_ns, memory_order_relaxed);
             if (since && now > since && now - since >= silent_after_ns && n < cap)

@@ -298,6 +298,10 @@ int fp_ip4_fragment(const uint8_t *ip, size_t len, uint32_t mtu, uint8_t *out, s
     uint16_t frag = get16(ip + 6);
     size_t base_off = (size_t)(frag & 0x1fff) * 8;
     bool last_mf = frag & 0x2000;
+    /* A fragment whose pieces would start past the largest offset the 13-bit field holds
+     * (a malformed or hostile packet: a real datagram ends by 65535) cannot be cut. */
+    if (base_off + payload > 0xffff)
+        return -EINVAL;
     const uint8_t *data = ip + ihl;
     size_t done = 0;
     for (size_t i = 0; i < n; i++) {

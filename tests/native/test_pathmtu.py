@@ -202,6 +202,17 @@ def test_a_fragment_is_cut_again_keeping_its_offset_and_mf() -> None:
     assert offs[0] & 0x1FFF == 100 and all(o & 0x2000 for o in offs)
 
 
+def test_a_fragment_near_the_largest_offset_is_not_cut_past_it() -> None:
+    # Found by fuzz_pmtu: pieces of a fragment at offset 65520 would wrap the 13-bit field.
+    pkt = bytearray(ip4("10.1.0.5", "10.2.0.7", 17, udp(2000), df=False))
+    struct.pack_into("!H", pkt, 6, 0x2000 | 0x1FFE)
+    pkt[10:12] = b"\0\0"
+    pkt[10:12] = struct.pack("!H", 0xFFFF - csum(bytes(pkt[:20])))
+    with pytest.raises(FastPathError) as e:
+        ip4_fragment(bytes(pkt), 1000)
+    assert e.value.errno == errno.EINVAL
+
+
 def test_no_fragments_of_df_or_garbage() -> None:
     for bad, mtu in ((ip4("10.1.0.5", "10.2.0.7", 17, udp(2000)), 1000),
                      (ip4("10.1.0.5", "10.2.0.7", 17, udp(2000), df=False), 20),

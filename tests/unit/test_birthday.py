@@ -228,7 +228,7 @@ def make_mesh(net: Net, store: Store, sockets: LinkSockets | None) -> Mesh:
         port=net,
         paths=Paths(fp),
         timers=Timers(),
-        directory=lambda: [{"site_id": 2, "subnets": ["10.2.0.0/24"]}],
+        directory=lambda: [{"site_id": 2, "subnets": ["10.2.0.0/24"], "offcloud": True}],
         ask_pop=lambda link, msg: True,
         clock=net.clock,
         sockets=sockets,

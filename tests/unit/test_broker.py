@@ -85,8 +85,15 @@ def test_a_changed_endpoint_or_a_request_punches_again_rate_limited() -> None:
     b.update([link(1), link(2)], offcloud_sites={1, 2})
     gen = sent[0][2]["gen"]
     sent.clear()
+    # A change right after a punch waits for min_repunch_s (a re-registering loop must not
+    # re-punch every pair each time), then goes out with the latest candidates.
+    b.update([link(1), link(2, pub="198.51.100.98")], offcloud_sites={1, 2})
     b.update([link(1), link(2, pub="198.51.100.99")], offcloud_sites={1, 2})
+    assert sent == []
+    clock.t += 2.1
+    b.tick()
     assert len(sent) == 2 and sent[0][2]["gen"] != gen
+    assert "198.51.100.99:4801" in str(sent[0][2]["candidates"] + sent[1][2]["candidates"])
     sent.clear()
     assert b.on_request(1, 1, {"peer": 2}) is None
     assert sent == []  # within min_repunch_s: deferred
@@ -104,7 +111,7 @@ def test_a_changed_endpoint_or_a_request_punches_again_rate_limited() -> None:
 
 def test_sites_registering_one_by_one_punch_only_their_own_pairs() -> None:
     # Each registration looks at the new site's pairs only, never at every pair again.
-    b, sent, _ = make()
+    b, sent, clock = make()
     links: list[MeshLink] = []
     for site in range(1, 301):
         links.append(link(site, pub=f"198.51.{site // 250}.{site % 250}"))
@@ -113,6 +120,7 @@ def test_sites_registering_one_by_one_punch_only_their_own_pairs() -> None:
         assert len(sent) - before == 2 * (site - 1)
     assert len(b.paths) == 300 * 299 // 2
     sent.clear()
+    clock.t += 2.1
     links[150] = link(151, pub="203.0.113.200")  # one site's NAT rebinds
     b.update(links, offcloud_sites=range(1, 301))
     assert len(sent) == 2 * 299 and all(151 in (s, m["peer"]) for s, _, m in sent)

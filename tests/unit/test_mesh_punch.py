@@ -205,3 +205,38 @@ def test_a_static_or_local_candidate_that_answers_says_so(mesh: Mesh, net: Net) 
                                        SECRET))
     path = mesh.remotes[2].paths[1]
     assert (path.endpoint, path.how) == (hub, "static")
+
+
+def test_a_closed_punch_answers_no_probes(mesh: Mesh, net: Net) -> None:
+    mesh.on_punch(punch())
+    mesh.tick()
+    net.t += 2 * 10 + 10  # well past the punch (punch_timeout_s 10)
+    net.sent.clear()
+    mesh.on_probe(1, ("192.0.2.66", 9999), req())
+    assert net.sent == [] and mesh.stats.probes_answered == 0
+    assert mesh.stats.probes_foreign == 1
+
+
+def test_only_a_kick_from_the_peers_endpoint_starts_a_handshake(mesh: Mesh, net: Net) -> None:
+    mesh.on_punch(punch())
+    mesh.tick()
+    target, sent = next((a, probe.peek(d)) for _, a, d in net.sent if d[0] == probe.PROBE_TYPE)
+    assert sent is not None
+    mesh.on_probe(1, target, probe.encode(Probe(Kind.RESPONSE, 2, 1, 7, b"r" * 8, sent.nonce),
+                                          SECRET))
+    # We are the responder (site 1 < 2): a kick from a victim's address is refused outright.
+    assert mesh.on_kick(1, ("192.0.2.66", 4800), 2) is False
+    assert mesh.on_kick(1, target, 2) is True
+
+
+def test_a_pair_that_cannot_be_punched_is_asked_for_less_and_less(mesh: Mesh, net: Net) -> None:
+    asked: list[float] = []
+    mesh.ask_pop = lambda link, msg: asked.append(net.t) or True
+    for _ in range(5):
+        mesh.on_punch(punch(gen=len(asked) + 10))
+        before = len(asked)
+        while len(asked) == before:
+            net.t += 0.5
+            mesh.tick()
+    gaps = [b - a for a, b in zip(asked, asked[1:], strict=False)]
+    assert gaps == sorted(gaps) and gaps[-1] > 2 * gaps[0], gaps

@@ -75,6 +75,7 @@ class _Path:
     sent_at: float
     punches: int = 1
     pending: bool = False  # a request came in within min_repunch_s: punch when allowed
+    asked: bool = False  # a site's request is among the deferred ones (see _punch)
     requests: int = 0
     mode: str = "window"
     hard: int | None = None  # in a birthday punch, the site id of the randomising side
@@ -120,6 +121,7 @@ class Broker:
         self._links: dict[PathKey, tuple[MeshLink, MeshLink]] = {}
         self._by_site: dict[int, list[MeshLink]] = {}  # as of the last update
         self._site_paths: dict[int, set[PathKey]] = {}  # the paths each site is in
+        self._pending: set[PathKey] = set()  # deferred punches (see tick)
         # Generations are never reused within a run; a random start keeps a restarted PoP's
         # from meeting the ones sites still hold (their secrets differ anyway).
         self._gen = secrets.randbelow(1 << 30) + 1
@@ -172,6 +174,12 @@ class Broker:
                     prev = old.get(key)
                     if prev is not None and prev.signature == sig:
                         self.paths[key] = prev
+                    elif prev is not None and now - prev.sent_at < self.min_repunch_s:
+                        # A site re-registering in a loop must not make every pair punch
+                        # again each time: once per min_repunch_s, the latest candidates.
+                        prev.signature = sig
+                        self.paths[key] = prev
+                        self._defer(key, prev)
                     else:
                         self._punch(key, sig, now, prev)
 
@@ -197,17 +205,30 @@ class Broker:
             self.stats.requests_stale += 1
             return None
         if now - path.sent_at < self.min_repunch_s:
-            path.pending = True
+            self._defer(key, path, asked=True)
             self.stats.requests_deferred += 1
             return None
         self._punch(key, path.signature, now, path, asked=True)
         return None
 
     def tick(self) -> None:
+        """Punch the deferred paths whose time has come (only those are looked at: the
+        supervisor calls this every 50 ms, with half a million paths in a big account)."""
+        if not self._pending:
+            return
         now = self.clock()
-        for key, path in list(self.paths.items()):
-            if path.pending and now - path.sent_at >= self.min_repunch_s:
-                self._punch(key, path.signature, now, path, asked=True)
+        for key in list(self._pending):
+            path = self.paths.get(key)
+            if path is None or key not in self._links:
+                self._pending.discard(key)
+            elif now - path.sent_at >= self.min_repunch_s:
+                self._pending.discard(key)
+                self._punch(key, path.signature, now, path, asked=path.asked)
+
+    def _defer(self, key: PathKey, path: _Path, asked: bool = False) -> None:
+        path.pending = True
+        path.asked = path.asked or asked
+        self._pending.add(key)
 
     # ---------------------------------------------------------------- status
 
@@ -261,8 +282,9 @@ class Broker:
             path.mode, path.hard = "birthday", randomising[0]
             self.stats.birthday += 1
         self.paths[key] = path
+        self._pending.discard(key)
         self.stats.punches += 1
-        log.info(
+        log.debug(
             "punch gen %d (%s): site %d link %d <-> site %d link %d",
             path.gen, path.mode, la.site_id, la.link_id, lb.site_id, lb.link_id,
         )

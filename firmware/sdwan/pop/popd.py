@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ipaddress
 import logging
 import signal
 import socket
@@ -60,6 +61,7 @@ DTLS_MTU = 1200
 # The largest path MTU probed toward a site (docs/dataplane.md, "Path MTU").
 PMTU_MAX = 1500
 REGISTER_DEADLINE_S = 10.0  # an established session that never registers is dropped
+FULL_DIRECTORY_MIN_S = 5.0  # between two whole directories resent to one session
 MAX_EVENTS_PER_WAKEUP = 256
 # A site's largest message is an events upload (MAX_UPLOADED_EVENTS events); reassembly of
 # anything larger is abandoned before it is buffered.
@@ -109,6 +111,7 @@ class SiteSession:
     registered_at: float | None = None
     first_registered_at: float | None = None  # the punch broker's epoch of this session
     dir_rev: int | None = None  # the directory rev this session was last sent (full or delta)
+    full_directory_at: float | None = None  # when a whole directory was last resent
     reassembler: Reassembler | None = None  # of the current `dtls`; made on first use
     pmtu: PathMtu | None = None  # probing the path to the site, once transmitting
 
@@ -186,13 +189,18 @@ def _check_link(value: Any, what: str) -> dict[str, Any]:
 
 
 def _endpoint_or_none(text: Any) -> Addr | None:
+    """An endpoint a peer may be told to probe: never loopback, multicast, link-local or
+    unspecified (a site must not aim other sites' probes at such addresses)."""
     if not isinstance(text, str):
         return None
     try:
         host, port = parse_endpoint(text)
     except ValueError:
         return None
-    return None if host in ("0.0.0.0", "::") or port == 0 else (host, port)
+    ip = ipaddress.ip_address(host)
+    if ip.is_loopback or ip.is_multicast or ip.is_link_local or ip.is_unspecified or not port:
+        return None
+    return host, port
 
 
 class Pop(SessionOwner):
@@ -520,7 +528,7 @@ class Pop(SessionOwner):
             # A site whose directory is not the one we last sent it (a push lost in transit,
             # a delta it could not apply) gets the whole directory again.
             if s.registered and "rev" in msg and msg["rev"] != s.dir_rev:
-                self._send_directory(s)
+                self._send_directory(s, self.clock())
         elif kind == "punch-request":
             if not s.registered or s.link_index is None:
                 self.stats.messages_malformed += 1
@@ -743,7 +751,13 @@ class Pop(SessionOwner):
     def _directory_for(self, site_id: int) -> list[dict[str, Any]]:
         return [e for e in self._directory or [] if e["site_id"] != site_id]
 
-    def _send_directory(self, s: SiteSession) -> None:
+    def _send_directory(self, s: SiteSession, now: float) -> None:
+        # At most every FULL_DIRECTORY_MIN_S per session: a site (or one posing as stale in
+        # every ping) must not make the PoP send its whole directory every second; a ping
+        # crossing a delta in flight is served by the next one.
+        if s.full_directory_at is not None and now - s.full_directory_at < FULL_DIRECTORY_MIN_S:
+            return
+        s.full_directory_at = now
         if self._send_msg(
             s, {"t": "directory", "rev": self.rev, "directory": self._directory_for(s.site_id)}
         ):

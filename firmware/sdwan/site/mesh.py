@@ -32,6 +32,7 @@ extra sockets' I/O (birthday.LinkSockets).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import math
@@ -64,8 +65,17 @@ PATHS_PRODUCER = "mesh"
 ROUNDS_AT = (0.0, 0.2, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.5, 8.0, 10.0, 13.0, 16.0, 20.0)
 CACHE_PATIENCE_S = 3.0  # a cached endpoint that has not answered by then is punched again
 REPUNCH_MIN_S = 2.0  # between two requests for the same path
-REPUNCH_MAX_S = 60.0
-SEEN_KEPT = 256  # request nonces remembered per path, against replays
+REPUNCH_MAX_S = 300.0  # a pair that cannot be punched is asked for again this rarely
+# Request nonces remembered per path while its punch is open, against replays: more than one
+# punch's worth of a peer's requests (window and candidates times the rounds).
+SEEN_KEPT = 1024
+PUNCHBACKS_MAX = 64  # requests sent back toward probe sources, per punch
+NAT_DATA_MAX_AGE_S = 7 * 86400  # older NAT data is not worth trying at start
+HOLD_MIN_S = 5.0  # off the mesh after a path went silent under traffic...
+HOLD_MAX_S = 120.0  # ...doubling up to this while it keeps happening
+HOLD_MEMORY_S = 300.0  # a silence longer ago than this starts again at HOLD_MIN_S
+MISSING_CHECK_S = 15.0  # how often sites of the directory without a path are looked for
+MISSING_ASK_MAX = 32  # punch requests for them per check
 # Probes sent per supervisor tick (50 ms) over all paths: 999 peers punched at once must not
 # burst 32k datagrams into one socket; about 20k a second still starts every punch in 2 s.
 PROBES_PER_TICK = 1024
@@ -134,9 +144,11 @@ class MeshPath:
     how: str | None = None
     punched_at: float | None = None
     rounds: int = 0
-    # Requests in flight: nonce -> (sent at, to, how, fast-path link; None: an extra socket).
-    nonces: dict[bytes, tuple[float, Addr, str, int | None]] = field(default_factory=dict)
+    nonces: dict[bytes, tuple[float, Addr, str]] = field(default_factory=dict)
+    targets: set[Addr] = field(default_factory=set)  # where this punch's requests went
+    punchbacks: int = 0
     seen: dict[bytes, None] = field(default_factory=dict)
+    punch_at: float | None = None  # when the punch arrived: its probes count until it closes
     rtt_ms: float | None = None
     since: float = 0.0  # of the current state
     cache_until: float | None = None
@@ -151,8 +163,8 @@ class MeshPath:
     extra: int | None = None
     extra_port: int | None = None
     spray: list[socket.socket | None] = field(default_factory=list)  # hard side: the sockets
-    targets: list[int] = field(default_factory=list)  # easy side: the ports to probe
-    sprayed: int = 0  # easy side: probes sent to targets so far
+    guesses: list[int] = field(default_factory=list)  # easy side: the ports to probe
+    sprayed: int = 0  # easy side: probes sent to guesses so far
 
     def __post_init__(self) -> None:
         self.fp_link = self.fp_link or self.link_id
@@ -170,6 +182,12 @@ class MeshPeer:
     tunnel: PeerTunnel | None = None
     up: bool = False  # what the last Off-Cloud Transport event said
     next_tick: float = 0.0  # of its tunnel, while up
+    # After its path went silent under traffic, the peer carries no traffic until hold_until
+    # even if its tunnel comes straight back: a lossy path must not flip traffic between the
+    # cloud and the mesh every second. hold_s doubles while silences keep coming.
+    hold_until: float = 0.0
+    hold_s: float = 0.0
+    last_silence: float = -1e9
 
 
 def window_ports(port: int, window: int) -> list[int]:
@@ -222,6 +240,7 @@ class Mesh(SessionOwner):
         ask_pop: Callable[[int, dict[str, Any]], bool],
         static_ids: Container[int] = (),
         account_offcloud: Callable[[], bool | None] = lambda: None,
+        directory_known: Callable[[], bool] = lambda: False,
         on_event: Callable[[str, str, dict[str, Any]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sockets: LinkSockets | None = None,
@@ -238,6 +257,7 @@ class Mesh(SessionOwner):
         self.ask_pop = ask_pop
         self.static_ids = static_ids
         self.account_offcloud = account_offcloud  # this site's flag in the account, if known
+        self.directory_known = directory_known  # an empty directory() is a real one
         self.on_event = on_event or (lambda kind, text, data: None)
         self.clock = clock
         self.sockets = sockets  # None: no birthday punch as the hard side
@@ -246,6 +266,10 @@ class Mesh(SessionOwner):
         self.remotes: dict[int, MeshPeer] = {}
         self._dirty = True  # candidates to submit again
         self._budget = PROBES_PER_TICK
+        self._rr = 0
+        # Directory sites without a path, asked for (next time, backoff); see _ask_for_missing.
+        self._missing: dict[int, tuple[float, float]] = {}
+        self._next_missing_check = clock() + MISSING_CHECK_S
 
     @property
     def enabled(self) -> bool:
@@ -270,6 +294,9 @@ class Mesh(SessionOwner):
             return 0
         now = self.clock()
         loaded = 0
+        # Only sites the last directory we had still lists as off-cloud (a removed or revoked
+        # site gets no tunnel back from old NAT data), and only recent entries.
+        meshing = self._meshing_sites()
         for wl in self.links:
             if self.usable_link(wl.id) is None:
                 continue
@@ -280,6 +307,11 @@ class Mesh(SessionOwner):
                 continue
             for entry in entries:
                 if entry.peer_id == self.site_id or entry.peer_id in self.static_ids:
+                    continue
+                stale = time.time() - entry.at > NAT_DATA_MAX_AGE_S
+                if stale or (meshing is not None and entry.peer_id not in meshing):
+                    with contextlib.suppress(StoreError, OSError):
+                        wl.forget_nat(entry.peer_id)
                     continue
                 try:
                     addr = parse_endpoint(entry.peer_public)
@@ -354,9 +386,13 @@ class Mesh(SessionOwner):
         path.candidates = candidates
         path.peer_nat = peer_nat if isinstance(peer_nat, str) else None
         path.nonces.clear()
+        path.targets.clear()
         path.seen.clear()
+        path.punchbacks = 0
         path.punches += 1
-        path.request_backoff = REPUNCH_MIN_S
+        path.punch_at = now
+        # The backoff of our requests is not reset here: a pair that cannot be punched must
+        # not be punched again every few seconds forever. Going direct resets it.
         if path.state is PathState.DIRECT:
             # A working tunnel stays; the new secret only lets us answer the peer's probes
             # (it may have restarted and lost its path).
@@ -364,12 +400,26 @@ class Mesh(SessionOwner):
         self._stop_birthday(path)
         self._release_extra(path)  # of an earlier punch: this one finds its own
         path.mode, path.role = mode, role
-        path.punched_at, path.rounds, path.cache_until = now, 0, None
+        # punched_at is set when the first round goes out (pacing may delay it).
+        path.punched_at, path.rounds, path.cache_until = None, 0, None
         if mode == "birthday":
             self._start_birthday(peer, path, wl, now)
             return
         path.set(PathState.PUNCHING, f"probing {len(candidates)} candidate(s) of site {peer_id}",
                  now)
+
+    def _punch_open(self, path: MeshPath) -> bool:
+        """Whether the path's punch still takes probes: from its arrival until twice the
+        punch timeout after its first round (the peer's rounds run as long as ours)."""
+        if path.punch_at is None:
+            return False
+        start = path.punched_at if path.punched_at is not None else path.punch_at
+        open_ = self.clock() - start <= 2 * self.cfg.punch_timeout_s + ROUNDS_AT[-1] / 4
+        if not open_ and (path.seen or path.nonces):
+            path.seen.clear()
+            path.nonces.clear()
+            path.targets.clear()
+        return open_
 
     # ---------------------------------------------------------------- probes
 
@@ -381,6 +431,11 @@ class Mesh(SessionOwner):
         peer = self.remotes.get(p.from_site)
         path = self._path_on(peer, link_id) if peer is not None else None
         if p.to_site != self.site_id or path is None or path.gen != p.gen or not path.secret:
+            self.stats.probes_foreign += 1
+            return
+        if not self._punch_open(path):
+            # A punch is answered while it runs, not forever: its probes replayed later must
+            # neither draw answers nor steer anything.
             self.stats.probes_foreign += 1
             return
         if not probe.verify(data, path.secret):
@@ -398,10 +453,13 @@ class Mesh(SessionOwner):
                                 os.urandom(8), p.nonce)
             self.port.send(link_id, addr, probe.encode(reply, path.secret))
             self.stats.probes_answered += 1
-            if path.state is PathState.PUNCHING and not any(
-                t == addr and on == link_id for _, t, _, on in path.nonces.values()
+            if (
+                path.state is PathState.PUNCHING
+                and addr not in path.targets
+                and path.punchbacks < PUNCHBACKS_MAX
             ):
                 # Punch back at once toward where the peer's probe came from.
+                path.punchbacks += 1
                 how = "birthday" if path.mode == "birthday" else _how_for(path, addr)
                 self._send_request(peer, path, addr, how, link_id)
             return
@@ -443,15 +501,15 @@ class Mesh(SessionOwner):
         or from an extra socket."""
         assert path.secret is not None and path.gen is not None
         nonce = os.urandom(8)
-        on = None if sock is not None else (path.fp_link if link_id is None else link_id)
-        path.nonces[nonce] = (self.clock(), addr, how, on)
+        path.nonces[nonce] = (self.clock(), addr, how)
+        path.targets.add(addr)
         req = probe.Probe(probe.Kind.REQUEST, self.site_id, peer.site_id, path.gen, nonce)
         data = probe.encode(req, path.secret)
-        if on is None:
-            assert sock is not None and self.sockets is not None
+        if sock is not None:
+            assert self.sockets is not None
             self.sockets.send(sock, addr, data)
         else:
-            self.port.send(on, addr, data)
+            self.port.send(path.fp_link if link_id is None else link_id, addr, data)
         self.stats.probes_sent += 1
 
     @staticmethod
@@ -479,11 +537,14 @@ class Mesh(SessionOwner):
             path.next_request = now + path.request_backoff
             return
         self.stats.birthday_punches += 1
+        # No pacing holds a birthday punch back (the easy side's probes are paced as they
+        # go): its clock starts now.
+        path.punched_at = now
         if path.role == "easy":
             lo, hi = NAT_PORTS
-            path.targets = random_ports(self.cfg.birthday_probes, lo, hi, self.rng)
+            path.guesses = random_ports(self.cfg.birthday_probes, lo, hi, self.rng)
             path.sprayed = 0
-            path.set(PathState.PUNCHING, f"birthday punch: probing {len(path.targets)} random"
+            path.set(PathState.PUNCHING, f"birthday punch: probing {len(path.guesses)} random"
                      f" ports of site {peer.site_id}'s address {reflexive[0][0]}", now)
             return
         why = self._no_room_for_birthday()
@@ -531,13 +592,13 @@ class Mesh(SessionOwner):
             return
         if elapsed < BIRTHDAY_START_S or not reflexive:
             return
-        due = min(len(path.targets), int((elapsed - BIRTHDAY_START_S) * BIRTHDAY_PPS) + 1)
+        due = min(len(path.guesses), int((elapsed - BIRTHDAY_START_S) * BIRTHDAY_PPS) + 1)
         # Through the link's own socket: within the tick's probe budget, like window rounds.
         due = min(due, path.sprayed + max(self._budget, 0))
         self._budget -= due - path.sprayed
         ip = reflexive[0][0]
         while path.sprayed < due:
-            self._send_request(peer, path, (ip, path.targets[path.sprayed]), "birthday")
+            self._send_request(peer, path, (ip, path.guesses[path.sprayed]), "birthday")
             path.sprayed += 1
 
     def _on_spray(
@@ -569,8 +630,13 @@ class Mesh(SessionOwner):
         # An authentic probe came in through both NATs on this socket: it is the path. From
         # now on the fast path reads it, and the probe is handled as if it had come there.
         fp_link = self._adopt(peer, path, index)
-        if fp_link is not None:
-            self.on_probe(fp_link, addr, data)
+        if fp_link is None:
+            return
+        self.on_probe(fp_link, addr, data)
+        if p.kind is probe.Kind.REQUEST and path.state is PathState.PUNCHING:
+            # Answered; now ask back over it (our requests to addr so far went out of sockets
+            # its NAT dropped them from, so no punch-back follows on its own).
+            self._send_request(peer, path, addr, "birthday", fp_link)
 
     def _adopt(self, peer: MeshPeer, path: MeshPath, index: int) -> int | None:
         """Make extra socket `index` a fast-path link of the path and close the others; the
@@ -601,7 +667,7 @@ class Mesh(SessionOwner):
             if sock is not None and self.sockets is not None:
                 self.sockets.close(sock)
         path.spray = []
-        path.targets = []
+        path.guesses = []
 
     def _release_extra(self, path: MeshPath) -> None:
         """Give back the birthday socket a path ran on: the path uses its link's own again."""
@@ -744,6 +810,8 @@ class Mesh(SessionOwner):
         path.set(PathState.DIRECT, None, now)
         path.cache_until = None
         path.request_backoff = REPUNCH_MIN_S
+        self._missing.pop(peer.site_id, None)
+        self._steer(peer)
         wl = self.links.get(path.link_id)
         if wl is not None:
             try:
@@ -752,6 +820,20 @@ class Mesh(SessionOwner):
                            local_port=path.extra_port)
             except (StoreError, ValueError, OSError) as e:
                 log.warning("mesh: NAT data for site %d not stored: %s", peer.site_id, e)
+
+    def _steer(self, peer: MeshPeer) -> None:
+        """Traffic to the peer on its best direct link (lowest precedence): a last-punched
+        backup link must not carry it just because its endpoint was set last. Link health
+        will steer with weights here."""
+        direct = [p for p in peer.paths.values() if p.state is PathState.DIRECT]
+        if not direct:
+            return
+        # Ranked by the configured link; a birthday path's traffic goes on its own socket.
+        best = min(direct, key=lambda p: self.links.rank(p.link_id)).fp_link
+        try:
+            self.fp.set_policy(peer.site_id, [(best, 1)])
+        except FastPathError as e:
+            log.warning("mesh: link policy of site %d not set: %s", peer.site_id, e)
 
     def _report(self, peer: MeshPeer) -> None:
         up = peer.tunnel is not None and peer.tunnel.state is State.UP
@@ -783,10 +865,16 @@ class Mesh(SessionOwner):
                 self.remove(site_id, "off-cloud is off for this site")
         now = self.clock()
         self._budget = PROBES_PER_TICK
-        for peer in list(self.remotes.values()):
+        peers = list(self.remotes.values())
+        # A different first peer every tick, so that pacing starves no punch.
+        self._rr = (self._rr + 1) % max(len(peers), 1)
+        for peer in peers[self._rr:] + peers[: self._rr]:
             for path in peer.paths.values():
                 if path.state is not PathState.DIRECT:
                     self._tick_path(peer, path, now)
+            if peer.hold_until and now >= peer.hold_until:
+                peer.hold_until = 0.0
+                self._dirty = True  # its prefixes may take the mesh again
             tunnel = peer.tunnel
             # A tunnel that is up needs its clock only for keepalives, liveness and rekeys,
             # all on a scale of seconds: with hundreds of peers, once a second each, spread
@@ -799,14 +887,17 @@ class Mesh(SessionOwner):
                 tunnel.tick()
             except Exception:
                 log.exception("mesh tunnel %d tick failed", peer.site_id)
+        if now >= self._next_missing_check:
+            self._next_missing_check = now + MISSING_CHECK_S
+            self._ask_for_missing(now)
         if self._dirty:
             self._dirty = False
             self.paths.submit(PATHS_PRODUCER, self._candidates())
 
     def _tick_path(self, peer: MeshPeer, path: MeshPath, now: float) -> None:
         if path.state is PathState.PUNCHING:
-            assert path.punched_at is not None
-            elapsed = now - path.punched_at
+            # The clock of a punch starts with its first round, however long pacing held it.
+            elapsed = now - path.punched_at if path.punched_at is not None else 0.0
             if elapsed >= self.cfg.punch_timeout_s:
                 self._punch_failed(path, now)
                 return
@@ -860,6 +951,36 @@ class Mesh(SessionOwner):
                  " to punch again", now)
         path.next_request = now + path.request_backoff
 
+    def _ask_for_missing(self, now: float) -> None:
+        """A punch lost in transit (a DTLS record, never retransmitted) must not leave a pair
+        without a tunnel: an off-cloud site of the directory that we hold no path to, or only
+        waiting ones, is asked for over our best link, with the backoff of a path."""
+        meshing = self._meshing_sites()
+        if not meshing or not self.enabled:
+            return
+        links = sorted((wl for wl in self.links if self.usable_link(wl.id)), key=lambda w: (
+            w.precedence, w.id))
+        if not links:
+            return
+        asked = 0
+        for site_id in sorted(meshing):
+            if site_id == self.site_id or site_id in self.static_ids or asked >= MISSING_ASK_MAX:
+                continue
+            peer = self.remotes.get(site_id)
+            if peer is not None and any(p.state is not PathState.WAITING or p.gen is not None
+                                        for p in peer.paths.values()):
+                continue  # punched or being punched: its paths ask for themselves
+            retry = self._missing.get(site_id)
+            if retry is not None and now < retry[0]:
+                continue
+            backoff = retry[1] if retry is not None else MISSING_CHECK_S
+            self._missing[site_id] = (now + backoff, min(backoff * 2, REPUNCH_MAX_S))
+            for wl in links:
+                if self.ask_pop(wl.id, {"t": "punch-request", "peer": site_id}):
+                    self.stats.punch_requests += 1
+                    asked += 1
+                    break
+
     def _request_punch(self, peer: MeshPeer, path: MeshPath, now: float) -> None:
         path.next_request = now + path.request_backoff
         path.request_backoff = min(path.request_backoff * 2, REPUNCH_MAX_S)
@@ -874,8 +995,9 @@ class Mesh(SessionOwner):
     def _candidates(self) -> list[Candidate]:
         out = []
         subnets = {e["site_id"]: e.get("subnets", []) for e in self.directory()}
+        now = self.clock()
         for peer in self.remotes.values():
-            if peer.tunnel is None or peer.tunnel.state is not State.UP:
+            if peer.tunnel is None or peer.tunnel.state is not State.UP or now < peer.hold_until:
                 continue
             for net in subnets.get(peer.site_id, []):
                 try:
@@ -884,14 +1006,20 @@ class Mesh(SessionOwner):
                     continue  # cloud.py counted the bad entry
         return out
 
+    def _meshing_sites(self) -> set[int] | None:
+        """The off-cloud sites of the directory; None while no directory is known."""
+        entries = self.directory()
+        if not entries and not self.directory_known():
+            return None
+        return {e["site_id"] for e in entries if e.get("offcloud")}
+
     def on_directory(self) -> None:
         """The PoP's directory changed: a site that left the account or turned off-cloud off
         loses its mesh tunnel, and every site's subnets are submitted again."""
         self._dirty = True
-        entries = self.directory()
-        if not entries:
-            return  # none known yet (or none left): nothing to judge the peers by
-        meshing = {e["site_id"] for e in entries if e.get("offcloud")}
+        meshing = self._meshing_sites()
+        if meshing is None:
+            return
         for site_id in [s for s in self.remotes if s not in meshing]:
             self.remove(site_id, "no longer an off-cloud site of the account")
 
@@ -899,6 +1027,7 @@ class Mesh(SessionOwner):
         """Tear down everything of one peer: its DTLS session, fast-path peer (and with it
         its keys, endpoints and routes) and NAT data."""
         peer = self.remotes.pop(site_id, None)
+        self._missing.pop(site_id, None)
         if peer is None:
             return
         log.info("mesh: site %d removed: %s", site_id, reason)
@@ -941,7 +1070,12 @@ class Mesh(SessionOwner):
             if peer is None or peer.tunnel is None or peer.tunnel.state is not State.UP:
                 continue
             ms = self.cfg.silent_after_ms
-            log.info("mesh: site %d stopped answering traffic (%d ms)", pid, ms)
+            now = self.clock()
+            recent = now - peer.last_silence < HOLD_MEMORY_S
+            peer.hold_s = min(peer.hold_s * 2, HOLD_MAX_S) if recent else HOLD_MIN_S
+            peer.hold_until, peer.last_silence = now + peer.hold_s, now
+            log.info("mesh: site %d stopped answering traffic (%d ms); held off the mesh %.0f s",
+                     pid, ms, peer.hold_s)
             peer.tunnel.declare_down(f"no answer to traffic for {ms} ms")
 
     # ---------------------------------------------------------------- session owner
@@ -972,6 +1106,12 @@ class Mesh(SessionOwner):
     def on_kick(self, link_id: int, addr: Addr, from_site: int) -> bool:
         peer = self.remotes.get(from_site)
         if peer is None or peer.tunnel is None:
+            return False
+        # A kick is not authenticated: only one from where the peer is known to be may start a
+        # handshake, so a spoofed kick cannot aim our handshakes at a third party. A peer whose
+        # NAT moved gets its path back through the PoP instead.
+        path = self._path_on(peer, link_id)
+        if path is None or path.endpoint != addr or path.fp_link != link_id:
             return False
         peer.tunnel.on_kick(link_id, addr)
         return True

@@ -230,6 +230,7 @@ class Supervisor:
             ask_pop=cloud.send_to_pop,
             static_ids=self.tunnels.keys(),
             account_offcloud=lambda: (cloud.config or {}).get("offcloud"),
+            directory_known=lambda: cloud.directory_rev is not None,
             on_event=self._record_event,
             clock=self.clock,
             sockets=LinkSockets(),
