@@ -134,6 +134,31 @@ def test_a_request_for_an_old_generation_long_after_the_punch_is_taken() -> None
     assert len(sent) == 2 and b.stats.requests_stale == 0
 
 
+def test_a_deferred_request_is_punched_birthday_and_a_deferred_change_window() -> None:
+    b, sent, clock = broker_with("port-randomising", "port-preserving")
+    gen = sent[0][2]["gen"]
+    sent.clear()
+    clock.t += 0.5
+    b.on_request(2, 1, {"peer": 1, "gen": gen})  # within min_repunch_s: deferred
+    assert sent == []
+    clock.t += 2
+    b.tick()
+    assert [m["mode"] for _, _, m in sent] == ["birthday", "birthday"]
+    # A site re-registering with a new endpoint soon after: deferred too, but nobody asked.
+    sent.clear()
+    clock.t += 0.5
+    b.update(
+        [
+            MeshLink(1, 1, 1, (HARD_IP, 31001), epoch=1.0, nat="port-randomising"),
+            MeshLink(2, 1, 1, EASY_EP, epoch=1.0, nat="port-preserving"),
+        ],
+        offcloud_sites={1, 2},
+    )
+    clock.t += 2
+    b.tick()
+    assert [m["mode"] for _, _, m in sent] == ["window", "window"]
+
+
 @pytest.mark.parametrize(
     ("nats", "mode"),
     [
