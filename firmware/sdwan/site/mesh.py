@@ -1045,7 +1045,7 @@ class Mesh(SessionOwner):
                 log.warning("mesh: fast-path peer %d not removed: %s", site_id, e)
             self.paths.forget_peer(site_id)
         for path in peer.paths.values():
-            # Its birthday sockets too, after the session's goodbye went out over them.
+            # Its birthday sockets too, once the tunnel's DTLS close went out over them.
             self._stop_birthday(path)
             self._release_extra(path)
             wl = self.links.get(path.link_id)

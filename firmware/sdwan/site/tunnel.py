@@ -205,7 +205,7 @@ class PeerTunnel:
             return
         if self._handshaking is not None and self._handshake_to == (link_id, addr):
             # Already handshaking right there (both ends found a new path at once): a
-            # second client session to that address would only supersede the first.
+            # second handshake to that address would only supersede the first.
             return
         self._last_kick_handshake = now
         # The kick is not authenticated: its handshake has a slot of its own so
@@ -367,8 +367,8 @@ class PeerTunnel:
 
     def _regular_handshake(self) -> None:
         """Start the retry or rekey handshake toward the endpoint. A kick's handshake under
-        way to that very address becomes it: a second client session there would supersede
-        it (the session layer keeps one per address), failing both."""
+        way to that very address becomes it: a second one there would supersede it (one
+        handshake per address is kept), failing both."""
         addr = self._authenticated_endpoint()
         target = (self.link_id, addr)
         if self._kick_handshaking is not None and self._kick_to == target:
