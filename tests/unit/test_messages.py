@@ -449,14 +449,17 @@ def test_popd_sends_the_directory_of_300_sites(pop: PopEnv, clients: list[Client
     assert a.reassembler.stats.reassembled >= 1
     assert len(json.dumps(welcome)) > 10 * 1400
 
-    # A second site comes online: the first gets the whole directory pushed, in fragments too.
+    # A second site comes online: it gets the whole directory (in fragments too), the first
+    # only the difference; asking with a stale rev brings the whole one, in fragments.
     b = FragClient(pop.site_files(2), 2, pop.addr)
     clients.append(b)
     b.connect()
     assert len(b.register()["directory"]) == 299
-    push = a.wait_for("directory")
-    assert len(push["directory"]) == 299
-    assert push["directory"][0]["site_id"] == 2 and push["directory"][0]["online"] is True
+    push = a.wait_for("directory-delta")
+    assert [e["site_id"] for e in push["changed"]] == [2] and push["changed"][0]["online"]
+    a.send({"t": "ping", "id": 1, "rev": welcome["rev"]})
+    whole = a.wait_for("directory")
+    assert len(whole["directory"]) == 299 and whole["rev"] == push["rev"]
 
     # Uploads larger than a record reach popd too: 20 events of ~900 bytes each. (Much larger
     # bursts outrun the default UDP receive buffer; DTLS does not resend application data.)
@@ -472,6 +475,6 @@ def test_popd_sends_the_directory_of_300_sites(pop: PopEnv, clients: list[Client
     for k in range(50):
         a.send_raw(frag(1000 + k, 0, 4000, "x" * 1000))
     a.send({"t": "ping", "id": 9})
-    assert a.wait_for("pong")["id"] == 9
+    assert a.wait_for("pong", id=9)
     st = pop.status()["control"]
     assert st["oversized"] == 0 and st["fragments_evicted"] >= 40
