@@ -1,6 +1,6 @@
-"""Smoke runs of bench/dataplane and bench/cloud inside `make test`: each bench runs to its
-end in its shortest mode and writes its JSON with every key and sane values, so a bench
-whose mechanism breaks fails here instead of on the day someone needs its figures.
+"""Smoke runs of bench/dataplane, bench/cloud and bench/mesh inside `make test`: each bench
+runs to its end in its shortest mode and writes its JSON with every key and sane values, so a
+bench whose mechanism breaks fails here instead of on the day someone needs its figures.
 
 Never an assertion on a performance figure (bench/README.md, "Smoke runs"): only that
 each figure was measured, is positive and lies within the bench's own time bounds. The
