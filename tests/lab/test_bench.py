@@ -1,6 +1,6 @@
-"""Smoke runs of bench/dataplane and bench/cloud inside `make test`: each bench runs to its
-end in its shortest mode and writes its JSON with every key and sane values, so a bench
-whose mechanism breaks fails here instead of on the day someone needs its figures.
+"""Smoke runs of bench/dataplane, bench/cloud and bench/mesh inside `make test`: each bench
+runs to its end in its shortest mode and writes its JSON with every key and sane values, so a
+bench whose mechanism breaks fails here instead of on the day someone needs its figures.
 
 Never an assertion on a performance figure (bench/README.md, "Smoke runs"): only that
 each figure was measured, is positive and lies within the bench's own time bounds. The
@@ -113,3 +113,32 @@ def test_cloud_smoke(tmp_path: Path) -> None:
     (ret,) = res["return_runs"]
     assert positive(ret["s"]) and positive(ret["popd_ready_s"]), ret
     assert set(ret["registered_by_s"]) == {"1", "2"}, ret
+
+
+@pytest.mark.timeout(300)
+def test_mesh_smoke(tmp_path: Path) -> None:
+    # One attempt of two NAT pairs, one reconnect, one repunch, one cut, a swarm of 20.
+    res = run_bench("mesh", ["--smoke", "--max-seconds", "240"], tmp_path / "mesh.json", 280)
+
+    assert res["smoke"] is True and res["attempts"] == 1 and res["repeats"] == 1
+    assert set(res["punch"]) == {"masquerade+masquerade", "same_ip"}
+    for pair, p in res["punch"].items():
+        assert set(p) >= {"result", "how", "success", "median_s", "runs"}, (pair, p)
+        # Both pairs punch in the lab (tests/lab/test_mesh.py): the mechanism must work.
+        assert p["result"] == "direct" and p["success"] == "1/1", (pair, p)
+        assert p["how"] == ("local" if pair == "same_ip" else "window"), (pair, p)
+        assert positive(p["median_s"]), (pair, p)
+    for key in ("reconnect_cache_s", "repunch_s", "dead_path_detect_s"):
+        assert positive(res[key]["median"]) and positive(res[key]["p95"]), (key, res[key])
+    (rc,) = res["reconnect_runs"]
+    assert rc["how"] == ["cache", "cache"], rc
+    (cut,) = res["dead_path_runs"]
+    assert cut["back_after_uncut_s"] is not None, cut
+
+    sw = res["swarm"]
+    assert sw["peers"] == 20 and sw["direct_in_mesh"] == 20 and sw["up_after_idle"] == 20, sw
+    for key in ("rss_mb", "keepalive_cpu_pct", "restart_all_up_s", "baseline_rss_mb",
+                "baseline_cpu_pct", "first_up_s"):
+        assert positive(sw[key]), (key, sw)
+    # From socketd's own events, not the poll (the cross-check).
+    assert sw["restart_source"] == "events", sw

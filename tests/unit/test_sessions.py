@@ -27,6 +27,7 @@ from sdwan.common.sessions import (
     Policy,
     SessionLayer,
     SessionOwner,
+    decode_kick,
     encode_kick,
 )
 from sdwan.common.store import Store
@@ -618,3 +619,27 @@ def test_what_is_not_a_session_is_counted_by_kind(certs) -> None:
         2, 1, 1, 1, 1
     )
     assert seen == [stun]
+
+
+def test_a_kick_names_the_peer_site_even_under_another_fast_path_id() -> None:
+    """An owner may give a tunnel a fast-path id of its own (fp_peer_id, as the mesh swarm
+    does for its fake sites): the kick must still be addressed to the peer's site id, which
+    is what the peer's session layer checks."""
+    sent: list[bytes] = []
+
+    class Port:
+        def send(self, link_id: int, addr: tuple[str, int], data: bytes) -> None:
+            sent.append(data)
+
+    fp = FastPath(FastPathConfig.default())
+    try:
+        fp.peer_add(77)
+        tunnel = PeerTunnel(
+            my_site_id=1, peer_site_id=5, link_id=1, link_name="wan1",
+            endpoint=("192.0.2.5", 4800), fp=fp, port=Port(), timers=Timers(), fp_peer_id=77,
+        )  # type: ignore[arg-type]
+        assert not tunnel.initiator
+        tunnel.tick()
+        assert [decode_kick(d) for d in sent] == [(1, 5)]
+    finally:
+        fp.close()

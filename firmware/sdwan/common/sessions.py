@@ -205,6 +205,10 @@ class _Entry:
     reported: bool = False  # established or failed already handed on
     closed_reported: bool = False
     source: str = ""  # policy.source_of(addr), kept: parsing it per admission is not free
+    # Whether a server handshake came from a known source when it was admitted, kept: asking
+    # the owners again for every pending entry whenever the table is full costs a scan of
+    # every peer per entry (socketd's mesh has hundreds), which starved the handshakes.
+    known: bool = False
 
     @property
     def key(self) -> Key:
@@ -393,10 +397,12 @@ class SessionLayer:
             if result.reason not in (None, "cookie sent"):
                 self._refused_hello(addr, result.reason or "refused")
             return
-        if not self._admit(link_id, addr):
+        known = self._known(link_id, addr)
+        if not self._admit(link_id, addr, known):
             self.stats.refused_admission += 1
             return
-        entry = _Entry(result.session, link_id, addr, self.clock(), hello_random=hello)
+        entry = _Entry(result.session, link_id, addr, self.clock(), hello_random=hello,
+                       known=known)
         self._register(entry)
         self._after_input(entry)
 
@@ -405,7 +411,7 @@ class SessionLayer:
     def _known(self, link_id: int, addr: Addr) -> bool:
         return any(o.is_known_source(link_id, addr) for o in self.owners)
 
-    def _admit(self, link_id: int, addr: Addr) -> bool:
+    def _admit(self, link_id: int, addr: Addr, known: bool) -> bool:
         """Room for one more server handshake from addr (its cookie was valid)?
 
         A cookie only proves the sender receives at its address, so one host could otherwise
@@ -416,7 +422,6 @@ class SessionLayer:
         pending = [
             e for e in self._table.values() if e.is_server_handshake and e.key != (link_id, addr)
         ]
-        known = self._known(link_id, addr)
         if not (known and p.known_skip_per_source):
             source = p.source_of(addr[0])
             if sum(1 for e in pending if e.source == source) >= p.max_per_source:
@@ -425,7 +430,7 @@ class SessionLayer:
             return True
         if not known and not p.strangers_evict:
             return False
-        victims = [e for e in pending if not self._known(e.link_id, e.addr)]
+        victims = [e for e in pending if not e.known]
         if not victims:
             return False
         victim = min(victims, key=lambda e: e.created)

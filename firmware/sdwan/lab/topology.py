@@ -790,13 +790,18 @@ table ip lab_nat {{
         name: str | None = None,
         extra_toml: str = "",
         link: dict[str, object] | None = None,
+        site_id: int | None = None,
     ) -> Path:
-        """Write socketd's TOML for site (own control socket and data dir) and return its path."""
+        """Write socketd's TOML for site (own control socket and data dir) and return its path.
+
+        site_id replaces the site's own id (its lab index) where a bench needs another one,
+        e.g. above every site id it plays itself (the mesh's higher id initiates)."""
         pki = pki or self.setup_pki()
+        sid = site.site_id if site_id is None else site_id
         if cert is None or key is None:
-            cert, key = self.issue(site, pki)
+            cert, key = self.issue(sid, pki)
         parts = [
-            _toml_table("site", {"id": site.site_id, "name": name or f"site-{site.site_id}"}),
+            _toml_table("site", {"id": sid, "name": name or f"site-{sid}"}),
             _toml_table(
                 "paths", {"data_dir": site.data_dir, "control_socket": site.control_socket}
             ),

@@ -111,6 +111,7 @@ class PeerTunnel:
         link_mtu: Callable[[int], int] | None = None,
     ) -> None:
         self.my_site_id = my_site_id
+        self.peer_site_id = peer_site_id
         # The fast path's id of this tunnel; a site's id unless the owner picks another.
         self.peer_id = peer_site_id if fp_peer_id is None else fp_peer_id
         self.expected: int | tuple[str, int] = peer_site_id if expected is None else expected
@@ -174,7 +175,8 @@ class PeerTunnel:
             elif self.kicks and now >= self._next_kick:
                 self._next_kick = now + self.timers.kick_interval_s
                 self.port.send(
-                    self.link_id, self.endpoint, encode_kick(self.my_site_id, self.peer_id)
+                    # To the peer's site id: the peer checks it against its own.
+                    self.link_id, self.endpoint, encode_kick(self.my_site_id, self.peer_site_id)
                 )
         elif (
             self.initiator
