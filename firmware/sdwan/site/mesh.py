@@ -815,9 +815,15 @@ class Mesh(SessionOwner):
         wl = self.links.get(path.link_id)
         if wl is not None:
             try:
-                wl.put_nat(peer.site_id, path.endpoint, local_public=wl.public_str() or
-                           "0.0.0.0:" + str(wl.port), how=path.how or "window",
-                           local_port=path.extra_port)
+                # Our public endpoint as STUN last saw it; while STUN has not answered (the
+                # PoP unreachable after a restart) the one stored before still stands.
+                mine = wl.public_str()
+                if mine is None:
+                    old = wl.nat(peer.site_id)
+                    mine = old.local_public if old is not None else None
+                if mine is not None:
+                    wl.put_nat(peer.site_id, path.endpoint, local_public=mine,
+                               how=path.how or "window", local_port=path.extra_port)
             except (StoreError, ValueError, OSError) as e:
                 log.warning("mesh: NAT data for site %d not stored: %s", peer.site_id, e)
 
