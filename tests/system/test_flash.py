@@ -28,7 +28,13 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 _TOOLS = ("losetup", "sfdisk", "partx", "mkfs.ext4", "e2fsck", "mkswap", "swapon", "swapoff",
           "mount", "umount", "blkid", "bmaptool", "xz", "gzip", "zstd", "shellcheck")
 
-pytestmark = [pytest.mark.system, pytest.mark.timeout(120)]
+# Loop devices are the machine's, not the test's: with two pytest workers these tests would
+# attach and detach them under each other, so they all run on one worker, in turn.
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.timeout(120),
+    pytest.mark.xdist_group("loop-devices"),
+]
 
 
 @pytest.fixture(autouse=True)
