@@ -25,6 +25,8 @@
 
 static const uint8_t K[FP_KEY_LEN] = {7};
 
+/* The Internet checksum again, written apart from pmtu.c's on purpose: the fuzzer checks the
+ * fast path's checksums with an oracle that does not share its code. */
 static uint32_t sum16(uint32_t s, const uint8_t *p, size_t len)
 {
     while (len > 1) {

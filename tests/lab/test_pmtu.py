@@ -20,6 +20,18 @@ FITS = INNER_MTU - 28  # ping payload of a packet of exactly the inner MTU
 TOO_BIG = 1372  # a 1400-byte packet: fits the TUN (1440) but not the path
 
 
+def two_sites_one_narrow(lab: Lab) -> list[Site]:
+    """Sites 1 and 2 behind their own NAT routers; router 1's uplink is PATH_MTU wide and
+    drops the ICMP that would say so."""
+    lab.add_inet()
+    sites = []
+    for n in (1, 2):
+        lab.add_router(n)
+        sites.append(lab.add_site(n))
+    lab.narrow_uplink(1, PATH_MTU)
+    return sites
+
+
 def ping_df(lab: Lab, ns: str, ip: str, size: int) -> tuple[bool, str, float]:
     """(answered, output, seconds) of one `ping -M do -s size`."""
     t0 = time.monotonic()
@@ -57,11 +69,7 @@ def peer_entry(lab: Lab, site: Site, peer_id: int) -> dict:
 
 
 def test_static_tunnel_finds_1280_and_nothing_is_black_holed(lab: Lab) -> None:
-    lab.add_inet()
-    lab.add_router(1)
-    lab.add_router(2)
-    s1, s2 = lab.add_site(1), lab.add_site(2)
-    lab.narrow_uplink(1, PATH_MTU)
+    s1, s2 = two_sites_one_narrow(lab)
     for me, other in ((s1, s2), (s2, s1)):
         lab.write_site_config(me, peers=[other], tunnel={"keepalive_s": 2})
     t0 = time.monotonic()
@@ -90,13 +98,7 @@ def test_static_tunnel_finds_1280_and_nothing_is_black_holed(lab: Lab) -> None:
 
 
 def test_pop_sessions_find_their_own_mtu_and_the_relay_answers(lab: Lab) -> None:
-    lab.add_inet()
-    sites = []
-    for n in (1, 2):
-        lab.add_router(n)
-        sites.append(lab.add_site(n))
-    s1, s2 = sites
-    lab.narrow_uplink(1, PATH_MTU)
+    s1, s2 = sites = two_sites_one_narrow(lab)
     pop = lab.add_pop(1)
     lab.write_pop_config(pop, sites=sites)
     lab.start_popd(pop)
@@ -133,13 +135,7 @@ def test_pop_sessions_find_their_own_mtu_and_the_relay_answers(lab: Lab) -> None
 
 
 def test_mesh_tunnel_finds_1280_and_nothing_is_black_holed(lab: Lab) -> None:
-    lab.add_inet()
-    sites = []
-    for n in (1, 2):
-        lab.add_router(n)
-        sites.append(lab.add_site(n))
-    s1, s2 = sites
-    lab.narrow_uplink(1, PATH_MTU)
+    s1, s2 = sites = two_sites_one_narrow(lab)
     pop = lab.add_pop(1)
     lab.write_pop_config(
         pop,
