@@ -85,6 +85,9 @@ struct fp_config {
                                       does not route back to the peer that sent them */
     uint32_t warm_ms;              /* an idle thread runs a dummy seal+open this often
                                       (0 = never): see docs/dataplane.md, "Latency" */
+    uint32_t warm_for_ms;          /* ... but only this long after the thread last
+                                      carried data (0 = always): a box with no traffic
+                                      sleeps */
     uint32_t spin_us;              /* after sending a lone packet that ended an idle
                                       spell, the TUN thread polls that link this long
                                       for the answer before it sleeps (0 = never) */
@@ -232,6 +235,10 @@ int fp_peer_set_endpoint(fp_t *fp, uint32_t peer_id, uint32_t link_id, const str
 int fp_peer_del_endpoint(fp_t *fp, uint32_t peer_id, uint32_t link_id);
 int fp_peer_get_endpoint(fp_t *fp, uint32_t peer_id, uint32_t *link_id, struct fp_addr *ep);
 int fp_peer_endpoints(fp_t *fp, uint32_t peer_id, struct fp_peer_links *out);
+/* A number that changes whenever any peer's endpoints do (set, deleted, dropped with
+ * their link, moved by roaming): whoever follows hundreds of peers' endpoints polls this
+ * instead of each peer's fp_peer_endpoints. */
+uint64_t fp_endpoints_gen(fp_t *fp);
 int fp_peer_set_policy(fp_t *fp, uint32_t peer_id, const struct fp_link_weight *w, size_t n);
 
 /* Path MTU (docs/dataplane.md, "Path MTU"). fp_peer_set_mtu sets the largest IP
@@ -266,13 +273,18 @@ int fp_key_activate(fp_t *fp, uint32_t peer_id, uint32_t local_index, uint32_t r
 int fp_key_clear(fp_t *fp, uint32_t peer_id);
 int fp_key_info(fp_t *fp, uint32_t peer_id, struct fp_key_info *out);
 int fp_send_keepalive(fp_t *fp, uint32_t peer_id);
+/* Keepalives on an idle tunnel, sent by fp_liveness_scan: a peer that has a transmit key
+ * and an endpoint and to which nothing was sent for interval_ms gets one (0 = none, the
+ * default). One pass in C over hundreds of mesh peers instead of a call per peer. */
+int fp_peer_set_keepalive(fp_t *fp, uint32_t peer_id, uint32_t interval_ms);
 
 /* Liveness under traffic (docs/dataplane.md). A peer is owed an answer once we
  * received a data packet from it and have sent it nothing since; it is silent
  * once we sealed a data packet for it and nothing authenticated came back
  * since. fp_liveness_scan, called periodically: sends a keepalive to every
  * peer owed an answer for ack_after_ns (so a live peer answers one-way traffic
- * within that), and writes the ids of up to cap peers silent for
+ * within that) and to every peer idle past its fp_peer_set_keepalive interval,
+ * and writes the ids of up to cap peers silent for
  * silent_after_ns into ids (a silent peer is reported by every scan until it
  * answers, or fp_key_activate gives it new keys). Returns how many ids it
  * wrote, or -errno. */

@@ -123,9 +123,16 @@ void fp_warm_free(struct fp_warm *w)
     free(w);
 }
 
-int fp_warm_timeout(const struct fp *fp)
+int fp_warm_timeout(const struct fp *fp, const struct fp_warm *w, uint64_t last_data_ns)
 {
-    return fp->cfg.warm_ms ? (int)fp->cfg.warm_ms : -1;
+    if (!w || !fp->cfg.warm_ms)
+        return -1;
+    /* Keepalives alone do not count: with hundreds of mesh peers they arrive all the time,
+     * and an idle box would then warm forever for no flow at all. */
+    if (fp->cfg.warm_for_ms &&
+        fp_now_ns() - last_data_ns > (uint64_t)fp->cfg.warm_for_ms * 1000000u)
+        return -1;
+    return (int)fp->cfg.warm_ms;
 }
 
 struct fp_key *fp_key_new(const uint8_t *tx_key, const uint8_t *rx_key, uint64_t now)

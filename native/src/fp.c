@@ -22,6 +22,7 @@ void fp_config_default(struct fp_config *cfg)
     cfg->relay = 0;
     cfg->check_source = 0;
     cfg->warm_ms = 5;
+    cfg->warm_for_ms = 10000;
     cfg->spin_us = 200;
 }
 
@@ -37,7 +38,7 @@ int fp_new(const struct fp_config *cfg, fp_t **out)
         fp_config_default(&c);
     if (c.batch < 1 || c.batch > FP_BATCH_MAX || c.ctrl_queue_len < 1 ||
         c.ctrl_queue_len > 65536 || c.reject_after_packets > FP_REJECT_PACKETS_MAX ||
-        c.warm_ms > 60000 || c.spin_us > 10000)
+        c.warm_ms > 60000 || c.warm_for_ms > 3600000 || c.spin_us > 10000)
         return -EINVAL;
     c.relay = c.relay ? 1 : 0;
 

@@ -136,6 +136,7 @@ struct fp_peer {
      * 0: none. Written on the packet paths only when they change. */
     _Atomic uint64_t unanswered_ns;
     _Atomic uint64_t owed_ns;
+    _Atomic uint64_t keepalive_ns;      /* fp_peer_set_keepalive, 0: none */
 };
 
 struct fp_route {
@@ -205,6 +206,14 @@ struct fp {
     _Atomic uint64_t spins;             /* fp_spin_stats */
     _Atomic uint64_t spin_hits;
     _Atomic uint64_t spin_ns;
+    _Atomic uint64_t ep_gen;            /* fp_endpoints_gen */
+    /* fp_liveness_scan's shortcut: live_gen counts the peers' owed/unanswered clocks
+     * starting (rare: once per burst, not per packet); the scan walks the peers only
+     * when one may be running or idle keepalives are due. */
+    _Atomic uint64_t live_gen;
+    _Atomic uint64_t scan_gen;          /* live_gen when the last full pass began */
+    _Atomic bool scan_pending;          /* ... and whether it found a clock running */
+    _Atomic uint64_t scan_keepalive_ns; /* when the next keepalive pass is due */
 };
 
 static inline uint64_t fp_now_ns(void)
@@ -217,6 +226,12 @@ static inline uint64_t fp_now_ns(void)
 static inline void fp_ctr_add(_Atomic uint64_t *c, uint64_t v)
 {
     atomic_fetch_add_explicit(c, v, memory_order_relaxed);
+}
+
+/* Some peer's endpoints changed (fp_endpoints_gen). */
+static inline void fp_ep_changed(struct fp *fp)
+{
+    atomic_fetch_add_explicit(&fp->ep_gen, 1, memory_order_relaxed);
 }
 
 static inline void fp_ctr_set(_Atomic uint64_t *c, uint64_t v)
@@ -251,8 +266,9 @@ struct fp_warm;
 struct fp_warm *fp_warm_new(void);
 void fp_warm_run(struct fp_warm *w);
 void fp_warm_free(struct fp_warm *w);
-/* The poll timeout for an idle thread: warm_ms, or -1 (forever) if it is 0. */
-int fp_warm_timeout(const struct fp *fp);
+/* The poll timeout for an idle thread whose last data was at last_data_ns: warm_ms
+ * while warming is on and recent enough, else -1 (forever). */
+int fp_warm_timeout(const struct fp *fp, const struct fp_warm *w, uint64_t last_data_ns);
 
 int fp_ip_dst(const uint8_t *ip, size_t len, uint8_t addr[16]);
 int fp_ip_src(const uint8_t *ip, size_t len, uint8_t addr[16]);

@@ -527,10 +527,11 @@ static void *link_thread(void *arg)
     pthread_setname_np(pthread_self(), name);
     /* Without it (out of memory) the thread works, just colder. */
     struct fp_warm *warm = fp->cfg.warm_ms ? fp_warm_new() : NULL;
+    uint64_t last_data_ns = 0; /* when this thread last wrote a packet to the TUN */
     for (;;) {
         struct pollfd p[3] = {{l->fd, POLLIN, 0}, {l->wake_fd, POLLIN, 0},
                               {fp->stop_fd, POLLIN, 0}};
-        int ready = poll(p, 3, warm ? fp_warm_timeout(fp) : -1);
+        int ready = poll(p, 3, fp_warm_timeout(fp, warm, last_data_ns));
         if (ready < 0) {
             if (errno == EINTR)
                 continue;
@@ -548,8 +549,10 @@ static void *link_thread(void *arg)
         link_rx_locked(fp, l, &wrote);
         pthread_mutex_unlock(&l->rx_lock);
         pthread_rwlock_unlock(&fp->lock);
-        if (wrote)
+        if (wrote) {
+            last_data_ns = fp_now_ns();
             tun_drain_try(fp, fp->cfg.batch);
+        }
     }
     fp_warm_free(warm);
     return NULL;
@@ -857,12 +860,13 @@ static void *tun_thread(void *arg)
         return NULL;
     struct fp_warm *warm = fp->cfg.warm_ms ? fp_warm_new() : NULL;
     struct spin_state spin = {0, 0};
+    uint64_t last_data_ns = 0; /* when this thread last read a packet from the TUN */
     pthread_mutex_lock(&fp->tun_rd_lock);
     fp->tun_rx = x;
     pthread_mutex_unlock(&fp->tun_rd_lock);
     for (;;) {
         struct pollfd p[2] = {{fd, POLLIN, 0}, {fp->stop_fd, POLLIN, 0}};
-        int ready = poll(p, 2, warm ? fp_warm_timeout(fp) : -1);
+        int ready = poll(p, 2, fp_warm_timeout(fp, warm, last_data_ns));
         if (ready < 0) {
             if (errno == EINTR)
                 continue;
@@ -878,6 +882,8 @@ static void *tun_thread(void *arg)
         /* Quiet since any drain: a link thread's (tun_drain_try) counts too. */
         bool quiet = fp_now_ns() - x->last_read_ns >= SPIN_IDLE_NS;
         unsigned cnt = tun_drain(fp, x, n);
+        if (cnt)
+            last_data_ns = fp_now_ns();
         bool lone_sent = cnt == 1 && x->sent && quiet;
         uint32_t sent_link = x->sent_link, sent_peer = x->sent_peer;
         pthread_mutex_unlock(&fp->tun_rd_lock);
@@ -1269,6 +1275,22 @@ int fp_send_keepalive(fp_t *fp, uint32_t peer_id)
     return rc;
 }
 
+/* How often fp_liveness_scan looks for idle peers due a keepalive. */
+#define KEEPALIVE_PASS_NS (200 * 1000000ull)
+
+int fp_peer_set_keepalive(fp_t *fp, uint32_t peer_id, uint32_t interval_ms)
+{
+    if (interval_ms > 3600000)
+        return -EINVAL;
+    pthread_rwlock_rdlock(&fp->lock);
+    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    if (p)
+        atomic_store_explicit(&p->keepalive_ns, (uint64_t)interval_ms * 1000000u,
+                              memory_order_relaxed);
+    pthread_rwlock_unlock(&fp->lock);
+    return p ? 0 : -ENOENT;
+}
+
 int fp_liveness_scan(fp_t *fp, uint64_t ack_after_ns, uint64_t silent_after_ns, uint32_t *ids,
                      size_t cap)
 {
@@ -1276,6 +1298,18 @@ int fp_liveness_scan(fp_t *fp, uint64_t ack_after_ns, uint64_t silent_after_ns, 
         return -EINVAL;
     size_t n = 0;
     uint64_t now = fp_now_ns();
+    /* A walk over a thousand peers' cache lines costs a third of a millisecond, every tick:
+     * skip it while no liveness clock can be running (none was at the last walk and none
+     * started since) and no idle keepalive pass is due. */
+    uint64_t gen = atomic_load_explicit(&fp->live_gen, memory_order_acquire);
+    bool keepalives = now >= atomic_load_explicit(&fp->scan_keepalive_ns, memory_order_relaxed);
+    if (!keepalives && !atomic_load_explicit(&fp->scan_pending, memory_order_relaxed) &&
+        gen == atomic_load_explicit(&fp->scan_gen, memory_order_relaxed))
+        return 0;
+    if (keepalives)
+        atomic_store_explicit(&fp->scan_keepalive_ns, now + KEEPALIVE_PASS_NS,
+                              memory_order_relaxed);
+    bool pending = false;
     pthread_rwlock_rdlock(&fp->lock);
     for (int i = 0; i < FP_PEER_BUCKETS; i++) {
         for (struct fp_peer *p = fp->peers[i]; p; p = p->next) {
@@ -1285,12 +1319,23 @@ int fp_liveness_scan(fp_t *fp, uint64_t ack_after_ns, uint64_t silent_after_ns, 
             if (owed && owed <= now && now - owed >= ack_after_ns && p->tx_slot >= 0 &&
                 p->primary >= 0)
                 (void)keepalive_locked(fp, p);
+            uint64_t every = atomic_load_explicit(&p->keepalive_ns, memory_order_relaxed);
+            if (keepalives && every && p->tx_slot >= 0 && p->primary >= 0) {
+                uint64_t last = atomic_load_explicit(&p->ctr.last_tx_ns, memory_order_relaxed);
+                if (!last || (now > last && now - last >= every))
+                    (void)keepalive_locked(fp, p);
+            }
             uint64_t since = atomic_load_explicit(&p->unanswered_ns, memory_order_relaxed);
             if (since && now > since && now - since >= silent_after_ns && n < cap)
                 ids[n++] = p->id;
+            /* Still owed (the keepalive may have failed) or unanswered: walk again. */
+            if (since || atomic_load_explicit(&p->owed_ns, memory_order_relaxed))
+                pending = true;
         }
     }
     pthread_rwlock_unlock(&fp->lock);
+    atomic_store_explicit(&fp->scan_gen, gen, memory_order_relaxed);
+    atomic_store_explicit(&fp->scan_pending, pending, memory_order_relaxed);
     return (int)n;
 }
 

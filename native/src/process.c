@@ -57,26 +57,28 @@ static inline bool is_data(const uint8_t *in, size_t len)
 /* Liveness under traffic: anything sent pays what the peer was owed; the
  * first data packet since the peer last answered starts its clock. Loads
  * first, so a busy flow does not write the shared line on every packet. */
-static void note_sent(struct fp_peer *peer, size_t len, uint64_t now)
+static void note_sent(struct fp *fp, struct fp_peer *peer, size_t len, uint64_t now)
 {
     if (atomic_load_explicit(&peer->owed_ns, memory_order_relaxed))
         atomic_store_explicit(&peer->owed_ns, 0, memory_order_relaxed);
     if (len && !atomic_load_explicit(&peer->unanswered_ns, memory_order_relaxed)) {
         uint64_t none = 0;
-        atomic_compare_exchange_strong_explicit(&peer->unanswered_ns, &none, now,
-                                                memory_order_relaxed, memory_order_relaxed);
+        if (atomic_compare_exchange_strong_explicit(&peer->unanswered_ns, &none, now,
+                                                    memory_order_relaxed, memory_order_relaxed))
+            atomic_fetch_add_explicit(&fp->live_gen, 1, memory_order_release);
     }
 }
 
 /* Anything authenticated answers; a data packet is owed an answer. */
-static void note_received(struct fp_peer *peer, size_t plen, uint64_t now)
+static void note_received(struct fp *fp, struct fp_peer *peer, size_t plen, uint64_t now)
 {
     if (atomic_load_explicit(&peer->unanswered_ns, memory_order_relaxed))
         atomic_store_explicit(&peer->unanswered_ns, 0, memory_order_relaxed);
     if (plen && !atomic_load_explicit(&peer->owed_ns, memory_order_relaxed)) {
         uint64_t none = 0;
-        atomic_compare_exchange_strong_explicit(&peer->owed_ns, &none, now,
-                                                memory_order_relaxed, memory_order_relaxed);
+        if (atomic_compare_exchange_strong_explicit(&peer->owed_ns, &none, now,
+                                                    memory_order_relaxed, memory_order_relaxed))
+            atomic_fetch_add_explicit(&fp->live_gen, 1, memory_order_release);
     }
 }
 
@@ -152,7 +154,7 @@ int fp_seal_for_peer(struct fp *fp, struct fp_peer *peer, const uint8_t *in, siz
         return drop(res, FP_DROP_NO_ENDPOINT, &peer->ctr, NULL);
     int rc = seal_with_key(fp, peer, slot, in, len, out, res, now);
     if (rc == 0 && res->verdict == FP_V_SEND)
-        note_sent(peer, is_data(in, len) ? len : 0, now);
+        note_sent(fp, peer, is_data(in, len) ? len : 0, now);
     return rc;
 }
 
@@ -360,7 +362,7 @@ int fp_inbound_locked(struct fp *fp, struct fp_link *link, uint32_t link_id,
     fp_ctr_add(&peer->ctr.rx_packets, 1);
     fp_ctr_add(&peer->ctr.rx_bytes, plen);
     fp_ctr_set(&peer->ctr.last_rx_ns, now);
-    note_received(peer, is_data(out, plen) ? plen : 0, now);
+    note_received(fp, peer, is_data(out, plen) ? plen : 0, now);
     /* Roaming: an authenticated packet proves where the peer is now on this
      * link (a NAT rebinding). Which links the peer is reached over is
      * Python's choice, so a packet never adds a link or moves the peer to
@@ -372,6 +374,7 @@ int fp_inbound_locked(struct fp *fp, struct fp_link *link, uint32_t link_id,
         if (from && !fp_addr_equal(&e->addr, from)) {
             e->addr = *from;
             fp_addr_normalize(&e->addr);
+            fp_ep_changed(fp);
         }
         e->rx_packets++;
         e->rx_bytes += plen;

@@ -419,6 +419,7 @@ int fp_peer_del(fp_t *fp, uint32_t peer_id)
     rt_remove_peer(&fp->rt4, p);
     rt_remove_peer(&fp->rt6, p);
     peer_free(fp, p);
+    fp_ep_changed(fp);
     pthread_rwlock_unlock(&fp->lock);
     return 0;
 }
@@ -518,6 +519,7 @@ void fp_peers_drop_link(struct fp *fp, uint32_t link_id)
             if (s >= 0) {
                 memset(&p->ep[s], 0, sizeof(p->ep[s]));
                 fp_peer_choice_update(p);
+                fp_ep_changed(fp);
             }
             pthread_mutex_unlock(&p->ep_lock);
         }
@@ -552,6 +554,7 @@ int fp_peer_set_endpoint(fp_t *fp, uint32_t peer_id, uint32_t link_id, const str
         fp_addr_normalize(&p->ep[s].addr);
         p->ep[s].seq = ++p->ep_seq;
         fp_peer_choice_update(p);
+        fp_ep_changed(fp);
     }
     pthread_mutex_unlock(&p->ep_lock);
 out:
@@ -570,6 +573,7 @@ int fp_peer_del_endpoint(fp_t *fp, uint32_t peer_id, uint32_t link_id)
         if (s >= 0) {
             memset(&p->ep[s], 0, sizeof(p->ep[s]));
             fp_peer_choice_update(p);
+            fp_ep_changed(fp);
             rc = 0;
         } else {
             rc = -ENOTCONN;
@@ -633,6 +637,11 @@ int fp_peer_endpoints(fp_t *fp, uint32_t peer_id, struct fp_peer_links *out)
     }
     pthread_rwlock_unlock(&fp->lock);
     return p ? 0 : -ENOENT;
+}
+
+uint64_t fp_endpoints_gen(fp_t *fp)
+{
+    return atomic_load_explicit(&fp->ep_gen, memory_order_relaxed);
 }
 
 int fp_peer_set_policy(fp_t *fp, uint32_t peer_id, const struct fp_link_weight *w, size_t n)

@@ -144,20 +144,32 @@ def test_control_packets_go_to_the_queue(pair: Pair) -> None:
 
 def test_roaming_updates_endpoint_only_when_authenticated(pair: Pair) -> None:
     assert pair.b.endpoint(1) == (LINK, A_ADDR)
+    gen = pair.b.endpoints_gen()
     _inner, wire = pair.a_to_b()
     forged = _flip(wire, len(wire) - 1)
     pair.b.process_inbound(LINK, ("203.0.113.50", 1), forged)
     assert pair.b.endpoint(1) == (LINK, A_ADDR)
+    assert pair.b.endpoints_gen() == gen
     pair.b.process_inbound(LINK, ("203.0.113.50", 61000), wire)
     assert pair.b.endpoint(1) == (LINK, ("203.0.113.50", 61000))
+    # Whoever follows endpoints by the generation sees the move.
+    assert pair.b.endpoints_gen() != gen
+    gen = pair.b.endpoints_gen()
     # A replay of an old packet from elsewhere must not move it either.
     pair.b.process_inbound(LINK, ("203.0.113.66", 9), wire)
     assert pair.b.endpoint(1) == (LINK, ("203.0.113.50", 61000))
+    assert pair.b.endpoints_gen() == gen
     # Nor does an authenticated packet on another link: roaming stays within a link
     # (tests/native/test_multilink.py).
     _inner, wire = pair.a_to_b()
     assert pair.b.process_inbound(2, ("203.0.113.70", 9), wire).verdict == Verdict.TUN
     assert pair.b.endpoint(1) == (LINK, ("203.0.113.50", 61000))
+    assert pair.b.endpoints_gen() == gen
+    pair.b.endpoint_del(1, LINK)
+    assert pair.b.endpoints_gen() != gen
+    gen = pair.b.endpoints_gen()
+    pair.b.set_endpoint(1, LINK, A_ADDR)
+    assert pair.b.endpoints_gen() != gen
 
 
 def test_errors_raise_with_errno() -> None:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from fphelpers import B_ADDR, LINK, Pair, ip_packet
 
-from sdwan.bindings.fastpath import Verdict
+from sdwan.bindings.fastpath import FastPathError, Verdict
 
 
 def b_to_a(pair: Pair) -> bytes:
@@ -84,3 +84,48 @@ def test_new_keys_restart_the_clock(pair: Pair) -> None:
     assert pair.a.liveness_scan(10, 0) == [2]
     pair.a.key_activate(2, 0x1001, 0x2001)  # make_pair's indices
     assert pair.a.liveness_scan(10, 0) == []
+
+
+def test_idle_peers_get_keepalives_from_the_scan_once_asked(pair: Pair, rx: socket.socket) -> None:
+    """fp_peer_set_keepalive: the scan keeps an idle tunnel alive on its own, once per
+    interval of nothing sent (it looks for due peers every 200 ms); a peer without it (or
+    with 0) gets none."""
+    pass_s = 0.25  # past the scan's keepalive pass
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.bind(("127.0.0.1", 0))
+    pair.b.link_add(LINK, tx.fileno())
+    tx.close()
+    pair.b.set_endpoint(1, LINK, rx.getsockname())
+    rx.setblocking(False)
+    pair.b.liveness_scan(10, 10)
+    with pytest.raises(BlockingIOError):
+        rx.recv(100)  # not asked: none
+    pair.b.set_keepalive(1, 0.05)
+    time.sleep(pass_s)
+    pair.b.liveness_scan(10, 10)  # nothing sent ever: due
+    keepalive = rx.recv(100)
+    assert len(keepalive) == 32
+    assert pair.a.process_inbound(LINK, B_ADDR, keepalive).verdict == Verdict.KEEPALIVE
+    pair.b.liveness_scan(10, 10)
+    with pytest.raises(BlockingIOError):
+        rx.recv(100)  # sent just now: not due
+    time.sleep(pass_s)
+    pair.b.liveness_scan(10, 10)
+    assert len(rx.recv(100)) == 32
+    pair.b.set_keepalive(1, 0)
+    time.sleep(pass_s)
+    pair.b.liveness_scan(10, 10)
+    with pytest.raises(BlockingIOError):
+        rx.recv(100)
+    with pytest.raises(FastPathError):
+        pair.b.set_keepalive(99, 1)
+
+
+def test_the_scan_skips_its_walk_while_nothing_can_be_due(pair: Pair) -> None:
+    """With no liveness clock running and no keepalive pass due, a scan returns at once;
+    a data packet sent since starts a clock, and the next scan walks and sees it."""
+    pair.a.liveness_scan(10, 0)  # a full pass: nothing running
+    pair.a_to_b()  # unanswered from now on
+    time.sleep(0.02)
+    assert pair.a.liveness_scan(10, 0.01) == [2]  # walked: the packet started a clock
+    assert pair.a.liveness_scan(10, 0.01) == [2]  # still running: walked again

@@ -44,8 +44,10 @@ def sites() -> Iterator[tuple[Site, Site]]:
     yield from _pair()
 
 
-def _pair(cfg_a: FastPathConfig | None = None) -> Iterator[tuple[Site, Site]]:
-    a, b = _site(cfg_a), _site()
+def _pair(
+    cfg_a: FastPathConfig | None = None, cfg_b: FastPathConfig | None = None
+) -> Iterator[tuple[Site, Site]]:
+    a, b = _site(cfg_a), _site(cfg_b)
     a.fp.peer_add(2)
     b.fp.peer_add(1)
     a.fp.route_set("10.2.0.0/24", 2)
@@ -252,7 +254,7 @@ def test_tun_open_creates_and_frees_the_device() -> None:
 
 
 def _idle_cpu_s(warm_ms: int, seconds: float) -> float:
-    site = _site(FastPathConfig(warm_ms=warm_ms))
+    site = _site(FastPathConfig(warm_ms=warm_ms, warm_for_ms=0))
     try:
         site.fp.start()
         c0 = time.process_time()
@@ -269,6 +271,37 @@ def test_idle_threads_warm_the_aead_only_when_asked() -> None:
     assert _idle_cpu_s(1, 1.0) > 2 * _idle_cpu_s(0, 1.0) + 0.002
     with pytest.raises(Exception, match="fp_new"):
         FastPath(FastPathConfig(warm_ms=60001))
+
+
+def test_threads_warm_only_for_a_while_after_data() -> None:
+    """No data, no warming (an idle box with keepalives sleeps); a packet each way warms the
+    threads that carried it for warm_for_ms, then they sleep again."""
+    cfg = FastPathConfig(warm_ms=1, warm_for_ms=1500)
+    gen = _pair(cfg, cfg)
+    a, b = next(gen)
+    try:
+        for s in (a, b):
+            s.fp.start()
+
+        def cpu(seconds: float) -> float:
+            c0 = time.process_time()
+            time.sleep(seconds)
+            return time.process_time() - c0
+
+        before = cpu(1.0)
+        req = ip_packet("10.1.0.5", "10.2.0.7", b"req")
+        a.tun.send(req)
+        assert _recv(b.tun) == req
+        ans = ip_packet("10.2.0.7", "10.1.0.5", b"ans")
+        b.tun.send(ans)
+        assert _recv(a.tun) == ans
+        warm = cpu(1.0)
+        time.sleep(1.0)  # past warm_for_ms
+        after = cpu(1.0)
+        assert warm > 2 * before + 0.002, (before, warm)
+        assert after < warm / 2, (warm, after)
+    finally:
+        gen.close()
 
 
 # ----------------------------------------------------------------- waiting for answers

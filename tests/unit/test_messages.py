@@ -372,6 +372,7 @@ def test_peer_tunnels_exchange_messages_larger_than_a_record(certs) -> None:  # 
     net, a, b = pair(certs)
     got: list[dict[str, Any]] = []
     b.tunnels[2].on_app_message = lambda session, msg: got.append(msg)
+    a.tunnels[1].keep_session = b.tunnels[2].keep_session = True  # messages, as the cloud's
     msg = big_message()
     assert a.tunnels[1].send_message(msg)
     net.pump()

@@ -33,6 +33,9 @@ class SimPath:
     set_to: list[int] = field(default_factory=list)
     rng: random.Random = field(default_factory=lambda: random.Random(7))
 
+    def endpoints_gen(self) -> int:
+        return hash(self.addr)  # changes with the endpoint, as the fast path's does
+
     def endpoint_info(self, peer_id: int) -> PeerLinks:
         ep = EndpointInfo(LINK, self.addr, True, 0, 0, 0, 0)
         return PeerLinks(endpoints=[ep], policy=[], rx_unlisted=0)

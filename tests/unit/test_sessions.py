@@ -22,6 +22,7 @@ from test_cloud_sim import Net, Node, SimSocket, pop_files, site_config, site_fi
 from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig
 from sdwan.common.dtls import DtlsContext, DtlsSession
 from sdwan.common.sessions import (
+    STALE_CHECK_S,
     SUPERSEDED,
     TIMED_OUT,
     Policy,
@@ -601,6 +602,9 @@ def test_stale_established_sessions_go_once_no_owner_uses_them(certs) -> None:
     hub.layer.tick()
     assert len(hub.layer) == 1
     owner.in_use.clear()
+    hub.layer.tick()
+    assert len(hub.layer) == 1  # looked for every few seconds, not every tick
+    hub.clock.t += STALE_CHECK_S
     hub.layer.tick()
     assert len(hub.layer) == 0
 

@@ -243,3 +243,47 @@ def test_a_kick_crossing_the_first_handshake_does_not_supersede_it(certs, kick_f
     assert a.tunnels[1].state is State.UP and b.tunnels[2].state is State.UP
     assert "tunnel-down" not in events, a.tunnels[1].reason
     assert a.tunnels[1].handshakes == 1
+
+
+def test_sessions_are_freed_after_the_hand_over_and_rekeys_still_work(certs) -> None:
+    """A tunnel's session carries only the key hand-over: once both keys are acknowledged and
+    the peer's resends are over, both ends free its TLS state and drop it from the session
+    table; the fast path keeps the keys, and the next rekey is a new session."""
+    net, a, b = pair(certs)
+    linger = TIMERS.key_resend_s * TIMERS.key_resend_max + 2.0
+    first_a, first_b = a.tunnels[1].session, b.tunnels[2].session
+    assert not first_a.released and not first_b.released
+    net.run(linger + 3)
+    assert first_a.released and first_b.released
+    assert len(a.sessions) == 0 and len(b.sessions) == 0
+    assert a.fp.key_info(1).has_tx and b.fp.key_info(2).has_tx
+    assert a.tunnels[1].state is State.UP and b.tunnels[2].state is State.UP
+    net.run(2 * TIMERS.rekey_s)
+    assert a.tunnels[1].handshakes == 3 and b.tunnels[2].handshakes == 3
+    assert a.tunnels[1].session is not first_a and not a.tunnels[1].handshaking
+    assert a.tunnels[1].state is State.UP and b.tunnels[2].state is State.UP
+
+
+def test_a_lost_key_ack_is_answered_before_the_session_is_freed(certs) -> None:
+    """The responder's key-ack is lost for a while: the initiator resends its key over the
+    session, which must still be there to acknowledge it (freed only after the resends)."""
+    net = Net(Clock())
+    a = SimSite(net, certs, 2, A_ADDR, {1: B_ADDR}, TIMERS)
+    b = SimSite(net, certs, 1, B_ADDR, {2: A_ADDR}, TIMERS)
+    lost = {"n": 0}
+    held = {"until": net.clock.t + 8.0}
+
+    def drop_b_records(src: Addr, dst: Addr, data: bytes) -> None:
+        # After the handshake, b's application records (its key and key-acks) are lost
+        # for 8 s: a keeps resending its key.
+        if src == B_ADDR and data[:1] == b"\x17" and net.clock.t < held["until"]:
+            net.queue.remove((src, dst, data))
+            lost["n"] += 1
+
+    net.tap = drop_b_records
+    net.run(5)
+    assert lost["n"] > 0 and a.tunnels[1].state is not State.UP
+    net.run(10)
+    assert a.tunnels[1].state is State.UP and b.tunnels[2].state is State.UP
+    assert a.tunnels[1].reason is None, a.tunnels[1].reason
+    assert a.tunnels[1].handshakes == 1  # no "never acknowledged" and a new handshake

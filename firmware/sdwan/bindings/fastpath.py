@@ -104,6 +104,7 @@ class FastPathConfig:
     relay: bool = False
     check_source: bool = False
     warm_ms: int = 5
+    warm_for_ms: int = 10000
     spin_us: int = 200
 
     @classmethod
@@ -121,6 +122,7 @@ class FastPathConfig:
             relay=bool(c.relay),
             check_source=bool(c.check_source),
             warm_ms=c.warm_ms,
+            warm_for_ms=c.warm_for_ms,
             spin_us=c.spin_us,
         )
 
@@ -285,6 +287,7 @@ class FastPath:
         c.relay = 1 if cfg.relay else 0
         c.check_source = 1 if cfg.check_source else 0
         c.warm_ms = cfg.warm_ms
+        c.warm_for_ms = cfg.warm_for_ms
         c.spin_us = cfg.spin_us
         out = ffi.new("fp_t **")
         _check(lib.fp_new(c, out), "fp_new")
@@ -372,6 +375,10 @@ class FastPath:
             lib.fp_peer_del_endpoint(self._h, peer_id, link_id),
             f"fp_peer_del_endpoint({peer_id}, {link_id})",
         )
+
+    def endpoints_gen(self) -> int:
+        """Changes whenever any peer's endpoints change (fp_endpoints_gen)."""
+        return int(lib.fp_endpoints_gen(self._h))
 
     def endpoint_info(self, peer_id: int) -> PeerLinks:
         c = ffi.new("struct fp_peer_links *")
@@ -503,11 +510,20 @@ class FastPath:
     def send_keepalive(self, peer_id: int) -> None:
         _check(lib.fp_send_keepalive(self._h, peer_id), f"fp_send_keepalive({peer_id})")
 
+    def set_keepalive(self, peer_id: int, interval_s: float) -> None:
+        """Keepalives to the peer whenever nothing was sent to it for interval_s, sent by
+        liveness_scan (0: none)."""
+        _check(
+            lib.fp_peer_set_keepalive(self._h, peer_id, int(interval_s * 1000)),
+            f"fp_peer_set_keepalive({peer_id})",
+        )
+
     def liveness_scan(
         self, ack_after_s: float, silent_after_s: float, cap: int = 1024
     ) -> list[int]:
-        """Keepalives to the peers owed an answer for ack_after_s; the ids of the peers that
-        have not answered our data for silent_after_s (fp_liveness_scan)."""
+        """Keepalives to the peers owed an answer for ack_after_s and to the idle peers due
+        one (set_keepalive); the ids of the peers that have not answered our data for
+        silent_after_s (fp_liveness_scan)."""
         ids = ffi.new("uint32_t[]", cap)
         n = _check(
             lib.fp_liveness_scan(self._h, int(ack_after_s * 1e9), int(silent_after_s * 1e9), ids,
@@ -565,6 +581,13 @@ class FastPath:
         c = ffi.new("struct fp_counters *")
         _check(lib.fp_peer_counters(self._h, peer_id, c), f"fp_peer_counters({peer_id})")
         return _counters(c)
+
+    def peer_times(self, peer_id: int) -> tuple[int, int]:
+        """(last_rx_ns, last_tx_ns) of the peer: what a liveness check needs, without
+        building the whole Counters (called for hundreds of peers a second)."""
+        c = ffi.new("struct fp_counters *")
+        _check(lib.fp_peer_counters(self._h, peer_id, c), f"fp_peer_counters({peer_id})")
+        return c.last_rx_ns, c.last_tx_ns
 
     def link_counters(self, link_id: int) -> Counters:
         c = ffi.new("struct fp_counters *")

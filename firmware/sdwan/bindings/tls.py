@@ -224,6 +224,15 @@ class Connection:
         self._into, self._out = into, out
         _connections[_key(ptr)] = self
 
+    def free(self) -> None:
+        """SSL_free now rather than when the garbage collector gets to it; the connection
+        must not be used afterwards."""
+        ptr, self._ptr = self._ptr, ffi.NULL
+        self._into = self._out = ffi.NULL  # the connection owned them
+        if ptr != ffi.NULL:
+            _connections.pop(_key(ptr), None)
+            ffi.release(ptr)
+
     def _raise(self, rc: int) -> TlsError:
         err = lib.SSL_get_error(self._ptr, rc)
         if err == lib.SSL_ERROR_WANT_READ:

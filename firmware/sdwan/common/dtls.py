@@ -448,6 +448,8 @@ class DtlsSession:
     established: bool = field(default=False, init=False)
     failed: str | None = field(default=None, init=False)
     closed: bool = field(default=False, init=False)
+    # The OpenSSL connection was freed (release()): the session sends and receives nothing.
+    released: bool = field(default=False, init=False)
     # The peer's verified identity; peer_site_id is its id when the peer is a site.
     peer_identity: Identity | None = field(default=None, init=False)
     peer_site_id: int | None = field(default=None, init=False)
@@ -496,7 +498,7 @@ class DtlsSession:
 
     def receive(self, datagram: bytes) -> list[bytes]:
         """Feed one received datagram; returns datagrams to send back. Never raises on input."""
-        if self.failed is not None or not self._started or not datagram:
+        if self.failed is not None or self.released or not self._started or not datagram:
             return []
         try:
             self.conn.bio_write(datagram)
@@ -506,7 +508,7 @@ class DtlsSession:
 
     def timeout(self) -> float | None:
         """Seconds until on_timeout() should be called, or None if nothing is pending."""
-        if self.failed is not None or self.closed or not self._started:
+        if self.failed is not None or self.closed or self.released or not self._started:
             return None
         try:
             retransmit = self.conn.get_timeout()
@@ -519,7 +521,7 @@ class DtlsSession:
 
     def on_timeout(self) -> list[bytes]:
         """Retransmit the last flight if its timer ran out; fail past the handshake deadline."""
-        if self.failed is not None or self.closed or not self._started:
+        if self.failed is not None or self.closed or self.released or not self._started:
             return []
         if (
             not self.established
@@ -634,7 +636,7 @@ class DtlsSession:
 
     def export_keys(self) -> tuple[bytes, bytes]:
         """(tx_key, rx_key) for the fast path, from the RFC 5705 exporter of this session."""
-        if not self.established or self.failed is not None:
+        if not self.established or self.failed is not None or self.released:
             raise RuntimeError("keys are only available from an established session")
         material = self.conn.export_keying_material(EXPORTER_LABEL, EXPORTER_LENGTH)
         first, second = material[:KEY_LENGTH], material[KEY_LENGTH:]
@@ -642,7 +644,7 @@ class DtlsSession:
 
     def send(self, app_data: bytes) -> list[bytes]:
         """Encrypt ``app_data`` as one record; returns the datagram(s) to send."""
-        if not self.established or self.failed is not None or self._close_sent:
+        if not self.established or self.failed is not None or self._close_sent or self.released:
             raise RuntimeError("send() needs an established, open session")
         limit = self.conn.get_cleartext_mtu()
         if len(app_data) > limit:
@@ -660,7 +662,7 @@ class DtlsSession:
 
     def close(self) -> list[bytes]:
         """Send close_notify (once); returns the datagram(s) carrying it."""
-        if not self.established or self._close_sent or self.failed is not None:
+        if not self.established or self._close_sent or self.failed is not None or self.released:
             return []
         self._close_sent = True
         try:
@@ -668,6 +670,20 @@ class DtlsSession:
         except tls.TlsError:
             return []
         return self._flush()
+
+    def release(self) -> None:
+        """Free the OpenSSL connection of a session that has done its work: its keys are in
+        the fast path and acknowledged, and nothing else travels over it (a mesh or static
+        tunnel until its next rekey, which is a new session). The connection is most of what
+        a session costs (about 70 KB with its buffers and the peer's certificate), times the
+        hundreds of tunnels of a mesh. Afterwards the session still says who the peer was,
+        and sends and receives nothing."""
+        if self.released:
+            return
+        self.released = True
+        self._messages = []
+        self.conn.app_data = None  # the connection pointed back at us
+        self.conn.free()
 
     def _flush(self) -> list[bytes]:
         pending = bytearray()

@@ -111,6 +111,7 @@ class PathMtu:
         link_mtu: Callable[[int], int] | None = None,
         clock: Callable[[], float] = time.monotonic,
         name: str | None = None,
+        start_after_s: float = 0.0,
     ) -> None:
         self.fp = fp
         self.peer_id = peer_id
@@ -120,7 +121,13 @@ class PathMtu:
         self.paths: dict[int, PathProbe] = {}
         self.applied: int | None = None  # what the fast path holds (None: 0, no limit)
         self._next_id = int.from_bytes(os.urandom(4), "big")
-        self._next_poll = 0.0
+        # The first search waits this long: an owner bringing up hundreds of tunnels at once
+        # spreads their searches (about 50 probes each) instead of sending them all at once.
+        self._next_poll = clock() + start_after_s if start_after_s > 0 else 0.0
+        # While no search runs: the fast path's endpoint generation when the endpoints were
+        # last read, and when the next periodic search is due (see tick).
+        self._idle_gen: int | None = None
+        self._idle_until = 0.0
         self.probes_sent = 0
         self.acks = 0
 
@@ -132,6 +139,12 @@ class PathMtu:
         it for every session on every tick."""
         now = self.clock()
         if now < self._next_poll:
+            return
+        gen = self.fp.endpoints_gen()
+        if gen == self._idle_gen and now < self._idle_until:
+            # Nothing searching, no endpoint of any peer changed, no search due: reading this
+            # peer's endpoints would only find them as they were (hundreds of peers a second).
+            self._next_poll = min(now + IDLE_POLL_S, self._idle_until)
             return
         try:
             endpoints = self.fp.endpoint_info(self.peer_id).endpoints
@@ -158,8 +171,16 @@ class PathMtu:
         if all(p.state is not PmtuState.SEARCHING for p in self.paths.values()):
             due = min((p.next_search for p in self.paths.values()), default=now + IDLE_POLL_S)
             self._next_poll = min(now + IDLE_POLL_S, due)
+            self._idle_gen, self._idle_until = gen, due
         else:
             self._next_poll = 0.0
+            self._idle_gen = None
+
+    def next_due(self) -> float:
+        """When tick() next has something to do: a round of a search, or the next periodic
+        search. A new endpoint is only seen by a tick, so an owner that ticks by this still
+        ticks now and then (the mesh: every few seconds)."""
+        return self._idle_until if self._idle_gen is not None else self._next_poll
 
     def on_ack(self, link_id: int, probe_id: int, received: int) -> bool:
         """An ack of one of our probes (the fast path authenticated it); False if unknown."""

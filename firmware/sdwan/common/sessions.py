@@ -49,6 +49,7 @@ Key = tuple[int, Addr]
 TIMED_OUT = "handshake timed out"
 SUPERSEDED = "superseded by another handshake with the same address"
 REJECTIONS_KEPT = 20
+STALE_CHECK_S = 5.0
 
 KICK_TYPE = 0xD2
 _KICK = struct.Struct("!B3xII")  # type, reserved, from site, to site
@@ -260,6 +261,7 @@ class SessionLayer:
         self._displaced: dict[Key, _Entry] = {}
         self._ratelog = RateLog(log, clock)
         self._handlers: dict[int, Callable[[int, Addr, bytes], None]] = {}
+        self._next_stale_check = 0.0
 
     # ---------------------------------------------------------------- owners
 
@@ -567,13 +569,18 @@ class SessionLayer:
     def tick(self) -> None:
         now = self.clock()
         in_use: set[DtlsSession] | None = None
+        # Stale sessions are looked for every few seconds, not every tick: asking the owners
+        # for the sessions they use walks every tunnel (hundreds in a mesh, or on a PoP).
+        stale_check = now >= self._next_stale_check
+        if stale_check:
+            self._next_stale_check = now + STALE_CHECK_S
         for key, entry in list(self._table.items()):
             if self._table.get(key) is not entry:
                 continue  # gone with an earlier entry's news
             session = entry.session
             if session.established:
                 # Replaced by a rekey or left behind by a roaming peer.
-                if now - entry.created > self.policy.stale_after_s:
+                if stale_check and now - entry.created > self.policy.stale_after_s:
                     if in_use is None:
                         in_use = {s for o in self.owners for s in o.sessions_in_use()}
                     if session not in in_use:

@@ -56,6 +56,8 @@ TICK_S = 0.05  # the loop's pace, as socketd's
 # of fake sites every 50 ms would make the swarm, not socketd, the busy process.
 BUSY_TICK_S = 0.1
 UP_TICK_S = 1.0
+ACK_AFTER_S = 0.1  # as socketd's
+SILENT_NEVER_S = 3600.0  # the fake sites judge their tunnel by its own dead_after
 STATUS_EVERY_S = 2.0
 MAX_EVENTS_PER_WAKEUP = 256
 # One fake site has one peer: a handful of handshakes at most, never a queue of strangers.
@@ -247,6 +249,9 @@ class Swarm:
         next_status = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
+            for fp in self.fps:
+                # Keepalives on idle tunnels, as a site's socketd sends them (tunnel.md).
+                fp.liveness_scan(ACK_AFTER_S, SILENT_NEVER_S)
             for site in self.sites:
                 if now >= site.next_tick:
                     try:

@@ -145,6 +145,7 @@ class PopSession:
             kicks=False,
             check_liveness=False,
             on_app_message=self._on_message,
+            keep_session=True,
             on_keys_active=self._on_keys_active,
             link_mtu=cloud.links.mtu,
         )

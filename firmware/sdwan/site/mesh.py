@@ -33,6 +33,7 @@ extra sockets' I/O (birthday.LinkSockets).
 from __future__ import annotations
 
 import contextlib
+import heapq
 import ipaddress
 import logging
 import math
@@ -49,7 +50,7 @@ from sdwan.bindings.fastpath import FastPath, FastPathError
 from sdwan.common import probe
 from sdwan.common.dtls import DtlsSession
 from sdwan.common.sessions import SessionOwner
-from sdwan.common.store import StoreError
+from sdwan.common.store import NatEntry, StoreError
 from sdwan.common.tomlcheck import IPNetwork, format_endpoint, parse_endpoint
 from sdwan.site.birthday import NAT_PORTS, LinkSockets, random_ports
 from sdwan.site.config import Mesh as MeshConfig
@@ -71,6 +72,9 @@ REPUNCH_MAX_S = 300.0  # a pair that cannot be punched is asked for again this r
 SEEN_KEPT = 1024
 PUNCHBACKS_MAX = 64  # requests sent back toward probe sources, per punch
 NAT_DATA_MAX_AGE_S = 7 * 86400  # older NAT data is not worth trying at start
+# NAT data that has not changed is written again only this often (to keep its age fresh): a
+# restart's hundreds of tunnels back from the store must not cost a synced write each.
+NAT_DATA_REFRESH_S = 86400
 HOLD_MIN_S = 5.0  # off the mesh after a path went silent under traffic...
 HOLD_MAX_S = 120.0  # ...doubling up to this while it keeps happening
 HOLD_MEMORY_S = 300.0  # a silence longer ago than this starts again at HOLD_MIN_S
@@ -79,7 +83,15 @@ MISSING_ASK_MAX = 32  # punch requests for them per check
 # Probes sent per supervisor tick (50 ms) over all paths: 999 peers punched at once must not
 # burst 32k datagrams into one socket; about 20k a second still starts every punch in 2 s.
 PROBES_PER_TICK = 1024
-UP_TICK_S = 1.0  # how often an up tunnel's clock runs
+# A settled tunnel's clock runs when it has something to do, and at least this often (its
+# path MTU search looks for a new endpoint then), but not more often than MIN_TURN_S.
+QUIET_TURN_S = 5.0
+MIN_TURN_S = 0.5
+MAX_HANDSHAKES = 64  # mesh tunnels' own handshakes under way at once
+# First path MTU searches of new tunnels start at about this many a second, over at most
+# PMTU_SPREAD_MAX_S (a search sends about 50 probes; 999 at once would be 50k).
+PMTU_SPREAD_RATE = 100.0
+PMTU_SPREAD_MAX_S = 20.0
 RANDOMISING = "port-randomising"  # the NAT class (links.py) the birthday approach is for
 BOTH_RANDOMISE = (
     "both sides randomise their NAT ports: no direct path can be punched; traffic stays on"
@@ -165,6 +177,7 @@ class MeshPath:
     spray: list[socket.socket | None] = field(default_factory=list)  # hard side: the sockets
     guesses: list[int] = field(default_factory=list)  # easy side: the ports to probe
     sprayed: int = 0  # easy side: probes sent to guesses so far
+    stored: NatEntry | None = None  # the path's NAT data as last read or written
 
     def __post_init__(self) -> None:
         self.fp_link = self.fp_link or self.link_id
@@ -182,6 +195,7 @@ class MeshPeer:
     tunnel: PeerTunnel | None = None
     up: bool = False  # what the last Off-Cloud Transport event said
     next_tick: float = 0.0  # of its tunnel, while up
+    turn_at: float | None = None  # its next turn while settled (Mesh._due)
     # After its path went silent under traffic, the peer carries no traffic until hold_until
     # even if its tunnel comes straight back: a lossy path must not flip traffic between the
     # cloud and the mesh every second. hold_s doubles while silences keep coming.
@@ -267,6 +281,11 @@ class Mesh(SessionOwner):
         self._dirty = True  # candidates to submit again
         self._budget = PROBES_PER_TICK
         self._rr = 0
+        # The tick's schedule (see _due): peers whose clock runs every tick, and the others'
+        # next turn, (when, site id), an entry counting only while it is the peer's turn_at.
+        self._busy: set[int] = set()
+        self._turns: list[tuple[float, int]] = []
+        self._handshakes = 0  # mesh tunnels' own handshakes under way, this tick
         # Directory sites without a path, asked for (next time, backoff); see _ask_for_missing.
         self._missing: dict[int, tuple[float, float]] = {}
         self._next_missing_check = clock() + MISSING_CHECK_S
@@ -322,7 +341,7 @@ class Mesh(SessionOwner):
                 if entry.local_port != wl.port:
                     # A birthday path: its NAT mapping belongs to that socket's port.
                     self._reopen(path, wl, entry.local_port)
-                path.endpoint, path.how = addr, "cache"
+                path.endpoint, path.how, path.stored = addr, "cache", entry
                 path.cache_until = now + CACHE_PATIENCE_S
                 path.set(PathState.CONNECTING, f"reconnecting from NAT data to {entry.peer_public}",
                          now)
@@ -442,6 +461,7 @@ class Mesh(SessionOwner):
             self.stats.probes_bad_tag += 1
             return
         assert peer is not None
+        self._wake(peer)
         if p.kind is probe.Kind.REQUEST:
             if p.nonce in path.seen:
                 self.stats.probes_replayed += 1
@@ -701,9 +721,10 @@ class Mesh(SessionOwner):
     def _link_mtu(self, fp_link: int) -> int:
         """A fast-path link's MTU, the ceiling of its path MTU: a birthday socket's is that of
         the configured link it was opened on."""
-        for path in self._all_paths():
-            if path.extra == fp_link:
-                return self.links.mtu(path.link_id)
+        if fp_link >= EXTRA_LINK_BASE:
+            for path in self._all_paths():
+                if path.extra == fp_link:
+                    return self.links.mtu(path.link_id)
         return self.links.mtu(fp_link)
 
     def _all_paths(self) -> list[MeshPath]:
@@ -733,6 +754,7 @@ class Mesh(SessionOwner):
         peer = self.remotes.get(site_id)
         if peer is None:
             peer = self.remotes[site_id] = MeshPeer(site_id)
+        self._wake(peer)
         return peer
 
     def _path_on(self, peer: MeshPeer, link_id: int) -> MeshPath | None:
@@ -771,6 +793,10 @@ class Mesh(SessionOwner):
                 clock=self.clock,
                 on_event=lambda kind, text, p=peer: self._on_tunnel_event(p, kind),
                 link_mtu=self._link_mtu,
+                # Hundreds of tunnels up at once (a restart from NAT data) spread their first
+                # path MTU searches over a few seconds; a handful start theirs at once.
+                pmtu_delay_s=self.rng.uniform(0.0, min(PMTU_SPREAD_MAX_S,
+                                                       len(self.remotes) / PMTU_SPREAD_RATE)),
             )
         elif peer.tunnel.state is State.UP:
             # Another link's path to a peer already up: one more endpoint, same keys.
@@ -797,6 +823,7 @@ class Mesh(SessionOwner):
                              "; asking the PoP to punch again", now)
                     path.next_request = now
             self._dirty = True
+        self._wake(peer)
         self._report(peer)
 
     def _path_direct(self, peer: MeshPeer, path: MeshPath) -> None:
@@ -812,20 +839,40 @@ class Mesh(SessionOwner):
         path.request_backoff = REPUNCH_MIN_S
         self._missing.pop(peer.site_id, None)
         self._steer(peer)
+        self._store_nat(peer, path)
+
+    def _store_nat(self, peer: MeshPeer, path: MeshPath) -> None:
+        """Write the direct path's NAT data, unless the store already holds just that (a
+        path back from its NAT data) and it is recent."""
         wl = self.links.get(path.link_id)
-        if wl is not None:
-            try:
-                # Our public endpoint as STUN last saw it; while STUN has not answered (the
-                # PoP unreachable after a restart) the one stored before still stands.
-                mine = wl.public_str()
-                if mine is None:
+        if wl is None or path.endpoint is None:
+            return
+        try:
+            # Our public endpoint as STUN last saw it; while STUN has not answered (the
+            # PoP unreachable after a restart) the one stored before still stands.
+            old = path.stored
+            mine = wl.public_str()
+            if mine is None:
+                if old is None:
                     old = wl.nat(peer.site_id)
-                    mine = old.local_public if old is not None else None
-                if mine is not None:
-                    wl.put_nat(peer.site_id, path.endpoint, local_public=mine,
-                               how=path.how or "window", local_port=path.extra_port)
-            except (StoreError, ValueError, OSError) as e:
-                log.warning("mesh: NAT data for site %d not stored: %s", peer.site_id, e)
+                mine = old.local_public if old is not None else None
+            if mine is None:
+                return
+            port = path.extra_port or wl.port
+            if (
+                old is not None
+                and old.local_port == port
+                and parse_endpoint(old.peer_public) == path.endpoint
+                and parse_endpoint(old.local_public) == parse_endpoint(mine)
+                and time.time() - old.at < NAT_DATA_REFRESH_S
+            ):
+                return
+            # A path back from its NAT data keeps how it was first found.
+            how = old.how if path.how == "cache" and old is not None else path.how or "window"
+            path.stored = wl.put_nat(peer.site_id, path.endpoint, local_public=mine, how=how,
+                                     local_port=path.extra_port)
+        except (StoreError, ValueError, OSError) as e:
+            log.warning("mesh: NAT data for site %d not stored: %s", peer.site_id, e)
 
     def _steer(self, peer: MeshPeer) -> None:
         """Traffic to the peer on its best direct link (lowest precedence): a last-punched
@@ -871,34 +918,90 @@ class Mesh(SessionOwner):
                 self.remove(site_id, "off-cloud is off for this site")
         now = self.clock()
         self._budget = PROBES_PER_TICK
-        peers = list(self.remotes.values())
-        # A different first peer every tick, so that pacing starves no punch.
-        self._rr = (self._rr + 1) % max(len(peers), 1)
-        for peer in peers[self._rr:] + peers[: self._rr]:
-            for path in peer.paths.values():
-                if path.state is not PathState.DIRECT:
-                    self._tick_path(peer, path, now)
-            if peer.hold_until and now >= peer.hold_until:
-                peer.hold_until = 0.0
-                self._dirty = True  # its prefixes may take the mesh again
-            tunnel = peer.tunnel
-            # A tunnel that is up needs its clock only for keepalives, liveness and rekeys,
-            # all on a scale of seconds: with hundreds of peers, once a second each, spread
-            # over the ticks, keeps the idle mesh's cost low (docs/mesh.md, "Scale").
-            if tunnel is None or (tunnel.state is State.UP and now < peer.next_tick):
-                continue
-            if tunnel.state is State.UP:
-                peer.next_tick = now + UP_TICK_S
-            try:
-                tunnel.tick()
-            except Exception:
-                log.exception("mesh tunnel %d tick failed", peer.site_id)
+        due = self._due(now)
+        self._handshakes = sum(
+            1 for p in due if p.tunnel is not None and p.tunnel.handshaking is not None
+        )
+        for peer in due:
+            self._tick_peer(peer, now)
+            self._schedule(peer, now)
         if now >= self._next_missing_check:
             self._next_missing_check = now + MISSING_CHECK_S
             self._ask_for_missing(now)
         if self._dirty:
             self._dirty = False
             self.paths.submit(PATHS_PRODUCER, self._candidates())
+
+    def _due(self, now: float) -> list[MeshPeer]:
+        """The peers whose clock runs this tick: the busy ones (punching, connecting, down,
+        handshaking, held off the mesh, or just told something) every tick, and the settled
+        ones when their tunnel has something to do (a rekey, a silence to judge, a session to
+        free, a path MTU search) or every QUIET_TURN_S at least. A mesh of hundreds of idle
+        tunnels costs a few of them per tick, not a walk over all (docs/mesh.md, "Scale");
+        their keepalives go out from the fast path."""
+        turn: list[int] = []
+        while self._turns and self._turns[0][0] <= now:
+            at, site_id = heapq.heappop(self._turns)
+            peer = self.remotes.get(site_id)
+            if peer is not None and peer.turn_at == at:
+                peer.turn_at = None
+                turn.append(site_id)
+        busy = sorted(self._busy)
+        # A different first busy peer every tick, so that pacing starves no punch.
+        self._rr = (self._rr + 1) % max(len(busy), 1)
+        ids = dict.fromkeys(busy[self._rr:] + busy[: self._rr] + turn)
+        return [self.remotes[i] for i in ids if i in self.remotes]
+
+    def _schedule(self, peer: MeshPeer, now: float) -> None:
+        """After its tick: every tick while busy, else its next turn."""
+        if self._needs_every_tick(peer):
+            self._busy.add(peer.site_id)
+            peer.turn_at = None
+            return
+        self._busy.discard(peer.site_id)
+        at = now + QUIET_TURN_S
+        if peer.tunnel is not None:
+            at = min(at, peer.tunnel.next_due())
+        for path in peer.paths.values():
+            if path.state is PathState.WAITING:
+                at = min(at, path.next_request)  # its next request to the PoP
+        at = max(at, now + MIN_TURN_S)
+        peer.turn_at = at
+        heapq.heappush(self._turns, (at, peer.site_id))
+
+    def _needs_every_tick(self, peer: MeshPeer) -> bool:
+        if peer.hold_until or (peer.tunnel is not None and not peer.tunnel.settled):
+            return True
+        return any(p.state in (PathState.PUNCHING, PathState.CONNECTING)
+                   for p in peer.paths.values())
+
+    def _wake(self, peer: MeshPeer) -> None:
+        """Run the peer's clock from the next tick on (something happened to it)."""
+        self._busy.add(peer.site_id)
+
+    def _tick_peer(self, peer: MeshPeer, now: float) -> None:
+        for path in peer.paths.values():
+            if path.state is not PathState.DIRECT:
+                self._tick_path(peer, path, now)
+        if peer.hold_until and now >= peer.hold_until:
+            peer.hold_until = 0.0
+            self._dirty = True  # its prefixes may take the mesh again
+        tunnel = peer.tunnel
+        # A settled tunnel of a busy peer (another link punching) still ticks only now and then.
+        if tunnel is None or (tunnel.settled and now < peer.next_tick):
+            return
+        if tunnel.wants_handshake:
+            # Paced: hundreds of tunnels back from NAT data at once would otherwise send all
+            # their handshakes in one tick, time out against a busy peer and start over.
+            if self._handshakes >= MAX_HANDSHAKES:
+                return
+            self._handshakes += 1
+        if tunnel.settled:
+            peer.next_tick = now + MIN_TURN_S
+        try:
+            tunnel.tick()
+        except Exception:
+            log.exception("mesh tunnel %d tick failed", peer.site_id)
 
     def _tick_path(self, peer: MeshPeer, path: MeshPath, now: float) -> None:
         if path.state is PathState.PUNCHING:
@@ -1034,6 +1137,7 @@ class Mesh(SessionOwner):
         its keys, endpoints and routes) and NAT data."""
         peer = self.remotes.pop(site_id, None)
         self._missing.pop(site_id, None)
+        self._busy.discard(site_id)
         if peer is None:
             return
         log.info("mesh: site %d removed: %s", site_id, reason)
@@ -1083,6 +1187,7 @@ class Mesh(SessionOwner):
             log.info("mesh: site %d stopped answering traffic (%d ms); held off the mesh %.0f s",
                      pid, ms, peer.hold_s)
             peer.tunnel.declare_down(f"no answer to traffic for {ms} ms")
+            self._wake(peer)
 
     # ---------------------------------------------------------------- session owner
 
@@ -1120,6 +1225,7 @@ class Mesh(SessionOwner):
         if path is None or path.endpoint != addr or path.fp_link != link_id:
             return False
         peer.tunnel.on_kick(link_id, addr)
+        self._wake(peer)
         return True
 
     def on_key_event(self, peer_id: int, expired: bool) -> bool:
@@ -1127,6 +1233,7 @@ class Mesh(SessionOwner):
         if peer is None or peer.tunnel is None:
             return False
         peer.tunnel.on_rekey_needed()
+        self._wake(peer)
         return True
 
     def on_probe_ack(self, peer_id: int, link_id: int, probe_id: int, received: int) -> bool:

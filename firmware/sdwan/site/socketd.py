@@ -30,6 +30,7 @@ from sdwan.appliance.leds import (
 from sdwan.appliance.wanaddr import WanAddressing
 from sdwan.appliance.watchdog import Guard
 from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig, FastPathError
+from sdwan.common import heap
 from sdwan.common.control import ControlServer
 from sdwan.common.daemon import StartupError, run_service
 from sdwan.common.dtls import DtlsContext, DtlsSession
@@ -54,6 +55,7 @@ LED_PERIOD_S = 0.5  # how often the LEDs follow the box's state
 # A peer's data unanswered by us for this long gets a keepalive: the peer's liveness under
 # traffic (docs/mesh.md) counts on an answer well within its silent_after_ms.
 ACK_AFTER_S = 0.1
+HEAP_TRIM_S = 30.0  # how often freed memory goes back to the system (common/heap.py)
 # Every legitimate peer of a socket is at a configured endpoint: those skip the per-IP limit
 # and may evict a stranger's handshake; a stranger's that times out is counted, not listed.
 SITE_POLICY = Policy(
@@ -96,6 +98,7 @@ class Supervisor:
         self._net_dirty = False
         self._stop = asyncio.Event()
         self._ticked = asyncio.Event()  # the loop has run a tick: the start-up is over
+        self._next_trim = clock() + HEAP_TRIM_S
         self.wan: WanAddressing | None = None
         self.leds: LedController | None = None
         self.guard: Guard | None = None  # made by run(): the simulations have no appliance
@@ -338,6 +341,10 @@ class Supervisor:
             self._liveness(self.fp)
         if self.paths is not None:
             self.paths.apply()  # retries a route the fast path refused; cheap when none
+        now = self.clock()
+        if now >= self._next_trim:
+            self._next_trim = now + HEAP_TRIM_S
+            heap.trim()
 
     def _liveness(self, fp: FastPath) -> None:
         """Liveness under traffic (docs/mesh.md): the fast path answers one-way traffic with

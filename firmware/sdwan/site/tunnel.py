@@ -83,7 +83,8 @@ class Port(Protocol):
         ...
 
     def forget_session(self, session: DtlsSession) -> None:
-        """Drop a client handshake its tunnel gave up on, without reporting it as refused."""
+        """Drop a client handshake its tunnel gave up on, or a session it released, without
+        reporting it as refused."""
         ...
 
 
@@ -109,6 +110,8 @@ class PeerTunnel:
         on_app_message: Callable[[DtlsSession, dict[str, Any]], None] | None = None,
         on_keys_active: Callable[[DtlsSession], None] | None = None,
         link_mtu: Callable[[int], int] | None = None,
+        keep_session: bool = False,
+        pmtu_delay_s: float = 0.0,
     ) -> None:
         self.my_site_id = my_site_id
         self.peer_site_id = peer_site_id
@@ -119,6 +122,9 @@ class PeerTunnel:
         self.check_liveness = check_liveness
         self.on_app_message = on_app_message
         self.on_keys_active = on_keys_active
+        # The session carries messages beyond the key hand-over (the cloud's): its TLS state
+        # stays until the next rekey. Otherwise it is freed once the hand-over is done.
+        self.keep_session = keep_session
         self.link_id = link_id
         self.link_name = link_name
         self.configured_endpoint = endpoint
@@ -152,8 +158,12 @@ class PeerTunnel:
             resend_max=timers.key_resend_max,
         )
         self._up_since_rx_ns = 0
+        self._silent_at = 0.0  # when the peer, quiet since, will have been silent too long
+        # When self.session's OpenSSL state is freed (see _maybe_release); None: not planned.
+        self._release_at: float | None = None
         # The path MTU of each link the peer is reached over, found by probing while up.
-        self.pmtu = PathMtu(fp, self.peer_id, link_mtu, clock, name=f"tunnel {self.peer_id}")
+        self.pmtu = PathMtu(fp, self.peer_id, link_mtu, clock, name=f"tunnel {self.peer_id}",
+                            start_after_s=pmtu_delay_s)
         # Only self.session's messages count, so one reassembler, renewed with the session.
         self.frag_stats = FragStats()
         self._reassembler = self._new_reassembler()
@@ -168,6 +178,7 @@ class PeerTunnel:
             self._check_alive(now)
         if self.state is State.UP:
             self.pmtu.tick()
+            self._maybe_release(now)
         if self.state is not State.UP:
             if self.initiator:
                 if self._handshaking is None and now >= self._next_attempt:
@@ -231,12 +242,16 @@ class PeerTunnel:
         if session is not self.session:
             self._reassembler = self._new_reassembler()
         self.session = session
+        self._release_at = None
         self.link_id = link_id
         self.endpoint = addr
         self.fp.set_endpoint(self.peer_id, link_id, addr)
         self.handshakes += 1
         self.last_handshake_at = self.clock()
         self._retry = self.timers.retry_min_s
+        # The hand-over finishes this handshake: no new one while the keys are still being
+        # announced (a lost `key` is resent; an unacknowledged one fails the tunnel).
+        self._next_attempt = self.last_handshake_at + self._hand_over_s()
         self._keys.announce()
 
     def on_failed(self, session: DtlsSession | None, reason: str) -> None:
@@ -298,6 +313,42 @@ class PeerTunnel:
         self._keys.acknowledge(idx)
 
     @property
+    def settled(self) -> bool:
+        """Up, no handshake under way and the keys handed over: until next_due() its tick
+        has nothing to do."""
+        return (
+            self.state is State.UP
+            and self._handshaking is None
+            and self._kick_handshaking is None
+            and self._keys.pending_idx is None
+        )
+
+    def next_due(self) -> float:
+        """When a settled tunnel's tick next has something to do: free its session, rekey,
+        judge a silence, search its path MTU. An owner of hundreds of tunnels ticks each
+        when it is due instead of all of them all the time."""
+        due = self.pmtu.next_due()
+        session = self.session
+        if not self.keep_session and session is not None and not session.released:
+            due = min(due, self._release_at if self._release_at is not None else 0.0)
+        if self.initiator and self.last_handshake_at is not None:
+            due = min(due, max(self._next_attempt, self.last_handshake_at + self.timers.rekey_s))
+        if self.check_liveness:
+            due = min(due, self._silent_at)
+        return due
+
+    @property
+    def wants_handshake(self) -> bool:
+        """Whether the next tick starts a handshake (the initiator of a tunnel that is down,
+        none under way, its retry due): an owner of hundreds paces them by holding its tick."""
+        return (
+            self.initiator
+            and self.state is not State.UP
+            and self._handshaking is None
+            and self.clock() >= self._next_attempt
+        )
+
+    @property
     def handshaking(self) -> DtlsSession | None:
         """Our client handshake in progress, if any."""
         return self._handshaking
@@ -305,7 +356,8 @@ class PeerTunnel:
     def send_message(self, msg: dict[str, Any]) -> bool:
         """Send one control message over the current session; False when there is none."""
         session = self.session
-        if session is None or not session.established or session.failed or session.closed:
+        if (session is None or not session.established or session.failed or session.closed
+                or session.released):
             return False
         self._send_control(session, msg)
         return True
@@ -389,8 +441,35 @@ class PeerTunnel:
         return session
 
     def _send_current(self, msg: dict[str, Any]) -> None:
-        if self.session is not None:
+        if self.session is not None and not self.session.released:
             self._send_control(self.session, msg)
+
+    def _hand_over_s(self) -> float:
+        """How long either end keeps announcing its key."""
+        return self.timers.key_resend_s * self.timers.key_resend_max
+
+    def _maybe_release(self, now: float) -> None:
+        """Free the TLS state of a session that carries nothing but the key hand-over once
+        the hand-over is done both ways (docs/tunnel.md, "Sessions after the hand-over"): a
+        mesh holds hundreds of them until their next rekey, which is a new session anyway.
+        It waits out the peer's resends of its `key` first, so a lost key-ack is still
+        answered."""
+        session = self.session
+        if self.keep_session or session is None or session.released:
+            return
+        keys = self._keys
+        if (
+            keys.pending_idx is not None
+            or keys.activated is None
+            or keys.activated[0] != keys.local_idx
+        ):
+            self._release_at = None
+            return
+        if self._release_at is None:
+            self._release_at = now + self._hand_over_s() + 2.0
+        elif now >= self._release_at:
+            self.port.forget_session(session)
+            session.release()
 
     def _send_control(self, session: DtlsSession, msg: dict) -> None:
         for record in encode(msg, record_limit(session)):
@@ -401,27 +480,29 @@ class PeerTunnel:
         return Reassembler(clock=self.clock, stats=self.frag_stats)
 
     def _check_alive(self, now: float) -> None:
-        counters = self.fp.peer_counters(self.peer_id)
+        last_rx_ns, _ = self.fp.peer_times(self.peer_id)
         now_ns = time.monotonic_ns()
-        last_rx = max(counters.last_rx_ns, self._up_since_rx_ns)
+        last_rx = max(last_rx_ns, self._up_since_rx_ns)
         silent = (now_ns - last_rx) / 1e9
+        self._silent_at = now + self.timers.dead_after_s - silent + 0.01
         if silent > self.timers.dead_after_s:
             self._set_state(State.DOWN, f"no packets from the peer for {silent:.0f} s")
             self._next_attempt = now
-            return
-        if (
-            counters.last_tx_ns == 0
-            or (now_ns - counters.last_tx_ns) / 1e9 >= self.timers.keepalive_s
-        ):
-            try:
-                self.fp.send_keepalive(self.peer_id)
-            except FastPathError as e:
-                log.warning("peer %d: keepalive not sent: %s", self.peer_id, e)
+        # The keepalives themselves: the fast path's liveness scan (see _set_state).
 
     def _set_state(self, state: State, reason: str | None) -> None:
         changed = state is not self.state
         self.state = state
         self.reason = reason
+        if changed and self.check_liveness:
+            # While up, the fast path keeps the idle tunnel alive on its own: one pass in C
+            # over every peer, not a call per peer (docs/tunnel.md, "Keepalives").
+            try:
+                self.fp.set_keepalive(
+                    self.peer_id, self.timers.keepalive_s if state is State.UP else 0
+                )
+            except FastPathError as e:
+                log.warning("peer %d: keepalives not set: %s", self.peer_id, e)
         if changed:
             text = f"tunnel to site {self.peer_id} {state}" + (f": {reason}" if reason else "")
             log.info("%s", text)
