@@ -15,8 +15,8 @@ HERE = Path(__file__).parent
 _LONG_FIRST = (
     "system/test_persistence.py",
     "system/test_watchdog_vm.py",
-    "system/test_image.py",
     "system/test_two_sites.py",
+    "system/test_image.py",
     "system/test_panel_vm.py",
     "lab/test_bench.py",
     "system/test_bench_boot.py",

@@ -1,6 +1,10 @@
-"""Reboot persistence seen from the console: a WAN setting changed on the console, the new
-console password and the events survive a reboot; `factory-reset` wipes them, and the
-default credential and the config's own addressing come back."""
+"""What /data keeps, seen from the console of one x86_64 box over four boots: a blank /data
+is formatted on the first power-on (no configuration: socketd waits, the console forces a
+new password); after a power cut, a configuration offered through fw_cfg is provisioned and
+socketd runs; a WAN setting changed on the console, the new console password and the events
+survive a reboot from the console; `factory-reset` wipes them, and the default credential
+and the config's own addressing come back. One VM for all of it: every boot after the first
+starts from what the one before left on the disk."""
 
 from __future__ import annotations
 
@@ -22,74 +26,112 @@ from sites import (
     login,
     poll_command,
     site_fw_cfg,
-    vm_options,
 )
 
 from sdwan.lab.topology import Lab
 from sdwan.lab.vm import VM
 
-pytestmark = [pytest.mark.system, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.system, pytest.mark.timeout(1500)]
 
+SITE = 5
 STATIC = "192.0.2.10/24"
 GATEWAY = "192.0.2.1"
+NONE_LINK = re.compile(r"(?m)^wan1\s+eth0\s+\S+\s+none\b")
+STATIC_LINK = re.compile(rf"(?m)^wan1\s+eth0\s+\S+\s+static\s+{re.escape(STATIC)}"
+                         rf"\s+{re.escape(GATEWAY)}\b")
 
 
-def booted(vm: VM, site_id: int) -> None:
-    vm.expect(rf"boot: ready: site-{site_id}, /data on /dev/vda3", BOOT_S)
+def booted(vm: VM) -> None:
+    vm.expect(rf"boot: ready: site-{SITE}, /data on /dev/vda3", BOOT_S)
     vm.expect_all([r"socketd running \(pid \d+", "login: "], SOCKETD_S,
                   "socketd's control socket and the login prompt")
 
 
-def test_setting_password_and_events_survive_reboot_and_factory_reset_wipes_them(
-    appliance_image: Callable[[str], Path], lab: Lab, tmp_path: Path,
+def test_blank_data_first_boot_then_settings_survive_reboot_and_factory_reset_wipes_them(
+    appliance_image: Callable[[str], Path], vms: Callable[..., VM], lab: Lab,
+    tmp_path: Path,
 ) -> None:
     board = "qemu-x86_64"
-    spec = SiteSpec(5, watchdog=False)
-    vm = VM(board, appliance_image(board),
-            vm_options(fw_cfg=site_fw_cfg(lab, spec, tmp_path)))
-    try:
-        vm.start()
-        booted(vm, 5)
-        login(vm, "admin", first=True)
-        out = command(vm, "show links")
-        assert re.search(r"(?m)^wan1\s+eth0\s+\S+\s+none\b", out), out
-        out = command(vm, f"set link wan1 static {STATIC} {GATEWAY}")
-        assert "error" not in out.lower(), out
-        out = poll_command(vm, "show links",
-                           re.compile(rf"(?m)^wan1\s+eth0\s+\S+\s+static\s+{re.escape(STATIC)}"
-                                      rf"\s+{re.escape(GATEWAY)}\b"),
-                           SETTLE_S, "the static address before the reboot")
+    # The front panel's serial port is there as on the hardware; nothing plays the panel.
+    vm = vms(board, appliance_image(board), panel=True)
 
-        vm.sendline("reboot")
-        vm.expect("Type yes to confirm: ", CONSOLE_S)
-        vm.sendline("yes")
-        vm.expect("shutdown: /data unmounted", SHUTDOWN_S, "the orderly shutdown")
-        vm.expect("EFI stub", FIRMWARE_S, "the firmware starting the kernel again")
-        booted(vm, 5)
-        # The changed password is the one in force: it was persisted.
-        login(vm, NEW_PASSWORD)
-        # socketd applies the stored setting in the background after its start.
-        poll_command(vm, "show links",
-                     re.compile(rf"(?m)^wan1\s+eth0\s+\S+\s+static\s+{re.escape(STATIC)}"
-                                rf"\s+{re.escape(GATEWAY)}\b"),
-                     SETTLE_S, "the static address after the reboot")
-        out = command(vm, "show events 200")
-        for kind in ("console.password_changed", "link.addressing", "console.reboot"):
-            assert kind in out, f"{kind} missing from the events after the reboot:\n{out}"
+    # Boot 1, the first power-on: a blank /data is formatted; without a configuration
+    # socketd waits and says so, and the console still works.
+    vm.start()
+    vm.expect("formatting /data", BOOT_S, "the first-boot format of /data")
+    vm.expect(r"boot: ready: socket, /data on /dev/vda3", BOOT_S)
+    vm.expect_all(["no configuration at /data/socketd.toml: socketd is not running",
+                   "login: "], SOCKETD_S)
+    # The default credential forces a new password (the change is an event, kept below).
+    login(vm, "admin", first=True)
+    out = command(vm, "show status")
+    assert "socketd is not running" in out, out
+    out = command(vm, "show events")
+    assert "no configuration" in out or "socketd is not running" in out, out
 
-        vm.sendline("factory-reset")
-        vm.expect(r"Type factory-reset \(or yes\) to confirm: ", CONSOLE_S)
-        vm.sendline("factory-reset")
-        vm.expect("EFI stub", SHUTDOWN_S + FIRMWARE_S, "the reboot after the factory reset")
-        booted(vm, 5)
-        # Only the default credential works again, with its forced change.
-        login(vm, "admin", first=True, new_password="another-pass-7")
-        out = command(vm, "show links")
-        assert re.search(r"(?m)^wan1\s+eth0\s+\S+\s+none\b", out), out
-        assert STATIC.split("/")[0] not in out, out
-        out = command(vm, "show events 200")
-        assert "link.addressing" not in out, out
-        assert "console.password_changed" in out, out  # only the new one
-        assert out.count("console.password_changed") == 1, out
-    finally:
-        vm.stop()
+    # Boot 2: pull the plug, then power on with a configuration offered through fw_cfg
+    # (the board's watchdog on, as the appliance's configuration has it): /data and the
+    # new console password survive, socketd starts and the hostname is the site's.
+    vm.poweroff()
+    vm.opts.fw_cfg = site_fw_cfg(lab, SiteSpec(SITE, watchdog=True), tmp_path)
+    vm.start()
+    # Up to the comma after the device: the line may still be arriving when it is matched.
+    boot = vm.expect(r"boot: ready: ([^,\s]+), /data on ([^,\s]+),", BOOT_S).groups()
+    assert boot == (f"site-{SITE}", "/dev/vda3"), boot
+    assert "formatting /data" not in vm.output(), "a formatted /data was formatted again"
+    vm.expect_all([r"socketd running \(pid \d+", "login: "], SOCKETD_S,
+                  "socketd's control socket and the login prompt")
+    login(vm, NEW_PASSWORD)
+    out = command(vm, "show status")
+    assert re.search(rf"site\s+{SITE} \(branch-{SITE}\)", out), out
+    assert "wan1" in out and "eth0" in out, out
+    assert "sdwan0" in out, out
+    # The log ring in RAM holds socketd's log and the kernel's, as the console shows them.
+    out = command(vm, "show log 200")
+    assert re.search(r"socketd: .*sdwan\.site\.socketd", out), out
+    assert "kernel:" in out, out
+    # A WAN setting changed on the console, from the config's (none) to a static address.
+    out = command(vm, "show links")
+    assert NONE_LINK.search(out), out
+    out = command(vm, f"set link wan1 static {STATIC} {GATEWAY}")
+    assert "error" not in out.lower(), out
+    poll_command(vm, "show links", STATIC_LINK, SETTLE_S, "the static address before the reboot")
+
+    # Boot 3: a reboot from the console goes through init's shutdown and UEFI again.
+    vm.sendline("reboot")
+    vm.expect("Type yes to confirm: ", CONSOLE_S)
+    vm.sendline("yes")
+    vm.expect("shutdown: /data unmounted", SHUTDOWN_S, "the orderly shutdown")
+    vm.expect("EFI stub", FIRMWARE_S, "the firmware starting the kernel again")
+    booted(vm)
+    # The changed password is the one in force: it was persisted.
+    login(vm, NEW_PASSWORD)
+    out = command(vm, "show status")
+    assert re.search(rf"site\s+{SITE} \(branch-{SITE}\)", out), out
+    # socketd applies the stored setting in the background after its start.
+    poll_command(vm, "show links", STATIC_LINK, SETTLE_S, "the static address after the reboot")
+    # The events of the boots before are still there: the password change of the first
+    # boot, the setting and the reboot of the second.
+    out = command(vm, "show events 200")
+    for kind in ("console.password_changed", "link.addressing", "console.reboot"):
+        assert kind in out, f"{kind} missing from the events after the reboot:\n{out}"
+    # The reboot was orderly: socketd was stopped (which disarms the watchdog), not reset.
+    assert "previous run: stopped" in out and "watchdog.reset" not in out, out
+
+    # Boot 4: factory-reset erases /data and reboots; fw_cfg provisions the config again.
+    vm.sendline("factory-reset")
+    vm.expect(r"Type factory-reset \(or yes\) to confirm: ", CONSOLE_S)
+    vm.sendline("factory-reset")
+    vm.expect("EFI stub", SHUTDOWN_S + FIRMWARE_S, "the reboot after the factory reset")
+    booted(vm)
+    # Only the default credential works again, with its forced change.
+    login(vm, "admin", first=True, new_password="another-pass-7")
+    out = command(vm, "show links")
+    assert NONE_LINK.search(out), out
+    assert STATIC.split("/")[0] not in out, out
+    # The old events are gone: of the password changes, only this boot's is listed.
+    out = command(vm, "show events 200")
+    assert "link.addressing" not in out, out
+    assert "console.reboot" not in out, out
+    assert "console.password_changed" in out, out  # only the new one
+    assert out.count("console.password_changed") == 1, out
