@@ -273,9 +273,9 @@ int fp_key_activate(fp_t *fp, uint32_t peer_id, uint32_t local_index, uint32_t r
 int fp_key_clear(fp_t *fp, uint32_t peer_id);
 int fp_key_info(fp_t *fp, uint32_t peer_id, struct fp_key_info *out);
 int fp_send_keepalive(fp_t *fp, uint32_t peer_id);
-/* Keepalives on an idle tunnel, sent by fp_liveness_scan: a peer that has a transmit key
- * and an endpoint and to which nothing was sent for interval_ms gets one (0 = none, the
- * default). One pass in C over hundreds of mesh peers instead of a call per peer. */
+/* Keepalives on an idle tunnel, sent by fp_liveness_scan (it looks once a second): a peer
+ * that has a transmit key and an endpoint and to which nothing was sent for interval_ms
+ * gets one (0 = none, the default). One pass in C over hundreds of mesh peers instead of a call per peer. */
 int fp_peer_set_keepalive(fp_t *fp, uint32_t peer_id, uint32_t interval_ms);
 
 /* Liveness under traffic (docs/dataplane.md). A peer is owed an answer once we

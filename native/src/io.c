@@ -1276,7 +1276,7 @@ int fp_send_keepalive(fp_t *fp, uint32_t peer_id)
 }
 
 /* How often fp_liveness_scan looks for idle peers due a keepalive. */
-#define KEEPALIVE_PASS_NS (200 * 1000000ull)
+#define KEEPALIVE_PASS_NS (1000 * 1000000ull)
 
 int fp_peer_set_keepalive(fp_t *fp, uint32_t peer_id, uint32_t interval_ms)
 {

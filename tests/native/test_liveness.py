@@ -88,9 +88,9 @@ def test_new_keys_restart_the_clock(pair: Pair) -> None:
 
 def test_idle_peers_get_keepalives_from_the_scan_once_asked(pair: Pair, rx: socket.socket) -> None:
     """fp_peer_set_keepalive: the scan keeps an idle tunnel alive on its own, once per
-    interval of nothing sent (it looks for due peers every 200 ms); a peer without it (or
+    interval of nothing sent (it looks for due peers once a second); a peer without it (or
     with 0) gets none."""
-    pass_s = 0.25  # past the scan's keepalive pass
+    pass_s = 1.05  # past the scan's keepalive pass
     tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     tx.bind(("127.0.0.1", 0))
     pair.b.link_add(LINK, tx.fileno())

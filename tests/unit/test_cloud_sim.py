@@ -107,6 +107,7 @@ class _PopPeer:
     local_idx: int | None = None
     keyed: bool = False
     site: int | None = None
+    installed_for: DtlsSession | None = None  # the session its keys were exported from
 
 
 @dataclass
@@ -198,8 +199,8 @@ class MiniPop(Node):
         assert s is not None
         if not s.established:
             return
-        if p.local_idx is None or not getattr(s, "_mini_keyed", False):
-            s._mini_keyed = True  # type: ignore[attr-defined]
+        if p.local_idx is None or p.installed_for is not s:
+            p.installed_for = s
             tx, rx = s.export_keys()
             p.local_idx = secrets.randbits(31) + 1
             self.fp.key_install(p.peer_id, p.local_idx, tx, rx)

@@ -433,7 +433,7 @@ def _verify_callback(
 
 
 # eq=False: sessions are keys in socketd's tables and compare by identity.
-@dataclass(eq=False, repr=False)
+@dataclass(eq=False, repr=False, slots=True)  # one per tunnel: no __dict__ each
 class DtlsSession:
     """One DTLS association with one peer, as initiator (client) or responder (server)."""
 

@@ -67,7 +67,7 @@ class PmtuState(StrEnum):
     NO_ANSWER = "no answer"
 
 
-@dataclass
+@dataclass(slots=True)  # one per path of every peer: no __dict__ each
 class PathProbe:
     """The search on one link's path to the peer."""
 

@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -39,7 +40,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig
+from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig, probe_ack
 from sdwan.common.dtls import DtlsContext, DtlsSession
 from sdwan.common.sessions import Policy, SessionLayer
 from sdwan.common.tomlcheck import parse_endpoint
@@ -123,6 +124,7 @@ class FakeSite:
         target: Addr,
         dtls: DtlsContext,
         timers: Timers,
+        pmtu_delay_s: float = 0.0,
     ) -> None:
         self.site_id = site_id
         self.link_id = link_id
@@ -144,6 +146,7 @@ class FakeSite:
             port=self,
             timers=timers,
             fp_peer_id=link_id,
+            pmtu_delay_s=pmtu_delay_s,
         )
         self.sessions.add_owner(StaticTunnels({target_id: self.tunnel}))
         self.next_tick = 0.0
@@ -215,6 +218,10 @@ class Swarm:
                 target=target,
                 dtls=dtls,
                 timers=timers,
+                # Spread as socketd's mesh spreads its own (docs/mesh.md, "Scale"): hundreds
+                # of searches in one burst toward socketd lose probes, fail, and all ask again
+                # a minute later, in the middle of the window the bench measures.
+                pmtu_delay_s=random.uniform(0.0, min(20.0, len(spec.site_ids) / 100)),
             )
             self.sites.append(site)
             self.by_link[(fpi, link_id)] = site
@@ -226,6 +233,15 @@ class Swarm:
             site = self.by_link.get((fpi, ev.peer_id))  # the peer id is the link id
             if site is not None:
                 site.tunnel.on_rekey_needed()
+            return
+        if ev.event == CtrlEvent.PROBE_ACK:
+            # socketd's answer to a path MTU probe: to the fake site's own tunnel, by the
+            # fast-path peer id (its link id), which its StaticTunnels does not key by. Lost,
+            # every fake site's search fails and all of them search again each minute.
+            site = self.by_link.get((fpi, ev.peer_id))
+            ack = probe_ack(ev.data)
+            if site is not None and ack is not None:
+                site.tunnel.pmtu.on_ack(ev.link_id, *ack)
             return
         site = self.by_link.get((fpi, ev.link_id))
         if site is not None:

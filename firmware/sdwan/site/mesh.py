@@ -85,7 +85,7 @@ MISSING_ASK_MAX = 32  # punch requests for them per check
 PROBES_PER_TICK = 1024
 # A settled tunnel's clock runs when it has something to do, and at least this often (its
 # path MTU search looks for a new endpoint then), but not more often than MIN_TURN_S.
-QUIET_TURN_S = 5.0
+QUIET_TURN_S = 10.0
 MIN_TURN_S = 0.5
 MAX_HANDSHAKES = 64  # mesh tunnels' own handshakes under way at once
 # First path MTU searches of new tunnels start at about this many a second, over at most
@@ -138,7 +138,7 @@ class MeshStats:
     birthday_found: int = 0  # birthday punches that found a path
 
 
-@dataclass
+@dataclass(slots=True)  # hundreds of them: no __dict__ each
 class MeshPath:
     """One local link's path to one peer."""
 
@@ -188,7 +188,7 @@ class MeshPath:
         self.state, self.reason = state, reason
 
 
-@dataclass
+@dataclass(slots=True)
 class MeshPeer:
     site_id: int
     paths: dict[int, MeshPath] = field(default_factory=dict)  # by local link id

@@ -89,6 +89,17 @@ class Port(Protocol):
 
 
 class PeerTunnel:
+    # A mesh holds hundreds: no __dict__ each (39 attributes, past what instances can share).
+    __slots__ = (
+        "my_site_id", "peer_site_id", "peer_id", "expected", "kicks", "check_liveness",
+        "on_app_message", "on_keys_active", "keep_session", "link_id", "link_name",
+        "configured_endpoint", "endpoint", "fp", "port", "timers", "clock", "on_event",
+        "initiator", "state", "reason", "handshakes", "last_handshake_at", "session",
+        "_handshaking", "_handshake_to", "_kick_handshaking", "_kick_to", "_next_attempt",
+        "_retry", "_next_kick", "_last_kick_handshake", "_keys", "_up_since_rx_ns",
+        "_silent_at", "_release_at", "pmtu", "frag_stats", "_reassembler",
+    )
+
     def __init__(
         self,
         *,
