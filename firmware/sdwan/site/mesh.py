@@ -88,6 +88,9 @@ PROBES_PER_TICK = 1024
 QUIET_TURN_S = 10.0
 MIN_TURN_S = 0.5
 MAX_HANDSHAKES = 64  # mesh tunnels' own handshakes under way at once
+# Kicks per tick (about 320 a second): as responder, each draws a peer's handshake into a
+# session layer that admits 256 at once and does a few hundred a second.
+MAX_KICKS_PER_TICK = 16
 # First path MTU searches of new tunnels start at about this many a second, over at most
 # PMTU_SPREAD_MAX_S (a search sends about 50 probes; 999 at once would be 50k).
 PMTU_SPREAD_RATE = 100.0
@@ -286,6 +289,7 @@ class Mesh(SessionOwner):
         self._busy: set[int] = set()
         self._turns: list[tuple[float, int]] = []
         self._handshakes = 0  # mesh tunnels' own handshakes under way, this tick
+        self._kicks = 0  # kicks sent this tick
         # Directory sites without a path, asked for (next time, backoff); see _ask_for_missing.
         self._missing: dict[int, tuple[float, float]] = {}
         self._next_missing_check = clock() + MISSING_CHECK_S
@@ -922,6 +926,7 @@ class Mesh(SessionOwner):
         self._handshakes = sum(
             1 for p in due if p.tunnel is not None and p.tunnel.handshaking is not None
         )
+        self._kicks = 0
         for peer in due:
             self._tick_peer(peer, now)
             self._schedule(peer, now)
@@ -996,6 +1001,12 @@ class Mesh(SessionOwner):
             if self._handshakes >= MAX_HANDSHAKES:
                 return
             self._handshakes += 1
+        elif tunnel.wants_kick:
+            # The same as responder: each kick draws a handshake into our session layer,
+            # whose table of server handshakes is bounded.
+            if self._kicks >= MAX_KICKS_PER_TICK:
+                return
+            self._kicks += 1
         if tunnel.settled:
             peer.next_tick = now + MIN_TURN_S
         try:

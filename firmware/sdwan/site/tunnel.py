@@ -360,6 +360,17 @@ class PeerTunnel:
         )
 
     @property
+    def wants_kick(self) -> bool:
+        """Whether the next tick kicks the peer (the responder of a tunnel that is down): each
+        kick draws a handshake from the peer, so an owner of hundreds paces them too."""
+        return (
+            not self.initiator
+            and self.kicks
+            and self.state is not State.UP
+            and self.clock() >= self._next_kick
+        )
+
+    @property
     def handshaking(self) -> DtlsSession | None:
         """Our client handshake in progress, if any."""
         return self._handshaking
