@@ -431,8 +431,9 @@ struct fp_link_rx *fp_link_rx_new(const struct fp *fp, bool gro)
 
 /* One recvmmsg on the link and everything it brought: opened, written to the
  * TUN or relayed. Caller holds fp->lock shared and l->rx_lock. Returns the
- * datagrams read (0: none waiting); *wrote says whether the TUN was written. */
-static int link_rx_locked(struct fp *fp, struct fp_link *l, bool *wrote)
+ * datagrams read (0: none waiting); *wrote says whether the TUN was written,
+ * *relayed (may be NULL) whether a data packet was relayed (the PoP). */
+static int link_rx_locked(struct fp *fp, struct fp_link *l, bool *wrote, bool *relayed)
 {
     struct fp_link_rx *x = l->rx;
     const size_t cml = CMSG_SPACE(sizeof(int));
@@ -489,6 +490,10 @@ static int link_rx_locked(struct fp *fp, struct fp_link *l, bool *wrote)
                 } else if (res.verdict == FP_V_SEND) {
                     txq_add(fp, &x->q, &res, o);
                     used += res.out_len;
+                    /* Relayed data, not a probe's ack (an IP packet is at least 20 bytes,
+                     * an ack 12): it keeps the thread's cipher warm like a TUN write. */
+                    if (relayed && fp->cfg.relay && res.out_len >= FP_OVERHEAD + 20)
+                        *relayed = true;
                 } else if (res.verdict == FP_V_FRAGMENT) {
                     /* Relayed without DF, too big for the next hop (rare). */
                     if (ARENA_LEN - used < frag_room(res.out_len)) {
@@ -527,7 +532,7 @@ static void *link_thread(void *arg)
     pthread_setname_np(pthread_self(), name);
     /* Without it (out of memory) the thread works, just colder. */
     struct fp_warm *warm = fp->cfg.warm_ms ? fp_warm_new() : NULL;
-    uint64_t last_data_ns = 0; /* when this thread last wrote a packet to the TUN */
+    uint64_t last_data_ns = 0; /* when this thread last wrote to the TUN or relayed data */
     for (;;) {
         struct pollfd p[3] = {{l->fd, POLLIN, 0}, {l->wake_fd, POLLIN, 0},
                               {fp->stop_fd, POLLIN, 0}};
@@ -543,16 +548,16 @@ static void *link_thread(void *arg)
         }
         if (p[1].revents || p[2].revents)
             break;
-        bool wrote = false;
+        bool wrote = false, relayed = false;
         pthread_rwlock_rdlock(&fp->lock);
         pthread_mutex_lock(&l->rx_lock);
-        link_rx_locked(fp, l, &wrote);
+        link_rx_locked(fp, l, &wrote, &relayed);
         pthread_mutex_unlock(&l->rx_lock);
         pthread_rwlock_unlock(&fp->lock);
-        if (wrote) {
+        if (wrote || relayed)
             last_data_ns = fp_now_ns();
+        if (wrote)
             tun_drain_try(fp, fp->cfg.batch);
-        }
     }
     fp_warm_free(warm);
     return NULL;
@@ -825,7 +830,7 @@ static bool tun_spin(struct fp *fp, uint32_t link_id, uint32_t peer_id, int tun_
         l = fp_link_find(fp, link_id);
         /* Busy: the link's own thread is taking it. */
         if (l && r > 0 && (p[0].revents & POLLIN) && pthread_mutex_trylock(&l->rx_lock) == 0) {
-            link_rx_locked(fp, l, &wrote);
+            link_rx_locked(fp, l, &wrote, NULL);
             pthread_mutex_unlock(&l->rx_lock);
         }
         peer = fp_peer_find(fp, peer_id);

@@ -147,3 +147,52 @@ def test_below_base_when_the_peer_answered_before() -> None:
     sim.addr, sim.mtu = ("198.51.100.11", 4800), 1000
     run(sim, pm, 30.0)
     assert pm.mtu == 1000 and MIN_PMTU <= 1000
+
+
+class _Clock:
+    t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_spread_first_search_still_limits_data_to_the_base_pmtu_at_once() -> None:
+    """start_after_s delays the first search, not the 1280 limit (docs/dataplane.md)."""
+    from sdwan.bindings.fastpath import FastPath
+
+    fp = FastPath()
+    fp.peer_add(7)
+    fp.set_endpoint(7, 1, ("198.51.100.7", 4800))
+    clock = _Clock()
+    delayed = PathMtu(fp, 7, lambda _l: 1500, clock, start_after_s=10.0)
+    for _ in range(19):  # the tunnel is up, ticked every 0.5 s while the search waits
+        clock.t += 0.5
+        delayed.tick()
+        assert fp.endpoint_info(7).mtu == BASE_PMTU, f"no limit at +{clock.t - 1000:.1f} s"
+        assert delayed.paths[1].searches == 0
+    clock.t += 1.0
+    delayed.tick()
+    assert delayed.paths[1].searches == 1 and delayed.paths[1].reason == "new path"
+
+
+def test_a_new_endpoint_is_searched_at_the_next_tick_even_while_idle() -> None:
+    """The fast path's endpoint generation tells an idle search of a new or moved endpoint at
+    its next tick, without waiting for its poll interval."""
+    from sdwan.bindings.fastpath import FastPath
+
+    fp = FastPath()
+    fp.peer_add(7)
+    fp.set_endpoint(7, 1, ("198.51.100.7", 4800))
+    clock = _Clock()
+    pm = PathMtu(fp, 7, lambda _l: 1500, clock)
+    pm.tick()
+    for path in pm.paths.values():  # as if the search on link 1 were done
+        path.state = PmtuState.DONE
+        path.next_search = clock.t + 600
+    clock.t += 1.0
+    pm.tick()
+    assert pm.next_due() > clock.t + 500  # idle: nothing to do for a while
+    fp.set_endpoint(7, 2, ("203.0.113.7", 4800))  # a second link's path, just found
+    clock.t += 0.05  # well within the poll interval
+    pm.tick()
+    assert 2 in pm.paths and pm.paths[2].state is PmtuState.SEARCHING

@@ -56,7 +56,7 @@ ROUNDS_SILENT = 3  # rounds without any answer before the floor counts as failed
 ROUND_FIRST_S = 1.0  # before a round-trip time is known
 ROUND_MIN_S = 0.2
 ROUND_MAX_S = 3.0
-IDLE_POLL_S = 1.0  # with no search under way, endpoints are looked at this often
+IDLE_POLL_S = 1.0  # no search under way, no endpoint changed: a tick looks again this often
 UDP_HDR = 8
 FP_OVERHEAD = 32
 
@@ -121,9 +121,10 @@ class PathMtu:
         self.paths: dict[int, PathProbe] = {}
         self.applied: int | None = None  # what the fast path holds (None: 0, no limit)
         self._next_id = int.from_bytes(os.urandom(4), "big")
-        # The first search waits this long: an owner bringing up hundreds of tunnels at once
-        # spreads their searches (about 50 probes each) instead of sending them all at once.
-        self._next_poll = clock() + start_after_s if start_after_s > 0 else 0.0
+        # The first search waits until then (BASE_PMTU in force meanwhile): an owner bringing
+        # up hundreds of tunnels at once spreads their searches (about 50 probes each).
+        self._first_search_at = clock() + start_after_s
+        self._next_poll = 0.0
         # While no search runs: the fast path's endpoint generation when the endpoints were
         # last read, and when the next periodic search is due (see tick).
         self._idle_gen: int | None = None
@@ -138,9 +139,9 @@ class PathMtu:
         searches, and give the fast path the smallest figure. Cheap while idle: popd calls
         it for every session on every tick."""
         now = self.clock()
-        if now < self._next_poll:
-            return
         gen = self.fp.endpoints_gen()
+        if now < self._next_poll and gen == self._idle_gen:
+            return
         if gen == self._idle_gen and now < self._idle_until:
             # Nothing searching, no endpoint of any peer changed, no search due: reading this
             # peer's endpoints would only find them as they were (hundreds of peers a second).
@@ -158,7 +159,12 @@ class PathMtu:
                 path = self.paths[ep.link_id] = PathProbe(
                     ep.link_id, ep.addr, self._max_size(ep.link_id), mtu=BASE_PMTU
                 )
-                self._start(path, BASE_PMTU, now, "new path")
+                if now < self._first_search_at:
+                    # Limited to BASE_PMTU at once; searched for more in its turn.
+                    path.state, path.next_search = PmtuState.DONE, self._first_search_at
+                    path.reason = "first search waits its turn"
+                else:
+                    self._start(path, BASE_PMTU, now, "new path")
             elif path.addr != ep.addr:
                 path.addr = ep.addr
                 path.max_size = self._max_size(ep.link_id)
@@ -321,8 +327,9 @@ class PathMtu:
     def _tick_path(self, path: PathProbe, now: float) -> None:
         if path.state is not PmtuState.SEARCHING:
             if now >= path.next_search:
-                self._start(path, path.mtu or BASE_PMTU, now,
-                            "periodic" if path.state is PmtuState.DONE else "asking again")
+                why = ("new path" if path.searches == 0
+                       else "periodic" if path.state is PmtuState.DONE else "asking again")
+                self._start(path, path.mtu or BASE_PMTU, now, why)
             return
         round_s = self._round_s(path)
         if path.copies_sent < COPIES and now - path.round_at >= round_s * path.copies_sent / COPIES:

@@ -928,8 +928,13 @@ class Mesh(SessionOwner):
         )
         self._kicks = 0
         for peer in due:
-            self._tick_peer(peer, now)
-            self._schedule(peer, now)
+            try:
+                self._tick_peer(peer, now)
+            except Exception:
+                # One peer's failure must not cost the others (or itself) their next turn.
+                log.exception("mesh: site %d tick failed", peer.site_id)
+            finally:
+                self._schedule(peer, now)
         if now >= self._next_missing_check:
             self._next_missing_check = now + MISSING_CHECK_S
             self._ask_for_missing(now)
@@ -981,8 +986,10 @@ class Mesh(SessionOwner):
                    for p in peer.paths.values())
 
     def _wake(self, peer: MeshPeer) -> None:
-        """Run the peer's clock from the next tick on (something happened to it)."""
+        """Run the peer's clock from the next tick on, its tunnel's included (something
+        happened to it)."""
         self._busy.add(peer.site_id)
+        peer.next_tick = 0.0
 
     def _tick_peer(self, peer: MeshPeer, now: float) -> None:
         for path in peer.paths.values():
@@ -1213,7 +1220,12 @@ class Mesh(SessionOwner):
         if who is None or who[0] != "site":
             return None
         peer = self.remotes.get(who[1])
-        return peer.tunnel if peer is not None else None
+        if peer is None or peer.tunnel is None:
+            return None
+        # The session layer asks this before it hands the tunnel news (a handshake done or
+        # failed, a key, a key-ack): its clock must run again soon (key resends, release).
+        self._wake(peer)
+        return peer.tunnel
 
     def tunnel_at(self, link_id: int, addr: Addr) -> PeerTunnel | None:
         for peer in self.remotes.values():

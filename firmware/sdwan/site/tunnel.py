@@ -341,7 +341,10 @@ class PeerTunnel:
         due = self.pmtu.next_due()
         session = self.session
         if not self.keep_session and session is not None and not session.released:
-            due = min(due, self._release_at if self._release_at is not None else 0.0)
+            if self._release_at is not None:
+                due = min(due, self._release_at)
+            elif self._handed_over():
+                due = 0.0  # the next tick plans the release
         if self.initiator and self.last_handshake_at is not None:
             due = min(due, max(self._next_attempt, self.last_handshake_at + self.timers.rekey_s))
         if self.check_liveness:
@@ -466,6 +469,15 @@ class PeerTunnel:
         if self.session is not None and not self.session.released:
             self._send_control(self.session, msg)
 
+    def _handed_over(self) -> bool:
+        """Our key acknowledged, the peer's in use for transmit: the hand-over is done."""
+        keys = self._keys
+        return (
+            keys.pending_idx is None
+            and keys.activated is not None
+            and keys.activated[0] == keys.local_idx
+        )
+
     def _hand_over_s(self) -> float:
         """How long either end keeps announcing its key."""
         return self.timers.key_resend_s * self.timers.key_resend_max
@@ -479,12 +491,7 @@ class PeerTunnel:
         session = self.session
         if self.keep_session or session is None or session.released:
             return
-        keys = self._keys
-        if (
-            keys.pending_idx is not None
-            or keys.activated is None
-            or keys.activated[0] != keys.local_idx
-        ):
+        if not self._handed_over():
             self._release_at = None
             return
         if self._release_at is None:
