@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from sdwan.bindings.fastpath import FastPath, FastPathConfig, Result
 
+Addr = tuple[str, int]
+
 LINK = 1
 A_ADDR = ("192.0.2.1", 4800)
 B_ADDR = ("192.0.2.2", 4801)
@@ -78,6 +80,25 @@ class Pair:
 
     def deliver_b(self, wire: bytes, source: tuple[str, int] = A_ADDR) -> Result:
         return self.b.process_inbound(LINK, source, wire)
+
+
+def wire_relay(
+    a: FastPath, pop: FastPath, b: FastPath, pop_ep: Addr, a_ep: Addr, b_ep: Addr
+) -> None:
+    """Sites a (10.1.0.0/24, the PoP's peer 1) and b (10.2.0.0/24, peer 2) that know only the
+    PoP (their peer 100) and send every site subnet to it; keys on both legs."""
+    for site, net in ((a, "10.2.0.0/24"), (b, "10.1.0.0/24")):
+        site.peer_add(100)
+        site.route_set(net, 100)
+        site.set_endpoint(100, 1, pop_ep)
+    pop.peer_add(1)
+    pop.peer_add(2)
+    pop.route_set("10.1.0.0/24", 1)
+    pop.route_set("10.2.0.0/24", 2)
+    pop.set_endpoint(1, 1, a_ep)
+    pop.set_endpoint(2, 1, b_ep)
+    link_keys(a, pop, 1, 100, 11, 111)  # a's peer 100 is the PoP; the PoP's peer 1 is a
+    link_keys(b, pop, 2, 100, 22, 222)
 
 
 def make_pair(cfg: FastPathConfig | None = None, cfg_b: FastPathConfig | None = None) -> Pair:

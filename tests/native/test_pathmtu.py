@@ -10,7 +10,7 @@ import socket
 import struct
 
 import pytest
-from fphelpers import LINK, Pair, link_keys
+from fphelpers import LINK, Pair, link_keys, wire_relay
 
 from sdwan.bindings.fastpath import (
     CtrlEvent,
@@ -355,18 +355,7 @@ def test_probe_is_answered_with_an_authenticated_ack() -> None:
 def test_relay_answers_too_big_to_the_sender_and_clamps() -> None:
     pop_ep, a_ep, b_ep = ("203.0.113.1", 4800), ("198.51.100.1", 4800), ("198.51.100.2", 4800)
     with FastPath() as a, FastPath(FastPathConfig(relay=True)) as pop, FastPath() as b:
-        for site, net in ((a, "10.2.0.0/24"), (b, "10.1.0.0/24")):
-            site.peer_add(100)
-            site.route_set(net, 100)
-            site.set_endpoint(100, 1, pop_ep)
-        pop.peer_add(1)
-        pop.peer_add(2)
-        pop.route_set("10.1.0.0/24", 1)
-        pop.route_set("10.2.0.0/24", 2)
-        pop.set_endpoint(1, 1, a_ep)
-        pop.set_endpoint(2, 1, b_ep)
-        link_keys(a, pop, 1, 100, 11, 111)
-        link_keys(b, pop, 2, 100, 22, 222)
+        wire_relay(a, pop, b, pop_ep, a_ep, b_ep)
         # Site 1's path to the PoP is small; site 2's is not.
         pop.set_mtu(1, PMTU)
 

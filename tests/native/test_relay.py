@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fphelpers import ip_packet, link_keys
+from fphelpers import ip_packet, link_keys, wire_relay
 
 from sdwan.bindings.fastpath import FastPath, FastPathConfig, Verdict
 
@@ -13,19 +13,7 @@ POP_EP = ("203.0.113.1", 4800)
 
 def test_a_pop_b_relay_and_route_back_dropped() -> None:
     with FastPath() as a, FastPath(FastPathConfig(relay=True)) as pop, FastPath() as b:
-        # Sites know only the PoP (peer 100) and send every site subnet to it.
-        for site, net in ((a, "10.2.0.0/24"), (b, "10.1.0.0/24")):
-            site.peer_add(100)
-            site.route_set(net, 100)
-            site.set_endpoint(100, 1, POP_EP)
-        pop.peer_add(1)
-        pop.peer_add(2)
-        pop.route_set("10.1.0.0/24", 1)
-        pop.route_set("10.2.0.0/24", 2)
-        pop.set_endpoint(1, 1, A_EP)
-        pop.set_endpoint(2, 1, B_EP)
-        link_keys(a, pop, 1, 100, 11, 111)  # A's peer 100 is the PoP; PoP's peer 1 is A
-        link_keys(b, pop, 2, 100, 22, 222)
+        wire_relay(a, pop, b, POP_EP, A_EP, B_EP)
 
         inner = ip_packet("10.1.0.5", "10.2.0.7", b"via the pop")
         w1 = a.process_outbound(inner)

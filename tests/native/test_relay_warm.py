@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import time
 
-from fphelpers import ip_packet, link_keys
+from fphelpers import ip_packet, wire_relay
 
 from sdwan.bindings.fastpath import FastPath, FastPathConfig
 
@@ -27,18 +27,7 @@ def test_relay_threads_warm_after_relaying() -> None:
     a_ep, b_ep, pop_ep = (s.getsockname() for s in (a_sock, b_sock, pop_sock))
     cfg = FastPathConfig(relay=True, warm_ms=1, warm_for_ms=5000)
     with FastPath() as a, FastPath(cfg) as pop, FastPath() as b:
-        for site, net in ((a, "10.2.0.0/24"), (b, "10.1.0.0/24")):
-            site.peer_add(100)
-            site.route_set(net, 100)
-            site.set_endpoint(100, 1, pop_ep)
-        pop.peer_add(1)
-        pop.peer_add(2)
-        pop.route_set("10.1.0.0/24", 1)
-        pop.route_set("10.2.0.0/24", 2)
-        pop.set_endpoint(1, 1, a_ep)
-        pop.set_endpoint(2, 1, b_ep)
-        link_keys(a, pop, 1, 100, 11, 111)
-        link_keys(b, pop, 2, 100, 22, 222)
+        wire_relay(a, pop, b, pop_ep, a_ep, b_ep)
         pop.link_add(1, pop_sock.fileno())
         pop_sock.close()
         pop.start()

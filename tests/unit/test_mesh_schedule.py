@@ -55,6 +55,21 @@ def wait_for_a_far_turn(net: Net, peer: Any) -> None:
         net.run(0.05)
 
 
+def lose_the_responders_first_key(net: Net, tunnel: Any) -> dict[str, int]:
+    """Drop the responder's (B's) first application record while its tunnel announces new
+    keys: its `key`. Returns the count of records dropped (1 once it happened)."""
+    dropped = {"n": 0}
+
+    def tap(src: tuple[str, int], dst: tuple[str, int], data: bytes) -> None:
+        if (src == B_ADDR and data[:1] == b"\x17" and tunnel._keys.pending_idx is not None
+                and dropped["n"] == 0):
+            net.queue.remove((src, dst, data))
+            dropped["n"] += 1
+
+    net.tap = tap
+    return dropped
+
+
 def mesh_pair(site_certs: Any, tmp: Path) -> tuple[Net, SimSite, SimSite]:
     net = Net(Clock())
     a = mesh_site(net, site_certs, 2, A_ADDR, tmp)  # the initiator
@@ -87,16 +102,7 @@ def test_a_responder_resends_a_lost_key_promptly_after_a_rekey(certs, tmp_path: 
     # Right after the responder's turn: its next one is ~10 s away.
     wait_for_a_far_turn(net, peer_b)
     tb = b.mesh.remotes[2].tunnel
-    dropped = {"n": 0}
-
-    def drop_first_b_record(src, dst, data) -> None:
-        # The responder's first application record after the new handshake: its `key`.
-        if src == B_ADDR and data[:1] == b"\x17" and tb._keys.pending_idx is not None \
-                and dropped["n"] == 0:
-            net.queue.remove((src, dst, data))
-            dropped["n"] += 1
-
-    net.tap = drop_first_b_record
+    dropped = lose_the_responders_first_key(net, tb)
     a.mesh.on_key_event(1, expired=False)  # the fast path asks for a rekey: a new handshake
     t0 = net.clock.t
     while tb._keys.pending_idx is None or tb.session is None or not dropped["n"]:
@@ -183,15 +189,7 @@ def test_an_initiator_restarting_from_nat_data_is_not_held_up_by_one_lost_key(
     (tmp_path / "restarted").mkdir()
     a2 = mesh_site(net, certs, 2, A_ADDR, tmp_path / "restarted")
     a2.mesh.links[1].put_nat(1, B_ADDR, local_public="198.51.100.3:4800")
-    dropped = {"n": 0}
-
-    def drop_first_b_key(src, dst, data) -> None:
-        if src == B_ADDR and data[:1] == b"\x17" and tb._keys.pending_idx is not None \
-                and dropped["n"] == 0:
-            net.queue.remove((src, dst, data))
-            dropped["n"] += 1
-
-    net.tap = drop_first_b_key
+    dropped = lose_the_responders_first_key(net, tb)
     assert a2.mesh.load_cache() == 1
     t0 = net.clock.t
     while a2.mesh.remotes[1].tunnel is None or a2.mesh.remotes[1].tunnel.state is not State.UP:
