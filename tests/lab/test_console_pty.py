@@ -77,8 +77,13 @@ class ConsolePty:
         self.text += _ANSI.sub("", data.decode(errors="replace"))
         return True
 
-    def expect(self, pattern: str, timeout: float = 15.0) -> re.Match[str]:
-        """Wait for pattern in the output after what earlier expects consumed."""
+    def expect(self, pattern: str, timeout: float = 45.0) -> re.Match[str]:
+        """Wait for pattern in the output after what earlier expects consumed.
+
+        The bound is generous: on a loaded machine an fsync of the console's audit event can
+        take seconds. A failure says which step it was (the transcript's tail) and whether the
+        console was still running.
+        """
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         while True:
@@ -91,12 +96,15 @@ class ConsolePty:
                 if m := regex.search(self.text, self.pos):
                     self.pos = m.end()
                     return m
+                state = "running" if self.proc.poll() is None else f"exited {self.proc.returncode}"
                 pytest.fail(
-                    f"console never showed {pattern!r}; it showed:\n{self.text[self.pos :]}",
+                    f"console never showed {pattern!r} in {timeout:.0f} s (console {state});"
+                    f" after the last match it showed:\n{self.text[self.pos :]}\n"
+                    f"--- the transcript's last 1500 characters ---\n{self.text[-1500:]}",
                     pytrace=False,
                 )
 
-    def output_until_prompt(self, prompt: str = "> ", timeout: float = 30.0) -> str:
+    def output_until_prompt(self, prompt: str = "> ", timeout: float = 45.0) -> str:
         start = self.pos
         m = self.expect(re.escape(prompt), timeout)
         return self.text[start : m.start()]
@@ -107,7 +115,7 @@ class ConsolePty:
     def line(self, text: str) -> None:
         self.send(text + "\r")  # Enter on a terminal; the tty turns it into a newline
 
-    def command(self, text: str, prompt: str = "> ", timeout: float = 30.0) -> str:
+    def command(self, text: str, prompt: str = "> ", timeout: float = 45.0) -> str:
         """Type a command at the prompt; its output up to the next prompt."""
         self.line(text)
         self.expect(re.escape(text))
