@@ -290,6 +290,13 @@ int fp_peer_set_keepalive(fp_t *fp, uint32_t peer_id, uint32_t interval_ms);
  * wrote, or -errno. */
 int fp_liveness_scan(fp_t *fp, uint64_t ack_after_ns, uint64_t silent_after_ns, uint32_t *ids,
                      size_t cap);
+/* Whether a liveness clock may be running (the last scan found one, or one started since):
+ * while it does, scan often; while not, a scan once a second sends the idle keepalives. */
+int fp_liveness_busy(fp_t *fp);               /* 1 or 0 */
+/* An eventfd that becomes readable when a clock starts after a scan that found none running:
+ * a supervisor that scans rarely while none runs waits on it and reads it (8 bytes) to
+ * acknowledge. Written once, then not again until a scan finds no clock running. */
+int fp_liveness_wake_fd(fp_t *fp);
 
 /* What the TUN device does for us (fp_tun_features). fp_tun_open asks for
  * IFF_VNET_HDR and checksum/TSO (and, where the kernel has it, USO) offload, so

@@ -53,10 +53,18 @@ int fp_new(const struct fp_config *cfg, fp_t **out)
         free(fp);
         return -e;
     }
+    fp->live_wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (fp->live_wake_fd < 0) {
+        int e = errno;
+        close(fp->stop_fd);
+        free(fp);
+        return -e;
+    }
     int rc = fp_ctrlq_init(&fp->cq, c.ctrl_queue_len);
     if (rc == 0 && (rc = fp_tables_init(fp)) < 0)
         fp_ctrlq_free(&fp->cq);
     if (rc < 0) {
+        close(fp->live_wake_fd);
         close(fp->stop_fd);
         free(fp);
         return rc;
@@ -84,6 +92,7 @@ void fp_free(fp_t *fp)
         fp_link_destroy(fp->links[i]);
     fp_tables_free(fp);
     fp_ctrlq_free(&fp->cq);
+    close(fp->live_wake_fd);
     close(fp->stop_fd);
     pthread_rwlock_destroy(&fp->lock);
     pthread_mutex_destroy(&fp->api_lock);

@@ -214,6 +214,11 @@ struct fp {
     _Atomic uint64_t scan_gen;          /* live_gen when the last full pass began */
     _Atomic bool scan_pending;          /* ... and whether it found a clock running */
     _Atomic uint64_t scan_keepalive_ns; /* when the next keepalive pass is due */
+    /* fp_liveness_wake_fd: written when a clock starts after a scan found none running, so
+     * a supervisor that ticks slowly while nothing runs is woken; once until a scan again
+     * finds none running (live_wake_sent). */
+    int live_wake_fd;
+    _Atomic bool live_wake_sent;
 };
 
 static inline uint64_t fp_now_ns(void)

@@ -1283,6 +1283,18 @@ int fp_send_keepalive(fp_t *fp, uint32_t peer_id)
 /* How often fp_liveness_scan looks for idle peers due a keepalive. */
 #define KEEPALIVE_PASS_NS (1000 * 1000000ull)
 
+int fp_liveness_wake_fd(fp_t *fp)
+{
+    return fp->live_wake_fd;
+}
+
+int fp_liveness_busy(fp_t *fp)
+{
+    return atomic_load_explicit(&fp->scan_pending, memory_order_relaxed) ||
+           atomic_load_explicit(&fp->live_gen, memory_order_acquire) !=
+               atomic_load_explicit(&fp->scan_gen, memory_order_relaxed);
+}
+
 int fp_peer_set_keepalive(fp_t *fp, uint32_t peer_id, uint32_t interval_ms)
 {
     if (interval_ms > 3600000)
@@ -1341,6 +1353,10 @@ int fp_liveness_scan(fp_t *fp, uint64_t ack_after_ns, uint64_t silent_after_ns, 
     pthread_rwlock_unlock(&fp->lock);
     atomic_store_explicit(&fp->scan_gen, gen, memory_order_relaxed);
     atomic_store_explicit(&fp->scan_pending, pending, memory_order_relaxed);
+    /* None running: the next clock to start wakes the supervisor (fp_liveness_wake_fd).
+     * While some run it scans often anyway, and the data threads write nothing. */
+    if (!pending)
+        atomic_store_explicit(&fp->live_wake_sent, false, memory_order_relaxed);
     return (int)n;
 }
 

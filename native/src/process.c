@@ -7,6 +7,7 @@
 
 #include <errno.h>
 #include <string.h>
+#include <unistd.h>
 
 static int drop(struct fp_result *res, int reason, struct fp_ctr *a, struct fp_ctr *b)
 {
@@ -54,6 +55,19 @@ static inline bool is_data(const uint8_t *in, size_t len)
     return len && in[0] >> 4 != FP_PROBE >> 4;
 }
 
+/* A liveness clock started: fp_liveness_scan must walk again, and a supervisor that
+ * scans rarely while none runs is woken (once until its next scan). */
+static void clock_started(struct fp *fp)
+{
+    atomic_fetch_add_explicit(&fp->live_gen, 1, memory_order_release);
+    if (!atomic_load_explicit(&fp->live_wake_sent, memory_order_relaxed) &&
+        !atomic_exchange_explicit(&fp->live_wake_sent, true, memory_order_relaxed)) {
+        uint64_t one = 1;
+        ssize_t r = write(fp->live_wake_fd, &one, sizeof(one));
+        (void)r; /* EAGAIN only with the counter near overflow: the reader drains it */
+    }
+}
+
 /* Liveness under traffic: anything sent pays what the peer was owed; the
  * first data packet since the peer last answered starts its clock. Loads
  * first, so a busy flow does not write the shared line on every packet. */
@@ -65,7 +79,7 @@ static void note_sent(struct fp *fp, struct fp_peer *peer, size_t len, uint64_t 
         uint64_t none = 0;
         if (atomic_compare_exchange_strong_explicit(&peer->unanswered_ns, &none, now,
                                                     memory_order_relaxed, memory_order_relaxed))
-            atomic_fetch_add_explicit(&fp->live_gen, 1, memory_order_release);
+            clock_started(fp);
     }
 }
 
@@ -78,7 +92,7 @@ static void note_received(struct fp *fp, struct fp_peer *peer, size_t plen, uint
         uint64_t none = 0;
         if (atomic_compare_exchange_strong_explicit(&peer->owed_ns, &none, now,
                                                     memory_order_relaxed, memory_order_relaxed))
-            atomic_fetch_add_explicit(&fp->live_gen, 1, memory_order_release);
+            clock_started(fp);
     }
 }
 

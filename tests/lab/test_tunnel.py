@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -89,6 +90,39 @@ def test_lan_hosts_talk_through_the_tunnel(lab: Lab) -> None:
     assert status["site_id"] == 1 and status["peers_up"] == 1
     text = lab.socketctl(s1, "peers", json_out=False)
     assert "up" in text
+
+
+def _tick_rate(lab: Lab, site: Site, seconds: float) -> float:
+    t0, n0 = time.monotonic(), lab.socketctl(site, "status")["ticks"]
+    time.sleep(seconds)
+    t1, n1 = time.monotonic(), lab.socketctl(site, "status")["ticks"]
+    return (n1 - n0) / (t1 - t0)
+
+
+def test_the_supervisor_ticks_often_only_while_a_clock_runs(lab: Lab) -> None:
+    """At rest (tunnel up, no traffic, no PoP) socketd wakes about once a second; traffic
+    starts the fast path's liveness clocks, which wake it at once and keep it ticking every
+    50 ms, so a path that stops answering is still noticed within a second."""
+    s1, s2 = build(lab)
+    start_pair(lab, s1, s2)
+    wait_state(lab, s1, 2, "up", UP_TIMEOUT_S)
+    wait_state(lab, s2, 1, "up", UP_TIMEOUT_S)
+    time.sleep(2)  # the handshake's last messages and acknowledgements
+    idle = _tick_rate(lab, s1, 4)
+    # Each status request wakes it once too; 20 a second is what a fixed 50 ms clock does.
+    assert idle < 5, f"{idle:.1f} ticks/s at rest"
+    ping = subprocess.Popen(
+        ["ip", "netns", "exec", s2.lan_ns, "ping", "-q", "-i", "0.05", "-c", "100",
+         s1.lan_host_ip],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.5)
+        busy = _tick_rate(lab, s1, 2)
+    finally:
+        ping.kill()
+        ping.wait()
+    assert busy > 10, f"{busy:.1f} ticks/s under traffic"
 
 
 def test_large_packets_are_not_black_holed(lab: Lab) -> None:

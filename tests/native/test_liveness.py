@@ -4,7 +4,10 @@ its data gets a keepalive, once."""
 
 from __future__ import annotations
 
+import os
+import select
 import socket
+import sys
 import time
 from collections.abc import Iterator
 
@@ -129,3 +132,38 @@ def test_the_scan_skips_its_walk_while_nothing_can_be_due(pair: Pair) -> None:
     time.sleep(0.02)
     assert pair.a.liveness_scan(10, 0.01) == [2]  # walked: the packet started a clock
     assert pair.a.liveness_scan(10, 0.01) == [2]  # still running: walked again
+
+
+def _readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def test_a_clock_starting_after_a_quiet_scan_wakes_the_supervisor_once(pair: Pair) -> None:
+    """socketd ticks rarely while no liveness clock runs: the first data packet after a scan
+    that found none running makes the wake fd readable (once, until a scan finds none
+    running again), and busy says to scan every tick meanwhile."""
+    fp = pair.a
+    fd = fp.liveness_wake_fd
+    fp.liveness_scan(10, 5)
+    assert not fp.liveness_busy()
+    assert not _readable(fd)
+    pair.a_to_b()  # starts the unanswered clock
+    assert fp.liveness_busy()
+    assert _readable(fd)
+    assert os.read(fd, 8) == (1).to_bytes(8, sys.byteorder)
+    # Answered, then unanswered again before any scan: no second wake.
+    assert fp.process_inbound(LINK, B_ADDR, b_to_a(pair)).verdict == Verdict.TUN
+    pair.a_to_b()
+    assert not _readable(fd)
+    # A scan that still finds a clock running does not re-arm it...
+    fp.liveness_scan(10, 5)
+    assert fp.liveness_busy()
+    pair.a_to_b()
+    assert not _readable(fd)
+    # ...one that finds none does (new keys stop the clocks): the next start wakes again.
+    fp.key_activate(2, 0x1001, 0x2001)  # make_pair's indices
+    fp.liveness_scan(10, 5)
+    assert not fp.liveness_busy()
+    assert not _readable(fd)
+    pair.a_to_b()
+    assert _readable(fd)

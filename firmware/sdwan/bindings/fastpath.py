@@ -532,6 +532,17 @@ class FastPath:
         )
         return list(ids[0:n])
 
+    def liveness_busy(self) -> bool:
+        """Whether a liveness clock may be running: scan every tick while it does
+        (fp_liveness_busy)."""
+        return bool(lib.fp_liveness_busy(self._h))
+
+    @property
+    def liveness_wake_fd(self) -> int:
+        """Readable when a liveness clock starts while none ran; read 8 bytes to acknowledge
+        (fp_liveness_wake_fd)."""
+        return int(lib.fp_liveness_wake_fd(self._h))
+
     # ------------------------------------------------------------------ control path
 
     @property

@@ -566,6 +566,25 @@ class SessionLayer:
 
     # ---------------------------------------------------------------- periodic work
 
+    def next_due(self) -> float:
+        """When tick() next has something to do: a handshake's retransmission or deadline,
+        a finished one to drop, the next look for stale sessions."""
+        now = self.clock()
+        due = self._next_stale_check
+        for entry in self._table.values():
+            session = entry.session
+            if session.established:
+                continue
+            if entry.reported:
+                return now  # dropped at the next tick
+            if session.failed:
+                continue  # reported with the input that failed it; no clock of its own
+            due = min(due, entry.created + self.policy.handshake_deadline_s)
+            left = session.timeout()
+            if left is not None:
+                due = min(due, now + left)
+        return due
+
     def tick(self) -> None:
         now = self.clock()
         in_use: set[DtlsSession] | None = None

@@ -23,6 +23,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -100,6 +101,11 @@ class _Ping:
     next_at: float = 0.0
     next_id: int = 1
     sent: dict[int, float] = field(default_factory=dict)
+
+
+def _age_s(ns: int) -> float:
+    """Seconds since a fast-path timestamp (CLOCK_MONOTONIC, like time.monotonic_ns)."""
+    return max(0.0, (time.monotonic_ns() - ns) / 1e9) if ns else 0.0
 
 
 class PopSession:
@@ -189,12 +195,14 @@ class PopSession:
         if not self.welcomed and self.registered_public is not None and now >= self._next_register:
             self.register()
         c = self.cloud.fp.peer_counters(self.peer_id)
+        # When it happened, not when this tick saw it: the ticker comes when a keepalive or
+        # the dead line is due (next_due), so a tick's time can be well after the packet.
         if c.last_rx_ns != self._rx_mark:
             self._rx_mark = c.last_rx_ns
-            self.last_rx_at = now
+            self.last_rx_at = now - _age_s(c.last_rx_ns)
         if c.last_tx_ns != self._tx_mark:
             self._tx_mark = c.last_tx_ns
-            self.last_tx_at = now
+            self.last_tx_at = now - _age_s(c.last_tx_ns)
         timers = self.cloud.timers
         silent = now - (self.last_rx_at if self.last_rx_at is not None else now)
         if silent > timers.dead_after_s:
@@ -218,6 +226,30 @@ class PopSession:
                 # The PoP sends the whole directory again when ours is not the one it sent.
                 ping["rev"] = self.cloud.directory_rev
             self.tunnel.send_message(ping)
+
+    def next_due(self, now: float) -> float:
+        """When tick() next has something to do: a handshake given up, the next attempt, a
+        keepalive, the PoP's silence turning into a loss, a ping, a register resent, the
+        tunnel's rekey."""
+        tunnel = self.tunnel
+        if tunnel.state is not State.UP:
+            hs = tunnel.handshaking
+            if hs is None:
+                return tunnel.next_due()
+            if self._hs is None or self._hs[0] is not hs:
+                return now  # the next tick starts timing it
+            return self._hs[1] + self._hs_patience
+        if not tunnel.settled:
+            return now
+        timers = self.cloud.timers
+        due = min(tunnel.next_due(), self.last_tx_at + timers.keepalive_s)
+        if self.last_rx_at is not None:
+            due = min(due, self.last_rx_at + timers.dead_after_s)
+        if self.welcomed:
+            due = min(due, self._ping.next_at)
+        elif self.registered_public is not None:
+            due = min(due, self._next_register)
+        return due
 
     def _restart_stuck_handshake(self, now: float) -> None:
         hs = self.tunnel.handshaking
@@ -669,6 +701,22 @@ class Cloud(SessionOwner):
         # Once per tick, however many links changed (each register carries them all), and
         # also for a session that was still registering when an endpoint changed.
         self._reregister()
+
+    def next_due(self) -> float:
+        """When tick() next has something to do (socketd ticks no sooner unless something
+        arrives): the sessions' clocks, an event upload unanswered; now while a PoP switch
+        is being timed."""
+        if not self.enabled:
+            return math.inf
+        now = self.clock()
+        if len(self.pops) > 1 and (self.active != 0 or not self._live(0)):
+            return now  # a switch to the secondary, or back, waits on a clock
+        due = math.inf
+        for ps in self.sessions.values():
+            due = min(due, ps.next_due(now))
+        if self._upload is not None:
+            due = min(due, self._upload[1] + EVENT_ACK_TIMEOUT_S)
+        return due
 
     def _choose_pop(self, now: float) -> None:
         primary_live = bool(self._live(0))

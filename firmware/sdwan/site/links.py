@@ -25,6 +25,7 @@ the supervisor's `send` (the fast path's control send on the link's socket).
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -380,6 +381,22 @@ class LinkManager:
                 self._tick_stun(wl, wl.stun, self.stun_server, now)
             if self.stun_check is not None:
                 self._tick_stun(wl, wl.stun_check, self.stun_check, now)
+
+    def next_due(self) -> float:
+        """When tick() next has something to do: a transaction to start or retransmit."""
+        now = self.clock()
+        due = math.inf
+        for wl in self._links.values():
+            for st, server in ((wl.stun, self.stun_server), (wl.stun_check, self.stun_check)):
+                if server is None:
+                    continue
+                if st.tx is None:
+                    due = min(due, st.next_at)
+                    continue
+                left = st.tx.next_timeout(now)
+                if left is not None:
+                    due = min(due, now + left)
+        return due
 
     def _tick_stun(self, wl: WanLink, st: LinkStun, server: Addr, now: float) -> None:
         if st.tx is None:

@@ -942,6 +942,18 @@ class Mesh(SessionOwner):
             self._dirty = False
             self.paths.submit(PATHS_PRODUCER, self._candidates())
 
+    def next_due(self) -> float:
+        """When tick() next has something to do: now while a peer is busy, else the first
+        settled peer's turn or the next look for missing sites."""
+        if not self.remotes and not self._dirty:
+            return math.inf
+        if self._dirty or self._busy or not self.enabled:
+            return self.clock()
+        due = self._next_missing_check
+        if self._turns:
+            due = min(due, self._turns[0][0])
+        return due
+
     def _due(self, now: float) -> list[MeshPeer]:
         """The peers whose clock runs this tick: the busy ones (punching, connecting, down,
         handshaking, held off the mesh, or just told something) every tick, and the settled

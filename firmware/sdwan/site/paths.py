@@ -216,6 +216,11 @@ class Paths:
 
     # ---------------------------------------------------------------- the fast path
 
+    @property
+    def dirty(self) -> bool:
+        """Whether the next apply() has something to choose or retry."""
+        return self._dirty
+
     def apply(self) -> None:
         """Choose, then change only what differs in the fast path, in one batch call."""
         if not self._dirty:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -31,7 +32,7 @@ from sdwan.appliance.wanaddr import WanAddressing
 from sdwan.appliance.watchdog import Guard
 from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig, FastPathError
 from sdwan.common import heap
-from sdwan.common.control import ControlServer
+from sdwan.common.control import ControlServer, Handler
 from sdwan.common.daemon import StartupError, run_service
 from sdwan.common.dtls import DtlsContext, DtlsSession
 from sdwan.common.netcfg import NetcfgError, Plan, apply_in_worker, tunnel_mtu
@@ -49,7 +50,13 @@ from sdwan.site.tunnel import Addr, PeerTunnel, StaticTunnels, Timers
 
 log = logging.getLogger("sdwan.site.socketd")
 
+# The ticker runs every TICK_S while anything has a sub-second clock running (a handshake,
+# a PoP session's keepalives, a punch, traffic whose liveness is watched), and otherwise
+# when the earliest of its parts' next_due() comes, at most IDLE_TICK_S apart: an idle box
+# with hundreds of settled tunnels wakes a few times a second, not twenty. Anything that
+# arrives (a control packet, a command, a liveness clock starting) wakes it at once.
 TICK_S = 0.05
+IDLE_TICK_S = 1.0
 MAX_EVENTS_PER_WAKEUP = 256  # a control flood must not starve timers and socketctl
 LED_PERIOD_S = 0.5  # how often the LEDs follow the box's state
 # A peer's data unanswered by us for this long gets a keepalive: the peer's liveness under
@@ -98,6 +105,8 @@ class Supervisor:
         self._net_dirty = False
         self._stop = asyncio.Event()
         self._ticked = asyncio.Event()  # the loop has run a tick: the start-up is over
+        self._wake = asyncio.Event()  # something arrived: tick now, not at the next due time
+        self.ticks = 0
         self._next_trim = clock() + HEAP_TRIM_S
         self.wan: WanAddressing | None = None
         self.leds: LedController | None = None
@@ -305,6 +314,13 @@ class Supervisor:
     def _on_ctrl_readable(self) -> None:
         assert self.fp is not None
         self.fp.ctrl_drain(self._on_ctrl_event, MAX_EVENTS_PER_WAKEUP)
+        self._wake.set()
+
+    def _on_liveness_wake(self) -> None:
+        assert self.fp is not None
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.fp.liveness_wake_fd, 8)
+        self._wake.set()
 
     def _on_ctrl_event(self, ev: CtrlEvent) -> None:
         self.sessions.on_ctrl_event(ev)
@@ -357,11 +373,43 @@ class Supervisor:
         if silent and self.mesh is not None:
             self.mesh.on_silent(silent)
 
+    def _next_due(self) -> float:
+        """The earliest time (self.clock) a part's clock needs a tick; now when one runs a
+        sub-second clock."""
+        now = self.clock()
+        due = min(now + IDLE_TICK_S, self._next_trim, self.sessions.next_due(),
+                  self.links.next_due())
+        for tunnel in self.tunnels.values():
+            due = min(due, tunnel.next_due() if tunnel.settled else now)
+        if self.cloud is not None:
+            due = min(due, self.cloud.next_due())
+        if self.mesh is not None:
+            due = min(due, self.mesh.next_due())
+        if self.paths is not None and self.paths.dirty:
+            due = now
+        if self.fp is not None and self.fp.liveness_busy():
+            due = now
+        return due
+
     async def _ticker(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self._stop.is_set():
+            started = loop.time()
+            self._wake.clear()  # what arrives during the tick wakes the next one
             self._tick()
+            self.ticks += 1
             self._ticked.set()
-            await asyncio.sleep(TICK_S)
+            try:
+                delay = self._next_due() - self.clock()
+            except Exception:
+                log.exception("next tick time unknown")
+                delay = TICK_S
+            if delay > TICK_S:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), min(delay, IDLE_TICK_S))
+            # Never more often than every TICK_S: a flood of control packets is handled in
+            # batches (MAX_EVENTS_PER_WAKEUP) between ticks, not a tick per packet.
+            await asyncio.sleep(max(0.0, started + TICK_S - loop.time()))
 
     # ---------------------------------------------------------------- control socket
 
@@ -392,6 +440,9 @@ class Supervisor:
             "name": self.cfg.site.name,
             "version": __version__,
             "uptime_s": round(self.clock() - self.started, 1),
+            # How often the supervisor woke: about once a second at rest, every TICK_S while
+            # a handshake, a punch or traffic's liveness runs a clock.
+            "ticks": self.ticks,
             "tunnel_interface": self.cfg.tunnel.interface,
             "peers_up": sum(1 for t in self.tunnels.values() if t.state == "up"),
             "peers_total": len(self.tunnels),
@@ -456,6 +507,18 @@ class Supervisor:
         }
 
     # ---------------------------------------------------------------- WAN addressing
+
+    def _waking(self, handler: Handler) -> Handler:
+        """A command may change what the ticker has to do (a link set, a lease): the next
+        tick comes at once."""
+
+        async def run(req: dict) -> dict:
+            try:
+                return await handler(req)
+            finally:
+                self._wake.set()
+
+        return run
 
     def _wan_handlers(self) -> dict:
         """`links`, `set-link` and `dhcp-lease` (wanaddr.py owns them)."""
@@ -540,17 +603,19 @@ class Supervisor:
             raise
         assert self.fp is not None
         loop.add_reader(self.fp.ctrl_fd, self._on_ctrl_readable)
+        loop.add_reader(self.fp.liveness_wake_fd, self._on_liveness_wake)
+        handlers = {
+            "status": self._status,
+            "peers": self._peers,
+            "pop": self._pop,
+            "routes": self._routes,
+            "mesh": self._mesh,
+            "events": self._events,
+            **self._wan_handlers(),
+        }
         self.control = ControlServer(
             self.cfg.paths.control_socket,
-            {
-                "status": self._status,
-                "peers": self._peers,
-                "pop": self._pop,
-                "routes": self._routes,
-                "mesh": self._mesh,
-                "events": self._events,
-                **self._wan_handlers(),
-            },
+            {name: self._waking(h) for name, h in handlers.items()},
         )
         await self.control.start()
         self._start_wan()
@@ -577,6 +642,7 @@ class Supervisor:
             if self.wan is not None:
                 await self.wan.close()
             loop.remove_reader(self.fp.ctrl_fd)
+            loop.remove_reader(self.fp.liveness_wake_fd)
             self.close()
 
     def close(self) -> None:

@@ -33,6 +33,7 @@ they do not (a PoP's directory), reassembled here per session before anything el
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
@@ -335,9 +336,21 @@ class PeerTunnel:
         )
 
     def next_due(self) -> float:
-        """When a settled tunnel's tick next has something to do: free its session, rekey,
-        judge a silence, search its path MTU. An owner of hundreds of tunnels ticks each
-        when it is due instead of all of them all the time."""
+        """When the tunnel's tick next has something to do. Settled: free its session, rekey,
+        judge a silence, search its path MTU. Down and waiting: its next handshake or kick.
+        Anything else (a handshake, keys being handed over): now. An owner of hundreds of
+        tunnels ticks each when it is due instead of all of them all the time."""
+        if not self.settled:
+            if (
+                self.state is not State.UP
+                and self._handshaking is None
+                and self._kick_handshaking is None
+                and self._keys.pending_idx is None
+            ):
+                if self.initiator:
+                    return self._next_attempt
+                return self._next_kick if self.kicks else math.inf
+            return self.clock()
         due = self.pmtu.next_due()
         session = self.session
         if not self.keep_session and session is not None and not session.released:
