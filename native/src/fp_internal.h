@@ -99,6 +99,10 @@ struct fp_peer_ep {
     uint64_t seq;                       /* when fp_peer_set_endpoint last set it */
     struct fp_addr addr;                /* unused address bytes are zero */
     uint64_t rx_packets, rx_bytes, tx_packets, tx_bytes;
+    /* The idle-keepalive pass (fp_liveness_scan): tx_packets when it last looked, and
+     * since when nothing more went out over this endpoint. */
+    uint64_t ka_mark;
+    uint64_t ka_idle_ns;
 };
 
 /* A link the weighted policy may pick, derived from policy and endpoints. */

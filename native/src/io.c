@@ -1236,40 +1236,100 @@ int fp_ctrl_send(fp_t *fp, uint32_t link_id, const struct fp_addr *to,
 }
 
 /* An authenticated empty packet to p's primary endpoint; under fp->lock (read). */
-static int keepalive_locked(fp_t *fp, struct fp_peer *p)
+/* Send a sealed keepalive where res says (link_id, to). */
+static int send_keepalive(fp_t *fp, const uint8_t *pkt, const struct fp_result *res)
 {
-    uint8_t pkt[FP_OVERHEAD];
-    struct fp_result res;
     struct sockaddr_storage ss;
     socklen_t sl;
-    memset(&res, 0, sizeof(res));
-    int rc = fp_seal_for_peer(fp, p, pkt + FP_HEADER_LEN, 0, pkt, sizeof(pkt), &res, fp_now_ns());
-    if (rc < 0)
-        return rc;
-    if (res.verdict == FP_V_DROP) {
+    int rc;
+    if (res->verdict == FP_V_DROP) {
         static const int err[FP_DROP__COUNT] = {
             [FP_DROP_NO_KEY] = -ENOKEY, [FP_DROP_NO_ENDPOINT] = -ENOTCONN,
             [FP_DROP_KEY_EXPIRED] = -EKEYEXPIRED};
-        return err[res.drop_reason] ? err[res.drop_reason] : -EIO;
+        return err[res->drop_reason] ? err[res->drop_reason] : -EIO;
     }
-    struct fp_link *l = fp_link_find(fp, res.link_id);
+    struct fp_link *l = fp_link_find(fp, res->link_id);
     if (!l) {
         fp_ctr_add(&fp->gctr.drops[FP_DROP_SEND_ERROR], 1);
         return -ENODEV;
     }
-    if (fp_addr_to_sockaddr(&res.to, l->family, &ss, &sl) < 0) {
+    if (fp_addr_to_sockaddr(&res->to, l->family, &ss, &sl) < 0) {
         fp_ctr_add(&l->ctr.drops[FP_DROP_SEND_ERROR], 1);
         return -EAFNOSUPPORT;
     }
-    if (sendto(l->fd, pkt, res.out_len, MSG_DONTWAIT, (struct sockaddr *)&ss, sl) < 0) {
+    if (sendto(l->fd, pkt, res->out_len, MSG_DONTWAIT, (struct sockaddr *)&ss, sl) < 0) {
         rc = -errno;
         fp_ctr_add(&l->ctr.drops[FP_DROP_SEND_ERROR], 1);
         return rc;
     }
     fp_ctr_add(&l->ctr.tx_packets, 1);
-    fp_ctr_add(&l->ctr.tx_bytes, res.out_len);
+    fp_ctr_add(&l->ctr.tx_bytes, res->out_len);
     return 0;
 }
+
+static int keepalive_locked(fp_t *fp, struct fp_peer *p)
+{
+    uint8_t pkt[FP_OVERHEAD];
+    struct fp_result res;
+    memset(&res, 0, sizeof(res));
+    int rc = fp_seal_for_peer(fp, p, pkt + FP_HEADER_LEN, 0, pkt, sizeof(pkt), &res, fp_now_ns());
+    if (rc < 0)
+        return rc;
+    return send_keepalive(fp, pkt, &res);
+}
+
+/* One keepalive over one endpoint (link and address), whatever the peer's link policy. */
+static int keepalive_to_locked(fp_t *fp, struct fp_peer *p, uint32_t link_id,
+                               const struct fp_addr *to)
+{
+    uint8_t pkt[FP_OVERHEAD];
+    struct fp_result res;
+    memset(&res, 0, sizeof(res));
+    int rc = fp_seal_to(fp, p, link_id, to, pkt + FP_HEADER_LEN, 0, pkt, sizeof(pkt), &res,
+                        fp_now_ns());
+    if (rc < 0)
+        return rc;
+    return send_keepalive(fp, pkt, &res);
+}
+
+/* The idle keepalives of one peer: every endpoint over which nothing went out for `every`
+ * gets one of its own (within the pass's second), so each link's NAT mapping of a multi-link
+ * peer stays open, not only the one its traffic takes. An endpoint that never sent is due
+ * at once. */
+static void idle_keepalives_locked(fp_t *fp, struct fp_peer *p, uint64_t every, uint64_t now)
+{
+    struct {
+        uint32_t link_id;
+        struct fp_addr to;
+    } due[FP_PEER_ENDPOINTS];
+    int n = 0;
+    pthread_mutex_lock(&p->ep_lock);
+    for (int i = 0; i < FP_PEER_ENDPOINTS; i++) {
+        struct fp_peer_ep *e = &p->ep[i];
+        if (!e->used)
+            continue;
+        bool never = e->tx_packets == 0 && e->ka_idle_ns == 0;
+        if (!never && (e->tx_packets != e->ka_mark || e->ka_idle_ns == 0)) {
+            e->ka_mark = e->tx_packets; /* sent over since the last look: idle from now */
+            e->ka_idle_ns = now;
+            continue;
+        }
+        if (!never && now - e->ka_idle_ns < every)
+            continue;
+        due[n].link_id = e->link_id;
+        due[n].to = e->addr;
+        n++;
+        /* Counted here like any packet sealed for the peer, under the same lock. */
+        e->tx_packets++;
+        e->tx_bytes += FP_OVERHEAD;
+        e->ka_mark = e->tx_packets;
+        e->ka_idle_ns = now;
+    }
+    pthread_mutex_unlock(&p->ep_lock);
+    for (int i = 0; i < n; i++)
+        (void)keepalive_to_locked(fp, p, due[i].link_id, &due[i].to);
+}
+
 
 int fp_send_keepalive(fp_t *fp, uint32_t peer_id)
 {
@@ -1337,11 +1397,8 @@ int fp_liveness_scan(fp_t *fp, uint64_t ack_after_ns, uint64_t silent_after_ns, 
                 p->primary >= 0)
                 (void)keepalive_locked(fp, p);
             uint64_t every = atomic_load_explicit(&p->keepalive_ns, memory_order_relaxed);
-            if (keepalives && every && p->tx_slot >= 0 && p->primary >= 0) {
-                uint64_t last = atomic_load_explicit(&p->ctr.last_tx_ns, memory_order_relaxed);
-                if (!last || (now > last && now - last >= every))
-                    (void)keepalive_locked(fp, p);
-            }
+            if (keepalives && every && p->tx_slot >= 0)
+                idle_keepalives_locked(fp, p, every, now);
             uint64_t since = atomic_load_explicit(&p->unanswered_ns, memory_order_relaxed);
             if (since && now > since && now - since >= silent_after_ns && n < cap)
                 ids[n++] = p->id;

@@ -4,6 +4,7 @@ and the batch route call."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import socket
@@ -412,3 +413,49 @@ def test_route_batch_is_one_call_not_n() -> None:
         print(f"1000 prefixes: batch {batch * 1e3:.3f} ms, singles {single * 1e3:.3f} ms")
         assert batch < single, (batch, single)
         assert batch < 0.25
+
+
+def test_every_endpoint_gets_its_own_idle_keepalive(site: FastPath) -> None:
+    """Traffic takes one link; the idle keepalives of the scan go over every endpoint that
+    sent nothing for the interval, so the NAT mapping of each link stays open."""
+    pass_s = 1.05  # past the scan's once-a-second keepalive pass
+    rx = {}
+    for link in (1, 2):
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        tx.bind(("127.0.0.1", 0))
+        site.link_add(link, tx.fileno())
+        tx.close()  # the fast path keeps its own duplicate
+        rx[link] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rx[link].bind(("127.0.0.1", 0))
+        rx[link].setblocking(False)
+        site.set_endpoint(2, link, rx[link].getsockname())
+    site.set_policy(2, [(1, 1)])
+
+    def got() -> dict[int, int]:
+        n = {}
+        for link, s in rx.items():
+            n[link] = 0
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    assert len(s.recv(100)) == 32
+                    n[link] += 1
+        return n
+
+    try:
+        site.set_keepalive(2, 0.05)
+        time.sleep(pass_s)
+        site.liveness_scan(10, 10)
+        assert got() == {1: 1, 2: 1}  # nothing sent ever: both due
+        for i in range(5):
+            assert link_of(site, flow_packet(i)) == 1
+        time.sleep(pass_s)
+        site.liveness_scan(10, 10)
+        assert got() == {1: 0, 2: 1}  # link 1 carried data since the last pass
+        time.sleep(pass_s)
+        site.liveness_scan(10, 10)
+        assert got() == {1: 1, 2: 1}
+        tx_by_link = {e.link_id: e.tx_packets for e in site.endpoint_info(2).endpoints}
+        assert tx_by_link == {1: 7, 2: 3}, tx_by_link  # keepalives counted on their endpoint
+    finally:
+        for s in rx.values():
+            s.close()

@@ -25,7 +25,7 @@ from sdwan.pop import pki
 from sdwan.site.cloud import DOC_CONFIG, DOC_DIRECTORY, pop_peer_id
 from sdwan.site.config import Cloud as CloudCfg
 from sdwan.site.config import Lan, Link, Paths, Peer, Pki, Pop, Site, SiteConfig, Tunnel
-from sdwan.site.socketd import Supervisor
+from sdwan.site.supervisor import Supervisor
 
 Addr = tuple[str, int]
 STEP = 0.05

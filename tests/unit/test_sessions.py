@@ -37,7 +37,7 @@ from sdwan.pop.config import load_pop_config
 from sdwan.pop.popd import POP_POLICY, Pop
 from sdwan.site.cloud import pop_peer_id
 from sdwan.site.config import Cloud as CloudCfg
-from sdwan.site.socketd import SITE_POLICY
+from sdwan.site.supervisor import SITE_POLICY
 from sdwan.site.tunnel import PeerTunnel, State, Timers
 
 Addr = tuple[str, int]

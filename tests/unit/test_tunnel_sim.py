@@ -22,7 +22,7 @@ from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig
 from sdwan.common.dtls import DtlsContext
 from sdwan.pop import pki
 from sdwan.site.config import Mesh as MeshConfig
-from sdwan.site.socketd import Supervisor
+from sdwan.site.supervisor import Supervisor
 from sdwan.site.tunnel import PeerTunnel, State, Timers, encode_kick
 
 Addr = tuple[str, int]

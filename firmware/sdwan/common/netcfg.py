@@ -11,7 +11,6 @@ table is recreated), so it can run again after any change.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import subprocess
@@ -200,6 +199,8 @@ async def _apply_addressing(plan: AddrPlan) -> None:
 def apply_addressing(plan: AddrPlan) -> None:
     if plan.family not in (4, 6):
         raise NetcfgError(f"address family must be 4 or 6, got {plan.family}")
+    import asyncio  # the worker's alone (see apply)
+
     asyncio.run(_apply_addressing(plan))
 
 
@@ -209,6 +210,8 @@ def apply_addressing_in_worker(plan: AddrPlan, timeout: float = WORKER_TIMEOUT_S
 
 
 def apply(plan: Plan) -> None:
+    import asyncio  # the worker's alone: socketd imports this module first thing
+
     _ipv6_on_tunnel(plan)
     asyncio.run(_apply_links(plan))
     _apply_mss(plan)
@@ -217,6 +220,42 @@ def apply(plan: Plan) -> None:
 def apply_in_worker(plan: Plan, timeout: float = WORKER_TIMEOUT_S) -> None:
     """Apply `plan` in a child process (see the module docstring for why)."""
     _run_worker(asdict(plan), timeout)
+
+
+class Worker:
+    """A worker started before its plan is known: it imports pyroute2 while its parent is
+    still loading (socketd starts one first thing, so that the two start side by side), then
+    waits for one plan on stdin. apply() hands it over; close() ends a worker never used."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[str] | None = subprocess.Popen(
+            [sys.executable, "-m", "sdwan.common.netcfg"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def apply(self, plan: Plan, timeout: float = WORKER_TIMEOUT_S) -> None:
+        """Apply plan in the waiting worker; a second call starts a fresh one."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            apply_in_worker(plan, timeout)
+            return
+        try:
+            _, err = proc.communicate(json.dumps(asdict(plan)), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise NetcfgError(f"netcfg worker did not finish within {timeout:g} s") from None
+        if proc.returncode != 0:
+            raise NetcfgError(err.strip() or f"netcfg worker exited {proc.returncode}")
+
+    def close(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            proc.kill()
+            proc.communicate()
 
 
 def _run_worker(doc: dict, timeout: float) -> None:
@@ -235,6 +274,10 @@ def _run_worker(doc: dict, timeout: float) -> None:
 
 
 def main() -> int:
+    # Before the plan is read: a Worker is started ahead of its plan so that this import
+    # runs while its parent is still loading.
+    import pyroute2  # noqa: F401
+
     try:
         doc = json.load(sys.stdin)
         if isinstance(doc, dict) and "addressing" in doc:

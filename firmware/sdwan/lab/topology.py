@@ -606,6 +606,10 @@ table ip lab_nat {{
         pp = env.get("PYTHONPATH")
         env["PYTHONPATH"] = str(_FIRMWARE_DIR) + (os.pathsep + pp if pp else "")
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # The daemons load compiled modules, as on the box (its image ships them): a host
+        # that asks for no bytecode files would have every start compile socketd's modules
+        # again, a tenth of a second that the start-up figures would count.
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         return env
 
     def exec(

@@ -1,4 +1,4 @@
-"""popd, the reference PoP: wires the parts together, as socketd.py does for a site.
+"""popd, the reference PoP: wires the parts together, as supervisor.py does for a site.
 
 PoP config and account (account.py) -> one UDP socket on the listen port handed to a fast path
 with relay on (fastpath.py; no TUN: the PoP only relays) -> DTLS sessions from sites

@@ -1,0 +1,685 @@
+"""The appliance supervisor (socketd.py is its entry point): wires the parts together and
+owns nothing else. Config (config.py) -> fast path (fastpath.py) with the TUN device (tundev.py) and
+the WAN links (links.py: sockets, state, STUN) -> kernel routes and MSS clamp (netcfg.py)
+-> the session layer (sessions.py) draining the fast path's control queue, with three owners
+of sessions registered: one PeerTunnel per configured peer (tunnel.py), the off-cloud mesh
+(mesh.py, also the handler of probe datagrams and of the PoP's punches) and the PoP sessions
+(cloud.py) -> the routes of every prefix, static, mesh and cloud (paths.py) -> events and cloud
+documents in the store (store.py) -> status over the control socket (control.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+
+from sdwan import __version__
+from sdwan.appliance.leds import (
+    BOOT_GRACE_S,
+    BoxState,
+    LedController,
+    Pattern,
+    choose_pattern,
+    open_leds,
+)
+from sdwan.appliance.wanaddr import WanAddressing
+from sdwan.appliance.watchdog import Guard
+from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig, FastPathError
+from sdwan.common import heap
+from sdwan.common.control import ControlServer, Handler
+from sdwan.common.daemon import StartupError
+from sdwan.common.dtls import DtlsContext, DtlsSession
+from sdwan.common.netcfg import NetcfgError, Plan, Worker, apply_in_worker, tunnel_mtu
+from sdwan.common.probe import PROBE_TYPE
+from sdwan.common.sessions import Policy, SessionLayer
+from sdwan.common.store import Store, StoreError
+from sdwan.site.birthday import LinkSockets
+from sdwan.site.cloud import Cloud, CloudTimers
+from sdwan.site.config import SiteConfig
+from sdwan.site.links import LinkError, LinkManager
+from sdwan.site.mesh import Mesh, pin_override
+from sdwan.site.paths import Candidate, Paths, Transport
+from sdwan.site.tundev import TunError, attach_tun
+from sdwan.site.tunnel import Addr, PeerTunnel, StaticTunnels, Timers
+
+log = logging.getLogger("sdwan.site.socketd")
+
+# The ticker runs every TICK_S while anything has a sub-second clock running (a handshake,
+# a PoP session's keepalives, a punch, traffic whose liveness is watched), and otherwise
+# when the earliest of its parts' next_due() comes, at most IDLE_TICK_S apart: an idle box
+# with hundreds of settled tunnels wakes a few times a second, not twenty. Anything that
+# arrives (a control packet, a command, a liveness clock starting) wakes it at once.
+TICK_S = 0.05
+IDLE_TICK_S = 1.0
+MAX_EVENTS_PER_WAKEUP = 256  # a control flood must not starve timers and socketctl
+LED_PERIOD_S = 0.5  # how often the LEDs follow the box's state
+# A peer's data unanswered by us for this long gets a keepalive: the peer's liveness under
+# traffic (docs/mesh.md) counts on an answer well within its silent_after_ms.
+ACK_AFTER_S = 0.1
+HEAP_TRIM_S = 30.0  # how often freed memory goes back to the system (common/heap.py)
+# Every legitimate peer of a socket is at a configured endpoint: those skip the per-IP limit
+# and may evict a stranger's handshake; a stranger's that times out is counted, not listed.
+SITE_POLICY = Policy(
+    max_handshaking=256,  # server sessions in progress; each needed a valid cookie
+    max_per_source=4,  # so that one host cannot fill the table by itself
+    known_skip_per_source=True,
+    strangers_evict=False,
+    list_strangers=False,
+)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        cfg: SiteConfig,
+        clock: Callable[[], float] = time.monotonic,
+        netcfg_worker: Worker | None = None,
+    ) -> None:
+        self.cfg = cfg
+        # Started by socketd.py before this module loaded; it applies the first plan.
+        self._first_worker = netcfg_worker
+        self.clock = clock  # the tests' simulations drive their own
+        self.started = clock()
+        self.sessions = SessionLayer(
+            send=self.send,
+            clock=clock,
+            policy=SITE_POLICY,
+            my_site_id=cfg.site.id,
+            on_stun=self._on_stun,
+        )
+        self.tunnels: dict[int, PeerTunnel] = {}
+        self.sessions.add_owner(
+            StaticTunnels(
+                self.tunnels, {p.site_id: [str(n) for n in p.subnets] for p in cfg.peers}
+            )
+        )
+        self.links = LinkManager(cfg.links, send=self.send, clock=clock)
+        self.link_ids = self.links.ids
+        self.fp: FastPath | None = None
+        self.control: ControlServer | None = None
+        self.store: Store | None = None
+        self.cloud: Cloud | None = None
+        self.mesh: Mesh | None = None
+        self.paths: Paths | None = None
+        self._net_plan: Plan | None = None
+        self._net_task: asyncio.Task[None] | None = None
+        self._net_dirty = False
+        self._stop = asyncio.Event()
+        self._ticked = asyncio.Event()  # the loop has run a tick: the start-up is over
+        self._wake = asyncio.Event()  # something arrived: tick now, not at the next due time
+        self.ticks = 0
+        self._next_trim = clock() + HEAP_TRIM_S
+        self.wan: WanAddressing | None = None
+        self.leds: LedController | None = None
+        self.guard: Guard | None = None  # made by run(): the simulations have no appliance
+        self._cloud_was_up = False  # the LEDs show booting until the cloud is first up
+
+    @property
+    def dtls(self) -> DtlsContext | None:
+        return self.sessions.dtls
+
+    @dtls.setter
+    def dtls(self, context: DtlsContext | None) -> None:
+        self.sessions.dtls = context
+
+    # ---------------------------------------------------------------- setup
+
+    def _open(self) -> None:
+        cfg = self.cfg
+        try:
+            self.dtls = DtlsContext(cfg.pki.ca, cfg.pki.cert, cfg.pki.key, cfg.site.id)
+        except (OSError, ValueError) as e:
+            raise StartupError(str(e)) from e
+        fp_cfg = FastPathConfig.default()
+        # Python rekeys on time; the fast path's own limits are the backstop.
+        fp_cfg.rekey_after_seconds = int(cfg.tunnel.rekey_s) + 30
+        fp_cfg.reject_after_seconds = int(cfg.tunnel.rekey_s) * 2 + 60
+        fp_cfg.spin_us = cfg.tunnel.answer_wait_us
+        self.fp = fp = FastPath(fp_cfg)
+        try:
+            attach_tun(fp, cfg.tunnel.interface)
+        except TunError as e:
+            raise StartupError(str(e)) from e
+        try:
+            self.links.open(fp)
+        except LinkError as e:
+            raise StartupError(str(e)) from e
+        timers = Timers(
+            keepalive_s=cfg.tunnel.keepalive_s,
+            rekey_s=cfg.tunnel.rekey_s,
+            dead_after_s=3 * cfg.tunnel.keepalive_s,
+        )
+        for peer in cfg.peers:
+            link_name = peer.link
+            link_id = self.link_ids[link_name]
+            fp.peer_add(peer.site_id)
+            fp.set_endpoint(peer.site_id, link_id, peer.endpoint)
+            self.tunnels[peer.site_id] = PeerTunnel(
+                my_site_id=cfg.site.id,
+                peer_site_id=peer.site_id,
+                link_id=link_id,
+                link_name=link_name,
+                endpoint=peer.endpoint,
+                fp=fp,
+                port=self,
+                timers=timers,
+                clock=self.clock,
+                on_event=self._tunnel_event(peer.site_id),
+                link_mtu=self.links.mtu,
+            )
+        try:
+            self.store = Store(cfg.paths.data_dir)
+        except (StoreError, OSError) as e:
+            # Tunnels work without a store; only history and the cloud copy are lost.
+            log.error("store unusable, running without one: %s", e)
+        self.links.store = self.store
+        self.cloud = self._make_cloud(fp)
+        self.mesh = self._make_mesh(fp, self.cloud)
+        assert self.paths is not None
+        plan = Plan(
+            tun=cfg.tunnel.interface,
+            mtu=tunnel_mtu([ln.mtu for ln in cfg.links]),
+            routes=self.paths.tun_routes,
+            mss_clamp=cfg.tunnel.mss_clamp,
+        )
+        try:
+            if self._first_worker is not None:
+                self._first_worker.apply(plan)
+            else:
+                apply_in_worker(plan)
+        except NetcfgError as e:
+            raise StartupError(f"network configuration failed: {e}") from e
+        self._net_plan = plan
+        fp.start()
+
+    def _make_paths(self, fp: FastPath) -> Paths:
+        """The route owner, with the static peers submitted (they are in the fast path)."""
+        cfg = self.cfg
+        paths = Paths(fp, local=cfg.lan.subnets, on_tun_routes=self._on_tun_routes)
+        paths.submit(
+            "static",
+            [Candidate(n, p.site_id, Transport.DIRECT) for p in cfg.peers for n in p.subnets],
+        )
+        return paths
+
+    def _make_cloud(self, fp: FastPath) -> Cloud:
+        cfg = self.cfg
+        if self.paths is None:
+            self.paths = self._make_paths(fp)
+        cloud = Cloud(
+            site_id=cfg.site.id,
+            version=__version__,
+            links=self.links,
+            pops=cfg.pops,
+            timers=CloudTimers(
+                keepalive_s=cfg.cloud.keepalive_ms / 1000,
+                dead_after_s=cfg.cloud.dead_after_ms / 1000,
+                return_hold_s=float(cfg.cloud.return_hold_s),
+                ping_s=float(cfg.cloud.ping_s),
+                rekey_s=float(cfg.tunnel.rekey_s),
+            ),
+            fp=fp,
+            paths=self.paths,
+            port=self,
+            store=self.store,
+            clock=self.clock,
+        )
+        self.sessions.add_owner(cloud)
+        return cloud
+
+    def _make_mesh(self, fp: FastPath, cloud: Cloud) -> Mesh:
+        cfg = self.cfg
+        assert self.paths is not None
+        keepalive = float(cfg.mesh.keepalive_s)
+        mesh = Mesh(
+            site_id=cfg.site.id,
+            cfg=cfg.mesh,
+            links=self.links,
+            fp=fp,
+            port=self,
+            paths=self.paths,
+            # Idle, a dead path is noticed within two keepalive intervals (docs/mesh.md).
+            timers=Timers(
+                keepalive_s=keepalive, rekey_s=cfg.tunnel.rekey_s, dead_after_s=2 * keepalive
+            ),
+            directory=lambda: cloud.directory,
+            ask_pop=cloud.send_to_pop,
+            static_ids=self.tunnels.keys(),
+            account_offcloud=lambda: (cloud.config or {}).get("offcloud"),
+            directory_known=lambda: cloud.directory_rev is not None,
+            on_event=self._record_event,
+            clock=self.clock,
+            sockets=LinkSockets(),
+        )
+        # Before the cloud: `socketctl peers` lists a site's mesh tunnel while it is up.
+        self.sessions.add_owner(mesh, before=cloud)
+        self.sessions.add_handler(PROBE_TYPE, mesh.on_probe)
+
+        def on_punch(ps: object, msg: dict) -> None:
+            mesh.on_punch(msg, from_active_pop=cloud.is_active(ps))  # type: ignore[arg-type]
+
+        cloud.handle("punch", on_punch)
+        cloud.watch_directory(mesh.on_directory)
+        self.paths.set_override(pin_override(cfg.mesh.pin), why="pinned to the mesh ([mesh] pin)")
+        mesh.load_cache()
+        return mesh
+
+    def _tunnel_event(self, site_id: int) -> Callable[[str, str], None]:
+        def record(kind: str, text: str) -> None:
+            if self.store is None:
+                return
+            try:
+                self.store.add_event(kind.replace("-", "."), text, site_id=site_id)
+            except (StoreError, ValueError) as e:
+                log.warning("event not stored: %s", e)
+
+        return record
+
+    def _on_tun_routes(self, prefixes: list[str]) -> None:
+        """Kernel routes into the TUN device for every routed prefix (paths.py), applied off
+        the loop."""
+        if self._net_plan is None:
+            return  # _open applies the first plan itself
+        self._net_plan.routes = prefixes
+        self._net_dirty = True
+        if self._net_task is None or self._net_task.done():
+            self._net_task = asyncio.get_running_loop().create_task(self._apply_net())
+
+    async def _apply_net(self) -> None:
+        # The worker replaces routes idempotently; routes of sites that left stay on
+        # the tunnel device, where the fast path drops their packets as no_route.
+        while self._net_dirty and self._net_plan is not None:
+            self._net_dirty = False
+            plan = Plan(**{**self._net_plan.__dict__, "routes": list(self._net_plan.routes)})
+            try:
+                await asyncio.to_thread(apply_in_worker, plan)
+            except NetcfgError as e:
+                log.error("kernel routes not installed: %s", e)
+
+    # ---------------------------------------------------------------- Port for tunnels
+
+    def send(self, link_id: int, addr: Addr, data: bytes) -> None:
+        assert self.fp is not None
+        try:
+            self.fp.ctrl_send(link_id, addr, data)
+        except OSError as e:
+            log.debug("send to %s:%d failed: %s", addr[0], addr[1], e)
+
+    def client_session(
+        self, link_id: int, addr: Addr, expected_site_id: int | tuple[str, int]
+    ) -> DtlsSession:
+        return self.sessions.client_session(link_id, addr, expected_site_id)
+
+    def forget_session(self, session: DtlsSession) -> None:
+        self.sessions.forget_session(session)
+
+    # ---------------------------------------------------------------- control packets
+
+    def _on_ctrl_readable(self) -> None:
+        assert self.fp is not None
+        self.fp.ctrl_drain(self._on_ctrl_event, MAX_EVENTS_PER_WAKEUP)
+        self._wake.set()
+
+    def _on_liveness_wake(self) -> None:
+        assert self.fp is not None
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.fp.liveness_wake_fd, 8)
+        self._wake.set()
+
+    def _on_ctrl_event(self, ev: CtrlEvent) -> None:
+        self.sessions.on_ctrl_event(ev)
+
+    def _on_stun(self, link_id: int, addr: Addr, data: bytes) -> bool:
+        # Answers to the links' Binding requests; anything else (requests from strangers,
+        # late retransmitted answers) is counted and dropped: a link socket reflects nothing.
+        return self.links.on_stun(link_id, addr, data)
+
+    # ---------------------------------------------------------------- periodic work
+
+    def _tick(self) -> None:
+        self.sessions.tick()
+        for tunnel in self.tunnels.values():
+            try:
+                tunnel.tick()
+            except Exception:
+                log.exception("tunnel %d tick failed", tunnel.peer_id)
+        try:
+            self.links.tick()
+        except Exception:
+            log.exception("links tick failed")
+        if self.cloud is not None:
+            try:
+                self.cloud.tick()
+            except Exception:
+                log.exception("cloud tick failed")
+        if self.mesh is not None:
+            try:
+                self.mesh.tick()
+            except Exception:
+                log.exception("mesh tick failed")
+        if self.fp is not None:
+            self._liveness(self.fp)
+        if self.paths is not None:
+            self.paths.apply()  # retries a route the fast path refused; cheap when none
+        now = self.clock()
+        if now >= self._next_trim:
+            self._next_trim = now + HEAP_TRIM_S
+            heap.trim()
+
+    def _liveness(self, fp: FastPath) -> None:
+        """Liveness under traffic (docs/mesh.md): the fast path answers one-way traffic with
+        keepalives, and names the peers that have stopped answering ours."""
+        try:
+            silent = fp.liveness_scan(ACK_AFTER_S, self.cfg.mesh.silent_after_ms / 1000)
+        except FastPathError as e:
+            log.warning("liveness scan failed: %s", e)
+            return
+        if silent and self.mesh is not None:
+            self.mesh.on_silent(silent)
+
+    def _next_due(self) -> float:
+        """The earliest time (self.clock) a part's clock needs a tick; now when one runs a
+        sub-second clock."""
+        now = self.clock()
+        due = min(now + IDLE_TICK_S, self._next_trim, self.sessions.next_due(),
+                  self.links.next_due())
+        for tunnel in self.tunnels.values():
+            due = min(due, tunnel.next_due() if tunnel.settled else now)
+        if self.cloud is not None:
+            due = min(due, self.cloud.next_due())
+        if self.mesh is not None:
+            due = min(due, self.mesh.next_due())
+        if self.paths is not None and self.paths.dirty:
+            due = now
+        if self.fp is not None and self.fp.liveness_busy():
+            due = now
+        return due
+
+    async def _ticker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stop.is_set():
+            started = loop.time()
+            self._wake.clear()  # what arrives during the tick wakes the next one
+            self._tick()
+            self.ticks += 1
+            self._ticked.set()
+            try:
+                delay = self._next_due() - self.clock()
+            except Exception:
+                log.exception("next tick time unknown")
+                delay = TICK_S
+            if delay > TICK_S:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), min(delay, IDLE_TICK_S))
+            # Never more often than every TICK_S: a flood of control packets is handled in
+            # batches (MAX_EVENTS_PER_WAKEUP) between ticks, not a tick per packet.
+            await asyncio.sleep(max(0.0, started + TICK_S - loop.time()))
+
+    # ---------------------------------------------------------------- control socket
+
+    async def _status(self, _req: dict) -> dict:
+        assert self.fp is not None
+        links = []
+        for link in self.cfg.links:
+            c = self.fp.link_counters(self.link_ids[link.name])
+            links.append(
+                {
+                    "name": link.name,
+                    "interface": link.interface,
+                    "port": link.port,
+                    "precedence": link.precedence,
+                    "mtu": link.mtu,
+                    "rx_packets": c.rx_packets,
+                    "tx_packets": c.tx_packets,
+                    "rx_bytes": c.rx_bytes,
+                    "tx_bytes": c.tx_bytes,
+                    "drops": c.drops,
+                }
+            )
+        g = self.fp.global_counters()
+        spin = self.fp.spin_stats()
+        st = self.sessions.stats
+        return {
+            "site_id": self.cfg.site.id,
+            "name": self.cfg.site.name,
+            "version": __version__,
+            "uptime_s": round(self.clock() - self.started, 1),
+            # How often the supervisor woke: about once a second at rest, every TICK_S while
+            # a handshake, a punch or traffic's liveness runs a clock.
+            "ticks": self.ticks,
+            "tunnel_interface": self.cfg.tunnel.interface,
+            "peers_up": sum(1 for t in self.tunnels.values() if t.state == "up"),
+            "peers_total": len(self.tunnels),
+            "links": links,
+            "drops": g.drops,
+            # The TUN thread's waits for answers (docs/dataplane.md, "Latency").
+            "answer_waits": {
+                "waits": spin.spins,
+                "answered": spin.hits,
+                "cpu_ms": round(spin.spin_ns / 1e6, 1),
+            },
+            "control": {
+                "dtls_no_session": st.dtls_no_session,
+                # Refused by admission or evicted when full counts as rejected here.
+                "dtls_rejected": st.rejected + st.refused_admission + st.evicted,
+                "kicks_bad": st.kicks_bad,
+                "unknown": st.unknown + st.oversized,
+                "stun_unmatched": st.stun_unmatched,
+                "probe_acks_unmatched": st.probe_acks_unmatched,
+            },
+            "rejections": list(st.rejections),
+            "cloud": self.cloud.summary() if self.cloud is not None else {"state": "off"},
+            "mesh": self.mesh.summary() if self.mesh is not None else {"enabled": False},
+            "appliance": self._appliance_status(),
+        }
+
+    async def _peers(self, _req: dict) -> dict:
+        # Each owner of sessions lists its peers, in the order they were registered.
+        peers: list[dict] = []
+        for owner in self.sessions.owners:
+            peers.extend(owner.peers({p["site_id"] for p in peers}))
+        return {"peers": peers}
+
+    async def _pop(self, _req: dict) -> dict:
+        if self.cloud is None:
+            return {"state": "off", "sessions": []}
+        return self.cloud.pop_status()
+
+    async def _mesh(self, _req: dict) -> dict:
+        if self.mesh is None:
+            return {"enabled": False, "paths": []}
+        return {**self.mesh.summary(), "paths": self.mesh.peers_status()}
+
+    async def _routes(self, _req: dict) -> dict:
+        assert self.paths is not None
+        return self.paths.status()
+
+    async def _events(self, req: dict) -> dict:
+        limit = req.get("limit", 50)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10000:
+            raise ValueError("limit must be an integer 1..10000")
+        kind = req.get("kind")
+        if kind is not None and not isinstance(kind, str):
+            raise ValueError("kind must be a string")
+        if self.store is None:
+            raise ValueError("no event store (see the log for why)")
+        events = self.store.events(limit=limit, kind=kind)
+        return {
+            "events": [e.to_dict() for e in events],
+            "last_seq": self.store.last_seq(),
+            "uploaded_seq": self.store.uploaded_seq(),
+        }
+
+    # ---------------------------------------------------------------- WAN addressing
+
+    def _waking(self, handler: Handler) -> Handler:
+        """A command may change what the ticker has to do (a link set, a lease): the next
+        tick comes at once."""
+
+        async def run(req: dict) -> dict:
+            try:
+                return await handler(req)
+            finally:
+                self._wake.set()
+
+        return run
+
+    def _wan_handlers(self) -> dict:
+        """`links`, `set-link` and `dhcp-lease` (wanaddr.py owns them)."""
+        self.wan = WanAddressing(
+            self.cfg.links, self.store, self.cfg.paths.control_socket, self._record_event
+        )
+        return self.wan.handlers()
+
+    def _start_wan(self) -> None:
+        # Stored settings are applied in the background once the control socket is up, so
+        # the console can look at (and fix) a link whose setting fails.
+        assert self.wan is not None
+        self.wan.start()
+
+    def _record_event(self, kind: str, text: str, data: dict) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.add_event(kind, text, data=data)
+        except (StoreError, ValueError) as e:
+            log.warning("event not stored: %s", e)
+
+    # ---------------------------------------------------------------- LEDs and watchdog
+
+    def _start_appliance(self) -> None:
+        """Before anything else, so that a socketd that fails to start is counted (leds.py,
+        watchdog.py)."""
+        self.leds = open_leds(self.cfg.appliance.leds)
+        self.guard = Guard(self.cfg.appliance, self.cfg.paths.data_dir, __version__)
+        self.guard.start()
+        if self.leds is not None:
+            self.leds.show(Pattern.ERROR if self.guard.in_error() else Pattern.BOOTING)
+
+    async def _appliance(self, ticker: asyncio.Task[None]) -> None:
+        assert self.guard is not None
+        # The watchdog keeps its start-up timeout until the loop has ticked once (or the
+        # ticker died: then the running timeout, unpetted, resets the box soon).
+        ticked = asyncio.create_task(self._ticked.wait())
+        try:
+            await asyncio.wait({ticked, ticker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ticked.cancel()
+        # A supervisor whose ticker died is not healthy: the pets stop, the box resets.
+        pets = asyncio.create_task(self.guard.run(alive=lambda: not ticker.done()))
+        try:
+            while True:
+                if self.leds is not None:
+                    self._show_leds(self.leds)
+                await asyncio.sleep(LED_PERIOD_S)
+        finally:
+            pets.cancel()
+
+    def _show_leds(self, leds: LedController) -> None:
+        links = self.links.states()
+        cloud = self.cloud.state if self.cloud is not None else "off"
+        self._cloud_was_up |= cloud == "up"
+        # Until the cloud is first reached (or the grace runs out) the box is booting, however
+        # its sessions and links come and go meanwhile: no link_fault/cloud_down flicker.
+        first_connect = cloud != "off" and not self._cloud_was_up
+        state = BoxState(
+            cloud=cloud,
+            links_down=tuple(name for name, up in links.items() if not up),
+            error=self.guard is not None and self.guard.in_error(),
+            booting=first_connect and self.clock() - self.started < BOOT_GRACE_S,
+        )
+        leds.show(choose_pattern(state), links)
+
+    def _appliance_status(self) -> dict:
+        guard = self.guard.status() if self.guard is not None else {}
+        return {**guard, "leds": self.leds.status() if self.leds is not None else None}
+
+    # ---------------------------------------------------------------- run
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._start_appliance()
+        try:
+            self._open()
+        except StartupError as e:
+            assert self.guard is not None
+            self.guard.end(f"start failed: {e}")
+            raise
+        assert self.fp is not None
+        loop.add_reader(self.fp.ctrl_fd, self._on_ctrl_readable)
+        loop.add_reader(self.fp.liveness_wake_fd, self._on_liveness_wake)
+        handlers = {
+            "status": self._status,
+            "peers": self._peers,
+            "pop": self._pop,
+            "routes": self._routes,
+            "mesh": self._mesh,
+            "events": self._events,
+            **self._wan_handlers(),
+        }
+        self.control = ControlServer(
+            self.cfg.paths.control_socket,
+            {name: self._waking(h) for name, h in handlers.items()},
+        )
+        await self.control.start()
+        self._start_wan()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        log.info(
+            "socketd %s up: site %d, %d link(s), %d peer(s)",
+            __version__,
+            self.cfg.site.id,
+            len(self.cfg.links),
+            len(self.tunnels),
+        )
+        ticker = asyncio.create_task(self._ticker())
+        appliance = asyncio.create_task(self._appliance(ticker))
+        try:
+            await self._stop.wait()
+        finally:
+            appliance.cancel()
+            ticker.cancel()
+            if self._stop.is_set() and self.guard is not None:
+                self.guard.end("stopped")
+            log.info("socketd stopping")
+            await self.control.close()
+            if self.wan is not None:
+                await self.wan.close()
+            loop.remove_reader(self.fp.ctrl_fd)
+            loop.remove_reader(self.fp.liveness_wake_fd)
+            self.close()
+
+    def close(self) -> None:
+        # The watchdog first: a slow LED below must not outlast init's grace period with
+        # the watchdog still armed.
+        if self.guard is not None:
+            self.guard.close()
+        if self.leds is not None:
+            if self.guard is not None and self.guard.ended == "stopped":
+                self.leds.show(Pattern.OFF)
+                self.leds.settle(0.5)
+            self.leds.close(timeout=1.0)
+            self.leds = None
+        if self.mesh is not None:
+            self.sessions.remove_owner(self.mesh)
+            with contextlib.suppress(Exception):
+                self.mesh.close()
+            self.mesh = None
+        if self.cloud is not None:
+            self.sessions.remove_owner(self.cloud)
+            with contextlib.suppress(Exception):
+                self.cloud.close()
+            self.cloud = None
+        if self.fp is not None:
+            self.fp.close()
+            self.fp = None
+        if self.store is not None:
+            self.links.store = None
+            self.store.close()
+            self.store = None
+
