@@ -285,9 +285,10 @@ int fp_peer_set_keepalive(fp_t *fp, uint32_t peer_id, uint32_t interval_ms);
  * peer owed an answer for ack_after_ns (so a live peer answers one-way traffic
  * within that) and to every peer idle past its fp_peer_set_keepalive interval,
  * and writes the ids of up to cap peers silent for
- * silent_after_ns into ids (a silent peer is reported by every scan until it
- * answers, or fp_key_activate gives it new keys). Returns how many ids it
- * wrote, or -errno. */
+ * silent_after_ns into ids (a silent peer is reported by the scan that finds it
+ * silent, then by the once-a-second keepalive pass until it answers or
+ * fp_key_activate gives it new keys). Returns how many ids it wrote, or
+ * -errno. */
 int fp_liveness_scan(fp_t *fp, uint64_t ack_after_ns, uint64_t silent_after_ns, uint32_t *ids,
                      size_t cap);
 /* Whether a liveness clock may be running (the last scan found one, or one started since):

@@ -1235,8 +1235,7 @@ int fp_ctrl_send(fp_t *fp, uint32_t link_id, const struct fp_addr *to,
     return rc;
 }
 
-/* An authenticated empty packet to p's primary endpoint; under fp->lock (read). */
-/* Send a sealed keepalive where res says (link_id, to). */
+/* Send a sealed keepalive where res says (link_id, to); under fp->lock (read). */
 static int send_keepalive(fp_t *fp, const uint8_t *pkt, const struct fp_result *res)
 {
     struct sockaddr_storage ss;
@@ -1267,6 +1266,7 @@ static int send_keepalive(fp_t *fp, const uint8_t *pkt, const struct fp_result *
     return 0;
 }
 
+/* An authenticated empty packet to p's primary endpoint; under fp->lock (read). */
 static int keepalive_locked(fp_t *fp, struct fp_peer *p)
 {
     uint8_t pkt[FP_OVERHEAD];
@@ -1319,17 +1319,23 @@ static void idle_keepalives_locked(fp_t *fp, struct fp_peer *p, uint64_t every, 
         due[n].link_id = e->link_id;
         due[n].to = e->addr;
         n++;
-        /* Counted here like any packet sealed for the peer, under the same lock. */
-        e->tx_packets++;
-        e->tx_bytes += FP_OVERHEAD;
-        e->ka_mark = e->tx_packets;
         e->ka_idle_ns = now;
     }
     pthread_mutex_unlock(&p->ep_lock);
-    for (int i = 0; i < n; i++)
-        (void)keepalive_to_locked(fp, p, due[i].link_id, &due[i].to);
+    for (int i = 0; i < n; i++) {
+        if (keepalive_to_locked(fp, p, due[i].link_id, &due[i].to) < 0)
+            continue;
+        /* Counted on its endpoint like the primary's keepalives (no inner bytes), if the
+         * endpoint is still the one it went to. */
+        pthread_mutex_lock(&p->ep_lock);
+        int s = fp_peer_ep_slot(p, due[i].link_id);
+        if (s >= 0) {
+            p->ep[s].tx_packets++;
+            p->ep[s].ka_mark = p->ep[s].tx_packets;
+        }
+        pthread_mutex_unlock(&p->ep_lock);
+    }
 }
-
 
 int fp_send_keepalive(fp_t *fp, uint32_t peer_id)
 {
@@ -1400,10 +1406,17 @@ int fp_liveness_scan(fp_t *fp, uint64_t ack_after_ns, uint64_t silent_after_ns, 
             if (keepalives && every && p->tx_slot >= 0)
                 idle_keepalives_locked(fp, p, every, now);
             uint64_t since = atomic_load_explicit(&p->unanswered_ns, memory_order_relaxed);
-            if (since && now > since && now - since >= silent_after_ns && n < cap)
+            bool silent = since && now > since && now - since >= silent_after_ns;
+            if (silent && n < cap)
                 ids[n++] = p->id;
-            /* Still owed (the keepalive may have failed) or unanswered: walk again. */
-            if (since || atomic_load_explicit(&p->owed_ns, memory_order_relaxed))
+            /* Walk again at the next scan while a clock can still come due: owed and
+             * answerable (the keepalive may have failed), or unanswered and not silent yet. A
+             * silent peer is reported again by the once-a-second pass; one owed without keys
+             * or endpoint waits for them (fp_key_activate, fp_peer_set_endpoint bump
+             * live_gen). */
+            if ((atomic_load_explicit(&p->owed_ns, memory_order_relaxed) && p->tx_slot >= 0 &&
+                 p->primary >= 0) ||
+                (since && !silent))
                 pending = true;
         }
     }
@@ -1412,8 +1425,10 @@ int fp_liveness_scan(fp_t *fp, uint64_t ack_after_ns, uint64_t silent_after_ns, 
     atomic_store_explicit(&fp->scan_pending, pending, memory_order_relaxed);
     /* None running: the next clock to start wakes the supervisor (fp_liveness_wake_fd).
      * While some run it scans often anyway, and the data threads write nothing. */
-    if (!pending)
+    if (!pending) {
         atomic_store_explicit(&fp->live_wake_sent, false, memory_order_relaxed);
+        atomic_thread_fence(memory_order_seq_cst); /* see clock_started */
+    }
     return (int)n;
 }
 

@@ -60,6 +60,9 @@ static inline bool is_data(const uint8_t *in, size_t len)
 static void clock_started(struct fp *fp)
 {
     atomic_fetch_add_explicit(&fp->live_gen, 1, memory_order_release);
+    /* Against fp_liveness_scan's re-arm then fp_liveness_busy's load: without a full fence
+     * each side could miss the other's store, and the wake would be lost. */
+    atomic_thread_fence(memory_order_seq_cst);
     if (!atomic_load_explicit(&fp->live_wake_sent, memory_order_relaxed) &&
         !atomic_exchange_explicit(&fp->live_wake_sent, true, memory_order_relaxed)) {
         uint64_t one = 1;

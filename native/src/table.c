@@ -555,6 +555,8 @@ int fp_peer_set_endpoint(fp_t *fp, uint32_t peer_id, uint32_t link_id, const str
         p->ep[s].seq = ++p->ep_seq;
         fp_peer_choice_update(p);
         fp_ep_changed(fp);
+        /* A clock owed while it had no endpoint can come due now: scan again. */
+        atomic_fetch_add_explicit(&fp->live_gen, 1, memory_order_release);
     }
     pthread_mutex_unlock(&p->ep_lock);
 out:
@@ -741,6 +743,8 @@ int fp_key_activate(fp_t *fp, uint32_t peer_id, uint32_t local_index, uint32_t r
             p->tx_slot = s;
             /* New keys, a new path perhaps: silence before them says nothing now. */
             atomic_store_explicit(&p->unanswered_ns, 0, memory_order_relaxed);
+            /* A clock owed while it had no keys can come due now: scan again. */
+            atomic_fetch_add_explicit(&fp->live_gen, 1, memory_order_release);
             rc = 0;
         }
     }
@@ -759,8 +763,12 @@ int fp_key_clear(fp_t *fp, uint32_t peer_id)
             p->slot[s] = NULL;
         }
     }
-    if (p)
+    if (p) {
         p->tx_slot = -1;
+        /* No keys, nothing to answer or be answered: its liveness clocks stop. */
+        atomic_store_explicit(&p->unanswered_ns, 0, memory_order_relaxed);
+        atomic_store_explicit(&p->owed_ns, 0, memory_order_relaxed);
+    }
     pthread_rwlock_unlock(&fp->lock);
     return p ? 0 : -ENOENT;
 }

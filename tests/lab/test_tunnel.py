@@ -104,7 +104,7 @@ def test_the_supervisor_ticks_often_only_while_a_clock_runs(lab: Lab) -> None:
     starts the fast path's liveness clocks, which wake it at once and keep it ticking every
     50 ms, so a path that stops answering is still noticed within a second."""
     s1, s2 = build(lab)
-    start_pair(lab, s1, s2)
+    start_pair(lab, s1, s2, keepalive_s=1)  # a dead peer is down after 3 s
     wait_state(lab, s1, 2, "up", UP_TIMEOUT_S)
     wait_state(lab, s2, 1, "up", UP_TIMEOUT_S)
     time.sleep(2)  # the handshake's last messages and acknowledgements
@@ -123,6 +123,23 @@ def test_the_supervisor_ticks_often_only_while_a_clock_runs(lab: Lab) -> None:
         ping.kill()
         ping.wait()
     assert busy > 10, f"{busy:.1f} ticks/s under traffic"
+
+    # The peer dies under traffic: once its tunnel is down, neither the waiting tunnel nor
+    # the liveness clocks of packets nobody will answer keep socketd ticking.
+    lab.stop_socketd(s2, signal.SIGKILL)
+    ping = subprocess.Popen(
+        ["ip", "netns", "exec", s1.lan_ns, "ping", "-q", "-i", "0.05", "-c", "400",
+         s2.lan_host_ip],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_state(lab, s1, 2, "down", 20)
+        time.sleep(1)
+        dead = _tick_rate(lab, s1, 3)
+    finally:
+        ping.kill()
+        ping.wait()
+    assert dead < 5, f"{dead:.1f} ticks/s with the peer down"
 
 
 def test_large_packets_are_not_black_holed(lab: Lab) -> None:

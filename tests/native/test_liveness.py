@@ -28,7 +28,8 @@ def test_unanswered_data_makes_a_peer_silent_until_it_answers(pair: Pair) -> Non
     pair.a_to_b()
     time.sleep(0.02)
     assert pair.a.liveness_scan(10, 0.01) == [2]
-    assert pair.a.liveness_scan(10, 0.01) == [2]  # reported until it answers
+    time.sleep(1.05)  # then again by each once-a-second pass, until it answers
+    assert pair.a.liveness_scan(10, 0.01) == [2]
     assert pair.a.liveness_scan(10, 5) == []  # not silent that long
     assert pair.a.process_inbound(LINK, B_ADDR, b_to_a(pair)).verdict == Verdict.TUN
     assert pair.a.liveness_scan(10, 0) == []
@@ -130,8 +131,9 @@ def test_the_scan_skips_its_walk_while_nothing_can_be_due(pair: Pair) -> None:
     pair.a.liveness_scan(10, 0)  # a full pass: nothing running
     pair.a_to_b()  # unanswered from now on
     time.sleep(0.02)
-    assert pair.a.liveness_scan(10, 0.01) == [2]  # walked: the packet started a clock
-    assert pair.a.liveness_scan(10, 0.01) == [2]  # still running: walked again
+    assert pair.a.liveness_scan(10, 5) == []  # walked: a clock runs, not silent yet
+    assert pair.a.liveness_busy()  # still running: the next scan walks again...
+    assert pair.a.liveness_scan(10, 0.01) == [2]  # ...and sees it silent
 
 
 def _readable(fd: int) -> bool:
@@ -167,3 +169,23 @@ def test_a_clock_starting_after_a_quiet_scan_wakes_the_supervisor_once(pair: Pai
     assert not _readable(fd)
     pair.a_to_b()
     assert _readable(fd)
+
+
+def test_a_peer_that_stopped_answering_does_not_keep_the_scan_busy(pair: Pair) -> None:
+    """A silent peer is reported (again by every keepalive pass) but no longer counts as a
+    running clock: a dead peer must not keep socketd ticking every 50 ms. Clearing its keys
+    stops its clocks."""
+    fp = pair.a
+    pair.a_to_b()
+    assert fp.liveness_busy()
+    time.sleep(0.02)
+    assert fp.liveness_scan(10, 0.01) == [2]
+    assert not fp.liveness_busy()
+    # A clock running when the keys go: stopped with them.
+    assert fp.process_inbound(LINK, B_ADDR, b_to_a(pair)).verdict == Verdict.TUN
+    pair.a_to_b()
+    fp.liveness_scan(10, 10)
+    assert fp.liveness_busy()
+    fp.key_clear(2)
+    fp.liveness_scan(10, 10)
+    assert not fp.liveness_busy()

@@ -261,6 +261,7 @@ class SimSocket(Supervisor, Node):
         self.store = Store(cfg.paths.data_dir)
         self.cloud = self._make_cloud(self.fp)
         self.alive = True
+        self.woken = True
         net.nodes.append(self)
 
     def addr(self, link: str) -> Addr:
@@ -268,9 +269,14 @@ class SimSocket(Supervisor, Node):
 
     def on_ctrl(self, ev: CtrlEvent) -> None:
         self._on_ctrl_event(ev)
+        self.woken = True
 
     def tick(self) -> None:
-        self._tick()
+        # As socketd's ticker does: when a packet arrived or a part's clock is due
+        # (Supervisor._next_due), never on a fixed beat; a forgotten clock never fires here.
+        if self.woken or self._next_due() <= self.clock():
+            self.woken = False
+            self._tick()
 
     def shutdown(self) -> None:
         self.net.nodes.remove(self)

@@ -26,10 +26,13 @@ DIRECTORY = [{"site_id": 1, "subnets": [], "offcloud": True},
              {"site_id": 2, "subnets": [], "offcloud": True}]
 
 
-def mesh_site(net: Net, site_certs: Any, site_id: int, addr: tuple[str, int], tmp: Path) -> SimSite:
+def mesh_site(
+    net: Net, site_certs: Any, site_id: int, addr: tuple[str, int], tmp: Path,
+    links_cfg: tuple[Link, ...] = (Link("wan1", "lo", 4800),),
+) -> SimSite:
     site = SimSite(net, site_certs, site_id, addr, {}, MESH_TIMERS)
     assert site.fp is not None
-    links = LinkManager((Link("wan1", "lo", 4800),), send=site.send, clock=net.clock,
+    links = LinkManager(links_cfg, send=site.send, clock=net.clock,
                         store=Store(tmp / f"db{site_id}"))
     site.mesh = Mesh(
         site_id=site_id, cfg=MeshConfig(), links=links, fp=site.fp, port=site,
@@ -70,10 +73,12 @@ def lose_the_responders_first_key(net: Net, tunnel: Any) -> dict[str, int]:
     return dropped
 
 
-def mesh_pair(site_certs: Any, tmp: Path) -> tuple[Net, SimSite, SimSite]:
+def mesh_pair(
+    site_certs: Any, tmp: Path, links_cfg: tuple[Link, ...] = (Link("wan1", "lo", 4800),)
+) -> tuple[Net, SimSite, SimSite]:
     net = Net(Clock())
-    a = mesh_site(net, site_certs, 2, A_ADDR, tmp)  # the initiator
-    b = mesh_site(net, site_certs, 1, B_ADDR, tmp)
+    a = mesh_site(net, site_certs, 2, A_ADDR, tmp, links_cfg)  # the initiator
+    b = mesh_site(net, site_certs, 1, B_ADDR, tmp, links_cfg)
     a.mesh.on_punch(punch(2, 1, B_ADDR))
     b.mesh.on_punch(punch(1, 2, A_ADDR))
     net.run(5)

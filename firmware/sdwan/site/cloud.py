@@ -197,12 +197,14 @@ class PopSession:
         c = self.cloud.fp.peer_counters(self.peer_id)
         # When it happened, not when this tick saw it: the ticker comes when a keepalive or
         # the dead line is due (next_due), so a tick's time can be well after the packet.
+        # (Never back: a message already counted as heard from the PoP may be newer.)
         if c.last_rx_ns != self._rx_mark:
             self._rx_mark = c.last_rx_ns
-            self.last_rx_at = now - _age_s(c.last_rx_ns)
+            at = now - _age_s(c.last_rx_ns)
+            self.last_rx_at = at if self.last_rx_at is None else max(self.last_rx_at, at)
         if c.last_tx_ns != self._tx_mark:
             self._tx_mark = c.last_tx_ns
-            self.last_tx_at = now - _age_s(c.last_tx_ns)
+            self.last_tx_at = max(self.last_tx_at, now - _age_s(c.last_tx_ns))
         timers = self.cloud.timers
         silent = now - (self.last_rx_at if self.last_rx_at is not None else now)
         if silent > timers.dead_after_s:
@@ -709,14 +711,33 @@ class Cloud(SessionOwner):
         if not self.enabled:
             return math.inf
         now = self.clock()
-        if len(self.pops) > 1 and (self.active != 0 or not self._live(0)):
-            return now  # a switch to the secondary, or back, waits on a clock
-        due = math.inf
+        due = self._choice_due(now)
         for ps in self.sessions.values():
             due = min(due, ps.next_due(now))
         if self._upload is not None:
             due = min(due, self._upload[1] + EVENT_ACK_TIMEOUT_S)
         return due
+
+    def _choice_due(self, now: float) -> float:
+        """When _choose_pop's clocks come due (a switch to the secondary, on to the next, or
+        back to the primary); a session going live or dead arrives by its own clocks."""
+        if len(self.pops) < 2:
+            return math.inf
+        primary_live = bool(self._live(0))
+        if self.active == 0:
+            if primary_live:
+                return math.inf
+            if self._primary_down_since is None:
+                return now
+            grace = BOOT_GRACE_S if self._primary_down_since == self.started else 0.0
+            return self._primary_down_since + grace
+        if primary_live:
+            if not self._live(self.active) or self._primary_stable_since is None:
+                return now
+            return self._primary_stable_since + self.timers.return_hold_s
+        if self._live(self.active):
+            return math.inf
+        return now if self._active_live_seen else self._switched_at + BOOT_GRACE_S
 
     def _choose_pop(self, now: float) -> None:
         primary_live = bool(self._live(0))

@@ -139,6 +139,7 @@ class MeshStats:
     birthday_punches: int = 0  # birthday punches started, either side
     birthday_sockets: int = 0  # extra sockets opened for them (hard side)
     birthday_found: int = 0  # birthday punches that found a path
+    paths_silent: int = 0  # direct paths of a multi-link peer found dead on their own
 
 
 @dataclass(slots=True)  # hundreds of them: no __dict__ each
@@ -181,6 +182,10 @@ class MeshPath:
     guesses: list[int] = field(default_factory=list)  # easy side: the ports to probe
     sprayed: int = 0  # easy side: probes sent to guesses so far
     stored: NatEntry | None = None  # the path's NAT data as last read or written
+    # A direct path of a peer with several: its endpoint's received-packet count at the
+    # peer's last turn, and when that count last moved (Mesh._judge_paths).
+    rx_mark: int = -1
+    rx_at: float = 0.0
 
     def __post_init__(self) -> None:
         self.fp_link = self.fp_link or self.link_id
@@ -822,6 +827,11 @@ class Mesh(SessionOwner):
             self._dirty = True
         elif kind == "tunnel-down":
             for path in peer.paths.values():
+                if path.state is PathState.DIRECT:
+                    # The fast path keeps only endpoints of live paths: each gets keepalives
+                    # of its own, and a stale one must not draw the peer's traffic.
+                    with contextlib.suppress(FastPathError):
+                        self.fp.endpoint_del(peer.site_id, path.fp_link)
                 if path.state in (PathState.DIRECT, PathState.CONNECTING):
                     path.set(PathState.WAITING, f"{tunnel.reason or 'the peer stopped answering'}"
                              "; asking the PoP to punch again", now)
@@ -839,6 +849,7 @@ class Mesh(SessionOwner):
             # The handshake completed elsewhere on this link (the peer's NAT moved it).
             path.endpoint = peer.tunnel.endpoint
         path.set(PathState.DIRECT, None, now)
+        path.rx_mark, path.rx_at = -1, now
         path.cache_until = None
         path.request_backoff = REPUNCH_MIN_S
         self._missing.pop(peer.site_id, None)
@@ -984,16 +995,74 @@ class Mesh(SessionOwner):
         at = now + QUIET_TURN_S
         if peer.tunnel is not None:
             at = min(at, peer.tunnel.next_due())
+        if peer.hold_until:
+            at = min(at, peer.hold_until)  # its prefixes may take the mesh again
+        direct = 0
         for path in peer.paths.values():
             if path.state is PathState.WAITING:
                 at = min(at, path.next_request)  # its next request to the PoP
+            elif path.state is PathState.DIRECT:
+                direct += 1
+        if direct > 1:  # when a path's silence would have lasted two keepalive intervals
+            limit = 2 * self.timers.keepalive_s
+            at = min([at] + [p.rx_at + limit for p in peer.paths.values()
+                             if p.state is PathState.DIRECT])
         at = max(at, now + MIN_TURN_S)
         peer.turn_at = at
         heapq.heappush(self._turns, (at, peer.site_id))
 
+    def _judge_paths(self, peer: MeshPeer, now: float) -> None:
+        """Each direct path of a peer that has several, judged on its own: the peer's fast
+        path sends keepalives over every link (docs/tunnel.md, "Keepalives"), so a path over
+        which nothing arrived for two keepalive intervals while another path still answers
+        is dead. The tunnel's own liveness judges the peer as a whole."""
+        direct = [p for p in peer.paths.values() if p.state is PathState.DIRECT]
+        if len(direct) < 2:
+            return
+        try:
+            rx = {e.link_id: e.rx_packets for e in self.fp.endpoint_info(peer.site_id).endpoints}
+        except FastPathError:
+            return
+        for path in direct:
+            count = rx.get(path.fp_link)
+            if count is not None and count != path.rx_mark:
+                path.rx_mark, path.rx_at = count, now
+        limit = 2 * self.timers.keepalive_s
+        alive = [p for p in direct if now - p.rx_at < limit]
+        if not alive:
+            return  # nothing from the peer at all: the tunnel's liveness says so
+        for path in direct:
+            if path not in alive:
+                self._path_silent(peer, path, alive[0], now - path.rx_at, now)
+
+    def _path_silent(
+        self, peer: MeshPeer, path: MeshPath, other: MeshPath, silent_s: float, now: float
+    ) -> None:
+        log.info("mesh: nothing from site %d over %s for %.0f s; punching that path again",
+                 peer.site_id, path.link_name, silent_s)
+        with contextlib.suppress(FastPathError):
+            self.fp.endpoint_del(peer.site_id, path.fp_link)
+        tunnel = peer.tunnel
+        if tunnel is not None and tunnel.link_id == path.fp_link and other.endpoint is not None:
+            # Its next rekey goes over a path that answers.
+            tunnel.retarget(other.fp_link, other.link_name, other.endpoint)
+        path.set(PathState.WAITING, f"nothing from the peer over {path.link_name} for "
+                 f"{silent_s:.0f} s while {other.link_name} answers; asking the PoP to punch "
+                 "again", now)
+        path.next_request = now
+        self.stats.paths_silent += 1
+        self._steer(peer)
+        self._wake(peer)
+
     def _needs_every_tick(self, peer: MeshPeer) -> bool:
-        if peer.hold_until or (peer.tunnel is not None and not peer.tunnel.settled):
-            return True
+        """Punching, connecting, or a tunnel with something to do now (a handshake, keys
+        being handed over). A tunnel that is down and waits for its next handshake or kick
+        (an offline site of the directory, say) takes a turn then instead."""
+        tunnel = peer.tunnel
+        if tunnel is not None and not tunnel.settled:
+            due = tunnel.next_due()
+            if due <= self.clock():
+                return True
         return any(p.state in (PathState.PUNCHING, PathState.CONNECTING)
                    for p in peer.paths.values())
 
@@ -1011,6 +1080,8 @@ class Mesh(SessionOwner):
             peer.hold_until = 0.0
             self._dirty = True  # its prefixes may take the mesh again
         tunnel = peer.tunnel
+        if tunnel is not None and tunnel.state is State.UP:
+            self._judge_paths(peer, now)
         # A settled tunnel of a busy peer (another link punching) still ticks only now and then.
         if tunnel is None or (tunnel.settled and now < peer.next_tick):
             return

@@ -16,7 +16,10 @@ from sdwan.common.netcfg import Worker
 
 
 def main(argv: list[str] | None = None) -> int:
-    worker = Worker()
+    try:
+        worker: Worker | None = Worker()
+    except OSError:
+        worker = None  # the supervisor starts its own when it has the plan
     try:
         from sdwan.common.daemon import run_service
         from sdwan.site.config import SiteConfig, load_config
@@ -27,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_service("socketd", "SD-WAN appliance supervisor", load_config, make, argv)
     finally:
-        worker.close()  # one never handed its plan (a bad config, a failed start)
+        if worker is not None:
+            worker.close()  # one never handed its plan (a bad config, a failed start)
 
 
 if __name__ == "__main__":

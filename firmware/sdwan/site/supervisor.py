@@ -389,7 +389,7 @@ class Supervisor:
         due = min(now + IDLE_TICK_S, self._next_trim, self.sessions.next_due(),
                   self.links.next_due())
         for tunnel in self.tunnels.values():
-            due = min(due, tunnel.next_due() if tunnel.settled else now)
+            due = min(due, tunnel.next_due())
         if self.cloud is not None:
             due = min(due, self.cloud.next_due())
         if self.mesh is not None:
