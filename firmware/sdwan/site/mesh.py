@@ -87,6 +87,11 @@ PROBES_PER_TICK = 1024
 # path MTU search looks for a new endpoint then), but not more often than MIN_TURN_S.
 QUIET_TURN_S = 10.0
 MIN_TURN_S = 0.5
+# A turn more than TURN_GRID_AFTER_S away (a silence to judge, a rekey, the quiet turn) is
+# put on a TURN_GRID_S grid: hundreds of settled peers whose clocks are spread over time
+# then share a few ticks a second instead of waking socketd for each (docs/mesh.md, "Scale").
+TURN_GRID_S = 1.0
+TURN_GRID_AFTER_S = 2.0
 MAX_HANDSHAKES = 64  # mesh tunnels' own handshakes under way at once
 # Kicks per tick (about 320 a second): as responder, each draws a peer's handshake into a
 # session layer that admits 256 at once and does a few hundred a second.
@@ -1008,6 +1013,8 @@ class Mesh(SessionOwner):
             at = min([at] + [p.rx_at + limit for p in peer.paths.values()
                              if p.state is PathState.DIRECT])
         at = max(at, now + MIN_TURN_S)
+        if at - now > TURN_GRID_AFTER_S:
+            at = math.ceil(at / TURN_GRID_S) * TURN_GRID_S
         peer.turn_at = at
         heapq.heappush(self._turns, (at, peer.site_id))
 
