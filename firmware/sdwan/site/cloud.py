@@ -706,8 +706,7 @@ class Cloud(SessionOwner):
 
     def next_due(self) -> float:
         """When tick() next has something to do (socketd ticks no sooner unless something
-        arrives): the sessions' clocks, an event upload unanswered; now while a PoP switch
-        is being timed."""
+        arrives): the sessions' clocks, an event upload unanswered, a PoP switch's hold."""
         if not self.enabled:
             return math.inf
         now = self.clock()
@@ -737,6 +736,9 @@ class Cloud(SessionOwner):
             return self._primary_stable_since + self.timers.return_hold_s
         if self._live(self.active):
             return math.inf
+        nxt = self.active + 1 if self.active + 1 < len(self.pops) else 1
+        if nxt == self.active:
+            return math.inf  # nowhere else to go: a PoP answering again arrives by itself
         return now if self._active_live_seen else self._switched_at + BOOT_GRACE_S
 
     def _choose_pop(self, now: float) -> None:

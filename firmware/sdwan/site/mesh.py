@@ -298,6 +298,7 @@ class Mesh(SessionOwner):
         # next turn, (when, site id), an entry counting only while it is the peer's turn_at.
         self._busy: set[int] = set()
         self._turns: list[tuple[float, int]] = []
+        self._in_handshake: set[int] = set()  # peers whose tunnel's own handshake is under way
         self._handshakes = 0  # mesh tunnels' own handshakes under way, this tick
         self._kicks = 0  # kicks sent this tick
         # Directory sites without a path, asked for (next time, backoff); see _ask_for_missing.
@@ -832,9 +833,11 @@ class Mesh(SessionOwner):
             self._dirty = True
         elif kind == "tunnel-down":
             for path in peer.paths.values():
-                if path.state is PathState.DIRECT:
+                if path.state is PathState.DIRECT and path.fp_link != tunnel.link_id:
                     # The fast path keeps only endpoints of live paths: each gets keepalives
-                    # of its own, and a stale one must not draw the peer's traffic.
+                    # of its own once keys are back, and a stale one must not draw the peer's
+                    # traffic. The tunnel's own stays: it holds where the peer last roamed
+                    # to, which the retry handshake goes to.
                     with contextlib.suppress(FastPathError):
                         self.fp.endpoint_del(peer.site_id, path.fp_link)
                 if path.state in (PathState.DIRECT, PathState.CONNECTING):
@@ -939,9 +942,9 @@ class Mesh(SessionOwner):
         now = self.clock()
         self._budget = PROBES_PER_TICK
         due = self._due(now)
-        self._handshakes = sum(
-            1 for p in due if p.tunnel is not None and p.tunnel.handshaking is not None
-        )
+        # Counted over every peer, not only this tick's: a down tunnel's handshake waits
+        # for its end without a turn of its own.
+        self._handshakes = len(self._in_handshake)
         self._kicks = 0
         for peer in due:
             try:
@@ -971,10 +974,11 @@ class Mesh(SessionOwner):
         return due
 
     def _due(self, now: float) -> list[MeshPeer]:
-        """The peers whose clock runs this tick: the busy ones (punching, connecting, down,
-        handshaking, held off the mesh, or just told something) every tick, and the settled
-        ones when their tunnel has something to do (a rekey, a silence to judge, a session to
-        free, a path MTU search) or every QUIET_TURN_S at least. A mesh of hundreds of idle
+        """The peers whose clock runs this tick: the busy ones (punching, connecting, a tunnel
+        with something to do now, or just told something) every tick, and the others when
+        their turn comes: a settled tunnel's next rekey, silence to judge, session to free or
+        path MTU search, a down one's next handshake or kick, the end of a hold off the mesh,
+        and every QUIET_TURN_S at least. A mesh of hundreds of idle
         tunnels costs a few of them per tick, not a walk over all (docs/mesh.md, "Scale");
         their keepalives go out from the fast path."""
         turn: list[int] = []
@@ -992,6 +996,10 @@ class Mesh(SessionOwner):
 
     def _schedule(self, peer: MeshPeer, now: float) -> None:
         """After its tick: every tick while busy, else its next turn."""
+        if peer.tunnel is not None and peer.tunnel.handshaking is not None:
+            self._in_handshake.add(peer.site_id)
+        else:
+            self._in_handshake.discard(peer.site_id)
         if self._needs_every_tick(peer):
             self._busy.add(peer.site_id)
             peer.turn_at = None
@@ -1027,13 +1035,16 @@ class Mesh(SessionOwner):
         if len(direct) < 2:
             return
         try:
-            rx = {e.link_id: e.rx_packets for e in self.fp.endpoint_info(peer.site_id).endpoints}
+            eps = {e.link_id: e for e in self.fp.endpoint_info(peer.site_id).endpoints}
         except FastPathError:
             return
         for path in direct:
-            count = rx.get(path.fp_link)
-            if count is not None and count != path.rx_mark:
-                path.rx_mark, path.rx_at = count, now
+            ep = eps.get(path.fp_link)
+            if ep is None:
+                continue
+            path.endpoint = ep.addr  # where the peer last roamed to on that link
+            if ep.rx_packets != path.rx_mark:
+                path.rx_mark, path.rx_at = ep.rx_packets, now
         limit = 2 * self.timers.keepalive_s
         alive = [p for p in direct if now - p.rx_at < limit]
         if not alive:
@@ -1246,6 +1257,7 @@ class Mesh(SessionOwner):
         peer = self.remotes.pop(site_id, None)
         self._missing.pop(site_id, None)
         self._busy.discard(site_id)
+        self._in_handshake.discard(site_id)
         if peer is None:
             return
         log.info("mesh: site %d removed: %s", site_id, reason)

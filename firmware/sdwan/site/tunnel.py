@@ -337,16 +337,16 @@ class PeerTunnel:
 
     def next_due(self) -> float:
         """When the tunnel's tick next has something to do. Settled: free its session, rekey,
-        judge a silence, search its path MTU. Down and waiting: its next handshake or kick.
-        Anything else (a handshake, keys being handed over): now. An owner of hundreds of
-        tunnels ticks each when it is due instead of all of them all the time."""
+        judge a silence, search its path MTU. Down: its next handshake or kick, nothing while
+        one is under way. Anything else (a rekey under way, keys being handed over): now. An
+        owner of hundreds of tunnels ticks each when it is due instead of all of them all the
+        time."""
         if not self.settled:
-            if (
-                self.state is not State.UP
-                and self._handshaking is None
-                and self._kick_handshaking is None
-                and self._keys.pending_idx is None
-            ):
+            if self.state is not State.UP and self._keys.pending_idx is None:
+                if self._handshaking is not None or self._kick_handshaking is not None:
+                    # Nothing until the session layer hands over the handshake's end (its
+                    # retransmits and deadline are the session layer's clocks).
+                    return math.inf
                 if self.initiator:
                     return self._next_attempt
                 return self._next_kick if self.kicks else math.inf
