@@ -207,7 +207,8 @@ def test_cleanup_stale_removes_only_dead_labs(lab: Lab, tmp_path: Path) -> None:
 
 def test_demo_runs_end_to_end(lab: Lab, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # The README's first command: two sites and a PoP, traffic through the PoP, the direct
-    # tunnel, a cloud outage that every site notices, the PoP's return, the events.
+    # tunnel, the mesh, a cloud outage that every site notices and a reboot in it, the
+    # PoP's return, the events.
     from sdwan.lab.demo import STEPS, DemoOptions, run_demo
 
     rc = run_demo(DemoOptions(tunnel_timeout_s=45, iperf_seconds=1, workdir=tmp_path / "demo"))
@@ -219,6 +220,10 @@ def test_demo_runs_end_to_end(lab: Lab, tmp_path: Path, capsys: pytest.CaptureFi
     assert "direct tunnel to site 2 up" in out
     assert "site 3: mesh tunnel to site 1 punched" in out and "socketctl mesh" in out
     assert "over the mesh tunnel: still answers" in out
+    # A reboot in the outage: the mesh comes back from NAT data, without the PoP.
+    assert "killed and started again, PoP still down: both mesh tunnels direct" in out
+    assert "site 1 by cache, site 2 by cache" in out, out
+    assert "over the mesh again, from NAT data alone" in out
     for n in (1, 2):
         assert f"site {n}: cloud " in out and f"site {n}: re-registered" in out
     assert "socketctl peers" in out and "socketctl pop" in out

@@ -206,7 +206,7 @@ def apply_addressing(plan: AddrPlan) -> None:
 
 def apply_addressing_in_worker(plan: AddrPlan, timeout: float = WORKER_TIMEOUT_S) -> None:
     """Apply a WAN device's addressing in a child process, like `apply_in_worker`."""
-    _run_worker({"addressing": asdict(plan)}, timeout)
+    Worker().run({"addressing": asdict(plan)}, timeout)
 
 
 def apply(plan: Plan) -> None:
@@ -219,13 +219,14 @@ def apply(plan: Plan) -> None:
 
 def apply_in_worker(plan: Plan, timeout: float = WORKER_TIMEOUT_S) -> None:
     """Apply `plan` in a child process (see the module docstring for why)."""
-    _run_worker(asdict(plan), timeout)
+    Worker().run(asdict(plan), timeout)
 
 
 class Worker:
-    """A worker started before its plan is known: it imports pyroute2 while its parent is
-    still loading (socketd starts one first thing, so that the two start side by side), then
-    waits for one plan on stdin. apply() hands it over; close() ends a worker never used."""
+    """One worker process. Started ahead of its plan, it imports pyroute2 while its parent
+    is still loading (socketd starts one first thing, so that the two load side by side),
+    then waits for one plan on stdin. apply() hands it over; close() ends a worker never
+    used."""
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen[str] | None = subprocess.Popen(
@@ -237,16 +238,19 @@ class Worker:
         )
 
     def apply(self, plan: Plan, timeout: float = WORKER_TIMEOUT_S) -> None:
-        """Apply plan in the waiting worker; a second call starts a fresh one."""
+        """Apply plan in this worker; a second call starts a fresh one."""
+        self.run(asdict(plan), timeout)
+
+    def run(self, doc: dict, timeout: float) -> None:
         proc, self.proc = self.proc, None
         if proc is None:
-            apply_in_worker(plan, timeout)
+            Worker().run(doc, timeout)
             return
         try:
-            _, err = proc.communicate(json.dumps(asdict(plan)), timeout=timeout)
+            _, err = proc.communicate(json.dumps(doc), timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            proc.communicate()
             raise NetcfgError(f"netcfg worker did not finish within {timeout:g} s") from None
         if proc.returncode != 0:
             raise NetcfgError(err.strip() or f"netcfg worker exited {proc.returncode}")
@@ -256,21 +260,6 @@ class Worker:
         if proc is not None:
             proc.kill()
             proc.communicate()
-
-
-def _run_worker(doc: dict, timeout: float) -> None:
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "sdwan.common.netcfg"],
-            input=json.dumps(doc),
-            text=True,
-            capture_output=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        raise NetcfgError(f"netcfg worker did not finish within {timeout:g} s") from None
-    if proc.returncode != 0:
-        raise NetcfgError(proc.stderr.strip() or f"netcfg worker exited {proc.returncode}")
 
 
 def main() -> int:

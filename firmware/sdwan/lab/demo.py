@@ -148,6 +148,15 @@ def peer_of(site: Site, site_id: int, transport: str) -> dict[str, Any] | None:
     )
 
 
+def mesh_path(site: Site, site_id: int) -> dict[str, Any] | None:
+    """site's mesh path to site_id as `socketctl mesh` shows it, None while it has none."""
+    try:
+        paths = ctl(site, "mesh").get("paths", [])
+    except (control.ControlError, OSError):
+        return None
+    return next((x for x in paths if x.get("site_id") == site_id), None)
+
+
 def events_since(site: Site, after_seq: int, kind: str | None = None) -> list[dict[str, Any]]:
     args: dict[str, Any] = {"limit": 200}
     if kind:
@@ -339,11 +348,7 @@ def step_mesh(ctx: DemoContext) -> None:
     t0 = time.monotonic()
     for other in _sites(ctx):
         while True:
-            try:
-                paths = ctl(s3, "mesh").get("paths", [])
-            except (control.ControlError, OSError):
-                paths = []
-            p = next((x for x in paths if x.get("site_id") == other.n), None)
+            p = mesh_path(s3, other.n)
             if p is not None and p.get("state") == "direct":
                 break
             if time.monotonic() - t0 > ctx.opts.tunnel_timeout_s:
@@ -417,6 +422,33 @@ def step_outage(ctx: DemoContext) -> None:
         if not ctx.lab.ping(s3.lan_ns, s1.lan_host_ip, count=3, wait_s=1):
             raise DemoFailed("the mesh tunnel lan3 -> lan1 stopped during the outage")
         say(f"    lan3 -> lan1 ({s1.lan_host_ip}) over the mesh tunnel: still answers, no PoP")
+        _reboot_in_outage(ctx, s3)
+
+
+def _reboot_in_outage(ctx: DemoContext, s3: Site) -> None:
+    """Site 3's socketd killed and started again with the PoP still down, as a box rebooted
+    in the middle of an outage: its mesh tunnels come back from the NAT data in its store."""
+    ctx.lab.stop_socketd(s3, signal.SIGKILL)
+    t0 = time.monotonic()
+    ctx.lab.start_socketd(s3)
+    started = time.monotonic() - t0
+    hows = []
+    for other in _sites(ctx):
+        while (p := mesh_path(s3, other.n)) is None or p.get("state") != "direct":
+            if time.monotonic() - t0 > ctx.opts.tunnel_timeout_s:
+                raise DemoFailed(f"site 3 restarted in the outage: no mesh tunnel to site "
+                                 f"{other.n} from its NAT data ({p})")
+            time.sleep(0.01)
+        hows.append(f"site {other.n} by {p.get('how')}")
+    took = time.monotonic() - t0
+    ctx.results["reboot_in_outage_s"] = round(took, 3)
+    say(f"    site 3: socketd killed and started again, PoP still down: both mesh tunnels "
+        f"direct {took:.2f} s after the spawn (control socket at {started:.2f} s; "
+        f"{', '.join(hows)})")
+    s1 = _sites(ctx)[0]
+    if not ctx.lab.wait_ping(s3.lan_ns, s1.lan_host_ip, timeout=10):
+        raise DemoFailed("lan3 -> lan1 over the mesh: no answer after the restart")
+    say("    lan3 -> lan1 over the mesh again, from NAT data alone")
 
 
 def step_pop_returns(ctx: DemoContext) -> None:
@@ -502,7 +534,10 @@ def run_demo(opts: DemoOptions, steps: Sequence[Step] = STEPS) -> int:
     say(
         f"DEMO OK in {time.monotonic() - t_start:.0f} s: lan1 -> lan2 through the PoP "
         f"(ping {ctx.results['relay_rtt_ms']:.3f} ms, TCP {ctx.results['relay_tcp_mbps']:.0f} "
-        "Mbit/s), direct tunnel up, mesh tunnels punched, cloud outage noticed and recovered"
+        "Mbit/s), direct tunnel up, mesh tunnels punched, cloud outage noticed, "
+        + (f"a reboot in it back on the mesh in {ctx.results['reboot_in_outage_s']:.2f} s, "
+           if "reboot_in_outage_s" in ctx.results else "")
+        + "cloud recovered"
     )
     return 0
 
