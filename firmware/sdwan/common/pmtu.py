@@ -188,6 +188,24 @@ class PathMtu:
         ticks now and then (the mesh: every few seconds)."""
         return self._idle_until if self._idle_gen is not None else self._next_poll
 
+    def ask(self, link_id: int) -> bool:
+        """One probe of BASE_PMTU over link_id's path, whatever its search is doing: the
+        peer's fast path answers it, and the answer is counted on that endpoint like any
+        packet of the peer, so an owner learns whether the path still carries packets. False
+        when it could not be sent."""
+        path = self.paths.get(link_id)
+        if path is None:
+            return False
+        probe_id = self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+        try:
+            self.fp.probe(self.peer_id, link_id, BASE_PMTU, probe_id)
+        except FastPathError as e:
+            log.debug("%s link %d: probe not sent: %s", self.name, link_id, e)
+            return False
+        self.probes_sent += 1
+        path.pending[probe_id] = (BASE_PMTU, self.clock(), BASE_PMTU - path.ip_header() - UDP_HDR)
+        return True
+
     def on_ack(self, link_id: int, probe_id: int, received: int) -> bool:
         """An ack of one of our probes (the fast path authenticated it); False if unknown."""
         path = self.paths.get(link_id)

@@ -92,6 +92,9 @@ MIN_TURN_S = 0.5
 # then share a few ticks a second instead of waking socketd for each (docs/mesh.md, "Scale").
 TURN_GRID_S = 1.0
 TURN_GRID_AFTER_S = 2.0
+# A second path quiet for two keepalive intervals is asked with a probe before it is given
+# up (the peer may send its keepalives more rarely); no answer within this: it is dead.
+PATH_CHECK_WAIT_S = 2.0
 MAX_HANDSHAKES = 64  # mesh tunnels' own handshakes under way at once
 # Kicks per tick (about 320 a second): as responder, each draws a peer's handshake into a
 # session layer that admits 256 at once and does a few hundred a second.
@@ -191,6 +194,7 @@ class MeshPath:
     # peer's last turn, and when that count last moved (Mesh._judge_paths).
     rx_mark: int = -1
     rx_at: float = 0.0
+    checked_at: float | None = None  # when a probe asked whether the quiet path still answers
 
     def __post_init__(self) -> None:
         self.fp_link = self.fp_link or self.link_id
@@ -833,13 +837,8 @@ class Mesh(SessionOwner):
             self._dirty = True
         elif kind == "tunnel-down":
             for path in peer.paths.values():
-                if path.state is PathState.DIRECT and path.fp_link != tunnel.link_id:
-                    # The fast path keeps only endpoints of live paths: each gets keepalives
-                    # of its own once keys are back, and a stale one must not draw the peer's
-                    # traffic. The tunnel's own stays: it holds where the peer last roamed
-                    # to, which the retry handshake goes to.
-                    with contextlib.suppress(FastPathError):
-                        self.fp.endpoint_del(peer.site_id, path.fp_link)
+                if path.state is PathState.DIRECT:
+                    self._forget_endpoint(peer, path)
                 if path.state in (PathState.DIRECT, PathState.CONNECTING):
                     path.set(PathState.WAITING, f"{tunnel.reason or 'the peer stopped answering'}"
                              "; asking the PoP to punch again", now)
@@ -847,6 +846,15 @@ class Mesh(SessionOwner):
             self._dirty = True
         self._wake(peer)
         self._report(peer)
+
+    def _forget_endpoint(self, peer: MeshPeer, path: MeshPath) -> None:
+        """The fast path keeps only endpoints of live paths: each gets keepalives of its own
+        once keys are there, and a stale one must not draw the peer's traffic. The tunnel's
+        own stays: it holds where the peer last roamed to, which its retry handshake uses."""
+        if peer.tunnel is not None and path.fp_link == peer.tunnel.link_id:
+            return
+        with contextlib.suppress(FastPathError):
+            self.fp.endpoint_del(peer.site_id, path.fp_link)
 
     def _path_direct(self, peer: MeshPeer, path: MeshPath) -> None:
         assert path.endpoint is not None
@@ -857,7 +865,7 @@ class Mesh(SessionOwner):
             # The handshake completed elsewhere on this link (the peer's NAT moved it).
             path.endpoint = peer.tunnel.endpoint
         path.set(PathState.DIRECT, None, now)
-        path.rx_mark, path.rx_at = -1, now
+        path.rx_mark, path.rx_at, path.checked_at = -1, now, None
         path.cache_until = None
         path.request_backoff = REPUNCH_MIN_S
         self._missing.pop(peer.site_id, None)
@@ -1018,8 +1026,10 @@ class Mesh(SessionOwner):
                 direct += 1
         if direct > 1:  # when a path's silence would have lasted two keepalive intervals
             limit = 2 * self.timers.keepalive_s
-            at = min([at] + [p.rx_at + limit for p in peer.paths.values()
-                             if p.state is PathState.DIRECT])
+            for p in peer.paths.values():
+                if p.state is PathState.DIRECT:
+                    at = min(at, p.rx_at + limit if p.checked_at is None
+                             else p.checked_at + PATH_CHECK_WAIT_S)
         at = max(at, now + MIN_TURN_S)
         if at - now > TURN_GRID_AFTER_S:
             at = math.ceil(at / TURN_GRID_S) * TURN_GRID_S
@@ -1044,14 +1054,23 @@ class Mesh(SessionOwner):
                 continue
             path.endpoint = ep.addr  # where the peer last roamed to on that link
             if ep.rx_packets != path.rx_mark:
-                path.rx_mark, path.rx_at = ep.rx_packets, now
+                path.rx_mark, path.rx_at, path.checked_at = ep.rx_packets, now, None
         limit = 2 * self.timers.keepalive_s
         alive = [p for p in direct if now - p.rx_at < limit]
         if not alive:
             return  # nothing from the peer at all: the tunnel's liveness says so
+        tunnel = peer.tunnel
         for path in direct:
-            if path not in alive:
-                self._path_silent(peer, path, alive[0], now - path.rx_at, now)
+            if path in alive:
+                continue
+            if path.checked_at is None and tunnel is not None and tunnel.pmtu.ask(path.fp_link):
+                # The peer's keepalives may come more rarely than ours (its own
+                # keepalive_s): ask the path itself before giving up on it.
+                path.checked_at = now
+                continue
+            if path.checked_at is not None and now - path.checked_at < PATH_CHECK_WAIT_S:
+                continue
+            self._path_silent(peer, path, alive[0], now - path.rx_at, now)
 
     def _path_silent(
         self, peer: MeshPeer, path: MeshPath, other: MeshPath, silent_s: float, now: float
@@ -1156,6 +1175,8 @@ class Mesh(SessionOwner):
                 path.set(PathState.WAITING, "handshake over the punched path failed: "
                          f"{peer.tunnel.reason if peer.tunnel else 'no tunnel'}", now)
                 path.next_request = now + path.request_backoff
+            if path.state is PathState.WAITING:
+                self._forget_endpoint(peer, path)
         if path.state is PathState.WAITING and now >= path.next_request and (
             path.gen is not None or path.how == "cache" or path.endpoint is not None
         ):

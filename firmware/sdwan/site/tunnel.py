@@ -343,9 +343,10 @@ class PeerTunnel:
         time."""
         if not self.settled:
             if self.state is not State.UP and self._keys.pending_idx is None:
-                if self._handshaking is not None or self._kick_handshaking is not None:
+                if self._handshaking is not None:
                     # Nothing until the session layer hands over the handshake's end (its
-                    # retransmits and deadline are the session layer's clocks).
+                    # retransmits and deadline are the session layer's clocks). A kick's
+                    # handshake does not count: a forged kick must not hold our own retry.
                     return math.inf
                 if self.initiator:
                     return self._next_attempt
