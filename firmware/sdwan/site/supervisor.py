@@ -44,6 +44,7 @@ from sdwan.site.config import SiteConfig
 from sdwan.site.links import LinkError, LinkManager
 from sdwan.site.mesh import Mesh, pin_override
 from sdwan.site.paths import Candidate, Paths, Transport
+from sdwan.site.recovery import Reach, Recovery
 from sdwan.site.tundev import TunError, attach_tun
 from sdwan.site.tunnel import Addr, PeerTunnel, StaticTunnels, Timers
 
@@ -62,6 +63,7 @@ LED_PERIOD_S = 0.5  # how often the LEDs follow the box's state
 # traffic (docs/mesh.md) counts on an answer well within its silent_after_ms.
 ACK_AFTER_S = 0.1
 HEAP_TRIM_S = 30.0  # how often freed memory goes back to the system (common/heap.py)
+DOC_RECOVERY = "recovery"  # the store's document: whether WAN recovery was active
 # Every legitimate peer of a socket is at a configured endpoint: those skip the per-IP limit
 # and may evict a stranger's handshake; a stranger's that times out is counted, not listed.
 SITE_POLICY = Policy(
@@ -105,6 +107,7 @@ class Supervisor:
         self.store: Store | None = None
         self.cloud: Cloud | None = None
         self.mesh: Mesh | None = None
+        self.recovery: Recovery | None = None
         self.paths: Paths | None = None
         self._net_plan: Plan | None = None
         self._net_task: asyncio.Task[None] | None = None
@@ -180,6 +183,7 @@ class Supervisor:
         self.links.store = self.store
         self.cloud = self._make_cloud(fp)
         self.mesh = self._make_mesh(fp, self.cloud)
+        self.recovery = self._make_recovery(self.cloud, self.mesh)
         assert self.paths is not None
         plan = Plan(
             tun=cfg.tunnel.interface,
@@ -268,6 +272,45 @@ class Supervisor:
         self.paths.set_override(pin_override(cfg.mesh.pin), why="pinned to the mesh ([mesh] pin)")
         mesh.load_cache()
         return mesh
+
+    def _make_recovery(self, cloud: Cloud, mesh: Mesh) -> Recovery:
+        assert self.paths is not None
+
+        def reach(site_id: int) -> Reach:
+            return Reach(*mesh.reach(site_id))
+
+        def event(kind: str, text: str, data: dict, site_id: int | None) -> None:
+            self._record_event(kind, text, data, site_id)
+
+        store = self.store
+
+        def remember(active: bool) -> None:
+            if store is not None:
+                store.put_doc(DOC_RECOVERY, {"active": active, "at": time.time()})
+
+        stored = None
+        if store is not None:
+            try:
+                stored = store.get_doc(DOC_RECOVERY)
+            except StoreError as e:
+                log.warning("stored recovery state unreadable: %s", e)
+        recovery = Recovery(
+            paths=self.paths,
+            cloud_up=lambda: cloud.state == "up",
+            cloud_enabled=lambda: cloud.enabled,
+            own_recovery=lambda: (cloud.config or {}).get("recovery"),
+            directory=lambda: cloud.directory,
+            mesh_reach=reach,
+            on_event=event,
+            clock=self.clock,
+            hold_s=float(self.cfg.cloud.recovery_hold_s),
+            was_active=stored is not None and stored.value.get("active") is True,
+            remember=remember,
+        )
+        # Decided at once from the stored configuration: a box that starts in an outage
+        # is on the mesh as soon as its tunnels come back (docs/recovery.md).
+        recovery.tick()
+        return recovery
 
     def _tunnel_event(self, site_id: int) -> Callable[[str, str], None]:
         def record(kind: str, text: str) -> None:
@@ -362,6 +405,11 @@ class Supervisor:
                 self.mesh.tick()
             except Exception:
                 log.exception("mesh tick failed")
+        if self.recovery is not None:
+            try:
+                self.recovery.tick()
+            except Exception:
+                log.exception("recovery tick failed")
         if self.fp is not None:
             self._liveness(self.fp)
         if self.paths is not None:
@@ -394,6 +442,8 @@ class Supervisor:
             due = min(due, self.cloud.next_due())
         if self.mesh is not None:
             due = min(due, self.mesh.next_due())
+        if self.recovery is not None:
+            due = min(due, self.recovery.next_due())
         if self.paths is not None and self.paths.dirty:
             due = now
         if self.fp is not None and self.fp.liveness_busy():
@@ -475,6 +525,9 @@ class Supervisor:
             "rejections": list(st.rejections),
             "cloud": self.cloud.summary() if self.cloud is not None else {"state": "off"},
             "mesh": self.mesh.summary() if self.mesh is not None else {"enabled": False},
+            "recovery": (
+                self.recovery.summary() if self.recovery is not None else {"enabled": False}
+            ),
             "appliance": self._appliance_status(),
         }
 
@@ -494,6 +547,11 @@ class Supervisor:
         if self.mesh is None:
             return {"enabled": False, "paths": []}
         return {**self.mesh.summary(), "paths": self.mesh.peers_status()}
+
+    async def _recovery(self, _req: dict) -> dict:
+        if self.recovery is None:
+            return {"enabled": False, "active": False, "sites": []}
+        return {**self.recovery.summary(), "sites": self.recovery.sites()}
 
     async def _routes(self, _req: dict) -> dict:
         assert self.paths is not None
@@ -542,11 +600,13 @@ class Supervisor:
         assert self.wan is not None
         self.wan.start()
 
-    def _record_event(self, kind: str, text: str, data: dict) -> None:
+    def _record_event(
+        self, kind: str, text: str, data: dict, site_id: int | None = None
+    ) -> None:
         if self.store is None:
             return
         try:
-            self.store.add_event(kind, text, data=data)
+            self.store.add_event(kind, text, site_id=site_id, data=data)
         except (StoreError, ValueError) as e:
             log.warning("event not stored: %s", e)
 
@@ -592,6 +652,7 @@ class Supervisor:
             links_down=tuple(name for name, up in links.items() if not up),
             error=self.guard is not None and self.guard.in_error(),
             booting=first_connect and self.clock() - self.started < BOOT_GRACE_S,
+            recovery=self.recovery is not None and self.recovery.active,
         )
         leds.show(choose_pattern(state), links)
 
@@ -619,6 +680,7 @@ class Supervisor:
             "pop": self._pop,
             "routes": self._routes,
             "mesh": self._mesh,
+            "recovery": self._recovery,
             "events": self._events,
             **self._wan_handlers(),
         }
