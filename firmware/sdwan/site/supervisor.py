@@ -46,7 +46,7 @@ from sdwan.site.mesh import Mesh, pin_override
 from sdwan.site.paths import Candidate, Paths, Transport
 from sdwan.site.recovery import Reach, Recovery
 from sdwan.site.tundev import TunError, attach_tun
-from sdwan.site.tunnel import Addr, PeerTunnel, StaticTunnels, Timers
+from sdwan.site.tunnel import Addr, PeerTunnel, State, StaticTunnels, Timers
 
 log = logging.getLogger("sdwan.site.socketd")
 
@@ -64,6 +64,7 @@ LED_PERIOD_S = 0.5  # how often the LEDs follow the box's state
 ACK_AFTER_S = 0.1
 HEAP_TRIM_S = 30.0  # how often freed memory goes back to the system (common/heap.py)
 DOC_RECOVERY = "recovery"  # the store's document: whether WAN recovery was active
+STATIC_OFFCLOUD = "static-offcloud"  # paths.py producer: directory subnets over static tunnels
 # Every legitimate peer of a socket is at a configured endpoint: those skip the per-IP limit
 # and may evict a stranger's handshake; a stranger's that times out is counted, not listed.
 SITE_POLICY = Policy(
@@ -121,6 +122,7 @@ class Supervisor:
         self.leds: LedController | None = None
         self.guard: Guard | None = None  # made by run(): the simulations have no appliance
         self._cloud_was_up = False  # the LEDs show booting until the cloud is first up
+        self._static_offcloud_key: tuple[int, frozenset[int]] | None = None
 
     @property
     def dtls(self) -> DtlsContext | None:
@@ -277,6 +279,10 @@ class Supervisor:
         assert self.paths is not None
 
         def reach(site_id: int) -> Reach:
+            tunnel = self.tunnels.get(site_id)
+            if tunnel is not None:  # a static peer: its own tunnel is the way off-cloud
+                up = tunnel.state is State.UP
+                return Reach(up, None if up else "its static tunnel is down")
             return Reach(*mesh.reach(site_id))
 
         def event(kind: str, text: str, data: dict, site_id: int | None) -> None:
@@ -405,6 +411,7 @@ class Supervisor:
                 self.mesh.tick()
             except Exception:
                 log.exception("mesh tick failed")
+        self._static_offcloud()
         if self.recovery is not None:
             try:
                 self.recovery.tick()
@@ -418,6 +425,25 @@ class Supervisor:
         if now >= self._next_trim:
             self._next_trim = now + HEAP_TRIM_S
             heap.trim()
+
+    def _static_offcloud(self) -> None:
+        """A static peer is a direct tunnel to its site, so the mesh leaves that site alone:
+        while the tunnel is up, that site's directory subnets are offered over it as `mesh`
+        candidates too (the cloud ranks before them until it is lost: docs/recovery.md)."""
+        if self.paths is None or self.cloud is None or not self.tunnels:
+            return
+        up = frozenset(sid for sid, t in self.tunnels.items() if t.state is State.UP)
+        key = (id(self.cloud.directory), up)
+        if key == self._static_offcloud_key:
+            return
+        self._static_offcloud_key = key
+        candidates = []
+        for entry in self.cloud.directory:
+            if entry.get("site_id") in up and entry.get("offcloud"):
+                for net in entry.get("subnets", []):
+                    with contextlib.suppress(ValueError):  # cloud.py counted a bad entry
+                        candidates.append(Candidate(net, entry["site_id"], Transport.MESH))
+        self.paths.submit(STATIC_OFFCLOUD, candidates)
 
     def _liveness(self, fp: FastPath) -> None:
         """Liveness under traffic (docs/mesh.md): the fast path answers one-way traffic with
