@@ -12,60 +12,11 @@ import time
 import pytest
 from labwait import wait_for
 
-from sdwan.lab import netns
 from sdwan.lab.flows import Flows
+from sdwan.lab.recovery import all_on, build, cut, last_seq, relayed, restore, transports
 from sdwan.lab.topology import Lab, Pop, Site
 
 HOLD_S = 3
-CUT_POP = """
-table inet cut {
-    chain input { type filter hook input priority -10; policy drop; }
-    chain output { type filter hook output priority -10; policy drop; }
-}
-"""
-
-
-def build(lab: Lab, recovery: tuple[bool, ...] = (True, True, True)) -> tuple[Pop, list[Site]]:
-    lab.add_inet()
-    sites = []
-    for n in range(1, len(recovery) + 1):
-        lab.add_router(n, nat="masquerade")
-        sites.append(lab.add_site(n))
-    pop = lab.add_pop(1)
-    lab.write_pop_config(pop, sites=[
-        {"id": s.n, "name": f"site-{s.n}", "subnets": [s.lan_subnet], "offcloud": True,
-         "recovery": r}
-        for s, r in zip(sites, recovery, strict=True)
-    ])
-    lab.start_popd(pop)
-    for s in sites:
-        lab.write_site_config(
-            s,
-            extra_toml=f'[[pops]]\nid = 1\nendpoint = "{pop.host.ip}:4800"\n\n'
-            f"[cloud]\nrecovery_hold_s = {HOLD_S}\n",
-        )
-        lab.start_socketd(s)
-    for a in sites:
-        for b in sites:
-            if a is not b:
-                wait_for(f"mesh {a.n}->{b.n}", lambda a=a, b=b: mesh_up(lab, a, b.n))
-    return pop, sites
-
-
-def mesh_up(lab: Lab, site: Site, peer: int) -> bool:
-    return any(p["site_id"] == peer and p["tunnel"] == "up"
-               for p in lab.socketctl(site, "mesh")["paths"])
-
-
-def transports(lab: Lab, site: Site) -> dict[str, str]:
-    return {r["prefix"]: r["transport"] for r in lab.socketctl(site, "routes")["routes"]}
-
-
-def all_on(lab: Lab, sites: list[Site], transport: str, skip: tuple[int, ...] = ()) -> bool:
-    return all(
-        transports(lab, a).get(b.lan_subnet) == transport
-        for a in sites for b in sites if a is not b and a.n not in skip and b.n not in skip
-    )
 
 
 def kinds_since(lab: Lab, site: Site, seq: int) -> list[str]:
@@ -73,24 +24,11 @@ def kinds_since(lab: Lab, site: Site, seq: int) -> list[str]:
             if e["seq"] > seq]
 
 
-def last_seq(lab: Lab, site: Site) -> int:
-    return lab.socketctl(site, "events", "--limit", "1")["last_seq"]
-
-
-def relayed(lab: Lab, pop: Pop) -> int:
-    return sum(s["rx_packets"] for site in lab.popctl(pop, "sites")["sites"]
-               for s in site["sessions"])
-
-
 def outage_and_back(lab: Lab, pop: Pop, sites: list[Site], flows: Flows, how: str) -> float:
     """Cut the PoP off (how: "nft" or "kill"), check the flows move onto the mesh, give it
     back, check they return; returns the slowest flow's time to resume after the cut."""
     seqs = {s.n: last_seq(lab, s) for s in sites}
-    t_cut = time.time()
-    if how == "nft":
-        netns.nft(pop.ns, CUT_POP)
-    else:
-        lab.stop_popd(pop, sig=signal.SIGKILL)
+    t_cut = cut(lab, pop, how)
     flows.wait("every flow echoing over the mesh",
                lambda: flows.all_echoing_since(t_cut + 1.5, 6), timeout=15)
     resumed = flows.resumed_after(t_cut)
@@ -104,10 +42,7 @@ def outage_and_back(lab: Lab, pop: Pop, sites: list[Site], flows: Flows, how: st
     assert flows.broken() == {}
 
     t_back = time.monotonic()
-    if how == "nft":
-        netns.run(pop.ns, ["nft", "delete", "table", "inet", "cut"])
-    else:
-        lab.start_popd(pop)
+    restore(lab, pop, how)
     for s in sites:
         wait_for(f"site {s.n} recovery stopped",
                  lambda s=s: "offcloud.recovery.stopped" in kinds_since(lab, s, seqs[s.n]),
@@ -126,7 +61,7 @@ def outage_and_back(lab: Lab, pop: Pop, sites: list[Site], flows: Flows, how: st
 def test_the_cloud_lost_moves_every_flow_onto_the_mesh_and_back_without_a_reset(
     lab: Lab,
 ) -> None:
-    pop, sites = build(lab)
+    pop, sites = build(lab, hold_s=HOLD_S)
     assert all_on(lab, sites, "cloud")
     flows = Flows(lab, sites)
     t0 = time.time()
@@ -173,7 +108,7 @@ def test_the_cloud_lost_moves_every_flow_onto_the_mesh_and_back_without_a_reset(
 def test_a_site_with_recovery_disabled_is_cut_off_both_ways_and_the_others_say_why(
     lab: Lab,
 ) -> None:
-    pop, (s1, s2, s3) = build(lab, recovery=(True, True, False))
+    pop, (s1, s2, s3) = build(lab, recovery=(True, True, False), hold_s=HOLD_S)
     for a, b in ((s1, s3), (s3, s1), (s1, s2)):
         assert lab.wait_ping(a.lan_ns, b.lan_host_ip, timeout=10), (a.n, b.n)
     lab.stop_popd(pop, sig=signal.SIGKILL)

@@ -232,3 +232,24 @@ def test_a_restart_in_the_middle_of_recovery_starts_in_it_at_once(fp: FastPath) 
     world.now += second.hold_s
     second.tick()
     assert not second.active and kept[-1] is False
+
+
+def test_a_held_mesh_tunnel_carries_recovery_traffic_only(fp: FastPath) -> None:
+    # mesh.py holds a site's tunnel off the traffic for a while after its path went silent:
+    # the cloud is the better choice then, but when the cloud cannot reach the site the held
+    # tunnel is all there is (a peer restarted in the middle of an outage).
+    paths = Paths(fp)
+    paths.submit("cloud", [Candidate(ipaddress.ip_network("10.2.0.0/24"), POP, Transport.CLOUD)])
+    paths.submit("mesh", [Candidate(ipaddress.ip_network("10.2.0.0/24"), 2, Transport.MESH,
+                                    held=True)])
+    assert where(fp, 2) == [POP]
+    (unused,) = [u for u in paths.status()["unused"] if u["transport"] == "mesh"]
+    assert "held off" in unused["reason"]
+    paths.set_policy(Policy.CLOUD_LOST)
+    assert where(fp, 2) == [2]
+    paths.set_policy(Policy.CLOUD_LOST, no_recovery=[2])
+    assert where(fp, 2) == [POP]
+    paths.set_policy(Policy.NORMAL, lost_peers=[2], no_recovery=[])
+    assert where(fp, 2) == [2]
+    paths.set_policy(Policy.NORMAL, lost_peers=[])
+    assert where(fp, 2) == [POP]

@@ -1246,11 +1246,15 @@ class Mesh(SessionOwner):
         subnets = {e["site_id"]: e.get("subnets", []) for e in self.directory()}
         now = self.clock()
         for peer in self.remotes.values():
-            if peer.tunnel is None or peer.tunnel.state is not State.UP or now < peer.hold_until:
+            if peer.tunnel is None or peer.tunnel.state is not State.UP:
                 continue
+            # Held peers too: paths.py uses them only for WAN recovery, where the cloud is
+            # no alternative.
+            held = now < peer.hold_until
             for net in subnets.get(peer.site_id, []):
                 try:
-                    out.append(Candidate(ipaddress.ip_network(net), peer.site_id, Transport.MESH))
+                    out.append(Candidate(ipaddress.ip_network(net), peer.site_id, Transport.MESH,
+                                         held=held))
                 except ValueError:
                     continue  # cloud.py counted the bad entry
         return out
@@ -1436,9 +1440,7 @@ class Mesh(SessionOwner):
             return False, "no path to it is known yet"
         tunnel = peer.tunnel
         if tunnel is not None and tunnel.state is State.UP:
-            if self.clock() < peer.hold_until:
-                return False, "held back after its path went silent"
-            return True, None
+            return True, None  # a hold after a silence does not apply to recovery
         reasons = [f"{p.link_name}: {p.reason}" for p in peer.paths.values() if p.reason]
         return False, "; ".join(reasons) or "its tunnel is down"
 

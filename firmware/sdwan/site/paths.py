@@ -52,6 +52,10 @@ class Candidate:
     peer_id: int  # fast-path peer id
     transport: Transport
     preference: int = 0
+    # A mesh tunnel whose path went silent under traffic a short while ago (mesh.py's
+    # hold): not trusted with traffic the cloud can carry, but better than nothing while
+    # the cloud cannot reach its site (WAN recovery).
+    held: bool = False
 
     def __post_init__(self) -> None:
         # Strict: a prefix with host bits set is the producer's mistake, as for the fast path.
@@ -172,6 +176,12 @@ class Paths:
 
     # ---------------------------------------------------------------- the choice
 
+    def _recovering(self, peer_id: int) -> bool:
+        """Whether WAN recovery moves that site's prefixes onto its direct tunnel now."""
+        if peer_id in self.no_recovery:
+            return False
+        return self.policy is Policy.CLOUD_LOST or peer_id in self.lost_peers
+
     def _rank(self, c: Candidate, rank: dict[Transport, int]) -> float:
         if c.transport is Transport.MESH:
             if self.policy is Policy.CLOUD_LOST and c.peer_id in self.no_recovery:
@@ -211,6 +221,9 @@ class Paths:
                     unused.append(Unused(c, producer, f"overlaps the local prefix {local}"))
                 elif c.transport is not Transport.DIRECT and static is not None:
                     unused.append(Unused(c, producer, f"overlaps {static} of a direct peer"))
+                elif c.held and not self._recovering(c.peer_id):
+                    unused.append(Unused(c, producer, "held off after its path went silent "
+                                         "(used only while the cloud cannot reach the site)"))
                 else:
                     usable.append((producer, c))
             if not usable:
