@@ -2,7 +2,9 @@
 TCP flows between every pair both ways and a ping stream. The PoP is cut off (nftables on
 its side) and given back, killed and restarted, and one socketd is restarted in the middle of
 the outage: traffic moves onto the mesh and back, and not one connection is reset. A site
-with recovery disabled is cut off during recovery, both ways, and the others say why."""
+that alone loses the cloud is reached over the mesh both ways (the others see it offline in
+the directory). A site with recovery disabled is cut off during recovery, both ways, and the
+others say why."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import time
 import pytest
 from labwait import wait_for
 
+from sdwan.lab import netns
 from sdwan.lab.flows import Flows
 from sdwan.lab.recovery import all_on, build, cut, last_seq, relayed, restore, transports
 from sdwan.lab.topology import Lab, Pop, Site
@@ -111,6 +114,28 @@ def test_a_site_with_recovery_disabled_is_cut_off_both_ways_and_the_others_say_w
     pop, (s1, s2, s3) = build(lab, recovery=(True, True, False), hold_s=HOLD_S)
     for a, b in ((s1, s3), (s3, s1), (s1, s2)):
         assert lab.wait_ping(a.lan_ns, b.lan_host_ip, timeout=10), (a.n, b.n)
+
+    # Only site 2 loses the cloud (its router drops the PoP): site 2 is in recovery, and site
+    # 1, whose cloud is fine, sees site 2 offline in the directory and sends to it over the
+    # mesh too, so both ways of 1 <-> 2 work; site 3 has recovery off: cut off from site 2.
+    lab.router_nft(2, f"table inet nopop {{\n chain forward_pop {{\n"
+                      f"  type filter hook forward priority -5;\n"
+                      f"  ip daddr {pop.ip} drop\n  ip saddr {pop.ip} drop\n }}\n}}\n")
+    wait_for("site 2 in recovery", lambda: lab.socketctl(s2, "recovery")["active"], timeout=5)
+    wait_for("site 1 sees site 2 lost",
+             lambda: lab.socketctl(s1, "recovery")["lost_sites"] == [2], timeout=10)
+    assert not lab.socketctl(s1, "recovery")["active"]
+    assert transports(lab, s1)[s2.lan_subnet] == "mesh"
+    assert transports(lab, s1)[s3.lan_subnet] == "cloud"
+    assert lab.wait_ping(s1.lan_ns, s2.lan_host_ip, timeout=5)
+    assert lab.wait_ping(s2.lan_ns, s1.lan_host_ip, timeout=5)
+    assert not lab.ping(s3.lan_ns, s2.lan_host_ip, count=2, wait_s=1)
+    netns.run(lab.routers[2].ns, ["nft", "delete", "table", "inet", "nopop"])
+    wait_for("site 2 back on the cloud, both ends",
+             lambda: not lab.socketctl(s2, "recovery")["active"]
+             and lab.socketctl(s1, "recovery")["lost_sites"] == [], timeout=HOLD_S + 20)
+    assert transports(lab, s1)[s2.lan_subnet] == "cloud"
+    assert lab.wait_ping(s3.lan_ns, s2.lan_host_ip, timeout=10)
     lab.stop_popd(pop, sig=signal.SIGKILL)
     wait_for("site 1 in recovery", lambda: lab.socketctl(s1, "recovery")["active"], timeout=5)
     wait_for("site 1 to 2 over the mesh", lambda: lab.ping(s1.lan_ns, s2.lan_host_ip), 5)
