@@ -1,7 +1,8 @@
 """The LAN firewall as a user of real boxes sees it: the account's policy, delivered by popd,
 filters the traffic between LAN hosts (nftables in the sites' namespaces) in normal operation,
-while the PoP is dead, and after socketd restarts without the PoP from its stored config; a
-policy nft refuses leaves the rules in force and says why."""
+while the PoP is dead (traffic on a static tunnel, or on the mesh in WAN recovery), and after
+socketd restarts without the PoP from its stored config; a policy nft refuses leaves the rules
+in force and says why."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import signal
 import sys
 from dataclasses import dataclass
 
+import pytest
 from labwait import wait_for
 
 from sdwan.lab import netns
@@ -18,6 +20,7 @@ DENIED_PORT = 2323
 ALLOWED_PORT = 8080
 DENY_RULE = "no-telnet"
 TABLE = ("inet", "sdwan_lanfw")
+RECOVERY_HOLD_S = 2
 
 SITES = """
 [account]
@@ -150,6 +153,8 @@ def build(lab: Lab, static_peers: bool = True, mesh: bool = False) -> Pair:
     lab.write_pop_config(pop, account_toml=SITES.format(mesh=flag) + FIREWALL)
     lab.start_popd(pop)
     pops = f'[[pops]]\nid = 1\nendpoint = "{pop.host.ip}:4800"\n'
+    if mesh:
+        pops += f"\n[cloud]\nrecovery_hold_s = {RECOVERY_HOLD_S}\n"
     for a, b in ((s1, s2), (s2, s1)):
         peers = [b] if static_peers else []
         lab.write_site_config(a, peers=peers, tunnel={"keepalive_s": 2}, extra_toml=pops)
@@ -160,15 +165,39 @@ def build(lab: Lab, static_peers: bool = True, mesh: bool = False) -> Pair:
     return Pair(pop, s1, s2)
 
 
+def mesh_up(lab: Lab, site: Site, peer: Site) -> bool:
+    paths = lab.socketctl(site, "mesh")["paths"]
+    return any(p["site_id"] == peer.n and p["tunnel"] == "up" for p in paths)
+
+
+def transport(lab: Lab, site: Site, to: Site) -> str | None:
+    routes = lab.socketctl(site, "routes")["routes"]
+    return next((r["transport"] for r in routes if r["prefix"] == to.lan_subnet), None)
+
+
 def firewall(lab: Lab, site: Site) -> dict:
     return lab.socketctl(site, "status")["firewall"]
 
 
-def test_a_deny_rule_holds_normally_while_the_pop_is_dead_and_after_a_restart_without_it(
-    lab: Lab,
+@pytest.mark.parametrize("off_cloud", ["static", "recovery"])
+def test_a_deny_rule_holds_normally_during_an_outage_and_after_a_restart_without_the_pop(
+    lab: Lab, off_cloud: str
 ) -> None:
-    pair = build(lab)
+    """off_cloud: what carries the traffic while the PoP is dead, a static tunnel between
+    the two sites, or their mesh tunnel in WAN recovery (normally the PoP relays it)."""
+    recovery = off_cloud == "recovery"
+    pair = build(lab, static_peers=not recovery, mesh=recovery)
     s1, s2 = pair.s1, pair.s2
+    if recovery:
+        for a, b in ((s1, s2), (s2, s1)):
+            wait_for(f"mesh {a.n}->{b.n}", lambda a=a, b=b: mesh_up(lab, a, b))
+        # Once the PoP has seen both sites online (until then each is "lost" to the other's
+        # cloud and goes over the mesh, for the hold time).
+        wait_for(
+            "site 1 sends site 2's traffic through the PoP",
+            lambda: transport(lab, s1, s2) == "cloud",
+            timeout=RECOVERY_HOLD_S + 10,
+        )
     for s in (s1, s2):
         wait_for(
             f"site {s.n} applies the account's firewall",
@@ -198,6 +227,8 @@ def test_a_deny_rule_holds_normally_while_the_pop_is_dead_and_after_a_restart_wi
         lambda: lab.socketctl(s1, "status")["cloud"]["state"] != "up",
         timeout=5,
     )
+    if recovery:
+        wait_for("site 1 in WAN recovery", lambda: transport(lab, s1, s2) == "mesh", timeout=10)
     assert firewall(lab, s1)["state"] == "applied"
     check_filtered(lab, s1, s2, counted_at=s1)
 
@@ -213,6 +244,8 @@ def test_a_deny_rule_holds_normally_while_the_pop_is_dead_and_after_a_restart_wi
     status = lab.socketctl(s1, "status")
     assert status["cloud"]["stale"] is True and status["cloud"]["state"] != "up"
     assert status["firewall"]["state"] == "applied" and status["firewall"]["rev"] == rev
+    if recovery:  # it starts in recovery: the mesh tunnel comes back from the NAT data
+        wait_for("site 1 back on the mesh", lambda: transport(lab, s1, s2) == "mesh", 15)
     check_filtered(lab, s1, s2, counted_at=s1)
 
 

@@ -1426,6 +1426,22 @@ class Mesh(SessionOwner):
                 })
         return out
 
+    def reach(self, site_id: int) -> tuple[bool, str | None]:
+        """Whether the tunnel to site_id carries traffic now (its subnets are mesh
+        candidates) and, if not, why: for WAN recovery's per-site status."""
+        if not self.enabled:
+            return False, "the mesh is disabled on this site"
+        peer = self.remotes.get(site_id)
+        if peer is None:
+            return False, "no path to it is known yet"
+        tunnel = peer.tunnel
+        if tunnel is not None and tunnel.state is State.UP:
+            if self.clock() < peer.hold_until:
+                return False, "held back after its path went silent"
+            return True, None
+        reasons = [f"{p.link_name}: {p.reason}" for p in peer.paths.values() if p.reason]
+        return False, "; ".join(reasons) or "its tunnel is down"
+
     def summary(self) -> dict[str, Any]:
         st = self.stats
         paths = [p for peer in self.remotes.values() for p in peer.paths.values()]

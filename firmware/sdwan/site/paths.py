@@ -103,6 +103,12 @@ class Paths:
         self.local = tuple(ipaddress.ip_network(p) for p in local)
         self.on_tun_routes = on_tun_routes
         self.policy = Policy(policy)
+        # WAN recovery per remote site (site/recovery.py): mesh peers whose site the cloud
+        # cannot reach (their mesh candidates rank before the cloud under either policy), and
+        # mesh peers whose site has recovery disabled (never moved onto the mesh by
+        # recovery: under cloud_lost their mesh candidates rank after the cloud's).
+        self.lost_peers: frozenset[int] = frozenset()
+        self.no_recovery: frozenset[int] = frozenset()
         self.override: Override | None = None
         self._override_why = "per-rule override"
         self.batches = 0  # batch calls made, for status
@@ -130,12 +136,22 @@ class Paths:
     def withdraw(self, producer: str) -> None:
         self.submit(producer, ())
 
-    def set_policy(self, policy: Policy) -> None:
+    def set_policy(
+        self,
+        policy: Policy,
+        lost_peers: Iterable[int] | None = None,
+        no_recovery: Iterable[int] | None = None,
+    ) -> None:
+        """Switch the policy and, where given, the per-site recovery sets, in one batch."""
         policy = Policy(policy)
         if policy is not self.policy:
             log.info("route policy %s -> %s", self.policy, policy)
             self.policy = policy
             self._dirty = True
+        for name, given in (("lost_peers", lost_peers), ("no_recovery", no_recovery)):
+            if given is not None and frozenset(given) != getattr(self, name):
+                setattr(self, name, frozenset(given))
+                self._dirty = True
         self.apply()
 
     def set_override(self, override: Override | None, why: str = "per-rule override") -> None:
@@ -155,6 +171,18 @@ class Paths:
             self._dirty = True
 
     # ---------------------------------------------------------------- the choice
+
+    def _rank(self, c: Candidate, rank: dict[Transport, int]) -> float:
+        if c.transport is Transport.MESH:
+            if self.policy is Policy.CLOUD_LOST and c.peer_id in self.no_recovery:
+                return len(rank)  # after the cloud: that site is cut off during recovery
+            if (
+                self.policy is Policy.NORMAL
+                and c.peer_id in self.lost_peers
+                and c.peer_id not in self.no_recovery
+            ):
+                return rank[Transport.CLOUD] - 0.5
+        return rank[c.transport]
 
     def _choose(self) -> tuple[dict[Network, Choice], list[Unused]]:
         rank = {t: i for i, t in enumerate(RANKS[self.policy])}
@@ -187,9 +215,11 @@ class Paths:
                     usable.append((producer, c))
             if not usable:
                 continue
-            usable.sort(key=lambda e: (rank[e[1].transport], e[1].preference, e[0], e[1].peer_id))
+            usable.sort(
+                key=lambda e: (self._rank(e[1], rank), e[1].preference, e[0], e[1].peer_id)
+            )
             producer, pick = usable[0]
-            why = self._why(usable)
+            why = self._why(usable, rank)
             if self.override is not None:
                 wanted = self.override(prefix, [c for _, c in usable], self.policy)
                 match = next((e for e in usable if e[1] == wanted), None)
@@ -204,11 +234,15 @@ class Paths:
                     unused.append(Unused(c, p, f"{pick.transport} via {producer} chosen"))
         return chosen, unused
 
-    def _why(self, usable: list[tuple[str, Candidate]]) -> str:
+    def _why(self, usable: list[tuple[str, Candidate]], rank: dict[Transport, int]) -> str:
         if len(usable) == 1:
             return "only usable candidate"
         best, second = usable[0][1], usable[1][1]
         if best.transport is not second.transport:
+            if self._rank(best, rank) != rank[best.transport]:
+                return f"site {best.peer_id} is not reachable through the cloud (WAN recovery)"
+            if self._rank(second, rank) != rank[second.transport]:
+                return f"site {second.peer_id} has WAN recovery disabled"
             return f"{best.transport} ranks before {second.transport} under policy {self.policy}"
         if best.preference != second.preference:
             return f"preference {best.preference} beats {second.preference}"
@@ -304,6 +338,8 @@ class Paths:
 
         return {
             "policy": str(self.policy),
+            "lost_sites": sorted(self.lost_peers),
+            "no_recovery_sites": sorted(self.no_recovery),
             "routes": [
                 {
                     **row(ch.candidate, ch.producer),

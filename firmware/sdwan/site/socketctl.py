@@ -126,6 +126,9 @@ def format_status(result: Mapping[str, Any], out: TextIO) -> None:
         if cloud.get("stale"):
             text += ", stale configuration (no PoP has answered since the start)"
         fields.append(("cloud", text))
+    recovery = result.get("recovery")
+    if isinstance(recovery, Mapping):
+        fields.append(("recovery", _recovery_line(recovery)))
     firewall = result.get("firewall")
     if isinstance(firewall, Mapping):
         fields.append(("firewall", _firewall_summary(firewall)))
@@ -384,6 +387,45 @@ def format_mesh(result: Mapping[str, Any], out: TextIO) -> None:
         out.write("no mesh peers yet (the PoP brokers them)\n")
 
 
+def _recovery_line(r: Mapping[str, Any]) -> str:
+    if not r.get("enabled"):
+        return "disabled for this site in the account (or no PoP configured)"
+    if r.get("active"):
+        text = f"ACTIVE for {_duration(r.get('since_s'))}: {_text(r.get('reason'))}"
+        if r.get("returning_in_s") is not None:
+            text += f"; back to the cloud in {_duration(r.get('returning_in_s'))}"
+        return text
+    lost = r.get("lost_sites") or []
+    if lost:
+        return "ready; sites the PoP cannot reach go over the mesh: " + ", ".join(
+            _text(s) for s in lost
+        )
+    return "ready (not active)"
+
+
+def format_recovery(result: Mapping[str, Any], out: TextIO) -> None:
+    out.write(f"recovery {_recovery_line(result)}\n")
+    out.write(f"hold     {_duration(result.get('hold_s'))}\n\n")
+    rows = []
+    for s in result.get("sites") or []:
+        if not isinstance(s, Mapping):
+            continue
+        ready = s.get("ready_why")
+        rows.append(
+            [
+                _text(s.get("site_id")),
+                _text(s.get("name")),
+                _text(s.get("state")),
+                "yes" if s.get("ready") else "no",
+                "" if ready is None else _text(ready),
+            ]
+        )
+    if rows:
+        _table(["SITE", "NAME", "TRAFFIC", "MESH READY", "WHY NOT"], rows, out)
+    else:
+        out.write("no other sites known (the PoP's directory lists them)\n")
+
+
 def _firewall_summary(fw: Mapping[str, Any]) -> str:
     state = _text(fw.get("state"))
     if state == "none":
@@ -459,6 +501,7 @@ FORMATTERS: dict[str, Callable[[Mapping[str, Any], TextIO], None]] = {
     "pop": format_pop,
     "routes": format_routes,
     "mesh": format_mesh,
+    "recovery": format_recovery,
     "firewall": format_firewall,
     "events": format_events,
     "links": format_links,
@@ -489,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pop": "sessions to the PoPs per link: state, RTT, last seen, reason when down",
         "routes": "which peer and transport carries each prefix, and why",
         "mesh": "direct tunnels to the other sites: per peer and link, how found, why not",
+        "recovery": "WAN recovery: active or not and why, per site where its traffic goes",
         "firewall": "the LAN firewall: rules in order with their counters, default, state",
         "events": "stored events, newest first",
         "links": "WAN links: device state, addressing (none, static, dhcp), address, gateway",
