@@ -75,7 +75,7 @@ def test_valid_account_loads_with_defaults(tmp_path: Path) -> None:
 
 def test_example_files_load() -> None:
     acc = load_account(REPO / "examples" / "account.toml")
-    assert len(acc.sites) == 3 and acc.rules
+    assert len(acc.sites) == 3 and acc.rules and acc.firewall.rules
 
 
 @pytest.mark.parametrize(

@@ -94,7 +94,8 @@ def test_empty_lines_are_nothing(line: str) -> None:
     [
         ("bogus", "unknown command 'bogus'; type help for the commands", None),
         ("sho status", "unknown command 'sho' (did you mean show?)", None),
-        ("show", "show what? one of status, links, pop, peers, mesh, recovery, events",
+        ("show", "show what? one of status, links, pop, peers, mesh, recovery, firewall,"
+         " events",
          "show status"),
         ("show routes", "cannot show 'routes'", "show status"),
         ("show status now", "show status takes nothing more, got 'now'", "show status"),
@@ -173,7 +174,8 @@ LINKS = ["wan1", "wan2", "lte"]
         ("", sorted(console.COMMANDS)),
         ("s", ["set", "show"]),
         ("sh", ["show"]),
-        ("show ", ["events", "links", "log", "mesh", "peers", "pop", "recovery", "status"]),
+        ("show ", ["events", "firewall", "links", "log", "mesh", "peers", "pop", "recovery",
+                   "status"]),
         ("show p", ["peers", "pop"]),
         ("show status ", []),
         ("help ", sorted(console.COMMANDS)),

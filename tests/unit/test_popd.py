@@ -55,6 +55,23 @@ name = "all"
 action = "allow"
 """
 
+FIREWALL = """
+[firewall]
+default = "deny"
+
+[[firewall.rules]]
+name = "no-ssh"
+action = "deny"
+src = ["branch-2"]
+dst = ["branch-1"]
+protocol = "tcp"
+ports = [22, "2200-2299"]
+
+[[firewall.rules]]
+name = "rest"
+action = "allow"
+"""
+
 
 def _free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -338,7 +355,9 @@ def test_register_welcome_ping_and_directory(pop: PopEnv, clients: list[Client])
     welcome = a.register()
     assert welcome["pop_id"] == 1
     assert welcome["config"] == {"name": "branch-1", "subnets": ["10.1.0.0/24"],
-                                 "offcloud": True, "recovery": True}
+                                 "offcloud": True, "recovery": True,
+                                 # An account without [firewall]: allow everything.
+                                 "firewall": {"default": "allow", "rules": []}}
     assert welcome["directory"] == [{
         "site_id": 2, "name": "branch-2", "subnets": ["10.2.0.0/24"], "links": [],
         "offcloud": False, "recovery": False, "online": False,
@@ -531,6 +550,19 @@ def test_reload_pushes_config_and_directory_and_bad_file_keeps_old(
     pop.proc.send_signal(signal.SIGHUP)
     assert a.wait_for("config")["config"]["subnets"] == ["10.1.0.0/24"]
     assert pop.status()["account"]["error"] is None
+
+    # A firewall change is every site's: each gets its config again, site names resolved.
+    pop.account.write_text(ACCOUNT + FIREWALL)
+    rc, out = pop.popctl("reload")
+    assert rc == 0 and out["changed"] == [1, 2], out
+    fw = a.wait_for("config")["config"]["firewall"]
+    assert fw == {"default": "deny", "rules": [
+        {"name": "no-ssh", "action": "deny", "src": ["10.2.0.0/24"], "dst": ["10.1.0.0/24"],
+         "protocol": "tcp", "ports": [22, "2200-2299"]},
+        {"name": "rest", "action": "allow", "src": None, "dst": None, "protocol": "any",
+         "ports": None},
+    ]}
+    assert pop.status()["account"]["firewall"] == {"default": "deny", "rules": 2}
 
 
 def test_refused_registrations_and_unknown_sites(pop: PopEnv, clients: list[Client]) -> None:

@@ -4,8 +4,9 @@ the WAN links (links.py: sockets, state, STUN) -> kernel routes and MSS clamp (n
 -> the session layer (sessions.py) draining the fast path's control queue, with three owners
 of sessions registered: one PeerTunnel per configured peer (tunnel.py), the off-cloud mesh
 (mesh.py, also the handler of probe datagrams and of the PoP's punches) and the PoP sessions
-(cloud.py) -> the routes of every prefix, static, mesh and cloud (paths.py) -> events and cloud
-documents in the store (store.py) -> status over the control socket (control.py).
+(cloud.py) -> the routes of every prefix, static, mesh and cloud (paths.py) -> the LAN firewall
+from the cloud's config (firewall.py) -> events and cloud documents in the store (store.py) ->
+status over the control socket (control.py).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from sdwan.common.store import Store, StoreError
 from sdwan.site.birthday import LinkSockets
 from sdwan.site.cloud import Cloud, CloudTimers
 from sdwan.site.config import SiteConfig
+from sdwan.site.firewall import Firewall
 from sdwan.site.links import LinkError, LinkManager
 from sdwan.site.mesh import Mesh, pin_override
 from sdwan.site.paths import Candidate, Paths, Transport
@@ -110,6 +112,7 @@ class Supervisor:
         self.mesh: Mesh | None = None
         self.recovery: Recovery | None = None
         self.paths: Paths | None = None
+        self.firewall = Firewall(on_event=self._record_event)
         self._net_plan: Plan | None = None
         self._net_task: asyncio.Task[None] | None = None
         self._net_dirty = False
@@ -186,6 +189,8 @@ class Supervisor:
         self.cloud = self._make_cloud(fp)
         self.mesh = self._make_mesh(fp, self.cloud)
         self.recovery = self._make_recovery(self.cloud, self.mesh)
+        # Before the fast path starts: the stored policy is in force before traffic flows.
+        self._start_firewall(self.cloud)
         assert self.paths is not None
         plan = Plan(
             tun=cfg.tunnel.interface,
@@ -274,6 +279,18 @@ class Supervisor:
         self.paths.set_override(pin_override(cfg.mesh.pin), why="pinned to the mesh ([mesh] pin)")
         mesh.load_cache()
         return mesh
+
+    def _start_firewall(self, cloud: Cloud) -> None:
+        """The firewall part of the cloud's config goes to the firewall (firewall.py): the
+        stored one now, each one a PoP sends from then on."""
+        firewall = self.firewall
+
+        def part() -> object:
+            return (cloud.config or {}).get("firewall")
+
+        if cloud.config is not None:
+            firewall.start(part(), cloud.config_rev)
+        cloud.watch_config(lambda: firewall.offer(part(), cloud.config_rev))
 
     def _make_recovery(self, cloud: Cloud, mesh: Mesh) -> Recovery:
         assert self.paths is not None
@@ -554,6 +571,7 @@ class Supervisor:
             "recovery": (
                 self.recovery.summary() if self.recovery is not None else {"enabled": False}
             ),
+            "firewall": self.firewall.summary(),
             "appliance": self._appliance_status(),
         }
 
@@ -578,6 +596,9 @@ class Supervisor:
         if self.recovery is None:
             return {"enabled": False, "active": False, "sites": []}
         return {**self.recovery.summary(), "sites": self.recovery.sites()}
+
+    async def _firewall(self, _req: dict) -> dict:
+        return await self.firewall.status()
 
     async def _routes(self, _req: dict) -> dict:
         assert self.paths is not None
@@ -707,6 +728,7 @@ class Supervisor:
             "routes": self._routes,
             "mesh": self._mesh,
             "recovery": self._recovery,
+            "firewall": self._firewall,
             "events": self._events,
             **self._wan_handlers(),
         }
@@ -738,6 +760,9 @@ class Supervisor:
             await self.control.close()
             if self.wan is not None:
                 await self.wan.close()
+            # The ruleset stays in the kernel: a stopped socketd leaves the LAN neither open
+            # nor closed (docs/firewall.md); the next start replaces it.
+            await self.firewall.close()
             loop.remove_reader(self.fp.ctrl_fd)
             loop.remove_reader(self.fp.liveness_wake_fd)
             self.close()
