@@ -46,7 +46,7 @@ from sdwan.site.firewall import Firewall
 from sdwan.site.links import LinkError, LinkManager
 from sdwan.site.mesh import Mesh, pin_override
 from sdwan.site.paths import Candidate, Paths, Transport
-from sdwan.site.recovery import Reach, Recovery
+from sdwan.site.recovery import STORED_MAX_AGE_S, Reach, Recovery
 from sdwan.site.tundev import TunError, attach_tun
 from sdwan.site.tunnel import Addr, PeerTunnel, State, StaticTunnels, Timers
 
@@ -125,7 +125,9 @@ class Supervisor:
         self.leds: LedController | None = None
         self.guard: Guard | None = None  # made by run(): the simulations have no appliance
         self._cloud_was_up = False  # the LEDs show booting until the cloud is first up
-        self._static_offcloud_key: tuple[int, frozenset[int]] | None = None
+        # The directory list (kept: its identity says whether it changed) and the static
+        # tunnels up when the static-offcloud candidates were last submitted.
+        self._static_offcloud_key: tuple[list, frozenset[int]] | None = None
 
     @property
     def dtls(self) -> DtlsContext | None:
@@ -311,10 +313,16 @@ class Supervisor:
             if store is not None:
                 store.put_doc(DOC_RECOVERY, {"active": active, "at": time.time()})
 
-        stored = None
+        was_active = False
         if store is not None:
             try:
                 stored = store.get_doc(DOC_RECOVERY)
+                at = stored.value.get("at") if stored is not None else None
+                was_active = (
+                    stored is not None and stored.value.get("active") is True
+                    and isinstance(at, int | float)
+                    and abs(time.time() - at) < STORED_MAX_AGE_S
+                )
             except StoreError as e:
                 log.warning("stored recovery state unreadable: %s", e)
         recovery = Recovery(
@@ -323,11 +331,12 @@ class Supervisor:
             cloud_enabled=lambda: cloud.enabled,
             own_recovery=lambda: (cloud.config or {}).get("recovery"),
             directory=lambda: cloud.directory,
+            links_ready=lambda: any(wl.local_ipv4() for wl in self.links),
             mesh_reach=reach,
             on_event=event,
             clock=self.clock,
             hold_s=float(self.cfg.cloud.recovery_hold_s),
-            was_active=stored is not None and stored.value.get("active") is True,
+            was_active=was_active,
             remember=remember,
         )
         # Decided at once from the stored configuration: a box that starts in an outage
@@ -450,8 +459,9 @@ class Supervisor:
         if self.paths is None or self.cloud is None or not self.tunnels:
             return
         up = frozenset(sid for sid, t in self.tunnels.items() if t.state is State.UP)
-        key = (id(self.cloud.directory), up)
-        if key == self._static_offcloud_key:
+        key = (self.cloud.directory, up)
+        last = self._static_offcloud_key
+        if last is not None and last[0] is key[0] and last[1] == up:
             return
         self._static_offcloud_key = key
         candidates = []
