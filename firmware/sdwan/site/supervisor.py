@@ -536,6 +536,7 @@ class Supervisor:
                     "interface": link.interface,
                     "port": link.port,
                     "precedence": link.precedence,
+                    "altwan": link.altwan,
                     "mtu": link.mtu,
                     "rx_packets": c.rx_packets,
                     "tx_packets": c.tx_packets,
