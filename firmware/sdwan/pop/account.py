@@ -1,21 +1,23 @@
-"""The account file of the PoP: the sites, their subnets and settings, and the rules, as frozen
-dataclasses, checked with the config engine (common/tomlcheck.py).
+"""The account file of the PoP: the sites, their subnets and settings, and the network rules
+(off-cloud transport), as frozen dataclasses, checked with the config engine
+(common/tomlcheck.py).
 
 `load_account(path)` returns an `Account`, or raises `ConfigError` listing every problem found
 in one pass, each naming the file, the field path (`sites[1].subnets[0]`, indices from 0), what
 was expected and, where found, the line.
 `Account.to_doc()`/`Account.from_doc()` are the form kept in SQLite (document "account") so that a
-PoP whose account file went bad keeps the last good one across restarts. Schemas: docs/popd.md.
+PoP whose account file went bad keeps the last good one across restarts. `site_config(id)` is
+what a site's `config` message carries: its settings and the rules, site names resolved to
+subnets. Schemas: docs/popd.md.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sdwan.common.tomlcheck import (
@@ -26,6 +28,7 @@ from sdwan.common.tomlcheck import (
     LineIndex,
     boolean,
     check_networks,
+    expects,
     int_range,
     matching,
     network,
@@ -44,7 +47,19 @@ __all__ = [
 
 # The fast-path peer id of a session is site << 8 | link; ids must stay below 2^23.
 MAX_SITE_ID = 65535
-MAX_RULE_BYTES = 4096
+# What a socket's fast path holds (fastpath.h: FP_RULES_MAX, FP_RULE_NETS_MAX and
+# FP_RULE_PORTS_MAX, the last two over all rules: 64 port entries per rule fit).
+MAX_RULES = 1024
+MAX_RULE_NETS = 65536
+MAX_RULE_ITEMS = 64  # entries of src, dst, ports and each application-aware field
+
+TRANSPORTS = ("offcloud", "cloud")
+SECONDARIES = ("automatic", "none", "cloud")
+PROTOCOLS = ("any", "tcp", "udp", "icmp")
+# Fields that need application awareness: a rule with any of them is *complex*, accepted but
+# not evaluated on the socket; its traffic goes to the PoP (docs/popd.md, "Network rules").
+APP_FIELDS = ("applications", "categories", "services", "custom_apps", "domains")
+COMPLEX_NOTE = "not evaluated on the socket: its traffic goes to the PoP"
 
 _ACCOUNT_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _RULE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -71,15 +86,81 @@ class AccountSite:
         }
 
 
+def _port_text(r: tuple[int, int]) -> int | str:
+    return r[0] if r[0] == r[1] else f"{r[0]}-{r[1]}"
+
+
 @dataclass(frozen=True)
 class Rule:
-    """A network rule, kept and shown as written; evaluating rules comes with a later release."""
+    """A network rule: which traffic (simple fields, and application-aware ones that make it
+    complex) and the transport it takes. src/dst as written: networks and site names of the
+    account, () for any."""
 
     name: str
-    body: Mapping[str, Any] = field(default_factory=dict)
+    transport: str  # TRANSPORTS
+    secondary: str | None = None  # SECONDARIES, offcloud rules only
+    src: tuple[str, ...] = ()
+    dst: tuple[str, ...] = ()
+    protocol: str = "any"  # PROTOCOLS
+    ports: tuple[tuple[int, int], ...] = ()  # destination ports, inclusive ranges
+    app: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (APP_FIELDS name, values), as written
+
+    @property
+    def complex(self) -> bool:
+        return bool(self.app)
+
+    @property
+    def note(self) -> str | None:
+        """What the account check says of a complex rule, else None."""
+        if not self.app:
+            return None
+        return f"uses {', '.join(k for k, _ in self.app)}: {COMPLEX_NOTE}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **self.body}
+        """The rule as the account file has it (popctl, the stored account)."""
+        out: dict[str, Any] = {"name": self.name, "transport": self.transport}
+        if self.secondary is not None:
+            out["secondary"] = self.secondary
+        if self.src:
+            out["src"] = list(self.src)
+        if self.dst:
+            out["dst"] = list(self.dst)
+        out["protocol"] = self.protocol
+        if self.ports:
+            out["ports"] = [_port_text(r) for r in self.ports]
+        for key, values in self.app:
+            out[key] = list(values)
+        return out
+
+    def for_site(self, subnets_of: Mapping[str, Sequence[IPNetwork]]) -> dict[str, Any]:
+        """The rule as a site's `config` carries it: as written, with src/dst resolved to
+        subnets (`src_subnets`, `dst_subnets`; absent = any), ports as [low, high] pairs and
+        `complex` naming the application-aware fields (docs/cloud.md)."""
+
+        def resolve(items: tuple[str, ...]) -> list[str] | None:
+            if not items:
+                return None
+            nets: list[str] = []
+            for item in items:
+                found = subnets_of.get(item)
+                if found is None:
+                    nets.append(str(ipaddress.ip_network(item)))
+                else:
+                    nets.extend(str(n) for n in found)
+            return list(dict.fromkeys(nets))
+
+        return {
+            "name": self.name,
+            "transport": self.transport,
+            "secondary": self.secondary,
+            "src": list(self.src) or None,
+            "dst": list(self.dst) or None,
+            "src_subnets": resolve(self.src),
+            "dst_subnets": resolve(self.dst),
+            "protocol": self.protocol,
+            "ports": [list(r) for r in self.ports],
+            "complex": [k for k, _ in self.app],
+        }
 
 
 @dataclass(frozen=True)
@@ -96,6 +177,22 @@ class Account:
     def site_ids(self) -> frozenset[int]:
         return frozenset(s.id for s in self.sites)
 
+    def site_config(self, site_id: int) -> dict[str, Any] | None:
+        """What the site's `config` message carries (docs/cloud.md): its own settings and the
+        account's rules, in order, site names resolved to subnets. None: no such site."""
+        site = self.site(site_id)
+        if site is None:
+            return None
+        subnets_of = self.subnets_by_name()
+        return {**site.settings(), "rules": [r.for_site(subnets_of) for r in self.rules]}
+
+    def subnets_by_name(self) -> dict[str, tuple[IPNetwork, ...]]:
+        return {s.name: s.subnets for s in self.sites}
+
+    def notes(self) -> list[str]:
+        """What the account check says per rule beyond errors: the complex rules."""
+        return [f"rules {r.name}: {r.note}" for r in self.rules if r.note]
+
     def to_doc(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -106,7 +203,8 @@ class Account:
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any]) -> Account:
-        """The inverse of to_doc (for what this module itself stored: trusted input)."""
+        """The inverse of to_doc (for what this module itself stored: trusted input). Rules
+        stored before they had a schema (name and free keys) are not kept."""
         return cls(
             name=str(doc["name"]),
             source=str(doc.get("source", "")),
@@ -121,10 +219,22 @@ class Account:
                 for s in doc["sites"]
             ),
             rules=tuple(
-                Rule(name=str(r["name"]), body={k: v for k, v in r.items() if k != "name"})
-                for r in doc.get("rules", [])
+                _rule_from_dict(r) for r in doc.get("rules", []) if r.get("transport") in TRANSPORTS
             ),
         )
+
+
+def _rule_from_dict(r: Mapping[str, Any]) -> Rule:
+    return Rule(
+        name=str(r["name"]),
+        transport=str(r["transport"]),
+        secondary=r.get("secondary"),
+        src=tuple(r.get("src", ())),
+        dst=tuple(r.get("dst", ())),
+        protocol=str(r.get("protocol", "any")),
+        ports=tuple(_parse_port(p) for p in r.get("ports", ())),
+        app=tuple((k, tuple(r[k])) for k in APP_FIELDS if k in r),
+    )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -132,6 +242,41 @@ class Account:
 
 _account_name = matching(_ACCOUNT_NAME_RE, "a name of 1..64 characters [A-Za-z0-9_.-]")
 _rule_name = matching(_RULE_NAME_RE, "a name of 1..64 characters [A-Za-z0-9_.-]")
+_PORT_RANGE_RE = re.compile(r"\s*(\d{1,5})\s*(?:-\s*(\d{1,5})\s*)?")
+_PORT_EXPECTED = 'a port 1..65535 or a range "low-high"'
+
+
+def _parse_port(value: Any) -> tuple[int, int]:
+    """A destination port (an integer) or range ("low-high") as (low, high)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        lo = hi = value
+    elif isinstance(value, str) and (m := _PORT_RANGE_RE.fullmatch(value)):
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) else lo
+    else:
+        raise ValueError(f"expected {_PORT_EXPECTED}, got {show(value)}")
+    if not (1 <= lo <= 65535 and 1 <= hi <= 65535):
+        raise ValueError(f"expected {_PORT_EXPECTED}, got {show(value)}")
+    if lo > hi:
+        raise ValueError(f"expected a range with low <= high, got {show(value)}")
+    return lo, hi
+
+
+def _one_of(choices: Sequence[str]) -> Any:
+    what = " or ".join(f'"{c}"' for c in choices)
+
+    @expects(what)
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(f"expected {what}, got {show(value)}")
+        return value
+
+    return check
+
+
+_transport = _one_of(TRANSPORTS)
+_secondary = _one_of(SECONDARIES)
+_protocol = _one_of(PROTOCOLS)
 
 
 # --------------------------------------------------------------------------- account
@@ -220,11 +365,141 @@ def _check_site_overlaps(c: Checker, doc: Mapping[str, Any]) -> None:
             widest = (net, loc)
 
 
-def _check_rules(c: Checker, doc: Mapping[str, Any]) -> list[Rule] | None:
+def _items(
+    c: Checker, entry: Mapping[str, Any], loc: tuple[str | int, ...], what: str
+) -> list[tuple[int, Any]] | None:
+    """The array at loc: (index, item) pairs, or None (absent, or an error recorded)."""
+    key = loc[-1]
+    assert isinstance(key, str)
+    raw = entry.get(key, MISSING)
+    if raw is MISSING:
+        return None
+    if not isinstance(raw, list) or not raw or len(raw) > MAX_RULE_ITEMS:
+        c.error(
+            loc,
+            f"expected an array of 1..{MAX_RULE_ITEMS} {what} (leave it out for any),"
+            f" got {show(raw) if not isinstance(raw, list) or not raw else f'{len(raw)} entries'}",
+        )
+        return None
+    return list(enumerate(raw))
+
+
+def _looks_like_network(text: str) -> bool:
+    return "/" in text or ":" in text or text.replace(".", "").isdigit()
+
+
+def _check_endpoints(
+    c: Checker, entry: Mapping[str, Any], loc: tuple[str | int, ...], site_names: Sequence[str]
+) -> tuple[str, ...] | None:
+    """src/dst: networks and site names of the account, as written (() = any)."""
+    items = _items(c, entry, loc, "networks or site names")
+    if items is None:
+        return None if loc[-1] in entry else ()
+    out: list[str] = []
+    for i, item in items:
+        if isinstance(item, str) and item in site_names:
+            out.append(item)
+            continue
+        try:
+            out.append(str(network(item)))
+        except ValueError as e:
+            if isinstance(item, str) and not _looks_like_network(item):
+                known = ", ".join(show(n) for n in site_names[:8]) or "none"
+                more = ", ..." if len(site_names) > 8 else ""
+                c.error((*loc, i), f"expected a network or a site name of the account"
+                        f" ({known}{more}), got {show(item)}")
+            else:
+                c.error((*loc, i), f"{e}, or a site name of the account")
+    return tuple(out) if len(out) == len(items) else None
+
+
+def _check_rule(
+    c: Checker, entry: Mapping[str, Any], loc: tuple[str | int, ...], site_names: Sequence[str]
+) -> Rule | None:
+    c.known_keys(
+        entry,
+        loc,
+        ("name", "transport", "secondary", "src", "dst", "protocol", "ports", *APP_FIELDS),
+    )
+    name = c.value(entry, (*loc, "name"), _rule_name)
+    transport = c.value(entry, (*loc, "transport"), _transport)
+    secondary = c.value(entry, (*loc, "secondary"), _secondary, default=None)
+    if transport == "cloud" and secondary is not None:
+        c.error((*loc, "secondary"), 'only a rule with transport = "offcloud" has a secondary')
+        secondary = MISSING
+    elif transport == "offcloud" and secondary is None:
+        secondary = "automatic"
+    protocol = c.value(entry, (*loc, "protocol"), _protocol, default="any")
+    src = _check_endpoints(c, entry, (*loc, "src"), site_names)
+    dst = _check_endpoints(c, entry, (*loc, "dst"), site_names)
+    ports: list[tuple[int, int]] | None = []
+    port_items = _items(c, entry, (*loc, "ports"), "ports or ranges")
+    if port_items is None and "ports" in entry:
+        ports = None
+    for i, item in port_items or []:
+        try:
+            ports.append(_parse_port(item))  # type: ignore[union-attr]
+        except ValueError as e:
+            c.error((*loc, "ports", i), str(e))
+            ports = None
+            break
+    if ports and protocol == "icmp":
+        c.error((*loc, "ports"), 'expected no ports with protocol = "icmp" (ports are TCP and'
+                " UDP's; with \"any\" they match both)")
+        ports = None
+    app: list[tuple[str, tuple[str, ...]]] = []
+    app_ok = True
+    for key in APP_FIELDS:
+        items = _items(c, entry, (*loc, key), "names")
+        if items is None:
+            app_ok &= key not in entry
+            continue
+        values: list[str] = []
+        for i, v in items:
+            if isinstance(v, str) and 1 <= len(v) <= 256 and v.isprintable():
+                values.append(v)
+            else:
+                c.error((*loc, key, i), f"expected a name of 1..256 characters, got {show(v)}")
+                app_ok = False
+        app.append((key, tuple(values)))
+    if MISSING in (name, transport, secondary, protocol) or None in (src, dst, ports):
+        return None
+    if not app_ok:
+        return None
+    return Rule(
+        name=name,
+        transport=transport,
+        secondary=secondary,
+        src=src,  # type: ignore[arg-type]
+        dst=dst,  # type: ignore[arg-type]
+        protocol=protocol,
+        ports=tuple(ports),  # type: ignore[arg-type]
+        app=tuple(app),
+    )
+
+
+def _check_rules(
+    c: Checker, doc: Mapping[str, Any], sites: Sequence[AccountSite] | None
+) -> list[Rule] | None:
     raw = doc.get("rules", [])
     if not isinstance(raw, list):
         c.error(("rules",), f"expected an array of tables [[rules]], got {show(raw)}")
         return None
+    if len(raw) > MAX_RULES:
+        c.error(("rules",), f"expected at most {MAX_RULES} rules (what a socket holds),"
+                f" got {len(raw)}")
+        return None
+    # Names resolve against the sites; when a site entry has errors of its own, against what
+    # its entry says, so that its errors are not repeated for every rule naming it.
+    if sites is not None:
+        site_names = [s.name for s in sites]
+    else:
+        raw_sites = doc.get("sites")
+        site_names = [
+            s["name"] if isinstance(s.get("name"), str) else f"site-{s.get('id')}"
+            for s in (raw_sites if isinstance(raw_sites, list) else [])
+            if isinstance(s, dict)
+        ]
     rules: list[Rule] = []
     ok = True
     seen: dict[str, int] = {}
@@ -234,31 +509,29 @@ def _check_rules(c: Checker, doc: Mapping[str, Any]) -> list[Rule] | None:
             c.error(loc, f"expected a table, got {show(entry)}")
             ok = False
             continue
-        name = c.value(entry, (*loc, "name"), _rule_name)
-        if isinstance(name, str):
-            if name in seen:
-                c.error(
-                    (*loc, "name"), f"duplicate rule name {show(name)} (also rules[{seen[name]}])"
-                )
-                name = MISSING
-            else:
-                seen[name] = i
-        body = {k: v for k, v in entry.items() if k != "name"}
-        try:
-            # Rules travel as JSON (store, popctl); TOML dates and times do not.
-            size = len(json.dumps(body))
-        except (TypeError, ValueError):
-            c.error(loc, "expected strings, numbers, booleans, arrays and tables only (no dates)")
+        rule = _check_rule(c, entry, loc, site_names)
+        if rule is None:
             ok = False
             continue
-        if size > MAX_RULE_BYTES:
-            c.error(loc, f"expected a rule of at most {MAX_RULE_BYTES} bytes as JSON, got {size}")
+        if rule.name in seen:
+            c.error(
+                (*loc, "name"),
+                f"duplicate rule name {show(rule.name)} (also rules[{seen[rule.name]}])",
+            )
             ok = False
             continue
-        if name is MISSING:
+        seen[rule.name] = i
+        rules.append(rule)
+    if ok and sites is not None:
+        subnets_of = {s.name: s.subnets for s in sites}
+        total = sum(
+            len(r.for_site(subnets_of)[k] or ()) for r in rules for k in ("src_subnets",
+                                                                          "dst_subnets")
+        )
+        if total > MAX_RULE_NETS:
+            c.error(("rules",), f"expected at most {MAX_RULE_NETS} networks over all rules once"
+                    f" site names are resolved (what a socket holds), got {total}")
             ok = False
-            continue
-        rules.append(Rule(name=name, body=body))
     return rules if ok else None
 
 
@@ -274,7 +547,7 @@ def load_account(path: str | os.PathLike[str]) -> Account:
         name = c.value(account_t, ("account", "name"), _account_name)
     sites = _check_sites(c, doc)
     _check_site_overlaps(c, doc)
-    rules = _check_rules(c, doc)
+    rules = _check_rules(c, doc, sites)
     if c.issues:
         raise ConfigError(source, c.issues)
     assert sites is not None and rules is not None and isinstance(name, str)

@@ -45,6 +45,9 @@ def _print_status(r: dict[str, Any], out: TextIO) -> None:
     print(f"account {acc.get('name')} from {acc.get('file')}: {acc.get('sites')} site(s),"
           f" {len(acc.get('rules') or [])} rule(s), loaded {_when(acc.get('loaded_at'))}",
           file=out)
+    for rule in acc.get("rules") or []:
+        if isinstance(rule, dict) and rule.get("note"):
+            print(f"  rule {rule.get('name')}: {rule['note']}", file=out)
     if acc.get("error"):
         print("account file refused (previous account in force):", file=out)
         for line in str(acc["error"]).splitlines():
@@ -136,6 +139,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     else:
         print(f"account reloaded: changed {result.get('changed')}, removed"
               f" {result.get('removed')}, directory rev {result.get('rev')}", file=out)
+        for note in result.get("notes") or []:
+            print(f"  {note}", file=out)
     return EXIT_OK
 
 

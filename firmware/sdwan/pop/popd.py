@@ -294,6 +294,7 @@ class Pop(SessionOwner):
         else:
             self.account = account
             self.store.put_doc("account", account.to_doc())
+            self._log_notes(account)
             self._event(
                 "popd.account.loaded",
                 f"account {account.name}: {len(account.sites)} site(s),"
@@ -774,7 +775,7 @@ class Pop(SessionOwner):
                 "t": "welcome",
                 "rev": self.rev,
                 "pop_id": self.cfg.id,
-                "config": site.settings(),
+                "config": self.account.site_config(site.id),
                 "directory": self._directory_for(s.site_id),
             },
         )
@@ -911,22 +912,36 @@ class Pop(SessionOwner):
                     self.send(s.addr, d)
                 self._drop(s, "site removed from the account")
         for site in new.sites:
-            before = old.site(site.id) if old is not None else None
-            if before is None or before.settings() != site.settings():
+            # A site's config holds the rules too, with site names resolved: another site's
+            # subnets changing changes it.
+            config = new.site_config(site.id)
+            if old is None or old.site_config(site.id) != config:
                 changed.append(site.id)
                 for s in self._live_sessions(site.id):
-                    self._send_msg(
-                        s, {"t": "config", "rev": self.rev + 1, "config": site.settings()}
-                    )
+                    self._send_msg(s, {"t": "config", "rev": self.rev + 1, "config": config})
         removed = sorted((old.site_ids if old else frozenset()) - new.site_ids)
         text = (
             f"account {new.name} reloaded: {len(new.sites)} site(s), {len(new.rules)} rule(s);"
             f" changed {changed or 'none'}, removed {removed or 'none'}"
         )
         log.info("%s", text)
+        self._log_notes(new)
         self._event("popd.account.loaded", text, changed=changed, removed=removed)
         self._recompute()
-        return {"ok": True, "changed": changed, "removed": removed, "rev": self.rev}
+        return {
+            "ok": True,
+            "changed": changed,
+            "removed": removed,
+            "rev": self.rev,
+            "notes": new.notes(),
+        }
+
+    @staticmethod
+    def _log_notes(account: Account) -> None:
+        """The account check's word on rules that load but are not what they seem: the
+        complex ones (docs/popd.md, "Network rules")."""
+        for note in account.notes():
+            log.warning("%s", note)
 
     # ---------------------------------------------------------------- control socket
 
@@ -947,7 +962,10 @@ class Pop(SessionOwner):
                 "name": self.account.name,
                 "file": str(self.cfg.account),
                 "sites": len(self.account.sites),
-                "rules": [r.to_dict() for r in self.account.rules],
+                "rules": [
+                    {**r.to_dict(), "complex": r.complex, "note": r.note}
+                    for r in self.account.rules
+                ],
                 "loaded_at": self.account_loaded_at,
                 "error": self.account_error,
             },
