@@ -127,6 +127,7 @@ class MiniPop(Node):
     refuse: set[int] = field(default_factory=set)
     rev: int = 1
     next_peer: int = 1
+    rules: list[dict] = field(default_factory=list)  # the config's network rules
 
     def __post_init__(self) -> None:
         self.dtls = DtlsContext(*self.files, ("pop", self.pop_id), clock=self.net.clock)
@@ -157,6 +158,16 @@ class MiniPop(Node):
              "offcloud": True, "recovery": True, "online": True}
             for sid, nets in self.sites.items() if sid != for_site
         ]
+
+    def config(self, site: int) -> dict:
+        return {"name": f"site-{site}", "subnets": self.sites[site], "offcloud": True,
+                "recovery": True, "rules": self.rules}
+
+    def push_config(self) -> None:
+        self.rev += 1
+        for p in self.peers.values():
+            if p.keyed and p.site is not None:
+                self.msg(p, {"t": "config", "rev": self.rev, "config": self.config(p.site)})
 
     def push_directory(self) -> None:
         self.rev += 1
@@ -219,8 +230,7 @@ class MiniPop(Node):
                     continue
                 p.site = m["site_id"]
                 self.msg(p, {"t": "welcome", "rev": self.rev, "pop_id": self.pop_id,
-                             "config": {"name": f"site-{p.site}", "subnets":
-                                        self.sites[p.site], "offcloud": True, "recovery": True},
+                             "config": self.config(p.site),
                              "directory": self.directory(p.site)})
             elif m["t"] == "ping":
                 self.pings += 1
@@ -260,6 +270,7 @@ class SimSocket(Supervisor, Node):
             self.fp.link_add(self.link_ids[link.name], s.fileno())
         self.store = Store(cfg.paths.data_dir)
         self.cloud = self._make_cloud(self.fp)
+        self.rules = self._make_rules(self.fp, self.cloud)
         self.alive = True
         self.woken = True
         net.nodes.append(self)
@@ -523,6 +534,53 @@ def test_restart_without_a_pop_uses_the_stored_copy(ca: Path, tmp_path: Path) ->
     pop.alive = True
     net.run(3)
     assert not s2.cloud.summary()["stale"]
+
+
+UDP53 = {"name": "dns", "transport": "offcloud", "secondary": "none", "src": None,
+         "dst": ["site-3"], "src_subnets": None, "dst_subnets": ["10.3.0.0/24"],
+         "protocol": "udp", "ports": [[53, 53]], "complex": []}
+
+
+def test_the_configs_rules_are_installed_and_survive_a_restart_without_the_pop(
+    ca: Path, tmp_path: Path
+) -> None:
+    net = Net()
+    pop = MiniPop(net, 1, pop_files(ca, 1), SITES)
+    pop.rules = [UDP53, {**UDP53, "name": "video", "transport": "cloud", "secondary": None,
+                         "dst_subnets": None, "dst": None, "ports": [],
+                         "complex": ["applications"]}]
+    cfg = site_config(ca, tmp_path, [pop])
+    s = SimSocket(net, cfg)
+    net.run(2)
+    assert s.rules is not None and s.fp is not None
+    assert [r.name for r in s.rules.rules] == ["dns", "video"]
+    assert len(s.fp.rules_counters().hits) == 2
+    st = s.rules.status()
+    dns, video = st["rules"]
+    # No mesh here: site 3's UDP 53 has no off-cloud path, and its secondary drops it.
+    assert dns["now"] == "dropped" and [d["prefix"] for d in dns["destinations"]] == [
+        "10.3.0.0/24"]
+    assert video["evaluated"] is False and video["now"] == "cloud"
+    assert "its traffic goes to the PoP" in video["note"]
+
+    # A config whose rules cannot be read: the rules in force stay, and status says why.
+    pop.rules = [{**UDP53, "ports": [[53]]}]
+    pop.push_config()
+    net.run(1)
+    assert [r.name for r in s.rules.rules] == ["dns", "video"]
+    assert "rule 0 (dns): port range [53]" in (s.rules.status()["error"] or "")
+
+    # Restarted with the PoP gone: the stored config's rules are in force at once.
+    pop.rules = [UDP53]
+    pop.push_config()
+    net.run(1)
+    assert s.rules.status()["error"] is None and len(s.rules.rules) == 1
+    s.shutdown()
+    pop.alive = False
+    s2 = SimSocket(net, cfg)
+    assert s2.rules is not None and s2.fp is not None
+    assert [r.name for r in s2.rules.rules] == ["dns"]
+    assert len(s2.fp.rules_counters().hits) == 1
 
 
 def test_refused_registration_and_garbage_messages(ca: Path, tmp_path: Path) -> None:

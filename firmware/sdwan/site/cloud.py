@@ -437,6 +437,7 @@ class Cloud(SessionOwner):
         # KeyError or TypeError for a malformed one, counted here.
         self.handlers: dict[str, Callable[[PopSession, dict[str, Any]], None]] = {}
         self._directory_watchers: list[Callable[[], None]] = []
+        self._config_watchers: list[Callable[[], None]] = []
         self._load_stored()
 
     def handle(self, kind: str, handler: Callable[[PopSession, dict[str, Any]], None]) -> None:
@@ -446,6 +447,11 @@ class Cloud(SessionOwner):
     def watch_directory(self, callback: Callable[[], None]) -> None:
         """callback() after every directory change (self.directory holds the new one)."""
         self._directory_watchers.append(callback)
+
+    def watch_config(self, callback: Callable[[], None]) -> None:
+        """callback() after every change of this site's config (self.config holds the new
+        one; the one stored from the last PoP is there from the start)."""
+        self._config_watchers.append(callback)
 
     def send_to_pop(self, link_id: int, msg: dict[str, Any]) -> bool:
         """Send msg over the active PoP's session on link_id (else any PoP's there that is
@@ -575,6 +581,8 @@ class Cloud(SessionOwner):
                 f"configuration updated from PoP {pop_id} (rev {rev})",
                 {"rev": rev, "pop_id": pop_id},
             )
+            for watcher in self._config_watchers:
+                watcher()
 
     def _valid_directory(self, entries: list[Any]) -> list[dict[str, Any]]:
         good = []

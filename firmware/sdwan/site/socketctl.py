@@ -1,6 +1,6 @@
 """socketctl: the operator's command line over socketd's control socket.
 
-`socketctl [--socket PATH] status|peers|pop|routes|mesh|events|links [--json]`, and
+`socketctl [--socket PATH] status|peers|pop|routes|rules|mesh|events|links [--json]`, and
 `socketctl set-link LINK static ADDR/PREFIX GATEWAY | set-link LINK dhcp`. With --json the
 result object is printed as socketd sent it (the field names are a stable interface, see
 docs/socketctl.md); without it, a table for people. Exit status: 0 success, 1 socketd answered
@@ -346,6 +346,52 @@ def format_routes(result: Mapping[str, Any], out: TextIO) -> None:
             )
 
 
+def _match(r: Mapping[str, Any]) -> str:
+    proto = _text(r.get("protocol"))
+    ports = ",".join(
+        str(p[0]) if p[0] == p[1] else f"{p[0]}-{p[1]}"
+        for p in r.get("ports") or []
+        if isinstance(p, list) and len(p) == 2
+    )
+    return f"{proto} {ports}" if ports else proto
+
+
+def format_rules(result: Mapping[str, Any], out: TextIO) -> None:
+    rows = []
+    notes = []
+    for r in result.get("rules") or []:
+        if not isinstance(r, Mapping):
+            continue
+        transport = _text(r.get("transport"))
+        if r.get("secondary"):
+            transport += f" (else {r['secondary']})"
+        if r.get("complex"):
+            notes.append(f"  {_text(r.get('name'))}: {_text(r.get('note'))}")
+        rows.append(
+            [
+                _text(r.get("index")),
+                _text(r.get("name")) + (" *" if r.get("complex") else ""),
+                transport,
+                _match(r),
+                _text(r.get("src")) if r.get("src") else "any",
+                _text(r.get("dst")) if r.get("dst") else "any",
+                _num(r.get("hits")),
+                _text(r.get("now")),
+            ]
+        )
+    if rows:
+        _table(["#", "NAME", "TRANSPORT", "MATCH", "FROM", "TO", "HITS", "NOW"], rows, out)
+    else:
+        out.write("no rules\n")
+    if notes:
+        out.write("\n* complex:\n" + "\n".join(notes) + "\n")
+    if result.get("error"):
+        out.write(f"\nnot taken: {result['error']}\n")
+    drops = result.get("drops")
+    if isinstance(drops, int) and drops:
+        out.write(f"\ndropped while the off-cloud path was down: {drops}\n")
+
+
 def format_mesh(result: Mapping[str, Any], out: TextIO) -> None:
     if not result.get("enabled"):
         out.write("mesh off ([mesh] enabled = false)\n")
@@ -391,6 +437,7 @@ FORMATTERS: dict[str, Callable[[Mapping[str, Any], TextIO], None]] = {
     "peers": format_peers,
     "pop": format_pop,
     "routes": format_routes,
+    "rules": format_rules,
     "mesh": format_mesh,
     "events": format_events,
     "links": format_links,
@@ -420,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
         "peers": "the other sites: direct tunnels (state, endpoint, traffic) and cloud sites",
         "pop": "sessions to the PoPs per link: state, RTT, last seen, reason when down",
         "routes": "which peer and transport carries each prefix, and why",
+        "rules": "the off-cloud transport rules: what each matches, its hits, its transport now",
         "mesh": "direct tunnels to the other sites: per peer and link, how found, why not",
         "events": "stored events, newest first",
         "links": "WAN links: device state, addressing (none, static, dhcp), address, gateway",

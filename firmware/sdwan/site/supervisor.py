@@ -4,8 +4,9 @@ the WAN links (links.py: sockets, state, STUN) -> kernel routes and MSS clamp (n
 -> the session layer (sessions.py) draining the fast path's control queue, with three owners
 of sessions registered: one PeerTunnel per configured peer (tunnel.py), the off-cloud mesh
 (mesh.py, also the handler of probe datagrams and of the PoP's punches) and the PoP sessions
-(cloud.py) -> the routes of every prefix, static, mesh and cloud (paths.py) -> events and cloud
-documents in the store (store.py) -> status over the control socket (control.py).
+(cloud.py) -> the routes of every prefix, static, mesh and cloud (paths.py) and the off-cloud
+transport rules of the cloud config (rules.py) -> events and cloud documents in the store
+(store.py) -> status over the control socket (control.py).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from sdwan.site.config import SiteConfig
 from sdwan.site.links import LinkError, LinkManager
 from sdwan.site.mesh import Mesh, pin_override
 from sdwan.site.paths import Candidate, Paths, Transport
+from sdwan.site.rules import Rules
 from sdwan.site.tundev import TunError, attach_tun
 from sdwan.site.tunnel import Addr, PeerTunnel, StaticTunnels, Timers
 
@@ -106,6 +108,7 @@ class Supervisor:
         self.cloud: Cloud | None = None
         self.mesh: Mesh | None = None
         self.paths: Paths | None = None
+        self.rules: Rules | None = None
         self._net_plan: Plan | None = None
         self._net_task: asyncio.Task[None] | None = None
         self._net_dirty = False
@@ -180,6 +183,7 @@ class Supervisor:
         self.links.store = self.store
         self.cloud = self._make_cloud(fp)
         self.mesh = self._make_mesh(fp, self.cloud)
+        self.rules = self._make_rules(fp, self.cloud)
         assert self.paths is not None
         plan = Plan(
             tun=cfg.tunnel.interface,
@@ -268,6 +272,14 @@ class Supervisor:
         self.paths.set_override(pin_override(cfg.mesh.pin), why="pinned to the mesh ([mesh] pin)")
         mesh.load_cache()
         return mesh
+
+    def _make_rules(self, fp: FastPath, cloud: Cloud) -> Rules:
+        """The transport rules follow the cloud config (the stored one until a PoP answers)."""
+        assert self.paths is not None
+        rules = Rules(fp, self.paths, local=self.cfg.lan.subnets, directory=lambda: cloud.directory)
+        cloud.watch_config(lambda: rules.load(cloud.config))
+        rules.load(cloud.config)
+        return rules
 
     def _tunnel_event(self, site_id: int) -> Callable[[str, str], None]:
         def record(kind: str, text: str) -> None:
@@ -499,6 +511,10 @@ class Supervisor:
         assert self.paths is not None
         return self.paths.status()
 
+    async def _rules(self, _req: dict) -> dict:
+        assert self.rules is not None
+        return self.rules.status()
+
     async def _events(self, req: dict) -> dict:
         limit = req.get("limit", 50)
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10000:
@@ -618,6 +634,7 @@ class Supervisor:
             "peers": self._peers,
             "pop": self._pop,
             "routes": self._routes,
+            "rules": self._rules,
             "mesh": self._mesh,
             "events": self._events,
             **self._wan_handlers(),
