@@ -228,18 +228,23 @@ static int32_t evaluate(const struct fp_rules *t, const struct fp_flow *f)
     return -1;
 }
 
+/* Every field of the key reaches the slot; an IPv4 flow costs one mix, an IPv6 one two. A
+ * collision costs only a lookup in the table (the full key is compared). */
 static uint32_t flow_slot(const struct fp_flow *f)
 {
-    uint64_t a, b, c, d;
-    memcpy(&a, f->src, 8);
-    memcpy(&b, f->src + 8, 8);
-    memcpy(&c, f->dst, 8);
-    memcpy(&d, f->dst + 8, 8);
-    uint64_t h = fp_mix64(a ^ fp_mix64(b ^ UINT64_C(0x9E3779B97F4A7C15)));
-    h = fp_mix64(h ^ c ^ fp_mix64(d));
-    h = fp_mix64(h ^ ((uint64_t)f->proto << 40 | (uint64_t)f->has_ports << 32 |
-                      (uint64_t)f->sport << 16 | f->dport));
-    return (uint32_t)(h & (FP_FLOWCACHE_SLOTS - 1));
+    uint64_t s0, d0;
+    memcpy(&s0, f->src, 8);
+    memcpy(&d0, f->dst, 8);
+    uint64_t h = s0 ^ (d0 * UINT64_C(0x9E3779B97F4A7C15)) ^
+                 ((uint64_t)f->proto << 40 | (uint64_t)f->has_ports << 32 |
+                  (uint64_t)f->sport << 16 | f->dport) * UINT64_C(0xC2B2AE3D27D4EB4F);
+    if (f->family == 6) {
+        uint64_t s1, d1;
+        memcpy(&s1, f->src + 8, 8);
+        memcpy(&d1, f->dst + 8, 8);
+        h = fp_mix64(h) ^ s1 ^ (d1 * UINT64_C(0x9E3779B97F4A7C15));
+    }
+    return (uint32_t)(fp_mix64(h) & (FP_FLOWCACHE_SLOTS - 1));
 }
 
 static int32_t lookup(struct fp *fp, const struct fp_rules *t, struct fp_flowcache *fc,

@@ -1,6 +1,7 @@
-"""Smoke runs of bench/dataplane, bench/cloud and bench/mesh inside `make test`: each bench
-runs to its end in its shortest mode and writes its JSON with every key and sane values, so a
-bench whose mechanism breaks fails here instead of on the day someone needs its figures.
+"""Smoke runs of bench/dataplane, bench/cloud, bench/mesh and bench/rules inside `make test`:
+each bench runs to its end in its shortest mode and writes its JSON with every key and sane
+values, so a bench whose mechanism breaks fails here instead of on the day someone needs its
+figures.
 
 Never an assertion on a performance figure (bench/README.md, "Smoke runs"): only that
 each figure was measured, is positive and lies within the bench's own time bounds. The
@@ -145,3 +146,21 @@ def test_mesh_smoke(tmp_path: Path) -> None:
         assert isinstance(sw[key], float) and sw[key] >= 0, (key, sw)
     # From socketd's own events, not the poll (the cross-check).
     assert sw["restart_source"] == "events", sw
+
+
+@pytest.mark.timeout(200)
+def test_rules_smoke(tmp_path: Path) -> None:
+    # One iperf3 run of 1 s with 100 rules and one without, on the same mesh.
+    res = run_bench("rules", ["--smoke", "--max-seconds", "150"], tmp_path / "rules.json", 180)
+
+    assert res["smoke"] is True and res["runs"] == 1 and res["rule_count"] == 100
+    assert positive(res["tcp1_none_mbps"]) and positive(res["tcp1_rules_mbps"]), res
+    # A cost may come out negative (the noise of one run): a number is what is checked.
+    cost = res["rules_cost_pct"]
+    assert isinstance(cost, int | float) and not isinstance(cost, bool) and math.isfinite(cost)
+    (none,) = res["none_runs"]
+    (ruled,) = res["rules_runs"]
+    # The stream took the mesh both times; with rules, its flows were looked up in the
+    # table once each (the flow cache served every other packet), without none.
+    assert positive(none["mesh_mb"]) and positive(ruled["mesh_mb"]), res
+    assert none["evaluations"] == 0 and 1 <= ruled["evaluations"] <= 8, res
