@@ -13,6 +13,7 @@ subnets. Schemas: docs/popd.md.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -183,8 +184,14 @@ class Account:
         site = self.site(site_id)
         if site is None:
             return None
+        return {**site.settings(), "rules": self.site_rules}
+
+    @functools.cached_property
+    def site_rules(self) -> list[dict[str, Any]]:
+        """The rules as every site's config carries them (the same for all: resolved once
+        per account, not per site and push)."""
         subnets_of = self.subnets_by_name()
-        return {**site.settings(), "rules": [r.for_site(subnets_of) for r in self.rules]}
+        return [r.for_site(subnets_of) for r in self.rules]
 
     def subnets_by_name(self) -> dict[str, tuple[IPNetwork, ...]]:
         return {s.name: s.subnets for s in self.sites}
