@@ -48,7 +48,7 @@ bench: setup bench-setup
 	$(PY) bench/dataplane --json bench-dataplane.json
 	$(PY) bench/cloud --json bench-cloud.json
 	$(PY) bench/mesh --json bench-mesh.json
-	$(PY) bench/rules --json bench-rules.json
+	$(PY) bench/recovery --json bench-recovery.json
 
 # Only the benches' smoke runs (test-py runs them too): each bench once, shortest mode.
 bench-smoke: setup

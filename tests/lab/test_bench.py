@@ -1,7 +1,7 @@
-"""Smoke runs of bench/dataplane, bench/cloud, bench/mesh and bench/rules inside `make test`:
-each bench runs to its end in its shortest mode and writes its JSON with every key and sane
-values, so a bench whose mechanism breaks fails here instead of on the day someone needs its
-figures.
+"""Smoke runs of bench/dataplane, bench/cloud, bench/mesh, bench/recovery and bench/rules
+inside `make test`: each bench runs to its end in its shortest mode and writes its JSON with
+every key and sane values, so a bench whose mechanism breaks fails here instead of on the day
+someone needs its figures.
 
 Never an assertion on a performance figure (bench/README.md, "Smoke runs"): only that
 each figure was measured, is positive and lies within the bench's own time bounds. The
@@ -146,6 +146,24 @@ def test_mesh_smoke(tmp_path: Path) -> None:
         assert isinstance(sw[key], float) and sw[key] >= 0, (key, sw)
     # From socketd's own events, not the poll (the cross-check).
     assert sw["restart_source"] == "events", sw
+
+
+@pytest.mark.timeout(300)
+def test_recovery_smoke(tmp_path: Path) -> None:
+    # One outage, one restart in it, one return; bench/rules in its smoke mode when present.
+    res = run_bench("recovery", ["--smoke", "--max-seconds", "240"], tmp_path / "rec.json", 280)
+    for key in ("cloud_loss_to_mesh_s", "cloud_loss_tcp_resume_s", "detect_s",
+                "reboot_in_outage_s", "reboot_tcp_resume_s", "cloud_return_s"):
+        assert positive(res[key]["median"]) and positive(res[key]["p95"]), (key, res[key])
+    # The bounds of the bench's own waits, not performance figures.
+    assert res["cloud_loss_to_mesh_s"]["median"] < 30 and res["cloud_return_s"]["median"] < 60
+    assert res["repeats"] == 1 and len(res["runs"]) == 1
+    # Counted, never asserted zero here: a reset is the lab test's failure (test_recovery.py).
+    assert isinstance(res["tcp_resets"], int) and res["tcp_connections"] >= 6
+    if (REPO / "bench" / "rules").exists():
+        assert isinstance(res["rules_cost_pct"], int | float), res["rules_cost_source"]
+    else:
+        assert res["rules_cost_pct"] is None
 
 
 @pytest.mark.timeout(200)

@@ -219,11 +219,15 @@ def test_demo_runs_end_to_end(lab: Lab, tmp_path: Path, capsys: pytest.CaptureFi
     assert "via the PoP" in out
     assert "direct tunnel to site 2 up" in out
     assert "site 3: mesh tunnel to site 1 punched" in out and "socketctl mesh" in out
-    assert "over the mesh tunnel: still answers" in out
+    # WAN recovery: every long-lived TCP connection continues over the mesh, none reset.
+    assert "Off-Cloud Recovery Activated" in out and "socketctl recovery" in out
+    assert "every TCP connection continued over the mesh" in out
     # A reboot in the outage: the mesh comes back from NAT data, without the PoP.
     assert "killed and started again, PoP still down: both mesh tunnels direct" in out
     assert "site 1 by cache, site 2 by cache" in out, out
-    assert "over the mesh again, from NAT data alone" in out
+    assert "site 3: recovery active" in out and "continue over the mesh" in out
+    assert "recovery stopped on every site" in out
+    assert "all 6 TCP connections alive through the whole outage" in out
     for n in (1, 2):
         assert f"site {n}: cloud " in out and f"site {n}: re-registered" in out
     assert "socketctl peers" in out and "socketctl pop" in out

@@ -100,8 +100,10 @@ def test_valid_account_loads_with_defaults(tmp_path: Path) -> None:
 
 def test_site_config_resolves_site_names(tmp_path: Path) -> None:
     acc = load_account(write(tmp_path, ACCOUNT))
-    cfg = acc.site_config(2)
-    assert cfg is not None and cfg["name"] == "site-2" and acc.site_config(3) is None
+    site = acc.site(2)
+    assert site is not None
+    cfg = acc.site_config(site)
+    assert cfg["name"] == "site-2" and cfg["firewall"] == {"default": "allow", "rules": []}
     backups, video, rest = cfg["rules"]
     assert backups == {
         "name": "backups", "transport": "offcloud", "secondary": "none",
@@ -124,7 +126,7 @@ def test_rules_stored_before_the_schema_are_not_kept() -> None:
 
 def test_example_files_load() -> None:
     acc = load_account(REPO / "examples" / "account.toml")
-    assert len(acc.sites) == 3 and acc.rules
+    assert len(acc.sites) == 3 and acc.rules and acc.firewall.rules
 
 
 @pytest.mark.parametrize(
@@ -170,13 +172,15 @@ def test_example_files_load() -> None:
         ('protocol = "tcp"', 'protocol = "sctp"',
          'rules[0].protocol: expected "any" or "tcp" or "udp" or "icmp", got "sctp"'),
         ('ports = [445, "8000-8100"]', 'ports = [445, "8100-8000"]',
-         'rules[0].ports[1]: expected a range with low <= high, got "8100-8000"'),
+         'rules[0].ports[1]: empty range "8100-8000": 8100 is above 8000'),
         ('ports = [445, "8000-8100"]', "ports = [0]",
-         'rules[0].ports[0]: expected a port 1..65535 or a range "low-high", got 0'),
+         "rules[0].ports[0]: expected a port 1..65535, got 0"),
         ('ports = [445, "8000-8100"]', 'ports = ["http"]',
-         'rules[0].ports[0]: expected a port 1..65535 or a range "low-high", got "http"'),
+         'rules[0].ports[0]: expected a port 1..65535 or a range "LOW-HIGH", got "http"'),
         ('protocol = "tcp"', 'protocol = "icmp"',
-         'rules[0].ports: expected no ports with protocol = "icmp"'),
+         'rules[0].ports: ports need protocol "tcp" or "udp", got protocol "icmp"'),
+        ('protocol = "tcp"', "",
+         'rules[0].ports: ports need protocol "tcp" or "udp", the rule has none'),
         ('domains = ["*.example.com"]', "domains = [7]",
          "rules[1].domains[0]: expected a name of 1..256 characters, got 7"),
         ('domains = ["*.example.com"]', 'fqdn = ["x"]',

@@ -94,7 +94,9 @@ def test_empty_lines_are_nothing(line: str) -> None:
     [
         ("bogus", "unknown command 'bogus'; type help for the commands", None),
         ("sho status", "unknown command 'sho' (did you mean show?)", None),
-        ("show", "show what? one of status, links, pop, peers, mesh, events", "show status"),
+        ("show", "show what? one of status, links, pop, peers, mesh, rules, recovery,"
+         " firewall, events",
+         "show status"),
         ("show routes", "cannot show 'routes'", "show status"),
         ("show status now", "show status takes nothing more, got 'now'", "show status"),
         ("show events x", "the count must be a number 1..10000, got 'x'", "show status"),
@@ -172,7 +174,8 @@ LINKS = ["wan1", "wan2", "lte"]
         ("", sorted(console.COMMANDS)),
         ("s", ["set", "show"]),
         ("sh", ["show"]),
-        ("show ", ["events", "links", "log", "mesh", "peers", "pop", "status"]),
+        ("show ", ["events", "firewall", "links", "log", "mesh", "peers", "pop", "recovery",
+                   "rules", "status"]),
         ("show p", ["peers", "pop"]),
         ("show status ", []),
         ("help ", sorted(console.COMMANDS)),

@@ -287,6 +287,10 @@ def test_each_route_carries_the_rules_offcloud_and_cloud_peers(fp: FastPath) -> 
                   TransportRule(2, "cloud")])
     assert rules_to(fp, "10.3.0.1") == MESH_OF[3] and rules_to(fp, "10.4.0.1") == POP
     assert paths.status()["routes"][1]["cloud_peer"] is None
+    # A site the cloud cannot reach (recovery's lost_peers) has no cloud path either.
+    paths.set_policy(Policy.NORMAL, lost_peers=[MESH_OF[3]])
+    by = {r["prefix"]: r for r in paths.status()["routes"]}
+    assert by["10.3.0.0/24"]["cloud_peer"] is None and by["10.4.0.0/24"]["cloud_peer"] == POP
 
 
 def test_a_deleted_mesh_peer_is_set_again_for_the_rules(fp: FastPath) -> None:

@@ -55,6 +55,23 @@ name = "all"
 transport = "cloud"
 """
 
+FIREWALL = """
+[firewall]
+default = "deny"
+
+[[firewall.rules]]
+name = "no-ssh"
+action = "deny"
+src = ["branch-2"]
+dst = ["branch-1"]
+protocol = "tcp"
+ports = [22, "2200-2299"]
+
+[[firewall.rules]]
+name = "rest"
+action = "allow"
+"""
+
 
 def _free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -342,6 +359,8 @@ def test_register_welcome_ping_and_directory(pop: PopEnv, clients: list[Client])
         "rules": [{"name": "all", "transport": "cloud", "secondary": None, "src": None,
                    "dst": None, "src_subnets": None, "dst_subnets": None, "protocol": "any",
                    "ports": [], "complex": []}],
+        # An account without [firewall]: allow everything.
+        "firewall": {"default": "allow", "rules": []},
     }
     assert welcome["directory"] == [{
         "site_id": 2, "name": "branch-2", "subnets": ["10.2.0.0/24"], "links": [],
@@ -569,6 +588,19 @@ applications = ["zoom"]
     pop.proc.send_signal(signal.SIGHUP)
     assert a.wait_for("config")["config"]["subnets"] == ["10.1.0.0/24"]
     assert pop.status()["account"]["error"] is None
+
+    # A firewall change is every site's: each gets its config again, site names resolved.
+    pop.account.write_text(ACCOUNT + FIREWALL)
+    rc, out = pop.popctl("reload")
+    assert rc == 0 and out["changed"] == [1, 2], out
+    fw = a.wait_for("config")["config"]["firewall"]
+    assert fw == {"default": "deny", "rules": [
+        {"name": "no-ssh", "action": "deny", "src": ["10.2.0.0/24"], "dst": ["10.1.0.0/24"],
+         "protocol": "tcp", "ports": [22, "2200-2299"]},
+        {"name": "rest", "action": "allow", "src": None, "dst": None, "protocol": "any",
+         "ports": None},
+    ]}
+    assert pop.status()["account"]["firewall"] == {"default": "deny", "rules": 2}
 
 
 def test_refused_registrations_and_unknown_sites(pop: PopEnv, clients: list[Client]) -> None:

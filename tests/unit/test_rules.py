@@ -148,6 +148,7 @@ def test_hits_survive_a_config_that_keeps_the_rule(site: tuple[FastPath, Paths, 
         (rule("x", dst_subnets=[]), "rule 0 (x): dst_subnets is empty"),
         (rule("x", complex="apps"), "rule 0 (x): complex is not a list of strings"),
         ("nope", "rule 0: not an object"),
+        ({**rule("x"), "dscp": 46}, "rule 0 (x): unknown field(s) dscp"),
     ],
 )
 def test_a_rule_that_cannot_be_read_keeps_the_rules_in_force(

@@ -229,7 +229,9 @@ def fail_delay(failures: int) -> float:
 
 # --------------------------------------------------------------------------- command language
 
-SHOW_TOPICS = ("status", "links", "pop", "peers", "mesh", "events", "log")
+SHOW_TOPICS = (
+    "status", "links", "pop", "peers", "mesh", "rules", "recovery", "firewall", "events", "log"
+)
 EVENTS_DEFAULT = 20
 # The appliance logs to busybox syslogd's ring in RAM (rcS: syslogd -C); logread prints it.
 LOG_COMMAND = ("logread",)
@@ -250,10 +252,12 @@ class Help:
 
 COMMANDS: dict[str, Help] = {
     "show": Help(
-        "show status|links|pop|peers|mesh|events [N]|log [N]",
+        "show status|links|pop|peers|mesh|rules|recovery|firewall|events [N]|log [N]",
         "what socketd is doing: the site and its links' counters, WAN addressing, the PoP"
-        " sessions, the other sites (and their mesh paths), the mesh paths alone, the latest"
-        " N events (20), the last N lines of the log (20)",
+        " sessions, the other sites (and their mesh paths), the mesh paths alone, the off-cloud"
+        " transport rules (hits, where their traffic goes now), WAN recovery"
+        " (active or not, where each site's traffic goes and why), the LAN firewall's rules and"
+        " counters, the latest N events (20), the last N lines of the log (20)",
     ),
     "ping": Help(
         "ping [-c N] [via LINK] HOST",

@@ -33,12 +33,14 @@ __all__ = [
     "expects",
     "fmt_loc",
     "format_endpoint",
+    "format_ports",
     "ifname",
     "int_range",
     "matching",
     "network",
     "parse_endpoint",
     "path_string",
+    "port_spec",
     "read_toml",
     "resolve_path",
     "show",
@@ -154,9 +156,22 @@ class LineIndex:
                 self.keys.setdefault((table, index, key.group(1).strip("\"'")), lineno)
 
     def find(self, loc: tuple[str | int, ...]) -> int | None:
-        """Line of the deepest part of `loc` (table, [index], key, ...) that can be found."""
+        """Line of the deepest part of `loc` (table, [index], key, ...) that can be found; a
+        table may be dotted (`[[firewall.rules]]` for `firewall.rules[0].name`)."""
         if not loc or not isinstance(loc[0], str):
             return None
+        for depth in range(len(loc), 1, -1):
+            head = loc[:depth]
+            if not all(isinstance(p, str) for p in head):
+                continue
+            dotted = ".".join(str(p) for p in head)
+            index = loc[depth] if depth < len(loc) and isinstance(loc[depth], int) else None
+            if (dotted, index) not in self.headers:
+                continue
+            rest = loc[depth + 1 :] if index is not None else loc[depth:]
+            key = next((p for p in rest if isinstance(p, str)), None)
+            line = self.keys.get((dotted, index, key)) if key is not None else None
+            return line if line is not None else self.headers[(dotted, index)]
         table = loc[0]
         index = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
         rest = loc[2:] if index is not None else loc[1:]
@@ -359,6 +374,32 @@ def network(value: Any) -> IPNetwork:
     raise ValueError(
         f'expected a network with the host bits zero, got {show(value)} (did you mean "{loose}"?)'
     )
+
+
+_PORT_RANGE_RE = re.compile(r"(\d{1,5})-(\d{1,5})")
+
+
+@expects('a port 1..65535 or a range "LOW-HIGH"')
+def port_spec(value: Any) -> tuple[int, int]:
+    """A port (an integer) or a range of ports ("8000-8080", both ends included) as (low, high)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 1 <= value <= 65535:
+            return value, value
+        raise ValueError(f"expected a port 1..65535, got {value}")
+    m = _PORT_RANGE_RE.fullmatch(value) if isinstance(value, str) else None
+    if m is None:
+        raise ValueError(f'expected a port 1..65535 or a range "LOW-HIGH", got {show(value)}')
+    low, high = int(m.group(1)), int(m.group(2))
+    if not (1 <= low <= 65535 and 1 <= high <= 65535):
+        raise ValueError(f"expected a range of ports 1..65535, got {show(value)}")
+    if low > high:
+        raise ValueError(f"empty range {show(value)}: {low} is above {high}")
+    return low, high
+
+
+def format_ports(low: int, high: int) -> int | str:
+    """The inverse of port_spec: 22, or "8000-8080"."""
+    return low if low == high else f"{low}-{high}"
 
 
 @expects('"IPv4:port" or "[IPv6]:port"')

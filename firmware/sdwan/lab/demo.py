@@ -1,5 +1,6 @@
 """`socket-lab demo`: sites behind NAT routers and a PoP; traffic through the PoP, the direct
-tunnel, the off-cloud mesh punched through the NATs, a cloud outage and the PoP's return.
+tunnel, the off-cloud mesh punched through the NATs, a cloud outage carried by WAN recovery
+over the mesh (long-lived TCP connections kept across it) and the PoP's return.
 
 Owns the demo's steps and the topology they share with `bench/cloud` (`build_pop_lab`):
 two sites behind masquerading routers, each registered with one PoP (`popd`) that relays
@@ -9,8 +10,8 @@ The demo adds a third site behind a port-shifting NAT that reaches the other two
 tunnels the PoP helps punch (their LAN prefixes are pinned to the mesh on both ends).
 
 The demo is a list of steps run in order on a shared `DemoContext`, each printing what it
-does and raising `DemoFailed` when its check fails; later issues insert steps (moving
-traffic onto the mesh during an outage) without reshaping the rest. The exit status is 0
+does and raising `DemoFailed` when its check fails; later issues insert steps (a link pulled)
+without reshaping the rest. The exit status is 0
 only if every step's check passed; the lab is torn down whatever happens, including Ctrl-C
 and SIGTERM.
 """
@@ -30,6 +31,7 @@ from typing import Any
 
 from sdwan.common import control
 from sdwan.lab import netns
+from sdwan.lab.flows import Flows
 from sdwan.lab.netns import NetnsError
 from sdwan.lab.topology import Lab, PeerSpec, Pop, Site
 
@@ -54,6 +56,7 @@ class DemoContext:
     pop: Pop | None = None
     traffic_ok: bool = False
     results: dict[str, Any] = field(default_factory=dict)
+    flows: Flows | None = None  # the long-lived TCP connections across the outage
 
 
 def say(msg: str) -> None:
@@ -79,15 +82,24 @@ def pops_toml(*pops: Pop) -> str:
     return "\n".join(f'[[pops]]\nid = {p.n}\nendpoint = "{p.endpoint}"\n' for p in pops)
 
 
+RECOVERY_HOLD_S = 3  # the demo's [cloud] recovery_hold_s: traffic returns 3 s after the PoP
+
+
 def build_pop_lab(
-    lab: Lab, nat: str = "masquerade", static_peers: bool = True, mesh_site: bool = False
+    lab: Lab,
+    nat: str = "masquerade",
+    static_peers: bool = True,
+    mesh_site: bool = False,
+    recovery: bool = False,
 ) -> tuple[Pop, list[Site]]:
     """Two sites behind `nat` routers and PoP 1, all configured (nothing started).
 
     With static_peers, each site also lists the other as a `[[peers]]` entry for its
     direct-only prefix, which both the site and its LAN host carry as a second address.
     With mesh_site, a third site behind a port-shifting NAT meshes with both: every site
-    pins the LAN prefixes it reaches over the mesh (docs/mesh.md)."""
+    pins the LAN prefixes it reaches over the mesh (docs/mesh.md). With recovery, every site
+    has WAN recovery on in the account: with the cloud lost, all their traffic goes over the
+    mesh (docs/recovery.md)."""
     lab.add_inet()
     sites: list[Site] = []
     for n in (1, 2):
@@ -105,13 +117,16 @@ def build_pop_lab(
     lab.write_pop_config(
         pop,
         sites=[
-            {"id": s.n, "name": f"site-{s.n}", "subnets": [s.lan_subnet], "offcloud": mesh_site}
+            {"id": s.n, "name": f"site-{s.n}", "subnets": [s.lan_subnet], "offcloud": mesh_site,
+             "recovery": recovery}
             for s in sites
         ],
     )
     s1, s2 = sites[:2]
     for s in sites:
         extra = pops_toml(pop)
+        if recovery:
+            extra += f"\n[cloud]\nrecovery_hold_s = {RECOVERY_HOLD_S}\n"
         if s.n == 3:
             extra += f'\n[mesh]\npin = ["{s1.lan_subnet}", "{s2.lan_subnet}"]\n'
             lab.write_site_config(s, extra_toml=extra)
@@ -218,7 +233,7 @@ def _pop(ctx: DemoContext) -> Pop:
 
 
 def step_topology(ctx: DemoContext) -> None:
-    pop, sites = build_pop_lab(ctx.lab, nat=ctx.opts.nat, mesh_site=True)
+    pop, sites = build_pop_lab(ctx.lab, nat=ctx.opts.nat, mesh_site=True, recovery=True)
     ctx.pop, ctx.sites = pop, sites
     for line in ctx.lab.describe():
         say(f"    {line}")
@@ -384,8 +399,31 @@ def step_status(ctx: DemoContext) -> None:
     _show(ctx, ("status", "pop", "peers", "routes"))
 
 
+def _offcloud_pair_up(ctx: DemoContext) -> None:
+    """Sites 1 and 2 have a static direct tunnel between them, so the mesh leaves the pair
+    alone: that tunnel is what WAN recovery moves lan1 <-> lan2 onto."""
+    s1, s2 = _sites(ctx)
+    t0 = time.monotonic()
+    while (p := peer_of(s1, s2.n, "direct")) is None or p.get("state") != "up":
+        if time.monotonic() - t0 > ctx.opts.tunnel_timeout_s:
+            raise DemoFailed(f"the static tunnel between sites 1 and 2 is not up ({p})")
+        time.sleep(0.1)
+    say("    sites 1 and 2: their static direct tunnel is their way off-cloud (the cloud "
+        "carries lan1 <-> lan2 until it is lost); site 3 meshes with both")
+
+
 def step_outage(ctx: DemoContext) -> None:
     pop = _pop(ctx)
+    _offcloud_pair_up(ctx)
+    flows = Flows(ctx.lab, ctx.sites)
+    ctx.flows = flows
+    t_up = time.time()
+    try:
+        flows.wait("every flow up", lambda: flows.all_echoing_since(t_up, 6), timeout=20)
+    except TimeoutError as e:
+        raise DemoFailed(str(e)) from e
+    say("    6 long-lived TCP connections, every pair of LAN hosts both ways, a line every "
+        "50 ms each")
     ctx.results["seq_before_outage"] = {s.n: last_seq(s) for s in ctx.sites}
     t_kill = kill_popd(ctx.lab, pop)
     say("    popd killed (SIGKILL)")
@@ -399,14 +437,23 @@ def step_outage(ctx: DemoContext) -> None:
         took = min(e["ts"] for e in evs) - t_kill if evs else seen[s.n] - t_kill
         how = "event timestamp" if evs else "status poll"
         say(f"    site {s.n}: cloud {cloud_state(s)} after {took:.3f} s ({how})")
-    _show(ctx, ("status", "pop"))
+    try:
+        flows.wait("every flow over the mesh", lambda: flows.all_echoing_since(t_kill + 1.5, 6),
+                   timeout=15)
+    except TimeoutError as e:
+        raise DemoFailed(f"WAN recovery did not move the flows onto the mesh: {e}") from e
+    resumed = flows.resumed_after(t_kill)
+    slowest = max(v for v in resumed.values() if v is not None)
+    ctx.results["cloud_loss_to_mesh_s"] = round(slowest, 3)
+    for s in ctx.sites:
+        evs = events_since(s, ctx.results["seq_before_outage"][s.n], "offcloud.recovery.activated")
+        if not evs:
+            raise DemoFailed(f"site {s.n}: no Off-Cloud Recovery Activated event")
+        say(f"    site {s.n}: {evs[0]['text']}")
+    say(f"    every TCP connection continued over the mesh, the slowest {slowest:.2f} s after "
+        "the kill (detection included); none reset")
+    _show(ctx, ("recovery", "routes"), sites=ctx.sites[:1])
     s1, s2 = _sites(ctx)
-    if ctx.lab.ping(s1.lan_ns, s2.lan_host_ip, count=2, wait_s=1):
-        raise DemoFailed("traffic to lan2 still flows with the PoP dead: not via the PoP?")
-    say(
-        f"    lan1 -> lan2 ({s2.lan_host_ip}): no answer. In this release inter-site traffic "
-        "waits for the cloud (moving it onto the mesh during an outage is a later issue)."
-    )
     src, dst = direct_host_ip(s1), direct_host_ip(s2)
     cp = netns.run(
         s1.lan_ns,
@@ -419,16 +466,15 @@ def step_outage(ctx: DemoContext) -> None:
     say(f"    {src} -> {dst} over the static direct tunnel: still answers")
     s3 = _mesh_site(ctx)
     if s3 is not None:
-        if not ctx.lab.ping(s3.lan_ns, s1.lan_host_ip, count=3, wait_s=1):
-            raise DemoFailed("the mesh tunnel lan3 -> lan1 stopped during the outage")
-        say(f"    lan3 -> lan1 ({s1.lan_host_ip}) over the mesh tunnel: still answers, no PoP")
         _reboot_in_outage(ctx, s3)
 
 
 def _reboot_in_outage(ctx: DemoContext, s3: Site) -> None:
     """Site 3's socketd killed and started again with the PoP still down, as a box rebooted
-    in the middle of an outage: its mesh tunnels come back from the NAT data in its store."""
+    in the middle of an outage: its mesh tunnels come back from the NAT data in its store,
+    in recovery from its stored state, and its TCP connections continue."""
     ctx.lab.stop_socketd(s3, signal.SIGKILL)
+    t_wall = time.time()
     t0 = time.monotonic()
     ctx.lab.start_socketd(s3)
     started = time.monotonic() - t0
@@ -441,14 +487,22 @@ def _reboot_in_outage(ctx: DemoContext, s3: Site) -> None:
             time.sleep(0.01)
         hows.append(f"site {other.n} by {p.get('how')}")
     took = time.monotonic() - t0
-    ctx.results["reboot_in_outage_s"] = round(took, 3)
     say(f"    site 3: socketd killed and started again, PoP still down: both mesh tunnels "
         f"direct {took:.2f} s after the spawn (control socket at {started:.2f} s; "
         f"{', '.join(hows)})")
-    s1 = _sites(ctx)[0]
-    if not ctx.lab.wait_ping(s3.lan_ns, s1.lan_host_ip, timeout=10):
-        raise DemoFailed("lan3 -> lan1 over the mesh: no answer after the restart")
-    say("    lan3 -> lan1 over the mesh again, from NAT data alone")
+    flows = ctx.flows
+    assert flows is not None
+    try:
+        flows.wait("site 3's flows back", lambda: flows.all_echoing_since(t_wall + 0.1, 6),
+                   timeout=15)
+    except TimeoutError as e:
+        raise DemoFailed(f"site 3's TCP connections did not come back: {e}") from e
+    back = max(v for v in flows.resumed_after(t_wall).values() if v is not None)
+    ctx.results["reboot_in_outage_s"] = round(back, 3)
+    rec = ctl(s3, "recovery")
+    say(f"    site 3: recovery {'active' if rec.get('active') else 'NOT active'} "
+        f"({rec.get('reason')}); its TCP connections continue over the mesh "
+        f"{back:.2f} s after the spawn, none reset")
 
 
 def step_pop_returns(ctx: DemoContext) -> None:
@@ -463,9 +517,27 @@ def step_pop_returns(ctx: DemoContext) -> None:
         raise DemoFailed(f"site(s) {missing} did not re-register within 30 s")
     for s in ctx.sites:
         say(f"    site {s.n}: re-registered {seen[s.n] - t0:.2f} s after the restart")
-    if not ctx.lab.wait_ping(s1.lan_ns, s2.lan_host_ip, timeout=10):
-        raise DemoFailed("no traffic lan1 -> lan2 through the PoP after its return")
-    say(f"    lan1 -> lan2 through the PoP again {time.time() - t0:.2f} s after the restart")
+    stopped = wait_all(ctx.sites, lambda s: not ctl(s, "recovery").get("active"),
+                       timeout=RECOVERY_HOLD_S + 20, interval=0.05)
+    if len(stopped) < len(ctx.sites):
+        raise DemoFailed("WAN recovery did not stop after the PoP's return")
+    say(f"    recovery stopped on every site {max(stopped.values()) - t0:.2f} s after the "
+        f"restart (recovery_hold_s = {RECOVERY_HOLD_S}): traffic back through the PoP")
+    flows = ctx.flows
+    if flows is not None:
+        t = time.time()
+        try:
+            flows.wait("flows through the PoP", lambda: flows.all_echoing_since(t, 6), 10)
+        except TimeoutError as e:
+            raise DemoFailed(f"the TCP connections stalled after the return: {e}") from e
+        broken = flows.broken()
+        if broken:
+            raise DemoFailed(f"TCP connections broke: {broken}")
+        worst = max(v["max_gap_s"] for v in flows.status().values())
+        say(f"    all 6 TCP connections alive through the whole outage and both switches, "
+            f"none reset (longest pause {worst:.2f} s)")
+        flows.stop()
+        ctx.flows = None
     r = ctx.lab.iperf3(
         s1.lan_ns, s2.lan_ns, s2.lan_host_ip, duration=min(ctx.opts.iperf_seconds, 2)
     )
@@ -478,7 +550,8 @@ def step_events(ctx: DemoContext) -> None:
     before = ctx.results.get("seq_before_outage", {})
     for s in ctx.sites:
         kinds = [e["kind"] for e in events_since(s, before.get(s.n, 0))]
-        for want in ("pop.disconnected", "pop.connected"):
+        for want in ("pop.disconnected", "offcloud.recovery.activated", "pop.connected",
+                     "offcloud.recovery.stopped"):
             if want not in kinds:
                 raise DemoFailed(f"site {s.n}: no {want} event after the outage ({kinds})")
     _show(ctx, ("events --limit 8",))
@@ -495,8 +568,8 @@ STEPS: list[Step] = [
     ("the direct tunnel between the sites (static peers)", step_direct),
     ("the mesh: site 3's tunnels punched through the NATs with the PoP's help", step_mesh),
     ("socketctl status, pop, peers and routes (who carries each prefix, and why)", step_status),
-    ("cloud outage: kill popd", step_outage),
-    ("the PoP comes back", step_pop_returns),
+    ("cloud outage: kill popd; WAN recovery moves every flow onto the mesh", step_outage),
+    ("the PoP comes back; traffic returns through it after the hold", step_pop_returns),
     ("socketctl events: the outage and the recovery", step_events),
 ]
 
@@ -535,6 +608,8 @@ def run_demo(opts: DemoOptions, steps: Sequence[Step] = STEPS) -> int:
         f"DEMO OK in {time.monotonic() - t_start:.0f} s: lan1 -> lan2 through the PoP "
         f"(ping {ctx.results['relay_rtt_ms']:.3f} ms, TCP {ctx.results['relay_tcp_mbps']:.0f} "
         "Mbit/s), direct tunnel up, mesh tunnels punched, cloud outage noticed, "
+        + (f"every flow on the mesh {ctx.results['cloud_loss_to_mesh_s']:.2f} s after the "
+           "PoP died, " if "cloud_loss_to_mesh_s" in ctx.results else "")
         + (f"a reboot in it back on the mesh in {ctx.results['reboot_in_outage_s']:.2f} s, "
            if "reboot_in_outage_s" in ctx.results else "")
         + "cloud recovered"

@@ -1,14 +1,14 @@
-"""The account file of the PoP: the sites, their subnets and settings, and the network rules
-(off-cloud transport), as frozen dataclasses, checked with the config engine
-(common/tomlcheck.py).
+"""The account file of the PoP: the sites, their subnets and settings, the network rules
+(off-cloud transport) and the LAN firewall policy, as frozen dataclasses, checked with the
+config engine (common/tomlcheck.py).
 
 `load_account(path)` returns an `Account`, or raises `ConfigError` listing every problem found
 in one pass, each naming the file, the field path (`sites[1].subnets[0]`, indices from 0), what
 was expected and, where found, the line.
 `Account.to_doc()`/`Account.from_doc()` are the form kept in SQLite (document "account") so that a
-PoP whose account file went bad keeps the last good one across restarts. `site_config(id)` is
-what a site's `config` message carries: its settings and the rules, site names resolved to
-subnets. Schemas: docs/popd.md.
+PoP whose account file went bad keeps the last good one across restarts. `Account.site_config()`
+is a site's `config` message body: its settings, the network rules and the firewall, site names
+resolved to subnets, so that a site applies them without a directory. Schemas: docs/popd.md.
 """
 
 from __future__ import annotations
@@ -30,9 +30,11 @@ from sdwan.common.tomlcheck import (
     boolean,
     check_networks,
     expects,
+    format_ports,
     int_range,
     matching,
     network,
+    port_spec,
     read_toml,
     show,
     site_name,
@@ -42,6 +44,8 @@ __all__ = [
     "Account",
     "AccountSite",
     "ConfigError",
+    "Firewall",
+    "FirewallRule",
     "Rule",
     "load_account",
 ]
@@ -64,6 +68,11 @@ COMPLEX_NOTE = "not evaluated on the socket: its traffic goes to the PoP"
 
 _ACCOUNT_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _RULE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# The firewall travels whole in every `config` message; each rule becomes one or two nft rules.
+MAX_FIREWALL_RULES = 1000
+MAX_FIREWALL_MATCHES = 256  # entries of one src, dst or ports list
+FIREWALL_ACTIONS = ("allow", "deny")
+FIREWALL_PROTOCOLS = ("tcp", "udp", "icmp", "any")
 
 
 # --------------------------------------------------------------------------- dataclasses
@@ -85,10 +94,6 @@ class AccountSite:
             "offcloud": self.offcloud,
             "recovery": self.recovery,
         }
-
-
-def _port_text(r: tuple[int, int]) -> int | str:
-    return r[0] if r[0] == r[1] else f"{r[0]}-{r[1]}"
 
 
 @dataclass(frozen=True)
@@ -128,7 +133,7 @@ class Rule:
             out["dst"] = list(self.dst)
         out["protocol"] = self.protocol
         if self.ports:
-            out["ports"] = [_port_text(r) for r in self.ports]
+            out["ports"] = [format_ports(*r) for r in self.ports]
         for key, values in self.app:
             out[key] = list(values)
         return out
@@ -165,11 +170,70 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class FirewallRule:
+    """One rule of the LAN firewall as written: `src`/`dst` hold subnets (normalised) and site
+    names, None for any; `ports` holds ports and "LOW-HIGH" ranges, None for any."""
+
+    name: str
+    action: str
+    src: tuple[str, ...] | None = None
+    dst: tuple[str, ...] | None = None
+    protocol: str = "any"
+    ports: tuple[int | str, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "action": self.action,
+            "src": None if self.src is None else list(self.src),
+            "dst": None if self.dst is None else list(self.dst),
+            "protocol": self.protocol,
+            "ports": None if self.ports is None else list(self.ports),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FirewallRule:
+        def opt(key: str) -> tuple[Any, ...] | None:
+            v = d.get(key)
+            return None if v is None else tuple(v)
+
+        return cls(
+            name=str(d["name"]),
+            action=str(d["action"]),
+            src=opt("src"),
+            dst=opt("dst"),
+            protocol=str(d.get("protocol", "any")),
+            ports=opt("ports"),
+        )
+
+
+@dataclass(frozen=True)
+class Firewall:
+    """The account's LAN firewall policy: rules evaluated top-down, then the default."""
+
+    default: str = "allow"
+    rules: tuple[FirewallRule, ...] = ()
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"default": self.default, "rules": [r.to_dict() for r in self.rules]}
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any] | None) -> Firewall:
+        if doc is None:
+            return cls()
+        return cls(
+            default=str(doc.get("default", "allow")),
+            rules=tuple(FirewallRule.from_dict(r) for r in doc.get("rules", [])),
+        )
+
+
+@dataclass(frozen=True)
 class Account:
     name: str
     sites: tuple[AccountSite, ...]
     rules: tuple[Rule, ...] = ()
     source: str = ""
+    firewall: Firewall = Firewall()
 
     def site(self, site_id: int) -> AccountSite | None:
         return next((s for s in self.sites if s.id == site_id), None)
@@ -178,18 +242,15 @@ class Account:
     def site_ids(self) -> frozenset[int]:
         return frozenset(s.id for s in self.sites)
 
-    def site_config(self, site_id: int) -> dict[str, Any] | None:
-        """What the site's `config` message carries (docs/cloud.md): its own settings and the
-        account's rules, in order, site names resolved to subnets. None: no such site."""
-        site = self.site(site_id)
-        if site is None:
-            return None
-        return {**site.settings(), "rules": self.site_rules}
+    def site_config(self, site: AccountSite) -> dict[str, Any]:
+        """The `config` a site is sent (docs/cloud.md): its settings, the network rules (in
+        order, site names resolved to subnets) and the firewall."""
+        return {**site.settings(), "rules": self.site_rules, "firewall": self.firewall_config()}
 
     @functools.cached_property
     def site_rules(self) -> list[dict[str, Any]]:
-        """The rules as every site's config carries them (the same for all: resolved once
-        per account, not per site and push)."""
+        """The network rules as every site's config carries them (the same for all: resolved
+        once per account, not per site and push)."""
         subnets_of = self.subnets_by_name()
         return [r.for_site(subnets_of) for r in self.rules]
 
@@ -200,12 +261,35 @@ class Account:
         """What the account check says per rule beyond errors: the complex rules."""
         return [f"rules {r.name}: {r.note}" for r in self.rules if r.note]
 
+    def firewall_config(self) -> dict[str, Any]:
+        """The firewall as sites apply it: every site name replaced by that site's subnets."""
+        by_name = {s.name: [str(n) for n in s.subnets] for s in self.sites}
+
+        def resolve(items: tuple[str, ...] | None) -> list[str] | None:
+            if items is None:
+                return None
+            out: list[str] = []
+            for item in items:
+                for net in by_name.get(item, [item]):
+                    if net not in out:
+                        out.append(net)
+            return out
+
+        return {
+            "default": self.firewall.default,
+            "rules": [
+                {**r.to_dict(), "src": resolve(r.src), "dst": resolve(r.dst)}
+                for r in self.firewall.rules
+            ],
+        }
+
     def to_doc(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "source": self.source,
             "sites": [{"id": s.id, **s.settings()} for s in self.sites],
             "rules": [r.to_dict() for r in self.rules],
+            "firewall": self.firewall.to_doc(),
         }
 
     @classmethod
@@ -228,6 +312,8 @@ class Account:
             rules=tuple(
                 _rule_from_dict(r) for r in doc.get("rules", []) if r.get("transport") in TRANSPORTS
             ),
+            # An account stored before the firewall existed has none: allow everything.
+            firewall=Firewall.from_doc(doc.get("firewall")),
         )
 
 
@@ -239,7 +325,7 @@ def _rule_from_dict(r: Mapping[str, Any]) -> Rule:
         src=tuple(r.get("src", ())),
         dst=tuple(r.get("dst", ())),
         protocol=str(r.get("protocol", "any")),
-        ports=tuple(_parse_port(p) for p in r.get("ports", ())),
+        ports=tuple(port_spec(p) for p in r.get("ports", ())),
         app=tuple((k, tuple(r[k])) for k in APP_FIELDS if k in r),
     )
 
@@ -249,26 +335,6 @@ def _rule_from_dict(r: Mapping[str, Any]) -> Rule:
 
 _account_name = matching(_ACCOUNT_NAME_RE, "a name of 1..64 characters [A-Za-z0-9_.-]")
 _rule_name = matching(_RULE_NAME_RE, "a name of 1..64 characters [A-Za-z0-9_.-]")
-_PORT_RANGE_RE = re.compile(r"\s*(\d{1,5})\s*(?:-\s*(\d{1,5})\s*)?")
-_PORT_EXPECTED = 'a port 1..65535 or a range "low-high"'
-
-
-def _parse_port(value: Any) -> tuple[int, int]:
-    """A destination port (an integer) or range ("low-high") as (low, high)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        lo = hi = value
-    elif isinstance(value, str) and (m := _PORT_RANGE_RE.fullmatch(value)):
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) else lo
-    else:
-        raise ValueError(f"expected {_PORT_EXPECTED}, got {show(value)}")
-    if not (1 <= lo <= 65535 and 1 <= hi <= 65535):
-        raise ValueError(f"expected {_PORT_EXPECTED}, got {show(value)}")
-    if lo > hi:
-        raise ValueError(f"expected a range with low <= high, got {show(value)}")
-    return lo, hi
-
-
 def _one_of(choices: Sequence[str]) -> Any:
     what = " or ".join(f'"{c}"' for c in choices)
 
@@ -391,10 +457,6 @@ def _items(
     return list(enumerate(raw))
 
 
-def _looks_like_network(text: str) -> bool:
-    return "/" in text or ":" in text or text.replace(".", "").isdigit()
-
-
 def _check_endpoints(
     c: Checker, entry: Mapping[str, Any], loc: tuple[str | int, ...], site_names: Sequence[str]
 ) -> tuple[str, ...] | None:
@@ -445,14 +507,15 @@ def _check_rule(
         ports = None
     for i, item in port_items or []:
         try:
-            ports.append(_parse_port(item))  # type: ignore[union-attr]
+            ports.append(port_spec(item))  # type: ignore[union-attr]
         except ValueError as e:
             c.error((*loc, "ports", i), str(e))
             ports = None
             break
-    if ports and protocol == "icmp":
-        c.error((*loc, "ports"), 'expected no ports with protocol = "icmp" (ports are TCP and'
-                " UDP's; with \"any\" they match both)")
+    if ports and protocol not in ("tcp", "udp", MISSING):
+        # As the firewall's: ports are TCP's and UDP's, and a rule says which.
+        has = f"got protocol {show(protocol)}" if "protocol" in entry else "the rule has none"
+        c.error((*loc, "ports"), f'ports need protocol "tcp" or "udp", {has}')
         ports = None
     app: list[tuple[str, tuple[str, ...]]] = []
     app_ok = True
@@ -542,11 +605,159 @@ def _check_rules(
     return rules if ok else None
 
 
+# --------------------------------------------------------------------------- firewall
+
+_FIREWALL_RULE_KEYS = ("name", "action", "src", "dst", "protocol", "ports")
+
+
+_fw_action = _one_of(FIREWALL_ACTIONS)
+_fw_protocol = _one_of(FIREWALL_PROTOCOLS)
+
+
+def _looks_like_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return "/" in text
+    return True
+
+
+def _check_fw_matches(
+    c: Checker, entry: Mapping[str, Any], loc: tuple[str | int, ...], site_names: list[str]
+) -> tuple[str, ...] | None | Any:
+    """src or dst: absent for any, else subnets and site names (MISSING after errors)."""
+    key = loc[-1]
+    assert isinstance(key, str)
+    raw = entry.get(key, MISSING)
+    if raw is MISSING:
+        return None
+    if not isinstance(raw, list) or not raw or len(raw) > MAX_FIREWALL_MATCHES:
+        c.error(
+            loc,
+            f"expected an array of 1..{MAX_FIREWALL_MATCHES} subnets or site names (leave"
+            f" {key} out for any), got {show(raw)}",
+        )
+        return MISSING
+    out: list[str] = []
+    ok = True
+    for i, item in enumerate(raw):
+        if not isinstance(item, str):
+            c.error((*loc, i), f"expected a subnet or a site name, got {show(item)}")
+            ok = False
+        elif item in site_names:
+            out.append(item)
+        elif _looks_like_network(item):
+            try:
+                out.append(str(network(item)))
+            except ValueError as exc:
+                c.error((*loc, i), str(exc))
+                ok = False
+        else:
+            known = ", ".join(site_names[:10]) + (", ..." if len(site_names) > 10 else "")
+            c.error(
+                (*loc, i),
+                f'unknown site name {show(item)} (expected a subnet such as "10.1.0.0/24"'
+                f" or the name of a site: {known})",
+            )
+            ok = False
+    return tuple(out) if ok else MISSING
+
+
+def _check_fw_ports(
+    c: Checker, entry: Mapping[str, Any], loc: tuple[str | int, ...], protocol: Any
+) -> tuple[int | str, ...] | None | Any:
+    raw = entry.get("ports", MISSING)
+    if raw is MISSING:
+        return None
+    if protocol is MISSING:
+        return MISSING  # the protocol's own error says enough
+    if protocol not in ("tcp", "udp"):
+        has = f"got protocol {show(protocol)}" if "protocol" in entry else "the rule has none"
+        c.error(loc, f'ports need protocol "tcp" or "udp", {has}')
+        return MISSING
+    if not isinstance(raw, list) or not raw or len(raw) > MAX_FIREWALL_MATCHES:
+        c.error(
+            loc,
+            f'expected an array of 1..{MAX_FIREWALL_MATCHES} ports or ranges "LOW-HIGH" (leave'
+            f" ports out for any), got {show(raw)}",
+        )
+        return MISSING
+    out: list[int | str] = []
+    ok = True
+    for i, item in enumerate(raw):
+        try:
+            out.append(format_ports(*port_spec(item)))
+        except ValueError as exc:
+            c.error((*loc, i), str(exc))
+            ok = False
+    return tuple(out) if ok else MISSING
+
+
+def _check_firewall(
+    c: Checker, doc: Mapping[str, Any], sites: list[AccountSite] | None
+) -> Firewall | None:
+    """[firewall] and its [[firewall.rules]]; site names must be the account's."""
+    table = c.table(doc, ("firewall",), required=False)
+    if table is None:
+        return None
+    c.known_keys(table, ("firewall",), ("default", "rules"))
+    default = c.value(table, ("firewall", "default"), _fw_action, default="allow")
+    raw = table.get("rules", [])
+    if not isinstance(raw, list) or len(raw) > MAX_FIREWALL_RULES:
+        c.error(
+            ("firewall", "rules"),
+            f"expected an array of at most {MAX_FIREWALL_RULES} tables [[firewall.rules]],"
+            f" got {show(raw)}",
+        )
+        return None
+    if sites is not None:
+        names = [s.name for s in sites]
+    else:  # the sites have errors of their own: take the names that can be read
+        entries = doc.get("sites") if isinstance(doc.get("sites"), list) else []
+        names = [
+            e["name"] if isinstance(e.get("name"), str) else f"site-{e.get('id')}"
+            for e in entries
+            if isinstance(e, dict)
+        ]
+    rules: list[FirewallRule] = []
+    ok = default is not MISSING
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(raw):
+        loc: tuple[str | int, ...] = ("firewall", "rules", i)
+        if not isinstance(entry, dict):
+            c.error(loc, f"expected a table, got {show(entry)}")
+            ok = False
+            continue
+        c.known_keys(entry, loc, _FIREWALL_RULE_KEYS)
+        name = c.value(entry, (*loc, "name"), _rule_name)
+        if isinstance(name, str):
+            if name in seen:
+                c.error(
+                    (*loc, "name"),
+                    f"duplicate rule name {show(name)} (also firewall.rules[{seen[name]}])",
+                )
+                name = MISSING
+            else:
+                seen[name] = i
+        action = c.value(entry, (*loc, "action"), _fw_action)
+        src = _check_fw_matches(c, entry, (*loc, "src"), names)
+        dst = _check_fw_matches(c, entry, (*loc, "dst"), names)
+        protocol = c.value(entry, (*loc, "protocol"), _fw_protocol, default="any")
+        ports = _check_fw_ports(c, entry, (*loc, "ports"), protocol)
+        if MISSING in (name, action, src, dst, protocol, ports) or set(entry) - set(
+            _FIREWALL_RULE_KEYS
+        ):
+            ok = False
+            continue
+        rules.append(FirewallRule(name, action, src, dst, protocol, ports))
+    return Firewall(default=default, rules=tuple(rules)) if ok else None
+
+
 def load_account(path: str | os.PathLike[str]) -> Account:
     """Read and validate an account file; raise ConfigError listing every problem."""
     source, text, doc = read_toml(path, what="file")
     c = Checker(source, LineIndex(text))
-    c.known_keys(doc, (), ("account", "sites", "rules"))
+    c.known_keys(doc, (), ("account", "sites", "rules", "firewall"))
     name: Any = MISSING
     account_t = c.table(doc, ("account",), required=True)
     if account_t is not None:
@@ -555,7 +766,11 @@ def load_account(path: str | os.PathLike[str]) -> Account:
     sites = _check_sites(c, doc)
     _check_site_overlaps(c, doc)
     rules = _check_rules(c, doc, sites)
+    firewall = _check_firewall(c, doc, sites)
     if c.issues:
         raise ConfigError(source, c.issues)
-    assert sites is not None and rules is not None and isinstance(name, str)
-    return Account(name=name, sites=tuple(sites), rules=tuple(rules), source=str(source))
+    assert sites is not None and rules is not None and firewall is not None
+    assert isinstance(name, str)
+    return Account(
+        name=name, sites=tuple(sites), rules=tuple(rules), source=str(source), firewall=firewall
+    )

@@ -298,7 +298,7 @@ class Pop(SessionOwner):
             self._event(
                 "popd.account.loaded",
                 f"account {account.name}: {len(account.sites)} site(s),"
-                f" {len(account.rules)} rule(s)",
+                f" {len(account.rules)} rule(s), {_firewall_text(account)}",
             )
         self.account_loaded_at = time.time()
 
@@ -775,7 +775,7 @@ class Pop(SessionOwner):
                 "t": "welcome",
                 "rev": self.rev,
                 "pop_id": self.cfg.id,
-                "config": self.account.site_config(site.id),
+                "config": self.account.site_config(site),
                 "directory": self._directory_for(s.site_id),
             },
         )
@@ -912,16 +912,18 @@ class Pop(SessionOwner):
                     self.send(s.addr, d)
                 self._drop(s, "site removed from the account")
         for site in new.sites:
-            # A site's config holds the rules too, with site names resolved: another site's
-            # subnets changing changes it.
-            config = new.site_config(site.id)
-            if old is None or old.site_config(site.id) != config:
+            before = old.site(site.id) if old is not None else None
+            # A site's config is its settings, the account's network rules and its firewall
+            # (docs/cloud.md), site names resolved: another site's subnets changing changes it.
+            config = new.site_config(site)
+            if before is None or old is None or old.site_config(before) != config:
                 changed.append(site.id)
                 for s in self._live_sessions(site.id):
                     self._send_msg(s, {"t": "config", "rev": self.rev + 1, "config": config})
         removed = sorted((old.site_ids if old else frozenset()) - new.site_ids)
         text = (
-            f"account {new.name} reloaded: {len(new.sites)} site(s), {len(new.rules)} rule(s);"
+            f"account {new.name} reloaded: {len(new.sites)} site(s), {len(new.rules)} rule(s),"
+            f" {_firewall_text(new)};"
             f" changed {changed or 'none'}, removed {removed or 'none'}"
         )
         log.info("%s", text)
@@ -966,6 +968,10 @@ class Pop(SessionOwner):
                     {**r.to_dict(), "complex": r.complex, "note": r.note}
                     for r in self.account.rules
                 ],
+                "firewall": {
+                    "default": self.account.firewall.default,
+                    "rules": len(self.account.firewall.rules),
+                },
                 "loaded_at": self.account_loaded_at,
                 "error": self.account_error,
             },
@@ -1123,6 +1129,11 @@ class Pop(SessionOwner):
             loop.remove_reader(self.fp.ctrl_fd)
             transport.close()
             self.close()
+
+
+def _firewall_text(account: Account) -> str:
+    fw = account.firewall
+    return f"firewall of {len(fw.rules)} rule(s), default {fw.default}"
 
 
 def _stun_stats(server: StunServer) -> dict[str, Any]:

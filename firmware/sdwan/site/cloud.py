@@ -449,8 +449,9 @@ class Cloud(SessionOwner):
         self._directory_watchers.append(callback)
 
     def watch_config(self, callback: Callable[[], None]) -> None:
-        """callback() after every change of this site's config (self.config holds the new
-        one; the one stored from the last PoP is there from the start)."""
+        """callback() after every configuration a PoP sends, changed or not (self.config and
+        self.config_rev hold it): a part that failed to apply it may try again. The stored
+        configuration loaded at start is not announced: read self.config then."""
         self._config_watchers.append(callback)
 
     def send_to_pop(self, link_id: int, msg: dict[str, Any]) -> bool:
@@ -581,8 +582,8 @@ class Cloud(SessionOwner):
                 f"configuration updated from PoP {pop_id} (rev {rev})",
                 {"rev": rev, "pop_id": pop_id},
             )
-            for watcher in self._config_watchers:
-                watcher()
+        for watcher in self._config_watchers:
+            watcher()
 
     def _valid_directory(self, entries: list[Any]) -> list[dict[str, Any]]:
         good = []

@@ -178,6 +178,8 @@ class Cloud:
     dead_after_ms: int = 600
     return_hold_s: int = 30
     ping_s: int = 1
+    # WAN recovery ends once the cloud has been back this long (docs/recovery.md).
+    recovery_hold_s: int = 10
 
 
 DEFAULT_LED_MAP = Path("/etc/sdwan/leds.toml")
@@ -447,7 +449,11 @@ def _check_cloud(c: Checker, doc: Mapping[str, Any]) -> Cloud | None:
     table = c.table(doc, ("cloud",), required=False)
     if table is None:
         return None
-    c.known_keys(table, ("cloud",), ("keepalive_ms", "dead_after_ms", "return_hold_s", "ping_s"))
+    c.known_keys(
+        table,
+        ("cloud",),
+        ("keepalive_ms", "dead_after_ms", "return_hold_s", "ping_s", "recovery_hold_s"),
+    )
     keepalive = c.value(table, ("cloud", "keepalive_ms"), int_range(50, 5000), default=200)
     dead_default = 3 * keepalive if keepalive is not MISSING else 600
     # At least two keepalive intervals: one lost keepalive must never kill a session.
@@ -457,9 +463,16 @@ def _check_cloud(c: Checker, doc: Mapping[str, Any]) -> Cloud | None:
     )
     hold = c.value(table, ("cloud", "return_hold_s"), int_range(0, 3600), default=30)
     ping = c.value(table, ("cloud", "ping_s"), int_range(1, 60), default=1)
-    if MISSING in (keepalive, dead, hold, ping):
+    recovery_hold = c.value(table, ("cloud", "recovery_hold_s"), int_range(0, 3600), default=10)
+    if MISSING in (keepalive, dead, hold, ping, recovery_hold):
         return None
-    return Cloud(keepalive_ms=keepalive, dead_after_ms=dead, return_hold_s=hold, ping_s=ping)
+    return Cloud(
+        keepalive_ms=keepalive,
+        dead_after_ms=dead,
+        return_hold_s=hold,
+        ping_s=ping,
+        recovery_hold_s=recovery_hold,
+    )
 
 
 _PORT_RANGE_RE = re.compile(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*")

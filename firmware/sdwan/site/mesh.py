@@ -1246,11 +1246,15 @@ class Mesh(SessionOwner):
         subnets = {e["site_id"]: e.get("subnets", []) for e in self.directory()}
         now = self.clock()
         for peer in self.remotes.values():
-            if peer.tunnel is None or peer.tunnel.state is not State.UP or now < peer.hold_until:
+            if peer.tunnel is None or peer.tunnel.state is not State.UP:
                 continue
+            # Held peers too: paths.py uses them only for WAN recovery, where the cloud is
+            # no alternative.
+            held = now < peer.hold_until
             for net in subnets.get(peer.site_id, []):
                 try:
-                    out.append(Candidate(ipaddress.ip_network(net), peer.site_id, Transport.MESH))
+                    out.append(Candidate(ipaddress.ip_network(net), peer.site_id, Transport.MESH,
+                                         held=held))
                 except ValueError:
                     continue  # cloud.py counted the bad entry
         return out
@@ -1425,6 +1429,20 @@ class Mesh(SessionOwner):
                     "since_s": round(now - path.since, 1),
                 })
         return out
+
+    def reach(self, site_id: int) -> tuple[bool, str | None]:
+        """Whether the tunnel to site_id carries traffic now (its subnets are mesh
+        candidates) and, if not, why: for WAN recovery's per-site status."""
+        if not self.enabled:
+            return False, "the mesh is disabled on this site"
+        peer = self.remotes.get(site_id)
+        if peer is None:
+            return False, "no path to it is known yet"
+        tunnel = peer.tunnel
+        if tunnel is not None and tunnel.state is State.UP:
+            return True, None  # a hold after a silence does not apply to recovery
+        reasons = [f"{p.link_name}: {p.reason}" for p in peer.paths.values() if p.reason]
+        return False, "; ".join(reasons) or "its tunnel is down"
 
     def summary(self) -> dict[str, Any]:
         st = self.stats

@@ -53,6 +53,10 @@ class Candidate:
     peer_id: int  # fast-path peer id
     transport: Transport
     preference: int = 0
+    # A mesh tunnel whose path went silent under traffic a short while ago (mesh.py's
+    # hold): not trusted with traffic the cloud can carry, but better than nothing while
+    # the cloud cannot reach its site (WAN recovery).
+    held: bool = False
 
     def __post_init__(self) -> None:
         # Strict: a prefix with host bits set is the producer's mistake, as for the fast path.
@@ -114,6 +118,12 @@ class Paths:
         self.local = tuple(ipaddress.ip_network(p) for p in local)
         self.on_tun_routes = on_tun_routes
         self.policy = Policy(policy)
+        # WAN recovery per remote site (site/recovery.py): mesh peers whose site the cloud
+        # cannot reach (their mesh candidates rank before the cloud under either policy), and
+        # mesh peers whose site has recovery disabled (never moved onto the mesh by
+        # recovery: under cloud_lost their mesh candidates rank after the cloud's).
+        self.lost_peers: frozenset[int] = frozenset()
+        self.no_recovery: frozenset[int] = frozenset()
         self.override: Override | None = None
         self._override_why = "per-rule override"
         self.batches = 0  # batch calls made, for status
@@ -142,12 +152,22 @@ class Paths:
     def withdraw(self, producer: str) -> None:
         self.submit(producer, ())
 
-    def set_policy(self, policy: Policy) -> None:
+    def set_policy(
+        self,
+        policy: Policy,
+        lost_peers: Iterable[int] | None = None,
+        no_recovery: Iterable[int] | None = None,
+    ) -> None:
+        """Switch the policy and, where given, the per-site recovery sets, in one batch."""
         policy = Policy(policy)
         if policy is not self.policy:
             log.info("route policy %s -> %s", self.policy, policy)
             self.policy = policy
             self._dirty = True
+        for name, given in (("lost_peers", lost_peers), ("no_recovery", no_recovery)):
+            if given is not None and frozenset(given) != getattr(self, name):
+                setattr(self, name, frozenset(given))
+                self._dirty = True
         self.apply()
 
     def set_override(self, override: Override | None, why: str = "per-rule override") -> None:
@@ -168,6 +188,24 @@ class Paths:
             self._dirty = True
 
     # ---------------------------------------------------------------- the choice
+
+    def _recovering(self, peer_id: int) -> bool:
+        """Whether WAN recovery moves that site's prefixes onto its direct tunnel now."""
+        if peer_id in self.no_recovery:
+            return False
+        return self.policy is Policy.CLOUD_LOST or peer_id in self.lost_peers
+
+    def _rank(self, c: Candidate, rank: dict[Transport, int]) -> float:
+        if c.transport is Transport.MESH:
+            if self.policy is Policy.CLOUD_LOST and c.peer_id in self.no_recovery:
+                return len(rank)  # after the cloud: that site is cut off during recovery
+            if (
+                self.policy is Policy.NORMAL
+                and c.peer_id in self.lost_peers
+                and c.peer_id not in self.no_recovery
+            ):
+                return rank[Transport.CLOUD] - 0.5
+        return rank[c.transport]
 
     def _choose(self) -> tuple[dict[Network, Choice], list[Unused]]:
         rank = {t: i for i, t in enumerate(RANKS[self.policy])}
@@ -196,13 +234,18 @@ class Paths:
                     unused.append(Unused(c, producer, f"overlaps the local prefix {local}"))
                 elif c.transport is not Transport.DIRECT and static is not None:
                     unused.append(Unused(c, producer, f"overlaps {static} of a direct peer"))
+                elif c.held and not self._recovering(c.peer_id):
+                    unused.append(Unused(c, producer, "held off after its path went silent "
+                                         "(used only while the cloud cannot reach the site)"))
                 else:
                     usable.append((producer, c))
             if not usable:
                 continue
-            usable.sort(key=lambda e: (rank[e[1].transport], e[1].preference, e[0], e[1].peer_id))
+            usable.sort(
+                key=lambda e: (self._rank(e[1], rank), e[1].preference, e[0], e[1].peer_id)
+            )
             producer, pick = usable[0]
-            why = self._why(usable)
+            why = self._why(usable, rank)
             if self.override is not None:
                 wanted = self.override(prefix, [c for _, c in usable], self.policy)
                 match = next((e for e in usable if e[1] == wanted), None)
@@ -220,22 +263,29 @@ class Paths:
     def _rule_peers(self, usable: list[tuple[str, Candidate]], pick: Candidate) -> tuple[int, int]:
         """The transport rules' two peers for a prefix, from its usable candidates (best
         first): its off-cloud path is its best mesh candidate (the mesh submits one only
-        while the tunnel is up), or the direct peer when one is chosen (a static tunnel is
-        off the cloud already); its cloud path is its best cloud candidate, except under
-        cloud_lost, where the cloud is what is missing."""
-        offcloud = next((c.peer_id for _, c in usable if c.transport is Transport.MESH), 0)
+        while the tunnel is up; a held one is usable only while recovery wants it), or the
+        direct peer when one is chosen (a static tunnel is off the cloud already); its cloud
+        path is its best cloud candidate, except where the cloud is what is missing: under
+        cloud_lost, and for a site the cloud cannot reach (lost_peers, known by its mesh
+        candidate)."""
+        mesh = [c.peer_id for _, c in usable if c.transport is Transport.MESH]
+        offcloud = mesh[0] if mesh else 0
         if not offcloud and pick.transport is Transport.DIRECT:
             offcloud = pick.peer_id
         cloud = 0
-        if self.policy is not Policy.CLOUD_LOST:
+        if self.policy is not Policy.CLOUD_LOST and not self.lost_peers.intersection(mesh):
             cloud = next((c.peer_id for _, c in usable if c.transport is Transport.CLOUD), 0)
         return offcloud, cloud
 
-    def _why(self, usable: list[tuple[str, Candidate]]) -> str:
+    def _why(self, usable: list[tuple[str, Candidate]], rank: dict[Transport, int]) -> str:
         if len(usable) == 1:
             return "only usable candidate"
         best, second = usable[0][1], usable[1][1]
         if best.transport is not second.transport:
+            if self._rank(best, rank) != rank[best.transport]:
+                return f"site {best.peer_id} is not reachable through the cloud (WAN recovery)"
+            if self._rank(second, rank) != rank[second.transport]:
+                return f"site {second.peer_id} has WAN recovery disabled"
             return f"{best.transport} ranks before {second.transport} under policy {self.policy}"
         if best.preference != second.preference:
             return f"preference {best.preference} beats {second.preference}"
@@ -334,6 +384,8 @@ class Paths:
 
         return {
             "policy": str(self.policy),
+            "lost_sites": sorted(self.lost_peers),
+            "no_recovery_sites": sorted(self.no_recovery),
             "routes": [
                 {
                     **row(ch.candidate, ch.producer),

@@ -31,6 +31,8 @@ PROTOCOLS: dict[str, int | None] = {"any": None, "tcp": 6, "udp": 17, "icmp": 1}
 TRANSPORTS = ("offcloud", "cloud")
 SECONDARIES = ("automatic", "none", "cloud")
 COMPLEX_NOTE = "not evaluated on the socket: its traffic goes to the PoP"
+_RULE_FIELDS = frozenset({"name", "transport", "secondary", "src", "dst", "src_subnets",
+                          "dst_subnets", "protocol", "ports", "complex"})
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,10 @@ def compile_rule(raw: Any) -> SiteRule:
     """One entry of the config's `rules` (docs/cloud.md); ValueError says what is wrong."""
     if not isinstance(raw, Mapping):
         raise ValueError("not an object")
+    unknown = sorted(set(raw) - _RULE_FIELDS)
+    if unknown:
+        # A match ignored would match more than the account meant.
+        raise ValueError(f"unknown field(s) {', '.join(map(str, unknown))}")
     name = raw.get("name")
     if not isinstance(name, str) or not name:
         raise ValueError("no name")

@@ -1,6 +1,7 @@
 """socketctl: the operator's command line over socketd's control socket.
 
-`socketctl [--socket PATH] status|peers|pop|routes|rules|mesh|events|links [--json]`, and
+`socketctl [--socket PATH] status|peers|pop|routes|rules|recovery|mesh|firewall|events|links
+[--json]`, and
 `socketctl set-link LINK static ADDR/PREFIX GATEWAY | set-link LINK dhcp`. With --json the
 result object is printed as socketd sent it (the field names are a stable interface, see
 docs/socketctl.md); without it, a table for people. Exit status: 0 success, 1 socketd answered
@@ -126,8 +127,14 @@ def format_status(result: Mapping[str, Any], out: TextIO) -> None:
         if cloud.get("stale"):
             text += ", stale configuration (no PoP has answered since the start)"
         fields.append(("cloud", text))
+    recovery = result.get("recovery")
+    if isinstance(recovery, Mapping):
+        fields.append(("recovery", _recovery_line(recovery)))
+    firewall = result.get("firewall")
+    if isinstance(firewall, Mapping):
+        fields.append(("firewall", _firewall_summary(firewall)))
     for name, value in fields:
-        out.write(f"{name:<9}{value}\n")
+        out.write(f"{name:<9}{value}\n" if len(name) < 9 else f"{name} {value}\n")
 
     links = result.get("links") or []
     out.write("\n")
@@ -346,7 +353,7 @@ def format_routes(result: Mapping[str, Any], out: TextIO) -> None:
             )
 
 
-def _match(r: Mapping[str, Any]) -> str:
+def _rule_match(r: Mapping[str, Any]) -> str:
     proto = _text(r.get("protocol"))
     ports = ",".join(
         str(p[0]) if p[0] == p[1] else f"{p[0]}-{p[1]}"
@@ -372,7 +379,7 @@ def format_rules(result: Mapping[str, Any], out: TextIO) -> None:
                 _text(r.get("index")),
                 _text(r.get("name")) + (" *" if r.get("complex") else ""),
                 transport,
-                _match(r),
+                _rule_match(r),
                 _text(r.get("src")) if r.get("src") else "any",
                 _text(r.get("dst")) if r.get("dst") else "any",
                 _num(r.get("hits")),
@@ -427,6 +434,109 @@ def format_mesh(result: Mapping[str, Any], out: TextIO) -> None:
         out.write("no mesh peers yet (the PoP brokers them)\n")
 
 
+def _recovery_line(r: Mapping[str, Any]) -> str:
+    if not r.get("enabled"):
+        return "disabled for this site in the account (or no PoP configured)"
+    if r.get("active"):
+        text = f"ACTIVE for {_duration(r.get('since_s'))}: {_text(r.get('reason'))}"
+        if r.get("returning_in_s") is not None:
+            text += f"; back to the cloud in {_duration(r.get('returning_in_s'))}"
+        return text
+    lost = r.get("lost_sites") or []
+    if lost:
+        return "ready; sites the PoP cannot reach go over the mesh: " + ", ".join(
+            _text(s) for s in lost
+        )
+    return "ready (not active)"
+
+
+def format_recovery(result: Mapping[str, Any], out: TextIO) -> None:
+    out.write(f"recovery {_recovery_line(result)}\n")
+    out.write(f"hold     {_duration(result.get('hold_s'))}\n\n")
+    rows = []
+    for s in result.get("sites") or []:
+        if not isinstance(s, Mapping):
+            continue
+        ready = s.get("ready_why")
+        rows.append(
+            [
+                _text(s.get("site_id")),
+                _text(s.get("name")),
+                _text(s.get("state")),
+                "yes" if s.get("ready") else "no",
+                "" if ready is None else _text(ready),
+            ]
+        )
+    if rows:
+        _table(["SITE", "NAME", "TRAFFIC", "MESH READY", "WHY NOT"], rows, out)
+    else:
+        out.write("no other sites known (the PoP's directory lists them)\n")
+
+
+def _firewall_summary(fw: Mapping[str, Any]) -> str:
+    state = _text(fw.get("state"))
+    if state == "none":
+        return "no policy received yet (the kernel's forwarding is left as it is)"
+    text = (
+        f"{state}, {_num(fw.get('rule_count'))} rule(s), default {_text(fw.get('default'))},"
+        f" rev {_text(fw.get('rev'))}"
+    )
+    if fw.get("error"):
+        text += f": {fw['error']}"
+    return text
+
+
+def _match(values: Any) -> str:
+    return "any" if values is None else _text(values)
+
+
+def format_firewall(result: Mapping[str, Any], out: TextIO) -> None:
+    out.write(f"firewall {_firewall_summary(result)}\n")
+    if result.get("state") == "none":
+        return
+    if result.get("in_kernel") is False:
+        out.write(f"kernel   table {_text(result.get('table'))} is missing\n")
+    if result.get("counters_error"):
+        out.write(f"counters not read: {result['counters_error']}\n")
+    out.write("\n")
+    rows = []
+    for i, r in enumerate(result.get("rules") or [], start=1):
+        if not isinstance(r, Mapping):
+            continue
+        proto = _text(r.get("protocol"))
+        if r.get("ports") is not None:
+            proto += f" {_text(r.get('ports'))}"
+        rows.append(
+            [
+                str(i),
+                _text(r.get("name")),
+                _text(r.get("action")),
+                _match(r.get("src")),
+                _match(r.get("dst")),
+                proto,
+                _num(r.get("packets")),
+                _bytes(r.get("bytes")),
+            ]
+        )
+    for label, key in (("default", "default_counter"), ("invalid", "invalid_counter")):
+        counter = result.get(key) if isinstance(result.get(key), Mapping) else {}
+        action = _text(result.get("default")) if label == "default" else "deny"
+        rows.append(
+            [
+                _DASH,
+                f"({label})",
+                action,
+                "any",
+                "any",
+                "any" if label == "default" else "invalid state",
+                _num(counter.get("packets")),
+                _bytes(counter.get("bytes")),
+            ]
+        )
+    headers = ["#", "RULE", "ACTION", "SOURCE", "DESTINATION", "PROTOCOL", "PACKETS", "BYTES"]
+    _table(headers, rows, out)
+
+
 def format_set_link(result: Mapping[str, Any], out: TextIO) -> None:
     """set-link answers with the link's new `links` entry."""
     format_links({"links": [result]}, out)
@@ -439,6 +549,8 @@ FORMATTERS: dict[str, Callable[[Mapping[str, Any], TextIO], None]] = {
     "routes": format_routes,
     "rules": format_rules,
     "mesh": format_mesh,
+    "recovery": format_recovery,
+    "firewall": format_firewall,
     "events": format_events,
     "links": format_links,
 }
@@ -469,6 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
         "routes": "which peer and transport carries each prefix, and why",
         "rules": "the off-cloud transport rules: what each matches, its hits, its transport now",
         "mesh": "direct tunnels to the other sites: per peer and link, how found, why not",
+        "recovery": "WAN recovery: active or not and why, per site where its traffic goes",
+        "firewall": "the LAN firewall: rules in order with their counters, default, state",
         "events": "stored events, newest first",
         "links": "WAN links: device state, addressing (none, static, dhcp), address, gateway",
     }

@@ -5,8 +5,9 @@ the WAN links (links.py: sockets, state, STUN) -> kernel routes and MSS clamp (n
 of sessions registered: one PeerTunnel per configured peer (tunnel.py), the off-cloud mesh
 (mesh.py, also the handler of probe datagrams and of the PoP's punches) and the PoP sessions
 (cloud.py) -> the routes of every prefix, static, mesh and cloud (paths.py) and the off-cloud
-transport rules of the cloud config (rules.py) -> events and cloud documents in the store
-(store.py) -> status over the control socket (control.py).
+transport rules of the cloud's config (rules.py) -> the LAN firewall from the cloud's config
+(firewall.py) -> events and cloud documents in the store (store.py) -> status over the control
+socket (control.py).
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ from sdwan.common.store import Store, StoreError
 from sdwan.site.birthday import LinkSockets
 from sdwan.site.cloud import Cloud, CloudTimers
 from sdwan.site.config import SiteConfig
+from sdwan.site.firewall import Firewall
 from sdwan.site.links import LinkError, LinkManager
 from sdwan.site.mesh import Mesh, pin_override
 from sdwan.site.paths import Candidate, Paths, Transport
+from sdwan.site.recovery import Reach, Recovery
 from sdwan.site.rules import Rules
 from sdwan.site.tundev import TunError, attach_tun
-from sdwan.site.tunnel import Addr, PeerTunnel, StaticTunnels, Timers
+from sdwan.site.tunnel import Addr, PeerTunnel, State, StaticTunnels, Timers
 
 log = logging.getLogger("sdwan.site.socketd")
 
@@ -64,6 +67,8 @@ LED_PERIOD_S = 0.5  # how often the LEDs follow the box's state
 # traffic (docs/mesh.md) counts on an answer well within its silent_after_ms.
 ACK_AFTER_S = 0.1
 HEAP_TRIM_S = 30.0  # how often freed memory goes back to the system (common/heap.py)
+DOC_RECOVERY = "recovery"  # the store's document: whether WAN recovery was active
+STATIC_OFFCLOUD = "static-offcloud"  # paths.py producer: directory subnets over static tunnels
 # Every legitimate peer of a socket is at a configured endpoint: those skip the per-IP limit
 # and may evict a stranger's handshake; a stranger's that times out is counted, not listed.
 SITE_POLICY = Policy(
@@ -107,8 +112,10 @@ class Supervisor:
         self.store: Store | None = None
         self.cloud: Cloud | None = None
         self.mesh: Mesh | None = None
+        self.recovery: Recovery | None = None
         self.paths: Paths | None = None
         self.rules: Rules | None = None
+        self.firewall = Firewall(on_event=self._record_event)
         self._net_plan: Plan | None = None
         self._net_task: asyncio.Task[None] | None = None
         self._net_dirty = False
@@ -121,6 +128,7 @@ class Supervisor:
         self.leds: LedController | None = None
         self.guard: Guard | None = None  # made by run(): the simulations have no appliance
         self._cloud_was_up = False  # the LEDs show booting until the cloud is first up
+        self._static_offcloud_key: tuple[int, frozenset[int]] | None = None
 
     @property
     def dtls(self) -> DtlsContext | None:
@@ -183,7 +191,10 @@ class Supervisor:
         self.links.store = self.store
         self.cloud = self._make_cloud(fp)
         self.mesh = self._make_mesh(fp, self.cloud)
+        self.recovery = self._make_recovery(self.cloud, self.mesh)
         self.rules = self._make_rules(fp, self.cloud)
+        # Before the fast path starts: the stored policy is in force before traffic flows.
+        self._start_firewall(self.cloud)
         assert self.paths is not None
         plan = Plan(
             tun=cfg.tunnel.interface,
@@ -281,6 +292,61 @@ class Supervisor:
         rules.load(cloud.config)
         return rules
 
+    def _start_firewall(self, cloud: Cloud) -> None:
+        """The firewall part of the cloud's config goes to the firewall (firewall.py): the
+        stored one now, each one a PoP sends from then on."""
+        firewall = self.firewall
+
+        def part() -> object:
+            return (cloud.config or {}).get("firewall")
+
+        if cloud.config is not None:
+            firewall.start(part(), cloud.config_rev)
+        cloud.watch_config(lambda: firewall.offer(part(), cloud.config_rev))
+
+    def _make_recovery(self, cloud: Cloud, mesh: Mesh) -> Recovery:
+        assert self.paths is not None
+
+        def reach(site_id: int) -> Reach:
+            tunnel = self.tunnels.get(site_id)
+            if tunnel is not None:  # a static peer: its own tunnel is the way off-cloud
+                up = tunnel.state is State.UP
+                return Reach(up, None if up else "its static tunnel is down")
+            return Reach(*mesh.reach(site_id))
+
+        def event(kind: str, text: str, data: dict, site_id: int | None) -> None:
+            self._record_event(kind, text, data, site_id)
+
+        store = self.store
+
+        def remember(active: bool) -> None:
+            if store is not None:
+                store.put_doc(DOC_RECOVERY, {"active": active, "at": time.time()})
+
+        stored = None
+        if store is not None:
+            try:
+                stored = store.get_doc(DOC_RECOVERY)
+            except StoreError as e:
+                log.warning("stored recovery state unreadable: %s", e)
+        recovery = Recovery(
+            paths=self.paths,
+            cloud_up=lambda: cloud.state == "up",
+            cloud_enabled=lambda: cloud.enabled,
+            own_recovery=lambda: (cloud.config or {}).get("recovery"),
+            directory=lambda: cloud.directory,
+            mesh_reach=reach,
+            on_event=event,
+            clock=self.clock,
+            hold_s=float(self.cfg.cloud.recovery_hold_s),
+            was_active=stored is not None and stored.value.get("active") is True,
+            remember=remember,
+        )
+        # Decided at once from the stored configuration: a box that starts in an outage
+        # is on the mesh as soon as its tunnels come back (docs/recovery.md).
+        recovery.tick()
+        return recovery
+
     def _tunnel_event(self, site_id: int) -> Callable[[str, str], None]:
         def record(kind: str, text: str) -> None:
             if self.store is None:
@@ -374,6 +440,12 @@ class Supervisor:
                 self.mesh.tick()
             except Exception:
                 log.exception("mesh tick failed")
+        self._static_offcloud()
+        if self.recovery is not None:
+            try:
+                self.recovery.tick()
+            except Exception:
+                log.exception("recovery tick failed")
         if self.fp is not None:
             self._liveness(self.fp)
         if self.paths is not None:
@@ -382,6 +454,25 @@ class Supervisor:
         if now >= self._next_trim:
             self._next_trim = now + HEAP_TRIM_S
             heap.trim()
+
+    def _static_offcloud(self) -> None:
+        """A static peer is a direct tunnel to its site, so the mesh leaves that site alone:
+        while the tunnel is up, that site's directory subnets are offered over it as `mesh`
+        candidates too (the cloud ranks before them until it is lost: docs/recovery.md)."""
+        if self.paths is None or self.cloud is None or not self.tunnels:
+            return
+        up = frozenset(sid for sid, t in self.tunnels.items() if t.state is State.UP)
+        key = (id(self.cloud.directory), up)
+        if key == self._static_offcloud_key:
+            return
+        self._static_offcloud_key = key
+        candidates = []
+        for entry in self.cloud.directory:
+            if entry.get("site_id") in up and entry.get("offcloud"):
+                for net in entry.get("subnets", []):
+                    with contextlib.suppress(ValueError):  # cloud.py counted a bad entry
+                        candidates.append(Candidate(net, entry["site_id"], Transport.MESH))
+        self.paths.submit(STATIC_OFFCLOUD, candidates)
 
     def _liveness(self, fp: FastPath) -> None:
         """Liveness under traffic (docs/mesh.md): the fast path answers one-way traffic with
@@ -406,6 +497,8 @@ class Supervisor:
             due = min(due, self.cloud.next_due())
         if self.mesh is not None:
             due = min(due, self.mesh.next_due())
+        if self.recovery is not None:
+            due = min(due, self.recovery.next_due())
         if self.paths is not None and self.paths.dirty:
             due = now
         if self.fp is not None and self.fp.liveness_busy():
@@ -487,6 +580,10 @@ class Supervisor:
             "rejections": list(st.rejections),
             "cloud": self.cloud.summary() if self.cloud is not None else {"state": "off"},
             "mesh": self.mesh.summary() if self.mesh is not None else {"enabled": False},
+            "recovery": (
+                self.recovery.summary() if self.recovery is not None else {"enabled": False}
+            ),
+            "firewall": self.firewall.summary(),
             "appliance": self._appliance_status(),
         }
 
@@ -506,6 +603,14 @@ class Supervisor:
         if self.mesh is None:
             return {"enabled": False, "paths": []}
         return {**self.mesh.summary(), "paths": self.mesh.peers_status()}
+
+    async def _recovery(self, _req: dict) -> dict:
+        if self.recovery is None:
+            return {"enabled": False, "active": False, "sites": []}
+        return {**self.recovery.summary(), "sites": self.recovery.sites()}
+
+    async def _firewall(self, _req: dict) -> dict:
+        return await self.firewall.status()
 
     async def _routes(self, _req: dict) -> dict:
         assert self.paths is not None
@@ -558,11 +663,13 @@ class Supervisor:
         assert self.wan is not None
         self.wan.start()
 
-    def _record_event(self, kind: str, text: str, data: dict) -> None:
+    def _record_event(
+        self, kind: str, text: str, data: dict, site_id: int | None = None
+    ) -> None:
         if self.store is None:
             return
         try:
-            self.store.add_event(kind, text, data=data)
+            self.store.add_event(kind, text, site_id=site_id, data=data)
         except (StoreError, ValueError) as e:
             log.warning("event not stored: %s", e)
 
@@ -608,6 +715,7 @@ class Supervisor:
             links_down=tuple(name for name, up in links.items() if not up),
             error=self.guard is not None and self.guard.in_error(),
             booting=first_connect and self.clock() - self.started < BOOT_GRACE_S,
+            recovery=self.recovery is not None and self.recovery.active,
         )
         leds.show(choose_pattern(state), links)
 
@@ -636,6 +744,8 @@ class Supervisor:
             "routes": self._routes,
             "rules": self._rules,
             "mesh": self._mesh,
+            "recovery": self._recovery,
+            "firewall": self._firewall,
             "events": self._events,
             **self._wan_handlers(),
         }
@@ -667,6 +777,9 @@ class Supervisor:
             await self.control.close()
             if self.wan is not None:
                 await self.wan.close()
+            # The ruleset stays in the kernel: a stopped socketd leaves the LAN neither open
+            # nor closed (docs/firewall.md); the next start replaces it.
+            await self.firewall.close()
             loop.remove_reader(self.fp.ctrl_fd)
             loop.remove_reader(self.fp.liveness_wake_fd)
             self.close()

@@ -1,0 +1,292 @@
+"""WAN recovery: when the cloud cannot carry traffic to a site, the mesh does (docs/recovery.md).
+
+Owns whether recovery is active and why: for the whole site when no PoP session is live (the
+cloud is lost), and per remote site when the PoP's directory shows that site offline (the
+cloud cannot reach it, so its traffic goes over the mesh from here too, whatever our own
+sessions say). It turns that into the policy of paths.py (`cloud_lost`, and the sets of
+sites that are lost or have recovery disabled) in one call, so that every prefix moves in
+one batch; it leaves recovery only after the cloud (or the site) has been back for the
+hold time; it records the *Off-Cloud Recovery Activated* and *Stopped* events and explains,
+per remote site, where its traffic goes during recovery and why.
+
+It reads the cloud's state, this site's and the directory's `recovery` flags and whether the
+mesh tunnel to a site carries traffic through callables the supervisor wires; like the
+other parts it does no I/O and is driven by `tick()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdwan.site.paths import Paths, Policy
+
+log = logging.getLogger("sdwan.site.recovery")
+
+# A box that starts while its PoP does not answer enters recovery this long after the start,
+# not sooner: a PoP that answers within it (a normal boot) never puts the box in recovery,
+# and a reboot in an outage is back on the mesh about a second later (the mesh reconnects
+# from its NAT data meanwhile).
+BOOT_WAIT_S = 1.0
+
+EVENT_ACTIVATED = "offcloud.recovery.activated"
+EVENT_STOPPED = "offcloud.recovery.stopped"
+
+
+@dataclass
+class Reach:
+    """What the mesh says of one remote site: whether its tunnel carries traffic now, and
+    if not, why."""
+
+    up: bool
+    why: str | None = None
+
+
+@dataclass
+class _Lost:
+    """A remote site the cloud cannot reach (offline in the directory)."""
+
+    since: float
+    back_since: float | None = None  # online again since; leaves recovery after the hold
+
+
+@dataclass
+class Recovery:
+    paths: Paths
+    cloud_up: Callable[[], bool]  # a PoP session is live
+    cloud_enabled: Callable[[], bool]  # the site has PoPs at all
+    own_recovery: Callable[[], bool | None]  # this site's flag in the account; None: unknown
+    directory: Callable[[], list[dict[str, Any]]]  # the other sites, as the PoP sent them
+    mesh_reach: Callable[[int], Reach]
+    on_event: Callable[[str, str, dict[str, Any], int | None], None]
+    clock: Callable[[], float]
+    hold_s: float = 10.0
+    boot_wait_s: float = BOOT_WAIT_S
+    # Whether recovery was active when socketd last stopped (kept in the store), and where to
+    # keep it: a box restarted in the middle of an outage starts in recovery at once.
+    was_active: bool = False
+    remember: Callable[[bool], None] = lambda _active: None
+
+    active: bool = False
+    since: float | None = None
+    reason: str | None = None
+    activations: int = 0
+    started: float = field(init=False)
+    _seen_up: bool = field(default=False, init=False)
+    _up_since: float | None = field(default=None, init=False)
+    _lost: dict[int, _Lost] = field(default_factory=dict, init=False)
+    # The directory (a list replaced whenever a new one arrives) and the flag last read:
+    # an idle tick with nothing new does not walk every site.
+    _read: tuple[int, bool, bool] | None = field(default=None, init=False)
+    _no_recovery: frozenset[int] = field(default=frozenset(), init=False)
+
+    def __post_init__(self) -> None:
+        self.started = self.clock()
+
+    # ---------------------------------------------------------------- the decision
+
+    @property
+    def enabled(self) -> bool:
+        return self.cloud_enabled() and self.own_recovery() is True
+
+    def _sites(self) -> list[dict[str, Any]]:
+        return [e for e in self.directory() if isinstance(e.get("site_id"), int)]
+
+    def tick(self) -> None:
+        now = self.clock()
+        up = self.cloud_up()
+        if up:
+            self._seen_up = True
+            if self._up_since is None:
+                self._up_since = now
+        else:
+            self._up_since = None
+        enabled = self.enabled
+        if self.active:
+            if not enabled:
+                self._stop("WAN recovery was disabled for this site in the account", now)
+            elif up and now - (self._up_since or now) >= self.hold_s:
+                self._stop(f"the cloud is back (stable for {self.hold_s:g} s)", now)
+        elif enabled and not up and (
+            self._seen_up or self.was_active or now - self.started >= self.boot_wait_s
+        ):
+            if self._seen_up:
+                why = "the cloud is lost: no PoP session is live"
+            elif self.was_active:
+                why = "no PoP answered yet, and recovery was active when socketd stopped"
+            else:
+                why = f"no PoP answered in the {self.boot_wait_s:g} s since the start"
+            self._activate(why, now)
+        directory = self.directory()
+        read = (id(directory), enabled, up)
+        if read != self._read:
+            self._read = read
+            self._track_sites(now, up, enabled)
+            self._no_recovery = frozenset(
+                e["site_id"] for e in self._sites()
+                # A site with recovery disabled moves nothing onto the mesh for recovery.
+                if not enabled or e.get("recovery") is not True
+            )
+        self._expire_lost(now)
+        self.paths.set_policy(
+            Policy.CLOUD_LOST if self.active else Policy.NORMAL,
+            lost_peers=self._lost.keys(),
+            no_recovery=self._no_recovery,
+        )
+
+    def _track_sites(self, now: float, up: bool, enabled: bool) -> None:
+        """Sites the cloud cannot reach while our own sessions are up: the directory shows
+        them offline. While our cloud is lost the directory is stale and every site is in
+        recovery anyway, so nothing changes then."""
+        if not up:
+            return
+        entries = {e["site_id"]: e for e in self._sites()} if enabled else {}
+        for site_id in self._lost:
+            if site_id not in entries:
+                self._lost[site_id].back_since = -math.inf  # gone: leaves at once
+        for site_id, entry in entries.items():
+            offline = entry.get("online") is False and entry.get("recovery") is True
+            lost = self._lost.get(site_id)
+            if offline and lost is None:
+                self._lost[site_id] = _Lost(since=now)
+                self._event(EVENT_ACTIVATED, site_id,
+                            f"Off-Cloud Recovery Activated for site {site_id}: the PoP cannot "
+                            "reach it", {"reason": "the site is offline in the directory"})
+            elif offline and lost is not None:
+                lost.back_since = None
+            elif lost is not None and lost.back_since is None:
+                lost.back_since = now
+
+    def _expire_lost(self, now: float) -> None:
+        for site_id in list(self._lost):
+            lost = self._lost[site_id]
+            if lost.back_since is None or now - lost.back_since < self.hold_s:
+                continue
+            del self._lost[site_id]
+            why = ("it left the directory, or recovery is off" if lost.back_since == -math.inf
+                   else f"the PoP reaches it again (for {self.hold_s:g} s)")
+            self._event(EVENT_STOPPED, site_id,
+                        f"Off-Cloud Recovery Stopped for site {site_id}: {why}", {"reason": why})
+
+    def _activate(self, why: str, now: float) -> None:
+        self.active, self.since, self.reason = True, now, why
+        self.activations += 1
+        self._remember(True)
+        reached, cut = self._reached()
+        text = f"Off-Cloud Recovery Activated: {why}; " + (
+            f"traffic to sites {', '.join(map(str, reached))} goes over the mesh"
+            if reached else "no mesh tunnel is up yet"
+        )
+        if cut:
+            text += "; unreachable: " + "; ".join(f"site {s} ({w})" for s, w in cut.items())
+        log.warning("%s", text)
+        unreachable = {str(k): v for k, v in cut.items()}
+        self._event(EVENT_ACTIVATED, None, text,
+                    {"reason": why, "sites": reached, "unreachable": unreachable})
+
+    def _stop(self, why: str, now: float) -> None:
+        took = now - (self.since or now)
+        self.active, self.since, self.reason = False, None, None
+        self.was_active = False
+        self._remember(False)
+        text = f"Off-Cloud Recovery Stopped: {why}; traffic returns through the PoP"
+        log.warning("%s (recovery lasted %.1f s)", text, took)
+        self._event(EVENT_STOPPED, None, text, {"reason": why, "lasted_s": round(took, 1)})
+
+    def _remember(self, active: bool) -> None:
+        try:
+            self.remember(active)
+        except Exception:
+            log.exception("recovery state not stored")
+
+    def _event(self, kind: str, site_id: int | None, text: str, data: dict[str, Any]) -> None:
+        try:
+            self.on_event(kind, text, data, site_id)
+        except Exception:
+            log.exception("recovery event not recorded")
+
+    # ---------------------------------------------------------------- clocks
+
+    def next_due(self) -> float:
+        """When a hold runs out or the boot wait ends; anything else arrives with the cloud's
+        or the directory's own news (a tick follows those)."""
+        due = math.inf
+        if self.active and self._up_since is not None:
+            due = self._up_since + self.hold_s
+        elif not self.active and not self._seen_up and self.enabled:
+            due = self.started if self.was_active else self.started + self.boot_wait_s
+        for lost in self._lost.values():
+            if lost.back_since is not None:
+                due = min(due, lost.back_since + self.hold_s)
+        return due
+
+    # ---------------------------------------------------------------- status
+
+    def _reached(self) -> tuple[list[int], dict[int, str]]:
+        """Sites recovery carries over the mesh right now, and the others with the reason."""
+        reached: list[int] = []
+        cut: dict[int, str] = {}
+        for site_id, why in sorted(self._site_states().items()):
+            if why is None:
+                reached.append(site_id)
+            else:
+                cut[site_id] = why
+        return reached, cut
+
+    def _site_states(self) -> dict[int, str | None]:
+        own = self.own_recovery()
+        out: dict[int, str | None] = {}
+        for e in self._sites():
+            site_id = e["site_id"]
+            if own is not True:
+                out[site_id] = "WAN recovery is disabled for this site in the account"
+            elif e.get("recovery") is not True:
+                out[site_id] = f"WAN recovery is disabled for site {site_id} in the account"
+            elif not e.get("offcloud"):
+                out[site_id] = f"site {site_id} is not an off-cloud site"
+            else:
+                reach = self.mesh_reach(site_id)
+                out[site_id] = None if reach.up else f"no mesh tunnel: {reach.why or 'down'}"
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "enabled": self.enabled,
+            "active": self.active,
+            "reason": self.reason,
+            "since_s": round(now - self.since, 1) if self.since is not None else None,
+            "returning_in_s": (
+                round(max(0.0, self._up_since + self.hold_s - now), 1)
+                if self.active and self._up_since is not None else None
+            ),
+            "hold_s": self.hold_s,
+            "activations": self.activations,
+            "lost_sites": sorted(self._lost),
+        }
+
+    def sites(self) -> list[dict[str, Any]]:
+        """Per remote site: where its traffic goes and, when recovery cannot carry it, why."""
+        out = []
+        names = {e["site_id"]: e.get("name") for e in self._sites()}
+        for site_id, why in sorted(self._site_states().items()):
+            in_recovery = self.active or site_id in self._lost
+            if not in_recovery:
+                state = "cloud"
+            elif why is None:
+                state = "mesh"
+            else:
+                state = "unreachable"
+            out.append({
+                "site_id": site_id,
+                "name": names.get(site_id),
+                "state": state,
+                "site_lost": site_id in self._lost,
+                "why": why if in_recovery else None,
+                "ready": why is None,  # recovery would carry it over the mesh now
+                "ready_why": why,
+            })
+        return out

@@ -1,0 +1,257 @@
+"""WAN recovery (site/recovery.py) deciding over a real fast path's prefix table: the cloud's
+loss moves every recovery site onto the mesh in one batch, the hold keeps it there until the
+cloud has been back long enough, a site with recovery disabled stays cut off, a site the PoP
+cannot reach goes over the mesh while our cloud is up, and a start in an outage enters
+recovery by itself. The mesh here is its candidates (peer id = site id, as site/mesh.py
+submits them); every route is read back through the fast path's lookup."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from test_paths import POP, Batches, routed
+
+from sdwan.bindings.fastpath import FastPath
+from sdwan.site.paths import Candidate, Paths, Policy, Transport
+from sdwan.site.recovery import Reach, Recovery
+from sdwan.site.socketctl import format_recovery
+
+
+@pytest.fixture
+def fp() -> Iterator[FastPath]:
+    with FastPath() as fp:
+        for pid in (2, 3, 4, POP):
+            fp.peer_add(pid)
+        yield fp
+
+
+@dataclass
+class World:
+    """What the supervisor wires into Recovery: the cloud, the account flags, the mesh."""
+
+    now: float = 100.0
+    up: bool = True
+    own: bool | None = True
+    directory: list[dict[str, Any]] = field(default_factory=list)
+    mesh_up: set[int] = field(default_factory=lambda: {2, 3, 4})
+    events: list[tuple[str, str, dict, int | None]] = field(default_factory=list)
+
+    def site(self, site_id: int, recovery: bool = True, online: bool = True) -> dict[str, Any]:
+        return {"site_id": site_id, "name": f"site-{site_id}", "offcloud": True,
+                "recovery": recovery, "online": online, "subnets": [f"10.{site_id}.0.0/24"]}
+
+    def recovery(self, paths: Paths, hold_s: float = 10.0) -> Recovery:
+        return Recovery(
+            paths=paths,
+            cloud_up=lambda: self.up,
+            cloud_enabled=lambda: True,
+            own_recovery=lambda: self.own,
+            directory=lambda: self.directory,
+            mesh_reach=lambda s: Reach(s in self.mesh_up, None if s in self.mesh_up else "down"),
+            on_event=lambda k, t, d, s: self.events.append((k, t, d, s)),
+            clock=lambda: self.now,
+            hold_s=hold_s,
+        )
+
+    def kinds(self) -> list[tuple[str, int | None]]:
+        out = [(k, s) for k, _, _, s in self.events]
+        self.events.clear()
+        return out
+
+
+def setup(fp: FastPath, world: World, sites: dict[int, bool]) -> Paths:
+    paths = Paths(fp)
+    world.directory = [world.site(s, recovery=r) for s, r in sites.items()]
+    nets = {s: f"10.{s}.0.0/24" for s in sites}
+    paths.submit("cloud", [Candidate(ipaddress.ip_network(n), POP, Transport.CLOUD)
+                           for n in nets.values()])
+    paths.submit("mesh", [Candidate(ipaddress.ip_network(n), s, Transport.MESH)
+                          for s, n in nets.items() if s in world.mesh_up])
+    return paths
+
+
+def where(fp: FastPath, *sites: int) -> list[int | None]:
+    return [routed(fp, f"10.{s}.0.1") for s in sites]
+
+
+def test_cloud_lost_moves_every_recovery_site_at_once_and_back_after_the_hold(
+    fp: FastPath,
+) -> None:
+    world = World()
+    paths = setup(fp, world, {2: True, 3: True, 4: False})
+    rec = world.recovery(paths, hold_s=10)
+    batches = Batches(fp)
+    rec.tick()
+    assert where(fp, 2, 3, 4) == [POP, POP, POP] and not rec.active
+    assert batches.take() == [] and world.kinds() == []
+
+    world.up = False
+    world.now += 0.05
+    rec.tick()
+    # Sites 2 and 3 move in one batch; site 4 has recovery disabled: cut off (its traffic
+    # still goes to the dead PoP session), both ways, as the account asked.
+    assert rec.active and paths.policy is Policy.CLOUD_LOST
+    assert where(fp, 2, 3, 4) == [2, 3, POP]
+    # One batch: the two moves, and site 4's route losing its cloud path for the transport
+    # rules (docs/paths.md, "Off-cloud transport rules").
+    assert batches.take() == [(3, 0)]
+    (kind, text, data, site), = world.events
+    world.events.clear()
+    assert (kind, site) == ("offcloud.recovery.activated", None)
+    assert data["sites"] == [2, 3] and "4" in data["unreachable"]
+    assert "no PoP session is live" in text and "site 4" in text
+    states = {s["site_id"]: s for s in rec.sites()}
+    assert states[2]["state"] == "mesh" and states[4]["state"] == "unreachable"
+    assert "disabled for site 4" in states[4]["why"]
+
+    # The cloud comes back, then flaps: the hold starts again; traffic stays on the mesh.
+    world.up = True
+    world.now += 5
+    rec.tick()
+    world.up = False
+    world.now += 0.5
+    rec.tick()
+    world.up = True
+    world.now += 0.5
+    rec.tick()
+    world.now += 9.9
+    rec.tick()
+    assert rec.active and where(fp, 2, 3) == [2, 3] and world.kinds() == []
+    assert rec.next_due() == pytest.approx(world.now + 0.1)
+    world.now += 0.1
+    rec.tick()
+    assert not rec.active and where(fp, 2, 3, 4) == [POP, POP, POP]
+    assert batches.take() == [(3, 0)]
+    assert world.kinds() == [("offcloud.recovery.stopped", None)]
+
+
+def test_a_site_with_recovery_disabled_moves_nothing(fp: FastPath) -> None:
+    world = World(own=False)
+    paths = setup(fp, world, {2: True, 3: True})
+    rec = world.recovery(paths)
+    world.up = False
+    rec.tick()
+    assert not rec.active and where(fp, 2, 3) == [POP, POP] and world.kinds() == []
+    assert {s["ready_why"] for s in rec.sites()} == {
+        "WAN recovery is disabled for this site in the account"
+    }
+    # An offline peer is not moved onto the mesh either.
+    world.up = True
+    world.directory = [world.site(2, online=False), world.site(3)]
+    rec.tick()
+    assert where(fp, 2, 3) == [POP, POP]
+
+
+def test_a_site_the_pop_cannot_reach_goes_over_the_mesh_while_our_cloud_is_up(
+    fp: FastPath,
+) -> None:
+    world = World()
+    paths = setup(fp, world, {2: True, 3: True, 4: False})
+    rec = world.recovery(paths, hold_s=5)
+    rec.tick()
+    world.directory = [world.site(2, online=False), world.site(3), world.site(4, False, False)]
+    world.now += 1
+    rec.tick()
+    assert not rec.active and where(fp, 2, 3, 4) == [2, POP, POP]
+    assert world.kinds() == [("offcloud.recovery.activated", 2)]
+    assert next(s for s in rec.sites() if s["site_id"] == 2)["state"] == "mesh"
+    why = {r["prefix"]: r["why"] for r in paths.status()["routes"]}
+    assert why["10.2.0.0/24"] == "site 2 is not reachable through the cloud (WAN recovery)"
+    # Back online: it returns after the hold.
+    world.directory = [world.site(2), world.site(3), world.site(4, False)]
+    world.now += 1
+    rec.tick()
+    assert where(fp, 2) == [2]
+    world.now += 5
+    rec.tick()
+    assert where(fp, 2) == [POP]
+    assert world.kinds() == [("offcloud.recovery.stopped", 2)]
+
+
+def test_a_start_in_an_outage_enters_recovery_after_the_boot_wait(fp: FastPath) -> None:
+    world = World(up=False)
+    paths = setup(fp, world, {2: True})
+    rec = world.recovery(paths)
+    rec.tick()
+    assert not rec.active and rec.next_due() == pytest.approx(world.now + rec.boot_wait_s)
+    world.now += rec.boot_wait_s
+    rec.tick()
+    assert rec.active and where(fp, 2) == [2]
+    (_, text, _, _), = world.events
+    assert "no PoP answered" in text
+    # A normal start (the PoP answers within the wait) never enters recovery.
+    world2 = World(up=False)
+    paths2 = setup(fp, world2, {3: True})
+    rec2 = world2.recovery(paths2)
+    world2.now += 0.3
+    world2.up = True
+    rec2.tick()
+    world2.now += 5
+    rec2.tick()
+    assert not rec2.active and world2.events == []
+
+
+def test_socketctl_recovery_says_where_each_site_goes_and_why(fp: FastPath) -> None:
+    import io
+
+    world = World(up=False, mesh_up={2})
+    paths = setup(fp, world, {2: True, 3: True, 4: False})
+    rec = world.recovery(paths)
+    world.now += 2
+    rec.tick()
+    out = io.StringIO()
+    format_recovery({**rec.summary(), "sites": rec.sites()}, out)
+    text = out.getvalue()
+    assert text.startswith("recovery ACTIVE")
+    lines = {ln.split()[0]: ln for ln in text.splitlines()[3:]}
+    assert "mesh" in lines["2"] and "no mesh tunnel: down" in lines["3"]
+    assert "disabled for site 4" in lines["4"]
+
+
+def test_a_restart_in_the_middle_of_recovery_starts_in_it_at_once(fp: FastPath) -> None:
+    world = World(up=False)
+    paths = setup(fp, world, {2: True})
+    kept: list[bool] = []
+    first = world.recovery(paths)
+    first.remember = kept.append
+    world.now += first.boot_wait_s
+    first.tick()
+    assert first.active and kept == [True]
+    # socketd restarts (a new process reads the stored state), still without a PoP.
+    again = setup(fp, world, {2: True})
+    second = world.recovery(again)
+    second.was_active, second.remember = kept[-1], kept.append
+    assert second.next_due() == second.started
+    second.tick()
+    assert second.active and "recovery was active when socketd stopped" in second.reason
+    assert where(fp, 2) == [2]
+    world.up = True
+    second.tick()
+    world.now += second.hold_s
+    second.tick()
+    assert not second.active and kept[-1] is False
+
+
+def test_a_held_mesh_tunnel_carries_recovery_traffic_only(fp: FastPath) -> None:
+    # mesh.py holds a site's tunnel off the traffic for a while after its path went silent:
+    # the cloud is the better choice then, but when the cloud cannot reach the site the held
+    # tunnel is all there is (a peer restarted in the middle of an outage).
+    paths = Paths(fp)
+    paths.submit("cloud", [Candidate(ipaddress.ip_network("10.2.0.0/24"), POP, Transport.CLOUD)])
+    paths.submit("mesh", [Candidate(ipaddress.ip_network("10.2.0.0/24"), 2, Transport.MESH,
+                                    held=True)])
+    assert where(fp, 2) == [POP]
+    (unused,) = [u for u in paths.status()["unused"] if u["transport"] == "mesh"]
+    assert "held off" in unused["reason"]
+    paths.set_policy(Policy.CLOUD_LOST)
+    assert where(fp, 2) == [2]
+    paths.set_policy(Policy.CLOUD_LOST, no_recovery=[2])
+    assert where(fp, 2) == [POP]
+    paths.set_policy(Policy.NORMAL, lost_peers=[2], no_recovery=[])
+    assert where(fp, 2) == [2]
+    paths.set_policy(Policy.NORMAL, lost_peers=[])
+    assert where(fp, 2) == [POP]
