@@ -532,7 +532,11 @@ class Supervisor:
     def _wan_handlers(self) -> dict:
         """`links`, `set-link` and `dhcp-lease` (wanaddr.py owns them)."""
         self.wan = WanAddressing(
-            self.cfg.links, self.store, self.cfg.paths.control_socket, self._record_event
+            self.cfg.links,
+            self.store,
+            self.cfg.paths.control_socket,
+            self._record_event,
+            owned=self.cfg.owned(),
         )
         return self.wan.handlers()
 
