@@ -237,8 +237,19 @@ def format_pop(result: Mapping[str, Any], out: TextIO) -> None:
         out.write("config   stale: the stored copy, no PoP has answered since the start\n")
     out.write(
         f"config   rev {_text(result.get('config_rev'))}, directory rev "
-        f"{_text(result.get('directory_rev'))}, {_num(result.get('sites'))} other sites\n\n"
+        f"{_text(result.get('directory_rev'))}, {_num(result.get('sites'))} other sites\n"
     )
+    messages = result.get("messages")
+    count = messages.get("refused_prefixes") if isinstance(messages, Mapping) else None
+    if count:
+        out.write(f"refused  {_num(count)} prefixes of the directory, never routed:\n")
+        for r in result.get("refused_prefixes") or []:
+            if isinstance(r, Mapping):
+                out.write(
+                    f"  site {_text(r.get('site_id'))} {_text(r.get('prefix'))}:"
+                    f" {_text(r.get('reason'))}\n"
+                )
+    out.write("\n")
     rows = []
     for s in result.get("sessions") or []:
         if not isinstance(s, Mapping):

@@ -228,6 +228,7 @@ class Supervisor:
             port=self,
             store=self.store,
             clock=self.clock,
+            owned=cfg.owned(),
         )
         self.sessions.add_owner(cloud)
         return cloud
