@@ -36,6 +36,7 @@ from typing import Any, TextIO
 
 from sdwan.common.addressing import parse_static
 from sdwan.common.control import CommandFailed, ControlError, ControlUnreachable, request
+from sdwan.common.visible import visible
 from sdwan.site.config import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_CONTROL_SOCKET,
@@ -601,11 +602,11 @@ class Console:
         try:
             return request(self.opts.socket, method, timeout=timeout, **args)
         except ControlUnreachable as e:
-            self.say(f"socketd is not running: {e}")
+            self.say(f"socketd is not running: {visible(e)}")
         except CommandFailed as e:
-            self.say(f"error: {e}")
+            self.say(f"error: {visible(e)}")
         except ControlError as e:
-            self.say(f"error: {e}")
+            self.say(f"error: {visible(e)}")
         return None
 
     def record(self, kind: str, text: str, data: dict[str, Any]) -> None:
@@ -624,7 +625,9 @@ class Console:
             self._links_at = now
             try:
                 result = request(self.opts.socket, "links", timeout=1.0)
-                self._links = [str(x.get("name")) for x in result.get("links", [])]
+                # Only names that can be typed: completion puts them into the line.
+                names = [x.get("name") for x in result.get("links", [])]
+                self._links = [n for n in names if isinstance(n, str) and _LINK_RE.fullmatch(n)]
             except ControlError:
                 self._links = []
         return self._links
@@ -784,7 +787,7 @@ class Console:
             self.say(f"no log ring on this system ({LOG_COMMAND[0]}: {why})")
             return
         for line in cp.stdout.splitlines()[-lines:]:
-            self.say(line)
+            self.say(visible(line))  # log lines carry text from the network
 
     def _device_of(self, link: str | None) -> tuple[bool, str | None]:
         if link is None:
@@ -796,7 +799,7 @@ class Console:
         for entry in result.get("links", []):
             if entry.get("name") == link:
                 return True, str(entry.get("interface"))
-        names = ", ".join(str(e.get("name")) for e in result.get("links", [])) or "none"
+        names = ", ".join(visible(e.get("name")) for e in result.get("links", [])) or "none"
         self.say(f"error: no link {link!r} (links: {names})")
         return False, None
 
