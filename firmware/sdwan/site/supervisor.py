@@ -241,6 +241,7 @@ class Supervisor:
             port=self,
             store=self.store,
             clock=self.clock,
+            owned=cfg.owned(),
         )
         self.sessions.add_owner(cloud)
         return cloud
@@ -647,7 +648,11 @@ class Supervisor:
     def _wan_handlers(self) -> dict:
         """`links`, `set-link` and `dhcp-lease` (wanaddr.py owns them)."""
         self.wan = WanAddressing(
-            self.cfg.links, self.store, self.cfg.paths.control_socket, self._record_event
+            self.cfg.links,
+            self.store,
+            self.cfg.paths.control_socket,
+            self._record_event,
+            owned=self.cfg.owned(),
         )
         return self.wan.handlers()
 
