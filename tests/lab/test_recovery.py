@@ -52,7 +52,9 @@ def outage_and_back(lab: Lab, pop: Pop, sites: list[Site], flows: Flows, how: st
                  timeout=HOLD_S + 15)
     # Not before the hold: the cloud had to be back for HOLD_S first.
     assert time.monotonic() - t_back >= HOLD_S - 0.5
-    assert all_on(lab, sites, "cloud")
+    # A site that registered after another was offline in its directory for a moment: that
+    # one returns a hold later.
+    wait_for("every route on the cloud", lambda: all_on(lab, sites, "cloud"), timeout=HOLD_S + 5)
     before = relayed(lab, pop)
     wait_for("flows through the PoP again", lambda: relayed(lab, pop) > before + 50, timeout=5)
     t = time.time()
@@ -88,7 +90,7 @@ def test_the_cloud_lost_moves_every_flow_onto_the_mesh_and_back_without_a_reset(
     flows.wait("site 3's flows back over the mesh",
                lambda: flows.all_echoing_since(t_restart + 0.1, 6), timeout=15)
     rec = lab.socketctl(s3, "recovery")
-    assert rec["active"] and "no PoP answered" in rec["reason"], rec
+    assert rec["active"] and "recovery was active when socketd stopped" in rec["reason"], rec
     assert transports(lab, s3)[sites[0].lan_subnet] == "mesh"
     took = max(v for v in flows.resumed_after(t_restart).values() if v is not None)
     print(f"restart in the outage: site 3's flows resumed {took:.2f} s after the restart")
@@ -141,6 +143,9 @@ def test_a_site_with_recovery_disabled_is_cut_off_both_ways_and_the_others_say_w
     wait_for("site 1 to 2 over the mesh", lambda: lab.ping(s1.lan_ns, s2.lan_host_ip), 5)
     assert not lab.ping(s1.lan_ns, s3.lan_host_ip, count=3, wait_s=1)
     assert not lab.ping(s3.lan_ns, s1.lan_host_ip, count=3, wait_s=1)
+    # Both ways: neither end sends the other's traffic over their mesh tunnel.
+    assert transports(lab, s1)[s3.lan_subnet] == "cloud"
+    assert transports(lab, s3)[s1.lan_subnet] == "cloud"
     why = {x["site_id"]: x for x in lab.socketctl(s1, "recovery")["sites"]}
     assert why[3]["state"] == "unreachable"
     assert "disabled for site 3" in why[3]["why"]

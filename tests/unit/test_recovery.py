@@ -38,6 +38,7 @@ class World:
     own: bool | None = True
     directory: list[dict[str, Any]] = field(default_factory=list)
     mesh_up: set[int] = field(default_factory=lambda: {2, 3, 4})
+    ready: bool = True  # a WAN link has an address
     events: list[tuple[str, str, dict, int | None]] = field(default_factory=list)
 
     def site(self, site_id: int, recovery: bool = True, online: bool = True) -> dict[str, Any]:
@@ -51,6 +52,7 @@ class World:
             cloud_enabled=lambda: True,
             own_recovery=lambda: self.own,
             directory=lambda: self.directory,
+            links_ready=lambda: self.ready,
             mesh_reach=lambda s: Reach(s in self.mesh_up, None if s in self.mesh_up else "down"),
             on_event=lambda k, t, d, s: self.events.append((k, t, d, s)),
             clock=lambda: self.now,
@@ -133,9 +135,14 @@ def test_a_site_with_recovery_disabled_moves_nothing(fp: FastPath) -> None:
     world = World(own=False)
     paths = setup(fp, world, {2: True, 3: True})
     rec = world.recovery(paths)
+    rec.tick()  # the cloud was up: its loss below would start recovery if the flag allowed
     world.up = False
+    world.now += 1
+    rec.tick()
+    world.now += 10
     rec.tick()
     assert not rec.active and where(fp, 2, 3) == [POP, POP] and world.kinds() == []
+    assert {s["state"] for s in rec.sites()} == {"unreachable"}
     assert {s["ready_why"] for s in rec.sites()} == {
         "WAN recovery is disabled for this site in the account"
     }
@@ -158,7 +165,10 @@ def test_a_site_the_pop_cannot_reach_goes_over_the_mesh_while_our_cloud_is_up(
     rec.tick()
     assert not rec.active and where(fp, 2, 3, 4) == [2, POP, POP]
     assert world.kinds() == [("offcloud.recovery.activated", 2)]
-    assert next(s for s in rec.sites() if s["site_id"] == 2)["state"] == "mesh"
+    states = {s["site_id"]: s for s in rec.sites()}
+    assert states[2]["state"] == "mesh" and states[3]["state"] == "cloud"
+    # Site 4 is offline too but has recovery off: not carried, and said so.
+    assert states[4]["state"] == "unreachable" and "disabled for site 4" in states[4]["why"]
     why = {r["prefix"]: r["why"] for r in paths.status()["routes"]}
     assert why["10.2.0.0/24"] == "site 2 is not reachable through the cloud (WAN recovery)"
     # Back online: it returns after the hold.
@@ -173,16 +183,22 @@ def test_a_site_the_pop_cannot_reach_goes_over_the_mesh_while_our_cloud_is_up(
 
 
 def test_a_start_in_an_outage_enters_recovery_after_the_boot_wait(fp: FastPath) -> None:
-    world = World(up=False)
+    # The wait runs from the moment a link has an address (a DHCP lease may take a while).
+    world = World(up=False, ready=False)
     paths = setup(fp, world, {2: True})
     rec = world.recovery(paths)
+    rec.tick()
+    world.now += 5
+    rec.tick()
+    assert not rec.active
+    world.ready = True
     rec.tick()
     assert not rec.active and rec.next_due() == pytest.approx(world.now + rec.boot_wait_s)
     world.now += rec.boot_wait_s
     rec.tick()
     assert rec.active and where(fp, 2) == [2]
     (_, text, _, _), = world.events
-    assert "no PoP answered" in text
+    assert "no PoP answered in the 3 s since a link had an address" in text
     # A normal start (the PoP answers within the wait) never enters recovery.
     world2 = World(up=False)
     paths2 = setup(fp, world2, {3: True})
@@ -201,7 +217,8 @@ def test_socketctl_recovery_says_where_each_site_goes_and_why(fp: FastPath) -> N
     world = World(up=False, mesh_up={2})
     paths = setup(fp, world, {2: True, 3: True, 4: False})
     rec = world.recovery(paths)
-    world.now += 2
+    rec.tick()
+    world.now += rec.boot_wait_s
     rec.tick()
     out = io.StringIO()
     format_recovery({**rec.summary(), "sites": rec.sites()}, out)
@@ -218,6 +235,7 @@ def test_a_restart_in_the_middle_of_recovery_starts_in_it_at_once(fp: FastPath) 
     kept: list[bool] = []
     first = world.recovery(paths)
     first.remember = kept.append
+    first.tick()
     world.now += first.boot_wait_s
     first.tick()
     assert first.active and kept == [True]
@@ -255,3 +273,55 @@ def test_a_held_mesh_tunnel_carries_recovery_traffic_only(fp: FastPath) -> None:
     assert where(fp, 2) == [2]
     paths.set_policy(Policy.NORMAL, lost_peers=[])
     assert where(fp, 2) == [POP]
+
+
+def test_many_sites_make_one_small_event_and_only_moves_are_news(fp: FastPath) -> None:
+    import json
+
+    world = World(mesh_up={2, 3})
+    paths = setup(fp, world, {2: True, 3: True})
+    rec = world.recovery(paths)
+    rec.tick()
+    # A PoP restarted: most of a big account is offline in its first directory. Only the
+    # sites whose traffic moves (a mesh tunnel up) are news, in one event.
+    world.directory = [world.site(s, online=s not in range(3, 1000)) for s in range(2, 1000)]
+    world.now += 1
+    rec.tick()
+    (kind, text, data, site), = world.events
+    world.events.clear()
+    assert kind == "offcloud.recovery.activated" and site == 3 and data["sites"] == [3]
+    assert len(rec.summary()["lost_sites"]) == 997
+    # Back online: one Stopped event after the hold, for the one that had moved... and for
+    # all of them in one event, whatever their number.
+    world.directory = [world.site(s) for s in range(2, 1000)]
+    world.now += 1
+    rec.tick()
+    world.now += rec.hold_s
+    rec.tick()
+    (kind, text, data, site), = world.events
+    world.events.clear()
+    assert kind == "offcloud.recovery.stopped" and data["count"] == 997
+    assert len(json.dumps(data)) < 4096 and "and 947 more" in text
+    # The whole site loses the cloud with 1000 sites unreachable: the event stays small.
+    world.up = False
+    world.now += 1
+    rec.tick()
+    (kind, text, data, site), = world.events
+    assert kind == "offcloud.recovery.activated" and data["unreachable_count"] == 996
+    assert len(json.dumps(data)) < 16384 and len(text) < 4096
+
+
+def test_a_lost_site_whose_recovery_is_turned_off_leaves_quietly(fp: FastPath) -> None:
+    world = World()
+    paths = setup(fp, world, {2: True})
+    rec = world.recovery(paths)
+    rec.tick()
+    world.directory = [world.site(2, online=False)]
+    world.now += 1
+    rec.tick()
+    assert where(fp, 2) == [2] and world.kinds() == [("offcloud.recovery.activated", 2)]
+    world.directory = [world.site(2, recovery=False, online=False)]
+    world.now += 1
+    rec.tick()
+    assert where(fp, 2) == [POP] and rec.summary()["lost_sites"] == []
+    assert world.kinds() == []  # not "the PoP reaches it again": it does not

@@ -532,7 +532,14 @@ class Store:
         rows = self._read("SELECT value, stored_at FROM docs WHERE name = ?", (name,))
         if not rows:
             return None
-        return Doc(name, json.loads(rows[0][0]), float(rows[0][1]))
+        try:
+            value = json.loads(rows[0][0])
+        except ValueError as e:
+            # A document written by this module is valid JSON; one that is not was damaged.
+            raise StoreError(f"{self.path}: document {name!r} is not valid JSON: {e}") from e
+        if not isinstance(value, dict):
+            raise StoreError(f"{self.path}: document {name!r} is not a JSON object")
+        return Doc(name, value, float(rows[0][1]))
 
     def delete_doc(self, name: str) -> bool:
         with self._write() as conn:

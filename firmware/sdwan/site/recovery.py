@@ -16,6 +16,8 @@ other parts it does no I/O and is driven by `tick()`.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
 import math
 from collections.abc import Callable
@@ -26,11 +28,17 @@ from sdwan.site.paths import Paths, Policy
 
 log = logging.getLogger("sdwan.site.recovery")
 
-# A box that starts while its PoP does not answer enters recovery this long after the start,
-# not sooner: a PoP that answers within it (a normal boot) never puts the box in recovery,
-# and a reboot in an outage is back on the mesh about a second later (the mesh reconnects
-# from its NAT data meanwhile).
-BOOT_WAIT_S = 1.0
+# A box that starts while its PoP does not answer enters recovery this long after a link
+# first has an address (a DHCP lease may take seconds), not sooner: a PoP that answers within
+# it (a normal boot, a handshake retried once) never puts the box in recovery. The cloud's
+# own wait before it tries the secondary PoP is as long (cloud.BOOT_GRACE_S). A restart in
+# the middle of recovery does not wait at all (`was_active`).
+BOOT_WAIT_S = 3.0
+# Stored "recovery was active" older than this is not trusted at start: a box that was off
+# for a long time starts like any other.
+STORED_MAX_AGE_S = 3600.0
+# Events list at most this many sites by id (the rest are counted): an event's data is small.
+EVENT_SITES = 50
 
 EVENT_ACTIVATED = "offcloud.recovery.activated"
 EVENT_STOPPED = "offcloud.recovery.stopped"
@@ -51,6 +59,17 @@ class _Lost:
 
     since: float
     back_since: float | None = None  # online again since; leaves recovery after the hold
+    gone: bool = False  # left the directory or no longer a recovery site: leaves at once
+
+
+def _sites_text(ids: list[int]) -> str:
+    shown = ", ".join(map(str, ids[:EVENT_SITES]))
+    more = f" and {len(ids) - EVENT_SITES} more" if len(ids) > EVENT_SITES else ""
+    return f"site{'s' if len(ids) > 1 else ''} {shown}{more}"
+
+
+def _sites_data(ids: list[int]) -> dict[str, Any]:
+    return {"sites": ids[:EVENT_SITES], "count": len(ids)}
 
 
 @dataclass
@@ -60,6 +79,7 @@ class Recovery:
     cloud_enabled: Callable[[], bool]  # the site has PoPs at all
     own_recovery: Callable[[], bool | None]  # this site's flag in the account; None: unknown
     directory: Callable[[], list[dict[str, Any]]]  # the other sites, as the PoP sent them
+    links_ready: Callable[[], bool]  # a WAN link has an address: the PoP can be tried
     mesh_reach: Callable[[int], Reach]
     on_event: Callable[[str, str, dict[str, Any], int | None], None]
     clock: Callable[[], float]
@@ -75,12 +95,14 @@ class Recovery:
     reason: str | None = None
     activations: int = 0
     started: float = field(init=False)
+    _ready_at: float | None = field(default=None, init=False)  # a link first had an address
     _seen_up: bool = field(default=False, init=False)
     _up_since: float | None = field(default=None, init=False)
     _lost: dict[int, _Lost] = field(default_factory=dict, init=False)
-    # The directory (a list replaced whenever a new one arrives) and the flag last read:
-    # an idle tick with nothing new does not walk every site.
-    _read: tuple[int, bool, bool] | None = field(default=None, init=False)
+    # The directory (a list replaced whenever a new one arrives, kept here so that its
+    # identity means something) and the flags last read: an idle tick with nothing new does
+    # not walk every site.
+    _read: tuple[list[dict[str, Any]], bool, bool] | None = field(default=None, init=False)
     _no_recovery: frozenset[int] = field(default=frozenset(), init=False)
 
     def __post_init__(self) -> None:
@@ -105,24 +127,27 @@ class Recovery:
         else:
             self._up_since = None
         enabled = self.enabled
+        if self._ready_at is None and self.links_ready():
+            self._ready_at = now
+        waited = self._ready_at is not None and now - self._ready_at >= self.boot_wait_s
         if self.active:
             if not enabled:
                 self._stop("WAN recovery was disabled for this site in the account", now)
             elif up and now - (self._up_since or now) >= self.hold_s:
                 self._stop(f"the cloud is back (stable for {self.hold_s:g} s)", now)
-        elif enabled and not up and (
-            self._seen_up or self.was_active or now - self.started >= self.boot_wait_s
-        ):
+        elif enabled and not up and (self._seen_up or self.was_active or waited):
             if self._seen_up:
                 why = "the cloud is lost: no PoP session is live"
             elif self.was_active:
                 why = "no PoP answered yet, and recovery was active when socketd stopped"
             else:
-                why = f"no PoP answered in the {self.boot_wait_s:g} s since the start"
+                why = (f"no PoP answered in the {self.boot_wait_s:g} s since a link had an "
+                       "address")
             self._activate(why, now)
         directory = self.directory()
-        read = (id(directory), enabled, up)
-        if read != self._read:
+        read = self._read
+        if read is None or read[0] is not directory or read[1:] != (enabled, up):
+            self._read = (directory, enabled, up)
             self._read = read
             self._track_sites(now, up, enabled)
             self._no_recovery = frozenset(
@@ -139,37 +164,65 @@ class Recovery:
 
     def _track_sites(self, now: float, up: bool, enabled: bool) -> None:
         """Sites the cloud cannot reach while our own sessions are up: the directory shows
-        them offline. While our cloud is lost the directory is stale and every site is in
-        recovery anyway, so nothing changes then."""
+        them offline (each PoP lists as online the sites with a session to it). While our
+        cloud is lost the directory is stale and every site is in recovery anyway, so
+        nothing changes then."""
         if not up:
             return
         entries = {e["site_id"]: e for e in self._sites()} if enabled else {}
-        for site_id in self._lost:
+        for site_id, lost in self._lost.items():
             if site_id not in entries:
-                self._lost[site_id].back_since = -math.inf  # gone: leaves at once
+                lost.back_since, lost.gone = -math.inf, True  # leaves at the next expiry
+        newly: list[int] = []
         for site_id, entry in entries.items():
-            offline = entry.get("online") is False and entry.get("recovery") is True
+            offline = (entry.get("online") is False and entry.get("recovery") is True
+                       and bool(entry.get("offcloud")))
             lost = self._lost.get(site_id)
             if offline and lost is None:
                 self._lost[site_id] = _Lost(since=now)
-                self._event(EVENT_ACTIVATED, site_id,
-                            f"Off-Cloud Recovery Activated for site {site_id}: the PoP cannot "
-                            "reach it", {"reason": "the site is offline in the directory"})
+                newly.append(site_id)
             elif offline and lost is not None:
-                lost.back_since = None
+                lost.back_since, lost.gone = None, False
             elif lost is not None and lost.back_since is None:
                 lost.back_since = now
+                if not (entry.get("recovery") is True and entry.get("offcloud")):
+                    lost.back_since, lost.gone = -math.inf, True
+        if newly and not self.active:
+            # One event per directory, and only for what moves: a site offline for a month
+            # (or after a restart of the PoP, every site not yet back) is no news by itself.
+            moved = [s for s in newly if self.mesh_reach(s).up]
+            if moved:
+                self._event(
+                    EVENT_ACTIVATED, moved[0] if len(moved) == 1 else None,
+                    f"Off-Cloud Recovery Activated for {_sites_text(moved)}: the PoP cannot "
+                    "reach them; their traffic goes over the mesh",
+                    {"reason": "offline in the PoP's directory", **_sites_data(moved)},
+                )
 
     def _expire_lost(self, now: float) -> None:
+        back: list[tuple[int, float]] = []
+        gone: list[int] = []
         for site_id in list(self._lost):
             lost = self._lost[site_id]
             if lost.back_since is None or now - lost.back_since < self.hold_s:
                 continue
             del self._lost[site_id]
-            why = ("it left the directory, or recovery is off" if lost.back_since == -math.inf
-                   else f"the PoP reaches it again (for {self.hold_s:g} s)")
-            self._event(EVENT_STOPPED, site_id,
-                        f"Off-Cloud Recovery Stopped for site {site_id}: {why}", {"reason": why})
+            if lost.gone:
+                gone.append(site_id)
+            else:
+                back.append((site_id, now - lost.since))
+        if back and not self.active:
+            ids = [s for s, _ in back]
+            self._event(
+                EVENT_STOPPED, ids[0] if len(ids) == 1 else None,
+                f"Off-Cloud Recovery Stopped for {_sites_text(ids)}: the PoP reaches them "
+                f"again (for {self.hold_s:g} s)",
+                {"reason": "online in the PoP's directory again", **_sites_data(ids),
+                 "lasted_s": round(max(t for _, t in back), 1)},
+            )
+        if gone:
+            log.info("recovery: %s no longer in recovery (left the directory, or recovery "
+                     "or off-cloud turned off)", _sites_text(gone))
 
     def _activate(self, why: str, now: float) -> None:
         self.active, self.since, self.reason = True, now, why
@@ -177,15 +230,19 @@ class Recovery:
         self._remember(True)
         reached, cut = self._reached()
         text = f"Off-Cloud Recovery Activated: {why}; " + (
-            f"traffic to sites {', '.join(map(str, reached))} goes over the mesh"
+            f"traffic to {_sites_text(reached)} goes over the mesh"
             if reached else "no mesh tunnel is up yet"
         )
         if cut:
-            text += "; unreachable: " + "; ".join(f"site {s} ({w})" for s, w in cut.items())
+            shown = list(cut.items())[:EVENT_SITES // 5]
+            text += "; unreachable: " + "; ".join(f"site {s} ({w})" for s, w in shown)
+            if len(cut) > len(shown):
+                text += f"; and {len(cut) - len(shown)} more (socketctl recovery)"
         log.warning("%s", text)
-        unreachable = {str(k): v for k, v in cut.items()}
+        unreachable = {str(k): v for k, v in list(cut.items())[:EVENT_SITES]}
         self._event(EVENT_ACTIVATED, None, text,
-                    {"reason": why, "sites": reached, "unreachable": unreachable})
+                    {"reason": why, **_sites_data(reached), "unreachable": unreachable,
+                     "unreachable_count": len(cut)})
 
     def _stop(self, why: str, now: float) -> None:
         took = now - (self.since or now)
@@ -217,7 +274,10 @@ class Recovery:
         if self.active and self._up_since is not None:
             due = self._up_since + self.hold_s
         elif not self.active and not self._seen_up and self.enabled:
-            due = self.started if self.was_active else self.started + self.boot_wait_s
+            if self.was_active:
+                due = self.started
+            elif self._ready_at is not None:
+                due = self._ready_at + self.boot_wait_s
         for lost in self._lost.values():
             if lost.back_since is not None:
                 due = min(due, lost.back_since + self.hold_s)
@@ -236,21 +296,20 @@ class Recovery:
                 cut[site_id] = why
         return reached, cut
 
+    def _site_state(self, e: dict[str, Any]) -> str | None:
+        """Why recovery could not carry the site of directory entry e now; None if it could."""
+        site_id = e["site_id"]
+        if self.own_recovery() is not True:
+            return "WAN recovery is disabled for this site in the account"
+        if e.get("recovery") is not True:
+            return f"WAN recovery is disabled for site {site_id} in the account"
+        if not e.get("offcloud"):
+            return f"site {site_id} is not an off-cloud site"
+        reach = self.mesh_reach(site_id)
+        return None if reach.up else f"no mesh tunnel: {reach.why or 'down'}"
+
     def _site_states(self) -> dict[int, str | None]:
-        own = self.own_recovery()
-        out: dict[int, str | None] = {}
-        for e in self._sites():
-            site_id = e["site_id"]
-            if own is not True:
-                out[site_id] = "WAN recovery is disabled for this site in the account"
-            elif e.get("recovery") is not True:
-                out[site_id] = f"WAN recovery is disabled for site {site_id} in the account"
-            elif not e.get("offcloud"):
-                out[site_id] = f"site {site_id} is not an off-cloud site"
-            else:
-                reach = self.mesh_reach(site_id)
-                out[site_id] = None if reach.up else f"no mesh tunnel: {reach.why or 'down'}"
-        return out
+        return {e["site_id"]: self._site_state(e) for e in self._sites()}
 
     def summary(self) -> dict[str, Any]:
         now = self.clock()
@@ -269,24 +328,41 @@ class Recovery:
         }
 
     def sites(self) -> list[dict[str, Any]]:
-        """Per remote site: where its traffic goes and, when recovery cannot carry it, why."""
+        """Per remote site: where its traffic goes now (as paths.py routes its first subnet)
+        and, when it is unreachable or recovery could not carry it, why."""
         out = []
-        names = {e["site_id"]: e.get("name") for e in self._sites()}
-        for site_id, why in sorted(self._site_states().items()):
-            in_recovery = self.active or site_id in self._lost
-            if not in_recovery:
-                state = "cloud"
-            elif why is None:
-                state = "mesh"
-            else:
+        chosen = self.paths.chosen()
+        cloud_up = self.cloud_up()
+        for e in self._sites():
+            site_id = e["site_id"]
+            ready_why = self._site_state(e)
+            transport = None
+            for net in e.get("subnets") or []:
+                with contextlib.suppress(ValueError):
+                    choice = chosen.get(ipaddress.ip_network(net))
+                    if choice is not None:
+                        transport = str(choice.candidate.transport)
+                        break
+            why = None
+            if transport not in (None, "cloud"):
+                state = transport
+            elif self.active or site_id in self._lost:
+                state, why = "unreachable", ready_why or "its direct tunnel is not in use"
+            elif not cloud_up and self._seen_up:
+                state, why = "unreachable", "the cloud is lost and " + (
+                    ready_why or "recovery is not active")
+            elif e.get("online") is False:
                 state = "unreachable"
+                why = "offline in the PoP's directory" + (f"; {ready_why}" if ready_why else "")
+            else:
+                state = "cloud"
             out.append({
                 "site_id": site_id,
-                "name": names.get(site_id),
+                "name": e.get("name"),
                 "state": state,
                 "site_lost": site_id in self._lost,
-                "why": why if in_recovery else None,
-                "ready": why is None,  # recovery would carry it over the mesh now
-                "ready_why": why,
+                "why": why,
+                "ready": ready_why is None,  # recovery would carry it over the mesh now
+                "ready_why": ready_why,
             })
         return out

@@ -47,7 +47,7 @@ from sdwan.site.firewall import Firewall
 from sdwan.site.links import LinkError, LinkManager
 from sdwan.site.mesh import Mesh, pin_override
 from sdwan.site.paths import Candidate, Paths, Transport
-from sdwan.site.recovery import Reach, Recovery
+from sdwan.site.recovery import STORED_MAX_AGE_S, Reach, Recovery
 from sdwan.site.rules import Rules
 from sdwan.site.tundev import TunError, attach_tun
 from sdwan.site.tunnel import Addr, PeerTunnel, State, StaticTunnels, Timers
@@ -128,7 +128,9 @@ class Supervisor:
         self.leds: LedController | None = None
         self.guard: Guard | None = None  # made by run(): the simulations have no appliance
         self._cloud_was_up = False  # the LEDs show booting until the cloud is first up
-        self._static_offcloud_key: tuple[int, frozenset[int]] | None = None
+        # The directory list (kept: its identity says whether it changed) and the static
+        # tunnels up when the static-offcloud candidates were last submitted.
+        self._static_offcloud_key: tuple[list, frozenset[int]] | None = None
 
     @property
     def dtls(self) -> DtlsContext | None:
@@ -243,6 +245,7 @@ class Supervisor:
             port=self,
             store=self.store,
             clock=self.clock,
+            owned=cfg.owned(),
         )
         self.sessions.add_owner(cloud)
         return cloud
@@ -323,10 +326,16 @@ class Supervisor:
             if store is not None:
                 store.put_doc(DOC_RECOVERY, {"active": active, "at": time.time()})
 
-        stored = None
+        was_active = False
         if store is not None:
             try:
                 stored = store.get_doc(DOC_RECOVERY)
+                at = stored.value.get("at") if stored is not None else None
+                was_active = (
+                    stored is not None and stored.value.get("active") is True
+                    and isinstance(at, int | float)
+                    and abs(time.time() - at) < STORED_MAX_AGE_S
+                )
             except StoreError as e:
                 log.warning("stored recovery state unreadable: %s", e)
         recovery = Recovery(
@@ -335,11 +344,12 @@ class Supervisor:
             cloud_enabled=lambda: cloud.enabled,
             own_recovery=lambda: (cloud.config or {}).get("recovery"),
             directory=lambda: cloud.directory,
+            links_ready=lambda: any(wl.local_ipv4() for wl in self.links),
             mesh_reach=reach,
             on_event=event,
             clock=self.clock,
             hold_s=float(self.cfg.cloud.recovery_hold_s),
-            was_active=stored is not None and stored.value.get("active") is True,
+            was_active=was_active,
             remember=remember,
         )
         # Decided at once from the stored configuration: a box that starts in an outage
@@ -462,8 +472,9 @@ class Supervisor:
         if self.paths is None or self.cloud is None or not self.tunnels:
             return
         up = frozenset(sid for sid, t in self.tunnels.items() if t.state is State.UP)
-        key = (id(self.cloud.directory), up)
-        if key == self._static_offcloud_key:
+        key = (self.cloud.directory, up)
+        last = self._static_offcloud_key
+        if last is not None and last[0] is key[0] and last[1] == up:
             return
         self._static_offcloud_key = key
         candidates = []
@@ -653,7 +664,11 @@ class Supervisor:
     def _wan_handlers(self) -> dict:
         """`links`, `set-link` and `dhcp-lease` (wanaddr.py owns them)."""
         self.wan = WanAddressing(
-            self.cfg.links, self.store, self.cfg.paths.control_socket, self._record_event
+            self.cfg.links,
+            self.store,
+            self.cfg.paths.control_socket,
+            self._record_event,
+            owned=self.cfg.owned(),
         )
         return self.wan.handlers()
 
