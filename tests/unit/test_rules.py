@@ -78,6 +78,8 @@ def test_compiled_rules_steer_the_fast_path(site: tuple[FastPath, Paths, Rules])
     assert smb["now"] == "mixed"
     assert [(d["site"], d["transport"]) for d in smb["destinations"]] == [
         ("branch-2", "offcloud"), ("branch-3", "dropped")]
+    assert smb["by_transport"] == {"offcloud": 1, "dropped": 1}
+    assert smb["destinations_total"] == 2
     assert video["evaluated"] is False and video["now"] == "cloud"
     assert web["now"] == "mixed"  # site 3 follows its route (the cloud): automatic
     # The mesh tunnel to site 2 goes: its prefix has no off-cloud path any more.

@@ -31,6 +31,9 @@ PROTOCOLS: dict[str, int | None] = {"any": None, "tcp": 6, "udp": 17, "icmp": 1}
 TRANSPORTS = ("offcloud", "cloud")
 SECONDARIES = ("automatic", "none", "cloud")
 COMPLEX_NOTE = "not evaluated on the socket: its traffic goes to the PoP"
+# Destinations listed per rule in `rules` (all are counted): a rule for any destination in a
+# large account would otherwise list every site, once per rule.
+MAX_LISTED_DESTINATIONS = 256
 _RULE_FIELDS = frozenset({"name", "transport", "secondary", "src", "dst", "src_subnets",
                           "dst_subnets", "protocol", "ports", "complex"})
 
@@ -280,7 +283,10 @@ class Rules:
                     "site": site.get("name"),
                     "transport": self.transport_for(rule, routes[prefix]),
                 })
-            used = sorted({d["transport"] for d in dests})
+            by_transport: dict[str, int] = {}
+            for d in dests:
+                by_transport[d["transport"]] = by_transport.get(d["transport"], 0) + 1
+            used = sorted(by_transport)
             rows.append({
                 "index": i,
                 "name": rule.name,
@@ -298,7 +304,9 @@ class Rules:
                 else None,
                 "hits": hits[i] if i < len(hits) else 0,
                 "now": used[0] if len(used) == 1 else ("mixed" if used else None),
-                "destinations": dests,
+                "by_transport": by_transport,
+                "destinations": dests[:MAX_LISTED_DESTINATIONS],
+                "destinations_total": len(dests),
             })
         return {
             "rules": rows,
