@@ -186,7 +186,7 @@ struct fp_route_op {
     uint32_t peer_id;
     /* For the transport rules below (0 = none; a set checks that they exist, as peer_id):
      * the peer of the prefix's off-cloud path while it is up (a mesh tunnel, or the
-     * direct tunnel peer_id itself), and the peer of its cloud path (a PoP session). */
+     * direct tunnel peer_id itself), and the peer of its cloud path (the PoP's tunnel). */
     uint32_t offcloud_peer;
     uint32_t cloud_peer;
 };

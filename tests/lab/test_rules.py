@@ -1,7 +1,7 @@
 """Off-cloud transport rules in the lab: two off-cloud sites behind NATs and a PoP, the mesh
 punched. A rule for one TCP port sends that traffic over the mesh while the rest goes through
 the PoP, seen on the wire (the mesh peer's counters at the site, the PoP's counters of the
-site's session); a complex rule is reported and its traffic goes to the PoP. With the mesh
+site's tunnel); a complex rule is reported and its traffic goes to the PoP. With the mesh
 path cut, the rule's secondary decides: none drops (and counts), cloud and automatic send it
 through the PoP. The account's rules change by rewriting the file and `popctl reload`."""
 
@@ -81,10 +81,10 @@ def mesh_tx(lab: Lab, site: Site, peer: Site) -> int:
 
 
 def pop_rx(lab: Lab, pop: Pop, site: Site) -> int:
-    """Inner bytes the PoP received from site over its sessions (the relay's side)."""
+    """Inner bytes the PoP received from site over its links (the relay's side)."""
     sites = lab.popctl(pop, "sites")["sites"]
     s = next(x for x in sites if x["site_id"] == site.site_id)
-    return sum(int(sess["rx_bytes"]) for sess in s["sessions"])
+    return sum(int(link["rx_bytes"]) for link in s["sessions"])
 
 
 def push(lab: Lab, a: Site, b: Site, port: int) -> None:
