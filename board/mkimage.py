@@ -82,6 +82,13 @@ NATIVE_BUILD_DEBS = ["libssl-dev", "libssl3", "libpython3.11-dev"]
 # socketd's console scripts that do not belong on an appliance (the lab, the PoP, the CA).
 NOT_ON_APPLIANCE = {"socket-lab", "popd", "popctl", "socket-pki"}
 NOT_ON_APPLIANCE_MODULES = {"lab"}
+# The serial console: getty runs CONSOLE_LOGIN, which runs the console's entry point and
+# nothing else (check_console).
+CONSOLE_ENTRY = "socket-console"
+CONSOLE_MODULE = "sdwan.appliance.console"
+CONSOLE_LOGIN = "/usr/libexec/sdwan/console-login"
+# Programs that would give a login or a shell on a terminal of their own.
+SHELLS = {"sh", "ash", "bash", "dash", "hush", "login", "sulogin", "su"}
 
 
 class BuildError(Exception):
@@ -759,6 +766,89 @@ def check_led_map(path: Path) -> None:
         raise BuildError(f"LED map: {e}") from e
 
 
+def install_overlay(root: Path, console: str, baud: int) -> None:
+    """board/common/rootfs into root: init scripts, users, the console's login; inittab gets
+    the board's console port and speed."""
+    overlay = COMMON / "rootfs"
+    for src in walk(overlay):
+        rel = src.relative_to(overlay)
+        dest = root / rel
+        if src.is_dir():
+            dest.mkdir(parents=True, exist_ok=True)
+        elif rel.name == "inittab.in":
+            dest.with_name("inittab").write_text(
+                src.read_text().replace("@CONSOLE@", console).replace("@BAUD@", str(baud)))
+        else:
+            shutil.copyfile(src, dest)
+            dest.chmod(0o755 if os.access(src, os.X_OK) else 0o644)
+    (root / "etc/shadow").chmod(0o600)
+
+
+def _runs_a_shell(command: str) -> str | None:
+    """The shell or login program a command line starts, if any (`-/bin/sh`, `exec sh -l`)."""
+    for word in re.split(r"[\s;&|()]+", command):
+        name = Path(word.lstrip("-")).name
+        if name in SHELLS:
+            return word
+    return None
+
+
+def check_console(root: Path, console: str) -> None:
+    """The console port runs socket-console and nothing else: its entry point and module are
+    in the image, getty on the board's port runs CONSOLE_LOGIN, which runs the entry point
+    only, and no inittab entry starts a shell or another login. A missing console must fail
+    the build: the box would otherwise boot with no way in on site, or with a way around the
+    console's login."""
+    entry = root / "usr/bin" / CONSOLE_ENTRY
+    if not entry.is_file() or not os.access(entry, os.X_OK):
+        raise BuildError(
+            f"the console entry point /usr/bin/{CONSOLE_ENTRY} is missing from the image: "
+            f"pyproject.toml [project.scripts] must define {CONSOLE_ENTRY} and mkimage.py's "
+            "NOT_ON_APPLIANCE must not list it (the serial console would have no login)")
+    if f"from {CONSOLE_MODULE} import" not in entry.read_text(errors="replace"):
+        raise BuildError(f"/usr/bin/{CONSOLE_ENTRY} does not run {CONSOLE_MODULE}")
+    module = root / "usr/lib/python3/dist-packages" / (CONSOLE_MODULE.replace(".", "/") + ".py")
+    if not module.is_file():
+        raise BuildError(f"the console module {CONSOLE_MODULE} is missing from the image "
+                         f"(expected {module.relative_to(root)})")
+
+    login = root / CONSOLE_LOGIN.lstrip("/")
+    if not login.is_file() or not os.access(login, os.X_OK):
+        raise BuildError(f"{CONSOLE_LOGIN} is missing from the image (board/common/rootfs)")
+    body = [line.split("#", 1)[0].strip() for line in login.read_text().splitlines()[1:]]
+    body = [line for line in body if line]
+    execs = [m.group(0) for line in body for m in re.finditer(r"\bexec\s+\S+", line)]
+    if execs != [f"exec /usr/bin/{CONSOLE_ENTRY}"]:
+        raise BuildError(f"{CONSOLE_LOGIN} must run `exec /usr/bin/{CONSOLE_ENTRY}` and nothing "
+                         f"else, found: {execs or 'no exec'}")
+    for line in body:
+        if shell := _runs_a_shell(line):
+            raise BuildError(f"{CONSOLE_LOGIN} starts {shell!r} ({line!r}): no shell may stand "
+                             "in for the console's login")
+
+    inittab = root / "etc/inittab"
+    gettys = []
+    for n, line in enumerate(inittab.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split(":", 3)
+        if len(fields) != 4:
+            raise BuildError(f"/etc/inittab line {n} is not id:runlevels:action:process: {line}")
+        tty, _, action, command = fields
+        if action == "askfirst" or (shell := _runs_a_shell(command)):
+            raise BuildError(f"/etc/inittab line {n} starts a shell on a terminal ({line!r}): "
+                             "the console's login is the only way in")
+        if Path(command.split()[0]).name == "getty":
+            if f"-l {CONSOLE_LOGIN}" not in command:
+                raise BuildError(f"/etc/inittab line {n}: getty without -l {CONSOLE_LOGIN} "
+                                 f"would run another login ({line!r})")
+            gettys.append(tty)
+    if console not in gettys:
+        raise BuildError(f"/etc/inittab runs no getty with the console's login on the board's "
+                         f"console port {console}")
+
+
 def busybox_applets(host_busybox: Path) -> list[str]:
     out = run([str(host_busybox), "--list-full"]).decode()
     return [line.strip() for line in out.splitlines() if line.strip() and "/" in line]
@@ -857,20 +947,7 @@ def assemble_rootfs(board: Board, work: Path, kver: str, kstage: Path,
     manifest["modules"] = len(names)
 
     # the overlay: init scripts, users, board files
-    overlay = COMMON / "rootfs"
-    for src in walk(overlay):
-        rel = src.relative_to(overlay)
-        dest = root / rel
-        if src.is_dir():
-            dest.mkdir(parents=True, exist_ok=True)
-        elif rel.name == "inittab.in":
-            dest.with_name("inittab").write_text(
-                src.read_text().replace("@CONSOLE@", board.console)
-                .replace("@BAUD@", str(board.baud)))
-        else:
-            shutil.copyfile(src, dest)
-            dest.chmod(0o755 if os.access(src, os.X_OK) else 0o644)
-    (root / "etc/shadow").chmod(0o600)
+    install_overlay(root, board.console, board.baud)
     etc_sdwan = root / "etc/sdwan"
     etc_sdwan.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(board.dir / "board.toml", etc_sdwan / "board.toml")
@@ -893,6 +970,7 @@ def assemble_rootfs(board: Board, work: Path, kver: str, kstage: Path,
                          ("var/run", "/run"), ("var/tmp", "/tmp")):
         (root / link).symlink_to(target)
     check_libraries(root, a)
+    check_console(root, board.console)
     entry_modules = sorted({t.split(":")[0] for n, t in tomllib.loads(
         (ROOT / "pyproject.toml").read_text())["project"]["scripts"].items()
         if n not in NOT_ON_APPLIANCE})

@@ -1,10 +1,11 @@
 #!/bin/sh
 # Build the libFuzzer targets with Debian's clang (ASan + UBSan) and run them
 # for a bounded time: native/fuzz/run.sh [SECONDS] (default 60, in total: half
-# for fuzz_inbound over fp_process_inbound, a sixth each for fuzz_offload over
+# for fuzz_inbound over fp_process_inbound, an eighth each for fuzz_offload over
 # the GSO segmenter and the TCP coalescer, fuzz_links over endpoints, link
-# policies and fp_route_batch, and fuzz_pmtu over the ICMP too-big answers, the
-# MSS clamp and the IPv4 fragmenter). Exits non-zero if a fuzzer finds a crash;
+# policies and fp_route_batch, fuzz_pmtu over the ICMP too-big answers, the
+# MSS clamp and the IPv4 fragmenter, and fuzz_rules over the transport rules'
+# table, flow parser and flow cache). Exits non-zero if a fuzzer finds a crash;
 # the reproducer is left in native/out/fuzz/.
 set -eu
 secs=${1:-60}
@@ -12,7 +13,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 native=$(dirname "$here")
 out="$native/out/fuzz"
 mkdir -p "$out/corpus" "$out/seeds" "$out/corpus-offload" "$out/seeds-offload" \
-    "$out/corpus-links" "$out/seeds-links" "$out/corpus-pmtu" "$out/seeds-pmtu"
+    "$out/corpus-links" "$out/seeds-links" "$out/corpus-pmtu" "$out/seeds-pmtu" \
+    "$out/corpus-rules" "$out/seeds-rules"
 
 clang -std=c11 -g -O1 -fno-omit-frame-pointer \
     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
@@ -34,6 +36,11 @@ clang -std=c11 -g -O1 -fno-omit-frame-pointer \
     -Wall -Wextra -Werror \
     -I"$native/include" -I"$native/src" \
     "$native"/src/*.c "$here/fuzz_pmtu.c" -lcrypto -lpthread -lm -o "$out/fuzz_pmtu"
+clang -std=c11 -g -O1 -fno-omit-frame-pointer \
+    -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+    -Wall -Wextra -Werror \
+    -I"$native/include" -I"$native/src" \
+    "$native"/src/*.c "$here/fuzz_rules.c" -lcrypto -lpthread -lm -o "$out/fuzz_rules"
 
 # Seeds: mode byte, then either a raw datagram (0) or [len][counter:2][plaintext] chunks (1).
 python3 - "$out/seeds" <<'PY'
@@ -172,11 +179,49 @@ for name, b in seeds.items():
     (d / name).write_bytes(b)
 PY
 
+# Rules seeds (fuzz_rules.c): a table, then packets [len:2][bytes]: TCP to a
+# ported rule, UDP, a fragment, ICMP, IPv6, garbage.
+python3 - "$out/seeds-rules" <<'PY'
+import struct, sys, pathlib
+d = pathlib.Path(sys.argv[1])
+def ip4(proto, l4, src=(10, 1, 0, 5), dst=(10, 2, 0, 7), frag=0):
+    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 0, frag, 64, proto, 0,
+                       bytes(src), bytes(dst)) + l4
+def ip6(proto, l4):
+    return struct.pack("!IHBB16s16s", 6 << 28, len(l4), proto, 64, b"\xfd" + bytes(15),
+                       b"\xfd\x02" + bytes(14)) + l4
+def pkts(*ps):
+    return b"".join(struct.pack("!H", len(p)) + p for p in ps)
+def rule(flags, proto, srcs, dsts, ports):
+    out = bytes([flags, proto, len(srcs), len(dsts), len(ports)])
+    for fam_plen, addr in srcs + dsts:
+        out += bytes([fam_plen]) + bytes(addr)
+    for lo, hi in ports:
+        out += struct.pack("!HH", lo, hi)
+    return out
+l4 = struct.pack("!HH", 1000, 445) + bytes(16)
+traffic = pkts(ip4(6, l4), ip4(17, l4), ip4(17, l4, frag=0x2000), ip4(1, bytes(8)),
+               ip4(6, l4, dst=(10, 200, 0, 7)), ip6(17, l4), ip6(0, l4), b"\x45\x00")
+seeds = {
+    # tcp 445 offcloud secondary none, dst 10.2.0.0/16; then any cloud
+    "two": bytes([2]) + rule(0x0B, 6, [], [(16, (10, 2, 0, 0))], [(445, 445)])
+           + rule(0x00, 0, [], [], []) + traffic,
+    # secondary cloud for udp from 10.1.0.0/24; icmp offcloud automatic; an IPv6 /16
+    "three": bytes([3]) + rule(0x05 | 0x08, 17, [(24, (10, 1, 0, 0))], [], [])
+             + rule(0x09, 1, [], [], [])
+             + rule(0x01, 0, [], [(0x80 | 8, b"\xfd\x02" + bytes(14))], [(1, 65535)]) + traffic,
+    "none": bytes([0]) + traffic,
+}
+for name, b in seeds.items():
+    (d / name).write_bytes(b)
+PY
+
 cd "$out"
 in_secs=$(( secs / 2 > 0 ? secs / 2 : 1 ))
-off_secs=$(( secs / 6 > 0 ? secs / 6 : 1 ))
-links_secs=$(( secs / 6 > 0 ? secs / 6 : 1 ))
-pmtu_secs=$(( secs - in_secs - off_secs - links_secs > 0 ? secs - in_secs - off_secs - links_secs : 1 ))
+off_secs=$(( secs / 8 > 0 ? secs / 8 : 1 ))
+links_secs=$(( secs / 8 > 0 ? secs / 8 : 1 ))
+rules_secs=$(( secs / 8 > 0 ? secs / 8 : 1 ))
+pmtu_secs=$(( secs - in_secs - off_secs - links_secs - rules_secs > 0 ? secs - in_secs - off_secs - links_secs - rules_secs : 1 ))
 ./fuzz_inbound -max_total_time="$in_secs" -max_len=9400 -print_final_stats=1 corpus seeds
 ./fuzz_offload -max_total_time="$off_secs" -max_len=70000 -print_final_stats=1 \
     corpus-offload seeds-offload
@@ -184,3 +229,5 @@ pmtu_secs=$(( secs - in_secs - off_secs - links_secs > 0 ? secs - in_secs - off_
     corpus-links seeds-links
 ./fuzz_pmtu -max_total_time="$pmtu_secs" -max_len=9300 -print_final_stats=1 \
     corpus-pmtu seeds-pmtu
+./fuzz_rules -max_total_time="$rules_secs" -max_len=4096 -print_final_stats=1 \
+    corpus-rules seeds-rules

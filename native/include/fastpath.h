@@ -48,7 +48,10 @@ enum fp_drop_reason {
     FP_DROP_SPOOFED = 10,      /* inner source does not route back to the sending peer */
     FP_DROP_TOO_BIG = 11,      /* larger than the peer's path allows (answered with ICMP
                                   "fragmentation needed" / "packet too big" when due) */
-    FP_DROP__COUNT = 12
+    FP_DROP_OFFCLOUD_DOWN = 12, /* matched an off-cloud transport rule while the prefix has no
+                                  off-cloud path up, and the rule's secondary allows nothing
+                                  else (none; or cloud without a cloud path) */
+    FP_DROP__COUNT = 13
 };
 
 /* What fp_process_* decided about one packet. */
@@ -106,7 +109,7 @@ struct fp_counters {
     uint64_t rx_bytes;
     uint64_t tx_packets;
     uint64_t tx_bytes;
-    uint64_t drops[12];       /* by enum fp_drop_reason (FP_DROP__COUNT) */
+    uint64_t drops[13];       /* by enum fp_drop_reason (FP_DROP__COUNT) */
     uint64_t last_rx_ns;      /* CLOCK_MONOTONIC of last authenticated rx, 0 = never */
     uint64_t last_tx_ns;
 };
@@ -181,8 +184,94 @@ struct fp_route_op {
     struct fp_addr prefix;    /* port ignored */
     uint8_t plen;
     uint32_t peer_id;
+    /* For the transport rules below (0 = none; a set checks that they exist, as peer_id):
+     * the peer of the prefix's off-cloud path while it is up (a mesh tunnel, or the
+     * direct tunnel peer_id itself), and the peer of its cloud path (the PoP's tunnel). */
+    uint32_t offcloud_peer;
+    uint32_t cloud_peer;
 };
 int fp_route_batch(fp_t *fp, const struct fp_route_op *ops, size_t n, size_t *bad);
+
+/* Off-cloud transport rules (docs/dataplane.md, "Transport rules"), evaluated per flow on
+ * packets from the TUN after the prefix lookup, top-down, first match wins. A rule matches
+ * a packet of its flow in either direction: (source in src, destination in dst, destination
+ * port in the ranges) or the reverse (destination in src, source in dst, source port in the
+ * ranges), so the answers of a flow take the same transport at the far site. What it
+ * decides, from the route's three peers (fp_route_op):
+ *   FP_RULE_CLOUD: the cloud peer, else the route's peer;
+ *   FP_RULE_OFFCLOUD: the off-cloud peer; while there is none, by the secondary:
+ *     AUTOMATIC the route's peer, CLOUD the cloud peer, NONE nothing: the packet (and a
+ *     CLOUD secondary without a cloud peer) is dropped as FP_DROP_OFFCLOUD_DOWN.
+ * No match: the route's peer, as without rules. Fields: proto is an IP protocol number or
+ * FP_RULE_PROTO_ANY (ICMP, 1, also matches ICMPv6, 58); src/dst are runs of `nets` (n = 0:
+ * any address), an address matching when it lies in one of them; ports are runs of
+ * `ports`, inclusive ranges (n = 0: any, and packets without ports too); a rule with ports
+ * matches only TCP and UDP packets that carry them: not fragments (IPv4 MF or an offset),
+ * nor IPv6 packets whose next header is not TCP or UDP (extension headers are not walked).
+ * fp_rules_set replaces the whole table at once (n_rules = 0: no rules, no cost); every
+ * field is checked first and the first bad rule rejects the call with -EINVAL and its
+ * index in *bad (a net with host bits, a bad family or length, a range outside the arrays,
+ * lo > hi, an unknown transport or secondary, more than FP_RULES_MAX rules: -E2BIG), and
+ * the table is untouched. A rule whose key equals one of the replaced table's keeps its
+ * hit count. fp_rules_counters copies the hits (packets matched, per rule, in order) of
+ * up to cap rules and returns the number of rules. */
+#define FP_RULES_MAX 1024
+#define FP_RULE_NETS_MAX 65536
+#define FP_RULE_PORTS_MAX 65536
+#define FP_RULE_PROTO_ANY 256
+
+enum fp_rule_transport {
+    FP_RULE_CLOUD = 0,
+    FP_RULE_OFFCLOUD = 1
+};
+
+enum fp_rule_secondary {
+    FP_RULE_SEC_AUTOMATIC = 0,
+    FP_RULE_SEC_NONE = 1,
+    FP_RULE_SEC_CLOUD = 2
+};
+
+struct fp_rule_net {
+    uint8_t family;           /* 4 or 6 */
+    uint8_t plen;
+    uint8_t addr[16];         /* host bits zero; IPv4 in the first 4 bytes */
+};
+
+struct fp_rule_ports {
+    uint16_t lo;
+    uint16_t hi;
+};
+
+struct fp_rule {
+    uint64_t key;             /* the caller's name for it: hits survive a replacement */
+    uint32_t transport;       /* enum fp_rule_transport */
+    uint32_t secondary;       /* enum fp_rule_secondary, FP_RULE_OFFCLOUD only */
+    uint32_t proto;           /* IP protocol number or FP_RULE_PROTO_ANY */
+    uint32_t src_first;       /* nets[src_first .. src_first + src_n) */
+    uint32_t src_n;
+    uint32_t dst_first;
+    uint32_t dst_n;
+    uint32_t ports_first;     /* ports[ports_first .. ports_first + ports_n) */
+    uint32_t ports_n;
+};
+
+struct fp_rule_table {
+    const struct fp_rule *rules;
+    uint32_t n_rules;
+    const struct fp_rule_net *nets;
+    uint32_t n_nets;
+    const struct fp_rule_ports *ports;
+    uint32_t n_ports;
+};
+
+struct fp_rules_info {
+    uint64_t generation;      /* changes with every fp_rules_set; 0: never set */
+    uint32_t n_rules;
+    uint64_t evaluations;     /* flows looked up in the table (flow cache misses) */
+};
+
+int fp_rules_set(fp_t *fp, const struct fp_rule_table *table, size_t *bad);
+int fp_rules_counters(fp_t *fp, uint64_t *hits, size_t cap, struct fp_rules_info *info);
 
 /* Multi-link peers (docs/dataplane.md, "Multi-link peers"). A peer has at most
  * one endpoint per link and at most FP_PEER_ENDPOINTS of them; which one a

@@ -11,7 +11,8 @@
  *              whatever the kernel answered during that write leaves at once
  *              instead of after waking the TUN thread. One reader at a time
  *              keeps a flow's packets in order.
- *   lock       rwlock over every table (peers, key index, routes, links).
+ *   lock       rwlock over every table (peers, key index, routes, links, the
+ *              transport rules).
  *              Packet processing holds it shared for a whole batch; table
  *              changes from Python hold it exclusive. It prefers writers so
  *              a busy data path cannot starve a route change.
@@ -23,6 +24,7 @@
  *              window so "check, open, update" is atomic.
  *   peer->ep_lock  the endpoints and link policy, written by roaming from any
  *              link thread and by Python under the shared lock.
+ *   sync_fc_lock  the flow cache of the synchronous fp_process_outbound.
  *   cq.lock    the control queue.
  */
 #ifndef FP_INTERNAL_H
@@ -148,6 +150,57 @@ struct fp_route {
     uint8_t plen;
     uint8_t addr[16];                   /* masked; IPv4 in the first 4 bytes */
     struct fp_peer *peer;
+    /* For the transport rules (rules.c): the off-cloud and the cloud path, NULL: none.
+     * fp_peer_del clears them where they name the peer it deletes. */
+    struct fp_peer *offcloud;
+    struct fp_peer *cloud;
+};
+
+/* The flow of an inner packet as the transport rules see it (fp_flow_parse). Every byte is
+ * set (unused address bytes and ports zero), so a key compares with memcmp. */
+struct fp_flow {
+    uint8_t family;                     /* 4 or 6 */
+    uint8_t proto;                      /* IPv4 protocol, IPv6 next header */
+    uint8_t has_ports;                  /* TCP or UDP, not a fragment, long enough */
+    uint8_t pad;
+    uint16_t sport;
+    uint16_t dport;
+    uint8_t src[16];
+    uint8_t dst[16];
+};
+
+/* The transport rules as fp_rules_set installed them (rules.c); replaced whole, never
+ * changed in place, under fp->lock exclusive. */
+struct fp_rule_c {
+    uint64_t key;
+    uint8_t transport;
+    uint8_t secondary;
+    uint16_t proto;                     /* FP_RULE_PROTO_ANY or a protocol number */
+    uint32_t src_first, src_n, dst_first, dst_n, ports_first, ports_n;
+};
+
+struct fp_rules {
+    uint64_t gen;                       /* never 0; flow cache entries of another are stale */
+    uint32_t n;
+    struct fp_rule_c *rules;
+    struct fp_rule_net *nets;
+    struct fp_rule_ports *ports;
+    _Atomic uint64_t *hits;             /* per rule, packets */
+};
+
+/* A flow cache: 5-tuple -> index of the first matching rule (-1: none), valid while its
+ * generation is the table's. Direct-mapped; one per TUN reader (struct fp_tun_rx, under
+ * tun_rd_lock) and one for the synchronous fp_process_outbound (under sync_fc_lock). It
+ * holds rule indices, never peers: the route's peers are read per packet, so route changes
+ * need no invalidation. */
+#define FP_FLOWCACHE_SLOTS 1024
+struct fp_flowcache_slot {
+    uint64_t gen;
+    struct fp_flow key;
+    int32_t rule;
+};
+struct fp_flowcache {
+    struct fp_flowcache_slot slot[FP_FLOWCACHE_SLOTS];
 };
 
 struct fp_rtable {
@@ -223,6 +276,13 @@ struct fp {
      * finds none running (live_wake_sent). */
     int live_wake_fd;
     _Atomic bool live_wake_sent;
+    /* Transport rules (rules.c): the table (NULL: none) under fp->lock, the last generation
+     * given out, flows looked up in the table, the synchronous callers' flow cache. */
+    struct fp_rules *rules;
+    uint64_t rules_gen;
+    _Atomic uint64_t rule_evals;
+    pthread_mutex_t sync_fc_lock;
+    struct fp_flowcache *sync_fc;
 };
 
 static inline uint64_t fp_now_ns(void)
@@ -294,6 +354,8 @@ void fp_tables_free(struct fp *fp);
 struct fp_peer *fp_peer_find(struct fp *fp, uint32_t id);
 struct fp_key *fp_index_find(struct fp *fp, uint32_t index);
 struct fp_peer *fp_route_lookup(struct fp *fp, int family, const uint8_t *addr);
+/* The longest-prefix route itself (its peer and the rules' peers), NULL for none. */
+const struct fp_route *fp_route_find(struct fp *fp, int family, const uint8_t *addr);
 struct fp_link *fp_link_find(struct fp *fp, uint32_t id);
 
 /* table.c: multi-link peers (callers hold p->ep_lock, and fp->lock) */
@@ -307,6 +369,9 @@ void fp_peers_drop_link(struct fp *fp, uint32_t link_id);
 /* packet.c: the flow of an inner IP packet (addresses, protocol, TCP/UDP ports
  * unless a fragment), for the per-flow choice of link. */
 uint64_t fp_flow_hash(const uint8_t *ip, size_t len);
+/* packet.c: the flow of an inner IP packet for the transport rules, with the same rules
+ * for ports as fp_flow_hash; -1 if it is no IPv4/IPv6 packet. */
+int fp_flow_parse(const uint8_t *ip, size_t len, struct fp_flow *f);
 uint64_t fp_mix64(uint64_t x);
 
 /* pmtu.c: path MTU. A probe's plaintext starts with FP_PROBE (an IP version
@@ -340,9 +405,15 @@ void fp_ctrlq_free(struct fp_ctrlq *q);
 int fp_ctrlq_push(struct fp_ctrlq *q, uint32_t event, uint32_t link_id, uint32_t peer_id,
                   const struct fp_addr *from, const uint8_t *data, size_t len);
 
-/* process.c (callers hold fp->lock shared) */
+/* rules.c (callers hold fp->lock shared): the peer a packet from the TUN goes to by the
+ * transport rules, given its route; NULL when a rule drops it. fc may be NULL (no cache). */
+struct fp_peer *fp_rules_apply(struct fp *fp, struct fp_flowcache *fc, const struct fp_route *rt,
+                               const uint8_t *ip, size_t len);
+void fp_rules_free(struct fp_rules *r);
+
+/* process.c (callers hold fp->lock shared; fc: the caller's flow cache, or NULL) */
 int fp_outbound_locked(struct fp *fp, const uint8_t *ip, size_t len, uint8_t *out, size_t cap,
-                       struct fp_result *res, uint64_t now);
+                       struct fp_result *res, uint64_t now, struct fp_flowcache *fc);
 int fp_inbound_locked(struct fp *fp, struct fp_link *link, uint32_t link_id,
                       const struct fp_addr *from, const uint8_t *pkt, size_t len, uint8_t *out,
                       size_t cap, struct fp_result *res, uint64_t now);

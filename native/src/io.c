@@ -574,6 +574,7 @@ struct fp_tun_rx {
     bool sent;                          /* this drain sealed a packet to send; then: */
     uint32_t sent_link;                 /* the link the last one leaves on */
     uint32_t sent_peer;                 /* and the peer it is for */
+    struct fp_flowcache *fc;            /* the transport rules' flow cache of this reader */
 };
 
 static void note_sent(struct fp_tun_rx *x, const struct fp_result *res)
@@ -589,7 +590,7 @@ static void seal_queue(struct fp *fp, struct fp_tun_rx *x, const uint8_t *ip, si
                        uint8_t *o, size_t cap, size_t *used, uint64_t now)
 {
     struct fp_result res;
-    if (fp_outbound_locked(fp, ip, len, o, cap, &res, now) != 0)
+    if (fp_outbound_locked(fp, ip, len, o, cap, &res, now, x->fc) != 0)
         return;
     if (res.verdict == FP_V_SEND) {
         txq_add(fp, &x->q, &res, o);
@@ -621,6 +622,7 @@ static void tun_rx_free(struct fp_tun_rx *x)
     free(x->rbuf);
     free(x->arena);
     free(x->lens);
+    free(x->fc);
     free(x);
 }
 
@@ -633,8 +635,9 @@ static struct fp_tun_rx *tun_rx_new(void)
     x->rbuf = malloc(FP_HEADER_LEN + FP_SUPER_MAX + 64);
     x->arena = malloc(ARENA_LEN);
     x->lens = calloc(FP_GSO_SPLIT_MAX, sizeof(*x->lens));
+    x->fc = calloc(1, sizeof(*x->fc)); /* untouched (no RSS) until there are rules */
     x->lone = true;
-    if (txq_init(&x->q, TXQ_CAP) < 0 || !x->rbuf || !x->arena || !x->lens) {
+    if (txq_init(&x->q, TXQ_CAP) < 0 || !x->rbuf || !x->arena || !x->lens || !x->fc) {
         tun_rx_free(x);
         return NULL;
     }
@@ -726,7 +729,8 @@ static unsigned tun_drain(struct fp *fp, struct fp_tun_rx *x, unsigned max)
         for (int i = 0; i < ns; i++) {
             uint8_t *s = base + (size_t)i * stride;
             struct fp_result res;
-            if (fp_outbound_locked(fp, s + FP_HEADER_LEN, lens[i], s, stride, &res, now) != 0)
+            if (fp_outbound_locked(fp, s + FP_HEADER_LEN, lens[i], s, stride, &res, now,
+                                   x->fc) != 0)
                 continue;
             if (res.verdict == FP_V_SEND) {
                 txq_add(fp, q, &res, s);

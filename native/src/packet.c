@@ -214,3 +214,43 @@ uint64_t fp_flow_hash(const uint8_t *ip, size_t len)
     }
     return fp_mix64(h ^ ((uint64_t)proto << 32 | ports));
 }
+
+static inline uint16_t load_be16(const uint8_t *p)
+{
+    return (uint16_t)(p[0] << 8 | p[1]);
+}
+
+/* The transport rules' view of a packet: the same notion of ports as fp_flow_hash (TCP and
+ * UDP only, never in an IPv4 fragment, IPv6 extension headers not walked), so a rule with
+ * ports sees every fragment of a datagram alike and never splits it across transports. */
+int fp_flow_parse(const uint8_t *ip, size_t len, struct fp_flow *f)
+{
+    memset(f, 0, sizeof(*f));
+    size_t l4;
+    if (len >= 20 && ip[0] >> 4 == 4) {
+        size_t ihl = (size_t)(ip[0] & 0x0f) * 4;
+        if (ihl < 20 || ihl > len)
+            return -1;
+        f->family = 4;
+        f->proto = ip[9];
+        memcpy(f->src, ip + 12, 4);
+        memcpy(f->dst, ip + 16, 4);
+        if (((ip[6] & 0x3f) | ip[7]) != 0)
+            return 0; /* a fragment: no ports */
+        l4 = ihl;
+    } else if (len >= 40 && ip[0] >> 4 == 6) {
+        f->family = 6;
+        f->proto = ip[6];
+        memcpy(f->src, ip + 8, 16);
+        memcpy(f->dst, ip + 24, 16);
+        l4 = 40;
+    } else {
+        return -1;
+    }
+    if ((f->proto == 6 || f->proto == 17) && len >= l4 + 4) {
+        f->has_ports = 1;
+        f->sport = load_be16(ip + l4);
+        f->dport = load_be16(ip + l4 + 2);
+    }
+    return 0;
+}

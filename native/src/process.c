@@ -293,7 +293,7 @@ static int probe_in(struct fp *fp, struct fp_peer *peer, uint32_t link_id,
 }
 
 int fp_outbound_locked(struct fp *fp, const uint8_t *ip, size_t len, uint8_t *out, size_t cap,
-                       struct fp_result *res, uint64_t now)
+                       struct fp_result *res, uint64_t now, struct fp_flowcache *fc)
 {
     uint8_t dst[16];
     memset(res, 0, sizeof(*res));
@@ -302,9 +302,12 @@ int fp_outbound_locked(struct fp *fp, const uint8_t *ip, size_t len, uint8_t *ou
     int family = len <= FP_MAX_INNER ? fp_ip_dst(ip, len, dst) : -1;
     if (family < 0)
         return drop(res, FP_DROP_MALFORMED, &fp->gctr, NULL);
-    struct fp_peer *peer = fp_route_lookup(fp, family, dst);
-    if (!peer)
+    const struct fp_route *rt = fp_route_find(fp, family, dst);
+    if (!rt)
         return drop(res, FP_DROP_NO_ROUTE, &fp->gctr, NULL);
+    struct fp_peer *peer = fp->rules ? fp_rules_apply(fp, fc, rt, ip, len) : rt->peer;
+    if (!peer)
+        return drop(res, FP_DROP_OFFCLOUD_DOWN, &fp->gctr, NULL);
     uint32_t mtu = inner_mtu(peer);
     if (mtu && len > mtu)
         return too_big_out(peer, ip, len, mtu, out, cap, res);
@@ -448,7 +451,9 @@ int fp_process_outbound(fp_t *fp, const uint8_t *ip, size_t len,
     if (!res || (!ip && len) || !out)
         return -EINVAL;
     pthread_rwlock_rdlock(&fp->lock);
-    int rc = fp_outbound_locked(fp, ip, len, out, cap, res, fp_now_ns());
+    pthread_mutex_lock(&fp->sync_fc_lock);
+    int rc = fp_outbound_locked(fp, ip, len, out, cap, res, fp_now_ns(), fp->sync_fc);
+    pthread_mutex_unlock(&fp->sync_fc_lock);
     pthread_rwlock_unlock(&fp->lock);
     return rc;
 }

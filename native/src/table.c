@@ -151,7 +151,7 @@ static struct fp_route **rt_find(struct fp_rtable *t, const uint8_t m[16], uint8
     return pp;
 }
 
-struct fp_peer *fp_route_lookup(struct fp *fp, int family, const uint8_t *addr)
+const struct fp_route *fp_route_find(struct fp *fp, int family, const uint8_t *addr)
 {
     struct fp_rtable *t = rt_for(fp, family);
     uint8_t m[16];
@@ -161,9 +161,15 @@ struct fp_peer *fp_route_lookup(struct fp *fp, int family, const uint8_t *addr)
         struct fp_route *r = t->buckets[rt_hash(m, plen) & (t->nbuckets - 1)];
         for (; r; r = r->next)
             if (r->plen == plen && memcmp(r->addr, m, 16) == 0)
-                return r->peer;
+                return r;
     }
     return NULL;
+}
+
+struct fp_peer *fp_route_lookup(struct fp *fp, int family, const uint8_t *addr)
+{
+    const struct fp_route *r = fp_route_find(fp, family, addr);
+    return r ? r->peer : NULL;
 }
 
 static void rt_remove_peer(struct fp_rtable *t, struct fp_peer *p)
@@ -178,6 +184,11 @@ static void rt_remove_peer(struct fp_rtable *t, struct fp_peer *p)
                 t->count--;
                 free(r);
             } else {
+                /* A route that only names it for the rules keeps its own peer. */
+                if (r->offcloud == p)
+                    r->offcloud = NULL;
+                if (r->cloud == p)
+                    r->cloud = NULL;
                 pp = &r->next;
             }
         }
@@ -201,20 +212,26 @@ static int rt_check(const struct fp_addr *prefix, uint8_t plen, bool set, uint8_
     return 0;
 }
 
-/* Caller holds fp->lock exclusive; fresh is a zeroed node, used or freed. */
+/* Caller holds fp->lock exclusive; fresh is a zeroed node, used or freed. A set replaces
+ * the route: its peer and the rules' two (NULL: none). */
 static void rt_set_locked(struct fp *fp, int family, const uint8_t m[16], uint8_t plen,
-                          struct fp_peer *p, struct fp_route *fresh)
+                          struct fp_peer *p, struct fp_peer *offcloud, struct fp_peer *cloud,
+                          struct fp_route *fresh)
 {
     struct fp_rtable *t = rt_for(fp, family);
     struct fp_route **pp = rt_find(t, m, plen);
     if (*pp) {
         (*pp)->peer = p;
+        (*pp)->offcloud = offcloud;
+        (*pp)->cloud = cloud;
         free(fresh);
         return;
     }
     fresh->plen = plen;
     memcpy(fresh->addr, m, 16);
     fresh->peer = p;
+    fresh->offcloud = offcloud;
+    fresh->cloud = cloud;
     *pp = fresh;
     t->count++;
     if (t->plen_count[plen]++ == 0)
@@ -252,7 +269,7 @@ int fp_route_set(fp_t *fp, const struct fp_addr *prefix, uint8_t plen, uint32_t 
     pthread_rwlock_wrlock(&fp->lock);
     struct fp_peer *p = fp_peer_find(fp, peer_id);
     if (p)
-        rt_set_locked(fp, prefix->family, m, plen, p, fresh);
+        rt_set_locked(fp, prefix->family, m, plen, p, NULL, NULL, fresh);
     pthread_rwlock_unlock(&fp->lock);
     if (!p) {
         free(fresh);
@@ -308,7 +325,11 @@ int fp_route_batch(fp_t *fp, const struct fp_route_op *ops, size_t n, size_t *ba
     }
     pthread_rwlock_wrlock(&fp->lock);
     for (i = 0; i < n; i++) {
-        if (ops[i].verb == FP_ROUTE_SET && !fp_peer_find(fp, ops[i].peer_id)) {
+        const struct fp_route_op *o = &ops[i];
+        if (o->verb == FP_ROUTE_SET &&
+            (!fp_peer_find(fp, o->peer_id) ||
+             (o->offcloud_peer && !fp_peer_find(fp, o->offcloud_peer)) ||
+             (o->cloud_peer && !fp_peer_find(fp, o->cloud_peer)))) {
             pthread_rwlock_unlock(&fp->lock);
             rc = -ENOENT;
             goto free_nodes;
@@ -322,7 +343,8 @@ int fp_route_batch(fp_t *fp, const struct fp_route_op *ops, size_t n, size_t *ba
             fresh[i] = rt_del_locked(fp, o->prefix.family, m, o->plen);
         } else {
             rt_set_locked(fp, o->prefix.family, m, o->plen, fp_peer_find(fp, o->peer_id),
-                          fresh[i]);
+                          o->offcloud_peer ? fp_peer_find(fp, o->offcloud_peer) : NULL,
+                          o->cloud_peer ? fp_peer_find(fp, o->cloud_peer) : NULL, fresh[i]);
             fresh[i] = NULL;
         }
     }
@@ -346,11 +368,16 @@ fail:
 
 int fp_tables_init(struct fp *fp)
 {
-    if (rt_init(&fp->rt4, 4) || rt_init(&fp->rt6, 16)) {
+    /* calloc'd: its pages cost nothing until the first rules meet synchronous packets. */
+    fp->sync_fc = calloc(1, sizeof(*fp->sync_fc));
+    if (!fp->sync_fc || rt_init(&fp->rt4, 4) || rt_init(&fp->rt6, 16)) {
         rt_free(&fp->rt4);
         rt_free(&fp->rt6);
+        free(fp->sync_fc);
+        fp->sync_fc = NULL;
         return -ENOMEM;
     }
+    pthread_mutex_init(&fp->sync_fc_lock, NULL);
     return 0;
 }
 
@@ -370,6 +397,11 @@ void fp_tables_free(struct fp *fp)
 {
     rt_free(&fp->rt4);
     rt_free(&fp->rt6);
+    fp_rules_free(fp->rules);
+    fp->rules = NULL;
+    free(fp->sync_fc);
+    fp->sync_fc = NULL;
+    pthread_mutex_destroy(&fp->sync_fc_lock);
     for (int i = 0; i < FP_PEER_BUCKETS; i++) {
         struct fp_peer *p = fp->peers[i];
         while (p) {

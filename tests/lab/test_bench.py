@@ -1,6 +1,6 @@
-"""Smoke runs of bench/dataplane, bench/cloud, bench/mesh and bench/recovery inside
-`make test`: each bench runs to its end in its shortest mode and writes its JSON with every
-key and sane values, so a bench whose mechanism breaks fails here instead of on the day
+"""Smoke runs of bench/dataplane, bench/cloud, bench/mesh, bench/recovery and bench/rules
+inside `make test`: each bench runs to its end in its shortest mode and writes its JSON with
+every key and sane values, so a bench whose mechanism breaks fails here instead of on the day
 someone needs its figures.
 
 Never an assertion on a performance figure (bench/README.md, "Smoke runs"): only that
@@ -164,3 +164,21 @@ def test_recovery_smoke(tmp_path: Path) -> None:
         assert isinstance(res["rules_cost_pct"], int | float), res["rules_cost_source"]
     else:
         assert res["rules_cost_pct"] is None
+
+
+@pytest.mark.timeout(200)
+def test_rules_smoke(tmp_path: Path) -> None:
+    # One iperf3 run of 1 s with 100 rules and one without, on the same mesh.
+    res = run_bench("rules", ["--smoke", "--max-seconds", "150"], tmp_path / "rules.json", 180)
+
+    assert res["smoke"] is True and res["runs"] == 1 and res["rule_count"] == 100
+    assert positive(res["tcp1_none_mbps"]) and positive(res["tcp1_rules_mbps"]), res
+    # A cost may come out negative (the noise of one run): a number is what is checked.
+    cost = res["rules_cost_pct"]
+    assert isinstance(cost, int | float) and not isinstance(cost, bool) and math.isfinite(cost)
+    (none,) = res["none_runs"]
+    (ruled,) = res["rules_runs"]
+    # The stream took the mesh both times; with rules, its flows were looked up in the
+    # table once each (the flow cache served every other packet), without none.
+    assert positive(none["mesh_mb"]) and positive(ruled["mesh_mb"]), res
+    assert none["evaluations"] == 0 and 1 <= ruled["evaluations"] <= 8, res

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 from labwait import wait_for
 
+from sdwan.appliance.console import fail_delay
 from sdwan.lab import netns
 from sdwan.lab.topology import Lab, Site
 
@@ -376,6 +377,56 @@ def test_dhcp_from_the_console_takes_a_lease_from_the_router(lab: Lab) -> None:
         assert f"DHCP lease {got[0]} via 100.64.1.1" in out, out
         c.line("logout")
         assert c.wait_exit() == 0
+
+
+def test_a_failed_logins_delay_cannot_be_skipped_and_grows(tmp_path: Path) -> None:
+    """Ctrl-C and Ctrl-\\ on the terminal during the delay after a failed login change nothing;
+    a console killed during its delay leaves the rest of it, and the count, to the next."""
+    if os.geteuid() != 0:
+        pytest.skip("the console's terminal tests run with the lab tests, as root")
+    from sdwan.appliance.console import Credentials, CredentialStore
+
+    data = tmp_path / "data"
+    store = CredentialStore(data)
+    store.save(Credentials.make("admin", NEW_PASSWORD))
+    gone = tmp_path / "nothing-here.sock"
+
+    def stored_failures(n: int) -> bool:
+        return store.load().failed == n
+
+    with console(None, gone, data) as c:
+        c.expect("login: ")
+        c.line("admin")
+        c.expect("Password: ")
+        c.line("wrong")
+        wait_for("the failure stored", lambda: stored_failures(1))  # before it is answered
+        t0 = time.monotonic()
+        c.send("\x03")  # Ctrl-C
+        c.send("\x1c")  # Ctrl-\, whose default action would end the console at once
+        c.expect("Login incorrect")
+        assert time.monotonic() - t0 >= fail_delay(1), "the delay was cut short"
+        c.expect("login: ")
+        assert c.proc.poll() is None, "Ctrl-C ended the console"
+        c.line("admin")
+        c.expect("Password: ")
+        c.line("wrong again")
+        wait_for("the second failure stored", lambda: stored_failures(2))
+        os.killpg(c.proc.pid, signal.SIGKILL)  # a hang-up or a kill in the middle of the delay
+        c.wait_exit()
+
+    owed_until = (store.load().failed_at or 0.0) + fail_delay(2)
+    with console(None, gone, data) as c:
+        c.expect(r"2 failed login\(s\) in a row: the next login in [12] s")
+        c.expect("login: ")
+        assert time.time() >= owed_until, "the next console did not wait out the delay"
+        c.line("admin")
+        c.expect("Password: ")
+        c.line(NEW_PASSWORD)
+        c.expect(r"2 failed login attempt\(s\) since the last successful login")
+        c.expect("> ")
+        c.send("\x04")
+        assert c.wait_exit() == 0
+    assert store.load().failed == 0
 
 
 def test_without_socketd_the_console_still_works_and_factory_reset_wipes(tmp_path: Path) -> None:

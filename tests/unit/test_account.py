@@ -30,9 +30,23 @@ id = 2
 subnets = ["10.2.0.0/24", "fd00:2::/64"]
 
 [[rules]]
-name = "hq-only"
-from = ["branch-1"]
-action = "allow"
+name = "backups"
+transport = "offcloud"
+secondary = "none"
+src = ["branch-1"]
+dst = ["site-2", "10.9.0.0/16"]
+protocol = "tcp"
+ports = [445, "8000-8100"]
+
+[[rules]]
+name = "video"
+transport = "offcloud"
+applications = ["zoom", "teams"]
+domains = ["*.example.com"]
+
+[[rules]]
+name = "rest"
+transport = "cloud"
 """
 
 POP = """\
@@ -67,10 +81,47 @@ def test_valid_account_loads_with_defaults(tmp_path: Path) -> None:
     assert one.offcloud and one.recovery and one.name == "branch-1"
     assert two.name == "site-2" and not two.offcloud and not two.recovery
     assert two.subnets == (ipaddress.ip_network("10.2.0.0/24"), ipaddress.ip_network("fd00:2::/64"))
-    assert acc.rules[0].to_dict() == {"name": "hq-only", "from": ["branch-1"], "action": "allow"}
+    backups, video, rest = acc.rules
+    assert backups.to_dict() == {
+        "name": "backups", "transport": "offcloud", "secondary": "none", "src": ["branch-1"],
+        "dst": ["site-2", "10.9.0.0/16"], "protocol": "tcp", "ports": [445, "8000-8100"],
+    }
+    assert backups.ports == ((445, 445), (8000, 8100)) and not backups.complex
+    # An off-cloud rule's secondary defaults to automatic; a cloud rule has none.
+    assert (video.secondary, rest.secondary, rest.protocol) == ("automatic", None, "any")
+    assert video.complex and video.app == (("applications", ("zoom", "teams")),
+                                           ("domains", ("*.example.com",)))
+    assert acc.notes() == ["rules video: uses applications, domains: not evaluated on the"
+                           " socket: its traffic goes to the PoP"]
     assert acc.site_ids == {1, 2} and acc.site(3) is None
     # What SQLite keeps gives the same account back.
     assert Account.from_doc(acc.to_doc()) == acc
+
+
+def test_site_config_resolves_site_names(tmp_path: Path) -> None:
+    acc = load_account(write(tmp_path, ACCOUNT))
+    site = acc.site(2)
+    assert site is not None
+    cfg = acc.site_config(site)
+    assert cfg["name"] == "site-2" and cfg["firewall"] == {"default": "allow", "rules": []}
+    backups, video, rest = cfg["rules"]
+    assert backups == {
+        "name": "backups", "transport": "offcloud", "secondary": "none",
+        "src": ["branch-1"], "dst": ["site-2", "10.9.0.0/16"],
+        "src_subnets": ["10.1.0.0/24"], "dst_subnets": ["10.2.0.0/24", "fd00:2::/64",
+                                                        "10.9.0.0/16"],
+        "protocol": "tcp", "ports": [[445, 445], [8000, 8100]], "complex": [],
+    }
+    assert video["complex"] == ["applications", "domains"] and video["dst_subnets"] is None
+    assert rest["transport"] == "cloud" and rest["ports"] == []
+
+
+def test_rules_stored_before_the_schema_are_not_kept() -> None:
+    doc = {"name": "acme", "sites": [{"id": 1, "name": "a", "subnets": ["10.1.0.0/24"],
+                                      "offcloud": False, "recovery": False}],
+           "rules": [{"name": "old", "action": "allow"},
+                     {"name": "new", "transport": "cloud", "protocol": "any"}]}
+    assert [r.name for r in Account.from_doc(doc).rules] == ["new"]
 
 
 def test_example_files_load() -> None:
@@ -97,8 +148,44 @@ def test_example_files_load() -> None:
         ("recovery = true", "recovery = 1", "sites[0].recovery: expected true or false, got 1"),
         ("recovery = true", "recovery = true\ncolour = 1",
          "sites[0].colour: unknown key (expected one of: id, name, offcloud, recovery, subnets)"),
-        ('name = "hq-only"', "name = 3", "rules[0].name: expected a name of 1..64 characters"),
-        ('action = "allow"', "when = 1979-05-27", "rules[0]: expected strings, numbers"),
+        ('name = "backups"', "name = 3", "rules[0].name: expected a name of 1..64 characters"),
+        ('name = "video"', 'name = "backups"', 'rules[1].name: duplicate rule name "backups"'
+         " (also rules[0])"),
+        ('name = "rest"\ntransport = "cloud"', 'name = "rest"',
+         'rules[2].transport: missing required field (expected "offcloud" or "cloud")'),
+        ('transport = "cloud"', 'transport = "mpls"',
+         'rules[2].transport: expected "offcloud" or "cloud", got "mpls" (line 32)'),
+        ('transport = "cloud"', 'transport = "cloud"\nsecondary = "none"',
+         'rules[2].secondary: only a rule with transport = "offcloud" has a secondary'),
+        ('secondary = "none"', 'secondary = "alt-wan"',
+         'rules[0].secondary: expected "automatic" or "none" or "cloud", got "alt-wan"'),
+        ('src = ["branch-1"]', 'src = ["branch-9"]',
+         'rules[0].src[0]: expected a network or a site name of the account ("branch-1",'
+         ' "site-2"), got "branch-9" (line 19)'),
+        ('src = ["branch-1"]', 'src = ["10.1.0.1/24"]',
+         'rules[0].src[0]: expected a network with the host bits zero, got "10.1.0.1/24"'),
+        ('src = ["branch-1"]', "src = []",
+         "rules[0].src: expected an array of 1..64 networks or site names (leave it out for"
+         " any), got an empty array"),
+        ('dst = ["site-2", "10.9.0.0/16"]', 'dst = "site-2"',
+         'rules[0].dst: expected an array of 1..64 networks or site names'),
+        ('protocol = "tcp"', 'protocol = "sctp"',
+         'rules[0].protocol: expected "any" or "tcp" or "udp" or "icmp", got "sctp"'),
+        ('ports = [445, "8000-8100"]', 'ports = [445, "8100-8000"]',
+         'rules[0].ports[1]: empty range "8100-8000": 8100 is above 8000'),
+        ('ports = [445, "8000-8100"]', "ports = [0]",
+         "rules[0].ports[0]: expected a port 1..65535, got 0"),
+        ('ports = [445, "8000-8100"]', 'ports = ["http"]',
+         'rules[0].ports[0]: expected a port 1..65535 or a range "LOW-HIGH", got "http"'),
+        ('protocol = "tcp"', 'protocol = "icmp"',
+         'rules[0].ports: ports need protocol "tcp" or "udp", got protocol "icmp"'),
+        ('protocol = "tcp"', "",
+         'rules[0].ports: ports need protocol "tcp" or "udp", the rule has none'),
+        ('domains = ["*.example.com"]', "domains = [7]",
+         "rules[1].domains[0]: expected a name of 1..256 characters, got 7"),
+        ('domains = ["*.example.com"]', 'fqdn = ["x"]',
+         "rules[1].fqdn: unknown key (expected one of: applications, categories, custom_apps,"
+         " domains, dst, name, ports, protocol, secondary, services, src, transport)"),
         ("[account]", "[acount]", 'acount: unknown key (did you mean "account"?'),
     ],
 )

@@ -8,6 +8,7 @@ dead detection, failover and the return hold time run in well under a second eac
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import json
 import logging
@@ -25,6 +26,7 @@ from sdwan.pop import pki
 from sdwan.site.cloud import DOC_CONFIG, DOC_DIRECTORY, pop_peer_id
 from sdwan.site.config import Cloud as CloudCfg
 from sdwan.site.config import Lan, Link, Paths, Peer, Pki, Pop, Site, SiteConfig, Tunnel
+from sdwan.site.socketctl import format_pop
 from sdwan.site.supervisor import Supervisor
 
 Addr = tuple[str, int]
@@ -127,6 +129,7 @@ class MiniPop(Node):
     refuse: set[int] = field(default_factory=set)
     rev: int = 1
     next_peer: int = 1
+    rules: list[dict] = field(default_factory=list)  # the config's network rules
 
     def __post_init__(self) -> None:
         self.dtls = DtlsContext(*self.files, ("pop", self.pop_id), clock=self.net.clock)
@@ -157,6 +160,16 @@ class MiniPop(Node):
              "offcloud": True, "recovery": True, "online": True}
             for sid, nets in self.sites.items() if sid != for_site
         ]
+
+    def config(self, site: int) -> dict:
+        return {"name": f"site-{site}", "subnets": self.sites[site], "offcloud": True,
+                "recovery": True, "rules": self.rules}
+
+    def push_config(self) -> None:
+        self.rev += 1
+        for p in self.peers.values():
+            if p.keyed and p.site is not None:
+                self.msg(p, {"t": "config", "rev": self.rev, "config": self.config(p.site)})
 
     def push_directory(self) -> None:
         self.rev += 1
@@ -219,8 +232,7 @@ class MiniPop(Node):
                     continue
                 p.site = m["site_id"]
                 self.msg(p, {"t": "welcome", "rev": self.rev, "pop_id": self.pop_id,
-                             "config": {"name": f"site-{p.site}", "subnets":
-                                        self.sites[p.site], "offcloud": True, "recovery": True},
+                             "config": self.config(p.site),
                              "directory": self.directory(p.site)})
             elif m["t"] == "ping":
                 self.pings += 1
@@ -260,6 +272,7 @@ class SimSocket(Supervisor, Node):
             self.fp.link_add(self.link_ids[link.name], s.fileno())
         self.store = Store(cfg.paths.data_dir)
         self.cloud = self._make_cloud(self.fp)
+        self.rules = self._make_rules(self.fp, self.cloud)
         self.alive = True
         self.woken = True
         net.nodes.append(self)
@@ -525,6 +538,53 @@ def test_restart_without_a_pop_uses_the_stored_copy(ca: Path, tmp_path: Path) ->
     assert not s2.cloud.summary()["stale"]
 
 
+UDP53 = {"name": "dns", "transport": "offcloud", "secondary": "none", "src": None,
+         "dst": ["site-3"], "src_subnets": None, "dst_subnets": ["10.3.0.0/24"],
+         "protocol": "udp", "ports": [[53, 53]], "complex": []}
+
+
+def test_the_configs_rules_are_installed_and_survive_a_restart_without_the_pop(
+    ca: Path, tmp_path: Path
+) -> None:
+    net = Net()
+    pop = MiniPop(net, 1, pop_files(ca, 1), SITES)
+    pop.rules = [UDP53, {**UDP53, "name": "video", "transport": "cloud", "secondary": None,
+                         "dst_subnets": None, "dst": None, "ports": [],
+                         "complex": ["applications"]}]
+    cfg = site_config(ca, tmp_path, [pop])
+    s = SimSocket(net, cfg)
+    net.run(2)
+    assert s.rules is not None and s.fp is not None
+    assert [r.name for r in s.rules.rules] == ["dns", "video"]
+    assert len(s.fp.rules_counters().hits) == 2
+    st = s.rules.status()
+    dns, video = st["rules"]
+    # No mesh here: site 3's UDP 53 has no off-cloud path, and its secondary drops it.
+    assert dns["now"] == "dropped" and [d["prefix"] for d in dns["destinations"]] == [
+        "10.3.0.0/24"]
+    assert video["evaluated"] is False and video["now"] == "cloud"
+    assert "its traffic goes to the PoP" in video["note"]
+
+    # A config whose rules cannot be read: the rules in force stay, and status says why.
+    pop.rules = [{**UDP53, "ports": [[53]]}]
+    pop.push_config()
+    net.run(1)
+    assert [r.name for r in s.rules.rules] == ["dns", "video"]
+    assert "rule 0 (dns): port range [53]" in (s.rules.status()["error"] or "")
+
+    # Restarted with the PoP gone: the stored config's rules are in force at once.
+    pop.rules = [UDP53]
+    pop.push_config()
+    net.run(1)
+    assert s.rules.status()["error"] is None and len(s.rules.rules) == 1
+    s.shutdown()
+    pop.alive = False
+    s2 = SimSocket(net, cfg)
+    assert s2.rules is not None and s2.fp is not None
+    assert [r.name for r in s2.rules.rules] == ["dns"]
+    assert len(s2.fp.rules_counters().hits) == 1
+
+
 def test_refused_registration_and_garbage_messages(ca: Path, tmp_path: Path) -> None:
     net = Net()
     pop = MiniPop(net, 1, pop_files(ca, 1), {2: ["10.2.0.0/24"], 9: ["10.9.0.0/24"]})
@@ -547,6 +607,80 @@ def test_refused_registration_and_garbage_messages(ca: Path, tmp_path: Path) -> 
     m = s.cloud.summary()["messages"]  # type: ignore[union-attr]
     assert m["malformed"] == 1 and m["unknown"] == 1 and m["bad_directory_entries"] == 1
     assert s.cloud.state == "up"  # type: ignore[union-attr]
+
+
+def test_directory_prefixes_that_would_take_routes_are_refused_counted_and_logged_once(
+    ca: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    hostile = {
+        1: ["10.1.0.0/24"],
+        2: ["10.2.0.0/24"],  # a static peer too: its own subnet is no hijack
+        4: ["0.0.0.0/0"],
+        5: ["128.0.0.0/1", "10.5.0.0/24"],
+        6: ["10.1.0.0/16"],  # over our LAN
+        7: ["10.2.0.128/25", "10.7.0.0/24"],  # inside the static peer's subnet
+        8: ["127.0.0.0/8", "2000::/3"],
+    }
+    net = Net()
+    pop = MiniPop(net, 1, pop_files(ca, 1), hostile)
+    static = Peer(site_id=2, endpoint=("127.0.0.1", 9), subnets=(
+        ipaddress.ip_network("10.2.0.0/24"),), link="wan1")
+    s = SimSocket(net, site_config(ca, tmp_path, [pop], links=1, peers=(static,)))
+    s.fp.peer_add(2)  # type: ignore[union-attr]
+    logging.disable(logging.NOTSET)
+    with caplog.at_level(logging.WARNING, logger="sdwan.site.cloud"):
+        net.run(2)
+        pop.push_directory()  # the same directory again, as a PoP does
+        net.run(0.5)
+    cloud = s.cloud
+    assert cloud is not None and cloud.state == "up"
+    via_pop = pop_peer_id(1, 1)
+
+    # What the operator sees: the count, and each refusal with its reason.
+    assert cloud.summary()["messages"]["refused_prefixes"] == 6
+    assert cloud.summary()["messages"]["bad_directory_entries"] == 0
+    refused = {(r["site_id"], r["prefix"]): r["reason"]
+               for r in cloud.pop_status()["refused_prefixes"]}
+    assert refused == {
+        (4, "0.0.0.0/0"): "0.0.0.0/0 is a default route: shorter than /8, the widest prefix"
+        " accepted",
+        (5, "128.0.0.0/1"): "128.0.0.0/1 is a /1: shorter than /8, the widest prefix accepted",
+        (6, "10.1.0.0/16"): "10.1.0.0/16 overlaps 10.1.0.0/24 of the LAN",
+        (7, "10.2.0.128/25"): "10.2.0.128/25 overlaps 10.2.0.0/24 of static peer site 2",
+        (8, "127.0.0.0/8"): "127.0.0.0/8 overlaps the loopback range 127.0.0.0/8",
+        (8, "2000::/3"): "2000::/3 is a /3: shorter than /8, the widest prefix accepted",
+    }
+    out = io.StringIO()
+    format_pop(cloud.pop_status(), out)
+    assert "refused  6 prefixes of the directory, never routed:" in out.getvalue()
+    assert "  site 5 128.0.0.0/1: 128.0.0.0/1 is a /1: shorter than /8" in out.getvalue()
+    # Logged once each, though the directory came twice.
+    logged = [r.getMessage() for r in caplog.records if "never routed" in r.getMessage()]
+    assert len(logged) == 6, logged
+    assert "prefix 128.0.0.0/1 of site 5 refused" in " ".join(logged)
+
+    # Never installed: no default or half-default route, the LAN and the static peer keep
+    # their own; the good prefixes of the same entries are routed through the PoP.
+    assert s.routed_peer("200.1.1.1") == 0
+    assert s.routed_peer("8.8.8.8") == 0
+    assert s.routed_peer("10.1.0.9") == 0  # our LAN: never into the tunnel
+    assert s.routed_peer("10.2.0.200") == 2
+    assert s.routed_peer("10.5.0.9") == via_pop and s.routed_peer("10.7.0.9") == via_pop
+    assert s.paths is not None
+    seen = {r["prefix"] for r in s.paths.status()["routes"]} | {
+        u["prefix"] for u in s.paths.status()["unused"]
+    }
+    assert seen.isdisjoint(p for _, p in refused), seen
+    # Nor shown as a site's subnets, nor stored.
+    peers = {p["site_id"]: p for p in cloud.directory_peers(())}
+    assert peers[4]["subnets"] == [] and peers[5]["subnets"] == ["10.5.0.0/24"]
+    assert peers[2]["subnets"] == ["10.2.0.0/24"]
+    assert s.store is not None
+    stored = s.store.get_doc(DOC_DIRECTORY)
+    assert stored is not None
+    assert {n for e in stored.value["directory"] for n in e["subnets"]} == {
+        "10.2.0.0/24", "10.5.0.0/24", "10.7.0.0/24"
+    }
 
 
 def test_no_pops_means_no_cloud(ca: Path, tmp_path: Path) -> None:

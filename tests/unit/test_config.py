@@ -763,6 +763,21 @@ def test_link_addressing_forms(tmp_path: Path) -> None:
             "gateway 1.2.4.1 is not inside 1.2.3.0/24",
         ),
         (
+            '{ mode = "static", address = "20.0.0.5/7", gateway = "20.0.0.1" }',
+            "links[0].addressing.address",
+            "20.0.0.0/7 is a /7: shorter than /8, the widest prefix accepted",
+        ),
+        (
+            '{ mode = "static", address = "10.1.0.5/16", gateway = "10.1.0.1" }',
+            "links[0].addressing.address",
+            "10.1.0.0/16 overlaps 10.1.0.0/24 of the LAN",
+        ),
+        (
+            '{ mode = "static", address = "10.2.0.5/24", gateway = "10.2.0.1" }',
+            "links[0].addressing.address",
+            "10.2.0.0/24 overlaps 10.2.0.0/24 of static peer site 2",
+        ),
+        (
             '{ mode = "dhcp", gateway = "1.2.4.1" }',
             "links[0].addressing.gateway",
             'only for mode "static", not "dhcp"',

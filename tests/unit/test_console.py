@@ -9,10 +9,12 @@ import asyncio
 import json
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from sdwan.appliance.console import (
     UsageError,
     check_new_password,
     completions,
+    delay_left,
     fail_delay,
     parse,
 )
@@ -94,8 +97,8 @@ def test_empty_lines_are_nothing(line: str) -> None:
     [
         ("bogus", "unknown command 'bogus'; type help for the commands", None),
         ("sho status", "unknown command 'sho' (did you mean show?)", None),
-        ("show", "show what? one of status, links, pop, peers, mesh, recovery, firewall,"
-         " events",
+        ("show", "show what? one of status, links, pop, peers, mesh, rules, recovery,"
+         " firewall, events",
          "show status"),
         ("show routes", "cannot show 'routes'", "show status"),
         ("show status now", "show status takes nothing more, got 'now'", "show status"),
@@ -175,7 +178,7 @@ LINKS = ["wan1", "wan2", "lte"]
         ("s", ["set", "show"]),
         ("sh", ["show"]),
         ("show ", ["events", "firewall", "links", "log", "mesh", "peers", "pop", "recovery",
-                   "status"]),
+                   "rules", "status"]),
         ("show p", ["peers", "pop"]),
         ("show status ", []),
         ("help ", sorted(console.COMMANDS)),
@@ -325,8 +328,36 @@ def test_password_may_not_be_the_user_name() -> None:
 
 
 def test_failed_logins_wait_longer_each_time_up_to_a_bound() -> None:
-    delays = [fail_delay(n) for n in range(1, 7)]
-    assert delays == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    delays = [fail_delay(n) for n in range(1, 10)]
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
+    assert fail_delay(0) == 0.0 and fail_delay(10**6) == 60.0
+
+
+def test_the_delay_left_by_an_earlier_console() -> None:
+    creds = replace(Credentials.make("admin", "x" * 8), failed=3, failed_at=1000.0)  # owes 4 s
+    assert delay_left(creds, 1000.0) == 4.0
+    assert delay_left(creds, 1003.0) == 1.0
+    assert delay_left(creds, 1010.0) == 0.0
+    # A clock set back (no battery-backed clock, a reboot) never owes more than the delay.
+    assert delay_left(creds, 10.0) == 4.0
+    assert delay_left(replace(creds, failed=0), 1000.0) == 0.0
+    assert delay_left(replace(creds, failed_at=None), 1000.0) == 0.0
+
+
+def test_the_failure_count_and_time_are_stored(tmp_path: Path) -> None:
+    store = CredentialStore(tmp_path)
+    creds = replace(Credentials.make("admin", "the-right-one"), failed=2, failed_at=1234.5)
+    store.save(creds)
+    assert store.load() == creds
+    # A file written before failed_at existed still loads.
+    doc = json.loads(store.path.read_text())
+    del doc["failed_at"]
+    store.path.write_text(json.dumps(doc))
+    assert store.load() == replace(creds, failed_at=None)
+    for bad in ({"failed_at": "soon"}, {"failed": -1}):
+        store.path.write_text(json.dumps({**doc, **bad}))
+        with pytest.raises(CredentialError, match="is damaged"):
+            store.load()
 
 
 # --------------------------------------------------------------------------- WAN addressing
@@ -477,7 +508,10 @@ def test_no_command_runs_before_the_default_password_is_changed(tmp_path: Path) 
     assert "password not changed; logging out" in cp.stdout
     assert "socketd is not running" not in cp.stdout  # show status never ran
     assert "Type help for the commands" not in cp.stdout
-    assert not (tmp_path / "data" / "console-credentials.json").exists()
+    # Nothing changed: the default credential, still to be changed (the login attempt was
+    # counted while it was checked, then the count put back).
+    creds = CredentialStore(tmp_path / "data").load()
+    assert creds.must_change and creds.verify("admin", "admin") and creds.failed == 0
 
 
 def test_console_without_socketd_keeps_working_and_fails_clearly(tmp_path: Path) -> None:
@@ -506,6 +540,74 @@ def test_wrong_passwords_are_delayed_counted_and_end_the_session(tmp_path: Path)
     cp = run_console(tmp_path, "admin\nthe-right-one\nexit\n")
     assert "2 failed login attempt(s) since the last successful login" in cp.stdout
     assert store.load().failed == 0
+
+
+def _failed_now(store: CredentialStore) -> int:
+    try:
+        return store.load().failed
+    except CredentialError:
+        return -1
+
+
+def _wait_failed(store: CredentialStore, n: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while _failed_now(store) != n:
+        assert time.monotonic() < deadline, f"the failure count never reached {n}"
+        time.sleep(0.02)
+
+
+def _console(tmp_path: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(FIRMWARE)}
+    argv = [sys.executable, "-m", "sdwan.appliance.console",
+            "--socket", str(tmp_path / "none.sock")]
+    argv += ["--data", str(tmp_path / "data"), "--reboot-command", "false"]
+    return subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env,
+    )
+
+
+def test_the_delay_survives_ctrl_c_and_a_killed_console(tmp_path: Path) -> None:
+    store = CredentialStore(tmp_path / "data")
+    store.save(replace(Credentials.make("admin", "the-right-one"), failed=1, failed_at=1.0))
+
+    # SIGINT (Ctrl-C) while the failure is answered: ignored, the 2 s are waited in full,
+    # and the console goes on asking for the login.
+    with _console(tmp_path) as proc:
+        assert proc.stdin is not None
+        proc.stdin.write("admin\nwrong\n")
+        proc.stdin.flush()
+        _wait_failed(store, 2)  # stored before the check: the delay has not ended yet
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate("admin\nwrong-again\n", timeout=60)
+    assert proc.returncode == 0, err
+    assert time.monotonic() - t0 >= 2.0 + 4.0  # failure 2, then failure 3
+    assert out.count("Login incorrect") == 2 and "Traceback" not in out + err, out + err
+    assert store.load().failed == 3
+
+    # A console killed during its delay (failure 4 owes 8 s): the next one waits the rest
+    # before it asks for the login, and the count goes on from 4.
+    with _console(tmp_path) as proc:
+        assert proc.stdin is not None
+        proc.stdin.write("admin\nwrong\n")
+        proc.stdin.flush()
+        _wait_failed(store, 4)
+        proc.kill()
+        proc.communicate(timeout=30)
+    owed_until = (store.load().failed_at or 0) + fail_delay(4)
+    cp = run_console(tmp_path, "admin\nthe-right-one\nexit\n", timeout=60)
+    assert time.time() >= owed_until
+    waited = re.search(r"4 failed login\(s\) in a row: the next login in [1-8] s", cp.stdout)
+    assert waited, cp.stdout
+    assert "4 failed login attempt(s) since the last successful login" in cp.stdout
+    # A successful login starts the count again: the next failure waits 1 s.
+    assert store.load().failed == 0 and store.load().failed_at is None
+    t0 = time.monotonic()
+    cp = run_console(tmp_path, "admin\nwrong\n")
+    assert "Login incorrect" in cp.stdout and "in a row" not in cp.stdout
+    assert 1.0 <= time.monotonic() - t0 < 1.0 + 30  # not the 16 s a fifth failure would owe
+    assert store.load().failed == 1
 
 
 def test_a_damaged_credential_file_refuses_every_login(tmp_path: Path) -> None:

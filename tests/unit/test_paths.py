@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
-from sdwan.bindings.fastpath import FastPath, Network, Verdict
+from sdwan.bindings.fastpath import FastPath, Network, TransportRule, Verdict
 from sdwan.site.paths import Candidate, Paths, Policy, Transport
 from sdwan.site.socketctl import format_routes
 
@@ -99,6 +99,8 @@ def test_producers_combine_and_kernel_routes_follow(fp: FastPath) -> None:
         "producer": "cloud",
         "why": "only usable candidate",
         "installed": True,
+        "offcloud_peer": None,
+        "cloud_peer": POP,
     }
 
 
@@ -190,7 +192,9 @@ def test_policy_switch_normal_cloud_lost_normal(fp: FastPath) -> None:
     paths.set_policy(Policy.CLOUD_LOST)
     # The mesh takes over where it has a tunnel; static stays; the cloud keeps the rest.
     assert [routed(fp, f"10.{i}.0.1") for i in (2, 3, 4, 5)] == [2, MESH_OF[3], MESH_OF[3], POP]
-    assert batches.take() == [(2, 0)]
+    # One batch: two prefixes move to the mesh, and the one left on the cloud loses its cloud
+    # path for the transport rules (the cloud is what is lost).
+    assert batches.take() == [(3, 0)]
     why = {r["prefix"]: r["why"] for r in paths.status()["routes"]}
     assert why["10.3.0.0/24"] == "mesh ranks before cloud under policy cloud_lost"
     assert why["10.2.0.0/24"] == "only usable candidate"  # the others overlap a direct peer
@@ -199,7 +203,7 @@ def test_policy_switch_normal_cloud_lost_normal(fp: FastPath) -> None:
 
     paths.set_policy(Policy.NORMAL)
     assert [routed(fp, f"10.{i}.0.1") for i in (2, 3, 4, 5)] == [2, POP, POP, POP]
-    assert batches.take() == [(2, 0)]
+    assert batches.take() == [(3, 0)]
 
 
 ALT_OF = {2: 0x40000002, 3: 0x40000003}  # Alt-WAN tunnels' ids (site/altwan.py)
@@ -281,7 +285,8 @@ def test_without_a_mesh_producer_cloud_lost_changes_nothing(fp: FastPath) -> Non
     paths.submit("cloud", cloud("10.3.0.0/24"))
     batches.take()
     paths.set_policy(Policy.CLOUD_LOST)
-    assert routed(fp, "10.3.0.1") == POP and batches.take() == []
+    assert routed(fp, "10.3.0.1") == POP
+    assert batches.take() == [(1, 0)]  # the same peer; the rules' cloud path gone
 
 
 def test_preference_and_the_override_hook(fp: FastPath) -> None:
@@ -310,6 +315,69 @@ def test_preference_and_the_override_hook(fp: FastPath) -> None:
     assert paths.status()["routes"][0]["why"] == "per-rule override"
     paths.set_override(None)
     assert routed(fp, "10.3.0.1") == MESH_OF[2]
+
+
+def rules_to(fp: FastPath, dst: str) -> int | str:
+    """Where a packet to dst goes under the transport rules installed by the test: the peer
+    (no keys: dropped as no_key, naming it), or the drop reason."""
+    r = fp.process_outbound(packet(dst))
+    assert r.verdict == Verdict.DROP, r
+    return r.peer_id if r.drop_reason == "no_key" else str(r.drop_reason)
+
+
+def test_each_route_carries_the_rules_offcloud_and_cloud_peers(fp: FastPath) -> None:
+    """The off-cloud path of a prefix is its mesh tunnel while the mesh submits it (or the
+    direct peer), its cloud path the cloud's candidate; set in the same batch as the route."""
+    batches = Batches(fp)
+    paths = Paths(fp, local=["10.1.0.0/24"])
+    paths.submit("static", [Candidate(ipaddress.ip_network("10.2.0.0/24"), 2, Transport.DIRECT)])
+    paths.submit("cloud", cloud("10.2.0.0/24", "10.3.0.0/24", "10.4.0.0/24"))
+    paths.submit("mesh", mesh(3, "10.3.0.0/24"))
+    batches.take()
+    # Every packet matches: off-cloud, nothing else allowed while there is no off-cloud path.
+    fp.rules_set([TransportRule(1, "offcloud", "none")])
+    assert rules_to(fp, "10.2.0.1") == 2  # the static tunnel is off the cloud
+    assert rules_to(fp, "10.3.0.1") == MESH_OF[3]  # routed via the cloud, ruled via the mesh
+    assert rules_to(fp, "10.4.0.1") == "offcloud_down"
+    by = {r["prefix"]: r for r in paths.status()["routes"]}
+    assert (by["10.3.0.0/24"]["peer_id"], by["10.3.0.0/24"]["offcloud_peer"],
+            by["10.3.0.0/24"]["cloud_peer"]) == (POP, MESH_OF[3], POP)
+    assert (by["10.2.0.0/24"]["offcloud_peer"], by["10.2.0.0/24"]["cloud_peer"]) == (2, None)
+
+    # The mesh tunnel goes down (the mesh withdraws its candidates): one batch.
+    paths.withdraw("mesh")
+    assert batches.take() == [(1, 0)]
+    assert rules_to(fp, "10.3.0.1") == "offcloud_down"
+    fp.rules_set([TransportRule(1, "offcloud", "cloud")])
+    assert rules_to(fp, "10.3.0.1") == POP and rules_to(fp, "10.4.0.1") == POP
+    fp.rules_set([TransportRule(1, "offcloud", "automatic")])
+    assert rules_to(fp, "10.3.0.1") == POP
+
+    # Cloud lost: no cloud path for the rules; a cloud rule follows the policy's pick.
+    paths.submit("mesh", mesh(3, "10.3.0.0/24"))
+    paths.set_policy(Policy.CLOUD_LOST)
+    fp.rules_set([TransportRule(1, "offcloud", "cloud", 17, ports=((9, 9),)),
+                  TransportRule(2, "cloud")])
+    assert rules_to(fp, "10.3.0.1") == MESH_OF[3] and rules_to(fp, "10.4.0.1") == POP
+    assert paths.status()["routes"][1]["cloud_peer"] is None
+    # A site the cloud cannot reach (recovery's lost_peers) has no cloud path either.
+    paths.set_policy(Policy.NORMAL, lost_peers=[MESH_OF[3]])
+    by = {r["prefix"]: r for r in paths.status()["routes"]}
+    assert by["10.3.0.0/24"]["cloud_peer"] is None and by["10.4.0.0/24"]["cloud_peer"] == POP
+
+
+def test_a_deleted_mesh_peer_is_set_again_for_the_rules(fp: FastPath) -> None:
+    paths = Paths(fp)
+    paths.submit("cloud", cloud("10.3.0.0/24"))
+    paths.submit("mesh", mesh(3, "10.3.0.0/24"))
+    fp.rules_set([TransportRule(1, "offcloud", "none")])
+    assert rules_to(fp, "10.3.0.1") == MESH_OF[3]
+    fp.peer_del(MESH_OF[3])  # the route keeps its peer, without its off-cloud path
+    fp.peer_add(MESH_OF[3])
+    assert rules_to(fp, "10.3.0.1") == "offcloud_down"
+    paths.forget_peer(MESH_OF[3])
+    paths.apply()
+    assert rules_to(fp, "10.3.0.1") == MESH_OF[3]
 
 
 def test_a_bad_route_does_not_hold_back_the_others(fp: FastPath) -> None:

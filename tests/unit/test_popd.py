@@ -52,7 +52,7 @@ subnets = ["10.2.0.0/24"]
 
 [[rules]]
 name = "all"
-action = "allow"
+transport = "cloud"
 """
 
 FIREWALL = """
@@ -356,10 +356,14 @@ def test_register_welcome_ping_and_directory(pop: PopEnv, clients: list[Client])
     a.connect()
     welcome = a.register()
     assert welcome["pop_id"] == 1
-    assert welcome["config"] == {"name": "branch-1", "subnets": ["10.1.0.0/24"],
-                                 "offcloud": True, "recovery": True,
-                                 # An account without [firewall]: allow everything.
-                                 "firewall": {"default": "allow", "rules": []}}
+    assert welcome["config"] == {
+        "name": "branch-1", "subnets": ["10.1.0.0/24"], "offcloud": True, "recovery": True,
+        "rules": [{"name": "all", "transport": "cloud", "secondary": None, "src": None,
+                   "dst": None, "src_subnets": None, "dst_subnets": None, "protocol": "any",
+                   "ports": [], "complex": []}],
+        # An account without [firewall]: allow everything.
+        "firewall": {"default": "allow", "rules": []},
+    }
     assert welcome["directory"] == [{
         "site_id": 2, "name": "branch-2", "subnets": ["10.2.0.0/24"], "links": [],
         "offcloud": False, "recovery": False, "online": False,
@@ -559,13 +563,47 @@ def test_reload_pushes_config_and_directory_and_bad_file_keeps_old(
     a.connect()
     first = a.register()
 
+    rules = """
+[[rules]]
+name = "smb-direct"
+transport = "offcloud"
+secondary = "none"
+dst = ["branch-two", "10.99.0.0/16"]
+protocol = "tcp"
+ports = [445, "8000-8010"]
+
+[[rules]]
+name = "video"
+transport = "offcloud"
+applications = ["zoom"]
+"""
     pop.account.write_text(ACCOUNT.replace('"10.1.0.0/24"]', '"10.1.0.0/24", "10.11.0.0/24"]')
-                           .replace('name = "branch-2"', 'name = "branch-two"'))
+                           .replace('name = "branch-2"', 'name = "branch-two"') + rules)
     rc, out = pop.popctl("reload")
     assert rc == 0, out
     assert out["changed"] == [1, 2]
+    # The account check says which rules the sockets do not evaluate.
+    assert out["notes"] == ["rules video: uses applications: not evaluated on the socket: its"
+                            " traffic goes to the PoP"]
+    assert "rules video: uses applications: not evaluated" in pop.log_text()
+    video = pop.status()["account"]["rules"][2]
+    assert video["complex"] is True and "goes to the PoP" in video["note"]
     cfg = a.wait_for("config")
     assert cfg["config"]["subnets"] == ["10.1.0.0/24", "10.11.0.0/24"]
+    # Site names resolved at the PoP: the site gets subnets.
+    smb, complex_rule = cfg["config"]["rules"][1:]
+    assert smb["dst"] == ["branch-two", "10.99.0.0/16"]
+    assert smb["dst_subnets"] == ["10.2.0.0/24", "10.99.0.0/16"] and smb["src_subnets"] is None
+    assert (smb["protocol"], smb["ports"], smb["secondary"]) == ("tcp", [[445, 445], [8000, 8010]],
+                                                                "none")
+    assert complex_rule["complex"] == ["applications"]
+    # Another site's subnets change: the rules naming it change site 1's config.
+    pop.account.write_text(ACCOUNT.replace('"10.1.0.0/24"]', '"10.1.0.0/24", "10.11.0.0/24"]')
+                           .replace('name = "branch-2"', 'name = "branch-two"')
+                           .replace('"10.2.0.0/24"', '"10.2.0.0/23"') + rules)
+    rc, out = pop.popctl("reload")
+    assert rc == 0 and out["changed"] == [1, 2], out
+    assert a.wait_for("config")["config"]["rules"][1]["dst_subnets"][0] == "10.2.0.0/23"
     d = a.wait_for("directory-delta")
     assert d["rev"] > first["rev"] and d["changed"][0]["name"] == "branch-two"
 

@@ -99,7 +99,9 @@ def test_cloud_lost_moves_every_recovery_site_at_once_and_back_after_the_hold(
     # still goes to the dead PoP session), both ways, as the account asked.
     assert rec.active and paths.policy is Policy.CLOUD_LOST
     assert where(fp, 2, 3, 4) == [2, 3, POP]
-    assert batches.take() == [(2, 0)]
+    # One batch: the two moves, and site 4's route losing its cloud path for the transport
+    # rules (docs/paths.md, "Off-cloud transport rules").
+    assert batches.take() == [(3, 0)]
     (kind, text, data, site), = world.events
     world.events.clear()
     assert (kind, site) == ("offcloud.recovery.activated", None)
@@ -126,7 +128,7 @@ def test_cloud_lost_moves_every_recovery_site_at_once_and_back_after_the_hold(
     world.now += 0.1
     rec.tick()
     assert not rec.active and where(fp, 2, 3, 4) == [POP, POP, POP]
-    assert batches.take() == [(2, 0)]
+    assert batches.take() == [(3, 0)]
     assert world.kinds() == [("offcloud.recovery.stopped", None)]
 
 

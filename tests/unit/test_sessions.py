@@ -48,7 +48,7 @@ name = "acme"
 {sites}
 [[rules]]
 name = "all"
-action = "allow"
+transport = "cloud"
 """
 
 

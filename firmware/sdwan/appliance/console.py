@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
 import secrets
@@ -29,13 +30,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
 from sdwan.common.addressing import parse_static
 from sdwan.common.control import CommandFailed, ControlError, ControlUnreachable, request
+from sdwan.common.visible import visible
 from sdwan.site.config import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_CONTROL_SOCKET,
@@ -67,8 +69,14 @@ MAX_PASSWORD = 128
 # scrypt with 16 MiB of memory: about 50 ms on a small box, per guess.
 SCRYPT_N, SCRYPT_R, SCRYPT_P, SCRYPT_LEN = 2**14, 8, 1, 32
 MAX_LOGIN_TRIES = 5  # then the console exits and getty starts a fresh one
-FAIL_DELAY_S = 1.0  # doubled after each failure, up to FAIL_DELAY_MAX_S
-FAIL_DELAY_MAX_S = 8.0
+# A failed login is answered after fail_delay(N), N the failures in a row stored in the
+# credential file (so a new console, after getty restarted it, goes on where the last one
+# stopped): 1 s, doubled with each failure, at most FAIL_DELAY_MAX_S. The delay cannot be
+# skipped: Ctrl-C, Ctrl-\ and Ctrl-Z are ignored while it runs, and a console that dies during
+# it (a hang-up, a kill) leaves the rest of it to the next console.
+FAIL_DELAY_S = 1.0
+FAIL_DELAY_MAX_S = 60.0
+_UNINTERRUPTIBLE = (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP)
 MAX_PASSWORD_TRIES = 3
 IDLE_LOGOUT_S = 900  # a console left logged in on site is an open door
 
@@ -86,7 +94,8 @@ def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
 @dataclass(frozen=True)
 class Credentials:
     """The console's one local account. `must_change` holds until the default is replaced;
-    `failed` counts failed logins since the last successful one."""
+    `failed` counts failed logins since the last successful one, the last at `failed_at`
+    (Unix time)."""
 
     user: str
     salt: bytes
@@ -97,6 +106,7 @@ class Credentials:
     must_change: bool = False
     failed: int = 0
     changed_at: float | None = None
+    failed_at: float | None = None
 
     @classmethod
     def make(cls, user: str, password: str, *, must_change: bool = False) -> Credentials:
@@ -122,7 +132,7 @@ class Credentials:
 
     def with_password(self, password: str) -> Credentials:
         fresh = Credentials.make(self.user, password)
-        return replace(fresh, failed=self.failed)
+        return replace(fresh, failed=self.failed, failed_at=self.failed_at)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -133,6 +143,7 @@ class Credentials:
             "hash": self.hash.hex(),
             "must_change": self.must_change,
             "failed": self.failed,
+            "failed_at": self.failed_at,
             "changed_at": self.changed_at,
         }
 
@@ -153,14 +164,25 @@ class Credentials:
                 must_change=bool(doc["must_change"]),
                 failed=int(doc.get("failed", 0)),
                 changed_at=doc.get("changed_at"),
+                failed_at=_time_or_none(doc.get("failed_at")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"missing or malformed field: {e}") from None
+        if creds.failed < 0:
+            raise ValueError("negative failure count")
         if not creds.user or len(creds.salt) < 8 or len(creds.hash) != SCRYPT_LEN:
             raise ValueError("empty user, short salt or wrong hash length")
         if creds.n < 2 or creds.n & (creds.n - 1) or not 1 <= creds.r <= 64 or creds.p < 1:
             raise ValueError("scrypt parameters out of range")
         return creds
+
+
+def _time_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise ValueError(f"failed_at is not a time: {value!r}")
+    return float(value)
 
 
 class CredentialStore:
@@ -224,12 +246,40 @@ def check_new_password(new: str, again: str, creds: Credentials) -> None:
 
 
 def fail_delay(failures: int) -> float:
-    return min(FAIL_DELAY_S * 2 ** max(failures - 1, 0), FAIL_DELAY_MAX_S)
+    """The answer to the N-th failed login in a row waits this long: 1, 2, 4, 8, 16, 32, then
+    60 s for every further one until a login succeeds."""
+    if failures <= 0:
+        return 0.0
+    return min(FAIL_DELAY_S * 2 ** min(failures - 1, 16), FAIL_DELAY_MAX_S)
+
+
+def delay_left(creds: Credentials, now: float) -> float:
+    """How much of the delay owed for the stored failures is still to be waited: a console
+    that died during its delay leaves the rest to the next one. Never more than the whole
+    delay, so a clock set back (a box without a battery-backed clock) cannot lock the console."""
+    if creds.failed <= 0 or creds.failed_at is None:
+        return 0.0
+    delay = fail_delay(creds.failed)
+    return min(max(creds.failed_at + delay - now, 0.0), delay)
+
+
+@contextlib.contextmanager
+def uninterruptible() -> Iterator[None]:
+    """Ctrl-C, Ctrl-\\ and Ctrl-Z do nothing inside: a login being checked, and the delay after a
+    failure, run to their end."""
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _UNINTERRUPTIBLE}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------- command language
 
-SHOW_TOPICS = ("status", "links", "pop", "peers", "mesh", "recovery", "firewall", "events", "log")
+SHOW_TOPICS = (
+    "status", "links", "pop", "peers", "mesh", "rules", "recovery", "firewall", "events", "log"
+)
 EVENTS_DEFAULT = 20
 # The appliance logs to busybox syslogd's ring in RAM (rcS: syslogd -C); logread prints it.
 LOG_COMMAND = ("logread",)
@@ -250,9 +300,10 @@ class Help:
 
 COMMANDS: dict[str, Help] = {
     "show": Help(
-        "show status|links|pop|peers|mesh|recovery|firewall|events [N]|log [N]",
+        "show status|links|pop|peers|mesh|rules|recovery|firewall|events [N]|log [N]",
         "what socketd is doing: the site and its links' counters, WAN addressing, the PoP"
-        " sessions, the other sites (and their mesh paths), the mesh paths alone, WAN recovery"
+        " sessions, the other sites (and their mesh paths), the mesh paths alone, the off-cloud"
+        " transport rules (hits, where their traffic goes now), WAN recovery"
         " (active or not, where each site's traffic goes and why), the LAN firewall's rules and"
         " counters, the latest N events (20), the last N lines of the log (20)",
     ),
@@ -512,6 +563,14 @@ class Terminal:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old)
 
+    def discard_typeahead(self) -> None:
+        """Drop what was typed during a login's delay: guesses typed ahead wait like any other."""
+        if self.tty and self.fd is not None:
+            import termios
+
+            with contextlib.suppress(termios.error, OSError):
+                termios.tcflush(self.fd, termios.TCIFLUSH)
+
     def read_command(self, prompt: str) -> str:
         """A command line; EOFError on Ctrl-D, KeyboardInterrupt on Ctrl-C."""
         if self._readline is not None:
@@ -602,11 +661,11 @@ class Console:
         try:
             return request(self.opts.socket, method, timeout=timeout, **args)
         except ControlUnreachable as e:
-            self.say(f"socketd is not running: {e}")
+            self.say(f"socketd is not running: {visible(e)}")
         except CommandFailed as e:
-            self.say(f"error: {e}")
+            self.say(f"error: {visible(e)}")
         except ControlError as e:
-            self.say(f"error: {e}")
+            self.say(f"error: {visible(e)}")
         return None
 
     def record(self, kind: str, text: str, data: dict[str, Any]) -> None:
@@ -625,7 +684,9 @@ class Console:
             self._links_at = now
             try:
                 result = request(self.opts.socket, "links", timeout=1.0)
-                self._links = [str(x.get("name")) for x in result.get("links", [])]
+                # Only names that can be typed: completion puts them into the line.
+                names = [x.get("name") for x in result.get("links", [])]
+                self._links = [n for n in names if isinstance(n, str) and _LINK_RE.fullmatch(n)]
             except ControlError:
                 self._links = []
         return self._links
@@ -656,6 +717,7 @@ class Console:
         failures = 0
         user = self.opts.user
         while True:
+            self.wait_out_delay()
             try:
                 if user is None:
                     user = self.term.read_line("login: ").strip() or None
@@ -668,39 +730,73 @@ class Console:
                 self.say()
                 user = None
                 continue
-            try:
-                creds = self.creds.load()
-            except CredentialError as e:
-                self.say(f"console: {e}")
-                self.say("console: login impossible; a factory reset needs the image re-flashed")
+            with uninterruptible():
+                creds = self.check_login(user, password)
+            if creds is None:
                 return False
-            if creds.verify(user, password):
+            if creds is not False:
                 break
             failures += 1
-            shown = user if user.isprintable() and len(user) <= 32 else "?"
-            with contextlib.suppress(CredentialError):
-                self.creds.save(replace(creds, failed=creds.failed + 1))
-            self.record(
-                "console.login_failed",
-                f"console: failed login as {shown!r} ({creds.failed + 1} since the last login)",
-                {"user": shown, "failed": creds.failed + 1},
-            )
-            time.sleep(fail_delay(failures))
-            self.say("Login incorrect")
             user = None
             if failures >= MAX_LOGIN_TRIES:
                 self.say(f"{failures} failed logins; try again later")
                 return False
         self.user = creds.user
-        if creds.failed:
-            self.say(f"{creds.failed} failed login attempt(s) since the last successful login")
-            creds = replace(creds, failed=0)
-            with contextlib.suppress(CredentialError):
-                self.creds.save(creds)
         self.record("console.login", f"console: {creds.user} logged in", {"user": creds.user})
         if creds.must_change:
             return self.force_new_password(creds)
         return True
+
+    def check_login(self, user: str, password: str) -> Credentials | bool | None:
+        """One login attempt, run to its end (uninterruptible): the credential on success,
+        False after a failure and its delay, None when no login is possible at all.
+
+        The attempt is stored as a failure before the password is checked, and the count put
+        back on success: whatever ends the console meanwhile (a hang-up, a kill), the attempt
+        stays counted and the next console waits out its delay (`wait_out_delay`)."""
+        try:
+            creds = self.creds.load()
+        except CredentialError as e:
+            self.say(f"console: {e}")
+            self.say("console: login impossible; a factory reset needs the image re-flashed")
+            return None
+        failed = creds.failed + 1
+        # A data directory that cannot be written must not lock the engineer out: the delay
+        # in this console still applies, only a new console would not know of it.
+        with contextlib.suppress(CredentialError):
+            self.creds.save(replace(creds, failed=failed, failed_at=time.time()))
+        if creds.verify(user, password):
+            if creds.failed:
+                self.say(f"{creds.failed} failed login attempt(s) since the last successful login")
+            creds = replace(creds, failed=0, failed_at=None)
+            with contextlib.suppress(CredentialError):
+                self.creds.save(creds)
+            return creds
+        shown = user if user.isprintable() and len(user) <= 32 else "?"
+        self.record(
+            "console.login_failed",
+            f"console: failed login as {shown!r} ({failed} since the last login)",
+            {"user": shown, "failed": failed},
+        )
+        time.sleep(fail_delay(failed))
+        self.term.discard_typeahead()
+        self.say("Login incorrect")
+        return False
+
+    def wait_out_delay(self) -> None:
+        """Before a login prompt: the rest of a failure's delay that an earlier console did not
+        live to wait (getty started this one after a hang-up or a kill)."""
+        try:
+            creds = self.creds.load()
+        except CredentialError:
+            return  # check_login says so
+        left = delay_left(creds, time.time())
+        if left <= 0:
+            return
+        self.say(f"{creds.failed} failed login(s) in a row: the next login in {math.ceil(left)} s")
+        with uninterruptible():
+            time.sleep(left)
+            self.term.discard_typeahead()
 
     def force_new_password(self, creds: Credentials) -> bool:
         self.say("The default password must be changed before the first command.")
@@ -785,7 +881,7 @@ class Console:
             self.say(f"no log ring on this system ({LOG_COMMAND[0]}: {why})")
             return
         for line in cp.stdout.splitlines()[-lines:]:
-            self.say(line)
+            self.say(visible(line))  # log lines carry text from the network
 
     def _device_of(self, link: str | None) -> tuple[bool, str | None]:
         if link is None:
@@ -797,7 +893,7 @@ class Console:
         for entry in result.get("links", []):
             if entry.get("name") == link:
                 return True, str(entry.get("interface"))
-        names = ", ".join(str(e.get("name")) for e in result.get("links", [])) or "none"
+        names = ", ".join(visible(e.get("name")) for e in result.get("links", [])) or "none"
         self.say(f"error: no link {link!r} (links: {names})")
         return False, None
 

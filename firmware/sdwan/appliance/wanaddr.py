@@ -8,6 +8,12 @@ DHCP: a supervised `udhcpc -f` whose script hands each lease back to socketd ove
 socket, applied through the same worker), and reporting it (`links`). The control commands
 `links`, `set-link` and `dhcp-lease` are served by `WanAddressing.handlers()`.
 
+A lease is checked like a static address (`check_wan_address`, common/addressing.py: no
+loopback, multicast or reserved address, no network wider than /8, none overlapping the LAN's
+or a static peer's subnets) before anything is applied. A refused lease is never put on the
+device; it is recorded as a `link.dhcp_refused` event naming the server and the reason, shown in
+`links`, and udhcpc is started again after a growing pause to look for another lease.
+
 `socketd-udhcpc-script EVENT` (or `python -m sdwan.appliance.wanaddr lease EVENT`) is the udhcpc
 script's side (docs/console.md).
 """
@@ -34,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdwan.common.addressing import Addressing
+from sdwan.common.addressing import Addressing, Owned, check_wan_address
 from sdwan.common.netcfg import AddrPlan, NetcfgError, apply_addressing_in_worker
 
 if TYPE_CHECKING:
@@ -63,6 +69,12 @@ ENV_SOCKET = "SDWAN_CONTROL_SOCKET"
 ENV_LINK = "SDWAN_LINK"
 ENV_GENERATION = "SDWAN_DHCP_GENERATION"
 _LEASE_EVENTS = ("deconfig", "bound", "renew", "leasefail", "nak")
+# After a refused lease udhcpc is started again to look for another one: first after
+# REFUSED_RETRY_S, doubling with each refusal in a row, at most REFUSED_RETRY_MAX_S.
+REFUSED_RETRY_S = 2.0
+REFUSED_RETRY_MAX_S = 300.0
+# The same refusal (server, lease and reason) is recorded as an event at most this often.
+REFUSED_EVENT_REPEAT_S = 3600.0
 
 _SIOCGIFADDR = 0x8915
 _SIOCGIFNETMASK = 0x891B
@@ -232,6 +244,8 @@ class _Dhcp:
     bound_at: float | None = None
     restarts: int = 0
     stopping: bool = False
+    refusals: int = 0  # leases refused in a row
+    retry_in: float | None = None  # udhcpc was stopped after a refusal: start it after this
 
 
 @dataclass
@@ -244,6 +258,8 @@ class _LinkState:
     applied_at: float | None = None
     dhcp: _Dhcp | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    refused: dict[str, Any] | None = None  # the last refused lease, until one is accepted
+    refused_event_at: float | None = None
 
 
 class WanAddressing:
@@ -257,8 +273,11 @@ class WanAddressing:
         record: Callable[[str, str, dict[str, Any]], None],
         clock: Callable[[], float] = time.monotonic,
         apply_worker: Callable[[AddrPlan], None] = apply_addressing_in_worker,
+        owned: Sequence[Owned] = (),
     ) -> None:
         self.store = store
+        # The LAN's and static peers' subnets: no address of ours may overlap them.
+        self.owned = tuple(owned)
         self.control_socket = Path(control_socket)
         self.record = record
         self.clock = clock
@@ -280,13 +299,19 @@ class WanAddressing:
                 doc = None
             if doc is not None:
                 try:
-                    return Addressing.from_value(doc.value), "stored"
+                    return self._checked(Addressing.from_value(doc.value)), "stored"
                 except ValueError as e:
                     log.error("link %s: stored addressing ignored: %s", link.name, e)
         configured = getattr(link, "addressing", None)
         if isinstance(configured, Addressing) and configured.mode != "none":
             return configured, "config"
         return Addressing(), "default"
+
+    def _checked(self, a: Addressing) -> Addressing:
+        """a, once its static address is clear of the LAN and the static peers' subnets."""
+        if a.mode == "static" and a.address is not None:
+            check_wan_address(ipaddress.ip_interface(a.address), self.owned)
+        return a
 
     def handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
         return {"links": self._links, "set-link": self._set_link, "dhcp-lease": self._on_lease}
@@ -407,14 +432,18 @@ class WanAddressing:
                 rc = await proc.wait()
                 if d.stopping:
                     return
-                log.warning(
-                    "link %s: udhcpc exited with %s; restarting in %g s",
-                    st.link.name,
-                    rc,
-                    UDHCPC_RESTART_S,
-                )
-                st.error = f"udhcpc exited with status {rc}"
-            await asyncio.sleep(UDHCPC_RESTART_S)
+                if d.retry_in is None:
+                    log.warning(
+                        "link %s: udhcpc exited with %s; restarting in %g s",
+                        st.link.name,
+                        rc,
+                        UDHCPC_RESTART_S,
+                    )
+                    st.error = f"udhcpc exited with status {rc}"
+            delay, d.retry_in = d.retry_in, None
+            if delay is not None:
+                log.info("link %s: asking for another lease in %g s", st.link.name, delay)
+            await asyncio.sleep(UDHCPC_RESTART_S if delay is None else delay)
             if d.stopping:
                 return
             d.restarts += 1
@@ -490,6 +519,7 @@ class WanAddressing:
                     round(self.clock() - d.bound_at, 1) if d.bound_at is not None else None
                 ),
                 "restarts": d.restarts,
+                "refused": dict(st.refused) if st.refused is not None else None,
             }
         return entry
 
@@ -500,7 +530,7 @@ class WanAddressing:
         st = self._link_state(req.get("link"))
         mode = req.get("mode")
         if mode == "static":
-            new = Addressing.static(req.get("address"), req.get("gateway"))
+            new = self._checked(Addressing.static(req.get("address"), req.get("gateway")))
         elif mode == "dhcp":
             extra = [k for k in ("address", "gateway") if req.get(k) is not None]
             if extra:
@@ -567,9 +597,11 @@ class WanAddressing:
                     else "the DHCP server refused the lease (NAK)"
                 )
                 return {"applied": False}
-            ip = ipaddress.IPv4Address(str(req.get("ip")))
-            prefix = prefix_of(req.get("subnet"), req.get("mask"))
-            iface = ipaddress.IPv4Interface(f"{ip}/{prefix}")
+            server = _server_of(req.get("serverid"))
+            try:
+                iface = self._lease_address(req)
+            except ValueError as e:
+                return await self._refuse(st, d, req, server, str(e))
             gateway = None
             for r in str(req.get("router") or "").split():
                 with contextlib.suppress(ValueError):
@@ -587,10 +619,12 @@ class WanAddressing:
             d.lease = {
                 "address": str(iface),
                 "gateway": gateway,
-                "server": req.get("serverid") or None,
+                "server": server,
                 "lease_s": int(lease_s) if str(lease_s or "").isdigit() else None,
             }
             d.state = "bound"
+            d.refusals = 0
+            st.refused = None
             if changed or d.bound_at is None:
                 d.bound_at = self.clock()
             st.error = None
@@ -602,6 +636,82 @@ class WanAddressing:
                     {"link": st.link.name, "event": event, **d.lease},
                 )
             return {"applied": True}
+
+
+    def _lease_address(self, req: dict[str, Any]) -> ipaddress.IPv4Interface:
+        """The leased address with its prefix, checked like a static one; ValueError why not."""
+        raw = req.get("ip")
+        try:
+            ip = ipaddress.IPv4Address(str(raw))
+        except ValueError:
+            raise ValueError(f"{_show(raw)} is not an IPv4 address") from None
+        iface = ipaddress.IPv4Interface(f"{ip}/{prefix_of(req.get('subnet'), req.get('mask'))}")
+        check_wan_address(iface, self.owned)
+        return iface
+
+    async def _refuse(
+        self, st: _LinkState, d: _Dhcp, req: dict[str, Any], server: str | None, reason: str
+    ) -> dict[str, Any]:
+        """Refuse a lease: nothing of it reaches the device; say so once (event, `links`), and
+        ask for another lease after a pause."""
+        lease = _lease_text(req)
+        if d.state == "bound":
+            # The server's new answer replaces the lease applied before: that one goes too.
+            plan = AddrPlan(st.link.interface, 4, [], None, route_metric(st.index))
+            await asyncio.to_thread(self.apply_worker, plan)
+        d.state, d.lease, d.bound_at = "refused", None, None
+        d.refusals += 1
+        who = f"server {server}" if server else "a server that gave no server id"
+        st.error = f"DHCP lease {lease} from {who} refused: {reason}"
+        refusal = {"address": lease, "server": server, "reason": reason}
+        now = self.clock()
+        repeat = (
+            st.refused == refusal
+            and st.refused_event_at is not None
+            and now - st.refused_event_at < REFUSED_EVENT_REPEAT_S
+        )
+        st.refused = refusal
+        delay = min(REFUSED_RETRY_S * 2 ** (d.refusals - 1), REFUSED_RETRY_MAX_S)
+        log.warning("link %s: %s; asking again in %g s", st.link.name, st.error, delay)
+        if not repeat:
+            st.refused_event_at = now
+            self.record(
+                "link.dhcp_refused",
+                f"link {st.link.name} ({st.link.interface}): {st.error}",
+                {"link": st.link.name, **refusal},
+            )
+        # udhcpc would keep the lease until its renewal: stop it (once its script has our
+        # answer) and start it again after the pause, to look for another lease.
+        d.retry_in = delay
+        proc = d.proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+        return {"applied": False, "refused": reason}
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _server_of(value: Any) -> str | None:
+    """The lease's server id (DHCP option 54) as an address, or what it was, shortened."""
+    if value is None or value == "":
+        return None
+    try:
+        return str(ipaddress.IPv4Address(str(value)))
+    except ValueError:
+        return _show(value)
+
+
+def _lease_text(req: dict[str, Any]) -> str:
+    """The lease as "ADDR/PREFIX" for people, whatever the server sent."""
+    ip = req.get("ip")
+    try:
+        return f"{ipaddress.IPv4Address(str(ip))}/{prefix_of(req.get('subnet'), req.get('mask'))}"
+    except ValueError:
+        return _show(ip)
 
 
 # --------------------------------------------------------------------------- udhcpc script

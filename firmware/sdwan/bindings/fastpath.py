@@ -64,6 +64,7 @@ DROP_NAMES: tuple[str, ...] = (
     "send_error",
     "spoofed",
     "too_big",
+    "offcloud_down",
 )
 assert len(DROP_NAMES) == lib.FP_DROP__COUNT
 
@@ -172,6 +173,41 @@ class PeerLinks:
     rx_unlisted: int
     mtu: int = 0
     inner_mtu: int = 0
+
+
+RULE_TRANSPORTS: dict[str, int] = {"cloud": lib.FP_RULE_CLOUD, "offcloud": lib.FP_RULE_OFFCLOUD}
+RULE_SECONDARIES: dict[str, int] = {
+    "automatic": lib.FP_RULE_SEC_AUTOMATIC,
+    "none": lib.FP_RULE_SEC_NONE,
+    "cloud": lib.FP_RULE_SEC_CLOUD,
+}
+RULES_MAX: int = lib.FP_RULES_MAX
+
+
+@dataclass(frozen=True)
+class TransportRule:
+    """One rule of the fast path's transport rules (fp_rules_set; docs/dataplane.md,
+    "Transport rules"): protocol None is any; empty src/dst/ports match anything; ports are
+    inclusive destination port ranges. key names the rule across replacements (its hits
+    carry over while it keeps its key)."""
+
+    key: int
+    transport: str  # "cloud" or "offcloud"
+    secondary: str = "automatic"  # "automatic", "none" or "cloud"; for "offcloud"
+    protocol: int | None = None
+    src: tuple[Network, ...] = ()
+    dst: tuple[Network, ...] = ()
+    ports: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass
+class RulesCounters:
+    """fp_rules_counters: hits per rule in table order, the table's generation (changes with
+    every rules_set) and the flows looked up in the table (flow cache misses)."""
+
+    generation: int
+    hits: list[int]
+    evaluations: int
 
 
 def probe_ack(data: bytes) -> tuple[int, int] | None:
@@ -451,13 +487,17 @@ class FastPath:
         _check(lib.fp_route_del(self._h, p, net.prefixlen), f"fp_route_del({net})")
 
     def route_batch(
-        self, set_: Sequence[tuple[Network | str, int]], delete: Sequence[Network | str] = ()
+        self,
+        set_: Sequence[tuple[Network | str, int] | tuple[Network | str, int, int, int]],
+        delete: Sequence[Network | str] = (),
     ) -> None:
         """Delete then set many prefixes under one table lock, all or nothing: a bad one
         (host bits: ValueError before anything is sent; unknown peer: FastPathError naming
-        it) leaves the table as it was. Deleting an absent prefix is no error."""
+        it) leaves the table as it was. Deleting an absent prefix is no error. A set is
+        (prefix, peer) or (prefix, peer, offcloud_peer, cloud_peer), the last two for the
+        transport rules (0: none)."""
         nets = [ipaddress.ip_network(n) for n in delete]
-        sets = [(ipaddress.ip_network(n), peer) for n, peer in set_]
+        sets = [(ipaddress.ip_network(s[0]), *s[1:]) for s in set_]
         n = len(nets) + len(sets)
         if n == 0:
             return
@@ -465,16 +505,69 @@ class FastPath:
         for i, net in enumerate(nets):
             _fill_net(ops[i], net)
             ops[i].verb = lib.FP_ROUTE_DEL
-        for j, (net, peer) in enumerate(sets, len(nets)):
+        for j, (net, peer, *rules) in enumerate(sets, len(nets)):
             _fill_net(ops[j], net)
             ops[j].verb = lib.FP_ROUTE_SET
             ops[j].peer_id = peer
+            if rules:
+                ops[j].offcloud_peer, ops[j].cloud_peer = rules
         bad = ffi.new("size_t *")
         rc = lib.fp_route_batch(self._h, ops, n, bad)
         if rc < 0:
             i = bad[0]
-            what = f"delete {nets[i]}" if i < len(nets) else "{} -> {}".format(*sets[i - len(nets)])
+            if i < len(nets):
+                what = f"delete {nets[i]}"
+            else:
+                what = "{} -> {}".format(*sets[i - len(nets)][:2])
             raise FastPathError(-rc, f"fp_route_batch(op {i}: {what})")
+
+    # ------------------------------------------------------------------ transport rules
+
+    def rules_set(self, rules: Sequence[TransportRule]) -> None:
+        """Replace the whole transport rule table ([] removes it) at once (fp_rules_set);
+        a bad rule (ValueError here, or FastPathError naming its index) changes nothing."""
+        n_nets = sum(len(r.src) + len(r.dst) for r in rules)
+        n_ports = sum(len(r.ports) for r in rules)
+        c_rules = ffi.new("struct fp_rule[]", max(len(rules), 1))
+        c_nets = ffi.new("struct fp_rule_net[]", max(n_nets, 1))
+        c_ports = ffi.new("struct fp_rule_ports[]", max(n_ports, 1))
+        ni = pi = 0
+        for i, r in enumerate(rules):
+            c = c_rules[i]
+            c.key = r.key & 0xFFFFFFFFFFFFFFFF
+            c.transport = RULE_TRANSPORTS[r.transport]
+            c.secondary = RULE_SECONDARIES[r.secondary]
+            c.proto = lib.FP_RULE_PROTO_ANY if r.protocol is None else r.protocol
+            for first, n, nets in (("src_first", "src_n", r.src), ("dst_first", "dst_n", r.dst)):
+                setattr(c, first, ni)
+                setattr(c, n, len(nets))
+                for net in nets:
+                    net = ipaddress.ip_network(net)
+                    packed = net.network_address.packed
+                    c_nets[ni].family = net.version
+                    c_nets[ni].plen = net.prefixlen
+                    c_nets[ni].addr[0 : len(packed)] = packed
+                    ni += 1
+            c.ports_first, c.ports_n = pi, len(r.ports)
+            for lo, hi in r.ports:
+                c_ports[pi].lo, c_ports[pi].hi = lo, hi
+                pi += 1
+        table = ffi.new("struct fp_rule_table *")
+        table.rules, table.n_rules = c_rules, len(rules)
+        table.nets, table.n_nets = c_nets, n_nets
+        table.ports, table.n_ports = c_ports, n_ports
+        bad = ffi.new("size_t *")
+        rc = lib.fp_rules_set(self._h, table, bad)
+        if rc < 0:
+            raise FastPathError(-rc, f"fp_rules_set(rule {bad[0]} of {len(rules)})")
+
+    def rules_counters(self) -> RulesCounters:
+        info = ffi.new("struct fp_rules_info *")
+        hits = ffi.new("uint64_t[]", RULES_MAX)
+        n = _check(lib.fp_rules_counters(self._h, hits, RULES_MAX, info), "fp_rules_counters")
+        return RulesCounters(
+            generation=info.generation, hits=list(hits[0:n]), evaluations=info.evaluations
+        )
 
     # ------------------------------------------------------------------ keys
 

@@ -16,6 +16,7 @@ import json
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 # Outer IPv4 header + UDP header + the data packet's own header and tag
 # (docs/dataplane.md): the tunnel device must be this much smaller than the link.
@@ -49,7 +50,10 @@ class AddrPlan:
     Global addresses of that family not in `addresses` are removed (an empty list
     clears the device, as a DHCP deconfig does); every default route of the family
     through the device is replaced by one via `gateway` with `metric`, so each link
-    keeps its own default route next to the other links'."""
+    keeps its own default route next to the other links'. Each address's prefix route
+    (the kernel's on-link route to its network) gets the same metric, never the kernel's
+    0: two links on one subnet keep their order, and a link's subnet never outranks the
+    other links' routes by metric."""
 
     interface: str
     family: int  # 4 or 6
@@ -145,22 +149,31 @@ async def _apply_addressing(plan: AddrPlan) -> None:
             await ipr.link("set", index=index, state="up")
         except Exception as e:
             raise NetcfgError(f"cannot set {plan.interface} up: {e}") from e
-        present = set()
+        present: dict[Any, int | None] = {}  # address -> metric of its prefix route
         async for a in await ipr.addr("dump", index=index, family=family):
             if a["scope"] != 0:  # link-local addresses belong to the kernel
                 continue
-            present.add(ipaddress.ip_interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"))
-        for old in present - wanted:
+            iface = ipaddress.ip_interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
+            present[iface] = a.get("IFA_RT_PRIORITY")
+        for old in set(present) - wanted:
             try:
                 await ipr.addr(
                     "del", index=index, address=str(old.ip), prefixlen=old.network.prefixlen
                 )
             except Exception as e:
                 raise NetcfgError(f"cannot remove {old} from {plan.interface}: {e}") from e
-        for new in wanted - present:
+        for new in wanted:
+            if new in present and (present[new] or 0) == plan.metric:
+                continue
+            # The address's metric is its prefix route's (IFA_RT_PRIORITY); "replace" changes
+            # it on an address already there.
             try:
                 await ipr.addr(
-                    "add", index=index, address=str(new.ip), prefixlen=new.network.prefixlen
+                    "replace" if new in present else "add",
+                    index=index,
+                    address=str(new.ip),
+                    prefixlen=new.network.prefixlen,
+                    IFA_RT_PRIORITY=plan.metric,
                 )
             except Exception as e:
                 raise NetcfgError(f"cannot add {new} to {plan.interface}: {e}") from e

@@ -1,23 +1,24 @@
-"""The account file of the PoP: the sites, their subnets and settings, the rules and the LAN
-firewall policy, as frozen dataclasses, checked with the config engine (common/tomlcheck.py).
+"""The account file of the PoP: the sites, their subnets and settings, the network rules
+(off-cloud transport) and the LAN firewall policy, as frozen dataclasses, checked with the
+config engine (common/tomlcheck.py).
 
 `load_account(path)` returns an `Account`, or raises `ConfigError` listing every problem found
 in one pass, each naming the file, the field path (`sites[1].subnets[0]`, indices from 0), what
 was expected and, where found, the line.
 `Account.to_doc()`/`Account.from_doc()` are the form kept in SQLite (document "account") so that a
 PoP whose account file went bad keeps the last good one across restarts. `Account.site_config()`
-is a site's `config` message body: its settings and the firewall with site names resolved to
-subnets, so that a site applies it without a directory. Schemas: docs/popd.md.
+is a site's `config` message body: its settings, the network rules and the firewall, site names
+resolved to subnets, so that a site applies them without a directory. Schemas: docs/popd.md.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
-import json
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sdwan.common.tomlcheck import (
@@ -28,6 +29,7 @@ from sdwan.common.tomlcheck import (
     LineIndex,
     boolean,
     check_networks,
+    expects,
     format_ports,
     int_range,
     matching,
@@ -50,7 +52,19 @@ __all__ = [
 
 # The fast-path peer id of a session is site << 8 | link; ids must stay below 2^23.
 MAX_SITE_ID = 65535
-MAX_RULE_BYTES = 4096
+# What a socket's fast path holds (fastpath.h: FP_RULES_MAX, FP_RULE_NETS_MAX and
+# FP_RULE_PORTS_MAX, the last two over all rules: 64 port entries per rule fit).
+MAX_RULES = 1024
+MAX_RULE_NETS = 65536
+MAX_RULE_ITEMS = 64  # entries of src, dst, ports and each application-aware field
+
+TRANSPORTS = ("offcloud", "cloud")
+SECONDARIES = ("automatic", "none", "cloud")
+PROTOCOLS = ("any", "tcp", "udp", "icmp")
+# Fields that need application awareness: a rule with any of them is *complex*, accepted but
+# not evaluated on the socket; its traffic goes to the PoP (docs/popd.md, "Network rules").
+APP_FIELDS = ("applications", "categories", "services", "custom_apps", "domains")
+COMPLEX_NOTE = "not evaluated on the socket: its traffic goes to the PoP"
 
 _ACCOUNT_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _RULE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -84,13 +98,75 @@ class AccountSite:
 
 @dataclass(frozen=True)
 class Rule:
-    """A network rule, kept and shown as written; evaluating rules comes with a later release."""
+    """A network rule: which traffic (simple fields, and application-aware ones that make it
+    complex) and the transport it takes. src/dst as written: networks and site names of the
+    account, () for any."""
 
     name: str
-    body: Mapping[str, Any] = field(default_factory=dict)
+    transport: str  # TRANSPORTS
+    secondary: str | None = None  # SECONDARIES, offcloud rules only
+    src: tuple[str, ...] = ()
+    dst: tuple[str, ...] = ()
+    protocol: str = "any"  # PROTOCOLS
+    ports: tuple[tuple[int, int], ...] = ()  # destination ports, inclusive ranges
+    app: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (APP_FIELDS name, values), as written
+
+    @property
+    def complex(self) -> bool:
+        return bool(self.app)
+
+    @property
+    def note(self) -> str | None:
+        """What the account check says of a complex rule, else None."""
+        if not self.app:
+            return None
+        return f"uses {', '.join(k for k, _ in self.app)}: {COMPLEX_NOTE}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **self.body}
+        """The rule as the account file has it (popctl, the stored account)."""
+        out: dict[str, Any] = {"name": self.name, "transport": self.transport}
+        if self.secondary is not None:
+            out["secondary"] = self.secondary
+        if self.src:
+            out["src"] = list(self.src)
+        if self.dst:
+            out["dst"] = list(self.dst)
+        out["protocol"] = self.protocol
+        if self.ports:
+            out["ports"] = [format_ports(*r) for r in self.ports]
+        for key, values in self.app:
+            out[key] = list(values)
+        return out
+
+    def for_site(self, subnets_of: Mapping[str, Sequence[IPNetwork]]) -> dict[str, Any]:
+        """The rule as a site's `config` carries it: as written, with src/dst resolved to
+        subnets (`src_subnets`, `dst_subnets`; absent = any), ports as [low, high] pairs and
+        `complex` naming the application-aware fields (docs/cloud.md)."""
+
+        def resolve(items: tuple[str, ...]) -> list[str] | None:
+            if not items:
+                return None
+            nets: list[str] = []
+            for item in items:
+                found = subnets_of.get(item)
+                if found is None:
+                    nets.append(str(ipaddress.ip_network(item)))
+                else:
+                    nets.extend(str(n) for n in found)
+            return list(dict.fromkeys(nets))
+
+        return {
+            "name": self.name,
+            "transport": self.transport,
+            "secondary": self.secondary,
+            "src": list(self.src) or None,
+            "dst": list(self.dst) or None,
+            "src_subnets": resolve(self.src),
+            "dst_subnets": resolve(self.dst),
+            "protocol": self.protocol,
+            "ports": [list(r) for r in self.ports],
+            "complex": [k for k, _ in self.app],
+        }
 
 
 @dataclass(frozen=True)
@@ -167,8 +243,23 @@ class Account:
         return frozenset(s.id for s in self.sites)
 
     def site_config(self, site: AccountSite) -> dict[str, Any]:
-        """The `config` a site is sent (docs/cloud.md): its settings, and the firewall."""
-        return {**site.settings(), "firewall": self.firewall_config()}
+        """The `config` a site is sent (docs/cloud.md): its settings, the network rules (in
+        order, site names resolved to subnets) and the firewall."""
+        return {**site.settings(), "rules": self.site_rules, "firewall": self.firewall_config()}
+
+    @functools.cached_property
+    def site_rules(self) -> list[dict[str, Any]]:
+        """The network rules as every site's config carries them (the same for all: resolved
+        once per account, not per site and push)."""
+        subnets_of = self.subnets_by_name()
+        return [r.for_site(subnets_of) for r in self.rules]
+
+    def subnets_by_name(self) -> dict[str, tuple[IPNetwork, ...]]:
+        return {s.name: s.subnets for s in self.sites}
+
+    def notes(self) -> list[str]:
+        """What the account check says per rule beyond errors: the complex rules."""
+        return [f"rules {r.name}: {r.note}" for r in self.rules if r.note]
 
     def firewall_config(self) -> dict[str, Any]:
         """The firewall as sites apply it: every site name replaced by that site's subnets."""
@@ -203,7 +294,8 @@ class Account:
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any]) -> Account:
-        """The inverse of to_doc (for what this module itself stored: trusted input)."""
+        """The inverse of to_doc (for what this module itself stored: trusted input). Rules
+        stored before they had a schema (name and free keys) are not kept."""
         return cls(
             name=str(doc["name"]),
             source=str(doc.get("source", "")),
@@ -218,12 +310,24 @@ class Account:
                 for s in doc["sites"]
             ),
             rules=tuple(
-                Rule(name=str(r["name"]), body={k: v for k, v in r.items() if k != "name"})
-                for r in doc.get("rules", [])
+                _rule_from_dict(r) for r in doc.get("rules", []) if r.get("transport") in TRANSPORTS
             ),
             # An account stored before the firewall existed has none: allow everything.
             firewall=Firewall.from_doc(doc.get("firewall")),
         )
+
+
+def _rule_from_dict(r: Mapping[str, Any]) -> Rule:
+    return Rule(
+        name=str(r["name"]),
+        transport=str(r["transport"]),
+        secondary=r.get("secondary"),
+        src=tuple(r.get("src", ())),
+        dst=tuple(r.get("dst", ())),
+        protocol=str(r.get("protocol", "any")),
+        ports=tuple(port_spec(p) for p in r.get("ports", ())),
+        app=tuple((k, tuple(r[k])) for k in APP_FIELDS if k in r),
+    )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -231,6 +335,21 @@ class Account:
 
 _account_name = matching(_ACCOUNT_NAME_RE, "a name of 1..64 characters [A-Za-z0-9_.-]")
 _rule_name = matching(_RULE_NAME_RE, "a name of 1..64 characters [A-Za-z0-9_.-]")
+def _one_of(choices: Sequence[str]) -> Any:
+    what = " or ".join(f'"{c}"' for c in choices)
+
+    @expects(what)
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(f"expected {what}, got {show(value)}")
+        return value
+
+    return check
+
+
+_transport = _one_of(TRANSPORTS)
+_secondary = _one_of(SECONDARIES)
+_protocol = _one_of(PROTOCOLS)
 
 
 # --------------------------------------------------------------------------- account
@@ -319,11 +438,138 @@ def _check_site_overlaps(c: Checker, doc: Mapping[str, Any]) -> None:
             widest = (net, loc)
 
 
-def _check_rules(c: Checker, doc: Mapping[str, Any]) -> list[Rule] | None:
+def _items(
+    c: Checker, entry: Mapping[str, Any], loc: tuple[str | int, ...], what: str
+) -> list[tuple[int, Any]] | None:
+    """The array at loc: (index, item) pairs, or None (absent, or an error recorded)."""
+    key = loc[-1]
+    assert isinstance(key, str)
+    raw = entry.get(key, MISSING)
+    if raw is MISSING:
+        return None
+    if not isinstance(raw, list) or not raw or len(raw) > MAX_RULE_ITEMS:
+        c.error(
+            loc,
+            f"expected an array of 1..{MAX_RULE_ITEMS} {what} (leave it out for any),"
+            f" got {show(raw) if not isinstance(raw, list) or not raw else f'{len(raw)} entries'}",
+        )
+        return None
+    return list(enumerate(raw))
+
+
+def _check_endpoints(
+    c: Checker, entry: Mapping[str, Any], loc: tuple[str | int, ...], site_names: Sequence[str]
+) -> tuple[str, ...] | None:
+    """src/dst: networks and site names of the account, as written (() = any)."""
+    items = _items(c, entry, loc, "networks or site names")
+    if items is None:
+        return None if loc[-1] in entry else ()
+    out: list[str] = []
+    for i, item in items:
+        if isinstance(item, str) and item in site_names:
+            out.append(item)
+            continue
+        try:
+            out.append(str(network(item)))
+        except ValueError as e:
+            if isinstance(item, str) and not _looks_like_network(item):
+                known = ", ".join(show(n) for n in site_names[:8]) or "none"
+                more = ", ..." if len(site_names) > 8 else ""
+                c.error((*loc, i), f"expected a network or a site name of the account"
+                        f" ({known}{more}), got {show(item)}")
+            else:
+                c.error((*loc, i), f"{e}, or a site name of the account")
+    return tuple(out) if len(out) == len(items) else None
+
+
+def _check_rule(
+    c: Checker, entry: Mapping[str, Any], loc: tuple[str | int, ...], site_names: Sequence[str]
+) -> Rule | None:
+    c.known_keys(
+        entry,
+        loc,
+        ("name", "transport", "secondary", "src", "dst", "protocol", "ports", *APP_FIELDS),
+    )
+    name = c.value(entry, (*loc, "name"), _rule_name)
+    transport = c.value(entry, (*loc, "transport"), _transport)
+    secondary = c.value(entry, (*loc, "secondary"), _secondary, default=None)
+    if transport == "cloud" and secondary is not None:
+        c.error((*loc, "secondary"), 'only a rule with transport = "offcloud" has a secondary')
+        secondary = MISSING
+    elif transport == "offcloud" and secondary is None:
+        secondary = "automatic"
+    protocol = c.value(entry, (*loc, "protocol"), _protocol, default="any")
+    src = _check_endpoints(c, entry, (*loc, "src"), site_names)
+    dst = _check_endpoints(c, entry, (*loc, "dst"), site_names)
+    ports: list[tuple[int, int]] | None = []
+    port_items = _items(c, entry, (*loc, "ports"), "ports or ranges")
+    if port_items is None and "ports" in entry:
+        ports = None
+    for i, item in port_items or []:
+        try:
+            ports.append(port_spec(item))  # type: ignore[union-attr]
+        except ValueError as e:
+            c.error((*loc, "ports", i), str(e))
+            ports = None
+            break
+    if ports and protocol not in ("tcp", "udp", MISSING):
+        # As the firewall's: ports are TCP's and UDP's, and a rule says which.
+        has = f"got protocol {show(protocol)}" if "protocol" in entry else "the rule has none"
+        c.error((*loc, "ports"), f'ports need protocol "tcp" or "udp", {has}')
+        ports = None
+    app: list[tuple[str, tuple[str, ...]]] = []
+    app_ok = True
+    for key in APP_FIELDS:
+        items = _items(c, entry, (*loc, key), "names")
+        if items is None:
+            app_ok &= key not in entry
+            continue
+        values: list[str] = []
+        for i, v in items:
+            if isinstance(v, str) and 1 <= len(v) <= 256 and v.isprintable():
+                values.append(v)
+            else:
+                c.error((*loc, key, i), f"expected a name of 1..256 characters, got {show(v)}")
+                app_ok = False
+        app.append((key, tuple(values)))
+    if MISSING in (name, transport, secondary, protocol) or None in (src, dst, ports):
+        return None
+    if not app_ok:
+        return None
+    return Rule(
+        name=name,
+        transport=transport,
+        secondary=secondary,
+        src=src,  # type: ignore[arg-type]
+        dst=dst,  # type: ignore[arg-type]
+        protocol=protocol,
+        ports=tuple(ports),  # type: ignore[arg-type]
+        app=tuple(app),
+    )
+
+
+def _check_rules(
+    c: Checker, doc: Mapping[str, Any], sites: Sequence[AccountSite] | None
+) -> list[Rule] | None:
     raw = doc.get("rules", [])
     if not isinstance(raw, list):
         c.error(("rules",), f"expected an array of tables [[rules]], got {show(raw)}")
         return None
+    if len(raw) > MAX_RULES:
+        c.error(("rules",), f"expected at most {MAX_RULES} rules (what a socket holds),"
+                f" got {len(raw)}")
+        return None
+    # Names resolve against the sites; when a site entry has errors of its own, against what
+    # its entry says, so that its errors are not repeated for every rule naming it.
+    if sites is not None:
+        site_names = [s.name for s in sites]
+    else:
+        raw_sites = doc.get("sites")
+        site_names = [
+            s["name"] if isinstance(s.get("name"), str) else f"site-{s.get('id')}"
+            for s in (raw_sites if isinstance(raw_sites, list) else [])
+            if isinstance(s, dict)
+        ]
     rules: list[Rule] = []
     ok = True
     seen: dict[str, int] = {}
@@ -333,48 +579,35 @@ def _check_rules(c: Checker, doc: Mapping[str, Any]) -> list[Rule] | None:
             c.error(loc, f"expected a table, got {show(entry)}")
             ok = False
             continue
-        name = c.value(entry, (*loc, "name"), _rule_name)
-        if isinstance(name, str):
-            if name in seen:
-                c.error(
-                    (*loc, "name"), f"duplicate rule name {show(name)} (also rules[{seen[name]}])"
-                )
-                name = MISSING
-            else:
-                seen[name] = i
-        body = {k: v for k, v in entry.items() if k != "name"}
-        try:
-            # Rules travel as JSON (store, popctl); TOML dates and times do not.
-            size = len(json.dumps(body))
-        except (TypeError, ValueError):
-            c.error(loc, "expected strings, numbers, booleans, arrays and tables only (no dates)")
+        rule = _check_rule(c, entry, loc, site_names)
+        if rule is None:
             ok = False
             continue
-        if size > MAX_RULE_BYTES:
-            c.error(loc, f"expected a rule of at most {MAX_RULE_BYTES} bytes as JSON, got {size}")
+        if rule.name in seen:
+            c.error(
+                (*loc, "name"),
+                f"duplicate rule name {show(rule.name)} (also rules[{seen[rule.name]}])",
+            )
             ok = False
             continue
-        if name is MISSING:
+        seen[rule.name] = i
+        rules.append(rule)
+    if ok and sites is not None:
+        subnets_of = {s.name: s.subnets for s in sites}
+        total = sum(
+            len(r.for_site(subnets_of)[k] or ()) for r in rules for k in ("src_subnets",
+                                                                          "dst_subnets")
+        )
+        if total > MAX_RULE_NETS:
+            c.error(("rules",), f"expected at most {MAX_RULE_NETS} networks over all rules once"
+                    f" site names are resolved (what a socket holds), got {total}")
             ok = False
-            continue
-        rules.append(Rule(name=name, body=body))
     return rules if ok else None
 
 
 # --------------------------------------------------------------------------- firewall
 
 _FIREWALL_RULE_KEYS = ("name", "action", "src", "dst", "protocol", "ports")
-
-
-def _one_of(values: tuple[str, ...]) -> Any:
-    what = " or ".join(f'"{v}"' for v in values)
-
-    def check(value: Any) -> str:
-        if not isinstance(value, str) or value not in values:
-            raise ValueError(f"expected {what}, got {show(value)}")
-        return value
-
-    return check
 
 
 _fw_action = _one_of(FIREWALL_ACTIONS)
@@ -532,7 +765,7 @@ def load_account(path: str | os.PathLike[str]) -> Account:
         name = c.value(account_t, ("account", "name"), _account_name)
     sites = _check_sites(c, doc)
     _check_site_overlaps(c, doc)
-    rules = _check_rules(c, doc)
+    rules = _check_rules(c, doc, sites)
     firewall = _check_firewall(c, doc, sites)
     if c.issues:
         raise ConfigError(source, c.issues)

@@ -2,8 +2,9 @@
 
 `popctl [--socket PATH] status|sites|events [--site N] [--limit N]|reload [--json]`. With --json
 the result object is printed as popd sent it (field names in docs/popd.md); without it, a short
-text for people. Exit status as socketctl: 0 success, 1 popd answered an error, 2 usage error,
-3 popd could not be reached.
+text for people, in which text from the sites (names, link names, versions, event texts,
+reasons) shows control characters as escapes (common/visible.py). Exit status as socketctl:
+0 success, 1 popd answered an error, 2 usage error, 3 popd could not be reached.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from sdwan.common.control import CommandFailed, ControlError, ControlUnreachable, request
+from sdwan.common.visible import VisibleWriter, visible, visible_lines
 from sdwan.pop.config import DEFAULT_POP_CONTROL_SOCKET
 
 EXIT_OK = 0
@@ -33,52 +35,67 @@ def _when(ts: Any) -> str:
 def _nonzero(d: Any) -> str:
     if not isinstance(d, dict):
         return "-"
-    items = [f"{k}={v}" for k, v in d.items() if v]
+    items = [f"{_v(k)}={_v(v)}" for k, v in d.items() if v]
     return " ".join(items) or "none"
+
+
+def _v(value: Any) -> str:
+    """A value in a line for people: control characters shown as escapes, never sent raw."""
+    return visible(value)
 
 
 def _print_status(r: dict[str, Any], out: TextIO) -> None:
     acc = r.get("account", {})
-    print(f"PoP {r.get('pop_id')} ({r.get('name')}) version {r.get('version')},"
-          f" up {r.get('uptime_s')} s", file=out)
-    print(f"listening on {r.get('listen')}, STUN on {r.get('stun')}", file=out)
-    print(f"account {acc.get('name')} from {acc.get('file')}: {acc.get('sites')} site(s),"
-          f" {len(acc.get('rules') or [])} rule(s), loaded {_when(acc.get('loaded_at'))}",
-          file=out)
+    print(f"PoP {_v(r.get('pop_id'))} ({_v(r.get('name'))}) version {_v(r.get('version'))},"
+          f" up {_v(r.get('uptime_s'))} s", file=out)
+    print(f"listening on {_v(r.get('listen'))}, STUN on {_v(r.get('stun'))}", file=out)
+    print(f"account {_v(acc.get('name'))} from {_v(acc.get('file'))}:"
+          f" {_v(acc.get('sites'))} site(s), {len(acc.get('rules') or [])} rule(s),"
+          f" loaded {_when(acc.get('loaded_at'))}", file=out)
+    for rule in acc.get("rules") or []:
+        if isinstance(rule, dict) and rule.get("note"):
+            print(f"  rule {_v(rule.get('name'))}: {_v(rule['note'])}", file=out)
     if acc.get("error"):
         print("account file refused (previous account in force):", file=out)
         for line in str(acc["error"]).splitlines():
-            print(f"  {line}", file=out)
-    print(f"sites online {r.get('sites_online')}, sessions {r.get('sessions')},"
-          f" handshaking {r.get('handshaking')}, directory rev {r.get('rev')}", file=out)
+            print(f"  {_v(line)}", file=out)
+    print(f"sites online {_v(r.get('sites_online'))}, sessions {_v(r.get('sessions'))},"
+          f" handshaking {_v(r.get('handshaking'))}, directory rev {_v(r.get('rev'))}", file=out)
     link = r.get("link", {})
-    print(f"udp: rx {link.get('rx_packets')} tx {link.get('tx_packets')} packets;"
+    print(f"udp: rx {_v(link.get('rx_packets'))} tx {_v(link.get('tx_packets'))} packets;"
           f" drops {_nonzero(link.get('drops'))}", file=out)
     control = {k: v for k, v in (r.get("control") or {}).items() if k != "dtls"}
     print(f"control: {_nonzero(control)}", file=out)
     stun = r.get("stun_server", {})
-    print(f"stun: {stun.get('answers')} answered, dropped {_nonzero(stun.get('dropped'))}",
+    print(f"stun: {_v(stun.get('answers'))} answered, dropped {_nonzero(stun.get('dropped'))}",
           file=out)
     for rej in r.get("rejections") or []:
-        print(f"refused {_when(rej.get('at'))} {rej.get('from')}: {rej.get('reason')}", file=out)
+        print(f"refused {_when(rej.get('at'))} {_v(rej.get('from'))}: {_v(rej.get('reason'))}",
+              file=out)
 
 
 def _print_sites(r: dict[str, Any], out: TextIO) -> None:
     print(f"{'SITE':>5}  {'NAME':<16} {'ONLINE':<6} {'SUBNETS':<24} LINKS", file=out)
     for s in r.get("sites", []):
         links = ", ".join(
-            f"{x['link']}(p{x['precedence']}) {x['public']}"
-            f"{' mtu ' + str(x['mtu']) if x.get('mtu') else ''}{' *' if x.get('routed') else ''}"
+            f"{_v(x['link'])}(p{_v(x['precedence'])}) {_v(x['public'])}"
+            f"{' mtu ' + _v(x['mtu']) if x.get('mtu') else ''}{' *' if x.get('routed') else ''}"
             for x in s.get("sessions", [])
         ) or "-"
-        print(f"{s['site_id']:>5}  {s['name']:<16} {'yes' if s['online'] else 'no':<6}"
-              f" {','.join(s['subnets']):<24} {links}", file=out)
+        subnets = ",".join(_v(n) for n in s["subnets"])
+        print(f"{_v(s['site_id']):>5}  {_v(s['name']):<16} {'yes' if s['online'] else 'no':<6}"
+              f" {subnets:<24} {links}", file=out)
 
 
 def _print_events(r: dict[str, Any], out: TextIO) -> None:
     for e in r.get("events", []):
-        site = f"site {e['site_id']}" if e.get("site_id") else "pop"
-        print(f"{_when(e.get('ts'))}  {site:<10} {e.get('kind'):<22} {e.get('text')}", file=out)
+        site = f"site {_v(e['site_id'])}" if e.get("site_id") else "pop"
+        print(f"{_when(e.get('ts'))}  {site:<10} {_v(e.get('kind')):<22} {_v(e.get('text'))}",
+              file=out)
+
+
+# What each command prints for people (the JSON goes out as it came).
+PRINTERS = {"status": _print_status, "sites": _print_sites, "events": _print_events}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,32 +127,33 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     try:
         result = request(args.socket, args.command, timeout=args.timeout, **req)
     except ControlUnreachable as e:
-        print(f"popctl: {str(e).replace('socketd', 'popd')}", file=sys.stderr)
+        print(f"popctl: {visible(str(e).replace('socketd', 'popd'))}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except CommandFailed as e:
-        print(f"popctl: {e}", file=sys.stderr)
+        print(f"popctl: {visible(e)}", file=sys.stderr)
         return EXIT_COMMAND_FAILED
     except ControlError as e:
-        print(f"popctl: {e}", file=sys.stderr)
+        print(f"popctl: {visible(e)}", file=sys.stderr)
         return EXIT_UNREACHABLE
     if args.json:
         json.dump(result, out, indent=2, sort_keys=True)
         print(file=out)
     if args.command == "reload" and not result.get("loaded", True):
         print(f"popctl: account file refused, the previous account stays in force:\n"
-              f"{result.get('error')}", file=sys.stderr)
+              f"{visible_lines(str(result.get('error')))}", file=sys.stderr)
         return EXIT_COMMAND_FAILED
     if args.json:
         return EXIT_OK
-    if args.command == "status":
-        _print_status(result, out)
-    elif args.command == "sites":
-        _print_sites(result, out)
-    elif args.command == "events":
-        _print_events(result, out)
+    # Whatever a printer forgot to pass through _v still reaches the terminal escaped.
+    text = VisibleWriter(out)
+    if args.command in PRINTERS:
+        PRINTERS[args.command](result, text)
     else:
-        print(f"account reloaded: changed {result.get('changed')}, removed"
-              f" {result.get('removed')}, directory rev {result.get('rev')}", file=out)
+        print(f"account reloaded: changed {_v(result.get('changed'))}, removed"
+              f" {_v(result.get('removed'))}, directory rev {_v(result.get('rev'))}", file=text)
+        for note in result.get("notes") or []:
+            print(f"  {_v(note)}", file=text)
+    text.flush()
     return EXIT_OK
 
 

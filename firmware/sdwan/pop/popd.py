@@ -314,6 +314,7 @@ class Pop(SessionOwner):
         else:
             self.account = account
             self.store.put_doc("account", account.to_doc())
+            self._log_notes(account)
             self._event(
                 "popd.account.loaded",
                 f"account {account.name}: {len(account.sites)} site(s),"
@@ -938,7 +939,8 @@ class Pop(SessionOwner):
                 self._drop(s, "site removed from the account")
         for site in new.sites:
             before = old.site(site.id) if old is not None else None
-            # A site's config is its settings and the account's firewall (docs/cloud.md).
+            # A site's config is its settings, the account's network rules and its firewall
+            # (docs/cloud.md), site names resolved: another site's subnets changing changes it.
             config = new.site_config(site)
             if before is None or old is None or old.site_config(before) != config:
                 changed.append(site.id)
@@ -953,9 +955,23 @@ class Pop(SessionOwner):
             f" changed {changed or 'none'}, removed {removed or 'none'}"
         )
         log.info("%s", text)
+        self._log_notes(new)
         self._event("popd.account.loaded", text, changed=changed, removed=removed)
         self._recompute()
-        return {"ok": True, "changed": changed, "removed": removed, "rev": self.rev}
+        return {
+            "ok": True,
+            "changed": changed,
+            "removed": removed,
+            "rev": self.rev,
+            "notes": new.notes(),
+        }
+
+    @staticmethod
+    def _log_notes(account: Account) -> None:
+        """The account check's word on rules that load but are not what they seem: the
+        complex ones (docs/popd.md, "Network rules")."""
+        for note in account.notes():
+            log.warning("%s", note)
 
     # ---------------------------------------------------------------- control socket
 
@@ -976,7 +992,10 @@ class Pop(SessionOwner):
                 "name": self.account.name,
                 "file": str(self.cfg.account),
                 "sites": len(self.account.sites),
-                "rules": [r.to_dict() for r in self.account.rules],
+                "rules": [
+                    {**r.to_dict(), "complex": r.complex, "note": r.note}
+                    for r in self.account.rules
+                ],
                 "firewall": {
                     "default": self.account.firewall.default,
                     "rules": len(self.account.firewall.rules),

@@ -6,7 +6,10 @@ registration and the `welcome` / `config` / `directory` messages, keepalives and
 detection on the supervisor's clock, ping/pong round-trip times, the choice of the primary or
 a secondary PoP (with the hold time before returning), the cloud's route candidates (every
 other site's subnets to the PoP session on the best live link, submitted to paths.py, which
-decides and installs the routes), the persistence of the configuration and
+decides and installs the routes), the check of every prefix of the directory before anything
+uses it (`_valid_directory`: no prefix wider than /8, none in the special ranges, none
+overlapping the LAN's or a static peer's subnets, common/addressing.py; a refused prefix is
+dropped from its entry, counted and logged once), the persistence of the configuration and
 directory in the store (and starting from them, marked stale, when no PoP answers), the
 upload of the socket's events, and which STUN server the links are mapped against (the
 active PoP's; the links themselves, their precedence and their public endpoints are the link
@@ -25,12 +28,14 @@ import json
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from sdwan.bindings.fastpath import FastPath, FastPathError
+from sdwan.common.addressing import Owned, check_prefix
 from sdwan.common.dtls import DtlsSession
 from sdwan.common.sessions import SessionOwner
 from sdwan.common.store import Store, StoreError
@@ -65,6 +70,10 @@ MAX_MESSAGE = 16 * 1024
 REGISTER_RESEND_S = 1.0
 PINGS_KEPT = 8
 PATHS_PRODUCER = "cloud"  # the name this module's candidates go by in paths.py
+# Refused prefixes of the directory are logged once each: this many (site, prefix) pairs are
+# remembered; past that a hostile PoP's churn is still counted, logged no more.
+REFUSED_REMEMBERED = 4096
+REFUSED_SHOWN = 16  # the latest first refusals in `socketctl pop`
 
 
 def pop_peer_id(pop_id: int, link_id: int) -> int:
@@ -94,6 +103,7 @@ class CloudStats:
     refused: int = 0
     bad_directory_entries: int = 0
     directory_gaps: int = 0  # deltas on another base than ours (the next ping repairs it)
+    refused_prefixes: int = 0  # prefixes of the directory refused (each counted once)
 
 
 @dataclass
@@ -398,8 +408,13 @@ class Cloud(SessionOwner):
         port: Port,
         store: Store | None,
         clock: Callable[[], float] = time.monotonic,
+        owned: Sequence[Owned] = (),
     ) -> None:
         self.site_id = site_id
+        # The LAN's and the static peers' subnets: no prefix of the directory may overlap them.
+        self.owned = tuple(owned)
+        self._refused: dict[tuple[int, str], str] = {}
+        self._refused_recent: deque[dict[str, Any]] = deque(maxlen=REFUSED_SHOWN)
         self.version = version
         self.links = links
         self.pops = list(pops)
@@ -590,6 +605,10 @@ class Cloud(SessionOwner):
             watcher()
 
     def _valid_directory(self, entries: list[Any]) -> list[dict[str, Any]]:
+        """The entries fit to use: a malformed entry is dropped whole (counted), and each
+        prefix is checked like an address learned from the network (`check_prefix`): a refused
+        one is taken out of its entry, so neither the cloud's nor the mesh's routes, nor
+        `peers`, nor the stored copy ever hold it."""
         good = []
         for entry in entries:
             try:
@@ -598,14 +617,41 @@ class Cloud(SessionOwner):
                 sid = entry["site_id"]
                 if not isinstance(sid, int) or isinstance(sid, bool) or not 1 <= sid <= 65535:
                     raise ValueError(f"bad site_id {sid!r}")
-                _parse_networks(entry.get("subnets"))
+                nets = _parse_networks(entry.get("subnets"))
             except (ValueError, KeyError, TypeError) as e:
                 self.stats.bad_directory_entries += 1
                 log.warning("directory entry dropped: %s", e)
                 continue
-            if entry["site_id"] != self.site_id:
-                good.append(entry)
+            if sid == self.site_id:
+                continue
+            kept = []
+            for net in nets:
+                try:
+                    # A static peer listed with its own subnets is that peer, not a hijack.
+                    check_prefix(net, self.owned, except_site=sid)
+                except ValueError as e:
+                    self._refuse_prefix(sid, net, str(e))
+                    continue
+                kept.append(str(net))
+            if len(kept) != len(entry["subnets"]):
+                entry = {**entry, "subnets": kept}
+            good.append(entry)
         return good
+
+    def _refuse_prefix(self, site_id: int, net: IPNetwork, reason: str) -> None:
+        """Count and log a refused prefix of the directory, once per site and prefix (a PoP
+        sends its directory again and again)."""
+        key = (site_id, str(net))
+        if key in self._refused:
+            return
+        self.stats.refused_prefixes += 1
+        if len(self._refused) >= REFUSED_REMEMBERED:
+            return
+        self._refused[key] = reason
+        self._refused_recent.append({"site_id": site_id, "prefix": str(net), "reason": reason})
+        log.warning(
+            "directory: prefix %s of site %d refused, never routed: %s", net, site_id, reason
+        )
 
     def _set_directory(self, rev: Any, directory: list[Any]) -> None:
         entries = sorted(self._valid_directory(directory), key=lambda e: e["site_id"])
@@ -905,6 +951,7 @@ class Cloud(SessionOwner):
                 "refused": self.stats.refused,
                 "bad_directory_entries": self.stats.bad_directory_entries,
                 "directory_gaps": self.stats.directory_gaps,
+                "refused_prefixes": self.stats.refused_prefixes,
             },
         }
 
@@ -937,7 +984,11 @@ class Cloud(SessionOwner):
                 row["public"] = wl.public_str()
                 row["stun"] = wl.stun.status(now)
                 rows.append(row)
-        return {**self.summary(), "sessions": rows}
+        return {
+            **self.summary(),
+            "sessions": rows,
+            "refused_prefixes": list(reversed(self._refused_recent)),
+        }
 
     def peers(self, listed: Container[int]) -> list[dict[str, Any]]:
         return self.directory_peers(exclude=listed)

@@ -10,6 +10,7 @@ schema is documented in docs/config.md.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sdwan.common.addressing import MODES as _ADDRESSING_MODES
-from sdwan.common.addressing import Addressing
+from sdwan.common.addressing import Addressing, Owned, check_wan_address
 from sdwan.common.tomlcheck import (
     MAX_UNIX_SOCKET_PATH,
     MISSING,
@@ -229,6 +230,22 @@ class SiteConfig:
             if peer.site_id == site_id:
                 return peer
         raise KeyError(site_id)
+
+    def owned(self) -> tuple[Owned, ...]:
+        """The LAN's and the static peers' subnets: what no WAN address, DHCP lease or prefix
+        of the PoP's directory may overlap."""
+        return owned_subnets(self.lan, self.peers)
+
+
+def owned_subnets(lan: Lan, peers: tuple[Peer, ...] | list[Peer]) -> tuple[Owned, ...]:
+    return (
+        *(Owned(net, "the LAN") for net in lan.subnets),
+        *(
+            Owned(net, f"static peer site {p.site_id}", p.site_id)
+            for p in peers
+            for net in p.subnets
+        ),
+    )
 
 
 _tun_name = matching(_TUN_NAME_RE, "an interface name of 1..15 characters [A-Za-z0-9_.-]")
@@ -694,6 +711,19 @@ def _check_overlaps(c: Checker, doc: Mapping[str, Any]) -> None:
             widest = (net, loc)
 
 
+def _check_static_addresses(c: Checker, links: list[Link], owned: tuple[Owned, ...]) -> None:
+    """A static WAN address's network must not overlap the LAN or a static peer's subnets (the
+    same check a DHCP lease gets, appliance/wanaddr.py)."""
+    for i, link in enumerate(links):
+        a = link.addressing
+        if a.mode != "static" or a.address is None:
+            continue
+        try:
+            check_wan_address(ipaddress.ip_interface(a.address), owned)
+        except ValueError as exc:
+            c.error(("links", i, "addressing", "address"), str(exc))
+
+
 def _validate(doc: dict[str, Any], source: Path, c: Checker) -> SiteConfig | None:
     base = source.parent
     c.known_keys(
@@ -790,6 +820,8 @@ def _validate(doc: dict[str, Any], source: Path, c: Checker) -> SiteConfig | Non
     appliance = _check_appliance(c, doc, base)
     mesh = _check_mesh(c, doc, links)
     _check_overlaps(c, doc)
+    if links is not None and lan is not None and peers is not None:
+        _check_static_addresses(c, links, owned_subnets(lan, peers))
 
     if c.issues:
         return None

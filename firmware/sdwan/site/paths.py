@@ -1,11 +1,12 @@
 """Which peer and which transport carries each prefix: the one owner of the socket's routes.
 
 Owns, per docs/paths.md: the candidates every producer submits (static peers, the cloud
-directory, the mesh, Alt-WAN; later off-cloud rules), the local prefixes that never go
-into a tunnel, the policy that picks one candidate per prefix, the fast path's prefix table
-(changed nowhere else, only by differences, in one batch call) and the set of prefixes the
-kernel must route into the TUN device, handed to the supervisor whenever it changes (the
-supervisor applies it off the loop).
+directory, the mesh, Alt-WAN), the local prefixes that never go into a tunnel, the policy
+that picks one candidate per prefix, the fast path's prefix table (changed nowhere else, only
+by differences, in one batch call) with, per prefix, the two peers the off-cloud transport
+rules may send to instead (the usable off-cloud path and the cloud path), and the set of
+prefixes the kernel must route into the TUN device, handed to the supervisor whenever it
+changes (the supervisor applies it off the loop).
 """
 
 from __future__ import annotations
@@ -77,6 +78,16 @@ class Choice:
     candidate: Candidate
     producer: str
     why: str
+    # For the transport rules (docs/paths.md, "Off-cloud transport rules"), 0 = none: the
+    # prefix's usable off-cloud path (its mesh tunnel, or the direct peer chosen) and its
+    # cloud path (none under cloud_lost).
+    offcloud_peer: int = 0
+    cloud_peer: int = 0
+
+    @property
+    def entry(self) -> tuple[int, int, int]:
+        """What the fast path's route holds: (peer, offcloud_peer, cloud_peer)."""
+        return (self.candidate.peer_id, self.offcloud_peer, self.cloud_peer)
 
 
 @dataclass(frozen=True)
@@ -126,7 +137,8 @@ class Paths:
         self._override_why = "per-rule override"
         self.batches = 0  # batch calls made, for status
         self._sets: dict[str, tuple[Candidate, ...]] = {}  # by producer, in submission order
-        self._installed: dict[Network, int] = {}  # what the fast path has, as far as we know
+        # What the fast path has, as far as we know: (peer, offcloud_peer, cloud_peer).
+        self._installed: dict[Network, tuple[int, int, int]] = {}
         self._chosen: dict[Network, Choice] = {}
         self._unused: list[Unused] = []
         self._tun: tuple[str, ...] = ()
@@ -177,7 +189,8 @@ class Paths:
     def forget_peer(self, peer_id: int) -> None:
         """The fast path dropped peer_id and with it its routes (fp_peer_del): what it still
         has is no longer what we installed, so whatever is chosen for it is set again."""
-        gone = [p for p, pid in self._installed.items() if pid == peer_id]
+        # Routes naming it for the rules only keep their peer, without it (table.c).
+        gone = [p for p, entry in self._installed.items() if peer_id in entry]
         for p in gone:
             del self._installed[p]
         if gone:
@@ -257,11 +270,29 @@ class Paths:
                 elif match is not None and match[1] != pick:
                     producer, pick = match
                     why = self._override_why
-            chosen[prefix] = Choice(pick, producer, why)
+            chosen[prefix] = Choice(pick, producer, why, *self._rule_peers(usable, pick))
             for p, c in usable:
                 if c is not pick:
                     unused.append(Unused(c, p, f"{pick.transport} via {producer} chosen"))
         return chosen, unused
+
+    def _rule_peers(self, usable: list[tuple[str, Candidate]], pick: Candidate) -> tuple[int, int]:
+        """The transport rules' two peers for a prefix, from its usable candidates (best
+        first): its off-cloud path is its best mesh candidate (the mesh submits one only
+        while the tunnel is up; a held one is usable only while recovery wants it), or the
+        direct peer when one is chosen (a static tunnel is off the cloud already), never an
+        Alt-WAN tunnel; its cloud path is its best cloud candidate, except where the cloud is
+        what is missing: under cloud_lost, and for a site the cloud cannot reach (lost_peers,
+        known by its Alt-WAN or mesh candidates' site)."""
+        mesh = [c.peer_id for _, c in usable if c.transport is Transport.MESH]
+        offcloud = mesh[0] if mesh else 0
+        if not offcloud and pick.transport is Transport.DIRECT:
+            offcloud = pick.peer_id
+        sites = {c.site for _, c in usable if c.transport in (Transport.MESH, Transport.ALT_WAN)}
+        cloud = 0
+        if self.policy is not Policy.CLOUD_LOST and not self.lost_peers.intersection(sites):
+            cloud = next((c.peer_id for _, c in usable if c.transport is Transport.CLOUD), 0)
+        return offcloud, cloud
 
     def _why(self, usable: list[tuple[str, Candidate]]) -> str:
         if len(usable) == 1:
@@ -292,8 +323,8 @@ class Paths:
             return
         self._dirty = False
         self._chosen, self._unused = self._choose()
-        want = {p: ch.candidate.peer_id for p, ch in self._chosen.items()}
-        sets = [(p, pid) for p, pid in want.items() if self._installed.get(p) != pid]
+        want = {p: ch.entry for p, ch in self._chosen.items()}
+        sets = [(p, entry) for p, entry in want.items() if self._installed.get(p) != entry]
         dels = [p for p in self._installed if p not in want]
         if sets or dels:
             self._push(sets, dels)
@@ -303,32 +334,35 @@ class Paths:
             if self.on_tun_routes is not None:
                 self.on_tun_routes(list(tun))
 
-    def _push(self, sets: list[tuple[Network, int]], dels: list[Network]) -> None:
+    def _push(self, sets: list[tuple[Network, tuple[int, int, int]]], dels: list[Network]) -> None:
         self.batches += 1
         try:
-            self.fp.route_batch(sets, dels)
+            self.fp.route_batch([(p, *entry) for p, entry in sets], dels)
         except FastPathError as e:
             # One bad route (a peer that is gone) must not hold back all the others: find it
             # one route at a time, and try it again at the next apply.
             log.debug("route batch (%d set, %d del) failed: %s", len(sets), len(dels), e)
             self._push_each(sets, dels)
             return
-        for p, pid in sets:
-            self._installed[p] = pid
+        for p, entry in sets:
+            self._installed[p] = entry
             self._failures.pop(p, None)
         for p in dels:
             del self._installed[p]
             self._failures.pop(p, None)
 
-    def _push_each(self, sets: list[tuple[Network, int]], dels: list[Network]) -> None:
-        for p, pid in sets:
+    def _push_each(
+        self, sets: list[tuple[Network, tuple[int, int, int]]], dels: list[Network]
+    ) -> None:
+        for p, entry in sets:
             self.batches += 1
             try:
-                self.fp.route_batch([(p, pid)], [])
+                self.fp.route_batch([(p, *entry)], [])
             except FastPathError as e:
-                self._failed(p, f"set to peer {pid:#x}", e)
+                pid, off, cloud = entry
+                self._failed(p, f"set to peer {pid:#x} (offcloud {off:#x}, cloud {cloud:#x})", e)
             else:
-                self._installed[p] = pid
+                self._installed[p] = entry
                 self._failures.pop(p, None)
         for p in dels:
             self.batches += 1
@@ -375,7 +409,9 @@ class Paths:
                 {
                     **row(ch.candidate, ch.producer),
                     "why": ch.why,
-                    "installed": self._installed.get(p) == ch.candidate.peer_id,
+                    "installed": self._installed.get(p) == ch.entry,
+                    "offcloud_peer": ch.offcloud_peer or None,
+                    "cloud_peer": ch.cloud_peer or None,
                 }
                 for p, ch in sorted(self._chosen.items(), key=lambda i: _order(i[0]))
             ],

@@ -1,15 +1,19 @@
 """socketctl: the operator's command line over socketd's control socket.
 
-`socketctl [--socket PATH] status|peers|pop|routes|mesh|firewall|events|links [--json]`, and
+`socketctl [--socket PATH] status|peers|pop|routes|rules|recovery|mesh|firewall|events|links
+[--json]`, and
 `socketctl set-link LINK static ADDR/PREFIX GATEWAY | set-link LINK dhcp`. With --json the
 result object is printed as socketd sent it (the field names are a stable interface, see
-docs/socketctl.md); without it, a table for people. Exit status: 0 success, 1 socketd answered
-an error, 2 usage error, 3 socketd could not be reached.
+docs/socketctl.md); without it, a table for people, in which text from the network (names,
+versions, event texts, reasons) shows control characters as escapes (common/visible.py; the
+console prints the same tables). Exit status: 0 success, 1 socketd answered an error, 2 usage
+error, 3 socketd could not be reached.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -18,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
 from sdwan.common.control import CommandFailed, ControlError, ControlUnreachable, request
+from sdwan.common.visible import VisibleWriter, visible
 from sdwan.site.config import DEFAULT_CONTROL_SOCKET
 
 EXIT_OK = 0
@@ -71,18 +76,24 @@ def _ago(seconds: Any) -> str:
 
 
 def _text(value: Any) -> str:
+    """A field for a table cell: control characters shown as escapes, never sent raw."""
     if value is None or value == "":
         return _DASH
     if isinstance(value, list):
         return ",".join(_text(v) for v in value) or _DASH
-    return str(value)
+    return visible(value)
+
+
+def _reason(value: Any) -> str:
+    """A reason column: empty when there is none."""
+    return visible(value) if value else ""
 
 
 def _drops(drops: Any) -> str:
     """Non-zero drop counters as `reason=n`, the only ones an operator needs to see."""
     if not isinstance(drops, Mapping):
         return _DASH
-    items = [f"{k}={_num(v)}" for k, v in sorted(drops.items()) if v]
+    items = [f"{visible(k)}={_num(v)}" for k, v in sorted(drops.items()) if v]
     return " ".join(items) if items else "none"
 
 
@@ -101,9 +112,23 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -
         out.write("\n")
 
 
+def _visible_out(
+    fmt: Callable[[Mapping[str, Any], TextIO], None],
+) -> Callable[[Mapping[str, Any], TextIO], None]:
+    """Every formatter writes through a VisibleWriter: a field not passed through _text still
+    reaches the terminal with its control characters escaped (only line ends pass)."""
+
+    @functools.wraps(fmt)
+    def wrapper(result: Mapping[str, Any], out: TextIO) -> None:
+        fmt(result, out if isinstance(out, VisibleWriter) else VisibleWriter(out))
+
+    return wrapper
+
+
 # --------------------------------------------------------------------------- commands
 
 
+@_visible_out
 def format_status(result: Mapping[str, Any], out: TextIO) -> None:
     site = f"{_text(result.get('site_id'))} ({_text(result.get('name'))})"
     fields = [
@@ -182,6 +207,7 @@ def format_status(result: Mapping[str, Any], out: TextIO) -> None:
             out.write(f"  {when}  {_text(src)}  {_text(item.get('reason'))}\n")
 
 
+@_visible_out
 def format_peers(result: Mapping[str, Any], out: TextIO) -> None:
     peers = result.get("peers") or []
     if not peers:
@@ -207,13 +233,13 @@ def format_peers(result: Mapping[str, Any], out: TextIO) -> None:
                     _DASH,
                     _DASH,
                     _DASH,
-                    str(peer.get("reason") or "") if state != "up" else "",
+                    _reason(peer.get("reason")) if state != "up" else "",
                 ]
             )
             continue
         state = _text(peer.get("state"))
         # An up tunnel may still carry the reason of its last transition; it is noise then.
-        reason = str(peer.get("reason") or "") if state != "up" else ""
+        reason = _reason(peer.get("reason")) if state != "up" else ""
         rows.append(
             [
                 _text(peer.get("site_id")),
@@ -235,6 +261,7 @@ def format_peers(result: Mapping[str, Any], out: TextIO) -> None:
     _table([*headers, "RX PKTS", "TX PKTS", "DROPS", "REASON"], rows, out)
 
 
+@_visible_out
 def format_pop(result: Mapping[str, Any], out: TextIO) -> None:
     state = _text(result.get("state"))
     if state == "off":
@@ -247,8 +274,19 @@ def format_pop(result: Mapping[str, Any], out: TextIO) -> None:
         out.write("config   stale: the stored copy, no PoP has answered since the start\n")
     out.write(
         f"config   rev {_text(result.get('config_rev'))}, directory rev "
-        f"{_text(result.get('directory_rev'))}, {_num(result.get('sites'))} other sites\n\n"
+        f"{_text(result.get('directory_rev'))}, {_num(result.get('sites'))} other sites\n"
     )
+    messages = result.get("messages")
+    count = messages.get("refused_prefixes") if isinstance(messages, Mapping) else None
+    if count:
+        out.write(f"refused  {_num(count)} prefixes of the directory, never routed:\n")
+        for r in result.get("refused_prefixes") or []:
+            if isinstance(r, Mapping):
+                out.write(
+                    f"  site {_text(r.get('site_id'))} {_text(r.get('prefix'))}:"
+                    f" {_text(r.get('reason'))}\n"
+                )
+    out.write("\n")
     rows = []
     for s in result.get("sessions") or []:
         if not isinstance(s, Mapping):
@@ -265,13 +303,14 @@ def format_pop(result: Mapping[str, Any], out: TextIO) -> None:
                 f"{rtt:g} ms" if isinstance(rtt, int | float) else _DASH,
                 _num(s.get("mtu")),
                 _ago(s.get("last_seen_s")),
-                str(s.get("reason") or "") if s.get("state") != "connected" else "",
+                _reason(s.get("reason")) if s.get("state") != "connected" else "",
             ]
         )
     headers = ["POP", "ROLE", "ENDPOINT", "LINK", "STATE", "PUBLIC", "RTT", "MTU", "LAST SEEN"]
     _table([*headers, "REASON"], rows, out)
 
 
+@_visible_out
 def format_events(result: Mapping[str, Any], out: TextIO) -> None:
     events = result.get("events") or []
     if not events:
@@ -296,18 +335,19 @@ def _prec(link: Mapping[str, Any]) -> str:
 
 def _link_detail(link: Mapping[str, Any]) -> str:
     if link.get("error"):
-        return f"error: {link['error']}"
+        return f"error: {_text(link['error'])}"
     dhcp = link.get("dhcp")
     if isinstance(dhcp, Mapping):
         text = f"dhcp {_text(dhcp.get('state'))}"
         if dhcp.get("server"):
-            text += f" from {dhcp['server']}"
+            text += f" from {_text(dhcp['server'])}"
         if dhcp.get("lease_s") is not None:
             text += f", lease {_duration(dhcp.get('lease_s'))}"
         return text
     return ""
 
 
+@_visible_out
 def format_links(result: Mapping[str, Any], out: TextIO) -> None:
     links = result.get("links") or []
     if not links:
@@ -331,6 +371,7 @@ def format_links(result: Mapping[str, Any], out: TextIO) -> None:
     _table(headers, rows, out)
 
 
+@_visible_out
 def format_routes(result: Mapping[str, Any], out: TextIO) -> None:
     out.write(f"policy   {_text(result.get('policy'))}\n\n")
     rows = []
@@ -362,6 +403,54 @@ def format_routes(result: Mapping[str, Any], out: TextIO) -> None:
             )
 
 
+def _rule_match(r: Mapping[str, Any]) -> str:
+    proto = _text(r.get("protocol"))
+    ports = ",".join(
+        str(p[0]) if p[0] == p[1] else f"{p[0]}-{p[1]}"
+        for p in r.get("ports") or []
+        if isinstance(p, list) and len(p) == 2
+    )
+    return f"{proto} {ports}" if ports else proto
+
+
+@_visible_out
+def format_rules(result: Mapping[str, Any], out: TextIO) -> None:
+    rows = []
+    notes = []
+    for r in result.get("rules") or []:
+        if not isinstance(r, Mapping):
+            continue
+        transport = _text(r.get("transport"))
+        if r.get("secondary"):
+            transport += f" (else {r['secondary']})"
+        if r.get("complex"):
+            notes.append(f"  {_text(r.get('name'))}: {_text(r.get('note'))}")
+        rows.append(
+            [
+                _text(r.get("index")),
+                _text(r.get("name")) + (" *" if r.get("complex") else ""),
+                transport,
+                _rule_match(r),
+                _text(r.get("src")) if r.get("src") else "any",
+                _text(r.get("dst")) if r.get("dst") else "any",
+                _num(r.get("hits")),
+                _text(r.get("now")),
+            ]
+        )
+    if rows:
+        _table(["#", "NAME", "TRANSPORT", "MATCH", "FROM", "TO", "HITS", "NOW"], rows, out)
+    else:
+        out.write("no rules\n")
+    if notes:
+        out.write("\n* complex:\n" + "\n".join(notes) + "\n")
+    if result.get("error"):
+        out.write(f"\nnot taken: {result['error']}\n")
+    drops = result.get("drops")
+    if isinstance(drops, int) and drops:
+        out.write(f"\ndropped while the off-cloud path was down: {drops}\n")
+
+
+@_visible_out
 def format_mesh(result: Mapping[str, Any], out: TextIO) -> None:
     if not result.get("enabled"):
         out.write("mesh off ([mesh] enabled = false)\n")
@@ -387,7 +476,7 @@ def format_mesh(result: Mapping[str, Any], out: TextIO) -> None:
                 f"{rtt} ms" if isinstance(rtt, (int, float)) else _DASH,
                 _num(p.get("mtu")),
                 _ago(p.get("last_rx_s")),
-                "" if state == "direct" else str(p.get("reason") or ""),
+                "" if state == "direct" else _reason(p.get("reason")),
             ]
         )
     if rows:
@@ -413,6 +502,7 @@ def _recovery_line(r: Mapping[str, Any]) -> str:
     return "ready (not active)"
 
 
+@_visible_out
 def format_recovery(result: Mapping[str, Any], out: TextIO) -> None:
     out.write(f"recovery {_recovery_line(result)}\n")
     out.write(f"hold     {_duration(result.get('hold_s'))}\n\n")
@@ -454,6 +544,7 @@ def _match(values: Any) -> str:
     return "any" if values is None else _text(values)
 
 
+@_visible_out
 def format_firewall(result: Mapping[str, Any], out: TextIO) -> None:
     out.write(f"firewall {_firewall_summary(result)}\n")
     if result.get("state") == "none":
@@ -501,6 +592,7 @@ def format_firewall(result: Mapping[str, Any], out: TextIO) -> None:
     _table(headers, rows, out)
 
 
+@_visible_out
 def format_set_link(result: Mapping[str, Any], out: TextIO) -> None:
     """set-link answers with the link's new `links` entry."""
     format_links({"links": [result]}, out)
@@ -511,6 +603,7 @@ FORMATTERS: dict[str, Callable[[Mapping[str, Any], TextIO], None]] = {
     "peers": format_peers,
     "pop": format_pop,
     "routes": format_routes,
+    "rules": format_rules,
     "mesh": format_mesh,
     "recovery": format_recovery,
     "firewall": format_firewall,
@@ -542,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
         "peers": "the other sites: direct tunnels (state, endpoint, traffic) and cloud sites",
         "pop": "sessions to the PoPs per link: state, RTT, last seen, reason when down",
         "routes": "which peer and transport carries each prefix, and why",
+        "rules": "the off-cloud transport rules: what each matches, its hits, its transport now",
         "mesh": "direct tunnels to the other sites: per peer and link, how found, why not",
         "recovery": "WAN recovery: active or not and why, per site where its traffic goes",
         "firewall": "the LAN firewall: rules in order with their counters, default, state",
@@ -596,13 +690,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             timeout = max(timeout, 40.0)
         result = request(args.socket, args.command, timeout=timeout, **extra)
     except ControlUnreachable as exc:
-        print(f"socketctl: {exc}", file=sys.stderr)
+        print(f"socketctl: {visible(exc)}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except CommandFailed as exc:
-        print(f"socketctl: {args.command}: {exc}", file=sys.stderr)
+        print(f"socketctl: {args.command}: {visible(exc)}", file=sys.stderr)
         return EXIT_COMMAND_FAILED
     except ControlError as exc:
-        print(f"socketctl: {exc}", file=sys.stderr)
+        print(f"socketctl: {visible(exc)}", file=sys.stderr)
         return EXIT_COMMAND_FAILED
     try:
         if args.json:

@@ -5,9 +5,9 @@ the WAN links (links.py: sockets, state, STUN) -> kernel routes and MSS clamp (n
 of sessions registered: one PeerTunnel per configured peer (tunnel.py), the off-cloud mesh
 (mesh.py, also the handler of probe datagrams and of the PoP's punches), the Alt-WAN tunnels
 (altwan.py) and the PoP sessions (cloud.py) -> the routes of every prefix, static, mesh,
-Alt-WAN and cloud (paths.py) -> the LAN firewall
-from the cloud's config (firewall.py) -> events and cloud documents in the store (store.py) ->
-status over the control socket (control.py).
+Alt-WAN and cloud (paths.py) and the off-cloud transport rules of the cloud's config
+(rules.py) -> the LAN firewall from the cloud's config (firewall.py) -> events and cloud
+documents in the store (store.py) -> status over the control socket (control.py).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from sdwan.site.links import LinkError, LinkManager
 from sdwan.site.mesh import Mesh, pin_override
 from sdwan.site.paths import Candidate, Paths, Transport
 from sdwan.site.recovery import STORED_MAX_AGE_S, Reach, Recovery
+from sdwan.site.rules import Rules
 from sdwan.site.tundev import TunError, attach_tun
 from sdwan.site.tunnel import Addr, PeerTunnel, State, StaticTunnels, Timers
 
@@ -115,6 +116,7 @@ class Supervisor:
         self.altwan: AltWan | None = None
         self.recovery: Recovery | None = None
         self.paths: Paths | None = None
+        self.rules: Rules | None = None
         self.firewall = Firewall(on_event=self._record_event)
         self._net_plan: Plan | None = None
         self._net_task: asyncio.Task[None] | None = None
@@ -195,6 +197,7 @@ class Supervisor:
         self.mesh = self._make_mesh(fp, self.cloud)
         self.altwan = self._make_altwan(fp, self.cloud)
         self.recovery = self._make_recovery(self.cloud, self.mesh, self.altwan)
+        self.rules = self._make_rules(fp, self.cloud)
         # Before the fast path starts: the stored policy is in force before traffic flows.
         self._start_firewall(self.cloud)
         assert self.paths is not None
@@ -245,6 +248,7 @@ class Supervisor:
             port=self,
             store=self.store,
             clock=self.clock,
+            owned=cfg.owned(),
         )
         self.sessions.add_owner(cloud)
         return cloud
@@ -315,6 +319,14 @@ class Supervisor:
         # From the stored directory, without the PoP: the tunnels start with the first tick.
         altwan.on_directory()
         return altwan
+
+    def _make_rules(self, fp: FastPath, cloud: Cloud) -> Rules:
+        """The transport rules follow the cloud config (the stored one until a PoP answers)."""
+        assert self.paths is not None
+        rules = Rules(fp, self.paths, local=self.cfg.lan.subnets, directory=lambda: cloud.directory)
+        cloud.watch_config(lambda: rules.load(cloud.config))
+        rules.load(cloud.config)
+        return rules
 
     def _start_firewall(self, cloud: Cloud) -> None:
         """The firewall part of the cloud's config goes to the firewall (firewall.py): the
@@ -663,6 +675,10 @@ class Supervisor:
         assert self.paths is not None
         return self.paths.status()
 
+    async def _rules(self, _req: dict) -> dict:
+        assert self.rules is not None
+        return self.rules.status()
+
     async def _events(self, req: dict) -> dict:
         limit = req.get("limit", 50)
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10000:
@@ -696,7 +712,11 @@ class Supervisor:
     def _wan_handlers(self) -> dict:
         """`links`, `set-link` and `dhcp-lease` (wanaddr.py owns them)."""
         self.wan = WanAddressing(
-            self.cfg.links, self.store, self.cfg.paths.control_socket, self._record_event
+            self.cfg.links,
+            self.store,
+            self.cfg.paths.control_socket,
+            self._record_event,
+            owned=self.cfg.owned(),
         )
         return self.wan.handlers()
 
@@ -785,6 +805,7 @@ class Supervisor:
             "peers": self._peers,
             "pop": self._pop,
             "routes": self._routes,
+            "rules": self._rules,
             "mesh": self._mesh,
             "recovery": self._recovery,
             "firewall": self._firewall,

@@ -1,0 +1,302 @@
+"""The off-cloud transport rules in the fast path: matching (subnets, protocols, port ranges,
+first match, a cloud rule stops), what a rule decides from the route's three peers (the
+secondary while the off-cloud peer is 0), the flow cache and its invalidation, the hit
+counters, refused tables, and the TUN thread applying them."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import select
+import socket
+import struct
+import time
+
+import pytest
+
+from sdwan.bindings.fastpath import FastPath, FastPathError, TransportRule, Verdict, ffi, lib
+
+CHOSEN, MESH, POP = 10, 20, 30  # the route's peer, its off-cloud peer, its cloud peer
+TCP, UDP, ICMP, ICMP6 = 6, 17, 1, 58
+net = ipaddress.ip_network
+
+
+def packet(src: str, dst: str, proto: int = UDP, sport: int = 1000, dport: int = 2000,
+           frag: int = 0) -> bytes:
+    """An IPv4 or IPv6 packet with a TCP/UDP header (ports) or 8 bytes of anything else;
+    frag: the IPv4 flags/offset field (0x2000 MF, or an offset)."""
+    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    l4 = struct.pack("!HH", sport, dport) + bytes(16 if proto == TCP else 4)
+    if proto not in (TCP, UDP):
+        l4 = bytes([8, 0]) + bytes(6)
+    if s.version == 4:
+        hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 0, frag, 64, proto, 0,
+                          s.packed, d.packed)
+    else:
+        hdr = struct.pack("!IHBB16s16s", 6 << 28, len(l4), proto, 64, s.packed, d.packed)
+    return hdr + l4
+
+
+def sent_to(fp: FastPath, pkt: bytes) -> int | str:
+    """The peer the fast path seals pkt for (its peers have no keys: dropped as no_key,
+    which names the peer), or the drop reason."""
+    r = fp.process_outbound(pkt)
+    assert r.verdict == Verdict.DROP, r
+    return r.peer_id if r.drop_reason == "no_key" else str(r.drop_reason)
+
+
+@pytest.fixture
+def fp() -> FastPath:
+    with FastPath() as fp:
+        for pid in (CHOSEN, MESH, POP):
+            fp.peer_add(pid)
+        # Site 2's subnets: chosen (cloud under the normal policy), with both rule peers.
+        fp.route_batch([("10.2.0.0/24", CHOSEN, MESH, POP), ("fd00:2::/64", CHOSEN, MESH, POP)])
+        # Site 3: no mesh tunnel up (offcloud 0), a cloud path.
+        fp.route_batch([("10.3.0.0/24", CHOSEN, 0, POP)])
+        # Site 4: neither.
+        fp.route_batch([("10.4.0.0/24", CHOSEN, 0, 0)])
+        yield fp
+
+
+def rule(key: int, transport: str = "offcloud", secondary: str = "automatic",
+         protocol: int | None = None, src: tuple[str, ...] = (), dst: tuple[str, ...] = (),
+         ports: tuple[tuple[int, int], ...] = ()) -> TransportRule:
+    return TransportRule(key, transport, secondary, protocol, tuple(net(n) for n in src),
+                         tuple(net(n) for n in dst), ports)
+
+
+def test_without_rules_the_routes_peer(fp: FastPath) -> None:
+    assert sent_to(fp, packet("10.1.0.5", "10.2.0.7")) == CHOSEN
+    assert fp.rules_counters().hits == []
+    assert fp.rules_counters().evaluations == 0
+
+
+def test_subnets_protocol_and_port_ranges(fp: FastPath) -> None:
+    fp.rules_set([rule(1, protocol=TCP, src=("10.1.0.0/25",), dst=("10.2.0.0/28", "10.3.0.0/24"),
+                       ports=((445, 445), (8000, 8100)))])
+    to2 = "10.2.0.7"
+    assert sent_to(fp, packet("10.1.0.5", to2, TCP, dport=445)) == MESH
+    assert sent_to(fp, packet("10.1.0.5", to2, TCP, dport=8000)) == MESH
+    assert sent_to(fp, packet("10.1.0.5", to2, TCP, dport=8100)) == MESH
+    assert sent_to(fp, packet("10.1.0.5", to2, TCP, dport=8101)) == CHOSEN  # port
+    assert sent_to(fp, packet("10.1.0.5", to2, UDP, dport=445)) == CHOSEN  # protocol
+    assert sent_to(fp, packet("10.1.0.200", to2, TCP, dport=445)) == CHOSEN  # source
+    assert sent_to(fp, packet("10.1.0.5", "10.2.0.77", TCP, dport=445)) == CHOSEN  # dst /28
+    assert fp.rules_counters().hits == [3]
+
+
+def test_a_rule_matches_its_flows_answers_too(fp: FastPath) -> None:
+    # The far site's answer to 10.2.0.7:445 from 10.1.0.5 runs from dst to src, port 445 as
+    # its source port: it takes the rule's transport as well.
+    fp.rules_set([rule(1, protocol=TCP, src=("10.9.0.0/24",), dst=("10.2.0.0/24",),
+                       ports=((445, 445),))])
+    assert sent_to(fp, packet("10.2.0.7", "10.9.0.5", TCP, sport=445, dport=50000)) in (
+        "no_route",)  # no route to 10.9/24 here: the rules come after the route
+    fp.route_batch([("10.9.0.0/24", CHOSEN, MESH, POP)])
+    assert sent_to(fp, packet("10.2.0.7", "10.9.0.5", TCP, sport=445, dport=50000)) == MESH
+    # A flow the other way round (from 10.2 to 10.9 port 445) is not the rule's.
+    assert sent_to(fp, packet("10.2.0.7", "10.9.0.5", TCP, sport=50000, dport=445)) == CHOSEN
+
+
+def test_first_match_wins_and_a_cloud_rule_stops(fp: FastPath) -> None:
+    fp.rules_set([
+        rule(1, transport="cloud", protocol=UDP, ports=((53, 53),)),
+        rule(2, protocol=UDP),
+        rule(3, secondary="none"),
+    ])
+    assert sent_to(fp, packet("10.1.0.5", "10.2.0.7", UDP, dport=53)) == POP
+    assert sent_to(fp, packet("10.1.0.5", "10.2.0.7", UDP, dport=54)) == MESH
+    assert sent_to(fp, packet("10.1.0.5", "10.2.0.7", TCP, dport=53)) == MESH
+    # Site 3 has no mesh path: rule 3's secondary none drops it; the cloud rule does not.
+    assert sent_to(fp, packet("10.1.0.5", "10.3.0.7", TCP)) == "offcloud_down"
+    assert sent_to(fp, packet("10.1.0.5", "10.3.0.7", UDP, dport=53)) == POP
+    # A cloud rule without a cloud path keeps the route's own peer.
+    assert sent_to(fp, packet("10.1.0.5", "10.4.0.7", UDP, dport=53)) == CHOSEN
+    assert fp.rules_counters().hits == [3, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("secondary", "site3", "site4"),
+    [("automatic", CHOSEN, CHOSEN), ("cloud", POP, "offcloud_down"),
+     ("none", "offcloud_down", "offcloud_down")],
+)
+def test_secondary_while_the_offcloud_peer_is_none(
+    fp: FastPath, secondary: str, site3: int | str, site4: int | str
+) -> None:
+    fp.rules_set([rule(1, secondary=secondary)])
+    assert sent_to(fp, packet("10.1.0.5", "10.2.0.7")) == MESH  # its mesh path is up
+    assert sent_to(fp, packet("10.1.0.5", "10.3.0.7")) == site3
+    assert sent_to(fp, packet("10.1.0.5", "10.4.0.7")) == site4
+    drops = 2 - [site3, site4].count(CHOSEN) - [site3, site4].count(POP)
+    assert fp.global_counters().drops["offcloud_down"] == drops
+
+
+def test_a_mesh_path_that_goes_and_comes_back(fp: FastPath) -> None:
+    fp.rules_set([rule(1, secondary="none")])
+    pkt = packet("10.1.0.5", "10.2.0.7")
+    assert sent_to(fp, pkt) == MESH
+    fp.route_batch([("10.2.0.0/24", CHOSEN, 0, POP)])  # paths.py: the mesh withdrew it
+    assert sent_to(fp, pkt) == "offcloud_down"  # same flow, cached: the route is read anew
+    fp.route_batch([("10.2.0.0/24", CHOSEN, MESH, POP)])
+    assert sent_to(fp, pkt) == MESH
+    # The mesh peer deleted (fp_peer_del): routes naming it for the rules forget it, and
+    # keep their own peer.
+    fp.peer_del(MESH)
+    assert sent_to(fp, pkt) == "offcloud_down"
+    fp.rules_set([])
+    assert sent_to(fp, pkt) == CHOSEN
+
+
+def test_fragments_and_protocols_without_ports(fp: FastPath) -> None:
+    fp.rules_set([rule(1, protocol=UDP, ports=((2000, 2000),)), rule(2, "cloud", protocol=ICMP)])
+    assert sent_to(fp, packet("10.1.0.5", "10.2.0.7", UDP, dport=2000)) == MESH
+    # Every fragment of a datagram, the first (MF) included, is matched without ports, so
+    # they all take one transport.
+    assert sent_to(fp, packet("10.1.0.5", "10.2.0.7", UDP, dport=2000, frag=0x2000)) == CHOSEN
+    assert sent_to(fp, packet("10.1.0.5", "10.2.0.7", UDP, dport=2000, frag=185)) == CHOSEN
+    # ICMP matches ICMPv6 too.
+    assert sent_to(fp, packet("10.1.0.5", "10.2.0.7", ICMP)) == POP
+    assert sent_to(fp, packet("fd00:1::5", "fd00:2::7", ICMP6)) == POP
+    assert sent_to(fp, packet("fd00:1::5", "fd00:2::7", UDP, dport=2000)) == MESH
+    # An IPv6 extension header (hop-by-hop, 0) is not walked: no ports, no UDP.
+    assert sent_to(fp, packet("fd00:1::5", "fd00:2::7", 0, dport=2000)) == CHOSEN
+
+
+def test_flow_cache_and_its_invalidation(fp: FastPath) -> None:
+    fp.rules_set([rule(1, protocol=TCP, ports=((80, 80),))])
+    flow = packet("10.1.0.5", "10.2.0.7", TCP, dport=80)
+    other = packet("10.1.0.5", "10.2.0.7", TCP, dport=81)
+    before = fp.rules_counters()
+    for _ in range(50):
+        assert sent_to(fp, flow) == MESH
+        assert sent_to(fp, other) == CHOSEN
+    after = fp.rules_counters()
+    # Two flows, two lookups in the table, however many packets; every packet counted.
+    assert after.evaluations - before.evaluations == 2
+    assert after.hits == [50]
+    # A new table makes every cached flow stale at once.
+    fp.rules_set([rule(2, protocol=TCP, ports=((81, 81),))])
+    assert fp.rules_counters().generation == after.generation + 1
+    assert sent_to(fp, flow) == CHOSEN and sent_to(fp, other) == MESH
+    assert fp.rules_counters().evaluations - after.evaluations == 2
+
+
+def test_hits_follow_the_rule_key(fp: FastPath) -> None:
+    fp.rules_set([rule(7, protocol=TCP), rule(8, protocol=UDP)])
+    for _ in range(3):
+        sent_to(fp, packet("10.1.0.5", "10.2.0.7", TCP))
+    sent_to(fp, packet("10.1.0.5", "10.2.0.7", UDP))
+    assert fp.rules_counters().hits == [3, 1]
+    # Reordered, one new, one gone: counts go with the keys.
+    fp.rules_set([rule(9, protocol=ICMP), rule(8, protocol=UDP), rule(7, protocol=TCP)])
+    assert fp.rules_counters().hits == [0, 1, 3]
+
+
+@pytest.mark.parametrize(
+    ("bad", "index"),
+    [
+        (rule(2, ports=((90, 80),)), 1),
+        (TransportRule(2, "offcloud", "automatic", None, (net("10.1.0.0/24"),),
+                       (net("10.1.0.0/24"),), ((1, 0),)), 1),
+        (TransportRule(2, "offcloud", "automatic", 300), 1),  # no such protocol
+    ],
+)
+def test_a_bad_table_is_refused_whole(fp: FastPath, bad: TransportRule, index: int) -> None:
+    fp.rules_set([rule(1, protocol=TCP)])
+    with pytest.raises(FastPathError) as e:
+        fp.rules_set([rule(1, secondary="none"), bad])
+    assert e.value.errno == errno.EINVAL and f"rule {index} of 2" in str(e.value)
+    assert sent_to(fp, packet("10.1.0.5", "10.3.0.7", TCP)) == CHOSEN  # the old table holds
+    assert len(fp.rules_counters().hits) == 1
+
+
+def test_host_bits_and_ranges_outside_the_arrays_are_refused(fp: FastPath) -> None:
+    """What the typed wrapper never sends, straight through cffi."""
+    rules = ffi.new("struct fp_rule[]", 2)
+    nets = ffi.new("struct fp_rule_net[]", 1)
+    nets[0].family, nets[0].plen = 4, 24
+    nets[0].addr[0:4] = bytes([10, 1, 0, 1])  # host bits
+    rules[1].proto = lib.FP_RULE_PROTO_ANY
+    rules[1].src_first, rules[1].src_n = 0, 1
+    rules[0].proto = lib.FP_RULE_PROTO_ANY
+    table = ffi.new("struct fp_rule_table *")
+    table.rules, table.n_rules, table.nets, table.n_nets = rules, 2, nets, 1
+    bad = ffi.new("size_t *")
+    h = fp._h  # noqa: SLF001 - a raw call on purpose
+    assert lib.fp_rules_set(h, table, bad) == -errno.EINVAL and bad[0] == 1
+    nets[0].addr[3] = 0
+    rules[1].src_first = 1  # past the end of nets
+    assert lib.fp_rules_set(h, table, bad) == -errno.EINVAL and bad[0] == 1
+    rules[1].src_first, rules[1].src_n = 0, 0xFFFFFFFF  # first + n overflows
+    assert lib.fp_rules_set(h, table, bad) == -errno.EINVAL and bad[0] == 1
+    rules[1].src_n = 1
+    assert lib.fp_rules_set(h, table, bad) == 0
+    table.n_rules = lib.FP_RULES_MAX + 1
+    assert lib.fp_rules_set(h, table, bad) == -errno.E2BIG
+    assert len(fp.rules_counters().hits) == 2
+
+
+def test_route_batch_checks_the_rule_peers(fp: FastPath) -> None:
+    with pytest.raises(FastPathError) as e:
+        fp.route_batch([("10.5.0.0/24", CHOSEN, 99, POP)])
+    assert e.value.errno == errno.ENOENT
+    assert sent_to(fp, packet("10.1.0.5", "10.5.0.7")) == "no_route"
+    # A plain set of a prefix (fp_route_set) forgets its rule peers.
+    fp.rules_set([rule(1, secondary="none")])
+    fp.route_set("10.2.0.0/24", CHOSEN)
+    assert sent_to(fp, packet("10.1.0.5", "10.2.0.7")) == "offcloud_down"
+
+
+def test_a_hundred_rules(fp: FastPath) -> None:
+    rules = [rule(i, protocol=TCP, dst=("10.2.0.0/24",), ports=((10000 + i, 10000 + i),))
+             for i in range(99)]
+    fp.rules_set([*rules, rule(99, protocol=TCP, ports=((5201, 5201),))])
+    assert sent_to(fp, packet("10.1.0.5", "10.2.0.7", TCP, dport=5201)) == MESH
+    assert sent_to(fp, packet("10.1.0.5", "10.2.0.7", TCP, dport=10042)) == MESH
+    assert sent_to(fp, packet("10.1.0.5", "10.2.0.7", TCP, dport=9999)) == CHOSEN
+    hits = fp.rules_counters().hits
+    assert hits[99] == 1 and hits[42] == 1 and sum(hits) == 2
+
+
+def test_the_tun_thread_applies_the_rules_per_flow() -> None:
+    """Packets written into the TUN (a socketpair) leave on the link to the peer the rules
+    choose: UDP port 53 to the mesh peer's endpoint, the rest to the route's peer."""
+    with FastPath() as fp:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        fp.tun_attach(theirs.fileno())
+        theirs.close()
+        link = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        link.bind(("127.0.0.1", 0))
+        fp.link_add(1, link.fileno())
+        link.close()
+        sinks = {}
+        for pid in (CHOSEN, MESH, POP):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind(("127.0.0.1", 0))
+            sinks[pid] = s
+            fp.peer_add(pid)
+            fp.set_endpoint(pid, 1, s.getsockname())
+            fp.key_install(pid, pid, bytes(32), bytes(32))
+            fp.key_activate(pid, pid, pid)
+        fp.route_batch([("10.2.0.0/24", CHOSEN, MESH, POP)])
+        fp.rules_set([rule(1, protocol=UDP, ports=((53, 53),))])
+        fp.start()
+        try:
+            for i in range(20):
+                ours.send(packet("10.1.0.5", "10.2.0.7", UDP, dport=53 if i % 2 else 80))
+            got = {pid: 0 for pid in sinks}
+            deadline = time.monotonic() + 5
+            while sum(got.values()) < 20 and time.monotonic() < deadline:
+                ready, _, _ = select.select(list(sinks.values()), [], [], 0.5)
+                for s in ready:
+                    s.recv(65536)
+                    got[next(p for p, x in sinks.items() if x is s)] += 1
+            assert got == {CHOSEN: 10, MESH: 10, POP: 0}
+            c = fp.rules_counters()
+            assert c.hits == [10] and c.evaluations == 2  # one lookup per flow
+        finally:
+            fp.stop()
+            ours.close()
+            for s in sinks.values():
+                s.close()
