@@ -55,8 +55,8 @@ static fp_t *make(void)
         CHECK(fp_peer_add(fp, p) == 0);
     struct fp_route_op ops[3];
     memset(ops, 0, sizeof(ops));
-    /* 10.0.0.0/9 with both rule peers, 10.128.0.0/9 without an off-cloud one, ::/0 with
-     * none: every secondary is reachable. */
+    /* 10.0.0.0/9 with both rule peers, 10.128.0.0/9 without an off-cloud one and a peer
+     * that is no secondary (Alt-WAN), ::/0 with none: every secondary is reachable. */
     for (int i = 0; i < 3; i++) {
         ops[i].verb = FP_ROUTE_SET;
         ops[i].peer_id = 1;
@@ -68,6 +68,7 @@ static fp_t *make(void)
     ops[0].offcloud_peer = 2;
     ops[1].prefix.addr[0] = 10;
     ops[1].prefix.addr[1] = 128;
+    ops[1].flags = FP_ROUTE_PEER_NOT_SECONDARY;
     CHECK(fp_route_batch(fp, ops, 3, NULL) == 0);
     return fp;
 }

@@ -154,6 +154,7 @@ struct fp_route {
      * fp_peer_del clears them where they name the peer it deletes. */
     struct fp_peer *offcloud;
     struct fp_peer *cloud;
+    uint32_t flags;                     /* FP_ROUTE_* of the fp_route_op that set it */
 };
 
 /* The flow of an inner packet as the transport rules see it (fp_flow_parse). Every byte is

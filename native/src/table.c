@@ -216,7 +216,7 @@ static int rt_check(const struct fp_addr *prefix, uint8_t plen, bool set, uint8_
  * the route: its peer and the rules' two (NULL: none). */
 static void rt_set_locked(struct fp *fp, int family, const uint8_t m[16], uint8_t plen,
                           struct fp_peer *p, struct fp_peer *offcloud, struct fp_peer *cloud,
-                          struct fp_route *fresh)
+                          uint32_t flags, struct fp_route *fresh)
 {
     struct fp_rtable *t = rt_for(fp, family);
     struct fp_route **pp = rt_find(t, m, plen);
@@ -224,6 +224,7 @@ static void rt_set_locked(struct fp *fp, int family, const uint8_t m[16], uint8_
         (*pp)->peer = p;
         (*pp)->offcloud = offcloud;
         (*pp)->cloud = cloud;
+        (*pp)->flags = flags;
         free(fresh);
         return;
     }
@@ -232,6 +233,7 @@ static void rt_set_locked(struct fp *fp, int family, const uint8_t m[16], uint8_
     fresh->peer = p;
     fresh->offcloud = offcloud;
     fresh->cloud = cloud;
+    fresh->flags = flags;
     *pp = fresh;
     t->count++;
     if (t->plen_count[plen]++ == 0)
@@ -269,7 +271,7 @@ int fp_route_set(fp_t *fp, const struct fp_addr *prefix, uint8_t plen, uint32_t 
     pthread_rwlock_wrlock(&fp->lock);
     struct fp_peer *p = fp_peer_find(fp, peer_id);
     if (p)
-        rt_set_locked(fp, prefix->family, m, plen, p, NULL, NULL, fresh);
+        rt_set_locked(fp, prefix->family, m, plen, p, NULL, NULL, 0, fresh);
     pthread_rwlock_unlock(&fp->lock);
     if (!p) {
         free(fresh);
@@ -304,7 +306,8 @@ int fp_route_batch(fp_t *fp, const struct fp_route_op *ops, size_t n, size_t *ba
     size_t i;
     uint8_t m[16];
     for (i = 0; i < n; i++) {
-        if (ops[i].verb != FP_ROUTE_SET && ops[i].verb != FP_ROUTE_DEL)
+        if ((ops[i].verb != FP_ROUTE_SET && ops[i].verb != FP_ROUTE_DEL) ||
+            (ops[i].flags & ~(uint32_t)FP_ROUTE_PEER_NOT_SECONDARY))
             rc = -EINVAL;
         else
             rc = rt_check(&ops[i].prefix, ops[i].plen, ops[i].verb == FP_ROUTE_SET, m);
@@ -344,7 +347,8 @@ int fp_route_batch(fp_t *fp, const struct fp_route_op *ops, size_t n, size_t *ba
         } else {
             rt_set_locked(fp, o->prefix.family, m, o->plen, fp_peer_find(fp, o->peer_id),
                           o->offcloud_peer ? fp_peer_find(fp, o->offcloud_peer) : NULL,
-                          o->cloud_peer ? fp_peer_find(fp, o->cloud_peer) : NULL, fresh[i]);
+                          o->cloud_peer ? fp_peer_find(fp, o->cloud_peer) : NULL, o->flags,
+                          fresh[i]);
             fresh[i] = NULL;
         }
     }

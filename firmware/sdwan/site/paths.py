@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sdwan.bindings.fastpath import FastPath, FastPathError, Network
+from sdwan.bindings.fastpath import ROUTE_PEER_NOT_SECONDARY, FastPath, FastPathError, Network
 
 log = logging.getLogger("sdwan.site.paths")
 
@@ -73,6 +73,9 @@ class Candidate:
             object.__setattr__(self, "site", self.peer_id)
 
 
+Entry = tuple[int, int, int, int]  # a route as the fast path holds it: Choice.entry
+
+
 @dataclass(frozen=True)
 class Choice:
     candidate: Candidate
@@ -85,9 +88,12 @@ class Choice:
     cloud_peer: int = 0
 
     @property
-    def entry(self) -> tuple[int, int, int]:
-        """What the fast path's route holds: (peer, offcloud_peer, cloud_peer)."""
-        return (self.candidate.peer_id, self.offcloud_peer, self.cloud_peer)
+    def entry(self) -> tuple[int, int, int, int]:
+        """What the fast path's route holds: (peer, offcloud_peer, cloud_peer, flags). An
+        Alt-WAN tunnel is never an off-cloud rule's secondary: with its peer chosen, a rule's
+        `automatic` secondary takes the cloud path instead (docs/paths.md)."""
+        flags = ROUTE_PEER_NOT_SECONDARY if self.candidate.transport is Transport.ALT_WAN else 0
+        return (self.candidate.peer_id, self.offcloud_peer, self.cloud_peer, flags)
 
 
 @dataclass(frozen=True)
@@ -137,8 +143,8 @@ class Paths:
         self._override_why = "per-rule override"
         self.batches = 0  # batch calls made, for status
         self._sets: dict[str, tuple[Candidate, ...]] = {}  # by producer, in submission order
-        # What the fast path has, as far as we know: (peer, offcloud_peer, cloud_peer).
-        self._installed: dict[Network, tuple[int, int, int]] = {}
+        # What the fast path has, as far as we know: Choice.entry.
+        self._installed: dict[Network, Entry] = {}
         self._chosen: dict[Network, Choice] = {}
         self._unused: list[Unused] = []
         self._tun: tuple[str, ...] = ()
@@ -190,7 +196,7 @@ class Paths:
         """The fast path dropped peer_id and with it its routes (fp_peer_del): what it still
         has is no longer what we installed, so whatever is chosen for it is set again."""
         # Routes naming it for the rules only keep their peer, without it (table.c).
-        gone = [p for p, entry in self._installed.items() if peer_id in entry]
+        gone = [p for p, entry in self._installed.items() if peer_id in entry[:3]]
         for p in gone:
             del self._installed[p]
         if gone:
@@ -334,7 +340,7 @@ class Paths:
             if self.on_tun_routes is not None:
                 self.on_tun_routes(list(tun))
 
-    def _push(self, sets: list[tuple[Network, tuple[int, int, int]]], dels: list[Network]) -> None:
+    def _push(self, sets: list[tuple[Network, Entry]], dels: list[Network]) -> None:
         self.batches += 1
         try:
             self.fp.route_batch([(p, *entry) for p, entry in sets], dels)
@@ -352,14 +358,13 @@ class Paths:
             self._failures.pop(p, None)
 
     def _push_each(
-        self, sets: list[tuple[Network, tuple[int, int, int]]], dels: list[Network]
-    ) -> None:
+        self, sets: list[tuple[Network, Entry]], dels: list[Network]) -> None:
         for p, entry in sets:
             self.batches += 1
             try:
                 self.fp.route_batch([(p, *entry)], [])
             except FastPathError as e:
-                pid, off, cloud = entry
+                pid, off, cloud, _flags = entry
                 self._failed(p, f"set to peer {pid:#x} (offcloud {off:#x}, cloud {cloud:#x})", e)
             else:
                 self._installed[p] = entry
