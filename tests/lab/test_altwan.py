@@ -1,8 +1,9 @@
 """Alt-WAN in the lab: three sites behind NATs with a PoP and a punched mesh, each with a
 second link on a private bridge (the lab's MPLS network) and an Alt-WAN tunnel to each other
 site over it, long-lived TCP flows between every pair both ways and a ping stream. Through the
-PoP while it lives; popd killed: every site's traffic takes Alt-WAN, not the mesh; the Alt-WAN
-carrier fails too: the mesh carries it; the carrier back: Alt-WAN again; popd back: the cloud
+PoP while it lives; popd killed: every site's traffic takes Alt-WAN, not the mesh; a socketd
+restarted then comes back on Alt-WAN from its stored directory; the Alt-WAN carrier fails
+too: the mesh carries it; the carrier back: Alt-WAN again; popd back: the cloud
 after the hold. Not one connection is reset."""
 
 from __future__ import annotations
@@ -61,6 +62,19 @@ def test_alt_wan_first_when_the_cloud_is_lost_the_mesh_where_it_cannot_reach(lab
         assert rec["active"], rec
         assert {x["state"] for x in rec["sites"]} == {"alt-wan"}, rec["sites"]
         assert {x["ready_via"] for x in rec["sites"]} == {"alt-wan"}
+
+    # A restart in the outage: socketd builds its Alt-WAN tunnels from the stored directory,
+    # without the PoP, and its flows go on over them.
+    s3 = sites[2]
+    lab.stop_socketd(s3, sig=signal.SIGKILL)
+    t_restart = time.time()
+    lab.start_socketd(s3)
+    flows.wait("site 3's flows back", lambda: flows.all_echoing_since(t_restart + 0.1, 6), 15)
+    took["restart"] = max(v for v in flows.resumed_after(t_restart).values() if v is not None)
+    # The others hold their tunnels to site 3 off for a moment after its silence.
+    wait_for("every route on Alt-WAN after the restart", lambda: all_on(lab, sites, "alt-wan"),
+             timeout=20)
+    assert lab.socketctl(s3, "status")["altwan"]["peers_up"] == 2
 
     # The Alt-WAN carrier fails as well: each site notices under traffic, the mesh takes over.
     lab.cut_altwan()
