@@ -88,7 +88,7 @@ class Choice:
     cloud_peer: int = 0
 
     @property
-    def entry(self) -> tuple[int, int, int, int]:
+    def entry(self) -> Entry:
         """What the fast path's route holds: (peer, offcloud_peer, cloud_peer, flags). An
         Alt-WAN tunnel is never an off-cloud rule's secondary: with its peer chosen, a rule's
         `automatic` secondary takes the cloud path instead (docs/paths.md)."""
