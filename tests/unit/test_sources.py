@@ -3,12 +3,14 @@ real fast path by differences in one batch, and the peers' owners."""
 
 from __future__ import annotations
 
+import io
 import ipaddress
 from typing import Any
 
 import pytest
 
 from sdwan.bindings.fastpath import FastPath, FastPathError
+from sdwan.site.socketctl import format_status
 from sdwan.site.sources import SOURCE_ANY, Sources, add_peer
 
 ME = 1
@@ -106,7 +108,11 @@ def test_a_refused_batch_is_tried_again() -> None:
     directory: list[dict[str, Any]] = [{"site_id": 2, "subnets": ["10.2.0.0/24"]}]
     s, b = _sources(directory)
     real = b.fp.source_batch
-    b.fp.source_batch = lambda *a: (_ for _ in ()).throw(FastPathError(22, "x"))  # type: ignore[method-assign]
+
+    def refuse(*_: Any) -> None:
+        raise FastPathError(22, "fp_source_batch")
+
+    b.fp.source_batch = refuse  # type: ignore[method-assign]
     s.apply()
     assert s.summary()["errors"] == 1 and s.installed == {}
     b.fp.source_batch = real  # type: ignore[method-assign]
@@ -122,3 +128,24 @@ def test_add_peer_gives_the_peer_its_owner() -> None:
         add_peer(fp, 2, owner=2)  # already there
     fp.peer_del(2)
     fp.peer_del(0x80000001)
+
+
+def test_socketctl_status_shows_the_sources_and_the_spoofed_drops() -> None:
+    out = io.StringIO()
+    format_status(
+        {
+            "site_id": 1,
+            "links": [{"name": "wan1", "drops": {"spoofed": 3}}, {"name": "wan2", "drops": {}}],
+            "sources": {
+                "prefixes": 4,
+                "sites": 2,
+                "conflicts": [{"prefix": "10.9.0.0/24", "sites": [2, 3]}],
+                "errors": 0,
+            },
+        },
+        out,
+    )
+    line = next(ln for ln in out.getvalue().splitlines() if ln.startswith("sources"))
+    assert line.split(None, 1)[1] == (
+        "4 prefixes of 2 sites, 3 spoofed dropped, 1 contested prefixes accepted from nobody"
+    )

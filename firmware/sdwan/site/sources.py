@@ -14,7 +14,8 @@ PoP's directory with its subnets (owner: that site id; our own entry is left out
 nobody may speak for our LAN). It is pushed to C by differences in one batch at start (the
 stored directory: it is there after a restart without the PoP) and whenever the directory
 changes. A route moving between the cloud and the mesh changes nothing here, so the check
-never has to be off for a switch of transport (docs/security.md, "Source addresses in the tunnels").
+never has to be off for a switch of transport (docs/security.md, "Source addresses in the
+tunnels").
 
 Claims of one prefix by two sites are refused upstream (config.py refuses overlapping
 static subnets, cloud.py a directory prefix over a static peer of another site, the PoP's
