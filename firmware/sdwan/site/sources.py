@@ -1,7 +1,7 @@
 """The allowed sources: from which prefixes each tunnel peer may send.
 
 Owns the fast path's source table (prefix -> owning site id, `fp_source_batch`), kept apart
-from the routes that `site/paths.py` owns, and the helper every owner of a tunnel peer
+from the routes that `site/paths.py` owns, and the function every owner of a tunnel peer
 creates its fast-path peer with (`add_peer`), so that each peer gets its owner:
 
 | peer | owner |
