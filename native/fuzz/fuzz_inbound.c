@@ -14,7 +14,8 @@
  * on several links (peer 2 with a weighted policy, so relayed packets take the
  * per-flow choice); bits 1-2 of the first byte pick the link the input
  * arrives on: one where peer 1 has an endpoint (roaming within it), or one
- * where it has none (delivered, moves nothing).
+ * where it has none (delivered, moves nothing). Bits 3-4 pick peer 1's source owner
+ * (unchecked, its site, any, another site): what it delivers must be allowed.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -70,10 +71,48 @@ static fp_t *make_receiver(void)
     n6.family = 6;
     n6.addr[0] = 0xfd;
     CHECK(fp_route_set(fp, &n6, 8, 2));
+    /* Allowed sources: peer 1's owner is picked per input (source_owner below). */
+    struct fp_source_op src[3];
+    memset(src, 0, sizeof(src));
+    src[0].prefix = v4(10, 1, 0, 0, 0);
+    src[0].plen = 16;
+    src[0].owner = 1;
+    src[1].prefix = v4(10, 2, 0, 0, 0);
+    src[1].plen = 16;
+    src[1].owner = 2;
+    src[2].prefix = n6;
+    src[2].plen = 8;
+    src[2].owner = 2;
+    CHECK(fp_source_batch(fp, src, 3, NULL));
     /* Path MTUs: the clamp of relayed and delivered SYNs, probes and their acks. */
     CHECK(fp_peer_set_mtu(fp, 1, 1280));
     CHECK(fp_peer_set_mtu(fp, 2, 576));
     return fp;
+}
+
+/* Peer 1's source owner for this input: 0 (unchecked), site 1, FP_SOURCE_ANY or site 2. */
+static uint32_t source_owner;
+
+/* A plaintext delivered from peer 1 while it has an owner: its source is allowed. */
+static void check_source(fp_t *fp, const struct fp_result *res, const uint8_t *ip)
+{
+    if (!source_owner || res->peer_id != 1 || res->verdict != FP_V_TUN || res->out_len < 20)
+        return;
+    struct fp_addr a;
+    memset(&a, 0, sizeof(a));
+    if (ip[0] >> 4 == 4) {
+        a.family = 4;
+        memcpy(a.addr, ip + 12, 4);
+    } else {
+        if (res->out_len < 40)
+            abort();
+        a.family = 6;
+        memcpy(a.addr, ip + 8, 16);
+    }
+    uint32_t owner;
+    if (fp_source_lookup(fp, &a, &owner) != 0 ||
+        (source_owner != FP_SOURCE_ANY && owner != source_owner))
+        abort();
 }
 
 static void deliver(fp_t *fp, uint32_t link, const uint8_t *pkt, size_t len)
@@ -90,6 +129,8 @@ static void deliver(fp_t *fp, uint32_t link, const uint8_t *pkt, size_t len)
     /* Relayed to peer 2: over one of its links, never link 0. */
     if (rc == 0 && res.verdict == FP_V_SEND && (res.link_id < 1 || res.link_id > 3))
         abort();
+    if (rc == 0)
+        check_source(fp, &res, out);
     while (fp_ctrl_recv(fp, &msg) == 0)
         ;
 }
@@ -101,6 +142,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         return 0;
     fp_t *fp = make_receiver();
     uint32_t link = 1 + (uint32_t)(data[0] >> 1) % 3;
+    static const uint32_t owners[4] = {0, 1, FP_SOURCE_ANY, 2};
+    source_owner = owners[(data[0] >> 3) & 3];
+    CHECK(fp_peer_set_source_owner(fp, 1, source_owner));
     if ((data[0] & 1) == 0) {
         deliver(fp, link, data + 1, size - 1);
     } else {

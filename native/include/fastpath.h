@@ -45,7 +45,9 @@ enum fp_drop_reason {
     FP_DROP_NO_ENDPOINT = 7,   /* peer has no link/endpoint yet */
     FP_DROP_QUEUE_FULL = 8,    /* control queue full */
     FP_DROP_SEND_ERROR = 9,    /* sendmsg/write failed */
-    FP_DROP_SPOOFED = 10,      /* inner source does not route back to the sending peer */
+    FP_DROP_SPOOFED = 10,      /* inner source does not route back to the sending peer
+                                  (check_source), or is not among its allowed sources
+                                  (fp_peer_set_source_owner) */
     FP_DROP_TOO_BIG = 11,      /* larger than the peer's path allows (answered with ICMP
                                   "fragmentation needed" / "packet too big" when due) */
     FP_DROP_OFFCLOUD_DOWN = 12, /* matched an off-cloud transport rule while the prefix has no
@@ -195,6 +197,36 @@ struct fp_route_op {
  * off-cloud rule's AUTOMATIC secondary takes the cloud peer instead, and drops without one. */
 #define FP_ROUTE_PEER_NOT_SECONDARY 1
 int fp_route_batch(fp_t *fp, const struct fp_route_op *ops, size_t n, size_t *bad);
+
+/* Allowed sources (docs/dataplane.md, "Allowed sources"): a table kept apart from the
+ * routes, prefix -> owner (a site id), longest prefix match, so a switch of transport
+ * (a route moving between peers) never changes what a peer may send. A peer given an
+ * owner (fp_peer_set_source_owner; 0, the default: not checked) may send a decrypted
+ * data packet only when its inner source lies in a prefix of the table owned by that
+ * owner; FP_SOURCE_ANY: in any prefix of the table (a PoP session relaying every site),
+ * never one outside it (our own LAN). Anything else is dropped as FP_DROP_SPOOFED on the
+ * peer. fp_source_batch changes the table as fp_route_batch does the routes: all or
+ * nothing under one lock, every op checked first (verb, family, length, no host bits in a
+ * set, an owner other than 0 and FP_SOURCE_ANY), the first bad one rejects the batch with
+ * -EINVAL and its index in *bad; deleting an absent prefix is no error. Deleting a peer
+ * leaves the table alone (owners are sites, not peers). fp_source_lookup gives the owner
+ * of the longest prefix holding addr (port ignored), -ENOENT for none. */
+#define FP_SOURCE_ANY 0xffffffff
+
+enum fp_source_verb {
+    FP_SOURCE_SET = 0,        /* the prefix is owner's (replacing its owner) */
+    FP_SOURCE_DEL = 1         /* delete the prefix (owner ignored) */
+};
+
+struct fp_source_op {
+    uint32_t verb;            /* enum fp_source_verb */
+    struct fp_addr prefix;    /* port ignored */
+    uint8_t plen;
+    uint32_t owner;
+};
+int fp_source_batch(fp_t *fp, const struct fp_source_op *ops, size_t n, size_t *bad);
+int fp_source_lookup(fp_t *fp, const struct fp_addr *addr, uint32_t *owner);
+int fp_peer_set_source_owner(fp_t *fp, uint32_t peer_id, uint32_t owner);
 
 /* Off-cloud transport rules (docs/dataplane.md, "Transport rules"), evaluated per flow on
  * packets from the TUN after the prefix lookup, top-down, first match wins. A rule matches

@@ -12,7 +12,7 @@
  *              instead of after waking the TUN thread. One reader at a time
  *              keeps a flow's packets in order.
  *   lock       rwlock over every table (peers, key index, routes, links, the
- *              transport rules).
+ *              transport rules, the allowed sources).
  *              Packet processing holds it shared for a whole batch; table
  *              changes from Python hold it exclusive. It prefers writers so
  *              a busy data path cannot starve a route change.
@@ -143,6 +143,9 @@ struct fp_peer {
     _Atomic uint64_t unanswered_ns;
     _Atomic uint64_t owed_ns;
     _Atomic uint64_t keepalive_ns;      /* fp_peer_set_keepalive, 0: none */
+    /* fp_peer_set_source_owner (under fp->lock exclusive): whose sources the peer may
+     * send, FP_SOURCE_ANY, or 0: not checked. */
+    uint32_t source_owner;
 };
 
 struct fp_route {
@@ -155,6 +158,8 @@ struct fp_route {
     struct fp_peer *offcloud;
     struct fp_peer *cloud;
     uint32_t flags;                     /* FP_ROUTE_* of the fp_route_op that set it */
+    /* In the source table (sources.c) instead: the site that owns the prefix. */
+    uint32_t owner;
 };
 
 /* The flow of an inner packet as the transport rules see it (fp_flow_parse). Every byte is
@@ -249,6 +254,8 @@ struct fp {
     struct fp_key *index[FP_INDEX_BUCKETS];
     struct fp_rtable rt4;
     struct fp_rtable rt6;
+    struct fp_rtable src4;              /* allowed sources (sources.c), apart from routes */
+    struct fp_rtable src6;
     struct fp_link *links[FP_MAX_LINKS];
     int nlinks;
     _Atomic int tun_fd;                 /* -1 until tun_open/tun_attach */
@@ -358,6 +365,21 @@ struct fp_peer *fp_route_lookup(struct fp *fp, int family, const uint8_t *addr);
 /* The longest-prefix route itself (its peer and the rules' peers), NULL for none. */
 const struct fp_route *fp_route_find(struct fp *fp, int family, const uint8_t *addr);
 struct fp_link *fp_link_find(struct fp *fp, uint32_t id);
+/* table.c: the prefix tables as such, for the routes and the allowed sources. fp_rt_check
+ * checks a prefix (a set: no host bits) and masks it into m; fp_rt_match is the longest
+ * prefix match; fp_rt_get finds (m, plen) or links `fresh` in for it (the caller frees
+ * fresh when another node is returned); fp_rt_unlink takes a node out (NULL: none). */
+int fp_rt_init(struct fp_rtable *t, int alen);
+void fp_rt_free(struct fp_rtable *t);
+int fp_rt_check(const struct fp_addr *prefix, uint8_t plen, bool set, uint8_t m[16]);
+const struct fp_route *fp_rt_match(const struct fp_rtable *t, const uint8_t *addr);
+struct fp_route *fp_rt_get(struct fp_rtable *t, const uint8_t m[16], uint8_t plen,
+                           struct fp_route *fresh);
+struct fp_route *fp_rt_unlink(struct fp_rtable *t, const uint8_t m[16], uint8_t plen);
+/* sources.c: may a peer whose source owner is `owner` (not 0) send this inner packet
+ * (family: of its destination)? Callers hold fp->lock. */
+bool fp_source_allowed(struct fp *fp, uint32_t owner, int family, const uint8_t *ip,
+                       size_t len);
 
 /* table.c: multi-link peers (callers hold p->ep_lock, and fp->lock) */
 void fp_peer_choice_update(struct fp_peer *p);

@@ -420,6 +420,11 @@ int fp_inbound_locked(struct fp *fp, struct fp_link *link, uint32_t link_id,
         if (sfam != family || fp_route_lookup(fp, sfam, src) != peer)
             return drop(res, FP_DROP_SPOOFED, &peer->ctr, NULL);
     }
+    /* The allowed sources (sources.c): a table apart from the routes, so a site's
+     * prefixes stay accepted from its peer whichever transport routes them now. Counted
+     * on the link too, which socketctl status shows. */
+    if (peer->source_owner && !fp_source_allowed(fp, peer->source_owner, family, out, plen))
+        return drop(res, FP_DROP_SPOOFED, lc, &peer->ctr);
     if (cfg->relay) {
         struct fp_peer *to = fp_route_lookup(fp, family, dst);
         if (to == peer)

@@ -7,7 +7,9 @@
  * index names the key, not the peer), so demux is one hash probe. The prefix
  * table is a hash table keyed by (prefix length, masked prefix) per address
  * family, probed once per prefix length present, longest first: the cost of
- * a lookup grows with the number of distinct lengths, not of prefixes.
+ * a lookup grows with the number of distinct lengths, not of prefixes. The
+ * same tables (fp_rt_*) hold the allowed sources of sources.c, apart from the
+ * routes.
  */
 #include "fp_internal.h"
 
@@ -91,7 +93,7 @@ static struct fp_rtable *rt_for(struct fp *fp, int family)
     return family == 4 ? &fp->rt4 : family == 6 ? &fp->rt6 : NULL;
 }
 
-static int rt_init(struct fp_rtable *t, int alen)
+int fp_rt_init(struct fp_rtable *t, int alen)
 {
     memset(t, 0, sizeof(*t));
     t->alen = alen;
@@ -100,7 +102,7 @@ static int rt_init(struct fp_rtable *t, int alen)
     return t->buckets ? 0 : -ENOMEM;
 }
 
-static void rt_free(struct fp_rtable *t)
+void fp_rt_free(struct fp_rtable *t)
 {
     for (uint32_t i = 0; t->buckets && i < t->nbuckets; i++) {
         struct fp_route *r = t->buckets[i];
@@ -153,7 +155,11 @@ static struct fp_route **rt_find(struct fp_rtable *t, const uint8_t m[16], uint8
 
 const struct fp_route *fp_route_find(struct fp *fp, int family, const uint8_t *addr)
 {
-    struct fp_rtable *t = rt_for(fp, family);
+    return fp_rt_match(rt_for(fp, family), addr);
+}
+
+const struct fp_route *fp_rt_match(const struct fp_rtable *t, const uint8_t *addr)
+{
     uint8_t m[16];
     for (int i = 0; i < t->nplens; i++) {
         uint8_t plen = t->plens[i];
@@ -199,7 +205,7 @@ static void rt_remove_peer(struct fp_rtable *t, struct fp_peer *p)
 /* Checks a prefix as fp_route_set/del take it; masked into m. A set must
  * not have host bits (a caller mistake, not something to silently fix); a
  * delete masks them. */
-static int rt_check(const struct fp_addr *prefix, uint8_t plen, bool set, uint8_t m[16])
+int fp_rt_check(const struct fp_addr *prefix, uint8_t plen, bool set, uint8_t m[16])
 {
     if (!fp_addr_valid(prefix))
         return -EINVAL;
@@ -214,32 +220,34 @@ static int rt_check(const struct fp_addr *prefix, uint8_t plen, bool set, uint8_
 
 /* Caller holds fp->lock exclusive; fresh is a zeroed node, used or freed. A set replaces
  * the route: its peer and the rules' two (NULL: none). */
-static void rt_set_locked(struct fp *fp, int family, const uint8_t m[16], uint8_t plen,
-                          struct fp_peer *p, struct fp_peer *offcloud, struct fp_peer *cloud,
-                          uint32_t flags, struct fp_route *fresh)
+struct fp_route *fp_rt_get(struct fp_rtable *t, const uint8_t m[16], uint8_t plen,
+                           struct fp_route *fresh)
 {
-    struct fp_rtable *t = rt_for(fp, family);
     struct fp_route **pp = rt_find(t, m, plen);
-    if (*pp) {
-        (*pp)->peer = p;
-        (*pp)->offcloud = offcloud;
-        (*pp)->cloud = cloud;
-        (*pp)->flags = flags;
-        free(fresh);
-        return;
-    }
+    if (*pp)
+        return *pp;
     fresh->plen = plen;
     memcpy(fresh->addr, m, 16);
-    fresh->peer = p;
-    fresh->offcloud = offcloud;
-    fresh->cloud = cloud;
-    fresh->flags = flags;
     *pp = fresh;
     t->count++;
     if (t->plen_count[plen]++ == 0)
         rt_rebuild_plens(t);
     if (t->count > t->nbuckets)
         rt_grow(t);
+    return fresh;
+}
+
+static void rt_set_locked(struct fp *fp, int family, const uint8_t m[16], uint8_t plen,
+                          struct fp_peer *p, struct fp_peer *offcloud, struct fp_peer *cloud,
+                          uint32_t flags, struct fp_route *fresh)
+{
+    struct fp_route *r = fp_rt_get(rt_for(fp, family), m, plen, fresh);
+    if (r != fresh)
+        free(fresh);
+    r->peer = p;
+    r->offcloud = offcloud;
+    r->cloud = cloud;
+    r->flags = flags;
 }
 
 /* Caller holds fp->lock exclusive; returns the unlinked node for the caller
@@ -247,7 +255,11 @@ static void rt_set_locked(struct fp *fp, int family, const uint8_t m[16], uint8_
 static struct fp_route *rt_del_locked(struct fp *fp, int family, const uint8_t m[16],
                                       uint8_t plen)
 {
-    struct fp_rtable *t = rt_for(fp, family);
+    return fp_rt_unlink(rt_for(fp, family), m, plen);
+}
+
+struct fp_route *fp_rt_unlink(struct fp_rtable *t, const uint8_t m[16], uint8_t plen)
+{
     struct fp_route **pp = rt_find(t, m, plen);
     struct fp_route *r = *pp;
     if (r) {
@@ -262,7 +274,7 @@ static struct fp_route *rt_del_locked(struct fp *fp, int family, const uint8_t m
 int fp_route_set(fp_t *fp, const struct fp_addr *prefix, uint8_t plen, uint32_t peer_id)
 {
     uint8_t m[16];
-    int rc = rt_check(prefix, plen, true, m);
+    int rc = fp_rt_check(prefix, plen, true, m);
     if (rc < 0)
         return rc;
     struct fp_route *fresh = calloc(1, sizeof(*fresh));
@@ -283,7 +295,7 @@ int fp_route_set(fp_t *fp, const struct fp_addr *prefix, uint8_t plen, uint32_t 
 int fp_route_del(fp_t *fp, const struct fp_addr *prefix, uint8_t plen)
 {
     uint8_t m[16];
-    int rc = rt_check(prefix, plen, false, m);
+    int rc = fp_rt_check(prefix, plen, false, m);
     if (rc < 0)
         return rc;
     pthread_rwlock_wrlock(&fp->lock);
@@ -310,7 +322,7 @@ int fp_route_batch(fp_t *fp, const struct fp_route_op *ops, size_t n, size_t *ba
             (ops[i].flags & ~(uint32_t)FP_ROUTE_PEER_NOT_SECONDARY))
             rc = -EINVAL;
         else
-            rc = rt_check(&ops[i].prefix, ops[i].plen, ops[i].verb == FP_ROUTE_SET, m);
+            rc = fp_rt_check(&ops[i].prefix, ops[i].plen, ops[i].verb == FP_ROUTE_SET, m);
         if (rc < 0)
             goto fail;
     }
@@ -340,7 +352,7 @@ int fp_route_batch(fp_t *fp, const struct fp_route_op *ops, size_t n, size_t *ba
     }
     for (i = 0; i < n; i++) {
         const struct fp_route_op *o = &ops[i];
-        rt_check(&o->prefix, o->plen, false, m);
+        fp_rt_check(&o->prefix, o->plen, false, m);
         if (o->verb == FP_ROUTE_DEL) {
             /* Unlinked nodes are kept in fresh[i] and freed after unlocking. */
             fresh[i] = rt_del_locked(fp, o->prefix.family, m, o->plen);
@@ -374,9 +386,12 @@ int fp_tables_init(struct fp *fp)
 {
     /* calloc'd: its pages cost nothing until the first rules meet synchronous packets. */
     fp->sync_fc = calloc(1, sizeof(*fp->sync_fc));
-    if (!fp->sync_fc || rt_init(&fp->rt4, 4) || rt_init(&fp->rt6, 16)) {
-        rt_free(&fp->rt4);
-        rt_free(&fp->rt6);
+    if (!fp->sync_fc || fp_rt_init(&fp->rt4, 4) || fp_rt_init(&fp->rt6, 16) ||
+        fp_rt_init(&fp->src4, 4) || fp_rt_init(&fp->src6, 16)) {
+        fp_rt_free(&fp->rt4);
+        fp_rt_free(&fp->rt6);
+        fp_rt_free(&fp->src4);
+        fp_rt_free(&fp->src6);
         free(fp->sync_fc);
         fp->sync_fc = NULL;
         return -ENOMEM;
@@ -399,8 +414,10 @@ static void peer_free(struct fp *fp, struct fp_peer *p)
 
 void fp_tables_free(struct fp *fp)
 {
-    rt_free(&fp->rt4);
-    rt_free(&fp->rt6);
+    fp_rt_free(&fp->rt4);
+    fp_rt_free(&fp->rt6);
+    fp_rt_free(&fp->src4);
+    fp_rt_free(&fp->src6);
     fp_rules_free(fp->rules);
     fp->rules = NULL;
     free(fp->sync_fc);

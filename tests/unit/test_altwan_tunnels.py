@@ -128,8 +128,14 @@ def test_alt_wan_comes_up_from_the_directory_beside_the_mesh(certs, tmp_path: Pa
     a.paths.set_policy(Policy.CLOUD_LOST)
     r = a.fp.process_outbound(ipv4("10.2.0.5", "10.1.0.7"))
     assert (r.verdict, r.peer_id, r.link_id, r.to) == (Verdict.SEND, altwan_peer_id(1), 2, MPLS[1])
+    # B accepts it only from site 2's prefixes: the Alt-WAN peer's allowed sources are its
+    # site's (site/sources.py; the supervisor fills the table from the directory).
+    b.fp.source_batch([("10.2.0.0/24", 2), ("10.3.0.0/24", 3)])
     got = b.fp.process_inbound(2, MPLS[2], r.data)
     assert (got.verdict, got.peer_id) == (Verdict.TUN, altwan_peer_id(2))
+    r = a.fp.process_outbound(ipv4("10.3.0.5", "10.1.0.7"))  # another site's source
+    got = b.fp.process_inbound(2, MPLS[2], r.data)
+    assert (got.verdict, got.drop_reason) == (Verdict.DROP, "spoofed")
     # `socketctl peers`: the Alt-WAN tunnel by its site, transport alt-wan.
     rows = a.altwan.peers(set())
     assert [(r["site_id"], r["transport"], r["peer_id"], r["link"]) for r in rows] == [

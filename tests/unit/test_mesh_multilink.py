@@ -49,6 +49,9 @@ class SecondPath:
         a.fp.set_endpoint(1, 2, self.far.getsockname())
         a.mesh._path_direct(self.peer, self.path)
         b.fp.route_set("10.2.0.0/24", 2)  # so that B can seal packets for A
+        # B's LAN among A's allowed sources, as socketd's Sources would have it from the
+        # directory (the mesh gives its peer B's site as owner).
+        a.fp.source_batch([("10.1.0.0/24", 1)])
 
     def from_b(self, link: int) -> None:
         """A data packet of B's arriving at A over link (as its keepalives would)."""

@@ -46,6 +46,10 @@ PEER_ENDPOINTS: int = lib.FP_PEER_ENDPOINTS
 # A route whose peer is no secondary for the transport rules (an Alt-WAN tunnel).
 ROUTE_PEER_NOT_SECONDARY: int = lib.FP_ROUTE_PEER_NOT_SECONDARY
 PMTU_MIN: int = lib.FP_PMTU_MIN
+# fp_peer_set_source_owner: the peer may send from any prefix of the source table (a PoP
+# session); 0 (SOURCE_UNCHECKED) turns the check off for the peer, the default.
+SOURCE_ANY: int = lib.FP_SOURCE_ANY
+SOURCE_UNCHECKED: int = 0
 
 # fp_tun_features bits: what the TUN device offloads to the fast path.
 TUN_F_VNET: int = lib.FP_TUN_F_VNET
@@ -276,7 +280,7 @@ def _new_addr(addr: Addr) -> object:
 
 
 def _fill_net(op: object, net: Network) -> None:
-    """A struct fp_route_op's prefix and length, straight from the packed address."""
+    """The prefix and length of a struct fp_route_op or fp_source_op, from the packed address."""
     packed = net.network_address.packed
     op.prefix.family = net.version  # type: ignore[attr-defined]
     op.prefix.addr[0 : len(packed)] = packed  # type: ignore[attr-defined]
@@ -527,6 +531,55 @@ class FastPath:
             else:
                 what = "{} -> {}".format(*sets[i - len(nets)][:2])
             raise FastPathError(-rc, f"fp_route_batch(op {i}: {what})")
+
+    # ------------------------------------------------------------------ allowed sources
+
+    def source_batch(
+        self, set_: Sequence[tuple[Network | str, int]], delete: Sequence[Network | str] = ()
+    ) -> None:
+        """Change the allowed-source table (prefix -> owning site id) under one lock, all or
+        nothing (fp_source_batch): deletes first, then sets. Host bits or an owner of 0 or
+        SOURCE_ANY: ValueError before anything is sent. Deleting an absent prefix is no
+        error."""
+        nets = [ipaddress.ip_network(n) for n in delete]
+        sets = [(ipaddress.ip_network(net), int(owner)) for net, owner in set_]
+        for net, owner in sets:
+            if not 0 < owner < SOURCE_ANY:
+                raise ValueError(f"source owner of {net} out of range: {owner}")
+        n = len(nets) + len(sets)
+        if n == 0:
+            return
+        ops = ffi.new("struct fp_source_op[]", n)
+        for i, net in enumerate(nets):
+            _fill_net(ops[i], net)
+            ops[i].verb = lib.FP_SOURCE_DEL
+        for j, (net, owner) in enumerate(sets, len(nets)):
+            _fill_net(ops[j], net)
+            ops[j].verb = lib.FP_SOURCE_SET
+            ops[j].owner = owner
+        bad = ffi.new("size_t *")
+        rc = lib.fp_source_batch(self._h, ops, n, bad)
+        if rc < 0:
+            i = bad[0]
+            what = f"delete {nets[i]}" if i < len(nets) else "{} -> {}".format(*sets[i - len(nets)])
+            raise FastPathError(-rc, f"fp_source_batch(op {i}: {what})")
+
+    def source_lookup(self, address: str) -> int | None:
+        """The site owning the longest allowed-source prefix holding address, or None."""
+        a = _new_addr((address, 0))
+        owner = ffi.new("uint32_t *")
+        rc = lib.fp_source_lookup(self._h, a, owner)
+        if rc == -_errno.ENOENT:
+            return None
+        _check(rc, f"fp_source_lookup({address})")
+        return int(owner[0])
+
+    def set_source_owner(self, peer_id: int, owner: int) -> None:
+        """Whose sources the peer may send (a site id), SOURCE_ANY, or SOURCE_UNCHECKED."""
+        _check(
+            lib.fp_peer_set_source_owner(self._h, peer_id, owner),
+            f"fp_peer_set_source_owner({peer_id}, {owner:#x})",
+        )
 
     # ------------------------------------------------------------------ transport rules
 

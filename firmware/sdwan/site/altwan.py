@@ -35,6 +35,7 @@ from sdwan.common.sessions import SessionOwner
 from sdwan.common.tomlcheck import format_endpoint, parse_endpoint
 from sdwan.site.links import LinkManager, WanLink
 from sdwan.site.paths import Candidate, Paths, Transport
+from sdwan.site.sources import add_peer
 from sdwan.site.tunnel import Addr, PeerTunnel, Port, State, Timers
 
 log = logging.getLogger("sdwan.site.altwan")
@@ -176,10 +177,17 @@ class AltWan(SessionOwner):
     def _add(self, site_id: int, link: WanLink, ep: Addr) -> None:
         pid = altwan_peer_id(site_id)
         try:
-            self.fp.peer_add(pid)
-            self.fp.set_endpoint(pid, link.id, ep)
+            # Its packets may come only from that site's prefixes (site/sources.py).
+            add_peer(self.fp, pid, owner=site_id)
         except FastPathError as e:
             log.error("alt-wan: fast-path peer for site %d not added: %s", site_id, e)
+            return
+        try:
+            self.fp.set_endpoint(pid, link.id, ep)
+        except FastPathError as e:
+            log.error("alt-wan: endpoint of site %d not set: %s", site_id, e)
+            with contextlib.suppress(FastPathError):
+                self.fp.peer_del(pid)
             return
         tunnel = PeerTunnel(
             my_site_id=self.site_id,

@@ -44,6 +44,7 @@ from sdwan.common.tomlcheck import IPNetwork, format_endpoint
 from sdwan.site.config import Link, Pop
 from sdwan.site.links import LinkManager
 from sdwan.site.paths import Candidate, Paths, Transport
+from sdwan.site.sources import SOURCE_ANY, add_peer
 from sdwan.site.tunnel import Addr, PeerTunnel, Port, State, Timers
 
 log = logging.getLogger("sdwan.site.cloud")
@@ -142,7 +143,8 @@ class PopSession:
         # The links' public endpoints and NAT classes as last sent (links.advertised()).
         self.registered_public: tuple[tuple[str | None, str | None], ...] | None = None
         self._next_register = 0.0
-        cloud.fp.peer_add(self.peer_id)
+        # A PoP relays every other site: any prefix of the allowed sources, none outside.
+        add_peer(cloud.fp, self.peer_id, owner=SOURCE_ANY)
         cloud.fp.set_endpoint(self.peer_id, link_id, pop.endpoint)
         self.tunnel = PeerTunnel(
             my_site_id=cloud.site_id,
@@ -361,7 +363,16 @@ class PopSession:
             "reason": None if self.connected else (self.reason or self.tunnel.reason),
             "handshakes": self.tunnel.handshakes,
             "mtu": self.tunnel.pmtu.mtu if self.connected else None,
+            # Packets from the PoP dropped by reason: `spoofed`, a source outside every
+            # site's prefixes (docs/security.md, "Source addresses").
+            "drops": self._drops(),
         }
+
+    def _drops(self) -> dict[str, int] | None:
+        try:
+            return self.cloud.fp.peer_counters(self.peer_id).drops
+        except FastPathError:
+            return None
 
 
 class _SessionPort:

@@ -56,6 +56,7 @@ from sdwan.site.birthday import NAT_PORTS, LinkSockets, random_ports
 from sdwan.site.config import Mesh as MeshConfig
 from sdwan.site.links import LinkManager, WanLink
 from sdwan.site.paths import Candidate, Network, Override, Paths, Policy, Transport
+from sdwan.site.sources import add_peer
 from sdwan.site.tunnel import Addr, PeerTunnel, Port, State, Timers
 
 log = logging.getLogger("sdwan.site.mesh")
@@ -795,7 +796,7 @@ class Mesh(SessionOwner):
         assert path.endpoint is not None
         if peer.tunnel is None:
             try:
-                self.fp.peer_add(peer.site_id)
+                add_peer(self.fp, peer.site_id, owner=peer.site_id)
             except FastPathError as e:
                 log.error("mesh: fast-path peer %d not added: %s", peer.site_id, e)
                 return

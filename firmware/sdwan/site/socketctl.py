@@ -128,6 +128,24 @@ def _visible_out(
 # --------------------------------------------------------------------------- commands
 
 
+def _sources_line(sources: Mapping[str, Any], links: Any) -> str:
+    """The allowed sources, and the packets dropped as spoofed over every link."""
+    spoofed = 0
+    for link in links if isinstance(links, list) else ():
+        drops = link.get("drops") if isinstance(link, Mapping) else None
+        n = drops.get("spoofed") if isinstance(drops, Mapping) else None
+        if isinstance(n, int) and not isinstance(n, bool):
+            spoofed += n
+    text = (
+        f"{_num(sources.get('prefixes'))} prefixes of {_num(sources.get('sites'))} sites,"
+        f" {_num(spoofed)} spoofed dropped"
+    )
+    conflicts = sources.get("conflicts")
+    if isinstance(conflicts, list) and conflicts:
+        text += f", {_num(len(conflicts))} contested prefixes accepted from nobody"
+    return text
+
+
 @_visible_out
 def format_status(result: Mapping[str, Any], out: TextIO) -> None:
     site = f"{_text(result.get('site_id'))} ({_text(result.get('name'))})"
@@ -161,6 +179,9 @@ def format_status(result: Mapping[str, Any], out: TextIO) -> None:
     firewall = result.get("firewall")
     if isinstance(firewall, Mapping):
         fields.append(("firewall", _firewall_summary(firewall)))
+    sources = result.get("sources")
+    if isinstance(sources, Mapping):
+        fields.append(("sources", _sources_line(sources, result.get("links"))))
     for name, value in fields:
         out.write(f"{name:<9}{value}\n" if len(name) < 9 else f"{name} {value}\n")
 

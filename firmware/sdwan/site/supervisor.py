@@ -50,6 +50,7 @@ from sdwan.site.mesh import Mesh, pin_override
 from sdwan.site.paths import Candidate, Paths, Transport
 from sdwan.site.recovery import STORED_MAX_AGE_S, Reach, Recovery
 from sdwan.site.rules import Rules
+from sdwan.site.sources import Sources, add_peer
 from sdwan.site.tundev import TunError, attach_tun
 from sdwan.site.tunnel import Addr, PeerTunnel, State, StaticTunnels, Timers
 
@@ -117,6 +118,7 @@ class Supervisor:
         self.recovery: Recovery | None = None
         self.paths: Paths | None = None
         self.rules: Rules | None = None
+        self.sources: Sources | None = None
         self.firewall = Firewall(on_event=self._record_event)
         self._net_plan: Plan | None = None
         self._net_task: asyncio.Task[None] | None = None
@@ -172,7 +174,7 @@ class Supervisor:
         for peer in cfg.peers:
             link_name = peer.link
             link_id = self.link_ids[link_name]
-            fp.peer_add(peer.site_id)
+            add_peer(fp, peer.site_id, owner=peer.site_id)
             fp.set_endpoint(peer.site_id, link_id, peer.endpoint)
             self.tunnels[peer.site_id] = PeerTunnel(
                 my_site_id=cfg.site.id,
@@ -194,6 +196,7 @@ class Supervisor:
             log.error("store unusable, running without one: %s", e)
         self.links.store = self.store
         self.cloud = self._make_cloud(fp)
+        self.sources = self._make_sources(fp, self.cloud)
         self.mesh = self._make_mesh(fp, self.cloud)
         self.altwan = self._make_altwan(fp, self.cloud)
         self.recovery = self._make_recovery(self.cloud, self.mesh, self.altwan)
@@ -252,6 +255,19 @@ class Supervisor:
         )
         self.sessions.add_owner(cloud)
         return cloud
+
+    def _make_sources(self, fp: FastPath, cloud: Cloud) -> Sources:
+        """The allowed sources follow the static peers and the directory (the stored one
+        until a PoP answers), in force before the fast path starts."""
+        sources = Sources(
+            fp,
+            self.cfg.site.id,
+            static=[(p.site_id, p.subnets) for p in self.cfg.peers],
+            directory=lambda: cloud.directory,
+        )
+        cloud.watch_directory(sources.apply)
+        sources.apply()
+        return sources
 
     def _make_mesh(self, fp: FastPath, cloud: Cloud) -> Mesh:
         cfg = self.cfg
@@ -640,6 +656,7 @@ class Supervisor:
                 self.recovery.summary() if self.recovery is not None else {"enabled": False}
             ),
             "firewall": self.firewall.summary(),
+            "sources": self.sources.summary() if self.sources is not None else None,
             "appliance": self._appliance_status(),
         }
 
