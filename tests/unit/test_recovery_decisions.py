@@ -124,11 +124,14 @@ def test_cloud_lost_moves_every_recovery_site_at_once_and_back_after_the_hold(
     world.now += 9.9
     rec.tick()
     assert rec.active and where(fp, 2, 3) == [2, 3] and world.kinds() == []
+    # Each flap changed only the rules' cloud path (back while the cloud is up, gone while
+    # it is down), never which peer a prefix takes.
+    assert all(n == 3 for n, _ in batches.take())
     assert rec.next_due() == pytest.approx(world.now + 0.1)
     world.now += 0.1
     rec.tick()
     assert not rec.active and where(fp, 2, 3, 4) == [POP, POP, POP]
-    assert batches.take() == [(3, 0)]
+    assert batches.take() == [(2, 0)]  # the two moved back; site 4's cloud path was back
     assert world.kinds() == [("offcloud.recovery.stopped", None)]
 
 
@@ -400,9 +403,34 @@ def test_alt_wan_carries_recovery_first_and_the_mesh_where_it_cannot(fp: FastPat
     # Our cloud is up but the PoP cannot reach site 4 (offline in its directory, which keeps
     # its Alt-WAN endpoint): site 4 goes over Alt-WAN from here.
     world.events.clear()
+    # A new directory (cloud.py replaces the list whenever one arrives).
+    world.directory = [dict(e) for e in world.directory]
     world.directory[2]["online"] = False
     world.now += 1
     rec.tick()
     assert where(fp, 4) == [ALT | 4] and rec.summary()["lost_sites"] == [4]
     (kind, text, data, site), = world.events
     assert site == 4 and "goes over Alt-WAN" in text and data["altwan_sites"] == [4]
+
+
+def test_the_rules_cloud_path_follows_the_cloud_not_the_hold(fp: FastPath) -> None:
+    # An off-cloud rule with secondary "cloud" takes the route's cloud path when its mesh
+    # path is down: gone while the cloud is down, back as soon as it is up, even while
+    # recovery still holds the routes on the mesh.
+    world = World()
+    paths = setup(fp, world, {2: True})
+    rec = world.recovery(paths)
+
+    def cloud_path() -> int | None:
+        return paths.status()["routes"][0]["cloud_peer"]
+
+    rec.tick()
+    assert cloud_path() == POP
+    world.up = False
+    world.now += 1
+    rec.tick()
+    assert rec.active and cloud_path() is None
+    world.up = True
+    world.now += 1
+    rec.tick()
+    assert rec.active and where(fp, 2) == [2] and cloud_path() == POP

@@ -139,6 +139,9 @@ class Paths:
         # the mesh by recovery: under cloud_lost those candidates rank after the cloud's).
         self.lost_peers: frozenset[int] = frozenset()
         self.no_recovery: frozenset[int] = frozenset()
+        # Whether the cloud is down now, as recovery.py last said (None: follow the policy):
+        # the transport rules' cloud path is cleared only then.
+        self.cloud_down: bool | None = None
         self.override: Override | None = None
         self._override_why = "per-rule override"
         self.batches = 0  # batch calls made, for status
@@ -172,12 +175,17 @@ class Paths:
         policy: Policy,
         lost_peers: Iterable[int] | None = None,
         no_recovery: Iterable[int] | None = None,
+        cloud_down: bool | None = None,
     ) -> None:
-        """Switch the policy and, where given, the per-site recovery sets, in one batch."""
+        """Switch the policy and, where given, the per-site recovery sets and whether the
+        cloud is down right now, in one batch."""
         policy = Policy(policy)
         if policy is not self.policy:
             log.info("route policy %s -> %s", self.policy, policy)
             self.policy = policy
+            self._dirty = True
+        if cloud_down is not None and cloud_down != self.cloud_down:
+            self.cloud_down = cloud_down
             self._dirty = True
         for name, given in (("lost_peers", lost_peers), ("no_recovery", no_recovery)):
             if given is not None and frozenset(given) != getattr(self, name):
@@ -288,15 +296,20 @@ class Paths:
         while the tunnel is up; a held one is usable only while recovery wants it), or the
         direct peer when one is chosen (a static tunnel is off the cloud already), never an
         Alt-WAN tunnel; its cloud path is its best cloud candidate, except where the cloud is
-        what is missing: under cloud_lost, and for a site the cloud cannot reach (lost_peers,
-        known by its Alt-WAN or mesh candidates' site)."""
+        what is missing: while the cloud is down (under cloud_lost when no one says), and for
+        a site the cloud cannot reach (lost_peers, known by its Alt-WAN or mesh candidates'
+        site)."""
         mesh = [c.peer_id for _, c in usable if c.transport is Transport.MESH]
         offcloud = mesh[0] if mesh else 0
         if not offcloud and pick.transport is Transport.DIRECT:
             offcloud = pick.peer_id
         sites = {c.site for _, c in usable if c.transport in (Transport.MESH, Transport.ALT_WAN)}
         cloud = 0
-        if self.policy is not Policy.CLOUD_LOST and not self.lost_peers.intersection(sites):
+        # Under cloud_lost the cloud may be back already (recovery holds until it has been
+        # for recovery_hold_s): the rules' cloud path is gone only while it is down.
+        lost = self.cloud_down if self.cloud_down is not None else (
+            self.policy is Policy.CLOUD_LOST)
+        if not lost and not self.lost_peers.intersection(sites):
             cloud = next((c.peer_id for _, c in usable if c.transport is Transport.CLOUD), 0)
         return offcloud, cloud
 

@@ -167,7 +167,6 @@ class Recovery:
         read = self._read
         if read is None or read[0] is not directory or read[1:] != (enabled, up):
             self._read = (directory, enabled, up)
-            self._read = read
             self._track_sites(now, up, enabled)
             self._no_recovery = frozenset(
                 e["site_id"] for e in self._sites()
@@ -179,6 +178,7 @@ class Recovery:
             Policy.CLOUD_LOST if self.active else Policy.NORMAL,
             lost_peers=self._lost.keys(),
             no_recovery=self._no_recovery,
+            cloud_down=not up,
         )
 
     def _track_sites(self, now: float, up: bool, enabled: bool) -> None:
