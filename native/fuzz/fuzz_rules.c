@@ -62,8 +62,9 @@ static fp_t *make(void)
     memset(ops, 0, sizeof(ops));
     struct fp_route_op ops6;
     memset(&ops6, 0, sizeof(ops6));
-    /* 10.0.0.0/9 with both rule peers, 10.128.0.0/9 without an off-cloud one, ::/0 with
-     * none, fd00::/8 with both: every secondary is reachable. */
+    /* 10.0.0.0/9 with both rule peers, 10.128.0.0/9 without an off-cloud one and a peer
+     * that is no secondary (Alt-WAN), ::/0 with none, fd00::/8 with both: every secondary
+     * is reachable. */
     for (int i = 0; i < 3; i++) {
         ops[i].verb = FP_ROUTE_SET;
         ops[i].peer_id = 1;
@@ -75,6 +76,7 @@ static fp_t *make(void)
     ops[0].offcloud_peer = 2;
     ops[1].prefix.addr[0] = 10;
     ops[1].prefix.addr[1] = 128;
+    ops[1].flags = FP_ROUTE_PEER_NOT_SECONDARY;
     CHECK(fp_route_batch(fp, ops, 3, NULL) == 0);
     ops6 = ops[2];
     ops6.prefix.addr[0] = 0xfd;

@@ -191,7 +191,11 @@ struct fp_route_op {
      * direct tunnel peer_id itself), and the peer of its cloud path (the PoP's tunnel). */
     uint32_t offcloud_peer;
     uint32_t cloud_peer;
+    uint32_t flags;           /* FP_ROUTE_*; any other bit is invalid */
 };
+/* peer_id is no secondary for the transport rules (an Alt-WAN tunnel: docs/recovery.md): an
+ * off-cloud rule's AUTOMATIC secondary takes the cloud peer instead, and drops without one. */
+#define FP_ROUTE_PEER_NOT_SECONDARY 1
 int fp_route_batch(fp_t *fp, const struct fp_route_op *ops, size_t n, size_t *bad);
 
 /* Allowed sources (docs/dataplane.md, "Allowed sources"): a table kept apart from the
@@ -232,7 +236,8 @@ int fp_peer_set_source_owner(fp_t *fp, uint32_t peer_id, uint32_t owner);
  * decides, from the route's three peers (fp_route_op):
  *   FP_RULE_CLOUD: the cloud peer, else the route's peer;
  *   FP_RULE_OFFCLOUD: the off-cloud peer; while there is none, by the secondary:
- *     AUTOMATIC the route's peer, CLOUD the cloud peer, NONE nothing: the packet (and a
+ *     AUTOMATIC the route's peer (the cloud peer when the route says its peer is none:
+ *     FP_ROUTE_PEER_NOT_SECONDARY), CLOUD the cloud peer, NONE nothing: the packet (and a
  *     CLOUD secondary without a cloud peer) is dropped as FP_DROP_OFFCLOUD_DOWN.
  * No match: the route's peer, as without rules. Fields: proto is an IP protocol number or
  * FP_RULE_PROTO_ANY (ICMP, 1, also matches ICMPv6, 58); src/dst are runs of `nets` (n = 0:

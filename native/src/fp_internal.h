@@ -157,6 +157,7 @@ struct fp_route {
      * fp_peer_del clears them where they name the peer it deletes. */
     struct fp_peer *offcloud;
     struct fp_peer *cloud;
+    uint32_t flags;                     /* FP_ROUTE_* of the fp_route_op that set it */
     /* In the source table (sources.c) instead: the site that owns the prefix. */
     uint32_t owner;
 };

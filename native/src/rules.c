@@ -291,7 +291,8 @@ struct fp_peer *fp_rules_apply(struct fp *fp, struct fp_flowcache *fc, const str
         return rt->offcloud;
     switch (r->secondary) {
     case FP_RULE_SEC_AUTOMATIC:
-        return rt->peer;
+        /* Never onto a transport that is no secondary (Alt-WAN): the cloud, or nothing. */
+        return (rt->flags & FP_ROUTE_PEER_NOT_SECONDARY) ? rt->cloud : rt->peer;
     case FP_RULE_SEC_CLOUD:
         return rt->cloud;
     default:

@@ -239,7 +239,7 @@ struct fp_route *fp_rt_get(struct fp_rtable *t, const uint8_t m[16], uint8_t ple
 
 static void rt_set_locked(struct fp *fp, int family, const uint8_t m[16], uint8_t plen,
                           struct fp_peer *p, struct fp_peer *offcloud, struct fp_peer *cloud,
-                          struct fp_route *fresh)
+                          uint32_t flags, struct fp_route *fresh)
 {
     struct fp_route *r = fp_rt_get(rt_for(fp, family), m, plen, fresh);
     if (r != fresh)
@@ -247,6 +247,7 @@ static void rt_set_locked(struct fp *fp, int family, const uint8_t m[16], uint8_
     r->peer = p;
     r->offcloud = offcloud;
     r->cloud = cloud;
+    r->flags = flags;
 }
 
 /* Caller holds fp->lock exclusive; returns the unlinked node for the caller
@@ -282,7 +283,7 @@ int fp_route_set(fp_t *fp, const struct fp_addr *prefix, uint8_t plen, uint32_t 
     pthread_rwlock_wrlock(&fp->lock);
     struct fp_peer *p = fp_peer_find(fp, peer_id);
     if (p)
-        rt_set_locked(fp, prefix->family, m, plen, p, NULL, NULL, fresh);
+        rt_set_locked(fp, prefix->family, m, plen, p, NULL, NULL, 0, fresh);
     pthread_rwlock_unlock(&fp->lock);
     if (!p) {
         free(fresh);
@@ -317,7 +318,8 @@ int fp_route_batch(fp_t *fp, const struct fp_route_op *ops, size_t n, size_t *ba
     size_t i;
     uint8_t m[16];
     for (i = 0; i < n; i++) {
-        if (ops[i].verb != FP_ROUTE_SET && ops[i].verb != FP_ROUTE_DEL)
+        if ((ops[i].verb != FP_ROUTE_SET && ops[i].verb != FP_ROUTE_DEL) ||
+            (ops[i].flags & ~(uint32_t)FP_ROUTE_PEER_NOT_SECONDARY))
             rc = -EINVAL;
         else
             rc = fp_rt_check(&ops[i].prefix, ops[i].plen, ops[i].verb == FP_ROUTE_SET, m);
@@ -357,7 +359,8 @@ int fp_route_batch(fp_t *fp, const struct fp_route_op *ops, size_t n, size_t *ba
         } else {
             rt_set_locked(fp, o->prefix.family, m, o->plen, fp_peer_find(fp, o->peer_id),
                           o->offcloud_peer ? fp_peer_find(fp, o->offcloud_peer) : NULL,
-                          o->cloud_peer ? fp_peer_find(fp, o->cloud_peer) : NULL, fresh[i]);
+                          o->cloud_peer ? fp_peer_find(fp, o->cloud_peer) : NULL, o->flags,
+                          fresh[i]);
             fresh[i] = NULL;
         }
     }

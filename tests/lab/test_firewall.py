@@ -285,3 +285,20 @@ def test_a_policy_nft_refuses_leaves_the_rules_in_force_and_says_why(lab: Lab) -
     wait_for("the next policy applied", lambda: firewall(lab, site)["state"] == "applied")
     assert firewall(lab, site)["default"] == "deny" and firewall(lab, site)["error"] is None
     assert "policy drop" in (table_in_kernel(site) or "")
+
+
+def test_a_stored_policy_that_cannot_be_applied_leaves_its_default_in_force(lab: Lab) -> None:
+    # After a reboot the kernel has no table: a stored policy the site refuses (a field this
+    # firmware does not know, as from a newer PoP) must not leave forwarding unfiltered.
+    ns = lab.new_ns("fwfallback")
+    script = (
+        "from sdwan.site.firewall import Firewall\n"
+        "events = []\n"
+        "fw = Firewall(lambda kind, text, data: events.append(kind))\n"
+        "fw.start({'default': 'deny', 'rules': [], 'newer_field': 1}, 7)\n"
+        "print(fw.state, fw.in_force.default, ','.join(events))\n"
+    )
+    cp = lab.exec(ns, [sys.executable, "-c", script], check=True)
+    assert cp.stdout.split() == ["failed", "deny", "firewall.failed,firewall.fallback"], cp
+    table = lab.exec(ns, ["nft", "list", "table", *TABLE]).stdout
+    assert "policy drop" in table and "established,related accept" in table, table

@@ -132,6 +132,31 @@ def test_secondary_while_the_offcloud_peer_is_none(
     assert fp.global_counters().drops["offcloud_down"] == drops
 
 
+def test_an_automatic_secondary_never_falls_back_onto_a_route_peer_that_is_no_secondary(
+    fp: FastPath,
+) -> None:
+    # The route's own peer is an Alt-WAN tunnel (docs/recovery.md): an off-cloud rule whose
+    # mesh path is down takes the cloud path instead, and drops without one; traffic no rule
+    # matches, and a cloud rule without a cloud path, still follow the route.
+    flag = lib.FP_ROUTE_PEER_NOT_SECONDARY
+    fp.route_batch([("10.3.0.0/24", CHOSEN, 0, POP, flag), ("10.4.0.0/24", CHOSEN, 0, 0, flag),
+                    ("10.2.0.0/24", CHOSEN, MESH, 0, flag)])
+    fp.rules_set([rule(1, secondary="automatic", protocol=UDP), rule(2, "cloud", protocol=TCP)])
+    assert sent_to(fp, packet("10.1.0.5", "10.2.0.7")) == MESH
+    assert sent_to(fp, packet("10.1.0.5", "10.3.0.7")) == POP
+    assert sent_to(fp, packet("10.1.0.5", "10.4.0.7")) == "offcloud_down"
+    assert sent_to(fp, packet("10.1.0.5", "10.4.0.7", TCP)) == CHOSEN
+    assert sent_to(fp, packet("10.1.0.5", "10.4.0.7", ICMP)) == CHOSEN
+    # Set again without the flag, the route's peer is the secondary again.
+    fp.route_batch([("10.4.0.0/24", CHOSEN, 0, 0)])
+    assert sent_to(fp, packet("10.1.0.5", "10.4.0.7")) == CHOSEN
+    # An unknown flag is refused, and nothing of the batch changes.
+    with pytest.raises(FastPathError) as info:
+        fp.route_batch([("10.4.0.0/24", CHOSEN, 0, 0, flag), ("10.3.0.0/24", CHOSEN, 0, 0, 2)])
+    assert info.value.errno == errno.EINVAL
+    assert sent_to(fp, packet("10.1.0.5", "10.4.0.7")) == CHOSEN
+
+
 def test_a_mesh_path_that_goes_and_comes_back(fp: FastPath) -> None:
     fp.rules_set([rule(1, secondary="none")])
     pkt = packet("10.1.0.5", "10.2.0.7")

@@ -265,3 +265,35 @@ def test_popd_exits_2_with_located_errors(tmp_path: Path) -> None:
     assert cp.returncode == 2
     assert f"popd: {path}: pop.id: expected an integer 1..255, got 300" in cp.stderr
     assert f"popd: {path}: pki: missing required table [pki]" in cp.stderr
+
+
+def test_an_account_whose_config_a_site_could_not_receive_is_refused(tmp_path: Path) -> None:
+    # 120 firewall rules of 200 + 200 subnets each: within every per-rule limit, but the
+    # config every site is sent would be over a megabyte, and sites would refuse the welcome.
+    subnets = [f"172.{16 + i // 250}.{i % 250}.0/24" for i in range(200)]
+    rules = "".join(
+        f'[[firewall.rules]]\nname = "r{i}"\naction = "deny"\nsrc = {subnets!r}\n'
+        f"dst = {subnets!r}\n\n".replace("'", '"')
+        for i in range(120)
+    )
+    path = tmp_path / "account.toml"
+    path.write_text(ACCOUNT + "\n[firewall]\ndefault = \"allow\"\n\n" + rules)
+    with pytest.raises(ConfigError) as e:
+        load_account(path)
+    text = str(e.value)
+    assert "firewall: expected the configuration sent to each site to be at most" in text
+    assert "sites[0] (branch-1)" in text
+
+
+def test_rules_resolve_to_at_most_4096_networks(tmp_path: Path) -> None:
+    subnets = [f"172.{16 + i // 250}.{i % 250}.0/24" for i in range(64)]
+    rules = "".join(
+        f'[[rules]]\nname = "r{i}"\ntransport = "offcloud"\ndst = {subnets!r}\n\n'.replace(
+            "'", '"')
+        for i in range(65)
+    )
+    path = tmp_path / "account.toml"
+    path.write_text(ACCOUNT.split("[[rules]]")[0] + rules)
+    with pytest.raises(ConfigError) as e:
+        load_account(path)
+    assert "expected at most 4096 networks over all rules" in str(e.value)

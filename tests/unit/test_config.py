@@ -403,8 +403,8 @@ CASES = [
     pytest.param(
         sub("precedence = 2", "precedence = 2\nprio = 1"),
         "links[1].prio",
-        "unknown key (expected one of: addressing, interface, mtu, name, offcloud, port,"
-        " precedence, public)",
+        "unknown key (expected one of: addressing, altwan, interface, mtu, name, offcloud,"
+        " port, precedence, public)",
         id="link-unknown-key",
     ),
     pytest.param(
@@ -856,3 +856,55 @@ def test_mesh_birthday_errors_are_located(
     assert len(lines) == 1, message
     assert lines[0].startswith(f"{path}: {field}: ") and expected in lines[0], lines[0]
     assert "(line " in lines[0]
+
+
+ALTWAN = """
+[[links]]
+name = "mpls"
+interface = "eth9"
+port = 4800
+altwan = true
+"""
+
+
+def test_an_altwan_link_is_neither_off_cloud_nor_public(tmp_path: Path) -> None:
+    cfg = load_config(write_site(tmp_path, BASE + ALTWAN))
+    mpls = cfg.links[2]
+    assert mpls.altwan and not mpls.offcloud and mpls.public is None
+    assert not any(link.altwan for link in cfg.links[:2])
+    # Saying what is true anyway is no mistake.
+    cfg = load_config(write_site(tmp_path, BASE + ALTWAN + "offcloud = false\n"))
+    assert cfg.links[2].altwan and not cfg.links[2].offcloud
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "expected"),
+    [
+        ('public = "198.51.100.9:4800"', "links[2].public", "an Alt-WAN link has no public"),
+        ("offcloud = true", "links[2].offcloud", "an Alt-WAN link carries no mesh tunnels"),
+        ("precedence = 1", "links[2].precedence", "an Alt-WAN link has no precedence"),
+    ],
+)
+def test_altwan_link_errors_are_located(
+    tmp_path: Path, line: str, field: str, expected: str
+) -> None:
+    path, message = errors_of(tmp_path, BASE + ALTWAN + line + "\n")
+    lines = message.splitlines()
+    assert len(lines) == 1, message
+    assert lines[0].startswith(f"{path}: {field}: ") and expected in lines[0], lines[0]
+    assert lines[0].endswith(f"(line {(BASE + ALTWAN).count(chr(10)) + 1})"), lines[0]
+
+
+def test_one_altwan_link_and_one_to_the_internet(tmp_path: Path) -> None:
+    second = ALTWAN.replace('"mpls"', '"mpls2"').replace("eth9", "eth8")
+    path, message = errors_of(tmp_path, BASE + ALTWAN + second)
+    assert message.splitlines() == [
+        f"{path}: links[3].altwan: one Alt-WAN link per site (also links[2])"
+        f" (line {(BASE + ALTWAN + second).count(chr(10))})"
+    ]
+    only = BASE.split("[[links]]")[0] + ALTWAN
+    path, message = errors_of(tmp_path, only)
+    assert message.splitlines() == [
+        f"{path}: links: every link is Alt-WAN: at least one link must reach the Internet"
+        " (the PoPs, the mesh)"
+    ]

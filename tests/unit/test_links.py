@@ -182,6 +182,23 @@ def test_precedence_policy() -> None:
     assert sorted([1, 2, 3, 4], key=mixed.rank) == [2, 4, 1, 3]
 
 
+def test_an_altwan_link_carries_no_pop_session_and_asks_no_stun() -> None:
+    from dataclasses import replace
+
+    alt = replace(lo_link("mpls", 1), altwan=True, offcloud=False)
+    sent: list[tuple[int, Addr, bytes]] = []
+    links = LinkManager([alt, lo_link("b", 3)], send=lambda *a: sent.append(a),
+                        clock=Clock())
+    assert links.altwan_link() is links[1] and links[1].altwan and not links[1].main
+    # The standby is the only link that reaches a PoP: it is used, the Alt-WAN link never.
+    assert links.eligible_for_cloud([]) == [2] and links.eligible_for_cloud([1]) == [2]
+    links.use_stun_server(("127.0.0.1", 3478), ("127.0.0.1", 4800))
+    assert {link_id for link_id, _, _ in sent} == {2}
+    assert links[1].stun.server is None and links[1].stun.transactions == 0
+    # What register tells the PoP of it is its own address (lo has 127.0.0.1).
+    assert links.advertised()[0] == ("127.0.0.1", "altwan")
+
+
 # --------------------------------------------------------------------------- STUN
 
 

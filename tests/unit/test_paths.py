@@ -206,6 +206,79 @@ def test_policy_switch_normal_cloud_lost_normal(fp: FastPath) -> None:
     assert batches.take() == [(3, 0)]
 
 
+ALT_OF = {2: 0x40000002, 3: 0x40000003}  # Alt-WAN tunnels' ids (site/altwan.py)
+
+
+def altwan(site: int, *nets: str, held: bool = False) -> list[Candidate]:
+    return [Candidate(ipaddress.ip_network(n), ALT_OF[site], Transport.ALT_WAN, held=held,
+                      site=MESH_OF[site]) for n in nets]
+
+
+def test_alt_wan_first_then_the_mesh_when_the_cloud_is_lost(fp: FastPath) -> None:
+    # The recovery sets are keyed by site; an Alt-WAN candidate says its site (here the test
+    # mesh's id for it), so a site's Alt-WAN and mesh candidates move together.
+    for pid in ALT_OF.values():
+        fp.peer_add(pid)
+    paths = Paths(fp)
+    paths.submit("cloud", cloud("10.2.0.0/24", "10.3.0.0/24"))
+    paths.submit("mesh", [*mesh(2, "10.2.0.0/24"), *mesh(3, "10.3.0.0/24")])
+    paths.submit("alt-wan", [*altwan(2, "10.2.0.0/24"), *altwan(3, "10.3.0.0/24")])
+
+    def where() -> list[int | None]:
+        return [routed(fp, "10.2.0.1"), routed(fp, "10.3.0.1")]
+
+    def why(prefix: str) -> str:
+        return {r["prefix"]: r["why"] for r in paths.status()["routes"]}[prefix]
+
+    assert where() == [POP, POP]  # the cloud while it is there
+    assert why("10.2.0.0/24") == "cloud ranks before alt-wan under policy normal"
+    paths.set_policy(Policy.CLOUD_LOST)
+    assert where() == [ALT_OF[2], ALT_OF[3]]
+    assert why("10.2.0.0/24") == "alt-wan ranks before mesh under policy cloud_lost"
+    # Alt-WAN cannot reach site 3 (its tunnel went down): the mesh carries it.
+    paths.submit("alt-wan", altwan(2, "10.2.0.0/24"))
+    assert where() == [ALT_OF[2], MESH_OF[3]]
+    # A held Alt-WAN tunnel (its path went silent a moment ago) comes after the mesh, and
+    # before the cloud when nothing else is left.
+    paths.submit("alt-wan", [*altwan(2, "10.2.0.0/24", held=True),
+                             *altwan(3, "10.3.0.0/24", held=True)])
+    assert where() == [MESH_OF[2], MESH_OF[3]]
+    assert why("10.2.0.0/24") == "its Alt-WAN tunnel is held off after its path went silent"
+    paths.submit("mesh", mesh(2, "10.2.0.0/24"))
+    assert where() == [MESH_OF[2], ALT_OF[3]]
+    paths.submit("alt-wan", [*altwan(2, "10.2.0.0/24"), *altwan(3, "10.3.0.0/24")])
+    paths.submit("mesh", [*mesh(2, "10.2.0.0/24"), *mesh(3, "10.3.0.0/24")])
+    # A site with recovery disabled is moved onto neither.
+    paths.set_policy(Policy.CLOUD_LOST, no_recovery=[MESH_OF[3]])
+    assert where() == [ALT_OF[2], POP]
+    assert why("10.3.0.0/24") == f"site {MESH_OF[3]} has WAN recovery disabled"
+    # Our cloud is up but the PoP cannot reach site 2: Alt-WAN first there too, then the mesh.
+    paths.set_policy(Policy.NORMAL, lost_peers=[MESH_OF[2]], no_recovery=[])
+    assert where() == [ALT_OF[2], POP]
+    assert why("10.2.0.0/24") == (
+        f"site {MESH_OF[2]} is not reachable through the cloud (WAN recovery)")
+    paths.submit("alt-wan", altwan(3, "10.3.0.0/24"))
+    assert where() == [MESH_OF[2], POP]
+    # A held one is not used while the cloud carries its site.
+    paths.submit("alt-wan", altwan(3, "10.3.0.0/24", held=True))
+    paths.withdraw("cloud")
+    assert routed(fp, "10.3.0.1") == MESH_OF[3]
+    paths.withdraw("mesh")
+    assert routed(fp, "10.3.0.1") is None
+    (unused,) = paths.status()["unused"]
+    assert unused["transport"] == "alt-wan" and "held off" in unused["reason"]
+
+
+def test_the_rank_follows_the_policies_table() -> None:
+    # With no per-site set in play, the sort key orders the transports as RANKS says.
+    from sdwan.site.paths import RANKS
+
+    cands = {t: Candidate(ipaddress.ip_network("10.9.0.0/24"), 9, t) for t in Transport}
+    for policy, order in RANKS.items():
+        recovering = policy is Policy.CLOUD_LOST
+        assert tuple(sorted(Transport, key=lambda t: Paths._rank(cands[t], recovering))) == order
+
+
 def test_without_a_mesh_producer_cloud_lost_changes_nothing(fp: FastPath) -> None:
     batches = Batches(fp)
     paths = Paths(fp)

@@ -322,7 +322,8 @@ class Client:
         self.connect()
 
     def register(
-        self, link: str = "wan1", links: tuple[str, ...] = ("wan1",), precedence: int = 1
+        self, link: str = "wan1", links: tuple[str, ...] = ("wan1",), precedence: int = 1,
+        extra: tuple[dict[str, Any], ...] = (),
     ) -> dict[str, Any]:
         all_links = [
             {"name": n, "precedence": precedence if n == link else 1,
@@ -330,6 +331,7 @@ class Client:
             for i, n in enumerate(links)
         ]
         me = next(x for x in all_links if x["name"] == link)
+        all_links += [{**x, "id": len(all_links) + i + 1} for i, x in enumerate(extra)]
         self.send({"t": "register", "site_id": self.site_id, "version": "test",
                    "link": me, "links": all_links})
         return self.wait_for("welcome")
@@ -406,6 +408,42 @@ def test_register_welcome_ping_and_directory(pop: PopEnv, clients: list[Client])
     rc, events = pop.popctl("events", "--site", "2")
     kinds = [e["kind"] for e in events["events"]]
     assert kinds[:2] == ["popd.session.down", "popd.session.up"]  # newest first
+
+
+def test_the_directory_lists_alt_wan_endpoints_also_while_a_site_is_offline(
+    pop: PopEnv, clients: list[Client]
+) -> None:
+    a = new_client(pop, clients, 1)
+    a.connect()
+    a.register()
+    b = new_client(pop, clients, 2)
+    b.connect()
+    mpls = {"name": "mpls", "precedence": 1, "local": "10.200.0.2:4800", "altwan": True}
+    # Site 2 registers over its Internet link only; its Alt-WAN link travels in `links`.
+    b.register(extra=(mpls,))
+    push = a.wait_for("directory-delta")
+    (entry,) = push["changed"]
+    assert entry["altwan"] == ["10.200.0.2:4800"]
+    assert [x["name"] for x in entry["links"]] == ["wan1"]  # no session over the Alt-WAN link
+    rc, sites = pop.popctl("sites")
+    assert {s["site_id"]: s["altwan"] for s in sites["sites"]} == {1: [], 2: ["10.200.0.2:4800"]}
+    # Offline, it stays reachable there: the other sites need it most when the cloud is gone.
+    b.close()
+    clients.remove(b)
+    gone = a.wait_for("directory-delta", timeout=5)
+    assert gone["changed"][0]["online"] is False
+    assert gone["changed"][0]["altwan"] == ["10.200.0.2:4800"]
+    # A link without an address yet is listed nowhere, and a malformed flag is refused.
+    c = new_client(pop, clients, 2)
+    c.connect()
+    c.register(extra=({**mpls, "local": "0.0.0.0:4800"},))
+    back = a.wait_for("directory-delta", timeout=5)
+    assert back["changed"][0]["online"] is True and "altwan" not in back["changed"][0]
+    c.send({"t": "register", "site_id": 2, "version": "test",
+            "link": {"name": "wan1", "precedence": 1, "local": "", "id": 1},
+            "links": [{"name": "wan1", "precedence": 1, "local": "", "id": 1},
+                      {**mpls, "id": 2, "altwan": "yes"}]})
+    assert "altwan: expected true or false" in c.wait_for("error")["reason"]
 
 
 def test_relay_between_two_sites(pop: PopEnv, clients: list[Client]) -> None:

@@ -7,6 +7,7 @@ submits them); every route is read back through the fast path's lookup."""
 
 from __future__ import annotations
 
+import io
 import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -325,3 +326,83 @@ def test_a_lost_site_whose_recovery_is_turned_off_leaves_quietly(fp: FastPath) -
     rec.tick()
     assert where(fp, 2) == [POP] and rec.summary()["lost_sites"] == []
     assert world.kinds() == []  # not "the PoP reaches it again": it does not
+
+
+ALT = 0x40000000  # Alt-WAN tunnels' fast-path ids are ALT | site id (site/altwan.py)
+
+
+def test_alt_wan_carries_recovery_first_and_the_mesh_where_it_cannot(fp: FastPath) -> None:
+    # Sites 2 and 3 have an Alt-WAN tunnel besides their mesh tunnel, site 4 only Alt-WAN
+    # (it is not an off-cloud site), site 5 has recovery disabled.
+    for s in (2, 3, 4, 5):
+        fp.peer_add(ALT | s)
+    fp.peer_add(5)
+    world = World(mesh_up={2, 3, 5})
+    altwan_up = {2, 3, 4, 5}
+    paths = setup(fp, world, {2: True, 3: True, 4: True, 5: False})
+    world.directory[2]["offcloud"] = False
+    for e in world.directory:
+        e["altwan"] = [f"10.200.0.{e['site_id']}:4800"]
+
+    def submit_altwan() -> None:
+        paths.submit("alt-wan", [Candidate(ipaddress.ip_network(f"10.{s}.0.0/24"), ALT | s,
+                                           Transport.ALT_WAN, site=s) for s in altwan_up])
+
+    submit_altwan()
+    rec = Recovery(
+        paths=paths, cloud_up=lambda: world.up, cloud_enabled=lambda: True,
+        own_recovery=lambda: world.own, directory=lambda: world.directory,
+        links_ready=lambda: True, clock=lambda: world.now, hold_s=10,
+        mesh_reach=lambda s: Reach(s in world.mesh_up, None if s in world.mesh_up else "down"),
+        altwan_reach=lambda s: Reach(s in altwan_up, None if s in altwan_up else "silent"),
+        on_event=lambda k, t, d, s: world.events.append((k, t, d, s)),
+    )
+    rec.tick()
+    assert where(fp, 2, 3, 4, 5) == [POP] * 4
+
+    world.up = False
+    world.now += 0.05
+    rec.tick()
+    assert where(fp, 2, 3, 4, 5) == [ALT | 2, ALT | 3, ALT | 4, POP]
+    (kind, text, data, _), = world.events
+    world.events.clear()
+    assert "traffic to sites 2, 3, 4 goes over Alt-WAN" in text, text
+    assert data["altwan_sites"] == [2, 3, 4] and "5" in data["unreachable"]
+    states = {s["site_id"]: s for s in rec.sites()}
+    assert [states[s]["state"] for s in (2, 3, 4, 5)] == ["alt-wan"] * 3 + ["unreachable"]
+    assert states[2]["ready_via"] == "alt-wan" and states[5]["ready_via"] is None
+
+    # Alt-WAN goes down for site 3 and site 4: site 3 goes over the mesh, site 4 has no way.
+    altwan_up -= {3, 4}
+    submit_altwan()
+    rec.tick()
+    assert where(fp, 2, 3, 4) == [ALT | 2, 3, POP]
+    states = {s["site_id"]: s for s in rec.sites()}
+    assert (states[3]["state"], states[3]["ready_via"]) == ("mesh", "mesh")
+    assert states[4]["state"] == "unreachable"
+    assert states[4]["why"] == "site 4 is not an off-cloud site; no Alt-WAN tunnel: silent"
+    out = io.StringIO()
+    format_recovery({**rec.summary(), "sites": rec.sites()}, out)
+    lines = {ln.split()[0]: ln.split() for ln in out.getvalue().splitlines()[3:]}
+    assert lines["2"][2:4] == ["alt-wan", "alt-wan"] and lines["3"][2:4] == ["mesh", "mesh"]
+    assert lines["4"][2:4] == ["unreachable", "no"]
+
+    # Back: the cloud after the hold, whatever Alt-WAN does.
+    altwan_up |= {3, 4}
+    submit_altwan()
+    world.up = True
+    rec.tick()
+    assert where(fp, 3, 4) == [ALT | 3, ALT | 4]
+    world.now += 10
+    rec.tick()
+    assert where(fp, 2, 3, 4, 5) == [POP] * 4
+
+    # Our cloud is up but the PoP cannot reach site 4 (offline in its directory, which keeps
+    # its Alt-WAN endpoint): site 4 goes over Alt-WAN from here.
+    world.events.clear()
+    world.directory[2]["online"] = False
+    world.now += 1
+    rec.tick()
+    assert where(fp, 4) == [ALT | 4] and rec.summary()["lost_sites"] == [4]
+    (kind, text, data, site), = world.events
+    assert site == 4 and "goes over Alt-WAN" in text and data["altwan_sites"] == [4]

@@ -127,6 +127,41 @@ def test_secondaries_and_the_cloud_lost(site: tuple[FastPath, Paths, Rules]) -> 
     assert now["d"]["10.2.0.0/24"] == "mesh"
 
 
+def test_alt_wan_is_never_an_off_cloud_rules_path(site: tuple[FastPath, Paths, Rules]) -> None:
+    # Alt-WAN tunnels to both sites (their own fast-path ids, site/altwan.py): with the cloud
+    # lost they carry the routes, but an off-cloud rule takes the mesh, and with no mesh path
+    # its `automatic` secondary does not fall back onto Alt-WAN (docs/recovery.md).
+    fp, paths, rules = site
+    alt = {2: 0x40000002, 3: 0x40000003}
+    for pid in alt.values():
+        fp.peer_add(pid)
+    paths.submit("alt-wan", [Candidate(ipaddress.ip_network(f"10.{s}.0.0/24"), pid,
+                                       Transport.ALT_WAN, site=s) for s, pid in alt.items()])
+    rules.load({"rules": [rule("a", protocol="tcp", ports=[[445, 445]]),
+                          rule("d", transport="cloud", secondary=None, protocol="tcp",
+                               ports=[[80, 80]])]})
+
+    def now() -> dict[str, dict[str, str]]:
+        return {r["name"]: {d["prefix"]: d["transport"] for d in r["destinations"]}
+                for r in rules.status()["rules"]}
+
+    paths.set_policy(Policy.CLOUD_LOST)
+    assert sent_to(fp, tcp("10.2.0.7", 22)) == alt[2]  # no rule: the route
+    assert sent_to(fp, tcp("10.2.0.7", 445)) == MESH2
+    assert sent_to(fp, tcp("10.3.0.7", 445)) == "offcloud_down"
+    assert sent_to(fp, tcp("10.3.0.7", 80)) == alt[3]  # a cloud rule follows the route
+    assert now() == {"a": {"10.2.0.0/24": "offcloud", "10.3.0.0/24": "dropped"},
+                     "d": {"10.2.0.0/24": "alt-wan", "10.3.0.0/24": "alt-wan"}}
+    # The cloud is back but cannot reach site 3: the same there; site 2 is back on the cloud.
+    paths.set_policy(Policy.NORMAL, lost_peers=[3])
+    assert sent_to(fp, tcp("10.3.0.7", 22)) == alt[3]
+    assert sent_to(fp, tcp("10.3.0.7", 445)) == "offcloud_down"
+    assert now()["a"] == {"10.2.0.0/24": "offcloud", "10.3.0.0/24": "dropped"}
+    paths.set_policy(Policy.NORMAL, lost_peers=[])
+    assert sent_to(fp, tcp("10.3.0.7", 445)) == POP
+    assert now()["a"] == {"10.2.0.0/24": "offcloud", "10.3.0.0/24": "cloud"}
+
+
 def test_hits_survive_a_config_that_keeps_the_rule(site: tuple[FastPath, Paths, Rules]) -> None:
     fp, _, rules = site
     web = rule("web", protocol="tcp", ports=[[80, 80]])

@@ -493,6 +493,7 @@ class WanAddressing:
             "interface": st.link.interface,
             "port": st.link.port,
             "precedence": st.link.precedence,
+            "altwan": st.link.altwan,  # an Alt-WAN link: its precedence means nothing
             "state": seen["state"],
             "addressing": a.mode,
             "source": st.source,

@@ -43,6 +43,8 @@ CTRL_MAX: int = lib.FP_CTRL_MAX
 REPLAY_WINDOW: int = lib.FP_REPLAY_WINDOW
 VNET_HDR_LEN: int = lib.FP_VNET_HDR_LEN
 PEER_ENDPOINTS: int = lib.FP_PEER_ENDPOINTS
+# A route whose peer is no secondary for the transport rules (an Alt-WAN tunnel).
+ROUTE_PEER_NOT_SECONDARY: int = lib.FP_ROUTE_PEER_NOT_SECONDARY
 PMTU_MIN: int = lib.FP_PMTU_MIN
 # fp_peer_set_source_owner: the peer may send from any prefix of the source table (a PoP
 # session); 0 (SOURCE_UNCHECKED) turns the check off for the peer, the default.
@@ -492,14 +494,18 @@ class FastPath:
 
     def route_batch(
         self,
-        set_: Sequence[tuple[Network | str, int] | tuple[Network | str, int, int, int]],
+        set_: Sequence[
+            tuple[Network | str, int]
+            | tuple[Network | str, int, int, int]
+            | tuple[Network | str, int, int, int, int]
+        ],
         delete: Sequence[Network | str] = (),
     ) -> None:
         """Delete then set many prefixes under one table lock, all or nothing: a bad one
         (host bits: ValueError before anything is sent; unknown peer: FastPathError naming
         it) leaves the table as it was. Deleting an absent prefix is no error. A set is
-        (prefix, peer) or (prefix, peer, offcloud_peer, cloud_peer), the last two for the
-        transport rules (0: none)."""
+        (prefix, peer), (prefix, peer, offcloud_peer, cloud_peer) or that and flags, the
+        rest for the transport rules (0: none; flags ROUTE_PEER_NOT_SECONDARY)."""
         nets = [ipaddress.ip_network(n) for n in delete]
         sets = [(ipaddress.ip_network(s[0]), *s[1:]) for s in set_]
         n = len(nets) + len(sets)
@@ -514,7 +520,8 @@ class FastPath:
             ops[j].verb = lib.FP_ROUTE_SET
             ops[j].peer_id = peer
             if rules:
-                ops[j].offcloud_peer, ops[j].cloud_peer = rules
+                ops[j].offcloud_peer, ops[j].cloud_peer = rules[:2]
+                ops[j].flags = rules[2] if len(rules) > 2 else 0
         bad = ffi.new("size_t *")
         rc = lib.fp_route_batch(self._h, ops, n, bad)
         if rc < 0:

@@ -445,6 +445,9 @@ class DtlsSession:
     source: str | None = None
     allowed_site_ids: Container[int] | None = None
     expected_identity: Identity | None = None
+    # The link the session runs on, set by the session layer that registers it: an owner with
+    # tunnels to one peer over different links (the mesh, Alt-WAN) tells its own apart.
+    link_id: int | None = field(default=None, init=False)
     established: bool = field(default=False, init=False)
     failed: str | None = field(default=None, init=False)
     closed: bool = field(default=False, init=False)

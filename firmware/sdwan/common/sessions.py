@@ -9,6 +9,8 @@ known sources first), the table of sessions keyed by (link, address) with their 
 retransmissions and the cleanup of established sessions nobody uses any more, and the short
 list of refused handshakes with their reasons.
 
+Every session it registers knows its link (`DtlsSession.link_id`).
+
 It does not know what a session is for. That belongs to *owners* (socketd's static tunnels,
 its cloud; popd's site sessions; the mesh later), registered with `add_owner` and asked in
 the order they registered: which peers may open a handshake to us, which addresses are known
@@ -446,6 +448,7 @@ class SessionLayer:
     def _register(self, entry: _Entry) -> None:
         """Put entry in the table; a handshake it displaces is failed, not orphaned."""
         entry.source = self.policy.source_of(entry.addr[0])
+        entry.session.link_id = entry.link_id
         old = self._table.get(entry.key)
         if old is not None and not old.reported and not old.session.established:
             old.reported = True

@@ -1,6 +1,7 @@
-"""The WAN recovery lab that `tests/lab/test_recovery.py` and `bench/recovery` share: sites
-behind masquerading NATs, all off-cloud with their mesh punched, one PoP, and the ways to
-take the cloud away and give it back (docs/recovery.md)."""
+"""The WAN recovery lab that `tests/lab/test_recovery.py`, `tests/lab/test_altwan.py` and
+`bench/recovery` share: sites behind masquerading NATs, all off-cloud with their mesh punched
+(and, when asked, an Alt-WAN link each with its tunnels up), one PoP, and the ways to take the
+cloud away and give it back (docs/recovery.md)."""
 
 from __future__ import annotations
 
@@ -24,15 +25,18 @@ table inet {CUT_TABLE} {{
 
 def build(
     lab: Lab, recovery: Sequence[bool] = (True, True, True), hold_s: float = 3,
-    mesh_timeout_s: float = 45,
+    mesh_timeout_s: float = 45, altwan: bool = False,
 ) -> tuple[Pop, list[Site]]:
     """One site per entry of `recovery` (its account flag), a PoP, everything started and
-    every pair's mesh tunnel up; `[cloud] recovery_hold_s = hold_s` on every site."""
+    every pair's mesh tunnel up; `[cloud] recovery_hold_s = hold_s` on every site. With
+    altwan, every site also has an Alt-WAN link and every pair's Alt-WAN tunnel is up."""
     lab.add_inet()
     sites = []
     for n in range(1, len(recovery) + 1):
         lab.add_router(n, nat="masquerade")
         sites.append(lab.add_site(n))
+        if altwan:
+            lab.add_altwan_link(sites[-1])
     pop = lab.add_pop(1)
     lab.write_pop_config(pop, sites=[
         {"id": s.n, "name": f"site-{s.n}", "subnets": [s.lan_subnet], "offcloud": True,
@@ -45,14 +49,17 @@ def build(
             s,
             extra_toml=f'[[pops]]\nid = 1\nendpoint = "{pop.host.ip}:4800"\n\n'
             f"[cloud]\nrecovery_hold_s = {hold_s:g}\n",
+            altwan=altwan,
         )
         lab.start_socketd(s)
     deadline = time.monotonic() + mesh_timeout_s
     for a in sites:
         for b in sites:
-            while a is not b and not mesh_up(lab, a, b.n):
+            while a is not b and not (mesh_up(lab, a, b.n)
+                                      and (not altwan or altwan_up(lab, a, b.n))):
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"no mesh tunnel {a.n} -> {b.n} in {mesh_timeout_s} s")
+                    raise TimeoutError(f"no mesh (or Alt-WAN) tunnel {a.n} -> {b.n} in "
+                                       f"{mesh_timeout_s} s")
                 time.sleep(0.1)
     return pop, sites
 
@@ -60,6 +67,18 @@ def build(
 def mesh_up(lab: Lab, site: Site, peer: int) -> bool:
     return any(p["site_id"] == peer and p["tunnel"] == "up"
                for p in lab.socketctl(site, "mesh")["paths"])
+
+
+def altwan_up(lab: Lab, site: Site, peer: int) -> bool:
+    return any(p["site_id"] == peer and p["transport"] == "alt-wan" and p["state"] == "up"
+               for p in lab.socketctl(site, "peers")["peers"])
+
+
+def tunnel_packets(lab: Lab, site: Site, transport: str) -> dict[int, int]:
+    """Per remote site, the packets its tunnel of that transport ("alt-wan", "mesh") has sent
+    and received (socketctl peers)."""
+    return {p["site_id"]: p["rx_packets"] + p["tx_packets"]
+            for p in lab.socketctl(site, "peers")["peers"] if p["transport"] == transport}
 
 
 def transports(lab: Lab, site: Site) -> dict[str, str]:

@@ -17,6 +17,9 @@ Addressing (docs/lab.md has the picture):
   fully-random), ``shift`` (UDP toward non-PoP addresses leaves with a port offset),
   ``none`` (no router: the site's WAN sits on the inet bridge with the public address).
   A router given ``upstream=m`` sits behind router m (double NAT / CGNAT on 100.65.n.0/24).
+* ``altwan``: a private network between sites, the lab's MPLS (`add_altwan_link`): bridge
+  ``br0`` in a namespace of its own, site n's second link ``alt1`` at 10.200.0.n/24. No NAT,
+  no router, no way to the Internet; `cut_altwan` drops everything it would carry.
 """
 
 from __future__ import annotations
@@ -51,6 +54,10 @@ INET_BRIDGE = "br0"
 PUBLIC_NET = ipaddress.ip_network("198.51.100.0/24")
 POP_NET = ipaddress.ip_network("203.0.113.0/24")
 POP_IP = "203.0.113.10"
+ALTWAN_NET = ipaddress.ip_network("10.200.0.0/24")
+ALTWAN_BRIDGE = "br0"
+ALTWAN_DEV = "alt1"
+ALTWAN_CUT = "altwan_cut"
 SOCKETD_PORT = 4800
 _SUN_PATH_MAX = 100
 NAT_MODES = ("masquerade", "random", "shift", "none")
@@ -157,6 +164,9 @@ class Site:
     dir: Path
     link_name: str = "wan1"
     port: int = SOCKETD_PORT
+    # Its Alt-WAN link, once add_altwan_link gave it one.
+    altwan_dev: str | None = None
+    altwan_ip: str | None = None
     socketd: Daemon | None = None
     config: Path | None = None
     sock: Path | None = None
@@ -299,6 +309,7 @@ class Lab:
         self.namespaces: list[str] = []
         self.daemons: list[Daemon] = []
         self.inet: str | None = None
+        self.altwan: str | None = None  # the Alt-WAN bridge's namespace
         self.routers: dict[int, Router] = {}
         self.sites: dict[int, Site] = {}
         self.public_hosts: dict[str, PublicHost] = {}
@@ -384,6 +395,40 @@ class Lab:
         netns.addr_add(ns, dev, cidr)
         net = ipaddress.ip_interface(cidr).network
         netns.route_add(ns, "default", via=str(net.network_address + 1))
+
+    def add_altwan_link(self, site: Site) -> str:
+        """Give site a second link, ``alt1`` at 10.200.0.n/24, on the Alt-WAN: a bridge shared
+        by every site given one, with no NAT and no route anywhere else (the lab's MPLS
+        network; docs/recovery.md, "Alt-WAN"). Returns the site's Alt-WAN address."""
+        if site.altwan_ip is not None:
+            return site.altwan_ip
+        if self.altwan is None:
+            self.altwan = self.new_ns("altwan")
+            netns.bridge(self.altwan, ALTWAN_BRIDGE)
+        ip = str(ALTWAN_NET.network_address + site.n)
+        port = f"a{site.n}"
+        netns.veth(self.altwan, port, site.ns, ALTWAN_DEV)
+        netns.enslave(self.altwan, port, ALTWAN_BRIDGE)
+        netns.addr_add(site.ns, ALTWAN_DEV, f"{ip}/{ALTWAN_NET.prefixlen}")
+        site.altwan_dev, site.altwan_ip = ALTWAN_DEV, ip
+        return ip
+
+    def cut_altwan(self) -> None:
+        """The Alt-WAN carrier fails: its bridge forwards nothing (the links stay up)."""
+        if self.altwan is None:
+            raise ValueError("no Alt-WAN in this lab (add_altwan_link first)")
+        netns.nft(self.altwan, f"""
+table bridge {ALTWAN_CUT} {{
+    chain forward {{
+        type filter hook forward priority -10; policy drop;
+    }}
+}}
+""")
+
+    def restore_altwan(self) -> None:
+        """Undo cut_altwan."""
+        if self.altwan is not None:
+            netns.run(self.altwan, ["nft", "delete", "table", "bridge", ALTWAN_CUT])
 
     def add_public_host(self, role: str, ip: str = POP_IP) -> PublicHost:
         """A host with a public address on the inet bridge (the PoP's place)."""
@@ -795,11 +840,13 @@ table ip lab_nat {{
         extra_toml: str = "",
         link: dict[str, object] | None = None,
         site_id: int | None = None,
+        altwan: bool = False,
     ) -> Path:
         """Write socketd's TOML for site (own control socket and data dir) and return its path.
 
         site_id replaces the site's own id (its lab index) where a bench needs another one,
-        e.g. above every site id it plays itself (the mesh's higher id initiates)."""
+        e.g. above every site id it plays itself (the mesh's higher id initiates). altwan adds
+        the site's Alt-WAN link (add_altwan_link) as a second `[[links]]` entry, "mpls"."""
         pki = pki or self.setup_pki()
         sid = site.site_id if site_id is None else site_id
         if cert is None or key is None:
@@ -832,6 +879,15 @@ table ip lab_nat {{
                 array=True,
             ),
         ]
+        if altwan:
+            if site.altwan_dev is None:
+                raise ValueError(f"site {site.n} has no Alt-WAN link (add_altwan_link first)")
+            parts.append(_toml_table(
+                "links",
+                {"name": "mpls", "interface": site.altwan_dev, "port": site.port,
+                 "altwan": True},
+                array=True,
+            ))
         for p in peers:
             spec = p if isinstance(p, PeerSpec) else PeerSpec(p.site_id, p.endpoint, [p.lan_subnet])
             vals: dict[str, object] = {
@@ -1058,13 +1114,16 @@ table ip lab_nat {{
         """Human lines describing the topology (for logs and the demo)."""
         if self.inet:
             yield f"inet {self.inet}: {INET_BRIDGE} {PUBLIC_NET} + {POP_NET}"
+        if self.altwan:
+            yield f"altwan {self.altwan}: {ALTWAN_BRIDGE} {ALTWAN_NET} (no NAT, no Internet)"
         for r in self.routers.values():
             where = r.ns or "(no router: site on the bridge)"
             up = f", behind router {r.upstream.n}" if r.upstream else ""
             yield f"router {r.n} {where}: nat={r.nat}, public {r.public_ip}{up}"
         for s in self.sites.values():
+            alt = f", alt-wan {s.altwan_dev} {s.altwan_ip}" if s.altwan_ip else ""
             yield (
-                f"site {s.n} {s.ns}: wan {s.wan_dev} {s.wan_ip} (public {s.public_ip}), "
+                f"site {s.n} {s.ns}: wan {s.wan_dev} {s.wan_ip} (public {s.public_ip}){alt}, "
                 f"lan {s.lan_subnet}; host {s.lan_ns} {s.lan_host_ip}"
             )
         for h in self.public_hosts.values():

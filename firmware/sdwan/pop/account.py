@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -55,7 +56,14 @@ MAX_SITE_ID = 65535
 # What a socket's fast path holds (fastpath.h: FP_RULES_MAX, FP_RULE_NETS_MAX and
 # FP_RULE_PORTS_MAX, the last two over all rules: 64 port entries per rule fit).
 MAX_RULES = 1024
-MAX_RULE_NETS = 65536
+# The fast path holds 65536 (FP_RULE_NETS_MAX), but a flow the flow cache has not seen yet is
+# matched against every rule's networks in turn: the account keeps that walk short.
+MAX_RULE_NETS = 4096
+# A site's `config` (its settings, rules and firewall) travels in every welcome beside the
+# directory, and a site takes no message over 1 MiB (common/messages.py): the config stays
+# well under it, so that the directory of a large account fits beside it and a welcome is
+# not hundreds of records that one loss costs whole.
+MAX_SITE_CONFIG_BYTES = 256 * 1024
 MAX_RULE_ITEMS = 64  # entries of src, dst, ports and each application-aware field
 
 TRANSPORTS = ("offcloud", "cloud")
@@ -771,6 +779,27 @@ def load_account(path: str | os.PathLike[str]) -> Account:
         raise ConfigError(source, c.issues)
     assert sites is not None and rules is not None and firewall is not None
     assert isinstance(name, str)
-    return Account(
+    account = Account(
         name=name, sites=tuple(sites), rules=tuple(rules), source=str(source), firewall=firewall
     )
+    _check_config_size(c, account)
+    if c.issues:
+        raise ConfigError(source, c.issues)
+    return account
+
+
+def _check_config_size(c: Checker, account: Account) -> None:
+    """Every site must be able to receive its config: refuse an account whose rules and
+    firewall, site names resolved, would not fit in a site's `config`."""
+    rules = len(json.dumps(account.site_rules))
+    firewall = len(json.dumps(account.firewall_config()))
+    for i, site in enumerate(account.sites):
+        # The rules and the firewall are the same for every site: measured once.
+        size = len(json.dumps(site.settings())) + rules + firewall + 32
+        if size > MAX_SITE_CONFIG_BYTES:
+            where = ("rules",) if rules >= firewall else ("firewall",)
+            c.error(where, f"expected the configuration sent to each site to be at most "
+                    f"{MAX_SITE_CONFIG_BYTES} bytes as JSON, got {size} for sites[{i}] "
+                    f"({site.name}): the rules take {rules} bytes, the firewall {firewall}"
+                    " (fewer subnets per rule, or site names in place of long subnet lists)")
+            return

@@ -176,6 +176,10 @@ def _check_link(value: Any, what: str) -> dict[str, Any]:
     nat = value.get("nat")
     if nat is not None and (not isinstance(nat, str) or len(nat) > 32):
         raise RegisterError(f"{what}.nat: expected a string of at most 32 characters or null")
+    # An Alt-WAN link (docs/recovery.md): never a session's, its `local` goes in the directory.
+    altwan = value.get("altwan", False)
+    if not isinstance(altwan, bool):
+        raise RegisterError(f"{what}.altwan: expected true or false")
     return {
         "name": name,
         "precedence": prec,
@@ -185,6 +189,7 @@ def _check_link(value: Any, what: str) -> dict[str, Any]:
         "offcloud": offcloud,
         "static": static,
         "nat": nat,
+        "altwan": altwan,
     }
 
 
@@ -201,6 +206,18 @@ def _endpoint_or_none(text: Any) -> Addr | None:
     if ip.is_loopback or ip.is_multicast or ip.is_link_local or ip.is_unspecified or not port:
         return None
     return host, port
+
+
+def _altwan_endpoints(links: list[dict[str, Any]]) -> list[str]:
+    """The Alt-WAN endpoints of a site's registered links: each Alt-WAN link's `local`, when it
+    is an IPv4 endpoint another site may be told to send to (a link without an address yet
+    says 0.0.0.0)."""
+    out = []
+    for link in links:
+        ep = _endpoint_or_none(link["local"]) if link["altwan"] else None
+        if ep is not None and ":" not in ep[0]:
+            out.append(_ep(ep))
+    return out
 
 
 class Pop(SessionOwner):
@@ -230,6 +247,9 @@ class Pop(SessionOwner):
         self.routes: dict[str, int] = {}
         self.rev = int(time.time() * 1000)  # grows across restarts too
         self._directory: list[dict[str, Any]] | None = None
+        # Per site, the Alt-WAN endpoints its last register listed ("ip:port"): kept while
+        # the site is offline, since the other sites reach it there without the cloud.
+        self.altwan: dict[int, list[str]] = {}
         self._next_temp = 0
         self.fp: FastPath | None = None
         self.dtls: DtlsContext | None = None
@@ -597,6 +617,11 @@ class Pop(SessionOwner):
         if first:
             s.first_registered_at = s.registered_at
         s.link, s.links, s.link_index, s.version = link, links, link_index, version
+        altwan = _altwan_endpoints(links)
+        if altwan:
+            self.altwan[s.site_id] = altwan
+        else:
+            self.altwan.pop(s.site_id, None)
         self._activate(s, recompute=False)
         if first:
             text = f"site {s.site_id} registered over {link['name']} from {_ep(s.addr)}"
@@ -739,14 +764,15 @@ class Pop(SessionOwner):
                 {"name": s.link_name, "precedence": s.precedence, "public": _ep(s.addr)}
                 for s in self._live_sessions(site.id)
             ]
-            out.append(
-                {
-                    "site_id": site.id,
-                    **site.settings(),
-                    "links": links,
-                    "online": bool(links),
-                }
-            )
+            entry = {
+                "site_id": site.id,
+                **site.settings(),
+                "links": links,
+                "online": bool(links),
+            }
+            if self.altwan.get(site.id):
+                entry["altwan"] = list(self.altwan[site.id])
+            out.append(entry)
         return out
 
     def _directory_for(self, site_id: int) -> list[dict[str, Any]]:
@@ -921,6 +947,8 @@ class Pop(SessionOwner):
                 for s in self._live_sessions(site.id):
                     self._send_msg(s, {"t": "config", "rev": self.rev + 1, "config": config})
         removed = sorted((old.site_ids if old else frozenset()) - new.site_ids)
+        for site_id in [k for k in self.altwan if k not in new.site_ids]:
+            del self.altwan[site_id]
         text = (
             f"account {new.name} reloaded: {len(new.sites)} site(s), {len(new.rules)} rule(s),"
             f" {_firewall_text(new)};"
@@ -1054,6 +1082,7 @@ class Pop(SessionOwner):
                     "site_id": site.id,
                     **site.settings(),
                     "online": bool(sessions),
+                    "altwan": list(self.altwan.get(site.id, [])),
                     "sessions": sessions,
                 }
             )

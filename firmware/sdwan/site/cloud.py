@@ -560,6 +560,10 @@ class Cloud(SessionOwner):
             "offcloud": wl.link.offcloud,
             "static": format_endpoint(wl.link.public) if wl.link.public else None,
             "nat": wl.nat_class,
+            # The PoP lists an Alt-WAN link's `local` in the directory (docs/recovery.md): the
+            # other sites' Alt-WAN tunnels reach us there. No session ever runs over it, so
+            # it travels in `links` only.
+            "altwan": wl.altwan,
         }
 
     def on_welcome(self, ps: PopSession, msg: dict[str, Any]) -> None:
@@ -969,6 +973,8 @@ class Cloud(SessionOwner):
             if index not in (0, self.active):
                 continue
             for wl in self.links:
+                if wl.altwan:
+                    continue  # never a PoP session (socketctl peers shows its tunnels)
                 ps = self.sessions.get(pop_peer_id(pop.id, wl.id))
                 if ps is not None:
                     row = ps.status(now)

@@ -13,7 +13,7 @@ import contextlib
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,6 +128,10 @@ class Link:
     offcloud: bool = True
     # A hub's static public IP and port (a port forward on its router), offered to peers.
     public: tuple[str, int] | None = None
+    # A private, MPLS-like network between sites (docs/recovery.md, "Alt-WAN"): no NAT, no
+    # PoP session, no mesh tunnel, no STUN; only Alt-WAN tunnels to the other sites' Alt-WAN
+    # addresses, which the directory lists.
+    altwan: bool = False
 
 
 @dataclass(frozen=True)
@@ -290,6 +294,30 @@ def _check_addressing(
         return MISSING
 
 
+# What an Alt-WAN link may not say, and why (docs/config.md): (key, whether its value is
+# refused, the message).
+_ALTWAN_REFUSES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    (
+        "public",
+        lambda _v: True,
+        "an Alt-WAN link has no public endpoint: no NAT stands between the sites, and the"
+        " directory tells them its address",
+    ),
+    (
+        "offcloud",
+        lambda v: v is True,
+        "an Alt-WAN link carries no mesh tunnels (they run over the Internet links); it carries"
+        " Alt-WAN tunnels",
+    ),
+    (
+        "precedence",
+        lambda _v: True,
+        "an Alt-WAN link has no precedence: it carries no PoP session and no mesh tunnel, only"
+        " Alt-WAN tunnels, which WAN recovery puts first",
+    ),
+)
+
+
 def _check_links(c: Checker, doc: Mapping[str, Any]) -> list[Link] | None:
     raw = doc.get("links", MISSING)
     if raw is MISSING:
@@ -311,17 +339,28 @@ def _check_links(c: Checker, doc: Mapping[str, Any]) -> list[Link] | None:
         c.known_keys(
             entry,
             loc,
-            ("name", "interface", "port", "precedence", "mtu", "addressing", "offcloud", "public"),
+            (
+                "name", "interface", "port", "precedence", "mtu", "addressing", "offcloud",
+                "public", "altwan",
+            ),
         )
+        altwan = c.value(entry, (*loc, "altwan"), boolean, default=False)
         precedence = c.value(entry, (*loc, "precedence"), int_range(1, 3), default=1)
         last_resort = precedence == 3
-        offcloud = c.value(entry, (*loc, "offcloud"), boolean, default=not last_resort)
+        offcloud = c.value(
+            entry, (*loc, "offcloud"), boolean, default=not last_resort and altwan is not True
+        )
         if offcloud is True and last_resort and "offcloud" in entry:
             c.error(
                 (*loc, "offcloud"),
                 "a last-resort link (precedence 3) never carries off-cloud tunnels",
             )
             offcloud = MISSING
+        if altwan is True:
+            for key, bad, why in _ALTWAN_REFUSES:
+                if key in entry and bad(entry[key]):
+                    c.error((*loc, key), why)
+                    altwan = MISSING
         values = {
             "name": c.value(entry, (*loc, "name"), _link_name),
             "interface": c.value(entry, (*loc, "interface"), ifname),
@@ -331,11 +370,23 @@ def _check_links(c: Checker, doc: Mapping[str, Any]) -> list[Link] | None:
             "addressing": _check_addressing(c, entry, (*loc, "addressing")),
             "offcloud": offcloud,
             "public": c.value(entry, (*loc, "public"), endpoint_value, default=None),
+            "altwan": altwan,
         }
         if any(v is MISSING for v in values.values()):
             ok = False
             continue
         links.append(Link(**values))
+
+    altwan_at = [i for i, e in enumerate(raw) if isinstance(e, dict) and e.get("altwan") is True]
+    for i in altwan_at[1:]:
+        c.error(("links", i, "altwan"), f"one Alt-WAN link per site (also links[{altwan_at[0]}])")
+        ok = False
+    if altwan_at and len(altwan_at) == len(raw):
+        c.error(
+            ("links",),
+            "every link is Alt-WAN: at least one link must reach the Internet (the PoPs, the mesh)",
+        )
+        ok = False
 
     seen_names: dict[str, int] = {}
     seen_ports: dict[tuple[str, int], int] = {}

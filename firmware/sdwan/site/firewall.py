@@ -339,10 +339,31 @@ class Firewall:
         return True
 
     def start(self, doc: Any, rev: Any) -> None:
-        """At start-up, before traffic flows: apply the stored policy now."""
+        """At start-up, before traffic flows: apply the stored policy now. After a reboot the
+        kernel has no table: if the stored policy cannot be applied (refused, or nft failed),
+        a fallback with its default alone (deny when even that is unreadable) goes in, so the
+        box never forwards unfiltered what the account meant to filter."""
         if self._take(doc, rev):
             assert self.wanted is not None
             self._run(self.wanted)
+        if self.in_force is None and self.error is not None:
+            default = doc.get("default") if isinstance(doc, dict) else None
+            fallback = Policy(default=default if default in ("allow", "deny") else "deny")
+            try:
+                run_script(ruleset(fallback))
+            except NftError as e:
+                log.error("LAN firewall fallback not applied either: %s", e)
+                self.on_event("firewall.failed",
+                              f"LAN firewall fallback (default {fallback.default}) not applied"
+                              f" either: {e}", {"rev": rev, "error": str(e)})
+                return
+            self.in_force = fallback
+            log.warning("LAN firewall: the stored policy is not in force; its default alone "
+                        "(%s, no rules) is, until a policy is applied", fallback.default)
+            self.on_event("firewall.fallback",
+                          f"LAN firewall: the stored policy could not be applied; its default "
+                          f"alone ({fallback.default}, no rules) is in force until one is",
+                          {"rev": rev, "default": fallback.default})
 
     def offer(self, doc: Any, rev: Any) -> None:
         """A config from the PoP: its firewall is applied if it differs from what is in force

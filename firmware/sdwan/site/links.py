@@ -14,7 +14,8 @@ other (docs/links.md):
   the STUN server the cloud names (the active PoP's), refreshed periodically (docs/stun.md),
   with a callback whenever it changes; and its mapping toward a second destination (the
   PoP's main port), which tells a NAT that draws a new port per destination (its class);
-* the precedence policy (which links carry PoP sessions, which link is preferred);
+* the precedence policy (which links carry PoP sessions, which link is preferred); an Alt-WAN
+  link (a private network between sites, docs/recovery.md) carries none and asks no STUN;
 * its NAT data in the store (the punched path to each peer over this link).
 
 Besides opening the sockets and asking the kernel about devices it does no I/O of its own: the
@@ -151,8 +152,14 @@ class WanLink:
 
     @property
     def main(self) -> bool:
-        """A main link (precedence 1 or 2), as opposed to a standby (3)."""
-        return self.link.precedence <= MAIN_PRECEDENCE_MAX
+        """A main link (precedence 1 or 2), as opposed to a standby (3); never an Alt-WAN
+        link."""
+        return self.link.precedence <= MAIN_PRECEDENCE_MAX and not self.link.altwan
+
+    @property
+    def altwan(self) -> bool:
+        """An Alt-WAN link: only Alt-WAN tunnels run over it (no PoP session, no STUN)."""
+        return self.link.altwan
 
     @property
     def port(self) -> int:
@@ -324,7 +331,14 @@ class LinkManager:
         live_ids = set(live)
         mains = [wl.id for wl in self._links.values() if wl.main]
         live_main = any(i in live_ids for i in mains)
-        return [wl.id for wl in self._links.values() if wl.main or not live_main or not mains]
+        return [
+            wl.id for wl in self._links.values()
+            if not wl.altwan and (wl.main or not live_main or not mains)
+        ]
+
+    def altwan_link(self) -> WanLink | None:
+        """The site's Alt-WAN link, if it has one (the configuration allows one)."""
+        return next((wl for wl in self._links.values() if wl.altwan), None)
 
     def rank(self, link_id: int) -> tuple[int, int]:
         """Sort key of links by preference: lowest precedence first, then config order."""
@@ -342,9 +356,13 @@ class LinkManager:
         return tuple(wl.public_str() for wl in self._links.values())
 
     def advertised(self) -> tuple[tuple[str | None, str | None], ...]:
-        """What a `register` tells the PoP of every link that STUN teaches: its public
-        endpoint and NAT class, in link order (a change of either is registered again)."""
-        return tuple((wl.public_str(), wl.nat_class) for wl in self._links.values())
+        """What a `register` tells the PoP of every link that may change: its public endpoint
+        and NAT class as STUN teaches them, and an Alt-WAN link's own address (the other
+        sites reach it there), in link order (a change is registered again)."""
+        return tuple(
+            (wl.local_ipv4(), "altwan") if wl.altwan else (wl.public_str(), wl.nat_class)
+            for wl in self._links.values()
+        )
 
     def public_str(self, link_id: int) -> str | None:
         wl = self._links.get(link_id)
@@ -363,12 +381,12 @@ class LinkManager:
         now = self.clock()
         if server != self.stun_server:
             self.stun_server = server
-            for wl in self._links.values():
+            for wl in self._stun_links():
                 st = wl.stun
                 st.server, st.tx, st.next_at = server, None, now
         if check != self.stun_check:
             self.stun_check = check
-            for wl in self._links.values():
+            for wl in self._stun_links():
                 st = wl.stun_check
                 st.server, st.tx, st.next_at, st.public = check, None, now, None
         self.tick()
@@ -376,7 +394,7 @@ class LinkManager:
     def tick(self) -> None:
         """Start due transactions and retransmit or fail the ones under way."""
         now = self.clock()
-        for wl in self._links.values():
+        for wl in self._stun_links():
             if self.stun_server is not None:
                 self._tick_stun(wl, wl.stun, self.stun_server, now)
             if self.stun_check is not None:
@@ -386,7 +404,7 @@ class LinkManager:
         """When tick() next has something to do: a transaction to start or retransmit."""
         now = self.clock()
         due = math.inf
-        for wl in self._links.values():
+        for wl in self._stun_links():
             for st, server in ((wl.stun, self.stun_server), (wl.stun_check, self.stun_check)):
                 if server is None:
                     continue
@@ -397,6 +415,11 @@ class LinkManager:
                 if left is not None:
                     due = min(due, now + left)
         return due
+
+    def _stun_links(self) -> Iterator[WanLink]:
+        """The links STUN maps: every link but an Alt-WAN one (no NAT, and no way to the
+        PoP's STUN server)."""
+        return (wl for wl in self._links.values() if not wl.altwan)
 
     def _tick_stun(self, wl: WanLink, st: LinkStun, server: Addr, now: float) -> None:
         if st.tx is None:

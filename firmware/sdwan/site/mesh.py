@@ -1344,6 +1344,9 @@ class Mesh(SessionOwner):
         return self.tunnel_at(link_id, addr) is not None
 
     def tunnel_for(self, session: DtlsSession) -> PeerTunnel | None:
+        link_id = session.link_id
+        if link_id is not None and link_id < EXTRA_LINK_BASE and self.usable_link(link_id) is None:
+            return None  # not a mesh link's (an Alt-WAN tunnel to the same site, say)
         who = session.peer_identity if session.established else session.expected_identity
         if who is None or who[0] != "site":
             return None

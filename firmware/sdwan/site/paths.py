@@ -1,12 +1,12 @@
 """Which peer and which transport carries each prefix: the one owner of the socket's routes.
 
 Owns, per docs/paths.md: the candidates every producer submits (static peers, the cloud
-directory, the mesh; later Alt-WAN), the local prefixes that never go into a tunnel, the
-policy that picks one candidate per prefix, the fast path's prefix table (changed nowhere
-else, only by differences, in one batch call) with, per prefix, the two peers the off-cloud
-transport rules may send to instead (the usable off-cloud path and the cloud path), and the
-set of prefixes the kernel must route into the TUN device, handed to the supervisor whenever
-it changes (the supervisor applies it off the loop).
+directory, the mesh, Alt-WAN), the local prefixes that never go into a tunnel, the policy
+that picks one candidate per prefix, the fast path's prefix table (changed nowhere else, only
+by differences, in one batch call) with, per prefix, the two peers the off-cloud transport
+rules may send to instead (the usable off-cloud path and the cloud path), and the set of
+prefixes the kernel must route into the TUN device, handed to the supervisor whenever it
+changes (the supervisor applies it off the loop).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sdwan.bindings.fastpath import FastPath, FastPathError, Network
+from sdwan.bindings.fastpath import ROUTE_PEER_NOT_SECONDARY, FastPath, FastPathError, Network
 
 log = logging.getLogger("sdwan.site.paths")
 
@@ -38,7 +38,9 @@ class Policy(StrEnum):
 
 # Transports in the order a policy prefers them. Under NORMAL the cloud carries what no
 # static peer does (the spec's default); with the cloud lost, Alt-WAN first, then the mesh
-# (WAN recovery), and the cloud's candidates only if nothing else reaches a prefix.
+# (WAN recovery), and the cloud's candidates only if nothing else reaches a prefix. The
+# per-site recovery sets move a site's Alt-WAN and mesh candidates across the cloud's
+# (Paths._rank); otherwise these orders hold.
 RANKS: dict[Policy, tuple[Transport, ...]] = {
     Policy.NORMAL: (Transport.DIRECT, Transport.CLOUD, Transport.ALT_WAN, Transport.MESH),
     Policy.CLOUD_LOST: (Transport.DIRECT, Transport.ALT_WAN, Transport.MESH, Transport.CLOUD),
@@ -53,15 +55,25 @@ class Candidate:
     peer_id: int  # fast-path peer id
     transport: Transport
     preference: int = 0
-    # A mesh tunnel whose path went silent under traffic a short while ago (mesh.py's
-    # hold): not trusted with traffic the cloud can carry, but better than nothing while
-    # the cloud cannot reach its site (WAN recovery).
+    # A mesh or Alt-WAN tunnel whose path went silent under traffic a short while ago (its
+    # owner's hold): not trusted with traffic the cloud can carry, but better than nothing
+    # while the cloud cannot reach its site (WAN recovery); a held Alt-WAN tunnel ranks after
+    # the mesh then.
     held: bool = False
+    # The remote site the candidate leads to, which WAN recovery's per-site sets are keyed
+    # by; None means the peer id (a mesh tunnel's peer id is its site id). Alt-WAN
+    # tunnels have peer ids of their own (site/altwan.py) and say their site here.
+    site: int | None = None
 
     def __post_init__(self) -> None:
         # Strict: a prefix with host bits set is the producer's mistake, as for the fast path.
         object.__setattr__(self, "prefix", ipaddress.ip_network(self.prefix))
         object.__setattr__(self, "transport", Transport(self.transport))
+        if self.site is None:
+            object.__setattr__(self, "site", self.peer_id)
+
+
+Entry = tuple[int, int, int, int]  # a route as the fast path holds it: Choice.entry
 
 
 @dataclass(frozen=True)
@@ -76,9 +88,12 @@ class Choice:
     cloud_peer: int = 0
 
     @property
-    def entry(self) -> tuple[int, int, int]:
-        """What the fast path's route holds: (peer, offcloud_peer, cloud_peer)."""
-        return (self.candidate.peer_id, self.offcloud_peer, self.cloud_peer)
+    def entry(self) -> Entry:
+        """What the fast path's route holds: (peer, offcloud_peer, cloud_peer, flags). An
+        Alt-WAN tunnel is never an off-cloud rule's secondary: with its peer chosen, a rule's
+        `automatic` secondary takes the cloud path instead (docs/paths.md)."""
+        flags = ROUTE_PEER_NOT_SECONDARY if self.candidate.transport is Transport.ALT_WAN else 0
+        return (self.candidate.peer_id, self.offcloud_peer, self.cloud_peer, flags)
 
 
 @dataclass(frozen=True)
@@ -118,18 +133,18 @@ class Paths:
         self.local = tuple(ipaddress.ip_network(p) for p in local)
         self.on_tun_routes = on_tun_routes
         self.policy = Policy(policy)
-        # WAN recovery per remote site (site/recovery.py): mesh peers whose site the cloud
-        # cannot reach (their mesh candidates rank before the cloud under either policy), and
-        # mesh peers whose site has recovery disabled (never moved onto the mesh by
-        # recovery: under cloud_lost their mesh candidates rank after the cloud's).
+        # WAN recovery per remote site (site/recovery.py), by site id (Candidate.site): sites
+        # the cloud cannot reach (their Alt-WAN and mesh candidates rank before the cloud
+        # under either policy), and sites with recovery disabled (never moved onto Alt-WAN or
+        # the mesh by recovery: under cloud_lost those candidates rank after the cloud's).
         self.lost_peers: frozenset[int] = frozenset()
         self.no_recovery: frozenset[int] = frozenset()
         self.override: Override | None = None
         self._override_why = "per-rule override"
         self.batches = 0  # batch calls made, for status
         self._sets: dict[str, tuple[Candidate, ...]] = {}  # by producer, in submission order
-        # What the fast path has, as far as we know: (peer, offcloud_peer, cloud_peer).
-        self._installed: dict[Network, tuple[int, int, int]] = {}
+        # What the fast path has, as far as we know: Choice.entry.
+        self._installed: dict[Network, Entry] = {}
         self._chosen: dict[Network, Choice] = {}
         self._unused: list[Unused] = []
         self._tun: tuple[str, ...] = ()
@@ -181,7 +196,7 @@ class Paths:
         """The fast path dropped peer_id and with it its routes (fp_peer_del): what it still
         has is no longer what we installed, so whatever is chosen for it is set again."""
         # Routes naming it for the rules only keep their peer, without it (table.c).
-        gone = [p for p, entry in self._installed.items() if peer_id in entry]
+        gone = [p for p, entry in self._installed.items() if peer_id in entry[:3]]
         for p in gone:
             del self._installed[p]
         if gone:
@@ -189,26 +204,32 @@ class Paths:
 
     # ---------------------------------------------------------------- the choice
 
-    def _recovering(self, peer_id: int) -> bool:
-        """Whether WAN recovery moves that site's prefixes onto its direct tunnel now."""
-        if peer_id in self.no_recovery:
+    def _recovering(self, site: int | None) -> bool:
+        """Whether WAN recovery moves that site's prefixes off the cloud now."""
+        if site in self.no_recovery:
             return False
-        return self.policy is Policy.CLOUD_LOST or peer_id in self.lost_peers
+        return self.policy is Policy.CLOUD_LOST or site in self.lost_peers
 
-    def _rank(self, c: Candidate, rank: dict[Transport, int]) -> float:
-        if c.transport is Transport.MESH:
-            if self.policy is Policy.CLOUD_LOST and c.peer_id in self.no_recovery:
-                return len(rank)  # after the cloud: that site is cut off during recovery
-            if (
-                self.policy is Policy.NORMAL
-                and c.peer_id in self.lost_peers
-                and c.peer_id not in self.no_recovery
-            ):
-                return rank[Transport.CLOUD] - 0.5
-        return rank[c.transport]
+    @staticmethod
+    def _rank(c: Candidate, recovering: bool) -> tuple[int, int]:
+        """The sort key of a candidate: direct first; then, for a site WAN recovery moves off
+        the cloud, Alt-WAN, the mesh and a held Alt-WAN tunnel before the cloud, else the
+        cloud before them. With every site following the policy this is RANKS' order."""
+        t = c.transport
+        if t is Transport.DIRECT:
+            return (0, 0)
+        if t is Transport.CLOUD:
+            return (2, 0)
+        sub = 1 if t is Transport.MESH else 2 if c.held else 0
+        return (1 if recovering else 3, sub)
+
+    def _moved(self, c: Candidate) -> bool:
+        """Whether a site's recovery set (not the policy) put c where it ranks."""
+        return c.transport in (Transport.ALT_WAN, Transport.MESH) and (
+            self._recovering(c.site) != (self.policy is Policy.CLOUD_LOST)
+        )
 
     def _choose(self) -> tuple[dict[Network, Choice], list[Unused]]:
-        rank = {t: i for i, t in enumerate(RANKS[self.policy])}
         # Sorted, so that the reason given for an unused candidate does not vary between runs.
         direct = sorted(
             {
@@ -234,18 +255,19 @@ class Paths:
                     unused.append(Unused(c, producer, f"overlaps the local prefix {local}"))
                 elif c.transport is not Transport.DIRECT and static is not None:
                     unused.append(Unused(c, producer, f"overlaps {static} of a direct peer"))
-                elif c.held and not self._recovering(c.peer_id):
+                elif c.held and not self._recovering(c.site):
                     unused.append(Unused(c, producer, "held off after its path went silent "
                                          "(used only while the cloud cannot reach the site)"))
                 else:
                     usable.append((producer, c))
             if not usable:
                 continue
-            usable.sort(
-                key=lambda e: (self._rank(e[1], rank), e[1].preference, e[0], e[1].peer_id)
-            )
+            usable.sort(key=lambda e: (
+                self._rank(e[1], self._recovering(e[1].site)), e[1].preference, e[0],
+                e[1].peer_id,
+            ))
             producer, pick = usable[0]
-            why = self._why(usable, rank)
+            why = self._why(usable)
             if self.override is not None:
                 wanted = self.override(prefix, [c for _, c in usable], self.policy)
                 match = next((e for e in usable if e[1] == wanted), None)
@@ -264,28 +286,31 @@ class Paths:
         """The transport rules' two peers for a prefix, from its usable candidates (best
         first): its off-cloud path is its best mesh candidate (the mesh submits one only
         while the tunnel is up; a held one is usable only while recovery wants it), or the
-        direct peer when one is chosen (a static tunnel is off the cloud already); its cloud
-        path is its best cloud candidate, except where the cloud is what is missing: under
-        cloud_lost, and for a site the cloud cannot reach (lost_peers, known by its mesh
-        candidate)."""
+        direct peer when one is chosen (a static tunnel is off the cloud already), never an
+        Alt-WAN tunnel; its cloud path is its best cloud candidate, except where the cloud is
+        what is missing: under cloud_lost, and for a site the cloud cannot reach (lost_peers,
+        known by its Alt-WAN or mesh candidates' site)."""
         mesh = [c.peer_id for _, c in usable if c.transport is Transport.MESH]
         offcloud = mesh[0] if mesh else 0
         if not offcloud and pick.transport is Transport.DIRECT:
             offcloud = pick.peer_id
+        sites = {c.site for _, c in usable if c.transport in (Transport.MESH, Transport.ALT_WAN)}
         cloud = 0
-        if self.policy is not Policy.CLOUD_LOST and not self.lost_peers.intersection(mesh):
+        if self.policy is not Policy.CLOUD_LOST and not self.lost_peers.intersection(sites):
             cloud = next((c.peer_id for _, c in usable if c.transport is Transport.CLOUD), 0)
         return offcloud, cloud
 
-    def _why(self, usable: list[tuple[str, Candidate]], rank: dict[Transport, int]) -> str:
+    def _why(self, usable: list[tuple[str, Candidate]]) -> str:
         if len(usable) == 1:
             return "only usable candidate"
         best, second = usable[0][1], usable[1][1]
         if best.transport is not second.transport:
-            if self._rank(best, rank) != rank[best.transport]:
-                return f"site {best.peer_id} is not reachable through the cloud (WAN recovery)"
-            if self._rank(second, rank) != rank[second.transport]:
-                return f"site {second.peer_id} has WAN recovery disabled"
+            if self._moved(best):
+                return f"site {best.site} is not reachable through the cloud (WAN recovery)"
+            if self._moved(second):
+                return f"site {second.site} has WAN recovery disabled"
+            if second.held and second.transport is Transport.ALT_WAN:
+                return "its Alt-WAN tunnel is held off after its path went silent"
             return f"{best.transport} ranks before {second.transport} under policy {self.policy}"
         if best.preference != second.preference:
             return f"preference {best.preference} beats {second.preference}"
@@ -315,7 +340,7 @@ class Paths:
             if self.on_tun_routes is not None:
                 self.on_tun_routes(list(tun))
 
-    def _push(self, sets: list[tuple[Network, tuple[int, int, int]]], dels: list[Network]) -> None:
+    def _push(self, sets: list[tuple[Network, Entry]], dels: list[Network]) -> None:
         self.batches += 1
         try:
             self.fp.route_batch([(p, *entry) for p, entry in sets], dels)
@@ -333,14 +358,13 @@ class Paths:
             self._failures.pop(p, None)
 
     def _push_each(
-        self, sets: list[tuple[Network, tuple[int, int, int]]], dels: list[Network]
-    ) -> None:
+        self, sets: list[tuple[Network, Entry]], dels: list[Network]) -> None:
         for p, entry in sets:
             self.batches += 1
             try:
                 self.fp.route_batch([(p, *entry)], [])
             except FastPathError as e:
-                pid, off, cloud = entry
+                pid, off, cloud, _flags = entry
                 self._failed(p, f"set to peer {pid:#x} (offcloud {off:#x}, cloud {cloud:#x})", e)
             else:
                 self._installed[p] = entry

@@ -1,16 +1,18 @@
-"""WAN recovery: when the cloud cannot carry traffic to a site, the mesh does (docs/recovery.md).
+"""WAN recovery: when the cloud cannot carry traffic to a site, Alt-WAN or the mesh does
+(docs/recovery.md).
 
 Owns whether recovery is active and why: for the whole site when no PoP session is live (the
 cloud is lost), and per remote site when the PoP's directory shows that site offline (the
 cloud cannot reach it, so its traffic goes over the mesh from here too, whatever our own
 sessions say). It turns that into the policy of paths.py (`cloud_lost`, and the sets of
-sites that are lost or have recovery disabled) in one call, so that every prefix moves in
+sites that are lost or have recovery disabled; paths.py puts a site's Alt-WAN tunnel before
+its mesh tunnel) in one call, so that every prefix moves in
 one batch; it leaves recovery only after the cloud (or the site) has been back for the
 hold time; it records the *Off-Cloud Recovery Activated* and *Stopped* events and explains,
 per remote site, where its traffic goes during recovery and why.
 
 It reads the cloud's state, this site's and the directory's `recovery` flags and whether the
-mesh tunnel to a site carries traffic through callables the supervisor wires; like the
+Alt-WAN and mesh tunnels to a site carry traffic through callables the supervisor wires; like the
 other parts it does no I/O and is driven by `tick()`.
 """
 
@@ -46,8 +48,8 @@ EVENT_STOPPED = "offcloud.recovery.stopped"
 
 @dataclass
 class Reach:
-    """What the mesh says of one remote site: whether its tunnel carries traffic now, and
-    if not, why."""
+    """What the mesh (or Alt-WAN) says of one remote site: whether its tunnel carries traffic
+    now, and if not, why."""
 
     up: bool
     why: str | None = None
@@ -72,6 +74,21 @@ def _sites_data(ids: list[int]) -> dict[str, Any]:
     return {"sites": ids[:EVENT_SITES], "count": len(ids)}
 
 
+def _carriable(entry: dict[str, Any]) -> bool:
+    """Whether recovery may carry a site of the directory at all: its recovery flag is on
+    and it is off-cloud (a mesh tunnel) or has an Alt-WAN endpoint."""
+    return entry.get("recovery") is True and bool(entry.get("offcloud") or entry.get("altwan"))
+
+
+def _ways_text(reached: list[int], via_altwan: set[int]) -> str:
+    """"traffic to site 2 goes over Alt-WAN, to sites 3, 4 over the mesh"."""
+    alt = [s for s in reached if s in via_altwan]
+    mesh = [s for s in reached if s not in via_altwan]
+    parts = [f"to {_sites_text(ids)} {{}}over {how}"
+             for ids, how in ((alt, "Alt-WAN"), (mesh, "the mesh")) if ids]
+    return "traffic " + parts[0].format("goes ") + "".join(", " + p.format("") for p in parts[1:])
+
+
 @dataclass
 class Recovery:
     paths: Paths
@@ -84,6 +101,8 @@ class Recovery:
     on_event: Callable[[str, str, dict[str, Any], int | None], None]
     clock: Callable[[], float]
     hold_s: float = 10.0
+    # Whether the Alt-WAN tunnel to a site carries traffic (site/altwan.py); none by default.
+    altwan_reach: Callable[[int], Reach] = lambda _site: Reach(False, "no Alt-WAN tunnel")
     boot_wait_s: float = BOOT_WAIT_S
     # Whether recovery was active when socketd last stopped (kept in the store), and where to
     # keep it: a box restarted in the middle of an outage starts in recovery at once.
@@ -175,8 +194,7 @@ class Recovery:
                 lost.back_since, lost.gone = -math.inf, True  # leaves at the next expiry
         newly: list[int] = []
         for site_id, entry in entries.items():
-            offline = (entry.get("online") is False and entry.get("recovery") is True
-                       and bool(entry.get("offcloud")))
+            offline = entry.get("online") is False and _carriable(entry)
             lost = self._lost.get(site_id)
             if offline and lost is None:
                 self._lost[site_id] = _Lost(since=now)
@@ -185,18 +203,21 @@ class Recovery:
                 lost.back_since, lost.gone = None, False
             elif lost is not None and lost.back_since is None:
                 lost.back_since = now
-                if not (entry.get("recovery") is True and entry.get("offcloud")):
+                if not _carriable(entry):
                     lost.back_since, lost.gone = -math.inf, True
         if newly and not self.active:
             # One event per directory, and only for what moves: a site offline for a month
             # (or after a restart of the PoP, every site not yet back) is no news by itself.
-            moved = [s for s in newly if self.mesh_reach(s).up]
+            ways = {s: self._way(entries[s]) for s in newly}
+            moved = [s for s in newly if ways[s] is not None]
             if moved:
+                via_altwan = {s for s in moved if ways[s] == "alt-wan"}
                 self._event(
                     EVENT_ACTIVATED, moved[0] if len(moved) == 1 else None,
                     f"Off-Cloud Recovery Activated for {_sites_text(moved)}: the PoP cannot "
-                    "reach them; their traffic goes over the mesh",
-                    {"reason": "offline in the PoP's directory", **_sites_data(moved)},
+                    f"reach them; {_ways_text(moved, via_altwan)}",
+                    {"reason": "offline in the PoP's directory", **_sites_data(moved),
+                     "altwan_sites": sorted(via_altwan)[:EVENT_SITES]},
                 )
 
     def _expire_lost(self, now: float) -> None:
@@ -228,10 +249,9 @@ class Recovery:
         self.active, self.since, self.reason = True, now, why
         self.activations += 1
         self._remember(True)
-        reached, cut = self._reached()
+        reached, cut, via_altwan = self._reached()
         text = f"Off-Cloud Recovery Activated: {why}; " + (
-            f"traffic to {_sites_text(reached)} goes over the mesh"
-            if reached else "no mesh tunnel is up yet"
+            _ways_text(reached, via_altwan) if reached else "no Alt-WAN or mesh tunnel is up yet"
         )
         if cut:
             shown = list(cut.items())[:EVENT_SITES // 5]
@@ -242,7 +262,8 @@ class Recovery:
         unreachable = {str(k): v for k, v in list(cut.items())[:EVENT_SITES]}
         self._event(EVENT_ACTIVATED, None, text,
                     {"reason": why, **_sites_data(reached), "unreachable": unreachable,
-                     "unreachable_count": len(cut)})
+                     "unreachable_count": len(cut),
+                     "altwan_sites": sorted(via_altwan)[:EVENT_SITES]})
 
     def _stop(self, why: str, now: float) -> None:
         took = now - (self.since or now)
@@ -285,31 +306,45 @@ class Recovery:
 
     # ---------------------------------------------------------------- status
 
-    def _reached(self) -> tuple[list[int], dict[int, str]]:
-        """Sites recovery carries over the mesh right now, and the others with the reason."""
+    def _reached(self) -> tuple[list[int], dict[int, str], set[int]]:
+        """Sites recovery carries right now, the others with the reason, and the ones of the
+        first that go over Alt-WAN."""
         reached: list[int] = []
         cut: dict[int, str] = {}
-        for site_id, why in sorted(self._site_states().items()):
-            if why is None:
-                reached.append(site_id)
-            else:
-                cut[site_id] = why
-        return reached, cut
+        via_altwan: set[int] = set()
+        for e in sorted(self._sites(), key=lambda e: e["site_id"]):
+            site_id = e["site_id"]
+            way, why = self._site_state(e)
+            if way is None:
+                cut[site_id] = why or "unreachable"
+                continue
+            reached.append(site_id)
+            if way == "alt-wan":
+                via_altwan.add(site_id)
+        return reached, cut, via_altwan
 
-    def _site_state(self, e: dict[str, Any]) -> str | None:
-        """Why recovery could not carry the site of directory entry e now; None if it could."""
+    def _way(self, e: dict[str, Any]) -> str | None:
+        return self._site_state(e)[0]
+
+    def _site_state(self, e: dict[str, Any]) -> tuple[str | None, str | None]:
+        """How recovery would carry the site of directory entry e now (`alt-wan` first, then
+        `mesh`) and, when it could not, why (None, the reason)."""
         site_id = e["site_id"]
         if self.own_recovery() is not True:
-            return "WAN recovery is disabled for this site in the account"
+            return None, "WAN recovery is disabled for this site in the account"
         if e.get("recovery") is not True:
-            return f"WAN recovery is disabled for site {site_id} in the account"
+            return None, f"WAN recovery is disabled for site {site_id} in the account"
+        alt = self.altwan_reach(site_id)
+        if alt.up:
+            return "alt-wan", None
+        # An Alt-WAN tunnel that is expected but down is worth a word; none at all is not.
+        alt_why = f"; no Alt-WAN tunnel: {alt.why}" if e.get("altwan") and alt.why else ""
         if not e.get("offcloud"):
-            return f"site {site_id} is not an off-cloud site"
+            return None, f"site {site_id} is not an off-cloud site{alt_why}"
         reach = self.mesh_reach(site_id)
-        return None if reach.up else f"no mesh tunnel: {reach.why or 'down'}"
-
-    def _site_states(self) -> dict[int, str | None]:
-        return {e["site_id"]: self._site_state(e) for e in self._sites()}
+        if reach.up:
+            return "mesh", None
+        return None, f"no mesh tunnel: {reach.why or 'down'}{alt_why}"
 
     def summary(self) -> dict[str, Any]:
         now = self.clock()
@@ -335,7 +370,7 @@ class Recovery:
         cloud_up = self.cloud_up()
         for e in self._sites():
             site_id = e["site_id"]
-            ready_why = self._site_state(e)
+            way, ready_why = self._site_state(e)
             transport = None
             for net in e.get("subnets") or []:
                 with contextlib.suppress(ValueError):
@@ -362,7 +397,8 @@ class Recovery:
                 "state": state,
                 "site_lost": site_id in self._lost,
                 "why": why,
-                "ready": ready_why is None,  # recovery would carry it over the mesh now
+                "ready": way is not None,  # recovery would carry it now...
+                "ready_via": way,  # ...over "alt-wan" or the "mesh"
                 "ready_why": ready_why,
             })
         return out

@@ -252,8 +252,11 @@ class Rules:
             return str(Transport.CLOUD) if choice.cloud_peer else pick
         if choice.offcloud_peer:
             return "offcloud"
-        if rule.secondary == "automatic":
+        if rule.secondary == "automatic" and choice.candidate.transport is not Transport.ALT_WAN:
             return pick
+        if rule.secondary == "automatic" and choice.cloud_peer:
+            # Alt-WAN is never an off-cloud rule's secondary: the cloud path, else dropped.
+            return str(Transport.CLOUD)
         if rule.secondary == "cloud" and choice.cloud_peer:
             return str(Transport.CLOUD)
         return "dropped"

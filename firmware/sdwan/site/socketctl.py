@@ -169,6 +169,10 @@ def format_status(result: Mapping[str, Any], out: TextIO) -> None:
         if cloud.get("stale"):
             text += ", stale configuration (no PoP has answered since the start)"
         fields.append(("cloud", text))
+    altwan = result.get("altwan")
+    if isinstance(altwan, Mapping) and altwan.get("enabled"):
+        fields.append(("alt-wan", f"{_num(altwan.get('peers_up'))} up of"
+                                  f" {_num(altwan.get('peers'))} over {_text(altwan.get('link'))}"))
     recovery = result.get("recovery")
     if isinstance(recovery, Mapping):
         fields.append(("recovery", _recovery_line(recovery)))
@@ -191,7 +195,7 @@ def format_status(result: Mapping[str, Any], out: TextIO) -> None:
                 _text(link.get("name")),
                 _text(link.get("interface")),
                 _num(link.get("port")),
-                _num(link.get("precedence")),
+                _prec(link),
                 _num(link.get("mtu")),
                 _num(link.get("rx_packets")),
                 _num(link.get("tx_packets")),
@@ -345,6 +349,11 @@ def format_events(result: Mapping[str, Any], out: TextIO) -> None:
         out.write(f"{when}  {_text(ev.get('kind')):<16}  {_text(ev.get('text'))}\n")
 
 
+def _prec(link: Mapping[str, Any]) -> str:
+    """A link's precedence, or what it is instead (an Alt-WAN link has none)."""
+    return "alt-wan" if link.get("altwan") else _num(link.get("precedence"))
+
+
 def _link_detail(link: Mapping[str, Any]) -> str:
     if link.get("error"):
         return f"error: {_text(link['error'])}"
@@ -373,7 +382,7 @@ def format_links(result: Mapping[str, Any], out: TextIO) -> None:
             _text(link.get("addressing")),
             _text(link.get("address")),
             _text(link.get("gateway")),
-            _num(link.get("precedence")),
+            _prec(link),
             _link_detail(link),
         ]
         for link in links
@@ -394,7 +403,8 @@ def format_routes(result: Mapping[str, Any], out: TextIO) -> None:
         rows.append(
             [
                 _text(r.get("prefix")),
-                f"{peer:#x}" if isinstance(peer, int) and peer >= 1 << 31 else _text(peer),
+                # A PoP session's or an Alt-WAN tunnel's id (0x8..., 0x4...) reads in hex.
+                f"{peer:#x}" if isinstance(peer, int) and peer >= 1 << 30 else _text(peer),
                 _text(r.get("transport")),
                 _text(r.get("producer")),
                 ("" if r.get("installed") else "NOT INSTALLED: ") + _text(r.get("why")),
@@ -507,7 +517,7 @@ def _recovery_line(r: Mapping[str, Any]) -> str:
         return text
     lost = r.get("lost_sites") or []
     if lost:
-        return "ready; sites the PoP cannot reach go over the mesh: " + ", ".join(
+        return "ready; sites the PoP cannot reach go over Alt-WAN or the mesh: " + ", ".join(
             _text(s) for s in lost
         )
     return "ready (not active)"
@@ -527,12 +537,13 @@ def format_recovery(result: Mapping[str, Any], out: TextIO) -> None:
                 _text(s.get("site_id")),
                 _text(s.get("name")),
                 _text(s.get("state")),
-                "yes" if s.get("ready") else "no",
+                # Over what recovery would carry it now: alt-wan, mesh, or no.
+                _text(s.get("ready_via") or "yes") if s.get("ready") else "no",
                 "" if ready is None else _text(ready),
             ]
         )
     if rows:
-        _table(["SITE", "NAME", "TRAFFIC", "MESH READY", "WHY NOT"], rows, out)
+        _table(["SITE", "NAME", "TRAFFIC", "READY", "WHY NOT"], rows, out)
     else:
         out.write("no other sites known (the PoP's directory lists them)\n")
 

@@ -1,13 +1,13 @@
 """The appliance supervisor (socketd.py is its entry point): wires the parts together and
 owns nothing else. Config (config.py) -> fast path (fastpath.py) with the TUN device (tundev.py) and
 the WAN links (links.py: sockets, state, STUN) -> kernel routes and MSS clamp (netcfg.py)
--> the session layer (sessions.py) draining the fast path's control queue, with three owners
+-> the session layer (sessions.py) draining the fast path's control queue, with four owners
 of sessions registered: one PeerTunnel per configured peer (tunnel.py), the off-cloud mesh
-(mesh.py, also the handler of probe datagrams and of the PoP's punches) and the PoP sessions
-(cloud.py) -> the routes of every prefix, static, mesh and cloud (paths.py) and the off-cloud
-transport rules of the cloud's config (rules.py) -> the LAN firewall from the cloud's config
-(firewall.py) -> events and cloud documents in the store (store.py) -> status over the control
-socket (control.py).
+(mesh.py, also the handler of probe datagrams and of the PoP's punches), the Alt-WAN tunnels
+(altwan.py) and the PoP sessions (cloud.py) -> the routes of every prefix, static, mesh,
+Alt-WAN and cloud (paths.py) and the off-cloud transport rules of the cloud's config
+(rules.py) -> the LAN firewall from the cloud's config (firewall.py) -> events and cloud
+documents in the store (store.py) -> status over the control socket (control.py).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from sdwan.common.netcfg import NetcfgError, Plan, Worker, apply_in_worker, tunn
 from sdwan.common.probe import PROBE_TYPE
 from sdwan.common.sessions import Policy, SessionLayer
 from sdwan.common.store import Store, StoreError
+from sdwan.site.altwan import AltWan
 from sdwan.site.birthday import LinkSockets
 from sdwan.site.cloud import Cloud, CloudTimers
 from sdwan.site.config import SiteConfig
@@ -113,6 +114,7 @@ class Supervisor:
         self.store: Store | None = None
         self.cloud: Cloud | None = None
         self.mesh: Mesh | None = None
+        self.altwan: AltWan | None = None
         self.recovery: Recovery | None = None
         self.paths: Paths | None = None
         self.rules: Rules | None = None
@@ -196,7 +198,8 @@ class Supervisor:
         self.cloud = self._make_cloud(fp)
         self.sources = self._make_sources(fp, self.cloud)
         self.mesh = self._make_mesh(fp, self.cloud)
-        self.recovery = self._make_recovery(self.cloud, self.mesh)
+        self.altwan = self._make_altwan(fp, self.cloud)
+        self.recovery = self._make_recovery(self.cloud, self.mesh, self.altwan)
         self.rules = self._make_rules(fp, self.cloud)
         # Before the fast path starts: the stored policy is in force before traffic flows.
         self._start_firewall(self.cloud)
@@ -303,6 +306,36 @@ class Supervisor:
         mesh.load_cache()
         return mesh
 
+    def _make_altwan(self, fp: FastPath, cloud: Cloud) -> AltWan:
+        cfg = self.cfg
+        assert self.paths is not None
+        keepalive = float(cfg.tunnel.keepalive_s)
+        altwan = AltWan(
+            site_id=cfg.site.id,
+            links=self.links,
+            fp=fp,
+            port=self,
+            paths=self.paths,
+            # No NAT to keep open: keepalives only tell a dead path, idle within two of them,
+            # under traffic within [mesh] silent_after_ms (the fast path's one threshold).
+            timers=Timers(
+                keepalive_s=keepalive, rekey_s=cfg.tunnel.rekey_s, dead_after_s=2 * keepalive
+            ),
+            directory=lambda: cloud.directory,
+            directory_known=lambda: cloud.directory_rev is not None,
+            static_ids=self.tunnels.keys(),
+            on_event=self._record_event,
+            silent_after_ms=cfg.mesh.silent_after_ms,
+            clock=self.clock,
+        )
+        # After the mesh, before the cloud: `socketctl peers` lists the Alt-WAN tunnels
+        # beside the mesh's (see _peers).
+        self.sessions.add_owner(altwan, before=cloud)
+        cloud.watch_directory(altwan.on_directory)
+        # From the stored directory, without the PoP: the tunnels start with the first tick.
+        altwan.on_directory()
+        return altwan
+
     def _make_rules(self, fp: FastPath, cloud: Cloud) -> Rules:
         """The transport rules follow the cloud config (the stored one until a PoP answers)."""
         assert self.paths is not None
@@ -323,7 +356,7 @@ class Supervisor:
             firewall.start(part(), cloud.config_rev)
         cloud.watch_config(lambda: firewall.offer(part(), cloud.config_rev))
 
-    def _make_recovery(self, cloud: Cloud, mesh: Mesh) -> Recovery:
+    def _make_recovery(self, cloud: Cloud, mesh: Mesh, altwan: AltWan) -> Recovery:
         assert self.paths is not None
 
         def reach(site_id: int) -> Reach:
@@ -360,8 +393,9 @@ class Supervisor:
             cloud_enabled=lambda: cloud.enabled,
             own_recovery=lambda: (cloud.config or {}).get("recovery"),
             directory=lambda: cloud.directory,
-            links_ready=lambda: any(wl.local_ipv4() for wl in self.links),
+            links_ready=lambda: any(wl.local_ipv4() for wl in self.links if not wl.altwan),
             mesh_reach=reach,
+            altwan_reach=lambda site_id: Reach(*altwan.reach(site_id)),
             on_event=event,
             clock=self.clock,
             hold_s=float(self.cfg.cloud.recovery_hold_s),
@@ -466,6 +500,11 @@ class Supervisor:
                 self.mesh.tick()
             except Exception:
                 log.exception("mesh tick failed")
+        if self.altwan is not None:
+            try:
+                self.altwan.tick()
+            except Exception:
+                log.exception("alt-wan tick failed")
         self._static_offcloud()
         if self.recovery is not None:
             try:
@@ -511,6 +550,8 @@ class Supervisor:
             return
         if silent and self.mesh is not None:
             self.mesh.on_silent(silent)
+        if silent and self.altwan is not None:
+            self.altwan.on_silent(silent)
 
     def _next_due(self) -> float:
         """The earliest time (self.clock) a part's clock needs a tick; now when one runs a
@@ -524,6 +565,8 @@ class Supervisor:
             due = min(due, self.cloud.next_due())
         if self.mesh is not None:
             due = min(due, self.mesh.next_due())
+        if self.altwan is not None:
+            due = min(due, self.altwan.next_due())
         if self.recovery is not None:
             due = min(due, self.recovery.next_due())
         if self.paths is not None and self.paths.dirty:
@@ -565,6 +608,7 @@ class Supervisor:
                     "interface": link.interface,
                     "port": link.port,
                     "precedence": link.precedence,
+                    "altwan": link.altwan,
                     "mtu": link.mtu,
                     "rx_packets": c.rx_packets,
                     "tx_packets": c.tx_packets,
@@ -607,6 +651,7 @@ class Supervisor:
             "rejections": list(st.rejections),
             "cloud": self.cloud.summary() if self.cloud is not None else {"state": "off"},
             "mesh": self.mesh.summary() if self.mesh is not None else {"enabled": False},
+            "altwan": self.altwan.summary() if self.altwan is not None else {"enabled": False},
             "recovery": (
                 self.recovery.summary() if self.recovery is not None else {"enabled": False}
             ),
@@ -616,10 +661,13 @@ class Supervisor:
         }
 
     async def _peers(self, _req: dict) -> dict:
-        # Each owner of sessions lists its peers, in the order they were registered.
+        # Each owner of sessions lists its peers, in the order they were registered; a site
+        # one of them lists is left out by the next, except for its Alt-WAN tunnel, which
+        # stands beside whatever carries the site (its mesh tunnel or the cloud).
         peers: list[dict] = []
         for owner in self.sessions.owners:
-            peers.extend(owner.peers({p["site_id"] for p in peers}))
+            peers.extend(owner.peers({p["site_id"] for p in peers
+                                      if p.get("transport") != "alt-wan"}))
         return {"peers": peers}
 
     async def _pop(self, _req: dict) -> dict:
@@ -832,6 +880,11 @@ class Supervisor:
             with contextlib.suppress(Exception):
                 self.mesh.close()
             self.mesh = None
+        if self.altwan is not None:
+            self.sessions.remove_owner(self.altwan)
+            with contextlib.suppress(Exception):
+                self.altwan.close()
+            self.altwan = None
         if self.cloud is not None:
             self.sessions.remove_owner(self.cloud)
             with contextlib.suppress(Exception):

@@ -547,7 +547,11 @@ class PeerTunnel:
             except FastPathError as e:
                 log.warning("peer %d: keepalives not set: %s", self.peer_id, e)
         if changed:
-            text = f"tunnel to site {self.peer_id} {state}" + (f": {reason}" if reason else "")
+            expected = self.expected
+            kind, who = expected if isinstance(expected, tuple) else ("site", expected)
+            # A tunnel whose fast-path id is not its peer's (a PoP session, an Alt-WAN tunnel).
+            also = f" (peer {self.peer_id:#x})" if self.peer_id != who else ""
+            text = f"tunnel to {kind} {who}{also} {state}" + (f": {reason}" if reason else "")
             log.info("%s", text)
             self.on_event(f"tunnel-{state}", text)
 
