@@ -211,6 +211,19 @@ seeds = {
              + rule(0x09, 1, [], [], [])
              + rule(0x01, 0, [], [(0x80 | 8, b"\xfd\x02" + bytes(14))], [(1, 65535)]) + traffic,
     "none": bytes([0]) + traffic,
+    # Built packets (fuzz_rules.c, build_chain): IPv6 TCP to 445 after Hop-by-Hop and
+    # Destination Options, a first and a later fragment, nine headers, one cut short;
+    # an IPv4 first and later fragment.
+    "chains": bytes([2]) + rule(0x0B, 6, [], [], [(445, 445)]) + rule(0x01, 17, [], [], [(53, 53)])
+              + b"".join(b"\x80\x00" + bytes([f, len(e) // 2, 1, 1, p, 0x03, 0xE8, 0x01, 0xBD]) + e + c
+                         for f, p, e, c in (
+                             (0, 0, bytes([0, 0, 3, 1]), b"\xff\xff"),
+                             (0, 1, bytes([2, 0x80]), b"\xff\xff"),
+                             (0, 1, bytes([2, 0x03]), b"\xff\xff"),
+                             (0, 0, bytes([3, 0]) * 9, b"\xff\xff"),
+                             (0, 0, bytes([0, 0, 3, 1]), b"\x00\x34"),
+                             (1, 1, bytes([0x20, 0]), b"\xff\xff"),
+                             (1, 1, bytes([0x20, 3]), b"\xff\xff"))),
 }
 for name, b in seeds.items():
     (d / name).write_bytes(b)

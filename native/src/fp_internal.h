@@ -164,11 +164,14 @@ struct fp_route {
 
 /* The flow of an inner packet as the transport rules see it (fp_flow_parse). Every byte is
  * set (unused address bytes and ports zero), so a key compares with memcmp. */
+#define FP_FLOW_PORTS_UNKNOWN 1         /* ports not in the packet (a later fragment, cut short) */
+#define FP_FLOW_PROTO_UNKNOWN 2         /* upper-layer protocol not found (IPv6 header chain) */
+#define FP_FLOW_MAX_EXT 8               /* IPv6 extension headers walked at most */
 struct fp_flow {
     uint8_t family;                     /* 4 or 6 */
     uint8_t proto;                      /* IPv4 protocol, IPv6 next header */
-    uint8_t has_ports;                  /* TCP or UDP, not a fragment, long enough */
-    uint8_t pad;
+    uint8_t has_ports;                  /* TCP or UDP, ports in the packet */
+    uint8_t unknown;                    /* FP_FLOW_*_UNKNOWN: fields a rule takes as matching */
     uint16_t sport;
     uint16_t dport;
     uint8_t src[16];
@@ -392,8 +395,9 @@ void fp_peers_drop_link(struct fp *fp, uint32_t link_id);
 /* packet.c: the flow of an inner IP packet (addresses, protocol, TCP/UDP ports
  * unless a fragment), for the per-flow choice of link. */
 uint64_t fp_flow_hash(const uint8_t *ip, size_t len);
-/* packet.c: the flow of an inner IP packet for the transport rules, with the same rules
- * for ports as fp_flow_hash; -1 if it is no IPv4/IPv6 packet. */
+/* packet.c: the flow of an inner IP packet for the transport rules: IPv6 extension headers
+ * walked, the first fragment's ports, unknown fields flagged; -1 if it is no IPv4/IPv6
+ * packet. */
 int fp_flow_parse(const uint8_t *ip, size_t len, struct fp_flow *f);
 uint64_t fp_mix64(uint64_t x);
 

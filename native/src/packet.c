@@ -220,37 +220,115 @@ static inline uint16_t load_be16(const uint8_t *p)
     return (uint16_t)(p[0] << 8 | p[1]);
 }
 
-/* The transport rules' view of a packet: the same notion of ports as fp_flow_hash (TCP and
- * UDP only, never in an IPv4 fragment, IPv6 extension headers not walked), so a rule with
- * ports sees every fragment of a datagram alike and never splits it across transports. */
+/* An IPv6 extension header the rules walk past: its length from its first two bytes, or 0
+ * if `nh` is not one (an upper-layer protocol, ESP, No Next Header, or unknown). The
+ * Fragment header (44) is handled by the caller. */
+static size_t ext_len(uint8_t nh, const uint8_t *p)
+{
+    switch (nh) {
+    case 0:   /* Hop-by-Hop Options */
+    case 43:  /* Routing */
+    case 60:  /* Destination Options */
+    case 135: /* Mobility */
+    case 139: /* HIP */
+    case 140: /* Shim6 */
+    case 253: /* experimentation and testing (RFC 3692) */
+    case 254:
+        return ((size_t)p[1] + 1) * 8;
+    case 51:  /* AH: its length in 4-byte words, minus 2 */
+        return ((size_t)p[1] + 2) * 4;
+    default:
+        return 0;
+    }
+}
+
+static bool is_ext(uint8_t nh)
+{
+    static const uint8_t z[2];
+    return nh == 44 || ext_len(nh, z) != 0;
+}
+
+/* The transport rules' view of a packet: addresses, the upper-layer protocol and, for TCP
+ * and UDP, the ports (docs/dataplane.md, "Transport rules").
+ *
+ * IPv6 extension headers are walked (at most FP_FLOW_MAX_EXT, never past the packet) to the
+ * upper-layer header. A first fragment (offset 0, IPv4 or IPv6) has its ports when they are
+ * in it. What the packet does not show is flagged instead of guessed: FP_FLOW_PORTS_UNKNOWN
+ * for a later fragment, or a TCP/UDP header cut short; FP_FLOW_PROTO_UNKNOWN (ports too)
+ * for an IPv6 header chain cut short or longer than the bound, or a later IPv6 fragment
+ * whose fragment header names another extension header. rules.c takes an unknown field as
+ * matching, so no packet slips past a rule by hiding it. -1 only for what is no IPv4/IPv6
+ * packet at all (which fp_ip_dst refused before). */
 int fp_flow_parse(const uint8_t *ip, size_t len, struct fp_flow *f)
 {
     memset(f, 0, sizeof(*f));
     size_t l4;
     if (len >= 20 && ip[0] >> 4 == 4) {
         size_t ihl = (size_t)(ip[0] & 0x0f) * 4;
-        if (ihl < 20 || ihl > len)
+        if (ihl < 20)
             return -1;
         f->family = 4;
         f->proto = ip[9];
         memcpy(f->src, ip + 12, 4);
         memcpy(f->dst, ip + 16, 4);
-        if (((ip[6] & 0x3f) | ip[7]) != 0)
-            return 0; /* a fragment: no ports */
-        l4 = ihl;
+        if (((ip[6] & 0x1f) | ip[7]) != 0) {
+            /* A later fragment: the protocol, never ports. */
+            if (f->proto == 6 || f->proto == 17)
+                f->unknown = FP_FLOW_PORTS_UNKNOWN;
+            return 0;
+        }
+        l4 = ihl; /* unfragmented, or the first fragment (MF, offset 0) */
     } else if (len >= 40 && ip[0] >> 4 == 6) {
         f->family = 6;
-        f->proto = ip[6];
         memcpy(f->src, ip + 8, 16);
         memcpy(f->dst, ip + 24, 16);
-        l4 = 40;
+        uint8_t nh = ip[6];
+        size_t off = 40;
+        int n = 0;
+        while (is_ext(nh)) {
+            if (n++ == FP_FLOW_MAX_EXT || len < off + 8) {
+                /* Too long a chain, or cut short (every extension header is at least 8
+                 * bytes): the upper layer is not known. */
+                f->proto = nh;
+                f->unknown = FP_FLOW_PROTO_UNKNOWN | FP_FLOW_PORTS_UNKNOWN;
+                return 0;
+            }
+            const uint8_t *h = ip + off;
+            if (nh == 44) {
+                if (((h[2] << 8 | h[3]) & 0xfff8) != 0) {
+                    /* A later fragment: its header names the fragmentable part's first
+                     * header, the upper layer unless another extension header. */
+                    f->proto = h[0];
+                    if (is_ext(h[0]))
+                        f->unknown = FP_FLOW_PROTO_UNKNOWN | FP_FLOW_PORTS_UNKNOWN;
+                    else if (h[0] == 6 || h[0] == 17)
+                        f->unknown = FP_FLOW_PORTS_UNKNOWN;
+                    return 0;
+                }
+                off += 8;
+            } else {
+                off += ext_len(nh, h);
+            }
+            nh = h[0];
+        }
+        f->proto = nh;
+        l4 = off;
+        if (l4 > len) {
+            /* The last extension header runs past the packet: cut short. */
+            f->unknown = FP_FLOW_PROTO_UNKNOWN | FP_FLOW_PORTS_UNKNOWN;
+            return 0;
+        }
     } else {
         return -1;
     }
-    if ((f->proto == 6 || f->proto == 17) && len >= l4 + 4) {
-        f->has_ports = 1;
-        f->sport = load_be16(ip + l4);
-        f->dport = load_be16(ip + l4 + 2);
+    if (f->proto == 6 || f->proto == 17) {
+        if (l4 <= len && len - l4 >= 4) { /* IPv4 options may run past the end */
+            f->has_ports = 1;
+            f->sport = load_be16(ip + l4);
+            f->dport = load_be16(ip + l4 + 2);
+        } else {
+            f->unknown = FP_FLOW_PORTS_UNKNOWN;
+        }
     }
     return 0;
 }

@@ -200,16 +200,22 @@ static bool in_ports(const struct fp_rules *t, const struct fp_rule_c *r, uint16
     return false;
 }
 
-static bool proto_matches(uint16_t want, uint8_t proto)
+/* A field the packet does not show (fp_flow_parse: FP_FLOW_*_UNKNOWN) is taken as
+ * matching, so hiding it (a later fragment, an IPv6 header chain too long or cut short)
+ * never moves a packet past a rule that could be its own: it takes the first rule its
+ * known fields match. */
+static bool proto_matches(uint16_t want, const struct fp_flow *f)
 {
-    return want == FP_RULE_PROTO_ANY || want == proto || (want == 1 && proto == 58);
+    return want == FP_RULE_PROTO_ANY || (f->unknown & FP_FLOW_PROTO_UNKNOWN) ||
+           want == f->proto || (want == 1 && f->proto == 58);
 }
 
-/* The rule, one direction: from `a` (port ap) to `b` (port bp). */
+/* The rule, one direction: from `a` to `b` (port bp). */
 static bool matches_dir(const struct fp_rules *t, const struct fp_rule_c *r, const struct fp_flow *f,
                         const uint8_t *a, const uint8_t *b, uint16_t bp)
 {
-    if (r->ports_n && (!f->has_ports || !in_ports(t, r, bp)))
+    if (r->ports_n && !(f->unknown & FP_FLOW_PORTS_UNKNOWN) &&
+        (!f->has_ports || !in_ports(t, r, bp)))
         return false;
     return in_nets(t, r->src_first, r->src_n, f->family, a) &&
            in_nets(t, r->dst_first, r->dst_n, f->family, b);
@@ -219,7 +225,7 @@ static int32_t evaluate(const struct fp_rules *t, const struct fp_flow *f)
 {
     for (uint32_t i = 0; i < t->n; i++) {
         const struct fp_rule_c *r = &t->rules[i];
-        if (!proto_matches(r->proto, f->proto))
+        if (!proto_matches(r->proto, f))
             continue;
         if (matches_dir(t, r, f, f->src, f->dst, f->dport) ||
             matches_dir(t, r, f, f->dst, f->src, f->sport))
@@ -236,7 +242,8 @@ static uint32_t flow_slot(const struct fp_flow *f)
     memcpy(&s0, f->src, 8);
     memcpy(&d0, f->dst, 8);
     uint64_t h = s0 ^ (d0 * UINT64_C(0x9E3779B97F4A7C15)) ^
-                 ((uint64_t)f->proto << 40 | (uint64_t)f->has_ports << 32 |
+                 ((uint64_t)f->unknown << 48 | (uint64_t)f->proto << 40 |
+                  (uint64_t)f->has_ports << 32 |
                   (uint64_t)f->sport << 16 | f->dport) * UINT64_C(0xC2B2AE3D27D4EB4F);
     if (f->family == 6) {
         uint64_t s1, d1;

@@ -176,16 +176,130 @@ def test_a_mesh_path_that_goes_and_comes_back(fp: FastPath) -> None:
 def test_fragments_and_protocols_without_ports(fp: FastPath) -> None:
     fp.rules_set([rule(1, protocol=UDP, ports=((2000, 2000),)), rule(2, "cloud", protocol=ICMP)])
     assert sent_to(fp, packet("10.1.0.5", "10.2.0.7", UDP, dport=2000)) == MESH
-    # Every fragment of a datagram, the first (MF) included, is matched without ports, so
-    # they all take one transport.
-    assert sent_to(fp, packet("10.1.0.5", "10.2.0.7", UDP, dport=2000, frag=0x2000)) == CHOSEN
-    assert sent_to(fp, packet("10.1.0.5", "10.2.0.7", UDP, dport=2000, frag=185)) == CHOSEN
+    # The first fragment (MF, offset 0) has its ports; a later one has none, and matches the
+    # port rule as if they were in it: every fragment takes the flow's transport.
+    assert sent_to(fp, packet("10.1.0.5", "10.2.0.7", UDP, dport=2000, frag=0x2000)) == MESH
+    assert sent_to(fp, packet("10.1.0.5", "10.2.0.7", UDP, dport=2000, frag=185)) == MESH
+    assert sent_to(fp, packet("10.1.0.5", "10.2.0.7", UDP, dport=2001, frag=0x2000)) == CHOSEN
     # ICMP matches ICMPv6 too.
     assert sent_to(fp, packet("10.1.0.5", "10.2.0.7", ICMP)) == POP
     assert sent_to(fp, packet("fd00:1::5", "fd00:2::7", ICMP6)) == POP
     assert sent_to(fp, packet("fd00:1::5", "fd00:2::7", UDP, dport=2000)) == MESH
-    # An IPv6 extension header (hop-by-hop, 0) is not walked: no ports, no UDP.
-    assert sent_to(fp, packet("fd00:1::5", "fd00:2::7", 0, dport=2000)) == CHOSEN
+    # A later fragment of another protocol is no UDP: its own protocol decides.
+    assert sent_to(fp, packet("10.1.0.5", "10.2.0.7", TCP, dport=2000, frag=185)) == CHOSEN
+    assert sent_to(fp, packet("10.1.0.5", "10.2.0.7", ICMP, frag=185)) == POP
+
+
+HBH, ROUTING, FRAGMENT, DSTOPTS, AH, NONXT = 0, 43, 44, 60, 51, 59
+
+
+def ext(nh: int, kind: int, units: int = 0) -> bytes:
+    """An IPv6 extension header of `kind` naming `nh` next: options headers (units + 1) * 8
+    bytes of padding options (PadN), AH (units + 2) * 4 bytes."""
+    if kind == AH:
+        return bytes([nh, units]) + bytes((units + 2) * 4 - 2)
+    body = (units + 1) * 8 - 2
+    if kind == ROUTING:
+        return bytes([nh, units, 0, 0]) + bytes(body - 2)
+    return bytes([nh, units, 1, body - 2]) + bytes(body - 2)
+
+
+def frag6(nh: int, offset: int, more: bool, ident: int = 7) -> bytes:
+    return struct.pack("!BBHI", nh, 0, offset * 8 | more, ident)
+
+
+def ip6(src: str, dst: str, first: int, chain: bytes) -> bytes:
+    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    return struct.pack("!IHBB16s16s", 6 << 28, len(chain), first, 64, s.packed, d.packed) + chain
+
+
+def l4(proto: int, sport: int = 1000, dport: int = 2000) -> bytes:
+    return struct.pack("!HH", sport, dport) + bytes(16 if proto == TCP else 4)
+
+
+def test_ipv6_extension_headers_are_walked_to_the_ports(fp: FastPath) -> None:
+    fp.rules_set([rule(1, protocol=TCP, ports=((445, 445),), secondary="none"),
+                  rule(2, "cloud", protocol=UDP, ports=((53, 53),))])
+    a, b = "fd00:1::5", "fd00:2::7"
+    # Hop-by-Hop then Destination Options then TCP to 445: the rule's, as without them.
+    chain = ext(DSTOPTS, HBH) + ext(TCP, DSTOPTS, 1) + l4(TCP, dport=445)
+    assert sent_to(fp, ip6(a, b, HBH, chain)) == MESH
+    assert sent_to(fp, ip6(a, b, HBH, ext(DSTOPTS, HBH) + ext(TCP, DSTOPTS, 1)
+                           + l4(TCP, dport=446))) == CHOSEN
+    # Routing and AH too; UDP to 53 through them takes the cloud rule.
+    chain = ext(ROUTING, HBH) + ext(AH, ROUTING, 2) + ext(UDP, AH, 4) + l4(UDP, dport=53)
+    assert sent_to(fp, ip6(a, b, HBH, chain)) == POP
+    # The answer (445 as source port) through a Destination Options header: the rule's too.
+    fp.route_batch([("fd00:1::/64", CHOSEN, MESH, POP)])
+    assert sent_to(fp, ip6(b, a, DSTOPTS, ext(TCP, DSTOPTS) + l4(TCP, 445, 50000))) == MESH
+    # No Next Header after the chain: no protocol a rule names, the route's peer.
+    assert sent_to(fp, ip6(a, b, HBH, ext(NONXT, HBH) + bytes(8))) == CHOSEN
+    # No mesh path to the site: the rule's secondary none holds for the extended packet.
+    fp.route_batch([("fd00:2::/64", CHOSEN, 0, POP)])
+    assert sent_to(fp, ip6(a, b, HBH, ext(DSTOPTS, HBH) + ext(TCP, DSTOPTS)
+                           + l4(TCP, dport=445))) == "offcloud_down"
+    assert fp.rules_counters().hits == [3, 1]
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_a_fragmented_datagram_follows_its_flow(fp: FastPath, v6: bool) -> None:
+    fp.rules_set([rule(1, protocol=UDP, ports=((2000, 2000),), secondary="none"),
+                  rule(2, "cloud", protocol=UDP, ports=((53, 53),))])
+    a, b = ("fd00:1::5", "fd00:2::7") if v6 else ("10.1.0.5", "10.2.0.7")
+
+    def frags(dport: int) -> list[bytes]:
+        """A UDP datagram to dport in three fragments, the last one (IPv6) after a
+        Hop-by-Hop header."""
+        head = l4(UDP, dport=dport) + bytes(8)  # 8-byte UDP header, 16 bytes of data
+        if not v6:
+            return [packet(a, b, UDP, dport=dport, frag=0x2000),
+                    packet(a, b, UDP, frag=0x2000 | 2)[:20] + bytes(16),
+                    packet(a, b, UDP, frag=4)[:20] + bytes(8)]
+        return [ip6(a, b, FRAGMENT, frag6(UDP, 0, True) + head),
+                ip6(a, b, FRAGMENT, frag6(UDP, 2, True) + bytes(16)),
+                ip6(a, b, HBH, ext(FRAGMENT, HBH) + frag6(UDP, 4, False) + bytes(8))]
+
+    whole = (packet(a, b, UDP, dport=2000) if not v6 else
+             ip6(a, b, UDP, l4(UDP, dport=2000)))
+    assert sent_to(fp, whole) == MESH
+    assert [sent_to(fp, f) for f in frags(2000)] == [MESH, MESH, MESH]
+    # A datagram to another port: the first fragment has its ports and its own rule (or
+    # none); the later ones cannot tell, and take the first rule that their protocol and
+    # addresses match, as if their ports were its (documented in docs/dataplane.md).
+    assert [sent_to(fp, f) for f in frags(53)] == [POP, MESH, MESH]
+    assert [sent_to(fp, f) for f in frags(4000)] == [CHOSEN, MESH, MESH]
+    # Without a mesh path, no fragment of the rule's flow slips to the route's peer or the
+    # cloud.
+    fp.route_batch([("10.2.0.0/24", CHOSEN, 0, POP), ("fd00:2::/64", CHOSEN, 0, POP)])
+    assert [sent_to(fp, f) for f in frags(2000)] == ["offcloud_down"] * 3
+
+
+def test_a_header_chain_cut_short_or_too_long_matches_safely(fp: FastPath) -> None:
+    # The upper layer cannot be known: the packet takes the first rule its addresses match,
+    # whatever the rule's protocol and ports; here a secondary none one, so nothing escapes.
+    fp.rules_set([rule(1, protocol=TCP, ports=((445, 445),), secondary="none",
+                       dst=("fd00:2::/64",)),
+                  rule(2, "cloud", protocol=UDP, dst=("fd00:3::/64",))])
+    fp.route_batch([("fd00:3::/64", CHOSEN, MESH, POP)])
+    a, b = "fd00:1::5", "fd00:2::7"
+    good = ext(DSTOPTS, HBH) + ext(TCP, DSTOPTS, 1) + l4(TCP, dport=445)
+    assert sent_to(fp, ip6(a, b, HBH, good)) == MESH
+    for cut in (0, 3, 8, 12, 20, 24):  # inside the first header, the second, the TCP ports
+        assert sent_to(fp, ip6(a, b, HBH, good[:cut])) == MESH, cut
+    # Nine Destination Options headers: one more than walked.
+    long = b"".join(ext(DSTOPTS, DSTOPTS) for _ in range(8)) + ext(TCP, DSTOPTS)
+    assert sent_to(fp, ip6(a, b, DSTOPTS, long + l4(TCP, dport=446))) == MESH
+    # Eight are walked: port 446 is not the rule's.
+    assert sent_to(fp, ip6(a, b, DSTOPTS, long[8:] + l4(TCP, dport=446))) == CHOSEN
+    # A later fragment naming another extension header: the protocol is unknown too.
+    assert sent_to(fp, ip6(a, b, FRAGMENT, frag6(DSTOPTS, 3, False) + bytes(16))) == MESH
+    # To the other site, the cloud rule (UDP) takes them: their addresses match it.
+    assert sent_to(fp, ip6(a, "fd00:3::7", HBH, good[:12])) == POP
+    # An IPv4 header whose options run past the packet: no ports, the rule still matches.
+    fp.rules_set([rule(1, protocol=TCP, ports=((445, 445),))])
+    p4 = bytearray(packet("10.1.0.5", "10.2.0.7", TCP, dport=445))
+    p4[0] = 0x4F  # 60-byte header, 40 bytes of packet
+    assert sent_to(fp, bytes(p4)) == MESH
 
 
 def test_flow_cache_and_its_invalidation(fp: FastPath) -> None:
