@@ -345,17 +345,23 @@ def test_tun_thread_takes_the_answer_it_waits_for(waiting_sites: tuple[Site, Sit
     a, b = waiting_sites
     a.fp.start()
     b.fp.start()
-    _exchange(a, b, 10)
-    st = a.fp.spin_stats()
     # Each lone request starts a wait (unless four in a row were in vain: a machine so
     # loaded that the test's answers took over 10 ms); the answer ends the wait, whether
-    # the TUN thread took it or the link's own thread was quicker. Beside a QEMU test on
-    # the other CPU (make test runs two workers) some answers miss the 10 ms: one caught
-    # answer shows the mechanism.
-    assert 3 <= st.spins <= 10
-    assert st.hits >= 1
-    assert 0 < st.spin_ns < 10 * 10_000_000
-    assert a.fp.peer_counters(2).rx_packets == 10
+    # the TUN thread took it or the link's own thread was quicker. Beside a QEMU test or a
+    # fuzzer on the other CPU (make test runs them side by side, this under ASan) a whole
+    # round of answers may miss the 10 ms: rounds are repeated, a few at most, until one
+    # caught answer shows the mechanism.
+    rounds = 0
+    while True:
+        rounds += 1
+        _exchange(a, b, 10)
+        st = a.fp.spin_stats()
+        if st.hits >= 1 or rounds == 5:
+            break
+    assert 3 <= st.spins <= 10 * rounds
+    assert st.hits >= 1, st
+    assert 0 < st.spin_ns < 10 * rounds * 10_000_000
+    assert a.fp.peer_counters(2).rx_packets == 10 * rounds
     assert not any(a.fp.link_counters(1).drops.values())
 
 
