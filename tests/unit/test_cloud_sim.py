@@ -688,3 +688,27 @@ def test_no_pops_means_no_cloud(ca: Path, tmp_path: Path) -> None:
     s = SimSocket(net, site_config(ca, tmp_path, []))
     net.run(0.5)
     assert s.cloud is not None and s.cloud.state == "off" and not s.cloud.sessions
+
+
+def test_an_offline_sites_last_altwan_endpoints_are_kept(ca: Path, tmp_path: Path) -> None:
+    # A PoP that restarted (or a secondary) does not know an offline site's Alt-WAN
+    # endpoints: the last ones known stay in the directory and its stored copy.
+    net = Net()
+    pop = MiniPop(net, 1, pop_files(ca, 1), {1: ["10.1.0.0/24"], 3: ["10.3.0.0/24"]})
+    s = SimSocket(net, site_config(ca, tmp_path, [pop], links=1))
+    net.run(2)
+    cloud = s.cloud
+    assert cloud is not None and cloud.state == "up"
+    entry = {"site_id": 3, "name": "site-3", "subnets": ["10.3.0.0/24"], "offcloud": True,
+             "recovery": True, "online": True, "altwan": ["10.200.0.3:4800"]}
+    cloud._set_directory("r1", [entry])
+    cloud._set_directory("r2", [{**entry, "online": False, "altwan": []}])
+    assert cloud.directory[0]["altwan"] == ["10.200.0.3:4800"]
+    assert s.store is not None
+    from sdwan.site.cloud import DOC_DIRECTORY
+
+    stored = s.store.get_doc(DOC_DIRECTORY)
+    assert stored is not None and stored.value["directory"][0]["altwan"] == ["10.200.0.3:4800"]
+    # Online without one: the PoP knows it has none now (its link was taken out).
+    cloud._set_directory("r3", [{**entry, "altwan": []}])
+    assert not cloud.directory[0].get("altwan")

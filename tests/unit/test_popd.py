@@ -410,6 +410,23 @@ def test_register_welcome_ping_and_directory(pop: PopEnv, clients: list[Client])
     assert kinds[:2] == ["popd.session.down", "popd.session.up"]  # newest first
 
 
+def test_an_alt_wan_endpoint_another_site_lists_is_refused(
+    pop: PopEnv, clients: list[Client]
+) -> None:
+    # Site 2 claiming site 1's Alt-WAN address would aim every site's handshakes for site 2
+    # at site 1: the PoP lists it for site 1 only.
+    mpls = {"name": "mpls", "precedence": 1, "local": "10.200.0.1:4800", "altwan": True}
+    a = new_client(pop, clients, 1)
+    a.connect()
+    a.register(extra=(mpls,))
+    b = new_client(pop, clients, 2)
+    b.connect()
+    b.register(extra=(mpls,))
+    a.wait_for("directory-delta")
+    rc, sites = pop.popctl("sites")
+    assert {s["site_id"]: s["altwan"] for s in sites["sites"]} == {1: ["10.200.0.1:4800"], 2: []}
+
+
 def test_the_directory_lists_alt_wan_endpoints_also_while_a_site_is_offline(
     pop: PopEnv, clients: list[Client]
 ) -> None:
@@ -433,12 +450,14 @@ def test_the_directory_lists_alt_wan_endpoints_also_while_a_site_is_offline(
     gone = a.wait_for("directory-delta", timeout=5)
     assert gone["changed"][0]["online"] is False
     assert gone["changed"][0]["altwan"] == ["10.200.0.2:4800"]
-    # A link without an address yet is listed nowhere, and a malformed flag is refused.
+    # An Alt-WAN link without an address right now (a DHCP renewal, a flap) keeps the last
+    # endpoint listed, so the other sites keep their tunnels; a malformed flag is refused.
     c = new_client(pop, clients, 2)
     c.connect()
     c.register(extra=({**mpls, "local": "0.0.0.0:4800"},))
     back = a.wait_for("directory-delta", timeout=5)
-    assert back["changed"][0]["online"] is True and "altwan" not in back["changed"][0]
+    assert back["changed"][0]["online"] is True
+    assert back["changed"][0]["altwan"] == ["10.200.0.2:4800"]
     c.send({"t": "register", "site_id": 2, "version": "test",
             "link": {"name": "wan1", "precedence": 1, "local": "", "id": 1},
             "links": [{"name": "wan1", "precedence": 1, "local": "", "id": 1},

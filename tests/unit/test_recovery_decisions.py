@@ -434,3 +434,19 @@ def test_the_rules_cloud_path_follows_the_cloud_not_the_hold(fp: FastPath) -> No
     world.now += 1
     rec.tick()
     assert rec.active and where(fp, 2) == [2] and cloud_path() == POP
+
+
+def test_no_internet_link_with_an_address_still_enters_recovery_in_the_end(
+    fp: FastPath,
+) -> None:
+    # The uplink's modem died with the box: no lease, ever, while the Alt-WAN link works.
+    from sdwan.site.recovery import BOOT_MAX_WAIT_S
+
+    world = World(up=False, ready=False)
+    paths = setup(fp, world, {2: True})
+    rec = world.recovery(paths)
+    rec.tick()
+    assert rec.next_due() == pytest.approx(rec.started + BOOT_MAX_WAIT_S)
+    world.now = rec.started + BOOT_MAX_WAIT_S
+    rec.tick()
+    assert rec.active and "no Internet link had an address" in rec.reason

@@ -618,10 +618,19 @@ class Pop(SessionOwner):
             s.first_registered_at = s.registered_at
         s.link, s.links, s.link_index, s.version = link, links, link_index, version
         altwan = _altwan_endpoints(links)
+        # An endpoint another site of the account already lists is refused: it would aim
+        # every site's Alt-WAN handshakes for this one at that one.
+        taken = {ep: sid for sid, eps in self.altwan.items() if sid != s.site_id for ep in eps}
+        for ep in [ep for ep in altwan if ep in taken]:
+            log.warning("site %d: Alt-WAN endpoint %s refused: site %d lists it", s.site_id, ep,
+                        taken[ep])
+            altwan.remove(ep)
         if altwan:
             self.altwan[s.site_id] = altwan
-        else:
+        elif not any(link["altwan"] for link in links):
             self.altwan.pop(s.site_id, None)
+        # else: its Alt-WAN link has no address right now (0.0.0.0): the last endpoint stays,
+        # so the other sites keep their tunnels to it through a DHCP renewal or a flap.
         self._activate(s, recompute=False)
         if first:
             text = f"site {s.site_id} registered over {link['name']} from {_ep(s.addr)}"

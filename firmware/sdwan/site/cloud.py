@@ -666,6 +666,13 @@ class Cloud(SessionOwner):
 
     def _set_directory(self, rev: Any, directory: list[Any]) -> None:
         entries = sorted(self._valid_directory(directory), key=lambda e: e["site_id"])
+        # A PoP that restarted, or a secondary, may not know an offline site's Alt-WAN
+        # endpoints; the last ones known are kept (and stored), since Alt-WAN is what reaches
+        # such a site without the cloud.
+        last = {e["site_id"]: e.get("altwan") for e in self.directory if e.get("altwan")}
+        for i, e in enumerate(entries):
+            if e.get("online") is False and not e.get("altwan") and last.get(e["site_id"]):
+                entries[i] = {**e, "altwan": last[e["site_id"]]}
         changed = entries != self.directory
         if changed:
             log.info("directory rev %s: %d other sites", rev, len(entries))

@@ -36,6 +36,9 @@ log = logging.getLogger("sdwan.site.recovery")
 # own wait before it tries the secondary PoP is as long (cloud.BOOT_GRACE_S). A restart in
 # the middle of recovery does not wait at all (`was_active`).
 BOOT_WAIT_S = 3.0
+# With no link getting an address at all (an Internet uplink down since the boot while the
+# Alt-WAN link works), the wait runs from the start instead, this long.
+BOOT_MAX_WAIT_S = 15.0
 # Stored "recovery was active" older than this is not trusted at start: a box that was off
 # for a long time starts like any other.
 STORED_MAX_AGE_S = 3600.0
@@ -148,7 +151,8 @@ class Recovery:
         enabled = self.enabled
         if self._ready_at is None and self.links_ready():
             self._ready_at = now
-        waited = self._ready_at is not None and now - self._ready_at >= self.boot_wait_s
+        waited = (self._ready_at is not None and now - self._ready_at >= self.boot_wait_s) or (
+            now - self.started >= BOOT_MAX_WAIT_S)
         if self.active:
             if not enabled:
                 self._stop("WAN recovery was disabled for this site in the account", now)
@@ -159,9 +163,11 @@ class Recovery:
                 why = "the cloud is lost: no PoP session is live"
             elif self.was_active:
                 why = "no PoP answered yet, and recovery was active when socketd stopped"
-            else:
+            elif self._ready_at is not None:
                 why = (f"no PoP answered in the {self.boot_wait_s:g} s since a link had an "
                        "address")
+            else:
+                why = f"no Internet link had an address {BOOT_MAX_WAIT_S:g} s after the start"
             self._activate(why, now)
         directory = self.directory()
         read = self._read
@@ -297,8 +303,10 @@ class Recovery:
         elif not self.active and not self._seen_up and self.enabled:
             if self.was_active:
                 due = self.started
-            elif self._ready_at is not None:
-                due = self._ready_at + self.boot_wait_s
+            else:
+                due = self.started + BOOT_MAX_WAIT_S
+                if self._ready_at is not None:
+                    due = min(due, self._ready_at + self.boot_wait_s)
         for lost in self._lost.values():
             if lost.back_since is not None:
                 due = min(due, lost.back_since + self.hold_s)
