@@ -160,8 +160,8 @@ def test_example_files_load() -> None:
         ('secondary = "none"', 'secondary = "alt-wan"',
          'rules[0].secondary: expected "automatic" or "none" or "cloud", got "alt-wan"'),
         ('src = ["branch-1"]', 'src = ["branch-9"]',
-         'rules[0].src[0]: expected a network or a site name of the account ("branch-1",'
-         ' "site-2"), got "branch-9" (line 19)'),
+         'rules[0].src[0]: unknown site name "branch-9" (expected a subnet such as'
+         ' "10.1.0.0/24" or the name of a site: branch-1, site-2) (line 19)'),
         ('src = ["branch-1"]', 'src = ["10.1.0.1/24"]',
          'rules[0].src[0]: expected a network with the host bits zero, got "10.1.0.1/24"'),
         ('src = ["branch-1"]', "src = []",

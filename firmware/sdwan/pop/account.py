@@ -472,22 +472,7 @@ def _check_endpoints(
     items = _items(c, entry, loc, "networks or site names")
     if items is None:
         return None if loc[-1] in entry else ()
-    out: list[str] = []
-    for i, item in items:
-        if isinstance(item, str) and item in site_names:
-            out.append(item)
-            continue
-        try:
-            out.append(str(network(item)))
-        except ValueError as e:
-            if isinstance(item, str) and not _looks_like_network(item):
-                known = ", ".join(show(n) for n in site_names[:8]) or "none"
-                more = ", ..." if len(site_names) > 8 else ""
-                c.error((*loc, i), f"expected a network or a site name of the account"
-                        f" ({known}{more}), got {show(item)}")
-            else:
-                c.error((*loc, i), f"{e}, or a site name of the account")
-    return tuple(out) if len(out) == len(items) else None
+    return _subnets_or_sites(c, [item for _, item in items], loc, site_names)
 
 
 def _check_rule(
@@ -646,12 +631,19 @@ def _check_fw_matches(
             f" {key} out for any), got {show(raw)}",
         )
         return MISSING
+    out = _subnets_or_sites(c, raw, loc, site_names)
+    return MISSING if out is None else out
+
+
+def _subnets_or_sites(
+    c: Checker, raw: Sequence[Any], loc: tuple[str | int, ...], site_names: Sequence[str]
+) -> tuple[str, ...] | None:
+    """The entries of a src or dst list (rules and firewall alike): subnets, normalised, and
+    site names of the account, as written; None when one is wrong (each error recorded)."""
     out: list[str] = []
-    ok = True
     for i, item in enumerate(raw):
         if not isinstance(item, str):
             c.error((*loc, i), f"expected a subnet or a site name, got {show(item)}")
-            ok = False
         elif item in site_names:
             out.append(item)
         elif _looks_like_network(item):
@@ -659,7 +651,6 @@ def _check_fw_matches(
                 out.append(str(network(item)))
             except ValueError as exc:
                 c.error((*loc, i), str(exc))
-                ok = False
         else:
             known = ", ".join(site_names[:10]) + (", ..." if len(site_names) > 10 else "")
             c.error(
@@ -667,8 +658,7 @@ def _check_fw_matches(
                 f'unknown site name {show(item)} (expected a subnet such as "10.1.0.0/24"'
                 f" or the name of a site: {known})",
             )
-            ok = False
-    return tuple(out) if ok else MISSING
+    return tuple(out) if len(out) == len(raw) else None
 
 
 def _check_fw_ports(
