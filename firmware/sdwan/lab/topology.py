@@ -832,11 +832,18 @@ table ip lab_nat {{
         return up
 
     def link_carrier(self, site: Site, dev: str, up: bool) -> None:
-        """Pull (up=False) or plug back site's uplink cable: the far end goes down, so the
-        site's device loses its carrier (NO-CARRIER) but stays up with its address and routes,
-        as with a real cable."""
-        ns, far = site.uplink(dev).far_end
-        (netns.link_up if up else netns.link_down)(ns, far)
+        """Pull (up=False) or plug back site's uplink cable: the far end (the router's device,
+        or the impairment element's) goes down, so the site's device loses its carrier
+        (NO-CARRIER) but stays up with its address and routes, as with a real cable."""
+        u = site.uplink(dev)
+        ns, far = u.far_end
+        if not up:
+            netns.link_down(ns, far)
+            return
+        netns.link_up(ns, far)
+        if u.element is None and u.router.ns is not None and u.lan_route:
+            # The router's device went down with the cable, and its gatewayed routes with it.
+            netns.route_add(u.router_ns, site.lan_subnet, via=u.ip)
 
     def link_admin(self, site: Site, dev: str, up: bool) -> None:
         """`ip link set dev DEV down/up` in the site namespace; up puts back the uplink's
