@@ -255,13 +255,16 @@ class Health(SessionOwner):
     def next_due(self) -> float:
         due = math.inf
         for h in self.by_link.values():
-            if h.targets or self._sources:
+            if self._sources:
                 due = min(due, h.next_probe)
             if h.pending:
                 due = min(due, min(s for s, _ in h.pending.values()) + self.probe_timeout(h))
         return due
 
     def _probe(self, h: LinkHealth, now: float) -> None:
+        if now < h.next_probe or self.fp is None:
+            return
+        h.next_probe = now + self.probe_s
         targets: list[Target] = []
         for source in self._sources:
             targets.extend(source(h.link))
@@ -269,9 +272,6 @@ class Health(SessionOwner):
         for t in targets:
             if t.remote not in h.remotes:
                 h.remotes[t.remote] = _Remote(first_expected=now)
-        if now < h.next_probe or not targets or self.fp is None:
-            return
-        h.next_probe = now + self.probe_s
         if len(targets) > MAX_TARGETS:
             start = h.turn % len(targets)
             h.turn += MAX_TARGETS
