@@ -788,7 +788,19 @@ class Supervisor:
             self._record_event,
             owned=self.cfg.owned(),
         )
-        return self.wan.handlers()
+        handlers = self.wan.handlers()
+        addressing = handlers["links"]
+
+        async def links(req: dict) -> dict:
+            # Addressing from wanaddr.py, health and the links in use from here.
+            result = await addressing(req)
+            health = self.health.status() if self.health is not None else {}
+            for entry in result.get("links", []):
+                entry["health"] = health.get(entry.get("name"))
+            result["steering"] = self.steering.status() if self.steering is not None else None
+            return result
+
+        return {**handlers, "links": links}
 
     def _start_wan(self) -> None:
         # Stored settings are applied in the background once the control socket is up, so
