@@ -58,6 +58,7 @@ LAB_PREFIX = "sw"
 _NS_RE = re.compile(rf"^{LAB_PREFIX}([0-9a-f]{{3}})-(\d+)-([A-Za-z0-9_.-]+)$")
 
 INET_BRIDGE = "br0"
+INET_BRIDGE_MAC = "02:00:5e:00:00:01"
 PUBLIC_NET = ipaddress.ip_network("198.51.100.0/24")
 POP_NET = ipaddress.ip_network("203.0.113.0/24")
 POP_IP = "203.0.113.10"
@@ -458,6 +459,10 @@ class Lab:
             return self.inet
         ns = self.new_ns("inet", forward=True)
         netns.bridge(ns, INET_BRIDGE)
+        # A bridge takes the lowest MAC of its ports unless given one: a port added later
+        # (another ISP's router, a PoP) would change the gateway's MAC under the neighbour
+        # caches of everything on it, and their packets would be dropped until they re-ARP.
+        netns.run(None, ["ip", "-n", ns, "link", "set", INET_BRIDGE, "address", INET_BRIDGE_MAC])
         netns.addr_add(ns, INET_BRIDGE, f"{PUBLIC_NET.network_address + 1}/24")
         netns.addr_add(ns, INET_BRIDGE, f"{POP_NET.network_address + 1}/24")
         # The Internet routes no private space: LAN-to-LAN traffic that is not in the
