@@ -253,3 +253,35 @@ def test_cleanup_stops_the_elements(lab: Lab) -> None:
         names = list(inner.namespaces)
     assert all(el is not None and not el.alive() and not el.control.exists() for el in elements)
     assert not set(names) & set(netns.ns_list())
+
+
+def test_socketd_uses_both_uplinks_and_sees_the_impairment(lab: Lab) -> None:
+    from sdwan.lab.demo import pops_toml
+
+    lab.add_inet()
+    s = lab.add_site(1)
+    u2 = lab.add_wan_link(s, impair=True)
+    pop = lab.add_pop(1)
+    lab.write_pop_config(pop, sites=[s])
+    lab.write_site_config(s, extra_toml=pops_toml(pop))
+    lab.start_popd(pop)
+    lab.start_socketd(s)
+
+    def sessions() -> dict[str, str]:
+        site = next(iter(lab.popctl(pop, "sites")["sites"]), {})
+        return {x["link"]: x["public"] for x in site.get("sessions", []) if x.get("up")}
+
+    # One PoP session per uplink, each through its own ISP's NAT.
+    assert netns.wait_until(lambda: len(sessions()) == 2, timeout=15), sessions()
+    assert sessions() == {
+        "wan1": f"{s.public_ip}:{s.port}", "wan2": f"{u2.public_ip}:{s.port}"
+    }
+    lab.impair(s, "wan2", delay_ms=80)
+
+    def latency(link: str) -> float:
+        links = {x["name"]: x for x in lab.socketctl(s, "links")["links"]}
+        return float((links[link].get("health") or {}).get("latency_ms") or 0.0)
+
+    # socketd's own probes over the PoP session see the delay on wan2 only.
+    assert netns.wait_until(lambda: latency("wan2") > 50, timeout=10), latency("wan2")
+    assert latency("wan1") < 20
