@@ -55,7 +55,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sdwan.lab import netns
 from sdwan.lab.netns import Daemon
@@ -131,17 +131,77 @@ class _Counters:
     tx_errors: int = 0
 
 
+class Sender(Protocol):
+    """Where a direction's frames go: the packet socket on the far device (a list in tests)."""
+
+    def send(self, data: bytes, /) -> int: ...
+
+
 @dataclass
-class _Direction:
+class Direction:
+    """One direction's shaping: its setting, random generator, queue and counters. Frames go
+    in with `take`, and out through `tx` at once or when `release_due` finds them due."""
+
     name: str
-    rx: socket.socket
-    tx: socket.socket
+    tx: Sender
     rng: random.Random
     imp: Impairment = field(default_factory=Impairment)
     # (release time, frame); release times never decrease, so a deque is the timer queue.
     queue: collections.deque[tuple[float, bytes]] = field(default_factory=collections.deque)
     last_release: float = 0.0
     counters: _Counters = field(default_factory=_Counters)
+
+    def send(self, frame: bytes) -> None:
+        try:
+            self.tx.send(frame)
+            self.counters.tx += 1
+        except OSError:
+            # The other side's device is down (a pulled cable) or its queue is full: the
+            # frame is lost, as on a wire.
+            self.counters.tx_errors += 1
+
+    def take(self, frame: bytes, now: float) -> None:
+        """A frame arrived at `now` (monotonic seconds): drop, send, or queue it."""
+        c = self.counters
+        c.rx += 1
+        imp = self.imp
+        if imp.is_zero() and not self.queue:
+            self.send(frame)
+            return
+        rng = self.rng
+        if imp.loss and rng.random() * 100.0 < imp.loss:
+            c.lost += 1
+            return
+        copies = 1
+        if imp.duplicate and rng.random() * 100.0 < imp.duplicate:
+            copies = 2
+            c.duplicated += 1
+        for _ in range(copies):
+            if imp.reorder and self.queue and rng.random() * 100.0 < imp.reorder:
+                c.reordered += 1
+                self.send(frame)
+                continue
+            wait_ms = imp.delay_ms
+            if imp.jitter_ms:
+                if imp.jitter_dist == "normal":
+                    wait_ms += rng.gauss(0.0, imp.jitter_ms)
+                else:
+                    wait_ms += rng.uniform(-imp.jitter_ms, imp.jitter_ms)
+            release = max(now + max(wait_ms, 0.0) / 1000.0, self.last_release)
+            self.last_release = release
+            if release <= now and not self.queue:
+                self.send(frame)
+            elif len(self.queue) >= _QUEUE_MAX:
+                c.overflow += 1
+            else:
+                self.queue.append((release, frame))
+
+    def release_due(self, now: float) -> float | None:
+        """Send every queued frame that is due; seconds until the next one, or None."""
+        q = self.queue
+        while q and q[0][0] <= now:
+            self.send(q.popleft()[1])
+        return q[0][0] - now if q else None
 
 
 def _packet_socket(dev: str) -> tuple[socket.socket, bool]:
@@ -173,11 +233,13 @@ class Element:
         site_sock, q1 = _packet_socket(site_dev)
         up_sock, q2 = _packet_socket(up_dev)
         self._filter_outgoing = not (q1 and q2)
+        # Up: read on the site's side, sent on the router's; down the other way.
+        self._rx = {"up": site_sock, "down": up_sock}
         self.dirs = {
-            "up": _Direction("up", site_sock, up_sock, _seeded(seed, "up")),
-            "down": _Direction("down", up_sock, site_sock, _seeded(seed, "down")),
+            "up": Direction("up", up_sock, _seeded(seed, "up")),
+            "down": Direction("down", site_sock, _seeded(seed, "down")),
         }
-        self._by_fd = {d.rx.fileno(): d for d in self.dirs.values()}
+        self._by_fd = {self._rx[n].fileno(): d for n, d in self.dirs.items()}
         with contextlib.suppress(FileNotFoundError):
             control.unlink()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -188,78 +250,27 @@ class Element:
 
     # ------------------------------------------------------------- frames
 
-    def _send(self, d: _Direction, frame: bytes) -> None:
-        try:
-            d.tx.send(frame)
-            d.counters.tx += 1
-        except OSError:
-            # The other side's device is down (a pulled cable) or its queue is full: the
-            # frame is lost, as on a wire.
-            d.counters.tx_errors += 1
-
-    def _take(self, d: _Direction, frame: bytes, now: float) -> None:
-        c = d.counters
-        c.rx += 1
-        imp = d.imp
-        if imp.is_zero() and not d.queue:
-            self._send(d, frame)
-            return
-        rng = d.rng
-        if imp.loss and rng.random() * 100.0 < imp.loss:
-            c.lost += 1
-            return
-        copies = 1
-        if imp.duplicate and rng.random() * 100.0 < imp.duplicate:
-            copies = 2
-            c.duplicated += 1
-        for _ in range(copies):
-            if imp.reorder and d.queue and rng.random() * 100.0 < imp.reorder:
-                c.reordered += 1
-                self._send(d, frame)
-                continue
-            wait_ms = imp.delay_ms
-            if imp.jitter_ms:
-                if imp.jitter_dist == "normal":
-                    wait_ms += rng.gauss(0.0, imp.jitter_ms)
-                else:
-                    wait_ms += rng.uniform(-imp.jitter_ms, imp.jitter_ms)
-            release = max(now + max(wait_ms, 0.0) / 1000.0, d.last_release)
-            d.last_release = release
-            if release <= now and not d.queue:
-                self._send(d, frame)
-            elif len(d.queue) >= _QUEUE_MAX:
-                c.overflow += 1
-            else:
-                d.queue.append((release, frame))
-
     def _release_due(self, now: float) -> float | None:
-        """Send every queued frame that is due; seconds until the next one, or None."""
-        nxt: float | None = None
-        for d in self.dirs.values():
-            q = d.queue
-            while q and q[0][0] <= now:
-                self._send(d, q.popleft()[1])
-            if q:
-                wait = q[0][0] - now
-                nxt = wait if nxt is None else min(nxt, wait)
-        return nxt
+        waits = [w for d in self.dirs.values() if (w := d.release_due(now)) is not None]
+        return min(waits) if waits else None
 
-    def _drain(self, d: _Direction) -> None:
+    def _drain(self, d: Direction) -> None:
+        rx = self._rx[d.name]
         now = time.monotonic()
         for _ in range(_BATCH):
             try:
                 if self._filter_outgoing:
-                    frame, addr = d.rx.recvfrom(_RX_BYTES)
+                    frame, addr = rx.recvfrom(_RX_BYTES)
                     if addr[2] == _PACKET_OUTGOING:
                         continue
                 else:
-                    frame = d.rx.recv(_RX_BYTES)
+                    frame = rx.recv(_RX_BYTES)
             except BlockingIOError:
                 return
             except OSError:
                 # ENETDOWN once when the device goes down; the socket works again once up.
                 return
-            self._take(d, frame, now)
+            d.take(frame, now)
 
     # ------------------------------------------------------------- control
 
@@ -334,8 +345,8 @@ class Element:
             ep.close()
 
     def close(self) -> None:
-        for d in self.dirs.values():
-            d.rx.close()
+        for rx in self._rx.values():
+            rx.close()
         self.listener.close()
         with contextlib.suppress(FileNotFoundError):
             self.control_path.unlink()
