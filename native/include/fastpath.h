@@ -5,7 +5,7 @@
  * The fast path owns the TUN device and one UDP socket per WAN link, and in
  * threads of its own (no GIL) moves packets between them:
  *
- *   TUN -> prefix table -> peer -> link policy -> AES-256-GCM seal -> UDP (link, endpoint)
+ *   TUN -> prefix table -> peer (a group: a member per flow) -> link policy -> seal -> UDP
  *   UDP -> demux (data vs control) -> index -> open -> replay check -> TUN
  *                                                  \-> (relay) seal to another peer
  *
