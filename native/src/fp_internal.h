@@ -165,7 +165,6 @@ struct fp_gmember {
 
 struct fp_group {
     struct fp_group *next;              /* in fp->groups */
-    struct fp_peer *self;               /* its entry among the peers */
     uint32_t n;
     bool equal_weights;
     struct fp_gmember m[FP_GROUP_MEMBERS];

@@ -154,7 +154,6 @@ int fp_group_set(fp_t *fp, uint32_t group_id, const struct fp_peer_weight *m, si
         if (!gp) {
             gp = fresh;
             gp->group = fg;
-            fg->self = gp;
             fg->next = fp->groups;
             fp->groups = fg;
             fp_peer_insert(fp, gp);

@@ -790,11 +790,9 @@ int fp_key_install(fp_t *fp, uint32_t peer_id, uint32_t local_index,
     int rc;
     pthread_rwlock_wrlock(&fp->lock);
     struct fp_peer *p = fp_peer_find_plain(fp, peer_id, &rc);
-    if (!p) {
-        /* rc says why */
-    } else if (fp_index_find(fp, local_index)) {
+    if (p && fp_index_find(fp, local_index)) {
         rc = -EEXIST;
-    } else {
+    } else if (p) {
         int s;
         if (p->tx_slot >= 0)
             s = 1 - p->tx_slot;
