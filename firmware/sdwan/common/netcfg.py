@@ -358,6 +358,8 @@ async def _del_route(ipr: Any, family: int, table: int, r: Any) -> None:
             dst=r.get("RTA_DST") or "default",
             dst_len=r["dst_len"],
             proto=RT_PROTO_SDWAN,
+            # As dumped: a delete with the default (global) scope misses an on-link route.
+            scope=r["scope"],
         )
 
 
