@@ -115,7 +115,10 @@ def test_bad_leases_are_refused_and_a_good_one_is_applied_at_the_links_metric(la
     # The operator's table says why the link has no address.
     table = lab.socketctl(site, "links", json_out=False)
     assert re.search(
-        rf"wan1\s+wan1\s+up\s+dhcp\s+-\s+-\s+1\s+error: DHCP lease 10\.1\.0\.77/16 from server"
+        # (HEALTH, LOSS/JIT/LAT and CARRIES, link health's columns, sit between STATE and
+        # ADDRESSING.)
+        rf"wan1\s+wan1\s+up\s+\S+\s+\S+\s+\S+\s+dhcp\s+-\s+-\s+1\s+error:"
+        rf" DHCP lease 10\.1\.0\.77/16 from server"
         rf" {re.escape(SERVER)} refused: 10\.1\.0\.0/16 overlaps 10\.1\.0\.0/24 of the LAN",
         table,
     ), table
