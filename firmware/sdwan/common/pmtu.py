@@ -196,7 +196,8 @@ class PathMtu:
         path = self.paths.get(link_id)
         if path is None:
             return False
-        probe_id = self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+        # The top bit clear: link health's probes (site/health.py) have it set.
+        probe_id = self._next_id = (self._next_id + 1) & 0x7FFFFFFF
         try:
             self.fp.probe(self.peer_id, link_id, BASE_PMTU, probe_id)
         except FastPathError as e:
@@ -326,7 +327,8 @@ class PathMtu:
         for size in list(path.sizes):
             if size in path.acked:
                 continue
-            probe_id = self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+            # The top bit clear: link health's probes (site/health.py) have it set.
+            probe_id = self._next_id = (self._next_id + 1) & 0x7FFFFFFF
             try:
                 self.fp.probe(self.peer_id, path.link_id, size, probe_id)
             except FastPathError as e:

@@ -591,7 +591,25 @@ class Pop(SessionOwner):
             return
         if self.steer.get(s.site_id) != links:
             self.steer[s.site_id] = dict(links)
-            self._recompute()
+            self._relay_routes(s.site_id)
+
+    def _relay_routes(self, site_id: int) -> None:
+        """The relay's routes to one site again (its steering changed): only its subnets,
+        and nothing of the directory, which a site's steering never changes."""
+        assert self.fp is not None and self.account is not None
+        site = next((x for x in self.account.sites if x.id == site_id), None)
+        best = self._relay_session(site_id) if site is not None else None
+        if site is None or best is None:
+            return
+        for net in site.subnets:
+            key = str(net)
+            if self.routes.get(key) != best.peer_id:
+                try:
+                    self.fp.route_set(key, best.peer_id)
+                except FastPathError as e:
+                    log.warning("site %d: relay route %s not set: %s", site_id, key, e)
+                    continue
+                self.routes[key] = best.peer_id
 
     # ---------------------------------------------------------------- register
 
@@ -709,20 +727,26 @@ class Pop(SessionOwner):
     # ---------------------------------------------------------------- routes and directory
 
     def _live_sessions(self, site_id: int) -> list[SiteSession]:
-        """The site's registered sessions, best first: the heaviest link its steering names,
-        then precedence and link order."""
-        weights = self.steer.get(site_id, {})
+        """The site's registered sessions by precedence and link order (the directory's
+        order, which no `steer` changes)."""
         return sorted(
             (s for s in self.by_peer.values() if s.site_id == site_id and s.registered),
-            key=lambda s: (-weights.get(s.link_name, 0), s.precedence, s.link_index or 0),
+            key=lambda s: (s.precedence, s.link_index or 0),
         )
+
+    def _relay_session(self, site_id: int) -> SiteSession | None:
+        """The session the relay sends to the site over: on the heaviest link its steering
+        names, then by precedence and link order."""
+        weights = self.steer.get(site_id, {})
+        live = [s for s in self._live_sessions(site_id) if s.activated]
+        return min(live, key=lambda s: -weights.get(s.link_name, 0), default=None)
 
     def _recompute(self, force_push_to: SiteSession | None = None) -> None:
         """Relay routes and the directory after any session or account change."""
         assert self.fp is not None and self.account is not None
         want: dict[str, int] = {}
         for site in self.account.sites:
-            best = next((s for s in self._live_sessions(site.id) if s.activated), None)
+            best = self._relay_session(site.id)
             if best is not None:
                 for net in site.subnets:
                     want[str(net)] = best.peer_id

@@ -73,6 +73,7 @@ REGISTER_RESEND_S = 1.0
 # The one peer group the cloud's routes name (its members: the PoP sessions steering uses).
 CLOUD_GROUP = PEER_GROUP_FLAG | 1
 STEER_REFRESH_S = 10.0  # `steer` is sent again this often (a lost one is not acked)
+STEER_REPEAT_S = 0.5  # and after a change, again this long and three times as long later
 PINGS_KEPT = 8
 PATHS_PRODUCER = "cloud"  # the name this module's candidates go by in paths.py
 # Refused prefixes of the directory are logged once each: this many (site, prefix) pairs are
@@ -471,7 +472,10 @@ class Cloud(SessionOwner):
         # (generation, (link id, weight)...) of the links cloud traffic uses (link health's
         # steering, site/steering.py); None: the best-ranked live session carries it.
         self.link_weights: Callable[[], tuple[int, Sequence[tuple[int, int]]]] | None = None
+        # Whether link health finds a link down (site/health.py); None: only sessions tell.
+        self.link_down: Callable[[int], bool] | None = None
         self._steer_sent: tuple[Any, ...] | None = None
+        self._steer_repeats: list[float] = []
         self._group_key: tuple[tuple[int, int, int], ...] | None = None
         self._steer_at = 0.0
         self._load_stored()
@@ -750,13 +754,21 @@ class Cloud(SessionOwner):
         return [ps for ps in self.sessions.values() if ps.pop_index == pop_index and ps.connected]
 
     def _wanted(self) -> set[tuple[int, int]]:
-        """(pop index, link id) of every session that should exist."""
+        """(pop index, link id) of every session that should exist: the precedence policy
+        (`eligible_for_cloud`) given the live sessions on links link health does not find
+        down (so a standby link's session starts the moment a cable is pulled), and every
+        link steering still sends cloud traffic over (a standby link keeps its session until
+        traffic has left it, after the return hold)."""
         wanted: set[tuple[int, int]] = set()
-        pops = {0, self.active}
-        for index in pops:
-            live = [ps.link_id for ps in self._live(index)]
+        steered = [lid for lid, _ in self.link_weights()[1]] if self.link_weights else []
+        for index in {0, self.active}:
+            live = [ps.link_id for ps in self._live(index) if not self._link_down(ps.link_id)]
             wanted.update((index, i) for i in self.links.eligible_for_cloud(live))
+            wanted.update((index, i) for i in steered if self.links.get(i) is not None)
         return wanted
+
+    def _link_down(self, link_id: int) -> bool:
+        return self.link_down is not None and self.link_down(link_id)
 
     def tick(self) -> None:
         if not self.enabled:
@@ -803,6 +815,8 @@ class Cloud(SessionOwner):
             due = min(due, ps.next_due(now))
         if self._upload is not None:
             due = min(due, self._upload[1] + EVENT_ACK_TIMEOUT_S)
+        if self._steer_repeats:
+            due = min(due, self._steer_repeats[0])
         return due
 
     def _choice_due(self, now: float) -> float:
@@ -894,7 +908,8 @@ class Cloud(SessionOwner):
             weighted = [(ps, w[ps.link_id]) for ps in live if w.get(ps.link_id, 0) > 0]
             if weighted:
                 return sorted(weighted, key=lambda m: (-m[1], self.links.rank(m[0].link_id)))
-            best = self._best(live)
+            # A session still counted live on a link health finds down is the last choice.
+            best = self._best([ps for ps in live if not self._link_down(ps.link_id)] or live)
         else:
             best = self._best([ps for ps in self.sessions.values()
                                if ps.pop_index == self.active])
@@ -943,15 +958,20 @@ class Cloud(SessionOwner):
         self.paths.submit(PATHS_PRODUCER, candidates)
 
     def _send_steer(self, now: float) -> None:
-        """Tell the PoP which of our links to send to us over (`steer`, docs/cloud.md): again
-        when the links in use or the live sessions change, and every STEER_REFRESH_S in case
-        one was lost."""
+        """Tell the PoP which of our links to send to us over (`steer`, docs/cloud.md): when
+        the links in use or the live sessions change, again STEER_REPEAT_S later twice (it is
+        not acknowledged: a lost one must not leave the PoP on a link we left for long), and
+        every STEER_REFRESH_S."""
         if self.link_weights is None:
             return
         w = self._weights()
         live = [ps for ps in self.sessions.values() if ps.connected]
         key = (tuple(sorted(w.items())), frozenset(ps.peer_id for ps in live))
-        if key == self._steer_sent and now - self._steer_at < STEER_REFRESH_S:
+        if key != self._steer_sent:
+            self._steer_repeats = [now + STEER_REPEAT_S, now + 3 * STEER_REPEAT_S]
+        elif self._steer_repeats and now >= self._steer_repeats[0]:
+            self._steer_repeats.pop(0)
+        elif now - self._steer_at < STEER_REFRESH_S:
             return
         self._steer_sent, self._steer_at = key, now
         msg = {"t": "steer", "links": {self.links[lid].name: wt for lid, wt in w.items()}}

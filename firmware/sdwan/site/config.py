@@ -224,7 +224,7 @@ class Wan:
     silent_after_ms: int = 700  # no answer over a link this long: it is down
     window_s: int = 10  # loss, jitter and latency are figured over this much history
     return_hold_s: int = 10  # a better link takes traffic back once healthy this long
-    ramp_s: int = 4  # flows leave a degraded link over this long (new flows first)
+    ramp_s: int = 4  # flows leave a degraded link over this long
 
 
 DEFAULT_LED_MAP = Path("/etc/sdwan/leds.toml")
@@ -689,8 +689,8 @@ def _check_wan(c: Checker, doc: Mapping[str, Any]) -> Wan | None:
         table, ("wan",), ("probe_ms", "silent_after_ms", "window_s", "return_hold_s", "ramp_s")
     )
     probe = c.value(table, ("wan", "probe_ms"), int_range(50, 5000), default=200)
-    # At least two probe intervals: one lost probe must never take a link down.
-    silent_lo = 2 * probe if probe is not MISSING else 100
+    # At least three probe intervals: one or two lost probes must never take a link down.
+    silent_lo = 3 * probe if probe is not MISSING else 150
     silent = c.value(
         table, ("wan", "silent_after_ms"), int_range(silent_lo, 60000),
         default=max(700, 3 * probe + 100) if probe is not MISSING else 700,

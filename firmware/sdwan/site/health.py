@@ -64,6 +64,13 @@ RECOVER_LOSS_SHARE = 0.5
 # first handshake of its session takes a moment.
 FIRST_ANSWER_GRACE_S = 3.0
 LONG_AGO_S = 1e6
+HEALTH_PROBE_BIT = 0x80000000
+# For this long after start a link's changes are not events (DHCP leases and first handshakes
+# come at their own pace), and a link that comes up counts as healthy long enough at once:
+# the first verdicts are not moves to announce or holds to wait out.
+BOOT_GRACE_S = 10.0
+# Jitter and latency are healthy again under this share of their thresholds.
+RECOVER_SHARE = 0.8
 JITTER_GAIN = 1 / 16  # RFC 3550, 6.4.1
 
 
@@ -142,6 +149,7 @@ class LinkHealth:
     probes_sent: int = 0
     probes_unsent: int = 0  # the fast path could not send (no key yet, no endpoint)
     probes_answered: int = 0
+    unannounced: bool = False  # changed during the boot grace, not yet an event
 
     def last_answer(self) -> float | None:
         times = [r.last_answer for r in self.remotes.values() if r.last_answer is not None]
@@ -199,6 +207,11 @@ class Health(SessionOwner):
         self._sources: list[TargetSource] = []
         self._next_id = int.from_bytes(os.urandom(4), "big")
         self._by_probe: dict[int, int] = {}  # probe id -> link id
+        # Per remote, the send time of the newest probe it answered, over any link: a probe
+        # is lost only if its remote answered one sent after it (a remote that went quiet
+        # everywhere, the PoP down, says nothing of the link).
+        self._answered_sent: dict[Hashable, float] = {}
+        self.started = now
         # Bumped at every change of a link's state: steering recomputes then.
         self.generation = 0
 
@@ -221,6 +234,7 @@ class Health(SessionOwner):
         now = self.clock()
         sent_at, remote = sent
         rtt = max(0.0, now - sent_at)
+        self._answered_sent[remote] = max(self._answered_sent.get(remote, sent_at), sent_at)
         h.probes_answered += 1
         h.samples.append(_Sample(sent_at, remote, rtt))
         r = h.remotes.get(remote)
@@ -251,6 +265,11 @@ class Health(SessionOwner):
             self._expire(h, now)
         for h in self.by_link.values():
             self._judge(h, now)
+            if h.unannounced and now - self.started >= BOOT_GRACE_S:
+                # What boot left it in, if it is not the "up" every link starts as.
+                h.unannounced = False
+                if h.state is not LinkHealthState.UP:
+                    self._announce(h, LinkHealthState.UP)
 
     def next_due(self) -> float:
         due = math.inf
@@ -279,7 +298,9 @@ class Health(SessionOwner):
             h.turn += MAX_TARGETS
             targets = (targets[start:] + targets[:start])[:MAX_TARGETS]
         for t in targets:
-            probe_id = self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+            # The top bit set: path MTU probes (common/pmtu.py) keep it clear.
+            self._next_id = (self._next_id + 1) & 0x7FFFFFFF
+            probe_id = HEALTH_PROBE_BIT | self._next_id
             try:
                 self.fp.probe(t.peer_id, t.fp_link, PROBE_SIZE, probe_id)
             except FastPathError:
@@ -302,7 +323,7 @@ class Health(SessionOwner):
                 # And only while the link works: what was lost while it was down is part of
                 # that outage, not of how the link does now.
                 working = h.working_since is not None and sent_at >= h.working_since
-                if working and self._heard_after(remote, sent_at):
+                if working and self._answered_sent.get(remote, -math.inf) > sent_at:
                     h.samples.append(_Sample(sent_at, remote, None))
         horizon = now - self.cfg.window_s
         while h.samples and h.samples[0].sent_at < horizon:
@@ -311,13 +332,6 @@ class Health(SessionOwner):
                        if (st.last_answer or st.first_expected) < horizon
                        and not any(t.remote == r for t in h.targets)]:
             del h.remotes[remote]
-
-    def _heard_after(self, remote: Hashable, t: float) -> bool:
-        for other in self.by_link.values():
-            r = other.remotes.get(remote)
-            if r is not None and r.last_answer is not None and r.last_answer > t:
-                return True
-        return False
 
     def figures(self, h: LinkHealth) -> Figures:
         samples = list(h.samples)
@@ -346,25 +360,35 @@ class Health(SessionOwner):
         )
 
     def _silence(self, h: LinkHealth, now: float) -> str | None:
-        """Why the link counts as silent, or None: nothing answered over it for
-        silent_after_ms while a remote it probes answers over another link."""
+        """Why the link counts as silent, or None: nothing at all answered over it for
+        silent_after_ms while a remote it probes now answers over another link. Only the
+        current targets count: a remote no longer probed over it (a closed session) is not
+        missed there."""
+        if not h.targets:
+            return None
         silent_s = self.cfg.silent_after_ms / 1000
         alive_s = 0.6 * silent_s  # an answer this recent elsewhere: that remote is there
-        for remote, r in h.remotes.items():
-            if r.last_answer is not None:
-                quiet_since = r.last_answer
-            else:
-                quiet_since = max(r.first_expected, h.started) + FIRST_ANSWER_GRACE_S
-            if now - quiet_since < silent_s:
-                continue
+        current = {t.remote for t in h.targets}
+        heard = [r.last_answer for k, r in h.remotes.items()
+                 if k in current and r.last_answer is not None]
+        if heard:
+            quiet_since = max(heard)
+        else:
+            # Never answered: its sessions' first handshakes take a moment.
+            quiet_since = max(
+                min(h.remotes[k].first_expected for k in current if k in h.remotes), h.started
+            ) + FIRST_ANSWER_GRACE_S
+        if now - quiet_since < silent_s:
+            return None
+        for remote in current:
             for other in self.by_link.values():
                 if other is h:
                     continue
                 o = other.remotes.get(remote)
                 if o is not None and o.last_answer is not None and now - o.last_answer <= alive_s:
-                    ms = (now - (r.last_answer or r.first_expected)) * 1000
-                    return (f"silent: no answer from {_remote_text(remote)} for {ms:.0f} ms"
-                            f" (it answers over {other.link.name})")
+                    ms = (now - (max(heard) if heard else quiet_since - FIRST_ANSWER_GRACE_S))
+                    return (f"silent: no answer over it for {ms * 1000:.0f} ms"
+                            f" ({_remote_text(remote)} answers over {other.link.name})")
         return None
 
     def _judge(self, h: LinkHealth, now: float) -> None:
@@ -375,9 +399,10 @@ class Health(SessionOwner):
             fault = "no address"
         if fault is None:
             silent = self._silence(h, now)
-            if silent is None and h.state is LinkHealthState.DOWN and h.reason is not None \
-                    and h.reason.startswith("silent") and not _answered_since(h, h.since):
-                silent = h.reason  # down for silence: up again only once something answers
+            if silent is None and h.targets and h.state is LinkHealthState.DOWN \
+                    and h.reason is not None and h.reason.startswith("silent") \
+                    and not _answered_since(h, h.since):
+                silent = h.reason  # down for silence: up again once something answers
             fault = silent
         if fault is not None:
             self._set(h, LinkHealthState.DOWN, fault, [], now)
@@ -389,10 +414,11 @@ class Health(SessionOwner):
             limit = lk.loss_pct * (RECOVER_LOSS_SHARE if recovering else 1.0)
             if fig.loss_pct > limit:
                 bad.append(f"loss {fig.loss_pct:.1f} % > {limit:g} %")
-        if fig.jitter_ms is not None and fig.jitter_ms > lk.jitter_ms:
-            bad.append(f"jitter {fig.jitter_ms:.0f} ms > {lk.jitter_ms} ms")
-        if fig.latency_ms is not None and fig.latency_ms > lk.latency_ms:
-            bad.append(f"latency {fig.latency_ms:.0f} ms > {lk.latency_ms} ms")
+        share = RECOVER_SHARE if recovering else 1.0
+        if fig.jitter_ms is not None and fig.jitter_ms > lk.jitter_ms * share:
+            bad.append(f"jitter {fig.jitter_ms:.0f} ms > {lk.jitter_ms * share:g} ms")
+        if fig.latency_ms is not None and fig.latency_ms > lk.latency_ms * share:
+            bad.append(f"latency {fig.latency_ms:.0f} ms > {lk.latency_ms * share:g} ms")
         if bad:
             self._set(h, LinkHealthState.DEGRADED, "degraded: " + ", ".join(bad), bad, now)
         else:
@@ -408,7 +434,9 @@ class Health(SessionOwner):
             return
         old = h.state
         h.state, h.reason, h.since = state, reason, now
-        h.healthy_since = now if state is LinkHealthState.UP else None
+        booting = now - self.started < BOOT_GRACE_S
+        up_since = now - LONG_AGO_S if booting else now
+        h.healthy_since = up_since if state is LinkHealthState.UP else None
         if state is LinkHealthState.DOWN:
             h.working_since = None
             # What it measured before going down says nothing of it once it is back.
@@ -416,8 +444,16 @@ class Health(SessionOwner):
             for r in h.remotes.values():
                 r.last_rtt, r.jitter = None, 0.0
         elif old is LinkHealthState.DOWN:
-            h.working_since = now
+            h.working_since = up_since
         self.generation += 1
+        if booting:
+            h.unannounced = True  # said once the boot grace ends, if it still holds
+            return
+        h.unannounced = False
+        self._announce(h, old)
+
+    def _announce(self, h: LinkHealth, old: LinkHealthState) -> None:
+        state, reason = h.state, h.reason
         name = h.link.name
         data = {"link": name, "from": str(old), "to": str(state), "reason": reason,
                 **h.figures.as_dict()}

@@ -302,6 +302,8 @@ class Mesh(SessionOwner):
         # (generation, (link id, weight)...) of the links off-cloud traffic uses
         # (site/steering.py); None: the best-ranked direct path carries it.
         self.link_weights = link_weights
+        # Whether link health finds a link down (site/health.py); None: the device's state.
+        self.link_down: Callable[[int], bool] | None = None
         self._weights_gen: int | None = None
         self._dirty = True  # candidates to submit again
         self._budget = PROBES_PER_TICK
@@ -925,7 +927,8 @@ class Mesh(SessionOwner):
         weights = dict(self.link_weights()[1]) if self.link_weights is not None else {}
         chosen = [(p.fp_link, weights[p.link_id]) for p in direct if p.link_id in weights]
         if not chosen:
-            working = [p for p in direct if self.links[p.link_id].is_up()] or direct
+            down = self.link_down or (lambda lid: not self.links[lid].is_up())
+            working = [p for p in direct if not down(p.link_id)] or direct
             # Ranked by the configured link; a birthday path's traffic goes on its own socket.
             best = min(working, key=lambda p: self.links.rank(p.link_id))
             chosen = [(best.fp_link, 1)]
@@ -937,6 +940,8 @@ class Mesh(SessionOwner):
     def probe_targets(self, wl: WanLink) -> list[Target]:
         """A few peers with an up tunnel and a direct path over this link, for link health to
         probe (site/health.py): with the PoP gone they still tell a link's health."""
+        if not wl.link.offcloud or not wl.main:
+            return []  # no mesh path runs over it: nothing to look for
         out: list[Target] = []
         for peer in self.remotes.values():
             path = peer.paths.get(wl.id)

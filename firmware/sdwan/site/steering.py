@@ -11,8 +11,8 @@ The rules (docs/links.md, "Steering"):
 * Precedence 3 is the last resort: it carries cloud traffic only while no precedence 1 or 2
   link works (up, even degraded), and never off-cloud traffic. Neither does a link with
   `offcloud = false`, nor an Alt-WAN link (its tunnels are steered by WAN recovery).
-* Moving away is immediate from a link that is down, gradual from one that is degraded: the
-  degraded links' share falls in `RAMP_STEPS` steps over `[wan] ramp_s`.
+* Moving away is immediate from a link that is down, gradual from one that is degraded: a
+  fifth of its share moves at once, the rest in `RAMP_STEPS` steps over `[wan] ramp_s`.
 * Moving back waits: a link not carrying traffic gains it only once it has been healthy (or,
   to displace a last-resort link, working) for `[wan] return_hold_s`, so a link that flaps
   every 2 s takes traffic back once, after it stops. With nothing else working, any link that
@@ -88,7 +88,9 @@ class Steering:
         self.on_event = on_event or (lambda _k, _t, _d: None)
         self._choices: dict[Kind, _Choice] = {k: _Choice({}) for k in Kind}
         self._out: dict[Kind, tuple[tuple[int, int], ...]] = {k: () for k in Kind}
+        # Bumped whenever any kind's weights change; `generations[kind]` only with its own.
         self.generation = 0
+        self.generations: dict[Kind, int] = {k: 0 for k in Kind}
         self.tick()
 
     # ---------------------------------------------------------------- reading
@@ -176,6 +178,7 @@ class Steering:
             if out != self._out[kind]:
                 self._out[kind] = out
                 self.generation += 1
+                self.generations[kind] += 1
 
     def _decide(self, kind: Kind, ch: _Choice, now: float) -> None:
         if ch.ramp is not None and all(
@@ -186,12 +189,14 @@ class Steering:
         if desired == ch.current:
             return
         old = ch.current
-        cur_tiers = [self._tier(self.links[lid]) for lid in old]
+        left = [lid for lid in old if lid not in desired]
         new_tiers = [self._tier(self.links[lid]) for lid in desired]
         why = self._why(old, desired)
+        # Gradual when what loses traffic is degraded, not dead (whatever keeps its share).
         gradual = (
-            bool(old) and self.cfg.ramp_s > 0 and min(cur_tiers) == DEGRADED
-            and max(new_tiers, default=DOWN) == HEALTHY and ch.ramp is None
+            bool(left) and self.cfg.ramp_s > 0 and ch.ramp is None
+            and all(self._tier(self.links[lid]) == DEGRADED for lid in left)
+            and max(new_tiers, default=DOWN) == HEALTHY
         )
         if gradual:
             ch.ramp = _Ramp(dict(old), dict(desired), now)
@@ -236,11 +241,12 @@ class Steering:
         target = _shares(ch.current)
         if ch.ramp is not None:
             step_s = self.cfg.ramp_s / RAMP_STEPS
-            step = min(RAMP_STEPS, 1 + int((now - ch.ramp.started) / step_s))
+            step = int((now - ch.ramp.started) / step_s)
             if step >= RAMP_STEPS:
                 ch.ramp = None
             else:
-                f = step / RAMP_STEPS
+                # A fifth of the traffic moves at once, the rest in RAMP_STEPS steps.
+                f = (step + 1) / (RAMP_STEPS + 1)
                 source = _shares(ch.ramp.source)
                 blended: dict[int, float] = {}
                 for lid, s in source.items():
@@ -260,8 +266,8 @@ class Steering:
         for ch in self._choices.values():
             if ch.ramp is not None:
                 step_s = self.cfg.ramp_s / RAMP_STEPS
-                done = int((now - ch.ramp.started) / step_s) + 1
-                due = min(due, ch.ramp.started + done * step_s)
+                nxt = int((now - ch.ramp.started) / step_s) + 1
+                due = min(due, ch.ramp.started + nxt * step_s)
         hold = self.cfg.return_hold_s
         for h in self.health.by_link.values():
             for since in (h.healthy_since, h.working_since):

@@ -378,8 +378,15 @@ class Supervisor:
         self.sessions.add_owner(health)
         steering = Steering(self.links, health, self.cfg.wan, clock=self.clock,
                             on_event=self._record_event)
-        cloud.link_weights = lambda: (steering.generation, steering.weights(Kind.CLOUD))
-        mesh.link_weights = lambda: (steering.generation, steering.weights(Kind.OFFCLOUD))
+        cloud.link_weights = lambda: (steering.generations[Kind.CLOUD],
+                                      steering.weights(Kind.CLOUD))
+        mesh.link_weights = lambda: (steering.generations[Kind.OFFCLOUD],
+                                     steering.weights(Kind.OFFCLOUD))
+
+        def link_down(link_id: int) -> bool:
+            return health.state(link_id) is LinkHealthState.DOWN
+
+        cloud.link_down = mesh.link_down = link_down
         return health, steering
 
     def _make_rules(self, fp: FastPath, cloud: Cloud) -> Rules:
@@ -553,12 +560,16 @@ class Supervisor:
         except Exception:
             log.exception("links tick failed")
         # Before the cloud and the mesh: they steer by what link health decided this tick.
-        if self.health is not None and self.steering is not None:
+        if self.health is not None:
             try:
                 self.health.tick()
-                self.steering.tick()
             except Exception:
                 log.exception("link health tick failed")
+        if self.steering is not None:
+            try:
+                self.steering.tick()
+            except Exception:
+                log.exception("steering tick failed")
         if self.cloud is not None:
             try:
                 self.cloud.tick()
