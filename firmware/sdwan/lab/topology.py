@@ -815,30 +815,11 @@ table ip lab_nat {{
     def lan_dhcp_client(
         self, site: Site, mac: str | None = None, timeout: float = 30.0
     ) -> str:
-        """The LAN host of a lan_dhcp site asks for its address (busybox udhcpc, as a host's
-        own DHCP client would), puts the lease and its default route on eth0 and returns the
-        address, now site.lan_host_ip. mac first gives eth0 that MAC (a static lease's)."""
+        """The LAN host of a lan_dhcp site asks socketd's DHCP server for its address
+        (`dhcp_client`); it is then site.lan_host_ip."""
         if not site.lan_dhcp:
             raise ValueError(f"site {site.n} was added without lan_dhcp: its host has an address")
-        if mac is not None:
-            netns.run(site.lan_ns, ["ip", "link", "set", "eth0", "address", mac])
-        script = self.workdir / "udhcpc-lan-host.sh"
-        if not script.exists():
-            script.write_text(_UDHCPC_HOST_SCRIPT)
-            script.chmod(0o755)
-        # -n: give up (exit 1) without a lease; -q: exit once bound. Retries within timeout.
-        tries = max(1, int(timeout // 6))
-        netns.run(
-            site.lan_ns,
-            ["busybox", "udhcpc", "-f", "-q", "-n", "-i", "eth0", "-s", str(script),
-             "-t", str(tries), "-T", "3", "-A", "1"],
-            timeout=timeout + 10,
-        )
-        out = netns.run(site.lan_ns, ["ip", "-4", "-o", "addr", "show", "dev", "eth0"]).stdout
-        m = re.search(r"inet (\d+\.\d+\.\d+\.\d+)/", out)
-        if m is None:
-            raise NetnsError(["udhcpc"], site.lan_ns, f"no address on eth0 after the lease: {out}")
-        site.lan_host_ip = m.group(1)
+        site.lan_host_ip = dhcp_client(site.lan_ns, "eth0", self.workdir, mac, timeout)
         return site.lan_host_ip
 
     # ------------------------------------------------------------- socketd
@@ -1174,6 +1155,33 @@ table ip lab_nat {{
             )
         for h in self.public_hosts.values():
             yield f"public host {h.role} {h.ns}: {h.ip}"
+
+
+def dhcp_client(
+    ns: str, dev: str, workdir: Path, mac: str | None = None, timeout: float = 30.0
+) -> str:
+    """A LAN host in ns asks for its address on dev with busybox udhcpc, as a host's own DHCP
+    client would, puts the lease and its default route on dev and returns the address. mac
+    first gives dev that MAC (a static lease's)."""
+    if mac is not None:
+        netns.run(ns, ["ip", "link", "set", dev, "address", mac])
+    script = workdir / "udhcpc-lan-host.sh"
+    if not script.exists():
+        script.write_text(_UDHCPC_HOST_SCRIPT)
+        script.chmod(0o755)
+    # -n: give up (exit 1) without a lease; -q: exit once bound. A try is 3 s.
+    tries = max(1, int(timeout // 3))
+    netns.run(
+        ns,
+        ["busybox", "udhcpc", "-f", "-q", "-n", "-i", dev, "-s", str(script),
+         "-t", str(tries), "-T", "3", "-A", "1"],
+        timeout=timeout + 10,
+    )
+    out = netns.run(ns, ["ip", "-4", "-o", "addr", "show", "dev", dev]).stdout
+    m = re.search(r"inet (\d+\.\d+\.\d+\.\d+)/", out)
+    if m is None:
+        raise NetnsError(["udhcpc"], ns, f"no address on {dev} after the lease: {out}")
+    return m.group(1)
 
 
 # What udhcpc runs on a lab LAN host: the lease and its default route on the device, as a
