@@ -221,3 +221,23 @@ def _formatted(status: dict) -> str:
     out = io.StringIO()
     format_lan(status, out)
     return out.getvalue()
+
+
+def test_a_host_name_from_the_network_reaches_the_terminal_escaped() -> None:
+    status = {
+        "interface": "lan0", "state": "up", "address": "10.1.0.1/24",
+        "addresses": ["10.1.0.1/24"], "subnets": ["10.1.0.0/24"], "address_error": None,
+        "dhcp": {
+            "enabled": True, "state": "running", "pid": 7, "up_s": 3.0, "error": None,
+            "retry_in_s": None, "restarts": 0, "range": ["10.1.0.100", "10.1.0.199"],
+            "router": "10.1.0.1", "dns": [], "lease_s": 600, "static": [],
+            "leases": [{"mac": "02:00:00:00:01:02", "ip": "10.1.0.100",
+                        "hostname": "evil\x1b[2J\nfake 10.1.0.9", "expires_s": 30,
+                        "expired": False, "static": False}],
+            "leases_error": None,
+        },
+    }
+    text = _formatted(status)
+    assert "\x1b" not in text and "\\x1b[2J" in text, text
+    assert not any(line.startswith("fake") for line in text.splitlines()), text
+    assert "10.1.0.100" in text and "dynamic" in text and "30.0s" in text, text
