@@ -676,6 +676,8 @@ def test_show_links_table() -> None:
                     "precedence": 1,
                     "dhcp": {"state": "bound", "server": "100.64.1.1", "lease_s": 600},
                     "error": None,
+                    "health": {"state": "up", "reason": None, "loss_pct": 0.0,
+                               "jitter_ms": 1.5, "latency_ms": 12.0, "samples": 50},
                 },
                 {
                     "name": "wan2",
@@ -687,8 +689,14 @@ def test_show_links_table() -> None:
                     "precedence": 2,
                     "dhcp": None,
                     "error": "device eth1 does not exist",
+                    "health": {"state": "down", "reason": "no such interface", "samples": 0},
                 },
-            ]
+            ],
+            "steering": {
+                "cloud": {"links": {"wan1": 1000}, "why": "start", "moved_s": None},
+                "offcloud": {"links": {"wan1": 750, "wan2": 250}, "why": "wan2 healthy",
+                             "moved_s": 12.0},
+            },
         },
         out,
     )
@@ -697,24 +705,34 @@ def test_show_links_table() -> None:
         "LINK",
         "INTERFACE",
         "STATE",
+        "HEALTH",
+        "LOSS/JIT/LAT",
+        "CARRIES",
         "ADDRESSING",
         "ADDRESS",
         "GATEWAY",
         "PREC",
         "DETAIL",
     ]
-    assert lines[1].split()[:7] == [
+    assert lines[1].split()[:10] == [
         "wan1",
         "eth0",
         "up",
+        "up",
+        "0%/1.5ms/12ms",
+        "cloud,mesh:75%",
         "dhcp",
         "100.64.1.104/24",
         "100.64.1.1",
         "1",
     ]
     assert lines[1].endswith("dhcp bound from 100.64.1.1, lease 10m00s")
-    assert lines[2].split()[:7] == ["wan2", "eth1", "absent", "static", "-", "-", "2"]
+    assert lines[2].split()[:9] == [
+        "wan2", "eth1", "absent", "down", "-", "mesh:25%", "static", "-", "-",
+    ]
     assert lines[2].endswith("error: device eth1 does not exist")
+    assert "wan2: no such interface" in lines
+    assert "offcloud traffic last moved 12.0s ago: wan2 healthy" in lines
 
 
 def test_paths_come_from_socketds_config(tmp_path: Path) -> None:

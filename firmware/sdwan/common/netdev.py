@@ -1,7 +1,8 @@
 """What the kernel says of a network device, in this network namespace: whether it can carry
 traffic (and why not), and its IPv4 address, read with ioctls so that nothing here needs
-netlink or a worker; and the buffers of a tunnel's UDP socket. Used by the link manager
-(site/links.py) and popd.
+netlink or a worker; a netlink socket that becomes readable when any device or address
+changes (`link_events`), so that a pulled cable is seen at once; and the buffers of a tunnel's
+UDP socket. Used by the link manager (site/links.py), socketd and popd.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import os
 import socket
 import struct
 
-__all__ = ["iface_ipv4", "interface_fault", "size_buffers"]
+__all__ = ["drain", "iface_ipv4", "interface_fault", "link_events", "size_buffers"]
+
+_RTMGRP_LINK = 0x1
+_RTMGRP_IPV4_IFADDR = 0x10
 
 # Large buffers absorb bursts while the fast path's thread is descheduled; the
 # kernel caps them at net.core.[rw]mem_max unless we are privileged (we are).
@@ -65,3 +69,34 @@ def size_buffers(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
         except OSError:
             sock.setsockopt(socket.SOL_SOCKET, fallback, _SOCKET_BUFFER)
+
+
+def link_events() -> socket.socket:
+    """A non-blocking rtnetlink socket subscribed to device and IPv4 address changes. What
+    arrives is only a wake-up: the state is read again with `interface_fault` and
+    `iface_ipv4`, so nothing of the messages needs parsing (an overflowed socket, ENOBUFS,
+    is a wake-up too)."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
+                         socket.NETLINK_ROUTE)
+    try:
+        sock.bind((0, _RTMGRP_LINK | _RTMGRP_IPV4_IFADDR))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def drain(sock: socket.socket) -> int:
+    """Read everything queued on a non-blocking socket; the number of reads that returned
+    data or an error (ENOBUFS: messages were lost, which only means "look again")."""
+    n = 0
+    while n < 1024:
+        try:
+            sock.recv(65536)
+        except BlockingIOError:
+            break
+        except OSError as e:
+            if e.errno != errno.ENOBUFS:
+                break
+        n += 1
+    return n

@@ -312,6 +312,22 @@ def int_range(lo: int, hi: int) -> Callable[[Any], int]:
     return check
 
 
+def number_range(lo: float, hi: float) -> Callable[[Any], float]:
+    """A number (integer or decimal) within lo..hi, as a float."""
+
+    @expects(f"a number {lo:g}..{hi:g}")
+    def check(value: Any) -> float:
+        if (
+            not isinstance(value, int | float)
+            or isinstance(value, bool)
+            or not lo <= value <= hi
+        ):
+            raise ValueError(f"expected a number {lo:g}..{hi:g}, got {show(value)}")
+        return float(value)
+
+    return check
+
+
 @expects("true or false")
 def boolean(value: Any) -> bool:
     if not isinstance(value, bool):

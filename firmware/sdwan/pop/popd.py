@@ -245,6 +245,9 @@ class Pop(SessionOwner):
         self.by_dtls: dict[DtlsSession, SiteSession] = {}
         self._session_ips: collections.Counter[str] = collections.Counter()  # of by_addr
         self.routes: dict[str, int] = {}
+        # Per site, the weight of each of its links as its own link health last told us
+        # (`steer`): the relay sends to it over the live session on its heaviest link.
+        self.steer: dict[int, dict[str, int]] = {}
         self.rev = int(time.time() * 1000)  # grows across restarts too
         self._directory: list[dict[str, Any]] | None = None
         # Per site, the Alt-WAN endpoints its last register listed ("ip:port"): kept while
@@ -563,8 +566,32 @@ class Pop(SessionOwner):
                 self._on_events(s, msg)
             else:
                 self.stats.messages_malformed += 1
+        elif kind == "steer":
+            self._on_steer(s, msg)
         else:
             self.stats.messages_unknown += 1
+
+    def _on_steer(self, s: SiteSession, msg: dict[str, Any]) -> None:
+        """The site's links in use, by weight (docs/cloud.md, "steer"): traffic to the site
+        goes over its session on the heaviest one, not over a link its health moved away
+        from (a degraded link, or one whose session the PoP has not yet found dead)."""
+        links = msg.get("links")
+        if (
+            not s.registered
+            or not isinstance(links, dict)
+            or len(links) > MAX_LINKS
+            or not all(
+                isinstance(k, str) and len(k) <= 15 and isinstance(v, int)
+                and not isinstance(v, bool) and 0 <= v <= 1_000_000
+                for k, v in links.items()
+            )
+        ):
+            self.stats.messages_malformed += 1
+            self.ratelog.warning("steer", "site %d: malformed steer dropped", s.site_id)
+            return
+        if self.steer.get(s.site_id) != links:
+            self.steer[s.site_id] = dict(links)
+            self._recompute()
 
     # ---------------------------------------------------------------- register
 
@@ -682,9 +709,12 @@ class Pop(SessionOwner):
     # ---------------------------------------------------------------- routes and directory
 
     def _live_sessions(self, site_id: int) -> list[SiteSession]:
+        """The site's registered sessions, best first: the heaviest link its steering names,
+        then precedence and link order."""
+        weights = self.steer.get(site_id, {})
         return sorted(
             (s for s in self.by_peer.values() if s.site_id == site_id and s.registered),
-            key=lambda s: (s.precedence, s.link_index or 0),
+            key=lambda s: (-weights.get(s.link_name, 0), s.precedence, s.link_index or 0),
         )
 
     def _recompute(self, force_push_to: SiteSession | None = None) -> None:

@@ -42,7 +42,8 @@ from sdwan.common.store import Store, StoreError
 from sdwan.common.stun import DEFAULT_PORT as STUN_DEFAULT_PORT
 from sdwan.common.tomlcheck import IPNetwork, format_endpoint
 from sdwan.site.config import Link, Pop
-from sdwan.site.links import LinkManager
+from sdwan.site.health import Target
+from sdwan.site.links import LinkManager, WanLink
 from sdwan.site.paths import Candidate, Paths, Transport
 from sdwan.site.sources import SOURCE_ANY, add_peer
 from sdwan.site.tunnel import Addr, PeerTunnel, Port, State, Timers
@@ -69,6 +70,7 @@ MAX_MESSAGE = 16 * 1024
 # A welcome lost in transit (DTLS does not retransmit application data) is
 # asked for again by repeating register until one arrives.
 REGISTER_RESEND_S = 1.0
+STEER_REFRESH_S = 10.0  # `steer` is sent again this often (a lost one is not acked)
 PINGS_KEPT = 8
 PATHS_PRODUCER = "cloud"  # the name this module's candidates go by in paths.py
 # Refused prefixes of the directory are logged once each: this many (site, prefix) pairs are
@@ -464,6 +466,11 @@ class Cloud(SessionOwner):
         self.handlers: dict[str, Callable[[PopSession, dict[str, Any]], None]] = {}
         self._directory_watchers: list[Callable[[], None]] = []
         self._config_watchers: list[Callable[[], None]] = []
+        # (generation, (link id, weight)...) of the links cloud traffic uses (link health's
+        # steering, site/steering.py); None: the best-ranked live session carries it.
+        self.link_weights: Callable[[], tuple[int, Sequence[tuple[int, int]]]] | None = None
+        self._steer_sent: tuple[Any, ...] | None = None
+        self._steer_at = 0.0
         self._load_stored()
 
     def handle(self, kind: str, handler: Callable[[PopSession, dict[str, Any]], None]) -> None:
@@ -775,6 +782,7 @@ class Cloud(SessionOwner):
             ):
                 del self.by_session[session]
         self._update_routes()
+        self._send_steer(now)
         self._upload_events(now)
         self.links.use_stun_server(self.stun_server(), self.pops[self.active].endpoint)
         # Once per tick, however many links changed (each register carries them all), and
@@ -862,9 +870,19 @@ class Cloud(SessionOwner):
             {"from": old.id, "to": new.id, "reason": why},
         )
 
+    def _weights(self) -> dict[int, int]:
+        return dict(self.link_weights()[1]) if self.link_weights is not None else {}
+
+    def _best(self, cands: list[PopSession]) -> PopSession | None:
+        """The session on the heaviest link steering uses, then the best-ranked."""
+        w = self._weights()
+        return min(
+            cands, key=lambda ps: (-w.get(ps.link_id, 0), self.links.rank(ps.link_id)),
+            default=None,
+        )
+
     def _route_target(self) -> int | None:
-        def best(cands: list[PopSession]) -> PopSession | None:
-            return min(cands, key=lambda ps: self.links.rank(ps.link_id), default=None)
+        best = self._best
 
         chosen = best(self._live(self.active)) or best(self._live(0))
         if chosen is None:
@@ -889,6 +907,31 @@ class Cloud(SessionOwner):
         self._submitted = (target, self.directory)
         # paths.py keeps them off our LAN and off static peers' subnets.
         self.paths.submit(PATHS_PRODUCER, candidates)
+
+    def _send_steer(self, now: float) -> None:
+        """Tell the PoP which of our links to send to us over (`steer`, docs/cloud.md): again
+        when the links in use or the live sessions change, and every STEER_REFRESH_S in case
+        one was lost."""
+        if self.link_weights is None:
+            return
+        w = self._weights()
+        live = [ps for ps in self.sessions.values() if ps.connected]
+        key = (tuple(sorted(w.items())), frozenset(ps.peer_id for ps in live))
+        if key == self._steer_sent and now - self._steer_at < STEER_REFRESH_S:
+            return
+        self._steer_sent, self._steer_at = key, now
+        msg = {"t": "steer", "links": {self.links[lid].name: wt for lid, wt in w.items()}}
+        for ps in live:
+            ps.tunnel.send_message(msg)
+
+    def probe_targets(self, wl: WanLink) -> list[Target]:
+        """The PoP sessions over this link, for link health to probe (site/health.py): every
+        one, live or not (a session that cannot answer is what silence on a link looks
+        like)."""
+        return [
+            Target(ps.peer_id, wl.id, ("pop", ps.pop.id))
+            for ps in self.sessions.values() if ps.link_id == wl.id
+        ]
 
     def _upload_events(self, now: float) -> None:
         if self.store is None:
@@ -917,7 +960,8 @@ class Cloud(SessionOwner):
                 break
             items.append(item)
             size += encoded
-        ps = min(live, key=lambda p: self.links.rank(p.link_id))
+        ps = self._best(live)
+        assert ps is not None
         # The store's instance id tells the PoP when this site's sequence restarted
         # (a new or reset database), so it does not drop the events as duplicates.
         msg = {"t": "events", "events": items, "instance": self.store.instance_id}

@@ -39,6 +39,7 @@ from sdwan.common.tomlcheck import (
     int_range,
     matching,
     network,
+    number_range,
     path_string,
     read_toml,
     resolve_path,
@@ -67,6 +68,7 @@ __all__ = [
     "Site",
     "SiteConfig",
     "Tunnel",
+    "Wan",
     "load_config",
 ]
 
@@ -166,6 +168,12 @@ class Link:
     # PoP session, no mesh tunnel, no STUN; only Alt-WAN tunnels to the other sites' Alt-WAN
     # addresses, which the directory lists.
     altwan: bool = False
+    # Active/active: links of one precedence share flows in proportion to this.
+    bandwidth_mbps: int = 100
+    # Link health (docs/links.md, "Health"): past any of these the link is degraded.
+    loss_pct: float = 3.0
+    jitter_ms: int = 30
+    latency_ms: int = 600
 
 
 @dataclass(frozen=True)
@@ -221,6 +229,18 @@ class Cloud:
     recovery_hold_s: int = 10
 
 
+@dataclass(frozen=True)
+class Wan:
+    """[wan]: how link health is measured and how traffic moves between links
+    (docs/links.md)."""
+
+    probe_ms: int = 200  # a probe per link (to the PoP, to mesh peers) this often
+    silent_after_ms: int = 700  # no answer over a link this long: it is down
+    window_s: int = 10  # loss, jitter and latency are figured over this much history
+    return_hold_s: int = 10  # a better link takes traffic back once healthy this long
+    ramp_s: int = 4  # flows leave a degraded link over this long (new flows first)
+
+
 DEFAULT_LED_MAP = Path("/etc/sdwan/leds.toml")
 
 
@@ -252,6 +272,7 @@ class SiteConfig:
     cloud: Cloud = Cloud()
     appliance: Appliance = Appliance()
     mesh: Mesh = Mesh()
+    wan: Wan = Wan()
 
     def link(self, name: str) -> Link:
         for link in self.links:
@@ -375,7 +396,7 @@ def _check_links(c: Checker, doc: Mapping[str, Any]) -> list[Link] | None:
             loc,
             (
                 "name", "interface", "port", "precedence", "mtu", "addressing", "offcloud",
-                "public", "altwan",
+                "public", "altwan", "bandwidth_mbps", "loss_pct", "jitter_ms", "latency_ms",
             ),
         )
         altwan = c.value(entry, (*loc, "altwan"), boolean, default=False)
@@ -405,6 +426,14 @@ def _check_links(c: Checker, doc: Mapping[str, Any]) -> list[Link] | None:
             "offcloud": offcloud,
             "public": c.value(entry, (*loc, "public"), endpoint_value, default=None),
             "altwan": altwan,
+            "bandwidth_mbps": c.value(
+                entry, (*loc, "bandwidth_mbps"), int_range(1, 1_000_000), default=100
+            ),
+            "loss_pct": c.value(entry, (*loc, "loss_pct"), number_range(0.1, 100), default=3.0),
+            "jitter_ms": c.value(entry, (*loc, "jitter_ms"), int_range(1, 10_000), default=30),
+            "latency_ms": c.value(
+                entry, (*loc, "latency_ms"), int_range(1, 60_000), default=600
+            ),
         }
         if any(v is MISSING for v in values.values()):
             ok = False
@@ -575,6 +604,29 @@ def _check_cloud(c: Checker, doc: Mapping[str, Any]) -> Cloud | None:
         ping_s=ping,
         recovery_hold_s=recovery_hold,
     )
+
+
+def _check_wan(c: Checker, doc: Mapping[str, Any]) -> Wan | None:
+    table = c.table(doc, ("wan",), required=False)
+    if table is None:
+        return Wan()
+    c.known_keys(
+        table, ("wan",), ("probe_ms", "silent_after_ms", "window_s", "return_hold_s", "ramp_s")
+    )
+    probe = c.value(table, ("wan", "probe_ms"), int_range(50, 5000), default=200)
+    # At least two probe intervals: one lost probe must never take a link down.
+    silent_lo = 2 * probe if probe is not MISSING else 100
+    silent = c.value(
+        table, ("wan", "silent_after_ms"), int_range(silent_lo, 60000),
+        default=max(700, 3 * probe + 100) if probe is not MISSING else 700,
+    )
+    window = c.value(table, ("wan", "window_s"), int_range(2, 600), default=10)
+    hold = c.value(table, ("wan", "return_hold_s"), int_range(0, 3600), default=10)
+    ramp = c.value(table, ("wan", "ramp_s"), int_range(0, 60), default=4)
+    if MISSING in (probe, silent, window, hold, ramp):
+        return None
+    return Wan(probe_ms=probe, silent_after_ms=silent, window_s=window, return_hold_s=hold,
+               ramp_s=ramp)
 
 
 _PORT_RANGE_RE = re.compile(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*")
@@ -1078,7 +1130,7 @@ def _validate(doc: dict[str, Any], source: Path, c: Checker) -> SiteConfig | Non
         (),
         (
             "site", "paths", "pki", "lan", "tunnel", "links", "peers", "pops", "cloud",
-            "appliance", "mesh",
+            "appliance", "mesh", "wan",
         ),
     )
 
@@ -1158,6 +1210,7 @@ def _validate(doc: dict[str, Any], source: Path, c: Checker) -> SiteConfig | Non
     cloud = _check_cloud(c, doc)
     appliance = _check_appliance(c, doc, base)
     mesh = _check_mesh(c, doc, links)
+    wan = _check_wan(c, doc)
     _check_overlaps(c, doc)
     if links is not None and lan is not None and peers is not None:
         _check_static_addresses(c, links, owned_subnets(lan, peers))
@@ -1166,6 +1219,7 @@ def _validate(doc: dict[str, Any], source: Path, c: Checker) -> SiteConfig | Non
         return None
     assert site and paths and pki and lan and tunnel and links is not None and peers is not None
     assert pops is not None and cloud is not None and appliance is not None and mesh is not None
+    assert wan is not None
     return SiteConfig(
         site=site,
         paths=paths,
@@ -1179,6 +1233,7 @@ def _validate(doc: dict[str, Any], source: Path, c: Checker) -> SiteConfig | Non
         cloud=cloud,
         appliance=appliance,
         mesh=mesh,
+        wan=wan,
     )
 
 

@@ -54,6 +54,7 @@ from sdwan.common.store import NatEntry, StoreError
 from sdwan.common.tomlcheck import IPNetwork, format_endpoint, parse_endpoint
 from sdwan.site.birthday import NAT_PORTS, LinkSockets, random_ports
 from sdwan.site.config import Mesh as MeshConfig
+from sdwan.site.health import Target
 from sdwan.site.links import LinkManager, WanLink
 from sdwan.site.paths import Candidate, Network, Override, Paths, Policy, Transport
 from sdwan.site.sources import add_peer
@@ -84,6 +85,7 @@ MISSING_ASK_MAX = 32  # punch requests for them per check
 # Probes sent per supervisor tick (50 ms) over all paths: 999 peers punched at once must not
 # burst 32k datagrams into one socket; about 20k a second still starts every punch in 2 s.
 PROBES_PER_TICK = 1024
+HEALTH_TARGETS = 3  # peers link health probes over each link (with the PoP, plenty)
 # A settled tunnel's clock runs when it has something to do, and at least this often (its
 # path MTU search looks for a new endpoint then), but not more often than MIN_TURN_S.
 QUIET_TURN_S = 10.0
@@ -277,6 +279,7 @@ class Mesh(SessionOwner):
         clock: Callable[[], float] = time.monotonic,
         sockets: LinkSockets | None = None,
         rng: random.Random | None = None,
+        link_weights: Callable[[], tuple[int, Sequence[tuple[int, int]]]] | None = None,
     ) -> None:
         self.site_id = site_id
         self.cfg = cfg
@@ -296,6 +299,10 @@ class Mesh(SessionOwner):
         self.rng = rng or random.Random()
         self.stats = MeshStats()
         self.remotes: dict[int, MeshPeer] = {}
+        # (generation, (link id, weight)...) of the links off-cloud traffic uses
+        # (site/steering.py); None: the best-ranked direct path carries it.
+        self.link_weights = link_weights
+        self._weights_gen: int | None = None
         self._dirty = True  # candidates to submit again
         self._budget = PROBES_PER_TICK
         self._rr = 0
@@ -907,18 +914,51 @@ class Mesh(SessionOwner):
             log.warning("mesh: NAT data for site %d not stored: %s", peer.site_id, e)
 
     def _steer(self, peer: MeshPeer) -> None:
-        """Traffic to the peer on its best direct link (lowest precedence): a last-punched
-        backup link must not carry it just because its endpoint was set last. Link health
-        will steer with weights here."""
+        """Traffic to the peer over the links off-cloud traffic uses now (link health's
+        steering: weighted per flow when several share it), on the peer's direct paths there;
+        when none of its direct paths is on such a link, its best-ranked direct path on a link
+        that works. A last-punched backup path never carries it just because its endpoint was
+        set last."""
         direct = [p for p in peer.paths.values() if p.state is PathState.DIRECT]
         if not direct:
             return
-        # Ranked by the configured link; a birthday path's traffic goes on its own socket.
-        best = min(direct, key=lambda p: self.links.rank(p.link_id)).fp_link
+        weights = dict(self.link_weights()[1]) if self.link_weights is not None else {}
+        chosen = [(p.fp_link, weights[p.link_id]) for p in direct if p.link_id in weights]
+        if not chosen:
+            working = [p for p in direct if self.links[p.link_id].is_up()] or direct
+            # Ranked by the configured link; a birthday path's traffic goes on its own socket.
+            best = min(working, key=lambda p: self.links.rank(p.link_id))
+            chosen = [(best.fp_link, 1)]
         try:
-            self.fp.set_policy(peer.site_id, [(best, 1)])
+            self.fp.set_policy(peer.site_id, chosen)
         except FastPathError as e:
             log.warning("mesh: link policy of site %d not set: %s", peer.site_id, e)
+
+    def probe_targets(self, wl: WanLink) -> list[Target]:
+        """A few peers with an up tunnel and a direct path over this link, for link health to
+        probe (site/health.py): with the PoP gone they still tell a link's health."""
+        out: list[Target] = []
+        for peer in self.remotes.values():
+            path = peer.paths.get(wl.id)
+            if (
+                path is not None and path.state is PathState.DIRECT
+                and peer.tunnel is not None and peer.tunnel.state is State.UP
+            ):
+                out.append(Target(peer.site_id, path.fp_link, ("site", peer.site_id)))
+                if len(out) >= HEALTH_TARGETS:
+                    break
+        return out
+
+    def _resteer(self) -> None:
+        """Every peer with a direct path again, once the links in use changed."""
+        if self.link_weights is None:
+            return
+        gen = self.link_weights()[0]
+        if gen == self._weights_gen:
+            return
+        self._weights_gen = gen
+        for peer in self.remotes.values():
+            self._steer(peer)
 
     def _report(self, peer: MeshPeer) -> None:
         up = peer.tunnel is not None and peer.tunnel.state is State.UP
@@ -948,6 +988,7 @@ class Mesh(SessionOwner):
         if not self.enabled:
             for site_id in list(self.remotes):
                 self.remove(site_id, "off-cloud is off for this site")
+        self._resteer()
         now = self.clock()
         self._budget = PROBES_PER_TICK
         due = self._due(now)

@@ -371,17 +371,59 @@ def _link_detail(link: Mapping[str, Any]) -> str:
     return ""
 
 
+def _health(link: Mapping[str, Any]) -> str:
+    h = link.get("health")
+    if not isinstance(h, Mapping):
+        return ""
+    return _text(h.get("state"))
+
+
+def _figures(link: Mapping[str, Any]) -> str:
+    h = link.get("health")
+    if not isinstance(h, Mapping) or not h.get("samples"):
+        return _DASH
+    parts = []
+    for key, unit in (("loss_pct", "%"), ("jitter_ms", "ms"), ("latency_ms", "ms")):
+        v = h.get(key)
+        if isinstance(v, int | float):
+            parts.append(f"{v:g}{unit}")
+        else:
+            parts.append("-")
+    return "/".join(parts)
+
+
+def _uses(link: Mapping[str, Any], steering: Any) -> str:
+    """Which traffic the link carries now, with its share when links share it."""
+    if not isinstance(steering, Mapping):
+        return ""
+    out = []
+    for kind, label in (("cloud", "cloud"), ("offcloud", "mesh")):
+        entry = steering.get(kind)
+        weights = entry.get("links") if isinstance(entry, Mapping) else None
+        if not isinstance(weights, Mapping):
+            continue
+        w = weights.get(link.get("name"))
+        if isinstance(w, int) and w > 0:
+            total = sum(v for v in weights.values() if isinstance(v, int)) or 1
+            out.append(label if w == total else f"{label}:{100 * w // total}%")
+    return ",".join(out) or _DASH
+
+
 @_visible_out
 def format_links(result: Mapping[str, Any], out: TextIO) -> None:
     links = result.get("links") or []
     if not links:
         out.write("no links\n")
         return
+    steering = result.get("steering")
     rows = [
         [
             _text(link.get("name")),
             _text(link.get("interface")),
             _text(link.get("state")),
+            _health(link),
+            _figures(link),
+            _uses(link, steering),
             _text(link.get("addressing")),
             _text(link.get("address")),
             _text(link.get("gateway")),
@@ -391,8 +433,23 @@ def format_links(result: Mapping[str, Any], out: TextIO) -> None:
         for link in links
         if isinstance(link, Mapping)
     ]
-    headers = ["LINK", "INTERFACE", "STATE", "ADDRESSING", "ADDRESS", "GATEWAY", "PREC", "DETAIL"]
+    headers = ["LINK", "INTERFACE", "STATE", "HEALTH", "LOSS/JIT/LAT", "CARRIES", "ADDRESSING",
+               "ADDRESS", "GATEWAY", "PREC", "DETAIL"]
     _table(headers, rows, out)
+    why = [
+        (link.get("name"), link["health"].get("reason"))
+        for link in links
+        if isinstance(link, Mapping) and isinstance(link.get("health"), Mapping)
+        and link["health"].get("reason")
+    ]
+    for name, reason in why:
+        out.write(f"{_text(name)}: {_text(reason)}\n")
+    if isinstance(steering, Mapping):
+        for kind in ("cloud", "offcloud"):
+            entry = steering.get(kind)
+            if isinstance(entry, Mapping) and entry.get("moved_s") is not None:
+                out.write(f"{kind} traffic last moved {_duration(entry.get('moved_s'))} ago:"
+                          f" {_text(entry.get('why'))}\n")
 
 
 @_visible_out

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 
@@ -38,6 +39,7 @@ from sdwan.common.control import ControlServer, Handler
 from sdwan.common.daemon import StartupError
 from sdwan.common.dtls import DtlsContext, DtlsSession
 from sdwan.common.netcfg import NetcfgError, Plan, Worker, apply_in_worker, tunnel_mtu
+from sdwan.common.netdev import drain, link_events
 from sdwan.common.probe import PROBE_TYPE
 from sdwan.common.sessions import Policy, SessionLayer
 from sdwan.common.store import Store, StoreError
@@ -46,12 +48,14 @@ from sdwan.site.birthday import LinkSockets
 from sdwan.site.cloud import Cloud, CloudTimers
 from sdwan.site.config import SiteConfig
 from sdwan.site.firewall import Firewall
+from sdwan.site.health import Health, LinkHealthState
 from sdwan.site.links import LinkError, LinkManager
 from sdwan.site.mesh import Mesh, pin_override
 from sdwan.site.paths import Candidate, Paths, Transport
 from sdwan.site.recovery import STORED_MAX_AGE_S, Reach, Recovery
 from sdwan.site.rules import Rules
 from sdwan.site.sources import Sources, add_peer
+from sdwan.site.steering import Kind, Steering
 from sdwan.site.tundev import TunError, attach_tun
 from sdwan.site.tunnel import Addr, PeerTunnel, State, StaticTunnels, Timers
 
@@ -117,6 +121,9 @@ class Supervisor:
         self.mesh: Mesh | None = None
         self.altwan: AltWan | None = None
         self.recovery: Recovery | None = None
+        self.health: Health | None = None
+        self.steering: Steering | None = None
+        self._netlink: socket.socket | None = None
         self.paths: Paths | None = None
         self.rules: Rules | None = None
         self.sources: Sources | None = None
@@ -202,6 +209,7 @@ class Supervisor:
         self.mesh = self._make_mesh(fp, self.cloud)
         self.altwan = self._make_altwan(fp, self.cloud)
         self.recovery = self._make_recovery(self.cloud, self.mesh, self.altwan)
+        self.health, self.steering = self._make_health(fp, self.cloud, self.mesh)
         self.rules = self._make_rules(fp, self.cloud)
         # Before the fast path starts: the stored policy is in force before traffic flows.
         self._start_firewall(self.cloud)
@@ -338,6 +346,20 @@ class Supervisor:
         altwan.on_directory()
         return altwan
 
+    def _make_health(self, fp: FastPath, cloud: Cloud, mesh: Mesh) -> tuple[Health, Steering]:
+        """Link health probes over the PoP sessions and the mesh's tunnels; steering tells
+        the cloud and the mesh which links to use (docs/links.md)."""
+        health = Health(self.links, self.cfg.wan, fp, clock=self.clock,
+                        on_event=self._record_event)
+        health.add_targets(cloud.probe_targets)
+        health.add_targets(mesh.probe_targets)
+        self.sessions.add_owner(health)
+        steering = Steering(self.links, health, self.cfg.wan, clock=self.clock,
+                            on_event=self._record_event)
+        cloud.link_weights = lambda: (steering.generation, steering.weights(Kind.CLOUD))
+        mesh.link_weights = lambda: (steering.generation, steering.weights(Kind.OFFCLOUD))
+        return health, steering
+
     def _make_rules(self, fp: FastPath, cloud: Cloud) -> Rules:
         """The transport rules follow the cloud config (the stored one until a PoP answers)."""
         assert self.paths is not None
@@ -471,6 +493,22 @@ class Supervisor:
             os.read(self.fp.liveness_wake_fd, 8)
         self._wake.set()
 
+    def _watch_links(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A carrier lost, a device set down, an address gone: the kernel's netlink message
+        wakes the ticker, so link health sees it now rather than at its next probe."""
+        try:
+            self._netlink = link_events()
+        except OSError as e:
+            log.warning("no netlink link events (links are polled at each tick): %s", e)
+            return
+        sock = self._netlink
+
+        def readable() -> None:
+            if drain(sock):
+                self._wake.set()
+
+        loop.add_reader(sock.fileno(), readable)
+
     def _on_ctrl_event(self, ev: CtrlEvent) -> None:
         self.sessions.on_ctrl_event(ev)
 
@@ -492,6 +530,13 @@ class Supervisor:
             self.links.tick()
         except Exception:
             log.exception("links tick failed")
+        # Before the cloud and the mesh: they steer by what link health decided this tick.
+        if self.health is not None and self.steering is not None:
+            try:
+                self.health.tick()
+                self.steering.tick()
+            except Exception:
+                log.exception("link health tick failed")
         if self.cloud is not None:
             try:
                 self.cloud.tick()
@@ -571,6 +616,8 @@ class Supervisor:
             due = min(due, self.altwan.next_due())
         if self.recovery is not None:
             due = min(due, self.recovery.next_due())
+        if self.health is not None and self.steering is not None:
+            due = min(due, self.health.next_due(), self.steering.next_due())
         if self.paths is not None and self.paths.dirty:
             due = now
         if self.fp is not None and self.fp.liveness_busy():
@@ -602,6 +649,7 @@ class Supervisor:
     async def _status(self, _req: dict) -> dict:
         assert self.fp is not None
         links = []
+        health = self.health.status() if self.health is not None else {}
         for link in self.cfg.links:
             c = self.fp.link_counters(self.link_ids[link.name])
             links.append(
@@ -617,6 +665,9 @@ class Supervisor:
                     "rx_bytes": c.rx_bytes,
                     "tx_bytes": c.tx_bytes,
                     "drops": c.drops,
+                    # Link health (docs/links.md): state, why, loss/jitter/latency.
+                    "health": health.get(link.name),
+                    "bandwidth_mbps": link.bandwidth_mbps,
                 }
             )
         g = self.fp.global_counters()
@@ -654,6 +705,8 @@ class Supervisor:
             "cloud": self.cloud.summary() if self.cloud is not None else {"state": "off"},
             "mesh": self.mesh.summary() if self.mesh is not None else {"enabled": False},
             "altwan": self.altwan.summary() if self.altwan is not None else {"enabled": False},
+            # Which links cloud and off-cloud traffic use, with their weights, and why.
+            "steering": self.steering.status() if self.steering is not None else None,
             "recovery": (
                 self.recovery.summary() if self.recovery is not None else {"enabled": False}
             ),
@@ -738,7 +791,19 @@ class Supervisor:
             self._record_event,
             owned=self.cfg.owned(),
         )
-        return self.wan.handlers()
+        handlers = self.wan.handlers()
+        addressing = handlers["links"]
+
+        async def links(req: dict) -> dict:
+            # Addressing from wanaddr.py, health and the links in use from here.
+            result = await addressing(req)
+            health = self.health.status() if self.health is not None else {}
+            for entry in result.get("links", []):
+                entry["health"] = health.get(entry.get("name"))
+            result["steering"] = self.steering.status() if self.steering is not None else None
+            return result
+
+        return {**handlers, "links": links}
 
     def _lan_handlers(self) -> dict:
         """`lan` (lanport.py owns it)."""
@@ -794,8 +859,17 @@ class Supervisor:
         finally:
             pets.cancel()
 
+    def _link_states(self) -> dict[str, bool]:
+        """Link name -> it carries traffic: link health's verdict (a silent link is down too),
+        the device's state for a link health does not watch (Alt-WAN)."""
+        states = self.links.states()
+        if self.health is not None:
+            for h in self.health.by_link.values():
+                states[h.link.name] = h.state is not LinkHealthState.DOWN
+        return states
+
     def _show_leds(self, leds: LedController) -> None:
-        links = self.links.states()
+        links = self._link_states()
         cloud = self.cloud.state if self.cloud is not None else "off"
         self._cloud_was_up |= cloud == "up"
         # Until the cloud is first reached (or the grace runs out) the box is booting, however
@@ -828,6 +902,7 @@ class Supervisor:
         assert self.fp is not None
         loop.add_reader(self.fp.ctrl_fd, self._on_ctrl_readable)
         loop.add_reader(self.fp.liveness_wake_fd, self._on_liveness_wake)
+        self._watch_links(loop)
         handlers = {
             "status": self._status,
             "peers": self._peers,
@@ -879,6 +954,10 @@ class Supervisor:
             await self.firewall.close()
             loop.remove_reader(self.fp.ctrl_fd)
             loop.remove_reader(self.fp.liveness_wake_fd)
+            if self._netlink is not None:
+                loop.remove_reader(self._netlink.fileno())
+                self._netlink.close()
+                self._netlink = None
             self.close()
 
     def close(self) -> None:

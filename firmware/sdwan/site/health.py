@@ -1,0 +1,474 @@
+"""Link health: each WAN link's loss, jitter and latency, measured all the time from probes, and
+the link's state (up, degraded, down) with the reason and the figures that decided it.
+
+What is probed: the parts that have a peer over a link name it (`add_targets`): the cloud its
+PoP session on each link, the mesh its direct tunnels. A probe is the fast path's
+authenticated probe (`fp_peer_probe`), which the far fast path answers by itself, so neither
+the PoP's nor a peer's Python loop is timed. Each link sends one probe per target every
+`[wan] probe_ms` (200 ms), at most `MAX_TARGETS` targets a round.
+
+What is figured over the last `[wan] window_s` (docs/links.md, "Health"):
+
+* loss: the share of probes unanswered after `probe_timeout`, over every target;
+* latency: the median round trip to each target, the worst target's;
+* jitter: the RFC 3550 interarrival jitter of the round trips to each target (the same 1/16
+  running estimate of how much consecutive transit times differ), the worst target's.
+
+A link is down when its device cannot carry traffic (the kernel says why: no carrier,
+administratively down, no such interface; the supervisor wakes the ticker on every netlink
+link event, so that is seen at once), when it has no address, or when it is silent: nothing
+answered over it for `[wan] silent_after_ms` while a target it probes (the same PoP, the same
+site) still answers over another link. Silence on every link at once is the cloud or the peers
+going away, not the links: no link is taken down for it (WAN recovery handles that). A link is
+degraded past any of its thresholds (`[[links]] loss_pct`, `jitter_ms`, `latency_ms`) once the
+window holds enough probes to tell, and healthy again when every figure is back under them.
+
+Every change of state is an event (`link.down`, `link.up`, `link.degraded`, `link.recovered`)
+with the figures that decided, and bumps `generation`: `site/steering.py` turns the states
+into the links traffic uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from sdwan.bindings.fastpath import PMTU_MIN, FastPath, FastPathError
+from sdwan.common.sessions import SessionOwner
+from sdwan.site.config import Wan
+from sdwan.site.links import LinkManager, WanLink
+
+log = logging.getLogger("sdwan.site.health")
+
+# Probes are as small as the fast path sends them: 576 bytes on the wire.
+PROBE_SIZE = PMTU_MIN
+MAX_TARGETS = 4  # probed per link each round: the PoP and a few mesh peers are plenty
+# A probe unanswered this long is lost. Longer than any latency a link may still be "up"
+# with (its threshold, twice over), so a slow link is degraded for latency, not for loss.
+MIN_PROBE_TIMEOUT_S = 2.0
+# Figures need this many answered/lost probes in the window before they judge a link.
+MIN_SAMPLES = 20
+MIN_TARGET_SAMPLES = 5  # a target's latency and jitter count once it has this many answers
+# A link healthy again needs every figure under its threshold and loss under this share of it
+# (hysteresis: a link near the threshold does not flap between degraded and healthy).
+RECOVER_LOSS_SHARE = 0.5
+# A target never answered over a link is not counted as silence there before this: the
+# first handshake of its session takes a moment.
+FIRST_ANSWER_GRACE_S = 3.0
+LONG_AGO_S = 1e6
+JITTER_GAIN = 1 / 16  # RFC 3550, 6.4.1
+
+
+class LinkHealthState(StrEnum):
+    UP = "up"
+    DEGRADED = "degraded"
+    DOWN = "down"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A peer to probe over a link: its fast-path peer id, the fast-path link the probe
+    leaves on, and who answers (the same remote over two links is how silence on one of them
+    is told apart from the remote going away): ("pop", id) or ("site", id)."""
+
+    peer_id: int
+    fp_link: int
+    remote: Hashable
+
+
+TargetSource = Callable[[WanLink], Iterable[Target]]
+
+
+@dataclass
+class _Sample:
+    sent_at: float
+    remote: Hashable
+    rtt: float | None  # seconds; None: lost
+
+
+@dataclass
+class _Remote:
+    """What one link knows of one remote."""
+
+    first_expected: float
+    last_answer: float | None = None
+    jitter: float = 0.0  # seconds, the RFC 3550 estimate
+    last_rtt: float | None = None
+
+
+@dataclass
+class Figures:
+    loss_pct: float | None = None
+    jitter_ms: float | None = None
+    latency_ms: float | None = None
+    samples: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "loss_pct": None if self.loss_pct is None else round(self.loss_pct, 1),
+            "jitter_ms": None if self.jitter_ms is None else round(self.jitter_ms, 1),
+            "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 1),
+            "samples": self.samples,
+        }
+
+
+@dataclass
+class LinkHealth:
+    """One link's probes, figures and state."""
+
+    link: WanLink
+    started: float
+    state: LinkHealthState = LinkHealthState.UP
+    reason: str | None = None
+    since: float = 0.0
+    healthy_since: float | None = None  # up and not degraded, continuously, since then
+    working_since: float | None = None  # not down, continuously, since then
+    figures: Figures = field(default_factory=Figures)
+    degraded_by: list[str] = field(default_factory=list)
+    next_probe: float = 0.0
+    pending: dict[int, tuple[float, Hashable]] = field(default_factory=dict)
+    samples: deque[_Sample] = field(default_factory=deque)
+    remotes: dict[Hashable, _Remote] = field(default_factory=dict)
+    targets: list[Target] = field(default_factory=list)
+    turn: int = 0  # rotates the targets probed when there are more than MAX_TARGETS
+    probes_sent: int = 0
+    probes_unsent: int = 0  # the fast path could not send (no key yet, no endpoint)
+    probes_answered: int = 0
+
+    def last_answer(self) -> float | None:
+        times = [r.last_answer for r in self.remotes.values() if r.last_answer is not None]
+        return max(times) if times else None
+
+    def status(self, now: float) -> dict[str, Any]:
+        lk = self.link.link
+        return {
+            "state": str(self.state),
+            "reason": self.reason,
+            "since_s": round(now - self.since, 1),
+            **self.figures.as_dict(),
+            "degraded_by": list(self.degraded_by),
+            "thresholds": {
+                "loss_pct": lk.loss_pct, "jitter_ms": lk.jitter_ms, "latency_ms": lk.latency_ms,
+            },
+            "targets": len(self.targets),
+            "probes": {
+                "sent": self.probes_sent,
+                "answered": self.probes_answered,
+                "unsent": self.probes_unsent,
+            },
+        }
+
+
+Event = Callable[[str, str, dict[str, Any]], None]
+
+
+class Health(SessionOwner):
+    """The health of every WAN link but an Alt-WAN one (its tunnels watch themselves); a
+    session-layer owner only for the acks of its probes."""
+
+    def __init__(
+        self,
+        links: LinkManager,
+        cfg: Wan,
+        fp: FastPath | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_event: Event | None = None,
+    ) -> None:
+        self.links = links
+        self.cfg = cfg
+        self.fp = fp
+        self.clock = clock
+        self.on_event = on_event or (lambda _k, _t, _d: None)
+        now = clock()
+        self.by_link: dict[int, LinkHealth] = {
+            # At start every link counts as having been healthy long enough to carry traffic.
+            wl.id: LinkHealth(wl, started=now, since=now, healthy_since=now - LONG_AGO_S,
+                              working_since=now - LONG_AGO_S)
+            for wl in links
+            if not wl.altwan
+        }
+        self._sources: list[TargetSource] = []
+        self._next_id = int.from_bytes(os.urandom(4), "big")
+        self._by_probe: dict[int, int] = {}  # probe id -> link id
+        # Bumped at every change of a link's state: steering recomputes then.
+        self.generation = 0
+
+    # ---------------------------------------------------------------- inputs
+
+    def add_targets(self, source: TargetSource) -> None:
+        """`source(link)` names the peers to probe over that link, each tick."""
+        self._sources.append(source)
+
+    def on_probe_ack(self, peer_id: int, link_id: int, probe_id: int, received: int) -> bool:
+        lid = self._by_probe.pop(probe_id, None)
+        if lid is None:
+            return False
+        h = self.by_link.get(lid)
+        if h is None:
+            return True
+        sent = h.pending.pop(probe_id, None)
+        if sent is None:
+            return True
+        now = self.clock()
+        sent_at, remote = sent
+        rtt = max(0.0, now - sent_at)
+        h.probes_answered += 1
+        h.samples.append(_Sample(sent_at, remote, rtt))
+        r = h.remotes.get(remote)
+        if r is None:
+            r = h.remotes[remote] = _Remote(first_expected=sent_at)
+        r.last_answer = now
+        if r.last_rtt is not None:
+            r.jitter += (abs(rtt - r.last_rtt) - r.jitter) * JITTER_GAIN
+        r.last_rtt = rtt
+        return True
+
+    # ---------------------------------------------------------------- periodic work
+
+    @property
+    def probe_s(self) -> float:
+        return self.cfg.probe_ms / 1000
+
+    def probe_timeout(self, h: LinkHealth) -> float:
+        return max(MIN_PROBE_TIMEOUT_S, 2 * h.link.link.latency_ms / 1000)
+
+    def tick(self) -> None:
+        now = self.clock()
+        for h in self.by_link.values():
+            try:
+                self._probe(h, now)
+            except Exception:  # one link's trouble must not stop the others' health
+                log.exception("link %s: probing failed", h.link.name)
+            self._expire(h, now)
+        for h in self.by_link.values():
+            self._judge(h, now)
+
+    def next_due(self) -> float:
+        due = math.inf
+        for h in self.by_link.values():
+            if self._sources:
+                due = min(due, h.next_probe)
+            if h.pending:
+                due = min(due, min(s for s, _ in h.pending.values()) + self.probe_timeout(h))
+        return due
+
+    def _probe(self, h: LinkHealth, now: float) -> None:
+        if now < h.next_probe or self.fp is None:
+            return
+        h.next_probe = now + self.probe_s
+        targets: list[Target] = []
+        for source in self._sources:
+            targets.extend(source(h.link))
+        h.targets = targets
+        for t in targets:
+            if t.remote not in h.remotes:
+                h.remotes[t.remote] = _Remote(first_expected=now)
+        if len(targets) > MAX_TARGETS:
+            start = h.turn % len(targets)
+            h.turn += MAX_TARGETS
+            targets = (targets[start:] + targets[:start])[:MAX_TARGETS]
+        for t in targets:
+            probe_id = self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+            try:
+                self.fp.probe(t.peer_id, t.fp_link, PROBE_SIZE, probe_id)
+            except FastPathError:
+                # No key or no endpoint on that link yet: nothing goes out, nothing comes
+                # back, which is what the silence check should see.
+                h.probes_unsent += 1
+                continue
+            h.probes_sent += 1
+            h.pending[probe_id] = (now, t.remote)
+            self._by_probe[probe_id] = h.link.id
+
+    def _expire(self, h: LinkHealth, now: float) -> None:
+        timeout = self.probe_timeout(h)
+        for pid, (sent_at, remote) in list(h.pending.items()):
+            if now - sent_at >= timeout:
+                del h.pending[pid]
+                self._by_probe.pop(pid, None)
+                # Lost only if the remote answered something sent later, over any link: a
+                # remote gone quiet everywhere (the PoP down) says nothing of this link.
+                # And only while the link works: what was lost while it was down is part of
+                # that outage, not of how the link does now.
+                working = h.working_since is not None and sent_at >= h.working_since
+                if working and self._heard_after(remote, sent_at):
+                    h.samples.append(_Sample(sent_at, remote, None))
+        horizon = now - self.cfg.window_s
+        while h.samples and h.samples[0].sent_at < horizon:
+            h.samples.popleft()
+        for remote in [r for r, st in h.remotes.items()
+                       if (st.last_answer or st.first_expected) < horizon
+                       and not any(t.remote == r for t in h.targets)]:
+            del h.remotes[remote]
+
+    def _heard_after(self, remote: Hashable, t: float) -> bool:
+        for other in self.by_link.values():
+            r = other.remotes.get(remote)
+            if r is not None and r.last_answer is not None and r.last_answer > t:
+                return True
+        return False
+
+    def figures(self, h: LinkHealth) -> Figures:
+        samples = list(h.samples)
+        if not samples:
+            return Figures()
+        lost = sum(1 for s in samples if s.rtt is None)
+        latency: float | None = None
+        jitter: float | None = None
+        by_remote: dict[Hashable, list[float]] = {}
+        for s in samples:
+            if s.rtt is not None:
+                by_remote.setdefault(s.remote, []).append(s.rtt)
+        for remote, rtts in by_remote.items():
+            if len(rtts) < MIN_TARGET_SAMPLES:
+                continue
+            med = statistics.median(rtts) * 1000
+            latency = med if latency is None else max(latency, med)
+            r = h.remotes.get(remote)
+            if r is not None:
+                jitter = max(jitter or 0.0, r.jitter * 1000)
+        return Figures(
+            loss_pct=100.0 * lost / len(samples),
+            jitter_ms=jitter,
+            latency_ms=latency,
+            samples=len(samples),
+        )
+
+    def _silence(self, h: LinkHealth, now: float) -> str | None:
+        """Why the link counts as silent, or None: nothing answered over it for
+        silent_after_ms while a remote it probes answers over another link."""
+        silent_s = self.cfg.silent_after_ms / 1000
+        alive_s = 0.6 * silent_s  # an answer this recent elsewhere: that remote is there
+        for remote, r in h.remotes.items():
+            if r.last_answer is not None:
+                quiet_since = r.last_answer
+            else:
+                quiet_since = max(r.first_expected, h.started) + FIRST_ANSWER_GRACE_S
+            if now - quiet_since < silent_s:
+                continue
+            for other in self.by_link.values():
+                if other is h:
+                    continue
+                o = other.remotes.get(remote)
+                if o is not None and o.last_answer is not None and now - o.last_answer <= alive_s:
+                    ms = (now - (r.last_answer or r.first_expected)) * 1000
+                    return (f"silent: no answer from {_remote_text(remote)} for {ms:.0f} ms"
+                            f" (it answers over {other.link.name})")
+        return None
+
+    def _judge(self, h: LinkHealth, now: float) -> None:
+        h.figures = fig = self.figures(h)
+        wl = h.link
+        fault = wl.fault()
+        if fault is None and wl.local_ipv4() is None:
+            fault = "no address"
+        if fault is None:
+            silent = self._silence(h, now)
+            if silent is None and h.state is LinkHealthState.DOWN and h.reason is not None \
+                    and h.reason.startswith("silent") and not _answered_since(h, h.since):
+                silent = h.reason  # down for silence: up again only once something answers
+            fault = silent
+        if fault is not None:
+            self._set(h, LinkHealthState.DOWN, fault, [], now)
+            return
+        lk = wl.link
+        bad: list[str] = []
+        recovering = h.state is LinkHealthState.DEGRADED
+        if fig.samples >= MIN_SAMPLES and fig.loss_pct is not None:
+            limit = lk.loss_pct * (RECOVER_LOSS_SHARE if recovering else 1.0)
+            if fig.loss_pct > limit:
+                bad.append(f"loss {fig.loss_pct:.1f} % > {limit:g} %")
+        if fig.jitter_ms is not None and fig.jitter_ms > lk.jitter_ms:
+            bad.append(f"jitter {fig.jitter_ms:.0f} ms > {lk.jitter_ms} ms")
+        if fig.latency_ms is not None and fig.latency_ms > lk.latency_ms:
+            bad.append(f"latency {fig.latency_ms:.0f} ms > {lk.latency_ms} ms")
+        if bad:
+            self._set(h, LinkHealthState.DEGRADED, "degraded: " + ", ".join(bad), bad, now)
+        else:
+            self._set(h, LinkHealthState.UP, None, [], now)
+
+    def _set(
+        self, h: LinkHealth, state: LinkHealthState, reason: str | None, bad: list[str],
+        now: float,
+    ) -> None:
+        h.degraded_by = bad
+        if state is h.state:
+            h.reason = reason  # the figures in it move; the state does not
+            return
+        old = h.state
+        h.state, h.reason, h.since = state, reason, now
+        h.healthy_since = now if state is LinkHealthState.UP else None
+        if state is LinkHealthState.DOWN:
+            h.working_since = None
+            # What it measured before going down says nothing of it once it is back.
+            h.samples.clear()
+            for r in h.remotes.values():
+                r.last_rtt, r.jitter = None, 0.0
+        elif old is LinkHealthState.DOWN:
+            h.working_since = now
+        self.generation += 1
+        name = h.link.name
+        data = {"link": name, "from": str(old), "to": str(state), "reason": reason,
+                **h.figures.as_dict()}
+        if state is LinkHealthState.DOWN:
+            kind, text = "link.down", f"link {name} down: {reason}"
+        elif state is LinkHealthState.DEGRADED:
+            kind, text = "link.degraded", f"link {name} {reason}"
+        elif old is LinkHealthState.DEGRADED:
+            kind, text = "link.recovered", f"link {name} healthy again ({_figures_text(h)})"
+        else:
+            kind, text = "link.up", f"link {name} up"
+        log.info("%s", text)
+        self.on_event(kind, text, data)
+
+    # ---------------------------------------------------------------- reading
+
+    def state(self, link_id: int) -> LinkHealthState:
+        h = self.by_link.get(link_id)
+        return h.state if h is not None else LinkHealthState.DOWN
+
+    def get(self, link_id: int) -> LinkHealth | None:
+        return self.by_link.get(link_id)
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        now = self.clock()
+        return {h.link.name: h.status(now) for h in self.by_link.values()}
+
+    # The session layer asks every owner these; the probes' acks are all this owner takes.
+    def tunnel_for(self, session: Any) -> None:
+        return None
+
+    def sessions_in_use(self) -> list[Any]:
+        return []
+
+
+def _answered_since(h: LinkHealth, t: float) -> bool:
+    return any(r.last_answer is not None and r.last_answer > t for r in h.remotes.values())
+
+
+def _remote_text(remote: Hashable) -> str:
+    if isinstance(remote, tuple) and len(remote) == 2:
+        kind, rid = remote
+        return f"PoP {rid}" if kind == "pop" else f"site {rid}"
+    return str(remote)
+
+
+def _figures_text(h: LinkHealth) -> str:
+    f = h.figures
+    parts = []
+    if f.loss_pct is not None:
+        parts.append(f"loss {f.loss_pct:.1f} %")
+    if f.jitter_ms is not None:
+        parts.append(f"jitter {f.jitter_ms:.0f} ms")
+    if f.latency_ms is not None:
+        parts.append(f"latency {f.latency_ms:.0f} ms")
+    return ", ".join(parts) or "no figures yet"
