@@ -254,20 +254,21 @@ class LanPort:
     # ---------------------------------------------------------------- running
 
     async def _run(self) -> None:
-        delay = RESTART_S
+        delay = address_delay = RESTART_S
         first = True
         while not self._stopping:
             if not await self._ensure_address(force=first):
                 first = False
-                self.server.retry_at = self.clock() + delay
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RESTART_MAX_S)
+                self.server.retry_at = self.clock() + address_delay
+                await asyncio.sleep(address_delay)
+                address_delay = min(address_delay * 2, RESTART_MAX_S)
                 continue
-            first = False
+            first, address_delay = False, RESTART_S
             if not self.lan.serves_dhcp:
                 return
             srv = self.server
-            argv, why = self.command()
+            # Off the loop: it may ask busybox for its applets.
+            argv, why = await asyncio.to_thread(self.command)
             if argv is None:
                 # Nothing will change that while socketd runs: said once, not retried.
                 srv.state, srv.error = "failed", why
