@@ -1,12 +1,16 @@
 /*
  * fuzz_links.c - libFuzzer target over the calls that change a peer's links
  * and the prefix table: fp_peer_set_endpoint / fp_peer_del_endpoint /
- * fp_peer_set_policy / fp_route_batch, interleaved with packets both ways.
+ * fp_peer_set_policy / fp_route_batch / fp_group_set / fp_group_del,
+ * interleaved with packets both ways.
  *
  * The input is a sequence of commands, each [op:1][args...] (short inputs end
- * the sequence). A fresh instance (relay on) with peers 1 and 2 per input.
- * Besides the sanitizers it checks the promises of fastpath.h:
- *   - a packet is only ever sent to an endpoint the peer has, on its link;
+ * the sequence). A fresh instance (relay on) with peers 1 and 2 per input; id 3
+ * is the peer group the input may make of them. Besides the sanitizers it
+ * checks the promises of fastpath.h:
+ *   - a packet is only ever sent to an endpoint the peer has, on its link, and
+ *     to a peer, never to the group (dropped as no_member when it has none);
+ *   - a group holds what the last accepted fp_group_set gave it;
  *   - the same packet twice, with nothing changed between, takes the same link;
  *   - an inbound packet never adds, removes or moves a link of a peer;
  *   - a rejected fp_route_batch changes no lookup of any prefix it named,
@@ -150,7 +154,7 @@ static void route_batch(fp_t *fp, struct input *in)
         memset(&ops[i], 0, sizeof(ops[i]));
         ops[i].verb = b[0] & 0x80 ? b[0] : b[0] & 1;  /* now and then a bad verb */
         ops[i].plen = b[1];
-        ops[i].peer_id = b[2] % 4;                  /* 3 and 0 do not exist */
+        ops[i].peer_id = b[2] % 4;                  /* 0 does not exist, 3 is the group */
         read_addr(in, &ops[i].prefix);
         if (b[0] & 0x40)
             ops[i].prefix.family = b[2];            /* and a bad family */
@@ -169,6 +173,41 @@ static void route_batch(fp_t *fp, struct input *in)
             CHECK(lookup(fp, &ops[i].prefix) == before[i]);
 }
 
+/* Group 3 of the input's members (ids 0..3: 0 is no peer, 3 the group itself), or
+ * deleted. */
+static void group(fp_t *fp, struct input *in, int del)
+{
+    struct fp_group_member got[FP_GROUP_MEMBERS];
+    if (del) {
+        int rc = fp_group_del(fp, 3);
+        CHECK(rc == 0 || rc == -ENOENT);
+        CHECK(fp_group_members(fp, 3, got, FP_GROUP_MEMBERS) == -ENOENT);
+        return;
+    }
+    struct fp_peer_weight m[FP_GROUP_MEMBERS + 2];
+    uint8_t n = 0;
+    take(in, &n, 1);
+    n %= FP_GROUP_MEMBERS + 2;
+    memset(m, 0, sizeof(m));
+    for (size_t i = 0; i < n; i++) {
+        uint8_t b[2] = {0};
+        take(in, b, 2);
+        m[i].peer_id = b[0] % 4;
+        m[i].weight = b[1];
+    }
+    int before = fp_group_members(fp, 3, got, FP_GROUP_MEMBERS);
+    int rc = fp_group_set(fp, 3, m, n);
+    CHECK(rc == 0 || rc == -EINVAL || rc == -ENOENT);
+    int after = fp_group_members(fp, 3, got, FP_GROUP_MEMBERS);
+    if (rc < 0) {
+        CHECK(after == before);
+        return;
+    }
+    CHECK(after == n);
+    for (size_t i = 0; i < n; i++)
+        CHECK(got[i].peer_id == m[i].peer_id && got[i].weight == m[i].weight);
+}
+
 static void outbound(fp_t *fp, struct input *in)
 {
     static uint8_t pkt[128], out[128 + FP_OVERHEAD];
@@ -178,9 +217,12 @@ static void outbound(fp_t *fp, struct input *in)
     CHECK(fp_process_outbound(fp, pkt, len, out, sizeof(out), &r1) == 0);
     CHECK(fp_process_outbound(fp, pkt, len, out, sizeof(out), &r2) == 0);
     CHECK(r1.verdict == r2.verdict);
+    if (r1.verdict == FP_V_DROP && r1.drop_reason == FP_DROP_NO_MEMBER)
+        CHECK(r1.peer_id == 3);
     if (r1.verdict != FP_V_SEND)
         return;
     CHECK(r1.link_id == r2.link_id && r1.peer_id == r2.peer_id);
+    CHECK(r1.peer_id == 1 || r1.peer_id == 2);
     links_of(fp, r1.peer_id, &l);
     CHECK(has_link(&l, r1.link_id, &r1.to));
 }
@@ -266,8 +308,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             route_batch(fp, &in);
             break;
         case 4:
-        case 5:
             outbound(fp, &in);
+            break;
+        case 5:
+            group(fp, &in, (op >> 3) & 1);
             break;
         default:
             inbound(fp, &in, &ctr);

@@ -127,6 +127,8 @@ def batch(ops):
     return bytes([3, len(ops)]) + b"".join(ops)
 def out(b):
     return bytes([4]) + bytes(b)
+def group(pairs):
+    return bytes([5, len(pairs)]) + b"".join(bytes(p) for p in pairs)
 def inb(link, src, b):
     return bytes([6, link, 0]) + struct.pack("!H", 5000) + bytes(src) + bytes(b)
 pkt = [20, 0, 0, 17, 1, 0, 5, 2, 0, 7, 4, 1]
@@ -139,6 +141,10 @@ seeds = {
     "unlisted": setup + inb(3, [203, 0, 113, 9], pkt) + out(pkt),
     "badbatch": setup + batch([route(1, 16, 2, [10, 2, 0, 0]), route(0, 40, 2, [10, 3, 0, 0])]) + out(pkt),
     "dellink": setup + bytes([0x80 | 1 << 3 | 1]) + out(pkt) + policy(2, [(1, 0)]),
+    # Peer group 3 of peers 1 and 2, routed to, emptied and deleted.
+    "group": setup + group([(1, 1), (2, 3)]) + batch([route(0, 16, 3, [10, 2, 0, 0])])
+             + out(pkt) + inb(1, [192, 0, 2, 1], pkt) + group([]) + out(pkt)
+             + bytes([5 | 1 << 3]) + out(pkt),
 }
 for name, data in seeds.items():
     (d / name).write_bytes(data)

@@ -5,7 +5,7 @@
  * The fast path owns the TUN device and one UDP socket per WAN link, and in
  * threads of its own (no GIL) moves packets between them:
  *
- *   TUN -> prefix table -> peer -> link policy -> AES-256-GCM seal -> UDP (link, endpoint)
+ *   TUN -> prefix table -> peer (a group: a member per flow) -> link policy -> seal -> UDP
  *   UDP -> demux (data vs control) -> index -> open -> replay check -> TUN
  *                                                  \-> (relay) seal to another peer
  *
@@ -53,7 +53,9 @@ enum fp_drop_reason {
     FP_DROP_OFFCLOUD_DOWN = 12, /* matched an off-cloud transport rule while the prefix has no
                                   off-cloud path up, and the rule's secondary allows nothing
                                   else (none; or cloud without a cloud path) */
-    FP_DROP__COUNT = 13
+    FP_DROP_NO_MEMBER = 13,    /* routed to a peer group none of whose members has a
+                                  transmit key and an endpoint (or that has no members) */
+    FP_DROP__COUNT = 14
 };
 
 /* What fp_process_* decided about one packet. */
@@ -111,7 +113,7 @@ struct fp_counters {
     uint64_t rx_bytes;
     uint64_t tx_packets;
     uint64_t tx_bytes;
-    uint64_t drops[13];       /* by enum fp_drop_reason (FP_DROP__COUNT) */
+    uint64_t drops[14];       /* by enum fp_drop_reason (FP_DROP__COUNT) */
     uint64_t last_rx_ns;      /* CLOCK_MONOTONIC of last authenticated rx, 0 = never */
     uint64_t last_tx_ns;
 };
@@ -366,6 +368,42 @@ int fp_peer_endpoints(fp_t *fp, uint32_t peer_id, struct fp_peer_links *out);
  * instead of each peer's fp_peer_endpoints. */
 uint64_t fp_endpoints_gen(fp_t *fp);
 int fp_peer_set_policy(fp_t *fp, uint32_t peer_id, const struct fp_link_weight *w, size_t n);
+
+/* Peer groups (docs/dataplane.md, "Peer groups"): an id that routes (their peer, off-cloud
+ * peer and cloud peer alike) may name in place of a peer, whose packets go, per flow, to one
+ * of its member peers, by the same flow hash and weighted rendezvous hashing as a peer's
+ * links: a flow stays on its member while the members and weights stay, and only the flows
+ * of a member removed or reweighted move. A member without a transmit key or without an
+ * endpoint is passed over (its flows go to their next-best member, and come back when it
+ * has both again); with none left, or no members, the packet is dropped as
+ * FP_DROP_NO_MEMBER. fp_group_set creates the group or replaces its members (n == 0: none);
+ * members are existing peers, distinct, no groups, weights > 0, at most FP_GROUP_MEMBERS
+ * (else -EINVAL; -ENOENT: a member is no peer; -EEXIST: group_id is a peer's). Deleting a
+ * peer (fp_peer_del) takes it out of every group; fp_group_del deletes the group and, as
+ * fp_peer_del does for a peer, the routes it is the peer of (-ENOENT: none; -EINVAL: a
+ * peer's id). A group shares the peers' ids, so fp_peer_add refuses its id (-EEXIST); the
+ * calls that configure or read one peer's transport (endpoints, policy, MTU, keys,
+ * keepalives, probes, source owner, fp_peer_del) refuse a group with -EINVAL, while
+ * fp_peer_counters gives its drops (no_member) and, as tx_packets, the packets it handed
+ * to its members; everything sealed is counted on the member. fp_group_members copies up
+ * to cap members in order and returns their number (-ENOENT, -EINVAL as fp_group_del). */
+#define FP_GROUP_MEMBERS 8
+
+struct fp_peer_weight {
+    uint32_t peer_id;
+    uint32_t weight;
+};
+
+struct fp_group_member {
+    uint32_t peer_id;
+    uint32_t weight;
+    int usable;               /* has a transmit key and an endpoint now */
+    uint64_t packets;         /* packets the group handed to it (it may still drop them) */
+};
+
+int fp_group_set(fp_t *fp, uint32_t group_id, const struct fp_peer_weight *m, size_t n);
+int fp_group_del(fp_t *fp, uint32_t group_id);
+int fp_group_members(fp_t *fp, uint32_t group_id, struct fp_group_member *out, size_t cap);
 
 /* Path MTU (docs/dataplane.md, "Path MTU"). fp_peer_set_mtu sets the largest IP
  * packet the path to the peer carries (what the supervisor's probing found), or 0

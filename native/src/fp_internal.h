@@ -11,8 +11,8 @@
  *              whatever the kernel answered during that write leaves at once
  *              instead of after waking the TUN thread. One reader at a time
  *              keeps a flow's packets in order.
- *   lock       rwlock over every table (peers, key index, routes, links, the
- *              transport rules, the allowed sources).
+ *   lock       rwlock over every table (peers, peer groups, key index, routes,
+ *              links, the transport rules, the allowed sources).
  *              Packet processing holds it shared for a whole batch; table
  *              changes from Python hold it exclusive. It prefers writers so
  *              a busy data path cannot starve a route change.
@@ -135,6 +135,8 @@ struct fp_peer {
     /* Derived from mtu and the endpoints' families; read by every packet
      * without ep_lock. 0: no limit but the TUN's. */
     _Atomic uint32_t inner_mtu;
+    /* primary >= 0, for the same readers: a group passes over a member without one. */
+    _Atomic bool has_endpoint;
     struct fp_ctr ctr;
     /* Liveness under traffic (fp_liveness_scan): when the first data packet
      * sealed since the peer's last authenticated packet was sealed, and when
@@ -146,6 +148,26 @@ struct fp_peer {
     /* fp_peer_set_source_owner (under fp->lock exclusive): whose sources the peer may
      * send, FP_SOURCE_ANY, or 0: not checked. */
     uint32_t source_owner;
+    /* Not NULL: this entry is a peer group (groups.c), never sealed for itself; it has no
+     * keys nor endpoints, and routes name it as they name a peer. */
+    struct fp_group *group;
+};
+
+/* A peer group's members (groups.c), changed only under fp->lock exclusive, so a packet
+ * holding it shared reads them as they are. */
+struct fp_gmember {
+    struct fp_peer *peer;
+    uint32_t weight;
+    uint64_t salt;                      /* hash of the member's id, mixed into the flow hash */
+    double inv_weight;
+    _Atomic uint64_t packets;           /* handed to it by the group */
+};
+
+struct fp_group {
+    struct fp_group *next;              /* in fp->groups */
+    uint32_t n;
+    bool equal_weights;
+    struct fp_gmember m[FP_GROUP_MEMBERS];
 };
 
 struct fp_route {
@@ -254,6 +276,7 @@ struct fp {
     pthread_mutex_t api_lock;
     pthread_rwlock_t lock;
     struct fp_peer *peers[FP_PEER_BUCKETS];
+    struct fp_group *groups;            /* every group, also among the peers */
     struct fp_key *index[FP_INDEX_BUCKETS];
     struct fp_rtable rt4;
     struct fp_rtable rt6;
@@ -362,7 +385,18 @@ void fp_addr_from_sockaddr(const struct sockaddr_storage *ss, struct fp_addr *a)
 /* table.c (callers hold fp->lock) */
 int fp_tables_init(struct fp *fp);
 void fp_tables_free(struct fp *fp);
+/* A peer or a peer group. */
 struct fp_peer *fp_peer_find(struct fp *fp, uint32_t id);
+/* A peer, not a group: for the calls that configure or read one peer's transport. NULL
+ * with *rc -ENOENT (no such id) or -EINVAL (a group). */
+struct fp_peer *fp_peer_find_plain(struct fp *fp, uint32_t id, int *rc);
+/* A new entry for the peers' table, not linked in (NULL: no memory); fp_peer_insert links
+ * it (the id is free: the caller checked, under fp->lock exclusive). */
+struct fp_peer *fp_peer_new(uint32_t id);
+void fp_peer_insert(struct fp *fp, struct fp_peer *p);
+/* Unlink an entry from the peers' table and every route (fp->lock exclusive), and free it
+ * with its keys or group. */
+void fp_peer_remove(struct fp *fp, struct fp_peer *p);
 struct fp_key *fp_index_find(struct fp *fp, uint32_t index);
 struct fp_peer *fp_route_lookup(struct fp *fp, int family, const uint8_t *addr);
 /* The longest-prefix route itself (its peer and the rules' peers), NULL for none. */
@@ -389,6 +423,10 @@ void fp_peer_choice_update(struct fp_peer *p);
 /* The endpoint slot a packet (inner IP packet `ip`, len 0: no flow) goes to,
  * -1 for none. */
 int fp_peer_choose(const struct fp_peer *p, const uint8_t *ip, size_t len);
+/* Weighted rendezvous hashing, shared by a peer's links and a group's members: the score
+ * of a candidate (its salt, 1 / weight) for a flow hash; the lowest wins. With equal
+ * weights the highest fp_mix64(flow ^ salt) wins, the same choice without the logarithm. */
+double fp_hrw_score(uint64_t flow, uint64_t salt, double inv_weight);
 int fp_peer_ep_slot(const struct fp_peer *p, uint32_t link_id);
 /* fp_link_del: drops the link's endpoints everywhere (fp->lock exclusive). */
 void fp_peers_drop_link(struct fp *fp, uint32_t link_id);
@@ -431,6 +469,14 @@ int fp_ctrlq_init(struct fp_ctrlq *q, uint32_t cap);
 void fp_ctrlq_free(struct fp_ctrlq *q);
 int fp_ctrlq_push(struct fp_ctrlq *q, uint32_t event, uint32_t link_id, uint32_t peer_id,
                   const struct fp_addr *from, const uint8_t *data, size_t len);
+
+/* groups.c (callers hold fp->lock). fp_group_resolve: the member a packet routed to group
+ * g goes to (counted on it), NULL when no member is usable. fp_group_has: whether p is one
+ * of g's members. fp_groups_drop_peer: p leaves every group (exclusive, before it is
+ * freed). */
+struct fp_peer *fp_group_resolve(struct fp_peer *g, const uint8_t *ip, size_t len);
+bool fp_group_has(const struct fp_peer *g, const struct fp_peer *p);
+void fp_groups_drop_peer(struct fp *fp, struct fp_peer *p);
 
 /* rules.c (callers hold fp->lock shared): the peer a packet from the TUN goes to by the
  * transport rules, given its route; NULL when a rule drops it. fc may be NULL (no cache). */

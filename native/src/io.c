@@ -1343,9 +1343,11 @@ static void idle_keepalives_locked(fp_t *fp, struct fp_peer *p, uint64_t every, 
 
 int fp_send_keepalive(fp_t *fp, uint32_t peer_id)
 {
+    int rc;
     pthread_rwlock_rdlock(&fp->lock);
-    struct fp_peer *p = fp_peer_find(fp, peer_id);
-    int rc = p ? keepalive_locked(fp, p) : -ENOENT;
+    struct fp_peer *p = fp_peer_find_plain(fp, peer_id, &rc);
+    if (p)
+        rc = keepalive_locked(fp, p);
     pthread_rwlock_unlock(&fp->lock);
     return rc;
 }
@@ -1369,13 +1371,14 @@ int fp_peer_set_keepalive(fp_t *fp, uint32_t peer_id, uint32_t interval_ms)
 {
     if (interval_ms > 3600000)
         return -EINVAL;
+    int rc;
     pthread_rwlock_rdlock(&fp->lock);
-    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    struct fp_peer *p = fp_peer_find_plain(fp, peer_id, &rc);
     if (p)
         atomic_store_explicit(&p->keepalive_ns, (uint64_t)interval_ms * 1000000u,
                               memory_order_relaxed);
     pthread_rwlock_unlock(&fp->lock);
-    return p ? 0 : -ENOENT;
+    return rc;
 }
 
 int fp_liveness_scan(fp_t *fp, uint64_t ack_after_ns, uint64_t silent_after_ns, uint32_t *ids,
@@ -1450,12 +1453,10 @@ int fp_peer_probe(fp_t *fp, uint32_t peer_id, uint32_t link_id, uint32_t size, u
     int rc;
     memset(&res, 0, sizeof(res));
     pthread_rwlock_rdlock(&fp->lock);
-    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    struct fp_peer *p = fp_peer_find_plain(fp, peer_id, &rc);
     struct fp_link *l = fp_link_find(fp, link_id);
-    if (!p) {
-        rc = -ENOENT;
+    if (!p)
         goto out;
-    }
     pthread_mutex_lock(&p->ep_lock);
     int slot = fp_peer_ep_slot(p, link_id);
     if (slot >= 0)

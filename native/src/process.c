@@ -308,6 +308,15 @@ int fp_outbound_locked(struct fp *fp, const uint8_t *ip, size_t len, uint8_t *ou
     struct fp_peer *peer = fp->rules ? fp_rules_apply(fp, fc, rt, ip, len) : rt->peer;
     if (!peer)
         return drop(res, FP_DROP_OFFCLOUD_DOWN, &fp->gctr, NULL);
+    if (peer->group) {
+        /* Before anything that is the member's own: its path MTU, link, key, counters. */
+        struct fp_peer *member = fp_group_resolve(peer, ip, len);
+        if (!member) {
+            res->peer_id = peer->id;
+            return drop(res, FP_DROP_NO_MEMBER, &fp->gctr, &peer->ctr);
+        }
+        peer = member;
+    }
     uint32_t mtu = inner_mtu(peer);
     if (mtu && len > mtu)
         return too_big_out(peer, ip, len, mtu, out, cap, res);
@@ -417,7 +426,9 @@ int fp_inbound_locked(struct fp *fp, struct fp_link *link, uint32_t link_id,
          * prefixes, so one site cannot pose as another through the relay. */
         uint8_t src[16];
         int sfam = fp_ip_src(out, plen, src);
-        if (sfam != family || fp_route_lookup(fp, sfam, src) != peer)
+        struct fp_peer *back = sfam == family ? fp_route_lookup(fp, sfam, src) : NULL;
+        /* Routed back to a group: each member speaks for the group's prefixes. */
+        if (!back || (back != peer && !fp_group_has(back, peer)))
             return drop(res, FP_DROP_SPOOFED, &peer->ctr, NULL);
     }
     /* The allowed sources (sources.c): a table apart from the routes, so a site's
@@ -427,6 +438,14 @@ int fp_inbound_locked(struct fp *fp, struct fp_link *link, uint32_t link_id,
         return drop(res, FP_DROP_SPOOFED, lc, &peer->ctr);
     if (cfg->relay) {
         struct fp_peer *to = fp_route_lookup(fp, family, dst);
+        if (to && to->group) {
+            struct fp_peer *member = fp_group_resolve(to, out, plen);
+            if (!member) {
+                res->peer_id = to->id;
+                return drop(res, FP_DROP_NO_MEMBER, &to->ctr, NULL);
+            }
+            to = member;
+        }
         if (to == peer)
             return drop(res, FP_DROP_NO_ROUTE, &peer->ctr, NULL);
         if (to) {

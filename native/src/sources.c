@@ -109,10 +109,11 @@ int fp_source_lookup(fp_t *fp, const struct fp_addr *addr, uint32_t *owner)
 
 int fp_peer_set_source_owner(fp_t *fp, uint32_t peer_id, uint32_t owner)
 {
+    int rc;
     pthread_rwlock_wrlock(&fp->lock);
-    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    struct fp_peer *p = fp_peer_find_plain(fp, peer_id, &rc);
     if (p)
         p->source_owner = owner;
     pthread_rwlock_unlock(&fp->lock);
-    return p ? 0 : -ENOENT;
+    return rc;
 }

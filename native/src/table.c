@@ -36,6 +36,13 @@ struct fp_peer *fp_peer_find(struct fp *fp, uint32_t id)
     return p;
 }
 
+struct fp_peer *fp_peer_find_plain(struct fp *fp, uint32_t id, int *rc)
+{
+    struct fp_peer *p = fp_peer_find(fp, id);
+    *rc = !p ? -ENOENT : p->group ? -EINVAL : 0;
+    return *rc ? NULL : p;
+}
+
 struct fp_key *fp_index_find(struct fp *fp, uint32_t index)
 {
     struct fp_key *k = fp->index[hash32(index) % FP_INDEX_BUCKETS];
@@ -409,6 +416,7 @@ static void peer_free(struct fp *fp, struct fp_peer *p)
         }
     }
     pthread_mutex_destroy(&p->ep_lock);
+    free(p->group);
     free(p);
 }
 
@@ -432,49 +440,68 @@ void fp_tables_free(struct fp *fp)
         }
         fp->peers[i] = NULL;
     }
+    fp->groups = NULL; /* freed with their entries */
+}
+
+struct fp_peer *fp_peer_new(uint32_t id)
+{
+    struct fp_peer *p = calloc(1, sizeof(*p));
+    if (!p)
+        return NULL;
+    p->id = id;
+    p->tx_slot = -1;
+    p->primary = -1;
+    pthread_mutex_init(&p->ep_lock, NULL);
+    return p;
+}
+
+void fp_peer_insert(struct fp *fp, struct fp_peer *p)
+{
+    struct fp_peer **b = &fp->peers[hash32(p->id) % FP_PEER_BUCKETS];
+    p->next = *b;
+    *b = p;
+}
+
+void fp_peer_remove(struct fp *fp, struct fp_peer *p)
+{
+    struct fp_peer **pp = &fp->peers[hash32(p->id) % FP_PEER_BUCKETS];
+    while (*pp && *pp != p)
+        pp = &(*pp)->next;
+    if (*pp)
+        *pp = p->next;
+    rt_remove_peer(&fp->rt4, p);
+    rt_remove_peer(&fp->rt6, p);
+    peer_free(fp, p);
 }
 
 int fp_peer_add(fp_t *fp, uint32_t peer_id)
 {
-    struct fp_peer *p = calloc(1, sizeof(*p));
+    struct fp_peer *p = fp_peer_new(peer_id);
     if (!p)
         return -ENOMEM;
-    p->id = peer_id;
-    p->tx_slot = -1;
-    p->primary = -1;
-    pthread_mutex_init(&p->ep_lock, NULL);
     pthread_rwlock_wrlock(&fp->lock);
     if (fp_peer_find(fp, peer_id)) {
         pthread_rwlock_unlock(&fp->lock);
-        pthread_mutex_destroy(&p->ep_lock);
-        free(p);
+        peer_free(fp, p);
         return -EEXIST;
     }
-    struct fp_peer **b = &fp->peers[hash32(peer_id) % FP_PEER_BUCKETS];
-    p->next = *b;
-    *b = p;
+    fp_peer_insert(fp, p);
     pthread_rwlock_unlock(&fp->lock);
     return 0;
 }
 
 int fp_peer_del(fp_t *fp, uint32_t peer_id)
 {
+    int rc;
     pthread_rwlock_wrlock(&fp->lock);
-    struct fp_peer **pp = &fp->peers[hash32(peer_id) % FP_PEER_BUCKETS];
-    while (*pp && (*pp)->id != peer_id)
-        pp = &(*pp)->next;
-    struct fp_peer *p = *pp;
-    if (!p) {
-        pthread_rwlock_unlock(&fp->lock);
-        return -ENOENT;
+    struct fp_peer *p = fp_peer_find_plain(fp, peer_id, &rc);
+    if (p) {
+        fp_groups_drop_peer(fp, p);
+        fp_peer_remove(fp, p);
+        fp_ep_changed(fp);
     }
-    *pp = p->next;
-    rt_remove_peer(&fp->rt4, p);
-    rt_remove_peer(&fp->rt6, p);
-    peer_free(fp, p);
-    fp_ep_changed(fp);
     pthread_rwlock_unlock(&fp->lock);
-    return 0;
+    return rc;
 }
 
 /* ------------------------------------------------------------------ links of a peer */
@@ -525,6 +552,14 @@ void fp_peer_choice_update(struct fp_peer *p)
             ip_hdr = 40;
     uint32_t inner = p->mtu ? p->mtu - ip_hdr - 8 - FP_OVERHEAD : 0;
     atomic_store_explicit(&p->inner_mtu, inner, memory_order_relaxed);
+    atomic_store_explicit(&p->has_endpoint, p->primary >= 0, memory_order_relaxed);
+}
+
+double fp_hrw_score(uint64_t flow, uint64_t salt, double inv_weight)
+{
+    uint64_t h = fp_mix64(flow ^ salt);
+    double u = ((double)(h >> 11) + 0.5) * 0x1p-53;
+    return -log(u) * inv_weight;
 }
 
 /* Weighted rendezvous hashing: each link scores -ln(u) / weight with u
@@ -552,9 +587,7 @@ int fp_peer_choose(const struct fp_peer *p, const uint8_t *ip, size_t len)
     }
     double low = 0;
     for (int i = 0; i < p->ncand; i++) {
-        uint64_t h = fp_mix64(flow ^ p->cand[i].salt);
-        double u = ((double)(h >> 11) + 0.5) * 0x1p-53;
-        double score = -log(u) * p->cand[i].inv_weight;
+        double score = fp_hrw_score(flow, p->cand[i].salt, p->cand[i].inv_weight);
         if (best < 0 || score < low) {
             low = score;
             best = p->cand[i].slot;
@@ -583,13 +616,11 @@ int fp_peer_set_endpoint(fp_t *fp, uint32_t peer_id, uint32_t link_id, const str
 {
     if (!fp_addr_valid(ep))
         return -EINVAL;
-    int rc = 0;
+    int rc;
     pthread_rwlock_rdlock(&fp->lock);
-    struct fp_peer *p = fp_peer_find(fp, peer_id);
-    if (!p) {
-        rc = -ENOENT;
+    struct fp_peer *p = fp_peer_find_plain(fp, peer_id, &rc);
+    if (!p)
         goto out;
-    }
     pthread_mutex_lock(&p->ep_lock);
     int s = fp_peer_ep_slot(p, link_id);
     for (int i = 0; s < 0 && i < FP_PEER_ENDPOINTS; i++) {
@@ -619,9 +650,9 @@ out:
 
 int fp_peer_del_endpoint(fp_t *fp, uint32_t peer_id, uint32_t link_id)
 {
-    int rc = -ENOENT;
+    int rc;
     pthread_rwlock_rdlock(&fp->lock);
-    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    struct fp_peer *p = fp_peer_find_plain(fp, peer_id, &rc);
     if (p) {
         pthread_mutex_lock(&p->ep_lock);
         int s = fp_peer_ep_slot(p, link_id);
@@ -641,9 +672,9 @@ int fp_peer_del_endpoint(fp_t *fp, uint32_t peer_id, uint32_t link_id)
 
 int fp_peer_get_endpoint(fp_t *fp, uint32_t peer_id, uint32_t *link_id, struct fp_addr *ep)
 {
-    int rc = -ENOENT;
+    int rc;
     pthread_rwlock_rdlock(&fp->lock);
-    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    struct fp_peer *p = fp_peer_find_plain(fp, peer_id, &rc);
     if (p) {
         pthread_mutex_lock(&p->ep_lock);
         if (p->primary >= 0) {
@@ -666,8 +697,9 @@ int fp_peer_endpoints(fp_t *fp, uint32_t peer_id, struct fp_peer_links *out)
     if (!out)
         return -EINVAL;
     memset(out, 0, sizeof(*out));
+    int rc;
     pthread_rwlock_rdlock(&fp->lock);
-    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    struct fp_peer *p = fp_peer_find_plain(fp, peer_id, &rc);
     if (p) {
         pthread_mutex_lock(&p->ep_lock);
         for (int s = 0; s < FP_PEER_ENDPOINTS; s++) {
@@ -691,7 +723,7 @@ int fp_peer_endpoints(fp_t *fp, uint32_t peer_id, struct fp_peer_links *out)
         pthread_mutex_unlock(&p->ep_lock);
     }
     pthread_rwlock_unlock(&fp->lock);
-    return p ? 0 : -ENOENT;
+    return rc;
 }
 
 uint64_t fp_endpoints_gen(fp_t *fp)
@@ -710,8 +742,9 @@ int fp_peer_set_policy(fp_t *fp, uint32_t peer_id, const struct fp_link_weight *
             if (w[j].link_id == w[i].link_id)
                 return -EINVAL;
     }
+    int rc;
     pthread_rwlock_rdlock(&fp->lock);
-    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    struct fp_peer *p = fp_peer_find_plain(fp, peer_id, &rc);
     if (p) {
         pthread_mutex_lock(&p->ep_lock);
         memset(p->pol, 0, sizeof(p->pol));
@@ -722,15 +755,16 @@ int fp_peer_set_policy(fp_t *fp, uint32_t peer_id, const struct fp_link_weight *
         pthread_mutex_unlock(&p->ep_lock);
     }
     pthread_rwlock_unlock(&fp->lock);
-    return p ? 0 : -ENOENT;
+    return rc;
 }
 
 int fp_peer_set_mtu(fp_t *fp, uint32_t peer_id, uint32_t mtu)
 {
     if (mtu != 0 && (mtu < FP_PMTU_MIN || mtu > 65535))
         return -EINVAL;
+    int rc;
     pthread_rwlock_rdlock(&fp->lock);
-    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    struct fp_peer *p = fp_peer_find_plain(fp, peer_id, &rc);
     if (p) {
         pthread_mutex_lock(&p->ep_lock);
         p->mtu = mtu;
@@ -738,7 +772,7 @@ int fp_peer_set_mtu(fp_t *fp, uint32_t peer_id, uint32_t mtu)
         pthread_mutex_unlock(&p->ep_lock);
     }
     pthread_rwlock_unlock(&fp->lock);
-    return p ? 0 : -ENOENT;
+    return rc;
 }
 
 /* ------------------------------------------------------------------ keys */
@@ -753,14 +787,12 @@ int fp_key_install(fp_t *fp, uint32_t peer_id, uint32_t local_index,
     if (!k)
         return -ENOMEM;
     k->local_index = local_index;
+    int rc;
     pthread_rwlock_wrlock(&fp->lock);
-    struct fp_peer *p = fp_peer_find(fp, peer_id);
-    int rc = 0;
-    if (!p) {
-        rc = -ENOENT;
-    } else if (fp_index_find(fp, local_index)) {
+    struct fp_peer *p = fp_peer_find_plain(fp, peer_id, &rc);
+    if (p && fp_index_find(fp, local_index)) {
         rc = -EEXIST;
-    } else {
+    } else if (p) {
         int s;
         if (p->tx_slot >= 0)
             s = 1 - p->tx_slot;
@@ -787,9 +819,11 @@ int fp_key_install(fp_t *fp, uint32_t peer_id, uint32_t local_index,
 
 int fp_key_activate(fp_t *fp, uint32_t peer_id, uint32_t local_index, uint32_t remote_index)
 {
-    int rc = -ENOENT;
+    int rc;
     pthread_rwlock_wrlock(&fp->lock);
-    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    struct fp_peer *p = fp_peer_find_plain(fp, peer_id, &rc);
+    if (p)
+        rc = -ENOENT; /* until the key is found */
     for (int s = 0; p && s < 2; s++) {
         if (p->slot[s] && p->slot[s]->local_index == local_index) {
             p->slot[s]->remote_index = remote_index;
@@ -807,8 +841,9 @@ int fp_key_activate(fp_t *fp, uint32_t peer_id, uint32_t local_index, uint32_t r
 
 int fp_key_clear(fp_t *fp, uint32_t peer_id)
 {
+    int rc;
     pthread_rwlock_wrlock(&fp->lock);
-    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    struct fp_peer *p = fp_peer_find_plain(fp, peer_id, &rc);
     for (int s = 0; p && s < 2; s++) {
         if (p->slot[s]) {
             index_remove(fp, p->slot[s]);
@@ -823,7 +858,7 @@ int fp_key_clear(fp_t *fp, uint32_t peer_id)
         atomic_store_explicit(&p->owed_ns, 0, memory_order_relaxed);
     }
     pthread_rwlock_unlock(&fp->lock);
-    return p ? 0 : -ENOENT;
+    return rc;
 }
 
 int fp_key_info(fp_t *fp, uint32_t peer_id, struct fp_key_info *out)
@@ -831,8 +866,9 @@ int fp_key_info(fp_t *fp, uint32_t peer_id, struct fp_key_info *out)
     if (!out)
         return -EINVAL;
     memset(out, 0, sizeof(*out));
+    int rc;
     pthread_rwlock_rdlock(&fp->lock);
-    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    struct fp_peer *p = fp_peer_find_plain(fp, peer_id, &rc);
     if (p) {
         out->slots_used = (p->slot[0] != NULL) + (p->slot[1] != NULL);
         if (p->tx_slot >= 0) {
@@ -845,14 +881,16 @@ int fp_key_info(fp_t *fp, uint32_t peer_id, struct fp_key_info *out)
         }
     }
     pthread_rwlock_unlock(&fp->lock);
-    return p ? 0 : -ENOENT;
+    return rc;
 }
 
 int fp_test_set_tx_counter(fp_t *fp, uint32_t peer_id, uint64_t counter)
 {
-    int rc = -ENOENT;
+    int rc;
     pthread_rwlock_wrlock(&fp->lock);
-    struct fp_peer *p = fp_peer_find(fp, peer_id);
+    struct fp_peer *p = fp_peer_find_plain(fp, peer_id, &rc);
+    if (p && p->tx_slot < 0)
+        rc = -ENOENT;
     if (p && p->tx_slot >= 0) {
         atomic_store(&p->slot[p->tx_slot]->tx_counter, counter);
         rc = 0;
@@ -883,6 +921,10 @@ int fp_peer_counters(fp_t *fp, uint32_t peer_id, struct fp_counters *out)
     struct fp_peer *p = fp_peer_find(fp, peer_id);
     if (p)
         fp_ctr_snapshot(&p->ctr, out);
+    /* A group seals nothing itself: what it handed on is counted per member. */
+    for (uint32_t i = 0; p && p->group && i < p->group->n; i++)
+        out->tx_packets +=
+            atomic_load_explicit(&p->group->m[i].packets, memory_order_relaxed);
     pthread_rwlock_unlock(&fp->lock);
     return p ? 0 : -ENOENT;
 }

@@ -18,6 +18,7 @@ import pytest
 from labwait import wait_for
 
 from sdwan.appliance.wanaddr import route_metric
+from sdwan.common.netcfg import RT_PROTO_SDWAN, link_table
 from sdwan.lab import netns
 from sdwan.lab.netns import Daemon
 from sdwan.lab.topology import Lab, Site
@@ -114,7 +115,10 @@ def test_bad_leases_are_refused_and_a_good_one_is_applied_at_the_links_metric(la
     # The operator's table says why the link has no address.
     table = lab.socketctl(site, "links", json_out=False)
     assert re.search(
-        rf"wan1\s+wan1\s+up\s+dhcp\s+-\s+-\s+1\s+error: DHCP lease 10\.1\.0\.77/16 from server"
+        # (HEALTH, LOSS/JIT/LAT and CARRIES, link health's columns, sit between STATE and
+        # ADDRESSING.)
+        rf"wan1\s+wan1\s+up\s+\S+\s+\S+\s+\S+\s+dhcp\s+-\s+-\s+1\s+error:"
+        rf" DHCP lease 10\.1\.0\.77/16 from server"
         rf" {re.escape(SERVER)} refused: 10\.1\.0\.0/16 overlaps 10\.1\.0\.0/24 of the LAN",
         table,
     ), table
@@ -152,3 +156,8 @@ def test_bad_leases_are_refused_and_a_good_one_is_applied_at_the_links_metric(la
     assert any("DHCP lease 100.64.1.100/24 via 100.64.1.1" in e["text"] for e in accepted)
     # Every refusal was recorded once, not at each of udhcpc's retries.
     assert len(refusals(lab, site)) == len(BAD_LEASES), refusals(lab, site)
+    # The lease also made the link's own routing table and its rule (docs/links.md).
+    own = netns.run(site.ns, ["ip", "-4", "route", "show", "table", str(link_table(1))]).stdout
+    assert f"default via {SERVER} dev {site.wan_dev} proto {RT_PROTO_SDWAN}" in own, own
+    rules = netns.run(site.ns, ["ip", "-4", "rule", "show"]).stdout
+    assert f"from 100.64.1.100 lookup {link_table(1)} proto {RT_PROTO_SDWAN}" in rules, rules

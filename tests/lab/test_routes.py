@@ -9,7 +9,8 @@ from labwait import wait_for
 from sdwan.lab import netns
 from sdwan.lab.topology import Lab
 
-POP_PEER_1 = 0x80000000 | (1 << 8) | 1  # PoP 1 over link 1 (cloud.pop_peer_id)
+# The cloud's peer group: its members are the PoP sessions (cloud.CLOUD_GROUP).
+POP_PEER_1 = 0x20000000 | 1
 
 
 def test_static_peer_beats_the_cloud_and_the_rest_goes_through_the_pop(lab: Lab) -> None:

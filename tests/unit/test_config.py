@@ -408,8 +408,9 @@ CASES = [
     ),
     pytest.param(
         add("".join(LINK.format(n=n) for n in range(3, 6))),
-        "links",
-        "expected 1..4 [[links]] entries, got 5",
+        "links[4]",
+        "at most 4 [[links]] entries, the Alt-WAN link included (each link has a routing table"
+        " of its own), got 5",
         id="links-too-many",
     ),
     pytest.param(
@@ -907,3 +908,119 @@ def test_one_altwan_link_and_one_to_the_internet(tmp_path: Path) -> None:
         f"{path}: links: every link is Alt-WAN: at least one link must reach the Internet"
         " (the PoPs, the mesh)"
     ]
+
+
+# --------------------------------------------------------------------------- [[links]] VLANs
+
+
+def test_vlan_links_run_on_their_vlan_device(tmp_path: Path) -> None:
+    text = sub("port = 4801\n", "port = 4801\nvlan = 10\n")(BASE)
+    text += LINK.format(n=1).replace("wan1", "wan3") + "vlan = 20\nvlan_device = \"isp3\"\n"
+    cfg = load_config(write_site(tmp_path, text))
+    assert cfg.link("wan1").device == "eth0" and cfg.link("wan1").vlan is None
+    wan2 = cfg.link("wan2")
+    assert (wan2.interface, wan2.vlan, wan2.vlan_device, wan2.device) == (
+        "eth1", 10, None, "eth1.10"
+    )
+    wan3 = cfg.link("wan3")
+    assert (wan3.interface, wan3.vlan, wan3.device) == ("eth1", 20, "isp3")
+
+
+def test_four_links_with_an_altwan_link_load(tmp_path: Path) -> None:
+    altwan = LINK.format(n=4).replace("port = 4800", "altwan = true\nport = 4800")
+    text = BASE + LINK.format(n=3) + altwan
+    cfg = load_config(write_site(tmp_path, text))
+    assert [link.name for link in cfg.links] == ["wan1", "wan2", "wan3", "wan4"]
+    assert cfg.link("wan4").altwan
+
+
+VLAN_CASES = [
+    pytest.param(
+        "vlan = 0", "links[1].vlan", "expected an integer 1..4094, got 0", id="vlan-zero"
+    ),
+    pytest.param(
+        "vlan = 4095", "links[1].vlan", "expected an integer 1..4094, got 4095", id="vlan-4095"
+    ),
+    pytest.param(
+        'vlan = "10"', "links[1].vlan", 'expected an integer 1..4094, got "10"', id="vlan-string"
+    ),
+    pytest.param(
+        'vlan_device = "isp2"',
+        "links[1].vlan_device",
+        "only with vlan (the name of the link's VLAN device)",
+        id="vlan-device-without-vlan",
+    ),
+    pytest.param(
+        'vlan = 10\nvlan_device = "a-very-long-vlan0"',
+        "links[1].vlan_device",
+        "expected a network interface name of 1..15 characters",
+        id="vlan-device-long",
+    ),
+    pytest.param(
+        'vlan = 10\nvlan_device = "eth0"',
+        "links[1].vlan_device",
+        "the VLAN device \"eth0\" is links[0]'s device",
+        id="vlan-device-is-another-link",
+    ),
+    pytest.param(
+        'vlan = 10\nvlan_device = "eth1"',
+        "links[1].vlan_device",
+        "the VLAN device \"eth1\" is its own interface",
+        id="vlan-device-is-its-interface",
+    ),
+    pytest.param(
+        'vlan = 10\nvlan_device = "sdwan0"',
+        "links[1].vlan_device",
+        'expected a WAN device, got the tunnel interface "sdwan0"',
+        id="vlan-device-is-the-tunnel",
+    ),
+]
+
+
+@pytest.mark.parametrize(("extra", "field", "expected"), VLAN_CASES)
+def test_vlan_errors_are_located(tmp_path: Path, extra: str, field: str, expected: str) -> None:
+    text = sub("port = 4801\n", f"port = 4801\n{extra}\n")(BASE)
+    path, message = errors_of(tmp_path, text)
+    (line,) = message.splitlines()
+    key = field.rsplit(".", 1)[1]
+    line_no = next(i for i, t in enumerate(text.splitlines(), 1) if t.startswith(f"{key} ="))
+    assert line.startswith(f"{path}: {field}: {expected}"), line
+    assert line.endswith(f"(line {line_no})"), line
+
+
+def test_a_vlan_device_name_longer_than_ifnamsiz_is_refused(tmp_path: Path) -> None:
+    text = sub('interface = "eth1"', 'interface = "enp0s31f6u1"')(BASE)
+    text = sub("port = 4801\n", "port = 4801\nvlan = 1234\n")(text)
+    path, message = errors_of(tmp_path, text)
+    assert message == (
+        f'{path}: links[1].vlan: the VLAN device\'s name "enp0s31f6u1.1234" is 16 characters,'
+        f" longer than Linux allows (15): name it with vlan_device"
+        f" (line {text.splitlines().index('vlan = 1234') + 1})"
+    ), message
+    # 15 characters fit.
+    load_config(write_site(tmp_path, text.replace("vlan = 1234", "vlan = 123")))
+
+
+def test_two_links_on_one_vlan_are_refused(tmp_path: Path) -> None:
+    text = sub("port = 4801\n", "port = 4801\nvlan = 10\n")(BASE)
+    text += LINK.format(n=1).replace("wan1", "wan3").replace("4800", "4802") + "vlan = 10\n"
+    path, message = errors_of(tmp_path, text)
+    (line,) = message.splitlines()
+    assert line.startswith(
+        f'{path}: links[2].vlan: VLAN 10 on "eth1" is already a link (links[1])'
+    ), line
+
+
+def test_ports_are_unique_per_device_so_two_vlans_may_share_one(tmp_path: Path) -> None:
+    text = sub("port = 4801\n", "port = 4800\nvlan = 10\n")(BASE)
+    text += LINK.format(n=1).replace("wan1", "wan3") + "vlan = 20\n"
+    cfg = load_config(write_site(tmp_path, text))
+    assert [(ln.device, ln.port) for ln in cfg.links] == [
+        ("eth0", 4800), ("eth1.10", 4800), ("eth1.20", 4800)
+    ]
+    again = text + LINK.format(n=1).replace("wan1", "wan4")
+    again += 'vlan = 40\nvlan_device = "eth1.20"\n'
+    path, message = errors_of(tmp_path, again)
+    assert f'{path}: links[3].vlan_device: the VLAN device "eth1.20" is links[2]\'s device' in (
+        message
+    ), message

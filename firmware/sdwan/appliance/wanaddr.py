@@ -41,7 +41,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdwan.common.addressing import Addressing, Owned, check_wan_address
-from sdwan.common.netcfg import AddrPlan, NetcfgError, apply_addressing_in_worker
+from sdwan.common.netcfg import (
+    AddrPlan,
+    NetcfgError,
+    Teardown,
+    apply_addressing_in_worker,
+    link_rule_priorities,
+    link_table,
+    teardown_in_worker,
+)
 
 if TYPE_CHECKING:
     from sdwan.common.store import Store
@@ -76,6 +84,12 @@ REFUSED_RETRY_S = 2.0
 REFUSED_RETRY_MAX_S = 300.0
 # The same refusal (server, lease and reason) is recorded as an event at most this often.
 REFUSED_EVENT_REPEAT_S = 3600.0
+# A link whose addressing is left to the system gets its routing table from what is on its
+# device: looked at this often (two ioctls and /proc/net/route, no worker), the table and
+# rules changed (by a worker) only when the address or gateway did, a failure retried after
+# LEFT_ALONE_RETRY_S.
+LEFT_ALONE_POLL_S = 5.0
+LEFT_ALONE_RETRY_S = 60.0
 
 _SIOCGIFADDR = 0x8915
 _SIOCGIFNETMASK = 0x891B
@@ -263,6 +277,25 @@ class _LinkState:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     refused: dict[str, Any] | None = None  # the last refused lease, until one is accepted
     refused_event_at: float | None = None
+    # Addressing left to the system: the (address, gateway) its table was last made from,
+    # and when a failure to make it may be retried.
+    table_from: tuple[str | None, str | None] | None = None
+    table_retry_at: float = 0.0
+
+    @property
+    def link_id(self) -> int:
+        """The link's id, as the link manager's and the fast path's: config order plus one."""
+        return self.index + 1
+
+    def plan(self, family: int, addresses: list[str], gateway: str | None) -> AddrPlan:
+        return AddrPlan(
+            self.link.device,
+            family,
+            addresses,
+            gateway,
+            route_metric(self.index),
+            link_id=self.link_id,
+        )
 
 
 class WanAddressing:
@@ -277,6 +310,7 @@ class WanAddressing:
         clock: Callable[[], float] = time.monotonic,
         apply_worker: Callable[[AddrPlan], None] = apply_addressing_in_worker,
         owned: Sequence[Owned] = (),
+        teardown_worker: Callable[[Teardown], None] = teardown_in_worker,
     ) -> None:
         self.store = store
         # The LAN's and static peers' subnets: no address of ours may overlap them.
@@ -285,6 +319,8 @@ class WanAddressing:
         self.record = record
         self.clock = clock
         self.apply_worker = apply_worker
+        self.teardown_worker = teardown_worker
+        self._watch_task: asyncio.Task[None] | None = None
         self.links: dict[str, _LinkState] = {}
         self._generation = 0
         self._script: Path | None = None
@@ -320,14 +356,59 @@ class WanAddressing:
         return {"links": self._links, "set-link": self._set_link, "dhcp-lease": self._on_lease}
 
     def start(self) -> None:
-        """Apply every link's addressing (stored, else configured) in the background."""
-        self._start_task = asyncio.get_running_loop().create_task(self.apply_all())
+        """Apply every link's addressing (stored, else configured) in the background, then
+        follow the links whose addressing is left to the system."""
+        loop = asyncio.get_running_loop()
+        self._start_task = loop.create_task(self.apply_all())
+        self._watch_task = loop.create_task(self._watch_left_alone())
+
+    async def _watch_left_alone(self) -> None:
+        assert self._start_task is not None
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._start_task)
+        while True:
+            await asyncio.sleep(LEFT_ALONE_POLL_S)
+            for st in self.links.values():
+                if st.addressing.mode == "none":
+                    async with st.lock:
+                        await self._follow_left_alone(st)
+
+    async def _follow_left_alone(self, st: _LinkState) -> None:
+        """The link's table and rules from the IPv4 address and gateway on its device (the
+        link sockets are IPv4), when they changed since the last time."""
+        try:
+            v4 = _ipv4(st.link.device)
+        except OSError:
+            v4 = None
+        gw = _gateway(st.link.device)
+        if gw is not None and ":" in gw:
+            gw = None
+        seen = (v4, gw if v4 else None)
+        if seen == st.table_from and (st.error is None or self.clock() < st.table_retry_at):
+            return
+        plan = st.plan(4, [v4] if v4 else [], seen[1])
+        plan.keep_device = True
+        st.table_from = seen
+        try:
+            await asyncio.to_thread(self.apply_worker, plan)
+        except (NetcfgError, OSError) as e:
+            st.error = f"routing table {link_table(st.link_id)}: {e}"
+            st.table_retry_at = self.clock() + LEFT_ALONE_RETRY_S
+            log.error("link %s: %s", st.link.name, st.error)
+            return
+        st.error = None
+        log.info(
+            "link %s: table %d from the device's %s", st.link.name, link_table(st.link_id),
+            f"{v4} via {seen[1]}" if seen[1] else (v4 or "lack of an address"),
+        )
 
     async def apply_all(self) -> None:
         """Failures are reported in `links` and the log, never fatal: the box must stay
         reachable on its console."""
         for st in self.links.values():
             if st.addressing.mode == "none":
+                async with st.lock:
+                    await self._follow_left_alone(st)
                 continue
             try:
                 async with st.lock:
@@ -340,12 +421,26 @@ class WanAddressing:
                 log.error("link %s: %s not applied: %s", st.link.name, st.addressing.describe(), e)
 
     async def close(self) -> None:
-        if self._start_task is not None and not self._start_task.done():
-            self._start_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._start_task
+        """Stop the DHCP clients and, once started, remove what socketd put in the kernel for
+        the links: their tables and rules, and the VLAN devices it made (never an address:
+        a stopped socketd leaves the box reachable where it was)."""
+        for task in (self._watch_task, self._start_task):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         for st in self.links.values():
             await self._stop_dhcp(st)
+        if self._start_task is None:
+            return
+        teardown = Teardown(
+            link_ids=[st.link_id for st in self.links.values()],
+            vlans=[st.link.device for st in self.links.values() if st.link.vlan is not None],
+        )
+        try:
+            await asyncio.to_thread(self.teardown_worker, teardown)
+        except (NetcfgError, OSError) as e:
+            log.error("links' tables and VLAN devices not all removed: %s", e)
 
     # ---------------------------------------------------------------- applying
 
@@ -356,19 +451,14 @@ class WanAddressing:
         if a.mode == "static":
             assert a.address is not None and a.gateway is not None
             iface = ipaddress.ip_interface(a.address)
-            plan = AddrPlan(
-                interface=st.link.interface,
-                family=iface.version,
-                addresses=[a.address],
-                gateway=a.gateway,
-                metric=route_metric(st.index),
-            )
+            plan = st.plan(iface.version, [a.address], a.gateway)
             await asyncio.to_thread(self.apply_worker, plan)
         elif a.mode == "dhcp":
             await self._stop_dhcp(st)
             await self._start_dhcp(st)
         st.error = None
         st.applied_at = self.clock()
+        st.table_from = None
 
     async def _start_dhcp(self, st: _LinkState) -> None:
         argv = udhcpc_command()
@@ -386,7 +476,7 @@ class WanAddressing:
             *argv,
             "-f",
             "-i",
-            st.link.interface,
+            st.link.device,
             "-s",
             str(self._script),
             "-t",
@@ -420,7 +510,7 @@ class WanAddressing:
             raise NetcfgError(f"cannot start {argv[0]}: {e.strerror or e}") from e
         d.state = "requesting"
         log.info(
-            "link %s: udhcpc started on %s (pid %d)", st.link.name, st.link.interface, d.proc.pid
+            "link %s: udhcpc started on %s (pid %d)", st.link.name, st.link.device, d.proc.pid
         )
 
     async def _supervise(
@@ -489,11 +579,15 @@ class WanAddressing:
         return st
 
     def status_of(self, st: _LinkState) -> dict[str, Any]:
-        seen = observe(st.link.interface)
+        seen = observe(st.link.device)
         a = st.addressing
         entry: dict[str, Any] = {
             "name": st.link.name,
-            "interface": st.link.interface,
+            "interface": st.link.device,
+            # A VLAN link's device is its VLAN on this one.
+            "vlan": (
+                {"id": st.link.vlan, "on": st.link.interface} if st.link.vlan is not None else None
+            ),
             "port": st.link.port,
             "precedence": st.link.precedence,
             "altwan": st.link.altwan,  # an Alt-WAN link: its precedence means nothing
@@ -507,6 +601,8 @@ class WanAddressing:
                 {"address": a.address, "gateway": a.gateway} if a.mode == "static" else None
             ),
             "dhcp": None,
+            "table": link_table(st.link_id),
+            "rule_priorities": list(link_rule_priorities(st.link_id)),
             "error": st.error,
         }
         d = st.dhcp
@@ -563,7 +659,7 @@ class WanAddressing:
                 ) from e
         self.record(
             "link.addressing",
-            f"link {st.link.name} ({st.link.interface}): {new.describe()}, set by {origin}",
+            f"link {st.link.name} ({st.link.device}): {new.describe()}, set by {origin}",
             {"link": st.link.name, **new.to_dict(), "origin": origin},
         )
         return self.status_of(st)
@@ -581,7 +677,7 @@ class WanAddressing:
             if st.dhcp is not d or d.stopping:
                 return {"ignored": True}
             if event == "deconfig":
-                plan = AddrPlan(st.link.interface, 4, [], None, route_metric(st.index))
+                plan = st.plan(4, [], None)
                 await asyncio.to_thread(self.apply_worker, plan)
                 if d.state == "bound":
                     self.record(
@@ -611,7 +707,7 @@ class WanAddressing:
                     if ipaddress.IPv4Address(r) in iface.network:
                         gateway = r
                         break
-            plan = AddrPlan(st.link.interface, 4, [str(iface)], gateway, route_metric(st.index))
+            plan = st.plan(4, [str(iface)], gateway)
             try:
                 await asyncio.to_thread(self.apply_worker, plan)
             except NetcfgError as e:
@@ -635,7 +731,7 @@ class WanAddressing:
                 via = f" via {gateway}" if gateway else " (no gateway offered)"
                 self.record(
                     "link.dhcp",
-                    f"link {st.link.name} ({st.link.interface}): DHCP lease {iface}{via}",
+                    f"link {st.link.name} ({st.link.device}): DHCP lease {iface}{via}",
                     {"link": st.link.name, "event": event, **d.lease},
                 )
             return {"applied": True}
@@ -660,7 +756,7 @@ class WanAddressing:
         lease = _lease_text(req)
         if d.state == "bound":
             # The server's new answer replaces the lease applied before: that one goes too.
-            plan = AddrPlan(st.link.interface, 4, [], None, route_metric(st.index))
+            plan = st.plan(4, [], None)
             await asyncio.to_thread(self.apply_worker, plan)
         d.state, d.lease, d.bound_at = "refused", None, None
         d.refusals += 1
@@ -680,7 +776,7 @@ class WanAddressing:
             st.refused_event_at = now
             self.record(
                 "link.dhcp_refused",
-                f"link {st.link.name} ({st.link.interface}): {st.error}",
+                f"link {st.link.name} ({st.link.device}): {st.error}",
                 {"link": st.link.name, **refusal},
             )
         # udhcpc would keep the lease until its renewal: stop it (once its script has our

@@ -50,6 +50,11 @@ PMTU_MIN: int = lib.FP_PMTU_MIN
 # session); 0 (SOURCE_UNCHECKED) turns the check off for the peer, the default.
 SOURCE_ANY: int = lib.FP_SOURCE_ANY
 SOURCE_UNCHECKED: int = 0
+# Peer groups (set_group): at most this many members. socketd gives group ids the range
+# PEER_GROUP_FLAG | n, apart from its other peer ids (docs/dataplane.md, "Prefix table and
+# relay"); the fast path itself gives ids no meaning.
+GROUP_MEMBERS: int = lib.FP_GROUP_MEMBERS
+PEER_GROUP_FLAG: int = 0x20000000
 
 # fp_tun_features bits: what the TUN device offloads to the fast path.
 TUN_F_VNET: int = lib.FP_TUN_F_VNET
@@ -71,6 +76,7 @@ DROP_NAMES: tuple[str, ...] = (
     "spoofed",
     "too_big",
     "offcloud_down",
+    "no_member",
 )
 assert len(DROP_NAMES) == lib.FP_DROP__COUNT
 
@@ -179,6 +185,18 @@ class PeerLinks:
     rx_unlisted: int
     mtu: int = 0
     inner_mtu: int = 0
+
+
+@dataclass
+class GroupMember:
+    """One member of a peer group (fp_group_members): its weight, whether it can carry the
+    group's flows now (a transmit key and an endpoint), and the packets the group handed
+    to it (sealed and counted on the peer itself, or dropped there)."""
+
+    peer_id: int
+    weight: int
+    usable: bool
+    packets: int
 
 
 RULE_TRANSPORTS: dict[str, int] = {"cloud": lib.FP_RULE_CLOUD, "offcloud": lib.FP_RULE_OFFCLOUD}
@@ -481,6 +499,48 @@ class FastPath:
             lib.fp_peer_probe(self._h, peer_id, link_id, size, probe_id & 0xFFFFFFFF),
             f"fp_peer_probe({peer_id}, {link_id}, {size})",
         )
+
+    # ------------------------------------------------------------------ peer groups
+
+    def set_group(self, group_id: int, members: Sequence[tuple[int, int]]) -> None:
+        """Create the peer group group_id, or replace its members: (peer_id, weight) pairs,
+        existing peers (ENOENT otherwise), distinct, no groups, weights > 0, at most
+        GROUP_MEMBERS (EINVAL otherwise); [] leaves it without members, its packets dropped
+        as no_member. Routes and the rules' peers may name it like a peer; each flow goes to
+        one usable member by weight (docs/dataplane.md, "Peer groups"). EEXIST: group_id
+        is a peer's. peer_counters(group_id) gives its no_member drops and, as tx_packets,
+        the packets it handed to its members; the peer calls refuse it (EINVAL)."""
+        n = len(members)
+        m = ffi.new("struct fp_peer_weight[]", max(n, 1))
+        for i, (peer_id, weight) in enumerate(members):
+            m[i].peer_id = peer_id
+            m[i].weight = weight
+        _check(
+            lib.fp_group_set(self._h, group_id, m if n else ffi.NULL, n),
+            f"fp_group_set({group_id:#x}, {list(members)})",
+        )
+
+    def group_del(self, group_id: int) -> None:
+        """Delete the group and the routes whose peer it is (as peer_del does for a peer);
+        routes that name it only as their off-cloud or cloud peer lose it there."""
+        _check(lib.fp_group_del(self._h, group_id), f"fp_group_del({group_id:#x})")
+
+    def group_members(self, group_id: int) -> list[GroupMember]:
+        """The group's members in the order set (a deleted peer has left every group)."""
+        out = ffi.new("struct fp_group_member[]", GROUP_MEMBERS)
+        n = _check(
+            lib.fp_group_members(self._h, group_id, out, GROUP_MEMBERS),
+            f"fp_group_members({group_id:#x})",
+        )
+        return [
+            GroupMember(
+                peer_id=out[i].peer_id,
+                weight=out[i].weight,
+                usable=bool(out[i].usable),
+                packets=out[i].packets,
+            )
+            for i in range(n)
+        ]
 
     def route_set(self, network: Network | str, peer_id: int) -> None:
         net = ipaddress.ip_network(network)

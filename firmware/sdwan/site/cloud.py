@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from sdwan.bindings.fastpath import FastPath, FastPathError
+from sdwan.bindings.fastpath import PEER_GROUP_FLAG, FastPath, FastPathError
 from sdwan.common.addressing import Owned, check_prefix
 from sdwan.common.dtls import DtlsSession
 from sdwan.common.sessions import SessionOwner
@@ -70,6 +70,8 @@ MAX_MESSAGE = 16 * 1024
 # A welcome lost in transit (DTLS does not retransmit application data) is
 # asked for again by repeating register until one arrives.
 REGISTER_RESEND_S = 1.0
+# The one peer group the cloud's routes name (its members: the PoP sessions steering uses).
+CLOUD_GROUP = PEER_GROUP_FLAG | 1
 STEER_REFRESH_S = 10.0  # `steer` is sent again this often (a lost one is not acked)
 PINGS_KEPT = 8
 PATHS_PRODUCER = "cloud"  # the name this module's candidates go by in paths.py
@@ -470,6 +472,7 @@ class Cloud(SessionOwner):
         # steering, site/steering.py); None: the best-ranked live session carries it.
         self.link_weights: Callable[[], tuple[int, Sequence[tuple[int, int]]]] | None = None
         self._steer_sent: tuple[Any, ...] | None = None
+        self._group_key: tuple[tuple[int, int, int], ...] | None = None
         self._steer_at = 0.0
         self._load_stored()
 
@@ -881,19 +884,50 @@ class Cloud(SessionOwner):
             default=None,
         )
 
-    def _route_target(self) -> int | None:
-        best = self._best
+    def _members(self) -> list[tuple[PopSession, int]]:
+        """The PoP sessions cloud traffic goes to, with their shares: the live sessions (to
+        the active PoP, else the primary) on the links steering uses, by weight; else the
+        best-ranked live one; with nothing live, where traffic will flow first."""
+        w = self._weights()
+        live = self._live(self.active) or self._live(0)
+        if live:
+            weighted = [(ps, w[ps.link_id]) for ps in live if w.get(ps.link_id, 0) > 0]
+            if weighted:
+                return sorted(weighted, key=lambda m: (-m[1], self.links.rank(m[0].link_id)))
+            best = self._best(live)
+        else:
+            best = self._best([ps for ps in self.sessions.values()
+                               if ps.pop_index == self.active])
+        return [(best, 1)] if best is not None else []
 
-        chosen = best(self._live(self.active)) or best(self._live(0))
-        if chosen is None:
-            # Nothing live: point at where traffic will flow first (and the stored
-            # directory still shows where every site is).
-            chosen = best([ps for ps in self.sessions.values() if ps.pop_index == self.active])
-        return chosen.peer_id if chosen is not None else None
+    def _route_target(self) -> int | None:
+        """The fast-path peer the cloud's routes name: the cloud's peer group (its members
+        follow link health's steering, `_sync_group`), or without steering the one session."""
+        if self.link_weights is not None:
+            return CLOUD_GROUP
+        members = self._members()
+        return members[0][0].peer_id if members else None
+
+    def _sync_group(self) -> None:
+        """The cloud group's members, set again whenever they or their shares change (a
+        re-created session's peer is a new member, though its id is the old one)."""
+        if self.link_weights is None:
+            return
+        members = self._members()
+        key = tuple((ps.peer_id, id(ps), w) for ps, w in members)
+        if key == self._group_key:
+            return
+        try:
+            self.fp.set_group(CLOUD_GROUP, [(ps.peer_id, w) for ps, w in members])
+        except FastPathError as e:
+            log.warning("cloud group not set: %s", e)
+            return
+        self._group_key = key
 
     def _update_routes(self) -> None:
         if not self.enabled:
             return
+        self._sync_group()
         target = self._route_target()
         # The directory list is replaced, never changed in place, whenever a new one arrives.
         last = self._submitted
@@ -1058,8 +1092,8 @@ class Cloud(SessionOwner):
     def directory_peers(self, exclude: Iterable[int]) -> list[dict[str, Any]]:
         """The directory's sites as `peers` entries (transport "cloud")."""
         skip = set(exclude)
-        target = self._route_target()
-        via = next((ps for ps in self.sessions.values() if ps.peer_id == target), None)
+        members = self._members()
+        via = members[0][0] if members else None  # the heaviest share of the traffic
         link = via.link.name if via is not None else None
         up = self.state == "up"
         out = []

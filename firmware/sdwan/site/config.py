@@ -70,14 +70,18 @@ __all__ = [
     "Tunnel",
     "Wan",
     "load_config",
+    "vlan_device_name",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/socketd.toml")
 DEFAULT_DATA_DIR = Path("/var/lib/socketd")
 DEFAULT_CONTROL_SOCKET = Path("/run/socketd/control.sock")
 
+# Every link, the Alt-WAN link too, has a link id (config order + 1) and a policy-routing table
+# of its own (docs/links.md, "Routing tables"), both drawn from this many.
 MAX_LINKS = 4
 IFNAMSIZ_CHARS = 15
+VLAN_MIN, VLAN_MAX = 1, 4094  # 0 and 4095 are reserved by 802.1Q
 
 _TUN_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 _LINK_NAME_RE = re.compile(r"[a-z0-9_-]{1,15}")
@@ -168,12 +172,28 @@ class Link:
     # PoP session, no mesh tunnel, no STUN; only Alt-WAN tunnels to the other sites' Alt-WAN
     # addresses, which the directory lists.
     altwan: bool = False
+    # An 802.1Q VLAN on `interface`: socketd makes the device (`vlan_device`, by default
+    # "<interface>.<vlan>") if it is missing, and everything else of the link runs on it.
+    vlan: int | None = None
+    vlan_device: str | None = None
     # Active/active: links of one precedence share flows in proportion to this.
     bandwidth_mbps: int = 100
     # Link health (docs/links.md, "Health"): past any of these the link is degraded.
     loss_pct: float = 3.0
     jitter_ms: int = 30
     latency_ms: int = 600
+
+    @property
+    def device(self) -> str:
+        """The device the link's socket, addressing, routing table and state are bound to."""
+        if self.vlan is None:
+            return self.interface
+        return self.vlan_device or vlan_device_name(self.interface, self.vlan)
+
+
+def vlan_device_name(interface: str, vlan: int) -> str:
+    """The name a VLAN device gets when the config does not give one (iproute2's habit)."""
+    return f"{interface}.{vlan}"
 
 
 @dataclass(frozen=True)
@@ -381,8 +401,14 @@ def _check_links(c: Checker, doc: Mapping[str, Any]) -> list[Link] | None:
     if not isinstance(raw, list):
         c.error(("links",), f"expected an array of tables [[links]], got {show(raw)}")
         return None
-    if not 1 <= len(raw) <= MAX_LINKS:
-        c.error(("links",), f"expected 1..{MAX_LINKS} [[links]] entries, got {len(raw)}")
+    if not raw:
+        c.error(("links",), f"expected 1..{MAX_LINKS} [[links]] entries, got none")
+    for i in range(MAX_LINKS, len(raw)):
+        c.error(
+            ("links", i),
+            f"at most {MAX_LINKS} [[links]] entries, the Alt-WAN link included (each link has"
+            f" a routing table of its own), got {len(raw)}",
+        )
     links: list[Link] = []
     ok = True
     for i, entry in enumerate(raw):
@@ -397,6 +423,7 @@ def _check_links(c: Checker, doc: Mapping[str, Any]) -> list[Link] | None:
             (
                 "name", "interface", "port", "precedence", "mtu", "addressing", "offcloud",
                 "public", "altwan", "bandwidth_mbps", "loss_pct", "jitter_ms", "latency_ms",
+                "vlan", "vlan_device",
             ),
         )
         altwan = c.value(entry, (*loc, "altwan"), boolean, default=False)
@@ -434,6 +461,7 @@ def _check_links(c: Checker, doc: Mapping[str, Any]) -> list[Link] | None:
             "latency_ms": c.value(
                 entry, (*loc, "latency_ms"), int_range(1, 60_000), default=600
             ),
+            **_check_vlan(c, entry, loc),
         }
         if any(v is MISSING for v in values.values()):
             ok = False
@@ -453,10 +481,11 @@ def _check_links(c: Checker, doc: Mapping[str, Any]) -> list[Link] | None:
 
     seen_names: dict[str, int] = {}
     seen_ports: dict[tuple[str, int], int] = {}
+    ok &= _check_vlan_devices(c, raw)
     for i, entry in enumerate(raw):
         if not isinstance(entry, dict):
             continue
-        name, iface, port = entry.get("name"), entry.get("interface"), entry.get("port")
+        name, iface, port = entry.get("name"), _device_of(entry), entry.get("port")
         if isinstance(name, str):
             if name in seen_names:
                 c.error(
@@ -469,12 +498,92 @@ def _check_links(c: Checker, doc: Mapping[str, Any]) -> list[Link] | None:
             if (iface, port) in seen_ports:
                 c.error(
                     ("links", i, "port"),
-                    f"duplicate port {port} on interface {show(iface)}"
+                    f"duplicate port {port} on {_on_device(entry)}"
                     f" (also links[{seen_ports[(iface, port)]}])",
                 )
                 ok = False
             seen_ports.setdefault((iface, port), i)
     return links if ok else None
+
+
+def _check_vlan(
+    c: Checker, entry: Mapping[str, Any], loc: tuple[str | int, ...]
+) -> dict[str, Any]:
+    """A link's optional `vlan` and `vlan_device`: the VLAN id and the device's name, which
+    must fit Linux's IFNAMSIZ."""
+    vlan = c.value(entry, (*loc, "vlan"), int_range(VLAN_MIN, VLAN_MAX), default=None)
+    device = c.value(entry, (*loc, "vlan_device"), ifname, default=None)
+    if device is not None and device is not MISSING and "vlan" not in entry:
+        c.error((*loc, "vlan_device"), "only with vlan (the name of the link's VLAN device)")
+        device = MISSING
+    iface = entry.get("interface")
+    if isinstance(vlan, int) and device is None and isinstance(iface, str):
+        name = vlan_device_name(iface, vlan)
+        if len(os.fsencode(name)) > IFNAMSIZ_CHARS:
+            c.error(
+                (*loc, "vlan"),
+                f"the VLAN device's name {show(name)} is {len(os.fsencode(name))} characters,"
+                f" longer than Linux allows ({IFNAMSIZ_CHARS}): name it with vlan_device",
+            )
+            vlan = MISSING
+    return {"vlan": vlan, "vlan_device": device}
+
+
+def _device_of(entry: Mapping[str, Any]) -> str | None:
+    """The device a raw [[links]] entry is bound to, or None where its fields are wrong (they
+    were reported by the field checks)."""
+    iface, vlan, device = entry.get("interface"), entry.get("vlan"), entry.get("vlan_device")
+    if not isinstance(iface, str):
+        return None
+    if vlan is None:
+        return iface
+    if not isinstance(vlan, int) or isinstance(vlan, bool):
+        return None
+    return device if isinstance(device, str) else vlan_device_name(iface, vlan)
+
+
+def _on_device(entry: Mapping[str, Any]) -> str:
+    if entry.get("vlan") is None:
+        return f"interface {show(entry.get('interface'))}"
+    return f"VLAN {entry.get('vlan')} on {show(entry.get('interface'))}"
+
+
+def _check_vlan_devices(c: Checker, raw: list[Any]) -> bool:
+    """One VLAN link per interface and VLAN id, and a VLAN device's name that is no other
+    link's device: socketd would make (and remove) a device another link relies on."""
+    ok = True
+    seen_vlans: dict[tuple[str, int], int] = {}
+    plain: dict[str, int] = {}
+    for i, entry in enumerate(raw):
+        if isinstance(entry, dict) and entry.get("vlan") is None:
+            iface = entry.get("interface")
+            if isinstance(iface, str):
+                plain.setdefault(iface, i)
+    seen_devices: dict[str, int] = {}
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict) or entry.get("vlan") is None:
+            continue
+        iface, vlan, device = entry.get("interface"), entry.get("vlan"), _device_of(entry)
+        if not isinstance(iface, str) or device is None or not isinstance(vlan, int):
+            continue
+        if (iface, vlan) in seen_vlans:
+            c.error(
+                ("links", i, "vlan"),
+                f"VLAN {vlan} on {show(iface)} is already a link"
+                f" (links[{seen_vlans[(iface, vlan)]}])",
+            )
+            ok = False
+            continue
+        seen_vlans[(iface, vlan)] = i
+        where = "vlan_device" if "vlan_device" in entry else "vlan"
+        other = seen_devices.get(device, plain.get(device))
+        if other is not None or device == iface:
+            whose = f"links[{other}]'s device" if other is not None else "its own interface"
+            c.error(("links", i, where), f"the VLAN device {show(device)} is {whose}")
+            ok = False
+            continue
+        seen_devices[device] = i
+    return ok
 
 
 def _check_peers(
@@ -1199,10 +1308,14 @@ def _validate(doc: dict[str, Any], source: Path, c: Checker) -> SiteConfig | Non
     links = _check_links(c, doc)
     if links is not None and tunnel is not None:
         for i, link in enumerate(links):
-            if link.interface == tunnel.interface:
+            if tunnel.interface in (link.interface, link.device):
+                where = (
+                    "interface" if link.interface == tunnel.interface
+                    else "vlan_device" if link.vlan_device else "vlan"
+                )
                 c.error(
-                    ("links", i, "interface"),
-                    f"expected a WAN device, got the tunnel interface {show(link.interface)}",
+                    ("links", i, where),
+                    f"expected a WAN device, got the tunnel interface {show(tunnel.interface)}",
                 )
     lan = _check_lan(c, doc, links, tunnel)
     peers = _check_peers(c, doc, site_id, links)

@@ -255,7 +255,9 @@ class Health(SessionOwner):
     def next_due(self) -> float:
         due = math.inf
         for h in self.by_link.values():
-            if self._sources:
+            # A link with nothing to probe looks again at the next tick, whenever that is:
+            # no 200 ms wake-ups on a box with neither PoP nor mesh.
+            if h.targets:
                 due = min(due, h.next_probe)
             if h.pending:
                 due = min(due, min(s for s, _ in h.pending.values()) + self.probe_timeout(h))

@@ -75,10 +75,10 @@ def open_link_socket(link_id: int, link: Link, port: int | None = None) -> LinkS
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, link.interface.encode())
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, link.device.encode())
         except OSError as e:
             raise LinkError(
-                f"link {link.name}: cannot bind to device {link.interface!r}: {e.strerror}"
+                f"link {link.name}: cannot bind to device {link.device!r}: {e.strerror}"
             ) from e
         size_buffers(sock)
         try:
@@ -144,7 +144,8 @@ class WanLink:
 
     @property
     def interface(self) -> str:
-        return self.link.interface
+        """The device the link runs on: a VLAN link's VLAN device."""
+        return self.link.device
 
     @property
     def precedence(self) -> int:
@@ -169,14 +170,14 @@ class WanLink:
 
     def fault(self) -> str | None:
         """Why the link's device cannot carry traffic now, or None if it can."""
-        return interface_fault(self.link.interface)
+        return interface_fault(self.link.device)
 
     def is_up(self) -> bool:
         return self.fault() is None
 
     def local_ipv4(self) -> str | None:
         """The device's IPv4 address now (static, DHCP or none: it may change at any time)."""
-        return iface_ipv4(self.link.interface)
+        return iface_ipv4(self.link.device)
 
     # ---------------------------------------------------------------- public endpoint
 

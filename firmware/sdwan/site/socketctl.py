@@ -463,8 +463,9 @@ def format_routes(result: Mapping[str, Any], out: TextIO) -> None:
         rows.append(
             [
                 _text(r.get("prefix")),
-                # A PoP session's or an Alt-WAN tunnel's id (0x8..., 0x4...) reads in hex.
-                f"{peer:#x}" if isinstance(peer, int) and peer >= 1 << 30 else _text(peer),
+                # A PoP session's, an Alt-WAN tunnel's or a peer group's id (0x8..., 0x4...,
+                # 0x2...) reads in hex.
+                f"{peer:#x}" if isinstance(peer, int) and peer >= 1 << 29 else _text(peer),
                 _text(r.get("transport")),
                 _text(r.get("producer")),
                 ("" if r.get("installed") else "NOT INSTALLED: ") + _text(r.get("why")),

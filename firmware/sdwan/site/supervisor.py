@@ -38,7 +38,15 @@ from sdwan.common import heap
 from sdwan.common.control import ControlServer, Handler
 from sdwan.common.daemon import StartupError
 from sdwan.common.dtls import DtlsContext, DtlsSession
-from sdwan.common.netcfg import NetcfgError, Plan, Worker, apply_in_worker, tunnel_mtu
+from sdwan.common.netcfg import (
+    NetcfgError,
+    Plan,
+    VlanPlan,
+    Worker,
+    apply_in_worker,
+    ensure_vlans_in_worker,
+    tunnel_mtu,
+)
 from sdwan.common.netdev import drain, link_events
 from sdwan.common.probe import PROBE_TYPE
 from sdwan.common.sessions import Policy, SessionLayer
@@ -171,6 +179,7 @@ class Supervisor:
             attach_tun(fp, cfg.tunnel.interface)
         except TunError as e:
             raise StartupError(str(e)) from e
+        self._make_vlans()
         try:
             self.links.open(fp)
         except LinkError as e:
@@ -229,6 +238,21 @@ class Supervisor:
             raise StartupError(f"network configuration failed: {e}") from e
         self._net_plan = plan
         fp.start()
+
+    def _make_vlans(self) -> None:
+        """The VLAN links' devices, before their sockets are bound to them. A VLAN that cannot
+        be made stops the start like a link whose device is missing, with the reason."""
+        vlans = [
+            VlanPlan(device=ln.device, parent=ln.interface, vlan=ln.vlan)
+            for ln in self.cfg.links
+            if ln.vlan is not None
+        ]
+        if not vlans:
+            return
+        try:
+            ensure_vlans_in_worker(vlans)
+        except NetcfgError as e:
+            raise StartupError(f"VLAN links: {e}") from e
 
     def _make_paths(self, fp: FastPath) -> Paths:
         """The route owner, with the static peers submitted (they are in the fast path)."""
@@ -655,7 +679,7 @@ class Supervisor:
             links.append(
                 {
                     "name": link.name,
-                    "interface": link.interface,
+                    "interface": link.device,
                     "port": link.port,
                     "precedence": link.precedence,
                     "altwan": link.altwan,
