@@ -272,9 +272,15 @@ def addr_add(ns: str, dev: str, cidr: str) -> None:
 
 
 def route_add(
-    ns: str, dest: str, via: str | None = None, dev: str | None = None, src: str | None = None
+    ns: str,
+    dest: str,
+    via: str | None = None,
+    dev: str | None = None,
+    src: str | None = None,
+    metric: int | None = None,
 ) -> None:
-    """Add or replace a route (`replace` keeps the call idempotent)."""
+    """Add or replace a route (`replace` keeps the call idempotent); routes to one destination
+    with different metrics coexist."""
     argv = ["ip", "-n", ns, "route", "replace", dest]
     if via:
         argv += ["via", via]
@@ -282,6 +288,8 @@ def route_add(
         argv += ["dev", dev]
     if src:
         argv += ["src", src]
+    if metric:
+        argv += ["metric", str(metric)]
     run(None, argv)
 
 

@@ -22,6 +22,12 @@ Addressing (docs/lab.md has the picture):
 * ``altwan``: a private network between sites, the lab's MPLS (`add_altwan_link`): bridge
   ``br0`` in a namespace of its own, site n's second link ``alt1`` at 10.200.0.n/24. No NAT,
   no router, no way to the Internet; `cut_altwan` drops everything it would carry.
+* More Internet uplinks (`add_wan_link`): site n's uplink k (2..4), device ``wan<k>``, at
+  100.(64+k).n.2/24 behind its own NAT router ``rtr<n>-<k>`` (a second ISP) whose public
+  address is 198.18.k.(10+n) on the inet bridge (198.18.0.1/15 there), or behind an existing
+  router. Its default route has metric 10*(k-1), so link 1 stays the site's default.
+* An impairment element (`sdwan.lab.impair`) can sit in the middle of any uplink's cable, in
+  a namespace ``imp<n>-<k>`` of its own: loss, delay, jitter, duplication, reordering.
 """
 
 from __future__ import annotations
@@ -47,12 +53,14 @@ from pathlib import Path
 from typing import Any
 
 from sdwan.lab import netns
+from sdwan.lab.impair import ImpairElement, prepare_namespace
 from sdwan.lab.netns import Daemon, NetnsError
 
 LAB_PREFIX = "sw"
 _NS_RE = re.compile(rf"^{LAB_PREFIX}([0-9a-f]{{3}})-(\d+)-([A-Za-z0-9_.-]+)$")
 
 INET_BRIDGE = "br0"
+INET_BRIDGE_MAC = "02:00:5e:00:00:01"
 PUBLIC_NET = ipaddress.ip_network("198.51.100.0/24")
 POP_NET = ipaddress.ip_network("203.0.113.0/24")
 POP_IP = "203.0.113.10"
@@ -61,6 +69,10 @@ ALTWAN_BRIDGE = "br0"
 ALTWAN_DEV = "alt1"
 ALTWAN_CUT = "altwan_cut"
 SOCKETD_PORT = 4800
+# The public range of the lab's other ISPs (uplinks 2..4): RFC 2544's benchmarking block, a
+# /15 so that uplink k of site n is 198.18.k.(10+n) without colliding with router n.
+ISP_NET = ipaddress.ip_network("198.18.0.0/15")
+MAX_UPLINKS = 4
 _SUN_PATH_MAX = 100
 NAT_MODES = ("masquerade", "random", "shift", "none")
 
@@ -148,8 +160,41 @@ class Router:
 
 
 @dataclass
+class WanUplink:
+    """One Internet uplink of a site: device `dev` in the site namespace, its address and
+    gateway, the router behind it (`router_ns`/`router_dev`: the router's device toward the
+    site, or the inet bridge port when the router has nat='none'), the public address the
+    Internet sees, its default route's metric, and the impairment element in its cable."""
+
+    index: int
+    name: str
+    dev: str
+    ip: str
+    prefixlen: int
+    gateway: str
+    router: Router
+    router_ns: str
+    router_dev: str
+    public_ip: str
+    metric: int = 0
+    # Whether the router also routes the site's LAN back through this uplink.
+    lan_route: bool = True
+    element: ImpairElement | None = None
+
+    @property
+    def far_end(self) -> tuple[str, str]:
+        """(namespace, device) at the other end of the site's cable: where carrier is cut."""
+        if self.element is not None:
+            return self.element.ns, self.element.site_dev
+        return self.router_ns, self.router_dev
+
+
+@dataclass
 class Site:
-    """A socketd namespace with its WAN and LAN, and the LAN host behind it."""
+    """A socketd namespace with its WAN and LAN, and the LAN host behind it.
+
+    wan_dev, wan_ip, wan_gw, router and public_ip describe link 1; `uplinks` lists every
+    Internet uplink, link 1 first (add_wan_link adds the others)."""
 
     n: int
     ns: str
@@ -175,10 +220,18 @@ class Site:
     socketd: Daemon | None = None
     config: Path | None = None
     sock: Path | None = None
+    uplinks: list[WanUplink] = field(default_factory=list)
 
     @property
     def site_id(self) -> int:
         return self.n
+
+    def uplink(self, dev: str) -> WanUplink:
+        """The uplink whose device (or link name) is dev."""
+        for u in self.uplinks:
+            if dev in (u.dev, u.name):
+                return u
+        raise KeyError(f"site {self.n} has no uplink {dev!r}: {[u.dev for u in self.uplinks]}")
 
     @property
     def control_socket(self) -> Path:
@@ -209,6 +262,31 @@ class Pki:
     dir: Path
     ca_cert: Path
     account: str
+
+
+@dataclass
+class PingSeries:
+    """What one `ping` run saw: how many were sent, each answer's RTT, duplicate answers."""
+
+    sent: int
+    rtts_ms: list[float]
+    duplicates: int = 0
+
+    @property
+    def received(self) -> int:
+        return len(self.rtts_ms)
+
+    @property
+    def loss_percent(self) -> float:
+        return 100.0 * (self.sent - self.received) / self.sent if self.sent else 100.0
+
+    @property
+    def median_ms(self) -> float | None:
+        return statistics.median(self.rtts_ms) if self.rtts_ms else None
+
+    @property
+    def stdev_ms(self) -> float | None:
+        return statistics.stdev(self.rtts_ms) if len(self.rtts_ms) > 1 else None
 
 
 @dataclass
@@ -322,6 +400,7 @@ class Lab:
         self.public_hosts: dict[str, PublicHost] = {}
         self.pops: dict[int, Pop] = {}
         self.pki: Pki | None = None
+        self._isp_net = False
         self._closed = False
         self._sockdir: Path | None = None
         atexit.register(self.cleanup)
@@ -387,6 +466,10 @@ class Lab:
             return self.inet
         ns = self.new_ns("inet", forward=True)
         netns.bridge(ns, INET_BRIDGE)
+        # A bridge takes the lowest MAC of its ports unless given one: a port added later
+        # (another ISP's router, a PoP) would change the gateway's MAC under the neighbour
+        # caches of everything on it, and their packets would be dropped until they re-ARP.
+        netns.run(None, ["ip", "-n", ns, "link", "set", INET_BRIDGE, "address", INET_BRIDGE_MAC])
         netns.addr_add(ns, INET_BRIDGE, f"{PUBLIC_NET.network_address + 1}/24")
         netns.addr_add(ns, INET_BRIDGE, f"{POP_NET.network_address + 1}/24")
         # The Internet routes no private space: LAN-to-LAN traffic that is not in the
@@ -591,9 +674,11 @@ table ip lab_nat {{
         n: int,
         router: int | None = None,
         lan_subnet: str | None = None,
+        impair: bool = False,
         lan_dhcp: bool = False,
     ) -> Site:
         """Site n (socketd's namespace) behind router `router` (default n), plus its LAN host;
+        impair puts an impairment element in link 1's cable (`impair`, `sdwan.lab.impair`);
         with lan_dhcp neither the LAN port nor the host gets an address here (see Site)."""
         _check_n(n)
         if n in self.sites:
@@ -608,21 +693,22 @@ table ip lab_nat {{
         ns = self.new_ns(f"site{n}", forward=True)
         wan_dev = "wan1"
         if r.ns is None:
-            wan_ip = r.public_ip
-            self._plug_inet(ns, wan_dev, f"s{n}", f"{wan_ip}/24")
-            wan_gw = str(PUBLIC_NET.network_address + 1)
+            up = WanUplink(
+                1, wan_dev, wan_dev, r.public_ip, PUBLIC_NET.prefixlen,
+                str(PUBLIC_NET.network_address + 1), r, self.add_inet(), f"s{n}", r.public_ip,
+            )
         else:
-            wan_ip, wan_gw = f"100.64.{n}.2", f"100.64.{n}.1"
-            netns.veth(r.ns, f"site{n}", ns, wan_dev)
-            netns.addr_add(r.ns, f"site{n}", f"{wan_gw}/24")
-            netns.addr_add(ns, wan_dev, f"{wan_ip}/24")
-            netns.route_add(ns, "default", via=wan_gw)
+            # The router NATs the LAN host's Internet traffic like the site's own
+            # (lan_route: it routes the LAN back through this uplink).
+            up = WanUplink(
+                1, wan_dev, wan_dev, f"100.64.{n}.2", 24, f"100.64.{n}.1", r, r.ns,
+                f"site{n}", r.public_ip,
+            )
+        self._connect_uplink(n, ns, str(lan), up, impair)
+        wan_ip, wan_gw = up.ip, up.gateway
         if r.ns is None:
             # No router to carry the LAN out: the site NATs its own LAN toward the Internet.
             netns.nft(ns, _breakout_ruleset(wan_dev, str(lan)))
-        else:
-            # The router NATs the LAN host's Internet traffic like the site's own.
-            netns.route_add(r.ns, str(lan), via=wan_ip)
         lan_ns = self.new_ns(f"lan{n}")
         lan_ip, host_ip = str(lan.network_address + 1), str(lan.network_address + 2)
         netns.veth(ns, "lan0", lan_ns, "eth0")
@@ -646,12 +732,208 @@ table ip lab_nat {{
             lan_host_ip=host_ip,
             public_ip=r.public_ip,
             dir=d,
+            uplinks=[up],
             lan_dhcp=lan_dhcp,
         )
         if len(str(site.control_socket)) > _SUN_PATH_MAX:
             site.sock = self.short_dir() / f"site{n}.sock"
         self.sites[n] = site
         return site
+
+    # ------------------------------------------------------------- uplinks
+
+    def _connect_uplink(
+        self, n: int, site_ns: str, lan: str, up: WanUplink, impair: bool
+    ) -> None:
+        """Cable uplink `up` between the site and its router (through an impairment element
+        if impair), with the addresses and routes of both ends."""
+        up.element = self._cable(n, up.index, site_ns, up.dev, up.router_ns, up.router_dev, impair)
+        if up.router.ns is None:
+            netns.enslave(up.router_ns, up.router_dev, INET_BRIDGE)
+        else:
+            netns.addr_add(up.router_ns, up.router_dev, f"{up.gateway}/{up.prefixlen}")
+        netns.addr_add(site_ns, up.dev, f"{up.ip}/{up.prefixlen}")
+        netns.route_add(site_ns, "default", via=up.gateway, dev=up.dev, metric=up.metric)
+        if up.router.ns is not None and up.lan_route:
+            netns.route_add(up.router_ns, lan, via=up.ip)
+
+    def _cable(
+        self, n: int, k: int, site_ns: str, site_dev: str, far_ns: str, far_dev: str, impair: bool
+    ) -> ImpairElement | None:
+        """A veth from site_dev to far_dev, or two with an impairment element between them."""
+        if not impair:
+            netns.veth(far_ns, far_dev, site_ns, site_dev)
+            return None
+        role = f"imp{n}-{k}"
+        ens = self.ns_name(role)
+        if ens not in self.namespaces:
+            ens = self.new_ns(role)
+            prepare_namespace(ens)
+        el = ImpairElement(ens, self.short_dir() / f"{role}.sock")
+        netns.veth(ens, el.site_dev, site_ns, site_dev)
+        netns.veth(ens, el.up_dev, far_ns, far_dev)
+        with contextlib.suppress(FileNotFoundError):
+            el.control.unlink()
+        argv = [sys.executable, "-m", "sdwan.lab.impair", "--site-dev", el.site_dev]
+        argv += ["--up-dev", el.up_dev, "--control", str(el.control), "--seed", str(10 * n + k)]
+        el.daemon = d = self.spawn(ens, argv, f"impair-site{n}-{k}", env=self.env())
+        ok = netns.wait_until(lambda: el.control.exists() or not d.alive(), timeout=15)
+        if not d.alive() or not ok:
+            raise NetnsError(argv, ens, f"impairment element did not start: {d.log_tail()}")
+        return el
+
+    def _isp_inet(self) -> str:
+        """The inet namespace, with the other ISPs' range on its bridge."""
+        inet = self.add_inet()
+        if not self._isp_net:
+            netns.addr_add(inet, INET_BRIDGE, f"{ISP_NET.network_address + 1}/{ISP_NET.prefixlen}")
+            self._isp_net = True
+        return inet
+
+    def add_wan_link(
+        self,
+        site: Site,
+        name: str | None = None,
+        router: int | None = None,
+        nat: str = "masquerade",
+        impair: bool = False,
+    ) -> WanUplink:
+        """Give site another Internet uplink k (2..4): device `name` (default ``wan<k>``) at
+        100.(64+k).n.2/24, its default route at metric 10*(k-1) (link 1 stays the default).
+
+        router=None: through a NAT router of its own, ``rtr<n>-<k>`` (a second ISP: `nat` as
+        in add_router; public address 198.18.k.(10+n)), which also routes the site's LAN back;
+        nat='none' puts the device itself on the inet bridge with that public address.
+        router=m: through lab router m (same ISP, same public address), which keeps routing
+        the LAN through the uplink it had. impair puts an impairment element in the cable."""
+        k = len(site.uplinks) + 1
+        if k > MAX_UPLINKS:
+            raise ValueError(f"site {site.n} already has {MAX_UPLINKS} uplinks")
+        dev = name or f"wan{k}"
+        if any(dev in (u.dev, u.name) for u in site.uplinks) or dev == site.altwan_dev:
+            raise ValueError(f"site {site.n} already has a link {dev!r}")
+        n = site.n
+        metric = 10 * (k - 1)
+        ip, gw = f"100.{64 + k}.{n}.2", f"100.{64 + k}.{n}.1"
+        if router is not None:
+            r = self.routers.get(router)
+            if r is None or r.ns is None:
+                raise ValueError(
+                    f"router {router} does not exist or has nat='none' (add_wan_link(nat='none')"
+                    " puts an uplink straight on the Internet)"
+                )
+            lan_route = all(u.router is not r for u in site.uplinks)
+            up = WanUplink(
+                k, dev, dev, ip, 24, gw, r, r.ns, f"site{n}w{k}", r.public_ip, metric, lan_route
+            )
+        else:
+            if nat not in NAT_MODES:
+                raise ValueError(f"nat must be one of {', '.join(NAT_MODES)}, got {nat!r}")
+            pub = str(ISP_NET.network_address + 256 * k + 10 + n)
+            inet = self._isp_inet()
+            if nat == "none":
+                r = Router(n, nat, None, pub)
+                up = WanUplink(
+                    k, dev, dev, pub, ISP_NET.prefixlen, str(ISP_NET.network_address + 1), r,
+                    inet, f"s{n}u{k}", pub, metric,
+                )
+            else:
+                rns = self.new_ns(f"rtr{n}-{k}", forward=True)
+                self._plug_inet(rns, "up0", f"r{n}u{k}", f"{pub}/{ISP_NET.prefixlen}")
+                r = Router(n, nat, rns, pub)
+                netns.nft(rns, self.nat_ruleset(r))
+                up = WanUplink(k, dev, dev, ip, 24, gw, r, rns, f"site{n}", pub, metric)
+        self._connect_uplink(n, site.ns, site.lan_subnet, up, impair)
+        site.uplinks.append(up)
+        return up
+
+    def link_carrier(self, site: Site, dev: str, up: bool) -> None:
+        """Pull (up=False) or plug back site's uplink cable: the far end (the router's device,
+        or the impairment element's) goes down, so the site's device loses its carrier
+        (NO-CARRIER) but stays up with its address and routes, as with a real cable."""
+        u = site.uplink(dev)
+        ns, far = u.far_end
+        if not up:
+            netns.link_down(ns, far)
+            return
+        netns.link_up(ns, far)
+        if u.element is None and u.router.ns is not None and u.lan_route:
+            # The router's device went down with the cable, and its gatewayed routes with it.
+            netns.route_add(u.router_ns, site.lan_subnet, via=u.ip)
+
+    def link_admin(self, site: Site, dev: str, up: bool) -> None:
+        """`ip link set dev DEV down/up` in the site namespace; up puts back the uplink's
+        default route, which the kernel dropped with the device."""
+        u = site.uplink(dev)
+        if not up:
+            netns.link_down(site.ns, u.dev)
+            return
+        netns.link_up(site.ns, u.dev)
+        netns.route_add(site.ns, "default", via=u.gateway, dev=u.dev, metric=u.metric)
+
+    def silence_uplink(self, site: Site, dev: str, on: bool) -> None:
+        """A silent upstream failure (on=True): the uplink's router drops every IP packet from
+        and to the site over that uplink, while carrier and ARP stay up; on=False ends it."""
+        u = site.uplink(dev)
+        table = "lab_silence_" + re.sub(r"[^A-Za-z0-9_]", "_", u.router_dev)
+        if u.router.ns is None:
+            # No router: the inet bridge's port toward the site drops instead.
+            family = "bridge"
+            rules = f"""
+    chain forward {{
+        type filter hook forward priority -10; policy accept;
+        ether type {{ ip, ip6 }} iifname "{u.router_dev}" drop
+        ether type {{ ip, ip6 }} oifname "{u.router_dev}" drop
+    }}
+    chain input {{
+        type filter hook input priority -10; policy accept;
+        ether type {{ ip, ip6 }} iifname "{u.router_dev}" drop
+    }}
+    chain output {{
+        type filter hook output priority -10; policy accept;
+        ether type {{ ip, ip6 }} oifname "{u.router_dev}" drop
+    }}"""
+        else:
+            family = "inet"
+            # Before connection tracking, so a silenced uplink leaves no NAT state behind.
+            rules = f"""
+    chain prerouting {{
+        type filter hook prerouting priority -400; policy accept;
+        iifname "{u.router_dev}" drop
+    }}
+    chain postrouting {{
+        type filter hook postrouting priority 400; policy accept;
+        oifname "{u.router_dev}" drop
+    }}"""
+        if on:
+            netns.nft(u.router_ns, f"table {family} {table} {{{rules}\n}}\n")
+        else:
+            netns.run(u.router_ns, ["nft", "delete", "table", family, table], check=False)
+
+    def attach_impairment(self, site: Site, dev: str) -> ImpairElement:
+        """Put an impairment element into an uplink plugged without one (re-cabled, with its
+        addresses and routes again; before socketd starts, which would see its device go)."""
+        u = site.uplink(dev)
+        if u.element is None:
+            netns.link_del(site.ns, u.dev)
+            self._connect_uplink(site.n, site.ns, site.lan_subnet, u, impair=True)
+        assert u.element is not None
+        return u.element
+
+    def impair(self, site: Site, dev: str, direction: str = "up", **setting: Any) -> dict[str, Any]:
+        """Set the impairment of site's uplink dev (ImpairElement.set: loss, delay_ms,
+        jitter_ms, jitter_dist, duplicate, reorder, seed); `direction` up is from the site
+        toward the Internet, so a round trip sees the setting once; both applies it each way.
+        The uplink needs an element (`impair=True` when it was made, or attach_impairment)."""
+        el = site.uplink(dev).element
+        if el is None:
+            raise ValueError(f"site {site.n} uplink {dev} has no impairment element")
+        return el.set(direction=direction, **setting)
+
+    def clear_impairment(self, site: Site, dev: str) -> None:
+        el = site.uplink(dev).element
+        if el is not None:
+            el.clear()
 
     def short_dir(self) -> Path:
         # Unix socket paths are limited to 107 bytes; deep pytest tmp paths exceed that.
@@ -735,6 +1017,36 @@ table ip lab_nat {{
         )
         m = re.search(r"= [\d.]+/([\d.]+)/", cp.stdout)
         return float(m.group(1)) if m else None
+
+    def ping_series(
+        self,
+        from_ns: str,
+        ip: str,
+        count: int = 100,
+        interval: float = 0.01,
+        source: str | None = None,
+        wait_s: float = 2.0,
+    ) -> PingSeries:
+        """`count` pings `interval` s apart (below 0.2 s needs root), each answer's RTT kept, so
+        loss, median and spread can be read (an impaired uplink's figures); source as for
+        ping (`-I`: a device picks the uplink)."""
+        via = ["-I", source] if source else []
+        argv = ["ping", "-n", "-c", str(count), "-i", f"{interval:g}", "-W", f"{wait_s:g}"]
+        cp = netns.run(
+            from_ns, [*argv, *via, ip], timeout=count * interval + wait_s + 15, check=False
+        )
+        rtts: list[float] = []
+        dups = 0
+        for line in cp.stdout.splitlines():
+            m = re.search(r"icmp_seq=\d+ .*time=([\d.]+) ms", line)
+            if m is None:
+                continue
+            if "DUP!" in line:
+                dups += 1
+            else:
+                rtts.append(float(m.group(1)))
+        m = re.search(r"(\d+) packets transmitted", cp.stdout)
+        return PingSeries(int(m.group(1)) if m else count, rtts, dups)
 
     def wait_ping(
         self,
@@ -867,12 +1179,17 @@ table ip lab_nat {{
         link: dict[str, object] | None = None,
         site_id: int | None = None,
         altwan: bool = False,
+        links: Sequence[dict[str, object]] | None = None,
     ) -> Path:
         """Write socketd's TOML for site (own control socket and data dir) and return its path.
 
         site_id replaces the site's own id (its lab index) where a bench needs another one,
         e.g. above every site id it plays itself (the mesh's higher id initiates). altwan adds
-        the site's Alt-WAN link (add_altwan_link) as a second `[[links]]` entry, "mpls"."""
+        the site's Alt-WAN link (add_altwan_link) as a further `[[links]]` entry, "mpls".
+
+        Every Internet uplink gets a `[[links]]` entry (name, interface, port, mtu), link k at
+        precedence min(k, 3). `link` is merged over link 1's entry; `links`, one dict per
+        uplink in order, over each one's, and a shorter list writes only that many uplinks."""
         pki = pki or self.setup_pki()
         sid = site.site_id if site_id is None else site_id
         if cert is None or key is None:
@@ -895,19 +1212,22 @@ table ip lab_nat {{
                 },
             ),
             _toml_table("tunnel", {"interface": "sdwan0", **(tunnel or {})}),
-            _toml_table(
-                "links",
-                {
-                    "name": site.link_name,
-                    "interface": site.wan_dev,
-                    "port": site.port,
-                    "precedence": 1,
-                    "mtu": 1500,
-                    **(link or {}),
-                },
-                array=True,
-            ),
         ]
+        uplinks = site.uplinks or [None]
+        count = len(uplinks) if links is None else len(links)
+        for i, u in enumerate(uplinks[:count]):
+            entry: dict[str, object] = {
+                "name": site.link_name if u is None or u.index == 1 else u.name,
+                "interface": site.wan_dev if u is None else u.dev,
+                "port": site.port,
+                "precedence": 1 if u is None else min(u.index, 3),
+                "mtu": 1500,
+            }
+            if i == 0:
+                entry.update(link or {})
+            if links is not None:
+                entry.update(links[i])
+            parts.append(_toml_table("links", entry, array=True))
         if altwan:
             if site.altwan_dev is None:
                 raise ValueError(f"site {site.n} has no Alt-WAN link (add_altwan_link first)")
@@ -1155,6 +1475,15 @@ table ip lab_nat {{
                 f"site {s.n} {s.ns}: wan {s.wan_dev} {s.wan_ip} (public {s.public_ip}){alt}, "
                 f"lan {s.lan_subnet}; host {s.lan_ns} {s.lan_host_ip}"
             )
+            for u in s.uplinks:
+                if u.index == 1 and u.element is None:
+                    continue
+                via = f"router {u.router_ns}" if u.router.ns else "the inet bridge"
+                imp = f", impairment element {u.element.ns}" if u.element else ""
+                yield (
+                    f"  uplink {u.index} {u.dev} {u.ip}/{u.prefixlen} via {u.gateway} "
+                    f"(metric {u.metric}) through {via}, public {u.public_ip}{imp}"
+                )
         for h in self.public_hosts.values():
             yield f"public host {h.role} {h.ns}: {h.ip}"
 
