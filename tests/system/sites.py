@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdwan.lab import netns
-from sdwan.lab.topology import INET_BRIDGE, POP_IP, Lab, public_ip
+from sdwan.lab.topology import INET_BRIDGE, POP_IP, Lab, dhcp_client, public_ip
 from sdwan.lab.vm import VM, VMError, VMOptions
 
 # Bounds for software emulation (TCG), sized for a host three times slower than a busy
@@ -93,6 +93,10 @@ class SiteSpec:
     wan_address: str | None = None  # "ADDR/PREFIX": static WAN from the config
     wan_gateway: str | None = None
     lan_interface: str | None = None
+    lan_address: str | None = None  # "ADDR/PREFIX": socketd addresses the LAN port
+    # With lan_address: socketd's DHCP server leases 10.n.0.100-199, and these (MAC, IP).
+    lan_dhcp: bool = False
+    lan_static: tuple[tuple[str, str], ...] = ()
     pop_endpoint: str | None = None
     watchdog: bool = True
 
@@ -107,7 +111,11 @@ def site_config(spec: SiteSpec) -> str:
         f'[site]\nid = {sid}\nname = "branch-{sid}"\n',
         f'[pki]\nca = "pki/ca.pem"\ncert = "pki/site-{sid}.pem"\nkey = "pki/site-{sid}.key"\n',
         f'[lan]\nsubnets = ["{spec.lan_subnet}"]\n'
-        + (f'interface = "{spec.lan_interface}"\n' if spec.lan_interface else ""),
+        + (f'interface = "{spec.lan_interface}"\n' if spec.lan_interface else "")
+        + (f'address = "{spec.lan_address}"\n' if spec.lan_address else "")
+        + (f'\n[lan.dhcp]\nrange = ["10.{sid}.0.100", "10.{sid}.0.199"]\n' if spec.lan_dhcp else "")
+        + "".join(f'\n[[lan.dhcp.static]]\nmac = "{mac}"\nip = "{ip}"\n'
+                  for mac, ip in spec.lan_static),
         '[[links]]\nname = "wan1"\ninterface = "eth0"\nport = 4800\n'
         + (f'addressing = {{ mode = "static", address = "{spec.wan_address}", '
            f'gateway = "{spec.wan_gateway}" }}\n' if spec.wan_address else ""),
@@ -164,11 +172,14 @@ class LabSite:
     wan_ip: str
     lan_gw: str
     lan_host_ip: str
+    lan_host_mac: str
 
 
-def wire_site(lab: Lab, n: int) -> tuple[LabSite, list[str]]:
+def wire_site(lab: Lab, n: int, lan_dhcp: bool = False) -> tuple[LabSite, list[str]]:
     """Namespaces, bridges and taps for site n's VM; returns the site and QEMU's -netdev
-    arguments (guest eth0 = WAN on the inet bridge, eth1 = LAN toward the lan<n> host)."""
+    arguments (guest eth0 = WAN on the inet bridge, eth1 = LAN toward the lan<n> host). With
+    lan_dhcp the LAN host is left unaddressed: it asks the VM (`lan_dhcp_client`) for
+    lan_host_ip, a static lease for lan_host_mac."""
     inet = lab.add_inet()
     vm_ns = lab.new_ns(f"vm{n}")
     lan_ns = lab.new_ns(f"lan{n}")
@@ -183,20 +194,21 @@ def wire_site(lab: Lab, n: int) -> tuple[LabSite, list[str]]:
     netns.veth(vm_ns, "vl", lan_ns, "eth0")
     netns.enslave(vm_ns, "vl", "bl")
     lan_gw, lan_host = f"10.{n}.0.1", f"10.{n}.0.2"
-    netns.addr_add(lan_ns, "eth0", f"{lan_host}/24")
-    netns.route_add(lan_ns, "default", via=lan_gw)
+    if not lan_dhcp:
+        netns.addr_add(lan_ns, "eth0", f"{lan_host}/24")
+        netns.route_add(lan_ns, "default", via=lan_gw)
     args = []
     for i, tap in enumerate(("tw", "tl")):
         args += ["-netdev", f"tap,id=n{i},ifname={tap},script=no,downscript=no",
                  "-device", f"virtio-net-pci,netdev=n{i},mac=52:54:00:5d:{n:02x}:{i:02x}"]
-    return LabSite(n, vm_ns, lan_ns, public_ip(n), lan_gw, lan_host), args
+    return (LabSite(n, vm_ns, lan_ns, public_ip(n), lan_gw, lan_host, f"02:00:00:5e:{n:02x}:02"),
+            args)
 
 
-def lan_hook(site: LabSite) -> str:
-    """The guest's LAN port: the site's LAN gateway address (neither socketd nor the image
-    addresses the LAN device yet; the image's rcS turns forwarding on)."""
-    return (f"ip link set eth1 up\nip addr add {site.lan_gw}/24 dev eth1\n"
-            "ip -4 addr show dev eth1 | grep inet\n")
+def lan_dhcp_client(lab: Lab, site: LabSite, timeout: float) -> str:
+    """The LAN host asks the VM's DHCP server (socketd's, on the LAN port it addressed from
+    `[lan] address`) for its address, with its static lease's MAC."""
+    return dhcp_client(site.lan_ns, "eth0", lab.workdir, site.lan_host_mac, timeout)
 
 
 POP_ENDPOINT = f"{POP_IP}:4800"

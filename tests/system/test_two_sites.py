@@ -1,5 +1,7 @@
 """Two appliance images booted as two sites, a PoP (popd) in a namespace, wired with tap
-devices: both register with the PoP, their LAN hosts ping each other through the tunnel,
+devices: each VM addresses its LAN port from `[lan] address` and leases its LAN host its
+address (a static lease by MAC) from its DHCP server, both register with the PoP, their LAN
+hosts ping each other through the tunnel,
 the console shows the PoP session and the peer, and the front-panel controller on site 1's
 second serial port gets the LED patterns for booting and cloud up (docs/leds.md)."""
 
@@ -20,8 +22,7 @@ from sites import (
     PanelPlayer,
     SiteSpec,
     command,
-    hook_args,
-    lan_hook,
+    lan_dhcp_client,
     login,
     poll_command,
     site_fw_cfg,
@@ -54,12 +55,14 @@ def test_two_sites_and_a_pop(appliance_image: Callable[[str], Path], lab: Lab,
     try:
         sites = []
         for n in (1, 2):
-            site, net_args = wire_site(lab, n)
+            site, net_args = wire_site(lab, n, lan_dhcp=True)
             spec = SiteSpec(n, wan_address=f"{site.wan_ip}/24", wan_gateway="198.51.100.1",
-                            lan_interface="eth1", pop_endpoint=POP_ENDPOINT)
+                            lan_interface="eth1", lan_address=f"{site.lan_gw}/24",
+                            lan_dhcp=True,
+                            lan_static=((site.lan_host_mac, site.lan_host_ip),),
+                            pop_endpoint=POP_ENDPOINT)
             opts = vm_options(fw_cfg=site_fw_cfg(lab, spec, tmp_path), net_args=net_args,
-                              panel=(n == 1),
-                              extra_args=hook_args(tmp_path, f"lan{n}", lan_hook(site)))
+                              panel=(n == 1))
             vm = NetnsVM(site.vm_ns, board, image, opts)
             vms.append(vm)
             sites.append(site)
@@ -70,9 +73,13 @@ def test_two_sites_and_a_pop(appliance_image: Callable[[str], Path], lab: Lab,
         panel = PanelPlayer(vms[0].panel_sock).start()
         for vm, site in zip(vms, sites, strict=True):
             vm.expect(rf"boot: ready: site-{site.n}, /data on /dev/vda3", BOOT_S)
-            vm.expect_all([r"socketd running \(pid \d+", "login: ",
-                           rf"test-hook: +inet {site.lan_gw}/24"], SOCKETD_S,
-                          "socketd, the login prompt and the LAN port's address")
+            vm.expect_all([r"socketd running \(pid \d+", "login: "], SOCKETD_S,
+                          "socketd and the login prompt")
+        # Each LAN host's own DHCP client asks the VM: socketd put the LAN port's address
+        # on eth1 and runs the image's udhcpd there.
+        for vm, site in zip(vms, sites, strict=True):
+            leased = lan_dhcp_client(lab, site, SETTLE_S)
+            assert leased == site.lan_host_ip, (leased, vm.tail())
 
         # The panel shows booting while socketd starts, cloud_up once registered.
         panel.wait_pattern("booting", CONSOLE_S)
@@ -113,6 +120,11 @@ def test_two_sites_and_a_pop(appliance_image: Callable[[str], Path], lab: Lab,
                      "site 2 up in site 1's peers")
         out = command(vm, "show status")
         assert re.search(r"site\s+1 \(branch-1\)", out), out
+        assert re.search(r"(?m)^lan\s+10\.1\.0\.1/24 on eth1, DHCP running", out), out
+        out = command(vm, "show lan")
+        assert re.search(r"(?m)^dhcp\s+running, pid \d+", out), out
+        mac = re.escape(sites[0].lan_host_mac)
+        assert re.search(rf"(?m)^10\.1\.0\.2\s+{mac}\s+\S+\s+static\s+\d", out), out
         out = command(vm, "show events 50")
         assert "pop.connected" in out, out
     finally:

@@ -97,7 +97,7 @@ def test_empty_lines_are_nothing(line: str) -> None:
     [
         ("bogus", "unknown command 'bogus'; type help for the commands", None),
         ("sho status", "unknown command 'sho' (did you mean show?)", None),
-        ("show", "show what? one of status, links, pop, peers, mesh, rules, recovery,"
+        ("show", "show what? one of status, links, lan, pop, peers, mesh, rules, recovery,"
          " firewall, events",
          "show status"),
         ("show routes", "cannot show 'routes'", "show status"),
@@ -177,7 +177,7 @@ LINKS = ["wan1", "wan2", "lte"]
         ("", sorted(console.COMMANDS)),
         ("s", ["set", "show"]),
         ("sh", ["show"]),
-        ("show ", ["events", "firewall", "links", "log", "mesh", "peers", "pop", "recovery",
+        ("show ", ["events", "firewall", "lan", "links", "log", "mesh", "peers", "pop", "recovery",
                    "rules", "status"]),
         ("show p", ["peers", "pop"]),
         ("show status ", []),

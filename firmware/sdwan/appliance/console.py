@@ -278,7 +278,8 @@ def uninterruptible() -> Iterator[None]:
 # --------------------------------------------------------------------------- command language
 
 SHOW_TOPICS = (
-    "status", "links", "pop", "peers", "mesh", "rules", "recovery", "firewall", "events", "log"
+    "status", "links", "lan", "pop", "peers", "mesh", "rules", "recovery", "firewall", "events",
+    "log",
 )
 EVENTS_DEFAULT = 20
 # The appliance logs to busybox syslogd's ring in RAM (rcS: syslogd -C); logread prints it.
@@ -300,8 +301,9 @@ class Help:
 
 COMMANDS: dict[str, Help] = {
     "show": Help(
-        "show status|links|pop|peers|mesh|rules|recovery|firewall|events [N]|log [N]",
-        "what socketd is doing: the site and its links' counters, WAN addressing, the PoP"
+        "show status|links|lan|pop|peers|mesh|rules|recovery|firewall|events [N]|log [N]",
+        "what socketd is doing: the site and its links' counters, WAN addressing, the LAN port"
+        " (its address, DHCP server and leases), the PoP"
         " sessions, the other sites (and their mesh paths), the mesh paths alone, the off-cloud"
         " transport rules (hits, where their traffic goes now), WAN recovery"
         " (active or not, where each site's traffic goes and why), the LAN firewall's rules and"

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "WanAddressing",
+    "die_with_parent",
     "doc_name",
     "observe",
     "route_metric",
@@ -230,8 +231,10 @@ def write_script(directory: Path) -> Path:
     return path
 
 
-def _pdeathsig() -> None:
-    # A udhcpc outliving a killed socketd would keep rewriting the device's address.
+def die_with_parent() -> None:
+    """preexec_fn of socketd's children: they get SIGTERM when socketd dies, however it dies."""
+    # A udhcpc outliving a killed socketd would keep rewriting the device's address; a udhcpd
+    # would keep leasing from a configuration nobody answers for.
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
@@ -500,7 +503,7 @@ class WanAddressing:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 env=env,
-                preexec_fn=_pdeathsig,
+                preexec_fn=die_with_parent,
             )
         except OSError as e:
             d.state = "failed"

@@ -12,7 +12,9 @@ Addressing (docs/lab.md has the picture):
 * ``inet``: bridge ``br0`` with 198.51.100.1/24 and 203.0.113.1/24, routing between them.
   Router n's public address is 198.51.100.(10+n); 203.0.113.10 is kept for the PoP.
 * router n <-> site n: 100.64.n.0/24, router .1 (``site<n>``), site .2 (``wan1``).
-* site n LAN: 10.n.0.0/24, site .1 (``lan0``), LAN host .2 (``eth0``).
+* site n LAN: 10.n.0.0/24, site .1 (``lan0``), LAN host .2 (``eth0``). A site added with
+  ``lan_dhcp=True`` leaves both unaddressed: socketd puts `[lan] address` on ``lan0`` and
+  serves DHCP, and `Lab.lan_dhcp_client` gets the LAN host its address from it.
 * NAT on routers with nftables: ``masquerade`` (port preserving), ``random`` (masquerade
   fully-random), ``shift`` (UDP toward non-PoP addresses leaves with a port offset),
   ``none`` (no router: the site's WAN sits on the inet bridge with the public address).
@@ -209,6 +211,9 @@ class Site:
     dir: Path
     link_name: str = "wan1"
     port: int = SOCKETD_PORT
+    # The LAN port and host are left unaddressed: socketd addresses the port ([lan] address)
+    # and the host asks its DHCP server (Lab.lan_dhcp_client); lan_host_ip is then the lease.
+    lan_dhcp: bool = False
     # Its Alt-WAN link, once add_altwan_link gave it one.
     altwan_dev: str | None = None
     altwan_ip: str | None = None
@@ -670,9 +675,11 @@ table ip lab_nat {{
         router: int | None = None,
         lan_subnet: str | None = None,
         impair: bool = False,
+        lan_dhcp: bool = False,
     ) -> Site:
         """Site n (socketd's namespace) behind router `router` (default n), plus its LAN host;
-        impair puts an impairment element in link 1's cable (`impair`, `sdwan.lab.impair`)."""
+        impair puts an impairment element in link 1's cable (`impair`, `sdwan.lab.impair`);
+        with lan_dhcp neither the LAN port nor the host gets an address here (see Site)."""
         _check_n(n)
         if n in self.sites:
             raise ValueError(f"site {n} already exists")
@@ -705,9 +712,10 @@ table ip lab_nat {{
         lan_ns = self.new_ns(f"lan{n}")
         lan_ip, host_ip = str(lan.network_address + 1), str(lan.network_address + 2)
         netns.veth(ns, "lan0", lan_ns, "eth0")
-        netns.addr_add(ns, "lan0", f"{lan_ip}/{lan.prefixlen}")
-        netns.addr_add(lan_ns, "eth0", f"{host_ip}/{lan.prefixlen}")
-        netns.route_add(lan_ns, "default", via=lan_ip)
+        if not lan_dhcp:
+            netns.addr_add(ns, "lan0", f"{lan_ip}/{lan.prefixlen}")
+            netns.addr_add(lan_ns, "eth0", f"{host_ip}/{lan.prefixlen}")
+            netns.route_add(lan_ns, "default", via=lan_ip)
         d = self.workdir / f"site{n}"
         d.mkdir(parents=True, exist_ok=True)
         site = Site(
@@ -725,6 +733,7 @@ table ip lab_nat {{
             public_ip=r.public_ip,
             dir=d,
             uplinks=[up],
+            lan_dhcp=lan_dhcp,
         )
         if len(str(site.control_socket)) > _SUN_PATH_MAX:
             site.sock = self.short_dir() / f"site{n}.sock"
@@ -1117,6 +1126,16 @@ table ip lab_nat {{
         finally:
             self.kill(srv, grace_s=2)
 
+    def lan_dhcp_client(
+        self, site: Site, mac: str | None = None, timeout: float = 30.0
+    ) -> str:
+        """The LAN host of a lan_dhcp site asks socketd's DHCP server for its address
+        (`dhcp_client`); it is then site.lan_host_ip."""
+        if not site.lan_dhcp:
+            raise ValueError(f"site {site.n} was added without lan_dhcp: its host has an address")
+        site.lan_host_ip = dhcp_client(site.lan_ns, "eth0", self.workdir, mac, timeout)
+        return site.lan_host_ip
+
     # ------------------------------------------------------------- socketd
 
     def setup_pki(self, account: str = "lab") -> Pki:
@@ -1175,6 +1194,7 @@ table ip lab_nat {{
         sid = site.site_id if site_id is None else site_id
         if cert is None or key is None:
             cert, key = self.issue(sid, pki)
+        lan_port = f"{site.lan_ip}/{ipaddress.ip_network(site.lan_subnet).prefixlen}"
         parts = [
             _toml_table("site", {"id": sid, "name": name or f"site-{sid}"}),
             _toml_table(
@@ -1187,6 +1207,8 @@ table ip lab_nat {{
                     "subnets": list(lan_subnets or [site.lan_subnet]),
                     # A site without a LAN device (the benchmark's) leaves it out.
                     **({"interface": site.lan_dev} if site.lan_dev else {}),
+                    # The port left unaddressed by add_site: socketd addresses it.
+                    **({"address": lan_port} if site.lan_dhcp else {}),
                 },
             ),
             _toml_table("tunnel", {"interface": "sdwan0", **(tunnel or {})}),
@@ -1464,6 +1486,51 @@ table ip lab_nat {{
                 )
         for h in self.public_hosts.values():
             yield f"public host {h.role} {h.ns}: {h.ip}"
+
+
+def dhcp_client(
+    ns: str, dev: str, workdir: Path, mac: str | None = None, timeout: float = 30.0
+) -> str:
+    """A LAN host in ns asks for its address on dev with busybox udhcpc, as a host's own DHCP
+    client would, puts the lease and its default route on dev and returns the address. mac
+    first gives dev that MAC (a static lease's)."""
+    if mac is not None:
+        netns.run(ns, ["ip", "link", "set", dev, "address", mac])
+    script = workdir / "udhcpc-lan-host.sh"
+    if not script.exists():
+        script.write_text(_UDHCPC_HOST_SCRIPT)
+        script.chmod(0o755)
+    # -n: give up (exit 1) without a lease; -q: exit once bound. A try is 3 s.
+    tries = max(1, int(timeout // 3))
+    netns.run(
+        ns,
+        ["busybox", "udhcpc", "-f", "-q", "-n", "-i", dev, "-s", str(script),
+         "-t", str(tries), "-T", "3", "-A", "1"],
+        timeout=timeout + 10,
+    )
+    out = netns.run(ns, ["ip", "-4", "-o", "addr", "show", "dev", dev]).stdout
+    m = re.search(r"inet (\d+\.\d+\.\d+\.\d+)/", out)
+    if m is None:
+        raise NetnsError(["udhcpc"], ns, f"no address on {dev} after the lease: {out}")
+    return m.group(1)
+
+
+# What udhcpc runs on a lab LAN host: the lease and its default route on the device, as a
+# host's DHCP client does (udhcpc's environment: interface, ip, mask, router).
+_UDHCPC_HOST_SCRIPT = """#!/bin/sh
+case "$1" in
+deconfig)
+    ip -4 addr flush dev "$interface"
+    ip link set "$interface" up
+    ;;
+bound|renew)
+    ip -4 addr flush dev "$interface"
+    ip addr add "$ip/$mask" dev "$interface"
+    [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
+    ;;
+esac
+exit 0
+"""
 
 
 _INET_RULESET = """

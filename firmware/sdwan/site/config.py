@@ -55,8 +55,10 @@ __all__ = [
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_CONTROL_SOCKET",
     "DEFAULT_DATA_DIR",
+    "DhcpStatic",
     "IPNetwork",
     "Lan",
+    "LanDhcp",
     "Link",
     "Mesh",
     "Paths",
@@ -105,9 +107,41 @@ class Pki:
 
 
 @dataclass(frozen=True)
+class DhcpStatic:
+    """A `[[lan.dhcp.static]]` entry: the host with this MAC always gets this address."""
+
+    mac: str  # lower case, colon separated
+    ip: ipaddress.IPv4Address
+    name: str | None = None
+
+
+DEFAULT_LEASE_S = 86400
+
+
+@dataclass(frozen=True)
+class LanDhcp:
+    """[lan.dhcp]: the DHCP server socketd runs for the LAN hosts (appliance/lanport.py)."""
+
+    enabled: bool = True
+    range: tuple[ipaddress.IPv4Address, ipaddress.IPv4Address] | None = None
+    router: ipaddress.IPv4Address | None = None  # None: the LAN address
+    dns: tuple[ipaddress.IPv4Address, ...] = ()
+    lease_s: int = DEFAULT_LEASE_S
+    static: tuple[DhcpStatic, ...] = ()
+
+
+@dataclass(frozen=True)
 class Lan:
     subnets: tuple[IPNetwork, ...]
     interface: str | None = None
+    # The LAN port's own address, put on `interface` by socketd (appliance/lanport.py); None
+    # leaves the device to the system, as before this field existed.
+    address: ipaddress.IPv4Interface | None = None
+    dhcp: LanDhcp | None = None
+
+    @property
+    def serves_dhcp(self) -> bool:
+        return self.dhcp is not None and self.dhcp.enabled
 
 
 @dataclass(frozen=True)
@@ -836,6 +870,319 @@ def _check_appliance(c: Checker, doc: Mapping[str, Any], base: Path) -> Applianc
     )
 
 
+# --------------------------------------------------------------------------- [lan]
+
+_MAC_RE = re.compile(r"[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(?:\1[0-9A-Fa-f]{2}){4}")
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+LAN_PREFIX_MIN, LAN_PREFIX_MAX = 8, 30  # /31 and /32 leave no room for a LAN host
+LEASE_S_MIN, LEASE_S_MAX = 60, 30 * 86400
+MAX_DNS = 8
+
+
+@expects('a MAC address such as "02:00:00:00:01:02"')
+def mac_address(value: Any) -> str:
+    """A host's MAC address, lower case and colon separated ("-" is accepted too)."""
+    if not isinstance(value, str) or not _MAC_RE.fullmatch(value):
+        raise ValueError(f'expected a MAC address such as "02:00:00:00:01:02", got {show(value)}')
+    mac = value.lower().replace("-", ":")
+    if int(mac[:2], 16) & 1:
+        raise ValueError(
+            f"expected a host's (unicast) MAC address, got {show(value)}: the lowest bit of its"
+            " first byte makes it a multicast address"
+        )
+    if mac == "00:00:00:00:00:00":
+        raise ValueError(f"expected a host's MAC address, got {show(value)}")
+    return mac
+
+
+@expects('an IPv4 address such as "10.1.0.1"')
+def ipv4_address(value: Any) -> ipaddress.IPv4Address:
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        return ipaddress.IPv4Address(value)
+    except ValueError:
+        raise ValueError(
+            f'expected an IPv4 address such as "10.1.0.1", got {show(value)}'
+        ) from None
+
+
+@expects("a host name of 1..63 letters, digits and dashes")
+def host_name(value: Any) -> str:
+    if not isinstance(value, str) or not _HOSTNAME_RE.fullmatch(value):
+        raise ValueError(
+            f"expected a host name of 1..63 letters, digits and dashes, got {show(value)}"
+        )
+    return value
+
+
+def _special(ip: ipaddress.IPv4Address) -> str | None:
+    """What makes ip unusable on a LAN, or None."""
+    for flag, what in (
+        (ip.is_unspecified, "unspecified"),
+        (ip.is_loopback, "a loopback address"),
+        (ip.is_multicast, "a multicast address"),
+        (ip.is_link_local, "a link-local address"),
+        (ip.is_reserved, "a reserved address"),
+    ):
+        if flag:
+            return what
+    return None
+
+
+@expects('an IPv4 address with its prefix length, such as "10.1.0.1/24"')
+def lan_address(value: Any) -> ipaddress.IPv4Interface:
+    expected = 'expected an IPv4 address with its prefix length, such as "10.1.0.1/24"'
+    if not isinstance(value, str) or "/" not in value:
+        raise ValueError(f"{expected}, got {show(value)}")
+    try:
+        iface = ipaddress.IPv4Interface(value)
+    except ValueError:
+        raise ValueError(f"{expected}, got {show(value)}") from None
+    net = iface.network
+    if not LAN_PREFIX_MIN <= net.prefixlen <= LAN_PREFIX_MAX:
+        raise ValueError(
+            f"expected a prefix length {LAN_PREFIX_MIN}..{LAN_PREFIX_MAX} (a network with room"
+            f" for the LAN's hosts), got {show(value)}"
+        )
+    special = _special(iface.ip)
+    if special:
+        raise ValueError(f"{iface.ip} is {special}: it cannot be the LAN port's address")
+    if iface.ip == net.network_address:
+        raise ValueError(f"{iface.ip} is the network address of {net}, not a host's")
+    if iface.ip == net.broadcast_address:
+        raise ValueError(f"{iface.ip} is the broadcast address of {net}, not a host's")
+    return iface
+
+
+def _on_lan(
+    c: Checker,
+    loc: tuple[str | int, ...],
+    ip: ipaddress.IPv4Address,
+    address: ipaddress.IPv4Interface,
+) -> bool:
+    """Whether ip can be a LAN host's address in the network of `address` (else an error)."""
+    net = address.network
+    if ip not in net:
+        c.error(loc, f"{ip} is not in the LAN's network {net} (lan.address {address})")
+    elif ip == net.network_address:
+        c.error(loc, f"{ip} is the network address of {net}, not a host's")
+    elif ip == net.broadcast_address:
+        c.error(loc, f"{ip} is the broadcast address of {net}, not a host's")
+    else:
+        return True
+    return False
+
+
+def _check_dhcp_range(
+    c: Checker,
+    raw: Mapping[str, Any],
+    loc: tuple[str | int, ...],
+    address: ipaddress.IPv4Interface | None,
+    required: bool,
+) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address] | None | object:
+    value = raw.get("range", MISSING)
+    rloc = (*loc, "range")
+    if value is MISSING:
+        if required:
+            c.error(rloc, 'missing required field (expected ["FIRST", "LAST"], the addresses'
+                          " the server leases)")
+            return MISSING
+        return None
+    if not isinstance(value, list) or len(value) != 2:
+        c.error(
+            rloc, f'expected an array of two IPv4 addresses ["FIRST", "LAST"], got {show(value)}'
+        )
+        return MISSING
+    ends: list[ipaddress.IPv4Address] = []
+    for i, item in enumerate(value):
+        try:
+            ip = ipv4_address(item)
+        except ValueError as exc:
+            c.error((*rloc, i), str(exc))
+            continue
+        if address is None or _on_lan(c, (*rloc, i), ip, address):
+            ends.append(ip)
+    if len(ends) != 2:
+        return MISSING
+    first, last = ends
+    if first > last:
+        c.error(rloc, f"reversed: the first address {first} is above the last {last}")
+        return MISSING
+    if address is not None and first <= address.ip <= last:
+        c.error(rloc, f"{first}..{last} holds the LAN port's own address {address.ip}"
+                      " (lan.address)")
+        return MISSING
+    return first, last
+
+
+def _check_dhcp_static(
+    c: Checker,
+    raw: Mapping[str, Any],
+    loc: tuple[str | int, ...],
+    address: ipaddress.IPv4Interface | None,
+    router: ipaddress.IPv4Address | None,
+) -> tuple[DhcpStatic, ...] | object:
+    value = raw.get("static", [])
+    sloc = (*loc, "static")
+    if not isinstance(value, list):
+        c.error(sloc, f"expected an array of tables [[lan.dhcp.static]], got {show(value)}")
+        return MISSING
+    out: list[DhcpStatic] = []
+    ok = True
+    macs: dict[str, int] = {}
+    ips: dict[ipaddress.IPv4Address, int] = {}
+    for i, entry in enumerate(value):
+        eloc = (*sloc, i)
+        if not isinstance(entry, dict):
+            c.error(eloc, f"expected a table, got {show(entry)}")
+            ok = False
+            continue
+        c.known_keys(entry, eloc, ("mac", "ip", "name"))
+        mac = c.value(entry, (*eloc, "mac"), mac_address)
+        ip = c.value(entry, (*eloc, "ip"), ipv4_address)
+        name = c.value(entry, (*eloc, "name"), host_name, default=None)
+        if mac is not MISSING:
+            if mac in macs:
+                c.error((*eloc, "mac"), f"duplicate MAC {mac} (also lan.dhcp.static[{macs[mac]}])")
+                mac = MISSING
+            else:
+                macs[mac] = i
+        if ip is not MISSING:
+            if ip in ips:
+                c.error((*eloc, "ip"), f"duplicate address {ip} (also lan.dhcp.static[{ips[ip]}])")
+                ip = MISSING
+            elif address is not None and not _on_lan(c, (*eloc, "ip"), ip, address):
+                ip = MISSING
+            elif address is not None and ip == address.ip:
+                c.error((*eloc, "ip"), f"{ip} is the LAN port's own address (lan.address)")
+                ip = MISSING
+            elif ip == router:
+                c.error((*eloc, "ip"), f"{ip} is the router's address (lan.dhcp.router)")
+                ip = MISSING
+            else:
+                ips[ip] = i
+        if MISSING in (mac, ip, name):
+            ok = False
+            continue
+        out.append(DhcpStatic(mac=mac, ip=ip, name=name))
+    return tuple(out) if ok else MISSING
+
+
+def _check_lan_dhcp(
+    c: Checker, lan_t: Mapping[str, Any], address: Any
+) -> LanDhcp | None | object:
+    """[lan.dhcp]; `address` is lan.address (None when not given, MISSING when wrong)."""
+    raw = lan_t.get("dhcp", MISSING)
+    if raw is MISSING:
+        return None
+    loc: tuple[str | int, ...] = ("lan", "dhcp")
+    if not isinstance(raw, dict):
+        c.error(loc, f"expected a table [lan.dhcp], got {show(raw)}")
+        return MISSING
+    c.known_keys(raw, loc, ("enabled", "range", "router", "dns", "lease_s", "static"))
+    enabled = c.value(raw, (*loc, "enabled"), boolean, default=True)
+    lan_ip = address if isinstance(address, ipaddress.IPv4Interface) else None
+    ok = True
+    if enabled is True and address is None:
+        c.error(
+            (*loc, "enabled") if "enabled" in raw else loc,
+            "a DHCP server needs lan.address and lan.interface: the LAN port's address, in"
+            " whose network the range lies, and its device",
+        )
+        ok = False
+    rng = _check_dhcp_range(c, raw, loc, lan_ip, required=enabled is True)
+    router = c.value(raw, (*loc, "router"), ipv4_address, default=None)
+    if router not in (None, MISSING) and lan_ip is not None:
+        if not _on_lan(c, (*loc, "router"), router, lan_ip):
+            router = MISSING
+        elif isinstance(rng, tuple) and rng[0] <= router <= rng[1]:
+            c.error(
+                (*loc, "router"),
+                f"{router} is inside the range {rng[0]}..{rng[1]}: it could be leased to a host",
+            )
+            router = MISSING
+    dns: list[ipaddress.IPv4Address] = []
+    raw_dns = raw.get("dns", [])
+    if not isinstance(raw_dns, list) or len(raw_dns) > MAX_DNS:
+        c.error((*loc, "dns"), f"expected an array of at most {MAX_DNS} IPv4 addresses,"
+                               f" got {show(raw_dns)}")
+        ok = False
+    else:
+        for i, item in enumerate(raw_dns):
+            try:
+                ip = ipv4_address(item)
+            except ValueError as exc:
+                c.error((*loc, "dns", i), str(exc))
+                ok = False
+                continue
+            special = _special(ip)  # 255.255.255.255 is reserved too
+            if special:
+                c.error((*loc, "dns", i), f"{ip} is {special}: not a DNS server's")
+                ok = False
+                continue
+            dns.append(ip)
+    lease_s = c.value(
+        raw, (*loc, "lease_s"), int_range(LEASE_S_MIN, LEASE_S_MAX), default=DEFAULT_LEASE_S
+    )
+    static = _check_dhcp_static(
+        c, raw, loc, lan_ip, router if isinstance(router, ipaddress.IPv4Address) else None
+    )
+    if not ok or MISSING in (enabled, rng, router, lease_s, static):
+        return MISSING
+    return LanDhcp(
+        enabled=enabled,
+        range=rng,  # type: ignore[arg-type]
+        router=router,
+        dns=tuple(dns),
+        lease_s=lease_s,
+        static=static,  # type: ignore[arg-type]
+    )
+
+
+def _check_lan(
+    c: Checker, doc: Mapping[str, Any], links: list[Link] | None, tunnel: Tunnel | None
+) -> Lan | None:
+    loc: tuple[str | int, ...] = ("lan",)
+    table = c.table(doc, loc, required=True)
+    if table is None:
+        return None
+    c.known_keys(table, loc, ("subnets", "interface", "address", "dhcp"))
+    subnets = check_networks(c, table, (*loc, "subnets"))
+    iface = c.value(table, (*loc, "interface"), ifname, default=None)
+    address = c.value(table, (*loc, "address"), lan_address, default=None)
+    if isinstance(address, ipaddress.IPv4Interface):
+        if "interface" not in table:
+            c.error((*loc, "address"), "needs lan.interface: the LAN device to put it on")
+            address = MISSING
+        elif subnets is not None and not any(
+            n.version == 4 and address.network.subnet_of(n) for n in subnets  # type: ignore[arg-type]
+        ):
+            # Routes and the PoP's directory know the LAN by its subnets: a port whose network
+            # reached beyond them would answer for addresses nobody routes to it.
+            c.error(
+                (*loc, "address"),
+                f"{address} is not inside lan.subnets ({', '.join(map(str, subnets))}):"
+                f" its network {address.network} must lie in one of them",
+            )
+            address = MISSING
+    if isinstance(address, ipaddress.IPv4Interface) and isinstance(iface, str):
+        # The port would lose its role (or the link its address) to the other one.
+        for i, link in enumerate(links or ()):
+            if link.interface == iface:
+                c.error((*loc, "interface"), f"the LAN port cannot be links[{i}]'s device"
+                                             f" {show(iface)}")
+                iface = MISSING
+        if tunnel is not None and tunnel.interface == iface:
+            c.error((*loc, "interface"), f"the LAN port cannot be the tunnel device {show(iface)}")
+            iface = MISSING
+    dhcp = _check_lan_dhcp(c, table, address)
+    if subnets is None or MISSING in (iface, address, dhcp):
+        return None
+    return Lan(subnets=subnets, interface=iface, address=address, dhcp=dhcp)  # type: ignore[arg-type]
+
+
+
 def _check_overlaps(c: Checker, doc: Mapping[str, Any]) -> None:
     """Every destination prefix must lead to exactly one place: the LAN or one peer."""
     owned: list[tuple[IPNetwork, tuple[str | int, ...]]] = []
@@ -936,15 +1283,6 @@ def _validate(doc: dict[str, Any], source: Path, c: Checker) -> SiteConfig | Non
     files = check_pki_files(c, doc, base)
     pki = Pki(**files) if files is not None else None
 
-    lan: Lan | None = None
-    lan_t = c.table(doc, ("lan",), required=True)
-    if lan_t is not None:
-        c.known_keys(lan_t, ("lan",), ("subnets", "interface"))
-        subnets = check_networks(c, lan_t, ("lan", "subnets"))
-        iface = c.value(lan_t, ("lan", "interface"), ifname, default=None)
-        if subnets is not None and iface is not MISSING:
-            lan = Lan(subnets=subnets, interface=iface)
-
     tunnel: Tunnel | None = None
     tunnel_t = c.table(doc, ("tunnel",), required=False)
     if tunnel_t is not None:
@@ -979,6 +1317,7 @@ def _validate(doc: dict[str, Any], source: Path, c: Checker) -> SiteConfig | Non
                     ("links", i, where),
                     f"expected a WAN device, got the tunnel interface {show(tunnel.interface)}",
                 )
+    lan = _check_lan(c, doc, links, tunnel)
     peers = _check_peers(c, doc, site_id, links)
     pops = _check_pops(c, doc)
     cloud = _check_cloud(c, doc)

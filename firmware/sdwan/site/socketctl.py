@@ -1,6 +1,6 @@
 """socketctl: the operator's command line over socketd's control socket.
 
-`socketctl [--socket PATH] status|peers|pop|routes|rules|recovery|mesh|firewall|events|links
+`socketctl [--socket PATH] status|peers|pop|routes|rules|recovery|mesh|firewall|events|links|lan
 [--json]`, and
 `socketctl set-link LINK static ADDR/PREFIX GATEWAY | set-link LINK dhcp`. With --json the
 result object is printed as socketd sent it (the field names are a stable interface, see
@@ -182,6 +182,9 @@ def format_status(result: Mapping[str, Any], out: TextIO) -> None:
     sources = result.get("sources")
     if isinstance(sources, Mapping):
         fields.append(("sources", _sources_line(sources, result.get("links"))))
+    lan = result.get("lan")
+    if isinstance(lan, Mapping) and lan.get("address"):
+        fields.append(("lan", _lan_line(lan)))
     for name, value in fields:
         out.write(f"{name:<9}{value}\n" if len(name) < 9 else f"{name} {value}\n")
 
@@ -671,6 +674,82 @@ def format_firewall(result: Mapping[str, Any], out: TextIO) -> None:
     _table(headers, rows, out)
 
 
+def _lan_line(lan: Mapping[str, Any]) -> str:
+    """The LAN port in one line: its address, device, and its DHCP server's state."""
+    text = f"{_text(lan.get('address'))} on {_text(lan.get('interface'))}"
+    if lan.get("address_error"):
+        return f"{text}, error: {_text(lan['address_error'])}"
+    dhcp = lan.get("dhcp")
+    state = dhcp.get("state") if isinstance(dhcp, Mapping) else dhcp
+    return f"{text}, DHCP {_text(state)}"
+
+
+def _expires(lease: Mapping[str, Any]) -> str:
+    if lease.get("expired"):
+        return "expired"
+    return _duration(lease.get("expires_s"))
+
+
+@_visible_out
+def format_lan(result: Mapping[str, Any], out: TextIO) -> None:
+    address = result.get("address")
+    port = f"{_text(result.get('interface'))} ({_text(result.get('state'))})"
+    if address:
+        out.write(f"address  {_text(address)} on {port}\n")
+        if result.get("address_error"):
+            out.write(f"error    {_text(result['address_error'])}\n")
+    else:
+        seen = _text(result.get("addresses"))
+        out.write(f"address  not set by socketd ([lan] address); on {port}: {seen}\n")
+    out.write(f"subnets  {_text(result.get('subnets'))}\n")
+    dhcp = result.get("dhcp")
+    if not isinstance(dhcp, Mapping) or not dhcp.get("enabled"):
+        out.write("dhcp     off\n")
+        return
+    state = _text(dhcp.get("state"))
+    if dhcp.get("pid") is not None:
+        state += f", pid {_num(dhcp.get('pid'))}, up {_duration(dhcp.get('up_s'))}"
+    if dhcp.get("restarts"):
+        state += f", {_num(dhcp.get('restarts'))} restarts"
+    out.write(f"dhcp     {state}\n")
+    if dhcp.get("error"):
+        retry = dhcp.get("retry_in_s")
+        again = f" (again in {_duration(retry)})" if retry is not None else ""
+        out.write(f"why      {_text(dhcp['error'])}{again}\n")
+    rng = dhcp.get("range")
+    if isinstance(rng, list) and len(rng) == 2:
+        out.write(f"range    {_text(rng[0])} - {_text(rng[1])}\n")
+    out.write(
+        f"router   {_text(dhcp.get('router'))}, dns {_text(dhcp.get('dns'))},"
+        f" lease {_duration(dhcp.get('lease_s'))}\n"
+    )
+    if dhcp.get("leases_error"):
+        out.write(f"leases   {_text(dhcp['leases_error'])}\n")
+    out.write("\n")
+    leases = [le for le in dhcp.get("leases") or [] if isinstance(le, Mapping)]
+    held = {le.get("mac") for le in leases}
+    rows = [
+        [
+            _text(le.get("ip")),
+            _text(le.get("mac")),
+            _text(le.get("hostname")),
+            "static" if le.get("static") else "dynamic",
+            _expires(le),
+        ]
+        for le in leases
+    ]
+    # Static leases no host holds yet are listed too: the field engineer looks for them.
+    for s in dhcp.get("static") or []:
+        if isinstance(s, Mapping) and s.get("mac") not in held:
+            rows.append(
+                [_text(s.get("ip")), _text(s.get("mac")), _text(s.get("name")), "static", _DASH]
+            )
+    if not rows:
+        out.write("no leases\n")
+        return
+    _table(["IP", "MAC", "HOSTNAME", "KIND", "EXPIRES IN"], rows, out)
+
+
 @_visible_out
 def format_set_link(result: Mapping[str, Any], out: TextIO) -> None:
     """set-link answers with the link's new `links` entry."""
@@ -688,6 +767,7 @@ FORMATTERS: dict[str, Callable[[Mapping[str, Any], TextIO], None]] = {
     "firewall": format_firewall,
     "events": format_events,
     "links": format_links,
+    "lan": format_lan,
 }
 
 
@@ -720,6 +800,7 @@ def build_parser() -> argparse.ArgumentParser:
         "firewall": "the LAN firewall: rules in order with their counters, default, state",
         "events": "stored events, newest first",
         "links": "WAN links: device state, addressing (none, static, dhcp), address, gateway",
+        "lan": "the LAN port: its address, the DHCP server (state, range) and its leases",
     }
     for name in FORMATTERS:
         sub = commands.add_parser(name, help=helps[name], description=helps[name])

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 from sdwan import __version__
+from sdwan.appliance.lanport import LanPort
 from sdwan.appliance.leds import (
     BOOT_GRACE_S,
     BoxState,
@@ -144,6 +145,7 @@ class Supervisor:
         self.ticks = 0
         self._next_trim = clock() + HEAP_TRIM_S
         self.wan: WanAddressing | None = None
+        self.lan: LanPort | None = None
         self.leds: LedController | None = None
         self.guard: Guard | None = None  # made by run(): the simulations have no appliance
         self._cloud_was_up = False  # the LEDs show booting until the cloud is first up
@@ -744,6 +746,7 @@ class Supervisor:
                 self.recovery.summary() if self.recovery is not None else {"enabled": False}
             ),
             "firewall": self.firewall.summary(),
+            "lan": self.lan.summary() if self.lan is not None else None,
             "sources": self.sources.summary() if self.sources is not None else None,
             "appliance": self._appliance_status(),
         }
@@ -836,6 +839,14 @@ class Supervisor:
             return result
 
         return {**handlers, "links": links}
+
+    def _lan_handlers(self) -> dict:
+        """`lan` (lanport.py owns it)."""
+        sock = self.cfg.paths.control_socket
+        self.lan = LanPort(
+            self.cfg.lan, self.cfg.paths.data_dir, sock.parent, self._record_event, tag=sock.stem
+        )
+        return self.lan.handlers()
 
     def _start_wan(self) -> None:
         # Stored settings are applied in the background once the control socket is up, so
@@ -938,6 +949,7 @@ class Supervisor:
             "firewall": self._firewall,
             "events": self._events,
             **self._wan_handlers(),
+            **self._lan_handlers(),
         }
         self.control = ControlServer(
             self.cfg.paths.control_socket,
@@ -945,6 +957,9 @@ class Supervisor:
         )
         await self.control.start()
         self._start_wan()
+        # Like the WAN links: in the background, with the console already able to look.
+        assert self.lan is not None
+        self.lan.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         log.info(
@@ -967,6 +982,8 @@ class Supervisor:
             await self.control.close()
             if self.wan is not None:
                 await self.wan.close()
+            if self.lan is not None:
+                await self.lan.close()
             # The ruleset stays in the kernel: a stopped socketd leaves the LAN neither open
             # nor closed (docs/firewall.md); the next start replaces it.
             await self.firewall.close()

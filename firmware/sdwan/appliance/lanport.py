@@ -1,0 +1,486 @@
+"""The LAN port: its address from the site config and the DHCP server for the LAN hosts.
+
+Owns `[lan] address` and `[lan.dhcp]` (site/config.py) at run time: the address is put on the
+LAN device through the netcfg worker (netlink, common/netcfg.py; the device is brought up and
+any other IPv4 address on it removed), then busybox `udhcpd -f` serves the LAN from a
+configuration written from `[lan.dhcp]`. socketd supervises it: its output goes to the log, a
+server that exits is started again after a growing pause (the address put back first if it
+went), it is stopped with socketd and dies with it (PR_SET_PDEATHSIG), never orphaned. What
+cannot work (no udhcpd, a device that does not exist, a server that keeps exiting) is said in
+`lan` and the events, and socketd runs on.
+
+The leases are read back from udhcpd's lease file (`parse_leases`: its binary format, read
+defensively, a damaged file gives an error in `lan`, never an exception), after asking udhcpd
+to write it (SIGUSR1). The control command `lan` is served by `LanPort.handlers()`; socketctl
+and the console print it with `format_lan` (docs/lan.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sdwan.appliance.wanaddr import die_with_parent, observe
+from sdwan.common.netcfg import AddrPlan, NetcfgError, apply_addressing_in_worker
+
+if TYPE_CHECKING:
+    from sdwan.site.config import Lan
+
+__all__ = ["Lease", "LanPort", "parse_leases", "udhcpd_command", "udhcpd_config"]
+
+log = logging.getLogger("sdwan.appliance.lanport")
+
+LEASES_FILE = "udhcpd.leases"  # in the data directory: the hosts keep their addresses
+# A server that exits is started again after RESTART_S, doubled with each exit in a row up
+# to RESTART_MAX_S; one that ran STABLE_S had not been failing.
+RESTART_S = 1.0
+RESTART_MAX_S = 60.0
+STABLE_S = 30.0
+STOP_S = 3.0
+# udhcpd writes its lease file this often by itself (its default is two hours), besides on
+# every `lan` (SIGUSR1) and when it stops.
+AUTO_TIME_S = 60
+LEASES_WAIT_S = 1.0  # how long `lan` waits for udhcpd to write the file it asked for
+# SIGUSR1 kills a udhcpd that has not set up its handler yet: one this young is not asked.
+SIGNAL_AFTER_S = 1.0
+OUTPUT_KEPT = 5  # udhcpd's last lines, kept to say why it exited
+
+# udhcpd's lease file (busybox networking/udhcp): the time it was written (int64, big endian),
+# then per lease its remaining seconds then (uint32), its address (network order), the
+# client's MAC, its host name (NUL padded) and two bytes of padding.
+_HEADER = struct.Struct("!q")
+_RECORD = struct.Struct("!I4s6s20s2x")
+MAX_LEASE_FILE = 4 << 20  # far above any range udhcpd accepts; a bigger file is damaged
+
+
+@dataclass(frozen=True)
+class Lease:
+    mac: str
+    ip: str
+    hostname: str | None
+    expires_s: int  # 0: expired
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mac": self.mac,
+            "ip": self.ip,
+            "hostname": self.hostname,
+            "expires_s": self.expires_s,
+            "expired": self.expires_s <= 0,
+        }
+
+
+def parse_leases(data: bytes, now: float) -> tuple[list[Lease], str | None]:
+    """The leases of udhcpd's lease file and, when it is damaged, what is wrong with it (the
+    leases read before the damage are kept)."""
+    if not data:
+        return [], None  # not written yet
+    if len(data) > MAX_LEASE_FILE:
+        return [], f"lease file of {len(data)} bytes: larger than any udhcpd writes"
+    if len(data) < _HEADER.size:
+        return [], f"lease file of {len(data)} bytes: shorter than its header"
+    (written_at,) = _HEADER.unpack_from(data)
+    # As dumpleases does: a file from the future (a clock set back) counts from now.
+    if not 0 < written_at <= now:
+        written_at = int(now)
+    leases: list[Lease] = []
+    problem = None
+    body = memoryview(data)[_HEADER.size :]
+    whole = len(body) - len(body) % _RECORD.size
+    for off in range(0, whole, _RECORD.size):
+        remaining, nip, mac, name = _RECORD.unpack_from(body, off)
+        if nip == b"\0\0\0\0":
+            continue
+        host = name.split(b"\0", 1)[0].decode("ascii", "replace")
+        host = "".join(ch if ch.isprintable() else "?" for ch in host) or None
+        leases.append(
+            Lease(
+                mac=":".join(f"{b:02x}" for b in mac),
+                ip=str(ipaddress.IPv4Address(nip)),
+                hostname=host,
+                expires_s=max(0, int(written_at + remaining - now)),
+            )
+        )
+    if whole != len(body):
+        problem = f"lease file cut short: {len(body) - whole} bytes after the last whole lease"
+    return leases, problem
+
+
+# --------------------------------------------------------------------------- udhcpd
+
+
+def _busybox_has(bb: str, applet: str) -> bool:
+    try:
+        out = subprocess.run(
+            [bb, "--list"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return applet in out.split()
+
+
+def udhcpd_command() -> tuple[list[str] | None, str | None]:
+    """(argv of udhcpd, None), or (None, why there is none): udhcpd on PATH (the image's busybox
+    applet), else `busybox udhcpd` where that busybox has it."""
+    found = shutil.which("udhcpd")
+    if found:
+        return [found], None
+    bb = shutil.which("busybox")
+    if bb is None:
+        return None, "no DHCP server: neither udhcpd nor busybox is installed"
+    if not _busybox_has(bb, "udhcpd"):
+        return None, f"no DHCP server: {bb} was built without udhcpd"
+    return [bb, "udhcpd"], None
+
+
+def udhcpd_config(lan: Lan, leases: Path, pidfile: Path) -> str:
+    """udhcpd's configuration for `lan` (its address and [lan.dhcp] are set)."""
+    assert lan.address is not None and lan.dhcp is not None and lan.dhcp.range is not None
+    assert lan.interface is not None
+    for path in (leases, pidfile):
+        if any(ch.isspace() for ch in str(path)):
+            # udhcpd splits its lines at white space: such a path cannot be written there.
+            raise NetcfgError(f"udhcpd cannot use a path with white space in it: {path}")
+    d = lan.dhcp
+    first, last = d.range
+    router = d.router or lan.address.ip
+    lines = [
+        "# Written by socketd from [lan] of its configuration at each start; changes here are"
+        " lost.",
+        f"interface {lan.interface}",
+        f"start {first}",
+        f"end {last}",
+        f"max_leases {int(last) - int(first) + 1}",
+        f"lease_file {leases}",
+        f"pidfile {pidfile}",
+        f"auto_time {AUTO_TIME_S}",
+        f"option subnet {lan.address.netmask}",
+        f"option router {router}",
+        f"option lease {d.lease_s}",
+    ]
+    if d.dns:
+        lines.append("option dns " + " ".join(str(ip) for ip in d.dns))
+    lines += [f"static_lease {s.mac} {s.ip}" for s in d.static]
+    return "\n".join(lines) + "\n"
+
+
+def _write(path: Path, text: str) -> None:
+    """Atomically, and only when it changed: the runtime directory may be on flash."""
+    with contextlib.suppress(OSError):
+        if path.read_text() == text:
+            return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class _Server:
+    state: str = "off"  # off, waiting (for the address), running, restarting, failed, stopped
+    proc: asyncio.subprocess.Process | None = None
+    started_at: float | None = None
+    restarts: int = 0
+    failures: int = 0  # exits in a row, each after less than STABLE_S
+    error: str | None = None
+    retry_at: float | None = None
+    output: deque[str] = field(default_factory=lambda: deque(maxlen=OUTPUT_KEPT))
+
+
+class LanPort:
+    """The LAN port of one socketd (see the module docstring)."""
+
+    def __init__(
+        self,
+        lan: Lan,
+        data_dir: Path,
+        runtime_dir: Path,
+        record: Callable[[str, str, dict[str, Any]], None],
+        *,
+        tag: str = "socketd",
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        apply_worker: Callable[[AddrPlan], None] = apply_addressing_in_worker,
+        command: Callable[[], tuple[list[str] | None, str | None]] = udhcpd_command,
+    ) -> None:
+        self.lan = lan
+        self.leases_path = Path(data_dir) / LEASES_FILE
+        # The lab runs several sites' sockets in one runtime directory: the files carry the
+        # control socket's name.
+        self.conf_path = Path(runtime_dir) / f"{tag}-udhcpd.conf"
+        self.pid_path = Path(runtime_dir) / f"{tag}-udhcpd.pid"
+        self.record = record
+        self.clock = clock
+        self.wall = wall
+        self.apply_worker = apply_worker
+        self.command = command
+        self.server = _Server()
+        self.address_error: str | None = None
+        self.address_applied = False
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        return {"lan": self._status}
+
+    def start(self) -> None:
+        """Address the port and start the DHCP server in the background; a LAN without
+        `address` is left to the system, as before."""
+        if self.lan.address is None:
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        self._stopping = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        await self._stop_server()
+
+    # ---------------------------------------------------------------- running
+
+    async def _run(self) -> None:
+        delay = address_delay = RESTART_S
+        first = True
+        while not self._stopping:
+            if not await self._ensure_address(force=first):
+                first = False
+                self.server.retry_at = self.clock() + address_delay
+                await asyncio.sleep(address_delay)
+                address_delay = min(address_delay * 2, RESTART_MAX_S)
+                continue
+            first, address_delay = False, RESTART_S
+            if not self.lan.serves_dhcp:
+                return
+            srv = self.server
+            # Off the loop: it may ask busybox for its applets.
+            argv, why = await asyncio.to_thread(self.command)
+            if argv is None:
+                # Nothing will change that while socketd runs: said once, not retried.
+                srv.state, srv.error = "failed", why
+                log.error("LAN DHCP server not started: %s", why)
+                self.record("lan.dhcp", f"LAN DHCP server not started: {why}", {"error": why})
+                return
+            ran = await self._serve(argv)
+            if self._stopping:
+                return
+            if ran >= STABLE_S:
+                delay, srv.failures = RESTART_S, 0
+            srv.failures += 1
+            srv.state, srv.retry_at = "restarting", self.clock() + delay
+            log.warning("LAN DHCP server: %s; starting it again in %g s", srv.error, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RESTART_MAX_S)
+            srv.restarts += 1
+
+    async def _ensure_address(self, force: bool) -> bool:
+        """The port has its address (put back if it went): True; else the error is kept."""
+        lan = self.lan
+        assert lan.address is not None and lan.interface is not None
+        if not force and str(lan.address) in observe(lan.interface)["addresses"]:
+            return True
+        if self.lan.serves_dhcp and self.server.state in ("off", "restarting"):
+            self.server.state = "waiting"
+        plan = AddrPlan(lan.interface, 4, [str(lan.address)], None, 0)
+        try:
+            await asyncio.to_thread(self.apply_worker, plan)
+        except (NetcfgError, OSError) as e:
+            error = f"{lan.address} not applied to {lan.interface}: {e}"
+            if error != self.address_error:
+                log.error("LAN port: %s", error)
+                self.record("lan.address", f"LAN port: {error}", {"error": str(e)})
+            self.address_error = error
+            if self.lan.serves_dhcp:
+                self.server.error = "waiting for the LAN address"
+            return False
+        if self.address_error is not None or not self.address_applied:
+            log.info("LAN port %s: %s", lan.interface, lan.address)
+            self.record(
+                "lan.address",
+                f"LAN port {lan.interface}: {lan.address}",
+                {"interface": lan.interface, "address": str(lan.address)},
+            )
+        self.address_error = None
+        self.address_applied = True
+        return True
+
+    async def _serve(self, argv: list[str]) -> float:
+        """Run udhcpd until it exits; how long it ran (0 when it did not start)."""
+        srv = self.server
+        try:
+            _write(self.conf_path, udhcpd_config(self.lan, self.leases_path, self.pid_path))
+            self.leases_path.parent.mkdir(parents=True, exist_ok=True)
+            # udhcpd complains at every start about a lease file that is not there yet.
+            self.leases_path.touch(exist_ok=True)
+            srv.proc = proc = await asyncio.create_subprocess_exec(
+                *argv,
+                "-f",
+                str(self.conf_path),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                preexec_fn=die_with_parent,
+            )
+        except (NetcfgError, OSError) as e:
+            srv.error = f"cannot start {argv[-1]}: {getattr(e, 'strerror', None) or e}"
+            return 0.0
+        started = srv.started_at = self.clock()
+        srv.state, srv.error, srv.retry_at = "running", None, None
+        srv.output.clear()
+        log.info("LAN DHCP server started on %s (pid %d)", self.lan.interface, proc.pid)
+        if srv.restarts == 0 or srv.failures == 0:
+            self.record(
+                "lan.dhcp",
+                f"LAN DHCP server started on {self.lan.interface}",
+                {"pid": proc.pid},
+            )
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            srv.output.append(line)
+            log.info("udhcpd: %s", line)
+        rc = await proc.wait()
+        srv.proc, srv.started_at = None, None
+        ran = self.clock() - started
+        last = srv.output[-1] if srv.output else ""
+        error = f"udhcpd exited with status {rc}"
+        if rc < 0:
+            with contextlib.suppress(ValueError):
+                error = f"udhcpd was killed by {signal.Signals(-rc).name}"
+        srv.error = error + (f": {last}" if last else "")
+        if not self._stopping and (srv.failures == 0 or ran >= STABLE_S):
+            # The first exit of a streak; the next ones only in the log and `lan`.
+            self.record("lan.dhcp", f"LAN DHCP server: {srv.error}", {"status": rc})
+        return ran
+
+    async def _stop_server(self) -> None:
+        srv = self.server
+        proc = srv.proc
+        if srv.state != "off":
+            srv.state = "stopped"
+        if proc is None or proc.returncode is not None:
+            return
+        # TERM: udhcpd writes its leases before it exits.
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    # ---------------------------------------------------------------- status
+
+    async def _fresh_leases(self) -> bytes:
+        """The lease file, after asking a running udhcpd to write it."""
+        srv = self.server
+        proc = srv.proc
+        before = _mtime(self.leases_path)
+        settled = srv.started_at is not None and self.clock() - srv.started_at >= SIGNAL_AFTER_S
+        if proc is not None and proc.returncode is None and settled:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGUSR1)
+            deadline = self.clock() + LEASES_WAIT_S
+            while _mtime(self.leases_path) == before and self.clock() < deadline:
+                await asyncio.sleep(0.02)
+            # udhcpd truncates the file, then writes it lease by lease: let it finish.
+            await asyncio.sleep(0.02)
+        try:
+            with open(self.leases_path, "rb") as f:
+                return f.read(MAX_LEASE_FILE + 1)
+        except FileNotFoundError:
+            return b""
+
+    async def leases(self) -> tuple[list[dict[str, Any]], str | None]:
+        try:
+            data = await self._fresh_leases()
+        except OSError as e:
+            return [], f"lease file unreadable: {e.strerror or e}"
+        found, problem = parse_leases(data, self.wall())
+        static = {s.mac: s for s in (self.lan.dhcp.static if self.lan.dhcp else ())}
+        out = []
+        for lease in found:
+            entry = lease.to_dict()
+            fixed = static.get(lease.mac)
+            entry["static"] = fixed is not None and str(fixed.ip) == lease.ip
+            if entry["hostname"] is None and fixed is not None:
+                entry["hostname"] = fixed.name
+            out.append(entry)
+        out.sort(key=lambda e: ipaddress.IPv4Address(e["ip"]))
+        return out, problem
+
+    def summary(self) -> dict[str, Any]:
+        """For `status`: the port's address and the server's state, without the leases."""
+        lan = self.lan
+        return {
+            "interface": lan.interface,
+            "address": str(lan.address) if lan.address else None,
+            "address_error": self.address_error,
+            "dhcp": self.server.state if lan.serves_dhcp else "off",
+        }
+
+    async def _status(self, _req: dict[str, Any]) -> dict[str, Any]:
+        lan = self.lan
+        seen = observe(lan.interface) if lan.interface else None
+        result: dict[str, Any] = {
+            "interface": lan.interface,
+            "state": seen["state"] if seen else None,
+            "address": str(lan.address) if lan.address else None,
+            "addresses": seen["addresses"] if seen else [],
+            "subnets": [str(n) for n in lan.subnets],
+            "address_error": self.address_error,
+            "dhcp": None,
+        }
+        d = lan.dhcp
+        srv = self.server
+        if d is None or not d.enabled:
+            result["dhcp"] = {"enabled": False, "state": "off"}
+            return result
+        leases, problem = await self.leases()
+        now = self.clock()
+        assert lan.address is not None and d.range is not None
+        result["dhcp"] = {
+            "enabled": True,
+            "state": srv.state,
+            "pid": srv.proc.pid if srv.proc is not None else None,
+            "up_s": round(now - srv.started_at, 1) if srv.started_at is not None else None,
+            "error": srv.error if srv.state != "running" else None,
+            "retry_in_s": (
+                round(max(0.0, srv.retry_at - now), 1)
+                if srv.retry_at is not None and srv.state != "running"
+                else None
+            ),
+            "restarts": srv.restarts,
+            "range": [str(d.range[0]), str(d.range[1])],
+            "router": str(d.router or lan.address.ip),
+            "dns": [str(ip) for ip in d.dns],
+            "lease_s": d.lease_s,
+            "static": [
+                {"mac": s.mac, "ip": str(s.ip), "name": s.name} for s in d.static
+            ],
+            "leases": leases,
+            "leases_error": problem,
+        }
+        return result
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
