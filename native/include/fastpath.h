@@ -375,9 +375,11 @@ int fp_peer_set_policy(fp_t *fp, uint32_t peer_id, const struct fp_link_weight *
  * links: a flow stays on its member while the members and weights stay, and only the flows
  * of a member removed or reweighted move. A member without a transmit key or without an
  * endpoint is passed over (its flows go to their next-best member, and come back when it
- * has both again); with none left, or no members, the packet is dropped as
- * FP_DROP_NO_MEMBER. fp_group_set creates the group or replaces its members (n == 0: none);
- * members are existing peers, distinct, no groups, weights > 0, at most FP_GROUP_MEMBERS
+ * has both again). A member of weight 0 is a standby: chosen (equally among the standbys)
+ * only while no weighted member is usable, and, like every member, allowed to send from the
+ * group's prefixes where the relay checks sources. With none left, or no members, the
+ * packet is dropped as FP_DROP_NO_MEMBER. fp_group_set creates the group or replaces its members (n == 0: none);
+ * members are existing peers, distinct, no groups, at most FP_GROUP_MEMBERS
  * (else -EINVAL; -ENOENT: a member is no peer; -EEXIST: group_id is a peer's). Deleting a
  * peer (fp_peer_del) takes it out of every group; fp_group_del deletes the group and, as
  * fp_peer_del does for a peer, the routes it is the peer of (-ENOENT: none; -EINVAL: a

@@ -21,12 +21,19 @@
 
 static void group_derive(struct fp_group *g)
 {
+    /* Equal among the weighted members; standbys (weight 0) are chosen among themselves,
+     * equally, only when no weighted member is usable. */
+    uint32_t first = 0;
     g->equal_weights = true;
     for (uint32_t i = 0; i < g->n; i++) {
         struct fp_gmember *m = &g->m[i];
         m->salt = fp_mix64(m->peer->id ^ MEMBER_SALT);
-        m->inv_weight = 1.0 / (double)m->weight;
-        g->equal_weights &= m->weight == g->m[0].weight;
+        m->inv_weight = m->weight ? 1.0 / (double)m->weight : 1.0;
+        if (!m->weight)
+            continue;
+        if (!first)
+            first = m->weight;
+        g->equal_weights &= m->weight == first;
     }
 }
 
@@ -43,9 +50,17 @@ struct fp_peer *fp_group_resolve(struct fp_peer *gp, const uint8_t *ip, size_t l
 {
     struct fp_group *g = gp->group;
     int cand[FP_GROUP_MEMBERS], n = 0;
+    bool standby = false;
     for (uint32_t i = 0; i < g->n; i++)
-        if (usable(g->m[i].peer))
+        if (g->m[i].weight && usable(g->m[i].peer))
             cand[n++] = (int)i;
+    if (n == 0) {
+        /* No weighted member can carry it: the standbys, equally. */
+        standby = true;
+        for (uint32_t i = 0; i < g->n; i++)
+            if (usable(g->m[i].peer))
+                cand[n++] = (int)i;
+    }
     if (n == 0)
         return NULL;
     int best = cand[0];
@@ -55,7 +70,7 @@ struct fp_peer *fp_group_resolve(struct fp_peer *gp, const uint8_t *ip, size_t l
         double low = 0;
         for (int k = 0; k < n; k++) {
             const struct fp_gmember *m = &g->m[cand[k]];
-            if (g->equal_weights) {
+            if (g->equal_weights || standby) {
                 uint64_t h = fp_mix64(flow ^ m->salt);
                 if (k == 0 || h > top) {
                     top = h;
@@ -124,8 +139,6 @@ int fp_group_set(fp_t *fp, uint32_t group_id, const struct fp_peer_weight *m, si
     if (n > FP_GROUP_MEMBERS || (n && !m))
         return -EINVAL;
     for (size_t i = 0; i < n; i++) {
-        if (m[i].weight == 0)
-            return -EINVAL;
         for (size_t j = 0; j < i; j++)
             if (m[j].peer_id == m[i].peer_id)
                 return -EINVAL;

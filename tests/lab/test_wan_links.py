@@ -112,16 +112,20 @@ def test_a_degraded_link_is_reported_with_its_figure_and_traffic_leaves_it(
     _pop, s1, s2 = build(lab, impair=True, wan=WAN)
     lab.impair(s1, "wan1", **setting)
 
+    seen: dict = {}
+
     def degraded_for_figure() -> bool:
         h = health(lab, s1)["wan1"]
-        return h.get("state") == "degraded" and figure in (h.get("reason") or "")
+        seen.update(h)
+        return h.get("state") == "degraded" and f"{figure} " in (h.get("reason") or "") \
+            and ">" in h["reason"]
 
     wait_for(f"wan1 degraded for {figure}", degraded_for_figure, 30)
     wait_for("cloud traffic off wan1", lambda: carries(lab, s1) == {"wan2": 1000}, 10)
     wait_for("packets on wan2", lambda: on(lab, s1, "wan2", s1, s2), 10)
-    h = health(lab, s1)["wan1"]
     key = {"loss": "loss_pct", "latency": "latency_ms", "jitter": "jitter_ms"}[figure]
-    assert h[key] is not None and h[key] > h["thresholds"][key], h
+    # The figure that decided, as status showed it then.
+    assert seen[key] is not None and seen[key] > seen["thresholds"][key], seen
     kinds = [e["kind"] for e in lab.socketctl(s1, "events", "--limit", "200")["events"]]
     assert "link.degraded" in kinds
     lab.clear_impairment(s1, "wan1")
@@ -153,7 +157,7 @@ def test_active_active_shares_flows_by_bandwidth(lab: Lab) -> None:
     # 64 TCP flows of equal rate: packets per link follow the flows' split.
     server = lab.spawn(s2.lan_ns, ["iperf3", "-s", "-1"], name="iperf3-aa")
     wait_for("iperf3 server", lambda: lab.exec(s2.lan_ns, ["ss", "-ltn"]).stdout.count(":5201"), 10)
-    client = lab.spawn(s1.lan_ns, ["iperf3", "-c", s2.lan_host_ip, "-P", "64", "-t", "8",
+    client = lab.spawn(s1.lan_ns, ["iperf3", "-c", s2.lan_host_ip, "-P", "64", "-t", "30",
                                    "-b", "200K"], name="iperf3-aa-client")
     time.sleep(2)
     rates = tx_rates(lab, s1, 4)
@@ -162,7 +166,7 @@ def test_active_active_shares_flows_by_bandwidth(lab: Lab) -> None:
     assert 0.55 <= share <= 0.92, rates
     lab.link_admin(s1, "wan2", up=False)
     wait_for("everything on wan1", lambda: carries(lab, s1) == {"wan1": 1000}, 5)
-    rates = tx_rates(lab, s1, 2)
+    rates = tx_rates(lab, s1, 4)  # iperf3 paces its streams in bursts a few seconds apart
     assert rates["wan2"] < 5 and rates["wan1"] > 50, rates
     lab.kill(client)
     lab.kill(server)

@@ -170,6 +170,22 @@ def test_a_member_without_key_or_endpoint_is_passed_over(site: FastPath) -> None
     assert M3 not in members_of(site, 300)
 
 
+def test_a_standby_member_carries_only_while_no_weighted_one_can(site: FastPath) -> None:
+    """Weight 0: a standby (the passive link's session), chosen only when every weighted
+    member is unusable, equally among the standbys."""
+    site.set_group(G, [(M1, 1), (M2, 0), (M3, 0)])
+    assert set(members_of(site, 300)) == {M1}
+    site.key_clear(M1)
+    spread = members_of(site, 600)
+    assert set(spread) == {M2, M3}
+    assert 200 < spread.count(M2) < 400
+    give_key(site, M1)
+    assert set(members_of(site, 300)) == {M1}
+    # Only standbys: they share equally.
+    site.set_group(G, [(M2, 0), (M3, 0)])
+    assert set(members_of(site, 300)) == {M2, M3}
+
+
 def test_an_empty_group_drops_and_counts(site: FastPath) -> None:
     r = site.process_outbound(flow(0))
     assert (r.verdict, r.drop_reason, r.peer_id) == (Verdict.DROP, "no_member", G)
@@ -242,7 +258,6 @@ def test_bad_groups_are_refused(site: FastPath) -> None:
         ([(M1, 1), (G3, 1)], errno.EINVAL),  # a group
         ([(M1, 1), (G, 1)], errno.EINVAL),  # itself
         (many, errno.EINVAL),  # nine
-        ([(M1, 0)], errno.EINVAL),  # weight 0
     ):
         with pytest.raises(FastPathError) as e:
             site.set_group(G, members)

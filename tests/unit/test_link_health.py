@@ -205,3 +205,85 @@ def test_active_active_shares_by_bandwidth_and_a_dead_link_leaves_the_set() -> N
     r.far.answer[2] = lambda _n: 0.02
     r.run(r.wan.return_hold_s + 1)
     assert r.cloud() == {1: 750, 2: 250}
+
+
+def test_one_quiet_peer_does_not_take_a_link_down_while_the_pop_answers_over_it() -> None:
+    r = two_links()
+    # Site 7 answers over wan2 only (its side of wan1's path is broken); the PoP over both.
+    r.health.add_targets(lambda wl: [Target(0x700 + wl.id, wl.id, ("site", 7))])
+    answered: dict[int, str] = {}
+
+    def probe(peer_id: int, link_id: int, size: int, probe_id: int) -> None:
+        answered[probe_id] = "site" if peer_id >= 0x700 else "pop"
+        if peer_id >= 0x700 and link_id == 1:
+            return
+        heapq.heappush(r.far.queue, (r.far.now + 0.02, probe_id, link_id))
+
+    r.far.probe = probe  # type: ignore[method-assign]
+    r.run(5)
+    assert r.state(1) is LinkHealthState.UP, r.health.get(1).reason
+    assert r.cloud() == {1: 1000}
+
+
+def test_a_pop_outage_leaves_no_link_degraded_for_loss_afterwards() -> None:
+    r = two_links()
+    r.far.answer[1] = r.far.answer[2] = lambda _n: None
+    r.run(20)
+    r.far.answer[1] = r.far.answer[2] = lambda _n: 0.02
+    r.run(4)
+    assert r.state(1) is LinkHealthState.UP and r.state(2) is LinkHealthState.UP, (
+        r.health.get(1).reason, r.health.get(2).reason)
+    assert "link.degraded" not in r.kinds()
+
+
+def test_active_active_leaves_a_degraded_link_gradually_beside_a_healthy_one() -> None:
+    r = Rig([lo("fiber", 1, bandwidth_mbps=100), lo("dsl", 1, bandwidth_mbps=100)])
+    r.run(3)
+    assert r.cloud() == {1: 500, 2: 500}
+    r.far.answer[2] = lambda n: 0.01 if n % 2 else 0.09  # jitter
+    t0 = r.clock.t
+    while r.state(2) is not LinkHealthState.DEGRADED:
+        r.run(STEP)
+        assert r.clock.t - t0 < 15
+    r.run(STEP * 2)
+    mid = r.cloud()
+    assert 0 < mid.get(2, 0) < 500, mid  # part of dsl's share still there
+    r.run(r.wan.ramp_s + 0.5)
+    assert r.cloud() == {1: 1000}
+    moved = [t for k, t in r.events if k == "link.moved" and t.startswith("cloud")]
+    assert moved and "gradually" in moved[-1]
+
+
+def test_links_changing_at_start_are_no_events_and_wait_no_hold() -> None:
+    clock = Clock()
+    events: list[str] = []
+    lm = LinkManager([lo("wan1", 1), lo("wan2", 2)], send=lambda *_: None, clock=clock)
+    far = Far()
+    wan = Wan()
+    health = Health(lm, wan, far, clock=clock,  # type: ignore[arg-type]
+                    on_event=lambda k, _t, _d: events.append(k))
+    health.add_targets(lambda wl: [Target(0x100 + wl.id, wl.id, ("pop", 1))])
+    steering = Steering(lm, health, wan, clock=clock)
+    far.answer[1] = lambda _n: None  # wan1's session is slow to come up at boot
+    for _ in range(int(5 / STEP)):
+        clock.t += STEP
+        far.now = clock.t
+        while far.queue and far.queue[0][0] <= clock.t:
+            _, pid, link = heapq.heappop(far.queue)
+            health.on_probe_ack(0x100 + link, link, pid, 576)
+        health.tick()
+        steering.tick()
+    assert health.state(1) is LinkHealthState.DOWN
+    far.answer[1] = lambda _n: 0.02
+    for _ in range(int(2 / STEP)):
+        clock.t += STEP
+        far.now = clock.t
+        while far.queue and far.queue[0][0] <= clock.t:
+            _, pid, link = heapq.heappop(far.queue)
+            health.on_probe_ack(0x100 + link, link, pid, 576)
+        health.tick()
+        steering.tick()
+    # Up again within the boot grace: back on wan1 at once, and nothing to announce.
+    assert health.state(1) is LinkHealthState.UP
+    assert dict(steering.weights(Kind.CLOUD)) == {1: 1000}
+    assert not [k for k in events if k.startswith("link.")], events

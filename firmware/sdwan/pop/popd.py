@@ -31,7 +31,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdwan import __version__
-from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig, FastPathError
+from sdwan.bindings.fastpath import (
+    GROUP_MEMBERS,
+    PEER_GROUP_FLAG,
+    CtrlEvent,
+    FastPath,
+    FastPathConfig,
+    FastPathError,
+)
 from sdwan.common.control import ControlServer
 from sdwan.common.daemon import StartupError, run_service
 from sdwan.common.dtls import DtlsContext, DtlsSession
@@ -248,6 +255,8 @@ class Pop(SessionOwner):
         # Per site, the weight of each of its links as its own link health last told us
         # (`steer`): the relay sends to it over the live session on its heaviest link.
         self.steer: dict[int, dict[str, int]] = {}
+        # Per site, its peer group's members as last set (the relay routes to the group).
+        self._groups: dict[int, list[tuple[int, int]]] = {}
         self.rev = int(time.time() * 1000)  # grows across restarts too
         self._directory: list[dict[str, Any]] | None = None
         # Per site, the Alt-WAN endpoints its last register listed ("ip:port"): kept while
@@ -594,24 +603,15 @@ class Pop(SessionOwner):
             self._relay_routes(s.site_id)
 
     def _relay_routes(self, site_id: int) -> None:
-        """The relay's routes to one site again (its steering changed): only its subnets,
-        and nothing of the directory, which a site's steering never changes."""
-        assert self.fp is not None and self.account is not None
-        site = next((x for x in self.account.sites if x.id == site_id), None)
-        best = self._relay_session(site_id) if site is not None else None
-        if site is None or best is None:
+        """The relay's way to one site again (its steering changed): only its group's
+        members, nothing of the directory, which a site's steering never changes."""
+        try:
+            gid = self._sync_site_group(site_id)
+        except FastPathError as e:
+            log.warning("site %d: relay group not set: %s", site_id, e)
             return
-        for net in site.subnets:
-            key = str(net)
-            if self.routes.get(key) != best.peer_id:
-                try:
-                    self.fp.route_set(key, best.peer_id)
-                except FastPathError as e:
-                    log.warning("site %d: relay route %s not set: %s", site_id, key, e)
-                    continue
-                self.routes[key] = best.peer_id
-
-    # ---------------------------------------------------------------- register
+        if gid is not None and not any(p == gid for p in self.routes.values()):
+            self._recompute()  # its first live session: its routes too
 
     def _on_register(self, s: SiteSession, msg: dict[str, Any]) -> None:
         assert self.fp is not None and self.account is not None
@@ -711,6 +711,8 @@ class Pop(SessionOwner):
         self.sessions.forget_session(s.dtls)
         if self.by_peer.get(s.peer_id) is s:
             del self.by_peer[s.peer_id]
+            # peer_del below takes it out of its site's group: set that group again.
+            self._groups.pop(s.site_id, None)
             self.routes = {n: p for n, p in self.routes.items() if p != s.peer_id}
             if self.fp is not None:
                 with contextlib.suppress(FastPathError):
@@ -734,22 +736,46 @@ class Pop(SessionOwner):
             key=lambda s: (s.precedence, s.link_index or 0),
         )
 
-    def _relay_session(self, site_id: int) -> SiteSession | None:
-        """The session the relay sends to the site over: on the heaviest link its steering
-        names, then by precedence and link order."""
-        weights = self.steer.get(site_id, {})
+    def _site_members(self, site_id: int) -> list[tuple[int, int]]:
+        """The members of the site's peer group, the relay's way to it: its live sessions,
+        weighted as its `steer` says (per flow over the links it uses, active/active), else
+        the best by precedence with the others as standbys. Every member may send from the
+        site's prefixes (the relay's source check), a standby carries only while no weighted
+        member can."""
         live = [s for s in self._live_sessions(site_id) if s.activated]
-        return min(live, key=lambda s: -weights.get(s.link_name, 0), default=None)
+        weights = self.steer.get(site_id, {})
+        if any(weights.get(s.link_name, 0) > 0 for s in live):
+            ranked = sorted(live, key=lambda s: -weights.get(s.link_name, 0))
+            out = [(s.peer_id, weights.get(s.link_name, 0)) for s in ranked]
+        else:
+            out = [(s.peer_id, 1 if i == 0 else 0) for i, s in enumerate(live)]
+        return out[:GROUP_MEMBERS]
+
+    def _sync_site_group(self, site_id: int) -> int | None:
+        """Set the site's group to its members; its id, or None while it has none."""
+        assert self.fp is not None
+        members = self._site_members(site_id)
+        if not members:
+            return None
+        gid = PEER_GROUP_FLAG | site_id
+        if self._groups.get(site_id) != members:
+            self.fp.set_group(gid, members)
+            self._groups[site_id] = members
+        return gid
 
     def _recompute(self, force_push_to: SiteSession | None = None) -> None:
         """Relay routes and the directory after any session or account change."""
         assert self.fp is not None and self.account is not None
         want: dict[str, int] = {}
         for site in self.account.sites:
-            best = self._relay_session(site.id)
-            if best is not None:
+            try:
+                gid = self._sync_site_group(site.id)
+            except FastPathError as e:
+                log.warning("site %d: relay group not set: %s", site.id, e)
+                continue
+            if gid is not None:
                 for net in site.subnets:
-                    want[str(net)] = best.peer_id
+                    want[str(net)] = gid
         for net in [n for n in self.routes if n not in want]:
             with contextlib.suppress(FastPathError):
                 self.fp.route_del(net)
@@ -947,7 +973,9 @@ class Pop(SessionOwner):
             except FastPathError:
                 continue
             last = max(c.last_rx_ns, s.last_auth_ns)
-            if now_ns - last > dead_ns:
+            # Judged once registered: before that, the site's next packet is a round trip
+            # away, longer than dead_after on a slow link (REGISTER_DEADLINE_S covers it).
+            if s.registered and now_ns - last > dead_ns:
                 self._drop(s, f"no packets for {(now_ns - last) / 1e6:.0f} ms")
                 continue
             if s.activated:
@@ -1130,7 +1158,9 @@ class Pop(SessionOwner):
                         "local": s.link.get("local"),
                         "version": s.version,
                         "up": s.activated is not None,
-                        "routed": any(p == s.peer_id for p in self.routes.values()),
+                        # Traffic to the site goes over it (a weighted member of its group).
+                        "routed": any(p == s.peer_id and w > 0
+                                      for p, w in self._groups.get(s.site_id, [])),
                         "last_rx_s": round((now_ns - max(c.last_rx_ns, s.last_auth_ns)) / 1e9, 2),
                         "rx_packets": c.rx_packets,
                         "tx_packets": c.tx_packets,

@@ -72,6 +72,7 @@ MAX_MESSAGE = 16 * 1024
 REGISTER_RESEND_S = 1.0
 # The one peer group the cloud's routes name (its members: the PoP sessions steering uses).
 CLOUD_GROUP = PEER_GROUP_FLAG | 1
+FIRST_RX_GRACE_S = 2.0  # beyond dead_after, for the PoP's first packet after the hand-over
 STEER_REFRESH_S = 10.0  # `steer` is sent again this often (a lost one is not acked)
 STEER_REPEAT_S = 0.5  # and after a change, again this long and three times as long later
 PINGS_KEPT = 8
@@ -140,6 +141,7 @@ class PopSession:
         self.last_rx_at: float | None = None
         self.last_tx_at = 0.0
         self._rx_mark = 0
+        self._first_rx_pending = False
         self._tx_mark = 0
         self._ping = _Ping()
         self._was_connected = False
@@ -217,6 +219,7 @@ class PopSession:
         # (Never back: a message already counted as heard from the PoP may be newer.)
         if c.last_rx_ns != self._rx_mark:
             self._rx_mark = c.last_rx_ns
+            self._first_rx_pending = False
             at = now - _age_s(c.last_rx_ns)
             self.last_rx_at = at if self.last_rx_at is None else max(self.last_rx_at, at)
         if c.last_tx_ns != self._tx_mark:
@@ -224,7 +227,10 @@ class PopSession:
             self.last_tx_at = max(self.last_tx_at, now - _age_s(c.last_tx_ns))
         timers = self.cloud.timers
         silent = now - (self.last_rx_at if self.last_rx_at is not None else now)
-        if silent > timers.dead_after_s:
+        # The PoP's first packet after the key hand-over is a round trip away, which may be
+        # longer than dead_after on a slow link: that wait has its own, longer bound.
+        dead_after = timers.dead_after_s + (FIRST_RX_GRACE_S if self._first_rx_pending else 0)
+        if silent > dead_after:
             self._lost(f"no packets from the PoP for {silent * 1000:.0f} ms")
             return
         if now - self.last_tx_at >= timers.keepalive_s:
@@ -263,7 +269,8 @@ class PopSession:
         timers = self.cloud.timers
         due = min(tunnel.next_due(), self.last_tx_at + timers.keepalive_s)
         if self.last_rx_at is not None:
-            due = min(due, self.last_rx_at + timers.dead_after_s)
+            grace = FIRST_RX_GRACE_S if self._first_rx_pending else 0.0
+            due = min(due, self.last_rx_at + timers.dead_after_s + grace)
         if self.welcomed:
             due = min(due, self._ping.next_at)
         elif self.registered_public is not None:
@@ -300,6 +307,7 @@ class PopSession:
         self._hs_patience = HANDSHAKE_RESTART_S
         self.last_rx_at = now
         self._rx_mark = self.cloud.fp.peer_counters(self.peer_id).last_rx_ns
+        self._first_rx_pending = True
         self.reason = "registering"
         self.register()
 

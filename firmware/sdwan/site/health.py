@@ -9,10 +9,15 @@ the PoP's nor a peer's Python loop is timed. Each link sends one probe per targe
 
 What is figured over the last `[wan] window_s` (docs/links.md, "Health"):
 
-* loss: the share of probes unanswered after `probe_timeout`, over every target;
-* latency: the median round trip to each target, the worst target's;
-* jitter: the RFC 3550 interarrival jitter of the round trips to each target (the same 1/16
-  running estimate of how much consecutive transit times differ), the worst target's.
+* loss: the share of probes to a target unanswered after `probe_timeout` (counted only when
+  the target answered probes sent just before and just after: a target quiet everywhere is
+  not this link's loss);
+* latency: the median round trip to a target;
+* jitter: the RFC 3550 interarrival jitter of the round trips to a target (the same 1/16
+  running estimate of how much consecutive transit times differ);
+
+each the best target's: what every path over the link shares is the link's doing, what one
+target alone shows is that target's path.
 
 A link is down when its device cannot carry traffic (the kernel says why: no carrier,
 administratively down, no such interface; the supervisor wakes the ticker on every netlink
@@ -30,6 +35,7 @@ into the links traffic uses.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import os
@@ -54,7 +60,7 @@ MAX_TARGETS = 4  # probed per link each round: the PoP and a few mesh peers are 
 # A probe unanswered this long is lost. Longer than any latency a link may still be "up"
 # with (its threshold, twice over), so a slow link is degraded for latency, not for loss.
 MIN_PROBE_TIMEOUT_S = 2.0
-# Figures need this many answered/lost probes in the window before they judge a link.
+# A target's loss counts once the window holds this many of its probes.
 MIN_SAMPLES = 20
 MIN_TARGET_SAMPLES = 5  # a target's latency and jitter count once it has this many answers
 # A link healthy again needs every figure under its threshold and loss under this share of it
@@ -64,6 +70,7 @@ RECOVER_LOSS_SHARE = 0.5
 # first handshake of its session takes a moment.
 FIRST_ANSWER_GRACE_S = 3.0
 LONG_AGO_S = 1e6
+LOSS_BRACKET_S = 1.0
 HEALTH_PROBE_BIT = 0x80000000
 # For this long after start a link's changes are not events (DHCP leases and first handshakes
 # come at their own pace), and a link that comes up counts as healthy long enough at once:
@@ -150,6 +157,8 @@ class LinkHealth:
     probes_unsent: int = 0  # the fast path could not send (no key yet, no endpoint)
     probes_answered: int = 0
     unannounced: bool = False  # changed during the boot grace, not yet an event
+    answered: bool = False  # something answered over it since the start
+    proven: bool = False  # it has been up with answers over it since the start
 
     def last_answer(self) -> float | None:
         times = [r.last_answer for r in self.remotes.values() if r.last_answer is not None]
@@ -207,10 +216,11 @@ class Health(SessionOwner):
         self._sources: list[TargetSource] = []
         self._next_id = int.from_bytes(os.urandom(4), "big")
         self._by_probe: dict[int, int] = {}  # probe id -> link id
-        # Per remote, the send time of the newest probe it answered, over any link: a probe
-        # is lost only if its remote answered one sent after it (a remote that went quiet
-        # everywhere, the PoP down, says nothing of the link).
-        self._answered_sent: dict[Hashable, float] = {}
+        # Per remote, the send times of the probes it answered, over any link, oldest first:
+        # a probe is lost only if its remote answered probes sent shortly before and after it
+        # (a remote quiet everywhere, the PoP down or restarting, says nothing of the link,
+        # not even at the edges of its outage).
+        self._answered_sent: dict[Hashable, deque[float]] = {}
         self.started = now
         # Bumped at every change of a link's state: steering recomputes then.
         self.generation = 0
@@ -234,8 +244,13 @@ class Health(SessionOwner):
         now = self.clock()
         sent_at, remote = sent
         rtt = max(0.0, now - sent_at)
-        self._answered_sent[remote] = max(self._answered_sent.get(remote, sent_at), sent_at)
+        times = self._answered_sent.setdefault(remote, deque())
+        if times and times[-1] > sent_at:
+            bisect.insort(times, sent_at)
+        else:
+            times.append(sent_at)
         h.probes_answered += 1
+        h.answered = True
         h.samples.append(_Sample(sent_at, remote, rtt))
         r = h.remotes.get(remote)
         if r is None:
@@ -323,41 +338,59 @@ class Health(SessionOwner):
                 # And only while the link works: what was lost while it was down is part of
                 # that outage, not of how the link does now.
                 working = h.working_since is not None and sent_at >= h.working_since
-                if working and self._answered_sent.get(remote, -math.inf) > sent_at:
+                if working and self._bracketed(remote, sent_at):
                     h.samples.append(_Sample(sent_at, remote, None))
         horizon = now - self.cfg.window_s
         while h.samples and h.samples[0].sent_at < horizon:
             h.samples.popleft()
+        keep_from = now - timeout - LOSS_BRACKET_S
+        for remote, times in list(self._answered_sent.items()):
+            while times and times[0] < keep_from:
+                times.popleft()
+            if not times:
+                del self._answered_sent[remote]
         for remote in [r for r, st in h.remotes.items()
                        if (st.last_answer or st.first_expected) < horizon
                        and not any(t.remote == r for t in h.targets)]:
             del h.remotes[remote]
 
+    def _bracketed(self, remote: Hashable, t: float) -> bool:
+        """The remote answered probes sent within LOSS_BRACKET_S before and after t."""
+        times = self._answered_sent.get(remote)
+        if not times:
+            return False
+        i = bisect.bisect_left(times, t)
+        before = i > 0 and t - times[i - 1] <= LOSS_BRACKET_S
+        j = bisect.bisect_right(times, t)
+        after = j < len(times) and times[j] - t <= LOSS_BRACKET_S
+        return before and after
+
     def figures(self, h: LinkHealth) -> Figures:
+        """Per target, then the best target's: what every path over the link shares is the
+        link's own doing; a figure only one target shows is that target's path (its uplink,
+        its NAT), not this link's."""
         samples = list(h.samples)
         if not samples:
             return Figures()
-        lost = sum(1 for s in samples if s.rtt is None)
+        by_remote: dict[Hashable, list[float | None]] = {}
+        for s in samples:
+            by_remote.setdefault(s.remote, []).append(s.rtt)
+        loss: float | None = None
         latency: float | None = None
         jitter: float | None = None
-        by_remote: dict[Hashable, list[float]] = {}
-        for s in samples:
-            if s.rtt is not None:
-                by_remote.setdefault(s.remote, []).append(s.rtt)
-        for remote, rtts in by_remote.items():
+        for remote, got in by_remote.items():
+            if len(got) >= MIN_SAMPLES:
+                pct = 100.0 * sum(1 for x in got if x is None) / len(got)
+                loss = pct if loss is None else min(loss, pct)
+            rtts = [x for x in got if x is not None]
             if len(rtts) < MIN_TARGET_SAMPLES:
                 continue
             med = statistics.median(rtts) * 1000
-            latency = med if latency is None else max(latency, med)
+            latency = med if latency is None else min(latency, med)
             r = h.remotes.get(remote)
             if r is not None:
-                jitter = max(jitter or 0.0, r.jitter * 1000)
-        return Figures(
-            loss_pct=100.0 * lost / len(samples),
-            jitter_ms=jitter,
-            latency_ms=latency,
-            samples=len(samples),
-        )
+                jitter = r.jitter * 1000 if jitter is None else min(jitter, r.jitter * 1000)
+        return Figures(loss_pct=loss, jitter_ms=jitter, latency_ms=latency, samples=len(samples))
 
     def _silence(self, h: LinkHealth, now: float) -> str | None:
         """Why the link counts as silent, or None: nothing at all answered over it for
@@ -410,19 +443,28 @@ class Health(SessionOwner):
         lk = wl.link
         bad: list[str] = []
         recovering = h.state is LinkHealthState.DEGRADED
-        if fig.samples >= MIN_SAMPLES and fig.loss_pct is not None:
+        if fig.loss_pct is not None:
             limit = lk.loss_pct * (RECOVER_LOSS_SHARE if recovering else 1.0)
-            if fig.loss_pct > limit:
-                bad.append(f"loss {fig.loss_pct:.1f} % > {limit:g} %")
+            if fig.loss_pct > lk.loss_pct:
+                bad.append(f"loss {fig.loss_pct:.1f} % > {lk.loss_pct:g} %")
+            elif fig.loss_pct > limit:
+                bad.append(f"loss {fig.loss_pct:.1f} %, not yet under {limit:g} %")
         share = RECOVER_SHARE if recovering else 1.0
-        if fig.jitter_ms is not None and fig.jitter_ms > lk.jitter_ms * share:
-            bad.append(f"jitter {fig.jitter_ms:.0f} ms > {lk.jitter_ms * share:g} ms")
-        if fig.latency_ms is not None and fig.latency_ms > lk.latency_ms * share:
-            bad.append(f"latency {fig.latency_ms:.0f} ms > {lk.latency_ms * share:g} ms")
+        for name, value, limit, unit in (
+            ("jitter", fig.jitter_ms, lk.jitter_ms, "ms"),
+            ("latency", fig.latency_ms, lk.latency_ms, "ms"),
+        ):
+            if value is None or value <= limit * share:
+                continue
+            if value > limit:
+                bad.append(f"{name} {value:.0f} {unit} > {limit} {unit}")
+            else:
+                bad.append(f"{name} {value:.0f} {unit}, not yet under {limit * share:g} {unit}")
         if bad:
             self._set(h, LinkHealthState.DEGRADED, "degraded: " + ", ".join(bad), bad, now)
         else:
             self._set(h, LinkHealthState.UP, None, [], now)
+            h.proven = h.proven or h.answered
 
     def _set(
         self, h: LinkHealth, state: LinkHealthState, reason: str | None, bad: list[str],
@@ -434,7 +476,9 @@ class Health(SessionOwner):
             return
         old = h.state
         h.state, h.reason, h.since = state, reason, now
-        booting = now - self.started < BOOT_GRACE_S
+        # Quiet, and qualified at once, only for a link not yet seen working since the start
+        # (no answer over it yet): a link that worked and then failed is news, boot or not.
+        booting = now - self.started < BOOT_GRACE_S and not h.proven
         up_since = now - LONG_AGO_S if booting else now
         h.healthy_since = up_since if state is LinkHealthState.UP else None
         if state is LinkHealthState.DOWN:
