@@ -100,7 +100,7 @@ def test_a_silent_upstream_failure_moves_traffic_within_a_second_or_so(lab: Lab)
 @pytest.mark.parametrize(
     "setting, figure",
     [
-        ({"loss": 8}, "loss"),
+        ({"loss": 5}, "loss"),
         ({"delay_ms": 700}, "latency"),
         ({"delay_ms": 60, "jitter_ms": 50}, "jitter"),
     ],

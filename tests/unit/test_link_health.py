@@ -287,3 +287,30 @@ def test_links_changing_at_start_are_no_events_and_wait_no_hold() -> None:
     assert health.state(1) is LinkHealthState.UP
     assert dict(steering.weights(Kind.CLOUD)) == {1: 1000}
     assert not [k for k in events if k.startswith("link.")], events
+
+
+def test_sessions_coming_back_one_after_the_other_are_no_silence() -> None:
+    """A PoP restart: wan2's session answers half a second before wan1's does again."""
+    r = two_links()
+    r.far.answer[1] = r.far.answer[2] = lambda _n: None
+    r.run(5)
+    r.far.answer[2] = lambda _n: 0.02
+    r.run(0.5)
+    r.far.answer[1] = lambda _n: 0.02
+    r.run(3)
+    assert r.state(1) is LinkHealthState.UP, r.health.get(1).reason
+    assert r.cloud() == {1: 1000}
+    assert "link.down" not in r.kinds() and "link.moved" not in r.kinds()
+
+
+def test_a_target_restarting_is_no_loss_on_any_link() -> None:
+    """The far end gone for 0.6 s (a socketd restart) every few seconds: silence everywhere,
+    not loss on each link."""
+    r = two_links()
+    for _ in range(6):
+        r.far.answer[1] = r.far.answer[2] = lambda _n: None
+        r.run(0.6)
+        r.far.answer[1] = r.far.answer[2] = lambda _n: 0.02
+        r.run(2)
+    assert r.state(1) is LinkHealthState.UP and r.state(2) is LinkHealthState.UP
+    assert r.health.status()["wan1"]["loss_pct"] == 0

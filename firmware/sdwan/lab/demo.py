@@ -32,6 +32,7 @@ from typing import Any
 from sdwan.common import control
 from sdwan.lab import netns
 from sdwan.lab.flows import Flows
+from sdwan.lab.measure import PingStream
 from sdwan.lab.netns import NetnsError
 from sdwan.lab.topology import Lab, PeerSpec, Pop, Site
 
@@ -83,6 +84,7 @@ def pops_toml(*pops: Pop) -> str:
 
 
 RECOVERY_HOLD_S = 3  # the demo's [cloud] recovery_hold_s: traffic returns 3 s after the PoP
+LINK_HOLD_S = 3  # site 1's [wan] return_hold_s: back on wan1 3 s after it is healthy again
 
 
 def build_pop_lab(
@@ -91,6 +93,7 @@ def build_pop_lab(
     static_peers: bool = True,
     mesh_site: bool = False,
     recovery: bool = False,
+    second_link: bool = False,
 ) -> tuple[Pop, list[Site]]:
     """Two sites behind `nat` routers and PoP 1, all configured (nothing started).
 
@@ -99,7 +102,8 @@ def build_pop_lab(
     With mesh_site, a third site behind a port-shifting NAT meshes with both: every site
     pins the LAN prefixes it reaches over the mesh (docs/mesh.md). With recovery, every site
     has WAN recovery on in the account: with the cloud lost, all their traffic goes over the
-    mesh (docs/recovery.md)."""
+    mesh (docs/recovery.md). With second_link, site 1 has a second Internet uplink, wan2,
+    through another ISP, at precedence 2 (docs/links.md)."""
     lab.add_inet()
     sites: list[Site] = []
     for n in (1, 2):
@@ -108,6 +112,8 @@ def build_pop_lab(
     if mesh_site:
         lab.add_router(3, nat="shift")
         sites.append(lab.add_site(3))
+    if second_link:
+        lab.add_wan_link(sites[0])
     pop = lab.add_pop(1)
     if static_peers:
         for s in sites:
@@ -127,6 +133,8 @@ def build_pop_lab(
         extra = pops_toml(pop)
         if recovery:
             extra += f"\n[cloud]\nrecovery_hold_s = {RECOVERY_HOLD_S}\n"
+        if second_link and s is sites[0]:
+            extra += f"\n[wan]\nreturn_hold_s = {LINK_HOLD_S}\n"
         if s.n == 3:
             extra += f'\n[mesh]\npin = ["{s1.lan_subnet}", "{s2.lan_subnet}"]\n'
             lab.write_site_config(s, extra_toml=extra)
@@ -233,7 +241,8 @@ def _pop(ctx: DemoContext) -> Pop:
 
 
 def step_topology(ctx: DemoContext) -> None:
-    pop, sites = build_pop_lab(ctx.lab, nat=ctx.opts.nat, mesh_site=True, recovery=True)
+    pop, sites = build_pop_lab(ctx.lab, nat=ctx.opts.nat, mesh_site=True, recovery=True,
+                               second_link=True)
     ctx.pop, ctx.sites = pop, sites
     for line in ctx.lab.describe():
         say(f"    {line}")
@@ -546,6 +555,63 @@ def step_pop_returns(ctx: DemoContext) -> None:
     say(f"    iperf3 TCP via the PoP: {r.mbps:.0f} Mbit/s")
 
 
+def _carries(site: Site) -> dict[str, int]:
+    steering = ctl(site, "links").get("steering") or {}
+    return dict((steering.get("cloud") or {}).get("links") or {})
+
+
+def step_link_pulled(ctx: DemoContext) -> None:
+    s1, s2 = _sites(ctx)
+    lab = ctx.lab
+    if len(s1.uplinks) < 2:
+        raise DemoFailed("site 1 has no second link")
+    flows = Flows(lab, [s1, s2])
+    t_up = time.time()
+    ping = PingStream(s1.lan_ns, s2.lan_host_ip)
+    try:
+        flows.wait("flows between lan1 and lan2", lambda: flows.all_echoing_since(t_up, 2), 15)
+        if _carries(s1) != {"wan1": 1000}:
+            raise DemoFailed(f"site 1's traffic is not on wan1 before the cut: {_carries(s1)}")
+        seq = last_seq(s1)
+        t0 = time.time()
+        lab.link_carrier(s1, "wan1", up=False)
+        deadline = time.monotonic() + 10
+        while (resumed := ping.resumed_after(t0)) is None:
+            if time.monotonic() > deadline:
+                raise DemoFailed("no ping reply over wan2 within 10 s of pulling wan1's cable")
+            time.sleep(0.02)
+        if _carries(s1) != {"wan2": 1000}:
+            raise DemoFailed(f"site 1's traffic did not move to wan2: {_carries(s1)}")
+        ctx.results["link_pulled_move_s"] = resumed
+        say(f"    wan1's cable pulled: lan1 -> lan2 answered again over wan2 after "
+            f"{resumed * 1000:.0f} ms")
+        _show(ctx, ("links",), [s1])
+        t1 = time.time()
+        lab.link_carrier(s1, "wan1", up=True)
+        deadline = time.monotonic() + LINK_HOLD_S + 30
+        while _carries(s1) != {"wan1": 1000}:
+            if time.monotonic() > deadline:
+                raise DemoFailed("site 1's traffic did not return to wan1 after the hold")
+            time.sleep(0.1)
+        say(f"    cable back: traffic on wan1 again {time.time() - t1:.1f} s later "
+            f"(healthy for [wan] return_hold_s = {LINK_HOLD_S} s first)")
+        moved = [e["text"] for e in events_since(s1, seq, "link.moved")
+                 if e["text"].startswith("cloud")]
+        for text in moved:
+            say(f"    event: {text}")
+        t = time.time()
+        flows.wait("flows after the return", lambda: flows.all_echoing_since(t, 2), 10)
+        broken = flows.broken()
+        if broken:
+            raise DemoFailed(f"TCP connections broke when the link was pulled: {broken}")
+        say("    both TCP connections between lan1 and lan2 alive through both moves")
+    except TimeoutError as e:
+        raise DemoFailed(str(e)) from e
+    finally:
+        ping.stop()
+        flows.stop()
+
+
 def step_events(ctx: DemoContext) -> None:
     before = ctx.results.get("seq_before_outage", {})
     for s in ctx.sites:
@@ -570,6 +636,8 @@ STEPS: list[Step] = [
     ("socketctl status, pop, peers and routes (who carries each prefix, and why)", step_status),
     ("cloud outage: kill popd; WAN recovery moves every flow onto the mesh", step_outage),
     ("the PoP comes back; traffic returns through it after the hold", step_pop_returns),
+    ("a link pulled: site 1's wan1 cable out, traffic on wan2 at once, back after the hold",
+     step_link_pulled),
     ("socketctl events: the outage and the recovery", step_events),
 ]
 
@@ -613,6 +681,9 @@ def run_demo(opts: DemoOptions, steps: Sequence[Step] = STEPS) -> int:
         + (f"a reboot in it back on the mesh in {ctx.results['reboot_in_outage_s']:.2f} s, "
            if "reboot_in_outage_s" in ctx.results else "")
         + "cloud recovered"
+        + (f", a pulled cable moved to the second link in "
+           f"{ctx.results['link_pulled_move_s'] * 1000:.0f} ms"
+           if "link_pulled_move_s" in ctx.results else "")
     )
     return 0
 

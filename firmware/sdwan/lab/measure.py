@@ -11,6 +11,7 @@ import subprocess
 from collections.abc import Sequence
 
 PING_PAUSE_S = 0.1  # a gap between replies of a 10 ms ping this long is an outage
+NO_PAUSE_AFTER_S = 1.0  # replies on this long after a fault with no such gap: none came
 _PING_TS = re.compile(r"^\[(\d+\.\d+)\].*bytes from")
 
 
@@ -59,12 +60,20 @@ class PingStream:
 
     def resumed_after(self, t: float) -> float | None:
         """Seconds from t to the first reply after the pause that spans t (replies still in
-        flight at t do not count), None while none came."""
+        flight at t do not count); when replies went on after t with no pause at all (a move
+        faster than PING_PAUSE_S), from t to the first reply after it, once replies have run
+        on for NO_PAUSE_AFTER_S; None while neither is known."""
         self._read()
         prev = None
+        first = None
         for r in self.replies:
-            if r > t and prev is not None and r - prev > PING_PAUSE_S:
-                return r - t
+            if r > t:
+                if prev is not None and r - prev > PING_PAUSE_S:
+                    return r - t
+                if first is None:
+                    first = r
+                elif r - t > NO_PAUSE_AFTER_S:
+                    return first - t
             prev = r
         return None
 

@@ -991,7 +991,7 @@ class Cloud(SessionOwner):
         one, live or not (a session that cannot answer is what silence on a link looks
         like)."""
         return [
-            Target(ps.peer_id, wl.id, ("pop", ps.pop.id))
+            Target(ps.peer_id, wl.id, ("pop", ps.pop.id), judged=ps.connected)
             for ps in self.sessions.values() if ps.link_id == wl.id
         ]
 

@@ -9,9 +9,9 @@ the PoP's nor a peer's Python loop is timed. Each link sends one probe per targe
 
 What is figured over the last `[wan] window_s` (docs/links.md, "Health"):
 
-* loss: the share of probes to a target unanswered after `probe_timeout` (counted only when
-  the target answered probes sent just before and just after: a target quiet everywhere is
-  not this link's loss);
+* loss: the share of probes to a target unanswered after `probe_timeout`, counted only when
+  the target answered probes sent just before and just after (over any link): a target
+  quiet everywhere (the PoP or a peer restarting) is not this link's loss;
 * latency: the median round trip to a target;
 * jitter: the RFC 3550 interarrival jitter of the round trips to a target (the same 1/16
   running estimate of how much consecutive transit times differ);
@@ -70,7 +70,11 @@ RECOVER_LOSS_SHARE = 0.5
 # first handshake of its session takes a moment.
 FIRST_ANSWER_GRACE_S = 3.0
 LONG_AGO_S = 1e6
-LOSS_BRACKET_S = 1.0
+# A lost probe counts as loss when its remote answered probes sent this many probe intervals
+# before and after it (over any link): sporadic loss, or a link silent while the remote
+# answers over another. Two or more in a row unanswered everywhere are the remote's outage
+# (a restart), not this link's loss.
+LOSS_BRACKET_PROBES = 1.5
 HEALTH_PROBE_BIT = 0x80000000
 # For this long after start a link's changes are not events (DHCP leases and first handshakes
 # come at their own pace), and a link that comes up counts as healthy long enough at once:
@@ -96,6 +100,9 @@ class Target:
     peer_id: int
     fp_link: int
     remote: Hashable
+    # Its losses count: false while its session is not up (a PoP session re-handshaking
+    # after a PoP restart loses probes that say nothing of the link; its silence still does).
+    judged: bool = True
 
 
 TargetSource = Callable[[WanLink], Iterable[Target]]
@@ -114,6 +121,7 @@ class _Remote:
 
     first_expected: float
     last_answer: float | None = None
+    answering_since: float | None = None  # the first answer after a silence
     jitter: float = 0.0  # seconds, the RFC 3550 estimate
     last_rtt: float | None = None
 
@@ -148,7 +156,7 @@ class LinkHealth:
     figures: Figures = field(default_factory=Figures)
     degraded_by: list[str] = field(default_factory=list)
     next_probe: float = 0.0
-    pending: dict[int, tuple[float, Hashable]] = field(default_factory=dict)
+    pending: dict[int, tuple[float, Hashable, bool]] = field(default_factory=dict)
     samples: deque[_Sample] = field(default_factory=deque)
     remotes: dict[Hashable, _Remote] = field(default_factory=dict)
     targets: list[Target] = field(default_factory=list)
@@ -242,7 +250,7 @@ class Health(SessionOwner):
         if sent is None:
             return True
         now = self.clock()
-        sent_at, remote = sent
+        sent_at, remote, _judged = sent
         rtt = max(0.0, now - sent_at)
         times = self._answered_sent.setdefault(remote, deque())
         if times and times[-1] > sent_at:
@@ -251,11 +259,17 @@ class Health(SessionOwner):
             times.append(sent_at)
         h.probes_answered += 1
         h.answered = True
-        h.samples.append(_Sample(sent_at, remote, rtt))
         r = h.remotes.get(remote)
         if r is None:
             r = h.remotes[remote] = _Remote(first_expected=sent_at)
+        if r.last_answer is None or now - r.last_answer > self.cfg.silent_after_ms / 1000:
+            r.answering_since = now
         r.last_answer = now
+        # A probe sent while the link was down (held in a queue until the carrier came back)
+        # proves the link works again, but its round trip is not the link's latency.
+        if h.working_since is None or sent_at < h.working_since:
+            return True
+        h.samples.append(_Sample(sent_at, remote, rtt))
         if r.last_rtt is not None:
             r.jitter += (abs(rtt - r.last_rtt) - r.jitter) * JITTER_GAIN
         r.last_rtt = rtt
@@ -294,7 +308,7 @@ class Health(SessionOwner):
             if h.targets:
                 due = min(due, h.next_probe)
             if h.pending:
-                due = min(due, min(s for s, _ in h.pending.values()) + self.probe_timeout(h))
+                due = min(due, min(p[0] for p in h.pending.values()) + self.probe_timeout(h))
         return due
 
     def _probe(self, h: LinkHealth, now: float) -> None:
@@ -324,12 +338,12 @@ class Health(SessionOwner):
                 h.probes_unsent += 1
                 continue
             h.probes_sent += 1
-            h.pending[probe_id] = (now, t.remote)
+            h.pending[probe_id] = (now, t.remote, t.judged)
             self._by_probe[probe_id] = h.link.id
 
     def _expire(self, h: LinkHealth, now: float) -> None:
         timeout = self.probe_timeout(h)
-        for pid, (sent_at, remote) in list(h.pending.items()):
+        for pid, (sent_at, remote, judged) in list(h.pending.items()):
             if now - sent_at >= timeout:
                 del h.pending[pid]
                 self._by_probe.pop(pid, None)
@@ -338,12 +352,12 @@ class Health(SessionOwner):
                 # And only while the link works: what was lost while it was down is part of
                 # that outage, not of how the link does now.
                 working = h.working_since is not None and sent_at >= h.working_since
-                if working and self._bracketed(remote, sent_at):
+                if judged and working and self._bracketed(remote, sent_at):
                     h.samples.append(_Sample(sent_at, remote, None))
         horizon = now - self.cfg.window_s
         while h.samples and h.samples[0].sent_at < horizon:
             h.samples.popleft()
-        keep_from = now - timeout - LOSS_BRACKET_S
+        keep_from = now - timeout - LOSS_BRACKET_PROBES * self.probe_s
         for remote, times in list(self._answered_sent.items()):
             while times and times[0] < keep_from:
                 times.popleft()
@@ -355,14 +369,15 @@ class Health(SessionOwner):
             del h.remotes[remote]
 
     def _bracketed(self, remote: Hashable, t: float) -> bool:
-        """The remote answered probes sent within LOSS_BRACKET_S before and after t."""
+        """The remote answered probes sent shortly before and after t (LOSS_BRACKET_PROBES)."""
         times = self._answered_sent.get(remote)
         if not times:
             return False
+        span = LOSS_BRACKET_PROBES * self.probe_s
         i = bisect.bisect_left(times, t)
-        before = i > 0 and t - times[i - 1] <= LOSS_BRACKET_S
+        before = i > 0 and t - times[i - 1] <= span
         j = bisect.bisect_right(times, t)
-        after = j < len(times) and times[j] - t <= LOSS_BRACKET_S
+        after = j < len(times) and times[j] - t <= span
         return before and after
 
     def figures(self, h: LinkHealth) -> Figures:
@@ -394,7 +409,8 @@ class Health(SessionOwner):
 
     def _silence(self, h: LinkHealth, now: float) -> str | None:
         """Why the link counts as silent, or None: nothing at all answered over it for
-        silent_after_ms while a remote it probes now answers over another link. Only the
+        silent_after_ms while a remote it probes answered over another link all that time
+        (and still does). Only the
         current targets count: a remote no longer probed over it (a closed session) is not
         missed there."""
         if not h.targets:
@@ -418,7 +434,13 @@ class Health(SessionOwner):
                 if other is h:
                     continue
                 o = other.remotes.get(remote)
-                if o is not None and o.last_answer is not None and now - o.last_answer <= alive_s:
+                # Answering there now, and for as long as this link has been quiet: sessions
+                # coming back one after the other (a PoP restarting) are not silence.
+                if (
+                    o is not None and o.last_answer is not None
+                    and now - o.last_answer <= alive_s
+                    and o.answering_since is not None and now - o.answering_since >= silent_s
+                ):
                     ms = (now - (max(heard) if heard else quiet_since - FIRST_ANSWER_GRACE_S))
                     return (f"silent: no answer over it for {ms * 1000:.0f} ms"
                             f" ({_remote_text(remote)} answers over {other.link.name})")
