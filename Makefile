@@ -49,6 +49,7 @@ bench: setup bench-setup
 	$(PY) bench/cloud --json bench-cloud.json
 	$(PY) bench/mesh --json bench-mesh.json
 	$(PY) bench/recovery --json bench-recovery.json
+	$(PY) bench/links --json bench-links.json
 
 # Only the benches' smoke runs (test-py runs them too): each bench once, shortest mode.
 bench-smoke: setup

@@ -1,7 +1,7 @@
-"""Smoke runs of bench/dataplane, bench/cloud, bench/mesh, bench/recovery and bench/rules
-inside `make test`: each bench runs to its end in its shortest mode and writes its JSON with
-every key and sane values, so a bench whose mechanism breaks fails here instead of on the day
-someone needs its figures.
+"""Smoke runs of bench/dataplane, bench/cloud, bench/mesh, bench/recovery, bench/rules and
+bench/links inside `make test`: each bench runs to its end in its shortest mode and writes its
+JSON with every key and sane values, so a bench whose mechanism breaks fails here instead of on
+the day someone needs its figures.
 
 Never an assertion on a performance figure (bench/README.md, "Smoke runs"): only that
 each figure was measured, is positive and lies within the bench's own time bounds. The
@@ -182,3 +182,18 @@ def test_rules_smoke(tmp_path: Path) -> None:
     # table once each (the flow cache served every other packet), without none.
     assert positive(none["mesh_mb"]) and positive(ruled["mesh_mb"]), res
     assert none["evaluations"] == 0 and 1 <= ruled["evaluations"] <= 8, res
+
+
+@pytest.mark.timeout(400)
+def test_links_smoke(tmp_path: Path) -> None:
+    # One fault of each kind with a 2 s hold, 10 s of flapping, a short active/active run.
+    res = run_bench("links", ["--smoke", "--max-seconds", "330"], tmp_path / "links.json", 370)
+    for key in ("carrier_down_move_s", "silent_down_move_s", "degraded_move_s", "return_s"):
+        assert positive(res[key]["median"]) and positive(res[key]["p95"]), (key, res[key])
+    # The bounds of the bench's own waits, not performance figures.
+    assert res["carrier_down_move_s"]["median"] < 40 and res["return_s"]["median"] < 100
+    assert res["repeats"] == 1 and len(res["runs"]) == 1
+    assert isinstance(res["flap_moves"], int) and res["flap_moves"] >= 1
+    assert 0 < res["aa_share_pct"] < 100
+    # Counted, never asserted zero here: a reset is the lab test's failure (test_wan_links.py).
+    assert isinstance(res["tcp_resets"], int) and res["tcp_connections"] >= 2
