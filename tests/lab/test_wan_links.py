@@ -157,13 +157,14 @@ def test_active_active_shares_flows_by_bandwidth(lab: Lab) -> None:
     # 64 TCP flows of equal rate: packets per link follow the flows' split.
     server = lab.spawn(s2.lan_ns, ["iperf3", "-s", "-1"], name="iperf3-aa")
     wait_for("iperf3 server", lambda: lab.exec(s2.lan_ns, ["ss", "-ltn"]).stdout.count(":5201"), 10)
+    # Consecutive client ports: the same 64 flows, so the same split, every run.
     client = lab.spawn(s1.lan_ns, ["iperf3", "-c", s2.lan_host_ip, "-P", "64", "-t", "30",
-                                   "-b", "200K"], name="iperf3-aa-client")
+                                   "-b", "200K", "--cport", "41000"], name="iperf3-aa-client")
     time.sleep(2)
-    rates = tx_rates(lab, s1, 4)
+    rates = tx_rates(lab, s1, 6)  # iperf3 paces its streams in bursts a few seconds apart
     share = rates["wan1"] / (rates["wan1"] + rates["wan2"])
-    # Generous: 64 flows hashed at 3:1 land within a few flows of 48:16 (bench/links).
-    assert 0.55 <= share <= 0.92, rates
+    # Within 10 points of 75 %: 64 flows hashed at 3:1 (bench/links has the figure).
+    assert 0.65 <= share <= 0.85, rates
     lab.link_admin(s1, "wan2", up=False)
     wait_for("everything on wan1", lambda: carries(lab, s1) == {"wan1": 1000}, 5)
     rates = tx_rates(lab, s1, 4)  # iperf3 paces its streams in bursts a few seconds apart
