@@ -54,9 +54,10 @@ def test_alt_wan_first_when_the_cloud_is_lost_the_mesh_where_it_cannot_reach(lab
     mesh0 = {s.n: tunnel_packets(lab, s, "mesh") for s in sites}
     time.sleep(2)
     alt, mesh = grown(lab, sites, "alt-wan", alt0), grown(lab, sites, "mesh", mesh0)
-    # Flows echo 20 lines a second each way: tens of packets; the mesh sees keepalives at most.
-    assert all(n > 40 for n in alt.values()), alt
-    assert all(n < 10 for n in mesh.values()), mesh
+    # Flows echo 20 lines a second each way: hundreds of packets; the mesh sees link health's
+    # probes (a few a second each way, with their acks) and keepalives, no flow.
+    assert all(n > 200 for n in alt.values()), alt
+    assert all(n < 150 for n in mesh.values()), mesh
     for s in sites:
         rec = lab.socketctl(s, "recovery")
         assert rec["active"], rec

@@ -57,6 +57,7 @@ log = logging.getLogger("sdwan.site.health")
 # Probes are as small as the fast path sends them: 576 bytes on the wire.
 PROBE_SIZE = PMTU_MIN
 MAX_TARGETS = 4  # probed per link each round: the PoP and a few mesh peers are plenty
+WITNESS_EVERY = 5
 # A probe unanswered this long is lost. Longer than any latency a link may still be "up"
 # with (its threshold, twice over), so a slow link is degraded for latency, not for loss.
 MIN_PROBE_TIMEOUT_S = 2.0
@@ -103,6 +104,9 @@ class Target:
     # Its losses count: false while its session is not up (a PoP session re-handshaking
     # after a PoP restart loses probes that say nothing of the link; its silence still does).
     judged: bool = True
+    # A witness (a mesh peer): probed every WITNESS_EVERY rounds while another target (the
+    # PoP) answers over the link, every round when none does (the cloud down).
+    witness: bool = False
 
 
 TargetSource = Callable[[WanLink], Iterable[Target]]
@@ -161,6 +165,7 @@ class LinkHealth:
     remotes: dict[Hashable, _Remote] = field(default_factory=dict)
     targets: list[Target] = field(default_factory=list)
     turn: int = 0  # rotates the targets probed when there are more than MAX_TARGETS
+    round: int = 0
     probes_sent: int = 0
     probes_unsent: int = 0  # the fast path could not send (no key yet, no endpoint)
     probes_answered: int = 0
@@ -322,6 +327,9 @@ class Health(SessionOwner):
         for t in targets:
             if t.remote not in h.remotes:
                 h.remotes[t.remote] = _Remote(first_expected=now)
+        h.round += 1
+        if h.round % WITNESS_EVERY and self._main_answers(h, now):
+            targets = [t for t in targets if not t.witness]
         if len(targets) > MAX_TARGETS:
             start = h.turn % len(targets)
             h.turn += MAX_TARGETS
@@ -340,6 +348,16 @@ class Health(SessionOwner):
             h.probes_sent += 1
             h.pending[probe_id] = (now, t.remote, t.judged)
             self._by_probe[probe_id] = h.link.id
+
+    def _main_answers(self, h: LinkHealth, now: float) -> bool:
+        """A target that is no witness (the PoP) answered over the link just now."""
+        alive_s = 0.6 * self.cfg.silent_after_ms / 1000
+        mains = {t.remote for t in h.targets if not t.witness}
+        return any(
+            (r := h.remotes.get(m)) is not None and r.last_answer is not None
+            and now - r.last_answer <= alive_s
+            for m in mains
+        )
 
     def _expire(self, h: LinkHealth, now: float) -> None:
         timeout = self.probe_timeout(h)

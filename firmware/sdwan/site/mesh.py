@@ -86,6 +86,7 @@ MISSING_ASK_MAX = 32  # punch requests for them per check
 # burst 32k datagrams into one socket; about 20k a second still starts every punch in 2 s.
 PROBES_PER_TICK = 1024
 HEALTH_TARGETS = 3  # peers link health probes over each link (with the PoP, plenty)
+PROBE_TARGET_SCAN = 64  # peers looked at per call for those (a cursor goes round them all)
 # A settled tunnel's clock runs when it has something to do, and at least this often (its
 # path MTU search looks for a new endpoint then), but not more often than MIN_TURN_S.
 QUIET_TURN_S = 10.0
@@ -305,6 +306,9 @@ class Mesh(SessionOwner):
         # Whether link health finds a link down (site/health.py); None: the device's state.
         self.link_down: Callable[[int], bool] | None = None
         self._weights_gen: int | None = None
+        # Link health's witnesses are taken in turn from these (probe_targets).
+        self._probe_order: list[int] = []
+        self._probe_cursor = 0
         self._dirty = True  # candidates to submit again
         self._budget = PROBES_PER_TICK
         self._rr = 0
@@ -939,17 +943,28 @@ class Mesh(SessionOwner):
 
     def probe_targets(self, wl: WanLink) -> list[Target]:
         """A few peers with an up tunnel and a direct path over this link, for link health to
-        probe (site/health.py): with the PoP gone they still tell a link's health."""
-        if not wl.link.offcloud or not wl.main:
+        probe as witnesses (site/health.py): with the PoP gone they still tell a link's health.
+        Taken in turn from all the peers, so that no peer answers every site's probes."""
+        if not wl.link.offcloud or not wl.main or not self.remotes:
             return []  # no mesh path runs over it: nothing to look for
+        if len(self._probe_order) != len(self.remotes):
+            self._probe_order = list(self.remotes)
         out: list[Target] = []
-        for peer in self.remotes.values():
+        n = len(self._probe_order)
+        # A bounded look per call: the cursor goes on from there next time.
+        for _ in range(min(n, PROBE_TARGET_SCAN)):
+            self._probe_cursor = (self._probe_cursor + 1) % n
+            peer = self.remotes.get(self._probe_order[self._probe_cursor])
+            if peer is None:
+                self._probe_order = list(self.remotes)
+                break
             path = peer.paths.get(wl.id)
             if (
                 path is not None and path.state is PathState.DIRECT
                 and peer.tunnel is not None and peer.tunnel.state is State.UP
             ):
-                out.append(Target(peer.site_id, path.fp_link, ("site", peer.site_id)))
+                out.append(Target(peer.site_id, path.fp_link, ("site", peer.site_id),
+                                  witness=True))
                 if len(out) >= HEALTH_TARGETS:
                     break
         return out

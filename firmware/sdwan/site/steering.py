@@ -203,6 +203,8 @@ class Steering:
         elif ch.ramp is not None:
             ch.ramp = None
         ch.current = dict(desired)
+        if not old:
+            return  # the first choice (at start): no move
         ch.moved_at = now
         ch.why = why
         if old and set(old) != set(desired):
