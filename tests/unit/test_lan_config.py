@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sdwan.site.config import DEFAULT_LEASE_S, DhcpStatic, load_config
+from sdwan.site.config import DEFAULT_LEASE_S, ConfigError, DhcpStatic, load_config
 
 BASE = """\
 [site]
@@ -230,3 +230,31 @@ def test_the_line_is_the_fields(tmp_path: Path) -> None:
     line_no = text.splitlines().index('ip = "10.1.0.50"', text.splitlines().index(
         'mac = "02-00-00-00-01-03"')) + 1
     assert str(info.value).endswith(f"(line {line_no})"), str(info.value)
+
+
+def test_the_lan_port_is_checked_against_each_links_device(tmp_path: Path) -> None:
+    # A tagged WAN on eth0 and the untagged LAN on eth0: one port, two roles, a normal box.
+    text = BASE.replace('interface = "lan0"', 'interface = "eth0"').replace(
+        'interface = "eth0"\nport = 4800', 'interface = "eth0"\nvlan = 10\nport = 4800'
+    )
+    assert load_config(write(tmp_path, text)).lan.interface == "eth0"
+    # The LAN on the WAN's VLAN device itself is refused, located.
+    text = BASE.replace('interface = "lan0"', 'interface = "eth0.10"').replace(
+        'interface = "eth0"\nport = 4800', 'interface = "eth0"\nvlan = 10\nport = 4800'
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    assert "lan.interface: the LAN port cannot be links[0]'s device" in str(e.value)
+
+
+def test_links_sharing_a_device_leave_its_addressing_to_the_system(tmp_path: Path) -> None:
+    two = PLAIN + '\n[[links]]\nname = "wan2"\ninterface = "eth0"\nport = 4801\n'
+    assert len(load_config(write(tmp_path, two)).links) == 2
+    static = two.replace(
+        'port = 4801\n',
+        'port = 4801\naddressing = { mode = "static", address = "192.0.2.7/24",'
+        ' gateway = "192.0.2.1" }\n',
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, static))
+    assert 'links[1].addressing: "eth0" is also the device of links[0]' in str(e.value)

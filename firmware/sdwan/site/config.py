@@ -503,7 +503,44 @@ def _check_links(c: Checker, doc: Mapping[str, Any]) -> list[Link] | None:
                 )
                 ok = False
             seen_ports.setdefault((iface, port), i)
+    ok &= _check_shared_devices(c, raw)
     return links if ok else None
+
+
+def _check_shared_devices(c: Checker, raw: list[Any]) -> bool:
+    """Links on one device (several ports on it) may only leave its addressing to the system:
+    each link's addressing replaces the device's addresses and its default routes, so two
+    would undo each other."""
+    by_device: dict[str, list[int]] = {}
+    for i, entry in enumerate(raw):
+        dev = _device_of(entry) if isinstance(entry, dict) else None
+        if dev is not None:
+            by_device.setdefault(dev, []).append(i)
+    ok = True
+    for dev, idx in by_device.items():
+        if len(idx) < 2:
+            continue
+        for i in idx:
+            mode = _addressing_mode(raw[i].get("addressing"))
+            if mode not in (None, "none"):
+                others = ", ".join(f"links[{j}]" for j in idx if j != i)
+                c.error(
+                    ("links", i, "addressing"),
+                    f"{show(dev)} is also the device of {others}: links sharing a device"
+                    ' leave its addressing to the system ("none"), or one set of addresses'
+                    " would replace the other's",
+                )
+                ok = False
+    return ok
+
+
+def _addressing_mode(raw: Any) -> str | None:
+    if raw is None:
+        return None
+    if isinstance(raw, dict):
+        mode = raw.get("mode")
+        return mode if isinstance(mode, str) else "?"
+    return raw if isinstance(raw, str) else "?"
 
 
 def _check_vlan(
@@ -1191,11 +1228,14 @@ def _check_lan(
             address = MISSING
     if isinstance(address, ipaddress.IPv4Interface) and isinstance(iface, str):
         # The port would lose its role (or the link its address) to the other one.
+        # The device each link is bound to (its VLAN device for a VLAN link): an untagged
+        # LAN on the parent of a tagged WAN is a normal setup, one device for both is not.
         for i, link in enumerate(links or ()):
-            if link.interface == iface:
+            if link.device == iface:
                 c.error((*loc, "interface"), f"the LAN port cannot be links[{i}]'s device"
                                              f" {show(iface)}")
                 iface = MISSING
+                break
         if tunnel is not None and tunnel.interface == iface:
             c.error((*loc, "interface"), f"the LAN port cannot be the tunnel device {show(iface)}")
             iface = MISSING
