@@ -5,7 +5,8 @@ LAN device through the netcfg worker (netlink, common/netcfg.py; the device is b
 any other IPv4 address on it removed), then busybox `udhcpd -f` serves the LAN from a
 configuration written from `[lan.dhcp]`. socketd supervises it: its output goes to the log, a
 server that exits is started again after a growing pause (the address put back first if it
-went), it is stopped with socketd and dies with it (PR_SET_PDEATHSIG), never orphaned. What
+went), it is stopped with socketd and dies with it (PR_SET_PDEATHSIG), never orphaned. The
+address is watched for as long as socketd runs and put back when it goes, DHCP or not. What
 cannot work (no udhcpd, a device that does not exist, a server that keeps exiting) is said in
 `lan` and the events, and socketd runs on.
 
