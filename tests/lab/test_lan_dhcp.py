@@ -2,8 +2,9 @@
 without an address. socketd puts `[lan] address` on its port and serves DHCP; each LAN host
 asks with its own DHCP client (busybox udhcpc), gets an address (a static lease by its MAC at
 site 1, one of the range at site 2) and its default route, and reaches the other site's host
-through the PoP. `socketctl lan` lists the leases; a DHCP server killed is started again, and
-none outlives its socketd."""
+through the PoP. `socketctl lan` lists the leases; a DHCP server killed is started again, none
+outlives its socketd (stopped or killed), and a LAN address removed is put back, with or
+without DHCP."""
 
 from __future__ import annotations
 
@@ -138,6 +139,57 @@ def test_lan_hosts_get_addresses_from_socketd_and_reach_the_other_site(lab: Lab)
         lambda: [le["ip"] for le in lan(lab, s2)["dhcp"]["leases"]] == [ip2],
         timeout=10,
     )
+    # A LAN address removed under a running DHCP server (which goes on as if nothing happened)
+    # is put back.
+    address_restored(lab, s2)
+
+    # Neither an orderly stop nor a crash leaves a DHCP server behind.
     pid = again["dhcp"]["pid"]
     lab.stop_socketd(s2)
     assert wait_for("site 2's DHCP server gone with socketd", lambda: not alive(pid), timeout=10)
+    pid = running(lab, s1)["dhcp"]["pid"]
+    lab.stop_socketd(s1, signal.SIGKILL)
+    assert wait_for("site 1's DHCP server gone with its killed socketd", lambda: not alive(pid),
+                    timeout=10)
+
+
+def address_events(lab: Lab, site: Site) -> list[str]:
+    return [e["text"] for e in lab.socketctl(site, "events", "--kind", "lan.address")["events"]]
+
+
+def address_restored(lab: Lab, site: Site) -> None:
+    # The address is on before socketd's own start; its watch begins once the port's start
+    # applied it again (its first event): a flush before that is not a removal it must notice.
+    wait_for(f"site {site.n}'s LAN port started", lambda: address_events(lab, site), timeout=30)
+    netns.run(site.ns, ["ip", "addr", "flush", "dev", "lan0"])
+    gone = netns.run(site.ns, ["ip", "-4", "addr", "show", "dev", "lan0"]).stdout
+    assert f"inet {site.lan_ip}/" not in gone, gone
+    wait_for(
+        f"site {site.n}'s LAN address put back",
+        lambda: f"inet {site.lan_ip}/24" in netns.run(
+            site.ns, ["ip", "-4", "addr", "show", "dev", "lan0"]
+        ).stdout,
+        timeout=10,
+    )
+    # The event follows the address by a moment (it is stored once the apply returned).
+    wait_for(
+        f"site {site.n}'s lan.address event saying it was restored",
+        lambda: any("restored" in text for text in address_events(lab, site)),
+        timeout=5,
+    )
+
+
+def test_a_lan_address_without_dhcp_is_put_back_when_removed(lab: Lab) -> None:
+    lab.add_inet()
+    lab.add_router(1)
+    site = lab.add_site(1, lan_dhcp=True)
+    lab.write_site_config(site)
+    lab.start_socketd(site)
+    wait_for(
+        "site 1's LAN address",
+        lambda: (st := lan(lab, site))["address_error"] is None
+        and f"{site.lan_ip}/24" in st["addresses"],
+        timeout=60,
+    )
+    assert lan(lab, site)["dhcp"] == {"enabled": False, "state": "off"}
+    address_restored(lab, site)

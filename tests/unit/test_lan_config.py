@@ -92,6 +92,21 @@ def test_dhcp_may_be_turned_off_without_a_range(tmp_path: Path) -> None:
     assert lan.dhcp is not None and not lan.serves_dhcp
 
 
+def wide(text: str, last: str) -> str:
+    """text with a /16 LAN whose range runs from 10.1.0.100 to last."""
+    for old, new in (('"10.1.0.0/24"', '"10.1.0.0/16"'), ('"10.1.0.1/24"', '"10.1.0.1/16"'),
+                     ('"10.1.0.100", "10.1.0.199"', f'"10.1.0.100", "{last}"')):
+        text = sub(old, new)(text)
+    return text
+
+
+def test_a_range_of_4096_addresses_loads(tmp_path: Path) -> None:
+    text = wide(BASE, "10.1.16.99")
+    lan = load_config(write(tmp_path, text)).lan
+    assert lan.dhcp is not None and lan.dhcp.range is not None
+    assert int(lan.dhcp.range[1]) - int(lan.dhcp.range[0]) + 1 == 4096
+
+
 def test_an_address_without_dhcp_and_a_router_of_its_own(tmp_path: Path) -> None:
     text = sub('dns = ["192.0.2.53"]', 'router = "10.1.0.254"\nlease_s = 3600')(BASE)
     lan = load_config(write(tmp_path, text)).lan
@@ -144,6 +159,8 @@ CASES = [
      "reversed: the first address 10.1.0.199 is above the last 10.1.0.100"),
     (sub('"10.1.0.100", "10.1.0.199"', '"10.1.0.1", "10.1.0.9"'), "lan.dhcp.range",
      "holds the LAN port's own address 10.1.0.1"),
+    (lambda t: wide(t, "10.1.16.100"), "lan.dhcp.range", "holds 4097 addresses: at most 4096"),
+    (sub('interface = "lan0"', 'interface = "lan#0"'), "lan.interface", "'#'"),
     # router, DNS, lease
     (sub("[lan.dhcp]\n", '[lan.dhcp]\nrouter = "10.9.0.1"\n'), "lan.dhcp.router",
      "10.9.0.1 is not in the LAN's network"),
@@ -153,6 +170,10 @@ CASES = [
      "broadcast address"),
     (sub('dns = ["192.0.2.53"]', 'dns = ["192.0.2.x"]'), "lan.dhcp.dns[0]", "IPv4 address"),
     (sub('dns = ["192.0.2.53"]', 'dns = ["224.0.0.1"]'), "lan.dhcp.dns[0]", "multicast"),
+    (sub('dns = ["192.0.2.53"]', 'dns = ["10.1.0.1"]'), "lan.dhcp.dns[0]",
+     "the LAN port's own address"),
+    (sub('dns = ["192.0.2.53"]', 'dns = ["10.1.0.0"]'), "lan.dhcp.dns[0]", "network address"),
+    (sub('dns = ["192.0.2.53"]', 'dns = ["10.1.0.255"]'), "lan.dhcp.dns[0]", "broadcast address"),
     (sub('dns = ["192.0.2.53"]', 'dns = "192.0.2.53"'), "lan.dhcp.dns", "an array of at most"),
     (sub("[lan.dhcp]\n", "[lan.dhcp]\nlease_s = 10\n"), "lan.dhcp.lease_s", "60..2592000"),
     # static leases

@@ -52,7 +52,9 @@ def test_leases_are_read_as_dumpleases_reads_them() -> None:
         (b"", 0, None),
         (b"\x00\x01", 0, "shorter than its header"),
         (lease_file(record(60, "10.1.0.100", b"\x02" * 6))[:-7], 0, "cut short"),
-        (lease_file(record(60, "10.1.0.100", b"\x02" * 6), b"\xff" * 40), 2, "cut short"),
+        # An all-0xff record is garbage (a broadcast address, a multicast MAC), not a lease.
+        (lease_file(record(60, "10.1.0.100", b"\x02" * 6), b"\xff" * 40), 1, "1 damaged"),
+        (lease_file(record(60, "10.1.0.100", b"\x02" * 6), b"\xff" * 40), 1, "cut short"),
         (b"\xff" * (lanport.MAX_LEASE_FILE + 1), 0, "larger than any udhcpd writes"),
     ],
 )
@@ -241,3 +243,80 @@ def test_a_host_name_from_the_network_reaches_the_terminal_escaped() -> None:
     assert "\x1b" not in text and "\\x1b[2J" in text, text
     assert not any(line.startswith("fake") for line in text.splitlines()), text
     assert "10.1.0.100" in text and "dynamic" in text and "30.0s" in text, text
+
+
+def test_records_outside_the_lan_or_with_a_multicast_mac_are_skipped_and_counted() -> None:
+    data = lease_file(
+        record(60, "10.1.0.100", b"\x02" * 6),
+        record(60, "10.9.0.100", b"\x02" * 6),  # not this LAN's
+        record(60, "10.1.0.101", b"\x01\x00\x5e\x00\x00\x01"),  # a multicast MAC
+    )
+    leases, why = parse_leases(data, NOW, ipaddress.ip_network("10.1.0.0/24"))
+    assert [le.ip for le in leases] == ["10.1.0.100"]
+    assert why is not None and "2 damaged record(s) skipped" in why, why
+
+
+def test_a_lease_file_being_written_is_read_once_whole(tmp_path: Path) -> None:
+    import threading
+
+    path = tmp_path / "udhcpd.leases"
+    whole = lease_file(record(60, "10.1.0.100", b"\x02" * 6), record(60, "10.1.0.101", b"\x02" * 6))
+    path.write_bytes(whole[:30])  # truncated, then the first lease half written
+    finish = threading.Timer(0.1, path.write_bytes, (whole,))
+    finish.start()
+    try:
+        data = lanport.read_lease_file(path, pause=0.02, tries=50)
+    finally:
+        finish.join()
+    assert data == whole
+
+
+def test_a_removed_address_is_put_back_while_socketd_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list = []
+    applied: list[AddrPlan] = []
+    on_port: list[str] = []
+
+    def apply(plan: AddrPlan) -> None:
+        applied.append(plan)
+        on_port[:] = plan.addresses
+
+    monkeypatch.setattr(lanport, "observe", lambda _dev: {"addresses": list(on_port),
+                                                          "state": "up"})
+    monkeypatch.setattr(lanport, "WATCH_S", 0.02)
+    plain = Lan(subnets=(ipaddress.ip_network("10.1.0.0/24"),), interface="lan0",
+                address=ipaddress.IPv4Interface("10.1.0.1/24"))
+
+    async def main() -> None:
+        p = port(tmp_path, events, lan=plain, apply_worker=apply)
+        p.start()
+        for _ in range(100):
+            if on_port:
+                break
+            await asyncio.sleep(0.01)
+        on_port.clear()  # `ip addr flush dev lan0`
+        for _ in range(100):
+            if on_port:
+                break
+            await asyncio.sleep(0.01)
+        await p.close()
+
+    asyncio.run(main())
+    assert len(applied) == 2 and on_port == ["10.1.0.1/24"]
+    assert ("lan.address", "LAN port lan0: 10.1.0.1/24 restored (it had been removed)") in events
+
+
+def test_a_server_that_cannot_be_executed_is_said_in_the_events(tmp_path: Path) -> None:
+    events: list = []
+
+    async def main() -> dict:
+        p = port(tmp_path, events, command=lambda: ([str(tmp_path / "no-udhcpd")], None))
+        p.start()
+        status = await settle(p, "restarting")
+        await p.close()
+        return status
+
+    status = asyncio.run(main())
+    assert "cannot start" in status["dhcp"]["error"]
+    assert any(kind == "lan.dhcp" and "cannot start" in text for kind, text in events), events

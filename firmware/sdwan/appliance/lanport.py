@@ -5,7 +5,8 @@ LAN device through the netcfg worker (netlink, common/netcfg.py; the device is b
 any other IPv4 address on it removed), then busybox `udhcpd -f` serves the LAN from a
 configuration written from `[lan.dhcp]`. socketd supervises it: its output goes to the log, a
 server that exits is started again after a growing pause (the address put back first if it
-went), it is stopped with socketd and dies with it (PR_SET_PDEATHSIG), never orphaned. What
+went), it is stopped with socketd and dies with it (PR_SET_PDEATHSIG), never orphaned. The
+address is watched for as long as socketd runs and put back when it goes, DHCP or not. What
 cannot work (no udhcpd, a device that does not exist, a server that keeps exiting) is said in
 `lan` and the events, and socketd runs on.
 
@@ -39,7 +40,14 @@ from sdwan.common.netcfg import AddrPlan, NetcfgError, apply_addressing_in_worke
 if TYPE_CHECKING:
     from sdwan.site.config import Lan
 
-__all__ = ["Lease", "LanPort", "parse_leases", "udhcpd_command", "udhcpd_config"]
+__all__ = [
+    "Lease",
+    "LanPort",
+    "parse_leases",
+    "read_lease_file",
+    "udhcpd_command",
+    "udhcpd_config",
+]
 
 log = logging.getLogger("sdwan.appliance.lanport")
 
@@ -57,6 +65,14 @@ LEASES_WAIT_S = 1.0  # how long `lan` waits for udhcpd to write the file it aske
 # SIGUSR1 kills a udhcpd that has not set up its handler yet: one this young is not asked.
 SIGNAL_AFTER_S = 1.0
 OUTPUT_KEPT = 5  # udhcpd's last lines, kept to say why it exited
+# The address is looked for this often for socketd's whole life: udhcpd does not exit when its
+# device loses it, and without DHCP nothing else would notice.
+WATCH_S = 3.0
+# udhcpd truncates its lease file, then writes it lease by lease: it is read once its size is
+# whole leases and has not changed over SETTLE_S, giving up (and reading it as it is) after
+# SETTLE_TRIES.
+SETTLE_S = 0.02
+SETTLE_TRIES = 25
 
 # udhcpd's lease file (busybox networking/udhcp): the time it was written (int64, big endian),
 # then per lease its remaining seconds then (uint32), its address (network order), the
@@ -83,9 +99,12 @@ class Lease:
         }
 
 
-def parse_leases(data: bytes, now: float) -> tuple[list[Lease], str | None]:
+def parse_leases(
+    data: bytes, now: float, network: ipaddress.IPv4Network | None = None
+) -> tuple[list[Lease], str | None]:
     """The leases of udhcpd's lease file and, when it is damaged, what is wrong with it (the
-    leases read before the damage are kept)."""
+    leases read before the damage are kept). A record no udhcpd of this LAN writes (outside
+    `network`, a multicast MAC) is garbage: skipped and counted in the problem."""
     if not data:
         return [], None  # not written yet
     if len(data) > MAX_LEASE_FILE:
@@ -97,26 +116,61 @@ def parse_leases(data: bytes, now: float) -> tuple[list[Lease], str | None]:
     if not 0 < written_at <= now:
         written_at = int(now)
     leases: list[Lease] = []
-    problem = None
+    problems: list[str] = []
+    skipped = 0
     body = memoryview(data)[_HEADER.size :]
     whole = len(body) - len(body) % _RECORD.size
     for off in range(0, whole, _RECORD.size):
         remaining, nip, mac, name = _RECORD.unpack_from(body, off)
         if nip == b"\0\0\0\0":
             continue
+        ip = ipaddress.IPv4Address(nip)
+        if mac[0] & 1 or (network is not None and ip not in network):
+            skipped += 1
+            continue
         host = name.split(b"\0", 1)[0].decode("ascii", "replace")
         host = "".join(ch if ch.isprintable() else "?" for ch in host) or None
         leases.append(
             Lease(
                 mac=":".join(f"{b:02x}" for b in mac),
-                ip=str(ipaddress.IPv4Address(nip)),
+                ip=str(ip),
                 hostname=host,
                 expires_s=max(0, int(written_at + remaining - now)),
             )
         )
+    if skipped:
+        where = f"outside {network} or " if network is not None else ""
+        problems.append(f"{skipped} damaged record(s) skipped ({where}with a multicast MAC)")
     if whole != len(body):
-        problem = f"lease file cut short: {len(body) - whole} bytes after the last whole lease"
-    return leases, problem
+        problems.append(
+            f"lease file cut short: {len(body) - whole} bytes after the last whole lease"
+        )
+    return leases, "; ".join(problems) or None
+
+
+def read_lease_file(
+    path: Path, pause: float = SETTLE_S, tries: int = SETTLE_TRIES
+) -> bytes:
+    """The lease file once udhcpd has finished writing it (blocking: run off the loop)."""
+    data = b""
+    for _ in range(tries):
+        try:
+            before = os.stat(path)
+            with open(path, "rb") as f:
+                data = f.read(MAX_LEASE_FILE + 1)
+        except FileNotFoundError:
+            return b""
+        whole = len(data) == 0 or (
+            len(data) >= _HEADER.size and (len(data) - _HEADER.size) % _RECORD.size == 0
+        )
+        if whole and len(data) == before.st_size:
+            time.sleep(pause)
+            after = os.stat(path)
+            if (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns):
+                return data
+        else:
+            time.sleep(pause)
+    return data  # still moving or damaged: parse_leases says what is wrong
 
 
 # --------------------------------------------------------------------------- udhcpd
@@ -231,7 +285,9 @@ class LanPort:
         self.address_error: str | None = None
         self.address_applied = False
         self._task: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
         self._stopping = False
+        self._announced = False  # "server started" is said once per run of socketd
 
     def handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
         return {"lan": self._status}
@@ -241,14 +297,17 @@ class LanPort:
         `address` is left to the system, as before."""
         if self.lan.address is None:
             return
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run())
+        self._watch = loop.create_task(self._watch_address())
 
     async def close(self) -> None:
         self._stopping = True
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        for task in (self._watch, self._task):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         await self._stop_server()
 
     # ---------------------------------------------------------------- running
@@ -287,12 +346,40 @@ class LanPort:
             delay = min(delay * 2, RESTART_MAX_S)
             srv.restarts += 1
 
+    def apply_address(self) -> None:
+        """Put the address on the port now, blocking (the supervisor, before socketd's own
+        start, so that a socketd that cannot start is still reachable from the LAN)."""
+        lan = self.lan
+        if lan.address is None or lan.interface is None:
+            return
+        self.apply_worker(AddrPlan(lan.interface, 4, [str(lan.address)], None, 0))
+
+    async def _watch_address(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(WATCH_S)
+            # Before the first application _run retries on its own.
+            if self.address_applied or self.address_error is not None:
+                try:
+                    await self._ensure_address(force=False)
+                except Exception:  # noqa: BLE001 - the watch must outlive any one failure
+                    log.exception("LAN port: address check failed")
+
+    async def _has_address(self) -> bool:
+        lan = self.lan
+        assert lan.address is not None and lan.interface is not None
+        # Off the loop: the kernel is asked, and the watchdog is petted from the loop.
+        seen = await asyncio.to_thread(observe, lan.interface)
+        return str(lan.address) in seen["addresses"]
+
     async def _ensure_address(self, force: bool) -> bool:
         """The port has its address (put back if it went): True; else the error is kept."""
         lan = self.lan
         assert lan.address is not None and lan.interface is not None
-        if not force and str(lan.address) in observe(lan.interface)["addresses"]:
-            return True
+        restoring = False
+        if not force:
+            if await self._has_address():
+                return True
+            restoring = self.address_applied and self.address_error is None
         if self.lan.serves_dhcp and self.server.state in ("off", "restarting"):
             self.server.state = "waiting"
         plan = AddrPlan(lan.interface, 4, [str(lan.address)], None, 0)
@@ -307,7 +394,14 @@ class LanPort:
             if self.lan.serves_dhcp:
                 self.server.error = "waiting for the LAN address"
             return False
-        if self.address_error is not None or not self.address_applied:
+        if restoring:
+            log.warning("LAN port %s: %s had gone, put back", lan.interface, lan.address)
+            self.record(
+                "lan.address",
+                f"LAN port {lan.interface}: {lan.address} restored (it had been removed)",
+                {"interface": lan.interface, "address": str(lan.address), "restored": True},
+            )
+        elif self.address_error is not None or not self.address_applied:
             log.info("LAN port %s: %s", lan.interface, lan.address)
             self.record(
                 "lan.address",
@@ -337,12 +431,16 @@ class LanPort:
             )
         except (NetcfgError, OSError) as e:
             srv.error = f"cannot start {argv[-1]}: {getattr(e, 'strerror', None) or e}"
+            if srv.failures == 0:
+                # The first of a streak, as for exits: the rest only in the log and `lan`.
+                self.record("lan.dhcp", f"LAN DHCP server: {srv.error}", {"error": srv.error})
             return 0.0
         started = srv.started_at = self.clock()
         srv.state, srv.error, srv.retry_at = "running", None, None
         srv.output.clear()
         log.info("LAN DHCP server started on %s (pid %d)", self.lan.interface, proc.pid)
-        if srv.restarts == 0 or srv.failures == 0:
+        if not self._announced:
+            self._announced = True
             self.record(
                 "lan.dhcp",
                 f"LAN DHCP server started on {self.lan.interface}",
@@ -398,20 +496,16 @@ class LanPort:
             deadline = self.clock() + LEASES_WAIT_S
             while _mtime(self.leases_path) == before and self.clock() < deadline:
                 await asyncio.sleep(0.02)
-            # udhcpd truncates the file, then writes it lease by lease: let it finish.
-            await asyncio.sleep(0.02)
-        try:
-            with open(self.leases_path, "rb") as f:
-                return f.read(MAX_LEASE_FILE + 1)
-        except FileNotFoundError:
-            return b""
+        # Off the loop: a big file must not hold up the watchdog's pets.
+        return await asyncio.to_thread(read_lease_file, self.leases_path)
 
     async def leases(self) -> tuple[list[dict[str, Any]], str | None]:
         try:
             data = await self._fresh_leases()
         except OSError as e:
             return [], f"lease file unreadable: {e.strerror or e}"
-        found, problem = parse_leases(data, self.wall())
+        network = self.lan.address.network if self.lan.address is not None else None
+        found, problem = await asyncio.to_thread(parse_leases, data, self.wall(), network)
         static = {s.mac: s for s in (self.lan.dhcp.static if self.lan.dhcp else ())}
         out = []
         for lease in found:
@@ -436,7 +530,10 @@ class LanPort:
 
     async def _status(self, _req: dict[str, Any]) -> dict[str, Any]:
         lan = self.lan
-        seen = observe(lan.interface) if lan.interface else None
+        d = lan.dhcp
+        # First, as it waits: what follows is then one moment's state.
+        leases, problem = await self.leases() if d is not None and d.enabled else ([], None)
+        seen = await asyncio.to_thread(observe, lan.interface) if lan.interface else None
         result: dict[str, Any] = {
             "interface": lan.interface,
             "state": seen["state"] if seen else None,
@@ -446,12 +543,10 @@ class LanPort:
             "address_error": self.address_error,
             "dhcp": None,
         }
-        d = lan.dhcp
         srv = self.server
         if d is None or not d.enabled:
             result["dhcp"] = {"enabled": False, "state": "off"}
             return result
-        leases, problem = await self.leases()
         now = self.clock()
         assert lan.address is not None and d.range is not None
         result["dhcp"] = {

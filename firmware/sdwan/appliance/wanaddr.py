@@ -231,12 +231,37 @@ def write_script(directory: Path) -> Path:
     return path
 
 
+def _resolve_prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+# Resolved here, in socketd: a dlopen/dlsym between fork and exec of a process with threads
+# (asyncio's to_thread) may hang on a lock another thread held at the fork.
+_prctl = _resolve_prctl()
+_forking_pid = os.getpid()
+
+
+def _before_fork() -> None:
+    global _forking_pid
+    _forking_pid = os.getpid()
+
+
+# Who forks, known in the child: it cannot ask once its parent may already be gone.
+os.register_at_fork(before=_before_fork)
+
+
 def die_with_parent() -> None:
     """preexec_fn of socketd's children: they get SIGTERM when socketd dies, however it dies."""
     # A udhcpc outliving a killed socketd would keep rewriting the device's address; a udhcpd
     # would keep leasing from a configuration nobody answers for.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    # A parent that died before the prctl sends no signal any more: the child goes itself.
+    if os.getppid() != _forking_pid:
+        os._exit(1)
 
 
 def prefix_of(subnet: Any, mask: Any) -> int:

@@ -914,6 +914,9 @@ _HOSTNAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 LAN_PREFIX_MIN, LAN_PREFIX_MAX = 8, 30  # /31 and /32 leave no room for a LAN host
 LEASE_S_MIN, LEASE_S_MAX = 60, 30 * 86400
 MAX_DNS = 8
+# udhcpd allocates its lease table for the whole range, and `lan` reads every lease back:
+# a /16 range would cost megabytes and stall the reads.
+MAX_DHCP_RANGE = 4096
 
 
 @expects('a MAC address such as "02:00:00:00:01:02"')
@@ -1046,6 +1049,10 @@ def _check_dhcp_range(
     if first > last:
         c.error(rloc, f"reversed: the first address {first} is above the last {last}")
         return MISSING
+    if int(last) - int(first) + 1 > MAX_DHCP_RANGE:
+        c.error(rloc, f"{first}..{last} holds {int(last) - int(first) + 1} addresses: at most"
+                      f" {MAX_DHCP_RANGE}")
+        return MISSING
     if address is not None and first <= address.ip <= last:
         c.error(rloc, f"{first}..{last} holds the LAN port's own address {address.ip}"
                       " (lan.address)")
@@ -1158,6 +1165,17 @@ def _check_lan_dhcp(
                 c.error((*loc, "dns", i), f"{ip} is {special}: not a DNS server's")
                 ok = False
                 continue
+            if lan_ip is not None:
+                # udhcpd would hand out an address nothing answers DNS on.
+                taken = {
+                    lan_ip.ip: "the LAN port's own address (lan.address)",
+                    lan_ip.network.network_address: f"the network address of {lan_ip.network}",
+                    lan_ip.network.broadcast_address: f"the broadcast address of {lan_ip.network}",
+                }
+                if ip in taken:
+                    c.error((*loc, "dns", i), f"{ip} is {taken[ip]}: not a DNS server's")
+                    ok = False
+                    continue
             dns.append(ip)
     lease_s = c.value(
         raw, (*loc, "lease_s"), int_range(LEASE_S_MIN, LEASE_S_MAX), default=DEFAULT_LEASE_S
@@ -1187,6 +1205,11 @@ def _check_lan(
     c.known_keys(table, loc, ("subnets", "interface", "address", "dhcp"))
     subnets = check_networks(c, table, (*loc, "subnets"))
     iface = c.value(table, (*loc, "interface"), ifname, default=None)
+    if isinstance(iface, str) and "#" in iface:
+        # udhcpd's configuration takes '#' as the start of a comment.
+        c.error((*loc, "interface"), f"{show(iface)}: '#' cannot be written to the DHCP server's"
+                                     " configuration")
+        iface = MISSING
     address = c.value(table, (*loc, "address"), lan_address, default=None)
     if isinstance(address, ipaddress.IPv4Interface):
         if "interface" not in table:

@@ -840,13 +840,30 @@ class Supervisor:
 
         return {**handlers, "links": links}
 
+    def _lan_port(self) -> LanPort:
+        if self.lan is None:
+            sock = self.cfg.paths.control_socket
+            self.lan = LanPort(
+                self.cfg.lan, self.cfg.paths.data_dir, sock.parent, self._record_event,
+                tag=sock.stem,
+            )
+        return self.lan
+
     def _lan_handlers(self) -> dict:
         """`lan` (lanport.py owns it)."""
-        sock = self.cfg.paths.control_socket
-        self.lan = LanPort(
-            self.cfg.lan, self.cfg.paths.data_dir, sock.parent, self._record_event, tag=sock.stem
-        )
-        return self.lan.handlers()
+        return self._lan_port().handlers()
+
+    async def _lan_address_first(self) -> None:
+        """`[lan] address` on the port before socketd's own start: a box whose socketd cannot
+        start (a WAN device missing, no TUN) is still reachable from the LAN at its address.
+        The DHCP server waits for lan.start(); a failure here is only said, never fatal."""
+        try:
+            port = self._lan_port()
+            if port.lan.address is None:
+                return
+            await asyncio.to_thread(port.apply_address)
+        except Exception as e:  # noqa: BLE001 - the start goes on whatever this does
+            log.error("LAN address not applied before the start: %s", e)
 
     def _start_wan(self) -> None:
         # Stored settings are applied in the background once the control socket is up, so
@@ -928,6 +945,8 @@ class Supervisor:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self._start_appliance()
+        # Kept when the start fails: the address stays on, for the LAN to reach the box.
+        await self._lan_address_first()
         try:
             self._open()
         except StartupError as e:
