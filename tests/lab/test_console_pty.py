@@ -224,7 +224,9 @@ def test_static_address_from_the_console_is_applied_and_survives_a_restart(lab: 
         assert re.search(r"wan1\s+wan1\s+4800", out), out
 
         out = c.command("show links")
-        assert re.search(r"wan1\s+wan1\s+up\s+(?:\S+\s+)*?none\s+100\.64\.1\.2/24\s+100\.64\.1\.1", out), out
+        assert re.search(
+            r"wan1\s+wan1\s+up\s+(?:\S+\s+)*?none\s+100\.64\.1\.2/24\s+100\.64\.1\.1", out
+        ), out
 
         # Completion of link names comes from socketd.
         c.send("set link w\t")
@@ -282,7 +284,9 @@ def test_static_address_from_the_console_is_applied_and_survives_a_restart(lab: 
         assert re.search(r"wan1\s+wan1\s+up\s+(?:\S+\s+)*?none", out), out
 
         out = c.command("set link wan1 static 100.64.1.20/24 100.64.1.1")
-        assert re.search(r"wan1\s+wan1\s+up\s+(?:\S+\s+)*?static\s+100\.64\.1\.20/24\s+100\.64\.1\.1", out), out
+        assert re.search(
+            r"wan1\s+wan1\s+up\s+(?:\S+\s+)*?static\s+100\.64\.1\.20/24\s+100\.64\.1\.1", out
+        ), out
         assert wan_addresses(site) == ["100.64.1.20/24"]
         assert re.search(r"default via 100\.64\.1\.1 dev wan1", default_route(site))
 
