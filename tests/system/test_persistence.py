@@ -36,8 +36,9 @@ pytestmark = [pytest.mark.system, pytest.mark.timeout(1500)]
 SITE = 5
 STATIC = "192.0.2.10/24"
 GATEWAY = "192.0.2.1"
-NONE_LINK = re.compile(r"(?m)^wan1\s+eth0\s+\S+\s+none\b")
-STATIC_LINK = re.compile(rf"(?m)^wan1\s+eth0\s+\S+\s+static\s+{re.escape(STATIC)}"
+# The state, then link health's columns (health, figures, what it carries), then addressing.
+NONE_LINK = re.compile(r"(?m)^wan1\s+eth0\s+\S+\s+(?:\S+\s+)*?none\b")
+STATIC_LINK = re.compile(rf"(?m)^wan1\s+eth0\s+\S+\s+(?:\S+\s+)*?static\s+{re.escape(STATIC)}"
                          rf"\s+{re.escape(GATEWAY)}\b")
 
 
