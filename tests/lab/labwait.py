@@ -1,4 +1,5 @@
-"""Waiting, bounded, for what a user would see in the lab (shared by the lab tests)."""
+"""Waiting, bounded, for what a user would see in the lab, and the small UDP server that tells
+which source address and port a datagram arrived from (shared by the lab tests)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,16 @@ from typing import Any
 import pytest
 
 TIMEOUT_S = 30
+
+# `python -c UDP_SOURCE_SERVER PORT`: prints the first datagram's source as "ip port" and exits.
+UDP_SOURCE_SERVER = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.settimeout(20)
+data, addr = s.recvfrom(2048)
+print(addr[0], addr[1], flush=True)
+"""
 
 
 def wait_for(what: str, probe: Callable[[], Any], timeout: float = TIMEOUT_S) -> Any:

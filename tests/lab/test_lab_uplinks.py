@@ -7,21 +7,14 @@ from __future__ import annotations
 import sys
 
 import pytest
+from labwait import UDP_SOURCE_SERVER
 
 from sdwan.lab import netns
 from sdwan.lab.impair import Impairment
 from sdwan.lab.topology import POP_IP, Lab, Site
 from sdwan.site.config import load_config
 
-# Prints the first datagram's source as "ip port" and exits.
-_UDP_SERVER = """
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-s.settimeout(20)
-data, addr = s.recvfrom(2048)
-print(addr[0], addr[1], flush=True)
-"""
+_UDP_SERVER = UDP_SOURCE_SERVER
 
 # Sends from one device (SO_BINDTODEVICE, as socketd's link sockets) until the server has one.
 _UDP_CLIENT = """

@@ -9,19 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from labwait import UDP_SOURCE_SERVER
 
 from sdwan.lab import netns
 from sdwan.lab.topology import POP_IP, Lab, cleanup_stale, lab_namespaces
 
-# Prints the first datagram's source as "ip port" and exits.
-_UDP_SERVER = """
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-s.settimeout(20)
-data, addr = s.recvfrom(2048)
-print(addr[0], addr[1], flush=True)
-"""
+_UDP_SERVER = UDP_SOURCE_SERVER
 
 # Sends from a fixed source port until told to stop (the server may start listening late).
 _UDP_CLIENT = """
