@@ -125,7 +125,8 @@ def test_a_degraded_link_is_reported_with_its_figure_and_traffic_leaves_it(
     wait_for("packets on wan2", lambda: on(lab, s1, "wan2", s1, s2), 10)
     key = {"loss": "loss_pct", "latency": "latency_ms", "jitter": "jitter_ms"}[figure]
     # The figure that decided, as status showed it then.
-    assert seen[key] is not None and seen[key] > seen["thresholds"][key], seen
+    # Status rounds to 0.1: a figure just over its threshold may show as equal to it.
+    assert seen[key] is not None and seen[key] >= seen["thresholds"][key], seen
     kinds = [e["kind"] for e in lab.socketctl(s1, "events", "--limit", "200")["events"]]
     assert "link.degraded" in kinds
     lab.clear_impairment(s1, "wan1")
