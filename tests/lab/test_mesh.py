@@ -22,6 +22,7 @@ from labwait import wait_for
 from sdwan.lab.topology import Lab, Pop, Site
 from sdwan.site.birthday import NAT_PORTS, random_ports
 from sdwan.site.config import Mesh as MeshConfig
+from sdwan.site.mesh import window_ports
 
 # A window punch (punch_timeout_s, 10 s) comes first, then the birthday punch: give it room.
 BIRTHDAY_WAIT_S = 45
@@ -131,13 +132,24 @@ def birthday_ports_open(lab: Lab, site: Site) -> int:
     ids=["random+masquerade", "masquerade+random"],
 )
 def test_birthday_punch_through_a_port_randomising_nat(lab: Lab, nats: tuple[str, str]) -> None:
-    _, (s1, s2) = build(lab, nats)
+    pop, (s1, s2) = build(lab, nats)
     hard, easy = (s1, s2) if nats[0] == "random" else (s2, s1)
     rows = {}
     for a, b in ((s1, s2), (s2, s1)):
         rows[a.n] = wait_for(f"site {a.n} direct to {b.n}", lambda a=a, b=b: direct(lab, a, b.n),
                              timeout=BIRTHDAY_WAIT_S)
-        assert rows[a.n]["how"] == "birthday", rows[a.n]
+    if rows[hard.n]["how"] == "window":
+        # Legitimate only if the randomising NAT happened to map the flow toward the easy side
+        # into the probe window around the port the PoP saw (a chance of about 1 in 2000).
+        seen = lab.nat_mapping(hard, hard.port, pop.host.ip, 4800)[1]
+        mapped = lab.nat_mapping(hard, hard.port, easy.public_ip, easy.port)[1]
+        window = window_ports(seen, MeshConfig().probe_window)
+        assert mapped in window, (rows, seen, mapped)
+        assert_mesh_carries_traffic(lab, s1, s2)
+        pytest.skip(f"the randomising NAT mapped {mapped}, inside the window around {seen}: "
+                    "the window punch found the path, the birthday punch was not needed")
+    for row in rows.values():
+        assert row["how"] == "birthday", rows
     h, e = rows[hard.n], rows[easy.n]
     assert (h["nat"], h["peer_nat"]) == ("port-randomising", "port-preserving"), h
     assert (e["nat"], e["peer_nat"]) == ("port-preserving", "port-randomising"), e

@@ -28,8 +28,9 @@ def build(
     mesh_timeout_s: float = 45, altwan: bool = False,
 ) -> tuple[Pop, list[Site]]:
     """One site per entry of `recovery` (its account flag), a PoP, everything started and
-    every pair's mesh tunnel up; `[cloud] recovery_hold_s = hold_s` on every site. With
-    altwan, every site also has an Alt-WAN link and every pair's Alt-WAN tunnel is up."""
+    every pair's mesh tunnel up and every route on the cloud; `[cloud] recovery_hold_s = hold_s`
+    on every site. With altwan, every site also has an Alt-WAN link and every pair's Alt-WAN
+    tunnel is up."""
     lab.add_inet()
     sites = []
     for n in range(1, len(recovery) + 1):
@@ -61,6 +62,14 @@ def build(
                     raise TimeoutError(f"no mesh (or Alt-WAN) tunnel {a.n} -> {b.n} in "
                                        f"{mesh_timeout_s} s")
                 time.sleep(0.1)
+    # The steady state: a site that registered after another was offline in that one's
+    # directory for a moment, and its routes return to the cloud a hold after it appeared.
+    deadline = time.monotonic() + hold_s + 15
+    while not all_on(lab, sites, "cloud"):
+        if time.monotonic() > deadline:
+            raise TimeoutError("not every route on the cloud after start: "
+                               f"{ {s.n: transports(lab, s) for s in sites} }")
+        time.sleep(0.1)
     return pop, sites
 
 
