@@ -647,3 +647,89 @@ def test_a_kick_names_the_peer_site_even_under_another_fast_path_id() -> None:
         assert [decode_kick(d) for d in sent] == [(1, 5)]
     finally:
         fp.close()
+
+
+# --------------------------------------------------------------------------- rekey, real UDP
+
+
+class UdpEnd:
+    """One session layer on a real UDP socket on loopback."""
+
+    def __init__(self, certs: Callable[[int], tuple[Path, Path, Path]], me: int,
+                 owner: Owner) -> None:
+        self.sock = udp()
+        self.sock.setblocking(False)
+        self.addr: Addr = self.sock.getsockname()
+        self.layer = SessionLayer(
+            send=lambda link, addr, data: self.sock.sendto(data, addr) and None,
+            policy=SITE_POLICY, my_site_id=me,
+        )
+        self.layer.dtls = DtlsContext(*certs(me), me)
+        self.layer.add_owner(owner)
+
+    def pump(self) -> int:
+        """Hand the layer what has arrived so far (one round: replies wait for the next)."""
+        n = 0
+        while True:
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except BlockingIOError:
+                return n
+            self.layer.on_ctrl_event(CtrlEvent(CtrlEvent.PACKET, 1, 0, addr[:2], data))
+            n += 1
+
+
+def test_a_rekey_loses_no_control_message_of_the_established_session(certs) -> None:
+    """Both ends send a numbered control message every round over their current session
+    while the initiator runs a rekey from the same address. The new handshake takes over the
+    address on both ends while it runs, and the responder finishes first: records of the
+    established session (application data, epoch 1) must still reach it and its tunnel, not
+    be fed to the handshake (epoch 0 handshake records) or to the new session and lost."""
+    client_owner, server_owner = Owner(set()), Owner({2})
+    client, server = UdpEnd(certs, 2, client_owner), UdpEnd(certs, 1, server_owner)
+    try:
+        to_server, to_client = client_owner.tunnel(1), server_owner.tunnel(2)
+
+        def open_session() -> DtlsSession:
+            s = client.layer.client_session(1, server.addr, 1)
+            client_owner.opened[s] = to_server
+            for d in s.start():
+                client.sock.sendto(d, server.addr)
+            return s
+
+        def round_trip() -> None:
+            server.pump()
+            client.pump()
+
+        open_session()
+        for _ in range(20):
+            round_trip()
+        assert len(to_server.established) == 1 and len(to_client.established) == 1
+        sent_up: list[bytes] = []
+        sent_down: list[bytes] = []
+        rekey = None
+        for i in range(80):
+            if i == 10:
+                rekey = open_session()
+            up = f'{{"t":"ping","id":{i}}}'.encode()
+            for d in to_server.established[-1].send(up):
+                client.sock.sendto(d, server.addr)
+            sent_up.append(up)
+            down = f'{{"t":"pong","id":{i}}}'.encode()
+            for d in to_client.established[-1].send(down):
+                server.sock.sendto(d, client.addr)
+            sent_down.append(down)
+            round_trip()
+        for _ in range(5):
+            round_trip()
+        # The rekey did happen, in the middle of the stream, on both ends.
+        assert rekey is not None and rekey.established
+        assert len(to_server.established) == 2 and len(to_client.established) == 2
+        assert to_client.messages == sent_up
+        assert to_server.messages == sent_down
+        assert client.layer.stats.rejected == 0 and server.layer.stats.rejected == 0
+        # Some of them did arrive while the other session held the address, and were counted.
+        assert client.layer.stats.rekey_records + server.layer.stats.rekey_records > 0
+    finally:
+        client.sock.close()
+        server.sock.close()

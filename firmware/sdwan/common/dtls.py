@@ -461,6 +461,9 @@ class DtlsSession:
     _close_sent: bool = field(default=False, init=False)
     _deadline: float | None = field(default=None, init=False)
     _messages: list[bytes] = field(default_factory=list, init=False)
+    # Application-data records read so far: tells the session layer whether a record it
+    # offered was this session's (DTLS drops one it cannot authenticate without a word).
+    records_in: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         if self.expected_identity is None and self.expected_site_id is not None:
@@ -576,6 +579,7 @@ class DtlsSession:
                 self._fail(e)
                 return
             if data:
+                self.records_in += 1
                 self._messages.append(data)
 
     def _fail(self, error: tls.TlsError) -> None:

@@ -32,12 +32,16 @@ from typing import Any, Protocol
 
 from sdwan.bindings.fastpath import CTRL_MAX, CtrlEvent, probe_ack
 from sdwan.common.dtls import (
+    CONTENT_ALERT,
+    CONTENT_APPLICATION_DATA,
     DEFAULT_MTU,
     DtlsContext,
     DtlsSession,
     client_hello_random,
     format_identity,
     is_client_hello,
+    record_epoch,
+    split_records,
 )
 from sdwan.common.identity import Identity
 from sdwan.common.ratelog import RateLog
@@ -178,6 +182,10 @@ class Policy:
     mtu: int = DEFAULT_MTU  # of server sessions
     handshake_deadline_s: float = 10.0
     stale_after_s: float = 60.0  # an established session no owner uses any more
+    # How long a session replaced by a rekey still takes its records: the peer switches to
+    # the new session only once its own end of the handshake is done, half a round trip (or
+    # a lost flight's retransmission) after ours.
+    replaced_grace_s: float = 10.0
 
 
 @dataclass
@@ -193,6 +201,9 @@ class Stats:
     probe_acks_unmatched: int = 0  # MTU probe acks of a peer no owner probes
     unknown: int = 0  # no address, empty, or of no known kind
     oversized: int = 0
+    # Records of an established session that arrived while a rekey's handshake held its
+    # address, or just after the new session replaced it, and went to it all the same.
+    rekey_records: int = 0
     rejections: collections.deque = field(
         default_factory=lambda: collections.deque(maxlen=REJECTIONS_KEPT)
     )
@@ -261,6 +272,8 @@ class SessionLayer:
         # a stray or replayed hello with a valid cookie): it gets the address back when that
         # handshake fails, so one bad handshake cannot cut it off until the next rekey.
         self._displaced: dict[Key, _Entry] = {}
+        # A session a rekey replaced, and until when its late records are still taken.
+        self._replaced: dict[Key, tuple[_Entry, float]] = {}
         self._ratelog = RateLog(log, clock)
         self._handlers: dict[int, Callable[[int, Addr, bytes], None]] = {}
         self._next_stale_check = 0.0
@@ -302,6 +315,9 @@ class SessionLayer:
         displaced = self._displaced.get(key)
         if displaced is not None and displaced.session is session:
             del self._displaced[key]
+        replaced = self._replaced.get(key)
+        if replaced is not None and replaced[0].session is session:
+            del self._replaced[key]
         entry = self._table.get(key)
         if entry is not None and entry.session is session:
             self._drop(entry)
@@ -386,9 +402,63 @@ class SessionLayer:
         if entry is None:
             self.stats.dtls_no_session += 1
             return
-        for reply in entry.session.receive(data):
-            self.send(link_id, addr, reply)
+        older = self._older_session(entry)
+        if older is None:
+            self._feed(entry, data)
+            return
+        for record in split_records(data):
+            self._route_record(entry, older, record)
+
+    def _older_session(self, entry: _Entry) -> _Entry | None:
+        """The established session that shares entry's address during or just after a rekey:
+        the one a handshake in progress displaced, or the one a new session just replaced."""
+        if not entry.session.established:
+            return self._displaced.get(entry.key)
+        replaced = self._replaced.get(entry.key)
+        if replaced is None:
+            return None
+        if self.clock() >= replaced[1] or replaced[0].session.released:
+            del self._replaced[entry.key]
+            self._keys.pop(replaced[0].session, None)
+            return None
+        return replaced[0]
+
+    def _route_record(self, entry: _Entry, older: _Entry, record: bytes) -> None:
+        """One record from an address two sessions share during a rekey, matched by epoch.
+
+        A new handshake's records are epoch 0 (hellos, certificates, key exchange, its
+        ChangeCipherSpec) or handshake records of epoch 1 (its Finished); the established
+        session's are application data and alerts of epoch 1 (renegotiation is off, so it
+        never moves past 1). Only application data and alerts of epoch >= 1 are ambiguous:
+        the new session may send some as soon as its own end is done. Those go to the
+        session that most likely owns them first (the established one while the handshake
+        runs, the new one once it is established); when it does not take the record (its
+        keys do not authenticate it, and DTLS drops it silently), the other gets it."""
+        epoch = record_epoch(record)
+        if not epoch or record[0] not in (CONTENT_APPLICATION_DATA, CONTENT_ALERT):
+            # An epoch-1 handshake record once the new session is up is a late flight of a
+            # finished handshake (the new one's or the replaced one's): nobody needs it.
+            if not entry.session.established or epoch == 0:
+                self._feed(entry, record)
+            return
+        first, second = (entry, older) if entry.session.established else (older, entry)
+        if self._feed(first, record):
+            if first is older:
+                self.stats.rekey_records += 1
+            return
+        if self._feed(second, record) and second is older:
+            self.stats.rekey_records += 1
+
+    def _feed(self, entry: _Entry, data: bytes) -> bool:
+        """Feed a datagram to entry's session; whether the session took it (a record it
+        authenticated, or progress of its handshake)."""
+        session = entry.session
+        before = (session.records_in, session.closed, session.established, session.failed)
+        for reply in session.receive(data):
+            self.send(entry.link_id, entry.addr, reply)
         self._after_input(entry)
+        after = (session.records_in, session.closed, session.established, session.failed)
+        return after != before
 
     def _on_new_hello(self, link_id: int, addr: Addr, data: bytes, hello: bytes | None) -> None:
         assert self.dtls is not None
@@ -462,6 +532,10 @@ class SessionLayer:
                 self._displaced[entry.key] = displaced
         elif old is not None and old.session.established and not old.session.closed:
             self._displaced[entry.key] = old
+            # A rekey again within the grace of the last one: the older session is done.
+            replaced = self._replaced.pop(entry.key, None)
+            if replaced is not None:
+                self._keys.pop(replaced[0].session, None)
         elif old is not None:
             self._keys.pop(old.session, None)
         self._table[entry.key] = entry
@@ -470,6 +544,9 @@ class SessionLayer:
     def _drop(self, entry: _Entry) -> None:
         if self._table.get(entry.key) is entry:
             del self._table[entry.key]
+            replaced = self._replaced.pop(entry.key, None)
+            if replaced is not None:
+                self._keys.pop(replaced[0].session, None)
             displaced = self._displaced.pop(entry.key, None)
             if displaced is not None and not entry.session.established:
                 self._table[entry.key] = displaced  # the handshake failed: records go back
@@ -503,8 +580,10 @@ class SessionLayer:
                     self.send(entry.link_id, entry.addr, d)
                 return
             displaced = self._displaced.pop(entry.key, None)
-            if displaced is not None:  # replaced for good by the session that displaced it
-                self._keys.pop(displaced.session, None)
+            if displaced is not None:
+                # Replaced by the session that displaced it; its late records still reach it
+                # for a while (the peer may not have switched yet).
+                self._replaced[entry.key] = (displaced, self.clock() + self.policy.replaced_grace_s)
             tunnel.on_established(session, entry.link_id, entry.addr)
         if not (entry.reported and session.established):
             return
