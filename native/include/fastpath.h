@@ -55,7 +55,9 @@ enum fp_drop_reason {
                                   else (none; or cloud without a cloud path) */
     FP_DROP_NO_MEMBER = 13,    /* routed to a peer group none of whose members has a
                                   transmit key and an endpoint (or that has no members) */
-    FP_DROP__COUNT = 14
+    FP_DROP_CONGESTED = 14,    /* the link's socket buffer stayed full (a congested uplink)
+                                  past the bounded wait for room */
+    FP_DROP__COUNT = 15
 };
 
 /* What fp_process_* decided about one packet. */
@@ -113,7 +115,7 @@ struct fp_counters {
     uint64_t rx_bytes;
     uint64_t tx_packets;
     uint64_t tx_bytes;
-    uint64_t drops[14];       /* by enum fp_drop_reason (FP_DROP__COUNT) */
+    uint64_t drops[15];       /* by enum fp_drop_reason (FP_DROP__COUNT) */
     uint64_t last_rx_ns;      /* CLOCK_MONOTONIC of last authenticated rx, 0 = never */
     uint64_t last_tx_ns;
 };

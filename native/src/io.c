@@ -36,6 +36,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 /* ------------------------------------------------------------------ send batches */
@@ -51,6 +52,12 @@
 /* Receive buffers of 64 KiB with UDP_GRO: four fill the arena once, and
  * every page of them counts in the RSS after the first bulk transfer. */
 #define GRO_RX_MSGS 4
+/* How long a thread may wait for room on full link socket buffers in all
+ * while it holds fp->lock (shared): Python's calls that change the tables
+ * take it exclusively, and control sends queue behind such a call, so a
+ * congested uplink must not hold them up for longer than this. What still
+ * finds no room is dropped and counted as congested (TCP sees the loss). */
+#define TX_WAIT_BUDGET_NS (5u * 1000000u)
 
 union cmsg_u16 {
     char buf[CMSG_SPACE(sizeof(uint16_t))];
@@ -72,12 +79,28 @@ struct txq {
     uint16_t *nseg;                     /* datagrams in the entry */
     bool *closed;                       /* a shorter one came: no more may follow */
     union cmsg_u16 *cm;
+    uint64_t wait_until_ns;             /* end of this lock hold's wait budget; 0: unused */
 };
+
+/* A new hold of fp->lock: its sends get the whole wait budget again. */
+static void txq_new_hold(struct txq *q)
+{
+    q->wait_until_ns = 0;
+}
+
+/* Count n datagrams a send refused: a full buffer is congestion, anything
+ * else an error of the send. */
+static void count_unsent(struct fp_link *l, int err, uint64_t n)
+{
+    bool full = err == EAGAIN || err == EWOULDBLOCK || err == ENOBUFS;
+    fp_ctr_add(&l->ctr.drops[full ? FP_DROP_CONGESTED : FP_DROP_SEND_ERROR], n);
+}
 
 static int txq_init(struct txq *q, unsigned cap)
 {
     q->n = 0;
     q->cap = cap;
+    q->wait_until_ns = 0;
     q->m = calloc(cap, sizeof(*q->m));
     q->iov = calloc(cap, sizeof(*q->iov));
     q->sa = calloc(cap, sizeof(*q->sa));
@@ -156,11 +179,20 @@ static void txq_add(struct fp *fp, struct txq *q, const struct fp_result *res, u
 }
 
 /* The fd may be non-blocking (Python's asyncio shares its file description):
- * wait briefly for room instead of dropping, so TCP sees backpressure. */
-static bool wait_writable(struct fp *fp, int fd)
+ * wait briefly for room instead of dropping at once, so a burst that fills the
+ * buffer for a moment is not lost, but never past the hold's wait budget
+ * (TX_WAIT_BUDGET_NS): the caller holds fp->lock. */
+static bool wait_writable(struct fp *fp, struct txq *q, int fd)
 {
+    uint64_t now = fp_now_ns();
+    if (q->wait_until_ns == 0)
+        q->wait_until_ns = now + TX_WAIT_BUDGET_NS;
+    if (now >= q->wait_until_ns)
+        return false;
+    uint64_t left = q->wait_until_ns - now;
+    struct timespec ts = {(time_t)(left / 1000000000u), (long)(left % 1000000000u)};
     struct pollfd p[2] = {{fd, POLLOUT, 0}, {fp->stop_fd, POLLIN, 0}};
-    int r = poll(p, 2, 10);
+    int r = ppoll(p, 2, &ts, NULL);
     return r > 0 && (p[0].revents & POLLOUT) && !(p[1].revents & POLLIN);
 }
 
@@ -173,7 +205,7 @@ static void send_split(struct fp_link *l, struct txq *q, unsigned i)
         size_t len = left < q->seg[i] ? left : q->seg[i];
         if (sendto(l->fd, b, len, MSG_DONTWAIT, (struct sockaddr *)&q->sa[i],
                    q->m[i].msg_hdr.msg_namelen) < 0) {
-            fp_ctr_add(&l->ctr.drops[FP_DROP_SEND_ERROR], 1);
+            count_unsent(l, errno, 1);
         } else {
             fp_ctr_add(&l->ctr.tx_packets, 1);
             fp_ctr_add(&l->ctr.tx_bytes, len);
@@ -187,7 +219,6 @@ static void send_run(struct fp *fp, struct fp_link *l, struct txq *q, unsigned f
 {
     struct mmsghdr *m = q->m + from;
     unsigned done = 0;
-    int waits = 0;
     for (unsigned i = from; i < from + n; i++) {
         struct msghdr *h = &q->m[i].msg_hdr;
         if (q->nseg[i] > 1) {
@@ -218,11 +249,12 @@ static void send_run(struct fp *fp, struct fp_link *l, struct txq *q, unsigned f
         }
         if (r < 0 && errno == EINTR)
             continue;
-        if (r < 0 && (errno == EAGAIN || errno == ENOBUFS)) {
-            if (waits++ < 100 && wait_writable(fp, l->fd))
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS)) {
+            int err = errno;
+            if (wait_writable(fp, q, l->fd))
                 continue;
             for (unsigned i = done; i < n; i++)
-                fp_ctr_add(&l->ctr.drops[FP_DROP_SEND_ERROR], q->nseg[from + i]);
+                count_unsent(l, err, q->nseg[from + i]);
             return;
         }
         unsigned i = from + done;
@@ -447,6 +479,7 @@ static int link_rx_locked(struct fp *fp, struct fp_link *l, bool *wrote, bool *r
     *wrote = false;
     if (r <= 0)
         return 0;
+    txq_new_hold(&x->q);
     uint64_t now = fp_now_ns();
     size_t used = 0;
     struct tunq *t = &x->t;
@@ -681,6 +714,7 @@ static unsigned tun_drain(struct fp *fp, struct fp_tun_rx *x, unsigned max)
         if (!locked) {
             pthread_rwlock_rdlock(&fp->lock);
             locked = true;
+            txq_new_hold(q);
         }
         uint64_t now = fp_now_ns();
         if (ARENA_LEN - used < ARENA_LOW) {
@@ -1228,7 +1262,7 @@ int fp_ctrl_send(fp_t *fp, uint32_t link_id, const struct fp_addr *to,
         ssize_t r = sendto(l->fd, buf, len, MSG_DONTWAIT, (struct sockaddr *)&ss, sl);
         if (r < 0) {
             rc = -errno;
-            fp_ctr_add(&l->ctr.drops[FP_DROP_SEND_ERROR], 1);
+            count_unsent(l, errno, 1);
         } else {
             rc = (int)r;
             fp_ctr_add(&l->ctr.tx_packets, 1);
@@ -1262,7 +1296,7 @@ static int send_keepalive(fp_t *fp, const uint8_t *pkt, const struct fp_result *
     }
     if (sendto(l->fd, pkt, res->out_len, MSG_DONTWAIT, (struct sockaddr *)&ss, sl) < 0) {
         rc = -errno;
-        fp_ctr_add(&l->ctr.drops[FP_DROP_SEND_ERROR], 1);
+        count_unsent(l, errno, 1);
         return rc;
     }
     fp_ctr_add(&l->ctr.tx_packets, 1);

@@ -77,6 +77,7 @@ DROP_NAMES: tuple[str, ...] = (
     "too_big",
     "offcloud_down",
     "no_member",
+    "congested",
 )
 assert len(DROP_NAMES) == lib.FP_DROP__COUNT
 
