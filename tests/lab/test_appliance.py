@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from labwait import wait_for
 
 from sdwan.lab.topology import Lab, Site
 
@@ -93,6 +94,17 @@ class FifoWatchdog:
                 out += chunk
         return out
 
+    def pets(self, n: int, timeout: float) -> bytes:
+        """What arrives until n pets came (a bounded wait: fails after timeout)."""
+        got = bytearray()
+
+        def enough() -> bool:
+            got.extend(self.read())
+            return got.count(b".") >= n
+
+        wait_for(f"{n} watchdog pets", enough, timeout)
+        return bytes(got)
+
     def close(self) -> None:
         os.close(self.fd)
 
@@ -167,23 +179,24 @@ def test_panel_patterns_link_fault_and_watchdog(lab: Lab, panel: PtyPanel) -> No
         leds = status["leds"]["backends"]
         assert leds[f"panel {panel.device}"]["ok"] is True and leds["sysfs"]["ok"] is True
 
-        # Pets every 2/3 s from the loop; none while socketd is stopped, again after.
+        # Pets every 2/3 s from the loop (two well within the 2 s timeout, generously); none
+        # while socketd is stopped, again after.
         wd.read()
-        time.sleep(2.0)
-        assert wd.read().count(b".") >= 2
+        wd.pets(2, timeout=5)
         assert site.socketd is not None
         pid = site.socketd.main_pid()
         assert pid is not None
         os.kill(pid, signal.SIGSTOP)
         try:
+            # Fixed sleeps, on purpose: a pet that was under way lands within the first, and
+            # the second is the period in which nothing may come (the watchdog's timeout).
             time.sleep(0.3)
-            wd.read()  # a pet that was under way
+            wd.read()
             time.sleep(2.0)
             assert wd.read() == b""
         finally:
             os.kill(pid, signal.SIGCONT)
-        time.sleep(1.5)
-        assert wd.read().count(b".") >= 1
+        wd.pets(1, timeout=5)
 
         # A clean stop disarms the watchdog and turns the LEDs off.
         at = panel.mark()
@@ -215,7 +228,8 @@ def test_killed_in_a_row_is_a_crash_loop(lab: Lab, panel: PtyPanel) -> None:
         assert len(unclean) == 2
         status = lab.socketctl(site, "status")["appliance"]
         assert status["crash_loop"] is True and status["previous_run"] == "crashed"
-        # The error pattern holds: a running box does not hide the loop.
+        # The error pattern holds: a running box does not hide the loop. (A fixed sleep on
+        # purpose: the period in which the pattern must not change.)
         time.sleep(1.5)
         assert "PATTERN running" not in panel.lines[at:]
     finally:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from labwait import wait_for
 
 from sdwan.lab.topology import Lab, Site
 
@@ -94,7 +95,7 @@ def test_lan_hosts_talk_through_the_tunnel(lab: Lab) -> None:
 
 def _tick_rate(lab: Lab, site: Site, seconds: float) -> float:
     t0, n0 = time.monotonic(), lab.socketctl(site, "status")["ticks"]
-    time.sleep(seconds)
+    time.sleep(seconds)  # a rate is counted over a period: the sleep is the measurement
     t1, n1 = time.monotonic(), lab.socketctl(site, "status")["ticks"]
     return (n1 - n0) / (t1 - t0)
 
@@ -107,7 +108,8 @@ def test_the_supervisor_ticks_often_only_while_a_clock_runs(lab: Lab) -> None:
     start_pair(lab, s1, s2, keepalive_s=1)  # a dead peer is down after 3 s
     wait_state(lab, s1, 2, "up", UP_TIMEOUT_S)
     wait_state(lab, s2, 1, "up", UP_TIMEOUT_S)
-    time.sleep(2)  # the handshake's last messages and acknowledgements
+    # Once the handshake's last messages and acknowledgements are through, it comes to rest.
+    wait_for("site 1 at rest", lambda: _tick_rate(lab, s1, 1) < 5, timeout=15)
     idle = _tick_rate(lab, s1, 4)
     # Each status request wakes it once too; 20 a second is what a fixed 50 ms clock does.
     assert idle < 5, f"{idle:.1f} ticks/s at rest"
@@ -117,7 +119,9 @@ def test_the_supervisor_ticks_often_only_while_a_clock_runs(lab: Lab) -> None:
         stdout=subprocess.DEVNULL,
     )
     try:
-        time.sleep(0.5)
+        rx = peer_status(lab, s1, 2)["rx_packets"]
+        wait_for("pings arriving at site 1",
+                 lambda: peer_status(lab, s1, 2)["rx_packets"] >= rx + 5, timeout=10)
         busy = _tick_rate(lab, s1, 2)
     finally:
         ping.kill()
@@ -138,7 +142,9 @@ def test_the_supervisor_ticks_often_only_while_a_clock_runs(lab: Lab) -> None:
         while peer_status(lab, s2, 1)["state"] == "up":
             assert time.monotonic() < deadline, "site 2 never noticed its peer dead"
             time.sleep(0.3)
-        time.sleep(1)
+        # The handshake it starts at once into the void and the clocks of packets already
+        # sent run out; then it comes to rest.
+        wait_for("site 2 at rest", lambda: _tick_rate(lab, s2, 1) < 5, timeout=15)
         dead = _tick_rate(lab, s2, 4)
     finally:
         ping.kill()
@@ -261,7 +267,7 @@ def test_forged_and_replayed_packets_are_dropped_and_counted(lab: Lab) -> None:
         ],
         "tcpdump",
     )
-    time.sleep(1.0)
+    wait_for("tcpdump listening", lambda: "listening on" in dump.log_tail(), timeout=10)
     lab.ping(s1.lan_ns, s2.lan_host_ip, count=20, wait_s=1)
     deadline = time.monotonic() + 10
     while dump.alive() and time.monotonic() < deadline:
@@ -286,8 +292,16 @@ def test_forged_and_replayed_packets_are_dropped_and_counted(lab: Lab) -> None:
         s2.router.ns,
         [sys.executable, "-c", INJECT, s2.wan_ip, str(s2.port), *(p.hex() for p in packets)],
     )
-    time.sleep(0.5)
 
+    def counted() -> bool:
+        after = peer_status(lab, s2, 1)["drops"]
+        link_after = lab.socketctl(s2, "status")["links"][0]["drops"]
+        return (after["replay"] - before["replay"] >= 5
+                and after["bad_tag"] - before["bad_tag"] >= 1
+                and link_after["unknown_index"] - link_before["unknown_index"] >= 1
+                and link_after["malformed"] - link_before["malformed"] >= 1)
+
+    wait_for("the injected packets counted", counted, timeout=10)
     after = peer_status(lab, s2, 1)["drops"]
     link_after = lab.socketctl(s2, "status")["links"][0]["drops"]
     assert after["replay"] - before["replay"] >= 5

@@ -29,6 +29,7 @@ import pytest
 
 from sdwan.bindings.fastpath import FastPath, FastPathError
 from sdwan.common.dtls import DtlsContext
+from sdwan.lab.netns import wait_until
 from sdwan.pop import pki
 
 FIRMWARE = Path(__file__).resolve().parents[2] / "firmware"
@@ -492,7 +493,9 @@ def test_rekey_keeps_the_session_and_its_peer(pop: PopEnv, clients: list[Client]
     assert a.idx != old_idx
     a.send({"t": "ping", "id": 7})
     assert a.wait_for("pong")["id"] == 7
-    time.sleep(0.8)  # longer than dead_after_ms: keepalives under the new keys keep it alive
+    # A fixed sleep on purpose: a period longer than dead_after_ms, which only keepalives
+    # under the new keys can bridge.
+    time.sleep(0.8)
     rc, sites = pop.popctl("sites")
     (session,) = sites["sites"][0]["sessions"]
     assert session["peer_id"] == 1 << 8 | 1 and session["up"]
@@ -714,7 +717,14 @@ def test_garbage_on_both_ports_is_dropped_and_counted(pop: PopEnv) -> None:
             data, src = s.recvfrom(2048)
             ep = tx.handle(data, src)
             assert ep is not None and (ep.ip, ep.port) == s.getsockname()
-    time.sleep(0.3)
+
+    def counted() -> bool:
+        st = pop.status()
+        c = st["control"]
+        return (c["garbage"] + c["dtls_no_session"] + c["oversized"] + c["dtls_rejected"] >= 4
+                and sum(st["stun_server"]["dropped"].values()) >= 5)
+
+    assert wait_until(counted, timeout=10), pop.status()
     st = pop.status()
     c = st["control"]
     assert c["garbage"] + c["dtls_no_session"] + c["oversized"] + c["dtls_rejected"] >= 4
@@ -747,7 +757,11 @@ def test_openssl_s_client_interop(pop: PopEnv, tmp_path: Path) -> None:
     foreign = s_client("-cert", str(ocert), "-key", str(okey))
     assert foreign.returncode != 0 or "alert" in (foreign.stdout + foreign.stderr)
 
-    time.sleep(0.3)
+    refusals = ("peer did not present a certificate",
+                "peer certificate not signed by the account CA")
+    assert wait_until(
+        lambda: set(refusals) <= {r["reason"] for r in pop.status()["rejections"]}, timeout=10
+    ), pop.status()["rejections"]
     reasons = [r["reason"] for r in pop.status()["rejections"]]
     assert "peer did not present a certificate" in reasons
     assert "peer certificate not signed by the account CA" in reasons
