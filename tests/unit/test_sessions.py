@@ -177,6 +177,53 @@ def test_a_site_and_popd_handshake_register_and_rekey_through_one_layer(
     assert pop.pop.sessions.stats.rejected == 0 and not pop.pop.sessions.stats.rejections
 
 
+def _one_round(net: Net) -> None:
+    """Deliver what has arrived so far, once: answers wait for the next round, so messages
+    sent each round interleave with a handshake's flights."""
+    for node in list(net.nodes):
+        for link_id, sock in node.socks.items():
+            while True:
+                try:
+                    data, src = sock.recvfrom(65536)
+                except BlockingIOError:
+                    break
+                node.fp.process_inbound(link_id, src, data)
+        while (ev := node.fp.ctrl_recv()) is not None:
+            node.on_ctrl(ev)
+
+
+def test_messages_between_a_site_and_popd_survive_a_rekey(
+    ca: Path, tmp_path: Path, closing: list
+) -> None:
+    """socketd's cloud and popd send each other a message every round while the site
+    rekeys: the new handshake holds the address on both ends for a while, popd's end is
+    done first and the site's second; every message still arrives, and counts. (Messages of
+    a kind the other end does not know are counted as unknown: that is what is counted.)"""
+    net = Net()
+    pop = PopNode(net, ca, tmp_path / "pop", (1, 2))
+    closing.append(pop.close)
+    s = site(net, ca, tmp_path / "s1", pop, 1, closing)
+    net.run(2)
+    assert s.cloud is not None
+    (ps,) = s.cloud.sessions.values()
+    (ss,) = pop.pop.by_peer.values()
+    first = ss.dtls
+    up0, down0 = pop.pop.stats.messages_unknown, s.cloud.stats.unknown
+    rounds = 40
+    for i in range(rounds):
+        if i == 5:
+            s._on_ctrl_event(CtrlEvent(CtrlEvent.REKEY, 1, pop_peer_id(1, 1), None))
+        assert ps.tunnel.send_message({"t": "x-up", "i": i})
+        assert pop.pop._send_msg(ss, {"t": "x-down", "i": i})
+        _one_round(net)
+    for _ in range(5):
+        _one_round(net)
+    assert ss.dtls is not first and ps.tunnel.handshakes == 2  # the rekey happened, mid-way
+    assert pop.pop.stats.messages_unknown - up0 == rounds
+    assert s.cloud.stats.unknown - down0 == rounds
+    assert pop.pop.stats.messages_malformed == 0 and s.cloud.stats.malformed == 0
+
+
 def test_static_tunnels_and_the_cloud_are_two_owners_of_one_layer(
     ca: Path, tmp_path: Path, closing: list
 ) -> None:

@@ -56,6 +56,10 @@ TIMED_OUT = "handshake timed out"
 SUPERSEDED = "superseded by another handshake with the same address"
 REJECTIONS_KEPT = 20
 STALE_CHECK_S = 5.0
+# How long a session replaced by a rekey still takes its records: the peer switches to the
+# new session only once its own end of the handshake is done, half a round trip (or a lost
+# flight's retransmission) after ours.
+REPLACED_GRACE_S = 10.0
 
 KICK_TYPE = 0xD2
 _KICK = struct.Struct("!B3xII")  # type, reserved, from site, to site
@@ -182,10 +186,7 @@ class Policy:
     mtu: int = DEFAULT_MTU  # of server sessions
     handshake_deadline_s: float = 10.0
     stale_after_s: float = 60.0  # an established session no owner uses any more
-    # How long a session replaced by a rekey still takes its records: the peer switches to
-    # the new session only once its own end of the handshake is done, half a round trip (or
-    # a lost flight's retransmission) after ours.
-    replaced_grace_s: float = 10.0
+    replaced_grace_s: float = REPLACED_GRACE_S
 
 
 @dataclass
@@ -675,6 +676,12 @@ class SessionLayer:
         stale_check = now >= self._next_stale_check
         if stale_check:
             self._next_stale_check = now + STALE_CHECK_S
+            # Replaced sessions whose grace ran out with no record since (they go at their
+            # next record otherwise): their OpenSSL state is freed with them.
+            for key, (old, until) in list(self._replaced.items()):
+                if now >= until:
+                    del self._replaced[key]
+                    self._keys.pop(old.session, None)
         for key, entry in list(self._table.items()):
             if self._table.get(key) is not entry:
                 continue  # gone with an earlier entry's news

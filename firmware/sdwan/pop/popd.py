@@ -47,7 +47,13 @@ from sdwan.common.messages import FragStats, Reassembler, encode, record_limit
 from sdwan.common.netdev import size_buffers
 from sdwan.common.pmtu import PathMtu
 from sdwan.common.ratelog import RateLog
-from sdwan.common.sessions import Policy, SessionLayer, SessionOwner, source_block
+from sdwan.common.sessions import (
+    REPLACED_GRACE_S,
+    Policy,
+    SessionLayer,
+    SessionOwner,
+    source_block,
+)
 from sdwan.common.store import Store, StoreError
 from sdwan.common.stun import StunServer
 from sdwan.common.tomlcheck import format_endpoint, parse_endpoint
@@ -250,6 +256,10 @@ class Pop(SessionOwner):
         self.by_addr: dict[Addr, SiteSession] = {}
         self.by_peer: dict[int, SiteSession] = {}
         self.by_dtls: dict[DtlsSession, SiteSession] = {}
+        # A site's session a rekey just replaced: its site session, its reassembler, and until
+        # when its messages still count (the site sends over it until its end of the
+        # handshake is done).
+        self._replaced: dict[DtlsSession, tuple[SiteSession, Reassembler, float]] = {}
         self._session_ips: collections.Counter[str] = collections.Counter()  # of by_addr
         self.routes: dict[str, int] = {}
         # Per site, the weight of each of its links as its own link health last told us
@@ -440,7 +450,10 @@ class Pop(SessionOwner):
 
     def on_message(self, session: DtlsSession, data: bytes) -> None:
         s = self.by_dtls.get(session)
-        if s is None or self.by_addr.get(s.addr) is not s:
+        if s is None:
+            self._on_replaced_record(session, data)
+            return
+        if self.by_addr.get(s.addr) is not s:
             return
         s.last_auth_ns = time.monotonic_ns()
         try:
@@ -448,6 +461,29 @@ class Pop(SessionOwner):
         except Exception:
             log.exception("site %d: message dropped", s.site_id)
             self.stats.messages_malformed += 1
+
+    def _on_replaced_record(self, session: DtlsSession, data: bytes) -> None:
+        """A record of a session a rekey just replaced: its messages still count, but not its
+        key hand-over, which is over."""
+        replaced = self._replaced.get(session)
+        if replaced is None:
+            return
+        s, reassembler, until = replaced
+        if self.clock() >= until or self.by_addr.get(s.addr) is not s:
+            del self._replaced[session]
+            return
+        s.last_auth_ns = time.monotonic_ns()
+        msg = reassembler.feed(data)
+        if msg is None:
+            if reassembler.dropped is not None:
+                self.stats.messages_malformed += 1
+            return
+        if msg.get("t") not in ("key", "key-ack"):
+            try:
+                self._on_message(s, msg)
+            except Exception:
+                log.exception("site %d: message dropped", s.site_id)
+                self.stats.messages_malformed += 1
 
     # ---------------------------------------------------------------- sessions
 
@@ -469,6 +505,8 @@ class Pop(SessionOwner):
             # receiving until the site switches.
             if self.by_dtls.get(old.dtls) is old:
                 del self.by_dtls[old.dtls]
+                self._replaced[old.dtls] = (old, self._reassembler(old),
+                                            self.clock() + REPLACED_GRACE_S)
             old.dtls = session
             self.by_dtls[session] = old
             old.reassembler = None  # fragments never span two sessions
@@ -956,6 +994,9 @@ class Pop(SessionOwner):
         now = self.clock()
         self.sessions.tick()
         self.broker.tick()
+        for dtls, (_, _, until) in list(self._replaced.items()):
+            if now >= until:
+                del self._replaced[dtls]
         now_ns = time.monotonic_ns()
         dead_ns = self.cfg.cloud.dead_after_ms * 1_000_000
         keepalive_ns = self.cfg.cloud.keepalive_ms * 1_000_000

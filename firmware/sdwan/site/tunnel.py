@@ -45,7 +45,7 @@ from sdwan.common.dtls import DtlsSession
 from sdwan.common.handover import KeyHandover, key_index
 from sdwan.common.messages import FragStats, Reassembler, encode, record_limit
 from sdwan.common.pmtu import PathMtu
-from sdwan.common.sessions import SessionOwner, encode_kick
+from sdwan.common.sessions import REPLACED_GRACE_S, SessionOwner, encode_kick
 from sdwan.common.tomlcheck import format_endpoint
 
 log = logging.getLogger("sdwan.site.tunnel")
@@ -98,7 +98,7 @@ class PeerTunnel:
         "initiator", "state", "reason", "handshakes", "last_handshake_at", "session",
         "_handshaking", "_handshake_to", "_kick_handshaking", "_kick_to", "_next_attempt",
         "_retry", "_next_kick", "_last_kick_handshake", "_keys", "_up_since_rx_ns",
-        "_silent_at", "_release_at", "pmtu", "frag_stats", "_reassembler",
+        "_silent_at", "_release_at", "pmtu", "frag_stats", "_reassembler", "_replaced",
     )
 
     def __init__(
@@ -179,6 +179,9 @@ class PeerTunnel:
         # Only self.session's messages count, so one reassembler, renewed with the session.
         self.frag_stats = FragStats()
         self._reassembler = self._new_reassembler()
+        # A kept session a rekey just replaced, its reassembler, and until when its messages
+        # still count (docs/tunnel.md, "Messages during a rekey").
+        self._replaced: tuple[DtlsSession, Reassembler, float] | None = None
 
     # ---------------------------------------------------------------- inputs
 
@@ -186,6 +189,8 @@ class PeerTunnel:
         now = self.clock()
         self._keys.tick()
         self._reassembler.expire()
+        if self._replaced is not None and now >= self._replaced[2]:
+            self._replaced = None
         if self.state is State.UP and self.check_liveness:
             self._check_alive(now)
         if self.state is State.UP:
@@ -252,6 +257,12 @@ class PeerTunnel:
         self._keys.install(session)
         # Only now, with the keys installed, does this session replace the old.
         if session is not self.session:
+            # The peer may still send over the old one until its end of the handshake is
+            # done: a kept session's messages (the cloud's) still count for a while.
+            self._replaced = None
+            if self.keep_session and self.session is not None and not self.session.released:
+                self._replaced = (self.session, self._reassembler,
+                                  self.clock() + REPLACED_GRACE_S)
             self._reassembler = self._new_reassembler()
         self.session = session
         self._release_at = None
@@ -289,7 +300,8 @@ class PeerTunnel:
     def on_message(self, session: DtlsSession, data: bytes) -> None:
         """One application-data record of a session."""
         if session is not self.session:
-            return  # from a session we have already replaced
+            self._on_replaced_message(session, data)
+            return
         msg = self._reassembler.feed(data)
         if msg is None:
             reason = self._reassembler.dropped
@@ -323,6 +335,21 @@ class PeerTunnel:
                 self.on_keys_active(session)
             return
         self._keys.acknowledge(idx)
+
+    def _on_replaced_message(self, session: DtlsSession, data: bytes) -> None:
+        """A record of the kept session a rekey just replaced: its messages still go to the
+        owner, but not its key hand-over, which is over. Any other session's are dropped."""
+        replaced = self._replaced
+        if (replaced is None or replaced[0] is not session or self.clock() >= replaced[2]
+                or self.on_app_message is None):
+            return
+        msg = replaced[1].feed(data)
+        if msg is None:
+            if replaced[1].dropped is not None:
+                self.on_app_message(session, {})  # the owner counts it as malformed
+            return
+        if msg.get("t") not in ("key", "key-ack"):
+            self.on_app_message(session, msg)
 
     @property
     def settled(self) -> bool:
