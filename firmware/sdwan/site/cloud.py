@@ -101,6 +101,7 @@ class CloudTimers:
     return_hold_s: float = 30.0
     ping_s: float = 1.0
     rekey_s: float = 600.0
+    key_max_age_s: int | None = None  # None: keytimers.default_key_max_age(rekey_s)
 
 
 @dataclass
@@ -446,6 +447,7 @@ class Cloud(SessionOwner):
         self.tunnel_timers = Timers(
             keepalive_s=timers.keepalive_s,
             rekey_s=timers.rekey_s,
+            key_max_age_s=timers.key_max_age_s,
             dead_after_s=timers.dead_after_s,
             retry_min_s=0.5,
             retry_max_s=2.0,
