@@ -377,6 +377,8 @@ class PopSession:
             "reason": None if self.connected else (self.reason or self.tunnel.reason),
             "handshakes": self.tunnel.handshakes,
             "mtu": self.tunnel.pmtu.mtu if self.connected else None,
+            # The rekey interval and key-age limit agreed with the PoP in the key hand-over.
+            "timers": self.tunnel.timers_status(),
             # Packets from the PoP dropped by reason: `spoofed`, a source outside every
             # site's prefixes (docs/security.md, "Source addresses").
             "drops": self._drops(),
