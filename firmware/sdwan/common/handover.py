@@ -23,7 +23,7 @@ from typing import Any
 
 from sdwan.bindings.fastpath import FastPath, FastPathError
 from sdwan.common.dtls import DtlsSession
-from sdwan.common.keytimers import KeyTimers, announced_timers
+from sdwan.common.keytimers import FP_REKEY_BACKSTOP_S, KeyTimers, announced_timers
 
 KEY_RESEND_S = 0.5
 KEY_RESEND_MAX = 20
@@ -113,6 +113,7 @@ class KeyHandover:
         assert self.keys is not None
         self.peer_id = peer_id
         idx = install_keys(self.fp, peer_id, self.keys, prefer=self.local_idx)
+        self._apply_lifetime()
         if idx == self.local_idx:
             return False
         self.local_idx = idx
@@ -133,6 +134,15 @@ class KeyHandover:
         self.remote_idx = idx
         self.peer_timers = peer_timers
         self.agreed = self.timers.agree(peer_timers)
+        self._apply_lifetime()
+
+    def _apply_lifetime(self) -> None:
+        """The fast path refuses this peer's keys at the agreed age, the same at both ends;
+        its own backstop asks for a rekey should the agreed one be late."""
+        agreed = self.agreed
+        self.fp.set_key_lifetime(
+            self.peer_id, agreed.rekey_s + FP_REKEY_BACKSTOP_S, agreed.key_max_age_s
+        )
 
     def on_key_ack(self, idx: object) -> None:
         if idx == self.pending_idx:
