@@ -177,6 +177,8 @@ def test_a_site_and_its_pop_with_different_rekey_intervals_agree_on_the_shorter(
         assert popd_view[site.n]["timers"] == {
             "rekey_s": 10, "key_max_age_s": 70, "site": {"rekey_s": 25, "key_max_age_s": 110}
         }, popd_view[site.n]
+    assert "rekey 10s/70s" in lab.popctl(pop, "sites", json_out=False)
+    assert "10s/70s" in lab.socketctl(sites[0], "pop", json_out=False)
     first = session(sites[0])["handshakes"]
     # 32 s of pings every 50 ms through the PoP: three rekeys of each site's PoP session.
     cp = lab.exec(

@@ -329,6 +329,8 @@ def test_ends_with_different_rekey_intervals_agree_on_the_shorter(lab: Lab) -> N
         timers = peer_status(lab, site, peer)["timers"]
         assert timers["rekey_s"] == 10 and timers["key_max_age_s"] == 80, timers
         assert timers["own"]["rekey_s"] == own and timers["peer"]["rekey_s"] == theirs, timers
+        text = lab.socketctl(site, "peers", json_out=False)
+        assert "REKEY" in text and "10s/80s" in text, text
     first = peer_status(lab, s2, 1)["handshakes"]
     # 36 s of pings every 50 ms: three rekeys on the agreed 10 s (one on site 2's own 25 s).
     cp = lab.exec(
