@@ -445,6 +445,12 @@ int fp_send_keepalive(fp_t *fp, uint32_t peer_id);
  * that has a transmit key and an endpoint and to which nothing was sent for interval_ms
  * gets one (0 = none, the default). One pass in C over hundreds of mesh peers instead of a call per peer. */
 int fp_peer_set_keepalive(fp_t *fp, uint32_t peer_id, uint32_t interval_ms);
+/* The key lifetime agreed with the peer (docs/tunnel.md, "Agreed timers"): its keys ask for
+ * a rekey (FP_EV_REKEY) at rekey_after_seconds of age and are refused for tx and rx at
+ * reject_after_seconds, where these are shorter than the fp_config's (0 = the fp_config's,
+ * the default). -EINVAL when rekey comes after reject; a peer group: -EINVAL. */
+int fp_peer_set_key_lifetime(fp_t *fp, uint32_t peer_id, uint32_t rekey_after_seconds,
+                             uint32_t reject_after_seconds);
 
 /* Liveness under traffic (docs/dataplane.md). A peer is owed an answer once we
  * received a data packet from it and have sent it nothing since; it is silent

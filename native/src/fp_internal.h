@@ -145,6 +145,10 @@ struct fp_peer {
     _Atomic uint64_t unanswered_ns;
     _Atomic uint64_t owed_ns;
     _Atomic uint64_t keepalive_ns;      /* fp_peer_set_keepalive, 0: none */
+    /* fp_peer_set_key_lifetime: the ages agreed with this peer, in seconds; 0: the
+     * fp_config's. Never above the fp_config's (the shorter of the two applies). */
+    _Atomic uint32_t rekey_after_s;
+    _Atomic uint32_t reject_after_s;
     /* fp_peer_set_source_owner (under fp->lock exclusive): whose sources the peer may
      * send, FP_SOURCE_ANY, or 0: not checked. */
     uint32_t source_owner;

@@ -1415,6 +1415,22 @@ int fp_peer_set_keepalive(fp_t *fp, uint32_t peer_id, uint32_t interval_ms)
     return rc;
 }
 
+int fp_peer_set_key_lifetime(fp_t *fp, uint32_t peer_id, uint32_t rekey_after_seconds,
+                             uint32_t reject_after_seconds)
+{
+    if (rekey_after_seconds && reject_after_seconds && rekey_after_seconds > reject_after_seconds)
+        return -EINVAL;
+    int rc;
+    pthread_rwlock_rdlock(&fp->lock);
+    struct fp_peer *p = fp_peer_find_plain(fp, peer_id, &rc);
+    if (p) {
+        atomic_store_explicit(&p->rekey_after_s, rekey_after_seconds, memory_order_relaxed);
+        atomic_store_explicit(&p->reject_after_s, reject_after_seconds, memory_order_relaxed);
+    }
+    pthread_rwlock_unlock(&fp->lock);
+    return rc;
+}
+
 int fp_liveness_scan(fp_t *fp, uint64_t ack_after_ns, uint64_t silent_after_ns, uint32_t *ids,
                      size_t cap)
 {

@@ -34,6 +34,14 @@ static inline uint64_t secs_ns(uint32_t s)
     return (uint64_t)s * 1000000000u;
 }
 
+/* A key-age limit of peer: the one agreed with it (fp_peer_set_key_lifetime) where it is
+ * shorter than the fast path's own. */
+static inline uint64_t peer_limit_ns(const _Atomic uint32_t *agreed, uint32_t own)
+{
+    uint32_t s = atomic_load_explicit(agreed, memory_order_relaxed);
+    return secs_ns(s && s < own ? s : own);
+}
+
 /* A packet counted on endpoint slot (of link_id) was not sent after all. The
  * slot may have been given to another link meanwhile: then it is left alone. */
 static void uncount(struct fp_peer *peer, int slot, uint32_t link_id, size_t len)
@@ -109,7 +117,8 @@ static int seal_with_key(struct fp *fp, struct fp_peer *peer, int slot, const ui
     uint64_t age = now > k->created_ns ? now - k->created_ns : 0;
     /* Load first so that an expired key does not keep advancing its counter. */
     uint64_t ctr = atomic_load_explicit(&k->tx_counter, memory_order_relaxed);
-    bool expired = age >= secs_ns(cfg->reject_after_seconds) || ctr >= cfg->reject_after_packets;
+    bool expired = age >= peer_limit_ns(&peer->reject_after_s, cfg->reject_after_seconds) ||
+                   ctr >= cfg->reject_after_packets;
     if (!expired) {
         ctr = atomic_fetch_add_explicit(&k->tx_counter, 1, memory_order_relaxed);
         expired = ctr >= cfg->reject_after_packets;
@@ -120,7 +129,8 @@ static int seal_with_key(struct fp *fp, struct fp_peer *peer, int slot, const ui
         event_once(fp, &k->expired_sent, FP_EV_KEY_EXPIRED, peer->id);
         return drop(res, FP_DROP_KEY_EXPIRED, &peer->ctr, NULL);
     }
-    if (ctr >= cfg->rekey_after_packets || age >= secs_ns(cfg->rekey_after_seconds))
+    if (ctr >= cfg->rekey_after_packets ||
+        age >= peer_limit_ns(&peer->rekey_after_s, cfg->rekey_after_seconds))
         event_once(fp, &k->rekey_sent, FP_EV_REKEY, peer->id);
 
     uint8_t iv[12];
@@ -368,7 +378,8 @@ int fp_inbound_locked(struct fp *fp, struct fp_link *link, uint32_t link_id,
         return -ENOSPC;
     /* A key installed after `now` was read (by another thread) has age 0. */
     uint64_t age = now > k->created_ns ? now - k->created_ns : 0;
-    if (age >= secs_ns(cfg->reject_after_seconds) || ctr >= cfg->reject_after_packets)
+    if (age >= peer_limit_ns(&peer->reject_after_s, cfg->reject_after_seconds) ||
+        ctr >= cfg->reject_after_packets)
         return drop(res, FP_DROP_KEY_EXPIRED, lc, &peer->ctr);
 
     uint8_t iv[12];

@@ -144,3 +144,52 @@ def test_site_restarted_while_the_pop_is_unreachable_keeps_its_last_configuratio
     lab.start_popd(pop)
     wait_for("cloud up again", lambda: cloud(lab, site)["state"] == "up")
     assert cloud(lab, site)["stale"] is False
+
+
+def test_a_site_and_its_pop_with_different_rekey_intervals_agree_on_the_shorter(lab: Lab) -> None:
+    """popd announces 10 s (keys refused at 70 s), the sites 25 s: every PoP session rekeys
+    on the agreed 10 s, both ends show it, and traffic through the PoP flows across the
+    rekeys without a gap or a cloud disconnect."""
+    lab.add_inet()
+    sites = []
+    for n in (1, 2):
+        lab.add_router(n, nat="masquerade")
+        sites.append(lab.add_site(n))
+    pop = lab.add_pop(1)
+    lab.write_pop_config(pop, sites=sites, tunnel={"rekey_s": 10, "key_max_age_s": 70})
+    lab.start_popd(pop)
+    for site in sites:
+        lab.write_site_config(site, extra_toml=pops_toml(pop), tunnel={"rekey_s": 25})
+        lab.start_socketd(site)
+    for site in sites:
+        wait_for(f"site {site.n} cloud up", lambda s=site: cloud(lab, s)["state"] == "up")
+    assert lab.wait_ping(sites[0].lan_ns, sites[1].lan_host_ip, timeout=10)
+
+    def session(site: Site) -> dict:
+        return lab.socketctl(site, "pop")["sessions"][0]
+
+    for site in sites:
+        timers = session(site)["timers"]
+        assert timers["rekey_s"] == 10 and timers["key_max_age_s"] == 70, timers
+        assert timers["own"] == {"rekey_s": 25, "key_max_age_s": 110}, timers
+    popd_view = {s["site_id"]: s["sessions"][0] for s in lab.popctl(pop, "sites")["sites"]}
+    for site in sites:
+        assert popd_view[site.n]["timers"] == {
+            "rekey_s": 10, "key_max_age_s": 70, "site": {"rekey_s": 25, "key_max_age_s": 110}
+        }, popd_view[site.n]
+    assert "rekey 10s/70s" in lab.popctl(pop, "sites", json_out=False)
+    assert "10s/70s" in lab.socketctl(sites[0], "pop", json_out=False)
+    first = session(sites[0])["handshakes"]
+    # 32 s of pings every 50 ms through the PoP: three rekeys of each site's PoP session.
+    cp = lab.exec(
+        sites[0].lan_ns,
+        ["ping", "-n", "-q", "-c", "640", "-i", "0.05", "-W", "1", sites[1].lan_host_ip],
+        timeout=90,
+        check=False,
+    )
+    assert " 0% packet loss" in cp.stdout, cp.stdout
+    after = session(sites[0])
+    assert after["handshakes"] - first >= 3, after
+    assert after["state"] == "connected" and after["drops"]["key_expired"] == 0, after
+    kinds = [e["kind"] for e in lab.socketctl(sites[0], "events")["events"]]
+    assert not any("disconnect" in k for k in kinds), kinds

@@ -413,3 +413,61 @@ def test_a_path_that_dies_under_traffic_is_noticed_and_traffic_takes_the_cloud(l
              lambda: not routed_over_mesh(lab, s1, s2.lan_subnet), timeout=5)
     assert lab.wait_ping(s1.lan_ns, s2.lan_host_ip, timeout=5)  # through the PoP
     lab.kill(pinger)
+
+
+def test_mesh_ends_with_different_rekey_intervals_agree_on_the_shorter(lab: Lab) -> None:
+    """Site 2 initiates the mesh tunnel (the higher id) with a 25 s interval, site 1 has
+    10 s: both show the agreed 10 s and LAN traffic over the tunnel crosses its rekeys
+    without a loss."""
+    lab.add_inet()
+    sites = []
+    for n in (1, 2):
+        lab.add_router(n, nat="masquerade")
+        sites.append(lab.add_site(n))
+    s1, s2 = sites
+    pop = lab.add_pop(1)
+    lab.write_pop_config(
+        pop,
+        sites=[{"id": s.site_id, "name": f"site-{s.site_id}", "subnets": [s.lan_subnet],
+                "offcloud": True} for s in sites],
+    )
+    lab.start_popd(pop)
+    for s, rekey in ((s1, 10), (s2, 25)):
+        other = s2 if s is s1 else s1
+        lab.write_site_config(
+            s,
+            tunnel={"rekey_s": rekey},
+            extra_toml=f'[[pops]]\nid = 1\nendpoint = "{pop.host.ip}:4800"\n\n'
+            f'[mesh]\npin = ["{other.lan_subnet}"]\n',
+        )
+        lab.start_socketd(s)
+    for a, b in ((s1, s2), (s2, s1)):
+        wait_for(f"site {a.n} direct to {b.n}", lambda a=a, b=b: direct(lab, a, b.n))
+        wait_for(f"site {a.n} routes over the mesh",
+                 lambda a=a, b=b: routed_over_mesh(lab, a, b.lan_subnet))
+
+    def tunnel(site: Site, peer: int) -> dict:
+        peers = {p["site_id"]: p for p in lab.socketctl(site, "peers")["peers"]}
+        assert peers[peer]["transport"] == "mesh", peers[peer]
+        return peers[peer]
+
+    for a, b, own, theirs in ((s1, 2, 10, 25), (s2, 1, 25, 10)):
+        timers = wait_for(
+            f"site {a.n} agreed timers",
+            lambda a=a, b=b: (t := tunnel(a, b)["timers"])["peer"] is not None and t,
+        )
+        assert timers["rekey_s"] == 10 and timers["key_max_age_s"] == 80, timers
+        assert timers["own"]["rekey_s"] == own and timers["peer"]["rekey_s"] == theirs, timers
+    first = tunnel(s2, 1)["handshakes"]
+    # 36 s of pings every 50 ms over the mesh tunnel: three rekeys on the agreed 10 s.
+    cp = lab.exec(
+        s1.lan_ns,
+        ["ping", "-n", "-q", "-c", "720", "-i", "0.05", "-W", "1", s2.lan_host_ip],
+        timeout=90,
+        check=False,
+    )
+    assert " 0% packet loss" in cp.stdout, cp.stdout
+    after1, after2 = tunnel(s1, 2), tunnel(s2, 1)
+    assert after2["handshakes"] - first >= 3, after2
+    assert after1["state"] == "up" and after2["state"] == "up", (after1, after2)
+    assert after1["drops"]["key_expired"] == 0 and after2["drops"]["key_expired"] == 0

@@ -329,6 +329,38 @@ def test_periodic_rekey_loses_nothing(lab: Lab) -> None:
     assert peer_status(lab, s1, 2)["state"] == "up"
 
 
+def test_ends_with_different_rekey_intervals_agree_on_the_shorter(lab: Lab) -> None:
+    """Site 2 initiates (the higher id) with a 25 s interval, site 1 has 10 s: both show the
+    agreed 10 s, site 2 rekeys on it, and traffic and keepalives flow across the rekeys."""
+    s1, s2 = build(lab)
+    lab.write_site_config(s1, peers=[s2], tunnel={"keepalive_s": 2, "rekey_s": 10})
+    lab.write_site_config(s2, peers=[s1], tunnel={"keepalive_s": 2, "rekey_s": 25})
+    lab.start_socketd(s1)
+    lab.start_socketd(s2)
+    wait_state(lab, s1, 2, "up", UP_TIMEOUT_S)
+    wait_state(lab, s2, 1, "up", UP_TIMEOUT_S)
+    for site, peer, own, theirs in ((s1, 2, 10, 25), (s2, 1, 25, 10)):
+        timers = peer_status(lab, site, peer)["timers"]
+        assert timers["rekey_s"] == 10 and timers["key_max_age_s"] == 80, timers
+        assert timers["own"]["rekey_s"] == own and timers["peer"]["rekey_s"] == theirs, timers
+        text = lab.socketctl(site, "peers", json_out=False)
+        assert "REKEY" in text and "10s/80s" in text, text
+    first = peer_status(lab, s2, 1)["handshakes"]
+    # 36 s of pings every 50 ms: three rekeys on the agreed 10 s (one on site 2's own 25 s).
+    cp = lab.exec(
+        s1.lan_ns,
+        ["ping", "-n", "-q", "-c", "720", "-i", "0.05", "-W", "1", s2.lan_host_ip],
+        timeout=90,
+        check=False,
+    )
+    assert " 0% packet loss" in cp.stdout, cp.stdout
+    st1, st2 = peer_status(lab, s1, 2), peer_status(lab, s2, 1)
+    assert st2["handshakes"] - first >= 3, st2
+    assert st1["state"] == "up" and st2["state"] == "up", (st1, st2)
+    assert st1["drops"]["key_expired"] == 0 and st2["drops"]["key_expired"] == 0
+    assert st1["timers"]["refused"] == 0 and st2["timers"]["refused"] == 0
+
+
 def test_dead_peer_is_reported_down_with_the_reason(lab: Lab) -> None:
     s1, s2 = build(lab)
     start_pair(lab, s1, s2)

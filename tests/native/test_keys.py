@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 from fphelpers import Keys, Pair, ip_packet, link_keys, make_pair
 
-from sdwan.bindings.fastpath import FastPath, FastPathConfig, FastPathError, Verdict
+from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig, FastPathError, Verdict
 
 
 def _send(pair: Pair, n: int, tag: int) -> list[tuple[bytes, bytes]]:
@@ -151,3 +152,48 @@ def test_config_defaults_match_c() -> None:
         with pytest.raises(FastPathError) as e:
             FastPath(bad)
         assert e.value.errno == 22
+
+
+def test_per_peer_key_lifetime_is_the_shorter_of_agreed_and_own() -> None:
+
+
+    # The agreed lifetime shortens the config's: a rekey asked for at 1 s, refused at 2 s,
+    # sealing and opening alike.
+    pair = make_pair(FastPathConfig())
+    try:
+        pair.a.set_key_lifetime(2, 1, 2)
+        pair.b.set_key_lifetime(1, 1, 2)
+        wire = pair.a_to_b()[1]
+        assert pair.a.ctrl_recv() is None  # young key: nothing asked
+        deadline = time.monotonic() + 10
+        events: list[int] = []
+        while time.monotonic() < deadline:
+            r = pair.a.process_outbound(ip_packet("10.1.0.5", "10.2.0.7"))
+            while (ev := pair.a.ctrl_recv()) is not None:
+                events.append(ev.event)
+            if r.drop_reason == "key_expired":
+                break
+            time.sleep(0.05)
+        assert r.drop_reason == "key_expired", r
+        assert events[:2] == [CtrlEvent.REKEY, CtrlEvent.KEY_EXPIRED], events
+        # The receiver refuses the same key at the same agreed age.
+        assert pair.deliver_b(wire).drop_reason == "key_expired"
+        # 0, 0: back to the config's limits (600 s / 900 s): the key works again.
+        pair.a.set_key_lifetime(2, 0, 0)
+        assert pair.a.process_outbound(ip_packet("10.1.0.5", "10.2.0.7")).verdict == Verdict.SEND
+        for bad, errno in (((2, 100, 50), 22), ((99, 10, 70), 2)):
+            with pytest.raises(FastPathError) as e:
+                pair.a.set_key_lifetime(*bad)
+            assert e.value.errno == errno
+    finally:
+        pair.a.close()
+        pair.b.close()
+    # It never lengthens the config's own limit.
+    pair = make_pair(FastPathConfig(reject_after_seconds=0))
+    try:
+        pair.a.set_key_lifetime(2, 600, 900)
+        r = pair.a.process_outbound(ip_packet("10.1.0.5", "10.2.0.7"))
+        assert r.drop_reason == "key_expired"
+    finally:
+        pair.a.close()
+        pair.b.close()

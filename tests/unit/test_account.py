@@ -224,6 +224,8 @@ def test_pop_config_defaults_and_paths(tmp_path: Path) -> None:
     assert (cfg.cloud.keepalive_ms, cfg.cloud.dead_after_ms) == (
         DEFAULT_KEEPALIVE_MS, DEFAULT_DEAD_AFTER_MS
     )
+    # The key timers popd announces: the fast path's historic 600 s / 900 s.
+    assert (cfg.keys.rekey_s, cfg.keys.key_max_age_s) == (600, 900)
 
 
 @pytest.mark.parametrize(
@@ -238,6 +240,11 @@ def test_pop_config_defaults_and_paths(tmp_path: Path) -> None:
         (("", "[cloud]\nkeepalive_ms = 5"), "cloud.keepalive_ms: expected an integer 20..60000"),
         (("", "[cloud]\nkeepalive_ms = 200\ndead_after_ms = 300"),
          "cloud.dead_after_ms: expected at least twice keepalive_ms (400), got 300"),
+        (("", "[tunnel]\nrekey_s = 600\nkey_max_age_s = 600"),
+         "tunnel.key_max_age_s: cannot work with rekey_s: a key must last its rekey interval"
+         " plus 60 s for the handshake: key_max_age_s 600 is below rekey_s 600 + 60"),
+        (("", "[tunnel]\nrekey_s = 5"), "tunnel.rekey_s: expected an integer 10..86400, got 5"),
+        (("", "[tunnel]\nrekey_after = 5"), "tunnel.rekey_after: unknown key"),
         (("", "[paths]\ncontrol_socket = \"" + "x" * 120 + "\""),
          "paths.control_socket: expected a path of at most 107 bytes"),
     ],

@@ -337,6 +337,20 @@ CASES = [
         id="tunnel-rekey-range",
     ),
     pytest.param(
+        add("\n[tunnel]\nrekey_s = 900\nkey_max_age_s = 900\n"),
+        "tunnel.key_max_age_s",
+        "cannot work with rekey_s: a key must last its rekey interval plus 60 s for the"
+        " handshake: key_max_age_s 900 is below rekey_s 900 + 60 (rekey_s at most 840, or"
+        " key_max_age_s at least 960)",
+        id="tunnel-rekey-above-key-age",
+    ),
+    pytest.param(
+        add("\n[tunnel]\nkey_max_age_s = 30\n"),
+        "tunnel.key_max_age_s",
+        "expected an integer 70..172860, got 30",
+        id="tunnel-key-age-range",
+    ),
+    pytest.param(
         add("\n[tunnel]\nanswer_wait_us = 20000\n"),
         "tunnel.answer_wait_us",
         "expected an integer 0..10000, got 20000",

@@ -241,6 +241,7 @@ class Client:
         self.inbox: list[dict[str, Any]] = []
         self.idx = 0
         self.activated = False
+        self.key_extra: dict[str, Any] = {}  # added to our `key` (the announced key timers)
         self._stop = threading.Event()
         self._keepalive = threading.Thread(target=self._keepalives, daemon=True)
         self._keepalive.start()
@@ -280,7 +281,7 @@ class Client:
                 tx, rx = self.session.export_keys()
                 self.idx = int.from_bytes(os.urandom(4), "big") or 1
                 self.fp.key_install(POP_PEER, self.idx, tx, rx)
-                self.send({"t": "key", "idx": self.idx})
+                self.send({"t": "key", "idx": self.idx, **self.key_extra})
             for m in self.session.take_messages():
                 self._on_message(json.loads(m))
 
@@ -501,6 +502,38 @@ def test_rekey_keeps_the_session_and_its_peer(pop: PopEnv, clients: list[Client]
     assert session["peer_id"] == 1 << 8 | 1 and session["up"]
     st = pop.status()["control"]
     assert st["sessions_opened"] == 1 and st["sessions_closed"] == 0
+
+
+def test_key_timers_are_agreed_and_bad_ones_refused(pop: PopEnv, clients: list[Client]) -> None:
+    # popd announces its own (the defaults, 600 s and 900 s) in every `key`.
+    a = new_client(pop, clients, 1)
+    a.key_extra = {"rekey_s": 1800, "key_max_age_s": 3660}
+    a.connect()
+    (pop_key,) = [m for m in a.inbox if m.get("t") == "key"]
+    assert (pop_key["rekey_s"], pop_key["key_max_age_s"]) == (600, 900)
+    a.register()
+    rc, sites = pop.popctl("sites")
+    (session,) = sites["sites"][0]["sessions"]
+    # The smaller of each: a site with a long interval rekeys within the PoP's key age.
+    assert session["timers"] == {
+        "rekey_s": 600, "key_max_age_s": 900, "site": {"rekey_s": 1800, "key_max_age_s": 3660}
+    }
+    assert pop.status()["key_timers"] == {"rekey_s": 600, "key_max_age_s": 900}
+
+    # A site that announces a pair that cannot work (its key would age out before its rekey
+    # is done) gets no key-ack: its keys are never used, and popd counts it.
+    b = new_client(pop, clients, 2)
+    b.key_extra = {"rekey_s": 600, "key_max_age_s": 600}
+    for d in b.session.start():
+        b.raw(d)
+    b.pump(lambda: b.session.established or b.session.failed is not None)
+    assert b.session.established
+    b.pump(lambda: pop.status()["control"]["keys_refused"] >= 1, timeout=10)
+    settle = time.monotonic() + 1.0  # what popd sends meanwhile: its own key, no ack of ours
+    b.pump(lambda: time.monotonic() > settle)
+    assert b.idx and not any(m.get("t") == "key-ack" for m in b.inbox), b.inbox
+    refusal = next(x for x in pop.log_text().splitlines() if "key message refused" in x)
+    assert "site 2" in refusal and "rekey_s at most 540" in refusal, refusal
 
 
 def test_two_links_route_by_precedence_and_fail_over(

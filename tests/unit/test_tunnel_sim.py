@@ -298,3 +298,31 @@ def test_a_lost_key_ack_is_answered_before_the_session_is_freed(certs) -> None:
     assert a.tunnels[1].state is State.UP and b.tunnels[2].state is State.UP
     assert a.tunnels[1].reason is None, a.tunnels[1].reason
     assert a.tunnels[1].handshakes == 1  # no "never acknowledged" and a new handshake
+
+
+@pytest.mark.parametrize(
+    ("initiator_rekey", "responder_rekey"), [(60, 30), (30, 60)], ids=["responder-shorter",
+                                                                       "initiator-shorter"]
+)
+def test_two_ends_with_different_rekey_intervals_rekey_on_the_shorter(
+    certs, initiator_rekey: int, responder_rekey: int
+) -> None:
+    """Each end announces its interval and key-age limit in its `key`; both use the smaller,
+    so the initiator rekeys on the responder's shorter interval too, and both show it."""
+    net = Net(Clock())
+    a = SimSite(net, certs, 2, A_ADDR, {1: B_ADDR}, Timers(rekey_s=initiator_rekey,
+                                                          dead_after_s=1e9))
+    b = SimSite(net, certs, 1, B_ADDR, {2: A_ADDR}, Timers(rekey_s=responder_rekey,
+                                                          dead_after_s=1e9))
+    net.run(5)
+    ta, tb = a.tunnels[1], b.tunnels[2]
+    assert ta.state is State.UP and tb.state is State.UP
+    for mine, theirs, t in ((initiator_rekey, responder_rekey, ta),
+                            (responder_rekey, initiator_rekey, tb)):
+        st = t.status()["timers"]
+        assert st["rekey_s"] == 30 and st["key_max_age_s"] == 2 * 30 + 60, st
+        assert st["own"]["rekey_s"] == mine and st["peer"]["rekey_s"] == theirs, st
+        assert st["refused"] == 0
+    net.run(3 * 30 + 2)
+    assert ta.handshakes == 4 and tb.handshakes == 4
+    assert ta.state is State.UP and tb.state is State.UP

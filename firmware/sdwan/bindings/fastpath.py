@@ -732,6 +732,15 @@ class FastPath:
             f"fp_peer_set_keepalive({peer_id})",
         )
 
+    def set_key_lifetime(self, peer_id: int, rekey_after_s: int, reject_after_s: int) -> None:
+        """The key ages agreed with the peer: a rekey asked for at rekey_after_s, the key
+        refused at reject_after_s, where shorter than the config's (0: the config's)
+        (fp_peer_set_key_lifetime)."""
+        _check(
+            lib.fp_peer_set_key_lifetime(self._h, peer_id, rekey_after_s, reject_after_s),
+            f"fp_peer_set_key_lifetime({peer_id})",
+        )
+
     def liveness_scan(
         self, ack_after_s: float, silent_after_s: float, cap: int = 1024
     ) -> list[int]:

@@ -2,10 +2,12 @@
 and of a PoP session (docs/tunnel.md, docs/cloud.md).
 
 Each side exports the session's keys, installs them in the fast path's spare slot of its peer
-under a fresh random local index (it receives with them at once), sends {"t": "key", "idx": N}
-over the session and repeats it until the other side answers {"t": "key-ack", "idx": N}. On the
-other side's "key" it activates the slot for transmit with that index as the remote one. The
-old keys keep receiving until the next install, so nothing in flight is lost.
+under a fresh random local index (it receives with them at once), sends {"t": "key", "idx": N,
+"rekey_s": R, "key_max_age_s": A} over the session and repeats it until the other side answers
+{"t": "key-ack", "idx": N}. On the other side's "key" it activates the slot for transmit with
+that index as the remote one. The old keys keep receiving until the next install, so nothing in
+flight is lost. R and A are the end's own key timers; both ends use the smaller of each
+(keytimers.py).
 
 One `KeyHandover` per fast-path peer owns its indices and the announcing; when to activate
 (at once for a tunnel, only after registration on a PoP) and what an unacknowledged key means
@@ -21,6 +23,7 @@ from typing import Any
 
 from sdwan.bindings.fastpath import FastPath, FastPathError
 from sdwan.common.dtls import DtlsSession
+from sdwan.common.keytimers import FP_REKEY_BACKSTOP_S, KeyTimers, announced_timers
 
 KEY_RESEND_S = 0.5
 KEY_RESEND_MAX = 20
@@ -54,6 +57,15 @@ def key_index(msg: dict[str, Any]) -> int | None:
     return idx
 
 
+def parse_key(msg: dict[str, Any]) -> tuple[int, KeyTimers | None]:
+    """The index and the announced timers of a `key` message; ValueError (with the reason)
+    when either is malformed: such a message is refused, never half-used."""
+    idx = key_index(msg)
+    if idx is None:
+        raise ValueError(f"idx: expected an integer 1..{2**32 - 1}, got {msg.get('idx')!r}")
+    return idx, announced_timers(msg)
+
+
 class KeyHandover:
     """The keys of one fast-path peer: installed, announced, activated."""
 
@@ -67,6 +79,7 @@ class KeyHandover:
         clock: Callable[[], float] = time.monotonic,
         resend_s: float = KEY_RESEND_S,
         resend_max: int = KEY_RESEND_MAX,
+        timers: KeyTimers | None = None,
     ) -> None:
         self.fp = fp
         self.peer_id = peer_id
@@ -82,6 +95,10 @@ class KeyHandover:
         self.pending_idx: int | None = None  # announced, not acknowledged yet
         self._sends = 0
         self._next_send = 0.0
+        # Ours, announced with every `key`; the peer's from its `key`; what both use.
+        self.timers = KeyTimers() if timers is None else timers
+        self.peer_timers: KeyTimers | None = None
+        self.agreed = self.timers
 
     def install(self, session: DtlsSession) -> int:
         """Export the keys of a new session and install them; announce() sends them."""
@@ -96,6 +113,7 @@ class KeyHandover:
         assert self.keys is not None
         self.peer_id = peer_id
         idx = install_keys(self.fp, peer_id, self.keys, prefer=self.local_idx)
+        self._apply_lifetime()
         if idx == self.local_idx:
             return False
         self.local_idx = idx
@@ -112,8 +130,19 @@ class KeyHandover:
         if self.pending_idx is not None and self.clock() >= self._next_send:
             self._send_key()
 
-    def on_key(self, idx: int) -> None:
+    def on_key(self, idx: int, peer_timers: KeyTimers | None = None) -> None:
         self.remote_idx = idx
+        self.peer_timers = peer_timers
+        self.agreed = self.timers.agree(peer_timers)
+        self._apply_lifetime()
+
+    def _apply_lifetime(self) -> None:
+        """The fast path refuses this peer's keys at the agreed age, the same at both ends;
+        its own backstop asks for a rekey should the agreed one be late."""
+        agreed = self.agreed
+        self.fp.set_key_lifetime(
+            self.peer_id, agreed.rekey_s + FP_REKEY_BACKSTOP_S, agreed.key_max_age_s
+        )
 
     def on_key_ack(self, idx: object) -> None:
         if idx == self.pending_idx:
@@ -141,4 +170,4 @@ class KeyHandover:
             return
         self._sends += 1
         self._next_send = self.clock() + self.resend_s
-        self._send_msg({"t": "key", "idx": self.pending_idx})
+        self._send_msg({"t": "key", "idx": self.pending_idx, **self.timers.announce()})

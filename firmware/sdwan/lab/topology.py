@@ -1390,9 +1390,11 @@ table ip lab_nat {{
         account_name: str = "lab",
         cloud: dict[str, object] | None = None,
         account_toml: str | None = None,
+        tunnel: dict[str, object] | None = None,
     ) -> Path:
         """Write popd's TOML and its account file for `sites` (lab Sites, or dicts with the
-        account fields id, name, subnets, offcloud, recovery); returns the config path."""
+        account fields id, name, subnets, offcloud, recovery); returns the config path.
+        `tunnel` is popd's [tunnel] table (its key timers)."""
         from sdwan.pop import pki as sdwan_pki
 
         pki = pki or self.setup_pki()
@@ -1430,6 +1432,8 @@ table ip lab_nat {{
         ]
         if cloud:
             parts.append(_toml_table("cloud", cloud))
+        if tunnel:
+            parts.append(_toml_table("tunnel", tunnel))
         path = pop.dir / "pop.toml"
         path.write_text("\n".join(parts))
         pop.config = path

@@ -1,5 +1,6 @@
 """popd's own bootstrap configuration (`popd --config PATH`): its id, addresses, ports, the
-account file, paths, PKI and the cloud timers it pushes to the sites, checked with the config
+account file, paths, PKI, the cloud timers it pushes to the sites and the key timers it
+announces in every key hand-over, checked with the config
 engine (common/tomlcheck.py). `load_pop_config(path)` returns a `PopConfig` or raises
 `ConfigError` listing every problem with its field and line. Schema: docs/popd.md.
 """
@@ -12,6 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdwan.common.keytimers import (
+    HANDSHAKE_MARGIN_S,
+    KEY_MAX_AGE_MAX_S,
+    REKEY_MAX_S,
+    REKEY_MIN_S,
+    KeyTimers,
+    timers_problem,
+)
 from sdwan.common.tomlcheck import (
     MAX_UNIX_SOCKET_PATH,
     MISSING,
@@ -37,6 +46,10 @@ DEFAULT_PORT = 4800
 DEFAULT_STUN_PORT = 3478
 DEFAULT_KEEPALIVE_MS = 200
 DEFAULT_DEAD_AFTER_MS = 600
+# The PoP does not rekey (its sites do): its interval caps theirs through the agreement, and
+# its key-age limit is where its fast path refuses a key.
+DEFAULT_POP_REKEY_S = 600
+DEFAULT_POP_KEY_MAX_AGE_S = 900
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,7 @@ class PopConfig:
     pki: Pki
     cloud: PopTimers
     source: Path
+    keys: KeyTimers = KeyTimers(DEFAULT_POP_REKEY_S, DEFAULT_POP_KEY_MAX_AGE_S)
 
 
 def _host_address(value: Any) -> str:
@@ -83,7 +97,7 @@ def load_pop_config(path: str | os.PathLike[str]) -> PopConfig:
     source, text, doc = read_toml(path, what="file")
     base = source.parent
     c = Checker(source, LineIndex(text))
-    c.known_keys(doc, (), ("pop", "paths", "pki", "cloud"))
+    c.known_keys(doc, (), ("pop", "paths", "pki", "cloud", "tunnel"))
 
     pop: dict[str, Any] = {}
     pop_t = c.table(doc, ("pop",), required=True)
@@ -160,9 +174,32 @@ def load_pop_config(path: str | os.PathLike[str]) -> PopConfig:
         if isinstance(ka, int) and isinstance(dead, int):
             cloud = PopTimers(ka, dead)
 
+    keys: KeyTimers | None = None
+    tunnel_t = c.table(doc, ("tunnel",), required=False)
+    if tunnel_t is not None:
+        c.known_keys(tunnel_t, ("tunnel",), ("rekey_s", "key_max_age_s"))
+        rekey = c.value(
+            tunnel_t,
+            ("tunnel", "rekey_s"),
+            int_range(REKEY_MIN_S, REKEY_MAX_S),
+            default=DEFAULT_POP_REKEY_S,
+        )
+        age = c.value(
+            tunnel_t,
+            ("tunnel", "key_max_age_s"),
+            int_range(REKEY_MIN_S + HANDSHAKE_MARGIN_S, KEY_MAX_AGE_MAX_S),
+            default=DEFAULT_POP_KEY_MAX_AGE_S,
+        )
+        if isinstance(rekey, int) and isinstance(age, int):
+            problem = timers_problem(rekey, age)
+            if problem is not None:
+                c.error(("tunnel", "key_max_age_s"), f"cannot work with rekey_s: {problem}")
+            else:
+                keys = KeyTimers(rekey, age)
+
     if c.issues:
         raise ConfigError(source, c.issues)
-    assert paths is not None and pki is not None and cloud is not None
+    assert paths is not None and pki is not None and cloud is not None and keys is not None
     assert not any(v is MISSING for v in pop.values())
     return PopConfig(
         id=pop["id"],
@@ -175,4 +212,5 @@ def load_pop_config(path: str | os.PathLike[str]) -> PopConfig:
         pki=pki,
         cloud=cloud,
         source=source,
+        keys=keys,
     )

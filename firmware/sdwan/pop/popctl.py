@@ -74,12 +74,20 @@ def _print_status(r: dict[str, Any], out: TextIO) -> None:
               file=out)
 
 
+def _rekey(timers: object) -> str:
+    """The session's agreed rekey interval and key-age limit."""
+    if not isinstance(timers, dict):
+        return ""
+    return f" rekey {_v(timers.get('rekey_s'))}s/{_v(timers.get('key_max_age_s'))}s"
+
+
 def _print_sites(r: dict[str, Any], out: TextIO) -> None:
     print(f"{'SITE':>5}  {'NAME':<16} {'ONLINE':<6} {'SUBNETS':<24} LINKS", file=out)
     for s in r.get("sites", []):
         links = ", ".join(
             f"{_v(x['link'])}(p{_v(x['precedence'])}) {_v(x['public'])}"
-            f"{' mtu ' + _v(x['mtu']) if x.get('mtu') else ''}{' *' if x.get('routed') else ''}"
+            f"{' mtu ' + _v(x['mtu']) if x.get('mtu') else ''}"
+            f"{_rekey(x.get('timers'))}{' *' if x.get('routed') else ''}"
             for x in s.get("sessions", [])
         ) or "-"
         subnets = ",".join(_v(n) for n in s["subnets"])

@@ -42,7 +42,8 @@ from sdwan.bindings.fastpath import (
 from sdwan.common.control import ControlServer
 from sdwan.common.daemon import StartupError, run_service
 from sdwan.common.dtls import DtlsContext, DtlsSession
-from sdwan.common.handover import KeyHandover, key_index
+from sdwan.common.handover import KeyHandover, parse_key
+from sdwan.common.keytimers import FP_REKEY_BACKSTOP_S
 from sdwan.common.messages import FragStats, Reassembler, encode, record_limit
 from sdwan.common.netdev import size_buffers
 from sdwan.common.pmtu import PathMtu
@@ -148,6 +149,7 @@ class _Stats:
     oversized: int = 0  # messages past MAX_MESSAGE
     messages_malformed: int = 0
     messages_unknown: int = 0
+    keys_refused: int = 0  # `key` messages whose index or timers were refused
     registrations_refused: int = 0
     sessions_opened: int = 0
     sessions_closed: int = 0
@@ -301,6 +303,10 @@ class Pop(SessionOwner):
         fp_cfg.relay = True
         # A site may only send through the relay from its own prefixes (dataplane.md).
         fp_cfg.check_source = True
+        # The sites rekey, on an interval never above ours (the agreement in the key
+        # hand-over, common/keytimers.py): a key of ours never ages out before it is replaced.
+        fp_cfg.rekey_after_seconds = cfg.keys.rekey_s + FP_REKEY_BACKSTOP_S
+        fp_cfg.reject_after_seconds = cfg.keys.key_max_age_s
         self.fp = fp = FastPath(fp_cfg)
         family = socket.AF_INET6 if ":" in cfg.listen else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -534,6 +540,7 @@ class Pop(SessionOwner):
             send=lambda msg: self._send_msg(s, msg),
             on_unacknowledged=lambda: self._drop(s, "the site never acknowledged the keys"),
             clock=self.clock,
+            timers=self.cfg.keys,
         )
         s.handover.install(session)
         self.by_addr[addr] = s
@@ -583,11 +590,17 @@ class Pop(SessionOwner):
             return
         kind = msg["t"]
         if kind == "key":
-            idx = key_index(msg)
-            if idx is None:
+            try:
+                idx, timers = parse_key(msg)
+            except ValueError as e:
+                # Never half-used: unacknowledged, the site's hand-over fails and says why.
                 self.stats.messages_malformed += 1
+                self.stats.keys_refused += 1
+                self.ratelog.warning(
+                    "key-refused", "site %d: key message refused: %s", s.site_id, e
+                )
                 return
-            s.handover.on_key(idx)
+            s.handover.on_key(idx, timers)
             self._activate(s)
             s.handover.acknowledge(idx)
         elif kind == "key-ack":
@@ -1136,6 +1149,9 @@ class Pop(SessionOwner):
                 "error": self.account_error,
             },
             "rev": self.rev,
+            # What popd announces in every key hand-over; each session's agreed values are
+            # in `sites`.
+            "key_timers": self.cfg.keys.as_dict(),
             "sites_online": len(online),
             "sessions": sum(1 for s in self.by_peer.values() if s.registered),
             "handshaking": self.sessions.handshaking,
@@ -1157,6 +1173,7 @@ class Pop(SessionOwner):
                 "unknown_site": ls.unknown_peer,
                 "messages_malformed": st.messages_malformed,
                 "messages_unknown": st.messages_unknown,
+                "keys_refused": st.keys_refused,
                 "registrations_refused": st.registrations_refused,
                 "sessions_opened": st.sessions_opened,
                 "sessions_closed": st.sessions_closed,
@@ -1209,6 +1226,12 @@ class Pop(SessionOwner):
                         "tx_bytes": c.tx_bytes,
                         "drops": c.drops,
                         "mtu": s.pmtu.mtu if s.pmtu is not None else None,
+                        # Agreed in the key hand-over (docs/tunnel.md, "Agreed timers").
+                        "timers": {
+                            **s.handover.agreed.as_dict(),
+                            "site": None if s.handover.peer_timers is None
+                            else s.handover.peer_timers.as_dict(),
+                        },
                     }
                 )
             out.append(

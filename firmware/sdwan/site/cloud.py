@@ -101,6 +101,7 @@ class CloudTimers:
     return_hold_s: float = 30.0
     ping_s: float = 1.0
     rekey_s: float = 600.0
+    key_max_age_s: int | None = None  # None: keytimers.default_key_max_age(rekey_s)
 
 
 @dataclass
@@ -376,6 +377,8 @@ class PopSession:
             "reason": None if self.connected else (self.reason or self.tunnel.reason),
             "handshakes": self.tunnel.handshakes,
             "mtu": self.tunnel.pmtu.mtu if self.connected else None,
+            # The rekey interval and key-age limit agreed with the PoP in the key hand-over.
+            "timers": self.tunnel.timers_status(),
             # Packets from the PoP dropped by reason: `spoofed`, a source outside every
             # site's prefixes (docs/security.md, "Source addresses").
             "drops": self._drops(),
@@ -446,6 +449,7 @@ class Cloud(SessionOwner):
         self.tunnel_timers = Timers(
             keepalive_s=timers.keepalive_s,
             rekey_s=timers.rekey_s,
+            key_max_age_s=timers.key_max_age_s,
             dead_after_s=timers.dead_after_s,
             retry_min_s=0.5,
             retry_max_s=2.0,

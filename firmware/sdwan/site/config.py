@@ -20,6 +20,14 @@ from typing import Any
 
 from sdwan.common.addressing import MODES as _ADDRESSING_MODES
 from sdwan.common.addressing import Addressing, Owned, check_wan_address
+from sdwan.common.keytimers import (
+    HANDSHAKE_MARGIN_S,
+    KEY_MAX_AGE_MAX_S,
+    REKEY_MAX_S,
+    REKEY_MIN_S,
+    KeyTimers,
+    timers_problem,
+)
 from sdwan.common.tomlcheck import (
     MAX_UNIX_SOCKET_PATH,
     MISSING,
@@ -153,6 +161,14 @@ class Tunnel:
     # How long the fast path polls for the answer to a lone packet before it sleeps
     # (docs/dataplane.md, "Latency"); 0 turns it off.
     answer_wait_us: int = 200
+    # The age at which the fast path refuses a key; None: twice rekey_s plus the handshake
+    # margin (common/keytimers.py).
+    key_max_age_s: int | None = None
+
+    @property
+    def key_timers(self) -> KeyTimers:
+        """The rekey interval and key-age limit this site announces to every peer."""
+        return KeyTimers.for_rekey(self.rekey_s, self.key_max_age_s)
 
 
 @dataclass(frozen=True)
@@ -1352,19 +1368,36 @@ def _validate(doc: dict[str, Any], source: Path, c: Checker) -> SiteConfig | Non
         c.known_keys(
             tunnel_t,
             ("tunnel",),
-            ("interface", "keepalive_s", "rekey_s", "mss_clamp", "answer_wait_us"),
+            ("interface", "keepalive_s", "rekey_s", "key_max_age_s", "mss_clamp",
+             "answer_wait_us"),
         )
         t_values = {
             "interface": c.value(tunnel_t, ("tunnel", "interface"), _tun_name, default="sdwan0"),
             "keepalive_s": c.value(
                 tunnel_t, ("tunnel", "keepalive_s"), int_range(1, 3600), default=15
             ),
-            "rekey_s": c.value(tunnel_t, ("tunnel", "rekey_s"), int_range(10, 86400), default=600),
+            "rekey_s": c.value(
+                tunnel_t, ("tunnel", "rekey_s"), int_range(REKEY_MIN_S, REKEY_MAX_S), default=600
+            ),
+            "key_max_age_s": c.value(
+                tunnel_t,
+                ("tunnel", "key_max_age_s"),
+                int_range(REKEY_MIN_S + HANDSHAKE_MARGIN_S, KEY_MAX_AGE_MAX_S),
+                default=None,
+            ),
             "mss_clamp": c.value(tunnel_t, ("tunnel", "mss_clamp"), boolean, default=True),
             "answer_wait_us": c.value(
                 tunnel_t, ("tunnel", "answer_wait_us"), int_range(0, 10000), default=200
             ),
         }
+        rekey, age = t_values["rekey_s"], t_values["key_max_age_s"]
+        if isinstance(rekey, int) and isinstance(age, int):
+            problem = timers_problem(rekey, age)
+            if problem is not None:
+                # Only a limit set by hand can be too short (the default follows rekey_s); the
+                # message says how to mend either.
+                c.error(("tunnel", "key_max_age_s"), f"cannot work with rekey_s: {problem}")
+                t_values["key_max_age_s"] = MISSING
         if not any(v is MISSING for v in t_values.values()):
             tunnel = Tunnel(**t_values)
 

@@ -231,6 +231,13 @@ def format_status(result: Mapping[str, Any], out: TextIO) -> None:
             out.write(f"  {when}  {_text(src)}  {_text(item.get('reason'))}\n")
 
 
+def _rekey(timers: object) -> str:
+    """The agreed rekey interval and key-age limit, "10s/80s"."""
+    if not isinstance(timers, Mapping):
+        return _DASH
+    return f"{_num(timers.get('rekey_s'))}s/{_num(timers.get('key_max_age_s'))}s"
+
+
 @_visible_out
 def format_peers(result: Mapping[str, Any], out: TextIO) -> None:
     peers = result.get("peers") or []
@@ -257,6 +264,7 @@ def format_peers(result: Mapping[str, Any], out: TextIO) -> None:
                     _DASH,
                     _DASH,
                     _DASH,
+                    _DASH,
                     _reason(peer.get("reason")) if state != "up" else "",
                 ]
             )
@@ -273,6 +281,7 @@ def format_peers(result: Mapping[str, Any], out: TextIO) -> None:
                 _text(peer.get("transport") or "direct"),
                 _num(peer.get("mtu")),
                 _text(peer.get("role")),
+                _rekey(peer.get("timers")),
                 _ago(peer.get("last_handshake_s")),
                 _ago(peer.get("last_rx_s")),
                 _num(peer.get("rx_packets")),
@@ -281,7 +290,8 @@ def format_peers(result: Mapping[str, Any], out: TextIO) -> None:
                 reason,
             ]
         )
-    headers = ["SITE", "STATE", "ENDPOINT", "LINK", "VIA", "MTU", "ROLE", "HANDSHAKE", "LAST RX"]
+    headers = ["SITE", "STATE", "ENDPOINT", "LINK", "VIA", "MTU", "ROLE", "REKEY", "HANDSHAKE",
+               "LAST RX"]
     _table([*headers, "RX PKTS", "TX PKTS", "DROPS", "REASON"], rows, out)
 
 
@@ -326,11 +336,13 @@ def format_pop(result: Mapping[str, Any], out: TextIO) -> None:
                 _text(s.get("public")),
                 f"{rtt:g} ms" if isinstance(rtt, int | float) else _DASH,
                 _num(s.get("mtu")),
+                _rekey(s.get("timers")),
                 _ago(s.get("last_seen_s")),
                 _reason(s.get("reason")) if s.get("state") != "connected" else "",
             ]
         )
-    headers = ["POP", "ROLE", "ENDPOINT", "LINK", "STATE", "PUBLIC", "RTT", "MTU", "LAST SEEN"]
+    headers = ["POP", "ROLE", "ENDPOINT", "LINK", "STATE", "PUBLIC", "RTT", "MTU", "REKEY",
+               "LAST SEEN"]
     _table([*headers, "REASON"], rows, out)
 
 

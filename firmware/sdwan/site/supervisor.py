@@ -38,6 +38,7 @@ from sdwan.common import heap
 from sdwan.common.control import ControlServer, Handler
 from sdwan.common.daemon import StartupError
 from sdwan.common.dtls import DtlsContext, DtlsSession
+from sdwan.common.keytimers import FP_REKEY_BACKSTOP_S
 from sdwan.common.netcfg import (
     NetcfgError,
     Plan,
@@ -170,9 +171,11 @@ class Supervisor:
         except (OSError, ValueError) as e:
             raise StartupError(str(e)) from e
         fp_cfg = FastPathConfig.default()
-        # Python rekeys on time; the fast path's own limits are the backstop.
-        fp_cfg.rekey_after_seconds = int(cfg.tunnel.rekey_s) + 30
-        fp_cfg.reject_after_seconds = int(cfg.tunnel.rekey_s) * 2 + 60
+        # Python rekeys on time (on the interval agreed with each peer, never above ours); the
+        # fast path's own limits are the backstop. Its key-age limit is the one this end
+        # announces, never below an agreed one (common/keytimers.py).
+        fp_cfg.rekey_after_seconds = cfg.tunnel.rekey_s + FP_REKEY_BACKSTOP_S
+        fp_cfg.reject_after_seconds = cfg.tunnel.key_timers.key_max_age_s
         fp_cfg.spin_us = cfg.tunnel.answer_wait_us
         self.fp = fp = FastPath(fp_cfg)
         try:
@@ -187,6 +190,7 @@ class Supervisor:
         timers = Timers(
             keepalive_s=cfg.tunnel.keepalive_s,
             rekey_s=cfg.tunnel.rekey_s,
+            key_max_age_s=cfg.tunnel.key_max_age_s,
             dead_after_s=3 * cfg.tunnel.keepalive_s,
         )
         for peer in cfg.peers:
@@ -279,6 +283,7 @@ class Supervisor:
                 return_hold_s=float(cfg.cloud.return_hold_s),
                 ping_s=float(cfg.cloud.ping_s),
                 rekey_s=float(cfg.tunnel.rekey_s),
+                key_max_age_s=cfg.tunnel.key_max_age_s,
             ),
             fp=fp,
             paths=self.paths,
@@ -316,7 +321,8 @@ class Supervisor:
             paths=self.paths,
             # Idle, a dead path is noticed within two keepalive intervals (docs/mesh.md).
             timers=Timers(
-                keepalive_s=keepalive, rekey_s=cfg.tunnel.rekey_s, dead_after_s=2 * keepalive
+                keepalive_s=keepalive, rekey_s=cfg.tunnel.rekey_s, dead_after_s=2 * keepalive,
+                key_max_age_s=cfg.tunnel.key_max_age_s,
             ),
             directory=lambda: cloud.directory,
             ask_pop=cloud.send_to_pop,
@@ -353,7 +359,8 @@ class Supervisor:
             # No NAT to keep open: keepalives only tell a dead path, idle within two of them,
             # under traffic within [mesh] silent_after_ms (the fast path's one threshold).
             timers=Timers(
-                keepalive_s=keepalive, rekey_s=cfg.tunnel.rekey_s, dead_after_s=2 * keepalive
+                keepalive_s=keepalive, rekey_s=cfg.tunnel.rekey_s, dead_after_s=2 * keepalive,
+                key_max_age_s=cfg.tunnel.key_max_age_s,
             ),
             directory=lambda: cloud.directory,
             directory_known=lambda: cloud.directory_rev is not None,

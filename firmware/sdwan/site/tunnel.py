@@ -16,6 +16,9 @@ repeats it until the peer answers {"t": "key-ack", "idx": N}. On receiving
 "key", a side activates the slot for transmit with N as the peer's index. The
 old key keeps receiving until the next install, so no packet is lost. The
 mechanics are handover.py's, shared with popd; when to activate is the tunnel's.
+Each `key` also carries its sender's rekey interval and key-age limit: both ends
+use the smaller of each (keytimers.py), so the initiator rekeys on the agreed
+interval and neither end's keys age out before it.
 
 The tunnel does no I/O itself: the session layer (sessions.py) hands it its DTLS
 sessions, their records and failures, and kicks; the supervisor gives it a clock
@@ -42,7 +45,8 @@ from typing import Any, Protocol
 
 from sdwan.bindings.fastpath import FastPath, FastPathError
 from sdwan.common.dtls import DtlsSession
-from sdwan.common.handover import KeyHandover, key_index
+from sdwan.common.handover import KeyHandover, key_index, parse_key
+from sdwan.common.keytimers import KeyTimers
 from sdwan.common.messages import FragStats, Reassembler, encode, record_limit
 from sdwan.common.pmtu import PathMtu
 from sdwan.common.sessions import REPLACED_GRACE_S, SessionOwner, encode_kick
@@ -70,6 +74,13 @@ class Timers:
     kick_response_min_s: float = 3.0
     key_resend_s: float = 0.5
     key_resend_max: int = 20
+    # The key-age limit this end announces (None: keytimers.default_key_max_age(rekey_s));
+    # its fast path refuses keys at this age.
+    key_max_age_s: int | None = None
+
+    def key_timers(self) -> KeyTimers:
+        """This end's own rekey interval and key-age limit, as announced in its `key`."""
+        return KeyTimers.for_rekey(int(self.rekey_s), self.key_max_age_s)
 
 
 class Port(Protocol):
@@ -99,6 +110,7 @@ class PeerTunnel:
         "_handshaking", "_handshake_to", "_kick_handshaking", "_kick_to", "_next_attempt",
         "_retry", "_next_kick", "_last_kick_handshake", "_keys", "_up_since_rx_ns",
         "_silent_at", "_release_at", "pmtu", "frag_stats", "_reassembler", "_replaced",
+        "timers_refused",
     )
 
     def __init__(
@@ -168,7 +180,9 @@ class PeerTunnel:
             clock=clock,
             resend_s=timers.key_resend_s,
             resend_max=timers.key_resend_max,
+            timers=timers.key_timers(),
         )
+        self.timers_refused = 0  # `key` messages refused for their timers or index
         self._up_since_rx_ns = 0
         self._silent_at = 0.0  # when the peer, quiet since, will have been silent too long
         # When self.session's OpenSSL state is freed (see _maybe_release); None: not planned.
@@ -211,7 +225,7 @@ class PeerTunnel:
             and self._handshaking is None
             and now >= self._next_attempt
             and self.last_handshake_at is not None
-            and now - self.last_handshake_at >= self.timers.rekey_s
+            and now - self.last_handshake_at >= self.rekey_s
         ):
             log.info("peer %d: periodic rekey", self.peer_id)
             self._regular_handshake()
@@ -318,15 +332,27 @@ class PeerTunnel:
                 # The owner parses, validates and counts everything else.
                 self.on_app_message(session, msg)
             return
-        idx = key_index(msg)
-        if idx is None:
-            log.warning("peer %d: malformed control message dropped", self.peer_id)
-            return
         if msg["t"] == "key-ack":
+            idx = key_index(msg)
+            if idx is None:
+                log.warning("peer %d: malformed control message dropped", self.peer_id)
+                return
             self._keys.on_key_ack(idx)
             return
+        try:
+            idx, peer_timers = parse_key(msg)
+        except ValueError as e:
+            # Refused whole, unacknowledged: the peer's hand-over fails and says so there; a
+            # key whose lifetime the two ends do not agree on is never used.
+            self.timers_refused += 1
+            log.warning("peer %d: key message refused: %s", self.peer_id, e)
+            if self.state is State.UP:
+                self.reason = f"peer's key refused: {e}"
+            else:
+                self._set_state(State.DOWN, f"peer's key refused: {e}")
+            return
         # Activate the key of the session this message came over, nothing else.
-        self._keys.on_key(idx)
+        self._keys.on_key(idx, peer_timers)
         if self._keys.activate():
             self._up_since_rx_ns = time.monotonic_ns()
             self._set_state(State.UP, None)
@@ -350,6 +376,25 @@ class PeerTunnel:
             return
         if msg.get("t") not in ("key", "key-ack"):
             self.on_app_message(session, msg)
+
+    @property
+    def rekey_s(self) -> int:
+        """The rekey interval both ends agreed on (ours until the peer's `key` told us its)."""
+        return self._keys.agreed.rekey_s
+
+    @property
+    def agreed_timers(self) -> KeyTimers:
+        return self._keys.agreed
+
+    def timers_status(self) -> dict[str, Any]:
+        """The agreed rekey interval and key-age limit, and what each end announced."""
+        keys = self._keys
+        return {
+            **keys.agreed.as_dict(),
+            "own": keys.timers.as_dict(),
+            "peer": None if keys.peer_timers is None else keys.peer_timers.as_dict(),
+            "refused": self.timers_refused,
+        }
 
     @property
     def settled(self) -> bool:
@@ -387,7 +432,7 @@ class PeerTunnel:
             elif self._handed_over():
                 due = 0.0  # the next tick plans the release
         if self.initiator and self.last_handshake_at is not None:
-            due = min(due, max(self._next_attempt, self.last_handshake_at + self.timers.rekey_s))
+            due = min(due, max(self._next_attempt, self.last_handshake_at + self.rekey_s))
         if self.check_liveness:
             due = min(due, self._silent_at)
         return due
@@ -473,6 +518,8 @@ class PeerTunnel:
             # The path MTU found by probing (None: not yet, or no limit known).
             "mtu": self.pmtu.mtu,
             "pmtu": self.pmtu.status(),
+            # Agreed with the peer in the key hand-over (docs/tunnel.md, "Agreed timers").
+            "timers": self.timers_status(),
         }
 
     # ---------------------------------------------------------------- internals
