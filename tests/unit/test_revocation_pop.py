@@ -26,14 +26,14 @@ def socket_pki(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def events(pop: PopEnv, kind: str) -> list[dict[str, Any]]:
-    rc, out = pop.popctl("events", "--limit", "200")
+def events(env: PopEnv, kind: str) -> list[dict[str, Any]]:
+    rc, out = env.popctl("events", "--limit", "200")
     assert rc == 0, out
     return [e for e in out["events"] if e["kind"] == kind]
 
 
 def test_revoking_a_connected_site_ends_its_sessions_and_refuses_it(
-    pop: PopEnv, clients: list[Client]
+    pop: PopEnv, clients: list[Client]  # noqa: F811
 ) -> None:
     a = new_client(pop, clients, 1)
     a.connect()
@@ -109,7 +109,9 @@ def test_revoking_a_connected_site_ends_its_sessions_and_refuses_it(
     assert "already revoked" in cp.stdout
 
 
-def test_a_revocation_survives_a_popd_restart(pop: PopEnv, clients: list[Client]) -> None:
+def test_a_revocation_survives_a_popd_restart(
+    pop: PopEnv, clients: list[Client]  # noqa: F811
+) -> None:
     from test_popd import start_popd, stop_popd
 
     cert = pop.site_files(2)[1]
@@ -129,7 +131,7 @@ def test_a_revocation_survives_a_popd_restart(pop: PopEnv, clients: list[Client]
     assert a.register()["config"]["revoked"][0]["site"] == 2
 
 
-def test_cli_errors_name_what_is_wrong(pop: PopEnv, tmp_path: Path) -> None:
+def test_cli_errors_name_what_is_wrong(pop: PopEnv, tmp_path: Path) -> None:  # noqa: F811
     cert1 = pop.site_files(1)[1]
     before = pop.account.read_text()
 

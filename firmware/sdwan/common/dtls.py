@@ -620,21 +620,23 @@ class DtlsSession:
         except ValueError as e:
             self._set_verify_failure(f"peer certificate refused: {e}")
             return False
-        reason = self._refusal(identity)
-        if reason is not None:
-            self._set_verify_failure(reason)
-            return False
         try:
             serial = cert.serial_hex()
         except ValueError as e:
             self._set_verify_failure(f"peer certificate refused: {e}")
             return False
+        # Before the other checks: a revoked certificate is refused as such even where its
+        # site is no longer a configured peer (the mesh forgot it when it was revoked).
         check = self.context.revocation
         if identity[0] == "site" and check is not None:
             reason = check(identity[1], serial)
             if reason is not None:
                 self._set_verify_failure(reason)
                 return False
+        reason = self._refusal(identity)
+        if reason is not None:
+            self._set_verify_failure(reason)
+            return False
         self.peer_serial = serial
         self.peer_identity = identity
         self.peer_site_id = identity[1] if identity[0] == "site" else None
