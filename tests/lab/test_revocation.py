@@ -2,8 +2,8 @@
 socketd as real processes in namespaces. `socket-pki revoke` and `popctl reload` cut the
 revoked site off the PoP at once (its session ended, told why, its handshakes refused), its
 mesh peer tears down their tunnel with an event and refuses the stolen certificate from then
-on, the other site stays on the cloud, and a replacement certificate for the same site id
-brings the site back, PoP and mesh."""
+on, also after a restart while the cloud is down, the other site stays on the cloud, and a
+replacement certificate for the same site id brings the site back, PoP and mesh."""
 
 from __future__ import annotations
 
@@ -58,8 +58,12 @@ def test_a_revoked_site_is_cut_off_from_the_pop_and_its_mesh_peer(lab: Lab) -> N
     # Site 1 itself is unaffected: still on the cloud.
     assert lab.socketctl(s1, "status")["cloud"]["state"] == "up"
 
-    # The stolen box restarts and comes back from its NAT data, straight to site 1 (the
-    # initiator, the higher site id): site 1 refuses it, and says why.
+    # The cloud goes down and site 1 restarts: the list it stored with its config holds. The
+    # stolen box restarts too and comes back from its NAT data, straight to site 1 (the
+    # initiator is the higher site id): site 1 refuses it, and says why.
+    lab.stop_popd(pop)
+    lab.stop_socketd(s1)
+    lab.start_socketd(s1)
     lab.stop_socketd(s2)
     lab.start_socketd(s2)
 
@@ -70,7 +74,9 @@ def test_a_revoked_site_is_cut_off_from_the_pop_and_its_mesh_peer(lab: Lab) -> N
 
     wait_for("site 1 refuses the revoked certificate", refused_by_peer, timeout=40)
     assert events(lab, s1, "tunnel.handshake.revoked")
+    assert lab.socketctl(s1, "status")["cloud"]["state"] != "up"
     assert direct(lab, s1, 2) is None and direct(lab, s2, 1) is None
+    lab.start_popd(pop)
 
     # A replacement certificate for site 2 works at once: the PoP takes it, the mesh too.
     lab.stop_socketd(s2)
