@@ -7,13 +7,21 @@ from pathlib import Path
 
 import pytest
 from test_account import ACCOUNT, errors_of, write
+from test_altwan_tunnels import INET, MPLS, entry, two_sites
 from test_dtls import connect
+from test_mesh_multilink import ipv4
+from test_mesh_schedule import punch
+from test_tunnel_sim import certs  # noqa: F401  (fixture)
 
+from sdwan.bindings.fastpath import FastPathError, Verdict
 from sdwan.common.dtls import DtlsContext, DtlsSession
 from sdwan.common.revocation import MAX_REVOKED, Revocations, normalize_serial
 from sdwan.pop import pki
 from sdwan.pop.account import Account, load_account
+from sdwan.site.altwan import altwan_peer_id
+from sdwan.site.paths import Policy, Transport
 from sdwan.site.revoked import SiteRevocations
+from sdwan.site.tunnel import State
 
 REVOKED = """
 [[revoked]]
@@ -150,3 +158,58 @@ def test_handshakes_refuse_a_revoked_certificate_and_take_its_replacement(
     client = DtlsContext(ca / "ca.pem", fresh.cert, fresh.key, 2)
     c, s = handshake(client, server, 1)
     assert c.established and s.established and s.peer_serial != serial
+
+
+def test_a_revoked_peer_loses_its_mesh_and_alt_wan_tunnels_at_once(
+    certs, tmp_path: Path  # noqa: F811
+) -> None:
+    """Two real supervisors (real DTLS, real fast paths, simulated time) with a mesh tunnel
+    and an Alt-WAN tunnel: site 1 takes a list revoking site 2's certificate."""
+    net, a, b = two_sites(certs, tmp_path)  # a is site 2, b site 1
+    a.directory, b.directory = [entry(1)], [entry(2)]
+    a.altwan.on_directory()
+    b.altwan.on_directory()
+    a.mesh.on_punch(punch(2, 1, INET[1]))
+    b.mesh.on_punch(punch(1, 2, INET[2]))
+    net.run(5)
+    assert b.mesh.remotes[2].tunnel.state is State.UP
+    assert b.alt_tunnel(2).state is State.UP
+    serial = pki.serial_of(pki._read_certificate(certs(2)[1]))
+    assert b.mesh.remotes[2].tunnel.session.peer_serial == serial
+
+    seen: list[str] = []
+    revoked = SiteRevocations(on_event=lambda kind, text, data: seen.append(kind),
+                              clock=net.clock)
+    assert b.dtls is not None
+    b.dtls.revocation = revoked.reason
+    revoked.watch(b.mesh.end_revoked)
+    revoked.watch(b.altwan.end_revoked)
+    revoked.load({"revoked": [{"site": 2, "serial": serial}]})
+    # Gone at once: the tunnels, their fast-path peers (keys and endpoints) and the routes.
+    assert 2 not in b.mesh.remotes and 2 not in b.altwan.remotes
+    assert b.fp is not None
+    for pid in (2, altwan_peer_id(2)):
+        with pytest.raises(FastPathError):
+            b.fp.endpoint(pid)
+    assert b.candidates(Transport.MESH) == {} and b.candidates(Transport.ALT_WAN) == {}
+    assert ("altwan.revoked", 2) in b.events
+
+    # Site 2 keeps trying (it initiates both tunnels): every handshake is refused, with why.
+    before = b.sessions.stats.revoked
+    b.altwan.on_directory()  # the directory still lists it: Alt-WAN adds it back
+    net.run(20)
+    assert b.sessions.stats.revoked > before
+    assert any(r["reason"] == f"certificate of site 2 (serial {serial}) is revoked"
+               for r in b.sessions.stats.rejections)
+    assert seen.count("tunnel.handshake.revoked") == 1  # one event a minute, not one a try
+    assert b.alt_tunnel(2).state is not State.UP
+    # The stolen box still holds its old keys, and sends with them: site 1 drops it all.
+    assert a.fp is not None
+    a.paths.set_policy(Policy.CLOUD_LOST)
+    r = a.fp.process_outbound(ipv4("10.2.0.5", "10.1.0.7"))
+    assert (r.verdict, r.peer_id, r.to) == (Verdict.SEND, altwan_peer_id(1), MPLS[1])
+    assert b.fp.process_inbound(2, MPLS[2], r.data).verdict is Verdict.DROP
+    # Taken off the list (a revocation undone), the same certificate is accepted again.
+    revoked.load({"revoked": []})
+    net.run(30)
+    assert b.alt_tunnel(2).state is State.UP

@@ -218,8 +218,8 @@ class Supervisor:
         self.cloud = self._make_cloud(fp)
         self.sources = self._make_sources(fp, self.cloud)
         self.mesh = self._make_mesh(fp, self.cloud)
-        self._start_revocations(self.cloud, self.mesh)
         self.altwan = self._make_altwan(fp, self.cloud)
+        self._start_revocations(self.cloud, self.mesh, self.altwan)
         self.recovery = self._make_recovery(self.cloud, self.mesh, self.altwan)
         self.health, self.steering = self._make_health(fp, self.cloud, self.mesh)
         self.rules = self._make_rules(fp, self.cloud)
@@ -343,13 +343,14 @@ class Supervisor:
         mesh.load_cache()
         return mesh
 
-    def _start_revocations(self, cloud: Cloud, mesh: Mesh) -> None:
+    def _start_revocations(self, cloud: Cloud, mesh: Mesh, altwan: AltWan) -> None:
         """The account's revoked certificates follow the cloud config (the stored one now, so
-        they hold while the cloud is down): every handshake asks them, and the mesh ends the
-        tunnels of a certificate revoked while they run."""
+        they hold while the cloud is down): every handshake asks them, and the mesh and
+        Alt-WAN end the tunnels of a certificate revoked while they run."""
         assert self.dtls is not None
         self.dtls.revocation = self.revoked.reason
         self.revoked.watch(mesh.end_revoked)
+        self.revoked.watch(altwan.end_revoked)
         self.revoked.load(cloud.config)
         cloud.watch_config(lambda: self.revoked.load(cloud.config))
 
