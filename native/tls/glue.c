@@ -76,6 +76,18 @@ int sdwan_x509_san_uris(X509 *cert, char *out, int cap)
     return rc != 0 ? rc : used;
 }
 
+int sdwan_x509_serial(X509 *cert, unsigned char *out, int cap)
+{
+    const ASN1_INTEGER *serial = X509_get0_serialNumber(cert);
+    if (serial == NULL || ASN1_STRING_type(serial) != V_ASN1_INTEGER)
+        return -EINVAL;
+    int n = ASN1_STRING_length(serial);
+    if (n > cap)
+        return -ENOSPC;
+    memcpy(out, ASN1_STRING_get0_data(serial), (size_t)n);
+    return n;
+}
+
 SSL *sdwan_ssl_of_store(X509_STORE_CTX *store)
 {
     return X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx());

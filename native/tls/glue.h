@@ -20,6 +20,11 @@ int sdwan_pkey_is_p256(const EVP_PKEY *key);
  * too small, -EINVAL for a URI holding a NUL or newline (never a valid name). */
 int sdwan_x509_san_uris(X509 *cert, char *out, int cap);
 
+/* The certificate's serial number, big-endian without sign, into out: the length
+ * written, -ENOSPC if out is too small, -EINVAL for a negative or missing serial
+ * (never one of the account CA's; revocation lists name serials). */
+int sdwan_x509_serial(X509 *cert, unsigned char *out, int cap);
+
 /* The SSL connection a verify callback's store context belongs to. */
 SSL *sdwan_ssl_of_store(X509_STORE_CTX *store);
 

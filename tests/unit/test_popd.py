@@ -365,6 +365,8 @@ def test_register_welcome_ping_and_directory(pop: PopEnv, clients: list[Client])
                    "ports": [], "complex": []}],
         # An account without [firewall]: allow everything.
         "firewall": {"default": "allow", "rules": []},
+        # Nothing revoked: every certificate of the account CA naming a site of it is good.
+        "revoked": [],
     }
     assert welcome["directory"] == [{
         "site_id": 2, "name": "branch-2", "subnets": ["10.2.0.0/24"], "links": [],

@@ -31,6 +31,8 @@ OP_COOKIE_EXCHANGE = lib.SSL_OP_COOKIE_EXCHANGE
 SESS_CACHE_OFF = lib.SSL_SESS_CACHE_OFF
 MAX_COOKIE = lib.DTLS1_COOKIE_LENGTH
 _SAN_BUFFER = 4096
+# RFC 5280 allows 20 octets; some CAs write a few more, none of them this many.
+_SERIAL_BUFFER = 64
 
 
 class TlsError(Exception):
@@ -96,6 +98,14 @@ class Certificate:
         if n < 0:
             raise ValueError("subjectAltName holds a malformed or oversized URI")
         return ffi.unpack(out, n).decode("ascii", "replace").splitlines()
+
+    def serial_hex(self) -> str:
+        """The serial number in lowercase hex without leading zeros (revocation.py's form)."""
+        out = ffi.new("unsigned char[]", _SERIAL_BUFFER)
+        n = lib.sdwan_x509_serial(self._ptr, out, _SERIAL_BUFFER)
+        if n < 0:
+            raise ValueError("certificate has a negative, missing or oversized serial number")
+        return format(int.from_bytes(ffi.unpack(out, n), "big"), "x")
 
     def is_issued_by(self, ca: Certificate) -> bool:
         """True if ``ca``'s name and key match this certificate's issuer and signature."""

@@ -238,6 +238,11 @@ class DtlsContext:
         self._clock = clock
         # Why ClientHellos went nowhere; socketd exposes these as counters.
         self.stats: Counter[str] = Counter()
+        # (site id, certificate serial) -> why that certificate is refused, or None: the
+        # account's revocation list (revocation.py), asked for every site certificate a
+        # handshake presents, client or server, so that popd, the mesh, Alt-WAN and static
+        # tunnels all refuse a revoked one. Set by the daemon; None: nothing is revoked.
+        self.revocation: Callable[[int, str], str | None] | None = None
 
         self.ca_path, self.cert_path, self.key_path = Path(ca_path), Path(cert_path), Path(key_path)
         self.ca_cert, self.cert, self.key = self._load_identity()
@@ -456,6 +461,9 @@ class DtlsSession:
     # The peer's verified identity; peer_site_id is its id when the peer is a site.
     peer_identity: Identity | None = field(default=None, init=False)
     peer_site_id: int | None = field(default=None, init=False)
+    # The serial of the peer's certificate (revocation.py's form): kept after release() so a
+    # revocation that arrives later still finds the sessions of the revoked certificate.
+    peer_serial: str | None = field(default=None, init=False)
     _verify_failure: str | None = field(default=None, init=False)
     _started: bool = field(default=False, init=False)
     _close_sent: bool = field(default=False, init=False)
@@ -616,10 +624,24 @@ class DtlsSession:
         except ValueError as e:
             self._set_verify_failure(f"peer certificate refused: {e}")
             return False
+        try:
+            serial = cert.serial_hex()
+        except ValueError as e:
+            self._set_verify_failure(f"peer certificate refused: {e}")
+            return False
+        # Before the other checks: a revoked certificate is refused as such even where its
+        # site is no longer a configured peer (the mesh forgot it when it was revoked).
+        check = self.context.revocation
+        if identity[0] == "site" and check is not None:
+            reason = check(identity[1], serial)
+            if reason is not None:
+                self._set_verify_failure(reason)
+                return False
         reason = self._refusal(identity)
         if reason is not None:
             self._set_verify_failure(reason)
             return False
+        self.peer_serial = serial
         self.peer_identity = identity
         self.peer_site_id = identity[1] if identity[0] == "site" else None
         return True

@@ -45,6 +45,7 @@ from sdwan.common.dtls import (
 )
 from sdwan.common.identity import Identity
 from sdwan.common.ratelog import RateLog
+from sdwan.common.revocation import REVOKED_SUFFIX
 from sdwan.common.stun import is_stun
 
 log = logging.getLogger("sdwan.common.sessions")
@@ -196,6 +197,7 @@ class Stats:
     refused_admission: int = 0
     evicted: int = 0
     unknown_peer: int = 0  # of the rejections: a certificate of a site nobody accepts
+    revoked: int = 0  # of the rejections: a certificate the account revoked
     malformed_hellos: int = 0
     kicks_bad: int = 0
     stun_unmatched: int = 0
@@ -611,6 +613,8 @@ class SessionLayer:
         self.stats.rejected += 1
         if "not a configured peer" in reason:
             self.stats.unknown_peer += 1
+        elif reason.endswith(REVOKED_SUFFIX):
+            self.stats.revoked += 1
         if not listed:
             return
         ep = format_addr(addr)

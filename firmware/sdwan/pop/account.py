@@ -22,6 +22,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sdwan.common.revocation import (
+    MAX_NOTE,
+    MAX_REVOKED,
+    Revocations,
+    Revoked,
+    normalize_serial,
+)
 from sdwan.common.tomlcheck import (
     MISSING,
     Checker,
@@ -242,6 +249,8 @@ class Account:
     rules: tuple[Rule, ...] = ()
     source: str = ""
     firewall: Firewall = Firewall()
+    # Revoked site certificates ([[revoked]]): popd refuses them and every site gets the list.
+    revoked: Revocations = Revocations()
 
     def site(self, site_id: int) -> AccountSite | None:
         return next((s for s in self.sites if s.id == site_id), None)
@@ -253,7 +262,12 @@ class Account:
     def site_config(self, site: AccountSite) -> dict[str, Any]:
         """The `config` a site is sent (docs/cloud.md): its settings, the network rules (in
         order, site names resolved to subnets) and the firewall."""
-        return {**site.settings(), "rules": self.site_rules, "firewall": self.firewall_config()}
+        return {
+            **site.settings(),
+            "rules": self.site_rules,
+            "firewall": self.firewall_config(),
+            "revoked": self.revoked.for_sites(),
+        }
 
     @functools.cached_property
     def site_rules(self) -> list[dict[str, Any]]:
@@ -298,6 +312,7 @@ class Account:
             "sites": [{"id": s.id, **s.settings()} for s in self.sites],
             "rules": [r.to_dict() for r in self.rules],
             "firewall": self.firewall.to_doc(),
+            "revoked": self.revoked.to_list(),
         }
 
     @classmethod
@@ -322,6 +337,7 @@ class Account:
             ),
             # An account stored before the firewall existed has none: allow everything.
             firewall=Firewall.from_doc(doc.get("firewall")),
+            revoked=Revocations.from_list(doc.get("revoked")),
         )
 
 
@@ -751,11 +767,68 @@ def _check_firewall(
     return Firewall(default=default, rules=tuple(rules)) if ok else None
 
 
+# --------------------------------------------------------------------------- revoked
+
+_REVOKED_KEYS = ("site", "serial", "note")
+
+
+@expects("a serial number in hex")
+def _serial(value: Any) -> str:
+    return normalize_serial(value)
+
+
+@expects(f"a note of at most {MAX_NOTE} printable characters")
+def _note(value: Any) -> str:
+    if not isinstance(value, str) or len(value) > MAX_NOTE or not value.isprintable():
+        raise ValueError(
+            f"expected a note of at most {MAX_NOTE} printable characters, got {show(value)}"
+        )
+    return value
+
+
+def _check_revoked(c: Checker, doc: Mapping[str, Any]) -> Revocations | None:
+    """[[revoked]]: site certificates refused by serial. A site id need not be in the
+    account (a site removed and added back later keeps its certificates refused)."""
+    raw = doc.get("revoked", [])
+    if not isinstance(raw, list) or len(raw) > MAX_REVOKED:
+        c.error(
+            ("revoked",),
+            f"expected an array of at most {MAX_REVOKED} tables [[revoked]] (each with site and"
+            f" serial), got {show(raw) if not isinstance(raw, list) else f'{len(raw)} entries'}",
+        )
+        return None
+    entries: list[Revoked] = []
+    seen: dict[tuple[int, str], int] = {}
+    ok = True
+    for i, entry in enumerate(raw):
+        loc: tuple[str | int, ...] = ("revoked", i)
+        if not isinstance(entry, dict):
+            c.error(loc, f"expected a table with site and serial, got {show(entry)}")
+            ok = False
+            continue
+        c.known_keys(entry, loc, _REVOKED_KEYS)
+        site_id = c.value(entry, (*loc, "site"), int_range(1, MAX_SITE_ID))
+        serial = c.value(entry, (*loc, "serial"), _serial)
+        note = c.value(entry, (*loc, "note"), _note, default="")
+        if MISSING in (site_id, serial, note) or set(entry) - set(_REVOKED_KEYS):
+            ok = False
+            continue
+        key = (site_id, serial)
+        if key in seen:
+            c.error((*loc, "serial"), f"serial {serial} of site {site_id} is revoked twice"
+                    f" (also revoked[{seen[key]}])")
+            ok = False
+            continue
+        seen[key] = i
+        entries.append(Revoked(site_id, serial, note))
+    return Revocations(tuple(entries)) if ok else None
+
+
 def load_account(path: str | os.PathLike[str]) -> Account:
     """Read and validate an account file; raise ConfigError listing every problem."""
     source, text, doc = read_toml(path, what="file")
     c = Checker(source, LineIndex(text))
-    c.known_keys(doc, (), ("account", "sites", "rules", "firewall"))
+    c.known_keys(doc, (), ("account", "sites", "rules", "firewall", "revoked"))
     name: Any = MISSING
     account_t = c.table(doc, ("account",), required=True)
     if account_t is not None:
@@ -765,12 +838,19 @@ def load_account(path: str | os.PathLike[str]) -> Account:
     _check_site_overlaps(c, doc)
     rules = _check_rules(c, doc, sites)
     firewall = _check_firewall(c, doc, sites)
+    revoked = _check_revoked(c, doc)
     if c.issues:
         raise ConfigError(source, c.issues)
     assert sites is not None and rules is not None and firewall is not None
+    assert revoked is not None
     assert isinstance(name, str)
     account = Account(
-        name=name, sites=tuple(sites), rules=tuple(rules), source=str(source), firewall=firewall
+        name=name,
+        sites=tuple(sites),
+        rules=tuple(rules),
+        source=str(source),
+        firewall=firewall,
+        revoked=revoked,
     )
     _check_config_size(c, account)
     if c.issues:
@@ -783,9 +863,10 @@ def _check_config_size(c: Checker, account: Account) -> None:
     firewall, site names resolved, would not fit in a site's `config`."""
     rules = len(json.dumps(account.site_rules))
     firewall = len(json.dumps(account.firewall_config()))
+    revoked = len(json.dumps(account.revoked.for_sites()))
     for i, site in enumerate(account.sites):
         # The rules and the firewall are the same for every site: measured once.
-        size = len(json.dumps(site.settings())) + rules + firewall + 32
+        size = len(json.dumps(site.settings())) + rules + firewall + revoked + 48
         if size > MAX_SITE_CONFIG_BYTES:
             where = ("rules",) if rules >= firewall else ("firewall",)
             c.error(where, f"expected the configuration sent to each site to be at most "

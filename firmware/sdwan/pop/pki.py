@@ -10,16 +10,20 @@ Owns the certificate profile every other part of the firmware relies on:
 * a PoP certificate: the same profile with CN ``pop-<id>`` and the URI ``sdwan:pop:<id>``.
   A certificate names exactly one identity: a site or a PoP, never both.
 
-Also the ``socket-pki`` command line (``init-ca``, ``issue`` and ``issue-pop``). Private keys are
-written 0600 and existing files are never overwritten silently.
+Also the ``socket-pki`` command line (``init-ca``, ``issue``, ``issue-pop`` and ``revoke``).
+Private keys are written 0600 and existing files are never overwritten silently. ``revoke``
+adds a ``[[revoked]]`` entry (site id and certificate serial) to the account file, which popd
+applies on its next reload (docs/security.md, "Revoking a site's certificate").
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +44,8 @@ from sdwan.common.identity import (
     identity_from_uris,
     site_id_from_uris,
 )
+from sdwan.common.revocation import MAX_NOTE, normalize_serial
+from sdwan.pop.account import ConfigError, load_account
 
 CA_CERT_NAME = "ca.pem"
 CA_KEY_NAME = "ca.key"
@@ -382,6 +388,127 @@ def issue_pop(
     return PopFiles(pop_id=pop_id, cert=cert, key=key)
 
 
+@dataclass(frozen=True)
+class Revocation:
+    site_id: int
+    serial: str
+    account: Path
+    added: bool  # False: the account already revoked it
+
+
+def serial_of(cert: x509.Certificate) -> str:
+    """The serial in the form the account and the handshakes compare (revocation.py)."""
+    return normalize_serial(format(cert.serial_number, "x"))
+
+
+def _read_certificate(path: Path) -> x509.Certificate:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise PkiError(f"certificate {path} not found") from None
+    except OSError as e:
+        raise PkiError(f"cannot read certificate {path}: {e.strerror or e}") from None
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError:
+        try:
+            return x509.load_der_x509_certificate(data)
+        except ValueError:
+            raise PkiError(f"{path} is not a PEM or DER certificate") from None
+
+
+def revoke_site(
+    account_path: str | os.PathLike[str],
+    site_id: int,
+    *,
+    cert: str | os.PathLike[str] | None = None,
+    serial: str | None = None,
+    reason: str = "",
+    now: datetime.datetime | None = None,
+) -> Revocation:
+    """Add a [[revoked]] entry for one certificate of site_id to the account file.
+
+    The certificate is named by its file or its serial (exactly one of the two). The account
+    must load before and after (the file is replaced atomically, so popd never reads half of
+    it), the site must be the account's (a typo would revoke nothing) and a certificate file
+    must name that site.
+    """
+    check_site_id(site_id)
+    if (cert is None) == (serial is None):
+        raise PkiError("name the certificate to revoke: either its file (--cert) or --serial")
+    if len(reason) > MAX_NOTE - 40 or not reason.isprintable():
+        raise PkiError(f"reason must be at most {MAX_NOTE - 40} printable characters")
+    if cert is not None:
+        cert_path = Path(cert)
+        certificate = _read_certificate(cert_path)
+        try:
+            named = identity_from_certificate(certificate)
+        except ValueError as e:
+            raise PkiError(f"{cert_path}: {e}") from None
+        if named != ("site", site_id):
+            raise PkiError(
+                f"{cert_path} is the certificate of {named[0]} {named[1]}, not of site {site_id}"
+            )
+        serial = serial_of(certificate)
+    else:
+        assert serial is not None
+        try:
+            serial = normalize_serial(serial)
+        except ValueError as e:
+            raise PkiError(str(e)) from None
+    path = Path(account_path)
+    try:
+        account = load_account(path)
+    except ConfigError as e:
+        raise PkiError(f"the account file has errors, nothing changed:\n{e}") from None
+    site = account.site(site_id)
+    if site is None:
+        known = ", ".join(f"{s.id} ({s.name})" for s in account.sites[:20])
+        raise PkiError(f"site {site_id} is not in the account {path} (its sites: {known})")
+    if account.revoked.is_revoked(site_id, serial):
+        return Revocation(site_id, serial, path, added=False)
+    when = (now or datetime.datetime.now(datetime.UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    note = f"revoked {when}" + (f": {reason}" if reason else "")
+    text = path.read_text(encoding="utf-8")
+    # Appended, not rewritten: the operator's comments and layout stay as they were.
+    entry = (
+        f"\n[[revoked]]\nsite = {site_id}\nserial = \"{serial}\"\nnote = {json.dumps(note)}\n"
+    )
+    new_text = text + ("" if text.endswith("\n") or not text else "\n") + entry
+    _replace_checked(path, new_text, load_account, ConfigError)
+    return Revocation(site_id, serial, path, added=True)
+
+
+def _replace_checked(
+    path: Path, text: str, load: Callable[[Path], object], error: type[Exception]
+) -> None:
+    """Write text over path atomically (same directory, fsync, rename) once it loads."""
+    mode = path.stat().st_mode & 0o777
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        try:
+            load(tmp)
+        except error as e:
+            raise PkiError(
+                f"the account with the new entry would not load, nothing changed (edit"
+                f" {path} by hand):\n{e}"
+            ) from None
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def _pop_id_arg(text: str) -> int:
     try:
         value = int(text, 10)
@@ -438,6 +565,16 @@ def _parser() -> argparse.ArgumentParser:
     pop.add_argument("--out", metavar="OUTDIR", default=None, help="default: DIR")
     pop.add_argument("--days", type=_days_arg, default=DEFAULT_SITE_DAYS)
     pop.add_argument("--force", action="store_true", help="replace an existing certificate")
+    revoke = sub.add_parser(
+        "revoke",
+        help="revoke one certificate of a site in the account file (popd applies it on reload)",
+    )
+    revoke.add_argument("account", metavar="ACCOUNT", help="popd's account file")
+    revoke.add_argument("--site-id", type=_site_id_arg, required=True)
+    which = revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("--cert", metavar="FILE", help="the certificate to revoke (PEM or DER)")
+    which.add_argument("--serial", metavar="HEX", help="its serial number in hex")
+    revoke.add_argument("--reason", default="", help="kept in the entry's note")
     return parser
 
 
@@ -447,6 +584,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "init-ca":
             ca = create_ca(args.dir, account=args.account, days=args.days)
             print(f"created account CA {ca.cert} (key {ca.key}, mode 0600)")
+        elif args.command == "revoke":
+            r = revoke_site(
+                args.account, args.site_id, cert=args.cert, serial=args.serial, reason=args.reason
+            )
+            if not r.added:
+                print(f"certificate serial {r.serial} of site {r.site_id} is already revoked in"
+                      f" {r.account}; nothing changed")
+            else:
+                print(f"revoked certificate serial {r.serial} of site {r.site_id} in {r.account};"
+                      " popd refuses it and ends its sessions once it reloads the account"
+                      " (popctl reload, or SIGHUP)")
         elif args.command == "issue-pop":
             pop = issue_pop(args.dir, args.pop_id, args.out, days=args.days, force=args.force)
             print(f"issued PoP {pop.pop_id}: {pop.cert} (key {pop.key}, mode 0600)")

@@ -161,6 +161,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
               f" {_v(result.get('removed'))}, directory rev {_v(result.get('rev'))}", file=text)
         for note in result.get("notes") or []:
             print(f"  {_v(note)}", file=text)
+        for ended in result.get("revoked_sessions") or []:
+            if isinstance(ended, dict):
+                print(f"  ended site {_v(ended.get('site_id'))} link {_v(ended.get('link'))}:"
+                      f" certificate serial {_v(ended.get('serial'))} revoked", file=text)
     text.flush()
     return EXIT_OK
 

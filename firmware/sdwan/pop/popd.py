@@ -84,6 +84,9 @@ MAX_PARTIALS = 2  # messages a site may have partly sent at once
 FRAG_TIMEOUT_S = 5.0
 MAX_LINKS = 16
 MAX_UPLOADED_EVENTS = 200
+# A revoked certificate's owner may retry its handshake as often as it likes: one event per
+# site in this long says so, the counter and the rejection list say how often.
+REVOKED_EVENT_EVERY_S = 60.0
 # Fast-path peer ids: S << 8 | L for a registered session (below 2^24); a session that has
 # not registered yet lives under an id from this range, which S << 8 | L never reaches.
 TEMP_PEER_BASE = 0x40000000
@@ -151,6 +154,7 @@ class _Stats:
     messages_unknown: int = 0
     keys_refused: int = 0  # `key` messages whose index or timers were refused
     registrations_refused: int = 0
+    sessions_revoked: int = 0  # live sessions ended because the account revoked their cert
     sessions_opened: int = 0
     sessions_closed: int = 0
     events_stored: int = 0
@@ -275,6 +279,7 @@ class Pop(SessionOwner):
         # the site is offline, since the other sites reach it there without the cloud.
         self.altwan: dict[int, list[str]] = {}
         self._next_temp = 0
+        self._revoked_event_at: dict[int, float] = {}  # per site, the last refusal's event
         self.fp: FastPath | None = None
         self.dtls: DtlsContext | None = None
         self.store: Store | None = None
@@ -296,6 +301,8 @@ class Pop(SessionOwner):
         self._load_account_at_start()
         try:
             self.dtls = DtlsContext(cfg.pki.ca, cfg.pki.cert, cfg.pki.key, ("pop", cfg.id))
+            # Every handshake asks the account in force, so a reload applies to the next one.
+            self.dtls.revocation = self._refuse_revoked
             self.sessions.dtls = self.dtls
         except (OSError, ValueError) as e:
             raise StartupError(str(e)) from e
@@ -426,8 +433,53 @@ class Pop(SessionOwner):
             return self
         site_id = session.peer_site_id
         if session.established and site_id is not None and self.account is not None:
+            if self.account.revoked.is_revoked(site_id, session.peer_serial):
+                return None  # verified before a reload revoked it: refused all the same
             return self if self.account.site(site_id) is not None else None
         return None
+
+    def _refuse_revoked(self, site_id: int, serial: str) -> str | None:
+        """The handshake check (dtls.py): why a site certificate is refused, or None. The
+        session layer lists and counts the refusal; an event tells the operator, once a
+        while per site."""
+        if self.account is None:
+            return None
+        reason = self.account.revoked.reason(site_id, serial)
+        if reason is None:
+            return None
+        now = self.clock()
+        last = self._revoked_event_at.get(site_id)
+        if last is None or now - last >= REVOKED_EVENT_EVERY_S:
+            self._revoked_event_at[site_id] = now
+            text = f"site {site_id}: handshake refused: {reason}"
+            log.warning("%s", text)
+            self._event("popd.handshake.revoked", text, site_id, serial=serial)
+        return reason
+
+    def _end_revoked(self) -> list[dict[str, Any]]:
+        """End at once every session whose certificate the account now revokes: the site
+        is told why, its DTLS session closed, its relay routes and directory entry follow."""
+        assert self.account is not None
+        ended: list[dict[str, Any]] = []
+        for s in {*self.by_peer.values(), *self.by_addr.values()}:
+            if self.by_addr.get(s.addr) is not s and self.by_peer.get(s.peer_id) is not s:
+                continue
+            reason = self.account.revoked.reason(s.site_id, s.dtls.peer_serial)
+            if reason is None:
+                continue
+            if s.registered:
+                self._send_msg(s, {"t": "error", "reason": reason})
+            for d in s.dtls.close():
+                self.send(s.addr, d)
+            self.stats.sessions_revoked += 1
+            link = s.link_name or _ep(s.addr)
+            text = f"site {s.site_id} link {link}: session ended: {reason}"
+            log.warning("%s", text)
+            self._event("popd.session.revoked", text, s.site_id, link=s.link_name,
+                        serial=s.dtls.peer_serial)
+            ended.append({"site_id": s.site_id, "link": s.link_name, "serial": s.dtls.peer_serial})
+            self._drop(s, reason)
+        return ended
 
     def sessions_in_use(self) -> list[DtlsSession]:
         return [s.dtls for s in self.by_addr.values()]
@@ -1082,6 +1134,7 @@ class Pop(SessionOwner):
                 for d in s.dtls.close():
                     self.send(s.addr, d)
                 self._drop(s, "site removed from the account")
+        ended = self._end_revoked()
         for site in new.sites:
             before = old.site(site.id) if old is not None else None
             # A site's config is its settings, the account's network rules and its firewall
@@ -1107,6 +1160,7 @@ class Pop(SessionOwner):
             "ok": True,
             "changed": changed,
             "removed": removed,
+            "revoked_sessions": ended,
             "rev": self.rev,
             "notes": new.notes(),
         }
@@ -1145,6 +1199,7 @@ class Pop(SessionOwner):
                     "default": self.account.firewall.default,
                     "rules": len(self.account.firewall.rules),
                 },
+                "revoked": len(self.account.revoked),
                 "loaded_at": self.account_loaded_at,
                 "error": self.account_error,
             },
@@ -1171,6 +1226,8 @@ class Pop(SessionOwner):
                 "dtls_rejected": ls.rejected,
                 "handshakes_refused_admission": ls.refused_admission,
                 "unknown_site": ls.unknown_peer,
+                "revoked_refused": ls.revoked,
+                "sessions_revoked": st.sessions_revoked,
                 "messages_malformed": st.messages_malformed,
                 "messages_unknown": st.messages_unknown,
                 "keys_refused": st.keys_refused,
@@ -1240,6 +1297,7 @@ class Pop(SessionOwner):
                     **site.settings(),
                     "online": bool(sessions),
                     "altwan": list(self.altwan.get(site.id, [])),
+                    "revoked": self.account.revoked.of_site(site.id),
                     "sessions": sessions,
                 }
             )

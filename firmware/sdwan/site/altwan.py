@@ -31,6 +31,7 @@ from typing import Any
 
 from sdwan.bindings.fastpath import FastPath, FastPathError
 from sdwan.common.dtls import DtlsSession
+from sdwan.common.revocation import Revocations
 from sdwan.common.sessions import SessionOwner
 from sdwan.common.tomlcheck import format_endpoint, parse_endpoint
 from sdwan.site.links import LinkManager, WanLink
@@ -236,6 +237,23 @@ class AltWan(SessionOwner):
         # At once: no candidate may name the fast-path peer that is gone.
         self._dirty = False
         self.paths.submit(PATHS_PRODUCER, self._candidates())
+
+    def end_revoked(self, revoked: Revocations) -> list[int]:
+        """The account revoked certificates: tear down at once the tunnels whose peer
+        authenticated with one of them. A later directory may add the site back; its
+        handshakes are then refused by the revocation check, and say so."""
+        ended: list[int] = []
+        for site_id, peer in list(self.remotes.items()):
+            session = peer.tunnel.session
+            serial = session.peer_serial if session is not None else None
+            reason = revoked.reason(site_id, serial)
+            if reason is None:
+                continue
+            self.remove(site_id, reason)
+            self._event("altwan.revoked", site_id,
+                        f"site {site_id}: Alt-WAN tunnel ended: {reason}", {"serial": serial})
+            ended.append(site_id)
+        return ended
 
     # ---------------------------------------------------------------- tunnels
 

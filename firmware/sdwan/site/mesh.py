@@ -49,6 +49,7 @@ from typing import Any
 from sdwan.bindings.fastpath import FastPath, FastPathError
 from sdwan.common import probe
 from sdwan.common.dtls import DtlsSession
+from sdwan.common.revocation import Revocations
 from sdwan.common.sessions import SessionOwner
 from sdwan.common.store import NatEntry, StoreError
 from sdwan.common.tomlcheck import IPNetwork, format_endpoint, parse_endpoint
@@ -1378,6 +1379,23 @@ class Mesh(SessionOwner):
                           {"peer": site_id, "reason": reason})
         # At once: no candidate may name the fast-path peer that is gone.
         self.paths.submit(PATHS_PRODUCER, self._candidates())
+
+    def end_revoked(self, revoked: Revocations) -> list[int]:
+        """The account revoked certificates: tear down at once every tunnel whose peer
+        authenticated with one of them (its keys leave the fast path, its NAT data is
+        forgotten); the peer's next handshake is refused by the revocation check."""
+        ended: list[int] = []
+        for site_id, peer in list(self.remotes.items()):
+            session = peer.tunnel.session if peer.tunnel is not None else None
+            serial = session.peer_serial if session is not None else None
+            reason = revoked.reason(site_id, serial)
+            if reason is None:
+                continue
+            self.remove(site_id, reason)
+            self.on_event("mesh.peer.revoked", f"site {site_id}: mesh tunnel ended: {reason}",
+                          {"peer": site_id, "serial": serial})
+            ended.append(site_id)
+        return ended
 
     def on_silent(self, peer_ids: Sequence[int]) -> None:
         """The fast path saw these peers stop answering our traffic: their paths are dead

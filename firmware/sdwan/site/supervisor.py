@@ -62,6 +62,7 @@ from sdwan.site.links import LinkError, LinkManager
 from sdwan.site.mesh import Mesh, pin_override
 from sdwan.site.paths import Candidate, Paths, Transport
 from sdwan.site.recovery import STORED_MAX_AGE_S, Reach, Recovery
+from sdwan.site.revoked import SiteRevocations
 from sdwan.site.rules import Rules
 from sdwan.site.sources import Sources, add_peer
 from sdwan.site.steering import Kind, Steering
@@ -128,6 +129,7 @@ class Supervisor:
         self.store: Store | None = None
         self.cloud: Cloud | None = None
         self.mesh: Mesh | None = None
+        self.revoked = SiteRevocations(on_event=self._record_event, clock=self.clock)
         self.altwan: AltWan | None = None
         self.recovery: Recovery | None = None
         self.health: Health | None = None
@@ -221,6 +223,7 @@ class Supervisor:
         self.sources = self._make_sources(fp, self.cloud)
         self.mesh = self._make_mesh(fp, self.cloud)
         self.altwan = self._make_altwan(fp, self.cloud)
+        self._start_revocations(self.cloud, self.mesh, self.altwan)
         self.recovery = self._make_recovery(self.cloud, self.mesh, self.altwan)
         self.health, self.steering = self._make_health(fp, self.cloud, self.mesh)
         self.rules = self._make_rules(fp, self.cloud)
@@ -345,6 +348,17 @@ class Supervisor:
         self.paths.set_override(pin_override(cfg.mesh.pin), why="pinned to the mesh ([mesh] pin)")
         mesh.load_cache()
         return mesh
+
+    def _start_revocations(self, cloud: Cloud, mesh: Mesh, altwan: AltWan) -> None:
+        """The account's revoked certificates follow the cloud config (the stored one now, so
+        they hold while the cloud is down): every handshake asks them, and the mesh and
+        Alt-WAN end the tunnels of a certificate revoked while they run."""
+        assert self.dtls is not None
+        self.dtls.revocation = self.revoked.reason
+        self.revoked.watch(mesh.end_revoked)
+        self.revoked.watch(altwan.end_revoked)
+        self.revoked.load(cloud.config)
+        cloud.watch_config(lambda: self.revoked.load(cloud.config))
 
     def _make_altwan(self, fp: FastPath, cloud: Cloud) -> AltWan:
         cfg = self.cfg
@@ -742,8 +756,10 @@ class Supervisor:
                 "unknown": st.unknown + st.oversized,
                 "stun_unmatched": st.stun_unmatched,
                 "probe_acks_unmatched": st.probe_acks_unmatched,
+                "revoked_refused": st.revoked,
             },
             "rejections": list(st.rejections),
+            "revoked": self.revoked.status(),
             "cloud": self.cloud.summary() if self.cloud is not None else {"state": "off"},
             "mesh": self.mesh.summary() if self.mesh is not None else {"enabled": False},
             "altwan": self.altwan.summary() if self.altwan is not None else {"enabled": False},
