@@ -20,6 +20,10 @@ int sdwan_pkey_is_p256(const EVP_PKEY *key);
  * too small, -EINVAL for a URI holding a NUL or newline (never a valid name). */
 int sdwan_x509_san_uris(X509 *cert, char *out, int cap);
 
+/* The certificate's notBefore and notAfter as seconds since the epoch (UTC).
+ * 0, or -EINVAL if either field cannot be read. */
+int sdwan_x509_validity(const X509 *cert, long long *not_before, long long *not_after);
+
 /* The SSL connection a verify callback's store context belongs to. */
 SSL *sdwan_ssl_of_store(X509_STORE_CTX *store);
 

@@ -185,6 +185,14 @@ def format_status(result: Mapping[str, Any], out: TextIO) -> None:
     lan = result.get("lan")
     if isinstance(lan, Mapping) and lan.get("address"):
         fields.append(("lan", _lan_line(lan)))
+    certs = result.get("certificates")
+    if isinstance(certs, Mapping):
+        for key, name in (("cert", "cert"), ("ca", "ca cert")):
+            if isinstance(certs.get(key), Mapping):
+                fields.append((name, _cert_line(certs[key])))
+    clock = result.get("clock")
+    if isinstance(clock, Mapping):
+        fields.append(("clock", _clock_line(clock)))
     for name, value in fields:
         out.write(f"{name:<9}{value}\n" if len(name) < 9 else f"{name} {value}\n")
 
@@ -229,6 +237,25 @@ def format_status(result: Mapping[str, Any], out: TextIO) -> None:
                 host, port = src
                 src = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
             out.write(f"  {when}  {_text(src)}  {_text(item.get('reason'))}\n")
+
+
+def _cert_line(cert: Mapping[str, Any]) -> str:
+    state = _text(cert.get("state"))
+    text = f"{state}, until {_text(cert.get('not_after'))}"
+    if state in ("valid", "expiring"):
+        text += f" ({_num(cert.get('days_left'))} days left)"
+    elif state == "not yet valid":
+        text += f", valid from {_text(cert.get('not_before'))}: is the clock wrong?"
+    return text
+
+
+def _clock_line(clock: Mapping[str, Any]) -> str:
+    text = _text(clock.get("now"))
+    moved = clock.get("moved_at_boot")
+    if isinstance(moved, Mapping):
+        text += (f" (was {_text(moved.get('was'))} at boot, moved forward to"
+                 f" {_text(moved.get('source'))})")
+    return text
 
 
 @_visible_out

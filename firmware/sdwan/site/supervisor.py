@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 from sdwan import __version__
+from sdwan.appliance.clock import ClockFloor
 from sdwan.appliance.lanport import LanPort
 from sdwan.appliance.leds import (
     BOOT_GRACE_S,
@@ -35,6 +36,7 @@ from sdwan.appliance.wanaddr import WanAddressing
 from sdwan.appliance.watchdog import Guard
 from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig, FastPathError
 from sdwan.common import heap
+from sdwan.common.certlife import CertWatch, watch_identity
 from sdwan.common.control import ControlServer, Handler
 from sdwan.common.daemon import StartupError
 from sdwan.common.dtls import DtlsContext, DtlsSession
@@ -152,6 +154,8 @@ class Supervisor:
         # The directory list (kept: its identity says whether it changed) and the static
         # tunnels up when the static-offcloud candidates were last submitted.
         self._static_offcloud_key: tuple[list, frozenset[int]] | None = None
+        self.certs: CertWatch | None = None  # made by _open with the DTLS identity
+        self.clock_floor = ClockFloor(cfg.paths.data_dir)
 
     @property
     def dtls(self) -> DtlsContext | None:
@@ -167,6 +171,8 @@ class Supervisor:
         cfg = self.cfg
         try:
             self.dtls = DtlsContext(cfg.pki.ca, cfg.pki.cert, cfg.pki.key, cfg.site.id)
+            self.certs = watch_identity(cfg.pki.ca, self.dtls.ca_cert, cfg.pki.cert,
+                                        self.dtls.cert)
         except (OSError, ValueError) as e:
             raise StartupError(str(e)) from e
         fp_cfg = FastPathConfig.default()
@@ -213,6 +219,9 @@ class Supervisor:
             # Tunnels work without a store; only history and the cloud copy are lost.
             log.error("store unusable, running without one: %s", e)
         self.links.store = self.store
+        for ev in self.clock_floor.at_start():
+            log.warning("%s", ev.text)
+            self._record_event(ev.kind, ev.text, ev.data)
         self.cloud = self._make_cloud(fp)
         self.sources = self._make_sources(fp, self.cloud)
         self.mesh = self._make_mesh(fp, self.cloud)
@@ -597,10 +606,24 @@ class Supervisor:
             self._liveness(self.fp)
         if self.paths is not None:
             self.paths.apply()  # retries a route the fast path refused; cheap when none
+        self._time_and_certs()
         now = self.clock()
         if now >= self._next_trim:
             self._next_trim = now + HEAP_TRIM_S
             heap.trim()
+
+    def _clock_trusted(self) -> bool:
+        """A DTLS session is up: both ends' certificates were valid at our clock, so it is
+        near enough right to become the clock's floor (appliance/clock.py)."""
+        return (self.cloud is not None and self.cloud.state == "up") or any(
+            t.state is State.UP for t in self.tunnels.values())
+
+    def _time_and_certs(self) -> None:
+        self.clock_floor.tick(self._clock_trusted())
+        if self.certs is not None:
+            for w in self.certs.check():
+                log.warning("%s", w.text)
+                self._record_event(w.kind, w.text, w.data)
 
     def _static_offcloud(self) -> None:
         """A static peer is a direct tunnel to its site, so the mesh leaves that site alone:
@@ -749,6 +772,8 @@ class Supervisor:
             "lan": self.lan.summary() if self.lan is not None else None,
             "sources": self.sources.summary() if self.sources is not None else None,
             "appliance": self._appliance_status(),
+            "certificates": self.certs.status() if self.certs is not None else None,
+            "clock": self.clock_floor.status(),
         }
 
     async def _peers(self, _req: dict) -> dict:
@@ -997,6 +1022,8 @@ class Supervisor:
             ticker.cancel()
             if self._stop.is_set() and self.guard is not None:
                 self.guard.end("stopped")
+            if self._clock_trusted():
+                self.clock_floor.store()
             log.info("socketd stopping")
             await self.control.close()
             if self.wan is not None:
