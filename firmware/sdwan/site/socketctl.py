@@ -251,6 +251,15 @@ def _cert_line(cert: Mapping[str, Any]) -> str:
 
 def _clock_line(clock: Mapping[str, Any]) -> str:
     text = _text(clock.get("now"))
+    sync = clock.get("sync")
+    if isinstance(sync, Mapping):
+        if sync.get("synced"):
+            offset = sync.get("offset_s")
+            off = f", {offset:+.3f} s off" if isinstance(offset, int | float) else ""
+            text += (f", synchronised to {_text(sync.get('reference'))}"
+                     f" (stratum {_num(sync.get('stratum'))}{off})")
+        else:
+            text += f", not synchronised: {_text(sync.get('why'))}"
     moved = clock.get("moved_at_boot")
     if isinstance(moved, Mapping):
         text += (f" (was {_text(moved.get('was'))} at boot, moved forward to"

@@ -32,6 +32,7 @@ from sdwan.appliance.leds import (
     choose_pattern,
     open_leds,
 )
+from sdwan.appliance.timesync import TimeSync
 from sdwan.appliance.wanaddr import WanAddressing
 from sdwan.appliance.watchdog import Guard
 from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig, FastPathError
@@ -156,6 +157,9 @@ class Supervisor:
         self._static_offcloud_key: tuple[list, frozenset[int]] | None = None
         self.certs: CertWatch | None = None  # made by _open with the DTLS identity
         self.clock_floor = ClockFloor(cfg.paths.data_dir)
+        sock = cfg.paths.control_socket
+        self.timesync = TimeSync(cfg.time, cfg.paths.data_dir, sock.parent, self._record_event,
+                                 tag=sock.stem)
 
     @property
     def dtls(self) -> DtlsContext | None:
@@ -773,7 +777,7 @@ class Supervisor:
             "sources": self.sources.summary() if self.sources is not None else None,
             "appliance": self._appliance_status(),
             "certificates": self.certs.status() if self.certs is not None else None,
-            "clock": self.clock_floor.status(),
+            "clock": {**self.clock_floor.status(), "sync": self.timesync.status()},
         }
 
     async def _peers(self, _req: dict) -> dict:
@@ -1004,6 +1008,7 @@ class Supervisor:
         # Like the WAN links: in the background, with the console already able to look.
         assert self.lan is not None
         self.lan.start()
+        self.timesync.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         log.info(
@@ -1030,6 +1035,7 @@ class Supervisor:
                 await self.wan.close()
             if self.lan is not None:
                 await self.lan.close()
+            await self.timesync.close()
             # The ruleset stays in the kernel: a stopped socketd leaves the LAN neither open
             # nor closed (docs/firewall.md); the next start replaces it.
             await self.firewall.close()
