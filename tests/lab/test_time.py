@@ -100,3 +100,46 @@ def test_chronyd_synchronises_to_the_server_that_answers_and_says_so(lab: Lab) -
     pid = st["chronyd"]["pid"]
     lab.stop_socketd(site)
     wait_for("chronyd gone", lambda: not Path(f"/proc/{pid}").exists(), timeout=10)
+
+
+def test_a_certificate_near_its_expiry_is_renewed_through_the_pop_and_kept(lab: Lab) -> None:
+    lab.add_inet()
+    lab.add_router(1, nat="masquerade")
+    lab.add_router(2, nat="masquerade")
+    site, other = lab.add_site(1), lab.add_site(2)
+    pop = lab.add_pop(1)
+    lab.write_pop_config(pop, sites=[site, other], renewal={})
+    lab.start_popd(pop)
+    ca = lab.setup_pki()
+    short = pki.issue_site(ca.dir, site.site_id, lab.workdir / "pki" / "short-site1", days=10)
+    pops = f'[[pops]]\nid = 1\nendpoint = "{pop.host.ip}:4800"\n'
+    lab.write_site_config(site, cert=short.cert, key=short.key, extra_toml=pops)
+    lab.write_site_config(other, extra_toml=pops)
+    lab.start_socketd(site)
+    lab.start_socketd(other)
+
+    (ev,) = wait_for("the certificate renewed", lambda: lab.socketctl(
+        site, "events", "--kind", "cert.renewed")["events"], timeout=30)
+    certs = lab.socketctl(site, "status")["certificates"]
+    assert certs["source"] == "renewed" and certs["renewal"]["state"] == "renewed", certs
+    assert certs["cert"]["days_left"] >= 800 and certs["cert"]["state"] == "valid", certs
+    assert certs["cert"]["path"].startswith(str(site.data_dir / "credentials")), certs
+    key = site.data_dir / "credentials" / "current" / "key.pem"
+    assert key.stat().st_mode & 0o077 == 0, oct(key.stat().st_mode)
+    pop_events = [e for e in lab.popctl(pop, "events")["events"]
+                  if e["kind"] == "site.cert_renewed"]
+    assert [e["site_id"] for e in pop_events] == [site.site_id], pop_events
+    # The renewed certificate is the one the site handshakes with: after a restart (a fresh
+    # handshake with the PoP) it is still in use, the cloud comes up, and the LANs talk.
+    lab.stop_socketd(site)
+    lab.start_socketd(site)
+    wait_for("cloud up again", lambda: lab.socketctl(site, "status")["cloud"]["state"] == "up",
+             timeout=20)
+    assert lab.socketctl(site, "status")["certificates"]["source"] == "renewed"
+    assert lab.wait_ping(site.lan_ns, other.lan_host_ip, timeout=10)
+    # A second request within the PoP's interval is refused, with the reason.
+    assert lab.socketctl(site, "renew") == {"state": "asked"}
+    (failed,) = wait_for("the second renewal refused", lambda: lab.socketctl(
+        site, "events", "--kind", "cert.renew_failed")["events"], timeout=15)
+    assert "at most one renewal per 3600 s" in failed["text"], failed
+    assert lab.socketctl(site, "status")["certificates"]["source"] == "renewed"

@@ -1390,9 +1390,11 @@ table ip lab_nat {{
         account_name: str = "lab",
         cloud: dict[str, object] | None = None,
         account_toml: str | None = None,
+        renewal: dict[str, object] | None = None,
     ) -> Path:
         """Write popd's TOML and its account file for `sites` (lab Sites, or dicts with the
-        account fields id, name, subnets, offcloud, recovery); returns the config path."""
+        account fields id, name, subnets, offcloud, recovery); returns the config path.
+        `renewal` is popd's [renewal] table (its ca_key: the lab CA's key by default)."""
         from sdwan.pop import pki as sdwan_pki
 
         pki = pki or self.setup_pki()
@@ -1430,6 +1432,9 @@ table ip lab_nat {{
         ]
         if cloud:
             parts.append(_toml_table("cloud", cloud))
+        if renewal is not None:
+            parts.append(_toml_table("renewal", {"ca_key": pki.dir / sdwan_pki.CA_KEY_NAME,
+                                                 **renewal}))
         path = pop.dir / "pop.toml"
         path.write_text("\n".join(parts))
         pop.config = path

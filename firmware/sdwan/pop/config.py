@@ -26,6 +26,7 @@ from sdwan.common.tomlcheck import (
     show,
     site_name,
 )
+from sdwan.pop.renewal import RenewalConfig
 from sdwan.site.config import Paths, Pki
 
 __all__ = ["ConfigError", "PopConfig", "PopTimers", "load_pop_config"]
@@ -59,6 +60,7 @@ class PopConfig:
     pki: Pki
     cloud: PopTimers
     source: Path
+    renewal: RenewalConfig = RenewalConfig()
 
 
 def _host_address(value: Any) -> str:
@@ -83,7 +85,7 @@ def load_pop_config(path: str | os.PathLike[str]) -> PopConfig:
     source, text, doc = read_toml(path, what="file")
     base = source.parent
     c = Checker(source, LineIndex(text))
-    c.known_keys(doc, (), ("pop", "paths", "pki", "cloud"))
+    c.known_keys(doc, (), ("pop", "paths", "pki", "cloud", "renewal"))
 
     pop: dict[str, Any] = {}
     pop_t = c.table(doc, ("pop",), required=True)
@@ -160,9 +162,11 @@ def load_pop_config(path: str | os.PathLike[str]) -> PopConfig:
         if isinstance(ka, int) and isinstance(dead, int):
             cloud = PopTimers(ka, dead)
 
+    renewal = _check_renewal(c, doc, base)
+
     if c.issues:
         raise ConfigError(source, c.issues)
-    assert paths is not None and pki is not None and cloud is not None
+    assert paths is not None and pki is not None and cloud is not None and renewal is not None
     assert not any(v is MISSING for v in pop.values())
     return PopConfig(
         id=pop["id"],
@@ -175,4 +179,29 @@ def load_pop_config(path: str | os.PathLike[str]) -> PopConfig:
         pki=pki,
         cloud=cloud,
         source=source,
+        renewal=renewal,
     )
+
+
+def _check_renewal(c: Checker, doc: dict[str, Any], base: Path) -> RenewalConfig | None:
+    """[renewal]: the account CA key popd signs sites' renewals with (docs/popd.md)."""
+    table = c.table(doc, ("renewal",), required=False)
+    if table is None:
+        return RenewalConfig()
+    c.known_keys(table, ("renewal",), ("ca_key", "days", "min_interval_s"))
+    key = c.value(table, ("renewal", "ca_key"), path_string, default=None)
+    days = c.value(table, ("renewal", "days"), int_range(1, 3650), default=RenewalConfig.days)
+    interval = c.value(table, ("renewal", "min_interval_s"), int_range(0, 30 * 86400),
+                       default=RenewalConfig.min_interval_s)
+    key_path = None
+    if isinstance(key, str):
+        key_path = resolve_path(base, key)
+        if not key_path.is_file():
+            c.error(("renewal", "ca_key"), f"file not found: {key_path}")
+            key = MISSING
+        elif not os.access(key_path, os.R_OK):
+            c.error(("renewal", "ca_key"), f"file not readable: {key_path}")
+            key = MISSING
+    if MISSING in (key, days, interval):
+        return None
+    return RenewalConfig(ca_key=key_path, days=days, min_interval_s=interval)

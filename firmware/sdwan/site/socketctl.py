@@ -1,8 +1,8 @@
 """socketctl: the operator's command line over socketd's control socket.
 
 `socketctl [--socket PATH] status|peers|pop|routes|rules|recovery|mesh|firewall|events|links|lan
-[--json]`, and
-`socketctl set-link LINK static ADDR/PREFIX GATEWAY | set-link LINK dhcp`. With --json the
+[--json]`, `socketctl set-link LINK static ADDR/PREFIX GATEWAY | set-link LINK dhcp`, and
+`socketctl renew` (a new certificate through the PoP). With --json the
 result object is printed as socketd sent it (the field names are a stable interface, see
 docs/socketctl.md); without it, a table for people, in which text from the network (names,
 versions, event texts, reasons) shows control characters as escapes (common/visible.py; the
@@ -251,6 +251,10 @@ def _cert_line(cert: Mapping[str, Any]) -> str:
 
 def _clock_line(clock: Mapping[str, Any]) -> str:
     text = _text(clock.get("now"))
+    moved = clock.get("moved_at_boot")
+    if isinstance(moved, Mapping):
+        text += (f" (was {_text(moved.get('was'))} at boot, moved forward to"
+                 f" {_text(moved.get('source'))})")
     sync = clock.get("sync")
     if isinstance(sync, Mapping):
         if sync.get("synced"):
@@ -258,12 +262,10 @@ def _clock_line(clock: Mapping[str, Any]) -> str:
             off = f", {offset:+.3f} s off" if isinstance(offset, int | float) else ""
             text += (f", synchronised to {_text(sync.get('reference'))}"
                      f" (stratum {_num(sync.get('stratum'))}{off})")
-        else:
+        elif sync.get("servers"):
             text += f", not synchronised: {_text(sync.get('why'))}"
-    moved = clock.get("moved_at_boot")
-    if isinstance(moved, Mapping):
-        text += (f" (was {_text(moved.get('was'))} at boot, moved forward to"
-                 f" {_text(moved.get('source'))})")
+        else:
+            text += ", no time sync ([time] servers)"
     return text
 
 
@@ -858,7 +860,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("link", help="link name, e.g. wan1")
     sub.add_argument("mode", choices=("static", "dhcp"))
     sub.add_argument("values", nargs="*", metavar="ADDR/PREFIX GATEWAY")
+    renew_help = "ask the PoP for a new certificate now (it is asked by itself 30 days ahead)"
+    sub = commands.add_parser("renew", help=renew_help, description=renew_help)
+    sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     return parser
+
+
+def format_renew(result: Mapping[str, Any], out: TextIO) -> None:
+    out.write("renewal asked of the PoP: `socketctl events --kind cert.renewed` tells when the "
+              "new certificate is in use\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -899,7 +909,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dump(result, sys.stdout, indent=2, sort_keys=False)
             sys.stdout.write("\n")
         else:
-            FORMATTERS.get(args.command, format_set_link)(result, sys.stdout)
+            {"renew": format_renew}.get(args.command) or FORMATTERS.get(
+                args.command, format_set_link)(result, sys.stdout)
         sys.stdout.flush()
     except BrokenPipeError:
         # `socketctl peers | head` is normal use, not an error worth a traceback; pointing

@@ -35,6 +35,7 @@ from sdwan.appliance.leds import (
 from sdwan.appliance.timesync import TimeSync
 from sdwan.appliance.wanaddr import WanAddressing
 from sdwan.appliance.watchdog import Guard
+from sdwan.bindings import tls
 from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig, FastPathError
 from sdwan.common import heap
 from sdwan.common.certlife import CertWatch, watch_identity
@@ -64,6 +65,7 @@ from sdwan.site.links import LinkError, LinkManager
 from sdwan.site.mesh import Mesh, pin_override
 from sdwan.site.paths import Candidate, Paths, Transport
 from sdwan.site.recovery import STORED_MAX_AGE_S, Reach, Recovery
+from sdwan.site.renewal import Pair, Renewal, choose_identity
 from sdwan.site.rules import Rules
 from sdwan.site.sources import Sources, add_peer
 from sdwan.site.steering import Kind, Steering
@@ -156,6 +158,8 @@ class Supervisor:
         # tunnels up when the static-offcloud candidates were last submitted.
         self._static_offcloud_key: tuple[list, frozenset[int]] | None = None
         self.certs: CertWatch | None = None  # made by _open with the DTLS identity
+        self.identity: Pair | None = None  # the certificate and key in use, and whence
+        self.renewal: Renewal | None = None  # made by _open when there is a PoP to ask
         self.clock_floor = ClockFloor(cfg.paths.data_dir)
         sock = cfg.paths.control_socket
         self.timesync = TimeSync(cfg.time, cfg.paths.data_dir, sock.parent, self._record_event,
@@ -174,8 +178,10 @@ class Supervisor:
     def _open(self) -> None:
         cfg = self.cfg
         try:
-            self.dtls = DtlsContext(cfg.pki.ca, cfg.pki.cert, cfg.pki.key, cfg.site.id)
-            self.certs = watch_identity(cfg.pki.ca, self.dtls.ca_cert, cfg.pki.cert,
+            self.identity = self._choose_identity()
+            self.dtls = DtlsContext(cfg.pki.ca, self.identity.cert, self.identity.key,
+                                    cfg.site.id)
+            self.certs = watch_identity(cfg.pki.ca, self.dtls.ca_cert, self.identity.cert,
                                         self.dtls.cert)
         except (OSError, ValueError) as e:
             raise StartupError(str(e)) from e
@@ -227,6 +233,7 @@ class Supervisor:
             log.warning("%s", ev.text)
             self._record_event(ev.kind, ev.text, ev.data)
         self.cloud = self._make_cloud(fp)
+        self.renewal = self._make_renewal(self.cloud)
         self.sources = self._make_sources(fp, self.cloud)
         self.mesh = self._make_mesh(fp, self.cloud)
         self.altwan = self._make_altwan(fp, self.cloud)
@@ -616,6 +623,46 @@ class Supervisor:
             self._next_trim = now + HEAP_TRIM_S
             heap.trim()
 
+    def _choose_identity(self) -> Pair:
+        """[pki] cert and key, or the renewed pair in the data dir if it expires later."""
+        cfg = self.cfg
+        configured = Pair(cfg.pki.cert, cfg.pki.key, "configured")
+        try:
+            ca = tls.Certificate.from_pem(cfg.pki.ca.read_bytes())
+        except (OSError, ValueError):
+            return configured  # DtlsContext names the fault
+        pair = choose_identity(configured, ca, cfg.site.id, cfg.paths.data_dir)
+        if pair.source == "renewed":
+            log.info("identity: the renewed certificate %s", pair.cert.resolve())
+        return pair
+
+    def _renewed(self, pair: Pair) -> None:
+        """The renewed pair is the site's identity from now on: new handshakes (rekeys
+        included) present it; sessions up now keep going until their next rekey."""
+        cfg = self.cfg
+        ctx = DtlsContext(cfg.pki.ca, pair.cert, pair.key, cfg.site.id)
+        self.dtls, self.identity = ctx, pair
+        self.certs = watch_identity(cfg.pki.ca, ctx.ca_cert, pair.cert, ctx.cert)
+
+    def _make_renewal(self, cloud: Cloud | None) -> Renewal | None:
+        if cloud is None or not cloud.enabled:
+            return None
+        assert self.dtls is not None
+        renewal = Renewal(self.cfg.site.id, self.cfg.paths.data_dir, self.dtls.ca_cert,
+                          cloud.send_to_any_pop, self._renewed, self._record_event,
+                          clock=self.clock)
+        cloud.handle("renewed", lambda _ps, msg: renewal.on_renewed_msg(msg))
+        cloud.handle("renew-refused", lambda _ps, msg: renewal.on_refused_msg(msg))
+        return renewal
+
+    async def _renew(self, _req: dict) -> dict:
+        if self.renewal is None:
+            raise ValueError("no PoP is configured to renew the certificate through")
+        error = self.renewal.request()
+        if error is not None:
+            raise ValueError(error)
+        return {"state": self.renewal.state}
+
     def _clock_trusted(self) -> bool:
         """A DTLS session is up: both ends' certificates were valid at our clock, so it is
         near enough right to become the clock's floor (appliance/clock.py)."""
@@ -628,6 +675,9 @@ class Supervisor:
             for w in self.certs.check():
                 log.warning("%s", w.text)
                 self._record_event(w.kind, w.text, w.data)
+            if self.renewal is not None:
+                self.renewal.tick(self.certs.certs[0].not_after,
+                                  self.cloud is not None and self.cloud.state == "up")
 
     def _static_offcloud(self) -> None:
         """A static peer is a direct tunnel to its site, so the mesh leaves that site alone:
@@ -776,7 +826,9 @@ class Supervisor:
             "lan": self.lan.summary() if self.lan is not None else None,
             "sources": self.sources.summary() if self.sources is not None else None,
             "appliance": self._appliance_status(),
-            "certificates": self.certs.status() if self.certs is not None else None,
+            "certificates": None if self.certs is None or self.identity is None else {
+                **self.certs.status(), "source": self.identity.source,
+                "renewal": self.renewal.status() if self.renewal is not None else None},
             "clock": {**self.clock_floor.status(), "sync": self.timesync.status()},
         }
 
@@ -996,6 +1048,7 @@ class Supervisor:
             "recovery": self._recovery,
             "firewall": self._firewall,
             "events": self._events,
+            "renew": self._renew,
             **self._wan_handlers(),
             **self._lan_handlers(),
         }
