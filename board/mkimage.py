@@ -953,6 +953,8 @@ def assemble_rootfs(board: Board, work: Path, kver: str, kstage: Path,
     shutil.copyfile(board.dir / "board.toml", etc_sdwan / "board.toml")
     check_led_map(board.dir / "leds.toml")
     shutil.copyfile(board.dir / "leds.toml", etc_sdwan / "leds.toml")
+    # The clock's floor on a board without a working RTC (rcS, docs/time.md).
+    (etc_sdwan / "build-time").write_text(f"{os.environ['SOURCE_DATE_EPOCH']}\n")
     if board.qemu_provisioning:
         (etc_sdwan / "qemu-provisioning").write_text("fw_cfg opt/sdwan/data/* seeds /data\n")
     (root / "etc/hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost\n")

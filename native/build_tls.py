@@ -123,6 +123,7 @@ EVP_PKEY *sdwan_pkey_from_pem(const unsigned char *pem, int len);
 int sdwan_pkey_is_p256(const EVP_PKEY *key);
 int sdwan_x509_san_uris(X509 *cert, char *out, int cap);
 int sdwan_x509_serial(X509 *cert, unsigned char *out, int cap);
+int sdwan_x509_validity(const X509 *cert, long long *not_before, long long *not_after);
 SSL *sdwan_ssl_of_store(X509_STORE_CTX *store);
 long long sdwan_dtls_timeout_us(SSL *ssl);
 """

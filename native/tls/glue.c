@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/time.h>
+#include <time.h>
 
 #include <openssl/pem.h>
 #include <openssl/x509v3.h>
@@ -86,6 +87,26 @@ int sdwan_x509_serial(X509 *cert, unsigned char *out, int cap)
         return -ENOSPC;
     memcpy(out, ASN1_STRING_get0_data(serial), (size_t)n);
     return n;
+}
+
+static int asn1_time_epoch(const ASN1_TIME *t, long long *out)
+{
+    struct tm tm;
+    if (t == NULL || ASN1_TIME_to_tm(t, &tm) != 1)
+        return -EINVAL;
+    time_t secs = timegm(&tm);
+    if (secs == (time_t)-1)
+        return -EINVAL;
+    *out = (long long)secs;
+    return 0;
+}
+
+int sdwan_x509_validity(const X509 *cert, long long *not_before, long long *not_after)
+{
+    if (asn1_time_epoch(X509_get0_notBefore(cert), not_before) != 0 ||
+        asn1_time_epoch(X509_get0_notAfter(cert), not_after) != 0)
+        return -EINVAL;
+    return 0;
 }
 
 SSL *sdwan_ssl_of_store(X509_STORE_CTX *store)

@@ -24,6 +24,9 @@ int sdwan_x509_san_uris(X509 *cert, char *out, int cap);
  * written, -ENOSPC if out is too small, -EINVAL for a negative or missing serial
  * (never one of the account CA's; revocation lists name serials). */
 int sdwan_x509_serial(X509 *cert, unsigned char *out, int cap);
+/* The certificate's notBefore and notAfter as seconds since the epoch (UTC).
+ * 0, or -EINVAL if either field cannot be read. */
+int sdwan_x509_validity(const X509 *cert, long long *not_before, long long *not_after);
 
 /* The SSL connection a verify callback's store context belongs to. */
 SSL *sdwan_ssl_of_store(X509_STORE_CTX *store);

@@ -4,7 +4,8 @@ new password); after a power cut, a configuration offered through fw_cfg is prov
 socketd runs; a WAN setting changed on the console, the new console password and the events
 survive a reboot from the console; `factory-reset` wipes them, and the default credential
 and the config's own addressing come back. One VM for all of it: every boot after the first
-starts from what the one before left on the disk."""
+starts from what the one before left on the disk. The second boot's RTC has lost its time: the
+clock is moved forward to the image's build time and socketd says so."""
 
 from __future__ import annotations
 
@@ -75,7 +76,11 @@ def test_blank_data_first_boot_then_settings_survive_reboot_and_factory_reset_wi
     # new console password survive, socketd starts and the hostname is the site's.
     vm.poweroff()
     vm.opts.fw_cfg = site_fw_cfg(lab, SiteSpec(SITE, watchdog=True), tmp_path)
+    # ... and an RTC that lost its time: the clock is moved forward to the build time.
+    vm.opts.extra_args = ["-rtc", "base=2001-01-01T00:00:00"]
     vm.start()
+    vm.expect(r"boot: clock: 2001-01-01 \S+ is behind the build time; set to", BOOT_S,
+              "the clock moved to its floor")
     # Up to the comma after the device: the line may still be arriving when it is matched.
     boot = vm.expect(r"boot: ready: ([^,\s]+), /data on ([^,\s]+),", BOOT_S).groups()
     assert boot == (f"site-{SITE}", "/dev/vda3"), boot
@@ -86,6 +91,9 @@ def test_blank_data_first_boot_then_settings_survive_reboot_and_factory_reset_wi
     out = command(vm, "show status")
     assert re.search(rf"site\s+{SITE} \(branch-{SITE}\)", out), out
     assert "wan1" in out and "eth0" in out, out
+    assert re.search(r"clock\s+\S+ \S+ UTC \(was 2001-01-01 .* moved forward to the build "
+                     r"time\), no time sync", out), out
+    assert re.search(r"cert\s+(valid|expiring|not yet valid), until ", out), out
     assert "sdwan0" in out, out
     # The log ring in RAM holds socketd's log and the kernel's, as the console shows them.
     out = command(vm, "show log 200")
@@ -114,7 +122,8 @@ def test_blank_data_first_boot_then_settings_survive_reboot_and_factory_reset_wi
     # The events of the boots before are still there: the password change of the first
     # boot, the setting and the reboot of the second.
     out = command(vm, "show events 200")
-    for kind in ("console.password_changed", "link.addressing", "console.reboot"):
+    for kind in ("console.password_changed", "link.addressing", "console.reboot",
+                 "clock.floor"):
         assert kind in out, f"{kind} missing from the events after the reboot:\n{out}"
     # The reboot was orderly: socketd was stopped (which disarms the watchdog), not reset.
     assert "previous run: stopped" in out and "watchdog.reset" not in out, out

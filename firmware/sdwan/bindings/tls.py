@@ -106,6 +106,12 @@ class Certificate:
         if n < 0:
             raise ValueError("certificate has a negative, missing or oversized serial number")
         return format(int.from_bytes(ffi.unpack(out, n), "big"), "x")
+    def validity(self) -> tuple[int, int]:
+        """(notBefore, notAfter) in seconds since the epoch, UTC."""
+        nb, na = ffi.new("long long *"), ffi.new("long long *")
+        if lib.sdwan_x509_validity(self._ptr, nb, na) != 0:
+            raise ValueError("certificate validity dates cannot be read")
+        return int(nb[0]), int(na[0])
 
     def is_issued_by(self, ca: Certificate) -> bool:
         """True if ``ca``'s name and key match this certificate's issuer and signature."""

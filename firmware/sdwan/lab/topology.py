@@ -1391,10 +1391,12 @@ table ip lab_nat {{
         cloud: dict[str, object] | None = None,
         account_toml: str | None = None,
         tunnel: dict[str, object] | None = None,
+        renewal: dict[str, object] | None = None,
     ) -> Path:
         """Write popd's TOML and its account file for `sites` (lab Sites, or dicts with the
         account fields id, name, subnets, offcloud, recovery); returns the config path.
-        `tunnel` is popd's [tunnel] table (its key timers)."""
+        `tunnel` is popd's [tunnel] table (its key timers), `renewal` its [renewal] table (its
+        ca_key: the lab CA's key by default)."""
         from sdwan.pop import pki as sdwan_pki
 
         pki = pki or self.setup_pki()
@@ -1434,6 +1436,9 @@ table ip lab_nat {{
             parts.append(_toml_table("cloud", cloud))
         if tunnel:
             parts.append(_toml_table("tunnel", tunnel))
+        if renewal is not None:
+            parts.append(_toml_table("renewal", {"ca_key": pki.dir / sdwan_pki.CA_KEY_NAME,
+                                                 **renewal}))
         path = pop.dir / "pop.toml"
         path.write_text("\n".join(parts))
         pop.config = path

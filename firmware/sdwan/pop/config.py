@@ -35,6 +35,7 @@ from sdwan.common.tomlcheck import (
     show,
     site_name,
 )
+from sdwan.pop.renewal import RenewalConfig
 from sdwan.site.config import Paths, Pki
 
 __all__ = ["ConfigError", "PopConfig", "PopTimers", "load_pop_config"]
@@ -73,6 +74,7 @@ class PopConfig:
     cloud: PopTimers
     source: Path
     keys: KeyTimers = KeyTimers(DEFAULT_POP_REKEY_S, DEFAULT_POP_KEY_MAX_AGE_S)
+    renewal: RenewalConfig = RenewalConfig()
 
 
 def _host_address(value: Any) -> str:
@@ -97,7 +99,7 @@ def load_pop_config(path: str | os.PathLike[str]) -> PopConfig:
     source, text, doc = read_toml(path, what="file")
     base = source.parent
     c = Checker(source, LineIndex(text))
-    c.known_keys(doc, (), ("pop", "paths", "pki", "cloud", "tunnel"))
+    c.known_keys(doc, (), ("pop", "paths", "pki", "cloud", "tunnel", "renewal"))
 
     pop: dict[str, Any] = {}
     pop_t = c.table(doc, ("pop",), required=True)
@@ -196,10 +198,12 @@ def load_pop_config(path: str | os.PathLike[str]) -> PopConfig:
                 c.error(("tunnel", "key_max_age_s"), f"cannot work with rekey_s: {problem}")
             else:
                 keys = KeyTimers(rekey, age)
+    renewal = _check_renewal(c, doc, base)
 
     if c.issues:
         raise ConfigError(source, c.issues)
     assert paths is not None and pki is not None and cloud is not None and keys is not None
+    assert renewal is not None
     assert not any(v is MISSING for v in pop.values())
     return PopConfig(
         id=pop["id"],
@@ -213,4 +217,29 @@ def load_pop_config(path: str | os.PathLike[str]) -> PopConfig:
         cloud=cloud,
         source=source,
         keys=keys,
+        renewal=renewal,
     )
+
+
+def _check_renewal(c: Checker, doc: dict[str, Any], base: Path) -> RenewalConfig | None:
+    """[renewal]: the account CA key popd signs sites' renewals with (docs/popd.md)."""
+    table = c.table(doc, ("renewal",), required=False)
+    if table is None:
+        return RenewalConfig()
+    c.known_keys(table, ("renewal",), ("ca_key", "days", "min_interval_s"))
+    key = c.value(table, ("renewal", "ca_key"), path_string, default=None)
+    days = c.value(table, ("renewal", "days"), int_range(1, 3650), default=RenewalConfig.days)
+    interval = c.value(table, ("renewal", "min_interval_s"), int_range(0, 30 * 86400),
+                       default=RenewalConfig.min_interval_s)
+    key_path = None
+    if isinstance(key, str):
+        key_path = resolve_path(base, key)
+        if not key_path.is_file():
+            c.error(("renewal", "ca_key"), f"file not found: {key_path}")
+            key = MISSING
+        elif not os.access(key_path, os.R_OK):
+            c.error(("renewal", "ca_key"), f"file not readable: {key_path}")
+            key = MISSING
+    if MISSING in (key, days, interval):
+        return None
+    return RenewalConfig(ca_key=key_path, days=days, min_interval_s=interval)

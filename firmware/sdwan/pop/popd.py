@@ -61,6 +61,7 @@ from sdwan.common.tomlcheck import format_endpoint, parse_endpoint
 from sdwan.pop.account import Account, ConfigError, load_account
 from sdwan.pop.broker import Broker, MeshLink
 from sdwan.pop.config import PopConfig, load_pop_config
+from sdwan.pop.renewal import RenewalRefused, Renewer
 
 log = logging.getLogger("sdwan.pop.popd")
 
@@ -287,6 +288,9 @@ class Pop(SessionOwner):
         self.stun = StunServer(clock=clock)
         self.stun_main = StunServer(clock=clock)  # Binding requests on the main port
         self.broker = Broker(self._send_to_link, clock=clock)
+        self.renewer = Renewer(cfg.renewal, cfg.pki.ca, clock=clock)
+        if self.renewer.error is not None:
+            log.error("certificate renewal off: %s", self.renewer.error)
         self._stun_transport: asyncio.DatagramTransport | None = None
         self._stop = asyncio.Event()
 
@@ -680,8 +684,29 @@ class Pop(SessionOwner):
                 self.stats.messages_malformed += 1
         elif kind == "steer":
             self._on_steer(s, msg)
+        elif kind == "renew":
+            self._on_renew(s, msg)
         else:
             self.stats.messages_unknown += 1
+
+    def _on_renew(self, s: SiteSession, msg: dict[str, Any]) -> None:
+        """A certificate signing request from a registered site (pop/renewal.py): answered
+        with the certificate, or with why not."""
+        if not s.registered:
+            self.stats.messages_malformed += 1
+            return
+        try:
+            cert = self.renewer.renew(s.site_id, msg.get("csr"))
+        except RenewalRefused as e:
+            self.ratelog.warning("renew", "site %d: renewal refused: %s", s.site_id, e)
+            self._event("site.renew_refused", f"site {s.site_id}: certificate renewal refused: "
+                        f"{e}", s.site_id, reason=str(e))
+            self._send_msg(s, {"t": "renew-refused", "reason": str(e)})
+            return
+        log.info("site %d: certificate renewed", s.site_id)
+        self._event("site.cert_renewed", f"site {s.site_id}: certificate renewed for "
+                    f"{self.renewer.cfg.days} days", s.site_id, days=self.renewer.cfg.days)
+        self._send_msg(s, {"t": "renewed", "cert": cert.decode("ascii")})
 
     def _on_steer(self, s: SiteSession, msg: dict[str, Any]) -> None:
         """The site's links in use, by weight (docs/cloud.md, "steer"): traffic to the site
@@ -1207,6 +1232,7 @@ class Pop(SessionOwner):
             # What popd announces in every key hand-over; each session's agreed values are
             # in `sites`.
             "key_timers": self.cfg.keys.as_dict(),
+            "renewal": self.renewer.status(),
             "sites_online": len(online),
             "sessions": sum(1 for s in self.by_peer.values() if s.registered),
             "handshaking": self.sessions.handshaking,

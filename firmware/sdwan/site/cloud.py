@@ -513,6 +513,13 @@ class Cloud(SessionOwner):
         live.sort(key=lambda ps: ps.pop_index != self.active)
         return any(ps.tunnel.send_message(msg) for ps in live[:1])
 
+    def send_to_any_pop(self, msg: dict[str, Any]) -> bool:
+        """Send msg over a connected session of the active PoP (else of any PoP); False when
+        none is connected."""
+        live = [ps for ps in self.sessions.values() if ps.connected]
+        live.sort(key=lambda ps: ps.pop_index != self.active)
+        return any(ps.tunnel.send_message(msg) for ps in live[:1])
+
     def is_active(self, ps: PopSession) -> bool:
         return ps.pop_index == self.active
 

@@ -277,6 +277,18 @@ class Wan:
     ramp_s: int = 4  # flows leave a degraded link over this long
 
 
+MAX_TIME_SERVERS = 8
+
+
+@dataclass(frozen=True)
+class Time:
+    """[time]: the NTP servers chronyd keeps the clock to (docs/time.md). No servers: no time
+    sync. set_clock false lets chronyd measure without touching the clock (a lab host)."""
+
+    servers: tuple[str, ...] = ()
+    set_clock: bool = True
+
+
 DEFAULT_LED_MAP = Path("/etc/sdwan/leds.toml")
 
 
@@ -309,6 +321,7 @@ class SiteConfig:
     appliance: Appliance = Appliance()
     mesh: Mesh = Mesh()
     wan: Wan = Wan()
+    time: Time = Time()
 
     def link(self, name: str) -> Link:
         for link in self.links:
@@ -789,6 +802,46 @@ def _check_wan(c: Checker, doc: Mapping[str, Any]) -> Wan | None:
         return None
     return Wan(probe_ms=probe, silent_after_ms=silent, window_s=window, return_hold_s=hold,
                ramp_s=ramp)
+
+
+# A host name (RFC 1123 labels) or an IPv4/IPv6 literal; never starting with "-", so a name
+# is never taken for an option by chronyd.
+_NTP_SERVER_RE = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?|[0-9A-Fa-f:.]{2,45}"
+)
+
+
+@expects(f"a list of at most {MAX_TIME_SERVERS} NTP server names or addresses")
+def _ntp_servers(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > MAX_TIME_SERVERS:
+        raise ValueError(f"expected a list of at most {MAX_TIME_SERVERS} NTP server names or "
+                         f"addresses, got {show(value)}")
+    out: list[str] = []
+    for v in value:
+        if not isinstance(v, str) or not _NTP_SERVER_RE.fullmatch(v):
+            raise ValueError(f"expected an NTP server's host name or address, got {show(v)}")
+        if ":" in v or v.replace(".", "").isdigit():
+            try:
+                ipaddress.ip_address(v)
+            except ValueError:
+                raise ValueError(f"{show(v)} is not an IP address") from None
+        if v in out:
+            raise ValueError(f"{show(v)} is listed twice")
+        out.append(v)
+    return tuple(out)
+
+
+def _check_time(c: Checker, doc: Mapping[str, Any]) -> Time | None:
+    table = c.table(doc, ("time",), required=False)
+    if table is None:
+        return Time()
+    c.known_keys(table, ("time",), ("servers", "set_clock"))
+    servers = c.value(table, ("time", "servers"), _ntp_servers, default=())
+    set_clock = c.value(table, ("time", "set_clock"), boolean, default=True)
+    if MISSING in (servers, set_clock):
+        return None
+    return Time(servers=servers, set_clock=set_clock)
 
 
 _PORT_RANGE_RE = re.compile(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*")
@@ -1318,7 +1371,7 @@ def _validate(doc: dict[str, Any], source: Path, c: Checker) -> SiteConfig | Non
         (),
         (
             "site", "paths", "pki", "lan", "tunnel", "links", "peers", "pops", "cloud",
-            "appliance", "mesh", "wan",
+            "appliance", "mesh", "wan", "time",
         ),
     )
 
@@ -1420,6 +1473,7 @@ def _validate(doc: dict[str, Any], source: Path, c: Checker) -> SiteConfig | Non
     appliance = _check_appliance(c, doc, base)
     mesh = _check_mesh(c, doc, links)
     wan = _check_wan(c, doc)
+    time_cfg = _check_time(c, doc)
     _check_overlaps(c, doc)
     if links is not None and lan is not None and peers is not None:
         _check_static_addresses(c, links, owned_subnets(lan, peers))
@@ -1428,7 +1482,7 @@ def _validate(doc: dict[str, Any], source: Path, c: Checker) -> SiteConfig | Non
         return None
     assert site and paths and pki and lan and tunnel and links is not None and peers is not None
     assert pops is not None and cloud is not None and appliance is not None and mesh is not None
-    assert wan is not None
+    assert wan is not None and time_cfg is not None
     return SiteConfig(
         site=site,
         paths=paths,
@@ -1443,6 +1497,7 @@ def _validate(doc: dict[str, Any], source: Path, c: Checker) -> SiteConfig | Non
         appliance=appliance,
         mesh=mesh,
         wan=wan,
+        time=time_cfg,
     )
 
 

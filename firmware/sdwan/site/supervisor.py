@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 from sdwan import __version__
+from sdwan.appliance.clock import ClockFloor
 from sdwan.appliance.lanport import LanPort
 from sdwan.appliance.leds import (
     BOOT_GRACE_S,
@@ -31,10 +32,13 @@ from sdwan.appliance.leds import (
     choose_pattern,
     open_leds,
 )
+from sdwan.appliance.timesync import TimeSync
 from sdwan.appliance.wanaddr import WanAddressing
 from sdwan.appliance.watchdog import Guard
+from sdwan.bindings import tls
 from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig, FastPathError
 from sdwan.common import heap
+from sdwan.common.certlife import CertWatch, watch_identity
 from sdwan.common.control import ControlServer, Handler
 from sdwan.common.daemon import StartupError
 from sdwan.common.dtls import DtlsContext, DtlsSession
@@ -63,6 +67,7 @@ from sdwan.site.mesh import Mesh, pin_override
 from sdwan.site.paths import Candidate, Paths, Transport
 from sdwan.site.recovery import STORED_MAX_AGE_S, Reach, Recovery
 from sdwan.site.revoked import SiteRevocations
+from sdwan.site.renewal import Pair, Renewal, choose_identity
 from sdwan.site.rules import Rules
 from sdwan.site.sources import Sources, add_peer
 from sdwan.site.steering import Kind, Steering
@@ -155,6 +160,13 @@ class Supervisor:
         # The directory list (kept: its identity says whether it changed) and the static
         # tunnels up when the static-offcloud candidates were last submitted.
         self._static_offcloud_key: tuple[list, frozenset[int]] | None = None
+        self.certs: CertWatch | None = None  # made by _open with the DTLS identity
+        self.identity: Pair | None = None  # the certificate and key in use, and whence
+        self.renewal: Renewal | None = None  # made by _open when there is a PoP to ask
+        self.clock_floor = ClockFloor(cfg.paths.data_dir)
+        sock = cfg.paths.control_socket
+        self.timesync = TimeSync(cfg.time, cfg.paths.data_dir, sock.parent, self._record_event,
+                                 tag=sock.stem)
 
     @property
     def dtls(self) -> DtlsContext | None:
@@ -169,7 +181,11 @@ class Supervisor:
     def _open(self) -> None:
         cfg = self.cfg
         try:
-            self.dtls = DtlsContext(cfg.pki.ca, cfg.pki.cert, cfg.pki.key, cfg.site.id)
+            self.identity = self._choose_identity()
+            self.dtls = DtlsContext(cfg.pki.ca, self.identity.cert, self.identity.key,
+                                    cfg.site.id)
+            self.certs = watch_identity(cfg.pki.ca, self.dtls.ca_cert, self.identity.cert,
+                                        self.dtls.cert)
         except (OSError, ValueError) as e:
             raise StartupError(str(e)) from e
         fp_cfg = FastPathConfig.default()
@@ -219,7 +235,11 @@ class Supervisor:
             # Tunnels work without a store; only history and the cloud copy are lost.
             log.error("store unusable, running without one: %s", e)
         self.links.store = self.store
+        for ev in self.clock_floor.at_start():
+            log.warning("%s", ev.text)
+            self._record_event(ev.kind, ev.text, ev.data)
         self.cloud = self._make_cloud(fp)
+        self.renewal = self._make_renewal(self.cloud)
         self.sources = self._make_sources(fp, self.cloud)
         self.mesh = self._make_mesh(fp, self.cloud)
         self.altwan = self._make_altwan(fp, self.cloud)
@@ -618,10 +638,67 @@ class Supervisor:
             self._liveness(self.fp)
         if self.paths is not None:
             self.paths.apply()  # retries a route the fast path refused; cheap when none
+        self._time_and_certs()
         now = self.clock()
         if now >= self._next_trim:
             self._next_trim = now + HEAP_TRIM_S
             heap.trim()
+
+    def _choose_identity(self) -> Pair:
+        """[pki] cert and key, or the renewed pair in the data dir if it expires later."""
+        cfg = self.cfg
+        configured = Pair(cfg.pki.cert, cfg.pki.key, "configured")
+        try:
+            ca = tls.Certificate.from_pem(cfg.pki.ca.read_bytes())
+        except (OSError, ValueError):
+            return configured  # DtlsContext names the fault
+        pair = choose_identity(configured, ca, cfg.site.id, cfg.paths.data_dir)
+        if pair.source == "renewed":
+            log.info("identity: the renewed certificate %s", pair.cert.resolve())
+        return pair
+
+    def _renewed(self, pair: Pair) -> None:
+        """The renewed pair is the site's identity from now on: new handshakes (rekeys
+        included) present it; sessions up now keep going until their next rekey."""
+        cfg = self.cfg
+        ctx = DtlsContext(cfg.pki.ca, pair.cert, pair.key, cfg.site.id)
+        self.dtls, self.identity = ctx, pair
+        self.certs = watch_identity(cfg.pki.ca, ctx.ca_cert, pair.cert, ctx.cert)
+
+    def _make_renewal(self, cloud: Cloud | None) -> Renewal | None:
+        if cloud is None or not cloud.enabled:
+            return None
+        assert self.dtls is not None
+        renewal = Renewal(self.cfg.site.id, self.cfg.paths.data_dir, self.dtls.ca_cert,
+                          cloud.send_to_any_pop, self._renewed, self._record_event,
+                          clock=self.clock)
+        cloud.handle("renewed", lambda _ps, msg: renewal.on_renewed_msg(msg))
+        cloud.handle("renew-refused", lambda _ps, msg: renewal.on_refused_msg(msg))
+        return renewal
+
+    async def _renew(self, _req: dict) -> dict:
+        if self.renewal is None:
+            raise ValueError("no PoP is configured to renew the certificate through")
+        error = self.renewal.request()
+        if error is not None:
+            raise ValueError(error)
+        return {"state": self.renewal.state}
+
+    def _clock_trusted(self) -> bool:
+        """A DTLS session is up: both ends' certificates were valid at our clock, so it is
+        near enough right to become the clock's floor (appliance/clock.py)."""
+        return (self.cloud is not None and self.cloud.state == "up") or any(
+            t.state is State.UP for t in self.tunnels.values())
+
+    def _time_and_certs(self) -> None:
+        self.clock_floor.tick(self._clock_trusted())
+        if self.certs is not None:
+            for w in self.certs.check():
+                log.warning("%s", w.text)
+                self._record_event(w.kind, w.text, w.data)
+            if self.renewal is not None:
+                self.renewal.tick(self.certs.certs[0].not_after,
+                                  self.cloud is not None and self.cloud.state == "up")
 
     def _static_offcloud(self) -> None:
         """A static peer is a direct tunnel to its site, so the mesh leaves that site alone:
@@ -772,6 +849,10 @@ class Supervisor:
             "lan": self.lan.summary() if self.lan is not None else None,
             "sources": self.sources.summary() if self.sources is not None else None,
             "appliance": self._appliance_status(),
+            "certificates": None if self.certs is None or self.identity is None else {
+                **self.certs.status(), "source": self.identity.source,
+                "renewal": self.renewal.status() if self.renewal is not None else None},
+            "clock": {**self.clock_floor.status(), "sync": self.timesync.status()},
         }
 
     async def _peers(self, _req: dict) -> dict:
@@ -990,6 +1071,7 @@ class Supervisor:
             "recovery": self._recovery,
             "firewall": self._firewall,
             "events": self._events,
+            "renew": self._renew,
             **self._wan_handlers(),
             **self._lan_handlers(),
         }
@@ -1002,6 +1084,7 @@ class Supervisor:
         # Like the WAN links: in the background, with the console already able to look.
         assert self.lan is not None
         self.lan.start()
+        self.timesync.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         log.info(
@@ -1020,12 +1103,15 @@ class Supervisor:
             ticker.cancel()
             if self._stop.is_set() and self.guard is not None:
                 self.guard.end("stopped")
+            if self._clock_trusted():
+                self.clock_floor.store()
             log.info("socketd stopping")
             await self.control.close()
             if self.wan is not None:
                 await self.wan.close()
             if self.lan is not None:
                 await self.lan.close()
+            await self.timesync.close()
             # The ruleset stays in the kernel: a stopped socketd leaves the LAN neither open
             # nor closed (docs/firewall.md); the next start replaces it.
             await self.firewall.close()

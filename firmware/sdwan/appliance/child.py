@@ -1,0 +1,155 @@
+"""A helper program socketd keeps running for as long as it runs (chronyd): started with its
+output kept, started again after an exit with a delay that doubles while it keeps failing,
+stopped with TERM then KILL, and its exits said once per streak rather than at every restart.
+It dies with socketd (PR_SET_PDEATHSIG), so a SIGKILLed socketd leaves no orphan behind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdwan.appliance.wanaddr import die_with_parent
+
+log = logging.getLogger(__name__)
+
+RESTART_S = 1.0  # the first restart's delay; doubled per quick exit, up to RESTART_MAX_S
+RESTART_MAX_S = 60.0
+STABLE_S = 30.0  # a run this long ends a streak of failures
+STOP_S = 3.0  # TERM, then KILL after this long
+OUTPUT_KEPT = 8  # its last lines, kept to say why it exited
+
+
+@dataclass
+class ChildState:
+    state: str = "off"  # off, running, restarting, failed, stopped
+    pid: int | None = None
+    started_at: float | None = None
+    restarts: int = 0
+    failures: int = 0  # exits in a row, each after less than STABLE_S
+    error: str | None = None
+    output: deque[str] = field(default_factory=lambda: deque(maxlen=OUTPUT_KEPT))
+
+
+class Child:
+    """One program, kept running. `argv` is asked for at every start (None and a reason:
+    it cannot run, said once, never retried); `prepare` runs before each start (its config
+    file); `record(text, data)` says what an operator must hear."""
+
+    def __init__(
+        self, name: str, argv: Callable[[], tuple[list[str] | None, str | None]],
+        record: Callable[[str, dict[str, Any]], None], *,
+        prepare: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.argv = argv
+        self.record = record
+        self.prepare = prepare
+        self.clock = clock
+        self.st = ChildState()
+        self._proc: asyncio.subprocess.Process | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        self._stopping = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        proc = self._proc
+        if self.st.state != "off":
+            self.st.state = "stopped"
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    @property
+    def running(self) -> bool:
+        return self.st.state == "running"
+
+    async def _run(self) -> None:
+        delay = RESTART_S
+        while not self._stopping:
+            argv, why = await asyncio.to_thread(self.argv)
+            if argv is None:
+                self.st.state, self.st.error = "failed", why
+                log.error("%s not started: %s", self.name, why)
+                self.record(f"{self.name} not started: {why}", {"error": why})
+                return
+            ran = await self._serve(argv)
+            if self._stopping:
+                return
+            if ran >= STABLE_S:
+                delay, self.st.failures = RESTART_S, 0
+            self.st.failures += 1
+            self.st.state = "restarting"
+            log.warning("%s: %s; starting it again in %g s", self.name, self.st.error, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RESTART_MAX_S)
+            self.st.restarts += 1
+
+    async def _serve(self, argv: list[str]) -> float:
+        """Run it until it exits; how long it ran (0 when it did not start)."""
+        st = self.st
+        try:
+            if self.prepare is not None:
+                self.prepare()
+            self._proc = proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, preexec_fn=die_with_parent,
+            )
+        except OSError as e:
+            st.error = f"cannot start {argv[0]}: {e.strerror or e}"
+            if st.failures == 0:
+                self.record(f"{self.name}: {st.error}", {"error": st.error})
+            return 0.0
+        started = st.started_at = self.clock()
+        st.state, st.error, st.pid = "running", None, proc.pid
+        st.output.clear()
+        log.info("%s started (pid %d)", self.name, proc.pid)
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            st.output.append(line)
+            log.info("%s: %s", self.name, line)
+        rc = await proc.wait()
+        self._proc, st.started_at, st.pid = None, None, None
+        ran = self.clock() - started
+        error = f"{self.name} exited with status {rc}"
+        if rc < 0:
+            with contextlib.suppress(ValueError):
+                error = f"{self.name} was killed by {signal.Signals(-rc).name}"
+        last = st.output[-1] if st.output else ""
+        st.error = error + (f": {last}" if last else "")
+        if not self._stopping and (st.failures == 0 or ran >= STABLE_S):
+            self.record(st.error, {"status": rc})
+        return ran
+
+    def status(self) -> dict[str, Any]:
+        st = self.st
+        return {
+            "state": st.state,
+            "pid": st.pid,
+            "up_s": round(self.clock() - st.started_at, 1) if st.started_at else None,
+            "restarts": st.restarts,
+            "error": st.error,
+            "output": list(st.output),
+        }
