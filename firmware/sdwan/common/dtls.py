@@ -250,6 +250,23 @@ class DtlsContext:
         self._server_ctx = self._make_context(server=True)
         self._cookies = _CookieSecrets(os.urandom(32), None, clock())
 
+    def use_identity(self, cert_path: str | os.PathLike[str],
+                     key_path: str | os.PathLike[str]) -> None:
+        """Present another certificate and key (a renewal) in every handshake from now on,
+        checked as at start; the rest of the context (counters, cookie secrets, the
+        revocation check) stays. Sessions made before keep theirs. DtlsConfigError, with
+        nothing changed, when the pair cannot be used."""
+        old = self.cert_path, self.key_path
+        self.cert_path, self.key_path = Path(cert_path), Path(key_path)
+        try:
+            ca_cert, cert, key = self._load_identity()
+        except DtlsConfigError:
+            self.cert_path, self.key_path = old
+            raise
+        self.ca_cert, self.cert, self.key = ca_cert, cert, key
+        self._client_ctx = self._make_context(server=False)
+        self._server_ctx = self._make_context(server=True)
+
     def _load_identity(self) -> tuple[tls.Certificate, tls.Certificate, tls.PrivateKey]:
         try:
             ca_cert = tls.Certificate.from_pem(_load_pem(self.ca_path, "CA certificate"))

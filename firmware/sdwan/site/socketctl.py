@@ -238,3 +238,698 @@ def format_status(result: Mapping[str, Any], out: TextIO) -> None:
                 src = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
             out.write(f"  {when}  {_text(src)}  {_text(item.get('reason'))}\n")
 
+
+def _rekey(timers: object) -> str:
+    """The agreed rekey interval and key-age limit, "10s/80s"."""
+    if not isinstance(timers, Mapping):
+        return _DASH
+    return f"{_num(timers.get('rekey_s'))}s/{_num(timers.get('key_max_age_s'))}s"
+
+
+def _cert_line(cert: Mapping[str, Any]) -> str:
+    state = _text(cert.get("state"))
+    text = f"{state}, until {_text(cert.get('not_after'))}"
+    if state in ("valid", "expiring"):
+        text += f" ({_num(cert.get('days_left'))} days left)"
+    elif state == "not yet valid":
+        text += f", valid from {_text(cert.get('not_before'))}: is the clock wrong?"
+    return text
+
+
+def _clock_line(clock: Mapping[str, Any]) -> str:
+    text = _text(clock.get("now"))
+    moved = clock.get("moved_at_boot")
+    if isinstance(moved, Mapping):
+        text += (f" (was {_text(moved.get('was'))} at boot, moved forward to"
+                 f" {_text(moved.get('source'))})")
+    sync = clock.get("sync")
+    if isinstance(sync, Mapping):
+        if sync.get("synced"):
+            offset = sync.get("offset_s")
+            off = f", {offset:+.3f} s off" if isinstance(offset, int | float) else ""
+            text += (f", synchronised to {_text(sync.get('reference'))}"
+                     f" (stratum {_num(sync.get('stratum'))}{off})")
+        elif sync.get("servers"):
+            text += f", not synchronised: {_text(sync.get('why'))}"
+        else:
+            text += ", no time sync ([time] servers)"
+    return text
+
+
+@_visible_out
+def format_peers(result: Mapping[str, Any], out: TextIO) -> None:
+    peers = result.get("peers") or []
+    if not peers:
+        out.write("no peers configured\n")
+        return
+    rows = []
+    for peer in peers:
+        if not isinstance(peer, Mapping):
+            continue
+        if peer.get("transport") == "cloud":
+            state = _text(peer.get("state"))
+            rows.append(
+                [
+                    _text(peer.get("site_id")),
+                    state,
+                    _text(peer.get("endpoint")),
+                    _text(peer.get("link")),
+                    "cloud",
+                    _num(peer.get("mtu")),
+                    _DASH,
+                    _DASH,
+                    _DASH,
+                    _DASH,
+                    _DASH,
+                    _DASH,
+                    _DASH,
+                    _reason(peer.get("reason")) if state != "up" else "",
+                ]
+            )
+            continue
+        state = _text(peer.get("state"))
+        # An up tunnel may still carry the reason of its last transition; it is noise then.
+        reason = _reason(peer.get("reason")) if state != "up" else ""
+        rows.append(
+            [
+                _text(peer.get("site_id")),
+                state,
+                _text(peer.get("endpoint")),
+                _text(peer.get("link")),
+                _text(peer.get("transport") or "direct"),
+                _num(peer.get("mtu")),
+                _text(peer.get("role")),
+                _rekey(peer.get("timers")),
+                _ago(peer.get("last_handshake_s")),
+                _ago(peer.get("last_rx_s")),
+                _num(peer.get("rx_packets")),
+                _num(peer.get("tx_packets")),
+                _drop_total(peer.get("drops")),
+                reason,
+            ]
+        )
+    headers = ["SITE", "STATE", "ENDPOINT", "LINK", "VIA", "MTU", "ROLE", "REKEY", "HANDSHAKE",
+               "LAST RX"]
+    _table([*headers, "RX PKTS", "TX PKTS", "DROPS", "REASON"], rows, out)
+
+
+@_visible_out
+def format_pop(result: Mapping[str, Any], out: TextIO) -> None:
+    state = _text(result.get("state"))
+    if state == "off":
+        out.write("no PoPs configured\n")
+        return
+    active = _text(result.get("active_pop"))
+    role = "secondary" if result.get("on_secondary") else "primary"
+    out.write(f"cloud    {state}, active PoP {active} ({role})\n")
+    if result.get("stale"):
+        out.write("config   stale: the stored copy, no PoP has answered since the start\n")
+    out.write(
+        f"config   rev {_text(result.get('config_rev'))}, directory rev "
+        f"{_text(result.get('directory_rev'))}, {_num(result.get('sites'))} other sites\n"
+    )
+    messages = result.get("messages")
+    count = messages.get("refused_prefixes") if isinstance(messages, Mapping) else None
+    if count:
+        out.write(f"refused  {_num(count)} prefixes of the directory, never routed:\n")
+        for r in result.get("refused_prefixes") or []:
+            if isinstance(r, Mapping):
+                out.write(
+                    f"  site {_text(r.get('site_id'))} {_text(r.get('prefix'))}:"
+                    f" {_text(r.get('reason'))}\n"
+                )
+    out.write("\n")
+    rows = []
+    for s in result.get("sessions") or []:
+        if not isinstance(s, Mapping):
+            continue
+        rtt = s.get("rtt_ms")
+        rows.append(
+            [
+                _text(s.get("pop_id")),
+                _text(s.get("role")) + ("*" if s.get("active") else ""),
+                _text(s.get("endpoint")),
+                _text(s.get("link")),
+                _text(s.get("state")),
+                _text(s.get("public")),
+                f"{rtt:g} ms" if isinstance(rtt, int | float) else _DASH,
+                _num(s.get("mtu")),
+                _rekey(s.get("timers")),
+                _ago(s.get("last_seen_s")),
+                _reason(s.get("reason")) if s.get("state") != "connected" else "",
+            ]
+        )
+    headers = ["POP", "ROLE", "ENDPOINT", "LINK", "STATE", "PUBLIC", "RTT", "MTU", "REKEY",
+               "LAST SEEN"]
+    _table([*headers, "REASON"], rows, out)
+
+
+@_visible_out
+def format_events(result: Mapping[str, Any], out: TextIO) -> None:
+    events = result.get("events") or []
+    if not events:
+        out.write("no events\n")
+        return
+    for ev in events:
+        if not isinstance(ev, Mapping):
+            continue
+        ts = ev.get("ts")
+        when = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+            if isinstance(ts, int | float)
+            else _DASH
+        )
+        out.write(f"{when}  {_text(ev.get('kind')):<16}  {_text(ev.get('text'))}\n")
+
+
+def _prec(link: Mapping[str, Any]) -> str:
+    """A link's precedence, or what it is instead (an Alt-WAN link has none)."""
+    return "alt-wan" if link.get("altwan") else _num(link.get("precedence"))
+
+
+def _link_detail(link: Mapping[str, Any]) -> str:
+    if link.get("error"):
+        return f"error: {_text(link['error'])}"
+    dhcp = link.get("dhcp")
+    if isinstance(dhcp, Mapping):
+        text = f"dhcp {_text(dhcp.get('state'))}"
+        if dhcp.get("server"):
+            text += f" from {_text(dhcp['server'])}"
+        if dhcp.get("lease_s") is not None:
+            text += f", lease {_duration(dhcp.get('lease_s'))}"
+        return text
+    return ""
+
+
+def _health(link: Mapping[str, Any]) -> str:
+    h = link.get("health")
+    if not isinstance(h, Mapping):
+        return ""
+    return _text(h.get("state"))
+
+
+def _figures(link: Mapping[str, Any]) -> str:
+    h = link.get("health")
+    if not isinstance(h, Mapping) or not h.get("samples"):
+        return _DASH
+    parts = []
+    for key, unit in (("loss_pct", "%"), ("jitter_ms", "ms"), ("latency_ms", "ms")):
+        v = h.get(key)
+        if isinstance(v, int | float):
+            parts.append(f"{v:g}{unit}")
+        else:
+            parts.append("-")
+    return "/".join(parts)
+
+
+def _uses(link: Mapping[str, Any], steering: Any) -> str:
+    """Which traffic the link carries now, with its share when links share it."""
+    if not isinstance(steering, Mapping):
+        return ""
+    out = []
+    for kind, label in (("cloud", "cloud"), ("offcloud", "mesh")):
+        entry = steering.get(kind)
+        weights = entry.get("links") if isinstance(entry, Mapping) else None
+        if not isinstance(weights, Mapping):
+            continue
+        w = weights.get(link.get("name"))
+        if isinstance(w, int) and w > 0:
+            total = sum(v for v in weights.values() if isinstance(v, int)) or 1
+            out.append(label if w == total else f"{label}:{100 * w // total}%")
+    return ",".join(out) or _DASH
+
+
+@_visible_out
+def format_links(result: Mapping[str, Any], out: TextIO) -> None:
+    links = result.get("links") or []
+    if not links:
+        out.write("no links\n")
+        return
+    steering = result.get("steering")
+    rows = [
+        [
+            _text(link.get("name")),
+            _text(link.get("interface")),
+            _text(link.get("state")),
+            _health(link),
+            _figures(link),
+            _uses(link, steering),
+            _text(link.get("addressing")),
+            _text(link.get("address")),
+            _text(link.get("gateway")),
+            _prec(link),
+            _link_detail(link),
+        ]
+        for link in links
+        if isinstance(link, Mapping)
+    ]
+    headers = ["LINK", "INTERFACE", "STATE", "HEALTH", "LOSS/JIT/LAT", "CARRIES", "ADDRESSING",
+               "ADDRESS", "GATEWAY", "PREC", "DETAIL"]
+    _table(headers, rows, out)
+    why = [
+        (link.get("name"), link["health"].get("reason"))
+        for link in links
+        if isinstance(link, Mapping) and isinstance(link.get("health"), Mapping)
+        and link["health"].get("reason")
+    ]
+    for name, reason in why:
+        out.write(f"{_text(name)}: {_text(reason)}\n")
+    if isinstance(steering, Mapping):
+        for kind in ("cloud", "offcloud"):
+            entry = steering.get(kind)
+            if isinstance(entry, Mapping) and entry.get("moved_s") is not None:
+                out.write(f"{kind} traffic last moved {_duration(entry.get('moved_s'))} ago:"
+                          f" {_text(entry.get('why'))}\n")
+
+
+@_visible_out
+def format_routes(result: Mapping[str, Any], out: TextIO) -> None:
+    out.write(f"policy   {_text(result.get('policy'))}\n\n")
+    rows = []
+    for r in result.get("routes") or []:
+        if not isinstance(r, Mapping):
+            continue
+        peer = r.get("peer_id")
+        rows.append(
+            [
+                _text(r.get("prefix")),
+                # A PoP session's, an Alt-WAN tunnel's or a peer group's id (0x8..., 0x4...,
+                # 0x2...) reads in hex.
+                f"{peer:#x}" if isinstance(peer, int) and peer >= 1 << 29 else _text(peer),
+                _text(r.get("transport")),
+                _text(r.get("producer")),
+                ("" if r.get("installed") else "NOT INSTALLED: ") + _text(r.get("why")),
+            ]
+        )
+    if rows:
+        _table(["PREFIX", "PEER", "VIA", "FROM", "WHY"], rows, out)
+    else:
+        out.write("no routes\n")
+    unused = [u for u in result.get("unused") or [] if isinstance(u, Mapping)]
+    if unused:
+        out.write("\nnot used:\n")
+        for u in unused:
+            out.write(
+                f"  {_text(u.get('prefix'))} via {_text(u.get('transport'))}"
+                f" ({_text(u.get('producer'))}): {_text(u.get('reason'))}\n"
+            )
+
+
+def _rule_match(r: Mapping[str, Any]) -> str:
+    proto = _text(r.get("protocol"))
+    ports = ",".join(
+        str(p[0]) if p[0] == p[1] else f"{p[0]}-{p[1]}"
+        for p in r.get("ports") or []
+        if isinstance(p, list) and len(p) == 2
+    )
+    return f"{proto} {ports}" if ports else proto
+
+
+@_visible_out
+def format_rules(result: Mapping[str, Any], out: TextIO) -> None:
+    rows = []
+    notes = []
+    for r in result.get("rules") or []:
+        if not isinstance(r, Mapping):
+            continue
+        transport = _text(r.get("transport"))
+        if r.get("secondary"):
+            transport += f" (else {r['secondary']})"
+        if r.get("complex"):
+            notes.append(f"  {_text(r.get('name'))}: {_text(r.get('note'))}")
+        rows.append(
+            [
+                _text(r.get("index")),
+                _text(r.get("name")) + (" *" if r.get("complex") else ""),
+                transport,
+                _rule_match(r),
+                _text(r.get("src")) if r.get("src") else "any",
+                _text(r.get("dst")) if r.get("dst") else "any",
+                _num(r.get("hits")),
+                _text(r.get("now")),
+            ]
+        )
+    if rows:
+        _table(["#", "NAME", "TRANSPORT", "MATCH", "FROM", "TO", "HITS", "NOW"], rows, out)
+    else:
+        out.write("no rules\n")
+    if notes:
+        out.write("\n* complex:\n" + "\n".join(notes) + "\n")
+    if result.get("error"):
+        out.write(f"\nnot taken: {result['error']}\n")
+    drops = result.get("drops")
+    if isinstance(drops, int) and drops:
+        out.write(f"\ndropped while the off-cloud path was down: {drops}\n")
+
+
+@_visible_out
+def format_mesh(result: Mapping[str, Any], out: TextIO) -> None:
+    if not result.get("enabled"):
+        out.write("mesh off ([mesh] enabled = false)\n")
+        return
+    out.write(
+        f"peers    {_num(result.get('peers'))} ({_num(result.get('peers_up'))} direct)\n\n"
+    )
+    rows = []
+    for p in result.get("paths") or []:
+        if not isinstance(p, Mapping):
+            continue
+        state = _text(p.get("state"))
+        rtt = p.get("rtt_ms")
+        rows.append(
+            [
+                _text(p.get("site_id")),
+                _text(p.get("name")),
+                _text(p.get("link")),
+                state,
+                _text(p.get("endpoint")),
+                _text(p.get("how")),
+                f"{_text(p.get('nat'))}/{_text(p.get('peer_nat'))}",
+                f"{rtt} ms" if isinstance(rtt, (int, float)) else _DASH,
+                _num(p.get("mtu")),
+                _ago(p.get("last_rx_s")),
+                "" if state == "direct" else _reason(p.get("reason")),
+            ]
+        )
+    if rows:
+        headers = ["SITE", "NAME", "LINK", "STATE", "ENDPOINT", "HOW", "NAT (OURS/PEER)", "RTT"]
+        _table([*headers, "MTU", "LAST RX", "REASON"], rows, out)
+    else:
+        out.write("no mesh peers yet (the PoP brokers them)\n")
+
+
+def _recovery_line(r: Mapping[str, Any]) -> str:
+    if not r.get("enabled"):
+        return "disabled for this site in the account (or no PoP configured)"
+    if r.get("active"):
+        text = f"ACTIVE for {_duration(r.get('since_s'))}: {_text(r.get('reason'))}"
+        if r.get("returning_in_s") is not None:
+            text += f"; back to the cloud in {_duration(r.get('returning_in_s'))}"
+        return text
+    lost = r.get("lost_sites") or []
+    if lost:
+        return "ready; sites the PoP cannot reach go over Alt-WAN or the mesh: " + ", ".join(
+            _text(s) for s in lost
+        )
+    return "ready (not active)"
+
+
+@_visible_out
+def format_recovery(result: Mapping[str, Any], out: TextIO) -> None:
+    out.write(f"recovery {_recovery_line(result)}\n")
+    out.write(f"hold     {_duration(result.get('hold_s'))}\n\n")
+    rows = []
+    for s in result.get("sites") or []:
+        if not isinstance(s, Mapping):
+            continue
+        ready = s.get("ready_why")
+        rows.append(
+            [
+                _text(s.get("site_id")),
+                _text(s.get("name")),
+                _text(s.get("state")),
+                # Over what recovery would carry it now: alt-wan, mesh, or no.
+                _text(s.get("ready_via") or "yes") if s.get("ready") else "no",
+                "" if ready is None else _text(ready),
+            ]
+        )
+    if rows:
+        _table(["SITE", "NAME", "TRAFFIC", "READY", "WHY NOT"], rows, out)
+    else:
+        out.write("no other sites known (the PoP's directory lists them)\n")
+
+
+def _firewall_summary(fw: Mapping[str, Any]) -> str:
+    state = _text(fw.get("state"))
+    if state == "none":
+        return "no policy received yet (the kernel's forwarding is left as it is)"
+    text = (
+        f"{state}, {_num(fw.get('rule_count'))} rule(s), default {_text(fw.get('default'))},"
+        f" rev {_text(fw.get('rev'))}"
+    )
+    if fw.get("error"):
+        text += f": {fw['error']}"
+    return text
+
+
+def _match(values: Any) -> str:
+    return "any" if values is None else _text(values)
+
+
+@_visible_out
+def format_firewall(result: Mapping[str, Any], out: TextIO) -> None:
+    out.write(f"firewall {_firewall_summary(result)}\n")
+    if result.get("state") == "none":
+        return
+    if result.get("in_kernel") is False:
+        out.write(f"kernel   table {_text(result.get('table'))} is missing\n")
+    if result.get("counters_error"):
+        out.write(f"counters not read: {result['counters_error']}\n")
+    out.write("\n")
+    rows = []
+    for i, r in enumerate(result.get("rules") or [], start=1):
+        if not isinstance(r, Mapping):
+            continue
+        proto = _text(r.get("protocol"))
+        if r.get("ports") is not None:
+            proto += f" {_text(r.get('ports'))}"
+        rows.append(
+            [
+                str(i),
+                _text(r.get("name")),
+                _text(r.get("action")),
+                _match(r.get("src")),
+                _match(r.get("dst")),
+                proto,
+                _num(r.get("packets")),
+                _bytes(r.get("bytes")),
+            ]
+        )
+    for label, key in (("default", "default_counter"), ("invalid", "invalid_counter")):
+        counter = result.get(key) if isinstance(result.get(key), Mapping) else {}
+        action = _text(result.get("default")) if label == "default" else "deny"
+        rows.append(
+            [
+                _DASH,
+                f"({label})",
+                action,
+                "any",
+                "any",
+                "any" if label == "default" else "invalid state",
+                _num(counter.get("packets")),
+                _bytes(counter.get("bytes")),
+            ]
+        )
+    headers = ["#", "RULE", "ACTION", "SOURCE", "DESTINATION", "PROTOCOL", "PACKETS", "BYTES"]
+    _table(headers, rows, out)
+
+
+def _lan_line(lan: Mapping[str, Any]) -> str:
+    """The LAN port in one line: its address, device, and its DHCP server's state."""
+    text = f"{_text(lan.get('address'))} on {_text(lan.get('interface'))}"
+    if lan.get("address_error"):
+        return f"{text}, error: {_text(lan['address_error'])}"
+    dhcp = lan.get("dhcp")
+    state = dhcp.get("state") if isinstance(dhcp, Mapping) else dhcp
+    return f"{text}, DHCP {_text(state)}"
+
+
+def _expires(lease: Mapping[str, Any]) -> str:
+    if lease.get("expired"):
+        return "expired"
+    return _duration(lease.get("expires_s"))
+
+
+@_visible_out
+def format_lan(result: Mapping[str, Any], out: TextIO) -> None:
+    address = result.get("address")
+    port = f"{_text(result.get('interface'))} ({_text(result.get('state'))})"
+    if address:
+        out.write(f"address  {_text(address)} on {port}\n")
+        if result.get("address_error"):
+            out.write(f"error    {_text(result['address_error'])}\n")
+    else:
+        seen = _text(result.get("addresses"))
+        out.write(f"address  not set by socketd ([lan] address); on {port}: {seen}\n")
+    out.write(f"subnets  {_text(result.get('subnets'))}\n")
+    dhcp = result.get("dhcp")
+    if not isinstance(dhcp, Mapping) or not dhcp.get("enabled"):
+        out.write("dhcp     off\n")
+        return
+    state = _text(dhcp.get("state"))
+    if dhcp.get("pid") is not None:
+        state += f", pid {_num(dhcp.get('pid'))}, up {_duration(dhcp.get('up_s'))}"
+    if dhcp.get("restarts"):
+        state += f", {_num(dhcp.get('restarts'))} restarts"
+    out.write(f"dhcp     {state}\n")
+    if dhcp.get("error"):
+        retry = dhcp.get("retry_in_s")
+        again = f" (again in {_duration(retry)})" if retry is not None else ""
+        out.write(f"why      {_text(dhcp['error'])}{again}\n")
+    rng = dhcp.get("range")
+    if isinstance(rng, list) and len(rng) == 2:
+        out.write(f"range    {_text(rng[0])} - {_text(rng[1])}\n")
+    out.write(
+        f"router   {_text(dhcp.get('router'))}, dns {_text(dhcp.get('dns'))},"
+        f" lease {_duration(dhcp.get('lease_s'))}\n"
+    )
+    if dhcp.get("leases_error"):
+        out.write(f"leases   {_text(dhcp['leases_error'])}\n")
+    out.write("\n")
+    leases = [le for le in dhcp.get("leases") or [] if isinstance(le, Mapping)]
+    held = {le.get("mac") for le in leases}
+    rows = [
+        [
+            _text(le.get("ip")),
+            _text(le.get("mac")),
+            _text(le.get("hostname")),
+            "static" if le.get("static") else "dynamic",
+            _expires(le),
+        ]
+        for le in leases
+    ]
+    # Static leases no host holds yet are listed too: the field engineer looks for them.
+    for s in dhcp.get("static") or []:
+        if isinstance(s, Mapping) and s.get("mac") not in held:
+            rows.append(
+                [_text(s.get("ip")), _text(s.get("mac")), _text(s.get("name")), "static", _DASH]
+            )
+    if not rows:
+        out.write("no leases\n")
+        return
+    _table(["IP", "MAC", "HOSTNAME", "KIND", "EXPIRES IN"], rows, out)
+
+
+@_visible_out
+def format_set_link(result: Mapping[str, Any], out: TextIO) -> None:
+    """set-link answers with the link's new `links` entry."""
+    format_links({"links": [result]}, out)
+
+
+FORMATTERS: dict[str, Callable[[Mapping[str, Any], TextIO], None]] = {
+    "status": format_status,
+    "peers": format_peers,
+    "pop": format_pop,
+    "routes": format_routes,
+    "rules": format_rules,
+    "mesh": format_mesh,
+    "recovery": format_recovery,
+    "firewall": format_firewall,
+    "events": format_events,
+    "links": format_links,
+    "lan": format_lan,
+}
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="socketctl", description="Query a running socketd over its control socket."
+    )
+    parser.add_argument(
+        "--socket",
+        default=str(DEFAULT_CONTROL_SOCKET),
+        metavar="PATH",
+        help=f"control socket of socketd (default {DEFAULT_CONTROL_SOCKET})",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=5.0, metavar="S", help="seconds to wait (default 5)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    helps = {
+        "status": "site, uptime, links and their counters",
+        "peers": "the other sites: direct tunnels (state, endpoint, traffic) and cloud sites",
+        "pop": "sessions to the PoPs per link: state, RTT, last seen, reason when down",
+        "routes": "which peer and transport carries each prefix, and why",
+        "rules": "the off-cloud transport rules: what each matches, its hits, its transport now",
+        "mesh": "direct tunnels to the other sites: per peer and link, how found, why not",
+        "recovery": "WAN recovery: active or not and why, per site where its traffic goes",
+        "firewall": "the LAN firewall: rules in order with their counters, default, state",
+        "events": "stored events, newest first",
+        "links": "WAN links: device state, addressing (none, static, dhcp), address, gateway",
+        "lan": "the LAN port: its address, the DHCP server (state, range) and its leases",
+    }
+    for name in FORMATTERS:
+        sub = commands.add_parser(name, help=helps[name], description=helps[name])
+        # Accepted after the command as well; SUPPRESS keeps an earlier --json from being reset.
+        sub.add_argument(
+            "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON"
+        )
+        if name == "events":
+            sub.add_argument("--limit", type=int, default=50, help="at most N events (50)")
+            sub.add_argument("--kind", default=None, help="only events of this kind")
+    set_help = "set a link's addressing (saved in the data directory, applied at once)"
+    sub = commands.add_parser(
+        "set-link",
+        help=set_help,
+        description=set_help,
+        usage="socketctl set-link LINK static ADDR/PREFIX GATEWAY | set-link LINK dhcp",
+    )
+    sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    sub.add_argument("link", help="link name, e.g. wan1")
+    sub.add_argument("mode", choices=("static", "dhcp"))
+    sub.add_argument("values", nargs="*", metavar="ADDR/PREFIX GATEWAY")
+    renew_help = "ask the PoP for a new certificate now (it is asked by itself 30 days ahead)"
+    sub = commands.add_parser("renew", help=renew_help, description=renew_help)
+    sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    return parser
+
+
+def format_renew(result: Mapping[str, Any], out: TextIO) -> None:
+    out.write("renewal asked of the PoP: `socketctl events --kind cert.renewed` tells when the "
+              "new certificate is in use\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    timeout = args.timeout
+    try:
+        extra: dict[str, Any] = {}
+        if args.command == "events":
+            extra["limit"] = args.limit
+            if args.kind is not None:
+                extra["kind"] = args.kind
+        if args.command == "set-link":
+            wanted = 2 if args.mode == "static" else 0
+            if len(args.values) != wanted:
+                parser.error(
+                    "set-link LINK static needs ADDR/PREFIX and GATEWAY"
+                    if wanted
+                    else "set-link LINK dhcp takes nothing more"
+                )
+            extra = {"link": args.link, "mode": args.mode, "origin": "socketctl"}
+            if wanted:
+                extra["address"], extra["gateway"] = args.values
+            # Applying runs a configuration worker (and stops a DHCP client) first.
+            timeout = max(timeout, 40.0)
+        result = request(args.socket, args.command, timeout=timeout, **extra)
+    except ControlUnreachable as exc:
+        print(f"socketctl: {visible(exc)}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except CommandFailed as exc:
+        print(f"socketctl: {args.command}: {visible(exc)}", file=sys.stderr)
+        return EXIT_COMMAND_FAILED
+    except ControlError as exc:
+        print(f"socketctl: {visible(exc)}", file=sys.stderr)
+        return EXIT_COMMAND_FAILED
+    try:
+        if args.json:
+            json.dump(result, sys.stdout, indent=2, sort_keys=False)
+            sys.stdout.write("\n")
+        else:
+            {"renew": format_renew}.get(args.command) or FORMATTERS.get(
+                args.command, format_set_link)(result, sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `socketctl peers | head` is normal use, not an error worth a traceback; pointing
+        # stdout at /dev/null stops the interpreter's final flush from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

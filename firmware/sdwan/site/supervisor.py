@@ -66,8 +66,8 @@ from sdwan.site.links import LinkError, LinkManager
 from sdwan.site.mesh import Mesh, pin_override
 from sdwan.site.paths import Candidate, Paths, Transport
 from sdwan.site.recovery import STORED_MAX_AGE_S, Reach, Recovery
-from sdwan.site.revoked import SiteRevocations
 from sdwan.site.renewal import Pair, Renewal, choose_identity
+from sdwan.site.revoked import SiteRevocations
 from sdwan.site.rules import Rules
 from sdwan.site.sources import Sources, add_peer
 from sdwan.site.steering import Kind, Steering
@@ -660,10 +660,11 @@ class Supervisor:
     def _renewed(self, pair: Pair) -> None:
         """The renewed pair is the site's identity from now on: new handshakes (rekeys
         included) present it; sessions up now keep going until their next rekey."""
-        cfg = self.cfg
-        ctx = DtlsContext(cfg.pki.ca, pair.cert, pair.key, cfg.site.id)
-        self.dtls, self.identity = ctx, pair
-        self.certs = watch_identity(cfg.pki.ca, ctx.ca_cert, pair.cert, ctx.cert)
+        ctx = self.dtls
+        assert ctx is not None
+        ctx.use_identity(pair.cert, pair.key)  # the revocation check and counters stay
+        self.identity = pair
+        self.certs = watch_identity(self.cfg.pki.ca, ctx.ca_cert, pair.cert, ctx.cert)
 
     def _make_renewal(self, cloud: Cloud | None) -> Renewal | None:
         if cloud is None or not cloud.enabled:
