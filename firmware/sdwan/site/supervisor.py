@@ -163,10 +163,8 @@ class Supervisor:
         self.certs: CertWatch | None = None  # made by _open with the DTLS identity
         self.identity: Pair | None = None  # the certificate and key in use, and whence
         self.renewal: Renewal | None = None  # made by _open when there is a PoP to ask
-        self.clock_floor = ClockFloor(cfg.paths.data_dir)
-        sock = cfg.paths.control_socket
-        self.timesync = TimeSync(cfg.time, cfg.paths.data_dir, sock.parent, self._record_event,
-                                 tag=sock.stem)
+        self.clock_floor: ClockFloor | None = None  # made by _open: the box's, not a simulation's
+        self.timesync: TimeSync | None = None
 
     @property
     def dtls(self) -> DtlsContext | None:
@@ -235,6 +233,10 @@ class Supervisor:
             # Tunnels work without a store; only history and the cloud copy are lost.
             log.error("store unusable, running without one: %s", e)
         self.links.store = self.store
+        self.clock_floor = ClockFloor(cfg.paths.data_dir)
+        sock = cfg.paths.control_socket
+        self.timesync = TimeSync(cfg.time, cfg.paths.data_dir, sock.parent, self._record_event,
+                                 tag=sock.stem)
         for ev in self.clock_floor.at_start():
             log.warning("%s", ev.text)
             self._record_event(ev.kind, ev.text, ev.data)
@@ -692,7 +694,8 @@ class Supervisor:
             t.state is State.UP for t in self.tunnels.values())
 
     def _time_and_certs(self) -> None:
-        self.clock_floor.tick(self._clock_trusted())
+        if self.clock_floor is not None:
+            self.clock_floor.tick(self._clock_trusted())
         if self.certs is not None:
             for w in self.certs.check():
                 log.warning("%s", w.text)
@@ -853,7 +856,8 @@ class Supervisor:
             "certificates": None if self.certs is None or self.identity is None else {
                 **self.certs.status(), "source": self.identity.source,
                 "renewal": self.renewal.status() if self.renewal is not None else None},
-            "clock": {**self.clock_floor.status(), "sync": self.timesync.status()},
+            "clock": None if self.clock_floor is None or self.timesync is None else {
+                **self.clock_floor.status(), "sync": self.timesync.status()},
         }
 
     async def _peers(self, _req: dict) -> dict:
@@ -1085,6 +1089,7 @@ class Supervisor:
         # Like the WAN links: in the background, with the console already able to look.
         assert self.lan is not None
         self.lan.start()
+        assert self.timesync is not None
         self.timesync.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -1104,7 +1109,7 @@ class Supervisor:
             ticker.cancel()
             if self._stop.is_set() and self.guard is not None:
                 self.guard.end("stopped")
-            if self._clock_trusted():
+            if self.clock_floor is not None and self._clock_trusted():
                 self.clock_floor.store()
             log.info("socketd stopping")
             await self.control.close()
@@ -1112,7 +1117,8 @@ class Supervisor:
                 await self.wan.close()
             if self.lan is not None:
                 await self.lan.close()
-            await self.timesync.close()
+            if self.timesync is not None:
+                await self.timesync.close()
             # The ruleset stays in the kernel: a stopped socketd leaves the LAN neither open
             # nor closed (docs/firewall.md); the next start replaces it.
             await self.firewall.close()
