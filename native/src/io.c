@@ -533,6 +533,9 @@ static void *link_thread(void *arg)
     /* Without it (out of memory) the thread works, just colder. */
     struct fp_warm *warm = fp->cfg.warm_ms ? fp_warm_new() : NULL;
     uint64_t last_data_ns = 0; /* when this thread last wrote to the TUN or relayed data */
+    /* Why the loop ended, for fp_threads_status: never silently (0: on request). */
+    uint32_t where = FP_WHERE_NONE;
+    int err = 0;
     for (;;) {
         struct pollfd p[3] = {{l->fd, POLLIN, 0}, {l->wake_fd, POLLIN, 0},
                               {fp->stop_fd, POLLIN, 0}};
@@ -540,14 +543,32 @@ static void *link_thread(void *arg)
         if (ready < 0) {
             if (errno == EINTR)
                 continue;
+            where = FP_WHERE_POLL;
+            err = errno;
             break;
         }
         if (ready == 0) {
             fp_warm_run(warm);
             continue;
         }
+        if (p[1].revents && (err = fp_thr_injected(&l->thr)) != 0) {
+            /* Read the wake-up, or the thread started again would take it for link_del
+             * (which, writing it too, joins whatever thread runs then). */
+            uint64_t v;
+            if (read(l->wake_fd, &v, sizeof(v)) < 0)
+                v = 0;
+            where = FP_WHERE_INJECTED;
+            break;
+        }
         if (p[1].revents || p[2].revents)
             break;
+        /* Our own duplicate is never closed while we run: it cannot, but if it were, poll
+         * would return at once forever. */
+        if (p[0].revents & POLLNVAL) {
+            where = FP_WHERE_HANGUP;
+            err = EBADF;
+            break;
+        }
         bool wrote = false, relayed = false;
         pthread_rwlock_rdlock(&fp->lock);
         pthread_mutex_lock(&l->rx_lock);
@@ -560,6 +581,10 @@ static void *link_thread(void *arg)
             tun_drain_try(fp, fp->cfg.batch);
     }
     fp_warm_free(warm);
+    if (where != FP_WHERE_NONE)
+        fp_thr_died(fp, &l->thr, where, err);
+    else
+        fp_thr_stopped(&l->thr);
     return NULL;
 }
 
@@ -865,8 +890,13 @@ static void *tun_thread(void *arg)
     int fd = atomic_load(&fp->tun_fd);
     pthread_setname_np(pthread_self(), "fp-tun");
     struct fp_tun_rx *x = tun_rx_new();
-    if (!x)
+    if (!x) {
+        fp_thr_died(fp, &fp->tun_thr, FP_WHERE_ALLOC, ENOMEM);
         return NULL;
+    }
+    /* Why the loop ended, for fp_threads_status: never silently (0: on request). */
+    uint32_t where = FP_WHERE_NONE;
+    int err = 0;
     struct fp_warm *warm = fp->cfg.warm_ms ? fp_warm_new() : NULL;
     struct spin_state spin = {0, 0};
     uint64_t last_data_ns = 0; /* when this thread last read a packet from the TUN */
@@ -874,11 +904,14 @@ static void *tun_thread(void *arg)
     fp->tun_rx = x;
     pthread_mutex_unlock(&fp->tun_rd_lock);
     for (;;) {
-        struct pollfd p[2] = {{fd, POLLIN, 0}, {fp->stop_fd, POLLIN, 0}};
-        int ready = poll(p, 2, fp_warm_timeout(fp, warm, last_data_ns));
+        struct pollfd p[3] = {{fd, POLLIN, 0}, {fp->stop_fd, POLLIN, 0},
+                              {fp->tun_wake_fd, POLLIN, 0}};
+        int ready = poll(p, 3, fp_warm_timeout(fp, warm, last_data_ns));
         if (ready < 0) {
             if (errno == EINTR)
                 continue;
+            where = FP_WHERE_POLL;
+            err = errno;
             break;
         }
         if (ready == 0) {
@@ -887,6 +920,19 @@ static void *tun_thread(void *arg)
         }
         if (p[1].revents)
             break;
+        if (p[2].revents) {
+            /* Read the wake-up, or the thread started again would find it. Nothing to do
+             * if it fails: the next poll would wake us again and read it then. */
+            uint64_t v;
+            if (read(fp->tun_wake_fd, &v, sizeof(v)) < 0)
+                v = 0;
+            if ((err = fp_thr_injected(&fp->tun_thr)) != 0) {
+                where = FP_WHERE_INJECTED;
+                break;
+            }
+            if (!(p[0].revents & POLLIN))
+                continue;
+        }
         pthread_mutex_lock(&fp->tun_rd_lock);
         /* Quiet since any drain: a link thread's (tun_drain_try) counts too. */
         bool quiet = fp_now_ns() - x->last_read_ns >= SPIN_IDLE_NS;
@@ -899,8 +945,11 @@ static void *tun_thread(void *arg)
         /* The device went away (or the socketpair's other end closed). A
          * link thread may have taken the packets that woke us: then POLLIN
          * alone was set, and we just poll again. */
-        if (cnt == 0 && (p[0].revents & (POLLHUP | POLLERR | POLLNVAL)))
+        if (cnt == 0 && (p[0].revents & (POLLHUP | POLLERR | POLLNVAL))) {
+            where = FP_WHERE_HANGUP;
+            err = (p[0].revents & POLLNVAL) ? EBADF : (p[0].revents & POLLERR) ? ENODEV : EPIPE;
             break;
+        }
         if (fp->cfg.spin_us && lone_sent && spin_chance(&spin)) {
             if (tun_spin(fp, sent_link, sent_peer, fd))
                 spin.misses = 0;
@@ -913,24 +962,34 @@ static void *tun_thread(void *arg)
     pthread_mutex_unlock(&fp->tun_rd_lock);
     tun_rx_free(x);
     fp_warm_free(warm);
+    if (where != FP_WHERE_NONE)
+        fp_thr_died(fp, &fp->tun_thr, where, err);
+    else
+        fp_thr_stopped(&fp->tun_thr);
     return NULL;
 }
 
 int fp_io_start_link(struct fp *fp, struct fp_link *l)
 {
     l->fp = fp;
+    int was = fp_thr_starting(&l->thr);
     int rc = pthread_create(&l->thread, NULL, link_thread, l);
-    if (rc)
+    if (rc) {
+        atomic_store(&(l->thr).state, was); /* one that died stays so */
         return -rc;
+    }
     l->thread_running = true;
     return 0;
 }
 
 int fp_io_start_tun(struct fp *fp)
 {
+    int was = fp_thr_starting(&fp->tun_thr);
     int rc = pthread_create(&fp->tun_thread, NULL, tun_thread, fp);
-    if (rc)
+    if (rc) {
+        atomic_store(&(fp->tun_thr).state, was); /* one that died stays so */
         return -rc;
+    }
     fp->tun_thread_running = true;
     return 0;
 }
