@@ -139,6 +139,7 @@ class Watchdog:
         self.last_pet: float | None = None
         self.opened_at: float | None = None
         self.problem: str | None = None
+        self.held: str | None = None  # why the pets stopped for good (hold())
 
     @property
     def active(self) -> bool:
@@ -308,10 +309,20 @@ class Watchdog:
             return
         while True:
             await asyncio.sleep(self.pet_interval_s)
+            if self.held is not None:
+                continue
             if alive is None or alive():
                 self.pet()
             else:
                 log.error("supervisor not healthy: no longer petting the watchdog")
+
+    def hold(self, reason: str) -> None:
+        """Stop petting for good: the hardware resets the box one timeout after the last pet.
+        For what the supervisor sees and cannot mend (a fast path it could not restart); the
+        reason shows in status as `held`."""
+        if self.held is None:
+            self.held = reason
+            log.error("no longer petting watchdog %s: %s", self.path, reason)
 
     def close(self, *, disarm: bool = True, grace: bool = False) -> None:
         """Release the device. `disarm` writes the magic 'V' first (a clean stop); without it
@@ -347,6 +358,7 @@ class Watchdog:
             else round(time.monotonic() - self.last_pet, 1),
             "boot_status": _describe_boot_status(self.boot_status or 0),
             "problem": self.problem,
+            "held": self.held,
         }
 
 
@@ -601,6 +613,14 @@ class Guard:
         """The start-up is over: the running timeout, and pets from the caller's loop."""
         if self.watchdog is not None:
             await self.watchdog.run(alive)
+
+    def hold(self, reason: str) -> bool:
+        """Stop the watchdog's pets for good (Watchdog.hold); False when there is no watchdog
+        to reset the box."""
+        if self.watchdog is None or not self.watchdog.active:
+            return False
+        self.watchdog.hold(reason)
+        return True
 
     def end(self, how: str = "stopped") -> None:
         if self.ended is None:
