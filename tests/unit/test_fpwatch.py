@@ -171,12 +171,14 @@ def test_a_held_watchdog_is_petted_no_more(tmp_path: Path) -> None:
     try:
 
         async def run() -> None:
-            task = asyncio.create_task(wd.run())
-            await asyncio.sleep(1.2)  # pets every second
-            pets = wd.pets
-            assert pets >= 2
+            task = asyncio.create_task(wd.run())  # pets every second
+            deadline = time.monotonic() + 10
+            while wd.pets < 2:
+                assert time.monotonic() < deadline, "the loop never petted"
+                await asyncio.sleep(0.05)
             wd.hold("the fast path failed: test")
-            await asyncio.sleep(2.2)
+            pets = wd.pets
+            await asyncio.sleep(2.5 * wd.pet_interval_s)  # room for two pets, had it gone on
             assert wd.pets == pets
             task.cancel()
 

@@ -146,7 +146,6 @@ def _sources_line(sources: Mapping[str, Any], links: Any) -> str:
     return text
 
 
-@_visible_out
 def _thread_name(t: Mapping[str, Any]) -> str:
     return "TUN thread" if t.get("thread") == "tun" else f"link {_text(t.get('link'))} thread"
 
@@ -168,6 +167,7 @@ def _fastpath_line(fp: Mapping[str, Any]) -> str:
     return text
 
 
+@_visible_out
 def format_status(result: Mapping[str, Any], out: TextIO) -> None:
     site = f"{_text(result.get('site_id'))} ({_text(result.get('name'))})"
     fields = [
