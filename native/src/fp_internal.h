@@ -3,8 +3,9 @@
  *
  * Locking, from outermost to innermost:
  *   api_lock   serialises the control-plane calls that start/stop threads
- *              (start, stop, tun_*, link_*), so a thread is never spawned
- *              or joined twice.
+ *              (start, stop, tun_*, link_*, threads_restart, test_thread_fail;
+ *              threads_status reads the links under it), so a thread is never
+ *              spawned or joined twice.
  *   tun_rd_lock  the right to read the TUN, with the reader's buffers
  *              (tun_rx): held by the TUN thread for a drain, or taken with
  *              trylock by a link thread that just wrote to the TUN, so

@@ -18,7 +18,8 @@
  * once per batch. Nothing waits for a batch to fill: a batch is what is
  * already there.
  * Threads sleep in poll() on their fd plus an eventfd, so stop and link_del
- * wake them at once.
+ * wake them at once. A thread that leaves its loop on an error says why
+ * (threads.c) and can be started again.
  */
 #include "fp_internal.h"
 
