@@ -522,7 +522,10 @@ struct fp_thread_status {
 };
 
 /* Copies the status of up to cap threads (the TUN thread first, if there is a TUN, then the
- * links in the order they were added) and returns how many there are (may exceed cap). */
+ * links) and returns how many there are (may exceed cap). The links come in the order of
+ * the fast path's link table: in the order they were added until a fp_link_del, which moves
+ * the last link into the deleted one's place; a caller that wants a link finds it by
+ * link_id, not by position. */
 int fp_threads_status(fp_t *fp, struct fp_thread_status *out, size_t cap);
 /* Deaths of any data-path thread since fp_new (links deleted since included). */
 uint64_t fp_threads_deaths(fp_t *fp);
@@ -568,6 +571,10 @@ int fp_test_set_tx_counter(fp_t *fp, uint32_t peer_id, uint64_t counter);
  * (a test, a supervisor asked by root on its control socket with faults enabled) can reach
  * it; nothing a packet carries does. */
 int fp_test_thread_fail(fp_t *fp, uint32_t kind, uint32_t link_id, int err);
+/* Fault injection: the thread's next start (fp_start, fp_threads_restart) fails with err
+ * (1..4095) as if pthread_create had refused it (EAGAIN, ENOMEM); once, the start after it
+ * is a real one. -ENOENT: no such thread; -EINVAL: bad kind or err. */
+int fp_test_thread_start_fail(fp_t *fp, uint32_t kind, uint32_t link_id, int err);
 
 /* The path MTU code as pure functions. fp_test_icmp_too_big writes the ICMP
  * error an inner packet too big for inner_mtu gets (fragmentation needed, or

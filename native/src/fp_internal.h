@@ -256,6 +256,7 @@ struct fp_thr {
     _Atomic uint64_t deaths;
     _Atomic uint64_t restarts;
     _Atomic int inject;                 /* fp_test_thread_fail: die with it at the next wake */
+    _Atomic int start_err;              /* fp_test_thread_start_fail: the next start fails */
 };
 
 struct fp_link {
@@ -263,7 +264,10 @@ struct fp_link {
     uint32_t id;
     int fd;
     int family;                         /* AF_INET or AF_INET6 of the socket */
-    int wake_fd;                        /* eventfd: link_del stops its thread */
+    int wake_fd;                        /* eventfd: wakes its thread (link_del, an injection);
+                                           drained whenever a thread is started on it */
+    atomic_bool deleting;               /* set by link_del before it wakes the thread: the
+                                           only wake-up that means "stop" */
     pthread_t thread;
     bool thread_running;                /* started and not joined yet (it may have died) */
     struct fp_thr thr;
@@ -574,6 +578,8 @@ void fp_thr_stopped(struct fp_thr *t);
 int fp_thr_starting(struct fp_thr *t);
 /* The err fp_test_thread_fail left for the thread, 0 for none (taken: read once). */
 int fp_thr_injected(struct fp_thr *t);
+/* The errno fp_test_thread_start_fail left for the thread's next start, 0 for none (taken). */
+int fp_thr_start_err(struct fp_thr *t);
 
 /* io.c */
 int fp_io_start_link(struct fp *fp, struct fp_link *l);

@@ -552,17 +552,24 @@ static void *link_thread(void *arg)
             fp_warm_run(warm);
             continue;
         }
-        if (p[1].revents && (err = fp_thr_injected(&l->thr)) != 0) {
-            /* Read the wake-up, or the thread started again would take it for link_del
-             * (which, writing it too, joins whatever thread runs then). */
+        /* A stop first: fp_stop with an injection still pending is no death. */
+        if (p[2].revents)
+            break;
+        if (p[1].revents) {
+            /* A wake-up means "stop" only with deleting set (link_del); else it is an
+             * injection, or one left over from a thread before us: read it either way. */
             uint64_t v;
             if (read(l->wake_fd, &v, sizeof(v)) < 0)
                 v = 0;
-            where = FP_WHERE_INJECTED;
-            break;
+            if (atomic_load(&l->deleting))
+                break;
+            if ((err = fp_thr_injected(&l->thr)) != 0) {
+                where = FP_WHERE_INJECTED;
+                break;
+            }
+            if (!p[0].revents)
+                continue;
         }
-        if (p[1].revents || p[2].revents)
-            break;
         /* Our own duplicate is never closed while we run: it cannot, but if it were, poll
          * would return at once forever. */
         if (p[0].revents & POLLNVAL) {
@@ -970,11 +977,22 @@ static void *tun_thread(void *arg)
     return NULL;
 }
 
+/* An eventfd's pending wake-up, read away before a thread is started on it. */
+static void wake_drain(int fd)
+{
+    uint64_t v;
+    while (read(fd, &v, sizeof(v)) == sizeof(v))
+        ;
+}
+
 int fp_io_start_link(struct fp *fp, struct fp_link *l)
 {
     l->fp = fp;
+    wake_drain(l->wake_fd);
     int was = fp_thr_starting(&l->thr);
-    int rc = pthread_create(&l->thread, NULL, link_thread, l);
+    int rc = fp_thr_start_err(&l->thr);
+    if (rc == 0)
+        rc = pthread_create(&l->thread, NULL, link_thread, l);
     if (rc) {
         atomic_store(&(l->thr).state, was); /* one that died stays so */
         return -rc;
@@ -985,8 +1003,11 @@ int fp_io_start_link(struct fp *fp, struct fp_link *l)
 
 int fp_io_start_tun(struct fp *fp)
 {
+    wake_drain(fp->tun_wake_fd);
     int was = fp_thr_starting(&fp->tun_thr);
-    int rc = pthread_create(&fp->tun_thread, NULL, tun_thread, fp);
+    int rc = fp_thr_start_err(&fp->tun_thr);
+    if (rc == 0)
+        rc = pthread_create(&fp->tun_thread, NULL, tun_thread, fp);
     if (rc) {
         atomic_store(&(fp->tun_thr).state, was); /* one that died stays so */
         return -rc;
@@ -1258,6 +1279,7 @@ int fp_link_del(fp_t *fp, uint32_t link_id)
     /* Out of the table, so no other thread can reach it; now stop its own. */
     if (l && l->thread_running) {
         uint64_t one = 1;
+        atomic_store(&l->deleting, true);
         if (write(l->wake_fd, &one, sizeof(one)) == sizeof(one))
             pthread_join(l->thread, NULL);
         l->thread_running = false;

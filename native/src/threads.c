@@ -44,6 +44,11 @@ int fp_thr_injected(struct fp_thr *t)
     return atomic_exchange(&t->inject, 0);
 }
 
+int fp_thr_start_err(struct fp_thr *t)
+{
+    return atomic_exchange(&t->start_err, 0);
+}
+
 static void thr_status(const struct fp_thr *t, struct fp_thread_status *o)
 {
     o->state = atomic_load(&t->state);
@@ -161,6 +166,29 @@ int fp_test_thread_fail(fp_t *fp, uint32_t kind, uint32_t link_id, int err)
         if (l && l->thread_running && atomic_load(&l->thr.state) == FP_THREAD_RUNNING) {
             atomic_store(&l->thr.inject, err);
             rc = write(l->wake_fd, &one, sizeof(one)) == sizeof(one) ? 0 : -errno;
+        }
+    }
+    pthread_mutex_unlock(&fp->api_lock);
+    return rc;
+}
+
+int fp_test_thread_start_fail(fp_t *fp, uint32_t kind, uint32_t link_id, int err)
+{
+    if (err < 1 || err > 4095 || (kind != FP_THREAD_TUN && kind != FP_THREAD_LINK))
+        return -EINVAL;
+    int rc = -ENOENT;
+    pthread_mutex_lock(&fp->api_lock);
+    if (kind == FP_THREAD_TUN) {
+        if (atomic_load(&fp->tun_fd) >= 0) {
+            atomic_store(&fp->tun_thr.start_err, err);
+            rc = 0;
+        }
+    } else {
+        for (int i = 0; i < fp->nlinks; i++) {
+            if (fp->links[i]->id == link_id) {
+                atomic_store(&fp->links[i]->thr.start_err, err);
+                rc = 0;
+            }
         }
     }
     pthread_mutex_unlock(&fp->api_lock);

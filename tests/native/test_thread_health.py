@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import shutil
 import socket
 import subprocess
 import time
@@ -156,6 +157,10 @@ def test_a_device_that_hung_up_is_a_death_restart_cannot_mend() -> None:
         fp.close()
 
 
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or shutil.which("ip") is None,
+    reason="needs root, /dev/net/tun and ip to create and delete a TUN device",
+)
 def test_a_deleted_tun_device_is_a_death_restart_cannot_mend() -> None:
     name = f"fpgone{os.getpid() % 10000}"
     fp = FastPath()
@@ -199,3 +204,51 @@ def test_fault_injection_refuses_what_is_not_running(sites: tuple[Site, Site]) -
     with pytest.raises(FastPathError) as e:
         a.fp.test_thread_fail(ThreadKind.TUN, 0, errno.EIO)
     assert e.value.errno == errno.ENOENT
+
+
+def test_a_restart_refused_for_now_leaves_the_thread_dead_for_the_next_try(
+    sites: tuple[Site, Site]
+) -> None:
+    """pthread_create refusing a thread (EAGAIN) is no final answer: the thread stays DIED and
+    the next fp_threads_restart starts it."""
+    a, b = sites
+    b.fp.test_thread_fail(ThreadKind.LINK, 1, errno.EIO)
+    _wait("the death counted", lambda: b.fp.thread_deaths() == 1)
+    b.fp.test_thread_start_fail(ThreadKind.LINK, 1, errno.EAGAIN)
+    with pytest.raises(FastPathError) as e:
+        b.fp.threads_restart()
+    assert e.value.errno == errno.EAGAIN
+    t = _thread(b.fp, ThreadKind.LINK)
+    assert (t.state, t.restarts) == (ThreadState.DIED, 0)  # left dead, for the next try
+    assert b.fp.threads_restart() == 1
+    t = _thread(b.fp, ThreadKind.LINK)
+    assert (t.state, t.restarts) == (ThreadState.RUNNING, 1)
+    # The new thread forwards: a packet from a's LAN reaches b's.
+    pkt = ip_packet("10.1.0.5", "10.2.0.7", b"after the restart")
+    a.tun.send(pkt)
+    assert _recv(b.tun) == pkt
+    time.sleep(0.2)
+    assert _thread(b.fp, ThreadKind.LINK).state is ThreadState.RUNNING
+
+
+def test_a_stop_with_an_injection_pending_is_no_death(sites: tuple[Site, Site]) -> None:
+    _, b = sites
+    for _ in range(20):
+        b.fp.test_thread_fail(ThreadKind.LINK, 1, errno.EIO)
+        b.fp.stop()  # may come before the thread has read its wake-up
+        b.fp.start()
+        deaths = b.fp.thread_deaths()
+        if deaths:
+            # The thread had died of the injection before the stop: restarted, no stop.
+            assert b.fp.threads_restart() == 1
+            b.fp.stop()
+            b.fp.start()
+        assert _thread(b.fp, ThreadKind.LINK).state is ThreadState.RUNNING
+        if deaths == 0:
+            break
+    else:
+        pytest.skip("every injection won the race against the stop")
+    time.sleep(0.2)
+    # The wake-up the stopped thread left unread does not stop its successor either.
+    assert b.fp.thread_deaths() == 0
+    assert _thread(b.fp, ThreadKind.LINK).state is ThreadState.RUNNING

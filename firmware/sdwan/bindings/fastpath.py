@@ -961,6 +961,13 @@ class FastPath:
         _check(lib.fp_test_thread_fail(self._h, int(kind), link_id, err),
                f"fp_test_thread_fail({kind.name.lower()} {link_id})")
 
+    def test_thread_start_fail(self, kind: ThreadKind, link_id: int = 0,
+                               err: int = _errno.EAGAIN) -> None:
+        """Fault injection: the thread's next start fails with err, as if pthread_create had
+        refused it; the start after that is a real one."""
+        _check(lib.fp_test_thread_start_fail(self._h, int(kind), link_id, err),
+               f"fp_test_thread_start_fail({kind.name.lower()} {link_id})")
+
 
 def aead_test(
     encrypt: bool, key: bytes, iv: bytes, aad: bytes, data: bytes, tag: bytes = b""
