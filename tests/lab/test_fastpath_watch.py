@@ -7,6 +7,7 @@ fault command (SDWAN_FAULT_INJECTION=1 in its environment only), or for real."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from pathlib import Path
@@ -14,7 +15,14 @@ from pathlib import Path
 import pytest
 from labwait import wait_for
 
+from sdwan.appliance.watchdog import (
+    FASTPATH_FAIL_RUNS,
+    FASTPATH_FILE,
+    RUN_FILE,
+    fastpath_failed_runs,
+)
 from sdwan.common.control import CommandFailed, request
+from sdwan.common.store import Store
 from sdwan.lab.topology import Lab, Site
 
 pytestmark = pytest.mark.timeout(150)
@@ -168,3 +176,51 @@ def test_a_fast_path_that_cannot_restart_stops_the_watchdog(lab: Lab) -> None:
         assert now["ticks"] > ticks, "socketd's loop stopped: that is not what is tested"
     finally:
         wd.close()
+
+
+def _stored_events(site: Site, kind: str) -> list:
+    with Store(site.data_dir) as store:
+        return store.events(kind=kind)
+
+
+def test_without_a_watchdog_a_failed_fast_path_ends_socketd_for_init_to_restart(
+    lab: Lab,
+) -> None:
+    """No watchdog configured: nothing would reset the box, so socketd exits with status 1
+    (init starts it again, with a new TUN device). After FASTPATH_FAIL_RUNS such runs in a
+    row the next one stays up instead, to be reached, with the fast path's failure shown."""
+    lab.add_inet()
+    lab.add_router(1)
+    site = lab.add_site(1)
+    lab.write_site_config(site)
+    daemon = lab.start_socketd(site)
+    wait_for("socketd's loop", lambda: lab.socketctl(site, "status")["ticks"] > 0)
+    lab.exec(site.ns, ["ip", "link", "del", "sdwan0"])
+    wait_for("socketd's exit", lambda: not daemon.alive(), timeout=20)
+    assert daemon.proc.returncode == 1, daemon.log_tail()
+    assert "socketd: fast path failed: fast path could not be restarted" in daemon.log_tail()
+    site.socketd = None
+    (failed,) = _stored_events(site, "fastpath.failed")
+    assert failed.text == (
+        "fast path could not be restarted (the TUN thread: No such device (ENODEV));"
+        " no watchdog to reset the box: socketd exits so that init starts it again")
+    run = json.loads((site.data_dir / RUN_FILE).read_text())
+    assert run["state"] == "ended" and run["how"].startswith("fast path failed: ")
+    assert fastpath_failed_runs(site.data_dir) == 1
+
+    # The runs before failed the same way: this one stays up and says why.
+    (site.data_dir / FASTPATH_FILE).write_text(json.dumps({"runs": FASTPATH_FAIL_RUNS}))
+    daemon = lab.start_socketd(site)
+    assert lab.socketctl(site, "status")["appliance"]["previous_run"].startswith(
+        "fast path failed: ")
+    lab.exec(site.ns, ["ip", "link", "del", "sdwan0"])
+    wait_for("the second failure",
+             lambda: len(_events(lab, site, "fastpath.failed")) == 2)
+    status = lab.socketctl(site, "status")
+    assert status["fastpath"]["outcome"].startswith(
+        f"it failed in the {FASTPATH_FAIL_RUNS} runs before this one too: the fast path keeps"
+        " failing, so the box is not reset again and stays up")
+    assert status["appliance"]["fastpath_failed_runs"] == FASTPATH_FAIL_RUNS + 1
+    time.sleep(1.5)
+    assert daemon.alive()
+    lab.socketctl(site, "status")  # still answers

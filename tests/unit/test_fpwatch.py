@@ -17,7 +17,13 @@ import pytest
 
 from sdwan.appliance.watchdog import Watchdog
 from sdwan.bindings.fastpath import FastPath, ThreadKind, ThreadState
-from sdwan.site.fpwatch import EVENT_DIED, EVENT_FAILED, EVENT_RESTARTED, FastPathWatch
+from sdwan.site.fpwatch import (
+    EVENT_DIED,
+    EVENT_FAILED,
+    EVENT_RESTART_FAILED,
+    EVENT_RESTARTED,
+    FastPathWatch,
+)
 
 
 @dataclass
@@ -184,5 +190,108 @@ def test_a_held_watchdog_is_petted_no_more(tmp_path: Path) -> None:
 
         asyncio.run(run())
         assert wd.status()["held"] == "the fast path failed: test"
+    finally:
+        wd.close()
+
+
+def test_an_event_sink_that_fails_does_not_keep_a_thread_dead(rig: Rig) -> None:
+    calls = []
+
+    def flaky(kind: str, text: str, data: dict) -> None:
+        calls.append(kind)
+        if len(calls) == 1:
+            raise RuntimeError("store is gone")
+        rig.events(kind, text, data)
+
+    rig.watch.on_event = flaky
+    _die(rig, ThreadKind.LINK)
+    rig.watch.tick()
+    # The death's event was lost, the restart was not.
+    assert calls == [EVENT_DIED, EVENT_RESTARTED]
+    link = next(t for t in rig.fp.threads() if t.kind is ThreadKind.LINK)
+    assert (link.state, link.restarts) == (ThreadState.RUNNING, 1)
+    assert rig.watch.restarts == 1 and rig.watch.failed is None
+
+
+def test_a_thread_left_dead_by_a_tick_that_raised_is_restarted_by_the_next(rig: Rig) -> None:
+    real = rig.fp.threads_restart
+    broken = [True]
+
+    def restart() -> int:
+        if broken.pop() if broken else False:
+            raise RuntimeError("a bug between the look and the restart")
+        return real()
+
+    rig.fp.threads_restart = restart  # type: ignore[method-assign]
+    _die(rig, ThreadKind.TUN)
+    with pytest.raises(RuntimeError):
+        rig.watch.tick()
+    # The death counter has not moved since: the thread is still looked at, and restarted.
+    rig.watch.tick()
+    tun = next(t for t in rig.fp.threads() if t.kind is ThreadKind.TUN)
+    assert tun.state is ThreadState.RUNNING
+    assert rig.events.kinds() == [EVENT_DIED, EVENT_RESTARTED]
+
+
+def test_a_restart_refused_for_now_is_tried_again(rig: Rig) -> None:
+    _die(rig, ThreadKind.LINK)
+    # pthread_create refuses the new thread once (EAGAIN), for real in the fast path.
+    rig.fp.test_thread_start_fail(ThreadKind.LINK, 7, errno.EAGAIN)
+    rig.watch.tick()
+    assert rig.watch.failed is None and rig.failed == []
+    assert rig.events.kinds() == [EVENT_DIED, EVENT_RESTART_FAILED]
+    assert rig.events.seen[1][1] == (
+        "fast path could not restart the link wan1 thread: Resource temporarily unavailable"
+        " (EAGAIN): trying again")
+    link = next(t for t in rig.fp.threads() if t.kind is ThreadKind.LINK)
+    assert link.state is ThreadState.DIED
+    rig.clock.now += 1
+    rig.watch.tick()  # the death counter did not move: the thread is still dead, retried
+    link = next(t for t in rig.fp.threads() if t.kind is ThreadKind.LINK)
+    assert (link.state, link.restarts) == (ThreadState.RUNNING, 1)
+    assert rig.events.kinds() == [EVENT_DIED, EVENT_RESTART_FAILED, EVENT_RESTARTED]
+    st = rig.watch.status()
+    assert (st["deaths"], st["deaths_in_window"], st["restarts"], st["restart_failures"]) == (
+        1, 2, 1, 1)
+    # Pruned when read: a window later nothing is in it, without a tick.
+    rig.clock.now += 61
+    assert rig.watch.status()["deaths_in_window"] == 0
+
+
+def test_restarts_refused_again_and_again_fail_the_fast_path(rig: Rig) -> None:
+    _die(rig, ThreadKind.TUN)
+    for i in range(3):
+        rig.fp.test_thread_start_fail(ThreadKind.TUN, 0, errno.ENOMEM)
+        rig.watch.tick()
+        rig.clock.now += 1
+        assert (rig.watch.failed is None) == (i < 2), i
+    assert rig.watch.failed is not None
+    assert rig.watch.failed.startswith(
+        "fast path threads died or could not be restarted 4 times in 60 s (last: the TUN thread:"
+        " Cannot allocate memory (ENOMEM))")
+    assert rig.events.kinds()[-1] == EVENT_FAILED
+    # Deaths after the failure still count in status.
+    _die(rig, ThreadKind.LINK)
+    rig.watch.tick()
+    st = rig.watch.status()
+    assert (st["deaths"], st["restarts"]) == (2, 0)
+    assert st["outcome"] == "no longer petting the watchdog, so the box resets"
+
+
+def test_a_hold_before_the_loop_runs_gets_no_pet_from_the_end_of_the_start_up(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "wd"
+    path.write_bytes(b"")
+    wd = Watchdog(path, timeout_s=3, startup_timeout_s=30)
+    assert wd.open()
+    try:
+        pets = wd.pets
+        wd.hold("the fast path failed: test")
+        wd.end_startup()
+        assert wd.pets == pets
+        assert wd.timeout_s == 30  # setting the running timeout would have petted it too
+        wd.pet()
+        assert wd.pets == pets
     finally:
         wd.close()

@@ -33,7 +33,7 @@ from sdwan.appliance.leds import (
     open_leds,
 )
 from sdwan.appliance.wanaddr import WanAddressing
-from sdwan.appliance.watchdog import Guard
+from sdwan.appliance.watchdog import FASTPATH_HEALTHY_S, Guard
 from sdwan.bindings.fastpath import (
     CtrlEvent,
     FastPath,
@@ -43,7 +43,7 @@ from sdwan.bindings.fastpath import (
 )
 from sdwan.common import heap
 from sdwan.common.control import ControlServer, Handler
-from sdwan.common.daemon import StartupError
+from sdwan.common.daemon import ServiceFailed, StartupError
 from sdwan.common.dtls import DtlsContext, DtlsSession
 from sdwan.common.netcfg import (
     NetcfgError,
@@ -152,6 +152,9 @@ class Supervisor:
         self._net_task: asyncio.Task[None] | None = None
         self._net_dirty = False
         self._stop = asyncio.Event()
+        # Why socketd ends on its own (a failed fast path with no watchdog to reset the box):
+        # it exits with status 1 and init starts it again.
+        self._fatal: str | None = None
         self._ticked = asyncio.Event()  # the loop has run a tick: the start-up is over
         self._wake = asyncio.Event()  # something arrived: tick now, not at the next due time
         self.ticks = 0
@@ -935,6 +938,11 @@ class Supervisor:
             while True:
                 if self.leds is not None:
                     self._show_leds(self.leds)
+                # A run whose fast path works for a while: runs that ended with it failed
+                # are counted from nought again.
+                if (self.fpwatch is not None and self.fpwatch.failed is None
+                        and self.clock() - self.started >= FASTPATH_HEALTHY_S):
+                    self.guard.fastpath_healthy()
                 await asyncio.sleep(LED_PERIOD_S)
         finally:
             pets.cancel()
@@ -966,11 +974,23 @@ class Supervisor:
         leds.show(choose_pattern(state), links)
 
     def _fastpath_failed(self, why: str) -> str:
-        """The fast path is beyond a restart: the box resets (its watchdog is no longer
-        petted), rather than stay up forwarding nothing. Returns what follows, for the event."""
-        if self.guard is not None and self.guard.hold(f"the fast path failed: {why}"):
+        """The fast path is beyond a restart. Rather than stay up forwarding nothing, the box
+        resets (its watchdog is no longer petted) or, with no armed watchdog, socketd exits
+        for init to start it again with a new fast path. Not when the runs before failed the
+        same way (Guard.fastpath_failed): then socketd stays up, to be reached. Returns what
+        follows, for the event."""
+        guard = self.guard
+        if guard is not None and not guard.fastpath_failed(why):
+            return (
+                f"it failed in the {guard.fastpath_failed_before} runs before this one too:"
+                " the fast path keeps failing, so the box is not reset again and stays up"
+                " (petting the watchdog) so that it can be reached"
+            )
+        if guard is not None and guard.hold(f"the fast path failed: {why}"):
             return "no longer petting the watchdog, so the box resets"
-        return "no watchdog to reset the box: it forwards nothing until socketd is restarted"
+        self._fatal = f"fast path failed: {why}"
+        self._stop.set()
+        return "no watchdog to reset the box: socketd exits so that init starts it again"
 
     async def _fault(self, req: dict) -> dict:
         """Fault injection for the tests (FAULT_INJECTION_ENV): a fast-path thread dies as if
@@ -1053,7 +1073,7 @@ class Supervisor:
             appliance.cancel()
             ticker.cancel()
             if self._stop.is_set() and self.guard is not None:
-                self.guard.end("stopped")
+                self.guard.end(self._fatal or "stopped")
             log.info("socketd stopping")
             await self.control.close()
             if self.wan is not None:
@@ -1070,6 +1090,8 @@ class Supervisor:
                 self._netlink.close()
                 self._netlink = None
             self.close()
+        if self._fatal is not None:
+            raise ServiceFailed(self._fatal)
 
     def close(self) -> None:
         # The watchdog first: a slow LED below must not outlast init's grace period with
