@@ -493,6 +493,57 @@ int fp_tun_features(fp_t *fp);
 int fp_start(fp_t *fp);
 int fp_stop(fp_t *fp);
 
+/* The data-path threads' health (docs/dataplane.md, "Threads"). A thread never ends on its
+ * own without saying why: one that leaves its loop for anything but fp_stop, fp_link_del or
+ * fp_free is DIED, with the errno and the place (enum fp_thread_where), until it is
+ * restarted. The supervisor looks at fp_threads_deaths every tick (one atomic load), and on
+ * a change reads fp_threads_status and calls fp_threads_restart. */
+enum fp_thread_kind {
+    FP_THREAD_TUN = 1,         /* the TUN thread */
+    FP_THREAD_LINK = 2         /* a link's thread (link_id) */
+};
+
+enum fp_thread_state {
+    FP_THREAD_STOPPED = 0,     /* not started, or stopped on request */
+    FP_THREAD_RUNNING = 1,
+    FP_THREAD_DIED = 2         /* left its loop on an error: err and where say why */
+};
+
+enum fp_thread_where {
+    FP_WHERE_NONE = 0,
+    FP_WHERE_POLL = 1,         /* poll() failed with err */
+    FP_WHERE_HANGUP = 2,       /* its device hung up or went away: EBADF (fd not open),
+                                  ENODEV (POLLERR: a TUN device deleted), EPIPE (POLLHUP) */
+    FP_WHERE_ALLOC = 3,        /* its buffers could not be allocated (ENOMEM) */
+    FP_WHERE_INJECTED = 4      /* fp_test_thread_fail: err is the one given */
+};
+
+struct fp_thread_status {
+    uint32_t kind;            /* enum fp_thread_kind */
+    uint32_t link_id;         /* FP_THREAD_LINK */
+    int state;                /* enum fp_thread_state */
+    int err;                  /* positive errno of the last death, 0: never died */
+    uint32_t where;           /* enum fp_thread_where of the last death */
+    uint64_t died_ns;         /* CLOCK_MONOTONIC of the last death, 0: never */
+    uint64_t deaths;          /* deaths of this thread (a link's: since fp_link_add) */
+    uint64_t restarts;        /* fp_threads_restart calls that started it again */
+};
+
+/* Copies the status of up to cap threads (the TUN thread first, if there is a TUN, then the
+ * links) and returns how many there are (may exceed cap). The links come in the order of
+ * the fast path's link table: in the order they were added until a fp_link_del, which moves
+ * the last link into the deleted one's place; a caller that wants a link finds it by
+ * link_id, not by position. */
+int fp_threads_status(fp_t *fp, struct fp_thread_status *out, size_t cap);
+/* Deaths of any data-path thread since fp_new (links deleted since included). */
+uint64_t fp_threads_deaths(fp_t *fp);
+/* Start again every thread that died, in the same instance (peers, keys, routes and
+ * counters stay). Returns how many it restarted, or -errno for the first it could not:
+ * -ENODEV when the thread's device is gone (its fd hangs up: a deleted TUN device, a closed
+ * socketpair), so a new thread would die at once; -EAGAIN/-ENOMEM from pthread_create;
+ * -ESRCH when the fast path is not started. Threads it could not restart stay DIED. */
+int fp_threads_restart(fp_t *fp);
+
 /* Control path. */
 int fp_ctrl_fd(fp_t *fp);                                /* readable while the queue is not empty */
 int fp_ctrl_recv(fp_t *fp, struct fp_ctrl_msg *out);     /* 0, or -EAGAIN */
@@ -522,6 +573,16 @@ int fp_test_aead(int encrypt, const uint8_t *key, const uint8_t *iv,
                  const uint8_t *aad, size_t aad_len, const uint8_t *in, size_t len,
                  uint8_t *out, uint8_t *tag);
 int fp_test_set_tx_counter(fp_t *fp, uint32_t peer_id, uint64_t counter);
+/* Fault injection: the thread (kind, link_id: as in fp_thread_status) leaves its loop at
+ * once as DIED with err (1..4095) and FP_WHERE_INJECTED, as a thread whose poll failed would.
+ * -ENOENT: no such thread running; -EINVAL: bad kind or err. Only a caller of this library
+ * (a test, a supervisor asked by root on its control socket with faults enabled) can reach
+ * it; nothing a packet carries does. */
+int fp_test_thread_fail(fp_t *fp, uint32_t kind, uint32_t link_id, int err);
+/* Fault injection: the thread's next start (fp_start, fp_threads_restart) fails with err
+ * (1..4095) as if pthread_create had refused it (EAGAIN, ENOMEM); once, the start after it
+ * is a real one. -ENOENT: no such thread; -EINVAL: bad kind or err. */
+int fp_test_thread_start_fail(fp_t *fp, uint32_t kind, uint32_t link_id, int err);
 
 /* The path MTU code as pure functions. fp_test_icmp_too_big writes the ICMP
  * error an inner packet too big for inner_mtu gets (fragmentation needed, or

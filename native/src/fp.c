@@ -60,10 +60,19 @@ int fp_new(const struct fp_config *cfg, fp_t **out)
         free(fp);
         return -e;
     }
+    fp->tun_wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (fp->tun_wake_fd < 0) {
+        int e = errno;
+        close(fp->live_wake_fd);
+        close(fp->stop_fd);
+        free(fp);
+        return -e;
+    }
     int rc = fp_ctrlq_init(&fp->cq, c.ctrl_queue_len);
     if (rc == 0 && (rc = fp_tables_init(fp)) < 0)
         fp_ctrlq_free(&fp->cq);
     if (rc < 0) {
+        close(fp->tun_wake_fd);
         close(fp->live_wake_fd);
         close(fp->stop_fd);
         free(fp);
@@ -92,6 +101,7 @@ void fp_free(fp_t *fp)
         fp_link_destroy(fp->links[i]);
     fp_tables_free(fp);
     fp_ctrlq_free(&fp->cq);
+    close(fp->tun_wake_fd);
     close(fp->live_wake_fd);
     close(fp->stop_fd);
     pthread_rwlock_destroy(&fp->lock);

@@ -3,8 +3,9 @@
  *
  * Locking, from outermost to innermost:
  *   api_lock   serialises the control-plane calls that start/stop threads
- *              (start, stop, tun_*, link_*), so a thread is never spawned
- *              or joined twice.
+ *              (start, stop, tun_*, link_*, threads_restart, test_thread_fail;
+ *              threads_status reads the links under it), so a thread is never
+ *              spawned or joined twice.
  *   tun_rd_lock  the right to read the TUN, with the reader's buffers
  *              (tun_rx): held by the TUN thread for a drain, or taken with
  *              trylock by a link thread that just wrote to the TUN, so
@@ -248,14 +249,32 @@ struct fp_rtable {
     int nplens;
 };
 
+/* A data-path thread's health (threads.c, fastpath.h "fp_threads_status"): written by the
+ * thread when it leaves its loop and by whoever starts it (under api_lock), read without
+ * locks. */
+struct fp_thr {
+    _Atomic int state;                  /* enum fp_thread_state */
+    _Atomic int err;
+    _Atomic uint32_t where;
+    _Atomic uint64_t died_ns;
+    _Atomic uint64_t deaths;
+    _Atomic uint64_t restarts;
+    _Atomic int inject;                 /* fp_test_thread_fail: die with it at the next wake */
+    _Atomic int start_err;              /* fp_test_thread_start_fail: the next start fails */
+};
+
 struct fp_link {
     struct fp *fp;
     uint32_t id;
     int fd;
     int family;                         /* AF_INET or AF_INET6 of the socket */
-    int wake_fd;                        /* eventfd: link_del stops its thread */
+    int wake_fd;                        /* eventfd: wakes its thread (link_del, an injection);
+                                           drained whenever a thread is started on it */
+    atomic_bool deleting;               /* set by link_del before it wakes the thread: the
+                                           only wake-up that means "stop" */
     pthread_t thread;
-    bool thread_running;
+    bool thread_running;                /* started and not joined yet (it may have died) */
+    struct fp_thr thr;
     bool gro;                           /* UDP_GRO is on: datagrams arrive coalesced */
     atomic_bool no_gso;                 /* UDP_SEGMENT failed once: send one by one */
     pthread_mutex_t rx_lock;            /* the right to receive on fd, with rx */
@@ -291,7 +310,10 @@ struct fp {
     _Atomic int tun_fd;                 /* -1 until tun_open/tun_attach */
     int tun_features;                   /* FP_TUN_F_*: set with tun_fd */
     pthread_t tun_thread;
-    bool tun_thread_running;
+    bool tun_thread_running;            /* started and not joined yet (it may have died) */
+    struct fp_thr tun_thr;
+    int tun_wake_fd;                    /* eventfd: fp_test_thread_fail wakes the TUN thread */
+    _Atomic uint64_t thread_deaths;     /* fp_threads_deaths */
     pthread_mutex_t tun_rd_lock;
     struct fp_tun_rx *tun_rx;           /* under tun_rd_lock; NULL without a TUN thread */
     int stop_fd;                        /* eventfd: fp_stop wakes every thread */
@@ -551,6 +573,17 @@ int fp_gso_split(const struct fp_vnet *v, const uint8_t *pkt, size_t len, uint8_
 /* Group pk[0..n) into TCP (if tcp) and UDP (if udp) superpackets; rewrites
  * the headers of heads. */
 void fp_gro_build(struct fp_gro_pkt *pk, uint32_t n, bool tcp, bool udp);
+
+/* threads.c: a thread leaves its loop. Died: on an error (where, err), counted, and seen
+ * by fp_threads_status until it is restarted; stopped: on request (stop, link_del, free). */
+void fp_thr_died(struct fp *fp, struct fp_thr *t, uint32_t where, int err);
+void fp_thr_stopped(struct fp_thr *t);
+/* The thread is about to be started (api_lock held); returns the state it had. */
+int fp_thr_starting(struct fp_thr *t);
+/* The err fp_test_thread_fail left for the thread, 0 for none (taken: read once). */
+int fp_thr_injected(struct fp_thr *t);
+/* The errno fp_test_thread_start_fail left for the thread's next start, 0 for none (taken). */
+int fp_thr_start_err(struct fp_thr *t);
 
 /* io.c */
 int fp_io_start_link(struct fp *fp, struct fp_link *l);

@@ -18,7 +18,8 @@
  * once per batch. Nothing waits for a batch to fill: a batch is what is
  * already there.
  * Threads sleep in poll() on their fd plus an eventfd, so stop and link_del
- * wake them at once.
+ * wake them at once. A thread that leaves its loop on an error says why
+ * (threads.c) and can be started again.
  */
 #include "fp_internal.h"
 
@@ -566,6 +567,9 @@ static void *link_thread(void *arg)
     /* Without it (out of memory) the thread works, just colder. */
     struct fp_warm *warm = fp->cfg.warm_ms ? fp_warm_new() : NULL;
     uint64_t last_data_ns = 0; /* when this thread last wrote to the TUN or relayed data */
+    /* Why the loop ended, for fp_threads_status: never silently (0: on request). */
+    uint32_t where = FP_WHERE_NONE;
+    int err = 0;
     for (;;) {
         struct pollfd p[3] = {{l->fd, POLLIN, 0}, {l->wake_fd, POLLIN, 0},
                               {fp->stop_fd, POLLIN, 0}};
@@ -573,14 +577,39 @@ static void *link_thread(void *arg)
         if (ready < 0) {
             if (errno == EINTR)
                 continue;
+            where = FP_WHERE_POLL;
+            err = errno;
             break;
         }
         if (ready == 0) {
             fp_warm_run(warm);
             continue;
         }
-        if (p[1].revents || p[2].revents)
+        /* A stop first: fp_stop with an injection still pending is no death. */
+        if (p[2].revents)
             break;
+        if (p[1].revents) {
+            /* A wake-up means "stop" only with deleting set (link_del); else it is an
+             * injection, or one left over from a thread before us: read it either way. */
+            uint64_t v;
+            if (read(l->wake_fd, &v, sizeof(v)) < 0)
+                v = 0;
+            if (atomic_load(&l->deleting))
+                break;
+            if ((err = fp_thr_injected(&l->thr)) != 0) {
+                where = FP_WHERE_INJECTED;
+                break;
+            }
+            if (!p[0].revents)
+                continue;
+        }
+        /* Our own duplicate is never closed while we run: it cannot, but if it were, poll
+         * would return at once forever. */
+        if (p[0].revents & POLLNVAL) {
+            where = FP_WHERE_HANGUP;
+            err = EBADF;
+            break;
+        }
         bool wrote = false, relayed = false;
         pthread_rwlock_rdlock(&fp->lock);
         pthread_mutex_lock(&l->rx_lock);
@@ -593,6 +622,10 @@ static void *link_thread(void *arg)
             tun_drain_try(fp, fp->cfg.batch);
     }
     fp_warm_free(warm);
+    if (where != FP_WHERE_NONE)
+        fp_thr_died(fp, &l->thr, where, err);
+    else
+        fp_thr_stopped(&l->thr);
     return NULL;
 }
 
@@ -899,8 +932,13 @@ static void *tun_thread(void *arg)
     int fd = atomic_load(&fp->tun_fd);
     pthread_setname_np(pthread_self(), "fp-tun");
     struct fp_tun_rx *x = tun_rx_new();
-    if (!x)
+    if (!x) {
+        fp_thr_died(fp, &fp->tun_thr, FP_WHERE_ALLOC, ENOMEM);
         return NULL;
+    }
+    /* Why the loop ended, for fp_threads_status: never silently (0: on request). */
+    uint32_t where = FP_WHERE_NONE;
+    int err = 0;
     struct fp_warm *warm = fp->cfg.warm_ms ? fp_warm_new() : NULL;
     struct spin_state spin = {0, 0};
     uint64_t last_data_ns = 0; /* when this thread last read a packet from the TUN */
@@ -908,11 +946,14 @@ static void *tun_thread(void *arg)
     fp->tun_rx = x;
     pthread_mutex_unlock(&fp->tun_rd_lock);
     for (;;) {
-        struct pollfd p[2] = {{fd, POLLIN, 0}, {fp->stop_fd, POLLIN, 0}};
-        int ready = poll(p, 2, fp_warm_timeout(fp, warm, last_data_ns));
+        struct pollfd p[3] = {{fd, POLLIN, 0}, {fp->stop_fd, POLLIN, 0},
+                              {fp->tun_wake_fd, POLLIN, 0}};
+        int ready = poll(p, 3, fp_warm_timeout(fp, warm, last_data_ns));
         if (ready < 0) {
             if (errno == EINTR)
                 continue;
+            where = FP_WHERE_POLL;
+            err = errno;
             break;
         }
         if (ready == 0) {
@@ -921,6 +962,19 @@ static void *tun_thread(void *arg)
         }
         if (p[1].revents)
             break;
+        if (p[2].revents) {
+            /* Read the wake-up, or the thread started again would find it. Nothing to do
+             * if it fails: the next poll would wake us again and read it then. */
+            uint64_t v;
+            if (read(fp->tun_wake_fd, &v, sizeof(v)) < 0)
+                v = 0;
+            if ((err = fp_thr_injected(&fp->tun_thr)) != 0) {
+                where = FP_WHERE_INJECTED;
+                break;
+            }
+            if (!(p[0].revents & POLLIN))
+                continue;
+        }
         pthread_mutex_lock(&fp->tun_rd_lock);
         /* Quiet since any drain: a link thread's (tun_drain_try) counts too. */
         bool quiet = fp_now_ns() - x->last_read_ns >= SPIN_IDLE_NS;
@@ -933,8 +987,11 @@ static void *tun_thread(void *arg)
         /* The device went away (or the socketpair's other end closed). A
          * link thread may have taken the packets that woke us: then POLLIN
          * alone was set, and we just poll again. */
-        if (cnt == 0 && (p[0].revents & (POLLHUP | POLLERR | POLLNVAL)))
+        if (cnt == 0 && (p[0].revents & (POLLHUP | POLLERR | POLLNVAL))) {
+            where = FP_WHERE_HANGUP;
+            err = (p[0].revents & POLLNVAL) ? EBADF : (p[0].revents & POLLERR) ? ENODEV : EPIPE;
             break;
+        }
         if (fp->cfg.spin_us && lone_sent && spin_chance(&spin)) {
             if (tun_spin(fp, sent_link, sent_peer, fd))
                 spin.misses = 0;
@@ -947,24 +1004,48 @@ static void *tun_thread(void *arg)
     pthread_mutex_unlock(&fp->tun_rd_lock);
     tun_rx_free(x);
     fp_warm_free(warm);
+    if (where != FP_WHERE_NONE)
+        fp_thr_died(fp, &fp->tun_thr, where, err);
+    else
+        fp_thr_stopped(&fp->tun_thr);
     return NULL;
+}
+
+/* An eventfd's pending wake-up, read away before a thread is started on it. */
+static void wake_drain(int fd)
+{
+    uint64_t v;
+    while (read(fd, &v, sizeof(v)) == sizeof(v))
+        ;
 }
 
 int fp_io_start_link(struct fp *fp, struct fp_link *l)
 {
     l->fp = fp;
-    int rc = pthread_create(&l->thread, NULL, link_thread, l);
-    if (rc)
+    wake_drain(l->wake_fd);
+    int was = fp_thr_starting(&l->thr);
+    int rc = fp_thr_start_err(&l->thr);
+    if (rc == 0)
+        rc = pthread_create(&l->thread, NULL, link_thread, l);
+    if (rc) {
+        atomic_store(&(l->thr).state, was); /* one that died stays so */
         return -rc;
+    }
     l->thread_running = true;
     return 0;
 }
 
 int fp_io_start_tun(struct fp *fp)
 {
-    int rc = pthread_create(&fp->tun_thread, NULL, tun_thread, fp);
-    if (rc)
+    wake_drain(fp->tun_wake_fd);
+    int was = fp_thr_starting(&fp->tun_thr);
+    int rc = fp_thr_start_err(&fp->tun_thr);
+    if (rc == 0)
+        rc = pthread_create(&fp->tun_thread, NULL, tun_thread, fp);
+    if (rc) {
+        atomic_store(&(fp->tun_thr).state, was); /* one that died stays so */
         return -rc;
+    }
     fp->tun_thread_running = true;
     return 0;
 }
@@ -1232,6 +1313,7 @@ int fp_link_del(fp_t *fp, uint32_t link_id)
     /* Out of the table, so no other thread can reach it; now stop its own. */
     if (l && l->thread_running) {
         uint64_t one = 1;
+        atomic_store(&l->deleting, true);
         if (write(l->wake_fd, &one, sizeof(one)) == sizeof(one))
             pthread_join(l->thread, NULL);
         l->thread_running = false;

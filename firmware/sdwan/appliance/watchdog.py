@@ -35,6 +35,7 @@ from sdwan.common.store import Store, StoreError
 from sdwan.site.config import Appliance
 
 __all__ = [
+    "FASTPATH_FILE",
     "RUN_FILE",
     "Guard",
     "StartRecord",
@@ -139,6 +140,7 @@ class Watchdog:
         self.last_pet: float | None = None
         self.opened_at: float | None = None
         self.problem: str | None = None
+        self.held: str | None = None  # why the pets stopped for good (hold())
 
     @property
     def active(self) -> bool:
@@ -187,10 +189,13 @@ class Watchdog:
         return True
 
     def end_startup(self) -> None:
-        """The supervisor is up and its loop runs: from now on the running timeout."""
+        """The supervisor is up and its loop runs: from now on the running timeout. Held
+        before that (hold()): nothing changes, since setting a timeout pets the device too."""
         if not self.starting:
             return
         self.starting = False
+        if self.held is not None:
+            return
         if self.fd is None:
             self.timeout_s = self.requested_timeout_s
             return
@@ -286,7 +291,7 @@ class Watchdog:
         return bytes(buf[8:40]).split(b"\0", 1)[0].decode("ascii", "replace") or None
 
     def pet(self) -> None:
-        if self.fd is None:
+        if self.fd is None or self.held is not None:
             return
         try:
             os.write(self.fd, PET)
@@ -308,10 +313,20 @@ class Watchdog:
             return
         while True:
             await asyncio.sleep(self.pet_interval_s)
+            if self.held is not None:
+                continue
             if alive is None or alive():
                 self.pet()
             else:
                 log.error("supervisor not healthy: no longer petting the watchdog")
+
+    def hold(self, reason: str) -> None:
+        """Stop petting for good: the hardware resets the box one timeout after the last pet.
+        For what the supervisor sees and cannot mend (a fast path it could not restart); the
+        reason shows in status as `held`."""
+        if self.held is None:
+            self.held = reason
+            log.error("no longer petting watchdog %s: %s", self.path, reason)
 
     def close(self, *, disarm: bool = True, grace: bool = False) -> None:
         """Release the device. `disarm` writes the magic 'V' first (a clean stop); without it
@@ -347,6 +362,7 @@ class Watchdog:
             else round(time.monotonic() - self.last_pet, 1),
             "boot_status": _describe_boot_status(self.boot_status or 0),
             "problem": self.problem,
+            "held": self.held,
         }
 
 
@@ -354,6 +370,14 @@ class Watchdog:
 
 
 RUN_FILE = "socketd.run"
+# Consecutive runs whose fast path failed (docs/watchdog.md, "A fault that comes back"): kept
+# next to the run file, across resets and boots.
+FASTPATH_FILE = "fastpath.failures"
+# After this many such runs in a row the next one no longer resets the box or restarts
+# socketd for its fast path: it stays up, to be reached and looked at.
+FASTPATH_FAIL_RUNS = 3
+# A run whose fast path works this long starts the count over.
+FASTPATH_HEALTHY_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -549,6 +573,32 @@ def end_run(data_dir: Path, how: str = "stopped") -> None:
         log.error("cannot write %s: %s", run_file, e)
 
 
+def fastpath_failed_runs(data_dir: Path) -> int:
+    """How many runs in a row ended with the fast path failed (0: none, or the last run that
+    stayed up cleared it)."""
+    try:
+        data = json.loads((data_dir / FASTPATH_FILE).read_text())
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError) as e:
+        log.error("cannot read %s: %s", data_dir / FASTPATH_FILE, e)
+        return 0
+    runs = data.get("runs") if isinstance(data, dict) else None
+    return runs if isinstance(runs, int) and not isinstance(runs, bool) and runs > 0 else 0
+
+
+def _write_fastpath_runs(data_dir: Path, runs: int, why: str | None) -> None:
+    path = data_dir / FASTPATH_FILE
+    try:
+        if runs == 0:
+            path.unlink(missing_ok=True)
+        else:
+            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _write_atomic(path, {"runs": runs, "why": (why or "")[:300], "at": time.time()})
+    except OSError as e:
+        log.error("cannot write %s: %s", path, e)
+
+
 class Guard:
     """What socketd runs of this module: the watchdog and the start history for one run.
 
@@ -571,10 +621,16 @@ class Guard:
         )
         self.record: StartRecord | None = None
         self.ended: str | None = None
+        # Runs in a row, before this one, whose fast path failed (read by start()); and
+        # whether this run's failed too (fastpath_failed()).
+        self.fastpath_failed_before = 0
+        self.fastpath_failed_now = False
+        self.fastpath_fail_runs = FASTPATH_FAIL_RUNS
 
     def start(self) -> StartRecord:
         if self.watchdog is not None:
             self.watchdog.open()
+        self.fastpath_failed_before = fastpath_failed_runs(self.data_dir)
         store: Store | None = None
         try:
             store = Store(self.data_dir)
@@ -602,6 +658,32 @@ class Guard:
         if self.watchdog is not None:
             await self.watchdog.run(alive)
 
+    def hold(self, reason: str) -> bool:
+        """Stop the watchdog's pets for good (Watchdog.hold); False when there is no watchdog
+        to reset the box."""
+        if self.watchdog is None or not self.watchdog.active:
+            return False
+        self.watchdog.hold(reason)
+        return True
+
+    def fastpath_failed(self, why: str) -> bool:
+        """This run's fast path failed: recorded in the data directory (before anything resets
+        the box). True while the box may still be reset or socketd restarted for it; False
+        once the runs before this one failed `fastpath_fail_runs` (3) times in a row: a fault
+        that comes back after every start, which another reset would not mend."""
+        if not self.fastpath_failed_now:
+            self.fastpath_failed_now = True
+            _write_fastpath_runs(self.data_dir, self.fastpath_failed_before + 1, why)
+        return self.fastpath_failed_before < self.fastpath_fail_runs
+
+    def fastpath_healthy(self) -> None:
+        """This run's fast path stayed up long enough: the count of failed runs starts over."""
+        if self.fastpath_failed_before and not self.fastpath_failed_now:
+            log.info("the fast path ran well after %d runs that ended with it failed:"
+                     " the count starts over", self.fastpath_failed_before)
+            _write_fastpath_runs(self.data_dir, 0, None)
+            self.fastpath_failed_before = 0
+
     def end(self, how: str = "stopped") -> None:
         if self.ended is None:
             self.ended = how
@@ -619,4 +701,5 @@ class Guard:
             "previous_run": rec.previous if rec is not None else None,
             "starts_in_window": rec.starts_in_window if rec is not None else None,
             "crash_loop": self.in_error(),
+            "fastpath_failed_runs": self.fastpath_failed_before + int(self.fastpath_failed_now),
         }

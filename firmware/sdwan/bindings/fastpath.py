@@ -150,6 +150,53 @@ class SpinStats:
     spin_ns: int
 
 
+class ThreadKind(IntEnum):
+    TUN = lib.FP_THREAD_TUN
+    LINK = lib.FP_THREAD_LINK
+
+
+class ThreadState(IntEnum):
+    STOPPED = lib.FP_THREAD_STOPPED
+    RUNNING = lib.FP_THREAD_RUNNING
+    DIED = lib.FP_THREAD_DIED
+
+
+# enum fp_thread_where: where a data-path thread died, in words for status and events.
+THREAD_WHERE: dict[int, str] = {
+    lib.FP_WHERE_NONE: "",
+    lib.FP_WHERE_POLL: "poll failed",
+    lib.FP_WHERE_HANGUP: "its device went away",
+    lib.FP_WHERE_ALLOC: "no memory for its buffers",
+    lib.FP_WHERE_INJECTED: "fault injected",
+}
+
+
+@dataclass(frozen=True)
+class ThreadStatus:
+    """One data-path thread (struct fp_thread_status)."""
+
+    kind: ThreadKind
+    link_id: int | None  # the link's, for a link thread
+    state: ThreadState
+    err: int  # errno of its last death, 0: never died
+    where: str  # where it last died, in words ("" if never)
+    died_ns: int  # CLOCK_MONOTONIC of the last death, 0: never
+    deaths: int
+    restarts: int
+
+    @property
+    def name(self) -> str:
+        return "TUN thread" if self.kind is ThreadKind.TUN else f"link {self.link_id} thread"
+
+    @property
+    def reason(self) -> str:
+        """Why it last died: "poll failed: Invalid argument (EINVAL)"."""
+        if not self.err:
+            return self.where
+        code = _errno.errorcode.get(self.err, str(self.err))
+        return f"{self.where}: {os.strerror(self.err)} ({code})"
+
+
 @dataclass
 class Counters:
     rx_packets: int
@@ -840,6 +887,40 @@ class FastPath:
         lib.fp_spin_stats(self._h, c)
         return SpinStats(spins=c.spins, hits=c.hits, spin_ns=c.spin_ns)
 
+    # ------------------------------------------------------------------ thread health
+
+    def thread_deaths(self) -> int:
+        """Deaths of any data-path thread so far: one atomic load, for every tick."""
+        return int(lib.fp_threads_deaths(self._h))
+
+    def threads(self) -> list[ThreadStatus]:
+        """Every data-path thread: the TUN thread (with a TUN), then the links'."""
+        cap = 8
+        while True:
+            out = ffi.new("struct fp_thread_status[]", cap)
+            n = _check(lib.fp_threads_status(self._h, out, cap), "fp_threads_status")
+            if n <= cap:
+                break
+            cap = n
+        return [
+            ThreadStatus(
+                kind=ThreadKind(t.kind),
+                link_id=t.link_id if t.kind == lib.FP_THREAD_LINK else None,
+                state=ThreadState(t.state),
+                err=t.err,
+                where=THREAD_WHERE.get(t.where, f"where {t.where}"),
+                died_ns=t.died_ns,
+                deaths=t.deaths,
+                restarts=t.restarts,
+            )
+            for t in out[0:n]
+        ]
+
+    def threads_restart(self) -> int:
+        """Start every thread that died again; how many. FastPathError (ENODEV: its device
+        is gone) for one that could not be."""
+        return _check(lib.fp_threads_restart(self._h), "fp_threads_restart")
+
     # ------------------------------------------------------------------ one packet
 
     def _result(self, res: object, out: object) -> Result:
@@ -884,6 +965,18 @@ class FastPath:
     def test_set_tx_counter(self, peer_id: int, counter: int) -> None:
         """Tests only: next counter of the peer's transmit key."""
         _check(lib.fp_test_set_tx_counter(self._h, peer_id, counter), "fp_test_set_tx_counter")
+
+    def test_thread_fail(self, kind: ThreadKind, link_id: int = 0, err: int = _errno.EIO) -> None:
+        """Fault injection: the thread leaves its loop as if its poll had failed with err."""
+        _check(lib.fp_test_thread_fail(self._h, int(kind), link_id, err),
+               f"fp_test_thread_fail({kind.name.lower()} {link_id})")
+
+    def test_thread_start_fail(self, kind: ThreadKind, link_id: int = 0,
+                               err: int = _errno.EAGAIN) -> None:
+        """Fault injection: the thread's next start fails with err, as if pthread_create had
+        refused it; the start after that is a real one."""
+        _check(lib.fp_test_thread_start_fail(self._h, int(kind), link_id, err),
+               f"fp_test_thread_start_fail({kind.name.lower()} {link_id})")
 
 
 def aead_test(

@@ -1,6 +1,7 @@
 """What socketd and popd share as long-running services: the command line
 (--config, --log-level), logging, and turning a bad config or a failed start
-into a clear message and an exit status (2: the config, 1: the start)."""
+into a clear message and an exit status (2: the config, 1: the start, or a fault the
+running service could not mend: ServiceFailed)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ C = TypeVar("C")
 
 class StartupError(Exception):
     """The service cannot start; the message says what to fix."""
+
+
+class ServiceFailed(Exception):
+    """The running service met a fault it cannot mend in place and ended: exit status 1, so
+    that init starts it again (a fresh process sets up what it needs anew)."""
 
 
 class Service(Protocol):
@@ -58,6 +64,10 @@ def run_service(
     try:
         asyncio.run(service.run())
     except StartupError as e:
+        service.close()
+        _say(prog, e)
+        return 1
+    except ServiceFailed as e:
         service.close()
         _say(prog, e)
         return 1

@@ -146,6 +146,27 @@ def _sources_line(sources: Mapping[str, Any], links: Any) -> str:
     return text
 
 
+def _thread_name(t: Mapping[str, Any]) -> str:
+    return "TUN thread" if t.get("thread") == "tun" else f"link {_text(t.get('link'))} thread"
+
+
+def _fastpath_line(fp: Mapping[str, Any]) -> str:
+    """`fastpath 3 of 3 threads running, 1 died and was restarted (last: link wan1 thread:
+    poll failed: ...)`, or why it failed."""
+    threads = [t for t in fp.get("threads") or [] if isinstance(t, Mapping)]
+    running = sum(1 for t in threads if t.get("state") == "running")
+    text = f"{running} of {len(threads)} threads running"
+    if fp.get("failed"):
+        return f"FAILED: {_text(fp['failed'])} ({text})"
+    deaths = fp.get("deaths")
+    if isinstance(deaths, int) and deaths:
+        text += f", {deaths} died, {_num(fp.get('restarts'))} restarted"
+        last = fp.get("last_death")
+        if isinstance(last, Mapping):
+            text += f" (last: {_thread_name(last)}: {_text(last.get('reason'))})"
+    return text
+
+
 @_visible_out
 def format_status(result: Mapping[str, Any], out: TextIO) -> None:
     site = f"{_text(result.get('site_id'))} ({_text(result.get('name'))})"
@@ -193,6 +214,9 @@ def format_status(result: Mapping[str, Any], out: TextIO) -> None:
     clock = result.get("clock")
     if isinstance(clock, Mapping):
         fields.append(("clock", _clock_line(clock)))
+    fastpath = result.get("fastpath")
+    if isinstance(fastpath, Mapping):
+        fields.append(("fastpath", _fastpath_line(fastpath)))
     for name, value in fields:
         out.write(f"{name:<9}{value}\n" if len(name) < 9 else f"{name} {value}\n")
 

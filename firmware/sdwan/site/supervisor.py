@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -34,13 +35,19 @@ from sdwan.appliance.leds import (
 )
 from sdwan.appliance.timesync import TimeSync
 from sdwan.appliance.wanaddr import WanAddressing
-from sdwan.appliance.watchdog import Guard
+from sdwan.appliance.watchdog import FASTPATH_HEALTHY_S, Guard
 from sdwan.bindings import tls
-from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig, FastPathError
+from sdwan.bindings.fastpath import (
+    CtrlEvent,
+    FastPath,
+    FastPathConfig,
+    FastPathError,
+    ThreadKind,
+)
 from sdwan.common import heap
 from sdwan.common.certlife import CertWatch, watch_identity
 from sdwan.common.control import ControlServer, Handler
-from sdwan.common.daemon import StartupError
+from sdwan.common.daemon import ServiceFailed, StartupError
 from sdwan.common.dtls import DtlsContext, DtlsSession
 from sdwan.common.keytimers import FP_REKEY_BACKSTOP_S
 from sdwan.common.netcfg import (
@@ -61,6 +68,7 @@ from sdwan.site.birthday import LinkSockets
 from sdwan.site.cloud import Cloud, CloudTimers
 from sdwan.site.config import SiteConfig
 from sdwan.site.firewall import Firewall
+from sdwan.site.fpwatch import FastPathWatch
 from sdwan.site.health import Health, LinkHealthState
 from sdwan.site.links import LinkError, LinkManager
 from sdwan.site.mesh import Mesh, pin_override
@@ -89,6 +97,9 @@ LED_PERIOD_S = 0.5  # how often the LEDs follow the box's state
 # traffic (docs/mesh.md) counts on an answer well within its silent_after_ms.
 ACK_AFTER_S = 0.1
 HEAP_TRIM_S = 30.0  # how often freed memory goes back to the system (common/heap.py)
+# Set to 1 in socketd's environment, the control socket takes `fault` (docs/watchdog.md):
+# the tests make a fast-path thread die in a real socketd. Off on the box.
+FAULT_INJECTION_ENV = "SDWAN_FAULT_INJECTION"
 DOC_RECOVERY = "recovery"  # the store's document: whether WAN recovery was active
 STATIC_OFFCLOUD = "static-offcloud"  # paths.py producer: directory subnets over static tunnels
 # Every legitimate peer of a socket is at a configured endpoint: those skip the per-IP limit
@@ -130,6 +141,7 @@ class Supervisor:
         self.links = LinkManager(cfg.links, send=self.send, clock=clock)
         self.link_ids = self.links.ids
         self.fp: FastPath | None = None
+        self.fpwatch: FastPathWatch | None = None
         self.control: ControlServer | None = None
         self.store: Store | None = None
         self.cloud: Cloud | None = None
@@ -148,6 +160,9 @@ class Supervisor:
         self._net_task: asyncio.Task[None] | None = None
         self._net_dirty = False
         self._stop = asyncio.Event()
+        # Why socketd ends on its own (a failed fast path with no watchdog to reset the box):
+        # it exits with status 1 and init starts it again.
+        self._fatal: str | None = None
         self._ticked = asyncio.Event()  # the loop has run a tick: the start-up is over
         self._wake = asyncio.Event()  # something arrived: tick now, not at the next due time
         self.ticks = 0
@@ -267,6 +282,14 @@ class Supervisor:
             raise StartupError(f"network configuration failed: {e}") from e
         self._net_plan = plan
         fp.start()
+        names = {lid: name for name, lid in self.link_ids.items()}
+        self.fpwatch = FastPathWatch(
+            fp,
+            on_event=self._record_event,
+            link_name=lambda lid: names.get(lid, str(lid)),
+            clock=self.clock,
+            on_failed=self._fastpath_failed,
+        )
 
     def _make_vlans(self) -> None:
         """The VLAN links' devices, before their sockets are bound to them. A VLAN that cannot
@@ -594,6 +617,12 @@ class Supervisor:
     # ---------------------------------------------------------------- periodic work
 
     def _tick(self) -> None:
+        # First: a data-path thread that died is restarted before anything counts on it.
+        if self.fpwatch is not None:
+            try:
+                self.fpwatch.tick()
+            except Exception:
+                log.exception("fast path watch failed")
         self.sessions.tick()
         for tunnel in self.tunnels.values():
             try:
@@ -852,6 +881,8 @@ class Supervisor:
             "firewall": self.firewall.summary(),
             "lan": self.lan.summary() if self.lan is not None else None,
             "sources": self.sources.summary() if self.sources is not None else None,
+            # The data-path threads: running or dead and why, restarts (docs/watchdog.md).
+            "fastpath": self.fpwatch.status() if self.fpwatch is not None else None,
             "appliance": self._appliance_status(),
             "certificates": None if self.certs is None or self.identity is None else {
                 **self.certs.status(), "source": self.identity.source,
@@ -1016,6 +1047,11 @@ class Supervisor:
             while True:
                 if self.leds is not None:
                     self._show_leds(self.leds)
+                # A run whose fast path works for a while: runs that ended with it failed
+                # are counted from nought again.
+                if (self.fpwatch is not None and self.fpwatch.failed is None
+                        and self.clock() - self.started >= FASTPATH_HEALTHY_S):
+                    self.guard.fastpath_healthy()
                 await asyncio.sleep(LED_PERIOD_S)
         finally:
             pets.cancel()
@@ -1039,11 +1075,48 @@ class Supervisor:
         state = BoxState(
             cloud=cloud,
             links_down=tuple(name for name, up in links.items() if not up),
-            error=self.guard is not None and self.guard.in_error(),
+            error=(self.guard is not None and self.guard.in_error())
+            or (self.fpwatch is not None and self.fpwatch.fault),
             booting=first_connect and self.clock() - self.started < BOOT_GRACE_S,
             recovery=self.recovery is not None and self.recovery.active,
         )
         leds.show(choose_pattern(state), links)
+
+    def _fastpath_failed(self, why: str) -> str:
+        """The fast path is beyond a restart. Rather than stay up forwarding nothing, the box
+        resets (its watchdog is no longer petted) or, with no armed watchdog, socketd exits
+        for init to start it again with a new fast path. Not when the runs before failed the
+        same way (Guard.fastpath_failed): then socketd stays up, to be reached. Returns what
+        follows, for the event."""
+        guard = self.guard
+        if guard is not None and not guard.fastpath_failed(why):
+            return (
+                f"it failed in the {guard.fastpath_failed_before} runs before this one too:"
+                " the fast path keeps failing, so the box is not reset again and stays up"
+                " (petting the watchdog) so that it can be reached"
+            )
+        if guard is not None and guard.hold(f"the fast path failed: {why}"):
+            return "no longer petting the watchdog, so the box resets"
+        self._fatal = f"fast path failed: {why}"
+        self._stop.set()
+        return "no watchdog to reset the box: socketd exits so that init starts it again"
+
+    async def _fault(self, req: dict) -> dict:
+        """Fault injection for the tests (FAULT_INJECTION_ENV): a fast-path thread dies as if
+        its poll had failed. `thread` is "tun" or a link's name, `errno` the error."""
+        assert self.fp is not None
+        thread = req.get("thread")
+        err = req.get("errno", errno.EIO)
+        if not isinstance(err, int) or isinstance(err, bool):
+            raise ValueError("errno must be an integer")
+        if thread == "tun":
+            self.fp.test_thread_fail(ThreadKind.TUN, 0, err)
+        elif isinstance(thread, str) and thread in self.link_ids:
+            self.fp.test_thread_fail(ThreadKind.LINK, self.link_ids[thread], err)
+        else:
+            raise ValueError(f"thread must be 'tun' or a link's name, not {thread!r}")
+        log.warning("fault injected: the fast path's %s thread dies with errno %d", thread, err)
+        return {"thread": thread, "errno": err}
 
     def _appliance_status(self) -> dict:
         guard = self.guard.status() if self.guard is not None else {}
@@ -1080,6 +1153,10 @@ class Supervisor:
             **self._wan_handlers(),
             **self._lan_handlers(),
         }
+        if os.environ.get(FAULT_INJECTION_ENV) == "1":
+            log.warning("fault injection is on (%s=1): not for a box in service",
+                        FAULT_INJECTION_ENV)
+            handlers["fault"] = self._fault
         self.control = ControlServer(
             self.cfg.paths.control_socket,
             {name: self._waking(h) for name, h in handlers.items()},
@@ -1108,7 +1185,7 @@ class Supervisor:
             appliance.cancel()
             ticker.cancel()
             if self._stop.is_set() and self.guard is not None:
-                self.guard.end("stopped")
+                self.guard.end(self._fatal or "stopped")
             if self.clock_floor is not None and self._clock_trusted():
                 self.clock_floor.store()
             log.info("socketd stopping")
@@ -1129,6 +1206,8 @@ class Supervisor:
                 self._netlink.close()
                 self._netlink = None
             self.close()
+        if self._fatal is not None:
+            raise ServiceFailed(self._fatal)
 
     def close(self) -> None:
         # The watchdog first: a slow LED below must not outlast init's grace period with
