@@ -1,7 +1,8 @@
-"""A helper program socketd keeps running for as long as it runs (chronyd): started with its
-output kept, started again after an exit with a delay that doubles while it keeps failing,
-stopped with TERM then KILL, and its exits said once per streak rather than at every restart.
-It dies with socketd (PR_SET_PDEATHSIG), so a SIGKILLed socketd leaves no orphan behind."""
+"""A helper program socketd keeps running for as long as it runs (the LAN's udhcpd, chronyd):
+started once what it needs is there, with its output kept, started again after an exit with a
+delay that doubles while it keeps failing, stopped with TERM then KILL, and its exits said once
+per streak rather than at every restart. It dies with socketd (PR_SET_PDEATHSIG), so a
+SIGKILLed socketd leaves no orphan behind."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import logging
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,30 +29,40 @@ OUTPUT_KEPT = 8  # its last lines, kept to say why it exited
 
 @dataclass
 class ChildState:
-    state: str = "off"  # off, running, restarting, failed, stopped
+    state: str = "off"  # off, waiting (before_start said why), running, restarting, failed,
+    # stopped
     pid: int | None = None
     started_at: float | None = None
     restarts: int = 0
     failures: int = 0  # exits in a row, each after less than STABLE_S
     error: str | None = None
+    retry_at: float | None = None  # when it is started again (waiting, restarting)
     output: deque[str] = field(default_factory=lambda: deque(maxlen=OUTPUT_KEPT))
 
 
 class Child:
     """One program, kept running. `argv` is asked for at every start (None and a reason:
-    it cannot run, said once, never retried); `prepare` runs before each start (its config
-    file); `record(text, data)` says what an operator must hear."""
+    it cannot run, said once, never retried); `before_start` is awaited first (a reason: not
+    yet, asked again after the delay); `prepare` runs just before each start (its config
+    file); `on_started(pid)` after it; `record(text, data)` says what an operator must hear,
+    the program named by `label`."""
 
     def __init__(
         self, name: str, argv: Callable[[], tuple[list[str] | None, str | None]],
         record: Callable[[str, dict[str, Any]], None], *,
+        label: str | None = None,
+        before_start: Callable[[], Awaitable[str | None]] | None = None,
         prepare: Callable[[], None] | None = None,
+        on_started: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
+        self.label = label or name
         self.argv = argv
         self.record = record
+        self.before_start = before_start
         self.prepare = prepare
+        self.on_started = on_started
         self.clock = clock
         self.st = ChildState()
         self._proc: asyncio.subprocess.Process | None = None
@@ -85,26 +96,41 @@ class Child:
     def running(self) -> bool:
         return self.st.state == "running"
 
+    @property
+    def proc(self) -> asyncio.subprocess.Process | None:
+        """The running process (to signal it), None between runs."""
+        return self._proc
+
     async def _run(self) -> None:
+        st = self.st
         delay = RESTART_S
         while not self._stopping:
+            if self.before_start is not None:
+                why = await self.before_start()
+                if why is not None:
+                    st.state, st.error, st.retry_at = "waiting", why, self.clock() + delay
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RESTART_MAX_S)
+                    continue
+            # Off the loop: finding the program may run another (busybox's applet list).
             argv, why = await asyncio.to_thread(self.argv)
             if argv is None:
-                self.st.state, self.st.error = "failed", why
-                log.error("%s not started: %s", self.name, why)
-                self.record(f"{self.name} not started: {why}", {"error": why})
+                # Nothing will change that while socketd runs: said once, not retried.
+                st.state, st.error = "failed", why
+                log.error("%s not started: %s", self.label, why)
+                self.record(f"{self.label} not started: {why}", {"error": why})
                 return
             ran = await self._serve(argv)
             if self._stopping:
                 return
             if ran >= STABLE_S:
-                delay, self.st.failures = RESTART_S, 0
-            self.st.failures += 1
-            self.st.state = "restarting"
-            log.warning("%s: %s; starting it again in %g s", self.name, self.st.error, delay)
+                delay, st.failures = RESTART_S, 0
+            st.failures += 1
+            st.state, st.retry_at = "restarting", self.clock() + delay
+            log.warning("%s: %s; starting it again in %g s", self.label, st.error, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RESTART_MAX_S)
-            self.st.restarts += 1
+            st.restarts += 1
 
     async def _serve(self, argv: list[str]) -> float:
         """Run it until it exits; how long it ran (0 when it did not start)."""
@@ -117,14 +143,17 @@ class Child:
                 stderr=asyncio.subprocess.STDOUT, preexec_fn=die_with_parent,
             )
         except OSError as e:
-            st.error = f"cannot start {argv[0]}: {e.strerror or e}"
+            st.error = f"cannot start {self.name}: {e.strerror or e}"
             if st.failures == 0:
-                self.record(f"{self.name}: {st.error}", {"error": st.error})
+                # The first of a streak, as for exits: the rest only in the log and status.
+                self.record(f"{self.label}: {st.error}", {"error": st.error})
             return 0.0
         started = st.started_at = self.clock()
-        st.state, st.error, st.pid = "running", None, proc.pid
+        st.state, st.error, st.pid, st.retry_at = "running", None, proc.pid, None
         st.output.clear()
-        log.info("%s started (pid %d)", self.name, proc.pid)
+        log.info("%s started (pid %d)", self.label, proc.pid)
+        if self.on_started is not None:
+            self.on_started(proc.pid)
         assert proc.stdout is not None
         async for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip()
@@ -140,7 +169,8 @@ class Child:
         last = st.output[-1] if st.output else ""
         st.error = error + (f": {last}" if last else "")
         if not self._stopping and (st.failures == 0 or ran >= STABLE_S):
-            self.record(st.error, {"status": rc})
+            # The first exit of a streak; the next ones only in the log and status.
+            self.record(f"{self.label}: {st.error}", {"status": rc})
         return ran
 
     def status(self) -> dict[str, Any]:
@@ -151,5 +181,7 @@ class Child:
             "up_s": round(self.clock() - st.started_at, 1) if st.started_at else None,
             "restarts": st.restarts,
             "error": st.error,
+            "retry_in_s": (round(max(0.0, st.retry_at - self.clock()), 1)
+                           if st.retry_at is not None and st.state != "running" else None),
             "output": list(st.output),
         }

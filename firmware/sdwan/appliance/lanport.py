@@ -28,13 +28,13 @@ import signal
 import struct
 import subprocess
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdwan.appliance.wanaddr import die_with_parent, observe
+from sdwan.appliance.child import RESTART_MAX_S, RESTART_S, Child
+from sdwan.appliance.wanaddr import observe
 from sdwan.common.netcfg import AddrPlan, NetcfgError, apply_addressing_in_worker
 
 if TYPE_CHECKING:
@@ -52,19 +52,12 @@ __all__ = [
 log = logging.getLogger("sdwan.appliance.lanport")
 
 LEASES_FILE = "udhcpd.leases"  # in the data directory: the hosts keep their addresses
-# A server that exits is started again after RESTART_S, doubled with each exit in a row up
-# to RESTART_MAX_S; one that ran STABLE_S had not been failing.
-RESTART_S = 1.0
-RESTART_MAX_S = 60.0
-STABLE_S = 30.0
-STOP_S = 3.0
 # udhcpd writes its lease file this often by itself (its default is two hours), besides on
 # every `lan` (SIGUSR1) and when it stops.
 AUTO_TIME_S = 60
 LEASES_WAIT_S = 1.0  # how long `lan` waits for udhcpd to write the file it asked for
 # SIGUSR1 kills a udhcpd that has not set up its handler yet: one this young is not asked.
 SIGNAL_AFTER_S = 1.0
-OUTPUT_KEPT = 5  # udhcpd's last lines, kept to say why it exited
 # The address is looked for this often for socketd's whole life: udhcpd does not exit when its
 # device loses it, and without DHCP nothing else would notice.
 WATCH_S = 3.0
@@ -242,18 +235,6 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-@dataclass
-class _Server:
-    state: str = "off"  # off, waiting (for the address), running, restarting, failed, stopped
-    proc: asyncio.subprocess.Process | None = None
-    started_at: float | None = None
-    restarts: int = 0
-    failures: int = 0  # exits in a row, each after less than STABLE_S
-    error: str | None = None
-    retry_at: float | None = None
-    output: deque[str] = field(default_factory=lambda: deque(maxlen=OUTPUT_KEPT))
-
-
 class LanPort:
     """The LAN port of one socketd (see the module docstring)."""
 
@@ -281,12 +262,17 @@ class LanPort:
         self.wall = wall
         self.apply_worker = apply_worker
         self.command = command
-        self.server = _Server()
+        self.server = Child(
+            "udhcpd", self._argv, lambda text, data: self.record("lan.dhcp", text, data),
+            label="LAN DHCP server", before_start=self._address_for_server,
+            prepare=self._prepare, on_started=self._started, clock=clock,
+        )
         self.address_error: str | None = None
         self.address_applied = False
         self._task: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
+        self._first_address = True  # the first application is forced, not looked for first
         self._announced = False  # "server started" is said once per run of socketd
 
     def handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
@@ -298,7 +284,10 @@ class LanPort:
         if self.lan.address is None:
             return
         loop = asyncio.get_running_loop()
-        self._task = loop.create_task(self._run())
+        if self.lan.serves_dhcp:
+            self.server.start()  # it puts the address on first (_address_for_server)
+        else:
+            self._task = loop.create_task(self._address_only())
         self._watch = loop.create_task(self._watch_address())
 
     async def close(self) -> None:
@@ -308,43 +297,44 @@ class LanPort:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        await self._stop_server()
+        # TERM: udhcpd writes its leases before it exits.
+        await self.server.close()
 
     # ---------------------------------------------------------------- running
 
-    async def _run(self) -> None:
-        delay = address_delay = RESTART_S
-        first = True
-        while not self._stopping:
-            if not await self._ensure_address(force=first):
-                first = False
-                self.server.retry_at = self.clock() + address_delay
-                await asyncio.sleep(address_delay)
-                address_delay = min(address_delay * 2, RESTART_MAX_S)
-                continue
-            first, address_delay = False, RESTART_S
-            if not self.lan.serves_dhcp:
-                return
-            srv = self.server
-            # Off the loop: it may ask busybox for its applets.
-            argv, why = await asyncio.to_thread(self.command)
-            if argv is None:
-                # Nothing will change that while socketd runs: said once, not retried.
-                srv.state, srv.error = "failed", why
-                log.error("LAN DHCP server not started: %s", why)
-                self.record("lan.dhcp", f"LAN DHCP server not started: {why}", {"error": why})
-                return
-            ran = await self._serve(argv)
-            if self._stopping:
-                return
-            if ran >= STABLE_S:
-                delay, srv.failures = RESTART_S, 0
-            srv.failures += 1
-            srv.state, srv.retry_at = "restarting", self.clock() + delay
-            log.warning("LAN DHCP server: %s; starting it again in %g s", srv.error, delay)
+    async def _address_only(self) -> None:
+        """Without a DHCP server: the address, retried after a growing pause until it is on."""
+        delay = RESTART_S
+        while not self._stopping and not await self._ensure_address(force=self._take_first()):
             await asyncio.sleep(delay)
             delay = min(delay * 2, RESTART_MAX_S)
-            srv.restarts += 1
+
+    def _take_first(self) -> bool:
+        first, self._first_address = self._first_address, False
+        return first
+
+    async def _address_for_server(self) -> str | None:
+        """Before every start of udhcpd: the address on the port (put back if it went)."""
+        if await self._ensure_address(force=self._take_first()):
+            return None
+        return "waiting for the LAN address"
+
+    def _argv(self) -> tuple[list[str] | None, str | None]:
+        argv, why = self.command()
+        return ([*argv, "-f", str(self.conf_path)] if argv is not None else None), why
+
+    def _prepare(self) -> None:
+        _write(self.conf_path, udhcpd_config(self.lan, self.leases_path, self.pid_path))
+        self.leases_path.parent.mkdir(parents=True, exist_ok=True)
+        # udhcpd complains at every start about a lease file that is not there yet.
+        self.leases_path.touch(exist_ok=True)
+
+    def _started(self, pid: int) -> None:
+        log.info("LAN DHCP server started on %s (pid %d)", self.lan.interface, pid)
+        if not self._announced:
+            self._announced = True
+            self.record("lan.dhcp", f"LAN DHCP server started on {self.lan.interface}",
+                        {"pid": pid})
 
     def apply_address(self) -> None:
         """Put the address on the port now, blocking (the supervisor, before socketd's own
@@ -380,8 +370,6 @@ class LanPort:
             if await self._has_address():
                 return True
             restoring = self.address_applied and self.address_error is None
-        if self.lan.serves_dhcp and self.server.state in ("off", "restarting"):
-            self.server.state = "waiting"
         plan = AddrPlan(lan.interface, 4, [str(lan.address)], None, 0)
         try:
             await asyncio.to_thread(self.apply_worker, plan)
@@ -391,8 +379,6 @@ class LanPort:
                 log.error("LAN port: %s", error)
                 self.record("lan.address", f"LAN port: {error}", {"error": str(e)})
             self.address_error = error
-            if self.lan.serves_dhcp:
-                self.server.error = "waiting for the LAN address"
             return False
         if restoring:
             log.warning("LAN port %s: %s had gone, put back", lan.interface, lan.address)
@@ -412,84 +398,14 @@ class LanPort:
         self.address_applied = True
         return True
 
-    async def _serve(self, argv: list[str]) -> float:
-        """Run udhcpd until it exits; how long it ran (0 when it did not start)."""
-        srv = self.server
-        try:
-            _write(self.conf_path, udhcpd_config(self.lan, self.leases_path, self.pid_path))
-            self.leases_path.parent.mkdir(parents=True, exist_ok=True)
-            # udhcpd complains at every start about a lease file that is not there yet.
-            self.leases_path.touch(exist_ok=True)
-            srv.proc = proc = await asyncio.create_subprocess_exec(
-                *argv,
-                "-f",
-                str(self.conf_path),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                preexec_fn=die_with_parent,
-            )
-        except (NetcfgError, OSError) as e:
-            srv.error = f"cannot start {argv[-1]}: {getattr(e, 'strerror', None) or e}"
-            if srv.failures == 0:
-                # The first of a streak, as for exits: the rest only in the log and `lan`.
-                self.record("lan.dhcp", f"LAN DHCP server: {srv.error}", {"error": srv.error})
-            return 0.0
-        started = srv.started_at = self.clock()
-        srv.state, srv.error, srv.retry_at = "running", None, None
-        srv.output.clear()
-        log.info("LAN DHCP server started on %s (pid %d)", self.lan.interface, proc.pid)
-        if not self._announced:
-            self._announced = True
-            self.record(
-                "lan.dhcp",
-                f"LAN DHCP server started on {self.lan.interface}",
-                {"pid": proc.pid},
-            )
-        assert proc.stdout is not None
-        async for raw in proc.stdout:
-            line = raw.decode(errors="replace").rstrip()
-            srv.output.append(line)
-            log.info("udhcpd: %s", line)
-        rc = await proc.wait()
-        srv.proc, srv.started_at = None, None
-        ran = self.clock() - started
-        last = srv.output[-1] if srv.output else ""
-        error = f"udhcpd exited with status {rc}"
-        if rc < 0:
-            with contextlib.suppress(ValueError):
-                error = f"udhcpd was killed by {signal.Signals(-rc).name}"
-        srv.error = error + (f": {last}" if last else "")
-        if not self._stopping and (srv.failures == 0 or ran >= STABLE_S):
-            # The first exit of a streak; the next ones only in the log and `lan`.
-            self.record("lan.dhcp", f"LAN DHCP server: {srv.error}", {"status": rc})
-        return ran
-
-    async def _stop_server(self) -> None:
-        srv = self.server
-        proc = srv.proc
-        if srv.state != "off":
-            srv.state = "stopped"
-        if proc is None or proc.returncode is not None:
-            return
-        # TERM: udhcpd writes its leases before it exits.
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), STOP_S)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-
     # ---------------------------------------------------------------- status
 
     async def _fresh_leases(self) -> bytes:
         """The lease file, after asking a running udhcpd to write it."""
-        srv = self.server
-        proc = srv.proc
+        proc = self.server.proc
+        started_at = self.server.st.started_at
         before = _mtime(self.leases_path)
-        settled = srv.started_at is not None and self.clock() - srv.started_at >= SIGNAL_AFTER_S
+        settled = started_at is not None and self.clock() - started_at >= SIGNAL_AFTER_S
         if proc is not None and proc.returncode is None and settled:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGUSR1)
@@ -525,7 +441,7 @@ class LanPort:
             "interface": lan.interface,
             "address": str(lan.address) if lan.address else None,
             "address_error": self.address_error,
-            "dhcp": self.server.state if lan.serves_dhcp else "off",
+            "dhcp": self.server.st.state if lan.serves_dhcp else "off",
         }
 
     async def _status(self, _req: dict[str, Any]) -> dict[str, Any]:
@@ -543,24 +459,19 @@ class LanPort:
             "address_error": self.address_error,
             "dhcp": None,
         }
-        srv = self.server
         if d is None or not d.enabled:
             result["dhcp"] = {"enabled": False, "state": "off"}
             return result
-        now = self.clock()
         assert lan.address is not None and d.range is not None
+        srv = self.server.status()
         result["dhcp"] = {
             "enabled": True,
-            "state": srv.state,
-            "pid": srv.proc.pid if srv.proc is not None else None,
-            "up_s": round(now - srv.started_at, 1) if srv.started_at is not None else None,
-            "error": srv.error if srv.state != "running" else None,
-            "retry_in_s": (
-                round(max(0.0, srv.retry_at - now), 1)
-                if srv.retry_at is not None and srv.state != "running"
-                else None
-            ),
-            "restarts": srv.restarts,
+            "state": srv["state"],
+            "pid": srv["pid"],
+            "up_s": srv["up_s"],
+            "error": srv["error"] if srv["state"] != "running" else None,
+            "retry_in_s": srv["retry_in_s"],
+            "restarts": srv["restarts"],
             "range": [str(d.range[0]), str(d.range[1])],
             "router": str(d.router or lan.address.ip),
             "dns": [str(ip) for ip in d.dns],

@@ -110,7 +110,8 @@ class TimeSync:
         self.sock_dir = Path(runtime_dir) / f"{tag}-chrony"
         self.conf_path = self.sock_dir / "chrony.conf"
         self.record = record
-        self.child = Child("chronyd", self._argv, self._child_event, prepare=self._prepare,
+        self.child = Child("chronyd", self._argv, self._child_event, label="time sync",
+                           prepare=self._prepare,
                            clock=clock)
         self.tracking: Tracking | None = None
         self.sources: list[dict[str, Any]] = []
