@@ -456,6 +456,8 @@ class DtlsSession:
     # The peer's verified identity; peer_site_id is its id when the peer is a site.
     peer_identity: Identity | None = field(default=None, init=False)
     peer_site_id: int | None = field(default=None, init=False)
+    # The peer certificate's notAfter (seconds since the epoch), read as it was verified.
+    peer_not_after: int | None = field(default=None, init=False)
     _verify_failure: str | None = field(default=None, init=False)
     _started: bool = field(default=False, init=False)
     _close_sent: bool = field(default=False, init=False)
@@ -616,6 +618,10 @@ class DtlsSession:
         if reason is not None:
             self._set_verify_failure(reason)
             return False
+        try:
+            self.peer_not_after = cert.validity()[1]
+        except ValueError:
+            self.peer_not_after = None
         self.peer_identity = identity
         self.peer_site_id = identity[1] if identity[0] == "site" else None
         return True
