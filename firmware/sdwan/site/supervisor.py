@@ -629,7 +629,7 @@ class Supervisor:
             heap.trim()
 
     def _choose_identity(self) -> Pair:
-        """[pki] cert and key, or the renewed pair in the data dir if it expires later."""
+        """[pki] cert and key, or the renewed pair in the data dir if it was issued later."""
         cfg = self.cfg
         configured = Pair(cfg.pki.cert, cfg.pki.key, "configured")
         try:
