@@ -13,7 +13,7 @@ APT_PACKAGES=(
   iperf3 tcpdump procps
   coturn stun-client                       # STUN interoperability tests
   busybox traceroute                       # console: udhcpc/udhcpd for DHCP WANs, traceroute
-  chrony                                   # time sync (the lab runs it with -x: never the host clock)
+  chrony                                   # time sync (lab configs get set_clock = false: -x, never the host clock)
   shellcheck bmap-tools fdisk e2fsprogs    # flash.sh, its lint and its loop-device tests
   xz-utils zstd python3-fusepy
   qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64  # the appliance image:

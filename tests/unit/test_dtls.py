@@ -142,6 +142,9 @@ def test_handshake_with_cookie_exchange_and_crosswise_keys(certs: Pki) -> None:
     server = wire.server
     assert server is not None and server.established and not server.is_client
     assert (client.peer_site_id, server.peer_site_id) == (2, 1)
+    # The peer certificate's notAfter is kept (popd renews only one near its end).
+    assert (client.peer_not_after, server.peer_not_after) == (b.cert.validity()[1],
+                                                              a.cert.validity()[1])
     # First ClientHello is answered statelessly; only the one echoing the cookie makes a session.
     assert [r.session is None for r in wire.accepts] == [True, False]
     assert b.stats["cookie sent"] == 1 and b.stats["session created"] == 1

@@ -31,6 +31,7 @@ from sdwan.bindings.fastpath import FastPath, FastPathError
 from sdwan.common.dtls import DtlsContext
 from sdwan.lab.netns import wait_until
 from sdwan.pop import pki
+from sdwan.site.renewal import make_request
 
 FIRMWARE = Path(__file__).resolve().parents[2] / "firmware"
 POP_PEER = 0x80000000 | 1 << 8 | 1  # the PoP session of PoP 1 over link 1 (docs/cloud.md)
@@ -828,3 +829,30 @@ def test_restart_with_a_bad_account_file_uses_the_stored_account(pop: PopEnv) ->
     assert "sites[1].subnets" in cp.stderr
     pop.account.write_text(ACCOUNT)
     start_popd(pop)
+
+
+def test_renewal_only_for_a_certificate_near_its_expiry_and_popd_watches_its_own(
+    pop: PopEnv, clients: list[Client],
+) -> None:
+    stop_popd(pop)
+    with pop.config.open("a") as f:
+        f.write('\n[renewal]\nca_key = "ca/ca.key"\n')
+    start_popd(pop)
+    # Site 2's certificate runs out in 20 days: renewed. Site 1's has 825: refused, with why.
+    pki.issue_site(pop.ca_dir, 2, pop.root / f"{pop.ca_dir.name}-out", days=20)
+    far, near = new_client(pop, clients, 1), new_client(pop, clients, 2)
+    for c in (far, near):
+        c.connect()
+        c.register()
+        c.send({"t": "renew", "csr": make_request(c.site_id)[1].decode()})
+    refused = far.wait_for("renew-refused")
+    assert "renewed only within 60 days of its expiry" in refused["reason"], refused
+    assert "socket-pki" in refused["reason"], refused
+    assert "BEGIN CERTIFICATE" in near.wait_for("renewed")["cert"]
+    rc, st = pop.popctl("status")
+    assert rc == 0
+    assert st["renewal"]["signed"] == 1 and st["renewal"]["refused"] == 1, st["renewal"]
+    assert st["certificates"]["cert"]["state"] == "valid", st["certificates"]
+    assert st["certificates"]["ca"]["state"] == "valid", st["certificates"]
+    rc, text = pop.popctl("status", json_out=False)
+    assert "\ncert: valid, until " in text and "\nca cert: valid, until " in text, text

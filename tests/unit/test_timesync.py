@@ -1,16 +1,19 @@
 """Time sync's configuration and what socketd reads of chronyd (appliance/timesync.py): the
 `[time]` checks naming the field, the chronyd configuration (no NTP or command port open),
-and chronyc's CSV as chrony 4 prints it. chronyd itself runs in tests/lab/test_time.py."""
+chronyc's CSV as chrony 4 prints it, and what status says as chronyd runs, stops or is not
+there (a real chronyd that measures only; tests/lab/test_time.py has one synchronise)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from test_config import BASE, add, errors_of, write_site
 
-from sdwan.appliance.timesync import chrony_config, parse_sources, parse_tracking
+from sdwan.appliance import timesync
+from sdwan.appliance.timesync import TimeSync, chrony_config, parse_sources, parse_tracking
 from sdwan.site.config import Time, load_config
 
 TRACKING_SYNCED = ("0A4D0001,10.77.0.1,9,1796233535.508259962,-0.000003439,0.000003645,"
@@ -76,3 +79,130 @@ def test_chronyc_tracking_and_sources_are_read() -> None:
         {"address": "10.77.0.1", "state": "selected", "stratum": 8, "reach": 7},
         {"address": "198.51.100.250", "state": "unreachable", "stratum": 0, "reach": 0},
     ]
+
+
+class Events:
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def __call__(self, kind: str, text: str, _data: dict) -> None:
+        self.items.append((kind, text))
+
+    def kinds(self) -> list[str]:
+        return [k for k, _ in self.items]
+
+
+async def _wait(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        assert loop.time() < end, "timed out"
+        await asyncio.sleep(0.05)
+
+
+def test_without_chronyd_installed_why_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(timesync, "_SBIN", ())
+    events = Events()
+
+    async def main() -> None:
+        ts = TimeSync(Time(("192.0.2.1",), set_clock=False), tmp_path, tmp_path, events)
+        ts.start()
+        await _wait(lambda: ts.child.st.state == "failed")
+        await ts.poll_once()
+        st = ts.status()
+        assert st["synced"] is False and not ts.clock_synced
+        assert st["why"] == "chronyd is not running: chronyd is not installed", st
+        assert events.kinds() == ["time.error"], events.items
+        await ts.close()
+
+    asyncio.run(main())
+
+
+def test_a_chronyd_that_stops_is_no_longer_synchronised_and_said_so(tmp_path: Path) -> None:
+    """A real chronyd (measuring only, -x) toward a server that never answers: not
+    synchronised, and why. Once it was synchronised, chronyd stopping clears the reading
+    (status says synced false, `time.unsynced` is recorded) and a later synchronisation is
+    said again."""
+    if timesync._find("chronyd") is None or timesync._find("chronyc") is None:  # noqa: SLF001
+        pytest.skip("chrony is not installed")
+    events = Events()
+
+    async def main() -> None:
+        ts = TimeSync(Time(("192.0.2.1",), set_clock=False), tmp_path / "data",
+                      tmp_path / "run", events, tag="t")
+        (tmp_path / "data").mkdir()
+        ts.start()
+        await _wait(lambda: ts.child.running)
+
+        async def read() -> bool:
+            await ts.poll_once()
+            return ts.read_error is None and bool(ts.sources)
+
+        for _ in range(100):
+            if await read():
+                break
+            await asyncio.sleep(0.1)
+        st = ts.status()
+        assert st["synced"] is False and st["sources"][0]["address"] == "192.0.2.1", st
+        assert st["why"] in ("no server has answered (1 asked)",
+                             "waiting for enough answers to trust a server"), st
+        # As chronyd would say once synchronised (no server answers here, so it is told).
+        ts._transition(parse_tracking(TRACKING_SYNCED))  # noqa: SLF001
+        ts.tracking = parse_tracking(TRACKING_SYNCED)
+        assert ts.status()["synced"] is True and events.kinds() == ["time.synced"]
+        await ts.child.close()  # chronyd gone
+        await ts.poll_once()
+        st = ts.status()
+        assert st["synced"] is False and st["reference"] is None, st
+        assert st["why"].startswith("chronyd is not running"), st
+        assert events.kinds() == ["time.synced", "time.unsynced"], events.items
+        ts._transition(parse_tracking(TRACKING_SYNCED))  # noqa: SLF001
+        assert events.kinds() == ["time.synced", "time.unsynced", "time.synced"]
+        await ts.close()
+
+    asyncio.run(main())
+
+
+def test_chronyc_failing_clears_the_reading(tmp_path: Path) -> None:
+    """chronyd running but not answering chronyc (here: a program that only sleeps in its
+    place): the last reading is not kept as current."""
+    events = Events()
+
+    async def main() -> None:
+        ts = TimeSync(Time(("192.0.2.1",), set_clock=True), tmp_path, tmp_path / "run",
+                      events, tag="t")
+        ts.child.argv = lambda: (["/bin/sleep", "60"], None)
+        ts.child.start()
+        await _wait(lambda: ts.child.running)
+        ts.tracking = parse_tracking(TRACKING_SYNCED)
+        ts._transition(ts.tracking)  # noqa: SLF001
+        assert ts.clock_synced
+        await ts.poll_once()  # chronyc finds no chronyd socket
+        st = ts.status()
+        assert st["synced"] is False and not ts.clock_synced and ts.read_error, st
+        assert st["why"] == ts.read_error
+        assert events.kinds() == ["time.synced", "time.unsynced"], events.items
+        await ts.close()
+
+    asyncio.run(main())
+
+
+def test_a_lab_site_config_never_sets_the_host_clock() -> None:
+    from sdwan.lab.topology import _lab_time
+
+    assert load_time(_lab_time('[time]\nservers = ["10.0.0.1"]\n')) == {
+        "servers": ["10.0.0.1"], "set_clock": False}
+    kept = '[time]\nservers = ["10.0.0.1"]\nset_clock = false\n'
+    assert _lab_time(kept) == kept
+    assert _lab_time('[[pops]]\nid = 1\n') == '[[pops]]\nid = 1\n'
+    with pytest.raises(ValueError, match="must not set the host's clock"):
+        _lab_time('[time]\nservers = ["10.0.0.1"]\nset_clock = true\n')
+
+
+def load_time(text: str) -> dict:
+    import tomllib
+
+    return tomllib.loads(text)["time"]

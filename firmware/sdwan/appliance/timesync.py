@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 POLL_FAST_S = 2.0  # chronyc's view, read this often until the first synchronisation
 POLL_S = 16.0  # and this often after
 CHRONYC_TIMEOUT_S = 5.0
+VOUCH_OFFSET_S = 10.0  # a synchronised clock this close to its server may be stored
 DRIFT_FILE = "chrony.drift"  # in the data dir: the clock's frequency error, kept across boots
 _SBIN = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
 
@@ -171,23 +172,42 @@ class TimeSync:
             raise OSError(f"chronyc {args[0]}: {text.strip()[:200] or proc.returncode}")
         return text
 
+    @property
+    def clock_synced(self) -> bool:
+        """chronyd sets this clock and says it is synchronised, close to its server: the
+        clock may be stored even behind its floor (appliance/clock.py)."""
+        t = self.tracking
+        return bool(self.cfg.set_clock and self.child.running and t is not None and t.synced
+                    and t.offset_s is not None and abs(t.offset_s) < VOUCH_OFFSET_S)
+
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(POLL_S if self._was_synced else POLL_FAST_S)
-            if not self.child.running:
-                self.tracking, self.sources = None, []
-                continue
-            try:
-                tracking = parse_tracking(await self._chronyc("tracking"))
-                self.sources = parse_sources(await self._chronyc("sources"))
-            except (OSError, ValueError) as e:
-                self.read_error = str(e)
-                continue
-            self.read_error = None
-            self.tracking = tracking
-            self._transition(tracking)
+            await self.poll_once()
 
-    def _transition(self, t: Tracking) -> None:
+    async def poll_once(self) -> None:
+        """Read chronyd's state and say what changed. Nothing read (chronyd not running, or
+        chronyc failing) is not synchronised: the last reading is not kept as if current."""
+        if not self.child.running:
+            self.read_error = None
+            self.tracking, self.sources = None, []
+            self._transition(None)
+            return
+        try:
+            tracking = parse_tracking(await self._chronyc("tracking"))
+            sources = parse_sources(await self._chronyc("sources"))
+        except (OSError, ValueError) as e:
+            self.read_error = str(e)
+            self.tracking, self.sources = None, []
+            self._transition(None)
+            return
+        self.read_error = None
+        self.tracking, self.sources = tracking, sources
+        self._transition(tracking)
+
+    def _transition(self, t: Tracking | None) -> None:
+        if t is None:
+            t = Tracking(False, None, None, None)
         if t.synced and not self._was_synced:
             text = (f"clock synchronised to {t.reference} (stratum {t.stratum}), "
                     f"{t.offset_s:+.6f} s off")

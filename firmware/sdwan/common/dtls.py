@@ -481,6 +481,8 @@ class DtlsSession:
     # The serial of the peer's certificate (revocation.py's form): kept after release() so a
     # revocation that arrives later still finds the sessions of the revoked certificate.
     peer_serial: str | None = field(default=None, init=False)
+    # The peer certificate's notAfter (seconds since the epoch), read as it was verified.
+    peer_not_after: int | None = field(default=None, init=False)
     _verify_failure: str | None = field(default=None, init=False)
     _started: bool = field(default=False, init=False)
     _close_sent: bool = field(default=False, init=False)
@@ -659,6 +661,10 @@ class DtlsSession:
             self._set_verify_failure(reason)
             return False
         self.peer_serial = serial
+        try:
+            self.peer_not_after = cert.validity()[1]
+        except ValueError:
+            self.peer_not_after = None
         self.peer_identity = identity
         self.peer_site_id = identity[1] if identity[0] == "site" else None
         return True

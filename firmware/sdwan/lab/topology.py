@@ -47,6 +47,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -370,6 +371,23 @@ def _toml(v: object) -> str:
     if isinstance(v, dict):  # an inline table: a link's `addressing`
         return "{ " + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + " }"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _lab_time(extra_toml: str) -> str:
+    """extra_toml with `set_clock = false` in its [time] table: a lab's chronyd measures and
+    never sets the host's clock (the default, true, would)."""
+    table = tomllib.loads(extra_toml).get("time")
+    if not isinstance(table, dict):
+        return extra_toml
+    if table.get("set_clock", False) is not False:
+        raise ValueError("a lab site must not set the host's clock: [time] set_clock = true")
+    if "set_clock" in table:
+        return extra_toml
+    out, n = re.subn(r"(?m)^[ \t]*\[time\][ \t]*(#.*)?$", r"\g<0>\nset_clock = false",
+                     extra_toml, count=1)
+    if n != 1:
+        raise ValueError("a lab site's [time] must be a [time] table, to add set_clock = false")
+    return out
 
 
 def _toml_table(name: str, values: dict[str, object], array: bool = False) -> str:
@@ -1248,7 +1266,7 @@ table ip lab_nat {{
                 vals["link"] = spec.link
             parts.append(_toml_table("peers", vals, array=True))
         if extra_toml:
-            parts.append(extra_toml)
+            parts.append(_lab_time(extra_toml))
         site.data_dir.mkdir(parents=True, exist_ok=True)
         path = site.dir / "socketd.toml"
         path.write_text("\n".join(parts))

@@ -35,6 +35,7 @@ from sdwan.common.tomlcheck import (
     show,
     site_name,
 )
+from sdwan.pop.renewal import MIN_DAYS as RENEWAL_MIN_DAYS
 from sdwan.pop.renewal import RenewalConfig
 from sdwan.site.config import Paths, Pki
 
@@ -229,6 +230,12 @@ def _check_renewal(c: Checker, doc: dict[str, Any], base: Path) -> RenewalConfig
     c.known_keys(table, ("renewal",), ("ca_key", "days", "min_interval_s"))
     key = c.value(table, ("renewal", "ca_key"), path_string, default=None)
     days = c.value(table, ("renewal", "days"), int_range(1, 3650), default=RenewalConfig.days)
+    if isinstance(days, int) and days < RENEWAL_MIN_DAYS:
+        # A certificate for 30 days or less is within a site's renewal window at once: the
+        # site would ask again as soon as it may.
+        c.error(("renewal", "days"), f"expected more than {RENEWAL_MIN_DAYS - 1} days (a site "
+                f"asks for renewal 30 days before expiry), got {days}")
+        days = MISSING
     interval = c.value(table, ("renewal", "min_interval_s"), int_range(0, 30 * 86400),
                        default=RenewalConfig.min_interval_s)
     key_path = None

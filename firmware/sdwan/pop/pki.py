@@ -241,11 +241,14 @@ def build_site_certificate(
     site_id: int,
     public_key: ec.EllipticCurvePublicKey,
     days: int = DEFAULT_SITE_DAYS,
+    backdate: datetime.timedelta = _BACKDATE,
 ) -> x509.Certificate:
-    """Sign a site certificate for ``public_key`` (the profile described in the module doc)."""
+    """Sign a site certificate for ``public_key`` (the profile described in the module doc),
+    valid from ``backdate`` before now."""
     check_site_id(site_id)
     return _build_leaf(
-        ca_cert, ca_key, f"site-{site_id}", f"{SITE_URI_PREFIX}{site_id}", public_key, days
+        ca_cert, ca_key, f"site-{site_id}", f"{SITE_URI_PREFIX}{site_id}", public_key, days,
+        backdate,
     )
 
 
@@ -270,6 +273,7 @@ def _build_leaf(
     uri: str,
     public_key: ec.EllipticCurvePublicKey,
     days: int,
+    backdate: datetime.timedelta = _BACKDATE,
 ) -> x509.Certificate:
     _check_days(days)
     now = datetime.datetime.now(datetime.UTC)
@@ -280,7 +284,7 @@ def _build_leaf(
         .issuer_name(ca_cert.subject)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _BACKDATE)
+        .not_valid_before(now - backdate)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(

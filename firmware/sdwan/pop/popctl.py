@@ -66,6 +66,12 @@ def _print_status(r: dict[str, Any], out: TextIO) -> None:
           f" drops {_nonzero(link.get('drops'))}", file=out)
     control = {k: v for k, v in (r.get("control") or {}).items() if k != "dtls"}
     print(f"control: {_nonzero(control)}", file=out)
+    certs = r.get("certificates")
+    if isinstance(certs, dict):
+        for key, name in (("cert", "cert"), ("ca", "ca cert")):
+            c = certs.get(key)
+            if isinstance(c, dict):
+                print(f"{name}: {_cert_line(c)}", file=out)
     stun = r.get("stun_server", {})
     print(f"stun: {_v(stun.get('answers'))} answered, dropped {_nonzero(stun.get('dropped'))}",
           file=out)
@@ -79,6 +85,16 @@ def _rekey(timers: object) -> str:
     if not isinstance(timers, dict):
         return ""
     return f" rekey {_v(timers.get('rekey_s'))}s/{_v(timers.get('key_max_age_s'))}s"
+
+
+def _cert_line(c: dict[str, Any]) -> str:
+    state = _v(c.get("state"))
+    text = f"{state}, until {_v(c.get('not_after'))}"
+    if state in ("valid", "expiring"):
+        text += f" ({_v(c.get('days_left'))} days left)"
+    elif state == "not yet valid":
+        text += f", valid from {_v(c.get('not_before'))}: is the clock wrong?"
+    return text
 
 
 def _print_sites(r: dict[str, Any], out: TextIO) -> None:

@@ -39,6 +39,7 @@ from sdwan.bindings.fastpath import (
     FastPathConfig,
     FastPathError,
 )
+from sdwan.common.certlife import CertWatch, watch_identity
 from sdwan.common.control import ControlServer
 from sdwan.common.daemon import StartupError, run_service
 from sdwan.common.dtls import DtlsContext, DtlsSession
@@ -289,6 +290,7 @@ class Pop(SessionOwner):
         self.stun_main = StunServer(clock=clock)  # Binding requests on the main port
         self.broker = Broker(self._send_to_link, clock=clock)
         self.renewer = Renewer(cfg.renewal, cfg.pki.ca, clock=clock)
+        self.certs: CertWatch | None = None  # popd's own certificate and the CA: made by open
         if self.renewer.error is not None:
             log.error("certificate renewal off: %s", self.renewer.error)
         self._stun_transport: asyncio.DatagramTransport | None = None
@@ -308,6 +310,8 @@ class Pop(SessionOwner):
             # Every handshake asks the account in force, so a reload applies to the next one.
             self.dtls.revocation = self._refuse_revoked
             self.sessions.dtls = self.dtls
+            self.certs = watch_identity(cfg.pki.ca, self.dtls.ca_cert, cfg.pki.cert,
+                                        self.dtls.cert)
         except (OSError, ValueError) as e:
             raise StartupError(str(e)) from e
         fp_cfg = FastPathConfig.default()
@@ -696,7 +700,7 @@ class Pop(SessionOwner):
             self.stats.messages_malformed += 1
             return
         try:
-            cert = self.renewer.renew(s.site_id, msg.get("csr"))
+            cert = self.renewer.renew(s.site_id, s.dtls.peer_not_after, msg.get("csr"))
         except RenewalRefused as e:
             self.ratelog.warning("renew", "site %d: renewal refused: %s", s.site_id, e)
             self._event("site.renew_refused", f"site {s.site_id}: certificate renewal refused: "
@@ -1079,8 +1083,20 @@ class Pop(SessionOwner):
 
     # ---------------------------------------------------------------- periodic work
 
+    def _check_certs(self) -> None:
+        """Warn of popd's own certificate or the CA nearing its expiry (common/certlife.py)."""
+        if self.certs is None:
+            return
+        for w in self.certs.check():
+            log.warning("%s", w.text)
+            self._event(w.kind, w.text, None, **w.data)
+
     def _tick(self) -> None:
         assert self.fp is not None
+        try:
+            self._check_certs()
+        except Exception:
+            log.exception("certificate check failed")
         now = self.clock()
         self.sessions.tick()
         self.broker.tick()
@@ -1233,6 +1249,7 @@ class Pop(SessionOwner):
             # in `sites`.
             "key_timers": self.cfg.keys.as_dict(),
             "renewal": self.renewer.status(),
+            "certificates": self.certs.status() if self.certs is not None else None,
             "sites_online": len(online),
             "sessions": sum(1 for s in self.by_peer.values() if s.registered),
             "handshaking": self.sessions.handshaking,

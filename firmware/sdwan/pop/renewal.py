@@ -6,10 +6,18 @@ What popd signs is decided here, not by the request: the certificate names the s
 own site id (whatever the request's subject says), carries socket-pki's site profile and
 validity, and takes from the request only its public key, which must be P-256 and whose
 signature on the request proves the site holds the private key. A site is renewed at most
-once per `[renewal] min_interval_s`; popd signs only with `[renewal] ca_key` configured."""
+once per `[renewal] min_interval_s`; popd signs only with `[renewal] ca_key` configured.
+
+Renewal extends an identity, so it is given only to a certificate near its end: the one the
+session was made with must expire within WINDOW_DAYS (a site asks at 30 days before). A key
+that was stolen cannot be kept alive by asking early and often; an operator who wants a
+fresh key sooner issues one with socket-pki, and a stolen key is answered by revoking it
+(docs/time.md, "Renewal"). The new certificate is valid from BACKDATE before now, so a site
+whose clock lags a little still takes it (a peer judges it by its own clock)."""
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +30,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sdwan.pop import pki
 
 MAX_CSR_BYTES = 4096  # a P-256 request is about 500 bytes of PEM
+WINDOW_DAYS = 60  # renewed only when the session's certificate expires within this
+BACKDATE = datetime.timedelta(days=1)  # a renewed certificate's notBefore, before now
+MIN_DAYS = 31  # [renewal] days: more than the 30 days before expiry at which a site asks
 
 
 @dataclass(frozen=True)
@@ -39,9 +50,11 @@ class RenewalRefused(Exception):
 
 class Renewer:
     def __init__(self, cfg: RenewalConfig, ca_cert_path: Path,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.clock = clock
+        self.wall = wall
         self._last: dict[int, float] = {}  # site id -> when it was last renewed
         self.signed = 0
         self.refused = 0
@@ -57,20 +70,29 @@ class Renewer:
     def enabled(self) -> bool:
         return self._ca is not None
 
-    def renew(self, site_id: int, csr_pem: object) -> bytes:
-        """A certificate (PEM) for site_id with the request's key; RenewalRefused says why
-        not."""
+    def renew(self, site_id: int, session_not_after: int | None, csr_pem: object) -> bytes:
+        """A certificate (PEM) for site_id with the request's key, asked over a session made
+        with a certificate valid until session_not_after; RenewalRefused says why not."""
         try:
-            return self._renew(site_id, csr_pem)
+            return self._renew(site_id, session_not_after, csr_pem)
         except RenewalRefused:
             self.refused += 1
             raise
 
-    def _renew(self, site_id: int, csr_pem: object) -> bytes:
+    def _renew(self, site_id: int, session_not_after: int | None, csr_pem: object) -> bytes:
         if self._ca is None:
             raise RenewalRefused(
                 "this PoP does not sign renewals ([renewal] ca_key is not configured)"
                 if self.error is None else f"this PoP cannot sign renewals: {self.error}")
+        if session_not_after is None:
+            raise RenewalRefused("the session's certificate dates are not known")
+        left = session_not_after - self.wall()
+        if left > WINDOW_DAYS * 86400:
+            until = time.strftime("%Y-%m-%d", time.gmtime(session_not_after))
+            raise RenewalRefused(
+                f"the certificate is valid until {until}, {int(left // 86400)} days from now: "
+                f"renewed only within {WINDOW_DAYS} days of its expiry (a fresh key sooner "
+                "is issued with socket-pki)")
         if not isinstance(csr_pem, str) or len(csr_pem) > MAX_CSR_BYTES:
             raise RenewalRefused("malformed request: expected a PEM certificate signing request")
         try:
@@ -90,14 +112,15 @@ class Renewer:
             raise RenewalRefused(f"renewed {now - last:.0f} s ago: at most one renewal per "
                                  f"{self.cfg.min_interval_s} s")
         ca_cert, ca_key = self._ca
-        cert = pki.build_site_certificate(ca_cert, ca_key, site_id, key, self.cfg.days)
+        cert = pki.build_site_certificate(ca_cert, ca_key, site_id, key, self.cfg.days,
+                                          backdate=BACKDATE)
         self._last[site_id] = now
         self.signed += 1
         return cert.public_bytes(serialization.Encoding.PEM)
 
     def status(self) -> dict[str, object]:
         return {"enabled": self.enabled, "error": self.error, "signed": self.signed,
-                "refused": self.refused, "days": self.cfg.days,
+                "refused": self.refused, "days": self.cfg.days, "window_days": WINDOW_DAYS,
                 "min_interval_s": self.cfg.min_interval_s}
 
 

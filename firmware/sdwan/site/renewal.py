@@ -1,10 +1,14 @@
 """Certificate renewal from the site (docs/time.md, "Renewal"). When the certificate is within
 RENEW_DAYS of its expiry (or on `socketctl renew`), socketd makes a new key and sends a
 certificate signing request to the PoP over a live session; the certificate that comes back
-is checked (the account CA's, naming this site, for the new key, valid now) and kept with its
-key in the data dir, as one pair that a power cut cannot tear. From then on, and at every
-later start, it is the site's identity in place of `[pki] cert`/`key`, as long as it expires
-later than those."""
+is checked (the account CA's, naming this site, for the new key, not expired, expiring later
+than the one in use) and kept with its key in the data dir, as one pair that a power cut
+cannot tear. From then on, and at every later start, it is the site's identity in place of
+`[pki] cert`/`key`, as long as it was issued later than those (an operator's fresh
+certificate in [pki] wins).
+
+A notBefore up to FUTURE_SLACK_S ahead of our clock is accepted: our certificate is judged by
+the peers' clocks, not ours, and a box whose clock lags must still take its renewal."""
 
 from __future__ import annotations
 
@@ -33,6 +37,12 @@ RENEW_DAYS = 30  # renewal starts this close to the certificate's expiry (the wa
 ANSWER_TIMEOUT_S = 30.0  # a request the PoP has not answered by then is asked again later
 RETRY_S = 3600.0  # after a refusal or no answer; a PoP limits renewals to about this anyway
 KEPT_GENERATIONS = 2  # the pair in use and the one before
+FUTURE_SLACK_S = 2 * 86400  # a notBefore this far ahead of our clock is still taken
+NOT_LATER_RETRY_S = 86400.0  # after a renewal that would not have extended the expiry
+# A PoP's renewed certificate is valid from a day before it was signed (pop/renewal.py), one
+# from socket-pki from 5 minutes before: added back to compare when each was issued.
+RENEWED_BACKDATE_S = 86400
+CONFIGURED_BACKDATE_S = 300
 
 
 @dataclass(frozen=True)
@@ -55,31 +65,38 @@ def _check_pair(cert_pem: bytes, key_pem: bytes, ca: tls.Certificate, site_id: i
     if identity_from_uris(cert.san_uris()) != ("site", site_id):
         raise ValueError(f"the certificate does not name site {site_id}")
     not_before, not_after = cert.validity()
-    if not not_before <= now < not_after:
-        raise ValueError("the certificate is not valid now")
+    if now >= not_after:
+        raise ValueError("the certificate has expired")
+    if not_before > now + FUTURE_SLACK_S:
+        raise ValueError("the certificate is valid only from "
+                         f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(not_before))} UTC, "
+                         "more than 2 days from now")
     return cert, not_after
 
 
 def choose_identity(configured: Pair, ca: tls.Certificate, site_id: int, data_dir: Path,
                     now: float | None = None) -> Pair:
-    """The renewed pair in the data dir if it is sound and expires later than the configured
-    one (an operator's newer certificate in [pki] wins), else the configured pair."""
+    """The renewed pair in the data dir if it is sound and was issued later (a later
+    notBefore, each issuer's backdating added back) than the configured one,
+    else the configured pair: an operator's fresh certificate in [pki] wins even when it
+    expires sooner (a re-key with fewer days)."""
     now = time.time() if now is None else now
     gen = Path(data_dir) / CREDENTIALS_DIR / CURRENT
     renewed = Pair(gen / "cert.pem", gen / "key.pem", "renewed")
     try:
-        _, renewed_until = _check_pair(renewed.cert.read_bytes(), renewed.key.read_bytes(), ca,
-                                       site_id, now)
+        cert, _ = _check_pair(renewed.cert.read_bytes(), renewed.key.read_bytes(), ca,
+                              site_id, now)
     except FileNotFoundError:
         return configured
     except (OSError, ValueError) as e:
         log.warning("renewed certificate in %s not used: %s", gen, e)
         return configured
     try:
-        configured_until = tls.Certificate.from_pem(configured.cert.read_bytes()).validity()[1]
+        configured_from = tls.Certificate.from_pem(configured.cert.read_bytes()).validity()[0]
     except (OSError, ValueError):
         return renewed  # DtlsContext says what is wrong with the configured one, if used
-    return renewed if renewed_until > configured_until else configured
+    issued = cert.validity()[0] + RENEWED_BACKDATE_S
+    return renewed if issued > configured_from + CONFIGURED_BACKDATE_S else configured
 
 
 def make_request(site_id: int) -> tuple[bytes, bytes]:
@@ -162,6 +179,7 @@ class Renewal:
         self.wall = wall
         self._pending: tuple[bytes, float] | None = None  # the new key, when it was asked
         self._next_try = 0.0
+        self._current_until: int | None = None  # the notAfter of the certificate in use
         self.state = "idle"  # idle, asked, renewed, refused, failed
         self.last_error: str | None = None
         self.renewals = 0
@@ -169,6 +187,7 @@ class Renewal:
     def tick(self, not_after: int, cloud_up: bool) -> None:
         """Ask when the certificate is within RENEW_DAYS of its expiry and a PoP is there."""
         now = self.clock()
+        self._current_until = not_after
         if self._pending is not None and now - self._pending[1] > ANSWER_TIMEOUT_S:
             self._fail("failed", f"no answer from the PoP in {ANSWER_TIMEOUT_S:g} s")
         if (self._pending is None and cloud_up and now >= self._next_try
@@ -199,12 +218,24 @@ class Renewal:
                 raise ValueError("the answer holds no certificate")
             _, not_after = _check_pair(cert_pem.encode("ascii"), pending[0], self.ca,
                                        self.site_id, self.wall())
+            current = self._current_until
+            if current is not None and not_after <= current:
+                # The CA ends first, or the PoP signs too short: asking again gets the same.
+                until = time.strftime("%Y-%m-%d", time.gmtime(not_after))
+                self._fail("failed", f"the PoP's certificate was not used: it expires on "
+                           f"{until}, no later than the one in use (is the CA expiring?)",
+                           retry_s=NOT_LATER_RETRY_S)
+                return
             pair = store_pair(self.data_dir, cert_pem.encode("ascii"), pending[0])
         except (OSError, ValueError, UnicodeEncodeError) as e:
             self._fail("failed", f"the PoP's certificate was not used: {e}")
             return
         self.state, self.last_error = "renewed", None
         self.renewals += 1
+        self._current_until = not_after
+        # Not again before the new certificate is itself within RENEW_DAYS of its expiry.
+        self._next_try = self.clock() + max(
+            RETRY_S, not_after - RENEW_DAYS * 86400 - self.wall())
         try:
             self.on_renewed(pair)
         except (OSError, ValueError) as e:
@@ -222,10 +253,10 @@ class Renewal:
         reason = str(msg.get("reason") or "no reason given")[:200]
         self._fail("refused", f"the PoP refused to renew the certificate: {reason}")
 
-    def _fail(self, state: str, why: str) -> None:
+    def _fail(self, state: str, why: str, retry_s: float = RETRY_S) -> None:
         self._pending = None
         self.state, self.last_error = state, why
-        self._next_try = self.clock() + RETRY_S
+        self._next_try = self.clock() + retry_s
         log.warning("%s", why)
         self.record("cert.renew_failed", why, {"state": state})
 

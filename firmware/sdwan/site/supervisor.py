@@ -669,14 +669,17 @@ class Supervisor:
             self._liveness(self.fp)
         if self.paths is not None:
             self.paths.apply()  # retries a route the fast path refused; cheap when none
-        self._time_and_certs()
+        try:
+            self._time_and_certs()
+        except Exception:
+            log.exception("time and certificate check failed")
         now = self.clock()
         if now >= self._next_trim:
             self._next_trim = now + HEAP_TRIM_S
             heap.trim()
 
     def _choose_identity(self) -> Pair:
-        """[pki] cert and key, or the renewed pair in the data dir if it expires later."""
+        """[pki] cert and key, or the renewed pair in the data dir if it was issued later."""
         cfg = self.cfg
         configured = Pair(cfg.pki.cert, cfg.pki.key, "configured")
         try:
@@ -718,13 +721,21 @@ class Supervisor:
 
     def _clock_trusted(self) -> bool:
         """A DTLS session is up: both ends' certificates were valid at our clock, so it is
-        near enough right to become the clock's floor (appliance/clock.py)."""
+        near enough right to become the clock's floor, within the bounds appliance/clock.py
+        sets (the build time, our certificate's notAfter)."""
         return (self.cloud is not None and self.cloud.state == "up") or any(
             t.state is State.UP for t in self.tunnels.values())
 
+    def _own_not_after(self) -> int | None:
+        return self.certs.certs[0].not_after if self.certs is not None else None
+
+    def _ntp_synced(self) -> bool:
+        return self.timesync is not None and self.timesync.clock_synced
+
     def _time_and_certs(self) -> None:
         if self.clock_floor is not None:
-            self.clock_floor.tick(self._clock_trusted())
+            self.clock_floor.tick(self._ntp_synced(), self._clock_trusted(),
+                                  self._own_not_after())
         if self.certs is not None:
             for w in self.certs.check():
                 log.warning("%s", w.text)
@@ -1186,8 +1197,8 @@ class Supervisor:
             ticker.cancel()
             if self._stop.is_set() and self.guard is not None:
                 self.guard.end(self._fatal or "stopped")
-            if self.clock_floor is not None and self._clock_trusted():
-                self.clock_floor.store()
+            if self.clock_floor is not None and (self._ntp_synced() or self._clock_trusted()):
+                self.clock_floor.store(self._ntp_synced(), self._own_not_after())
             log.info("socketd stopping")
             await self.control.close()
             if self.wan is not None:
