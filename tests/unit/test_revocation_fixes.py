@@ -12,10 +12,12 @@ import threading
 import time
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from test_account import ACCOUNT, write
+from test_cloud_sim import SITES, MiniPop, Net, SimSocket, pop_files, site_config
 from test_dtls import connect
 from test_tunnel_sim import certs, pair  # noqa: F401  (fixture)
 
@@ -284,3 +286,34 @@ def test_popctl_shows_the_lists_hash_and_each_sessions_serial() -> None:
                              "sessions": [{"link": "wan1", "precedence": 1, "public": "x:1",
                                            "serial": "1f"}]}]}, out)
     assert "serial 1f" in out.getvalue()
+
+
+# --------------------------------------------------------------------------- which PoP's config
+
+
+def test_only_the_active_pops_config_takes_entries_off(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The supervisor's wiring: cloud configs of the active PoP and of a secondary."""
+    root = tmp_path_factory.mktemp("pki-cloud")
+    pki.create_ca(root / "ca", "acme")
+    net = Net()
+    primary = MiniPop(net, 1, pop_files(root, 1), SITES)
+    secondary = MiniPop(net, 2, pop_files(root, 2), SITES)
+    s = SimSocket(net, site_config(root, tmp_path, [primary, secondary]))
+    assert s.cloud is not None
+    s._revocations_follow(s.cloud)
+    active = SimpleNamespace(pop_index=s.cloud.active, pop=SimpleNamespace(id=1))
+    other = SimpleNamespace(pop_index=s.cloud.active + 1, pop=SimpleNamespace(id=2))
+
+    s.cloud.on_config(active, {"rev": 1, "config": {"revoked": LIST}})
+    assert s.revoked.current.is_revoked(2, "1f")
+    s.cloud.on_config(other, {"rev": 7, "config": {"revoked": []}})  # a lagging PoP
+    assert s.revoked.current.is_revoked(2, "1f")
+    s.cloud.on_config(other, {"rev": 8, "config": {"revoked": [{"site": 3, "serial": "aa"}]}})
+    assert s.revoked.current.is_revoked(3, "aa") and s.revoked.current.is_revoked(2, "1f")
+    s.cloud.on_config(active, {"rev": 2, "config": {"rules": []}})  # no key: no change
+    assert len(s.revoked.current) == 2
+    s.cloud.on_config(active, {"rev": 3, "config": {"revoked": []}})
+    assert len(s.revoked.current) == 0
+    s.shutdown()

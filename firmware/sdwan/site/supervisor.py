@@ -353,8 +353,12 @@ class Supervisor:
         self.revoked.watch(mesh.end_revoked)
         self.revoked.watch(altwan.end_revoked)
         self.revoked.watch(self._end_revoked_static)
-        # The list last taken, from its own store document: a config stored since may hold
-        # a malformed list, or none at all.
+        self._revocations_follow(cloud)
+
+    def _revocations_follow(self, cloud: Cloud) -> None:
+        """The list last taken, from its own store document (a config stored since may hold
+        a malformed list, or none at all), then each config's: the active PoP's replaces
+        it, another PoP's only adds to it."""
         self.revoked.load_stored(self.store, cloud.config)
         cloud.watch_config(
             lambda: self.revoked.load(cloud.config, authoritative=cloud.config_from_active)
