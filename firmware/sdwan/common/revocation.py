@@ -7,8 +7,9 @@ lowercase hex without leading zeros (what `format(cert.serial_number, "x")` give
 `openssl x509 -serial` prints once its leading zeros and case are dropped), so that a serial
 read from a certificate during a handshake compares as a plain string.
 
-The list travels in every site's `config` (docs/cloud.md) and is kept with it in the site's
-store, so a revoked certificate stays refused on the mesh while the cloud is down.
+The list travels in every site's `config` (docs/cloud.md); a site keeps the last one it took
+in a store document of its own (site/revoked.py), so a revoked certificate stays refused on
+the mesh while the cloud is down.
 """
 
 from __future__ import annotations
