@@ -44,7 +44,7 @@ def test_serial_forms_compare_as_one(text: str, expected: str) -> None:
     "text, message",
     [("", "expected a serial number in hex"), ("xyz", "expected a serial number in hex"),
      ("5f-2a", "expected a serial number in hex"), (42, "expected a serial number in hex"),
-     ("1" * 41, "longer than 40 hex digits")],
+     ("1" * 129, "longer than 128 hex digits")],
 )
 def test_bad_serials_say_what_is_wrong(text: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -42,13 +42,21 @@ def test_revoking_a_connected_site_ends_its_sessions_and_refuses_it(
     b.connect()
     b.register()
     stolen_cert = pop.site_files(1)[1]
+    serial = pki.serial_of(pki._read_certificate(stolen_cert))
+    # The operator finds the serial of each session's certificate in `popctl sites`.
+    rc, sites = pop.popctl("sites")
+    by_id = {s["site_id"]: s for s in sites["sites"]}
+    assert [x["serial"] for x in by_id[1]["sessions"]] == [serial]
+    rc, text = pop.popctl("sites", json_out=False)
+    assert rc == 0 and f"serial {serial}" in text
+    empty_hash = pop.status()["account"]["revoked_hash"]
 
     cp = socket_pki("revoke", str(pop.account), "--site-id", "1", "--cert", str(stolen_cert),
                     "--reason", "box stolen")
     assert cp.returncode == 0, cp.stderr
-    serial = pki.serial_of(pki._read_certificate(stolen_cert))
     assert f"revoked certificate serial {serial} of site 1" in cp.stdout
     assert "popctl reload" in cp.stdout
+    assert "every PoP" in cp.stdout
     # Nothing changes before popd reloads: the site is still served.
     a.send({"t": "ping", "id": 7})
     a.wait_for("pong", id=7)
@@ -86,6 +94,9 @@ def test_revoking_a_connected_site_ends_its_sessions_and_refuses_it(
     assert st["control"]["revoked_refused"] >= 2
     assert st["control"]["sessions_revoked"] == 1
     assert st["account"]["revoked"] == 1
+    # The hash PoPs compare: changed by the entry, the same for the same list anywhere.
+    assert st["account"]["revoked_hash"] != empty_hash
+    assert st["account"]["revoked_hash"] == pki.load_account(pop.account).revoked.digest()
     assert any(r["reason"] == f"certificate of site 1 (serial {serial}) is revoked"
                for r in st["rejections"])
     refused = events(pop, "popd.handshake.revoked")

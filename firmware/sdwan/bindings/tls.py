@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sdwan.bindings._tls import ffi, lib
+from sdwan.common.revocation import MAX_SERIAL_OCTETS
 
 ERROR_WANT_READ = lib.SSL_ERROR_WANT_READ
 DTLS1_2_VERSION = lib.DTLS1_2_VERSION
@@ -31,8 +32,9 @@ OP_COOKIE_EXCHANGE = lib.SSL_OP_COOKIE_EXCHANGE
 SESS_CACHE_OFF = lib.SSL_SESS_CACHE_OFF
 MAX_COOKIE = lib.DTLS1_COOKIE_LENGTH
 _SAN_BUFFER = 4096
-# RFC 5280 allows 20 octets; some CAs write a few more, none of them this many.
-_SERIAL_BUFFER = 64
+# RFC 5280 allows 20 octets; some CAs write a few more, none of them this many. The
+# revocation list accepts serials of the same size (common/revocation.py).
+_SERIAL_BUFFER = MAX_SERIAL_OCTETS
 
 
 class TlsError(Exception):

@@ -7,12 +7,14 @@ lowercase hex without leading zeros (what `format(cert.serial_number, "x")` give
 `openssl x509 -serial` prints once its leading zeros and case are dropped), so that a serial
 read from a certificate during a handshake compares as a plain string.
 
-The list travels in every site's `config` (docs/cloud.md) and is kept with it in the site's
-store, so a revoked certificate stays refused on the mesh while the cloud is down.
+The list travels in every site's `config` (docs/cloud.md); a site keeps the last one it took
+in a store document of its own (site/revoked.py), so a revoked certificate stays refused on
+the mesh while the cloud is down.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,8 +25,11 @@ from sdwan.common.identity import SITE_ID_MAX, SITE_ID_MIN
 # Each entry costs about 70 bytes of every site's config; an account that needs more should
 # drop the entries of certificates that have expired anyway.
 MAX_REVOKED = 1000
-# RFC 5280: a serial is at most 20 octets, so 40 hex digits.
-MAX_SERIAL_HEX = 40
+# RFC 5280 allows 20 octets; some CAs write a few more. The handshake reads serials of up to
+# this many octets (bindings/tls.py) and refuses longer ones, so the list accepts as many: a
+# serial the handshake reads can always be revoked.
+MAX_SERIAL_OCTETS = 64
+MAX_SERIAL_HEX = 2 * MAX_SERIAL_OCTETS
 MAX_NOTE = 200
 _HEX_RE = re.compile(r"[0-9a-f]+")
 # How every refusal of a revoked certificate ends: the session layer counts them by it.
@@ -47,7 +52,8 @@ def normalize_serial(text: object) -> str:
     value = raw.lstrip("0") or "0"
     if len(value) > MAX_SERIAL_HEX:
         raise ValueError(
-            f"serial number {text!r} is longer than {MAX_SERIAL_HEX} hex digits (20 octets)"
+            f"serial number {text!r} is longer than {MAX_SERIAL_HEX} hex digits"
+            f" ({MAX_SERIAL_OCTETS} octets)"
         )
     return value
 
@@ -97,6 +103,12 @@ class Revocations:
 
     def of_site(self, site_id: int) -> list[str]:
         return [e.serial for e in self.entries if e.site_id == site_id]
+
+    def digest(self) -> str:
+        """A short hash of the entries (site and serial, in any order; notes left out): two
+        PoPs whose accounts revoke the same certificates show the same one."""
+        lines = sorted(f"{site}:{serial}\n" for site, serial in self._index)
+        return hashlib.sha256("".join(lines).encode()).hexdigest()[:12]
 
     def to_list(self) -> list[dict[str, Any]]:
         """As the account document and a site's config carry it."""

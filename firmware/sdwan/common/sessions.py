@@ -578,7 +578,17 @@ class SessionLayer:
             if tunnel is None:
                 who = session.peer_identity
                 name = format_identity(who) if who is not None else "an unnamed peer"
-                self._reject(entry, f"{name} is not a configured peer")
+                # Verified before a revocation arrived (a reload during the handshake): it
+                # is refused as revoked, with the check's event and counter, not as unknown.
+                check = session.context.revocation
+                revoked = (
+                    check(session.peer_site_id, session.peer_serial)
+                    if check is not None
+                    and session.peer_site_id is not None
+                    and session.peer_serial is not None
+                    else None
+                )
+                self._reject(entry, revoked or f"{name} is not a configured peer")
                 for d in session.close():
                     self.send(entry.link_id, entry.addr, d)
                 return

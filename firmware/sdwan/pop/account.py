@@ -868,9 +868,18 @@ def _check_config_size(c: Checker, account: Account) -> None:
         # The rules and the firewall are the same for every site: measured once.
         size = len(json.dumps(site.settings())) + rules + firewall + revoked + 48
         if size > MAX_SITE_CONFIG_BYTES:
-            where = ("rules",) if rules >= firewall else ("firewall",)
-            c.error(where, f"expected the configuration sent to each site to be at most "
+            # Blame the biggest of the three parts, and say how to shrink that one.
+            parts = {
+                "rules": (rules, "fewer subnets per rule, or site names in place of long"
+                          " subnet lists"),
+                "firewall": (firewall, "fewer subnets per rule, or site names in place of"
+                             " long subnet lists"),
+                "revoked": (revoked, "drop the [[revoked]] entries of certificates that have"
+                            " expired anyway"),
+            }
+            where = max(parts, key=lambda k: parts[k][0])
+            c.error((where,), f"expected the configuration sent to each site to be at most "
                     f"{MAX_SITE_CONFIG_BYTES} bytes as JSON, got {size} for sites[{i}] "
-                    f"({site.name}): the rules take {rules} bytes, the firewall {firewall}"
-                    " (fewer subnets per rule, or site names in place of long subnet lists)")
+                    f"({site.name}): the rules take {rules} bytes, the firewall {firewall},"
+                    f" the revocation list {revoked} ({parts[where][1]})")
             return

@@ -19,12 +19,14 @@ applies on its next reload (docs/security.md, "Revoking a site's certificate").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
-import json
+import fcntl
 import os
+import stat
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -401,8 +403,33 @@ class Revocation:
 
 
 def serial_of(cert: x509.Certificate) -> str:
-    """The serial in the form the account and the handshakes compare (revocation.py)."""
-    return normalize_serial(format(cert.serial_number, "x"))
+    """The serial in the form the account and the handshakes compare (revocation.py);
+    ValueError for one the handshake refuses anyway (negative, or too long to read)."""
+    number = cert.serial_number
+    if number < 0:
+        raise ValueError(f"its serial number is negative ({number:#x}), which no handshake accepts")
+    return normalize_serial(format(number, "x"))
+
+
+def toml_string(text: str) -> str:
+    """text as a TOML basic string: quotes, backslashes and control characters escaped, the
+    rest (any Unicode, emoji included) written as UTF-8, which TOML takes as it is."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+_TOML_ESCAPES = {
+    '"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f",
+    "\r": "\\r",
+}
 
 
 def _read_certificate(path: Path) -> x509.Certificate:
@@ -440,6 +467,8 @@ def revoke_site(
     check_site_id(site_id)
     if (cert is None) == (serial is None):
         raise PkiError("name the certificate to revoke: either its file (--cert) or --serial")
+    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in reason):
+        raise PkiError("reason is not valid text (it holds a lone surrogate)")
     if len(reason) > MAX_NOTE - 40 or not reason.isprintable():
         raise PkiError(f"reason must be at most {MAX_NOTE - 40} printable characters")
     if cert is not None:
@@ -453,7 +482,10 @@ def revoke_site(
             raise PkiError(
                 f"{cert_path} is the certificate of {named[0]} {named[1]}, not of site {site_id}"
             )
-        serial = serial_of(certificate)
+        try:
+            serial = serial_of(certificate)
+        except ValueError as e:
+            raise PkiError(f"{cert_path}: {e}") from None
     else:
         assert serial is not None
         try:
@@ -461,40 +493,81 @@ def revoke_site(
         except ValueError as e:
             raise PkiError(str(e)) from None
     path = Path(account_path)
-    try:
-        account = load_account(path)
-    except ConfigError as e:
-        raise PkiError(f"the account file has errors, nothing changed:\n{e}") from None
-    site = account.site(site_id)
-    if site is None:
-        known = ", ".join(f"{s.id} ({s.name})" for s in account.sites[:20])
-        raise PkiError(f"site {site_id} is not in the account {path} (its sites: {known})")
-    if account.revoked.is_revoked(site_id, serial):
-        return Revocation(site_id, serial, path, added=False)
-    when = (now or datetime.datetime.now(datetime.UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    note = f"revoked {when}" + (f": {reason}" if reason else "")
-    text = path.read_text(encoding="utf-8")
-    # Appended, not rewritten: the operator's comments and layout stay as they were.
-    entry = (
-        f"\n[[revoked]]\nsite = {site_id}\nserial = \"{serial}\"\nnote = {json.dumps(note)}\n"
-    )
-    new_text = text + ("" if text.endswith("\n") or not text else "\n") + entry
-    _replace_checked(path, new_text, load_account, ConfigError)
+    # Through a symlink to the file it names: the link stays a link.
+    target = Path(os.path.realpath(path))
+    with _locked(target) as fd:
+        try:
+            account = load_account(target)
+        except ConfigError as e:
+            raise PkiError(f"the account file has errors, nothing changed:\n{e}") from None
+        site = account.site(site_id)
+        if site is None:
+            known = ", ".join(f"{s.id} ({s.name})" for s in account.sites[:20])
+            raise PkiError(f"site {site_id} is not in the account {path} (its sites: {known})")
+        if account.revoked.is_revoked(site_id, serial):
+            return Revocation(site_id, serial, path, added=False)
+        when = (now or datetime.datetime.now(datetime.UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        note = f"revoked {when}" + (f": {reason}" if reason else "")
+        text = target.read_text(encoding="utf-8")
+        # Appended, not rewritten: the operator's comments and layout stay as they were.
+        entry = (
+            f"\n[[revoked]]\nsite = {site_id}\nserial = \"{serial}\"\nnote = {toml_string(note)}\n"
+        )
+        new_text = text + ("" if text.endswith("\n") or not text else "\n") + entry
+        _replace_checked(target, os.fstat(fd), new_text, load_account, ConfigError)
     return Revocation(site_id, serial, path, added=True)
 
 
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[int]:
+    """An exclusive fcntl lock on the account file for a read-modify-write: a second
+    `revoke` waits, then reads what the first wrote (the file it locked may have been
+    replaced meanwhile: it locks the new one then)."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise PkiError(f"account file {path} not found") from None
+        except OSError as e:
+            raise PkiError(f"cannot open the account file {path}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                yield fd
+                return
+        finally:
+            os.close(fd)
+
+
 def _replace_checked(
-    path: Path, text: str, load: Callable[[Path], object], error: type[Exception]
+    path: Path,
+    st: os.stat_result,
+    text: str,
+    load: Callable[[Path], object],
+    error: type[Exception],
 ) -> None:
-    """Write text over path atomically (same directory, fsync, rename) once it loads."""
-    mode = path.stat().st_mode & 0o777
+    """Write text over path (a regular file, not a link) atomically (same directory, fsync,
+    rename) once it loads, with the owner, group and mode of the file it replaces (st)."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
-            os.fchmod(f.fileno(), mode)
+            if (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
+                try:
+                    os.fchown(f.fileno(), st.st_uid, st.st_gid)
+                except PermissionError:
+                    raise PkiError(
+                        f"cannot give the new {path} its owner and group"
+                        f" ({st.st_uid}:{st.st_gid}); run as root or as its owner, nothing"
+                        " changed"
+                    ) from None
+            os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
             os.fsync(f.fileno())
         try:
             load(tmp)
@@ -576,8 +649,15 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("account", metavar="ACCOUNT", help="popd's account file")
     revoke.add_argument("--site-id", type=_site_id_arg, required=True)
     which = revoke.add_mutually_exclusive_group(required=True)
-    which.add_argument("--cert", metavar="FILE", help="the certificate to revoke (PEM or DER)")
-    which.add_argument("--serial", metavar="HEX", help="its serial number in hex")
+    which.add_argument(
+        "--cert", metavar="FILE",
+        help="the certificate to revoke (PEM or DER): run revoke before `issue --force`"
+        " overwrites it with the replacement",
+    )
+    which.add_argument(
+        "--serial", metavar="HEX",
+        help="its serial number in hex (as `popctl sites` shows it for each session)",
+    )
     revoke.add_argument("--reason", default="", help="kept in the entry's note")
     return parser
 
@@ -599,6 +679,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"revoked certificate serial {r.serial} of site {r.site_id} in {r.account};"
                       " popd refuses it and ends its sessions once it reloads the account"
                       " (popctl reload, or SIGHUP)")
+                print("every PoP of the account must refuse it too: revoke it in each PoP's"
+                      " account file (the same file everywhere) and reload each popd; compare"
+                      " the revoked count and hash in `popctl status` of every PoP")
         elif args.command == "issue-pop":
             pop = issue_pop(args.dir, args.pop_id, args.out, days=args.days, force=args.force)
             print(f"issued PoP {pop.pop_id}: {pop.cert} (key {pop.key}, mode 0600)")

@@ -52,6 +52,8 @@ def _print_status(r: dict[str, Any], out: TextIO) -> None:
     print(f"account {_v(acc.get('name'))} from {_v(acc.get('file'))}:"
           f" {_v(acc.get('sites'))} site(s), {len(acc.get('rules') or [])} rule(s),"
           f" loaded {_when(acc.get('loaded_at'))}", file=out)
+    print(f"revoked certificates: {_v(acc.get('revoked'))}"
+          f" (hash {_v(acc.get('revoked_hash'))}; the same on every PoP)", file=out)
     for rule in acc.get("rules") or []:
         if isinstance(rule, dict) and rule.get("note"):
             print(f"  rule {_v(rule.get('name'))}: {_v(rule['note'])}", file=out)
@@ -104,6 +106,7 @@ def _print_sites(r: dict[str, Any], out: TextIO) -> None:
             f"{_v(x['link'])}(p{_v(x['precedence'])}) {_v(x['public'])}"
             f"{' mtu ' + _v(x['mtu']) if x.get('mtu') else ''}"
             f"{_rekey(x.get('timers'))}{' *' if x.get('routed') else ''}"
+            f"{' serial ' + _v(x['serial']) if x.get('serial') else ''}"
             for x in s.get("sessions", [])
         ) or "-"
         subnets = ",".join(_v(n) for n in s["subnets"])

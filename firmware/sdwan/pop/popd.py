@@ -459,7 +459,10 @@ class Pop(SessionOwner):
         last = self._revoked_event_at.get(site_id)
         if last is None or now - last >= REVOKED_EVENT_EVERY_S:
             self._revoked_event_at[site_id] = now
-            text = f"site {site_id}: handshake refused: {reason}"
+            # The certificate is public: anyone may replay it, so this says it was presented,
+            # not that the revoked box is back (the handshake fails without its key anyway).
+            text = (f"site {site_id}: handshake refused: a revoked certificate was presented"
+                    f" (serial {serial})")
             log.warning("%s", text)
             self._event("popd.handshake.revoked", text, site_id, serial=serial)
         return reason
@@ -1240,7 +1243,10 @@ class Pop(SessionOwner):
                     "default": self.account.firewall.default,
                     "rules": len(self.account.firewall.rules),
                 },
+                # Every PoP of the account must hold the same list (docs/security.md):
+                # compare these across PoPs.
                 "revoked": len(self.account.revoked),
+                "revoked_hash": self.account.revoked.digest(),
                 "loaded_at": self.account_loaded_at,
                 "error": self.account_error,
             },
@@ -1315,6 +1321,8 @@ class Pop(SessionOwner):
                         "public": _ep(s.addr),
                         "local": s.link.get("local"),
                         "version": s.version,
+                        # What `socket-pki revoke --serial` takes to revoke this certificate.
+                        "serial": s.dtls.peer_serial,
                         "up": s.activated is not None,
                         # Traffic to the site goes over it (a weighted member of its group).
                         "routed": any(p == s.peer_id and w > 0

@@ -470,6 +470,9 @@ class Cloud(SessionOwner):
         self._switched_at = self.started
         self.config: dict[str, Any] | None = None
         self.config_rev: int | None = None
+        # Whether self.config came from the PoP the routes follow (a secondary's may lag
+        # behind an account change: the revocation list only grows from it, site/revoked.py).
+        self.config_from_active = False
         self.directory: list[dict[str, Any]] = []
         self.directory_rev: int | None = None
         self.stale = False
@@ -603,7 +606,7 @@ class Cloud(SessionOwner):
         config, directory = msg["config"], msg["directory"]
         if not isinstance(config, dict) or not isinstance(directory, list):
             raise ValueError("welcome without a config object and a directory list")
-        self._set_config(msg.get("rev"), config, ps.pop.id)
+        self._set_config(msg.get("rev"), config, ps.pop.id, self.is_active(ps))
         if self.is_active(ps) or self.directory_rev is None:
             self._set_directory(msg.get("rev"), directory)
         self.stale = False
@@ -611,7 +614,7 @@ class Cloud(SessionOwner):
     def on_config(self, ps: PopSession, msg: dict[str, Any]) -> None:
         if not isinstance(msg["config"], dict):
             raise ValueError("config is not an object")
-        self._set_config(msg.get("rev"), msg["config"], ps.pop.id)
+        self._set_config(msg.get("rev"), msg["config"], ps.pop.id, self.is_active(ps))
 
     def on_directory(self, ps: PopSession, msg: dict[str, Any]) -> None:
         if not isinstance(msg["directory"], list):
@@ -635,9 +638,10 @@ class Cloud(SessionOwner):
             entries[entry["site_id"]] = entry
         self._set_directory(rev, [entries[k] for k in sorted(entries)])
 
-    def _set_config(self, rev: Any, config: dict[str, Any], pop_id: int) -> None:
+    def _set_config(self, rev: Any, config: dict[str, Any], pop_id: int, active: bool) -> None:
         changed = config != self.config
         self.config, self.config_rev = config, rev
+        self.config_from_active = active
         self._put(DOC_CONFIG, {"rev": rev, "pop_id": pop_id, "config": config})
         if changed:
             self.event(

@@ -1,9 +1,17 @@
-"""The account's revoked site certificates on a socket: taken from the cloud config (the stored
-one until a PoP answers, so the list applies while the cloud is down), asked by every DTLS
-handshake (dtls.py's revocation check), and announced to whoever ends live tunnels (the mesh).
+"""The account's revoked site certificates on a socket: taken from the cloud config, asked by
+every DTLS handshake (dtls.py's revocation check), and announced to whoever ends live tunnels
+(the mesh, Alt-WAN, the static peers).
 
-A config whose list is malformed does not replace the list in force: a PoP bug must not
-re-admit a revoked certificate.
+The list in force is kept in a store document of its own (DOC_REVOKED), written only when a
+config's list was taken and loaded at start, so it holds across a restart while the cloud is
+down. Nothing a PoP sends takes entries off it by mistake:
+
+* a config whose list is malformed does not replace the list in force (a PoP bug must not
+  re-admit a revoked certificate), nor does it reach the stored copy;
+* a config without a `revoked` key (a PoP older than revocation) changes nothing;
+* only the config of the active PoP (the one the routes follow) replaces the list; a
+  secondary's may only add to it, since a PoP whose account file lags behind would otherwise
+  re-admit a certificate the others refuse.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from sdwan.common.revocation import Revocations
+from sdwan.common.store import Store, StoreError
 
 log = logging.getLogger("sdwan.site.revoked")
 
@@ -22,6 +31,8 @@ log = logging.getLogger("sdwan.site.revoked")
 EVENT_EVERY_S = 60.0
 
 EventSink = Callable[[str, str, dict[str, Any]], None]
+
+DOC_REVOKED = "revoked"  # the store's document: {"revoked": [{"site", "serial"}...]}
 
 
 class SiteRevocations:
@@ -34,14 +45,35 @@ class SiteRevocations:
         self.clock = clock
         self._watchers: list[Callable[[Revocations], None]] = []
         self._event_at: dict[int, float] = {}
+        self.store: Store | None = None
+
+    def load_stored(self, store: Store | None, config: Mapping[str, Any] | None) -> None:
+        """At start: the list last taken (its own store document), else the one of the
+        stored config (written by a firmware that kept no document of its own). From then
+        on every list taken is written to the document."""
+        self.store = store
+        if store is not None:
+            try:
+                doc = store.get_doc(DOC_REVOKED)
+                if doc is not None:
+                    self._take(Revocations.from_list(doc.value.get("revoked")), save=False)
+                    return
+            except (StoreError, ValueError) as e:
+                # Only this module writes it, each time a list was checked: damage, not a PoP.
+                self.error = f"stored revocation list unreadable: {e}"
+                log.error("%s", self.error)
+                self.on_event("revocation.refused", self.error, {"error": str(e)})
+        self.load(config)
 
     def watch(self, callback: Callable[[Revocations], None]) -> None:
         """callback(list) whenever the list in force changes."""
         self._watchers.append(callback)
 
-    def load(self, config: Mapping[str, Any] | None) -> None:
-        """Take the `revoked` list of a cloud config (None: no config yet, nothing changes)."""
-        if config is None:
+    def load(self, config: Mapping[str, Any] | None, authoritative: bool = True) -> None:
+        """Take the `revoked` list of a cloud config (None: no config yet, nothing changes;
+        no `revoked` key: a PoP that knows nothing of it, nothing changes). authoritative:
+        the active PoP's config, which replaces the list; another's only adds to it."""
+        if config is None or "revoked" not in config:
             return
         try:
             new = Revocations.from_list(config.get("revoked"))
@@ -52,10 +84,24 @@ class SiteRevocations:
             self.on_event("revocation.refused", text, {"error": str(e)})
             return
         self.error = None
+        if not authoritative:
+            have = {(e.site_id, e.serial) for e in self.current.entries}
+            added = [e for e in new.entries if (e.site_id, e.serial) not in have]
+            if not added:
+                return
+            new = Revocations.of((*self.current.entries, *added))
+        self._take(new, save=True)
+
+    def _take(self, new: Revocations, *, save: bool) -> None:
         if new.entries == self.current.entries:
             return
         self.current = new
         log.info("revocation list: %d certificate(s) revoked", len(new))
+        if save and self.store is not None:
+            try:
+                self.store.put_doc(DOC_REVOKED, {"revoked": new.for_sites()})
+            except (StoreError, ValueError) as e:
+                log.warning("revocation list not stored: %s", e)
         for callback in self._watchers:
             callback(new)
 
@@ -68,7 +114,10 @@ class SiteRevocations:
         last = self._event_at.get(site_id)
         if last is None or now - last >= EVENT_EVERY_S:
             self._event_at[site_id] = now
-            text = f"site {site_id}: handshake refused: {reason}"
+            # The certificate is public: anyone may replay it, so this says it was presented,
+            # not that the revoked box is back (the handshake fails without its key anyway).
+            text = (f"site {site_id}: handshake refused: a revoked certificate was presented"
+                    f" (serial {serial})")
             log.warning("%s", text)
             self.on_event("tunnel.handshake.revoked", text, {"peer": site_id, "serial": serial})
         return reason

@@ -61,6 +61,7 @@ from sdwan.common.netcfg import (
 )
 from sdwan.common.netdev import drain, link_events
 from sdwan.common.probe import PROBE_TYPE
+from sdwan.common.revocation import Revocations
 from sdwan.common.sessions import Policy, SessionLayer
 from sdwan.common.store import Store, StoreError
 from sdwan.site.altwan import AltWan
@@ -402,8 +403,36 @@ class Supervisor:
         self.dtls.revocation = self.revoked.reason
         self.revoked.watch(mesh.end_revoked)
         self.revoked.watch(altwan.end_revoked)
-        self.revoked.load(cloud.config)
-        cloud.watch_config(lambda: self.revoked.load(cloud.config))
+        self.revoked.watch(self._end_revoked_static)
+        self._revocations_follow(cloud)
+
+    def _revocations_follow(self, cloud: Cloud) -> None:
+        """The list last taken, from its own store document (a config stored since may hold
+        a malformed list, or none at all), then each config's: the active PoP's replaces
+        it, another PoP's only adds to it."""
+        self.revoked.load_stored(self.store, cloud.config)
+        cloud.watch_config(
+            lambda: self.revoked.load(cloud.config, authoritative=cloud.config_from_active)
+        )
+
+    def _end_revoked_static(self, revoked: Revocations) -> list[int]:
+        """The static peers ([[peers]]) follow the account's list too: a tunnel whose peer
+        authenticated with a revoked certificate is torn down at once (its keys leave the
+        fast path), not left to work until its keys expire after a refused rekey."""
+        ended: list[int] = []
+        for site_id, tunnel in self.tunnels.items():
+            session = tunnel.session
+            serial = session.peer_serial if session is not None else None
+            reason = revoked.reason(site_id, serial)
+            if reason is None:
+                continue
+            tunnel.end(reason)
+            text = f"site {site_id}: static tunnel ended: {reason}"
+            log.warning("%s", text)
+            self._record_event("tunnel.revoked", text, {"peer": site_id, "serial": serial},
+                               site_id=site_id)
+            ended.append(site_id)
+        return ended
 
     def _make_altwan(self, fp: FastPath, cloud: Cloud) -> AltWan:
         cfg = self.cfg

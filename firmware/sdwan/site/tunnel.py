@@ -490,6 +490,34 @@ class PeerTunnel:
         self._set_state(State.DOWN, reason)
         self._next_attempt = self.clock() + retry_after_s
 
+    def end(self, reason: str) -> None:
+        """Tear the tunnel down now (its peer's certificate was revoked): the session is
+        closed, a handshake under way abandoned and the keys leave the fast path, so the old
+        keys stop working at once instead of at reject_after. The tunnel stays configured:
+        the next handshake is the revocation check's to refuse, and a replacement
+        certificate brings it back."""
+        session = self.session
+        if session is not None and session.established and not session.released:
+            for d in session.close():
+                self.port.send(self.link_id, self.endpoint, d)
+        for pending in (self._handshaking, self._kick_handshaking):
+            if pending is not None:
+                self.port.forget_session(pending)
+        self._handshaking = self._kick_handshaking = None
+        try:
+            self.fp.key_clear(self.peer_id)
+        except FastPathError as e:
+            log.warning("peer %d: keys not cleared: %s", self.peer_id, e)
+        self._keys.pending_idx = None
+        self._keys.activated = None
+        self._keys.keys = None
+        self._keys.local_idx = self._keys.remote_idx = None
+        self.session = None
+        self._release_at = None
+        self._reassembler = self._new_reassembler()
+        self._set_state(State.DOWN, reason)
+        self._next_attempt = self.clock() + self._retry
+
     # ---------------------------------------------------------------- status
 
     def status(self) -> dict:

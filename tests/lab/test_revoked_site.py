@@ -2,7 +2,8 @@
 socketd as real processes in namespaces. `socket-pki revoke` and `popctl reload` cut the
 revoked site off the PoP at once (its session ended, told why, its handshakes refused), its
 mesh peer tears down their tunnel with an event and refuses the stolen certificate from then
-on, also after a restart while the cloud is down, the other site stays on the cloud, and a
+on, also after a restart while the cloud is down (even with a malformed list in the stored
+config), the other site stays on the cloud, and a
 replacement certificate for the same site id brings the site back, PoP and mesh."""
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Any
 from labwait import wait_for
 from test_mesh import build, direct
 
+from sdwan.common.store import Store
 from sdwan.lab.topology import Lab, Site
 from sdwan.pop import pki
+from sdwan.site.cloud import DOC_CONFIG
 
 
 def events(lab: Lab, site: Site, kind: str) -> list[dict[str, Any]]:
@@ -61,9 +64,18 @@ def test_a_revoked_site_is_cut_off_from_the_pop_and_its_mesh_peer(lab: Lab) -> N
     # The cloud goes down and site 1 restarts: the list it stored with its config holds. The
     # stolen box restarts too and comes back from its NAT data, straight to site 1 (the
     # initiator is the higher site id): site 1 refuses it, and says why.
+    # Before that outage a PoP sent site 1 a config whose list is malformed (a PoP bug): the
+    # list in force stays, and so does its stored copy, while the stored config has the bad
+    # list; the restart must not start with nothing revoked.
     lab.stop_popd(pop)
     lab.stop_socketd(s1)
+    with Store(s1.data_dir) as store:
+        doc = store.get_doc(DOC_CONFIG)
+        assert doc is not None
+        doc.value["config"]["revoked"] = [{"site": "two", "serial": serial}]
+        store.put_doc(DOC_CONFIG, doc.value)
     lab.start_socketd(s1)
+    assert lab.socketctl(s1, "status")["revoked"]["count"] == 1
     lab.stop_socketd(s2)
     lab.start_socketd(s2)
 
