@@ -92,6 +92,10 @@ class Child:
                 proc.kill()
             await proc.wait()
 
+    def _said(self, error: str) -> str:
+        """An error as an event says it: after the label, unless that is just the name."""
+        return error if self.label == self.name else f"{self.label}: {error}"
+
     @property
     def running(self) -> bool:
         return self.st.state == "running"
@@ -143,10 +147,10 @@ class Child:
                 stderr=asyncio.subprocess.STDOUT, preexec_fn=die_with_parent,
             )
         except OSError as e:
-            st.error = f"cannot start {self.name}: {e.strerror or e}"
+            st.error = f"cannot start {argv[0]}: {e.strerror or e}"
             if st.failures == 0:
                 # The first of a streak, as for exits: the rest only in the log and status.
-                self.record(f"{self.label}: {st.error}", {"error": st.error})
+                self.record(self._said(st.error), {"error": st.error})
             return 0.0
         started = st.started_at = self.clock()
         st.state, st.error, st.pid, st.retry_at = "running", None, proc.pid, None
@@ -170,7 +174,7 @@ class Child:
         st.error = error + (f": {last}" if last else "")
         if not self._stopping and (st.failures == 0 or ran >= STABLE_S):
             # The first exit of a streak; the next ones only in the log and status.
-            self.record(f"{self.label}: {st.error}", {"status": rc})
+            self.record(self._said(st.error), {"status": rc})
         return ran
 
     def status(self) -> dict[str, Any]:
