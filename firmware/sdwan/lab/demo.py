@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -612,6 +613,38 @@ def step_link_pulled(ctx: DemoContext) -> None:
         flows.stop()
 
 
+def step_revoke(ctx: DemoContext) -> None:
+    s1, s2 = _sites(ctx)
+    s3 = _mesh_site(ctx)
+    pop = _pop(ctx)
+    lab = ctx.lab
+    if s3 is None or pop.account is None:
+        raise DemoFailed("no third site to revoke")
+    stolen = lab.workdir / "pki" / "ca-site3" / "site-3.pem"
+    seqs = {s.n: last_seq(s) for s in (s1, s2)}
+    argv = [sys.executable, "-m", "sdwan.pop.pki", "revoke", str(pop.account), "--site-id", "3",
+            "--cert", str(stolen), "--reason", "box stolen from branch 3 (demo)"]
+    say(f"    socket-pki revoke {pop.account.name} --site-id 3 --cert {stolen.name}")
+    cp = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=lab.env())
+    if cp.returncode != 0:
+        raise DemoFailed(f"socket-pki revoke failed: {cp.stderr.strip()}")
+    out = lab.popctl(pop, "reload")
+    ended = sorted({e["site_id"] for e in out.get("revoked_sessions") or []})
+    say(f"    popctl reload: sessions of site {ended} ended at once")
+    if not wait_all([s3], lambda s: cloud_state(s) != "up", 15):
+        raise DemoFailed("site 3 still on the cloud after its certificate was revoked")
+    for s in (s1, s2):
+        deadline = time.monotonic() + 20
+        while not (evs := events_since(s, seqs[s.n], "mesh.peer.revoked")):
+            if time.monotonic() > deadline:
+                raise DemoFailed(f"site {s.n} did not end its mesh tunnel to site 3")
+            time.sleep(0.2)
+        say(f"    site {s.n}: {evs[0]['text']}")
+    if not lab.wait_ping(s1.lan_ns, s2.lan_host_ip, timeout=10):
+        raise DemoFailed("lan1 -> lan2 broke when site 3 was revoked")
+    say("    lan1 -> lan2 unaffected; site 3 is refused at every handshake from now on")
+
+
 def step_events(ctx: DemoContext) -> None:
     before = ctx.results.get("seq_before_outage", {})
     for s in ctx.sites:
@@ -638,6 +671,8 @@ STEPS: list[Step] = [
     ("the PoP comes back; traffic returns through it after the hold", step_pop_returns),
     ("a link pulled: site 1's wan1 cable out, traffic on wan2 at once, back after the hold",
      step_link_pulled),
+    ("a stolen box: site 3's certificate revoked, cut off the PoP and the mesh at once",
+     step_revoke),
     ("socketctl events: the outage and the recovery", step_events),
 ]
 
