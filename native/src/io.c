@@ -179,22 +179,54 @@ static void txq_add(struct fp *fp, struct txq *q, const struct fp_result *res, u
     q->link[i] = l;
 }
 
+/* What a wait for room on a full link socket came to. */
+enum tx_wait {
+    TX_ROOM,    /* try the send again */
+    TX_NO_ROOM, /* the hold's wait budget is spent: the link is congested */
+    TX_STOPPED, /* the fast path is stopping: give up, it is not congestion */
+};
+
+/* First pause after ENOBUFS, doubled per try up to the maximum. */
+#define TX_BACKOFF_MIN_NS 100000u
+#define TX_BACKOFF_MAX_NS 1000000u
+
 /* The fd may be non-blocking (Python's asyncio shares its file description):
  * wait briefly for room instead of dropping at once, so a burst that fills the
  * buffer for a moment is not lost, but never past the hold's wait budget
- * (TX_WAIT_BUDGET_NS): the caller holds fp->lock. */
-static bool wait_writable(struct fp *fp, struct txq *q, int fd)
+ * (TX_WAIT_BUDGET_NS): the caller holds fp->lock. err is what the send said:
+ * on EAGAIN the socket buffer is full and POLLOUT says when it has room; on
+ * ENOBUFS the device's queue is full, which POLLOUT does not see (the socket
+ * reports writable at once), so a pause that grows with each try
+ * (*backoff_ns, 0 at the first) takes its place instead of a busy loop of
+ * sends and polls. A stop request ends any wait. */
+static enum tx_wait wait_writable(struct fp *fp, struct txq *q, int fd, int err,
+                                  uint64_t *backoff_ns)
 {
     uint64_t now = fp_now_ns();
     if (q->wait_until_ns == 0)
         q->wait_until_ns = now + TX_WAIT_BUDGET_NS;
     if (now >= q->wait_until_ns)
-        return false;
+        return TX_NO_ROOM;
     uint64_t left = q->wait_until_ns - now;
+    struct pollfd p[2] = {{fp->stop_fd, POLLIN, 0}, {fd, POLLOUT, 0}};
+    nfds_t np = 2;
+    if (err == ENOBUFS) {
+        *backoff_ns = *backoff_ns ? *backoff_ns * 2 : TX_BACKOFF_MIN_NS;
+        if (*backoff_ns > TX_BACKOFF_MAX_NS)
+            *backoff_ns = TX_BACKOFF_MAX_NS;
+        if (left > *backoff_ns)
+            left = *backoff_ns;
+        np = 1; /* only a stop ends the pause */
+    }
     struct timespec ts = {(time_t)(left / 1000000000u), (long)(left % 1000000000u)};
-    struct pollfd p[2] = {{fd, POLLOUT, 0}, {fp->stop_fd, POLLIN, 0}};
-    int r = ppoll(p, 2, &ts, NULL);
-    return r > 0 && (p[0].revents & POLLOUT) && !(p[1].revents & POLLIN);
+    int r = ppoll(p, np, &ts, NULL);
+    if (r < 0 && errno != EINTR)
+        return TX_NO_ROOM;
+    if (r > 0 && (p[0].revents & POLLIN))
+        return TX_STOPPED;
+    if (np == 1)
+        return TX_ROOM; /* paused: try again (the budget ends the tries) */
+    return r > 0 && (p[1].revents & POLLOUT) ? TX_ROOM : TX_NO_ROOM;
 }
 
 /* An entry the kernel refused to segment: its datagrams one by one. */
@@ -220,6 +252,7 @@ static void send_run(struct fp *fp, struct fp_link *l, struct txq *q, unsigned f
 {
     struct mmsghdr *m = q->m + from;
     unsigned done = 0;
+    uint64_t backoff_ns = 0; /* the pause after ENOBUFS, grown per try */
     for (unsigned i = from; i < from + n; i++) {
         struct msghdr *h = &q->m[i].msg_hdr;
         if (q->nseg[i] > 1) {
@@ -246,16 +279,24 @@ static void send_run(struct fp *fp, struct fp_link *l, struct txq *q, unsigned f
             fp_ctr_add(&l->ctr.tx_packets, pkts);
             fp_ctr_add(&l->ctr.tx_bytes, bytes);
             done += (unsigned)r;
+            backoff_ns = 0; /* the queue moved */
             continue;
         }
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS)) {
             int err = errno;
-            if (wait_writable(fp, q, l->fd))
+            enum tx_wait w = wait_writable(fp, q, l->fd, err, &backoff_ns);
+            if (w == TX_ROOM)
                 continue;
-            for (unsigned i = done; i < n; i++)
-                count_unsent(l, err, q->nseg[from + i]);
+            /* A stop request is no congestion: what it leaves unsent counts as a
+             * send error. */
+            for (unsigned i = done; i < n; i++) {
+                if (w == TX_STOPPED)
+                    fp_ctr_add(&l->ctr.drops[FP_DROP_SEND_ERROR], q->nseg[from + i]);
+                else
+                    count_unsent(l, err, q->nseg[from + i]);
+            }
             return;
         }
         unsigned i = from + done;

@@ -105,6 +105,19 @@ class FifoWatchdog:
         wait_for(f"{n} watchdog pets", enough, timeout)
         return bytes(got)
 
+    def pet_intervals(self, n: int, timeout: float) -> list[float]:
+        """Seconds between n + 1 consecutive pets, timed as they arrive (looked for every
+        10 ms; a bounded wait: fails after timeout)."""
+        self.read()  # pets from before: their times are unknown
+        times: list[float] = []
+        deadline = time.monotonic() + timeout
+        while len(times) < n + 1:
+            assert time.monotonic() < deadline, f"{len(times)} watchdog pets in {timeout} s"
+            got = self.read().count(b".")
+            times.extend([time.monotonic()] * got)
+            time.sleep(0.01)
+        return [b - a for a, b in zip(times, times[1:], strict=False)]
+
     def close(self) -> None:
         os.close(self.fd)
 
@@ -179,10 +192,11 @@ def test_panel_patterns_link_fault_and_watchdog(lab: Lab, panel: PtyPanel) -> No
         leds = status["leds"]["backends"]
         assert leds[f"panel {panel.device}"]["ok"] is True and leds["sysfs"]["ok"] is True
 
-        # Pets every 2/3 s from the loop (two well within the 2 s timeout, generously); none
-        # while socketd is stopped, again after.
-        wd.read()
-        wd.pets(2, timeout=5)
+        # Pets every 2/3 s from the loop: no gap between two comes near the 2 s timeout
+        # (a loop petting every 2.4 s would let the watchdog fire); none while socketd is
+        # stopped, again after.
+        gaps = wd.pet_intervals(3, timeout=10)
+        assert max(gaps) < 1.5, f"seconds between watchdog pets: {gaps}"
         assert site.socketd is not None
         pid = site.socketd.main_pid()
         assert pid is not None

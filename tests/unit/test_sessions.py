@@ -13,14 +13,31 @@ Two kinds of set-up, both with real DTLS:
 from __future__ import annotations
 
 import dataclasses
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_cloud_sim import Net, Node, SimSocket, pop_files, site_config, site_files, udp
+from test_cloud_sim import (
+    STEP,
+    Net,
+    Node,
+    SimSocket,
+    pop_files,
+    site_config,
+    site_files,
+    udp,
+)
 
 from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig
-from sdwan.common.dtls import DtlsContext, DtlsSession
+from sdwan.common.dtls import (
+    CONTENT_CHANGE_CIPHER_SPEC,
+    DtlsContext,
+    DtlsSession,
+    is_client_hello,
+    split_records,
+)
 from sdwan.common.sessions import (
     STALE_CHECK_S,
     SUPERSEDED,
@@ -196,9 +213,12 @@ def test_messages_between_a_site_and_popd_survive_a_rekey(
     ca: Path, tmp_path: Path, closing: list
 ) -> None:
     """socketd's cloud and popd send each other a message every round while the site
-    rekeys: the new handshake holds the address on both ends for a while, popd's end is
-    done first and the site's second; every message still arrives, and counts. (Messages of
-    a kind the other end does not know are counted as unknown: that is what is counted.)"""
+    rekeys, both ticking between rounds: the new handshake holds the address on both ends
+    for a while, popd's end is done first and the site's second; every message still
+    arrives, and counts. (Messages of a kind the other end does not know are counted as
+    unknown: that is what is counted.) One more message over popd's old session, held back
+    while both ends tick for a second after the switch, arrives within the grace and counts
+    too (the cloud keeps the replaced session's tunnel that long)."""
     net = Net()
     pop = PopNode(net, ca, tmp_path / "pop", (1, 2))
     closing.append(pop.close)
@@ -209,18 +229,34 @@ def test_messages_between_a_site_and_popd_survive_a_rekey(
     (ss,) = pop.pop.by_peer.values()
     first = ss.dtls
     up0, down0 = pop.pop.stats.messages_unknown, s.cloud.stats.unknown
+    late: list[bytes] = []
     rounds = 40
     for i in range(rounds):
         if i == 5:
             s._on_ctrl_event(CtrlEvent(CtrlEvent.REKEY, 1, pop_peer_id(1, 1), None))
+        if i == 6:
+            assert ss.dtls is first
+            late = first.send(b'{"t":"x-late"}')  # sent now, arrives last
         assert ps.tunnel.send_message({"t": "x-up", "i": i})
         assert pop.pop._send_msg(ss, {"t": "x-down", "i": i})
+        net.clock.t += STEP
+        for node in net.nodes:
+            node.tick()
         _one_round(net)
     for _ in range(5):
         _one_round(net)
     assert ss.dtls is not first and ps.tunnel.handshakes == 2  # the rekey happened, mid-way
     assert pop.pop.stats.messages_unknown - up0 == rounds
     assert s.cloud.stats.unknown - down0 == rounds
+    # Both ends tick on for a second (the cloud's tick forgets sessions it no longer
+    # uses), then the late record arrives over the replaced session.
+    net.run(1)
+    records = s.sessions.stats.rekey_records
+    for d in late:
+        pop.socks[1].sendto(d, ss.addr)
+    _one_round(net)
+    assert s.cloud.stats.unknown - down0 == rounds + 1
+    assert s.sessions.stats.rekey_records == records + 1
     assert pop.pop.stats.messages_malformed == 0 and s.cloud.stats.malformed == 0
 
 
@@ -700,83 +736,202 @@ def test_a_kick_names_the_peer_site_even_under_another_fast_path_id() -> None:
 
 
 class UdpEnd:
-    """One session layer on a real UDP socket on loopback."""
+    """One session layer on a real UDP socket on loopback. What the layer sends may be lost
+    (drop) or held back to arrive later (hold): either decides per datagram."""
 
     def __init__(self, certs: Callable[[int], tuple[Path, Path, Path]], me: int,
                  owner: Owner) -> None:
         self.sock = udp()
         self.sock.setblocking(False)
         self.addr: Addr = self.sock.getsockname()
-        self.layer = SessionLayer(
-            send=lambda link, addr, data: self.sock.sendto(data, addr) and None,
-            policy=SITE_POLICY, my_site_id=me,
-        )
+        self.drop: Callable[[bytes], bool] = lambda data: False
+        self.dropped: list[bytes] = []
+        self.sent: list[bytes] = []
+        self.layer = SessionLayer(send=self._send, policy=SITE_POLICY, my_site_id=me)
         self.layer.dtls = DtlsContext(*certs(me), me)
         self.layer.add_owner(owner)
 
+    def _send(self, link_id: int, addr: Addr, data: bytes) -> None:
+        self.sent.append(data)
+        if self.drop(data):
+            self.dropped.append(data)
+            return
+        self.sock.sendto(data, addr)
+
     def pump(self) -> int:
-        """Hand the layer what has arrived so far (one round: replies wait for the next)."""
+        """Hand the layer what has arrived so far (one round: replies wait for the next), then
+        run its clocks (a handshake flight's retransmission)."""
         n = 0
         while True:
             try:
                 data, addr = self.sock.recvfrom(65535)
             except BlockingIOError:
-                return n
+                break
             self.layer.on_ctrl_event(CtrlEvent(CtrlEvent.PACKET, 1, 0, addr[:2], data))
             n += 1
+        self.layer.tick()
+        return n
+
+
+def _final_server_flight(data: bytes) -> bool:
+    """The datagram with a server's ChangeCipherSpec: its last flight (with its Finished)."""
+    return any(r[0] == CONTENT_CHANGE_CIPHER_SPEC for r in split_records(data))
+
+
+@dataclasses.dataclass
+class RekeyRun:
+    """What a stream of numbered messages through a rekey did."""
+
+    client: UdpEnd
+    server: UdpEnd
+    sent_up: list[bytes]
+    sent_down: list[bytes]
+    got_up: list[bytes]  # at the server
+    got_down: list[bytes]  # at the client
+    rekey: DtlsSession
+
+
+def _stream_through_rekey(
+    certs: Callable[[int], tuple[Path, Path, Path]],
+    *,
+    lose_final_flight: bool = False,
+    hold_late: bool = False,
+    replay_hello: bool = False,
+) -> RekeyRun:
+    """Both ends send a numbered control message each round over their current session while
+    the initiator (client) runs a rekey from the same address, at a pace (20 ms a round)
+    that lets a lost flight's retransmission (1 s) happen mid-stream.
+
+    lose_final_flight: the server's ChangeCipherSpec+Finished of the rekey is lost once.
+    hold_late: the first message each way over the old session after the rekey started is
+    held back and arrives only once both ends are on the new session (reordered, late).
+    replay_hello: before the held messages arrive, the rekey's ClientHello with its valid
+    cookie comes again (a replayed or duplicated hello starts a handshake at the server)."""
+    client_owner, server_owner = Owner(set()), Owner({2})
+    client, server = UdpEnd(certs, 2, client_owner), UdpEnd(certs, 1, server_owner)
+    to_server, to_client = client_owner.tunnel(1), server_owner.tunnel(2)
+
+    def open_session() -> DtlsSession:
+        s = client.layer.client_session(1, server.addr, 1)
+        client_owner.opened[s] = to_server
+        for d in s.start():
+            client.sock.sendto(d, server.addr)
+        return s
+
+    def round_trip() -> None:
+        server.pump()
+        client.pump()
+
+    open_session()
+    for _ in range(20):
+        round_trip()
+    assert len(to_server.established) == 1 and len(to_client.established) == 1
+    old_up, old_down = to_server.established[0], to_client.established[0]
+    sent_up: list[bytes] = []
+    sent_down: list[bytes] = []
+    held: list[tuple[socket.socket, bytes, Addr]] = []
+    rekey: DtlsSession | None = None
+    hellos_before = 0
+    done_at: int | None = None
+    deadline = time.monotonic() + 15
+    i = 0
+    while done_at is None or i < done_at + 10:
+        assert time.monotonic() < deadline, "the rekey never completed"
+        if i == 10:
+            if lose_final_flight:
+                server.drop = lambda d: not server.dropped and _final_server_flight(d)
+            hellos_before = len(client.sent)
+            rekey = open_session()
+        up = f'{{"t":"ping","id":{i}}}'.encode()
+        down = f'{{"t":"pong","id":{i}}}'.encode()
+        for sender, session, msg, to, log in (
+            (client.sock, to_server.established[-1], up, server.addr, sent_up),
+            (server.sock, to_client.established[-1], down, client.addr, sent_down),
+        ):
+            old = session is old_up or session is old_down
+            hold = hold_late and i >= 10 and old and not any(h[0] is sender for h in held)
+            for d in session.send(msg):
+                if hold:
+                    held.append((sender, d, to))
+                else:
+                    sender.sendto(d, to)
+            log.append(msg)
+        round_trip()
+        if done_at is None and rekey is not None and rekey.established and len(
+            to_client.established
+        ) == 2:
+            done_at = i
+            if replay_hello:
+                (hello,) = [d for d in client.sent[hellos_before:] if is_client_hello(d)]
+                client.sock.sendto(hello, server.addr)
+                round_trip()
+            for sender, d, to in held:
+                sender.sendto(d, to)
+        i += 1
+        time.sleep(0.02)
+    for _ in range(5):
+        round_trip()
+    assert rekey is not None
+    if hold_late:
+        assert len(held) == 2
+    return RekeyRun(client, server, sent_up, sent_down, to_client.messages, to_server.messages,
+                    rekey)
 
 
 def test_a_rekey_loses_no_control_message_of_the_established_session(certs) -> None:
-    """Both ends send a numbered control message every round over their current session
-    while the initiator runs a rekey from the same address. The new handshake takes over the
-    address on both ends while it runs, and the responder finishes first: records of the
-    established session (application data, epoch 1) must still reach it and its tunnel, not
-    be fed to the handshake (epoch 0 handshake records) or to the new session and lost."""
-    client_owner, server_owner = Owner(set()), Owner({2})
-    client, server = UdpEnd(certs, 2, client_owner), UdpEnd(certs, 1, server_owner)
+    """The new handshake takes over the address on both ends while it runs, and the
+    responder finishes first: records of the established session (application data, epoch
+    1) must still reach it and its tunnel, not be fed to the handshake (epoch 0 handshake
+    records) or to the new session and lost; every message arrives, in order."""
+    run = _stream_through_rekey(certs)
     try:
-        to_server, to_client = client_owner.tunnel(1), server_owner.tunnel(2)
-
-        def open_session() -> DtlsSession:
-            s = client.layer.client_session(1, server.addr, 1)
-            client_owner.opened[s] = to_server
-            for d in s.start():
-                client.sock.sendto(d, server.addr)
-            return s
-
-        def round_trip() -> None:
-            server.pump()
-            client.pump()
-
-        open_session()
-        for _ in range(20):
-            round_trip()
-        assert len(to_server.established) == 1 and len(to_client.established) == 1
-        sent_up: list[bytes] = []
-        sent_down: list[bytes] = []
-        rekey = None
-        for i in range(80):
-            if i == 10:
-                rekey = open_session()
-            up = f'{{"t":"ping","id":{i}}}'.encode()
-            for d in to_server.established[-1].send(up):
-                client.sock.sendto(d, server.addr)
-            sent_up.append(up)
-            down = f'{{"t":"pong","id":{i}}}'.encode()
-            for d in to_client.established[-1].send(down):
-                server.sock.sendto(d, client.addr)
-            sent_down.append(down)
-            round_trip()
-        for _ in range(5):
-            round_trip()
         # The rekey did happen, in the middle of the stream, on both ends.
-        assert rekey is not None and rekey.established
-        assert len(to_server.established) == 2 and len(to_client.established) == 2
-        assert to_client.messages == sent_up
-        assert to_server.messages == sent_down
-        assert client.layer.stats.rejected == 0 and server.layer.stats.rejected == 0
-        # Some of them did arrive while the other session held the address, and were counted.
-        assert client.layer.stats.rekey_records + server.layer.stats.rekey_records > 0
+        assert run.rekey.established
+        assert run.got_up == run.sent_up
+        assert run.got_down == run.sent_down
+        assert run.client.layer.stats.rejected == 0 and run.server.layer.stats.rejected == 0
+        # Some of them did arrive while the other session held the address, and were taken.
+        assert run.client.layer.stats.rekey_records + run.server.layer.stats.rekey_records > 0
     finally:
-        client.sock.close()
-        server.sock.close()
+        run.client.sock.close()
+        run.server.sock.close()
+
+
+def test_a_rekey_whose_last_server_flight_is_lost_completes(certs) -> None:
+    """The server's ChangeCipherSpec+Finished of the rekey is lost once. The server is done
+    and has switched; the client resends its Finished (an epoch-1 handshake record) when its
+    timer runs out, and only that makes a DTLS server resend its last flight: it must reach
+    the new session, not be thrown away as a late copy. The rekey completes, and no message
+    of either session is lost (the server's over the new keys wait in the client's
+    handshake until it is done)."""
+    run = _stream_through_rekey(certs, lose_final_flight=True)
+    try:
+        assert len(run.server.dropped) == 1
+        assert run.rekey.established and run.rekey.failed is None
+        assert run.got_up == run.sent_up
+        assert run.got_down == run.sent_down
+        assert run.client.layer.stats.rejected == 0 and run.server.layer.stats.rejected == 0
+        # The client went on over the old session until its end was done: the server took
+        # those from the session its rekey had replaced.
+        assert run.server.layer.stats.rekey_records > 0
+    finally:
+        run.client.sock.close()
+        run.server.sock.close()
+
+
+@pytest.mark.parametrize("replay_hello", [False, True], ids=["late", "late-after-replayed-hello"])
+def test_late_records_of_the_replaced_session_arrive_reordered(certs, replay_hello) -> None:
+    """A message each way over the old session is held back until both ends have switched
+    to the new one: it arrives after later messages, within the replaced session's grace,
+    and still counts, once each. A replayed ClientHello with a valid cookie first (it starts
+    a handshake that displaces the new session) does not end that grace."""
+    run = _stream_through_rekey(certs, hold_late=True, replay_hello=replay_hello)
+    try:
+        assert run.rekey.established
+        assert sorted(run.got_up) == sorted(run.sent_up) and run.got_up != run.sent_up
+        assert sorted(run.got_down) == sorted(run.sent_down) and run.got_down != run.sent_down
+        assert run.client.layer.stats.rekey_records >= 1
+        assert run.server.layer.stats.rekey_records >= 1
+    finally:
+        run.client.sock.close()
+        run.server.sock.close()

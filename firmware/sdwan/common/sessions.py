@@ -105,8 +105,9 @@ class Tunnel(Protocol):
 
     def on_established(self, session: DtlsSession, link_id: int, addr: Addr) -> None: ...
 
-    def on_message(self, session: DtlsSession, data: bytes) -> None:
-        """One application-data record of an established session."""
+    def on_message(self, session: DtlsSession, data: bytes) -> bool | None:
+        """One application-data record of an established session. False: the tunnel dropped
+        it (a session it no longer takes messages of); anything else: it took it."""
         ...
 
     def on_failed(self, session: DtlsSession | None, reason: str) -> None:
@@ -205,7 +206,8 @@ class Stats:
     unknown: int = 0  # no address, empty, or of no known kind
     oversized: int = 0
     # Records of an established session that arrived while a rekey's handshake held its
-    # address, or just after the new session replaced it, and went to it all the same.
+    # address, or within the grace after the new session replaced it, that its keys
+    # authenticated and its owner's tunnel took (one that returned False is not counted).
     rekey_records: int = 0
     rejections: collections.deque = field(
         default_factory=lambda: collections.deque(maxlen=REJECTIONS_KEPT)
@@ -405,61 +407,72 @@ class SessionLayer:
         if entry is None:
             self.stats.dtls_no_session += 1
             return
-        older = self._older_session(entry)
-        if older is None:
+        olders = self._older_sessions(entry)
+        if not olders:
             self._feed(entry, data)
             return
         for record in split_records(data):
-            self._route_record(entry, older, record)
+            self._route_record(entry, olders, record)
 
-    def _older_session(self, entry: _Entry) -> _Entry | None:
-        """The established session that shares entry's address during or just after a rekey:
-        the one a handshake in progress displaced, or the one a new session just replaced."""
+    def _older_sessions(self, entry: _Entry) -> list[_Entry]:
+        """The established sessions that share entry's address during or just after a rekey,
+        newest first: the one a handshake in progress displaced, and the one a finished
+        rekey replaced while its grace lasts (a second handshake within it keeps it)."""
+        olders = []
         if not entry.session.established:
-            return self._displaced.get(entry.key)
+            displaced = self._displaced.get(entry.key)
+            if displaced is not None:
+                olders.append(displaced)
         replaced = self._replaced.get(entry.key)
-        if replaced is None:
-            return None
-        if self.clock() >= replaced[1] or replaced[0].session.released:
-            del self._replaced[entry.key]
-            self._keys.pop(replaced[0].session, None)
-            return None
-        return replaced[0]
+        if replaced is not None:
+            if self.clock() >= replaced[1] or replaced[0].session.released:
+                self._end_grace(entry.key)
+            else:
+                olders.append(replaced[0])
+        return olders
 
-    def _route_record(self, entry: _Entry, older: _Entry, record: bytes) -> None:
-        """One record from an address two sessions share during a rekey, matched by epoch.
+    def _end_grace(self, key: Key) -> None:
+        """The session a rekey replaced takes no more records: its OpenSSL state goes."""
+        replaced = self._replaced.pop(key, None)
+        if replaced is not None and self._keys.get(replaced[0].session) == key:
+            del self._keys[replaced[0].session]
+
+    def _route_record(self, entry: _Entry, olders: list[_Entry], record: bytes) -> None:
+        """One record from an address several sessions share during a rekey, matched by
+        epoch.
 
         A new handshake's records are epoch 0 (hellos, certificates, key exchange, its
         ChangeCipherSpec) or handshake records of epoch 1 (its Finished); the established
-        session's are application data and alerts of epoch 1 (renegotiation is off, so it
-        never moves past 1). Only application data and alerts of epoch >= 1 are ambiguous:
-        the new session may send some as soon as its own end is done. Those go to the
-        session that most likely owns them first (the established one while the handshake
-        runs, the new one once it is established); when it does not take the record (its
-        keys do not authenticate it, and DTLS drops it silently), the other gets it."""
+        sessions' are application data and alerts of epoch 1 (renegotiation is off, so one
+        never moves past 1). Handshake records always go to the newest session, entry, even
+        once it is established: a DTLS server resends its last flight (ChangeCipherSpec and
+        Finished) only when the client's Finished comes again, so a rekey whose last server
+        flight was lost completes only if the retransmitted Finished reaches it; an older
+        session's handshake is long over and needs none of them.
+
+        Only application data and alerts of epoch >= 1 are ambiguous: the new session may
+        send some as soon as its own end is done. Those go to the session that most likely
+        owns them first (the established one while the handshake runs, the new one once it
+        is established, then the older ones); when one does not take the record (its keys
+        do not authenticate it, and DTLS drops it silently), the next gets it."""
         epoch = record_epoch(record)
         if not epoch or record[0] not in (CONTENT_APPLICATION_DATA, CONTENT_ALERT):
-            # An epoch-1 handshake record once the new session is up is a late flight of a
-            # finished handshake (the new one's or the replaced one's): nobody needs it.
-            if not entry.session.established or epoch == 0:
-                self._feed(entry, record)
+            self._feed(entry, record)
             return
-        first, second = (entry, older) if entry.session.established else (older, entry)
-        if self._feed(first, record):
-            if first is older:
-                self.stats.rekey_records += 1
-            return
-        if self._feed(second, record) and second is older:
-            self.stats.rekey_records += 1
+        order = [entry, *olders] if entry.session.established else [*olders, entry]
+        for candidate in order:
+            if self._feed(candidate, record, late=candidate is not entry):
+                return
 
-    def _feed(self, entry: _Entry, data: bytes) -> bool:
+    def _feed(self, entry: _Entry, data: bytes, *, late: bool = False) -> bool:
         """Feed a datagram to entry's session; whether the session took it (a record it
-        authenticated, or progress of its handshake)."""
+        authenticated, or progress of its handshake). late: entry is a session a rekey's
+        handshake displaced or replaced, whose messages the owner takes are counted."""
         session = entry.session
         before = (session.records_in, session.closed, session.established, session.failed)
         for reply in session.receive(data):
             self.send(entry.link_id, entry.addr, reply)
-        self._after_input(entry)
+        self._after_input(entry, late=late)
         after = (session.records_in, session.closed, session.established, session.failed)
         return after != before
 
@@ -534,11 +547,9 @@ class SessionLayer:
             if displaced is not None:
                 self._displaced[entry.key] = displaced
         elif old is not None and old.session.established and not old.session.closed:
+            # A rekey again within the grace of the last one (or a replayed hello with a
+            # valid cookie) keeps that grace: the replaced session still takes its records.
             self._displaced[entry.key] = old
-            # A rekey again within the grace of the last one: the older session is done.
-            replaced = self._replaced.pop(entry.key, None)
-            if replaced is not None:
-                self._keys.pop(replaced[0].session, None)
         elif old is not None:
             self._keys.pop(old.session, None)
         self._table[entry.key] = entry
@@ -547,9 +558,10 @@ class SessionLayer:
     def _drop(self, entry: _Entry) -> None:
         if self._table.get(entry.key) is entry:
             del self._table[entry.key]
-            replaced = self._replaced.pop(entry.key, None)
-            if replaced is not None:
-                self._keys.pop(replaced[0].session, None)
+            if entry.session.established:
+                # The session that replaced it goes: so does the grace. (A handshake that
+                # fails leaves it be.)
+                self._end_grace(entry.key)
             displaced = self._displaced.pop(entry.key, None)
             if displaced is not None and not entry.session.established:
                 self._table[entry.key] = displaced  # the handshake failed: records go back
@@ -565,8 +577,10 @@ class SessionLayer:
                 return tunnel
         return None
 
-    def _after_input(self, entry: _Entry) -> None:
-        """Hand a session's news (established, failed, messages, closed) to its tunnel."""
+    def _after_input(self, entry: _Entry, *, late: bool = False) -> None:
+        """Hand a session's news (established, failed, messages, closed) to its tunnel.
+        late: entry is a session a rekey displaced or replaced; what its tunnel takes of
+        its messages is counted in rekey_records."""
         session = entry.session
         if not entry.reported and session.failed:
             entry.reported = True
@@ -595,7 +609,9 @@ class SessionLayer:
             displaced = self._displaced.pop(entry.key, None)
             if displaced is not None:
                 # Replaced by the session that displaced it; its late records still reach it
-                # for a while (the peer may not have switched yet).
+                # for a while (the peer may not have switched yet). One replaced at a time:
+                # a session replaced before it is done.
+                self._end_grace(entry.key)
                 self._replaced[entry.key] = (displaced, self.clock() + self.policy.replaced_grace_s)
             tunnel.on_established(session, entry.link_id, entry.addr)
         if not (entry.reported and session.established):
@@ -603,8 +619,8 @@ class SessionLayer:
         tunnel = self._tunnel_for(session)
         if session.failed is None:
             for msg in session.take_messages():
-                if tunnel is not None:
-                    tunnel.on_message(session, msg)
+                if tunnel is not None and tunnel.on_message(session, msg) is not False and late:
+                    self.stats.rekey_records += 1
         if (session.failed or session.closed) and not entry.closed_reported:
             entry.closed_reported = True
             if tunnel is not None:
@@ -692,10 +708,9 @@ class SessionLayer:
             self._next_stale_check = now + STALE_CHECK_S
             # Replaced sessions whose grace ran out with no record since (they go at their
             # next record otherwise): their OpenSSL state is freed with them.
-            for key, (old, until) in list(self._replaced.items()):
+            for key, (_, until) in list(self._replaced.items()):
                 if now >= until:
-                    del self._replaced[key]
-                    self._keys.pop(old.session, None)
+                    self._end_grace(key)
         for key, entry in list(self._table.items()):
             if self._table.get(key) is not entry:
                 continue  # gone with an earlier entry's news

@@ -517,13 +517,13 @@ class Pop(SessionOwner):
             failed = session.failed
             self._drop(s, f"DTLS error: {failed}" if failed else "the site closed the session")
 
-    def on_message(self, session: DtlsSession, data: bytes) -> None:
+    def on_message(self, session: DtlsSession, data: bytes) -> bool | None:
+        """One record of a site's session; False when it is dropped unread."""
         s = self.by_dtls.get(session)
         if s is None:
-            self._on_replaced_record(session, data)
-            return
+            return self._on_replaced_record(session, data)
         if self.by_addr.get(s.addr) is not s:
-            return
+            return False
         s.last_auth_ns = time.monotonic_ns()
         try:
             self._on_record(s, data)
@@ -531,28 +531,31 @@ class Pop(SessionOwner):
             log.exception("site %d: message dropped", s.site_id)
             self.stats.messages_malformed += 1
 
-    def _on_replaced_record(self, session: DtlsSession, data: bytes) -> None:
+    def _on_replaced_record(self, session: DtlsSession, data: bytes) -> bool:
         """A record of a session a rekey just replaced: its messages still count, but not its
-        key hand-over, which is over."""
+        key hand-over, which is over. Whether it was taken (a fragment kept, a malformed
+        message counted as such, a message handled)."""
         replaced = self._replaced.get(session)
         if replaced is None:
-            return
+            return False
         s, reassembler, until = replaced
         if self.clock() >= until or self.by_addr.get(s.addr) is not s:
             del self._replaced[session]
-            return
+            return False
         s.last_auth_ns = time.monotonic_ns()
         msg = reassembler.feed(data)
         if msg is None:
             if reassembler.dropped is not None:
                 self.stats.messages_malformed += 1
-            return
-        if msg.get("t") not in ("key", "key-ack"):
-            try:
-                self._on_message(s, msg)
-            except Exception:
-                log.exception("site %d: message dropped", s.site_id)
-                self.stats.messages_malformed += 1
+            return True
+        if msg.get("t") in ("key", "key-ack"):
+            return False
+        try:
+            self._on_message(s, msg)
+        except Exception:
+            log.exception("site %d: message dropped", s.site_id)
+            self.stats.messages_malformed += 1
+        return True
 
     # ---------------------------------------------------------------- sessions
 

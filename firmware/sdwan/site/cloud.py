@@ -815,8 +815,12 @@ class Cloud(SessionOwner):
             except Exception:
                 log.exception("PoP session %x tick failed", ps.peer_id)
         for session, ps in list(self.by_session.items()):
+            # A session a rekey replaced stays while its grace lasts: the PoP may still send
+            # over it, and its messages count (docs/tunnel.md, "Messages during a rekey").
             if self.sessions.get(ps.peer_id) is not ps or (
-                session is not ps.tunnel.session and (session.established or session.failed)
+                session is not ps.tunnel.session
+                and (session.established or session.failed)
+                and not ps.tunnel.holds_replaced(session)
             ):
                 del self.by_session[session]
         self._update_routes()

@@ -311,11 +311,11 @@ class PeerTunnel:
         working as long as the peer answers; liveness, not this, judges the tunnel."""
         log.debug("peer %d: DTLS session ended: %s", self.peer_id, reason)
 
-    def on_message(self, session: DtlsSession, data: bytes) -> None:
-        """One application-data record of a session."""
+    def on_message(self, session: DtlsSession, data: bytes) -> bool | None:
+        """One application-data record of a session (False: dropped, of a session replaced
+        for good or of the replaced one's key hand-over)."""
         if session is not self.session:
-            self._on_replaced_message(session, data)
-            return
+            return self._on_replaced_message(session, data)
         msg = self._reassembler.feed(data)
         if msg is None:
             reason = self._reassembler.dropped
@@ -362,20 +362,29 @@ class PeerTunnel:
             return
         self._keys.acknowledge(idx)
 
-    def _on_replaced_message(self, session: DtlsSession, data: bytes) -> None:
+    def _on_replaced_message(self, session: DtlsSession, data: bytes) -> bool:
         """A record of the kept session a rekey just replaced: its messages still go to the
-        owner, but not its key hand-over, which is over. Any other session's are dropped."""
+        owner, but not its key hand-over, which is over. Any other session's are dropped.
+        Whether the record was taken (a fragment kept counts, a malformed message too: the
+        owner counts that)."""
         replaced = self._replaced
         if (replaced is None or replaced[0] is not session or self.clock() >= replaced[2]
                 or self.on_app_message is None):
-            return
+            return False
         msg = replaced[1].feed(data)
         if msg is None:
             if replaced[1].dropped is not None:
                 self.on_app_message(session, {})  # the owner counts it as malformed
-            return
-        if msg.get("t") not in ("key", "key-ack"):
-            self.on_app_message(session, msg)
+            return True
+        if msg.get("t") in ("key", "key-ack"):
+            return False
+        self.on_app_message(session, msg)
+        return True
+
+    def holds_replaced(self, session: DtlsSession) -> bool:
+        """Whether session is the one a rekey replaced and its messages still count."""
+        replaced = self._replaced
+        return replaced is not None and replaced[0] is session and self.clock() < replaced[2]
 
     @property
     def rekey_s(self) -> int:
