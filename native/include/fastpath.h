@@ -447,8 +447,10 @@ int fp_send_keepalive(fp_t *fp, uint32_t peer_id);
 int fp_peer_set_keepalive(fp_t *fp, uint32_t peer_id, uint32_t interval_ms);
 /* The key lifetime agreed with the peer (docs/tunnel.md, "Agreed timers"): its keys ask for
  * a rekey (FP_EV_REKEY) at rekey_after_seconds of age and are refused for tx and rx at
- * reject_after_seconds, where these are shorter than the fp_config's (0 = the fp_config's,
- * the default). -EINVAL when rekey comes after reject; a peer group: -EINVAL. */
+ * reject_after_seconds, in place of the fp_config's (0 = the fp_config's, the default),
+ * shorter or longer. It applies to the peer's newest key and every key installed later; an
+ * older key (still receiving) takes only a longer limit, never a shorter one. -EINVAL when
+ * rekey comes after reject; a peer group: -EINVAL. */
 int fp_peer_set_key_lifetime(fp_t *fp, uint32_t peer_id, uint32_t rekey_after_seconds,
                              uint32_t reject_after_seconds);
 

@@ -83,6 +83,11 @@ struct fp_key {
     uint32_t local_index;
     uint32_t remote_index;
     uint64_t created_ns;
+    /* The ages at which this key asks for a rekey and is refused, in seconds (0: the
+     * fp_config's): the peer's fp_peer_set_key_lifetime when installed, later only
+     * lengthened unless it is the peer's newest key. */
+    _Atomic uint32_t rekey_after_s;
+    _Atomic uint32_t reject_after_s;
     _Atomic uint64_t tx_counter;
     atomic_int rekey_sent;
     atomic_int expired_sent;
@@ -147,7 +152,7 @@ struct fp_peer {
     _Atomic uint64_t owed_ns;
     _Atomic uint64_t keepalive_ns;      /* fp_peer_set_keepalive, 0: none */
     /* fp_peer_set_key_lifetime: the ages agreed with this peer, in seconds; 0: the
-     * fp_config's. Never above the fp_config's (the shorter of the two applies). */
+     * fp_config's. Copied into every key installed for it (struct fp_key). */
     _Atomic uint32_t rekey_after_s;
     _Atomic uint32_t reject_after_s;
     /* fp_peer_set_source_owner (under fp->lock exclusive): whose sources the peer may

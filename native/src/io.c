@@ -1538,17 +1538,41 @@ int fp_peer_set_keepalive(fp_t *fp, uint32_t peer_id, uint32_t interval_ms)
     return rc;
 }
 
+/* A key's limit (0: the config's) as set by fp_peer_set_key_lifetime: the newest key takes
+ * the new value; an older one (still receiving what was sent before the switch) only a
+ * longer one, so a limit that shrinks mid-session never cuts off a key already in use. */
+static void key_limit_set(_Atomic uint32_t *limit, uint32_t value, uint32_t own, bool newest)
+{
+    uint32_t cur = atomic_load_explicit(limit, memory_order_relaxed);
+    if (newest || (value ? value : own) >= (cur ? cur : own))
+        atomic_store_explicit(limit, value, memory_order_relaxed);
+}
+
 int fp_peer_set_key_lifetime(fp_t *fp, uint32_t peer_id, uint32_t rekey_after_seconds,
                              uint32_t reject_after_seconds)
 {
     if (rekey_after_seconds && reject_after_seconds && rekey_after_seconds > reject_after_seconds)
         return -EINVAL;
     int rc;
-    pthread_rwlock_rdlock(&fp->lock);
+    /* Exclusive: the slots and their keys stay put meanwhile (fp_key_install). */
+    pthread_rwlock_wrlock(&fp->lock);
     struct fp_peer *p = fp_peer_find_plain(fp, peer_id, &rc);
     if (p) {
         atomic_store_explicit(&p->rekey_after_s, rekey_after_seconds, memory_order_relaxed);
         atomic_store_explicit(&p->reject_after_s, reject_after_seconds, memory_order_relaxed);
+        int newest = -1;
+        for (int s = 0; s < 2; s++)
+            if (p->slot[s] && (newest < 0 || p->slot[s]->created_ns > p->slot[newest]->created_ns))
+                newest = s;
+        for (int s = 0; s < 2; s++) {
+            struct fp_key *k = p->slot[s];
+            if (!k)
+                continue;
+            key_limit_set(&k->rekey_after_s, rekey_after_seconds, fp->cfg.rekey_after_seconds,
+                          s == newest);
+            key_limit_set(&k->reject_after_s, reject_after_seconds,
+                          fp->cfg.reject_after_seconds, s == newest);
+        }
     }
     pthread_rwlock_unlock(&fp->lock);
     return rc;

@@ -34,12 +34,12 @@ static inline uint64_t secs_ns(uint32_t s)
     return (uint64_t)s * 1000000000u;
 }
 
-/* A key-age limit of peer: the one agreed with it (fp_peer_set_key_lifetime) where it is
- * shorter than the fast path's own. */
-static inline uint64_t peer_limit_ns(const _Atomic uint32_t *agreed, uint32_t own)
+/* A key-age limit of a key: the one agreed with its peer (fp_peer_set_key_lifetime), or
+ * the fast path's own where none was set. */
+static inline uint64_t key_limit_ns(const _Atomic uint32_t *agreed, uint32_t own)
 {
     uint32_t s = atomic_load_explicit(agreed, memory_order_relaxed);
-    return secs_ns(s && s < own ? s : own);
+    return secs_ns(s ? s : own);
 }
 
 /* A packet counted on endpoint slot (of link_id) was not sent after all. The
@@ -117,7 +117,7 @@ static int seal_with_key(struct fp *fp, struct fp_peer *peer, int slot, const ui
     uint64_t age = now > k->created_ns ? now - k->created_ns : 0;
     /* Load first so that an expired key does not keep advancing its counter. */
     uint64_t ctr = atomic_load_explicit(&k->tx_counter, memory_order_relaxed);
-    bool expired = age >= peer_limit_ns(&peer->reject_after_s, cfg->reject_after_seconds) ||
+    bool expired = age >= key_limit_ns(&k->reject_after_s, cfg->reject_after_seconds) ||
                    ctr >= cfg->reject_after_packets;
     if (!expired) {
         ctr = atomic_fetch_add_explicit(&k->tx_counter, 1, memory_order_relaxed);
@@ -130,7 +130,7 @@ static int seal_with_key(struct fp *fp, struct fp_peer *peer, int slot, const ui
         return drop(res, FP_DROP_KEY_EXPIRED, &peer->ctr, NULL);
     }
     if (ctr >= cfg->rekey_after_packets ||
-        age >= peer_limit_ns(&peer->rekey_after_s, cfg->rekey_after_seconds))
+        age >= key_limit_ns(&k->rekey_after_s, cfg->rekey_after_seconds))
         event_once(fp, &k->rekey_sent, FP_EV_REKEY, peer->id);
 
     uint8_t iv[12];
@@ -378,7 +378,7 @@ int fp_inbound_locked(struct fp *fp, struct fp_link *link, uint32_t link_id,
         return -ENOSPC;
     /* A key installed after `now` was read (by another thread) has age 0. */
     uint64_t age = now > k->created_ns ? now - k->created_ns : 0;
-    if (age >= peer_limit_ns(&peer->reject_after_s, cfg->reject_after_seconds) ||
+    if (age >= key_limit_ns(&k->reject_after_s, cfg->reject_after_seconds) ||
         ctr >= cfg->reject_after_packets)
         return drop(res, FP_DROP_KEY_EXPIRED, lc, &peer->ctr);
 

@@ -808,6 +808,12 @@ int fp_key_install(fp_t *fp, uint32_t peer_id, uint32_t local_index,
             fp_key_free(old);
         }
         k->peer = p;
+        atomic_store_explicit(&k->rekey_after_s,
+                              atomic_load_explicit(&p->rekey_after_s, memory_order_relaxed),
+                              memory_order_relaxed);
+        atomic_store_explicit(&k->reject_after_s,
+                              atomic_load_explicit(&p->reject_after_s, memory_order_relaxed),
+                              memory_order_relaxed);
         p->slot[s] = k;
         index_insert(fp, k);
         k = NULL;

@@ -415,10 +415,11 @@ def test_a_path_that_dies_under_traffic_is_noticed_and_traffic_takes_the_cloud(l
     lab.kill(pinger)
 
 
-def test_mesh_ends_with_different_rekey_intervals_agree_on_the_shorter(lab: Lab) -> None:
+def test_mesh_ends_with_different_rekey_intervals_agree_on_one(lab: Lab) -> None:
     """Site 2 initiates the mesh tunnel (the higher id) with a 25 s interval, site 1 has
-    10 s: both show the agreed 10 s and LAN traffic over the tunnel crosses its rekeys
-    without a loss."""
+    10 s (lab values, both below the 60 s floor: the larger of the two, so that neither end
+    alone sets the pace): both show the agreed 25 s / 85 s and LAN traffic over the tunnel
+    crosses its rekeys without a loss."""
     lab.add_inet()
     sites = []
     for n in (1, 2):
@@ -456,18 +457,18 @@ def test_mesh_ends_with_different_rekey_intervals_agree_on_the_shorter(lab: Lab)
             f"site {a.n} agreed timers",
             lambda a=a, b=b: (t := tunnel(a, b)["timers"])["peer"] is not None and t,
         )
-        assert timers["rekey_s"] == 10 and timers["key_max_age_s"] == 80, timers
+        assert timers["rekey_s"] == 25 and timers["key_max_age_s"] == 85, timers
         assert timers["own"]["rekey_s"] == own and timers["peer"]["rekey_s"] == theirs, timers
     first = tunnel(s2, 1)["handshakes"]
-    # 36 s of pings every 50 ms over the mesh tunnel: three rekeys on the agreed 10 s.
+    # 55 s of pings every 50 ms over the mesh tunnel: two rekeys on the agreed 25 s.
     cp = lab.exec(
         s1.lan_ns,
-        ["ping", "-n", "-q", "-c", "720", "-i", "0.05", "-W", "1", s2.lan_host_ip],
-        timeout=90,
+        ["ping", "-n", "-q", "-c", "1100", "-i", "0.05", "-W", "1", s2.lan_host_ip],
+        timeout=120,
         check=False,
     )
     assert " 0% packet loss" in cp.stdout, cp.stdout
     after1, after2 = tunnel(s1, 2), tunnel(s2, 1)
-    assert after2["handshakes"] - first >= 3, after2
+    assert after2["handshakes"] - first >= 2, after2
     assert after1["state"] == "up" and after2["state"] == "up", (after1, after2)
     assert after1["drops"]["key_expired"] == 0 and after2["drops"]["key_expired"] == 0

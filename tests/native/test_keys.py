@@ -154,30 +154,42 @@ def test_config_defaults_match_c() -> None:
         assert e.value.errno == 22
 
 
-def test_per_peer_key_lifetime_is_the_shorter_of_agreed_and_own() -> None:
+def _poll(what: str, until, bound_s: float = 30.0):
+    """until() polled every 50 ms until it returns something true; a generous bound, so a
+    loaded machine slows the test down rather than failing it."""
+    deadline = time.monotonic() + bound_s
+    while True:
+        got = until()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"{what}: not within {bound_s} s"
+        time.sleep(0.05)
 
 
-    # The agreed lifetime shortens the config's: a rekey asked for at 1 s, refused at 2 s,
-    # sealing and opening alike.
+def test_per_peer_key_lifetime_replaces_the_config_limits() -> None:
+    # Shorter than the config's (600 s / 900 s): a rekey asked for at 1 s, the key refused at
+    # 2 s, sealing and opening alike.
     pair = make_pair(FastPathConfig())
     try:
         pair.a.set_key_lifetime(2, 1, 2)
         pair.b.set_key_lifetime(1, 1, 2)
-        wire = pair.a_to_b()[1]
+        wires = [pair.a_to_b()[1] for _ in range(400)]  # sealed while young
         assert pair.a.ctrl_recv() is None  # young key: nothing asked
-        deadline = time.monotonic() + 10
         events: list[int] = []
-        while time.monotonic() < deadline:
+
+        def a_refuses() -> object:
             r = pair.a.process_outbound(ip_packet("10.1.0.5", "10.2.0.7"))
             while (ev := pair.a.ctrl_recv()) is not None:
                 events.append(ev.event)
-            if r.drop_reason == "key_expired":
-                break
-            time.sleep(0.05)
-        assert r.drop_reason == "key_expired", r
+            return r.drop_reason == "key_expired"
+
+        _poll("A refuses its aged key", a_refuses)
         assert events[:2] == [CtrlEvent.REKEY, CtrlEvent.KEY_EXPIRED], events
-        # The receiver refuses the same key at the same agreed age.
-        assert pair.deliver_b(wire).drop_reason == "key_expired"
+        # The receiver refuses the same key at the same agreed age (one fresh wire a poll:
+        # a delivered one would be a replay).
+        fresh = iter(wires)
+        _poll("B refuses the aged key",
+              lambda: pair.deliver_b(next(fresh)).drop_reason == "key_expired")
         # 0, 0: back to the config's limits (600 s / 900 s): the key works again.
         pair.a.set_key_lifetime(2, 0, 0)
         assert pair.a.process_outbound(ip_packet("10.1.0.5", "10.2.0.7")).verdict == Verdict.SEND
@@ -188,12 +200,37 @@ def test_per_peer_key_lifetime_is_the_shorter_of_agreed_and_own() -> None:
     finally:
         pair.a.close()
         pair.b.close()
-    # It never lengthens the config's own limit.
+    # Longer than the config's: an end that agreed to keep an older peer's keys longer than
+    # its own limit (docs/security.md, "Key lifetimes both ends agree on").
     pair = make_pair(FastPathConfig(reject_after_seconds=0))
     try:
-        pair.a.set_key_lifetime(2, 600, 900)
         r = pair.a.process_outbound(ip_packet("10.1.0.5", "10.2.0.7"))
         assert r.drop_reason == "key_expired"
+        pair.a.set_key_lifetime(2, 600, 900)
+        assert pair.a.process_outbound(ip_packet("10.1.0.5", "10.2.0.7")).verdict == Verdict.SEND
+    finally:
+        pair.a.close()
+        pair.b.close()
+
+
+def test_a_shorter_lifetime_spares_the_older_key_still_receiving() -> None:
+    """A rekey installs a new key, then the peer's `key` brings a shorter agreed limit: it
+    applies to the new key, not to the old one still receiving what was sent before the
+    switch (which would otherwise be refused at once)."""
+    pair = make_pair(FastPathConfig())
+    try:
+        old_wires = [pair.a_to_b()[1] for _ in range(10)]  # the old key, in flight
+        link_keys(pair.a, pair.b, 1, 2, 0x1002, 0x2002)  # the rekey: a newer key
+        new_wires = [pair.a_to_b()[1] for _ in range(400)]
+        pair.b.set_key_lifetime(1, 1, 1)  # the shrink: the newest key only
+        fresh = iter(new_wires)
+        _poll("B refuses the newer key at 1 s",
+              lambda: pair.deliver_b(next(fresh)).drop_reason == "key_expired")
+        got = [pair.deliver_b(w) for w in old_wires]
+        assert all(r.verdict == Verdict.TUN for r in got), [r.drop_reason for r in got]
+        # A longer limit applies to both.
+        pair.b.set_key_lifetime(1, 0, 0)
+        assert pair.deliver_b(next(fresh)).verdict == Verdict.TUN
     finally:
         pair.a.close()
         pair.b.close()

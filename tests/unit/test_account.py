@@ -224,8 +224,21 @@ def test_pop_config_defaults_and_paths(tmp_path: Path) -> None:
     assert (cfg.cloud.keepalive_ms, cfg.cloud.dead_after_ms) == (
         DEFAULT_KEEPALIVE_MS, DEFAULT_DEAD_AFTER_MS
     )
-    # The key timers popd announces: the fast path's historic 600 s / 900 s.
-    assert (cfg.keys.rekey_s, cfg.keys.key_max_age_s) == (600, 900)
+    # The key timers popd announces: 600 s, and twice that plus the margin, as on a site.
+    assert (cfg.keys.rekey_s, cfg.keys.key_max_age_s) == (600, 1260)
+
+
+def test_pop_key_max_age_follows_rekey_s(tmp_path: Path) -> None:
+    # `[tunnel] rekey_s` alone: the key-age limit follows it (it used to stay at 900 s and
+    # the file was refused naming key_max_age_s, which was not in it).
+    write(tmp_path, ACCOUNT)
+    for name in ("ca.pem", "pop-1.pem", "pop-1.key"):
+        (tmp_path / name).write_text("x")
+    path = write(tmp_path, POP + "\n[tunnel]\nrekey_s = 1200\n", "pop.toml")
+    cfg = load_pop_config(path)
+    assert (cfg.keys.rekey_s, cfg.keys.key_max_age_s) == (1200, 2460)
+    path = write(tmp_path, POP + "\n[tunnel]\nrekey_s = 60\nkey_max_age_s = 120\n", "pop.toml")
+    assert load_pop_config(path).keys.as_dict() == {"rekey_s": 60, "key_max_age_s": 120}
 
 
 @pytest.mark.parametrize(
@@ -243,7 +256,9 @@ def test_pop_config_defaults_and_paths(tmp_path: Path) -> None:
         (("", "[tunnel]\nrekey_s = 600\nkey_max_age_s = 600"),
          "tunnel.key_max_age_s: cannot work with rekey_s: a key must last its rekey interval"
          " plus 60 s for the handshake: key_max_age_s 600 is below rekey_s 600 + 60"),
-        (("", "[tunnel]\nrekey_s = 5"), "tunnel.rekey_s: expected an integer 10..86400, got 5"),
+        (("", "[tunnel]\nrekey_s = 10"), "tunnel.rekey_s: expected an integer 60..86400, got 10"),
+        (("", "[tunnel]\nkey_max_age_s = 100"),
+         "tunnel.key_max_age_s: expected an integer 120..172860, got 100"),
         (("", "[tunnel]\nrekey_after = 5"), "tunnel.rekey_after: unknown key"),
         (("", "[paths]\ncontrol_socket = \"" + "x" * 120 + "\""),
          "paths.control_socket: expected a path of at most 107 bytes"),

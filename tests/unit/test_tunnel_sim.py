@@ -301,8 +301,8 @@ def test_a_lost_key_ack_is_answered_before_the_session_is_freed(certs) -> None:
 
 
 @pytest.mark.parametrize(
-    ("initiator_rekey", "responder_rekey"), [(60, 30), (30, 60)], ids=["responder-shorter",
-                                                                       "initiator-shorter"]
+    ("initiator_rekey", "responder_rekey"), [(120, 60), (60, 120)], ids=["responder-shorter",
+                                                                         "initiator-shorter"]
 )
 def test_two_ends_with_different_rekey_intervals_rekey_on_the_shorter(
     certs, initiator_rekey: int, responder_rekey: int
@@ -320,9 +320,61 @@ def test_two_ends_with_different_rekey_intervals_rekey_on_the_shorter(
     for mine, theirs, t in ((initiator_rekey, responder_rekey, ta),
                             (responder_rekey, initiator_rekey, tb)):
         st = t.status()["timers"]
-        assert st["rekey_s"] == 30 and st["key_max_age_s"] == 2 * 30 + 60, st
+        assert st["rekey_s"] == 60 and st["key_max_age_s"] == 2 * 60 + 60, st
         assert st["own"]["rekey_s"] == mine and st["peer"]["rekey_s"] == theirs, st
-        assert st["refused"] == 0
-    net.run(3 * 30 + 2)
+        assert st["peer"]["announced"] is True and st["refused"] == 0
+    net.run(3 * 60 + 2)
     assert ta.handshakes == 4 and tb.handshakes == 4
     assert ta.state is State.UP and tb.state is State.UP
+
+
+def _rewrite_keys(site: SimSite, peer: int, rewrite: Callable[[dict], dict]) -> None:
+    """What `site` sends in its `key` messages to `peer`, rewritten (another firmware)."""
+    keys = site.tunnels[peer]._keys
+    send = keys._send_msg
+    keys._send_msg = lambda msg: send(rewrite(msg) if msg.get("t") == "key" else msg)
+
+
+def test_a_peer_that_announces_no_timers_is_taken_for_the_old_fixed_ones(certs) -> None:
+    """An end from before the agreement sends bare `key`s: it is taken to rekey at 600 s and
+    refuse keys at 900 s, so an initiator with a 1200 s interval rekeys at 600 s, and the
+    status says the peer announced none."""
+    net = Net(Clock())
+    a = SimSite(net, certs, 2, A_ADDR, {1: B_ADDR}, Timers(rekey_s=1200, dead_after_s=1e9))
+    b = SimSite(net, certs, 1, B_ADDR, {2: A_ADDR}, Timers(rekey_s=1200, dead_after_s=1e9))
+    _rewrite_keys(b, 2, lambda m: {"t": "key", "idx": m["idx"]})
+    net.run(5)
+    ta = a.tunnels[1]
+    assert ta.state is State.UP
+    st = ta.status()["timers"]
+    assert (st["rekey_s"], st["key_max_age_s"]) == (600, 900), st
+    assert st["peer"] == {"rekey_s": 600, "key_max_age_s": 900, "announced": False}, st
+    net.run(2 * 600 + 2)
+    assert ta.handshakes == 3 and ta.state is State.UP
+
+
+def test_malformed_timers_keep_the_key_and_the_timers_in_force(certs) -> None:
+    """A `key` whose timers are not numbers is counted and logged, but its key is used and
+    acknowledged on the timers in force: no hand-over failure, no handshake loop."""
+    net = Net(Clock())
+    a = SimSite(net, certs, 2, A_ADDR, {1: B_ADDR}, Timers(rekey_s=300, dead_after_s=1e9))
+    b = SimSite(net, certs, 1, B_ADDR, {2: A_ADDR}, Timers(rekey_s=300, dead_after_s=1e9))
+    net.run(5)
+    ta, tb = a.tunnels[1], b.tunnels[2]
+    assert ta.status()["timers"]["rekey_s"] == 300
+    _rewrite_keys(b, 2, lambda m: {**m, "rekey_s": "soon"})
+    net.run(300 + 30)  # one rekey: its `key` carries the malformed timers
+    assert ta.state is State.UP and tb.state is State.UP
+    assert ta.handshakes == 2, ta.handshakes  # not one per hand-over timeout
+    st = ta.status()["timers"]
+    assert st["refused"] >= 1 and st["rekey_s"] == 300, st  # the agreement in force stays
+    assert st["peer"]["announced"] is True, st
+    assert ta.reason is None and tb.reason is None
+
+
+def test_a_refusal_shown_while_up_is_cleared_by_the_next_accepted_key(certs) -> None:
+    net, a, b = pair(certs)
+    ta = a.tunnels[1]
+    ta.reason = "peer's key refused: idx: expected an integer"
+    net.run(60 + 5)  # the next rekey's `key` is accepted
+    assert ta.state is State.UP and ta.reason is None

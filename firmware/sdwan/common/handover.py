@@ -6,7 +6,7 @@ under a fresh random local index (it receives with them at once), sends {"t": "k
 "rekey_s": R, "key_max_age_s": A} over the session and repeats it until the other side answers
 {"t": "key-ack", "idx": N}. On the other side's "key" it activates the slot for transmit with
 that index as the remote one. The old keys keep receiving until the next install, so nothing in
-flight is lost. R and A are the end's own key timers; both ends use the smaller of each
+flight is lost. R and A are the end's own key timers; both ends agree on one pair
 (keytimers.py).
 
 One `KeyHandover` per fast-path peer owns its indices and the announcing; when to activate
@@ -23,7 +23,7 @@ from typing import Any
 
 from sdwan.bindings.fastpath import FastPath, FastPathError
 from sdwan.common.dtls import DtlsSession
-from sdwan.common.keytimers import FP_REKEY_BACKSTOP_S, KeyTimers, announced_timers
+from sdwan.common.keytimers import FP_REKEY_BACKSTOP_S, LEGACY, KeyTimers, announced_timers
 
 KEY_RESEND_S = 0.5
 KEY_RESEND_MAX = 20
@@ -57,13 +57,19 @@ def key_index(msg: dict[str, Any]) -> int | None:
     return idx
 
 
-def parse_key(msg: dict[str, Any]) -> tuple[int, KeyTimers | None]:
-    """The index and the announced timers of a `key` message; ValueError (with the reason)
-    when either is malformed: such a message is refused, never half-used."""
+def parse_key(msg: dict[str, Any]) -> tuple[int, KeyTimers | None, str | None]:
+    """The index of a `key` message, the timers it announced (None: none) and why they were
+    refused (None: they were not). ValueError when the index is malformed: such a message is
+    refused. Refused timers leave the key usable: it is activated and acknowledged on the
+    timers in force (`KeyHandover.on_key`), so a peer that announces nonsense is not pushed
+    into handshaking again and again."""
     idx = key_index(msg)
     if idx is None:
         raise ValueError(f"idx: expected an integer 1..{2**32 - 1}, got {msg.get('idx')!r}")
-    return idx, announced_timers(msg)
+    try:
+        return idx, announced_timers(msg), None
+    except ValueError as e:
+        return idx, None, str(e)
 
 
 class KeyHandover:
@@ -98,6 +104,8 @@ class KeyHandover:
         # Ours, announced with every `key`; the peer's from its `key`; what both use.
         self.timers = KeyTimers() if timers is None else timers
         self.peer_timers: KeyTimers | None = None
+        # None: no `key` from the peer yet; False: it announced no timers (LEGACY assumed).
+        self.peer_announced: bool | None = None
         self.agreed = self.timers
 
     def install(self, session: DtlsSession) -> int:
@@ -130,15 +138,35 @@ class KeyHandover:
         if self.pending_idx is not None and self.clock() >= self._next_send:
             self._send_key()
 
-    def on_key(self, idx: int, peer_timers: KeyTimers | None = None) -> None:
+    def on_key(
+        self, idx: int, peer_timers: KeyTimers | None = None, refused: bool = False
+    ) -> None:
+        """The peer's `key`: its index and announced timers (None: it announced none, an end
+        from before the agreement). `refused`: its timers were malformed; the ones in force
+        stay (those of an end announcing none when nothing was agreed yet)."""
         self.remote_idx = idx
+        if refused:
+            if self.peer_announced is not None:
+                return
+            peer_timers = None
         self.peer_timers = peer_timers
+        self.peer_announced = peer_timers is not None
         self.agreed = self.timers.agree(peer_timers)
         self._apply_lifetime()
 
+    def peer_status(self) -> dict[str, Any] | None:
+        """What the peer announced (`announced` false: nothing, the old fixed values are
+        assumed), or None before its first `key`."""
+        if self.peer_announced is None:
+            return None
+        shown = self.peer_timers if self.peer_timers is not None else LEGACY
+        return {**shown.as_dict(), "announced": self.peer_announced}
+
     def _apply_lifetime(self) -> None:
         """The fast path refuses this peer's keys at the agreed age, the same at both ends;
-        its own backstop asks for a rekey should the agreed one be late."""
+        its own backstop asks for a rekey should the agreed one be late. A shorter limit
+        applies to the newest key on, never to an older one still receiving (the fast path's
+        rule)."""
         agreed = self.agreed
         self.fp.set_key_lifetime(
             self.peer_id, agreed.rekey_s + FP_REKEY_BACKSTOP_S, agreed.key_max_age_s

@@ -2,24 +2,35 @@
 (docs/security.md, "Key lifetimes"; docs/tunnel.md, "Agreed timers").
 
 Each end announces its own values in every `key` message of the hand-over
-({"t": "key", "idx": N, "rekey_s": R, "key_max_age_s": A}); both then use the smaller rekey
-interval and the smaller key-age limit. Every end checks its own values at start
-(`check_timers`: the key must outlive its rekey by `HANDSHAKE_MARGIN_S`), and refuses a peer's
-that break the same rule, so the agreed pair always satisfies it too: min(A1, A2) >=
-min(R1, R2) + margin whenever A1 >= R1 + margin and A2 >= R2 + margin. An end's fast path
-refuses a key at its own limit, which is never below the agreed one, so no key ages out
-before the agreed rekey has replaced it.
+({"t": "key", "idx": N, "rekey_s": R, "key_max_age_s": A}); both then compute the same pair
+from the two (`KeyTimers.agree`):
+
+* the rekey interval is the smaller of the two, but never below `PROTOCOL_REKEY_MIN_S` unless
+  both ends are configured below it (a lab): a peer cannot drag an end into rekeying every
+  few seconds;
+* the key-age limit is the smaller of the two, raised where needed to the agreed interval plus
+  `HANDSHAKE_MARGIN_S`, so no key ages out before the agreed rekey has replaced it.
+
+Announced values are read leniently (`announced_timers`): any positive number, clamped into
+the range an end accepts (a value above ours is harmless: the smaller wins). An end that
+announces nothing predates the agreement and keeps its old fixed timers whatever we say
+(`LEGACY`, 600 s and 900 s): the interval is agreed with those, and the key-age limit is its
+900 s, so neither its keys nor ours age out before its own or our rekey.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 # A rekey is a handshake (up to 10 s, then retries 1 s to 8 s apart) and a hand-over (up to
 # 10 s of `key` resends): the old key must keep working that long after the rekey is due.
 HANDSHAKE_MARGIN_S = 60
-REKEY_MIN_S = 10
+REKEY_MIN_S = 10  # a site's own config (lab values below the protocol floor)
+# The floor of an agreed interval: a peer's shorter one is raised to it (docs/security.md).
+PROTOCOL_REKEY_MIN_S = 60
+POP_REKEY_MIN_S = PROTOCOL_REKEY_MIN_S  # popd's config: it serves many sites
 REKEY_MAX_S = 86400
 KEY_MAX_AGE_MAX_S = 2 * REKEY_MAX_S + HANDSHAKE_MARGIN_S
 # The fast path asks for a rekey this long after the interval: Python rekeys on time, this is
@@ -67,33 +78,51 @@ class KeyTimers:
         return {"rekey_s": self.rekey_s, "key_max_age_s": self.key_max_age_s}
 
     def agree(self, peer: KeyTimers | None) -> KeyTimers:
-        """What both ends use: the smaller of each (ours alone when the peer announced none)."""
+        """What both ends use (the same whichever end computes it): the smaller interval, not
+        below the protocol floor unless both are; the smaller key-age limit, at least the
+        agreed interval plus the margin. `peer` None: an end that announced none (`LEGACY`)."""
         if peer is None:
-            return self
-        return KeyTimers(
-            min(self.rekey_s, peer.rekey_s), min(self.key_max_age_s, peer.key_max_age_s)
-        )
+            rekey = agreed_rekey(self.rekey_s, LEGACY.rekey_s)
+            # It does not follow the agreement: it rekeys (and refuses keys) on its own.
+            return KeyTimers(rekey, max(LEGACY.key_max_age_s, rekey + HANDSHAKE_MARGIN_S))
+        rekey = agreed_rekey(self.rekey_s, peer.rekey_s)
+        age = max(min(self.key_max_age_s, peer.key_max_age_s), rekey + HANDSHAKE_MARGIN_S)
+        return KeyTimers(rekey, age)
 
     def as_dict(self) -> dict[str, int]:
         return {"rekey_s": self.rekey_s, "key_max_age_s": self.key_max_age_s}
 
 
-def _seconds(msg: dict[str, Any], name: str, low: int, high: int) -> int:
+# What an end that announces no timers (firmware from before the agreement) uses: a 600 s
+# interval, and keys refused at 900 s (the fast path's old fixed limit, popd's too).
+LEGACY = KeyTimers(600, 900)
+
+
+def agreed_rekey(r1: int, r2: int) -> int:
+    """The agreed interval of two: the smaller, raised to the protocol floor unless both are
+    below it (then the larger of the two). Symmetric, so both ends get the same."""
+    return max(min(r1, r2), min(PROTOCOL_REKEY_MIN_S, max(r1, r2)))
+
+
+def _seconds(msg: dict[str, Any], name: str, high: int) -> int:
     v = msg[name]
-    if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
-        raise ValueError(f"{name}: expected an integer {low}..{high}, got {v!r}")
-    return v
+    if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+        raise ValueError(f"{name}: expected a positive number of seconds, got {v!r}")
+    # Above our range is harmless (the smaller wins): clamped; a fraction rounds up.
+    return high if v >= high else math.ceil(v)
 
 
 def announced_timers(msg: dict[str, Any]) -> KeyTimers | None:
     """The timers a peer announced in its `key` message: None when it announced none (an end
-    that predates the agreement: ours stay in force). A message with one of the two, a value
-    out of range or a pair that cannot work raises ValueError (the message is refused)."""
+    that predates the agreement: `LEGACY`). Any positive numbers are taken, clamped into our
+    range and made a pair that works (the key-age limit at least the interval plus the
+    margin); one without the other, or a value that is not a positive number, raises
+    ValueError."""
     has = [name in msg for name in ("rekey_s", "key_max_age_s")]
     if not any(has):
         return None
     if not all(has):
         raise ValueError("rekey_s and key_max_age_s come together")
-    rekey = _seconds(msg, "rekey_s", REKEY_MIN_S, REKEY_MAX_S)
-    age = _seconds(msg, "key_max_age_s", REKEY_MIN_S + HANDSHAKE_MARGIN_S, KEY_MAX_AGE_MAX_S)
-    return KeyTimers(rekey, age)  # ValueError when the pair cannot work
+    rekey = _seconds(msg, "rekey_s", REKEY_MAX_S)
+    age = _seconds(msg, "key_max_age_s", KEY_MAX_AGE_MAX_S)
+    return KeyTimers(rekey, max(age, rekey + HANDSHAKE_MARGIN_S))

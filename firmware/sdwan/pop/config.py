@@ -16,9 +16,10 @@ from typing import Any
 from sdwan.common.keytimers import (
     HANDSHAKE_MARGIN_S,
     KEY_MAX_AGE_MAX_S,
+    POP_REKEY_MIN_S,
     REKEY_MAX_S,
-    REKEY_MIN_S,
     KeyTimers,
+    default_key_max_age,
     timers_problem,
 )
 from sdwan.common.tomlcheck import (
@@ -49,9 +50,8 @@ DEFAULT_STUN_PORT = 3478
 DEFAULT_KEEPALIVE_MS = 200
 DEFAULT_DEAD_AFTER_MS = 600
 # The PoP does not rekey (its sites do): its interval caps theirs through the agreement, and
-# its key-age limit is where its fast path refuses a key.
+# its key-age limit (by default twice the interval plus the margin, as on a site) caps theirs.
 DEFAULT_POP_REKEY_S = 600
-DEFAULT_POP_KEY_MAX_AGE_S = 900
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class PopConfig:
     pki: Pki
     cloud: PopTimers
     source: Path
-    keys: KeyTimers = KeyTimers(DEFAULT_POP_REKEY_S, DEFAULT_POP_KEY_MAX_AGE_S)
+    keys: KeyTimers = KeyTimers.for_rekey(DEFAULT_POP_REKEY_S)
     renewal: RenewalConfig = RenewalConfig()
 
 
@@ -177,23 +177,26 @@ def load_pop_config(path: str | os.PathLike[str]) -> PopConfig:
         if isinstance(ka, int) and isinstance(dead, int):
             cloud = PopTimers(ka, dead)
 
-    keys: KeyTimers | None = None
+    keys: KeyTimers | None = KeyTimers.for_rekey(DEFAULT_POP_REKEY_S)
     tunnel_t = c.table(doc, ("tunnel",), required=False)
     if tunnel_t is not None:
         c.known_keys(tunnel_t, ("tunnel",), ("rekey_s", "key_max_age_s"))
         rekey = c.value(
             tunnel_t,
             ("tunnel", "rekey_s"),
-            int_range(REKEY_MIN_S, REKEY_MAX_S),
+            int_range(POP_REKEY_MIN_S, REKEY_MAX_S),
             default=DEFAULT_POP_REKEY_S,
         )
         age = c.value(
             tunnel_t,
             ("tunnel", "key_max_age_s"),
-            int_range(REKEY_MIN_S + HANDSHAKE_MARGIN_S, KEY_MAX_AGE_MAX_S),
-            default=DEFAULT_POP_KEY_MAX_AGE_S,
+            int_range(POP_REKEY_MIN_S + HANDSHAKE_MARGIN_S, KEY_MAX_AGE_MAX_S),
+            default=None,
         )
-        if isinstance(rekey, int) and isinstance(age, int):
+        keys = None
+        if isinstance(rekey, int) and age is None:
+            keys = KeyTimers(rekey, default_key_max_age(rekey))
+        elif isinstance(rekey, int) and isinstance(age, int):
             problem = timers_problem(rekey, age)
             if problem is not None:
                 c.error(("tunnel", "key_max_age_s"), f"cannot work with rekey_s: {problem}")

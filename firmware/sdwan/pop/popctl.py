@@ -83,10 +83,13 @@ def _print_status(r: dict[str, Any], out: TextIO) -> None:
 
 
 def _rekey(timers: object) -> str:
-    """The session's agreed rekey interval and key-age limit."""
+    """The session's agreed rekey interval and key-age limit; "(announced none)": the site
+    sent no timers (older firmware), the old fixed ones are assumed."""
     if not isinstance(timers, dict):
         return ""
-    return f" rekey {_v(timers.get('rekey_s'))}s/{_v(timers.get('key_max_age_s'))}s"
+    site = timers.get("site")
+    none = " (announced none)" if isinstance(site, dict) and site.get("announced") is False else ""
+    return f" rekey {_v(timers.get('rekey_s'))}s/{_v(timers.get('key_max_age_s'))}s{none}"
 
 
 def _cert_line(c: dict[str, Any]) -> str:

@@ -657,16 +657,24 @@ class Pop(SessionOwner):
         kind = msg["t"]
         if kind == "key":
             try:
-                idx, timers = parse_key(msg)
+                idx, timers, problem = parse_key(msg)
             except ValueError as e:
-                # Never half-used: unacknowledged, the site's hand-over fails and says why.
+                # No index: nothing to activate or acknowledge.
                 self.stats.messages_malformed += 1
                 self.stats.keys_refused += 1
                 self.ratelog.warning(
                     "key-refused", "site %d: key message refused: %s", s.site_id, e
                 )
                 return
-            s.handover.on_key(idx, timers)
+            if problem is not None:
+                # The key is used on the timers in force (refusing it would only make the
+                # site handshake again and again); the timers are counted and logged.
+                self.stats.keys_refused += 1
+                self.ratelog.warning(
+                    "key-refused", "site %d: key timers refused, keeping %s: %s",
+                    s.site_id, s.handover.agreed.as_dict(), problem,
+                )
+            s.handover.on_key(idx, timers, refused=problem is not None)
             self._activate(s)
             s.handover.acknowledge(idx)
         elif kind == "key-ack":
@@ -1340,8 +1348,9 @@ class Pop(SessionOwner):
                         # Agreed in the key hand-over (docs/tunnel.md, "Agreed timers").
                         "timers": {
                             **s.handover.agreed.as_dict(),
-                            "site": None if s.handover.peer_timers is None
-                            else s.handover.peer_timers.as_dict(),
+                            # What the site announced ("announced": false: none,
+                            # old firmware, the old fixed values assumed), or None.
+                            "site": s.handover.peer_status(),
                         },
                     }
                 )

@@ -264,10 +264,13 @@ def format_status(result: Mapping[str, Any], out: TextIO) -> None:
 
 
 def _rekey(timers: object) -> str:
-    """The agreed rekey interval and key-age limit, "10s/80s"."""
+    """The agreed rekey interval and key-age limit, "600s/1260s"; "(peer: none)": the peer
+    announced none (older firmware), the old fixed ones are assumed."""
     if not isinstance(timers, Mapping):
         return _DASH
-    return f"{_num(timers.get('rekey_s'))}s/{_num(timers.get('key_max_age_s'))}s"
+    peer = timers.get("peer")
+    none = " (peer: none)" if isinstance(peer, Mapping) and peer.get("announced") is False else ""
+    return f"{_num(timers.get('rekey_s'))}s/{_num(timers.get('key_max_age_s'))}s{none}"
 
 
 def _cert_line(cert: Mapping[str, Any]) -> str:

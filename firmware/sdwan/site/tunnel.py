@@ -182,7 +182,7 @@ class PeerTunnel:
             resend_max=timers.key_resend_max,
             timers=timers.key_timers(),
         )
-        self.timers_refused = 0  # `key` messages refused for their timers or index
+        self.timers_refused = 0  # `key` messages refused, or whose timers were
         self._up_since_rx_ns = 0
         self._silent_at = 0.0  # when the peer, quiet since, will have been silent too long
         # When self.session's OpenSSL state is freed (see _maybe_release); None: not planned.
@@ -340,10 +340,10 @@ class PeerTunnel:
             self._keys.on_key_ack(idx)
             return
         try:
-            idx, peer_timers = parse_key(msg)
+            idx, peer_timers, problem = parse_key(msg)
         except ValueError as e:
-            # Refused whole, unacknowledged: the peer's hand-over fails and says so there; a
-            # key whose lifetime the two ends do not agree on is never used.
+            # No index to activate or acknowledge: dropped; the peer resends or fails its
+            # hand-over and says so there.
             self.timers_refused += 1
             log.warning("peer %d: key message refused: %s", self.peer_id, e)
             if self.state is State.UP:
@@ -351,8 +351,14 @@ class PeerTunnel:
             else:
                 self._set_state(State.DOWN, f"peer's key refused: {e}")
             return
+        if problem is not None:
+            # The key is used, on the timers in force: refusing it would only make the peer
+            # handshake again and again with the same timers.
+            self.timers_refused += 1
+            log.warning("peer %d: key timers refused, keeping %s: %s", self.peer_id,
+                        self._keys.agreed.as_dict(), problem)
         # Activate the key of the session this message came over, nothing else.
-        self._keys.on_key(idx, peer_timers)
+        self._keys.on_key(idx, peer_timers, refused=problem is not None)
         if self._keys.activate():
             self._up_since_rx_ns = time.monotonic_ns()
             self._set_state(State.UP, None)
@@ -360,6 +366,8 @@ class PeerTunnel:
             if self.on_keys_active is not None:
                 self.on_keys_active(session)
             return
+        if self.reason is not None and self.reason.startswith("peer's key refused"):
+            self.reason = None  # a key accepted since: that refusal is over
         self._keys.acknowledge(idx)
 
     def _on_replaced_message(self, session: DtlsSession, data: bytes) -> bool:
@@ -401,7 +409,9 @@ class PeerTunnel:
         return {
             **keys.agreed.as_dict(),
             "own": keys.timers.as_dict(),
-            "peer": None if keys.peer_timers is None else keys.peer_timers.as_dict(),
+            # None until the peer's `key`; "announced": false, it sent none (old firmware):
+            # the old fixed values shown are the ones assumed.
+            "peer": keys.peer_status(),
             "refused": self.timers_refused,
         }
 
