@@ -206,3 +206,14 @@ def load_time(text: str) -> dict:
     import tomllib
 
     return tomllib.loads(text)["time"]
+
+
+def test_a_command_socket_too_long_for_an_address_gets_a_short_directory(tmp_path: Path) -> None:
+    from sdwan.appliance.timesync import MAX_SOCKET_PATH, chrony_dir
+
+    short = tmp_path / "run" / "control-chrony"
+    assert chrony_dir(short) == short
+    deep = tmp_path.joinpath(*["a-long-directory-name"] * 6, "control-chrony")
+    got = chrony_dir(deep)
+    assert got != deep and len(str(got / "chronyd.sock")) <= MAX_SOCKET_PATH
+    assert chrony_dir(deep) == got  # the same one every time

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ CHRONYC_TIMEOUT_S = 5.0
 VOUCH_OFFSET_S = 10.0  # a synchronised clock this close to its server may be stored
 DRIFT_FILE = "chrony.drift"  # in the data dir: the clock's frequency error, kept across boots
 _SBIN = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the NUL
 
 # chronyc's source states (`sources -c`, second field)
 _SOURCE_STATES = {
@@ -41,6 +44,16 @@ _SOURCE_STATES = {
 def _find(program: str) -> str | None:
     return shutil.which(program) or next(
         (f"{d}/{program}" for d in _SBIN if os.access(f"{d}/{program}", os.X_OK)), None)
+
+
+def chrony_dir(wanted: Path) -> Path:
+    """wanted, or a short stand-in for it under the temporary directory when the command
+    socket's path would not fit a Unix socket address (a deep lab or test directory;
+    /run/socketd on the box always fits)."""
+    if len(os.fsencode(wanted / "chronyd.sock")) <= MAX_SOCKET_PATH:
+        return wanted
+    digest = hashlib.sha256(os.fsencode(wanted)).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"sdwan-chrony-{digest}"
 
 
 def chrony_config(cfg: Time, sock_dir: Path, data_dir: Path) -> str:
@@ -108,7 +121,7 @@ class TimeSync:
         self.data_dir = Path(data_dir)
         # chronyd wants its socket's directory closed to others; the lab runs several
         # socketds in one runtime directory, so the name carries the control socket's.
-        self.sock_dir = Path(runtime_dir) / f"{tag}-chrony"
+        self.sock_dir = chrony_dir(Path(runtime_dir) / f"{tag}-chrony")
         self.conf_path = self.sock_dir / "chrony.conf"
         self.record = record
         self.child = Child("chronyd", self._argv, self._child_event, label="time sync",
@@ -132,6 +145,8 @@ class TimeSync:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         await self.child.close()
+        if self.sock_dir.name.startswith("sdwan-chrony-"):
+            shutil.rmtree(self.sock_dir, ignore_errors=True)  # a stand-in, nobody else's
 
     def _argv(self) -> tuple[list[str] | None, str | None]:
         chronyd = _find("chronyd")
