@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -144,3 +144,15 @@ def watch_identity(
     """The watch of a DTLS identity: its certificate and the CA that signed it."""
     return CertWatch([CertDates.of("cert", "certificate", cert_path, cert),
                       CertDates.of("ca", "CA certificate", ca_path, ca)], wall=wall, clock=clock)
+
+
+def describe(cert: Mapping[str, Any]) -> str:
+    """One line of a certificate's status (CertDates.status), as socketctl and popctl show
+    it: its state and date, the days left or why it is not valid yet."""
+    state = str(cert.get("state"))
+    text = f"{state}, until {cert.get('not_after')}"
+    if state in ("valid", "expiring"):
+        text += f" ({cert.get('days_left')} days left)"
+    elif state == "not yet valid":
+        text += f", valid from {cert.get('not_before')}: is the clock wrong?"
+    return text

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,3 +143,28 @@ class Revocations:
     @classmethod
     def of(cls, entries: Iterable[Revoked]) -> Revocations:
         return cls(tuple(entries))
+
+
+PRESENTED_EVERY_S = 60.0  # a refusal of the same site's revoked certificate is said this often
+
+
+class Presented:
+    """When to say that a revoked certificate was presented: at most once per site every
+    PRESENTED_EVERY_S, however often it is replayed. The certificate is public, so anyone may
+    present it: the text says it was presented, not that the revoked box is back (the
+    handshake fails without its key anyway)."""
+
+    def __init__(self, clock: Callable[[], float], every_s: float = PRESENTED_EVERY_S) -> None:
+        self.clock = clock
+        self.every_s = every_s
+        self._said_at: dict[int, float] = {}
+
+    def due(self, site_id: int, serial: str) -> str | None:
+        """The event's text if one is due now, else None."""
+        now = self.clock()
+        last = self._said_at.get(site_id)
+        if last is not None and now - last < self.every_s:
+            return None
+        self._said_at[site_id] = now
+        return f"site {site_id}: handshake refused: a revoked certificate was presented" \
+               f" (serial {serial})"

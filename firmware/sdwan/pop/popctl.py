@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from sdwan.common.certlife import describe as describe_cert
 from sdwan.common.control import CommandFailed, ControlError, ControlUnreachable, request
 from sdwan.common.visible import VisibleWriter, visible, visible_lines
 from sdwan.pop.config import DEFAULT_POP_CONTROL_SOCKET
@@ -73,7 +74,7 @@ def _print_status(r: dict[str, Any], out: TextIO) -> None:
         for key, name in (("cert", "cert"), ("ca", "ca cert")):
             c = certs.get(key)
             if isinstance(c, dict):
-                print(f"{name}: {_cert_line(c)}", file=out)
+                print(f"{name}: {describe_cert(c)}", file=out)
     stun = r.get("stun_server", {})
     print(f"stun: {_v(stun.get('answers'))} answered, dropped {_nonzero(stun.get('dropped'))}",
           file=out)
@@ -90,16 +91,6 @@ def _rekey(timers: object) -> str:
     site = timers.get("site")
     none = " (announced none)" if isinstance(site, dict) and site.get("announced") is False else ""
     return f" rekey {_v(timers.get('rekey_s'))}s/{_v(timers.get('key_max_age_s'))}s{none}"
-
-
-def _cert_line(c: dict[str, Any]) -> str:
-    state = _v(c.get("state"))
-    text = f"{state}, until {_v(c.get('not_after'))}"
-    if state in ("valid", "expiring"):
-        text += f" ({_v(c.get('days_left'))} days left)"
-    elif state == "not yet valid":
-        text += f", valid from {_v(c.get('not_before'))}: is the clock wrong?"
-    return text
 
 
 def _print_sites(r: dict[str, Any], out: TextIO) -> None:

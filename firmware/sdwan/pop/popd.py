@@ -49,6 +49,7 @@ from sdwan.common.messages import FragStats, Reassembler, encode, record_limit
 from sdwan.common.netdev import size_buffers
 from sdwan.common.pmtu import PathMtu
 from sdwan.common.ratelog import RateLog
+from sdwan.common.revocation import Presented
 from sdwan.common.sessions import (
     REPLACED_GRACE_S,
     Policy,
@@ -86,9 +87,6 @@ MAX_PARTIALS = 2  # messages a site may have partly sent at once
 FRAG_TIMEOUT_S = 5.0
 MAX_LINKS = 16
 MAX_UPLOADED_EVENTS = 200
-# A revoked certificate's owner may retry its handshake as often as it likes: one event per
-# site in this long says so, the counter and the rejection list say how often.
-REVOKED_EVENT_EVERY_S = 60.0
 # Fast-path peer ids: S << 8 | L for a registered session (below 2^24); a session that has
 # not registered yet lives under an id from this range, which S << 8 | L never reaches.
 TEMP_PEER_BASE = 0x40000000
@@ -281,7 +279,7 @@ class Pop(SessionOwner):
         # the site is offline, since the other sites reach it there without the cloud.
         self.altwan: dict[int, list[str]] = {}
         self._next_temp = 0
-        self._revoked_event_at: dict[int, float] = {}  # per site, the last refusal's event
+        self._revoked_presented = Presented(clock)  # when a refusal is said again
         self.fp: FastPath | None = None
         self.dtls: DtlsContext | None = None
         self.store: Store | None = None
@@ -455,14 +453,8 @@ class Pop(SessionOwner):
         reason = self.account.revoked.reason(site_id, serial)
         if reason is None:
             return None
-        now = self.clock()
-        last = self._revoked_event_at.get(site_id)
-        if last is None or now - last >= REVOKED_EVENT_EVERY_S:
-            self._revoked_event_at[site_id] = now
-            # The certificate is public: anyone may replay it, so this says it was presented,
-            # not that the revoked box is back (the handshake fails without its key anyway).
-            text = (f"site {site_id}: handshake refused: a revoked certificate was presented"
-                    f" (serial {serial})")
+        text = self._revoked_presented.due(site_id, serial)
+        if text is not None:
             log.warning("%s", text)
             self._event("popd.handshake.revoked", text, site_id, serial=serial)
         return reason

@@ -21,14 +21,11 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sdwan.common.revocation import Revocations
+from sdwan.common.revocation import Presented, Revocations
 from sdwan.common.store import Store, StoreError
 
 log = logging.getLogger("sdwan.site.revoked")
 
-# A revoked peer retries its handshake as often as it likes: one event per site in this long,
-# the counter and the rejection list say how often.
-EVENT_EVERY_S = 60.0
 
 EventSink = Callable[[str, str, dict[str, Any]], None]
 
@@ -44,7 +41,7 @@ class SiteRevocations:
         self.on_event = on_event or (lambda kind, text, data: None)
         self.clock = clock
         self._watchers: list[Callable[[Revocations], None]] = []
-        self._event_at: dict[int, float] = {}
+        self._presented = Presented(clock)
         self.store: Store | None = None
 
     def load_stored(self, store: Store | None, config: Mapping[str, Any] | None) -> None:
@@ -110,14 +107,8 @@ class SiteRevocations:
         reason = self.current.reason(site_id, serial)
         if reason is None:
             return None
-        now = self.clock()
-        last = self._event_at.get(site_id)
-        if last is None or now - last >= EVENT_EVERY_S:
-            self._event_at[site_id] = now
-            # The certificate is public: anyone may replay it, so this says it was presented,
-            # not that the revoked box is back (the handshake fails without its key anyway).
-            text = (f"site {site_id}: handshake refused: a revoked certificate was presented"
-                    f" (serial {serial})")
+        text = self._presented.due(site_id, serial)
+        if text is not None:
             log.warning("%s", text)
             self.on_event("tunnel.handshake.revoked", text, {"peer": site_id, "serial": serial})
         return reason

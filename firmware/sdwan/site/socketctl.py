@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
+from sdwan.common.certlife import describe as describe_cert
 from sdwan.common.control import CommandFailed, ControlError, ControlUnreachable, request
 from sdwan.common.visible import VisibleWriter, visible
 from sdwan.site.config import DEFAULT_CONTROL_SOCKET
@@ -210,7 +211,7 @@ def format_status(result: Mapping[str, Any], out: TextIO) -> None:
     if isinstance(certs, Mapping):
         for key, name in (("cert", "cert"), ("ca", "ca cert")):
             if isinstance(certs.get(key), Mapping):
-                fields.append((name, _cert_line(certs[key])))
+                fields.append((name, describe_cert(certs[key])))
     clock = result.get("clock")
     if isinstance(clock, Mapping):
         fields.append(("clock", _clock_line(clock)))
@@ -271,16 +272,6 @@ def _rekey(timers: object) -> str:
     peer = timers.get("peer")
     none = " (peer: none)" if isinstance(peer, Mapping) and peer.get("announced") is False else ""
     return f"{_num(timers.get('rekey_s'))}s/{_num(timers.get('key_max_age_s'))}s{none}"
-
-
-def _cert_line(cert: Mapping[str, Any]) -> str:
-    state = _text(cert.get("state"))
-    text = f"{state}, until {_text(cert.get('not_after'))}"
-    if state in ("valid", "expiring"):
-        text += f" ({_num(cert.get('days_left'))} days left)"
-    elif state == "not yet valid":
-        text += f", valid from {_text(cert.get('not_before'))}: is the clock wrong?"
-    return text
 
 
 def _clock_line(clock: Mapping[str, Any]) -> str:
