@@ -6,14 +6,13 @@ fault command (SDWAN_FAULT_INJECTION=1 in its environment only), or for real."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
 from pathlib import Path
 
 import pytest
 from labwait import wait_for
+from test_appliance import FifoWatchdog
 
 from sdwan.appliance.watchdog import (
     FASTPATH_FAIL_RUNS,
@@ -26,25 +25,6 @@ from sdwan.common.store import Store
 from sdwan.lab.topology import Lab, Site
 
 pytestmark = pytest.mark.timeout(150)
-
-
-class FifoWatchdog:
-    """A FIFO in place of /dev/watchdog, read by the test."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        os.mkfifo(path)
-        self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-
-    def read(self) -> bytes:
-        out = b""
-        with contextlib.suppress(BlockingIOError):
-            while chunk := os.read(self.fd, 4096):
-                out += chunk
-        return out
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 def _appliance_toml(site: Site) -> tuple[str, Path]:

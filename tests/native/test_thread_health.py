@@ -12,35 +12,15 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from fphelpers import ip_packet, link_keys
+from test_threads import Site, _site
 
 from sdwan.bindings.fastpath import FastPath, FastPathError, ThreadKind, ThreadState
 
 TIMEOUT = 5.0
-
-
-@dataclass
-class Site:
-    fp: FastPath
-    tun: socket.socket  # the test's end of the "TUN"
-    addr: tuple[str, int]
-
-
-def _site() -> Site:
-    fp = FastPath()
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    fp.tun_attach(theirs.fileno())
-    theirs.close()
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind(("127.0.0.1", 0))
-    addr = udp.getsockname()
-    fp.link_add(1, udp.fileno())
-    udp.close()
-    return Site(fp, ours, addr)
 
 
 @pytest.fixture
