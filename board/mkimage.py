@@ -21,41 +21,41 @@ import dataclasses
 import gzip
 import hashlib
 import importlib.util
-import io
 import json
 import os
 import re
 import shutil
-import stat
 import struct
 import subprocess
 import sys
 import tarfile
 import time
 import tomllib
-import uuid
 import zipfile
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BOARDS = ROOT / "board"
-COMMON = BOARDS / "common"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import boardlib  # noqa: E402 - board/boardlib.py: the boards, shared with the Buildroot tree
+from boardlib import (  # noqa: E402
+    COMMON,
+    NOT_ON_APPLIANCE,
+    NOT_ON_APPLIANCE_MODULES,
+    ROOT,
+    SECTOR,
+    BuildError,
+    MiB,
+    Partition,
+    check_console,
+    fixed_uuid,
+    install_module,
+    install_overlay,
+    module_closure,
+    write_cpio,
+)
+
 CACHE = ROOT / "build" / "cache"
 WORK = ROOT / "build" / "work"
-MiB = 1024 * 1024
-SECTOR = 512
 PY = "python3.11"
-
-# Fixed identities: derived from the board name, so they never change between builds.
-ID_NAMESPACE = uuid.UUID("5b1c3f0e-8f7a-4d0c-9a52-0d6f2b8e4a11")
-GPT_TYPES = {
-    "esp": "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
-    "data": "0FC63DAF-8483-4772-8E79-3D69D8477DE4",
-    # "root" follows the Discoverable Partitions Specification, per architecture.
-    "root-x86_64": "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",
-    "root-aarch64": "B921B045-1DF0-41C3-AF44-4C6F280D3FAE",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,22 +79,6 @@ ARCHES = {
 }
 # What the native modules are compiled against (headers and link libraries of the target).
 NATIVE_BUILD_DEBS = ["libssl-dev", "libssl3", "libpython3.11-dev"]
-# socketd's console scripts that do not belong on an appliance (the lab, the PoP, the CA).
-NOT_ON_APPLIANCE = {"socket-lab", "popd", "popctl", "socket-pki"}
-NOT_ON_APPLIANCE_MODULES = {"lab"}
-# The serial console: getty runs CONSOLE_LOGIN, which runs the console's entry point and
-# nothing else (check_console).
-CONSOLE_ENTRY = "socket-console"
-CONSOLE_MODULE = "sdwan.appliance.console"
-CONSOLE_LOGIN = "/usr/libexec/sdwan/console-login"
-# Programs that would give a login or a shell on a terminal of their own.
-SHELLS = {"sh", "ash", "bash", "dash", "hush", "login", "sulogin", "su"}
-
-
-class BuildError(Exception):
-    """The image cannot be built; the message says what is wrong and what to do."""
-
-
 # ---------------------------------------------------------------- small helpers
 
 _t0 = time.monotonic()
@@ -125,10 +109,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def fixed_uuid(board: str, what: str) -> str:
-    return str(uuid.uuid5(ID_NAMESPACE, f"{board}/{what}")).upper()
-
-
 def align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
@@ -140,23 +120,7 @@ def rmtree(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def walk(root: Path) -> Iterator[Path]:
-    """Every path below root, sorted, directories before their contents."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        base = Path(dirpath)
-        for name in sorted(dirnames + filenames):
-            yield base / name
-
-
 # ---------------------------------------------------------------- board description
-
-
-@dataclasses.dataclass
-class Partition:
-    name: str
-    type: str
-    size_mib: int
 
 
 @dataclasses.dataclass
@@ -174,50 +138,16 @@ class Board:
     qemu_provisioning: bool
     raw: dict
 
+    info: boardlib.BoardInfo
+
     @classmethod
     def load(cls, name: str) -> Board:
-        d = BOARDS / name
-        path = d / "board.toml"
-        if name == "common" or not path.is_file():
-            known = sorted(p.parent.name for p in BOARDS.glob("*/board.toml"))
-            raise BuildError(f"unknown board {name!r}: expected one of {', '.join(known)}")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise BuildError(f"{path}: {e}") from e
-
-        def need(table: str, key: str) -> object:
-            try:
-                return raw[table][key]
-            except (KeyError, TypeError):
-                raise BuildError(f"{path}: [{table}] {key} is required") from None
-
-        arch_name = need("board", "arch")
-        if arch_name not in ARCHES:
-            raise BuildError(f"{path}: [board] arch must be one of {sorted(ARCHES)}, "
-                             f"got {arch_name!r}")
-        parts = []
-        for i, p in enumerate(raw.get("partition", [])):
-            if p.get("type") not in ("esp", "root", "data") or not isinstance(
-                    p.get("size_mib"), int) or p["size_mib"] < 1:
-                raise BuildError(f"{path}: partition #{i + 1} needs type esp|root|data and "
-                                 f"size_mib >= 1, got {p!r}")
-            parts.append(Partition(str(p.get("name", p["type"])), p["type"], p["size_mib"]))
-        if sorted(p.type for p in parts) != ["data", "esp", "root"]:
-            raise BuildError(f"{path}: needs exactly one esp, one root and one data partition")
-        common = tomllib.loads((COMMON / "modules.toml").read_text())
-        mods = raw.get("modules", {})
+        b = boardlib.load_board(name)
         return cls(
-            name=name, dir=d, arch=ARCHES[str(arch_name)],
-            console=str(need("serial", "console")["device"]),  # type: ignore[index]
-            baud=int(raw["serial"]["console"].get("baud", 115200)),
-            cmdline=str(need("boot", "cmdline")),
-            partitions=parts,
-            modules_boot=list(common["boot"]) + list(mods.get("boot", [])),
-            modules_runtime=list(common["runtime"]) + list(mods.get("runtime", [])),
-            modules_on_demand=list(common.get("on_demand", [])),
-            qemu_provisioning=bool(raw["board"].get("qemu_provisioning", False)),
-            raw=raw,
+            name=b.name, dir=b.dir, arch=ARCHES[b.arch], console=b.console, baud=b.baud,
+            cmdline=b.cmdline, partitions=b.partitions, modules_boot=b.modules_boot,
+            modules_runtime=b.modules_runtime, modules_on_demand=b.modules_on_demand,
+            qemu_provisioning=b.qemu_provisioning, raw=b.raw, info=b,
         )
 
 
@@ -509,65 +439,17 @@ def compile_pyc(root: Path) -> None:
 # ---------------------------------------------------------------- kernel modules
 
 
-def mod_name(path: str) -> str:
-    base = Path(path).name
-    base = re.sub(r"\.ko(\.xz|\.zst|\.gz)?$", "", base)
-    return base.replace("-", "_")
-
-
-def module_closure(kroot: Path, kver: str, wanted: Iterable[str]) -> list[str]:
-    """Module paths (relative to lib/modules/<kver>) in load order, dependencies first."""
-    moddir = kroot / "lib/modules" / kver
-    deps: dict[str, list[str]] = {}
-    byname: dict[str, str] = {}
-    for line in (moddir / "modules.dep").read_text().splitlines():
-        mod, _, rest = line.partition(":")
-        deps[mod] = rest.split()
-        byname[mod_name(mod)] = mod
-    builtin = {mod_name(x) for x in (moddir / "modules.builtin").read_text().split()}
-    order: list[str] = []
-
-    def visit(mod: str) -> None:
-        if mod in order:
-            return
-        for dep in reversed(deps[mod]):  # modules.dep lists the last to load first
-            visit(dep)
-        order.append(mod)
-
-    for want in wanted:
-        n = want.replace("-", "_")
-        if n in builtin:
-            continue
-        if n not in byname:
-            raise BuildError(f"kernel {kver} has no module {want!r} (board/*/modules lists)")
-        visit(byname[n])
-    return order
-
-
-def install_module(src: Path, dest: Path) -> str:
-    data = src.read_bytes()
-    name = src.name
-    if name.endswith(".xz"):
-        import lzma
-        data, name = lzma.decompress(data), name[:-3]
-    elif name.endswith(".gz"):
-        data, name = gzip.decompress(data), name[:-3]
-    elif name.endswith(".zst"):
-        data, name = run(["zstd", "-dcq", str(src)]), name[:-4]
-    dest = dest.with_name(name)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_bytes(data)
-    return name
-
-
-def check_kernel_config(config: Path) -> None:
+def check_kernel_config(config: Path, fragments: list[Path]) -> None:
+    """The Debian kernel has every option the board's fragments ask for (Buildroot merges
+    the same fragments into its kernel configuration)."""
     have = {}
     for line in config.read_text().splitlines():
         if line.startswith("CONFIG_") and "=" in line:
             k, v = line.split("=", 1)
             have[k] = v
     missing = []
-    for line in (COMMON / "kernel.fragment").read_text().splitlines():
+    lines = [line for f in fragments for line in f.read_text().splitlines()]
+    for line in lines:
         if not line.startswith("CONFIG_"):
             continue
         k, v = line.split("=", 1)
@@ -575,46 +457,12 @@ def check_kernel_config(config: Path) -> None:
         if got is None or (v == "y" and got != "y") or (v == "m" and got not in ("m", "y")):
             missing.append(f"{k}={v} (kernel has {got or 'not set'})")
     if missing:
-        raise BuildError(f"{config.name} lacks what board/common/kernel.fragment needs: "
+        raise BuildError(f"{config.name} lacks what "
+                         f"{' and '.join(str(f.relative_to(ROOT)) for f in fragments)} need: "
                          + ", ".join(missing))
 
 
 # ---------------------------------------------------------------- archives and images
-
-
-def write_cpio(root: Path, out: Path, epoch: int) -> None:
-    """newc cpio of root: sorted, owner root, fixed times and inode numbers; /dev/console
-    is added as a device node (the kernel opens it before /init runs)."""
-    buf = io.BytesIO()
-    ino = 1
-
-    def entry(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
-        nonlocal ino
-        namez = name.encode() + b"\0"
-        hdr = b"070701" + b"".join(f"{v:08X}".encode() for v in (
-            ino, mode, 0, 0, 1, epoch, len(data), 0, 0, rdev[0], rdev[1], len(namez), 0))
-        buf.write(hdr + namez)
-        buf.write(b"\0" * (-(110 + len(namez)) % 4))
-        buf.write(data)
-        buf.write(b"\0" * (-len(data) % 4))
-        ino += 1
-
-    names = {str(p.relative_to(root)): p for p in walk(root)}
-    names.setdefault("dev", root / "dev")
-    for name in sorted(names):
-        p = names[name]
-        st = p.lstat() if p.exists() or p.is_symlink() else None
-        if st is None or stat.S_ISDIR(st.st_mode):
-            entry(name, stat.S_IFDIR | 0o755)
-        elif stat.S_ISLNK(st.st_mode):
-            entry(name, stat.S_IFLNK | 0o777, os.readlink(p).encode())
-        else:
-            entry(name, stat.S_IFREG | (0o755 if st.st_mode & 0o111 else 0o644), p.read_bytes())
-    entry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1))
-    entry("TRAILER!!!", 0)
-    with out.open("wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0, compresslevel=9,
-                                            filename="") as gz:
-        gz.write(buf.getvalue())
 
 
 def pe_add_sections(stub: bytes, sections: list[tuple[str, bytes]]) -> bytes:
@@ -674,23 +522,13 @@ def make_esp(path: Path, size_mib: int, files: dict[str, Path], volid: str, epoc
 
 def make_disk(path: Path, board: Board, contents: dict[str, Path]) -> list[dict]:
     """GPT disk: 1 MiB for the primary table, the partitions in order, then the backup."""
-    lines = ["label: gpt", f"label-id: {fixed_uuid(board.name, 'disk')}", "unit: sectors",
-             "first-lba: 2048", ""]
-    start = 2048
-    layout = []
-    for p in board.partitions:
-        size = p.size_mib * MiB // SECTOR
-        ptype = GPT_TYPES["root-" + board.arch.name] if p.type == "root" else GPT_TYPES[p.type]
-        puuid = fixed_uuid(board.name, f"part-{p.name}")
-        lines.append(f'start={start}, size={size}, type={ptype}, uuid={puuid}, name="{p.name}"')
-        layout.append({"name": p.name, "type": p.type, "start": start * SECTOR,
-                       "size": size * SECTOR, "partuuid": puuid})
-        start += size
-    total = (start + 2048) * SECTOR
+    disk = boardlib.disk_layout(board.info)  # the layout Buildroot's genimage gets too
+    layout = [{"name": p.name, "type": p.type, "start": p.start * SECTOR,
+               "size": p.size * SECTOR, "partuuid": p.partuuid} for p in disk.partitions]
     with path.open("wb") as f:
-        f.truncate(total)
+        f.truncate(disk.total_bytes)
     run(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", "--wipe", "never", str(path)],
-        input="\n".join(lines).encode() + b"\n")
+        input=boardlib.sfdisk_script(disk).encode())
     with path.open("r+b") as f:
         for part in layout:
             src = contents.get(part["name"])
@@ -749,104 +587,6 @@ def check_imports(root: Path, arch: Arch, modules: list[str]) -> None:
              str(root / "usr/bin" / PY), "-B", "-c", code, *modules], env=env)
     except BuildError as e:
         raise BuildError(f"the image's python cannot import socketd's modules: {e}") from e
-
-
-def check_led_map(path: Path) -> None:
-    """The board's LED map, read the way socketd will (sdwan.appliance.ledmap owns the format)."""
-    sys.path.insert(0, str(ROOT / "firmware"))
-    try:
-        from sdwan.appliance.ledmap import load_led_map
-    except ImportError:
-        return
-    finally:
-        sys.path.pop(0)
-    try:
-        load_led_map(path)
-    except Exception as e:  # noqa: BLE001 - any complaint of the reader stops the build
-        raise BuildError(f"LED map: {e}") from e
-
-
-def install_overlay(root: Path, console: str, baud: int) -> None:
-    """board/common/rootfs into root: init scripts, users, the console's login; inittab gets
-    the board's console port and speed."""
-    overlay = COMMON / "rootfs"
-    for src in walk(overlay):
-        rel = src.relative_to(overlay)
-        dest = root / rel
-        if src.is_dir():
-            dest.mkdir(parents=True, exist_ok=True)
-        elif rel.name == "inittab.in":
-            dest.with_name("inittab").write_text(
-                src.read_text().replace("@CONSOLE@", console).replace("@BAUD@", str(baud)))
-        else:
-            shutil.copyfile(src, dest)
-            dest.chmod(0o755 if os.access(src, os.X_OK) else 0o644)
-    (root / "etc/shadow").chmod(0o600)
-
-
-def _runs_a_shell(command: str) -> str | None:
-    """The shell or login program a command line starts, if any (`-/bin/sh`, `exec sh -l`)."""
-    for word in re.split(r"[\s;&|()]+", command):
-        name = Path(word.lstrip("-")).name
-        if name in SHELLS:
-            return word
-    return None
-
-
-def check_console(root: Path, console: str) -> None:
-    """The console port runs socket-console and nothing else: its entry point and module are
-    in the image, getty on the board's port runs CONSOLE_LOGIN, which runs the entry point
-    only, and no inittab entry starts a shell or another login. A missing console must fail
-    the build: the box would otherwise boot with no way in on site, or with a way around the
-    console's login."""
-    entry = root / "usr/bin" / CONSOLE_ENTRY
-    if not entry.is_file() or not os.access(entry, os.X_OK):
-        raise BuildError(
-            f"the console entry point /usr/bin/{CONSOLE_ENTRY} is missing from the image: "
-            f"pyproject.toml [project.scripts] must define {CONSOLE_ENTRY} and mkimage.py's "
-            "NOT_ON_APPLIANCE must not list it (the serial console would have no login)")
-    if f"from {CONSOLE_MODULE} import" not in entry.read_text(errors="replace"):
-        raise BuildError(f"/usr/bin/{CONSOLE_ENTRY} does not run {CONSOLE_MODULE}")
-    module = root / "usr/lib/python3/dist-packages" / (CONSOLE_MODULE.replace(".", "/") + ".py")
-    if not module.is_file():
-        raise BuildError(f"the console module {CONSOLE_MODULE} is missing from the image "
-                         f"(expected {module.relative_to(root)})")
-
-    login = root / CONSOLE_LOGIN.lstrip("/")
-    if not login.is_file() or not os.access(login, os.X_OK):
-        raise BuildError(f"{CONSOLE_LOGIN} is missing from the image (board/common/rootfs)")
-    body = [line.split("#", 1)[0].strip() for line in login.read_text().splitlines()[1:]]
-    body = [line for line in body if line]
-    execs = [m.group(0) for line in body for m in re.finditer(r"\bexec\s+\S+", line)]
-    if execs != [f"exec /usr/bin/{CONSOLE_ENTRY}"]:
-        raise BuildError(f"{CONSOLE_LOGIN} must run `exec /usr/bin/{CONSOLE_ENTRY}` and nothing "
-                         f"else, found: {execs or 'no exec'}")
-    for line in body:
-        if shell := _runs_a_shell(line):
-            raise BuildError(f"{CONSOLE_LOGIN} starts {shell!r} ({line!r}): no shell may stand "
-                             "in for the console's login")
-
-    inittab = root / "etc/inittab"
-    gettys = []
-    for n, line in enumerate(inittab.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        fields = line.split(":", 3)
-        if len(fields) != 4:
-            raise BuildError(f"/etc/inittab line {n} is not id:runlevels:action:process: {line}")
-        tty, _, action, command = fields
-        if action == "askfirst" or (shell := _runs_a_shell(command)):
-            raise BuildError(f"/etc/inittab line {n} starts a shell on a terminal ({line!r}): "
-                             "the console's login is the only way in")
-        if Path(command.split()[0]).name == "getty":
-            if f"-l {CONSOLE_LOGIN}" not in command:
-                raise BuildError(f"/etc/inittab line {n}: getty without -l {CONSOLE_LOGIN} "
-                                 f"would run another login ({line!r})")
-            gettys.append(tty)
-    if console not in gettys:
-        raise BuildError(f"/etc/inittab runs no getty with the console's login on the board's "
-                         f"console port {console}")
 
 
 def busybox_applets(host_busybox: Path) -> list[str]:
@@ -948,29 +688,9 @@ def assemble_rootfs(board: Board, work: Path, kver: str, kstage: Path,
 
     # the overlay: init scripts, users, board files
     install_overlay(root, board.console, board.baud)
-    etc_sdwan = root / "etc/sdwan"
-    etc_sdwan.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(board.dir / "board.toml", etc_sdwan / "board.toml")
-    check_led_map(board.dir / "leds.toml")
-    shutil.copyfile(board.dir / "leds.toml", etc_sdwan / "leds.toml")
-    # The clock's floor on a board without a working RTC (rcS, docs/time.md).
-    (etc_sdwan / "build-time").write_text(f"{os.environ['SOURCE_DATE_EPOCH']}\n")
-    if board.qemu_provisioning:
-        (etc_sdwan / "qemu-provisioning").write_text("fw_cfg opt/sdwan/data/* seeds /data\n")
-    (root / "etc/hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost\n")
-    (root / "etc/resolv.conf").symlink_to("/run/resolv.conf")
-    (root / "etc/mtab").symlink_to("/proc/self/mounts")
-    # socketd's tools look for /etc/socketd.toml; on the appliance it lives in /data.
-    (root / "etc/socketd.toml").symlink_to("/data/socketd.toml")
+    boardlib.install_board_files(root, board.info, epoch)
     (root / "etc/os-release").write_text(
-        'NAME="Socket SD-WAN appliance"\nID=socket\n'
-        f'VERSION_ID={manifest["version"]}\nBUILD_ID={manifest["commit"]}\n'
-        f'VARIANT_ID={board.name}\n')
-    for d in ("dev", "proc", "sys", "run", "tmp", "data", "root", "var/lib"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    for link, target in (("var/lib/socketd", "/data/socketd"), ("var/log", "/run/log"),
-                         ("var/run", "/run"), ("var/tmp", "/tmp")):
-        (root / link).symlink_to(target)
+        boardlib.os_release(board.name, manifest["version"], manifest["commit"]))
     check_libraries(root, a)
     check_console(root, board.console)
     entry_modules = sorted({t.split(":")[0] for n, t in tomllib.loads(
@@ -1017,7 +737,7 @@ def build(board_name: str, out_dir: Path) -> Path:
     merge_usr(kstage)
     kver = kpkg.group(1).removeprefix("linux-image-")
     kroot = kstage / "usr"  # lib/modules/<kver>
-    check_kernel_config(kstage / "boot" / f"config-{kver}")
+    check_kernel_config(kstage / "boot" / f"config-{kver}", boardlib.kernel_fragments(board.info))
     step(f"kernel {kver}: depmod")
     run(["depmod", "-b", str(kroot), kver])
     manifest["kernel"] = kver

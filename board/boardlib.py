@@ -1,0 +1,724 @@
+#!/usr/bin/env python3
+"""The boards, in one place for both ways of building the appliance: board/mkimage.py (from
+Debian packages) imports this module, and the Buildroot tree's post-build and post-image
+scripts (buildroot/board/common/) run it. What a board is comes from board/<name>/board.toml
+and the files beside it; what this module owns is how that becomes a root filesystem and a
+disk, so that both builds give the same partition table, overlay, serial console, LED map,
+kernel options and boot modules:
+
+* reading board.toml (architecture, serial ports, command line, partitions, modules);
+* the GPT layout: partition order, sizes, offsets, type GUIDs and the fixed disk and
+  partition GUIDs (as an sfdisk script for mkimage, as a genimage config for Buildroot);
+* the kernel configuration fragments of a board (board/common/kernel.fragment plus
+  board/<name>/kernel.fragment);
+* the overlay (board/common/rootfs, inittab with the board's console port), the board files
+  in /etc/sdwan, the links and directories of the read-only root, /etc/os-release;
+* the check that the serial console runs socket-console and nothing else;
+* kernel module closures (modules.dep) and the initramfs (board/common/initramfs/init,
+  busybox, the boot modules) as a reproducible cpio.
+
+Buildroot's scripts call it as (with Buildroot's host python, 3.11 or later):
+
+    boardlib.py rootfs BOARD TARGET_DIR               post-build: overlay, board files, checks
+    boardlib.py image BOARD TARGET_DIR BINARIES_DIR   post-image: initramfs, grub.cfg, ESP
+                                                      files and genimage-<BOARD>.cfg
+    boardlib.py boards                                the board names
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import io
+import os
+import re
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+import tomllib
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BOARDS = ROOT / "board"
+COMMON = BOARDS / "common"
+MiB = 1024 * 1024
+SECTOR = 512
+
+# Fixed identities: derived from the board name, so they never change between builds.
+ID_NAMESPACE = uuid.UUID("5b1c3f0e-8f7a-4d0c-9a52-0d6f2b8e4a11")
+GPT_TYPES = {
+    "esp": "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
+    "data": "0FC63DAF-8483-4772-8E79-3D69D8477DE4",
+    # "root" follows the Discoverable Partitions Specification, per architecture.
+    "root-x86_64": "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",
+    "root-aarch64": "B921B045-1DF0-41C3-AF44-4C6F280D3FAE",
+}
+# The UEFI removable-media path of each architecture (what the firmware loads from the ESP).
+EFI_LOADERS = {"x86_64": "BOOTX64.EFI", "aarch64": "BOOTAA64.EFI"}
+# The kernel image Buildroot leaves in its images folder, per architecture.
+KERNEL_IMAGES = {"x86_64": "bzImage", "aarch64": "Image"}
+# The first partition starts at 1 MiB; 1 MiB is left after the last one for the backup GPT.
+FIRST_LBA = 2048
+TAIL_SECTORS = 2048
+
+# socketd's console scripts and firmware modules that do not belong on an appliance.
+NOT_ON_APPLIANCE = {"socket-lab", "popd", "popctl", "socket-pki"}
+NOT_ON_APPLIANCE_MODULES = {"lab"}
+# The serial console: getty runs CONSOLE_LOGIN, which runs the console's entry point and
+# nothing else (check_console).
+CONSOLE_ENTRY = "socket-console"
+CONSOLE_MODULE = "sdwan.appliance.console"
+CONSOLE_LOGIN = "/usr/libexec/sdwan/console-login"
+# Programs that would give a login or a shell on a terminal of their own.
+SHELLS = {"sh", "ash", "bash", "dash", "hush", "login", "sulogin", "su"}
+
+
+class BuildError(Exception):
+    """The image cannot be built; the message says what is wrong and what to do."""
+
+
+def fixed_uuid(board: str, what: str) -> str:
+    return str(uuid.uuid5(ID_NAMESPACE, f"{board}/{what}")).upper()
+
+
+def walk(root: Path) -> Iterator[Path]:
+    """Every path below root, sorted, directories before their contents."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        base = Path(dirpath)
+        for name in sorted(dirnames + filenames):
+            yield base / name
+
+
+# ---------------------------------------------------------------- board description
+
+
+@dataclasses.dataclass
+class Partition:
+    name: str
+    type: str
+    size_mib: int
+
+
+@dataclasses.dataclass
+class BoardInfo:
+    name: str
+    dir: Path
+    arch: str  # uname -m: x86_64 or aarch64
+    console: str
+    baud: int
+    cmdline: str
+    partitions: list[Partition]
+    modules_boot: list[str]
+    modules_runtime: list[str]
+    modules_on_demand: list[str]
+    qemu_provisioning: bool
+    raw: dict
+
+
+def board_names() -> list[str]:
+    return sorted(p.parent.name for p in BOARDS.glob("*/board.toml"))
+
+
+def load_board(name: str) -> BoardInfo:
+    d = BOARDS / name
+    path = d / "board.toml"
+    if name == "common" or not path.is_file():
+        raise BuildError(f"unknown board {name!r}: expected one of {', '.join(board_names())}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise BuildError(f"{path}: {e}") from e
+
+    def need(table: str, key: str) -> object:
+        try:
+            return raw[table][key]
+        except (KeyError, TypeError):
+            raise BuildError(f"{path}: [{table}] {key} is required") from None
+
+    arch = need("board", "arch")
+    if arch not in EFI_LOADERS:
+        raise BuildError(f"{path}: [board] arch must be one of {sorted(EFI_LOADERS)}, "
+                         f"got {arch!r}")
+    parts = []
+    for i, p in enumerate(raw.get("partition", [])):
+        if p.get("type") not in ("esp", "root", "data") or not isinstance(
+                p.get("size_mib"), int) or p["size_mib"] < 1:
+            raise BuildError(f"{path}: partition #{i + 1} needs type esp|root|data and "
+                             f"size_mib >= 1, got {p!r}")
+        parts.append(Partition(str(p.get("name", p["type"])), p["type"], p["size_mib"]))
+    if sorted(p.type for p in parts) != ["data", "esp", "root"]:
+        raise BuildError(f"{path}: needs exactly one esp, one root and one data partition")
+    common = tomllib.loads((COMMON / "modules.toml").read_text())
+    mods = raw.get("modules", {})
+    return BoardInfo(
+        name=name, dir=d, arch=str(arch),
+        console=str(need("serial", "console")["device"]),  # type: ignore[index]
+        baud=int(raw["serial"]["console"].get("baud", 115200)),
+        cmdline=str(need("boot", "cmdline")),
+        partitions=parts,
+        modules_boot=list(common["boot"]) + list(mods.get("boot", [])),
+        modules_runtime=list(common["runtime"]) + list(mods.get("runtime", [])),
+        modules_on_demand=list(common.get("on_demand", [])),
+        qemu_provisioning=bool(raw["board"].get("qemu_provisioning", False)),
+        raw=raw,
+    )
+
+
+def kernel_fragments(board: BoardInfo) -> list[Path]:
+    """The kernel options the board needs: what every board needs, then its own."""
+    own = board.dir / "kernel.fragment"
+    return [COMMON / "kernel.fragment"] + ([own] if own.is_file() else [])
+
+
+# ---------------------------------------------------------------- the disk
+
+
+@dataclasses.dataclass
+class Placed:
+    name: str
+    type: str
+    type_uuid: str
+    partuuid: str
+    start: int  # sectors
+    size: int  # sectors
+
+
+@dataclasses.dataclass
+class DiskLayout:
+    disk_uuid: str
+    partitions: list[Placed]
+    total_bytes: int
+
+
+def disk_layout(board: BoardInfo) -> DiskLayout:
+    """The GPT of the board's disk image: 1 MiB for the primary table, the partitions in
+    board.toml's order, each right after the one before, then 1 MiB for the backup table."""
+    start = FIRST_LBA
+    placed = []
+    for p in board.partitions:
+        size = p.size_mib * MiB // SECTOR
+        ptype = GPT_TYPES["root-" + board.arch] if p.type == "root" else GPT_TYPES[p.type]
+        placed.append(Placed(p.name, p.type, ptype, fixed_uuid(board.name, f"part-{p.name}"),
+                             start, size))
+        start += size
+    return DiskLayout(fixed_uuid(board.name, "disk"), placed, (start + TAIL_SECTORS) * SECTOR)
+
+
+def sfdisk_script(layout: DiskLayout) -> str:
+    lines = ["label: gpt", f"label-id: {layout.disk_uuid}", "unit: sectors",
+             f"first-lba: {FIRST_LBA}", ""]
+    for p in layout.partitions:
+        lines.append(f'start={p.start}, size={p.size}, type={p.type_uuid}, '
+                     f'uuid={p.partuuid}, name="{p.name}"')
+    return "\n".join(lines) + "\n"
+
+
+def genimage_config(board: BoardInfo, image: str, contents: dict[str, str],
+                    esp_dir: str) -> str:
+    """genimage's description of the same disk: the ESP made from esp_dir (a folder of the
+    images folder), the partitions filled from contents (partition name -> image file);
+    a partition without contents (data) is left empty, as in mkimage's image."""
+    layout = disk_layout(board)
+    esp = next(p for p in layout.partitions if p.type == "esp")
+    volid = fixed_uuid(board.name, "esp")[:8]
+    out = [
+        "# Made by board/boardlib.py from board/" + board.name + "/board.toml: do not edit.",
+        f"image {board.name}-esp.vfat {{",
+        "\tvfat {",
+        f'\t\textraargs = "-i {volid} -n ESP"',
+        "\t\tfile EFI {",
+        f'\t\t\timage = "{esp_dir}/EFI"',
+        "\t\t}",
+        "\t}",
+        f"\tsize = {esp.size * SECTOR}",
+        "}",
+        "",
+        f"image {image} {{",
+        "\thdimage {",
+        '\t\tpartition-table-type = "gpt"',
+        f'\t\tdisk-uuid = "{layout.disk_uuid}"',
+        "\t}",
+        f"\tsize = {layout.total_bytes}",
+    ]
+    for p in layout.partitions:
+        src = f"{board.name}-esp.vfat" if p.type == "esp" else contents.get(p.name)
+        out += [
+            "",
+            f"\tpartition {p.name} {{",
+            f'\t\tpartition-type-uuid = "{p.type_uuid}"',
+            f'\t\tpartition-uuid = "{p.partuuid}"',
+            f"\t\toffset = {p.start * SECTOR}",
+            f"\t\tsize = {p.size * SECTOR}",
+        ]
+        if src:
+            out.append(f'\t\timage = "{src}"')
+        out.append("\t}")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------- the root filesystem
+
+
+def install_overlay(root: Path, console: str, baud: int) -> None:
+    """board/common/rootfs into root: init scripts, users, the console's login; inittab gets
+    the board's console port and speed (an overlay copied as it is, as Buildroot does, is
+    completed the same way: inittab.in becomes inittab)."""
+    overlay = COMMON / "rootfs"
+    for src in walk(overlay):
+        rel = src.relative_to(overlay)
+        dest = root / rel
+        if src.is_dir():
+            dest.mkdir(parents=True, exist_ok=True)
+        elif rel.name == "inittab.in":
+            dest.with_name("inittab").write_text(
+                src.read_text().replace("@CONSOLE@", console).replace("@BAUD@", str(baud)))
+            if dest.exists():
+                dest.unlink()
+        else:
+            if dest.is_symlink():
+                dest.unlink()
+            shutil.copyfile(src, dest)
+            dest.chmod(0o755 if os.access(src, os.X_OK) else 0o644)
+    (root / "etc/shadow").chmod(0o600)
+
+
+def check_led_map(path: Path) -> None:
+    """The board's LED map, read the way socketd will (sdwan.appliance.ledmap owns the format)."""
+    sys.path.insert(0, str(ROOT / "firmware"))
+    try:
+        from sdwan.appliance.ledmap import load_led_map
+    except ImportError:
+        return
+    finally:
+        sys.path.pop(0)
+    try:
+        load_led_map(path)
+    except Exception as e:  # noqa: BLE001 - any complaint of the reader stops the build
+        raise BuildError(f"LED map: {e}") from e
+
+
+def os_release(board: str, version: str, commit: str) -> str:
+    return ('NAME="Socket SD-WAN appliance"\nID=socket\n'
+            f'VERSION_ID={version}\nBUILD_ID={commit}\nVARIANT_ID={board}\n')
+
+
+def install_board_files(root: Path, board: BoardInfo, epoch: int) -> None:
+    """What the root gets from the board folder (/etc/sdwan) and the fixed layout of the
+    read-only root: /data, the links into /run and /data, empty mount points."""
+    etc_sdwan = root / "etc/sdwan"
+    etc_sdwan.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(board.dir / "board.toml", etc_sdwan / "board.toml")
+    check_led_map(board.dir / "leds.toml")
+    shutil.copyfile(board.dir / "leds.toml", etc_sdwan / "leds.toml")
+    # The clock's floor on a board without a working RTC (rcS, docs/time.md).
+    (etc_sdwan / "build-time").write_text(f"{epoch}\n")
+    if board.qemu_provisioning:
+        (etc_sdwan / "qemu-provisioning").write_text("fw_cfg opt/sdwan/data/* seeds /data\n")
+    (root / "etc/hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost\n")
+    for link, target in (("etc/resolv.conf", "/run/resolv.conf"),
+                         ("etc/mtab", "/proc/self/mounts"),
+                         # socketd's tools look for /etc/socketd.toml; it lives in /data.
+                         ("etc/socketd.toml", "/data/socketd.toml")):
+        replace_with_link(root / link, target)
+    for d in ("dev", "proc", "sys", "run", "tmp", "data", "root", "var/lib"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for link, target in (("var/lib/socketd", "/data/socketd"), ("var/log", "/run/log"),
+                         ("var/run", "/run"), ("var/tmp", "/tmp")):
+        replace_with_link(root / link, target)
+
+
+def replace_with_link(path: Path, target: str) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+    path.symlink_to(target)
+
+
+def site_dirs(root: Path) -> list[Path]:
+    """The folders python imports packages from in root (Debian's dist-packages, Buildroot's
+    site-packages)."""
+    return sorted(p for p in (*root.glob("usr/lib/python3*/site-packages"),
+                              *root.glob("usr/lib/python3/dist-packages")) if p.is_dir())
+
+
+def _runs_a_shell(command: str) -> str | None:
+    """The shell or login program a command line starts, if any (`-/bin/sh`, `exec sh -l`)."""
+    for word in re.split(r"[\s;&|()]+", command):
+        name = Path(word.lstrip("-")).name
+        if name in SHELLS:
+            return word
+    return None
+
+
+def check_console(root: Path, console: str) -> None:
+    """The console port runs socket-console and nothing else: its entry point and module are
+    in the image, getty on the board's port runs CONSOLE_LOGIN, which runs the entry point
+    only, and no inittab entry starts a shell or another login. A missing console must fail
+    the build: the box would otherwise boot with no way in on site, or with a way around the
+    console's login."""
+    entry = root / "usr/bin" / CONSOLE_ENTRY
+    if not entry.is_file() or not os.access(entry, os.X_OK):
+        raise BuildError(
+            f"the console entry point /usr/bin/{CONSOLE_ENTRY} is missing from the image: "
+            f"pyproject.toml [project.scripts] must define {CONSOLE_ENTRY} and "
+            "NOT_ON_APPLIANCE (board/boardlib.py) must not list it (the serial console "
+            "would have no login)")
+    text = entry.read_text(errors="replace")
+    if f"from {CONSOLE_MODULE} import" not in text and f"{CONSOLE_MODULE}:" not in text:
+        raise BuildError(f"/usr/bin/{CONSOLE_ENTRY} does not run {CONSOLE_MODULE}")
+    rel = CONSOLE_MODULE.replace(".", "/") + ".py"
+    sites = site_dirs(root)
+    if not any((s / rel).is_file() or (s / (rel + "c")).is_file() for s in sites):
+        expected = (sites[0] if sites else root / "usr/lib/python3/dist-packages") / rel
+        raise BuildError(f"the console module {CONSOLE_MODULE} is missing from the image "
+                         f"(expected {expected.relative_to(root)})")
+
+    login = root / CONSOLE_LOGIN.lstrip("/")
+    if not login.is_file() or not os.access(login, os.X_OK):
+        raise BuildError(f"{CONSOLE_LOGIN} is missing from the image (board/common/rootfs)")
+    body = [line.split("#", 1)[0].strip() for line in login.read_text().splitlines()[1:]]
+    body = [line for line in body if line]
+    execs = [m.group(0) for line in body for m in re.finditer(r"\bexec\s+\S+", line)]
+    if execs != [f"exec /usr/bin/{CONSOLE_ENTRY}"]:
+        raise BuildError(f"{CONSOLE_LOGIN} must run `exec /usr/bin/{CONSOLE_ENTRY}` and nothing "
+                         f"else, found: {execs or 'no exec'}")
+    for line in body:
+        if shell := _runs_a_shell(line):
+            raise BuildError(f"{CONSOLE_LOGIN} starts {shell!r} ({line!r}): no shell may stand "
+                             "in for the console's login")
+
+    inittab = root / "etc/inittab"
+    gettys = []
+    for n, line in enumerate(inittab.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split(":", 3)
+        if len(fields) != 4:
+            raise BuildError(f"/etc/inittab line {n} is not id:runlevels:action:process: {line}")
+        tty, _, action, command = fields
+        if action == "askfirst" or (shell := _runs_a_shell(command)):
+            raise BuildError(f"/etc/inittab line {n} starts a shell on a terminal ({line!r}): "
+                             "the console's login is the only way in")
+        if Path(command.split()[0]).name == "getty":
+            if f"-l {CONSOLE_LOGIN}" not in command:
+                raise BuildError(f"/etc/inittab line {n}: getty without -l {CONSOLE_LOGIN} "
+                                 f"would run another login ({line!r})")
+            gettys.append(tty)
+    if console not in gettys:
+        raise BuildError(f"/etc/inittab runs no getty with the console's login on the board's "
+                         f"console port {console}")
+
+
+# ---------------------------------------------------------------- kernel modules
+
+
+def mod_name(path: str) -> str:
+    base = Path(path).name
+    base = re.sub(r"\.ko(\.xz|\.zst|\.gz)?$", "", base)
+    return base.replace("-", "_")
+
+
+def module_closure(kroot: Path, kver: str, wanted: Iterable[str]) -> list[str]:
+    """Module paths (relative to lib/modules/<kver>) in load order, dependencies first.
+    A wanted module built into the kernel needs nothing."""
+    moddir = kroot / "lib/modules" / kver
+    deps: dict[str, list[str]] = {}
+    byname: dict[str, str] = {}
+    for line in (moddir / "modules.dep").read_text().splitlines():
+        mod, _, rest = line.partition(":")
+        deps[mod] = rest.split()
+        byname[mod_name(mod)] = mod
+    builtin_file = moddir / "modules.builtin"
+    builtin = ({mod_name(x) for x in builtin_file.read_text().split()}
+               if builtin_file.is_file() else set())
+    order: list[str] = []
+
+    def visit(mod: str) -> None:
+        if mod in order:
+            return
+        for dep in reversed(deps[mod]):  # modules.dep lists the last to load first
+            visit(dep)
+        order.append(mod)
+
+    for want in wanted:
+        n = want.replace("-", "_")
+        if n in builtin:
+            continue
+        if n not in byname:
+            raise BuildError(f"kernel {kver} has no module {want!r} (board/*/modules lists; "
+                             "the kernel options are in the boards' kernel.fragment files)")
+        visit(byname[n])
+    return order
+
+
+def install_module(src: Path, dest: Path) -> str:
+    """Copies a module, uncompressed (insmod in busybox reads plain .ko); its file name."""
+    data = src.read_bytes()
+    name = src.name
+    if name.endswith(".xz"):
+        import lzma
+        data, name = lzma.decompress(data), name[:-3]
+    elif name.endswith(".gz"):
+        data, name = gzip.decompress(data), name[:-3]
+    elif name.endswith(".zst"):
+        data = subprocess.run(["zstd", "-dcq", str(src)], capture_output=True,
+                              check=True).stdout
+        name = name[:-4]
+    dest = dest.with_name(name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(data)
+    return name
+
+
+def kernel_version(root: Path) -> str:
+    """The one kernel whose modules are in root (Buildroot installs exactly one)."""
+    kvers = sorted(p.name for p in (root / "lib/modules").glob("*")
+                   if (p / "modules.dep").is_file())
+    if len(kvers) != 1:
+        raise BuildError(f"expected the modules of one kernel in {root}/lib/modules, found "
+                         f"{kvers or 'none'} (BR2_LINUX_KERNEL and CONFIG_MODULES)")
+    return kvers[0]
+
+
+# ---------------------------------------------------------------- archives
+
+
+def write_cpio(root: Path, out: Path, epoch: int) -> None:
+    """newc cpio of root: sorted, owner root, fixed times and inode numbers; /dev/console
+    is added as a device node (the kernel opens it before /init runs)."""
+    buf = io.BytesIO()
+    ino = 1
+
+    def entry(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+        nonlocal ino
+        namez = name.encode() + b"\0"
+        hdr = b"070701" + b"".join(f"{v:08X}".encode() for v in (
+            ino, mode, 0, 0, 1, epoch, len(data), 0, 0, rdev[0], rdev[1], len(namez), 0))
+        buf.write(hdr + namez)
+        buf.write(b"\0" * (-(110 + len(namez)) % 4))
+        buf.write(data)
+        buf.write(b"\0" * (-len(data) % 4))
+        ino += 1
+
+    names = {str(p.relative_to(root)): p for p in walk(root)}
+    names.setdefault("dev", root / "dev")
+    for name in sorted(names):
+        p = names[name]
+        st = p.lstat() if p.exists() or p.is_symlink() else None
+        if st is None or stat.S_ISDIR(st.st_mode):
+            entry(name, stat.S_IFDIR | 0o755)
+        elif stat.S_ISLNK(st.st_mode):
+            entry(name, stat.S_IFLNK | 0o777, os.readlink(p).encode())
+        else:
+            entry(name, stat.S_IFREG | (0o755 if st.st_mode & 0o111 else 0o644), p.read_bytes())
+    entry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1))
+    entry("TRAILER!!!", 0)
+    with out.open("wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0, compresslevel=9,
+                                            filename="") as gz:
+        gz.write(buf.getvalue())
+
+
+def elf_needed(path: Path) -> list[str]:
+    """The DT_NEEDED entries of a 64-bit little-endian ELF file (both boards' format)."""
+    data = path.read_bytes()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise BuildError(f"{path} is not a 64-bit little-endian ELF file")
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize)
+                for i in range(shnum)]
+    needed = []
+    for _name, stype, _fl, _addr, off, size, link, _info, _al, entsize in sections:
+        if stype != 6:  # SHT_DYNAMIC
+            continue
+        strtab_off = sections[link][4]
+        for i in range(size // (entsize or 16)):
+            tag, val = struct.unpack_from("<qQ", data, off + i * 16)
+            if tag == 0:
+                break
+            if tag == 1:  # DT_NEEDED
+                end = data.index(b"\0", strtab_off + val)
+                needed.append(data[strtab_off + val:end].decode())
+    return needed
+
+
+def find_library(root: Path, name: str) -> Path:
+    for d in ("usr/lib", "lib", "usr/lib64", "lib64"):
+        p = root / d / name
+        if p.exists():
+            return p
+    raise BuildError(f"{name} is not in {root}/usr/lib")
+
+
+def make_initramfs(board: BoardInfo, root: Path, out: Path, epoch: int) -> None:
+    """The initramfs of the board from a built root filesystem: board/common/initramfs/init,
+    the root's busybox with the libraries it needs, and the board's boot modules (with their
+    dependencies) of the root's kernel; /init reads their order from /etc/modules.boot."""
+    work = out.with_suffix(".d")
+    if work.exists():
+        shutil.rmtree(work)
+    for d in ("bin", "dev", "proc", "sys", "newroot", "etc"):
+        (work / d).mkdir(parents=True)
+    busybox = next((p for p in (root / "usr/bin/busybox", root / "bin/busybox") if p.exists()),
+                   None)
+    if busybox is None:
+        raise BuildError(f"{root} has no busybox")
+    shutil.copyfile(busybox.resolve(), work / "bin/busybox")
+    (work / "bin/busybox").chmod(0o755)
+    (work / "bin/sh").symlink_to("busybox")
+    # a dynamically linked busybox takes its libraries and loader along
+    todo, seen = list(elf_needed(busybox.resolve())), set()
+    interp = [p for p in (*root.glob("lib/ld-linux*"), *root.glob("usr/lib/ld-linux*"))]
+    for p in interp:
+        todo.append(p.name)
+    while todo:
+        lib = todo.pop()
+        if lib in seen:
+            continue
+        seen.add(lib)
+        src = find_library(root, lib).resolve()
+        (work / "lib").mkdir(exist_ok=True)
+        shutil.copyfile(src, work / "lib" / lib)
+        (work / "lib" / lib).chmod(0o755)
+        todo.extend(elf_needed(src))
+    if seen:
+        (work / "lib64").symlink_to("lib")
+    shutil.copyfile(COMMON / "initramfs/init", work / "init")
+    (work / "init").chmod(0o755)
+    kver = kernel_version(root)
+    kroot = root if (root / "lib/modules").is_dir() else root / "usr"
+    boot_mods = []
+    for rel in module_closure(kroot, kver, board.modules_boot):
+        name = install_module(kroot / "lib/modules" / kver / rel, work / "lib/modules" / rel)
+        boot_mods.append(str(Path(rel).parent / name))
+    (work / "etc/modules.boot").write_text("\n".join(boot_mods) + "\n")
+    write_cpio(work, out, epoch)
+    shutil.rmtree(work)
+
+
+# ---------------------------------------------------------------- the Buildroot build
+
+
+def source_epoch() -> int:
+    if os.environ.get("SOURCE_DATE_EPOCH"):
+        return int(os.environ["SOURCE_DATE_EPOCH"])
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%ct"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        return int(out)
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        return 0
+
+
+def source_commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def firmware_version() -> str:
+    return str(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"])
+
+
+def buildroot_rootfs(board: BoardInfo, target: Path) -> None:
+    """Buildroot's post-build: the target folder becomes the appliance's root, as mkimage
+    makes it from Debian packages (the same overlay, board files, module list and checks)."""
+    for name in NOT_ON_APPLIANCE:
+        p = target / "usr/bin" / name
+        if p.exists() or p.is_symlink():
+            p.unlink()
+    for site in site_dirs(target):
+        for mod in NOT_ON_APPLIANCE_MODULES:
+            if (site / "sdwan" / mod).is_dir():
+                shutil.rmtree(site / "sdwan" / mod)
+    install_overlay(target, board.console, board.baud)
+    install_board_files(target, board, source_epoch())
+    replace_file(target / "etc/os-release",
+                 os_release(board.name, firmware_version(), source_commit()))
+    kver = kernel_version(target)
+    kroot = target if (target / "lib/modules").is_dir() else target / "usr"
+    runtime = module_closure(kroot, kver, board.modules_runtime)
+    (kroot / "lib/modules" / kver / "modules.runtime").write_text("\n".join(runtime) + "\n")
+    check_console(target, board.console)
+
+
+def replace_file(path: Path, text: str) -> None:
+    if path.is_symlink():  # Buildroot's /etc/os-release links to /usr/lib/os-release
+        path.unlink()
+    path.write_text(text)
+
+
+def grub_cfg(board: BoardInfo) -> str:
+    kernel = KERNEL_IMAGES[board.arch]
+    return ("# Made by board/boardlib.py from board/" + board.name + "/board.toml.\n"
+            "set default=0\nset timeout=0\n"
+            'menuentry "Socket SD-WAN appliance" {\n'
+            f"\tlinux /EFI/BOOT/{kernel} {board.cmdline}\n"
+            "\tinitrd /EFI/BOOT/initrd.cpio.gz\n}\n")
+
+
+def buildroot_image(board: BoardInfo, target: Path, binaries: Path) -> Path:
+    """Buildroot's post-image, up to genimage: the initramfs, the ESP's files (Buildroot's
+    GRUB as the removable-media loader, its grub.cfg with the board's command line, the
+    kernel and the initramfs) and genimage-<board>.cfg; returns that config."""
+    esp = binaries / f"{board.name}-esp"
+    if esp.exists():
+        shutil.rmtree(esp)
+    boot = esp / "EFI/BOOT"
+    boot.mkdir(parents=True)
+    grub = binaries / "efi-part/EFI/BOOT" / EFI_LOADERS[board.arch].lower()
+    if not grub.is_file():
+        raise BuildError(f"{grub} is missing: the defconfig must build GRUB for EFI "
+                         "(BR2_TARGET_GRUB2 and its x86_64-efi or arm64-efi platform)")
+    shutil.copyfile(grub, boot / EFI_LOADERS[board.arch])
+    kernel = binaries / KERNEL_IMAGES[board.arch]
+    if not kernel.is_file():
+        raise BuildError(f"{kernel} is missing (BR2_LINUX_KERNEL)")
+    shutil.copyfile(kernel, boot / kernel.name)
+    make_initramfs(board, target, boot / "initrd.cpio.gz", source_epoch())
+    (boot / "grub.cfg").write_text(grub_cfg(board))
+    root = next(p for p in board.partitions if p.type == "root")
+    cfg = binaries / f"genimage-{board.name}.cfg"
+    cfg.write_text(genimage_config(board, f"{board.name}.img",
+                                   {root.name: "rootfs.squashfs"}, esp.name))
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="the boards, for the Buildroot tree's scripts")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("boards", help="print the board names")
+    p = sub.add_parser("rootfs", help="post-build: make TARGET_DIR the appliance's root")
+    p.add_argument("board")
+    p.add_argument("target", type=Path)
+    p = sub.add_parser("image", help="post-image: initramfs, ESP files, genimage config")
+    p.add_argument("board")
+    p.add_argument("target", type=Path)
+    p.add_argument("binaries", type=Path)
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "boards":
+            print("\n".join(board_names()))
+        elif args.cmd == "rootfs":
+            buildroot_rootfs(load_board(args.board), args.target)
+        else:
+            print(buildroot_image(load_board(args.board), args.target, args.binaries))
+    except BuildError as e:
+        print(f"boardlib: {getattr(args, 'board', '')}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
