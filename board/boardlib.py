@@ -577,9 +577,8 @@ def make_initramfs(board: BoardInfo, root: Path, out: Path, epoch: int) -> None:
     (work / "bin/sh").symlink_to("busybox")
     # a dynamically linked busybox takes its libraries and loader along
     todo, seen = list(elf_needed(busybox.resolve())), set()
-    interp = [p for p in (*root.glob("lib/ld-linux*"), *root.glob("usr/lib/ld-linux*"))]
-    for p in interp:
-        todo.append(p.name)
+    if todo:  # and the dynamic loader
+        todo += [p.name for p in (*root.glob("usr/lib/ld-linux*"), *root.glob("lib/ld-linux*"))]
     while todo:
         lib = todo.pop()
         if lib in seen:

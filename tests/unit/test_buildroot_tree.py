@@ -215,3 +215,144 @@ def test_python_pytun_hash_file_is_well_formed() -> None:
     assert "sha256" in hashed.get(f"python-pytun-{version.group(1)}.tar.gz", set())
     assert "sha256" in hashed.get("LICENSE", set())
     assert re.search(r"^PYTHON_PYTUN_LICENSE_FILES = LICENSE$", mk, re.M)
+
+
+# ---------------------------------------------------------------- the post-build and
+# post-image steps on a target folder laid out as Buildroot leaves it (merged /usr,
+# site-packages, console scripts as the installer writes them, a dynamic busybox)
+
+HOST_LIBS = (Path("/lib/x86_64-linux-gnu"), Path("/usr/lib/x86_64-linux-gnu"),
+             Path("/lib64"), Path("/usr/lib64"))
+
+
+def _host_library(name: str) -> Path:
+    for d in HOST_LIBS:
+        if (d / name).exists():
+            return (d / name).resolve()
+    raise FileNotFoundError(name)
+
+
+def _fake_module_tree(root: Path, kver: str, names: list[str]) -> None:
+    moddir = root / "usr/lib/modules" / kver
+    lines = []
+    for name in names:
+        rel = f"kernel/drivers/{name}.ko"
+        (moddir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (moddir / rel).write_bytes(b"\x7fELF module " + name.encode())
+        # ext4 needs jbd2, as in a real modules.dep
+        lines.append(f"{rel}: kernel/fs/jbd2.ko" if name == "ext4" else f"{rel}:")
+    (moddir / "kernel/fs").mkdir(parents=True, exist_ok=True)
+    (moddir / "kernel/fs/jbd2.ko").write_bytes(b"\x7fELF module jbd2")
+    lines.append("kernel/fs/jbd2.ko:")
+    (moddir / "modules.dep").write_text("\n".join(lines) + "\n")
+    (moddir / "modules.builtin").write_text("")
+
+
+@pytest.fixture()
+def target(tmp_path: Path, boardlib: ModuleType) -> Path:
+    """A Buildroot-like target folder of the qemu-x86_64 board."""
+    busybox = shutil.which("busybox")
+    if busybox is None or Path(busybox).resolve().read_bytes()[18] != 0x3E:  # EM_X86_64
+        pytest.skip("needs the host's busybox on x86_64 (scripts/setup.sh installs it)")
+    root = tmp_path / "target"
+    for d in ("usr/bin", "usr/sbin", "usr/lib", "etc"):
+        (root / d).mkdir(parents=True)
+    for link in ("bin", "sbin", "lib", "lib64"):
+        (root / link).symlink_to(f"usr/{link if link != 'lib64' else 'lib'}")
+    (root / "etc/inittab").write_text("::sysinit:/etc/init.d/rcS\nconsole::respawn:-/bin/sh\n")
+    (root / "usr/lib/os-release").write_text("NAME=Buildroot\n")
+    (root / "etc/os-release").symlink_to("../usr/lib/os-release")
+    shutil.copyfile(Path(busybox).resolve(), root / "usr/bin/busybox")
+    (root / "usr/bin/busybox").chmod(0o755)
+    todo = list(boardlib.elf_needed(root / "usr/bin/busybox")) + ["ld-linux-x86-64.so.2"]
+    while todo:
+        lib = todo.pop()
+        if not (root / "usr/lib" / lib).exists():
+            shutil.copyfile(_host_library(lib), root / "usr/lib" / lib)
+            todo += boardlib.elf_needed(root / "usr/lib" / lib)
+    for name, module in (("socket-console", "sdwan.appliance.console"),
+                         ("socketd", "sdwan.site.socketd"), ("popd", "sdwan.pop.popd"),
+                         ("socket-lab", "sdwan.lab.demo")):
+        script = root / "usr/bin" / name
+        script.write_text(f"#!/usr/bin/python3\nimport re\nimport sys\nfrom {module} import "
+                          "main\nif __name__ == '__main__':\n    sys.exit(main())\n")
+        script.chmod(0o755)
+    site = root / "usr/lib/python3.14/site-packages/sdwan"
+    for rel in ("appliance/console.pyc", "site/socketd.pyc", "lab/demo.pyc"):
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_bytes(b"")
+    info = boardlib.load_board("qemu-x86_64")
+    _fake_module_tree(root, "6.12.0", info.modules_boot + info.modules_runtime + ["softdog"])
+    return root
+
+
+def test_post_build_makes_the_appliance_root(boardlib: ModuleType, target: Path) -> None:
+    boardlib.main(["rootfs", "qemu-x86_64", str(target)])
+    info = boardlib.load_board("qemu-x86_64")
+    inittab = (target / "etc/inittab").read_text()
+    assert ("ttyS0::respawn:/sbin/getty -n -l /usr/libexec/sdwan/console-login 115200 ttyS0"
+            in inittab)
+    assert "/bin/sh" not in inittab and not (target / "etc/inittab.in").exists()
+    assert (target / "etc/sdwan/board.toml").read_text() == (info.dir / "board.toml").read_text()
+    assert (target / "etc/sdwan/leds.toml").read_text() == (info.dir / "leds.toml").read_text()
+    assert (target / "etc/sdwan/qemu-provisioning").is_file()
+    assert (target / "etc/sdwan/build-time").read_text().strip().isdigit()
+    assert "VARIANT_ID=qemu-x86_64" in (target / "etc/os-release").read_text()
+    assert (target / "usr/lib/os-release").read_text() == "NAME=Buildroot\n"
+    assert str((target / "etc/socketd.toml").readlink()) == "/data/socketd.toml"
+    assert not (target / "usr/bin/popd").exists() and not (target / "usr/bin/socket-lab").exists()
+    assert (target / "usr/bin/socketd").exists()
+    assert not (target / "usr/lib/python3.14/site-packages/sdwan/lab").exists()
+    runtime = (target / "usr/lib/modules/6.12.0/modules.runtime").read_text().split()
+    assert runtime.index("kernel/fs/jbd2.ko") < runtime.index("kernel/drivers/ext4.ko")
+    assert "kernel/drivers/i6300esb.ko" in runtime  # the board's own runtime module
+    assert "kernel/drivers/softdog.ko" not in runtime  # loaded on demand only
+
+
+def test_post_build_refuses_a_root_without_the_console(
+    boardlib: ModuleType, target: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (target / "usr/bin/socket-console").unlink()
+    assert boardlib.main(["rootfs", "qemu-x86_64", str(target)]) == 1
+    assert "/usr/bin/socket-console is missing" in capsys.readouterr().err
+
+
+def _cpio_names(path: Path) -> dict[str, bytes]:
+    import gzip
+
+    data, names, pos = gzip.decompress(path.read_bytes()), {}, 0
+    while True:
+        fields = [int(data[pos + 6 + 8 * i:pos + 14 + 8 * i], 16) for i in range(13)]
+        size, namesize = fields[6], fields[11]
+        name = data[pos + 110:pos + 110 + namesize - 1].decode()
+        pos = (pos + 110 + namesize + 3) // 4 * 4
+        if name == "TRAILER!!!":
+            return names
+        names[name] = data[pos:pos + size]
+        pos = (pos + size + 3) // 4 * 4
+
+
+def test_post_image_makes_the_esp_files_and_the_genimage_config(
+    boardlib: ModuleType, target: Path, tmp_path: Path
+) -> None:
+    boardlib.main(["rootfs", "qemu-x86_64", str(target)])
+    binaries = tmp_path / "images"
+    (binaries / "efi-part/EFI/BOOT").mkdir(parents=True)
+    (binaries / "efi-part/EFI/BOOT/bootx64.efi").write_bytes(b"MZ grub")
+    (binaries / "bzImage").write_bytes(b"MZ kernel")
+    assert boardlib.main(["image", "qemu-x86_64", str(target), str(binaries)]) == 0
+    esp = binaries / "qemu-x86_64-esp/EFI/BOOT"
+    assert sorted(p.name for p in esp.iterdir()) == ["BOOTX64.EFI", "bzImage", "grub.cfg",
+                                                      "initrd.cpio.gz"]
+    info = boardlib.load_board("qemu-x86_64")
+    assert f"linux /EFI/BOOT/bzImage {info.cmdline}\n" in (esp / "grub.cfg").read_text()
+    cfg = (binaries / "genimage-qemu-x86_64.cfg").read_text()
+    assert 'image = "qemu-x86_64-esp/EFI"' in cfg and 'image = "rootfs.squashfs"' in cfg
+    initrd = _cpio_names(esp / "initrd.cpio.gz")
+    assert initrd["init"] == (REPO / "board/common/initramfs/init").read_bytes()
+    # the dynamic busybox brings its libraries and loader (lib64 for x86_64's PT_INTERP)
+    assert {"bin/busybox", "bin/sh", "lib/libc.so.6", "lib/ld-linux-x86-64.so.2", "lib64",
+            "dev/console"} <= set(initrd)
+    boot = initrd["etc/modules.boot"].decode().split()
+    assert boot == [f"kernel/drivers/{m}.ko" for m in info.modules_boot]
+    assert all(f"lib/modules/{m}" in initrd for m in boot)
