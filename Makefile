@@ -27,7 +27,7 @@ test: setup lint
 
 lint:
 	$(VENV)/bin/ruff check .
-	shellcheck flash.sh
+	shellcheck flash.sh buildroot/check.sh buildroot/board/*/*.sh
 
 test-py:
 	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup
