@@ -176,6 +176,32 @@ def kernel_fragments(board: BoardInfo) -> list[Path]:
     return [COMMON / "kernel.fragment"] + ([own] if own.is_file() else [])
 
 
+def check_kernel_config(config: Path, fragments: list[Path]) -> None:
+    """A kernel configuration has every option the board's fragments ask for (a "=m" need
+    is met by "=y" too): the Debian kernel mkimage ships, and the kernel Buildroot built
+    with the fragments merged, where an option whose dependencies are missing is dropped
+    without a word."""
+    have = {}
+    for line in config.read_text().splitlines():
+        if line.startswith("CONFIG_") and "=" in line:
+            k, v = line.split("=", 1)
+            have[k] = v
+    missing = []
+    lines = [line for f in fragments for line in f.read_text().splitlines()]
+    for line in lines:
+        if not line.startswith("CONFIG_"):
+            continue
+        k, v = line.split("=", 1)
+        got = have.get(k)
+        if got is None or (v == "y" and got != "y") or (v == "m" and got not in ("m", "y")):
+            missing.append(f"{k}={v} (kernel has {got or 'not set'})")
+    if missing:
+        raise BuildError(f"{config.name} lacks what "
+                         f"{' and '.join(str(f.relative_to(ROOT)) for f in fragments)} need: "
+                         + ", ".join(missing))
+
+
+
 # ---------------------------------------------------------------- the disk
 
 
@@ -641,6 +667,14 @@ def buildroot_rootfs(board: BoardInfo, target: Path) -> None:
         for mod in NOT_ON_APPLIANCE_MODULES:
             if (site / "sdwan" / mod).is_dir():
                 shutil.rmtree(site / "sdwan" / mod)
+    build_dir = os.environ.get("BUILD_DIR")  # Buildroot's, exported to its scripts
+    if build_dir:
+        configs = [p for p in Path(build_dir).glob("linux-*/.config")
+                   if not p.parent.name.startswith("linux-headers")]
+        if len(configs) != 1:
+            raise BuildError(f"expected one kernel build in {build_dir}, found "
+                             f"{[str(p.parent) for p in configs] or 'none'}")
+        check_kernel_config(configs[0], kernel_fragments(board))
     install_overlay(target, board.console, board.baud)
     install_board_files(target, board, source_epoch())
     replace_file(target / "etc/os-release",

@@ -46,6 +46,7 @@ from boardlib import (  # noqa: E402
     MiB,
     Partition,
     check_console,
+    check_kernel_config,
     fixed_uuid,
     install_module,
     install_overlay,
@@ -437,29 +438,6 @@ def compile_pyc(root: Path) -> None:
 
 
 # ---------------------------------------------------------------- kernel modules
-
-
-def check_kernel_config(config: Path, fragments: list[Path]) -> None:
-    """The Debian kernel has every option the board's fragments ask for (Buildroot merges
-    the same fragments into its kernel configuration)."""
-    have = {}
-    for line in config.read_text().splitlines():
-        if line.startswith("CONFIG_") and "=" in line:
-            k, v = line.split("=", 1)
-            have[k] = v
-    missing = []
-    lines = [line for f in fragments for line in f.read_text().splitlines()]
-    for line in lines:
-        if not line.startswith("CONFIG_"):
-            continue
-        k, v = line.split("=", 1)
-        got = have.get(k)
-        if got is None or (v == "y" and got != "y") or (v == "m" and got not in ("m", "y")):
-            missing.append(f"{k}={v} (kernel has {got or 'not set'})")
-    if missing:
-        raise BuildError(f"{config.name} lacks what "
-                         f"{' and '.join(str(f.relative_to(ROOT)) for f in fragments)} need: "
-                         + ", ".join(missing))
 
 
 # ---------------------------------------------------------------- archives and images

@@ -286,8 +286,11 @@ def target(tmp_path: Path, boardlib: ModuleType) -> Path:
     return root
 
 
-def test_post_build_makes_the_appliance_root(boardlib: ModuleType, target: Path) -> None:
-    boardlib.main(["rootfs", "qemu-x86_64", str(target)])
+def test_post_build_makes_the_appliance_root(
+    boardlib: ModuleType, target: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("BUILD_DIR", raising=False)
+    assert boardlib.main(["rootfs", "qemu-x86_64", str(target)]) == 0
     info = boardlib.load_board("qemu-x86_64")
     inittab = (target / "etc/inittab").read_text()
     assert ("ttyS0::respawn:/sbin/getty -n -l /usr/libexec/sdwan/console-login 115200 ttyS0"
@@ -310,11 +313,37 @@ def test_post_build_makes_the_appliance_root(boardlib: ModuleType, target: Path)
 
 
 def test_post_build_refuses_a_root_without_the_console(
-    boardlib: ModuleType, target: Path, capsys: pytest.CaptureFixture[str]
+    boardlib: ModuleType, target: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.delenv("BUILD_DIR", raising=False)
     (target / "usr/bin/socket-console").unlink()
     assert boardlib.main(["rootfs", "qemu-x86_64", str(target)]) == 1
     assert "/usr/bin/socket-console is missing" in capsys.readouterr().err
+
+
+def test_post_build_checks_the_built_kernel_against_the_fragments(
+    boardlib: ModuleType, target: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Buildroot drops a fragment's option whose dependencies are missing without a word:
+    the kernel it built is checked the way mkimage checks Debian's."""
+    build = tmp_path / "build"
+    (build / "linux-headers-6.12.0").mkdir(parents=True)
+    (build / "linux-headers-6.12.0/.config").write_text("")
+    (build / "linux-6.12.0").mkdir()
+    info = boardlib.load_board("qemu-x86_64")
+    wanted = [line for f in boardlib.kernel_fragments(info)
+              for line in f.read_text().splitlines() if line.startswith("CONFIG_")]
+    monkeypatch.setenv("BUILD_DIR", str(build))
+    (build / "linux-6.12.0/.config").write_text("\n".join(wanted).replace("=m", "=y") + "\n")
+    assert boardlib.main(["rootfs", "qemu-x86_64", str(target)]) == 0
+    (build / "linux-6.12.0/.config").write_text(
+        "\n".join(w for w in wanted if "I6300ESB" not in w) + "\n")
+    assert boardlib.main(["rootfs", "qemu-x86_64", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert "CONFIG_I6300ESB_WDT=m (kernel has not set)" in err
+    assert "board/qemu-x86_64/kernel.fragment" in err
 
 
 def _cpio_names(path: Path) -> dict[str, bytes]:
@@ -333,9 +362,10 @@ def _cpio_names(path: Path) -> dict[str, bytes]:
 
 
 def test_post_image_makes_the_esp_files_and_the_genimage_config(
-    boardlib: ModuleType, target: Path, tmp_path: Path
+    boardlib: ModuleType, target: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    boardlib.main(["rootfs", "qemu-x86_64", str(target)])
+    monkeypatch.delenv("BUILD_DIR", raising=False)
+    assert boardlib.main(["rootfs", "qemu-x86_64", str(target)]) == 0
     binaries = tmp_path / "images"
     (binaries / "efi-part/EFI/BOOT").mkdir(parents=True)
     (binaries / "efi-part/EFI/BOOT/bootx64.efi").write_bytes(b"MZ grub")
