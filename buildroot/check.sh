@@ -53,6 +53,14 @@ for defconfig in "$tree"/configs/*_defconfig; do
         indent <"$out.log"
         continue
     fi
+    # files the defconfig takes from Buildroot itself (its qemu boards' kernel configs)
+    while read -r file; do
+        if [ -e "$br/$file" ]; then
+            ok "$file is in this Buildroot"
+        else
+            bad "$file (named by $name) is not in this Buildroot"
+        fi
+    done < <(sed -n 's/^BR2_[A-Z0-9_]*="\(board\/[^"$ ]*\)"$/\1/p' "$defconfig")
     if python3 "$br/support/scripts/check-dotconfig.py" "$out/.config" "$defconfig" \
             >"$out.dotconfig" 2>&1; then
         ok "check-dotconfig: every BR2_ line of the defconfig is in .config"
