@@ -10,7 +10,7 @@ BOARD ?= qemu-x86_64
 # The images `make test` builds for the system tests (tests/system).
 IMAGE_BOARDS := qemu-x86_64 qemu-aarch64
 
-.PHONY: image images image-repro setup demo test lint test-py test-asan fuzz bench bench-setup \
+.PHONY: image images image-repro buildroot-check setup demo test lint test-py test-asan fuzz bench bench-setup \
 	bench-smoke clean
 
 setup:
@@ -65,6 +65,12 @@ images: setup
 # Builds $(BOARD) twice and fails unless both images have the same sha256.
 image-repro: setup
 	$(PY) board/mkimage.py $(BOARD) --check-repro
+
+# The Buildroot tree against a Buildroot checkout (docs/buildroot.md): make buildroot-check
+# BUILDROOT=../buildroot. Not part of `make test`: CI has no Buildroot.
+buildroot-check:
+	@test -n "$(BUILDROOT)" || { echo "usage: make buildroot-check BUILDROOT=<checkout>" >&2; exit 2; }
+	buildroot/check.sh $(BUILDROOT)
 
 clean:
 	rm -rf build native/out .pytest_cache
