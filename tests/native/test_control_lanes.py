@@ -89,8 +89,9 @@ def test_spoofed_random_sources_meet_the_budget_of_all_unknown_known_ones_pass(
 
 
 def test_a_full_unknown_lane_never_takes_the_known_lanes_room() -> None:
-    f = make(ctrl_queue_len=8, ctrl_unknown_queue_len=4, ctrl_source_pps=1000,
-             ctrl_source_burst=1000)
+    f = make(
+        ctrl_queue_len=8, ctrl_unknown_queue_len=4, ctrl_source_pps=1000, ctrl_source_burst=1000
+    )
     try:
         f.peer_add(1)
         f.set_endpoint(1, LINK, PEER)
@@ -137,8 +138,13 @@ def test_endpoint_changes_move_an_address_between_lanes(fp: FastPath) -> None:
 
 
 def test_the_source_table_is_bounded_and_evicts_the_idlest() -> None:
-    f = make(ctrl_sources=16, ctrl_source_pps=1, ctrl_source_burst=2, ctrl_unknown_pps=100000,
-             ctrl_unknown_burst=100000)
+    f = make(
+        ctrl_sources=16,
+        ctrl_source_pps=1,
+        ctrl_source_burst=2,
+        ctrl_unknown_pps=100000,
+        ctrl_unknown_burst=100000,
+    )
     try:
         hot = ("192.0.2.1", 53)
         assert [send(f, hot) for _ in range(3)] == [None, None, "ctrl_rate_limited"]
@@ -167,8 +173,15 @@ def test_buckets_refill_at_their_rate() -> None:
 
 
 @pytest.mark.parametrize(
-    "field", ["ctrl_unknown_queue_len", "ctrl_source_pps", "ctrl_source_burst",
-              "ctrl_unknown_pps", "ctrl_unknown_burst", "ctrl_sources"]
+    "field",
+    [
+        "ctrl_unknown_queue_len",
+        "ctrl_source_pps",
+        "ctrl_source_burst",
+        "ctrl_unknown_pps",
+        "ctrl_unknown_burst",
+        "ctrl_sources",
+    ],
 )
 def test_zero_limits_are_refused(field: str) -> None:
     with pytest.raises(FastPathError) as e:
