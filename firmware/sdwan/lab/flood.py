@@ -91,7 +91,8 @@ class Scene:
 
     @property
     def targets(self) -> list[str]:
-        return [f"{self.public.public_ip}:{self.public.port}", f"{self.pop.host.ip}:{self.pop.port}"]
+        site = f"{self.public.public_ip}:{self.public.port}"
+        return [site, f"{self.pop.host.ip}:{self.pop.port}"]
 
 
 def build_scene(lab: Lab) -> Scene:
