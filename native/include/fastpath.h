@@ -557,7 +557,7 @@ int fp_threads_restart(fp_t *fp);
 
 /* Control path. */
 int fp_ctrl_fd(fp_t *fp);                                /* readable while the queue is not empty */
-int fp_ctrl_recv(fp_t *fp, struct fp_ctrl_msg *out);     /* its lane, or -EAGAIN */
+int fp_ctrl_recv(fp_t *fp, struct fp_ctrl_msg *out);     /* 0, or -EAGAIN */
 int fp_ctrl_send(fp_t *fp, uint32_t link_id, const struct fp_addr *to,
                  const uint8_t *buf, size_t len);
 
@@ -567,8 +567,9 @@ int fp_ctrl_send(fp_t *fp, uint32_t link_id, const struct fp_addr *to,
  * as FP_DROP_CTRL_RATE_LIMITED) into lane FP_LANE_UNKNOWN. Known: the endpoint of any peer,
  * and the addresses the caller declares with fp_ctrl_known_set, which replaces the whole
  * declared set (at most FP_CTRL_KNOWN_MAX; port 0 declares every port of that address):
- * -EINVAL for a bad address, -E2BIG, -ENOMEM. fp_ctrl_recv takes the known lane first and
- * returns the lane it took from; fp_ctrl_recv_lane takes from one lane (-EAGAIN: empty). */
+ * -EINVAL for a bad address, -E2BIG, -ENOMEM. fp_ctrl_recv takes the known lane first;
+ * fp_ctrl_recv_lane takes from one lane only (-EAGAIN: empty, -EINVAL: no such lane).
+ * The eventfd (fp_ctrl_fd) is readable while either lane is not empty. */
 #define FP_CTRL_KNOWN_MAX 16384
 enum fp_ctrl_lane_id {
     FP_LANE_KNOWN = 0,

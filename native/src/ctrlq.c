@@ -118,7 +118,7 @@ int fp_ctrl_recv(fp_t *fp, struct fp_ctrl_msg *out)
         if (q->lane[i].count) {
             take(q, &q->lane[i], out);
             pthread_mutex_unlock(&q->lock);
-            return i;
+            return 0;
         }
     }
     pthread_mutex_unlock(&q->lock);
