@@ -80,8 +80,10 @@ def test_a_flood_from_unknown_sources_starves_no_session_or_tunnel(lab: Lab) -> 
         assert not DOWN_EVENTS & {e["kind"] for e in new}, new
     # The drops were counted where the other drops are shown.
     site_lanes, pop_lanes = lanes(lab, site=s1), lanes(lab, pop=pop)
-    for name, now, then in (("site", site_lanes, lanes_before[0]), ("pop", pop_lanes,
-                                                                    lanes_before[1])):
+    for name, now, then in (
+        ("site", site_lanes, lanes_before[0]),
+        ("pop", pop_lanes, lanes_before[1]),
+    ):
         assert now["rate_limited_global"] > then["rate_limited_global"], (name, now)
         assert now["rate_limited_source"] > then["rate_limited_source"], (name, now)
         assert now["known_full"] == then["known_full"], (name, now)

@@ -39,8 +39,17 @@ def build_flooder() -> Path:
     FLOOD_BIN.parent.mkdir(parents=True, exist_ok=True)
     cc = os.environ.get("CC", "cc")
     subprocess.run(
-        [cc, "-O2", "-std=c11", "-Wall", "-Wextra", "-Werror", "-o", str(FLOOD_BIN),
-         str(FLOOD_SRC)],
+        [
+            cc,
+            "-O2",
+            "-std=c11",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-o",
+            str(FLOOD_BIN),
+            str(FLOOD_SRC),
+        ],
         check=True,
         timeout=120,
     )
@@ -107,8 +116,12 @@ def build_scene(lab: Lab) -> Scene:
     lab.write_pop_config(
         pop,
         sites=[
-            {"id": s.site_id, "name": f"site-{s.site_id}", "subnets": [s.lan_subnet],
-             "offcloud": True}
+            {
+                "id": s.site_id,
+                "name": f"site-{s.site_id}",
+                "subnets": [s.lan_subnet],
+                "offcloud": True,
+            }
             for s in (s1, s2)
         ],
         tunnel={"rekey_s": POP_REKEY_S, "key_max_age_s": POP_REKEY_S + 60},
