@@ -208,7 +208,8 @@ static bool bucket_take(struct fp_bucket *b, uint32_t pps, uint32_t burst, uint6
     return true;
 }
 
-/* The bucket of from's IP: found, or a free slot near its hash, or the slot idle longest
+/* The bucket of from's IP (from normalized: an IPv4 address's unused bytes zero, so they
+ * cannot vary its hash): found, or a free slot near its hash, or the slot idle longest
  * there (evicted). A new bucket starts full. */
 static struct fp_bucket *source_bucket(struct fp *fp, struct fp_ctrlgate *g,
                                        const struct fp_addr *from, uint64_t now)
@@ -261,7 +262,7 @@ int fp_ctrl_lane_for(struct fp *fp, const struct fp_addr *from, uint64_t now)
     int lane = FP_LANE_UNKNOWN;
     if (known) {
         lane = FP_LANE_KNOWN;
-    } else if (!bucket_take(source_bucket(fp, g, from, now), c->ctrl_source_pps,
+    } else if (!bucket_take(source_bucket(fp, g, &a, now), c->ctrl_source_pps,
                             c->ctrl_source_burst, now)) {
         g->limited_source++;
         lane = -1;

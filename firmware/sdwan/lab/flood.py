@@ -155,7 +155,9 @@ class Watch:
     """Samples the scene every interval_s in a thread of its own until stopped."""
 
     scene: Scene
-    interval_s: float = 0.25
+    # Each sample is four socketctl runs (a Python process each): more often would load the
+    # machine as much as the flood.
+    interval_s: float = 1.0
     samples: list[Sample] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
