@@ -50,6 +50,7 @@ bench: setup bench-setup
 	$(PY) bench/mesh --json bench-mesh.json
 	$(PY) bench/recovery --json bench-recovery.json
 	$(PY) bench/links --json bench-links.json
+	$(PY) bench/flood --json bench-flood.json
 
 # Only the benches' smoke runs (test-py runs them too): each bench once, shortest mode.
 bench-smoke: setup

@@ -50,4 +50,7 @@ if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml setup.py native firmware -ne
   .venv/bin/pip install -q -e '.[test]'
   touch "$stamp"
 fi
+# The lab's control-plane flooder (native/flood/flood.c: tests/lab/test_control_flood.py,
+# bench/flood); rebuilt when its source is newer.
+.venv/bin/python -c 'from sdwan.lab.flood import build_flooder; build_flooder()'
 echo "setup: ready"

@@ -10,7 +10,7 @@
  *                                                  \-> (relay) seal to another peer
  *
  * Everything that is not a data packet (DTLS records, STUN, probes) is queued
- * for Python, which waits on fp_ctrl_fd() and sends its own control packets
+ * for Python (known sources in a lane of their own, unknown ones rate-limited per source), which waits on fp_ctrl_fd() and sends its own control packets
  * through fp_ctrl_send() so that they share the data socket's NAT mapping.
  *
  * Rules of this header (it is also the cffi cdef): plain structs and enums,
@@ -43,7 +43,7 @@ enum fp_drop_reason {
     FP_DROP_NO_ROUTE = 5,      /* no prefix matches the destination */
     FP_DROP_NO_KEY = 6,        /* peer has no transmit key yet */
     FP_DROP_NO_ENDPOINT = 7,   /* peer has no link/endpoint yet */
-    FP_DROP_QUEUE_FULL = 8,    /* control queue full */
+    FP_DROP_QUEUE_FULL = 8,    /* control queue full (the known sources' lane) */
     FP_DROP_SEND_ERROR = 9,    /* sendmsg/write failed */
     FP_DROP_SPOOFED = 10,      /* inner source does not route back to the sending peer
                                   (check_source), or is not among its allowed sources
@@ -57,7 +57,10 @@ enum fp_drop_reason {
                                   transmit key and an endpoint (or that has no members) */
     FP_DROP_CONGESTED = 14,    /* the link's socket buffer stayed full (a congested uplink)
                                   past the bounded wait for room */
-    FP_DROP__COUNT = 15
+    FP_DROP_CTRL_RATE_LIMITED = 15, /* a control datagram from an unknown source over its
+                                  source's rate or all unknown sources' budget */
+    FP_DROP_CTRL_UNKNOWN_FULL = 16, /* the unknown sources' control lane full */
+    FP_DROP__COUNT = 17
 };
 
 /* What fp_process_* decided about one packet. */
@@ -87,7 +90,13 @@ struct fp_config {
     uint64_t reject_after_packets; /* refuse the key from then on */
     uint32_t rekey_after_seconds;
     uint32_t reject_after_seconds;
-    uint32_t ctrl_queue_len;       /* control messages kept for Python */
+    uint32_t ctrl_queue_len;       /* control messages kept for Python: the known lane */
+    uint32_t ctrl_unknown_queue_len; /* ... the unknown sources' lane */
+    uint32_t ctrl_source_pps;      /* control datagrams per second of one unknown source IP */
+    uint32_t ctrl_source_burst;    /* ... and its bucket's depth */
+    uint32_t ctrl_unknown_pps;     /* of all unknown sources together */
+    uint32_t ctrl_unknown_burst;
+    uint32_t ctrl_sources;         /* unknown source IPs tracked (their buckets) */
     uint32_t batch;                /* recvmmsg/sendmmsg batch size */
     int relay;                     /* forward peer->peer packets (the PoP) */
     int check_source;              /* drop decrypted packets whose source address
@@ -115,7 +124,7 @@ struct fp_counters {
     uint64_t rx_bytes;
     uint64_t tx_packets;
     uint64_t tx_bytes;
-    uint64_t drops[15];       /* by enum fp_drop_reason (FP_DROP__COUNT) */
+    uint64_t drops[17];       /* by enum fp_drop_reason (FP_DROP__COUNT) */
     uint64_t last_rx_ns;      /* CLOCK_MONOTONIC of last authenticated rx, 0 = never */
     uint64_t last_tx_ns;
 };
@@ -551,6 +560,44 @@ int fp_ctrl_fd(fp_t *fp);                                /* readable while the q
 int fp_ctrl_recv(fp_t *fp, struct fp_ctrl_msg *out);     /* 0, or -EAGAIN */
 int fp_ctrl_send(fp_t *fp, uint32_t link_id, const struct fp_addr *to,
                  const uint8_t *buf, size_t len);
+
+/* The control lanes (docs/dataplane.md, "Control queue"). A control datagram whose source
+ * is known goes to lane FP_LANE_KNOWN, with the fast path's own events; any other passes
+ * its source IP's token bucket and the bucket of all unknown sources (else it is dropped
+ * as FP_DROP_CTRL_RATE_LIMITED) into lane FP_LANE_UNKNOWN. Known: the endpoint of any peer,
+ * and the addresses the caller declares with fp_ctrl_known_set, which replaces the whole
+ * declared set (at most FP_CTRL_KNOWN_MAX; port 0 declares every port of that address):
+ * -EINVAL for a bad address, -E2BIG, -ENOMEM. fp_ctrl_recv takes the known lane first;
+ * fp_ctrl_recv_lane takes from one lane only (-EAGAIN: empty, -EINVAL: no such lane).
+ * The eventfd (fp_ctrl_fd) is readable while either lane is not empty. */
+#define FP_CTRL_KNOWN_MAX 16384
+enum fp_ctrl_lane_id {
+    FP_LANE_KNOWN = 0,
+    FP_LANE_UNKNOWN = 1,
+    FP_LANES = 2
+};
+
+struct fp_ctrl_stats {
+    uint32_t known_len;             /* in the known lane now */
+    uint32_t known_cap;
+    uint32_t unknown_len;           /* in the unknown lane now */
+    uint32_t unknown_cap;
+    uint64_t known_queued;          /* queued into the known lane, ever */
+    uint64_t unknown_queued;        /* ... into the unknown lane */
+    uint64_t known_full;            /* dropped: the known lane full (queue_full) */
+    uint64_t unknown_full;          /* dropped: the unknown lane full */
+    uint64_t rate_limited_source;   /* dropped by the source's own bucket */
+    uint64_t rate_limited_global;   /* dropped by all unknown sources' bucket */
+    uint32_t sources;               /* unknown source IPs with a bucket now */
+    uint32_t sources_cap;
+    uint64_t evictions;             /* buckets given to another source */
+    uint32_t declared;              /* addresses declared known (fp_ctrl_known_set) */
+    uint32_t known_addrs;           /* known addresses: declared and peer endpoints */
+};
+
+int fp_ctrl_known_set(fp_t *fp, const struct fp_addr *addrs, size_t n);
+int fp_ctrl_recv_lane(fp_t *fp, uint32_t lane, struct fp_ctrl_msg *out);
+void fp_ctrl_stats(fp_t *fp, struct fp_ctrl_stats *out);
 
 /* Counters. */
 int fp_peer_counters(fp_t *fp, uint32_t peer_id, struct fp_counters *out);

@@ -1,8 +1,11 @@
 /*
- * ctrlq.c - the bounded queue of control events for Python, and the eventfd
- * that asyncio waits on. The eventfd is readable exactly while the queue is
- * not empty (written on empty -> non-empty, drained on non-empty -> empty),
- * so a level-triggered reader never spins and never misses an event.
+ * ctrlq.c - the bounded queue of control events for Python, in two lanes, and the eventfd
+ * that asyncio waits on. Lane FP_LANE_KNOWN takes the fast path's own events and the
+ * datagrams of known sources, lane FP_LANE_UNKNOWN those of everyone else (ctrlgate.c
+ * decides which); each lane is a ring of its own, so an unknown-source flood that fills its
+ * lane never takes a slot of the other. The eventfd is readable exactly while either lane
+ * is not empty (written on empty -> non-empty, drained on non-empty -> empty), so a
+ * level-triggered reader never spins and never misses an event. One mutex guards both.
  */
 #include "fp_internal.h"
 
@@ -12,47 +15,57 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
-int fp_ctrlq_init(struct fp_ctrlq *q, uint32_t cap)
+int fp_ctrlq_init(struct fp_ctrlq *q, uint32_t known_cap, uint32_t unknown_cap)
 {
     memset(q, 0, sizeof(*q));
     q->efd = -1;
     /* calloc'd slots stay unresident until the ring first reaches them. */
-    q->ring = calloc(cap, sizeof(*q->ring));
-    if (!q->ring)
+    q->lane[FP_LANE_KNOWN].ring = calloc(known_cap, sizeof(struct fp_ctrl_msg));
+    q->lane[FP_LANE_UNKNOWN].ring = calloc(unknown_cap, sizeof(struct fp_ctrl_msg));
+    if (!q->lane[FP_LANE_KNOWN].ring || !q->lane[FP_LANE_UNKNOWN].ring) {
+        free(q->lane[FP_LANE_KNOWN].ring);
+        free(q->lane[FP_LANE_UNKNOWN].ring);
+        q->lane[FP_LANE_KNOWN].ring = NULL;
         return -ENOMEM;
+    }
     q->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (q->efd < 0) {
         int e = errno;
-        free(q->ring);
-        q->ring = NULL;
+        free(q->lane[FP_LANE_KNOWN].ring);
+        free(q->lane[FP_LANE_UNKNOWN].ring);
+        q->lane[FP_LANE_KNOWN].ring = NULL;
         return -e;
     }
-    q->cap = cap;
+    q->lane[FP_LANE_KNOWN].cap = known_cap;
+    q->lane[FP_LANE_UNKNOWN].cap = unknown_cap;
     pthread_mutex_init(&q->lock, NULL);
     return 0;
 }
 
 void fp_ctrlq_free(struct fp_ctrlq *q)
 {
-    if (!q->ring)
+    if (!q->lane[FP_LANE_KNOWN].ring)
         return;
     close(q->efd);
-    free(q->ring);
-    q->ring = NULL;
+    for (int i = 0; i < FP_LANES; i++) {
+        free(q->lane[i].ring);
+        q->lane[i].ring = NULL;
+    }
     pthread_mutex_destroy(&q->lock);
 }
 
-int fp_ctrlq_push(struct fp_ctrlq *q, uint32_t event, uint32_t link_id, uint32_t peer_id,
-                  const struct fp_addr *from, const uint8_t *data, size_t len)
+int fp_ctrlq_push(struct fp_ctrlq *q, int lane, uint32_t event, uint32_t link_id,
+                  uint32_t peer_id, const struct fp_addr *from, const uint8_t *data, size_t len)
 {
-    if (len > sizeof(q->ring[0].data))
+    if (len > sizeof(q->lane[0].ring[0].data))
         return -EMSGSIZE;
+    struct fp_ctrl_lane *l = &q->lane[lane];
     pthread_mutex_lock(&q->lock);
-    if (q->count == q->cap) {
+    if (l->count == l->cap) {
         pthread_mutex_unlock(&q->lock);
         return -ENOBUFS;
     }
-    struct fp_ctrl_msg *m = &q->ring[(q->head + q->count) % q->cap];
+    struct fp_ctrl_msg *m = &l->ring[(l->head + l->count) % l->cap];
     m->event = event;
     m->link_id = link_id;
     m->peer_id = peer_id;
@@ -63,7 +76,9 @@ int fp_ctrlq_push(struct fp_ctrlq *q, uint32_t event, uint32_t link_id, uint32_t
     m->len = (uint32_t)len;
     if (len)
         memcpy(m->data, data, len);
-    if (q->count++ == 0) {
+    l->count++;
+    l->queued++;
+    if (q->total++ == 0) {
         uint64_t one = 1;
         /* Cannot fail: the counter is 0 here, far from overflow. */
         ssize_t r = write(q->efd, &one, sizeof(one));
@@ -78,25 +93,50 @@ int fp_ctrl_fd(fp_t *fp)
     return fp->cq.efd;
 }
 
+/* The head of lane into out; the caller holds q->lock and the lane is not empty. */
+static void take(struct fp_ctrlq *q, struct fp_ctrl_lane *l, struct fp_ctrl_msg *out)
+{
+    struct fp_ctrl_msg *m = &l->ring[l->head];
+    /* Copy only what is used: messages are mostly small. */
+    memcpy(out, m, offsetof(struct fp_ctrl_msg, data) + m->len);
+    l->head = (l->head + 1) % l->cap;
+    l->count--;
+    if (--q->total == 0) {
+        uint64_t v;
+        ssize_t r = read(q->efd, &v, sizeof(v));
+        (void)r;
+    }
+}
+
 int fp_ctrl_recv(fp_t *fp, struct fp_ctrl_msg *out)
 {
     struct fp_ctrlq *q = &fp->cq;
     if (!out)
         return -EINVAL;
     pthread_mutex_lock(&q->lock);
-    if (q->count == 0) {
+    for (int i = 0; i < FP_LANES; i++) {
+        if (q->lane[i].count) {
+            take(q, &q->lane[i], out);
+            pthread_mutex_unlock(&q->lock);
+            return 0;
+        }
+    }
+    pthread_mutex_unlock(&q->lock);
+    return -EAGAIN;
+}
+
+int fp_ctrl_recv_lane(fp_t *fp, uint32_t lane, struct fp_ctrl_msg *out)
+{
+    struct fp_ctrlq *q = &fp->cq;
+    if (!out || lane >= FP_LANES)
+        return -EINVAL;
+    pthread_mutex_lock(&q->lock);
+    struct fp_ctrl_lane *l = &q->lane[lane];
+    if (l->count == 0) {
         pthread_mutex_unlock(&q->lock);
         return -EAGAIN;
     }
-    struct fp_ctrl_msg *m = &q->ring[q->head];
-    /* Copy only what is used: messages are mostly small. */
-    memcpy(out, m, offsetof(struct fp_ctrl_msg, data) + m->len);
-    q->head = (q->head + 1) % q->cap;
-    if (--q->count == 0) {
-        uint64_t v;
-        ssize_t r = read(q->efd, &v, sizeof(v));
-        (void)r;
-    }
+    take(q, l, out);
     pthread_mutex_unlock(&q->lock);
     return 0;
 }

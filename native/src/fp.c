@@ -18,6 +18,12 @@ void fp_config_default(struct fp_config *cfg)
     cfg->rekey_after_seconds = 600;
     cfg->reject_after_seconds = 900;
     cfg->ctrl_queue_len = 1024;
+    cfg->ctrl_unknown_queue_len = 256;
+    cfg->ctrl_source_pps = 20;
+    cfg->ctrl_source_burst = 40;
+    cfg->ctrl_unknown_pps = 1000;
+    cfg->ctrl_unknown_burst = 2000;
+    cfg->ctrl_sources = 4096;
     cfg->batch = 32;
     cfg->relay = 0;
     cfg->check_source = 0;
@@ -38,7 +44,12 @@ int fp_new(const struct fp_config *cfg, fp_t **out)
         fp_config_default(&c);
     if (c.batch < 1 || c.batch > FP_BATCH_MAX || c.ctrl_queue_len < 1 ||
         c.ctrl_queue_len > 65536 || c.reject_after_packets > FP_REJECT_PACKETS_MAX ||
-        c.warm_ms > 60000 || c.warm_for_ms > 3600000 || c.spin_us > 10000)
+        c.warm_ms > 60000 || c.warm_for_ms > 3600000 || c.spin_us > 10000 ||
+        c.ctrl_unknown_queue_len < 1 || c.ctrl_unknown_queue_len > 65536 ||
+        c.ctrl_source_pps < 1 || c.ctrl_source_pps > 1000000 || c.ctrl_source_burst < 1 ||
+        c.ctrl_source_burst > 1000000 || c.ctrl_unknown_pps < 1 ||
+        c.ctrl_unknown_pps > 1000000 || c.ctrl_unknown_burst < 1 ||
+        c.ctrl_unknown_burst > 1000000 || c.ctrl_sources < 1 || c.ctrl_sources > 1048576)
         return -EINVAL;
     c.relay = c.relay ? 1 : 0;
 
@@ -68,9 +79,13 @@ int fp_new(const struct fp_config *cfg, fp_t **out)
         free(fp);
         return -e;
     }
-    int rc = fp_ctrlq_init(&fp->cq, c.ctrl_queue_len);
-    if (rc == 0 && (rc = fp_tables_init(fp)) < 0)
+    int rc = fp_ctrlq_init(&fp->cq, c.ctrl_queue_len, c.ctrl_unknown_queue_len);
+    if (rc == 0 && (rc = fp_ctrlgate_init(&fp->gate, &c)) < 0)
         fp_ctrlq_free(&fp->cq);
+    if (rc == 0 && (rc = fp_tables_init(fp)) < 0) {
+        fp_ctrlgate_free(&fp->gate);
+        fp_ctrlq_free(&fp->cq);
+    }
     if (rc < 0) {
         close(fp->tun_wake_fd);
         close(fp->live_wake_fd);
@@ -100,6 +115,7 @@ void fp_free(fp_t *fp)
     for (int i = 0; i < fp->nlinks; i++)
         fp_link_destroy(fp->links[i]);
     fp_tables_free(fp);
+    fp_ctrlgate_free(&fp->gate);
     fp_ctrlq_free(&fp->cq);
     close(fp->tun_wake_fd);
     close(fp->live_wake_fd);

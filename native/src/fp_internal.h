@@ -290,13 +290,52 @@ struct fp_link {
 struct fp_tun_rx;                       /* io.c: the TUN reader's buffers */
 struct fp_link_rx;
 
-struct fp_ctrlq {
-    pthread_mutex_t lock;
+struct fp_ctrl_lane {
     struct fp_ctrl_msg *ring;
     uint32_t cap;
     uint32_t head;
     uint32_t count;
+    uint64_t queued;                    /* pushed, ever */
+};
+
+struct fp_ctrlq {
+    pthread_mutex_t lock;               /* both lanes and total */
+    struct fp_ctrl_lane lane[FP_LANES];
+    uint32_t total;                     /* in both lanes: the eventfd is readable while > 0 */
     int efd;
+};
+
+/* ctrlgate.c: which lane a control datagram takes. A token bucket, in thousandths of a
+ * datagram. */
+struct fp_bucket {
+    uint64_t milli;
+    uint64_t at_ns;                     /* when it was last refilled */
+};
+
+struct fp_srcb {                        /* an unknown source IP's bucket */
+    uint8_t family;                     /* 0: free */
+    uint8_t ip[16];
+    uint64_t seen_ns;                   /* its last datagram: the oldest is evicted */
+    struct fp_bucket b;
+};
+
+struct fp_ctrlgate {
+    pthread_mutex_t lock;               /* everything here */
+    uint64_t seed;                      /* of the hashes, random: no chosen collisions */
+    struct fp_addr *declared;           /* fp_ctrl_known_set */
+    uint32_t ndeclared;
+    bool stale;                         /* declared changed since the known set was built */
+    uint64_t ep_gen;                    /* fp->ep_gen the known set was built at */
+    struct fp_addr *known;              /* open addressing, family 0: free; NULL: none */
+    uint32_t known_mask;
+    uint32_t nknown;
+    bool has_wildcard;                  /* some declared address has port 0 */
+    struct fp_srcb *src;                /* ctrl_sources buckets, open addressing */
+    uint32_t src_mask;
+    uint32_t nsrc;
+    struct fp_bucket all;               /* every unknown source together */
+    uint64_t evictions, limited_source, limited_global;
+    _Atomic uint64_t known_full, unknown_full; /* counted without the lock */
 };
 
 struct fp {
@@ -324,6 +363,7 @@ struct fp {
     int stop_fd;                        /* eventfd: fp_stop wakes every thread */
     bool running;
     struct fp_ctrlq cq;
+    struct fp_ctrlgate gate;
     struct fp_ctr gctr;
     _Atomic uint64_t spins;             /* fp_spin_stats */
     _Atomic uint64_t spin_hits;
@@ -496,10 +536,19 @@ bool fp_tcp_syn(const uint8_t *ip, size_t len);
 bool fp_mss_clamp(uint8_t *ip, size_t len, uint32_t inner_mtu);
 
 /* ctrlq.c */
-int fp_ctrlq_init(struct fp_ctrlq *q, uint32_t cap);
+int fp_ctrlq_init(struct fp_ctrlq *q, uint32_t known_cap, uint32_t unknown_cap);
 void fp_ctrlq_free(struct fp_ctrlq *q);
-int fp_ctrlq_push(struct fp_ctrlq *q, uint32_t event, uint32_t link_id, uint32_t peer_id,
-                  const struct fp_addr *from, const uint8_t *data, size_t len);
+int fp_ctrlq_push(struct fp_ctrlq *q, int lane, uint32_t event, uint32_t link_id,
+                  uint32_t peer_id, const struct fp_addr *from, const uint8_t *data, size_t len);
+
+/* ctrlgate.c. fp_ctrl_lane_for: the lane of a control datagram from `from` (NULL: no
+ * address, as in synchronous use: known), or -1 when it is rate-limited (counted); the
+ * caller holds fp->lock shared (the known set is rebuilt from the peers when they moved).
+ * fp_ctrl_lane_full counts a datagram its lane had no room for. */
+int fp_ctrlgate_init(struct fp_ctrlgate *g, const struct fp_config *cfg);
+void fp_ctrlgate_free(struct fp_ctrlgate *g);
+int fp_ctrl_lane_for(struct fp *fp, const struct fp_addr *from, uint64_t now);
+void fp_ctrl_lane_full(struct fp *fp, int lane);
 
 /* groups.c (callers hold fp->lock). fp_group_resolve: the member a packet routed to group
  * g goes to (counted on it), NULL when no member is usable. fp_group_has: whether p is one

@@ -25,7 +25,7 @@ static void event_once(struct fp *fp, atomic_int *flag, uint32_t event, uint32_t
     if (atomic_load_explicit(flag, memory_order_relaxed))
         return;
     if (atomic_exchange(flag, 1) == 0 &&
-        fp_ctrlq_push(&fp->cq, event, 0, peer_id, NULL, NULL, 0) < 0)
+        fp_ctrlq_push(&fp->cq, FP_LANE_KNOWN, event, 0, peer_id, NULL, NULL, 0) < 0)
         atomic_store(flag, 0); /* queue full: try again on a later packet */
 }
 
@@ -294,8 +294,11 @@ static int probe_in(struct fp *fp, struct fp_peer *peer, uint32_t link_id,
         return fp_seal_for_peer(fp, peer, ack, sizeof(ack), out, cap, res, now);
     }
     if (out[0] == FP_PROBE_ACK && plen == FP_PROBE_ACK_LEN) {
-        if (fp_ctrlq_push(&fp->cq, FP_EV_PROBE_ACK, link_id, peer->id, from, out + 4, 8) < 0)
+        if (fp_ctrlq_push(&fp->cq, FP_LANE_KNOWN, FP_EV_PROBE_ACK, link_id, peer->id, from,
+                          out + 4, 8) < 0) {
+            fp_ctrl_lane_full(fp, FP_LANE_KNOWN);
             return drop(res, FP_DROP_QUEUE_FULL, &peer->ctr, NULL);
+        }
         res->verdict = FP_V_CONTROL;
         return 0;
     }
@@ -359,8 +362,17 @@ int fp_inbound_locked(struct fp *fp, struct fp_link *link, uint32_t link_id,
     if (pkt[0] != FP_TYPE_DATA) {
         if (len > FP_CTRL_MAX)
             return drop(res, FP_DROP_MALFORMED, lc, NULL);
-        if (fp_ctrlq_push(&fp->cq, FP_EV_PACKET, link_id, 0, from, pkt, len) < 0)
-            return drop(res, FP_DROP_QUEUE_FULL, lc, NULL);
+        /* Known sources and unknown ones in lanes of their own; unknown ones pay their
+         * source's and everyone's token bucket first (ctrlgate.c). */
+        int lane = fp_ctrl_lane_for(fp, from, now);
+        if (lane < 0)
+            return drop(res, FP_DROP_CTRL_RATE_LIMITED, lc, NULL);
+        if (fp_ctrlq_push(&fp->cq, lane, FP_EV_PACKET, link_id, 0, from, pkt, len) < 0) {
+            fp_ctrl_lane_full(fp, lane);
+            return drop(res, lane == FP_LANE_KNOWN ? FP_DROP_QUEUE_FULL
+                                                   : FP_DROP_CTRL_UNKNOWN_FULL,
+                        lc, NULL);
+        }
         res->verdict = FP_V_CONTROL;
         return 0;
     }

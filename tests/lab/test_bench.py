@@ -1,7 +1,7 @@
-"""Smoke runs of bench/dataplane, bench/cloud, bench/mesh, bench/recovery, bench/rules and
-bench/links inside `make test`: each bench runs to its end in its shortest mode and writes its
-JSON with every key and sane values, so a bench whose mechanism breaks fails here instead of on
-the day someone needs its figures.
+"""Smoke runs of bench/dataplane, bench/cloud, bench/mesh, bench/recovery, bench/rules,
+bench/links and bench/flood inside `make test`: each bench runs to its end in its shortest
+mode and writes its JSON with every key and sane values, so a bench whose mechanism breaks
+fails here instead of on the day someone needs its figures.
 
 Never an assertion on a performance figure (bench/README.md, "Smoke runs"): only that
 each figure was measured, is positive and lies within the bench's own time bounds. The
@@ -197,3 +197,21 @@ def test_links_smoke(tmp_path: Path) -> None:
     assert 0 < res["aa_share_pct"] < 100
     # Counted, never asserted zero here: a reset is the lab test's failure (test_wan_links.py).
     assert isinstance(res["tcp_resets"], int) and res["tcp_connections"] >= 2
+
+
+@pytest.mark.timeout(240)
+def test_flood_smoke(tmp_path: Path) -> None:
+    # One run of 3 s per mode: the flooder sent, every figure measured, the drops counted.
+    res = run_bench(
+        "flood", ["--runs", "1", "--seconds", "3", "--max-seconds", "200"], tmp_path / "f.json",
+        230,
+    )
+    assert set(res["modes"]) == {"spoofed", "single"} and res["runs"] == 1
+    for mode, m in res["modes"].items():
+        assert positive(m["flood_pps"]), (mode, m)
+        for who in ("socketd", "popd"):
+            assert positive(m[f"{who}_cpu_pct"]["flood"]), (mode, who, m)
+        for who in ("site", "pop"):
+            assert positive(m[who]["rate_limited_per_s"]), (mode, who, m)
+        assert isinstance(m["max_silence_s"], int | float) and len(m["runs"]) == 1
+        assert isinstance(m["down_samples"], int)

@@ -11,7 +11,7 @@ import errno as _errno
 import ipaddress
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import ClassVar
@@ -78,6 +78,8 @@ DROP_NAMES: tuple[str, ...] = (
     "offcloud_down",
     "no_member",
     "congested",
+    "ctrl_rate_limited",
+    "ctrl_unknown_full",
 )
 assert len(DROP_NAMES) == lib.FP_DROP__COUNT
 
@@ -114,6 +116,12 @@ class FastPathConfig:
     rekey_after_seconds: int = 600
     reject_after_seconds: int = 900
     ctrl_queue_len: int = 1024
+    ctrl_unknown_queue_len: int = 256
+    ctrl_source_pps: int = 20
+    ctrl_source_burst: int = 40
+    ctrl_unknown_pps: int = 1000
+    ctrl_unknown_burst: int = 2000
+    ctrl_sources: int = 4096
     batch: int = 32
     relay: bool = False
     check_source: bool = False
@@ -132,6 +140,12 @@ class FastPathConfig:
             rekey_after_seconds=c.rekey_after_seconds,
             reject_after_seconds=c.reject_after_seconds,
             ctrl_queue_len=c.ctrl_queue_len,
+            ctrl_unknown_queue_len=c.ctrl_unknown_queue_len,
+            ctrl_source_pps=c.ctrl_source_pps,
+            ctrl_source_burst=c.ctrl_source_burst,
+            ctrl_unknown_pps=c.ctrl_unknown_pps,
+            ctrl_unknown_burst=c.ctrl_unknown_burst,
+            ctrl_sources=c.ctrl_sources,
             batch=c.batch,
             relay=bool(c.relay),
             check_source=bool(c.check_source),
@@ -329,6 +343,57 @@ class CtrlEvent:
     data: bytes = field(default=b"")
 
 
+LANE_KNOWN: int = lib.FP_LANE_KNOWN
+LANE_UNKNOWN: int = lib.FP_LANE_UNKNOWN
+CTRL_KNOWN_MAX: int = lib.FP_CTRL_KNOWN_MAX
+
+
+@dataclass(frozen=True, slots=True)
+class CtrlStats:
+    """Mirror of struct fp_ctrl_stats: the control lanes and the unknown sources' buckets."""
+
+    known_len: int
+    known_cap: int
+    unknown_len: int
+    unknown_cap: int
+    known_queued: int
+    unknown_queued: int
+    known_full: int
+    unknown_full: int
+    rate_limited_source: int
+    rate_limited_global: int
+    sources: int
+    sources_cap: int
+    evictions: int
+    declared: int
+    known_addrs: int
+
+    @property
+    def rate_limited(self) -> int:
+        return self.rate_limited_source + self.rate_limited_global
+
+    def to_json(self) -> dict[str, int]:
+        """The fields socketctl and popctl status show under "control"."""
+        return {
+            "known_len": self.known_len,
+            "known_cap": self.known_cap,
+            "unknown_len": self.unknown_len,
+            "unknown_cap": self.unknown_cap,
+            "known_queued": self.known_queued,
+            "unknown_queued": self.unknown_queued,
+            "known_full": self.known_full,
+            "unknown_full": self.unknown_full,
+            "rate_limited": self.rate_limited,
+            "rate_limited_source": self.rate_limited_source,
+            "rate_limited_global": self.rate_limited_global,
+            "sources": self.sources,
+            "sources_cap": self.sources_cap,
+            "evictions": self.evictions,
+            "declared": self.declared,
+            "known_addrs": self.known_addrs,
+        }
+
+
 def _fill_addr(c: object, addr: Addr) -> None:
     host, port = addr
     ip = ipaddress.ip_address(host)
@@ -391,6 +456,12 @@ class FastPath:
         c.rekey_after_seconds = cfg.rekey_after_seconds
         c.reject_after_seconds = cfg.reject_after_seconds
         c.ctrl_queue_len = cfg.ctrl_queue_len
+        c.ctrl_unknown_queue_len = cfg.ctrl_unknown_queue_len
+        c.ctrl_source_pps = cfg.ctrl_source_pps
+        c.ctrl_source_burst = cfg.ctrl_source_burst
+        c.ctrl_unknown_pps = cfg.ctrl_unknown_pps
+        c.ctrl_unknown_burst = cfg.ctrl_unknown_burst
+        c.ctrl_sources = cfg.ctrl_sources
         c.batch = cfg.batch
         c.relay = 1 if cfg.relay else 0
         c.check_source = 1 if cfg.check_source else 0
@@ -820,9 +891,13 @@ class FastPath:
         """Readable while the control queue is not empty; wait on it, never read it."""
         return int(lib.fp_ctrl_fd(self._h))
 
-    def ctrl_recv(self) -> CtrlEvent | None:
+    def ctrl_recv(self, lane: int | None = None) -> CtrlEvent | None:
+        """The next control event: the known lane's first, or only from ``lane``."""
         m = ffi.new("struct fp_ctrl_msg *")
-        rc = lib.fp_ctrl_recv(self._h, m)
+        if lane is None:
+            rc = lib.fp_ctrl_recv(self._h, m)
+        else:
+            rc = lib.fp_ctrl_recv_lane(self._h, lane, m)
         if rc == -_errno.EAGAIN:
             return None
         _check(rc, "fp_ctrl_recv")
@@ -835,20 +910,59 @@ class FastPath:
             data=bytes(ffi.buffer(m.data, m.len)),
         )
 
-    def ctrl_drain(self, handle: Callable[[CtrlEvent], None], limit: int) -> None:
-        """Hand at most ``limit`` queued control events to ``handle``. A handler that raises
-        loses that event only (logged): hostile packets must not stop a service. The fd is
-        level-triggered, so what is left calls the reader again after the loop's timers."""
-        for _ in range(limit):
-            ev = self.ctrl_recv()
-            if ev is None:
-                return
-            try:
-                handle(ev)
-            except Exception:
-                logging.getLogger("sdwan.bindings.fastpath").exception(
-                    "control event from %s dropped", ev.addr
-                )
+    def ctrl_drain(
+        self, handle: Callable[[CtrlEvent], None], limit: int, unknown_limit: int | None = None
+    ) -> None:
+        """Hand at most ``limit`` queued events of the known lane to ``handle``, then at most
+        ``unknown_limit`` (default: a quarter of ``limit``, at least 1) of the unknown
+        sources' lane, so a flood from strangers takes a bounded share of each wake-up. A
+        handler that raises loses that event only (logged): hostile packets must not stop a
+        service. The fd is level-triggered, so what is left calls the reader again after the
+        loop's timers."""
+        if unknown_limit is None:
+            unknown_limit = max(1, limit // 4)
+        for lane, n in ((LANE_KNOWN, limit), (LANE_UNKNOWN, unknown_limit)):
+            for _ in range(n):
+                ev = self.ctrl_recv(lane)
+                if ev is None:
+                    break
+                try:
+                    handle(ev)
+                except Exception:
+                    logging.getLogger("sdwan.bindings.fastpath").exception(
+                        "control event from %s dropped", ev.addr
+                    )
+
+    def ctrl_known_set(self, addrs: Iterable[Addr]) -> None:
+        """Declare the sources whose control datagrams take the known lane, besides the
+        peers' endpoints (which always do); replaces what was declared before. Port 0
+        declares every port of the address (fp_ctrl_known_set)."""
+        lst = list(addrs)
+        arr = ffi.new("struct fp_addr[]", max(1, len(lst)))
+        for i, a in enumerate(lst):
+            _fill_addr(arr[i], a)
+        _check(lib.fp_ctrl_known_set(self._h, arr, len(lst)), "fp_ctrl_known_set")
+
+    def ctrl_stats(self) -> CtrlStats:
+        c = ffi.new("struct fp_ctrl_stats *")
+        lib.fp_ctrl_stats(self._h, c)
+        return CtrlStats(
+            known_len=c.known_len,
+            known_cap=c.known_cap,
+            unknown_len=c.unknown_len,
+            unknown_cap=c.unknown_cap,
+            known_queued=c.known_queued,
+            unknown_queued=c.unknown_queued,
+            known_full=c.known_full,
+            unknown_full=c.unknown_full,
+            rate_limited_source=c.rate_limited_source,
+            rate_limited_global=c.rate_limited_global,
+            sources=c.sources,
+            sources_cap=c.sources_cap,
+            evictions=c.evictions,
+            declared=c.declared,
+            known_addrs=c.known_addrs,
+        )
 
     def ctrl_send(self, link_id: int, addr: Addr, data: bytes) -> None:
         _check(

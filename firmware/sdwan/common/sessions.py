@@ -272,6 +272,7 @@ class SessionLayer:
         self.owners: list[SessionOwner] = []
         self._allowed = _AllowedIds(self.owners)
         self._table: dict[Key, _Entry] = {}
+        self._generation = 0
         self._keys: dict[DtlsSession, Key] = {}
         # An established session whose address a handshake in progress took over (a rekey, or
         # a stray or replayed hello with a valid cookie): it gets the address back when that
@@ -330,6 +331,15 @@ class SessionLayer:
     @property
     def handshaking(self) -> int:
         return sum(1 for e in self._table.values() if not e.session.established)
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever the table does (a session or handshake added or removed)."""
+        return self._generation
+
+    def addresses(self) -> list[Addr]:
+        """The addresses of every session and handshake in the table: known sources."""
+        return [addr for _link, addr in self._table]
 
     def __len__(self) -> int:
         return len(self._table)
@@ -554,10 +564,12 @@ class SessionLayer:
             self._keys.pop(old.session, None)
         self._table[entry.key] = entry
         self._keys[entry.session] = entry.key
+        self._generation += 1
 
     def _drop(self, entry: _Entry) -> None:
         if self._table.get(entry.key) is entry:
             del self._table[entry.key]
+            self._generation += 1
             if entry.session.established:
                 # The session that replaced it goes: so does the grace. (A handshake that
                 # fails leaves it be.)

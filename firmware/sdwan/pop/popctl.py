@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 from sdwan.common.certlife import describe as describe_cert
 from sdwan.common.control import CommandFailed, ControlError, ControlUnreachable, request
+from sdwan.common.ctrllanes import describe_lanes
 from sdwan.common.visible import VisibleWriter, visible, visible_lines
 from sdwan.pop.config import DEFAULT_POP_CONTROL_SOCKET
 
@@ -69,6 +70,7 @@ def _print_status(r: dict[str, Any], out: TextIO) -> None:
           f" drops {_nonzero(link.get('drops'))}", file=out)
     control = {k: v for k, v in (r.get("control") or {}).items() if k != "dtls"}
     print(f"control: {_nonzero(control)}", file=out)
+    print(f"control lanes: {_v(describe_lanes(r.get('control_lanes')))}", file=out)
     certs = r.get("certificates")
     if isinstance(certs, dict):
         for key, name in (("cert", "cert"), ("ca", "ca cert")):

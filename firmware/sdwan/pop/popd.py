@@ -41,6 +41,7 @@ from sdwan.bindings.fastpath import (
 )
 from sdwan.common.certlife import CertWatch, watch_identity
 from sdwan.common.control import ControlServer
+from sdwan.common.ctrlknown import KnownSources
 from sdwan.common.daemon import StartupError, run_service
 from sdwan.common.dtls import DtlsContext, DtlsSession
 from sdwan.common.handover import KeyHandover, parse_key
@@ -80,6 +81,8 @@ PMTU_MAX = 1500
 REGISTER_DEADLINE_S = 10.0  # an established session that never registers is dropped
 FULL_DIRECTORY_MIN_S = 5.0  # between two whole directories resent to one session
 MAX_EVENTS_PER_WAKEUP = 256
+# Of the unknown sources' control lane, per wake-up: after the known lane, a bounded share.
+MAX_UNKNOWN_PER_WAKEUP = 64
 # A site's largest message is an events upload (MAX_UPLOADED_EVENTS events); reassembly of
 # anything larger is abandoned before it is buffered.
 MAX_MESSAGE = 256 * 1024
@@ -281,6 +284,8 @@ class Pop(SessionOwner):
         self._next_temp = 0
         self._revoked_presented = Presented(clock)  # when a refusal is said again
         self.fp: FastPath | None = None
+        self.known: KnownSources | None = None  # declared to the fast path's control gate
+        self._known_gen = -1
         self.dtls: DtlsContext | None = None
         self.store: Store | None = None
         self.control: ControlServer | None = None
@@ -321,6 +326,12 @@ class Pop(SessionOwner):
         fp_cfg.rekey_after_seconds = cfg.keys.rekey_s + FP_REKEY_BACKSTOP_S
         fp_cfg.reject_after_seconds = cfg.keys.key_max_age_s
         self.fp = fp = FastPath(fp_cfg)
+        # Known control sources besides the sites' endpoints (peers of the fast path): the
+        # handshakes under way, and every port of a host where a site lives (sites behind
+        # one NAT address, the load generator), as admission ranks them first too.
+        self.known = KnownSources(fp)
+        self.known.add(self.sessions.addresses)
+        self.known.add(lambda: [(ip, 0) for ip in self._session_ips])
         family = socket.AF_INET6 if ":" in cfg.listen else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -364,6 +375,7 @@ class Pop(SessionOwner):
         self.account_loaded_at = time.time()
 
     def close(self) -> None:
+        self.known = None
         if self.fp is not None:
             self.fp.close()
             self.fp = None
@@ -414,7 +426,11 @@ class Pop(SessionOwner):
 
     def _on_ctrl_readable(self) -> None:
         assert self.fp is not None
-        self.fp.ctrl_drain(self._on_ctrl_event, MAX_EVENTS_PER_WAKEUP)
+        self.fp.ctrl_drain(self._on_ctrl_event, MAX_EVENTS_PER_WAKEUP, MAX_UNKNOWN_PER_WAKEUP)
+        # A handshake begun or ended: its address is (no longer) a known source, at once.
+        if self.known is not None and self.sessions.generation != self._known_gen:
+            self._known_gen = self.sessions.generation
+            self.known.refresh()
 
     def _on_ctrl_event(self, ev: CtrlEvent) -> None:
         self.sessions.on_ctrl_event(ev)
@@ -1105,6 +1121,8 @@ class Pop(SessionOwner):
             log.exception("certificate check failed")
         now = self.clock()
         self.sessions.tick()
+        if self.known is not None:
+            self.known.refresh()  # cheap when nothing changed
         self.broker.tick()
         for dtls, (_, _, until) in list(self._replaced.items()):
             if now >= until:
@@ -1270,6 +1288,8 @@ class Pop(SessionOwner):
                 "drops": c.drops,
             },
             "drops": self.fp.global_counters().drops,
+            # The control queue's lanes: known sources apart, unknown ones rate-limited.
+            "control_lanes": self.fp.ctrl_stats().to_json(),
             "control": {
                 # Kicks are for sites; a malformed ClientHello is garbage too.
                 "garbage": ls.unknown + ls.kicks_bad + ls.malformed_hellos,

@@ -1422,6 +1422,18 @@ class Mesh(SessionOwner):
     def is_known_source(self, link_id: int, addr: Addr) -> bool:
         return self.tunnel_at(link_id, addr) is not None
 
+    def known_sources(self) -> list[Addr]:
+        """The hosts of every path's candidates and found endpoint, every port (port 0): a
+        punch's probes and the tunnel's first records come from there, from ports a NAT may
+        choose, before the fast path has the peer's endpoint."""
+        out: list[Addr] = []
+        for peer in self.remotes.values():
+            for path in peer.paths.values():
+                out.extend((ip, 0) for _how, (ip, _port) in path.candidates)
+                if path.endpoint is not None:
+                    out.append((path.endpoint[0], 0))
+        return out
+
     def tunnel_for(self, session: DtlsSession) -> PeerTunnel | None:
         link_id = session.link_id
         if link_id is not None and link_id < EXTRA_LINK_BASE and self.usable_link(link_id) is None:

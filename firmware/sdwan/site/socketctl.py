@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 from sdwan.common.certlife import describe as describe_cert
 from sdwan.common.control import CommandFailed, ControlError, ControlUnreachable, request
+from sdwan.common.ctrllanes import describe_lanes
 from sdwan.common.visible import VisibleWriter, visible
 from sdwan.site.config import DEFAULT_CONTROL_SOCKET
 
@@ -181,6 +182,8 @@ def format_status(result: Mapping[str, Any], out: TextIO) -> None:
     ]
     if isinstance(result.get("control"), Mapping):
         fields.append(("control", _drops(result["control"])))
+    if isinstance(result.get("control_lanes"), Mapping):
+        fields.append(("control lanes", visible(describe_lanes(dict(result["control_lanes"])))))
     cloud = result.get("cloud")
     if isinstance(cloud, Mapping):
         text = _text(cloud.get("state"))

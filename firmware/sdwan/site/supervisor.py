@@ -47,6 +47,7 @@ from sdwan.bindings.fastpath import (
 from sdwan.common import heap
 from sdwan.common.certlife import CertWatch, watch_identity
 from sdwan.common.control import ControlServer, Handler
+from sdwan.common.ctrlknown import KnownSources
 from sdwan.common.daemon import ServiceFailed, StartupError
 from sdwan.common.dtls import DtlsContext, DtlsSession
 from sdwan.common.keytimers import FP_REKEY_BACKSTOP_S
@@ -93,6 +94,8 @@ log = logging.getLogger("sdwan.site.socketd")
 TICK_S = 0.05
 IDLE_TICK_S = 1.0
 MAX_EVENTS_PER_WAKEUP = 256  # a control flood must not starve timers and socketctl
+# Of the unknown sources' lane, per wake-up: after the known lane, a bounded share.
+MAX_UNKNOWN_PER_WAKEUP = 32
 LED_PERIOD_S = 0.5  # how often the LEDs follow the box's state
 # A peer's data unanswered by us for this long gets a keepalive: the peer's liveness under
 # traffic (docs/mesh.md) counts on an answer well within its silent_after_ms.
@@ -143,6 +146,8 @@ class Supervisor:
         self.link_ids = self.links.ids
         self.fp: FastPath | None = None
         self.fpwatch: FastPathWatch | None = None
+        self.known: KnownSources | None = None  # declared to the fast path's control gate
+        self._known_gen = -1
         self.control: ControlServer | None = None
         self.store: Store | None = None
         self.cloud: Cloud | None = None
@@ -282,6 +287,7 @@ class Supervisor:
         except NetcfgError as e:
             raise StartupError(f"network configuration failed: {e}") from e
         self._net_plan = plan
+        self.known = self._make_known(fp)
         fp.start()
         names = {lid: name for name, lid in self.link_ids.items()}
         self.fpwatch = FastPathWatch(
@@ -291,6 +297,23 @@ class Supervisor:
             clock=self.clock,
             on_failed=self._fastpath_failed,
         )
+
+    def _make_known(self, fp: FastPath) -> KnownSources:
+        """Who, besides the fast path's peers, is a known source of control datagrams: the
+        sessions and handshakes under way, the PoPs, the STUN servers, the static peers'
+        configured endpoints and the hosts of the mesh's punch candidates."""
+        known = KnownSources(fp)
+        known.add(self.sessions.addresses)
+        known.add(lambda: (self.links.stun_server, self.links.stun_check))
+        known.add(lambda: [t.configured_endpoint for t in self.tunnels.values()])
+        if self.cloud is not None:
+            cloud = self.cloud
+            known.add(lambda: [p.endpoint for p in cloud.pops])
+        if self.mesh is not None:
+            known.add(self.mesh.known_sources)
+        known.refresh()
+        self._known_gen = self.sessions.generation
+        return known
 
     def _make_vlans(self) -> None:
         """The VLAN links' devices, before their sockets are bound to them. A VLAN that cannot
@@ -610,7 +633,11 @@ class Supervisor:
 
     def _on_ctrl_readable(self) -> None:
         assert self.fp is not None
-        self.fp.ctrl_drain(self._on_ctrl_event, MAX_EVENTS_PER_WAKEUP)
+        self.fp.ctrl_drain(self._on_ctrl_event, MAX_EVENTS_PER_WAKEUP, MAX_UNKNOWN_PER_WAKEUP)
+        # A handshake begun or ended: its address is (no longer) a known source, at once.
+        if self.known is not None and self.sessions.generation != self._known_gen:
+            self._known_gen = self.sessions.generation
+            self.known.refresh()
         self._wake.set()
 
     def _on_liveness_wake(self) -> None:
@@ -653,6 +680,8 @@ class Supervisor:
             except Exception:
                 log.exception("fast path watch failed")
         self.sessions.tick()
+        if self.known is not None:
+            self.known.refresh()  # cheap when nothing changed
         for tunnel in self.tunnels.values():
             try:
                 tunnel.tick()
@@ -892,6 +921,8 @@ class Supervisor:
             "peers_total": len(self.tunnels),
             "links": links,
             "drops": g.drops,
+            # The control queue's lanes: known sources apart, unknown ones rate-limited.
+            "control_lanes": self.fp.ctrl_stats().to_json(),
             # The TUN thread's waits for answers (docs/dataplane.md, "Latency").
             "answer_waits": {
                 "waits": spin.spins,
@@ -1275,6 +1306,7 @@ class Supervisor:
             with contextlib.suppress(Exception):
                 self.cloud.close()
             self.cloud = None
+        self.known = None
         if self.fp is not None:
             self.fp.close()
             self.fp = None

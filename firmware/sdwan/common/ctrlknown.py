@@ -1,0 +1,60 @@
+"""The sources the fast path's control gate treats as known (docs/dataplane.md, "Control
+queue"): their control datagrams take a lane of their own that a flood from strangers
+cannot fill, unmetered. The endpoints of the fast path's peers are known there without us;
+this declares the rest: addresses we are talking to before they are a peer (a handshake in
+progress, the PoPs, the STUN servers, static peers' configured endpoints) and the hosts a
+mesh punch expects probes from (every port: port 0).
+
+Each provider is a callable returning addresses; the set is sent to C only when it changed,
+and is bounded by the fast path's limit (the rest is left to the unknown lane, logged)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from sdwan.bindings.fastpath import CTRL_KNOWN_MAX, Addr, FastPath, FastPathError
+
+log = logging.getLogger("sdwan.ctrlknown")
+
+Provider = Callable[[], Iterable[Addr]]
+
+
+@dataclass
+class KnownSources:
+    fp: FastPath
+    providers: list[Provider] = field(default_factory=list)
+    _last: frozenset[Addr] | None = None
+    updates: int = 0  # sets sent to the fast path
+
+    def add(self, provider: Provider) -> None:
+        self.providers.append(provider)
+
+    def refresh(self) -> bool:
+        """Gather the providers' addresses; send them when they changed. True if sent."""
+        known: set[Addr] = set()
+        for p in self.providers:
+            try:
+                known.update(a for a in p() if a is not None)
+            except Exception:
+                log.exception("a provider of known control sources failed")
+        now = frozenset(known)
+        if now == self._last:
+            return False
+        addrs = sorted(now)
+        if len(addrs) > CTRL_KNOWN_MAX:
+            log.warning(
+                "%d known control sources, the fast path takes %d: the rest are rate-limited",
+                len(addrs),
+                CTRL_KNOWN_MAX,
+            )
+            addrs = addrs[:CTRL_KNOWN_MAX]
+        try:
+            self.fp.ctrl_known_set(addrs)
+        except (FastPathError, ValueError) as e:
+            log.error("known control sources not declared: %s", e)
+            return False
+        self._last = now
+        self.updates += 1
+        return True
