@@ -779,6 +779,11 @@ class FastPath:
             f"fp_peer_set_keepalive({peer_id})",
         )
 
+    def keepalive_pass(self) -> int:
+        """The idle keepalives of every peer with a set_keepalive interval, now, in one pass in
+        C without the GIL (fp_keepalive_pass); how many peers have an interval."""
+        return _check(lib.fp_keepalive_pass(self._h), "fp_keepalive_pass")
+
     def set_key_lifetime(self, peer_id: int, rekey_after_s: int, reject_after_s: int) -> None:
         """The key ages agreed with the peer: a rekey asked for at rekey_after_s, the key
         refused at reject_after_s, where shorter than the config's (0: the config's)
