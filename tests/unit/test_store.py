@@ -654,9 +654,9 @@ def test_uploaded_batch_is_one_transaction_with_its_own_retention(db: Path) -> N
         for i in range(3):
             s.add_event("own", f"own {i}")
         batch = [UploadedEvent("site.x", f"site 7 #{i}", 7) for i in range(8)]
-        result = s.add_uploaded(7, batch, keep=4, doc=("site.7.events", {"up_to": 8}))
+        result = s.add_events(batch, 7, keep=4, doc=("site.7.events", {"up_to": 8}))
         assert (result.stored, result.malformed, result.evicted) == (8, 0, 4)
-        s.add_uploaded(9, [UploadedEvent("site.x", "site 9", 9)], keep=4)
+        s.add_events([UploadedEvent("site.x", "site 9", 9)], 9, keep=4)
         # Site 7's flood evicted only its own oldest: the owner's and site 9's stay.
         assert s.count_events(7) == 4 and s.count_events(9) == 1 and s.count_events(own=True) == 3
         assert [e.text for e in s.events(site_id=7)] == [f"site 7 #{i}" for i in (7, 6, 5, 4)]
@@ -669,10 +669,18 @@ def test_uploaded_batch_is_one_transaction_with_its_own_retention(db: Path) -> N
 
 def test_uploaded_batch_skips_malformed_events_and_a_failure_writes_nothing(db: Path) -> None:
     with Store(db) as s:
-        result = s.add_uploaded(
-            3, [UploadedEvent("bad kind!", "x"), UploadedEvent("ok", "fine", 3)], keep=10
+        result = s.add_events(
+            [UploadedEvent("bad kind!", "x"), UploadedEvent("ok", "fine", 3)], 3, keep=10
         )
         assert (result.stored, result.malformed) == (1, 1)
         with pytest.raises(ValueError):
-            s.add_uploaded(3, [UploadedEvent("ok", "x")], keep=10, doc=("bad name!", {}))
+            s.add_events([UploadedEvent("ok", "x")], 3, keep=10, doc=("bad name!", {}))
         assert s.count_events(3) == 1
+
+
+def test_own_batch_is_one_transaction_within_max_events(db: Path) -> None:
+    with Store(db, max_events=3) as s:
+        s.add_events([UploadedEvent("site.x", "theirs", 4)], 4, keep=10)
+        result = s.add_events([UploadedEvent("own", f"own {i}") for i in range(5)])
+        assert (result.stored, result.evicted) == (5, 2)
+        assert [e.text for e in s.events()] == ["own 4", "own 3", "own 2", "theirs"]

@@ -179,7 +179,7 @@ class Event:
 
 @dataclass(frozen=True)
 class UploadedEvent:
-    """One event of a batch another party uploaded (Store.add_uploaded)."""
+    """One event of a batch for Store.add_events."""
 
     kind: str
     text: str
@@ -623,22 +623,25 @@ class Store:
         cur = conn.execute(f"DELETE FROM events WHERE {match} AND seq <= ?", (*params, row[0]))
         return cur.rowcount
 
-    def add_uploaded(
+    def add_events(
         self,
-        origin: int,
         events: Sequence[UploadedEvent],
-        keep: int,
+        origin: int | None = None,
+        keep: int | None = None,
         doc: tuple[str, Mapping[str, Any]] | None = None,
     ) -> UploadResult:
-        """Store a batch another party uploaded (a site's events at the PoP) in one
-        transaction: every event, the retention of that origin alone (its newest `keep`
-        stay; the owner's and other origins' events are never evicted by it), and `doc`
-        (name, value), the uploader's mark, so the mark never runs ahead of the events.
+        """Store a batch in one transaction: the owner's own events (`origin` None), or a
+        batch another party uploaded (a site's events at the PoP, `origin` its id). With
+        them the retention of that origin alone (its newest `keep`, the owner's
+        `max_events` by default, stay; other origins' events are never evicted by it), and
+        `doc` (name, value), the uploader's mark, so the mark never runs ahead of the events.
 
         Each event is checked as add_event checks it; a malformed one is skipped and counted
         in the result, never stored.
         """
-        _check_int("origin", origin, 1, 2**31 - 1)
+        if origin is not None:
+            _check_int("origin", origin, 1, 2**31 - 1)
+        keep = self.max_events if keep is None else keep
         _check_int("keep", keep, 1, 10_000_000)
         rows = []
         malformed = 0
