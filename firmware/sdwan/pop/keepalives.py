@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 
 from sdwan.bindings.fastpath import FastPath, FastPathError
 
@@ -25,8 +26,11 @@ PASSES_PER_INTERVAL = 4
 
 
 class KeepaliveThread:
-    def __init__(self, fp: FastPath, keepalive_s: float) -> None:
-        self.fp = fp
+    """Passes over the peers of one or more fast paths (the popd swarm, lab/popswarm.py, runs
+    one per 32 fake sites) every keepalive_s / PASSES_PER_INTERVAL."""
+
+    def __init__(self, fp: FastPath | Sequence[FastPath], keepalive_s: float) -> None:
+        self.fps = [fp] if isinstance(fp, FastPath) else list(fp)
         self.every_s = keepalive_s / PASSES_PER_INTERVAL
         self.passes = 0
         self.errors = 0
@@ -46,10 +50,11 @@ class KeepaliveThread:
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
-            try:
-                self.fp.keepalive_pass()
-                self.passes += 1
-            except FastPathError as e:
-                self.errors += 1
-                if self.errors <= 5:
-                    log.warning("keepalive pass failed: %s", e)
+            for fp in self.fps:
+                try:
+                    fp.keepalive_pass()
+                except FastPathError as e:
+                    self.errors += 1
+                    if self.errors <= 5:
+                        log.warning("keepalive pass failed: %s", e)
+            self.passes += 1
