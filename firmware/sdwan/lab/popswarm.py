@@ -174,6 +174,12 @@ class PopClient:
     def on_keys_active(self, _session: DtlsSession) -> None:
         self.registered = False
         self.silent = False
+        assert self.site is not None
+        # As socketd's PoP sessions: keepalives whenever nothing else went out for
+        # keepalive_ms, here from the swarm's keepalive thread (check_liveness is off, so the
+        # tunnel sets none itself).
+        with contextlib.suppress(FastPathError):
+            self.site.fp.set_keepalive(self.site.link_id, self.swarm.pspec.keepalive_ms / 1000)
         self.register(time.monotonic())
 
     def on_message(self, _session: DtlsSession, msg: dict[str, Any]) -> None:

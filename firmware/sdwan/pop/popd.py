@@ -161,6 +161,7 @@ class _Stats:
     messages_malformed: int = 0
     messages_unknown: int = 0
     keys_refused: int = 0  # `key` messages whose index or timers were refused
+    registrations: int = 0  # accepted
     registrations_refused: int = 0
     sessions_revoked: int = 0  # live sessions ended because the account revoked their cert
     sessions_opened: int = 0
@@ -866,6 +867,7 @@ class Pop(SessionOwner):
             return
         if s.peer_id != final:
             self._rehome(s, final)
+        self.stats.registrations += 1
         first = not s.registered
         s.registered = True
         s.registered_at = self.clock()
@@ -1474,6 +1476,7 @@ class Pop(SessionOwner):
                 "messages_malformed": st.messages_malformed,
                 "messages_unknown": st.messages_unknown,
                 "keys_refused": st.keys_refused,
+                "registrations": st.registrations,
                 "registrations_refused": st.registrations_refused,
                 "sessions_opened": st.sessions_opened,
                 "sessions_closed": st.sessions_closed,
