@@ -86,6 +86,7 @@ FULL_DIRECTORY_MIN_S = 5.0  # between two whole directories resent to one sessio
 # Directory changes are pushed at most this often: the changes of a burst of registrations,
 # flaps and drops go out as one delta per session (docs/popd.md, "The directory").
 DIRECTORY_PUSH_S = 0.2
+DELTA_IN_FLIGHT_S = 1.5  # a ping sent before a push arrived: a second plus a round trip
 DIRECTORY_KINDS = frozenset({"welcome", "directory", "directory-delta"})
 MAX_EVENTS_PER_WAKEUP = 256
 # A site's largest message is an events upload (MAX_UPLOADED_EVENTS events); reassembly of
@@ -136,6 +137,11 @@ class SiteSession:
     registered_at: float | None = None
     first_registered_at: float | None = None  # the punch broker's epoch of this session
     dir_rev: int | None = None  # the directory rev this session was last sent (full or delta)
+    # When each rev was sent to it (the last few): a ping naming the rev before one sent
+    # moments ago crossed that delta in flight, and is no sign of a lost push.
+    dir_sent: collections.deque[tuple[int, float]] = field(
+        default_factory=lambda: collections.deque(maxlen=8)
+    )
     full_directory_at: float | None = None  # when a whole directory was last resent
     reassembler: Reassembler | None = None  # of the current `dtls`; made on first use
     pmtu: PathMtu | None = None  # probing the path to the site, once transmitting
@@ -747,7 +753,9 @@ class Pop(SessionOwner):
             # A site whose directory is not the one we last sent it (a push lost in transit,
             # a delta it could not apply) gets the whole directory again.
             if s.registered and "rev" in msg and msg["rev"] != s.dir_rev:
-                self._send_directory(s, self.clock())
+                now = self.clock()
+                if not self._in_flight(s, msg["rev"], now):
+                    self._send_directory(s, now)
         elif kind == "punch-request":
             if not s.registered or s.link_index is None:
                 self.stats.messages_malformed += 1
@@ -1102,6 +1110,7 @@ class Pop(SessionOwner):
             gone = [sid for sid in removed if sid != s.site_id]
             if not mine and not gone:
                 continue  # nothing it sees changed: its view at s.dir_rev is current
+            s.dir_sent.append((self.rev, now))
             msg = {"t": "directory-delta", "base": s.dir_rev, "rev": self.rev,
                    "changed": mine, "removed": gone}
             if self._send_msg(s, msg):
@@ -1158,10 +1167,20 @@ class Pop(SessionOwner):
         return [self._entries[site.id] for site in self.account.sites
                 if site.id != site_id and site.id in self._entries]
 
+    @staticmethod
+    def _in_flight(s: SiteSession, rev: Any, now: float) -> bool:
+        """Whether a ping's rev is one this session was sent, followed by a push less than
+        DELTA_IN_FLIGHT_S ago: the ping crossed that push, which the site has by now."""
+        sent = list(s.dir_sent)
+        for (r, _), (_, at_next) in zip(sent, sent[1:], strict=False):
+            if r == rev:
+                return now - at_next < DELTA_IN_FLIGHT_S
+        return False
+
     def _send_directory(self, s: SiteSession, now: float) -> None:
         # At most every FULL_DIRECTORY_MIN_S per session: a site (or one posing as stale in
-        # every ping) must not make the PoP send its whole directory every second; a ping
-        # crossing a delta in flight is served by the next one.
+        # every ping) must not make the PoP send its whole directory every second. A ping
+        # that crossed a push in flight does not come here (_in_flight).
         if s.full_directory_at is not None and now - s.full_directory_at < FULL_DIRECTORY_MIN_S:
             return
         s.full_directory_at = now
@@ -1169,6 +1188,7 @@ class Pop(SessionOwner):
             s, {"t": "directory", "rev": self.rev, "directory": self._directory_for(s.site_id)}
         ):
             s.dir_rev = self.rev
+            s.dir_sent.append((self.rev, now))
             self.stats.directory_full_sent += 1
 
     def _welcome(self, s: SiteSession) -> None:
@@ -1187,6 +1207,7 @@ class Pop(SessionOwner):
             },
         )
         s.dir_rev = self.rev
+        s.dir_sent.append((self.rev, self.clock()))
         self.stats.directory_full_sent += 1
 
     # ---------------------------------------------------------------- events
