@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from sdwan.common.messages import Reassembler
 from sdwan.common.store import Store, UploadedEvent
 from sdwan.pop import pki
 from sdwan.pop.account import load_account
@@ -70,6 +71,7 @@ class FakeSession:
     link_name: str = "wan1"
     dir_rev: int | None = None
     dir_sent: Any = field(default_factory=list)
+    dtls: Any = None  # records are sized for the fallback MTU
 
     @property
     def addr(self) -> tuple[str, int]:
@@ -87,11 +89,15 @@ class Harness:
         self.pop = Pop(cfg, clock=lambda: self.now)
         self.pop.account = load_account(cfg.account)
         self.sent: list[tuple[FakeSession, dict[str, Any]]] = []
-        self.pop._send_msg = self._send  # type: ignore[method-assign]
+        self.pop._send_records = self._send  # type: ignore[method-assign]
         self.sessions: dict[int, FakeSession] = {}
 
-    def _send(self, s: Any, msg: dict[str, Any]) -> bool:
-        self.sent.append((s, msg))
+    def _send(self, s: Any, kind: str, records: list[bytes]) -> bool:
+        """What a site would read: the records reassembled into the message."""
+        reassembler = Reassembler()
+        msgs = [m for m in (reassembler.feed(r) for r in records) if m is not None]
+        assert len(msgs) == 1 and msgs[0]["t"] == kind
+        self.sent.append((s, msgs[0]))
         return True
 
     def up(self, site_id: int) -> FakeSession:

@@ -75,9 +75,14 @@ def encode(msg: dict[str, Any], limit: int, *, msg_id: int | None = None) -> lis
     """The records that carry ``msg``: the message itself when its JSON fits ``limit`` bytes,
     else fragments of at most ``limit`` bytes each. ``msg_id`` is for tests; the default is a
     per-process counter, so every sender's ids are distinct without coordination."""
+    return encode_text(dumps(msg), limit, msg_id=msg_id)
+
+
+def encode_text(text: str, limit: int, *, msg_id: int | None = None) -> list[bytes]:
+    """encode() of a message already serialised with dumps() (or put together from parts so
+    serialised: a PoP sends one directory to a thousand sites and serialises it once)."""
     if limit < MIN_LIMIT:
         raise ValueError(f"record limit {limit} is below the minimum of {MIN_LIMIT} bytes")
-    text = dumps(msg)
     if len(text) <= limit:
         return [text.encode("ascii")]
     ident = _next_id() if msg_id is None else msg_id

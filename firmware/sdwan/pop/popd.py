@@ -45,7 +45,7 @@ from sdwan.common.daemon import StartupError, run_service
 from sdwan.common.dtls import DtlsContext, DtlsSession
 from sdwan.common.handover import KeyHandover, parse_key
 from sdwan.common.keytimers import FP_REKEY_BACKSTOP_S
-from sdwan.common.messages import FragStats, Reassembler, encode, record_limit
+from sdwan.common.messages import FragStats, Reassembler, dumps, encode, encode_text, record_limit
 from sdwan.common.netdev import size_buffers
 from sdwan.common.pmtu import PathMtu
 from sdwan.common.ratelog import RateLog
@@ -86,6 +86,7 @@ FULL_DIRECTORY_MIN_S = 5.0  # between two whole directories resent to one sessio
 # Directory changes are pushed at most this often: the changes of a burst of registrations,
 # flaps and drops go out as one delta per session (docs/popd.md, "The directory").
 DIRECTORY_PUSH_S = 0.2
+PUSH_SHARE_FACTOR = 4  # the next push no sooner than this many times the last one's time
 DELTA_IN_FLIGHT_S = 1.5  # a ping sent before a push arrived: a second plus a round trip
 DIRECTORY_KINDS = frozenset({"welcome", "directory", "directory-delta"})
 MAX_EVENTS_PER_WAKEUP = 256
@@ -301,6 +302,7 @@ class Pop(SessionOwner):
         # pushed; the sites changed since the last push, pushed at most every
         # DIRECTORY_PUSH_S as one delta per session.
         self._entries: dict[int, dict[str, Any]] = {}
+        self._entry_json: dict[int, str] = {}  # each entry serialised (welcomes join them)
         self._pushed: dict[int, dict[str, Any]] = {}
         self._dir_dirty: set[int] = set()
         self._push_at = 0.0
@@ -444,11 +446,27 @@ class Pop(SessionOwner):
     def _send_msg(self, s: SiteSession, msg: dict[str, Any]) -> bool:
         try:
             records = encode(msg, record_limit(s.dtls, DTLS_MTU))
-            datagrams = [d for r in records for d in s.dtls.send(r)]
-        except (RuntimeError, ValueError) as e:
+        except ValueError as e:
             log.error("site %d: %s message not sent: %s", s.site_id, msg.get("t"), e)
             return False
-        if msg.get("t") in DIRECTORY_KINDS:
+        return self._send_records(s, str(msg.get("t")), records)
+
+    def _send_text(self, s: SiteSession, kind: str, text: str) -> bool:
+        """A message serialised already (dumps, or put together from serialised parts)."""
+        try:
+            records = encode_text(text, record_limit(s.dtls, DTLS_MTU))
+        except ValueError as e:
+            log.error("site %d: %s message not sent: %s", s.site_id, kind, e)
+            return False
+        return self._send_records(s, kind, records)
+
+    def _send_records(self, s: SiteSession, kind: str, records: list[bytes]) -> bool:
+        try:
+            datagrams = [d for r in records for d in s.dtls.send(r)]
+        except (RuntimeError, ValueError) as e:
+            log.error("site %d: %s message not sent: %s", s.site_id, kind, e)
+            return False
+        if kind in DIRECTORY_KINDS:
             self.stats.directory_bytes += sum(len(r) for r in records)
         for d in datagrams:
             self.send(s.addr, d)
@@ -1015,6 +1033,7 @@ class Pop(SessionOwner):
             current = self.account.site_ids
             for sid in [k for k in self._entries if k not in current]:
                 del self._entries[sid]
+                self._entry_json.pop(sid, None)
                 self._dir_dirty.add(sid)
             for site in self.account.sites:
                 self._update_entry(site.id)
@@ -1072,11 +1091,13 @@ class Pop(SessionOwner):
         site = self.account.site(site_id)
         if site is None:
             if self._entries.pop(site_id, None) is not None:
+                self._entry_json.pop(site_id, None)
                 self._dir_dirty.add(site_id)
             return
         entry = self._entry(site)
         if self._entries.get(site_id) != entry:
             self._entries[site_id] = entry
+            self._entry_json[site_id] = dumps(entry)
             self._dir_dirty.add(site_id)
 
     def _push_directory(self, now: float) -> None:
@@ -1089,6 +1110,7 @@ class Pop(SessionOwner):
             self.broker.update(self._mesh_links(), self._offcloud_sites())
         if not self._dir_dirty or now < self._push_at:
             return
+        started = time.perf_counter()
         self._push_at = now + DIRECTORY_PUSH_S
         dirty, self._dir_dirty = self._dir_dirty, set()
         changed = {sid: self._entries[sid] for sid in sorted(dirty)
@@ -1103,19 +1125,40 @@ class Pop(SessionOwner):
         self.rev += 1
         self.stats.directory_pushes += 1
         entries = list(changed.values())
+        # The delta as most sessions get it (their own site did not change), serialised once
+        # per base rev and record size: a session's cost is then its encryption alone.
+        shared: dict[tuple[int | None, int], list[bytes]] = {}
+        body = dumps({"rev": self.rev, "changed": entries, "removed": removed})[1:]
         for s in list(self.by_peer.values()):
             if not s.registered:
                 continue
-            mine = [e for e in entries if e["site_id"] != s.site_id]
-            gone = [sid for sid in removed if sid != s.site_id]
-            if not mine and not gone:
-                continue  # nothing it sees changed: its view at s.dir_rev is current
+            if s.site_id in changed or s.site_id in removed:
+                mine = [e for e in entries if e["site_id"] != s.site_id]
+                gone = [sid for sid in removed if sid != s.site_id]
+                if not mine and not gone:
+                    continue  # nothing it sees changed: its view at s.dir_rev is current
+                msg = {"t": "directory-delta", "base": s.dir_rev, "rev": self.rev,
+                       "changed": mine, "removed": gone}
+                sent = self._send_msg(s, msg)
+            else:
+                try:
+                    limit = record_limit(s.dtls, DTLS_MTU)
+                    key = (s.dir_rev, limit)
+                    if key not in shared:
+                        head = dumps({"t": "directory-delta", "base": s.dir_rev})[:-1]
+                        shared[key] = encode_text(f"{head},{body}", limit)
+                except ValueError as e:
+                    log.error("site %d: directory-delta not sent: %s", s.site_id, e)
+                    continue
+                sent = self._send_records(s, "directory-delta", shared[key])
             s.dir_sent.append((self.rev, now))
-            msg = {"t": "directory-delta", "base": s.dir_rev, "rev": self.rev,
-                   "changed": mine, "removed": gone}
-            if self._send_msg(s, msg):
+            if sent:
                 self.stats.directory_deltas_sent += 1
             s.dir_rev = self.rev
+        # A push that took long waits longer for the next: pushes take a bounded share of the
+        # loop however many sessions there are.
+        took = time.perf_counter() - started
+        self._push_at = max(self._push_at, now + PUSH_SHARE_FACTOR * took)
 
     def _mesh_links(self) -> list[MeshLink]:
         out = []
@@ -1160,6 +1203,14 @@ class Pop(SessionOwner):
             entry["altwan"] = list(self.altwan[site.id])
         return entry
 
+    def _directory_text(self, site_id: int) -> str:
+        """_directory_for as JSON, joined from the entries serialised when they changed."""
+        assert self.account is not None
+        js = self._entry_json
+        return "[" + ",".join(
+            js[site.id] for site in self.account.sites if site.id != site_id and site.id in js
+        ) + "]"
+
     def _directory_for(self, site_id: int) -> list[dict[str, Any]]:
         """The whole directory as it is now (changes not pushed yet included), in the
         account's order, without the site's own entry."""
@@ -1184,9 +1235,9 @@ class Pop(SessionOwner):
         if s.full_directory_at is not None and now - s.full_directory_at < FULL_DIRECTORY_MIN_S:
             return
         s.full_directory_at = now
-        if self._send_msg(
-            s, {"t": "directory", "rev": self.rev, "directory": self._directory_for(s.site_id)}
-        ):
+        head = dumps({"t": "directory", "rev": self.rev})[:-1]
+        text = f'{head},"directory":{self._directory_text(s.site_id)}}}'
+        if self._send_text(s, "directory", text):
             s.dir_rev = self.rev
             s.dir_sent.append((self.rev, now))
             self.stats.directory_full_sent += 1
@@ -1196,16 +1247,9 @@ class Pop(SessionOwner):
         site = self.account.site(s.site_id)
         if site is None:
             return
-        self._send_msg(
-            s,
-            {
-                "t": "welcome",
-                "rev": self.rev,
-                "pop_id": self.cfg.id,
-                "config": self.account.site_config(site),
-                "directory": self._directory_for(s.site_id),
-            },
-        )
+        head = dumps({"t": "welcome", "rev": self.rev, "pop_id": self.cfg.id,
+                      "config": self.account.site_config(site)})[:-1]
+        self._send_text(s, "welcome", f'{head},"directory":{self._directory_text(s.site_id)}}}')
         s.dir_rev = self.rev
         s.dir_sent.append((self.rev, self.clock()))
         self.stats.directory_full_sent += 1
