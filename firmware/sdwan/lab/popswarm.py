@@ -52,7 +52,7 @@ log = logging.getLogger("sdwan.lab.popswarm")
 TICK_S = 0.05
 STATUS_EVERY_S = 2.0
 SILENCE_CHECK_S = 0.1
-REGISTER_RESEND_S = 3.0  # as socketd's: a register without a welcome is sent again
+REGISTER_RESEND_S = 10.0  # a register without a welcome is sent again (a big welcome is slow)
 UP_TICK_S = 1.0
 BUSY_TICK_S = 0.1
 

@@ -90,6 +90,13 @@ PUSH_SHARE_FACTOR = 4  # the next push no sooner than this many times the last o
 DELTA_IN_FLIGHT_S = 1.5  # a ping sent before a push arrived: a second plus a round trip
 DIRECTORY_KINDS = frozenset({"welcome", "directory", "directory-delta"})
 MAX_EVENTS_PER_WAKEUP = 256
+CTRL_BATCH = 16
+CTRL_BUDGET_S = 0.02  # of control work per turn of the loop
+# Whole directories resent after a gap, PoP-wide (each is the size of a welcome: ~180 KB and
+# 11 ms of serialising at 1000 sites): past the budget a stale ping gets its pong only, and
+# the site's next ping asks again.
+FULL_DIRECTORY_PER_MINUTE = 1200
+FULL_DIRECTORY_BURST = 40
 # A site's largest message is an events upload (MAX_UPLOADED_EVENTS events); reassembly of
 # anything larger is abandoned before it is buffered.
 MAX_MESSAGE = 256 * 1024
@@ -183,6 +190,7 @@ class _Stats:
     directory_pushes: int = 0  # coalesced pushes (one rev each)
     directory_deltas_sent: int = 0
     directory_full_sent: int = 0  # whole directories: welcomes and resends after a gap
+    directory_full_deferred: int = 0  # resends past the PoP-wide budget (the next ping asks)
     directory_bytes: int = 0  # of the directory part of what went to sites (JSON)
     fragments: FragStats = field(default_factory=FragStats)
 
@@ -321,6 +329,7 @@ class Pop(SessionOwner):
         self.site_events: dict[int, dict[str, int]] = {}
         self._register_site = Buckets(cfg.register.site_per_minute, cfg.register.site_burst,
                                       clock)
+        self._full_budget = Buckets(FULL_DIRECTORY_PER_MINUTE, FULL_DIRECTORY_BURST, clock)
         self._register_source = Buckets(cfg.register.source_per_minute,
                                         cfg.register.source_burst, clock)
         # Per site, the Alt-WAN endpoints its last register listed ("ip:port"): kept while
@@ -486,8 +495,17 @@ class Pop(SessionOwner):
     # ---------------------------------------------------------------- control packets
 
     def _on_ctrl_readable(self) -> None:
+        """Control events in small batches until CTRL_BUDGET_S of work: what is left waits
+        for the next turn of the loop (the fd is level-triggered), after its timers, so no
+        burst (a hundred handshakes, pings that each want a whole directory) holds the loop
+        for long. Past what popd can do, the fast path's queue fills and drops (counted in
+        `link.drops.queue_full`): DTLS retransmits, a site pings again."""
         assert self.fp is not None
-        self.fp.ctrl_drain(self._on_ctrl_event, MAX_EVENTS_PER_WAKEUP)
+        deadline = time.perf_counter() + CTRL_BUDGET_S
+        for _ in range(MAX_EVENTS_PER_WAKEUP // CTRL_BATCH):
+            self.fp.ctrl_drain(self._on_ctrl_event, CTRL_BATCH)
+            if time.perf_counter() >= deadline or self.fp is None:
+                return
 
     def _on_ctrl_event(self, ev: CtrlEvent) -> None:
         self.sessions.on_ctrl_event(ev)
@@ -1234,6 +1252,9 @@ class Pop(SessionOwner):
         # that crossed a push in flight does not come here (_in_flight).
         if s.full_directory_at is not None and now - s.full_directory_at < FULL_DIRECTORY_MIN_S:
             return
+        if not self._full_budget.allow("pop"):
+            self.stats.directory_full_deferred += 1
+            return
         s.full_directory_at = now
         head = dumps({"t": "directory", "rev": self.rev})[:-1]
         text = f'{head},"directory":{self._directory_text(s.site_id)}}}'
@@ -1555,6 +1576,7 @@ class Pop(SessionOwner):
                 "directory_pushes": st.directory_pushes,
                 "directory_deltas_sent": st.directory_deltas_sent,
                 "directory_full_sent": st.directory_full_sent,
+                "directory_full_deferred": st.directory_full_deferred,
                 "directory_bytes": st.directory_bytes,
                 # Malformed and oversized records are in the two counters above already.
                 "messages_received": st.fragments.messages,
