@@ -50,9 +50,14 @@ def _next_id() -> int:
     return next(_ids) & MAX_ID
 
 
+# One encoder for every message: json.dumps with options builds a new one per call, which
+# is most of the cost of a thousand small fragments.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+
+
 def dumps(msg: dict[str, Any]) -> str:
     """The JSON text of a message as it goes on the wire (compact, ASCII only)."""
-    return json.dumps(msg, separators=(",", ":"), ensure_ascii=True)
+    return _ENCODER.encode(msg)
 
 
 def record_limit(session: Any, fallback_mtu: int = 1200) -> int:
@@ -98,11 +103,13 @@ def encode_text(text: str, limit: int, *, msg_id: int | None = None) -> list[byt
         end = min(len(text), start + room)
         while True:
             chunk = text[start:end]
-            over = len(chunk) + chunk.count('"') + chunk.count("\\") - room
-            if over <= 0:
+            size = len(chunk) + chunk.count('"') + chunk.count("\\")
+            if size <= room:
                 break
-            # Each character dropped saves one or two bytes: this never undershoots by much.
-            end = max(start + 1, end - (over + 1) // 2)
+            # Shrunk by the chunk's own share of escaped characters: right, or nearly, at the
+            # first try, and always shorter than before.
+            span = end - start
+            end = start + max(1, min(span - 1, span * room // size))
         slices.append(chunk)
         start = end
     total = len(slices)
