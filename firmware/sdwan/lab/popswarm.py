@@ -74,7 +74,7 @@ class PopSwarmSpec:
     start_spread_s: float = 10.0  # first handshakes spread over this long
     events_per_minute: float = 0.0  # per fake site
     event_batch: int = 10
-    flaps_per_s: float = 0.0  # over the swarm
+    flaps_per_s: float = 0.0  # over the swarm, once every fake site has registered
     flood_site: int | None = None
     flood_events_per_s: float = 0.0
     register_flood_site: int | None = None
@@ -397,7 +397,11 @@ class PopSwarm(Swarm):
             spec.pop_endpoint,
         )
         next_status = next_silence = 0.0
-        next_flap = time.monotonic() + spec.start_spread_s
+        next_flap = 0.0
+        # Flaps start once every fake site (but the register flooder) has been welcomed: the
+        # start is measured on its own, the flaps are the steady load's.
+        need = len(self.clients) - (1 if spec.register_flood_site is not None else 0)
+        flapping = False
         while not self._stop.is_set():
             now = time.monotonic()
             for site, client in zip(self.sites, self.clients, strict=True):
@@ -412,7 +416,9 @@ class PopSwarm(Swarm):
                     client.tick(now)
                 except Exception:
                     log.exception("fake site %d protocol tick failed", client.site_id)
-            if spec.flaps_per_s > 0 and now >= next_flap:
+            if not flapping and spec.flaps_per_s > 0 and now >= next_status:
+                flapping = sum(1 for c in self.clients if c.registered) >= need
+            if flapping and now >= next_flap:
                 next_flap = now + random.expovariate(spec.flaps_per_s)
                 self._flap()
             if now >= next_silence:
