@@ -301,7 +301,9 @@ class PopSwarm(Swarm):
             dead_after_s=spec.dead_after_ms / 1000,
         )
         ca, certs = Path(spec.ca), Path(spec.cert_dir)
-        self.fps, links = open_links(spec.bind_ip, spec.first_port, len(spec.site_ids))
+        self.fps, links = open_links(
+            spec.bind_ip, spec.first_port, len(spec.site_ids), big_buffers=True
+        )
         for i, sid in enumerate(spec.site_ids):
             fpi, link_id = links[i]
             client = PopClient(self, sid, format_endpoint((spec.bind_ip, spec.first_port + i)))
@@ -398,9 +400,9 @@ class PopSwarm(Swarm):
         )
         next_status = next_silence = 0.0
         next_flap = 0.0
-        # Flaps start once every fake site (but the register flooder) has been welcomed: the
-        # start is measured on its own, the flaps are the steady load's.
-        need = len(self.clients) - (1 if spec.register_flood_site is not None else 0)
+        # Flaps start once (nearly) every fake site has been welcomed: the start is measured
+        # on its own, the flaps are the steady load's.
+        need = int(0.99 * (len(self.clients) - (1 if spec.register_flood_site else 0)))
         flapping = False
         while not self._stop.is_set():
             now = time.monotonic()

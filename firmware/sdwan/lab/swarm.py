@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig, probe_ack
 from sdwan.common.dtls import DtlsContext, DtlsSession
+from sdwan.common.netdev import size_buffers
 from sdwan.common.sessions import Policy, SessionLayer, SessionOwner
 from sdwan.common.tomlcheck import parse_endpoint
 from sdwan.pop import pki
@@ -126,11 +127,13 @@ def issue_site_certs(ca_dir: Path, site_ids: Iterable[int], out_dir: Path) -> in
 
 
 def open_links(
-    bind_ip: str, first_port: int, count: int
+    bind_ip: str, first_port: int, count: int, big_buffers: bool = False
 ) -> tuple[list[FastPath], list[tuple[int, int]]]:
     """One UDP socket per fake site on bind_ip, ports first_port.., LINKS_PER_FASTPATH of them
     to a fast path (not started): the fast paths, and per fake site (fast path index, link
-    id). The link id is the fake site's index plus one."""
+    id). The link id is the fake site's index plus one. big_buffers: socket buffers sized as
+    socketd's links are (a PoP's welcome to a thousand-site account is some 190 datagrams in
+    one burst, more than a default buffer holds)."""
     # No warm-up wakeups: they are there to keep a busy link's cipher hot, and hundreds of
     # idle link threads waking every few ms would load the machine under measure.
     cfg = FastPathConfig.default()
@@ -145,6 +148,8 @@ def open_links(
         link_id = i + 1
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
+            if big_buffers:
+                size_buffers(sock)
             sock.bind((bind_ip, first_port + i))
             sock.setblocking(False)
             fp.link_add(link_id, sock.fileno())  # the fast path keeps its own copy
