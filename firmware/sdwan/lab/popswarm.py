@@ -110,7 +110,9 @@ class PopSwarmStats:
     pings: int = 0
     pongs: int = 0
     at: float = 0.0
-    first_all_registered_s: float | None = None  # from the start
+    welcomed_once: int = 0  # fake sites welcomed at least once
+    # From the start until every fake site (but the register flooder) was welcomed once.
+    first_all_registered_s: float | None = None
 
 
 class _PopOwner(StaticTunnels):
@@ -140,6 +142,7 @@ class PopClient:
     next_event_at: float = 0.0
     next_register_at: float = 0.0
     silent: bool = False
+    welcomed_once: bool = False
     pings: dict[int, float] = field(default_factory=dict)
 
     @property
@@ -192,6 +195,9 @@ class PopClient:
             self.rev = msg.get("rev")
             if not self.registered:
                 self.registered = True
+                if not self.welcomed_once:
+                    self.welcomed_once = True
+                    self.swarm.stats.welcomed_once += 1
                 now = time.monotonic()
                 self.next_ping_at = now + random.uniform(0, self.swarm.pspec.ping_s)
                 self.next_event_at = now + random.uniform(0, self._event_every() or 1.0)
@@ -373,7 +379,8 @@ class PopSwarm(Swarm):
         st.at = time.time()
         st.up = sum(1 for s in self.sites if s.up)
         st.registered = sum(1 for c in self.clients if c.registered)
-        if st.first_all_registered_s is None and st.registered == len(self.clients):
+        need = len(self.clients) - (1 if self.pspec.register_flood_site is not None else 0)
+        if st.first_all_registered_s is None and st.welcomed_once >= need:
             st.first_all_registered_s = round(time.monotonic() - self._started, 2)
         if self.pspec.status_file:
             tmp = Path(self.pspec.status_file + ".tmp")
@@ -400,9 +407,9 @@ class PopSwarm(Swarm):
         )
         next_status = next_silence = 0.0
         next_flap = 0.0
-        # Flaps start once (nearly) every fake site has been welcomed: the start is measured
-        # on its own, the flaps are the steady load's.
-        need = int(0.99 * (len(self.clients) - (1 if spec.register_flood_site else 0)))
+        # Flaps start once every fake site (but the register flooder) has been welcomed: the
+        # start is measured on its own, the flaps are the steady load's.
+        need = len(self.clients) - (1 if spec.register_flood_site is not None else 0)
         flapping = False
         while not self._stop.is_set():
             now = time.monotonic()
@@ -419,7 +426,7 @@ class PopSwarm(Swarm):
                 except Exception:
                     log.exception("fake site %d protocol tick failed", client.site_id)
             if not flapping and spec.flaps_per_s > 0 and now >= next_status:
-                flapping = sum(1 for c in self.clients if c.registered) >= need
+                flapping = self.stats.welcomed_once >= need
             if flapping and now >= next_flap:
                 next_flap = now + random.expovariate(spec.flaps_per_s)
                 self._flap()
