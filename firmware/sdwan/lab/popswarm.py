@@ -52,6 +52,7 @@ log = logging.getLogger("sdwan.lab.popswarm")
 TICK_S = 0.05
 STATUS_EVERY_S = 2.0
 SILENCE_CHECK_S = 0.1
+GIVE_UP_S = 30.0  # up but never welcomed for this long: popd lost the session, handshake again
 REGISTER_RESEND_S = 10.0  # a register without a welcome is sent again (a big welcome is slow)
 UP_TICK_S = 1.0
 BUSY_TICK_S = 0.1
@@ -111,6 +112,7 @@ class PopSwarmStats:
     pongs: int = 0
     at: float = 0.0
     welcomed_once: int = 0  # fake sites welcomed at least once
+    given_up: int = 0  # sessions closed after GIVE_UP_S without a welcome
     # From the start until every fake site (but the register flooder) was welcomed once.
     first_all_registered_s: float | None = None
 
@@ -143,6 +145,7 @@ class PopClient:
     next_register_at: float = 0.0
     silent: bool = False
     welcomed_once: bool = False
+    unwelcomed_since: float | None = None
     pings: dict[int, float] = field(default_factory=dict)
 
     @property
@@ -163,6 +166,8 @@ class PopClient:
         }
 
     def register(self, now: float) -> None:
+        if self.unwelcomed_since is None:
+            self.unwelcomed_since = now
         self.next_register_at = now + REGISTER_RESEND_S
         msg = {
             "t": "register",
@@ -193,6 +198,7 @@ class PopClient:
         if kind == "welcome":
             st.welcomes += 1
             self.rev = msg.get("rev")
+            self.unwelcomed_since = None
             if not self.registered:
                 self.registered = True
                 if not self.welcomed_once:
@@ -239,6 +245,13 @@ class PopClient:
         if self.tunnel.state is not State.UP:
             return
         if not self.registered:
+            if self.unwelcomed_since is not None and now - self.unwelcomed_since > GIVE_UP_S:
+                # As socketd would find the PoP silent: popd dropped this session (the swarm
+                # was too slow to keep it alive) and reads nothing of it any more.
+                self.unwelcomed_since = None
+                self.tunnel.end("never welcomed")
+                self.swarm.stats.given_up += 1
+                return
             if now >= self.next_register_at:
                 self.register(now)
             return
