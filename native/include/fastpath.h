@@ -454,6 +454,18 @@ int fp_send_keepalive(fp_t *fp, uint32_t peer_id);
  * that has a transmit key and an endpoint and to which nothing was sent for interval_ms
  * gets one (0 = none, the default). One pass in C over hundreds of mesh peers instead of a call per peer. */
 int fp_peer_set_keepalive(fp_t *fp, uint32_t peer_id, uint32_t interval_ms);
+/* The idle keepalives alone, now, whatever fp_liveness_scan's once-a-second pace: every peer
+ * with an fp_peer_set_keepalive interval, a transmit key and an endpoint over which nothing
+ * went out for that interval gets one. For a caller with keepalives well under a second (a
+ * PoP's 200 ms) that calls it from a thread of its own, so they go out whatever its event
+ * loop is doing. Returns how many peers it looked at, or -errno. */
+int fp_keepalive_pass(fp_t *fp);
+/* fp_keepalive_pass every every_ms (1..60000) from a thread of its own, until
+ * fp_keepalive_thread_stop (which joins it: call it before fp_close). NULL on failure. */
+typedef struct fp_ka_thread fp_ka_thread_t;
+fp_ka_thread_t *fp_keepalive_thread_start(fp_t *fp, uint32_t every_ms);
+uint64_t fp_keepalive_thread_passes(fp_ka_thread_t *t);
+void fp_keepalive_thread_stop(fp_ka_thread_t *t);
 /* The key lifetime agreed with the peer (docs/tunnel.md, "Agreed timers"): its keys ask for
  * a rekey (FP_EV_REKEY) at rekey_after_seconds of age and are refused for tx and rx at
  * reject_after_seconds, in place of the fp_config's (0 = the fp_config's, the default),

@@ -1538,6 +1538,24 @@ int fp_peer_set_keepalive(fp_t *fp, uint32_t peer_id, uint32_t interval_ms)
     return rc;
 }
 
+int fp_keepalive_pass(fp_t *fp)
+{
+    uint64_t now = fp_now_ns();
+    int n = 0;
+    pthread_rwlock_rdlock(&fp->lock);
+    for (int i = 0; i < FP_PEER_BUCKETS; i++) {
+        for (struct fp_peer *p = fp->peers[i]; p; p = p->next) {
+            uint64_t every = atomic_load_explicit(&p->keepalive_ns, memory_order_relaxed);
+            if (every && p->tx_slot >= 0) {
+                idle_keepalives_locked(fp, p, every, now);
+                n++;
+            }
+        }
+    }
+    pthread_rwlock_unlock(&fp->lock);
+    return n;
+}
+
 /* A key's limit (0: the config's) as set by fp_peer_set_key_lifetime: the newest key takes
  * the new value; an older one (still receiving what was sent before the switch) only a
  * longer one, so a limit that shrinks mid-session never cuts off a key already in use. */

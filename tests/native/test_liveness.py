@@ -189,3 +189,33 @@ def test_a_peer_that_stopped_answering_does_not_keep_the_scan_busy(pair: Pair) -
     fp.key_clear(2)
     fp.liveness_scan(10, 10)
     assert not fp.liveness_busy()
+
+
+def test_the_keepalive_thread_keeps_idle_peers_alive_at_its_own_pace(
+    pair: Pair, rx: socket.socket
+) -> None:
+    """fp_keepalive_thread_start (popd's keepalives): the pass runs every few ms from a C
+    thread, not once a second, and each idle interval gets its keepalive; stop joins it."""
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.bind(("127.0.0.1", 0))
+    pair.b.link_add(LINK, tx.fileno())
+    tx.close()
+    pair.b.set_endpoint(1, LINK, rx.getsockname())
+    pair.b.set_keepalive(1, 0.05)
+    pair.b.keepalive_thread_start(0.01)
+    try:
+        got = []
+        deadline = time.monotonic() + 0.6
+        while time.monotonic() < deadline:
+            try:
+                got.append(rx.recv(100))
+            except TimeoutError:
+                break
+            except BlockingIOError:
+                time.sleep(0.005)
+    finally:
+        pair.b.keepalive_thread_stop()
+    assert pair.b.keepalive_thread_passes == 0  # stopped
+    # Every 50 ms (plus a pass): several in 0.6 s, where the once-a-second scan sends one.
+    assert len(got) >= 5, len(got)
+    assert all(pair.a.process_inbound(LINK, B_ADDR, k).verdict == Verdict.KEEPALIVE for k in got)

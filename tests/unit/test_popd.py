@@ -31,6 +31,7 @@ from sdwan.bindings.fastpath import FastPath, FastPathError
 from sdwan.common.dtls import DtlsContext
 from sdwan.lab.netns import wait_until
 from sdwan.pop import pki
+from sdwan.pop.popd import DELTA_IN_FLIGHT_S
 from sdwan.site.renewal import make_request
 
 FIRMWARE = Path(__file__).resolve().parents[2] / "firmware"
@@ -390,7 +391,13 @@ def test_register_welcome_ping_and_directory(pop: PopEnv, clients: list[Client])
     assert push["removed"] == [] and [e["site_id"] for e in push["changed"]] == [2]
     assert push["changed"][0]["online"] is True
     assert push["changed"][0]["links"][0]["public"] == f"127.0.0.1:{b.local[1]}"
-    # A site whose ping shows another directory (a lost push) gets the whole one again.
+    # A ping sent before the push arrived (it crossed it in flight) is answered, nothing more.
+    a.send({"t": "ping", "id": 42, "rev": welcome["rev"]})
+    assert a.wait_for("pong", id=42)
+    assert not [m for m in a.inbox if m["t"] == "directory"]
+    # A site whose ping still shows another directory well after (a lost push) gets the whole
+    # one again.
+    time.sleep(DELTA_IN_FLIGHT_S)
     a.send({"t": "ping", "id": 43, "rev": welcome["rev"]})
     whole = a.wait_for("directory")
     assert whole["rev"] == push["rev"] and whole["directory"][0]["online"] is True

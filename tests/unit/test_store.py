@@ -33,6 +33,7 @@ from sdwan.common.store import (
     Store,
     StoreError,
     StoreVersionError,
+    UploadedEvent,
     quarantine,
 )
 
@@ -359,7 +360,7 @@ def make_v1(path: Path) -> None:
 def test_v1_file_is_upgraded_keeping_its_data(db: Path) -> None:
     make_v1(db)
     with Store(db) as s:
-        assert s.schema_version == LATEST_VERSION == 3
+        assert s.schema_version == LATEST_VERSION == 4
         assert s.recovered is None
         assert s.instance_id == "v1instance"
         assert s.get_doc("config") == Doc("config", {"rev": 1}, 1600000001.0)
@@ -371,8 +372,8 @@ def test_v1_file_is_upgraded_keeping_its_data(db: Path) -> None:
         assert [e.how for e in s.nat_all()] == ["local"]
     conn = sqlite3.connect(db)
     versions = [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY 1")]
-    assert versions == [1, 2, 3]
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert versions == [1, 2, 3, 4]
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
     conn.close()
 
 
@@ -400,14 +401,14 @@ def test_failing_migration_rolls_back_and_keeps_the_file(
     with Store(db) as s:
         s.add_event("t", "keep me")
     broken = ("CREATE TABLE x (a)", "INSERT INTO nope VALUES (1)")
-    monkeypatch.setitem(store_mod.MIGRATIONS, 4, broken)
-    monkeypatch.setattr(store_mod, "LATEST_VERSION", 4)
+    monkeypatch.setitem(store_mod.MIGRATIONS, 5, broken)
+    monkeypatch.setattr(store_mod, "LATEST_VERSION", 5)
     with pytest.raises(StoreError, match="nope"):
         Store(db)
     assert corrupt_copies(db.parent) == []
     monkeypatch.undo()
     with Store(db) as s:
-        assert s.schema_version == 3
+        assert s.schema_version == 4
         assert [e.text for e in s.events()] == ["keep me"]
         assert "x" not in {r[0] for r in s._read("SELECT name FROM sqlite_master")}
 
@@ -646,3 +647,40 @@ def test_events_about_one_site(db: Path) -> None:
         assert [e.text for e in st.events(site_id=1)] == ["site 1 down", "site 1 up"]
         assert [e.text for e in st.events(site_id=2, kind="pop.connected")] == ["site 2 up"]
         assert st.events(site_id=3) == []
+
+
+def test_uploaded_batch_is_one_transaction_with_its_own_retention(db: Path) -> None:
+    with Store(db, max_events=5) as s:
+        for i in range(3):
+            s.add_event("own", f"own {i}")
+        batch = [UploadedEvent("site.x", f"site 7 #{i}", 7) for i in range(8)]
+        result = s.add_events(batch, 7, keep=4, doc=("site.7.events", {"up_to": 8}))
+        assert (result.stored, result.malformed, result.evicted) == (8, 0, 4)
+        s.add_events([UploadedEvent("site.x", "site 9", 9)], 9, keep=4)
+        # Site 7's flood evicted only its own oldest: the owner's and site 9's stay.
+        assert s.count_events(7) == 4 and s.count_events(9) == 1 and s.count_events(own=True) == 3
+        assert [e.text for e in s.events(site_id=7)] == [f"site 7 #{i}" for i in (7, 6, 5, 4)]
+        assert s.get_doc("site.7.events").value == {"up_to": 8}
+        # The owner's retention counts the owner's events alone.
+        for i in range(3, 9):
+            s.add_event("own", f"own {i}")
+        assert s.count_events(own=True) == 5 and s.count_events(7) == 4
+
+
+def test_uploaded_batch_skips_malformed_events_and_a_failure_writes_nothing(db: Path) -> None:
+    with Store(db) as s:
+        result = s.add_events(
+            [UploadedEvent("bad kind!", "x"), UploadedEvent("ok", "fine", 3)], 3, keep=10
+        )
+        assert (result.stored, result.malformed) == (1, 1)
+        with pytest.raises(ValueError):
+            s.add_events([UploadedEvent("ok", "x")], 3, keep=10, doc=("bad name!", {}))
+        assert s.count_events(3) == 1
+
+
+def test_own_batch_is_one_transaction_within_max_events(db: Path) -> None:
+    with Store(db, max_events=3) as s:
+        s.add_events([UploadedEvent("site.x", "theirs", 4)], 4, keep=10)
+        result = s.add_events([UploadedEvent("own", f"own {i}") for i in range(5)])
+        assert (result.stored, result.evicted) == (5, 2)
+        assert [e.text for e in s.events()] == ["own 4", "own 3", "own 2", "theirs"]

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 if os.environ.get("SDWAN_FASTPATH_MODULE"):
     # A separately built module, e.g. the AddressSanitizer build the tests also run against.
@@ -471,6 +471,7 @@ class FastPath:
         out = ffi.new("fp_t **")
         _check(lib.fp_new(c, out), "fp_new")
         self._fp = out[0]
+        self._ka_thread: Any = None  # fp_keepalive_thread_start's, while one runs
         self.config = cfg
 
     # ------------------------------------------------------------------ lifecycle
@@ -484,6 +485,7 @@ class FastPath:
     def close(self) -> None:
         """Stop the threads and release everything (fds, keys); idempotent."""
         if self._fp is not None:
+            self.keepalive_thread_stop()
             fp, self._fp = self._fp, None
             lib.fp_free(fp)
 
@@ -849,6 +851,34 @@ class FastPath:
             lib.fp_peer_set_keepalive(self._h, peer_id, int(interval_s * 1000)),
             f"fp_peer_set_keepalive({peer_id})",
         )
+
+    def keepalive_pass(self) -> int:
+        """The idle keepalives of every peer with a set_keepalive interval, now, in one pass in
+        C without the GIL (fp_keepalive_pass); how many peers have an interval."""
+        return _check(lib.fp_keepalive_pass(self._h), "fp_keepalive_pass")
+
+    def keepalive_thread_start(self, every_s: float) -> None:
+        """keepalive_pass every every_s from a C thread of its own (fp_keepalive_thread_start),
+        which needs no GIL: the keepalives go out however busy Python is. Stopped by
+        keepalive_thread_stop or close."""
+        if self._ka_thread is not None:
+            raise FastPathError(_errno.EALREADY, "fp_keepalive_thread_start")
+        handle = lib.fp_keepalive_thread_start(self._h, max(1, int(every_s * 1000)))
+        if handle == ffi.NULL:
+            raise FastPathError(_errno.ENOMEM, "fp_keepalive_thread_start")
+        self._ka_thread = handle
+
+    @property
+    def keepalive_thread_passes(self) -> int:
+        if self._ka_thread is None:
+            return 0
+        return int(lib.fp_keepalive_thread_passes(self._ka_thread))
+
+    def keepalive_thread_stop(self) -> None:
+        """Stop and join the keepalive thread, if one runs."""
+        if self._ka_thread is not None:
+            handle, self._ka_thread = self._ka_thread, None
+            lib.fp_keepalive_thread_stop(handle)
 
     def set_key_lifetime(self, peer_id: int, rekey_after_s: int, reject_after_s: int) -> None:
         """The key ages agreed with the peer: a rekey asked for at rekey_after_s, the key

@@ -50,9 +50,14 @@ def _next_id() -> int:
     return next(_ids) & MAX_ID
 
 
+# One encoder for every message: json.dumps with options builds a new one per call, which
+# is most of the cost of a thousand small fragments.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+
+
 def dumps(msg: dict[str, Any]) -> str:
     """The JSON text of a message as it goes on the wire (compact, ASCII only)."""
-    return json.dumps(msg, separators=(",", ":"), ensure_ascii=True)
+    return _ENCODER.encode(msg)
 
 
 def record_limit(session: Any, fallback_mtu: int = 1200) -> int:
@@ -75,9 +80,14 @@ def encode(msg: dict[str, Any], limit: int, *, msg_id: int | None = None) -> lis
     """The records that carry ``msg``: the message itself when its JSON fits ``limit`` bytes,
     else fragments of at most ``limit`` bytes each. ``msg_id`` is for tests; the default is a
     per-process counter, so every sender's ids are distinct without coordination."""
+    return encode_text(dumps(msg), limit, msg_id=msg_id)
+
+
+def encode_text(text: str, limit: int, *, msg_id: int | None = None) -> list[bytes]:
+    """encode() of a message already serialised with dumps() (or put together from parts so
+    serialised: a PoP sends one directory to a thousand sites and serialises it once)."""
     if limit < MIN_LIMIT:
         raise ValueError(f"record limit {limit} is below the minimum of {MIN_LIMIT} bytes")
-    text = dumps(msg)
     if len(text) <= limit:
         return [text.encode("ascii")]
     ident = _next_id() if msg_id is None else msg_id
@@ -93,11 +103,13 @@ def encode(msg: dict[str, Any], limit: int, *, msg_id: int | None = None) -> lis
         end = min(len(text), start + room)
         while True:
             chunk = text[start:end]
-            over = len(chunk) + chunk.count('"') + chunk.count("\\") - room
-            if over <= 0:
+            size = len(chunk) + chunk.count('"') + chunk.count("\\")
+            if size <= room:
                 break
-            # Each character dropped saves one or two bytes: this never undershoots by much.
-            end = max(start + 1, end - (over + 1) // 2)
+            # Shrunk by the chunk's own share of escaped characters: right, or nearly, at the
+            # first try, and always shorter than before.
+            span = end - start
+            end = start + max(1, min(span - 1, span * room // size))
         slices.append(chunk)
         start = end
     total = len(slices)

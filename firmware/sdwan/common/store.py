@@ -26,7 +26,7 @@ import re
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,8 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreVersionError",
+    "UploadResult",
+    "UploadedEvent",
     "quarantine",
 ]
 
@@ -105,6 +107,13 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     # How each path was found (docs/mesh.md): window, birthday, local, static.
     3: ("ALTER TABLE nat ADD COLUMN how TEXT NOT NULL DEFAULT 'window'",),
+    # Who put an event in (docs/store.md, "Events of others"): NULL for the store's owner's
+    # own, else the site that uploaded it to the PoP. Each origin has its own retention, so
+    # one site's flood never evicts another's events or the owner's.
+    4: (
+        "ALTER TABLE events ADD COLUMN origin INTEGER",
+        "CREATE INDEX events_origin ON events (origin, seq)",
+    ),
 }
 LATEST_VERSION = max(MIGRATIONS)
 
@@ -166,6 +175,23 @@ class Event:
             "site_id": self.site_id,
             "data": self.data,
         }
+
+
+@dataclass(frozen=True)
+class UploadedEvent:
+    """One event of a batch for Store.add_events."""
+
+    kind: str
+    text: str
+    site_id: int | None = None
+    data: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    stored: int
+    malformed: int  # not stored: a kind, text or data add_event would refuse
+    evicted: int  # older events of the same origin deleted by its retention
 
 
 @dataclass(frozen=True)
@@ -578,9 +604,93 @@ class Store:
                 (ts, kind, site_id, text, data_text),
             )
             seq = int(cur.lastrowid or 0)
-            conn.execute("DELETE FROM events WHERE seq <= ?", (seq - self.max_events,))
+            self._retain(conn, None, self.max_events)
         stored_data = None if data_text is None else json.loads(data_text)
         return Event(seq, ts, kind, text, site_id, stored_data)
+
+    @staticmethod
+    def _retain(conn: sqlite3.Connection, origin: int | None, keep: int) -> int:
+        """Delete the oldest events of one origin (None: the owner's own) beyond the newest
+        `keep`; how many. Other origins' events are never touched."""
+        match = "origin IS NULL" if origin is None else "origin = ?"
+        params: tuple[Any, ...] = () if origin is None else (origin,)
+        row = conn.execute(
+            f"SELECT seq FROM events WHERE {match} ORDER BY seq DESC LIMIT 1 OFFSET ?",
+            (*params, keep),
+        ).fetchone()
+        if row is None:
+            return 0
+        cur = conn.execute(f"DELETE FROM events WHERE {match} AND seq <= ?", (*params, row[0]))
+        return cur.rowcount
+
+    def add_events(
+        self,
+        events: Sequence[UploadedEvent],
+        origin: int | None = None,
+        keep: int | None = None,
+        doc: tuple[str, Mapping[str, Any]] | None = None,
+    ) -> UploadResult:
+        """Store a batch in one transaction: the owner's own events (`origin` None), or a
+        batch another party uploaded (a site's events at the PoP, `origin` its id). With
+        them the retention of that origin alone (its newest `keep`, the owner's
+        `max_events` by default, stay; other origins' events are never evicted by it), and
+        `doc` (name, value), the uploader's mark, so the mark never runs ahead of the events.
+
+        Each event is checked as add_event checks it; a malformed one is skipped and counted
+        in the result, never stored.
+        """
+        if origin is not None:
+            _check_int("origin", origin, 1, 2**31 - 1)
+        keep = self.max_events if keep is None else keep
+        _check_int("keep", keep, 1, 10_000_000)
+        rows = []
+        malformed = 0
+        ts = self._clock()
+        for ev in events:
+            try:
+                if not isinstance(ev.kind, str) or not _KIND_RE.fullmatch(ev.kind):
+                    raise ValueError("kind")
+                if not isinstance(ev.text, str):
+                    raise ValueError("text")
+                text = ev.text if len(ev.text) <= MAX_TEXT else ev.text[: MAX_TEXT - 1] + "…"
+                if ev.site_id is not None:
+                    _check_int("site_id", ev.site_id, 1, 65535)
+                data_text = (
+                    None if ev.data is None
+                    else _encode_object("event data", ev.data, MAX_DATA_BYTES)
+                )
+            except ValueError:
+                malformed += 1
+                continue
+            rows.append((ts, ev.kind, ev.site_id, text, data_text, origin))
+        doc_text = None
+        if doc is not None:
+            if not _DOC_NAME_RE.fullmatch(doc[0]):
+                raise ValueError(f"document name must be 1..64 of [A-Za-z0-9_.:-], got {doc[0]!r}")
+            doc_text = _encode_object(f"document {doc[0]!r}", doc[1])
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT INTO events (ts, kind, site_id, text, data, origin)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            evicted = self._retain(conn, origin, keep) if rows else 0
+            if doc_text is not None:
+                conn.execute(
+                    "INSERT INTO docs (name, value, stored_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (name) DO UPDATE SET value = excluded.value,"
+                    " stored_at = excluded.stored_at",
+                    (doc[0], doc_text, ts),  # type: ignore[index]
+                )
+        return UploadResult(stored=len(rows), malformed=malformed, evicted=evicted)
+
+    def count_events(self, origin: int | None = None, own: bool = False) -> int:
+        """How many events are stored: of one origin, or the owner's own (`own`), or all."""
+        if own:
+            return int(self._scalar("SELECT count(*) FROM events WHERE origin IS NULL") or 0)
+        if origin is not None:
+            return int(self._scalar("SELECT count(*) FROM events WHERE origin = ?", (origin,)) or 0)
+        return int(self._scalar("SELECT count(*) FROM events") or 0)
 
     @staticmethod
     def _event(row: tuple[Any, ...]) -> Event:

@@ -1,6 +1,6 @@
 """What the benchmarks measure with: a ping stream whose replies' times are read as they come
 (how long traffic paused around a fault), and the median and p95 of a figure over repeats.
-Shared by bench/recovery and bench/links."""
+Shared by bench/recovery and bench/links; `proc_cpu_s` by bench/mesh and bench/popd."""
 
 from __future__ import annotations
 
@@ -9,10 +9,19 @@ import re
 import statistics
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 
 PING_PAUSE_S = 0.1  # a gap between replies of a 10 ms ping this long is an outage
 NO_PAUSE_AFTER_S = 1.0  # replies on this long after a fault with no such gap: none came
 _PING_TS = re.compile(r"^\[(\d+\.\d+)\].*bytes from")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of pid (all its threads) in seconds, from /proc/<pid>/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def stats(values: Sequence[float]) -> dict[str, float | None]:

@@ -33,16 +33,18 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sdwan.bindings.fastpath import CtrlEvent, FastPath, FastPathConfig, probe_ack
 from sdwan.common.dtls import DtlsContext, DtlsSession
-from sdwan.common.sessions import Policy, SessionLayer
+from sdwan.common.netdev import size_buffers
+from sdwan.common.sessions import Policy, SessionLayer, SessionOwner
 from sdwan.common.tomlcheck import parse_endpoint
 from sdwan.pop import pki
 from sdwan.site.tunnel import Addr, PeerTunnel, State, StaticTunnels, Timers
@@ -91,15 +93,25 @@ class SwarmSpec:
         return self.first_port + index
 
 
-def issue_site_certs(ca_dir: Path, site_ids: Iterable[int], out_dir: Path) -> None:
-    """site-<id>.pem and .key for every id, signed by the CA in ca_dir. The CA is loaded once
-    (pki.issue_site reloads it per certificate): a thousand EC certificates in seconds."""
+def issue_site_certs(ca_dir: Path, site_ids: Iterable[int], out_dir: Path) -> int:
+    """site-<id>.pem and .key for every id, signed by the CA in ca_dir; how many were issued.
+    The CA is loaded once (pki.issue_site reloads it per certificate): a thousand EC
+    certificates in seconds. A folder that already holds the certificate and key of an id,
+    issued by the same CA (its fingerprint in `ca.sha256`), keeps them: a bench's work folder
+    serves as the cache of every run after the first."""
     ca_cert, ca_key = pki.load_ca(ca_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = out_dir / "ca.sha256"
+    fingerprint = ca_cert.fingerprint(hashes.SHA256()).hex()
+    same_ca = stamp.exists() and stamp.read_text().strip() == fingerprint
+    stamp.unlink(missing_ok=True)
+    issued = 0
     for sid in site_ids:
+        key_path, cert_path = out_dir / f"site-{sid}.key", out_dir / f"site-{sid}.pem"
+        if same_ca and key_path.exists() and cert_path.exists():
+            continue
         key = ec.generate_private_key(ec.SECP256R1())
         cert = pki.build_site_certificate(ca_cert, ca_key, sid, key.public_key())
-        key_path = out_dir / f"site-{sid}.key"
         key_path.write_bytes(
             key.private_bytes(
                 serialization.Encoding.PEM,
@@ -108,7 +120,43 @@ def issue_site_certs(ca_dir: Path, site_ids: Iterable[int], out_dir: Path) -> No
             )
         )
         key_path.chmod(0o600)
-        (out_dir / f"site-{sid}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        issued += 1
+    stamp.write_text(fingerprint + "\n")
+    return issued
+
+
+def open_links(
+    bind_ip: str, first_port: int, count: int, big_buffers: bool = False
+) -> tuple[list[FastPath], list[tuple[int, int]]]:
+    """One UDP socket per fake site on bind_ip, ports first_port.., LINKS_PER_FASTPATH of them
+    to a fast path (not started): the fast paths, and per fake site (fast path index, link
+    id). The link id is the fake site's index plus one. big_buffers: socket buffers sized as
+    socketd's links are (a PoP's welcome to a thousand-site account is some 190 datagrams in
+    one burst, more than a default buffer holds)."""
+    # No warm-up wakeups: they are there to keep a busy link's cipher hot, and hundreds of
+    # idle link threads waking every few ms would load the machine under measure.
+    cfg = FastPathConfig.default()
+    cfg.warm_ms = 0
+    cfg.spin_us = 0
+    fps: list[FastPath] = []
+    links: list[tuple[int, int]] = []
+    for i in range(count):
+        if i % LINKS_PER_FASTPATH == 0:
+            fps.append(FastPath(cfg))
+        fp = fps[-1]
+        link_id = i + 1
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            if big_buffers:
+                size_buffers(sock)
+            sock.bind((bind_ip, first_port + i))
+            sock.setblocking(False)
+            fp.link_add(link_id, sock.fileno())  # the fast path keeps its own copy
+        finally:
+            sock.close()
+        links.append((len(fps) - 1, link_id))
+    return fps, links
 
 
 class FakeSite:
@@ -125,7 +173,12 @@ class FakeSite:
         dtls: DtlsContext,
         timers: Timers,
         pmtu_delay_s: float = 0.0,
+        tunnel_opts: dict[str, Any] | None = None,
+        owner: Callable[[PeerTunnel], SessionOwner] | None = None,
     ) -> None:
+        """target_id is the peer's site id, or the PoP's id for a fake site of the popd
+        swarm (popswarm.py), which passes the PeerTunnel options of a PoP session in
+        tunnel_opts and the session layer's owner for it in owner."""
         self.site_id = site_id
         self.link_id = link_id
         self.fp = fp
@@ -147,8 +200,11 @@ class FakeSite:
             timers=timers,
             fp_peer_id=link_id,
             pmtu_delay_s=pmtu_delay_s,
+            **(tunnel_opts or {}),
         )
-        self.sessions.add_owner(StaticTunnels({target_id: self.tunnel}))
+        self.sessions.add_owner(
+            owner(self.tunnel) if owner is not None else StaticTunnels({target_id: self.tunnel})
+        )
         self.next_tick = 0.0
 
     @property
@@ -189,26 +245,12 @@ class Swarm:
         timers = Timers(
             keepalive_s=spec.keepalive_s, rekey_s=spec.rekey_s, dead_after_s=2 * spec.keepalive_s
         )
-        # No warm-up wakeups: they are there to keep a busy link's cipher hot, and hundreds of
-        # idle link threads waking every few ms would load the machine socketd is measured on.
-        cfg = FastPathConfig.default()
-        cfg.warm_ms = 0
-        cfg.spin_us = 0
         ca = Path(spec.ca)
         certs = Path(spec.cert_dir)
+        self.fps, links = open_links(spec.bind_ip, spec.first_port, len(spec.site_ids))
         for i, sid in enumerate(spec.site_ids):
-            if i % LINKS_PER_FASTPATH == 0:
-                self.fps.append(FastPath(cfg))
-            fpi = len(self.fps) - 1
+            fpi, link_id = links[i]
             fp = self.fps[fpi]
-            link_id = i + 1
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            try:
-                sock.bind((spec.bind_ip, spec.port_of(i)))
-                sock.setblocking(False)
-                fp.link_add(link_id, sock.fileno())  # the fast path keeps its own copy
-            finally:
-                sock.close()
             dtls = DtlsContext(ca, certs / f"site-{sid}.pem", certs / f"site-{sid}.key", sid)
             site = FakeSite(
                 site_id=sid,

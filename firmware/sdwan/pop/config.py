@@ -36,6 +36,7 @@ from sdwan.common.tomlcheck import (
     show,
     site_name,
 )
+from sdwan.pop.eventsink import EventLimits
 from sdwan.pop.renewal import MIN_DAYS as RENEWAL_MIN_DAYS
 from sdwan.pop.renewal import RenewalConfig
 from sdwan.site.config import Paths, Pki
@@ -63,6 +64,17 @@ class PopTimers:
 
 
 @dataclass(frozen=True)
+class RegisterLimits:
+    """popd config `[register]`: registrations accepted per site and per source address (an
+    IPv4 address or IPv6 /64); one over is refused with the reason and counted."""
+
+    site_per_minute: int = 60
+    site_burst: int = 10
+    source_per_minute: int = 6000
+    source_burst: int = 2000
+
+
+@dataclass(frozen=True)
 class PopConfig:
     id: int
     name: str
@@ -76,6 +88,8 @@ class PopConfig:
     source: Path
     keys: KeyTimers = KeyTimers.for_rekey(DEFAULT_POP_REKEY_S)
     renewal: RenewalConfig = RenewalConfig()
+    events: EventLimits = EventLimits()
+    register: RegisterLimits = RegisterLimits()
 
 
 def _host_address(value: Any) -> str:
@@ -100,7 +114,9 @@ def load_pop_config(path: str | os.PathLike[str]) -> PopConfig:
     source, text, doc = read_toml(path, what="file")
     base = source.parent
     c = Checker(source, LineIndex(text))
-    c.known_keys(doc, (), ("pop", "paths", "pki", "cloud", "tunnel", "renewal"))
+    c.known_keys(
+        doc, (), ("pop", "paths", "pki", "cloud", "tunnel", "renewal", "events", "register")
+    )
 
     pop: dict[str, Any] = {}
     pop_t = c.table(doc, ("pop",), required=True)
@@ -203,6 +219,8 @@ def load_pop_config(path: str | os.PathLike[str]) -> PopConfig:
             else:
                 keys = KeyTimers(rekey, age)
     renewal = _check_renewal(c, doc, base)
+    events = _check_events(c, doc)
+    register = _check_register(c, doc)
 
     if c.issues:
         raise ConfigError(source, c.issues)
@@ -222,7 +240,54 @@ def load_pop_config(path: str | os.PathLike[str]) -> PopConfig:
         source=source,
         keys=keys,
         renewal=renewal,
+        events=events,
+        register=register,
     )
+
+
+def _int_fields(
+    c: Checker, doc: dict[str, Any], table_name: str, bounds: dict[str, tuple[int, int]],
+    defaults: dict[str, int],
+) -> dict[str, Any] | None:
+    table = c.table(doc, (table_name,), required=False)
+    if table is None:
+        return dict(defaults)
+    c.known_keys(table, (table_name,), tuple(bounds))
+    return {
+        name: c.value(table, (table_name, name), int_range(lo, hi), default=defaults[name])
+        for name, (lo, hi) in bounds.items()
+    }
+
+
+def _check_events(c: Checker, doc: dict[str, Any]) -> EventLimits:
+    """[events]: the per-site quota and the retention of what sites upload (docs/popd.md)."""
+    d = EventLimits()
+    values = _int_fields(
+        c, doc, "events",
+        {"site_keep": (10, 1_000_000), "pop_keep": (100, 10_000_000),
+         "site_per_minute": (1, 1_000_000), "site_burst": (1, 1_000_000),
+         "backlog": (1000, 10_000_000)},
+        {"site_keep": d.site_keep, "pop_keep": d.pop_keep, "site_per_minute": d.site_per_minute,
+         "site_burst": d.site_burst, "backlog": d.backlog},
+    )
+    if values is None or any(v is MISSING for v in values.values()):
+        return d
+    return EventLimits(**values)
+
+
+def _check_register(c: Checker, doc: dict[str, Any]) -> RegisterLimits:
+    """[register]: registrations per site and per source (docs/popd.md)."""
+    d = RegisterLimits()
+    values = _int_fields(
+        c, doc, "register",
+        {"site_per_minute": (1, 100_000), "site_burst": (1, 10_000),
+         "source_per_minute": (1, 10_000_000), "source_burst": (1, 1_000_000)},
+        {"site_per_minute": d.site_per_minute, "site_burst": d.site_burst,
+         "source_per_minute": d.source_per_minute, "source_burst": d.source_burst},
+    )
+    if values is None or any(v is MISSING for v in values.values()):
+        return d
+    return RegisterLimits(**values)
 
 
 def _check_renewal(c: Checker, doc: dict[str, Any], base: Path) -> RenewalConfig | None:

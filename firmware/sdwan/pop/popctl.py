@@ -21,6 +21,7 @@ from sdwan.common.control import CommandFailed, ControlError, ControlUnreachable
 from sdwan.common.ctrllanes import describe_lanes
 from sdwan.common.visible import VisibleWriter, visible, visible_lines
 from sdwan.pop.config import DEFAULT_POP_CONTROL_SOCKET
+from sdwan.pop.looplag import status_text as looplag_text
 
 EXIT_OK = 0
 EXIT_COMMAND_FAILED = 1
@@ -65,6 +66,12 @@ def _print_status(r: dict[str, Any], out: TextIO) -> None:
             print(f"  {_v(line)}", file=out)
     print(f"sites online {_v(r.get('sites_online'))}, sessions {_v(r.get('sessions'))},"
           f" handshaking {_v(r.get('handshaking'))}, directory rev {_v(r.get('rev'))}", file=out)
+    loop = r.get("loop")
+    if isinstance(loop, dict):
+        print(looplag_text(loop), file=out)
+    events = r.get("events")
+    if isinstance(events, dict):
+        print(f"event store: {_nonzero(events)}", file=out)
     link = r.get("link", {})
     print(f"udp: rx {_v(link.get('rx_packets'))} tx {_v(link.get('tx_packets'))} packets;"
           f" drops {_nonzero(link.get('drops'))}", file=out)

@@ -46,7 +46,7 @@ from sdwan.common.daemon import StartupError, run_service
 from sdwan.common.dtls import DtlsContext, DtlsSession
 from sdwan.common.handover import KeyHandover, parse_key
 from sdwan.common.keytimers import FP_REKEY_BACKSTOP_S
-from sdwan.common.messages import FragStats, Reassembler, encode, record_limit
+from sdwan.common.messages import FragStats, Reassembler, dumps, encode, encode_text, record_limit
 from sdwan.common.netdev import size_buffers
 from sdwan.common.pmtu import PathMtu
 from sdwan.common.ratelog import RateLog
@@ -58,12 +58,16 @@ from sdwan.common.sessions import (
     SessionOwner,
     source_block,
 )
-from sdwan.common.store import Store, StoreError
+from sdwan.common.store import Store, StoreError, UploadedEvent, UploadResult
 from sdwan.common.stun import StunServer
 from sdwan.common.tomlcheck import format_endpoint, parse_endpoint
 from sdwan.pop.account import Account, ConfigError, load_account
 from sdwan.pop.broker import Broker, MeshLink
 from sdwan.pop.config import PopConfig, load_pop_config
+from sdwan.pop.eventsink import EventSink
+from sdwan.pop.keepalives import KeepaliveThread
+from sdwan.pop.looplag import LoopLag
+from sdwan.pop.ratelimit import Buckets
 from sdwan.pop.renewal import RenewalRefused, Renewer
 
 log = logging.getLogger("sdwan.pop.popd")
@@ -80,9 +84,22 @@ DTLS_MTU = 1200
 PMTU_MAX = 1500
 REGISTER_DEADLINE_S = 10.0  # an established session that never registers is dropped
 FULL_DIRECTORY_MIN_S = 5.0  # between two whole directories resent to one session
+# Directory changes are pushed at most this often: the changes of a burst of registrations,
+# flaps and drops go out as one delta per session (docs/popd.md, "The directory").
+DIRECTORY_PUSH_S = 0.2
+PUSH_SHARE_FACTOR = 4  # the next push no sooner than this many times the last one's time
+DELTA_IN_FLIGHT_S = 1.5  # a ping sent before a push arrived: a second plus a round trip
+DIRECTORY_KINDS = frozenset({"welcome", "directory", "directory-delta"})
 MAX_EVENTS_PER_WAKEUP = 256
 # Of the unknown sources' control lane, per wake-up: after the known lane, a bounded share.
 MAX_UNKNOWN_PER_WAKEUP = 64
+CTRL_BATCH = 16
+CTRL_BUDGET_S = 0.02  # of control work per turn of the loop
+# Whole directories resent after a gap, PoP-wide (each is the size of a welcome: ~180 KB and
+# 11 ms of serialising at 1000 sites): past the budget a stale ping gets its pong only, and
+# the site's next ping asks again.
+FULL_DIRECTORY_PER_MINUTE = 1200
+FULL_DIRECTORY_BURST = 40
 # A site's largest message is an events upload (MAX_UPLOADED_EVENTS events); reassembly of
 # anything larger is abandoned before it is buffered.
 MAX_MESSAGE = 256 * 1024
@@ -131,6 +148,11 @@ class SiteSession:
     registered_at: float | None = None
     first_registered_at: float | None = None  # the punch broker's epoch of this session
     dir_rev: int | None = None  # the directory rev this session was last sent (full or delta)
+    # When each rev was sent to it (the last few): a ping naming the rev before one sent
+    # moments ago crossed that delta in flight, and is no sign of a lost push.
+    dir_sent: collections.deque[tuple[int, float]] = field(
+        default_factory=lambda: collections.deque(maxlen=8)
+    )
     full_directory_at: float | None = None  # when a whole directory was last resent
     reassembler: Reassembler | None = None  # of the current `dtls`; made on first use
     pmtu: PathMtu | None = None  # probing the path to the site, once transmitting
@@ -156,6 +178,7 @@ class _Stats:
     messages_malformed: int = 0
     messages_unknown: int = 0
     keys_refused: int = 0  # `key` messages whose index or timers were refused
+    registrations: int = 0  # accepted
     registrations_refused: int = 0
     sessions_revoked: int = 0  # live sessions ended because the account revoked their cert
     sessions_opened: int = 0
@@ -163,6 +186,15 @@ class _Stats:
     events_stored: int = 0
     events_duplicate: int = 0
     events_malformed: int = 0
+    events_over_quota: int = 0  # dropped: their site uploaded past its rate (each site counted)
+    events_deferred: int = 0  # not taken while the writer's backlog was full (sent again)
+    events_store_errors: int = 0  # batches the store failed to write (not acknowledged)
+    registrations_rate_limited: int = 0  # refused for the rate (registrations_refused too)
+    directory_pushes: int = 0  # coalesced pushes (one rev each)
+    directory_deltas_sent: int = 0
+    directory_full_sent: int = 0  # whole directories: welcomes and resends after a gap
+    directory_full_deferred: int = 0  # resends past the PoP-wide budget (the next ping asks)
+    directory_bytes: int = 0  # of the directory part of what went to sites (JSON)
     fragments: FragStats = field(default_factory=FragStats)
 
 
@@ -277,7 +309,32 @@ class Pop(SessionOwner):
         # Per site, its peer group's members as last set (the relay routes to the group).
         self._groups: dict[int, list[tuple[int, int]]] = {}
         self.rev = int(time.time() * 1000)  # grows across restarts too
-        self._directory: list[dict[str, Any]] | None = None
+        # The directory entry of every site of the account, always current, and as last
+        # pushed; the sites changed since the last push, pushed at most every
+        # DIRECTORY_PUSH_S as one delta per session.
+        self._entries: dict[int, dict[str, Any]] = {}
+        self._entry_json: dict[int, str] = {}  # each entry serialised (welcomes join them)
+        self._pushed: dict[int, dict[str, Any]] = {}
+        self._dir_dirty: set[int] = set()
+        self._push_at = 0.0
+        self._broker_dirty = False
+        # Every site's sessions by peer id, as by_peer holds them: a site's change costs its
+        # own sessions, not a walk over every session of the PoP.
+        self.by_site: dict[int, dict[int, SiteSession]] = {}
+        self.loop_lag = LoopLag()
+        self.sink: EventSink | None = None
+        self.keepalives: KeepaliveThread | None = None
+        # Per site: its upload mark (instance, seq) as queued to the store and as stored.
+        self._marks: dict[int, tuple[str | None, int]] = {}
+        self._marks_stored: dict[int, tuple[str | None, int]] = {}
+        self._event_quota = Buckets(cfg.events.site_per_minute, cfg.events.site_burst, clock)
+        # Per site: events stored and dropped over its quota (popctl sites).
+        self.site_events: dict[int, dict[str, int]] = {}
+        self._register_site = Buckets(cfg.register.site_per_minute, cfg.register.site_burst,
+                                      clock)
+        self._full_budget = Buckets(FULL_DIRECTORY_PER_MINUTE, FULL_DIRECTORY_BURST, clock)
+        self._register_source = Buckets(cfg.register.source_per_minute,
+                                        cfg.register.source_burst, clock)
         # Per site, the Alt-WAN endpoints its last register listed ("ip:port"): kept while
         # the site is offline, since the other sites reach it there without the cloud.
         self.altwan: dict[int, list[str]] = {}
@@ -304,7 +361,9 @@ class Pop(SessionOwner):
     def open(self) -> None:
         cfg = self.cfg
         try:
-            self.store = Store(cfg.paths.data_dir / DB_NAME)
+            self.store = Store(cfg.paths.data_dir / DB_NAME, max_events=cfg.events.pop_keep)
+            self.sink = EventSink(self.store.path, cfg.events)
+            self.sink.start()
         except (StoreError, OSError) as e:
             raise StartupError(f"cannot open the store: {e}") from e
         self._load_account_at_start()
@@ -346,6 +405,8 @@ class Pop(SessionOwner):
         finally:
             sock.close()  # the fast path keeps its own duplicate
         fp.start()
+        self.keepalives = KeepaliveThread(fp, cfg.cloud.keepalive_ms / 1000)
+        self.keepalives.start()
 
     def _load_account_at_start(self) -> None:
         assert self.store is not None
@@ -376,20 +437,23 @@ class Pop(SessionOwner):
 
     def close(self) -> None:
         self.known = None
+        if self.keepalives is not None:
+            self.keepalives.stop()
+            self.keepalives = None
         if self.fp is not None:
             self.fp.close()
             self.fp = None
+        if self.sink is not None:
+            self.sink.close()  # writes everything queued first
+            self.sink = None
         if self.store is not None:
             self.store.close()
             self.store = None
 
     def _event(self, kind: str, text: str, site_id: int | None = None, **data: Any) -> None:
-        if self.store is None:
-            return
-        try:
-            self.store.add_event(kind, text, site_id, data or None)
-        except (StoreError, ValueError) as e:
-            log.error("event %s not stored: %s", kind, e)
+        """One of popd's own events, written by the event writer (never on the loop)."""
+        if self.sink is not None:
+            self.sink.add_own(kind, text, site_id, data or None)
 
     # ---------------------------------------------------------------- sending
 
@@ -403,10 +467,28 @@ class Pop(SessionOwner):
     def _send_msg(self, s: SiteSession, msg: dict[str, Any]) -> bool:
         try:
             records = encode(msg, record_limit(s.dtls, DTLS_MTU))
-            datagrams = [d for r in records for d in s.dtls.send(r)]
-        except (RuntimeError, ValueError) as e:
+        except ValueError as e:
             log.error("site %d: %s message not sent: %s", s.site_id, msg.get("t"), e)
             return False
+        return self._send_records(s, str(msg.get("t")), records)
+
+    def _send_text(self, s: SiteSession, kind: str, text: str) -> bool:
+        """A message serialised already (dumps, or put together from serialised parts)."""
+        try:
+            records = encode_text(text, record_limit(s.dtls, DTLS_MTU))
+        except ValueError as e:
+            log.error("site %d: %s message not sent: %s", s.site_id, kind, e)
+            return False
+        return self._send_records(s, kind, records)
+
+    def _send_records(self, s: SiteSession, kind: str, records: list[bytes]) -> bool:
+        try:
+            datagrams = [d for r in records for d in s.dtls.send(r)]
+        except (RuntimeError, ValueError) as e:
+            log.error("site %d: %s message not sent: %s", s.site_id, kind, e)
+            return False
+        if kind in DIRECTORY_KINDS:
+            self.stats.directory_bytes += sum(len(r) for r in records)
         for d in datagrams:
             self.send(s.addr, d)
         return True
@@ -425,8 +507,19 @@ class Pop(SessionOwner):
     # ---------------------------------------------------------------- control packets
 
     def _on_ctrl_readable(self) -> None:
+        """Control events in small batches until CTRL_BUDGET_S of work: what is left waits
+        for the next turn of the loop (the fd is level-triggered), after its timers, so no
+        burst (a hundred handshakes, pings that each want a whole directory) holds the loop
+        for long. Past what popd can do, the fast path's queue fills and drops (counted in
+        `link.drops.queue_full`): DTLS retransmits, a site pings again."""
         assert self.fp is not None
-        self.fp.ctrl_drain(self._on_ctrl_event, MAX_EVENTS_PER_WAKEUP, MAX_UNKNOWN_PER_WAKEUP)
+        batches = MAX_EVENTS_PER_WAKEUP // CTRL_BATCH
+        unknown_per_batch = max(1, MAX_UNKNOWN_PER_WAKEUP // batches)
+        deadline = time.perf_counter() + CTRL_BUDGET_S
+        for _ in range(batches):
+            self.fp.ctrl_drain(self._on_ctrl_event, CTRL_BATCH, unknown_per_batch)
+            if time.perf_counter() >= deadline or self.fp is None:
+                break
         # A handshake begun or ended: its address is (no longer) a known source, at once.
         if self.known is not None and self.sessions.generation != self._known_gen:
             self._known_gen = self.sessions.generation
@@ -567,6 +660,19 @@ class Pop(SessionOwner):
 
     # ---------------------------------------------------------------- sessions
 
+    def _peer_put(self, s: SiteSession) -> None:
+        self.by_peer[s.peer_id] = s
+        self.by_site.setdefault(s.site_id, {})[s.peer_id] = s
+
+    def _peer_pop(self, s: SiteSession) -> None:
+        if self.by_peer.get(s.peer_id) is s:
+            del self.by_peer[s.peer_id]
+        mine = self.by_site.get(s.site_id)
+        if mine is not None and mine.get(s.peer_id) is s:
+            del mine[s.peer_id]
+            if not mine:
+                del self.by_site[s.site_id]
+
     def _new_temp_id(self) -> int:
         while True:
             self._next_temp = (self._next_temp + 1) % 0x3FFFFFFF
@@ -619,7 +725,7 @@ class Pop(SessionOwner):
         s.handover.install(session)
         self.by_addr[addr] = s
         self._session_ips[addr[0]] += 1
-        self.by_peer[peer_id] = s
+        self._peer_put(s)
         self.by_dtls[session] = s
         self.stats.sessions_opened += 1
         log.info("site %d: DTLS session from %s established", site_id, _ep(addr))
@@ -631,8 +737,15 @@ class Pop(SessionOwner):
         if not s.registered:
             return
         first = s.activated is None
-        if s.handover.activate() and first and recompute:
-            self._recompute()
+        if s.handover.activate() and first:
+            assert self.fp is not None
+            # Keepalives from the fast path's own pass (pop/keepalives.py), not the loop.
+            try:
+                self.fp.set_keepalive(s.peer_id, self.cfg.cloud.keepalive_ms / 1000)
+            except FastPathError as e:
+                log.warning("site %d: keepalives not set: %s", s.site_id, e)
+            if recompute:
+                self._recompute(site_id=s.site_id)
 
     def _on_record(self, s: SiteSession, raw: bytes) -> None:
         reassembler = self._reassembler(s)
@@ -694,7 +807,9 @@ class Pop(SessionOwner):
             # A site whose directory is not the one we last sent it (a push lost in transit,
             # a delta it could not apply) gets the whole directory again.
             if s.registered and "rev" in msg and msg["rev"] != s.dir_rev:
-                self._send_directory(s, self.clock())
+                now = self.clock()
+                if not self._in_flight(s, msg["rev"], now):
+                    self._send_directory(s, now)
         elif kind == "punch-request":
             if not s.registered or s.link_index is None:
                 self.stats.messages_malformed += 1
@@ -764,8 +879,11 @@ class Pop(SessionOwner):
         except FastPathError as e:
             log.warning("site %d: relay group not set: %s", site_id, e)
             return
-        if gid is not None and not any(p == gid for p in self.routes.values()):
-            self._recompute()  # its first live session: its routes too
+        site = self.account.site(site_id) if self.account is not None else None
+        if gid is not None and site is not None and any(
+            self.routes.get(str(n)) != gid for n in site.subnets
+        ):
+            self._recompute(site_id=site_id)  # its first live session: its routes too
 
     def _on_register(self, s: SiteSession, msg: dict[str, Any]) -> None:
         assert self.fp is not None and self.account is not None
@@ -798,6 +916,7 @@ class Pop(SessionOwner):
             final = s.site_id << 8 | link_index
             if s.registered and s.peer_id != final:
                 raise RegisterError("the link of a session cannot change; open a new session")
+            self._register_allowed(s)
         except RegisterError as e:
             self.stats.registrations_refused += 1
             self.ratelog.warning(
@@ -810,6 +929,7 @@ class Pop(SessionOwner):
             return
         if s.peer_id != final:
             self._rehome(s, final)
+        self.stats.registrations += 1
         first = not s.registered
         s.registered = True
         s.registered_at = self.clock()
@@ -835,7 +955,26 @@ class Pop(SessionOwner):
             text = f"site {s.site_id} registered over {link['name']} from {_ep(s.addr)}"
             log.info("%s", text)
             self._event("popd.session.up", text, s.site_id, link=link["name"], public=_ep(s.addr))
-        self._recompute(force_push_to=s)
+        self._recompute(force_push_to=s, site_id=s.site_id)
+
+    def _register_allowed(self, s: SiteSession) -> None:
+        """The registration rate, per site and per source address (docs/popd.md,
+        "Registration rate"): a flapping or replaying site cannot keep the PoP busy with
+        welcomes and directory changes."""
+        lim = self.cfg.register
+        if not self._register_site.allow(s.site_id):
+            self.stats.registrations_rate_limited += 1
+            raise RegisterError(
+                f"registration rate limit: site {s.site_id} registered more than"
+                f" {lim.site_burst} times at once or {lim.site_per_minute} a minute;"
+                " try again later"
+            )
+        if not self._register_source.allow(source_block(s.addr[0])):
+            self.stats.registrations_rate_limited += 1
+            raise RegisterError(
+                f"registration rate limit: more than {lim.source_burst} registrations at once"
+                f" or {lim.source_per_minute} a minute from {s.addr[0]}; try again later"
+            )
 
     def _rehome(self, s: SiteSession, final: int) -> None:
         """Move an unregistered session from its temporary peer to S << 8 | L, keeping its key
@@ -845,12 +984,12 @@ class Pop(SessionOwner):
         other = self.by_peer.get(final)
         if other is not None and other is not s:
             self._drop(other, "replaced by a new session over the same link")
-        self.by_peer.pop(s.peer_id, None)
+        self._peer_pop(s)
         self.fp.peer_del(s.peer_id)
         self.fp.peer_add(final)
         self.fp.set_endpoint(final, LINK_ID, s.addr)
         s.peer_id = final
-        self.by_peer[final] = s
+        self._peer_put(s)
         s.handover.move(final)  # announced again if its index was taken there
 
     def _drop(self, s: SiteSession, reason: str) -> None:
@@ -864,7 +1003,7 @@ class Pop(SessionOwner):
         # Its records from now on are for no session (counted), not for a stale one.
         self.sessions.forget_session(s.dtls)
         if self.by_peer.get(s.peer_id) is s:
-            del self.by_peer[s.peer_id]
+            self._peer_pop(s)
             # peer_del below takes it out of its site's group: set that group again.
             self._groups.pop(s.site_id, None)
             self.routes = {n: p for n, p in self.routes.items() if p != s.peer_id}
@@ -876,7 +1015,7 @@ class Pop(SessionOwner):
             text = f"site {s.site_id} link {s.link_name} down: {reason}"
             log.info("%s", text)
             self._event("popd.session.down", text, s.site_id, link=s.link_name, reason=reason)
-            self._recompute()
+            self._recompute(site_id=s.site_id)
         else:
             log.info("site %d session from %s closed: %s", s.site_id, _ep(s.addr), reason)
 
@@ -886,7 +1025,7 @@ class Pop(SessionOwner):
         """The site's registered sessions by precedence and link order (the directory's
         order, which no `steer` changes)."""
         return sorted(
-            (s for s in self.by_peer.values() if s.site_id == site_id and s.registered),
+            (s for s in self.by_site.get(site_id, {}).values() if s.registered),
             key=lambda s: (s.precedence, s.link_index or 0),
         )
 
@@ -917,8 +1056,31 @@ class Pop(SessionOwner):
             self._groups[site_id] = members
         return gid
 
-    def _recompute(self, force_push_to: SiteSession | None = None) -> None:
-        """Relay routes and the directory after any session or account change."""
+    def _recompute(
+        self, force_push_to: SiteSession | None = None, site_id: int | None = None
+    ) -> None:
+        """Relay routes and directory entries after a session or account change: of one site
+        (`site_id`, a session of it came, went or changed), else of every site (start,
+        reload). The directory's change is pushed by the next `_push_directory`, with every
+        other change until then; a registering site gets its welcome at once."""
+        assert self.fp is not None and self.account is not None
+        if site_id is None:
+            self._all_routes()
+            current = self.account.site_ids
+            for sid in [k for k in self._entries if k not in current]:
+                del self._entries[sid]
+                self._entry_json.pop(sid, None)
+                self._dir_dirty.add(sid)
+            for site in self.account.sites:
+                self._update_entry(site.id)
+        else:
+            self._site_routes(site_id)
+            self._update_entry(site_id)
+        self._broker_dirty = True
+        if force_push_to is not None and force_push_to.registered:
+            self._welcome(force_push_to)
+
+    def _all_routes(self) -> None:
         assert self.fp is not None and self.account is not None
         want: dict[str, int] = {}
         for site in self.account.sites:
@@ -938,38 +1100,101 @@ class Pop(SessionOwner):
             if self.routes.get(net) != peer:
                 self.fp.route_set(net, peer)
                 self.routes[net] = peer
-        full = self._full_directory()
-        if full != self._directory:
-            old = {e["site_id"]: e for e in self._directory or []}
-            new = {e["site_id"]: e for e in full}
-            changed = [e for sid, e in new.items() if old.get(sid) != e]
-            removed = [sid for sid in old if sid not in new]
-            self._directory = full
-            self.rev += 1
-            # Only the differences (docs/cloud.md): with a thousand sites, one site's change
-            # must not send every site the whole directory.
-            for s in list(self.by_peer.values()):
-                if not s.registered or s is force_push_to:
-                    continue
-                mine = [e for e in changed if e["site_id"] != s.site_id]
+
+    def _site_routes(self, site_id: int) -> None:
+        """The relay routes of one site: its subnets to its group while it has members."""
+        assert self.fp is not None and self.account is not None
+        site = self.account.site(site_id)
+        if site is None:
+            return
+        try:
+            gid = self._sync_site_group(site_id)
+        except FastPathError as e:
+            log.warning("site %d: relay group not set: %s", site_id, e)
+            return
+        for net in (str(n) for n in site.subnets):
+            if gid is None:
+                if net in self.routes:
+                    with contextlib.suppress(FastPathError):
+                        self.fp.route_del(net)
+                    del self.routes[net]
+            elif self.routes.get(net) != gid:
+                self.fp.route_set(net, gid)
+                self.routes[net] = gid
+
+    def _update_entry(self, site_id: int) -> None:
+        assert self.account is not None
+        site = self.account.site(site_id)
+        if site is None:
+            if self._entries.pop(site_id, None) is not None:
+                self._entry_json.pop(site_id, None)
+                self._dir_dirty.add(site_id)
+            return
+        entry = self._entry(site)
+        if self._entries.get(site_id) != entry:
+            self._entries[site_id] = entry
+            self._entry_json[site_id] = dumps(entry)
+            self._dir_dirty.add(site_id)
+
+    def _push_directory(self, now: float) -> None:
+        """The directory's changes since the last push, as one `directory-delta` per session
+        that sees a difference (docs/cloud.md): at most every DIRECTORY_PUSH_S, and
+        O(changes x sessions), never the whole directory per change."""
+        if self._broker_dirty:
+            # After the welcomes: a site learns its peers' subnets before it is told to punch.
+            self._broker_dirty = False
+            self.broker.update(self._mesh_links(), self._offcloud_sites())
+        if not self._dir_dirty or now < self._push_at:
+            return
+        started = time.perf_counter()
+        self._push_at = now + DIRECTORY_PUSH_S
+        dirty, self._dir_dirty = self._dir_dirty, set()
+        changed = {sid: self._entries[sid] for sid in sorted(dirty)
+                   if sid in self._entries and self._pushed.get(sid) != self._entries[sid]}
+        removed = [sid for sid in sorted(dirty) if sid not in self._entries and sid in self._pushed]
+        if not changed and not removed:
+            return  # what changed changed back (a flap within the interval)
+        for sid, e in changed.items():
+            self._pushed[sid] = e
+        for sid in removed:
+            del self._pushed[sid]
+        self.rev += 1
+        self.stats.directory_pushes += 1
+        entries = list(changed.values())
+        # The delta as most sessions get it (their own site did not change), serialised once
+        # per base rev and record size: a session's cost is then its encryption alone.
+        shared: dict[tuple[int | None, int], list[bytes]] = {}
+        body = dumps({"rev": self.rev, "changed": entries, "removed": removed})[1:]
+        for s in list(self.by_peer.values()):
+            if not s.registered:
+                continue
+            if s.site_id in changed or s.site_id in removed:
+                mine = [e for e in entries if e["site_id"] != s.site_id]
                 gone = [sid for sid in removed if sid != s.site_id]
                 if not mine and not gone:
                     continue  # nothing it sees changed: its view at s.dir_rev is current
-                self._send_msg(
-                    s,
-                    {
-                        "t": "directory-delta",
-                        "base": s.dir_rev,
-                        "rev": self.rev,
-                        "changed": mine,
-                        "removed": gone,
-                    },
-                )
-                s.dir_rev = self.rev
-        if force_push_to is not None and force_push_to.registered:
-            self._welcome(force_push_to)
-        # After the welcome: a site learns its peers' subnets before it is told to punch.
-        self.broker.update(self._mesh_links(), self._offcloud_sites())
+                msg = {"t": "directory-delta", "base": s.dir_rev, "rev": self.rev,
+                       "changed": mine, "removed": gone}
+                sent = self._send_msg(s, msg)
+            else:
+                try:
+                    limit = record_limit(s.dtls, DTLS_MTU)
+                    key = (s.dir_rev, limit)
+                    if key not in shared:
+                        head = dumps({"t": "directory-delta", "base": s.dir_rev})[:-1]
+                        shared[key] = encode_text(f"{head},{body}", limit)
+                except ValueError as e:
+                    log.error("site %d: directory-delta not sent: %s", s.site_id, e)
+                    continue
+                sent = self._send_records(s, "directory-delta", shared[key])
+            s.dir_sent.append((self.rev, now))
+            if sent:
+                self.stats.directory_deltas_sent += 1
+            s.dir_rev = self.rev
+        # A push that took long waits longer for the next: pushes take a bounded share of the
+        # loop however many sessions there are.
+        took = time.perf_counter() - started
+        self._push_at = max(self._push_at, now + PUSH_SHARE_FACTOR * took)
 
     def _mesh_links(self) -> list[MeshLink]:
         out = []
@@ -999,72 +1224,115 @@ class Pop(SessionOwner):
         s = self.by_peer.get(site_id << 8 | link_id)
         return s is not None and s.registered and self._send_msg(s, msg)
 
-    def _full_directory(self) -> list[dict[str, Any]]:
+    def _entry(self, site: Any) -> dict[str, Any]:
+        links = [
+            {"name": s.link_name, "precedence": s.precedence, "public": _ep(s.addr)}
+            for s in self._live_sessions(site.id)
+        ]
+        entry = {
+            "site_id": site.id,
+            **site.settings(),
+            "links": links,
+            "online": bool(links),
+        }
+        if self.altwan.get(site.id):
+            entry["altwan"] = list(self.altwan[site.id])
+        return entry
+
+    def _directory_text(self, site_id: int) -> str:
+        """_directory_for as JSON, joined from the entries serialised when they changed."""
         assert self.account is not None
-        out = []
-        for site in self.account.sites:
-            links = [
-                {"name": s.link_name, "precedence": s.precedence, "public": _ep(s.addr)}
-                for s in self._live_sessions(site.id)
-            ]
-            entry = {
-                "site_id": site.id,
-                **site.settings(),
-                "links": links,
-                "online": bool(links),
-            }
-            if self.altwan.get(site.id):
-                entry["altwan"] = list(self.altwan[site.id])
-            out.append(entry)
-        return out
+        js = self._entry_json
+        return "[" + ",".join(
+            js[site.id] for site in self.account.sites if site.id != site_id and site.id in js
+        ) + "]"
 
     def _directory_for(self, site_id: int) -> list[dict[str, Any]]:
-        return [e for e in self._directory or [] if e["site_id"] != site_id]
+        """The whole directory as it is now (changes not pushed yet included), in the
+        account's order, without the site's own entry."""
+        assert self.account is not None
+        return [self._entries[site.id] for site in self.account.sites
+                if site.id != site_id and site.id in self._entries]
+
+    @staticmethod
+    def _in_flight(s: SiteSession, rev: Any, now: float) -> bool:
+        """Whether a ping's rev is one this session was sent, followed by a push less than
+        DELTA_IN_FLIGHT_S ago: the ping crossed that push, which the site has by now."""
+        sent = list(s.dir_sent)
+        for (r, _), (_, at_next) in zip(sent, sent[1:], strict=False):
+            if r == rev:
+                return now - at_next < DELTA_IN_FLIGHT_S
+        return False
 
     def _send_directory(self, s: SiteSession, now: float) -> None:
         # At most every FULL_DIRECTORY_MIN_S per session: a site (or one posing as stale in
-        # every ping) must not make the PoP send its whole directory every second; a ping
-        # crossing a delta in flight is served by the next one.
+        # every ping) must not make the PoP send its whole directory every second. A ping
+        # that crossed a push in flight does not come here (_in_flight).
         if s.full_directory_at is not None and now - s.full_directory_at < FULL_DIRECTORY_MIN_S:
             return
+        if not self._full_budget.allow("pop"):
+            self.stats.directory_full_deferred += 1
+            return
         s.full_directory_at = now
-        if self._send_msg(
-            s, {"t": "directory", "rev": self.rev, "directory": self._directory_for(s.site_id)}
-        ):
+        head = dumps({"t": "directory", "rev": self.rev})[:-1]
+        text = f'{head},"directory":{self._directory_text(s.site_id)}}}'
+        if self._send_text(s, "directory", text):
             s.dir_rev = self.rev
+            s.dir_sent.append((self.rev, now))
+            self.stats.directory_full_sent += 1
 
     def _welcome(self, s: SiteSession) -> None:
         assert self.account is not None
         site = self.account.site(s.site_id)
         if site is None:
             return
-        self._send_msg(
-            s,
-            {
-                "t": "welcome",
-                "rev": self.rev,
-                "pop_id": self.cfg.id,
-                "config": self.account.site_config(site),
-                "directory": self._directory_for(s.site_id),
-            },
-        )
+        head = dumps({"t": "welcome", "rev": self.rev, "pop_id": self.cfg.id,
+                      "config": self.account.site_config(site)})[:-1]
+        self._send_text(s, "welcome", f'{head},"directory":{self._directory_text(s.site_id)}}}')
         s.dir_rev = self.rev
+        s.dir_sent.append((self.rev, self.clock()))
+        self.stats.directory_full_sent += 1
 
     # ---------------------------------------------------------------- events
 
+    def _mark(self, site_id: int) -> tuple[str | None, int]:
+        """The site's upload mark (instance, highest seq) as queued to the store; read from
+        the store the first time (document site.<id>.events)."""
+        mark = self._marks.get(site_id)
+        if mark is None:
+            assert self.store is not None
+            try:
+                doc = self.store.get_doc(f"site.{site_id}.events")
+            except StoreError as e:
+                log.error("site %d: upload mark not read: %s", site_id, e)
+                doc = None
+            instance = doc.value.get("instance") if doc is not None else None
+            up_to = int(doc.value.get("up_to", 0)) if doc is not None else 0
+            mark = (instance if isinstance(instance, str) else None, up_to)
+            self._marks[site_id] = self._marks_stored[site_id] = mark
+        return mark
+
     def _on_events(self, s: SiteSession, msg: dict[str, Any]) -> None:
-        assert self.store is not None
+        """An upload (docs/popd.md, "Events"): checked and deduplicated here, stored by the
+        event writer in one transaction with the site's new mark, acknowledged once stored.
+        Past the site's quota, its events are dropped (acknowledged, counted against it)."""
+        assert self.sink is not None
         events = msg.get("events")
         if not isinstance(events, list) or len(events) > MAX_UPLOADED_EVENTS:
             self.stats.messages_malformed += 1
             return
-        doc_name = f"site.{s.site_id}.events"
-        doc = self.store.get_doc(doc_name)
-        mark = int(doc.value.get("up_to", 0)) if doc else 0
+        if self.sink.backlog_full:
+            # The writer is behind: not taken, not acknowledged; the site sends it again.
+            self.stats.events_deferred += len(events)
+            return
+        mine = self.site_events.setdefault(s.site_id, {"stored": 0, "over_quota": 0})
         instance = msg.get("instance")
-        if isinstance(instance, str) and doc is not None and doc.value.get("instance") != instance:
+        known, mark = self._mark(s.site_id)
+        if isinstance(instance, str) and known is not None and known != instance:
             mark = 0  # the site's store was reset: its sequence numbers start again
+        new_instance = instance if isinstance(instance, str) else known
         up_to = 0
+        batch: list[UploadedEvent] = []
         for ev in sorted(
             (e for e in events if isinstance(e, dict)),
             key=lambda e: e.get("seq") if isinstance(e.get("seq"), int) else 0,
@@ -1077,31 +1345,48 @@ class Pop(SessionOwner):
             if seq <= mark:
                 self.stats.events_duplicate += 1
                 continue
+            mark = seq
             kind, text, at, data = ev.get("kind"), ev.get("text"), ev.get("at"), ev.get("data")
             # popd.* kinds are the PoP's own: a site must not be able to forge them.
-            if not isinstance(kind, str) or not isinstance(text, str) or kind.startswith("popd."):
+            if (not isinstance(kind, str) or not isinstance(text, str)
+                    or kind.startswith("popd.")):
                 self.stats.events_malformed += 1
                 continue
             if not isinstance(at, int | float) or isinstance(at, bool):
                 at = None
-            try:
-                self.store.add_event(
-                    kind,
-                    text,
-                    s.site_id,
-                    {"site_seq": seq, "at": at, "data": data if isinstance(data, dict) else None},
-                )
-            except (ValueError, StoreError):
-                self.stats.events_malformed += 1
-                continue
-            self.stats.events_stored += 1
-            mark = seq
-        if up_to:
-            new_doc: dict[str, Any] = {"up_to": max(mark, up_to)}
-            if isinstance(instance, str):
-                new_doc["instance"] = instance
-            self.store.put_doc(doc_name, new_doc)
-            self._send_msg(s, {"t": "events-ack", "up_to": up_to})
+            batch.append(UploadedEvent(
+                kind, text, s.site_id,
+                {"site_seq": seq, "at": at, "data": data if isinstance(data, dict) else None},
+            ))
+        granted = self._event_quota.take(s.site_id, len(batch)) if batch else 0
+        if granted < len(batch):
+            over = len(batch) - granted
+            self.stats.events_over_quota += over
+            mine["over_quota"] += over
+            self.ratelog.warning("events-quota", "site %d: %d event(s) over its quota dropped",
+                                 s.site_id, over)
+            batch = batch[:granted]
+        if not up_to:
+            return
+        new_mark = (new_instance, max(mark, up_to))
+        self._marks[s.site_id] = new_mark
+        doc: dict[str, Any] = {"up_to": new_mark[1]}
+        if new_instance is not None:
+            doc["instance"] = new_instance
+
+        def stored(result: UploadResult | None, error: str | None) -> None:
+            if result is None:
+                self.stats.events_store_errors += 1
+                self._marks[s.site_id] = self._marks_stored.get(s.site_id, (None, 0))
+                return  # not acknowledged: the site sends the batch again
+            self._marks_stored[s.site_id] = new_mark
+            self.stats.events_stored += result.stored
+            self.stats.events_malformed += result.malformed
+            mine["stored"] += result.stored
+            if self.by_addr.get(s.addr) is s:
+                self._send_msg(s, {"t": "events-ack", "up_to": up_to})
+
+        self.sink.upload(s.site_id, batch, (f"site.{s.site_id}.events", doc), stored)
 
     # ---------------------------------------------------------------- periodic work
 
@@ -1129,7 +1414,6 @@ class Pop(SessionOwner):
                 del self._replaced[dtls]
         now_ns = time.monotonic_ns()
         dead_ns = self.cfg.cloud.dead_after_ms * 1_000_000
-        keepalive_ns = self.cfg.cloud.keepalive_ms * 1_000_000
         for s in list(self.by_addr.values()):
             if self.by_addr.get(s.addr) is not s:
                 continue
@@ -1155,13 +1439,6 @@ class Pop(SessionOwner):
                     s.pmtu = PathMtu(self.fp, s.peer_id, lambda _l: PMTU_MAX, self.clock,
                                      name=f"site {s.site_id} session {s.peer_id:#x}")
                 s.pmtu.tick()
-            if s.activated and (c.last_tx_ns == 0 or now_ns - c.last_tx_ns >= keepalive_ns):
-                try:
-                    self.fp.send_keepalive(s.peer_id)
-                except FastPathError as e:
-                    self.ratelog.warning(
-                        "keepalive", "site %d: keepalive not sent: %s", s.site_id, e
-                    )
 
     async def _ticker(self) -> None:
         while not self._stop.is_set():
@@ -1169,6 +1446,10 @@ class Pop(SessionOwner):
                 self._tick()
             except Exception:
                 log.exception("tick failed")
+            try:
+                self._push_directory(self.clock())
+            except Exception:
+                log.exception("directory push failed")
             await asyncio.sleep(TICK_S)
 
     # ---------------------------------------------------------------- account reload
@@ -1303,12 +1584,22 @@ class Pop(SessionOwner):
                 "messages_malformed": st.messages_malformed,
                 "messages_unknown": st.messages_unknown,
                 "keys_refused": st.keys_refused,
+                "registrations": st.registrations,
                 "registrations_refused": st.registrations_refused,
                 "sessions_opened": st.sessions_opened,
                 "sessions_closed": st.sessions_closed,
                 "events_stored": st.events_stored,
                 "events_duplicate": st.events_duplicate,
                 "events_malformed": st.events_malformed,
+                "events_over_quota": st.events_over_quota,
+                "events_deferred": st.events_deferred,
+                "events_store_errors": st.events_store_errors,
+                "registrations_rate_limited": st.registrations_rate_limited,
+                "directory_pushes": st.directory_pushes,
+                "directory_deltas_sent": st.directory_deltas_sent,
+                "directory_full_sent": st.directory_full_sent,
+                "directory_full_deferred": st.directory_full_deferred,
+                "directory_bytes": st.directory_bytes,
                 # Malformed and oversized records are in the two counters above already.
                 "messages_received": st.fragments.messages,
                 "messages_reassembled": st.fragments.reassembled,
@@ -1318,6 +1609,11 @@ class Pop(SessionOwner):
                 "fragments_expired": st.fragments.expired,
                 "dtls": dict(self.dtls.stats) if self.dtls else {},
             },
+            # How late the loop ran (pop/looplag.py): its largest stall is what a site's
+            # answers waited at worst.
+            "loop": self.loop_lag.status(),
+            "events": self.sink.stats.as_dict() if self.sink is not None else None,
+            "keepalive_passes": self.keepalives.passes if self.keepalives is not None else 0,
             "stun_server": _stun_stats(self.stun),
             "stun_main_port": _stun_stats(self.stun_main),
             "mesh": self.broker.status(),
@@ -1373,6 +1669,7 @@ class Pop(SessionOwner):
                     "online": bool(sessions),
                     "altwan": list(self.altwan.get(site.id, [])),
                     "revoked": self.account.revoked.of_site(site.id),
+                    "events": dict(self.site_events.get(site.id, {"stored": 0, "over_quota": 0})),
                     "sessions": sessions,
                 }
             )
@@ -1386,8 +1683,19 @@ class Pop(SessionOwner):
             raise ValueError("site must be an integer")
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10000:
             raise ValueError("limit must be an integer 1..10000")
+        await self._events_written()
         events = self.store.events(limit=limit, site_id=site)
         return {"events": [_event_dict(e) for e in events]}
+
+    async def _events_written(self) -> None:
+        """Wait until the writer has written everything queued so far (a read after it shows
+        every event popd stored until now)."""
+        if self.sink is None:
+            return
+        done = asyncio.get_running_loop().create_future()
+        self.sink.barrier(lambda: done.done() or done.set_result(None))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done, 10)
 
     async def _reload(self, _req: dict[str, Any]) -> dict[str, Any]:
         # A refused file is an answer, not a failure of the command: {"loaded": false, "error"}.
@@ -1400,7 +1708,8 @@ class Pop(SessionOwner):
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self.open()
-        assert self.fp is not None
+        assert self.fp is not None and self.sink is not None
+        self.sink.bind_loop(loop)
         try:
             transport, _ = await loop.create_datagram_endpoint(
                 lambda: self.stun, local_addr=(self.cfg.listen, self.cfg.stun_port)
@@ -1436,10 +1745,12 @@ class Pop(SessionOwner):
             len(self.account.sites),
         )
         ticker = asyncio.create_task(self._ticker())
+        lag = asyncio.create_task(self.loop_lag.run(self._stop))
         try:
             await self._stop.wait()
         finally:
             ticker.cancel()
+            lag.cancel()
             log.info("popd stopping")
             for s in list(self.by_addr.values()):
                 for d in s.dtls.close():
