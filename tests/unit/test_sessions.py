@@ -51,6 +51,7 @@ from sdwan.common.sessions import (
 from sdwan.common.store import Store
 from sdwan.pop.account import load_account
 from sdwan.pop.config import load_pop_config
+from sdwan.pop.eventsink import EventSink
 from sdwan.pop.popd import POP_POLICY, Pop
 from sdwan.site.cloud import pop_peer_id
 from sdwan.site.config import Cloud as CloudCfg
@@ -110,6 +111,9 @@ dead_after_ms = 60000
         cfg = load_pop_config(root / "pop.toml")
         self.pop = pop = Pop(cfg, clock=net.clock)
         pop.store = Store(root / "popd.db")
+        # The event writer's thread, as open() starts it (no loop: its acks are not awaited).
+        pop.sink = EventSink(pop.store.path, cfg.events)
+        pop.sink.start()
         pop.account = load_account(cfg.account)
         pop.dtls = pop.sessions.dtls = DtlsContext(ca_pem, cert, key, ("pop", 1), clock=net.clock)
         fp_cfg = FastPathConfig.default()
