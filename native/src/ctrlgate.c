@@ -9,8 +9,8 @@
  * peers and the declared addresses when either changed (fp->ep_gen moves with every
  * endpoint change, a roam included): rare, and a lookup per datagram costs a hash.
  *
- * Every other source passes two token buckets: its source IP's own (a bounded table with
- * a random hash seed; a new IP takes a free slot near its hash or evicts the one idle
+ * Every other source passes two token buckets: its source IP's own (an IPv6 source's /64's;
+ * a bounded table with a random hash seed; a new IP takes a free slot near its hash or evicts the one idle
  * longest there) and one shared by all unknown sources, which bounds what a flood from
  * random spoofed addresses (a new bucket per packet) can queue. What passes goes to the
  * unknown lane, whose own bound only unknown sources compete for.
@@ -260,6 +260,10 @@ int fp_ctrl_lane_for(struct fp *fp, const struct fp_addr *from, uint64_t now)
         known = known_has(g, &a);
     }
     int lane = FP_LANE_UNKNOWN;
+    /* An IPv6 source is keyed by its /64: one host holds a whole /64 (SLAAC, privacy
+     * addresses), so a bucket per address would let it pass as thousands of sources. */
+    if (!known && a.family == 6)
+        memset(a.addr + 8, 0, 8);
     if (known) {
         lane = FP_LANE_KNOWN;
     } else if (!bucket_take(source_bucket(fp, g, &a, now), c->ctrl_source_pps,

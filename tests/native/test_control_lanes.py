@@ -222,3 +222,13 @@ def test_concurrent_datagrams_declarations_and_endpoint_moves(fp: FastPath) -> N
         t.join(10)
     st = fp.ctrl_stats()
     assert st.known_queued > 0 and st.rate_limited > 0
+
+
+def test_an_ipv6_source_is_limited_per_64_not_per_address(fp: FastPath) -> None:
+    # One host picks any address of its /64: they all share one bucket.
+    got = [send(fp, (f"2001:db8:1:2::{i + 1:x}", 4500)) for i in range(20)]
+    assert got[:5] == [None] * 5
+    assert set(got[5:]) == {"ctrl_rate_limited"}
+    assert fp.ctrl_stats().sources == 1
+    # Another /64 has a bucket of its own.
+    assert send(fp, ("2001:db8:1:3::1", 4500)) is None
