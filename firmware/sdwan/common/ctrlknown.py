@@ -10,6 +10,7 @@ and is bounded by the fast path's limit (the rest is left to the unknown lane, l
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -39,6 +40,12 @@ class KnownSources:
                 known.update(a for a in p() if a is not None)
             except Exception:
                 log.exception("a provider of known control sources failed")
+        # One address the fast path cannot take would refuse the whole set (and leave the
+        # last one in place for good): it alone is left out.
+        bad = {a for a in known if not _valid(a)}
+        if bad:
+            log.warning("not a known control source (ignored): %s", sorted(map(repr, bad))[:5])
+            known -= bad
         now = frozenset(known)
         if now == self._last:
             return False
@@ -58,3 +65,17 @@ class KnownSources:
         self._last = now
         self.updates += 1
         return True
+
+
+def _valid(a: object) -> bool:
+    """An (IP literal, port 0..65535) pair, as fp_ctrl_known_set takes it."""
+    if not isinstance(a, tuple) or len(a) != 2:
+        return False
+    host, port = a
+    if not isinstance(host, str) or isinstance(port, bool) or not isinstance(port, int):
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return 0 <= port <= 65535
