@@ -6,6 +6,12 @@
  * lane never takes a slot of the other. The eventfd is readable exactly while either lane
  * is not empty (written on empty -> non-empty, drained on non-empty -> empty), so a
  * level-triggered reader never spins and never misses an event. One mutex guards both.
+ *
+ * The known lane is unmetered, and a known source's address can be spoofed (a peer's, or
+ * any port of a declared host's) or shared (a carrier NAT's): so no one source IP may hold
+ * more than half of the known lane's slots, and a flood under one known source's name
+ * leaves the other half to every other known source. Counted per slot of a seeded hash of
+ * the IP; a datagram over the share is dropped as the lane full would be.
  */
 #include "fp_internal.h"
 
@@ -13,7 +19,27 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/random.h>
 #include <unistd.h>
+
+/* The share slot of a datagram in the known lane from `from`, or -1 (no source address:
+ * the fast path's own events, which no share limits). */
+static int share_slot(const struct fp_ctrlq *q, const struct fp_addr *from)
+{
+    if (!from || (from->family != 4 && from->family != 6))
+        return -1;
+    uint8_t ip[16] = {0};
+    memcpy(ip, from->addr, from->family == 4 ? 4 : 16);
+    uint64_t a, b;
+    memcpy(&a, ip, 8);
+    memcpy(&b, ip + 8, 8);
+    uint64_t h = q->seed ^ ((uint64_t)from->family << 56);
+    h = (h ^ a) * UINT64_C(0x9e3779b97f4a7c15);
+    h ^= h >> 29;
+    h = (h ^ b) * UINT64_C(0xbf58476d1ce4e5b9);
+    h ^= h >> 32;
+    return (int)(h % FP_CTRLQ_SHARE_SLOTS);
+}
 
 int fp_ctrlq_init(struct fp_ctrlq *q, uint32_t known_cap, uint32_t unknown_cap)
 {
@@ -36,6 +62,9 @@ int fp_ctrlq_init(struct fp_ctrlq *q, uint32_t known_cap, uint32_t unknown_cap)
         q->lane[FP_LANE_KNOWN].ring = NULL;
         return -e;
     }
+    if (getrandom(&q->seed, sizeof(q->seed), GRND_NONBLOCK) != sizeof(q->seed))
+        q->seed = fp_now_ns() ^ (uint64_t)(uintptr_t)q;
+    q->share_max = known_cap / 2 ? known_cap / 2 : 1;
     q->lane[FP_LANE_KNOWN].cap = known_cap;
     q->lane[FP_LANE_UNKNOWN].cap = unknown_cap;
     pthread_mutex_init(&q->lock, NULL);
@@ -61,10 +90,13 @@ int fp_ctrlq_push(struct fp_ctrlq *q, int lane, uint32_t event, uint32_t link_id
         return -EMSGSIZE;
     struct fp_ctrl_lane *l = &q->lane[lane];
     pthread_mutex_lock(&q->lock);
-    if (l->count == l->cap) {
+    int slot = lane == FP_LANE_KNOWN ? share_slot(q, from) : -1;
+    if (l->count == l->cap || (slot >= 0 && q->share[slot] >= q->share_max)) {
         pthread_mutex_unlock(&q->lock);
         return -ENOBUFS;
     }
+    if (slot >= 0)
+        q->share[slot]++;
     struct fp_ctrl_msg *m = &l->ring[(l->head + l->count) % l->cap];
     m->event = event;
     m->link_id = link_id;
@@ -99,6 +131,11 @@ static void take(struct fp_ctrlq *q, struct fp_ctrl_lane *l, struct fp_ctrl_msg 
     struct fp_ctrl_msg *m = &l->ring[l->head];
     /* Copy only what is used: messages are mostly small. */
     memcpy(out, m, offsetof(struct fp_ctrl_msg, data) + m->len);
+    if (l == &q->lane[FP_LANE_KNOWN]) {
+        int slot = share_slot(q, &m->from);
+        if (slot >= 0 && q->share[slot])
+            q->share[slot]--;
+    }
     l->head = (l->head + 1) % l->cap;
     l->count--;
     if (--q->total == 0) {

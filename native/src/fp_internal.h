@@ -298,11 +298,18 @@ struct fp_ctrl_lane {
     uint64_t queued;                    /* pushed, ever */
 };
 
+/* Slots of the known lane's per-source-IP share (ctrlq.c): a source IP's datagrams there
+ * are counted in the slot of its seeded hash (IPs that collide share a slot). */
+#define FP_CTRLQ_SHARE_SLOTS 1024
+
 struct fp_ctrlq {
     pthread_mutex_t lock;               /* both lanes and total */
     struct fp_ctrl_lane lane[FP_LANES];
     uint32_t total;                     /* in both lanes: the eventfd is readable while > 0 */
     int efd;
+    uint64_t seed;                      /* of the share's hash, random */
+    uint32_t share_max;                 /* datagrams of one source IP in the known lane */
+    uint32_t share[FP_CTRLQ_SHARE_SLOTS];
 };
 
 /* ctrlgate.c: which lane a control datagram takes. A token bucket, in thousandths of a
