@@ -27,6 +27,7 @@ class KnownSources:
     fp: FastPath
     providers: list[Provider] = field(default_factory=list)
     _last: frozenset[Addr] | None = None
+    _sent: frozenset[Addr] = frozenset()  # of _last, what the fast path took (all valid)
     updates: int = 0  # sets sent to the fast path
 
     def add(self, provider: Provider) -> None:
@@ -40,16 +41,16 @@ class KnownSources:
                 known.update(a for a in p() if a is not None)
             except Exception:
                 log.exception("a provider of known control sources failed")
-        # One address the fast path cannot take would refuse the whole set (and leave the
-        # last one in place for good): it alone is left out.
-        bad = {a for a in known if not _valid(a)}
-        if bad:
-            log.warning("not a known control source (ignored): %s", sorted(map(repr, bad))[:5])
-            known -= bad
         now = frozenset(known)
         if now == self._last:
             return False
-        addrs = sorted(now)
+        # One address the fast path cannot take would refuse the whole set (and leave the
+        # last one in place for good): it alone is left out. Only what was not sent before is
+        # checked: the refresh must stay cheap.
+        bad = {a for a in now - self._sent if not _valid(a)}
+        if bad:
+            log.warning("not a known control source (ignored): %s", sorted(map(repr, bad))[:5])
+        addrs = sorted(now - bad)
         if len(addrs) > CTRL_KNOWN_MAX:
             log.warning(
                 "%d known control sources, the fast path takes %d: the rest are rate-limited",
@@ -63,6 +64,7 @@ class KnownSources:
             log.error("known control sources not declared: %s", e)
             return False
         self._last = now
+        self._sent = now - bad
         self.updates += 1
         return True
 
