@@ -25,6 +25,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
 
 #define PROBE_WINDOW 8 /* slots a source IP may take, from its hash on */
 
@@ -64,8 +66,16 @@ int fp_ctrlgate_init(struct fp_ctrlgate *g, const struct fp_config *cfg)
     if (!g->src)
         return -ENOMEM;
     g->src_mask = cap - 1;
-    if (getrandom(&g->seed, sizeof(g->seed), GRND_NONBLOCK) != sizeof(g->seed))
-        g->seed = fp_now_ns() * UINT64_C(0x9e3779b97f4a7c15);
+    if (getrandom(&g->seed, sizeof(g->seed), GRND_NONBLOCK) != sizeof(g->seed)) {
+        /* No entropy yet (early boot): the monotonic clock alone is about the uptime, which
+         * a remote attacker can guess; the wall clock, the pid and where the heap and stack
+         * were mapped add what it cannot. */
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        g->seed = mix(fp_now_ns() ^ mix((uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 30)) ^
+                      mix((uint64_t)(uintptr_t)g->src ^ ((uint64_t)getpid() << 40)) ^
+                      (uint64_t)(uintptr_t)&ts);
+    }
     g->stale = true;
     g->all.milli = (uint64_t)cfg->ctrl_unknown_burst * 1000;
     g->all.at_ns = fp_now_ns();
