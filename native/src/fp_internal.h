@@ -298,9 +298,13 @@ struct fp_ctrl_lane {
     uint64_t queued;                    /* pushed, ever */
 };
 
-/* Slots of the known lane's per-source-IP share (ctrlq.c): a source IP's datagrams there
- * are counted in the slot of its seeded hash (IPs that collide share a slot). */
-#define FP_CTRLQ_SHARE_SLOTS 1024
+/* A source IP's datagrams waiting in the known lane (ctrlq.c), in an open-addressing table
+ * of twice the lane's size or more (it holds at most one entry per datagram queued). */
+struct fp_ctrlq_share {
+    uint8_t family;                     /* 0: free */
+    uint8_t ip[16];
+    uint32_t count;
+};
 
 struct fp_ctrlq {
     pthread_mutex_t lock;               /* both lanes and total */
@@ -309,7 +313,8 @@ struct fp_ctrlq {
     int efd;
     uint64_t seed;                      /* of the share's hash, random */
     uint32_t share_max;                 /* datagrams of one source IP in the known lane */
-    uint32_t share[FP_CTRLQ_SHARE_SLOTS];
+    struct fp_ctrlq_share *share;
+    uint32_t share_mask;
 };
 
 /* ctrlgate.c: which lane a control datagram takes. A token bucket, in thousandths of a

@@ -4,6 +4,7 @@ ones through a token bucket per source IP and one for all of them, into a bounde
 from __future__ import annotations
 
 import errno
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -258,5 +259,31 @@ def test_one_known_source_ip_holds_at_most_half_of_the_known_lane() -> None:
         assert len(drain(f, LANE_KNOWN)) == 8
         assert [send(f, ("192.0.2.50", 7)) for _ in range(5)] == [None] * 4 + ["queue_full"]
         assert send(f, PEER) is None
+    finally:
+        f.close()
+
+
+def test_the_known_lanes_shares_follow_every_source_ip_exactly() -> None:
+    # Many known IPs in and out of a small known lane, taken out in random order of lanes:
+    # each IP is held to its share exactly (no two IPs ever share a count), whatever
+    # entries came and went in the table before.
+    rnd = random.Random(7)
+    f = make(ctrl_queue_len=16)
+    try:
+        f.ctrl_known_set([(f"192.0.2.{i}", 0) for i in range(1, 41)])
+        queued: list[str] = []
+        for _ in range(3000):
+            if rnd.random() < 0.55:
+                ip = f"192.0.2.{rnd.randint(1, 40)}"
+                got = send(f, (ip, 9))
+                mine = queued.count(ip)
+                want = None if len(queued) < 16 and mine < 8 else "queue_full"
+                assert got == want, (ip, mine, len(queued))
+                if got is None:
+                    queued.append(ip)
+            elif queued:
+                ev = f.ctrl_recv(LANE_KNOWN)
+                assert ev is not None and ev.addr is not None
+                assert ev.addr[0] == queued.pop(0)
     finally:
         f.close()
