@@ -39,6 +39,24 @@ static struct fp_addr v4(uint8_t a, uint8_t b, uint8_t c, uint8_t d, uint16_t po
     return x;
 }
 
+/* 2001:db8::/64 host x in its last byte, y in the /64's own last byte. */
+static struct fp_addr v6_xy(uint8_t x, uint8_t y, uint16_t port)
+{
+    struct fp_addr a;
+    memset(&a, 0, sizeof(a));
+    a.family = 6;
+    a.port = port;
+    a.addr[0] = 0x20; a.addr[1] = 0x01; a.addr[2] = 0x0d; a.addr[3] = 0xb8;
+    a.addr[7] = y;
+    a.addr[15] = x;
+    return a;
+}
+
+static struct fp_addr v6_from(uint8_t x, uint16_t port)
+{
+    return v6_xy(x, 0, port);
+}
+
 static fp_t *make_receiver(void)
 {
     struct fp_config cfg;
@@ -87,6 +105,9 @@ static fp_t *make_receiver(void)
     /* Path MTUs: the clamp of relayed and delivered SYNs, probes and their acks. */
     CHECK(fp_peer_set_mtu(fp, 1, 1280));
     CHECK(fp_peer_set_mtu(fp, 2, 576));
+    /* Known control sources besides the peers: a host on every port, an IPv6 endpoint. */
+    struct fp_addr known[2] = {v4(203, 0, 113, 5, 0), v6_from(7, 4800)};
+    CHECK(fp_ctrl_known_set(fp, known, 2));
     return fp;
 }
 
@@ -120,7 +141,21 @@ static void deliver(fp_t *fp, uint32_t link, const uint8_t *pkt, size_t len)
     static uint8_t out[FP_MAX_INNER + 2 * FP_OVERHEAD];
     struct fp_result res;
     struct fp_ctrl_msg msg;
-    struct fp_addr from = v4(198, 51, 100, (uint8_t)len, 4800);
+    /* Sources of every kind for the control gate: peers' endpoints and strangers over IPv4,
+     * IPv6 addresses in and out of one /64, a host declared on every port. */
+    struct fp_addr from;
+    switch (len % 4) {
+    case 0:
+    case 1:
+        from = v4(198, 51, 100, (uint8_t)len, 4800);
+        break;
+    case 2:
+        from = v6_xy((uint8_t)len, (uint8_t)(len >> 4), 4800);
+        break;
+    default:
+        from = v4(203, 0, 113, 5, (uint16_t)len);
+        break;
+    }
     int rc = fp_process_inbound(fp, link, &from, pkt, len, out, sizeof(out), &res);
     if (rc == 0 &&
         (res.verdict == FP_V_SEND || res.verdict == FP_V_TUN || res.verdict == FP_V_FRAGMENT) &&
@@ -131,6 +166,13 @@ static void deliver(fp_t *fp, uint32_t link, const uint8_t *pkt, size_t len)
         abort();
     if (rc == 0)
         check_source(fp, &res, out);
+    struct fp_ctrl_stats st;
+    fp_ctrl_stats(fp, &st);
+    if (st.known_len > st.known_cap || st.unknown_len > st.unknown_cap ||
+        st.sources > st.sources_cap)
+        abort();
+    while (fp_ctrl_recv_lane(fp, (uint32_t)len & 1, &msg) == 0)
+        ;
     while (fp_ctrl_recv(fp, &msg) == 0)
         ;
 }

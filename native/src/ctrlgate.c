@@ -9,8 +9,8 @@
  * peers and the declared addresses when either changed (fp->ep_gen moves with every
  * endpoint change, a roam included): rare, and a lookup per datagram costs a hash.
  *
- * Every other source passes two token buckets: its source IP's own (a bounded table with
- * a random hash seed; a new IP takes a free slot near its hash or evicts the one idle
+ * Every other source passes two token buckets: its source IP's own (an IPv6 source's /64's;
+ * a bounded table with a random hash seed; a new IP takes a free slot near its hash or evicts the one idle
  * longest there) and one shared by all unknown sources, which bounds what a flood from
  * random spoofed addresses (a new bucket per packet) can queue. What passes goes to the
  * unknown lane, whose own bound only unknown sources compete for.
@@ -25,6 +25,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
 
 #define PROBE_WINDOW 8 /* slots a source IP may take, from its hash on */
 
@@ -64,8 +66,16 @@ int fp_ctrlgate_init(struct fp_ctrlgate *g, const struct fp_config *cfg)
     if (!g->src)
         return -ENOMEM;
     g->src_mask = cap - 1;
-    if (getrandom(&g->seed, sizeof(g->seed), GRND_NONBLOCK) != sizeof(g->seed))
-        g->seed = fp_now_ns() * UINT64_C(0x9e3779b97f4a7c15);
+    if (getrandom(&g->seed, sizeof(g->seed), GRND_NONBLOCK) != sizeof(g->seed)) {
+        /* No entropy yet (early boot): the monotonic clock alone is about the uptime, which
+         * a remote attacker can guess; the wall clock, the pid and where the heap and stack
+         * were mapped add what it cannot. */
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        g->seed = mix(fp_now_ns() ^ mix((uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 30)) ^
+                      mix((uint64_t)(uintptr_t)g->src ^ ((uint64_t)getpid() << 40)) ^
+                      (uint64_t)(uintptr_t)&ts);
+    }
     g->stale = true;
     g->all.milli = (uint64_t)cfg->ctrl_unknown_burst * 1000;
     g->all.at_ns = fp_now_ns();
@@ -260,6 +270,10 @@ int fp_ctrl_lane_for(struct fp *fp, const struct fp_addr *from, uint64_t now)
         known = known_has(g, &a);
     }
     int lane = FP_LANE_UNKNOWN;
+    /* An IPv6 source is keyed by its /64: one host holds a whole /64 (SLAAC, privacy
+     * addresses), so a bucket per address would let it pass as thousands of sources. */
+    if (!known && a.family == 6)
+        memset(a.addr + 8, 0, 8);
     if (known) {
         lane = FP_LANE_KNOWN;
     } else if (!bucket_take(source_bucket(fp, g, &a, now), c->ctrl_source_pps,

@@ -298,11 +298,23 @@ struct fp_ctrl_lane {
     uint64_t queued;                    /* pushed, ever */
 };
 
+/* A source IP's datagrams waiting in the known lane (ctrlq.c), in an open-addressing table
+ * of twice the lane's size or more (it holds at most one entry per datagram queued). */
+struct fp_ctrlq_share {
+    uint8_t family;                     /* 0: free */
+    uint8_t ip[16];
+    uint32_t count;
+};
+
 struct fp_ctrlq {
     pthread_mutex_t lock;               /* both lanes and total */
     struct fp_ctrl_lane lane[FP_LANES];
     uint32_t total;                     /* in both lanes: the eventfd is readable while > 0 */
     int efd;
+    uint64_t seed;                      /* of the share's hash, random */
+    uint32_t share_max;                 /* datagrams of one source IP in the known lane */
+    struct fp_ctrlq_share *share;
+    uint32_t share_mask;
 };
 
 /* ctrlgate.c: which lane a control datagram takes. A token bucket, in thousandths of a

@@ -31,7 +31,7 @@ DOWN_EVENTS = {
 }
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_a_flood_from_unknown_sources_starves_no_session_or_tunnel(lab: Lab) -> None:
     build_flooder()
     sc = build_scene(lab)
@@ -56,9 +56,12 @@ def test_a_flood_from_unknown_sources_starves_no_session_or_tunnel(lab: Lab) -> 
 
     watch = Watch(sc).start()
     try:
-        # Long enough for the PoP sessions' 60 s rekey and several of the mesh's 10 s ones.
-        spoofed = flood(sc.flooder_ns, sc.targets, SPOOF_NET, "mix", seconds=POP_REKEY_S / 2)
-        single = flood(sc.flooder_ns, sc.targets, SINGLE_SOURCE, "mix", seconds=POP_REKEY_S / 2)
+        # Long enough for the PoP sessions' rekey and several of the mesh's 10 s ones. A
+        # rekey is due rekey_s after the last handshake ended, so the period is a little
+        # over POP_REKEY_S: a flood of exactly POP_REKEY_S could end just before it.
+        half = 0.6 * POP_REKEY_S
+        spoofed = flood(sc.flooder_ns, sc.targets, SPOOF_NET, "mix", seconds=half)
+        single = flood(sc.flooder_ns, sc.targets, SINGLE_SOURCE, "mix", seconds=half)
     finally:
         watch.stop()
     print(f"flood: spoofed {spoofed.pps:.0f} pps, single source {single.pps:.0f} pps")

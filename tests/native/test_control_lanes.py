@@ -4,6 +4,7 @@ ones through a token bucket per source IP and one for all of them, into a bounde
 from __future__ import annotations
 
 import errno
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from sdwan.bindings.fastpath import (
 LINK = 1
 HELLO = b"\x16\xfe\xfd" + bytes(40)
 PEER = ("198.51.100.2", 4500)
+PEER2 = ("198.51.100.3", 4500)
 
 
 def make(**kw: int) -> FastPath:
@@ -95,9 +97,13 @@ def test_a_full_unknown_lane_never_takes_the_known_lanes_room() -> None:
     try:
         f.peer_add(1)
         f.set_endpoint(1, LINK, PEER)
+        f.peer_add(2)
+        f.set_endpoint(2, LINK, PEER2)
         got = [send(f, ("203.0.113.9", 5)) for _ in range(10)]
         assert got == [None] * 4 + ["ctrl_unknown_full"] * 6
-        assert [send(f, PEER) for _ in range(9)] == [None] * 8 + ["queue_full"]
+        # Each known source IP holds at most half of the known lane.
+        assert [send(f, PEER) for _ in range(4)] == [None] * 4
+        assert [send(f, PEER2) for _ in range(5)] == [None] * 4 + ["queue_full"]
         st = f.ctrl_stats()
         assert (st.unknown_full, st.known_full) == (6, 1)
         assert f.global_counters().drops["ctrl_unknown_full"] == 6
@@ -222,3 +228,62 @@ def test_concurrent_datagrams_declarations_and_endpoint_moves(fp: FastPath) -> N
         t.join(10)
     st = fp.ctrl_stats()
     assert st.known_queued > 0 and st.rate_limited > 0
+
+
+def test_an_ipv6_source_is_limited_per_64_not_per_address(fp: FastPath) -> None:
+    # One host picks any address of its /64: they all share one bucket.
+    got = [send(fp, (f"2001:db8:1:2::{i + 1:x}", 4500)) for i in range(20)]
+    assert got[:5] == [None] * 5
+    assert set(got[5:]) == {"ctrl_rate_limited"}
+    assert fp.ctrl_stats().sources == 1
+    # Another /64 has a bucket of its own.
+    assert send(fp, ("2001:db8:1:3::1", 4500)) is None
+
+
+def test_one_known_source_ip_holds_at_most_half_of_the_known_lane() -> None:
+    # A flood under a known source's name (spoofed, or a carrier NAT's address a peer
+    # shares) leaves the other known sources their room.
+    f = make(ctrl_queue_len=8)
+    try:
+        f.peer_add(1)
+        f.set_endpoint(1, LINK, PEER)
+        f.peer_add(2)
+        f.set_endpoint(2, LINK, PEER2)
+        f.ctrl_known_set([("192.0.2.50", 0)])
+        flood = [send(f, ("192.0.2.50", 1000 + i)) for i in range(20)]
+        assert flood == [None] * 4 + ["queue_full"] * 16
+        assert [send(f, PEER) for _ in range(2)] == [None] * 2
+        assert [send(f, PEER2) for _ in range(2)] == [None] * 2
+        assert f.ctrl_stats().known_full == 16
+        # Taken from the lane, the flooding IP's share is free again.
+        assert len(drain(f, LANE_KNOWN)) == 8
+        assert [send(f, ("192.0.2.50", 7)) for _ in range(5)] == [None] * 4 + ["queue_full"]
+        assert send(f, PEER) is None
+    finally:
+        f.close()
+
+
+def test_the_known_lanes_shares_follow_every_source_ip_exactly() -> None:
+    # Many known IPs in and out of a small known lane, taken out in random order of lanes:
+    # each IP is held to its share exactly (no two IPs ever share a count), whatever
+    # entries came and went in the table before.
+    rnd = random.Random(7)
+    f = make(ctrl_queue_len=16)
+    try:
+        f.ctrl_known_set([(f"192.0.2.{i}", 0) for i in range(1, 41)])
+        queued: list[str] = []
+        for _ in range(3000):
+            if rnd.random() < 0.55:
+                ip = f"192.0.2.{rnd.randint(1, 40)}"
+                got = send(f, (ip, 9))
+                mine = queued.count(ip)
+                want = None if len(queued) < 16 and mine < 8 else "queue_full"
+                assert got == want, (ip, mine, len(queued))
+                if got is None:
+                    queued.append(ip)
+            elif queued:
+                ev = f.ctrl_recv(LANE_KNOWN)
+                assert ev is not None and ev.addr is not None
+                assert ev.addr[0] == queued.pop(0)
+    finally:
+        f.close()

@@ -56,6 +56,15 @@ def test_a_failing_provider_costs_only_its_own_addresses(fp: FastPath) -> None:
     assert fp.ctrl_stats().declared == 1
 
 
+def test_a_bad_address_costs_only_itself(fp: FastPath) -> None:
+    known = KnownSources(fp)
+    known.add(lambda: [("203.0.113.10", 4800), ("pop.example", 4800), ("192.0.2.1", 70000)])
+    known.add(lambda: [(1, 2), "x", ("192.0.2.7", 0)])  # type: ignore[list-item]
+    assert known.refresh() is True
+    assert fp.ctrl_stats().declared == 2
+    assert passes(fp, ("192.0.2.7", 1234), 10) == 10
+
+
 def test_lanes_line() -> None:
     line = describe_lanes(
         {

@@ -10,6 +10,7 @@ and is bounded by the fast path's limit (the rest is left to the unknown lane, l
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ class KnownSources:
     fp: FastPath
     providers: list[Provider] = field(default_factory=list)
     _last: frozenset[Addr] | None = None
+    _sent: frozenset[Addr] = frozenset()  # of _last, what the fast path took (all valid)
     updates: int = 0  # sets sent to the fast path
 
     def add(self, provider: Provider) -> None:
@@ -42,7 +44,13 @@ class KnownSources:
         now = frozenset(known)
         if now == self._last:
             return False
-        addrs = sorted(now)
+        # One address the fast path cannot take would refuse the whole set (and leave the
+        # last one in place for good): it alone is left out. Only what was not sent before is
+        # checked: the refresh must stay cheap.
+        bad = {a for a in now - self._sent if not _valid(a)}
+        if bad:
+            log.warning("not a known control source (ignored): %s", sorted(map(repr, bad))[:5])
+        addrs = sorted(now - bad)
         if len(addrs) > CTRL_KNOWN_MAX:
             log.warning(
                 "%d known control sources, the fast path takes %d: the rest are rate-limited",
@@ -56,5 +64,20 @@ class KnownSources:
             log.error("known control sources not declared: %s", e)
             return False
         self._last = now
+        self._sent = now - bad
         self.updates += 1
         return True
+
+
+def _valid(a: object) -> bool:
+    """An (IP literal, port 0..65535) pair, as fp_ctrl_known_set takes it."""
+    if not isinstance(a, tuple) or len(a) != 2:
+        return False
+    host, port = a
+    if not isinstance(host, str) or isinstance(port, bool) or not isinstance(port, int):
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return 0 <= port <= 65535

@@ -510,8 +510,9 @@ class Pop(SessionOwner):
         """Control events in small batches until CTRL_BUDGET_S of work: what is left waits
         for the next turn of the loop (the fd is level-triggered), after its timers, so no
         burst (a hundred handshakes, pings that each want a whole directory) holds the loop
-        for long. Past what popd can do, the fast path's queue fills and drops (counted in
-        `link.drops.queue_full`): DTLS retransmits, a site pings again."""
+        for long. Past what popd can do, the fast path's lanes fill and drop (counted in
+        `link.drops.queue_full` for known sources, `ctrl_unknown_full` and
+        `ctrl_rate_limited` for the others): DTLS retransmits, a site pings again."""
         assert self.fp is not None
         batches = MAX_EVENTS_PER_WAKEUP // CTRL_BATCH
         unknown_per_batch = max(1, MAX_UNKNOWN_PER_WAKEUP // batches)
