@@ -287,6 +287,39 @@ def test_writer_reports_a_failed_batch(tmp_path: Path) -> None:
     store.close()
 
 
+def test_writer_fails_a_sites_batches_queued_behind_its_failed_one(tmp_path: Path) -> None:
+    """A batch queued behind one that failed, before popd heard of the failure, carries a
+    mark past the failed events: stored and acknowledged, it would make the site forget
+    them. It fails unwritten; a batch of the next epoch (queued after) is written."""
+    results: list[tuple[int, Any, Any]] = []
+
+    async def body(sink: EventSink) -> None:
+        done = asyncio.get_running_loop().create_future()
+
+        def told(n: int, r: Any, e: Any) -> None:
+            results.append((n, r, e))
+            if len(results) == 4:
+                done.set_result(True)
+
+        sink.upload(7, [UploadedEvent("x", "a", 7)], ("bad name!", {}), lambda r, e: told(0, r, e))
+        sink.upload(7, [UploadedEvent("x", "b", 7)], ("site.7.events", {"up_to": 2}),
+                    lambda r, e: told(1, r, e))
+        sink.upload(8, [UploadedEvent("x", "c", 8)], ("site.8.events", {"up_to": 1}),
+                    lambda r, e: told(2, r, e))
+        sink.upload(7, [UploadedEvent("x", "d", 7)], ("site.7.events", {"up_to": 1}),
+                    lambda r, e: told(3, r, e), epoch=1)
+        await asyncio.wait_for(done, 10)
+        assert sink.stats.queued == 0
+
+    store = _run_sink(tmp_path, EventLimits(), body)
+    assert [(n, r is None) for n, r, _ in results] == [(0, True), (1, True), (2, False),
+                                                       (3, False)]
+    assert "earlier batch" in results[1][2]
+    assert [e.text for e in store.events(site_id=7)] == ["d"]
+    assert store.get_doc("site.7.events").value == {"up_to": 1}
+    store.close()
+
+
 # ------------------------------------------------------------------ loop lag
 
 

@@ -327,6 +327,8 @@ class Pop(SessionOwner):
         # Per site: its upload mark (instance, seq) as queued to the store and as stored.
         self._marks: dict[int, tuple[str | None, int]] = {}
         self._marks_stored: dict[int, tuple[str | None, int]] = {}
+        # Per site: how many of its batches failed to be stored (EventSink.upload's epoch).
+        self._upload_epoch: dict[int, int] = {}
         self._event_quota = Buckets(cfg.events.site_per_minute, cfg.events.site_burst, clock)
         # Per site: events stored and dropped over its quota (popctl sites).
         self.site_events: dict[int, dict[str, int]] = {}
@@ -1374,10 +1376,16 @@ class Pop(SessionOwner):
         if new_instance is not None:
             doc["instance"] = new_instance
 
+        epoch = self._upload_epoch.get(s.site_id, 0)
+
         def stored(result: UploadResult | None, error: str | None) -> None:
             if result is None:
                 self.stats.events_store_errors += 1
                 self._marks[s.site_id] = self._marks_stored.get(s.site_id, (None, 0))
+                # The batches queued behind this one fail too (EventSink.upload); those
+                # queued from now on count from the stored mark.
+                self._upload_epoch[s.site_id] = max(self._upload_epoch.get(s.site_id, 0),
+                                                    epoch + 1)
                 return  # not acknowledged: the site sends the batch again
             self._marks_stored[s.site_id] = new_mark
             self.stats.events_stored += result.stored
@@ -1386,7 +1394,7 @@ class Pop(SessionOwner):
             if self.by_addr.get(s.addr) is s:
                 self._send_msg(s, {"t": "events-ack", "up_to": up_to})
 
-        self.sink.upload(s.site_id, batch, (f"site.{s.site_id}.events", doc), stored)
+        self.sink.upload(s.site_id, batch, (f"site.{s.site_id}.events", doc), stored, epoch)
 
     # ---------------------------------------------------------------- periodic work
 
