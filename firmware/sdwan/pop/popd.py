@@ -1468,10 +1468,12 @@ class Pop(SessionOwner):
                 self._drop(s, "no registration")
                 continue
             try:
-                c = self.fp.peer_counters(s.peer_id)
+                # Its times alone (every session, every tick: peer_counters would build the
+                # whole Counters, ~6 ms a tick at 1000 sessions against ~1.5 ms).
+                last_rx_ns, _ = self.fp.peer_times(s.peer_id)
             except FastPathError:
                 continue
-            last = max(c.last_rx_ns, s.last_auth_ns)
+            last = max(last_rx_ns, s.last_auth_ns)
             # Judged once registered: before that, the site's next packet is a round trip
             # away, longer than dead_after on a slow link (REGISTER_DEADLINE_S covers it).
             if s.registered and now_ns - last > dead_ns:
