@@ -1484,8 +1484,17 @@ static void idle_keepalives_locked(fp_t *fp, struct fp_peer *p, uint64_t every, 
     }
     pthread_mutex_unlock(&p->ep_lock);
     for (int i = 0; i < n; i++) {
-        if (keepalive_to_locked(fp, p, due[i].link_id, &due[i].to) < 0)
+        if (keepalive_to_locked(fp, p, due[i].link_id, &due[i].to) < 0) {
+            /* Not sent (a full socket buffer, no key yet): due again at the next pass, not
+             * a whole interval later, or two failures in a row would be a peer's dead_after
+             * of silence. */
+            pthread_mutex_lock(&p->ep_lock);
+            int s = fp_peer_ep_slot(p, due[i].link_id);
+            if (s >= 0 && p->ep[s].ka_idle_ns == now)
+                p->ep[s].ka_idle_ns = now - every;
+            pthread_mutex_unlock(&p->ep_lock);
             continue;
+        }
         /* Counted on its endpoint like the primary's keepalives (no inner bytes), if the
          * endpoint is still the one it went to. */
         pthread_mutex_lock(&p->ep_lock);

@@ -219,3 +219,28 @@ def test_the_keepalive_thread_keeps_idle_peers_alive_at_its_own_pace(
     # Every 50 ms (plus a pass): several in 0.6 s, where the once-a-second scan sends one.
     assert len(got) >= 5, len(got)
     assert all(pair.a.process_inbound(LINK, B_ADDR, k).verdict == Verdict.KEEPALIVE for k in got)
+
+
+def test_a_keepalive_not_sent_is_tried_again_at_the_next_pass(
+    pair: Pair, rx: socket.socket
+) -> None:
+    """A keepalive the pass could not send (here: an endpoint the link cannot reach, as a
+    full socket buffer would refuse it) is due again at the next pass, not a whole interval
+    later: two failures in a row must not make a peer's dead_after of silence."""
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.bind(("127.0.0.1", 0))
+    pair.b.link_add(LINK, tx.fileno())
+    tx.close()
+    pair.b.set_endpoint(1, LINK, ("::1", rx.getsockname()[1]))  # not on an IPv4 link
+    pair.b.set_keepalive(1, 2.0)
+    pair.b.keepalive_thread_start(0.01)
+    try:
+        time.sleep(0.1)  # every pass fails
+        pair.b.set_endpoint(1, LINK, rx.getsockname())
+        t0 = time.monotonic()
+        rx.settimeout(3.0)
+        rx.recv(100)
+        took = time.monotonic() - t0
+    finally:
+        pair.b.keepalive_thread_stop()
+    assert took < 1.0, took  # at a next pass, where the interval is two seconds

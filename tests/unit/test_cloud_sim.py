@@ -450,6 +450,26 @@ def test_directory_deltas_apply_on_their_base_and_a_gap_waits_for_the_whole(
     assert cloud.summary()["messages"]["directory_gaps"] == 1
 
 
+def test_keepalives_to_the_pop_go_out_while_the_loop_does_nothing(
+    ca: Path, tmp_path: Path
+) -> None:
+    """The PoP sessions' keepalives come from the fast path's own thread: with no tick of
+    socketd's loop at all (a stall taking in a thousand-site directory), the PoP still
+    hears from the site every keepalive interval, so it never drops the site."""
+    import time
+
+    net = Net()
+    pop = MiniPop(net, 1, pop_files(ca, 1), SITES)
+    s = SimSocket(net, site_config(ca, tmp_path, [pop]))
+    net.run(2)
+    assert s.cloud is not None and s.cloud.state == "up"
+    peer = pop_peer_id(1, 1)
+    before = s.fp.peer_counters(peer).tx_packets
+    time.sleep(1.0)  # the loop stalls: nothing in Python runs
+    sent = s.fp.peer_counters(peer).tx_packets - before
+    assert sent >= 3, sent  # every 200 ms (dead_after is 600 ms)
+
+
 def test_a_dead_pop_is_detected_on_the_virtual_clock(ca: Path, tmp_path: Path) -> None:
     net = Net()
     pop = MiniPop(net, 1, pop_files(ca, 1), SITES)

@@ -15,6 +15,7 @@ import pytest
 from sdwan.common.messages import Reassembler
 from sdwan.common.store import Store, UploadedEvent
 from sdwan.pop import pki
+from sdwan.pop import popd as popd_mod
 from sdwan.pop.account import load_account
 from sdwan.pop.config import ConfigError, load_pop_config
 from sdwan.pop.eventsink import EventLimits, EventSink
@@ -156,6 +157,41 @@ def test_changes_within_the_interval_go_out_as_one_delta_per_session(tmp_path: P
         assert [(e["site_id"], e["online"]) for e in m["changed"]] == [(3, False), (4, False)]
 
 
+def test_a_push_goes_out_in_slices_one_delta_per_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no time to spare per slice, each call sends to one session: the push spreads
+    over turns of the loop, every session still gets its delta once, a session welcomed
+    meanwhile (sent that rev already) gets none, and what changes meanwhile waits for the
+    next push."""
+    monkeypatch.setattr(popd_mod, "PUSH_SLICE_S", 0.0)
+    h = Harness(tmp_path)
+    for sid in range(1, SITES + 1):
+        h.pop._update_entry(sid)
+    for sid in (1, 2, 3, 4):
+        h.up(sid)
+    h.settle()
+    while h.pop._round is not None:  # settle's push, slice by slice
+        h.push(0)
+    rev = h.pop.rev
+    h.down(4)
+    first = h.push(DIRECTORY_PUSH_S)
+    assert [s.site_id for s, _ in first] == [1]  # one session in this slice
+    assert h.pop.rev == rev + 1 and h.pop._round is not None
+    h.sessions[3].dir_rev = h.pop.rev  # welcomed since the push began
+    h.down(2)  # a change meanwhile: the next push's
+    rest = []
+    while h.pop._round is not None:
+        rest += h.push(0)
+    assert [s.site_id for s, _ in rest] == []  # 2 went away, 3 is current
+    pushed = h.push(DIRECTORY_PUSH_S * 10)  # the next push, past its share of the loop
+    while h.pop._round is not None:
+        pushed += h.push(0)
+    assert [(s.site_id, m["base"], m["rev"]) for s, m in pushed] == [
+        (1, rev + 1, rev + 2), (3, rev + 1, rev + 2)]
+    assert all([e["site_id"] for e in m["changed"]] == [2] for _, m in pushed)
+
+
 def test_a_flap_within_the_interval_pushes_nothing(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     for sid in range(1, SITES + 1):
@@ -284,6 +320,39 @@ def test_writer_reports_a_failed_batch(tmp_path: Path) -> None:
     store = _run_sink(tmp_path, EventLimits(), body)
     assert results[0][0] is None and "document name" in results[0][1]
     assert store.count_events(7) == 0  # nothing of the batch was written
+    store.close()
+
+
+def test_writer_fails_a_sites_batches_queued_behind_its_failed_one(tmp_path: Path) -> None:
+    """A batch queued behind one that failed, before popd heard of the failure, carries a
+    mark past the failed events: stored and acknowledged, it would make the site forget
+    them. It fails unwritten; a batch of the next epoch (queued after) is written."""
+    results: list[tuple[int, Any, Any]] = []
+
+    async def body(sink: EventSink) -> None:
+        done = asyncio.get_running_loop().create_future()
+
+        def told(n: int, r: Any, e: Any) -> None:
+            results.append((n, r, e))
+            if len(results) == 4:
+                done.set_result(True)
+
+        sink.upload(7, [UploadedEvent("x", "a", 7)], ("bad name!", {}), lambda r, e: told(0, r, e))
+        sink.upload(7, [UploadedEvent("x", "b", 7)], ("site.7.events", {"up_to": 2}),
+                    lambda r, e: told(1, r, e))
+        sink.upload(8, [UploadedEvent("x", "c", 8)], ("site.8.events", {"up_to": 1}),
+                    lambda r, e: told(2, r, e))
+        sink.upload(7, [UploadedEvent("x", "d", 7)], ("site.7.events", {"up_to": 1}),
+                    lambda r, e: told(3, r, e), epoch=1)
+        await asyncio.wait_for(done, 10)
+        assert sink.stats.queued == 0
+
+    store = _run_sink(tmp_path, EventLimits(), body)
+    assert [(n, r is None) for n, r, _ in results] == [(0, True), (1, True), (2, False),
+                                                       (3, False)]
+    assert "earlier batch" in results[1][2]
+    assert [e.text for e in store.events(site_id=7)] == ["d"]
+    assert store.get_doc("site.7.events").value == {"up_to": 1}
     store.close()
 
 

@@ -81,6 +81,7 @@ class _Upload:
     events: list[UploadedEvent]
     doc: tuple[str, dict[str, Any]]
     on_done: Callable[[UploadResult | None, str | None], None]
+    epoch: int = 0
 
 
 @dataclass
@@ -104,6 +105,9 @@ class EventSink:
         self._lock = threading.Lock()  # stats shared with the thread
         self._opened = threading.Event()
         self._open_error: str | None = None
+        # Per site, the epoch of its last batch that failed (writer thread only): its batches
+        # of that epoch queued behind it fail too, unwritten (see upload).
+        self._failed: dict[int, int] = {}
 
     # ------------------------------------------------------------------ loop side
 
@@ -138,12 +142,19 @@ class EventSink:
         events: list[UploadedEvent],
         doc: tuple[str, dict[str, Any]],
         on_done: Callable[[UploadResult | None, str | None], None],
+        epoch: int = 0,
     ) -> None:
         """A site's batch, with its upload mark; on_done(result, error) runs on the loop once
-        it is stored (error None) or failed (result None)."""
+        it is stored (error None) or failed (result None).
+
+        `epoch` is the caller's count of the site's failed batches when it queued this one.
+        Once a batch fails, the site's later batches of the same epoch (queued before the
+        caller heard of the failure, their marks counted past the failed events) fail too
+        without being written: otherwise one of them would store its mark past events never
+        stored, and its acknowledgement would make the site forget them."""
         with self._lock:
             self.stats.queued += len(events)
-        self._q.put(_Upload(site_id, events, doc, on_done))
+        self._q.put(_Upload(site_id, events, doc, on_done, epoch))
 
     def barrier(self, on_done: Callable[[], None]) -> None:
         """on_done runs on the loop once everything queued before it is written (or failed):
@@ -196,8 +207,14 @@ class EventSink:
                     self._write(store, own, None, None)
                 elif isinstance(job, _Barrier):
                     self._call(job.on_done)
+                elif self._failed.get(job.site_id) == job.epoch:
+                    with self._lock:
+                        self.stats.queued -= len(job.events)
+                    self._call(job.on_done, None, "an earlier batch of the site was not stored")
                 else:
                     result, error = self._write(store, job.events, job.site_id, job.doc)
+                    if result is None:
+                        self._failed[job.site_id] = job.epoch
                     self._call(job.on_done, result, error)
         finally:
             store.close()

@@ -310,6 +310,14 @@ class PopSession:
         self._rx_mark = self.cloud.fp.peer_counters(self.peer_id).last_rx_ns
         self._first_rx_pending = True
         self.reason = "registering"
+        # Keepalives whenever nothing else went out for keepalive_s, from the fast path's own
+        # thread (the supervisor starts it): however long this loop stalls, the PoP keeps
+        # hearing from us. tick() still sends one when it sees none went out.
+        try:
+            self.cloud.fp.set_keepalive(self.peer_id, self.cloud.timers.keepalive_s)
+        except FastPathError as e:
+            log.debug("PoP %d over %s: keepalive interval not set: %s", self.pop.id,
+                      self.link.name, e)
         self.register()
 
     def register(self) -> None:

@@ -100,6 +100,8 @@ LED_PERIOD_S = 0.5  # how often the LEDs follow the box's state
 # A peer's data unanswered by us for this long gets a keepalive: the peer's liveness under
 # traffic (docs/mesh.md) counts on an answer well within its silent_after_ms.
 ACK_AFTER_S = 0.1
+# Passes of the fast path's keepalive thread per PoP keepalive interval.
+KEEPALIVE_PASSES = 4
 HEAP_TRIM_S = 30.0  # how often freed memory goes back to the system (common/heap.py)
 # Set to 1 in socketd's environment, the control socket takes `fault` (docs/watchdog.md):
 # the tests make a fast-path thread die in a real socketd. Off on the box.
@@ -365,6 +367,14 @@ class Supervisor:
             owned=cfg.owned(),
         )
         self.sessions.add_owner(cloud)
+        # The PoP sessions' keepalives from a C thread of the fast path (cloud.py,
+        # PopSession._on_keys_active sets each session's interval), as popd sends its own:
+        # a stall of this loop (a thousand-site directory to take in) must not leave the PoP
+        # without a packet for its dead_after and make it drop this site.
+        try:
+            fp.keepalive_thread_start(cloud.timers.keepalive_s / KEEPALIVE_PASSES)
+        except FastPathError as e:
+            log.warning("keepalive thread not started (keepalives from the loop only): %s", e)
         return cloud
 
     def _make_sources(self, fp: FastPath, cloud: Cloud) -> Sources:
