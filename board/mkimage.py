@@ -44,7 +44,6 @@ from boardlib import (  # noqa: E402
     SECTOR,
     BuildError,
     MiB,
-    Partition,
     check_console,
     check_kernel_config,
     fixed_uuid,
@@ -125,31 +124,17 @@ def rmtree(path: Path) -> None:
 
 
 @dataclasses.dataclass
-class Board:
-    name: str
-    dir: Path
-    arch: Arch
-    console: str
-    baud: int
-    cmdline: str
-    partitions: list[Partition]
-    modules_boot: list[str]
-    modules_runtime: list[str]
-    modules_on_demand: list[str]
-    qemu_provisioning: bool
-    raw: dict
+class Board(boardlib.BoardInfo):
+    """The board as boardlib describes it (for both builds), with Debian's view of its
+    architecture (`arch` stays uname's name)."""
 
-    info: boardlib.BoardInfo
+    debarch: Arch
 
     @classmethod
     def load(cls, name: str) -> Board:
         b = boardlib.load_board(name)
-        return cls(
-            name=b.name, dir=b.dir, arch=ARCHES[b.arch], console=b.console, baud=b.baud,
-            cmdline=b.cmdline, partitions=b.partitions, modules_boot=b.modules_boot,
-            modules_runtime=b.modules_runtime, modules_on_demand=b.modules_on_demand,
-            qemu_provisioning=b.qemu_provisioning, raw=b.raw, info=b,
-        )
+        fields = {f.name: getattr(b, f.name) for f in dataclasses.fields(b)}
+        return cls(**fields, debarch=ARCHES[b.arch])
 
 
 # ---------------------------------------------------------------- Debian packages
@@ -263,7 +248,7 @@ def cffi_modules() -> list[tuple[Path, str]]:
 
 def build_native(board: Board, sysroot: Path, out: Path, work: Path) -> list[str]:
     """Compiles every cffi module for the board's architecture into out/sdwan/."""
-    a = board.arch
+    a = board.debarch
     built = []
     old_cwd = os.getcwd()
     os.chdir(ROOT)  # the builders resolve their source paths from the project folder
@@ -500,7 +485,7 @@ def make_esp(path: Path, size_mib: int, files: dict[str, Path], volid: str, epoc
 
 def make_disk(path: Path, board: Board, contents: dict[str, Path]) -> list[dict]:
     """GPT disk: 1 MiB for the primary table, the partitions in order, then the backup."""
-    disk = boardlib.disk_layout(board.info)  # the layout Buildroot's genimage gets too
+    disk = boardlib.disk_layout(board)  # the layout Buildroot's genimage gets too
     layout = [{"name": p.name, "type": p.type, "start": p.start * SECTOR,
                "size": p.size * SECTOR, "partuuid": p.partuuid} for p in disk.partitions]
     with path.open("wb") as f:
@@ -574,7 +559,7 @@ def busybox_applets(host_busybox: Path) -> list[str]:
 
 def assemble_rootfs(board: Board, work: Path, kver: str, kstage: Path,
                     epoch: int, manifest: dict) -> Path:
-    a = board.arch
+    a = board.debarch
     pkgs = tomllib.loads((COMMON / "packages.toml").read_text())
     root = work / "rootfs"
     rmtree(root)
@@ -666,7 +651,7 @@ def assemble_rootfs(board: Board, work: Path, kver: str, kstage: Path,
 
     # the overlay: init scripts, users, board files
     install_overlay(root, board.console, board.baud)
-    boardlib.install_board_files(root, board.info, epoch)
+    boardlib.install_board_files(root, board, epoch)
     (root / "etc/os-release").write_text(
         boardlib.os_release(board.name, manifest["version"], manifest["commit"]))
     check_libraries(root, a)
@@ -689,7 +674,7 @@ def git_describe() -> tuple[str, str]:
 
 def build(board_name: str, out_dir: Path) -> Path:
     board = Board.load(board_name)
-    a = board.arch
+    a = board.debarch
     commit, git_epoch = git_describe()
     epoch = int(os.environ.get("SOURCE_DATE_EPOCH", git_epoch))
     os.environ["SOURCE_DATE_EPOCH"] = str(epoch)
@@ -715,7 +700,7 @@ def build(board_name: str, out_dir: Path) -> Path:
     merge_usr(kstage)
     kver = kpkg.group(1).removeprefix("linux-image-")
     kroot = kstage / "usr"  # lib/modules/<kver>
-    check_kernel_config(kstage / "boot" / f"config-{kver}", boardlib.kernel_fragments(board.info))
+    check_kernel_config(kstage / "boot" / f"config-{kver}", boardlib.kernel_fragments(board))
     step(f"kernel {kver}: depmod")
     run(["depmod", "-b", str(kroot), kver])
     manifest["kernel"] = kver

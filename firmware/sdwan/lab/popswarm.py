@@ -25,7 +25,6 @@ Run in the swarm's namespace: `python -m sdwan.lab.popswarm SPEC.json`, where th
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -43,7 +42,7 @@ from typing import Any
 from sdwan.bindings.fastpath import FastPathError
 from sdwan.common.dtls import DtlsContext, DtlsSession
 from sdwan.common.tomlcheck import format_endpoint, parse_endpoint
-from sdwan.lab.swarm import FakeSite, Swarm, open_links
+from sdwan.lab.swarm import FakeSite, Swarm, open_links, run_swarm
 from sdwan.pop.keepalives import KeepaliveThread
 from sdwan.site.tunnel import PeerTunnel, State, StaticTunnels, Timers
 
@@ -464,26 +463,9 @@ class PopSwarm(Swarm):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m sdwan.lab.popswarm", description=__doc__.splitlines()[0]
+    return run_swarm(
+        "sdwan.lab.popswarm", __doc__ or "", lambda path: PopSwarm(PopSwarmSpec.load(path)), argv
     )
-    p.add_argument("spec", type=Path, help="the PopSwarmSpec as JSON")
-    args = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("sdwan.site.tunnel").setLevel(logging.WARNING)
-    logging.getLogger("sdwan.common.sessions").setLevel(logging.ERROR)
-    swarm = PopSwarm(PopSwarmSpec.load(args.spec))
-    try:
-        swarm.open()
-        asyncio.run(swarm.run())
-    finally:
-        swarm.close()
-    return 0
-
 
 if __name__ == "__main__":
     os.umask(0o077)

@@ -333,11 +333,13 @@ class Swarm:
             fp.close()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m sdwan.lab.swarm", description=__doc__.splitlines()[0]
-    )
-    p.add_argument("spec", type=Path, help="the SwarmSpec as JSON")
+def run_swarm(
+    prog: str, doc: str, load: Callable[[Path], Any], argv: Sequence[str] | None
+) -> int:
+    """The command line of a swarm (this one, popswarm): its spec as JSON, logging, and the
+    swarm that `load` builds from it run until SIGTERM or SIGINT."""
+    p = argparse.ArgumentParser(prog=f"python -m {prog}", description=doc.splitlines()[0])
+    p.add_argument("spec", type=Path, help="the swarm's spec as JSON")
     args = p.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -346,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Handshake failures of single fake sites would drown the swarm's own lines.
     logging.getLogger("sdwan.site.tunnel").setLevel(logging.WARNING)
     logging.getLogger("sdwan.common.sessions").setLevel(logging.ERROR)
-    swarm = Swarm(SwarmSpec.load(args.spec))
+    swarm = load(args.spec)
     try:
         swarm.open()
         asyncio.run(swarm.run())
@@ -354,6 +356,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         swarm.close()
     return 0
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_swarm(
+        "sdwan.lab.swarm", __doc__ or "", lambda path: Swarm(SwarmSpec.load(path)), argv
+    )
 
 if __name__ == "__main__":
     os.umask(0o077)
