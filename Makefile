@@ -51,6 +51,7 @@ bench: setup bench-setup
 	$(PY) bench/recovery --json bench-recovery.json
 	$(PY) bench/links --json bench-links.json
 	$(PY) bench/flood --json bench-flood.json
+	$(PY) bench/popd --json bench-popd.json
 
 # Only the benches' smoke runs (test-py runs them too): each bench once, shortest mode.
 bench-smoke: setup
