@@ -159,7 +159,14 @@ if [ ! -b "$device" ]; then
   refuse "$device_arg is $kind, not a block device; give a whole disk such as /dev/sdX, /dev/mmcblkN or /dev/loopN"
 fi
 
-dev_type=$(lsblk -dno TYPE "$device" 2>/dev/null || true)
+# A disk plugged in (or a loop device attached) a moment ago may not be listed yet: lsblk
+# hides a device until its size is known. Give it up to 3 s before calling it unknown.
+dev_type=""
+for _ in $(seq 30); do
+  dev_type=$(lsblk -dno TYPE "$device" 2>/dev/null || true)
+  [ -n "$dev_type" ] && break
+  sleep 0.1
+done
 case $dev_type in
   disk | loop) ;;
   part)

@@ -7,10 +7,13 @@ Every chronyd here runs with -x: the host's clock is never touched."""
 
 from __future__ import annotations
 
+import datetime
 import shutil
 import time
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from labwait import wait_for
 
 from sdwan.appliance.clock import CLOCK_FILE
@@ -28,7 +31,21 @@ def test_a_certificate_near_its_expiry_is_warned_of_and_the_trusted_time_is_stor
     lab.write_pop_config(pop, sites=[site])
     lab.start_popd(pop)
     ca = lab.setup_pki()
-    short = pki.issue_site(ca.dir, site.site_id, lab.workdir / "pki" / "short-site1", days=10)
+    # The box's certificate was issued long before it nears its expiry: a renewal in the same
+    # second would tie with it on notBefore (whole seconds), and the configured one wins ties.
+    short_dir = lab.workdir / "pki" / "short-site1"
+    short_dir.mkdir(parents=True)
+    ca_cert, ca_key = pki.load_ca(ca.dir)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = pki.build_site_certificate(ca_cert, ca_key, site.site_id, key.public_key(), days=10,
+                                      backdate=datetime.timedelta(days=30))
+    short = pki.SiteFiles(site_id=site.site_id, cert=short_dir / "cert.pem",
+                          key=short_dir / "key.pem")
+    short.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    short.key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                            serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    short.key.chmod(0o600)
     lab.write_site_config(site, cert=short.cert, key=short.key,
                           extra_toml=f'[[pops]]\nid = 1\nendpoint = "{pop.host.ip}:4800"\n')
     lab.start_socketd(site)
@@ -111,7 +128,21 @@ def test_a_certificate_near_its_expiry_is_renewed_through_the_pop_and_kept(lab: 
     lab.write_pop_config(pop, sites=[site, other], renewal={})
     lab.start_popd(pop)
     ca = lab.setup_pki()
-    short = pki.issue_site(ca.dir, site.site_id, lab.workdir / "pki" / "short-site1", days=10)
+    # The box's certificate was issued long before it nears its expiry: a renewal in the same
+    # second would tie with it on notBefore (whole seconds), and the configured one wins ties.
+    short_dir = lab.workdir / "pki" / "short-site1"
+    short_dir.mkdir(parents=True)
+    ca_cert, ca_key = pki.load_ca(ca.dir)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = pki.build_site_certificate(ca_cert, ca_key, site.site_id, key.public_key(), days=10,
+                                      backdate=datetime.timedelta(days=30))
+    short = pki.SiteFiles(site_id=site.site_id, cert=short_dir / "cert.pem",
+                          key=short_dir / "key.pem")
+    short.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    short.key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                            serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    short.key.chmod(0o600)
     pops = f'[[pops]]\nid = 1\nendpoint = "{pop.host.ip}:4800"\n'
     lab.write_site_config(site, cert=short.cert, key=short.key, extra_toml=pops)
     lab.write_site_config(other, extra_toml=pops)
