@@ -9,6 +9,8 @@ kernel options and boot modules:
 * reading board.toml (architecture, serial ports, command line, partitions, modules);
 * the GPT layout: partition order, sizes, offsets, type GUIDs and the fixed disk and
   partition GUIDs (as an sfdisk script for mkimage, as a genimage config for Buildroot);
+* the boot slots (root-a and root-b, each a squashfs with its own kernel and initramfs in
+  /boot) and GRUB's side of them: grub.cfg, the initial grubenv, the built-in modules;
 * the kernel configuration fragments of a board (board/common/kernel.fragment plus
   board/<name>/kernel.fragment);
 * the overlay (board/common/rootfs, inittab with the board's console port), the board files
@@ -19,8 +21,9 @@ kernel options and boot modules:
 
 Buildroot's scripts call it as (with Buildroot's host python, 3.11 or later):
 
-    boardlib.py rootfs BOARD TARGET_DIR               post-build: overlay, board files, checks
-    boardlib.py image BOARD TARGET_DIR BINARIES_DIR   post-image: initramfs, grub.cfg, ESP
+    boardlib.py rootfs BOARD TARGET_DIR               post-build: overlay, board files, checks,
+                                                      kernel and initramfs in /boot
+    boardlib.py image BOARD TARGET_DIR BINARIES_DIR   post-image: grub.cfg, grubenv, ESP
                                                       files and genimage-<BOARD>.cfg
     boardlib.py boards                                the board names
 """
@@ -65,6 +68,24 @@ KERNEL_IMAGES = {"x86_64": "bzImage", "aarch64": "Image"}
 # The first partition starts at 1 MiB; 1 MiB is left after the last one for the backup GPT.
 FIRST_LBA = 2048
 TAIL_SECTORS = 2048
+
+# The boot slots: (RAUC's bootname, GPT name). Each holds a whole system, kernel and
+# initramfs included, so an update replaces them together.
+SLOTS = (("A", "root-a"), ("B", "root-b"))
+SLOT_KERNEL = "boot/vmlinuz"
+SLOT_INITRD = "boot/initrd.img"
+# GRUB: the platform per architecture, the folder on the ESP it is loaded from (its prefix:
+# grub.cfg and grubenv live there too) and the modules built into its image. squash4 reads
+# gzip but not zstd in GRUB 2.06, hence the slots' squashfs compression.
+GRUB_PLATFORMS = {"x86_64": "x86_64-efi", "aarch64": "arm64-efi"}
+GRUB_PREFIX = "/EFI/BOOT"
+GRUB_MODULES = ("part_gpt", "fat", "squash4", "gzio", "linux", "boot", "normal", "configfile",
+                "loadenv", "test", "regexp", "echo", "sleep", "reboot")
+# Run by GRUB's core before anything else (simple commands only): the slot selection, then a
+# reboot should it ever come back, so no failure ends at a GRUB prompt.
+GRUB_EARLY_CFG = COMMON / "grub-early.cfg"
+GRUBENV_SIZE = 1024
+SQUASHFS_COMP = "gzip"
 
 # socketd's console scripts and firmware modules that do not belong on an appliance.
 NOT_ON_APPLIANCE = {"socket-lab", "popd", "popctl", "socket-pki"}
@@ -118,6 +139,7 @@ class BoardInfo:
     modules_runtime: list[str]
     modules_on_demand: list[str]
     qemu_provisioning: bool
+    boot_tries: int  # boots a slot gets before GRUB falls back to the next one
     raw: dict
 
 
@@ -152,8 +174,16 @@ def load_board(name: str) -> BoardInfo:
             raise BuildError(f"{path}: partition #{i + 1} needs type esp|root|data and "
                              f"size_mib >= 1, got {p!r}")
         parts.append(Partition(str(p.get("name", p["type"])), p["type"], p["size_mib"]))
-    if sorted(p.type for p in parts) != ["data", "esp", "root"]:
-        raise BuildError(f"{path}: needs exactly one esp, one root and one data partition")
+    slot_parts = [name for _, name in SLOTS]
+    if (sorted(p.type for p in parts) != ["data", "esp", "root", "root"]
+            or [p.name for p in parts if p.type == "root"] != slot_parts
+            or parts[-1].type != "data"):
+        raise BuildError(f"{path}: needs one esp, the root partitions "
+                         f"{' and '.join(slot_parts)} in that order, and data last (the "
+                         "first boot grows it to the end of the disk)")
+    tries = raw.get("update", {}).get("boot_tries", 3)
+    if not isinstance(tries, int) or not 1 <= tries <= 9:
+        raise BuildError(f"{path}: [update] boot_tries must be 1 to 9, got {tries!r}")
     common = tomllib.loads((COMMON / "modules.toml").read_text())
     mods = raw.get("modules", {})
     return BoardInfo(
@@ -166,6 +196,7 @@ def load_board(name: str) -> BoardInfo:
         modules_runtime=list(common["runtime"]) + list(mods.get("runtime", [])),
         modules_on_demand=list(common.get("on_demand", [])),
         qemu_provisioning=bool(raw["board"].get("qemu_provisioning", False)),
+        boot_tries=tries,
         raw=raw,
     )
 
@@ -243,6 +274,116 @@ def sfdisk_script(layout: DiskLayout) -> str:
         lines.append(f'start={p.start}, size={p.size}, type={p.type_uuid}, '
                      f'uuid={p.partuuid}, name="{p.name}"')
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- boot slots and GRUB
+
+
+@dataclasses.dataclass
+class Slot:
+    bootname: str  # RAUC's name for it: rauc.slot=A on the kernel command line
+    partition: str  # GPT name: root-a
+    number: int  # GPT partition number: GRUB's gpt<N>, the same on every disk of the board
+
+
+def boot_slots(board: BoardInfo) -> list[Slot]:
+    numbers = {p.name: i for i, p in enumerate(board.partitions, 1)}
+    return [Slot(bootname, part, numbers[part]) for bootname, part in SLOTS]
+
+
+def grubenv(values: dict[str, str]) -> bytes:
+    """A GRUB environment block: GRUB's save_env rewrites it in place, so it is always
+    GRUBENV_SIZE bytes, padded with '#'."""
+    body = "# GRUB Environment Block\n" + "".join(f"{k}={v}\n" for k, v in values.items())
+    data = body.encode()
+    if len(data) > GRUBENV_SIZE or any("\n" in v or "\\" in v for v in values.values()):
+        raise BuildError(f"cannot make a {GRUBENV_SIZE}-byte grubenv of {values!r}")
+    return data + b"#" * (GRUBENV_SIZE - len(data))
+
+
+def parse_grubenv(data: bytes) -> dict[str, str]:
+    lines = data.decode().split("\n")
+    if lines[0] != "# GRUB Environment Block":
+        raise ValueError("not a GRUB environment block")
+    return dict(line.split("=", 1) for line in lines[1:] if line and not line.startswith("#"))
+
+
+def initial_grubenv(board: BoardInfo) -> bytes:
+    """What a new image boots with: slot A good and untried, slot B empty."""
+    slots = boot_slots(board)
+    values = {"ORDER": " ".join(s.bootname for s in slots)}
+    for s in slots:
+        values[f"{s.bootname}_OK"] = "1" if s is slots[0] else "0"
+        values[f"{s.bootname}_TRY"] = "0"
+    return grubenv(values)
+
+
+def grub_cfg(board: BoardInfo) -> str:
+    """GRUB's slot selection, the one RAUC's grub backend expects: RAUC writes ORDER and
+    each slot's OK and TRY into grubenv (grub-editenv) and learns the booted slot from
+    rauc.slot= on the kernel command line. Every attempt costs the slot one try, written
+    before its kernel runs, so a slot that keeps failing runs out of tries and the next
+    one in ORDER boots; a slot whose kernel cannot even be loaded (empty, corrupt) is out
+    of tries at once. With no slot left, the good ones get their tries back and the box
+    reboots: it never stops at a GRUB prompt (the console has no shell behind it)."""
+    slots = boot_slots(board)
+    n = board.boot_tries
+    env = '"${prefix}/grubenv"'
+    names = " ".join(f"{s.bootname}_OK {s.bootname}_TRY" for s in slots)
+    out = [
+        f"# Made by board/boardlib.py from board/{board.name}/board.toml: do not edit.",
+        "# A/B boot slots (docs/image.md, \"Boot slots\").",
+        "set timeout=0",
+        "set timeout_style=hidden",
+        # nobody may edit or get a command line, should normal mode ever offer one
+        "set superusers=locked",
+        "",
+        "# Used when grubenv cannot be read: both slots are tried, A first.",
+        'set ORDER="' + " ".join(s.bootname for s in slots) + '"',
+    ]
+    for s in slots:
+        out += [f"set {s.bootname}_OK=1", f"set {s.bootname}_TRY=0"]
+    out += [
+        f"load_env -f {env} ORDER {names}",
+        "# The disk GRUB was loaded from ($root is its ESP, e.g. hd0,gpt1) holds the slots.",
+        "regexp -s 1:disk '^([^,]+),' \"$root\"",
+        "",
+    ]
+    for s in slots:
+        b, ok, tr = s.bootname, f"${s.bootname}_OK", f"${s.bootname}_TRY"
+        dev = f'"($disk,gpt{s.number})'
+        out += [f"function slot_{b} {{",
+                f'\tif [ "{ok}" = 1 -a "{tr}" -lt {n} ]; then']
+        for i in range(n - 1):
+            kw = "if" if i == 0 else "elif"
+            out.append(f'\t\t{kw} [ "{tr}" = {i} ]; then set {b}_TRY={i + 1}')
+        if n > 1:
+            out.append(f"\t\telse set {b}_TRY={n}; fi")
+        else:
+            out.append(f"\t\tset {b}_TRY={n}")
+        out += [
+            f"\t\tsave_env -f {env} {b}_TRY",
+            f'\t\techo "grub: slot {b} ({s.partition}), try {tr} of {n}"',
+            f"\t\tif linux {dev}/{SLOT_KERNEL}\" {board.cmdline} rauc.slot={b} "
+            f"sdwan.root={s.partition}; then",
+            f"\t\t\tif initrd {dev}/{SLOT_INITRD}\"; then boot; fi",
+            "\t\tfi",
+            f'\t\techo "grub: slot {b} ({s.partition}) cannot be loaded: no more tries"',
+            f"\t\tset {b}_TRY={n}",
+            f"\t\tsave_env -f {env} {b}_TRY",
+            f'\telif [ "{ok}" = 1 ]; then',
+            f'\t\techo "grub: slot {b} ({s.partition}) has no tries left"',
+            "\tfi",
+            "}",
+        ]
+    out += ["", "for SLOT in $ORDER; do"]
+    out += [f'\tif [ "$SLOT" = {s.bootname} ]; then slot_{s.bootname}; fi' for s in slots]
+    out += ["done", "",
+            'echo "grub: no slot can be booted: the good ones get their tries back; rebooting"']
+    out += [f'if [ "${s.bootname}_OK" = 1 ]; then set {s.bootname}_TRY=0; fi' for s in slots]
+    out += [f"save_env -f {env} " + " ".join(f"{s.bootname}_TRY" for s in slots),
+            "sleep 5", "reboot", ""]
+    return "\n".join(out)
 
 
 def genimage_config(board: BoardInfo, image: str, contents: dict[str, str],
@@ -684,6 +825,14 @@ def buildroot_rootfs(board: BoardInfo, target: Path) -> None:
     runtime = module_closure(kroot, kver, board.modules_runtime)
     (kroot / "lib/modules" / kver / "modules.runtime").write_text("\n".join(runtime) + "\n")
     check_console(target, board.console)
+    # Buildroot makes rootfs.squashfs after this script: the kernel it installed in its
+    # images folder goes into the slot now.
+    binaries = Path(os.environ.get("BINARIES_DIR", ""))
+    kernel = binaries / KERNEL_IMAGES[board.arch]
+    if not os.environ.get("BINARIES_DIR") or not kernel.is_file():
+        raise BuildError(f"the kernel {kernel.name} is not in BINARIES_DIR "
+                         f"({binaries or 'unset'}): BR2_LINUX_KERNEL must build it")
+    install_slot_boot(board, target, kernel, source_epoch())
 
 
 def replace_file(path: Path, text: str) -> None:
@@ -692,39 +841,53 @@ def replace_file(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-def grub_cfg(board: BoardInfo) -> str:
-    kernel = KERNEL_IMAGES[board.arch]
-    return ("# Made by board/boardlib.py from board/" + board.name + "/board.toml.\n"
-            "set default=0\nset timeout=0\n"
-            'menuentry "Socket SD-WAN appliance" {\n'
-            f"\tlinux /EFI/BOOT/{kernel} {board.cmdline}\n"
-            "\tinitrd /EFI/BOOT/initrd.cpio.gz\n}\n")
+def install_slot_boot(board: BoardInfo, root: Path, kernel: Path, epoch: int) -> None:
+    """The slot's own kernel and initramfs, in its root filesystem where GRUB loads them
+    from: an update that replaces the slot replaces them with its modules. arm64's gzipped
+    kernel is stored as the plain Image GRUB 2.06 loads on EFI."""
+    boot = root / "boot"
+    boot.mkdir(exist_ok=True)
+    data = kernel.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    (root / SLOT_KERNEL).write_bytes(data)
+    (root / SLOT_KERNEL).chmod(0o644)
+    make_initramfs(board, root, root / SLOT_INITRD, epoch)
+    (root / SLOT_INITRD).chmod(0o644)
+    (boot / "efi").mkdir(exist_ok=True)  # the ESP, for grub-editenv (rcS mounts it)
+
+
+def esp_files(board: BoardInfo, loader: Path, into: Path) -> dict[str, Path]:
+    """The ESP's files, written into the folder into: GRUB at the removable-media path,
+    grub.cfg and grubenv beside it (GRUB's prefix). ESP path -> file."""
+    d = into / GRUB_PREFIX.strip("/")
+    d.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(loader, d / EFI_LOADERS[board.arch])
+    (d / "grub.cfg").write_text(grub_cfg(board))
+    (d / "grubenv").write_bytes(initial_grubenv(board))
+    return {f"{GRUB_PREFIX.strip('/')}/{p.name}": p for p in sorted(d.iterdir())}
 
 
 def buildroot_image(board: BoardInfo, target: Path, binaries: Path) -> Path:
-    """Buildroot's post-image, up to genimage: the initramfs, the ESP's files (Buildroot's
-    GRUB as the removable-media loader, its grub.cfg with the board's command line, the
-    kernel and the initramfs) and genimage-<board>.cfg; returns that config."""
+    """Buildroot's post-image, up to genimage: the ESP's files (Buildroot's GRUB, built with
+    GRUB_MODULES and board/common/grub-early.cfg, as the removable-media loader, grub.cfg
+    and grubenv), the slot image <board>.rootfs.img (the squashfs post-build filled, kernel
+    and initramfs in its /boot) and genimage-<board>.cfg; returns that config."""
     esp = binaries / f"{board.name}-esp"
     if esp.exists():
         shutil.rmtree(esp)
-    boot = esp / "EFI/BOOT"
-    boot.mkdir(parents=True)
     grub = binaries / "efi-part/EFI/BOOT" / EFI_LOADERS[board.arch].lower()
     if not grub.is_file():
         raise BuildError(f"{grub} is missing: the defconfig must build GRUB for EFI "
                          "(BR2_TARGET_GRUB2 and its x86_64-efi or arm64-efi platform)")
-    shutil.copyfile(grub, boot / EFI_LOADERS[board.arch])
-    kernel = binaries / KERNEL_IMAGES[board.arch]
-    if not kernel.is_file():
-        raise BuildError(f"{kernel} is missing (BR2_LINUX_KERNEL)")
-    shutil.copyfile(kernel, boot / kernel.name)
-    make_initramfs(board, target, boot / "initrd.cpio.gz", source_epoch())
-    (boot / "grub.cfg").write_text(grub_cfg(board))
-    root = next(p for p in board.partitions if p.type == "root")
+    esp_files(board, grub, esp)
+    sqfs = binaries / "rootfs.squashfs"
+    if sqfs.is_file():
+        shutil.copyfile(sqfs, binaries / f"{board.name}.rootfs.img")
+    first = boot_slots(board)[0]
     cfg = binaries / f"genimage-{board.name}.cfg"
     cfg.write_text(genimage_config(board, f"{board.name}.img",
-                                   {root.name: "rootfs.squashfs"}, esp.name))
+                                   {first.partition: "rootfs.squashfs"}, esp.name))
     return cfg
 
 
@@ -735,7 +898,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("rootfs", help="post-build: make TARGET_DIR the appliance's root")
     p.add_argument("board")
     p.add_argument("target", type=Path)
-    p = sub.add_parser("image", help="post-image: initramfs, ESP files, genimage config")
+    p = sub.add_parser("image", help="post-image: ESP files, slot image, genimage config")
     p.add_argument("board")
     p.add_argument("target", type=Path)
     p.add_argument("binaries", type=Path)

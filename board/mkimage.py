@@ -3,9 +3,10 @@
 
 Owns the whole assembly: fetching .debs (apt-get download, cached in build/cache/debs/)
 and wheels (pip download, build/cache/wheels/), the read-only root filesystem (squashfs),
-the cffi modules setup.py declares (cross-compiled for aarch64), the initramfs, the unified
-kernel image (systemd-stub with kernel, initramfs and command line), the EFI system
-partition (mtools, no mounting) and the GPT disk (sfdisk on a plain file). Every input is
+the cffi modules setup.py declares (cross-compiled for aarch64), the initramfs, the slot
+image (the squashfs holds the kernel and initramfs too), GRUB (grub-mkimage from Debian's
+grub-efi-*-bin modules), the EFI system partition (mtools, no mounting) and the GPT disk
+(sfdisk on a plain file): slot A filled, slot B empty. Every input is
 pinned or cached and every timestamp is SOURCE_DATE_EPOCH, so the same inputs give the
 same image; the sha256 is written next to it. Layout and reasons: docs/image.md.
 
@@ -18,14 +19,12 @@ import argparse
 import ast
 import contextlib
 import dataclasses
-import gzip
 import hashlib
 import importlib.util
 import json
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import tarfile
@@ -50,7 +49,6 @@ from boardlib import (  # noqa: E402
     install_module,
     install_overlay,
     module_closure,
-    write_cpio,
 )
 
 CACHE = ROOT / "build" / "cache"
@@ -63,17 +61,16 @@ class Arch:
     name: str  # uname -m
     deb: str  # Debian architecture
     triplet: str
-    efi_loader: str  # removable-media path on the ESP
-    stub: str  # systemd-stub file in systemd-boot-efi
+    grub_deb: str  # Debian's GRUB modules for the board's EFI platform
     cc: str
     wheel_platforms: tuple[str, ...]
 
 
 ARCHES = {
-    "x86_64": Arch("x86_64", "amd64", "x86_64-linux-gnu", "BOOTX64.EFI", "linuxx64.efi.stub",
+    "x86_64": Arch("x86_64", "amd64", "x86_64-linux-gnu", "grub-efi-amd64-bin",
                    "gcc", ("manylinux_2_36_x86_64", "manylinux_2_34_x86_64",
                            "manylinux_2_28_x86_64", "manylinux2014_x86_64")),
-    "aarch64": Arch("aarch64", "arm64", "aarch64-linux-gnu", "BOOTAA64.EFI", "linuxaa64.efi.stub",
+    "aarch64": Arch("aarch64", "arm64", "aarch64-linux-gnu", "grub-efi-arm64-bin",
                     "aarch64-linux-gnu-gcc", ("manylinux_2_36_aarch64", "manylinux_2_34_aarch64",
                                               "manylinux_2_28_aarch64", "manylinux2014_aarch64")),
 }
@@ -107,10 +104,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(MiB), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def align(n: int, a: int) -> int:
-    return (n + a - 1) // a * a
 
 
 def rmtree(path: Path) -> None:
@@ -428,44 +421,6 @@ def compile_pyc(root: Path) -> None:
 # ---------------------------------------------------------------- archives and images
 
 
-def pe_add_sections(stub: bytes, sections: list[tuple[str, bytes]]) -> bytes:
-    """Appends data sections to a PE32+ image (what ukify/objcopy do for systemd-stub)."""
-    img = bytearray(stub)
-    pe = struct.unpack_from("<I", img, 0x3C)[0]
-    if img[pe:pe + 4] != b"PE\0\0":
-        raise BuildError("systemd-stub is not a PE image")
-    coff = pe + 4
-    nsec, = struct.unpack_from("<H", img, coff + 2)
-    opt_size, = struct.unpack_from("<H", img, coff + 16)
-    opt = coff + 20
-    if struct.unpack_from("<H", img, opt)[0] != 0x20B:
-        raise BuildError("systemd-stub is not PE32+")
-    sect_align, file_align = struct.unpack_from("<II", img, opt + 32)
-    size_headers, = struct.unpack_from("<I", img, opt + 60)
-    table = opt + opt_size
-    secs = [struct.unpack_from("<8sIIIIIIHHI", img, table + 40 * i) for i in range(nsec)]
-    end_table = table + 40 * (nsec + len(sections))
-    first_raw = min(s[4] for s in secs if s[4])
-    if end_table > min(size_headers, first_raw):
-        raise BuildError("systemd-stub has no room in its headers for more sections")
-    raw_end = align(max(s[4] + s[3] for s in secs), file_align)
-    va_end = align(max(s[2] + s[1] for s in secs), sect_align)
-    del img[raw_end:]
-    img.extend(b"\0" * (raw_end - len(img)))
-    for i, (name, data) in enumerate(sections):
-        raw_size = align(len(data), file_align)
-        hdr = struct.pack("<8sIIIIIIHHI", name.encode().ljust(8, b"\0"), len(data), va_end,
-                          raw_size, raw_end, 0, 0, 0, 0, 0x40000040)  # initialised, read
-        struct.pack_into("<40s", img, table + 40 * (nsec + i), hdr)
-        img.extend(data + b"\0" * (raw_size - len(data)))
-        raw_end += raw_size
-        va_end = align(va_end + len(data), sect_align)
-    struct.pack_into("<H", img, coff + 2, nsec + len(sections))
-    struct.pack_into("<I", img, opt + 56, va_end)  # SizeOfImage
-    struct.pack_into("<I", img, opt + 64, 0)  # CheckSum: not checked by UEFI
-    return bytes(img)
-
-
 def make_esp(path: Path, size_mib: int, files: dict[str, Path], volid: str, epoch: int) -> None:
     with path.open("wb") as f:
         f.truncate(size_mib * MiB)
@@ -565,7 +520,7 @@ def assemble_rootfs(board: Board, work: Path, kver: str, kstage: Path,
     rmtree(root)
     root.mkdir(parents=True)
     versions = manifest.setdefault("debs", {})
-    debs = fetch_debs(pkgs["rootfs"] + NATIVE_BUILD_DEBS + ["systemd-boot-efi"], a.deb)
+    debs = fetch_debs(pkgs["rootfs"] + NATIVE_BUILD_DEBS + [a.grub_deb], a.deb)
     for pkg in pkgs["rootfs"]:
         deb, ver = debs[pkg]
         versions[pkg] = ver
@@ -706,79 +661,83 @@ def build(board_name: str, out_dir: Path) -> Path:
     manifest["kernel"] = kver
 
     root = assemble_rootfs(board, work, kver, kroot, epoch, manifest)
-    step("squashfs")
+    # The slot's kernel and initramfs (busybox, the boot modules, /init) go into its root.
+    step("kernel and initramfs into the slot's /boot")
+    boardlib.install_slot_boot(board, root, kstage / "boot" / f"vmlinuz-{kver}", epoch)
+    step("squashfs (the slot image)")
     sqfs = work / "root.squashfs"
     rmtree(sqfs)
     run(["mksquashfs", str(root), str(sqfs), "-noappend", "-quiet", "-no-progress",
-         "-comp", "zstd", "-b", "256K", "-all-root", "-no-xattrs", "-reproducible",
-         "-mkfs-time", str(epoch), "-all-time", str(epoch)],
+         "-comp", boardlib.SQUASHFS_COMP, "-b", "256K", "-all-root", "-no-xattrs",
+         "-reproducible", "-mkfs-time", str(epoch), "-all-time", str(epoch)],
         env={k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"})
 
-    # initramfs: busybox, the boot modules, /init
-    step("initramfs")
-    ird = work / "initramfs"
-    rmtree(ird)
-    for d in ("bin", "dev", "proc", "sys", "newroot", "etc"):
-        (ird / d).mkdir(parents=True)
-    shutil.copyfile(root / "usr/bin/busybox", ird / "bin/busybox")
-    (ird / "bin/busybox").chmod(0o755)
-    (ird / "bin/sh").symlink_to("busybox")
-    shutil.copyfile(COMMON / "initramfs/init", ird / "init")
-    (ird / "init").chmod(0o755)
-    boot_mods = []
-    for rel in module_closure(kroot, kver, board.modules_boot):
-        name = install_module(kroot / "lib/modules" / kver / rel, ird / "lib/modules" / rel)
-        boot_mods.append(str(Path(rel).parent / name))
-    (ird / "etc/modules.boot").write_text("\n".join(boot_mods) + "\n")
-    initrd = work / "initrd.cpio.gz"
-    write_cpio(ird, initrd, epoch)
-
-    # unified kernel image
-    step("unified kernel image")
-    sdboot = work / "systemd-boot"
-    rmtree(sdboot)
-    deb, ver = fetch_deb("systemd-boot-efi", a.deb)
-    manifest["debs"]["systemd-boot-efi"] = ver
-    extract_deb(deb, sdboot)
-    stub = (sdboot / "usr/lib/systemd/boot/efi" / a.stub).read_bytes()
-    kernel = (kstage / "boot" / f"vmlinuz-{kver}").read_bytes()
-    if kernel[:2] == b"\x1f\x8b":  # arm64 ships a gzipped Image; the stub loads it as PE
-        kernel = gzip.decompress(kernel)
-    osrel = (root / "etc/os-release").read_bytes()
-    cmdline = board.cmdline.encode() + b"\0"
-    uki = work / a.efi_loader
-    uki.write_bytes(pe_add_sections(stub, [(".osrel", osrel), (".cmdline", cmdline),
-                                           (".linux", kernel), (".initrd", initrd.read_bytes())]))
-
-    step("EFI system partition")
+    step("GRUB")
+    grub = make_grub(board, work, manifest)
     esp_part = next(p for p in board.partitions if p.type == "esp")
     esp = work / "esp.vfat"
     volid = fixed_uuid(board.name, "esp")[:8]
-    need = uki.stat().st_size + MiB
+    esp_dir = work / "esp"
+    rmtree(esp_dir)
+    files = boardlib.esp_files(board, grub, esp_dir)
+    need = sum(f.stat().st_size for f in files.values()) + MiB
     if need > esp_part.size_mib * MiB:
-        raise BuildError(f"the kernel image needs {need / MiB:.1f} MiB but the ESP is "
+        raise BuildError(f"the ESP's files need {need / MiB:.1f} MiB but the ESP is "
                          f"{esp_part.size_mib} MiB: raise its size_mib in {board.dir}/board.toml")
-    make_esp(esp, esp_part.size_mib, {f"EFI/BOOT/{a.efi_loader}": uki}, volid, epoch)
+    make_esp(esp, esp_part.size_mib, files, volid, epoch)
 
     step("GPT disk")
     out_dir.mkdir(parents=True, exist_ok=True)
     img = out_dir / f"{board.name}.img"
     tmp = img.with_suffix(".img.tmp")
-    root_part = next(p for p in board.partitions if p.type == "root")
-    layout = make_disk(tmp, board, {esp_part.name: esp, root_part.name: sqfs})
+    slots = boardlib.boot_slots(board)
+    # root-b ships empty (zeros): GRUB finds no kernel there and keeps to A.
+    layout = make_disk(tmp, board, {esp_part.name: esp, slots[0].partition: sqfs})
     os.replace(tmp, img)
     digest = sha256_file(img)
     (out_dir / f"{board.name}.img.sha256").write_text(f"{digest}  {img.name}\n")
+    # The slot image alone: what an update bundle carries into the other slot.
+    rootfs_img = out_dir / f"{board.name}.rootfs.img"
+    shutil.copyfile(sqfs, rootfs_img)
+    kernel = root / boardlib.SLOT_KERNEL
+    initrd = root / boardlib.SLOT_INITRD
+    slot_size = {p["name"]: p["size"] for p in layout}
     manifest.update({
         "image": img.name, "sha256": digest, "image_bytes": img.stat().st_size,
-        "uki_bytes": uki.stat().st_size, "initrd_bytes": initrd.stat().st_size,
-        "squashfs_bytes": sqfs.stat().st_size, "partitions": layout,
+        "rootfs_image": rootfs_img.name, "rootfs_sha256": sha256_file(rootfs_img),
+        "kernel_bytes": kernel.stat().st_size, "initrd_bytes": initrd.stat().st_size,
+        "squashfs_bytes": sqfs.stat().st_size, "grub_bytes": grub.stat().st_size,
+        "partitions": layout,
+        "slots": [{"slot": s.bootname, "partition": s.partition, "number": s.number,
+                   "size": slot_size[s.partition], "kernel": "/" + boardlib.SLOT_KERNEL,
+                   "initrd": "/" + boardlib.SLOT_INITRD,
+                   "shipped": s is slots[0]} for s in slots],
+        "boot_tries": board.boot_tries,
         "cmdline": board.cmdline,
     })
     (out_dir / f"{board.name}.manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    step(f"{img} {img.stat().st_size / MiB:.0f} MiB (root {sqfs.stat().st_size / MiB:.1f} MiB, "
-         f"kernel image {uki.stat().st_size / MiB:.1f} MiB) sha256 {digest[:16]}…")
+    step(f"{img} {img.stat().st_size / MiB:.0f} MiB (slot image {sqfs.stat().st_size / MiB:.1f}"
+         f" MiB, kernel {kernel.stat().st_size / MiB:.1f} MiB) sha256 {digest[:16]}…")
     return img
+
+
+def make_grub(board: Board, work: Path, manifest: dict) -> Path:
+    """GRUB for the ESP's removable-media path: grub-mkimage (grub-common, on the build
+    machine) with Debian's modules of the board's platform, the slot selection's modules
+    built in and board/common/grub-early.cfg as its embedded config. grub-mkimage stamps
+    no time and orders what it is given, so the same modules give the same file."""
+    a = board.debarch
+    deb, ver = fetch_deb(a.grub_deb, a.deb)
+    manifest["debs"][a.grub_deb] = ver
+    stage = work / "grub"
+    rmtree(stage)
+    extract_deb(deb, stage)
+    platform = boardlib.GRUB_PLATFORMS[a.name]
+    out = work / boardlib.EFI_LOADERS[a.name]
+    run(["grub-mkimage", "-O", platform, "-d", str(stage / "usr/lib/grub" / platform),
+         "-p", boardlib.GRUB_PREFIX, "-c", str(boardlib.GRUB_EARLY_CFG), "-o", str(out),
+         *boardlib.GRUB_MODULES])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,9 +32,12 @@ def test_boot_smoke(appliance_image: Callable[[str], Path], tmp_path: Path) -> N
     )
     assert cp.returncode == 0, f"bench/boot exited with {cp.returncode}\n{cp.stderr[-3000:]}"
     res = json.loads(out.read_text())
-    assert res["accel"] == "tcg" and res["memory_mib"] == 256
+    assert res["accel"] == "tcg" and res["memory_mib"] is None
     r = res[BOARD]
-    assert set(r) == {"login_s", "socketd_s", "socketd_rss_mb", "image_mb", "runs"}, r
+    assert set(r) == {"login_s", "socketd_s", "socketd_rss_mb", "image_mb", "memory_mib",
+                      "runs"}, r
+    assert r["memory_mib"] == tomllib.loads(
+        (REPO / "board" / BOARD / "board.toml").read_text())["qemu"]["memory_mib"], r
     assert len(r["runs"]) == 1
     # Within bench/boot's own bound on each console line it waits for.
     assert 0 < r["login_s"] < 600 and 0 < r["socketd_s"] < 600, r

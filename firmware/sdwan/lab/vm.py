@@ -55,7 +55,7 @@ def default_accel() -> str:
 
 @dataclass
 class VMOptions:
-    memory_mib: int = 256
+    memory_mib: int | None = None  # None: the board's [qemu] memory_mib, else 256
     cpus: int = 1
     accel: str = field(default_factory=default_accel)
     # -fw_cfg files: name (under opt/sdwan/data/ the guest copies them into /data) -> file
@@ -114,7 +114,7 @@ class VM:
         cmd = [
             q["binary"], "-name", f"sdwan-{self.board}", "-nodefaults", "-no-user-config",
             "-display", "none", "-machine", q["machine"], "-cpu", q.get("cpu", "max"),
-            "-accel", self.opts.accel, "-m", str(self.opts.memory_mib),
+            "-accel", self.opts.accel, "-m", str(self.memory_mib),
             "-smp", str(self.opts.cpus),
             "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
             "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
@@ -135,6 +135,10 @@ class VM:
         for name, path in sorted(self.opts.fw_cfg.items()):
             cmd += ["-fw_cfg", f"name=opt/sdwan/data/{name},file={path}"]
         return cmd + self.opts.extra_args
+
+    @property
+    def memory_mib(self) -> int:
+        return self.opts.memory_mib or int(self.cfg["qemu"].get("memory_mib", 256))
 
     def start(self, timeout: float = 60.0) -> VM:
         """Powers the VM on; the console is connected before the guest runs."""
