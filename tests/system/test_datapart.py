@@ -22,7 +22,7 @@ MIB = 1024 * 1024
 REPORT = """\
 echo "fs $(awk '$2 == "/data" { print $1, $3 }' /proc/mounts)"
 echo "df-kib $(df -k /data | awk 'NR == 2 { print $2 }')"
-echo "part-sectors $(cat /sys/class/block/vda3/size)"
+echo "part-sectors $(cat /sys/class/block/vda4/size)"
 """
 
 
@@ -64,7 +64,7 @@ def boot_and_report(vm: VM, steps: list[str]) -> dict[str, str]:
     for step in steps:
         vm.expect(step, BOOT_S, f"the first boot saying {step!r}")
     vm.expect("formatting /data", BOOT_S, "the first-boot format of /data")
-    vm.expect(r"boot: ready: socket, /data on /dev/vda3", BOOT_S)
+    vm.expect(r"boot: ready: socket, /data on /dev/vda4", BOOT_S)
     vm.expect("test-hook: done", BOOT_S, "the test hook reporting /data")
     report = dict(re.findall(r"^test-hook: (fs|df-kib|part-sectors) (.*?)\r?$",
                              vm.output(), re.M))
@@ -90,7 +90,7 @@ def check_disk(raw: Path, size_mib: int, part_sectors: int) -> None:
 
 
 def check_report(report: dict[str, str], size_mib: int) -> int:
-    assert report["fs"] == "/dev/vda3 ext4", report
+    assert report["fs"] == "/dev/vda4 ext4", report
     part = int(report["part-sectors"])
     # the disk less the ESP, root, the 1 MiB before them and the backup GPT
     expected_mib = size_mib - 1 - 16 - 32
@@ -109,9 +109,9 @@ def test_first_boot_grows_data_to_the_end_of_a_bigger_disk(
     assert partitions(disk)["data"][2] == 16 * 2048  # the image's small data partition
     vm = vms(BOARD, disk, extra_args=hook_args(tmp_path, "report", REPORT))
     report = boot_and_report(vm, [
-        r"boot: /data: growing /dev/vda3 from 16 MiB to the end of /dev/vda",
+        r"boot: /data: growing /dev/vda4 from 16 MiB to the end of /dev/vda",
         "boot: /data: moving the backup GPT of /dev/vda to the end of the disk",
-        r"boot: /data: /dev/vda3 is now \d+ MiB",
+        r"boot: /data: /dev/vda4 is now \d+ MiB",
     ])
     part = check_report(report, size_mib)
     vm.poweroff()
@@ -127,7 +127,7 @@ def test_first_boot_creates_a_missing_data_partition(
     vm = vms(BOARD, disk, extra_args=hook_args(tmp_path, "report", REPORT))
     report = boot_and_report(vm, [
         r"boot: /data: no partition named 'data' on /dev/vda: creating one in the \d+ MiB",
-        r"boot: /data: created /dev/vda3 \(\d+ MiB\)",
+        r"boot: /data: created /dev/vda4 \(\d+ MiB\)",
     ])
     assert "/data is in RAM" not in vm.output(), vm.tail()
     part = check_report(report, size_mib)

@@ -28,8 +28,8 @@ def test_aarch64_boots_to_the_console_login_and_runs_socketd(
     vm = vms("qemu-aarch64", appliance_image("qemu-aarch64"),
              fw_cfg=site_files(site_id=8, watchdog="/dev/watchdog"))
     vm.start()
-    vm.expect("initramfs: root is /dev/vda2", BOOT_S, "the initramfs finding the root")
-    vm.expect(r"boot: ready: site-8, /data on /dev/vda3", BOOT_S)
+    vm.expect(r"initramfs: root is /dev/vda2 \(root-a\)", BOOT_S, "the initramfs finding slot A")
+    vm.expect(r"boot: ready: site-8, /data on /dev/vda4", BOOT_S)
     # socketd running proves the cross-compiled cffi modules load on the emulated CPU.
     vm.expect_all([r"socketd running \(pid \d+", "login: "], SOCKETD_S,
                   "socketd and the console's login prompt")

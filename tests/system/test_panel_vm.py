@@ -49,7 +49,7 @@ def test_panel_gets_booting_then_cloud_down_and_a_restarted_panel_is_redrawn(
     try:
         vm.start()
         panel = PanelPlayer(vm.panel_sock).start()
-        vm.expect(r"boot: ready: site-4, /data on /dev/vda3", BOOT_S)
+        vm.expect(r"boot: ready: site-4, /data on /dev/vda4", BOOT_S)
         vm.expect(r"socketd running \(pid \d+", SOCKETD_S)
         panel.wait_pattern("booting", CONSOLE_S, leds=PANEL_LEDS)
         panel.wait_pattern("cloud_down", CLOUD_DOWN_S, leds=PANEL_LEDS)

@@ -44,7 +44,7 @@ STATIC_LINK = re.compile(rf"(?m)^wan1\s+eth0\s+\S+\s+(?:\S+\s+)*?static\s+{re.es
 
 
 def booted(vm: VM) -> None:
-    vm.expect(rf"boot: ready: site-{SITE}, /data on /dev/vda3", BOOT_S)
+    vm.expect(rf"boot: ready: site-{SITE}, /data on /dev/vda4", BOOT_S)
     vm.expect_all([r"socketd running \(pid \d+", "login: "], SOCKETD_S,
                   "socketd's control socket and the login prompt")
 
@@ -61,7 +61,7 @@ def test_blank_data_first_boot_then_settings_survive_reboot_and_factory_reset_wi
     # socketd waits and says so, and the console still works.
     vm.start()
     vm.expect("formatting /data", BOOT_S, "the first-boot format of /data")
-    vm.expect(r"boot: ready: socket, /data on /dev/vda3", BOOT_S)
+    vm.expect(r"boot: ready: socket, /data on /dev/vda4", BOOT_S)
     vm.expect_all(["no configuration at /data/socketd.toml: socketd is not running",
                    "login: "], SOCKETD_S)
     # The default credential forces a new password (the change is an event, kept below).
@@ -83,7 +83,7 @@ def test_blank_data_first_boot_then_settings_survive_reboot_and_factory_reset_wi
               "the clock moved to its floor")
     # Up to the comma after the device: the line may still be arriving when it is matched.
     boot = vm.expect(r"boot: ready: ([^,\s]+), /data on ([^,\s]+),", BOOT_S).groups()
-    assert boot == (f"site-{SITE}", "/dev/vda3"), boot
+    assert boot == (f"site-{SITE}", "/dev/vda4"), boot
     assert "formatting /data" not in vm.output(), "a formatted /data was formatted again"
     vm.expect_all([r"socketd running \(pid \d+", "login: "], SOCKETD_S,
                   "socketd's control socket and the login prompt")

@@ -72,7 +72,7 @@ def test_two_sites_and_a_pop(appliance_image: Callable[[str], Path], lab: Lab,
             vm.start()
         panel = PanelPlayer(vms[0].panel_sock).start()
         for vm, site in zip(vms, sites, strict=True):
-            vm.expect(rf"boot: ready: site-{site.n}, /data on /dev/vda3", BOOT_S)
+            vm.expect(rf"boot: ready: site-{site.n}, /data on /dev/vda4", BOOT_S)
             vm.expect_all([r"socketd running \(pid \d+", "login: "], SOCKETD_S,
                           "socketd and the login prompt")
         # Each LAN host's own DHCP client asks the VM: socketd put the LAN port's address

@@ -80,7 +80,7 @@ def test_sigstopped_socketd_is_reset_by_the_watchdog_and_the_reason_recorded(
                        extra_args=hook_args(tmp_path, "stop-socketd", STOP_SOCKETD)))
     try:
         vm.start()
-        vm.expect(r"boot: ready: site-6, /data on /dev/vda3", BOOT_S)
+        vm.expect(r"boot: ready: site-6, /data on /dev/vda4", BOOT_S)
         vm.expect(r"socketd running \(pid \d+", SOCKETD_S)
         m = vm.expect(r"test-hook: socketd \(pid (\d+)\) stopped with SIGSTOP.*"
                       rf"watchdog timeout {WATCHDOG_TIMEOUT_S} s", SOCKETD_S,
@@ -93,7 +93,7 @@ def test_sigstopped_socketd_is_reset_by_the_watchdog_and_the_reason_recorded(
             f"the box went through an orderly shutdown, not a watchdog reset:\n{vm.tail()}"
         assert took >= WATCHDOG_TIMEOUT_S * 0.5, \
             f"reset {took:.0f} s after SIGSTOP: sooner than the watchdog timeout"
-        vm.expect(r"boot: ready: site-6, /data on /dev/vda3", BOOT_S)
+        vm.expect(r"boot: ready: site-6, /data on /dev/vda4", BOOT_S)
         vm.expect_all([r"socketd running \(pid \d+", "login: ",
                        "test-hook: already done on an earlier boot"], SOCKETD_S)
         login(vm, "admin", first=True)
