@@ -91,7 +91,15 @@ def test_each_board_has_a_defconfig_and_each_defconfig_a_board(boardlib: ModuleT
         grub = {"x86_64": "BR2_TARGET_GRUB2_X86_64_EFI", "aarch64": "BR2_TARGET_GRUB2_ARM64_EFI"}
         assert cfg.get(grub[info.arch]) == "y", f"{where}: GRUB for {info.arch} EFI"
         assert cfg.get("BR2_PACKAGE_SOCKET_FIRMWARE") == "y", where
-        assert cfg.get("BR2_TARGET_ROOTFS_SQUASHFS") == "y", where  # the root partition
+        assert cfg.get("BR2_TARGET_ROOTFS_SQUASHFS") == "y", where  # the slot image
+        # GRUB 2.06's squash4 (mkimage's) reads gzip; Buildroot's GRUB loads the kernel too
+        assert cfg.get("BR2_TARGET_ROOTFS_SQUASHFS4_GZIP") == "y", where
+        assert boardlib.SQUASHFS_COMP == "gzip"
+        # the same GRUB as mkimage's: modules, embedded config
+        assert cfg.get("BR2_TARGET_GRUB2_BUILTIN_MODULES_EFI", "").split() == \
+            list(boardlib.GRUB_MODULES), where
+        assert tree_paths(cfg.get("BR2_TARGET_GRUB2_BUILTIN_CONFIG_EFI", "")) == \
+            [boardlib.GRUB_EARLY_CFG], where
 
 
 def test_every_file_the_defconfigs_name_exists() -> None:
@@ -124,15 +132,17 @@ def test_both_builds_take_the_board_files_from_one_place(boardlib: ModuleType) -
     mkimage = (REPO / "board" / "mkimage.py").read_text()
     for used in ("boardlib.disk_layout", "boardlib.kernel_fragments",
                  "boardlib.install_board_files", "install_overlay(", "check_console(",
-                 "module_closure(", "write_cpio("):
+                 "module_closure(", "boardlib.install_slot_boot(", "boardlib.esp_files(",
+                 "boardlib.boot_slots(", "boardlib.GRUB_MODULES", "boardlib.GRUB_EARLY_CFG"):
         assert used in mkimage, f"mkimage.py does not use {used}"
     lib = (REPO / "board" / "boardlib.py").read_text()
     for fn in ("buildroot_rootfs", "buildroot_image"):
         body = lib.split(f"def {fn}(", 1)[1].split("\ndef ", 1)[0]
         for used in {"buildroot_rootfs": ("install_overlay(", "install_board_files(",
-                                          "module_closure(", "check_console("),
-                     "buildroot_image": ("make_initramfs(", "genimage_config(",
-                                         "grub_cfg(")}[fn]:
+                                          "module_closure(", "check_console(",
+                                          "install_slot_boot("),
+                     "buildroot_image": ("esp_files(", "genimage_config(",
+                                         "boot_slots(")}[fn]:
             assert used in body, f"boardlib.{fn} does not use {used}"
     common = REPO / "board" / "common"
     for board in boardlib.board_names():
@@ -152,17 +162,17 @@ def test_genimage_gets_the_partition_table_mkimage_writes(boardlib: ModuleType) 
         info = boardlib.load_board(board)
         layout = boardlib.disk_layout(info)
         sfdisk = boardlib.sfdisk_script(layout)
-        cfg = boardlib.genimage_config(info, f"{board}.img", {"root": "rootfs.squashfs"},
+        cfg = boardlib.genimage_config(info, f"{board}.img", {"root-a": "rootfs.squashfs"},
                                        f"{board}-esp")
         assert f'disk-uuid = "{layout.disk_uuid}"' in cfg
         assert f"label-id: {layout.disk_uuid}" in sfdisk
         assert f"\tsize = {layout.total_bytes}\n" in cfg
-        parts = re.findall(r"partition (\w+) \{\n\t\tpartition-type-uuid = \"([\w-]+)\"\n"
+        parts = re.findall(r"partition ([\w-]+) \{\n\t\tpartition-type-uuid = \"([\w-]+)\"\n"
                            r"\t\tpartition-uuid = \"([\w-]+)\"\n\t\toffset = (\d+)\n"
                            r"\t\tsize = (\d+)\n", cfg)
         rows = re.findall(r'start=(\d+), size=(\d+), type=([\w-]+), uuid=([\w-]+), '
-                          r'name="(\w+)"', sfdisk)
-        assert len(parts) == len(rows) == len(info.partitions) == 3, board
+                          r'name="([\w-]+)"', sfdisk)
+        assert len(parts) == len(rows) == len(info.partitions) == 4, board
         for (name, ptype, puuid, offset, size), (start, count, t, u, n) in zip(
                 parts, rows, strict=True):
             assert (name, ptype, puuid) == (n, t, u), board
@@ -249,8 +259,13 @@ def _fake_module_tree(root: Path, kver: str, names: list[str]) -> None:
 
 
 @pytest.fixture()
-def target(tmp_path: Path, boardlib: ModuleType) -> Path:
-    """A Buildroot-like target folder of the qemu-x86_64 board."""
+def target(tmp_path: Path, boardlib: ModuleType, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A Buildroot-like target folder of the qemu-x86_64 board, and the images folder with
+    the kernel Buildroot built (BINARIES_DIR, as Buildroot exports it to its scripts)."""
+    binaries = tmp_path / "images"
+    binaries.mkdir()
+    (binaries / "bzImage").write_bytes(b"MZ kernel")
+    monkeypatch.setenv("BINARIES_DIR", str(binaries))
     busybox = shutil.which("busybox")
     if busybox is None or Path(busybox).resolve().read_bytes()[18] != 0x3E:  # EM_X86_64
         pytest.skip("needs the host's busybox on x86_64 (scripts/setup.sh installs it)")
@@ -310,6 +325,21 @@ def test_post_build_makes_the_appliance_root(
     assert runtime.index("kernel/fs/jbd2.ko") < runtime.index("kernel/drivers/ext4.ko")
     assert "kernel/drivers/i6300esb.ko" in runtime  # the board's own runtime module
     assert "kernel/drivers/softdog.ko" not in runtime  # loaded on demand only
+    # the slot's kernel and initramfs, in the root the squashfs is made of
+    assert (target / "boot/vmlinuz").read_bytes() == b"MZ kernel"
+    initrd = _cpio_names(target / "boot/initrd.img")
+    assert initrd["init"] == (REPO / "board/common/initramfs/init").read_bytes()
+    assert (target / "boot/efi").is_dir()
+
+
+def test_post_build_needs_the_kernel(
+    boardlib: ModuleType, target: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("BUILD_DIR", raising=False)
+    monkeypatch.delenv("BINARIES_DIR")
+    assert boardlib.main(["rootfs", "qemu-x86_64", str(target)]) == 1
+    assert "the kernel bzImage is not in BINARIES_DIR" in capsys.readouterr().err
 
 
 def test_post_build_refuses_a_root_without_the_console(
@@ -369,17 +399,21 @@ def test_post_image_makes_the_esp_files_and_the_genimage_config(
     binaries = tmp_path / "images"
     (binaries / "efi-part/EFI/BOOT").mkdir(parents=True)
     (binaries / "efi-part/EFI/BOOT/bootx64.efi").write_bytes(b"MZ grub")
-    (binaries / "bzImage").write_bytes(b"MZ kernel")
+    (binaries / "rootfs.squashfs").write_bytes(b"hsqs slot")
     assert boardlib.main(["image", "qemu-x86_64", str(target), str(binaries)]) == 0
     esp = binaries / "qemu-x86_64-esp/EFI/BOOT"
-    assert sorted(p.name for p in esp.iterdir()) == ["BOOTX64.EFI", "bzImage", "grub.cfg",
-                                                      "initrd.cpio.gz"]
+    assert sorted(p.name for p in esp.iterdir()) == ["BOOTX64.EFI", "grub.cfg", "grubenv"]
     info = boardlib.load_board("qemu-x86_64")
-    assert f"linux /EFI/BOOT/bzImage {info.cmdline}\n" in (esp / "grub.cfg").read_text()
+    assert (esp / "grub.cfg").read_text() == boardlib.grub_cfg(info)
+    assert (esp / "grubenv").read_bytes() == boardlib.initial_grubenv(info)
+    assert (binaries / "qemu-x86_64.rootfs.img").read_bytes() == b"hsqs slot"
     cfg = (binaries / "genimage-qemu-x86_64.cfg").read_text()
-    assert 'image = "qemu-x86_64-esp/EFI"' in cfg and 'image = "rootfs.squashfs"' in cfg
-    initrd = _cpio_names(esp / "initrd.cpio.gz")
-    assert initrd["init"] == (REPO / "board/common/initramfs/init").read_bytes()
+    assert 'image = "qemu-x86_64-esp/EFI"' in cfg
+    # slot A is filled, slot B left empty
+    assert re.search(r'partition root-a \{[^}]*image = "rootfs.squashfs"', cfg)
+    assert re.search(r"partition root-b \{[^}]*\}", cfg)
+    assert not re.search(r"partition root-b \{[^}]*image =", cfg)
+    initrd = _cpio_names(target / "boot/initrd.img")
     # the dynamic busybox brings its libraries and loader (lib64 for x86_64's PT_INTERP)
     assert {"bin/busybox", "bin/sh", "lib/libc.so.6", "lib/ld-linux-x86-64.so.2", "lib64",
             "dev/console"} <= set(initrd)

@@ -4,7 +4,9 @@
 # Makes the target folder the appliance's root the way board/mkimage.py makes the Debian
 # one, from the same files: the overlay of board/common/rootfs with the board's console in
 # inittab, board/BOARD/board.toml and leds.toml in /etc/sdwan, the runtime modules list, no
-# lab or PoP tools; then checks that the serial console runs socket-console only.
+# lab or PoP tools; checks that the serial console runs socket-console only; then puts the
+# kernel Buildroot built (BINARIES_DIR) and the initramfs into /boot: the squashfs made next
+# is a whole boot slot.
 set -eu
 target=$1
 board=$2

@@ -3,9 +3,10 @@
 #   post-image.sh BINARIES_DIR BOARD    (BOARD from BR2_ROOTFS_POST_SCRIPT_ARGS)
 # The disk image BINARIES_DIR/BOARD.img, with the partition table board/mkimage.py gives
 # the board (board/boardlib.py: names, types, sizes, offsets and GUIDs from board.toml):
-# the ESP (GRUB as the removable-media loader, the kernel, the initramfs of
-# board/common/initramfs, grub.cfg with the board's command line), the squashfs root and
-# the empty data partition that the first boot grows and formats.
+# the ESP (GRUB as the removable-media loader, grub.cfg choosing the boot slot, grubenv),
+# root-a filled with the squashfs (kernel and initramfs in its /boot), root-b empty, and the
+# empty data partition that the first boot grows and formats. The slot image alone is
+# BINARIES_DIR/BOARD.rootfs.img.
 set -eu
 binaries=$1
 board=$2
