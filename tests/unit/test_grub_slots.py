@@ -1,0 +1,170 @@
+"""The A/B boot slots as board/boardlib.py describes them to both builds, without QEMU: the
+disk layout (esp, root-a, root-b, data), the GRUB environment block the image ships, and
+the grub.cfg that picks a slot the way RAUC's grub backend expects (docs/image.md, "Boot
+slots"). tests/system/test_boot_slots.py boots it."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def boardlib() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("boardlib", REPO / "board" / "boardlib.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["boardlib"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_board_has_two_root_slots_between_the_esp_and_data(boardlib: ModuleType) -> None:
+    for board in boardlib.board_names():
+        info = boardlib.load_board(board)
+        layout = boardlib.disk_layout(info)
+        assert [p.name for p in layout.partitions] == ["esp", "root-a", "root-b", "data"]
+        root_type = boardlib.GPT_TYPES["root-" + info.arch]
+        assert [p.type_uuid for p in layout.partitions[1:3]] == [root_type, root_type]
+        ids = [p.partuuid for p in layout.partitions] + [layout.disk_uuid]
+        assert len(set(ids)) == len(ids), board
+        assert layout.partitions[1].partuuid == boardlib.fixed_uuid(board, "part-root-a")
+        # the slots are the same size: either holds what the other held
+        assert layout.partitions[1].size == layout.partitions[2].size, board
+        slots = boardlib.boot_slots(info)
+        assert [(s.bootname, s.partition, s.number) for s in slots] == [
+            ("A", "root-a", 2), ("B", "root-b", 3)]
+        assert 1 <= info.boot_tries <= 9
+
+
+def _board_dir(tmp_path: Path, board: str, toml: str) -> Path:
+    d = tmp_path / board
+    d.mkdir(parents=True)
+    (d / "board.toml").write_text(toml)
+    return d
+
+
+def test_a_board_without_the_slots_is_refused(boardlib: ModuleType, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    src = (REPO / "board/qemu-x86_64/board.toml").read_text()
+    monkeypatch.setattr(boardlib, "BOARDS", tmp_path)
+    one_root = re.sub(r'\[\[partition\]\]\nname = "root-b"\ntype = "root"\nsize_mib = \d+\n',
+                      "", src)
+    _board_dir(tmp_path, "one-root", one_root)
+    with pytest.raises(boardlib.BuildError, match="root-a and root-b"):
+        boardlib.load_board("one-root")
+    _board_dir(tmp_path, "old-name", src.replace('name = "root-a"', 'name = "root"'))
+    with pytest.raises(boardlib.BuildError, match="root-a and root-b"):
+        boardlib.load_board("old-name")
+    _board_dir(tmp_path, "tries", src.replace("boot_tries = 3", "boot_tries = 0"))
+    with pytest.raises(boardlib.BuildError, match="boot_tries"):
+        boardlib.load_board("tries")
+
+
+def test_the_image_ships_slot_a_good_and_b_empty(boardlib: ModuleType, tmp_path: Path) -> None:
+    info = boardlib.load_board("qemu-x86_64")
+    env = boardlib.initial_grubenv(info)
+    assert len(env) == 1024
+    assert env.startswith(b"# GRUB Environment Block\nORDER=A B\n")
+    assert env.rstrip(b"#").endswith(b"\n") and env.endswith(b"#")
+    assert boardlib.parse_grubenv(env) == {
+        "ORDER": "A B", "A_OK": "1", "A_TRY": "0", "B_OK": "0", "B_TRY": "0"}
+    editenv = shutil.which("grub-editenv")
+    if editenv:  # GRUB's own tool reads it and writes it back at the same size
+        path = tmp_path / "grubenv"
+        path.write_bytes(env)
+        listed = subprocess.run([editenv, str(path), "list"], capture_output=True, text=True,
+                                check=True).stdout
+        assert listed.splitlines() == ["ORDER=A B", "A_OK=1", "A_TRY=0", "B_OK=0", "B_TRY=0"]
+        subprocess.run([editenv, str(path), "set", "B_OK=1"], check=True)
+        assert len(path.read_bytes()) == 1024
+        assert boardlib.parse_grubenv(path.read_bytes())["B_OK"] == "1"
+
+
+def test_grubenv_refuses_what_does_not_fit(boardlib: ModuleType) -> None:
+    with pytest.raises(boardlib.BuildError):
+        boardlib.grubenv({"X": "y" * 1024})
+    with pytest.raises(boardlib.BuildError):
+        boardlib.grubenv({"X": "two\nlines"})
+    with pytest.raises(ValueError):
+        boardlib.parse_grubenv(b"#" * 1024)
+
+
+def _slot_function(cfg: str, slot: str) -> str:
+    m = re.search(rf"^function slot_{slot} {{\n(.*?)^}}$", cfg, re.M | re.S)
+    assert m, cfg
+    return m.group(1)
+
+
+def test_grub_cfg_boots_each_slot_from_its_own_partition(boardlib: ModuleType) -> None:
+    for board in boardlib.board_names():
+        info = boardlib.load_board(board)
+        cfg = boardlib.grub_cfg(info)
+        assert "load_env -f \"${prefix}/grubenv\" ORDER A_OK A_TRY B_OK B_TRY\n" in cfg
+        assert "regexp -s 1:disk '^([^,]+),' \"$root\"\n" in cfg
+        assert "set timeout=0\n" in cfg and "menuentry" not in cfg
+        for slot in boardlib.boot_slots(info):
+            body = _slot_function(cfg, slot.bootname)
+            dev = f"($disk,gpt{slot.number})"
+            assert (f'linux "{dev}/boot/vmlinuz" {info.cmdline} rauc.slot={slot.bootname} '
+                    f"sdwan.root={slot.partition}; then") in body, body
+            assert f'initrd "{dev}/boot/initrd.img"; then boot; fi' in body
+            # the try is counted and saved before the kernel is loaded
+            save = body.index(f'save_env -f "${{prefix}}/grubenv" {slot.bootname}_TRY')
+            assert save < body.index("linux ")
+            # a slot that cannot be loaded is out of tries, saved
+            after = body[body.index("linux "):]
+            assert (f"set {slot.bootname}_TRY={info.boot_tries}\n\t\tsave_env -f "
+                    f'"${{prefix}}/grubenv" {slot.bootname}_TRY') in after
+        # every slot in ORDER, then: tries back for the good ones, saved, reboot
+        assert "for SLOT in $ORDER; do\n" in cfg
+        tail = cfg[cfg.index("done\n"):]
+        assert 'if [ "$A_OK" = 1 ]; then set A_TRY=0; fi' in tail
+        assert 'save_env -f "${prefix}/grubenv" A_TRY B_TRY' in tail
+        assert tail.rstrip().endswith("reboot")
+
+
+def test_grub_cfg_counts_tries_up_to_the_boards_maximum(boardlib: ModuleType) -> None:
+    info = boardlib.load_board("qemu-x86_64")
+    for tries in (1, 3, 5):
+        body = _slot_function(boardlib.grub_cfg(dataclasses.replace(info, boot_tries=tries)),
+                              "A")
+        assert f'if [ "$A_OK" = 1 -a "$A_TRY" -lt {tries} ]; then' in body
+        steps = re.findall(r'\[ "\$A_TRY" = (\d) \]; then set A_TRY=(\d)', body)
+        assert steps == [(str(i), str(i + 1)) for i in range(tries - 1)], body
+        last = "else set A_TRY" if tries > 1 else "set A_TRY"
+        assert f"{last}={tries}" in body
+
+
+def test_grub_never_stops_at_a_prompt(boardlib: ModuleType) -> None:
+    """GRUB's core runs the embedded config with its rescue parser (simple commands, no
+    comments): it runs grub.cfg and reboots should grub.cfg ever come back."""
+    early = boardlib.GRUB_EARLY_CFG.read_text().splitlines()
+    assert early[0] == "source ${prefix}/grub.cfg"
+    assert early[-1] == "reboot"
+    assert not any(line.lstrip().startswith("#") for line in early)
+    assert boardlib.GRUB_PREFIX == "/EFI/BOOT"
+    for needed in ("part_gpt", "fat", "squash4", "gzio", "linux", "normal", "configfile",
+                   "loadenv", "test", "regexp", "echo", "reboot", "sleep"):
+        assert needed in boardlib.GRUB_MODULES
+    assert "set superusers=" in boardlib.grub_cfg(boardlib.load_board("qemu-aarch64"))
+
+
+def test_the_esp_holds_grub_its_cfg_and_grubenv(boardlib: ModuleType, tmp_path: Path) -> None:
+    info = boardlib.load_board("qemu-aarch64")
+    loader = tmp_path / "grub.efi"
+    loader.write_bytes(b"MZ grub")
+    files = boardlib.esp_files(info, loader, tmp_path / "esp")
+    assert sorted(files) == ["EFI/BOOT/BOOTAA64.EFI", "EFI/BOOT/grub.cfg", "EFI/BOOT/grubenv"]
+    assert files["EFI/BOOT/grubenv"].read_bytes() == boardlib.initial_grubenv(info)
+    assert "console=ttyAMA0,115200" in files["EFI/BOOT/grub.cfg"].read_text()
