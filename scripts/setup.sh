@@ -17,7 +17,7 @@ APT_PACKAGES=(
   shellcheck bmap-tools fdisk e2fsprogs    # flash.sh, its lint and its loop-device tests
   xz-utils zstd python3-fusepy
   qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64  # the appliance image:
-  squashfs-tools mtools dosfstools kmod binutils                     # board/mkimage.py and
+  squashfs-tools mtools dosfstools kmod binutils grub-common         # board/mkimage.py and
   gcc-aarch64-linux-gnu libc6-dev-arm64-cross                        # the system tests
 )
 
