@@ -370,3 +370,48 @@ def test_an_install_waiting_for_its_reboot_is_no_rollback(box: Box) -> None:
     assert not box.kinds(EVENT_ROLLED_BACK), box.events
     assert box.env()["ORDER"].split()[0] == "B"
     assert status["reboot_needed"]["slot"] == "rootfs.1", status
+
+
+def test_socketctl_update_follows_the_install_and_says_why_it_refuses(
+    box: Box, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """socketctl against the updater's own control commands, over a real control socket."""
+    from sdwan.common.control import ControlServer
+    from sdwan.site import socketctl
+
+    good, image = make_bundle(box.root, box.ca, "4.0.0", "ctl")
+    foreign, _ = make_bundle(box.root, box.other_ca, "6.6.6", "ctl-foreign")
+    sock = box.runtime / "control.sock"
+
+    async def main() -> tuple[int, str, str, int, str, int, str]:
+        up = await started(box)
+        server = ControlServer(sock, up.handlers())
+        await server.start()
+        try:
+            capsys.readouterr()
+            refused = await asyncio.to_thread(socketctl.main, ["--socket", str(sock), "update",
+                                                               str(foreign)])
+            err_refused = capsys.readouterr().err
+            rc = await asyncio.to_thread(socketctl.main, ["--socket", str(sock), "update",
+                                                          str(good)])
+            out = capsys.readouterr()
+            slots_rc = await asyncio.to_thread(socketctl.main, ["--socket", str(sock),
+                                                                "slots"])
+            slots_out = capsys.readouterr().out
+            return refused, err_refused, out.out, rc, out.err, slots_rc, slots_out
+        finally:
+            await server.close()
+            await up.close()
+
+    refused, err_refused, out, rc, err, slots_rc, slots_out = asyncio.run(main())
+    assert refused == socketctl.EXIT_COMMAND_FAILED
+    assert "update: bundle refused: signature verification failed" in err_refused, err_refused
+    assert rc == socketctl.EXIT_OK, (out, err)
+    lines = out.splitlines()
+    assert lines[0] == f"installing {good} (version 4.0.0) into rootfs.1", lines
+    assert " 100% Installing done." in lines, lines
+    assert lines[-1] == ("installed 4.0.0 into rootfs.1: it starts at the next reboot"
+                         " (socketctl reboot)"), lines
+    assert box.slot_bytes("B", len(image)) == image
+    assert slots_rc == socketctl.EXIT_OK
+    assert "reboot   needed: 4.0.0 is installed into rootfs.1" in slots_out, slots_out
