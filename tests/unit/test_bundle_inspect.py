@@ -169,3 +169,14 @@ def test_no_shell(made: Made, monkeypatch: pytest.MonkeyPatch) -> None:
     bundle.inspect(made.good, made.keyring, X86, check_payload=True)
     assert [c[0][:2] for c in calls] == [["rauc", "info"], ["rauc", "extract"]]
     assert not any(shell for _, shell in calls)
+
+
+def test_payload_check_without_a_lease_says_why(tmp_path: Path) -> None:
+    """Not root and not the file's owner: RAUC cannot lease the file to hash it."""
+    stderr = ("rauc-Message: 10:00:00.000: Verifying bundle payload... \n"
+              "Failed to extract bundle: cannot check bundle payload without exclusive access:"
+              " could not ensure exclusive bundle access (F_SETLEASE): EACCES: missing"
+              " capability CAP_LEASE?\n")
+    error = bundle._refusal(tmp_path / "b.raucb", stderr)
+    assert type(error) is bundle.BundleError
+    assert "run as root or as the file's owner" in str(error) and "F_SETLEASE" in str(error)

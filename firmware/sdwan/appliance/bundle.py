@@ -126,6 +126,9 @@ def _starts_like_a_bundle(path: Path) -> bool:
 def _refusal(path: Path, stderr: str) -> BundleError:
     msg = _rauc_message(stderr)
     low = msg.lower()
+    if "exclusive" in low and "access" in low:
+        return BundleError(f"{path}: cannot check the payload: RAUC needs an exclusive lease on"
+                           f" the file (run as root or as the file's owner): {msg}")
     if "not allowed" in low and "format" in low:
         return UnsupportedFormat(f"{path}: a bundle format this box does not take: {msg}")
     if "payload is corrupted" in low or "verification of data area failed" in low:
