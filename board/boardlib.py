@@ -672,7 +672,13 @@ def rauc_compatible(board: BoardInfo | str) -> str:
 
 
 def root_slots(board: BoardInfo) -> tuple[RootSlot, ...]:
-    """The board's A/B root slots (every board has the same two)."""
+    """The board's A/B root slots (every board has the same two). A board.toml that already
+    lists several root partitions must list exactly these, in this order."""
+    roots = [p.name for p in board.partitions if p.type == "root"]
+    wanted = [s.partition for s in ROOT_SLOTS]
+    if len(roots) > 1 and roots != wanted:
+        raise BuildError(f"{board.dir}/board.toml: the root partitions are {roots}, but the "
+                         f"update slots are {wanted} (boardlib.ROOT_SLOTS)")
     return ROOT_SLOTS
 
 

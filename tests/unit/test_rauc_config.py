@@ -60,6 +60,17 @@ def test_slots_come_from_one_place() -> None:
         assert f"by-partlabel/{slot.partition}\n" in text and f"bootname={slot.bootname}\n" in text
 
 
+def test_a_layout_with_other_slot_names_is_refused() -> None:
+    board = boardlib.load_board("qemu-x86_64")
+    esp, root, data = board.partitions
+    board.partitions = [esp, boardlib.Partition("root-a", "root", 32),
+                        boardlib.Partition("root-b", "root", 32), data]
+    assert boardlib.root_slots(board) == boardlib.ROOT_SLOTS
+    board.partitions[2] = boardlib.Partition("root-c", "root", 32)
+    with pytest.raises(boardlib.BuildError, match=r"update slots are \['root-a', 'root-b'\]"):
+        boardlib.rauc_system_conf(board)
+
+
 def test_missing_keys_become_development_keys(tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     board = boardlib.load_board("qemu-aarch64")
