@@ -645,8 +645,8 @@ class RootSlot:
     bootname: str  # RAUC's bootname, the entry of GRUB's ORDER in grubenv
 
 
-# The A/B root slots. The disk layout names its root partitions from here, so that the
-# partitions, RAUC's slots and GRUB's boot order cannot drift apart.
+# The A/B root slots, in one place for the disk layout, RAUC's slots and GRUB's boot order
+# (root_slots refuses a board.toml whose root partitions are named otherwise).
 ROOT_SLOTS = (RootSlot("root-a", "A"), RootSlot("root-b", "B"))
 # The slot class: [slot.rootfs.N] in system.conf, [image.rootfs] in a bundle's manifest.
 SLOT_CLASS = "rootfs"
@@ -722,9 +722,13 @@ class FirmwareKeys:
 
 
 def firmware_keys_dir(keys: str | os.PathLike[str] | None = None) -> Path:
-    """FIRMWARE_KEYS: the given folder, else the environment's, else build/firmware-keys."""
-    chosen = keys if keys is not None else os.environ.get("FIRMWARE_KEYS") or None
-    return Path(chosen) if chosen is not None else DEFAULT_FIRMWARE_KEYS
+    """FIRMWARE_KEYS: the given folder, else the environment's, else build/firmware-keys.
+    A relative FIRMWARE_KEYS is taken from the repository, as make gives it, also to
+    Buildroot's scripts, which run elsewhere."""
+    if keys is not None:
+        return Path(keys)
+    env = os.environ.get("FIRMWARE_KEYS")
+    return ROOT / env if env else DEFAULT_FIRMWARE_KEYS
 
 
 _DEV_BANNER = """\

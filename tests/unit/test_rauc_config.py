@@ -122,6 +122,8 @@ def test_firmware_keys_from_the_environment(tmp_path: Path,
     monkeypatch.setenv("FIRMWARE_KEYS", str(tmp_path / "k"))
     assert boardlib.firmware_keys_dir() == tmp_path / "k"
     assert boardlib.firmware_keys_dir(tmp_path / "given") == tmp_path / "given"
+    monkeypatch.setenv("FIRMWARE_KEYS", "build/other-keys")
+    assert boardlib.firmware_keys_dir() == boardlib.ROOT / "build/other-keys"
 
 
 def test_board_files_include_rauc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
