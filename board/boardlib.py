@@ -15,7 +15,10 @@ kernel options and boot modules:
   in /etc/sdwan, the links and directories of the read-only root, /etc/os-release;
 * the check that the serial console runs socket-console and nothing else;
 * kernel module closures (modules.dep) and the initramfs (board/common/initramfs/init,
-  busybox, the boot modules) as a reproducible cpio.
+  busybox, the boot modules) as a reproducible cpio;
+* updates: the board's RAUC compatible, its A/B root slots, /etc/rauc/system.conf and the
+  keyring, and the firmware keys of a build (FIRMWARE_KEYS; board/mkbundle.py signs with
+  them, docs/update.md).
 
 Buildroot's scripts call it as (with Buildroot's host python, 3.11 or later):
 
@@ -335,9 +338,11 @@ def os_release(board: str, version: str, commit: str) -> str:
             f'VERSION_ID={version}\nBUILD_ID={commit}\nVARIANT_ID={board}\n')
 
 
-def install_board_files(root: Path, board: BoardInfo, epoch: int) -> None:
-    """What the root gets from the board folder (/etc/sdwan) and the fixed layout of the
-    read-only root: /data, the links into /run and /data, empty mount points."""
+def install_board_files(root: Path, board: BoardInfo, epoch: int,
+                        firmware_keys: str | os.PathLike[str] | None = None) -> None:
+    """What the root gets from the board folder (/etc/sdwan), RAUC's configuration and
+    keyring (install_rauc_files, FIRMWARE_KEYS unless firmware_keys is given) and the fixed
+    layout of the read-only root: /data, the links into /run and /data, empty mount points."""
     etc_sdwan = root / "etc/sdwan"
     etc_sdwan.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(board.dir / "board.toml", etc_sdwan / "board.toml")
@@ -347,6 +352,7 @@ def install_board_files(root: Path, board: BoardInfo, epoch: int) -> None:
     (etc_sdwan / "build-time").write_text(f"{epoch}\n")
     if board.qemu_provisioning:
         (etc_sdwan / "qemu-provisioning").write_text("fw_cfg opt/sdwan/data/* seeds /data\n")
+    install_rauc_files(root, board, firmware_keys)
     (root / "etc/hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost\n")
     for link, target in (("etc/resolv.conf", "/run/resolv.conf"),
                          ("etc/mtab", "/proc/self/mounts"),
@@ -628,6 +634,194 @@ def make_initramfs(board: BoardInfo, root: Path, out: Path, epoch: int) -> None:
     (work / "etc/modules.boot").write_text("\n".join(boot_mods) + "\n")
     write_cpio(work, out, epoch)
     shutil.rmtree(work)
+
+
+# ---------------------------------------------------------------- updates (RAUC)
+
+
+@dataclasses.dataclass(frozen=True)
+class RootSlot:
+    partition: str  # GPT name: the box finds it as /dev/disk/by-partlabel/<partition>
+    bootname: str  # RAUC's bootname, the entry of GRUB's ORDER in grubenv
+
+
+# The A/B root slots, in one place for the disk layout, RAUC's slots and GRUB's boot order
+# (root_slots refuses a board.toml whose root partitions are named otherwise).
+ROOT_SLOTS = (RootSlot("root-a", "A"), RootSlot("root-b", "B"))
+# The slot class: [slot.rootfs.N] in system.conf, [image.rootfs] in a bundle's manifest.
+SLOT_CLASS = "rootfs"
+# RAUC 1.8 takes an image's type from its file name: ".img" is written raw to the slot.
+BUNDLE_IMAGE = "rootfs.img"
+RAUC_DIR = "etc/rauc"
+RAUC_KEYRING = "/etc/rauc/keyring.pem"
+RAUC_GRUBENV = "/boot/efi/EFI/BOOT/grubenv"
+RAUC_STATUSFILE = "/data/rauc.status"
+# The root is read-only; RAUC makes its mount points under this prefix.
+RAUC_MOUNT_PREFIX = "/run/rauc"
+DEFAULT_FIRMWARE_KEYS = ROOT / "build" / "firmware-keys"
+FIRMWARE_CA_CERT = "firmware-ca.pem"
+SIGNER_CERT = "signer.pem"
+SIGNER_KEY = "signer.key"
+
+
+def rauc_compatible(board: BoardInfo | str) -> str:
+    """The board's RAUC compatible: the image's system.conf and every bundle for the board
+    carry it, and a box refuses a bundle whose compatible is not its own."""
+    name = board if isinstance(board, str) else board.name
+    return f"sdwan-{name}"
+
+
+def root_slots(board: BoardInfo) -> tuple[RootSlot, ...]:
+    """The board's A/B root slots (every board has the same two). A board.toml that already
+    lists several root partitions must list exactly these, in this order."""
+    roots = [p.name for p in board.partitions if p.type == "root"]
+    wanted = [s.partition for s in ROOT_SLOTS]
+    if len(roots) > 1 and roots != wanted:
+        raise BuildError(f"{board.dir}/board.toml: the root partitions are {roots}, but the "
+                         f"update slots are {wanted} (boardlib.ROOT_SLOTS)")
+    return ROOT_SLOTS
+
+
+def rauc_system_conf(board: BoardInfo, keyring: str = RAUC_KEYRING) -> str:
+    """/etc/rauc/system.conf of the board. Only verity bundles: their payload is checked
+    block by block as it is read, so a damaged download cannot be half written unnoticed.
+    check-purpose=codesign: only a certificate made to sign code (socket-pki
+    firmware-signer) may sign a bundle, never a site's or PoP's TLS certificate."""
+    lines = [
+        f"# Made by board/boardlib.py for board {board.name}: do not edit.",
+        "[system]",
+        f"compatible={rauc_compatible(board)}",
+        "bootloader=grub",
+        f"grubenv={RAUC_GRUBENV}",
+        f"statusfile={RAUC_STATUSFILE}",
+        f"mountprefix={RAUC_MOUNT_PREFIX}",
+        "bundle-formats=verity",
+        "",
+        "[keyring]",
+        f"path={keyring}",
+        "check-purpose=codesign",
+    ]
+    for i, slot in enumerate(root_slots(board)):
+        lines += [
+            "",
+            f"[slot.{SLOT_CLASS}.{i}]",
+            f"device=/dev/disk/by-partlabel/{slot.partition}",
+            "type=raw",
+            f"bootname={slot.bootname}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class FirmwareKeys:
+    dir: Path
+    ca_cert: Path  # the boxes' keyring
+    signer_cert: Path
+    signer_key: Path
+    development: bool
+
+
+def firmware_keys_dir(keys: str | os.PathLike[str] | None = None) -> Path:
+    """FIRMWARE_KEYS: the given folder, else the environment's, else build/firmware-keys.
+    A relative FIRMWARE_KEYS is taken from the repository, as make gives it, also to
+    Buildroot's scripts, which run elsewhere."""
+    if keys is not None:
+        return Path(keys)
+    env = os.environ.get("FIRMWARE_KEYS")
+    return ROOT / env if env else DEFAULT_FIRMWARE_KEYS
+
+
+_DEV_BANNER = """\
+########################################################################################
+# {keys} did not exist: made a DEVELOPMENT firmware signing CA and signer there.
+# Images built with it trust only bundles signed with it, and every bundle signed with it
+# is a development bundle. Production images and bundles must use the real firmware key:
+# FIRMWARE_KEYS=DIR, a folder with firmware-ca.pem (and signer.pem, signer.key to sign),
+# made with socket-pki firmware-ca / firmware-signer (docs/update.md).
+########################################################################################"""
+
+
+def _make_development_keys(keys: Path) -> None:
+    sys.path.insert(0, str(ROOT / "firmware"))
+    try:
+        from sdwan.pop import pki
+    except ImportError:
+        pki = None  # type: ignore[assignment]
+    finally:
+        sys.path.pop(0)
+    if pki is not None:
+        try:
+            pki.create_firmware_ca(keys, development=True)
+            pki.issue_firmware_signer(keys)
+        except pki.PkiError as e:
+            raise BuildError(f"cannot make the development firmware key: {e}") from e
+        return
+    # A python without the firmware's dependencies (Buildroot's host python): the venv's.
+    tool = ROOT / ".venv/bin/socket-pki"
+    if not tool.exists():
+        raise BuildError(f"{keys} does not exist and this python cannot make a development "
+                         "firmware key: run `make bundle` (or socket-pki firmware-ca and "
+                         "firmware-signer) first, or set FIRMWARE_KEYS")
+    for cmd in (["firmware-ca", str(keys), "--development"], ["firmware-signer", str(keys)]):
+        done = subprocess.run([str(tool), *cmd], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BuildError(f"cannot make the development firmware key: {done.stderr.strip()}")
+
+
+def _is_development(ca_cert: Path) -> bool:
+    # socket-pki marks a development CA in its subject; a PEM read without a crypto library
+    # is enough to tell, and a wrong guess only changes a warning.
+    try:
+        from cryptography import x509
+    except ImportError:
+        return False
+    cert = x509.load_pem_x509_certificate(ca_cert.read_bytes())
+    return "DEVELOPMENT" in cert.subject.rfc4514_string().split()
+
+
+def ensure_firmware_keys(keys: str | os.PathLike[str] | None = None, *,
+                         signer: bool) -> FirmwareKeys:
+    """The firmware keys of a build (FIRMWARE_KEYS, firmware_keys_dir): a missing folder gets
+    a development CA and signer, said loudly. An image needs firmware-ca.pem only (the CA's
+    key stays offline); a bundle (signer=True) needs signer.pem and signer.key too."""
+    directory = firmware_keys_dir(keys)
+    if not directory.exists():
+        _make_development_keys(directory)
+        print(_DEV_BANNER.format(keys=directory), file=sys.stderr, flush=True)
+    if not directory.is_dir():
+        raise BuildError(f"FIRMWARE_KEYS {directory} is not a directory")
+    if (directory / "ca.key").exists() or (directory / "ca.pem").exists():
+        raise BuildError(f"FIRMWARE_KEYS {directory} is an account CA directory (ca.pem): "
+                         "firmware is signed under the firmware CA, kept apart "
+                         "(socket-pki firmware-ca, docs/update.md)")
+    need = [FIRMWARE_CA_CERT] + ([SIGNER_CERT, SIGNER_KEY] if signer else [])
+    missing = [n for n in need if not (directory / n).is_file()]
+    if missing:
+        how = ("socket-pki firmware-signer CA_DIR --out " + str(directory)
+               if FIRMWARE_CA_CERT not in missing else "socket-pki firmware-ca")
+        raise BuildError(f"FIRMWARE_KEYS {directory} lacks {', '.join(missing)} ({how})")
+    ca = directory / FIRMWARE_CA_CERT
+    if b"-----BEGIN CERTIFICATE-----" not in ca.read_bytes():
+        raise BuildError(f"{ca} is not a PEM certificate")
+    return FirmwareKeys(directory, ca, directory / SIGNER_CERT, directory / SIGNER_KEY,
+                        _is_development(ca))
+
+
+def install_rauc_files(root: Path, board: BoardInfo,
+                       keys: str | os.PathLike[str] | None = None) -> FirmwareKeys:
+    """/etc/rauc/system.conf of the board and /etc/rauc/keyring.pem, the firmware CA of
+    FIRMWARE_KEYS: the bundles this image will accept."""
+    fw = ensure_firmware_keys(keys, signer=False)
+    etc = root / RAUC_DIR
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "system.conf").write_text(rauc_system_conf(board))
+    shutil.copyfile(fw.ca_cert, root / RAUC_KEYRING.lstrip("/"))
+    for f in ("system.conf", Path(RAUC_KEYRING).name):
+        (etc / f).chmod(0o644)
+    if fw.development:
+        print(f"boardlib: {board.name}: the image trusts the DEVELOPMENT firmware CA of "
+              f"{fw.dir}: it accepts development bundles only", file=sys.stderr, flush=True)
+    return fw
 
 
 # ---------------------------------------------------------------- the Buildroot build

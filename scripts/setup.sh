@@ -20,6 +20,7 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64  # the appliance image:
   squashfs-tools mtools dosfstools kmod binutils                     # board/mkimage.py and
   gcc-aarch64-linux-gnu libc6-dev-arm64-cross                        # the system tests
+  rauc                                     # update bundles: board/mkbundle.py and their checks
 )
 
 if [ "$(id -u)" != 0 ]; then

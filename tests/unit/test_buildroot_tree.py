@@ -249,8 +249,10 @@ def _fake_module_tree(root: Path, kver: str, names: list[str]) -> None:
 
 
 @pytest.fixture()
-def target(tmp_path: Path, boardlib: ModuleType) -> Path:
+def target(tmp_path: Path, boardlib: ModuleType, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A Buildroot-like target folder of the qemu-x86_64 board."""
+    # The post-build installs RAUC's keyring: development keys of the test's own.
+    monkeypatch.setenv("FIRMWARE_KEYS", str(tmp_path / "firmware-keys"))
     busybox = shutil.which("busybox")
     if busybox is None or Path(busybox).resolve().read_bytes()[18] != 0x3E:  # EM_X86_64
         pytest.skip("needs the host's busybox on x86_64 (scripts/setup.sh installs it)")
@@ -310,6 +312,9 @@ def test_post_build_makes_the_appliance_root(
     assert runtime.index("kernel/fs/jbd2.ko") < runtime.index("kernel/drivers/ext4.ko")
     assert "kernel/drivers/i6300esb.ko" in runtime  # the board's own runtime module
     assert "kernel/drivers/softdog.ko" not in runtime  # loaded on demand only
+    assert "compatible=sdwan-qemu-x86_64" in (target / "etc/rauc/system.conf").read_text()
+    assert (target / "etc/rauc/keyring.pem").read_bytes() == (
+        target.parent / "firmware-keys/firmware-ca.pem").read_bytes()
 
 
 def test_post_build_refuses_a_root_without_the_console(
