@@ -1,12 +1,18 @@
 """A/B updates with the real RAUC, without QEMU (appliance/updater.py, docs/update.md).
 
 Each test gets two loop devices as the slots A and B, a GRUB environment block made with
-grub-editenv, a system.conf with RAUC's grub backend pointing at it, a signing CA with its
-keyring, and a bundle made with `rauc bundle` from a small squashfs; the updater under test
-starts its own private bus and `rauc service` (told that A is booted: a test host's kernel
-command line has no rauc.slot=). The box's bundles are `verity` bundles, which RAUC mounts
-through device-mapper; on a host kernel without it (no /dev/mapper/control) the bundles
-here are `plain`, which RAUC checks and installs the same way past the mount."""
+grub-editenv, a system.conf like the box's (RAUC's grub backend pointing at that block, a
+keyring taking only code-signing certificates), a firmware CA and signer made with
+socket-pki's functions, and bundles made with `rauc bundle` from a small squashfs; the
+updater under test starts its own private bus and `rauc service` (told that A is booted: a
+test host's kernel command line has no rauc.slot=).
+
+The box takes only `verity` bundles, which RAUC mounts through device-mapper. On a host
+kernel without it (no /dev/mapper/control) the bundles installed here are `plain`, which
+RAUC checks and writes the same way past the mount: the test system.conf allows that format
+and the updater checks bundles against that system.conf (`check_with_system_conf`) instead
+of the box's check (`inspect_bundle`, appliance/bundle.py), which refuses them. The refusals
+of a stranger's bundle and of a plain one go through the box's own check."""
 
 from __future__ import annotations
 
@@ -30,8 +36,12 @@ from sdwan.appliance.updater import (
     EVENT_ROLLED_BACK,
     Health,
     InstallRefused,
+    Precheck,
     Updater,
+    check_with_system_conf,
+    inspect_bundle,
 )
+from sdwan.pop import pki
 from sdwan.site.config import Update
 
 pytestmark = [
@@ -45,6 +55,8 @@ _TOOLS = ("rauc", "dbus-daemon", "grub-editenv", "mksquashfs", "openssl", "loset
 COMPATIBLE = "sdwan-test"
 SLOT_BYTES = 4 * 1024 * 1024
 BUNDLE_FORMAT = "verity" if os.path.exists("/dev/mapper/control") else "plain"
+# What the box checks before writing, where this host can install what it takes.
+HOST_CHECK: Precheck = inspect_bundle if BUNDLE_FORMAT == "verity" else check_with_system_conf
 HEALTHY = Health(fastpath=None, control=None, cloud_up=True, cloud_configured=True)
 
 
@@ -63,25 +75,15 @@ def run(*argv: str | Path) -> str:
                           timeout=60).stdout
 
 
-def make_ca(d: Path, name: str) -> tuple[Path, Path, Path]:
-    """A CA and a signing certificate it issued: (ca cert, signer cert, signer key)."""
-    d.mkdir(parents=True)
-    ca_key, ca_cert = d / "ca.key.pem", d / "ca.cert.pem"
-    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key,
-        "-out", ca_cert, "-subj", f"/CN={name} CA", "-days", "30",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    key, csr, cert = d / "signer.key.pem", d / "signer.csr", d / "signer.cert.pem"
-    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
-        "-subj", f"/CN={name} signer")
-    ext = d / "ext.cnf"
-    ext.write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n")
-    run("openssl", "x509", "-req", "-in", csr, "-CA", ca_cert, "-CAkey", ca_key,
-        "-CAcreateserial", "-out", cert, "-days", "30", "-extfile", ext)
-    return ca_cert, cert, key
+def make_keys(d: Path) -> tuple[Path, Path, Path]:
+    """A firmware CA and a signer it issued: (keyring, signer cert, signer key)."""
+    ca = pki.create_firmware_ca(d, development=True)
+    signer = pki.issue_firmware_signer(d)
+    return Path(ca.cert), Path(signer.cert), Path(signer.key)
 
 
-def make_bundle(d: Path, ca: tuple[Path, Path, Path], version: str, tag: str) -> tuple[Path, bytes]:
+def make_bundle(d: Path, keys: tuple[Path, Path, Path], version: str, tag: str,
+                fmt: str = BUNDLE_FORMAT) -> tuple[Path, bytes]:
     """A signed bundle with one raw image for the rootfs class; (bundle, the image)."""
     root = d / f"root-{tag}"
     root.mkdir(parents=True)
@@ -93,10 +95,13 @@ def make_bundle(d: Path, ca: tuple[Path, Path, Path], version: str, tag: str) ->
     # rauc bundle rewrites the manifest it is given: each bundle gets a fresh one.
     (content / "manifest.raucm").write_text(
         f"[update]\ncompatible={COMPATIBLE}\nversion={version}\n\n"
-        f"[bundle]\nformat={BUNDLE_FORMAT}\n\n[image.rootfs]\nfilename=rootfs.img\n")
+        f"[bundle]\nformat={fmt}\n\n[image.rootfs]\nfilename=rootfs.img\n")
+    # Signed without a keyring of its own: the box's keyring is what judges it.
+    conf = d / f"sign-{tag}.conf"
+    conf.write_text(f"[system]\ncompatible={COMPATIBLE}\nbootloader=noop\n")
     bundle = d / f"update-{tag}.raucb"
-    _, cert, key = ca
-    run("rauc", "bundle", f"--cert={cert}", f"--key={key}", content, bundle)
+    _, cert, key = keys
+    run("rauc", f"--conf={conf}", "bundle", f"--cert={cert}", f"--key={key}", content, bundle)
     return bundle, (content / "rootfs.img").read_bytes()
 
 
@@ -123,11 +128,11 @@ class Box:
         with open(self.slots[bootname], "rb") as f:
             return f.read(n)
 
-    def updater(self, grace_s: int = 300) -> Updater:
+    def updater(self, grace_s: int = 300, precheck: Precheck | None = None) -> Updater:
         return Updater(
             Update(system_conf=self.conf, commit_grace_s=grace_s, reboot_command=("true",)),
             self.data, self.runtime, lambda k, t, d: self.events.append((k, t, d)),
-            lambda: self.health, boot_slot="A")
+            lambda: self.health, boot_slot="A", precheck=precheck or HOST_CHECK)
 
     def kinds(self, kind: str) -> list[tuple[str, str, dict[str, Any]]]:
         return [e for e in self.events if e[0] == kind]
@@ -151,15 +156,16 @@ def box(tmp_path: Path) -> Iterator[Box]:
         run("grub-editenv", grubenv, "create")
         run("grub-editenv", grubenv, "set", "ORDER=A B", "A_OK=1", "A_TRY=0", "B_OK=1",
             "B_TRY=0")
-        ca = make_ca(tmp_path / "pki", "box")
-        other = make_ca(tmp_path / "pki-other", "stranger")
+        ca = make_keys(tmp_path / "firmware")
+        other = make_keys(tmp_path / "firmware-other")
         (tmp_path / "mnt").mkdir()
         (tmp_path / "rauc").mkdir()
         conf = tmp_path / "system.conf"
         conf.write_text(
             f"[system]\ncompatible={COMPATIBLE}\nbootloader=grub\ngrubenv={grubenv}\n"
             f"mountprefix={tmp_path / 'mnt'}\ndata-directory={tmp_path / 'rauc'}\n\n"
-            f"[keyring]\npath={ca[0]}\n\n"
+            f"bundle-formats={BUNDLE_FORMAT}\n\n"
+            f"[keyring]\npath={ca[0]}\ncheck-purpose=codesign\n\n"
             f"[slot.rootfs.0]\ndevice={slots['A']}\ntype=raw\nbootname=A\n\n"
             f"[slot.rootfs.1]\ndevice={slots['B']}\ntype=raw\nbootname=B\n")
         yield Box(tmp_path, runtime, tmp_path / "data", conf, grubenv, slots, ca, other)
@@ -170,8 +176,8 @@ def box(tmp_path: Path) -> Iterator[Box]:
         shutil.rmtree(runtime, ignore_errors=True)
 
 
-async def started(box: Box, grace_s: int = 300) -> Updater:
-    up = box.updater(grace_s)
+async def started(box: Box, grace_s: int = 300, precheck: Precheck | None = None) -> Updater:
+    up = box.updater(grace_s, precheck)
     up.start()
     await up.ready()
     assert up.ready_error is None, up.status()
@@ -222,14 +228,20 @@ def test_install_writes_the_inactive_slot_and_makes_it_primary(box: Box) -> None
     assert b["version"] == "2.0.1" and b["installed_at"], b
 
 
-def test_a_bundle_of_another_ca_is_refused_before_anything_is_written(box: Box) -> None:
-    bundle, _ = make_bundle(box.root, box.other_ca, "6.6.6", "foreign")
+@pytest.mark.parametrize("kind", ["another CA", "plain format"])
+def test_the_box_refuses_a_bundle_before_anything_is_written(box: Box, kind: str) -> None:
+    if kind == "another CA":
+        bundle, _ = make_bundle(box.root, box.other_ca, "6.6.6", "foreign", fmt="verity")
+        why = "the signature does not verify against the keyring"
+    else:
+        bundle, _ = make_bundle(box.root, box.ca, "6.6.7", "plain", fmt="plain")
+        why = "a bundle format this box does not take"
     before_env = box.grubenv.read_bytes()
 
     async def main() -> None:
-        up = await started(box)
+        up = await started(box, precheck=inspect_bundle)  # the box's own check
         try:
-            with pytest.raises(InstallRefused, match="bundle refused"):
+            with pytest.raises(InstallRefused, match=f"bundle refused: .*{why}"):
                 await up.install(str(bundle), lambda p: pytest.fail(f"progress {p}"))
             assert up.install_state.state == "failed"
         finally:
@@ -405,7 +417,8 @@ def test_socketctl_update_follows_the_install_and_says_why_it_refuses(
 
     refused, err_refused, out, rc, err, slots_rc, slots_out = asyncio.run(main())
     assert refused == socketctl.EXIT_COMMAND_FAILED
-    assert "update: bundle refused: signature verification failed" in err_refused, err_refused
+    assert "update: bundle refused: " in err_refused, err_refused
+    assert "signature" in err_refused, err_refused
     assert rc == socketctl.EXIT_OK, (out, err)
     lines = out.splitlines()
     assert lines[0] == f"installing {good} (version 4.0.0) into rootfs.1", lines

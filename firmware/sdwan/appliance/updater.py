@@ -21,16 +21,19 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdwan.appliance import bundle as bundle_check
+from sdwan.appliance.bundle import BundleInfo
 from sdwan.appliance.raucbus import RaucBus, RaucSetup
 from sdwan.appliance.raucstatus import (
     BootSelection,
     Progress,
     Slot,
+    SystemConf,
     SystemStatus,
     install_error,
     parse_progress,
@@ -41,13 +44,6 @@ from sdwan.appliance.raucstatus import (
 from sdwan.appliance.watchdog import boot_id
 from sdwan.common.visible import visible
 from sdwan.site.config import Update
-
-# The shared pre-check of a bundle (`rauc info` before anything is written). Until it is
-# part of the firmware, `_rauc_info_check` below stands in for it behind `precheck()`.
-try:
-    from sdwan.appliance import bundle as _bundle_check  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on what is merged
-    _bundle_check = None
 
 log = logging.getLogger(__name__)
 
@@ -85,20 +81,29 @@ class InstallFailed(Exception):
     """RAUC's install failed; the message is RAUC's."""
 
 
-@dataclass(frozen=True)
-class BundleInfo:
-    compatible: str | None
-    version: str | None
+Precheck = Callable[[RaucBus, Path, SystemConf, str | None], Awaitable[BundleInfo]]
 
 
-async def _rauc_info_check(bus: RaucBus, bundle: Path, keyring: Path | None,
-                           compatible: str | None) -> BundleInfo:
-    """`rauc info` with the box's keyring: a bundle signed by anyone else, or made for
-    another board, is refused here, before `rauc install` touches a slot."""
-    args = ["info", "--output-format=json", f"--conf={bus.setup.system_conf}"]
-    if keyring is not None:
-        args.append(f"--keyring={keyring}")
-    run = await bus.run(*args, str(bundle), timeout=300.0)
+async def inspect_bundle(bus: RaucBus, bundle: Path, conf: SystemConf,
+                         compatible: str | None) -> BundleInfo:
+    """The box's check before anything is written (appliance/bundle.py): the signature
+    against the keyring, for code signing only; a verity bundle; this board's compatible."""
+    if conf.keyring is None or compatible is None:
+        raise InstallRefused(f"{bus.setup.system_conf} names no keyring or compatible:"
+                             " bundles cannot be checked")
+    try:
+        return await asyncio.to_thread(bundle_check.inspect, bundle, conf.keyring, compatible)
+    except bundle_check.BundleError as e:
+        raise InstallRefused(f"bundle refused: {visible(e)}") from None
+
+
+async def check_with_system_conf(bus: RaucBus, bundle: Path, conf: SystemConf,
+                                 compatible: str | None) -> BundleInfo:
+    """`rauc info` under the system's own system.conf (its keyring, purpose and formats)
+    and its compatible: the check for a system.conf that takes other formats than the
+    box's, such as a test host whose kernel cannot mount verity bundles."""
+    run = await bus.run("info", "--output-format=json", f"--conf={bus.setup.system_conf}",
+                        str(bundle), timeout=300.0)
     if run.status != 0:
         raise InstallRefused(f"bundle refused: {install_error(run.lines) or 'rauc info failed'}")
     doc: Any = None
@@ -113,25 +118,9 @@ async def _rauc_info_check(bus: RaucBus, bundle: Path, keyring: Path | None,
         raise InstallRefused(f"bundle refused: it is for {visible(got)!r}, this box is"
                              f" {visible(compatible)!r}")
     version = doc.get("version")
-    return BundleInfo(visible(got) if isinstance(got, str) else None,
-                      visible(version) if isinstance(version, str) else None)
-
-
-async def precheck(bus: RaucBus, bundle: Path, keyring: Path | None,
-                   compatible: str | None) -> BundleInfo:
-    """The check of a bundle before any write: the shared one when the firmware has it."""
-    if _bundle_check is not None and hasattr(_bundle_check, "inspect"):
-        try:
-            info = await asyncio.to_thread(_bundle_check.inspect, bundle, keyring, compatible)
-        except Exception as e:  # noqa: BLE001 - whatever it raises is a refusal
-            raise InstallRefused(f"bundle refused: {visible(e)}") from None
-
-        def field_of(name: str) -> str | None:
-            value = info.get(name) if isinstance(info, dict) else getattr(info, name, None)
-            return visible(value) if isinstance(value, str) else None
-
-        return BundleInfo(field_of("compatible"), field_of("version"))
-    return await _rauc_info_check(bus, bundle, keyring, compatible)
+    return BundleInfo(path=bundle, compatible=str(got), version=str(version),
+                      description=None, build=None, images=(), signer=None,
+                      payload_checked=False)
 
 
 @dataclass
@@ -198,6 +187,7 @@ class Updater:
         rauc: str = "rauc", dbus_daemon: str = "dbus-daemon", boot_slot: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         this_boot: Callable[[], str] = boot_id,
+        precheck: Precheck = inspect_bundle,
     ) -> None:
         if cfg.system_conf is None:
             raise ValueError("no RAUC system.conf: nothing to update")
@@ -209,6 +199,7 @@ class Updater:
         self.health = health
         self.clock = clock
         self.this_boot = this_boot
+        self.precheck = precheck
         self.bus = RaucBus(
             RaucSetup(cfg.system_conf, Path(runtime_dir), rauc=rauc, dbus_daemon=dbus_daemon,
                       boot_slot=boot_slot),
@@ -544,7 +535,7 @@ class Updater:
             st = await self.refresh()
             target = self._check_box(st)
             conf = await asyncio.to_thread(read_system_conf, self.system_conf)
-            info = await precheck(self.bus, path, conf.keyring, conf.compatible or st.compatible)
+            info = await self.precheck(self.bus, path, conf, conf.compatible or st.compatible)
         except InstallRefused as e:
             self._ended("failed", str(e))
             self._event(EVENT_FAILED, f"update from {visible(path)} refused: {e}",
@@ -554,7 +545,7 @@ class Updater:
         except (OSError, ValueError) as e:
             self._ended("failed", str(e))
             raise InstallRefused(f"cannot check the box: {e}") from None
-        s.version, s.slot = info.version, target.name
+        s.version, s.slot = visible(info.version), target.name
         return path, target, info
 
     def _ended(self, state: str, error: str | None) -> None:
@@ -721,11 +712,11 @@ __all__ = [
     "EVENT_COMMITTED",
     "EVENT_INSTALLED",
     "EVENT_ROLLED_BACK",
-    "BundleInfo",
     "Health",
     "InstallFailed",
     "InstallRefused",
     "InstallState",
     "Updater",
-    "precheck",
+    "check_with_system_conf",
+    "inspect_bundle",
 ]
