@@ -7,7 +7,8 @@ of sessions registered: one PeerTunnel per configured peer (tunnel.py), the off-
 (altwan.py) and the PoP sessions (cloud.py) -> the routes of every prefix, static, mesh,
 Alt-WAN and cloud (paths.py) and the off-cloud transport rules of the cloud's config
 (rules.py) -> the LAN firewall from the cloud's config (firewall.py) -> events and cloud
-documents in the store (store.py) -> status over the control socket (control.py).
+documents in the store (store.py) -> status over the control socket (control.py); where RAUC
+is, A/B updates (appliance/updater.py), given a view of the parts' health.
 """
 
 from __future__ import annotations
