@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +39,16 @@ def find_program(name: str) -> str | None:
         return name if os.access(name, os.X_OK) else None
     return shutil.which(name) or next(
         (f"{d}/{name}" for d in _SBIN if os.access(f"{d}/{name}", os.X_OK)), None)
+
+
+def runtime_dir(wanted: Path) -> Path:
+    """wanted, or a short stand-in for it under the temporary directory when the bus socket's
+    path would not fit a Unix socket address (a deep lab or test directory; /run/socketd on
+    the box always fits)."""
+    if len(os.fsencode(wanted / BUS_SOCKET)) <= MAX_SOCKET_PATH:
+        return wanted
+    digest = hashlib.sha256(os.fsencode(wanted)).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"sdwan-update-{digest}"
 
 
 def bus_config(socket_path: Path) -> str:
@@ -112,6 +124,8 @@ class RaucBus:
         await self.bus.close()
         with contextlib.suppress(OSError):
             self.socket.unlink()
+        if self.setup.runtime_dir.name.startswith("sdwan-update-"):
+            shutil.rmtree(self.setup.runtime_dir, ignore_errors=True)  # a stand-in: ours
 
     # ---------------------------------------------------------------- the two programs
 

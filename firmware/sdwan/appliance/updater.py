@@ -467,7 +467,11 @@ class Updater:
     def _check_box(self, st: SystemStatus) -> Slot:
         """The slot an install would write, or why there is none."""
         booted = st.booted_slot
-        if booted is not None and not booted.good:
+        if booted is None:
+            # Every slot would look inactive: the running one must never be the target.
+            raise InstallRefused("RAUC does not know which slot is running (no rauc.slot= on"
+                                 " the kernel command line?): not installing")
+        if not booted.good:
             raise InstallRefused(
                 f"the running slot {booted.name} is not committed yet"
                 f" ({self.commit.get('waiting_for') or 'not marked good'}): installing now"

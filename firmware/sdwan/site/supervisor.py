@@ -34,6 +34,7 @@ from sdwan.appliance.leds import (
     choose_pattern,
     open_leds,
 )
+from sdwan.appliance.raucbus import runtime_dir as update_runtime_dir
 from sdwan.appliance.timesync import TimeSync
 from sdwan.appliance.updater import Health as UpdateHealth
 from sdwan.appliance.updater import Updater
@@ -1120,7 +1121,8 @@ class Supervisor:
             sock = self.cfg.paths.control_socket
             try:
                 self.updater = Updater(
-                    self.cfg.update, self.cfg.paths.data_dir, sock.parent / f"{sock.stem}-update",
+                    self.cfg.update, self.cfg.paths.data_dir,
+                    update_runtime_dir(sock.parent / f"{sock.stem}-update"),
                     self._record_event, self._update_health)
             except ValueError as e:
                 log.error("updates unavailable: %s", e)
