@@ -35,6 +35,7 @@ from sdwan.appliance.updater import (
     EVENT_INSTALLED,
     EVENT_ROLLED_BACK,
     Health,
+    InstallFailed,
     InstallRefused,
     Precheck,
     Updater,
@@ -83,12 +84,12 @@ def make_keys(d: Path) -> tuple[Path, Path, Path]:
 
 
 def make_bundle(d: Path, keys: tuple[Path, Path, Path], version: str, tag: str,
-                fmt: str = BUNDLE_FORMAT) -> tuple[Path, bytes]:
+                fmt: str = BUNDLE_FORMAT, blob: int = 256 * 1024) -> tuple[Path, bytes]:
     """A signed bundle with one raw image for the rootfs class; (bundle, the image)."""
     root = d / f"root-{tag}"
     root.mkdir(parents=True)
     (root / "version").write_text(version + "\n")
-    (root / "blob").write_bytes(os.urandom(256 * 1024))  # RAUC wants more than 4 KiB
+    (root / "blob").write_bytes(os.urandom(blob))  # RAUC wants more than 4 KiB
     content = d / f"content-{tag}"
     content.mkdir()
     run("mksquashfs", root, content / "rootfs.img", "-noappend", "-quiet", "-no-progress")
@@ -253,6 +254,28 @@ def test_the_box_refuses_a_bundle_before_anything_is_written(box: Box, kind: str
     assert not box.kinds(EVENT_INSTALLED)
     (failed,) = box.kinds("update.failed")
     assert failed[2]["stage"] == "check", failed
+
+
+def test_an_install_that_fails_says_raucs_reason_and_keeps_booting_the_old_slot(
+    box: Box,
+) -> None:
+    bundle, _ = make_bundle(box.root, box.ca, "5.0.0", "too-big", blob=SLOT_BYTES + 1024 * 1024)
+
+    async def main() -> None:
+        up = await started(box)
+        try:
+            with pytest.raises(InstallFailed) as e:
+                await up.install(str(bundle))
+            assert up.install_state.state == "failed"
+            assert str(e.value) == up.install_state.error and str(e.value), e.value
+        finally:
+            await up.close()
+
+    asyncio.run(main())
+    (failed,) = box.kinds("update.failed")
+    assert failed[2]["stage"] == "install" and failed[2]["error"], failed
+    assert not box.kinds(EVENT_INSTALLED)
+    assert box.env()["ORDER"].split()[0] == "A", box.env()
 
 
 def test_no_second_install_while_one_runs(box: Box) -> None:

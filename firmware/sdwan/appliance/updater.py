@@ -198,7 +198,7 @@ class Updater:
         self.record = record
         self.health = health
         self.clock = clock
-        self.this_boot = this_boot
+        self.boot = this_boot()  # the boot this socketd runs in: it does not change
         self.precheck = precheck
         self.bus = RaucBus(
             RaucSetup(cfg.system_conf, Path(runtime_dir), rauc=rauc, dbus_daemon=dbus_daemon,
@@ -214,6 +214,7 @@ class Updater:
         self._healthy_since: float | None = None
         self._mark_after = 0.0
         self.rollback: dict[str, Any] | None = None
+        self._doc: dict[str, Any] = {}  # update.json (the module docstring)
         self.rebooting: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._install_task: asyncio.Task[None] | None = None
@@ -240,6 +241,7 @@ class Updater:
             await asyncio.sleep(0.05)
 
     async def _run(self) -> None:
+        self._doc = await asyncio.to_thread(self._load_state)
         why = await self.bus.wait_ready(READY_TIMEOUT_S)
         if why is not None:
             self.ready_error = f"rauc service does not answer: {why}"
@@ -297,17 +299,27 @@ class Updater:
     async def slots(self) -> list[Slot]:
         return list((await self.refresh()).slots)
 
-    def _state(self) -> dict[str, Any]:
+    def _load_state(self) -> dict[str, Any]:
         try:
             doc = json.loads(self.state_path.read_text())
         except (OSError, ValueError):
             return {}
         return doc if isinstance(doc, dict) else {}
 
-    def _save_state(self, doc: dict[str, Any]) -> None:
-        try:
+    def _state(self) -> dict[str, Any]:
+        """A copy of update.json as last read or written (read once, at the start)."""
+        return json.loads(json.dumps(self._doc))
+
+    async def _save_state(self, doc: dict[str, Any]) -> None:
+        self._doc = doc
+
+        def write() -> None:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             _write_atomic(self.state_path, doc)
+
+        try:
+            # fsync on the box's flash: never on the loop.
+            await asyncio.to_thread(write)
         except OSError as e:
             log.error("updates: %s not written: %s", self.state_path, e)
 
@@ -348,7 +360,7 @@ class Updater:
             doc["rolled_back"] = [*seen, key][-ROLLBACKS_KEPT:]
             doc["last_rollback"] = self.rollback
             doc.pop("pending", None)
-            self._save_state(doc)
+            await self._save_state(doc)
         elif isinstance(doc.get("last_rollback"), dict):
             self.rollback = doc["last_rollback"]
         # Idempotent both: after a restart of socketd they are simply done again.
@@ -427,7 +439,7 @@ class Updater:
             self.commit = {"state": "pending", "slot": booted.name, "waiting_for": waiting,
                            "grace_left_s": None if grace_left is None
                            else round(max(0.0, grace_left), 1)}
-            self._remember_pending(booted, ", ".join(waits) or (
+            await self._remember_pending(booted, ", ".join(waits) or (
                 "the cloud (a PoP session up)" if h.cloud_configured else "its grace time"))
             return
         if now < self._mark_after:
@@ -447,12 +459,12 @@ class Updater:
                                             "version": booted.version, "why": why_now})
         doc = self._state()
         doc.pop("pending", None)
-        self._save_state(doc)
+        await self._save_state(doc)
         self.commit = {"state": "committed", "slot": booted.name, "waiting_for": None}
         with contextlib.suppress(OSError):
             await self.refresh()
 
-    def _remember_pending(self, booted: Slot, waiting_for: str) -> None:
+    async def _remember_pending(self, booted: Slot, waiting_for: str) -> None:
         """For the boot that falls back later: what this slot's socketd last waited for."""
         doc = self._state()
         wanted = {"slot": booted.name, "version": booted.version, "waiting_for": waiting_for}
@@ -460,7 +472,7 @@ class Updater:
         if isinstance(old, dict) and {k: old.get(k) for k in wanted} == wanted:
             return
         doc["pending"] = {**wanted, "at": time.time()}
-        self._save_state(doc)
+        await self._save_state(doc)
 
     # ---------------------------------------------------------------- install
 
@@ -606,8 +618,8 @@ class Updater:
                                             "origin": s.origin})
         doc = self._state()
         doc["installed"] = {"slot": target.name, "version": s.version, "boot_id":
-                            self.this_boot(), "at": time.time()}
-        self._save_state(doc)
+                            self.boot, "at": time.time()}
+        await self._save_state(doc)
         if s.reboot:
             await self.reboot(origin=f"{s.origin}, after the update")
 
@@ -640,7 +652,7 @@ class Updater:
         st = self.status_
         installed = self._state().get("installed")
         awaiting = None
-        if (isinstance(installed, dict) and installed.get("boot_id") == self.this_boot()
+        if (isinstance(installed, dict) and installed.get("boot_id") == self.boot
                 and st is not None and st.primary == installed.get("slot")
                 and not (st.booted_slot and st.booted_slot.name == st.primary)):
             awaiting = {"slot": installed.get("slot"), "version": installed.get("version")}
