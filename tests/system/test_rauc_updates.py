@@ -21,6 +21,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -451,3 +452,40 @@ def test_socketctl_update_follows_the_install_and_says_why_it_refuses(
     assert box.slot_bytes("B", len(image)) == image
     assert slots_rc == socketctl.EXIT_OK
     assert "reboot   needed: 4.0.0 is installed into rootfs.1" in slots_out, slots_out
+
+
+def test_the_console_installs_from_a_file_on_the_box_and_asks_before_rebooting(
+    box: Box,
+) -> None:
+    from sdwan.common.control import ControlServer
+
+    bundle, image = make_bundle(box.root, box.ca, "4.1.0", "console")
+    sock = box.runtime / "control.sock"
+    typed = (f"admin\nadmin\nnew-password-1\nnew-password-1\nupdate {bundle}\nno\n"
+             "show slots\nexit\n")
+
+    async def main() -> tuple[int, str]:
+        up = await started(box)
+        server = ControlServer(sock, up.handlers())
+        await server.start()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "sdwan.appliance.console", "--socket", str(sock),
+                "--data", str(box.root / "console-data"), "--reboot-command", "false",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT)
+            out, _ = await asyncio.wait_for(proc.communicate(typed.encode()), 60)
+            return proc.returncode or 0, out.decode()
+        finally:
+            await server.close()
+            await up.close()
+
+    rc, out = asyncio.run(main())
+    assert rc == 0, out
+    assert f"installing {bundle} (version 4.1.0) into rootfs.1" in out, out
+    assert " 100% Installing done." in out, out
+    assert "installed 4.1.0 into rootfs.1: it starts at the next reboot" in out, out
+    assert "not rebooting: reboot starts it later" in out, out
+    assert "rebooting ..." not in out, out
+    assert "reboot   needed: 4.1.0 is installed into rootfs.1" in out, out
+    assert box.slot_bytes("B", len(image)) == image
