@@ -3,12 +3,15 @@
 an install into B, the lines `rauc install` prints for an install that worked and one whose
 bundle was signed by a stranger, and a GRUB environment block as grub-editenv writes it.
 Then the same read defensively (missing fields, wrong types, escape sequences), and the
-tables socketctl and the console print from the updater's status."""
+tables socketctl and the console print from the updater's status, and an updater on a box
+without RAUC's programs."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +23,8 @@ from sdwan.appliance.raucstatus import (
     parse_progress,
     parse_status,
 )
+from sdwan.appliance.updater import Health, InstallRefused, Updater
+from sdwan.site.config import Update
 from sdwan.site.socketctl import format_slots, format_status
 
 # rauc status --detailed --output-format=json, booted A, B just installed (RAUC 1.8)
@@ -223,3 +228,30 @@ def test_console_update_takes_one_absolute_path() -> None:
             parse(bad)
     show = parse("show slots")
     assert show is not None and show.args == {"topic": "slots"}
+
+
+def test_an_updater_without_rauc_says_so_and_refuses_installs(tmp_path: Path) -> None:
+    conf = tmp_path / "system.conf"
+    conf.write_text("[system]\ncompatible=sdwan-test\nbootloader=grub\n")
+    events: list[tuple[str, str]] = []
+    up = Updater(Update(system_conf=conf), tmp_path / "data", tmp_path / "run",
+                 lambda k, t, d: events.append((k, t)),
+                 lambda: Health(None, None, True, True),
+                 rauc=str(tmp_path / "no-rauc"), dbus_daemon=str(tmp_path / "no-dbus"))
+
+    async def main() -> dict:
+        up.start()
+        try:
+            await up.ready(timeout=10)
+            with pytest.raises(InstallRefused, match="updates are not available"):
+                await up.install(str(conf))
+            return up.status()
+        finally:
+            await up.close()
+
+    status = asyncio.run(main())
+    assert "not installed" in status["error"], status
+    assert status["service"]["bus"]["state"] == "failed", status
+    assert [k for k, _ in events].count("update.error") >= 1, events
+    assert any(t.startswith("updates unavailable: rauc service does not answer")
+               for _, t in events), events

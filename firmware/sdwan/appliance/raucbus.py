@@ -204,8 +204,9 @@ class RaucBus:
         end = loop.time() + timeout
         why: str | None = "not asked yet"
         while loop.time() < end:
-            if self.service.st.state == "failed" or self.bus.st.state == "failed":
-                return self.service.st.error or self.bus.st.error
+            for child in (self.bus, self.service):
+                if child.st.state == "failed":  # not there at all: never started again
+                    return f"{child.label}: {child.st.error}"
             if self.service.running:
                 try:
                     run = await self.run("status", "--output-format=json", timeout=10.0)

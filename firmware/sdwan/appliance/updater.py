@@ -242,13 +242,17 @@ class Updater:
 
     async def _run(self) -> None:
         self._doc = await asyncio.to_thread(self._load_state)
-        why = await self.bus.wait_ready(READY_TIMEOUT_S)
-        if why is not None:
+        said = False
+        while (why := await self.bus.wait_ready(READY_TIMEOUT_S)) is not None:
             self.ready_error = f"rauc service does not answer: {why}"
-            log.error("updates: %s", self.ready_error)
-            self._event(EVENT_ERROR, f"updates unavailable: {self.ready_error}", {"error": why})
             self.commit = {"state": "unknown", "waiting_for": self.ready_error}
-            return
+            if not said:
+                log.error("updates: %s", self.ready_error)
+                self._event(EVENT_ERROR, f"updates unavailable: {self.ready_error}",
+                            {"error": why})
+                said = True
+            if "failed" in (self.bus.bus.st.state, self.bus.service.st.state):
+                return  # a program that is not there: Child does not try it again either
         try:
             await self.refresh()
             await self._detect_rollback()
