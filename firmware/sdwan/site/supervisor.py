@@ -1129,7 +1129,7 @@ class Supervisor:
             else:
                 return self.updater.handlers()
         why = ("no A/B updates on this box: RAUC's system.conf is absent"
-               if conf is None else f"updates unavailable (see the log), {conf}")
+               if conf is None else f"updates unavailable with {conf} (see the log)")
 
         async def slots(_req: dict) -> dict:
             return {"enabled": False, "error": why}
