@@ -1,0 +1,106 @@
+"""What a genuine bundle (our signer, our CA, this board) may still not carry: install hooks
+or a handler (run as root before the A/B fallback can help), images other than the one root
+slot image, and text that would rewrite the console (control characters, newlines)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from updatekit import board_module, make_slot_image, needs_rauc
+
+from sdwan.appliance import bundle
+
+pytestmark = needs_rauc
+mkbundle = board_module("mkbundle")
+X86 = "sdwan-qemu-x86_64"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("policy")
+    slot = make_slot_image(d / "slot.img", seed="policy")
+    mkbundle.build_bundle("qemu-x86_64", slot, d / "keys", d / "out", work=d / "w")
+    shutil.copyfile(slot, d / "keys" / "slot.img")
+    return d / "keys"
+
+
+def _signed(keys: Path, where: Path, manifest: str, extra: dict[str, str] | None = None) -> Path:
+    """A bundle signed with the firmware signer itself: RAUC accepts its signature."""
+    content = where / "content"
+    content.mkdir()
+    shutil.copyfile(keys / "slot.img", content / "rootfs.img")
+    for name, text in (extra or {}).items():
+        (content / name).write_text(text)
+        (content / name).chmod(0o755)
+    (content / "manifest.raucm").write_text(manifest)
+    conf = where / "sign.conf"
+    conf.write_text("[system]\ncompatible=any\nbootloader=noop\n")
+    out = where / "b.raucb"
+    subprocess.run(["rauc", f"--conf={conf}", "bundle", f"--cert={keys / 'signer.pem'}",
+                    f"--key={keys / 'signer.key'}", str(content), str(out)],
+                   check=True, capture_output=True)
+    return out
+
+
+HEAD = f"[update]\ncompatible={X86}\nversion=1\n\n[bundle]\nformat=verity\n\n"
+ROOTFS = "[image.rootfs]\nfilename=rootfs.img\n"
+HOOK = {"hook.sh": "#!/bin/sh\ntouch /tmp/hooked\n"}
+
+
+def test_the_plain_bundle_passes(keys: Path, tmp_path: Path) -> None:
+    info = bundle.inspect(_signed(keys, tmp_path, HEAD + ROOTFS), keys / "firmware-ca.pem", X86)
+    assert info.version == "1"
+
+
+@pytest.mark.parametrize("manifest, extra, why", [
+    (HEAD + "[hooks]\nfilename=hook.sh\nhooks=install-check\n\n" + ROOTFS, HOOK, "hooks"),
+    (HEAD + "[hooks]\nfilename=hook.sh\n\n" + ROOTFS + "hooks=pre-install;post-install\n",
+     HOOK, "hooks"),
+    (HEAD + "[hooks]\nfilename=hook.sh\n\n" + ROOTFS + "hooks=install\n", HOOK, "hooks"),
+    (HEAD + "[handler]\nfilename=hook.sh\n\n" + ROOTFS, HOOK, "handler"),
+    (HEAD + ROOTFS + "\n[image.bootloader]\nfilename=boot.img\n", {"boot.img": "x" * 5000},
+     "image"),
+    (HEAD + "[image.appfs]\nfilename=rootfs.img\n", None, "image"),
+    (HEAD, None, "image"),
+])
+def test_hooks_handlers_and_other_images_are_refused(keys: Path, tmp_path: Path, manifest: str,
+                                                     extra: dict[str, str] | None,
+                                                     why: str) -> None:
+    signed = _signed(keys, tmp_path, manifest, extra)
+    with pytest.raises(bundle.UnsafeManifest, match=why):
+        bundle.inspect(signed, keys / "firmware-ca.pem", X86)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("version", "1\\n\x1b[2J\x1b]0;pwned\x07"),
+    ("version", "1\\nUpdate installed OK"),
+    ("description", "a\\rb"),
+    ("version", "1\u202etxt"),
+    ("version", "9" * 300),
+])
+def test_text_that_would_rewrite_the_console_is_refused(keys: Path, tmp_path: Path, field: str,
+                                                        value: str) -> None:
+    head = f"[update]\ncompatible={X86}\n" + (
+        f"version={value}\n" if field == "version" else f"version=1\n{field}={value}\n")
+    signed = _signed(keys, tmp_path, head + "\n[bundle]\nformat=verity\n\n" + ROOTFS)
+    with pytest.raises(bundle.UnsafeManifest, match=field) as e:
+        bundle.inspect(signed, keys / "firmware-ca.pem", X86)
+    assert "\x1b" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_symlink_is_checked_as_the_file_it_names(keys: Path, tmp_path: Path) -> None:
+    real = _signed(keys, tmp_path, HEAD + ROOTFS)
+    (tmp_path / "link.raucb").symlink_to(real)
+    info = bundle.inspect(tmp_path / "link.raucb", keys / "firmware-ca.pem", X86)
+    assert info.path == real.resolve()  # what an install must then use
+
+
+def test_a_path_that_looks_like_an_option(keys: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    real = _signed(keys, tmp_path, HEAD + ROOTFS)
+    shutil.copyfile(real, tmp_path / "-c.raucb")
+    monkeypatch.chdir(tmp_path)
+    assert bundle.inspect(Path("-c.raucb"), keys / "firmware-ca.pem", X86).version == "1"
