@@ -31,6 +31,7 @@ Buildroot's scripts call it as (with Buildroot's host python, 3.11 or later):
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import gzip
 import io
@@ -41,6 +42,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import tomllib
 import uuid
 from collections.abc import Iterable, Iterator
@@ -741,7 +743,29 @@ _DEV_BANNER = """\
 ########################################################################################"""
 
 
-def _make_development_keys(keys: Path) -> None:
+def _is_default_keys(directory: Path) -> bool:
+    return directory.resolve() == DEFAULT_FIRMWARE_KEYS.resolve()
+
+
+def _make_development_keys(keys: Path) -> bool:
+    """A development CA and signer in keys, made in a folder beside it and renamed into place:
+    an interrupted build leaves no half-made keys. False if another build made them first."""
+    keys.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{keys.name}.", dir=keys.parent))
+    try:
+        _make_development_keys_in(tmp)
+        try:
+            os.rename(tmp, keys)
+        except OSError:
+            if not (keys / FIRMWARE_CA_CERT).is_file():
+                raise
+            return False
+        return True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _make_development_keys_in(keys: Path) -> None:
     sys.path.insert(0, str(ROOT / "firmware"))
     try:
         from sdwan.pop import pki
@@ -769,13 +793,16 @@ def _make_development_keys(keys: Path) -> None:
 
 
 def _is_development(ca_cert: Path) -> bool:
-    # socket-pki marks a development CA in its subject; a PEM read without a crypto library
-    # is enough to tell, and a wrong guess only changes a warning.
+    # socket-pki marks a development CA in its subject. Without a crypto library (Buildroot's
+    # host python) the mark is read from the certificate's DER, where the subject is as is.
+    data = ca_cert.read_bytes()
     try:
         from cryptography import x509
     except ImportError:
-        return False
-    cert = x509.load_pem_x509_certificate(ca_cert.read_bytes())
+        pem = re.search(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", data,
+                        re.S)
+        return bool(pem) and b" DEVELOPMENT " in base64.b64decode(pem.group(1))  # type: ignore[union-attr]
+    cert = x509.load_pem_x509_certificate(data)
     return "DEVELOPMENT" in cert.subject.rfc4514_string().split()
 
 
@@ -786,8 +813,15 @@ def ensure_firmware_keys(keys: str | os.PathLike[str] | None = None, *,
     key stays offline); a bundle (signer=True) needs signer.pem and signer.key too."""
     directory = firmware_keys_dir(keys)
     if not directory.exists():
-        _make_development_keys(directory)
-        print(_DEV_BANNER.format(keys=directory), file=sys.stderr, flush=True)
+        if not _is_default_keys(directory):
+            raise BuildError(
+                f"FIRMWARE_KEYS {directory} does not exist: name the folder of the firmware "
+                "keys (firmware-ca.pem; signer.pem, signer.key to sign), or leave FIRMWARE_KEYS "
+                f"unset for the development keys of {DEFAULT_FIRMWARE_KEYS}. development keys "
+                "are made only there, never in place of a missing folder (an unmounted key "
+                "medium, a typo)")
+        if _make_development_keys(directory):
+            print(_DEV_BANNER.format(keys=directory), file=sys.stderr, flush=True)
     if not directory.is_dir():
         raise BuildError(f"FIRMWARE_KEYS {directory} is not a directory")
     if (directory / "ca.key").exists() or (directory / "ca.pem").exists():
@@ -799,6 +833,9 @@ def ensure_firmware_keys(keys: str | os.PathLike[str] | None = None, *,
     if missing:
         how = ("socket-pki firmware-signer CA_DIR --out " + str(directory)
                if FIRMWARE_CA_CERT not in missing else "socket-pki firmware-ca")
+        if _is_default_keys(directory):
+            how += (f"; if it is a half-made development key folder of an interrupted build, "
+                    f"remove {directory} and build again")
         raise BuildError(f"FIRMWARE_KEYS {directory} lacks {', '.join(missing)} ({how})")
     ca = directory / FIRMWARE_CA_CERT
     if b"-----BEGIN CERTIFICATE-----" not in ca.read_bytes():

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from updatekit import board_module, make_slot_image, needs_rauc
+from updatekit import board_module, dev_keys, make_slot_image, needs_rauc
 
 from sdwan.appliance import bundle
 
@@ -22,7 +22,7 @@ X86 = "sdwan-qemu-x86_64"
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("policy")
     slot = make_slot_image(d / "slot.img", seed="policy")
-    mkbundle.build_bundle("qemu-x86_64", slot, d / "keys", d / "out", work=d / "w")
+    mkbundle.build_bundle("qemu-x86_64", slot, dev_keys(d / "keys"), d / "out", work=d / "w")
     shutil.copyfile(slot, d / "keys" / "slot.img")
     return d / "keys"
 

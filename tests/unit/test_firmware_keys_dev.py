@@ -1,0 +1,82 @@
+"""Development firmware keys are made only where a build expects them (the default folder),
+all at once, and recognised as development keys by any python."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from updatekit import board_module
+
+from sdwan.pop import pki
+
+boardlib = board_module("boardlib")
+
+
+@pytest.fixture()
+def default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("FIRMWARE_KEYS", raising=False)
+    monkeypatch.setattr(boardlib, "DEFAULT_FIRMWARE_KEYS", tmp_path / "build" / "firmware-keys")
+    return tmp_path / "build" / "firmware-keys"
+
+
+def test_a_named_folder_that_is_missing_is_not_made_a_development_key(
+        default: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FIRMWARE_KEYS=/media/usb/fw with the stick not mounted must stop, not sign a
+    production build with a fresh development key."""
+    for how in ("argument", "environment"):
+        missing = tmp_path / how / "fw"
+        if how == "environment":
+            monkeypatch.setenv("FIRMWARE_KEYS", str(missing))
+        with pytest.raises(boardlib.BuildError, match=r"does not exist.*development keys"):
+            boardlib.ensure_firmware_keys(missing if how == "argument" else None, signer=True)
+        assert not missing.exists()
+
+
+def test_the_default_folder_gets_development_keys(default: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    fw = boardlib.ensure_firmware_keys(None, signer=True)
+    assert fw.development and fw.dir == default
+    assert "made a DEVELOPMENT firmware signing CA" in capsys.readouterr().err
+    assert sorted(p.name for p in default.iterdir()) == [
+        "firmware-ca.key", "firmware-ca.pem", "signer.key", "signer.pem"]
+    assert [p.name for p in default.parent.iterdir()] == ["firmware-keys"]
+    assert default.stat().st_mode & 0o777 == 0o700
+    for key in ("firmware-ca.key", "signer.key"):
+        assert (default / key).stat().st_mode & 0o777 == 0o600
+    # As make passes it: a relative --keys naming the default folder.
+    again = boardlib.ensure_firmware_keys(default, signer=True)
+    assert again.ca_cert.read_bytes() == fw.ca_cert.read_bytes()
+
+
+def test_a_crash_while_making_them_leaves_no_half_made_folder(
+        default: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*a: object, **kw: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pki, "issue_firmware_signer", boom)
+    with pytest.raises(KeyboardInterrupt):
+        boardlib.ensure_firmware_keys(None, signer=True)
+    assert not default.exists()
+    assert list(default.parent.iterdir()) == []
+    monkeypatch.undo()
+    monkeypatch.setattr(boardlib, "DEFAULT_FIRMWARE_KEYS", default)
+    monkeypatch.delenv("FIRMWARE_KEYS", raising=False)
+    assert boardlib.ensure_firmware_keys(None, signer=True).signer_key.exists()
+
+
+def test_a_half_made_default_folder_says_how_to_recover(default: Path) -> None:
+    pki.create_firmware_ca(default, development=True)  # as an interrupted older build left it
+    with pytest.raises(boardlib.BuildError, match=r"lacks signer.pem.*remove .*firmware-keys"):
+        boardlib.ensure_firmware_keys(None, signer=True)
+
+
+def test_development_is_told_without_a_crypto_library(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Buildroot's host python has no cryptography: the image must still say DEVELOPMENT."""
+    dev = pki.create_firmware_ca(tmp_path / "dev", development=True)
+    prod = pki.create_firmware_ca(tmp_path / "prod")
+    monkeypatch.setitem(sys.modules, "cryptography", None)
+    assert boardlib._is_development(dev.cert)
+    assert not boardlib._is_development(prod.cert)
