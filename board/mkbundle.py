@@ -104,9 +104,12 @@ def build_bundle(board_name: str, rootfs: Path | None = None, keys: Path | None 
             raise BuildError(f"{rootfs} is not a squashfs slot image")
     if shutil.which("rauc") is None:
         raise BuildError("rauc is not installed (make setup installs it)")
+    version = version or bundle_version()
+    if not box.plain_text(version) or "\\" in version:
+        raise BuildError(f"the version must be plain text (no control characters, newlines or"
+                         f" backslashes, at most {box.MAX_TEXT} characters): {version!r}")
     fw = boardlib.ensure_firmware_keys(keys, signer=True)
     epoch = boardlib.source_epoch()
-    version = version or bundle_version()
     compatible = boardlib.rauc_compatible(board)
     step(f"board {board.name}: compatible {compatible}, version {version}, "
          f"slot image {rootfs} ({rootfs.stat().st_size / MiB:.1f} MiB), "

@@ -104,3 +104,32 @@ def test_a_path_that_looks_like_an_option(keys: Path, tmp_path: Path,
     shutil.copyfile(real, tmp_path / "-c.raucb")
     monkeypatch.chdir(tmp_path)
     assert bundle.inspect(Path("-c.raucb"), keys / "firmware-ca.pem", X86).version == "1"
+
+
+def test_mkbundle_refuses_a_version_that_is_not_plain_before_signing(keys: Path,
+                                                                    tmp_path: Path) -> None:
+    """--version goes into the manifest as is: a newline would add sections of its own."""
+    for bad in ("1\n[handler]\nfilename=rootfs.img", "1\x1b[31m", "1\\nOK"):
+        with pytest.raises(mkbundle.BuildError, match="version .*plain"):
+            mkbundle.build_bundle("qemu-x86_64", keys / "slot.img", keys, tmp_path / "o",
+                                  version=bad, work=tmp_path / "w")
+        assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+
+
+def test_the_payload_check_needs_room_for_the_image_first(keys: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A huge bundle must not fill the scratch folder (/data on a box) before it is refused."""
+    good = _signed(keys, tmp_path, HEAD + ROOTFS)
+    real_run = subprocess.run
+    calls: list[list[str]] = []
+
+    def spy(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        calls.append(cmd)
+        return real_run(cmd, **kw)  # type: ignore[call-overload, no-any-return]
+
+    monkeypatch.setattr(subprocess, "run", spy)
+    monkeypatch.setattr(bundle.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(  # type: ignore[attr-defined]
+        10 << 20, 10 << 20, 50 << 10))
+    with pytest.raises(bundle.BundleError, match=r"no room .*scratch"):
+        bundle.inspect(good, keys / "firmware-ca.pem", X86, check_payload=True, scratch=tmp_path)
+    assert [c[1] for c in calls] == ["info"]

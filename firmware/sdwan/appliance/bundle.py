@@ -49,6 +49,8 @@ MANIFEST_KEYS = {
 }
 MAX_TEXT = 200  # characters of a manifest's compatible, version, description, build
 MAX_SIGNATURE = 1 << 20
+# Left free in the scratch folder by the payload check (it holds the box's data).
+SCRATCH_RESERVE = 8 << 20
 
 
 class BundleError(Exception):
@@ -224,7 +226,7 @@ def signed_manifest(path: Path) -> str:
         raise UnsafeManifest(f"{path}: cannot read the signed manifest: {e}") from None
 
 
-def _plain(text: str) -> bool:
+def plain_text(text: str) -> bool:
     return len(text) <= MAX_TEXT and not any(
         unicodedata.category(c)[0] in "CZ" and c != " " for c in text)
 
@@ -263,7 +265,7 @@ def parse_manifest(path: Path, signed: str) -> dict[str, dict[str, str]]:
             raise UnsafeManifest(f"{path}: the manifest's [{section}] has {what}: bundles for"
                                  " this box carry no hooks and nothing but the root slot image")
         value = _unescape(value.strip())
-        if not _plain(value):
+        if not plain_text(value):
             raise UnsafeManifest(f"{path}: the manifest's {key} is not plain text (control"
                                  f" characters or over {MAX_TEXT} characters):"
                                  f" {ascii(value[:60])}")
@@ -326,7 +328,8 @@ def inspect(
             raise BundleError(f"{path}: rauc info gave no JSON: {done.stdout[:200]!r}") from None
         signer = re.search(r"Verified \w+ signature by '([^']*)'", done.stderr)
         # Text from the signed manifest itself: rauc's JSON under LC_ALL=C is not lossless.
-        update = parse_manifest(path, signed_manifest(path)).get("update", {})
+        sections = parse_manifest(path, signed_manifest(path))
+        update = sections.get("update", {})
         if manifest.get("hooks") or [i.slot_class for i in _images(manifest)] != [SLOT_CLASS]:
             raise UnsafeManifest(f"{path}: rauc reads hooks {manifest.get('hooks')} or images"
                                  f" other than one {SLOT_CLASS!r}: {_images(manifest)}")
@@ -336,6 +339,15 @@ def inspect(
                 f"{path}: a bundle for {got!r}, not for this box ({compatible!r}): refused",
                 got, compatible)
         if check_payload:
+            try:
+                need = int(sections[f"image.{SLOT_CLASS}"].get("size", "0")) + SCRATCH_RESERVE
+            except ValueError:
+                raise UnsafeManifest(f"{path}: the image size is not a number") from None
+            free = shutil.disk_usage(tmp).free
+            if free < need:
+                raise BundleError(
+                    f"{path}: no room to check the payload in the scratch folder {tmp}: the"
+                    f" image needs {need >> 20} MiB with a reserve, {free >> 20} MiB are free")
             done = _run([rauc, "extract", f"--conf={conf}", str(path), str(Path(tmp) / "x")],
                         timeout)
             shutil.rmtree(Path(tmp) / "x", ignore_errors=True)
