@@ -743,6 +743,44 @@ _DEV_BANNER = """\
 ########################################################################################"""
 
 
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.S)
+_FIRMWARE_CA_SUFFIX = "firmware signing CA"  # socket-pki's subject of a firmware CA
+
+
+def _check_firmware_ca(ca: Path) -> None:
+    """firmware-ca.pem becomes the keyring of every image, and RAUC trusts every certificate
+    in it to sign firmware: it must be one certificate, a firmware signing CA (socket-pki
+    firmware-ca), never the account CA (renamed or appended) nor a leaf."""
+    data = ca.read_bytes()
+    blocks = _PEM_CERT.findall(data)
+    if len(blocks) != 1:
+        raise BuildError(f"{ca} holds {len(blocks)} PEM certificates, not one: the image's "
+                         "keyring must be the firmware signing CA alone (RAUC trusts every "
+                         "certificate in it to sign firmware)")
+    try:
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        # No crypto library (Buildroot's host python): a self-signed firmware CA names itself
+        # twice in its DER, as issuer and as subject; its signer or a site names it once or not.
+        ok = base64.b64decode(blocks[0]).count(_FIRMWARE_CA_SUFFIX.encode()) >= 2
+        subject = "?"
+    else:
+        try:
+            cert = x509.load_pem_x509_certificate(data)
+            ca_ext = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except (ValueError, x509.ExtensionNotFound):
+            ca_ext = False
+            cert = None
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME) if cert else []
+        ok = bool(ca_ext and names and str(names[0].value).endswith(_FIRMWARE_CA_SUFFIX))
+        subject = cert.subject.rfc4514_string() if cert else "unreadable"
+    if not ok:
+        raise BuildError(f"{ca} is not a firmware signing CA (subject {subject!r}): the image's "
+                         "keyring must be the certificate socket-pki firmware-ca made, never the "
+                         "account CA nor a signer or site certificate (docs/update.md)")
+
+
 def _is_default_keys(directory: Path) -> bool:
     return directory.resolve() == DEFAULT_FIRMWARE_KEYS.resolve()
 
@@ -838,8 +876,7 @@ def ensure_firmware_keys(keys: str | os.PathLike[str] | None = None, *,
                     f"remove {directory} and build again")
         raise BuildError(f"FIRMWARE_KEYS {directory} lacks {', '.join(missing)} ({how})")
     ca = directory / FIRMWARE_CA_CERT
-    if b"-----BEGIN CERTIFICATE-----" not in ca.read_bytes():
-        raise BuildError(f"{ca} is not a PEM certificate")
+    _check_firmware_ca(ca)
     return FirmwareKeys(directory, ca, directory / SIGNER_CERT, directory / SIGNER_KEY,
                         _is_development(ca))
 

@@ -80,3 +80,32 @@ def test_development_is_told_without_a_crypto_library(
     monkeypatch.setitem(sys.modules, "cryptography", None)
     assert boardlib._is_development(dev.cert)
     assert not boardlib._is_development(prod.cert)
+
+
+@pytest.mark.parametrize("crypto", [True, False])
+def test_the_keyring_of_an_image_is_the_firmware_ca_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crypto: bool) -> None:
+    """An account CA renamed firmware-ca.pem, or appended to it, would let the account CA's
+    holder mint a code signer that every box of the image trusts."""
+    acct = pki.create_ca(tmp_path / "acct")
+    fw = pki.create_firmware_ca(tmp_path / "fw")
+    site = pki.issue_site(tmp_path / "acct", 7)
+    if not crypto:
+        monkeypatch.setitem(sys.modules, "cryptography", None)
+    cases = {
+        "renamed": acct.cert.read_bytes(),
+        "appended": fw.cert.read_bytes() + acct.cert.read_bytes(),
+        "site": site.cert.read_bytes(),
+    }
+    for name, pem in cases.items():
+        keys = tmp_path / name
+        keys.mkdir()
+        (keys / "firmware-ca.pem").write_bytes(pem)
+        with pytest.raises(boardlib.BuildError,
+                           match=r"firmware-ca.pem.*(one|firmware signing CA)"):
+            boardlib.ensure_firmware_keys(keys, signer=False)
+        with pytest.raises(boardlib.BuildError):
+            boardlib.install_rauc_files(tmp_path / "root", boardlib.load_board("x86_64"), keys)
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "ok" / "firmware-ca.pem").write_bytes(fw.cert.read_bytes())
+    assert not boardlib.ensure_firmware_keys(tmp_path / "ok", signer=False).development
