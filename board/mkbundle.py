@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("board", help="a folder of board/ with a board.toml, e.g. qemu-x86_64")
     ap.add_argument("--rootfs", type=Path, default=None,
                     help="the slot image (default build/images/<board>.rootfs.img)")
-    ap.add_argument("--keys", type=Path, default=None,
+    # An empty --keys (make's FIRMWARE_KEYS= ) is no folder: the default, as for images.
+    ap.add_argument("--keys", type=lambda s: Path(s) if s else None, default=None,
                     help="the firmware keys: firmware-ca.pem, signer.pem, signer.key "
                          "(default $FIRMWARE_KEYS, else build/firmware-keys; made as "
                          "development keys when missing)")

@@ -109,3 +109,15 @@ def test_the_keyring_of_an_image_is_the_firmware_ca_alone(
     (tmp_path / "ok").mkdir()
     (tmp_path / "ok" / "firmware-ca.pem").write_bytes(fw.cert.read_bytes())
     assert not boardlib.ensure_firmware_keys(tmp_path / "ok", signer=False).development
+
+
+def test_an_empty_firmware_keys_is_the_default_for_bundles_as_for_images(
+        default: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make bundle FIRMWARE_KEYS=` passes --keys "": not the current folder."""
+    mkbundle = board_module("mkbundle")
+    seen: list[object] = []
+    monkeypatch.setattr(mkbundle, "build_bundle", lambda board, rootfs, keys, *a: seen.append(keys))
+    monkeypatch.setenv("FIRMWARE_KEYS", "")
+    assert mkbundle.main(["qemu-x86_64", "--keys", ""]) == 0
+    assert boardlib.firmware_keys_dir(seen[0]) == default  # type: ignore[arg-type]
+    assert boardlib.firmware_keys_dir() == default
