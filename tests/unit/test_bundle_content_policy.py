@@ -133,3 +133,24 @@ def test_the_payload_check_needs_room_for_the_image_first(keys: Path, tmp_path: 
     with pytest.raises(bundle.BundleError, match=r"no room .*scratch"):
         bundle.inspect(good, keys / "firmware-ca.pem", X86, check_payload=True, scratch=tmp_path)
     assert [c[1] for c in calls] == ["info"]
+
+
+def test_a_bundle_still_open_elsewhere_says_so(keys: Path, tmp_path: Path) -> None:
+    """RAUC leases the file for the payload check: a download still writing it is named as
+    such, not as a lack of root or ownership (this runs as the file's owner)."""
+    good = _signed(keys, tmp_path, HEAD + ROOTFS)
+    with good.open("r+b"), pytest.raises(bundle.BundleError, match="open elsewhere") as e:
+        bundle.inspect(good, keys / "firmware-ca.pem", X86, check_payload=True, scratch=tmp_path)
+    assert "run as root" not in str(e.value)
+
+
+@pytest.mark.parametrize("rauc_says, told", [
+    ("could not ensure exclusive bundle access (F_SETLEASE): Invalid argument",
+     "does not support leases"),
+    ("could not ensure exclusive bundle access (F_SETLEASE): EACCES: missing capability"
+     " CAP_LEASE?", "run as root or as the file's owner"),
+])
+def test_lease_refusals_name_their_cause(tmp_path: Path, rauc_says: str, told: str) -> None:
+    msg = str(bundle._refusal(tmp_path / "b.raucb", "cannot check bundle payload without"
+                              f" exclusive access: {rauc_says}\n"))
+    assert told in msg

@@ -152,8 +152,16 @@ def _refusal(path: Path, stderr: str) -> BundleError:
     msg = _rauc_message(stderr)
     low = msg.lower()
     if "exclusive" in low and "access" in low:
+        if "eagain" in low or "temporarily unavailable" in low:
+            why = ("the file is open elsewhere (a download still writing it?): close it, or"
+                   " check a copy")
+        elif "invalid argument" in low or "einval" in low:
+            why = ("its file system does not support leases (NFS, FUSE, overlay, ...): copy it"
+                   " to a local file system such as /data")
+        else:
+            why = "run as root or as the file's owner"
         return BundleError(f"{path}: cannot check the payload: RAUC needs an exclusive lease on"
-                           f" the file (run as root or as the file's owner): {msg}")
+                           f" the file: {why}: {msg}")
     if "not allowed" in low and "format" in low:
         return UnsupportedFormat(f"{path}: a bundle format this box does not take: {msg}")
     if "payload is corrupted" in low or "verification of data area failed" in low:
