@@ -154,3 +154,24 @@ def test_lease_refusals_name_their_cause(tmp_path: Path, rauc_says: str, told: s
     msg = str(bundle._refusal(tmp_path / "b.raucb", "cannot check bundle payload without"
                               f" exclusive access: {rauc_says}\n"))
     assert told in msg
+
+
+def test_a_bundle_replaced_between_rauc_and_the_manifest_read_is_refused(
+        keys: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest is read from the file after rauc verified it: the two must agree."""
+    first = _signed(keys, tmp_path, HEAD + ROOTFS)
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copyfile(keys / "slot.img", tmp_path / "slot2.img")
+    with (tmp_path / "slot2.img").open("ab") as f:
+        f.write(b"\0" * 4096)
+    (keys / "slot.img").rename(tmp_path / "slot.keep")
+    shutil.copyfile(tmp_path / "slot2.img", keys / "slot.img")
+    try:
+        second = _signed(keys, other, HEAD + ROOTFS)
+    finally:
+        (tmp_path / "slot.keep").replace(keys / "slot.img")
+    swapped = bundle.signed_manifest(second)
+    monkeypatch.setattr(bundle, "signed_manifest", lambda p: swapped)
+    with pytest.raises(bundle.BundleError, match="changed while"):
+        bundle.inspect(first, keys / "firmware-ca.pem", X86)

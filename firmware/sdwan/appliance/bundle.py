@@ -341,6 +341,12 @@ def inspect(
         if manifest.get("hooks") or [i.slot_class for i in _images(manifest)] != [SLOT_CLASS]:
             raise UnsafeManifest(f"{path}: rauc reads hooks {manifest.get('hooks')} or images"
                                  f" other than one {SLOT_CLASS!r}: {_images(manifest)}")
+        # Read after rauc verified the file: both must describe the same image.
+        image = sections.get(f"image.{SLOT_CLASS}", {})
+        if (image.get("sha256"), image.get("size")) != (
+                _images(manifest)[0].sha256, str(_images(manifest)[0].size)):
+            raise BundleError(f"{path}: the bundle changed while being checked: its manifest"
+                              " is not the one rauc verified")
         got = update.get("compatible", "")
         if got != compatible:
             raise OtherBoard(
