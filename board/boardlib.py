@@ -31,6 +31,7 @@ Buildroot's scripts call it as (with Buildroot's host python, 3.11 or later):
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import gzip
 import io
@@ -41,6 +42,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import tomllib
 import uuid
 from collections.abc import Iterable, Iterator
@@ -741,7 +743,67 @@ _DEV_BANNER = """\
 ########################################################################################"""
 
 
-def _make_development_keys(keys: Path) -> None:
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.S)
+_FIRMWARE_CA_SUFFIX = "firmware signing CA"  # socket-pki's subject of a firmware CA
+
+
+def _check_firmware_ca(ca: Path) -> None:
+    """firmware-ca.pem becomes the keyring of every image, and RAUC trusts every certificate
+    in it to sign firmware: it must be one certificate, a firmware signing CA (socket-pki
+    firmware-ca), never the account CA (renamed or appended) nor a leaf."""
+    data = ca.read_bytes()
+    blocks = _PEM_CERT.findall(data)
+    if len(blocks) != 1:
+        raise BuildError(f"{ca} holds {len(blocks)} PEM certificates, not one: the image's "
+                         "keyring must be the firmware signing CA alone (RAUC trusts every "
+                         "certificate in it to sign firmware)")
+    try:
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        # No crypto library (Buildroot's host python): a self-signed firmware CA names itself
+        # twice in its DER, as issuer and as subject; its signer or a site names it once or not.
+        ok = base64.b64decode(blocks[0]).count(_FIRMWARE_CA_SUFFIX.encode()) >= 2
+        subject = "?"
+    else:
+        try:
+            cert = x509.load_pem_x509_certificate(data)
+            ca_ext = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except (ValueError, x509.ExtensionNotFound):
+            ca_ext = False
+            cert = None
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME) if cert else []
+        ok = bool(ca_ext and names and str(names[0].value).endswith(_FIRMWARE_CA_SUFFIX))
+        subject = cert.subject.rfc4514_string() if cert else "unreadable"
+    if not ok:
+        raise BuildError(f"{ca} is not a firmware signing CA (subject {subject!r}): the image's "
+                         "keyring must be the certificate socket-pki firmware-ca made, never the "
+                         "account CA nor a signer or site certificate (docs/update.md)")
+
+
+def _is_default_keys(directory: Path) -> bool:
+    return directory.resolve() == DEFAULT_FIRMWARE_KEYS.resolve()
+
+
+def _make_development_keys(keys: Path) -> bool:
+    """A development CA and signer in keys, made in a folder beside it and renamed into place:
+    an interrupted build leaves no half-made keys. False if another build made them first."""
+    keys.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{keys.name}.", dir=keys.parent))
+    try:
+        _make_development_keys_in(tmp)
+        try:
+            os.rename(tmp, keys)
+        except OSError:
+            if not (keys / FIRMWARE_CA_CERT).is_file():
+                raise
+            return False
+        return True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _make_development_keys_in(keys: Path) -> None:
     sys.path.insert(0, str(ROOT / "firmware"))
     try:
         from sdwan.pop import pki
@@ -769,13 +831,16 @@ def _make_development_keys(keys: Path) -> None:
 
 
 def _is_development(ca_cert: Path) -> bool:
-    # socket-pki marks a development CA in its subject; a PEM read without a crypto library
-    # is enough to tell, and a wrong guess only changes a warning.
+    # socket-pki marks a development CA in its subject. Without a crypto library (Buildroot's
+    # host python) the mark is read from the certificate's DER, where the subject is as is.
+    data = ca_cert.read_bytes()
     try:
         from cryptography import x509
     except ImportError:
-        return False
-    cert = x509.load_pem_x509_certificate(ca_cert.read_bytes())
+        pem = re.search(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", data,
+                        re.S)
+        return bool(pem) and b" DEVELOPMENT " in base64.b64decode(pem.group(1))  # type: ignore[union-attr]
+    cert = x509.load_pem_x509_certificate(data)
     return "DEVELOPMENT" in cert.subject.rfc4514_string().split()
 
 
@@ -786,8 +851,15 @@ def ensure_firmware_keys(keys: str | os.PathLike[str] | None = None, *,
     key stays offline); a bundle (signer=True) needs signer.pem and signer.key too."""
     directory = firmware_keys_dir(keys)
     if not directory.exists():
-        _make_development_keys(directory)
-        print(_DEV_BANNER.format(keys=directory), file=sys.stderr, flush=True)
+        if not _is_default_keys(directory):
+            raise BuildError(
+                f"FIRMWARE_KEYS {directory} does not exist: name the folder of the firmware "
+                "keys (firmware-ca.pem; signer.pem, signer.key to sign), or leave FIRMWARE_KEYS "
+                f"unset for the development keys of {DEFAULT_FIRMWARE_KEYS}. development keys "
+                "are made only there, never in place of a missing folder (an unmounted key "
+                "medium, a typo)")
+        if _make_development_keys(directory):
+            print(_DEV_BANNER.format(keys=directory), file=sys.stderr, flush=True)
     if not directory.is_dir():
         raise BuildError(f"FIRMWARE_KEYS {directory} is not a directory")
     if (directory / "ca.key").exists() or (directory / "ca.pem").exists():
@@ -799,10 +871,12 @@ def ensure_firmware_keys(keys: str | os.PathLike[str] | None = None, *,
     if missing:
         how = ("socket-pki firmware-signer CA_DIR --out " + str(directory)
                if FIRMWARE_CA_CERT not in missing else "socket-pki firmware-ca")
+        if _is_default_keys(directory):
+            how += (f"; if it is a half-made development key folder of an interrupted build, "
+                    f"remove {directory} and build again")
         raise BuildError(f"FIRMWARE_KEYS {directory} lacks {', '.join(missing)} ({how})")
     ca = directory / FIRMWARE_CA_CERT
-    if b"-----BEGIN CERTIFICATE-----" not in ca.read_bytes():
-        raise BuildError(f"{ca} is not a PEM certificate")
+    _check_firmware_ca(ca)
     return FirmwareKeys(directory, ca, directory / SIGNER_CERT, directory / SIGNER_KEY,
                         _is_development(ca))
 

@@ -104,9 +104,12 @@ def build_bundle(board_name: str, rootfs: Path | None = None, keys: Path | None 
             raise BuildError(f"{rootfs} is not a squashfs slot image")
     if shutil.which("rauc") is None:
         raise BuildError("rauc is not installed (make setup installs it)")
+    version = version or bundle_version()
+    if not box.plain_text(version) or "\\" in version:
+        raise BuildError(f"the version must be plain text (no control characters, newlines or"
+                         f" backslashes, at most {box.MAX_TEXT} characters): {version!r}")
     fw = boardlib.ensure_firmware_keys(keys, signer=True)
     epoch = boardlib.source_epoch()
-    version = version or bundle_version()
     compatible = boardlib.rauc_compatible(board)
     step(f"board {board.name}: compatible {compatible}, version {version}, "
          f"slot image {rootfs} ({rootfs.stat().st_size / MiB:.1f} MiB), "
@@ -169,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("board", help="a folder of board/ with a board.toml, e.g. qemu-x86_64")
     ap.add_argument("--rootfs", type=Path, default=None,
                     help="the slot image (default build/images/<board>.rootfs.img)")
-    ap.add_argument("--keys", type=Path, default=None,
+    # An empty --keys (make's FIRMWARE_KEYS= ) is no folder: the default, as for images.
+    ap.add_argument("--keys", type=lambda s: Path(s) if s else None, default=None,
                     help="the firmware keys: firmware-ca.pem, signer.pem, signer.key "
                          "(default $FIRMWARE_KEYS, else build/firmware-keys; made as "
                          "development keys when missing)")

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from updatekit import dev_keys
 
 REPO = Path(__file__).resolve().parents[2]
 TREE = REPO / "buildroot"
@@ -252,7 +253,7 @@ def _fake_module_tree(root: Path, kver: str, names: list[str]) -> None:
 def target(tmp_path: Path, boardlib: ModuleType, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A Buildroot-like target folder of the qemu-x86_64 board."""
     # The post-build installs RAUC's keyring: development keys of the test's own.
-    monkeypatch.setenv("FIRMWARE_KEYS", str(tmp_path / "firmware-keys"))
+    monkeypatch.setenv("FIRMWARE_KEYS", str(dev_keys(tmp_path / "firmware-keys")))
     busybox = shutil.which("busybox")
     if busybox is None or Path(busybox).resolve().read_bytes()[18] != 0x3E:  # EM_X86_64
         pytest.skip("needs the host's busybox on x86_64 (scripts/setup.sh installs it)")

@@ -12,6 +12,7 @@ import pytest
 from updatekit import (
     board_module,
     content_dir,
+    dev_keys,
     flip_byte,
     make_slot_image,
     needs_rauc,
@@ -40,7 +41,7 @@ class Made:
 def made(tmp_path_factory: pytest.TempPathFactory) -> Made:
     d = tmp_path_factory.mktemp("inspect")
     slot = make_slot_image(d / "slot.img", seed="inspect")
-    keys = d / "keys"
+    keys = dev_keys(d / "keys")
     good = mkbundle.build_bundle("qemu-x86_64", slot, keys, d / "out", version="2.0+test",
                                  work=d / "w1").path
     arm = mkbundle.build_bundle("qemu-aarch64", slot, keys, d / "out", work=d / "w2").path

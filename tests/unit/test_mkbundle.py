@@ -14,6 +14,7 @@ import pytest
 from updatekit import (
     board_module,
     content_dir,
+    dev_keys,
     flip_byte,
     make_slot_image,
     needs_rauc,
@@ -42,7 +43,7 @@ class Built:
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     d = tmp_path_factory.mktemp("bundles")
     slot = make_slot_image(d / "slot.img")
-    keys = d / "keys"
+    keys = dev_keys(d / "keys")
     x86 = mkbundle.build_bundle("qemu-x86_64", slot, keys, d / "out", work=d / "w1").path
     arm = mkbundle.build_bundle("qemu-aarch64", slot, keys, d / "out", work=d / "w2").path
     board = boardlib.load_board("qemu-x86_64")
@@ -190,8 +191,12 @@ def test_payload_is_reproducible(built: Built, tmp_path: Path,
 
 
 def test_missing_keys_are_made_loudly(built: Built, tmp_path: Path,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
-    made = mkbundle.build_bundle("x86_64", built.slot, tmp_path / "dev", tmp_path / "o",
+                                      capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only the default folder (build/firmware-keys) is made when missing.
+    monkeypatch.setattr(boardlib, "DEFAULT_FIRMWARE_KEYS", tmp_path / "dev")
+    monkeypatch.delenv("FIRMWARE_KEYS", raising=False)
+    made = mkbundle.build_bundle("x86_64", built.slot, None, tmp_path / "o",
                                  work=tmp_path / "w")
     out = capsys.readouterr()
     assert "made a DEVELOPMENT firmware signing CA and signer" in out.err

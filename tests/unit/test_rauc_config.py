@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from updatekit import board_module
+from updatekit import board_module, dev_keys
 
 from sdwan.pop import pki
 
@@ -72,9 +72,12 @@ def test_a_layout_with_other_slot_names_is_refused() -> None:
 
 
 def test_missing_keys_become_development_keys(tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+                                               capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     board = boardlib.load_board("qemu-aarch64")
     root, keys = tmp_path / "root", tmp_path / "keys"
+    # Only the default folder (build/firmware-keys) is made when missing.
+    monkeypatch.setattr(boardlib, "DEFAULT_FIRMWARE_KEYS", keys)
     fw = boardlib.install_rauc_files(root, board, keys)
     err = capsys.readouterr().err
     assert "made a DEVELOPMENT firmware signing CA" in err and "production" in err.lower()
@@ -130,7 +133,7 @@ def test_board_files_include_rauc(tmp_path: Path, capsys: pytest.CaptureFixture[
     """Both builds (mkimage and Buildroot's post-build) get RAUC's files with the board's."""
     board = boardlib.load_board("qemu-x86_64")
     root = tmp_path / "root"
-    boardlib.install_board_files(root, board, 0, firmware_keys=tmp_path / "keys")
+    boardlib.install_board_files(root, board, 0, firmware_keys=dev_keys(tmp_path / "keys"))
     capsys.readouterr()
     conf = _conf((root / "etc/rauc/system.conf").read_text())
     assert conf["system"]["compatible"] == "sdwan-qemu-x86_64"

@@ -35,6 +35,17 @@ def board_module(name: str) -> ModuleType:
     return module
 
 
+def dev_keys(keys: Path) -> Path:
+    """A development firmware CA and signer in keys, as a build makes in its default folder
+    (a build makes none in a folder it is given: that must exist)."""
+    sys.path.insert(0, str(REPO / "firmware"))
+    from sdwan.pop import pki
+
+    pki.create_firmware_ca(keys, development=True)
+    pki.issue_firmware_signer(keys)
+    return keys
+
+
 def make_slot_image(dest: Path, seed: str = "slot", kib: int = 96) -> Path:
     """A squashfs root of a few files, one of them incompressible (RAUC wants a payload of
     more than one block), the same bytes for the same seed."""

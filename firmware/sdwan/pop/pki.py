@@ -424,6 +424,12 @@ def build_signer_certificate(
     only (so it can neither be a DTLS peer nor pass a TLS purpose check)."""
     _check_days(days)
     now = datetime.datetime.now(datetime.UTC)
+    if ca_cert.not_valid_after_utc <= now:
+        raise PkiError(
+            f"the firmware CA {_common_name(ca_cert)!r} expired on"
+            f" {ca_cert.not_valid_after_utc:%Y-%m-%d}: no signer can be issued from it, and"
+            " boxes refuse bundles signed under it (a new CA needs a new keyring on every box)"
+        )
     not_after = min(now + datetime.timedelta(days=days), ca_cert.not_valid_after_utc)
     org = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
     label = _common_name(ca_cert).removesuffix(FIRMWARE_CA_SUFFIX) + "firmware signer"
@@ -970,7 +976,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f" {fw.cert}. Keep the key offline, apart from the account CA")
         elif args.command == "firmware-signer":
             sf = issue_firmware_signer(args.dir, args.out, days=args.days, force=args.force)
-            print(f"issued firmware signer {sf.cert} (key {sf.key}, mode 0600)")
+            end = x509.load_pem_x509_certificate(sf.cert.read_bytes()).not_valid_after_utc
+            ca_end = load_firmware_ca(args.dir)[0].not_valid_after_utc
+            print(f"issued firmware signer {sf.cert} (key {sf.key}, mode 0600), valid until"
+                  f" {end:%Y-%m-%d}" + (" (the firmware CA's end)" if end == ca_end else "")
+                  + ": boxes refuse bundles signed with it after that, re-issue it before")
         elif args.command == "issue-pop":
             pop = issue_pop(args.dir, args.pop_id, args.out, days=args.days, force=args.force)
             print(f"issued PoP {pop.pop_id}: {pop.cert} (key {pop.key}, mode 0600)")
