@@ -7,10 +7,14 @@ FUZZ_SECONDS ?= 60
 # pytest workers: the long QEMU tests run beside the rest (tests/conftest.py orders them).
 TEST_WORKERS ?= 2
 BOARD ?= qemu-x86_64
+# The firmware signing keys (docs/update.md): firmware-ca.pem for the images' keyring,
+# signer.pem and signer.key to sign bundles. A missing folder gets DEVELOPMENT keys.
+FIRMWARE_KEYS ?= build/firmware-keys
+export FIRMWARE_KEYS
 # The images `make test` builds for the system tests (tests/system).
 IMAGE_BOARDS := qemu-x86_64 qemu-aarch64
 
-.PHONY: image images image-repro buildroot-check setup demo test lint test-py test-asan fuzz bench bench-setup \
+.PHONY: image images image-repro bundle buildroot-check setup demo test lint test-py test-asan fuzz bench bench-setup \
 	bench-smoke clean
 
 setup:
@@ -67,6 +71,11 @@ images: setup
 # Builds $(BOARD) twice and fails unless both images have the same sha256.
 image-repro: setup
 	$(PY) board/mkimage.py $(BOARD) --check-repro
+
+# The signed update bundle of $(BOARD) from its slot image: build/images/$(BOARD).raucb
+# (docs/update.md). ROOTFS=path to bundle another slot image.
+bundle: setup
+	$(PY) board/mkbundle.py $(BOARD) --keys "$(FIRMWARE_KEYS)" $(if $(ROOTFS),--rootfs "$(ROOTFS)")
 
 # The Buildroot tree against a Buildroot checkout (docs/buildroot.md): make buildroot-check
 # BUILDROOT=../buildroot. Not part of `make test`: CI has no Buildroot.

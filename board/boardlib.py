@@ -17,7 +17,10 @@ kernel options and boot modules:
   in /etc/sdwan, the links and directories of the read-only root, /etc/os-release;
 * the check that the serial console runs socket-console and nothing else;
 * kernel module closures (modules.dep) and the initramfs (board/common/initramfs/init,
-  busybox, the boot modules) as a reproducible cpio.
+  busybox, the boot modules) as a reproducible cpio;
+* updates: the board's RAUC compatible, its A/B root slots, /etc/rauc/system.conf and the
+  keyring, and the firmware keys of a build (FIRMWARE_KEYS; board/mkbundle.py signs with
+  them, docs/update.md).
 
 Buildroot's scripts call it as (with Buildroot's host python, 3.11 or later):
 
@@ -31,6 +34,7 @@ Buildroot's scripts call it as (with Buildroot's host python, 3.11 or later):
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import gzip
 import io
@@ -41,6 +45,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import tomllib
 import uuid
 from collections.abc import Iterable, Iterator
@@ -69,9 +74,8 @@ KERNEL_IMAGES = {"x86_64": "bzImage", "aarch64": "Image"}
 FIRST_LBA = 2048
 TAIL_SECTORS = 2048
 
-# The boot slots: (RAUC's bootname, GPT name). Each holds a whole system, kernel and
-# initramfs included, so an update replaces them together.
-SLOTS = (("A", "root-a"), ("B", "root-b"))
+# Each boot slot (ROOT_SLOTS, below) holds a whole system, kernel and initramfs included,
+# so an update replaces them together.
 SLOT_KERNEL = "boot/vmlinuz"
 SLOT_INITRD = "boot/initrd.img"
 # GRUB: the platform per architecture, the folder on the ESP it is loaded from (its prefix:
@@ -174,7 +178,7 @@ def load_board(name: str) -> BoardInfo:
             raise BuildError(f"{path}: partition #{i + 1} needs type esp|root|data and "
                              f"size_mib >= 1, got {p!r}")
         parts.append(Partition(str(p.get("name", p["type"])), p["type"], p["size_mib"]))
-    slot_parts = [name for _, name in SLOTS]
+    slot_parts = [slot.partition for slot in ROOT_SLOTS]
     if (sorted(p.type for p in parts) != ["data", "esp", "root", "root"]
             or [p.name for p in parts if p.type == "root"] != slot_parts
             or parts[-1].type != "data"):
@@ -288,7 +292,7 @@ class Slot:
 
 def boot_slots(board: BoardInfo) -> list[Slot]:
     numbers = {p.name: i for i, p in enumerate(board.partitions, 1)}
-    return [Slot(bootname, part, numbers[part]) for bootname, part in SLOTS]
+    return [Slot(s.bootname, s.partition, numbers[s.partition]) for s in root_slots(board)]
 
 
 def grubenv(values: dict[str, str]) -> bytes:
@@ -299,13 +303,6 @@ def grubenv(values: dict[str, str]) -> bytes:
     if len(data) > GRUBENV_SIZE or any("\n" in v or "\\" in v for v in values.values()):
         raise BuildError(f"cannot make a {GRUBENV_SIZE}-byte grubenv of {values!r}")
     return data + b"#" * (GRUBENV_SIZE - len(data))
-
-
-def parse_grubenv(data: bytes) -> dict[str, str]:
-    lines = data.decode().split("\n")
-    if lines[0] != "# GRUB Environment Block":
-        raise ValueError("not a GRUB environment block")
-    return dict(line.split("=", 1) for line in lines[1:] if line and not line.startswith("#"))
 
 
 def initial_grubenv(board: BoardInfo) -> bytes:
@@ -476,9 +473,11 @@ def os_release(board: str, version: str, commit: str) -> str:
             f'VERSION_ID={version}\nBUILD_ID={commit}\nVARIANT_ID={board}\n')
 
 
-def install_board_files(root: Path, board: BoardInfo, epoch: int) -> None:
-    """What the root gets from the board folder (/etc/sdwan) and the fixed layout of the
-    read-only root: /data, the links into /run and /data, empty mount points."""
+def install_board_files(root: Path, board: BoardInfo, epoch: int,
+                        firmware_keys: str | os.PathLike[str] | None = None) -> None:
+    """What the root gets from the board folder (/etc/sdwan), RAUC's configuration and
+    keyring (install_rauc_files, FIRMWARE_KEYS unless firmware_keys is given) and the fixed
+    layout of the read-only root: /data, the links into /run and /data, empty mount points."""
     etc_sdwan = root / "etc/sdwan"
     etc_sdwan.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(board.dir / "board.toml", etc_sdwan / "board.toml")
@@ -488,6 +487,7 @@ def install_board_files(root: Path, board: BoardInfo, epoch: int) -> None:
     (etc_sdwan / "build-time").write_text(f"{epoch}\n")
     if board.qemu_provisioning:
         (etc_sdwan / "qemu-provisioning").write_text("fw_cfg opt/sdwan/data/* seeds /data\n")
+    install_rauc_files(root, board, firmware_keys)
     (root / "etc/hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost\n")
     for link, target in (("etc/resolv.conf", "/run/resolv.conf"),
                          ("etc/mtab", "/proc/self/mounts"),
@@ -769,6 +769,266 @@ def make_initramfs(board: BoardInfo, root: Path, out: Path, epoch: int) -> None:
     (work / "etc/modules.boot").write_text("\n".join(boot_mods) + "\n")
     write_cpio(work, out, epoch)
     shutil.rmtree(work)
+
+
+# ---------------------------------------------------------------- updates (RAUC)
+
+
+@dataclasses.dataclass(frozen=True)
+class RootSlot:
+    partition: str  # GPT name: the box finds it as /dev/disk/by-partlabel/<partition>
+    bootname: str  # RAUC's bootname, the entry of GRUB's ORDER in grubenv
+
+
+# The A/B root slots, in one place for the disk layout, RAUC's slots and GRUB's boot order
+# (root_slots refuses a board.toml whose root partitions are named otherwise).
+ROOT_SLOTS = (RootSlot("root-a", "A"), RootSlot("root-b", "B"))
+# The slot class: [slot.rootfs.N] in system.conf, [image.rootfs] in a bundle's manifest.
+SLOT_CLASS = "rootfs"
+# RAUC 1.8 takes an image's type from its file name: ".img" is written raw to the slot.
+BUNDLE_IMAGE = "rootfs.img"
+RAUC_DIR = "etc/rauc"
+RAUC_KEYRING = "/etc/rauc/keyring.pem"
+RAUC_GRUBENV = "/boot/efi/EFI/BOOT/grubenv"
+RAUC_STATUSFILE = "/data/rauc.status"
+# The root is read-only; RAUC makes its mount points under this prefix.
+RAUC_MOUNT_PREFIX = "/run/rauc"
+DEFAULT_FIRMWARE_KEYS = ROOT / "build" / "firmware-keys"
+FIRMWARE_CA_CERT = "firmware-ca.pem"
+SIGNER_CERT = "signer.pem"
+SIGNER_KEY = "signer.key"
+
+
+def rauc_compatible(board: BoardInfo | str) -> str:
+    """The board's RAUC compatible: the image's system.conf and every bundle for the board
+    carry it, and a box refuses a bundle whose compatible is not its own."""
+    name = board if isinstance(board, str) else board.name
+    return f"sdwan-{name}"
+
+
+def root_slots(board: BoardInfo) -> tuple[RootSlot, ...]:
+    """The board's A/B root slots (every board has the same two). A board.toml that already
+    lists several root partitions must list exactly these, in this order."""
+    roots = [p.name for p in board.partitions if p.type == "root"]
+    wanted = [s.partition for s in ROOT_SLOTS]
+    if len(roots) > 1 and roots != wanted:
+        raise BuildError(f"{board.dir}/board.toml: the root partitions are {roots}, but the "
+                         f"update slots are {wanted} (boardlib.ROOT_SLOTS)")
+    return ROOT_SLOTS
+
+
+def rauc_system_conf(board: BoardInfo, keyring: str = RAUC_KEYRING) -> str:
+    """/etc/rauc/system.conf of the board. Only verity bundles: their payload is checked
+    block by block as it is read, so a damaged download cannot be half written unnoticed.
+    check-purpose=codesign: only a certificate made to sign code (socket-pki
+    firmware-signer) may sign a bundle, never a site's or PoP's TLS certificate."""
+    lines = [
+        f"# Made by board/boardlib.py for board {board.name}: do not edit.",
+        "[system]",
+        f"compatible={rauc_compatible(board)}",
+        "bootloader=grub",
+        f"grubenv={RAUC_GRUBENV}",
+        f"statusfile={RAUC_STATUSFILE}",
+        f"mountprefix={RAUC_MOUNT_PREFIX}",
+        "bundle-formats=verity",
+        "",
+        "[keyring]",
+        f"path={keyring}",
+        "check-purpose=codesign",
+    ]
+    for i, slot in enumerate(root_slots(board)):
+        lines += [
+            "",
+            f"[slot.{SLOT_CLASS}.{i}]",
+            f"device=/dev/disk/by-partlabel/{slot.partition}",
+            "type=raw",
+            f"bootname={slot.bootname}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class FirmwareKeys:
+    dir: Path
+    ca_cert: Path  # the boxes' keyring
+    signer_cert: Path
+    signer_key: Path
+    development: bool
+
+
+def firmware_keys_dir(keys: str | os.PathLike[str] | None = None) -> Path:
+    """FIRMWARE_KEYS: the given folder, else the environment's, else build/firmware-keys.
+    A relative FIRMWARE_KEYS is taken from the repository, as make gives it, also to
+    Buildroot's scripts, which run elsewhere."""
+    if keys is not None:
+        return Path(keys)
+    env = os.environ.get("FIRMWARE_KEYS")
+    return ROOT / env if env else DEFAULT_FIRMWARE_KEYS
+
+
+_DEV_BANNER = """\
+########################################################################################
+# {keys} did not exist: made a DEVELOPMENT firmware signing CA and signer there.
+# Images built with it trust only bundles signed with it, and every bundle signed with it
+# is a development bundle. Production images and bundles must use the real firmware key:
+# FIRMWARE_KEYS=DIR, a folder with firmware-ca.pem (and signer.pem, signer.key to sign),
+# made with socket-pki firmware-ca / firmware-signer (docs/update.md).
+########################################################################################"""
+
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.S)
+_FIRMWARE_CA_SUFFIX = "firmware signing CA"  # socket-pki's subject of a firmware CA
+
+
+def _check_firmware_ca(ca: Path) -> None:
+    """firmware-ca.pem becomes the keyring of every image, and RAUC trusts every certificate
+    in it to sign firmware: it must be one certificate, a firmware signing CA (socket-pki
+    firmware-ca), never the account CA (renamed or appended) nor a leaf."""
+    data = ca.read_bytes()
+    blocks = _PEM_CERT.findall(data)
+    if len(blocks) != 1:
+        raise BuildError(f"{ca} holds {len(blocks)} PEM certificates, not one: the image's "
+                         "keyring must be the firmware signing CA alone (RAUC trusts every "
+                         "certificate in it to sign firmware)")
+    try:
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        # No crypto library (Buildroot's host python): a self-signed firmware CA names itself
+        # twice in its DER, as issuer and as subject; its signer or a site names it once or not.
+        ok = base64.b64decode(blocks[0]).count(_FIRMWARE_CA_SUFFIX.encode()) >= 2
+        subject = "?"
+    else:
+        try:
+            cert = x509.load_pem_x509_certificate(data)
+            ca_ext = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except (ValueError, x509.ExtensionNotFound):
+            ca_ext = False
+            cert = None
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME) if cert else []
+        ok = bool(ca_ext and names and str(names[0].value).endswith(_FIRMWARE_CA_SUFFIX))
+        subject = cert.subject.rfc4514_string() if cert else "unreadable"
+    if not ok:
+        raise BuildError(f"{ca} is not a firmware signing CA (subject {subject!r}): the image's "
+                         "keyring must be the certificate socket-pki firmware-ca made, never the "
+                         "account CA nor a signer or site certificate (docs/update.md)")
+
+
+def _is_default_keys(directory: Path) -> bool:
+    return directory.resolve() == DEFAULT_FIRMWARE_KEYS.resolve()
+
+
+def _make_development_keys(keys: Path) -> bool:
+    """A development CA and signer in keys, made in a folder beside it and renamed into place:
+    an interrupted build leaves no half-made keys. False if another build made them first."""
+    keys.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{keys.name}.", dir=keys.parent))
+    try:
+        _make_development_keys_in(tmp)
+        try:
+            os.rename(tmp, keys)
+        except OSError:
+            if not (keys / FIRMWARE_CA_CERT).is_file():
+                raise
+            return False
+        return True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _make_development_keys_in(keys: Path) -> None:
+    sys.path.insert(0, str(ROOT / "firmware"))
+    try:
+        from sdwan.pop import pki
+    except ImportError:
+        pki = None  # type: ignore[assignment]
+    finally:
+        sys.path.pop(0)
+    if pki is not None:
+        try:
+            pki.create_firmware_ca(keys, development=True)
+            pki.issue_firmware_signer(keys)
+        except pki.PkiError as e:
+            raise BuildError(f"cannot make the development firmware key: {e}") from e
+        return
+    # A python without the firmware's dependencies (Buildroot's host python): the venv's.
+    tool = ROOT / ".venv/bin/socket-pki"
+    if not tool.exists():
+        raise BuildError(f"{keys} does not exist and this python cannot make a development "
+                         "firmware key: run `make bundle` (or socket-pki firmware-ca and "
+                         "firmware-signer) first, or set FIRMWARE_KEYS")
+    for cmd in (["firmware-ca", str(keys), "--development"], ["firmware-signer", str(keys)]):
+        done = subprocess.run([str(tool), *cmd], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BuildError(f"cannot make the development firmware key: {done.stderr.strip()}")
+
+
+def _is_development(ca_cert: Path) -> bool:
+    # socket-pki marks a development CA in its subject. Without a crypto library (Buildroot's
+    # host python) the mark is read from the certificate's DER, where the subject is as is.
+    data = ca_cert.read_bytes()
+    try:
+        from cryptography import x509
+    except ImportError:
+        pem = re.search(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", data,
+                        re.S)
+        return bool(pem) and b" DEVELOPMENT " in base64.b64decode(pem.group(1))  # type: ignore[union-attr]
+    cert = x509.load_pem_x509_certificate(data)
+    return "DEVELOPMENT" in cert.subject.rfc4514_string().split()
+
+
+def ensure_firmware_keys(keys: str | os.PathLike[str] | None = None, *,
+                         signer: bool) -> FirmwareKeys:
+    """The firmware keys of a build (FIRMWARE_KEYS, firmware_keys_dir): a missing folder gets
+    a development CA and signer, said loudly. An image needs firmware-ca.pem only (the CA's
+    key stays offline); a bundle (signer=True) needs signer.pem and signer.key too."""
+    directory = firmware_keys_dir(keys)
+    if not directory.exists():
+        if not _is_default_keys(directory):
+            raise BuildError(
+                f"FIRMWARE_KEYS {directory} does not exist: name the folder of the firmware "
+                "keys (firmware-ca.pem; signer.pem, signer.key to sign), or leave FIRMWARE_KEYS "
+                f"unset for the development keys of {DEFAULT_FIRMWARE_KEYS}. development keys "
+                "are made only there, never in place of a missing folder (an unmounted key "
+                "medium, a typo)")
+        if _make_development_keys(directory):
+            print(_DEV_BANNER.format(keys=directory), file=sys.stderr, flush=True)
+    if not directory.is_dir():
+        raise BuildError(f"FIRMWARE_KEYS {directory} is not a directory")
+    if (directory / "ca.key").exists() or (directory / "ca.pem").exists():
+        raise BuildError(f"FIRMWARE_KEYS {directory} is an account CA directory (ca.pem): "
+                         "firmware is signed under the firmware CA, kept apart "
+                         "(socket-pki firmware-ca, docs/update.md)")
+    need = [FIRMWARE_CA_CERT] + ([SIGNER_CERT, SIGNER_KEY] if signer else [])
+    missing = [n for n in need if not (directory / n).is_file()]
+    if missing:
+        how = ("socket-pki firmware-signer CA_DIR --out " + str(directory)
+               if FIRMWARE_CA_CERT not in missing else "socket-pki firmware-ca")
+        if _is_default_keys(directory):
+            how += (f"; if it is a half-made development key folder of an interrupted build, "
+                    f"remove {directory} and build again")
+        raise BuildError(f"FIRMWARE_KEYS {directory} lacks {', '.join(missing)} ({how})")
+    ca = directory / FIRMWARE_CA_CERT
+    _check_firmware_ca(ca)
+    return FirmwareKeys(directory, ca, directory / SIGNER_CERT, directory / SIGNER_KEY,
+                        _is_development(ca))
+
+
+def install_rauc_files(root: Path, board: BoardInfo,
+                       keys: str | os.PathLike[str] | None = None) -> FirmwareKeys:
+    """/etc/rauc/system.conf of the board and /etc/rauc/keyring.pem, the firmware CA of
+    FIRMWARE_KEYS: the bundles this image will accept."""
+    fw = ensure_firmware_keys(keys, signer=False)
+    etc = root / RAUC_DIR
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "system.conf").write_text(rauc_system_conf(board))
+    shutil.copyfile(fw.ca_cert, root / RAUC_KEYRING.lstrip("/"))
+    for f in ("system.conf", Path(RAUC_KEYRING).name):
+        (etc / f).chmod(0o644)
+    if fw.development:
+        print(f"boardlib: {board.name}: the image trusts the DEVELOPMENT firmware CA of "
+              f"{fw.dir}: it accepts development bundles only", file=sys.stderr, flush=True)
+    return fw
 
 
 # ---------------------------------------------------------------- the Buildroot build

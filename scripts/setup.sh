@@ -16,9 +16,11 @@ APT_PACKAGES=(
   chrony                                   # time sync (lab configs get set_clock = false: -x, never the host clock)
   shellcheck bmap-tools fdisk e2fsprogs    # flash.sh, its lint and its loop-device tests
   xz-utils zstd python3-fusepy
+  dbus-daemon grub-common                  # A/B installs on the host: rauc service's private bus, grub-editenv
   qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64  # the appliance image:
   squashfs-tools mtools dosfstools kmod binutils grub-common         # board/mkimage.py and
   gcc-aarch64-linux-gnu libc6-dev-arm64-cross                        # the system tests
+  rauc                                     # update bundles: board/mkbundle.py and their checks
 )
 
 if [ "$(id -u)" != 0 ]; then

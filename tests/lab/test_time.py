@@ -21,6 +21,24 @@ from sdwan.lab.topology import Lab
 from sdwan.pop import pki
 
 
+def issued_a_month_ago(ca_dir: Path, site_id: int, out: Path) -> pki.SiteFiles:
+    """A site certificate with 10 days left, issued long before, as a box's would be: one
+    issued in the same second as its renewal would tie with it on notBefore (whole
+    seconds), and a tie goes to the configured certificate."""
+    out.mkdir(parents=True)
+    ca_cert, ca_key = pki.load_ca(ca_dir)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = pki.build_site_certificate(ca_cert, ca_key, site_id, key.public_key(), days=10,
+                                      backdate=datetime.timedelta(days=30))
+    files = pki.SiteFiles(site_id=site_id, cert=out / "cert.pem", key=out / "key.pem")
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                            serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    files.key.chmod(0o600)
+    return files
+
+
 def test_a_certificate_near_its_expiry_is_warned_of_and_the_trusted_time_is_stored(
     lab: Lab,
 ) -> None:
@@ -31,21 +49,7 @@ def test_a_certificate_near_its_expiry_is_warned_of_and_the_trusted_time_is_stor
     lab.write_pop_config(pop, sites=[site])
     lab.start_popd(pop)
     ca = lab.setup_pki()
-    # The box's certificate was issued long before it nears its expiry: a renewal in the same
-    # second would tie with it on notBefore (whole seconds), and the configured one wins ties.
-    short_dir = lab.workdir / "pki" / "short-site1"
-    short_dir.mkdir(parents=True)
-    ca_cert, ca_key = pki.load_ca(ca.dir)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = pki.build_site_certificate(ca_cert, ca_key, site.site_id, key.public_key(), days=10,
-                                      backdate=datetime.timedelta(days=30))
-    short = pki.SiteFiles(site_id=site.site_id, cert=short_dir / "cert.pem",
-                          key=short_dir / "key.pem")
-    short.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    short.key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                            serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()))
-    short.key.chmod(0o600)
+    short = issued_a_month_ago(ca.dir, site.site_id, lab.workdir / "pki" / "short-site1")
     lab.write_site_config(site, cert=short.cert, key=short.key,
                           extra_toml=f'[[pops]]\nid = 1\nendpoint = "{pop.host.ip}:4800"\n')
     lab.start_socketd(site)
@@ -128,21 +132,7 @@ def test_a_certificate_near_its_expiry_is_renewed_through_the_pop_and_kept(lab: 
     lab.write_pop_config(pop, sites=[site, other], renewal={})
     lab.start_popd(pop)
     ca = lab.setup_pki()
-    # The box's certificate was issued long before it nears its expiry: a renewal in the same
-    # second would tie with it on notBefore (whole seconds), and the configured one wins ties.
-    short_dir = lab.workdir / "pki" / "short-site1"
-    short_dir.mkdir(parents=True)
-    ca_cert, ca_key = pki.load_ca(ca.dir)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = pki.build_site_certificate(ca_cert, ca_key, site.site_id, key.public_key(), days=10,
-                                      backdate=datetime.timedelta(days=30))
-    short = pki.SiteFiles(site_id=site.site_id, cert=short_dir / "cert.pem",
-                          key=short_dir / "key.pem")
-    short.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    short.key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                            serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()))
-    short.key.chmod(0o600)
+    short = issued_a_month_ago(ca.dir, site.site_id, lab.workdir / "pki" / "short-site1")
     pops = f'[[pops]]\nid = 1\nendpoint = "{pop.host.ip}:4800"\n'
     lab.write_site_config(site, cert=short.cert, key=short.key, extra_toml=pops)
     lab.write_site_config(other, extra_toml=pops)

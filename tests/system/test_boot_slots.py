@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from sites import BOOT_S, hook_args
 
+from sdwan.appliance.raucstatus import parse_grubenv
 from sdwan.lab.vm import VM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "board"))
@@ -49,7 +50,7 @@ def read_grubenv(raw: Path) -> dict[str, str]:
     data = subprocess.run(["mtype", "-i", esp_target(raw), GRUBENV], check=True,
                           capture_output=True, timeout=30).stdout
     assert len(data) == boardlib.GRUBENV_SIZE, len(data)
-    return boardlib.parse_grubenv(data)
+    return parse_grubenv(data)
 
 
 def edit_grubenv(raw: Path, tmp: Path, **values: str) -> None:

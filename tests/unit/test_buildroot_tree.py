@@ -17,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from updatekit import dev_keys
 
 REPO = Path(__file__).resolve().parents[2]
 TREE = REPO / "buildroot"
@@ -266,6 +267,8 @@ def target(tmp_path: Path, boardlib: ModuleType, monkeypatch: pytest.MonkeyPatch
     binaries.mkdir()
     (binaries / "bzImage").write_bytes(b"MZ kernel")
     monkeypatch.setenv("BINARIES_DIR", str(binaries))
+    # The post-build installs RAUC's keyring: development keys of the test's own.
+    monkeypatch.setenv("FIRMWARE_KEYS", str(dev_keys(tmp_path / "firmware-keys")))
     busybox = shutil.which("busybox")
     if busybox is None or Path(busybox).resolve().read_bytes()[18] != 0x3E:  # EM_X86_64
         pytest.skip("needs the host's busybox on x86_64 (scripts/setup.sh installs it)")
@@ -330,6 +333,9 @@ def test_post_build_makes_the_appliance_root(
     initrd = _cpio_names(target / "boot/initrd.img")
     assert initrd["init"] == (REPO / "board/common/initramfs/init").read_bytes()
     assert (target / "boot/efi").is_dir()
+    assert "compatible=sdwan-qemu-x86_64" in (target / "etc/rauc/system.conf").read_text()
+    assert (target / "etc/rauc/keyring.pem").read_bytes() == (
+        target.parent / "firmware-keys/firmware-ca.pem").read_bytes()
 
 
 def test_post_build_needs_the_kernel(

@@ -178,7 +178,7 @@ LINKS = ["wan1", "wan2", "lte"]
         ("s", ["set", "show"]),
         ("sh", ["show"]),
         ("show ", ["events", "firewall", "lan", "links", "log", "mesh", "peers", "pop", "recovery",
-                   "rules", "status"]),
+                   "rules", "slots", "status"]),
         ("show p", ["peers", "pop"]),
         ("show status ", []),
         ("help ", sorted(console.COMMANDS)),

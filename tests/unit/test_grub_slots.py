@@ -16,6 +16,8 @@ from types import ModuleType
 
 import pytest
 
+from sdwan.appliance.raucstatus import GRUB_MAX_TRIES, parse_grubenv
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -77,7 +79,7 @@ def test_the_image_ships_slot_a_good_and_b_empty(boardlib: ModuleType, tmp_path:
     assert len(env) == 1024
     assert env.startswith(b"# GRUB Environment Block\nORDER=A B\n")
     assert env.rstrip(b"#").endswith(b"\n") and env.endswith(b"#")
-    assert boardlib.parse_grubenv(env) == {
+    assert parse_grubenv(env) == {
         "ORDER": "A B", "A_OK": "1", "A_TRY": "0", "B_OK": "0", "B_TRY": "0"}
     editenv = shutil.which("grub-editenv")
     if editenv:  # GRUB's own tool reads it and writes it back at the same size
@@ -88,7 +90,7 @@ def test_the_image_ships_slot_a_good_and_b_empty(boardlib: ModuleType, tmp_path:
         assert listed.splitlines() == ["ORDER=A B", "A_OK=1", "A_TRY=0", "B_OK=0", "B_TRY=0"]
         subprocess.run([editenv, str(path), "set", "B_OK=1"], check=True)
         assert len(path.read_bytes()) == 1024
-        assert boardlib.parse_grubenv(path.read_bytes())["B_OK"] == "1"
+        assert parse_grubenv(path.read_bytes())["B_OK"] == "1"
 
 
 def test_grubenv_refuses_what_does_not_fit(boardlib: ModuleType) -> None:
@@ -97,7 +99,13 @@ def test_grubenv_refuses_what_does_not_fit(boardlib: ModuleType) -> None:
     with pytest.raises(boardlib.BuildError):
         boardlib.grubenv({"X": "two\nlines"})
     with pytest.raises(ValueError):
-        boardlib.parse_grubenv(b"#" * 1024)
+        parse_grubenv(b"#" * 1024)
+
+
+def test_the_updater_counts_tries_as_grub_does(boardlib: ModuleType) -> None:
+    """The updater tells a slot GRUB passes over by the same maximum GRUB counts to."""
+    for board in boardlib.board_names():
+        assert boardlib.load_board(board).boot_tries == GRUB_MAX_TRIES, board
 
 
 def _slot_function(cfg: str, slot: str) -> str:

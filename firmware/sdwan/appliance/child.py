@@ -44,7 +44,8 @@ class Child:
     """One program, kept running. `argv` is asked for at every start (None and a reason:
     it cannot run, said once, never retried); `before_start` is awaited first (a reason: not
     yet, asked again after the delay); `prepare` runs just before each start (its config
-    file); `on_started(pid)` after it; `record(text, data)` says what an operator must hear,
+    file); `on_started(pid)` after it; `env()` its whole environment (None: socketd's);
+    `record(text, data)` says what an operator must hear,
     the program named by `label`."""
 
     def __init__(
@@ -54,6 +55,7 @@ class Child:
         before_start: Callable[[], Awaitable[str | None]] | None = None,
         prepare: Callable[[], None] | None = None,
         on_started: Callable[[int], None] | None = None,
+        env: Callable[[], dict[str, str]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
@@ -63,6 +65,7 @@ class Child:
         self.before_start = before_start
         self.prepare = prepare
         self.on_started = on_started
+        self.env = env
         self.clock = clock
         self.st = ChildState()
         self._proc: asyncio.subprocess.Process | None = None
@@ -145,6 +148,7 @@ class Child:
             self._proc = proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT, preexec_fn=die_with_parent,
+                env=self.env() if self.env is not None else None,
             )
         except OSError as e:
             st.error = f"cannot start {argv[0]}: {e.strerror or e}"

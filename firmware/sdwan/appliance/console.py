@@ -2,7 +2,8 @@
 
 It owns the console's login (one local credential in the data directory, hashed with scrypt,
 written atomically; the default admin/admin must be changed at the first login), the command
-language (`show`, `ping`, `traceroute`, `set link`, `factory-reset`, `reboot`, `help`, `exit`:
+language (`show`, `ping`, `traceroute`, `set link`, `update`, `factory-reset`, `reboot`, `help`,
+`exit`:
 parsing, usage errors and tab completion) and running those commands. Everything about socketd
 goes over the same control socket as socketctl, and the tables are socketctl's. It is not a Unix
 shell: nothing typed reaches one. With a terminal on stdin it edits lines with `readline`;
@@ -44,7 +45,7 @@ from sdwan.site.config import (
     DEFAULT_DATA_DIR,
     ConfigError,
 )
-from sdwan.site.socketctl import FORMATTERS, format_set_link
+from sdwan.site.socketctl import FORMATTERS, follow_update, format_set_link
 
 __all__ = [
     "COMMANDS",
@@ -279,7 +280,7 @@ def uninterruptible() -> Iterator[None]:
 
 SHOW_TOPICS = (
     "status", "links", "lan", "pop", "peers", "mesh", "rules", "recovery", "firewall", "events",
-    "log",
+    "log", "slots",
 )
 EVENTS_DEFAULT = 20
 # The appliance logs to busybox syslogd's ring in RAM (rcS: syslogd -C); logread prints it.
@@ -291,6 +292,9 @@ CONFIRM_RESET = ("factory-reset", "yes")
 _LINK_RE = re.compile(r"[a-z0-9_-]{1,15}")
 # Host names and IPv4/IPv6 literals; never starting with "-", so a host is never an option.
 _HOST_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]{0,252}")
+# A bundle on the box: an absolute path of printable characters, no spaces (a USB stick's
+# mount point or /data).
+_BUNDLE_RE = re.compile(r"/[^\s]{1,1023}")
 
 
 @dataclass(frozen=True)
@@ -301,13 +305,14 @@ class Help:
 
 COMMANDS: dict[str, Help] = {
     "show": Help(
-        "show status|links|lan|pop|peers|mesh|rules|recovery|firewall|events [N]|log [N]",
+        "show status|links|lan|pop|peers|mesh|rules|recovery|firewall|slots|events [N]|log [N]",
         "what socketd is doing: the site and its links' counters, WAN addressing, the LAN port"
         " (its address, DHCP server and leases), the PoP"
         " sessions, the other sites (and their mesh paths), the mesh paths alone, the off-cloud"
         " transport rules (hits, where their traffic goes now), WAN recovery"
         " (active or not, where each site's traffic goes and why), the LAN firewall's rules and"
-        " counters, the latest N events (20), the last N lines of the log (20)",
+        " counters, the A/B slots (versions, booted, good, primary, a commit pending and why),"
+        " the latest N events (20), the last N lines of the log (20)",
     ),
     "ping": Help(
         "ping [-c N] [via LINK] HOST",
@@ -319,6 +324,12 @@ COMMANDS: dict[str, Help] = {
     "set": Help(
         "set link LINK static ADDR/PREFIX GATEWAY | set link LINK dhcp",
         "how LINK gets its address; saved in the data directory and applied at once",
+    ),
+    "update": Help(
+        "update BUNDLE",
+        "install the update bundle at BUNDLE, a file on the box (a USB stick mounted on it, or"
+        " /data; an absolute path), into the slot not running, showing its progress; it starts"
+        " at the next reboot, which is asked for once it is installed",
     ),
     "factory-reset": Help(
         "factory-reset",
@@ -453,6 +464,12 @@ def parse(line: str) -> Command | None:
         return Command(
             "set-link", {"link": link, "mode": "static", "address": str(iface), "gateway": str(gw)}
         )
+    if name == "update":
+        if len(rest) != 1:
+            raise UsageError("update needs one bundle path", usage)
+        if not _BUNDLE_RE.fullmatch(rest[0]):
+            raise UsageError(f"not an absolute path on the box: {rest[0]!r}", usage)
+        return Command("update", {"bundle": rest[0]})
     if name == "help":
         if len(rest) > 1:
             raise UsageError("help takes at most one command", usage)
@@ -954,6 +971,34 @@ class Console:
             self.term.out.flush()
             if mode == "dhcp":
                 self.say("the lease is applied when a DHCP server answers: see show links")
+
+    def cmd_update(self, bundle: str) -> bool:
+        """An A/B update from a file on the box; socketd installs it, the console follows it.
+        The new slot starts only after a reboot the engineer confirms."""
+        self.say(f"checking {bundle} ...")
+        try:
+            st = follow_update(self.opts.socket, bundle, False, self.term.out,
+                               origin=f"the console ({self.user})")
+        except ControlUnreachable as e:
+            self.say(f"socketd is not running: {visible(e)}")
+            return True
+        except ControlError as e:
+            self.say(f"error: {visible(e)}")
+            return True
+        except KeyboardInterrupt:
+            self.say("\nthe install goes on in socketd: show slots tells how it ends")
+            return True
+        if st.get("state") != "installed":
+            self.say(f"error: update failed: {visible(st.get('error') or st.get('state'))}")
+            return True
+        self.say(f"installed {visible(st.get('version'))} into {visible(st.get('slot'))}:"
+                 " it starts at the next reboot")
+        if not self.confirm("Reboot now into it? Type yes to confirm: ", ("yes",)):
+            self.say("not rebooting: reboot starts it later")
+            return True
+        self.record("console.reboot", f"console: reboot by {self.user} after an update",
+                    {"user": self.user})
+        return not self.reboot()
 
     def cmd_reboot(self) -> bool:
         if not self.confirm("Reboot now? Type yes to confirm: ", ("yes",)):

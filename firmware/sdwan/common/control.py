@@ -103,6 +103,11 @@ class ControlServer:
             raise
         log.info("control socket listening on %s", self.path)
 
+    @property
+    def serving(self) -> bool:
+        """Listening for clients now."""
+        return self._server is not None and self._server.is_serving()
+
     async def close(self) -> None:
         if self._server is None:
             return

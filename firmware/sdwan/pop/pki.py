@@ -10,7 +10,14 @@ Owns the certificate profile every other part of the firmware relies on:
 * a PoP certificate: the same profile with CN ``pop-<id>`` and the URI ``sdwan:pop:<id>``.
   A certificate names exactly one identity: a site or a PoP, never both.
 
-Also the ``socket-pki`` command line (``init-ca``, ``issue``, ``issue-pop`` and ``revoke``).
+Apart from the account, the firmware signing CA (``firmware-ca``) and the certificate it
+issues to sign update bundles (``firmware-signer``): EC P-256, the CA ``pathlen=0``, the signer
+``digitalSignature`` with extendedKeyUsage codeSigning (RAUC's ``check-purpose=codesign``). A
+directory holds one kind of CA or the other, never both: a leaked account or site key must not
+be able to sign firmware, nor a leaked firmware key to mint sites (docs/update.md).
+
+Also the ``socket-pki`` command line (``init-ca``, ``issue``, ``issue-pop``, ``revoke``,
+``firmware-ca`` and ``firmware-signer``).
 Private keys are written 0600 and existing files are never overwritten silently. ``revoke``
 adds a ``[[revoked]]`` entry (site id and certificate serial) to the account file, which popd
 applies on its next reload (docs/security.md, "Revoking a site's certificate").
@@ -54,6 +61,15 @@ CA_KEY_NAME = "ca.key"
 DEFAULT_ACCOUNT = "sdwan"
 DEFAULT_CA_DAYS = 3650
 DEFAULT_SITE_DAYS = 825
+FIRMWARE_CA_CERT_NAME = "firmware-ca.pem"
+FIRMWARE_CA_KEY_NAME = "firmware-ca.key"
+SIGNER_CERT_NAME = "signer.pem"
+SIGNER_KEY_NAME = "signer.key"
+# Boxes keep the firmware CA in their keyring for as long as they are in the field.
+DEFAULT_FIRMWARE_CA_DAYS = 7300
+DEFAULT_SIGNER_DAYS = 1825
+FIRMWARE_CA_SUFFIX = "firmware signing CA"
+DEVELOPMENT_MARK = "DEVELOPMENT"
 # Backdating absorbs clock skew between appliances that have just booted and synced NTP.
 _BACKDATE = datetime.timedelta(minutes=5)
 
@@ -150,34 +166,11 @@ def _check_days(days: int) -> int:
     return days
 
 
-def create_ca(
-    ca_dir: str | os.PathLike[str],
-    account: str = DEFAULT_ACCOUNT,
-    days: int = DEFAULT_CA_DAYS,
-) -> CaFiles:
-    """Create the account CA in ``ca_dir`` (made if missing); refuses to replace an existing CA."""
-    _check_days(days)
-    if not account or len(account) > 64:
-        raise PkiError(f"account name must be 1..64 characters, got {account!r}")
-    directory = Path(ca_dir)
-    if directory.exists() and not directory.is_dir():
-        raise PkiError(f"{directory} exists and is not a directory")
-    cert_path, key_path = directory / CA_CERT_NAME, directory / CA_KEY_NAME
-    existing = [str(p) for p in (cert_path, key_path) if p.exists()]
-    if existing:
-        raise PkiError(f"refusing to overwrite an existing CA: {', '.join(existing)} already exist")
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, account),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"{account} account CA"),
-        ]
-    )
+def _ca_certificate(
+    key: ec.EllipticCurvePrivateKey, name: x509.Name, days: int
+) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -185,7 +178,7 @@ def create_ca(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _BACKDATE)
         .not_valid_after(now + datetime.timedelta(days=days))
-        # pathlen=0: the account CA signs sites only; a leaked site key cannot mint sites.
+        # pathlen=0: a CA signs leaves only; a leaked leaf key cannot mint more leaves.
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -201,13 +194,120 @@ def create_ca(
             ),
             critical=True,
         )
-        .add_extension(ski, critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
+
+
+def _account_files(directory: Path) -> list[Path]:
+    """What marks directory as the account's: its CA, site or PoP certificates and keys."""
+    if not directory.is_dir():
+        return []
+    found = [directory / n for n in (CA_CERT_NAME, CA_KEY_NAME) if (directory / n).exists()]
+    for pattern in ("site-*.pem", "site-*.key", "pop-*.pem", "pop-*.key"):
+        found += sorted(directory.glob(pattern))
+    return found
+
+
+def _firmware_files(directory: Path) -> list[Path]:
+    """What marks directory as the firmware signing key's."""
+    if not directory.is_dir():
+        return []
+    names = (FIRMWARE_CA_CERT_NAME, FIRMWARE_CA_KEY_NAME, SIGNER_CERT_NAME, SIGNER_KEY_NAME)
+    return [directory / n for n in names if (directory / n).exists()]
+
+
+def _refuse_firmware_dir(directory: Path, what: str) -> None:
+    found = _firmware_files(directory)
+    if found:
+        raise PkiError(
+            f"{directory} holds the firmware signing key ({', '.join(p.name for p in found)}):"
+            f" refusing to put {what} there. The account CA and the firmware signing CA must"
+            " live in separate directories, so that neither key can stand in for the other"
+            " (docs/update.md)"
+        )
+
+
+def _refuse_account_dir(directory: Path, what: str) -> None:
+    found = _account_files(directory)
+    if found:
+        shown = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+        raise PkiError(
+            f"{directory} is an account CA directory ({shown}): refusing to put {what}"
+            " there. The firmware signing CA and the account CA must live in separate"
+            " directories, so that neither key can stand in for the other (docs/update.md)"
+        )
+
+
+def create_ca(
+    ca_dir: str | os.PathLike[str],
+    account: str = DEFAULT_ACCOUNT,
+    days: int = DEFAULT_CA_DAYS,
+) -> CaFiles:
+    """Create the account CA in ``ca_dir`` (made if missing); refuses to replace an existing CA
+    and to share a directory with the firmware signing CA."""
+    _check_days(days)
+    if not account or len(account) > 64:
+        raise PkiError(f"account name must be 1..64 characters, got {account!r}")
+    directory = Path(ca_dir)
+    if directory.exists() and not directory.is_dir():
+        raise PkiError(f"{directory} exists and is not a directory")
+    _refuse_firmware_dir(directory, "the account CA")
+    cert_path, key_path = directory / CA_CERT_NAME, directory / CA_KEY_NAME
+    existing = [str(p) for p in (cert_path, key_path) if p.exists()]
+    if existing:
+        raise PkiError(f"refusing to overwrite an existing CA: {', '.join(existing)} already exist")
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, account),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"{account} account CA"),
+        ]
+    )
+    cert = _ca_certificate(key, name, days)
     # Key first: a CA certificate without its key would block a retry of init-ca for nothing.
     _write_private(key_path, _key_pem(key))
     _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return CaFiles(cert=cert_path, key=key_path)
+
+
+def _load_key_pair(
+    cert_path: Path, key_path: Path, what: str, hint: str
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except FileNotFoundError:
+        raise PkiError(f"{cert_path} not found ({hint})") from None
+    except (OSError, ValueError) as e:
+        raise PkiError(f"cannot read {what} certificate {cert_path}: {e}") from None
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise PkiError(f"{key_path} not found: the {what} key is needed to issue") from None
+    except (OSError, ValueError, TypeError) as e:
+        raise PkiError(f"cannot read {what} key {key_path}: {e}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PkiError(f"{what} key {key_path} is not an EC key")
+    if key.public_key() != cert.public_key():
+        raise PkiError(f"{what} key {key_path} does not match {what} certificate {cert_path}")
+    return cert, key
+
+
+def _common_name(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
+
+
+def is_firmware_ca(cert: x509.Certificate) -> bool:
+    """Whether cert is a firmware signing CA of socket-pki (by its subject)."""
+    return _common_name(cert).endswith(FIRMWARE_CA_SUFFIX)
+
+
+def is_development_ca(cert: x509.Certificate) -> bool:
+    """Whether cert is a development firmware CA, which no production box may trust."""
+    return is_firmware_ca(cert) and DEVELOPMENT_MARK in _common_name(cert).split()
 
 
 def load_ca(
@@ -218,23 +318,186 @@ def load_ca(
     if not directory.is_dir():
         raise PkiError(f"CA directory {directory} does not exist (create it with init-ca)")
     cert_path, key_path = directory / CA_CERT_NAME, directory / CA_KEY_NAME
-    try:
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-    except FileNotFoundError:
-        raise PkiError(f"{cert_path} not found (create the CA with init-ca)") from None
-    except (OSError, ValueError) as e:
-        raise PkiError(f"cannot read CA certificate {cert_path}: {e}") from None
-    try:
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except FileNotFoundError:
-        raise PkiError(f"{key_path} not found: the CA key is needed to issue") from None
-    except (OSError, ValueError, TypeError) as e:
-        raise PkiError(f"cannot read CA key {key_path}: {e}") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise PkiError(f"CA key {key_path} is not an EC key")
-    if key.public_key() != cert.public_key():
-        raise PkiError(f"CA key {key_path} does not match CA certificate {cert_path}")
+    if not cert_path.exists() and (directory / FIRMWARE_CA_CERT_NAME).exists():
+        raise PkiError(
+            f"{directory} holds the firmware signing CA, not an account CA: site and PoP"
+            " certificates come from the account CA (init-ca), in a directory of its own"
+        )
+    cert, key = _load_key_pair(cert_path, key_path, "CA", "create the CA with init-ca")
+    if is_firmware_ca(cert):
+        raise PkiError(
+            f"{cert_path} is a firmware signing CA ({_common_name(cert)!r}), not an account CA:"
+            " it signs firmware only"
+        )
     return cert, key
+
+
+# ---------------------------------------------------------------- firmware signing
+
+
+@dataclass(frozen=True)
+class FirmwareCaFiles:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class SignerFiles:
+    cert: Path
+    key: Path
+
+
+def create_firmware_ca(
+    ca_dir: str | os.PathLike[str],
+    name: str = DEFAULT_ACCOUNT,
+    days: int = DEFAULT_FIRMWARE_CA_DAYS,
+    development: bool = False,
+) -> FirmwareCaFiles:
+    """Create the firmware signing CA in ``ca_dir``: ``firmware-ca.pem`` (the boxes' keyring)
+    and ``firmware-ca.key``. Refuses to replace one, and to share a directory with the
+    account CA or its sites. ``development`` marks the subject so that every bundle signed
+    under it says so."""
+    _check_days(days)
+    if not name or len(name) > 64:
+        raise PkiError(f"name must be 1..64 characters, got {name!r}")
+    directory = Path(ca_dir)
+    if directory.exists() and not directory.is_dir():
+        raise PkiError(f"{directory} exists and is not a directory")
+    _refuse_account_dir(directory, "the firmware signing CA")
+    cert_path, key_path = directory / FIRMWARE_CA_CERT_NAME, directory / FIRMWARE_CA_KEY_NAME
+    existing = [str(p) for p in (cert_path, key_path) if p.exists()]
+    if existing:
+        raise PkiError(
+            f"refusing to overwrite an existing firmware CA: {', '.join(existing)} already"
+            " exist (every box trusts it: a new one means a new keyring on every box)"
+        )
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    label = f"{name} {DEVELOPMENT_MARK} {FIRMWARE_CA_SUFFIX}" if development else (
+        f"{name} {FIRMWARE_CA_SUFFIX}")
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, name),
+            x509.NameAttribute(NameOID.COMMON_NAME, label),
+        ]
+    )
+    cert = _ca_certificate(key, subject, days)
+    _write_private(key_path, _key_pem(key))
+    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return FirmwareCaFiles(cert=cert_path, key=key_path)
+
+
+def load_firmware_ca(
+    ca_dir: str | os.PathLike[str],
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The firmware CA's certificate and key from ``ca_dir``; refuses an account CA."""
+    directory = Path(ca_dir)
+    if not directory.is_dir():
+        raise PkiError(
+            f"firmware CA directory {directory} does not exist (create it with firmware-ca)"
+        )
+    cert_path = directory / FIRMWARE_CA_CERT_NAME
+    if not cert_path.exists() and (directory / CA_CERT_NAME).exists():
+        raise PkiError(
+            f"{directory} is an account CA directory, not a firmware CA directory: firmware"
+            " is signed under its own CA (firmware-ca), in a directory of its own"
+        )
+    cert, key = _load_key_pair(
+        cert_path, directory / FIRMWARE_CA_KEY_NAME, "firmware CA",
+        "create the firmware CA with firmware-ca",
+    )
+    if not is_firmware_ca(cert):
+        raise PkiError(
+            f"{cert_path} is not a firmware signing CA of socket-pki (its subject is"
+            f" {cert.subject.rfc4514_string()!r})"
+        )
+    return cert, key
+
+
+def build_signer_certificate(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    public_key: ec.EllipticCurvePublicKey,
+    days: int = DEFAULT_SIGNER_DAYS,
+) -> x509.Certificate:
+    """A bundle signing certificate: not a CA, digitalSignature, extendedKeyUsage codeSigning
+    only (so it can neither be a DTLS peer nor pass a TLS purpose check)."""
+    _check_days(days)
+    now = datetime.datetime.now(datetime.UTC)
+    if ca_cert.not_valid_after_utc <= now:
+        raise PkiError(
+            f"the firmware CA {_common_name(ca_cert)!r} expired on"
+            f" {ca_cert.not_valid_after_utc:%Y-%m-%d}: no signer can be issued from it, and"
+            " boxes refuse bundles signed under it (a new CA needs a new keyring on every box)"
+        )
+    not_after = min(now + datetime.timedelta(days=days), ca_cert.not_valid_after_utc)
+    org = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    label = _common_name(ca_cert).removesuffix(FIRMWARE_CA_SUFFIX) + "firmware signer"
+    names = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, str(org[0].value))] if org else []
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([*names, x509.NameAttribute(NameOID.COMMON_NAME, label)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
+def issue_firmware_signer(
+    ca_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | None = None,
+    days: int = DEFAULT_SIGNER_DAYS,
+    force: bool = False,
+) -> SignerFiles:
+    """Issue ``signer.pem`` and ``signer.key`` from the firmware CA into ``out_dir`` (default:
+    the CA dir), never into an account CA directory."""
+    _check_days(days)
+    ca_cert, ca_key = load_firmware_ca(ca_dir)
+    directory = Path(out_dir) if out_dir is not None else Path(ca_dir)
+    if directory.exists() and not directory.is_dir():
+        raise PkiError(f"{directory} exists and is not a directory")
+    _refuse_account_dir(directory, "a firmware signing key")
+    cert_path, key_path = directory / SIGNER_CERT_NAME, directory / SIGNER_KEY_NAME
+    existing = [p for p in (cert_path, key_path) if p.exists()]
+    if existing and not force:
+        raise PkiError(
+            f"refusing to overwrite {', '.join(map(str, existing))} (use --force to reissue)"
+        )
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = build_signer_certificate(ca_cert, ca_key, key.public_key(), days)
+    for p in existing:
+        p.unlink()
+    _write_private(key_path, _key_pem(key))
+    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return SignerFiles(cert=cert_path, key=key_path)
+
+
+# ---------------------------------------------------------------- site and PoP certificates
 
 
 def build_site_certificate(
@@ -336,6 +599,7 @@ def _issue(
     directory = Path(out_dir) if out_dir is not None else Path(ca_dir)
     if directory.exists() and not directory.is_dir():
         raise PkiError(f"{directory} exists and is not a directory")
+    _refuse_firmware_dir(directory, f"the key of {name}")
     cert_path = directory / f"{name}.pem"
     key_path = directory / f"{name}.key"
     existing = [p for p in (cert_path, key_path) if p.exists()]
@@ -623,7 +887,8 @@ def _days_arg(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="socket-pki",
-        description="Create the account CA and issue site and PoP certificates.",
+        description="Create the account CA and issue site and PoP certificates; create the"
+        " firmware signing CA and its bundle signer.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     init = sub.add_parser("init-ca", help="create DIR/ca.pem and DIR/ca.key")
@@ -659,6 +924,26 @@ def _parser() -> argparse.ArgumentParser:
         help="its serial number in hex (as `popctl sites` shows it for each session)",
     )
     revoke.add_argument("--reason", default="", help="kept in the entry's note")
+    fwca = sub.add_parser(
+        "firmware-ca",
+        help="create DIR/firmware-ca.pem and firmware-ca.key, the firmware signing CA (a"
+        " directory apart from the account CA)",
+    )
+    fwca.add_argument("dir", metavar="DIR")
+    fwca.add_argument("--name", default=DEFAULT_ACCOUNT, help="organisation (CA subject)")
+    fwca.add_argument("--days", type=_days_arg, default=DEFAULT_FIRMWARE_CA_DAYS)
+    fwca.add_argument(
+        "--development", action="store_true",
+        help="mark it a development CA (what `make bundle` makes when FIRMWARE_KEYS is missing)",
+    )
+    signer = sub.add_parser(
+        "firmware-signer",
+        help="issue OUTDIR/signer.pem and signer.key from the firmware CA, to sign bundles",
+    )
+    signer.add_argument("dir", metavar="DIR", help="the firmware CA directory")
+    signer.add_argument("--out", metavar="OUTDIR", default=None, help="default: DIR")
+    signer.add_argument("--days", type=_days_arg, default=DEFAULT_SIGNER_DAYS)
+    signer.add_argument("--force", action="store_true", help="replace an existing signer")
     return parser
 
 
@@ -682,6 +967,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("every PoP of the account must refuse it too: revoke it in each PoP's"
                       " account file (the same file everywhere) and reload each popd; compare"
                       " the revoked count and hash in `popctl status` of every PoP")
+        elif args.command == "firmware-ca":
+            fw = create_firmware_ca(
+                args.dir, name=args.name, days=args.days, development=args.development
+            )
+            kind = "DEVELOPMENT firmware CA" if args.development else "firmware signing CA"
+            print(f"created {kind} {fw.cert} (key {fw.key}, mode 0600); the boxes' keyring is"
+                  f" {fw.cert}. Keep the key offline, apart from the account CA")
+        elif args.command == "firmware-signer":
+            sf = issue_firmware_signer(args.dir, args.out, days=args.days, force=args.force)
+            end = x509.load_pem_x509_certificate(sf.cert.read_bytes()).not_valid_after_utc
+            ca_end = load_firmware_ca(args.dir)[0].not_valid_after_utc
+            print(f"issued firmware signer {sf.cert} (key {sf.key}, mode 0600), valid until"
+                  f" {end:%Y-%m-%d}" + (" (the firmware CA's end)" if end == ca_end else "")
+                  + ": boxes refuse bundles signed with it after that, re-issue it before")
         elif args.command == "issue-pop":
             pop = issue_pop(args.dir, args.pop_id, args.out, days=args.days, force=args.force)
             print(f"issued PoP {pop.pop_id}: {pop.cert} (key {pop.key}, mode 0600)")

@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import os
 import re
+import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,7 @@ __all__ = [
     "Site",
     "SiteConfig",
     "Tunnel",
+    "Update",
     "Wan",
     "load_config",
     "vlan_device_name",
@@ -306,6 +308,22 @@ class Appliance:
     crash_loop_window_s: int = 120
 
 
+DEFAULT_RAUC_CONF = Path("/etc/rauc/system.conf")
+DEFAULT_COMMIT_GRACE_S = 300
+
+
+@dataclass(frozen=True)
+class Update:
+    """[update]: A/B updates through RAUC (docs/update.md). The updater runs when RAUC's
+    system.conf is there (the appliance); on a lab or dev host it is absent and nothing runs.
+    A slot booted for the first time is marked good once the box is healthy: the cloud
+    reached, or commit_grace_s passed with the rest healthy."""
+
+    system_conf: Path | None = None
+    commit_grace_s: int = DEFAULT_COMMIT_GRACE_S
+    reboot_command: tuple[str, ...] = ("reboot",)
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     site: Site
@@ -322,6 +340,7 @@ class SiteConfig:
     mesh: Mesh = Mesh()
     wan: Wan = Wan()
     time: Time = Time()
+    update: Update = Update()
 
     def link(self, name: str) -> Link:
         for link in self.links:
@@ -842,6 +861,49 @@ def _check_time(c: Checker, doc: Mapping[str, Any]) -> Time | None:
     if MISSING in (servers, set_clock):
         return None
     return Time(servers=servers, set_clock=set_clock)
+
+
+@expects("a command line (a string, split like a shell would, never run through one)")
+def _command_line(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a command line as a string, got {show(value)}")
+    try:
+        argv = tuple(shlex.split(value))
+    except ValueError as e:
+        raise ValueError(f"cannot split {show(value)}: {e}") from None
+    if not argv:
+        raise ValueError("expected a command, got an empty string")
+    return argv
+
+
+def _check_update(c: Checker, doc: Mapping[str, Any], base: Path) -> Update | None:
+    table = c.table(doc, ("update",), required=False)
+    default_conf = DEFAULT_RAUC_CONF if DEFAULT_RAUC_CONF.is_file() else None
+    if table is None:
+        return Update(system_conf=default_conf)
+    loc: tuple[str, ...] = ("update",)
+    c.known_keys(table, loc, ("system_conf", "commit_grace_s", "reboot_command"))
+    conf: Path | None | object = default_conf
+    raw = table.get("system_conf", MISSING)
+    if raw is False:
+        conf = None
+    elif raw is not MISSING:
+        if isinstance(raw, str) and raw and "\0" not in raw:
+            conf = resolve_path(base, raw)
+            if not conf.is_file():  # type: ignore[union-attr]
+                c.error((*loc, "system_conf"), f"RAUC's system.conf not found: {conf}")
+                conf = MISSING
+        else:
+            c.error((*loc, "system_conf"),
+                    f"expected the path of RAUC's system.conf or false, got {show(raw)}")
+            conf = MISSING
+    grace = c.value(table, (*loc, "commit_grace_s"), int_range(0, 86400),
+                    default=DEFAULT_COMMIT_GRACE_S)
+    reboot = c.value(table, (*loc, "reboot_command"), _command_line, default=("reboot",))
+    if MISSING in (conf, grace, reboot):
+        return None
+    return Update(system_conf=conf, commit_grace_s=grace,  # type: ignore[arg-type]
+                  reboot_command=reboot)
 
 
 _PORT_RANGE_RE = re.compile(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*")
@@ -1371,7 +1433,7 @@ def _validate(doc: dict[str, Any], source: Path, c: Checker) -> SiteConfig | Non
         (),
         (
             "site", "paths", "pki", "lan", "tunnel", "links", "peers", "pops", "cloud",
-            "appliance", "mesh", "wan", "time",
+            "appliance", "mesh", "wan", "time", "update",
         ),
     )
 
@@ -1474,6 +1536,7 @@ def _validate(doc: dict[str, Any], source: Path, c: Checker) -> SiteConfig | Non
     mesh = _check_mesh(c, doc, links)
     wan = _check_wan(c, doc)
     time_cfg = _check_time(c, doc)
+    update = _check_update(c, doc, base)
     _check_overlaps(c, doc)
     if links is not None and lan is not None and peers is not None:
         _check_static_addresses(c, links, owned_subnets(lan, peers))
@@ -1482,7 +1545,7 @@ def _validate(doc: dict[str, Any], source: Path, c: Checker) -> SiteConfig | Non
         return None
     assert site and paths and pki and lan and tunnel and links is not None and peers is not None
     assert pops is not None and cloud is not None and appliance is not None and mesh is not None
-    assert wan is not None and time_cfg is not None
+    assert wan is not None and time_cfg is not None and update is not None
     return SiteConfig(
         site=site,
         paths=paths,
@@ -1498,6 +1561,7 @@ def _validate(doc: dict[str, Any], source: Path, c: Checker) -> SiteConfig | Non
         mesh=mesh,
         wan=wan,
         time=time_cfg,
+        update=update,
     )
 
 

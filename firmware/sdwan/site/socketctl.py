@@ -1,8 +1,9 @@
 """socketctl: the operator's command line over socketd's control socket.
 
 `socketctl [--socket PATH] status|peers|pop|routes|rules|recovery|mesh|firewall|events|links|lan
-[--json]`, `socketctl set-link LINK static ADDR/PREFIX GATEWAY | set-link LINK dhcp`, and
-`socketctl renew` (a new certificate through the PoP). With --json the
+|slots [--json]`, `socketctl set-link LINK static ADDR/PREFIX GATEWAY | set-link LINK dhcp`,
+`socketctl renew` (a new certificate through the PoP), `socketctl update BUNDLE [--reboot]`
+(an A/B update, its progress followed) and `socketctl reboot`. With --json the
 result object is printed as socketd sent it (the field names are a stable interface, see
 docs/socketctl.md); without it, a table for people, in which text from the network (names,
 versions, event texts, reasons) shows control characters as escapes (common/visible.py; the
@@ -169,6 +170,98 @@ def _fastpath_line(fp: Mapping[str, Any]) -> str:
     return text
 
 
+def _slot_name(slot: Mapping[str, Any]) -> str:
+    return f"{_text(slot.get('bootname'))} ({_text(slot.get('name'))})"
+
+
+def _slots_line(u: Mapping[str, Any]) -> str:
+    """`A booted good 1.0.0, B inactive good 2.0.1 (primary); reboot to start 2.0.1`."""
+    if not u.get("enabled"):
+        return "no A/B updates" + (f" ({_text(u['error'])})" if u.get("error") else "")
+    parts = []
+    for slot in u.get("slots") or []:
+        if isinstance(slot, Mapping):
+            primary = " (primary)" if slot.get("primary") else ""
+            parts.append(f"{_text(slot.get('bootname'))} {_text(slot.get('state'))}"
+                         f" {_text(slot.get('boot_status'))} {_text(slot.get('version'))}"
+                         f"{primary}")
+    text = ", ".join(parts) or "unknown"
+    if u.get("error"):
+        text += f"; {_text(u['error'])}"
+    text += _update_notes(u)
+    return text
+
+
+def _update_notes(u: Mapping[str, Any]) -> str:
+    text = ""
+    commit = u.get("commit")
+    if isinstance(commit, Mapping) and commit.get("state") == "pending":
+        text += f"; pending commit: waiting for {_text(commit.get('waiting_for'))}"
+    install = u.get("install")
+    if isinstance(install, Mapping) and install.get("state") in ("checking", "installing"):
+        text += f"; installing {_text(install.get('version'))} ({_num(install.get('percent'))}%)"
+    waiting = u.get("reboot_needed")
+    if isinstance(waiting, Mapping):
+        text += (f"; {_text(waiting.get('version'))} installed into"
+                 f" {_text(waiting.get('slot'))}: reboot to start it")
+    return text
+
+
+@_visible_out
+def format_slots(result: Mapping[str, Any], out: TextIO) -> None:
+    if not result.get("enabled"):
+        out.write(f"{_slots_line(result)}\n")
+        return
+    rows = []
+    for slot in result.get("slots") or []:
+        if not isinstance(slot, Mapping):
+            continue
+        rows.append([
+            _text(slot.get("name")), _text(slot.get("bootname")), _text(slot.get("state")),
+            _text(slot.get("boot_status")), "yes" if slot.get("primary") else _DASH,
+            _text(slot.get("version")), _text(slot.get("installed_at")),
+            _text(slot.get("device")),
+        ])
+    if rows:
+        _table(["SLOT", "BOOT", "STATE", "STATUS", "PRIMARY", "VERSION", "INSTALLED", "DEVICE"],
+               rows, out)
+    else:
+        out.write("no slots known\n")
+    for key in ("error", "read_error"):
+        if result.get(key):
+            out.write(f"error    {_text(result[key])}\n")
+    commit = result.get("commit")
+    if isinstance(commit, Mapping):
+        state = commit.get("state")
+        if state == "pending":
+            text = (f"pending: {_text(commit.get('slot'))} is marked good once healthy,"
+                    f" waiting for {_text(commit.get('waiting_for'))}")
+        elif state == "committed":
+            text = f"{_text(commit.get('slot'))} is marked good"
+        else:
+            text = f"unknown: {_text(commit.get('waiting_for'))}"
+        out.write(f"commit   {text}\n")
+    waiting = result.get("reboot_needed")
+    if isinstance(waiting, Mapping):
+        out.write(f"reboot   needed: {_text(waiting.get('version'))} is installed into"
+                  f" {_text(waiting.get('slot'))} and starts at the next reboot\n")
+    install = result.get("install")
+    if isinstance(install, Mapping) and install.get("state") not in (None, "idle"):
+        text = f"{_text(install.get('state'))} {_text(install.get('bundle'))}"
+        if install.get("version"):
+            text += f" (version {_text(install['version'])})"
+        if install.get("state") in ("checking", "installing"):
+            text += f", {_num(install.get('percent'))}% {_text(install.get('message'))}"
+        if install.get("error"):
+            text += f": {_text(install['error'])}"
+        out.write(f"install  {text}\n")
+    rollback = result.get("rollback")
+    if isinstance(rollback, Mapping):
+        out.write(f"rollback {_text(rollback.get('slot'))} (version"
+                  f" {_text(rollback.get('version'))}) was abandoned:"
+                  f" {_text(rollback.get('why'))}\n")
+
+
 @_visible_out
 def format_status(result: Mapping[str, Any], out: TextIO) -> None:
     site = f"{_text(result.get('site_id'))} ({_text(result.get('name'))})"
@@ -221,6 +314,9 @@ def format_status(result: Mapping[str, Any], out: TextIO) -> None:
     fastpath = result.get("fastpath")
     if isinstance(fastpath, Mapping):
         fields.append(("fastpath", _fastpath_line(fastpath)))
+    slots = result.get("slots")
+    if isinstance(slots, Mapping) and slots.get("enabled"):
+        fields.append(("slots", _slots_line(slots)))
     for name, value in fields:
         out.write(f"{name:<9}{value}\n" if len(name) < 9 else f"{name} {value}\n")
 
@@ -839,6 +935,7 @@ FORMATTERS: dict[str, Callable[[Mapping[str, Any], TextIO], None]] = {
     "events": format_events,
     "links": format_links,
     "lan": format_lan,
+    "slots": format_slots,
 }
 
 
@@ -872,6 +969,7 @@ def build_parser() -> argparse.ArgumentParser:
         "events": "stored events, newest first",
         "links": "WAN links: device state, addressing (none, static, dhcp), address, gateway",
         "lan": "the LAN port: its address, the DHCP server (state, range) and its leases",
+        "slots": "the A/B slots: versions, booted, good, primary, a commit pending and why",
     }
     for name in FORMATTERS:
         sub = commands.add_parser(name, help=helps[name], description=helps[name])
@@ -896,7 +994,74 @@ def build_parser() -> argparse.ArgumentParser:
     renew_help = "ask the PoP for a new certificate now (it is asked by itself 30 days ahead)"
     sub = commands.add_parser("renew", help=renew_help, description=renew_help)
     sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    update_help = ("install an A/B update bundle into the slot not running (its progress"
+                   " shown); it starts at the next reboot, which only --reboot brings")
+    sub = commands.add_parser("update", help=update_help, description=update_help)
+    sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    sub.add_argument("bundle", help="the bundle file (.raucb) on this box")
+    sub.add_argument("--reboot", action="store_true",
+                     help="reboot into the new slot once it is installed")
+    reboot_help = "reboot the box now (into the primary slot: a new one after an update)"
+    sub = commands.add_parser("reboot", help=reboot_help, description=reboot_help)
+    sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     return parser
+
+
+UPDATE_POLL_S = 0.5
+# socketd answers an update at once after its checks (rauc info reads the whole bundle).
+UPDATE_CHECK_TIMEOUT_S = 300.0
+
+
+def follow_update(
+    sock: str, bundle: str, reboot: bool, out: TextIO | None, *, origin: str = "socketctl",
+    timeout: float = 5.0, poll_s: float = UPDATE_POLL_S,
+) -> dict[str, Any]:
+    """Ask socketd to install `bundle` and print its progress lines as they come; the last
+    state. CommandFailed carries a refusal (nothing written); ControlError as `request`."""
+    path = os.path.abspath(bundle)
+    begun = request(sock, "update", timeout=max(timeout, UPDATE_CHECK_TIMEOUT_S), bundle=path,
+                    reboot=reboot, origin=origin)
+    version = begun.get("version")
+    if out is not None:
+        out.write(f"installing {visible(path)}"
+                  f"{' (version ' + visible(version) + ')' if version else ''}"
+                  f" into {_text(begun.get('slot'))}\n")
+        out.flush()
+    seen = int(begun.get("seq") or 0)
+    while True:
+        st = request(sock, "update-status", timeout=timeout, since=seen)
+        for line in st.get("progress") or []:
+            if isinstance(line, Mapping) and isinstance(line.get("seq"), int):
+                seen = max(seen, line["seq"])
+                if out is not None:
+                    out.write(f"{_num(line.get('percent')):>4}%"
+                              f" {_text(line.get('message'))}\n")
+        if out is not None:
+            out.flush()
+        if st.get("state") not in ("checking", "installing"):
+            return st
+        time.sleep(poll_s)
+
+
+def _update(args: argparse.Namespace) -> int:
+    st = follow_update(args.socket, args.bundle, args.reboot,
+                       None if args.json else VisibleWriter(sys.stdout), timeout=args.timeout)
+    if args.json:
+        json.dump(st, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    if st.get("state") != "installed":
+        print(f"socketctl: update: {visible(st.get('error') or st.get('state'))}",
+              file=sys.stderr)
+        return EXIT_COMMAND_FAILED
+    if not args.json:
+        reboot = ("rebooting into it" if st.get("reboot")
+                  else "it starts at the next reboot (socketctl reboot)")
+        print(f"installed {_text(st.get('version'))} into {_text(st.get('slot'))}: {reboot}")
+    return EXIT_OK
+
+
+def format_reboot(result: Mapping[str, Any], out: TextIO) -> None:
+    out.write("rebooting\n")
 
 
 def format_renew(result: Mapping[str, Any], out: TextIO) -> None:
@@ -927,6 +1092,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 extra["address"], extra["gateway"] = args.values
             # Applying runs a configuration worker (and stops a DHCP client) first.
             timeout = max(timeout, 40.0)
+        if args.command == "update":
+            return _update(args)
+        if args.command == "reboot":
+            extra = {"origin": "socketctl"}
         result = request(args.socket, args.command, timeout=timeout, **extra)
     except ControlUnreachable as exc:
         print(f"socketctl: {visible(exc)}", file=sys.stderr)
@@ -942,7 +1111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dump(result, sys.stdout, indent=2, sort_keys=False)
             sys.stdout.write("\n")
         else:
-            {"renew": format_renew}.get(args.command) or FORMATTERS.get(
+            {"renew": format_renew, "reboot": format_reboot}.get(args.command) or FORMATTERS.get(
                 args.command, format_set_link)(result, sys.stdout)
         sys.stdout.flush()
     except BrokenPipeError:

@@ -7,7 +7,8 @@ of sessions registered: one PeerTunnel per configured peer (tunnel.py), the off-
 (altwan.py) and the PoP sessions (cloud.py) -> the routes of every prefix, static, mesh,
 Alt-WAN and cloud (paths.py) and the off-cloud transport rules of the cloud's config
 (rules.py) -> the LAN firewall from the cloud's config (firewall.py) -> events and cloud
-documents in the store (store.py) -> status over the control socket (control.py).
+documents in the store (store.py) -> status over the control socket (control.py); where RAUC
+is, A/B updates (appliance/updater.py), given a view of the parts' health.
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ from sdwan.appliance.leds import (
     choose_pattern,
     open_leds,
 )
+from sdwan.appliance.raucbus import runtime_dir as update_runtime_dir
 from sdwan.appliance.timesync import TimeSync
+from sdwan.appliance.updater import Health as UpdateHealth
+from sdwan.appliance.updater import Updater
 from sdwan.appliance.wanaddr import WanAddressing
 from sdwan.appliance.watchdog import FASTPATH_HEALTHY_S, Guard
 from sdwan.bindings import tls
@@ -43,6 +47,7 @@ from sdwan.bindings.fastpath import (
     FastPathConfig,
     FastPathError,
     ThreadKind,
+    ThreadState,
 )
 from sdwan.common import heap
 from sdwan.common.certlife import CertWatch, watch_identity
@@ -188,6 +193,7 @@ class Supervisor:
         self.renewal: Renewal | None = None  # made by _open when there is a PoP to ask
         self.clock_floor: ClockFloor | None = None  # made by _open: the box's, not a simulation's
         self.timesync: TimeSync | None = None
+        self.updater: Updater | None = None  # made by run() where RAUC is (docs/update.md)
 
     @property
     def dtls(self) -> DtlsContext | None:
@@ -970,6 +976,9 @@ class Supervisor:
                 "renewal": self.renewal.status() if self.renewal is not None else None},
             "clock": None if self.clock_floor is None or self.timesync is None else {
                 **self.clock_floor.status(), "sync": self.timesync.status()},
+            # A/B slots, the commit of a new one, an install under way (docs/update.md).
+            "slots": self.updater.summary() if self.updater is not None else {
+                "enabled": False},
         }
 
     async def _peers(self, _req: dict) -> dict:
@@ -1102,6 +1111,56 @@ class Supervisor:
         except (StoreError, ValueError) as e:
             log.warning("event not stored: %s", e)
 
+    # ---------------------------------------------------------------- A/B updates
+
+    def _update_handlers(self) -> dict:
+        """`slots`, `update`, `update-status` and `reboot` (appliance/updater.py owns them),
+        where RAUC's system.conf is; elsewhere they say why there are no updates."""
+        conf = self.cfg.update.system_conf
+        if conf is not None:
+            sock = self.cfg.paths.control_socket
+            try:
+                self.updater = Updater(
+                    self.cfg.update, self.cfg.paths.data_dir,
+                    update_runtime_dir(sock.parent / f"{sock.stem}-update"),
+                    self._record_event, self._update_health)
+            except ValueError as e:
+                log.error("updates unavailable: %s", e)
+            else:
+                return self.updater.handlers()
+        why = ("no A/B updates on this box: RAUC's system.conf is absent"
+               if conf is None else f"updates unavailable with {conf} (see the log)")
+
+        async def slots(_req: dict) -> dict:
+            return {"enabled": False, "error": why}
+
+        async def refuse(_req: dict) -> dict:
+            raise ValueError(why)
+
+        return {"slots": slots, "update": refuse, "update-status": refuse, "reboot": refuse}
+
+    def _update_health(self) -> UpdateHealth:
+        """What a slot booted for the first time must show before it is marked good: the
+        loop ticking, the fast path forwarding (every thread running), the control socket
+        listening; the cloud reached, or the updater's grace time."""
+        fastpath: str | None = None
+        if not self._ticked.is_set():
+            fastpath = "the supervisor has not ticked yet"
+        elif self.fp is None or self.fpwatch is None:
+            fastpath = "not started"
+        elif self.fpwatch.failed is not None:
+            fastpath = f"failed: {self.fpwatch.failed}"
+        else:
+            down = [t for t in self.fp.threads() if t.state is not ThreadState.RUNNING]
+            if down:
+                fastpath = f"{len(down)} thread(s) not running"
+        control = None if self.control is not None and self.control.serving else "not listening"
+        cloud = self.cloud
+        configured = cloud is not None and cloud.enabled
+        return UpdateHealth(fastpath=fastpath, control=control,
+                            cloud_up=configured and cloud is not None and cloud.state == "up",
+                            cloud_configured=configured)
+
     # ---------------------------------------------------------------- LEDs and watchdog
 
     def _start_appliance(self) -> None:
@@ -1233,6 +1292,7 @@ class Supervisor:
             "renew": self._renew,
             **self._wan_handlers(),
             **self._lan_handlers(),
+            **self._update_handlers(),
         }
         if os.environ.get(FAULT_INJECTION_ENV) == "1":
             log.warning("fault injection is on (%s=1): not for a box in service",
@@ -1249,6 +1309,8 @@ class Supervisor:
         self.lan.start()
         assert self.timesync is not None
         self.timesync.start()
+        if self.updater is not None:
+            self.updater.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         log.info(
@@ -1277,6 +1339,8 @@ class Supervisor:
                 await self.lan.close()
             if self.timesync is not None:
                 await self.timesync.close()
+            if self.updater is not None:
+                await self.updater.close()
             # The ruleset stays in the kernel: a stopped socketd leaves the LAN neither open
             # nor closed (docs/firewall.md); the next start replaces it.
             await self.firewall.close()

@@ -1,0 +1,742 @@
+"""A/B updates on the box (docs/update.md): a bundle installed into the slot not running,
+the new slot committed (marked good) only once the box is healthy on it, a fall back to the
+old slot noticed and recorded, and both slots in status.
+
+RAUC does the writing and the boot loader's bookkeeping (appliance/raucbus.py runs it);
+this module decides when. socketd passes in a `health()` of its own parts and never learns
+anything else of RAUC. Nothing here reboots the box unless asked to (`reboot`, or `update`
+with `reboot` set): an install leaves the new slot to the next boot, whenever that is.
+
+What it keeps in the data directory, `update.json` (written atomically): the install of
+this boot waiting for a reboot, the last thing a pending slot was waiting for (the reason
+given when GRUB later falls back from it), and the rollbacks already recorded, so a socketd
+started again does not record one twice."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdwan.appliance import bundle as bundle_check
+from sdwan.appliance.bundle import BundleInfo
+from sdwan.appliance.raucbus import RaucBus, RaucSetup
+from sdwan.appliance.raucstatus import (
+    BootSelection,
+    Progress,
+    Slot,
+    SystemConf,
+    SystemStatus,
+    install_error,
+    parse_progress,
+    parse_status,
+    read_grubenv,
+    read_system_conf,
+)
+from sdwan.appliance.watchdog import boot_id
+from sdwan.common.visible import visible
+from sdwan.site.config import Update
+
+log = logging.getLogger(__name__)
+
+EVENT_INSTALLED = "update.installed"
+EVENT_FAILED = "update.failed"
+EVENT_COMMITTED = "update.committed"
+EVENT_ROLLED_BACK = "update.rolled_back"
+EVENT_REBOOT = "update.reboot"
+EVENT_ERROR = "update.error"
+STATE_FILE = "update.json"
+READY_TIMEOUT_S = 60.0  # for the bus and rauc service to answer at start
+COMMIT_POLL_S = 1.0
+MARK_RETRY_S = 10.0
+PROGRESS_KEPT = 200
+ROLLBACKS_KEPT = 16
+
+Record = Callable[[str, str, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Health:
+    """socketd's parts as the commit needs them: each None when healthy, else why not."""
+
+    fastpath: str | None
+    control: str | None
+    cloud_up: bool
+    cloud_configured: bool
+
+
+class InstallRefused(Exception):
+    """Nothing was written: the bundle, the box or another install stands in the way."""
+
+
+class InstallFailed(Exception):
+    """RAUC's install failed; the message is RAUC's."""
+
+
+Precheck = Callable[[RaucBus, Path, SystemConf, str | None], Awaitable[BundleInfo]]
+
+
+async def inspect_bundle(bus: RaucBus, bundle: Path, conf: SystemConf,
+                         compatible: str | None) -> BundleInfo:
+    """The box's check before anything is written (appliance/bundle.py): the signature
+    against the keyring, for code signing only; a verity bundle; this board's compatible."""
+    if conf.keyring is None or compatible is None:
+        raise InstallRefused(f"{bus.setup.system_conf} names no keyring or compatible:"
+                             " bundles cannot be checked")
+    try:
+        return await asyncio.to_thread(bundle_check.inspect, bundle, conf.keyring, compatible)
+    except bundle_check.BundleError as e:
+        raise InstallRefused(f"bundle refused: {visible(e)}") from None
+
+
+async def check_with_system_conf(bus: RaucBus, bundle: Path, conf: SystemConf,
+                                 compatible: str | None) -> BundleInfo:
+    """`rauc info` under the system's own system.conf (its keyring, purpose and formats)
+    and its compatible: the check for a system.conf that takes other formats than the
+    box's, such as a test host whose kernel cannot mount verity bundles."""
+    run = await bus.run("info", "--output-format=json", f"--conf={bus.setup.system_conf}",
+                        str(bundle), timeout=300.0)
+    if run.status != 0:
+        raise InstallRefused(f"bundle refused: {install_error(run.lines) or 'rauc info failed'}")
+    doc: Any = None
+    for line in run.lines:
+        if line.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                doc = json.loads(line)
+    if not isinstance(doc, dict):
+        raise InstallRefused("bundle refused: rauc info printed no description of it")
+    got = doc.get("compatible")
+    if compatible is not None and got != compatible:
+        raise InstallRefused(f"bundle refused: it is for {visible(got)!r}, this box is"
+                             f" {visible(compatible)!r}")
+    version = doc.get("version")
+    return BundleInfo(path=bundle, compatible=str(got), version=str(version),
+                      description=None, build=None, images=(), signer=None,
+                      payload_checked=False)
+
+
+@dataclass
+class InstallState:
+    state: str = "idle"  # idle, checking, installing, installed, failed
+    bundle: str | None = None
+    version: str | None = None
+    slot: str | None = None  # written into
+    percent: int | None = None
+    message: str | None = None
+    error: str | None = None
+    origin: str | None = None
+    reboot: bool = False  # asked to reboot once installed
+    started_at: float | None = None  # Unix time
+    ended_at: float | None = None
+    progress: deque[tuple[int, Progress]] = field(
+        default_factory=lambda: deque(maxlen=PROGRESS_KEPT))
+    seq: int = 0  # of the last progress line
+
+    def to_json(self, since: int = 0) -> dict[str, Any]:
+        return {
+            "state": self.state, "bundle": self.bundle, "version": self.version,
+            "slot": self.slot, "percent": self.percent, "message": self.message,
+            "error": self.error, "origin": self.origin, "reboot": self.reboot,
+            "started_at": self.started_at, "ended_at": self.ended_at, "seq": self.seq,
+            "progress": [{"seq": n, "percent": p.percent, "message": p.message}
+                         for n, p in self.progress if n > since],
+        }
+
+
+def _write_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, json.dumps(data, separators=(",", ":")).encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _install_key(slot: Slot) -> str:
+    """One install into one slot: a rollback is recorded once per install, not per slot."""
+    return f"{slot.name}@{slot.installed_at or '-'}"
+
+
+def _seconds(s: float) -> str:
+    s = max(0, round(s))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class Updater:
+    """See the module docstring. `record(kind, text, data)` stores an event; `health()` is
+    socketd's view of its own parts, asked while a commit is pending."""
+
+    def __init__(
+        self, cfg: Update, data_dir: Path, runtime_dir: Path, record: Record,
+        health: Callable[[], Health], *,
+        rauc: str = "rauc", dbus_daemon: str = "dbus-daemon", boot_slot: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        this_boot: Callable[[], str] = boot_id,
+        precheck: Precheck = inspect_bundle,
+    ) -> None:
+        if cfg.system_conf is None:
+            raise ValueError("no RAUC system.conf: nothing to update")
+        self.cfg = cfg
+        self.system_conf = cfg.system_conf
+        self.data_dir = Path(data_dir)
+        self.state_path = self.data_dir / STATE_FILE
+        self.record = record
+        self.health = health
+        self.clock = clock
+        self.boot = this_boot()  # the boot this socketd runs in: it does not change
+        self.precheck = precheck
+        self.bus = RaucBus(
+            RaucSetup(cfg.system_conf, Path(runtime_dir), rauc=rauc, dbus_daemon=dbus_daemon,
+                      boot_slot=boot_slot),
+            lambda text, data: self._event(EVENT_ERROR, text, data), clock=clock)
+        self.status_: SystemStatus | None = None
+        self.selection: BootSelection | None = None
+        self.read_error: str | None = None
+        self.ready_error: str | None = "starting"
+        self.install_state = InstallState()
+        self._installing = False
+        self.commit: dict[str, Any] = {"state": "unknown", "waiting_for": "RAUC's status"}
+        self._healthy_since: float | None = None
+        self._mark_after = 0.0
+        self.rollback: dict[str, Any] | None = None
+        self._doc: dict[str, Any] = {}  # update.json (the module docstring)
+        self.rebooting: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._install_task: asyncio.Task[None] | None = None
+
+    # ---------------------------------------------------------------- running
+
+    def start(self) -> None:
+        self.bus.start()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        for task in (self._install_task, self._task):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        await self.bus.close()
+
+    async def ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Until the start-up checks (rollback, commit state) have run: for tests."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while self.ready_error == "starting" and loop.time() < end:
+            await asyncio.sleep(0.05)
+
+    async def _run(self) -> None:
+        self._doc = await asyncio.to_thread(self._load_state)
+        said = False
+        while (why := await self.bus.wait_ready(READY_TIMEOUT_S)) is not None:
+            self.ready_error = f"rauc service does not answer: {why}"
+            self.commit = {"state": "unknown", "waiting_for": self.ready_error}
+            if not said:
+                log.error("updates: %s", self.ready_error)
+                self._event(EVENT_ERROR, f"updates unavailable: {self.ready_error}",
+                            {"error": why})
+                said = True
+            if "failed" in (self.bus.bus.st.state, self.bus.service.st.state):
+                return  # a program that is not there: Child does not try it again either
+        try:
+            await self.refresh()
+            await self._detect_rollback()
+        except Exception:
+            log.exception("updates: the start-up checks failed")
+        self.ready_error = None
+        while True:
+            try:
+                await self._commit_step()
+            except Exception:
+                log.exception("updates: commit check failed")
+            await asyncio.sleep(COMMIT_POLL_S)
+
+    def _event(self, kind: str, text: str, data: dict[str, Any]) -> None:
+        try:
+            self.record(kind, text, data)
+        except Exception:
+            log.exception("updates: event not recorded")
+
+    # ---------------------------------------------------------------- what RAUC says
+
+    async def refresh(self) -> SystemStatus:
+        """Both slots as RAUC has them now, and GRUB's boot selection where it is readable."""
+        run = await self.bus.run("status", "--detailed", "--output-format=json")
+        if run.status != 0:
+            self.read_error = f"rauc status failed: {install_error(run.lines) or run.status}"
+            raise OSError(self.read_error)
+        text = next((ln for ln in run.lines if ln.lstrip().startswith("{")), run.text)
+        try:
+            st = parse_status(text)
+        except ValueError as e:
+            self.read_error = str(e)
+            raise OSError(self.read_error) from None
+        self.status_, self.read_error = st, None
+        self.selection = await asyncio.to_thread(self._read_selection)
+        return st
+
+    def _read_selection(self) -> BootSelection | None:
+        try:
+            conf = read_system_conf(self.system_conf)
+            if conf.bootloader != "grub" or conf.grubenv is None:
+                return None
+            return read_grubenv(conf.grubenv)
+        except (OSError, ValueError) as e:
+            log.warning("updates: GRUB's boot selection unreadable: %s", e)
+            return None
+
+    async def slots(self) -> list[Slot]:
+        return list((await self.refresh()).slots)
+
+    def _load_state(self) -> dict[str, Any]:
+        try:
+            doc = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def _state(self) -> dict[str, Any]:
+        """A copy of update.json as last read or written (read once, at the start)."""
+        return json.loads(json.dumps(self._doc))
+
+    async def _save_state(self, doc: dict[str, Any]) -> None:
+        self._doc = doc
+
+        def write() -> None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic(self.state_path, doc)
+
+        try:
+            # fsync on the box's flash: never on the loop.
+            await asyncio.to_thread(write)
+        except OSError as e:
+            log.error("updates: %s not written: %s", self.state_path, e)
+
+    # ---------------------------------------------------------------- rollback
+
+    async def _detect_rollback(self) -> None:
+        """The box runs a slot other than the one it was told to boot, and that one is
+        passed over now (its tries used up, or marked bad): GRUB fell back from it."""
+        st = self.status_
+        if st is None:
+            return
+        booted = st.booted_slot
+        if booted is None:
+            return
+        sel = self.selection
+        if sel is not None and sel.first is not None:
+            wanted = st.by_bootname(sel.first)
+            fell_back = wanted is not None and sel.abandoned(sel.first)
+        else:
+            wanted = st.slot(st.primary) if st.primary else None
+            fell_back = wanted is not None and not wanted.good
+        if wanted is None or wanted.name == booted.name or not fell_back:
+            return
+        why = self._why_abandoned(wanted, sel)
+        text = (f"rolled back to {booted.name} ({booted.bootname}"
+                f"{', ' + booted.version if booted.version else ''}): {wanted.name}"
+                f" ({wanted.bootname}, version {wanted.version or 'unknown'}) was abandoned:"
+                f" {why}")
+        self.rollback = {"slot": wanted.name, "bootname": wanted.bootname,
+                         "version": wanted.version, "booted": booted.name, "why": why,
+                         "at": time.time()}
+        doc = self._state()
+        seen = [k for k in doc.get("rolled_back", []) if isinstance(k, str)]
+        key = _install_key(wanted)
+        if key not in seen:
+            log.warning("updates: %s", text)
+            self._event(EVENT_ROLLED_BACK, text, dict(self.rollback))
+            doc["rolled_back"] = [*seen, key][-ROLLBACKS_KEPT:]
+            doc["last_rollback"] = self.rollback
+            doc.pop("pending", None)
+            await self._save_state(doc)
+        elif isinstance(doc.get("last_rollback"), dict):
+            self.rollback = doc["last_rollback"]
+        # Idempotent both: after a restart of socketd they are simply done again.
+        for args in (("mark-bad", wanted.name), ("mark-active", "booted")):
+            try:
+                run = await self.bus.run("status", *args)
+                if run.status != 0:
+                    log.error("updates: rauc status %s failed: %s", " ".join(args),
+                              install_error(run.lines))
+            except OSError as e:
+                log.error("updates: rauc status %s failed: %s", " ".join(args), e)
+        with contextlib.suppress(OSError):
+            await self.refresh()
+
+    def _why_abandoned(self, slot: Slot, sel: BootSelection | None) -> str:
+        parts: list[str] = []
+        if sel is not None and slot.bootname is not None:
+            if sel.ok.get(slot.bootname) is False:
+                parts.append("it was marked bad")
+            else:
+                tries = sel.tries.get(slot.bootname)
+                parts.append(f"its boot tries were used up ({tries} tried) without it being"
+                             " marked good")
+        else:
+            parts.append("it was never marked good")
+        pending = self._state().get("pending")
+        if isinstance(pending, dict) and pending.get("slot") == slot.name:
+            parts.append(f"socketd there was last waiting for {pending.get('waiting_for')}"
+                         " (unhealthy, or the watchdog reset the box)")
+        else:
+            parts.append("socketd never reported from it (it did not start, or the box was"
+                         " reset before)")
+        return "; ".join(parts)
+
+    # ---------------------------------------------------------------- commit
+
+    async def _commit_step(self) -> None:
+        st = self.status_
+        booted = st.booted_slot if st is not None else None
+        if booted is None:
+            self.commit = {"state": "unknown", "slot": None,
+                           "waiting_for": self.read_error or "RAUC does not know the booted slot"}
+            with contextlib.suppress(OSError):
+                await self.refresh()
+            return
+        if booted.good:
+            if self.commit.get("state") != "committed":
+                self.commit = {"state": "committed", "slot": booted.name, "waiting_for": None}
+            return
+        h = self.health()
+        waits: list[str] = []
+        if h.fastpath is not None:
+            waits.append(f"the fast path ({h.fastpath})")
+        if h.control is not None:
+            waits.append(f"the control socket ({h.control})")
+        now = self.clock()
+        if waits:
+            self._healthy_since = None
+        elif self._healthy_since is None:
+            self._healthy_since = now
+        grace_left = (None if self._healthy_since is None
+                      else self.cfg.commit_grace_s - (now - self._healthy_since))
+        why_now: str | None = None
+        if not waits and h.cloud_up:
+            why_now = "the fast path forwards, the control socket is up and the cloud is reached"
+        elif grace_left is not None and grace_left <= 0:
+            why_now = (f"the fast path forwards and the control socket is up; "
+                       f"{'no PoP session' if h.cloud_configured else 'no cloud configured'}"
+                       f" within {self.cfg.commit_grace_s} s")
+        if why_now is None:
+            grace = (f"{_seconds(grace_left)} more of health" if grace_left is not None
+                     else f"{self.cfg.commit_grace_s} s of health")
+            final = (f"the cloud (a PoP session up) or {grace}" if h.cloud_configured
+                     else f"{grace} (no cloud configured)")
+            waiting = f"{', '.join(waits)}, then {final}" if waits else final
+            self.commit = {"state": "pending", "slot": booted.name, "waiting_for": waiting,
+                           "grace_left_s": None if grace_left is None
+                           else round(max(0.0, grace_left), 1)}
+            await self._remember_pending(booted, ", ".join(waits) or (
+                "the cloud (a PoP session up)" if h.cloud_configured else "its grace time"))
+            return
+        if now < self._mark_after:
+            return
+        run = await self.bus.run("status", "mark-good", "booted")
+        if run.status != 0:
+            err = install_error(run.lines) or f"status {run.status}"
+            self._mark_after = now + MARK_RETRY_S
+            self.commit = {"state": "pending", "slot": booted.name,
+                           "waiting_for": f"rauc status mark-good (failed: {err})"}
+            log.error("updates: marking %s good failed: %s", booted.name, err)
+            return
+        text = (f"committed {booted.name} ({booted.bootname}, version"
+                f" {booted.version or 'unknown'}): marked good, {why_now}")
+        log.info("updates: %s", text)
+        self._event(EVENT_COMMITTED, text, {"slot": booted.name, "bootname": booted.bootname,
+                                            "version": booted.version, "why": why_now})
+        doc = self._state()
+        doc.pop("pending", None)
+        await self._save_state(doc)
+        self.commit = {"state": "committed", "slot": booted.name, "waiting_for": None}
+        with contextlib.suppress(OSError):
+            await self.refresh()
+
+    async def _remember_pending(self, booted: Slot, waiting_for: str) -> None:
+        """For the boot that falls back later: what this slot's socketd last waited for."""
+        doc = self._state()
+        wanted = {"slot": booted.name, "version": booted.version, "waiting_for": waiting_for}
+        old = doc.get("pending")
+        if isinstance(old, dict) and {k: old.get(k) for k in wanted} == wanted:
+            return
+        doc["pending"] = {**wanted, "at": time.time()}
+        await self._save_state(doc)
+
+    # ---------------------------------------------------------------- install
+
+    def _check_box(self, st: SystemStatus) -> Slot:
+        """The slot an install would write, or why there is none."""
+        booted = st.booted_slot
+        if booted is None:
+            # Every slot would look inactive: the running one must never be the target.
+            raise InstallRefused("RAUC does not know which slot is running (no rauc.slot= on"
+                                 " the kernel command line?): not installing")
+        if not booted.good:
+            raise InstallRefused(
+                f"the running slot {booted.name} is not committed yet"
+                f" ({self.commit.get('waiting_for') or 'not marked good'}): installing now"
+                " would overwrite the slot the box falls back to")
+        others = st.others()
+        if not others:
+            raise InstallRefused("no inactive slot to install into (RAUC lists only the"
+                                 " booted one)")
+        writable = [s for s in others if s.device and os.path.exists(s.device)]
+        if not writable:
+            devices = ", ".join(f"{s.name} {s.device}" for s in others)
+            raise InstallRefused(f"no inactive slot RAUC can write: {devices} missing")
+        return writable[0]
+
+    async def begin(self, bundle: str, *, origin: str, reboot: bool = False) -> dict[str, Any]:
+        """The checks of `install`, then the install itself in the background: for the
+        control socket, whose clients follow it with `update-status`."""
+        if self._installing:
+            raise InstallRefused(self._busy())
+        self._installing = True
+        try:
+            path, target, info = await self._prepare(bundle, origin, reboot)
+        except BaseException:
+            self._installing = False
+            raise
+        self._install_task = asyncio.get_running_loop().create_task(
+            self._install_then(path, target, info, None))
+        return self.install_state.to_json()
+
+    async def install(self, bundle: str, progress_cb: Callable[[Progress], None] | None = None,
+                      *, origin: str = "socketd", reboot: bool = False) -> dict[str, Any]:
+        """Check the bundle and the box, install, and return the install's state; raises
+        InstallRefused (nothing written) or InstallFailed (RAUC's message)."""
+        if self._installing:
+            raise InstallRefused(self._busy())
+        self._installing = True
+        try:
+            path, target, info = await self._prepare(bundle, origin, reboot)
+        except BaseException:
+            self._installing = False
+            raise
+        await self._install_then(path, target, info, progress_cb)
+        if self.install_state.state != "installed":
+            raise InstallFailed(self.install_state.error or "install failed")
+        return self.install_state.to_json()
+
+    def _busy(self) -> str:
+        s = self.install_state
+        return (f"an update is already being installed ({visible(s.bundle)},"
+                f" {s.percent if s.percent is not None else 0}%)")
+
+    async def _prepare(self, bundle: str, origin: str,
+                       reboot: bool) -> tuple[Path, Slot, BundleInfo]:
+        if self.ready_error is not None:
+            raise InstallRefused(f"updates are not available: {self.ready_error}")
+        path = Path(bundle)
+        if not path.is_absolute():
+            raise InstallRefused(f"the bundle's path must be absolute, got {visible(bundle)}")
+        if not await asyncio.to_thread(path.is_file):
+            raise InstallRefused(f"no bundle at {visible(bundle)}")
+        self.install_state = s = InstallState(
+            state="checking", bundle=str(path), origin=origin, reboot=reboot,
+            started_at=time.time())
+        try:
+            st = await self.refresh()
+            target = self._check_box(st)
+            conf = await asyncio.to_thread(read_system_conf, self.system_conf)
+            info = await self.precheck(self.bus, path, conf, conf.compatible or st.compatible)
+        except InstallRefused as e:
+            self._ended("failed", str(e))
+            self._event(EVENT_FAILED, f"update from {visible(path)} refused: {e}",
+                        {"bundle": str(path), "error": str(e), "origin": origin,
+                         "stage": "check"})
+            raise
+        except (OSError, ValueError) as e:
+            self._ended("failed", str(e))
+            raise InstallRefused(f"cannot check the box: {e}") from None
+        s.version, s.slot = visible(info.version), target.name
+        return path, target, info
+
+    def _ended(self, state: str, error: str | None) -> None:
+        s = self.install_state
+        s.state, s.error, s.ended_at = state, error, time.time()
+        self._installing = False
+
+    async def _install_then(self, path: Path, target: Slot, info: BundleInfo,
+                            progress_cb: Callable[[Progress], None] | None) -> None:
+        s = self.install_state
+        s.state = "installing"
+
+        def on_line(line: str) -> None:
+            p = parse_progress(line)
+            if p is None:
+                return
+            s.seq += 1
+            s.progress.append((s.seq, p))
+            s.percent, s.message = p.percent, p.message
+            if progress_cb is not None:
+                try:
+                    progress_cb(p)
+                except Exception:
+                    log.exception("updates: progress callback failed")
+
+        try:
+            run = await self.bus.run("install", str(path), timeout=None, on_line=on_line)
+        except OSError as e:
+            run = None
+            error: str | None = str(e)
+        else:
+            error = None if run.status == 0 else (install_error(run.lines)
+                                                  or f"rauc install exited with {run.status}")
+        if error is not None:
+            self._ended("failed", error)
+            text = f"update from {visible(path)} failed: {error}"
+            log.error("updates: %s", text)
+            self._event(EVENT_FAILED, text, {"bundle": str(path), "error": error,
+                                             "origin": s.origin, "stage": "install"})
+            return
+        with contextlib.suppress(OSError):
+            st = await self.refresh()
+            primary = st.slot(st.primary) if st.primary else None
+            if primary is not None and not primary.booted:
+                target = primary
+                s.version = primary.version or s.version
+        s.slot = target.name
+        self._ended("installed", None)
+        text = (f"update {s.version or 'of unknown version'} installed into {target.name}"
+                f" ({target.bootname}) from {visible(path)}: it starts at the next reboot")
+        log.info("updates: %s", text)
+        self._event(EVENT_INSTALLED, text, {"bundle": str(path), "slot": target.name,
+                                            "bootname": target.bootname, "version": s.version,
+                                            "origin": s.origin})
+        doc = self._state()
+        doc["installed"] = {"slot": target.name, "version": s.version, "boot_id":
+                            self.boot, "at": time.time()}
+        await self._save_state(doc)
+        if s.reboot:
+            await self.reboot(origin=f"{s.origin}, after the update")
+
+    # ---------------------------------------------------------------- reboot
+
+    async def reboot(self, *, origin: str) -> dict[str, Any]:
+        if self._installing:
+            raise InstallRefused(f"not rebooting: {self._busy()}")
+        argv = list(self.cfg.reboot_command)
+        text = f"reboot asked by {origin}"
+        log.warning("updates: %s", text)
+        self._event(EVENT_REBOOT, text, {"origin": origin, "command": argv})
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT)
+            out, _ = await asyncio.wait_for(proc.communicate(), 60.0)
+        except (OSError, TimeoutError) as e:
+            raise OSError(f"reboot command {argv[0]!r} failed: {e}") from None
+        if proc.returncode != 0:
+            last = out.decode(errors="replace").strip().splitlines()[-1:] or [""]
+            raise OSError(f"reboot command exited with status {proc.returncode}"
+                          f"{': ' + visible(last[0]) if last[0] else ''}")
+        self.rebooting = origin
+        return {"state": "rebooting", "origin": origin}
+
+    # ---------------------------------------------------------------- status
+
+    def status(self) -> dict[str, Any]:
+        st = self.status_
+        installed = self._state().get("installed")
+        awaiting = None
+        if (isinstance(installed, dict) and installed.get("boot_id") == self.boot
+                and st is not None and st.primary == installed.get("slot")
+                and not (st.booted_slot and st.booted_slot.name == st.primary)):
+            awaiting = {"slot": installed.get("slot"), "version": installed.get("version")}
+        sel = self.selection
+        return {
+            "enabled": True,
+            "error": self.ready_error if self.ready_error != "starting" else None,
+            "read_error": self.read_error,
+            "compatible": st.compatible if st else None,
+            "booted": st.booted_slot.name if st and st.booted_slot else None,
+            "primary": st.primary if st else None,
+            "slots": [s.to_json() for s in st.slots] if st else [],
+            "boot_selection": None if sel is None else {
+                "order": list(sel.order), "ok": sel.ok, "tries": sel.tries},
+            "commit": dict(self.commit),
+            "reboot_needed": awaiting,
+            "install": self.install_state.to_json(since=self.install_state.seq),
+            "rollback": self.rollback,
+            "rebooting": self.rebooting,
+            "service": {"bus": self.bus.bus.status(), "rauc": self.bus.service.status()},
+        }
+
+    def summary(self) -> dict[str, Any]:
+        full = self.status()
+        return {k: full[k] for k in ("enabled", "error", "booted", "primary", "slots",
+                                     "commit", "reboot_needed", "rollback")} | {
+            "install": {k: full["install"][k] for k in ("state", "version", "slot",
+                                                        "percent", "error")}}
+
+    # ---------------------------------------------------------------- control socket
+
+    def handlers(self) -> dict[str, Callable[[dict], Any]]:
+        async def slots(_req: dict) -> dict:
+            with contextlib.suppress(OSError):
+                await self.refresh()
+            return self.status()
+
+        async def update(req: dict) -> dict:
+            bundle = req.get("bundle")
+            if not isinstance(bundle, str) or not bundle or "\0" in bundle:
+                raise ValueError("bundle must be the bundle's absolute path")
+            reboot = req.get("reboot", False)
+            if not isinstance(reboot, bool):
+                raise ValueError("reboot must be true or false")
+            origin = req.get("origin", "socketctl")
+            if not isinstance(origin, str) or not origin.isprintable() or len(origin) > 80:
+                origin = "socketctl"
+            try:
+                return await self.begin(bundle, origin=origin, reboot=reboot)
+            except InstallRefused as e:
+                raise ValueError(str(e)) from None
+
+        async def update_status(req: dict) -> dict:
+            since = req.get("since", 0)
+            if not isinstance(since, int) or isinstance(since, bool) or since < 0:
+                raise ValueError("since must be a progress line's seq (an integer >= 0)")
+            return self.install_state.to_json(since=since)
+
+        async def reboot(req: dict) -> dict:
+            origin = req.get("origin", "socketctl")
+            if not isinstance(origin, str) or not origin.isprintable() or len(origin) > 80:
+                origin = "socketctl"
+            try:
+                return await self.reboot(origin=origin)
+            except InstallRefused as e:
+                raise ValueError(str(e)) from None
+
+        return {"slots": slots, "update": update, "update-status": update_status,
+                "reboot": reboot}
+
+
+__all__ = [
+    "EVENT_COMMITTED",
+    "EVENT_INSTALLED",
+    "EVENT_ROLLED_BACK",
+    "Health",
+    "InstallFailed",
+    "InstallRefused",
+    "InstallState",
+    "Updater",
+    "check_with_system_conf",
+    "inspect_bundle",
+]
