@@ -111,7 +111,7 @@ def test_blank_data_first_boot_then_settings_survive_reboot_and_factory_reset_wi
     vm.expect("Type yes to confirm: ", CONSOLE_S)
     vm.sendline("yes")
     vm.expect("shutdown: /data unmounted", SHUTDOWN_S, "the orderly shutdown")
-    vm.expect("EFI stub", FIRMWARE_S, "the firmware starting the kernel again")
+    vm.expect("grub: slot ", FIRMWARE_S, "the firmware starting GRUB again")
     booted(vm)
     # The changed password is the one in force: it was persisted.
     login(vm, NEW_PASSWORD)
@@ -132,7 +132,7 @@ def test_blank_data_first_boot_then_settings_survive_reboot_and_factory_reset_wi
     vm.sendline("factory-reset")
     vm.expect(r"Type factory-reset \(or yes\) to confirm: ", CONSOLE_S)
     vm.sendline("factory-reset")
-    vm.expect("EFI stub", SHUTDOWN_S + FIRMWARE_S, "the reboot after the factory reset")
+    vm.expect("grub: slot ", SHUTDOWN_S + FIRMWARE_S, "the reboot after the factory reset")
     booted(vm)
     # Only the default credential works again, with its forced change.
     login(vm, "admin", first=True, new_password="another-pass-7")
