@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,10 +15,17 @@ from sites import BOOT_S, hook_args
 
 from sdwan.lab.vm import VM
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "board"))
+import boardlib  # noqa: E402
+
 pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
 
 BOARD = "qemu-x86_64"
 MIB = 1024 * 1024
+LAYOUT = boardlib.load_board(BOARD).partitions
+DATA_NUMBER = [p.name for p in LAYOUT].index("data") + 1
+# what the partitions before data take (the ESP and both root slots)
+BEFORE_DATA_MIB = sum(p.size_mib for p in LAYOUT if p.name != "data")
 # What the guest reports once /data is mounted: its filesystem, its size, the partition's.
 REPORT = """\
 echo "fs $(awk '$2 == "/data" { print $1, $3 }' /proc/mounts)"
@@ -82,7 +90,7 @@ def check_disk(raw: Path, size_mib: int, part_sectors: int) -> None:
     last_lba = int(re.search(r"^last-lba: (\d+)$", proc.stdout, re.M).group(1))
     assert last_lba == size_mib * MIB // 512 - 34, proc.stdout
     number, start, size = partitions(raw)["data"]
-    assert number == 3 and size == part_sectors, proc.stdout
+    assert number == DATA_NUMBER and size == part_sectors, proc.stdout
     # starts aligned to 1 MiB; ends at the last usable sector, or (a partition sfdisk
     # creates) at the last 1 MiB boundary before it
     assert start % 2048 == 0 and 0 <= last_lba - (start + size - 1) < 2048, proc.stdout
@@ -92,8 +100,8 @@ def check_disk(raw: Path, size_mib: int, part_sectors: int) -> None:
 def check_report(report: dict[str, str], size_mib: int) -> int:
     assert report["fs"] == "/dev/vda4 ext4", report
     part = int(report["part-sectors"])
-    # the disk less the ESP, root, the 1 MiB before them and the backup GPT
-    expected_mib = size_mib - 1 - 16 - 32
+    # the disk less the ESP, the root slots, the 1 MiB before them and the backup GPT
+    expected_mib = size_mib - 1 - BEFORE_DATA_MIB
     assert expected_mib - 1 <= part / 2048 <= expected_mib, report
     # ext4's own overhead (journal, inode tables) is a few percent at this size
     df_mib = int(report["df-kib"]) / 1024
