@@ -19,6 +19,8 @@ import contextlib
 import json
 import logging
 import os
+import shutil
+import stat
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -54,6 +56,9 @@ EVENT_ROLLED_BACK = "update.rolled_back"
 EVENT_REBOOT = "update.reboot"
 EVENT_ERROR = "update.error"
 STATE_FILE = "update.json"
+# In the data directory, root's only: the copy of the bundle being checked and installed.
+STAGE_DIR = "update-bundle"
+STAGED_BUNDLE = "bundle.raucb"
 READY_TIMEOUT_S = 60.0  # for the bus and rauc service to answer at start
 COMMIT_POLL_S = 1.0
 MARK_RETRY_S = 10.0
@@ -87,12 +92,15 @@ Precheck = Callable[[RaucBus, Path, SystemConf, str | None], Awaitable[BundleInf
 async def inspect_bundle(bus: RaucBus, bundle: Path, conf: SystemConf,
                          compatible: str | None) -> BundleInfo:
     """The box's check before anything is written (appliance/bundle.py): the signature
-    against the keyring, for code signing only; a verity bundle; this board's compatible."""
+    against the keyring, for code signing only; a verity bundle; this board's compatible;
+    every block of the payload against its signed hash, extracted beside the bundle (the
+    updater's private copy of it, in the data directory)."""
     if conf.keyring is None or compatible is None:
         raise InstallRefused(f"{bus.setup.system_conf} names no keyring or compatible:"
                              " bundles cannot be checked")
     try:
-        return await asyncio.to_thread(bundle_check.inspect, bundle, conf.keyring, compatible)
+        return await asyncio.to_thread(bundle_check.inspect, bundle, conf.keyring, compatible,
+                                       check_payload=True, scratch=bundle.parent)
     except bundle_check.BundleError as e:
         raise InstallRefused(f"bundle refused: {visible(e)}") from None
 
@@ -167,6 +175,52 @@ def _write_atomic(path: Path, data: dict[str, Any]) -> None:
         os.close(dfd)
 
 
+def _stage(src: Path, stage_dir: Path) -> Path:
+    """A copy of the bundle at src in stage_dir (made anew, root's only): the file that is
+    checked and then installed. Whoever can write src (a USB stick, /data) can replace it or
+    point its symlink elsewhere after the check; the copy no one else can touch. src is opened
+    once, without waiting (a FIFO), and must be a regular file that is not empty."""
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise InstallRefused(f"cannot open {visible(src)}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InstallRefused(f"{visible(src)} is not a regular file")
+        if st.st_size == 0:
+            raise InstallRefused(f"{visible(src)} is empty: not a bundle")
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        stage_dir.mkdir(mode=0o700, parents=True)
+        os.chmod(stage_dir, 0o700)
+        free = shutil.disk_usage(stage_dir).free
+        if free < st.st_size + bundle_check.SCRATCH_RESERVE:
+            raise InstallRefused(
+                f"no room for a copy of the bundle in {stage_dir}: it needs"
+                f" {(st.st_size + bundle_check.SCRATCH_RESERVE) >> 20} MiB with a reserve,"
+                f" {free >> 20} MiB are free")
+        dst = stage_dir / STAGED_BUNDLE
+        out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o600)
+        try:
+            while chunk := os.read(fd, 1 << 20):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(out, view):]
+        finally:
+            os.close(out)
+        return dst
+    except OSError as e:
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        raise InstallRefused(f"cannot copy {visible(src)} to check it: {e.strerror or e}") \
+            from None
+    except InstallRefused:
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        raise
+    finally:
+        os.close(fd)
+
+
 def _install_key(slot: Slot) -> str:
     """One install into one slot: a rollback is recorded once per install, not per slot."""
     return f"{slot.name}@{slot.installed_at or '-'}"
@@ -195,6 +249,7 @@ class Updater:
         self.system_conf = cfg.system_conf
         self.data_dir = Path(data_dir)
         self.state_path = self.data_dir / STATE_FILE
+        self.stage_dir = self.data_dir / STAGE_DIR
         self.record = record
         self.health = health
         self.clock = clock
@@ -242,6 +297,8 @@ class Updater:
 
     async def _run(self) -> None:
         self._doc = await asyncio.to_thread(self._load_state)
+        # A copy left by a socketd that stopped during an install.
+        await asyncio.to_thread(shutil.rmtree, self.stage_dir, True)
         said = False
         while (why := await self.bus.wait_ready(READY_TIMEOUT_S)) is not None:
             self.ready_error = f"rauc service does not answer: {why}"
@@ -555,18 +612,28 @@ class Updater:
             st = await self.refresh()
             target = self._check_box(st)
             conf = await asyncio.to_thread(read_system_conf, self.system_conf)
-            info = await self.precheck(self.bus, path, conf, conf.compatible or st.compatible)
+            # Checked and installed: the private copy, never the path given (docs/update.md).
+            staged = await asyncio.to_thread(_stage, path, self.stage_dir)
+            info = await self.precheck(self.bus, staged, conf, conf.compatible or st.compatible)
+            if info.path.resolve() != staged.resolve():
+                raise InstallRefused(f"the check described {visible(info.path)}, not the copy"
+                                     " of the bundle it was given")
         except InstallRefused as e:
+            await self._unstage()
             self._ended("failed", str(e))
             self._event(EVENT_FAILED, f"update from {visible(path)} refused: {e}",
                         {"bundle": str(path), "error": str(e), "origin": origin,
                          "stage": "check"})
             raise
         except (OSError, ValueError) as e:
+            await self._unstage()
             self._ended("failed", str(e))
             raise InstallRefused(f"cannot check the box: {e}") from None
         s.version, s.slot = visible(info.version), target.name
         return path, target, info
+
+    async def _unstage(self) -> None:
+        await asyncio.to_thread(shutil.rmtree, self.stage_dir, True)
 
     def _ended(self, state: str, error: str | None) -> None:
         s = self.install_state
@@ -592,13 +659,15 @@ class Updater:
                     log.exception("updates: progress callback failed")
 
         try:
-            run = await self.bus.run("install", str(path), timeout=None, on_line=on_line)
+            # The file the check read (BundleInfo.path): `path` may be another one by now.
+            run = await self.bus.run("install", str(info.path), timeout=None, on_line=on_line)
         except OSError as e:
             run = None
             error: str | None = str(e)
         else:
             error = None if run.status == 0 else (install_error(run.lines)
                                                   or f"rauc install exited with {run.status}")
+        await self._unstage()
         if error is not None:
             self._ended("failed", error)
             text = f"update from {visible(path)} failed: {error}"

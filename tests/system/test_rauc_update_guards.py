@@ -1,0 +1,129 @@
+"""What an update must never do, with the real RAUC (appliance/updater.py, docs/update.md):
+install another file than the one checked (the bundle replaced, or its symlink pointed
+elsewhere, between the check and the install), start writing a bundle whose payload is
+damaged, or take a path that is no bundle file. The box, its slots and bundles are those of
+test_rauc_updates.py."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import test_rauc_updates
+from test_rauc_updates import (
+    BUNDLE_FORMAT,
+    HOST_CHECK,
+    SLOT_BYTES,
+    Box,
+    make_bundle,
+    started,
+)
+
+from sdwan.appliance.bundle import BundleInfo
+from sdwan.appliance.raucbus import RaucBus
+from sdwan.appliance.raucstatus import SystemConf
+from sdwan.appliance.updater import InstallRefused, inspect_bundle
+
+box = test_rauc_updates.box  # the fixture: two loop devices as slots, a system.conf
+
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.timeout(180),
+    pytest.mark.xdist_group("loop-devices"),
+]
+
+
+@pytest.mark.parametrize("how", ["file replaced", "symlink pointed elsewhere"])
+def test_the_file_installed_is_the_file_checked(box: Box, tmp_path: Path, how: str) -> None:
+    good, image = make_bundle(box.root, box.ca, "2.1.0", "checked")
+    # Signed by the same signer, so RAUC itself would take it: only the check stands in the
+    # way (it could carry hooks, or be an old version).
+    other, other_image = make_bundle(box.root, box.ca, "6.6.6", "swapped")
+    media = tmp_path / "media"
+    media.mkdir()
+    if how == "file replaced":
+        given = media / "update.raucb"
+        given.write_bytes(good.read_bytes())
+    else:
+        given = media / "latest.raucb"
+        given.symlink_to(good)
+
+    async def check_then_swap(bus: RaucBus, bundle: Path, conf: SystemConf,
+                              compatible: str | None) -> BundleInfo:
+        info = await HOST_CHECK(bus, bundle, conf, compatible)
+        # Whoever can write the stick or /data swaps the bundle once it passed.
+        if how == "file replaced":
+            tmp = media / ".swap"
+            tmp.write_bytes(other.read_bytes())
+            os.replace(tmp, given)
+        else:
+            given.unlink()
+            given.symlink_to(other)
+        return info
+
+    async def main() -> dict[str, Any]:
+        up = await started(box, precheck=check_then_swap)
+        try:
+            return await up.install(str(given), origin="test")
+        finally:
+            await up.close()
+
+    result = asyncio.run(main())
+    assert result["state"] == "installed", result
+    assert box.slot_bytes("B", len(other_image)) != other_image, "the swapped bundle went in"
+    assert box.slot_bytes("B", len(image)) == image
+    assert result["version"] == "2.1.0", result
+    assert not list(box.data.glob("**/*.raucb")), "the private copy was left behind"
+
+
+@pytest.mark.skipif(BUNDLE_FORMAT == "verity", reason="the host installs verity bundles")
+def test_a_damaged_payload_is_refused_by_the_check_not_found_while_writing(box: Box) -> None:
+    """The box's check hashes the whole payload (`rauc extract`) before `rauc install`."""
+    bundle, _ = make_bundle(box.root, box.ca, "2.2.0", "damaged", fmt="verity")
+    data = bytearray(bundle.read_bytes())
+    data[64 * 1024] ^= 0xFF  # in the squashfs payload, far before the signature
+    bundle.write_bytes(bytes(data))
+    before_env = box.grubenv.read_bytes()
+
+    async def main() -> None:
+        up = await started(box, precheck=inspect_bundle)
+        try:
+            with pytest.raises(InstallRefused, match="payload does not match its signed hash"):
+                await up.install(str(bundle))
+        finally:
+            await up.close()
+
+    asyncio.run(main())
+    (failed,) = box.kinds("update.failed")
+    assert failed[2]["stage"] == "check", failed
+    assert box.slot_bytes("B", SLOT_BYTES) == bytes(SLOT_BYTES)
+    assert box.grubenv.read_bytes() == before_env
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory", "empty"])
+def test_what_is_no_bundle_file_is_refused_at_once(box: Box, tmp_path: Path,
+                                                   kind: str) -> None:
+    path = tmp_path / f"x {kind} -n.raucb"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path.symlink_to("/dev/zero")
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.touch()
+
+    async def main() -> None:
+        up = await started(box, precheck=inspect_bundle)
+        try:
+            with pytest.raises(InstallRefused):
+                await asyncio.wait_for(up.install(str(path)), 20)
+            assert not up._installing
+        finally:
+            await up.close()
+
+    asyncio.run(main())
+    assert box.slot_bytes("B", SLOT_BYTES) == bytes(SLOT_BYTES)
