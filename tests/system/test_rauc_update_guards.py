@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from test_rauc_updates import (
     Box,
     make_bundle,
     started,
+    wait_for,
 )
 
 from sdwan.appliance.bundle import BundleInfo
@@ -127,3 +129,53 @@ def test_what_is_no_bundle_file_is_refused_at_once(box: Box, tmp_path: Path,
 
     asyncio.run(main())
     assert box.slot_bytes("B", SLOT_BYTES) == bytes(SLOT_BYTES)
+
+
+@pytest.mark.parametrize("typed", ["reboot\nyes\n", "factory-reset\nyes\n"])
+def test_the_console_does_not_reboot_while_an_update_is_installed(
+    box: Box, tmp_path: Path, typed: str,
+) -> None:
+    """The console runs its reboot command itself: it must ask socketd first."""
+    from sdwan.common.control import ControlServer
+
+    bundle, image = make_bundle(box.root, box.ca, "2.3.0", "console-reboot")
+    sock = box.runtime / "control.sock"
+    rebooted = tmp_path / "rebooted"
+    console_data = tmp_path / "console-data"
+    release = asyncio.Event()
+
+    async def slow_check(bus: RaucBus, bundle: Path, conf: SystemConf,
+                         compatible: str | None) -> BundleInfo:
+        await release.wait()  # the install is under way (checking) until the console is done
+        return await HOST_CHECK(bus, bundle, conf, compatible)
+
+    async def main() -> tuple[str, dict[str, Any]]:
+        up = await started(box, precheck=slow_check)
+        server = ControlServer(sock, up.handlers())
+        await server.start()
+        try:
+            begun = asyncio.create_task(up.handlers()["update"]({"bundle": str(bundle)}))
+            await asyncio.sleep(0.2)
+            assert up.install_state.state == "checking"
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "sdwan.appliance.console", "--socket", str(sock),
+                "--data", str(console_data), "--reboot-command", f"touch {rebooted}",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT)
+            login = "admin\nadmin\nnew-password-1\nnew-password-1\n"
+            out, _ = await asyncio.wait_for(proc.communicate(
+                (login + typed + "exit\n").encode()), 60)
+            release.set()
+            await begun
+            await wait_for(lambda: up.install_state.state not in ("checking", "installing"))
+            return out.decode(), up.install_state.to_json()
+        finally:
+            release.set()
+            await server.close()
+            await up.close()
+
+    out, state = asyncio.run(main())
+    assert not rebooted.exists(), out
+    assert "an update is being installed" in out, out
+    assert state["state"] == "installed", state
+    assert box.slot_bytes("B", len(image)) == image
