@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ from test_rauc_updates import (
 )
 
 from sdwan.appliance.bundle import BundleInfo
-from sdwan.appliance.raucbus import RaucBus
+from sdwan.appliance.raucbus import RaucBus, RaucSetup, runtime_dir
 from sdwan.appliance.raucstatus import SystemConf
 from sdwan.appliance.updater import InstallRefused, inspect_bundle
 
@@ -179,3 +182,33 @@ def test_the_console_does_not_reboot_while_an_update_is_installed(
     assert "an update is being installed" in out, out
     assert state["state"] == "installed", state
     assert box.slot_bytes("B", len(image)) == image
+
+
+def test_the_bus_never_uses_a_stand_in_directory_someone_else_made(tmp_path: Path) -> None:
+    """A control socket deep in a folder puts the bus under the temporary directory, at a
+    name anyone can guess: one made there first by another user is not used."""
+    deep = tmp_path / ("d" * 120) / "control-update"
+    stand_in = runtime_dir(deep)
+    assert stand_in != deep and stand_in.parent == Path(tempfile.gettempdir())
+    nobody = pwd.getpwnam("nobody")
+    stand_in.mkdir(mode=0o777)
+    os.chown(stand_in, nobody.pw_uid, nobody.pw_gid)
+    records: list[str] = []
+
+    async def main() -> tuple[str, str | None]:
+        bus = RaucBus(RaucSetup(tmp_path / "system.conf", stand_in), lambda t, d: records.append(t))
+        bus.bus.start()
+        try:
+            await asyncio.sleep(1.5)
+            return bus.bus.st.state, bus.bus.st.error
+        finally:
+            await bus.close()
+
+    try:
+        state, error = asyncio.run(main())
+        assert state != "running", (state, error)
+        assert error and "not putting the update bus there" in error, error
+        assert not (stand_in / "bus.conf").exists()
+        assert stand_in.exists(), "another user's directory was removed"
+    finally:
+        shutil.rmtree(stand_in, ignore_errors=True)
