@@ -30,7 +30,7 @@ from test_rauc_updates import (
 from sdwan.appliance.bundle import BundleInfo
 from sdwan.appliance.raucbus import RaucBus, RaucSetup, runtime_dir
 from sdwan.appliance.raucstatus import SystemConf
-from sdwan.appliance.updater import InstallRefused, inspect_bundle
+from sdwan.appliance.updater import InstallRefused, Updater, inspect_bundle
 
 box = test_rauc_updates.box  # the fixture: two loop devices as slots, a system.conf
 
@@ -212,3 +212,70 @@ def test_the_bus_never_uses_a_stand_in_directory_someone_else_made(tmp_path: Pat
         assert stand_in.exists(), "another user's directory was removed"
     finally:
         shutil.rmtree(stand_in, ignore_errors=True)
+
+
+@pytest.mark.parametrize("which", ["bus", "service"])
+def test_the_bus_and_rauc_service_are_started_again_when_they_die(box: Box, which: str) -> None:
+    import signal
+
+    bundle, image = make_bundle(box.root, box.ca, "2.4.0", f"after-{which}")
+
+    async def main() -> dict[str, Any]:
+        up = await started(box)
+        pids: list[int | None] = []
+        try:
+            child = up.bus.bus if which == "bus" else up.bus.service
+            pid = child.st.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            await wait_for(lambda: child.st.pid not in (None, pid), timeout=30)
+            assert await up.bus.wait_ready(30) is None
+            result = await up.install(str(bundle))
+            pids = [c.st.pid for c in (up.bus.bus, up.bus.service)]
+            return result
+        finally:
+            await up.close()
+            for p in pids:
+                assert p is not None and not os.path.exists(f"/proc/{p}"), "left running"
+
+    assert asyncio.run(main())["state"] == "installed"
+    assert box.slot_bytes("B", len(image)) == image
+
+
+def test_update_with_reboot_says_so_when_the_reboot_command_fails(
+    box: Box, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from sdwan.common.control import ControlServer
+    from sdwan.site import socketctl
+    from sdwan.site.config import Update
+
+    bundle, image = make_bundle(box.root, box.ca, "2.5.0", "reboot-fails")
+    sock = box.runtime / "control.sock"
+
+    async def main() -> tuple[int, str, str, dict[str, Any]]:
+        up = Updater(
+            Update(system_conf=box.conf, commit_grace_s=300, reboot_command=("false",)),
+            box.data, box.runtime, lambda k, t, d: box.events.append((k, t, d)),
+            lambda: box.health, boot_slot="A", precheck=HOST_CHECK)
+        up.start()
+        await up.ready()
+        server = ControlServer(sock, up.handlers())
+        await server.start()
+        try:
+            capsys.readouterr()
+            rc = await asyncio.to_thread(socketctl.main, ["--socket", str(sock), "update",
+                                                          "--reboot", str(bundle)])
+            out = capsys.readouterr()
+            return rc, out.out, out.err, up.status()
+        finally:
+            await server.close()
+            await up.close()
+
+    rc, out, err, status = asyncio.run(main())
+    assert box.slot_bytes("B", len(image)) == image
+    assert "rebooting into it" not in out, out
+    assert rc == socketctl.EXIT_COMMAND_FAILED, (out, err)
+    assert "reboot command exited with status 1" in err, err
+    assert status["install"]["state"] == "installed", status
+    assert status["rebooting"] is None, status
+    assert status["reboot_needed"] == {"slot": "rootfs.1", "version": "2.5.0"}, status

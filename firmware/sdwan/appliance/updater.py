@@ -682,7 +682,6 @@ class Updater:
                 target = primary
                 s.version = primary.version or s.version
         s.slot = target.name
-        self._ended("installed", None)
         text = (f"update {s.version or 'of unknown version'} installed into {target.name}"
                 f" ({target.bootname}) from {visible(path)}: it starts at the next reboot")
         log.info("updates: %s", text)
@@ -693,14 +692,27 @@ class Updater:
         doc["installed"] = {"slot": target.name, "version": s.version, "boot_id":
                             self.boot, "at": time.time()}
         await self._save_state(doc)
+        error = None
         if s.reboot:
-            await self.reboot(origin=f"{s.origin}, after the update")
+            # Still "installing" until it ran: a client that sees "installed" with reboot set
+            # and no error may say the box reboots.
+            try:
+                await self._reboot(origin=f"{s.origin}, after the update")
+            except OSError as e:
+                error = f"installed, but not rebooted: {e}"
+                log.error("updates: %s", error)
+                self._event(EVENT_ERROR, f"update {s.version} {error}",
+                            {"error": str(e), "origin": s.origin})
+        self._ended("installed", error)
 
     # ---------------------------------------------------------------- reboot
 
     async def reboot(self, *, origin: str) -> dict[str, Any]:
         if self._installing:
             raise InstallRefused(f"not rebooting: {self._busy()}")
+        return await self._reboot(origin=origin)
+
+    async def _reboot(self, *, origin: str) -> dict[str, Any]:
         argv = list(self.cfg.reboot_command)
         text = f"reboot asked by {origin}"
         log.warning("updates: %s", text)

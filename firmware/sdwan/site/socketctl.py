@@ -1053,6 +1053,10 @@ def _update(args: argparse.Namespace) -> int:
         print(f"socketctl: update: {visible(st.get('error') or st.get('state'))}",
               file=sys.stderr)
         return EXIT_COMMAND_FAILED
+    if st.get("error"):  # installed, but the reboot asked for failed
+        print(f"socketctl: update: {visible(st['error'])}; it starts at the next reboot",
+              file=sys.stderr)
+        return EXIT_COMMAND_FAILED
     if not args.json:
         reboot = ("rebooting into it" if st.get("reboot")
                   else "it starts at the next reboot (socketctl reboot)")
