@@ -31,6 +31,7 @@ from sdwan.appliance.bundle import BundleInfo
 from sdwan.appliance.raucbus import RaucBus, RaucSetup, runtime_dir
 from sdwan.appliance.raucstatus import SystemConf
 from sdwan.appliance.updater import InstallRefused, Updater, inspect_bundle
+from sdwan.site.config import Update
 
 box = test_rauc_updates.box  # the fixture: two loop devices as slots, a system.conf
 
@@ -247,7 +248,6 @@ def test_update_with_reboot_says_so_when_the_reboot_command_fails(
 ) -> None:
     from sdwan.common.control import ControlServer
     from sdwan.site import socketctl
-    from sdwan.site.config import Update
 
     bundle, image = make_bundle(box.root, box.ca, "2.5.0", "reboot-fails")
     sock = box.runtime / "control.sock"
@@ -279,3 +279,38 @@ def test_update_with_reboot_says_so_when_the_reboot_command_fails(
     assert status["install"]["state"] == "installed", status
     assert status["rebooting"] is None, status
     assert status["reboot_needed"] == {"slot": "rootfs.1", "version": "2.5.0"}, status
+
+
+def test_an_overlong_output_line_of_rauc_does_not_wedge_the_updater(
+    box: Box, tmp_path: Path,
+) -> None:
+    """The real rauc, with one line longer than a stream reader's limit before its own
+    output: the install goes on, and the updater is not left busy for good."""
+    real = shutil.which("rauc")
+    wrapper = tmp_path / "rauc-noisy"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = install ]; then head -c 70000 /dev/zero | tr "\\\\0" x; echo; fi\n'
+        f'exec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    bundle, image = make_bundle(box.root, box.ca, "2.6.0", "noisy")
+
+    async def main() -> tuple[dict[str, Any], bool, str]:
+        up = Updater(
+            Update(system_conf=box.conf, commit_grace_s=300, reboot_command=("true",)),
+            box.data, box.runtime, lambda k, t, d: box.events.append((k, t, d)),
+            lambda: box.health, rauc=str(wrapper), boot_slot="A", precheck=HOST_CHECK)
+        up.start()
+        await up.ready()
+        try:
+            try:
+                result = await asyncio.wait_for(up.install(str(bundle)), 60)
+            except Exception as e:  # noqa: BLE001 (the updater must not raise anything else)
+                result = {"raised": repr(e)}
+            return result, up._installing, up.install_state.state
+        finally:
+            await up.close()
+
+    result, busy, state = asyncio.run(main())
+    assert not busy and state == "installed", (result, state)
+    assert box.slot_bytes("B", len(image)) == image

@@ -72,6 +72,16 @@ def bus_config(socket_path: Path) -> str:
 """
 
 
+async def read_line(stream: asyncio.StreamReader) -> bytes:
+    """The next line (b"" at the end); one longer than the reader's limit (64 KiB) is cut
+    to its start rather than ending the reading with a ValueError."""
+    try:
+        return await stream.readline()
+    except ValueError:
+        # readline dropped what it had buffered of the line; its rest comes as a line.
+        return b"[a line longer than 64 KiB, left out]\n"
+
+
 @dataclass(frozen=True)
 class RaucSetup:
     """Where things are; every path can be moved for tests."""
@@ -191,7 +201,7 @@ class RaucBus:
 
         async def read() -> int:
             assert proc.stdout is not None
-            async for raw in proc.stdout:
+            while raw := await read_line(proc.stdout):
                 line = raw.decode(errors="replace").rstrip("\r\n")
                 lines.append(line)
                 if on_line is not None:

@@ -642,6 +642,18 @@ class Updater:
 
     async def _install_then(self, path: Path, target: Slot, info: BundleInfo,
                             progress_cb: Callable[[Progress], None] | None) -> None:
+        try:
+            await self._install(path, target, info, progress_cb)
+        except Exception as e:
+            # Whatever went wrong, the updater must not stay busy for good (no install, no
+            # reboot until socketd restarts) with clients following an install that ended.
+            log.exception("updates: the install of %s ended unexpectedly", path)
+            if self._installing:
+                self._ended("failed", f"the install ended unexpectedly: {visible(e)}")
+                await self._unstage()
+
+    async def _install(self, path: Path, target: Slot, info: BundleInfo,
+                       progress_cb: Callable[[Progress], None] | None) -> None:
         s = self.install_state
         s.state = "installing"
 
