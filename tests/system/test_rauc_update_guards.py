@@ -314,3 +314,35 @@ def test_an_overlong_output_line_of_rauc_does_not_wedge_the_updater(
     result, busy, state = asyncio.run(main())
     assert not busy and state == "installed", (result, state)
     assert box.slot_bytes("B", len(image)) == image
+
+
+def test_an_install_cut_off_over_a_slot_waiting_for_its_reboot_is_no_rollback(
+    box: Box,
+) -> None:
+    """RAUC marks the target bad before writing it and leaves it first in ORDER when the
+    install ends early (a failure, or socketd stopped with rauc service): that slot was
+    never booted, so the box did not fall back from it."""
+    from test_rauc_updates import EVENT_ROLLED_BACK, InstallFailed
+
+    first, _ = make_bundle(box.root, box.ca, "3.2.0", "first")
+    too_big, _ = make_bundle(box.root, box.ca, "3.3.0", "cut-off", blob=SLOT_BYTES + (1 << 20))
+
+    async def main() -> dict[str, Any]:
+        up = await started(box)
+        try:
+            await up.install(str(first))
+            with pytest.raises(InstallFailed):
+                await up.install(str(too_big))
+        finally:
+            await up.close()
+        up = await started(box)  # socketd started again, without a reboot
+        try:
+            return up.status()
+        finally:
+            await up.close()
+
+    status = asyncio.run(main())
+    env = box.env()
+    assert env["B_OK"] == "0" and env["B_TRY"] == "0", env
+    assert not box.kinds(EVENT_ROLLED_BACK), box.kinds(EVENT_ROLLED_BACK)
+    assert status["rollback"] is None, status

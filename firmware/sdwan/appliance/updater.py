@@ -398,7 +398,10 @@ class Updater:
         sel = self.selection
         if sel is not None and sel.first is not None:
             wanted = st.by_bootname(sel.first)
-            fell_back = wanted is not None and sel.abandoned(sel.first)
+            # Tried at least once: RAUC marks a slot bad (_OK=0, _TRY=0) before it writes it
+            # and leaves it first when the install ends early; never booted, nothing fell back.
+            fell_back = (wanted is not None and sel.abandoned(sel.first)
+                         and sel.tries.get(sel.first, 0) >= 1)
         else:
             wanted = st.slot(st.primary) if st.primary else None
             fell_back = wanted is not None and not wanted.good
