@@ -346,3 +346,44 @@ def test_an_install_cut_off_over_a_slot_waiting_for_its_reboot_is_no_rollback(
     assert env["B_OK"] == "0" and env["B_TRY"] == "0", env
     assert not box.kinds(EVENT_ROLLED_BACK), box.kinds(EVENT_ROLLED_BACK)
     assert status["rollback"] is None, status
+
+
+def test_ctrl_c_in_socketctl_update_says_the_install_goes_on(box: Box) -> None:
+    import signal
+
+    from sdwan.common.control import ControlServer
+
+    bundle, image = make_bundle(box.root, box.ca, "2.7.0", "ctrl-c")
+    sock = box.runtime / "control.sock"
+    release = asyncio.Event()
+
+    async def slow_check(bus: RaucBus, bundle: Path, conf: SystemConf,
+                         compatible: str | None) -> BundleInfo:
+        await release.wait()
+        return await HOST_CHECK(bus, bundle, conf, compatible)
+
+    async def main() -> tuple[int, str, str]:
+        up = await started(box, precheck=slow_check)
+        server = ControlServer(sock, up.handlers())
+        await server.start()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "sdwan.site.socketctl", "--socket", str(sock), "update",
+                str(bundle), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            await wait_for(lambda: up.install_state.state == "checking")
+            await asyncio.sleep(0.3)
+            proc.send_signal(signal.SIGINT)
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+            release.set()
+            await wait_for(lambda: up.install_state.state not in ("checking", "installing"))
+            return proc.returncode or 0, out.decode(), err.decode()
+        finally:
+            release.set()
+            await server.close()
+            await up.close()
+
+    rc, out, err = asyncio.run(main())
+    assert "Traceback" not in err, err
+    assert "the install goes on in socketd" in err, err
+    assert rc == 130, (rc, out, err)
+    assert box.slot_bytes("B", len(image)) == image

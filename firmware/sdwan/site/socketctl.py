@@ -1043,9 +1043,19 @@ def follow_update(
         time.sleep(poll_s)
 
 
+EXIT_INTERRUPTED = 130  # as a shell reports SIGINT
+
+
 def _update(args: argparse.Namespace) -> int:
-    st = follow_update(args.socket, args.bundle, args.reboot,
-                       None if args.json else VisibleWriter(sys.stdout), timeout=args.timeout)
+    try:
+        st = follow_update(args.socket, args.bundle, args.reboot,
+                           None if args.json else VisibleWriter(sys.stdout),
+                           timeout=args.timeout)
+    except KeyboardInterrupt:
+        # Only the following stops: socketd checks and installs on by itself.
+        print("\nsocketctl: update: interrupted; the install goes on in socketd (socketctl"
+              " slots tells how it ends)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if args.json:
         json.dump(st, sys.stdout, indent=2)
         sys.stdout.write("\n")
