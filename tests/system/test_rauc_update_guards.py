@@ -387,3 +387,29 @@ def test_ctrl_c_in_socketctl_update_says_the_install_goes_on(box: Box) -> None:
     assert "the install goes on in socketd" in err, err
     assert rc == 130, (rc, out, err)
     assert box.slot_bytes("B", len(image)) == image
+
+
+def test_no_install_starts_once_a_reboot_is_under_way(box: Box) -> None:
+    bundle, _ = make_bundle(box.root, box.ca, "2.8.0", "during-reboot")
+
+    async def main() -> None:
+        up = Updater(
+            Update(system_conf=box.conf, commit_grace_s=300, reboot_command=("sleep", "2")),
+            box.data, box.runtime, lambda k, t, d: box.events.append((k, t, d)),
+            lambda: box.health, boot_slot="A", precheck=HOST_CHECK)
+        up.start()
+        await up.ready()
+        try:
+            rebooting = asyncio.create_task(up.reboot(origin="test"))
+            await asyncio.sleep(0.5)  # the reboot command runs: the box is going down
+            with pytest.raises(InstallRefused, match="rebooting"):
+                await up.install(str(bundle))
+            await rebooting
+            with pytest.raises(InstallRefused, match="rebooting"):
+                await up.install(str(bundle))
+        finally:
+            await up.close()
+
+    asyncio.run(main())
+    assert box.slot_bytes("B", SLOT_BYTES) == bytes(SLOT_BYTES)
+    assert not box.kinds("update.failed"), box.events

@@ -270,7 +270,8 @@ class Updater:
         self._mark_after = 0.0
         self.rollback: dict[str, Any] | None = None
         self._doc: dict[str, Any] = {}  # update.json (the module docstring)
-        self.rebooting: str | None = None
+        self.rebooting: str | None = None  # the reboot command ran: the box goes down
+        self._reboot_running: str | None = None  # it runs now
         self._task: asyncio.Task[None] | None = None
         self._install_task: asyncio.Task[None] | None = None
 
@@ -565,9 +566,7 @@ class Updater:
     async def begin(self, bundle: str, *, origin: str, reboot: bool = False) -> dict[str, Any]:
         """The checks of `install`, then the install itself in the background: for the
         control socket, whose clients follow it with `update-status`."""
-        if self._installing:
-            raise InstallRefused(self._busy())
-        self._installing = True
+        self._take(bundle)
         try:
             path, target, info = await self._prepare(bundle, origin, reboot)
         except BaseException:
@@ -581,9 +580,7 @@ class Updater:
                       *, origin: str = "socketd", reboot: bool = False) -> dict[str, Any]:
         """Check the bundle and the box, install, and return the install's state; raises
         InstallRefused (nothing written) or InstallFailed (RAUC's message)."""
-        if self._installing:
-            raise InstallRefused(self._busy())
-        self._installing = True
+        self._take(bundle)
         try:
             path, target, info = await self._prepare(bundle, origin, reboot)
         except BaseException:
@@ -593,6 +590,17 @@ class Updater:
         if self.install_state.state != "installed":
             raise InstallFailed(self.install_state.error or "install failed")
         return self.install_state.to_json()
+
+    def _take(self, bundle: str) -> None:
+        """One install at a time, and none once a reboot is under way: the reboot would cut
+        it off."""
+        if self._installing:
+            raise InstallRefused(self._busy())
+        going = self._reboot_running or self.rebooting
+        if going is not None:
+            raise InstallRefused(f"not installing {visible(bundle)}: the box is rebooting"
+                                 f" (asked by {visible(going)})")
+        self._installing = True
 
     def _busy(self) -> str:
         s = self.install_state
@@ -732,6 +740,7 @@ class Updater:
         text = f"reboot asked by {origin}"
         log.warning("updates: %s", text)
         self._event(EVENT_REBOOT, text, {"origin": origin, "command": argv})
+        self._reboot_running = origin
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
@@ -739,6 +748,8 @@ class Updater:
             out, _ = await asyncio.wait_for(proc.communicate(), 60.0)
         except (OSError, TimeoutError) as e:
             raise OSError(f"reboot command {argv[0]!r} failed: {e}") from None
+        finally:
+            self._reboot_running = None
         if proc.returncode != 0:
             last = out.decode(errors="replace").strip().splitlines()[-1:] or [""]
             raise OSError(f"reboot command exited with status {proc.returncode}"
