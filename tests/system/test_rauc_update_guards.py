@@ -413,3 +413,66 @@ def test_no_install_starts_once_a_reboot_is_under_way(box: Box) -> None:
     asyncio.run(main())
     assert box.slot_bytes("B", SLOT_BYTES) == bytes(SLOT_BYTES)
     assert not box.kinds("update.failed"), box.events
+
+
+def test_a_client_following_an_install_that_socketd_dropped_says_so(
+    box: Box, tmp_path: Path,
+) -> None:
+    """socketd restarted during the install (which stopped it): the client must not take the
+    new socketd's state, idle or another install, for the end of its own."""
+    import io
+    import threading
+
+    from sdwan.common.control import ControlServer
+    from sdwan.site.socketctl import follow_update
+
+    real = shutil.which("rauc")
+    slow = tmp_path / "rauc-slow"
+    slow.write_text("#!/bin/sh\n"
+                    f'if [ "$1" = install ]; then sleep 3; fi\nexec {real} "$@"\n')
+    slow.chmod(0o755)
+    bundle, _ = make_bundle(box.root, box.ca, "2.9.0", "dropped")
+    sock = box.runtime / "control.sock"
+
+    def updater() -> Updater:
+        return Updater(
+            Update(system_conf=box.conf, commit_grace_s=300, reboot_command=("true",)),
+            box.data, box.runtime, lambda k, t, d: box.events.append((k, t, d)),
+            lambda: box.health, rauc=str(slow), boot_slot="A", precheck=HOST_CHECK)
+
+    async def main() -> tuple[dict[str, Any], str]:
+        up = updater()
+        up.start()
+        await up.ready()
+        server = ControlServer(sock, up.handlers())
+        await server.start()
+        out = io.StringIO()
+        result: dict[str, Any] = {}
+
+        def follow() -> None:
+            # Polling seldom: the restart falls between two polls (a client polling more
+            # often finds socketd unreachable meanwhile, and says that).
+            result.update(follow_update(str(sock), str(bundle), False, out, poll_s=4.0))
+
+        follower = threading.Thread(target=follow)
+        follower.start()
+        try:
+            await wait_for(lambda: up.install_state.state == "installing")
+            await asyncio.sleep(1.0)
+            await server.close()
+            await up.close()  # socketd stops: its install with it
+            up = updater()
+            up.start()
+            await up.ready()
+            server = ControlServer(sock, up.handlers())
+            await server.start()
+            await wait_for(lambda: not follower.is_alive(), timeout=30)
+            return result, out.getvalue()
+        finally:
+            await server.close()
+            await up.close()
+            follower.join(5)
+
+    result, out = asyncio.run(main())
+    assert result.get("state") == "failed", (result, out)
+    assert "socketd was restarted" in (result.get("error") or ""), result

@@ -1030,6 +1030,12 @@ def follow_update(
     seen = int(begun.get("seq") or 0)
     while True:
         st = request(sock, "update-status", timeout=timeout, since=seen)
+        if st.get("started_at") != begun.get("started_at"):
+            # Not this install any more: socketd started again meanwhile (which stopped it),
+            # and what it says now is idle, or another install.
+            return {**begun, "state": "failed", "progress": [],
+                    "error": "socketd was restarted during the install, which stopped it"
+                             " (the slot being written is not booted): start the update again"}
         for line in st.get("progress") or []:
             if isinstance(line, Mapping) and isinstance(line.get("seq"), int):
                 seen = max(seen, line["seq"])
