@@ -476,3 +476,52 @@ def test_a_client_following_an_install_that_socketd_dropped_says_so(
     result, out = asyncio.run(main())
     assert result.get("state") == "failed", (result, out)
     assert "socketd was restarted" in (result.get("error") or ""), result
+
+
+def test_a_fall_back_is_recorded_even_when_raucs_first_status_fails(
+    box: Box, tmp_path: Path,
+) -> None:
+    """The start-up checks are tried again until they ran, not given up at one failure."""
+    from test_rauc_updates import EVENT_ROLLED_BACK
+
+    bundle, _ = make_bundle(box.root, box.ca, "3.4.0", "abandoned")
+
+    async def install() -> None:
+        up = await started(box)
+        try:
+            await up.install(str(bundle))
+        finally:
+            await up.close()
+
+    asyncio.run(install())
+    box.set_env(ORDER="B A", B_OK="1", B_TRY="3", A_OK="1", A_TRY="0")
+    real = shutil.which("rauc")
+    once = tmp_path / "failed-once"
+    flaky = tmp_path / "rauc-flaky"
+    flaky.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1 $2" = "status --detailed" ] && [ ! -e {once} ]; then\n'
+        f"  touch {once}; echo 'LastError: D-Bus timeout' >&2; exit 1\nfi\n"
+        f'exec {real} "$@"\n')
+    flaky.chmod(0o755)
+
+    async def main() -> dict[str, Any]:
+        up = Updater(
+            Update(system_conf=box.conf, commit_grace_s=300, reboot_command=("true",)),
+            box.data, box.runtime, lambda k, t, d: box.events.append((k, t, d)),
+            lambda: box.health, rauc=str(flaky), boot_slot="A", precheck=HOST_CHECK)
+        up.start()
+        await up.ready()
+        try:
+            await wait_for(lambda: bool(box.kinds(EVENT_ROLLED_BACK)), timeout=15)
+            await wait_for(lambda: box.env()["ORDER"].split()[0] == "A")
+            return up.status()
+        finally:
+            await up.close()
+
+    status = asyncio.run(main())
+    assert once.exists()
+    (event,) = box.kinds(EVENT_ROLLED_BACK)
+    assert event[2]["slot"] == "rootfs.1", event
+    assert status["rollback"]["slot"] == "rootfs.1", status
+    assert box.env()["B_OK"] == "0", box.env()

@@ -311,18 +311,28 @@ class Updater:
                 said = True
             if "failed" in (self.bus.bus.st.state, self.bus.service.st.state):
                 return  # a program that is not there: Child does not try it again either
-        try:
-            await self.refresh()
-            await self._detect_rollback()
-        except Exception:
-            log.exception("updates: the start-up checks failed")
+        checked = await self._start_checks()
         self.ready_error = None
         while True:
+            # A fall back not recorded because RAUC did not answer at the start would never
+            # be: the start-up checks are tried again until they ran.
+            if not checked:
+                checked = await self._start_checks()
             try:
                 await self._commit_step()
             except Exception:
                 log.exception("updates: commit check failed")
             await asyncio.sleep(COMMIT_POLL_S)
+
+    async def _start_checks(self) -> bool:
+        """A fall back to notice, once RAUC's status is read; True when they ran."""
+        try:
+            await self.refresh()
+            await self._detect_rollback()
+        except Exception:
+            log.exception("updates: the start-up checks failed (tried again)")
+            return False
+        return True
 
     def _event(self, kind: str, text: str, data: dict[str, Any]) -> None:
         try:
