@@ -525,3 +525,21 @@ def test_a_fall_back_is_recorded_even_when_raucs_first_status_fails(
     assert event[2]["slot"] == "rootfs.1", event
     assert status["rollback"]["slot"] == "rootfs.1", status
     assert box.env()["B_OK"] == "0", box.env()
+
+
+def test_a_bundle_named_with_spaces_and_a_leading_dash_installs(box: Box, tmp_path: Path) -> None:
+    bundle, image = make_bundle(box.root, box.ca, "2.9.5", "odd-name")
+    odd = tmp_path / "my stick" / "-n --force update.raucb"
+    odd.parent.mkdir()
+    odd.write_bytes(bundle.read_bytes())
+
+    async def main() -> dict[str, Any]:
+        up = await started(box)
+        try:
+            return await up.install(str(odd))
+        finally:
+            await up.close()
+
+    result = asyncio.run(main())
+    assert result["state"] == "installed" and result["bundle"] == str(odd), result
+    assert box.slot_bytes("B", len(image)) == image
