@@ -543,3 +543,64 @@ def test_a_bundle_named_with_spaces_and_a_leading_dash_installs(box: Box, tmp_pa
     result = asyncio.run(main())
     assert result["state"] == "installed" and result["bundle"] == str(odd), result
     assert box.slot_bytes("B", len(image)) == image
+
+
+def test_the_consoles_reboot_after_its_update_waits_for_an_install_begun_meanwhile(
+    box: Box, tmp_path: Path,
+) -> None:
+    """While the console asks whether to reboot, someone else starts an install (socketctl):
+    the yes that follows must not cut it off."""
+    from sdwan.common.control import ControlServer
+
+    first, _ = make_bundle(box.root, box.ca, "4.2.0", "console-first")
+    second, _ = make_bundle(box.root, box.ca, "4.3.0", "console-second")
+    sock = box.runtime / "control.sock"
+    rebooted = tmp_path / "rebooted"
+    release = asyncio.Event()
+    checks = 0
+
+    async def check(bus: RaucBus, bundle: Path, conf: SystemConf,
+                    compatible: str | None) -> BundleInfo:
+        nonlocal checks
+        checks += 1
+        if checks == 2:  # the other install: under way until the console is done
+            await release.wait()
+        return await HOST_CHECK(bus, bundle, conf, compatible)
+
+    async def main() -> str:
+        up = await started(box, precheck=check)
+        server = ControlServer(sock, up.handlers())
+        await server.start()
+        other: asyncio.Task[dict[str, Any]] | None = None
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "sdwan.appliance.console", "--socket", str(sock),
+                "--data", str(tmp_path / "console-data"), "--reboot-command",
+                f"touch {rebooted}", stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(f"admin\nadmin\nnew-password-1\nnew-password-1\nupdate {first}\n"
+                             .encode())
+            await proc.stdin.drain()
+            seen = b""
+            while b"Reboot now into it?" not in seen:
+                chunk = await asyncio.wait_for(proc.stdout.read(4096), 60)
+                assert chunk, seen.decode()
+                seen += chunk
+            other = asyncio.create_task(up.handlers()["update"]({"bundle": str(second)}))
+            await wait_for(lambda: up.install_state.state == "checking")
+            proc.stdin.write(b"yes\nexit\n")
+            await proc.stdin.drain()
+            rest, _ = await asyncio.wait_for(proc.communicate(), 60)
+            return (seen + rest).decode()
+        finally:
+            release.set()
+            if other is not None:
+                await other
+                await wait_for(lambda: up.install_state.state not in ("checking", "installing"))
+            await server.close()
+            await up.close()
+
+    out = asyncio.run(main())
+    assert not rebooted.exists(), out
+    assert "an update is being installed" in out, out

@@ -996,6 +996,9 @@ class Console:
         if not self.confirm("Reboot now into it? Type yes to confirm: ", ("yes",)):
             self.say("not rebooting: reboot starts it later")
             return True
+        # Another install may have begun while the question waited for its answer.
+        if self.refuse_reboot_while_installing():
+            return True
         self.record("console.reboot", f"console: reboot by {self.user} after an update",
                     {"user": self.user})
         return not self.reboot()
