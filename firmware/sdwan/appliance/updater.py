@@ -318,6 +318,11 @@ class Updater:
             # be: the start-up checks are tried again until they ran.
             if not checked:
                 checked = await self._start_checks()
+                if not checked:
+                    # Not before: a pending mark of this slot would replace what the slot
+                    # fallen back from was waiting for, the reason its rollback gives.
+                    await asyncio.sleep(COMMIT_POLL_S)
+                    continue
             try:
                 await self._commit_step()
             except Exception:
