@@ -73,8 +73,8 @@ def bus_config(socket_path: Path) -> str:
 
 
 async def read_line(stream: asyncio.StreamReader) -> bytes:
-    """The next line (b"" at the end); one longer than the reader's limit (64 KiB) is cut
-    to its start rather than ending the reading with a ValueError."""
+    """The next line (b"" at the end); one longer than the reader's limit (64 KiB) is left
+    out, with a note in its place, rather than ending the reading with a ValueError."""
     try:
         return await stream.readline()
     except ValueError:
