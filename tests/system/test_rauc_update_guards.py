@@ -604,3 +604,40 @@ def test_the_consoles_reboot_after_its_update_waits_for_an_install_begun_meanwhi
     out = asyncio.run(main())
     assert not rebooted.exists(), out
     assert "an update is being installed" in out, out
+
+
+def test_rauc_failing_at_every_status_is_asked_less_and_less_often(
+    box: Box, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A disk where RAUC finds no slots (an image without the A/B layout) fails every
+    status: it is asked again after 1, 2, 4, ... s, and the reason is logged once."""
+    real = shutil.which("rauc")
+    calls = tmp_path / "status-calls"
+    failing = tmp_path / "rauc-failing"
+    failing.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1 $2" = "status --detailed" ]; then\n'
+        f"  echo x >> {calls}; echo 'LastError: Bootname or device of booted slot not found'"
+        " >&2; exit 1\nfi\n"
+        f'exec {real} "$@"\n')
+    failing.chmod(0o755)
+
+    async def main() -> None:
+        up = Updater(
+            Update(system_conf=box.conf, commit_grace_s=300, reboot_command=("true",)),
+            box.data, box.runtime, lambda k, t, d: box.events.append((k, t, d)),
+            lambda: box.health, rauc=str(failing), boot_slot="A", precheck=HOST_CHECK)
+        up.start()
+        await up.ready()
+        try:
+            await asyncio.sleep(9)
+        finally:
+            await up.close()
+
+    with caplog.at_level("ERROR", logger="sdwan.appliance.updater"):
+        asyncio.run(main())
+    n = len(calls.read_text().splitlines())
+    # Every second would be about 9; 1 + 2 + 4 s apart is 4 or 5 (one more in _commit_step).
+    assert 2 <= n <= 6, n
+    said = [r for r in caplog.records if "start-up checks failed" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]

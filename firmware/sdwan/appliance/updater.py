@@ -62,6 +62,7 @@ STAGED_BUNDLE = "bundle.raucb"
 READY_TIMEOUT_S = 60.0  # for the bus and rauc service to answer at start
 COMMIT_POLL_S = 1.0
 MARK_RETRY_S = 10.0
+RETRY_MAX_S = 60.0  # RAUC asked again at most this far apart while it fails
 PROGRESS_KEPT = 200
 ROLLBACKS_KEPT = 16
 
@@ -262,6 +263,8 @@ class Updater:
         self.status_: SystemStatus | None = None
         self.selection: BootSelection | None = None
         self.read_error: str | None = None
+        self._failures = 0  # RAUC calls failed in a row (_retry_delay)
+        self._said_error: str | None = None
         self.ready_error: str | None = "starting"
         self.install_state = InstallState()
         self._installing = False
@@ -321,22 +324,37 @@ class Updater:
                 if not checked:
                     # Not before: a pending mark of this slot would replace what the slot
                     # fallen back from was waiting for, the reason its rollback gives.
-                    await asyncio.sleep(COMMIT_POLL_S)
+                    await asyncio.sleep(self._retry_delay())
                     continue
             try:
                 await self._commit_step()
             except Exception:
                 log.exception("updates: commit check failed")
-            await asyncio.sleep(COMMIT_POLL_S)
+            await asyncio.sleep(COMMIT_POLL_S if self.read_error is None
+                                else self._retry_delay())
+
+    def _retry_delay(self) -> float:
+        """How long until RAUC is asked again after it failed: doubling up to a minute, so
+        that a box whose slots RAUC cannot find (a disk without the A/B layout) does not
+        spend a core and fill the log ring asking every second."""
+        self._failures += 1
+        return min(RETRY_MAX_S, COMMIT_POLL_S * 2 ** min(self._failures - 1, 6))
 
     async def _start_checks(self) -> bool:
         """A fall back to notice, once RAUC's status is read; True when they ran."""
         try:
             await self.refresh()
             await self._detect_rollback()
+        except OSError as e:
+            # The same reason again is not news: said once until it changes.
+            if str(e) != self._said_error:
+                log.error("updates: the start-up checks failed (tried again): %s", e)
+                self._said_error = str(e)
+            return False
         except Exception:
             log.exception("updates: the start-up checks failed (tried again)")
             return False
+        self._said_error = None
         return True
 
     def _event(self, kind: str, text: str, data: dict[str, Any]) -> None:
@@ -360,6 +378,7 @@ class Updater:
             self.read_error = str(e)
             raise OSError(self.read_error) from None
         self.status_, self.read_error = st, None
+        self._failures = 0
         self.selection = await asyncio.to_thread(self._read_selection)
         return st
 
