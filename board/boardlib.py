@@ -1057,6 +1057,20 @@ def firmware_version() -> str:
     return str(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"])
 
 
+# What Buildroot's packages install besides the programs the appliance runs, as
+# board/common/packages.toml drops it from Debian's: GRUB's tools (BR2_TARGET_GRUB2_INSTALL_TOOLS
+# is the only way to get grub-editenv onto the target, and it brings all of them and GRUB's
+# modules), and the system bus's init script and files (socketd runs a bus of its own for
+# RAUC; rcS starts no init.d scripts anyway).
+BUILDROOT_DROP = (
+    "usr/bin/grub-*", "usr/sbin/grub-*", "usr/lib/grub", "usr/share/grub", "etc/grub.d",
+    "etc/default/grub", "etc/bash_completion.d/grub",
+    "etc/init.d/S30dbus-daemon", "usr/share/dbus-1", "etc/dbus-1",
+    "usr/libexec/dbus-daemon-launch-helper", "usr/bin/dbus-run-session", "usr/bin/dbus-launch",
+)
+BUILDROOT_KEEP = ("usr/bin/grub-editenv",)
+
+
 def buildroot_rootfs(board: BoardInfo, target: Path) -> None:
     """Buildroot's post-build: the target folder becomes the appliance's root, as mkimage
     makes it from Debian packages (the same overlay, board files, module list and checks)."""
@@ -1064,6 +1078,15 @@ def buildroot_rootfs(board: BoardInfo, target: Path) -> None:
         p = target / "usr/bin" / name
         if p.exists() or p.is_symlink():
             p.unlink()
+    keep = {target / k for k in BUILDROOT_KEEP}
+    for pattern in BUILDROOT_DROP:
+        for p in sorted(target.glob(pattern), reverse=True):
+            if p in keep:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
     for site in site_dirs(target):
         for mod in NOT_ON_APPLIANCE_MODULES:
             if (site / "sdwan" / mod).is_dir():

@@ -5,11 +5,17 @@ socketd runs; a WAN setting changed on the console, the new console password and
 survive a reboot from the console; `factory-reset` wipes them, and the default credential
 and the config's own addressing come back. One VM for all of it: every boot after the first
 starts from what the one before left on the disk. The second boot's RTC has lost its time: the
-clock is moved forward to the image's build time and socketd says so."""
+clock is moved forward to the image's build time and socketd says so. The programs of on-box
+updates work on the box (docs/update.md): at the first boot a test hook runs rauc, dbus-daemon
+and grub-editenv and mounts a signed verity bundle (loop and dm-verity); at the second,
+socketd's update bus and `rauc service` answer `show slots` with the A/B slots, A booted."""
 
 from __future__ import annotations
 
+import hashlib
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +30,7 @@ from sites import (
     SOCKETD_S,
     SiteSpec,
     command,
+    hook_args,
     login,
     poll_command,
     site_fw_cfg,
@@ -41,6 +48,41 @@ GATEWAY = "192.0.2.1"
 NONE_LINK = re.compile(r"(?m)^wan1\s+eth0\s+\S+\s+(?:\S+\s+)*?none\b")
 STATIC_LINK = re.compile(rf"(?m)^wan1\s+eth0\s+\S+\s+(?:\S+\s+)*?static\s+{re.escape(STATIC)}"
                          rf"\s+{re.escape(GATEWAY)}\b")
+REPO = Path(__file__).resolve().parents[2]
+BUNDLE_FW_CFG = "opt/sdwan/update-probe.raucb"
+# Run by init at boot 1 (test hook): what the updater runs, by hand. The bundle is signed by
+# the firmware keys the image trusts (mkbundle and mkimage take the same ones) and is mounted
+# the way an install reads it: RAUC checks its signature, then maps its payload through a loop
+# device and dm-verity. Boot 1 has the host's time; boot 2's clock starts at the build time,
+# when a development signer made after the last commit is not valid yet.
+UPDATE_TOOLS = r"""
+rauc --version
+dbus-daemon --version | head -n 1
+env=/run/probe.grubenv
+grub-editenv $env create && grub-editenv $env set ORDER="A B" A_TRY=0 && grub-editenv $env list
+grep -E '^(loop|dm_mod|dm_verity) ' /proc/modules | cut -d' ' -f1 | sort | tr '\n' ' '; echo
+cat /sys/firmware/qemu_fw_cfg/by_name/@BUNDLE@/raw > /run/probe.raucb
+rauc mount /run/probe.raucb 2>&1 && ls /run/rauc/bundle && umount /run/rauc/bundle
+echo "rauc mount: $?"
+""".replace("@BUNDLE@", BUNDLE_FW_CFG)
+
+
+def signed_bundle(workdir: Path) -> Path:
+    """A small verity bundle for the board, signed as `make bundle` signs one."""
+    tree = workdir / "slot"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/os-release").write_text("ID=socket\nVERSION_ID=probe\n")
+    # incompressible, so the payload is several verity blocks
+    (tree / "blob").write_bytes(b"".join(hashlib.sha256(b"%d" % i).digest() for i in range(4096)))
+    slot = workdir / "slot.img"
+    subprocess.run(["mksquashfs", str(tree), str(slot), "-noappend", "-quiet", "-no-progress",
+                    "-all-root"], check=True, capture_output=True)
+    out = workdir / "bundle"
+    proc = subprocess.run([sys.executable, str(REPO / "board/mkbundle.py"), "qemu-x86_64",
+                           "--rootfs", str(slot), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out / "qemu-x86_64.raucb"
 
 
 def booted(vm: VM) -> None:
@@ -55,15 +97,26 @@ def test_blank_data_first_boot_then_settings_survive_reboot_and_factory_reset_wi
 ) -> None:
     board = "qemu-x86_64"
     # The front panel's serial port is there as on the hardware; nothing plays the panel.
-    vm = vms(board, appliance_image(board), panel=True)
+    vm = vms(board, appliance_image(board), panel=True,
+             extra_args=[*hook_args(tmp_path, "update-tools", UPDATE_TOOLS),
+                         "-fw_cfg", f"name={BUNDLE_FW_CFG},file={signed_bundle(tmp_path)}"])
 
     # Boot 1, the first power-on: a blank /data is formatted; without a configuration
     # socketd waits and says so, and the console still works.
     vm.start()
     vm.expect("formatting /data", BOOT_S, "the first-boot format of /data")
     vm.expect(r"boot: ready: socket, /data on /dev/vda4", BOOT_S)
-    vm.expect_all(["no configuration at /data/socketd.toml: socketd is not running",
-                   "login: "], SOCKETD_S)
+    # The hook's output is on the console too: it is awaited before the login.
+    tools = vm.expect_all(["no configuration at /data/socketd.toml: socketd is not running",
+                           "login: ", r"(?s)test-hook: running.*?test-hook: done"],
+                          SOCKETD_S)[2]
+    out = tools.group(0).replace("\r", "")
+    for want in (r"test-hook: rauc 1\.8\b", r"test-hook: D-Bus Message Bus Daemon 1\.",
+                 r"test-hook: ORDER=A B\n", r"test-hook: A_TRY=0\n",
+                 r"test-hook: dm_mod dm_verity loop \n",
+                 r"Configured dm-verity device", r"test-hook: manifest\.raucm\n",
+                 r"test-hook: rootfs\.img\n", r"test-hook: rauc mount: 0\n"):
+        assert re.search(want, out), f"{want} missing from the test hook's output:\n{out}"
     # The default credential forces a new password (the change is an event, kept below).
     login(vm, "admin", first=True)
     out = command(vm, "show status")
@@ -105,6 +158,15 @@ def test_blank_data_first_boot_then_settings_survive_reboot_and_factory_reset_wi
     out = command(vm, f"set link wan1 static {STATIC} {GATEWAY}")
     assert "error" not in out.lower(), out
     poll_command(vm, "show links", STATIC_LINK, SETTLE_S, "the static address before the reboot")
+    # socketd started its update bus and `rauc service` (the image has system.conf): they
+    # answer with the disk's slots, A booted (rauc.slot=A from GRUB) and B beside it, not a
+    # traceback or a timeout.
+    out = poll_command(vm, "show slots", re.compile(r"(?m)^rootfs\.0 +A +booted\b"), SETTLE_S,
+                       "RAUC's answer through socketd's update bus")
+    assert re.search(r"(?m)^rootfs\.1 +B +\S+ .*/dev/disk/by-partlabel/root-b", out), out
+    assert "Traceback" not in out and "did not finish" not in out, out
+    out = command(vm, "show log 300")
+    assert "Traceback" not in out, out
 
     # Boot 3: a reboot from the console goes through init's shutdown and UEFI again.
     vm.sendline("reboot")

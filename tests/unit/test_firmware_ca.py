@@ -157,3 +157,20 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "not a firmware CA directory" in capsys.readouterr().err
     assert pki.main(["firmware-signer", str(tmp_path / "none")]) == 1
     assert "create it with firmware-ca" in capsys.readouterr().err
+
+
+def test_development_keys_are_valid_from_long_before_a_build_that_made_them(
+    tmp_path: Path,
+) -> None:
+    """A box whose clock sits at the image's build time (an older commit's time) takes the
+    bundles of development keys made after it; production keys are not backdated."""
+    import datetime
+
+    now = datetime.datetime.now(datetime.UTC)
+    dev, prod = tmp_path / "dev", tmp_path / "prod"
+    for d, development in ((dev, True), (prod, False)):
+        pki.create_firmware_ca(d, development=development)
+        pki.issue_firmware_signer(d)
+    for name in ("firmware-ca.pem", "signer.pem"):
+        assert _load(dev / name).not_valid_before_utc <= now - datetime.timedelta(days=700)
+        assert _load(prod / name).not_valid_before_utc >= now - datetime.timedelta(hours=1)

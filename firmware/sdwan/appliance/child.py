@@ -27,6 +27,15 @@ STOP_S = 3.0  # TERM, then KILL after this long
 OUTPUT_KEPT = 8  # its last lines, kept to say why it exited
 
 
+async def _read_line(stream: asyncio.StreamReader) -> bytes:
+    """The next line of its output (b"" at the end): one longer than the reader's limit
+    is left out instead of ending the watch of the program with a ValueError."""
+    try:
+        return await stream.readline()
+    except ValueError:
+        return b"[a line longer than 64 KiB, left out]\n"
+
+
 @dataclass
 class ChildState:
     state: str = "off"  # off, waiting (before_start said why), running, restarting, failed,
@@ -163,7 +172,7 @@ class Child:
         if self.on_started is not None:
             self.on_started(proc.pid)
         assert proc.stdout is not None
-        async for raw in proc.stdout:
+        while raw := await _read_line(proc.stdout):
             line = raw.decode(errors="replace").rstrip()
             st.output.append(line)
             log.info("%s: %s", self.name, line)

@@ -996,11 +996,35 @@ class Console:
         if not self.confirm("Reboot now into it? Type yes to confirm: ", ("yes",)):
             self.say("not rebooting: reboot starts it later")
             return True
+        # Another install may have begun while the question waited for its answer.
+        if self.refuse_reboot_while_installing():
+            return True
         self.record("console.reboot", f"console: reboot by {self.user} after an update",
                     {"user": self.user})
         return not self.reboot()
 
+    def installing(self) -> str | None:
+        """An update socketd is checking or installing now, which a reboot would cut off (the
+        console runs its reboot command itself, so it asks first); None when there is none, or
+        no socketd to ask (its rauc service stopped with it)."""
+        try:
+            st = request(self.opts.socket, "update-status", timeout=5.0)
+        except ControlError:
+            return None
+        if st.get("state") not in ("checking", "installing"):
+            return None
+        percent = st.get("percent") if isinstance(st.get("percent"), int) else 0
+        return f"an update is being installed ({visible(st.get('bundle'))}, {percent}%)"
+
+    def refuse_reboot_while_installing(self) -> bool:
+        busy = self.installing()
+        if busy is not None:
+            self.say(f"error: not rebooting: {busy}; show slots tells how it ends")
+        return busy is not None
+
     def cmd_reboot(self) -> bool:
+        if self.refuse_reboot_while_installing():
+            return True
         if not self.confirm("Reboot now? Type yes to confirm: ", ("yes",)):
             return True
         self.record("console.reboot", f"console: reboot by {self.user}", {"user": self.user})
@@ -1024,6 +1048,8 @@ class Console:
         real = data.resolve()
         if real == Path("/") or (real.exists() and not real.is_dir()):
             self.say(f"error: refusing to erase {data}: not a data directory")
+            return True
+        if self.refuse_reboot_while_installing():
             return True
         self.say(f"This erases everything in {data}: WAN settings, the console password (back")
         self.say("to the default), events and the stored cloud configuration; then it reboots.")

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -71,6 +72,16 @@ def bus_config(socket_path: Path) -> str:
 """
 
 
+async def read_line(stream: asyncio.StreamReader) -> bytes:
+    """The next line (b"" at the end); one longer than the reader's limit (64 KiB) is left
+    out, with a note in its place, rather than ending the reading with a ValueError."""
+    try:
+        return await stream.readline()
+    except ValueError:
+        # readline dropped what it had buffered of the line; its rest comes as a line.
+        return b"[a line longer than 64 KiB, left out]\n"
+
+
 @dataclass(frozen=True)
 class RaucSetup:
     """Where things are; every path can be moved for tests."""
@@ -124,8 +135,17 @@ class RaucBus:
         await self.bus.close()
         with contextlib.suppress(OSError):
             self.socket.unlink()
-        if self.setup.runtime_dir.name.startswith("sdwan-update-"):
+        if self.setup.runtime_dir.name.startswith("sdwan-update-") and self._own_dir():
             shutil.rmtree(self.setup.runtime_dir, ignore_errors=True)  # a stand-in: ours
+
+    def _own_dir(self) -> bool:
+        """The runtime directory is a directory (not a symlink) of this user's own: a
+        stand-in under the temporary directory has a name anyone can guess and take first."""
+        try:
+            st = os.lstat(self.setup.runtime_dir)
+        except OSError:
+            return False
+        return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
 
     # ---------------------------------------------------------------- the two programs
 
@@ -139,6 +159,9 @@ class RaucBus:
     def _prepare_bus(self) -> None:
         d = self.setup.runtime_dir
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not self._own_dir():
+            raise PermissionError(f"{d} is not a directory of socketd's own user: not putting"
+                                  " the update bus there")
         os.chmod(d, 0o700)
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()  # left by a daemon that died: it would refuse to bind
@@ -178,7 +201,7 @@ class RaucBus:
 
         async def read() -> int:
             assert proc.stdout is not None
-            async for raw in proc.stdout:
+            while raw := await read_line(proc.stdout):
                 line = raw.decode(errors="replace").rstrip("\r\n")
                 lines.append(line)
                 if on_line is not None:

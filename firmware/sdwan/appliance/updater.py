@@ -19,6 +19,8 @@ import contextlib
 import json
 import logging
 import os
+import shutil
+import stat
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -54,9 +56,13 @@ EVENT_ROLLED_BACK = "update.rolled_back"
 EVENT_REBOOT = "update.reboot"
 EVENT_ERROR = "update.error"
 STATE_FILE = "update.json"
+# In the data directory, root's only: the copy of the bundle being checked and installed.
+STAGE_DIR = "update-bundle"
+STAGED_BUNDLE = "bundle.raucb"
 READY_TIMEOUT_S = 60.0  # for the bus and rauc service to answer at start
 COMMIT_POLL_S = 1.0
 MARK_RETRY_S = 10.0
+RETRY_MAX_S = 60.0  # RAUC asked again at most this far apart while it fails
 PROGRESS_KEPT = 200
 ROLLBACKS_KEPT = 16
 
@@ -87,12 +93,15 @@ Precheck = Callable[[RaucBus, Path, SystemConf, str | None], Awaitable[BundleInf
 async def inspect_bundle(bus: RaucBus, bundle: Path, conf: SystemConf,
                          compatible: str | None) -> BundleInfo:
     """The box's check before anything is written (appliance/bundle.py): the signature
-    against the keyring, for code signing only; a verity bundle; this board's compatible."""
+    against the keyring, for code signing only; a verity bundle; this board's compatible;
+    every block of the payload against its signed hash, extracted beside the bundle (the
+    updater's private copy of it, in the data directory)."""
     if conf.keyring is None or compatible is None:
         raise InstallRefused(f"{bus.setup.system_conf} names no keyring or compatible:"
                              " bundles cannot be checked")
     try:
-        return await asyncio.to_thread(bundle_check.inspect, bundle, conf.keyring, compatible)
+        return await asyncio.to_thread(bundle_check.inspect, bundle, conf.keyring, compatible,
+                                       check_payload=True, scratch=bundle.parent)
     except bundle_check.BundleError as e:
         raise InstallRefused(f"bundle refused: {visible(e)}") from None
 
@@ -167,6 +176,52 @@ def _write_atomic(path: Path, data: dict[str, Any]) -> None:
         os.close(dfd)
 
 
+def _stage(src: Path, stage_dir: Path) -> Path:
+    """A copy of the bundle at src in stage_dir (made anew, root's only): the file that is
+    checked and then installed. Whoever can write src (a USB stick, /data) can replace it or
+    point its symlink elsewhere after the check; the copy no one else can touch. src is opened
+    once, without waiting (a FIFO), and must be a regular file that is not empty."""
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise InstallRefused(f"cannot open {visible(src)}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InstallRefused(f"{visible(src)} is not a regular file")
+        if st.st_size == 0:
+            raise InstallRefused(f"{visible(src)} is empty: not a bundle")
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        stage_dir.mkdir(mode=0o700, parents=True)
+        os.chmod(stage_dir, 0o700)
+        free = shutil.disk_usage(stage_dir).free
+        if free < st.st_size + bundle_check.SCRATCH_RESERVE:
+            raise InstallRefused(
+                f"no room for a copy of the bundle in {stage_dir}: it needs"
+                f" {(st.st_size + bundle_check.SCRATCH_RESERVE) >> 20} MiB with a reserve,"
+                f" {free >> 20} MiB are free")
+        dst = stage_dir / STAGED_BUNDLE
+        out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o600)
+        try:
+            while chunk := os.read(fd, 1 << 20):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(out, view):]
+        finally:
+            os.close(out)
+        return dst
+    except OSError as e:
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        raise InstallRefused(f"cannot copy {visible(src)} to check it: {e.strerror or e}") \
+            from None
+    except InstallRefused:
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        raise
+    finally:
+        os.close(fd)
+
+
 def _install_key(slot: Slot) -> str:
     """One install into one slot: a rollback is recorded once per install, not per slot."""
     return f"{slot.name}@{slot.installed_at or '-'}"
@@ -195,6 +250,7 @@ class Updater:
         self.system_conf = cfg.system_conf
         self.data_dir = Path(data_dir)
         self.state_path = self.data_dir / STATE_FILE
+        self.stage_dir = self.data_dir / STAGE_DIR
         self.record = record
         self.health = health
         self.clock = clock
@@ -207,6 +263,8 @@ class Updater:
         self.status_: SystemStatus | None = None
         self.selection: BootSelection | None = None
         self.read_error: str | None = None
+        self._failures = 0  # RAUC calls failed in a row (_retry_delay)
+        self._said_error: str | None = None
         self.ready_error: str | None = "starting"
         self.install_state = InstallState()
         self._installing = False
@@ -215,7 +273,8 @@ class Updater:
         self._mark_after = 0.0
         self.rollback: dict[str, Any] | None = None
         self._doc: dict[str, Any] = {}  # update.json (the module docstring)
-        self.rebooting: str | None = None
+        self.rebooting: str | None = None  # the reboot command ran: the box goes down
+        self._reboot_running: str | None = None  # it runs now
         self._task: asyncio.Task[None] | None = None
         self._install_task: asyncio.Task[None] | None = None
 
@@ -242,6 +301,8 @@ class Updater:
 
     async def _run(self) -> None:
         self._doc = await asyncio.to_thread(self._load_state)
+        # A copy left by a socketd that stopped during an install.
+        await asyncio.to_thread(shutil.rmtree, self.stage_dir, True)
         said = False
         while (why := await self.bus.wait_ready(READY_TIMEOUT_S)) is not None:
             self.ready_error = f"rauc service does not answer: {why}"
@@ -253,18 +314,48 @@ class Updater:
                 said = True
             if "failed" in (self.bus.bus.st.state, self.bus.service.st.state):
                 return  # a program that is not there: Child does not try it again either
-        try:
-            await self.refresh()
-            await self._detect_rollback()
-        except Exception:
-            log.exception("updates: the start-up checks failed")
+        checked = await self._start_checks()
         self.ready_error = None
         while True:
+            # A fall back not recorded because RAUC did not answer at the start would never
+            # be: the start-up checks are tried again until they ran.
+            if not checked:
+                checked = await self._start_checks()
+                if not checked:
+                    # Not before: a pending mark of this slot would replace what the slot
+                    # fallen back from was waiting for, the reason its rollback gives.
+                    await asyncio.sleep(self._retry_delay())
+                    continue
             try:
                 await self._commit_step()
             except Exception:
                 log.exception("updates: commit check failed")
-            await asyncio.sleep(COMMIT_POLL_S)
+            await asyncio.sleep(COMMIT_POLL_S if self.read_error is None
+                                else self._retry_delay())
+
+    def _retry_delay(self) -> float:
+        """How long until RAUC is asked again after it failed: doubling up to a minute, so
+        that a box whose slots RAUC cannot find (a disk without the A/B layout) does not
+        spend a core and fill the log ring asking every second."""
+        self._failures += 1
+        return min(RETRY_MAX_S, COMMIT_POLL_S * 2 ** min(self._failures - 1, 6))
+
+    async def _start_checks(self) -> bool:
+        """A fall back to notice, once RAUC's status is read; True when they ran."""
+        try:
+            await self.refresh()
+            await self._detect_rollback()
+        except OSError as e:
+            # The same reason again is not news: said once until it changes.
+            if str(e) != self._said_error:
+                log.error("updates: the start-up checks failed (tried again): %s", e)
+                self._said_error = str(e)
+            return False
+        except Exception:
+            log.exception("updates: the start-up checks failed (tried again)")
+            return False
+        self._said_error = None
+        return True
 
     def _event(self, kind: str, text: str, data: dict[str, Any]) -> None:
         try:
@@ -287,6 +378,7 @@ class Updater:
             self.read_error = str(e)
             raise OSError(self.read_error) from None
         self.status_, self.read_error = st, None
+        self._failures = 0
         self.selection = await asyncio.to_thread(self._read_selection)
         return st
 
@@ -341,7 +433,10 @@ class Updater:
         sel = self.selection
         if sel is not None and sel.first is not None:
             wanted = st.by_bootname(sel.first)
-            fell_back = wanted is not None and sel.abandoned(sel.first)
+            # Tried at least once: RAUC marks a slot bad (_OK=0, _TRY=0) before it writes it
+            # and leaves it first when the install ends early; never booted, nothing fell back.
+            fell_back = (wanted is not None and sel.abandoned(sel.first)
+                         and sel.tries.get(sel.first, 0) >= 1)
         else:
             wanted = st.slot(st.primary) if st.primary else None
             fell_back = wanted is not None and not wanted.good
@@ -505,9 +600,7 @@ class Updater:
     async def begin(self, bundle: str, *, origin: str, reboot: bool = False) -> dict[str, Any]:
         """The checks of `install`, then the install itself in the background: for the
         control socket, whose clients follow it with `update-status`."""
-        if self._installing:
-            raise InstallRefused(self._busy())
-        self._installing = True
+        self._take(bundle)
         try:
             path, target, info = await self._prepare(bundle, origin, reboot)
         except BaseException:
@@ -521,9 +614,7 @@ class Updater:
                       *, origin: str = "socketd", reboot: bool = False) -> dict[str, Any]:
         """Check the bundle and the box, install, and return the install's state; raises
         InstallRefused (nothing written) or InstallFailed (RAUC's message)."""
-        if self._installing:
-            raise InstallRefused(self._busy())
-        self._installing = True
+        self._take(bundle)
         try:
             path, target, info = await self._prepare(bundle, origin, reboot)
         except BaseException:
@@ -533,6 +624,17 @@ class Updater:
         if self.install_state.state != "installed":
             raise InstallFailed(self.install_state.error or "install failed")
         return self.install_state.to_json()
+
+    def _take(self, bundle: str) -> None:
+        """One install at a time, and none once a reboot is under way: the reboot would cut
+        it off."""
+        if self._installing:
+            raise InstallRefused(self._busy())
+        going = self._reboot_running or self.rebooting
+        if going is not None:
+            raise InstallRefused(f"not installing {visible(bundle)}: the box is rebooting"
+                                 f" (asked by {visible(going)})")
+        self._installing = True
 
     def _busy(self) -> str:
         s = self.install_state
@@ -555,18 +657,28 @@ class Updater:
             st = await self.refresh()
             target = self._check_box(st)
             conf = await asyncio.to_thread(read_system_conf, self.system_conf)
-            info = await self.precheck(self.bus, path, conf, conf.compatible or st.compatible)
+            # Checked and installed: the private copy, never the path given (docs/update.md).
+            staged = await asyncio.to_thread(_stage, path, self.stage_dir)
+            info = await self.precheck(self.bus, staged, conf, conf.compatible or st.compatible)
+            if info.path.resolve() != staged.resolve():
+                raise InstallRefused(f"the check described {visible(info.path)}, not the copy"
+                                     " of the bundle it was given")
         except InstallRefused as e:
+            await self._unstage()
             self._ended("failed", str(e))
             self._event(EVENT_FAILED, f"update from {visible(path)} refused: {e}",
                         {"bundle": str(path), "error": str(e), "origin": origin,
                          "stage": "check"})
             raise
         except (OSError, ValueError) as e:
+            await self._unstage()
             self._ended("failed", str(e))
             raise InstallRefused(f"cannot check the box: {e}") from None
         s.version, s.slot = visible(info.version), target.name
         return path, target, info
+
+    async def _unstage(self) -> None:
+        await asyncio.to_thread(shutil.rmtree, self.stage_dir, True)
 
     def _ended(self, state: str, error: str | None) -> None:
         s = self.install_state
@@ -575,6 +687,18 @@ class Updater:
 
     async def _install_then(self, path: Path, target: Slot, info: BundleInfo,
                             progress_cb: Callable[[Progress], None] | None) -> None:
+        try:
+            await self._install(path, target, info, progress_cb)
+        except Exception as e:
+            # Whatever went wrong, the updater must not stay busy for good (no install, no
+            # reboot until socketd restarts) with clients following an install that ended.
+            log.exception("updates: the install of %s ended unexpectedly", path)
+            if self._installing:
+                self._ended("failed", f"the install ended unexpectedly: {visible(e)}")
+                await self._unstage()
+
+    async def _install(self, path: Path, target: Slot, info: BundleInfo,
+                       progress_cb: Callable[[Progress], None] | None) -> None:
         s = self.install_state
         s.state = "installing"
 
@@ -592,13 +716,15 @@ class Updater:
                     log.exception("updates: progress callback failed")
 
         try:
-            run = await self.bus.run("install", str(path), timeout=None, on_line=on_line)
+            # The file the check read (BundleInfo.path): `path` may be another one by now.
+            run = await self.bus.run("install", str(info.path), timeout=None, on_line=on_line)
         except OSError as e:
             run = None
             error: str | None = str(e)
         else:
             error = None if run.status == 0 else (install_error(run.lines)
                                                   or f"rauc install exited with {run.status}")
+        await self._unstage()
         if error is not None:
             self._ended("failed", error)
             text = f"update from {visible(path)} failed: {error}"
@@ -613,7 +739,6 @@ class Updater:
                 target = primary
                 s.version = primary.version or s.version
         s.slot = target.name
-        self._ended("installed", None)
         text = (f"update {s.version or 'of unknown version'} installed into {target.name}"
                 f" ({target.bootname}) from {visible(path)}: it starts at the next reboot")
         log.info("updates: %s", text)
@@ -624,18 +749,32 @@ class Updater:
         doc["installed"] = {"slot": target.name, "version": s.version, "boot_id":
                             self.boot, "at": time.time()}
         await self._save_state(doc)
+        error = None
         if s.reboot:
-            await self.reboot(origin=f"{s.origin}, after the update")
+            # Still "installing" until it ran: a client that sees "installed" with reboot set
+            # and no error may say the box reboots.
+            try:
+                await self._reboot(origin=f"{s.origin}, after the update")
+            except OSError as e:
+                error = f"installed, but not rebooted: {e}"
+                log.error("updates: %s", error)
+                self._event(EVENT_ERROR, f"update {s.version} {error}",
+                            {"error": str(e), "origin": s.origin})
+        self._ended("installed", error)
 
     # ---------------------------------------------------------------- reboot
 
     async def reboot(self, *, origin: str) -> dict[str, Any]:
         if self._installing:
             raise InstallRefused(f"not rebooting: {self._busy()}")
+        return await self._reboot(origin=origin)
+
+    async def _reboot(self, *, origin: str) -> dict[str, Any]:
         argv = list(self.cfg.reboot_command)
         text = f"reboot asked by {origin}"
         log.warning("updates: %s", text)
         self._event(EVENT_REBOOT, text, {"origin": origin, "command": argv})
+        self._reboot_running = origin
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
@@ -643,6 +782,8 @@ class Updater:
             out, _ = await asyncio.wait_for(proc.communicate(), 60.0)
         except (OSError, TimeoutError) as e:
             raise OSError(f"reboot command {argv[0]!r} failed: {e}") from None
+        finally:
+            self._reboot_running = None
         if proc.returncode != 0:
             last = out.decode(errors="replace").strip().splitlines()[-1:] or [""]
             raise OSError(f"reboot command exited with status {proc.returncode}"

@@ -72,6 +72,10 @@ FIRMWARE_CA_SUFFIX = "firmware signing CA"
 DEVELOPMENT_MARK = "DEVELOPMENT"
 # Backdating absorbs clock skew between appliances that have just booted and synced NTP.
 _BACKDATE = datetime.timedelta(minutes=5)
+# Development firmware keys are made by the first build that needs them, after the commit
+# whose time is the image's build time, the clock floor of a box whose RTC has lost its
+# time: valid from two years back, a box at that floor still takes their bundles.
+DEVELOPMENT_BACKDATE = datetime.timedelta(days=730)
 
 
 class PkiError(Exception):
@@ -167,7 +171,8 @@ def _check_days(days: int) -> int:
 
 
 def _ca_certificate(
-    key: ec.EllipticCurvePrivateKey, name: x509.Name, days: int
+    key: ec.EllipticCurvePrivateKey, name: x509.Name, days: int,
+    backdate: datetime.timedelta = _BACKDATE,
 ) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
     return (
@@ -176,7 +181,7 @@ def _ca_certificate(
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _BACKDATE)
+        .not_valid_before(now - backdate)
         .not_valid_after(now + datetime.timedelta(days=days))
         # pathlen=0: a CA signs leaves only; a leaked leaf key cannot mint more leaves.
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
@@ -381,7 +386,8 @@ def create_firmware_ca(
             x509.NameAttribute(NameOID.COMMON_NAME, label),
         ]
     )
-    cert = _ca_certificate(key, subject, days)
+    cert = _ca_certificate(key, subject, days,
+                           DEVELOPMENT_BACKDATE if development else _BACKDATE)
     _write_private(key_path, _key_pem(key))
     _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return FirmwareCaFiles(cert=cert_path, key=key_path)
@@ -421,7 +427,8 @@ def build_signer_certificate(
     days: int = DEFAULT_SIGNER_DAYS,
 ) -> x509.Certificate:
     """A bundle signing certificate: not a CA, digitalSignature, extendedKeyUsage codeSigning
-    only (so it can neither be a DTLS peer nor pass a TLS purpose check)."""
+    only (so it can neither be a DTLS peer nor pass a TLS purpose check). Under a
+    development CA it is backdated as that CA is (DEVELOPMENT_BACKDATE)."""
     _check_days(days)
     now = datetime.datetime.now(datetime.UTC)
     if ca_cert.not_valid_after_utc <= now:
@@ -440,7 +447,8 @@ def build_signer_certificate(
         .issuer_name(ca_cert.subject)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _BACKDATE)
+        .not_valid_before(now - (DEVELOPMENT_BACKDATE if is_development_ca(ca_cert)
+                                 else _BACKDATE))
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(

@@ -1030,6 +1030,12 @@ def follow_update(
     seen = int(begun.get("seq") or 0)
     while True:
         st = request(sock, "update-status", timeout=timeout, since=seen)
+        if st.get("started_at") != begun.get("started_at"):
+            # Not this install any more: socketd started again meanwhile (which stopped it),
+            # and what it says now is idle, or another install.
+            return {**begun, "state": "failed", "progress": [],
+                    "error": "socketd was restarted during the install, which stopped it"
+                             " (the slot being written is not booted): start the update again"}
         for line in st.get("progress") or []:
             if isinstance(line, Mapping) and isinstance(line.get("seq"), int):
                 seen = max(seen, line["seq"])
@@ -1043,14 +1049,28 @@ def follow_update(
         time.sleep(poll_s)
 
 
+EXIT_INTERRUPTED = 130  # as a shell reports SIGINT
+
+
 def _update(args: argparse.Namespace) -> int:
-    st = follow_update(args.socket, args.bundle, args.reboot,
-                       None if args.json else VisibleWriter(sys.stdout), timeout=args.timeout)
+    try:
+        st = follow_update(args.socket, args.bundle, args.reboot,
+                           None if args.json else VisibleWriter(sys.stdout),
+                           timeout=args.timeout)
+    except KeyboardInterrupt:
+        # Only the following stops: socketd checks and installs on by itself.
+        print("\nsocketctl: update: interrupted; the install goes on in socketd (socketctl"
+              " slots tells how it ends)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if args.json:
         json.dump(st, sys.stdout, indent=2)
         sys.stdout.write("\n")
     if st.get("state") != "installed":
         print(f"socketctl: update: {visible(st.get('error') or st.get('state'))}",
+              file=sys.stderr)
+        return EXIT_COMMAND_FAILED
+    if st.get("error"):  # installed, but the reboot asked for failed
+        print(f"socketctl: update: {visible(st['error'])}; it starts at the next reboot",
               file=sys.stderr)
         return EXIT_COMMAND_FAILED
     if not args.json:
