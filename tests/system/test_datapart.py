@@ -112,7 +112,7 @@ def check_report(report: dict[str, str], size_mib: int) -> int:
 def test_first_boot_grows_data_to_the_end_of_a_bigger_disk(
     appliance_image: Callable[[str], Path], vms: Callable[..., VM], tmp_path: Path,
 ) -> None:
-    size_mib = 256
+    size_mib = BEFORE_DATA_MIB + 1 + 110
     disk = disk_copy(appliance_image(BOARD), tmp_path / "disk.img", size_mib)
     assert partitions(disk)["data"][2] == 16 * 2048  # the image's small data partition
     vm = vms(BOARD, disk, extra_args=hook_args(tmp_path, "report", REPORT))
@@ -129,7 +129,8 @@ def test_first_boot_grows_data_to_the_end_of_a_bigger_disk(
 def test_first_boot_creates_a_missing_data_partition(
     appliance_image: Callable[[str], Path], vms: Callable[..., VM], tmp_path: Path,
 ) -> None:
-    size_mib = 192
+    # room for a data partition of about 150 MiB after the image's partitions
+    size_mib = BEFORE_DATA_MIB + 1 + 150
     disk = disk_copy(appliance_image(BOARD), tmp_path / "disk.img", size_mib,
                      delete_data=True)
     vm = vms(BOARD, disk, extra_args=hook_args(tmp_path, "report", REPORT))
