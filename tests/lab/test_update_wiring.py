@@ -101,11 +101,18 @@ def test_socketd_commits_its_slot_once_healthy(lab: Lab, slots: dict[str, str]) 
         f'[update]\nsystem_conf = "{conf}"\ncommit_grace_s = 2\nreboot_command = "true"\n'))
     start_as_booted_from(lab, site, "A")
 
+    seen: list[dict] = []
+
     def committed() -> dict | None:
         st = lab.socketctl(site, "slots")
+        seen[:] = [st]
         return st if st.get("commit", {}).get("state") == "committed" else None
 
-    st = wait_for("slot A committed", committed, timeout=40)
+    # A generous bound: on a loaded machine socketd, the bus and rauc service start slowly.
+    try:
+        st = wait_for("slot A committed", committed, timeout=90)
+    except pytest.fail.Exception:
+        pytest.fail(f"slot A not committed within 90 s; the last slots seen: {seen}")
     assert st["enabled"] and st["booted"] == "rootfs.0", st
     assert st["service"]["rauc"]["state"] == "running", st
     env = parse_grubenv(grubenv.read_bytes())

@@ -63,6 +63,7 @@ READY_TIMEOUT_S = 60.0  # for the bus and rauc service to answer at start
 COMMIT_POLL_S = 1.0
 MARK_RETRY_S = 10.0
 RETRY_MAX_S = 60.0  # RAUC asked again at most this far apart while it fails
+RETRY_FAST = 5  # failures in a row retried after COMMIT_POLL_S before the delay doubles
 PROGRESS_KEPT = 200
 ROLLBACKS_KEPT = 16
 
@@ -334,11 +335,13 @@ class Updater:
                                 else self._retry_delay())
 
     def _retry_delay(self) -> float:
-        """How long until RAUC is asked again after it failed: doubling up to a minute, so
-        that a box whose slots RAUC cannot find (a disk without the A/B layout) does not
-        spend a core and fill the log ring asking every second."""
+        """How long until RAUC is asked again after it failed: every second for the first
+        few failures (a loaded box's rauc service answering late at start), then doubling
+        up to a minute, so that a box whose slots RAUC cannot find (a disk without the A/B
+        layout) does not spend a core and fill the log ring asking every second."""
         self._failures += 1
-        return min(RETRY_MAX_S, COMMIT_POLL_S * 2 ** min(self._failures - 1, 6))
+        doubling = max(0, self._failures - RETRY_FAST)
+        return min(RETRY_MAX_S, COMMIT_POLL_S * 2 ** min(doubling, 6))
 
     async def _start_checks(self) -> bool:
         """A fall back to notice, once RAUC's status is read; True when they ran."""
