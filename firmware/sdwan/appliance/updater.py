@@ -44,6 +44,7 @@ from sdwan.appliance.raucstatus import (
     read_system_conf,
 )
 from sdwan.appliance.watchdog import boot_id
+from sdwan.common.durable import write_json_atomic
 from sdwan.common.visible import visible
 from sdwan.site.config import Update
 
@@ -159,22 +160,6 @@ class InstallState:
             "progress": [{"seq": n, "percent": p.percent, "message": p.message}
                          for n, p in self.progress if n > since],
         }
-
-
-def _write_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, json.dumps(data, separators=(",", ":")).encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _stage(src: Path, stage_dir: Path) -> Path:
@@ -414,7 +399,7 @@ class Updater:
 
         def write() -> None:
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            _write_atomic(self.state_path, doc)
+            write_json_atomic(self.state_path, doc)
 
         try:
             # fsync on the box's flash: never on the loop.

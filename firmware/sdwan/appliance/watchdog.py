@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdwan.common.durable import write_json_atomic
 from sdwan.common.store import Store, StoreError
 from sdwan.site.config import Appliance
 
@@ -394,23 +395,6 @@ class StartRecord:
         return self.error_until is not None and now < self.error_until
 
 
-def _write_atomic(path: Path, data: dict[str, Any]) -> None:
-    """write, fsync, rename, fsync the directory: a power cut leaves the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, json.dumps(data, separators=(",", ":")).encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 def _read_run_file(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
@@ -464,7 +448,7 @@ def record_start(
     previous, unclean = _previous_end(prev, this_boot)
     try:
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _write_atomic(
+        write_json_atomic(
             run_file,
             {"state": "running", "pid": pid, "boot_id": this_boot, "boot_s": now,
              "at": time.time(), "version": version},
@@ -566,7 +550,7 @@ def end_run(data_dir: Path, how: str = "stopped") -> None:
     run_file = data_dir / RUN_FILE
     try:
         prev = _read_run_file(run_file) or {}
-        _write_atomic(
+        write_json_atomic(
             run_file, {**prev, "state": "ended", "how": how[:300], "ended_at": time.time()}
         )
     except OSError as e:
@@ -594,7 +578,7 @@ def _write_fastpath_runs(data_dir: Path, runs: int, why: str | None) -> None:
             path.unlink(missing_ok=True)
         else:
             data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _write_atomic(path, {"runs": runs, "why": (why or "")[:300], "at": time.time()})
+            write_json_atomic(path, {"runs": runs, "why": (why or "")[:300], "at": time.time()})
     except OSError as e:
         log.error("cannot write %s: %s", path, e)
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdwan.common.durable import fsync_dir
 from sdwan.common.tomlcheck import format_endpoint, parse_endpoint
 
 __all__ = [
@@ -231,14 +232,6 @@ class Recovery:
     moved_to: Path
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # SQLite keeps a database's state in up to three files; a WAL left next to a fresh file would be
 # replayed into it, so they always move together.
 _COMPANIONS = ("", "-wal", "-shm", "-journal")
@@ -263,7 +256,7 @@ def quarantine(db_path: str | os.PathLike[str], *, keep: int = DEFAULT_KEEP_CORR
         src = Path(f"{db}{suffix}")
         if src.exists():
             os.replace(src, f"{target}{suffix}")
-    _fsync_dir(db.parent)
+    fsync_dir(db.parent)
     _prune_quarantined(db, keep)
     return target
 
@@ -390,7 +383,7 @@ class Store:
             # Created here rather than by SQLite so the mode does not depend on the umask;
             # SQLite gives the -wal and -shm files the mode of the main file.
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         try:
             conn = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=True

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from sdwan.bindings import tls
+from sdwan.common.durable import fsync_dir
 from sdwan.common.identity import SITE_URI_PREFIX, identity_from_uris
 
 log = logging.getLogger(__name__)
@@ -114,14 +115,6 @@ def make_request(site_id: int) -> tuple[bytes, bytes]:
     return key_pem, csr.public_bytes(serialization.Encoding.PEM)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def store_pair(data_dir: Path, cert_pem: bytes, key_pem: bytes) -> Pair:
     """Write the pair as a new generation and point `current` at it: each step is a rename,
     so a power cut leaves the old pair or the new one in use, never a mix."""
@@ -141,14 +134,14 @@ def store_pair(data_dir: Path, cert_pem: bytes, key_pem: bytes) -> Pair:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     os.replace(tmp, base / f"gen-{n}")
     link_tmp = base / f"{CURRENT}.tmp"
     with contextlib.suppress(FileNotFoundError):
         link_tmp.unlink()
     os.symlink(f"gen-{n}", link_tmp)
     os.replace(link_tmp, base / CURRENT)
-    _fsync_dir(base)
+    fsync_dir(base)
     for old in gens[KEPT_GENERATIONS - 1:]:
         with contextlib.suppress(OSError):
             for f in (base / f"gen-{old}").iterdir():
