@@ -170,6 +170,24 @@ def _check_days(days: int) -> int:
     return days
 
 
+def _sign_leaf(
+    builder: x509.CertificateBuilder,
+    public_key: ec.EllipticCurvePublicKey,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+) -> x509.Certificate:
+    """A leaf's key identifiers (its own and its CA's), signed by the CA."""
+    return (
+        builder
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
 def _ca_certificate(
     key: ec.EllipticCurvePrivateKey, name: x509.Name, days: int,
     backdate: datetime.timedelta = _BACKDATE,
@@ -441,7 +459,7 @@ def build_signer_certificate(
     org = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
     label = _common_name(ca_cert).removesuffix(FIRMWARE_CA_SUFFIX) + "firmware signer"
     names = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, str(org[0].value))] if org else []
-    return (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([*names, x509.NameAttribute(NameOID.COMMON_NAME, label)]))
         .issuer_name(ca_cert.subject)
@@ -466,13 +484,8 @@ def build_signer_certificate(
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
     )
+    return _sign_leaf(builder, public_key, ca_cert, ca_key)
 
 
 def issue_firmware_signer(
@@ -551,7 +564,7 @@ def _build_leaf(
     _check_days(days)
     now = datetime.datetime.now(datetime.UTC)
     not_after = min(now + datetime.timedelta(days=days), ca_cert.not_valid_after_utc)
-    return (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_cert.subject)
@@ -584,13 +597,8 @@ def _build_leaf(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]),
             critical=False,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
     )
+    return _sign_leaf(builder, public_key, ca_cert, ca_key)
 
 
 def _issue(
