@@ -28,7 +28,9 @@ from sdwan.appliance.child import Child
 
 log = logging.getLogger(__name__)
 
-MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the NUL
+# sun_path holds 108 bytes with the NUL, but dbus-daemon refuses a socket path over 99 bytes
+# (its portable limit): "Socket name too long".
+MAX_SOCKET_PATH = 99
 BUS_SOCKET = "bus"
 BUS_CONFIG = "bus.conf"
 CLIENT_TIMEOUT_S = 30.0  # a status or a mark; an install has no limit of its own
@@ -113,8 +115,9 @@ class RaucBus:
         self.setup = setup
         sock = setup.runtime_dir / BUS_SOCKET
         if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
-            raise ValueError(f"the update bus socket {sock} is longer than a Unix socket's"
-                             f" {MAX_SOCKET_PATH} bytes: give a shorter runtime directory")
+            raise ValueError(f"the update bus socket {sock} is longer than the"
+                             f" {MAX_SOCKET_PATH} bytes dbus-daemon takes: give a shorter"
+                             " runtime directory")
         self.socket = sock
         self.address = f"unix:path={sock}"
         self.bus = Child("dbus-daemon", self._bus_argv, record, label="update bus",
