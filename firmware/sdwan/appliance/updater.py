@@ -585,15 +585,20 @@ class Updater:
             raise InstallRefused(f"no inactive slot RAUC can write: {devices} missing")
         return writable[0]
 
-    async def begin(self, bundle: str, *, origin: str, reboot: bool = False) -> dict[str, Any]:
-        """The checks of `install`, then the install itself in the background: for the
-        control socket, whose clients follow it with `update-status`."""
+    async def _take_and_prepare(self, bundle: str, origin: str,
+                                reboot: bool) -> tuple[Path, Slot, BundleInfo]:
+        """The one install at a time taken, then the checks; a refusal gives it back."""
         self._take(bundle)
         try:
-            path, target, info = await self._prepare(bundle, origin, reboot)
+            return await self._prepare(bundle, origin, reboot)
         except BaseException:
             self._installing = False
             raise
+
+    async def begin(self, bundle: str, *, origin: str, reboot: bool = False) -> dict[str, Any]:
+        """The checks of `install`, then the install itself in the background: for the
+        control socket, whose clients follow it with `update-status`."""
+        path, target, info = await self._take_and_prepare(bundle, origin, reboot)
         self._install_task = asyncio.get_running_loop().create_task(
             self._install_then(path, target, info, None))
         return self.install_state.to_json()
@@ -602,12 +607,7 @@ class Updater:
                       *, origin: str = "socketd", reboot: bool = False) -> dict[str, Any]:
         """Check the bundle and the box, install, and return the install's state; raises
         InstallRefused (nothing written) or InstallFailed (RAUC's message)."""
-        self._take(bundle)
-        try:
-            path, target, info = await self._prepare(bundle, origin, reboot)
-        except BaseException:
-            self._installing = False
-            raise
+        path, target, info = await self._take_and_prepare(bundle, origin, reboot)
         await self._install_then(path, target, info, progress_cb)
         if self.install_state.state != "installed":
             raise InstallFailed(self.install_state.error or "install failed")
