@@ -91,6 +91,16 @@ GRUB_EARLY_CFG = COMMON / "grub-early.cfg"
 GRUBENV_SIZE = 1024
 SQUASHFS_COMP = "gzip"
 
+
+def slot_squashfs_args(epoch: int) -> list[str]:
+    """mksquashfs options of a slot image after its source and target: one place, so a slot
+    image made again from an unpacked one (the update tests' bundles) is made as the image
+    build makes it. Run with SOURCE_DATE_EPOCH unset, which mksquashfs refuses beside
+    -mkfs-time and -all-time."""
+    return ["-noappend", "-quiet", "-no-progress", "-comp", SQUASHFS_COMP, "-b", "256K",
+            "-all-root", "-no-xattrs", "-reproducible", "-mkfs-time", str(epoch),
+            "-all-time", str(epoch)]
+
 # socketd's console scripts and firmware modules that do not belong on an appliance.
 NOT_ON_APPLIANCE = {"socket-lab", "popd", "popctl", "socket-pki"}
 NOT_ON_APPLIANCE_MODULES = {"lab"}

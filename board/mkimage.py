@@ -667,9 +667,7 @@ def build(board_name: str, out_dir: Path) -> Path:
     step("squashfs (the slot image)")
     sqfs = work / "root.squashfs"
     rmtree(sqfs)
-    run(["mksquashfs", str(root), str(sqfs), "-noappend", "-quiet", "-no-progress",
-         "-comp", boardlib.SQUASHFS_COMP, "-b", "256K", "-all-root", "-no-xattrs",
-         "-reproducible", "-mkfs-time", str(epoch), "-all-time", str(epoch)],
+    run(["mksquashfs", str(root), str(sqfs), *boardlib.slot_squashfs_args(epoch)],
         env={k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"})
 
     step("GRUB")

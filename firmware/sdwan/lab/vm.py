@@ -64,6 +64,9 @@ class VMOptions:
     net_args: list[str] = field(
         default_factory=lambda: ["-nic", "user,model=virtio-net-pci,restrict=on"])
     panel: bool = False  # a Unix socket for the front-panel serial port (x86 boards)
+    # The disk's size as the guest sees it (None: the image's): /data grows to the end of a
+    # bigger disk at its first boot, as on a box, and an update needs room there.
+    disk_mib: int | None = None
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -110,7 +113,8 @@ class VM:
         overlay = self.dir / "disk.qcow2"
         if not overlay.exists():
             self._check(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
-                         "-b", str(self.image.resolve()), str(overlay)])
+                         "-b", str(self.image.resolve()), str(overlay),
+                         *([f"{self.opts.disk_mib}M"] if self.opts.disk_mib else [])])
         cmd = [
             q["binary"], "-name", f"sdwan-{self.board}", "-nodefaults", "-no-user-config",
             "-display", "none", "-machine", q["machine"], "-cpu", q.get("cpu", "max"),
@@ -221,6 +225,15 @@ class VM:
             self._reader.join(timeout=5)
             self._reader = None
         self.proc = None
+
+    def kill(self) -> None:
+        """A power cut: SIGKILL, so QEMU flushes nothing of its own either; the disk stays
+        for start()."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.poweroff()
 
     def __enter__(self) -> VM:
         return self.start()

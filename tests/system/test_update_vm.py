@@ -1,0 +1,262 @@
+"""A/B updates of a booted qemu-x86_64 box, end to end over its serial console
+(docs/update.md): bundles made from the image's own slot image (sdwan.lab.testbundles) on a
+second virtio disk, mounted by a test hook as a USB stick would be.
+
+One box: a stranger's bundle, another board's and a truncated one are refused with nothing
+written (root-b and grubenv read from the host after an orderly power-off); then the plug is
+pulled while RAUC copies a newer image, and the box still boots slot A; an install then
+reboots into B, which is marked good with the console's password and the site config of
+/data kept. Another box: a version whose socketd cannot start is left by itself (init's
+commit deadline reboots it until GRUB gives it up) and socketd back on A records the
+rollback."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sites import (
+    BOOT_S,
+    CONSOLE_S,
+    FIRMWARE_S,
+    NEW_PASSWORD,
+    SETTLE_S,
+    SHUTDOWN_S,
+    SOCKETD_S,
+    command,
+    hook_args,
+    login,
+    poll_command,
+)
+
+from sdwan.appliance.raucstatus import parse_grubenv
+from sdwan.lab import testbundles
+from sdwan.lab.vm import VM
+from sdwan.site.config import Update
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "board"))
+import boardlib  # noqa: E402
+
+pytestmark = [pytest.mark.system, pytest.mark.timeout(1500)]
+
+BOARD = "qemu-x86_64"
+SITE = 7
+DISK_MIB = 512  # /data grows to ~350 MiB: a bundle's copy and its extracted image fit
+INSTALL_S = 600.0  # `update` typed to RAUC's last progress line (copy, check, write)
+GRACE_S = 5  # [update] commit_grace_s: no PoP here, so a healthy slot commits after it
+DEADLINE_S = 30  # [update] commit_deadline_s: init reboots a slot not committed by then
+GRUBENV = "::EFI/BOOT/grubenv"
+UPDATE_CONFIG = f"\n[update]\ncommit_grace_s = {GRACE_S}\n"
+DEADLINE_CONFIG = f"commit_deadline_s = {DEADLINE_S}\n"
+ALL = ["newer", "broken", "other_keys", "other_board", "truncated"]
+
+
+@pytest.fixture(scope="session")
+def test_bundles(appliance_image: Callable[[str], Path],
+                 tmp_path_factory: pytest.TempPathFactory) -> testbundles.TestBundles:
+    appliance_image(BOARD)
+    return testbundles.TestBundles(BOARD, tmp_path_factory.mktemp("bundles"))
+
+
+@pytest.fixture(scope="session")
+def bundle_disk(test_bundles: testbundles.TestBundles,
+                tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return test_bundles.disk(ALL, tmp_path_factory.mktemp("bundle-disk") / "bundles.sqfs")
+
+
+@pytest.fixture
+def update_vm(vms: Callable[..., VM], appliance_image: Callable[[str], Path],
+              site_files: Callable[..., dict[str, Path]], bundle_disk: Path,
+              tmp_path: Path) -> Iterator[Callable[..., VM]]:
+    def make(config_extra: str = "") -> VM:
+        files = site_files(SITE)
+        cfg = files["socketd.toml"]
+        cfg.write_text(cfg.read_text() + UPDATE_CONFIG + config_extra)
+        return vms(BOARD, appliance_image(BOARD), fw_cfg=files, disk_mib=DISK_MIB,
+                   extra_args=base_args(tmp_path, bundle_disk))
+
+    yield make
+
+
+def base_args(tmp: Path, disk: Path) -> list[str]:
+    return [*hook_args(tmp, "mount-bundles", testbundles.MOUNT_HOOK),
+            *testbundles.disk_args(disk)]
+
+
+# ------------------------------------------------------------------ the disk, from the host
+
+
+def part(name: str) -> boardlib.Placed:
+    layout = boardlib.disk_layout(boardlib.load_board(BOARD))
+    return next(p for p in layout.partitions if p.name == name)
+
+
+def read_grubenv(raw: Path) -> dict[str, str]:
+    data = subprocess.run(["mtype", "-i", f"{raw}@@{part('esp').start * 512}", GRUBENV],
+                          check=True, capture_output=True, timeout=30).stdout
+    assert len(data) == boardlib.GRUBENV_SIZE, len(data)
+    return parse_grubenv(data)
+
+
+def root_b_sha256(raw: Path) -> str:
+    p = part("root-b")
+    return testbundles.sha256(raw, p.start * 512, p.size * 512)
+
+
+def guest_disk(vm: VM, dest: Path) -> Path:
+    dest.unlink(missing_ok=True)
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(vm.dir / "disk.qcow2"), str(dest)],
+                   check=True, timeout=120)
+    return dest
+
+
+# ------------------------------------------------------------------ the console
+
+
+def booted(vm: VM, slot: str, socketd: bool = True) -> None:
+    number, name = {"A": (2, "root-a"), "B": (3, "root-b")}[slot]
+    vm.expect(rf"initramfs: root is /dev/vda{number} \({name}\)", BOOT_S + FIRMWARE_S,
+              f"the initramfs mounting slot {slot}")
+    vm.expect(rf"boot: ready: site-{SITE}, /data on /dev/vda4", BOOT_S)
+    want = ["login: ", "test-hook: bundles mounted: "]
+    if socketd:
+        want.append(r"socketd running \(pid \d+")
+    vm.expect_all(want, SOCKETD_S, "the login prompt, the bundle disk and socketd")
+
+
+def wait_committed(vm: VM, slot: str) -> str:
+    return poll_command(vm, "show slots", re.compile(rf"(?m)^commit +{slot} is marked good"),
+                        SETTLE_S, f"{slot} marked good")
+
+
+def start_update(vm: VM, name: str) -> float:
+    line = f"update {testbundles.BUNDLES_DIR}/{name}.raucb"
+    vm.sendline(line)
+    vm.expect(re.escape(line), CONSOLE_S, f"the echo of {line!r}")
+    return time.monotonic()
+
+
+def install(vm: VM, name: str) -> float:
+    """Installs a bundle from the console and confirms the reboot; returns the seconds from
+    the command to RAUC's last progress line."""
+    t = start_update(vm, name)
+    vm.expect(r"100% Installing done\.", INSTALL_S, f"the install of {name}")
+    took = time.monotonic() - t
+    vm.expect("Reboot now into it? Type yes to confirm: ", CONSOLE_S)
+    vm.sendline("yes")
+    vm.expect("shutdown: /data unmounted", SHUTDOWN_S, "the orderly shutdown")
+    return took
+
+
+def refused(vm: VM, name: str, reason: str) -> None:
+    out = command(vm, f"update {testbundles.BUNDLES_DIR}/{name}.raucb", timeout=INSTALL_S)
+    assert re.search(rf"error: .*bundle refused: .*{reason}", out), out
+    assert "Reboot now" not in out and "% Installing" not in out, out
+
+
+# ------------------------------------------------------------------ the tests
+
+
+def test_refusals_power_cut_then_install_commits_the_new_slot(
+    update_vm: Callable[..., VM], test_bundles: testbundles.TestBundles,
+    appliance_image: Callable[[str], Path], tmp_path: Path,
+) -> None:
+    image = appliance_image(BOARD)
+    shipped = {"root-b": root_b_sha256(image), "grubenv": read_grubenv(image)}
+    vm = update_vm()
+    # -no-reboot: the orderly reboot after the refusals ends QEMU, before GRUB counts a try.
+    vm.opts.extra_args += ["-no-reboot"]
+
+    # Boot 1: the shipped image, A committed once healthy (no PoP: after the grace time).
+    vm.start()
+    booted(vm, "A")
+    login(vm, "admin", first=True)
+    wait_committed(vm, "rootfs.0")
+    refused(vm, "other_keys", "the signature does not verify against the keyring")
+    refused(vm, "other_board", "a bundle for 'sdwan-qemu-aarch64', not for this box")
+    refused(vm, "truncated", "truncated or damaged at its end")
+    out = command(vm, "show events 50")
+    assert out.count("update.failed") == 3 and "update.installed" not in out, out
+    vm.sendline("reboot")
+    vm.expect("Type yes to confirm: ", CONSOLE_S)
+    vm.sendline("yes")
+    vm.expect("shutdown: /data unmounted", SHUTDOWN_S, "the orderly shutdown")
+    assert vm.proc is not None
+    vm.proc.wait(timeout=FIRMWARE_S)
+    vm.poweroff()
+    disk = guest_disk(vm, tmp_path / "refused.raw")
+    assert root_b_sha256(disk) == shipped["root-b"], "a refused bundle wrote into root-b"
+    env = read_grubenv(disk)
+    assert {k: env[k] for k in ("ORDER", "B_OK", "B_TRY")} == \
+        {k: shipped["grubenv"][k] for k in ("ORDER", "B_OK", "B_TRY")}, env
+    assert env["A_OK"] == "1", env
+
+    # Boot 2: the plug pulled while RAUC copies the newer image into B.
+    vm.opts.extra_args.remove("-no-reboot")
+    vm.start()
+    booted(vm, "A")
+    login(vm, NEW_PASSWORD)
+    wait_committed(vm, "rootfs.0")
+    start_update(vm, "newer")
+    vm.expect(r"Copying image to rootfs\.1", INSTALL_S, "RAUC copying the image into B")
+    time.sleep(2)  # some of it written
+    vm.kill()
+    disk = guest_disk(vm, tmp_path / "cut.raw")
+    env = read_grubenv(disk)
+    assert env["B_OK"] == "0" and env["ORDER"].startswith("A"), env
+
+    # Boot 3: back on A, which still works: RAUC sees A booted.
+    vm.start()
+    booted(vm, "A")
+    assert "grub: slot B" not in vm.output(), vm.tail()
+    login(vm, NEW_PASSWORD)
+    out = wait_committed(vm, "rootfs.0")
+    assert re.search(r"(?m)^rootfs\.0 +A +booted +good\b", out), out
+
+    # ... and the install works: boot 4 is slot B, marked good, /data as it was.
+    install(vm, "newer")
+    booted(vm, "B")
+    login(vm, NEW_PASSWORD)
+    out = wait_committed(vm, "rootfs.1")
+    version = re.escape(test_bundles.version)
+    assert re.search(rf"(?m)^rootfs\.1 +B +booted +good +\S+ +{version} ", out), out
+    out = command(vm, "show status")
+    assert re.search(rf"site\s+{SITE} \(branch-{SITE}\)", out), out
+    out = command(vm, "show events 100")
+    for kind in ("update.installed", "update.reboot", "update.committed",
+                 "console.password_changed"):
+        assert kind in out, f"{kind} missing:\n{out}"
+
+
+def test_a_version_whose_socketd_cannot_start_is_rolled_back(
+    update_vm: Callable[..., VM],
+) -> None:
+    if "commit_deadline_s" not in {f.name for f in dataclasses.fields(Update)}:
+        pytest.skip("no [update] commit_deadline_s: nothing reboots a slot whose socketd "
+                    "never starts")
+    vm = update_vm(DEADLINE_CONFIG)
+    vm.start()
+    booted(vm, "A")
+    login(vm, "admin", first=True)
+    wait_committed(vm, "rootfs.0")
+    install(vm, "broken")
+    tries = boardlib.load_board(BOARD).boot_tries
+    for n in range(1, tries + 1):
+        vm.expect(rf"grub: slot B \(root-b\), try {n} of {tries}", FIRMWARE_S + SHUTDOWN_S,
+                  f"GRUB starting the broken slot, try {n}")
+        booted(vm, "B", socketd=False)
+        vm.expect("socketd: this test build cannot start", SOCKETD_S)
+    # Its tries used up, GRUB starts A, and socketd there notices.
+    booted(vm, "A")
+    login(vm, NEW_PASSWORD)
+    out = poll_command(vm, "show slots", re.compile(r"(?m)^rollback +rootfs\.1 "), SETTLE_S,
+                       "the rollback in the slots view")
+    assert re.search(r"(?m)^rootfs\.0 +A +booted +good\b", out), out
+    out = command(vm, "show events 100")
+    assert "update.rolled_back" in out, out
