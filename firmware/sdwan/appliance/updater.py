@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdwan.appliance import bootenv
 from sdwan.appliance import bundle as bundle_check
 from sdwan.appliance.bundle import BundleInfo
 from sdwan.appliance.raucbus import RaucBus, RaucSetup
@@ -40,7 +42,6 @@ from sdwan.appliance.raucstatus import (
     install_error,
     parse_progress,
     parse_status,
-    read_grubenv,
     read_system_conf,
 )
 from sdwan.appliance.watchdog import boot_id
@@ -229,6 +230,7 @@ class Updater:
         clock: Callable[[], float] = time.monotonic,
         this_boot: Callable[[], str] = boot_id,
         precheck: Precheck = inspect_bundle,
+        boot_env: bootenv.Paths | None = None,
     ) -> None:
         if cfg.system_conf is None:
             raise ValueError("no RAUC system.conf: nothing to update")
@@ -242,6 +244,9 @@ class Updater:
         self.clock = clock
         self.boot = this_boot()  # the boot this socketd runs in: it does not change
         self.precheck = precheck
+        # grubenv as RAUC's custom backend reaches it, with the slots of our system.conf
+        self.boot_env = boot_env or dataclasses.replace(bootenv.Paths.from_environ(),
+                                                        system_conf=cfg.system_conf)
         self.bus = RaucBus(
             RaucSetup(cfg.system_conf, Path(runtime_dir), rauc=rauc, dbus_daemon=dbus_daemon,
                       boot_slot=boot_slot),
@@ -373,10 +378,11 @@ class Updater:
     def _read_selection(self) -> BootSelection | None:
         try:
             conf = read_system_conf(self.system_conf)
-            if conf.bootloader != "grub" or conf.grubenv is None:
+            if conf.bootloader != "custom":
                 return None
-            return read_grubenv(conf.grubenv)
-        except (OSError, ValueError) as e:
+            loaded = bootenv.load(self.boot_env)
+            return BootSelection.from_env(loaded.values, bootenv.max_tries(self.boot_env))
+        except (OSError, ValueError, bootenv.BootEnvError) as e:
             log.warning("updates: GRUB's boot selection unreadable: %s", e)
             return None
 
