@@ -375,6 +375,10 @@ def test_a_fall_back_is_recorded_once_and_the_abandoned_slot_marked_bad(box: Box
     fallen_back = {"ORDER": "B A", "B_OK": "1", "B_TRY": "3", "B_COMMITTED": "0",
                    "A_OK": "1", "A_TRY": "0", "A_COMMITTED": "1"}
     box.set_env(**fallen_back)
+    # init's commit deadline rebooted it each time (its socketd never committed it)
+    deadline = box.data / "commit-deadline.json"
+    deadline.write_text('{"slot": "B", "deadline_s": 45, "uptime_s": 46, "reboots": 3,'
+                        ' "at": 1}\n')
 
     async def start_once() -> dict[str, Any]:
         up = await started(box)
@@ -387,6 +391,8 @@ def test_a_fall_back_is_recorded_once_and_the_abandoned_slot_marked_bad(box: Box
     (event,) = box.kinds(EVENT_ROLLED_BACK)
     assert event[2]["slot"] == "rootfs.1" and event[2]["version"] == "3.0.0", event
     assert "boot tries were used up (3 tried)" in event[2]["why"], event
+    assert "the commit deadline rebooted it 3 times, each 45 s after boot" in event[2]["why"]
+    assert not deadline.exists(), "the next trial counts from 0"
     env = box.env()
     assert env["B_OK"] == "0" and env["ORDER"].split()[0] == "A", env
     assert status["rollback"]["slot"] == "rootfs.1", status

@@ -77,13 +77,15 @@ def test_rauc_install_then_boot_then_commit(paths: bootenv.Paths) -> None:
     assert env == {**FACTORY, "ORDER": "B A", "B_OK": "1"}
     assert cli(paths, "get-primary").stdout == "B\n"
     assert cli(paths, "get-state", "B").stdout == "good\n"  # waiting for its reboot
-    assert cli(paths, "is-committed", "B").returncode == 1
+    no = cli(paths, "is-committed", "B")
+    assert (no.returncode, no.stdout) == (1, "no\n")
     # GRUB counted a try: booted but not committed is bad until socketd marks it
     bootenv.save(paths, {**env, "B_TRY": "1"})
     assert cli(paths, "get-state", "B").stdout == "bad\n"
     assert cli(paths, "set-state", "B", "good").returncode == 0
     assert both(paths)["B_COMMITTED"] == "1" and both(paths)["B_TRY"] == "0"
-    assert cli(paths, "is-committed", "B").returncode == 0
+    yes = cli(paths, "is-committed", "B")
+    assert (yes.returncode, yes.stdout) == (0, "yes\n")
     assert cli(paths, "is-committed", "A").returncode == 0
 
 
@@ -119,7 +121,8 @@ def test_neither_copy_valid_is_an_error_not_a_guess(paths: bootenv.Paths, damage
     done = cli(paths, "set-state", "B", "good")
     assert done.returncode == 1 and "no valid grubenv" in done.stderr, done
     assert paths.grubenv.read_bytes() == damage
-    assert cli(paths, "is-committed", "A").returncode == 2
+    unknown = cli(paths, "is-committed", "A")
+    assert unknown.returncode == 2 and unknown.stdout.startswith("unknown: no valid grubenv")
 
 
 def test_bad_requests_are_refused(paths: bootenv.Paths) -> None:

@@ -308,7 +308,7 @@ USAGE = """usage: bootenv COMMAND
   set-primary SLOT         SLOT first in ORDER, bootable, untried
   get-state SLOT           good or bad
   set-state SLOT good|bad  good also commits it; bad also clears its commit
-  is-committed SLOT        exit 0 if committed, 1 if not, 2 if unknown
+  is-committed SLOT        yes (exit 0), no (exit 1), or unknown: why (exit 2)
   list                     the variables of the valid copy
   repair                   at boot: both copies valid and equal
 """
@@ -355,7 +355,9 @@ def run(argv: list[str], paths: Paths) -> int:
         print("good" if good(values, _slot_arg(args, names)) else "bad")
         return 0
     if cmd == "is-committed":
-        return 0 if committed(values, _slot_arg(args, names)) else 1
+        yes = committed(values, _slot_arg(args, names))
+        print("yes" if yes else "no")
+        return 0 if yes else 1
     if cmd == "set-state":
         name = _slot_arg(args, names)
         if args[1:] not in (["good"], ["bad"]):
@@ -375,8 +377,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(argv, Paths.from_environ())
     except BootEnvError as e:
+        if argv[:1] == ["is-committed"]:
+            # the commit deadline tells this from a slot where bootenv cannot run at all
+            print(f"unknown: {e}")
+            return 2
         print(f"bootenv: {e}", file=sys.stderr)
-        return 2 if argv[:1] == ["is-committed"] else 1
+        return 1
 
 
 if __name__ == "__main__":

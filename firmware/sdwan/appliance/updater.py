@@ -58,6 +58,8 @@ EVENT_ROLLED_BACK = "update.rolled_back"
 EVENT_REBOOT = "update.reboot"
 EVENT_ERROR = "update.error"
 STATE_FILE = "update.json"
+# Written by the image's commit-deadline (init) when it reboots a slot that was not committed.
+DEADLINE_FILE = "commit-deadline.json"
 # In the data directory, root's only: the copy of the bundle being checked and installed.
 STAGE_DIR = "update-bundle"
 STAGED_BUNDLE = "bundle.raucb"
@@ -454,6 +456,7 @@ class Updater:
             doc["last_rollback"] = self.rollback
             doc.pop("pending", None)
             await self._save_state(doc)
+            self._forget_deadline()
         elif isinstance(doc.get("last_rollback"), dict):
             self.rollback = doc["last_rollback"]
         # Idempotent both: after a restart of socketd they are simply done again.
@@ -479,6 +482,9 @@ class Updater:
                              " marked good")
         else:
             parts.append("it was never marked good")
+        deadline = self._deadline_reboots(slot)
+        if deadline:
+            parts.append(deadline)
         pending = self._state().get("pending")
         if isinstance(pending, dict) and pending.get("slot") == slot.name:
             parts.append(f"socketd there was last waiting for {pending.get('waiting_for')}"
@@ -487,6 +493,25 @@ class Updater:
             parts.append("socketd never reported from it (it did not start, or the box was"
                          " reset before)")
         return "; ".join(parts)
+
+    def _deadline_reboots(self, slot: Slot) -> str | None:
+        """What the commit deadline did to the slot, from the file it left in /data."""
+        try:
+            doc = json.loads((self.data_dir / DEADLINE_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(doc, dict) or doc.get("slot") != slot.bootname:
+            return None
+        n, limit = doc.get("reboots"), doc.get("deadline_s")
+        if not isinstance(n, int) or not isinstance(limit, int):
+            return None
+        return (f"the commit deadline rebooted it {n} time{'s' if n != 1 else ''}, each"
+                f" {limit} s after boot")
+
+    def _forget_deadline(self) -> None:
+        """The trial it counted is over: the next one counts from 0."""
+        with contextlib.suppress(OSError):
+            (self.data_dir / DEADLINE_FILE).unlink()
 
     # ---------------------------------------------------------------- commit
 
@@ -553,6 +578,7 @@ class Updater:
         doc = self._state()
         doc.pop("pending", None)
         await self._save_state(doc)
+        self._forget_deadline()
         self.commit = {"state": "committed", "slot": booted.name, "waiting_for": None}
         with contextlib.suppress(OSError):
             await self.refresh()
