@@ -42,7 +42,7 @@ def test_system_conf(name: str) -> None:
     backend = conf["handlers"]["bootloader-custom-backend"]
     assert backend == "/usr/libexec/sdwan/bootenv"
     assert (boardlib.COMMON / "rootfs" / backend.lstrip("/")).stat().st_mode & 0o111
-    assert boardlib.RAUC_GRUBENV == str(bootenv.DEFAULT_GRUBENV)
+    assert str(bootenv.DEFAULT_GRUBENV) == boardlib.RAUC_GRUBENV
     assert f"/{boardlib.RAUC_DIR}/system.conf" == str(bootenv.DEFAULT_SYSTEM_CONF)
     assert system["statusfile"].startswith("/data/")
     assert system["bundle-formats"] == "verity"

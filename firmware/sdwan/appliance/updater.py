@@ -831,7 +831,8 @@ class Updater:
             "primary": st.primary if st else None,
             "slots": [s.to_json() for s in st.slots] if st else [],
             "boot_selection": None if sel is None else {
-                "order": list(sel.order), "ok": sel.ok, "tries": sel.tries},
+                "order": list(sel.order), "ok": sel.ok, "tries": sel.tries,
+                "committed": sel.committed, "boot_tries": sel.limit},
             "commit": dict(self.commit),
             "reboot_needed": awaiting,
             "install": self.install_state.to_json(since=self.install_state.seq),
