@@ -316,51 +316,93 @@ def grubenv(values: dict[str, str]) -> bytes:
 
 
 def initial_grubenv(board: BoardInfo) -> bytes:
-    """What a new image boots with: slot A good and untried, slot B empty."""
+    """What a new image boots with: slot A committed (the factory's image is not on trial:
+    its boots are never counted), slot B empty. The same block is written as grubenv and as
+    its copy grubenv2."""
     slots = boot_slots(board)
     values = {"ORDER": " ".join(s.bootname for s in slots)}
     for s in slots:
-        values[f"{s.bootname}_OK"] = "1" if s is slots[0] else "0"
-        values[f"{s.bootname}_TRY"] = "0"
+        first = "1" if s is slots[0] else "0"
+        values.update({f"{s.bootname}_OK": first, f"{s.bootname}_TRY": "0",
+                       f"{s.bootname}_COMMITTED": first})
     return grubenv(values)
 
 
 def grub_cfg(board: BoardInfo) -> str:
-    """GRUB's slot selection, the one RAUC's grub backend expects: RAUC writes ORDER and
-    each slot's OK and TRY into grubenv (grub-editenv) and learns the booted slot from
-    rauc.slot= on the kernel command line. Every attempt costs the slot one try, written
-    before its kernel runs, so a slot that keeps failing runs out of tries and the next
-    one in ORDER boots; a slot whose kernel cannot even be loaded (empty, corrupt) is out
-    of tries at once. With no slot left, the good ones get their tries back and the box
-    reboots: it never stops at a GRUB prompt (the console has no shell behind it)."""
+    """GRUB's slot selection (docs/update.md, "Boot selection"): ORDER and each slot's OK,
+    TRY and COMMITTED come from grubenv, or from its copy grubenv2 when grubenv is not a
+    valid block; on the box sdwan.appliance.bootenv writes both (RAUC's custom bootloader
+    backend) and learns the booted slot from rauc.slot= on the kernel command line.
+
+    A committed slot boots without counting. Any other attempt costs the slot one try,
+    written to both copies before its kernel runs, so a new slot that keeps failing runs out
+    of tries and the next one in ORDER boots. A slot whose kernel cannot even be loaded
+    (empty, corrupt) is out of tries at once and loses its commit. With no slot left, the good
+    ones get their tries back and the box reboots: it never stops at a GRUB prompt (the console
+    has no shell behind it). With neither copy readable every slot is tried, A first, counting
+    nothing (rcS then writes grubenv anew)."""
     slots = boot_slots(board)
     n = board.boot_tries
-    env = '"${prefix}/grubenv"'
-    names = " ".join(f"{s.bootname}_OK {s.bootname}_TRY" for s in slots)
+    env1, env2 = '"${prefix}/grubenv"', '"${prefix}/grubenv2"'
+    names = " ".join(f"{s.bootname}_OK {s.bootname}_TRY {s.bootname}_COMMITTED" for s in slots)
     out = [
         f"# Made by board/boardlib.py from board/{board.name}/board.toml: do not edit.",
-        "# A/B boot slots (docs/image.md, \"Boot slots\").",
+        "# A/B boot slots (docs/update.md, \"Boot selection\").",
         "set timeout=0",
         "set timeout_style=hidden",
         # nobody may edit or get a command line, should normal mode ever offer one
         "set superusers=locked",
         "",
-        "# Used when grubenv cannot be read: both slots are tried, A first.",
+        "# A variable a valid block lacks is 0: such a slot is not booted.",
+        'set ORDER=""',
+    ]
+    for s in slots:
+        out += [f"set {s.bootname}_OK=0", f"set {s.bootname}_TRY=0",
+                f"set {s.bootname}_COMMITTED=0"]
+    out += [
+        "set env1=0",
+        "set env2=0",
+        # which copies are valid blocks: only those are written (a load of no variable)
+        f"if load_env -f {env2} SDWAN_NONE; then set env2=1; fi",
+        f"if load_env -f {env1} ORDER {names}; then set env1=1",
+        f"elif [ $env2 = 1 ]; then load_env -f {env2} ORDER {names}",
+        'echo "grub: grubenv is damaged: its copy grubenv2 is used"',
+        "else",
+        'echo "grub: neither grubenv nor grubenv2 can be read: every slot is tried, counting'
+        ' nothing"',
         'set ORDER="' + " ".join(s.bootname for s in slots) + '"',
     ]
     for s in slots:
-        out += [f"set {s.bootname}_OK=1", f"set {s.bootname}_TRY=0"]
+        out += [f"set {s.bootname}_OK=1", f"set {s.bootname}_COMMITTED=1"]
     out += [
-        f"load_env -f {env} ORDER {names}",
+        "fi",
+        "function save {",
+        f'	if [ $env1 = 1 ]; then save_env -f {env1} "$@"; fi',
+        f'	if [ $env2 = 1 ]; then save_env -f {env2} "$@"; fi',
+        "}",
         "# The disk GRUB was loaded from ($root is its ESP, e.g. hd0,gpt1) holds the slots.",
         "regexp -s 1:disk '^([^,]+),' \"$root\"",
         "",
     ]
     for s in slots:
         b, ok, tr = s.bootname, f"${s.bootname}_OK", f"${s.bootname}_TRY"
+        cm = f"${s.bootname}_COMMITTED"
         dev = f'"($disk,gpt{s.number})'
+        load = [
+            f"\t\tif linux {dev}/{SLOT_KERNEL}\" {board.cmdline} rauc.slot={b} "
+            f"sdwan.root={s.partition}; then",
+            f"\t\t\tif initrd {dev}/{SLOT_INITRD}\"; then boot; fi",
+            "\t\tfi",
+            f'\t\techo "grub: slot {b} ({s.partition}) cannot be loaded: no more tries"',
+            f"\t\tset {b}_TRY={n}",
+            f"\t\tset {b}_COMMITTED=0",
+            f"\t\tsave {b}_TRY {b}_COMMITTED",
+        ]
         out += [f"function slot_{b} {{",
-                f'\tif [ "{ok}" = 1 -a "{tr}" -lt {n} ]; then']
+                f'\tif [ "{ok}" = 1 -a "{cm}" = 1 ]; then',
+                f'\t\techo "grub: slot {b} ({s.partition}), committed"',
+                *load,
+                f'\telif [ "{ok}" = 1 -a "{tr}" -lt {n} ]; then']
         for i in range(n - 1):
             kw = "if" if i == 0 else "elif"
             out.append(f'\t\t{kw} [ "{tr}" = {i} ]; then set {b}_TRY={i + 1}')
@@ -369,15 +411,9 @@ def grub_cfg(board: BoardInfo) -> str:
         else:
             out.append(f"\t\tset {b}_TRY={n}")
         out += [
-            f"\t\tsave_env -f {env} {b}_TRY",
+            f"\t\tsave {b}_TRY",
             f'\t\techo "grub: slot {b} ({s.partition}), try {tr} of {n}"',
-            f"\t\tif linux {dev}/{SLOT_KERNEL}\" {board.cmdline} rauc.slot={b} "
-            f"sdwan.root={s.partition}; then",
-            f"\t\t\tif initrd {dev}/{SLOT_INITRD}\"; then boot; fi",
-            "\t\tfi",
-            f'\t\techo "grub: slot {b} ({s.partition}) cannot be loaded: no more tries"',
-            f"\t\tset {b}_TRY={n}",
-            f"\t\tsave_env -f {env} {b}_TRY",
+            *load,
             f'\telif [ "{ok}" = 1 ]; then',
             f'\t\techo "grub: slot {b} ({s.partition}) has no tries left"',
             "\tfi",
@@ -388,7 +424,7 @@ def grub_cfg(board: BoardInfo) -> str:
     out += ["done", "",
             'echo "grub: no slot can be booted: the good ones get their tries back; rebooting"']
     out += [f'if [ "${s.bootname}_OK" = 1 ]; then set {s.bootname}_TRY=0; fi' for s in slots]
-    out += [f"save_env -f {env} " + " ".join(f"{s.bootname}_TRY" for s in slots),
+    out += ["save " + " ".join(f"{s.bootname}_TRY" for s in slots),
             "sleep 5", "reboot", ""]
     return "\n".join(out)
 
@@ -799,7 +835,10 @@ SLOT_CLASS = "rootfs"
 BUNDLE_IMAGE = "rootfs.img"
 RAUC_DIR = "etc/rauc"
 RAUC_KEYRING = "/etc/rauc/keyring.pem"
+# grubenv and its copy grubenv2 (GRUB's prefix on the ESP), written on the box only by
+# the custom bootloader backend (sdwan.appliance.bootenv, which has the same path).
 RAUC_GRUBENV = "/boot/efi/EFI/BOOT/grubenv"
+RAUC_BOOT_BACKEND = "/usr/libexec/sdwan/bootenv"
 RAUC_STATUSFILE = "/data/rauc.status"
 # The root is read-only; RAUC makes its mount points under this prefix.
 RAUC_MOUNT_PREFIX = "/run/rauc"
@@ -836,8 +875,7 @@ def rauc_system_conf(board: BoardInfo, keyring: str = RAUC_KEYRING) -> str:
         f"# Made by board/boardlib.py for board {board.name}: do not edit.",
         "[system]",
         f"compatible={rauc_compatible(board)}",
-        "bootloader=grub",
-        f"grubenv={RAUC_GRUBENV}",
+        "bootloader=custom",
         f"statusfile={RAUC_STATUSFILE}",
         f"mountprefix={RAUC_MOUNT_PREFIX}",
         "bundle-formats=verity",
@@ -845,6 +883,9 @@ def rauc_system_conf(board: BoardInfo, keyring: str = RAUC_KEYRING) -> str:
         "[keyring]",
         f"path={keyring}",
         "check-purpose=codesign",
+        "",
+        "[handlers]",
+        f"bootloader-custom-backend={RAUC_BOOT_BACKEND}",
     ]
     for i, slot in enumerate(root_slots(board)):
         lines += [
@@ -1158,6 +1199,7 @@ def esp_files(board: BoardInfo, loader: Path, into: Path) -> dict[str, Path]:
     shutil.copyfile(loader, d / EFI_LOADERS[board.arch])
     (d / "grub.cfg").write_text(grub_cfg(board))
     (d / "grubenv").write_bytes(initial_grubenv(board))
+    (d / "grubenv2").write_bytes(initial_grubenv(board))
     return {f"{GRUB_PREFIX.strip('/')}/{p.name}": p for p in sorted(d.iterdir())}
 
 

@@ -1,10 +1,10 @@
 """socketd's updater in a real socketd (docs/update.md): with `[update] system_conf` naming a
 RAUC configuration (two loop devices as slots, a grubenv in which the booted slot A was
-tried once and is not marked good), socketd starts the private bus and `rauc service`, and
-marks A good once its own parts are healthy: no PoP is configured, so after the grace time
-with the fast path forwarding and the control socket up. `socketctl slots` and `status` show
-it; a stop leaves neither dbus-daemon nor rauc behind. Without a system.conf, `slots` and
-`update` say there are no updates.
+tried once and is not committed, RAUC's custom bootloader backend working on it), socketd
+starts the private bus and `rauc service`, and marks A good once its own parts are healthy:
+no PoP is configured, so after the grace time with the fast path forwarding and the control
+socket up. `socketctl slots` and `status` show it; a stop leaves neither dbus-daemon nor
+rauc behind. Without a system.conf, `slots` and `update` say there are no updates.
 
 A lab host's kernel command line has no rauc.slot=: socketd runs in a mount namespace of its
 own in which /proc/cmdline says rauc.slot=A, as the box's does."""
@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 from labwait import wait_for
 
-from sdwan.appliance.raucstatus import parse_grubenv
+from sdwan.appliance import bootenv
 from sdwan.lab import netns
+from sdwan.lab.bootlab import backend_conf, make_boot_env
 from sdwan.lab.topology import Lab, Site
 from sdwan.pop import pki
 
@@ -46,7 +47,7 @@ def run(*argv: str | Path) -> str:
 
 @pytest.fixture
 def slots(tmp_path: Path) -> Iterator[dict[str, str]]:
-    for tool in ("rauc", "dbus-daemon", "grub-editenv", "losetup", "unshare", "mount"):
+    for tool in ("rauc", "dbus-daemon", "losetup", "unshare", "mount"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} not installed (scripts/setup.sh installs it)", pytrace=False)
     devices: dict[str, str] = {}
@@ -63,31 +64,36 @@ def slots(tmp_path: Path) -> Iterator[dict[str, str]]:
                 run("losetup", "--detach", dev)
 
 
-def rauc_files(d: Path, slots: dict[str, str]) -> tuple[Path, Path]:
-    """system.conf and the grubenv it names: A booted once, not marked good yet."""
-    grubenv = d / "grubenv"
-    run("grub-editenv", grubenv, "create")
-    run("grub-editenv", grubenv, "set", "ORDER=A B", "A_OK=1", "A_TRY=1", "B_OK=1", "B_TRY=0")
+def rauc_files(d: Path, slots: dict[str, str]) -> tuple[Path, bootenv.Paths]:
+    """system.conf and the grubenv its backend works on: A booted once, not committed."""
+    conf = d / "system.conf"
+    backend, boot = make_boot_env(d, conf, {
+        "ORDER": "A B", "A_OK": "1", "A_TRY": "1", "A_COMMITTED": "0",
+        "B_OK": "1", "B_TRY": "0", "B_COMMITTED": "0"})
     ca = pki.create_firmware_ca(d / "firmware", development=True)
     (d / "mnt").mkdir()
-    conf = d / "system.conf"
     conf.write_text(
-        f"[system]\ncompatible=sdwan-test\nbootloader=grub\ngrubenv={grubenv}\n"
+        f"[system]\ncompatible=sdwan-test\nbootloader=custom\n"
         f"statusfile={d / 'rauc.status'}\nmountprefix={d / 'mnt'}\n\n"
         f"[keyring]\npath={ca.cert}\ncheck-purpose=codesign\n\n"
+        + backend_conf(backend) + "\n"
         f"[slot.rootfs.0]\ndevice={slots['A']}\ntype=raw\nbootname=A\n\n"
         f"[slot.rootfs.1]\ndevice={slots['B']}\ntype=raw\nbootname=B\n")
-    return conf, grubenv
+    return conf, boot
 
 
-def start_as_booted_from(lab: Lab, site: Site, bootname: str) -> None:
+def start_as_booted_from(lab: Lab, site: Site, bootname: str,
+                         boot: bootenv.Paths | None = None) -> None:
     cmdline = site.dir / "cmdline"
     cmdline.write_text(f"console=ttyS0 rauc.slot={bootname} panic=5\n")
     with contextlib.suppress(FileNotFoundError):
         site.control_socket.unlink()
     argv = ["unshare", "--mount", "--propagation", "private", sys.executable, "-c",
             _WITH_CMDLINE, str(cmdline), str(site.config)]
-    site.socketd = d = lab.spawn(site.ns, argv, f"socketd-site{site.n}", env=lab.env())
+    env = lab.env()
+    if boot is not None:  # where the updater reads GRUB's variables, as the backend does
+        env.update(SDWAN_GRUBENV=str(boot.grubenv), SDWAN_BOARD=str(boot.board))
+    site.socketd = d = lab.spawn(site.ns, argv, f"socketd-site{site.n}", env=env)
     ok = netns.wait_until(lambda: site.control_socket.exists() or not d.alive(), timeout=20)
     assert ok and d.alive(), d.log_tail()
 
@@ -96,10 +102,10 @@ def test_socketd_commits_its_slot_once_healthy(lab: Lab, slots: dict[str, str]) 
     lab.add_inet()
     lab.add_router(1)
     site = lab.add_site(1)
-    conf, grubenv = rauc_files(site.dir, slots)
+    conf, boot = rauc_files(site.dir, slots)
     lab.write_site_config(site, extra_toml=(
         f'[update]\nsystem_conf = "{conf}"\ncommit_grace_s = 2\nreboot_command = "true"\n'))
-    start_as_booted_from(lab, site, "A")
+    start_as_booted_from(lab, site, "A", boot)
 
     seen: list[dict] = []
 
@@ -115,8 +121,8 @@ def test_socketd_commits_its_slot_once_healthy(lab: Lab, slots: dict[str, str]) 
         pytest.fail(f"slot A not committed within 90 s; the last slots seen: {seen}")
     assert st["enabled"] and st["booted"] == "rootfs.0", st
     assert st["service"]["rauc"]["state"] == "running", st
-    env = parse_grubenv(grubenv.read_bytes())
-    assert env["A_TRY"] == "0" and env["A_OK"] == "1", env
+    env = bootenv.load(boot).values
+    assert (env["A_TRY"], env["A_OK"], env["A_COMMITTED"]) == ("0", "1", "1"), env
     (event,) = lab.socketctl(site, "events", "--kind", "update.committed")["events"]
     assert "no cloud configured within 2 s" in event["text"], event
     status = lab.socketctl(site, "status")

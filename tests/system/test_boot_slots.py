@@ -1,10 +1,12 @@
-"""A/B boot slots on qemu-x86_64: GRUB picks the slot from grubenv as RAUC's grub backend
-expects (board/boardlib.py grub_cfg, docs/image.md "Boot slots"). Three boots: a new image
-comes up on slot A and GRUB counts the try; with the slot image in root-b and ORDER="B A"
-it comes up on B; with root-b empty, ORDER="B A" and slot A out of tries, it gives B up,
-skips A, gives the good slots their tries back, reboots by itself and comes up on A, never
-stopping at a GRUB prompt. grubenv is read from and written to copies of the disk with
-mtools and grub-editenv, as RAUC will change it from the running system."""
+"""A/B boot slots on qemu-x86_64: GRUB picks the slot from grubenv or its copy grubenv2
+(board/boardlib.py grub_cfg, sdwan.appliance.bootenv, docs/update.md "Boot selection"). Four
+boots: a new image comes up on slot A, committed, counting nothing; with the slot image in
+root-b and ORDER="B A" it comes up on B and counts the try; with root-b empty, ORDER="B A"
+and slot A not committed and out of tries, it gives B up, skips A, gives the good slots their
+tries back, reboots by itself and comes up on A, never stopping at a GRUB prompt; with
+grubenv torn it reads the copy, a committed B that cannot be loaded loses its commit, and
+rcS writes grubenv again. grubenv is read from and written to copies of the disk with
+mtools."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 from sites import BOOT_S, hook_args
 
+from sdwan.appliance import bootenv
 from sdwan.appliance.raucstatus import parse_grubenv
 from sdwan.lab.vm import VM
 
@@ -28,6 +31,7 @@ pytestmark = [pytest.mark.system, pytest.mark.timeout(1200)]
 
 BOARD = "qemu-x86_64"
 GRUBENV = "::EFI/BOOT/grubenv"
+GRUBENV2 = "::EFI/BOOT/grubenv2"
 # What the guest shows of its boot: the command line GRUB gave, the partition links rcS made
 # and the ESP's mount.
 REPORT = """\
@@ -47,23 +51,28 @@ def esp_target(raw: Path) -> str:
 
 
 def read_grubenv(raw: Path) -> dict[str, str]:
-    data = subprocess.run(["mtype", "-i", esp_target(raw), GRUBENV], check=True,
-                          capture_output=True, timeout=30).stdout
-    assert len(data) == boardlib.GRUBENV_SIZE, len(data)
-    return parse_grubenv(data)
+    """The variables; GRUB writes both copies alike."""
+    first, second = (subprocess.run(["mtype", "-i", esp_target(raw), name], check=True,
+                                    capture_output=True, timeout=30).stdout
+                     for name in (GRUBENV, GRUBENV2))
+    assert len(first) == boardlib.GRUBENV_SIZE, len(first)
+    assert parse_grubenv(first) == parse_grubenv(second)
+    return parse_grubenv(first)
 
 
 def edit_grubenv(raw: Path, tmp: Path, **values: str) -> None:
-    """grub-editenv on a copy of the ESP's grubenv, written back in place (RAUC's way)."""
-    env = tmp / "grubenv"
-    env.unlink(missing_ok=True)
-    subprocess.run(["mcopy", "-n", "-i", esp_target(raw), GRUBENV, str(env)], check=True,
-                   capture_output=True, timeout=30)
-    subprocess.run(["grub-editenv", str(env), "set",
-                    *[f"{k}={v}" for k, v in values.items()]], check=True, timeout=30)
-    subprocess.run(["mcopy", "-o", "-i", esp_target(raw), str(env), GRUBENV], check=True,
-                   capture_output=True, timeout=30)
-    assert {k: read_grubenv(raw)[k] for k in values} == values
+    """The box's variables changed in both copies, as its backend changes them."""
+    env = {**read_grubenv(raw), **values}
+    block = tmp / "grubenv"
+    block.write_bytes(bootenv.render(env))
+    for name in (GRUBENV, GRUBENV2):
+        subprocess.run(["mcopy", "-o", "-i", esp_target(raw), str(block), name], check=True,
+                       capture_output=True, timeout=30)
+    assert read_grubenv(raw) == env
+
+
+def grub_lines(out: str) -> list[str]:
+    return [m.strip() for m in re.findall(r"grub: [^\r\n]*", out)]
 
 
 def guest_disk(vm: VM, dest: Path) -> Path:
@@ -95,7 +104,7 @@ def boot(vms: Callable[..., VM], image: Path, tmp: Path, slot: str) -> tuple[VM,
 def test_grub_boots_the_slot_grubenv_names_and_falls_back(
     appliance_image: Callable[[str], Path], vms: Callable[..., VM], tmp_path: Path,
 ) -> None:
-    for tool in ("mtype", "grub-editenv"):
+    for tool in ("mtype", "mcopy"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed (run `make setup`)")
     image = appliance_image(BOARD)
@@ -104,15 +113,17 @@ def test_grub_boots_the_slot_grubenv_names_and_falls_back(
     slot_image = image.with_name(f"{BOARD}.rootfs.img")
     assert slot_image.is_file(), "mkimage writes the slot image beside the disk image"
 
-    # (a) a new image: slot A, one try counted; B empty and not good
+    # (a) a new image: slot A, committed at the factory, so nothing is counted; B empty
     vm, out = boot(vms, image, tmp_path, "A")
     assert re.search(r"^test-hook: esp /dev/vda1 vfat\r?$", out, re.M), out[-3000:]
     links = dict(re.findall(r"^test-hook: partlabel (\S+) \.\./\.\./(\S+?)\r?$", out, re.M))
     assert links == {"esp": "vda1", "root-a": "vda2", "root-b": "vda3", "data": "vda4"}, links
+    assert grub_lines(out) == ["grub: slot A (root-a), committed"], out[-3000:]
+    assert "bootenv:" not in out, "rcS repaired a new image's grubenv"
     env = read_grubenv(guest_disk(vm, tmp_path / "a.raw"))
-    assert env == {"ORDER": "A B", "A_OK": "1", "A_TRY": "1", "B_OK": "0", "B_TRY": "0"}, env
+    assert env == bootenv.parse(boardlib.initial_grubenv(info)), env
 
-    # (b) the slot image in root-b, B first and good: slot B
+    # (b) the slot image in root-b, B first and good but not committed: slot B, one try
     b_disk = tmp_path / "b.img"
     subprocess.run(["cp", "--sparse=always", str(image), str(b_disk)], check=True, timeout=60)
     with b_disk.open("r+b") as f, slot_image.open("rb") as s:
@@ -120,17 +131,18 @@ def test_grub_boots_the_slot_grubenv_names_and_falls_back(
         shutil.copyfileobj(s, f)
     edit_grubenv(b_disk, tmp_path, ORDER="B A", B_OK="1", B_TRY="0")
     vm, out = boot(vms, b_disk, tmp_path, "B")
+    assert grub_lines(out) == [f"grub: slot B (root-b), try 1 of {tries}"], out[-3000:]
     env = read_grubenv(guest_disk(vm, tmp_path / "b.raw"))
-    assert (env["B_TRY"], env["A_TRY"]) == ("1", "0"), env
+    assert (env["B_TRY"], env["B_COMMITTED"], env["A_TRY"]) == ("1", "0", "0"), env
 
-    # (c, d) root-b empty but B first and good, A out of tries: B cannot be loaded, A is
-    # skipped, both get their tries back, GRUB reboots, and A comes up
+    # (c) root-b empty but B first and good, A not committed and out of tries: B cannot be
+    # loaded, A is skipped, both get their tries back, GRUB reboots, and A comes up
     c_disk = tmp_path / "c.img"
     subprocess.run(["cp", "--sparse=always", str(image), str(c_disk)], check=True, timeout=60)
-    edit_grubenv(c_disk, tmp_path, ORDER="B A", B_OK="1", B_TRY="0", A_TRY=str(tries))
+    edit_grubenv(c_disk, tmp_path, ORDER="B A", B_OK="1", B_TRY="0", A_TRY=str(tries),
+                 A_COMMITTED="0")
     vm, out = boot(vms, c_disk, tmp_path, "A")
-    grub = [m.strip() for m in re.findall(r"grub: [^\r\n]*", out)]
-    assert grub == [
+    assert grub_lines(out) == [
         f"grub: slot B (root-b), try 1 of {tries}",
         "grub: slot B (root-b) cannot be loaded: no more tries",
         "grub: slot A (root-a) has no tries left",
@@ -138,7 +150,29 @@ def test_grub_boots_the_slot_grubenv_names_and_falls_back(
         f"grub: slot B (root-b), try 1 of {tries}",
         "grub: slot B (root-b) cannot be loaded: no more tries",
         f"grub: slot A (root-a), try 1 of {tries}",
-    ], grub
+    ], out[-3000:]
     env = read_grubenv(guest_disk(vm, tmp_path / "c.raw"))
-    assert env == {"ORDER": "B A", "A_OK": "1", "A_TRY": "1", "B_OK": "1",
-                   "B_TRY": str(tries)}, env
+    assert env == {"ORDER": "B A", "A_OK": "1", "A_TRY": "1", "A_COMMITTED": "0",
+                   "B_OK": "1", "B_TRY": str(tries), "B_COMMITTED": "0"}, env
+
+    # (d) grubenv torn (zeros), its copy whole: B committed first but root-b empty. GRUB
+    # reads the copy; B cannot be loaded and loses its commit (in the copy, the only valid
+    # block); A, committed, boots uncounted; rcS writes grubenv again from the copy.
+    d_disk = tmp_path / "d.img"
+    subprocess.run(["cp", "--sparse=always", str(image), str(d_disk)], check=True, timeout=60)
+    edit_grubenv(d_disk, tmp_path, ORDER="B A", B_OK="1", B_COMMITTED="1")
+    zeros = tmp_path / "zeros"
+    zeros.write_bytes(bytes(boardlib.GRUBENV_SIZE))
+    subprocess.run(["mcopy", "-o", "-i", esp_target(d_disk), str(zeros), GRUBENV], check=True,
+                   capture_output=True, timeout=30)
+    vm, out = boot(vms, d_disk, tmp_path, "A")
+    assert grub_lines(out) == [
+        "grub: grubenv is damaged: its copy grubenv2 is used",
+        "grub: slot B (root-b), committed",
+        "grub: slot B (root-b) cannot be loaded: no more tries",
+        "grub: slot A (root-a), committed",
+    ], out[-3000:]
+    assert re.search(r"bootenv: \S*grubenv rewritten from \S*grubenv2", out), out[-3000:]
+    env = read_grubenv(guest_disk(vm, tmp_path / "d.raw"))
+    assert env == {"ORDER": "B A", "A_OK": "1", "A_TRY": "0", "A_COMMITTED": "1",
+                   "B_OK": "1", "B_TRY": str(tries), "B_COMMITTED": "0"}, env

@@ -256,7 +256,8 @@ def test_update_with_reboot_says_so_when_the_reboot_command_fails(
         up = Updater(
             Update(system_conf=box.conf, commit_grace_s=300, reboot_command=("false",)),
             box.data, box.runtime, lambda k, t, d: box.events.append((k, t, d)),
-            lambda: box.health, boot_slot="A", precheck=HOST_CHECK)
+            lambda: box.health, boot_slot="A", precheck=HOST_CHECK,
+            boot_env=box.boot)
         up.start()
         await up.ready()
         server = ControlServer(sock, up.handlers())
@@ -299,7 +300,8 @@ def test_an_overlong_output_line_of_rauc_does_not_wedge_the_updater(
         up = Updater(
             Update(system_conf=box.conf, commit_grace_s=300, reboot_command=("true",)),
             box.data, box.runtime, lambda k, t, d: box.events.append((k, t, d)),
-            lambda: box.health, rauc=str(wrapper), boot_slot="A", precheck=HOST_CHECK)
+            lambda: box.health, rauc=str(wrapper), boot_slot="A", precheck=HOST_CHECK,
+            boot_env=box.boot)
         up.start()
         await up.ready()
         try:
@@ -399,7 +401,8 @@ def test_no_install_starts_once_a_reboot_is_under_way(box: Box) -> None:
         up = Updater(
             Update(system_conf=box.conf, commit_grace_s=300, reboot_command=("sleep", "2")),
             box.data, box.runtime, lambda k, t, d: box.events.append((k, t, d)),
-            lambda: box.health, boot_slot="A", precheck=HOST_CHECK)
+            lambda: box.health, boot_slot="A", precheck=HOST_CHECK,
+            boot_env=box.boot)
         up.start()
         await up.ready()
         try:
@@ -441,7 +444,8 @@ def test_a_client_following_an_install_that_socketd_dropped_says_so(
         return Updater(
             Update(system_conf=box.conf, commit_grace_s=300, reboot_command=("true",)),
             box.data, box.runtime, lambda k, t, d: box.events.append((k, t, d)),
-            lambda: box.health, rauc=str(slow), boot_slot="A", precheck=HOST_CHECK)
+            lambda: box.health, rauc=str(slow), boot_slot="A", precheck=HOST_CHECK,
+            boot_env=box.boot)
 
     async def main() -> tuple[dict[str, Any], str]:
         up = updater()
@@ -497,7 +501,7 @@ def test_a_fall_back_is_recorded_even_when_raucs_first_status_fails(
             await up.close()
 
     asyncio.run(install())
-    box.set_env(ORDER="B A", B_OK="1", B_TRY="3", A_OK="1", A_TRY="0")
+    box.set_env(ORDER="B A", B_OK="1", B_TRY="3", B_COMMITTED="0", A_OK="1", A_TRY="0")
     real = shutil.which("rauc")
     once = tmp_path / "failed-once"
     flaky = tmp_path / "rauc-flaky"
@@ -512,7 +516,8 @@ def test_a_fall_back_is_recorded_even_when_raucs_first_status_fails(
         up = Updater(
             Update(system_conf=box.conf, commit_grace_s=300, reboot_command=("true",)),
             box.data, box.runtime, lambda k, t, d: box.events.append((k, t, d)),
-            lambda: box.health, rauc=str(flaky), boot_slot="A", precheck=HOST_CHECK)
+            lambda: box.health, rauc=str(flaky), boot_slot="A", precheck=HOST_CHECK,
+            boot_env=box.boot)
         up.start()
         await up.ready()
         try:
@@ -630,7 +635,8 @@ def test_rauc_failing_at_every_status_is_asked_less_and_less_often(
         up = Updater(
             Update(system_conf=box.conf, commit_grace_s=300, reboot_command=("true",)),
             box.data, box.runtime, lambda k, t, d: box.events.append((k, t, d)),
-            lambda: box.health, rauc=str(failing), boot_slot="A", precheck=HOST_CHECK)
+            lambda: box.health, rauc=str(failing), boot_slot="A", precheck=HOST_CHECK,
+            boot_env=box.boot)
         up.start()
         await up.ready()
         try:

@@ -1,11 +1,11 @@
 """A/B updates with the real RAUC, without QEMU (appliance/updater.py, docs/update.md).
 
-Each test gets two loop devices as the slots A and B, a GRUB environment block made with
-grub-editenv, a system.conf like the box's (RAUC's grub backend pointing at that block, a
-keyring taking only code-signing certificates), a firmware CA and signer made with
-socket-pki's functions, and bundles made with `rauc bundle` from a small squashfs; the
-updater under test starts its own private bus and `rauc service` (told that A is booted: a
-test host's kernel command line has no rauc.slot=).
+Each test gets two loop devices as the slots A and B, GRUB's environment block and its copy,
+a system.conf like the box's (RAUC's custom bootloader backend, sdwan.appliance.bootenv,
+working on that block; a keyring taking only code-signing certificates), a firmware CA
+and signer made with socket-pki's functions, and bundles made with `rauc bundle` from a
+small squashfs; the updater under test starts its own private bus and `rauc service` (told
+that A is booted: a test host's kernel command line has no rauc.slot=).
 
 The box takes only `verity` bundles, which RAUC mounts through device-mapper. On a host
 kernel without it (no /dev/mapper/control) the bundles installed here are `plain`, which
@@ -30,7 +30,8 @@ from typing import Any
 
 import pytest
 
-from sdwan.appliance.raucstatus import Progress, parse_grubenv
+from sdwan.appliance import bootenv
+from sdwan.appliance.raucstatus import Progress
 from sdwan.appliance.updater import (
     EVENT_COMMITTED,
     EVENT_INSTALLED,
@@ -43,6 +44,7 @@ from sdwan.appliance.updater import (
     check_with_system_conf,
     inspect_bundle,
 )
+from sdwan.lab.bootlab import backend_conf, make_boot_env
 from sdwan.pop import pki
 from sdwan.site.config import Update
 
@@ -53,7 +55,7 @@ pytestmark = [
     pytest.mark.xdist_group("loop-devices"),
 ]
 
-_TOOLS = ("rauc", "dbus-daemon", "grub-editenv", "mksquashfs", "openssl", "losetup")
+_TOOLS = ("rauc", "dbus-daemon", "mksquashfs", "openssl", "losetup")
 COMPATIBLE = "sdwan-test"
 SLOT_BYTES = 4 * 1024 * 1024
 BUNDLE_FORMAT = "verity" if os.path.exists("/dev/mapper/control") else "plain"
@@ -113,18 +115,26 @@ class Box:
     runtime: Path
     data: Path
     conf: Path
-    grubenv: Path
+    boot: bootenv.Paths
     slots: dict[str, str]  # bootname -> loop device
     ca: tuple[Path, Path, Path]
     other_ca: tuple[Path, Path, Path]
     events: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     health: Health = HEALTHY
 
+    @property
+    def grubenv(self) -> Path:
+        return self.boot.grubenv
+
     def env(self) -> dict[str, str]:
-        return parse_grubenv(self.grubenv.read_bytes())
+        """GRUB's variables; both copies must agree."""
+        env = bootenv.parse(self.boot.grubenv.read_bytes())
+        assert bootenv.parse(self.boot.copy.read_bytes()) == env
+        return env
 
     def set_env(self, **values: str) -> None:
-        run("grub-editenv", self.grubenv, "set", *(f"{k}={v}" for k, v in values.items()))
+        """As GRUB or an earlier boot left them."""
+        bootenv.save(self.boot, {**self.env(), **values})
 
     def slot_bytes(self, bootname: str, n: int) -> bytes:
         with open(self.slots[bootname], "rb") as f:
@@ -134,7 +144,8 @@ class Box:
         return Updater(
             Update(system_conf=self.conf, commit_grace_s=grace_s, reboot_command=("true",)),
             self.data, self.runtime, lambda k, t, d: self.events.append((k, t, d)),
-            lambda: self.health, boot_slot="A", precheck=precheck or HOST_CHECK)
+            lambda: self.health, boot_slot="A", precheck=precheck or HOST_CHECK,
+            boot_env=self.boot)
 
     def kinds(self, kind: str) -> list[tuple[str, str, dict[str, Any]]]:
         return [e for e in self.events if e[0] == kind]
@@ -154,23 +165,25 @@ def box(tmp_path: Path) -> Iterator[Box]:
             dev = run("losetup", "--find", "--show", backing).strip()
             loops.append(dev)
             slots[name] = dev
-        grubenv = tmp_path / "grubenv"
-        run("grub-editenv", grubenv, "create")
-        run("grub-editenv", grubenv, "set", "ORDER=A B", "A_OK=1", "A_TRY=0", "B_OK=1",
-            "B_TRY=0")
         ca = make_keys(tmp_path / "firmware")
         other = make_keys(tmp_path / "firmware-other")
         (tmp_path / "mnt").mkdir()
         (tmp_path / "rauc").mkdir()
         conf = tmp_path / "system.conf"
+        # A committed, B written once and given up (as after a rollback): bootable again only
+        # once an install makes it primary.
+        backend, boot = make_boot_env(tmp_path, conf, {
+            "ORDER": "A B", "A_OK": "1", "A_TRY": "0", "A_COMMITTED": "1",
+            "B_OK": "0", "B_TRY": "0", "B_COMMITTED": "0"})
         conf.write_text(
-            f"[system]\ncompatible={COMPATIBLE}\nbootloader=grub\ngrubenv={grubenv}\n"
+            f"[system]\ncompatible={COMPATIBLE}\nbootloader=custom\n"
             f"mountprefix={tmp_path / 'mnt'}\ndata-directory={tmp_path / 'rauc'}\n\n"
             f"bundle-formats={BUNDLE_FORMAT}\n\n"
             f"[keyring]\npath={ca[0]}\ncheck-purpose=codesign\n\n"
+            + backend_conf(backend) + "\n"
             f"[slot.rootfs.0]\ndevice={slots['A']}\ntype=raw\nbootname=A\n\n"
             f"[slot.rootfs.1]\ndevice={slots['B']}\ntype=raw\nbootname=B\n")
-        yield Box(tmp_path, runtime, tmp_path / "data", conf, grubenv, slots, ca, other)
+        yield Box(tmp_path, runtime, tmp_path / "data", conf, boot, slots, ca, other)
     finally:
         for dev in loops:
             with contextlib.suppress(subprocess.CalledProcessError):
@@ -299,7 +312,7 @@ def test_no_second_install_while_one_runs(box: Box) -> None:
 
 def test_a_pending_slot_is_marked_good_only_once_healthy(box: Box) -> None:
     # Booted into A for the first time: GRUB counted a try, nobody marked it good yet.
-    box.set_env(A_TRY="1")
+    box.set_env(A_TRY="1", A_COMMITTED="0")
     bundle, _ = make_bundle(box.root, box.ca, "2.0.3", "pending")
     box.health = Health(fastpath="TUN thread died", control=None, cloud_up=True,
                         cloud_configured=True)
@@ -322,13 +335,13 @@ def test_a_pending_slot_is_marked_good_only_once_healthy(box: Box) -> None:
 
     asyncio.run(main())
     env = box.env()
-    assert env["A_TRY"] == "0" and env["A_OK"] == "1", env
+    assert (env["A_TRY"], env["A_OK"], env["A_COMMITTED"]) == ("0", "1", "1"), env
     (event,) = box.kinds(EVENT_COMMITTED)
     assert event[2]["slot"] == "rootfs.0" and "cloud is reached" in event[1], event
 
 
 def test_without_the_cloud_a_slot_is_committed_after_the_grace_time(box: Box) -> None:
-    box.set_env(A_TRY="2")
+    box.set_env(A_TRY="2", A_COMMITTED="0")
     box.health = Health(fastpath=None, control=None, cloud_up=False, cloud_configured=True)
 
     async def main() -> None:
@@ -341,7 +354,7 @@ def test_without_the_cloud_a_slot_is_committed_after_the_grace_time(box: Box) ->
             await up.close()
 
     asyncio.run(main())
-    assert box.env()["A_TRY"] == "0"
+    assert (box.env()["A_TRY"], box.env()["A_COMMITTED"]) == ("0", "1")
     (event,) = box.kinds(EVENT_COMMITTED)
     assert "no PoP session within 2 s" in event[1], event
 
@@ -359,8 +372,13 @@ def test_a_fall_back_is_recorded_once_and_the_abandoned_slot_marked_bad(box: Box
     asyncio.run(install())
     assert box.env()["ORDER"].split()[0] == "B"
     # B was booted three times and never marked good; GRUB then started A again.
-    fallen_back = {"ORDER": "B A", "B_OK": "1", "B_TRY": "3", "A_OK": "1", "A_TRY": "0"}
+    fallen_back = {"ORDER": "B A", "B_OK": "1", "B_TRY": "3", "B_COMMITTED": "0",
+                   "A_OK": "1", "A_TRY": "0", "A_COMMITTED": "1"}
     box.set_env(**fallen_back)
+    # init's commit deadline rebooted it each time (its socketd never committed it)
+    deadline = box.data / "commit-deadline.json"
+    deadline.write_text('{"slot": "B", "deadline_s": 45, "uptime_s": 46, "reboots": 3,'
+                        ' "at": 1}\n')
 
     async def start_once() -> dict[str, Any]:
         up = await started(box)
@@ -373,6 +391,8 @@ def test_a_fall_back_is_recorded_once_and_the_abandoned_slot_marked_bad(box: Box
     (event,) = box.kinds(EVENT_ROLLED_BACK)
     assert event[2]["slot"] == "rootfs.1" and event[2]["version"] == "3.0.0", event
     assert "boot tries were used up (3 tried)" in event[2]["why"], event
+    assert "the commit deadline rebooted it 3 times, each 45 s after boot" in event[2]["why"]
+    assert not deadline.exists(), "the next trial counts from 0"
     env = box.env()
     assert env["B_OK"] == "0" and env["ORDER"].split()[0] == "A", env
     assert status["rollback"]["slot"] == "rootfs.1", status

@@ -441,7 +441,8 @@ def test_post_image_makes_the_esp_files_and_the_genimage_config(
     (binaries / "rootfs.squashfs").write_bytes(b"hsqs slot")
     assert boardlib.main(["image", "qemu-x86_64", str(target), str(binaries)]) == 0
     esp = binaries / "qemu-x86_64-esp/EFI/BOOT"
-    assert sorted(p.name for p in esp.iterdir()) == ["BOOTX64.EFI", "grub.cfg", "grubenv"]
+    assert sorted(p.name for p in esp.iterdir()) == ["BOOTX64.EFI", "grub.cfg", "grubenv",
+                                                     "grubenv2"]
     info = boardlib.load_board("qemu-x86_64")
     assert (esp / "grub.cfg").read_text() == boardlib.grub_cfg(info)
     assert (esp / "grubenv").read_bytes() == boardlib.initial_grubenv(info)

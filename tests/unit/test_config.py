@@ -548,6 +548,20 @@ CASES = [
         'unknown key (did you mean "site_id"?',
         id="peer-unknown-key",
     ),
+    pytest.param(
+        add("\n[update]\nsystem_conf = false\ncommit_grace_s = 300\ncommit_deadline_s = 310\n"),
+        "update.commit_deadline_s",
+        "310 s leaves no time to commit: a new slot is rebooted that long after boot unless"
+        " committed, which takes at least commit_grace_s (300 s) without a PoP; set it to 330"
+        " or more (default 900)",
+        id="update-deadline-before-grace",
+    ),
+    pytest.param(
+        add("\n[update]\nsystem_conf = false\ncommit_deadline_s = 10\n"),
+        "update.commit_deadline_s",
+        "30",
+        id="update-deadline-too-short",
+    ),
 ]
 
 

@@ -16,6 +16,7 @@ from types import ModuleType
 
 import pytest
 
+from sdwan.appliance import bootenv
 from sdwan.appliance.raucstatus import GRUB_MAX_TRIES, parse_grubenv
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,24 +74,27 @@ def test_a_board_without_the_slots_is_refused(boardlib: ModuleType, tmp_path: Pa
         boardlib.load_board("tries")
 
 
-def test_the_image_ships_slot_a_good_and_b_empty(boardlib: ModuleType, tmp_path: Path) -> None:
+def test_the_image_ships_slot_a_committed_and_b_empty(boardlib: ModuleType,
+                                                      tmp_path: Path) -> None:
     info = boardlib.load_board("qemu-x86_64")
     env = boardlib.initial_grubenv(info)
     assert len(env) == 1024
     assert env.startswith(b"# GRUB Environment Block\nORDER=A B\n")
     assert env.rstrip(b"#").endswith(b"\n") and env.endswith(b"#")
-    assert parse_grubenv(env) == {
-        "ORDER": "A B", "A_OK": "1", "A_TRY": "0", "B_OK": "0", "B_TRY": "0"}
+    expected = {"ORDER": "A B", "A_OK": "1", "A_TRY": "0", "A_COMMITTED": "1",
+                "B_OK": "0", "B_TRY": "0", "B_COMMITTED": "0"}
+    assert parse_grubenv(env) == expected
+    # the box's own reader takes it as a valid block, in the order it writes them
+    assert bootenv.parse(env) == expected
+    assert list(bootenv.canonical(expected, ["A", "B"])) == list(expected)
+    assert bootenv.render(expected) == env
     editenv = shutil.which("grub-editenv")
-    if editenv:  # GRUB's own tool reads it and writes it back at the same size
+    if editenv:  # GRUB's own tool reads it
         path = tmp_path / "grubenv"
         path.write_bytes(env)
         listed = subprocess.run([editenv, str(path), "list"], capture_output=True, text=True,
                                 check=True).stdout
-        assert listed.splitlines() == ["ORDER=A B", "A_OK=1", "A_TRY=0", "B_OK=0", "B_TRY=0"]
-        subprocess.run([editenv, str(path), "set", "B_OK=1"], check=True)
-        assert len(path.read_bytes()) == 1024
-        assert parse_grubenv(path.read_bytes())["B_OK"] == "1"
+        assert listed.splitlines() == [f"{k}={v}" for k, v in expected.items()]
 
 
 def test_grubenv_refuses_what_does_not_fit(boardlib: ModuleType) -> None:
@@ -118,27 +122,42 @@ def test_grub_cfg_boots_each_slot_from_its_own_partition(boardlib: ModuleType) -
     for board in boardlib.board_names():
         info = boardlib.load_board(board)
         cfg = boardlib.grub_cfg(info)
-        assert "load_env -f \"${prefix}/grubenv\" ORDER A_OK A_TRY B_OK B_TRY\n" in cfg
+        names = "A_OK A_TRY A_COMMITTED B_OK B_TRY B_COMMITTED"
+        # grubenv first, its copy when grubenv is no valid block; only valid ones written
+        assert 'if load_env -f "${prefix}/grubenv2" SDWAN_NONE; then set env2=1; fi\n' in cfg
+        assert f'if load_env -f "${{prefix}}/grubenv" ORDER {names}; then set env1=1\n' in cfg
+        assert f'elif [ $env2 = 1 ]; then load_env -f "${{prefix}}/grubenv2" ORDER {names}\n' \
+            in cfg
+        assert '\tif [ $env1 = 1 ]; then save_env -f "${prefix}/grubenv" "$@"; fi\n' in cfg
+        assert '\tif [ $env2 = 1 ]; then save_env -f "${prefix}/grubenv2" "$@"; fi\n' in cfg
         assert "regexp -s 1:disk '^([^,]+),' \"$root\"\n" in cfg
         assert "set timeout=0\n" in cfg and "menuentry" not in cfg
+        # a variable a valid block lacks means "not bootable"
+        head = cfg[:cfg.index("load_env")]
+        assert 'set A_OK=0\n' in head and 'set A_COMMITTED=0\n' in head
         for slot in boardlib.boot_slots(info):
-            body = _slot_function(cfg, slot.bootname)
+            b = slot.bootname
+            body = _slot_function(cfg, b)
             dev = f"($disk,gpt{slot.number})"
-            assert (f'linux "{dev}/boot/vmlinuz" {info.cmdline} rauc.slot={slot.bootname} '
+            assert (f'linux "{dev}/boot/vmlinuz" {info.cmdline} rauc.slot={b} '
                     f"sdwan.root={slot.partition}; then") in body, body
             assert f'initrd "{dev}/boot/initrd.img"; then boot; fi' in body
-            # the try is counted and saved before the kernel is loaded
-            save = body.index(f'save_env -f "${{prefix}}/grubenv" {slot.bootname}_TRY')
-            assert save < body.index("linux ")
-            # a slot that cannot be loaded is out of tries, saved
-            after = body[body.index("linux "):]
-            assert (f"set {slot.bootname}_TRY={info.boot_tries}\n\t\tsave_env -f "
-                    f'"${{prefix}}/grubenv" {slot.bootname}_TRY') in after
+            # a committed slot boots first thing, nothing counted
+            committed, counted = body.split(f'\telif [ "${b}_OK" = 1 -a "${b}_TRY" -lt', 1)
+            assert committed.startswith(f'\tif [ "${b}_OK" = 1 -a "${b}_COMMITTED" = 1 ]')
+            assert committed.index("linux ") < committed.index("save ")
+            # ... and one that cannot be loaded loses its commit and its tries
+            assert (f"set {b}_TRY={info.boot_tries}\n\t\tset {b}_COMMITTED=0\n"
+                    f"\t\tsave {b}_TRY {b}_COMMITTED") in committed
+            # any other try is counted and saved before the kernel is loaded
+            assert counted.index(f"save {b}_TRY\n") < counted.index("linux ")
+            after = counted[counted.index("linux "):]
+            assert f"save {b}_TRY {b}_COMMITTED" in after
         # every slot in ORDER, then: tries back for the good ones, saved, reboot
         assert "for SLOT in $ORDER; do\n" in cfg
         tail = cfg[cfg.index("done\n"):]
         assert 'if [ "$A_OK" = 1 ]; then set A_TRY=0; fi' in tail
-        assert 'save_env -f "${prefix}/grubenv" A_TRY B_TRY' in tail
+        assert "save A_TRY B_TRY" in tail
         assert tail.rstrip().endswith("reboot")
 
 
@@ -173,6 +192,8 @@ def test_the_esp_holds_grub_its_cfg_and_grubenv(boardlib: ModuleType, tmp_path: 
     loader = tmp_path / "grub.efi"
     loader.write_bytes(b"MZ grub")
     files = boardlib.esp_files(info, loader, tmp_path / "esp")
-    assert sorted(files) == ["EFI/BOOT/BOOTAA64.EFI", "EFI/BOOT/grub.cfg", "EFI/BOOT/grubenv"]
+    assert sorted(files) == ["EFI/BOOT/BOOTAA64.EFI", "EFI/BOOT/grub.cfg", "EFI/BOOT/grubenv",
+                             "EFI/BOOT/grubenv2"]
     assert files["EFI/BOOT/grubenv"].read_bytes() == boardlib.initial_grubenv(info)
+    assert files["EFI/BOOT/grubenv2"].read_bytes() == boardlib.initial_grubenv(info)
     assert "console=ttyAMA0,115200" in files["EFI/BOOT/grub.cfg"].read_text()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from updatekit import board_module, dev_keys
 
+from sdwan.appliance import bootenv
 from sdwan.pop import pki
 
 boardlib = board_module("boardlib")
@@ -36,8 +37,13 @@ def test_system_conf(name: str) -> None:
     conf = _conf(boardlib.rauc_system_conf(board))
     system = conf["system"]
     assert system["compatible"] == boardlib.rauc_compatible(board)
-    assert system["bootloader"] == "grub"
-    assert system["grubenv"] == "/boot/efi/EFI/BOOT/grubenv"
+    # grubenv is written in place by the box's own backend, never by grub-editenv
+    assert system["bootloader"] == "custom" and "grubenv" not in system
+    backend = conf["handlers"]["bootloader-custom-backend"]
+    assert backend == "/usr/libexec/sdwan/bootenv"
+    assert (boardlib.COMMON / "rootfs" / backend.lstrip("/")).stat().st_mode & 0o111
+    assert str(bootenv.DEFAULT_GRUBENV) == boardlib.RAUC_GRUBENV
+    assert f"/{boardlib.RAUC_DIR}/system.conf" == str(bootenv.DEFAULT_SYSTEM_CONF)
     assert system["statusfile"].startswith("/data/")
     assert system["bundle-formats"] == "verity"
     assert system["mountprefix"].startswith("/run/")  # the root is read-only

@@ -218,36 +218,39 @@ def parse_grubenv(data: bytes) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class BootSelection:
-    """What the boot loader was told: the order slots are tried in and each one's state."""
+    """What the boot loader was told: the order slots are tried in and each one's state
+    (sdwan.appliance.bootenv owns the variables)."""
 
     order: tuple[str, ...]  # bootnames, first tried first
     ok: dict[str, bool]
     tries: dict[str, int]
+    committed: dict[str, bool]
+    limit: int = GRUB_MAX_TRIES  # the board's boot_tries
 
     @classmethod
-    def from_env(cls, env: dict[str, str]) -> BootSelection:
+    def from_env(cls, env: dict[str, str], limit: int = GRUB_MAX_TRIES) -> BootSelection:
         order = tuple(w for w in env.get("ORDER", "").split() if w)
         ok: dict[str, bool] = {}
         tries: dict[str, int] = {}
+        committed: dict[str, bool] = {}
         for name in order:
             if f"{name}_OK" in env:
                 ok[name] = env[f"{name}_OK"].strip() == "1"
             raw = env.get(f"{name}_TRY", "").strip()
             if raw.isdigit():
                 tries[name] = int(raw)
-        return cls(order, ok, tries)
+            committed[name] = env.get(f"{name}_COMMITTED", "").strip() == "1"
+        return cls(order, ok, tries, committed, limit)
 
     @property
     def first(self) -> str | None:
         return self.order[0] if self.order else None
 
     def abandoned(self, bootname: str) -> bool:
-        """GRUB passes over this slot now: its tries are used up, or it is marked bad."""
-        return self.ok.get(bootname) is False or self.tries.get(bootname, 0) >= GRUB_MAX_TRIES
-
-
-def read_grubenv(path: Path) -> BootSelection:
-    return BootSelection.from_env(parse_grubenv(path.read_bytes()[: GRUBENV_SIZE * 4]))
+        """GRUB passes over this slot now: marked bad, or not committed and out of tries."""
+        if self.ok.get(bootname) is False:
+            return True
+        return not self.committed.get(bootname) and self.tries.get(bootname, 0) >= self.limit
 
 
 # --------------------------------------------------------------------------- system.conf
@@ -257,7 +260,6 @@ def read_grubenv(path: Path) -> BootSelection:
 class SystemConf:
     compatible: str | None
     bootloader: str | None
-    grubenv: Path | None
     keyring: Path | None
     devices: dict[str, str]  # slot name -> device
 
@@ -278,12 +280,10 @@ def read_system_conf(path: Path) -> SystemConf:
         for section in parser.sections()
         if section.startswith("slot.") and parser[section].get("device")
     }
-    grubenv = system.get("grubenv")
     ring = keyring.get("path")
     return SystemConf(
         compatible=system.get("compatible"),
         bootloader=system.get("bootloader"),
-        grubenv=Path(grubenv) if grubenv else None,
         keyring=(path.parent / ring) if ring and not ring.startswith("/") else
         (Path(ring) if ring else None),
         devices=devices,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdwan.appliance import bootenv
 from sdwan.appliance import bundle as bundle_check
 from sdwan.appliance.bundle import BundleInfo
 from sdwan.appliance.raucbus import RaucBus, RaucSetup
@@ -40,7 +42,6 @@ from sdwan.appliance.raucstatus import (
     install_error,
     parse_progress,
     parse_status,
-    read_grubenv,
     read_system_conf,
 )
 from sdwan.appliance.watchdog import boot_id
@@ -57,6 +58,8 @@ EVENT_ROLLED_BACK = "update.rolled_back"
 EVENT_REBOOT = "update.reboot"
 EVENT_ERROR = "update.error"
 STATE_FILE = "update.json"
+# Written by the image's commit-deadline (init) when it reboots a slot that was not committed.
+DEADLINE_FILE = "commit-deadline.json"
 # In the data directory, root's only: the copy of the bundle being checked and installed.
 STAGE_DIR = "update-bundle"
 STAGED_BUNDLE = "bundle.raucb"
@@ -229,6 +232,7 @@ class Updater:
         clock: Callable[[], float] = time.monotonic,
         this_boot: Callable[[], str] = boot_id,
         precheck: Precheck = inspect_bundle,
+        boot_env: bootenv.Paths | None = None,
     ) -> None:
         if cfg.system_conf is None:
             raise ValueError("no RAUC system.conf: nothing to update")
@@ -242,6 +246,9 @@ class Updater:
         self.clock = clock
         self.boot = this_boot()  # the boot this socketd runs in: it does not change
         self.precheck = precheck
+        # grubenv as RAUC's custom backend reaches it, with the slots of our system.conf
+        self.boot_env = boot_env or dataclasses.replace(bootenv.Paths.from_environ(),
+                                                        system_conf=cfg.system_conf)
         self.bus = RaucBus(
             RaucSetup(cfg.system_conf, Path(runtime_dir), rauc=rauc, dbus_daemon=dbus_daemon,
                       boot_slot=boot_slot),
@@ -373,10 +380,11 @@ class Updater:
     def _read_selection(self) -> BootSelection | None:
         try:
             conf = read_system_conf(self.system_conf)
-            if conf.bootloader != "grub" or conf.grubenv is None:
+            if conf.bootloader != "custom":
                 return None
-            return read_grubenv(conf.grubenv)
-        except (OSError, ValueError) as e:
+            loaded = bootenv.load(self.boot_env)
+            return BootSelection.from_env(loaded.values, bootenv.max_tries(self.boot_env))
+        except (OSError, ValueError, bootenv.BootEnvError) as e:
             log.warning("updates: GRUB's boot selection unreadable: %s", e)
             return None
 
@@ -448,6 +456,7 @@ class Updater:
             doc["last_rollback"] = self.rollback
             doc.pop("pending", None)
             await self._save_state(doc)
+            self._forget_deadline()
         elif isinstance(doc.get("last_rollback"), dict):
             self.rollback = doc["last_rollback"]
         # Idempotent both: after a restart of socketd they are simply done again.
@@ -473,6 +482,9 @@ class Updater:
                              " marked good")
         else:
             parts.append("it was never marked good")
+        deadline = self._deadline_reboots(slot)
+        if deadline:
+            parts.append(deadline)
         pending = self._state().get("pending")
         if isinstance(pending, dict) and pending.get("slot") == slot.name:
             parts.append(f"socketd there was last waiting for {pending.get('waiting_for')}"
@@ -481,6 +493,25 @@ class Updater:
             parts.append("socketd never reported from it (it did not start, or the box was"
                          " reset before)")
         return "; ".join(parts)
+
+    def _deadline_reboots(self, slot: Slot) -> str | None:
+        """What the commit deadline did to the slot, from the file it left in /data."""
+        try:
+            doc = json.loads((self.data_dir / DEADLINE_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(doc, dict) or doc.get("slot") != slot.bootname:
+            return None
+        n, limit = doc.get("reboots"), doc.get("deadline_s")
+        if not isinstance(n, int) or not isinstance(limit, int):
+            return None
+        return (f"the commit deadline rebooted it {n} time{'s' if n != 1 else ''}, each"
+                f" {limit} s after boot")
+
+    def _forget_deadline(self) -> None:
+        """The trial it counted is over: the next one counts from 0."""
+        with contextlib.suppress(OSError):
+            (self.data_dir / DEADLINE_FILE).unlink()
 
     # ---------------------------------------------------------------- commit
 
@@ -547,6 +578,7 @@ class Updater:
         doc = self._state()
         doc.pop("pending", None)
         await self._save_state(doc)
+        self._forget_deadline()
         self.commit = {"state": "committed", "slot": booted.name, "waiting_for": None}
         with contextlib.suppress(OSError):
             await self.refresh()
@@ -799,7 +831,8 @@ class Updater:
             "primary": st.primary if st else None,
             "slots": [s.to_json() for s in st.slots] if st else [],
             "boot_selection": None if sel is None else {
-                "order": list(sel.order), "ok": sel.ok, "tries": sel.tries},
+                "order": list(sel.order), "ok": sel.ok, "tries": sel.tries,
+                "committed": sel.committed, "boot_tries": sel.limit},
             "commit": dict(self.commit),
             "reboot_needed": awaiting,
             "install": self.install_state.to_json(since=self.install_state.seq),

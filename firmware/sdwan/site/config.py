@@ -310,6 +310,10 @@ class Appliance:
 
 DEFAULT_RAUC_CONF = Path("/etc/rauc/system.conf")
 DEFAULT_COMMIT_GRACE_S = 300
+# init reboots a slot still not committed this long after boot (commit-deadline): the grace
+# time, socketd's start and a margin must fit before it.
+DEFAULT_COMMIT_DEADLINE_S = 900
+COMMIT_DEADLINE_MARGIN_S = 30
 
 
 @dataclass(frozen=True)
@@ -317,10 +321,13 @@ class Update:
     """[update]: A/B updates through RAUC (docs/update.md). The updater runs when RAUC's
     system.conf is there (the appliance); on a lab or dev host it is absent and nothing runs.
     A slot booted for the first time is marked good once the box is healthy: the cloud
-    reached, or commit_grace_s passed with the rest healthy."""
+    reached, or commit_grace_s passed with the rest healthy. One still not committed
+    commit_deadline_s after boot is rebooted by init (the image's commit-deadline), so a slot
+    whose socketd never starts falls back too."""
 
     system_conf: Path | None = None
     commit_grace_s: int = DEFAULT_COMMIT_GRACE_S
+    commit_deadline_s: int = DEFAULT_COMMIT_DEADLINE_S
     reboot_command: tuple[str, ...] = ("reboot",)
 
 
@@ -882,7 +889,8 @@ def _check_update(c: Checker, doc: Mapping[str, Any], base: Path) -> Update | No
     if table is None:
         return Update(system_conf=default_conf)
     loc: tuple[str, ...] = ("update",)
-    c.known_keys(table, loc, ("system_conf", "commit_grace_s", "reboot_command"))
+    c.known_keys(table, loc, ("system_conf", "commit_grace_s", "commit_deadline_s",
+                              "reboot_command"))
     conf: Path | None | object = default_conf
     raw = table.get("system_conf", MISSING)
     if raw is False:
@@ -899,11 +907,21 @@ def _check_update(c: Checker, doc: Mapping[str, Any], base: Path) -> Update | No
             conf = MISSING
     grace = c.value(table, (*loc, "commit_grace_s"), int_range(0, 86400),
                     default=DEFAULT_COMMIT_GRACE_S)
+    deadline = c.value(table, (*loc, "commit_deadline_s"), int_range(30, 86400),
+                       default=DEFAULT_COMMIT_DEADLINE_S)
+    if (MISSING not in (grace, deadline)
+            and deadline < grace + COMMIT_DEADLINE_MARGIN_S):  # type: ignore[operator]
+        c.error((*loc, "commit_deadline_s"),
+                f"{deadline} s leaves no time to commit: a new slot is rebooted that long after"
+                f" boot unless committed, which takes at least commit_grace_s ({grace} s)"
+                f" without a PoP; set it to {grace + COMMIT_DEADLINE_MARGIN_S} or more"
+                f" (default {DEFAULT_COMMIT_DEADLINE_S})")
+        deadline = MISSING
     reboot = c.value(table, (*loc, "reboot_command"), _command_line, default=("reboot",))
-    if MISSING in (conf, grace, reboot):
+    if MISSING in (conf, grace, deadline, reboot):
         return None
     return Update(system_conf=conf, commit_grace_s=grace,  # type: ignore[arg-type]
-                  reboot_command=reboot)
+                  commit_deadline_s=deadline, reboot_command=reboot)  # type: ignore[arg-type]
 
 
 _PORT_RANGE_RE = re.compile(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*")

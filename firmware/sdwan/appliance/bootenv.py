@@ -1,0 +1,389 @@
+"""GRUB's boot selection, kept in grubenv on the ESP (docs/update.md, "Boot selection").
+
+This module owns that file on the running box. RAUC reaches it as its custom bootloader
+backend (`bootloader=custom` in system.conf runs `bootenv get-primary`, `set-primary X`,
+`get-state X`, `set-state X good|bad`); rcS repairs it at every boot (`bootenv repair`); the
+commit deadline asks whether the booted slot is committed (`bootenv is-committed X`); the
+updater reads it (`load`). GRUB itself reads it and writes one counter (board/boardlib.py
+grub_cfg).
+
+The variables, per slot X (RAUC's bootname, A or B) and ORDER, the order GRUB tries them in:
+
+  X_OK=1         the slot may be booted (RAUC's grub backend's meaning)
+  X_TRY=n        boots of the slot not yet committed; GRUB passes it over at the board's
+                 boot_tries
+  X_COMMITTED=1  socketd found itself healthy on the slot once (`rauc status mark-good`):
+                 GRUB boots it without counting, so power cuts or watchdog resets of a
+                 committed slot never send the box back to an older version. Cleared when
+                 RAUC marks the slot bad, which it does before writing it.
+
+Why not grub-editenv, which RAUC's grub backend runs: it truncates the file and writes it
+again, so the FAT and the directory holding GRUB's own loader change at every mark, and a
+power cut in between can leave the firmware without a loader or GRUB without grubenv. Here
+the 1024-byte block is always rewritten in place (as GRUB's save_env does), so the file never
+moves, and there are two copies, `grubenv` and `grubenv2`, written one after the other, each
+synced: a torn write leaves the other one whole, and GRUB and this module read the copy when
+the first is not a valid block."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_GRUBENV = Path("/boot/efi/EFI/BOOT/grubenv")
+DEFAULT_SYSTEM_CONF = Path("/etc/rauc/system.conf")
+DEFAULT_BOARD = Path("/etc/sdwan/board.toml")
+COPY_SUFFIX = "2"  # grubenv -> grubenv2, beside it
+SIZE = 1024
+HEADER = b"# GRUB Environment Block\n"
+DEFAULT_MAX_TRIES = 3
+_BOOTNAME = re.compile(r"^[A-Za-z0-9_]{1,16}$")
+_VALUE = re.compile(r"^[ -~]*$")  # printable ASCII: GRUB escapes nothing we write
+
+
+class BootEnvError(Exception):
+    """grubenv cannot be read or written, or a request is wrong; the message says which."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    grubenv: Path = DEFAULT_GRUBENV
+    system_conf: Path = DEFAULT_SYSTEM_CONF
+    board: Path = DEFAULT_BOARD
+
+    @property
+    def copy(self) -> Path:
+        return self.grubenv.with_name(self.grubenv.name + COPY_SUFFIX)
+
+    @classmethod
+    def from_environ(cls) -> Paths:
+        """The box's paths; a lab or test points them elsewhere with SDWAN_GRUBENV,
+        SDWAN_RAUC_CONF and SDWAN_BOARD (RAUC passes its environment on to the backend)."""
+        env = os.environ
+        return cls(Path(env.get("SDWAN_GRUBENV", DEFAULT_GRUBENV)),
+                   Path(env.get("SDWAN_RAUC_CONF", DEFAULT_SYSTEM_CONF)),
+                   Path(env.get("SDWAN_BOARD", DEFAULT_BOARD)))
+
+
+def render(values: dict[str, str]) -> bytes:
+    """A GRUB environment block of values, padded with '#' to SIZE bytes."""
+    for k, v in values.items():
+        if not re.fullmatch(r"[A-Za-z0-9_]+", k):
+            raise BootEnvError(f"not a grubenv variable name: {k!r}")
+        if not _VALUE.match(v) or "\\" in v:
+            raise BootEnvError(f"{k}: not a value grubenv can hold as is: {v!r}")
+    data = HEADER + "".join(f"{k}={v}\n" for k, v in values.items()).encode()
+    if len(data) > SIZE:
+        raise BootEnvError(f"{len(data)} bytes of variables do not fit a {SIZE}-byte grubenv")
+    return data + b"#" * (SIZE - len(data))
+
+
+def parse(data: bytes) -> dict[str, str]:
+    """The variables of a block; BootEnvError unless it is exactly a valid block."""
+    if len(data) != SIZE:
+        raise BootEnvError(f"{len(data)} bytes, not {SIZE}")
+    if not data.startswith(HEADER):
+        raise BootEnvError("no GRUB environment block header")
+    values: dict[str, str] = {}
+    body = data[len(HEADER):]
+    end = len(body.rstrip(b"#"))
+    for raw in body[:end].split(b"\n"):
+        if not raw or raw.startswith(b"#"):
+            continue
+        key, sep, value = raw.partition(b"=")
+        try:
+            k, v = key.decode("ascii"), value.decode("ascii")
+        except UnicodeDecodeError:
+            raise BootEnvError("a variable that is not ASCII (damaged)") from None
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_]+", k):
+            raise BootEnvError(f"a line that is no variable: {raw[:40]!r} (damaged)")
+        values[k] = v
+    return values
+
+
+def _read_one(path: Path) -> dict[str, str]:
+    try:
+        with path.open("rb") as f:
+            data = f.read(SIZE + 1)
+    except OSError as e:
+        raise BootEnvError(f"{path}: {e.strerror or e}") from None
+    try:
+        return parse(data)
+    except BootEnvError as e:
+        raise BootEnvError(f"{path}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Loaded:
+    values: dict[str, str]
+    source: Path  # the copy the values came from
+    problems: tuple[str, ...]  # a copy that is not a valid block, and why
+
+
+def load(paths: Paths) -> Loaded:
+    """The first valid copy, as GRUB reads them; BootEnvError when neither is."""
+    problems: list[str] = []
+    for path in (paths.grubenv, paths.copy):
+        try:
+            return Loaded(_read_one(path), path, tuple(problems))
+        except BootEnvError as e:
+            problems.append(str(e))
+    raise BootEnvError("no valid grubenv: " + "; ".join(problems))
+
+
+def _write_in_place(path: Path, block: bytes) -> None:
+    """The block over the file's first SIZE bytes, never truncating it: a file of SIZE bytes
+    keeps its clusters. A missing or wrongly sized file (only rcS's repair meets one) is
+    written whole."""
+    flags = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        size = -1
+    if size != SIZE:
+        flags |= os.O_CREAT | os.O_TRUNC
+    fd = os.open(path, flags, 0o600)
+    try:
+        if os.pwrite(fd, block, 0) != SIZE:
+            raise OSError(f"short write to {path}")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(paths: Paths, values: dict[str, str]) -> None:
+    """values into both copies, the first one first, each synced before the next."""
+    block = render(values)
+    for path in (paths.grubenv, paths.copy):
+        try:
+            _write_in_place(path, block)
+        except OSError as e:
+            raise BootEnvError(f"{path}: {e.strerror or e}") from None
+
+
+# ------------------------------------------------------------------ what the variables mean
+
+
+def bootnames(paths: Paths) -> list[str]:
+    """The slots' bootnames, in system.conf's order (A, B)."""
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    try:
+        parser.read_string(paths.system_conf.read_text(), source=str(paths.system_conf))
+    except (OSError, configparser.Error) as e:
+        raise BootEnvError(f"{paths.system_conf}: {e}") from None
+    names = [parser[s]["bootname"] for s in parser.sections()
+             if s.startswith("slot.") and parser[s].get("bootname")]
+    bad = [n for n in names if not _BOOTNAME.match(n)]
+    if bad or not names:
+        raise BootEnvError(f"{paths.system_conf}: no usable bootnames ({names})")
+    return names
+
+
+def max_tries(paths: Paths) -> int:
+    """[update] boot_tries of the board: the boots GRUB gives a slot not yet committed."""
+    try:
+        tries = tomllib.loads(paths.board.read_text()).get("update", {}).get("boot_tries")
+    except (OSError, tomllib.TOMLDecodeError):
+        return DEFAULT_MAX_TRIES
+    return tries if isinstance(tries, int) and 1 <= tries <= 9 else DEFAULT_MAX_TRIES
+
+
+def _flag(values: dict[str, str], key: str) -> bool:
+    return values.get(key, "").strip() == "1"
+
+
+def tries(values: dict[str, str], name: str) -> int:
+    raw = values.get(f"{name}_TRY", "").strip()
+    return int(raw) if raw.isdigit() else 0
+
+
+def committed(values: dict[str, str], name: str) -> bool:
+    return _flag(values, f"{name}_OK") and _flag(values, f"{name}_COMMITTED")
+
+
+def good(values: dict[str, str], name: str) -> bool:
+    """RAUC's boot status: a committed slot, or one given to GRUB and not tried yet (an
+    install waiting for its reboot). A slot booted and not committed is 'bad' until socketd
+    marks it good."""
+    return _flag(values, f"{name}_OK") and (committed(values, name) or tries(values, name) == 0)
+
+
+def bootable(values: dict[str, str], name: str, limit: int) -> bool:
+    """Whether GRUB would start it now."""
+    return committed(values, name) or (_flag(values, f"{name}_OK") and tries(values, name) < limit)
+
+
+def order(values: dict[str, str], names: list[str]) -> list[str]:
+    listed = [w for w in values.get("ORDER", "").split() if w in names]
+    return list(dict.fromkeys(listed)) + [n for n in names if n not in listed]
+
+
+def primary(values: dict[str, str], names: list[str], limit: int) -> str | None:
+    """The slot GRUB starts at the next boot."""
+    return next((n for n in order(values, names) if bootable(values, n, limit)), None)
+
+
+def set_state(values: dict[str, str], name: str, is_good: bool) -> dict[str, str]:
+    out = dict(values)
+    out[f"{name}_OK"] = "1" if is_good else "0"
+    out[f"{name}_TRY"] = "0"
+    out[f"{name}_COMMITTED"] = "1" if is_good else "0"
+    return out
+
+
+def set_primary(values: dict[str, str], name: str, names: list[str]) -> dict[str, str]:
+    """name first, the others after in their order; name may be booted, untried. Its
+    committed mark stays as it is: a slot RAUC just wrote was marked bad before."""
+    out = dict(values)
+    out["ORDER"] = " ".join([name] + [n for n in order(values, names) if n != name])
+    out[f"{name}_OK"] = "1"
+    out[f"{name}_TRY"] = "0"
+    return out
+
+
+def canonical(values: dict[str, str], names: list[str]) -> dict[str, str]:
+    """ORDER first, then each slot's variables, then anything else as it was: the block
+    always lists the same variables in the same order."""
+    out = {"ORDER": " ".join(order(values, names))}
+    for n in names:
+        for k in ("OK", "TRY", "COMMITTED"):
+            out[f"{n}_{k}"] = values.get(f"{n}_{k}", "0")
+    out.update({k: v for k, v in values.items() if k not in out})
+    return out
+
+
+def booted_slot(cmdline: Path = Path("/proc/cmdline")) -> str | None:
+    try:
+        words = cmdline.read_text().split()
+    except OSError:
+        return None
+    return next((w.split("=", 1)[1] for w in words if w.startswith("rauc.slot=")), None)
+
+
+def repair(paths: Paths, booted: str | None) -> str | None:
+    """At boot: both copies made valid and equal. A damaged copy is written from the other;
+    with neither valid (GRUB booted by its defaults), the running slot is all there is to go
+    by: it becomes the committed first slot and the others not bootable until an install,
+    so the box neither loops nor falls back to a slot nobody vouched for. Returns what was
+    done, or None when nothing was needed."""
+    names = bootnames(paths)
+    try:
+        first = _read_one(paths.grubenv)
+    except BootEnvError as e:
+        first, why_first = None, str(e)
+    try:
+        second = _read_one(paths.copy)
+    except BootEnvError as e:
+        second, why_second = None, str(e)
+    if first is not None:
+        if first == second:
+            return None
+        save(paths, canonical(first, names))
+        return (f"{paths.copy} rewritten from {paths.grubenv}"
+                + ("" if second is not None else f" ({why_second})"))
+    if second is not None:
+        save(paths, canonical(second, names))
+        return f"{paths.grubenv} rewritten from {paths.copy} ({why_first})"
+    if booted not in names:
+        raise BootEnvError(f"no valid grubenv ({why_first}; {why_second}) and the booted slot"
+                           f" is unknown ({booted!r}): left as it is")
+    values = {"ORDER": " ".join([booted] + [n for n in names if n != booted])}
+    for n in names:
+        values.update({f"{n}_OK": "1" if n == booted else "0", f"{n}_TRY": "0",
+                       f"{n}_COMMITTED": "1" if n == booted else "0"})
+    save(paths, values)
+    return (f"no valid grubenv ({why_first}; {why_second}): made anew with the booted slot"
+            f" {booted} committed and first, the others not bootable")
+
+
+# ------------------------------------------------------------------ the command line
+
+USAGE = """usage: bootenv COMMAND
+  get-primary              the slot GRUB starts next (RAUC's custom backend)
+  set-primary SLOT         SLOT first in ORDER, bootable, untried
+  get-state SLOT           good or bad
+  set-state SLOT good|bad  good also commits it; bad also clears its commit
+  is-committed SLOT        yes (exit 0), no (exit 1), or unknown: why (exit 2)
+  list                     the variables of the valid copy
+  repair                   at boot: both copies valid and equal
+"""
+
+
+def _slot_arg(args: list[str], names: list[str]) -> str:
+    if not args:
+        raise BootEnvError("a slot's bootname is missing")
+    if args[0] not in names:
+        raise BootEnvError(f"no slot {args[0]!r} (slots: {' '.join(names)})")
+    return args[0]
+
+
+def run(argv: list[str], paths: Paths) -> int:
+    if not argv:
+        sys.stderr.write(USAGE)
+        return 2
+    cmd, args = argv[0], argv[1:]
+    if cmd == "repair":
+        done = repair(paths, booted_slot())
+        if done:
+            print(f"bootenv: {done}")
+        return 0
+    names = bootnames(paths)
+    if cmd == "list":
+        loaded = load(paths)
+        for k, v in loaded.values.items():
+            print(f"{k}={v}")
+        return 0
+    if cmd == "get-current":  # RAUC 1.9 and later ask; the kernel command line says
+        current = booted_slot()
+        if current is None:
+            raise BootEnvError("no rauc.slot= on the kernel command line")
+        print(current)
+        return 0
+    values = load(paths).values
+    if cmd == "get-primary":
+        found = primary(values, names, max_tries(paths))
+        if found is None:
+            raise BootEnvError("no slot is bootable")
+        print(found)
+        return 0
+    if cmd == "get-state":
+        print("good" if good(values, _slot_arg(args, names)) else "bad")
+        return 0
+    if cmd == "is-committed":
+        yes = committed(values, _slot_arg(args, names))
+        print("yes" if yes else "no")
+        return 0 if yes else 1
+    if cmd == "set-state":
+        name = _slot_arg(args, names)
+        if args[1:] not in (["good"], ["bad"]):
+            raise BootEnvError("set-state SLOT good|bad")
+        save(paths, canonical(set_state(values, name, args[1] == "good"), names))
+        return 0
+    if cmd == "set-primary":
+        name = _slot_arg(args, names)
+        save(paths, canonical(set_primary(values, name, names), names))
+        return 0
+    sys.stderr.write(USAGE)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run(argv, Paths.from_environ())
+    except BootEnvError as e:
+        if argv[:1] == ["is-committed"]:
+            # the commit deadline tells this from a slot where bootenv cannot run at all
+            print(f"unknown: {e}")
+            return 2
+        print(f"bootenv: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

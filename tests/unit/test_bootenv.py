@@ -1,0 +1,174 @@
+"""GRUB's boot selection as the box keeps it (sdwan.appliance.bootenv): the block written in
+place in both copies, the copy read when the first is damaged, RAUC's custom backend
+commands run as RAUC runs them (a program with the slot as argument), the committed mark,
+and rcS's repair."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdwan.appliance import bootenv
+
+FIRMWARE = Path(__file__).resolve().parents[2] / "firmware"
+CONF = """[system]
+compatible=sdwan-test
+bootloader=custom
+[slot.rootfs.0]
+device=/dev/disk/by-partlabel/root-a
+bootname=A
+[slot.rootfs.1]
+device=/dev/disk/by-partlabel/root-b
+bootname=B
+"""
+FACTORY = {"ORDER": "A B", "A_OK": "1", "A_TRY": "0", "A_COMMITTED": "1",
+           "B_OK": "0", "B_TRY": "0", "B_COMMITTED": "0"}
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> bootenv.Paths:
+    conf = tmp_path / "system.conf"
+    conf.write_text(CONF)
+    board = tmp_path / "board.toml"
+    board.write_text("[update]\nboot_tries = 3\n")
+    p = bootenv.Paths(tmp_path / "grubenv", conf, board)
+    bootenv.save(p, FACTORY)
+    return p
+
+
+def cli(paths: bootenv.Paths, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(FIRMWARE), "SDWAN_GRUBENV": str(paths.grubenv),
+           "SDWAN_RAUC_CONF": str(paths.system_conf), "SDWAN_BOARD": str(paths.board)}
+    return subprocess.run([sys.executable, "-m", "sdwan.appliance.bootenv", *args], env=env,
+                          capture_output=True, text=True, timeout=30)
+
+
+def both(paths: bootenv.Paths) -> dict[str, str]:
+    first = bootenv.parse(paths.grubenv.read_bytes())
+    assert bootenv.parse(paths.copy.read_bytes()) == first
+    return first
+
+
+def test_a_write_rewrites_the_block_in_place_in_both_copies(paths: bootenv.Paths) -> None:
+    inodes = [p.stat().st_ino for p in (paths.grubenv, paths.copy)]
+    # a reader holding the file open sees the new block through the same file: never replaced
+    with paths.grubenv.open("rb") as held:
+        assert cli(paths, "set-state", "B", "bad").returncode == 0
+        held.seek(0)
+        assert bootenv.parse(held.read()) == both(paths)
+    assert [p.stat().st_ino for p in (paths.grubenv, paths.copy)] == inodes
+    assert [p.stat().st_size for p in (paths.grubenv, paths.copy)] == [1024, 1024]
+
+
+def test_rauc_install_then_boot_then_commit(paths: bootenv.Paths) -> None:
+    """What RAUC runs for an install into B, then GRUB's try, then socketd's mark-good."""
+    assert cli(paths, "get-primary").stdout == "A\n"
+    assert cli(paths, "get-state", "A").stdout == "good\n"
+    # before writing B: B bad, and not committed whatever it was
+    assert cli(paths, "set-state", "B", "bad").returncode == 0
+    assert cli(paths, "get-state", "B").stdout == "bad\n"
+    # written: B first and given to GRUB untried; A stays committed as the way back
+    assert cli(paths, "set-primary", "B").returncode == 0
+    env = both(paths)
+    assert env == {**FACTORY, "ORDER": "B A", "B_OK": "1"}
+    assert cli(paths, "get-primary").stdout == "B\n"
+    assert cli(paths, "get-state", "B").stdout == "good\n"  # waiting for its reboot
+    no = cli(paths, "is-committed", "B")
+    assert (no.returncode, no.stdout) == (1, "no\n")
+    # GRUB counted a try: booted but not committed is bad until socketd marks it
+    bootenv.save(paths, {**env, "B_TRY": "1"})
+    assert cli(paths, "get-state", "B").stdout == "bad\n"
+    assert cli(paths, "set-state", "B", "good").returncode == 0
+    assert both(paths)["B_COMMITTED"] == "1" and both(paths)["B_TRY"] == "0"
+    yes = cli(paths, "is-committed", "B")
+    assert (yes.returncode, yes.stdout) == (0, "yes\n")
+    assert cli(paths, "is-committed", "A").returncode == 0
+
+
+def test_tries_used_up_pass_a_slot_over_unless_committed(paths: bootenv.Paths) -> None:
+    names = ["A", "B"]
+    env = {**FACTORY, "ORDER": "B A", "B_OK": "1", "B_TRY": "3"}
+    assert bootenv.primary(env, names, 3) == "A"
+    assert bootenv.primary(env, names, 4) == "B"
+    assert bootenv.primary({**env, "B_COMMITTED": "1"}, names, 3) == "B"
+    assert bootenv.primary({**env, "A_OK": "0"}, names, 3) is None
+    # a slot missing from ORDER still counts, after the ones listed
+    assert bootenv.order({"ORDER": "B"}, names) == ["B", "A"]
+    assert bootenv.order({"ORDER": "C B"}, names) == ["B", "A"]
+
+
+def test_the_copy_stands_in_for_a_damaged_grubenv(paths: bootenv.Paths) -> None:
+    with paths.grubenv.open("r+b") as f:  # a torn write: half a block
+        f.write(b"\0" * 300)
+    assert cli(paths, "get-primary").stdout == "A\n"
+    loaded = bootenv.load(paths)
+    assert loaded.source == paths.copy and loaded.values == FACTORY
+    assert "no GRUB environment block header" in loaded.problems[0]
+    # a write makes both whole again
+    assert cli(paths, "set-primary", "A").returncode == 0
+    assert both(paths) == FACTORY
+
+
+@pytest.mark.parametrize("damage", [b"", b"# GRUB Environment Block\nORDER=A B\n",
+                                    b"# GRUB Environment Block\n\xff\xfe=1\n" + b"#" * 998])
+def test_neither_copy_valid_is_an_error_not_a_guess(paths: bootenv.Paths, damage: bytes) -> None:
+    for p in (paths.grubenv, paths.copy):
+        p.write_bytes(damage)
+    done = cli(paths, "set-state", "B", "good")
+    assert done.returncode == 1 and "no valid grubenv" in done.stderr, done
+    assert paths.grubenv.read_bytes() == damage
+    unknown = cli(paths, "is-committed", "A")
+    assert unknown.returncode == 2 and unknown.stdout.startswith("unknown: no valid grubenv")
+
+
+def test_bad_requests_are_refused(paths: bootenv.Paths) -> None:
+    before = paths.grubenv.read_bytes()
+    for args, why in ((["set-state", "C", "good"], "no slot 'C' (slots: A B)"),
+                      (["set-state", "B", "fine"], "set-state SLOT good|bad"),
+                      (["set-primary"], "a slot's bootname is missing")):
+        done = cli(paths, *args)
+        assert done.returncode == 1 and why in done.stderr, done
+    assert cli(paths, "frobnicate").returncode == 2
+    assert paths.grubenv.read_bytes() == before
+    with pytest.raises(bootenv.BootEnvError):
+        bootenv.render({"ORDER": "A\nB_OK=1"})
+    with pytest.raises(bootenv.BootEnvError):
+        bootenv.render({"X": "y" * 1024})
+
+
+def test_repair_at_boot(paths: bootenv.Paths, tmp_path: Path) -> None:
+    assert bootenv.repair(paths, "A") is None
+    # one copy damaged: written again from the other
+    paths.copy.write_bytes(b"garbage")
+    assert "rewritten from" in (bootenv.repair(paths, "A") or "")
+    assert both(paths) == FACTORY
+    paths.grubenv.unlink()
+    assert "rewritten from" in (bootenv.repair(paths, "A") or "")
+    assert both(paths) == FACTORY
+    # the copies differ (a power cut between the two writes): the first one wins
+    bootenv._write_in_place(paths.grubenv, bootenv.render({**FACTORY, "A_TRY": "1"}))
+    bootenv.repair(paths, "A")
+    assert both(paths)["A_TRY"] == "1"
+    # neither valid: the slot that booted is all there is to go by
+    for p in (paths.grubenv, paths.copy):
+        p.write_bytes(b"")
+    done = bootenv.repair(paths, "B")
+    assert done and "made anew" in done
+    assert both(paths) == {"ORDER": "B A", "A_OK": "0", "A_TRY": "0", "A_COMMITTED": "0",
+                           "B_OK": "1", "B_TRY": "0", "B_COMMITTED": "1"}
+    for p in (paths.grubenv, paths.copy):
+        p.write_bytes(b"")
+    with pytest.raises(bootenv.BootEnvError, match="booted slot is unknown"):
+        bootenv.repair(paths, None)
+
+
+def test_the_boards_boot_tries(paths: bootenv.Paths) -> None:
+    assert bootenv.max_tries(paths) == 3
+    paths.board.write_text("[update]\nboot_tries = 5\n")
+    assert bootenv.max_tries(paths) == 5
+    paths.board.write_text("not toml [")
+    assert bootenv.max_tries(paths) == bootenv.DEFAULT_MAX_TRIES
