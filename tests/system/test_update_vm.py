@@ -12,10 +12,13 @@ rollback."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,16 +32,18 @@ from sites import (
     SETTLE_S,
     SHUTDOWN_S,
     SOCKETD_S,
+    SiteSpec,
     command,
     hook_args,
     login,
     poll_command,
+    site_config,
 )
 
 from sdwan.appliance.raucstatus import parse_grubenv
 from sdwan.lab import testbundles
-from sdwan.lab.vm import VM
-from sdwan.site.config import Update
+from sdwan.lab.vm import VM, VMOptions
+from sdwan.pop.pki import main as pki_main
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "board"))
 import boardlib  # noqa: E402
@@ -50,8 +55,13 @@ SITE = 7
 DISK_MIB = 512  # /data grows to ~350 MiB: a bundle's copy and its extracted image fit
 INSTALL_S = 600.0  # `update` typed to RAUC's last progress line (copy, check, write)
 GRACE_S = 5  # [update] commit_grace_s: no PoP here, so a healthy slot commits after it
-DEADLINE_S = 30  # [update] commit_deadline_s: init reboots a slot not committed by then
+# [update] commit_deadline_s: init reboots a slot not committed this long after boot (the
+# least socketd takes beside a grace of 5 s)
+DEADLINE_S = 35
 WRITE_BPS = 4 << 20  # the disk's writes during the power cut's install: the copy takes ~10 s
+# The rollback's box from start to the rollback seen: five boots, three of them waiting for
+# the deadline, and an install
+ROLLBACK_S = 5 * (BOOT_S + SOCKETD_S)
 GRUBENV = "::EFI/BOOT/grubenv"
 UPDATE_CONFIG = f"\n[update]\ncommit_grace_s = {GRACE_S}\n"
 DEADLINE_CONFIG = f"commit_deadline_s = {DEADLINE_S}\n"
@@ -71,23 +81,66 @@ def bundle_disk(test_bundles: testbundles.TestBundles,
     return test_bundles.disk(ALL, tmp_path_factory.mktemp("bundle-disk") / "bundles.sqfs")
 
 
-@pytest.fixture
-def update_vm(vms: Callable[..., VM], appliance_image: Callable[[str], Path],
-              site_files: Callable[..., dict[str, Path]], bundle_disk: Path,
-              tmp_path: Path) -> Iterator[Callable[..., VM]]:
-    def make(config_extra: str = "") -> VM:
-        files = site_files(SITE)
-        cfg = files["socketd.toml"]
-        cfg.write_text(cfg.read_text() + UPDATE_CONFIG + config_extra)
-        return vms(BOARD, appliance_image(BOARD), fw_cfg=files, disk_mib=DISK_MIB,
-                   extra_args=base_args(tmp_path, bundle_disk))
+def update_vm(image: Path, disk: Path, tmp: Path, config_extra: str = "") -> VM:
+    """A box with a site config (its own CA), [update] settings, a disk big enough for an
+    install, and the bundle disk mounted at every boot."""
+    pki = tmp / "pki"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert pki_main(["init-ca", str(pki), "--account", "update-test"]) == 0
+        assert pki_main(["issue", str(pki), "--site-id", str(SITE), "--out", str(pki)]) == 0
+    cfg = tmp / "socketd.toml"
+    cfg.write_text(site_config(SiteSpec(SITE)) + UPDATE_CONFIG + config_extra)
+    files = {"socketd.toml": cfg}
+    for name in ("ca.pem", f"site-{SITE}.pem", f"site-{SITE}.key"):
+        files[f"pki/{name}"] = pki / name
+    return VM(BOARD, image, VMOptions(
+        fw_cfg=files, disk_mib=DISK_MIB,
+        extra_args=[*hook_args(tmp, "mount-bundles", testbundles.MOUNT_HOOK),
+                    *testbundles.disk_args(disk)]))
 
-    yield make
+
+@pytest.fixture(scope="module")
+def rollback_box(appliance_image: Callable[[str], Path], bundle_disk: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Background]:
+    """The rollback's box, run in a thread from the module's first test on: most of its
+    time is waiting for deadlines and boots, which the other box's boots overlap."""
+    vm = update_vm(appliance_image(BOARD), bundle_disk, tmp_path_factory.mktemp("rollback"),
+                   DEADLINE_CONFIG)
+    run = Background(vm, roll_back)
+    try:
+        yield run
+    finally:
+        vm.stop()
+        run.thread.join(timeout=30)
 
 
-def base_args(tmp: Path, disk: Path) -> list[str]:
-    return [*hook_args(tmp, "mount-bundles", testbundles.MOUNT_HOOK),
-            *testbundles.disk_args(disk)]
+@dataclasses.dataclass
+class Background:
+    """A VM driven by fn(vm, results) in a thread; an exception of fn is kept for the test."""
+
+    vm: VM
+    fn: Callable[[VM, dict[str, str]], None]
+    results: dict[str, str] = dataclasses.field(default_factory=dict)
+    error: BaseException | None = None
+    thread: threading.Thread = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.fn(self.vm, self.results)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test
+            self.error = e
+
+    def wait(self, timeout: float) -> dict[str, str]:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), \
+            f"the rollback did not end within {timeout:.0f} s:\n{self.vm.tail()}"
+        if self.error is not None:
+            raise self.error
+        return self.results
 
 
 # ------------------------------------------------------------------ the disk, from the host
@@ -169,14 +222,23 @@ def refused(vm: VM, name: str, reason: str) -> None:
 # ------------------------------------------------------------------ the tests
 
 
+@pytest.mark.usefixtures("rollback_box")
 def test_refusals_power_cut_then_install_commits_the_new_slot(
-    update_vm: Callable[..., VM], test_bundles: testbundles.TestBundles,
+    test_bundles: testbundles.TestBundles, bundle_disk: Path,
     appliance_image: Callable[[str], Path], tmp_path: Path,
 ) -> None:
     image = appliance_image(BOARD)
     shipped = {"root-b": root_b_sha256(image), "grubenv": read_grubenv(image)}
-    vm = update_vm()
-    # -no-reboot: the orderly reboot after the refusals ends QEMU, before GRUB counts a try.
+    vm = update_vm(image, bundle_disk, tmp_path)
+    try:
+        refusals_cut_install(vm, test_bundles, shipped, tmp_path)
+    finally:
+        vm.stop()
+
+
+def refusals_cut_install(vm: VM, test_bundles: testbundles.TestBundles,
+                         shipped: dict, tmp_path: Path) -> None:
+    # -no-reboot: the orderly reboot after the refusals ends QEMU before the firmware runs.
     vm.opts.extra_args += ["-no-reboot"]
 
     # Boot 1: the shipped image, A committed once healthy (no PoP: after the grace time).
@@ -245,13 +307,7 @@ def test_refusals_power_cut_then_install_commits_the_new_slot(
         assert kind in out, f"{kind} missing:\n{out}"
 
 
-def test_a_version_whose_socketd_cannot_start_is_rolled_back(
-    update_vm: Callable[..., VM],
-) -> None:
-    if "commit_deadline_s" not in {f.name for f in dataclasses.fields(Update)}:
-        pytest.skip("no [update] commit_deadline_s: nothing reboots a slot whose socketd "
-                    "never starts")
-    vm = update_vm(DEADLINE_CONFIG)
+def roll_back(vm: VM, results: dict[str, str]) -> None:
     vm.start()
     booted(vm, "A")
     login(vm, "admin", first=True)
@@ -263,11 +319,19 @@ def test_a_version_whose_socketd_cannot_start_is_rolled_back(
                   f"GRUB starting the broken slot, try {n}")
         booted(vm, "B", socketd=False)
         vm.expect("socketd: this test build cannot start", SOCKETD_S)
+        vm.expect(r"commit-deadline: slot B not committed", DEADLINE_S + SOCKETD_S,
+                  "init's commit deadline")
     # Its tries used up, GRUB starts A, and socketd there notices.
     booted(vm, "A")
     login(vm, NEW_PASSWORD)
-    out = poll_command(vm, "show slots", re.compile(r"(?m)^rollback +rootfs\.1 "), SETTLE_S,
-                       "the rollback in the slots view")
-    assert re.search(r"(?m)^rootfs\.0 +A +booted +good\b", out), out
-    out = command(vm, "show events 100")
-    assert "update.rolled_back" in out, out
+    results["slots"] = poll_command(vm, "show slots", re.compile(r"(?m)^rollback +rootfs\.1 "),
+                                    SETTLE_S, "the rollback in the slots view")
+    results["events"] = command(vm, "show events 100")
+
+
+def test_a_version_whose_socketd_cannot_start_is_rolled_back(rollback_box: Background) -> None:
+    results = rollback_box.wait(ROLLBACK_S)
+    slots = results["slots"]
+    assert re.search(r"(?m)^rootfs\.0 +A +booted +good\b", slots), slots
+    assert re.search(r"(?m)^rollback +rootfs\.1 \(version .*-broken\+", slots), slots
+    assert "update.rolled_back" in results["events"], results["events"]
