@@ -1099,17 +1099,12 @@ def firmware_version() -> str:
 
 
 # What Buildroot's packages install besides the programs the appliance runs, as
-# board/common/packages.toml drops it from Debian's: GRUB's tools (BR2_TARGET_GRUB2_INSTALL_TOOLS
-# is the only way to get grub-editenv onto the target, and it brings all of them and GRUB's
-# modules), and the system bus's init script and files (socketd runs a bus of its own for
-# RAUC; rcS starts no init.d scripts anyway).
+# board/common/packages.toml drops it from Debian's: the system bus's init script and files
+# (socketd runs a bus of its own for RAUC; rcS starts no init.d scripts anyway).
 BUILDROOT_DROP = (
-    "usr/bin/grub-*", "usr/sbin/grub-*", "usr/lib/grub", "usr/share/grub", "etc/grub.d",
-    "etc/default/grub", "etc/bash_completion.d/grub",
     "etc/init.d/S30dbus-daemon", "usr/share/dbus-1", "etc/dbus-1",
     "usr/libexec/dbus-daemon-launch-helper", "usr/bin/dbus-run-session", "usr/bin/dbus-launch",
 )
-BUILDROOT_KEEP = ("usr/bin/grub-editenv",)
 
 
 def buildroot_rootfs(board: BoardInfo, target: Path) -> None:
@@ -1119,11 +1114,8 @@ def buildroot_rootfs(board: BoardInfo, target: Path) -> None:
         p = target / "usr/bin" / name
         if p.exists() or p.is_symlink():
             p.unlink()
-    keep = {target / k for k in BUILDROOT_KEEP}
     for pattern in BUILDROOT_DROP:
         for p in sorted(target.glob(pattern), reverse=True):
-            if p in keep:
-                continue
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
             else:
@@ -1178,7 +1170,7 @@ def install_slot_boot(board: BoardInfo, root: Path, kernel: Path, epoch: int) ->
     (root / SLOT_KERNEL).chmod(0o644)
     make_initramfs(board, root, root / SLOT_INITRD, epoch)
     (root / SLOT_INITRD).chmod(0o644)
-    (boot / "efi").mkdir(exist_ok=True)  # the ESP, for grub-editenv (rcS mounts it)
+    (boot / "efi").mkdir(exist_ok=True)  # the ESP, for bootenv (rcS mounts it)
 
 
 def esp_files(board: BoardInfo, loader: Path, into: Path) -> dict[str, Path]:

@@ -257,6 +257,7 @@ class Updater:
         self.selection: BootSelection | None = None
         self.read_error: str | None = None
         self._failures = 0  # RAUC calls failed in a row (_retry_delay)
+        self._checked = False  # the start-up checks (a fall back noticed) have run
         self._said_error: str | None = None
         self.ready_error: str | None = "starting"
         self.install_state = InstallState()
@@ -307,13 +308,13 @@ class Updater:
                 said = True
             if "failed" in (self.bus.bus.st.state, self.bus.service.st.state):
                 return  # a program that is not there: Child does not try it again either
-        checked = await self._start_checks()
+        checked = self._checked = await self._start_checks()
         self.ready_error = None
         while True:
             # A fall back not recorded because RAUC did not answer at the start would never
             # be: the start-up checks are tried again until they ran.
             if not checked:
-                checked = await self._start_checks()
+                checked = self._checked = await self._start_checks()
                 if not checked:
                     # Not before: a pending mark of this slot would replace what the slot
                     # fallen back from was waiting for, the reason its rollback gives.
@@ -556,7 +557,8 @@ class Updater:
             waiting = f"{', '.join(waits)}, then {final}" if waits else final
             self.commit = {"state": "pending", "slot": booted.name, "waiting_for": waiting,
                            "grace_left_s": None if grace_left is None
-                           else round(max(0.0, grace_left), 1)}
+                           else round(max(0.0, grace_left), 1),
+                           "deadline_s": self.cfg.commit_deadline_s}
             await self._remember_pending(booted, ", ".join(waits) or (
                 "the cloud (a PoP session up)" if h.cloud_configured else "its grace time"))
             return
@@ -665,6 +667,12 @@ class Updater:
                        reboot: bool) -> tuple[Path, Slot, BundleInfo]:
         if self.ready_error is not None:
             raise InstallRefused(f"updates are not available: {self.ready_error}")
+        if not self._checked:
+            # An install now would make the slot fallen back from primary again: the
+            # rollback would never be noticed, nor the slot's event written.
+            raise InstallRefused("RAUC's status has not been read since socketd started (a fall"
+                                 f" back to notice first): {self.read_error or 'not yet'};"
+                                 " try again shortly")
         path = Path(bundle)
         if not path.is_absolute():
             raise InstallRefused(f"the bundle's path must be absolute, got {visible(bundle)}")
