@@ -317,15 +317,23 @@ def grubenv(values: dict[str, str]) -> bytes:
 
 def initial_grubenv(board: BoardInfo) -> bytes:
     """What a new image boots with: slot A committed (the factory's image is not on trial:
-    its boots are never counted), slot B empty. The same block is written as grubenv and as
-    its copy grubenv2."""
+    its boots are never counted), slot B empty; the board's boot tries, which grub.cfg has
+    built in, for the box's reader (a bundle never changes the ESP, so the box asks grubenv,
+    not its own slot); the end marker last. The same block is written as grubenv and as its
+    copy grubenv2."""
     slots = boot_slots(board)
     values = {"ORDER": " ".join(s.bootname for s in slots)}
     for s in slots:
         first = "1" if s is slots[0] else "0"
         values.update({f"{s.bootname}_OK": first, f"{s.bootname}_TRY": "0",
-                       f"{s.bootname}_COMMITTED": first})
+                       f"{s.bootname}_COMMITTED": first, f"{s.bootname}_LOADFAIL": "0"})
+    values["BOOT_TRIES"] = str(board.boot_tries)
+    values[GRUBENV_END] = "1"
     return grubenv(values)
+
+
+# The last variable of every grubenv block: a block whose variables end before it was torn.
+GRUBENV_END = "SDWAN_END"
 
 
 def grub_cfg(board: BoardInfo) -> str:
@@ -334,17 +342,42 @@ def grub_cfg(board: BoardInfo) -> str:
     valid block; on the box sdwan.appliance.bootenv writes both (RAUC's custom bootloader
     backend) and learns the booted slot from rauc.slot= on the kernel command line.
 
+    A copy is valid when GRUB reads its last variable, SDWAN_END=1, and can write it back:
+    GRUB stops reading a damaged block quietly, keeping what came before the damage, and
+    refuses to write a block whose padding is damaged, so a torn block is never used, nor
+    counted into. Each boot writes SDWAN_END back in place, the same bytes.
+
     A committed slot boots without counting. Any other attempt costs the slot one try,
-    written to both copies before its kernel runs, so a new slot that keeps failing runs out
-    of tries and the next one in ORDER boots. A slot whose kernel cannot even be loaded
-    (empty, corrupt) is out of tries at once and loses its commit. With no slot left, the good
-    ones get their tries back and the box reboots: it never stops at a GRUB prompt (the console
-    has no shell behind it). With neither copy readable every slot is tried, A first, counting
-    nothing (rcS then writes grubenv anew)."""
+    written to every valid copy before its kernel runs, and is on the kernel command line
+    (sdwan.trial=N: the commit deadline's cue), so a new slot that keeps failing runs out of
+    tries and the next one in ORDER boots. A slot whose kernel cannot be loaded, twice, is
+    out of tries at once and marked LOADFAIL (its commit stays: one bad read must not
+    downgrade a box; the updater on the slot that booted instead records why). With no slot
+    left, the good ones get their tries back and the box reboots: it never stops at a GRUB
+    prompt (the console has no shell behind it). With neither copy valid every slot is
+    tried, A first, counting nothing (rcS then writes grubenv anew)."""
     slots = boot_slots(board)
     n = board.boot_tries
     env1, env2 = '"${prefix}/grubenv"', '"${prefix}/grubenv2"'
     names = " ".join(f"{s.bootname}_OK {s.bootname}_TRY {s.bootname}_COMMITTED" for s in slots)
+    end = GRUBENV_END
+
+    def defaults() -> list[str]:
+        # a variable a valid block lacks is 0: such a slot is not booted
+        out = ['set ORDER=""']
+        for s in slots:
+            out.append(f"set {s.bootname}_OK=0; set {s.bootname}_TRY=0;"
+                       f" set {s.bootname}_COMMITTED=0")
+        return out
+
+    def probe(env: str, var: str, what: str) -> list[str]:
+        return [f"set {end}=0",
+                f"if load_env -f {env} {what}{end}; then",
+                f'\tif [ "${end}" = 1 ]; then',
+                f"\t\tif save_env -f {env} {end}; then set {var}=1; fi",
+                "\tfi",
+                "fi"]
+
     out = [
         f"# Made by board/boardlib.py from board/{board.name}/board.toml: do not edit.",
         "# A/B boot slots (docs/update.md, \"Boot selection\").",
@@ -353,32 +386,26 @@ def grub_cfg(board: BoardInfo) -> str:
         # nobody may edit or get a command line, should normal mode ever offer one
         "set superusers=locked",
         "",
-        "# A variable a valid block lacks is 0: such a slot is not booted.",
-        'set ORDER=""',
-    ]
-    for s in slots:
-        out += [f"set {s.bootname}_OK=0", f"set {s.bootname}_TRY=0",
-                f"set {s.bootname}_COMMITTED=0"]
-    out += [
         "set env1=0",
         "set env2=0",
-        # which copies are valid blocks: only those are written (a load of no variable)
-        f"if load_env -f {env2} SDWAN_NONE; then set env2=1; fi",
-        f"if load_env -f {env1} ORDER {names}; then set env1=1",
-        f"elif [ $env2 = 1 ]; then load_env -f {env2} ORDER {names}",
-        'echo "grub: grubenv is damaged: its copy grubenv2 is used"',
-        "else",
-        'echo "grub: neither grubenv nor grubenv2 can be read: every slot is tried, counting'
-        ' nothing"',
-        'set ORDER="' + " ".join(s.bootname for s in slots) + '"',
-    ]
-    for s in slots:
-        out += [f"set {s.bootname}_OK=1", f"set {s.bootname}_COMMITTED=1"]
-    out += [
+        *probe(env2, "env2", ""),
+        *defaults(),
+        *probe(env1, "env1", f"ORDER {names} "),
+        "if [ $env1 = 0 ]; then",
+        *["\t" + line for line in defaults()],
+        "\tif [ $env2 = 1 ]; then",
+        f"\t\tload_env -f {env2} ORDER {names}",
+        '\t\techo "grub: grubenv is damaged: its copy grubenv2 is used"',
+        "\telse",
+        '\t\techo "grub: neither grubenv nor grubenv2 can be read: every slot is tried,'
+        ' counting nothing"',
+        '\t\tset ORDER="' + " ".join(s.bootname for s in slots) + '"',
+        *[f"\t\tset {s.bootname}_OK=1; set {s.bootname}_COMMITTED=1" for s in slots],
+        "\tfi",
         "fi",
         "function save {",
-        f'	if [ $env1 = 1 ]; then save_env -f {env1} "$@"; fi',
-        f'	if [ $env2 = 1 ]; then save_env -f {env2} "$@"; fi',
+        f'\tif [ $env1 = 1 ]; then save_env -f {env1} "$@"; fi',
+        f'\tif [ $env2 = 1 ]; then save_env -f {env2} "$@"; fi',
         "}",
         "# The disk GRUB was loaded from ($root is its ESP, e.g. hd0,gpt1) holds the slots.",
         "regexp -s 1:disk '^([^,]+),' \"$root\"",
@@ -388,20 +415,24 @@ def grub_cfg(board: BoardInfo) -> str:
         b, ok, tr = s.bootname, f"${s.bootname}_OK", f"${s.bootname}_TRY"
         cm = f"${s.bootname}_COMMITTED"
         dev = f'"($disk,gpt{s.number})'
-        load = [
-            f"\t\tif linux {dev}/{SLOT_KERNEL}\" {board.cmdline} rauc.slot={b} "
-            f"sdwan.root={s.partition}; then",
-            f"\t\t\tif initrd {dev}/{SLOT_INITRD}\"; then boot; fi",
-            "\t\tfi",
-            f'\t\techo "grub: slot {b} ({s.partition}) cannot be loaded: no more tries"',
-            f"\t\tset {b}_TRY={n}",
-            f"\t\tset {b}_COMMITTED=0",
-            f"\t\tsave {b}_TRY {b}_COMMITTED",
-        ]
+
+        def load(trial: str) -> list[str]:
+            linux = (f"linux {dev}/{SLOT_KERNEL}\" {board.cmdline} rauc.slot={b} "
+                     f"sdwan.root={s.partition}{trial}")
+            attempt = [f"\t\tif {linux}; then",
+                       f"\t\t\tif initrd {dev}/{SLOT_INITRD}\"; then boot; fi",
+                       "\t\tfi"]
+            # twice: one failed read must not give up a slot
+            return [*attempt, *attempt,
+                    f'\t\techo "grub: slot {b} ({s.partition}) cannot be loaded: no more tries"',
+                    f"\t\tset {b}_TRY={n}",
+                    f"\t\tset {b}_LOADFAIL=1",
+                    f"\t\tsave {b}_TRY {b}_LOADFAIL"]
+
         out += [f"function slot_{b} {{",
                 f'\tif [ "{ok}" = 1 -a "{cm}" = 1 ]; then',
                 f'\t\techo "grub: slot {b} ({s.partition}), committed"',
-                *load,
+                *load(""),
                 f'\telif [ "{ok}" = 1 -a "{tr}" -lt {n} ]; then']
         for i in range(n - 1):
             kw = "if" if i == 0 else "elif"
@@ -413,7 +444,7 @@ def grub_cfg(board: BoardInfo) -> str:
         out += [
             f"\t\tsave {b}_TRY",
             f'\t\techo "grub: slot {b} ({s.partition}), try {tr} of {n}"',
-            *load,
+            *load(f" sdwan.trial={tr}"),
             f'\telif [ "{ok}" = 1 ]; then',
             f'\t\techo "grub: slot {b} ({s.partition}) has no tries left"',
             "\tfi",
@@ -1109,17 +1140,12 @@ def firmware_version() -> str:
 
 
 # What Buildroot's packages install besides the programs the appliance runs, as
-# board/common/packages.toml drops it from Debian's: GRUB's tools (BR2_TARGET_GRUB2_INSTALL_TOOLS
-# is the only way to get grub-editenv onto the target, and it brings all of them and GRUB's
-# modules), and the system bus's init script and files (socketd runs a bus of its own for
-# RAUC; rcS starts no init.d scripts anyway).
+# board/common/packages.toml drops it from Debian's: the system bus's init script and files
+# (socketd runs a bus of its own for RAUC; rcS starts no init.d scripts anyway).
 BUILDROOT_DROP = (
-    "usr/bin/grub-*", "usr/sbin/grub-*", "usr/lib/grub", "usr/share/grub", "etc/grub.d",
-    "etc/default/grub", "etc/bash_completion.d/grub",
     "etc/init.d/S30dbus-daemon", "usr/share/dbus-1", "etc/dbus-1",
     "usr/libexec/dbus-daemon-launch-helper", "usr/bin/dbus-run-session", "usr/bin/dbus-launch",
 )
-BUILDROOT_KEEP = ("usr/bin/grub-editenv",)
 
 
 def buildroot_rootfs(board: BoardInfo, target: Path) -> None:
@@ -1129,11 +1155,8 @@ def buildroot_rootfs(board: BoardInfo, target: Path) -> None:
         p = target / "usr/bin" / name
         if p.exists() or p.is_symlink():
             p.unlink()
-    keep = {target / k for k in BUILDROOT_KEEP}
     for pattern in BUILDROOT_DROP:
         for p in sorted(target.glob(pattern), reverse=True):
-            if p in keep:
-                continue
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
             else:
@@ -1188,7 +1211,7 @@ def install_slot_boot(board: BoardInfo, root: Path, kernel: Path, epoch: int) ->
     (root / SLOT_KERNEL).chmod(0o644)
     make_initramfs(board, root, root / SLOT_INITRD, epoch)
     (root / SLOT_INITRD).chmod(0o644)
-    (boot / "efi").mkdir(exist_ok=True)  # the ESP, for grub-editenv (rcS mounts it)
+    (boot / "efi").mkdir(exist_ok=True)  # the ESP, for bootenv (rcS mounts it)
 
 
 def esp_files(board: BoardInfo, loader: Path, into: Path) -> dict[str, Path]:

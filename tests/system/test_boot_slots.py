@@ -4,7 +4,7 @@ boots: a new image comes up on slot A, committed, counting nothing; with the slo
 root-b and ORDER="B A" it comes up on B and counts the try; with root-b empty, ORDER="B A"
 and slot A not committed and out of tries, it gives B up, skips A, gives the good slots their
 tries back, reboots by itself and comes up on A, never stopping at a GRUB prompt; with
-grubenv torn it reads the copy, a committed B that cannot be loaded loses its commit, and
+grubenv torn it reads the copy, a committed B that cannot be loaded is marked so, and
 rcS writes grubenv again. grubenv is read from and written to copies of the disk with
 mtools."""
 
@@ -37,7 +37,7 @@ GRUBENV2 = "::EFI/BOOT/grubenv2"
 REPORT = """\
 echo "cmdline $(cat /proc/cmdline)"
 for l in /dev/disk/by-partlabel/*; do echo "partlabel $(basename "$l") $(readlink "$l")"; done
-echo "esp $(awk '$2 == "/boot/efi" { print $1, $3 }' /proc/mounts)"
+echo "esp $(awk '$2 == "/boot/efi" { print $1, $3, substr($4, 1, 3) }' /proc/mounts)"
 """
 
 
@@ -115,13 +115,15 @@ def test_grub_boots_the_slot_grubenv_names_and_falls_back(
 
     # (a) a new image: slot A, committed at the factory, so nothing is counted; B empty
     vm, out = boot(vms, image, tmp_path, "A")
-    assert re.search(r"^test-hook: esp /dev/vda1 vfat\r?$", out, re.M), out[-3000:]
+    # read-only: only bootenv writes it, into grubenv's own sectors
+    assert re.search(r"^test-hook: esp /dev/vda1 vfat ro,\r?$", out, re.M), out[-3000:]
     links = dict(re.findall(r"^test-hook: partlabel (\S+) \.\./\.\./(\S+?)\r?$", out, re.M))
     assert links == {"esp": "vda1", "root-a": "vda2", "root-b": "vda3", "data": "vda4"}, links
     assert grub_lines(out) == ["grub: slot A (root-a), committed"], out[-3000:]
     assert "bootenv:" not in out, "rcS repaired a new image's grubenv"
     env = read_grubenv(guest_disk(vm, tmp_path / "a.raw"))
-    assert env == bootenv.parse(boardlib.initial_grubenv(info)), env
+    factory = bootenv.parse(boardlib.initial_grubenv(info))
+    assert env == factory, env
 
     # (b) the slot image in root-b, B first and good but not committed: slot B, one try
     b_disk = tmp_path / "b.img"
@@ -134,6 +136,7 @@ def test_grub_boots_the_slot_grubenv_names_and_falls_back(
     assert grub_lines(out) == [f"grub: slot B (root-b), try 1 of {tries}"], out[-3000:]
     env = read_grubenv(guest_disk(vm, tmp_path / "b.raw"))
     assert (env["B_TRY"], env["B_COMMITTED"], env["A_TRY"]) == ("1", "0", "0"), env
+    assert " sdwan.trial=1" in out, "a boot on trial says so to the commit deadline"
 
     # (c) root-b empty but B first and good, A not committed and out of tries: B cannot be
     # loaded, A is skipped, both get their tries back, GRUB reboots, and A comes up
@@ -152,12 +155,13 @@ def test_grub_boots_the_slot_grubenv_names_and_falls_back(
         f"grub: slot A (root-a), try 1 of {tries}",
     ], out[-3000:]
     env = read_grubenv(guest_disk(vm, tmp_path / "c.raw"))
-    assert env == {"ORDER": "B A", "A_OK": "1", "A_TRY": "1", "A_COMMITTED": "0",
-                   "B_OK": "1", "B_TRY": str(tries), "B_COMMITTED": "0"}, env
+    assert env == {**factory, "ORDER": "B A", "A_TRY": "1", "A_COMMITTED": "0",
+                   "B_OK": "1", "B_TRY": str(tries), "B_LOADFAIL": "1"}, env
 
     # (d) grubenv torn (zeros), its copy whole: B committed first but root-b empty. GRUB
-    # reads the copy; B cannot be loaded and loses its commit (in the copy, the only valid
-    # block); A, committed, boots uncounted; rcS writes grubenv again from the copy.
+    # reads the copy; B cannot be loaded and is marked so (in the copy, the only valid
+    # block), keeping its commit; A, committed, boots uncounted; rcS writes grubenv again
+    # from the copy, through the read-only ESP's device.
     d_disk = tmp_path / "d.img"
     subprocess.run(["cp", "--sparse=always", str(image), str(d_disk)], check=True, timeout=60)
     edit_grubenv(d_disk, tmp_path, ORDER="B A", B_OK="1", B_COMMITTED="1")
@@ -174,5 +178,5 @@ def test_grub_boots_the_slot_grubenv_names_and_falls_back(
     ], out[-3000:]
     assert re.search(r"bootenv: \S*grubenv rewritten from \S*grubenv2", out), out[-3000:]
     env = read_grubenv(guest_disk(vm, tmp_path / "d.raw"))
-    assert env == {"ORDER": "B A", "A_OK": "1", "A_TRY": "0", "A_COMMITTED": "1",
-                   "B_OK": "1", "B_TRY": str(tries), "B_COMMITTED": "0"}, env
+    assert env == {**factory, "ORDER": "B A", "B_OK": "1", "B_COMMITTED": "1",
+                   "B_TRY": str(tries), "B_LOADFAIL": "1"}, env

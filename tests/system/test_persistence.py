@@ -7,7 +7,7 @@ and the config's own addressing come back. One VM for all of it: every boot afte
 starts from what the one before left on the disk. The second boot's RTC has lost its time: the
 clock is moved forward to the image's build time and socketd says so. The programs of on-box
 updates work on the box (docs/update.md): at the first boot a test hook runs rauc, dbus-daemon
-and grub-editenv and mounts a signed verity bundle (loop and dm-verity); at the second,
+and bootenv and mounts a signed verity bundle (loop and dm-verity); at the second,
 socketd's update bus and `rauc service` answer `show slots` with the A/B slots, A booted."""
 
 from __future__ import annotations
@@ -58,8 +58,7 @@ BUNDLE_FW_CFG = "opt/sdwan/update-probe.raucb"
 UPDATE_TOOLS = r"""
 rauc --version
 dbus-daemon --version | head -n 1
-env=/run/probe.grubenv
-grub-editenv $env create && grub-editenv $env set ORDER="A B" A_TRY=0 && grub-editenv $env list
+/usr/libexec/sdwan/bootenv list
 grep -E '^(loop|dm_mod|dm_verity) ' /proc/modules | cut -d' ' -f1 | sort | tr '\n' ' '; echo
 cat /sys/firmware/qemu_fw_cfg/by_name/@BUNDLE@/raw > /run/probe.raucb
 rauc mount /run/probe.raucb 2>&1 && ls /run/rauc/bundle && umount /run/rauc/bundle
@@ -112,7 +111,7 @@ def test_blank_data_first_boot_then_settings_survive_reboot_and_factory_reset_wi
                           SOCKETD_S)[2]
     out = tools.group(0).replace("\r", "")
     for want in (r"test-hook: rauc 1\.8\b", r"test-hook: D-Bus Message Bus Daemon 1\.",
-                 r"test-hook: ORDER=A B\n", r"test-hook: A_TRY=0\n",
+                 r"test-hook: ORDER=A B\n", r"test-hook: A_TRY=0\n", r"test-hook: A_COMMITTED=1\n",
                  r"test-hook: dm_mod dm_verity loop \n",
                  r"Configured dm-verity device", r"test-hook: manifest\.raucm\n",
                  r"test-hook: rootfs\.img\n", r"test-hook: rauc mount: 0\n"):

@@ -503,12 +503,14 @@ def test_a_fall_back_is_recorded_even_when_raucs_first_status_fails(
     asyncio.run(install())
     box.set_env(ORDER="B A", B_OK="1", B_TRY="3", B_COMMITTED="0", A_OK="1", A_TRY="0")
     real = shutil.which("rauc")
-    once = tmp_path / "failed-once"
+    once, twice = tmp_path / "failed-once", tmp_path / "failed-twice"
     flaky = tmp_path / "rauc-flaky"
+    # the first two status calls fail: the second retry comes a second later
     flaky.write_text(
         "#!/bin/sh\n"
-        f'if [ "$1 $2" = "status --detailed" ] && [ ! -e {once} ]; then\n'
-        f"  touch {once}; echo 'LastError: D-Bus timeout' >&2; exit 1\nfi\n"
+        f'if [ "$1 $2" = "status --detailed" ] && [ ! -e {twice} ]; then\n'
+        f"  if [ -e {once} ]; then touch {twice}; else touch {once}; fi\n"
+        "  echo 'LastError: D-Bus timeout' >&2; exit 1\nfi\n"
         f'exec {real} "$@"\n')
     flaky.chmod(0o755)
 
@@ -521,6 +523,9 @@ def test_a_fall_back_is_recorded_even_when_raucs_first_status_fails(
         up.start()
         await up.ready()
         try:
+            # before the fall back is noticed, no install may make B primary again
+            with pytest.raises(InstallRefused, match="has not been read since socketd started"):
+                await up.install(str(bundle))
             await wait_for(lambda: bool(box.kinds(EVENT_ROLLED_BACK)), timeout=15)
             await wait_for(lambda: box.env()["ORDER"].split()[0] == "A")
             return up.status()
@@ -528,7 +533,7 @@ def test_a_fall_back_is_recorded_even_when_raucs_first_status_fails(
             await up.close()
 
     status = asyncio.run(main())
-    assert once.exists()
+    assert twice.exists()
     (event,) = box.kinds(EVENT_ROLLED_BACK)
     assert event[2]["slot"] == "rootfs.1", event
     assert status["rollback"]["slot"] == "rootfs.1", status

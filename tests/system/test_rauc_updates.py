@@ -407,6 +407,33 @@ def test_a_fall_back_is_recorded_once_and_the_abandoned_slot_marked_bad(box: Box
     assert status["rollback"]["slot"] == "rootfs.1"
 
 
+def test_a_committed_slot_grub_could_not_load_is_recorded_as_such(box: Box) -> None:
+    bundle, _ = make_bundle(box.root, box.ca, "3.0.5", "damaged")
+
+    async def main() -> dict[str, Any]:
+        up = await started(box)
+        try:
+            await up.install(str(bundle))
+        finally:
+            await up.close()
+        # B ran and was committed; later GRUB could not read its kernel, twice, and
+        # started A instead
+        box.set_env(ORDER="B A", B_OK="1", B_COMMITTED="1", B_TRY="3", B_LOADFAIL="1")
+        up = await started(box)
+        try:
+            return up.status()
+        finally:
+            await up.close()
+
+    status = asyncio.run(main())
+    (event,) = box.kinds(EVENT_ROLLED_BACK)
+    assert "GRUB could not load its kernel or initramfs" in event[2]["why"], event
+    env = box.env()
+    assert (env["ORDER"], env["B_OK"], env["B_COMMITTED"], env["B_LOADFAIL"]) == (
+        "A B", "0", "0", "0"), env
+    assert status["boot_selection"]["order"] == ["A", "B"], status
+
+
 def test_an_install_waiting_for_its_reboot_is_no_rollback(box: Box) -> None:
     bundle, _ = make_bundle(box.root, box.ca, "3.1.0", "waiting")
 

@@ -25,8 +25,9 @@ bootname=A
 device=/dev/disk/by-partlabel/root-b
 bootname=B
 """
-FACTORY = {"ORDER": "A B", "A_OK": "1", "A_TRY": "0", "A_COMMITTED": "1",
-           "B_OK": "0", "B_TRY": "0", "B_COMMITTED": "0"}
+FACTORY = {"ORDER": "A B", "A_OK": "1", "A_TRY": "0", "A_COMMITTED": "1", "A_LOADFAIL": "0",
+           "B_OK": "0", "B_TRY": "0", "B_COMMITTED": "0", "B_LOADFAIL": "0",
+           "BOOT_TRIES": "3", "SDWAN_END": "1"}
 
 
 @pytest.fixture
@@ -159,7 +160,8 @@ def test_repair_at_boot(paths: bootenv.Paths, tmp_path: Path) -> None:
     done = bootenv.repair(paths, "B")
     assert done and "made anew" in done
     assert both(paths) == {"ORDER": "B A", "A_OK": "0", "A_TRY": "0", "A_COMMITTED": "0",
-                           "B_OK": "1", "B_TRY": "0", "B_COMMITTED": "1"}
+                           "A_LOADFAIL": "0", "B_OK": "1", "B_TRY": "0", "B_COMMITTED": "1",
+                           "B_LOADFAIL": "0", "BOOT_TRIES": "3", "SDWAN_END": "1"}
     for p in (paths.grubenv, paths.copy):
         p.write_bytes(b"")
     with pytest.raises(bootenv.BootEnvError, match="booted slot is unknown"):
@@ -172,3 +174,46 @@ def test_the_boards_boot_tries(paths: bootenv.Paths) -> None:
     assert bootenv.max_tries(paths) == 5
     paths.board.write_text("not toml [")
     assert bootenv.max_tries(paths) == bootenv.DEFAULT_MAX_TRIES
+
+
+def test_a_torn_block_is_not_used(paths: bootenv.Paths) -> None:
+    """A write torn inside its sector: the variables end before the end marker, or the
+    padding after them is damaged. GRUB would read what came before the damage; the copy
+    is used instead, by GRUB (grub.cfg checks SDWAN_END) and here."""
+    block = paths.grubenv.read_bytes()
+    cut = block.index(b"B_OK")
+    for torn in (block[:cut] + b"#" * (1024 - cut),
+                 block[:-40] + b"\xff" * 40,
+                 block.replace(b"SDWAN_END=1\n", b"SDWAN_END=1\n\x00", 1)[:1024]):
+        paths.grubenv.write_bytes(torn)
+        assert bootenv.load(paths).source == paths.copy, torn
+    assert bootenv.render(FACTORY).rstrip(b"#").endswith(b"\nSDWAN_END=1\n")
+    # whatever order a caller gives, the end marker goes last
+    assert bootenv.render({"SDWAN_END": "1", "ORDER": "A"}).startswith(
+        b"# GRUB Environment Block\nORDER=A\nSDWAN_END=1\n#")
+
+
+def test_a_slot_grub_could_not_load(paths: bootenv.Paths) -> None:
+    names = ["A", "B"]
+    env = {**FACTORY, "ORDER": "B A", "B_OK": "1", "B_COMMITTED": "1", "B_TRY": "3",
+           "B_LOADFAIL": "1"}
+    assert not bootenv.good(env, "B") and not bootenv.bootable(env, "B", 3)
+    assert bootenv.primary(env, names, 3) == "A"
+    # any mark of it clears the mark GRUB left
+    assert bootenv.set_state(env, "B", True)["B_LOADFAIL"] == "0"
+    assert bootenv.set_primary(env, "B", names)["B_LOADFAIL"] == "0"
+
+
+def test_the_booted_slot_is_good_only_once_committed(paths: bootenv.Paths) -> None:
+    # untried and given to GRUB: good for a slot waiting for its reboot, never for the
+    # one running (`mark-active booted` after GRUB gave every slot its tries back)
+    env = {**FACTORY, "A_COMMITTED": "0"}
+    assert bootenv.good(env, "A") and not bootenv.good(env, "A", booted="A")
+    assert bootenv.good(FACTORY, "A", booted="A")
+
+
+def test_grub_s_boot_tries_come_from_grubenv(paths: bootenv.Paths) -> None:
+    paths.board.write_text("[update]\nboot_tries = 5\n")
+    assert bootenv.max_tries(paths, {"BOOT_TRIES": "3"}) == 3
+    assert bootenv.max_tries(paths, {}) == 5
+    assert cli(paths, "get-primary").stdout == "A\n"

@@ -1,8 +1,9 @@
 """The image's commit deadline (board/common/rootfs/usr/libexec/sdwan/commit-deadline), run
-with /bin/sh on the real bootenv over a grubenv in a folder: a slot on trial is rebooted at
-the deadline of socketd.toml, with its count written for the rollback event; a committed
-slot, a slot committed in time and an unreadable grubenv are never rebooted; a slot where
-bootenv cannot run at all is."""
+with /bin/sh on the real bootenv over a grubenv in a folder: a slot GRUB booted on trial
+(sdwan.trial= on its command line) is rebooted at the deadline socketd published (else that
+of socketd.toml), with its count written for the rollback event, also when bootenv cannot
+read grubenv or cannot run at all; a committed slot and a slot committed in time are never
+rebooted."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class Box:
                         "[slot.rootfs.0]\ndevice=/dev/null\nbootname=A\n"
                         "[slot.rootfs.1]\ndevice=/dev/null\nbootname=B\n")
         self.backend, self.paths = make_boot_env(d, conf, values)
-        (d / "cmdline").write_text("console=ttyS0 rauc.slot=B sdwan.root=root-b\n")
+        self.set_cmdline(trial=1)
         self.set_uptime(uptime)
         (d / "socketd.toml").write_text(config)
         self.reboots = d / "reboots"
@@ -42,10 +43,15 @@ class Box:
         self.console = d / "console"
         self.env = {**os.environ, "SDWAN_CONFIG": str(d / "socketd.toml"),
                     "SDWAN_DEADLINE_STATE": str(self.state), "SDWAN_BOOTENV": str(self.backend),
+                    "SDWAN_DEADLINE_SETTING": str(d / "data" / "commit-deadline-s"),
                     "SDWAN_CMDLINE": str(d / "cmdline"), "SDWAN_UPTIME": str(d / "uptime"),
                     "SDWAN_REBOOT": str(reboot), "SDWAN_DEADLINE_POLL_S": "0.2",
                     "SDWAN_FORCE_AFTER_S": "0", "SDWAN_RAUC_CONF": str(conf),
                     "SDWAN_CONSOLE": str(self.console)}
+
+    def set_cmdline(self, trial: int | None) -> None:
+        words = "console=ttyS0 rauc.slot=B sdwan.root=root-b"
+        (self.d / "cmdline").write_text(words + (f" sdwan.trial={trial}" if trial else "") + "\n")
 
     def set_uptime(self, s: int) -> None:
         (self.d / "uptime").write_text(f"{s}.25 12.00\n")
@@ -61,20 +67,30 @@ class Box:
 def test_a_slot_on_trial_is_rebooted_at_the_deadline_and_counted(tmp_path: Path) -> None:
     box = Box(tmp_path, ON_TRIAL)
     said = box.run()
-    assert "slot B is not committed yet: it is rebooted 45 s after boot" in said, said
+    assert ("slot B is on trial (boot 1): it is rebooted 45 s after boot unless socketd marks"
+            " it good before") in said, said
     assert "slot B not committed 45 s after boot (deadline 1 in a row): rebooting" in said
     # a clean reboot, then a forced one should the clean one never come
     assert box.rebooted() == ["reboot ", "reboot -f"]
     doc = json.loads(box.state.read_text())
-    assert {k: doc[k] for k in ("slot", "deadline_s", "uptime_s", "reboots")} == {
-        "slot": "B", "deadline_s": 45, "uptime_s": 1000, "reboots": 1}
+    assert {k: doc[k] for k in ("slot", "deadline_s", "uptime_s", "trial", "reboots")} == {
+        "slot": "B", "deadline_s": 45, "uptime_s": 1000, "trial": 1, "reboots": 1}
     assert abs(doc["at"] - time.time()) < 60
+    box.set_cmdline(trial=2)
     box.run()
     assert json.loads(box.state.read_text())["reboots"] == 2
+    # a new trial of the slot counts from 1 again, whatever an old file says
+    box.set_cmdline(trial=1)
+    box.run()
+    assert json.loads(box.state.read_text())["reboots"] == 1
 
 
 def test_a_committed_slot_is_left_alone(tmp_path: Path) -> None:
     box = Box(tmp_path, {**ON_TRIAL, "B_COMMITTED": "1"})
+    assert box.run() == ""
+    # GRUB booted it committed (no sdwan.trial=): bootenv is not even asked
+    box.set_cmdline(trial=None)
+    box.env["SDWAN_BOOTENV"] = "/nonexistent"
     assert box.run() == ""
     assert box.rebooted() == [] and not box.state.exists()
 
@@ -93,13 +109,15 @@ def test_a_slot_committed_before_the_deadline_is_not_rebooted(tmp_path: Path) ->
     assert box.rebooted() == []
 
 
-def test_no_deadline_when_grubenv_cannot_be_read(tmp_path: Path) -> None:
+def test_a_trial_slot_that_cannot_read_grubenv_is_rebooted(tmp_path: Path) -> None:
+    """GRUB counted the boot: rebooting is what moves it on, whatever the slot can read."""
     box = Box(tmp_path, ON_TRIAL)
     for p in (box.paths.grubenv, box.paths.copy):
         p.write_bytes(b"")
     said = box.run()
-    assert "cannot tell whether slot B is committed (unknown: no valid grubenv" in said, said
-    assert box.rebooted() == []
+    assert ("slot B is on trial (boot 1) and bootenv cannot tell more (unknown: no valid"
+            " grubenv") in said, said
+    assert box.rebooted()[0] == "reboot "
 
 
 def test_a_slot_where_bootenv_cannot_run_is_rebooted(tmp_path: Path) -> None:
@@ -109,12 +127,13 @@ def test_a_slot_where_bootenv_cannot_run_is_rebooted(tmp_path: Path) -> None:
     broken.chmod(0o755)
     box.env["SDWAN_BOOTENV"] = str(broken)
     said = box.run()
-    assert "bootenv does not run in slot B (Traceback" in said, said
+    assert "bootenv cannot tell more (Traceback" in said, said
     assert box.rebooted()[0] == "reboot "
 
 
 @pytest.mark.parametrize("config", ["", "[update]\ncommit_deadline_s = 5\n",
                                     "[update]\ncommit_deadline_s = \"soon\"\n",
+                                    "[update]\ncommit_deadline_s = 1_200\n",
                                     "[other]\ncommit_deadline_s = 45\n"])
 def test_the_default_deadline_unless_configured(tmp_path: Path, config: str) -> None:
     box = Box(tmp_path, ON_TRIAL, uptime=900, config=config)
@@ -130,3 +149,14 @@ def test_nothing_without_rauc_or_a_slot(tmp_path: Path) -> None:
     box.env["SDWAN_RAUC_CONF"] = str(tmp_path / "absent.conf")
     (tmp_path / "cmdline").write_text("rauc.slot=B\n")
     assert box.run() == "" and box.rebooted() == []
+
+
+def test_socketds_own_reading_of_the_deadline_comes_first(tmp_path: Path) -> None:
+    """socketd writes commit_deadline_s as it read it (TOML the script's awk cannot follow,
+    such as `1_200`); the script takes that before socketd.toml."""
+    box = Box(tmp_path, ON_TRIAL, uptime=1300, config="[update]\ncommit_deadline_s = 1_200\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "commit-deadline-s").write_text("1200\n")
+    assert "rebooted 1200 s after boot" in box.run()
+    (tmp_path / "data" / "commit-deadline-s").write_text("junk\n")
+    assert "rebooted 900 s after boot" in box.run()

@@ -552,7 +552,7 @@ CASES = [
         add("\n[update]\nsystem_conf = false\ncommit_grace_s = 300\ncommit_deadline_s = 310\n"),
         "update.commit_deadline_s",
         "310 s leaves no time to commit: a new slot is rebooted that long after boot unless"
-        " committed, which takes at least commit_grace_s (300 s) without a PoP; set it to 330"
+        " committed, which takes at least commit_grace_s (300 s) without a PoP; set it to 360"
         " or more (default 900)",
         id="update-deadline-before-grace",
     ),

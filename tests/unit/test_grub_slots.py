@@ -82,7 +82,8 @@ def test_the_image_ships_slot_a_committed_and_b_empty(boardlib: ModuleType,
     assert env.startswith(b"# GRUB Environment Block\nORDER=A B\n")
     assert env.rstrip(b"#").endswith(b"\n") and env.endswith(b"#")
     expected = {"ORDER": "A B", "A_OK": "1", "A_TRY": "0", "A_COMMITTED": "1",
-                "B_OK": "0", "B_TRY": "0", "B_COMMITTED": "0"}
+                "A_LOADFAIL": "0", "B_OK": "0", "B_TRY": "0", "B_COMMITTED": "0",
+                "B_LOADFAIL": "0", "BOOT_TRIES": "3", "SDWAN_END": "1"}
     assert parse_grubenv(env) == expected
     # the box's own reader takes it as a valid block, in the order it writes them
     assert bootenv.parse(env) == expected
@@ -123,18 +124,24 @@ def test_grub_cfg_boots_each_slot_from_its_own_partition(boardlib: ModuleType) -
         info = boardlib.load_board(board)
         cfg = boardlib.grub_cfg(info)
         names = "A_OK A_TRY A_COMMITTED B_OK B_TRY B_COMMITTED"
-        # grubenv first, its copy when grubenv is no valid block; only valid ones written
-        assert 'if load_env -f "${prefix}/grubenv2" SDWAN_NONE; then set env2=1; fi\n' in cfg
-        assert f'if load_env -f "${{prefix}}/grubenv" ORDER {names}; then set env1=1\n' in cfg
-        assert f'elif [ $env2 = 1 ]; then load_env -f "${{prefix}}/grubenv2" ORDER {names}\n' \
-            in cfg
+        # a copy is valid when its end marker is read and it can be written back
+        for env, var, what in (("grubenv2", "env2", ""), ("grubenv", "env1", f"ORDER {names} ")):
+            probe = (f'set SDWAN_END=0\nif load_env -f "${{prefix}}/{env}" {what}SDWAN_END; then\n'
+                     '\tif [ "$SDWAN_END" = 1 ]; then\n'
+                     f'\t\tif save_env -f "${{prefix}}/{env}" SDWAN_END; then set {var}=1; fi\n'
+                     "\tfi\nfi\n")
+            assert probe in cfg, cfg
+        # the copy only when grubenv is not valid, from the defaults again
+        fallback = cfg[cfg.index("if [ $env1 = 0 ]; then"):]
+        assert fallback.index("\tset A_OK=0;") < fallback.index(
+            f'\t\tload_env -f "${{prefix}}/grubenv2" ORDER {names}\n')
         assert '\tif [ $env1 = 1 ]; then save_env -f "${prefix}/grubenv" "$@"; fi\n' in cfg
         assert '\tif [ $env2 = 1 ]; then save_env -f "${prefix}/grubenv2" "$@"; fi\n' in cfg
         assert "regexp -s 1:disk '^([^,]+),' \"$root\"\n" in cfg
         assert "set timeout=0\n" in cfg and "menuentry" not in cfg
         # a variable a valid block lacks means "not bootable"
-        head = cfg[:cfg.index("load_env")]
-        assert 'set A_OK=0\n' in head and 'set A_COMMITTED=0\n' in head
+        head = cfg[:cfg.index('load_env -f "${prefix}/grubenv" ')]
+        assert "set A_OK=0; set A_TRY=0; set A_COMMITTED=0\n" in head
         for slot in boardlib.boot_slots(info):
             b = slot.bootname
             body = _slot_function(cfg, b)
@@ -142,17 +149,20 @@ def test_grub_cfg_boots_each_slot_from_its_own_partition(boardlib: ModuleType) -
             assert (f'linux "{dev}/boot/vmlinuz" {info.cmdline} rauc.slot={b} '
                     f"sdwan.root={slot.partition}; then") in body, body
             assert f'initrd "{dev}/boot/initrd.img"; then boot; fi' in body
-            # a committed slot boots first thing, nothing counted
+            # a committed slot boots first thing, nothing counted, no trial on its command line
             committed, counted = body.split(f'\telif [ "${b}_OK" = 1 -a "${b}_TRY" -lt', 1)
             assert committed.startswith(f'\tif [ "${b}_OK" = 1 -a "${b}_COMMITTED" = 1 ]')
             assert committed.index("linux ") < committed.index("save ")
-            # ... and one that cannot be loaded loses its commit and its tries
-            assert (f"set {b}_TRY={info.boot_tries}\n\t\tset {b}_COMMITTED=0\n"
-                    f"\t\tsave {b}_TRY {b}_COMMITTED") in committed
-            # any other try is counted and saved before the kernel is loaded
+            assert "sdwan.trial" not in committed
+            # ... and one that cannot be loaded, twice, is marked so, keeping its commit
+            assert committed.count("linux ") == 2 and "COMMITTED=0" not in committed
+            assert (f"set {b}_TRY={info.boot_tries}\n\t\tset {b}_LOADFAIL=1\n"
+                    f"\t\tsave {b}_TRY {b}_LOADFAIL") in committed
+            # any other try is counted and saved before the kernel is loaded, and is a trial
             assert counted.index(f"save {b}_TRY\n") < counted.index("linux ")
+            assert f"sdwan.root={slot.partition} sdwan.trial=${b}_TRY; then" in counted
             after = counted[counted.index("linux "):]
-            assert f"save {b}_TRY {b}_COMMITTED" in after
+            assert f"save {b}_TRY {b}_LOADFAIL" in after
         # every slot in ORDER, then: tries back for the good ones, saved, reboot
         assert "for SLOT in $ORDER; do\n" in cfg
         tail = cfg[cfg.index("done\n"):]

@@ -195,13 +195,15 @@ def test_slots_table() -> None:
     assert "reboot   needed: 1.2.3 is installed into rootfs.1" in text
     out = io.StringIO()
     pending = {"state": "pending", "slot": "rootfs.0",
-               "waiting_for": "the cloud (a PoP session up) or 4m10s more of health"}
+               "waiting_for": "the cloud (a PoP session up) or 4m10s more of health",
+               "deadline_s": 900}
     format_slots(_status(commit=pending, reboot_needed=None,
                          rollback={"slot": "rootfs.1", "version": "2.0\x1b[2J",
                                    "why": "its boot tries were used up"}), out)
     text = out.getvalue()
     assert ("commit   pending: rootfs.0 is marked good once healthy, waiting for the cloud"
-            " (a PoP session up) or 4m10s more of health") in text
+            " (a PoP session up) or 4m10s more of health; else rebooted 900 s after boot (the"
+            " commit deadline)") in text
     assert "rollback rootfs.1 (version 2.0\\x1b[2J) was abandoned" in text
     assert "\x1b" not in text
     out = io.StringIO()

@@ -16,6 +16,12 @@ The variables, per slot X (RAUC's bootname, A or B) and ORDER, the order GRUB tr
                  GRUB boots it without counting, so power cuts or watchdog resets of a
                  committed slot never send the box back to an older version. Cleared when
                  RAUC marks the slot bad, which it does before writing it.
+  X_LOADFAIL=1   GRUB could not load the slot's kernel or initramfs (twice) and went on to
+                 the next slot; cleared by any mark of the slot.
+  BOOT_TRIES=n   the tries grub.cfg gives a slot on trial, written by the image build: a
+                 bundle never changes the ESP, so this is GRUB's number, not the running
+                 slot's board.toml.
+  SDWAN_END=1    always the last variable: a block without it was torn, and is not used.
 
 Why not grub-editenv, which RAUC's grub backend runs: it truncates the file and writes it
 again, so the FAT and the directory holding GRUB's own loader change at every mark, and a
@@ -41,6 +47,7 @@ DEFAULT_BOARD = Path("/etc/sdwan/board.toml")
 COPY_SUFFIX = "2"  # grubenv -> grubenv2, beside it
 SIZE = 1024
 HEADER = b"# GRUB Environment Block\n"
+END = "SDWAN_END"  # boardlib.GRUBENV_END
 DEFAULT_MAX_TRIES = 3
 _BOOTNAME = re.compile(r"^[A-Za-z0-9_]{1,16}$")
 _VALUE = re.compile(r"^[ -~]*$")  # printable ASCII: GRUB escapes nothing we write
@@ -71,7 +78,9 @@ class Paths:
 
 
 def render(values: dict[str, str]) -> bytes:
-    """A GRUB environment block of values, padded with '#' to SIZE bytes."""
+    """A GRUB environment block of values, the end marker last, padded with '#' to SIZE
+    bytes."""
+    values = {**{k: v for k, v in values.items() if k != END}, END: "1"}
     for k, v in values.items():
         if not re.fullmatch(r"[A-Za-z0-9_]+", k):
             raise BootEnvError(f"not a grubenv variable name: {k!r}")
@@ -92,8 +101,10 @@ def parse(data: bytes) -> dict[str, str]:
     values: dict[str, str] = {}
     body = data[len(HEADER):]
     end = len(body.rstrip(b"#"))
+    if end and body[end - 1:end] != b"\n":
+        raise BootEnvError("the padding does not follow a whole line (damaged)")
     for raw in body[:end].split(b"\n"):
-        if not raw or raw.startswith(b"#"):
+        if not raw:
             continue
         key, sep, value = raw.partition(b"=")
         try:
@@ -103,19 +114,114 @@ def parse(data: bytes) -> dict[str, str]:
         if not sep or not re.fullmatch(r"[A-Za-z0-9_]+", k):
             raise BootEnvError(f"a line that is no variable: {raw[:40]!r} (damaged)")
         values[k] = v
+    if values.get(END) != "1":
+        raise BootEnvError(f"no {END}=1 after the variables (torn)")
     return values
 
 
 def _read_one(path: Path) -> dict[str, str]:
     try:
-        with path.open("rb") as f:
-            data = f.read(SIZE + 1)
+        data = _raw(path).read() if _on_read_only_fs(path) else _read_file(path)
     except OSError as e:
         raise BootEnvError(f"{path}: {e.strerror or e}") from None
     try:
         return parse(data)
     except BootEnvError as e:
         raise BootEnvError(f"{path}: {e}") from None
+
+
+def _read_file(path: Path) -> bytes:
+    with path.open("rb") as f:
+        return f.read(SIZE + 1)
+
+
+# ------------------------------------------------------------------ the file's own sectors
+
+FIBMAP = 1  # linux/fs.h: a file's block -> the file system's block
+FIGETBSZ = 2
+
+
+def _on_read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path.parent).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """A file of a read-only mounted file system, reached through its device: the box's ESP
+    is mounted read-only, since writing a file through vfat also rewrites its directory
+    entry (the modification time, in the sector that holds GRUB's own entry) and marks the
+    volume dirty in its boot sector. Writing the file's own sectors on the device, as GRUB's
+    save_env does, changes nothing else. Reads go to the device too: the mount's cache of
+    the file is stale once the device was written."""
+
+    device: str
+    offsets: tuple[int, ...]  # byte offsets on the device of the file's blocks, in order
+    block: int
+
+    def _io(self, write: bytes | None) -> bytes:
+        import mmap
+
+        n = len(self.offsets)
+        buf = mmap.mmap(-1, max(n * self.block, mmap.PAGESIZE))  # page-aligned: O_DIRECT
+        mode = os.O_RDWR if write is not None else os.O_RDONLY
+        fd = os.open(self.device, mode | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+        try:
+            view = memoryview(buf)
+            for i, off in enumerate(self.offsets):
+                if os.preadv(fd, [view[i * self.block:(i + 1) * self.block]], off) != self.block:
+                    raise OSError(f"short read from {self.device}")
+            if write is None:
+                return bytes(view[:SIZE])
+            # the blocks' bytes past the file's SIZE (cluster slack) are written back as read
+            view[:SIZE] = write
+            for i, off in enumerate(self.offsets):
+                if os.pwritev(fd, [view[i * self.block:(i + 1) * self.block]], off) != self.block:
+                    raise OSError(f"short write to {self.device}")
+            os.fsync(fd)  # O_DIRECT skips the page cache, not the disk's own cache
+            return b""
+        finally:
+            os.close(fd)
+            view.release()
+            buf.close()
+
+    def read(self) -> bytes:
+        return self._io(None)
+
+    def write(self, block: bytes) -> None:
+        self._io(block)
+
+
+def _raw(path: Path) -> _Raw:
+    import fcntl
+    import struct
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if st.st_size != SIZE:
+            raise OSError(f"{st.st_size} bytes, not {SIZE}: not rewritten in place")
+        bsz = struct.unpack("i", fcntl.ioctl(fd, FIGETBSZ, struct.pack("i", 0)))[0]
+        if bsz <= 0 or bsz % 512:
+            raise OSError(f"block size {bsz}")
+        blocks = [struct.unpack("i", fcntl.ioctl(fd, FIBMAP, struct.pack("i", i)))[0]
+                  for i in range((SIZE + bsz - 1) // bsz)]
+    finally:
+        os.close(fd)
+    if not all(b > 0 for b in blocks):
+        raise OSError("the file has a block without a place on the disk")
+    major, minor = os.major(st.st_dev), os.minor(st.st_dev)
+    try:
+        uevent = Path(f"/sys/dev/block/{major}:{minor}/uevent").read_text()
+    except OSError as e:
+        raise OSError(f"no block device {major}:{minor}: {e.strerror or e}") from None
+    name = next((ln.split("=", 1)[1] for ln in uevent.splitlines()
+                 if ln.startswith("DEVNAME=")), None)
+    if not name:
+        raise OSError(f"no device name for {major}:{minor}")
+    return _Raw(f"/dev/{name}", tuple(b * bsz for b in blocks), bsz)
 
 
 @dataclass(frozen=True)
@@ -138,8 +244,12 @@ def load(paths: Paths) -> Loaded:
 
 def _write_in_place(path: Path, block: bytes) -> None:
     """The block over the file's first SIZE bytes, never truncating it: a file of SIZE bytes
-    keeps its clusters. A missing or wrongly sized file (only rcS's repair meets one) is
-    written whole."""
+    keeps its clusters. On a read-only mount (the box's ESP) through the device, into the
+    file's own sectors (_Raw); elsewhere (a lab, the tests) through the file, where a missing
+    or wrongly sized file is written whole."""
+    if _on_read_only_fs(path):
+        _raw(path).write(block)
+        return
     flags = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
     try:
         size = path.stat().st_size
@@ -184,8 +294,12 @@ def bootnames(paths: Paths) -> list[str]:
     return names
 
 
-def max_tries(paths: Paths) -> int:
-    """[update] boot_tries of the board: the boots GRUB gives a slot not yet committed."""
+def max_tries(paths: Paths, values: dict[str, str] | None = None) -> int:
+    """The boots GRUB gives a slot not yet committed: BOOT_TRIES of grubenv (what grub.cfg
+    was built with), else [update] boot_tries of the board."""
+    raw = (values or {}).get("BOOT_TRIES", "")
+    if raw.isdigit() and 1 <= int(raw) <= 9:
+        return int(raw)
     try:
         tries = tomllib.loads(paths.board.read_text()).get("update", {}).get("boot_tries")
     except (OSError, tomllib.TOMLDecodeError):
@@ -206,15 +320,26 @@ def committed(values: dict[str, str], name: str) -> bool:
     return _flag(values, f"{name}_OK") and _flag(values, f"{name}_COMMITTED")
 
 
-def good(values: dict[str, str], name: str) -> bool:
+def load_failed(values: dict[str, str], name: str) -> bool:
+    return _flag(values, f"{name}_LOADFAIL")
+
+
+def good(values: dict[str, str], name: str, booted: str | None = None) -> bool:
     """RAUC's boot status: a committed slot, or one given to GRUB and not tried yet (an
-    install waiting for its reboot). A slot booted and not committed is 'bad' until socketd
-    marks it good."""
-    return _flag(values, f"{name}_OK") and (committed(values, name) or tries(values, name) == 0)
+    install waiting for its reboot; never the booted slot, which GRUB has tried). A slot
+    booted and not committed is 'bad' until socketd marks it good; so is one GRUB could not
+    load."""
+    if load_failed(values, name):
+        return False
+    if committed(values, name):
+        return True
+    return name != booted and _flag(values, f"{name}_OK") and tries(values, name) == 0
 
 
 def bootable(values: dict[str, str], name: str, limit: int) -> bool:
-    """Whether GRUB would start it now."""
+    """Whether GRUB would start it now (a slot it could not load is tried, but fails)."""
+    if load_failed(values, name):
+        return False
     return committed(values, name) or (_flag(values, f"{name}_OK") and tries(values, name) < limit)
 
 
@@ -233,6 +358,7 @@ def set_state(values: dict[str, str], name: str, is_good: bool) -> dict[str, str
     out[f"{name}_OK"] = "1" if is_good else "0"
     out[f"{name}_TRY"] = "0"
     out[f"{name}_COMMITTED"] = "1" if is_good else "0"
+    out[f"{name}_LOADFAIL"] = "0"
     return out
 
 
@@ -243,17 +369,19 @@ def set_primary(values: dict[str, str], name: str, names: list[str]) -> dict[str
     out["ORDER"] = " ".join([name] + [n for n in order(values, names) if n != name])
     out[f"{name}_OK"] = "1"
     out[f"{name}_TRY"] = "0"
+    out[f"{name}_LOADFAIL"] = "0"
     return out
 
 
 def canonical(values: dict[str, str], names: list[str]) -> dict[str, str]:
-    """ORDER first, then each slot's variables, then anything else as it was: the block
-    always lists the same variables in the same order."""
+    """ORDER first, then each slot's variables, then anything else as it was, the end
+    marker last: the block always lists the same variables in the same order."""
     out = {"ORDER": " ".join(order(values, names))}
     for n in names:
-        for k in ("OK", "TRY", "COMMITTED"):
+        for k in ("OK", "TRY", "COMMITTED", "LOADFAIL"):
             out[f"{n}_{k}"] = values.get(f"{n}_{k}", "0")
-    out.update({k: v for k, v in values.items() if k not in out})
+    out.update({k: v for k, v in values.items() if k not in out and k != END})
+    out[END] = "1"
     return out
 
 
@@ -296,7 +424,8 @@ def repair(paths: Paths, booted: str | None) -> str | None:
     for n in names:
         values.update({f"{n}_OK": "1" if n == booted else "0", f"{n}_TRY": "0",
                        f"{n}_COMMITTED": "1" if n == booted else "0"})
-    save(paths, values)
+    values["BOOT_TRIES"] = str(max_tries(paths))
+    save(paths, canonical(values, names))
     return (f"no valid grubenv ({why_first}; {why_second}): made anew with the booted slot"
             f" {booted} committed and first, the others not bootable")
 
@@ -346,13 +475,13 @@ def run(argv: list[str], paths: Paths) -> int:
         return 0
     values = load(paths).values
     if cmd == "get-primary":
-        found = primary(values, names, max_tries(paths))
+        found = primary(values, names, max_tries(paths, values))
         if found is None:
             raise BootEnvError("no slot is bootable")
         print(found)
         return 0
     if cmd == "get-state":
-        print("good" if good(values, _slot_arg(args, names)) else "bad")
+        print("good" if good(values, _slot_arg(args, names), booted_slot()) else "bad")
         return 0
     if cmd == "is-committed":
         yes = committed(values, _slot_arg(args, names))

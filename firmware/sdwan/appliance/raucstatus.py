@@ -226,6 +226,7 @@ class BootSelection:
     tries: dict[str, int]
     committed: dict[str, bool]
     limit: int = GRUB_MAX_TRIES  # the board's boot_tries
+    load_failed: tuple[str, ...] = ()  # slots GRUB could not load
 
     @classmethod
     def from_env(cls, env: dict[str, str], limit: int = GRUB_MAX_TRIES) -> BootSelection:
@@ -240,15 +241,17 @@ class BootSelection:
             if raw.isdigit():
                 tries[name] = int(raw)
             committed[name] = env.get(f"{name}_COMMITTED", "").strip() == "1"
-        return cls(order, ok, tries, committed, limit)
+        failed = tuple(n for n in order if env.get(f"{n}_LOADFAIL", "").strip() == "1")
+        return cls(order, ok, tries, committed, limit, failed)
 
     @property
     def first(self) -> str | None:
         return self.order[0] if self.order else None
 
     def abandoned(self, bootname: str) -> bool:
-        """GRUB passes over this slot now: marked bad, or not committed and out of tries."""
-        if self.ok.get(bootname) is False:
+        """GRUB passes over this slot now: marked bad, not loadable, or not committed and out
+        of tries."""
+        if self.ok.get(bootname) is False or bootname in self.load_failed:
             return True
         return not self.committed.get(bootname) and self.tries.get(bootname, 0) >= self.limit
 

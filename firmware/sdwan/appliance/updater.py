@@ -60,6 +60,8 @@ EVENT_ERROR = "update.error"
 STATE_FILE = "update.json"
 # Written by the image's commit-deadline (init) when it reboots a slot that was not committed.
 DEADLINE_FILE = "commit-deadline.json"
+# Read by commit-deadline: commit_deadline_s as socketd understood it.
+DEADLINE_SETTING = "commit-deadline-s"
 # In the data directory, root's only: the copy of the bundle being checked and installed.
 STAGE_DIR = "update-bundle"
 STAGED_BUNDLE = "bundle.raucb"
@@ -257,6 +259,7 @@ class Updater:
         self.selection: BootSelection | None = None
         self.read_error: str | None = None
         self._failures = 0  # RAUC calls failed in a row (_retry_delay)
+        self._checked = False  # the start-up checks (a fall back noticed) have run
         self._said_error: str | None = None
         self.ready_error: str | None = "starting"
         self.install_state = InstallState()
@@ -294,6 +297,7 @@ class Updater:
 
     async def _run(self) -> None:
         self._doc = await asyncio.to_thread(self._load_state)
+        await asyncio.to_thread(self._publish_deadline)
         # A copy left by a socketd that stopped during an install.
         await asyncio.to_thread(shutil.rmtree, self.stage_dir, True)
         said = False
@@ -307,13 +311,13 @@ class Updater:
                 said = True
             if "failed" in (self.bus.bus.st.state, self.bus.service.st.state):
                 return  # a program that is not there: Child does not try it again either
-        checked = await self._start_checks()
+        checked = self._checked = await self._start_checks()
         self.ready_error = None
         while True:
             # A fall back not recorded because RAUC did not answer at the start would never
             # be: the start-up checks are tried again until they ran.
             if not checked:
-                checked = await self._start_checks()
+                checked = self._checked = await self._start_checks()
                 if not checked:
                     # Not before: a pending mark of this slot would replace what the slot
                     # fallen back from was waiting for, the reason its rollback gives.
@@ -383,7 +387,8 @@ class Updater:
             if conf.bootloader != "custom":
                 return None
             loaded = bootenv.load(self.boot_env)
-            return BootSelection.from_env(loaded.values, bootenv.max_tries(self.boot_env))
+            return BootSelection.from_env(loaded.values,
+                                          bootenv.max_tries(self.boot_env, loaded.values))
         except (OSError, ValueError, bootenv.BootEnvError) as e:
             log.warning("updates: GRUB's boot selection unreadable: %s", e)
             return None
@@ -474,7 +479,9 @@ class Updater:
     def _why_abandoned(self, slot: Slot, sel: BootSelection | None) -> str:
         parts: list[str] = []
         if sel is not None and slot.bootname is not None:
-            if sel.ok.get(slot.bootname) is False:
+            if slot.bootname in sel.load_failed:
+                parts.append("GRUB could not load its kernel or initramfs (the slot is damaged)")
+            elif sel.ok.get(slot.bootname) is False:
                 parts.append("it was marked bad")
             else:
                 tries = sel.tries.get(slot.bootname)
@@ -507,6 +514,21 @@ class Updater:
             return None
         return (f"the commit deadline rebooted it {n} time{'s' if n != 1 else ''}, each"
                 f" {limit} s after boot")
+
+    def _publish_deadline(self) -> None:
+        """commit_deadline_s as this socketd read it, for init's commit-deadline, which
+        reads it before socketd.toml (its awk knows little TOML) and also when a new slot's
+        socketd never starts."""
+        try:
+            path = self.data_dir / DEADLINE_SETTING
+            if path.is_file() and path.read_text().strip() == str(self.cfg.commit_deadline_s):
+                return
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(f"{self.cfg.commit_deadline_s}\n")
+            os.replace(tmp, path)
+        except OSError as e:
+            log.error("updates: the commit deadline for init not written: %s", e)
 
     def _forget_deadline(self) -> None:
         """The trial it counted is over: the next one counts from 0."""
@@ -556,7 +578,8 @@ class Updater:
             waiting = f"{', '.join(waits)}, then {final}" if waits else final
             self.commit = {"state": "pending", "slot": booted.name, "waiting_for": waiting,
                            "grace_left_s": None if grace_left is None
-                           else round(max(0.0, grace_left), 1)}
+                           else round(max(0.0, grace_left), 1),
+                           "deadline_s": self.cfg.commit_deadline_s}
             await self._remember_pending(booted, ", ".join(waits) or (
                 "the cloud (a PoP session up)" if h.cloud_configured else "its grace time"))
             return
@@ -582,6 +605,17 @@ class Updater:
         self.commit = {"state": "committed", "slot": booted.name, "waiting_for": None}
         with contextlib.suppress(OSError):
             await self.refresh()
+        sel = self.selection
+        if sel is not None and booted.bootname and sel.first != booted.bootname:
+            # Committed but not first (GRUB gave every slot its tries back, or a copy of
+            # grubenv older than the other was restored): the next boot must not start an
+            # older slot.
+            with contextlib.suppress(OSError):
+                run = await self.bus.run("status", "mark-active", "booted")
+                if run.status != 0:
+                    log.error("updates: rauc status mark-active booted failed: %s",
+                              install_error(run.lines))
+                await self.refresh()
 
     async def _remember_pending(self, booted: Slot, waiting_for: str) -> None:
         """For the boot that falls back later: what this slot's socketd last waited for."""
@@ -665,6 +699,12 @@ class Updater:
                        reboot: bool) -> tuple[Path, Slot, BundleInfo]:
         if self.ready_error is not None:
             raise InstallRefused(f"updates are not available: {self.ready_error}")
+        if not self._checked:
+            # An install now would make the slot fallen back from primary again: the
+            # rollback would never be noticed, nor the slot's event written.
+            raise InstallRefused("RAUC's status has not been read since socketd started (a fall"
+                                 f" back to notice first): {self.read_error or 'not yet'};"
+                                 " try again shortly")
         path = Path(bundle)
         if not path.is_absolute():
             raise InstallRefused(f"the bundle's path must be absolute, got {visible(bundle)}")

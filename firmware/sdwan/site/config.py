@@ -313,7 +313,7 @@ DEFAULT_COMMIT_GRACE_S = 300
 # init reboots a slot still not committed this long after boot (commit-deadline): the grace
 # time, socketd's start and a margin must fit before it.
 DEFAULT_COMMIT_DEADLINE_S = 900
-COMMIT_DEADLINE_MARGIN_S = 30
+COMMIT_DEADLINE_MARGIN_S = 60
 
 
 @dataclass(frozen=True)

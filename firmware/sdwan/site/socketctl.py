@@ -236,6 +236,9 @@ def format_slots(result: Mapping[str, Any], out: TextIO) -> None:
         if state == "pending":
             text = (f"pending: {_text(commit.get('slot'))} is marked good once healthy,"
                     f" waiting for {_text(commit.get('waiting_for'))}")
+            deadline = commit.get("deadline_s")
+            if isinstance(deadline, int) and not isinstance(deadline, bool):
+                text += f"; else rebooted {deadline} s after boot (the commit deadline)"
         elif state == "committed":
             text = f"{_text(commit.get('slot'))} is marked good"
         else:
