@@ -416,7 +416,8 @@ def grub_cfg(board: BoardInfo) -> str:
         cm = f"${s.bootname}_COMMITTED"
         dev = f'"($disk,gpt{s.number})'
 
-        def load(trial: str) -> list[str]:
+        # Bound now: ruff cannot tell that load runs within this iteration only.
+        def load(trial: str, dev: str = dev, b: str = b, s: Slot = s) -> list[str]:
             linux = (f"linux {dev}/{SLOT_KERNEL}\" {board.cmdline} rauc.slot={b} "
                      f"sdwan.root={s.partition}{trial}")
             attempt = [f"\t\tif {linux}; then",
