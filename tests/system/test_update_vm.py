@@ -55,16 +55,16 @@ SITE = 7
 DISK_MIB = 512  # /data grows to ~350 MiB: a bundle's copy and its extracted image fit
 INSTALL_S = 600.0  # `update` typed to RAUC's last progress line (copy, check, write)
 GRACE_S = 5  # [update] commit_grace_s: no PoP here, so a healthy slot commits after it
-# [update] commit_deadline_s: init reboots a slot not committed this long after boot (the
-# least socketd takes beside a grace of 5 s)
-DEADLINE_S = 35
+# [update] commit_deadline_s of the rollback's box: init reboots a slot on trial this long
+# after boot, the least socketd takes (beside a grace of 0 s there)
+DEADLINE_S = 60
 WRITE_BPS = 4 << 20  # the disk's writes during the power cut's install: the copy takes ~10 s
 # The rollback's box from start to the rollback seen: five boots, three of them waiting for
 # the deadline, and an install
 ROLLBACK_S = 5 * (BOOT_S + SOCKETD_S)
 GRUBENV = "::EFI/BOOT/grubenv"
 UPDATE_CONFIG = f"\n[update]\ncommit_grace_s = {GRACE_S}\n"
-DEADLINE_CONFIG = f"commit_deadline_s = {DEADLINE_S}\n"
+ROLLBACK_CONFIG = f"\n[update]\ncommit_grace_s = 0\ncommit_deadline_s = {DEADLINE_S}\n"
 ALL = ["newer", "broken", "other_keys", "other_board", "truncated"]
 
 
@@ -81,7 +81,7 @@ def bundle_disk(test_bundles: testbundles.TestBundles,
     return test_bundles.disk(ALL, tmp_path_factory.mktemp("bundle-disk") / "bundles.sqfs")
 
 
-def update_vm(image: Path, disk: Path, tmp: Path, config_extra: str = "") -> VM:
+def update_vm(image: Path, disk: Path, tmp: Path, update_config: str = UPDATE_CONFIG) -> VM:
     """A box with a site config (its own CA), [update] settings, a disk big enough for an
     install, and the bundle disk mounted at every boot."""
     pki = tmp / "pki"
@@ -89,7 +89,7 @@ def update_vm(image: Path, disk: Path, tmp: Path, config_extra: str = "") -> VM:
         assert pki_main(["init-ca", str(pki), "--account", "update-test"]) == 0
         assert pki_main(["issue", str(pki), "--site-id", str(SITE), "--out", str(pki)]) == 0
     cfg = tmp / "socketd.toml"
-    cfg.write_text(site_config(SiteSpec(SITE)) + UPDATE_CONFIG + config_extra)
+    cfg.write_text(site_config(SiteSpec(SITE)) + update_config)
     files = {"socketd.toml": cfg}
     for name in ("ca.pem", f"site-{SITE}.pem", f"site-{SITE}.key"):
         files[f"pki/{name}"] = pki / name
@@ -105,7 +105,7 @@ def rollback_box(appliance_image: Callable[[str], Path], bundle_disk: Path,
     """The rollback's box, run in a thread from the module's first test on: most of its
     time is waiting for deadlines and boots, which the other box's boots overlap."""
     vm = update_vm(appliance_image(BOARD), bundle_disk, tmp_path_factory.mktemp("rollback"),
-                   DEADLINE_CONFIG)
+                   ROLLBACK_CONFIG)
     run = Background(vm, roll_back)
     try:
         yield run
