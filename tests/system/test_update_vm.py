@@ -6,9 +6,9 @@ One box: a stranger's bundle, another board's and a truncated one are refused wi
 written (root-b and grubenv read from the host after an orderly power-off); then the plug is
 pulled while RAUC copies a newer image, and the box still boots slot A; an install then
 reboots into B, which is marked good with the console's password and the site config of
-/data kept. Another box: a version whose socketd cannot start is left by itself (init's
-commit deadline reboots it until GRUB gives it up) and socketd back on A records the
-rollback."""
+/data kept. Another box, in a thread beside the first: a version whose socketd cannot start
+is left by itself (init's commit deadline reboots it until GRUB gives it up) and socketd back
+on A records the rollback."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ DISK_MIB = 512  # /data grows to ~350 MiB: a bundle's copy and its extracted ima
 INSTALL_S = 600.0  # `update` typed to RAUC's last progress line (copy, check, write)
 GRACE_S = 5  # [update] commit_grace_s: no PoP here, so a healthy slot commits after it
 # [update] commit_deadline_s of the rollback's box: init reboots a slot on trial this long
-# after boot, the least socketd takes (beside a grace of 0 s there)
+# after boot; the least the config takes with its grace of 0 s
 DEADLINE_S = 60
 WRITE_BPS = 4 << 20  # the disk's writes during the power cut's install: the copy takes ~10 s
 # The rollback's box from start to the rollback seen: five boots, three of them waiting for
