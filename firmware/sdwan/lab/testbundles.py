@@ -155,6 +155,9 @@ class TestBundles:
 
     __test__ = False  # not a pytest class despite its name
 
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
     def _slot(self, name: str, broken: bool) -> Path:
         rootfs = slot_image(self.board)
         if not rootfs.is_file():
