@@ -13,6 +13,7 @@ HERE = Path(__file__).parent
 
 # The slowest files first (minutes each under TCG); anything not listed follows in its group.
 _LONG_FIRST = (
+    "system/test_update_vm.py",
     "system/test_persistence.py",
     "system/test_watchdog_vm.py",
     "system/test_two_sites.py",

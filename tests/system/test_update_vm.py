@@ -48,7 +48,8 @@ from sdwan.pop.pki import main as pki_main
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "board"))
 import boardlib  # noqa: E402
 
-pytestmark = [pytest.mark.system, pytest.mark.timeout(1500)]
+# One worker runs both tests: the first starts the rollback's box that the second waits for.
+pytestmark = [pytest.mark.system, pytest.mark.timeout(1500), pytest.mark.xdist_group("update-vm")]
 
 BOARD = "qemu-x86_64"
 SITE = 7
@@ -332,4 +333,7 @@ def test_a_version_whose_socketd_cannot_start_is_rolled_back(rollback_box: Backg
     slots = results["slots"]
     assert re.search(r"(?m)^rootfs\.0 +A +booted +good\b", slots), slots
     assert re.search(r"(?m)^rollback +rootfs\.1 \(version .*-broken\+", slots), slots
+    # why: GRUB's tries used up, each boot ended by init's deadline, socketd never reporting
+    assert re.search(r"boot tries were used up \(3 tried\)", slots), slots
+    assert re.search(r"commit deadline rebooted it 3 times, each 60 s after boot", slots), slots
     assert "update.rolled_back" in results["events"], results["events"]
