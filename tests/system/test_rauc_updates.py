@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,6 +197,23 @@ async def started(box: Box, grace_s: int = 300, precheck: Precheck | None = None
     await up.ready()
     assert up.ready_error is None, up.status()
     return up
+
+
+async def install_then_start_again(box: Box, bundle: Path,
+                                   between: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """An install, then (after `between`, what GRUB or a reboot did meanwhile) a socketd
+    started again: its updater's status."""
+    up = await started(box)
+    try:
+        await up.install(str(bundle))
+    finally:
+        await up.close()
+    between()
+    up = await started(box)
+    try:
+        return up.status()
+    finally:
+        await up.close()
 
 
 async def wait_for(cond: Any, timeout: float = 20.0) -> None:
@@ -409,23 +426,9 @@ def test_a_fall_back_is_recorded_once_and_the_abandoned_slot_marked_bad(box: Box
 
 def test_a_committed_slot_grub_could_not_load_is_recorded_as_such(box: Box) -> None:
     bundle, _ = make_bundle(box.root, box.ca, "3.0.5", "damaged")
-
-    async def main() -> dict[str, Any]:
-        up = await started(box)
-        try:
-            await up.install(str(bundle))
-        finally:
-            await up.close()
-        # B ran and was committed; later GRUB could not read its kernel, twice, and
-        # started A instead
-        box.set_env(ORDER="B A", B_OK="1", B_COMMITTED="1", B_TRY="3", B_LOADFAIL="1")
-        up = await started(box)
-        try:
-            return up.status()
-        finally:
-            await up.close()
-
-    status = asyncio.run(main())
+    # B ran and was committed; later GRUB could not read its kernel, twice, and started A
+    status = asyncio.run(install_then_start_again(box, bundle, lambda: box.set_env(
+        ORDER="B A", B_OK="1", B_COMMITTED="1", B_TRY="3", B_LOADFAIL="1")))
     (event,) = box.kinds(EVENT_ROLLED_BACK)
     assert "GRUB could not load its kernel or initramfs" in event[2]["why"], event
     env = box.env()
@@ -436,20 +439,8 @@ def test_a_committed_slot_grub_could_not_load_is_recorded_as_such(box: Box) -> N
 
 def test_an_install_waiting_for_its_reboot_is_no_rollback(box: Box) -> None:
     bundle, _ = make_bundle(box.root, box.ca, "3.1.0", "waiting")
-
-    async def main() -> dict[str, Any]:
-        up = await started(box)
-        try:
-            await up.install(str(bundle))
-        finally:
-            await up.close()
-        up = await started(box)  # socketd restarted before anyone rebooted
-        try:
-            return up.status()
-        finally:
-            await up.close()
-
-    status = asyncio.run(main())
+    # socketd restarted before anyone rebooted
+    status = asyncio.run(install_then_start_again(box, bundle))
     assert not box.kinds(EVENT_ROLLED_BACK), box.events
     assert box.env()["ORDER"].split()[0] == "B"
     assert status["reboot_needed"]["slot"] == "rootfs.1", status
