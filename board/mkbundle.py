@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -116,9 +117,22 @@ def build_bundle(board_name: str, rootfs: Path | None = None, keys: Path | None 
          f"SOURCE_DATE_EPOCH={epoch}")
     step(f"signing with {fw.signer_cert}" + (" (a DEVELOPMENT key)" if fw.development else ""))
 
-    work = work or WORK / f"{board.name}-bundle"
+    if work is None:
+        # A folder of this run's own: two builds at once (two boards, or the tests beside
+        # `make bundle`) must not empty each other's.
+        WORK.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f"{board.name}-bundle-", dir=WORK))
+        try:
+            return _build(board, rootfs, fw, out_dir, version, epoch, compatible, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     if work.exists():
         shutil.rmtree(work)
+    return _build(board, rootfs, fw, out_dir, version, epoch, compatible, work)
+
+
+def _build(board: boardlib.BoardInfo, rootfs: Path, fw: boardlib.FirmwareKeys, out_dir: Path,
+           version: str, epoch: int, compatible: str, work: Path) -> Bundle:
     content = work / "content"
     content.mkdir(parents=True)
     _place(rootfs, content / boardlib.BUNDLE_IMAGE)
