@@ -6,21 +6,20 @@ One box: a stranger's bundle, another board's and a truncated one are refused wi
 written (root-b and grubenv read from the host after an orderly power-off); then the plug is
 pulled while RAUC copies a newer image, and the box still boots slot A; an install then
 reboots into B, which is marked good with the console's password and the site config of
-/data kept. Another box, in a thread beside the first: a version whose socketd cannot start
-is left by itself (init's commit deadline reboots it until GRUB gives it up) and socketd back
-on A records the rollback."""
+/data kept. Another box: a version whose socketd cannot start is left by itself (init's
+commit deadline reboots it until GRUB gives it up) and socketd back on A records the
+rollback. The two boxes are two tests, each its own VM: under two workers they run side by
+side."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import re
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,8 +47,7 @@ from sdwan.pop.pki import main as pki_main
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "board"))
 import boardlib  # noqa: E402
 
-# One worker runs both tests: the first starts the rollback's box that the second waits for.
-pytestmark = [pytest.mark.system, pytest.mark.timeout(1500), pytest.mark.xdist_group("update-vm")]
+pytestmark = [pytest.mark.system, pytest.mark.timeout(1500)]
 
 BOARD = "qemu-x86_64"
 SITE = 7
@@ -60,9 +58,6 @@ GRACE_S = 5  # [update] commit_grace_s: no PoP here, so a healthy slot commits a
 # after boot; the least the config takes with its grace of 0 s
 DEADLINE_S = 60
 WRITE_BPS = 4 << 20  # the disk's writes during the power cut's install: the copy takes ~10 s
-# The rollback's box from start to the rollback seen: five boots, three of them waiting for
-# the deadline, and an install
-ROLLBACK_S = 5 * (BOOT_S + SOCKETD_S)
 GRUBENV = "::EFI/BOOT/grubenv"
 UPDATE_CONFIG = f"\n[update]\ncommit_grace_s = {GRACE_S}\n"
 ROLLBACK_CONFIG = f"\n[update]\ncommit_grace_s = 0\ncommit_deadline_s = {DEADLINE_S}\n"
@@ -98,50 +93,6 @@ def update_vm(image: Path, disk: Path, tmp: Path, update_config: str = UPDATE_CO
         fw_cfg=files, disk_mib=DISK_MIB,
         extra_args=[*hook_args(tmp, "mount-bundles", testbundles.MOUNT_HOOK),
                     *testbundles.disk_args(disk)]))
-
-
-@pytest.fixture(scope="module")
-def rollback_box(appliance_image: Callable[[str], Path], bundle_disk: Path,
-                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Background]:
-    """The rollback's box, run in a thread from the module's first test on: most of its
-    time is waiting for deadlines and boots, which the other box's boots overlap."""
-    vm = update_vm(appliance_image(BOARD), bundle_disk, tmp_path_factory.mktemp("rollback"),
-                   ROLLBACK_CONFIG)
-    run = Background(vm, roll_back)
-    try:
-        yield run
-    finally:
-        vm.stop()
-        run.thread.join(timeout=30)
-
-
-@dataclasses.dataclass
-class Background:
-    """A VM driven by fn(vm, results) in a thread; an exception of fn is kept for the test."""
-
-    vm: VM
-    fn: Callable[[VM, dict[str, str]], None]
-    results: dict[str, str] = dataclasses.field(default_factory=dict)
-    error: BaseException | None = None
-    thread: threading.Thread = dataclasses.field(init=False)
-
-    def __post_init__(self) -> None:
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.fn(self.vm, self.results)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the test
-            self.error = e
-
-    def wait(self, timeout: float) -> dict[str, str]:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), \
-            f"the rollback did not end within {timeout:.0f} s:\n{self.vm.tail()}"
-        if self.error is not None:
-            raise self.error
-        return self.results
 
 
 # ------------------------------------------------------------------ the disk, from the host
@@ -223,7 +174,6 @@ def refused(vm: VM, name: str, reason: str) -> None:
 # ------------------------------------------------------------------ the tests
 
 
-@pytest.mark.usefixtures("rollback_box")
 def test_refusals_power_cut_then_install_commits_the_new_slot(
     test_bundles: testbundles.TestBundles, bundle_disk: Path,
     appliance_image: Callable[[str], Path], tmp_path: Path,
@@ -328,8 +278,15 @@ def roll_back(vm: VM, results: dict[str, str]) -> None:
     results["events"] = command(vm, "show events 100")
 
 
-def test_a_version_whose_socketd_cannot_start_is_rolled_back(rollback_box: Background) -> None:
-    results = rollback_box.wait(ROLLBACK_S)
+def test_a_version_whose_socketd_cannot_start_is_rolled_back(
+    appliance_image: Callable[[str], Path], bundle_disk: Path, tmp_path: Path,
+) -> None:
+    vm = update_vm(appliance_image(BOARD), bundle_disk, tmp_path, ROLLBACK_CONFIG)
+    results: dict[str, str] = {}
+    try:
+        roll_back(vm, results)
+    finally:
+        vm.stop()
     slots = results["slots"]
     assert re.search(r"(?m)^rootfs\.0 +A +booted +good\b", slots), slots
     assert re.search(r"(?m)^rollback +rootfs\.1 \(version .*-broken\+", slots), slots
