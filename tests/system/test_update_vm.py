@@ -39,7 +39,7 @@ from sites import (
     site_config,
 )
 
-from sdwan.appliance.raucstatus import parse_grubenv
+from sdwan.appliance import bootenv
 from sdwan.lab import testbundles
 from sdwan.lab.vm import VM, VMOptions
 from sdwan.pop.pki import main as pki_main
@@ -106,8 +106,7 @@ def part(name: str) -> boardlib.Placed:
 def read_grubenv(raw: Path) -> dict[str, str]:
     data = subprocess.run(["mtype", "-i", f"{raw}@@{part('esp').start * 512}", GRUBENV],
                           check=True, capture_output=True, timeout=30).stdout
-    assert len(data) == boardlib.GRUBENV_SIZE, len(data)
-    return parse_grubenv(data)
+    return bootenv.parse(data)  # exactly a valid block, end marker included
 
 
 def root_b_sha256(raw: Path) -> str:

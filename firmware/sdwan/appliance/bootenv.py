@@ -34,8 +34,11 @@ the first is not a valid block."""
 from __future__ import annotations
 
 import configparser
+import fcntl
+import mmap
 import os
 import re
+import struct
 import sys
 import tomllib
 from dataclasses import dataclass
@@ -162,8 +165,6 @@ class _Raw:
     block: int
 
     def _io(self, write: bytes | None) -> bytes:
-        import mmap
-
         n = len(self.offsets)
         buf = mmap.mmap(-1, max(n * self.block, mmap.PAGESIZE))  # page-aligned: O_DIRECT
         mode = os.O_RDWR if write is not None else os.O_RDONLY
@@ -195,9 +196,6 @@ class _Raw:
 
 
 def _raw(path: Path) -> _Raw:
-    import fcntl
-    import struct
-
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         st = os.fstat(fd)

@@ -3,6 +3,8 @@
 environment block RAUC's grub backend keeps its boot selection in, and the few fields of
 /etc/rauc/system.conf the updater needs.
 
+GRUB's environment block itself is read by sdwan.appliance.bootenv.
+
 Every string taken from RAUC passes through `visible()`: a bundle's version and RAUC's error
 messages reach events, `socketctl` and the console, and a bundle is not trusted for what it
 says before it is installed. A field of the wrong type is dropped (None), never fatal; only
@@ -27,7 +29,6 @@ __all__ = [
     "SystemConf",
     "SystemStatus",
     "install_error",
-    "parse_grubenv",
     "parse_progress",
     "parse_status",
     "read_system_conf",
@@ -38,8 +39,6 @@ GRUB_MAX_TRIES = 3
 ROOTFS_CLASS = "rootfs"
 _PROGRESS_RE = re.compile(r"^\s*(\d{1,3})%\s+(.*)$")
 _LAST_ERROR = "LastError:"
-GRUBENV_SIZE = 1024
-GRUBENV_HEADER = b"# GRUB Environment Block\n"
 
 
 def _text(value: Any, limit: int = 300) -> str | None:
@@ -198,22 +197,6 @@ def install_error(lines: list[str]) -> str | None:
 
 
 # --------------------------------------------------------------------------- GRUB's choice
-
-
-def parse_grubenv(data: bytes) -> dict[str, str]:
-    """A GRUB environment block (grub-editenv's file): KEY=VALUE lines after its header, the
-    rest of the 1024 bytes padded with '#'. ValueError when it is not one."""
-    if not data.startswith(GRUBENV_HEADER):
-        raise ValueError("not a GRUB environment block (no header)")
-    env: dict[str, str] = {}
-    for raw in data[len(GRUBENV_HEADER):].split(b"\n"):
-        if not raw or raw.startswith(b"#"):
-            continue
-        key, sep, value = raw.partition(b"=")
-        if sep:
-            # GRUB escapes a backslash and a newline in values; neither occurs in ours.
-            env[key.decode(errors="replace")] = value.decode(errors="replace")
-    return env
 
 
 @dataclass(frozen=True)
