@@ -57,10 +57,14 @@ def test_panel_gets_booting_then_cloud_down_and_a_restarted_panel_is_redrawn(
         names = [name for name, _ in shown]
         assert names.index("booting") < names.index("cloud_down"), names
         assert "cloud_up" not in names, names
-        booting = next(leds for name, leds in shown if name == "booting")
+        # A PATTERN without its LED lines is a draw the driver gave up and began again (the
+        # panel did not answer in time under load, or greeted in the middle of it): the
+        # pattern's states are those of its first whole drawing.
+        drawn = [(name, leds) for name, leds in shown if len(leds) == PANEL_LEDS]
+        booting = next(leds for name, leds in drawn if name == "booting")
         assert booting.get(STATUS) == "blink 500 500", shown
         assert booting.get(CLOUD) == "off", shown
-        down = next(leds for name, leds in shown if name == "cloud_down")
+        down = next(leds for name, leds in drawn if name == "cloud_down")
         assert down.get(STATUS) == "on" and down.get(CLOUD) == "off", shown
         assert down.get(WAN1) == "on", f"wan1 is up, its LED should be on: {shown}"
 
