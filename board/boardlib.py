@@ -154,7 +154,16 @@ class BoardInfo:
     modules_on_demand: list[str]
     qemu_provisioning: bool
     boot_tries: int  # boots a slot gets before GRUB falls back to the next one
+    # boots in a row a committed slot may end before it stays up (a reboot loop), after
+    # which GRUB passes it over while another slot can be booted
+    boot_loops: int
     raw: dict
+
+
+# A committed slot whose boots keep ending before it stays up is given up after this many in
+# a row (board.toml [update] boot_loops); grub.cfg counts with one test per step.
+DEFAULT_BOOT_LOOPS = 10
+MAX_BOOT_LOOPS = 20
 
 
 def board_names() -> list[str]:
@@ -198,6 +207,10 @@ def load_board(name: str) -> BoardInfo:
     tries = raw.get("update", {}).get("boot_tries", 3)
     if not isinstance(tries, int) or not 1 <= tries <= 9:
         raise BuildError(f"{path}: [update] boot_tries must be 1 to 9, got {tries!r}")
+    loops = raw.get("update", {}).get("boot_loops", DEFAULT_BOOT_LOOPS)
+    if not isinstance(loops, int) or not 2 <= loops <= MAX_BOOT_LOOPS:
+        raise BuildError(f"{path}: [update] boot_loops must be 2 to {MAX_BOOT_LOOPS},"
+                         f" got {loops!r}")
     common = tomllib.loads((COMMON / "modules.toml").read_text())
     mods = raw.get("modules", {})
     return BoardInfo(
@@ -211,6 +224,7 @@ def load_board(name: str) -> BoardInfo:
         modules_on_demand=list(common.get("on_demand", [])),
         qemu_provisioning=bool(raw["board"].get("qemu_provisioning", False)),
         boot_tries=tries,
+        boot_loops=loops,
         raw=raw,
     )
 
@@ -317,17 +331,19 @@ def grubenv(values: dict[str, str]) -> bytes:
 
 def initial_grubenv(board: BoardInfo) -> bytes:
     """What a new image boots with: slot A committed (the factory's image is not on trial:
-    its boots are never counted), slot B empty; the board's boot tries, which grub.cfg has
-    built in, for the box's reader (a bundle never changes the ESP, so the box asks grubenv,
-    not its own slot); the end marker last. The same block is written as grubenv and as its
-    copy grubenv2."""
+    its boots are never counted as tries), slot B empty; the board's boot tries and boot
+    loops, which grub.cfg has built in, for the box's reader (a bundle never changes the
+    ESP, so the box asks grubenv, not its own slot); the end marker last. The same block is
+    written as grubenv and as its copy grubenv2."""
     slots = boot_slots(board)
     values = {"ORDER": " ".join(s.bootname for s in slots)}
     for s in slots:
         first = "1" if s is slots[0] else "0"
         values.update({f"{s.bootname}_OK": first, f"{s.bootname}_TRY": "0",
-                       f"{s.bootname}_COMMITTED": first, f"{s.bootname}_LOADFAIL": "0"})
+                       f"{s.bootname}_COMMITTED": first, f"{s.bootname}_LOADFAIL": "0",
+                       f"{s.bootname}_LOOPS": "0"})
     values["BOOT_TRIES"] = str(board.boot_tries)
+    values["BOOT_LOOPS"] = str(board.boot_loops)
     values[GRUBENV_END] = "1"
     return grubenv(values)
 
@@ -347,7 +363,12 @@ def grub_cfg(board: BoardInfo) -> str:
     refuses to write a block whose padding is damaged, so a torn block is never used, nor
     counted into. Each boot writes SDWAN_END back in place, the same bytes.
 
-    A committed slot boots without counting. Any other attempt costs the slot one try,
+    A committed slot boots without counting a try, but each of its boots is counted in
+    X_LOOPS, which the box clears once it stayed up (socketd healthy, or up for the commit
+    deadline; sdwan.appliance.bootenv settle): a committed slot whose last boot_loops boots
+    all ended before that (a crash or hang the watchdog resets, a kernel that panics) is in a
+    reboot loop, and GRUB passes it over while another slot can be booted. Any other attempt
+    costs the slot one try,
     written to every valid copy before its kernel runs, and is on the kernel command line
     (sdwan.trial=N: the commit deadline's cue), so a new slot that keeps failing runs out of
     tries and the next one in ORDER boots. A slot whose kernel cannot be loaded, twice, is
@@ -359,7 +380,9 @@ def grub_cfg(board: BoardInfo) -> str:
     slots = boot_slots(board)
     n = board.boot_tries
     env1, env2 = '"${prefix}/grubenv"', '"${prefix}/grubenv2"'
-    names = " ".join(f"{s.bootname}_OK {s.bootname}_TRY {s.bootname}_COMMITTED" for s in slots)
+    loops = board.boot_loops
+    names = " ".join(f"{s.bootname}_OK {s.bootname}_TRY {s.bootname}_COMMITTED {s.bootname}_LOOPS"
+                     for s in slots)
     end = GRUBENV_END
 
     def defaults() -> list[str]:
@@ -367,7 +390,7 @@ def grub_cfg(board: BoardInfo) -> str:
         out = ['set ORDER=""']
         for s in slots:
             out.append(f"set {s.bootname}_OK=0; set {s.bootname}_TRY=0;"
-                       f" set {s.bootname}_COMMITTED=0")
+                       f" set {s.bootname}_COMMITTED=0; set {s.bootname}_LOOPS=0")
         return out
 
     def probe(env: str, var: str, what: str) -> list[str]:
@@ -411,9 +434,17 @@ def grub_cfg(board: BoardInfo) -> str:
         "regexp -s 1:disk '^([^,]+),' \"$root\"",
         "",
     ]
+    def count(var: str, limit: int) -> list[str]:
+        # GRUB's script has no arithmetic: one test per step, the last one the limit
+        steps = [f'{"if" if i == 0 else "elif"} [ "${var}" = {i} ]; then set {var}={i + 1}'
+                 for i in range(limit - 1)]
+        if not steps:
+            return [f"\t\tset {var}={limit}"]
+        return ["\t\t" + line for line in steps] + [f"\t\telse set {var}={limit}; fi"]
+
     for s in slots:
         b, ok, tr = s.bootname, f"${s.bootname}_OK", f"${s.bootname}_TRY"
-        cm = f"${s.bootname}_COMMITTED"
+        cm, lp = f"${s.bootname}_COMMITTED", f"${s.bootname}_LOOPS"
         dev = f'"($disk,gpt{s.number})'
 
         # Bound now: ruff cannot tell that load runs within this iteration only.
@@ -431,17 +462,21 @@ def grub_cfg(board: BoardInfo) -> str:
                     f"\t\tsave {b}_TRY {b}_LOADFAIL"]
 
         out += [f"function slot_{b} {{",
-                f'\tif [ "{ok}" = 1 -a "{cm}" = 1 ]; then',
-                f'\t\techo "grub: slot {b} ({s.partition}), committed"',
+                f'\tif [ "{ok}" = 1 -a "{cm}" = 1 -a "{lp}" -lt {loops} ]; then',
+                *count(f"{b}_LOOPS", loops),
+                f"\t\tsave {b}_LOOPS",
+                f'\t\tif [ "{lp}" = 1 ]; then',
+                f'\t\t\techo "grub: slot {b} ({s.partition}), committed"',
+                "\t\telse",
+                f'\t\t\techo "grub: slot {b} ({s.partition}), committed: boot {lp} of'
+                f' {loops} in a row that did not stay up"',
+                "\t\tfi",
                 *load(""),
-                f'\telif [ "{ok}" = 1 -a "{tr}" -lt {n} ]; then']
-        for i in range(n - 1):
-            kw = "if" if i == 0 else "elif"
-            out.append(f'\t\t{kw} [ "{tr}" = {i} ]; then set {b}_TRY={i + 1}')
-        if n > 1:
-            out.append(f"\t\telse set {b}_TRY={n}; fi")
-        else:
-            out.append(f"\t\tset {b}_TRY={n}")
+                f'\telif [ "{ok}" = 1 -a "{cm}" = 1 ]; then',
+                f'\t\techo "grub: slot {b} ({s.partition}) is committed but its last {loops}'
+                ' boots did not stay up: passed over"',
+                f'\telif [ "{ok}" = 1 -a "{tr}" -lt {n} ]; then',
+                *count(f"{b}_TRY", n)]
         out += [
             f"\t\tsave {b}_TRY",
             f'\t\techo "grub: slot {b} ({s.partition}), try {tr} of {n}"',
@@ -456,7 +491,8 @@ def grub_cfg(board: BoardInfo) -> str:
     out += ["done", "",
             'echo "grub: no slot can be booted: the good ones get their tries back; rebooting"']
     out += [f'if [ "${s.bootname}_OK" = 1 ]; then set {s.bootname}_TRY=0; fi' for s in slots]
-    out += ["save " + " ".join(f"{s.bootname}_TRY" for s in slots),
+    out += [f"set {s.bootname}_LOOPS=0" for s in slots]
+    out += ["save " + " ".join(f"{s.bootname}_TRY {s.bootname}_LOOPS" for s in slots),
             "sleep 5", "reboot", ""]
     return "\n".join(out)
 

@@ -437,6 +437,43 @@ def test_a_committed_slot_grub_could_not_load_is_recorded_as_such(box: Box) -> N
     assert status["boot_selection"]["order"] == ["A", "B"], status
 
 
+def test_a_committed_slot_in_a_reboot_loop_is_recorded_as_such(box: Box) -> None:
+    bundle, _ = make_bundle(box.root, box.ca, "3.0.7", "looping")
+    # B ran and was committed; then its last 10 boots all ended before it stayed up (socketd
+    # never healthy, or reset by the watchdog), and GRUB started A
+    status = asyncio.run(install_then_start_again(box, bundle, lambda: box.set_env(
+        ORDER="B A", B_OK="1", B_COMMITTED="1", B_TRY="0", B_LOOPS="10")))
+    (event,) = box.kinds(EVENT_ROLLED_BACK)
+    assert "it was committed, but its last 10 boots in a row ended before it stayed up" \
+        in event[2]["why"], event
+    env = box.env()
+    assert (env["ORDER"], env["B_OK"], env["B_LOOPS"]) == ("A B", "0", "0"), env
+    assert status["boot_selection"]["boot_loops"] == 10, status
+
+
+def test_a_committed_slot_s_boot_count_is_cleared_once_healthy(box: Box) -> None:
+    """GRUB counted this boot of the committed slot A: socketd clears the count once it is
+    as healthy as a commit needs, never before."""
+    box.set_env(A_LOOPS="3")
+    box.health = Health(fastpath="TUN thread died", control=None, cloud_up=True,
+                        cloud_configured=True)
+
+    async def main() -> None:
+        up = await started(box)
+        try:
+            await wait_for(lambda: up.commit.get("state") == "committed")
+            await asyncio.sleep(2.5)
+            assert box.env()["A_LOOPS"] == "3", "cleared while unhealthy"
+            box.health = HEALTHY
+            await wait_for(lambda: box.env()["A_LOOPS"] == "0")
+            await wait_for(lambda: up.status()["boot_selection"]["loops"].get("A") == 0)
+        finally:
+            await up.close()
+
+    asyncio.run(main())
+    assert not box.kinds(EVENT_COMMITTED) and not box.kinds(EVENT_ROLLED_BACK), box.events
+
+
 def test_an_install_waiting_for_its_reboot_is_no_rollback(box: Box) -> None:
     bundle, _ = make_bundle(box.root, box.ca, "3.1.0", "waiting")
     # socketd restarted before anyone rebooted

@@ -26,8 +26,9 @@ device=/dev/disk/by-partlabel/root-b
 bootname=B
 """
 FACTORY = {"ORDER": "A B", "A_OK": "1", "A_TRY": "0", "A_COMMITTED": "1", "A_LOADFAIL": "0",
-           "B_OK": "0", "B_TRY": "0", "B_COMMITTED": "0", "B_LOADFAIL": "0",
-           "BOOT_TRIES": "3", "SDWAN_END": "1"}
+           "A_LOOPS": "0", "B_OK": "0", "B_TRY": "0", "B_COMMITTED": "0", "B_LOADFAIL": "0",
+           "B_LOOPS": "0", "BOOT_TRIES": "3", "BOOT_LOOPS": "10", "SDWAN_END": "1"}
+LIMITS = bootenv.Limits(3, 10)
 
 
 @pytest.fixture
@@ -93,10 +94,10 @@ def test_rauc_install_then_boot_then_commit(paths: bootenv.Paths) -> None:
 def test_tries_used_up_pass_a_slot_over_unless_committed(paths: bootenv.Paths) -> None:
     names = ["A", "B"]
     env = {**FACTORY, "ORDER": "B A", "B_OK": "1", "B_TRY": "3"}
-    assert bootenv.primary(env, names, 3) == "A"
-    assert bootenv.primary(env, names, 4) == "B"
-    assert bootenv.primary({**env, "B_COMMITTED": "1"}, names, 3) == "B"
-    assert bootenv.primary({**env, "A_OK": "0"}, names, 3) is None
+    assert bootenv.primary(env, names, LIMITS) == "A"
+    assert bootenv.primary(env, names, bootenv.Limits(4, 10)) == "B"
+    assert bootenv.primary({**env, "B_COMMITTED": "1"}, names, LIMITS) == "B"
+    assert bootenv.primary({**env, "A_OK": "0"}, names, LIMITS) is None
     # a slot missing from ORDER still counts, after the ones listed
     assert bootenv.order({"ORDER": "B"}, names) == ["B", "A"]
     assert bootenv.order({"ORDER": "C B"}, names) == ["B", "A"]
@@ -160,8 +161,9 @@ def test_repair_at_boot(paths: bootenv.Paths, tmp_path: Path) -> None:
     done = bootenv.repair(paths, "B")
     assert done and "made anew" in done
     assert both(paths) == {"ORDER": "B A", "A_OK": "0", "A_TRY": "0", "A_COMMITTED": "0",
-                           "A_LOADFAIL": "0", "B_OK": "1", "B_TRY": "0", "B_COMMITTED": "1",
-                           "B_LOADFAIL": "0", "BOOT_TRIES": "3", "SDWAN_END": "1"}
+                           "A_LOADFAIL": "0", "A_LOOPS": "0", "B_OK": "1", "B_TRY": "0",
+                           "B_COMMITTED": "1", "B_LOADFAIL": "0", "B_LOOPS": "0",
+                           "BOOT_TRIES": "3", "BOOT_LOOPS": "10", "SDWAN_END": "1"}
     for p in (paths.grubenv, paths.copy):
         p.write_bytes(b"")
     with pytest.raises(bootenv.BootEnvError, match="booted slot is unknown"):
@@ -197,8 +199,8 @@ def test_a_slot_grub_could_not_load(paths: bootenv.Paths) -> None:
     names = ["A", "B"]
     env = {**FACTORY, "ORDER": "B A", "B_OK": "1", "B_COMMITTED": "1", "B_TRY": "3",
            "B_LOADFAIL": "1"}
-    assert not bootenv.good(env, "B") and not bootenv.bootable(env, "B", 3)
-    assert bootenv.primary(env, names, 3) == "A"
+    assert not bootenv.good(env, "B", LIMITS) and not bootenv.bootable(env, "B", LIMITS)
+    assert bootenv.primary(env, names, LIMITS) == "A"
     # any mark of it clears the mark GRUB left
     assert bootenv.set_state(env, "B", True)["B_LOADFAIL"] == "0"
     assert bootenv.set_primary(env, "B", names)["B_LOADFAIL"] == "0"
@@ -208,8 +210,8 @@ def test_the_booted_slot_is_good_only_once_committed(paths: bootenv.Paths) -> No
     # untried and given to GRUB: good for a slot waiting for its reboot, never for the
     # one running (`mark-active booted` after GRUB gave every slot its tries back)
     env = {**FACTORY, "A_COMMITTED": "0"}
-    assert bootenv.good(env, "A") and not bootenv.good(env, "A", booted="A")
-    assert bootenv.good(FACTORY, "A", booted="A")
+    assert bootenv.good(env, "A", LIMITS) and not bootenv.good(env, "A", LIMITS, booted="A")
+    assert bootenv.good(FACTORY, "A", LIMITS, booted="A")
 
 
 def test_grub_s_boot_tries_come_from_grubenv(paths: bootenv.Paths) -> None:
@@ -217,3 +219,71 @@ def test_grub_s_boot_tries_come_from_grubenv(paths: bootenv.Paths) -> None:
     assert bootenv.max_tries(paths, {"BOOT_TRIES": "3"}) == 3
     assert bootenv.max_tries(paths, {}) == 5
     assert cli(paths, "get-primary").stdout == "A\n"
+
+
+def test_a_committed_slot_in_a_reboot_loop_is_passed_over(paths: bootenv.Paths) -> None:
+    """GRUB counts a committed slot's boots in X_LOOPS; at BOOT_LOOPS in a row that did not
+    stay up it passes the slot over while another one can be booted."""
+    names = ["A", "B"]
+    env = {**FACTORY, "B_OK": "1", "B_COMMITTED": "1", "A_LOOPS": "9"}
+    assert bootenv.primary(env, names, LIMITS) == "A"
+    looping = {**env, "A_LOOPS": "10"}
+    assert bootenv.looping(looping, "A", LIMITS) and not bootenv.looping(env, "A", LIMITS)
+    assert bootenv.primary(looping, names, LIMITS) == "B"
+    assert not bootenv.good(looping, "A", LIMITS)
+    # ... except while it runs: its last boot before GRUB gives it up
+    assert bootenv.good(looping, "A", LIMITS, booted="A")
+    # a slot not committed is counted in tries, never in loops
+    assert not bootenv.looping({**looping, "A_COMMITTED": "0"}, "A", LIMITS)
+    # any mark of the slot starts the count again
+    assert bootenv.set_state(looping, "A", True)["A_LOOPS"] == "0"
+    assert bootenv.set_state(looping, "A", False)["A_LOOPS"] == "0"
+    assert bootenv.set_primary(looping, "A", names)["A_LOOPS"] == "0"
+    # BOOT_LOOPS is GRUB's number; without it (an ESP older than the count), the board's
+    assert bootenv.max_loops(paths, {"BOOT_LOOPS": "4"}) == 4
+    paths.board.write_text("[update]\nboot_loops = 6\n")
+    assert bootenv.max_loops(paths, {}) == 6
+    assert bootenv.max_loops(paths, {"BOOT_LOOPS": "x"}) == 6
+    paths.board.write_text("")
+    assert bootenv.max_loops(paths, {}) == bootenv.DEFAULT_MAX_LOOPS
+
+
+def test_settle_clears_the_count_of_the_slot_that_stayed_up(paths: bootenv.Paths) -> None:
+    bootenv.save(paths, {**FACTORY, "A_LOOPS": "1"})
+    run = cli(paths, "settle", "A")
+    # the count of this boot: nothing to say
+    assert (run.returncode, run.stdout, run.stderr) == (0, "", "")
+    assert both(paths) == FACTORY
+    # nothing counted: nothing written
+    before = paths.grubenv.stat().st_mtime_ns
+    assert cli(paths, "settle", "A").stdout == ""
+    assert paths.grubenv.stat().st_mtime_ns == before
+    bootenv.save(paths, {**FACTORY, "A_LOOPS": "4"})
+    assert cli(paths, "settle", "A").stdout == (
+        "bootenv: slot A stayed up after 3 boots in a row that did not\n")
+    assert both(paths)["A_LOOPS"] == "0"
+    bad = cli(paths, "settle", "C")
+    assert bad.returncode == 1 and "no slot 'C'" in bad.stderr
+
+
+def test_marks_read_the_block_under_the_lock(paths: bootenv.Paths) -> None:
+    """RAUC's mark and a settle are separate processes: the second one waits for the lock and
+    reads what the first one wrote, instead of writing back a block read before it."""
+    import fcntl
+    import threading
+
+    bootenv.save(paths, {**FACTORY, "B_OK": "1", "A_LOOPS": "2"})
+    fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    settled: list[int] = []
+    t = threading.Thread(target=lambda: settled.append(bootenv.settle(paths, "A")))
+    t.start()
+    t.join(0.5)
+    assert t.is_alive(), "settle did not wait for the lock"
+    # what RAUC does meanwhile, holding the lock: B marked bad before it is written
+    bootenv.save(paths, bootenv.canonical(bootenv.set_state(both(paths), "B", False), ["A", "B"]))
+    os.close(fd)
+    t.join(10)
+    assert settled == [2]
+    env = both(paths)
+    assert (env["A_LOOPS"], env["B_OK"]) == ("0", "0"), env

@@ -3,7 +3,9 @@ with /bin/sh on the real bootenv over a grubenv in a folder: a slot GRUB booted 
 (sdwan.trial= on its command line) is rebooted at the deadline socketd published (else that
 of socketd.toml), with its count written for the rollback event, also when bootenv cannot
 read grubenv or cannot run at all; a committed slot and a slot committed in time are never
-rebooted."""
+rebooted. A committed slot's count of boots in a row that did not stay up (GRUB's X_LOOPS) is
+cleared once the box has been up for the deadline, or at once on a box without a
+configuration."""
 
 from __future__ import annotations
 
@@ -88,11 +90,41 @@ def test_a_slot_on_trial_is_rebooted_at_the_deadline_and_counted(tmp_path: Path)
 def test_a_committed_slot_is_left_alone(tmp_path: Path) -> None:
     box = Box(tmp_path, {**ON_TRIAL, "B_COMMITTED": "1"})
     assert box.run() == ""
-    # GRUB booted it committed (no sdwan.trial=): bootenv is not even asked
+    # GRUB booted it committed (no sdwan.trial=): never rebooted, even without bootenv
     box.set_cmdline(trial=None)
     box.env["SDWAN_BOOTENV"] = "/nonexistent"
-    assert box.run() == ""
+    said = box.run()
+    assert said.startswith("commit-deadline: the boot count of slot B was not cleared:"), said
     assert box.rebooted() == [] and not box.state.exists()
+
+
+def test_a_committed_slot_that_stayed_up_has_its_boot_count_cleared(tmp_path: Path) -> None:
+    committed = {**ON_TRIAL, "B_TRY": "0", "B_COMMITTED": "1", "B_LOOPS": "3"}
+    box = Box(tmp_path, committed, uptime=44)
+    box.set_cmdline(trial=None)
+    proc = subprocess.Popen(["/bin/sh", str(SCRIPT)], env=box.env)
+    try:
+        time.sleep(0.5)
+        # up 44 s of a 45 s deadline: not yet
+        assert proc.poll() is None, "it cleared the count before the deadline"
+        assert box.paths.grubenv.read_bytes().count(b"B_LOOPS=3\n") == 1
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+    assert "bootenv: slot B stayed up after 2 boots in a row that did not" in \
+        box.console.read_text()
+    assert b"B_LOOPS=0\n" in box.paths.grubenv.read_bytes()
+    assert box.rebooted() == []
+    # a box without a configuration: no socketd, no watchdog, nothing that could loop once
+    # init runs this: cleared at once
+    box.paths.grubenv.write_bytes(box.paths.grubenv.read_bytes().replace(b"B_LOOPS=0",
+                                                                         b"B_LOOPS=1"))
+    (tmp_path / "socketd.toml").unlink()
+    box.set_uptime(5)
+    start = time.monotonic()
+    box.run()
+    assert time.monotonic() - start < 10
+    assert b"B_LOOPS=0\n" in box.paths.grubenv.read_bytes()
 
 
 def test_a_slot_committed_before_the_deadline_is_not_rebooted(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from types import ModuleType
 import pytest
 
 from sdwan.appliance import bootenv
-from sdwan.appliance.raucstatus import GRUB_MAX_TRIES
+from sdwan.appliance.raucstatus import GRUB_MAX_LOOPS, GRUB_MAX_TRIES
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,6 +72,10 @@ def test_a_board_without_the_slots_is_refused(boardlib: ModuleType, tmp_path: Pa
     _board_dir(tmp_path, "tries", src.replace("boot_tries = 3", "boot_tries = 0"))
     with pytest.raises(boardlib.BuildError, match="boot_tries"):
         boardlib.load_board("tries")
+    for i, loops in enumerate(("1", "21", '"10"')):
+        _board_dir(tmp_path, f"loops{i}", src.replace("boot_loops = 10", f"boot_loops = {loops}"))
+        with pytest.raises(boardlib.BuildError, match="boot_loops must be 2 to 20"):
+            boardlib.load_board(f"loops{i}")
 
 
 def test_the_image_ships_slot_a_committed_and_b_empty(boardlib: ModuleType,
@@ -82,8 +86,9 @@ def test_the_image_ships_slot_a_committed_and_b_empty(boardlib: ModuleType,
     assert env.startswith(b"# GRUB Environment Block\nORDER=A B\n")
     assert env.rstrip(b"#").endswith(b"\n") and env.endswith(b"#")
     expected = {"ORDER": "A B", "A_OK": "1", "A_TRY": "0", "A_COMMITTED": "1",
-                "A_LOADFAIL": "0", "B_OK": "0", "B_TRY": "0", "B_COMMITTED": "0",
-                "B_LOADFAIL": "0", "BOOT_TRIES": "3", "SDWAN_END": "1"}
+                "A_LOADFAIL": "0", "A_LOOPS": "0", "B_OK": "0", "B_TRY": "0",
+                "B_COMMITTED": "0", "B_LOADFAIL": "0", "B_LOOPS": "0", "BOOT_TRIES": "3",
+                "BOOT_LOOPS": "10", "SDWAN_END": "1"}
     # the box's own reader takes it as a valid block; grub.cfg checks the same end marker
     assert boardlib.GRUBENV_END == bootenv.END
     # the box's own reader takes it as a valid block, in the order it writes them
@@ -111,7 +116,10 @@ def test_grubenv_refuses_what_does_not_fit(boardlib: ModuleType) -> None:
 def test_the_updater_counts_tries_as_grub_does(boardlib: ModuleType) -> None:
     """The updater tells a slot GRUB passes over by the same maximum GRUB counts to."""
     for board in boardlib.board_names():
-        assert boardlib.load_board(board).boot_tries == GRUB_MAX_TRIES, board
+        info = boardlib.load_board(board)
+        assert info.boot_tries == GRUB_MAX_TRIES, board
+        assert info.boot_loops == GRUB_MAX_LOOPS == boardlib.DEFAULT_BOOT_LOOPS, board
+    assert bootenv.DEFAULT_MAX_LOOPS == boardlib.DEFAULT_BOOT_LOOPS
 
 
 def _slot_function(cfg: str, slot: str) -> str:
@@ -124,7 +132,7 @@ def test_grub_cfg_boots_each_slot_from_its_own_partition(boardlib: ModuleType) -
     for board in boardlib.board_names():
         info = boardlib.load_board(board)
         cfg = boardlib.grub_cfg(info)
-        names = "A_OK A_TRY A_COMMITTED B_OK B_TRY B_COMMITTED"
+        names = "A_OK A_TRY A_COMMITTED A_LOOPS B_OK B_TRY B_COMMITTED B_LOOPS"
         # a copy is valid when its end marker is read and it can be written back
         for env, var, what in (("grubenv2", "env2", ""), ("grubenv", "env1", f"ORDER {names} ")):
             probe = (f'set SDWAN_END=0\nif load_env -f "${{prefix}}/{env}" {what}SDWAN_END; then\n'
@@ -142,7 +150,7 @@ def test_grub_cfg_boots_each_slot_from_its_own_partition(boardlib: ModuleType) -
         assert "set timeout=0\n" in cfg and "menuentry" not in cfg
         # a variable a valid block lacks means "not bootable"
         head = cfg[:cfg.index('load_env -f "${prefix}/grubenv" ')]
-        assert "set A_OK=0; set A_TRY=0; set A_COMMITTED=0\n" in head
+        assert "set A_OK=0; set A_TRY=0; set A_COMMITTED=0; set A_LOOPS=0\n" in head
         for slot in boardlib.boot_slots(info):
             b = slot.bootname
             body = _slot_function(cfg, b)
@@ -150,11 +158,20 @@ def test_grub_cfg_boots_each_slot_from_its_own_partition(boardlib: ModuleType) -
             assert (f'linux "{dev}/boot/vmlinuz" {info.cmdline} rauc.slot={b} '
                     f"sdwan.root={slot.partition}; then") in body, body
             assert f'initrd "{dev}/boot/initrd.img"; then boot; fi' in body
-            # a committed slot boots first thing, nothing counted, no trial on its command line
+            # a committed slot boots first thing, no try counted, no trial on its command
+            # line; its boot is counted in LOOPS, saved before the kernel runs, and at the
+            # board's boot_loops it is passed over
             committed, counted = body.split(f'\telif [ "${b}_OK" = 1 -a "${b}_TRY" -lt', 1)
-            assert committed.startswith(f'\tif [ "${b}_OK" = 1 -a "${b}_COMMITTED" = 1 ]')
-            assert committed.index("linux ") < committed.index("save ")
-            assert "sdwan.trial" not in committed
+            committed, passed_over = committed.split(
+                f'\telif [ "${b}_OK" = 1 -a "${b}_COMMITTED" = 1 ]; then\n')
+            assert committed.startswith(f'\tif [ "${b}_OK" = 1 -a "${b}_COMMITTED" = 1 -a'
+                                        f' "${b}_LOOPS" -lt {info.boot_loops} ]; then\n')
+            assert committed.index(f"save {b}_LOOPS\n") < committed.index("linux ")
+            assert f"else set {b}_LOOPS={info.boot_loops}; fi" in committed
+            assert "sdwan.trial" not in committed and "_TRY=" not in committed.split("linux")[0]
+            assert passed_over.strip() == (
+                f'echo "grub: slot {b} ({slot.partition}) is committed but its last'
+                f' {info.boot_loops} boots did not stay up: passed over"')
             # ... and one that cannot be loaded, twice, is marked so, keeping its commit
             assert committed.count("linux ") == 2 and "COMMITTED=0" not in committed
             assert (f"set {b}_TRY={info.boot_tries}\n\t\tset {b}_LOADFAIL=1\n"
@@ -168,7 +185,7 @@ def test_grub_cfg_boots_each_slot_from_its_own_partition(boardlib: ModuleType) -
         assert "for SLOT in $ORDER; do\n" in cfg
         tail = cfg[cfg.index("done\n"):]
         assert 'if [ "$A_OK" = 1 ]; then set A_TRY=0; fi' in tail
-        assert "save A_TRY B_TRY" in tail
+        assert "set A_LOOPS=0\nset B_LOOPS=0\nsave A_TRY A_LOOPS B_TRY B_LOOPS" in tail
         assert tail.rstrip().endswith("reboot")
 
 
@@ -182,6 +199,13 @@ def test_grub_cfg_counts_tries_up_to_the_boards_maximum(boardlib: ModuleType) ->
         assert steps == [(str(i), str(i + 1)) for i in range(tries - 1)], body
         last = "else set A_TRY" if tries > 1 else "set A_TRY"
         assert f"{last}={tries}" in body
+    for loops in (2, 10, 20):
+        body = _slot_function(boardlib.grub_cfg(dataclasses.replace(info, boot_loops=loops)),
+                              "A")
+        steps = re.findall(r'\[ "\$A_LOOPS" = (\d+) \]; then set A_LOOPS=(\d+)', body)
+        assert steps == [(str(i), str(i + 1)) for i in range(loops - 1)], body
+        assert f"else set A_LOOPS={loops}; fi" in body
+        assert f'"$A_LOOPS" -lt {loops} ]' in body
 
 
 def test_grub_never_stops_at_a_prompt(boardlib: ModuleType) -> None:

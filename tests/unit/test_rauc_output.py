@@ -160,6 +160,14 @@ def test_grub_boot_selection() -> None:
     # committed: never out of tries; not loadable: given up all the same
     assert not BootSelection.from_env({**env, "B_COMMITTED": "1"}).abandoned("B")
     assert BootSelection.from_env({**env, "B_COMMITTED": "1", "B_LOADFAIL": "1"}).abandoned("B")
+    # committed, but in a reboot loop: its boots in a row that did not stay up, at the limit
+    looping = BootSelection.from_env({**env, "B_COMMITTED": "1", "B_LOOPS": "4"}, loop_limit=4)
+    assert looping.looping("B") and looping.abandoned("B") and looping.loops == {"B": 4}
+    assert not BootSelection.from_env({**env, "B_COMMITTED": "1", "B_LOOPS": "3"},
+                                      loop_limit=4).abandoned("B")
+    # a slot not committed counts tries, not loops
+    assert not BootSelection.from_env({**env, "B_TRY": "0", "B_LOOPS": "9"},
+                                      loop_limit=4).looping("B")
 
 
 def _status(**over: object) -> dict:

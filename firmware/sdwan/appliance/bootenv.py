@@ -4,8 +4,9 @@ This module owns that file on the running box. RAUC reaches it as its custom boo
 backend (`bootloader=custom` in system.conf runs `bootenv get-primary`, `set-primary X`,
 `get-state X`, `set-state X good|bad`); rcS repairs it at every boot (`bootenv repair`); the
 commit deadline asks whether the booted slot is committed (`bootenv is-committed X`); the
-updater reads it (`load`). GRUB itself reads it and writes one counter (board/boardlib.py
-grub_cfg).
+updater reads it (`load`) and, with init's commit deadline, tells it when the booted
+slot stayed up (`bootenv settle X`). GRUB itself reads it and writes two counters
+(board/boardlib.py grub_cfg).
 
 The variables, per slot X (RAUC's bootname, A or B) and ORDER, the order GRUB tries them in:
 
@@ -18,9 +19,17 @@ The variables, per slot X (RAUC's bootname, A or B) and ORDER, the order GRUB tr
                  RAUC marks the slot bad, which it does before writing it.
   X_LOADFAIL=1   GRUB could not load the slot's kernel or initramfs (twice) and went on to
                  the next slot; cleared by any mark of the slot.
+  X_LOOPS=n      boots of the committed slot in a row that have not stayed up yet: GRUB
+                 counts each one, `settle` clears it once socketd is healthy or the box has
+                 been up for the commit deadline. At BOOT_LOOPS GRUB passes the slot over (a
+                 reboot loop: a crash or hang the watchdog resets, a kernel that panics)
+                 while another slot can be booted; with none, every count starts again.
   BOOT_TRIES=n   the tries grub.cfg gives a slot on trial, written by the image build: a
                  bundle never changes the ESP, so this is GRUB's number, not the running
                  slot's board.toml.
+  BOOT_LOOPS=n   likewise, the boots in a row a committed slot may end before it stays up.
+                 An ESP made before GRUB counted them has neither X_LOOPS nor BOOT_LOOPS:
+                 nothing counts, nothing is passed over.
   SDWAN_END=1    always the last variable: a block without it was torn, and is not used.
 
 Why not grub-editenv, which RAUC's grub backend runs: it truncates the file and writes it
@@ -34,6 +43,7 @@ the first is not a valid block."""
 from __future__ import annotations
 
 import configparser
+import contextlib
 import fcntl
 import mmap
 import os
@@ -41,17 +51,21 @@ import re
 import struct
 import sys
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_GRUBENV = Path("/boot/efi/EFI/BOOT/grubenv")
 DEFAULT_SYSTEM_CONF = Path("/etc/rauc/system.conf")
 DEFAULT_BOARD = Path("/etc/sdwan/board.toml")
+DEFAULT_LOCK = Path("/run/sdwan-bootenv.lock")
 COPY_SUFFIX = "2"  # grubenv -> grubenv2, beside it
 SIZE = 1024
 HEADER = b"# GRUB Environment Block\n"
 END = "SDWAN_END"  # boardlib.GRUBENV_END
 DEFAULT_MAX_TRIES = 3
+DEFAULT_MAX_LOOPS = 10  # boardlib.DEFAULT_BOOT_LOOPS
+SLOT_VARS = ("OK", "TRY", "COMMITTED", "LOADFAIL", "LOOPS")
 _BOOTNAME = re.compile(r"^[A-Za-z0-9_]{1,16}$")
 _VALUE = re.compile(r"^[ -~]*$")  # printable ASCII: GRUB escapes nothing we write
 
@@ -69,6 +83,14 @@ class Paths:
     @property
     def copy(self) -> Path:
         return self.grubenv.with_name(self.grubenv.name + COPY_SUFFIX)
+
+    @property
+    def lock(self) -> Path:
+        """Held while the block is read and written back: RAUC's marks, socketd's and
+        init's settle and rcS's repair are separate processes."""
+        if self.grubenv == DEFAULT_GRUBENV:
+            return DEFAULT_LOCK  # the ESP is read-only
+        return self.grubenv.with_name("bootenv.lock")
 
     @classmethod
     def from_environ(cls) -> Paths:
@@ -264,6 +286,21 @@ def _write_in_place(path: Path, block: bytes) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def locked(paths: Paths) -> Iterator[None]:
+    """Every read-modify-write of the block under one lock: without it a settle racing
+    RAUC's mark of the slot it is about to write could write the slot's old OK back."""
+    try:
+        fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError as e:
+        raise BootEnvError(f"{paths.lock}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def save(paths: Paths, values: dict[str, str]) -> None:
     """values into both copies, the first one first, each synced before the next."""
     block = render(values)
@@ -305,6 +342,32 @@ def max_tries(paths: Paths, values: dict[str, str] | None = None) -> int:
     return tries if isinstance(tries, int) and 1 <= tries <= 9 else DEFAULT_MAX_TRIES
 
 
+def max_loops(paths: Paths, values: dict[str, str] | None = None) -> int:
+    """The boots in a row GRUB lets a committed slot end before it stays up: BOOT_LOOPS of
+    grubenv, else [update] boot_loops of the board."""
+    raw = (values or {}).get("BOOT_LOOPS", "")
+    if raw.isdigit() and 2 <= int(raw) <= 99:
+        return int(raw)
+    try:
+        loops = tomllib.loads(paths.board.read_text()).get("update", {}).get("boot_loops")
+    except (OSError, tomllib.TOMLDecodeError):
+        return DEFAULT_MAX_LOOPS
+    return loops if isinstance(loops, int) and 2 <= loops <= 99 else DEFAULT_MAX_LOOPS
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What grub.cfg counts to: tries of a slot on trial, boots in a row of a committed one
+    that did not stay up."""
+
+    tries: int = DEFAULT_MAX_TRIES
+    loops: int = DEFAULT_MAX_LOOPS
+
+    @classmethod
+    def of(cls, paths: Paths, values: dict[str, str]) -> Limits:
+        return cls(max_tries(paths, values), max_loops(paths, values))
+
+
 def _flag(values: dict[str, str], key: str) -> bool:
     return values.get(key, "").strip() == "1"
 
@@ -314,31 +377,44 @@ def tries(values: dict[str, str], name: str) -> int:
     return int(raw) if raw.isdigit() else 0
 
 
+def loops(values: dict[str, str], name: str) -> int:
+    raw = values.get(f"{name}_LOOPS", "").strip()
+    return int(raw) if raw.isdigit() else 0
+
+
 def committed(values: dict[str, str], name: str) -> bool:
     return _flag(values, f"{name}_OK") and _flag(values, f"{name}_COMMITTED")
+
+
+def looping(values: dict[str, str], name: str, limits: Limits) -> bool:
+    """Committed, but its last limits.loops boots all ended before it stayed up."""
+    return committed(values, name) and loops(values, name) >= limits.loops
 
 
 def load_failed(values: dict[str, str], name: str) -> bool:
     return _flag(values, f"{name}_LOADFAIL")
 
 
-def good(values: dict[str, str], name: str, booted: str | None = None) -> bool:
-    """RAUC's boot status: a committed slot, or one given to GRUB and not tried yet (an
-    install waiting for its reboot; never the booted slot, which GRUB has tried). A slot
-    booted and not committed is 'bad' until socketd marks it good; so is one GRUB could not
-    load."""
+def good(values: dict[str, str], name: str, limits: Limits, booted: str | None = None) -> bool:
+    """RAUC's boot status: a committed slot not in a reboot loop, or one given to GRUB and
+    not tried yet (an install waiting for its reboot; never the booted slot, which GRUB has
+    tried). A slot booted and not committed is 'bad' until socketd marks it good; so is one
+    GRUB could not load, or passes over for its loop."""
     if load_failed(values, name):
         return False
     if committed(values, name):
-        return True
+        # the booted slot is up on its last boot before GRUB passes it over
+        return name == booted or not looping(values, name, limits)
     return name != booted and _flag(values, f"{name}_OK") and tries(values, name) == 0
 
 
-def bootable(values: dict[str, str], name: str, limit: int) -> bool:
+def bootable(values: dict[str, str], name: str, limits: Limits) -> bool:
     """Whether GRUB would start it now (a slot it could not load is tried, but fails)."""
     if load_failed(values, name):
         return False
-    return committed(values, name) or (_flag(values, f"{name}_OK") and tries(values, name) < limit)
+    if committed(values, name):
+        return not looping(values, name, limits)
+    return _flag(values, f"{name}_OK") and tries(values, name) < limits.tries
 
 
 def order(values: dict[str, str], names: list[str]) -> list[str]:
@@ -346,9 +422,9 @@ def order(values: dict[str, str], names: list[str]) -> list[str]:
     return list(dict.fromkeys(listed)) + [n for n in names if n not in listed]
 
 
-def primary(values: dict[str, str], names: list[str], limit: int) -> str | None:
+def primary(values: dict[str, str], names: list[str], limits: Limits) -> str | None:
     """The slot GRUB starts at the next boot."""
-    return next((n for n in order(values, names) if bootable(values, n, limit)), None)
+    return next((n for n in order(values, names) if bootable(values, n, limits)), None)
 
 
 def set_state(values: dict[str, str], name: str, is_good: bool) -> dict[str, str]:
@@ -357,6 +433,7 @@ def set_state(values: dict[str, str], name: str, is_good: bool) -> dict[str, str
     out[f"{name}_TRY"] = "0"
     out[f"{name}_COMMITTED"] = "1" if is_good else "0"
     out[f"{name}_LOADFAIL"] = "0"
+    out[f"{name}_LOOPS"] = "0"
     return out
 
 
@@ -368,7 +445,20 @@ def set_primary(values: dict[str, str], name: str, names: list[str]) -> dict[str
     out[f"{name}_OK"] = "1"
     out[f"{name}_TRY"] = "0"
     out[f"{name}_LOADFAIL"] = "0"
+    out[f"{name}_LOOPS"] = "0"
     return out
+
+
+def settle(paths: Paths, name: str) -> int:
+    """The booted slot stayed up: its count of boots in a row that did not is cleared.
+    Returns the count it had; nothing is written when it was 0."""
+    names = bootnames(paths)
+    with locked(paths):
+        values = load(paths).values
+        had = loops(values, name)
+        if had:
+            save(paths, canonical({**values, f"{name}_LOOPS": "0"}, names))
+    return had
 
 
 def canonical(values: dict[str, str], names: list[str]) -> dict[str, str]:
@@ -376,7 +466,7 @@ def canonical(values: dict[str, str], names: list[str]) -> dict[str, str]:
     marker last: the block always lists the same variables in the same order."""
     out = {"ORDER": " ".join(order(values, names))}
     for n in names:
-        for k in ("OK", "TRY", "COMMITTED", "LOADFAIL"):
+        for k in SLOT_VARS:
             out[f"{n}_{k}"] = values.get(f"{n}_{k}", "0")
     out.update({k: v for k, v in values.items() if k not in out and k != END})
     out[END] = "1"
@@ -423,6 +513,7 @@ def repair(paths: Paths, booted: str | None) -> str | None:
         values.update({f"{n}_OK": "1" if n == booted else "0", f"{n}_TRY": "0",
                        f"{n}_COMMITTED": "1" if n == booted else "0"})
     values["BOOT_TRIES"] = str(max_tries(paths))
+    values["BOOT_LOOPS"] = str(max_loops(paths))
     save(paths, canonical(values, names))
     return (f"no valid grubenv ({why_first}; {why_second}): made anew with the booted slot"
             f" {booted} committed and first, the others not bootable")
@@ -436,6 +527,7 @@ USAGE = """usage: bootenv COMMAND
   get-state SLOT           good or bad
   set-state SLOT good|bad  good also commits it; bad also clears its commit
   is-committed SLOT        yes (exit 0), no (exit 1), or unknown: why (exit 2)
+  settle SLOT              SLOT stayed up: its count of boots that did not is cleared
   list                     the variables of the valid copy
   repair                   at boot: both copies valid and equal
 """
@@ -455,7 +547,8 @@ def run(argv: list[str], paths: Paths) -> int:
         return 2
     cmd, args = argv[0], argv[1:]
     if cmd == "repair":
-        done = repair(paths, booted_slot())
+        with locked(paths):
+            done = repair(paths, booted_slot())
         if done:
             print(f"bootenv: {done}")
         return 0
@@ -471,15 +564,23 @@ def run(argv: list[str], paths: Paths) -> int:
             raise BootEnvError("no rauc.slot= on the kernel command line")
         print(current)
         return 0
+    if cmd == "settle":
+        name = _slot_arg(args, names)
+        had = settle(paths, name)
+        if had > 1:
+            print(f"bootenv: slot {name} stayed up after {had - 1} boot{'s' if had > 2 else ''}"
+                  " in a row that did not")
+        return 0
     values = load(paths).values
+    limits = Limits.of(paths, values)
     if cmd == "get-primary":
-        found = primary(values, names, max_tries(paths, values))
+        found = primary(values, names, limits)
         if found is None:
             raise BootEnvError("no slot is bootable")
         print(found)
         return 0
     if cmd == "get-state":
-        print("good" if good(values, _slot_arg(args, names), booted_slot()) else "bad")
+        print("good" if good(values, _slot_arg(args, names), limits, booted_slot()) else "bad")
         return 0
     if cmd == "is-committed":
         yes = committed(values, _slot_arg(args, names))
@@ -489,11 +590,15 @@ def run(argv: list[str], paths: Paths) -> int:
         name = _slot_arg(args, names)
         if args[1:] not in (["good"], ["bad"]):
             raise BootEnvError("set-state SLOT good|bad")
-        save(paths, canonical(set_state(values, name, args[1] == "good"), names))
+        with locked(paths):
+            values = load(paths).values  # what it is now, under the lock
+            save(paths, canonical(set_state(values, name, args[1] == "good"), names))
         return 0
     if cmd == "set-primary":
         name = _slot_arg(args, names)
-        save(paths, canonical(set_primary(values, name, names), names))
+        with locked(paths):
+            values = load(paths).values
+            save(paths, canonical(set_primary(values, name, names), names))
         return 0
     sys.stderr.write(USAGE)
     return 2

@@ -15,13 +15,14 @@ from __future__ import annotations
 import configparser
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdwan.common.visible import visible
 
 __all__ = [
+    "GRUB_MAX_LOOPS",
     "GRUB_MAX_TRIES",
     "BootSelection",
     "Progress",
@@ -36,6 +37,8 @@ __all__ = [
 
 # The boot scripts skip a slot once its TRY reaches this (docs/update.md).
 GRUB_MAX_TRIES = 3
+# ... and a committed slot once this many boots in a row ended before it stayed up.
+GRUB_MAX_LOOPS = 10
 ROOTFS_CLASS = "rootfs"
 _PROGRESS_RE = re.compile(r"^\s*(\d{1,3})%\s+(.*)$")
 _LAST_ERROR = "LastError:"
@@ -210,13 +213,18 @@ class BootSelection:
     committed: dict[str, bool]
     limit: int = GRUB_MAX_TRIES  # the board's boot_tries
     load_failed: tuple[str, ...] = ()  # slots GRUB could not load
+    # committed slots' boots in a row that did not stay up, and the board's boot_loops
+    loops: dict[str, int] = field(default_factory=dict)
+    loop_limit: int = GRUB_MAX_LOOPS
 
     @classmethod
-    def from_env(cls, env: dict[str, str], limit: int = GRUB_MAX_TRIES) -> BootSelection:
+    def from_env(cls, env: dict[str, str], limit: int = GRUB_MAX_TRIES,
+                 loop_limit: int = GRUB_MAX_LOOPS) -> BootSelection:
         order = tuple(w for w in env.get("ORDER", "").split() if w)
         ok: dict[str, bool] = {}
         tries: dict[str, int] = {}
         committed: dict[str, bool] = {}
+        loops: dict[str, int] = {}
         for name in order:
             if f"{name}_OK" in env:
                 ok[name] = env[f"{name}_OK"].strip() == "1"
@@ -224,19 +232,29 @@ class BootSelection:
             if raw.isdigit():
                 tries[name] = int(raw)
             committed[name] = env.get(f"{name}_COMMITTED", "").strip() == "1"
+            raw = env.get(f"{name}_LOOPS", "").strip()
+            if raw.isdigit():
+                loops[name] = int(raw)
         failed = tuple(n for n in order if env.get(f"{n}_LOADFAIL", "").strip() == "1")
-        return cls(order, ok, tries, committed, limit, failed)
+        return cls(order, ok, tries, committed, limit, failed, loops, loop_limit)
 
     @property
     def first(self) -> str | None:
         return self.order[0] if self.order else None
 
+    def looping(self, bootname: str) -> bool:
+        """Committed, but its last loop_limit boots all ended before it stayed up."""
+        return bool(self.committed.get(bootname)) and \
+            self.loops.get(bootname, 0) >= self.loop_limit
+
     def abandoned(self, bootname: str) -> bool:
-        """GRUB passes over this slot now: marked bad, not loadable, or not committed and out
-        of tries."""
+        """GRUB passes over this slot now: marked bad, not loadable, not committed and out
+        of tries, or committed and in a reboot loop."""
         if self.ok.get(bootname) is False or bootname in self.load_failed:
             return True
-        return not self.committed.get(bootname) and self.tries.get(bootname, 0) >= self.limit
+        if self.committed.get(bootname):
+            return self.looping(bootname)
+        return self.tries.get(bootname, 0) >= self.limit
 
 
 # --------------------------------------------------------------------------- system.conf

@@ -267,6 +267,8 @@ class Updater:
         self.commit: dict[str, Any] = {"state": "unknown", "waiting_for": "RAUC's status"}
         self._healthy_since: float | None = None
         self._mark_after = 0.0
+        self._settled = False  # this boot's count cleared, or none to clear (_settle_step)
+        self._settle_after = 0.0
         self.rollback: dict[str, Any] | None = None
         self._doc: dict[str, Any] = {}  # update.json (the module docstring)
         self.rebooting: str | None = None  # the reboot command ran: the box goes down
@@ -387,8 +389,8 @@ class Updater:
             if conf.bootloader != "custom":
                 return None
             loaded = bootenv.load(self.boot_env)
-            return BootSelection.from_env(loaded.values,
-                                          bootenv.max_tries(self.boot_env, loaded.values))
+            limits = bootenv.Limits.of(self.boot_env, loaded.values)
+            return BootSelection.from_env(loaded.values, limits.tries, limits.loops)
         except (OSError, ValueError, bootenv.BootEnvError) as e:
             log.warning("updates: GRUB's boot selection unreadable: %s", e)
             return None
@@ -437,7 +439,7 @@ class Updater:
             # Tried at least once: RAUC marks a slot bad (_OK=0, _TRY=0) before it writes it
             # and leaves it first when the install ends early; never booted, nothing fell back.
             fell_back = (wanted is not None and sel.abandoned(sel.first)
-                         and sel.tries.get(sel.first, 0) >= 1)
+                         and (sel.tries.get(sel.first, 0) >= 1 or sel.looping(sel.first)))
         else:
             wanted = st.slot(st.primary) if st.primary else None
             fell_back = wanted is not None and not wanted.good
@@ -478,6 +480,11 @@ class Updater:
 
     def _why_abandoned(self, slot: Slot, sel: BootSelection | None) -> str:
         parts: list[str] = []
+        if sel is not None and slot.bootname is not None and sel.looping(slot.bootname):
+            return (f"it was committed, but its last {sel.loops.get(slot.bootname)} boots in a"
+                    " row ended before it stayed up (socketd healthy, or up for the commit"
+                    " deadline): a reboot loop (a crash or hang the watchdog reset, a kernel"
+                    " panic, or the power)")
         if sel is not None and slot.bootname is not None:
             if slot.bootname in sel.load_failed:
                 parts.append("GRUB could not load its kernel or initramfs (the slot is damaged)")
@@ -549,27 +556,10 @@ class Updater:
         if booted.good:
             if self.commit.get("state") != "committed":
                 self.commit = {"state": "committed", "slot": booted.name, "waiting_for": None}
+            await self._settle_step(booted)
             return
-        h = self.health()
-        waits: list[str] = []
-        if h.fastpath is not None:
-            waits.append(f"the fast path ({h.fastpath})")
-        if h.control is not None:
-            waits.append(f"the control socket ({h.control})")
+        why_now, waits, grace_left, h = self._verdict()
         now = self.clock()
-        if waits:
-            self._healthy_since = None
-        elif self._healthy_since is None:
-            self._healthy_since = now
-        grace_left = (None if self._healthy_since is None
-                      else self.cfg.commit_grace_s - (now - self._healthy_since))
-        why_now: str | None = None
-        if not waits and h.cloud_up:
-            why_now = "the fast path forwards, the control socket is up and the cloud is reached"
-        elif grace_left is not None and grace_left <= 0:
-            why_now = (f"the fast path forwards and the control socket is up; "
-                       f"{'no PoP session' if h.cloud_configured else 'no cloud configured'}"
-                       f" within {self.cfg.commit_grace_s} s")
         if why_now is None:
             grace = (f"{_seconds(grace_left)} more of health" if grace_left is not None
                      else f"{self.cfg.commit_grace_s} s of health")
@@ -616,6 +606,58 @@ class Updater:
                     log.error("updates: rauc status mark-active booted failed: %s",
                               install_error(run.lines))
                 await self.refresh()
+
+    def _verdict(self) -> tuple[str | None, list[str], float | None, Health]:
+        """Whether the box is healthy enough to commit its slot now: (why it is, or None;
+        what it waits for; the grace time left once its own parts are up; socketd's view)."""
+        h = self.health()
+        waits: list[str] = []
+        if h.fastpath is not None:
+            waits.append(f"the fast path ({h.fastpath})")
+        if h.control is not None:
+            waits.append(f"the control socket ({h.control})")
+        now = self.clock()
+        if waits:
+            self._healthy_since = None
+        elif self._healthy_since is None:
+            self._healthy_since = now
+        grace_left = (None if self._healthy_since is None
+                      else self.cfg.commit_grace_s - (now - self._healthy_since))
+        why_now: str | None = None
+        if not waits and h.cloud_up:
+            why_now = "the fast path forwards, the control socket is up and the cloud is reached"
+        elif grace_left is not None and grace_left <= 0:
+            why_now = (f"the fast path forwards and the control socket is up; "
+                       f"{'no PoP session' if h.cloud_configured else 'no cloud configured'}"
+                       f" within {self.cfg.commit_grace_s} s")
+        return why_now, waits, grace_left, h
+
+    async def _settle_step(self, booted: Slot) -> None:
+        """A committed slot stayed up once socketd is as healthy as a commit needs: GRUB's
+        count of its boots in a row that did not (bootenv's X_LOOPS) is cleared, so that
+        only a reboot loop, never a run of power cuts of a healthy box, makes GRUB pass it
+        over. Init's commit deadline clears it too, once the box has been up that long."""
+        if self._settled or self.clock() < self._settle_after:
+            return
+        sel = self.selection
+        name = booted.bootname
+        if sel is None or name is None or not sel.loops.get(name):
+            self._settled = True  # nothing counted (an ESP older than the count)
+            return
+        if self._verdict()[0] is None:
+            return
+        try:
+            had = await asyncio.to_thread(bootenv.settle, self.boot_env, name)
+        except bootenv.BootEnvError as e:
+            self._settle_after = self.clock() + MARK_RETRY_S
+            log.error("updates: clearing the boot count of %s failed: %s", booted.name, e)
+            return
+        self._settled = True
+        if had > 1:
+            log.warning("updates: %s (%s) stayed up after %d boots in a row that did not",
+                        booted.name, name, had - 1)
+        with contextlib.suppress(OSError):
+            await self.refresh()
 
     async def _remember_pending(self, booted: Slot, waiting_for: str) -> None:
         """For the boot that falls back later: what this slot's socketd last waited for."""
@@ -872,7 +914,8 @@ class Updater:
             "slots": [s.to_json() for s in st.slots] if st else [],
             "boot_selection": None if sel is None else {
                 "order": list(sel.order), "ok": sel.ok, "tries": sel.tries,
-                "committed": sel.committed, "boot_tries": sel.limit},
+                "committed": sel.committed, "boot_tries": sel.limit, "loops": sel.loops,
+                "boot_loops": sel.loop_limit},
             "commit": dict(self.commit),
             "reboot_needed": awaiting,
             "install": self.install_state.to_json(since=self.install_state.seq),
