@@ -473,8 +473,9 @@ def grub_cfg(board: BoardInfo) -> str:
                 "\t\tfi",
                 *load(""),
                 f'\telif [ "{ok}" = 1 -a "{cm}" = 1 ]; then',
-                f'\t\techo "grub: slot {b} ({s.partition}) is committed but its last {loops}'
-                ' boots did not stay up: passed over"',
+                # (GRUB's console wraps at 80 columns: the tests read these lines)
+                f'\t\techo "grub: slot {b} ({s.partition}) is in a reboot loop ({loops} boots'
+                ' in a row): passed over"',
                 f'\telif [ "{ok}" = 1 -a "{tr}" -lt {n} ]; then',
                 *count(f"{b}_TRY", n)]
         out += [

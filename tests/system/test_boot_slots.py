@@ -1,12 +1,14 @@
 """A/B boot slots on qemu-x86_64: GRUB picks the slot from grubenv or its copy grubenv2
-(board/boardlib.py grub_cfg, sdwan.appliance.bootenv, docs/update.md "Boot selection"). Four
-boots: a new image comes up on slot A, committed, counting nothing; with the slot image in
+(board/boardlib.py grub_cfg, sdwan.appliance.bootenv, docs/update.md "Boot selection"). Five
+boots: a new image comes up on slot A, committed, counting no try (its boot is counted, then
+cleared by init's commit deadline: a box without a configuration); with the slot image in
 root-b and ORDER="B A" it comes up on B and counts the try; with root-b empty, ORDER="B A"
 and slot A not committed and out of tries, it gives B up, skips A, gives the good slots their
 tries back, reboots by itself and comes up on A, never stopping at a GRUB prompt; with
 grubenv torn it reads the copy, a committed B that cannot be loaded is marked so, and
-rcS writes grubenv again. grubenv is read from and written to copies of the disk with
-mtools."""
+rcS writes grubenv again; with a committed A at the end of its boots in a row that did not
+stay up (a reboot loop), A is passed over and the committed B comes up. grubenv is read from
+and written to copies of the disk with mtools."""
 
 from __future__ import annotations
 
@@ -37,6 +39,12 @@ REPORT = """\
 echo "cmdline $(cat /proc/cmdline)"
 for l in /dev/disk/by-partlabel/*; do echo "partlabel $(basename "$l") $(readlink "$l")"; done
 echo "esp $(awk '$2 == "/boot/efi" { print $1, $3, substr($4, 1, 3) }' /proc/mounts)"
+slot=$(tr ' ' '\\n' < /proc/cmdline | sed -n 's/^rauc[.]slot=//p')
+n=0
+while [ $n -lt 60 ] && ! /usr/libexec/sdwan/bootenv list | grep -qx "${slot}_LOOPS=0"; do
+    sleep 1; n=$((n + 1))
+done
+echo "loops $(/usr/libexec/sdwan/bootenv list | grep "^${slot}_LOOPS=")"
 """
 
 
@@ -91,6 +99,9 @@ def boot(vms: Callable[..., VM], image: Path, tmp: Path, slot: str) -> tuple[VM,
               f"the initramfs mounting slot {slot}")
     vm.expect("test-hook: done", BOOT_S, "the test hook's report")
     out = vm.output()
+    # the count of this boot cleared (the commit deadline, no configuration here) before the
+    # disk is read
+    assert f"test-hook: loops {slot}_LOOPS=0" in out, out[-3000:]
     vm.poweroff()
     assert "grub>" not in out and "Minimal BASH-like" not in out, out[-3000:]
     cmdline = re.search(r"^test-hook: cmdline (.*?)\r?$", out, re.M)
@@ -114,8 +125,9 @@ def test_grub_boots_the_slot_grubenv_names_and_falls_back(
     # (a) a new image: slot A, committed at the factory, so nothing is counted; B empty
     vm, out = boot(vms, image, tmp_path, "A")
     # read-only: only bootenv writes it, into grubenv's own sectors
-    assert re.search(r"^test-hook: esp /dev/vda1 vfat ro,\r?$", out, re.M), out[-3000:]
-    links = dict(re.findall(r"^test-hook: partlabel (\S+) \.\./\.\./(\S+?)\r?$", out, re.M))
+    # (getty's login prompt may come in front of a line)
+    assert re.search(r"test-hook: esp /dev/vda1 vfat ro,\r?$", out, re.M), out[-3000:]
+    links = dict(re.findall(r"test-hook: partlabel (\S+) \.\./\.\./(\S+?)\r?$", out, re.M))
     assert links == {"esp": "vda1", "root-a": "vda2", "root-b": "vda3", "data": "vda4"}, links
     assert grub_lines(out) == ["grub: slot A (root-a), committed"], out[-3000:]
     assert "bootenv:" not in out, "rcS repaired a new image's grubenv"
@@ -177,4 +189,21 @@ def test_grub_boots_the_slot_grubenv_names_and_falls_back(
     assert re.search(r"bootenv: \S*grubenv rewritten from \S*grubenv2", out), out[-3000:]
     env = read_grubenv(guest_disk(vm, tmp_path / "d.raw"))
     assert env == {**factory, "ORDER": "B A", "B_OK": "1", "B_COMMITTED": "1",
-                   "B_TRY": str(tries), "B_LOADFAIL": "1"}, env
+                   "B_TRY": str(tries), "B_LOADFAIL": "1", "B_LOOPS": "1"}, env
+
+    # (e) the slot image in root-b, both committed; A first, but its last boot_loops boots
+    # ended before it stayed up: GRUB passes it over and B comes up, its own count shown;
+    # the commit deadline clears B's count and says so
+    loops = info.boot_loops
+    edit_grubenv(b_disk, tmp_path, ORDER="A B", A_LOOPS=str(loops), B_OK="1",
+                 B_COMMITTED="1", B_LOOPS="4")
+    vm, out = boot(vms, b_disk, tmp_path, "B")
+    assert grub_lines(out) == [
+        f"grub: slot A (root-a) is in a reboot loop ({loops} boots in a row): passed over",
+        f"grub: slot B (root-b), committed: boot 5 of {loops} in a row that did not stay up",
+    ], out[-3000:]
+    assert "sdwan.trial" not in out
+    assert "bootenv: slot B stayed up after 4 boots in a row that did not" in out, out[-3000:]
+    env = read_grubenv(guest_disk(vm, tmp_path / "e.raw"))
+    assert env == {**factory, "ORDER": "A B", "A_LOOPS": str(loops), "B_OK": "1",
+                   "B_COMMITTED": "1"}, env

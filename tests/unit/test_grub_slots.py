@@ -170,8 +170,8 @@ def test_grub_cfg_boots_each_slot_from_its_own_partition(boardlib: ModuleType) -
             assert f"else set {b}_LOOPS={info.boot_loops}; fi" in committed
             assert "sdwan.trial" not in committed and "_TRY=" not in committed.split("linux")[0]
             assert passed_over.strip() == (
-                f'echo "grub: slot {b} ({slot.partition}) is committed but its last'
-                f' {info.boot_loops} boots did not stay up: passed over"')
+                f'echo "grub: slot {b} ({slot.partition}) is in a reboot loop'
+                f' ({info.boot_loops} boots in a row): passed over"')
             # ... and one that cannot be loaded, twice, is marked so, keeping its commit
             assert committed.count("linux ") == 2 and "COMMITTED=0" not in committed
             assert (f"set {b}_TRY={info.boot_tries}\n\t\tset {b}_LOADFAIL=1\n"
