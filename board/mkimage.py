@@ -711,6 +711,7 @@ def build(board_name: str, out_dir: Path) -> Path:
                    "initrd": "/" + boardlib.SLOT_INITRD,
                    "shipped": s is slots[0]} for s in slots],
         "boot_tries": board.boot_tries,
+        "boot_loops": board.boot_loops,
         "cmdline": board.cmdline,
     })
     (out_dir / f"{board.name}.manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
