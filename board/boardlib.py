@@ -78,6 +78,10 @@ TAIL_SECTORS = 2048
 # so an update replaces them together.
 SLOT_KERNEL = "boot/vmlinuz"
 SLOT_INITRD = "boot/initrd.img"
+# In a slot whose firmware clears GRUB's count of its committed boots once one stayed up
+# (bootenv settle): GRUB counts only such a slot, so firmware older than the count, put in a
+# slot by a bundle, is never given up for boots it cannot clear.
+SLOT_SETTLES = "etc/sdwan/settles-boot-count"
 # GRUB: the platform per architecture, the folder on the ESP it is loaded from (its prefix:
 # grub.cfg and grubenv live there too) and the modules built into its image. squash4 reads
 # gzip but not zstd in GRUB 2.06, hence the slots' squashfs compression.
@@ -364,12 +368,13 @@ def grub_cfg(board: BoardInfo) -> str:
     counted into. Each boot writes SDWAN_END back in place, the same bytes.
 
     A committed slot boots without counting a try, but each of its boots is counted in
-    X_LOOPS, which the box clears once it stayed up (socketd healthy, or up for the commit
-    deadline; sdwan.appliance.bootenv settle): a committed slot whose last boot_loops boots
-    all ended before that (a crash or hang the watchdog resets, a kernel that panics) is in a
-    reboot loop, and GRUB passes it over while another slot can be booted. Any other attempt
-    costs the slot one try,
-    written to every valid copy before its kernel runs, and is on the kernel command line
+    X_LOOPS when the slot carries SLOT_SETTLES (its firmware clears the count once a boot
+    stayed up: socketd's own parts healthy for a while, or up for the commit deadline;
+    sdwan.appliance.bootenv settle): a committed slot whose last boot_loops boots all ended
+    before that (a crash or hang the watchdog resets, a kernel that panics) is in a reboot
+    loop, and GRUB passes it over while another slot can be booted. Any other attempt costs
+    the slot one try, written to every valid copy before its kernel runs, and is on the
+    kernel command line
     (sdwan.trial=N: the commit deadline's cue), so a new slot that keeps failing runs out of
     tries and the next one in ORDER boots. A slot whose kernel cannot be loaded, twice, is
     out of tries at once and marked LOADFAIL (its commit stays: one bad read must not
@@ -434,13 +439,13 @@ def grub_cfg(board: BoardInfo) -> str:
         "regexp -s 1:disk '^([^,]+),' \"$root\"",
         "",
     ]
-    def count(var: str, limit: int) -> list[str]:
+    def count(var: str, limit: int, indent: str = "\t\t") -> list[str]:
         # GRUB's script has no arithmetic: one test per step, the last one the limit
         steps = [f'{"if" if i == 0 else "elif"} [ "${var}" = {i} ]; then set {var}={i + 1}'
                  for i in range(limit - 1)]
         if not steps:
-            return [f"\t\tset {var}={limit}"]
-        return ["\t\t" + line for line in steps] + [f"\t\telse set {var}={limit}; fi"]
+            return [f"{indent}set {var}={limit}"]
+        return [indent + line for line in steps] + [f"{indent}else set {var}={limit}; fi"]
 
     for s in slots:
         b, ok, tr = s.bootname, f"${s.bootname}_OK", f"${s.bootname}_TRY"
@@ -463,9 +468,11 @@ def grub_cfg(board: BoardInfo) -> str:
 
         out += [f"function slot_{b} {{",
                 f'\tif [ "{ok}" = 1 -a "{cm}" = 1 -a "{lp}" -lt {loops} ]; then',
-                *count(f"{b}_LOOPS", loops),
-                f"\t\tsave {b}_LOOPS",
-                f'\t\tif [ "{lp}" = 1 ]; then',
+                f"\t\tif [ -f {dev}/{SLOT_SETTLES}\" ]; then",
+                *count(f"{b}_LOOPS", loops, "\t\t\t"),
+                f"\t\t\tsave {b}_LOOPS",
+                "\t\tfi",
+                f'\t\tif [ "{lp}" -lt 2 ]; then',
                 f'\t\t\techo "grub: slot {b} ({s.partition}), committed"',
                 "\t\telse",
                 f'\t\t\techo "grub: slot {b} ({s.partition}), committed: boot {lp} of'

@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 
 from sdwan.appliance import bootenv
+from sdwan.appliance import updater as updater_module
 from sdwan.appliance.raucstatus import Progress
 from sdwan.appliance.updater import (
     EVENT_COMMITTED,
@@ -451,9 +452,13 @@ def test_a_committed_slot_in_a_reboot_loop_is_recorded_as_such(box: Box) -> None
     assert status["boot_selection"]["boot_loops"] == 10, status
 
 
-def test_a_committed_slot_s_boot_count_is_cleared_once_healthy(box: Box) -> None:
-    """GRUB counted this boot of the committed slot A: socketd clears the count once it is
-    as healthy as a commit needs, never before."""
+def test_a_committed_slot_s_boot_count_is_cleared_once_healthy(
+    box: Box, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """GRUB counted this boot of the committed slot A: socketd clears the count once its own
+    parts have been healthy for SETTLE_S in a row (the cloud out of reach), never before;
+    a reboot asked for clears it too."""
+    monkeypatch.setattr(updater_module, "SETTLE_S", 1.5)
     box.set_env(A_LOOPS="3")
     box.health = Health(fastpath="TUN thread died", control=None, cloud_up=True,
                         cloud_configured=True)
@@ -464,9 +469,15 @@ def test_a_committed_slot_s_boot_count_is_cleared_once_healthy(box: Box) -> None
             await wait_for(lambda: up.commit.get("state") == "committed")
             await asyncio.sleep(2.5)
             assert box.env()["A_LOOPS"] == "3", "cleared while unhealthy"
-            box.health = HEALTHY
+            box.health = Health(fastpath=None, control=None, cloud_up=False,
+                                cloud_configured=True)
+            start = asyncio.get_running_loop().time()
             await wait_for(lambda: box.env()["A_LOOPS"] == "0")
+            assert asyncio.get_running_loop().time() - start >= 1.5
             await wait_for(lambda: up.status()["boot_selection"]["loops"].get("A") == 0)
+            box.set_env(A_LOOPS="1")
+            await up.reboot(origin="test")
+            assert box.env()["A_LOOPS"] == "0", "a reboot asked for counted as a failed boot"
         finally:
             await up.close()
 

@@ -264,6 +264,12 @@ def test_settle_clears_the_count_of_the_slot_that_stayed_up(paths: bootenv.Paths
     assert both(paths)["A_LOOPS"] == "0"
     bad = cli(paths, "settle", "C")
     assert bad.returncode == 1 and "no slot 'C'" in bad.stderr
+    # a reboot asked for on purpose clears it too, best effort
+    bootenv.save(paths, {**FACTORY, "A_LOOPS": "2"})
+    assert bootenv.settle_for_reboot(paths, "A") is None
+    assert both(paths)["A_LOOPS"] == "0"
+    why = bootenv.settle_for_reboot(paths, "C")
+    assert why and why.startswith("the boot count of slot C was not cleared"), why
 
 
 def test_marks_read_the_block_under_the_lock(paths: bootenv.Paths) -> None:
@@ -273,6 +279,10 @@ def test_marks_read_the_block_under_the_lock(paths: bootenv.Paths) -> None:
     import threading
 
     bootenv.save(paths, {**FACTORY, "B_OK": "1", "A_LOOPS": "2"})
+    # never beside grubenv (a read-only ESP); the same lock however grubenv's path is spelt
+    assert paths.lock.parent != paths.grubenv.parent
+    odd = bootenv.Paths(paths.grubenv.parent / "." / "grubenv", paths.system_conf, paths.board)
+    assert odd.lock == paths.lock
     fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     settled: list[int] = []
@@ -287,3 +297,17 @@ def test_marks_read_the_block_under_the_lock(paths: bootenv.Paths) -> None:
     assert settled == [2]
     env = both(paths)
     assert (env["A_LOOPS"], env["B_OK"]) == ("0", "0"), env
+
+
+def test_a_lock_held_too_long_is_an_error_not_a_hang(paths: bootenv.Paths,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+
+    monkeypatch.setattr(bootenv, "LOCK_WAIT_S", 0.3)
+    fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(bootenv.BootEnvError, match="being changed by another process"):
+            bootenv.settle(paths, "A")
+    finally:
+        os.close(fd)

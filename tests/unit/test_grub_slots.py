@@ -167,6 +167,10 @@ def test_grub_cfg_boots_each_slot_from_its_own_partition(boardlib: ModuleType) -
             assert committed.startswith(f'\tif [ "${b}_OK" = 1 -a "${b}_COMMITTED" = 1 -a'
                                         f' "${b}_LOOPS" -lt {info.boot_loops} ]; then\n')
             assert committed.index(f"save {b}_LOOPS\n") < committed.index("linux ")
+            # only a slot whose firmware clears the count is counted
+            marker = f'\t\tif [ -f "{dev}/{boardlib.SLOT_SETTLES}" ]; then\n'
+            assert committed.index(marker) < committed.index(f"set {b}_LOOPS=1")
+            assert (boardlib.COMMON / "rootfs" / boardlib.SLOT_SETTLES).is_file()
             assert f"else set {b}_LOOPS={info.boot_loops}; fi" in committed
             assert "sdwan.trial" not in committed and "_TRY=" not in committed.split("linux")[0]
             assert passed_over.strip() == (

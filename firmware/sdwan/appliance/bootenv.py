@@ -45,11 +45,14 @@ from __future__ import annotations
 import configparser
 import contextlib
 import fcntl
+import hashlib
 import mmap
 import os
 import re
 import struct
 import sys
+import tempfile
+import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,6 +62,7 @@ DEFAULT_GRUBENV = Path("/boot/efi/EFI/BOOT/grubenv")
 DEFAULT_SYSTEM_CONF = Path("/etc/rauc/system.conf")
 DEFAULT_BOARD = Path("/etc/sdwan/board.toml")
 DEFAULT_LOCK = Path("/run/sdwan-bootenv.lock")
+LOCK_WAIT_S = 30.0  # a holder stuck longer (its I/O hung) is reported, not waited for
 COPY_SUFFIX = "2"  # grubenv -> grubenv2, beside it
 SIZE = 1024
 HEADER = b"# GRUB Environment Block\n"
@@ -87,10 +91,15 @@ class Paths:
     @property
     def lock(self) -> Path:
         """Held while the block is read and written back: RAUC's marks, socketd's and
-        init's settle and rcS's repair are separate processes."""
+        init's settle and rcS's repair are separate processes. Never beside grubenv (the
+        ESP is mounted read-only); one per grubenv however its path is spelt."""
         if self.grubenv == DEFAULT_GRUBENV:
-            return DEFAULT_LOCK  # the ESP is read-only
-        return self.grubenv.with_name("bootenv.lock")
+            return DEFAULT_LOCK
+        key = hashlib.sha256(str(self.grubenv.resolve()).encode()).hexdigest()[:16]
+        folder = DEFAULT_LOCK.parent
+        if not os.access(folder, os.W_OK):  # a lab run by a user
+            folder = Path(tempfile.gettempdir())
+        return folder / f"sdwan-bootenv-{key}.lock"
 
     @classmethod
     def from_environ(cls) -> Paths:
@@ -295,7 +304,16 @@ def locked(paths: Paths) -> Iterator[None]:
     except OSError as e:
         raise BootEnvError(f"{paths.lock}: {e.strerror or e}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise BootEnvError(f"grubenv is being changed by another process: its lock"
+                                       f" {paths.lock} was held for {LOCK_WAIT_S:g} s") from None
+                time.sleep(0.05)
         yield
     finally:
         os.close(fd)
@@ -453,12 +471,28 @@ def settle(paths: Paths, name: str) -> int:
     """The booted slot stayed up: its count of boots in a row that did not is cleared.
     Returns the count it had; nothing is written when it was 0."""
     names = bootnames(paths)
+    _slot_arg([name], names)
     with locked(paths):
         values = load(paths).values
         had = loops(values, name)
         if had:
             save(paths, canonical({**values, f"{name}_LOOPS": "0"}, names))
     return had
+
+
+def settle_for_reboot(paths: Paths | None = None, name: str | None = None) -> str | None:
+    """A reboot asked for on purpose (the console's, socketd's) is no boot that failed to
+    stay up: the booted slot's count is cleared first, so an operator rebooting a box that
+    never stays up long does not send it back to the other slot. Best effort: returns why
+    it could not, or None (also off a box, where no slot is booted)."""
+    name = name or booted_slot()
+    if name is None:
+        return None
+    try:
+        settle(paths or Paths.from_environ(), name)
+    except (BootEnvError, OSError) as e:
+        return f"the boot count of slot {name} was not cleared before the reboot: {e}"
+    return None
 
 
 def canonical(values: dict[str, str], names: list[str]) -> dict[str, str]:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from sdwan.appliance import bootenv
 from sdwan.common.addressing import parse_static
 from sdwan.common.control import CommandFailed, ControlError, ControlUnreachable, request
 from sdwan.common.visible import visible
@@ -1033,6 +1034,9 @@ class Console:
     def reboot(self) -> bool:
         """Run the reboot command; True if it ran (the session ends)."""
         self.say("rebooting ...")
+        why = bootenv.settle_for_reboot()
+        if why is not None:
+            self.say(f"warning: {why}")
         try:
             cp = subprocess.run(self.opts.reboot_command, stdin=subprocess.DEVNULL, timeout=60)
         except (OSError, subprocess.TimeoutExpired) as e:

@@ -68,6 +68,8 @@ STAGED_BUNDLE = "bundle.raucb"
 READY_TIMEOUT_S = 60.0  # for the bus and rauc service to answer at start
 COMMIT_POLL_S = 1.0
 MARK_RETRY_S = 10.0
+# socketd's own parts healthy this long in a row: the committed slot stayed up (_settle_step)
+SETTLE_S = 120.0
 RETRY_MAX_S = 60.0  # RAUC asked again at most this far apart while it fails
 RETRY_FAST = 5  # failures in a row retried after COMMIT_POLL_S before the delay doubles
 PROGRESS_KEPT = 200
@@ -269,6 +271,8 @@ class Updater:
         self._mark_after = 0.0
         self._settled = False  # this boot's count cleared, or none to clear (_settle_step)
         self._settle_after = 0.0
+        self._settle_error: str | None = None
+        self._up_since: float | None = None  # socketd's own parts healthy since
         self.rollback: dict[str, Any] | None = None
         self._doc: dict[str, Any] = {}  # update.json (the module docstring)
         self.rebooting: str | None = None  # the reboot command ran: the box goes down
@@ -633,24 +637,38 @@ class Updater:
         return why_now, waits, grace_left, h
 
     async def _settle_step(self, booted: Slot) -> None:
-        """A committed slot stayed up once socketd is as healthy as a commit needs: GRUB's
-        count of its boots in a row that did not (bootenv's X_LOOPS) is cleared, so that
-        only a reboot loop, never a run of power cuts of a healthy box, makes GRUB pass it
-        over. Init's commit deadline clears it too, once the box has been up that long."""
+        """A committed slot stayed up once socketd's own parts (the fast path forwarding, the
+        control socket) have been healthy for SETTLE_S in a row: GRUB's count of its boots
+        in a row that did not (bootenv's X_LOOPS) is cleared, so that only a reboot loop,
+        never a run of power cuts of a working box, makes GRUB pass it over. The cloud is
+        not asked: PoPs out of reach are no reboot loop. Init's commit deadline clears the
+        count too, once the box has been up that long."""
         if self._settled or self.clock() < self._settle_after:
             return
         sel = self.selection
         name = booted.bootname
-        if sel is None or name is None or not sel.loops.get(name):
-            self._settled = True  # nothing counted (an ESP older than the count)
+        if sel is None or name is None:
+            return  # grubenv unreadable now: asked again at the next step
+        if not sel.loops.get(name):
+            self._settled = True  # nothing counted (a slot or ESP older than the count)
             return
-        if self._verdict()[0] is None:
+        h = self.health()
+        now = self.clock()
+        if h.fastpath is not None or h.control is not None:
+            self._up_since = None
+            return
+        if self._up_since is None:
+            self._up_since = now
+        if now - self._up_since < SETTLE_S:
             return
         try:
             had = await asyncio.to_thread(bootenv.settle, self.boot_env, name)
         except bootenv.BootEnvError as e:
             self._settle_after = self.clock() + MARK_RETRY_S
-            log.error("updates: clearing the boot count of %s failed: %s", booted.name, e)
+            if str(e) != self._settle_error:  # the same reason again is not news
+                log.error("updates: clearing the boot count of %s failed (tried again): %s",
+                          booted.name, e)
+                self._settle_error = str(e)
             return
         self._settled = True
         if had > 1:
@@ -658,6 +676,13 @@ class Updater:
                         booted.name, name, had - 1)
         with contextlib.suppress(OSError):
             await self.refresh()
+
+    def settle_for_reboot(self) -> None:
+        st = self.status_
+        name = st.booted_slot.bootname if st is not None and st.booted_slot else None
+        why = bootenv.settle_for_reboot(self.boot_env, name)
+        if why is not None:
+            log.warning("updates: %s", why)
 
     async def _remember_pending(self, booted: Slot, waiting_for: str) -> None:
         """For the boot that falls back later: what this slot's socketd last waited for."""
@@ -876,6 +901,7 @@ class Updater:
         text = f"reboot asked by {origin}"
         log.warning("updates: %s", text)
         self._event(EVENT_REBOOT, text, {"origin": origin, "command": argv})
+        await asyncio.to_thread(self.settle_for_reboot)
         self._reboot_running = origin
         try:
             proc = await asyncio.create_subprocess_exec(
