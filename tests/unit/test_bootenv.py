@@ -311,3 +311,20 @@ def test_a_lock_held_too_long_is_an_error_not_a_hang(paths: bootenv.Paths,
             bootenv.settle(paths, "A")
     finally:
         os.close(fd)
+
+
+def test_on_trial_names_the_booted_slot_not_committed(paths: bootenv.Paths,
+                                                     tmp_path: Path) -> None:
+    """What the console warns of before a factory reset."""
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("console=ttyS0 rauc.slot=B sdwan.root=root-b sdwan.trial=1\n")
+    bootenv.save(paths, {**FACTORY, "ORDER": "B A", "B_OK": "1", "B_TRY": "1"})
+    assert bootenv.on_trial(paths, cmdline) == "B"
+    bootenv.save(paths, {**FACTORY, "ORDER": "B A", "B_OK": "1", "B_COMMITTED": "1"})
+    assert bootenv.on_trial(paths, cmdline) is None
+    cmdline.write_text("console=ttyS0\n")  # not a box
+    assert bootenv.on_trial(paths, cmdline) is None
+    cmdline.write_text("rauc.slot=B\n")
+    paths.grubenv.write_bytes(b"")
+    paths.copy.write_bytes(b"")
+    assert bootenv.on_trial(paths, cmdline) is None  # grubenv cannot tell

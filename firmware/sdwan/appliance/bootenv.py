@@ -480,6 +480,21 @@ def settle(paths: Paths, name: str) -> int:
     return had
 
 
+def on_trial(paths: Paths | None = None,
+             cmdline: Path = Path("/proc/cmdline")) -> str | None:
+    """The booted slot when it is not committed yet (None off a box, or when grubenv cannot
+    tell): what the console warns of before a factory reset, which erases the configuration
+    socketd needs to commit it."""
+    name = booted_slot(cmdline)
+    if name is None:
+        return None
+    try:
+        values = load(paths or Paths.from_environ()).values
+    except (BootEnvError, OSError):
+        return None
+    return None if committed(values, name) else name
+
+
 def settle_for_reboot(paths: Paths | None = None, name: str | None = None) -> str | None:
     """A reboot asked for on purpose (the console's, socketd's) is no boot that failed to
     stay up: the booted slot's count is cleared first, so an operator rebooting a box that

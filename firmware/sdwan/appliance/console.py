@@ -1057,6 +1057,13 @@ class Console:
             return True
         self.say(f"This erases everything in {data}: WAN settings, the console password (back")
         self.say("to the default), events and the stored cloud configuration; then it reboots.")
+        trial = bootenv.on_trial()
+        if trial is not None:
+            self.say(f"warning: the running version (slot {trial}) is on trial, not committed:"
+                     " without a configuration")
+            self.say("socketd cannot commit it, and the box goes back to the previous version"
+                     " after its")
+            self.say("boot tries. Wait for the commit (show slots) to keep this version.")
         question = "Type factory-reset (or yes) to confirm: "
         if not self.confirm(question, CONFIRM_RESET):
             return True
