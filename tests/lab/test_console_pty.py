@@ -42,6 +42,11 @@ FIRMWARE = Path(__file__).resolve().parents[2] / "firmware"
 
 def _controlling_tty() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    # As getty starts it: Ctrl-C's SIGINT neither ignored nor blocked, whatever the test
+    # process (a worker of the suite) inherited or left behind.
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
 class ConsolePty:

@@ -350,6 +350,15 @@ def test_an_install_cut_off_over_a_slot_waiting_for_its_reboot_is_no_rollback(
     assert status["rollback"] is None, status
 
 
+def default_sigint() -> None:
+    """In the child: SIGINT as a shell leaves it for a command, neither ignored nor blocked,
+    whatever the test process (a worker of the suite) inherited or left behind."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
 def test_ctrl_c_in_socketctl_update_says_the_install_goes_on(box: Box) -> None:
     import signal
 
@@ -371,7 +380,8 @@ def test_ctrl_c_in_socketctl_update_says_the_install_goes_on(box: Box) -> None:
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "sdwan.site.socketctl", "--socket", str(sock), "update",
-                str(bundle), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                str(bundle), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                preexec_fn=default_sigint)
             # Generous bounds: a loaded machine (QEMU beside) starts socketctl and runs the
             # whole install slowly; only an install that never ends should fail here.
             await wait_for(lambda: up.install_state.state == "checking", timeout=60)
