@@ -28,8 +28,8 @@ The variables, per slot X (RAUC's bootname, A or B) and ORDER, the order GRUB tr
                  bundle never changes the ESP, so this is GRUB's number, not the running
                  slot's board.toml.
   BOOT_LOOPS=n   likewise, the boots in a row a committed slot may end before it stays up.
-                 An ESP made before GRUB counted them has neither X_LOOPS nor BOOT_LOOPS:
-                 nothing counts, nothing is passed over.
+                 An ESP made before GRUB counted them has a grub.cfg that counts nothing,
+                 so nothing is passed over (this module still writes X_LOOPS=0 there).
   SDWAN_END=1    always the last variable: a block without it was torn, and is not used.
 
 Why not grub-editenv, which RAUC's grub backend runs: it truncates the file and writes it
@@ -347,30 +347,29 @@ def bootnames(paths: Paths) -> list[str]:
     return names
 
 
-def max_tries(paths: Paths, values: dict[str, str] | None = None) -> int:
-    """The boots GRUB gives a slot not yet committed: BOOT_TRIES of grubenv (what grub.cfg
-    was built with), else [update] boot_tries of the board."""
-    raw = (values or {}).get("BOOT_TRIES", "")
-    if raw.isdigit() and 1 <= int(raw) <= 9:
+def _grub_number(paths: Paths, values: dict[str, str] | None, var: str, key: str,
+                 low: int, high: int, default: int) -> int:
+    """One of GRUB's built-in counts: `var` of grubenv (what grub.cfg was built with: a
+    bundle never changes the ESP), else [update] `key` of the board, else the default."""
+    raw = (values or {}).get(var, "")
+    if raw.isdigit() and low <= int(raw) <= high:
         return int(raw)
     try:
-        tries = tomllib.loads(paths.board.read_text()).get("update", {}).get("boot_tries")
+        found = tomllib.loads(paths.board.read_text()).get("update", {}).get(key)
     except (OSError, tomllib.TOMLDecodeError):
-        return DEFAULT_MAX_TRIES
-    return tries if isinstance(tries, int) and 1 <= tries <= 9 else DEFAULT_MAX_TRIES
+        return default
+    return found if isinstance(found, int) and low <= found <= high else default
+
+
+def max_tries(paths: Paths, values: dict[str, str] | None = None) -> int:
+    """The boots GRUB gives a slot not yet committed (BOOT_TRIES, boot_tries)."""
+    return _grub_number(paths, values, "BOOT_TRIES", "boot_tries", 1, 9, DEFAULT_MAX_TRIES)
 
 
 def max_loops(paths: Paths, values: dict[str, str] | None = None) -> int:
-    """The boots in a row GRUB lets a committed slot end before it stays up: BOOT_LOOPS of
-    grubenv, else [update] boot_loops of the board."""
-    raw = (values or {}).get("BOOT_LOOPS", "")
-    if raw.isdigit() and 2 <= int(raw) <= 99:
-        return int(raw)
-    try:
-        loops = tomllib.loads(paths.board.read_text()).get("update", {}).get("boot_loops")
-    except (OSError, tomllib.TOMLDecodeError):
-        return DEFAULT_MAX_LOOPS
-    return loops if isinstance(loops, int) and 2 <= loops <= 99 else DEFAULT_MAX_LOOPS
+    """The boots in a row GRUB lets a committed slot end before it stays up (BOOT_LOOPS,
+    boot_loops; the board allows 2 to 20)."""
+    return _grub_number(paths, values, "BOOT_LOOPS", "boot_loops", 2, 20, DEFAULT_MAX_LOOPS)
 
 
 @dataclass(frozen=True)
